@@ -1,0 +1,103 @@
+//! The config file as written: serde structs that mirror the TOML, with the documented defaults.
+//!
+//! Nothing here is validated beyond TOML types; `config::mod` turns these into real types and
+//! names the key of every problem. Values that need parsing (durations, addresses, CIDRs, URLs)
+//! stay strings here so that their errors can name the key and the fix.
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+use std::fmt;
+
+/// A duration as written: `"250ms"`, `"5m"`, `"1h30m"`, `"90"` or a bare integer of seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DurationText(pub String);
+
+impl DurationText {
+    fn new(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+impl<'de> Deserialize<'de> for DurationText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = DurationText;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration such as \"250ms\", \"90s\", \"5m\", \"1h30m\" or a number of seconds")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<DurationText, E> {
+                Ok(DurationText::new(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<DurationText, E> {
+                Ok(DurationText(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<DurationText, E> {
+                Ok(DurationText(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyFile {
+    pub listen: Vec<String>,
+    pub threads: usize,
+    pub trusted_proxies: Vec<String>,
+    pub header_read_timeout: DurationText,
+    pub shutdown_timeout: DurationText,
+    pub max_header_bytes: usize,
+}
+
+impl Default for ProxyFile {
+    fn default() -> Self {
+        Self {
+            listen: vec!["127.0.0.1:8080".into()],
+            threads: 0,
+            trusted_proxies: Vec::new(),
+            header_read_timeout: DurationText::new("10s"),
+            shutdown_timeout: DurationText::new("30s"),
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamFile {
+    pub servers: Vec<String>,
+    pub connect_timeout: DurationText,
+    pub response_timeout: DurationText,
+    pub idle_timeout: DurationText,
+}
+
+impl Default for UpstreamFile {
+    fn default() -> Self {
+        Self {
+            servers: vec!["http://127.0.0.1:3000".into()],
+            connect_timeout: DurationText::new("2s"),
+            response_timeout: DurationText::new("60s"),
+            idle_timeout: DurationText::new("90s"),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogFile {
+    pub format: String,
+    pub access_log: bool,
+    pub level: String,
+}
+
+impl Default for LogFile {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            access_log: true,
+            level: "info".into(),
+        }
+    }
+}

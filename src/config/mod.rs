@@ -1,0 +1,450 @@
+//! The validated configuration: real types, every problem named by its key.
+//!
+//! Loading is two layers (DESIGN habit 2): `file` mirrors the TOML with serde, and this module
+//! checks every value, collecting all problems instead of stopping at the first, so that
+//! `intermission check` can list them at once. A `Config` that exists is valid.
+
+mod error;
+pub mod file;
+
+pub use error::{ConfigError, Problem};
+
+use file::DurationText;
+use ipnet::IpNet;
+use serde::de::DeserializeOwned;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The config file used when `-c` is not given.
+pub const DEFAULT_PATH: &str = "config.toml";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was read from, if any; reload reads it again.
+    pub source: Option<PathBuf>,
+    pub proxy: ProxyConfig,
+    pub upstream: UpstreamConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: Vec<SocketAddr>,
+    pub threads: usize,
+    pub trusted_proxies: Vec<IpNet>,
+    pub header_read_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+impl ProxyConfig {
+    /// Whether headers such as `X-Forwarded-For` from this peer are believed.
+    pub fn is_trusted(&self, peer: IpAddr) -> bool {
+        let peer = canonical_ip(peer);
+        self.trusted_proxies.iter().any(|net| net.contains(&peer))
+    }
+}
+
+/// An IPv4 peer that arrives on a dual-stack socket as `::ffff:a.b.c.d` is matched as IPv4.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub servers: Vec<Upstream>,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// One upstream server, ready to be put into request URIs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub access_log: bool,
+    pub level: String,
+}
+
+impl Config {
+    /// Loads the config the CLI names. `None` means `./config.toml` if it exists, else the
+    /// built-in defaults; a path that was named explicitly must exist.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            Some(p) => Self::load_file(p),
+            None if Path::new(DEFAULT_PATH).exists() => Self::load_file(Path::new(DEFAULT_PATH)),
+            None => Self::parse("", Path::new("."), None),
+        }
+    }
+
+    pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let base = if base.as_os_str().is_empty() { Path::new(".") } else { base };
+        Self::parse(&text, base, Some(path))
+    }
+
+    /// Parses and validates config text; relative paths resolve against `base_dir`.
+    pub fn parse(text: &str, base_dir: &Path, source: Option<&Path>) -> Result<Config, ConfigError> {
+        let origin = source.map_or_else(|| "config".to_owned(), |p| p.display().to_string());
+        let invalid = |problems| ConfigError::Invalid {
+            origin: origin.clone(),
+            problems,
+        };
+        let table: toml::Table = toml::from_str(text).map_err(|e| {
+            invalid(vec![Problem {
+                key: "(syntax)".into(),
+                message: e.to_string().trim().to_owned(),
+            }])
+        })?;
+        let mut v = Validator {
+            problems: Vec::new(),
+            _base_dir: base_dir.to_path_buf(),
+        };
+        for key in table.keys() {
+            if !SECTIONS.contains(&key.as_str()) {
+                v.problem(key, format!("unknown section; expected one of: {}", SECTIONS.join(", ")));
+            }
+        }
+        let proxy = v.section::<file::ProxyFile>(&table, "proxy");
+        let upstream = v.section::<file::UpstreamFile>(&table, "upstream");
+        let log = v.section::<file::LogFile>(&table, "log");
+        let config = Config {
+            source: source.map(Path::to_path_buf),
+            proxy: v.proxy(proxy),
+            upstream: v.upstream(upstream),
+            log: v.log(log),
+        };
+        if v.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(invalid(v.problems))
+        }
+    }
+}
+
+const SECTIONS: &[&str] = &["proxy", "upstream", "log"];
+
+/// Collects every problem; each check returns a placeholder on error so validation goes on.
+struct Validator {
+    problems: Vec<Problem>,
+    _base_dir: PathBuf,
+}
+
+impl Validator {
+    fn problem(&mut self, key: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    /// Deserializes one section on its own, so that a problem in one section does not hide
+    /// the problems of the others.
+    fn section<T: DeserializeOwned + Default>(&mut self, table: &toml::Table, name: &str) -> T {
+        let Some(value) = table.get(name) else {
+            return T::default();
+        };
+        match value.clone().try_into::<T>() {
+            Ok(section) => section,
+            Err(e) => {
+                let message = e.to_string().trim().replace('\n', " ");
+                self.problem(name, message);
+                T::default()
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str, text: &DurationText) -> Duration {
+        match parse_duration(&text.0) {
+            Ok(d) if d.is_zero() => {
+                self.problem(key, "must be greater than zero");
+                Duration::from_secs(1)
+            }
+            Ok(d) => d,
+            Err(why) => {
+                self.problem(key, why);
+                Duration::from_secs(1)
+            }
+        }
+    }
+
+    fn proxy(&mut self, f: file::ProxyFile) -> ProxyConfig {
+        let mut listen = Vec::new();
+        for (i, a) in f.listen.iter().enumerate() {
+            match a.parse::<SocketAddr>() {
+                Ok(addr) => listen.push(addr),
+                Err(_) => self.problem(
+                    &format!("proxy.listen[{i}]"),
+                    format!("{a:?} is not an address; write IP:PORT such as \"127.0.0.1:8080\" or \"[::]:80\""),
+                ),
+            }
+        }
+        if f.listen.is_empty() {
+            self.problem("proxy.listen", "needs at least one address to listen on");
+        }
+        let trusted_proxies = self.cidrs("proxy.trusted_proxies", &f.trusted_proxies);
+        if f.max_header_bytes < 8192 {
+            self.problem("proxy.max_header_bytes", "must be at least 8192");
+        }
+        ProxyConfig {
+            listen,
+            threads: f.threads,
+            trusted_proxies,
+            header_read_timeout: self.duration("proxy.header_read_timeout", &f.header_read_timeout),
+            shutdown_timeout: self.duration("proxy.shutdown_timeout", &f.shutdown_timeout),
+            max_header_bytes: f.max_header_bytes.max(8192),
+        }
+    }
+
+    fn cidrs(&mut self, key: &str, list: &[String]) -> Vec<IpNet> {
+        let mut nets = Vec::new();
+        for (i, s) in list.iter().enumerate() {
+            // A bare address means that one host.
+            let parsed = s
+                .parse::<IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(net) => nets.push(net),
+                Err(_) => self.problem(
+                    &format!("{key}[{i}]"),
+                    format!("{s:?} is not a CIDR; write \"10.0.0.0/8\", \"::1/128\" or a single address"),
+                ),
+            }
+        }
+        nets
+    }
+
+    fn upstream(&mut self, f: file::UpstreamFile) -> UpstreamConfig {
+        let mut servers = Vec::new();
+        for (i, s) in f.servers.iter().enumerate() {
+            match parse_upstream(s) {
+                Ok(u) => servers.push(u),
+                Err(why) => self.problem(&format!("upstream.servers[{i}]"), why),
+            }
+        }
+        if f.servers.is_empty() {
+            self.problem("upstream.servers", "needs at least one server, e.g. \"http://127.0.0.1:3000\"");
+        }
+        UpstreamConfig {
+            servers,
+            connect_timeout: self.duration("upstream.connect_timeout", &f.connect_timeout),
+            response_timeout: self.duration("upstream.response_timeout", &f.response_timeout),
+            idle_timeout: self.duration("upstream.idle_timeout", &f.idle_timeout),
+        }
+    }
+
+    fn log(&mut self, f: file::LogFile) -> LogConfig {
+        let format = match f.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                self.problem("log.format", format!("{other:?} is not a log format; use \"text\" or \"json\""));
+                LogFormat::Text
+            }
+        };
+        if tracing_subscriber::EnvFilter::try_new(&f.level).is_err() {
+            self.problem(
+                "log.level",
+                format!("{:?} is not a level; use \"error\", \"warn\", \"info\", \"debug\" or \"trace\"", f.level),
+            );
+        }
+        LogConfig {
+            format,
+            access_log: f.access_log,
+            level: f.level,
+        }
+    }
+}
+
+/// `"250ms"`, `"90s"`, `"1h30m"`, or a plain number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return t
+            .parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("{text:?} is too large"));
+    }
+    humantime::parse_duration(t).map_err(|e| {
+        format!("{text:?} is not a duration ({e}); write \"250ms\", \"90s\", \"5m\", \"1h30m\" or a number of seconds")
+    })
+}
+
+fn parse_upstream(s: &str) -> Result<Upstream, String> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a URL ({e}); write \"http://HOST:PORT\""))?;
+    let scheme = match uri.scheme_str() {
+        Some("http") => http::uri::Scheme::HTTP,
+        Some(other) => {
+            return Err(format!("{s:?}: scheme {other}:// is not supported; use http://"));
+        }
+        None => return Err(format!("{s:?} has no scheme; write \"http://{s}\"")),
+    };
+    let Some(authority) = uri.authority().cloned() else {
+        return Err(format!("{s:?} has no host; write \"http://HOST:PORT\""));
+    };
+    if authority.host().is_empty() {
+        return Err(format!("{s:?} has no host; write \"http://HOST:PORT\""));
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(format!(
+            "{s:?} has a path; requests keep their own path, so give only scheme, host and port"
+        ));
+    }
+    Ok(Upstream { scheme, authority })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<Problem> {
+        match Config::parse(text, Path::new("."), None) {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+
+    fn keys(text: &str) -> Vec<String> {
+        problems(text).into_iter().map(|p| p.key).collect()
+    }
+
+    #[test]
+    fn empty_config_gives_documented_defaults() {
+        let c = Config::parse("", Path::new("."), None).unwrap();
+        assert_eq!(c.proxy.listen, vec!["127.0.0.1:8080".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(c.proxy.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.proxy.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.upstream.servers[0].to_string(), "http://127.0.0.1:3000");
+        assert_eq!(c.upstream.connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.upstream.response_timeout, Duration::from_secs(60));
+        assert_eq!(c.log.format, LogFormat::Text);
+        assert!(c.log.access_log);
+    }
+
+    #[test]
+    fn durations() {
+        let table = [
+            ("250ms", Some(Duration::from_millis(250))),
+            ("90s", Some(Duration::from_secs(90))),
+            ("5m", Some(Duration::from_secs(300))),
+            ("1h30m", Some(Duration::from_secs(5400))),
+            ("42", Some(Duration::from_secs(42))),
+            ("soon", None),
+            ("", None),
+            ("-5s", None),
+        ];
+        for (text, want) in table {
+            assert_eq!(parse_duration(text).ok(), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn integer_duration_is_seconds() {
+        let c = Config::parse("[proxy]\nshutdown_timeout = 7\n", Path::new("."), None).unwrap();
+        assert_eq!(c.proxy.shutdown_timeout, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn every_problem_is_listed_with_its_key() {
+        let text = r#"
+            [proxy]
+            listen = ["127.0.0.1:8080", "nowhere"]
+            trusted_proxies = ["10.0.0.0/33"]
+            header_read_timeout = "soon"
+            [upstream]
+            servers = ["ftp://x", "http://a:1/app"]
+            connect_timeout = "0s"
+            [log]
+            format = "xml"
+            [frobnicate]
+        "#;
+        assert_eq!(
+            keys(text),
+            vec![
+                "frobnicate",
+                "proxy.listen[1]",
+                "proxy.trusted_proxies[0]",
+                "proxy.header_read_timeout",
+                "upstream.servers[0]",
+                "upstream.servers[1]",
+                "upstream.connect_timeout",
+                "log.format",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named_in_every_section() {
+        let p = problems("[proxy]\nlissten = []\n[upstream]\nserver = []\n");
+        assert_eq!(p.len(), 2);
+        assert!(p[0].key == "proxy" && p[0].message.contains("lissten"), "{p:?}");
+        assert!(p[1].key == "upstream" && p[1].message.contains("server"), "{p:?}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let p = problems("[proxy]\nthreads = \"many\"\n");
+        assert_eq!(p[0].key, "proxy");
+        assert!(p[0].message.contains("threads"), "{p:?}");
+    }
+
+    #[test]
+    fn syntax_errors_say_where() {
+        let p = problems("[proxy\n");
+        assert_eq!(p[0].key, "(syntax)");
+        assert!(p[0].message.contains("line 1"), "{p:?}");
+    }
+
+    #[test]
+    fn upstreams() {
+        let ok = parse_upstream("http://127.0.0.1:3000").unwrap();
+        assert_eq!(ok.authority.as_str(), "127.0.0.1:3000");
+        assert!(parse_upstream("http://app.internal/").is_ok());
+        assert!(parse_upstream("127.0.0.1:3000").is_err());
+        assert!(parse_upstream("http://a/b").is_err());
+        assert!(parse_upstream("gopher://a").is_err());
+    }
+
+    #[test]
+    fn trusted_proxy_matching_handles_mapped_ipv4() {
+        let c = Config::parse(
+            "[proxy]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\"]\n",
+            Path::new("."),
+            None,
+        )
+        .unwrap();
+        assert!(c.proxy.is_trusted("10.1.2.3".parse().unwrap()));
+        assert!(c.proxy.is_trusted("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(c.proxy.is_trusted("192.0.2.7".parse().unwrap()));
+        assert!(!c.proxy.is_trusted("192.0.2.8".parse().unwrap()));
+    }
+}

@@ -1,0 +1,213 @@
+//! Header rewriting for forwarding: hop-by-hop removal (RFC 9110 §7.6.1) and `X-Forwarded-*`.
+//!
+//! Pure functions over `HeaderMap`, so each rule has a table test and the bench can drive them
+//! without sockets. Nothing here allocates unless a header it must build is missing.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// Whether a comma-separated header (any of its lines) contains `token`, ignoring case.
+pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+/// The `Upgrade` value of an HTTP/1.1 upgrade request (`Connection: upgrade` + `Upgrade`).
+pub fn upgrade_request(headers: &HeaderMap) -> Option<HeaderValue> {
+    let upgrade = headers.get(header::UPGRADE)?;
+    has_token(headers, &header::CONNECTION, "upgrade").then(|| upgrade.clone())
+}
+
+/// Removes the hop-by-hop headers of RFC 9110 §7.6.1: `Connection` and every header it names,
+/// `Proxy-Connection`, `Keep-Alive`, `TE`, `Transfer-Encoding` and `Upgrade`. `TE: trailers`
+/// survives as exactly that, because it says the original client accepts trailers (gRPC needs
+/// it to reach the server) and this proxy carries trailers through.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(header::CONNECTION);
+    }
+    let te_trailers = headers.contains_key(header::TE) && has_token(headers, &header::TE, "trailers");
+    for name in [&PROXY_CONNECTION, &KEEP_ALIVE, &header::TE, &header::TRANSFER_ENCODING, &header::UPGRADE] {
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Puts back the two headers an upgrade needs on the next hop after stripping.
+pub fn restore_upgrade(headers: &mut HeaderMap, upgrade: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, upgrade);
+}
+
+/// What the proxy knows of the client side of one connection, prepared once per connection.
+#[derive(Debug, Clone)]
+pub struct ClientSide {
+    /// The peer address as an `X-Forwarded-For` element.
+    pub peer: HeaderValue,
+    /// `"http"` or `"https"`.
+    pub proto: HeaderValue,
+}
+
+/// Sets `X-Forwarded-For` (appended to a trusted peer's list, else replaced: an untrusted
+/// client cannot inject addresses), and `X-Forwarded-Proto` / `X-Forwarded-Host` (kept from a
+/// trusted peer that set them, else this hop's). `trusted`: the peer is in `trusted_proxies`.
+pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientSide, trusted: bool) {
+    let xff = if trusted && headers.contains_key(&X_FORWARDED_FOR) {
+        append_to_list(headers, &X_FORWARDED_FOR, &client.peer)
+    } else {
+        client.peer.clone()
+    };
+    headers.insert(X_FORWARDED_FOR.clone(), xff);
+    if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO.clone(), client.proto.clone());
+    }
+    if !(trusted && headers.contains_key(&X_FORWARDED_HOST)) {
+        match headers.get(header::HOST).cloned() {
+            Some(host) => {
+                headers.insert(X_FORWARDED_HOST.clone(), host);
+            }
+            None => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
+        }
+    }
+}
+
+fn append_to_list(headers: &HeaderMap, name: &HeaderName, last: &HeaderValue) -> HeaderValue {
+    let mut out = Vec::with_capacity(64);
+    for v in headers.get_all(name) {
+        let v = v.as_bytes().trim_ascii();
+        if !v.is_empty() {
+            out.extend_from_slice(v);
+            out.extend_from_slice(b", ");
+        }
+    }
+    out.extend_from_slice(last.as_bytes());
+    // Built from valid header values joined by ", ", so it is valid; fall back to the peer alone.
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| last.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<String> {
+        let mut v: Vec<String> = h.keys().map(|k| k.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn hop_by_hop_rules() {
+        // (input headers, headers that must remain)
+        let table: &[(&[(&str, &str)], &[&str])] = &[
+            (&[("connection", "close"), ("accept", "*/*")], &["accept"]),
+            (&[("keep-alive", "timeout=5"), ("accept", "*/*")], &["accept"]),
+            (&[("proxy-connection", "keep-alive")], &[]),
+            (&[("transfer-encoding", "chunked"), ("content-type", "text/plain")], &["content-type"]),
+            (&[("upgrade", "websocket")], &[]),
+            (&[("te", "gzip")], &[]),
+            // Headers named in Connection go, whatever their case and spacing.
+            (&[("connection", "X-Secret ,  x-other"), ("x-secret", "1"), ("x-other", "2"), ("x-kept", "3")], &["x-kept"]),
+            // Several Connection lines all count.
+            (&[("connection", "x-a"), ("connection", "x-b"), ("x-a", "1"), ("x-b", "2")], &[]),
+            // A Connection token that is not a header name is ignored, not an error.
+            (&[("connection", "bad token, x-a"), ("x-a", "1"), ("accept", "*/*")], &["accept"]),
+            // End-to-end headers stay.
+            (&[("host", "a"), ("content-length", "3"), ("cookie", "c=1"), ("authorization", "x")],
+             &["authorization", "content-length", "cookie", "host"]),
+        ];
+        for (input, want) in table {
+            let mut h = map(input);
+            strip_hop_by_hop(&mut h);
+            assert_eq!(names(&h), want.iter().map(|s| s.to_string()).collect::<Vec<_>>(), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn te_trailers_survives_alone() {
+        let mut h = map(&[("te", "gzip, trailers")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.get("te").unwrap(), "trailers");
+        let mut h = map(&[("te", "trailers"), ("connection", "te")]);
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("te").is_none(), "named in Connection, so it goes");
+    }
+
+    #[test]
+    fn upgrade_detection() {
+        assert!(upgrade_request(&map(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")])).is_some());
+        assert!(upgrade_request(&map(&[("upgrade", "websocket")])).is_none());
+        assert!(upgrade_request(&map(&[("connection", "upgrade")])).is_none());
+    }
+
+    fn client(peer: &str) -> ClientSide {
+        ClientSide {
+            peer: HeaderValue::from_str(peer).unwrap(),
+            proto: HeaderValue::from_static("http"),
+        }
+    }
+
+    #[test]
+    fn forwarded_for_rules() {
+        // (incoming XFF lines, trusted peer?, expected XFF)
+        let table: &[(&[&str], bool, &str)] = &[
+            (&[], false, "192.0.2.1"),
+            (&[], true, "192.0.2.1"),
+            (&["203.0.113.9"], false, "192.0.2.1"),
+            (&["203.0.113.9"], true, "203.0.113.9, 192.0.2.1"),
+            (&["203.0.113.9, 198.51.100.2"], true, "203.0.113.9, 198.51.100.2, 192.0.2.1"),
+            (&["203.0.113.9", "198.51.100.2"], true, "203.0.113.9, 198.51.100.2, 192.0.2.1"),
+        ];
+        for (xff, trusted, want) in table {
+            let mut h = HeaderMap::new();
+            for v in *xff {
+                h.append(X_FORWARDED_FOR.clone(), HeaderValue::from_str(v).unwrap());
+            }
+            set_forwarded(&mut h, &client("192.0.2.1"), *trusted);
+            assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
+            assert_eq!(h.get(&X_FORWARDED_FOR).unwrap(), want, "{xff:?} trusted={trusted}");
+        }
+    }
+
+    #[test]
+    fn forwarded_proto_and_host() {
+        let mut h = map(&[("host", "shop.example"), ("x-forwarded-proto", "https"), ("x-forwarded-host", "evil")]);
+        set_forwarded(&mut h, &client("192.0.2.1"), false);
+        assert_eq!(h.get(&X_FORWARDED_PROTO).unwrap(), "http");
+        assert_eq!(h.get(&X_FORWARDED_HOST).unwrap(), "shop.example");
+
+        let mut h = map(&[("host", "internal:8080"), ("x-forwarded-proto", "https"), ("x-forwarded-host", "shop.example")]);
+        set_forwarded(&mut h, &client("10.0.0.2"), true);
+        assert_eq!(h.get(&X_FORWARDED_PROTO).unwrap(), "https");
+        assert_eq!(h.get(&X_FORWARDED_HOST).unwrap(), "shop.example");
+    }
+}

@@ -1,0 +1,88 @@
+//! The per-request service: load the snapshot once, then answer or forward.
+//!
+//! Reads only the `Snapshot`; it never talks to the control plane. The access log line is
+//! written when the response body is finished (or abandoned), like nginx's `$request_time`,
+//! and costs nothing when `log.access_log` is off.
+
+use crate::body::Body;
+use crate::forward::{self, headers::ClientSide};
+use crate::state::{Snapshot, StateHandle};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+/// What the gateway knows about one client connection.
+pub struct Conn {
+    pub peer: SocketAddr,
+    pub client: ClientSide,
+}
+
+impl Conn {
+    pub fn new(peer: SocketAddr, tls: bool) -> Conn {
+        let ip = crate::config::canonical_ip(peer.ip());
+        let peer_value = HeaderValue::from_str(&ip.to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Conn {
+            peer,
+            client: ClientSide {
+                peer: peer_value,
+                proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
+            },
+        }
+    }
+}
+
+pub async fn handle(state: &StateHandle, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+    let snap = state.load();
+    if !snap.config.log.access_log {
+        return route(&snap, conn, req).await.0;
+    }
+    let start = Instant::now();
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let peer = conn.peer.ip();
+    let (resp, server) = route(&snap, conn, req).await;
+    let status = resp.status().as_u16();
+    let upstream = server.map(|i| snap.pool.servers[i].to_string());
+    let (parts, body) = resp.into_parts();
+    let body = Body::counted(
+        body,
+        Box::new(move |bytes| {
+            tracing::info!(
+                target: "intermission::access",
+                client = %peer,
+                method = %method,
+                path = %uri,
+                status,
+                duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+                upstream = upstream.as_deref().unwrap_or("-"),
+                bytes,
+            );
+        }),
+    );
+    Response::from_parts(parts, body)
+}
+
+async fn route(snap: &Snapshot, conn: &Conn, req: Request<Incoming>) -> (Response<Body>, Option<usize>) {
+    // A reverse proxy has no tunnel to offer; RFC 9110 §9.3.6 lets it refuse.
+    if req.method() == Method::CONNECT {
+        return (plain(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n"), None);
+    }
+    let trusted = snap.config.proxy.is_trusted(conn.peer.ip());
+    match forward::forward(&snap.pool, req, &conn.client, trusted).await {
+        Ok(f) => (f.response, Some(f.server)),
+        Err(e) => {
+            tracing::warn!(error = %e, "forwarding failed");
+            (forward::failure_response(&e), None)
+        }
+    }
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut resp = Response::new(Body::full(text));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp
+}

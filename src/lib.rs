@@ -1,0 +1,33 @@
+//! intermission: a maintenance-mode reverse proxy.
+//!
+//! In normal mode it forwards every request untouched; when the upstream is down or an operator
+//! says so, it answers by itself. The shape:
+//!
+//! ```text
+//!  client ─► listener (TCP, hyper-util auto h1/h2c) ─► gateway ─► forward ─► upstream pool ─► app
+//!                                                        │
+//!                                    StateHandle: ArcSwap<Snapshot>, loaded once per request
+//! ```
+//!
+//! Layout:
+//! - `config`: the TOML file (`config::file`) and the validated `Config` with every problem
+//!   named by its key.
+//! - `app`: composition root; binds, spawns, reloads, drains. `shutdown`: the one stop signal.
+//! - `listener`: accept loops and per-connection protocol settings.
+//! - `gateway`: the per-request service; `body`: the body type both directions share.
+//! - `forward`: forwarding (`headers` for hop-by-hop and `X-Forwarded-*`, `pool` for upstream
+//!   connections, `upgrade` for tunnels).
+//! - `state`: the snapshot every request reads.
+//! - `logging`: text/JSON logs and the access log.
+//!
+//! Seams: `gateway` and `forward` read only the `Snapshot`. Only `app` spawns long-lived tasks.
+
+pub mod app;
+pub mod body;
+pub mod config;
+pub mod forward;
+pub mod gateway;
+pub mod listener;
+pub mod logging;
+pub mod shutdown;
+pub mod state;

@@ -1,0 +1,77 @@
+//! Accept loops: every plaintext listener serves HTTP/1.1 and HTTP/2 prior knowledge (h2c) on
+//! the same port, with upgrades, header limits and a graceful drain.
+//!
+//! hyper does the protocol work: a head larger than `max_header_bytes` gets 431, a malformed one
+//! 400, and `header_read_timeout` closes a connection whose headers come too slowly.
+
+use crate::config::ProxyConfig;
+use crate::gateway::{self, Conn};
+use crate::shutdown::Shutdown;
+use crate::state::StateHandle;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+pub type ConnBuilder = auto::Builder<TokioExecutor>;
+
+/// The connection settings for the proxy's listeners.
+pub fn conn_builder(proxy: &ProxyConfig) -> ConnBuilder {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(proxy.header_read_timeout)
+        .max_buf_size(proxy.max_header_bytes)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(proxy.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256);
+    builder
+}
+
+pub async fn accept_loop(
+    listener: TcpListener,
+    state: StateHandle,
+    builder: ConnBuilder,
+    graceful: Arc<GracefulShutdown>,
+    mut shutdown: Shutdown,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Usually out of file descriptors: wait a moment instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.fired() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = Arc::new(Conn::new(peer, false));
+        let state = state.clone();
+        let service = service_fn(move |req| {
+            let state = state.clone();
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(gateway::handle(&state, &conn, req).await) }
+        });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let watched = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = watched.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}

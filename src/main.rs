@@ -1,0 +1,84 @@
+//! The `intermission` binary: parses the command line and hands over to the library.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use intermission::config::Config;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "intermission", version, about = "A maintenance-mode reverse proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// Config file [default: ./config.toml, built-in defaults if it does not exist]
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file, print a summary, exit 0 (valid) or 1 (every problem listed).
+    Check {
+        /// Config file [default: ./config.toml]
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => match run(config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("intermission: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Check { config } => check(config),
+    }
+}
+
+fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = Config::load(path.as_deref())?;
+    intermission::logging::init(&config.log);
+    let mut runtime = match config.proxy.threads {
+        // One worker: no work-stealing, no cross-thread wakeups.
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if config.proxy.threads > 1 {
+        runtime.worker_threads(config.proxy.threads);
+    }
+    let runtime = runtime.enable_all().build().context("cannot start the runtime")?;
+    runtime.block_on(intermission::app::run_until_signal(config))?;
+    Ok(())
+}
+
+fn check(path: Option<PathBuf>) -> ExitCode {
+    match Config::load(path.as_deref()) {
+        Ok(c) => {
+            let origin = c
+                .source
+                .as_ref()
+                .map_or_else(|| "built-in defaults".to_owned(), |p| p.display().to_string());
+            println!("{origin}: OK");
+            let list = |v: Vec<String>| v.join(", ");
+            println!("  listen:   {}", list(c.proxy.listen.iter().map(ToString::to_string).collect()));
+            println!("  upstream: {}", list(c.upstream.servers.iter().map(ToString::to_string).collect()));
+            println!(
+                "  threads:  {}",
+                if c.proxy.threads == 0 { "one per core".to_owned() } else { c.proxy.threads.to_string() }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
