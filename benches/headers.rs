@@ -1,1 +1,87 @@
-fn main() {}
+//! Per-request header rewriting (hop-by-hop removal + X-Forwarded-*).
+//!
+//! Backs two decisions: (1) rewriting the client's `HeaderMap` in place instead of building a
+//! new one, and (2) preparing the peer's `X-Forwarded-For` value once per connection instead of
+//! formatting the address on every request.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use intermission::forward::headers::{self, ClientSide};
+use std::net::IpAddr;
+
+fn browser_request() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in [
+        ("host", "shop.example.com"),
+        (
+            "user-agent",
+            "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+        ),
+        (
+            "accept",
+            "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+        ),
+        ("accept-language", "en-US,en;q=0.5"),
+        ("accept-encoding", "gzip, deflate, br"),
+        ("connection", "keep-alive"),
+        ("cookie", "session=0123456789abcdef; theme=dark"),
+        ("upgrade-insecure-requests", "1"),
+    ] {
+        h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+    }
+    h
+}
+
+fn rewrite(c: &mut Criterion) {
+    let template = browser_request();
+    let client = ClientSide {
+        peer: HeaderValue::from_static("192.0.2.10"),
+        proto: HeaderValue::from_static("http"),
+    };
+    c.bench_function("rewrite: in place, peer prepared per connection", |b| {
+        b.iter_batched_ref(
+            || template.clone(),
+            |h| {
+                headers::strip_hop_by_hop(h);
+                headers::set_forwarded(h, black_box(&client), false);
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    let peer: IpAddr = "192.0.2.10".parse().unwrap();
+    c.bench_function("rewrite: in place, peer formatted per request", |b| {
+        b.iter_batched_ref(
+            || template.clone(),
+            |h| {
+                headers::strip_hop_by_hop(h);
+                let client = ClientSide {
+                    peer: HeaderValue::from_str(&black_box(peer).to_string()).unwrap(),
+                    proto: HeaderValue::from_static("http"),
+                };
+                headers::set_forwarded(h, &client, false);
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    c.bench_function("rewrite: trusted proxy appends to X-Forwarded-For", |b| {
+        b.iter_batched_ref(
+            || {
+                let mut h = template.clone();
+                h.insert(
+                    "x-forwarded-for",
+                    HeaderValue::from_static("203.0.113.5, 198.51.100.7"),
+                );
+                h
+            },
+            |h| {
+                headers::strip_hop_by_hop(h);
+                headers::set_forwarded(h, black_box(&client), true);
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
+criterion_group!(benches, rewrite);
+criterion_main!(benches);

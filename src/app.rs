@@ -38,7 +38,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         let l = TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
-        let local = l.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+        let local = l
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
         listeners.push((l, local));
     }
     let builder = listener::conn_builder(&config.proxy);
@@ -80,7 +82,9 @@ impl Running {
         };
         let new = Config::load_file(&path)?;
         if new.proxy.listen != current.config.proxy.listen {
-            tracing::warn!("proxy.listen changed; the new addresses take effect at the next restart");
+            tracing::warn!(
+                "proxy.listen changed; the new addresses take effect at the next restart"
+            );
         }
         self.state
             .store(Snapshot::build(Arc::new(new), Some(&current)));

@@ -64,10 +64,17 @@ pub async fn handle(state: &StateHandle, conn: &Conn, req: Request<Incoming>) ->
     Response::from_parts(parts, body)
 }
 
-async fn route(snap: &Snapshot, conn: &Conn, req: Request<Incoming>) -> (Response<Body>, Option<usize>) {
+async fn route(
+    snap: &Snapshot,
+    conn: &Conn,
+    req: Request<Incoming>,
+) -> (Response<Body>, Option<usize>) {
     // A reverse proxy has no tunnel to offer; RFC 9110 §9.3.6 lets it refuse.
     if req.method() == Method::CONNECT {
-        return (plain(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n"), None);
+        return (
+            plain(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n"),
+            None,
+        );
     }
     let trusted = snap.config.proxy.is_trusted(conn.peer.ip());
     match forward::forward(&snap.pool, req, &conn.client, trusted).await {
@@ -82,7 +89,9 @@ async fn route(snap: &Snapshot, conn: &Conn, req: Request<Incoming>) -> (Respons
 fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     let mut resp = Response::new(Body::full(text));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp
 }

@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "intermission", version, about = "A maintenance-mode reverse proxy")]
+#[command(
+    name = "intermission",
+    version,
+    about = "A maintenance-mode reverse proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -54,7 +58,10 @@ fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
     if config.proxy.threads > 1 {
         runtime.worker_threads(config.proxy.threads);
     }
-    let runtime = runtime.enable_all().build().context("cannot start the runtime")?;
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
     runtime.block_on(intermission::app::run_until_signal(config))?;
     Ok(())
 }
@@ -62,17 +69,27 @@ fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
 fn check(path: Option<PathBuf>) -> ExitCode {
     match Config::load(path.as_deref()) {
         Ok(c) => {
-            let origin = c
-                .source
-                .as_ref()
-                .map_or_else(|| "built-in defaults".to_owned(), |p| p.display().to_string());
+            let origin = c.source.as_ref().map_or_else(
+                || "built-in defaults".to_owned(),
+                |p| p.display().to_string(),
+            );
             println!("{origin}: OK");
             let list = |v: Vec<String>| v.join(", ");
-            println!("  listen:   {}", list(c.proxy.listen.iter().map(ToString::to_string).collect()));
-            println!("  upstream: {}", list(c.upstream.servers.iter().map(ToString::to_string).collect()));
+            println!(
+                "  listen:   {}",
+                list(c.proxy.listen.iter().map(ToString::to_string).collect())
+            );
+            println!(
+                "  upstream: {}",
+                list(c.upstream.servers.iter().map(ToString::to_string).collect())
+            );
             println!(
                 "  threads:  {}",
-                if c.proxy.threads == 0 { "one per core".to_owned() } else { c.proxy.threads.to_string() }
+                if c.proxy.threads == 0 {
+                    "one per core".to_owned()
+                } else {
+                    c.proxy.threads.to_string()
+                }
             );
             ExitCode::SUCCESS
         }

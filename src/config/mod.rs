@@ -105,12 +105,20 @@ impl Config {
             source,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let base = if base.as_os_str().is_empty() { Path::new(".") } else { base };
+        let base = if base.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            base
+        };
         Self::parse(&text, base, Some(path))
     }
 
     /// Parses and validates config text; relative paths resolve against `base_dir`.
-    pub fn parse(text: &str, base_dir: &Path, source: Option<&Path>) -> Result<Config, ConfigError> {
+    pub fn parse(
+        text: &str,
+        base_dir: &Path,
+        source: Option<&Path>,
+    ) -> Result<Config, ConfigError> {
         let origin = source.map_or_else(|| "config".to_owned(), |p| p.display().to_string());
         let invalid = |problems| ConfigError::Invalid {
             origin: origin.clone(),
@@ -128,7 +136,10 @@ impl Config {
         };
         for key in table.keys() {
             if !SECTIONS.contains(&key.as_str()) {
-                v.problem(key, format!("unknown section; expected one of: {}", SECTIONS.join(", ")));
+                v.problem(
+                    key,
+                    format!("unknown section; expected one of: {}", SECTIONS.join(", ")),
+                );
             }
         }
         let proxy = v.section::<file::ProxyFile>(&table, "proxy");
@@ -249,7 +260,10 @@ impl Validator {
             }
         }
         if f.servers.is_empty() {
-            self.problem("upstream.servers", "needs at least one server, e.g. \"http://127.0.0.1:3000\"");
+            self.problem(
+                "upstream.servers",
+                "needs at least one server, e.g. \"http://127.0.0.1:3000\"",
+            );
         }
         UpstreamConfig {
             servers,
@@ -264,7 +278,10 @@ impl Validator {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             other => {
-                self.problem("log.format", format!("{other:?} is not a log format; use \"text\" or \"json\""));
+                self.problem(
+                    "log.format",
+                    format!("{other:?} is not a log format; use \"text\" or \"json\""),
+                );
                 LogFormat::Text
             }
         };
@@ -303,7 +320,9 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
     let scheme = match uri.scheme_str() {
         Some("http") => http::uri::Scheme::HTTP,
         Some(other) => {
-            return Err(format!("{s:?}: scheme {other}:// is not supported; use http://"));
+            return Err(format!(
+                "{s:?}: scheme {other}:// is not supported; use http://"
+            ));
         }
         None => return Err(format!("{s:?} has no scheme; write \"http://{s}\"")),
     };
@@ -340,7 +359,10 @@ mod tests {
     #[test]
     fn empty_config_gives_documented_defaults() {
         let c = Config::parse("", Path::new("."), None).unwrap();
-        assert_eq!(c.proxy.listen, vec!["127.0.0.1:8080".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(
+            c.proxy.listen,
+            vec!["127.0.0.1:8080".parse::<SocketAddr>().unwrap()]
+        );
         assert_eq!(c.proxy.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.proxy.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(c.upstream.servers[0].to_string(), "http://127.0.0.1:3000");
@@ -406,8 +428,14 @@ mod tests {
     fn unknown_keys_are_named_in_every_section() {
         let p = problems("[proxy]\nlissten = []\n[upstream]\nserver = []\n");
         assert_eq!(p.len(), 2);
-        assert!(p[0].key == "proxy" && p[0].message.contains("lissten"), "{p:?}");
-        assert!(p[1].key == "upstream" && p[1].message.contains("server"), "{p:?}");
+        assert!(
+            p[0].key == "proxy" && p[0].message.contains("lissten"),
+            "{p:?}"
+        );
+        assert!(
+            p[1].key == "upstream" && p[1].message.contains("server"),
+            "{p:?}"
+        );
     }
 
     #[test]

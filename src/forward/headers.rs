@@ -31,25 +31,53 @@ pub fn upgrade_request(headers: &HeaderMap) -> Option<HeaderValue> {
 /// survives as exactly that, because it says the original client accepts trailers (gRPC needs
 /// it to reach the server) and this proxy carries trailers through.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|s| s.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
+    // The lines are cloned out (a reference count, no copy) so that their tokens can be read
+    // while the map changes; one line is the common case and needs no allocation.
+    let mut lines = headers.get_all(header::CONNECTION).iter();
+    if let Some(first) = lines.next() {
+        if lines.next().is_none() {
+            let line = first.clone();
+            headers.remove(header::CONNECTION);
+            remove_named(headers, &line);
+        } else {
+            let all: Vec<HeaderValue> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .cloned()
+                .collect();
+            headers.remove(header::CONNECTION);
+            for line in &all {
+                remove_named(headers, line);
+            }
         }
-        headers.remove(header::CONNECTION);
     }
-    let te_trailers = headers.contains_key(header::TE) && has_token(headers, &header::TE, "trailers");
-    for name in [&PROXY_CONNECTION, &KEEP_ALIVE, &header::TE, &header::TRANSFER_ENCODING, &header::UPGRADE] {
+    let te_trailers =
+        headers.contains_key(header::TE) && has_token(headers, &header::TE, "trailers");
+    for name in [
+        &PROXY_CONNECTION,
+        &KEEP_ALIVE,
+        &header::TE,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
         headers.remove(name);
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Removes every header a `Connection` line names.
+fn remove_named(headers: &mut HeaderMap, line: &HeaderValue) {
+    let Ok(text) = line.to_str() else { return };
+    for token in text.split(',').map(str::trim) {
+        // The common tokens name no header worth a lookup.
+        if token.eq_ignore_ascii_case("keep-alive") || token.eq_ignore_ascii_case("close") {
+            continue;
+        }
+        if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+            headers.remove(name);
+        }
     }
 }
 
@@ -114,7 +142,10 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -128,27 +159,71 @@ mod tests {
     #[test]
     fn hop_by_hop_rules() {
         // (input headers, headers that must remain)
-        let table: &[(&[(&str, &str)], &[&str])] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+        let table: &[Case] = &[
             (&[("connection", "close"), ("accept", "*/*")], &["accept"]),
-            (&[("keep-alive", "timeout=5"), ("accept", "*/*")], &["accept"]),
+            (
+                &[("keep-alive", "timeout=5"), ("accept", "*/*")],
+                &["accept"],
+            ),
             (&[("proxy-connection", "keep-alive")], &[]),
-            (&[("transfer-encoding", "chunked"), ("content-type", "text/plain")], &["content-type"]),
+            (
+                &[
+                    ("transfer-encoding", "chunked"),
+                    ("content-type", "text/plain"),
+                ],
+                &["content-type"],
+            ),
             (&[("upgrade", "websocket")], &[]),
             (&[("te", "gzip")], &[]),
             // Headers named in Connection go, whatever their case and spacing.
-            (&[("connection", "X-Secret ,  x-other"), ("x-secret", "1"), ("x-other", "2"), ("x-kept", "3")], &["x-kept"]),
+            (
+                &[
+                    ("connection", "X-Secret ,  x-other"),
+                    ("x-secret", "1"),
+                    ("x-other", "2"),
+                    ("x-kept", "3"),
+                ],
+                &["x-kept"],
+            ),
             // Several Connection lines all count.
-            (&[("connection", "x-a"), ("connection", "x-b"), ("x-a", "1"), ("x-b", "2")], &[]),
+            (
+                &[
+                    ("connection", "x-a"),
+                    ("connection", "x-b"),
+                    ("x-a", "1"),
+                    ("x-b", "2"),
+                ],
+                &[],
+            ),
             // A Connection token that is not a header name is ignored, not an error.
-            (&[("connection", "bad token, x-a"), ("x-a", "1"), ("accept", "*/*")], &["accept"]),
+            (
+                &[
+                    ("connection", "bad token, x-a"),
+                    ("x-a", "1"),
+                    ("accept", "*/*"),
+                ],
+                &["accept"],
+            ),
             // End-to-end headers stay.
-            (&[("host", "a"), ("content-length", "3"), ("cookie", "c=1"), ("authorization", "x")],
-             &["authorization", "content-length", "cookie", "host"]),
+            (
+                &[
+                    ("host", "a"),
+                    ("content-length", "3"),
+                    ("cookie", "c=1"),
+                    ("authorization", "x"),
+                ],
+                &["authorization", "content-length", "cookie", "host"],
+            ),
         ];
         for (input, want) in table {
             let mut h = map(input);
             strip_hop_by_hop(&mut h);
-            assert_eq!(names(&h), want.iter().map(|s| s.to_string()).collect::<Vec<_>>(), "{input:?}");
+            assert_eq!(
+                names(&h),
+                want.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                "{input:?}"
+            );
         }
     }
 
@@ -164,7 +239,11 @@ mod tests {
 
     #[test]
     fn upgrade_detection() {
-        assert!(upgrade_request(&map(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")])).is_some());
+        assert!(upgrade_request(&map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket")
+        ]))
+        .is_some());
         assert!(upgrade_request(&map(&[("upgrade", "websocket")])).is_none());
         assert!(upgrade_request(&map(&[("connection", "upgrade")])).is_none());
     }
@@ -184,8 +263,16 @@ mod tests {
             (&[], true, "192.0.2.1"),
             (&["203.0.113.9"], false, "192.0.2.1"),
             (&["203.0.113.9"], true, "203.0.113.9, 192.0.2.1"),
-            (&["203.0.113.9, 198.51.100.2"], true, "203.0.113.9, 198.51.100.2, 192.0.2.1"),
-            (&["203.0.113.9", "198.51.100.2"], true, "203.0.113.9, 198.51.100.2, 192.0.2.1"),
+            (
+                &["203.0.113.9, 198.51.100.2"],
+                true,
+                "203.0.113.9, 198.51.100.2, 192.0.2.1",
+            ),
+            (
+                &["203.0.113.9", "198.51.100.2"],
+                true,
+                "203.0.113.9, 198.51.100.2, 192.0.2.1",
+            ),
         ];
         for (xff, trusted, want) in table {
             let mut h = HeaderMap::new();
@@ -194,18 +281,30 @@ mod tests {
             }
             set_forwarded(&mut h, &client("192.0.2.1"), *trusted);
             assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
-            assert_eq!(h.get(&X_FORWARDED_FOR).unwrap(), want, "{xff:?} trusted={trusted}");
+            assert_eq!(
+                h.get(&X_FORWARDED_FOR).unwrap(),
+                want,
+                "{xff:?} trusted={trusted}"
+            );
         }
     }
 
     #[test]
     fn forwarded_proto_and_host() {
-        let mut h = map(&[("host", "shop.example"), ("x-forwarded-proto", "https"), ("x-forwarded-host", "evil")]);
+        let mut h = map(&[
+            ("host", "shop.example"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil"),
+        ]);
         set_forwarded(&mut h, &client("192.0.2.1"), false);
         assert_eq!(h.get(&X_FORWARDED_PROTO).unwrap(), "http");
         assert_eq!(h.get(&X_FORWARDED_HOST).unwrap(), "shop.example");
 
-        let mut h = map(&[("host", "internal:8080"), ("x-forwarded-proto", "https"), ("x-forwarded-host", "shop.example")]);
+        let mut h = map(&[
+            ("host", "internal:8080"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "shop.example"),
+        ]);
         set_forwarded(&mut h, &client("10.0.0.2"), true);
         assert_eq!(h.get(&X_FORWARDED_PROTO).unwrap(), "https");
         assert_eq!(h.get(&X_FORWARDED_HOST).unwrap(), "shop.example");

@@ -113,7 +113,9 @@ pub async fn forward(
     };
 
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-    let upgraded_to = switching.then(|| resp.headers().get(header::UPGRADE).cloned()).flatten();
+    let upgraded_to = switching
+        .then(|| resp.headers().get(header::UPGRADE).cloned())
+        .flatten();
     headers::strip_hop_by_hop(resp.headers_mut());
     if let (Some(client_upgrade), Some(proto)) = (client_upgrade, upgraded_to) {
         headers::restore_upgrade(resp.headers_mut(), proto);
@@ -138,8 +140,10 @@ pub fn failure_response(err: &UpstreamError) -> Response<Body> {
     };
     let mut resp = Response::new(Body::full(text));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp

@@ -1,0 +1,450 @@
+//! Forwarding in normal mode: the request arrives as the client sent it, the response comes
+//! back as the upstream sent it, minus hop-by-hop headers, plus `X-Forwarded-*`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use std::time::Duration;
+use support::*;
+
+fn upstream_config(up: &Upstream) -> String {
+    format!(
+        "[upstream]\nservers = [\"{}\"]\n[log]\naccess_log = false\n",
+        up.url()
+    )
+}
+
+#[tokio::test]
+async fn request_is_forwarded_exactly() {
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&upstream_config(&up)).await;
+    let req = Request::post(proxy.url("/orders/42?expand=items&sort=desc"))
+        .header("host", "shop.example")
+        .header("x-custom", "kept")
+        .header("cookie", "session=abc")
+        .body(full("{\"qty\":3}"))
+        .unwrap();
+    let resp = send(req).await;
+    assert_eq!(resp.status(), 200);
+    let seen: Seen = json(&resp);
+    assert_eq!(seen.method, "POST");
+    assert_eq!(seen.uri, "/orders/42?expand=items&sort=desc");
+    assert_eq!(seen.header("host"), Some("shop.example"));
+    assert_eq!(seen.header("x-custom"), Some("kept"));
+    assert_eq!(seen.header("cookie"), Some("session=abc"));
+    assert_eq!(seen.body, "{\"qty\":3}");
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(seen.header("x-forwarded-host"), Some("shop.example"));
+}
+
+#[tokio::test]
+async fn every_method_is_forwarded() {
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&upstream_config(&up)).await;
+    for method in ["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "PROPFIND"] {
+        let req = Request::builder()
+            .method(method)
+            .uri(proxy.url("/m"))
+            .body(empty())
+            .unwrap();
+        let resp = send(req).await;
+        let seen: Seen = json(&resp);
+        assert_eq!(seen.method, method);
+    }
+    // HEAD: the upstream's headers, no body.
+    let resp = send(Request::head(proxy.url("/h")).body(empty()).unwrap()).await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.body().is_empty());
+}
+
+#[tokio::test]
+async fn hop_by_hop_request_headers_are_removed() {
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&upstream_config(&up)).await;
+    let req = Request::get(proxy.url("/"))
+        .header("connection", "x-private, keep-alive")
+        .header("x-private", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive")
+        .header("te", "gzip")
+        .header("x-end-to-end", "yes")
+        .body(empty())
+        .unwrap();
+    let seen: Seen = json(&send(req).await);
+    for gone in [
+        "x-private",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "upgrade",
+    ] {
+        assert!(!seen.has(gone), "{gone} reached the upstream: {seen:?}");
+    }
+    // The proxy's own hop may say keep-alive, never the client's tokens.
+    assert!(seen
+        .header("connection")
+        .is_none_or(|c| !c.contains("x-private")));
+    assert_eq!(seen.header("x-end-to-end"), Some("yes"));
+}
+
+#[tokio::test]
+async fn hop_by_hop_response_headers_are_removed() {
+    let up = upstream(|_req: Request<Incoming>| async {
+        Response::builder()
+            .header("connection", "x-internal")
+            .header("x-internal", "do not leak")
+            .header("keep-alive", "timeout=99")
+            .header("proxy-connection", "keep-alive")
+            .header("x-app", "kept")
+            .body(full("ok"))
+            .unwrap()
+    })
+    .await;
+    let proxy = spawn_proxy(&upstream_config(&up)).await;
+    let resp = get(&proxy.url("/")).await;
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers();
+    assert!(h.get("x-internal").is_none());
+    assert!(h.get("keep-alive").is_none());
+    assert!(h.get("proxy-connection").is_none());
+    assert_eq!(h.get("x-app").unwrap(), "kept");
+    assert_eq!(resp.body(), "ok");
+}
+
+#[tokio::test]
+async fn forwarded_for_from_an_untrusted_client_is_replaced() {
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&upstream_config(&up)).await;
+    let req = Request::get(proxy.url("/"))
+        .header("host", "site.example")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-host", "evil.example")
+        .body(empty())
+        .unwrap();
+    let seen: Seen = json(&send(req).await);
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(seen.header("x-forwarded-host"), Some("site.example"));
+}
+
+#[tokio::test]
+async fn forwarded_for_from_a_trusted_proxy_is_appended() {
+    let up = echo_upstream().await;
+    let config = format!(
+        "[proxy]\ntrusted_proxies = [\"127.0.0.0/8\"]\n{}",
+        upstream_config(&up)
+    );
+    let proxy = spawn_proxy(&config).await;
+    let req = Request::get(proxy.url("/"))
+        .header("host", "internal")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-host", "shop.example")
+        .body(empty())
+        .unwrap();
+    let seen: Seen = json(&send(req).await);
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("203.0.113.7, 127.0.0.1")
+    );
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(seen.header("x-forwarded-host"), Some("shop.example"));
+}
+
+#[tokio::test]
+async fn h2c_clients_are_forwarded_with_their_authority_as_host() {
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&upstream_config(&up)).await;
+    let resp = h2c_client()
+        .request(
+            Request::post(proxy.url("/h2?x=1"))
+                .body(full("abc"))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let (parts, body) = resp.into_parts();
+    let resp = Response::from_parts(parts, body.collect().await.unwrap().to_bytes());
+    let seen: Seen = json(&resp);
+    assert_eq!(seen.uri, "/h2?x=1");
+    assert_eq!(seen.body, "abc");
+    assert_eq!(seen.header("host"), Some(proxy.addr.to_string().as_str()));
+    assert_eq!(seen.version, "HTTP/1.1");
+}
+
+/// An upstream body that sends data, then trailers.
+struct WithTrailers(u8);
+
+impl http_body::Body for WithTrailers {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0 += 1;
+        std::task::Poll::Ready(match self.0 {
+            1 => Some(Ok(http_body::Frame::data(Bytes::from_static(b"payload")))),
+            2 => {
+                let mut t = http::HeaderMap::new();
+                t.insert("x-checksum", "abc123".parse().unwrap());
+                Some(Ok(http_body::Frame::trailers(t)))
+            }
+            _ => None,
+        })
+    }
+}
+
+#[tokio::test]
+async fn trailers_reach_an_http2_client() {
+    // HTTP/1.1 sends trailers only when the response declares them in `Trailer`.
+    let up = upstream(|_req: Request<Incoming>| async {
+        Response::builder()
+            .header("trailer", "x-checksum")
+            .body(BodyExt::boxed(WithTrailers(0)))
+            .unwrap()
+    })
+    .await;
+    let proxy = spawn_proxy(&upstream_config(&up)).await;
+    let req = Request::get(proxy.url("/t"))
+        .header("te", "trailers")
+        .body(empty())
+        .unwrap();
+    let resp = h2c_client().request(req).await.unwrap();
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("no trailers arrived");
+    assert_eq!(trailers.get("x-checksum").unwrap(), "abc123");
+    assert_eq!(collected.to_bytes(), "payload");
+}
+
+#[tokio::test]
+async fn servers_are_used_round_robin() {
+    let a = echo_upstream().await;
+    let b = echo_upstream().await;
+    let config = format!("[upstream]\nservers = [\"{}\", \"{}\"]\n", a.url(), b.url());
+    let proxy = spawn_proxy(&config).await;
+    for _ in 0..6 {
+        assert_eq!(get(&proxy.url("/")).await.status(), 200);
+    }
+    assert!(a.connections.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    assert!(b.connections.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&upstream_config(&up)).await;
+    let c = client();
+    for _ in 0..25 {
+        let resp = c
+            .request(Request::get(proxy.url("/")).body(empty()).unwrap())
+            .await
+            .unwrap();
+        resp.into_body().collect().await.unwrap();
+    }
+    assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_before_the_body_is_sent() {
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&upstream_config(&up)).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"PUT /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 100 Continue"));
+    s.write_all(b"hello").await.unwrap();
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let text = loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed before the answer");
+        out.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if text.contains("\"body\"") && text.ends_with('}') {
+            break text;
+        }
+    };
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"body\":\"hello\""), "{text}");
+}
+
+#[tokio::test]
+async fn websocket_is_tunnelled_both_ways() {
+    let up = upstream(|mut req: Request<Incoming>| async move {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut io = hyper_util::rt::TokioIo::new(on.await.unwrap());
+            let mut buf = [0u8; 1024];
+            loop {
+                let n = io.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                let mut echoed = b"echo:".to_vec();
+                echoed.extend_from_slice(&buf[..n]);
+                io.write_all(&echoed).await.unwrap();
+            }
+        });
+        Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+            .body(empty())
+            .unwrap()
+    })
+    .await;
+    let proxy = spawn_proxy(&upstream_config(&up)).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "closed during the handshake: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    for msg in ["first", "second"] {
+        s.write_all(msg.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..n], format!("echo:{msg}").as_bytes());
+    }
+}
+
+#[tokio::test]
+async fn oversized_heads_get_431_and_malformed_requests_400() {
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&upstream_config(&up)).await;
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let out = raw_exchange(proxy.addr, big.as_bytes(), Duration::from_secs(10)).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    for bad in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n"[..],
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+    ] {
+        let out = raw_exchange(proxy.addr, bad, Duration::from_secs(10)).await;
+        assert!(
+            out.starts_with("HTTP/1.1 400"),
+            "{:?} -> {out}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    // The proxy is still serving.
+    assert_eq!(get(&proxy.url("/")).await.status(), 200);
+}
+
+#[tokio::test]
+async fn slow_headers_are_cut_off_while_others_are_served() {
+    let up = echo_upstream().await;
+    let config = format!(
+        "[proxy]\nheader_read_timeout = \"500ms\"\n{}",
+        upstream_config(&up)
+    );
+    let proxy = spawn_proxy(&config).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut slow = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // Another client is served meanwhile.
+    assert_eq!(get(&proxy.url("/")).await.status(), 200);
+    // The slow one is closed by the proxy (bounded wait, far above the timeout).
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(15), slow.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "the slow connection was never closed");
+}
+
+#[tokio::test]
+async fn a_silent_upstream_times_out() {
+    // Accepts and reads, never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut keep = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            keep.push(s);
+        }
+    });
+    let config =
+        format!("[upstream]\nservers = [\"http://{addr}\"]\nresponse_timeout = \"300ms\"\n");
+    let proxy = spawn_proxy(&config).await;
+    let resp = get(&proxy.url("/")).await;
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    hold.abort();
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_reported_not_hung() {
+    // A port that was free a moment ago: nothing listens there.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = format!("[upstream]\nservers = [\"http://{addr}\"]\n");
+    let proxy = spawn_proxy(&config).await;
+    let resp = get(&proxy.url("/")).await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test]
+async fn connect_requests_are_refused() {
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&upstream_config(&up)).await;
+    let out = raw_exchange(
+        proxy.addr,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 405"), "{out}");
+}

@@ -1,0 +1,254 @@
+//! The real binary as an operator runs it: `check`, `run`, signals, memory under large bodies,
+//! and the access log.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use support::*;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_intermission"))
+}
+
+#[test]
+fn check_accepts_the_shipped_config() {
+    let out = bin()
+        .args([
+            "check",
+            "-c",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+}
+
+#[test]
+fn check_lists_every_problem_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[proxy]\nlisten = [\"nowhere\"]\nshutdown_timeout = \"forever\"\n[upstream]\nservers = [\"ftp://x\"]\nretries = 3\n",
+    )
+    .unwrap();
+    let out = bin().args(["check", "-c"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "proxy.listen[0]",
+        "proxy.shutdown_timeout",
+        "upstream",
+        "retries",
+    ] {
+        assert!(err.contains(key), "{key} not named in:\n{err}");
+    }
+    assert!(err.contains("bad.toml"), "the file is not named:\n{err}");
+}
+
+#[test]
+fn a_missing_named_config_is_an_error_and_a_missing_default_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["check", "-c", "nope.toml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.toml"));
+    let out = bin()
+        .args(["check"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("built-in defaults"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
+    let arrived = Arc::new(AtomicBool::new(false));
+    let seen = arrived.clone();
+    let up = upstream(move |_req: Request<Incoming>| {
+        let seen = seen.clone();
+        async move {
+            seen.store(true, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            Response::new(full("finished"))
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut proxy = ProxyProcess::start(
+        dir.path(),
+        &format!("[upstream]\nservers = [\"{}\"]\n", up.url()),
+    );
+    let url = proxy.url("/slow");
+    let in_flight = tokio::spawn(async move { get(&url).await });
+    assert!(wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)).await);
+    proxy.signal("TERM");
+    let resp = in_flight.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.body(), "finished");
+    let status = tokio::task::spawn_blocking(move || {
+        let s = proxy.wait_exit(Duration::from_secs(20));
+        (s, proxy)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.0.map(|s| s.code()), Some(Some(0)), "did not exit 0");
+    // New connections are no longer accepted.
+    assert!(tokio::net::TcpStream::connect(status.1.addr).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn access_log_lines_are_json_with_the_request_facts() {
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\n[log]\nformat = \"json\"\naccess_log = true\n",
+            up.url()
+        ),
+    );
+    let resp = get(&proxy.url("/logged?q=1")).await;
+    assert_eq!(resp.status(), 200);
+    let mut line = None;
+    wait_until(Duration::from_secs(10), || {
+        line = proxy
+            .log_lines()
+            .into_iter()
+            .find(|l| l.contains("/logged?q=1"));
+        line.is_some()
+    })
+    .await;
+    let line = line.expect("no access log line");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["method"], "GET");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["upstream"], up.url());
+    assert_eq!(v["bytes"], resp.body().len() as u64);
+    assert!(v["duration_ms"].as_f64().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn access_log_off_writes_no_request_lines() {
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\n[log]\naccess_log = false\n",
+            up.url()
+        ),
+    );
+    assert_eq!(get(&proxy.url("/quiet")).await.status(), 200);
+    assert_eq!(get(&proxy.url("/marker")).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!proxy
+        .log_lines()
+        .iter()
+        .any(|l| l.contains("/quiet") || l.contains("/marker")));
+}
+
+const CHUNK: usize = 256 * 1024;
+const GIB: u64 = 1 << 30;
+
+/// A body of `total` bytes made of one shared chunk: costs the test no memory.
+struct Endless {
+    left: u64,
+    chunk: Bytes,
+}
+
+impl http_body::Body for Endless {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.left.min(self.chunk.len() as u64);
+        self.left -= n;
+        let frame = self.chunk.slice(..n as usize);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(frame))))
+    }
+}
+
+fn endless(total: u64) -> Endless {
+    Endless {
+        left: total,
+        chunk: Bytes::from(vec![b'x'; CHUNK]),
+    }
+}
+
+async fn count_body(mut body: Incoming) -> u64 {
+    let mut n = 0;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            n += data.len() as u64;
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gigabyte_up_and_down_streams_in_bounded_memory() {
+    let up = upstream(|req: Request<Incoming>| async move {
+        if req.method() == http::Method::PUT {
+            let n = count_body(req.into_body()).await;
+            Response::new(full(n.to_string()))
+        } else {
+            Response::new(BodyExt::boxed(endless(GIB)))
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!("[upstream]\nservers = [\"{}\"]\nresponse_timeout = \"5m\"\n[log]\naccess_log = false\n", up.url()),
+    );
+    let baseline = proxy.peak_rss_kib();
+
+    let upload = Request::put(proxy.url("/upload"))
+        .body(BodyExt::boxed(endless(GIB)))
+        .unwrap();
+    let resp = client().request(upload).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let got = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(got, GIB.to_string());
+
+    let resp = client()
+        .request(Request::get(proxy.url("/download")).body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(count_body(resp.into_body()).await, GIB);
+
+    let peak = proxy.peak_rss_kib();
+    eprintln!("proxy peak RSS: {baseline} KiB at start, {peak} KiB after 2 GiB streamed");
+    assert!(
+        peak < baseline + 64 * 1024,
+        "memory grew with the body: {baseline} -> {peak} KiB"
+    );
+}
