@@ -27,6 +27,7 @@ pub mod body;
 pub mod config;
 pub mod forward;
 pub mod gateway;
+pub mod hold;
 pub mod listener;
 pub mod logging;
 pub mod shutdown;

@@ -442,7 +442,7 @@ async fn connect_requests_are_refused() {
     let proxy = spawn_proxy(&upstream_config(&up)).await;
     let out = raw_exchange(
         proxy.addr,
-        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nConnection: close\r\n\r\n",
         Duration::from_secs(5),
     )
     .await;
