@@ -2,9 +2,14 @@
 //! tasks, and drains on shutdown. Only this module spawns tasks that outlive a request.
 
 use crate::config::Config;
+use crate::control::{self, protocol::Request, server::ControlError};
+use crate::hold::pages::{Pages, PagesError};
 use crate::listener;
 use crate::shutdown::{self, Trigger};
-use crate::state::{Snapshot, StateHandle};
+use crate::state::controller::{Controller, ControllerHandle};
+use crate::state::snapshot::Parts;
+use crate::state::store::{self, StoreError};
+use crate::state::StateHandle;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,19 +25,33 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot load the pages: {0}")]
+    Pages(#[from] PagesError),
+    #[error(transparent)]
+    State(#[from] StoreError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
 }
 
 /// A started proxy: its bound addresses, and the handles to reload or stop it.
 pub struct Running {
     local_addrs: Vec<SocketAddr>,
     state: StateHandle,
+    controller: ControllerHandle,
     trigger: Trigger,
     accept_loops: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
     graceful: Arc<GracefulShutdown>,
 }
 
-/// Binds every listener and starts serving. Errors only when an address cannot be bound.
+/// Loads pages and state, binds every listener and the control socket, and starts serving.
+/// Anything that would make the proxy answer wrongly stops the start with an error.
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    let pages = Pages::load(&config.maintenance.pages)?;
+    let persisted = store::load(&config.control.state_file)?;
+    if let Some(p) = &persisted.planned {
+        tracing::warn!(since = %p.since.rfc3339(), by = %p.by, "maintenance is on (restored from the state file)");
+    }
     let mut listeners = Vec::new();
     for &addr in &config.proxy.listen {
         let l = TcpListener::bind(addr)
@@ -43,10 +62,23 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .map_err(|source| StartError::Bind { addr, source })?;
         listeners.push((l, local));
     }
+    let control = control::server::bind(&config.control.socket, config.control.socket_mode)?;
+    let socket_path = config.control.socket.clone();
     let builder = listener::conn_builder(&config.proxy);
-    let state = StateHandle::new(Snapshot::build(Arc::new(config), None));
+    let parts = Parts::new(Arc::new(config), Arc::new(pages), None);
+    let (controller, handle, state) = Controller::new(parts, persisted);
     let (trigger, shutdown) = shutdown::channel();
     let graceful = Arc::new(GracefulShutdown::new());
+    let background = vec![
+        tokio::spawn(controller.run()),
+        tokio::spawn(control::server::serve(
+            control,
+            socket_path.clone(),
+            handle.clone(),
+            shutdown.clone(),
+        )),
+    ];
+    tracing::info!(socket = %socket_path.display(), "control socket ready");
     let mut local_addrs = Vec::new();
     let mut accept_loops = Vec::new();
     for (l, local) in listeners {
@@ -63,8 +95,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     Ok(Running {
         local_addrs,
         state,
+        controller: handle,
         trigger,
         accept_loops,
+        background,
         graceful,
     })
 }
@@ -74,22 +108,24 @@ impl Running {
         &self.local_addrs
     }
 
-    /// Re-reads the config file and swaps in a new snapshot; on error the running one stays.
-    pub fn reload(&self) -> Result<(), crate::config::ConfigError> {
-        let current = self.state.load();
-        let Some(path) = current.config.source.clone() else {
-            return Ok(());
-        };
-        let new = Config::load_file(&path)?;
-        if new.proxy.listen != current.config.proxy.listen {
-            tracing::warn!(
-                "proxy.listen changed; the new addresses take effect at the next restart"
-            );
+    pub fn state(&self) -> &StateHandle {
+        &self.state
+    }
+
+    pub fn controller(&self) -> &ControllerHandle {
+        &self.controller
+    }
+
+    /// Re-reads the config file and pages (as `ctl reload` does); on error the running
+    /// config stays and the error is logged.
+    pub async fn reload(&self) {
+        let resp = self
+            .controller
+            .request(Request::Reload, "SIGHUP".into())
+            .await;
+        if let Some(e) = resp.error {
+            tracing::error!("reload refused, the running config stays: {}", e.message);
         }
-        self.state
-            .store(Snapshot::build(Arc::new(new), Some(&current)));
-        tracing::info!(file = %path.display(), "config reloaded");
-        Ok(())
     }
 
     /// Stops accepting, lets in-flight requests finish for up to `shutdown_timeout`, and
@@ -100,7 +136,11 @@ impl Running {
         for task in self.accept_loops {
             let _ = task.await;
         }
-        drain(self.graceful, grace).await
+        let drained = drain(self.graceful, grace).await;
+        for task in self.background {
+            task.abort();
+        }
+        drained
     }
 }
 
@@ -130,11 +170,7 @@ pub async fn run_until_signal(config: Config) -> anyhow_free::Result {
     let name = loop {
         tokio::select! {
             sig = &mut terminate => break sig?,
-            _ = hup.recv() => {
-                if let Err(e) = running.reload() {
-                    tracing::error!("reload refused, the running config stays: {e}");
-                }
-            }
+            _ = hup.recv() => running.reload().await,
         }
     };
     tracing::info!("{name} received; shutting down");

@@ -6,16 +6,19 @@
 
 use crate::body::Body;
 use crate::forward::{self, headers::ClientSide};
+use crate::hold::bypass;
+use crate::reserved;
 use crate::state::{Snapshot, StateHandle};
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 /// What the gateway knows about one client connection.
 pub struct Conn {
     pub peer: SocketAddr,
     pub client: ClientSide,
+    pub tls: bool,
 }
 
 impl Conn {
@@ -29,6 +32,7 @@ impl Conn {
                 peer: peer_value,
                 proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
             },
+            tls,
         }
     }
 }
@@ -69,12 +73,19 @@ async fn route(
     conn: &Conn,
     req: Request<Incoming>,
 ) -> (Response<Body>, Option<usize>) {
+    let m = &snap.config.maintenance;
+    if let Some(rest) = req.uri().path().strip_prefix(m.reserved_prefix.as_str()) {
+        return (reserved::answer(snap, &req, rest, conn.tls), None);
+    }
     // A reverse proxy has no tunnel to offer; RFC 9110 §9.3.6 lets it refuse.
     if req.method() == Method::CONNECT {
         return (
-            plain(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n"),
+            reserved::plain(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n"),
             None,
         );
+    }
+    if snap.held.is_some() && !bypassed(snap, conn, &req) {
+        return (reserved::hold(snap, &req), None);
     }
     let trusted = snap.config.proxy.is_trusted(conn.peer.ip());
     match forward::forward(&snap.pool, req, &conn.client, trusted).await {
@@ -86,12 +97,23 @@ async fn route(
     }
 }
 
-fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
-    let mut resp = Response::new(Body::full(text));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
+/// Whether a request is forwarded even though the mode holds requests (SPEC §3).
+fn bypassed<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>) -> bool {
+    let m = &snap.config.maintenance;
+    if bypass::path_allowed(req.uri().path(), &m.allow_paths) {
+        return true;
+    }
+    if !m.allow_ips.is_empty() {
+        let ip = bypass::client_ip(
+            conn.peer.ip(),
+            req.headers(),
+            &snap.config.proxy.trusted_proxies,
+        );
+        if bypass::ip_allowed(ip, &m.allow_ips) {
+            return true;
+        }
+    }
+    snap.bypass
+        .as_ref()
+        .is_some_and(|key| key.cookie_valid(req.headers(), SystemTime::now()))
 }

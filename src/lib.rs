@@ -25,10 +25,13 @@
 pub mod app;
 pub mod body;
 pub mod config;
+pub mod control;
 pub mod forward;
 pub mod gateway;
 pub mod hold;
 pub mod listener;
 pub mod logging;
+pub mod reserved;
 pub mod shutdown;
 pub mod state;
+pub mod time;

@@ -3,6 +3,8 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use intermission::config::Config;
+
+mod ctl;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -31,6 +33,60 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+    /// Talk to a running proxy over its control socket.
+    ///
+    /// Exit codes: 0 done; 1 the proxy refused (its error printed); 2 bad usage; 3 no proxy
+    /// answered on the socket.
+    Ctl {
+        /// Config file naming the socket [default: ./config.toml]
+        #[arg(short, long, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// The control socket, instead of the one the config names
+        #[arg(short, long)]
+        socket: Option<PathBuf>,
+        /// Print the proxy's answer as one JSON object
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Mode, message, since/until, upstream health
+    Status,
+    /// Switch planned maintenance on (again: update the given fields)
+    On {
+        /// What people are told
+        #[arg(short, long)]
+        message: Option<String>,
+        /// Announced end: RFC 3339 (2026-12-01T02:00:00Z) or +DURATION (+45m)
+        #[arg(short, long)]
+        until: Option<String>,
+        /// Retry-After when no --until is set: 250ms, 90s, 5m, 1h30m or seconds
+        #[arg(short, long)]
+        retry_after: Option<String>,
+        /// Why (recorded in the state, with who switched it)
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// New message, also added to the public timeline of updates
+    Update {
+        #[arg(short, long)]
+        message: String,
+    },
+    /// Switch planned maintenance off
+    Off,
+    /// Forward even when health checks say the upstream is down
+    ForceOpen {
+        #[arg(value_parser = ["on", "off"])]
+        setting: String,
+    },
+    /// Each upstream server: healthy or not, last check, last error
+    Health,
+    /// Re-read the config file and pages; an invalid file is refused and the running config stays
+    Reload,
 }
 
 fn main() -> ExitCode {
@@ -44,6 +100,12 @@ fn main() -> ExitCode {
             }
         },
         Command::Check { config } => check(config),
+        Command::Ctl {
+            config,
+            socket,
+            json,
+            command,
+        } => ctl::run(config, socket, json, command),
     }
 }
 

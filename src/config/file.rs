@@ -101,3 +101,59 @@ impl Default for LogFile {
         }
     }
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaintenanceFile {
+    /// `None` means "not set": the `pages` folder beside the config if it exists, else the
+    /// pages built into the binary.
+    pub pages: Option<String>,
+    pub message: String,
+    pub outage_message: String,
+    pub retry_after: DurationText,
+    pub outage_retry_after: DurationText,
+    pub status_page: String,
+    pub api_prefixes: Vec<String>,
+    pub allow_paths: Vec<String>,
+    pub allow_ips: Vec<String>,
+    pub bypass_secret: String,
+    pub bypass_ttl: DurationText,
+    pub reserved_prefix: String,
+}
+
+impl Default for MaintenanceFile {
+    fn default() -> Self {
+        Self {
+            pages: None,
+            message: "We are doing some planned maintenance. We will be back shortly.".into(),
+            outage_message: "We are having trouble reaching the service. We are on it.".into(),
+            retry_after: DurationText::new("5m"),
+            outage_retry_after: DurationText::new("30s"),
+            status_page: String::new(),
+            api_prefixes: vec!["/api/".into()],
+            allow_paths: Vec::new(),
+            allow_ips: Vec::new(),
+            bypass_secret: String::new(),
+            bypass_ttl: DurationText::new("12h"),
+            reserved_prefix: "/_intermission/".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlFile {
+    pub socket: String,
+    pub socket_mode: String,
+    pub state_file: String,
+}
+
+impl Default for ControlFile {
+    fn default() -> Self {
+        Self {
+            socket: "intermission.sock".into(),
+            socket_mode: "0600".into(),
+            state_file: "intermission-state.json".into(),
+        }
+    }
+}

@@ -25,7 +25,41 @@ pub struct Config {
     pub source: Option<PathBuf>,
     pub proxy: ProxyConfig,
     pub upstream: UpstreamConfig,
+    pub maintenance: MaintenanceConfig,
+    pub control: ControlConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct MaintenanceConfig {
+    /// Where the page templates come from.
+    pub pages: PagesSource,
+    pub message: String,
+    pub outage_message: String,
+    pub retry_after: Duration,
+    pub outage_retry_after: Duration,
+    pub status_page: String,
+    pub api_prefixes: Vec<String>,
+    pub allow_paths: Vec<String>,
+    pub allow_ips: Vec<IpNet>,
+    pub bypass_secret: String,
+    pub bypass_ttl: Duration,
+    pub reserved_prefix: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PagesSource {
+    /// A folder on disk (named in the config, or `pages` beside it).
+    Folder(PathBuf),
+    /// The pages compiled into the binary (no `pages` key and no `pages` folder).
+    BuiltIn,
+}
+
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    pub socket: PathBuf,
+    pub socket_mode: u32,
+    pub state_file: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -132,7 +166,7 @@ impl Config {
         })?;
         let mut v = Validator {
             problems: Vec::new(),
-            _base_dir: base_dir.to_path_buf(),
+            base_dir: base_dir.to_path_buf(),
         };
         for key in table.keys() {
             if !SECTIONS.contains(&key.as_str()) {
@@ -144,11 +178,15 @@ impl Config {
         }
         let proxy = v.section::<file::ProxyFile>(&table, "proxy");
         let upstream = v.section::<file::UpstreamFile>(&table, "upstream");
+        let maintenance = v.section::<file::MaintenanceFile>(&table, "maintenance");
+        let control = v.section::<file::ControlFile>(&table, "control");
         let log = v.section::<file::LogFile>(&table, "log");
         let config = Config {
             source: source.map(Path::to_path_buf),
             proxy: v.proxy(proxy),
             upstream: v.upstream(upstream),
+            maintenance: v.maintenance(maintenance),
+            control: v.control(control),
             log: v.log(log),
         };
         if v.problems.is_empty() {
@@ -159,12 +197,12 @@ impl Config {
     }
 }
 
-const SECTIONS: &[&str] = &["proxy", "upstream", "log"];
+const SECTIONS: &[&str] = &["proxy", "upstream", "maintenance", "control", "log"];
 
 /// Collects every problem; each check returns a placeholder on error so validation goes on.
 struct Validator {
     problems: Vec<Problem>,
-    _base_dir: PathBuf,
+    base_dir: PathBuf,
 }
 
 impl Validator {
@@ -273,6 +311,140 @@ impl Validator {
         }
     }
 
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    /// Path prefixes: each must start with '/'.
+    fn prefixes(&mut self, key: &str, list: &[String]) -> Vec<String> {
+        for (i, p) in list.iter().enumerate() {
+            if !p.starts_with('/') {
+                self.problem(&format!("{key}[{i}]"), format!("{p:?} must start with '/'"));
+            }
+        }
+        list.to_vec()
+    }
+
+    fn maintenance(&mut self, f: file::MaintenanceFile) -> MaintenanceConfig {
+        let pages = match &f.pages {
+            Some(p) => {
+                let dir = self.path(p);
+                if !dir.is_dir() {
+                    self.problem(
+                        "maintenance.pages",
+                        format!(
+                            "{} is not a folder; it must hold maintenance.html and outage.html",
+                            dir.display()
+                        ),
+                    );
+                }
+                PagesSource::Folder(dir)
+            }
+            None => {
+                let dir = self.base_dir.join("pages");
+                if dir.is_dir() {
+                    PagesSource::Folder(dir)
+                } else {
+                    PagesSource::BuiltIn
+                }
+            }
+        };
+        let prefix = &f.reserved_prefix;
+        if !(prefix.starts_with('/') && prefix.ends_with('/') && prefix.len() > 2) {
+            self.problem(
+                "maintenance.reserved_prefix",
+                format!("{prefix:?} must start and end with '/' and name a path, like \"/_intermission/\""),
+            );
+        } else if prefix.contains(|c: char| c.is_whitespace() || c == '?' || c == '#' || c == '%') {
+            self.problem(
+                "maintenance.reserved_prefix",
+                format!("{prefix:?} must be a plain path"),
+            );
+        }
+        if !(f.status_page.is_empty()
+            || f.status_page.starts_with("https://")
+            || f.status_page.starts_with("http://"))
+        {
+            self.problem(
+                "maintenance.status_page",
+                format!(
+                    "{:?} must be an http:// or https:// URL, or empty",
+                    f.status_page
+                ),
+            );
+        }
+        if !f.bypass_secret.is_empty() && f.bypass_secret.len() < 16 {
+            self.problem(
+                "maintenance.bypass_secret",
+                "is too short to resist guessing; use at least 16 characters (or leave it empty to disable the bypass link)",
+            );
+        }
+        if f.bypass_secret
+            .contains(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'))
+        {
+            self.problem(
+                "maintenance.bypass_secret",
+                "must use only letters, digits, '-', '_' and '.', since it appears in a URL path",
+            );
+        }
+        if f.message.trim().is_empty() {
+            self.problem(
+                "maintenance.message",
+                "must not be empty: it is what people read",
+            );
+        }
+        if f.outage_message.trim().is_empty() {
+            self.problem(
+                "maintenance.outage_message",
+                "must not be empty: it is what people read",
+            );
+        }
+        MaintenanceConfig {
+            pages,
+            retry_after: self.duration("maintenance.retry_after", &f.retry_after),
+            outage_retry_after: self
+                .duration("maintenance.outage_retry_after", &f.outage_retry_after),
+            api_prefixes: self.prefixes("maintenance.api_prefixes", &f.api_prefixes),
+            allow_paths: self.prefixes("maintenance.allow_paths", &f.allow_paths),
+            allow_ips: self.cidrs("maintenance.allow_ips", &f.allow_ips),
+            bypass_ttl: self.duration("maintenance.bypass_ttl", &f.bypass_ttl),
+            message: f.message,
+            outage_message: f.outage_message,
+            status_page: f.status_page,
+            bypass_secret: f.bypass_secret,
+            reserved_prefix: f.reserved_prefix,
+        }
+    }
+
+    fn control(&mut self, f: file::ControlFile) -> ControlConfig {
+        let socket_mode = match u32::from_str_radix(f.socket_mode.trim_start_matches("0o"), 8) {
+            Ok(m) if m <= 0o777 => m,
+            _ => {
+                self.problem(
+                    "control.socket_mode",
+                    format!("{:?} is not a permission mode; write it in octal, like \"0600\" or \"0660\"", f.socket_mode),
+                );
+                0o600
+            }
+        };
+        if f.socket.is_empty() {
+            self.problem("control.socket", "must name a path for the control socket");
+        }
+        if f.state_file.is_empty() {
+            self.problem("control.state_file", "must name a path for the state file");
+        }
+        ControlConfig {
+            socket: self.path(&f.socket),
+            socket_mode,
+            state_file: self.path(&f.state_file),
+        }
+    }
+
     fn log(&mut self, f: file::LogFile) -> LogConfig {
         let format = match f.format.as_str() {
             "text" => LogFormat::Text,
@@ -370,6 +542,53 @@ mod tests {
         assert_eq!(c.upstream.response_timeout, Duration::from_secs(60));
         assert_eq!(c.log.format, LogFormat::Text);
         assert!(c.log.access_log);
+        assert_eq!(c.maintenance.retry_after, Duration::from_secs(300));
+        assert_eq!(c.maintenance.outage_retry_after, Duration::from_secs(30));
+        assert_eq!(c.maintenance.reserved_prefix, "/_intermission/");
+        assert_eq!(c.maintenance.api_prefixes, vec!["/api/".to_owned()]);
+        assert_eq!(c.control.socket_mode, 0o600);
+        assert_eq!(c.control.socket, Path::new("./intermission.sock"));
+    }
+
+    #[test]
+    fn maintenance_and_control_problems_name_their_keys() {
+        let text = r#"
+            [maintenance]
+            pages = "no/such/folder"
+            reserved_prefix = "_x"
+            status_page = "ftp://status"
+            bypass_secret = "short"
+            allow_paths = ["acme/"]
+            allow_ips = ["nope"]
+            retry_after = "later"
+            [control]
+            socket_mode = "rw-------"
+        "#;
+        assert_eq!(
+            keys(text),
+            vec![
+                "maintenance.pages",
+                "maintenance.reserved_prefix",
+                "maintenance.status_page",
+                "maintenance.bypass_secret",
+                "maintenance.retry_after",
+                "maintenance.allow_paths[0]",
+                "maintenance.allow_ips[0]",
+                "control.socket_mode",
+            ]
+        );
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_folder() {
+        let c = Config::parse(
+            "[control]\nsocket = \"run/x.sock\"\n",
+            Path::new("/etc/intermission"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.control.socket, Path::new("/etc/intermission/run/x.sock"));
+        assert_eq!(c.maintenance.pages, PagesSource::BuiltIn);
     }
 
     #[test]

@@ -1,1 +1,543 @@
-//! (being written)
+//! Content negotiation for held requests: which form (gRPC, HTML, plain text, problem JSON) and
+//! which page language a request gets, from its headers alone (SPEC §3).
+//!
+//! Pure functions, no I/O. They run on every held request, so they parse headers in place over
+//! string splits and never allocate; anything they cannot parse is ignored rather than rejected,
+//! because a client with a broken header still deserves a holding response.
+
+use http::header::{ACCEPT, CONNECTION, CONTENT_TYPE, UPGRADE};
+use http::{HeaderMap, HeaderValue};
+
+/// The form of a holding response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// Trailers-only gRPC UNAVAILABLE.
+    Grpc,
+    /// The HTML page of SPEC §4.
+    Html,
+    /// The message as `text/plain`.
+    Text,
+    /// RFC 9457 problem JSON; the default.
+    Json,
+}
+
+/// Which holding response form a request gets (SPEC §3 order).
+///
+/// `path` is the request path; under any of `api_prefixes` (plain string prefixes) HTML must be
+/// strictly preferred over JSON, because API clients that also accept HTML still parse JSON.
+pub fn choose_form(headers: &HeaderMap, path: &str, api_prefixes: &[String]) -> Form {
+    if is_grpc(headers) {
+        return Form::Grpc;
+    }
+    // An upgrade client (WebSocket) is a program, not a person reading a page, whatever it
+    // claims to accept.
+    if is_upgrade(headers) {
+        return Form::Json;
+    }
+
+    let prefs = AcceptPrefs::from_headers(headers);
+    let html = prefs.html.q;
+    let json = prefs.json_q();
+    let under_api = api_prefixes.iter().any(|p| path.starts_with(p.as_str()));
+
+    // A client that ranks text/plain strictly above HTML gets text even where HTML would
+    // otherwise win: the SPEC's order decides ties, not an explicit preference.
+    let text_preferred = prefs.text.named() && prefs.text.q > html;
+    if prefs.html.named() && !text_preferred {
+        let html_wins = if under_api { html > json } else { html >= json };
+        if html_wins {
+            return Form::Html;
+        }
+    }
+    if prefs.text.named() && prefs.text.q > html && prefs.text.q > json {
+        return Form::Text;
+    }
+    Form::Json
+}
+
+/// Index into `available` (language tags like `["en", "fr"]`, index 0 is the default and the
+/// fallback) of the best language for this `Accept-Language` value (`None` = header absent).
+///
+/// Each available tag takes the q of the most specific entry matching it (exact tag, then a
+/// primary-subtag match such as `fr-CA` ↔ `fr`, then `*` for the default only), so `fr;q=0`
+/// excludes French even after `fr-CA`. The highest q wins; ties go to the entry that came first
+/// in the header, then to the earlier available tag.
+pub fn choose_language(accept_language: Option<&HeaderValue>, available: &[String]) -> usize {
+    let Some(header) = accept_language.and_then(|v| v.to_str().ok()) else {
+        return 0;
+    };
+
+    // (q, position in header, index in available)
+    let mut best: Option<(u16, usize, usize)> = None;
+    for (index, tag) in available.iter().enumerate() {
+        let Some((q, position)) = language_q(header, tag, index == 0) else {
+            continue;
+        };
+        if q == 0 {
+            continue;
+        }
+        let better = match best {
+            None => true,
+            Some((best_q, best_pos, _)) => q > best_q || (q == best_q && position < best_pos),
+        };
+        if better {
+            best = Some((q, position, index));
+        }
+    }
+    best.map_or(0, |(_, _, index)| index)
+}
+
+/// q-values are kept in thousandths (RFC 9110 allows at most three decimals), so comparisons are
+/// exact integer comparisons.
+const Q_ONE: u16 = 1000;
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    const GRPC: &[u8] = b"application/grpc";
+    headers.get(CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.len() >= GRPC.len() && v[..GRPC.len()].eq_ignore_ascii_case(GRPC)
+    })
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    if !headers.contains_key(UPGRADE) {
+        return false;
+    }
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// How well one media range matched a target type: 3 = exact, 2 = `type/*`, 1 = `*/*`, 0 = none.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ranked {
+    specificity: u8,
+    q: u16,
+}
+
+impl Ranked {
+    /// Keeps the most specific match; among equally specific ones the highest q, so that
+    /// `text/html;level=1;q=0, text/html` (parameters are not compared) still accepts HTML.
+    fn offer(&mut self, specificity: u8, q: u16) {
+        if specificity == 0 {
+            return;
+        }
+        if specificity > self.specificity || (specificity == self.specificity && q > self.q) {
+            *self = Ranked { specificity, q };
+        }
+    }
+
+    /// The Accept header names this type itself (not through a wildcard) with q > 0.
+    fn named(self) -> bool {
+        self.specificity == 3 && self.q > 0
+    }
+}
+
+/// The q-values the Accept header gives the types negotiation cares about.
+#[derive(Debug, Default)]
+struct AcceptPrefs {
+    html: Ranked,
+    text: Ranked,
+    json: Ranked,
+    problem_json: Ranked,
+}
+
+impl AcceptPrefs {
+    fn from_headers(headers: &HeaderMap) -> AcceptPrefs {
+        let mut prefs = AcceptPrefs::default();
+        let entries = headers
+            .get_all(ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','));
+        for entry in entries {
+            let Some((kind, subtype, q)) = parse_media_range(entry) else {
+                continue;
+            };
+            prefs
+                .html
+                .offer(specificity(kind, subtype, "text", "html"), q);
+            prefs
+                .text
+                .offer(specificity(kind, subtype, "text", "plain"), q);
+            prefs
+                .json
+                .offer(specificity(kind, subtype, "application", "json"), q);
+            let problem = specificity(kind, subtype, "application", "problem+json");
+            prefs.problem_json.offer(problem, q);
+        }
+        prefs
+    }
+
+    fn json_q(&self) -> u16 {
+        self.json.q.max(self.problem_json.q)
+    }
+}
+
+/// How specifically the range `kind/subtype` matches `target_kind/target_subtype`.
+fn specificity(kind: &str, subtype: &str, target_kind: &str, target_subtype: &str) -> u8 {
+    if kind == "*" {
+        // `*/html` is not a valid range; parse_media_range already dropped it.
+        return 1;
+    }
+    if !kind.eq_ignore_ascii_case(target_kind) {
+        return 0;
+    }
+    if subtype == "*" {
+        2
+    } else if subtype.eq_ignore_ascii_case(target_subtype) {
+        3
+    } else {
+        0
+    }
+}
+
+/// Splits one Accept entry into type, subtype and q. `None` for anything malformed, including an
+/// invalid q: guessing a q for it could turn a refusal into a preference.
+fn parse_media_range(entry: &str) -> Option<(&str, &str, u16)> {
+    let mut parts = entry.split(';');
+    let range = parts.next()?.trim();
+    let (kind, subtype) = range.split_once('/')?;
+    let (kind, subtype) = (kind.trim(), subtype.trim());
+    if !is_token(kind) || !is_token(subtype) || (kind == "*" && subtype != "*") {
+        return None;
+    }
+    let q = parse_q_params(parts)?;
+    Some((kind, subtype, q))
+}
+
+/// Finds the `q` parameter among `;`-separated parameters; q=1 when absent, `None` when invalid.
+fn parse_q_params<'a>(params: impl Iterator<Item = &'a str>) -> Option<u16> {
+    let mut q = Q_ONE;
+    for param in params {
+        let param = param.trim();
+        if param.is_empty() {
+            continue;
+        }
+        let (name, value) = param.split_once('=')?;
+        if name.trim().eq_ignore_ascii_case("q") {
+            q = parse_qvalue(value.trim())?;
+        }
+    }
+    Some(q)
+}
+
+/// RFC 9110 §12.4.2 `qvalue`: `0[.ddd]` or `1[.000]`, in thousandths.
+fn parse_qvalue(s: &str) -> Option<u16> {
+    let (int, frac) = match s.split_once('.') {
+        Some((int, frac)) => (int, frac),
+        None => (s, ""),
+    };
+    if frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut thousandths: u16 = 0;
+    let mut scale: u16 = 100;
+    for b in frac.bytes() {
+        thousandths += u16::from(b - b'0') * scale;
+        scale /= 10;
+    }
+    match int {
+        "0" => Some(thousandths),
+        "1" if thousandths == 0 => Some(Q_ONE),
+        _ => None,
+    }
+}
+
+/// RFC 9110 `token` characters, enough to reject garbage such as `te xt/html` or `/`.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// The q the Accept-Language `header` gives `tag`, with the position of the entry that decided
+/// it; `None` when no entry matches. `is_default` lets `*` match.
+fn language_q(header: &str, tag: &str, is_default: bool) -> Option<(u16, usize)> {
+    // (specificity, q, position)
+    let mut best: Option<(u8, u16, usize)> = None;
+    for (position, entry) in header.split(',').enumerate() {
+        let mut parts = entry.split(';');
+        let Some(range) = parts.next().map(str::trim) else {
+            continue;
+        };
+        if !is_language_range(range) {
+            continue;
+        }
+        let Some(q) = parse_q_params(parts) else {
+            continue;
+        };
+        let specificity = if range.eq_ignore_ascii_case(tag) {
+            3
+        } else if primary_subtag(range).eq_ignore_ascii_case(tag)
+            || primary_subtag(tag).eq_ignore_ascii_case(range)
+        {
+            2
+        } else if range == "*" && is_default {
+            1
+        } else {
+            continue;
+        };
+        // The first of equally specific entries decides; a later duplicate does not override.
+        if best.map_or(true, |(s, _, _)| specificity > s) {
+            best = Some((specificity, q, position));
+        }
+    }
+    best.map(|(_, q, position)| (q, position))
+}
+
+fn primary_subtag(tag: &str) -> &str {
+    tag.split('-').next().unwrap_or(tag)
+}
+
+/// `*` or `alpha{1,8}(-alphanum{1,8})*` (RFC 4647 §2.1).
+fn is_language_range(range: &str) -> bool {
+    if range == "*" {
+        return true;
+    }
+    range.split('-').enumerate().all(|(i, sub)| {
+        (1..=8).contains(&sub.len())
+            && sub.bytes().all(|b| {
+                if i == 0 {
+                    b.is_ascii_alphabetic()
+                } else {
+                    b.is_ascii_alphanumeric()
+                }
+            })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                http::header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    fn api() -> Vec<String> {
+        vec!["/api/".to_string()]
+    }
+
+    const BROWSER: &str = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
+
+    #[test]
+    fn form_table() {
+        use Form::*;
+        // (accept header lines, path, expected)
+        let cases: &[(&[&str], &str, Form)] = &[
+            (&[BROWSER], "/", Html),
+            (&["*/*"], "/", Json),
+            (&[], "/", Json),
+            (&["application/json"], "/", Json),
+            (&["text/html;q=0.5, application/json"], "/", Json),
+            (&["application/json;q=0.5, text/html"], "/", Html),
+            (&["text/html, application/json"], "/", Html),
+            (&["text/html, application/json"], "/api/users", Json),
+            (&["text/html, application/json;q=0.9"], "/api/users", Html),
+            (&["text/html, */*;q=0.8"], "/api/users", Html),
+            (&[BROWSER], "/api/users", Html),
+            (&["*/*;q=0.9, text/html;q=0.5"], "/", Json),
+            (&["text/plain"], "/", Text),
+            (&["text/plain, text/html"], "/", Html),
+            (&["text/plain, application/json"], "/", Json),
+            // An explicit preference for text beats HTML.
+            (&["text/plain, text/html;q=0.5"], "/", Text),
+            (
+                &["text/plain, application/json;q=0.8, text/html;q=0.5"],
+                "/",
+                Text,
+            ),
+            (&["text/plain, */*;q=0.5"], "/", Text),
+            (&["text/plain, */*"], "/", Json),
+            (&["text/*"], "/", Json),
+            (&["text/*, application/json;q=0.5"], "/", Json),
+            (&["text/html;q=0"], "/", Json),
+            (&["text/html;q=0, */*"], "/", Json),
+            (&["TEXT/HTML"], "/", Html),
+            (&["Text/Html; Q=0.7, application/JSON;q=0.6"], "/", Html),
+            (&[";;;,,"], "/", Json),
+            (&["text/html;q=abc"], "/", Json),
+            (&["text/html;q=1.5"], "/", Json),
+            (&["text/html;q=0.1234"], "/", Json),
+            (
+                &["text/html;q=1.000, application/json;q=0.999"],
+                "/api/",
+                Html,
+            ),
+            (&["text/html;q=0.001"], "/", Html),
+            (&["text/html;level=1;q=0, text/html"], "/", Html),
+            (&["text/html;charset=utf-8"], "/", Html),
+            (&["*/html"], "/", Json),
+            (&["text/html;q"], "/", Json),
+            (
+                &["application/problem+json;q=0.9, text/html;q=0.8"],
+                "/",
+                Json,
+            ),
+            (&["application/*;q=0.9, text/html;q=0.8"], "/", Json),
+            (&["application/json;q=0.5", "text/html"], "/", Html),
+            (&["text/html;q=0.5", "application/json"], "/", Json),
+            (
+                &["  text/html  ;  q=0.9  ,application/json;q=0.9"],
+                "/",
+                Html,
+            ),
+        ];
+        for (accept, path, expected) in cases {
+            let pairs: Vec<(&str, &str)> = accept.iter().map(|a| ("accept", *a)).collect();
+            let got = choose_form(&headers(&pairs), path, &api());
+            assert_eq!(got, *expected, "Accept {accept:?} on {path}");
+        }
+    }
+
+    #[test]
+    fn grpc_wins_over_accept() {
+        for ct in [
+            "application/grpc",
+            "application/grpc+proto",
+            "Application/GRPC",
+        ] {
+            let h = headers(&[("content-type", ct), ("accept", "text/html")]);
+            assert_eq!(choose_form(&h, "/", &[]), Form::Grpc, "{ct}");
+        }
+        let h = headers(&[
+            ("content-type", "application/json"),
+            ("accept", "text/html"),
+        ]);
+        assert_eq!(choose_form(&h, "/", &[]), Form::Html);
+    }
+
+    #[test]
+    fn upgrade_gets_json() {
+        let h = headers(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+            ("accept", BROWSER),
+        ]);
+        assert_eq!(choose_form(&h, "/", &[]), Form::Json);
+        // Connection: upgrade without an Upgrade header is not an upgrade request.
+        let h = headers(&[("connection", "upgrade"), ("accept", BROWSER)]);
+        assert_eq!(choose_form(&h, "/", &[]), Form::Html);
+        // Connection tokens may come on several lines.
+        let h = headers(&[
+            ("connection", "keep-alive"),
+            ("connection", "UPGRADE"),
+            ("upgrade", "websocket"),
+            ("accept", BROWSER),
+        ]);
+        assert_eq!(choose_form(&h, "/", &[]), Form::Json);
+    }
+
+    #[test]
+    fn non_utf8_accept_is_ignored() {
+        let mut h = HeaderMap::new();
+        h.append(ACCEPT, HeaderValue::from_bytes(b"text/html\xff").unwrap());
+        assert_eq!(choose_form(&h, "/", &[]), Form::Json);
+        h.append(ACCEPT, HeaderValue::from_static("text/html"));
+        assert_eq!(choose_form(&h, "/", &[]), Form::Html);
+    }
+
+    #[test]
+    fn never_panics_on_odd_input() {
+        let odd = [
+            "",
+            ",",
+            ";",
+            "/",
+            "*",
+            "*/",
+            "/*",
+            "a/b/c",
+            "text/html;=",
+            "text/html;q=",
+            "text/html;q=.",
+            "text/html;q=0.",
+            "text/html;q=1.",
+            "text/html;q=-1",
+            "text/html;q=00.5",
+            "text/html;q=0.9.9",
+            "\t",
+            "é/é",
+        ];
+        for accept in odd {
+            if let Ok(v) = HeaderValue::from_str(accept) {
+                let mut h = HeaderMap::new();
+                h.insert(ACCEPT, v.clone());
+                let _ = choose_form(&h, "/", &api());
+                let _ = choose_language(Some(&v), &["en".into(), "fr".into()]);
+            }
+        }
+    }
+
+    #[test]
+    fn qvalue_parsing() {
+        assert_eq!(parse_qvalue("1"), Some(1000));
+        assert_eq!(parse_qvalue("1."), Some(1000));
+        assert_eq!(parse_qvalue("1.000"), Some(1000));
+        assert_eq!(parse_qvalue("0"), Some(0));
+        assert_eq!(parse_qvalue("0.5"), Some(500));
+        assert_eq!(parse_qvalue("0.05"), Some(50));
+        assert_eq!(parse_qvalue("0.123"), Some(123));
+        assert_eq!(parse_qvalue("1.001"), None);
+        assert_eq!(parse_qvalue("0.1234"), None);
+        assert_eq!(parse_qvalue("2"), None);
+        assert_eq!(parse_qvalue(""), None);
+        assert_eq!(parse_qvalue("0.a"), None);
+    }
+
+    #[test]
+    fn language_table() {
+        let available = vec!["en".to_string(), "fr".to_string()];
+        let cases: &[(Option<&str>, usize)] = &[
+            (Some("fr"), 1),
+            (Some("fr-CA,fr;q=0.9,en;q=0.8"), 1),
+            (Some("fr-CA;q=0.8, en;q=0.5, *;q=0.1"), 1),
+            (Some("de, en;q=0.5"), 0),
+            (Some("de, fr;q=0.5"), 1),
+            (Some("de"), 0),
+            (Some("en;q=0.2, fr;q=0.9"), 1),
+            (Some("fr;q=0"), 0),
+            (Some("fr-CA, fr;q=0"), 0),
+            (Some("fr;q=0.5, en;q=0.5"), 1),
+            (Some("en;q=0.5, fr;q=0.5"), 0),
+            (Some("*, fr;q=0.5"), 0),
+            (Some("FR-ca"), 1),
+            (None, 0),
+            (Some(";;;,,"), 0),
+            (Some("fr;q=bad"), 0),
+            (Some("fr_FR"), 0),
+            (Some(""), 0),
+        ];
+        for (header, expected) in cases {
+            let value = header.map(|h| HeaderValue::from_str(h).unwrap());
+            let got = choose_language(value.as_ref(), &available);
+            assert_eq!(got, *expected, "Accept-Language {header:?}");
+        }
+    }
+
+    #[test]
+    fn language_matches_regional_available_tag() {
+        let available = vec!["en".to_string(), "pt-BR".to_string()];
+        let v = HeaderValue::from_static("pt");
+        assert_eq!(choose_language(Some(&v), &available), 1);
+        let v = HeaderValue::from_static("pt-PT");
+        assert_eq!(choose_language(Some(&v), &available), 0);
+    }
+
+    #[test]
+    fn language_with_no_available_tags() {
+        let v = HeaderValue::from_static("fr");
+        assert_eq!(choose_language(Some(&v), &[]), 0);
+    }
+}

@@ -1,5 +1,12 @@
-//! The state every request reads: one immutable `Snapshot` behind one `ArcSwap`.
+//! The state every request reads, and the one writer that changes it.
+//!
+//! `mode`: pure transitions; `store`: the state file; `snapshot`: what requests read;
+//! `controller`: the task that applies every change in order.
 
-mod snapshot;
+pub mod controller;
+pub mod mode;
+pub mod snapshot;
+pub mod store;
 
+pub use mode::Mode;
 pub use snapshot::{Snapshot, StateHandle};

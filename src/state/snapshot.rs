@@ -1,27 +1,113 @@
 //! `Snapshot`: everything a request needs, swapped whole so no request sees half a change.
 //!
-//! Requests `load()` once and decide everything from that one `Arc`; only the controller (and,
-//! until it exists, the app at start and reload) stores a new one.
+//! Requests `load()` once and decide everything from that one `Arc`. Only the controller
+//! builds and stores new ones; building renders every holding response, so serving one is
+//! choosing bytes.
 
+use super::mode::{Mode, Persisted};
 use crate::config::Config;
 use crate::forward::pool::UpstreamPool;
+use crate::hold::bypass::BypassKey;
+use crate::hold::held::{self, Held, Spliced, View};
+use crate::hold::pages::Pages;
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 pub struct Snapshot {
     pub config: Arc<Config>,
     pub pool: Arc<UpstreamPool>,
+    pub pages: Arc<Pages>,
+    pub bypass: Option<Arc<BypassKey>>,
+    pub mode: Mode,
+    /// The holding responses; `Some` exactly when `mode` is not `normal`.
+    pub held: Option<Held>,
+    /// The public status document.
+    pub status: Spliced,
+    /// The pages as they would be shown now, by mode, for `{prefix}preview`.
+    pub preview_maintenance: Vec<Bytes>,
+    pub preview_outage: Vec<Bytes>,
 }
 
-impl Snapshot {
-    /// Builds a snapshot for `config`, keeping `previous`'s connection pool when the upstream
-    /// settings did not change (a reload must not drop warm connections).
-    pub fn build(config: Arc<Config>, previous: Option<&Snapshot>) -> Snapshot {
+/// The long-lived parts a snapshot is made of; they change only on reload.
+#[derive(Clone)]
+pub struct Parts {
+    pub config: Arc<Config>,
+    pub pool: Arc<UpstreamPool>,
+    pub pages: Arc<Pages>,
+    pub bypass: Option<Arc<BypassKey>>,
+}
+
+impl Parts {
+    /// Parts for `config`, keeping `previous`'s connection pool when the upstream settings did
+    /// not change, so that a reload does not drop warm connections.
+    pub fn new(config: Arc<Config>, pages: Arc<Pages>, previous: Option<&Parts>) -> Parts {
         let pool = match previous {
             Some(prev) if prev.pool.same_config(&config.upstream) => prev.pool.clone(),
             _ => Arc::new(UpstreamPool::new(&config.upstream)),
         };
-        Snapshot { config, pool }
+        let m = &config.maintenance;
+        let bypass = BypassKey::new(&m.bypass_secret, m.bypass_ttl).map(Arc::new);
+        Parts {
+            config,
+            pool,
+            pages,
+            bypass,
+        }
+    }
+}
+
+/// The dynamic inputs: what operators decided and what health checks see.
+pub struct Inputs<'a> {
+    pub state: &'a Persisted,
+    pub healthy: bool,
+    pub outage_since: Option<SystemTime>,
+    pub now: SystemTime,
+}
+
+impl Snapshot {
+    pub fn build(parts: &Parts, inputs: &Inputs<'_>) -> Snapshot {
+        let m = &parts.config.maintenance;
+        let prefix = m.reserved_prefix.as_str();
+        let mode = inputs.state.mode(inputs.healthy);
+        let view = |mode| {
+            View::new(
+                mode,
+                inputs.state,
+                m,
+                inputs.outage_since.or(Some(inputs.now)),
+            )
+        };
+        let current = View::new(mode, inputs.state, m, inputs.outage_since);
+        let status = held::status_json(&current);
+        let held =
+            (mode != Mode::Normal).then(|| Held::new(&parts.pages, current, prefix, inputs.now));
+        let mut maintenance_view = view(Mode::Maintenance);
+        if maintenance_view.since.is_none() {
+            maintenance_view.since = Some(inputs.now);
+        }
+        Snapshot {
+            config: parts.config.clone(),
+            pool: parts.pool.clone(),
+            pages: parts.pages.clone(),
+            bypass: parts.bypass.clone(),
+            mode,
+            held,
+            status,
+            preview_maintenance: held::render_pages(
+                &parts.pages,
+                &maintenance_view,
+                prefix,
+                inputs.now,
+            ),
+            preview_outage: held::render_pages(
+                &parts.pages,
+                &view(Mode::Outage),
+                prefix,
+                inputs.now,
+            ),
+        }
     }
 }
 
@@ -39,6 +125,7 @@ impl StateHandle {
         self.0.load_full()
     }
 
+    /// Only the controller calls this.
     pub fn store(&self, snapshot: Snapshot) {
         self.0.store(Arc::new(snapshot));
     }

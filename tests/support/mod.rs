@@ -327,3 +327,14 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
         .unwrap_or(rest.len());
     rest[..end].parse().ok()
 }
+
+/// Sends one control request to an in-process proxy.
+pub async fn ctl(
+    proxy: &Proxy,
+    req: intermission::control::protocol::Request,
+) -> intermission::control::protocol::Response {
+    let socket = proxy.dir.path().join("intermission.sock");
+    intermission::control::client::request(&socket, &req)
+        .await
+        .unwrap()
+}

@@ -1,0 +1,223 @@
+//! The control protocol: one JSON object per line in each direction (SPEC §5).
+//!
+//! Pure types and parsing, no I/O, shared by the server, the `ctl` client and the tests.
+
+use crate::state::mode::{Mode, Update};
+use crate::time::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// Lines longer than this are refused and the connection closed.
+pub const MAX_LINE: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    On {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+        /// RFC 3339 or `+DURATION`, resolved by the proxy against its clock.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    Update {
+        message: String,
+    },
+    Off,
+    ForceOpen {
+        enabled: bool,
+    },
+    Health,
+    Reload,
+}
+
+pub const COMMANDS: &[&str] = &[
+    "status",
+    "on",
+    "update",
+    "off",
+    "force_open",
+    "health",
+    "reload",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: &str, message: impl Into<String>) -> ErrorBody {
+        ErrorBody {
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// One server's health as the proxy knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerHealth {
+    pub server: String,
+    /// `None` until a health check has said anything.
+    pub healthy: Option<bool>,
+    #[serde(default)]
+    pub since: Option<Timestamp>,
+    #[serde(default)]
+    pub last_check: Option<Timestamp>,
+    #[serde(default)]
+    pub last_error: Option<String>,
+    #[serde(default)]
+    pub consecutive: u32,
+    #[serde(default)]
+    pub last_latency_ms: Option<f64>,
+}
+
+/// The state as `ctl status --json` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusView {
+    pub mode: Mode,
+    pub message: Option<String>,
+    pub since: Option<Timestamp>,
+    pub until: Option<Timestamp>,
+    pub retry_after: Option<u64>,
+    /// The announced end has passed and maintenance is still on.
+    pub overrun: bool,
+    pub by: Option<String>,
+    pub reason: Option<String>,
+    pub force_open: bool,
+    /// Newest first.
+    pub updates: Vec<Update>,
+    pub status_page: Option<String>,
+    pub upstream: Vec<ServerHealth>,
+    pub config: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<StatusView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Vec<ServerHealth>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+impl Response {
+    pub fn state(state: StatusView) -> Response {
+        Response {
+            ok: true,
+            state: Some(state),
+            health: None,
+            error: None,
+        }
+    }
+
+    pub fn health(health: Vec<ServerHealth>) -> Response {
+        Response {
+            ok: true,
+            state: None,
+            health: Some(health),
+            error: None,
+        }
+    }
+
+    pub fn error(error: ErrorBody) -> Response {
+        Response {
+            ok: false,
+            state: None,
+            health: None,
+            error: Some(error),
+        }
+    }
+}
+
+/// Parses one request line, telling an unknown command from a malformed request.
+pub fn parse_request(line: &[u8]) -> Result<Request, ErrorBody> {
+    let value: serde_json::Value = serde_json::from_slice(line)
+        .map_err(|e| ErrorBody::new("bad_request", format!("not a JSON object: {e}")))?;
+    let Some(obj) = value.as_object() else {
+        return Err(ErrorBody::new(
+            "bad_request",
+            "a request is a JSON object like {\"cmd\": \"status\"}",
+        ));
+    };
+    let cmd = match obj.get("cmd") {
+        Some(serde_json::Value::String(c)) => c.clone(),
+        Some(_) => return Err(ErrorBody::new("bad_request", "\"cmd\" must be a string")),
+        None => return Err(ErrorBody::new("bad_request", "missing field \"cmd\"")),
+    };
+    if !COMMANDS.contains(&cmd.as_str()) {
+        return Err(ErrorBody::new(
+            "unknown_command",
+            format!("unknown command '{cmd}'; known: {}", COMMANDS.join(", ")),
+        ));
+    }
+    // serde does not refuse extra fields next to the tag of a variant without fields.
+    if matches!(cmd.as_str(), "status" | "off" | "health" | "reload") {
+        if let Some(extra) = obj.keys().find(|k| *k != "cmd") {
+            return Err(ErrorBody::new(
+                "bad_request",
+                format!("{cmd}: unknown field `{extra}`"),
+            ));
+        }
+    }
+    serde_json::from_value(value).map_err(|e| ErrorBody::new("bad_request", format!("{cmd}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse() {
+        assert_eq!(parse_request(br#"{"cmd":"status"}"#), Ok(Request::Status));
+        assert_eq!(
+            parse_request(br#"{"cmd":"on","message":"DB","until":"+45m","reason":"t1"}"#),
+            Ok(Request::On {
+                message: Some("DB".into()),
+                until: Some("+45m".into()),
+                retry_after: None,
+                reason: Some("t1".into())
+            })
+        );
+        assert_eq!(
+            parse_request(br#"{"cmd":"force_open","enabled":true}"#),
+            Ok(Request::ForceOpen { enabled: true })
+        );
+    }
+
+    #[test]
+    fn errors_have_codes() {
+        let code = |line: &[u8]| parse_request(line).unwrap_err().code;
+        assert_eq!(code(br#"{"cmd":"frobnicate"}"#), "unknown_command");
+        assert_eq!(code(b"not json"), "bad_request");
+        assert_eq!(code(b"[1,2]"), "bad_request");
+        assert_eq!(code(br#"{"message":"x"}"#), "bad_request");
+        assert_eq!(code(br#"{"cmd":"update"}"#), "bad_request", "missing field");
+        assert_eq!(
+            code(br#"{"cmd":"force_open","enabled":"yes"}"#),
+            "bad_request"
+        );
+        assert_eq!(code(br#"{"cmd":"off","extra":1}"#), "bad_request");
+        assert_eq!(
+            parse_request(br#"{"cmd":"frobnicate"}"#).unwrap_err().message,
+            "unknown command 'frobnicate'; known: status, on, update, off, force_open, health, reload"
+        );
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let r = Request::Update {
+            message: "x".into(),
+        };
+        let line = serde_json::to_vec(&r).unwrap();
+        assert_eq!(parse_request(&line), Ok(r));
+    }
+}

@@ -1,0 +1,135 @@
+//! The control socket inside the proxy: a Unix socket, JSON lines, many requests per
+//! connection, every change handed to the controller.
+//!
+//! Lines are capped before they are buffered whole, so a client cannot make the proxy
+//! allocate without bound; a bad request gets an error and the connection stays usable.
+
+use super::protocol::{parse_request, ErrorBody, Response, MAX_LINE};
+use crate::shutdown::Shutdown;
+use crate::state::controller::ControllerHandle;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control socket {}: another intermission is already listening there", .0.display())]
+    InUse(PathBuf),
+    #[error("control socket {}: the path exists and is not a socket; move it away or set control.socket", .0.display())]
+    NotASocket(PathBuf),
+    #[error("control socket {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Binds the socket at `path` with permissions `mode`, replacing a stale socket left by a
+/// crash but never a live one or a file that is not a socket.
+pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ControlError> {
+    let io = |source| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ControlError::NotASocket(path.to_path_buf()));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ControlError::InUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    Ok(listener)
+}
+
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    controller: ControllerHandle,
+    mut shutdown: Shutdown,
+) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.fired() => break,
+        };
+        tokio::spawn(connection(stream, controller.clone()));
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+async fn connection(stream: UnixStream, controller: ControllerHandle) {
+    let by = peer_user(&stream);
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut r)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let complete = line.last() == Some(&b'\n');
+        if !complete && line.len() > MAX_LINE {
+            let err = Response::error(ErrorBody::new(
+                "line_too_long",
+                format!("request lines are limited to {MAX_LINE} bytes; closing"),
+            ));
+            let _ = write(&mut w, &err).await;
+            return;
+        }
+        let text = line.trim_ascii();
+        if text.is_empty() {
+            continue;
+        }
+        let resp = match parse_request(text) {
+            Ok(req) => controller.request(req, by.clone()).await,
+            Err(e) => Response::error(e),
+        };
+        if write(&mut w, &resp).await.is_err() || !complete {
+            return;
+        }
+    }
+}
+
+async fn write(w: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(resp).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    w.write_all(&out).await
+}
+
+/// Who is on the other end: the local user's name from the socket's peer credentials, which
+/// the client cannot forge (unlike a name it would send).
+fn peer_user(stream: &UnixStream) -> String {
+    let Ok(cred) = stream.peer_cred() else {
+        return "unknown".into();
+    };
+    let uid = cred.uid();
+    user_name(uid).unwrap_or_else(|| format!("uid {uid}"))
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        let id = f.nth(1)?.parse::<u32>().ok()?;
+        (id == uid).then(|| name.to_owned())
+    })
+}

@@ -1,0 +1,156 @@
+//! `intermission ctl`: sends one control request and prints the answer for people or as JSON.
+
+use crate::CtlCommand;
+use intermission::config::Config;
+use intermission::control::client;
+use intermission::control::protocol::{Request, Response, ServerHealth, StatusView};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+pub fn run(
+    config: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    json: bool,
+    command: CtlCommand,
+) -> ExitCode {
+    let socket = match socket {
+        Some(s) => s,
+        None => match Config::load(config.as_deref()) {
+            Ok(c) => c.control.socket,
+            Err(e) => {
+                eprintln!("intermission ctl: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let req = request(command);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("intermission ctl: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let resp = match runtime.block_on(client::request(&socket, &req)) {
+        Ok(r) => r,
+        Err(e @ client::ClientError::NoProxy { .. }) => {
+            eprintln!("intermission ctl: {e}");
+            return ExitCode::from(3);
+        }
+        Err(e) => {
+            eprintln!("intermission ctl: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string(&resp).unwrap_or_default());
+    } else {
+        print_human(&resp);
+    }
+    if resp.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn request(command: CtlCommand) -> Request {
+    match command {
+        CtlCommand::Status => Request::Status,
+        CtlCommand::On {
+            message,
+            until,
+            retry_after,
+            reason,
+        } => Request::On {
+            message,
+            until,
+            retry_after,
+            reason,
+        },
+        CtlCommand::Update { message } => Request::Update { message },
+        CtlCommand::Off => Request::Off,
+        CtlCommand::ForceOpen { setting } => Request::ForceOpen {
+            enabled: setting == "on",
+        },
+        CtlCommand::Health => Request::Health,
+        CtlCommand::Reload => Request::Reload,
+    }
+}
+
+fn print_human(resp: &Response) {
+    if let Some(e) = &resp.error {
+        eprintln!("refused ({}): {}", e.code, e.message);
+    }
+    if let Some(s) = &resp.state {
+        print_state(s);
+    }
+    if let Some(h) = &resp.health {
+        print_health(h);
+    }
+}
+
+fn print_state(s: &StatusView) {
+    println!("mode:        {}", s.mode.as_str());
+    if let Some(m) = &s.message {
+        println!("message:     {m}");
+    }
+    if let Some(t) = &s.since {
+        println!("since:       {}", t.rfc3339());
+    }
+    if let Some(t) = &s.until {
+        let note = if s.overrun {
+            "  (OVERRUN: the announced end has passed)"
+        } else {
+            ""
+        };
+        println!("until:       {}{note}", t.rfc3339());
+    }
+    if let Some(r) = s.retry_after {
+        println!("retry-after: {r}s");
+    }
+    if let Some(by) = &s.by {
+        match &s.reason {
+            Some(r) => println!("switched by: {by} ({r})"),
+            None => println!("switched by: {by}"),
+        }
+    }
+    if s.force_open {
+        println!("force-open:  on (forwarding whatever health checks say)");
+    }
+    if let Some(p) = &s.status_page {
+        println!("status page: {p}");
+    }
+    if !s.updates.is_empty() {
+        println!("updates:");
+        for u in &s.updates {
+            println!("  {}  {}", u.at.rfc3339(), u.message);
+        }
+    }
+    print_health(&s.upstream);
+}
+
+fn print_health(servers: &[ServerHealth]) {
+    println!("upstream:");
+    for h in servers {
+        let state = match h.healthy {
+            Some(true) => "healthy",
+            Some(false) => "DOWN",
+            None => "unknown (not checked yet)",
+        };
+        print!("  {}  {state}", h.server);
+        if let Some(t) = &h.last_check {
+            print!("  last check {}", t.rfc3339());
+        }
+        if let Some(ms) = h.last_latency_ms {
+            print!("  {ms:.1} ms");
+        }
+        if let Some(e) = &h.last_error {
+            print!("  last error: {e}");
+        }
+        println!();
+    }
+}

@@ -1,0 +1,368 @@
+//! The holding responses, rendered once per change of state and served by cloning `Bytes`.
+//!
+//! Only `Retry-After` depends on the moment of the request (it counts down to `until`), so the
+//! JSON bodies that carry it are stored split around that one number and joined per request.
+
+use super::negotiate::Form;
+use super::pages::Pages;
+use super::render::{self, UpdateItem, Values};
+use crate::body::Body;
+use crate::config::MaintenanceConfig;
+use crate::state::mode::{Mode, Persisted, Update};
+use crate::time::{seconds_until, whole_seconds, Timestamp};
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use serde::Serialize;
+use std::time::SystemTime;
+
+pub static X_INTERMISSION_MODE: HeaderName = HeaderName::from_static("x-intermission-mode");
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+static GRPC_PUSHBACK: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
+
+/// What the clients are told, derived from the state at one moment.
+#[derive(Debug, Clone)]
+pub struct View {
+    pub mode: Mode,
+    pub message: String,
+    pub since: Option<SystemTime>,
+    pub until: Option<SystemTime>,
+    /// Seconds for `Retry-After` when there is no `until` ahead.
+    pub retry_default: u64,
+    /// Oldest first.
+    pub updates: Vec<Update>,
+    pub status_page: String,
+}
+
+impl View {
+    /// The view of `mode` (which may differ from the current one, for previews).
+    pub fn new(
+        mode: Mode,
+        state: &Persisted,
+        cfg: &MaintenanceConfig,
+        outage_since: Option<SystemTime>,
+    ) -> View {
+        let planned = state.planned.as_ref().filter(|_| mode == Mode::Maintenance);
+        let default_message = match mode {
+            Mode::Outage => &cfg.outage_message,
+            _ => &cfg.message,
+        };
+        let retry_default = match mode {
+            Mode::Outage => whole_seconds(cfg.outage_retry_after),
+            _ => planned
+                .and_then(|p| p.retry_after)
+                .unwrap_or_else(|| whole_seconds(cfg.retry_after)),
+        };
+        View {
+            mode,
+            message: state
+                .message
+                .clone()
+                .unwrap_or_else(|| default_message.clone()),
+            since: match mode {
+                Mode::Maintenance => planned.map(|p| p.since.0),
+                Mode::Outage => outage_since,
+                Mode::Normal => None,
+            },
+            until: planned.and_then(|p| p.until).map(|u| u.0),
+            retry_default,
+            updates: state.updates.clone(),
+            status_page: cfg.status_page.clone(),
+        }
+    }
+
+    /// Seconds for `Retry-After` now: until the announced end, else the default (also once the
+    /// end has passed: an overrun must not tell clients to retry at once).
+    pub fn retry_after(&self, now: SystemTime) -> u64 {
+        self.until
+            .and_then(|u| seconds_until(u, now))
+            .unwrap_or(self.retry_default)
+    }
+}
+
+/// A JSON document split around its `retry_after` number.
+#[derive(Debug, Clone)]
+pub struct Spliced {
+    head: Bytes,
+    tail: Bytes,
+}
+
+/// A number no real value reaches, so it marks the split point in the serialized text.
+const MARK: u64 = u64::MAX;
+
+impl Spliced {
+    fn new(value: &impl Serialize) -> Spliced {
+        let text = serde_json::to_vec(value).unwrap_or_default();
+        let mark = MARK.to_string();
+        match find(&text, mark.as_bytes()) {
+            Some(at) => Spliced {
+                head: Bytes::copy_from_slice(&text[..at]),
+                tail: Bytes::copy_from_slice(&text[at + mark.len()..]),
+            },
+            None => Spliced {
+                head: Bytes::from(text),
+                tail: Bytes::new(),
+            },
+        }
+    }
+
+    pub fn with(&self, retry_after: u64) -> Bytes {
+        if self.tail.is_empty() {
+            return self.head.clone();
+        }
+        let mut buf = itoa_buf(retry_after);
+        let n = buf.len();
+        let mut out = BytesMut::with_capacity(self.head.len() + n + self.tail.len());
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(buf.as_mut_slice());
+        out.extend_from_slice(&self.tail);
+        out.freeze()
+    }
+}
+
+fn itoa_buf(n: u64) -> Vec<u8> {
+    n.to_string().into_bytes()
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[derive(Serialize)]
+struct UpdateJson<'a> {
+    at: Timestamp,
+    message: &'a str,
+}
+
+fn updates_newest_first(updates: &[Update]) -> Vec<UpdateJson<'_>> {
+    updates
+        .iter()
+        .rev()
+        .map(|u| UpdateJson {
+            at: u.at,
+            message: &u.message,
+        })
+        .collect()
+}
+
+/// The public status document (`{reserved_prefix}status`).
+#[derive(Serialize)]
+struct StatusJson<'a> {
+    mode: Mode,
+    message: Option<&'a str>,
+    since: Option<Timestamp>,
+    until: Option<Timestamp>,
+    retry_after: Option<u64>,
+    updates: Vec<UpdateJson<'a>>,
+    status_page: Option<&'a str>,
+}
+
+/// The RFC 9457 problem document of a held request.
+#[derive(Serialize)]
+struct ProblemJson<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    title: &'static str,
+    status: u16,
+    detail: &'a str,
+    mode: Mode,
+    since: Option<Timestamp>,
+    until: Option<Timestamp>,
+    retry_after: u64,
+    status_page: Option<&'a str>,
+    updates: Vec<UpdateJson<'a>>,
+}
+
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+/// The public status document for `view` (`mode: normal` and nulls when nothing is held).
+pub fn status_json(view: &View) -> Spliced {
+    let held = view.mode != Mode::Normal;
+    Spliced::new(&StatusJson {
+        mode: view.mode,
+        message: held.then_some(view.message.as_str()),
+        since: view.since.map(Timestamp),
+        until: view.until.map(Timestamp),
+        retry_after: held.then_some(MARK),
+        updates: updates_newest_first(&view.updates),
+        status_page: non_empty(&view.status_page),
+    })
+}
+
+/// Renders the page of `view.mode` in every language.
+pub fn render_pages(pages: &Pages, view: &View, prefix: &str, now: SystemTime) -> Vec<Bytes> {
+    let times: Vec<(String, String)> = view
+        .updates
+        .iter()
+        .rev()
+        .map(|u| (u.at.rfc3339(), render::human_time_of_day(u.at.0)))
+        .collect();
+    let items: Vec<UpdateItem<'_>> = view
+        .updates
+        .iter()
+        .rev()
+        .zip(&times)
+        .map(|(u, (rfc, human))| UpdateItem {
+            at_rfc3339: rfc,
+            at_human: human,
+            message: &u.message,
+        })
+        .collect();
+    let values = Values {
+        message: view.message.clone(),
+        since: view.since.map(render::human_time).unwrap_or_default(),
+        until: view.until.map(render::human_time).unwrap_or_default(),
+        retry_after: view.retry_after(now).to_string(),
+        status_page: view.status_page.clone(),
+        updates_html: render::render_updates(&items),
+        prefix: prefix.to_owned(),
+        mode: view.mode.as_str().to_owned(),
+    };
+    let outage = view.mode == Mode::Outage;
+    (0..pages.langs.len())
+        .map(|lang| Bytes::from(pages.template(outage, lang).render(&values)))
+        .collect()
+}
+
+/// Every form of the holding response for one view, ready to serve.
+pub struct Held {
+    pub view: View,
+    pub html: Vec<Bytes>,
+    text: Bytes,
+    json: Spliced,
+    grpc_message: HeaderValue,
+    mode_value: HeaderValue,
+}
+
+impl Held {
+    pub fn new(pages: &Pages, view: View, prefix: &str, now: SystemTime) -> Held {
+        let html = render_pages(pages, &view, prefix, now);
+        let mut text = view.message.clone();
+        if let Some(u) = view.until {
+            text.push_str(&format!("\nExpected back by {}.", render::human_time(u)));
+        }
+        if !view.status_page.is_empty() {
+            text.push_str(&format!("\nStatus: {}", view.status_page));
+        }
+        text.push('\n');
+        let json = Spliced::new(&ProblemJson {
+            kind: "about:blank",
+            title: "Service Unavailable",
+            status: 503,
+            detail: &view.message,
+            mode: view.mode,
+            since: view.since.map(Timestamp),
+            until: view.until.map(Timestamp),
+            retry_after: MARK,
+            status_page: non_empty(&view.status_page),
+            updates: updates_newest_first(&view.updates),
+        });
+        let grpc_message = HeaderValue::from_str(&grpc_percent_encode(&view.message))
+            .unwrap_or_else(|_| HeaderValue::from_static("unavailable"));
+        Held {
+            mode_value: HeaderValue::from_static(view.mode.as_str()),
+            view,
+            html,
+            text: Bytes::from(text),
+            json,
+            grpc_message,
+        }
+    }
+
+    /// The response for one held request.
+    pub fn respond(&self, form: Form, lang: usize, head: bool, now: SystemTime) -> Response<Body> {
+        let retry = self.view.retry_after(now);
+        let (status, content_type, body) = match form {
+            Form::Grpc => (StatusCode::OK, "application/grpc", Bytes::new()),
+            Form::Html => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/html; charset=utf-8",
+                self.html
+                    .get(lang)
+                    .or(self.html.first())
+                    .cloned()
+                    .unwrap_or_default(),
+            ),
+            Form::Text => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                self.text.clone(),
+            ),
+            Form::Json => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "application/problem+json",
+                self.json.with(retry),
+            ),
+        };
+        let len = body.len();
+        let mut resp = Response::new(if head { Body::Empty } else { Body::full(body) });
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        h.insert(header::RETRY_AFTER, HeaderValue::from(retry));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(X_INTERMISSION_MODE.clone(), self.mode_value.clone());
+        match form {
+            Form::Grpc => {
+                h.insert(GRPC_STATUS.clone(), HeaderValue::from_static("14"));
+                h.insert(GRPC_MESSAGE.clone(), self.grpc_message.clone());
+                h.insert(
+                    GRPC_PUSHBACK.clone(),
+                    HeaderValue::from(retry.saturating_mul(1000)),
+                );
+            }
+            Form::Html => {
+                h.insert(
+                    header::VARY,
+                    HeaderValue::from_static("Accept, Accept-Language"),
+                );
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            }
+            Form::Text | Form::Json => {
+                h.insert(header::VARY, HeaderValue::from_static("Accept"));
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            }
+        }
+        resp
+    }
+}
+
+/// gRPC's `grpc-message` encoding: bytes outside printable ASCII, and `%`, as `%XX`.
+pub fn grpc_percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_message_encoding() {
+        assert_eq!(grpc_percent_encode("Back at 10:00"), "Back at 10:00");
+        assert_eq!(
+            grpc_percent_encode("100% déjà\n"),
+            "100%25 d%C3%A9j%C3%A0%0A"
+        );
+    }
+
+    #[test]
+    fn spliced_json_carries_the_number_of_the_moment() {
+        let s = Spliced::new(&serde_json::json!({"a": 1, "retry_after": MARK, "z": "x"}));
+        let v: serde_json::Value = serde_json::from_slice(&s.with(42)).unwrap();
+        assert_eq!(v["retry_after"], 42);
+        assert_eq!(v["z"], "x");
+        let plain = Spliced::new(&serde_json::json!({"a": 1}));
+        assert_eq!(&plain.with(5)[..], b"{\"a\":1}");
+    }
+}

@@ -1,0 +1,177 @@
+//! The reserved paths under `maintenance.reserved_prefix`, answered by the proxy in every mode
+//! and never forwarded: `status`, `assets/…`, `bypass/{secret}` and `preview`.
+
+use crate::body::Body;
+use crate::hold::negotiate;
+use crate::state::Snapshot;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use std::time::SystemTime;
+
+/// Answers the reserved path `rest` (the part after the prefix).
+pub fn answer<B>(snap: &Snapshot, req: &Request<B>, rest: &str, tls: bool) -> Response<Body> {
+    let head = req.method() == Method::HEAD;
+    let readable = head || req.method() == Method::GET;
+    if let Some(secret) = rest.strip_prefix("bypass/") {
+        return bypass(snap, req, secret, tls);
+    }
+    if !readable {
+        let mut resp = plain(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET and HEAD are allowed here\n",
+        );
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return resp;
+    }
+    let resp = match rest {
+        "status" => status(snap),
+        "preview" => preview(snap, req.uri().query().unwrap_or("")),
+        _ => match rest.strip_prefix("assets/") {
+            Some(name) => asset(snap, name),
+            None => not_found(),
+        },
+    };
+    if head {
+        let (parts, _) = resp.into_parts();
+        return Response::from_parts(parts, Body::Empty);
+    }
+    resp
+}
+
+fn status(snap: &Snapshot) -> Response<Body> {
+    let retry = snap
+        .held
+        .as_ref()
+        .map_or(0, |h| h.view.retry_after(SystemTime::now()));
+    let body = snap.status.with(retry);
+    let mut resp = Response::new(Body::full(body.clone()));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    resp
+}
+
+fn asset(snap: &Snapshot, name: &str) -> Response<Body> {
+    // Only names found under assets/ at load time exist, so no spelling of `..` can escape;
+    // decoding just lets real names with spaces or accents be found.
+    let decoded = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+    match snap.pages.assets.get(decoded.as_ref()) {
+        Some(a) => {
+            let mut resp = Response::new(Body::full(a.bytes.clone()));
+            let h = resp.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(a.content_type),
+            );
+            h.insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("public, max-age=300"),
+            );
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(a.bytes.len()));
+            h.insert(
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            );
+            resp
+        }
+        None => not_found(),
+    }
+}
+
+fn preview(snap: &Snapshot, query: &str) -> Response<Body> {
+    let mut outage = snap.mode == crate::state::Mode::Outage;
+    let mut lang = 0;
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("mode", "outage")) => outage = true,
+            Some(("mode", "maintenance")) => outage = false,
+            Some(("lang", code)) => {
+                lang = snap
+                    .pages
+                    .langs
+                    .iter()
+                    .position(|l| l.eq_ignore_ascii_case(code))
+                    .unwrap_or(0)
+            }
+            _ => {}
+        }
+    }
+    let pages = if outage {
+        &snap.preview_outage
+    } else {
+        &snap.preview_maintenance
+    };
+    let body = pages
+        .get(lang)
+        .or(pages.first())
+        .cloned()
+        .unwrap_or_default();
+    let mut resp = Response::new(Body::full(body));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert("x-robots-tag", HeaderValue::from_static("noindex"));
+    resp
+}
+
+fn bypass<B>(snap: &Snapshot, req: &Request<B>, secret: &str, tls: bool) -> Response<Body> {
+    let key = snap
+        .bypass
+        .as_deref()
+        .filter(|_| req.method() == Method::GET);
+    if let Some(key) = key.filter(|k| k.secret_matches(secret)) {
+        let mut resp = Response::new(Body::Empty);
+        *resp.status_mut() = StatusCode::SEE_OTHER;
+        let h = resp.headers_mut();
+        h.insert(header::LOCATION, HeaderValue::from_static("/"));
+        h.insert(
+            header::SET_COOKIE,
+            key.set_cookie_header(SystemTime::now(), tls),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        return resp;
+    }
+    // A wrong secret looks like any other request: held when holding, unknown otherwise.
+    match &snap.held {
+        Some(_) => hold(snap, req),
+        None => not_found(),
+    }
+}
+
+/// The holding response for `req` under the current snapshot (which must be holding).
+pub fn hold<B>(snap: &Snapshot, req: &Request<B>) -> Response<Body> {
+    let Some(held) = &snap.held else {
+        return not_found();
+    };
+    let m = &snap.config.maintenance;
+    let form = negotiate::choose_form(req.headers(), req.uri().path(), &m.api_prefixes);
+    let lang = negotiate::choose_language(
+        req.headers().get(header::ACCEPT_LANGUAGE),
+        &snap.pages.langs,
+    );
+    held.respond(form, lang, req.method() == Method::HEAD, SystemTime::now())
+}
+
+fn not_found() -> Response<Body> {
+    plain(StatusCode::NOT_FOUND, "not found\n")
+}
+
+pub fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut resp = Response::new(Body::full(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}

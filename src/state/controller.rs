@@ -1,0 +1,332 @@
+//! The controller: the one task that changes the state, so every change is applied in one
+//! order, written to the state file before it is acknowledged, and published as a whole new
+//! snapshot.
+//!
+//! Control commands and reloads arrive as messages. Blocking work (the state file's fsync,
+//! reading the config and pages) runs on the blocking pool, so the data plane never waits on
+//! the disk even with a single worker thread.
+
+use super::mode::{Change, ChangeError, Mode, Persisted};
+use super::snapshot::{Inputs, Parts, Snapshot};
+use super::store;
+use super::StateHandle;
+use crate::config::{parse_duration, Config};
+use crate::control::protocol::{ErrorBody, Request, Response, ServerHealth, StatusView};
+use crate::hold::pages::Pages;
+use crate::time::parse_time;
+use std::sync::Arc;
+use std::time::SystemTime;
+use tokio::sync::{mpsc, oneshot};
+
+enum Msg {
+    Control {
+        req: Request,
+        by: String,
+        reply: oneshot::Sender<Response>,
+    },
+}
+
+/// The way to reach the controller; cheap to clone.
+#[derive(Clone)]
+pub struct ControllerHandle {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl ControllerHandle {
+    /// Applies one control request on behalf of local user `by`.
+    pub async fn request(&self, req: Request, by: String) -> Response {
+        let (reply, answer) = oneshot::channel();
+        if self.tx.send(Msg::Control { req, by, reply }).await.is_err() {
+            return Response::error(ErrorBody::new("internal", "the proxy is shutting down"));
+        }
+        answer.await.unwrap_or_else(|_| {
+            Response::error(ErrorBody::new("internal", "the proxy is shutting down"))
+        })
+    }
+}
+
+pub struct Controller {
+    rx: mpsc::Receiver<Msg>,
+    handle: StateHandle,
+    parts: Parts,
+    state: Persisted,
+    healthy: bool,
+    outage_since: Option<SystemTime>,
+    /// The overrun of the current `until` has been reported.
+    overrun_noted: bool,
+}
+
+impl Controller {
+    /// Builds the first snapshot and the controller that will own every later one.
+    pub fn new(parts: Parts, state: Persisted) -> (Controller, ControllerHandle, StateHandle) {
+        let now = SystemTime::now();
+        let snapshot = Snapshot::build(
+            &parts,
+            &Inputs {
+                state: &state,
+                healthy: true,
+                outage_since: None,
+                now,
+            },
+        );
+        let handle = StateHandle::new(snapshot);
+        let (tx, rx) = mpsc::channel(64);
+        let overrun_noted = false;
+        let controller = Controller {
+            rx,
+            handle: handle.clone(),
+            parts,
+            state,
+            healthy: true,
+            outage_since: None,
+            overrun_noted,
+        };
+        (controller, ControllerHandle { tx }, handle)
+    }
+
+    pub async fn run(mut self) {
+        loop {
+            let overrun_at = self.pending_overrun();
+            tokio::select! {
+                msg = self.rx.recv() => match msg {
+                    Some(Msg::Control { req, by, reply }) => {
+                        let resp = self.control(req, by).await;
+                        let _ = reply.send(resp);
+                    }
+                    None => break,
+                },
+                _ = sleep_until(overrun_at), if overrun_at.is_some() => self.note_overrun(),
+            }
+        }
+    }
+
+    fn pending_overrun(&self) -> Option<SystemTime> {
+        if self.overrun_noted {
+            return None;
+        }
+        self.state.planned.as_ref()?.until.map(|u| u.0)
+    }
+
+    fn note_overrun(&mut self) {
+        self.overrun_noted = true;
+        if let Some(p) = &self.state.planned {
+            tracing::warn!(
+                until = %p.until.map(|u| u.rfc3339()).unwrap_or_default(),
+                "planned maintenance overran its announced end; it stays on until `off`, and Retry-After falls back to the configured value"
+            );
+        }
+        self.publish();
+    }
+
+    async fn control(&mut self, req: Request, by: String) -> Response {
+        match req {
+            Request::Status => Response::state(self.status_view()),
+            Request::Health => Response::health(self.health()),
+            Request::Reload => match self.reload().await {
+                Ok(()) => Response::state(self.status_view()),
+                Err(message) => Response::error(ErrorBody::new("reload_failed", message)),
+            },
+            other => {
+                let now = SystemTime::now();
+                let change = match to_change(other, by.clone(), now) {
+                    Ok(c) => c,
+                    Err(e) => return Response::error(e),
+                };
+                match self.change(change, now, &by).await {
+                    Ok(()) => Response::state(self.status_view()),
+                    Err(e) => Response::error(e),
+                }
+            }
+        }
+    }
+
+    async fn change(&mut self, change: Change, now: SystemTime, by: &str) -> Result<(), ErrorBody> {
+        let summary = describe(&change);
+        let next = self
+            .state
+            .apply(change, now, self.healthy)
+            .map_err(|e| match e {
+                ChangeError::BadValue(m) => ErrorBody::new("bad_request", m),
+                e @ ChangeError::NothingHeld => ErrorBody::new("conflict", e.to_string()),
+            })?;
+        if next != self.state {
+            let path = self.parts.config.control.state_file.clone();
+            let saved = next.clone();
+            tokio::task::spawn_blocking(move || store::save(&path, &saved))
+                .await
+                .map_err(|e| ErrorBody::new("internal", e.to_string()))?
+                .map_err(|e| {
+                    ErrorBody::new("state_not_saved", format!("{e}; nothing was changed"))
+                })?;
+            let until = |s: &Persisted| s.planned.as_ref().and_then(|p| p.until);
+            if until(&next) != until(&self.state) {
+                self.overrun_noted = false;
+            }
+            self.state = next;
+        }
+        tracing::info!(by, "{summary}");
+        self.publish();
+        Ok(())
+    }
+
+    async fn reload(&mut self) -> Result<(), String> {
+        let Some(path) = self.parts.config.source.clone() else {
+            return Err(
+                "the proxy was started without a config file; there is nothing to re-read".into(),
+            );
+        };
+        let loaded = tokio::task::spawn_blocking(move || -> Result<(Config, Pages), String> {
+            let config = Config::load_file(&path).map_err(|e| e.to_string())?;
+            let pages = Pages::load(&config.maintenance.pages).map_err(|e| e.to_string())?;
+            Ok((config, pages))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let (config, pages) = loaded;
+        let old = &self.parts.config;
+        if config.proxy.listen != old.proxy.listen {
+            tracing::warn!(
+                "proxy.listen changed; the new addresses take effect at the next restart"
+            );
+        }
+        if config.control.socket != old.control.socket
+            || config.control.state_file != old.control.state_file
+        {
+            tracing::warn!(
+                "control.socket / control.state_file changed; they take effect at the next restart"
+            );
+        }
+        let mut config = config;
+        config.control = old.control.clone();
+        self.parts = Parts::new(Arc::new(config), Arc::new(pages), Some(&self.parts));
+        tracing::info!(file = ?self.parts.config.source, "config and pages reloaded");
+        self.publish();
+        Ok(())
+    }
+
+    /// Builds and swaps in the snapshot for the current state.
+    fn publish(&mut self) {
+        let before = self.handle.load().mode;
+        let snapshot = Snapshot::build(
+            &self.parts,
+            &Inputs {
+                state: &self.state,
+                healthy: self.healthy,
+                outage_since: self.outage_since,
+                now: SystemTime::now(),
+            },
+        );
+        let after = snapshot.mode;
+        self.handle.store(snapshot);
+        if before != after {
+            match after {
+                Mode::Normal => tracing::info!(
+                    "mode {} -> {}: forwarding again",
+                    before.as_str(),
+                    after.as_str()
+                ),
+                _ => tracing::warn!(
+                    "mode {} -> {}: requests are held",
+                    before.as_str(),
+                    after.as_str()
+                ),
+            }
+        }
+    }
+
+    fn health(&self) -> Vec<ServerHealth> {
+        self.parts
+            .config
+            .upstream
+            .servers
+            .iter()
+            .map(|s| ServerHealth {
+                server: s.to_string(),
+                healthy: None,
+                since: None,
+                last_check: None,
+                last_error: None,
+                consecutive: 0,
+                last_latency_ms: None,
+            })
+            .collect()
+    }
+
+    fn status_view(&self) -> StatusView {
+        let snap = self.handle.load();
+        let now = SystemTime::now();
+        let view = snap.held.as_ref().map(|h| &h.view);
+        let planned = self.state.planned.as_ref();
+        StatusView {
+            mode: snap.mode,
+            message: view.map(|v| v.message.clone()),
+            since: view.and_then(|v| v.since).map(crate::time::Timestamp),
+            until: view.and_then(|v| v.until).map(crate::time::Timestamp),
+            retry_after: view.map(|v| v.retry_after(now)),
+            overrun: self.state.overrun(now),
+            by: planned.map(|p| p.by.clone()),
+            reason: planned.and_then(|p| p.reason.clone()),
+            force_open: self.state.force_open,
+            updates: self.state.updates.iter().rev().cloned().collect(),
+            status_page: Some(self.parts.config.maintenance.status_page.clone())
+                .filter(|s| !s.is_empty()),
+            upstream: self.health(),
+            config: self
+                .parts
+                .config
+                .source
+                .as_ref()
+                .map(|p| p.display().to_string()),
+        }
+    }
+}
+
+fn to_change(req: Request, by: String, now: SystemTime) -> Result<Change, ErrorBody> {
+    let bad = |m: String| ErrorBody::new("bad_request", m);
+    Ok(match req {
+        Request::On {
+            message,
+            until,
+            retry_after,
+            reason,
+        } => Change::On {
+            message,
+            until: until
+                .map(|u| parse_time(&u, now).map_err(|e| bad(format!("until: {e}"))))
+                .transpose()?,
+            retry_after: retry_after
+                .map(|r| parse_duration(&r).map_err(|e| bad(format!("retry_after: {e}"))))
+                .transpose()?,
+            reason,
+            by,
+        },
+        Request::Update { message } => Change::Update { message },
+        Request::Off => Change::Off,
+        Request::ForceOpen { enabled } => Change::ForceOpen(enabled),
+        Request::Status | Request::Health | Request::Reload => {
+            return Err(ErrorBody::new("internal", "not a change"));
+        }
+    })
+}
+
+fn describe(change: &Change) -> String {
+    match change {
+        Change::On { reason, .. } => match reason {
+            Some(r) => format!("maintenance on ({r})"),
+            None => "maintenance on".to_owned(),
+        },
+        Change::Update { message } => format!("message updated: {message}"),
+        Change::Off => "maintenance off".to_owned(),
+        Change::ForceOpen(true) => {
+            "force-open on: forwarding whatever health checks say".to_owned()
+        }
+        Change::ForceOpen(false) => "force-open off".to_owned(),
+    }
+}
+
+async fn sleep_until(at: Option<SystemTime>) {
+    let wait = at
+        .and_then(|t| t.duration_since(SystemTime::now()).ok())
+        .unwrap_or_default();
+    tokio::time::sleep(wait).await;
+}

@@ -1,0 +1,120 @@
+//! The state file: written atomically (temporary file, fsync, rename, fsync of the folder)
+//! before a change is acknowledged, and read at start.
+//!
+//! A file that exists but cannot be read or parsed stops the start: it holds the maintenance
+//! switch, and silently replacing it could put a site back online mid-incident.
+
+use super::mode::Persisted;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot read state file {}: {source}; fix its permissions, or move it away to start with maintenance off", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state file {} is corrupt ({source}); repair it, or move it away to start with maintenance off", path.display())]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot write state file {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The saved state, or the default when no file exists yet.
+pub fn load(path: &Path) -> Result<Persisted, StoreError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Persisted::default()),
+        Err(source) => {
+            return Err(StoreError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes `state` so that a crash at any moment leaves either the old or the new file whole.
+/// Blocking: call it off the async workers.
+pub fn save(path: &Path, state: &Persisted) -> Result<(), StoreError> {
+    let err = |source| StoreError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut json = serde_json::to_vec_pretty(state).map_err(|e| err(std::io::Error::other(e)))?;
+    json.push(b'\n');
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp).map_err(err)?;
+    f.write_all(&json).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(err)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(err)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_file_is_the_default_state() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            load(&dir.path().join("none.json")).unwrap(),
+            Persisted::default()
+        );
+    }
+
+    #[test]
+    fn saved_state_loads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let s = Persisted {
+            force_open: true,
+            message: Some("x".into()),
+            ..Persisted::default()
+        };
+        save(&path, &s).unwrap();
+        assert_eq!(load(&path).unwrap(), s);
+        assert!(!dir.path().join(".state.json.tmp").exists());
+    }
+
+    #[test]
+    fn corrupt_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::write(&path, "{not json").unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(e.contains("state.json") && e.contains("corrupt"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{not json",
+            "never replaced"
+        );
+    }
+}

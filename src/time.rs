@@ -1,0 +1,98 @@
+//! Wall-clock instants as they appear outside the process: RFC 3339 in JSON and the state file,
+//! `+DURATION` relative times from operators, and whole seconds for `Retry-After`.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::time::{Duration, SystemTime};
+
+/// A wall-clock instant that serializes as RFC 3339 (`2026-12-01T02:00:00Z`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp(pub SystemTime);
+
+impl Timestamp {
+    pub fn rfc3339(&self) -> String {
+        humantime::format_rfc3339_seconds(self.0).to_string()
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.rfc3339())
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_rfc3339_weak(&text)
+            .map(Timestamp)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?} is not an RFC 3339 time: {e}")))
+    }
+}
+
+/// An operator's `TIME`: RFC 3339, or `+DURATION` from `now`.
+pub fn parse_time(text: &str, now: SystemTime) -> Result<SystemTime, String> {
+    let t = text.trim();
+    if let Some(rel) = t.strip_prefix('+') {
+        let d = crate::config::parse_duration(rel)?;
+        return now
+            .checked_add(d)
+            .ok_or_else(|| format!("{text:?} is too far ahead"));
+    }
+    humantime::parse_rfc3339_weak(t).map_err(|e| {
+        format!("{text:?} is not a time ({e}); write RFC 3339 like \"2026-12-01T02:00:00Z\" or \"+45m\"")
+    })
+}
+
+/// Whole seconds from `now` until `until`, rounded up, at least 1; `None` once it has passed.
+pub fn seconds_until(until: SystemTime, now: SystemTime) -> Option<u64> {
+    let left = until.duration_since(now).ok()?;
+    if left.is_zero() {
+        return None;
+    }
+    let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+    Some(secs.max(1))
+}
+
+/// Whole seconds of a duration, rounded up (a `Retry-After` of "250ms" is 1 second).
+pub fn whole_seconds(d: Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn times() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert_eq!(parse_time("+45m", now), Ok(now + Duration::from_secs(2700)));
+        assert_eq!(parse_time("+90", now), Ok(now + Duration::from_secs(90)));
+        let t = parse_time("2026-12-01T02:00:00Z", now).unwrap();
+        assert_eq!(Timestamp(t).rfc3339(), "2026-12-01T02:00:00Z");
+        assert!(parse_time("tomorrow", now).is_err());
+        assert!(parse_time("+soon", now).is_err());
+    }
+
+    #[test]
+    fn retry_seconds_round_up() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert_eq!(
+            seconds_until(now + Duration::from_millis(1500), now),
+            Some(2)
+        );
+        assert_eq!(seconds_until(now + Duration::from_secs(60), now), Some(60));
+        assert_eq!(seconds_until(now, now), None);
+        assert_eq!(seconds_until(now - Duration::from_secs(1), now), None);
+        assert_eq!(whole_seconds(Duration::from_millis(250)), 1);
+        assert_eq!(whole_seconds(Duration::from_secs(300)), 300);
+    }
+
+    #[test]
+    fn timestamps_round_trip_through_json() {
+        let t = Timestamp(UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(json, "\"2027-01-15T08:00:00Z\"");
+        assert_eq!(serde_json::from_str::<Timestamp>(&json).unwrap(), t);
+    }
+}

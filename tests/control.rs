@@ -1,0 +1,379 @@
+//! The control socket and `intermission ctl`: protocol, errors, permissions, persistence,
+//! reload, exit codes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use intermission::control::client::Client;
+use intermission::control::protocol::{Request as Ctl, Response as CtlResponse};
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+use support::*;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_intermission"))
+}
+
+fn parse(line: &str) -> CtlResponse {
+    serde_json::from_str(line).unwrap()
+}
+
+#[tokio::test]
+async fn the_socket_is_private_by_default_and_configurable() {
+    let proxy = spawn_proxy("").await;
+    let mode = std::fs::metadata(proxy.dir.path().join("intermission.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let proxy = spawn_proxy("[control]\nsocket = \"ops.sock\"\nsocket_mode = \"0660\"\n").await;
+    let mode = std::fs::metadata(proxy.dir.path().join("ops.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o660);
+}
+
+#[tokio::test]
+async fn bad_requests_get_errors_and_the_connection_stays_usable() {
+    let proxy = spawn_proxy("").await;
+    let mut c = Client::connect(&proxy.dir.path().join("intermission.sock"))
+        .await
+        .unwrap();
+    let cases: &[(&[u8], &str)] = &[
+        (b"this is not json", "bad_request"),
+        (br#"{"cmd":"frobnicate"}"#, "unknown_command"),
+        (br#"{"cmd":"update"}"#, "bad_request"),
+        (br#"{"cmd":"force_open","enabled":"yes"}"#, "bad_request"),
+        (br#"{"cmd":"on","until":"yesterday"}"#, "bad_request"),
+        (
+            br#"{"cmd":"on","until":"2001-01-01T00:00:00Z"}"#,
+            "bad_request",
+        ),
+        (
+            br#"{"cmd":"update","message":"nothing is held"}"#,
+            "conflict",
+        ),
+    ];
+    for (line, code) in cases {
+        let r = parse(&c.raw(line).await.unwrap());
+        assert!(!r.ok);
+        assert_eq!(
+            r.error.unwrap().code,
+            *code,
+            "{}",
+            String::from_utf8_lossy(line)
+        );
+    }
+    let r = parse(&c.raw(br#"{"cmd":"frobnicate"}"#).await.unwrap());
+    assert_eq!(
+        r.error.unwrap().message,
+        "unknown command 'frobnicate'; known: status, on, update, off, force_open, health, reload"
+    );
+    // Same connection, still fine; several requests in a row.
+    let r = c
+        .request(&Ctl::On {
+            message: Some("m".into()),
+            until: Some("+45m".into()),
+            retry_after: None,
+            reason: Some("ticket 1234".into()),
+        })
+        .await
+        .unwrap();
+    assert!(r.ok);
+    let state = r.state.unwrap();
+    assert_eq!(state.mode.as_str(), "maintenance");
+    assert_eq!(state.reason.as_deref(), Some("ticket 1234"));
+    assert!(state.by.is_some());
+    assert!(c.request(&Ctl::Status).await.unwrap().ok);
+    let h = c.request(&Ctl::Health).await.unwrap();
+    assert_eq!(h.health.unwrap().len(), 1);
+    let r = c.request(&Ctl::ForceOpen { enabled: true }).await.unwrap();
+    assert!(r.state.unwrap().force_open);
+}
+
+#[tokio::test]
+async fn an_oversized_line_is_refused_and_the_connection_closed() {
+    let proxy = spawn_proxy("").await;
+    let mut c = Client::connect(&proxy.dir.path().join("intermission.sock"))
+        .await
+        .unwrap();
+    let huge = format!(
+        "{{\"cmd\":\"update\",\"message\":\"{}\"}}",
+        "x".repeat(70 * 1024)
+    );
+    let r = parse(&c.raw(huge.as_bytes()).await.unwrap());
+    assert_eq!(r.error.unwrap().code, "line_too_long");
+    assert!(
+        c.raw(br#"{"cmd":"status"}"#).await.is_err(),
+        "the connection should be closed"
+    );
+    // Others are not affected.
+    assert!(ctl(&proxy, Ctl::Status).await.ok);
+}
+
+#[tokio::test]
+async fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("intermission.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let first = ProxyProcess::start(dir.path(), "");
+    let out = tokio::net::UnixStream::connect(&path).await;
+    assert!(out.is_ok(), "the stale socket was not replaced");
+    // A second proxy on the same socket refuses to start.
+    let cfg = dir.path().join("second.toml");
+    std::fs::write(&cfg, "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[control]\nsocket = \"intermission.sock\"\nstate_file = \"other.json\"\n").unwrap();
+    let out = bin().args(["run", "-c"]).arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already listening"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(first);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn maintenance_survives_kill_9() {
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("[upstream]\nservers = [\"{}\"]\n", up.url());
+    let mut proxy = ProxyProcess::start(dir.path(), &config);
+    let socket = dir.path().join("intermission.sock");
+    let r = intermission::control::client::request(
+        &socket,
+        &Ctl::On {
+            message: Some("Survives crashes".into()),
+            until: None,
+            retry_after: None,
+            reason: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(r.ok);
+    proxy.signal("KILL");
+    proxy.wait_exit(Duration::from_secs(10)).unwrap();
+    let proxy = ProxyProcess::start(dir.path(), &config);
+    let resp = get(&proxy.url("/")).await;
+    assert_eq!(resp.status(), 503);
+    let v: serde_json::Value = json(&resp);
+    assert_eq!(v["detail"], "Survives crashes");
+    let state = std::fs::read_to_string(dir.path().join("intermission-state.json")).unwrap();
+    assert!(state.contains("Survives crashes"));
+}
+
+#[test]
+fn a_corrupt_state_file_stops_the_start_and_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("intermission-state.json"),
+        "{\"planned\": tru",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["run", "-c"])
+        .arg(dir.path().join("config.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("intermission-state.json") && err.contains("corrupt"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("intermission-state.json")).unwrap(),
+        "{\"planned\": tru"
+    );
+}
+
+#[tokio::test]
+async fn reload_applies_a_good_config_and_refuses_a_bad_one() {
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[maintenance]\nmessage = \"First words\"\n",
+        up.url()
+    ))
+    .await;
+    ctl(
+        &proxy,
+        Ctl::On {
+            message: None,
+            until: None,
+            retry_after: None,
+            reason: None,
+        },
+    )
+    .await;
+    let v: serde_json::Value = json(&get(&proxy.url("/")).await);
+    assert_eq!(v["detail"], "First words");
+    let path = proxy.dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("First words", "Second words")).unwrap();
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert!(r.ok, "{r:?}");
+    let v: serde_json::Value = json(&get(&proxy.url("/")).await);
+    assert_eq!(v["detail"], "Second words");
+    std::fs::write(
+        &path,
+        text.replace("First words", "Third")
+            .replace("[maintenance]", "[maintenance]\nretry_after = \"never\""),
+    )
+    .unwrap();
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert_eq!(r.error.as_ref().unwrap().code, "reload_failed");
+    assert!(r.error.unwrap().message.contains("maintenance.retry_after"));
+    let v: serde_json::Value = json(&get(&proxy.url("/")).await);
+    assert_eq!(v["detail"], "Second words", "the old config keeps serving");
+}
+
+#[tokio::test]
+async fn a_broken_page_is_refused_at_start_and_at_reload() {
+    let pages = tempfile::tempdir().unwrap();
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/pages");
+    for f in ["maintenance.html", "outage.html"] {
+        std::fs::copy(format!("{src}/{f}"), pages.path().join(f)).unwrap();
+    }
+    let proxy = spawn_proxy(&format!(
+        "[maintenance]\npages = \"{}\"\n",
+        pages.path().display()
+    ))
+    .await;
+    std::fs::write(pages.path().join("outage.html"), "<p>{{mesage}}</p>").unwrap();
+    let r = ctl(&proxy, Ctl::Reload).await;
+    let e = r.error.unwrap();
+    assert_eq!(e.code, "reload_failed");
+    assert!(
+        e.message.contains("outage.html") && e.message.contains("mesage"),
+        "{}",
+        e.message
+    );
+    let cfg = intermission::config::Config::parse(
+        &format!(
+            "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[maintenance]\npages = \"{}\"\n",
+            pages.path().display()
+        ),
+        pages.path(),
+        None,
+    )
+    .unwrap();
+    assert!(intermission::app::start(cfg).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctl_prints_for_people_or_json_and_exits_with_the_documented_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(dir.path(), "");
+    let cfg = dir.path().join("config.toml");
+    let run = |args: &[&str]| {
+        bin()
+            .arg("ctl")
+            .arg("-c")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    let out = run(&[
+        "on",
+        "--message",
+        "Planned DB work",
+        "--until",
+        "+45m",
+        "--reason",
+        "ticket 1234",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let human = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        human.contains("maintenance")
+            && human.contains("Planned DB work")
+            && human.contains("ticket 1234"),
+        "{human}"
+    );
+
+    let out = run(&["--json", "status"]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["state"]["mode"], "maintenance");
+    assert_eq!(v["state"]["reason"], "ticket 1234");
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let by = v["state"]["by"].as_str().unwrap();
+    assert!(by == user || by.starts_with("uid "), "by = {by}");
+
+    assert_eq!(
+        run(&["update", "--message", "Almost done"]).status.code(),
+        Some(0)
+    );
+    assert_eq!(run(&["off"]).status.code(), Some(0));
+    let out = run(&["update", "--message", "nothing held"]);
+    assert_eq!(out.status.code(), Some(1), "refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("conflict"));
+    assert_eq!(
+        run(&["force-open", "sideways"]).status.code(),
+        Some(2),
+        "bad usage"
+    );
+    assert_eq!(run(&["health"]).status.code(), Some(0));
+    assert_eq!(run(&["reload"]).status.code(), Some(0));
+    drop(proxy);
+    let out = bin()
+        .args(["ctl", "-s"])
+        .arg(dir.path().join("nobody.sock"))
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "no proxy");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_the_config() {
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[upstream]\nservers = [\"{}\"]\n[maintenance]\nmessage = \"Before HUP\"\n",
+        up.url()
+    );
+    let proxy = ProxyProcess::start(dir.path(), &config);
+    let socket = dir.path().join("intermission.sock");
+    intermission::control::client::request(
+        &socket,
+        &Ctl::On {
+            message: None,
+            until: None,
+            retry_after: None,
+            reason: None,
+        },
+    )
+    .await
+    .unwrap();
+    let path = dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("Before HUP", "After HUP")).unwrap();
+    proxy.signal("HUP");
+    let mut detail = String::new();
+    for _ in 0..200 {
+        let v: serde_json::Value = json(&get(&proxy.url("/")).await);
+        detail = v["detail"].as_str().unwrap_or_default().to_owned();
+        if detail == "After HUP" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(detail, "After HUP");
+}

@@ -1,0 +1,601 @@
+//! Maintenance mode as clients see it: every form of the holding response, negotiation,
+//! Retry-After, languages, escaping, updates, bypasses, reserved paths.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use intermission::control::protocol::Request as Ctl;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use support::*;
+
+const BROWSER: &str = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
+
+/// An upstream that counts what reaches it.
+async fn counting_upstream() -> (Upstream, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let up = upstream(move |_req: Request<Incoming>| {
+        let h = h.clone();
+        async move {
+            h.fetch_add(1, Ordering::SeqCst);
+            Response::new(full("from upstream"))
+        }
+    })
+    .await;
+    (up, hits)
+}
+
+async fn proxy_for(up: &Upstream, extra: &str) -> Proxy {
+    spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n{extra}",
+        up.url()
+    ))
+    .await
+}
+
+fn on(message: Option<&str>) -> Ctl {
+    Ctl::On {
+        message: message.map(str::to_owned),
+        until: None,
+        retry_after: None,
+        reason: None,
+    }
+}
+
+async fn get_with(url: &str, headers: &[(&str, &str)]) -> Response<bytes::Bytes> {
+    let mut b = Request::get(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(b.body(empty()).unwrap()).await
+}
+
+fn text(resp: &Response<bytes::Bytes>) -> String {
+    String::from_utf8_lossy(resp.body()).into_owned()
+}
+
+fn held_headers_ok(resp: &Response<bytes::Bytes>, mode: &str) {
+    let h = resp.headers();
+    assert_eq!(h["cache-control"], "no-store");
+    assert_eq!(h["x-intermission-mode"], mode);
+    let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1);
+}
+
+#[tokio::test]
+async fn browsers_get_the_page_and_the_upstream_sees_nothing() {
+    let (up, hits) = counting_upstream().await;
+    let proxy = proxy_for(&up, "").await;
+    assert_eq!(get(&proxy.url("/")).await.body(), "from upstream");
+    let before = hits.load(Ordering::SeqCst);
+    let r = ctl(&proxy, on(Some("Database upgrade in progress"))).await;
+    assert!(r.ok, "{r:?}");
+
+    let resp = get_with(&proxy.url("/shop"), &[("accept", BROWSER)]).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()["content-type"], "text/html; charset=utf-8");
+    held_headers_ok(&resp, "maintenance");
+    assert_eq!(resp.headers()["retry-after"], "300");
+    let page = text(&resp);
+    assert!(page.contains("Database upgrade in progress"), "{page}");
+    assert!(page.contains("lang=\"en\""));
+
+    let post = send(
+        Request::post(proxy.url("/checkout"))
+            .body(full("order"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(post.status(), StatusCode::SERVICE_UNAVAILABLE);
+    for method in ["PUT", "DELETE", "OPTIONS", "PATCH"] {
+        let r = send(
+            Request::builder()
+                .method(method)
+                .uri(proxy.url("/x"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "{method}");
+    }
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        before,
+        "a held request reached the upstream"
+    );
+
+    assert!(ctl(&proxy, Ctl::Off).await.ok);
+    assert_eq!(get(&proxy.url("/")).await.body(), "from upstream");
+}
+
+#[tokio::test]
+async fn api_clients_get_problem_json() {
+    let (up, _) = counting_upstream().await;
+    let proxy = proxy_for(
+        &up,
+        "[maintenance]\nstatus_page = \"https://status.example.com\"\n",
+    )
+    .await;
+    ctl(&proxy, on(Some("Back soon"))).await;
+    for accept in [
+        None,
+        Some("*/*"),
+        Some("application/json"),
+        Some("text/html;q=0.5, application/json"),
+    ] {
+        let headers: Vec<(&str, &str)> = accept.iter().map(|a| ("accept", *a)).collect();
+        let resp = get_with(&proxy.url("/anything"), &headers).await;
+        assert_eq!(resp.status(), 503, "{accept:?}");
+        assert_eq!(
+            resp.headers()["content-type"],
+            "application/problem+json",
+            "{accept:?}"
+        );
+        held_headers_ok(&resp, "maintenance");
+        let v: serde_json::Value = json(&resp);
+        assert_eq!(v["type"], "about:blank");
+        assert_eq!(v["title"], "Service Unavailable");
+        assert_eq!(v["status"], 503);
+        assert_eq!(v["detail"], "Back soon");
+        assert_eq!(v["mode"], "maintenance");
+        assert_eq!(v["retry_after"], 300);
+        assert_eq!(v["status_page"], "https://status.example.com");
+        assert!(v["since"].as_str().unwrap().ends_with('Z'));
+        assert!(v["until"].is_null());
+        assert_eq!(v["updates"][0]["message"], "Back soon");
+    }
+    // API paths want JSON unless HTML is strictly preferred.
+    let resp = get_with(
+        &proxy.url("/api/orders"),
+        &[("accept", "text/html, application/json")],
+    )
+    .await;
+    assert_eq!(resp.headers()["content-type"], "application/problem+json");
+    let resp = get_with(
+        &proxy.url("/orders"),
+        &[("accept", "text/html, application/json")],
+    )
+    .await;
+    assert_eq!(resp.headers()["content-type"], "text/html; charset=utf-8");
+    let resp = get_with(&proxy.url("/api/orders"), &[("accept", BROWSER)]).await;
+    assert_eq!(resp.headers()["content-type"], "text/html; charset=utf-8");
+    // Plain text when it is ranked above both.
+    let resp = get_with(
+        &proxy.url("/x"),
+        &[("accept", "text/plain, text/html;q=0.5")],
+    )
+    .await;
+    assert_eq!(resp.headers()["content-type"], "text/plain; charset=utf-8");
+    assert!(text(&resp).contains("Back soon"));
+    held_headers_ok(&resp, "maintenance");
+}
+
+#[tokio::test]
+async fn head_gets_the_same_headers_and_no_body() {
+    let (up, _) = counting_upstream().await;
+    let proxy = proxy_for(&up, "").await;
+    ctl(&proxy, on(None)).await;
+    let get = get_with(&proxy.url("/"), &[("accept", BROWSER)]).await;
+    let head = send(
+        Request::head(proxy.url("/"))
+            .header("accept", BROWSER)
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(head.status(), 503);
+    assert!(head.body().is_empty());
+    for name in [
+        "content-type",
+        "retry-after",
+        "cache-control",
+        "x-intermission-mode",
+        "content-length",
+    ] {
+        assert_eq!(head.headers().get(name), get.headers().get(name), "{name}");
+    }
+    assert_eq!(
+        get.headers()["content-length"],
+        get.body().len().to_string().as_str()
+    );
+}
+
+#[tokio::test]
+async fn retry_after_counts_down_to_until_or_uses_the_configured_value() {
+    let (up, _) = counting_upstream().await;
+    let proxy = proxy_for(&up, "[maintenance]\nretry_after = \"2m\"\n").await;
+    ctl(&proxy, on(None)).await;
+    assert_eq!(get(&proxy.url("/")).await.headers()["retry-after"], "120");
+    ctl(
+        &proxy,
+        Ctl::On {
+            message: None,
+            until: Some("+1h".into()),
+            retry_after: None,
+            reason: None,
+        },
+    )
+    .await;
+    let resp = get(&proxy.url("/")).await;
+    let secs: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((3590..=3600).contains(&secs), "{secs}");
+    let v: serde_json::Value = json(&resp);
+    assert_eq!(v["retry_after"], secs);
+    assert!(v["until"].as_str().is_some());
+    // An explicit --retry-after replaces the configured value when no until is ahead.
+    let proxy2 = proxy_for(&up, "").await;
+    ctl(
+        &proxy2,
+        Ctl::On {
+            message: None,
+            until: None,
+            retry_after: Some("90s".into()),
+            reason: None,
+        },
+    )
+    .await;
+    assert_eq!(get(&proxy2.url("/")).await.headers()["retry-after"], "90");
+}
+
+#[tokio::test]
+async fn an_overrun_falls_back_to_the_configured_retry_after_and_stays_on() {
+    let (up, _) = counting_upstream().await;
+    let proxy = proxy_for(&up, "[maintenance]\nretry_after = \"45s\"\n").await;
+    ctl(
+        &proxy,
+        Ctl::On {
+            message: None,
+            until: Some("+1s".into()),
+            retry_after: None,
+            reason: None,
+        },
+    )
+    .await;
+    let mut overrun = false;
+    wait_until(std::time::Duration::from_secs(10), || {
+        let state = proxy.running.as_ref().unwrap().state().load();
+        overrun = state
+            .held
+            .as_ref()
+            .is_some_and(|h| h.view.retry_after(std::time::SystemTime::now()) == 45);
+        overrun
+    })
+    .await;
+    assert!(overrun, "Retry-After never fell back after until passed");
+    let resp = get(&proxy.url("/")).await;
+    assert_eq!(resp.status(), 503, "maintenance must stay on after until");
+    assert_eq!(resp.headers()["retry-after"], "45");
+    let status = ctl(&proxy, Ctl::Status).await.state.unwrap();
+    assert!(status.overrun);
+}
+
+#[tokio::test]
+async fn the_page_speaks_the_visitors_language() {
+    let (up, _) = counting_upstream().await;
+    let proxy = proxy_for(&up, "").await;
+    ctl(&proxy, on(None)).await;
+    let fr = text(
+        &get_with(
+            &proxy.url("/"),
+            &[
+                ("accept", BROWSER),
+                ("accept-language", "fr-CA,fr;q=0.9,en;q=0.5"),
+            ],
+        )
+        .await,
+    );
+    assert!(fr.contains("lang=\"fr\""), "{fr}");
+    let en = text(
+        &get_with(
+            &proxy.url("/"),
+            &[("accept", BROWSER), ("accept-language", "de, en;q=0.3")],
+        )
+        .await,
+    );
+    assert!(en.contains("lang=\"en\""));
+    let fallback = text(
+        &get_with(
+            &proxy.url("/"),
+            &[("accept", BROWSER), ("accept-language", "ja")],
+        )
+        .await,
+    );
+    assert!(fallback.contains("lang=\"en\""));
+}
+
+#[tokio::test]
+async fn messages_are_escaped_everywhere() {
+    let (up, _) = counting_upstream().await;
+    let proxy = proxy_for(&up, "").await;
+    ctl(
+        &proxy,
+        on(Some("<script>alert('x')</script> & \"friends\"")),
+    )
+    .await;
+    let page = text(&get_with(&proxy.url("/"), &[("accept", BROWSER)]).await);
+    assert!(!page.contains("<script>alert"), "{page}");
+    assert!(
+        page.contains("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &quot;friends&quot;"),
+        "{page}"
+    );
+    let v: serde_json::Value = json(&get(&proxy.url("/")).await);
+    assert_eq!(v["detail"], "<script>alert('x')</script> & \"friends\"");
+}
+
+#[tokio::test]
+async fn updates_show_in_the_status_json_and_the_page() {
+    let (up, _) = counting_upstream().await;
+    let proxy = proxy_for(&up, "").await;
+    let s = get(&proxy.url("/_intermission/status")).await;
+    let v: serde_json::Value = json(&s);
+    assert_eq!(v["mode"], "normal");
+    assert!(v["message"].is_null());
+
+    ctl(&proxy, on(Some("Starting the upgrade"))).await;
+    let r = ctl(
+        &proxy,
+        Ctl::Update {
+            message: "Halfway there".into(),
+        },
+    )
+    .await;
+    assert!(r.ok);
+    let v: serde_json::Value = json(&get(&proxy.url("/_intermission/status")).await);
+    assert_eq!(v["mode"], "maintenance");
+    assert_eq!(v["message"], "Halfway there");
+    assert_eq!(v["updates"][0]["message"], "Halfway there");
+    assert_eq!(v["updates"][1]["message"], "Starting the upgrade");
+    assert!(v["retry_after"].as_u64().is_some());
+    assert!(
+        v.get("upstream").is_none(),
+        "no upstream details in public status"
+    );
+    let page = text(&get_with(&proxy.url("/"), &[("accept", BROWSER)]).await);
+    assert!(page.contains("Halfway there") && page.contains("Starting the upgrade"));
+}
+
+#[tokio::test]
+async fn upgrades_are_held_with_json() {
+    let (up, hits) = counting_upstream().await;
+    let proxy = proxy_for(&up, "").await;
+    ctl(&proxy, on(None)).await;
+    let out = raw_exchange(
+        proxy.addr,
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nAccept: text/html\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        std::time::Duration::from_secs(3),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    assert!(
+        out.to_lowercase()
+            .contains("content-type: application/problem+json"),
+        "{out}"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn grpc_clients_get_unavailable_as_trailers_only() {
+    let (up, hits) = counting_upstream().await;
+    let proxy = proxy_for(&up, "").await;
+    ctl(
+        &proxy,
+        Ctl::On {
+            message: Some("Back at 10:00 — déjà".into()),
+            until: None,
+            retry_after: Some("30s".into()),
+            reason: None,
+        },
+    )
+    .await;
+    let req = Request::post(proxy.url("/pkg.Service/Method"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(full(vec![0u8, 0, 0, 0, 0]))
+        .unwrap();
+    let resp = h2c_client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers().clone();
+    assert_eq!(h["grpc-status"], "14");
+    assert_eq!(h["grpc-message"], "Back at 10:00 %E2%80%94 d%C3%A9j%C3%A0");
+    assert_eq!(h["grpc-retry-pushback-ms"], "30000");
+    assert_eq!(h["content-type"], "application/grpc");
+    assert_eq!(h["retry-after"], "30");
+    use http_body::Body as _;
+    assert!(
+        resp.body().is_end_stream(),
+        "trailers-only: the headers end the stream"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn allow_paths_and_allow_ips_are_forwarded() {
+    let (up, _) = counting_upstream().await;
+    let proxy = proxy_for(
+        &up,
+        "[maintenance]\nallow_paths = [\"/.well-known/acme-challenge/\"]\n",
+    )
+    .await;
+    ctl(&proxy, on(None)).await;
+    assert_eq!(
+        get(&proxy.url("/.well-known/acme-challenge/tok"))
+            .await
+            .body(),
+        "from upstream"
+    );
+    assert_eq!(get(&proxy.url("/.well-known/other")).await.status(), 503);
+
+    let proxy = proxy_for(&up, "[maintenance]\nallow_ips = [\"127.0.0.1/32\"]\n").await;
+    ctl(&proxy, on(None)).await;
+    assert_eq!(get(&proxy.url("/")).await.body(), "from upstream");
+
+    // X-Forwarded-For is believed only from trusted proxies.
+    let proxy = proxy_for(&up, "[maintenance]\nallow_ips = [\"203.0.113.7\"]\n").await;
+    ctl(&proxy, on(None)).await;
+    let resp = get_with(&proxy.url("/"), &[("x-forwarded-for", "203.0.113.7")]).await;
+    assert_eq!(
+        resp.status(),
+        503,
+        "an untrusted peer must not be able to claim an allowed address"
+    );
+    let proxy = proxy_for(&up, "[proxy]\ntrusted_proxies = [\"127.0.0.1\"]\n[maintenance]\nallow_ips = [\"203.0.113.7\"]\n").await;
+    ctl(&proxy, on(None)).await;
+    let resp = get_with(&proxy.url("/"), &[("x-forwarded-for", "203.0.113.7")]).await;
+    assert_eq!(resp.body(), "from upstream");
+    let resp = get_with(&proxy.url("/"), &[("x-forwarded-for", "198.51.100.1")]).await;
+    assert_eq!(resp.status(), 503);
+}
+
+const SECRET: &str = "let-the-team-in-0123456789";
+
+#[tokio::test]
+async fn the_bypass_link_sets_a_cookie_that_lets_the_browser_through() {
+    let (up, _) = counting_upstream().await;
+    let proxy = proxy_for(
+        &up,
+        &format!("[maintenance]\nbypass_secret = \"{SECRET}\"\n"),
+    )
+    .await;
+    ctl(&proxy, on(None)).await;
+    let resp = get(&proxy.url(&format!("/_intermission/bypass/{SECRET}"))).await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(resp.headers()["location"], "/");
+    let cookie = resp.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.contains("HttpOnly")
+            && cookie.contains("SameSite=Lax")
+            && cookie.contains("Max-Age="),
+        "{cookie}"
+    );
+    assert!(
+        !cookie.contains("Secure"),
+        "plaintext listener: no Secure flag"
+    );
+    let pair = cookie.split(';').next().unwrap();
+    let resp = get_with(&proxy.url("/dashboard"), &[("cookie", pair)]).await;
+    assert_eq!(resp.body(), "from upstream");
+}
+
+#[tokio::test]
+async fn a_wrong_secret_or_forged_cookie_looks_like_any_held_request() {
+    let (up, _) = counting_upstream().await;
+    let proxy = proxy_for(
+        &up,
+        &format!("[maintenance]\nbypass_secret = \"{SECRET}\"\n"),
+    )
+    .await;
+    ctl(&proxy, on(Some("Hold on"))).await;
+    let ordinary = get_with(&proxy.url("/page"), &[("accept", BROWSER)]).await;
+    for path in [
+        "/_intermission/bypass/wrong",
+        "/_intermission/bypass/let-the-team-in",
+        "/_intermission/bypass/",
+    ] {
+        let resp = get_with(&proxy.url(path), &[("accept", BROWSER)]).await;
+        assert_eq!(resp.status(), ordinary.status(), "{path}");
+        assert!(resp.headers().get("set-cookie").is_none(), "{path}");
+        assert_eq!(resp.body(), ordinary.body(), "{path}");
+    }
+    for forged in [
+        "intermission_bypass=9999999999.00ff",
+        "intermission_bypass=",
+        "intermission_bypass=abc.def",
+    ] {
+        let resp = get_with(&proxy.url("/"), &[("cookie", forged)]).await;
+        assert_eq!(resp.status(), 503, "{forged}");
+    }
+    // Without a configured secret the link does nothing either.
+    let proxy = proxy_for(&up, "").await;
+    ctl(&proxy, on(None)).await;
+    let resp = get(&proxy.url("/_intermission/bypass/anything")).await;
+    assert_eq!(resp.status(), 503);
+}
+
+#[tokio::test]
+async fn assets_are_served_and_nothing_outside_them() {
+    let (up, _) = counting_upstream().await;
+    let pages = tempfile::tempdir().unwrap();
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/pages");
+    for f in [
+        "maintenance.html",
+        "outage.html",
+        "maintenance.fr.html",
+        "outage.fr.html",
+    ] {
+        std::fs::copy(format!("{src}/{f}"), pages.path().join(f)).unwrap();
+    }
+    std::fs::create_dir(pages.path().join("assets")).unwrap();
+    std::fs::copy(
+        format!("{src}/assets/style.css"),
+        pages.path().join("assets/style.css"),
+    )
+    .unwrap();
+    std::fs::write(pages.path().join("secret.txt"), "top secret").unwrap();
+    std::os::unix::fs::symlink(
+        pages.path().join("secret.txt"),
+        pages.path().join("assets/link.txt"),
+    )
+    .unwrap();
+    let proxy = proxy_for(
+        &up,
+        &format!("[maintenance]\npages = \"{}\"\n", pages.path().display()),
+    )
+    .await;
+    let css = get(&proxy.url("/_intermission/assets/style.css")).await;
+    assert_eq!(css.status(), 200);
+    assert_eq!(css.headers()["content-type"], "text/css; charset=utf-8");
+    for attempt in [
+        "/_intermission/assets/../secret.txt",
+        "/_intermission/assets/%2e%2e/secret.txt",
+        "/_intermission/assets/%2E%2E%2Fsecret.txt",
+        "/_intermission/assets/..%2fsecret.txt",
+        "/_intermission/assets/..%5csecret.txt",
+        "/_intermission/assets/link.txt",
+        "/_intermission/assets/",
+        "/_intermission/assets//etc/passwd",
+    ] {
+        let out = raw_exchange(
+            proxy.addr,
+            format!("GET {attempt} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            std::time::Duration::from_secs(5),
+        )
+        .await;
+        assert!(
+            out.starts_with("HTTP/1.1 404") || out.starts_with("HTTP/1.1 400"),
+            "{attempt}: {out}"
+        );
+        assert!(!out.contains("top secret"), "{attempt}");
+    }
+}
+
+#[tokio::test]
+async fn reserved_paths_are_never_forwarded() {
+    let (up, hits) = counting_upstream().await;
+    let proxy = proxy_for(&up, "").await;
+    let preview = get(&proxy.url("/_intermission/preview?mode=outage&lang=fr")).await;
+    assert_eq!(preview.status(), 200);
+    let page = text(&preview);
+    assert!(page.contains("lang=\"fr\""));
+    assert!(
+        page.contains("We are having trouble") || page.contains("outage") || page.contains("panne"),
+        "{page}"
+    );
+    let preview = get(&proxy.url("/_intermission/preview")).await;
+    assert!(text(&preview).contains("We are doing some planned maintenance"));
+    assert_eq!(
+        get(&proxy.url("/_intermission/nothing-here"))
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+}
