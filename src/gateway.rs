@@ -100,7 +100,8 @@ async fn route(
 /// Whether a request is forwarded even though the mode holds requests (SPEC §3).
 fn bypassed<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>) -> bool {
     let m = &snap.config.maintenance;
-    if bypass::path_allowed(req.uri().path(), &m.allow_paths) {
+    let path = req.uri().path();
+    if bypass::path_allowed(path, &m.allow_paths) && without_dot_segments(path) {
         return true;
     }
     if !m.allow_ips.is_empty() {
@@ -116,4 +117,46 @@ fn bypassed<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>) -> bool {
     snap.bypass
         .as_ref()
         .is_some_and(|key| key.cookie_valid(req.headers(), SystemTime::now()))
+}
+
+/// Whether a path has no `.`/`..` segment in any spelling, so that an allowed prefix cannot
+/// be a way around the hold (`/public/../admin` would reach `/admin` upstream).
+fn without_dot_segments(path: &str) -> bool {
+    let lower_has = |needle: &[u8]| {
+        path.as_bytes()
+            .windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle))
+    };
+    !(path.split('/').any(|seg| seg == "." || seg == "..")
+        || path.contains('\\')
+        || lower_has(b"%2e")
+        || lower_has(b"%5c")
+        || lower_has(b"%2f"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dot_segments_in_any_spelling_are_caught() {
+        for ok in [
+            "/",
+            "/.well-known/acme-challenge/x",
+            "/a/b.c/d",
+            "/file..txt",
+        ] {
+            assert!(super::without_dot_segments(ok), "{ok}");
+        }
+        for bad in [
+            "/public/../admin",
+            "/public/./x",
+            "/public/..",
+            "/public/%2e%2e/admin",
+            "/public/%2E./x",
+            "/public\\..\\admin",
+            "/public/..%2fadmin",
+            "/public%5c..%5cadmin",
+        ] {
+            assert!(!super::without_dot_segments(bad), "{bad}");
+        }
+    }
 }

@@ -599,3 +599,20 @@ async fn reserved_paths_are_never_forwarded() {
     );
     assert_eq!(hits.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test]
+async fn an_allowed_prefix_is_no_way_around_the_hold() {
+    let (up, hits) = counting_upstream().await;
+    let proxy = proxy_for(&up, "[maintenance]\nallow_paths = [\"/public/\"]\n").await;
+    ctl(&proxy, on(None)).await;
+    for path in ["/public/../admin", "/public/%2e%2e/admin"] {
+        let out = raw_exchange(
+            proxy.addr,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            std::time::Duration::from_secs(5),
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 503"), "{path}: {out}");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+}

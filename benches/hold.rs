@@ -1,0 +1,94 @@
+//! Serving a held request.
+//!
+//! Backs the decision "render at change time, not at request time" (DESIGN.md): a held request
+//! costs negotiation plus a `Bytes` clone, against rendering the template for every request.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use http::{HeaderMap, HeaderValue};
+use intermission::config::{Config, PagesSource};
+use intermission::hold::held::{self, Held, View};
+use intermission::hold::negotiate;
+use intermission::hold::pages::Pages;
+use intermission::state::mode::{Change, Mode, Persisted};
+use std::path::Path;
+use std::time::SystemTime;
+
+fn setup() -> (Config, Pages, View) {
+    let config = Config::parse("", Path::new("."), None).unwrap();
+    let pages = Pages::load(&PagesSource::BuiltIn).unwrap();
+    let now = SystemTime::now();
+    let state = Persisted::default()
+        .apply(
+            Change::On {
+                message: Some("We are upgrading the database. Back by 10:00 UTC.".into()),
+                until: None,
+                retry_after: None,
+                reason: None,
+                by: "bench".into(),
+            },
+            now,
+            true,
+        )
+        .unwrap();
+    let view = View::new(Mode::Maintenance, &state, &config.maintenance, None);
+    (config, pages, view)
+}
+
+fn browser() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(
+        "accept",
+        HeaderValue::from_static("text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"),
+    );
+    h.insert(
+        "accept-language",
+        HeaderValue::from_static("fr-CH, fr;q=0.9, en;q=0.8, de;q=0.7, *;q=0.5"),
+    );
+    h
+}
+
+fn serve(c: &mut Criterion) {
+    let (config, pages, view) = setup();
+    let prefix = config.maintenance.reserved_prefix.clone();
+    let held = Held::new(&pages, view.clone(), &prefix, SystemTime::now());
+    let headers = browser();
+    let api = HeaderMap::new();
+    let prefixes = config.maintenance.api_prefixes.clone();
+
+    c.bench_function("held page: negotiate + pre-rendered bytes", |b| {
+        b.iter(|| {
+            let form = negotiate::choose_form(black_box(&headers), "/shop", &prefixes);
+            let lang = negotiate::choose_language(headers.get("accept-language"), &pages.langs);
+            held.respond(form, lang, false, SystemTime::now())
+        })
+    });
+    c.bench_function("held page: render the template per request", |b| {
+        b.iter(|| {
+            let form = negotiate::choose_form(black_box(&headers), "/shop", &prefixes);
+            let lang = negotiate::choose_language(headers.get("accept-language"), &pages.langs);
+            // Same response building, plus rendering the page for this request.
+            let page = held::render_pages(&pages, &view, &prefix, SystemTime::now());
+            black_box(page.into_iter().nth(lang));
+            held.respond(form, lang, false, SystemTime::now())
+        })
+    });
+    c.bench_function("negotiation only: browser Accept + Accept-Language", |b| {
+        b.iter(|| {
+            let form = negotiate::choose_form(black_box(&headers), "/shop", &prefixes);
+            (
+                form,
+                negotiate::choose_language(headers.get("accept-language"), &pages.langs),
+            )
+        })
+    });
+    c.bench_function("held problem+json: negotiate + splice Retry-After", |b| {
+        b.iter(|| {
+            let form = negotiate::choose_form(black_box(&api), "/api/orders", &prefixes);
+            held.respond(form, 0, false, SystemTime::now())
+        })
+    });
+}
+
+criterion_group!(benches, serve);
+criterion_main!(benches);
