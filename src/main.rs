@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use intermission::config::Config;
+use intermission::hold::pages::Pages;
 
 mod ctl;
 use std::path::PathBuf;
@@ -129,35 +130,43 @@ fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 fn check(path: Option<PathBuf>) -> ExitCode {
-    match Config::load(path.as_deref()) {
-        Ok(c) => {
-            let origin = c.source.as_ref().map_or_else(
-                || "built-in defaults".to_owned(),
-                |p| p.display().to_string(),
-            );
-            println!("{origin}: OK");
-            let list = |v: Vec<String>| v.join(", ");
-            println!(
-                "  listen:   {}",
-                list(c.proxy.listen.iter().map(ToString::to_string).collect())
-            );
-            println!(
-                "  upstream: {}",
-                list(c.upstream.servers.iter().map(ToString::to_string).collect())
-            );
-            println!(
-                "  threads:  {}",
-                if c.proxy.threads == 0 {
-                    "one per core".to_owned()
-                } else {
-                    c.proxy.threads.to_string()
-                }
-            );
-            ExitCode::SUCCESS
-        }
+    let c = match Config::load(path.as_deref()) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
-    }
+    };
+    let origin = c.source.as_ref().map_or_else(
+        || "built-in defaults".to_owned(),
+        |p| p.display().to_string(),
+    );
+    // The pages are part of a valid config: a template that does not load would be refused
+    // at start and at reload, so `check` says so now.
+    let pages = match Pages::load(&c.maintenance.pages) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{origin} is not valid (1 problem):\n  - maintenance.pages: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("{origin}: OK");
+    let list = |v: Vec<String>| v.join(", ");
+    println!(
+        "  listen:   {}",
+        list(c.proxy.listen.iter().map(ToString::to_string).collect())
+    );
+    println!(
+        "  upstream: {}",
+        list(c.upstream.servers.iter().map(ToString::to_string).collect())
+    );
+    let threads = match c.proxy.threads {
+        0 => "one per core".to_owned(),
+        n => n.to_string(),
+    };
+    println!("  threads:  {threads}");
+    println!("  pages:    {} ({})", pages.origin, pages.langs.join(", "));
+    println!("  control:  {}", c.control.socket.display());
+    println!("  state:    {}", c.control.state_file.display());
+    ExitCode::SUCCESS
 }

@@ -252,3 +252,21 @@ async fn a_gigabyte_up_and_down_streams_in_bounded_memory() {
         "memory grew with the body: {baseline} -> {peak} KiB"
     );
 }
+
+#[test]
+fn check_refuses_a_broken_page_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let pages = dir.path().join("pages");
+    std::fs::create_dir(&pages).unwrap();
+    std::fs::write(pages.join("maintenance.html"), "<p>{{message}}</p>").unwrap();
+    std::fs::write(pages.join("outage.html"), "<p>{{#message}}never closed</p>").unwrap();
+    std::fs::write(dir.path().join("config.toml"), "").unwrap();
+    let out = bin()
+        .args(["check", "-c"])
+        .arg(dir.path().join("config.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("outage.html"), "{err}");
+}
