@@ -1,18 +1,19 @@
-//! Composition root: binds the listeners, builds the first snapshot, spawns the long-lived
-//! tasks, and drains on shutdown. Only this module spawns tasks that outlive a request.
+//! Composition root: loads pages and state, binds the listeners and the control socket, spawns
+//! the long-lived tasks, and drains on shutdown. Only this module spawns tasks that outlive a
+//! request (the controller asks `Listeners` to, on reload).
 
 use crate::config::Config;
 use crate::control::{self, protocol::Request, server::ControlError};
 use crate::hold::pages::{Pages, PagesError};
 use crate::listener;
 use crate::shutdown::{self, Trigger};
-use crate::state::controller::{Controller, ControllerHandle};
+use crate::state::controller::{Controller, ControllerHandle, Rebind};
 use crate::state::snapshot::Parts;
 use crate::state::store::{self, StoreError};
 use crate::state::StateHandle;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -33,13 +34,113 @@ pub enum StartError {
     Control(#[from] ControlError),
 }
 
+/// One bound plaintext listener and the way to stop its accept loop.
+struct Bound {
+    configured: SocketAddr,
+    local: SocketAddr,
+    stop: Trigger,
+    task: JoinHandle<()>,
+}
+
+/// The plaintext listeners, keyed by their configured address. A reload binds the new
+/// addresses before it is acknowledged and stops accepting on the removed ones; connections
+/// already established on a removed listener finish normally.
+pub struct Listeners {
+    bound: Mutex<Vec<Bound>>,
+    state: StateHandle,
+    graceful: Arc<GracefulShutdown>,
+}
+
+impl Listeners {
+    /// Binds every address of `wanted` not yet bound, then stops the ones no longer wanted.
+    /// On a bind error nothing changes.
+    fn apply(&self, wanted: &[SocketAddr]) -> Result<(), StartError> {
+        let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
+        let mut fresh = Vec::new();
+        for &addr in wanted {
+            if bound.iter().any(|b| b.configured == addr)
+                || fresh.iter().any(|(a, _, _)| *a == addr)
+            {
+                continue;
+            }
+            let l = bind(addr)?;
+            let local = l
+                .local_addr()
+                .map_err(|source| StartError::Bind { addr, source })?;
+            fresh.push((addr, local, l));
+        }
+        let (keep, gone): (Vec<Bound>, Vec<Bound>) = bound
+            .drain(..)
+            .partition(|b| wanted.contains(&b.configured));
+        *bound = keep;
+        for b in gone {
+            tracing::info!(addr = %b.local, "no longer listening on {}", b.local);
+            b.stop.fire();
+        }
+        for (configured, local, l) in fresh {
+            tracing::info!(addr = %local, "listening on {local}");
+            let (stop, stopped) = shutdown::channel();
+            let task = tokio::spawn(listener::accept_loop(
+                l,
+                self.state.clone(),
+                self.graceful.clone(),
+                stopped,
+            ));
+            bound.push(Bound {
+                configured,
+                local,
+                stop,
+                task,
+            });
+        }
+        Ok(())
+    }
+
+    fn local_addrs(&self) -> Vec<SocketAddr> {
+        let bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
+        bound.iter().map(|b| b.local).collect()
+    }
+
+    /// Stops every accept loop and waits for them.
+    async fn stop_all(&self) {
+        let all: Vec<Bound> = {
+            let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
+            bound.drain(..).collect()
+        };
+        for b in &all {
+            b.stop.fire();
+        }
+        for b in all {
+            let _ = b.task.await;
+        }
+    }
+}
+
+impl Rebind for Listeners {
+    fn rebind(&self, wanted: &[SocketAddr]) -> Result<(), String> {
+        self.apply(wanted).map_err(|e| e.to_string())
+    }
+}
+
+/// Binds with a deep backlog: a burst of new connections waits in the kernel, not refused.
+fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    let err = |source| StartError::Bind { addr, source };
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(4096).map_err(err)
+}
+
 /// A started proxy: its bound addresses, and the handles to reload or stop it.
 pub struct Running {
-    local_addrs: Vec<SocketAddr>,
     state: StateHandle,
     controller: ControllerHandle,
-    trigger: Trigger,
-    accept_loops: Vec<JoinHandle<()>>,
+    listeners: Arc<Listeners>,
+    stop_control: Trigger,
     background: Vec<JoinHandle<()>>,
     graceful: Arc<GracefulShutdown>,
 }
@@ -52,60 +153,48 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     if let Some(p) = &persisted.planned {
         tracing::warn!(since = %p.since.rfc3339(), by = %p.by, "maintenance is on (restored from the state file)");
     }
-    let mut listeners = Vec::new();
-    for &addr in &config.proxy.listen {
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })?;
-        let local = l
-            .local_addr()
-            .map_err(|source| StartError::Bind { addr, source })?;
-        listeners.push((l, local));
-    }
     let control = control::server::bind(&config.control.socket, config.control.socket_mode)?;
     let socket_path = config.control.socket.clone();
-    let builder = listener::conn_builder(&config.proxy);
+    let listen = config.proxy.listen.clone();
     let parts = Parts::new(Arc::new(config), Arc::new(pages), None);
-    let (controller, handle, state) = Controller::new(parts, persisted);
-    let (trigger, shutdown) = shutdown::channel();
+    let (mut controller, handle, state) = Controller::new(parts, persisted);
     let graceful = Arc::new(GracefulShutdown::new());
+    let listeners = Arc::new(Listeners {
+        bound: Mutex::new(Vec::new()),
+        state: state.clone(),
+        graceful: graceful.clone(),
+    });
+    if let Err(e) = listeners.apply(&listen) {
+        listeners.stop_all().await;
+        let _ = std::fs::remove_file(&socket_path);
+        return Err(e);
+    }
+    controller.set_rebind(listeners.clone());
+    let (stop_control, control_stopped) = shutdown::channel();
+    tracing::info!(socket = %socket_path.display(), "control socket ready");
     let background = vec![
         tokio::spawn(controller.run()),
         tokio::spawn(control::server::serve(
             control,
-            socket_path.clone(),
+            socket_path,
             handle.clone(),
-            shutdown.clone(),
+            control_stopped,
         )),
     ];
-    tracing::info!(socket = %socket_path.display(), "control socket ready");
-    let mut local_addrs = Vec::new();
-    let mut accept_loops = Vec::new();
-    for (l, local) in listeners {
-        tracing::info!(addr = %local, "listening on {local}");
-        local_addrs.push(local);
-        accept_loops.push(tokio::spawn(listener::accept_loop(
-            l,
-            state.clone(),
-            builder.clone(),
-            graceful.clone(),
-            shutdown.clone(),
-        )));
-    }
     Ok(Running {
-        local_addrs,
         state,
         controller: handle,
-        trigger,
-        accept_loops,
+        listeners,
+        stop_control,
         background,
         graceful,
     })
 }
 
 impl Running {
-    pub fn local_addrs(&self) -> &[SocketAddr] {
-        &self.local_addrs
+    /// The addresses the plaintext listeners are bound to now.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.local_addrs()
     }
 
     pub fn state(&self) -> &StateHandle {
@@ -132,20 +221,21 @@ impl Running {
     /// returns whether every connection finished in time.
     pub async fn shutdown(self) -> bool {
         let grace = self.state.load().config.proxy.shutdown_timeout;
-        self.trigger.fire();
-        for task in self.accept_loops {
-            let _ = task.await;
-        }
-        let drained = drain(self.graceful, grace).await;
+        self.listeners.stop_all().await;
+        self.stop_control.fire();
+        // The controller holds the listener set (and with it the drain handle): end it first.
         for task in self.background {
             task.abort();
+            let _ = task.await;
         }
-        drained
+        drop(self.listeners);
+        drain(self.graceful, grace).await
     }
 }
 
 async fn drain(graceful: Arc<GracefulShutdown>, grace: Duration) -> bool {
     let Ok(graceful) = Arc::try_unwrap(graceful) else {
+        tracing::warn!("cannot wait for open connections; exiting without draining");
         return false;
     };
     let open = graceful.count();
@@ -162,7 +252,7 @@ async fn drain(graceful: Arc<GracefulShutdown>, grace: Duration) -> bool {
 }
 
 /// Runs the proxy until SIGTERM or SIGINT, reloading on SIGHUP. For the binary.
-pub async fn run_until_signal(config: Config) -> anyhow_free::Result {
+pub async fn run_until_signal(config: Config) -> Result<(), RunError> {
     let running = start(config).await?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let terminate = shutdown::terminate_signal();
@@ -178,15 +268,11 @@ pub async fn run_until_signal(config: Config) -> anyhow_free::Result {
     Ok(())
 }
 
-/// The app's own fatal errors, without pulling `anyhow` into the library.
-pub mod anyhow_free {
-    pub type Result = std::result::Result<(), RunError>;
-
-    #[derive(Debug, thiserror::Error)]
-    pub enum RunError {
-        #[error(transparent)]
-        Start(#[from] super::StartError),
-        #[error("cannot install signal handlers: {0}")]
-        Signals(#[from] std::io::Error),
-    }
+/// What stops the binary.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[from] std::io::Error),
 }

@@ -39,7 +39,6 @@ pub fn conn_builder(proxy: &ProxyConfig) -> ConnBuilder {
 pub async fn accept_loop(
     listener: TcpListener,
     state: StateHandle,
-    builder: ConnBuilder,
     graceful: Arc<GracefulShutdown>,
     mut shutdown: Shutdown,
 ) {
@@ -58,6 +57,8 @@ pub async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let conn = Arc::new(Conn::new(peer, false));
+        // Settings come from the snapshot, so a reload applies to the next connection.
+        let builder = state.load().conn.clone();
         let state = state.clone();
         let service = service_fn(move |req| {
             let state = state.clone();

@@ -377,3 +377,64 @@ async fn sighup_reloads_the_config() {
     }
     assert_eq!(detail, "After HUP");
 }
+
+#[tokio::test]
+async fn reload_moves_the_listeners_without_dropping_established_connections() {
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&format!("[upstream]\nservers = [\"{}\"]\n", up.url())).await;
+    let old = proxy.addr;
+    // An established keep-alive connection on the old listener.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut established = tokio::net::TcpStream::connect(old).await.unwrap();
+    let req = b"GET /kept HTTP/1.1\r\nHost: x\r\n\r\n";
+    established.write_all(req).await.unwrap();
+    let mut buf = vec![0u8; 8192];
+    let n = established.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+
+    let new = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let path = proxy.dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace(
+            "listen = [\"127.0.0.1:0\"]",
+            &format!("listen = [\"{new}\"]"),
+        ),
+    )
+    .unwrap();
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(get(&format!("http://{new}/")).await.status(), 200);
+    assert!(
+        tokio::net::TcpStream::connect(old).await.is_err(),
+        "the old address still accepts"
+    );
+    established.write_all(req).await.unwrap();
+    let n = established.read(&mut buf).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+        "the established connection was dropped"
+    );
+
+    // An address that cannot be bound refuses the reload; the running listener stays.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace(
+            &format!("listen = [\"{new}\"]"),
+            &format!("listen = [\"{new}\", \"{busy}\"]"),
+        ),
+    )
+    .unwrap();
+    let r = ctl(&proxy, Ctl::Reload).await;
+    let e = r.error.unwrap();
+    assert_eq!(e.code, "reload_failed");
+    assert!(e.message.contains(&busy.to_string()), "{}", e.message);
+    assert_eq!(get(&format!("http://{new}/")).await.status(), 200);
+}

@@ -45,8 +45,14 @@ impl ControllerHandle {
     }
 }
 
+/// Rebinds the plaintext listeners to a new address list; implemented by the app.
+pub trait Rebind: Send + Sync {
+    fn rebind(&self, wanted: &[std::net::SocketAddr]) -> Result<(), String>;
+}
+
 pub struct Controller {
     rx: mpsc::Receiver<Msg>,
+    rebind: Option<Arc<dyn Rebind>>,
     handle: StateHandle,
     parts: Parts,
     state: Persisted,
@@ -74,6 +80,7 @@ impl Controller {
         let overrun_noted = false;
         let controller = Controller {
             rx,
+            rebind: None,
             handle: handle.clone(),
             parts,
             state,
@@ -82,6 +89,11 @@ impl Controller {
             overrun_noted,
         };
         (controller, ControllerHandle { tx }, handle)
+    }
+
+    /// Lets reloads change the listen addresses.
+    pub fn set_rebind(&mut self, rebind: Arc<dyn Rebind>) {
+        self.rebind = Some(rebind);
     }
 
     pub async fn run(mut self) {
@@ -185,9 +197,12 @@ impl Controller {
         let (config, pages) = loaded;
         let old = &self.parts.config;
         if config.proxy.listen != old.proxy.listen {
-            tracing::warn!(
-                "proxy.listen changed; the new addresses take effect at the next restart"
-            );
+            match &self.rebind {
+                Some(r) => r.rebind(&config.proxy.listen)?,
+                None => tracing::warn!(
+                    "proxy.listen changed; the new addresses take effect at the next restart"
+                ),
+            }
         }
         if config.control.socket != old.control.socket
             || config.control.state_file != old.control.state_file

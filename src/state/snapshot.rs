@@ -10,6 +10,7 @@ use crate::forward::pool::UpstreamPool;
 use crate::hold::bypass::BypassKey;
 use crate::hold::held::{self, Held, Spliced, View};
 use crate::hold::pages::Pages;
+use crate::listener::ConnBuilder;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -17,6 +18,8 @@ use std::time::SystemTime;
 
 pub struct Snapshot {
     pub config: Arc<Config>,
+    /// Protocol settings for new client connections.
+    pub conn: Arc<ConnBuilder>,
     pub pool: Arc<UpstreamPool>,
     pub pages: Arc<Pages>,
     pub bypass: Option<Arc<BypassKey>>,
@@ -34,6 +37,7 @@ pub struct Snapshot {
 #[derive(Clone)]
 pub struct Parts {
     pub config: Arc<Config>,
+    pub conn: Arc<ConnBuilder>,
     pub pool: Arc<UpstreamPool>,
     pub pages: Arc<Pages>,
     pub bypass: Option<Arc<BypassKey>>,
@@ -50,6 +54,7 @@ impl Parts {
         let m = &config.maintenance;
         let bypass = BypassKey::new(&m.bypass_secret, m.bypass_ttl).map(Arc::new);
         Parts {
+            conn: Arc::new(crate::listener::conn_builder(&config.proxy)),
             config,
             pool,
             pages,
@@ -89,6 +94,7 @@ impl Snapshot {
         }
         Snapshot {
             config: parts.config.clone(),
+            conn: parts.conn.clone(),
             pool: parts.pool.clone(),
             pages: parts.pages.clone(),
             bypass: parts.bypass.clone(),
