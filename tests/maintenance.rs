@@ -616,3 +616,18 @@ async fn an_allowed_prefix_is_no_way_around_the_hold() {
     }
     assert_eq!(hits.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test]
+async fn a_preview_of_the_other_mode_shows_that_modes_own_words() {
+    let (up, _) = counting_upstream().await;
+    let proxy = proxy_for(&up, "").await;
+    ctl(&proxy, on(Some("Operator words for the maintenance"))).await;
+    let current = text(&get(&proxy.url("/_intermission/preview?mode=maintenance")).await);
+    assert!(current.contains("Operator words for the maintenance"));
+    let other = text(&get(&proxy.url("/_intermission/preview?mode=outage")).await);
+    assert!(!other.contains("Operator words"), "{other}");
+    assert!(
+        other.contains("We are having trouble reaching the service"),
+        "{other}"
+    );
+}

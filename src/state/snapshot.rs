@@ -76,22 +76,22 @@ impl Snapshot {
         let m = &parts.config.maintenance;
         let prefix = m.reserved_prefix.as_str();
         let mode = inputs.state.mode(inputs.healthy);
-        let view = |mode| {
-            View::new(
-                mode,
-                inputs.state,
-                m,
-                inputs.outage_since.or(Some(inputs.now)),
-            )
-        };
         let current = View::new(mode, inputs.state, m, inputs.outage_since);
         let status = held::status_json(&current);
+        // A preview of the mode in force shows exactly what clients get; a preview of another
+        // mode shows that mode's page as it would start now: its configured message, no timeline.
+        let preview = |of: Mode| {
+            if of == mode {
+                return held::render_pages(&parts.pages, &current, prefix, inputs.now);
+            }
+            let mut v = View::new(of, &Persisted::default(), m, Some(inputs.now));
+            v.since = Some(inputs.now);
+            held::render_pages(&parts.pages, &v, prefix, inputs.now)
+        };
+        let preview_maintenance = preview(Mode::Maintenance);
+        let preview_outage = preview(Mode::Outage);
         let held =
             (mode != Mode::Normal).then(|| Held::new(&parts.pages, current, prefix, inputs.now));
-        let mut maintenance_view = view(Mode::Maintenance);
-        if maintenance_view.since.is_none() {
-            maintenance_view.since = Some(inputs.now);
-        }
         Snapshot {
             config: parts.config.clone(),
             conn: parts.conn.clone(),
@@ -101,18 +101,8 @@ impl Snapshot {
             mode,
             held,
             status,
-            preview_maintenance: held::render_pages(
-                &parts.pages,
-                &maintenance_view,
-                prefix,
-                inputs.now,
-            ),
-            preview_outage: held::render_pages(
-                &parts.pages,
-                &view(Mode::Outage),
-                prefix,
-                inputs.now,
-            ),
+            preview_maintenance,
+            preview_outage,
         }
     }
 }

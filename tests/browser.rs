@@ -1,0 +1,667 @@
+//! The holding pages in a real browser: headless Chromium driven through chromedriver's W3C
+//! WebDriver HTTP API. A visitor on the maintenance page sees the operator's message, sees an
+//! update arrive without reloading, and is taken back to the page they asked for, by the page's
+//! own script, once maintenance is switched off.
+//!
+//! Needs `chromium` and `chromium-driver` (Debian packages, listed in `.ci/packages`). Without
+//! them the test says so loudly and passes, except under `CI=true`, where it fails.
+//!
+//! With `INTERMISSION_SCREENSHOTS` set, it also writes `docs/maintenance-{desktop,phone}.png` and
+//! `docs/outage-{desktop,phone}.png`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use intermission::control::protocol::Request as Ctl;
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::*;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const SHOP_PAGE: &str =
+    r#"<html><head><title>Shop</title></head><body><h1 id="app">The real shop</h1></body></html>"#;
+const FIRST_MESSAGE: &str = "Upgrading the database — back by 10:00";
+const SECOND_MESSAGE: &str = "Database upgraded, now checking everything — still back by 10:00";
+/// The page polls every 10 s ± 20 %; this leaves room for three polls.
+const PAGE_POLL_LIMIT: Duration = Duration::from_secs(40);
+/// Any single WebDriver command.
+const CALL_LIMIT: Duration = Duration::from_secs(30);
+
+// ---- finding the browser ----------------------------------------------------------------------
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// chromedriver's path, or `None` when the browser test must be skipped (never under `CI=true`).
+fn browser_or_skip() -> Option<PathBuf> {
+    let driver = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .or_else(|| find_in_path("chromedriver"));
+    match driver {
+        Some(d) if Path::new(CHROMIUM).is_file() => Some(d),
+        _ => {
+            let line = format!(
+                "SKIPPED: browser test needs chromium and chromedriver \
+                 (apt-get install chromium chromium-driver); {CHROMIUM} present: {}, \
+                 chromedriver present: {}",
+                Path::new(CHROMIUM).is_file(),
+                driver.is_some()
+            );
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{line} — and CI=true, so this is a failure"
+            );
+            // Straight to the process's stderr: `eprintln!` would be captured by the test
+            // harness and never shown for a passing test.
+            let bar = "=".repeat(78);
+            let _ = writeln!(std::io::stderr(), "\n{bar}\n{line}\n{bar}\n");
+            None
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("binding an ephemeral port")
+        .local_addr()
+        .expect("the ephemeral port's address")
+        .port()
+}
+
+// ---- a minimal WebDriver client -------------------------------------------------------------
+
+/// chromedriver with one browser session. Dropping it deletes the session (the browser quits)
+/// and kills chromedriver, also when the test panics.
+struct Browser {
+    driver: Child,
+    addr: SocketAddr,
+    session: Option<String>,
+    /// Chromium's profile and chromedriver's log.
+    dir: tempfile::TempDir,
+}
+
+impl Browser {
+    async fn start(chromedriver: &Path) -> Browser {
+        let dir = tempfile::tempdir().expect("a temporary folder for the browser");
+        let port = free_port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let log = std::fs::File::create(dir.path().join("chromedriver.log"))
+            .expect("creating chromedriver's log");
+        let driver = {
+            use std::os::unix::process::CommandExt;
+            Command::new(chromedriver)
+                .arg(format!("--port={port}"))
+                .arg(format!(
+                    "--log-path={}",
+                    dir.path().join("chromedriver.log").display()
+                ))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                // Its own process group, so that nothing it starts can outlive the test.
+                .process_group(0)
+                .spawn()
+                .expect("starting chromedriver")
+        };
+        let mut browser = Browser {
+            driver,
+            addr,
+            session: None,
+            dir,
+        };
+
+        // Ready when GET /status says so.
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(v) = browser.call(Method::GET, "/status", None).await {
+                if v["ready"] == true {
+                    break;
+                }
+            }
+            if let Ok(Some(status)) = browser.driver.try_wait() {
+                panic!(
+                    "chromedriver exited at start ({status}); its log:\n{}",
+                    browser.log()
+                );
+            }
+            assert!(
+                Instant::now() < end,
+                "chromedriver did not become ready within 20 s; its log:\n{}",
+                browser.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        let profile = browser.dir.path().join("profile");
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "pageLoadStrategy": "normal",
+            "timeouts": {"pageLoad": 20000, "script": 10000, "implicit": 0},
+            "goog:chromeOptions": {
+                "binary": CHROMIUM,
+                "args": [
+                    "--headless=new",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-dev-shm-usage",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--no-proxy-server",
+                    "--window-size=1280,900",
+                    format!("--user-data-dir={}", profile.display()),
+                ],
+            },
+        }}});
+        let created = match tokio::time::timeout(
+            Duration::from_secs(60),
+            browser.call(Method::POST, "/session", Some(caps)),
+        )
+        .await
+        {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => panic!("creating a browser session: {e}; log:\n{}", browser.log()),
+            Err(_) => panic!(
+                "creating a browser session took over 60 s; log:\n{}",
+                browser.log()
+            ),
+        };
+        let id = created["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no sessionId in {created}"))
+            .to_owned();
+        browser.session = Some(id);
+        browser
+    }
+
+    fn log(&self) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("chromedriver.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// One WebDriver command: its `value`, or the WebDriver error as text. Bounded by
+    /// `CALL_LIMIT`.
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value, String> {
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(format!("http://{}{path}", self.addr))
+            .header("content-type", "application/json; charset=utf-8")
+            .body(match &body {
+                Some(v) => full(v.to_string()),
+                None => empty(),
+            })
+            .map_err(|e| e.to_string())?;
+        let exchange = async {
+            let resp = client().request(req).await.map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok::<_, String>((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(CALL_LIMIT, exchange)
+            .await
+            .map_err(|_| format!("{method} {path}: no answer within {CALL_LIMIT:?}"))??;
+        let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+            format!(
+                "{method} {path}: {status}, not JSON ({e}): {}",
+                String::from_utf8_lossy(&bytes)
+            )
+        })?;
+        let value = v.get("value").cloned().unwrap_or(Value::Null);
+        if !status.is_success() || value.get("error").is_some() {
+            return Err(format!(
+                "{method} {path}: {status} {} — {}",
+                value["error"],
+                value["message"].as_str().unwrap_or_default()
+            ));
+        }
+        Ok(value)
+    }
+
+    fn session_path(&self, rest: &str) -> String {
+        format!(
+            "/session/{}{rest}",
+            self.session.as_deref().expect("a browser session")
+        )
+    }
+
+    async fn session_call(&self, method: Method, rest: &str, body: Option<Value>) -> Value {
+        let path = self.session_path(rest);
+        match self.call(method, &path, body).await {
+            Ok(v) => v,
+            Err(e) => panic!("WebDriver: {e}"),
+        }
+    }
+
+    async fn navigate(&self, url: &str) {
+        self.session_call(Method::POST, "/url", Some(json!({ "url": url })))
+            .await;
+    }
+
+    /// Runs `script` (a function body) in the page; `Err` while the page is being replaced.
+    async fn try_exec(&self, script: &str) -> Result<Value, String> {
+        let path = self.session_path("/execute/sync");
+        self.call(
+            Method::POST,
+            &path,
+            Some(json!({ "script": script, "args": [] })),
+        )
+        .await
+    }
+
+    async fn exec(&self, script: &str) -> Value {
+        self.try_exec(script)
+            .await
+            .unwrap_or_else(|e| panic!("running {script:?} in the page: {e}"))
+    }
+
+    async fn set_window(&self, width: u32, height: u32) {
+        self.session_call(
+            Method::POST,
+            "/window/rect",
+            Some(json!({ "width": width, "height": height })),
+        )
+        .await;
+    }
+
+    /// Sizes the window so that the page's viewport is `width`×`height` CSS pixels: the window
+    /// rectangle includes the browser's frame, even headless, so it is corrected by what the
+    /// page reports (`outerWidth` is no help: headless Chromium clamps it to 500 px).
+    async fn set_viewport(&self, width: u32, height: u32) {
+        let (mut w, mut h) = (i64::from(width), i64::from(height));
+        for _ in 0..3 {
+            self.set_window(w.clamp(100, 4000) as u32, h.clamp(100, 4000) as u32)
+                .await;
+            let inner = self
+                .exec("return [window.innerWidth, window.innerHeight];")
+                .await;
+            let (iw, ih) = (
+                inner[0].as_i64().unwrap_or(0),
+                inner[1].as_i64().unwrap_or(0),
+            );
+            if (iw, ih) == (i64::from(width), i64::from(height)) {
+                return;
+            }
+            w += i64::from(width) - iw;
+            h += i64::from(height) - ih;
+        }
+    }
+
+    /// A screenshot of the viewport, checked to be a PNG; returns it with its pixel size.
+    async fn screenshot(&self) -> (Vec<u8>, u32, u32) {
+        let v = self.session_call(Method::GET, "/screenshot", None).await;
+        let png = base64_decode(v.as_str().expect("the screenshot as base64 text"))
+            .expect("the screenshot is valid base64");
+        assert!(
+            png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 33 && &png[12..16] == b"IHDR",
+            "the screenshot is not a PNG ({} bytes)",
+            png.len()
+        );
+        let width = u32::from_be_bytes(png[16..20].try_into().unwrap());
+        let height = u32::from_be_bytes(png[20..24].try_into().unwrap());
+        (png, width, height)
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("chromedriver's log (last lines):\n{}", self.log());
+        }
+        // Deleting the session makes chromedriver quit the browser. Plain blocking I/O: a Drop
+        // cannot await, and this also works while unwinding.
+        if let Some(id) = self.session.take() {
+            let _ = raw_request(self.addr, "DELETE", &format!("/session/{id}"));
+        }
+        // chromedriver and anything left in its process group (a browser that did not quit).
+        // chromedriver is not reaped yet, so the group's id is still ours.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.driver.id())])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// A blocking HTTP/1.1 request with short timeouts, for `Drop`.
+fn raw_request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    // The answer comes once the command is done; its head is enough (chromedriver may keep
+    // the connection open after it).
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    fn sextet(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    }
+    let clean: Vec<u8> = text.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
+    let data = clean
+        .strip_suffix(b"==")
+        .or_else(|| clean.strip_suffix(b"="));
+    let data = data.unwrap_or(&clean);
+    let mut out = Vec::with_capacity(data.len() * 3 / 4);
+    for chunk in data.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= sextet(c)? << (18 - 6 * i);
+        }
+        let bytes = n.to_be_bytes();
+        match chunk.len() {
+            4 => out.extend_from_slice(&bytes[1..4]),
+            3 => out.extend_from_slice(&bytes[1..3]),
+            2 => out.push(bytes[1]),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+// ---- the page as the browser sees it ----------------------------------------------------------
+
+/// What the test reads from the page in one go.
+const PAGE_STATE: &str = r#"
+const root = document.documentElement;
+const msg = document.getElementById('message');
+const note = document.getElementById('auto-note');
+const until = document.getElementById('until-line');
+const app = document.getElementById('app');
+const updates = document.getElementById('updates');
+const visible = (el) => !!el && !el.hidden && el.getClientRects().length > 0
+  && getComputedStyle(el).visibility !== 'hidden';
+return {
+  url: location.href,
+  title: document.title,
+  ready: document.readyState,
+  lang: root.getAttribute('lang'),
+  mode: root.getAttribute('data-mode'),
+  message: msg ? msg.textContent : null,
+  message_visible: visible(msg),
+  auto_note_visible: visible(note),
+  until_visible: visible(until),
+  updates: updates ? Array.from(updates.children).map((li) => li.textContent) : [],
+  app: app ? app.textContent : null,
+  marker: window.__intermissionTestMarker || null,
+  width: window.innerWidth,
+  height: window.innerHeight,
+};
+"#;
+
+/// Polls the page until `cond` holds, for at most `limit`; panics with the last state seen.
+async fn wait_for_page(
+    browser: &Browser,
+    limit: Duration,
+    what: &str,
+    cond: impl Fn(&Value) -> bool,
+) -> Value {
+    let start = Instant::now();
+    let mut last = Value::Null;
+    while start.elapsed() < limit {
+        // Errors are expected while the page reloads.
+        match browser.try_exec(PAGE_STATE).await {
+            Ok(state) if cond(&state) => {
+                eprintln!(
+                    "browser: {what} after {:.1} s",
+                    start.elapsed().as_secs_f64()
+                );
+                return state;
+            }
+            Ok(state) => last = state,
+            Err(e) => last = Value::String(e),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("the browser did not show {what} within {limit:?}; last seen: {last:#}");
+}
+
+fn assert_holding_page(state: &Value, mode: &str, message: &str) {
+    assert_eq!(
+        state["lang"], "en",
+        "not the English holding page: {state:#}"
+    );
+    assert_eq!(state["mode"], mode, "{state:#}");
+    assert_eq!(state["message"], message, "{state:#}");
+    assert_eq!(
+        state["message_visible"], true,
+        "the message is hidden: {state:#}"
+    );
+    assert_eq!(
+        state["app"],
+        Value::Null,
+        "the upstream page is showing: {state:#}"
+    );
+}
+
+/// Sizes the window, checks the viewport, and takes a screenshot; writes it to `docs/NAME.png`
+/// when `INTERMISSION_SCREENSHOTS` is set.
+async fn shoot(browser: &Browser, name: &str, width: u32, height: u32) {
+    browser.set_viewport(width, height).await;
+    let state = wait_for_page(browser, Duration::from_secs(5), "the resized page", |s| {
+        s["ready"] == "complete" && s["width"] == width && s["height"] == height
+    })
+    .await;
+    let (png, w, h) = browser.screenshot().await;
+    eprintln!(
+        "browser: screenshot {name}: {w}×{h} px, viewport {}×{}, {} bytes",
+        state["width"],
+        state["height"],
+        png.len()
+    );
+    assert_eq!((w, h), (width, height), "screenshot {name}'s size");
+    if std::env::var_os("INTERMISSION_SCREENSHOTS").is_some() {
+        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+        std::fs::create_dir_all(&docs).expect("creating docs/");
+        let path = docs.join(format!("{name}.png"));
+        std::fs::write(&path, &png).expect("writing the screenshot");
+        eprintln!("browser: wrote {}", path.display());
+    }
+}
+
+// ---- the test -----------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_visitor_waits_on_the_holding_page_and_comes_back_by_itself() {
+    let Some(chromedriver) = browser_or_skip() else {
+        return;
+    };
+    let started = Instant::now();
+
+    // The application: a shop page, counting how often it is asked for.
+    let shop_hits = Arc::new(AtomicUsize::new(0));
+    let hits = shop_hits.clone();
+    let up = upstream(move |req: Request<Incoming>| {
+        let hits = hits.clone();
+        async move {
+            if req.uri().path() == "/shop" {
+                hits.fetch_add(1, Ordering::SeqCst);
+                Response::builder()
+                    .header("content-type", "text/html; charset=utf-8")
+                    .body(full(SHOP_PAGE))
+                    .unwrap()
+            } else {
+                Response::builder()
+                    .status(StatusCode::NOT_FOUND)
+                    .body(full("not found"))
+                    .unwrap()
+            }
+        }
+    })
+    .await;
+    let proxy = spawn_proxy(&format!("[upstream]\nservers = [\"{}\"]\n", up.url())).await;
+    let on = ctl(
+        &proxy,
+        Ctl::On {
+            message: Some(FIRST_MESSAGE.into()),
+            until: Some("+30m".into()),
+            retry_after: None,
+            reason: None,
+        },
+    )
+    .await;
+    assert!(on.ok, "maintenance on: {on:?}");
+
+    let browser = Browser::start(&chromedriver).await;
+    eprintln!(
+        "browser: session ready after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // The visitor asks for the shop and gets the holding page, with its script running.
+    browser.navigate(&proxy.url("/shop")).await;
+    let state = browser.exec(PAGE_STATE).await;
+    assert_holding_page(&state, "maintenance", FIRST_MESSAGE);
+    assert_eq!(state["title"], "Down for maintenance", "{state:#}");
+    assert_eq!(
+        state["until_visible"], true,
+        "no expected end shown: {state:#}"
+    );
+    assert_eq!(
+        state["auto_note_visible"], true,
+        "status.js did not run (its note stays hidden): {state:#}"
+    );
+    assert_eq!(
+        shop_hits.load(Ordering::SeqCst),
+        0,
+        "a held request reached the shop"
+    );
+
+    // An update reaches the open page through its own polling, without a reload.
+    browser
+        .exec("window.__intermissionTestMarker = 'same page'; return true;")
+        .await;
+    let update = ctl(
+        &proxy,
+        Ctl::Update {
+            message: SECOND_MESSAGE.into(),
+        },
+    )
+    .await;
+    assert!(update.ok, "update: {update:?}");
+    let state = wait_for_page(&browser, PAGE_POLL_LIMIT, "the updated message", |s| {
+        s["message"] == SECOND_MESSAGE
+    })
+    .await;
+    assert_holding_page(&state, "maintenance", SECOND_MESSAGE);
+    assert_eq!(
+        state["marker"], "same page",
+        "the page was reloaded: {state:#}"
+    );
+    let updates = state["updates"].as_array().expect("the updates list");
+    assert!(
+        updates
+            .first()
+            .and_then(Value::as_str)
+            .is_some_and(|u| u.contains(SECOND_MESSAGE)),
+        "the newest update is not first in the list: {state:#}"
+    );
+
+    // Screenshots: the maintenance page, then the outage page's preview, at two sizes.
+    shoot(&browser, "maintenance-desktop", 1280, 900).await;
+    shoot(&browser, "maintenance-phone", 390, 844).await;
+    browser
+        .navigate(&proxy.url("/_intermission/preview?mode=outage"))
+        .await;
+    let state = browser.exec(PAGE_STATE).await;
+    assert_eq!(state["lang"], "en", "{state:#}");
+    assert_eq!(state["mode"], "outage", "{state:#}");
+    assert_eq!(state["message_visible"], true, "{state:#}");
+    shoot(&browser, "outage-desktop", 1280, 900).await;
+    shoot(&browser, "outage-phone", 390, 844).await;
+    let state = browser.exec(PAGE_STATE).await;
+    assert!(
+        state["url"]
+            .as_str()
+            .is_some_and(|u| u.ends_with("/_intermission/preview?mode=outage")),
+        "the preview navigated away: {state:#}"
+    );
+    browser.set_window(1280, 900).await;
+
+    // Back on the holding page; the operator switches maintenance off; the page's script
+    // notices and brings the visitor to the shop, with nobody touching the browser.
+    browser.navigate(&proxy.url("/shop")).await;
+    let state = browser.exec(PAGE_STATE).await;
+    assert_holding_page(&state, "maintenance", SECOND_MESSAGE);
+    assert_eq!(
+        shop_hits.load(Ordering::SeqCst),
+        0,
+        "a held request reached the shop"
+    );
+    let off = ctl(&proxy, Ctl::Off).await;
+    assert!(off.ok, "maintenance off: {off:?}");
+    let state = wait_for_page(&browser, PAGE_POLL_LIMIT, "the real shop", |s| {
+        s["app"] == "The real shop"
+    })
+    .await;
+    assert_eq!(state["title"], "Shop", "{state:#}");
+    assert!(
+        state["url"].as_str().is_some_and(|u| u.ends_with("/shop")),
+        "{state:#}"
+    );
+    assert!(
+        shop_hits.load(Ordering::SeqCst) >= 1,
+        "the shop page did not come from the upstream"
+    );
+
+    drop(browser);
+    eprintln!(
+        "browser: the whole test took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn base64_decoding() {
+    assert_eq!(base64_decode("").unwrap(), b"");
+    assert_eq!(base64_decode("Zg==").unwrap(), b"f");
+    assert_eq!(base64_decode("Zm8=").unwrap(), b"fo");
+    assert_eq!(base64_decode("Zm9v").unwrap(), b"foo");
+    assert_eq!(base64_decode("Zm9v\nYmFy").unwrap(), b"foobar");
+    assert_eq!(base64_decode("iVBORw0KGgo=").unwrap(), b"\x89PNG\r\n\x1a\n");
+    assert!(base64_decode("Zm9*").is_none());
+}
