@@ -7,8 +7,10 @@
 use crate::body::Body;
 use crate::forward::{self, headers::ClientSide};
 use crate::hold::bypass;
+use crate::hold::negotiate;
 use crate::reserved;
 use crate::state::{Snapshot, StateHandle};
+use http::header::{self, HeaderMap};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use std::net::SocketAddr;
@@ -88,12 +90,85 @@ async fn route(
         return (reserved::hold(snap, &req), None);
     }
     let trusted = snap.config.proxy.is_trusted(conn.peer.ip());
-    match forward::forward(&snap.pool, req, &conn.client, trusted).await {
-        Ok(f) => (f.response, Some(f.server)),
-        Err(e) => {
-            tracing::warn!(error = %e, "forwarding failed");
-            (forward::failure_response(&e), None)
+    // What the outage answer would need, kept (reference counts, no copies) in case
+    // forwarding fails: the request itself goes to the upstream.
+    let echo = Echo::of(&req);
+    match forward::forward(
+        &snap.pool,
+        &snap.up,
+        &snap.passive,
+        req,
+        &conn.client,
+        trusted,
+    )
+    .await
+    {
+        Ok(f) => {
+            let intercept = &snap.config.upstream.intercept_statuses;
+            if !intercept.is_empty() && intercept.contains(&f.response.status().as_u16()) {
+                tracing::warn!(
+                    status = f.response.status().as_u16(),
+                    "upstream answer intercepted"
+                );
+                return (echo.outage(snap), Some(f.server));
+            }
+            (f.response, Some(f.server))
         }
+        Err(failed) => {
+            match &failed.error {
+                Some(e) => {
+                    tracing::warn!(error = %e, "forwarding failed; answering with the outage response")
+                }
+                None => tracing::warn!(
+                    "no upstream server to forward to; answering with the outage response"
+                ),
+            }
+            (echo.outage(snap), failed.server)
+        }
+    }
+}
+
+/// The parts of a request that choose the form of a holding response.
+struct Echo {
+    head: bool,
+    path: Option<http::uri::PathAndQuery>,
+    headers: [(header::HeaderName, Option<HeaderValue>); 5],
+}
+
+impl Echo {
+    fn of<B>(req: &Request<B>) -> Echo {
+        let h = req.headers();
+        let keep = |name: header::HeaderName| {
+            let value = h.get(&name).cloned();
+            (name, value)
+        };
+        Echo {
+            head: req.method() == Method::HEAD,
+            path: req.uri().path_and_query().cloned(),
+            headers: [
+                keep(header::ACCEPT),
+                keep(header::ACCEPT_LANGUAGE),
+                keep(header::CONTENT_TYPE),
+                keep(header::UPGRADE),
+                keep(header::CONNECTION),
+            ],
+        }
+    }
+
+    /// The outage holding response this request would get.
+    fn outage(self, snap: &Snapshot) -> Response<Body> {
+        let mut headers = HeaderMap::new();
+        for (name, value) in self.headers {
+            if let Some(v) = value {
+                headers.insert(name, v);
+            }
+        }
+        let path = self.path.as_ref().map_or("/", |p| p.path());
+        let form = negotiate::choose_form(&headers, path, &snap.config.maintenance.api_prefixes);
+        let lang =
+            negotiate::choose_language(headers.get(header::ACCEPT_LANGUAGE), &snap.pages.langs);
+        snap.outage
+            .respond(form, lang, self.head, SystemTime::now())
     }
 }
 

@@ -28,6 +28,7 @@ pub mod config;
 pub mod control;
 pub mod forward;
 pub mod gateway;
+pub mod health;
 pub mod hold;
 pub mod listener;
 pub mod logging;

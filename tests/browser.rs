@@ -518,7 +518,9 @@ async fn a_visitor_waits_on_the_holding_page_and_comes_back_by_itself() {
     let up = upstream(move |req: Request<Incoming>| {
         let hits = hits.clone();
         async move {
-            if req.uri().path() == "/shop" {
+            if req.uri().path() == "/healthz" {
+                Response::new(full("ok"))
+            } else if req.uri().path() == "/shop" {
                 hits.fetch_add(1, Ordering::SeqCst);
                 Response::builder()
                     .header("content-type", "text/html; charset=utf-8")
@@ -533,7 +535,11 @@ async fn a_visitor_waits_on_the_holding_page_and_comes_back_by_itself() {
         }
     })
     .await;
-    let proxy = spawn_proxy(&format!("[upstream]\nservers = [\"{}\"]\n", up.url())).await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[health]\npath = \"/healthz\"\n",
+        up.url()
+    ))
+    .await;
     let on = ctl(
         &proxy,
         Ctl::On {

@@ -37,7 +37,9 @@ async fn the_socket_is_private_by_default_and_configurable() {
 
 #[tokio::test]
 async fn bad_requests_get_errors_and_the_connection_stays_usable() {
-    let proxy = spawn_proxy("").await;
+    // A live upstream, so that nothing is held until an operator says so.
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&format!("[upstream]\nservers = [\"{}\"]\n", up.url())).await;
     let mut c = Client::connect(&proxy.dir.path().join("intermission.sock"))
         .await
         .unwrap();
@@ -271,7 +273,11 @@ async fn a_broken_page_is_refused_at_start_and_at_reload() {
 #[tokio::test(flavor = "multi_thread")]
 async fn ctl_prints_for_people_or_json_and_exits_with_the_documented_codes() {
     let dir = tempfile::tempdir().unwrap();
-    let proxy = ProxyProcess::start(dir.path(), "");
+    let up = echo_upstream().await;
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!("[upstream]\nservers = [\"{}\"]\n", up.url()),
+    );
     let cfg = dir.path().join("config.toml");
     let run = |args: &[&str]| {
         bin()

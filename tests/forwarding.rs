@@ -226,21 +226,56 @@ async fn trailers_reach_an_http2_client() {
 
 #[tokio::test]
 async fn servers_are_used_round_robin() {
-    let a = echo_upstream().await;
-    let b = echo_upstream().await;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let named = |name: &'static str, hits: Arc<AtomicUsize>| {
+        upstream(move |req: Request<Incoming>| {
+            let hits = hits.clone();
+            let check = is_health_check(&req);
+            async move {
+                if !check {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                }
+                Response::new(full(name))
+            }
+        })
+    };
+    let (ha, hb) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let a = named("a", ha.clone()).await;
+    let b = named("b", hb.clone()).await;
     let config = format!("[upstream]\nservers = [\"{}\", \"{}\"]\n", a.url(), b.url());
     let proxy = spawn_proxy(&config).await;
+    let mut answers = Vec::new();
     for _ in 0..6 {
-        assert_eq!(get(&proxy.url("/")).await.status(), 200);
+        answers.push(String::from_utf8_lossy(get(&proxy.url("/")).await.body()).into_owned());
     }
-    assert!(a.connections.load(std::sync::atomic::Ordering::SeqCst) >= 1);
-    assert!(b.connections.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    assert_eq!(answers, ["a", "b", "a", "b", "a", "b"]);
+    assert_eq!(
+        (ha.load(Ordering::SeqCst), hb.load(Ordering::SeqCst)),
+        (3, 3)
+    );
 }
 
 #[tokio::test]
 async fn upstream_connections_are_reused() {
     let up = echo_upstream().await;
-    let proxy = spawn_proxy(&upstream_config(&up)).await;
+    let proxy = spawn_proxy(&format!(
+        "{}[health]\ninterval = \"60s\"\n",
+        upstream_config(&up)
+    ))
+    .await;
+    // The first health check (its own connection) runs at start; wait for it to be done.
+    let mut checked = false;
+    for _ in 0..250 {
+        let h = ctl(&proxy, intermission::control::protocol::Request::Health).await;
+        checked = h.health.unwrap()[0].last_check.is_some();
+        if checked {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(checked);
+    let before = up.connections.load(std::sync::atomic::Ordering::SeqCst);
     let c = client();
     for _ in 0..25 {
         let resp = c
@@ -249,7 +284,12 @@ async fn upstream_connections_are_reused() {
             .unwrap();
         resp.into_body().collect().await.unwrap();
     }
-    assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let after = up.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        after - before,
+        1,
+        "25 requests in a row should share one upstream connection"
+    );
 }
 
 #[tokio::test]
@@ -419,7 +459,12 @@ async fn a_silent_upstream_times_out() {
         format!("[upstream]\nservers = [\"http://{addr}\"]\nresponse_timeout = \"300ms\"\n");
     let proxy = spawn_proxy(&config).await;
     let resp = get(&proxy.url("/")).await;
-    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(
+        resp.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "never a raw 504"
+    );
+    assert_eq!(resp.headers()["x-intermission-mode"], "outage");
     hold.abort();
 }
 
@@ -433,7 +478,12 @@ async fn an_unreachable_upstream_is_reported_not_hung() {
     let config = format!("[upstream]\nservers = [\"http://{addr}\"]\n");
     let proxy = spawn_proxy(&config).await;
     let resp = get(&proxy.url("/")).await;
-    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        resp.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "never a raw 502"
+    );
+    assert_eq!(resp.headers()["x-intermission-mode"], "outage");
 }
 
 #[tokio::test]

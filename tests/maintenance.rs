@@ -13,14 +13,17 @@ use support::*;
 
 const BROWSER: &str = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
 
-/// An upstream that counts what reaches it.
+/// An upstream that counts the requests of clients that reach it (not health checks).
 async fn counting_upstream() -> (Upstream, Arc<AtomicUsize>) {
     let hits = Arc::new(AtomicUsize::new(0));
     let h = hits.clone();
-    let up = upstream(move |_req: Request<Incoming>| {
+    let up = upstream(move |req: Request<Incoming>| {
         let h = h.clone();
+        let check = is_health_check(&req);
         async move {
-            h.fetch_add(1, Ordering::SeqCst);
+            if !check {
+                h.fetch_add(1, Ordering::SeqCst);
+            }
             Response::new(full("from upstream"))
         }
     })

@@ -71,6 +71,7 @@ pub struct UpstreamFile {
     pub connect_timeout: DurationText,
     pub response_timeout: DurationText,
     pub idle_timeout: DurationText,
+    pub intercept_statuses: Vec<u16>,
 }
 
 impl Default for UpstreamFile {
@@ -80,6 +81,7 @@ impl Default for UpstreamFile {
             connect_timeout: DurationText::new("2s"),
             response_timeout: DurationText::new("60s"),
             idle_timeout: DurationText::new("90s"),
+            intercept_statuses: Vec::new(),
         }
     }
 }
@@ -154,6 +156,32 @@ impl Default for ControlFile {
             socket: "intermission.sock".into(),
             socket_mode: "0600".into(),
             state_file: "intermission-state.json".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthFile {
+    pub kind: String,
+    pub path: String,
+    pub interval: DurationText,
+    pub timeout: DurationText,
+    pub rise: u32,
+    pub fall: u32,
+    pub expect: String,
+}
+
+impl Default for HealthFile {
+    fn default() -> Self {
+        Self {
+            kind: "http".into(),
+            path: "/".into(),
+            interval: DurationText::new("2s"),
+            timeout: DurationText::new("1s"),
+            rise: 2,
+            fall: 3,
+            expect: "200-399".into(),
         }
     }
 }

@@ -25,9 +25,38 @@ pub struct Config {
     pub source: Option<PathBuf>,
     pub proxy: ProxyConfig,
     pub upstream: UpstreamConfig,
+    pub health: HealthConfig,
     pub maintenance: MaintenanceConfig,
     pub control: ControlConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthKind {
+    /// `GET path`; healthy when the status is in `expect`.
+    Http,
+    /// A TCP connect succeeds.
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub kind: HealthKind,
+    pub path: http::uri::PathAndQuery,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    /// Inclusive status ranges that count as healthy.
+    pub expect: Vec<(u16, u16)>,
+}
+
+impl HealthConfig {
+    pub fn expects(&self, status: u16) -> bool {
+        self.expect
+            .iter()
+            .any(|&(lo, hi)| (lo..=hi).contains(&status))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +123,8 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Upstream answers with these statuses become the outage holding response.
+    pub intercept_statuses: Vec<u16>,
 }
 
 /// One upstream server, ready to be put into request URIs.
@@ -178,6 +209,7 @@ impl Config {
         }
         let proxy = v.section::<file::ProxyFile>(&table, "proxy");
         let upstream = v.section::<file::UpstreamFile>(&table, "upstream");
+        let health = v.section::<file::HealthFile>(&table, "health");
         let maintenance = v.section::<file::MaintenanceFile>(&table, "maintenance");
         let control = v.section::<file::ControlFile>(&table, "control");
         let log = v.section::<file::LogFile>(&table, "log");
@@ -185,6 +217,7 @@ impl Config {
             source: source.map(Path::to_path_buf),
             proxy: v.proxy(proxy),
             upstream: v.upstream(upstream),
+            health: v.health(health),
             maintenance: v.maintenance(maintenance),
             control: v.control(control),
             log: v.log(log),
@@ -197,7 +230,14 @@ impl Config {
     }
 }
 
-const SECTIONS: &[&str] = &["proxy", "upstream", "maintenance", "control", "log"];
+const SECTIONS: &[&str] = &[
+    "proxy",
+    "upstream",
+    "health",
+    "maintenance",
+    "control",
+    "log",
+];
 
 /// Collects every problem; each check returns a placeholder on error so validation goes on.
 struct Validator {
@@ -303,7 +343,16 @@ impl Validator {
                 "needs at least one server, e.g. \"http://127.0.0.1:3000\"",
             );
         }
+        for (i, &code) in f.intercept_statuses.iter().enumerate() {
+            if !(100..=599).contains(&code) {
+                self.problem(
+                    &format!("upstream.intercept_statuses[{i}]"),
+                    format!("{code} is not an HTTP status (100-599)"),
+                );
+            }
+        }
         UpstreamConfig {
+            intercept_statuses: f.intercept_statuses,
             servers,
             connect_timeout: self.duration("upstream.connect_timeout", &f.connect_timeout),
             response_timeout: self.duration("upstream.response_timeout", &f.response_timeout),
@@ -328,6 +377,64 @@ impl Validator {
             }
         }
         list.to_vec()
+    }
+
+    fn health(&mut self, f: file::HealthFile) -> HealthConfig {
+        let kind = match f.kind.as_str() {
+            "http" => HealthKind::Http,
+            "tcp" => HealthKind::Tcp,
+            "grpc" => {
+                self.problem("health.kind", "\"grpc\" health checks need HTTP/2 upstreams, which are not supported yet; use \"http\" or \"tcp\"");
+                HealthKind::Http
+            }
+            other => {
+                self.problem(
+                    "health.kind",
+                    format!("{other:?} is not a kind of check; use \"http\" or \"tcp\""),
+                );
+                HealthKind::Http
+            }
+        };
+        let path = match f.path.parse::<http::uri::PathAndQuery>() {
+            Ok(p) if f.path.starts_with('/') => p,
+            _ => {
+                self.problem(
+                    "health.path",
+                    format!(
+                        "{:?} must be a path starting with '/', like \"/healthz\"",
+                        f.path
+                    ),
+                );
+                http::uri::PathAndQuery::from_static("/")
+            }
+        };
+        let interval = self.duration("health.interval", &f.interval);
+        let timeout = self.duration("health.timeout", &f.timeout);
+        if timeout > interval {
+            self.problem("health.timeout", "must not be longer than health.interval");
+        }
+        if f.rise == 0 {
+            self.problem("health.rise", "must be at least 1");
+        }
+        if f.fall == 0 {
+            self.problem("health.fall", "must be at least 1");
+        }
+        let expect = match parse_status_ranges(&f.expect) {
+            Ok(r) => r,
+            Err(why) => {
+                self.problem("health.expect", why);
+                vec![(200, 399)]
+            }
+        };
+        HealthConfig {
+            kind,
+            path,
+            interval,
+            timeout,
+            rise: f.rise.max(1),
+            fall: f.fall.max(1),
+            expect,
+        }
     }
 
     fn maintenance(&mut self, f: file::MaintenanceFile) -> MaintenanceConfig {
@@ -483,6 +590,25 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(t).map_err(|e| {
         format!("{text:?} is not a duration ({e}); write \"250ms\", \"90s\", \"5m\", \"1h30m\" or a number of seconds")
     })
+}
+
+/// `"200-399"`, `"200,204"`, `"200-299, 301"`: inclusive status ranges.
+fn parse_status_ranges(text: &str) -> Result<Vec<(u16, u16)>, String> {
+    let bad = || format!("{text:?} is not a list of statuses; write \"200-399\" or \"200,204\"");
+    let mut out = Vec::new();
+    for part in text.split(',').map(str::trim) {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part, part),
+        };
+        let lo: u16 = lo.parse().map_err(|_| bad())?;
+        let hi: u16 = hi.parse().map_err(|_| bad())?;
+        if !(100..=599).contains(&lo) || !(100..=599).contains(&hi) || lo > hi {
+            return Err(bad());
+        }
+        out.push((lo, hi));
+    }
+    Ok(out)
 }
 
 fn parse_upstream(s: &str) -> Result<Upstream, String> {
@@ -669,6 +795,33 @@ mod tests {
         let p = problems("[proxy\n");
         assert_eq!(p[0].key, "(syntax)");
         assert!(p[0].message.contains("line 1"), "{p:?}");
+    }
+
+    #[test]
+    fn health_settings() {
+        let c = Config::parse("", Path::new("."), None).unwrap();
+        assert_eq!(c.health.kind, HealthKind::Http);
+        assert_eq!((c.health.rise, c.health.fall), (2, 3));
+        assert!(c.health.expects(200) && c.health.expects(399) && !c.health.expects(404));
+        assert_eq!(
+            parse_status_ranges("200,204, 300-302").unwrap(),
+            vec![(200, 200), (204, 204), (300, 302)]
+        );
+        for bad in ["", "2xx", "300-200", "99", "200-600", "a-b"] {
+            assert!(parse_status_ranges(bad).is_err(), "{bad}");
+        }
+        let text = "[health]\nkind = \"icmp\"\npath = \"healthz\"\ninterval = \"1s\"\ntimeout = \"2s\"\nrise = 0\nexpect = \"ok\"\n[upstream]\nintercept_statuses = [502, 700]\n";
+        assert_eq!(
+            keys(text),
+            vec![
+                "upstream.intercept_statuses[1]",
+                "health.kind",
+                "health.path",
+                "health.timeout",
+                "health.rise",
+                "health.expect"
+            ]
+        );
     }
 
     #[test]

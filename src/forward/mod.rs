@@ -9,10 +9,12 @@ pub mod pool;
 pub mod upgrade;
 
 use crate::body::Body;
+use crate::config::Upstream;
+use crate::health::Passive;
 use headers::ClientSide;
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
-use http::{Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use pool::UpstreamPool;
 use std::time::Duration;
@@ -42,16 +44,33 @@ pub struct Forwarded {
     pub server: usize,
 }
 
-/// Forwards `req` to the next upstream server.
+/// Why forwarding produced no response, with the last server tried (if any).
+pub struct Failed {
+    pub error: Option<UpstreamError>,
+    pub server: Option<usize>,
+}
+
+/// Whether a request may be sent a second time: its method is idempotent (RFC 9110 §9.2.2)
+/// and it has no body, so nothing was consumed by the first attempt.
+pub fn replayable(method: &Method, body: &Body) -> bool {
+    let idempotent = matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    idempotent && matches!(body, Body::Empty)
+}
+
+/// Forwards `req` to a healthy upstream server; a request that fails before any response
+/// head arrives is retried once on another healthy server when it can be replayed. Every
+/// failure is reported to that server's checker.
 pub async fn forward(
     pool: &UpstreamPool,
+    up: &[bool],
+    passive: &[Passive],
     mut req: Request<Incoming>,
     client: &ClientSide,
     trusted: bool,
-) -> Result<Forwarded, UpstreamError> {
-    let server = pool.pick(None);
-    let upstream = &pool.servers[server];
-
+) -> Result<Forwarded, Failed> {
     let upgrade = match req.version() {
         Version::HTTP_11 => headers::upgrade_request(req.headers()),
         _ => None,
@@ -75,43 +94,100 @@ pub async fn forward(
         headers::restore_upgrade(&mut parts.headers, up);
     }
     headers::set_forwarded(&mut parts.headers, client, trusted);
-
     let path = parts
         .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(upstream.scheme.clone());
-    uri.authority = Some(upstream.authority.clone());
-    uri.path_and_query = Some(path);
-    parts.uri = Uri::from_parts(uri).unwrap_or_default();
     parts.version = Version::HTTP_11;
+    let body = Body::from_incoming(body);
 
-    let req = Request::from_parts(parts, Body::from_incoming(body));
-    let timeout = pool.config.response_timeout;
-    let mut resp = match tokio::time::timeout(timeout, pool.client.request(req)).await {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(source)) if source.is_connect() => {
-            return Err(UpstreamError::Connect {
-                server: upstream.to_string(),
-                source,
-            })
-        }
-        Ok(Err(source)) => {
-            return Err(UpstreamError::Failed {
-                server: upstream.to_string(),
-                source,
-            })
-        }
-        Err(_) => {
-            return Err(UpstreamError::Timeout {
-                server: upstream.to_string(),
-                timeout,
-            })
-        }
+    let Some(first) = pool.pick(up, None) else {
+        return Err(Failed {
+            error: None,
+            server: None,
+        });
     };
+    // A copy for the second attempt, made only when a second attempt is possible.
+    let replay =
+        (client_upgrade.is_none() && replayable(&parts.method, &body) && pool.servers.len() > 1)
+            .then(|| (parts.method.clone(), parts.headers.clone()));
+    parts.uri = upstream_uri(&pool.servers[first], path.clone());
+    let error = match send(pool, first, Request::from_parts(parts, body)).await {
+        Ok(resp) => return Ok(finish(resp, first, client_upgrade)),
+        Err(e) => e,
+    };
+    report(passive, first, &error);
+    let (Some((method, headers)), Some(second)) = (replay, pool.pick(up, Some(first))) else {
+        return Err(Failed {
+            error: Some(error),
+            server: Some(first),
+        });
+    };
+    tracing::warn!(error = %error, "retrying on {}", pool.servers[second]);
+    let mut again = Request::new(Body::Empty);
+    *again.method_mut() = method;
+    *again.headers_mut() = headers;
+    *again.version_mut() = Version::HTTP_11;
+    *again.uri_mut() = upstream_uri(&pool.servers[second], path);
+    match send(pool, second, again).await {
+        Ok(resp) => Ok(finish(resp, second, None)),
+        Err(e) => {
+            report(passive, second, &e);
+            Err(Failed {
+                error: Some(e),
+                server: Some(second),
+            })
+        }
+    }
+}
 
+fn upstream_uri(server: &Upstream, path: PathAndQuery) -> Uri {
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(server.scheme.clone());
+    uri.authority = Some(server.authority.clone());
+    uri.path_and_query = Some(path);
+    Uri::from_parts(uri).unwrap_or_default()
+}
+
+fn report(passive: &[Passive], server: usize, error: &UpstreamError) {
+    if let Some(tx) = passive.get(server) {
+        // Never waits: a full queue means the checker already has plenty to go on.
+        let _ = tx.try_send(error.to_string());
+    }
+}
+
+/// Sends one request to one server, waiting at most `response_timeout` for the head.
+async fn send(
+    pool: &UpstreamPool,
+    server: usize,
+    req: Request<Body>,
+) -> Result<Response<Incoming>, UpstreamError> {
+    let name = || pool.servers[server].to_string();
+    let timeout = pool.config.response_timeout;
+    match tokio::time::timeout(timeout, pool.client.request(req)).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(source)) if source.is_connect() => Err(UpstreamError::Connect {
+            server: name(),
+            source,
+        }),
+        Ok(Err(source)) => Err(UpstreamError::Failed {
+            server: name(),
+            source,
+        }),
+        Err(_) => Err(UpstreamError::Timeout {
+            server: name(),
+            timeout,
+        }),
+    }
+}
+
+/// Prepares the upstream's response for the client, and the tunnel if it switched protocols.
+fn finish(
+    mut resp: Response<Incoming>,
+    server: usize,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Forwarded {
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let upgraded_to = switching
         .then(|| resp.headers().get(header::UPGRADE).cloned())
@@ -121,30 +197,38 @@ pub async fn forward(
         headers::restore_upgrade(resp.headers_mut(), proto);
         upgrade::spawn_tunnel(client_upgrade, hyper::upgrade::on(&mut resp));
     }
-    Ok(Forwarded {
+    Forwarded {
         response: resp.map(Body::Stream),
         server,
-    })
+    }
 }
 
-/// The answer a client gets when no upstream response could be had.
-///
-/// TEMPORARY until health checks land (issue 4): the outage holding response replaces this,
-/// and this is the only place that needs to change.
-pub fn failure_response(err: &UpstreamError) -> Response<Body> {
-    let (status, text) = match err {
-        UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n"),
-        UpstreamError::Connect { .. } | UpstreamError::Failed { .. } => {
-            (StatusCode::BAD_GATEWAY, "upstream unavailable\n")
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_requests_are_replayed() {
+        let table = [
+            (Method::GET, true),
+            (Method::HEAD, true),
+            (Method::OPTIONS, true),
+            (Method::PUT, true),
+            (Method::DELETE, true),
+            (Method::POST, false),
+            (Method::PATCH, false),
+            (Method::CONNECT, false),
+        ];
+        for (method, want) in table {
+            assert_eq!(
+                replayable(&method, &Body::Empty),
+                want,
+                "{method} without a body"
+            );
+            assert!(
+                !replayable(&method, &Body::full("x")),
+                "{method} with a body"
+            );
         }
-    };
-    let mut resp = Response::new(Body::full(text));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
+    }
 }

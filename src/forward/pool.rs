@@ -42,13 +42,23 @@ impl UpstreamPool {
         }
     }
 
-    /// The next server in round-robin order, skipping `avoid` when there is another.
-    pub fn pick(&self, avoid: Option<usize>) -> usize {
+    /// The next healthy server in round-robin order, other than `avoid`. `None` when no
+    /// server other than `avoid` is healthy; with nothing healthy at all (force-open), the
+    /// next server whatever its health, since the operator asked to forward anyway.
+    pub fn pick(&self, up: &[bool], avoid: Option<usize>) -> Option<usize> {
         let n = self.servers.len();
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        match avoid {
-            Some(a) if a == i && n > 1 => (i + 1) % n,
-            _ => i,
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let healthy = |i: usize| up.get(i).copied().unwrap_or(true);
+        let candidate = (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&i| Some(i) != avoid && healthy(i));
+        match candidate {
+            Some(i) => Some(i),
+            None if avoid.is_none() => Some(start % n),
+            None => None,
         }
     }
 
@@ -57,5 +67,43 @@ impl UpstreamPool {
         self.servers == other.servers
             && self.config.connect_timeout == other.connect_timeout
             && self.config.idle_timeout == other.idle_timeout
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn pool(n: usize) -> UpstreamPool {
+        let servers: Vec<String> = (0..n)
+            .map(|i| format!("\"http://127.0.0.1:{}\"", 3000 + i))
+            .collect();
+        let text = format!("[upstream]\nservers = [{}]\n", servers.join(","));
+        UpstreamPool::new(&Config::parse(&text, Path::new("."), None).unwrap().upstream)
+    }
+
+    #[tokio::test]
+    async fn picks_only_healthy_servers_round_robin() {
+        let p = pool(3);
+        let picks: Vec<_> = (0..6)
+            .map(|_| p.pick(&[true, false, true], None).unwrap())
+            .collect();
+        assert!(!picks.contains(&1), "{picks:?}");
+        assert!(picks.contains(&0) && picks.contains(&2), "{picks:?}");
+    }
+
+    #[tokio::test]
+    async fn a_retry_goes_elsewhere_or_nowhere() {
+        let p = pool(3);
+        for _ in 0..6 {
+            let second = p.pick(&[true, true, false], Some(0));
+            assert_eq!(second, Some(1));
+        }
+        assert_eq!(p.pick(&[true, false, false], Some(0)), None);
+        // Nothing healthy (force-open): forward anyway, but never retry onto the same server.
+        assert!(p.pick(&[false, false, false], None).is_some());
+        assert_eq!(pool(1).pick(&[true], Some(0)), None);
     }
 }

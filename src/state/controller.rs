@@ -12,6 +12,7 @@ use super::store;
 use super::StateHandle;
 use crate::config::{parse_duration, Config};
 use crate::control::protocol::{ErrorBody, Request, Response, ServerHealth, StatusView};
+use crate::health::{self, Checkers, Flip};
 use crate::hold::pages::Pages;
 use crate::time::parse_time;
 use std::sync::Arc;
@@ -56,7 +57,12 @@ pub struct Controller {
     handle: StateHandle,
     parts: Parts,
     state: Persisted,
-    healthy: bool,
+    /// Health by server index, as the checkers last said.
+    up: Vec<bool>,
+    checkers: Option<Checkers>,
+    generation: u64,
+    flips_tx: mpsc::UnboundedSender<Flip>,
+    flips_rx: mpsc::UnboundedReceiver<Flip>,
     outage_since: Option<SystemTime>,
     /// The overrun of the current `until` has been reported.
     overrun_noted: bool,
@@ -66,15 +72,18 @@ impl Controller {
     /// Builds the first snapshot and the controller that will own every later one.
     pub fn new(parts: Parts, state: Persisted) -> (Controller, ControllerHandle, StateHandle) {
         let now = SystemTime::now();
+        let up = vec![true; parts.config.upstream.servers.len()];
         let snapshot = Snapshot::build(
             &parts,
             &Inputs {
                 state: &state,
-                healthy: true,
+                up: &up,
+                passive: Arc::from(Vec::new()),
                 outage_since: None,
                 now,
             },
         );
+        let (flips_tx, flips_rx) = mpsc::unbounded_channel();
         let handle = StateHandle::new(snapshot);
         let (tx, rx) = mpsc::channel(64);
         let overrun_noted = false;
@@ -84,7 +93,11 @@ impl Controller {
             handle: handle.clone(),
             parts,
             state,
-            healthy: true,
+            up,
+            checkers: None,
+            generation: 0,
+            flips_tx,
+            flips_rx,
             outage_since: None,
             overrun_noted,
         };
@@ -97,6 +110,8 @@ impl Controller {
     }
 
     pub async fn run(mut self) {
+        self.start_checkers();
+        self.publish();
         loop {
             let overrun_at = self.pending_overrun();
             tokio::select! {
@@ -107,9 +122,71 @@ impl Controller {
                     }
                     None => break,
                 },
+                Some(flip) = self.flips_rx.recv() => self.on_flip(flip).await,
                 _ = sleep_until(overrun_at), if overrun_at.is_some() => self.note_overrun(),
             }
         }
+    }
+
+    fn healthy(&self) -> bool {
+        self.up.iter().any(|&u| u)
+    }
+
+    /// (Re)starts one checker per server; every server counts as healthy until its first
+    /// check, which runs at once.
+    fn start_checkers(&mut self) {
+        self.generation += 1;
+        let cfg = &self.parts.config;
+        self.up = vec![true; cfg.upstream.servers.len()];
+        self.outage_since = None;
+        self.checkers = Some(health::spawn(
+            &cfg.upstream.servers,
+            &cfg.health,
+            self.flips_tx.clone(),
+            self.generation,
+        ));
+    }
+
+    async fn on_flip(&mut self, flip: Flip) {
+        if flip.generation != self.generation {
+            return;
+        }
+        let Some(slot) = self.up.get_mut(flip.index) else {
+            return;
+        };
+        *slot = flip.healthy;
+        let server = self
+            .parts
+            .config
+            .upstream
+            .servers
+            .get(flip.index)
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        if flip.healthy {
+            tracing::info!(%server, reason = %flip.reason, "upstream server is healthy again");
+        } else {
+            tracing::warn!(%server, reason = %flip.reason, "upstream server is down");
+        }
+        let healthy = self.healthy();
+        match (healthy, self.outage_since) {
+            (false, None) => self.outage_since = Some(SystemTime::now()),
+            (true, Some(_)) => self.outage_since = None,
+            _ => {}
+        }
+        // Back to normal clears the episode's words; that is a change of the saved state.
+        let next = self.state.clone().tidied(healthy);
+        if next != self.state {
+            let path = self.parts.config.control.state_file.clone();
+            let saved = next.clone();
+            match tokio::task::spawn_blocking(move || store::save(&path, &saved)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!("{e}"),
+                Err(e) => tracing::error!("state file writer failed: {e}"),
+            }
+            self.state = next;
+        }
+        self.publish();
     }
 
     fn pending_overrun(&self) -> Option<SystemTime> {
@@ -156,7 +233,7 @@ impl Controller {
         let summary = describe(&change);
         let next = self
             .state
-            .apply(change, now, self.healthy)
+            .apply(change, now, self.healthy())
             .map_err(|e| match e {
                 ChangeError::BadValue(m) => ErrorBody::new("bad_request", m),
                 e @ ChangeError::NothingHeld => ErrorBody::new("conflict", e.to_string()),
@@ -213,7 +290,12 @@ impl Controller {
         }
         let mut config = config;
         config.control = old.control.clone();
+        let restart =
+            config.upstream.servers != old.upstream.servers || config.health != old.health;
         self.parts = Parts::new(Arc::new(config), Arc::new(pages), Some(&self.parts));
+        if restart {
+            self.start_checkers();
+        }
         tracing::info!(file = ?self.parts.config.source, "config and pages reloaded");
         self.publish();
         Ok(())
@@ -226,7 +308,11 @@ impl Controller {
             &self.parts,
             &Inputs {
                 state: &self.state,
-                healthy: self.healthy,
+                up: &self.up,
+                passive: self
+                    .checkers
+                    .as_ref()
+                    .map_or_else(|| Arc::from(Vec::new()), |c| c.passive.clone()),
                 outage_since: self.outage_since,
                 now: SystemTime::now(),
             },
@@ -250,21 +336,10 @@ impl Controller {
     }
 
     fn health(&self) -> Vec<ServerHealth> {
-        self.parts
-            .config
-            .upstream
-            .servers
-            .iter()
-            .map(|s| ServerHealth {
-                server: s.to_string(),
-                healthy: None,
-                since: None,
-                last_check: None,
-                last_error: None,
-                consecutive: 0,
-                last_latency_ms: None,
-            })
-            .collect()
+        match &self.checkers {
+            Some(c) => c.table.list(),
+            None => Vec::new(),
+        }
     }
 
     fn status_view(&self) -> StatusView {

@@ -7,6 +7,7 @@
 use super::mode::{Mode, Persisted};
 use crate::config::Config;
 use crate::forward::pool::UpstreamPool;
+use crate::health::Passive;
 use crate::hold::bypass::BypassKey;
 use crate::hold::held::{self, Held, Spliced, View};
 use crate::hold::pages::Pages;
@@ -26,6 +27,13 @@ pub struct Snapshot {
     pub mode: Mode,
     /// The holding responses; `Some` exactly when `mode` is not `normal`.
     pub held: Option<Held>,
+    /// The outage holding responses, ready in every mode for a request that cannot be
+    /// forwarded ("never a raw error").
+    pub outage: Held,
+    /// Which upstream servers are healthy, by index in `pool.servers`.
+    pub up: Arc<[bool]>,
+    /// Where to report a failed forward, by server index.
+    pub passive: Arc<[Passive]>,
     /// The public status document.
     pub status: Spliced,
     /// The pages as they would be shown now, by mode, for `{prefix}preview`.
@@ -66,7 +74,8 @@ impl Parts {
 /// The dynamic inputs: what operators decided and what health checks see.
 pub struct Inputs<'a> {
     pub state: &'a Persisted,
-    pub healthy: bool,
+    pub up: &'a [bool],
+    pub passive: Arc<[Passive]>,
     pub outage_since: Option<SystemTime>,
     pub now: SystemTime,
 }
@@ -75,7 +84,8 @@ impl Snapshot {
     pub fn build(parts: &Parts, inputs: &Inputs<'_>) -> Snapshot {
         let m = &parts.config.maintenance;
         let prefix = m.reserved_prefix.as_str();
-        let mode = inputs.state.mode(inputs.healthy);
+        let healthy = inputs.up.iter().any(|&u| u);
+        let mode = inputs.state.mode(healthy);
         let current = View::new(mode, inputs.state, m, inputs.outage_since);
         let status = held::status_json(&current);
         // A preview of the mode in force shows exactly what clients get; a preview of another
@@ -90,6 +100,13 @@ impl Snapshot {
         };
         let preview_maintenance = preview(Mode::Maintenance);
         let preview_outage = preview(Mode::Outage);
+        let outage_view = View::new(
+            Mode::Outage,
+            inputs.state,
+            m,
+            inputs.outage_since.or(Some(inputs.now)),
+        );
+        let outage = Held::new(&parts.pages, outage_view, prefix, inputs.now);
         let held =
             (mode != Mode::Normal).then(|| Held::new(&parts.pages, current, prefix, inputs.now));
         Snapshot {
@@ -100,6 +117,9 @@ impl Snapshot {
             bypass: parts.bypass.clone(),
             mode,
             held,
+            outage,
+            up: inputs.up.into(),
+            passive: inputs.passive.clone(),
             status,
             preview_maintenance,
             preview_outage,

@@ -36,27 +36,53 @@ pub fn empty() -> TestBody {
     Empty::new().map_err(|e| match e {}).boxed()
 }
 
-/// A real HTTP/1.1 + h2c server on 127.0.0.1:0 running `handler` for every request.
+/// A real HTTP/1.1 + h2c server on 127.0.0.1 running `handler` for every request; it can be
+/// stopped (listener and every open connection closed, like a crashed app) and started
+/// again on the same port.
 pub struct Upstream {
     pub addr: SocketAddr,
     /// How many TCP connections it accepted.
     pub connections: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
+    handler: Handler,
+    tasks: Tasks,
 }
+
+type Tasks = Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>;
 
 impl Upstream {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
+    /// Closes the listener and every connection, as a crash would.
     pub fn stop(&self) {
-        self.task.abort();
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Listens again on the same port (bounded retries while the old socket goes away).
+    pub async fn restart(&self) {
+        self.stop();
+        for _ in 0..250 {
+            if let Ok(l) = TcpListener::bind(self.addr).await {
+                serve(
+                    l,
+                    self.handler.clone(),
+                    self.connections.clone(),
+                    self.tasks.clone(),
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("cannot listen on {} again", self.addr);
     }
 }
 
 impl Drop for Upstream {
     fn drop(&mut self) {
-        self.task.abort();
+        self.stop();
     }
 }
 
@@ -69,15 +95,31 @@ where
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
-    let counter = connections.clone();
-    let task = tokio::spawn(async move {
+    let tasks = Tasks::default();
+    serve(
+        listener,
+        handler.clone(),
+        connections.clone(),
+        tasks.clone(),
+    );
+    Upstream {
+        addr,
+        connections,
+        handler,
+        tasks,
+    }
+}
+
+fn serve(listener: TcpListener, handler: Handler, counter: Arc<AtomicUsize>, tasks: Tasks) {
+    let all = tasks.clone();
+    let accept = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             counter.fetch_add(1, Ordering::SeqCst);
             let handler = handler.clone();
-            tokio::spawn(async move {
+            let conn = tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let h = handler.clone();
                     async move { Ok::<_, Infallible>(h(req).await) }
@@ -86,13 +128,12 @@ where
                     .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                     .await;
             });
+            let mut all = all.lock().unwrap();
+            all.retain(|t| !t.is_finished());
+            all.push(conn);
         }
     });
-    Upstream {
-        addr,
-        connections,
-        task,
-    }
+    tasks.lock().unwrap().push(accept);
 }
 
 /// What the echo upstream saw, returned to the client as JSON.
@@ -337,4 +378,12 @@ pub async fn ctl(
     intermission::control::client::request(&socket, &req)
         .await
         .unwrap()
+}
+
+/// Whether a request is intermission's own health check.
+pub fn is_health_check<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get("user-agent")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ua| ua.starts_with("intermission-health-check/"))
 }

@@ -1,0 +1,170 @@
+//! One checker task per upstream server: active checks on an interval, passive reports from
+//! the request path, and a message to the controller only when health flips.
+
+use super::counter::Counter;
+use super::probe::Prober;
+use crate::config::{HealthConfig, Upstream};
+use crate::control::protocol::ServerHealth;
+use crate::time::Timestamp;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+
+/// A server's health changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flip {
+    /// Which set of checkers sent it; a reload starts a new generation and old flips are ignored.
+    pub generation: u64,
+    pub index: usize,
+    pub healthy: bool,
+    pub reason: String,
+}
+
+/// Where the request path reports a failed forward (connect error, reset, timeout); it counts
+/// as a failed check. Bounded: under a burst, reports beyond the queue are dropped, which
+/// loses nothing since the server is already being taken out.
+pub type Passive = mpsc::Sender<String>;
+
+const PASSIVE_QUEUE: usize = 16;
+
+/// What is known of every server, for `ctl health`. Locked only by the checkers and the
+/// control plane, never by requests.
+pub struct HealthTable {
+    servers: Vec<Mutex<ServerHealth>>,
+}
+
+impl HealthTable {
+    pub fn list(&self) -> Vec<ServerHealth> {
+        self.servers
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect()
+    }
+}
+
+/// The running checkers of one generation; dropping them stops them.
+pub struct Checkers {
+    tasks: Vec<JoinHandle<()>>,
+    pub passive: Arc<[Passive]>,
+    pub table: Arc<HealthTable>,
+}
+
+impl Drop for Checkers {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Starts one checker per server. The first checks run at once.
+pub fn spawn(
+    servers: &[Upstream],
+    config: &HealthConfig,
+    flips: mpsc::UnboundedSender<Flip>,
+    generation: u64,
+) -> Checkers {
+    let table = Arc::new(HealthTable {
+        servers: servers
+            .iter()
+            .map(|s| {
+                Mutex::new(ServerHealth {
+                    server: s.to_string(),
+                    healthy: None,
+                    since: None,
+                    last_check: None,
+                    last_error: None,
+                    consecutive: 0,
+                    last_latency_ms: None,
+                })
+            })
+            .collect(),
+    });
+    let mut passive = Vec::new();
+    let mut tasks = Vec::new();
+    for (index, server) in servers.iter().enumerate() {
+        let (tx, rx) = mpsc::channel(PASSIVE_QUEUE);
+        passive.push(tx);
+        let task = Task {
+            index,
+            generation,
+            prober: Prober::new(server.clone(), config.clone()),
+            config: config.clone(),
+            table: table.clone(),
+            flips: flips.clone(),
+            counter: Counter::new(),
+        };
+        tasks.push(tokio::spawn(task.run(rx)));
+    }
+    Checkers {
+        tasks,
+        passive: passive.into(),
+        table,
+    }
+}
+
+struct Task {
+    index: usize,
+    generation: u64,
+    prober: Prober,
+    config: HealthConfig,
+    table: Arc<HealthTable>,
+    flips: mpsc::UnboundedSender<Flip>,
+    counter: Counter,
+}
+
+impl Task {
+    async fn run(mut self, mut passive: mpsc::Receiver<String>) {
+        let mut ticks = tokio::time::interval(self.config.interval);
+        // A slow check must not be followed by a burst of catch-up checks.
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        loop {
+            let (result, active) = tokio::select! {
+                _ = ticks.tick() => (self.prober.check().await, true),
+                report = passive.recv() => match report {
+                    Some(why) => (Err(format!("request failed: {why}")), false),
+                    None => return,
+                },
+            };
+            self.record(result, active);
+        }
+    }
+
+    fn record(&mut self, result: Result<std::time::Duration, String>, active: bool) {
+        let ok = result.is_ok();
+        let flipped = self.counter.record(ok, self.config.rise, self.config.fall);
+        let now = SystemTime::now();
+        {
+            let mut entry = match self.table.servers.get(self.index) {
+                Some(e) => e.lock().unwrap_or_else(|e| e.into_inner()),
+                None => return,
+            };
+            if active {
+                entry.last_check = Some(Timestamp(now));
+            }
+            match &result {
+                Ok(latency) => entry.last_latency_ms = Some(latency.as_secs_f64() * 1000.0),
+                Err(why) => entry.last_error = Some(why.clone()),
+            }
+            entry.consecutive = self.counter.run();
+            if entry.healthy.is_none() || flipped.is_some() {
+                entry.since = Some(Timestamp(now));
+            }
+            entry.healthy = Some(self.counter.healthy());
+        }
+        if let Some(healthy) = flipped {
+            let reason = match result {
+                Ok(_) => format!("{} consecutive checks passed", self.counter.run()),
+                Err(why) => why,
+            };
+            let _ = self.flips.send(Flip {
+                generation: self.generation,
+                index: self.index,
+                healthy,
+                reason,
+            });
+        }
+    }
+}

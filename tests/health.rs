@@ -1,0 +1,324 @@
+//! Upstream health: outage by itself when the app dies, recovery by itself when it is back,
+//! and never a raw error in between.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use intermission::control::protocol::Request as Ctl;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::*;
+
+const FAST: &str = "[health]\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 2\nfall = 2\n";
+
+async fn app() -> Upstream {
+    upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await
+}
+
+async fn proxy_for(servers: &[&Upstream], extra: &str) -> Proxy {
+    let list: Vec<String> = servers.iter().map(|u| format!("\"{}\"", u.url())).collect();
+    spawn_proxy(&format!(
+        "[upstream]\nservers = [{}]\n{extra}",
+        list.join(", ")
+    ))
+    .await
+}
+
+async fn mode(proxy: &Proxy) -> String {
+    ctl(proxy, Ctl::Status)
+        .await
+        .state
+        .unwrap()
+        .mode
+        .as_str()
+        .to_owned()
+}
+
+/// Waits (bounded) for the proxy's mode to become `want`; returns how long it took.
+async fn wait_mode(proxy: &Proxy, want: &str, limit: Duration) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if mode(proxy).await == want {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "mode did not become {want} within {limit:?} (it is {})",
+        mode(proxy).await
+    );
+}
+
+fn is_outage(resp: &Response<bytes::Bytes>) -> bool {
+    resp.status() == StatusCode::SERVICE_UNAVAILABLE
+        && resp
+            .headers()
+            .get("x-intermission-mode")
+            .is_some_and(|v| v == "outage")
+        && resp.headers().contains_key("retry-after")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outage_by_itself_and_recovery_by_itself() {
+    let up = app().await;
+    let proxy = proxy_for(&[&up], FAST).await;
+    assert_eq!(get(&proxy.url("/")).await.body(), "app");
+
+    up.stop();
+    // fall × interval, plus a little for scheduling on a shared machine.
+    let took = wait_mode(&proxy, "outage", Duration::from_secs(5)).await;
+    eprintln!("outage detected after {took:?}");
+    let resp = get(&proxy.url("/")).await;
+    assert!(is_outage(&resp), "{resp:?}");
+    let v: serde_json::Value = json(&resp);
+    assert_eq!(v["mode"], "outage");
+    assert_eq!(
+        v["detail"],
+        "We are having trouble reaching the service. We are on it."
+    );
+    assert_eq!(resp.headers()["retry-after"], "30");
+    let status: serde_json::Value = json(&get(&proxy.url("/_intermission/status")).await);
+    assert_eq!(status["mode"], "outage");
+
+    up.restart().await;
+    let took = wait_mode(&proxy, "normal", Duration::from_secs(5)).await;
+    eprintln!("recovery detected after {took:?}");
+    assert_eq!(get(&proxy.url("/")).await.body(), "app");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_health_endpoint_is_down_and_force_open_forwards_anyway() {
+    let up = upstream(|req: Request<Incoming>| async move {
+        if req.uri().path() == "/healthz" {
+            Response::builder()
+                .status(500)
+                .body(full("broken"))
+                .unwrap()
+        } else {
+            Response::new(full("app works"))
+        }
+    })
+    .await;
+    let proxy = proxy_for(&[&up], &format!("{FAST}path = \"/healthz\"\n")).await;
+    wait_mode(&proxy, "outage", Duration::from_secs(5)).await;
+    assert!(is_outage(&get(&proxy.url("/")).await));
+    let h = ctl(&proxy, Ctl::Health).await.health.unwrap();
+    assert_eq!(h[0].healthy, Some(false));
+    assert!(h[0].last_error.as_deref().unwrap().contains("500"), "{h:?}");
+
+    let r = ctl(&proxy, Ctl::ForceOpen { enabled: true }).await;
+    assert!(r.state.unwrap().force_open);
+    assert_eq!(mode(&proxy).await, "normal");
+    assert_eq!(get(&proxy.url("/")).await.body(), "app works");
+    ctl(&proxy, Ctl::ForceOpen { enabled: false }).await;
+    assert_eq!(mode(&proxy).await, "outage");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn planned_maintenance_stays_when_the_upstream_recovers() {
+    let up = app().await;
+    let proxy = proxy_for(&[&up], FAST).await;
+    ctl(
+        &proxy,
+        Ctl::On {
+            message: Some("Planned".into()),
+            until: None,
+            retry_after: None,
+            reason: None,
+        },
+    )
+    .await;
+    up.stop();
+    let h = wait_health(&proxy, Some(false)).await;
+    assert_eq!(h, Some(false));
+    assert_eq!(
+        mode(&proxy).await,
+        "maintenance",
+        "planned maintenance wins over outage"
+    );
+    up.restart().await;
+    wait_health(&proxy, Some(true)).await;
+    assert_eq!(
+        mode(&proxy).await,
+        "maintenance",
+        "recovery must not end planned maintenance"
+    );
+    let resp = get(&proxy.url("/")).await;
+    assert_eq!(resp.headers()["x-intermission-mode"], "maintenance");
+    ctl(&proxy, Ctl::Off).await;
+    assert_eq!(get(&proxy.url("/")).await.body(), "app");
+}
+
+async fn wait_health(proxy: &Proxy, want: Option<bool>) -> Option<bool> {
+    let mut last = None;
+    for _ in 0..250 {
+        last = ctl(proxy, Ctl::Health).await.health.unwrap()[0].healthy;
+        if last == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    last
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_requests_take_a_server_out_without_waiting_for_the_next_check() {
+    let up = app().await;
+    // Only the check at start runs during this test: the rest is passive.
+    let proxy = proxy_for(
+        &[&up],
+        "[health]\ninterval = \"1h\"\ntimeout = \"1s\"\nfall = 2\nrise = 2\n",
+    )
+    .await;
+    wait_health(&proxy, Some(true)).await;
+    up.stop();
+    for _ in 0..2 {
+        assert!(is_outage(&get(&proxy.url("/")).await), "never a raw error");
+    }
+    wait_mode(&proxy, "outage", Duration::from_secs(5)).await;
+    let h = ctl(&proxy, Ctl::Health).await.health.unwrap();
+    assert!(
+        h[0].last_error
+            .as_deref()
+            .unwrap()
+            .contains("request failed"),
+        "{h:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_one_server_dead_from_the_start_every_request_succeeds() {
+    let live = app().await;
+    let dead_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"http://{dead_addr}\", \"{}\"]\n{FAST}",
+        live.url()
+    ))
+    .await;
+    for i in 0..50 {
+        let resp = get(&proxy.url("/")).await;
+        assert_eq!(resp.status(), 200, "request {i}: {resp:?}");
+        assert_eq!(resp.body(), "app");
+    }
+    let h = ctl(&proxy, Ctl::Health).await.health.unwrap();
+    assert_eq!(h[0].healthy, Some(false));
+    assert_eq!(mode(&proxy).await, "normal");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn intercepted_statuses_become_the_outage_response() {
+    let up = upstream(|req: Request<Incoming>| async move {
+        match req.uri().path() {
+            "/broken" => Response::builder()
+                .status(502)
+                .body(full("nginx says bad gateway"))
+                .unwrap(),
+            _ => Response::new(full("fine")),
+        }
+    })
+    .await;
+    let proxy = proxy_for(&[&up], "intercept_statuses = [502, 504]\n").await;
+    let resp = get(&proxy.url("/broken")).await;
+    assert!(is_outage(&resp), "{resp:?}");
+    assert!(!String::from_utf8_lossy(resp.body()).contains("bad gateway"));
+    let page = send(
+        Request::get(proxy.url("/broken"))
+            .header("accept", "text/html")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    assert_eq!(get(&proxy.url("/ok")).await.body(), "fine");
+}
+
+/// The promise: while the app is killed and restarted again and again under load, every
+/// answer is the app's or an outage holding response. No 502, no 504, no reset.
+#[tokio::test(flavor = "multi_thread")]
+async fn chaos_kill_and_restart_under_load_never_shows_a_raw_error() {
+    let up = Arc::new(app().await);
+    let proxy = proxy_for(&[&up], FAST).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, held, bad) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(Mutex::new(Vec::new())),
+    );
+    let mut clients = Vec::new();
+    for n in 0..2 {
+        let (url, stop, ok, held, bad) = (
+            proxy.url("/load"),
+            stop.clone(),
+            ok.clone(),
+            held.clone(),
+            bad.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            let c = client();
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) && i < 100_000 {
+                i += 1;
+                // One client also sends POSTs, which are never retried.
+                let req = if n == 1 && i % 2 == 0 {
+                    Request::post(&url).body(full("order")).unwrap()
+                } else {
+                    Request::get(&url).body(empty()).unwrap()
+                };
+                match c.request(req).await {
+                    Ok(resp) => {
+                        use http_body_util::BodyExt;
+                        let (parts, body) = resp.into_parts();
+                        let body = body.collect().await.map(|b| b.to_bytes());
+                        let resp = Response::from_parts(parts, body.unwrap_or_default());
+                        if resp.status() == 200 && resp.body() == "app" {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        } else if is_outage(&resp) {
+                            held.fetch_add(1, Ordering::SeqCst);
+                        } else {
+                            bad.lock().unwrap().push(format!(
+                                "{} {:?}",
+                                resp.status(),
+                                resp.body()
+                            ));
+                        }
+                    }
+                    Err(e) => bad.lock().unwrap().push(format!("connection error: {e}")),
+                }
+            }
+        }));
+    }
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        up.stop();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        up.restart().await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let (ok, held) = (ok.load(Ordering::SeqCst), held.load(Ordering::SeqCst));
+    let bad = bad.lock().unwrap().clone();
+    eprintln!(
+        "chaos: {ok} from the app, {held} held as outage, {} bad",
+        bad.len()
+    );
+    assert!(
+        bad.is_empty(),
+        "raw errors reached clients: {:?}",
+        &bad[..bad.len().min(10)]
+    );
+    assert!(
+        ok > 0 && held > 0,
+        "the test did not exercise both states: ok={ok} held={held}"
+    );
+}
+
+use std::sync::Mutex;
