@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +50,8 @@ pub struct Listeners {
     bound: Mutex<Vec<Bound>>,
     state: StateHandle,
     graceful: Arc<GracefulShutdown>,
+    /// Shared by every listener: `proxy.max_connections` counts all client connections.
+    limit: Arc<Semaphore>,
 }
 
 impl Listeners {
@@ -84,6 +87,7 @@ impl Listeners {
                 l,
                 self.state.clone(),
                 self.graceful.clone(),
+                self.limit.clone(),
                 stopped,
             ));
             bound.push(Bound {
@@ -156,6 +160,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let control = control::server::bind(&config.control.socket, config.control.socket_mode)?;
     let socket_path = config.control.socket.clone();
     let listen = config.proxy.listen.clone();
+    let max_connections = config.proxy.max_connections;
     let parts = Parts::new(Arc::new(config), Arc::new(pages), None);
     let (mut controller, handle, state) = Controller::new(parts, persisted);
     let graceful = Arc::new(GracefulShutdown::new());
@@ -163,6 +168,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         bound: Mutex::new(Vec::new()),
         state: state.clone(),
         graceful: graceful.clone(),
+        limit: Arc::new(Semaphore::new(max_connections)),
     });
     if let Err(e) = listeners.apply(&listen) {
         listeners.stop_all().await;
@@ -253,9 +259,10 @@ async fn drain(graceful: Arc<GracefulShutdown>, grace: Duration) -> bool {
 
 /// Runs the proxy until SIGTERM or SIGINT, reloading on SIGHUP. For the binary.
 pub async fn run_until_signal(config: Config) -> Result<(), RunError> {
-    let running = start(config).await?;
+    // Handlers first: a SIGHUP during start must not kill the process.
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let terminate = shutdown::terminate_signal();
+    let running = start(config).await?;
     tokio::pin!(terminate);
     let name = loop {
         tokio::select! {

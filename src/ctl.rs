@@ -1,11 +1,12 @@
 //! `intermission ctl`: sends one control request and prints the answer for people or as JSON.
 
 use crate::CtlCommand;
-use intermission::config::Config;
+use intermission::config;
 use intermission::control::client;
 use intermission::control::protocol::{Request, Response, ServerHealth, StatusView};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 pub fn run(
     config: Option<PathBuf>,
@@ -15,8 +16,8 @@ pub fn run(
 ) -> ExitCode {
     let socket = match socket {
         Some(s) => s,
-        None => match Config::load(config.as_deref()) {
-            Ok(c) => c.control.socket,
+        None => match socket_from_config(config.as_deref()) {
+            Ok(s) => s,
             Err(e) => {
                 eprintln!("intermission ctl: {e}");
                 return ExitCode::from(2);
@@ -34,7 +35,17 @@ pub fn run(
             return ExitCode::FAILURE;
         }
     };
-    let resp = match runtime.block_on(client::request(&socket, &req)) {
+    let answer = runtime.block_on(async {
+        tokio::time::timeout(ANSWER_TIMEOUT, client::request(&socket, &req)).await
+    });
+    let Ok(answer) = answer else {
+        eprintln!(
+            "intermission ctl: the proxy on {} did not answer within {ANSWER_TIMEOUT:?}",
+            socket.display()
+        );
+        return ExitCode::from(3);
+    };
+    let resp = match answer {
         Ok(r) => r,
         Err(e @ client::ClientError::NoProxy { .. }) => {
             eprintln!("intermission ctl: {e}");
@@ -55,6 +66,36 @@ pub fn run(
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// A stuck proxy must not hang an operator's terminal mid-incident.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The socket path from the config file, read without validating the rest: an operator who
+/// broke the config must still be able to run `ctl status`, `off` or `reload` (which then
+/// tells what is wrong).
+fn socket_from_config(path: Option<&Path>) -> Result<PathBuf, String> {
+    let default = Path::new(config::DEFAULT_PATH);
+    let (file, named) = match path {
+        Some(p) => (p, true),
+        None => (default, false),
+    };
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if !named && e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(format!("cannot read config file {}: {e}", file.display())),
+    };
+    let table: toml::Table = toml::from_str(&text).unwrap_or_default();
+    let socket = table
+        .get("control")
+        .and_then(|c| c.get("socket"))
+        .and_then(|s| s.as_str())
+        .unwrap_or("intermission.sock");
+    let base = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    Ok(base.join(socket))
 }
 
 fn request(command: CtlCommand) -> Request {

@@ -46,7 +46,7 @@ pub async fn handle(state: &StateHandle, conn: &Conn, req: Request<Incoming>) ->
     }
     let start = Instant::now();
     let method = req.method().clone();
-    let uri = req.uri().clone();
+    let uri = logged_uri(&snap, req.uri());
     let peer = conn.peer.ip();
     let (resp, server) = route(&snap, conn, req).await;
     let status = resp.status().as_u16();
@@ -68,6 +68,21 @@ pub async fn handle(state: &StateHandle, conn: &Conn, req: Request<Incoming>) ->
         }),
     );
     Response::from_parts(parts, body)
+}
+
+/// The URI as the access log shows it: the bypass secret never reaches a log file.
+fn logged_uri(snap: &Snapshot, uri: &http::Uri) -> http::Uri {
+    let prefix = snap.config.maintenance.reserved_prefix.as_str();
+    let secret_path = uri
+        .path()
+        .strip_prefix(prefix)
+        .is_some_and(|rest| rest.starts_with("bypass/") && rest.len() > "bypass/".len());
+    if !secret_path {
+        return uri.clone();
+    }
+    format!("{prefix}bypass/REDACTED")
+        .parse()
+        .unwrap_or_default()
 }
 
 async fn route(
@@ -100,6 +115,7 @@ async fn route(
         req,
         &conn.client,
         trusted,
+        snap.config.upstream.response_timeout,
     )
     .await
     {
@@ -202,7 +218,11 @@ fn without_dot_segments(path: &str) -> bool {
             .windows(needle.len())
             .any(|w| w.eq_ignore_ascii_case(needle))
     };
+    // `;` carries path parameters that some servers strip before resolving (`..;/`), and
+    // `%25` hides a second round of decoding.
     !(path.split('/').any(|seg| seg == "." || seg == "..")
+        || path.contains(';')
+        || lower_has(b"%25")
         || path.contains('\\')
         || lower_has(b"%2e")
         || lower_has(b"%5c")
@@ -230,6 +250,8 @@ mod tests {
             "/public\\..\\admin",
             "/public/..%2fadmin",
             "/public%5c..%5cadmin",
+            "/public/..;/admin",
+            "/public/%252e%252e/admin",
         ] {
             assert!(!super::without_dot_segments(bad), "{bad}");
         }

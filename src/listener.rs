@@ -16,6 +16,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 pub type ConnBuilder = auto::Builder<TokioExecutor>;
 
@@ -31,6 +32,9 @@ pub fn conn_builder(proxy: &ProxyConfig) -> ConnBuilder {
     builder
         .http2()
         .timer(TokioTimer::new())
+        // Pings find dead peers that would otherwise hold a connection for ever.
+        .keep_alive_interval(Some(Duration::from_secs(60)))
+        .keep_alive_timeout(Duration::from_secs(20))
         .max_header_list_size(u32::try_from(proxy.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(256);
     builder
@@ -40,6 +44,7 @@ pub async fn accept_loop(
     listener: TcpListener,
     state: StateHandle,
     graceful: Arc<GracefulShutdown>,
+    limit: Arc<Semaphore>,
     mut shutdown: Shutdown,
 ) {
     loop {
@@ -55,22 +60,36 @@ pub async fn accept_loop(
             },
             _ = shutdown.fired() => break,
         };
+        // Over the limit, close at once: a refused client retries elsewhere or later, while
+        // an accepted one that is never served would hold a descriptor for nothing.
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "proxy.max_connections reached; closing a new connection");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        let conn = Arc::new(Conn::new(peer, false));
-        // Settings come from the snapshot, so a reload applies to the next connection.
-        let builder = state.load().conn.clone();
+        let snap = state.load();
+        let first_byte = snap.config.proxy.header_read_timeout;
+        let builder = snap.conn.clone();
+        drop(snap);
+        let watcher = graceful.watcher();
         let state = state.clone();
-        let service = service_fn(move |req| {
-            let state = state.clone();
-            let conn = conn.clone();
-            async move { Ok::<_, Infallible>(gateway::handle(&state, &conn, req).await) }
-        });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let watched = graceful.watch(connection);
         tokio::spawn(async move {
-            if let Err(e) = watched.await {
+            let _permit = permit;
+            // hyper's header timeout starts once it knows the protocol; a client that sends
+            // nothing at all is cut off here instead.
+            let mut probe = [0u8; 1];
+            match tokio::time::timeout(first_byte, stream.peek(&mut probe)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+            let conn = Arc::new(Conn::new(peer, false));
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                let conn = conn.clone();
+                async move { Ok::<_, Infallible>(gateway::handle(&state, &conn, req).await) }
+            });
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(connection.into_owned()).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

@@ -49,13 +49,17 @@ pub fn seconds_until(until: SystemTime, now: SystemTime) -> Option<u64> {
     if left.is_zero() {
         return None;
     }
-    let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+    let secs = left
+        .as_secs()
+        .saturating_add(u64::from(left.subsec_nanos() > 0));
     Some(secs.max(1))
 }
 
 /// Whole seconds of a duration, rounded up (a `Retry-After` of "250ms" is 1 second).
 pub fn whole_seconds(d: Duration) -> u64 {
-    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+    d.as_secs()
+        .saturating_add(u64::from(d.subsec_nanos() > 0))
+        .max(1)
 }
 
 #[cfg(test)]

@@ -337,6 +337,21 @@ async fn ctl_prints_for_people_or_json_and_exits_with_the_documented_codes() {
     );
     assert_eq!(run(&["health"]).status.code(), Some(0));
     assert_eq!(run(&["reload"]).status.code(), Some(0));
+    // A broken config file does not lock the operator out: ctl only needs the socket.
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("{good}\n[maintenance]\nretry_after = \"whenever\"\n"),
+    )
+    .unwrap();
+    assert_eq!(run(&["status"]).status.code(), Some(0));
+    let out = run(&["reload"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the proxy refuses the broken file"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("maintenance.retry_after"));
     drop(proxy);
     let out = bin()
         .args(["ctl", "-s"])

@@ -498,3 +498,64 @@ async fn connect_requests_are_refused() {
     .await;
     assert!(out.starts_with("HTTP/1.1 405"), "{out}");
 }
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed() {
+    let up = echo_upstream().await;
+    let config = format!(
+        "[proxy]\nheader_read_timeout = \"300ms\"\n{}",
+        upstream_config(&up)
+    );
+    let proxy = spawn_proxy(&config).await;
+    use tokio::io::AsyncReadExt;
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut buf)).await;
+    assert!(
+        closed.is_ok(),
+        "a connection that never spoke was kept open"
+    );
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_closed_at_once() {
+    let up = echo_upstream().await;
+    let config = format!("[proxy]\nmax_connections = 1\n{}", upstream_config(&up));
+    let proxy = spawn_proxy(&config).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut first = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    first
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = first.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let out = raw_exchange(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        out, "",
+        "the second connection should be closed without an answer"
+    );
+    drop(first);
+    // Once the first is gone, a new one is served (bounded wait for the slot to free).
+    let mut served = false;
+    for _ in 0..100 {
+        let out = raw_exchange(
+            proxy.addr,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        if out.starts_with("HTTP/1.1 200") {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served);
+}

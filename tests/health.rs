@@ -322,3 +322,22 @@ async fn chaos_kill_and_restart_under_load_never_shows_a_raw_error() {
 }
 
 use std::sync::Mutex;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_during_an_outage_keeps_what_is_known_of_health() {
+    let up = app().await;
+    let proxy = proxy_for(&[&up], FAST).await;
+    up.stop();
+    wait_mode(&proxy, "outage", Duration::from_secs(5)).await;
+    // A change to [health] restarts the checkers; the dead server must stay out.
+    let path = proxy.dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("interval = \"100ms\"", "interval = \"150ms\""),
+    )
+    .unwrap();
+    assert!(ctl(&proxy, Ctl::Reload).await.ok);
+    assert_eq!(mode(&proxy).await, "outage");
+    assert!(is_outage(&get(&proxy.url("/")).await));
+}

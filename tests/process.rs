@@ -276,3 +276,30 @@ fn check_refuses_a_broken_page_template() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("outage.html"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bypass_secret_never_reaches_the_access_log() {
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "a-secret-that-stays-secret-42";
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\n[maintenance]\nbypass_secret = \"{secret}\"\n",
+            up.url()
+        ),
+    );
+    let resp = get(&proxy.url(&format!("/_intermission/bypass/{secret}"))).await;
+    assert_eq!(resp.status(), 303);
+    let mut logged = false;
+    wait_until(Duration::from_secs(10), || {
+        logged = proxy
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("bypass/REDACTED"));
+        logged
+    })
+    .await;
+    assert!(logged, "no access log line for the bypass request");
+    assert!(!proxy.log_lines().iter().any(|l| l.contains(secret)));
+}

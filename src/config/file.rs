@@ -49,6 +49,7 @@ pub struct ProxyFile {
     pub header_read_timeout: DurationText,
     pub shutdown_timeout: DurationText,
     pub max_header_bytes: usize,
+    pub max_connections: usize,
 }
 
 impl Default for ProxyFile {
@@ -60,6 +61,7 @@ impl Default for ProxyFile {
             header_read_timeout: DurationText::new("10s"),
             shutdown_timeout: DurationText::new("30s"),
             max_header_bytes: 64 * 1024,
+            max_connections: 20_000,
         }
     }
 }

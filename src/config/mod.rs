@@ -99,6 +99,8 @@ pub struct ProxyConfig {
     pub header_read_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub max_header_bytes: usize,
+    /// Client connections served at once; more are closed at accept.
+    pub max_connections: usize,
 }
 
 impl ProxyConfig {
@@ -298,6 +300,9 @@ impl Validator {
             self.problem("proxy.listen", "needs at least one address to listen on");
         }
         let trusted_proxies = self.cidrs("proxy.trusted_proxies", &f.trusted_proxies);
+        if f.max_connections == 0 {
+            self.problem("proxy.max_connections", "must be at least 1");
+        }
         if f.max_header_bytes < 8192 {
             self.problem("proxy.max_header_bytes", "must be at least 8192");
         }
@@ -308,6 +313,7 @@ impl Validator {
             header_read_timeout: self.duration("proxy.header_read_timeout", &f.header_read_timeout),
             shutdown_timeout: self.duration("proxy.shutdown_timeout", &f.shutdown_timeout),
             max_header_bytes: f.max_header_bytes.max(8192),
+            max_connections: f.max_connections.max(1),
         }
     }
 

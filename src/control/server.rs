@@ -42,8 +42,21 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ControlError> {
         }
         std::fs::remove_file(path).map_err(io)?;
     }
-    let listener = UnixListener::bind(path).map_err(io)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    // Bound under a temporary name and given its permissions before it appears at `path`, so
+    // that no one can connect in the moment between bind and chmod.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let staging = path.with_file_name(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging).map_err(io)?;
+    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| std::fs::rename(&staging, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(io(e));
+    }
     Ok(listener)
 }
 
@@ -71,7 +84,11 @@ pub async fn serve(
 }
 
 async fn connection(stream: UnixStream, controller: ControllerHandle) {
-    let by = peer_user(&stream);
+    let uid = stream.peer_cred().ok().map(|c| c.uid());
+    // Reading the user database is disk work: off the async workers.
+    let by = tokio::task::spawn_blocking(move || peer_user(uid))
+        .await
+        .unwrap_or_else(|_| "unknown".into());
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let mut line = Vec::new();
@@ -116,11 +133,10 @@ async fn write(w: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response) -> std
 
 /// Who is on the other end: the local user's name from the socket's peer credentials, which
 /// the client cannot forge (unlike a name it would send).
-fn peer_user(stream: &UnixStream) -> String {
-    let Ok(cred) = stream.peer_cred() else {
+fn peer_user(uid: Option<u32>) -> String {
+    let Some(uid) = uid else {
         return "unknown".into();
     };
-    let uid = cred.uid();
     user_name(uid).unwrap_or_else(|| format!("uid {uid}"))
 }
 

@@ -70,6 +70,7 @@ pub async fn forward(
     mut req: Request<Incoming>,
     client: &ClientSide,
     trusted: bool,
+    timeout: Duration,
 ) -> Result<Forwarded, Failed> {
     let upgrade = match req.version() {
         Version::HTTP_11 => headers::upgrade_request(req.headers()),
@@ -113,11 +114,14 @@ pub async fn forward(
         (client_upgrade.is_none() && replayable(&parts.method, &body) && pool.servers.len() > 1)
             .then(|| (parts.method.clone(), parts.headers.clone()));
     parts.uri = upstream_uri(&pool.servers[first], path.clone());
-    let error = match send(pool, first, Request::from_parts(parts, body)).await {
+    let error = match send(pool, first, Request::from_parts(parts, body), timeout).await {
         Ok(resp) => return Ok(finish(resp, first, client_upgrade)),
         Err(e) => e,
     };
     report(passive, first, &error);
+    // A timeout is not retried: the server may still be working on it, and a second wait
+    // would double the time before the client gets an answer.
+    let replay = replay.filter(|_| !matches!(error, UpstreamError::Timeout { .. }));
     let (Some((method, headers)), Some(second)) = (replay, pool.pick(up, Some(first))) else {
         return Err(Failed {
             error: Some(error),
@@ -130,7 +134,7 @@ pub async fn forward(
     *again.headers_mut() = headers;
     *again.version_mut() = Version::HTTP_11;
     *again.uri_mut() = upstream_uri(&pool.servers[second], path);
-    match send(pool, second, again).await {
+    match send(pool, second, again, timeout).await {
         Ok(resp) => Ok(finish(resp, second, None)),
         Err(e) => {
             report(passive, second, &e);
@@ -162,9 +166,9 @@ async fn send(
     pool: &UpstreamPool,
     server: usize,
     req: Request<Body>,
+    timeout: Duration,
 ) -> Result<Response<Incoming>, UpstreamError> {
     let name = || pool.servers[server].to_string();
-    let timeout = pool.config.response_timeout;
     match tokio::time::timeout(timeout, pool.client.request(req)).await {
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(source)) if source.is_connect() => Err(UpstreamError::Connect {

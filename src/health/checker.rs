@@ -60,19 +60,22 @@ impl Drop for Checkers {
 }
 
 /// Starts one checker per server. The first checks run at once.
+/// `known[i]`: the health server `i` had before a reload, if it was in the list then.
 pub fn spawn(
     servers: &[Upstream],
     config: &HealthConfig,
+    known: &[Option<bool>],
     flips: mpsc::UnboundedSender<Flip>,
     generation: u64,
 ) -> Checkers {
     let table = Arc::new(HealthTable {
         servers: servers
             .iter()
-            .map(|s| {
+            .enumerate()
+            .map(|(i, s)| {
                 Mutex::new(ServerHealth {
                     server: s.to_string(),
-                    healthy: None,
+                    healthy: known.get(i).copied().flatten(),
                     since: None,
                     last_check: None,
                     last_error: None,
@@ -94,7 +97,11 @@ pub fn spawn(
             config: config.clone(),
             table: table.clone(),
             flips: flips.clone(),
-            counter: Counter::new(),
+            counter: known
+                .get(index)
+                .copied()
+                .flatten()
+                .map_or_else(Counter::new, Counter::known),
         };
         tasks.push(tokio::spawn(task.run(rx)));
     }

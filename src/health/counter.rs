@@ -31,6 +31,18 @@ impl Counter {
         }
     }
 
+    /// A server whose health is already known (kept across a reload): the usual rise/fall
+    /// applies from the first result.
+    pub fn known(healthy: bool) -> Counter {
+        Counter {
+            healthy,
+            checked: true,
+            against: 0,
+            run: 0,
+            last: None,
+        }
+    }
+
     pub fn healthy(&self) -> bool {
         self.healthy
     }

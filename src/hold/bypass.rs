@@ -16,6 +16,9 @@ use ring::hmac;
 
 use crate::config::canonical_ip;
 
+/// How many bypass cookies of one request are checked at most.
+const MAX_CANDIDATES: usize = 4;
+
 pub const COOKIE_NAME: &str = "intermission_bypass";
 
 /// Domain separation: a cookie MAC can never be replayed as anything else signed with the key.
@@ -113,12 +116,15 @@ impl BypassKey {
     pub fn cookie_valid(&self, headers: &HeaderMap, now: SystemTime) -> bool {
         // HTTP/2 may split cookies over several header lines; every line may hold several pairs.
         // Any valid copy wins: a browser can hold a stale one beside a fresh one.
-        headers.get_all(COOKIE).iter().any(|line| {
-            line.as_bytes()
-                .split(|&b| b == b';')
-                .filter_map(|pair| cookie_value(pair.trim_ascii()))
-                .any(|value| self.value_valid(value, now))
-        })
+        // At most a few candidates get an HMAC check: a header stuffed with hundreds of
+        // forged copies must not make a held request cost hundreds of MACs.
+        headers
+            .get_all(COOKIE)
+            .iter()
+            .flat_map(|line| line.as_bytes().split(|&b| b == b';'))
+            .filter_map(|pair| cookie_value(pair.trim_ascii()))
+            .take(MAX_CANDIDATES)
+            .any(|value| self.value_valid(value, now))
     }
 
     fn value_valid(&self, value: &[u8], now: SystemTime) -> bool {

@@ -88,16 +88,26 @@ pub struct Spliced {
     tail: Bytes,
 }
 
+/// The problem document carries the latest updates only; the page and `status` have all.
+const PROBLEM_UPDATES: usize = 10;
+
+/// gRPC clients refuse large metadata (grpc-java: 8 KiB in all), and an oversized
+/// `grpc-message` would turn UNAVAILABLE into INTERNAL.
+const MAX_GRPC_MESSAGE: usize = 1024;
+
 /// A number no real value reaches, so it marks the split point in the serialized text.
 const MARK: u64 = u64::MAX;
 
 impl Spliced {
     fn new(value: &impl Serialize) -> Spliced {
         let text = serde_json::to_vec(value).unwrap_or_default();
-        let mark = MARK.to_string();
+        // The key is part of the needle: a message may contain the digits, but a JSON string
+        // cannot contain `"retry_after":` unescaped.
+        let key = b"\"retry_after\":";
+        let mark = format!("\"retry_after\":{MARK}");
         match find(&text, mark.as_bytes()) {
             Some(at) => Spliced {
-                head: Bytes::copy_from_slice(&text[..at]),
+                head: Bytes::copy_from_slice(&text[..at + key.len()]),
                 tail: Bytes::copy_from_slice(&text[at + mark.len()..]),
             },
             None => Spliced {
@@ -107,22 +117,26 @@ impl Spliced {
         }
     }
 
+    /// Joins the parts once when the number cannot change (no `until`), so that serving the
+    /// document is a `Bytes` clone.
+    pub fn fixed(self, retry_after: u64) -> Spliced {
+        Spliced {
+            head: self.with(retry_after),
+            tail: Bytes::new(),
+        }
+    }
+
     pub fn with(&self, retry_after: u64) -> Bytes {
         if self.tail.is_empty() {
             return self.head.clone();
         }
-        let mut buf = itoa_buf(retry_after);
-        let n = buf.len();
-        let mut out = BytesMut::with_capacity(self.head.len() + n + self.tail.len());
+        let number = retry_after.to_string();
+        let mut out = BytesMut::with_capacity(self.head.len() + number.len() + self.tail.len());
         out.extend_from_slice(&self.head);
-        out.extend_from_slice(buf.as_mut_slice());
+        out.extend_from_slice(number.as_bytes());
         out.extend_from_slice(&self.tail);
         out.freeze()
     }
-}
-
-fn itoa_buf(n: u64) -> Vec<u8> {
-    n.to_string().into_bytes()
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -181,7 +195,7 @@ fn non_empty(s: &str) -> Option<&str> {
 /// The public status document for `view` (`mode: normal` and nulls when nothing is held).
 pub fn status_json(view: &View) -> Spliced {
     let held = view.mode != Mode::Normal;
-    Spliced::new(&StatusJson {
+    let doc = Spliced::new(&StatusJson {
         mode: view.mode,
         message: held.then_some(view.message.as_str()),
         since: view.since.map(Timestamp),
@@ -189,7 +203,11 @@ pub fn status_json(view: &View) -> Spliced {
         retry_after: held.then_some(MARK),
         updates: updates_newest_first(&view.updates),
         status_page: non_empty(&view.status_page),
-    })
+    });
+    match view.until {
+        None => doc.fixed(view.retry_default),
+        Some(_) => doc,
+    }
 }
 
 /// Renders the page of `view.mode` in every language.
@@ -258,10 +276,18 @@ impl Held {
             until: view.until.map(Timestamp),
             retry_after: MARK,
             status_page: non_empty(&view.status_page),
-            updates: updates_newest_first(&view.updates),
+            updates: updates_newest_first(&view.updates)
+                .into_iter()
+                .take(PROBLEM_UPDATES)
+                .collect(),
         });
-        let grpc_message = HeaderValue::from_str(&grpc_percent_encode(&view.message))
-            .unwrap_or_else(|_| HeaderValue::from_static("unavailable"));
+        let json = match view.until {
+            None => json.fixed(view.retry_default),
+            Some(_) => json,
+        };
+        let grpc_message =
+            HeaderValue::from_str(&grpc_percent_encode(&view.message, MAX_GRPC_MESSAGE))
+                .unwrap_or_else(|_| HeaderValue::from_static("unavailable"));
         Held {
             mode_value: HeaderValue::from_static(view.mode.as_str()),
             view,
@@ -330,14 +356,24 @@ impl Held {
     }
 }
 
-/// gRPC's `grpc-message` encoding: bytes outside printable ASCII, and `%`, as `%XX`.
-pub fn grpc_percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (0x20..=0x7e).contains(&b) && b != b'%' {
-            out.push(char::from(b));
+/// gRPC's `grpc-message` encoding: bytes outside printable ASCII, and `%`, as `%XX`; cut to
+/// at most `max` bytes, never inside a `%XX` or a character.
+pub fn grpc_percent_encode(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max));
+    for c in s.chars() {
+        let mut utf8 = [0u8; 4];
+        let bytes = c.encode_utf8(&mut utf8).as_bytes();
+        let printable = bytes.len() == 1 && (0x20..=0x7e).contains(&bytes[0]) && bytes[0] != b'%';
+        let needed = if printable { 1 } else { 3 * bytes.len() };
+        if out.len() + needed > max {
+            break;
+        }
+        if printable {
+            out.push(c);
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            for b in bytes {
+                out.push_str(&format!("%{b:02X}"));
+            }
         }
     }
     out
@@ -349,11 +385,15 @@ mod tests {
 
     #[test]
     fn grpc_message_encoding() {
-        assert_eq!(grpc_percent_encode("Back at 10:00"), "Back at 10:00");
+        assert_eq!(grpc_percent_encode("Back at 10:00", 100), "Back at 10:00");
         assert_eq!(
-            grpc_percent_encode("100% déjà\n"),
+            grpc_percent_encode("100% déjà\n", 100),
             "100%25 d%C3%A9j%C3%A0%0A"
         );
+        // Cut before a character that would not fit whole.
+        assert_eq!(grpc_percent_encode("abé", 7), "ab");
+        assert_eq!(grpc_percent_encode("abé", 8), "ab%C3%A9");
+        assert!(grpc_percent_encode(&"é".repeat(2000), MAX_GRPC_MESSAGE).len() <= MAX_GRPC_MESSAGE);
     }
 
     #[test]
@@ -364,5 +404,13 @@ mod tests {
         assert_eq!(v["z"], "x");
         let plain = Spliced::new(&serde_json::json!({"a": 1}));
         assert_eq!(&plain.with(5)[..], b"{\"a\":1}");
+        // The digits of the mark inside a message do not move the splice point.
+        let tricky = Spliced::new(
+            &serde_json::json!({"detail": format!("code {MARK}"), "retry_after": MARK}),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&tricky.with(7)).unwrap();
+        assert_eq!(v["detail"], format!("code {MARK}"));
+        assert_eq!(v["retry_after"], 7);
+        assert_eq!(tricky.clone().fixed(9).with(1), tricky.with(9));
     }
 }

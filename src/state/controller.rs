@@ -134,14 +134,35 @@ impl Controller {
 
     /// (Re)starts one checker per server; every server counts as healthy until its first
     /// check, which runs at once.
+    /// A server that stays in the list across a reload keeps its health, so that a reload
+    /// during an outage does not send traffic to servers known to be down.
     fn start_checkers(&mut self) {
         self.generation += 1;
         let cfg = &self.parts.config;
-        self.up = vec![true; cfg.upstream.servers.len()];
-        self.outage_since = None;
+        let previous: Vec<(String, bool)> = self
+            .checkers
+            .as_ref()
+            .map(|c| {
+                c.table
+                    .list()
+                    .into_iter()
+                    .map(|h| (h.server, h.healthy.unwrap_or(true)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let known = |s: &crate::config::Upstream| {
+            let name = s.to_string();
+            previous.iter().find(|(n, _)| *n == name).map(|&(_, h)| h)
+        };
+        let start: Vec<Option<bool>> = cfg.upstream.servers.iter().map(known).collect();
+        self.up = start.iter().map(|h| h.unwrap_or(true)).collect();
+        if self.healthy() {
+            self.outage_since = None;
+        }
         self.checkers = Some(health::spawn(
             &cfg.upstream.servers,
             &cfg.health,
+            &start,
             self.flips_tx.clone(),
             self.generation,
         ));

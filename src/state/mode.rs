@@ -47,10 +47,13 @@ pub struct Update {
     pub message: String,
 }
 
-/// The state file's content.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The state file's content. Fields a newer version adds are ignored by an older one, so
+/// that rolling back never refuses to start (which would invite moving the file away, and
+/// with it the maintenance switch).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Persisted {
+    #[serde(default = "state_version")]
+    pub version: u32,
     #[serde(default)]
     pub planned: Option<Planned>,
     /// The operator's current message (`on --message`, `update`), shown in any held mode.
@@ -61,6 +64,24 @@ pub struct Persisted {
     pub updates: Vec<Update>,
     #[serde(default)]
     pub force_open: bool,
+}
+
+pub const STATE_VERSION: u32 = 1;
+
+fn state_version() -> u32 {
+    STATE_VERSION
+}
+
+impl Default for Persisted {
+    fn default() -> Self {
+        Persisted {
+            version: STATE_VERSION,
+            planned: None,
+            message: None,
+            updates: Vec::new(),
+            force_open: false,
+        }
+    }
 }
 
 /// An operator's change, with times already resolved against the clock.
@@ -90,6 +111,11 @@ pub enum ChangeError {
 
 /// The longest message accepted, in characters: a page, not a novel.
 pub const MAX_MESSAGE_CHARS: usize = 2000;
+/// An announced end further ahead than this is a typo, not a plan.
+pub const MAX_AHEAD: Duration = Duration::from_secs(366 * 24 * 3600);
+/// Clients told to wait longer than this would not come back.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
 /// The timeline keeps this many entries, dropping the oldest.
 pub const MAX_UPDATES: usize = 50;
 
@@ -127,6 +153,16 @@ impl Persisted {
                     if u <= now {
                         return Err(ChangeError::BadValue("until is in the past".into()));
                     }
+                    if u.duration_since(now).unwrap_or_default() > MAX_AHEAD {
+                        return Err(ChangeError::BadValue(
+                            "until is more than a year ahead".into(),
+                        ));
+                    }
+                }
+                if retry_after.is_some_and(|r| r > MAX_RETRY_AFTER) {
+                    return Err(ChangeError::BadValue(
+                        "retry_after is longer than a day".into(),
+                    ));
                 }
                 let planned = next.planned.get_or_insert_with(|| Planned {
                     since: Timestamp(now),
@@ -352,6 +388,28 @@ mod tests {
             s.apply(on(Some(&long)), t(0), true),
             Err(ChangeError::BadValue(_))
         ));
+        let far = Change::On {
+            message: None,
+            until: Some(t(400 * 24 * 3600)),
+            retry_after: None,
+            reason: None,
+            by: "a".into(),
+        };
+        assert!(matches!(
+            s.apply(far, t(0), true),
+            Err(ChangeError::BadValue(_))
+        ));
+        let long_retry = Change::On {
+            message: None,
+            until: None,
+            retry_after: Some(Duration::from_secs(90_000)),
+            reason: None,
+            by: "a".into(),
+        };
+        assert!(matches!(
+            s.apply(long_retry, t(0), true),
+            Err(ChangeError::BadValue(_))
+        ));
     }
 
     #[test]
@@ -408,5 +466,8 @@ mod tests {
             .unwrap();
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<Persisted>(&json).unwrap(), s);
+        // A file written by a newer version, with fields this one does not know, still loads.
+        let newer = r#"{"version": 2, "planned": null, "force_open": true, "schedules": []}"#;
+        assert!(serde_json::from_str::<Persisted>(newer).unwrap().force_open);
     }
 }
