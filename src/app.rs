@@ -33,11 +33,14 @@ pub enum StartError {
     State(#[from] StoreError),
     #[error(transparent)]
     Control(#[from] ControlError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// One bound plaintext listener and the way to stop its accept loop.
 struct Bound {
     configured: SocketAddr,
+    tls: bool,
     local: SocketAddr,
     stop: Trigger,
     task: JoinHandle<()>,
@@ -57,12 +60,17 @@ pub struct Listeners {
 impl Listeners {
     /// Binds every address of `wanted` not yet bound, then stops the ones no longer wanted.
     /// On a bind error nothing changes.
-    fn apply(&self, wanted: &[SocketAddr]) -> Result<(), StartError> {
+    fn apply(&self, plain: &[SocketAddr], tls: &[SocketAddr]) -> Result<(), StartError> {
+        let wanted: Vec<(SocketAddr, bool)> = plain
+            .iter()
+            .map(|&a| (a, false))
+            .chain(tls.iter().map(|&a| (a, true)))
+            .collect();
         let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
         let mut fresh = Vec::new();
-        for &addr in wanted {
-            if bound.iter().any(|b| b.configured == addr)
-                || fresh.iter().any(|(a, _, _)| *a == addr)
+        for &(addr, tls) in &wanted {
+            if bound.iter().any(|b| (b.configured, b.tls) == (addr, tls))
+                || fresh.iter().any(|(a, t, _, _)| (*a, *t) == (addr, tls))
             {
                 continue;
             }
@@ -70,28 +78,31 @@ impl Listeners {
             let local = l
                 .local_addr()
                 .map_err(|source| StartError::Bind { addr, source })?;
-            fresh.push((addr, local, l));
+            fresh.push((addr, tls, local, l));
         }
         let (keep, gone): (Vec<Bound>, Vec<Bound>) = bound
             .drain(..)
-            .partition(|b| wanted.contains(&b.configured));
+            .partition(|b| wanted.contains(&(b.configured, b.tls)));
         *bound = keep;
         for b in gone {
             tracing::info!(addr = %b.local, "no longer listening on {}", b.local);
             b.stop.fire();
         }
-        for (configured, local, l) in fresh {
-            tracing::info!(addr = %local, "listening on {local}");
+        for (configured, tls, local, l) in fresh {
+            let kind = if tls { "https" } else { "http" };
+            tracing::info!(addr = %local, "listening on {local} ({kind})");
             let (stop, stopped) = shutdown::channel();
             let task = tokio::spawn(listener::accept_loop(
                 l,
                 self.state.clone(),
                 self.graceful.clone(),
                 self.limit.clone(),
+                tls,
                 stopped,
             ));
             bound.push(Bound {
                 configured,
+                tls,
                 local,
                 stop,
                 task,
@@ -100,9 +111,13 @@ impl Listeners {
         Ok(())
     }
 
-    fn local_addrs(&self) -> Vec<SocketAddr> {
+    fn local_addrs(&self, tls: bool) -> Vec<SocketAddr> {
         let bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
-        bound.iter().map(|b| b.local).collect()
+        bound
+            .iter()
+            .filter(|b| b.tls == tls)
+            .map(|b| b.local)
+            .collect()
     }
 
     /// Stops every accept loop and waits for them.
@@ -121,8 +136,8 @@ impl Listeners {
 }
 
 impl Rebind for Listeners {
-    fn rebind(&self, wanted: &[SocketAddr]) -> Result<(), String> {
-        self.apply(wanted).map_err(|e| e.to_string())
+    fn rebind(&self, plain: &[SocketAddr], tls: &[SocketAddr]) -> Result<(), String> {
+        self.apply(plain, tls).map_err(|e| e.to_string())
     }
 }
 
@@ -160,8 +175,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let control = control::server::bind(&config.control.socket, config.control.socket_mode)?;
     let socket_path = config.control.socket.clone();
     let listen = config.proxy.listen.clone();
+    let listen_tls = config.tls.listen.clone();
     let max_connections = config.proxy.max_connections;
-    let parts = Parts::new(Arc::new(config), Arc::new(pages), None);
+    let parts = Parts::new(Arc::new(config), Arc::new(pages), None)?;
     let (mut controller, handle, state) = Controller::new(parts, persisted);
     let graceful = Arc::new(GracefulShutdown::new());
     let listeners = Arc::new(Listeners {
@@ -170,7 +186,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         graceful: graceful.clone(),
         limit: Arc::new(Semaphore::new(max_connections)),
     });
-    if let Err(e) = listeners.apply(&listen) {
+    if let Err(e) = listeners.apply(&listen, &listen_tls) {
         listeners.stop_all().await;
         let _ = std::fs::remove_file(&socket_path);
         return Err(e);
@@ -200,7 +216,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 impl Running {
     /// The addresses the plaintext listeners are bound to now.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.local_addrs()
+        self.listeners.local_addrs(false)
+    }
+
+    /// The addresses the TLS listeners are bound to now.
+    pub fn tls_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.local_addrs(true)
     }
 
     pub fn state(&self) -> &StateHandle {

@@ -101,6 +101,12 @@ async fn route(
             None,
         );
     }
+    if !conn.tls && snap.config.proxy.redirect_https {
+        let allowed = bypass::path_allowed(req.uri().path(), &m.allow_paths);
+        if !allowed {
+            return (redirect_https(snap, &req), None);
+        }
+    }
     if snap.held.is_some() && !bypassed(snap, conn, &req) {
         return (reserved::hold(snap, &req), None);
     }
@@ -186,6 +192,37 @@ impl Echo {
         snap.outage
             .respond(form, lang, self.head, SystemTime::now())
     }
+}
+
+/// `308` to the same URL over HTTPS, on the first TLS listener's port.
+fn redirect_https<B>(snap: &Snapshot, req: &Request<B>) -> Response<Body> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    let Some(host) = host.and_then(|h| h.parse::<http::uri::Authority>().ok()) else {
+        return reserved::plain(StatusCode::BAD_REQUEST, "a Host header is needed\n");
+    };
+    let port = snap.config.tls.listen.first().map_or(443, |a| a.port());
+    let authority = if port == 443 {
+        host.host().to_owned()
+    } else if host.host().contains(':') {
+        format!("[{}]:{port}", host.host())
+    } else {
+        format!("{}:{port}", host.host())
+    };
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("https://{authority}{path}");
+    let mut resp = Response::new(Body::Empty);
+    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        Err(_) => return reserved::plain(StatusCode::BAD_REQUEST, "bad Host header\n"),
+    }
+    resp
 }
 
 /// Whether a request is forwarded even though the mode holds requests (SPEC §3).

@@ -36,3 +36,4 @@ pub mod reserved;
 pub mod shutdown;
 pub mod state;
 pub mod time;
+pub mod tls;

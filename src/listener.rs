@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
 pub type ConnBuilder = auto::Builder<TokioExecutor>;
 
@@ -45,6 +46,7 @@ pub async fn accept_loop(
     state: StateHandle,
     graceful: Arc<GracefulShutdown>,
     limit: Arc<Semaphore>,
+    tls: bool,
     mut shutdown: Shutdown,
 ) {
     loop {
@@ -70,6 +72,11 @@ pub async fn accept_loop(
         let snap = state.load();
         let first_byte = snap.config.proxy.header_read_timeout;
         let builder = snap.conn.clone();
+        let acceptor = match (tls, &snap.tls) {
+            (false, _) => None,
+            (true, Some(config)) => Some(TlsAcceptor::from(config.clone())),
+            (true, None) => continue,
+        };
         drop(snap);
         let watcher = graceful.watcher();
         let state = state.clone();
@@ -82,14 +89,35 @@ pub async fn accept_loop(
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return,
             }
-            let conn = Arc::new(Conn::new(peer, false));
+            let conn = Arc::new(Conn::new(peer, tls));
             let service = service_fn(move |req| {
                 let state = state.clone();
                 let conn = conn.clone();
                 async move { Ok::<_, Infallible>(gateway::handle(&state, &conn, req).await) }
             });
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(connection.into_owned()).await {
+            let result = match acceptor {
+                None => {
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+                Some(acceptor) => {
+                    // The handshake gets the same deadline as a request head.
+                    let tls_stream =
+                        match tokio::time::timeout(first_byte, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

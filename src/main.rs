@@ -150,12 +150,25 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Err(e) = intermission::tls::server_config(&c.tls)
+        .and_then(|_| intermission::tls::client_config(&c.upstream))
+    {
+        eprintln!("{origin} is not valid (1 problem):\n  - tls: {e}");
+        return ExitCode::FAILURE;
+    }
     println!("{origin}: OK");
     let list = |v: Vec<String>| v.join(", ");
     println!(
         "  listen:   {}",
         list(c.proxy.listen.iter().map(ToString::to_string).collect())
     );
+    if !c.tls.listen.is_empty() {
+        println!(
+            "  https:    {} ({} certificate(s))",
+            list(c.tls.listen.iter().map(ToString::to_string).collect()),
+            c.tls.certificates.len()
+        );
+    }
     println!(
         "  upstream: {}",
         list(c.upstream.servers.iter().map(ToString::to_string).collect())

@@ -50,6 +50,7 @@ pub struct ProxyFile {
     pub shutdown_timeout: DurationText,
     pub max_header_bytes: usize,
     pub max_connections: usize,
+    pub redirect_https: bool,
 }
 
 impl Default for ProxyFile {
@@ -62,6 +63,7 @@ impl Default for ProxyFile {
             shutdown_timeout: DurationText::new("30s"),
             max_header_bytes: 64 * 1024,
             max_connections: 20_000,
+            redirect_https: false,
         }
     }
 }
@@ -74,6 +76,8 @@ pub struct UpstreamFile {
     pub response_timeout: DurationText,
     pub idle_timeout: DurationText,
     pub intercept_statuses: Vec<u16>,
+    pub ca_file: String,
+    pub danger_accept_invalid_certs: bool,
 }
 
 impl Default for UpstreamFile {
@@ -84,6 +88,8 @@ impl Default for UpstreamFile {
             response_timeout: DurationText::new("60s"),
             idle_timeout: DurationText::new("90s"),
             intercept_statuses: Vec::new(),
+            ca_file: String::new(),
+            danger_accept_invalid_certs: false,
         }
     }
 }
@@ -186,4 +192,18 @@ impl Default for HealthFile {
             expect: "200-399".into(),
         }
     }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsFile {
+    pub listen: Vec<String>,
+    pub certificates: Vec<CertificateFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFile {
+    pub cert: String,
+    pub key: String,
 }

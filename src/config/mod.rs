@@ -24,6 +24,7 @@ pub struct Config {
     /// The file this was read from, if any; reload reads it again.
     pub source: Option<PathBuf>,
     pub proxy: ProxyConfig,
+    pub tls: TlsConfig,
     pub upstream: UpstreamConfig,
     pub health: HealthConfig,
     pub maintenance: MaintenanceConfig,
@@ -37,6 +38,8 @@ pub enum HealthKind {
     Http,
     /// A TCP connect succeeds.
     Tcp,
+    /// `grpc.health.v1.Health/Check` answers SERVING (HTTP/2: `h2c://` or `https://`).
+    Grpc,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +104,21 @@ pub struct ProxyConfig {
     pub max_header_bytes: usize,
     /// Client connections served at once; more are closed at accept.
     pub max_connections: usize,
+    /// Plaintext requests get a 308 to HTTPS (except reserved paths and `allow_paths`).
+    pub redirect_https: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub listen: Vec<SocketAddr>,
+    /// The first is the default when SNI names none of them.
+    pub certificates: Vec<CertificatePaths>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificatePaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl ProxyConfig {
@@ -127,18 +145,40 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     /// Upstream answers with these statuses become the outage holding response.
     pub intercept_statuses: Vec<u16>,
+    /// Roots for `https://` servers instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Accept any certificate from `https://` servers. Dangerous; for tests and labs.
+    pub danger_accept_invalid_certs: bool,
+}
+
+/// How a server is spoken to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// `http://`: HTTP/1.1.
+    Http,
+    /// `https://`: TLS, HTTP/2 when the server offers it by ALPN, else HTTP/1.1.
+    Https,
+    /// `h2c://`: HTTP/2 with prior knowledge, in cleartext (gRPC servers).
+    H2c,
 }
 
 /// One upstream server, ready to be put into request URIs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
+    pub protocol: Protocol,
+    /// The scheme of request URIs (`h2c` servers are `http`).
     pub scheme: http::uri::Scheme,
     pub authority: http::uri::Authority,
 }
 
 impl std::fmt::Display for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}://{}", self.scheme, self.authority)
+        let scheme = match self.protocol {
+            Protocol::Http => "http",
+            Protocol::Https => "https",
+            Protocol::H2c => "h2c",
+        };
+        write!(f, "{scheme}://{}", self.authority)
     }
 }
 
@@ -210,6 +250,7 @@ impl Config {
             }
         }
         let proxy = v.section::<file::ProxyFile>(&table, "proxy");
+        let tls = v.section::<file::TlsFile>(&table, "tls");
         let upstream = v.section::<file::UpstreamFile>(&table, "upstream");
         let health = v.section::<file::HealthFile>(&table, "health");
         let maintenance = v.section::<file::MaintenanceFile>(&table, "maintenance");
@@ -218,12 +259,25 @@ impl Config {
         let config = Config {
             source: source.map(Path::to_path_buf),
             proxy: v.proxy(proxy),
+            tls: v.tls(tls),
             upstream: v.upstream(upstream),
             health: v.health(health),
             maintenance: v.maintenance(maintenance),
             control: v.control(control),
             log: v.log(log),
         };
+        if config.proxy.listen.is_empty() && config.tls.listen.is_empty() {
+            v.problem(
+                "proxy.listen",
+                "needs at least one address to listen on (here or in tls.listen)",
+            );
+        }
+        if config.proxy.redirect_https && config.tls.listen.is_empty() {
+            v.problem(
+                "proxy.redirect_https",
+                "needs tls.listen: there is no HTTPS listener to redirect to",
+            );
+        }
         if v.problems.is_empty() {
             Ok(config)
         } else {
@@ -234,6 +288,7 @@ impl Config {
 
 const SECTIONS: &[&str] = &[
     "proxy",
+    "tls",
     "upstream",
     "health",
     "maintenance",
@@ -296,9 +351,7 @@ impl Validator {
                 ),
             }
         }
-        if f.listen.is_empty() {
-            self.problem("proxy.listen", "needs at least one address to listen on");
-        }
+
         let trusted_proxies = self.cidrs("proxy.trusted_proxies", &f.trusted_proxies);
         if f.max_connections == 0 {
             self.problem("proxy.max_connections", "must be at least 1");
@@ -314,6 +367,7 @@ impl Validator {
             shutdown_timeout: self.duration("proxy.shutdown_timeout", &f.shutdown_timeout),
             max_header_bytes: f.max_header_bytes.max(8192),
             max_connections: f.max_connections.max(1),
+            redirect_https: f.redirect_https,
         }
     }
 
@@ -357,7 +411,21 @@ impl Validator {
                 );
             }
         }
+        let ca_file = (!f.ca_file.is_empty()).then(|| self.path(&f.ca_file));
+        if let Some(ca) = &ca_file {
+            if !ca.is_file() {
+                self.problem(
+                    "upstream.ca_file",
+                    format!(
+                        "{} is not a readable file of PEM certificates",
+                        ca.display()
+                    ),
+                );
+            }
+        }
         UpstreamConfig {
+            ca_file,
+            danger_accept_invalid_certs: f.danger_accept_invalid_certs,
             intercept_statuses: f.intercept_statuses,
             servers,
             connect_timeout: self.duration("upstream.connect_timeout", &f.connect_timeout),
@@ -385,18 +453,52 @@ impl Validator {
         list.to_vec()
     }
 
+    fn tls(&mut self, f: file::TlsFile) -> TlsConfig {
+        let mut listen = Vec::new();
+        for (i, a) in f.listen.iter().enumerate() {
+            match a.parse::<SocketAddr>() {
+                Ok(addr) => listen.push(addr),
+                Err(_) => self.problem(
+                    &format!("tls.listen[{i}]"),
+                    format!("{a:?} is not an address; write IP:PORT such as \"0.0.0.0:443\""),
+                ),
+            }
+        }
+        let mut certificates = Vec::new();
+        for (i, c) in f.certificates.iter().enumerate() {
+            let cert = self.path(&c.cert);
+            let key = self.path(&c.key);
+            for (what, p) in [("cert", &cert), ("key", &key)] {
+                if !p.is_file() {
+                    self.problem(
+                        &format!("tls.certificates[{i}].{what}"),
+                        format!("{} is not a readable file", p.display()),
+                    );
+                }
+            }
+            certificates.push(CertificatePaths { cert, key });
+        }
+        if !listen.is_empty() && certificates.is_empty() {
+            self.problem(
+                "tls.certificates",
+                "tls.listen needs at least one [[tls.certificates]] entry",
+            );
+        }
+        TlsConfig {
+            listen,
+            certificates,
+        }
+    }
+
     fn health(&mut self, f: file::HealthFile) -> HealthConfig {
         let kind = match f.kind.as_str() {
             "http" => HealthKind::Http,
             "tcp" => HealthKind::Tcp,
-            "grpc" => {
-                self.problem("health.kind", "\"grpc\" health checks need HTTP/2 upstreams, which are not supported yet; use \"http\" or \"tcp\"");
-                HealthKind::Http
-            }
+            "grpc" => HealthKind::Grpc,
             other => {
                 self.problem(
                     "health.kind",
-                    format!("{other:?} is not a kind of check; use \"http\" or \"tcp\""),
+                    format!("{other:?} is not a kind of check; use \"http\", \"tcp\" or \"grpc\""),
                 );
                 HealthKind::Http
             }
@@ -621,11 +723,13 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
     let uri: http::Uri = s
         .parse()
         .map_err(|e| format!("{s:?} is not a URL ({e}); write \"http://HOST:PORT\""))?;
-    let scheme = match uri.scheme_str() {
-        Some("http") => http::uri::Scheme::HTTP,
+    let (protocol, scheme) = match uri.scheme_str() {
+        Some("http") => (Protocol::Http, http::uri::Scheme::HTTP),
+        Some("https") => (Protocol::Https, http::uri::Scheme::HTTPS),
+        Some("h2c") => (Protocol::H2c, http::uri::Scheme::HTTP),
         Some(other) => {
             return Err(format!(
-                "{s:?}: scheme {other}:// is not supported; use http://"
+                "{s:?}: scheme {other}:// is not supported; use http://, https:// or h2c://"
             ));
         }
         None => return Err(format!("{s:?} has no scheme; write \"http://{s}\"")),
@@ -641,7 +745,11 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
             "{s:?} has a path; requests keep their own path, so give only scheme, host and port"
         ));
     }
-    Ok(Upstream { scheme, authority })
+    Ok(Upstream {
+        protocol,
+        scheme,
+        authority,
+    })
 }
 
 #[cfg(test)]

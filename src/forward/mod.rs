@@ -9,7 +9,7 @@ pub mod pool;
 pub mod upgrade;
 
 use crate::body::Body;
-use crate::config::Upstream;
+use crate::config::{Protocol, Upstream};
 use crate::health::Passive;
 use headers::ClientSide;
 use http::header::{self, HeaderValue};
@@ -100,7 +100,6 @@ pub async fn forward(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    parts.version = Version::HTTP_11;
     let body = Body::from_incoming(body);
 
     let Some(first) = pool.pick(up, None) else {
@@ -113,8 +112,9 @@ pub async fn forward(
     let replay =
         (client_upgrade.is_none() && replayable(&parts.method, &body) && pool.servers.len() > 1)
             .then(|| (parts.method.clone(), parts.headers.clone()));
-    parts.uri = upstream_uri(&pool.servers[first], path.clone());
-    let error = match send(pool, first, Request::from_parts(parts, body), timeout).await {
+    let mut req = Request::from_parts(parts, body);
+    aim(&mut req, &pool.servers[first], path.clone());
+    let error = match send(pool, first, req, timeout).await {
         Ok(resp) => return Ok(finish(resp, first, client_upgrade)),
         Err(e) => e,
     };
@@ -132,8 +132,7 @@ pub async fn forward(
     let mut again = Request::new(Body::Empty);
     *again.method_mut() = method;
     *again.headers_mut() = headers;
-    *again.version_mut() = Version::HTTP_11;
-    *again.uri_mut() = upstream_uri(&pool.servers[second], path);
+    aim(&mut again, &pool.servers[second], path);
     match send(pool, second, again, timeout).await {
         Ok(resp) => Ok(finish(resp, second, None)),
         Err(e) => {
@@ -143,6 +142,21 @@ pub async fn forward(
                 server: Some(second),
             })
         }
+    }
+}
+
+/// Points a request at `server`: its URI, and the HTTP version its protocol speaks. An `h2c`
+/// server gets the client's host only as `X-Forwarded-Host`: HTTP/2 names the host in
+/// `:authority`, which is the server's own, and a different `Host` would make the request
+/// malformed (RFC 9113 §8.3.1).
+fn aim(req: &mut Request<Body>, server: &Upstream, path: PathAndQuery) {
+    *req.uri_mut() = upstream_uri(server, path);
+    *req.version_mut() = match server.protocol {
+        Protocol::H2c => Version::HTTP_2,
+        Protocol::Http | Protocol::Https => Version::HTTP_11,
+    };
+    if server.protocol == Protocol::H2c {
+        req.headers_mut().remove(header::HOST);
     }
 }
 
@@ -169,7 +183,7 @@ async fn send(
     timeout: Duration,
 ) -> Result<Response<Incoming>, UpstreamError> {
     let name = || pool.servers[server].to_string();
-    match tokio::time::timeout(timeout, pool.client.request(req)).await {
+    match tokio::time::timeout(timeout, pool.request(server, req)).await {
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(source)) if source.is_connect() => Err(UpstreamError::Connect {
             server: name(),

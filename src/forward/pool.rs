@@ -5,40 +5,82 @@
 //! upstream config it was built from: a reload with the same `[upstream]` keeps it.
 
 use crate::body::Body;
-use crate::config::{Upstream, UpstreamConfig};
+use crate::config::{Protocol, Upstream, UpstreamConfig};
+use crate::tls::TlsError;
+use http::Request;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::ResponseFuture;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
-pub type HttpClient = Client<HttpConnector, Body>;
+/// `http://` and `https://` servers (HTTP/2 when ALPN offers it) share one client.
+pub type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 pub struct UpstreamPool {
     pub servers: Vec<Upstream>,
-    pub client: HttpClient,
     pub config: UpstreamConfig,
+    /// The TLS settings for `https://` servers, shared with the health checks.
+    pub tls: Arc<rustls::ClientConfig>,
+    client: Client<HttpsConnector, Body>,
+    /// `h2c://` servers: HTTP/2 with prior knowledge.
+    h2c: Client<HttpConnector, Body>,
     next: AtomicUsize,
 }
 
+/// The TCP side of upstream connections.
+pub fn tcp_connector(connect_timeout: Duration) -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    // The HTTPS connector wraps this one and needs the https:// scheme to pass.
+    connector.enforce_http(false);
+    connector
+}
+
+/// The TLS-capable connector over `tcp`.
+pub fn https_connector(tcp: HttpConnector, tls: &Arc<rustls::ClientConfig>) -> HttpsConnector {
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(rustls::ClientConfig::clone(tls))
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(tcp)
+}
+
 impl UpstreamPool {
-    pub fn new(config: &UpstreamConfig) -> UpstreamPool {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_keepalive(Some(std::time::Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(config.idle_timeout)
-            .pool_max_idle_per_host(1024)
-            // The client's own Host would name the upstream; the proxy keeps the client's.
-            .set_host(false)
-            .build(connector);
-        UpstreamPool {
+    pub fn new(config: &UpstreamConfig) -> Result<UpstreamPool, TlsError> {
+        let tls = crate::tls::client_config(config)?;
+        let builder = |http2_only: bool| {
+            let mut b = Client::builder(TokioExecutor::new());
+            b.pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .pool_idle_timeout(config.idle_timeout)
+                .pool_max_idle_per_host(1024)
+                // The client's own Host would name the upstream; the proxy keeps the client's.
+                .set_host(false)
+                .http2_only(http2_only);
+            b
+        };
+        let tcp = tcp_connector(config.connect_timeout);
+        Ok(UpstreamPool {
             servers: config.servers.clone(),
-            client,
             config: config.clone(),
+            client: builder(false).build(https_connector(tcp.clone(), &tls)),
+            h2c: builder(true).build(tcp),
+            tls,
             next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Sends `req` to server `index` with the client that speaks its protocol.
+    pub fn request(&self, index: usize, req: Request<Body>) -> ResponseFuture {
+        match self.servers.get(index).map(|s| s.protocol) {
+            Some(Protocol::H2c) => self.h2c.request(req),
+            _ => self.client.request(req),
         }
     }
 
@@ -67,6 +109,8 @@ impl UpstreamPool {
         self.servers == other.servers
             && self.config.connect_timeout == other.connect_timeout
             && self.config.idle_timeout == other.idle_timeout
+            && self.config.ca_file == other.ca_file
+            && self.config.danger_accept_invalid_certs == other.danger_accept_invalid_certs
     }
 }
 
@@ -81,7 +125,7 @@ mod tests {
             .map(|i| format!("\"http://127.0.0.1:{}\"", 3000 + i))
             .collect();
         let text = format!("[upstream]\nservers = [{}]\n", servers.join(","));
-        UpstreamPool::new(&Config::parse(&text, Path::new("."), None).unwrap().upstream)
+        UpstreamPool::new(&Config::parse(&text, Path::new("."), None).unwrap().upstream).unwrap()
     }
 
     #[tokio::test]

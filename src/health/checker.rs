@@ -65,6 +65,7 @@ pub fn spawn(
     servers: &[Upstream],
     config: &HealthConfig,
     known: &[Option<bool>],
+    tls: &Arc<rustls::ClientConfig>,
     flips: mpsc::UnboundedSender<Flip>,
     generation: u64,
 ) -> Checkers {
@@ -93,7 +94,7 @@ pub fn spawn(
         let task = Task {
             index,
             generation,
-            prober: Prober::new(server.clone(), config.clone()),
+            prober: Prober::new(server.clone(), config.clone(), tls),
             config: config.clone(),
             table: table.clone(),
             flips: flips.clone(),

@@ -1,34 +1,47 @@
-//! One health check against one server: an HTTP `GET health.path` or a TCP connect.
+//! One health check against one server: an HTTP `GET health.path`, a TCP connect, or the
+//! standard gRPC health check (`grpc.health.v1.Health/Check`, SERVING = healthy).
 
 use crate::body::Body;
-use crate::config::{HealthConfig, HealthKind, Upstream};
+use crate::config::{HealthConfig, HealthKind, Protocol, Upstream};
+use crate::forward::pool::{https_connector, tcp_connector, HttpsConnector};
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Request, Uri};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use http::{Request, Uri, Version};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const USER_AGENT: &str = concat!("intermission-health-check/", env!("CARGO_PKG_VERSION"));
 
-/// Runs checks for one server; its client keeps no idle connections, so every check proves
+/// An empty `HealthCheckRequest` (service "" = the whole server) in gRPC framing: not
+/// compressed, length 0.
+const GRPC_CHECK_REQUEST: &[u8] = &[0, 0, 0, 0, 0];
+
+/// Runs checks for one server; its clients keep no idle connections, so every check proves
 /// that a new connection can be made, as a client's would be.
 pub struct Prober {
-    client: Client<HttpConnector, Body>,
+    http: Client<HttpsConnector, Body>,
+    h2c: Client<HttpConnector, Body>,
     config: HealthConfig,
     server: Upstream,
 }
 
 impl Prober {
-    pub fn new(server: Upstream, config: HealthConfig) -> Prober {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_max_idle_per_host(0)
-            .build(connector);
+    pub fn new(server: Upstream, config: HealthConfig, tls: &Arc<rustls::ClientConfig>) -> Prober {
+        let tcp = tcp_connector(config.timeout);
+        let builder = |http2_only: bool| {
+            let mut b = Client::builder(TokioExecutor::new());
+            b.pool_timer(TokioTimer::new())
+                .pool_max_idle_per_host(0)
+                .http2_only(http2_only);
+            b
+        };
         Prober {
-            client,
+            http: builder(false).build(https_connector(tcp.clone(), tls)),
+            h2c: builder(true).build(tcp),
             config,
             server,
         }
@@ -49,36 +62,20 @@ impl Prober {
         match self.config.kind {
             HealthKind::Tcp => {
                 let host = self.server.authority.host();
-                let port = self.server.authority.port_u16().unwrap_or(80);
+                let default = if self.server.protocol == Protocol::Https {
+                    443
+                } else {
+                    80
+                };
+                let port = self.server.authority.port_u16().unwrap_or(default);
                 tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
                     .await
                     .map(drop)
                     .map_err(|e| format!("connect: {e}"))
             }
             HealthKind::Http => {
-                let uri = Uri::builder()
-                    .scheme(self.server.scheme.clone())
-                    .authority(self.server.authority.clone())
-                    .path_and_query(self.config.path.clone())
-                    .build()
-                    .map_err(|e| e.to_string())?;
-                let host = HeaderValue::from_str(self.server.authority.as_str())
-                    .map_err(|e| e.to_string())?;
-                let req = Request::get(uri)
-                    .header(header::HOST, host)
-                    .header(header::USER_AGENT, USER_AGENT)
-                    .header(header::CONNECTION, "close")
-                    .body(Body::Empty)
-                    .map_err(|e| e.to_string())?;
-                let resp = self.client.request(req).await.map_err(|e| {
-                    let mut why = e.to_string();
-                    let mut source = std::error::Error::source(&e);
-                    while let Some(s) = source {
-                        why = format!("{why}: {s}");
-                        source = s.source();
-                    }
-                    why
-                })?;
+                let req = self.request(self.config.path.as_str(), Body::Empty)?;
+                let resp = self.send(req).await?;
                 let status = resp.status().as_u16();
                 if self.config.expects(status) {
                     Ok(())
@@ -86,6 +83,146 @@ impl Prober {
                     Err(format!("status {status} is not in health.expect"))
                 }
             }
+            HealthKind::Grpc => {
+                let mut req = self.request(
+                    "/grpc.health.v1.Health/Check",
+                    Body::full(Bytes::from_static(GRPC_CHECK_REQUEST)),
+                )?;
+                req.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/grpc"),
+                );
+                req.headers_mut()
+                    .insert(header::TE, HeaderValue::from_static("trailers"));
+                *req.method_mut() = http::Method::POST;
+                let resp = self.send(req).await?;
+                let (parts, body) = resp.into_parts();
+                let collected = body
+                    .collect()
+                    .await
+                    .map_err(|e| format!("reading the answer: {e}"))?;
+                let trailers = collected.trailers().cloned();
+                let data = collected.to_bytes();
+                // A trailers-only answer carries grpc-status in the headers.
+                let status = trailers
+                    .as_ref()
+                    .and_then(|t| t.get("grpc-status"))
+                    .or_else(|| parts.headers.get("grpc-status"))
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("missing");
+                if status != "0" {
+                    return Err(format!("grpc-status {status}"));
+                }
+                match serving_status(&data) {
+                    Some(1) => Ok(()),
+                    Some(other) => Err(format!("health status {other} (not SERVING)")),
+                    None => Err("unreadable HealthCheckResponse".into()),
+                }
+            }
+        }
+    }
+
+    fn request(&self, path: &str, body: Body) -> Result<Request<Body>, String> {
+        let uri = Uri::builder()
+            .scheme(self.server.scheme.clone())
+            .authority(self.server.authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut req = Request::get(uri)
+            .header(header::USER_AGENT, USER_AGENT)
+            .body(body)
+            .map_err(|e| e.to_string())?;
+        if self.server.protocol == Protocol::H2c {
+            *req.version_mut() = Version::HTTP_2;
+        } else {
+            let host =
+                HeaderValue::from_str(self.server.authority.as_str()).map_err(|e| e.to_string())?;
+            req.headers_mut().insert(header::HOST, host);
+        }
+        Ok(req)
+    }
+
+    async fn send(
+        &self,
+        req: Request<Body>,
+    ) -> Result<http::Response<hyper::body::Incoming>, String> {
+        let pending: ResponseFuture = match self.server.protocol {
+            Protocol::H2c => self.h2c.request(req),
+            Protocol::Http | Protocol::Https => self.http.request(req),
+        };
+        pending.await.map_err(|e| {
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why = format!("{why}: {s}");
+                source = s.source();
+            }
+            why
+        })
+    }
+}
+
+/// The `status` field (1, varint) of a gRPC-framed `HealthCheckResponse`. The message is one
+/// enum field, so reading it does not justify a protobuf library.
+fn serving_status(framed: &[u8]) -> Option<u64> {
+    let (&compressed, rest) = framed.split_first()?;
+    if compressed != 0 || rest.len() < 4 {
+        return None;
+    }
+    let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+    let msg = rest.get(4..4 + len)?;
+    let mut i = 0;
+    let mut status = Some(0); // proto3: an absent field is 0 (UNKNOWN)
+    while i < msg.len() {
+        let (key, n) = varint(&msg[i..])?;
+        i += n;
+        match key & 7 {
+            0 => {
+                let (value, n) = varint(&msg[i..])?;
+                i += n;
+                if key >> 3 == 1 {
+                    status = Some(value);
+                }
+            }
+            2 => {
+                let (len, n) = varint(&msg[i..])?;
+                i = i.checked_add(n)?.checked_add(usize::try_from(len).ok()?)?;
+            }
+            _ => return None,
+        }
+    }
+    status
+}
+
+fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (i, &b) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_responses() {
+        // (framed message, status)
+        let table: &[(&[u8], Option<u64>)] = &[
+            (&[0, 0, 0, 0, 2, 0x08, 0x01], Some(1)), // SERVING
+            (&[0, 0, 0, 0, 2, 0x08, 0x02], Some(2)), // NOT_SERVING
+            (&[0, 0, 0, 0, 0], Some(0)),             // empty message: UNKNOWN
+            (&[1, 0, 0, 0, 2, 0x08, 0x01], None),    // compressed: not understood
+            (&[0, 0, 0, 0, 9, 0x08], None),          // truncated
+            (&[], None),
+        ];
+        for (framed, want) in table {
+            assert_eq!(serving_status(framed), *want, "{framed:?}");
         }
     }
 }

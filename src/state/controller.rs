@@ -48,7 +48,11 @@ impl ControllerHandle {
 
 /// Rebinds the plaintext listeners to a new address list; implemented by the app.
 pub trait Rebind: Send + Sync {
-    fn rebind(&self, wanted: &[std::net::SocketAddr]) -> Result<(), String>;
+    fn rebind(
+        &self,
+        plain: &[std::net::SocketAddr],
+        tls: &[std::net::SocketAddr],
+    ) -> Result<(), String>;
 }
 
 pub struct Controller {
@@ -163,6 +167,7 @@ impl Controller {
             &cfg.upstream.servers,
             &cfg.health,
             &start,
+            &self.parts.pool.tls,
             self.flips_tx.clone(),
             self.generation,
         ));
@@ -292,16 +297,8 @@ impl Controller {
         })
         .await
         .map_err(|e| e.to_string())??;
-        let (config, pages) = loaded;
+        let (mut config, pages) = loaded;
         let old = &self.parts.config;
-        if config.proxy.listen != old.proxy.listen {
-            match &self.rebind {
-                Some(r) => r.rebind(&config.proxy.listen)?,
-                None => tracing::warn!(
-                    "proxy.listen changed; the new addresses take effect at the next restart"
-                ),
-            }
-        }
         if config.control.socket != old.control.socket
             || config.control.state_file != old.control.state_file
         {
@@ -309,11 +306,22 @@ impl Controller {
                 "control.socket / control.state_file changed; they take effect at the next restart"
             );
         }
-        let mut config = config;
         config.control = old.control.clone();
         let restart =
             config.upstream.servers != old.upstream.servers || config.health != old.health;
-        self.parts = Parts::new(Arc::new(config), Arc::new(pages), Some(&self.parts));
+        let moved = config.proxy.listen != old.proxy.listen || config.tls.listen != old.tls.listen;
+        // Everything that can fail is built before anything changes.
+        let parts = Parts::new(Arc::new(config), Arc::new(pages), Some(&self.parts))
+            .map_err(|e| e.to_string())?;
+        if moved {
+            match &self.rebind {
+                Some(r) => r.rebind(&parts.config.proxy.listen, &parts.config.tls.listen)?,
+                None => {
+                    tracing::warn!("listen addresses changed; they take effect at the next restart")
+                }
+            }
+        }
+        self.parts = parts;
         if restart {
             self.start_checkers();
         }

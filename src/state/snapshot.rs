@@ -12,6 +12,7 @@ use crate::hold::bypass::BypassKey;
 use crate::hold::held::{self, Held, Spliced, View};
 use crate::hold::pages::Pages;
 use crate::listener::ConnBuilder;
+use crate::tls::TlsError;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -21,6 +22,8 @@ pub struct Snapshot {
     pub config: Arc<Config>,
     /// Protocol settings for new client connections.
     pub conn: Arc<ConnBuilder>,
+    /// TLS settings for new TLS connections (certificates by SNI).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub pool: Arc<UpstreamPool>,
     pub pages: Arc<Pages>,
     pub bypass: Option<Arc<BypassKey>>,
@@ -46,6 +49,8 @@ pub struct Snapshot {
 pub struct Parts {
     pub config: Arc<Config>,
     pub conn: Arc<ConnBuilder>,
+    /// The TLS listeners' settings; `None` without certificates.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub pool: Arc<UpstreamPool>,
     pub pages: Arc<Pages>,
     pub bypass: Option<Arc<BypassKey>>,
@@ -54,20 +59,27 @@ pub struct Parts {
 impl Parts {
     /// Parts for `config`, keeping `previous`'s connection pool when the upstream settings did
     /// not change, so that a reload does not drop warm connections.
-    pub fn new(config: Arc<Config>, pages: Arc<Pages>, previous: Option<&Parts>) -> Parts {
+    /// Fails when a certificate, key or CA file does not load.
+    pub fn new(
+        config: Arc<Config>,
+        pages: Arc<Pages>,
+        previous: Option<&Parts>,
+    ) -> Result<Parts, TlsError> {
         let pool = match previous {
             Some(prev) if prev.pool.same_config(&config.upstream) => prev.pool.clone(),
-            _ => Arc::new(UpstreamPool::new(&config.upstream)),
+            _ => Arc::new(UpstreamPool::new(&config.upstream)?),
         };
+        let tls = crate::tls::server_config(&config.tls)?;
         let m = &config.maintenance;
         let bypass = BypassKey::new(&m.bypass_secret, m.bypass_ttl).map(Arc::new);
-        Parts {
+        Ok(Parts {
             conn: Arc::new(crate::listener::conn_builder(&config.proxy)),
+            tls,
             config,
             pool,
             pages,
             bypass,
-        }
+        })
     }
 }
 
@@ -112,6 +124,7 @@ impl Snapshot {
         Snapshot {
             config: parts.config.clone(),
             conn: parts.conn.clone(),
+            tls: parts.tls.clone(),
             pool: parts.pool.clone(),
             pages: parts.pages.clone(),
             bypass: parts.bypass.clone(),

@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Turns the raw results of benches/load.sh into the markdown report (stdout).
+
+  report.py RESULTS_DIR
+
+RESULTS_DIR holds (all written by load.sh):
+  meta.tsv   key<TAB>value: date, machine, versions, settings
+  rows.tsv   id<TAB>label<TAB>conns<TAB>metric<TAB>direct_ref<TAB>nginx_ref<TAB>proc<TAB>expect<TAB>group
+  runs/ID.REP.wrk    wrk's output of one measured run (REP 0 is the warm-up, not counted)
+  runs/ID.REP.extra  key=value words: tw (TIME_WAIT sockets added), cpu (proxy CPU %)
+  rss.tsv    proc<TAB>phase<TAB>KiB   (phase: idle, after_<group>)
+  mem.tsv    target<TAB>before<TAB>with<TAB>after_close<TAB>READY line<TAB>CLOSING line
+  toggle.txt the COUNT, TOGGLE and wrk summary lines of the toggle test
+  notes.txt  anything odd the harness saw, one line each
+"""
+
+import os
+import re
+import statistics
+import sys
+
+UNITS_TIME = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
+UNITS_SIZE = {"B": 1, "KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3, "TB": 1024 ** 4}
+
+
+def parse_wrk(text):
+    r = {"rps": None, "bps": None, "p99": None, "errors": 0, "non2xx": 0, "requests": None,
+         "error_text": ""}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    if m:
+        r["rps"] = float(m.group(1))
+    m = re.search(r"Transfer/sec:\s+([\d.]+)([KMGT]?B)", text)
+    if m:
+        r["bps"] = float(m.group(1)) * UNITS_SIZE[m.group(2)]
+    m = re.search(r"^\s*99%\s+([\d.]+)(us|ms|s|m|h)\s*$", text, re.M)
+    if m:
+        r["p99"] = float(m.group(1)) * UNITS_TIME[m.group(2)]
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if m:
+        r["errors"] = sum(int(x) for x in m.groups())
+        r["error_text"] = m.group(0).replace("Socket errors: ", "")
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    if m:
+        r["non2xx"] = int(m.group(1))
+    m = re.search(r"(\d+) requests in", text)
+    if m:
+        r["requests"] = int(m.group(1))
+    return r
+
+
+def read_tsv(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line.rstrip("\n").split("\t") for line in f if line.strip()]
+
+
+def fmt_int(x):
+    return "—" if x is None else f"{x:,.0f}"
+
+
+def fmt_ratio(x):
+    return "—" if x is None else f"{x:.3f}"
+
+
+def main():
+    d = sys.argv[1]
+    meta = dict((k, v) for k, v, *_ in read_tsv(os.path.join(d, "meta.tsv")))
+    rows = read_tsv(os.path.join(d, "rows.tsv"))
+    rss = {}
+    for proc, phase, kib in read_tsv(os.path.join(d, "rss.tsv")):
+        rss[(proc, phase)] = int(kib)
+
+    # Per row: medians over the measured reps (REP >= 1).
+    stats = {}
+    runs_dir = os.path.join(d, "runs")
+    for row in rows:
+        rid = row[0]
+        reps = []
+        rep = 1
+        while os.path.exists(os.path.join(runs_dir, f"{rid}.{rep}.wrk")):
+            with open(os.path.join(runs_dir, f"{rid}.{rep}.wrk")) as f:
+                w = parse_wrk(f.read())
+            extra = {}
+            path = os.path.join(runs_dir, f"{rid}.{rep}.extra")
+            if os.path.exists(path):
+                with open(path) as f:
+                    for word in f.read().split():
+                        k, _, v = word.partition("=")
+                        extra[k] = v
+            w["tw"] = int(extra.get("tw", "0") or 0)
+            w["cpu"] = float(extra.get("cpu", "nan") or "nan")
+            reps.append(w)
+            rep += 1
+        ok = [w for w in reps if w["rps"] is not None]
+        s = {"n": len(reps), "ok": len(ok)}
+        if ok:
+            rps = [w["rps"] for w in ok]
+            s["rps"] = statistics.median(rps)
+            s["min"], s["max"] = min(rps), max(rps)
+            s["spread"] = (s["max"] - s["min"]) / s["rps"] if s["rps"] else 0
+            bps = [w["bps"] for w in ok if w["bps"] is not None]
+            s["mibps"] = statistics.median(bps) / 1024 ** 2 if bps else None
+            p99 = [w["p99"] for w in ok if w["p99"] is not None]
+            s["p99"] = statistics.median(p99) if p99 else None
+            s["errors"] = sum(w["errors"] for w in ok)
+            s["error_text"] = "; ".join(w["error_text"] for w in ok if w["error_text"])
+            s["non2xx"] = sum(w["non2xx"] for w in ok)
+            s["requests"] = sum(w["requests"] or 0 for w in ok)
+            s["tw"] = statistics.median(w["tw"] for w in ok)
+            cpu = [w["cpu"] for w in ok if w["cpu"] == w["cpu"]]
+            s["cpu"] = statistics.median(cpu) if cpu else None
+        stats[rid] = s
+
+    def value(rid, metric):
+        s = stats.get(rid, {})
+        return s.get("mibps") if metric == "mibps" else s.get("rps")
+
+    out = []
+    p = out.append
+    p("# intermission load harness report")
+    p("")
+    p(f"- command: `{meta.get('command', '?')}`")
+    p(f"- date: {meta.get('date', '?')}; machine: {meta.get('nproc', '?')} cores "
+      f"({meta.get('cpu', '?')}), {meta.get('kernel', '?')}")
+    p(f"- intermission {meta.get('commit', '?')}; {meta.get('rustc', '?')}")
+    p(f"- {meta.get('nginx', '?')}; {meta.get('wrk', '?')}; {meta.get('h2load', '?')}; "
+      f"Python {meta.get('python', '?')}")
+    p(f"- client: `wrk -t1 -cN -d{meta.get('duration', '?')}s --latency`, rows interleaved, "
+      f"{meta.get('reps', '?')} repetitions after a {meta.get('warmup', '?')}s warm-up, medians; "
+      f"RLIMIT_NOFILE {meta.get('nofile', '?')}, nginx worker_connections / intermission "
+      f"max_connections {meta.get('conn_limit', '?')}")
+    p(f"- responses: upstream `/` {meta.get('size_up', '?')}; nginx 503 {meta.get('size_n503', '?')}; "
+      f"intermission held (Accept: text/html) {meta.get('size_held', '?')}")
+    p("- The cores are shared by wrk, the upstream and the proxy: read the ratios, not the absolute "
+      "figures. RSS is VmRSS summed over a server's processes (nginx master + workers).")
+    p("")
+    p("| row | conns | median req/s | min..max | MiB/s | × direct | × nginx | p99 ms | proxy CPU % "
+      "| RSS KiB idle → after | notes |")
+    p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    spread_warn = []
+    for row in rows:
+        rid, label, conns, metric, dref, nref, proc, expect, group = row[:9]
+        s = stats.get(rid, {})
+        notes = []
+        if not s.get("ok"):
+            p(f"| {label} | {conns} | no result | | | | | | | | {s.get('n', 0)} runs, none parsed |")
+            continue
+        mine = value(rid, metric)
+        rd = value(dref, metric) if dref and dref != rid else None
+        rn = value(nref, metric) if nref and nref != rid else None
+        ratio_d = mine / rd if rd else (1.0 if dref == rid else None)
+        ratio_n = mine / rn if rn else (1.0 if nref == rid else None)
+        if s["errors"]:
+            notes.append(f"socket errors {s['errors']} ({s['error_text']})")
+        if expect == "200" and s["non2xx"]:
+            notes.append(f"**{s['non2xx']} non-2xx**")
+        if expect == "503" and s["non2xx"] != s["requests"]:
+            notes.append(f"**{s['requests'] - s['non2xx']} responses were not errors**")
+        if s["tw"]:
+            notes.append(f"TIME_WAIT +{s['tw']:,.0f}/run")
+        if s["ok"] < s["n"]:
+            notes.append(f"{s['n'] - s['ok']} runs failed")
+        if s["ok"] > 1 and s["spread"] > 0.10:
+            notes.append(f"spread {s['spread'] * 100:.0f} %")
+            spread_warn.append(label)
+        idle = rss.get((proc, "idle"))
+        after = rss.get((proc, f"after_{group}"))
+        rss_text = f"{fmt_int(idle)} → {fmt_int(after)}" if idle is not None else "—"
+        mib = f"{s['mibps']:,.1f}" if s.get("mibps") is not None else "—"
+        p99 = f"{s['p99']:.2f}" if s.get("p99") is not None else "—"
+        cpu = f"{s['cpu']:.0f}" if s.get("cpu") is not None else "—"
+        ratio_note = " (MiB/s)" if metric == "mibps" else ""
+        p(f"| {label} | {conns} | {fmt_int(s['rps'])} | {fmt_int(s['min'])}..{fmt_int(s['max'])} | {mib} "
+          f"| {fmt_ratio(ratio_d)}{ratio_note} | {fmt_ratio(ratio_n)} | {p99} | {cpu} | {rss_text} "
+          f"| {'; '.join(notes)} |")
+    p("")
+    p("× direct: against the direct row of the same body size and connections; × nginx: an "
+      "intermission row against its matching nginx row (1 thread vs 1 worker, 2 vs 2, held page vs "
+      "`return 503`). Body rows compare MiB/s (wrk's Transfer/sec). Proxy CPU %: the proxy's CPU "
+      "time over the run's wall time (100 = one core; for direct rows, the upstream's). TIME_WAIT: "
+      "sockets left in TIME_WAIT per run, a sign of connections not reused.")
+    if spread_warn:
+        p("")
+        p(f"**min..max spread above 10 %** for: {', '.join(spread_warn)} — rerun before drawing "
+          "conclusions (the machine may have been busy).")
+
+    mem = read_tsv(os.path.join(d, "mem.tsv"))
+    if mem:
+        p("")
+        p(f"## Memory: {meta.get('idle_conns', '?')} idle keep-alive client connections")
+        p("")
+        p("| server | RSS KiB before | RSS KiB with the connections | per connection | RSS KiB after they close | client |")
+        p("|---|---:|---:|---:|---:|---|")
+        for r in mem:
+            target, before, with_, after, ready, closing = (r + [""] * 6)[:6]
+            opened = re.search(r"opened=(\d+)", ready)
+            per = "—"
+            if opened and int(opened.group(1)) and before.isdigit() and with_.isdigit():
+                per = f"{(int(with_) - int(before)) * 1024 / int(opened.group(1)):,.0f} B"
+            p(f"| {target} | {fmt_int(int(before)) if before.isdigit() else before} "
+              f"| {fmt_int(int(with_)) if with_.isdigit() else with_} | {per} "
+              f"| {fmt_int(int(after)) if after.isdigit() else after} | {ready} {closing} |")
+
+    toggle = os.path.join(d, "toggle.txt")
+    if os.path.exists(toggle):
+        p("")
+        p("## Toggle under load")
+        p("")
+        with open(toggle) as f:
+            for line in f:
+                line = line.rstrip()
+                if line:
+                    p(f"    {line}")
+
+    notes = os.path.join(d, "notes.txt")
+    if os.path.exists(notes) and os.path.getsize(notes):
+        p("")
+        p("## Seen during the run")
+        p("")
+        with open(notes) as f:
+            for line in f:
+                if line.strip():
+                    p(f"- {line.rstrip()}")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+//! TLS with rustls (ring provider): the server side (certificates chosen by SNI, ALPN `h2` and
+//! `http/1.1`, TLS 1.2 and 1.3 only) and the client side for `https://` upstreams.
+//!
+//! Both are built whole at start and at reload; a certificate that does not load, or a key
+//! that does not match its certificate, is an error naming the file, and the running
+//! configuration stays.
+
+use crate::config::{CertificatePaths, TlsConfig, UpstreamConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{ring, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {}: {reason}", path.display())]
+    Read { path: PathBuf, reason: String },
+    #[error("{}: no certificate found (expected PEM \"BEGIN CERTIFICATE\" blocks)", .0.display())]
+    NoCertificate(PathBuf),
+    #[error("{}: unsupported private key: {reason}", path.display())]
+    Key { path: PathBuf, reason: String },
+    #[error("{} does not match the certificate in {}", key.display(), cert.display())]
+    Mismatch { cert: PathBuf, key: PathBuf },
+    #[error("TLS settings: {0}")]
+    Settings(String),
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(ring::default_provider())
+}
+
+/// The server configuration for the TLS listeners; `None` without certificates.
+pub fn server_config(tls: &TlsConfig) -> Result<Option<Arc<ServerConfig>>, TlsError> {
+    if tls.certificates.is_empty() {
+        return Ok(None);
+    }
+    let provider = provider();
+    let mut certs = Vec::new();
+    for paths in &tls.certificates {
+        certs.push(load_certified_key(paths, &provider)?);
+    }
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Settings(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(BySni { certs }));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(Arc::new(config)))
+}
+
+fn load_certified_key(
+    paths: &CertificatePaths,
+    provider: &CryptoProvider,
+) -> Result<Certified, TlsError> {
+    let chain = read_certs(&paths.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|e| TlsError::Key {
+        path: paths.key.clone(),
+        reason: e.to_string(),
+    })?;
+    let signing = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| TlsError::Key {
+            path: paths.key.clone(),
+            reason: e.to_string(),
+        })?;
+    let leaf = chain[0].clone();
+    let certified = CertifiedKey::new(chain, signing);
+    certified.keys_match().map_err(|_| TlsError::Mismatch {
+        cert: paths.cert.clone(),
+        key: paths.key.clone(),
+    })?;
+    Ok(Certified {
+        leaf,
+        key: Arc::new(certified),
+    })
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let read = |reason: String| TlsError::Read {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| read(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| read(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(path.to_path_buf()));
+    }
+    Ok(certs)
+}
+
+#[derive(Debug)]
+struct Certified {
+    leaf: CertificateDer<'static>,
+    key: Arc<CertifiedKey>,
+}
+
+/// Picks the first certificate valid for the SNI name (wildcards included, as webpki checks
+/// them), else the first certificate.
+#[derive(Debug)]
+struct BySni {
+    certs: Vec<Certified>,
+}
+
+impl ResolvesServerCert for BySni {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let chosen = hello
+            .server_name()
+            .and_then(|name| ServerName::try_from(name).ok())
+            .and_then(|name| {
+                self.certs.iter().find(|c| {
+                    webpki::EndEntityCert::try_from(&c.leaf)
+                        .and_then(|cert| cert.verify_is_valid_for_subject_name(&name))
+                        .is_ok()
+                })
+            });
+        chosen.or(self.certs.first()).map(|c| c.key.clone())
+    }
+}
+
+/// The client configuration for `https://` upstreams: the system's roots, or
+/// `upstream.ca_file`, or (loudly) no verification at all.
+pub fn client_config(upstream: &UpstreamConfig) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Settings(e.to_string()))?;
+    let config = if upstream.danger_accept_invalid_certs {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnything(provider)))
+            .with_no_client_auth()
+    } else {
+        let mut roots = RootCertStore::empty();
+        match &upstream.ca_file {
+            Some(path) => {
+                for cert in read_certs(path)? {
+                    roots.add(cert).map_err(|e| TlsError::Read {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                }
+            }
+            // The system store is read only when an https:// server needs it: it is a few
+            // hundred files and a few hundred KiB in memory.
+            None if upstream
+                .servers
+                .iter()
+                .any(|s| s.protocol == crate::config::Protocol::Https) =>
+            {
+                let found = rustls_native_certs::load_native_certs();
+                let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+                if added == 0 {
+                    tracing::warn!("no system root certificates found; https:// upstreams will fail verification (set upstream.ca_file)");
+                }
+            }
+            None => {}
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    // ALPN (h2, http/1.1) is set by the connector, which insists on setting it itself.
+    Ok(Arc::new(config))
+}
+
+/// `upstream.danger_accept_invalid_certs`: signatures are still checked, identities are not.
+#[derive(Debug)]
+struct AcceptAnything(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnything {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
