@@ -204,7 +204,12 @@ fn redirect_https<B>(snap: &Snapshot, req: &Request<B>) -> Response<Body> {
     let Some(host) = host.and_then(|h| h.parse::<http::uri::Authority>().ok()) else {
         return reserved::plain(StatusCode::BAD_REQUEST, "a Host header is needed\n");
     };
-    let port = snap.config.tls.listen.first().map_or(443, |a| a.port());
+    let port = snap
+        .config
+        .proxy
+        .https_port
+        .or_else(|| snap.config.tls.listen.first().map(|a| a.port()))
+        .unwrap_or(443);
     let authority = if port == 443 {
         host.host().to_owned()
     } else if host.host().contains(':') {

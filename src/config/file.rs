@@ -51,6 +51,7 @@ pub struct ProxyFile {
     pub max_header_bytes: usize,
     pub max_connections: usize,
     pub redirect_https: bool,
+    pub https_port: Option<u16>,
 }
 
 impl Default for ProxyFile {
@@ -64,6 +65,7 @@ impl Default for ProxyFile {
             max_header_bytes: 64 * 1024,
             max_connections: 20_000,
             redirect_https: false,
+            https_port: None,
         }
     }
 }

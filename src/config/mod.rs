@@ -106,6 +106,9 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Plaintext requests get a 308 to HTTPS (except reserved paths and `allow_paths`).
     pub redirect_https: bool,
+    /// The port the redirect names: the public HTTPS port, when it differs from the first
+    /// `tls.listen` port (port mapping, a load balancer in front).
+    pub https_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -368,6 +371,7 @@ impl Validator {
             max_header_bytes: f.max_header_bytes.max(8192),
             max_connections: f.max_connections.max(1),
             redirect_https: f.redirect_https,
+            https_port: f.https_port,
         }
     }
 

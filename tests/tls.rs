@@ -1,0 +1,593 @@
+//! TLS termination and TLS/HTTP2 upstreams, with certificates made in the test (rcgen).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use intermission::control::protocol::Request as Ctl;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use support::*;
+use tokio_rustls::client::TlsStream;
+
+/// A test certificate authority.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        Ca { cert, key }
+    }
+
+    /// A leaf for `names` (DNS names or IP addresses): (cert PEM, key PEM, DER).
+    fn leaf(&self, names: &[&str]) -> (String, String, CertificateDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        (cert.pem(), key.serialize_pem(), cert.der().clone())
+    }
+
+    fn write_leaf(&self, dir: &Path, stem: &str, names: &[&str]) -> CertificateDer<'static> {
+        let (cert, key, der) = self.leaf(names);
+        std::fs::write(dir.join(format!("{stem}.pem")), cert).unwrap();
+        std::fs::write(dir.join(format!("{stem}.key")), key).unwrap();
+        der
+    }
+
+    fn client_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert.der().clone()).unwrap();
+        let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(c)
+    }
+}
+
+async fn tls_connect(
+    addr: SocketAddr,
+    name: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from(name.to_owned()).unwrap();
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+fn peer_cert(s: &TlsStream<tokio::net::TcpStream>) -> CertificateDer<'static> {
+    s.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned()
+}
+
+type Sender1 = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn h1(stream: TlsStream<tokio::net::TcpStream>) -> Sender1 {
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn get_on(sender: &mut Sender1, host: &str, path: &str) -> Response<Bytes> {
+    let req = Request::get(path)
+        .header("host", host)
+        .body(Empty::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+}
+
+/// A proxy with TLS listening, certificates written into its folder first.
+async fn tls_proxy(setup: impl FnOnce(&Path) -> String) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = setup(dir.path());
+    let text =
+        format!("[proxy]\nlisten = [\"127.0.0.1:0\"]\n[tls]\nlisten = [\"127.0.0.1:0\"]\n{extra}");
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, &text).unwrap();
+    let config = intermission::config::Config::load_file(&path).unwrap();
+    let running = intermission::app::start(config).await.unwrap();
+    let addr = running.local_addrs()[0];
+    Proxy {
+        running: Some(running),
+        addr,
+        dir,
+    }
+}
+
+fn tls_addr(proxy: &Proxy) -> SocketAddr {
+    proxy.running.as_ref().unwrap().tls_addrs()[0]
+}
+
+fn certs(list: &[&str]) -> String {
+    list.iter()
+        .map(|stem| format!("[[tls.certificates]]\ncert = \"{stem}.pem\"\nkey = \"{stem}.key\"\n"))
+        .collect()
+}
+
+#[tokio::test]
+async fn https_over_http1_and_http2_with_forwarded_proto() {
+    let up = echo_upstream().await;
+    let ca = Ca::new();
+    let proxy = tls_proxy(|dir| {
+        ca.write_leaf(dir, "site", &["shop.test"]);
+        format!(
+            "{}[upstream]\nservers = [\"{}\"]\n",
+            certs(&["site"]),
+            up.url()
+        )
+    })
+    .await;
+    let addr = tls_addr(&proxy);
+
+    let stream = tls_connect(addr, "shop.test", ca.client_config(&[b"http/1.1"])).await;
+    let mut sender = h1(stream).await;
+    let resp = get_on(&mut sender, "shop.test", "/over/h1").await;
+    assert_eq!(resp.status(), 200);
+    let seen: Seen = json(&resp);
+    assert_eq!(seen.uri, "/over/h1");
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(seen.header("host"), Some("shop.test"));
+
+    let stream = tls_connect(addr, "shop.test", ca.client_config(&[b"h2"])).await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("https://shop.test/over/h2")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let (parts, body) = resp.into_parts();
+    let resp = Response::from_parts(parts, body.collect().await.unwrap().to_bytes());
+    let seen: Seen = json(&resp);
+    assert_eq!(seen.uri, "/over/h2");
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+}
+
+#[tokio::test]
+async fn the_certificate_is_chosen_by_sni_with_a_default() {
+    let ca = Ca::new();
+    let mut ders = Vec::new();
+    let proxy = tls_proxy(|dir| {
+        ders.push(ca.write_leaf(dir, "a", &["a.test"]));
+        ders.push(ca.write_leaf(dir, "b", &["b.test"]));
+        ders.push(ca.write_leaf(dir, "wild", &["*.wild.test"]));
+        certs(&["a", "b", "wild"])
+    })
+    .await;
+    let addr = tls_addr(&proxy);
+    let client = ca.client_config(&[b"http/1.1"]);
+    assert_eq!(
+        peer_cert(&tls_connect(addr, "b.test", client.clone()).await),
+        ders[1]
+    );
+    assert_eq!(
+        peer_cert(&tls_connect(addr, "a.test", client.clone()).await),
+        ders[0]
+    );
+    assert_eq!(
+        peer_cert(&tls_connect(addr, "shop.wild.test", client.clone()).await),
+        ders[2]
+    );
+    // No name matches, or no SNI at all (an IP address sends none): the first certificate.
+    let mut insecure = (*client).clone();
+    insecure
+        .dangerous()
+        .set_certificate_verifier(Arc::new(NoVerify(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))));
+    let insecure = Arc::new(insecure);
+    assert_eq!(
+        peer_cert(&tls_connect(addr, "other.test", insecure.clone()).await),
+        ders[0]
+    );
+    assert_eq!(
+        peer_cert(&tls_connect(addr, "127.0.0.1", insecure).await),
+        ders[0]
+    );
+}
+
+#[tokio::test]
+async fn reload_swaps_the_certificate_and_old_connections_keep_working() {
+    let up = echo_upstream().await;
+    let ca = Ca::new();
+    let mut first = None;
+    let proxy = tls_proxy(|dir| {
+        first = Some(ca.write_leaf(dir, "site", &["shop.test"]));
+        format!(
+            "{}[upstream]\nservers = [\"{}\"]\n",
+            certs(&["site"]),
+            up.url()
+        )
+    })
+    .await;
+    let addr = tls_addr(&proxy);
+    let client = ca.client_config(&[b"http/1.1"]);
+    let old = tls_connect(addr, "shop.test", client.clone()).await;
+    assert_eq!(Some(peer_cert(&old)), first);
+    let mut old = h1(old).await;
+    assert_eq!(get_on(&mut old, "shop.test", "/").await.status(), 200);
+
+    let second = ca.write_leaf(proxy.dir.path(), "site", &["shop.test"]);
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(
+        peer_cert(&tls_connect(addr, "shop.test", client.clone()).await),
+        second
+    );
+    assert_eq!(
+        get_on(&mut old, "shop.test", "/still").await.status(),
+        200,
+        "the old connection was dropped"
+    );
+
+    // A key that does not match its certificate is refused; the running one keeps serving.
+    let (_, other_key, _) = ca.leaf(&["shop.test"]);
+    std::fs::write(proxy.dir.path().join("site.key"), other_key).unwrap();
+    let r = ctl(&proxy, Ctl::Reload).await;
+    let e = r.error.unwrap();
+    assert_eq!(e.code, "reload_failed");
+    assert!(
+        e.message.contains("site.key") && e.message.contains("does not match"),
+        "{}",
+        e.message
+    );
+    assert_eq!(
+        peer_cert(&tls_connect(addr, "shop.test", client).await),
+        second
+    );
+}
+
+#[tokio::test]
+async fn a_bad_certificate_stops_the_start_with_the_file_named() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    ca.write_leaf(dir.path(), "site", &["shop.test"]);
+    let (_, other_key, _) = ca.leaf(&["shop.test"]);
+    std::fs::write(dir.path().join("site.key"), other_key).unwrap();
+    std::fs::write(dir.path().join("garbage.pem"), "not a certificate").unwrap();
+    for (cert, key, named) in [
+        ("site.pem", "site.key", "site.key"),
+        ("garbage.pem", "site.key", "garbage.pem"),
+    ] {
+        let text = format!(
+            "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[tls]\nlisten = [\"127.0.0.1:0\"]\n[[tls.certificates]]\ncert = \"{cert}\"\nkey = \"{key}\"\n"
+        );
+        let cfg = intermission::config::Config::parse(&text, dir.path(), None).unwrap();
+        let err = match intermission::app::start(cfg).await {
+            Ok(_) => panic!("started with {cert} / {key}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(named), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn sec1_and_pkcs1_keys_load() {
+    if !tool_available("openssl") {
+        return;
+    }
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    // SEC1 ("EC PRIVATE KEY"): rcgen's P-256 key converted by openssl.
+    ca.write_leaf(dir.path(), "ec", &["ec.test"]);
+    convert(dir.path(), &["ec", "-in", "ec.key", "-out", "ec.key"]);
+    assert!(std::fs::read_to_string(dir.path().join("ec.key"))
+        .unwrap()
+        .contains("BEGIN EC PRIVATE KEY"));
+    // PKCS#1 ("RSA PRIVATE KEY"): an RSA key made by openssl, certified by the test CA.
+    convert(
+        dir.path(),
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            "rsa8.key",
+        ],
+    );
+    let rsa =
+        KeyPair::from_pem(&std::fs::read_to_string(dir.path().join("rsa8.key")).unwrap()).unwrap();
+    let params = CertificateParams::new(vec!["rsa.test".to_string()]).unwrap();
+    let cert = params.signed_by(&rsa, &ca.cert, &ca.key).unwrap();
+    std::fs::write(dir.path().join("rsa.pem"), cert.pem()).unwrap();
+    convert(
+        dir.path(),
+        &["rsa", "-in", "rsa8.key", "-traditional", "-out", "rsa.key"],
+    );
+    assert!(std::fs::read_to_string(dir.path().join("rsa.key"))
+        .unwrap()
+        .contains("BEGIN RSA PRIVATE KEY"));
+    let text = format!(
+        "[tls]\nlisten = [\"127.0.0.1:0\"]\n{}",
+        certs(&["ec", "rsa"])
+    );
+    let cfg = intermission::config::Config::parse(&text, dir.path(), None).unwrap();
+    assert!(intermission::tls::server_config(&cfg.tls)
+        .unwrap()
+        .is_some());
+}
+
+fn convert(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Present, or said loudly; required when CI=true.
+fn tool_available(tool: &str) -> bool {
+    let found = std::process::Command::new(tool)
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{tool} is required in CI"
+        );
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: needs `{tool}` (apt-get install {tool})"
+        );
+    }
+    found
+}
+
+/// An upstream speaking HTTPS with a certificate from `ca` for 127.0.0.1.
+async fn https_upstream(ca: &Ca) -> SocketAddr {
+    let (cert, key, _) = ca.leaf(&["127.0.0.1"]);
+    let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let body = format!("secure {:?} {}", req.version(), req.uri().path());
+                    Ok::<_, std::convert::Infallible>(Response::new(full(body)))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn https_upstreams_are_verified_against_the_configured_ca() {
+    let ca = Ca::new();
+    let addr = https_upstream(&ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"https://{addr}\"]\nca_file = \"{}\"\n",
+        dir.path().join("ca.pem").display()
+    ))
+    .await;
+    // The HTTP health check speaks TLS (and HTTP/2) to it too.
+    assert_eq!(wait_healthy(&proxy).await, Some(true));
+    let resp = get(&proxy.url("/via/tls")).await;
+    assert_eq!(resp.status(), 200);
+    // ALPN chose HTTP/2 with this server.
+    assert_eq!(resp.body(), "secure HTTP/2.0 /via/tls");
+
+    // Without that CA the certificate is refused: never a raw error, the outage answer.
+    let other = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"https://{addr}\"]\n[health]\nkind = \"tcp\"\n"
+    ))
+    .await;
+    let resp = get(&other.url("/via/tls")).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["x-intermission-mode"], "outage");
+}
+
+#[tokio::test]
+async fn h2c_upstreams_get_http2_with_prior_knowledge() {
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&format!("[upstream]\nservers = [\"h2c://{}\"]\n", up.addr)).await;
+    assert_eq!(
+        wait_healthy(&proxy).await,
+        Some(true),
+        "the health check speaks h2c too"
+    );
+    let resp = send(
+        Request::post(proxy.url("/h2c?q=1"))
+            .header("host", "shop.test")
+            .body(full("ping"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let seen: Seen = json(&resp);
+    assert_eq!(seen.version, "HTTP/2.0");
+    assert_eq!(seen.uri, format!("http://{}/h2c?q=1", up.addr));
+    assert_eq!(seen.body, "ping");
+    assert_eq!(seen.header("x-forwarded-host"), Some("shop.test"));
+}
+
+#[tokio::test]
+async fn plaintext_is_redirected_to_https_except_reserved_and_allowed_paths() {
+    let up = echo_upstream().await;
+    let ca = Ca::new();
+    let proxy = tls_proxy(|dir| {
+        ca.write_leaf(dir, "site", &["shop.test"]);
+        format!(
+            "{}[upstream]\nservers = [\"{}\"]\n[maintenance]\nallow_paths = [\"/.well-known/acme-challenge/\"]\n",
+            certs(&["site"]),
+            up.url()
+        )
+    })
+    .await;
+    let path = proxy.dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let port = tls_addr(&proxy).port();
+    let text = text.replacen(
+        "[proxy]\n",
+        &format!("[proxy]\nredirect_https = true\nhttps_port = {port}\n"),
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    assert!(ctl(&proxy, Ctl::Reload).await.ok);
+    let resp = send(
+        Request::get(proxy.url("/shop?item=7"))
+            .header("host", "shop.test")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status(), 308);
+    assert_eq!(
+        resp.headers()["location"],
+        format!("https://shop.test:{port}/shop?item=7").as_str()
+    );
+    let acme = send(
+        Request::get(proxy.url("/.well-known/acme-challenge/tok"))
+            .header("host", "shop.test")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(acme.status(), 200);
+    let status = get(&proxy.url("/_intermission/status")).await;
+    assert_eq!(status.status(), 200);
+}
+
+#[tokio::test]
+async fn the_bypass_cookie_is_secure_over_tls() {
+    let ca = Ca::new();
+    let proxy = tls_proxy(|dir| {
+        ca.write_leaf(dir, "site", &["shop.test"]);
+        format!(
+            "{}[maintenance]\nbypass_secret = \"team-only-0123456789\"\n",
+            certs(&["site"])
+        )
+    })
+    .await;
+    let stream = tls_connect(
+        tls_addr(&proxy),
+        "shop.test",
+        ca.client_config(&[b"http/1.1"]),
+    )
+    .await;
+    let mut sender = h1(stream).await;
+    let resp = get_on(
+        &mut sender,
+        "shop.test",
+        "/_intermission/bypass/team-only-0123456789",
+    )
+    .await;
+    assert_eq!(resp.status(), 303);
+    let cookie = resp.headers()["set-cookie"].to_str().unwrap();
+    assert!(
+        cookie.contains("Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+}
+
+/// For the tests that need a handshake whatever the name.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Waits (bounded) for the first server's first health result.
+async fn wait_healthy(proxy: &Proxy) -> Option<bool> {
+    for _ in 0..250 {
+        let h = ctl(proxy, Ctl::Health).await.health.unwrap();
+        if h[0].last_check.is_some() {
+            return h[0].healthy;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    None
+}
