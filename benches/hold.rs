@@ -31,7 +31,7 @@ fn setup() -> (Config, Pages, View) {
             true,
         )
         .unwrap();
-    let view = View::new(Mode::Maintenance, &state, &config.maintenance, None);
+    let view = View::new(Mode::Maintenance, &state, &config.maintenance, None, now);
     (config, pages, view)
 }
 

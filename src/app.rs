@@ -7,7 +7,7 @@ use crate::control::{self, protocol::Request, server::ControlError};
 use crate::hold::pages::{Pages, PagesError};
 use crate::listener;
 use crate::shutdown::{self, Trigger};
-use crate::state::controller::{Controller, ControllerHandle, Rebind};
+use crate::state::controller::{Controller, ControllerHandle, Rebind, RebindFuture};
 use crate::state::snapshot::Parts;
 use crate::state::store::{self, StoreError};
 use crate::state::StateHandle;
@@ -60,7 +60,17 @@ pub struct Listeners {
 impl Listeners {
     /// Binds every address of `wanted` not yet bound, then stops the ones no longer wanted.
     /// On a bind error nothing changes.
-    fn apply(&self, plain: &[SocketAddr], tls: &[SocketAddr]) -> Result<(), StartError> {
+    /// Binds every wanted address not yet bound, then stops the listeners no longer wanted
+    /// and returns once they have closed their sockets.
+    async fn apply(&self, plain: &[SocketAddr], tls: &[SocketAddr]) -> Result<(), StartError> {
+        let gone = self.swap(plain, tls)?;
+        for b in gone {
+            let _ = b.task.await;
+        }
+        Ok(())
+    }
+
+    fn swap(&self, plain: &[SocketAddr], tls: &[SocketAddr]) -> Result<Vec<Bound>, StartError> {
         let wanted: Vec<(SocketAddr, bool)> = plain
             .iter()
             .map(|&a| (a, false))
@@ -84,7 +94,7 @@ impl Listeners {
             .drain(..)
             .partition(|b| wanted.contains(&(b.configured, b.tls)));
         *bound = keep;
-        for b in gone {
+        for b in &gone {
             tracing::info!(addr = %b.local, "no longer listening on {}", b.local);
             b.stop.fire();
         }
@@ -108,7 +118,7 @@ impl Listeners {
                 task,
             });
         }
-        Ok(())
+        Ok(gone)
     }
 
     fn local_addrs(&self, tls: bool) -> Vec<SocketAddr> {
@@ -136,8 +146,8 @@ impl Listeners {
 }
 
 impl Rebind for Listeners {
-    fn rebind(&self, plain: &[SocketAddr], tls: &[SocketAddr]) -> Result<(), String> {
-        self.apply(plain, tls).map_err(|e| e.to_string())
+    fn rebind<'a>(&'a self, plain: &'a [SocketAddr], tls: &'a [SocketAddr]) -> RebindFuture<'a> {
+        Box::pin(async move { self.apply(plain, tls).await.map_err(|e| e.to_string()) })
     }
 }
 
@@ -186,7 +196,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         graceful: graceful.clone(),
         limit: Arc::new(Semaphore::new(max_connections)),
     });
-    if let Err(e) = listeners.apply(&listen, &listen_tls) {
+    if let Err(e) = listeners.apply(&listen, &listen_tls).await {
         listeners.stop_all().await;
         let _ = std::fs::remove_file(&socket_path);
         return Err(e);

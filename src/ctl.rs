@@ -1,9 +1,10 @@
 //! `intermission ctl`: sends one control request and prints the answer for people or as JSON.
 
-use crate::CtlCommand;
+use crate::{CtlCommand, ScheduleCommand};
 use intermission::config;
 use intermission::control::client;
 use intermission::control::protocol::{Request, Response, ServerHealth, StatusView};
+use intermission::state::mode::Window;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -119,6 +120,17 @@ fn request(command: CtlCommand) -> Request {
         },
         CtlCommand::Health => Request::Health,
         CtlCommand::Reload => Request::Reload,
+        CtlCommand::Schedule(ScheduleCommand::Add {
+            start,
+            end,
+            message,
+        }) => Request::ScheduleAdd {
+            start,
+            end,
+            message,
+        },
+        CtlCommand::Schedule(ScheduleCommand::List) => Request::ScheduleList,
+        CtlCommand::Schedule(ScheduleCommand::Remove { id }) => Request::ScheduleRemove { id },
     }
 }
 
@@ -131,6 +143,14 @@ fn print_human(resp: &Response) {
     }
     if let Some(h) = &resp.health {
         print_health(h);
+    }
+    if let Some(list) = &resp.schedules {
+        if list.is_empty() {
+            println!("no maintenance windows scheduled");
+        }
+        for w in list {
+            print_window(w);
+        }
     }
 }
 
@@ -171,7 +191,25 @@ fn print_state(s: &StatusView) {
             println!("  {}  {}", u.at.rfc3339(), u.message);
         }
     }
+    if let Some(w) = &s.next_window {
+        println!("next window:");
+        print_window(w);
+    }
     print_health(&s.upstream);
+}
+
+fn print_window(w: &Window) {
+    print!(
+        "  window {}  {} to {}  by {}",
+        w.id,
+        w.start.rfc3339(),
+        w.end.rfc3339(),
+        w.by
+    );
+    match &w.message {
+        Some(m) => println!("  \"{m}\""),
+        None => println!(),
+    }
 }
 
 fn print_health(servers: &[ServerHealth]) {

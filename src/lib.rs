@@ -22,6 +22,7 @@
 //!
 //! Seams: `gateway` and `forward` read only the `Snapshot`. Only `app` spawns long-lived tasks.
 
+pub mod admin;
 pub mod app;
 pub mod body;
 pub mod config;
@@ -32,6 +33,8 @@ pub mod health;
 pub mod hold;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
+pub mod notify;
 pub mod reserved;
 pub mod shutdown;
 pub mod state;

@@ -88,6 +88,29 @@ enum CtlCommand {
     Health,
     /// Re-read the config file and pages; an invalid file is refused and the running config stays
     Reload,
+    /// Maintenance windows that switch on and off by themselves
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
+}
+
+#[derive(Subcommand)]
+enum ScheduleCommand {
+    /// Add a window: maintenance on at --start, off at --end
+    Add {
+        /// RFC 3339 (2026-12-01T02:00:00Z) or +DURATION (+2h)
+        #[arg(long)]
+        start: String,
+        /// RFC 3339 or +DURATION
+        #[arg(long)]
+        end: String,
+        /// What people are told during the window
+        #[arg(short, long)]
+        message: Option<String>,
+    },
+    /// The windows to come (and the one in force)
+    List,
+    /// Remove a window by its id
+    Remove { id: u64 },
 }
 
 fn main() -> ExitCode {

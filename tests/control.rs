@@ -71,7 +71,7 @@ async fn bad_requests_get_errors_and_the_connection_stays_usable() {
     let r = parse(&c.raw(br#"{"cmd":"frobnicate"}"#).await.unwrap());
     assert_eq!(
         r.error.unwrap().message,
-        "unknown command 'frobnicate'; known: status, on, update, off, force_open, health, reload"
+        "unknown command 'frobnicate'; known: status, on, update, off, force_open, health, reload, schedule_add, schedule_list, schedule_remove"
     );
     // Same connection, still fine; several requests in a row.
     let r = c

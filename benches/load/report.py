@@ -90,6 +90,8 @@ def main():
                         extra[k] = v
             w["tw"] = int(extra.get("tw", "0") or 0)
             w["cpu"] = float(extra.get("cpu", "nan") or "nan")
+            w["other"] = float(extra.get("other", "nan") or "nan")
+            w["rss"] = int(extra["rss"]) if extra.get("rss", "").isdigit() else None
             reps.append(w)
             rep += 1
         ok = [w for w in reps if w["rps"] is not None]
@@ -110,6 +112,9 @@ def main():
             s["tw"] = statistics.median(w["tw"] for w in ok)
             cpu = [w["cpu"] for w in ok if w["cpu"] == w["cpu"]]
             s["cpu"] = statistics.median(cpu) if cpu else None
+            other = [w["other"] for w in ok if w["other"] == w["other"]]
+            s["other"] = max(other) if other else None
+            s["rss_after"] = ok[-1]["rss"]
         stats[rid] = s
 
     def value(rid, metric):
@@ -127,7 +132,7 @@ def main():
     p(f"- {meta.get('nginx', '?')}; {meta.get('wrk', '?')}; {meta.get('h2load', '?')}; "
       f"Python {meta.get('python', '?')}")
     p(f"- client: `wrk -t1 -cN -d{meta.get('duration', '?')}s --latency`, rows interleaved, "
-      f"{meta.get('reps', '?')} repetitions after a {meta.get('warmup', '?')}s warm-up, medians; "
+      f"repetitions: {meta.get('reps', '?')} after a {meta.get('warmup', '?')}s warm-up, medians; "
       f"RLIMIT_NOFILE {meta.get('nofile', '?')}, nginx worker_connections / intermission "
       f"max_connections {meta.get('conn_limit', '?')}")
     p(f"- responses: upstream `/` {meta.get('size_up', '?')}; nginx 503 {meta.get('size_n503', '?')}; "
@@ -139,6 +144,7 @@ def main():
       "| RSS KiB idle → after | notes |")
     p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     spread_warn = []
+    busy = []
     for row in rows:
         rid, label, conns, metric, dref, nref, proc, expect, group = row[:9]
         s = stats.get(rid, {})
@@ -158,28 +164,38 @@ def main():
         if expect == "503" and s["non2xx"] != s["requests"]:
             notes.append(f"**{s['requests'] - s['non2xx']} responses were not errors**")
         if s["tw"]:
-            notes.append(f"TIME_WAIT +{s['tw']:,.0f}/run")
+            notes.append(f"upstream TIME_WAIT +{s['tw']:,.0f}/run")
+        if s.get("other") is not None and s["other"] > 10:
+            notes.append(f"busy machine: other processes took up to {s['other']:.0f} % CPU")
+            busy.append(label)
         if s["ok"] < s["n"]:
             notes.append(f"{s['n'] - s['ok']} runs failed")
         if s["ok"] > 1 and s["spread"] > 0.10:
             notes.append(f"spread {s['spread'] * 100:.0f} %")
             spread_warn.append(label)
         idle = rss.get((proc, "idle"))
-        after = rss.get((proc, f"after_{group}"))
+        after = s.get("rss_after")
+        if after is None:
+            after = rss.get((proc, f"after_{group}"))
         rss_text = f"{fmt_int(idle)} → {fmt_int(after)}" if idle is not None else "—"
         mib = f"{s['mibps']:,.1f}" if s.get("mibps") is not None else "—"
         p99 = f"{s['p99']:.2f}" if s.get("p99") is not None else "—"
         cpu = f"{s['cpu']:.0f}" if s.get("cpu") is not None else "—"
-        ratio_note = " (MiB/s)" if metric == "mibps" else ""
         p(f"| {label} | {conns} | {fmt_int(s['rps'])} | {fmt_int(s['min'])}..{fmt_int(s['max'])} | {mib} "
-          f"| {fmt_ratio(ratio_d)}{ratio_note} | {fmt_ratio(ratio_n)} | {p99} | {cpu} | {rss_text} "
+          f"| {fmt_ratio(ratio_d)} | {fmt_ratio(ratio_n)} | {p99} | {cpu} | {rss_text} "
           f"| {'; '.join(notes)} |")
     p("")
     p("× direct: against the direct row of the same body size and connections; × nginx: an "
       "intermission row against its matching nginx row (1 thread vs 1 worker, 2 vs 2, held page vs "
       "`return 503`). Body rows compare MiB/s (wrk's Transfer/sec). Proxy CPU %: the proxy's CPU "
       "time over the run's wall time (100 = one core; for direct rows, the upstream's). TIME_WAIT: "
-      "sockets left in TIME_WAIT per run, a sign of connections not reused.")
+      "sockets to/from the upstream's port left in TIME_WAIT per run (median): upstream "
+      "connections closed instead of reused; for direct rows, wrk's own connections.")
+    p("RSS after: right after the row's last run (the process has served the rows above it too).")
+    if busy:
+        p("")
+        p(f"**Other processes used the CPU** during: {', '.join(busy)} — these rows are not "
+          "comparable; rerun on a quiet machine.")
     if spread_warn:
         p("")
         p(f"**min..max spread above 10 %** for: {', '.join(spread_warn)} — rerun before drawing "
@@ -201,6 +217,13 @@ def main():
             p(f"| {target} | {fmt_int(int(before)) if before.isdigit() else before} "
               f"| {fmt_int(int(with_)) if with_.isdigit() else with_} | {per} "
               f"| {fmt_int(int(after)) if after.isdigit() else after} | {ready} {closing} |")
+
+        p("")
+        p(f"Per connection: (with − before) ÷ connections opened. nginx allocates its "
+          f"{meta.get('conn_limit', '?')} worker_connections slots when it starts, so its RSS before "
+          "already holds them. Each connection sent one keep-alive `GET /` (forwarded) and then "
+          "stayed idle; RSS was read 1 s after the last one opened. Fresh servers (configured as the "
+          "1-worker / 1-thread rows) answered one request each before \"before\".")
 
     toggle = os.path.join(d, "toggle.txt")
     if os.path.exists(toggle):

@@ -2,7 +2,7 @@
 //!
 //! Pure types and parsing, no I/O, shared by the server, the `ctl` client and the tests.
 
-use crate::state::mode::{Mode, Update};
+use crate::state::mode::{Mode, Update, Window};
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +33,17 @@ pub enum Request {
     },
     Health,
     Reload,
+    ScheduleAdd {
+        /// RFC 3339 or `+DURATION`.
+        start: String,
+        end: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
+    ScheduleList,
+    ScheduleRemove {
+        id: u64,
+    },
 }
 
 pub const COMMANDS: &[&str] = &[
@@ -43,6 +54,9 @@ pub const COMMANDS: &[&str] = &[
     "force_open",
     "health",
     "reload",
+    "schedule_add",
+    "schedule_list",
+    "schedule_remove",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +110,9 @@ pub struct StatusView {
     pub status_page: Option<String>,
     pub upstream: Vec<ServerHealth>,
     pub config: Option<String>,
+    /// The next scheduled window, if any.
+    #[serde(default)]
+    pub next_window: Option<Window>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,6 +123,8 @@ pub struct Response {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<Vec<ServerHealth>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedules: Option<Vec<Window>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorBody>,
 }
 
@@ -115,6 +134,17 @@ impl Response {
             ok: true,
             state: Some(state),
             health: None,
+            schedules: None,
+            error: None,
+        }
+    }
+
+    pub fn schedules(list: Vec<Window>) -> Response {
+        Response {
+            ok: true,
+            state: None,
+            health: None,
+            schedules: Some(list),
             error: None,
         }
     }
@@ -124,6 +154,7 @@ impl Response {
             ok: true,
             state: None,
             health: Some(health),
+            schedules: None,
             error: None,
         }
     }
@@ -133,6 +164,7 @@ impl Response {
             ok: false,
             state: None,
             health: None,
+            schedules: None,
             error: Some(error),
         }
     }
@@ -160,7 +192,10 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ErrorBody> {
         ));
     }
     // serde does not refuse extra fields next to the tag of a variant without fields.
-    if matches!(cmd.as_str(), "status" | "off" | "health" | "reload") {
+    if matches!(
+        cmd.as_str(),
+        "status" | "off" | "health" | "reload" | "schedule_list"
+    ) {
         if let Some(extra) = obj.keys().find(|k| *k != "cmd") {
             return Err(ErrorBody::new(
                 "bad_request",
@@ -208,7 +243,7 @@ mod tests {
         assert_eq!(code(br#"{"cmd":"off","extra":1}"#), "bad_request");
         assert_eq!(
             parse_request(br#"{"cmd":"frobnicate"}"#).unwrap_err().message,
-            "unknown command 'frobnicate'; known: status, on, update, off, force_open, health, reload"
+            "unknown command 'frobnicate'; known: status, on, update, off, force_open, health, reload, schedule_add, schedule_list, schedule_remove"
         );
     }
 

@@ -33,20 +33,30 @@ pub struct View {
     /// Oldest first.
     pub updates: Vec<Update>,
     pub status_page: String,
+    /// The next scheduled window: (start, end, message).
+    pub next_window: Option<(SystemTime, SystemTime, Option<String>)>,
 }
 
 impl View {
-    /// The view of `mode` (which may differ from the current one, for previews).
+    /// The view of `mode` at `now` (which may differ from the current mode, for previews).
+    /// Planned maintenance comes from the operator's `on`, else from the window in force.
     pub fn new(
         mode: Mode,
         state: &Persisted,
         cfg: &MaintenanceConfig,
         outage_since: Option<SystemTime>,
+        now: SystemTime,
     ) -> View {
-        let planned = state.planned.as_ref().filter(|_| mode == Mode::Maintenance);
+        let held = mode == Mode::Maintenance;
+        let planned = state.planned.as_ref().filter(|_| held);
+        let window = state
+            .active_window(now)
+            .filter(|_| held && planned.is_none());
         let default_message = match mode {
             Mode::Outage => &cfg.outage_message,
-            _ => &cfg.message,
+            _ => window
+                .and_then(|w| w.message.as_ref())
+                .unwrap_or(&cfg.message),
         };
         let retry_default = match mode {
             Mode::Outage => whole_seconds(cfg.outage_retry_after),
@@ -61,14 +71,20 @@ impl View {
                 .clone()
                 .unwrap_or_else(|| default_message.clone()),
             since: match mode {
-                Mode::Maintenance => planned.map(|p| p.since.0),
+                Mode::Maintenance => planned.map(|p| p.since.0).or(window.map(|w| w.start.0)),
                 Mode::Outage => outage_since,
                 Mode::Normal => None,
             },
-            until: planned.and_then(|p| p.until).map(|u| u.0),
+            until: planned
+                .and_then(|p| p.until)
+                .or(window.map(|w| w.end))
+                .map(|u| u.0),
             retry_default,
             updates: state.updates.clone(),
             status_page: cfg.status_page.clone(),
+            next_window: state
+                .next_window(now)
+                .map(|w| (w.start.0, w.end.0, w.message.clone())),
         }
     }
 
@@ -170,6 +186,15 @@ struct StatusJson<'a> {
     retry_after: Option<u64>,
     updates: Vec<UpdateJson<'a>>,
     status_page: Option<&'a str>,
+    next_window: Option<WindowJson<'a>>,
+}
+
+/// A scheduled window as the public sees it (not who scheduled it).
+#[derive(Serialize)]
+struct WindowJson<'a> {
+    start: Timestamp,
+    end: Timestamp,
+    message: Option<&'a str>,
 }
 
 /// The RFC 9457 problem document of a held request.
@@ -203,6 +228,14 @@ pub fn status_json(view: &View) -> Spliced {
         retry_after: held.then_some(MARK),
         updates: updates_newest_first(&view.updates),
         status_page: non_empty(&view.status_page),
+        next_window: view
+            .next_window
+            .as_ref()
+            .map(|(start, end, message)| WindowJson {
+                start: Timestamp(*start),
+                end: Timestamp(*end),
+                message: message.as_deref(),
+            }),
     });
     match view.until {
         None => doc.fixed(view.retry_default),

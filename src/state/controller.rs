@@ -48,12 +48,16 @@ impl ControllerHandle {
 
 /// Rebinds the plaintext listeners to a new address list; implemented by the app.
 pub trait Rebind: Send + Sync {
-    fn rebind(
-        &self,
-        plain: &[std::net::SocketAddr],
-        tls: &[std::net::SocketAddr],
-    ) -> Result<(), String>;
+    /// Resolves once removed listeners have closed their sockets.
+    fn rebind<'a>(
+        &'a self,
+        plain: &'a [std::net::SocketAddr],
+        tls: &'a [std::net::SocketAddr],
+    ) -> RebindFuture<'a>;
 }
+
+pub type RebindFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
 
 pub struct Controller {
     rx: mpsc::Receiver<Msg>,
@@ -118,7 +122,9 @@ impl Controller {
         self.publish();
         loop {
             let overrun_at = self.pending_overrun();
+            let edge = self.state.next_edge(SystemTime::now());
             tokio::select! {
+                _ = sleep_until(edge), if edge.is_some() => self.on_edge().await,
                 msg = self.rx.recv() => match msg {
                     Some(Msg::Control { req, by, reply }) => {
                         let resp = self.control(req, by).await;
@@ -201,18 +207,36 @@ impl Controller {
             _ => {}
         }
         // Back to normal clears the episode's words; that is a change of the saved state.
-        let next = self.state.clone().tidied(healthy);
+        let next = self.state.clone().tidied(healthy, SystemTime::now());
         if next != self.state {
-            let path = self.parts.config.control.state_file.clone();
-            let saved = next.clone();
-            match tokio::task::spawn_blocking(move || store::save(&path, &saved)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!("{e}"),
-                Err(e) => tracing::error!("state file writer failed: {e}"),
-            }
+            self.save(&next).await;
             self.state = next;
         }
         self.publish();
+    }
+
+    /// A schedule window started or ended: drop the ended ones (a change of the saved state)
+    /// and publish the mode of the moment.
+    async fn on_edge(&mut self) {
+        let now = SystemTime::now();
+        let next = self.state.clone().tidied(self.healthy(), now);
+        if next != self.state {
+            self.save(&next).await;
+            self.state = next;
+        }
+        self.publish();
+    }
+
+    /// Saves a state that is already in force (a clock edge, a health flip): a failure is
+    /// logged, since there is no operator to refuse.
+    async fn save(&self, next: &Persisted) {
+        let path = self.parts.config.control.state_file.clone();
+        let saved = next.clone();
+        match tokio::task::spawn_blocking(move || store::save(&path, &saved)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("{e}"),
+            Err(e) => tracing::error!("state file writer failed: {e}"),
+        }
     }
 
     fn pending_overrun(&self) -> Option<SystemTime> {
@@ -237,6 +261,7 @@ impl Controller {
         match req {
             Request::Status => Response::state(self.status_view()),
             Request::Health => Response::health(self.health()),
+            Request::ScheduleList => Response::schedules(self.state.schedules.clone()),
             Request::Reload => match self.reload().await {
                 Ok(()) => Response::state(self.status_view()),
                 Err(message) => Response::error(ErrorBody::new("reload_failed", message)),
@@ -263,6 +288,7 @@ impl Controller {
             .map_err(|e| match e {
                 ChangeError::BadValue(m) => ErrorBody::new("bad_request", m),
                 e @ ChangeError::NothingHeld => ErrorBody::new("conflict", e.to_string()),
+                e @ ChangeError::NoSuchWindow(_) => ErrorBody::new("not_found", e.to_string()),
             })?;
         if next != self.state {
             let path = self.parts.config.control.state_file.clone();
@@ -315,7 +341,10 @@ impl Controller {
             .map_err(|e| e.to_string())?;
         if moved {
             match &self.rebind {
-                Some(r) => r.rebind(&parts.config.proxy.listen, &parts.config.tls.listen)?,
+                Some(r) => {
+                    r.rebind(&parts.config.proxy.listen, &parts.config.tls.listen)
+                        .await?
+                }
                 None => {
                     tracing::warn!("listen addresses changed; they take effect at the next restart")
                 }
@@ -396,6 +425,7 @@ impl Controller {
                 .source
                 .as_ref()
                 .map(|p| p.display().to_string()),
+            next_window: self.state.next_window(now).cloned(),
         }
     }
 }
@@ -422,7 +452,18 @@ fn to_change(req: Request, by: String, now: SystemTime) -> Result<Change, ErrorB
         Request::Update { message } => Change::Update { message },
         Request::Off => Change::Off,
         Request::ForceOpen { enabled } => Change::ForceOpen(enabled),
-        Request::Status | Request::Health | Request::Reload => {
+        Request::ScheduleAdd {
+            start,
+            end,
+            message,
+        } => Change::ScheduleAdd {
+            start: parse_time(&start, now).map_err(|e| bad(format!("start: {e}")))?,
+            end: parse_time(&end, now).map_err(|e| bad(format!("end: {e}")))?,
+            message,
+            by,
+        },
+        Request::ScheduleRemove { id } => Change::ScheduleRemove { id },
+        Request::Status | Request::Health | Request::Reload | Request::ScheduleList => {
             return Err(ErrorBody::new("internal", "not a change"));
         }
     })
@@ -440,6 +481,12 @@ fn describe(change: &Change) -> String {
             "force-open on: forwarding whatever health checks say".to_owned()
         }
         Change::ForceOpen(false) => "force-open off".to_owned(),
+        Change::ScheduleAdd { start, end, .. } => format!(
+            "maintenance window scheduled from {} to {}",
+            crate::time::Timestamp(*start).rfc3339(),
+            crate::time::Timestamp(*end).rfc3339()
+        ),
+        Change::ScheduleRemove { id } => format!("maintenance window {id} removed"),
     }
 }
 

@@ -64,6 +64,11 @@ pub struct Persisted {
     pub updates: Vec<Update>,
     #[serde(default)]
     pub force_open: bool,
+    /// Scheduled windows, by start; ended ones are removed.
+    #[serde(default)]
+    pub schedules: Vec<Window>,
+    #[serde(default)]
+    pub next_window_id: u64,
 }
 
 pub const STATE_VERSION: u32 = 1;
@@ -80,6 +85,8 @@ impl Default for Persisted {
             message: None,
             updates: Vec::new(),
             force_open: false,
+            schedules: Vec::new(),
+            next_window_id: 1,
         }
     }
 }
@@ -99,6 +106,26 @@ pub enum Change {
     },
     Off,
     ForceOpen(bool),
+    ScheduleAdd {
+        start: SystemTime,
+        end: SystemTime,
+        message: Option<String>,
+        by: String,
+    },
+    ScheduleRemove {
+        id: u64,
+    },
+}
+
+/// A maintenance window that switches itself on at `start` and off at `end`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Window {
+    pub id: u64,
+    pub start: Timestamp,
+    pub end: Timestamp,
+    #[serde(default)]
+    pub message: Option<String>,
+    pub by: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -107,6 +134,8 @@ pub enum ChangeError {
     BadValue(String),
     #[error("nothing to update: no maintenance or outage is going on")]
     NothingHeld,
+    #[error("no schedule window has id {0}")]
+    NoSuchWindow(u64),
 }
 
 /// The longest message accepted, in characters: a page, not a novel.
@@ -120,9 +149,10 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_UPDATES: usize = 50;
 
 impl Persisted {
-    /// The mode clients see: `on` > outage (unless force-open) > normal.
-    pub fn mode(&self, upstream_healthy: bool) -> Mode {
-        if self.planned.is_some() {
+    /// The mode clients see at `now`: `on` > an active schedule window > outage (unless
+    /// force-open) > normal.
+    pub fn mode(&self, upstream_healthy: bool, now: SystemTime) -> Mode {
+        if self.planned.is_some() || self.active_window(now).is_some() {
             Mode::Maintenance
         } else if !upstream_healthy && !self.force_open {
             Mode::Outage
@@ -186,15 +216,30 @@ impl Persisted {
                 }
             }
             Change::Update { message } => {
-                if self.mode(upstream_healthy) == Mode::Normal {
+                if self.mode(upstream_healthy, now) == Mode::Normal {
                     return Err(ChangeError::NothingHeld);
                 }
                 next.set_message(message, now)?;
             }
             Change::Off => next.planned = None,
             Change::ForceOpen(enabled) => next.force_open = enabled,
+            Change::ScheduleAdd {
+                start,
+                end,
+                message,
+                by,
+            } => {
+                next.add_window(start, end, message, by, now)?;
+            }
+            Change::ScheduleRemove { id } => {
+                let before = next.schedules.len();
+                next.schedules.retain(|w| w.id != id);
+                if next.schedules.len() == before {
+                    return Err(ChangeError::NoSuchWindow(id));
+                }
+            }
         }
-        Ok(next.tidied(upstream_healthy))
+        Ok(next.tidied(upstream_healthy, now))
     }
 
     fn set_message(&mut self, message: String, now: SystemTime) -> Result<(), ChangeError> {
@@ -221,12 +266,86 @@ impl Persisted {
     }
 
     /// Clears the episode's message and timeline once nothing is held any more.
-    pub fn tidied(mut self, upstream_healthy: bool) -> Persisted {
-        if self.mode(upstream_healthy) == Mode::Normal {
+    pub fn tidied(mut self, upstream_healthy: bool, now: SystemTime) -> Persisted {
+        self.schedules.retain(|w| w.end.0 > now);
+        if self.mode(upstream_healthy, now) == Mode::Normal {
             self.message = None;
             self.updates.clear();
         }
         self
+    }
+
+    /// The window in force at `now`, if any.
+    pub fn active_window(&self, now: SystemTime) -> Option<&Window> {
+        self.schedules
+            .iter()
+            .find(|w| w.start.0 <= now && now < w.end.0)
+    }
+
+    /// The next window to start after `now`.
+    pub fn next_window(&self, now: SystemTime) -> Option<&Window> {
+        self.schedules
+            .iter()
+            .filter(|w| w.start.0 > now)
+            .min_by_key(|w| w.start)
+    }
+
+    /// The next moment a window starts or ends, when the mode may change by itself.
+    pub fn next_edge(&self, now: SystemTime) -> Option<SystemTime> {
+        self.schedules
+            .iter()
+            .flat_map(|w| [w.start.0, w.end.0])
+            .filter(|&t| t > now)
+            .min()
+    }
+
+    fn add_window(
+        &mut self,
+        start: SystemTime,
+        end: SystemTime,
+        message: Option<String>,
+        by: String,
+        now: SystemTime,
+    ) -> Result<(), ChangeError> {
+        let bad = |m: &str| Err(ChangeError::BadValue(m.to_owned()));
+        if end <= start {
+            return bad("end must be after start");
+        }
+        // A second of slack lets "--start +0s" mean now.
+        if start + Duration::from_secs(1) < now {
+            return bad("start is in the past");
+        }
+        if end.duration_since(now).unwrap_or_default() > MAX_AHEAD {
+            return bad("end is more than a year ahead");
+        }
+        if let Some(w) = self
+            .schedules
+            .iter()
+            .find(|w| start < w.end.0 && w.start.0 < end)
+        {
+            return Err(ChangeError::BadValue(format!(
+                "overlaps window {} ({} to {})",
+                w.id,
+                w.start.rfc3339(),
+                w.end.rfc3339()
+            )));
+        }
+        let message = match message.map(|m| m.trim().to_owned()) {
+            Some(m) if m.is_empty() => return bad("message must not be empty"),
+            Some(m) if m.chars().count() > MAX_MESSAGE_CHARS => return bad("message is too long"),
+            other => other,
+        };
+        let id = self.next_window_id.max(1);
+        self.next_window_id = id + 1;
+        self.schedules.push(Window {
+            id,
+            start: Timestamp(start.max(now)),
+            end: Timestamp(end),
+            message,
+            by,
+        });
+        self.schedules.sort_by_key(|w| w.start);
+        Ok(())
     }
 
     /// Whether the announced end of planned maintenance has passed.
@@ -260,17 +379,17 @@ mod tests {
     #[test]
     fn precedence_of_modes() {
         let mut s = Persisted::default();
-        assert_eq!(s.mode(true), Mode::Normal);
-        assert_eq!(s.mode(false), Mode::Outage);
+        assert_eq!(s.mode(true, t(0)), Mode::Normal);
+        assert_eq!(s.mode(false, t(0)), Mode::Outage);
         s.force_open = true;
-        assert_eq!(s.mode(false), Mode::Normal);
+        assert_eq!(s.mode(false, t(0)), Mode::Normal);
         s = s.apply(on(None), t(0), false).unwrap();
         assert_eq!(
-            s.mode(false),
+            s.mode(false, t(0)),
             Mode::Maintenance,
             "on beats outage and force-open"
         );
-        assert_eq!(s.mode(true), Mode::Maintenance);
+        assert_eq!(s.mode(true, t(0)), Mode::Maintenance);
     }
 
     #[test]
@@ -340,7 +459,7 @@ mod tests {
             .apply(on(Some("x")), t(0), false)
             .unwrap();
         let s = s.apply(Change::Off, t(5), false).unwrap();
-        assert_eq!(s.mode(false), Mode::Outage);
+        assert_eq!(s.mode(false, t(0)), Mode::Outage);
         assert_eq!(s.message.as_deref(), Some("x"));
     }
 
@@ -435,6 +554,64 @@ mod tests {
         );
     }
 
+    fn window(start: u64, end: u64) -> Change {
+        Change::ScheduleAdd {
+            start: t(start),
+            end: t(end),
+            message: Some(format!("window {start}-{end}")),
+            by: "ops".into(),
+        }
+    }
+
+    #[test]
+    fn schedule_windows_switch_by_time() {
+        let s = Persisted::default()
+            .apply(window(100, 200), t(0), true)
+            .unwrap();
+        assert_eq!(s.mode(true, t(99)), Mode::Normal);
+        assert_eq!(s.mode(true, t(100)), Mode::Maintenance);
+        assert_eq!(
+            s.mode(false, t(150)),
+            Mode::Maintenance,
+            "a window beats an outage"
+        );
+        assert_eq!(s.mode(true, t(200)), Mode::Normal);
+        assert_eq!(s.next_edge(t(0)), Some(t(100)));
+        assert_eq!(s.next_edge(t(100)), Some(t(200)));
+        assert_eq!(s.next_edge(t(200)), None);
+        assert_eq!(s.next_window(t(0)).map(|w| w.id), Some(1));
+        assert_eq!(s.next_window(t(150)), None);
+        // Ended windows are dropped when the state is tidied.
+        assert!(s.clone().tidied(true, t(200)).schedules.is_empty());
+    }
+
+    #[test]
+    fn schedule_refusals() {
+        let s = Persisted::default()
+            .apply(window(100, 200), t(50), true)
+            .unwrap();
+        for (change, why) in [
+            (window(150, 250), "overlap"),
+            (window(50, 101), "overlap at the start"),
+            (window(300, 300), "empty"),
+            (window(400, 300), "end before start"),
+            (window(10, 40), "in the past"),
+        ] {
+            assert!(s.apply(change, t(50), true).is_err(), "{why}");
+        }
+        // Touching is not overlapping.
+        assert!(s.apply(window(200, 300), t(50), true).is_ok());
+        assert!(s.apply(window(60, 100), t(50), true).is_ok());
+        assert_eq!(
+            s.apply(Change::ScheduleRemove { id: 9 }, t(50), true),
+            Err(ChangeError::NoSuchWindow(9))
+        );
+        let removed = s
+            .apply(Change::ScheduleRemove { id: 1 }, t(50), true)
+            .unwrap();
+        assert!(removed.schedules.is_empty());
+    }
+
     #[test]
     fn overrun_after_until() {
         let s = Persisted::default()
@@ -453,7 +630,7 @@ mod tests {
         assert!(!s.overrun(t(99)));
         assert!(s.overrun(t(100)));
         assert_eq!(
-            s.mode(true),
+            s.mode(true, t(0)),
             Mode::Maintenance,
             "maintenance stays on after until"
         );

@@ -97,8 +97,8 @@ impl Snapshot {
         let m = &parts.config.maintenance;
         let prefix = m.reserved_prefix.as_str();
         let healthy = inputs.up.iter().any(|&u| u);
-        let mode = inputs.state.mode(healthy);
-        let current = View::new(mode, inputs.state, m, inputs.outage_since);
+        let mode = inputs.state.mode(healthy, inputs.now);
+        let current = View::new(mode, inputs.state, m, inputs.outage_since, inputs.now);
         let status = held::status_json(&current);
         // A preview of the mode in force shows exactly what clients get; a preview of another
         // mode shows that mode's page as it would start now: its configured message, no timeline.
@@ -106,7 +106,7 @@ impl Snapshot {
             if of == mode {
                 return held::render_pages(&parts.pages, &current, prefix, inputs.now);
             }
-            let mut v = View::new(of, &Persisted::default(), m, Some(inputs.now));
+            let mut v = View::new(of, &Persisted::default(), m, Some(inputs.now), inputs.now);
             v.since = Some(inputs.now);
             held::render_pages(&parts.pages, &v, prefix, inputs.now)
         };
@@ -117,6 +117,7 @@ impl Snapshot {
             inputs.state,
             m,
             inputs.outage_since.or(Some(inputs.now)),
+            inputs.now,
         );
         let outage = Held::new(&parts.pages, outage_view, prefix, inputs.now);
         let held =

@@ -1,0 +1,249 @@
+//! The admin HTTP listener, for machines: `/metrics`, `/healthz`, `/readyz`.
+//!
+//! Separate from the proxy's listeners on purpose: its own port (`[admin] listen`, loopback in the
+//! shipped config), plain HTTP/1.1 only, a small connection cap, and nothing of the gateway, so
+//! that a scrape can never be held, bypassed or forwarded, and a flood on the proxy's port never
+//! hides the metrics that would show it. It only reads: `Metrics::encode` and the `ready` probe.
+
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// What `/readyz` asks: listeners bound and config loaded.
+pub type Ready = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// The text `Metrics::encode` writes (OpenMetrics 1.0, which Prometheus asks for first).
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Scrapers and probes are a handful of machines; more connections than this is a mistake or an
+/// attack, and closing them keeps descriptors for the proxy.
+const MAX_CONNECTIONS: usize = 64;
+/// A request head slower than this is not a scraper.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for a response being written; idle keep-alive connections close at once.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves GET /metrics (text format, correct Content-Type), GET /healthz (200 "ok": the process is
+/// alive), GET /readyz (200 "ready" when `ready()` returns true, else 503 "not ready") on
+/// `listener` until `shutdown` fires; anything else 404; non-GET/HEAD 405. HTTP/1.1 via
+/// hyper-util; small and separate from the proxy's listeners.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    ready: Ready,
+    mut shutdown: Shutdown,
+) {
+    let graceful = GracefulShutdown::new();
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Usually out of file descriptors: wait a moment instead of spinning.
+                    tracing::warn!(error = %e, "admin: accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.fired() => break,
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "admin: too many connections; closing a new one");
+            continue;
+        };
+        let metrics = metrics.clone();
+        let ready = ready.clone();
+        let service = service_fn(move |req| {
+            let resp = respond(&req, &metrics, ready.as_ref());
+            async move { Ok::<_, Infallible>(resp) }
+        });
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "admin: connection ended with an error");
+            }
+        });
+    }
+    // Closing the port first tells probes at once that this process is going.
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::debug!("admin: connections still open after the drain timeout; leaving them");
+    }
+}
+
+/// The whole routing table. An unknown path is 404 whatever the method; a known one answers
+/// only GET and HEAD (hyper leaves the body out for HEAD).
+fn respond<B>(
+    req: &Request<B>,
+    metrics: &Metrics,
+    ready: &(dyn Fn() -> bool + Send + Sync),
+) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let path = req.uri().path();
+    if !matches!(path, "/metrics" | "/healthz" | "/readyz") {
+        return reply(StatusCode::NOT_FOUND, TEXT, "not found");
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut resp = reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed");
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return resp;
+    }
+    match path {
+        "/metrics" => reply(StatusCode::OK, METRICS_CONTENT_TYPE, metrics.encode()),
+        "/readyz" if ready() => reply(StatusCode::OK, TEXT, "ready"),
+        "/readyz" => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready"),
+        _ => reply(StatusCode::OK, TEXT, "ok"),
+    }
+}
+
+fn reply(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    // Probes and scrapes want the present, never a cached past.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::tests::{parse, value};
+    use crate::metrics::Outcome;
+    use crate::state::mode::Mode;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    type TestClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+
+    async fn call(
+        client: &TestClient,
+        addr: SocketAddr,
+        method: Method,
+        path: &str,
+    ) -> (StatusCode, http::HeaderMap, String) {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}{path}"))
+            .body(Empty::new())
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+            .await
+            .expect("admin answers in time")
+            .expect("admin answers");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8(body.to_vec()).expect("utf-8 body"),
+        )
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_health_and_readiness() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        metrics.set_mode(Mode::Maintenance);
+        metrics.request(
+            Outcome::Held,
+            Mode::Maintenance,
+            503,
+            Duration::from_millis(2),
+        );
+        let is_ready = Arc::new(AtomicBool::new(false));
+        let flag = is_ready.clone();
+        let ready: Ready = Arc::new(move || flag.load(Ordering::SeqCst));
+        let (trigger, shutdown) = crate::shutdown::channel();
+        let server = tokio::spawn(serve(listener, metrics.clone(), ready, shutdown));
+        let client: TestClient = Client::builder(TokioExecutor::new()).build_http();
+
+        let (status, headers, body) = call(&client, addr, Method::GET, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::CONTENT_TYPE], METRICS_CONTENT_TYPE);
+        let samples = parse(&body);
+        assert_eq!(
+            value(
+                &samples,
+                "intermission_requests_total",
+                &[("outcome", "held"), ("mode", "maintenance")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&samples, "intermission_mode", &[("mode", "maintenance")]),
+            Some(1.0)
+        );
+        assert!(body.ends_with("# EOF\n"));
+
+        let (status, _, body) = call(&client, addr, Method::GET, "/healthz").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
+
+        let (status, _, body) = call(&client, addr, Method::GET, "/readyz").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+        );
+        is_ready.store(true, Ordering::SeqCst);
+        let (status, _, body) = call(&client, addr, Method::GET, "/readyz").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "ready"));
+
+        let (status, headers, body) = call(&client, addr, Method::HEAD, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::CONTENT_TYPE], METRICS_CONTENT_TYPE);
+        assert!(body.is_empty(), "HEAD has no body");
+
+        let (status, _, _) = call(&client, addr, Method::GET, "/").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, _, _) = call(&client, addr, Method::POST, "/nowhere").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, headers, _) = call(&client, addr, Method::POST, "/metrics").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(headers[header::ALLOW], "GET, HEAD");
+        let (status, _, _) = call(&client, addr, Method::DELETE, "/readyz").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+
+        // The client still holds an idle keep-alive connection: shutdown must not wait for it.
+        trigger.fire();
+        tokio::time::timeout(Duration::from_secs(2), server)
+            .await
+            .expect("serve returns promptly after shutdown")
+            .expect("serve does not panic");
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "the port is closed after shutdown"
+        );
+    }
+}

@@ -1,0 +1,972 @@
+//! The process's metrics: one `prometheus-client` registry, its handles, and the text exposition.
+//!
+//! Owns every metric name, label and help text, so that the README's "Monitoring" section has one
+//! place to check. Two kinds of callers, two costs:
+//!
+//! - The data plane calls [`Metrics::request`] once per request. It costs only relaxed atomic
+//!   increments: every series it touches is created in [`Metrics::new`] and kept as a plain handle
+//!   in an array indexed by a small enum, so there is no lock, no allocation and no label lookup.
+//!   The duration histogram is [`DurationHistogram`], lock-free on observe (prometheus-client's
+//!   own `Histogram` takes a mutex per observation).
+//! - The control plane (mode changes, health checks, control commands, webhooks) is rare and may
+//!   lock and allocate: it goes through `Family::get_or_create`.
+//!
+//! This module must not know how anything is served: `admin` serves [`Metrics::encode`].
+
+use crate::state::mode::Mode;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What became of one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Sent to the upstream and answered by it.
+    Forwarded,
+    /// Answered with a holding response (maintenance or outage).
+    Held,
+    /// Forwarded although held: allow-listed path or client, or a valid bypass cookie.
+    Bypassed,
+    /// One of intermission's own paths (status, assets, bypass, preview).
+    Reserved,
+    /// Could not be forwarded; answered with the outage response.
+    Failed,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 5] = [
+        Outcome::Forwarded,
+        Outcome::Held,
+        Outcome::Bypassed,
+        Outcome::Reserved,
+        Outcome::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::Held => "held",
+            Outcome::Bypassed => "bypassed",
+            Outcome::Reserved => "reserved",
+            Outcome::Failed => "failed",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// What became of one webhook delivery.
+#[derive(Debug, Clone, Copy)]
+pub enum WebhookResult {
+    Delivered,
+    /// Given up after the retries.
+    Failed,
+    /// Never attempted: the queue was full and the oldest delivery was dropped.
+    Dropped,
+}
+
+impl WebhookResult {
+    const ALL: [WebhookResult; 3] = [
+        WebhookResult::Delivered,
+        WebhookResult::Failed,
+        WebhookResult::Dropped,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            WebhookResult::Delivered => "delivered",
+            WebhookResult::Failed => "failed",
+            WebhookResult::Dropped => "dropped",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+const MODES: [Mode; 3] = [Mode::Normal, Mode::Maintenance, Mode::Outage];
+
+fn mode_index(mode: Mode) -> usize {
+    match mode {
+        Mode::Normal => 0,
+        Mode::Maintenance => 1,
+        Mode::Outage => 2,
+    }
+}
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The index into `STATUS_CLASSES`. hyper accepts codes up to 999; none of them has a class, so
+/// they are left out rather than counted as something they are not.
+fn status_class(status: u16) -> Option<usize> {
+    match status {
+        100..=199 => Some(0),
+        200..=299 => Some(1),
+        300..=399 => Some(2),
+        400..=499 => Some(3),
+        500..=599 => Some(4),
+        _ => None,
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    outcome: &'static str,
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransitionLabels {
+    from: &'static str,
+    to: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServerLabels {
+    server: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HealthCheckLabels {
+    server: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandLabels {
+    command: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookLabels {
+    result: &'static str,
+}
+
+fn result_label(ok: bool) -> &'static str {
+    if ok {
+        "ok"
+    } else {
+        "fail"
+    }
+}
+
+/// Upper bounds of the duration buckets, in microseconds (0.5 ms to 10 s), so that observing
+/// compares integers. `+Inf` is the extra last bucket.
+const BUCKETS_MICROS: [u64; 14] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000,
+];
+
+/// One observation adds at most a day to the sum, so that no absurd duration can wrap it.
+const MAX_OBSERVATION_MICROS: u64 = 24 * 3600 * 1_000_000;
+
+/// A histogram of durations in seconds whose `observe` is two relaxed atomic increments.
+///
+/// Buckets are stored non-cumulative (one increment per observation, not one per bucket above
+/// it) and the count is their total, computed when encoding: so the `+Inf` bucket always equals
+/// `_count` in a scrape, even one taken in the middle of an observation. The sum, kept in whole
+/// microseconds, may lag its buckets by an observation or two during a scrape; Prometheus only
+/// ever takes rates of it. Clones share the same cells, like `Counter`.
+#[derive(Debug, Clone, Default)]
+pub struct DurationHistogram {
+    inner: Arc<HistogramCells>,
+}
+
+#[derive(Debug, Default)]
+struct HistogramCells {
+    buckets: [AtomicU64; BUCKETS_MICROS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl DurationHistogram {
+    pub fn observe(&self, duration: Duration) {
+        let micros = u64::try_from(duration.as_micros())
+            .unwrap_or(u64::MAX)
+            .min(MAX_OBSERVATION_MICROS);
+        // Fourteen integer comparisons beat a binary search at this size and never branch far.
+        let i = BUCKETS_MICROS
+            .iter()
+            .position(|&bound| micros <= bound)
+            .unwrap_or(BUCKETS_MICROS.len());
+        self.inner.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.inner.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for DurationHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for DurationHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let mut buckets = [(0.0, 0); BUCKETS_MICROS.len() + 1];
+        let mut count = 0;
+        for (i, slot) in buckets.iter_mut().enumerate() {
+            let upper = BUCKETS_MICROS
+                .get(i)
+                .map_or(f64::INFINITY, |&micros| micros as f64 / 1e6);
+            let n = self.inner.buckets[i].load(Ordering::Relaxed);
+            count += n;
+            *slot = (upper, n);
+        }
+        let sum = self.inner.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        // The encoder accumulates the per-bucket counts itself.
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// The registry and every handle into it. Shared as `Arc<Metrics>`; it lives as long as the
+/// process, across config reloads, so counters never restart.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// `[outcome][mode]`.
+    requests: [[Counter; 3]; 5],
+    /// Indexed like `STATUS_CLASSES`.
+    responses: [Counter; 5],
+    request_duration: DurationHistogram,
+    /// Indexed by `mode_index`.
+    mode: [Gauge; 3],
+    /// `[from][to]`; the diagonal stays unused.
+    transitions: [[Counter; 3]; 3],
+    upstream_healthy: Family<ServerLabels, Gauge>,
+    health_checks: Family<HealthCheckLabels, Counter>,
+    health_check_duration: Family<ServerLabels, DurationHistogram>,
+    control_commands: Family<CommandLabels, Counter>,
+    /// Indexed by `WebhookResult::index`.
+    webhooks: [Counter; 3],
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric. Series with a fixed label set are created here, at zero, so that
+    /// they exist from the first scrape (a rate over a series that appears late misses its start)
+    /// and so that the hot path never has to create one.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+
+        let requests_family = Family::<RequestLabels, Counter>::default();
+        let requests = Outcome::ALL.map(|outcome| {
+            MODES.map(|mode| {
+                requests_family.get_or_create_owned(&RequestLabels {
+                    outcome: outcome.as_str(),
+                    mode: mode.as_str(),
+                })
+            })
+        });
+        registry.register(
+            "intermission_requests",
+            "Requests by what became of them (forwarded, held, bypassed, reserved, failed) \
+             and the mode they were decided in",
+            requests_family,
+        );
+
+        let responses_family = Family::<ClassLabels, Counter>::default();
+        let responses = STATUS_CLASSES
+            .map(|class| responses_family.get_or_create_owned(&ClassLabels { class }));
+        registry.register(
+            "intermission_responses",
+            "Responses sent to clients, by status class",
+            responses_family,
+        );
+
+        let request_duration = DurationHistogram::default();
+        registry.register_with_unit(
+            "intermission_request_duration",
+            "Time from receiving a request to having its response head, in seconds",
+            Unit::Seconds,
+            request_duration.clone(),
+        );
+
+        let mode_family = Family::<ModeLabels, Gauge>::default();
+        let mode = MODES.map(|m| mode_family.get_or_create_owned(&ModeLabels { mode: m.as_str() }));
+        registry.register(
+            "intermission_mode",
+            "The mode clients see: 1 for the current one, 0 for the others",
+            mode_family,
+        );
+
+        let transitions_family = Family::<TransitionLabels, Counter>::default();
+        let transitions = MODES.map(|from| {
+            MODES.map(|to| {
+                let labels = TransitionLabels {
+                    from: from.as_str(),
+                    to: to.as_str(),
+                };
+                if from == to {
+                    // Never incremented, so never shown.
+                    Counter::default()
+                } else {
+                    transitions_family.get_or_create_owned(&labels)
+                }
+            })
+        });
+        registry.register(
+            "intermission_mode_transitions",
+            "Changes of mode, by the mode left and the mode entered",
+            transitions_family,
+        );
+
+        let upstream_healthy = Family::<ServerLabels, Gauge>::default();
+        registry.register(
+            "intermission_upstream_healthy",
+            "Whether the health checks count an upstream server as healthy (1) or not (0)",
+            upstream_healthy.clone(),
+        );
+
+        let health_checks = Family::<HealthCheckLabels, Counter>::default();
+        registry.register(
+            "intermission_health_checks",
+            "Health check probes by upstream server and result (ok or fail)",
+            health_checks.clone(),
+        );
+
+        let health_check_duration = Family::<ServerLabels, DurationHistogram>::default();
+        registry.register_with_unit(
+            "intermission_health_check_duration",
+            "Time a health check probe took, by upstream server, in seconds",
+            Unit::Seconds,
+            health_check_duration.clone(),
+        );
+
+        let control_commands = Family::<CommandLabels, Counter>::default();
+        registry.register(
+            "intermission_control_commands",
+            "Commands received on the control socket, by command and result (ok or fail)",
+            control_commands.clone(),
+        );
+
+        let webhooks_family = Family::<WebhookLabels, Counter>::default();
+        let webhooks = WebhookResult::ALL
+            .map(|r| webhooks_family.get_or_create_owned(&WebhookLabels { result: r.as_str() }));
+        registry.register(
+            "intermission_webhook_deliveries",
+            "Webhook deliveries by result (delivered, failed after retries, dropped from a full queue)",
+            webhooks_family,
+        );
+
+        registry.register(
+            "intermission_build",
+            "The running version of intermission; the value is always 1",
+            Info::new([("version", env!("CARGO_PKG_VERSION"))]),
+        );
+
+        Metrics {
+            registry,
+            requests,
+            responses,
+            request_duration,
+            mode,
+            transitions,
+            upstream_healthy,
+            health_checks,
+            health_check_duration,
+            control_commands,
+            webhooks,
+        }
+    }
+
+    /// Counts one request. Hot path: relaxed atomic increments only (ordering between different
+    /// counters does not matter to anyone reading them).
+    pub fn request(&self, outcome: Outcome, mode: Mode, status: u16, duration: Duration) {
+        self.requests[outcome.index()][mode_index(mode)].inc();
+        if let Some(class) = status_class(status) {
+            self.responses[class].inc();
+        }
+        self.request_duration.observe(duration);
+    }
+
+    /// Marks `mode` as the current one. Only the controller calls this, so two calls never race;
+    /// a scrape in between the stores may see no mode at 1 for an instant.
+    pub fn set_mode(&self, mode: Mode) {
+        for (i, gauge) in self.mode.iter().enumerate() {
+            gauge.set(i64::from(i == mode_index(mode)));
+        }
+    }
+
+    /// Counts a change of mode. `from == to` is not a change and is not counted.
+    pub fn mode_transition(&self, from: Mode, to: Mode) {
+        if from != to {
+            self.transitions[mode_index(from)][mode_index(to)].inc();
+        }
+    }
+
+    pub fn set_upstream_health(&self, server: &str, healthy: bool) {
+        self.upstream_healthy
+            .get_or_create(&ServerLabels {
+                server: server.to_owned(),
+            })
+            .set(i64::from(healthy));
+    }
+
+    /// Counts one probe and its latency. Both results' series are created on a server's first
+    /// probe, so that a rate of failures starts from zero rather than from nothing.
+    pub fn health_check(&self, server: &str, ok: bool, latency: Duration) {
+        for result in [true, false] {
+            let counter = self.health_checks.get_or_create(&HealthCheckLabels {
+                server: server.to_owned(),
+                result: result_label(result),
+            });
+            if result == ok {
+                counter.inc();
+            }
+        }
+        self.health_check_duration
+            .get_or_create(&ServerLabels {
+                server: server.to_owned(),
+            })
+            .observe(latency);
+    }
+
+    /// Counts one control command. `command` must be the protocol's command name (a fixed, small
+    /// set), never anything a client wrote, or the number of series would be unbounded.
+    pub fn control_command(&self, command: &str, ok: bool) {
+        for result in [true, false] {
+            let counter = self.control_commands.get_or_create(&CommandLabels {
+                command: command.to_owned(),
+                result: result_label(result),
+            });
+            if result == ok {
+                counter.inc();
+            }
+        }
+    }
+
+    pub fn webhook(&self, result: WebhookResult) {
+        self.webhooks[result.index()].inc();
+    }
+
+    /// Everything, in the OpenMetrics text format (`# EOF` included); serve it as
+    /// `application/openmetrics-text; version=1.0.0; charset=utf-8`.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail; only a metric's own encoder could, and then the
+        // truncated text (no `# EOF`) makes the scrape fail visibly instead of lying.
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+/// Webhook deliveries, as the notifier reports them.
+impl crate::notify::NotifyStats for Metrics {
+    fn delivered(&self) {
+        self.webhook(WebhookResult::Delivered);
+    }
+    fn failed(&self) {
+        self.webhook(WebhookResult::Failed);
+    }
+    fn dropped(&self) {
+        self.webhook(WebhookResult::Dropped);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// One sample line of the text format: `name{k="v",...} value`.
+    #[derive(Debug, Clone, PartialEq)]
+    pub(crate) struct Sample {
+        pub name: String,
+        pub labels: BTreeMap<String, String>,
+        pub value: f64,
+    }
+
+    /// A small parser of the exposition text, strict enough to fail on malformed lines.
+    pub(crate) fn parse(text: &str) -> Vec<Sample> {
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (head, value) = line.rsplit_once(' ').expect("a sample has a value");
+            let value = match value {
+                "+Inf" => f64::INFINITY,
+                v => v
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+            };
+            let (name, labels) = match head.split_once('{') {
+                None => (head.to_owned(), BTreeMap::new()),
+                Some((name, rest)) => {
+                    let body = rest.strip_suffix('}').expect("labels end with }");
+                    (name.to_owned(), parse_labels(body))
+                }
+            };
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+                "bad metric name in {line:?}"
+            );
+            samples.push(Sample {
+                name,
+                labels,
+                value,
+            });
+        }
+        samples
+    }
+
+    fn parse_labels(body: &str) -> BTreeMap<String, String> {
+        let mut labels = BTreeMap::new();
+        let mut chars = body.chars().peekable();
+        while chars.peek().is_some() {
+            let key: String = chars.by_ref().take_while(|&c| c != '=').collect();
+            assert_eq!(chars.next(), Some('"'), "label value is quoted in {body:?}");
+            let mut value = String::new();
+            loop {
+                match chars.next().expect("label value is closed") {
+                    '"' => break,
+                    '\\' => match chars.next() {
+                        Some('n') => value.push('\n'),
+                        Some(c) => value.push(c),
+                        None => panic!("dangling escape in {body:?}"),
+                    },
+                    c => value.push(c),
+                }
+            }
+            labels.insert(key, value);
+            match chars.next() {
+                None | Some(',') => {}
+                Some(c) => panic!("unexpected {c:?} after a label in {body:?}"),
+            }
+        }
+        labels
+    }
+
+    /// The value of the one sample named `name` with exactly `labels`.
+    pub(crate) fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let want: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut found = samples
+            .iter()
+            .filter(|s| s.name == name && s.labels == want);
+        let first = found.next()?;
+        assert!(found.next().is_none(), "{name} {labels:?} appears twice");
+        Some(first.value)
+    }
+
+    fn get(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+        value(samples, name, labels).unwrap_or_else(|| panic!("no sample {name} {labels:?}"))
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn requests_by_outcome_and_mode() {
+        let m = Metrics::new();
+        m.request(Outcome::Forwarded, Mode::Normal, 200, MS);
+        m.request(Outcome::Forwarded, Mode::Normal, 200, MS);
+        m.request(Outcome::Held, Mode::Maintenance, 503, MS);
+        m.request(Outcome::Bypassed, Mode::Maintenance, 200, MS);
+        m.request(Outcome::Reserved, Mode::Outage, 200, MS);
+        m.request(Outcome::Failed, Mode::Normal, 503, MS);
+        let s = parse(&m.encode());
+
+        let total = "intermission_requests_total";
+        assert_eq!(
+            get(&s, total, &[("outcome", "forwarded"), ("mode", "normal")]),
+            2.0
+        );
+        assert_eq!(
+            get(&s, total, &[("outcome", "held"), ("mode", "maintenance")]),
+            1.0
+        );
+        assert_eq!(
+            get(
+                &s,
+                total,
+                &[("outcome", "bypassed"), ("mode", "maintenance")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            get(&s, total, &[("outcome", "reserved"), ("mode", "outage")]),
+            1.0
+        );
+        assert_eq!(
+            get(&s, total, &[("outcome", "failed"), ("mode", "normal")]),
+            1.0
+        );
+        // Every combination exists from the start, at zero when nothing happened.
+        assert_eq!(
+            get(&s, total, &[("outcome", "held"), ("mode", "outage")]),
+            0.0
+        );
+        assert_eq!(s.iter().filter(|x| x.name == total).count(), 15);
+    }
+
+    #[test]
+    fn responses_by_status_class() {
+        let m = Metrics::new();
+        for status in [101, 200, 204, 301, 404, 429, 503, 600, 0] {
+            m.request(Outcome::Forwarded, Mode::Normal, status, MS);
+        }
+        let s = parse(&m.encode());
+        let class = |c| get(&s, "intermission_responses_total", &[("class", c)]);
+        assert_eq!(
+            [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx")
+            ],
+            [1.0, 2.0, 1.0, 2.0, 1.0]
+        );
+        assert_eq!(
+            s.iter()
+                .filter(|x| x.name == "intermission_responses_total")
+                .count(),
+            5,
+            "codes without a class are not counted under an invented one"
+        );
+        let requests: f64 = s
+            .iter()
+            .filter(|x| x.name == "intermission_requests_total")
+            .map(|x| x.value)
+            .sum();
+        assert_eq!(
+            requests, 9.0,
+            "every request is counted, whatever its status"
+        );
+    }
+
+    #[test]
+    fn request_duration_histogram() {
+        let m = Metrics::new();
+        let observed = [
+            Duration::from_micros(100),
+            Duration::from_millis(1), // on a bound: counted in that bucket (le means <=)
+            Duration::from_millis(30),
+            Duration::from_secs(20), // above the last bound: only in +Inf
+        ];
+        for d in observed {
+            m.request(Outcome::Forwarded, Mode::Normal, 200, d);
+        }
+        let s = parse(&m.encode());
+        let name = "intermission_request_duration_seconds";
+        assert_eq!(get(&s, &format!("{name}_count"), &[]), 4.0);
+        let sum = get(&s, &format!("{name}_sum"), &[]);
+        assert!((sum - 20.0311).abs() < 1e-9, "sum is {sum}");
+
+        let mut buckets: Vec<(f64, f64)> = s
+            .iter()
+            .filter(|x| x.name == format!("{name}_bucket"))
+            .map(|x| {
+                let le = &x.labels["le"];
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().expect("le is a number")
+                };
+                (le, x.value)
+            })
+            .collect();
+        assert_eq!(buckets.len(), BUCKETS_MICROS.len() + 1);
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        assert!(
+            buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+            "cumulative buckets never decrease: {buckets:?}"
+        );
+        let at = |le: f64| buckets.iter().find(|b| b.0 == le).map(|b| b.1);
+        assert_eq!(at(0.0005), Some(1.0));
+        assert_eq!(at(0.001), Some(2.0));
+        assert_eq!(at(0.025), Some(2.0));
+        assert_eq!(at(0.05), Some(3.0));
+        assert_eq!(at(10.0), Some(3.0));
+        assert_eq!(at(f64::INFINITY), Some(4.0), "+Inf equals the count");
+    }
+
+    #[test]
+    fn mode_is_one_hot_and_transitions_are_counted() {
+        let m = Metrics::new();
+        let s = parse(&m.encode());
+        let modes = |s: &[Sample]| {
+            ["normal", "maintenance", "outage"]
+                .map(|mode| get(s, "intermission_mode", &[("mode", mode)]))
+        };
+        assert_eq!(modes(&s), [0.0, 0.0, 0.0], "unknown until the app says");
+
+        m.set_mode(Mode::Normal);
+        m.set_mode(Mode::Maintenance);
+        m.mode_transition(Mode::Normal, Mode::Maintenance);
+        assert_eq!(modes(&parse(&m.encode())), [0.0, 1.0, 0.0]);
+
+        m.set_mode(Mode::Outage);
+        m.mode_transition(Mode::Maintenance, Mode::Outage);
+        m.mode_transition(Mode::Outage, Mode::Normal);
+        m.mode_transition(Mode::Normal, Mode::Maintenance);
+        m.mode_transition(Mode::Normal, Mode::Normal);
+        let s = parse(&m.encode());
+        assert_eq!(modes(&s), [0.0, 0.0, 1.0]);
+
+        let t = |from, to| {
+            get(
+                &s,
+                "intermission_mode_transitions_total",
+                &[("from", from), ("to", to)],
+            )
+        };
+        assert_eq!(t("normal", "maintenance"), 2.0);
+        assert_eq!(t("maintenance", "outage"), 1.0);
+        assert_eq!(t("outage", "normal"), 1.0);
+        assert_eq!(t("maintenance", "normal"), 0.0);
+        assert_eq!(
+            s.iter()
+                .filter(|x| x.name == "intermission_mode_transitions_total")
+                .count(),
+            6,
+            "the six real transitions, never a mode to itself"
+        );
+    }
+
+    #[test]
+    fn control_plane_metrics() {
+        let m = Metrics::new();
+        m.set_upstream_health("10.0.0.1:3000", true);
+        m.set_upstream_health("10.0.0.2:3000", true);
+        m.set_upstream_health("10.0.0.2:3000", false);
+        m.health_check("10.0.0.1:3000", true, Duration::from_millis(3));
+        m.health_check("10.0.0.1:3000", true, Duration::from_millis(4));
+        m.health_check("10.0.0.2:3000", false, Duration::from_secs(2));
+        m.control_command("on", true);
+        m.control_command("on", false);
+        m.control_command("status", true);
+        m.webhook(WebhookResult::Delivered);
+        m.webhook(WebhookResult::Delivered);
+        m.webhook(WebhookResult::Dropped);
+        let s = parse(&m.encode());
+
+        let up = |server| get(&s, "intermission_upstream_healthy", &[("server", server)]);
+        assert_eq!((up("10.0.0.1:3000"), up("10.0.0.2:3000")), (1.0, 0.0));
+
+        let checks = |server, result| {
+            get(
+                &s,
+                "intermission_health_checks_total",
+                &[("server", server), ("result", result)],
+            )
+        };
+        assert_eq!(checks("10.0.0.1:3000", "ok"), 2.0);
+        assert_eq!(checks("10.0.0.1:3000", "fail"), 0.0);
+        assert_eq!(checks("10.0.0.2:3000", "fail"), 1.0);
+        let hc = "intermission_health_check_duration_seconds";
+        let server1 = [("server", "10.0.0.1:3000")];
+        assert_eq!(get(&s, &format!("{hc}_count"), &server1), 2.0);
+        assert!((get(&s, &format!("{hc}_sum"), &server1) - 0.007).abs() < 1e-9);
+        assert_eq!(
+            get(
+                &s,
+                &format!("{hc}_bucket"),
+                &[("server", "10.0.0.2:3000"), ("le", "1.0")]
+            ),
+            0.0
+        );
+        assert_eq!(
+            get(
+                &s,
+                &format!("{hc}_bucket"),
+                &[("server", "10.0.0.2:3000"), ("le", "2.5")]
+            ),
+            1.0
+        );
+
+        let cmd = |command, result| {
+            get(
+                &s,
+                "intermission_control_commands_total",
+                &[("command", command), ("result", result)],
+            )
+        };
+        assert_eq!(
+            (cmd("on", "ok"), cmd("on", "fail"), cmd("status", "ok")),
+            (1.0, 1.0, 1.0)
+        );
+        assert_eq!(cmd("status", "fail"), 0.0);
+
+        let hook = |result| {
+            get(
+                &s,
+                "intermission_webhook_deliveries_total",
+                &[("result", result)],
+            )
+        };
+        assert_eq!(
+            (hook("delivered"), hook("failed"), hook("dropped")),
+            (2.0, 0.0, 1.0)
+        );
+
+        assert_eq!(
+            get(
+                &s,
+                "intermission_build_info",
+                &[("version", env!("CARGO_PKG_VERSION"))]
+            ),
+            1.0
+        );
+    }
+
+    #[test]
+    fn notifier_reports_into_the_webhook_counter() {
+        let m = Arc::new(Metrics::new());
+        let stats: Arc<dyn crate::notify::NotifyStats> = m.clone();
+        stats.delivered();
+        stats.failed();
+        stats.failed();
+        stats.dropped();
+        let s = parse(&m.encode());
+        let hook = |result| {
+            get(
+                &s,
+                "intermission_webhook_deliveries_total",
+                &[("result", result)],
+            )
+        };
+        assert_eq!(
+            (hook("delivered"), hook("failed"), hook("dropped")),
+            (1.0, 2.0, 1.0)
+        );
+    }
+
+    #[test]
+    fn zz_print_sample() {
+        let m = Metrics::new();
+        m.set_mode(Mode::Maintenance);
+        m.mode_transition(Mode::Normal, Mode::Maintenance);
+        m.request(
+            Outcome::Forwarded,
+            Mode::Normal,
+            200,
+            Duration::from_millis(3),
+        );
+        m.request(
+            Outcome::Held,
+            Mode::Maintenance,
+            503,
+            Duration::from_micros(180),
+        );
+        m.set_upstream_health("127.0.0.1:3000", true);
+        m.health_check("127.0.0.1:3000", true, Duration::from_millis(2));
+        m.control_command("on", true);
+        m.webhook(WebhookResult::Delivered);
+        println!("{}", m.encode());
+    }
+
+    #[test]
+    fn every_metric_is_documented_and_the_text_is_complete() {
+        let m = Metrics::new();
+        m.set_upstream_health("a:1", true);
+        m.health_check("a:1", true, MS);
+        m.control_command("status", true);
+        let text = m.encode();
+        for family in [
+            "intermission_requests",
+            "intermission_responses",
+            "intermission_request_duration_seconds",
+            "intermission_mode",
+            "intermission_mode_transitions",
+            "intermission_upstream_healthy",
+            "intermission_health_checks",
+            "intermission_health_check_duration_seconds",
+            "intermission_control_commands",
+            "intermission_webhook_deliveries",
+            "intermission_build",
+        ] {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&format!("# HELP {family} ")) && l.len() > 30),
+                "{family} has no HELP text"
+            );
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&format!("# TYPE {family} "))),
+                "{family} has no TYPE"
+            );
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn concurrent_requests_give_exact_totals() {
+        const THREADS: usize = 8;
+        const PER_THREAD: usize = 20_000;
+        let m = Arc::new(Metrics::new());
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    let outcome = if t % 2 == 0 {
+                        Outcome::Forwarded
+                    } else {
+                        Outcome::Held
+                    };
+                    for i in 0..PER_THREAD {
+                        let d = Duration::from_micros((i % 3) as u64 * 1000);
+                        m.request(outcome, Mode::Normal, 200, d);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("worker thread");
+        }
+        let s = parse(&m.encode());
+        let half = (THREADS / 2 * PER_THREAD) as f64;
+        let total = "intermission_requests_total";
+        assert_eq!(
+            get(&s, total, &[("outcome", "forwarded"), ("mode", "normal")]),
+            half
+        );
+        assert_eq!(
+            get(&s, total, &[("outcome", "held"), ("mode", "normal")]),
+            half
+        );
+        let all = (THREADS * PER_THREAD) as f64;
+        assert_eq!(
+            get(&s, "intermission_responses_total", &[("class", "2xx")]),
+            all
+        );
+        let name = "intermission_request_duration_seconds";
+        assert_eq!(get(&s, &format!("{name}_count"), &[]), all);
+        // Per thread, i % 3 cycles 0, 1, 2 ms: 0 + 1 + 2 ms per three requests.
+        let per_thread_micros: u64 = (0..PER_THREAD as u64).map(|i| (i % 3) * 1000).sum();
+        let expected_sum = (per_thread_micros * THREADS as u64) as f64 / 1e6;
+        assert!((get(&s, &format!("{name}_sum"), &[]) - expected_sum).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,1151 @@
+//! Webhooks (`[[notify]]`): every change of mode or message, schedule edge and `until` overrun
+//! is POSTed to each configured URL, as the event's JSON or as a Slack-compatible `{"text"}`.
+//!
+//! This module owns the payloads (`body`, `signature`) and the delivery: one worker task and
+//! one bounded queue per target, a timeout per attempt, a few retries with exponential backoff.
+//! It must never slow its caller: `Notifier::send` is a mutex-guarded push and a wake-up, never
+//! an await, so a dead or slow webhook cannot hold up the controller, the control socket or the
+//! data plane, nor another webhook. When a queue is full the oldest event is dropped (counted,
+//! and logged at most once per `WARN_EVERY` per target), because the newest state is what a
+//! receiver needs most.
+//!
+//! Reload (`set_targets`): a target that stays (same url, format and secret) keeps its queue
+//! and its worker; a removed target's worker finishes the deliveries it already has (with their
+//! retries), then ends — so a reload never loses an event that was already announced.
+//!
+//! Logs name a target by scheme and authority only: webhook URLs often carry their secret in
+//! the path (Slack's `/services/T…/B…/…`).
+
+use crate::forward::pool::{https_connector, tcp_connector, HttpsConnector};
+use crate::state::mode::Mode;
+use crate::time::Timestamp;
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, USER_AGENT};
+use http::{Request, Uri};
+use http_body_util::Full;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+pub const SIGNATURE_HEADER: &str = "x-intermission-signature";
+
+const AGENT: &str = concat!("intermission/", env!("CARGO_PKG_VERSION"));
+/// Events waiting per target (the one being delivered not counted).
+const QUEUE_CAPACITY: usize = 256;
+/// Attempts per event, the first included.
+const ATTEMPTS: u32 = 3;
+/// The backoff before the second attempt; it doubles after each failure.
+const BACKOFF: Duration = Duration::from_millis(500);
+/// At most one "dropped" warning per target in this time, with the count since the last one.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+/// Webhooks are rare; a short-lived idle connection is enough to reuse one across a burst.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The attempt's own timeout (`Target::timeout`) is what bounds a connect; this is a backstop.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Slack,
+}
+
+/// One `[[notify]]` entry, validated by the config layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `http://` or `https://`.
+    pub url: Uri,
+    pub format: Format,
+    /// Signs the body (`SIGNATURE_HEADER`).
+    pub secret: Option<String>,
+    /// Per attempt: connect, send and the response head.
+    pub timeout: Duration,
+}
+
+impl Target {
+    /// What makes a target "the same" across a reload; the timeout may change in place.
+    fn same_receiver(&self, other: &Target) -> bool {
+        self.url == other.url && self.format == other.format && self.secret == other.secret
+    }
+}
+
+/// One thing that happened, as receivers get it (`format = "json"`: exactly these fields,
+/// absent values as `null`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Event {
+    pub event: EventKind,
+    pub mode: Mode,
+    pub previous_mode: Mode,
+    pub message: Option<String>,
+    pub reason: Option<String>,
+    pub by: Option<String>,
+    pub at: Timestamp,
+    pub since: Option<Timestamp>,
+    pub until: Option<Timestamp>,
+    /// Which proxy is speaking (e.g. the hostname).
+    pub instance: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    ModeChanged,
+    MessageUpdated,
+    ScheduleStarted,
+    ScheduleEnded,
+    UntilOverrun,
+}
+
+/// Counters the notifier reports to (implemented by the metrics module).
+pub trait NotifyStats: Send + Sync {
+    /// An event reached a target (2xx).
+    fn delivered(&self);
+    /// An event was given up after every attempt failed.
+    fn failed(&self);
+    /// An event was dropped from a full queue before any attempt.
+    fn dropped(&self);
+}
+
+/// The exact body a target receives for `event`.
+pub fn body(format: Format, event: &Event) -> Vec<u8> {
+    match format {
+        // Serializing these plain fields cannot fail; an empty object beats a panic if it did.
+        Format::Json => serde_json::to_vec(event).unwrap_or_else(|_| b"{}".to_vec()),
+        Format::Slack => serde_json::json!({ "text": slack_escape(&sentence(event)) })
+            .to_string()
+            .into_bytes(),
+    }
+}
+
+/// The value of `SIGNATURE_HEADER` for `body`: `sha256=<lowercase hex HMAC-SHA256(secret, body)>`.
+pub fn signature(secret: &str, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let tag = ring::hmac::sign(&key, body);
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256=");
+    for byte in tag.as_ref() {
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
+}
+
+/// The readable sentence of a Slack payload.
+fn sentence(e: &Event) -> String {
+    let on = &e.instance;
+    let until = e
+        .until
+        .map(|u| format!(" (until {})", readable_time(u)))
+        .unwrap_or_default();
+    let said = |lead: String| match e.message.as_deref() {
+        Some(m) => format!("{lead}: {m}"),
+        None => lead,
+    };
+    let main = match e.event {
+        EventKind::ModeChanged => match (e.mode, e.previous_mode) {
+            (Mode::Maintenance, _) => said(format!("Maintenance started on {on}")) + &until,
+            (Mode::Outage, _) => format!("Outage on {on}: no upstream server is healthy"),
+            (Mode::Normal, Mode::Maintenance) => {
+                format!("{on} is back to normal after maintenance")
+            }
+            (Mode::Normal, Mode::Outage) => format!("{on} is back to normal after an outage"),
+            (Mode::Normal, Mode::Normal) => format!("{on} is in normal mode"),
+        },
+        EventKind::MessageUpdated => said(format!("Message updated on {on}")),
+        EventKind::ScheduleStarted => said(format!("Maintenance window started on {on}")) + &until,
+        EventKind::ScheduleEnded => match e.mode {
+            Mode::Normal => format!("Maintenance window ended on {on}; back to normal"),
+            Mode::Maintenance => {
+                format!("Maintenance window ended on {on}; maintenance stays on")
+            }
+            Mode::Outage => {
+                format!("Maintenance window ended on {on}; outage: no upstream server is healthy")
+            }
+        },
+        EventKind::UntilOverrun => {
+            let end = e
+                .until
+                .map(|u| format!(" ({})", readable_time(u)))
+                .unwrap_or_default();
+            format!("Maintenance on {on} overran its announced end{end}; it stays on until switched off")
+        }
+    };
+    let details: Vec<String> = [
+        e.reason.as_deref().map(|r| format!("reason: {r}")),
+        e.by.as_deref().map(|b| format!("by {b}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if details.is_empty() {
+        main
+    } else {
+        format!("{main} — {}", details.join(", "))
+    }
+}
+
+/// `2026-11-24 10:00 UTC`: what a person reads in a chat line.
+fn readable_time(t: Timestamp) -> String {
+    let full = t.rfc3339(); // 2026-11-24T10:00:00Z
+    match (full.get(..10), full.get(11..16)) {
+        (Some(day), Some(hm)) => format!("{day} {hm} UTC"),
+        _ => full,
+    }
+}
+
+/// Slack reads `<…>` as links and mentions (`<!channel>`), so an operator's text is escaped
+/// as Slack asks: `&`, `<`, `>`.
+fn slack_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A cheap, cloneable handle on the delivery workers. When the last handle is dropped, each
+/// worker finishes its queue and ends.
+#[derive(Clone)]
+pub struct Notifier {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    queues: Mutex<Vec<Arc<Queue>>>,
+    deliverer: Arc<Deliverer>,
+    capacity: usize,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        for queue in lock(&self.queues).drain(..) {
+            queue.close();
+        }
+    }
+}
+
+/// What every worker shares: the HTTP clients, the counters and the backoff.
+struct Deliverer {
+    plain: Client<HttpConnector, Full<Bytes>>,
+    /// Built on the first `https://` delivery: reading the system roots costs a few hundred
+    /// file reads that a proxy with only `http://` webhooks should not pay.
+    https: OnceCell<Result<Client<HttpsConnector, Full<Bytes>>, String>>,
+    stats: Arc<dyn NotifyStats>,
+    backoff: Duration,
+    /// Queued plus being delivered, all targets (removed ones still finishing included).
+    pending: AtomicUsize,
+}
+
+struct Queue {
+    state: Mutex<QueueState>,
+    wake: tokio::sync::Notify,
+}
+
+struct QueueState {
+    target: Target,
+    events: VecDeque<Arc<Event>>,
+    /// Removed by a reload or the notifier dropped: finish `events`, then end.
+    closed: bool,
+    dropped_unreported: u64,
+    last_warning: Option<Instant>,
+}
+
+impl Queue {
+    fn close(&self) {
+        lock(&self.state).closed = true;
+        self.wake.notify_one();
+    }
+}
+
+impl Notifier {
+    /// Starts one delivery worker per target.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime (the workers are tokio tasks).
+    pub fn start(targets: Vec<Target>, stats: Arc<dyn NotifyStats>) -> Notifier {
+        Notifier::start_with(targets, stats, BACKOFF)
+    }
+
+    /// `start` with another first backoff (tests use a few milliseconds).
+    pub fn start_with(
+        targets: Vec<Target>,
+        stats: Arc<dyn NotifyStats>,
+        backoff: Duration,
+    ) -> Notifier {
+        Notifier::start_with_capacity(targets, stats, backoff, QUEUE_CAPACITY)
+    }
+
+    fn start_with_capacity(
+        targets: Vec<Target>,
+        stats: Arc<dyn NotifyStats>,
+        backoff: Duration,
+        capacity: usize,
+    ) -> Notifier {
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(IDLE_TIMEOUT);
+        let notifier = Notifier {
+            shared: Arc::new(Shared {
+                queues: Mutex::new(Vec::new()),
+                deliverer: Arc::new(Deliverer {
+                    plain: builder.build(tcp_connector(CONNECT_TIMEOUT)),
+                    https: OnceCell::new(),
+                    stats,
+                    backoff,
+                    pending: AtomicUsize::new(0),
+                }),
+                capacity: capacity.max(1),
+                runtime: tokio::runtime::Handle::current(),
+            }),
+        };
+        notifier.set_targets(targets);
+        notifier
+    }
+
+    /// Queues `event` for every target. Never waits: a full queue loses its oldest event.
+    pub fn send(&self, event: Event) {
+        let event = Arc::new(event);
+        let queues = lock(&self.shared.queues);
+        for queue in queues.iter() {
+            self.push(queue, event.clone());
+        }
+    }
+
+    fn push(&self, queue: &Queue, event: Arc<Event>) {
+        let d = &self.shared.deliverer;
+        let mut warning = None;
+        {
+            let mut s = lock(&queue.state);
+            if s.events.len() >= self.shared.capacity && s.events.pop_front().is_some() {
+                d.pending.fetch_sub(1, Ordering::Relaxed);
+                d.stats.dropped();
+                s.dropped_unreported += 1;
+                warning = take_warning(&mut s, Instant::now());
+            }
+            s.events.push_back(event);
+            d.pending.fetch_add(1, Ordering::Relaxed);
+        }
+        // Logged outside the lock: a slow log sink must not hold up the worker.
+        if let Some((url, count)) = warning {
+            warn_dropped(&url, count);
+        }
+        queue.wake.notify_one();
+    }
+
+    /// Replaces the targets (config reload). A target with the same url, format and secret
+    /// keeps its queue (and takes the new timeout); new ones start empty; removed ones finish
+    /// what they have queued, then stop.
+    pub fn set_targets(&self, targets: Vec<Target>) {
+        let mut queues = lock(&self.shared.queues);
+        let mut old: Vec<Arc<Queue>> = std::mem::take(&mut *queues);
+        for target in targets {
+            let kept = old
+                .iter()
+                .position(|q| lock(&q.state).target.same_receiver(&target));
+            match kept {
+                Some(i) => {
+                    let queue = old.swap_remove(i);
+                    lock(&queue.state).target = target;
+                    queues.push(queue);
+                }
+                None => {
+                    let queue = Arc::new(Queue {
+                        state: Mutex::new(QueueState {
+                            target,
+                            events: VecDeque::new(),
+                            closed: false,
+                            dropped_unreported: 0,
+                            last_warning: None,
+                        }),
+                        wake: tokio::sync::Notify::new(),
+                    });
+                    self.shared
+                        .runtime
+                        .spawn(work(queue.clone(), self.shared.deliverer.clone()));
+                    queues.push(queue);
+                }
+            }
+        }
+        for removed in old {
+            removed.close();
+        }
+    }
+
+    /// Deliveries waiting or under way, all targets (removed ones still finishing included).
+    pub fn pending(&self) -> usize {
+        self.shared.deliverer.pending.load(Ordering::Relaxed)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded data stays consistent at every await-free step, so a panic elsewhere while
+    // holding the lock leaves nothing half-done worth refusing over.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The dropped count to report now, if a warning is due.
+fn take_warning(s: &mut QueueState, now: Instant) -> Option<(String, u64)> {
+    let due = match s.last_warning {
+        Some(at) => now.duration_since(at) >= WARN_EVERY,
+        None => true,
+    };
+    if !due || s.dropped_unreported == 0 {
+        return None;
+    }
+    s.last_warning = Some(now);
+    let count = std::mem::take(&mut s.dropped_unreported);
+    Some((shown(&s.target.url), count))
+}
+
+fn warn_dropped(url: &str, count: u64) {
+    tracing::warn!(
+        webhook = url,
+        dropped = count,
+        "webhook queue full: dropped the oldest events; the receiver is slow or down"
+    );
+}
+
+/// A URL as logs may show it: scheme and authority, never the path that may hold a secret.
+fn shown(url: &Uri) -> String {
+    match (url.scheme_str(), url.authority()) {
+        (Some(scheme), Some(authority)) => format!("{scheme}://{authority}/…"),
+        _ => "(webhook)".to_owned(),
+    }
+}
+
+/// One target's worker: delivers its events one at a time, in order.
+async fn work(queue: Arc<Queue>, d: Arc<Deliverer>) {
+    loop {
+        let next = {
+            let mut s = lock(&queue.state);
+            match s.events.pop_front() {
+                Some(event) => Some((event, s.target.clone())),
+                None if s.closed => return,
+                None => None,
+            }
+        };
+        match next {
+            Some((event, target)) => {
+                deliver(&d, &target, &event).await;
+                d.pending.fetch_sub(1, Ordering::Relaxed);
+                // Drops after the last warning are reported once the window has passed, even
+                // if nothing is dropped any more.
+                let warning = take_warning(&mut lock(&queue.state), Instant::now());
+                if let Some((url, count)) = warning {
+                    warn_dropped(&url, count);
+                }
+            }
+            None => queue.wake.notified().await,
+        }
+    }
+}
+
+async fn deliver(d: &Deliverer, target: &Target, event: &Event) {
+    let payload = Bytes::from(body(target.format, event));
+    let signed = target
+        .secret
+        .as_deref()
+        .map(|secret| signature(secret, &payload));
+    let mut delay = d.backoff;
+    for attempt in 1..=ATTEMPTS {
+        let outcome = tokio::time::timeout(
+            target.timeout,
+            post(d, &target.url, payload.clone(), signed.as_deref()),
+        )
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {:?}", target.timeout)));
+        match outcome {
+            Ok(()) => {
+                tracing::debug!(webhook = shown(&target.url), event = ?event.event, attempt, "webhook delivered");
+                d.stats.delivered();
+                return;
+            }
+            Err(why) if attempt < ATTEMPTS => {
+                tracing::debug!(webhook = shown(&target.url), attempt, retry_in = ?delay, "webhook attempt failed: {why}");
+                tokio::time::sleep(delay).await;
+                delay = delay.saturating_mul(2);
+            }
+            Err(why) => {
+                tracing::warn!(webhook = shown(&target.url), event = ?event.event, attempts = ATTEMPTS, "webhook not delivered, giving up: {why}");
+                d.stats.failed();
+            }
+        }
+    }
+}
+
+/// One attempt: success is a 2xx answer. The response body is not read; receivers have
+/// nothing to say to us beyond the status.
+async fn post(
+    d: &Deliverer,
+    url: &Uri,
+    payload: Bytes,
+    signed: Option<&str>,
+) -> Result<(), String> {
+    let mut req = Request::post(url.clone())
+        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+        .header(USER_AGENT, HeaderValue::from_static(AGENT))
+        .body(Full::new(payload))
+        .map_err(|e| e.to_string())?;
+    if let Some(value) = signed {
+        let value = HeaderValue::from_str(value).map_err(|e| e.to_string())?;
+        req.headers_mut().insert(SIGNATURE_HEADER, value);
+    }
+    let response = if url.scheme() == Some(&http::uri::Scheme::HTTPS) {
+        let client = d.https.get_or_init(https_client).await.as_ref()?;
+        client.request(req).await
+    } else {
+        d.plain.request(req).await
+    }
+    .map_err(|e| describe(&e))?;
+    let status = response.status();
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("status {status}"))
+    }
+}
+
+/// The error and its causes on one line ("client error (Connect): tcp connect error: …").
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// The client for `https://` webhooks, verifying against the system's roots.
+async fn https_client() -> Result<Client<HttpsConnector, Full<Bytes>>, String> {
+    // Reading the system store is blocking file I/O.
+    let roots = tokio::task::spawn_blocking(|| {
+        let mut roots = rustls::RootCertStore::empty();
+        let found = rustls_native_certs::load_native_certs();
+        let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            tracing::warn!(
+                "no system root certificates found; https:// webhooks will fail verification"
+            );
+        }
+        roots
+    })
+    .await
+    .map_err(|e| format!("loading root certificates: {e}"))?;
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+    .map_err(|e| format!("TLS settings: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(IDLE_TIMEOUT);
+    Ok(builder.build(https_connector(
+        tcp_connector(CONNECT_TIMEOUT),
+        &Arc::new(tls),
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use hyper::body::Incoming;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use tokio::net::TcpListener;
+    use tokio::sync::Semaphore;
+
+    #[derive(Default)]
+    struct Counts {
+        delivered: AtomicUsize,
+        failed: AtomicUsize,
+        dropped: AtomicUsize,
+    }
+
+    impl NotifyStats for Counts {
+        fn delivered(&self) {
+            self.delivered.fetch_add(1, Ordering::SeqCst);
+        }
+        fn failed(&self) {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+        }
+        fn dropped(&self) {
+            self.dropped.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    impl Counts {
+        fn get(&self) -> (usize, usize, usize) {
+            (
+                self.delivered.load(Ordering::SeqCst),
+                self.failed.load(Ordering::SeqCst),
+                self.dropped.load(Ordering::SeqCst),
+            )
+        }
+    }
+
+    fn time(text: &str) -> Timestamp {
+        Timestamp(humantime::parse_rfc3339(text).unwrap())
+    }
+
+    fn event(kind: EventKind, mode: Mode, previous_mode: Mode, message: Option<&str>) -> Event {
+        Event {
+            event: kind,
+            mode,
+            previous_mode,
+            message: message.map(str::to_owned),
+            reason: None,
+            by: None,
+            at: time("2026-11-24T09:00:00Z"),
+            since: None,
+            until: None,
+            instance: "shop-1".into(),
+        }
+    }
+
+    /// An event whose message is its number, to check order.
+    fn numbered(n: usize) -> Event {
+        let m = n.to_string();
+        event(
+            EventKind::MessageUpdated,
+            Mode::Maintenance,
+            Mode::Maintenance,
+            Some(&m),
+        )
+    }
+
+    #[derive(Clone)]
+    enum Answer {
+        Ok,
+        /// 500 to the first n requests, then 200.
+        FailFirst(usize),
+        /// Never answers.
+        Hang,
+        /// Answers 200 once a permit is given, one per request.
+        Gate(Arc<Semaphore>),
+    }
+
+    struct Received {
+        headers: http::HeaderMap,
+        body: Bytes,
+    }
+
+    /// A real HTTP receiver on 127.0.0.1:0 that records every request as it arrives.
+    struct Receiver {
+        url: Uri,
+        got: Arc<Mutex<Vec<Received>>>,
+    }
+
+    impl Receiver {
+        async fn start(answer: Answer) -> Receiver {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url: Uri = format!(
+                "http://{}/hooks/secret-path",
+                listener.local_addr().unwrap()
+            )
+            .parse()
+            .unwrap();
+            let got = Arc::new(Mutex::new(Vec::new()));
+            let calls = Arc::new(AtomicUsize::new(0));
+            let recorded = got.clone();
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let (got, calls, answer) = (recorded.clone(), calls.clone(), answer.clone());
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let (got, calls, answer) = (got.clone(), calls.clone(), answer.clone());
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await?.to_bytes();
+                            got.lock().unwrap().push(Received {
+                                headers: parts.headers,
+                                body,
+                            });
+                            let n = calls.fetch_add(1, Ordering::SeqCst);
+                            let status = match answer {
+                                Answer::Ok => 200,
+                                Answer::FailFirst(k) if n < k => 500,
+                                Answer::FailFirst(_) => 204,
+                                Answer::Hang => std::future::pending().await,
+                                Answer::Gate(gate) => {
+                                    gate.acquire().await.unwrap().forget();
+                                    200
+                                }
+                            };
+                            let response = http::Response::builder()
+                                .status(status)
+                                .body(Full::new(Bytes::new()))
+                                .unwrap();
+                            Ok::<_, hyper::Error>(response)
+                        }
+                    });
+                    tokio::spawn(async move {
+                        let io = TokioIo::new(stream);
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .await;
+                    });
+                }
+            });
+            Receiver { url, got }
+        }
+
+        fn count(&self) -> usize {
+            self.got.lock().unwrap().len()
+        }
+
+        /// The `message` of every JSON body received, in order.
+        fn messages(&self) -> Vec<String> {
+            self.got
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+                    v["message"].as_str().unwrap_or("").to_owned()
+                })
+                .collect()
+        }
+
+        fn target(&self, secret: Option<&str>) -> Target {
+            Target {
+                url: self.url.clone(),
+                format: Format::Json,
+                secret: secret.map(str::to_owned),
+                timeout: Duration::from_secs(10),
+            }
+        }
+    }
+
+    async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    const FAST: Duration = Duration::from_millis(10);
+
+    #[test]
+    fn json_body_has_exactly_the_documented_fields() {
+        let e = Event {
+            reason: Some("INC-1234".into()),
+            by: Some("alice".into()),
+            since: Some(time("2026-11-24T09:00:00Z")),
+            until: Some(time("2026-11-24T10:00:00Z")),
+            ..event(
+                EventKind::ModeChanged,
+                Mode::Maintenance,
+                Mode::Normal,
+                Some("Database upgrade"),
+            )
+        };
+        let v: serde_json::Value = serde_json::from_slice(&body(Format::Json, &e)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "event": "mode_changed", "mode": "maintenance", "previous_mode": "normal",
+                "message": "Database upgrade", "reason": "INC-1234", "by": "alice",
+                "at": "2026-11-24T09:00:00Z", "since": "2026-11-24T09:00:00Z",
+                "until": "2026-11-24T10:00:00Z", "instance": "shop-1"
+            })
+        );
+        // Absent values are null, not missing: receivers can rely on every key.
+        let bare = event(EventKind::ModeChanged, Mode::Outage, Mode::Normal, None);
+        let v: serde_json::Value = serde_json::from_slice(&body(Format::Json, &bare)).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut expected = [
+            "event",
+            "mode",
+            "previous_mode",
+            "message",
+            "reason",
+            "by",
+            "at",
+            "since",
+            "until",
+            "instance",
+        ];
+        expected.sort_unstable();
+        assert_eq!(keys, expected);
+        assert!(v["until"].is_null() && v["message"].is_null());
+        for (kind, name) in [
+            (EventKind::ModeChanged, "mode_changed"),
+            (EventKind::MessageUpdated, "message_updated"),
+            (EventKind::ScheduleStarted, "schedule_started"),
+            (EventKind::ScheduleEnded, "schedule_ended"),
+            (EventKind::UntilOverrun, "until_overrun"),
+        ] {
+            assert_eq!(serde_json::to_value(kind).unwrap(), name);
+        }
+    }
+
+    #[test]
+    fn slack_sentences() {
+        use EventKind::*;
+        use Mode::*;
+        let until = Some(time("2026-11-24T10:00:00Z"));
+        let db = Some("Database upgrade");
+        let cases = [
+            (
+                Event {
+                    until,
+                    ..event(ModeChanged, Maintenance, Normal, db)
+                },
+                "Maintenance started on shop-1: Database upgrade (until 2026-11-24 10:00 UTC)",
+            ),
+            (
+                Event {
+                    reason: Some("INC-1234".into()),
+                    by: Some("alice".into()),
+                    ..event(ModeChanged, Maintenance, Outage, None)
+                },
+                "Maintenance started on shop-1 — reason: INC-1234, by alice",
+            ),
+            (
+                event(ModeChanged, Normal, Maintenance, None),
+                "shop-1 is back to normal after maintenance",
+            ),
+            (
+                event(ModeChanged, Outage, Normal, Some("We are on it")),
+                "Outage on shop-1: no upstream server is healthy",
+            ),
+            (
+                event(ModeChanged, Normal, Outage, None),
+                "shop-1 is back to normal after an outage",
+            ),
+            (
+                event(MessageUpdated, Maintenance, Maintenance, Some("15 more minutes.")),
+                "Message updated on shop-1: 15 more minutes.",
+            ),
+            (
+                Event {
+                    until,
+                    ..event(ScheduleStarted, Maintenance, Normal, db)
+                },
+                "Maintenance window started on shop-1: Database upgrade (until 2026-11-24 10:00 UTC)",
+            ),
+            (
+                event(ScheduleEnded, Normal, Maintenance, None),
+                "Maintenance window ended on shop-1; back to normal",
+            ),
+            (
+                event(ScheduleEnded, Maintenance, Maintenance, None),
+                "Maintenance window ended on shop-1; maintenance stays on",
+            ),
+            (
+                event(ScheduleEnded, Outage, Maintenance, None),
+                "Maintenance window ended on shop-1; outage: no upstream server is healthy",
+            ),
+            (
+                Event {
+                    until,
+                    ..event(UntilOverrun, Maintenance, Maintenance, db)
+                },
+                "Maintenance on shop-1 overran its announced end (2026-11-24 10:00 UTC); it stays on until switched off",
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(sentence(&e), want, "{e:?}");
+            let v: serde_json::Value = serde_json::from_slice(&body(Format::Slack, &e)).unwrap();
+            assert_eq!(v, serde_json::json!({ "text": want }));
+        }
+    }
+
+    #[test]
+    fn slack_text_cannot_ping_or_link() {
+        let e = event(
+            EventKind::MessageUpdated,
+            Mode::Maintenance,
+            Mode::Maintenance,
+            Some("<!channel> R&D <http://x|y>"),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body(Format::Slack, &e)).unwrap();
+        assert_eq!(
+            v["text"],
+            "Message updated on shop-1: &lt;!channel&gt; R&amp;D &lt;http://x|y&gt;"
+        );
+    }
+
+    #[test]
+    fn signature_matches_rfc_4231_test_case_2() {
+        assert_eq!(
+            signature("Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn logs_never_show_the_path() {
+        let url: Uri = "https://hooks.slack.com/services/T0/B0/XXXX?token=y"
+            .parse()
+            .unwrap();
+        assert_eq!(shown(&url), "https://hooks.slack.com/…");
+    }
+
+    #[test]
+    fn dropped_warnings_are_rate_limited() {
+        let mut s = QueueState {
+            target: Target {
+                url: Uri::from_static("http://127.0.0.1:9/x"),
+                format: Format::Json,
+                secret: None,
+                timeout: Duration::from_secs(1),
+            },
+            events: VecDeque::new(),
+            closed: false,
+            dropped_unreported: 0,
+            last_warning: None,
+        };
+        let t0 = Instant::now();
+        assert_eq!(take_warning(&mut s, t0), None, "nothing dropped");
+        s.dropped_unreported = 1;
+        assert_eq!(take_warning(&mut s, t0).map(|w| w.1), Some(1));
+        s.dropped_unreported = 5;
+        assert_eq!(take_warning(&mut s, t0 + Duration::from_secs(9)), None);
+        assert_eq!(
+            take_warning(&mut s, t0 + WARN_EVERY).map(|w| w.1),
+            Some(5),
+            "the count since the last warning"
+        );
+        assert_eq!(s.dropped_unreported, 0);
+    }
+
+    #[tokio::test]
+    async fn delivers_in_order_with_headers_and_signature() {
+        let receiver = Receiver::start(Answer::Ok).await;
+        let stats = Arc::new(Counts::default());
+        let notifier =
+            Notifier::start_with(vec![receiver.target(Some("s3cret"))], stats.clone(), FAST);
+        for n in 0..5 {
+            notifier.send(numbered(n));
+        }
+        wait_until("5 deliveries", || stats.get().0 == 5).await;
+        assert_eq!(receiver.messages(), strings(&["0", "1", "2", "3", "4"]));
+        for r in receiver.got.lock().unwrap().iter() {
+            assert_eq!(r.headers["content-type"], "application/json");
+            assert_eq!(r.headers["user-agent"], AGENT);
+            assert!(AGENT.starts_with("intermission/"));
+            // What a receiver does: recompute the HMAC over the raw body, compare in constant time.
+            let header = r.headers[SIGNATURE_HEADER].to_str().unwrap();
+            assert_eq!(header, signature("s3cret", &r.body));
+            let hex = header.strip_prefix("sha256=").unwrap();
+            let tag: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"s3cret");
+            assert!(ring::hmac::verify(&key, &r.body, &tag).is_ok());
+        }
+        assert_eq!(stats.get(), (5, 0, 0));
+        assert_eq!(notifier.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn no_secret_no_signature_and_slack_format() {
+        let receiver = Receiver::start(Answer::Ok).await;
+        let stats = Arc::new(Counts::default());
+        let target = Target {
+            format: Format::Slack,
+            ..receiver.target(None)
+        };
+        let notifier = Notifier::start_with(vec![target], stats.clone(), FAST);
+        notifier.send(event(
+            EventKind::ModeChanged,
+            Mode::Outage,
+            Mode::Normal,
+            None,
+        ));
+        wait_until("a delivery", || stats.get().0 == 1).await;
+        let got = receiver.got.lock().unwrap();
+        assert!(got[0].headers.get(SIGNATURE_HEADER).is_none());
+        let v: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"text": "Outage on shop-1: no upstream server is healthy"})
+        );
+    }
+
+    #[tokio::test]
+    async fn retries_after_server_errors() {
+        let receiver = Receiver::start(Answer::FailFirst(2)).await;
+        let stats = Arc::new(Counts::default());
+        let notifier = Notifier::start_with(vec![receiver.target(None)], stats.clone(), FAST);
+        notifier.send(numbered(7));
+        wait_until("the delivery", || stats.get().0 == 1).await;
+        assert_eq!(
+            receiver.messages(),
+            strings(&["7", "7", "7"]),
+            "two 500s, then 204"
+        );
+        assert_eq!(stats.get(), (1, 0, 0));
+        assert_eq!(notifier.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn gives_up_after_three_attempts_and_goes_on() {
+        let receiver = Receiver::start(Answer::FailFirst(3)).await;
+        let stats = Arc::new(Counts::default());
+        let notifier = Notifier::start_with(vec![receiver.target(None)], stats.clone(), FAST);
+        notifier.send(numbered(1));
+        notifier.send(numbered(2));
+        wait_until("both events settled", || notifier.pending() == 0).await;
+        assert_eq!(receiver.messages(), strings(&["1", "1", "1", "2"]));
+        assert_eq!(stats.get(), (1, 1, 0));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_or_slow_receiver_fails_within_its_timeout() {
+        // A port nothing listens on, and a receiver that never answers.
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let refused: Uri = format!("http://{}/", closed.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        drop(closed);
+        let hanging = Receiver::start(Answer::Hang).await;
+        let stats = Arc::new(Counts::default());
+        let short = Duration::from_millis(100);
+        let targets = vec![
+            Target {
+                timeout: short,
+                ..hanging.target(None)
+            },
+            Target {
+                url: refused,
+                timeout: short,
+                ..hanging.target(None)
+            },
+        ];
+        let started = std::time::Instant::now();
+        let notifier = Notifier::start_with(targets, stats.clone(), FAST);
+        notifier.send(numbered(1));
+        wait_until("both given up", || stats.get().1 == 2).await;
+        assert_eq!(hanging.count(), 3, "three attempts");
+        // 3 timeouts of 100 ms and 10 + 20 ms of backoff.
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(notifier.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_hanging_receiver_does_not_delay_another() {
+        let hanging = Receiver::start(Answer::Hang).await;
+        let fine = Receiver::start(Answer::Ok).await;
+        let stats = Arc::new(Counts::default());
+        let notifier = Notifier::start_with(
+            vec![hanging.target(None), fine.target(None)],
+            stats.clone(),
+            FAST,
+        );
+        let started = std::time::Instant::now();
+        for n in 0..3 {
+            notifier.send(numbered(n));
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(50),
+            "send never waits"
+        );
+        wait_until("the healthy receiver has all three", || fine.count() == 3).await;
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(fine.messages(), strings(&["0", "1", "2"]));
+        assert_eq!(hanging.count(), 1, "still on the first event");
+        assert_eq!(notifier.pending(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_the_oldest() {
+        let gate = Arc::new(Semaphore::new(0));
+        let receiver = Receiver::start(Answer::Gate(gate.clone())).await;
+        let stats = Arc::new(Counts::default());
+        let notifier =
+            Notifier::start_with_capacity(vec![receiver.target(None)], stats.clone(), FAST, 2);
+        notifier.send(numbered(0));
+        wait_until("event 0 in flight", || receiver.count() == 1).await;
+        for n in 1..=4 {
+            notifier.send(numbered(n));
+        }
+        // 1 and 2 made room for 3 and 4.
+        assert_eq!(stats.get(), (0, 0, 2));
+        assert_eq!(notifier.pending(), 3, "one in flight, two queued");
+        gate.add_permits(10);
+        wait_until("the rest delivered", || notifier.pending() == 0).await;
+        assert_eq!(receiver.messages(), strings(&["0", "3", "4"]));
+        assert_eq!(stats.get(), (3, 0, 2));
+    }
+
+    #[tokio::test]
+    async fn reload_keeps_the_queue_of_a_kept_target() {
+        let gate = Arc::new(Semaphore::new(0));
+        let kept = Receiver::start(Answer::Gate(gate.clone())).await;
+        let added = Receiver::start(Answer::Ok).await;
+        let stats = Arc::new(Counts::default());
+        let notifier = Notifier::start_with(vec![kept.target(None)], stats.clone(), FAST);
+        notifier.send(numbered(0));
+        wait_until("event 0 in flight", || kept.count() == 1).await;
+        notifier.send(numbered(1));
+        notifier.send(numbered(2));
+        // Same receiver with a new timeout, and a new one.
+        let retimed = Target {
+            timeout: Duration::from_secs(20),
+            ..kept.target(None)
+        };
+        notifier.set_targets(vec![retimed, added.target(None)]);
+        assert_eq!(notifier.pending(), 3, "nothing lost, nothing copied");
+        assert_eq!(lock(&notifier.shared.queues).len(), 2);
+        gate.add_permits(10);
+        wait_until("the kept queue delivered", || notifier.pending() == 0).await;
+        assert_eq!(kept.messages(), strings(&["0", "1", "2"]));
+        assert_eq!(added.count(), 0, "a new target starts empty");
+        notifier.send(numbered(3));
+        wait_until("both got event 3", || {
+            kept.count() == 4 && added.count() == 1
+        })
+        .await;
+        assert_eq!(stats.get(), (5, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_removed_target_finishes_its_queue() {
+        let gate = Arc::new(Semaphore::new(0));
+        let receiver = Receiver::start(Answer::Gate(gate.clone())).await;
+        let stats = Arc::new(Counts::default());
+        let notifier = Notifier::start_with(vec![receiver.target(None)], stats.clone(), FAST);
+        notifier.send(numbered(0));
+        wait_until("event 0 in flight", || receiver.count() == 1).await;
+        notifier.send(numbered(1));
+        // A new secret makes it another target: the old queue is removed.
+        notifier.set_targets(vec![receiver.target(Some("new"))]);
+        notifier.send(numbered(2));
+        assert_eq!(notifier.pending(), 3);
+        gate.add_permits(10);
+        wait_until("all delivered", || notifier.pending() == 0).await;
+        let got = receiver.got.lock().unwrap();
+        let signed: Vec<bool> = got
+            .iter()
+            .map(|r| r.headers.contains_key(SIGNATURE_HEADER))
+            .collect();
+        assert_eq!(got.len(), 3);
+        // The old worker finished 0 and 1 unsigned; the new one sent 2 signed (in any order
+        // relative to them: they are different targets).
+        assert_eq!(signed.iter().filter(|s| **s).count(), 1);
+        drop(got);
+        let mut messages = receiver.messages();
+        messages.sort();
+        assert_eq!(messages, strings(&["0", "1", "2"]));
+    }
+}

@@ -1,0 +1,181 @@
+//! Scheduled maintenance windows: they switch on and off by themselves, survive restarts,
+//! and refuse what makes no sense.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use intermission::control::protocol::Request as Ctl;
+use std::time::Duration;
+use support::*;
+
+async fn app() -> Upstream {
+    upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await
+}
+
+async fn mode(proxy: &Proxy) -> String {
+    ctl(proxy, Ctl::Status)
+        .await
+        .state
+        .unwrap()
+        .mode
+        .as_str()
+        .to_owned()
+}
+
+async fn wait_mode(proxy: &Proxy, want: &str, limit: Duration) {
+    let end = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < end {
+        if mode(proxy).await == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("mode did not become {want} within {limit:?}");
+}
+
+fn add(start: &str, end: &str, message: Option<&str>) -> Ctl {
+    Ctl::ScheduleAdd {
+        start: start.into(),
+        end: end.into(),
+        message: message.map(str::to_owned),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_window_switches_maintenance_on_and_off_by_itself() {
+    let up = app().await;
+    let proxy = spawn_proxy(&format!("[upstream]\nservers = [\"{}\"]\n", up.url())).await;
+    let r = ctl(
+        &proxy,
+        add("+1s", "+3s", Some("Scheduled database upgrade")),
+    )
+    .await;
+    assert!(r.ok, "{r:?}");
+    let status = ctl(&proxy, Ctl::Status).await.state.unwrap();
+    assert_eq!(status.mode.as_str(), "normal");
+    let next = status.next_window.expect("the next window is shown");
+    assert_eq!(next.message.as_deref(), Some("Scheduled database upgrade"));
+    let public: serde_json::Value = json(&get(&proxy.url("/_intermission/status")).await);
+    assert_eq!(
+        public["next_window"]["message"],
+        "Scheduled database upgrade"
+    );
+    assert!(
+        public["next_window"].get("by").is_none(),
+        "who scheduled it is not public"
+    );
+    assert_eq!(get(&proxy.url("/")).await.body(), "app");
+
+    wait_mode(&proxy, "maintenance", Duration::from_secs(5)).await;
+    let resp = get(&proxy.url("/")).await;
+    assert_eq!(resp.status(), 503);
+    let v: serde_json::Value = json(&resp);
+    assert_eq!(v["detail"], "Scheduled database upgrade");
+    assert_eq!(v["until"], next.end.rfc3339());
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        retry <= 3,
+        "Retry-After counts down to the window's end: {retry}"
+    );
+
+    wait_mode(&proxy, "normal", Duration::from_secs(6)).await;
+    assert_eq!(get(&proxy.url("/")).await.body(), "app");
+    let list = ctl(&proxy, Ctl::ScheduleList).await.schedules.unwrap();
+    assert!(list.is_empty(), "an ended window is removed: {list:?}");
+}
+
+#[tokio::test]
+async fn windows_that_make_no_sense_are_refused() {
+    let proxy = spawn_proxy("").await;
+    assert!(ctl(&proxy, add("+1h", "+2h", None)).await.ok);
+    let cases = [
+        (add("+90m", "+3h", None), "overlaps"),
+        (add("+3h", "+2h", None), "after start"),
+        (
+            add("2001-01-01T00:00:00Z", "2001-01-01T01:00:00Z", None),
+            "past",
+        ),
+        (add("soon", "+2h", None), "start"),
+        (add("+5h", "+6h", Some("  ")), "empty"),
+    ];
+    for (req, why) in cases {
+        let r = ctl(&proxy, req).await;
+        let e = r.error.unwrap_or_else(|| panic!("accepted: {why}"));
+        assert_eq!(e.code, "bad_request", "{why}");
+        assert!(e.message.contains(why), "{why}: {}", e.message);
+    }
+    let r = ctl(&proxy, Ctl::ScheduleRemove { id: 42 }).await;
+    assert_eq!(r.error.unwrap().code, "not_found");
+    let list = ctl(&proxy, Ctl::ScheduleList).await.schedules.unwrap();
+    assert_eq!(list.len(), 1);
+    assert!(ctl(&proxy, Ctl::ScheduleRemove { id: list[0].id }).await.ok);
+    assert!(ctl(&proxy, Ctl::ScheduleList)
+        .await
+        .schedules
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operators_on_outlasts_the_window() {
+    let up = app().await;
+    let proxy = spawn_proxy(&format!("[upstream]\nservers = [\"{}\"]\n", up.url())).await;
+    ctl(&proxy, add("+0s", "+1s", Some("window"))).await;
+    wait_mode(&proxy, "maintenance", Duration::from_secs(5)).await;
+    ctl(
+        &proxy,
+        Ctl::On {
+            message: Some("Taking longer".into()),
+            until: None,
+            retry_after: None,
+            reason: None,
+        },
+    )
+    .await;
+    // The window ends; the operator's switch holds.
+    let mut listed = 1;
+    for _ in 0..200 {
+        listed = ctl(&proxy, Ctl::ScheduleList)
+            .await
+            .schedules
+            .unwrap()
+            .len();
+        if listed == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(listed, 0);
+    assert_eq!(mode(&proxy).await, "maintenance");
+    let v: serde_json::Value = json(&get(&proxy.url("/")).await);
+    assert_eq!(v["detail"], "Taking longer");
+    ctl(&proxy, Ctl::Off).await;
+    assert_eq!(mode(&proxy).await, "normal");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_window_survives_a_restart_in_its_middle() {
+    let up = app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("[upstream]\nservers = [\"{}\"]\n", up.url());
+    let mut proxy = ProxyProcess::start(dir.path(), &config);
+    let socket = dir.path().join("intermission.sock");
+    let r =
+        intermission::control::client::request(&socket, &add("+0s", "+10m", Some("Long window")))
+            .await
+            .unwrap();
+    assert!(r.ok);
+    proxy.signal("KILL");
+    proxy.wait_exit(Duration::from_secs(10)).unwrap();
+    let proxy = ProxyProcess::start(dir.path(), &config);
+    let resp = get(&proxy.url("/")).await;
+    assert_eq!(resp.status(), 503, "the window is in force again at once");
+    let v: serde_json::Value = json(&resp);
+    assert_eq!(v["detail"], "Long window");
+}
