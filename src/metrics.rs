@@ -865,30 +865,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn zz_print_sample() {
-        let m = Metrics::new();
-        m.set_mode(Mode::Maintenance);
-        m.mode_transition(Mode::Normal, Mode::Maintenance);
-        m.request(
-            Outcome::Forwarded,
-            Mode::Normal,
-            200,
-            Duration::from_millis(3),
-        );
-        m.request(
-            Outcome::Held,
-            Mode::Maintenance,
-            503,
-            Duration::from_micros(180),
-        );
-        m.set_upstream_health("127.0.0.1:3000", true);
-        m.health_check("127.0.0.1:3000", true, Duration::from_millis(2));
-        m.control_command("on", true);
-        m.webhook(WebhookResult::Delivered);
-        println!("{}", m.encode());
-    }
-
-    #[test]
     fn every_metric_is_documented_and_the_text_is_complete() {
         let m = Metrics::new();
         m.set_upstream_health("a:1", true);

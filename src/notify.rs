@@ -1043,6 +1043,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn https_targets_speak_tls() {
+        // A plain-HTTP receiver behind an https:// URL: the handshake fails, nothing is
+        // delivered, and the worker gives up without a panic.
+        let receiver = Receiver::start(Answer::Ok).await;
+        let stats = Arc::new(Counts::default());
+        let authority = receiver.url.authority().unwrap().clone();
+        let target = Target {
+            url: format!("https://{authority}/hook").parse().unwrap(),
+            timeout: Duration::from_secs(2),
+            ..receiver.target(None)
+        };
+        let notifier = Notifier::start_with(vec![target], stats.clone(), FAST);
+        notifier.send(numbered(1));
+        wait_until("given up", || stats.get().1 == 1).await;
+        assert_eq!(receiver.count(), 0);
+        assert!(matches!(notifier.shared.deliverer.https.get(), Some(Ok(_))));
+    }
+
+    #[tokio::test]
     async fn a_hanging_receiver_does_not_delay_another() {
         let hanging = Receiver::start(Answer::Hang).await;
         let fine = Receiver::start(Answer::Ok).await;

@@ -152,10 +152,12 @@ pub fn hold<B>(snap: &Snapshot, req: &Request<B>) -> Response<Body> {
         return not_found();
     };
     let m = &snap.config.maintenance;
-    let form = negotiate::choose_form(req.headers(), req.uri().path(), &m.api_prefixes);
-    let lang = negotiate::choose_language(
-        req.headers().get(header::ACCEPT_LANGUAGE),
+    let (form, lang) = negotiate::negotiate(
+        req.headers(),
+        req.uri().path(),
+        &m.api_prefixes,
         &snap.pages.langs,
+        snap.pages.id,
     );
     held.respond(form, lang, req.method() == Method::HEAD, SystemTime::now())
 }

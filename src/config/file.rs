@@ -209,3 +209,29 @@ pub struct CertificateFile {
     pub cert: String,
     pub key: String,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminFile {
+    pub listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyFile {
+    pub url: String,
+    #[serde(default = "json_format")]
+    pub format: String,
+    #[serde(default)]
+    pub secret: String,
+    #[serde(default = "notify_timeout")]
+    pub timeout: DurationText,
+}
+
+fn json_format() -> String {
+    "json".into()
+}
+
+fn notify_timeout() -> DurationText {
+    DurationText::new("5s")
+}

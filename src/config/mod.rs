@@ -29,7 +29,15 @@ pub struct Config {
     pub health: HealthConfig,
     pub maintenance: MaintenanceConfig,
     pub control: ControlConfig,
+    pub admin: AdminConfig,
+    pub notify: Vec<crate::notify::Target>,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// `/metrics`, `/healthz`, `/readyz`; `None`: no admin listener.
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,6 +266,8 @@ impl Config {
         let health = v.section::<file::HealthFile>(&table, "health");
         let maintenance = v.section::<file::MaintenanceFile>(&table, "maintenance");
         let control = v.section::<file::ControlFile>(&table, "control");
+        let admin = v.section::<file::AdminFile>(&table, "admin");
+        let notify = v.section::<Vec<file::NotifyFile>>(&table, "notify");
         let log = v.section::<file::LogFile>(&table, "log");
         let config = Config {
             source: source.map(Path::to_path_buf),
@@ -267,6 +277,8 @@ impl Config {
             health: v.health(health),
             maintenance: v.maintenance(maintenance),
             control: v.control(control),
+            admin: v.admin(admin),
+            notify: v.notify(notify),
             log: v.log(log),
         };
         if config.proxy.listen.is_empty() && config.tls.listen.is_empty() {
@@ -296,6 +308,8 @@ const SECTIONS: &[&str] = &[
     "health",
     "maintenance",
     "control",
+    "admin",
+    "notify",
     "log",
 ];
 
@@ -662,6 +676,62 @@ impl Validator {
             socket_mode,
             state_file: self.path(&f.state_file),
         }
+    }
+
+    fn admin(&mut self, f: file::AdminFile) -> AdminConfig {
+        if f.listen.is_empty() {
+            return AdminConfig { listen: None };
+        }
+        match f.listen.parse::<SocketAddr>() {
+            Ok(addr) => AdminConfig { listen: Some(addr) },
+            Err(_) => {
+                self.problem(
+                    "admin.listen",
+                    format!("{:?} is not an address; write IP:PORT such as \"127.0.0.1:9090\", or \"\" for none", f.listen),
+                );
+                AdminConfig { listen: None }
+            }
+        }
+    }
+
+    fn notify(&mut self, list: Vec<file::NotifyFile>) -> Vec<crate::notify::Target> {
+        let mut targets = Vec::new();
+        for (i, n) in list.into_iter().enumerate() {
+            let key = |k: &str| format!("notify[{i}].{k}");
+            let url = match n.url.parse::<http::Uri>() {
+                Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {
+                    Some(u)
+                }
+                _ => {
+                    self.problem(
+                        &key("url"),
+                        format!("{:?} is not an http:// or https:// URL", n.url),
+                    );
+                    None
+                }
+            };
+            let format = match n.format.as_str() {
+                "json" => crate::notify::Format::Json,
+                "slack" => crate::notify::Format::Slack,
+                other => {
+                    self.problem(
+                        &key("format"),
+                        format!("{other:?} is not a format; use \"json\" or \"slack\""),
+                    );
+                    crate::notify::Format::Json
+                }
+            };
+            let timeout = self.duration(&key("timeout"), &n.timeout);
+            if let Some(url) = url {
+                targets.push(crate::notify::Target {
+                    url,
+                    format,
+                    secret: (!n.secret.is_empty()).then_some(n.secret),
+                    timeout,
+                });
+            }
+        }
+        targets
     }
 
     fn log(&mut self, f: file::LogFile) -> LogConfig {

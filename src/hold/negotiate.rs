@@ -55,6 +55,75 @@ pub fn choose_form(headers: &HeaderMap, path: &str, api_prefixes: &[String]) -> 
     Form::Json
 }
 
+/// Form and language together, remembering the last answer on this thread: clients send the
+/// same few `Accept` / `Accept-Language` values over and over (a browser's, curl's), and
+/// comparing bytes is far cheaper than parsing q-values (see `benches/hold.rs`).
+///
+/// `langs_id` names the language list (it changes only on reload) so that a remembered index
+/// is never applied to another list.
+pub fn negotiate(
+    headers: &HeaderMap,
+    path: &str,
+    api_prefixes: &[String],
+    langs: &[String],
+    langs_id: usize,
+) -> (Form, usize) {
+    let accept_language = headers.get(http::header::ACCEPT_LANGUAGE);
+    let mut accepts = headers.get_all(ACCEPT).iter();
+    let accept = accepts.next();
+    // Only the common shapes are remembered: one Accept line, not gRPC, not an upgrade.
+    let simple = accepts.next().is_none() && !is_grpc(headers) && !is_upgrade(headers);
+    if !simple {
+        return (
+            choose_form(headers, path, api_prefixes),
+            choose_language(accept_language, langs),
+        );
+    }
+    let api = api_prefixes.iter().any(|p| path.starts_with(p.as_str()));
+    let hit = LAST.with(|last| {
+        let last = last.borrow();
+        last.as_ref()
+            .filter(|m| {
+                m.api == api
+                    && m.langs_id == langs_id
+                    && m.accept.as_ref() == accept
+                    && m.language.as_ref() == accept_language
+            })
+            .map(|m| (m.form, m.lang))
+    });
+    if let Some(answer) = hit {
+        return answer;
+    }
+    let answer = (
+        choose_form(headers, path, api_prefixes),
+        choose_language(accept_language, langs),
+    );
+    LAST.with(|last| {
+        *last.borrow_mut() = Some(Memo {
+            accept: accept.cloned(),
+            language: accept_language.cloned(),
+            api,
+            langs_id,
+            form: answer.0,
+            lang: answer.1,
+        });
+    });
+    answer
+}
+
+struct Memo {
+    accept: Option<HeaderValue>,
+    language: Option<HeaderValue>,
+    api: bool,
+    langs_id: usize,
+    form: Form,
+    lang: usize,
+}
+
+thread_local! {
+    static LAST: std::cell::RefCell<Option<Memo>> = const { std::cell::RefCell::new(None) };
+}
+
 /// Index into `available` (language tags like `["en", "fr"]`, index 0 is the default and the
 /// fallback) of the best language for this `Accept-Language` value (`None` = header absent).
 ///
@@ -313,6 +382,52 @@ fn is_language_range(range: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remembered_answers_match_fresh_ones() {
+        let langs = vec!["en".to_string(), "fr".to_string()];
+        let api = vec!["/api/".to_string()];
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("accept", "text/html"), ("accept-language", "fr")], "/"),
+            (&[("accept", "text/html"), ("accept-language", "fr")], "/"),
+            (
+                &[("accept", "text/html"), ("accept-language", "fr")],
+                "/api/x",
+            ),
+            (&[("accept", "text/html"), ("accept-language", "en")], "/"),
+            (&[("accept", "application/json")], "/"),
+            (
+                &[("accept", "text/html"), ("accept", "application/json;q=2")],
+                "/",
+            ),
+            (
+                &[
+                    ("content-type", "application/grpc"),
+                    ("accept", "text/html"),
+                ],
+                "/",
+            ),
+            (&[], "/"),
+        ];
+        for _ in 0..2 {
+            for (pairs, path) in cases {
+                let h = headers(pairs);
+                let fresh = (
+                    choose_form(&h, path, &api),
+                    choose_language(h.get("accept-language"), &langs),
+                );
+                assert_eq!(
+                    negotiate(&h, path, &api, &langs, 1),
+                    fresh,
+                    "{pairs:?} {path}"
+                );
+            }
+        }
+        // Another language list is never answered from memory.
+        let h = headers(&[("accept", "text/html"), ("accept-language", "fr")]);
+        assert_eq!(negotiate(&h, "/", &api, &langs, 1).1, 1);
+        assert_eq!(negotiate(&h, "/", &api, &["en".to_string()], 2).1, 0);
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();

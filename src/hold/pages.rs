@@ -18,7 +18,12 @@ pub struct Asset {
     pub content_type: &'static str,
 }
 
+/// Tells loads of pages apart, for answers remembered per language list.
+static LOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
 pub struct Pages {
+    /// Unique per load: a remembered language index applies to this list only.
+    pub id: usize,
     /// Language tags; index 0 ("en", from the unsuffixed files) is the fallback.
     pub langs: Vec<String>,
     pub maintenance: Vec<Template>,
@@ -100,6 +105,7 @@ fn built_in() -> Result<Pages, PagesError> {
     })
     .collect();
     Ok(Pages {
+        id: LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         langs: vec!["en".into(), "fr".into()],
         maintenance: vec![
             t(
@@ -171,6 +177,7 @@ fn from_folder(dir: &Path) -> Result<Pages, PagesError> {
         walk_assets(&assets_dir, "", &mut assets, &mut total)?;
     }
     Ok(Pages {
+        id: LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         langs,
         maintenance,
         outage,

@@ -1,0 +1,815 @@
+//! gRPC end to end: a real tonic client calls a real tonic server behind intermission over
+//! `h2c://` — unary, server streaming, error statuses — and in maintenance or outage the same
+//! client gets UNAVAILABLE with the operator's message and its retry pushback. The upstream's
+//! health is checked with the standard `grpc.health.v1.Health/Check`.
+//!
+//! No protoc and no build script: the messages are `prost` derives written by hand, the
+//! client is `tonic::client::Grpc`, and the server is a hand-written service dispatching by
+//! path to `tonic::server::Grpc`, as `tonic-build` would generate it.
+// `Result<_, tonic::Status>` is tonic's own API shape; its size is not ours to change.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::result_large_err)]
+
+mod support;
+
+use http::uri::PathAndQuery;
+use intermission::control::protocol::Request as Ctl;
+use std::convert::Infallible;
+use std::future::{ready, Ready};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use support::*;
+use tonic::body::Body;
+use tonic::codec::{ProstCodec, Streaming};
+use tonic::codegen::{tokio_stream, BoxFuture};
+use tonic::metadata::MetadataValue;
+use tonic::server::NamedService;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tower_service::Service;
+
+// ---------------------------------------------------------------------------------------------
+// Messages (what `prost-build` would generate from a .proto).
+
+/// `message SayRequest { string text = 1; uint32 count = 2; }`
+#[derive(Clone, PartialEq, prost::Message)]
+struct SayRequest {
+    #[prost(string, tag = "1")]
+    text: String,
+    #[prost(uint32, tag = "2")]
+    count: u32,
+}
+
+/// `message SayReply { string text = 1; string request_id = 2; uint32 index = 3; }`
+#[derive(Clone, PartialEq, prost::Message)]
+struct SayReply {
+    #[prost(string, tag = "1")]
+    text: String,
+    #[prost(string, tag = "2")]
+    request_id: String,
+    #[prost(uint32, tag = "3")]
+    index: u32,
+}
+
+/// `grpc.health.v1.HealthCheckRequest { string service = 1; }`
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckRequest {
+    #[prost(string, tag = "1")]
+    service: String,
+}
+
+/// `grpc.health.v1.HealthCheckResponse { ServingStatus status = 1; }`
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckResponse {
+    #[prost(int32, tag = "1")]
+    status: i32,
+}
+
+const SERVING: i32 = 1;
+const NOT_SERVING: i32 = 2;
+
+const SAY: &str = "/test.Echo/Say";
+const SAY_MANY: &str = "/test.Echo/SayMany";
+const SAY_MANY_THEN_FAIL: &str = "/test.Echo/SayManyThenFail";
+const FAIL: &str = "/test.Echo/Fail";
+const SAY_GATED: &str = "/test.Echo/SayGated";
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+
+// ---------------------------------------------------------------------------------------------
+// The server.
+
+/// What the test server saw, shared with the test.
+#[derive(Default)]
+struct Seen {
+    /// Calls to `test.Echo` methods (health checks not counted).
+    calls: AtomicUsize,
+    health_checks: AtomicUsize,
+    /// Whether Health/Check answers NOT_SERVING.
+    not_serving: AtomicBool,
+    /// `x-request-id` of every `test.Echo` call, in order.
+    request_ids: Mutex<Vec<String>>,
+    /// Lets `SayGated` send its replies after the first.
+    gate: tokio::sync::Notify,
+}
+
+impl Seen {
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Counts an Echo call and returns its `x-request-id`.
+    fn record<T>(&self, req: &tonic::Request<T>) -> String {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let id = req
+            .metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        self.request_ids.lock().unwrap().push(id.clone());
+        id
+    }
+}
+
+type ReplyStream = tokio_stream::Iter<std::vec::IntoIter<Result<SayReply, Status>>>;
+
+/// `rpc Say(SayRequest) returns (SayReply)`: echoes the text and the `x-request-id`, and
+/// answers with response metadata `x-served-by: grpc-test`.
+struct SaySvc(Arc<Seen>);
+
+impl Service<tonic::Request<SayRequest>> for SaySvc {
+    type Response = tonic::Response<SayReply>;
+    type Error = Status;
+    type Future = Ready<Result<Self::Response, Status>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::Request<SayRequest>) -> Self::Future {
+        let request_id = self.0.record(&req);
+        let text = format!("echo: {}", req.into_inner().text);
+        let mut resp = tonic::Response::new(SayReply {
+            text,
+            request_id,
+            index: 0,
+        });
+        resp.metadata_mut()
+            .insert("x-served-by", MetadataValue::from_static("grpc-test"));
+        ready(Ok(resp))
+    }
+}
+
+/// `rpc SayMany(SayRequest) returns (stream SayReply)`: `count` replies, numbered from 0, and
+/// with `fail_after`, then an ABORTED status in the trailers.
+struct SayManySvc {
+    seen: Arc<Seen>,
+    fail_after: bool,
+}
+
+impl Service<tonic::Request<SayRequest>> for SayManySvc {
+    type Response = tonic::Response<ReplyStream>;
+    type Error = Status;
+    type Future = Ready<Result<Self::Response, Status>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::Request<SayRequest>) -> Self::Future {
+        let request_id = self.seen.record(&req);
+        let SayRequest { text, count } = req.into_inner();
+        let mut items: Vec<Result<SayReply, Status>> = (0..count)
+            .map(|index| {
+                Ok(SayReply {
+                    text: format!("{text} #{index}"),
+                    request_id: request_id.clone(),
+                    index,
+                })
+            })
+            .collect();
+        if self.fail_after {
+            items.push(Err(Status::aborted("stream gave up after the last reply")));
+        }
+        ready(Ok(tonic::Response::new(tokio_stream::iter(items))))
+    }
+}
+
+/// `rpc SayGated(SayRequest) returns (stream SayReply)`: sends reply 0 at once, then waits
+/// for the test to open the gate before sending replies 1..count and ending OK.
+struct SayGatedSvc(Arc<Seen>);
+
+impl Service<tonic::Request<SayRequest>> for SayGatedSvc {
+    type Response =
+        tonic::Response<tokio_stream::wrappers::ReceiverStream<Result<SayReply, Status>>>;
+    type Error = Status;
+    type Future = Ready<Result<Self::Response, Status>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::Request<SayRequest>) -> Self::Future {
+        let request_id = self.0.record(&req);
+        let SayRequest { text, count } = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let seen = self.0.clone();
+        tokio::spawn(async move {
+            for index in 0..count {
+                if index == 1 {
+                    seen.gate.notified().await;
+                }
+                let reply = SayReply {
+                    text: format!("{text} #{index}"),
+                    request_id: request_id.clone(),
+                    index,
+                };
+                if tx.send(Ok(reply)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        ready(Ok(tonic::Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// `rpc Fail(SayRequest) returns (SayReply)`: always NOT_FOUND, with error metadata.
+struct FailSvc(Arc<Seen>);
+
+impl Service<tonic::Request<SayRequest>> for FailSvc {
+    type Response = tonic::Response<SayReply>;
+    type Error = Status;
+    type Future = Ready<Result<Self::Response, Status>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::Request<SayRequest>) -> Self::Future {
+        self.0.record(&req);
+        let mut status = Status::not_found(format!(
+            "no such greeting: {} — 100% gone",
+            req.into_inner().text
+        ));
+        status.metadata_mut().insert(
+            "x-error-detail",
+            MetadataValue::from_static("looked-everywhere"),
+        );
+        ready(Err(status))
+    }
+}
+
+/// `grpc.health.v1.Health/Check`: SERVING unless `not_serving`; the whole server ("") and
+/// `test.Echo` are known, any other service is NOT_FOUND (as the standard service does).
+struct CheckSvc(Arc<Seen>);
+
+impl Service<tonic::Request<HealthCheckRequest>> for CheckSvc {
+    type Response = tonic::Response<HealthCheckResponse>;
+    type Error = Status;
+    type Future = Ready<Result<Self::Response, Status>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::Request<HealthCheckRequest>) -> Self::Future {
+        self.0.health_checks.fetch_add(1, Ordering::SeqCst);
+        let service = req.into_inner().service;
+        if !(service.is_empty() || service == "test.Echo") {
+            return ready(Err(Status::not_found(format!("unknown service {service}"))));
+        }
+        let status = if self.0.not_serving.load(Ordering::SeqCst) {
+            NOT_SERVING
+        } else {
+            SERVING
+        };
+        ready(Ok(tonic::Response::new(HealthCheckResponse { status })))
+    }
+}
+
+/// The response for a path no method answers, as tonic-build generates it.
+fn unimplemented() -> http::Response<Body> {
+    let mut resp = http::Response::new(Body::default());
+    resp.headers_mut()
+        .insert("grpc-status", (Code::Unimplemented as i32).into());
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    resp
+}
+
+/// The `test.Echo` service.
+#[derive(Clone)]
+struct EchoServer(Arc<Seen>);
+
+impl NamedService for EchoServer {
+    const NAME: &'static str = "test.Echo";
+}
+
+impl Service<http::Request<Body>> for EchoServer {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let seen = self.0.clone();
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(ProstCodec::<SayReply, SayRequest>::default());
+            let resp = match req.uri().path() {
+                SAY => grpc.unary(SaySvc(seen), req).await,
+                FAIL => grpc.unary(FailSvc(seen), req).await,
+                SAY_MANY => {
+                    let svc = SayManySvc {
+                        seen,
+                        fail_after: false,
+                    };
+                    grpc.server_streaming(svc, req).await
+                }
+                SAY_MANY_THEN_FAIL => {
+                    let svc = SayManySvc {
+                        seen,
+                        fail_after: true,
+                    };
+                    grpc.server_streaming(svc, req).await
+                }
+                SAY_GATED => grpc.server_streaming(SayGatedSvc(seen), req).await,
+                _ => unimplemented(),
+            };
+            Ok(resp)
+        })
+    }
+}
+
+/// The `grpc.health.v1.Health` service (Check only).
+#[derive(Clone)]
+struct HealthServer(Arc<Seen>);
+
+impl NamedService for HealthServer {
+    const NAME: &'static str = "grpc.health.v1.Health";
+}
+
+impl Service<http::Request<Body>> for HealthServer {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let seen = self.0.clone();
+        Box::pin(async move {
+            let resp = if req.uri().path() == HEALTH_CHECK {
+                let codec = ProstCodec::<HealthCheckResponse, HealthCheckRequest>::default();
+                tonic::server::Grpc::new(codec)
+                    .unary(CheckSvc(seen), req)
+                    .await
+            } else {
+                unimplemented()
+            };
+            Ok(resp)
+        })
+    }
+}
+
+/// A running gRPC server on 127.0.0.1 (h2c); stopped when dropped.
+struct GrpcServer {
+    addr: SocketAddr,
+    seen: Arc<Seen>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for GrpcServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn grpc_server() -> GrpcServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let router = tonic::transport::Server::builder()
+        .add_service(EchoServer(seen.clone()))
+        .add_service(HealthServer(seen.clone()));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let task = tokio::spawn(async move {
+        router.serve_with_incoming(incoming).await.unwrap();
+    });
+    GrpcServer { addr, seen, task }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The proxy and the client.
+
+async fn proxy_for(server: &GrpcServer) -> Proxy {
+    spawn_proxy(&format!(
+        "[upstream]\nservers = [\"h2c://{}\"]\n\
+         [health]\nkind = \"grpc\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 1\n",
+        server.addr
+    ))
+    .await
+}
+
+/// A tonic client speaking HTTP/2 prior knowledge to the proxy; every call is bounded.
+async fn client(proxy: &Proxy) -> tonic::client::Grpc<Channel> {
+    let channel = Channel::from_shared(format!("http://{}", proxy.addr))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect to the proxy");
+    tonic::client::Grpc::new(channel)
+}
+
+fn request(text: &str, count: u32, request_id: &str) -> tonic::Request<SayRequest> {
+    let mut req = tonic::Request::new(SayRequest {
+        text: text.to_owned(),
+        count,
+    });
+    req.metadata_mut()
+        .insert("x-request-id", request_id.parse().unwrap());
+    req
+}
+
+async fn say(
+    grpc: &mut tonic::client::Grpc<Channel>,
+    path: &'static str,
+    req: tonic::Request<SayRequest>,
+) -> Result<tonic::Response<SayReply>, Status> {
+    grpc.ready().await.expect("channel ready");
+    grpc.unary(
+        req,
+        PathAndQuery::from_static(path),
+        ProstCodec::<SayRequest, SayReply>::default(),
+    )
+    .await
+}
+
+async fn say_many(
+    grpc: &mut tonic::client::Grpc<Channel>,
+    path: &'static str,
+    req: tonic::Request<SayRequest>,
+) -> Result<tonic::Response<Streaming<SayReply>>, Status> {
+    grpc.ready().await.expect("channel ready");
+    grpc.server_streaming(
+        req,
+        PathAndQuery::from_static(path),
+        ProstCodec::<SayRequest, SayReply>::default(),
+    )
+    .await
+}
+
+async fn mode(proxy: &Proxy) -> String {
+    ctl(proxy, Ctl::Status)
+        .await
+        .state
+        .unwrap()
+        .mode
+        .as_str()
+        .to_owned()
+}
+
+/// Waits (bounded) for the proxy's mode to become `want`.
+async fn wait_mode(proxy: &Proxy, want: &str, limit: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if mode(proxy).await == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "mode did not become {want} within {limit:?} (it is {})",
+        mode(proxy).await
+    );
+}
+
+fn meta<'a>(map: &'a tonic::metadata::MetadataMap, key: &str) -> Option<&'a str> {
+    map.get(key).and_then(|v| v.to_str().ok())
+}
+
+/// Waits (bounded) until the proxy's first health check has reached the server, so that the
+/// tests start from a checked, healthy upstream.
+async fn wait_first_check(server: &GrpcServer) {
+    let seen = server.seen.clone();
+    assert!(
+        wait_until(Duration::from_secs(5), || seen
+            .health_checks
+            .load(Ordering::SeqCst)
+            > 0)
+        .await,
+        "the proxy never sent grpc.health.v1.Health/Check"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests.
+
+#[tokio::test]
+async fn unary_call_passes_through_with_metadata_both_ways() {
+    let server = grpc_server().await;
+    let proxy = proxy_for(&server).await;
+    wait_first_check(&server).await;
+    let mut grpc = client(&proxy).await;
+
+    let resp = say(&mut grpc, SAY, request("hello", 0, "req-42"))
+        .await
+        .expect("unary call through the proxy");
+    let meta_map = resp.metadata().clone();
+    let reply = resp.into_inner();
+    assert_eq!(reply.text, "echo: hello");
+    assert_eq!(
+        reply.request_id, "req-42",
+        "x-request-id must reach the server"
+    );
+    assert_eq!(
+        server.seen.request_ids.lock().unwrap().as_slice(),
+        ["req-42"]
+    );
+    // Response headers and trailers both came back (tonic merges trailers into the metadata).
+    assert_eq!(meta(&meta_map, "x-served-by"), Some("grpc-test"));
+    assert_eq!(
+        meta(&meta_map, "grpc-status"),
+        Some("0"),
+        "the OK status travels in the trailers: {meta_map:?}"
+    );
+    assert_eq!(server.seen.calls(), 1);
+
+    // The connection is reused for a second call.
+    let reply = say(&mut grpc, SAY, request("again", 0, "req-43"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.request_id, "req-43");
+    assert_eq!(server.seen.calls(), 2);
+}
+
+#[tokio::test]
+async fn server_streaming_delivers_every_message_in_order_then_ok() {
+    let server = grpc_server().await;
+    let proxy = proxy_for(&server).await;
+    wait_first_check(&server).await;
+    let mut grpc = client(&proxy).await;
+
+    const N: u32 = 50;
+    let resp = say_many(&mut grpc, SAY_MANY, request("tick", N, "stream-1"))
+        .await
+        .expect("streaming call through the proxy");
+    let mut stream = resp.into_inner();
+    let mut got = Vec::new();
+    while let Some(reply) = stream.message().await.expect("stream ends OK") {
+        got.push(reply);
+    }
+    assert_eq!(got.len(), N as usize);
+    for (i, reply) in got.iter().enumerate() {
+        assert_eq!(reply.index, i as u32);
+        assert_eq!(reply.text, format!("tick #{i}"));
+        assert_eq!(reply.request_id, "stream-1");
+    }
+    let trailers = stream
+        .trailers()
+        .await
+        .expect("trailers readable")
+        .expect("the stream ends with trailers, not a bare end of stream");
+    assert_eq!(meta(&trailers, "grpc-status"), Some("0"), "{trailers:?}");
+    assert_eq!(server.seen.calls(), 1);
+}
+
+#[tokio::test]
+async fn server_streaming_is_not_held_back_by_the_proxy() {
+    let server = grpc_server().await;
+    let proxy = proxy_for(&server).await;
+    wait_first_check(&server).await;
+    let mut grpc = client(&proxy).await;
+
+    let mut stream = say_many(&mut grpc, SAY_GATED, request("live", 3, "gated-1"))
+        .await
+        .expect("the stream starts before the server has finished")
+        .into_inner();
+    // The server holds replies 1 and 2 until reply 0 has reached the client: a proxy that
+    // buffered the response would never deliver it.
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("reply 0 arrives while the server is still streaming")
+        .unwrap()
+        .expect("a reply");
+    assert_eq!(first.index, 0);
+    server.seen.gate.notify_one();
+    let mut rest = Vec::new();
+    while let Some(reply) = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("bounded")
+        .expect("stream ends OK")
+    {
+        rest.push(reply.index);
+    }
+    assert_eq!(rest, [1, 2]);
+}
+
+#[tokio::test]
+async fn server_error_statuses_reach_the_client_intact() {
+    let server = grpc_server().await;
+    let proxy = proxy_for(&server).await;
+    wait_first_check(&server).await;
+    let mut grpc = client(&proxy).await;
+
+    // A unary error: tonic answers trailers-only (the status in the response headers).
+    let err = say(&mut grpc, FAIL, request("bonjour", 0, "err-1"))
+        .await
+        .expect_err("the handler returns NOT_FOUND");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert_eq!(err.message(), "no such greeting: bonjour — 100% gone");
+    assert_eq!(
+        meta(err.metadata(), "x-error-detail"),
+        Some("looked-everywhere"),
+        "{err:?}"
+    );
+
+    // An error after streamed messages: the status is in real HTTP/2 trailers.
+    let mut stream = say_many(&mut grpc, SAY_MANY_THEN_FAIL, request("t", 3, "err-2"))
+        .await
+        .expect("the stream starts")
+        .into_inner();
+    for i in 0..3 {
+        let reply = stream.message().await.unwrap().expect("a reply");
+        assert_eq!(reply.index, i);
+    }
+    let err = stream
+        .message()
+        .await
+        .expect_err("the stream ends with ABORTED in its trailers");
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    assert_eq!(err.message(), "stream gave up after the last reply");
+
+    // A method the server does not have.
+    let err = say(&mut grpc, "/test.Echo/Nope", request("x", 0, "err-3"))
+        .await
+        .expect_err("no such method");
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+
+    assert_eq!(server.seen.calls(), 2);
+}
+
+#[tokio::test]
+async fn maintenance_answers_unavailable_with_message_and_pushback() {
+    let server = grpc_server().await;
+    let proxy = proxy_for(&server).await;
+    wait_first_check(&server).await;
+    let mut grpc = client(&proxy).await;
+
+    // The same client works before maintenance (and keeps its connection).
+    say(&mut grpc, SAY, request("before", 0, "m-0"))
+        .await
+        .expect("normal mode forwards");
+    assert_eq!(server.seen.calls(), 1);
+
+    let message = "Upgrading the database — back at 10:00";
+    let resp = ctl(
+        &proxy,
+        Ctl::On {
+            message: Some(message.into()),
+            until: None,
+            retry_after: Some("30s".into()),
+            reason: Some("grpc test".into()),
+        },
+    )
+    .await;
+    assert!(resp.ok, "{resp:?}");
+    assert_eq!(mode(&proxy).await, "maintenance");
+
+    let err = say(&mut grpc, SAY, request("during", 0, "m-1"))
+        .await
+        .expect_err("held in maintenance");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(err.message(), message);
+    assert_eq!(
+        meta(err.metadata(), "grpc-retry-pushback-ms"),
+        Some("30000"),
+        "{err:?}"
+    );
+    assert_eq!(
+        meta(err.metadata(), "x-intermission-mode"),
+        Some("maintenance")
+    );
+
+    // Streaming calls are held the same way.
+    let err = say_many(&mut grpc, SAY_MANY, request("during", 5, "m-2"))
+        .await
+        .expect_err("held in maintenance");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(err.message(), message);
+
+    assert_eq!(
+        server.seen.calls(),
+        1,
+        "held calls must never reach the server"
+    );
+
+    // Off: the same client goes through again.
+    assert!(ctl(&proxy, Ctl::Off).await.ok);
+    let reply = say(&mut grpc, SAY, request("after", 0, "m-3"))
+        .await
+        .expect("forwarded again after off")
+        .into_inner();
+    assert_eq!(reply.request_id, "m-3");
+    assert_eq!(server.seen.calls(), 2);
+}
+
+#[tokio::test]
+async fn grpc_health_check_drives_outage_and_recovery() {
+    let server = grpc_server().await;
+    let proxy = proxy_for(&server).await;
+    wait_first_check(&server).await;
+    wait_mode(&proxy, "normal", Duration::from_secs(5)).await;
+    let mut grpc = client(&proxy).await;
+    say(&mut grpc, SAY, request("up", 0, "h-0"))
+        .await
+        .expect("healthy upstream forwards");
+
+    // The server says NOT_SERVING: the proxy declares an outage by itself.
+    server.seen.not_serving.store(true, Ordering::SeqCst);
+    wait_mode(&proxy, "outage", Duration::from_secs(5)).await;
+    let health = ctl(&proxy, Ctl::Health).await;
+    let last_error = health.health.unwrap()[0].last_error.clone();
+    assert!(
+        last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("not SERVING")),
+        "the health error should say why: {last_error:?}"
+    );
+
+    let calls = server.seen.calls();
+    let err = say(&mut grpc, SAY, request("down", 0, "h-1"))
+        .await
+        .expect_err("held in outage");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(!err.message().is_empty(), "the outage message: {err:?}");
+    assert_eq!(meta(err.metadata(), "x-intermission-mode"), Some("outage"));
+    assert!(
+        meta(err.metadata(), "grpc-retry-pushback-ms").is_some_and(|v| v.parse::<u64>().is_ok()),
+        "{err:?}"
+    );
+    assert_eq!(
+        server.seen.calls(),
+        calls,
+        "held calls never reach the server"
+    );
+
+    // SERVING again: back to normal with nobody's help, and calls succeed.
+    server.seen.not_serving.store(false, Ordering::SeqCst);
+    wait_mode(&proxy, "normal", Duration::from_secs(5)).await;
+    let reply = say(&mut grpc, SAY, request("back", 0, "h-2"))
+        .await
+        .expect("forwarded again after recovery")
+        .into_inner();
+    assert_eq!(reply.text, "echo: back");
+    assert_eq!(server.seen.calls(), calls + 1);
+}
+
+#[tokio::test]
+async fn held_grpc_answer_is_http_200_trailers_only() {
+    let server = grpc_server().await;
+    let proxy = proxy_for(&server).await;
+    let message = "100% déjà vu\nline two";
+    let resp = ctl(
+        &proxy,
+        Ctl::On {
+            message: Some(message.into()),
+            until: None,
+            retry_after: Some("2m".into()),
+            reason: None,
+        },
+    )
+    .await;
+    assert!(resp.ok, "{resp:?}");
+
+    // One empty gRPC frame, as a client with an empty message would send it.
+    let req = http::Request::post(proxy.url(SAY))
+        .version(http::Version::HTTP_2)
+        .header("content-type", "application/grpc+proto")
+        .header("te", "trailers")
+        .body(full(vec![0u8, 0, 0, 0, 0]))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), h2c_client().request(req))
+        .await
+        .expect("bounded")
+        .expect("an answer");
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let h = resp.headers().clone();
+    let get = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    assert_eq!(get("grpc-status").as_deref(), Some("14"), "{h:?}");
+    assert_eq!(
+        get("grpc-message").as_deref(),
+        Some("100%25 d%C3%A9j%C3%A0 vu%0Aline two"),
+        "{h:?}"
+    );
+    assert_eq!(get("grpc-retry-pushback-ms").as_deref(), Some("120000"));
+    assert_eq!(get("retry-after").as_deref(), Some("120"));
+    assert_eq!(get("cache-control").as_deref(), Some("no-store"));
+    assert_eq!(get("x-intermission-mode").as_deref(), Some("maintenance"));
+    assert!(
+        get("content-type").is_some_and(|v| v.starts_with("application/grpc")),
+        "{h:?}"
+    );
+    use http_body_util::BodyExt;
+    let collected = resp.into_body().collect().await.unwrap();
+    assert!(
+        collected.trailers().is_none(),
+        "trailers-only: no separate trailers"
+    );
+    assert!(collected.to_bytes().is_empty(), "trailers-only: no body");
+    assert_eq!(server.seen.calls(), 0);
+}
