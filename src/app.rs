@@ -6,6 +6,8 @@ use crate::config::Config;
 use crate::control::{self, protocol::Request, server::ControlError};
 use crate::hold::pages::{Pages, PagesError};
 use crate::listener;
+use crate::metrics::Metrics;
+use crate::notify::Notifier;
 use crate::shutdown::{self, Trigger};
 use crate::state::controller::{Controller, ControllerHandle, Rebind, RebindFuture};
 use crate::state::snapshot::Parts;
@@ -187,8 +189,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let listen = config.proxy.listen.clone();
     let listen_tls = config.tls.listen.clone();
     let max_connections = config.proxy.max_connections;
-    let parts = Parts::new(Arc::new(config), Arc::new(pages), None)?;
-    let (mut controller, handle, state) = Controller::new(parts, persisted);
+    let metrics = Arc::new(Metrics::new());
+    let notifier = Notifier::start(config.notify.clone(), metrics.clone());
+    let admin = match config.admin.listen {
+        Some(addr) => Some(bind(addr)?),
+        None => None,
+    };
+    let parts = Parts::new(Arc::new(config), Arc::new(pages), None, metrics.clone())?;
+    let (mut controller, handle, state) = Controller::new(parts, persisted, notifier);
     let graceful = Arc::new(GracefulShutdown::new());
     let listeners = Arc::new(Listeners {
         bound: Mutex::new(Vec::new()),
@@ -204,15 +212,28 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     controller.set_rebind(listeners.clone());
     let (stop_control, control_stopped) = shutdown::channel();
     tracing::info!(socket = %socket_path.display(), "control socket ready");
-    let background = vec![
+    let mut background = vec![
         tokio::spawn(controller.run()),
         tokio::spawn(control::server::serve(
             control,
             socket_path,
             handle.clone(),
-            control_stopped,
+            control_stopped.clone(),
         )),
     ];
+    if let Some(l) = admin {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(%addr, "admin listener on {addr} (/metrics, /healthz, /readyz)");
+        }
+        // Ready once this function returns: listeners bound, config and state loaded.
+        let ready: crate::admin::Ready = Arc::new(|| true);
+        background.push(tokio::spawn(crate::admin::serve(
+            l,
+            metrics,
+            ready,
+            control_stopped,
+        )));
+    }
     Ok(Running {
         state,
         controller: handle,

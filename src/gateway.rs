@@ -8,6 +8,7 @@ use crate::body::Body;
 use crate::forward::{self, headers::ClientSide};
 use crate::hold::bypass;
 use crate::hold::negotiate;
+use crate::metrics::Outcome;
 use crate::reserved;
 use crate::state::{Snapshot, StateHandle};
 use http::header::{self, HeaderMap};
@@ -41,15 +42,20 @@ impl Conn {
 
 pub async fn handle(state: &StateHandle, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     let snap = state.load();
-    if !snap.config.log.access_log {
-        return route(&snap, conn, req).await.0;
-    }
     let start = Instant::now();
+    if !snap.config.log.access_log {
+        let (resp, _, outcome) = route(&snap, conn, req).await;
+        snap.metrics
+            .request(outcome, snap.mode, resp.status().as_u16(), start.elapsed());
+        return resp;
+    }
     let method = req.method().clone();
     let uri = logged_uri(&snap, req.uri());
     let peer = conn.peer.ip();
-    let (resp, server) = route(&snap, conn, req).await;
+    let (resp, server, outcome) = route(&snap, conn, req).await;
     let status = resp.status().as_u16();
+    snap.metrics
+        .request(outcome, snap.mode, status, start.elapsed());
     let upstream = server.map(|i| snap.pool.servers[i].to_string());
     let (parts, body) = resp.into_parts();
     let body = Body::counted(
@@ -89,27 +95,36 @@ async fn route(
     snap: &Snapshot,
     conn: &Conn,
     req: Request<Incoming>,
-) -> (Response<Body>, Option<usize>) {
+) -> (Response<Body>, Option<usize>, Outcome) {
     let m = &snap.config.maintenance;
     if let Some(rest) = req.uri().path().strip_prefix(m.reserved_prefix.as_str()) {
-        return (reserved::answer(snap, &req, rest, conn.tls), None);
+        return (
+            reserved::answer(snap, &req, rest, conn.tls),
+            None,
+            Outcome::Reserved,
+        );
     }
     // A reverse proxy has no tunnel to offer; RFC 9110 §9.3.6 lets it refuse.
     if req.method() == Method::CONNECT {
         return (
             reserved::plain(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n"),
             None,
+            Outcome::Reserved,
         );
     }
     if !conn.tls && snap.config.proxy.redirect_https {
         let allowed = bypass::path_allowed(req.uri().path(), &m.allow_paths);
         if !allowed {
-            return (redirect_https(snap, &req), None);
+            return (redirect_https(snap, &req), None, Outcome::Reserved);
         }
     }
-    if snap.held.is_some() && !bypassed(snap, conn, &req) {
-        return (reserved::hold(snap, &req), None);
-    }
+    let outcome = match snap.held {
+        Some(_) if !bypassed(snap, conn, &req) => {
+            return (reserved::hold(snap, &req), None, Outcome::Held);
+        }
+        Some(_) => Outcome::Bypassed,
+        None => Outcome::Forwarded,
+    };
     let trusted = snap.config.proxy.is_trusted(conn.peer.ip());
     // What the outage answer would need, kept (reference counts, no copies) in case
     // forwarding fails: the request itself goes to the upstream.
@@ -132,9 +147,9 @@ async fn route(
                     status = f.response.status().as_u16(),
                     "upstream answer intercepted"
                 );
-                return (echo.outage(snap), Some(f.server));
+                return (echo.outage(snap), Some(f.server), Outcome::Failed);
             }
-            (f.response, Some(f.server))
+            (f.response, Some(f.server), outcome)
         }
         Err(failed) => {
             match &failed.error {
@@ -145,7 +160,7 @@ async fn route(
                     "no upstream server to forward to; answering with the outage response"
                 ),
             }
-            (echo.outage(snap), failed.server)
+            (echo.outage(snap), failed.server, Outcome::Failed)
         }
     }
 }
@@ -186,9 +201,13 @@ impl Echo {
             }
         }
         let path = self.path.as_ref().map_or("/", |p| p.path());
-        let form = negotiate::choose_form(&headers, path, &snap.config.maintenance.api_prefixes);
-        let lang =
-            negotiate::choose_language(headers.get(header::ACCEPT_LANGUAGE), &snap.pages.langs);
+        let (form, lang) = negotiate::negotiate(
+            &headers,
+            path,
+            &snap.config.maintenance.api_prefixes,
+            &snap.pages.langs,
+            snap.pages.id,
+        );
         snap.outage
             .respond(form, lang, self.head, SystemTime::now())
     }

@@ -66,6 +66,7 @@ pub fn spawn(
     config: &HealthConfig,
     known: &[Option<bool>],
     tls: &Arc<rustls::ClientConfig>,
+    metrics: &Arc<crate::metrics::Metrics>,
     flips: mpsc::UnboundedSender<Flip>,
     generation: u64,
 ) -> Checkers {
@@ -98,6 +99,8 @@ pub fn spawn(
             config: config.clone(),
             table: table.clone(),
             flips: flips.clone(),
+            metrics: metrics.clone(),
+            name: server.to_string(),
             counter: known
                 .get(index)
                 .copied()
@@ -121,6 +124,8 @@ struct Task {
     table: Arc<HealthTable>,
     flips: mpsc::UnboundedSender<Flip>,
     counter: Counter,
+    metrics: Arc<crate::metrics::Metrics>,
+    name: String,
 }
 
 impl Task {
@@ -142,6 +147,10 @@ impl Task {
 
     fn record(&mut self, result: Result<std::time::Duration, String>, active: bool) {
         let ok = result.is_ok();
+        if active {
+            let latency = result.as_ref().map_or(self.config.timeout, |d| *d);
+            self.metrics.health_check(&self.name, ok, latency);
+        }
         let flipped = self.counter.record(ok, self.config.rise, self.config.fall);
         let now = SystemTime::now();
         {

@@ -14,6 +14,7 @@ use crate::config::{parse_duration, Config};
 use crate::control::protocol::{ErrorBody, Request, Response, ServerHealth, StatusView};
 use crate::health::{self, Checkers, Flip};
 use crate::hold::pages::Pages;
+use crate::notify::{Event, EventKind, Notifier};
 use crate::time::parse_time;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -74,11 +75,20 @@ pub struct Controller {
     outage_since: Option<SystemTime>,
     /// The overrun of the current `until` has been reported.
     overrun_noted: bool,
+    /// The schedule window in force at the last edge, to tell starts and ends apart.
+    active_window: Option<u64>,
+    notifier: Notifier,
+    /// Names this proxy in notifications (the host name).
+    instance: String,
 }
 
 impl Controller {
     /// Builds the first snapshot and the controller that will own every later one.
-    pub fn new(parts: Parts, state: Persisted) -> (Controller, ControllerHandle, StateHandle) {
+    pub fn new(
+        parts: Parts,
+        state: Persisted,
+        notifier: Notifier,
+    ) -> (Controller, ControllerHandle, StateHandle) {
         let now = SystemTime::now();
         let up = vec![true; parts.config.upstream.servers.len()];
         let snapshot = Snapshot::build(
@@ -108,6 +118,9 @@ impl Controller {
             flips_rx,
             outage_since: None,
             overrun_noted,
+            active_window: None,
+            notifier,
+            instance: instance_name(),
         };
         (controller, ControllerHandle { tx }, handle)
     }
@@ -119,7 +132,9 @@ impl Controller {
 
     pub async fn run(mut self) {
         self.start_checkers();
-        self.publish();
+        let (_, mode) = self.publish();
+        self.parts.metrics.set_mode(mode);
+        self.active_window = self.state.active_window(SystemTime::now()).map(|w| w.id);
         loop {
             let overrun_at = self.pending_overrun();
             let edge = self.state.next_edge(SystemTime::now());
@@ -166,6 +181,11 @@ impl Controller {
         };
         let start: Vec<Option<bool>> = cfg.upstream.servers.iter().map(known).collect();
         self.up = start.iter().map(|h| h.unwrap_or(true)).collect();
+        for (server, up) in cfg.upstream.servers.iter().zip(&self.up) {
+            self.parts
+                .metrics
+                .set_upstream_health(&server.to_string(), *up);
+        }
         if self.healthy() {
             self.outage_since = None;
         }
@@ -174,6 +194,7 @@ impl Controller {
             &cfg.health,
             &start,
             &self.parts.pool.tls,
+            &self.parts.metrics,
             self.flips_tx.clone(),
             self.generation,
         ));
@@ -212,19 +233,56 @@ impl Controller {
             self.save(&next).await;
             self.state = next;
         }
-        self.publish();
+        self.parts
+            .metrics
+            .set_upstream_health(&server, flip.healthy);
+        let (before, after) = self.publish();
+        if before != after {
+            let reason = format!("{server}: {}", flip.reason);
+            self.notify(EventKind::ModeChanged, before, None, Some(reason));
+        }
     }
 
     /// A schedule window started or ended: drop the ended ones (a change of the saved state)
     /// and publish the mode of the moment.
     async fn on_edge(&mut self) {
         let now = SystemTime::now();
+        let active = self.state.active_window(now).map(|w| (w.id, w.by.clone()));
         let next = self.state.clone().tidied(self.healthy(), now);
         if next != self.state {
             self.save(&next).await;
             self.state = next;
         }
-        self.publish();
+        let (before, _) = self.publish();
+        let was = self.active_window;
+        self.active_window = active.as_ref().map(|(id, _)| *id);
+        if was.is_some() && was != self.active_window {
+            tracing::info!("maintenance window {} ended", was.unwrap_or_default());
+            self.notify(EventKind::ScheduleEnded, before, None, None);
+        }
+        if let Some((id, by)) = active.filter(|(id, _)| Some(*id) != was) {
+            tracing::info!("maintenance window {id} started");
+            self.notify(EventKind::ScheduleStarted, before, Some(by), None);
+        }
+    }
+
+    /// Tells the webhooks what just happened, with the state of the moment.
+    fn notify(&self, kind: EventKind, previous: Mode, by: Option<String>, reason: Option<String>) {
+        let snap = self.handle.load();
+        let view = snap.held.as_ref().map(|h| &h.view);
+        let planned = self.state.planned.as_ref();
+        self.notifier.send(Event {
+            event: kind,
+            mode: snap.mode,
+            previous_mode: previous,
+            message: view.map(|v| v.message.clone()),
+            reason: reason.or_else(|| planned.and_then(|p| p.reason.clone())),
+            by: by.or_else(|| planned.map(|p| p.by.clone())),
+            at: crate::time::Timestamp(SystemTime::now()),
+            since: view.and_then(|v| v.since).map(crate::time::Timestamp),
+            until: view.and_then(|v| v.until).map(crate::time::Timestamp),
+            instance: self.instance.clone(),
+        });
     }
 
     /// Saves a state that is already in force (a clock edge, a health flip): a failure is
@@ -253,11 +311,19 @@ impl Controller {
                 until = %p.until.map(|u| u.rfc3339()).unwrap_or_default(),
                 "planned maintenance overran its announced end; it stays on until `off`, and Retry-After falls back to the configured value"
             );
+            let mode = self.publish().1;
+            self.notify(EventKind::UntilOverrun, mode, None, None);
         }
-        self.publish();
     }
 
     async fn control(&mut self, req: Request, by: String) -> Response {
+        let name = command_name(&req);
+        let resp = self.apply_request(req, by).await;
+        self.parts.metrics.control_command(name, resp.ok);
+        resp
+    }
+
+    async fn apply_request(&mut self, req: Request, by: String) -> Response {
         match req {
             Request::Status => Response::state(self.status_view()),
             Request::Health => Response::health(self.health()),
@@ -306,7 +372,24 @@ impl Controller {
             self.state = next;
         }
         tracing::info!(by, "{summary}");
-        self.publish();
+        let message_before = self
+            .handle
+            .load()
+            .held
+            .as_ref()
+            .map(|h| h.view.message.clone());
+        let (before, after) = self.publish();
+        let message_after = self
+            .handle
+            .load()
+            .held
+            .as_ref()
+            .map(|h| h.view.message.clone());
+        if before != after {
+            self.notify(EventKind::ModeChanged, before, Some(by.to_owned()), None);
+        } else if message_before != message_after && after != Mode::Normal {
+            self.notify(EventKind::MessageUpdated, before, Some(by.to_owned()), None);
+        }
         Ok(())
     }
 
@@ -337,8 +420,14 @@ impl Controller {
             config.upstream.servers != old.upstream.servers || config.health != old.health;
         let moved = config.proxy.listen != old.proxy.listen || config.tls.listen != old.tls.listen;
         // Everything that can fail is built before anything changes.
-        let parts = Parts::new(Arc::new(config), Arc::new(pages), Some(&self.parts))
-            .map_err(|e| e.to_string())?;
+        let notify_targets = config.notify.clone();
+        let parts = Parts::new(
+            Arc::new(config),
+            Arc::new(pages),
+            Some(&self.parts),
+            self.parts.metrics.clone(),
+        )
+        .map_err(|e| e.to_string())?;
         if moved {
             match &self.rebind {
                 Some(r) => {
@@ -351,16 +440,26 @@ impl Controller {
             }
         }
         self.parts = parts;
+        self.notifier.set_targets(notify_targets);
         if restart {
             self.start_checkers();
         }
         tracing::info!(file = ?self.parts.config.source, "config and pages reloaded");
-        self.publish();
+        let (before, after) = self.publish();
+        if before != after {
+            self.notify(
+                EventKind::ModeChanged,
+                before,
+                None,
+                Some("config reloaded".into()),
+            );
+        }
         Ok(())
     }
 
-    /// Builds and swaps in the snapshot for the current state.
-    fn publish(&mut self) {
+    /// Builds and swaps in the snapshot; returns the modes before and after, and keeps the
+    /// mode metrics in step.
+    fn publish(&mut self) -> (Mode, Mode) {
         let before = self.handle.load().mode;
         let snapshot = Snapshot::build(
             &self.parts,
@@ -390,7 +489,10 @@ impl Controller {
                     after.as_str()
                 ),
             }
+            self.parts.metrics.set_mode(after);
+            self.parts.metrics.mode_transition(before, after);
         }
+        (before, after)
     }
 
     fn health(&self) -> Vec<ServerHealth> {
@@ -469,6 +571,22 @@ fn to_change(req: Request, by: String, now: SystemTime) -> Result<Change, ErrorB
     })
 }
 
+/// The protocol's name of a command (a fixed set: safe as a metric label).
+fn command_name(req: &Request) -> &'static str {
+    match req {
+        Request::Status => "status",
+        Request::On { .. } => "on",
+        Request::Update { .. } => "update",
+        Request::Off => "off",
+        Request::ForceOpen { .. } => "force_open",
+        Request::Health => "health",
+        Request::Reload => "reload",
+        Request::ScheduleAdd { .. } => "schedule_add",
+        Request::ScheduleList => "schedule_list",
+        Request::ScheduleRemove { .. } => "schedule_remove",
+    }
+}
+
 fn describe(change: &Change) -> String {
     match change {
         Change::On { reason, .. } => match reason {
@@ -488,6 +606,14 @@ fn describe(change: &Change) -> String {
         ),
         Change::ScheduleRemove { id } => format!("maintenance window {id} removed"),
     }
+}
+
+fn instance_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "intermission".to_owned())
 }
 
 async fn sleep_until(at: Option<SystemTime>) {

@@ -12,6 +12,7 @@ use crate::hold::bypass::BypassKey;
 use crate::hold::held::{self, Held, Spliced, View};
 use crate::hold::pages::Pages;
 use crate::listener::ConnBuilder;
+use crate::metrics::Metrics;
 use crate::tls::TlsError;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -20,6 +21,7 @@ use std::time::SystemTime;
 
 pub struct Snapshot {
     pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
     /// Protocol settings for new client connections.
     pub conn: Arc<ConnBuilder>,
     /// TLS settings for new TLS connections (certificates by SNI).
@@ -48,6 +50,8 @@ pub struct Snapshot {
 #[derive(Clone)]
 pub struct Parts {
     pub config: Arc<Config>,
+    /// Lives as long as the process: counters survive reloads.
+    pub metrics: Arc<Metrics>,
     pub conn: Arc<ConnBuilder>,
     /// The TLS listeners' settings; `None` without certificates.
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -64,6 +68,7 @@ impl Parts {
         config: Arc<Config>,
         pages: Arc<Pages>,
         previous: Option<&Parts>,
+        metrics: Arc<Metrics>,
     ) -> Result<Parts, TlsError> {
         let pool = match previous {
             Some(prev) if prev.pool.same_config(&config.upstream) => prev.pool.clone(),
@@ -73,6 +78,7 @@ impl Parts {
         let m = &config.maintenance;
         let bypass = BypassKey::new(&m.bypass_secret, m.bypass_ttl).map(Arc::new);
         Ok(Parts {
+            metrics,
             conn: Arc::new(crate::listener::conn_builder(&config.proxy)),
             tls,
             config,
@@ -124,6 +130,7 @@ impl Snapshot {
             (mode != Mode::Normal).then(|| Held::new(&parts.pages, current, prefix, inputs.now));
         Snapshot {
             config: parts.config.clone(),
+            metrics: parts.metrics.clone(),
             conn: parts.conn.clone(),
             tls: parts.tls.clone(),
             pool: parts.pool.clone(),
