@@ -168,6 +168,7 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 
 /// A started proxy: its bound addresses, and the handles to reload or stop it.
 pub struct Running {
+    admin_addr: Option<SocketAddr>,
     state: StateHandle,
     controller: ControllerHandle,
     listeners: Arc<Listeners>,
@@ -221,8 +222,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             control_stopped.clone(),
         )),
     ];
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(l) = admin {
-        if let Ok(addr) = l.local_addr() {
+        if let Some(addr) = admin_addr {
             tracing::info!(%addr, "admin listener on {addr} (/metrics, /healthz, /readyz)");
         }
         // Ready once this function returns: listeners bound, config and state loaded.
@@ -235,6 +237,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         )));
     }
     Ok(Running {
+        admin_addr,
         state,
         controller: handle,
         listeners,
@@ -248,6 +251,11 @@ impl Running {
     /// The addresses the plaintext listeners are bound to now.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners.local_addrs(false)
+    }
+
+    /// Where the admin listener is bound, if configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// The addresses the TLS listeners are bound to now.

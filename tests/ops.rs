@@ -1,0 +1,372 @@
+//! The operators' side: metrics over the admin listener, and webhooks on every change.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use intermission::control::protocol::Request as Ctl;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::*;
+
+/// `name{labels}` → value, from the text exposition format.
+fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            Some((key.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn metric(m: &HashMap<String, f64>, key: &str) -> f64 {
+    *m.get(key)
+        .unwrap_or_else(|| panic!("no {key} in {:?}", m.keys().collect::<Vec<_>>()))
+}
+
+/// Whether the series has these labels, in any order.
+fn find(m: &HashMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
+    m.iter()
+        .find(|(k, _)| k.starts_with(&format!("{name}{{")) && labels.iter().all(|l| k.contains(l)))
+        .map(|(_, v)| *v)
+        .unwrap_or_else(|| panic!("no {name} with {labels:?}"))
+}
+
+async fn scrape(proxy: &Proxy) -> HashMap<String, f64> {
+    let addr = proxy.running.as_ref().unwrap().admin_addr().unwrap();
+    let resp = get(&format!("http://{addr}/metrics")).await;
+    assert_eq!(resp.status(), 200);
+    parse_metrics(&String::from_utf8_lossy(resp.body()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_what_happened_to_requests_and_health() {
+    let up = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let secret = "metrics-test-secret-0123";
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 1\n\
+         [maintenance]\nbypass_secret = \"{secret}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        up.url()
+    ))
+    .await;
+    let addr = proxy.running.as_ref().unwrap().admin_addr().unwrap();
+    assert_eq!(get(&format!("http://{addr}/healthz")).await.status(), 200);
+    assert_eq!(get(&format!("http://{addr}/readyz")).await.status(), 200);
+
+    for _ in 0..3 {
+        assert_eq!(get(&proxy.url("/")).await.status(), 200);
+    }
+    ctl(
+        &proxy,
+        Ctl::On {
+            message: None,
+            until: None,
+            retry_after: None,
+            reason: None,
+        },
+    )
+    .await;
+    for _ in 0..2 {
+        assert_eq!(get(&proxy.url("/")).await.status(), 503);
+    }
+    let link = get(&proxy.url(&format!("/_intermission/bypass/{secret}"))).await;
+    let cookie = link.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let bypassed = send(
+        Request::get(proxy.url("/"))
+            .header("cookie", cookie)
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(bypassed.body(), "app");
+
+    let m = scrape(&proxy).await;
+    assert_eq!(
+        find(
+            &m,
+            "intermission_requests_total",
+            &["outcome=\"forwarded\"", "mode=\"normal\""]
+        ),
+        3.0
+    );
+    assert_eq!(
+        find(
+            &m,
+            "intermission_requests_total",
+            &["outcome=\"held\"", "mode=\"maintenance\""]
+        ),
+        2.0
+    );
+    assert_eq!(
+        find(
+            &m,
+            "intermission_requests_total",
+            &["outcome=\"bypassed\"", "mode=\"maintenance\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        find(
+            &m,
+            "intermission_requests_total",
+            &["outcome=\"reserved\"", "mode=\"maintenance\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        find(&m, "intermission_responses_total", &["class=\"5xx\""]),
+        2.0
+    );
+    assert_eq!(
+        metric(&m, "intermission_request_duration_seconds_count"),
+        7.0
+    );
+    assert_eq!(
+        find(&m, "intermission_mode", &["mode=\"maintenance\""]),
+        1.0
+    );
+    assert_eq!(find(&m, "intermission_mode", &["mode=\"normal\""]), 0.0);
+    assert_eq!(
+        find(
+            &m,
+            "intermission_mode_transitions_total",
+            &["from=\"normal\"", "to=\"maintenance\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        find(
+            &m,
+            "intermission_control_commands_total",
+            &["command=\"on\"", "result=\"ok\""]
+        ),
+        1.0
+    );
+    assert!(find(&m, "intermission_health_checks_total", &["result=\"ok\""]) >= 1.0);
+
+    // A reload keeps the counters.
+    assert!(ctl(&proxy, Ctl::Reload).await.ok);
+    let m = scrape(&proxy).await;
+    assert_eq!(
+        find(
+            &m,
+            "intermission_requests_total",
+            &["outcome=\"forwarded\"", "mode=\"normal\""]
+        ),
+        3.0
+    );
+
+    // A health flip shows in the per-server gauge.
+    ctl(&proxy, Ctl::Off).await;
+    up.stop();
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut down = false;
+    while Instant::now() < end && !down {
+        let m = scrape(&proxy).await;
+        down = find(
+            &m,
+            "intermission_upstream_healthy",
+            &[&format!("server=\"{}\"", up.url())],
+        ) == 0.0
+            && find(&m, "intermission_mode", &["mode=\"outage\""]) == 1.0;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(down, "the health flip did not show in the metrics");
+    let m = scrape(&proxy).await;
+    assert!(find(&m, "intermission_health_checks_total", &["result=\"fail\""]) >= 1.0);
+}
+
+/// A webhook receiver that records what it gets, optionally failing or hanging.
+struct Receiver {
+    url: String,
+    got: Arc<Mutex<Vec<(http::HeaderMap, Bytes)>>>,
+    _up: Upstream,
+}
+
+async fn receiver(fail: Arc<AtomicBool>, hang: bool) -> Receiver {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let sink = got.clone();
+    let up = upstream(move |req: Request<Incoming>| {
+        let (sink, fail) = (sink.clone(), fail.clone());
+        async move {
+            if hang {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+            let (parts, body) = req.into_parts();
+            let body = body.collect().await.unwrap().to_bytes();
+            if fail.load(Ordering::SeqCst) {
+                return Response::builder().status(500).body(full("no")).unwrap();
+            }
+            sink.lock().unwrap().push((parts.headers, body));
+            Response::new(full("ok"))
+        }
+    })
+    .await;
+    Receiver {
+        url: format!("{}/hook", up.url()),
+        got,
+        _up: up,
+    }
+}
+
+fn events(r: &Receiver) -> Vec<serde_json::Value> {
+    r.got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, b)| serde_json::from_slice(b).unwrap())
+        .collect()
+}
+
+async fn wait_events(r: &Receiver, n: usize) -> Vec<serde_json::Value> {
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end {
+        if r.got.lock().unwrap().len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    events(r)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webhooks_follow_every_change_in_order_and_are_signed() {
+    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let json_hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let slack_hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 1\n\
+         [[notify]]\nurl = \"{}\"\nsecret = \"hook-secret\"\n[[notify]]\nurl = \"{}\"\nformat = \"slack\"\n",
+        app.url(),
+        json_hook.url,
+        slack_hook.url
+    ))
+    .await;
+    ctl(
+        &proxy,
+        Ctl::On {
+            message: Some("Database upgrade".into()),
+            until: None,
+            retry_after: None,
+            reason: Some("INC-7".into()),
+        },
+    )
+    .await;
+    ctl(
+        &proxy,
+        Ctl::Update {
+            message: "Halfway there".into(),
+        },
+    )
+    .await;
+    ctl(&proxy, Ctl::Off).await;
+    app.stop();
+    let got = wait_events(&json_hook, 4).await;
+    app.restart().await;
+    let got = if got.len() >= 4 {
+        wait_events(&json_hook, 5).await
+    } else {
+        got
+    };
+    let kinds: Vec<(String, String, String)> = got
+        .iter()
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap().to_owned(),
+                e["previous_mode"].as_str().unwrap().to_owned(),
+                e["mode"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want = [
+        ("mode_changed", "normal", "maintenance"),
+        ("message_updated", "maintenance", "maintenance"),
+        ("mode_changed", "maintenance", "normal"),
+        ("mode_changed", "normal", "outage"),
+        ("mode_changed", "outage", "normal"),
+    ];
+    let want: Vec<(String, String, String)> = want
+        .iter()
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .collect();
+    assert_eq!(kinds, want);
+    let first = &got[0];
+    assert_eq!(first["message"], "Database upgrade");
+    assert_eq!(first["reason"], "INC-7");
+    assert!(first["by"].as_str().is_some() && first["instance"].as_str().is_some());
+    assert!(first["at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(got[1]["message"], "Halfway there");
+
+    // Each body is signed with HMAC-SHA256 of the raw bytes.
+    for (headers, body) in json_hook.got.lock().unwrap().iter() {
+        let sig = headers["x-intermission-signature"].to_str().unwrap();
+        let hex = sig.strip_prefix("sha256=").unwrap();
+        let mac: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"hook-secret");
+        assert!(
+            ring::hmac::verify(&key, body, &mac).is_ok(),
+            "bad signature"
+        );
+    }
+    // The Slack receiver gets readable sentences.
+    let slack = wait_events(&slack_hook, 5).await;
+    let text = slack[0]["text"].as_str().unwrap();
+    assert!(
+        text.contains("Maintenance") && text.contains("Database upgrade"),
+        "{text}"
+    );
+    assert!(slack_hook.got.lock().unwrap()[0]
+        .0
+        .get("x-intermission-signature")
+        .is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_webhook_slows_nothing_down() {
+    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let hanging = receiver(Arc::new(AtomicBool::new(false)), true).await;
+    let failing = receiver(Arc::new(AtomicBool::new(true)), false).await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[[notify]]\nurl = \"{}\"\ntimeout = \"30s\"\n[[notify]]\nurl = \"{}\"\n",
+        app.url(),
+        hanging.url,
+        failing.url
+    ))
+    .await;
+    let start = Instant::now();
+    for i in 0..20 {
+        let r = ctl(
+            &proxy,
+            Ctl::On {
+                message: Some(format!("message {i}")),
+                until: None,
+                retry_after: None,
+                reason: None,
+            },
+        )
+        .await;
+        assert!(r.ok);
+        assert_eq!(get(&proxy.url("/")).await.status(), 503);
+    }
+    // Generous for a shared machine, and far below one delivery timeout (30 s) or the retries.
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "control and held answers waited on webhooks: {:?}",
+        start.elapsed()
+    );
+}
