@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::*;
 use tonic::body::Body;
 use tonic::codec::{ProstCodec, Streaming};
@@ -451,31 +451,6 @@ async fn say_many(
     .await
 }
 
-async fn mode(proxy: &Proxy) -> String {
-    ctl(proxy, Ctl::Status)
-        .await
-        .state
-        .unwrap()
-        .mode
-        .as_str()
-        .to_owned()
-}
-
-/// Waits (bounded) for the proxy's mode to become `want`.
-async fn wait_mode(proxy: &Proxy, want: &str, limit: Duration) {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if mode(proxy).await == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!(
-        "mode did not become {want} within {limit:?} (it is {})",
-        mode(proxy).await
-    );
-}
-
 fn meta<'a>(map: &'a tonic::metadata::MetadataMap, key: &str) -> Option<&'a str> {
     map.get(key).and_then(|v| v.to_str().ok())
 }
@@ -667,7 +642,7 @@ async fn maintenance_answers_unavailable_with_message_and_pushback() {
     )
     .await;
     assert!(resp.ok, "{resp:?}");
-    assert_eq!(mode(&proxy).await, "maintenance");
+    assert_eq!(proxy_mode(&proxy).await, "maintenance");
 
     let err = say(&mut grpc, SAY, request("during", 0, "m-1"))
         .await

@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use intermission::control::protocol::Request as Ctl;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::*;
 
 const FAST: &str = "[health]\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 2\nfall = 2\n";
@@ -25,31 +25,6 @@ async fn proxy_for(servers: &[&Upstream], extra: &str) -> Proxy {
         list.join(", ")
     ))
     .await
-}
-
-async fn mode(proxy: &Proxy) -> String {
-    ctl(proxy, Ctl::Status)
-        .await
-        .state
-        .unwrap()
-        .mode
-        .as_str()
-        .to_owned()
-}
-
-/// Waits (bounded) for the proxy's mode to become `want`; returns how long it took.
-async fn wait_mode(proxy: &Proxy, want: &str, limit: Duration) -> Duration {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if mode(proxy).await == want {
-            return start.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!(
-        "mode did not become {want} within {limit:?} (it is {})",
-        mode(proxy).await
-    );
 }
 
 fn is_outage(resp: &Response<bytes::Bytes>) -> bool {
@@ -111,10 +86,10 @@ async fn a_failing_health_endpoint_is_down_and_force_open_forwards_anyway() {
 
     let r = ctl(&proxy, Ctl::ForceOpen { enabled: true }).await;
     assert!(r.state.unwrap().force_open);
-    assert_eq!(mode(&proxy).await, "normal");
+    assert_eq!(proxy_mode(&proxy).await, "normal");
     assert_eq!(get(&proxy.url("/")).await.body(), "app works");
     ctl(&proxy, Ctl::ForceOpen { enabled: false }).await;
-    assert_eq!(mode(&proxy).await, "outage");
+    assert_eq!(proxy_mode(&proxy).await, "outage");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -135,14 +110,14 @@ async fn planned_maintenance_stays_when_the_upstream_recovers() {
     let h = wait_health(&proxy, Some(false)).await;
     assert_eq!(h, Some(false));
     assert_eq!(
-        mode(&proxy).await,
+        proxy_mode(&proxy).await,
         "maintenance",
         "planned maintenance wins over outage"
     );
     up.restart().await;
     wait_health(&proxy, Some(true)).await;
     assert_eq!(
-        mode(&proxy).await,
+        proxy_mode(&proxy).await,
         "maintenance",
         "recovery must not end planned maintenance"
     );
@@ -208,7 +183,7 @@ async fn with_one_server_dead_from_the_start_every_request_succeeds() {
     }
     let h = ctl(&proxy, Ctl::Health).await.health.unwrap();
     assert_eq!(h[0].healthy, Some(false));
-    assert_eq!(mode(&proxy).await, "normal");
+    assert_eq!(proxy_mode(&proxy).await, "normal");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -338,6 +313,6 @@ async fn a_reload_during_an_outage_keeps_what_is_known_of_health() {
     )
     .unwrap();
     assert!(ctl(&proxy, Ctl::Reload).await.ok);
-    assert_eq!(mode(&proxy).await, "outage");
+    assert_eq!(proxy_mode(&proxy).await, "outage");
     assert!(is_outage(&get(&proxy.url("/")).await));
 }

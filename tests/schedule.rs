@@ -14,27 +14,6 @@ async fn app() -> Upstream {
     upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await
 }
 
-async fn mode(proxy: &Proxy) -> String {
-    ctl(proxy, Ctl::Status)
-        .await
-        .state
-        .unwrap()
-        .mode
-        .as_str()
-        .to_owned()
-}
-
-async fn wait_mode(proxy: &Proxy, want: &str, limit: Duration) {
-    let end = std::time::Instant::now() + limit;
-    while std::time::Instant::now() < end {
-        if mode(proxy).await == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("mode did not become {want} within {limit:?}");
-}
-
 fn add(start: &str, end: &str, message: Option<&str>) -> Ctl {
     Ctl::ScheduleAdd {
         start: start.into(),
@@ -152,11 +131,11 @@ async fn an_operators_on_outlasts_the_window() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert_eq!(listed, 0);
-    assert_eq!(mode(&proxy).await, "maintenance");
+    assert_eq!(proxy_mode(&proxy).await, "maintenance");
     let v: serde_json::Value = json(&get(&proxy.url("/")).await);
     assert_eq!(v["detail"], "Taking longer");
     ctl(&proxy, Ctl::Off).await;
-    assert_eq!(mode(&proxy).await, "normal");
+    assert_eq!(proxy_mode(&proxy).await, "normal");
 }
 
 #[tokio::test(flavor = "multi_thread")]

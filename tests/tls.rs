@@ -108,18 +108,14 @@ async fn get_on(sender: &mut Sender1, host: &str, path: &str) -> Response<Bytes>
 async fn tls_proxy(setup: impl FnOnce(&Path) -> String) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     let extra = setup(dir.path());
-    let text =
-        format!("[proxy]\nlisten = [\"127.0.0.1:0\"]\n[tls]\nlisten = [\"127.0.0.1:0\"]\n{extra}");
-    let path = dir.path().join("config.toml");
-    std::fs::write(&path, &text).unwrap();
-    let config = intermission::config::Config::load_file(&path).unwrap();
-    let running = intermission::app::start(config).await.unwrap();
-    let addr = running.local_addrs()[0];
-    Proxy {
-        running: Some(running),
-        addr,
-        dir,
-    }
+    let text = format!(
+        "[proxy]
+listen = [\"127.0.0.1:0\"]
+[tls]
+listen = [\"127.0.0.1:0\"]
+{extra}"
+    );
+    spawn_proxy_in(dir, &text).await
 }
 
 fn tls_addr(proxy: &Proxy) -> SocketAddr {

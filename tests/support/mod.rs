@@ -193,10 +193,14 @@ impl Proxy {
 
 /// Starts a proxy from config text; `listen` is set to 127.0.0.1:0 unless the text sets it.
 pub async fn spawn_proxy(config: &str) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    let text = with_listen(config);
+    spawn_proxy_in(tempfile::tempdir().unwrap(), &with_listen(config)).await
+}
+
+/// Starts a proxy from config text written into `dir` (which may already hold certificates
+/// or pages the config names).
+pub async fn spawn_proxy_in(dir: tempfile::TempDir, text: &str) -> Proxy {
     let path = dir.path().join("config.toml");
-    std::fs::write(&path, &text).unwrap();
+    std::fs::write(&path, text).unwrap();
     let config = intermission::config::Config::load_file(&path).unwrap();
     let running = intermission::app::start(config).await.unwrap();
     let addr = running.local_addrs()[0];
@@ -386,4 +390,27 @@ pub fn is_health_check<B>(req: &Request<B>) -> bool {
         .get("user-agent")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ua| ua.starts_with("intermission-health-check/"))
+}
+
+/// The proxy's mode as `ctl status` tells it.
+pub async fn proxy_mode(proxy: &Proxy) -> String {
+    let state = ctl(proxy, intermission::control::protocol::Request::Status)
+        .await
+        .state;
+    state.unwrap().mode.as_str().to_owned()
+}
+
+/// Waits (bounded) for the proxy's mode to become `want`; returns how long it took.
+pub async fn wait_mode(proxy: &Proxy, want: &str, limit: Duration) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if proxy_mode(proxy).await == want {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "mode did not become {want} within {limit:?} (it is {})",
+        proxy_mode(proxy).await
+    );
 }
