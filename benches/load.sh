@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # benches/load.sh — intermission against nginx, side by side, on 127.0.0.1.
 #
-#   benches/load.sh            # full run (about 8–10 minutes after the build)
+#   benches/load.sh            # full run (about 9–11 minutes after the build)
 #   benches/load.sh --quick    # smoke test (about 2 minutes)
 #   benches/load.sh --help
 #
 # Installs what is missing (as root, with apt-get), builds intermission in release, starts an
 # upstream nginx, nginx reverse proxies, nginx serving a 503 page and intermission instances,
-# each in its own temporary directory with ports picked at run time, measures them with wrk in
-# interleaved rows, and prints one markdown report. Every process it starts is stopped by PID
+# each in its own temporary directory with ports picked at run time, measures them with wrk (and
+# with h2load over TLS for the HTTPS rows) in interleaved rows, and prints one markdown report. Every process it starts is stopped by PID
 # when it ends, however it ends. Only 127.0.0.1 is ever used. See benches/load/README.md.
 set -euo pipefail
 
@@ -19,12 +19,15 @@ Usage: benches/load.sh [OPTIONS]
 Measures intermission against nginx on this machine (127.0.0.1 only) and prints one markdown
 report: forwarding (direct / nginx / intermission), holding page (nginx `return 503` /
 intermission in maintenance), bodies of 1 KiB, 64 KiB and 1 MiB, 64 and 1024 connections,
-threads=2 against 2 nginx workers, RSS idle and after load, RSS with many idle keep-alive
-connections, and maintenance switched on and off 10 times a second under load.
+threads=2 against 2 nginx workers, HTTP/2 over TLS (h2load; direct to a TLS upstream / nginx
+terminating TLS / intermission terminating TLS, self-signed P-256 certificate made at run time),
+RSS idle and after load, RSS with many idle keep-alive connections, and maintenance switched on
+and off 10 times a second under load.
 
 Options:
   --quick           smoke test: 1 repetition, 2 s runs, 1 s warm-ups, no 1 MiB and no
-                    1024-connection rows, 500 idle connections instead of 10,000
+                    1024-connection rows (the HTTPS rows stay), 500 idle connections
+                    instead of 10,000
   --reps N          measured repetitions of each row, after one warm-up (default 3)
   --duration D      seconds per measured run, e.g. 5 or 5s (default 5)
   --warmup D        seconds per warm-up run (default 2)
@@ -36,7 +39,7 @@ Options:
   --keep            keep the temporary directory (configs, logs, raw wrk output)
   -h, --help        this text
 
-Needs: nginx, wrk, h2load (nghttp2-client), python3, cargo, timeout (coreutils). Run as root
+Needs: nginx, wrk, h2load (nghttp2-client), openssl, python3, cargo, timeout (coreutils). Run as root
 on Debian/Ubuntu and missing packages are installed with apt-get; otherwise it says what to
 install. Progress goes to stderr, the report to stdout.
 EOF
@@ -85,6 +88,7 @@ missing_pkgs=()
 command -v nginx >/dev/null 2>&1 || missing_pkgs+=(nginx)
 command -v wrk >/dev/null 2>&1 || missing_pkgs+=(wrk)
 command -v h2load >/dev/null 2>&1 || missing_pkgs+=(nghttp2-client)
+command -v openssl >/dev/null 2>&1 || missing_pkgs+=(openssl)
 command -v python3 >/dev/null 2>&1 || missing_pkgs+=(python3)
 command -v timeout >/dev/null 2>&1 || missing_pkgs+=(coreutils)
 if ((${#missing_pkgs[@]})); then
@@ -105,7 +109,7 @@ if ((${#missing_pkgs[@]})); then
         exit 1
     fi
 fi
-for tool in nginx wrk h2load python3 timeout; do
+for tool in nginx wrk h2load openssl python3 timeout; do
     command -v "$tool" >/dev/null 2>&1 || die "'$tool' is still missing after the install step"
 done
 if ((BUILD)) && ! command -v cargo >/dev/null 2>&1; then
@@ -226,10 +230,10 @@ cpu_ticks() { # SERVER -> utime+stime ticks of the server's processes
     printf '%s' "$total"
 }
 
-# Sockets in TIME_WAIT on connections to or from the upstream's port: connections to the
-# application that were closed instead of reused (for direct rows, wrk's own connections).
-time_wait() {
-    awk -v port="$(printf '%04X' "$PORT_UP")" '$4 == "06" {
+# Sockets in TIME_WAIT on connections to or from the upstream's port (or PORT): connections to
+# the application that were closed instead of reused (for direct rows, wrk's own connections).
+time_wait() { # [PORT]
+    awk -v port="$(printf '%04X' "${1:-$PORT_UP}")" '$4 == "06" {
         split($2, l, ":"); split($3, r, ":"); if (l[2] == port || r[2] == port) n++
     } END {print n + 0}' /proc/net/tcp /proc/net/tcp6 2>/dev/null
 }
@@ -333,14 +337,16 @@ start_nginx() { # NAME PORT
     start_server "$1" "$2" "$dir/stderr.log" nginx "${NGINX_E[@]}" -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;'
 }
 
-# intermission_conf NAME PORT THREADS
+# intermission_conf NAME PORT THREADS [tls]: with "tls", PORT is an HTTPS listener with the
+# harness's certificate ($TLS_CERT, $TLS_KEY) and there is no plaintext listener.
 intermission_conf() {
-    local dir="$WORK/$1"
+    local dir="$WORK/$1" listen="\"127.0.0.1:$2\""
     mkdir -p "$dir"
+    [[ ${4:-} == tls ]] && listen=""
     cat >"$dir/config.toml" <<EOF
 # Written by benches/load.sh for the server "$1".
 [proxy]
-listen = ["127.0.0.1:$2"]
+listen = [$listen]
 threads = $3
 max_connections = $CONN_LIMIT
 
@@ -358,6 +364,17 @@ level = "warn"
 socket = "$dir/control.sock"
 state_file = "$dir/state.json"
 EOF
+    if [[ ${4:-} == tls ]]; then
+        cat >>"$dir/config.toml" <<EOF
+
+[tls]
+listen = ["127.0.0.1:$2"]
+
+[[tls.certificates]]
+cert = "$TLS_CERT"
+key = "$TLS_KEY"
+EOF
+    fi
 }
 
 start_intermission() { # NAME PORT
@@ -386,28 +403,44 @@ expect_probe() { # WHAT PORT PATH STATUS BODY_BYTES(or -) [HEADER]
 }
 
 # ---------------------------------------------------------------------------------- rows
-declare -A ROW_LABEL=() ROW_PORT=() ROW_PATH=() ROW_CONNS=() ROW_HDR=() ROW_PROC=()
+declare -A ROW_LABEL=() ROW_PORT=() ROW_PATH=() ROW_CONNS=() ROW_HDR=() ROW_PROC=() ROW_CLIENT=()
+declare -A ROW_TWPORT=()
 add_row() { # ID LABEL CONNS METRIC DIRECT_REF NGINX_REF SERVER EXPECT GROUP PORT PATH [HEADER]
     ROW_LABEL[$1]=$2; ROW_CONNS[$1]=$3; ROW_PROC[$1]=$7; ROW_PORT[$1]=${10}; ROW_PATH[$1]=${11}
-    ROW_HDR[$1]=${12:-}
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$8" "$9" >>"$RES/rows.tsv"
+    ROW_HDR[$1]=${12:-}; ROW_CLIENT[$1]=wrk; ROW_TWPORT[$1]=$PORT_UP
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\twrk\n' "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$8" "$9" >>"$RES/rows.tsv"
+}
+# HTTPS rows: h2load, HTTP/2 over TLS, H2_CONNS connections x H2_STREAMS concurrent streams.
+H2_CONNS=16
+H2_STREAMS=8
+add_h2_row() { # ID LABEL DIRECT_REF NGINX_REF SERVER GROUP PORT PATH TIME_WAIT_PORT
+    ROW_LABEL[$1]=$2; ROW_CONNS[$1]="${H2_CONNS}×${H2_STREAMS}"; ROW_PROC[$1]=$5; ROW_PORT[$1]=$7
+    ROW_PATH[$1]=$8; ROW_HDR[$1]=""; ROW_CLIENT[$1]=h2load; ROW_TWPORT[$1]=$9
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\th2load\n' "$1" "$2" "${ROW_CONNS[$1]}" rps "$3" "$4" "$5" 200 "$6" >>"$RES/rows.tsv"
 }
 
 run_row() { # ID REP SECONDS
-    local id=$1 rep=$2 secs=$3 proc=${ROW_PROC[$1]} out="$RES/runs/$1.$2"
-    local hdr=() tw0 tw1 c0 c1 t0 t1 a0 a1 k0 k1 m0 m1
+    local id=$1 rep=$2 secs=$3 proc=${ROW_PROC[$1]} client=${ROW_CLIENT[$1]}
+    local out="$RES/runs/$1.$2" raw="$RES/runs/$1.$2.${ROW_CLIENT[$1]}"
+    local hdr=() cmd=() tw0 tw1 c0 c1 t0 t1 a0 a1 k0 k1 m0 m1
     [[ -n ${ROW_HDR[$id]} ]] && hdr=(-H "${ROW_HDR[$id]}")
+    if [[ $client == h2load ]]; then
+        # HTTP/2 over TLS (h2 by ALPN); h2load does not verify the certificate.
+        cmd=(h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D "$secs" "https://127.0.0.1:${ROW_PORT[$id]}${ROW_PATH[$id]}")
+    else
+        cmd=(wrk -t1 -c"${ROW_CONNS[$id]}" -d"${secs}s" --latency "${hdr[@]}"
+            "http://127.0.0.1:${ROW_PORT[$id]}${ROW_PATH[$id]}")
+    fi
     if ! alive "$proc"; then
-        printf 'server %s is not running\n' "$proc" >"$out.wrk"
+        printf 'server %s is not running\n' "$proc" >"$raw"
         return 0
     fi
-    tw0=$(time_wait); c0=$(cpu_ticks "$proc"); a0=$(all_server_ticks); k0=$(child_ticks); m0=$(machine_ticks)
+    tw0=$(time_wait "${ROW_TWPORT[$id]}"); c0=$(cpu_ticks "$proc"); a0=$(all_server_ticks); k0=$(child_ticks); m0=$(machine_ticks)
     t0=$(date +%s%N)
-    timeout --kill-after=5 $((secs + 30)) wrk -t1 -c"${ROW_CONNS[$id]}" -d"${secs}s" --latency "${hdr[@]}" \
-        "http://127.0.0.1:${ROW_PORT[$id]}${ROW_PATH[$id]}" >"$out.wrk" 2>&1 \
-        || note "wrk exited with an error on '${ROW_LABEL[$id]}' (run $rep): $(tail -n 1 "$out.wrk")"
+    timeout --kill-after=5 $((secs + 30)) "${cmd[@]}" >"$raw" 2>&1 \
+        || note "$client exited with an error on '${ROW_LABEL[$id]}' (run $rep): $(tail -n 1 "$raw")"
     t1=$(date +%s%N); m1=$(machine_ticks); k1=$(child_ticks); a1=$(all_server_ticks); c1=$(cpu_ticks "$proc")
-    tw1=$(time_wait)
+    tw1=$(time_wait "${ROW_TWPORT[$id]}")
     printf 'tw=%s cpu=%s other=%s rss=%s\n' $((tw1 > tw0 ? tw1 - tw0 : 0)) \
         "$(awk -v c=$((c1 - c0)) -v hz="$CLK_TCK" -v ns=$((t1 - t0)) 'BEGIN {printf "%.1f", c / hz / (ns / 1e9) * 100}')" \
         "$(awk -v c=$(((m1 - m0) - (a1 - a0) - (k1 - k0))) -v hz="$CLK_TCK" -v ns=$((t1 - t0)) \
@@ -417,7 +450,11 @@ run_row() { # ID REP SECONDS
         note "server $proc ($proc) DIED during '${ROW_LABEL[$id]}' run $rep; last log lines: $(tail -n 5 "$WORK/$proc/stderr.log" | tr '\n' ' ')"
     fi
     if [[ $rep -gt 0 ]]; then
-        say "  ${ROW_LABEL[$id]} [${ROW_CONNS[$id]}c] run $rep: $(awk '/Requests\/sec/ {print $2 " req/s"}' "$out.wrk")"
+        if [[ $client == h2load ]]; then
+            say "  ${ROW_LABEL[$id]} [h2 ${ROW_CONNS[$id]}] run $rep: $(sed -n 's/^finished in [^,]*, \([0-9.]*\) req\/s.*/\1 req\/s/p' "$raw")"
+        else
+            say "  ${ROW_LABEL[$id]} [${ROW_CONNS[$id]}c] run $rep: $(awk '/Requests\/sec/ {print $2 " req/s"}' "$raw")"
+        fi
     fi
 }
 
@@ -511,6 +548,46 @@ start_nginx ngx1 "$PORT_NGX1"
 start_nginx ngx2 "$PORT_NGX2"
 start_nginx n503 "$PORT_N503"
 
+# HTTPS: a self-signed P-256 certificate made now, shared by the TLS upstream (direct row), nginx
+# terminating TLS (1 worker, proxying to `up` over plain HTTP with keepalive, as ngx1) and
+# intermission terminating TLS (threads=1, forwarding to `up` as int1).
+read -r PORT_UPT PORT_NGXT PORT_INTT <<<"$(free_ports 3)"
+mkdir -p "$WORK/tls"
+TLS_CERT="$WORK/tls/cert.pem"
+TLS_KEY="$WORK/tls/key.pem"
+timeout 30 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+    -keyout "$TLS_KEY" -out "$TLS_CERT" >"$WORK/tls/openssl.log" 2>&1 \
+    || { cat "$WORK/tls/openssl.log" >&2; die "openssl could not make the test certificate"; }
+timeout 10 openssl x509 -in "$TLS_CERT" -noout -text 2>/dev/null | grep -q 'prime256v1' \
+    || die "the test certificate is not P-256 ($TLS_CERT)"
+chmod 644 "$TLS_CERT"
+chmod 600 "$TLS_KEY"
+# nginx 1.25.1 replaced `listen ... http2` by the `http2` directive.
+NGINX_VERSION=$(nginx -v 2>&1 | sed -n 's|.*nginx/\([0-9.]*\).*|\1|p')
+if printf '%s\n' 1.25.1 "${NGINX_VERSION:-0}" | sort -V -C; then
+    TLS_LISTEN="ssl"; HTTP2_LINE="
+        http2 on;"
+else
+    TLS_LISTEN="ssl http2"; HTTP2_LINE=""
+fi
+TLS_BLOCK="
+        ssl_certificate $TLS_CERT;
+        ssl_certificate_key $TLS_KEY;
+        ssl_protocols TLSv1.2 TLSv1.3;$HTTP2_LINE"
+nginx_conf upt 1 "    server {
+        listen 127.0.0.1:$PORT_UPT $TLS_LISTEN backlog=4096;$TLS_BLOCK
+        location = / { default_type text/plain; return 200 \"$BODY100\"; }
+    }"
+nginx_conf ngxt 1 "    upstream app { server 127.0.0.1:$PORT_UP; keepalive 128; }
+    server {
+        listen 127.0.0.1:$PORT_NGXT $TLS_LISTEN backlog=4096;$TLS_BLOCK$PROXY_BLOCK
+    }"
+start_nginx upt "$PORT_UPT"
+start_nginx ngxt "$PORT_NGXT"
+intermission_conf intt "$PORT_INTT" 1 tls
+start_intermission intt "$PORT_INTT"
+
 say "checking every row answers as expected"
 UP_PROBE=$(expect_probe "upstream" "$PORT_UP" / 200 100)
 for s in NGX1 NGX2 INT1 INT2; do
@@ -528,7 +605,29 @@ HELD_PROBE=$(expect_probe "intermission held page" "$PORT_HELD" / 503 - "Accept:
 [[ -n $(json_field "$N503_PROBE" '["headers"].get("retry-after","")') ]] || die "nginx 503 has no Retry-After"
 [[ -n $(json_field "$HELD_PROBE" '["headers"].get("retry-after","")') ]] || die "intermission held has no Retry-After"
 
-record_rss idle up ngx1 ngx2 n503 int1 int2 held
+# One h2 request over TLS: a 2xx with the upstream's 100-byte body, h2 chosen by ALPN.
+# Prints "protocol, cipher, key exchange, ALPN" as h2load saw them.
+expect_h2() { # WHAT PORT
+    local out tls
+    out=$(timeout 20 h2load -n1 -c1 -m1 "https://127.0.0.1:$2/" 2>&1) \
+        || die "$1: h2load failed against https://127.0.0.1:$2/: $(tail -n 3 <<<"$out" | tr '\n' ' ')"
+    grep -q '^Application protocol: h2$' <<<"$out" \
+        || die "$1: https://127.0.0.1:$2/ did not negotiate h2 by ALPN: $(grep -iE 'protocol|error|fail' <<<"$out" | tr '\n' ' ')"
+    grep -qE '^status codes: 1 2xx' <<<"$out" \
+        || die "$1: https://127.0.0.1:$2/ did not answer 2xx: $(grep -E '^(status codes|requests):' <<<"$out" | tr '\n' ' ')"
+    [[ $(sed -n 's/.*B (\([0-9]*\)) data$/\1/p' <<<"$out") == 100 ]] \
+        || die "$1: https://127.0.0.1:$2/ did not send the 100-byte body: $(grep '^traffic:' <<<"$out")"
+    tls=$(awk -F': ' '/^TLS Protocol:/ {p = $2} /^Cipher:/ {c = $2} /^Server Temp Key:/ {k = $2}
+        /^Application protocol:/ {a = $2} END {printf "%s, %s, %s, ALPN %s", p, c, k, a}' <<<"$out")
+    printf '%s' "$tls"
+}
+TLS_UPT=$(expect_h2 "TLS upstream" "$PORT_UPT")
+TLS_NGXT=$(expect_h2 "nginx TLS proxy" "$PORT_NGXT")
+TLS_INTT=$(expect_h2 "intermission TLS" "$PORT_INTT")
+[[ $TLS_NGXT == "$TLS_INTT" ]] \
+    || note "nginx and intermission negotiated different TLS parameters (h2load): nginx $TLS_NGXT; intermission $TLS_INTT"
+
+record_rss idle up ngx1 ngx2 n503 int1 int2 held upt ngxt intt
 
 size_text() { # PROBE_JSON
     printf '%s B (head %s + body %s)' "$(json_field "$1" '["total_bytes"]')" \
@@ -557,6 +656,12 @@ size_text() { # PROBE_JSON
     printf 'size_up\t%s\n' "$(size_text "$UP_PROBE")"
     printf 'size_n503\t%s\n' "$(size_text "$N503_PROBE")"
     printf 'size_held\t%s\n' "$(size_text "$HELD_PROBE")"
+    printf 'h2load_cmd\th2load -t1 -c%s -m%s -D %s https://127.0.0.1:PORT/\n' "$H2_CONNS" "$H2_STREAMS" "$DURATION"
+    printf 'tls_cert\t%s\n' "self-signed P-256 (prime256v1), CN=localhost, SAN DNS:localhost + IP:127.0.0.1, made at run time by openssl req -x509 -newkey ec"
+    printf 'tls_nginx\t%s\n' "listen ... $TLS_LISTEN, ssl_protocols TLSv1.2 TLSv1.3, other ssl_* settings default"
+    printf 'tls_upt\t%s\n' "$TLS_UPT"
+    printf 'tls_ngxt\t%s\n' "$TLS_NGXT"
+    printf 'tls_intt\t%s\n' "$TLS_INTT"
 } >"$RES/meta.tsv"
 
 # ---------------------------------------------------------------------------------- run
@@ -594,6 +699,15 @@ record_rss after_main up ngx1 ngx2 n503 int1 int2 held
 say "scaling rows: ${#SCALE_ROWS[@]} rows"
 measure "${SCALE_ROWS[@]}"
 record_rss after_scale up ngx1 int1
+
+# HTTPS: h2 over TLS with h2load, against the TLS upstream, nginx and intermission.
+add_h2_row direct_tls "direct to TLS upstream, h2 (the limit)" direct_tls "" upt https "$PORT_UPT" / "$PORT_UPT"
+add_h2_row ngxt "nginx TLS proxy, 1 worker, h2" direct_tls ngxt ngxt https "$PORT_NGXT" / "$PORT_UP"
+add_h2_row intt "intermission TLS, threads=1, h2" direct_tls ngxt intt https "$PORT_INTT" / "$PORT_UP"
+TLS_ROWS=(direct_tls ngxt intt)
+say "HTTPS rows (h2load over TLS): ${#TLS_ROWS[@]} rows x ($REPS x ${DURATION}s + ${WARMUP}s warm-up)"
+measure "${TLS_ROWS[@]}"
+record_rss after_https upt ngxt intt
 
 # Memory: idle keep-alive connections held open against each proxy (1 worker / 1 thread).
 mem_test() { # LABEL SERVER PORT
@@ -687,13 +801,13 @@ fi
 
 # What the servers logged (intermission at warn, nginx at crit).
 # A mode change is logged once at warn by design: counted, not quoted.
-for s in int1 int2 held intm; do
+for s in int1 int2 held intm intt; do
     modes=$(grep -c 'state::controller: mode ' "$WORK/$s/stderr.log" || true)
     others=$(grep -v 'state::controller: mode ' "$WORK/$s/stderr.log" | grep -c . || true)
     ((${modes:-0} == 0)) || note "intermission $s logged ${modes} mode-change lines (one per switch, expected)"
     ((${others:-0} == 0)) || note "intermission $s logged $others other lines, first: $(grep -v 'state::controller: mode ' "$WORK/$s/stderr.log" | head -n 3 | cut -c1-300 | tr '\n' ' ')"
 done
-for s in up ngx1 ngx2 n503 ngxm; do
+for s in up ngx1 ngx2 n503 ngxm upt ngxt; do
     if [[ -s $WORK/$s/error.log ]]; then
         note "nginx $s error.log: $(head -n 3 "$WORK/$s/error.log" | cut -c1-300 | tr '\n' ' ')"
     fi

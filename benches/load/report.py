@@ -6,7 +6,9 @@
 RESULTS_DIR holds (all written by load.sh):
   meta.tsv   key<TAB>value: date, machine, versions, settings
   rows.tsv   id<TAB>label<TAB>conns<TAB>metric<TAB>direct_ref<TAB>nginx_ref<TAB>proc<TAB>expect<TAB>group
+             <TAB>client (wrk or h2load; wrk when absent)
   runs/ID.REP.wrk    wrk's output of one measured run (REP 0 is the warm-up, not counted)
+  runs/ID.REP.h2load h2load's output, for the HTTPS rows (h2 over TLS)
   runs/ID.REP.extra  key=value words: tw (TIME_WAIT sockets added), cpu (proxy CPU %)
   rss.tsv    proc<TAB>phase<TAB>KiB   (phase: idle, after_<group>)
   mem.tsv    target<TAB>before<TAB>with<TAB>after_close<TAB>READY line<TAB>CLOSING line
@@ -48,6 +50,40 @@ def parse_wrk(text):
     return r
 
 
+def parse_h2load(text):
+    """h2load prints no percentiles: the latency figures kept are the mean and the max of its
+    "time for request" line (per request, i.e. per stream)."""
+    r = {"rps": None, "bps": None, "p99": None, "mean": None, "max": None, "errors": 0,
+         "non2xx": 0, "requests": None, "error_text": ""}
+    m = re.search(r"^finished in [\d.]+m?s, ([\d.]+) req/s, ([\d.]+)([KMGT]?B)/s", text, re.M)
+    if m:
+        r["rps"] = float(m.group(1))
+        r["bps"] = float(m.group(2)) * UNITS_SIZE[m.group(3)]
+    m = re.search(r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                  r"(\d+) failed, (\d+) errored, (\d+) timeout", text, re.M)
+    if m:
+        total, started, done, ok, failed, errored, timeout = (int(x) for x in m.groups())
+        r["requests"] = done
+        # h2load's "failed" already counts the errored and timed-out requests.
+        r["errors"] = failed
+        if failed:
+            r["error_text"] = f"failed {failed} (errored {errored}, timeout {timeout})"
+    m = re.search(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text, re.M)
+    if m:
+        r["non2xx"] = sum(int(x) for x in m.groups()[2:])
+    m = re.search(r"^traffic: .*?\((\d+)\) total, .*?\((\d+)\) headers .*?\((\d+)\) data", text, re.M)
+    if m and r["requests"]:
+        r["head_bytes"] = int(m.group(2)) / r["requests"]
+    m = re.search(r"^time for request:\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)",
+                  text, re.M)
+    if m:
+        r["max"] = float(m.group(3)) * UNITS_TIME[m.group(4)]
+        r["mean"] = float(m.group(5)) * UNITS_TIME[m.group(6)]
+    if r["rps"] is not None and r["requests"] == 0:
+        r["rps"] = None  # connected to nothing
+    return r
+
+
 def read_tsv(path):
     if not os.path.exists(path):
         return []
@@ -76,11 +112,13 @@ def main():
     runs_dir = os.path.join(d, "runs")
     for row in rows:
         rid = row[0]
+        client = row[9] if len(row) > 9 and row[9] else "wrk"
+        parse = parse_h2load if client == "h2load" else parse_wrk
         reps = []
         rep = 1
-        while os.path.exists(os.path.join(runs_dir, f"{rid}.{rep}.wrk")):
-            with open(os.path.join(runs_dir, f"{rid}.{rep}.wrk")) as f:
-                w = parse_wrk(f.read())
+        while os.path.exists(os.path.join(runs_dir, f"{rid}.{rep}.{client}")):
+            with open(os.path.join(runs_dir, f"{rid}.{rep}.{client}")) as f:
+                w = parse(f.read())
             extra = {}
             path = os.path.join(runs_dir, f"{rid}.{rep}.extra")
             if os.path.exists(path):
@@ -95,7 +133,7 @@ def main():
             reps.append(w)
             rep += 1
         ok = [w for w in reps if w["rps"] is not None]
-        s = {"n": len(reps), "ok": len(ok)}
+        s = {"n": len(reps), "ok": len(ok), "client": client}
         if ok:
             rps = [w["rps"] for w in ok]
             s["rps"] = statistics.median(rps)
@@ -105,6 +143,12 @@ def main():
             s["mibps"] = statistics.median(bps) / 1024 ** 2 if bps else None
             p99 = [w["p99"] for w in ok if w["p99"] is not None]
             s["p99"] = statistics.median(p99) if p99 else None
+            means = [w["mean"] for w in ok if w.get("mean") is not None]
+            s["mean"] = statistics.median(means) if means else None
+            maxes = [w["max"] for w in ok if w.get("max") is not None]
+            s["lat_max"] = statistics.median(maxes) if maxes else None
+            heads = [w["head_bytes"] for w in ok if w.get("head_bytes") is not None]
+            s["head_bytes"] = statistics.median(heads) if heads else None
             s["errors"] = sum(w["errors"] for w in ok)
             s["error_text"] = "; ".join(w["error_text"] for w in ok if w["error_text"])
             s["non2xx"] = sum(w["non2xx"] for w in ok)
@@ -135,6 +179,12 @@ def main():
       f"repetitions: {meta.get('reps', '?')} after a {meta.get('warmup', '?')}s warm-up, medians; "
       f"RLIMIT_NOFILE {meta.get('nofile', '?')}, nginx worker_connections / intermission "
       f"max_connections {meta.get('conn_limit', '?')}")
+    if any(len(r) > 9 and r[9] == "h2load" for r in rows):
+        p(f"- HTTPS rows (conns `C×M`: connections × concurrent streams on each): `{meta.get('h2load_cmd', '?')}`, "
+          "HTTP/2 over TLS (ALPN), interleaved and repeated like the other rows; certificate: "
+          f"{meta.get('tls_cert', '?')}; nginx: {meta.get('tls_nginx', '?')}; negotiated (h2load): "
+          f"TLS upstream {meta.get('tls_upt', '?')} / nginx {meta.get('tls_ngxt', '?')} / "
+          f"intermission {meta.get('tls_intt', '?')}")
     p(f"- responses: upstream `/` {meta.get('size_up', '?')}; nginx 503 {meta.get('size_n503', '?')}; "
       f"intermission held (Accept: text/html) {meta.get('size_held', '?')}")
     p("- The cores are shared by wrk, the upstream and the proxy: read the ratios, not the absolute "
@@ -165,6 +215,8 @@ def main():
             notes.append(f"**{s['requests'] - s['non2xx']} responses were not errors**")
         if s["tw"]:
             notes.append(f"upstream TIME_WAIT +{s['tw']:,.0f}/run")
+        if s.get("head_bytes") is not None:
+            notes.append(f"response headers {s['head_bytes']:.0f} B after HPACK")
         if s.get("other") is not None and s["other"] > 10:
             notes.append(f"busy machine: other processes took up to {s['other']:.0f} % CPU")
             busy.append(label)
@@ -180,6 +232,11 @@ def main():
         rss_text = f"{fmt_int(idle)} → {fmt_int(after)}" if idle is not None else "—"
         mib = f"{s['mibps']:,.1f}" if s.get("mibps") is not None else "—"
         p99 = f"{s['p99']:.2f}" if s.get("p99") is not None else "—"
+        if s.get("client") == "h2load":
+            # No percentiles from h2load: its mean and max request times instead, said so.
+            mean = f"{s['mean']:.2f}" if s.get("mean") is not None else "—"
+            mx = f"{s['lat_max']:.2f}" if s.get("lat_max") is not None else "—"
+            p99 = f"mean {mean}, max {mx}"
         cpu = f"{s['cpu']:.0f}" if s.get("cpu") is not None else "—"
         p(f"| {label} | {conns} | {fmt_int(s['rps'])} | {fmt_int(s['min'])}..{fmt_int(s['max'])} | {mib} "
           f"| {fmt_ratio(ratio_d)} | {fmt_ratio(ratio_n)} | {p99} | {cpu} | {rss_text} "
@@ -192,6 +249,16 @@ def main():
       "sockets to/from the upstream's port left in TIME_WAIT per run (median): upstream "
       "connections closed instead of reused; for direct rows, wrk's own connections.")
     p("RSS after: right after the row's last run (the process has served the rows above it too).")
+    if any(st.get("client") == "h2load" for st in stats.values()):
+        p("HTTPS rows (h2load, h2 over TLS): × direct is against the TLS upstream (an nginx like "
+          "`up` terminating TLS itself), × nginx is intermission against nginx terminating TLS with "
+          "1 worker. h2load gives no percentiles: the p99 column holds the medians over the "
+          "repetitions of its mean and max request times (ms, per stream) instead. Errors are "
+          "h2load's failed requests (errored and timed-out ones included); TIME_WAIT is on the upstream's port for "
+          "the proxies, on the TLS upstream's for the direct row (h2load's own connections). MiB/s "
+          "is h2load's HTTP/2 traffic (frame headers, HPACK header blocks and bodies; no TLS "
+          "overhead): servers that compress response headers differently differ there for the "
+          "same responses (see the notes), so compare req/s.")
     if busy:
         p("")
         p(f"**Other processes used the CPU** during: {', '.join(busy)} — these rows are not "
