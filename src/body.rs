@@ -19,6 +19,9 @@ pub enum Body {
     Stream(Incoming),
     /// Counts the data bytes that pass, and reports them when the body is dropped.
     Counted(Box<Counted>),
+    /// A streamed request body that says when it has been sent whole, so that the wait for
+    /// the response head starts then (an upload's own time is not the upstream's delay).
+    Watched(Incoming, Option<Sent>),
 }
 
 impl Body {
@@ -41,12 +44,48 @@ impl Body {
         }
     }
 
+    /// A streamed body and the signal fired when its end has been read; `None` for a body
+    /// that is already complete (no signal needed).
+    pub fn watched(incoming: Incoming) -> (Body, Option<SentSignal>) {
+        if incoming.is_end_stream() {
+            return (Body::Empty, None);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sent = Sent {
+            tx,
+            done: done.clone(),
+        };
+        (
+            Body::Watched(incoming, Some(sent)),
+            Some(SentSignal { rx, done }),
+        )
+    }
+
     pub fn counted(inner: Body, on_done: Box<dyn FnOnce(u64) + Send + Sync>) -> Body {
         Body::Counted(Box::new(Counted {
             inner,
             bytes: 0,
             on_done: Some(on_done),
         }))
+    }
+}
+
+/// The sending side of "the body has been sent whole".
+pub struct Sent {
+    tx: tokio::sync::oneshot::Sender<()>,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Resolves when the body has been sent whole (or has failed); `complete()` tells which.
+pub struct SentSignal {
+    pub rx: tokio::sync::oneshot::Receiver<()>,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SentSignal {
+    pub fn complete(&self) -> bool {
+        self.done.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -76,6 +115,18 @@ impl HttpBody for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Body::Stream(incoming) => Pin::new(incoming).poll_frame(cx),
+            Body::Watched(incoming, done) => {
+                let polled = Pin::new(&mut *incoming).poll_frame(cx);
+                let finished = matches!(polled, Poll::Ready(None))
+                    || (matches!(polled, Poll::Ready(Some(Ok(_)))) && incoming.is_end_stream());
+                if finished {
+                    if let Some(sent) = done.take() {
+                        sent.done.store(true, std::sync::atomic::Ordering::Release);
+                        let _ = sent.tx.send(());
+                    }
+                }
+                polled
+            }
             Body::Counted(c) => {
                 let polled = Pin::new(&mut c.inner).poll_frame(cx);
                 if let Poll::Ready(Some(Ok(frame))) = &polled {
@@ -92,7 +143,7 @@ impl HttpBody for Body {
         match self {
             Body::Empty => true,
             Body::Full(bytes) => bytes.is_none(),
-            Body::Stream(incoming) => incoming.is_end_stream(),
+            Body::Stream(incoming) | Body::Watched(incoming, _) => incoming.is_end_stream(),
             Body::Counted(c) => c.inner.is_end_stream(),
         }
     }
@@ -101,7 +152,7 @@ impl HttpBody for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Body::Stream(incoming) => incoming.size_hint(),
+            Body::Stream(incoming) | Body::Watched(incoming, _) => incoming.size_hint(),
             Body::Counted(c) => c.inner.size_hint(),
         }
     }

@@ -97,7 +97,12 @@ async fn route(
     req: Request<Incoming>,
 ) -> (Response<Body>, Option<usize>, Outcome) {
     let m = &snap.config.maintenance;
+    let redirect = !conn.tls && snap.config.proxy.redirect_https;
     if let Some(rest) = req.uri().path().strip_prefix(m.reserved_prefix.as_str()) {
+        // The bypass secret and its cookie never travel in cleartext when HTTPS is there.
+        if redirect && rest.starts_with("bypass/") {
+            return (redirect_https(snap, &req), None, Outcome::Reserved);
+        }
         return (
             reserved::answer(snap, &req, rest, conn.tls),
             None,
@@ -112,7 +117,7 @@ async fn route(
             Outcome::Reserved,
         );
     }
-    if !conn.tls && snap.config.proxy.redirect_https {
+    if redirect {
         let allowed = bypass::path_allowed(req.uri().path(), &m.allow_paths);
         if !allowed {
             return (redirect_https(snap, &req), None, Outcome::Reserved);
@@ -231,7 +236,7 @@ fn redirect_https<B>(snap: &Snapshot, req: &Request<B>) -> Response<Body> {
         .unwrap_or(443);
     let authority = if port == 443 {
         host.host().to_owned()
-    } else if host.host().contains(':') {
+    } else if host.host().contains(':') && !host.host().starts_with('[') {
         format!("[{}]:{port}", host.host())
     } else {
         format!("{}:{port}", host.host())

@@ -13,6 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -90,7 +91,12 @@ pub async fn accept_loop(
                 _ => return,
             }
             let conn = Arc::new(Conn::new(peer, tls));
+            // Set by the first request: until then the connection lives on a deadline, since
+            // neither the protocol sniffing nor the HTTP/2 preface has a timer of its own.
+            let asked = Arc::new(AtomicBool::new(false));
+            let seen = asked.clone();
             let service = service_fn(move |req| {
+                seen.store(true, Ordering::Relaxed);
                 let state = state.clone();
                 let conn = conn.clone();
                 async move { Ok::<_, Infallible>(gateway::handle(&state, &conn, req).await) }
@@ -99,7 +105,8 @@ pub async fn accept_loop(
                 None => {
                     let connection =
                         builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watcher.watch(connection.into_owned()).await
+                    until_first_request(watcher.watch(connection.into_owned()), first_byte, &asked)
+                        .await
                 }
                 Some(acceptor) => {
                     // The handshake gets the same deadline as a request head.
@@ -114,12 +121,31 @@ pub async fn accept_loop(
                         };
                     let connection =
                         builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service);
-                    watcher.watch(connection.into_owned()).await
+                    until_first_request(watcher.watch(connection.into_owned()), first_byte, &asked)
+                        .await
                 }
+            };
+            let Some(result) = result else {
+                tracing::debug!(%peer, "no request within header_read_timeout; closed");
+                return;
             };
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
+    }
+}
+
+/// Runs a connection, dropping it if no request has arrived by `deadline`.
+async fn until_first_request<F: std::future::Future>(
+    connection: F,
+    deadline: Duration,
+    asked: &AtomicBool,
+) -> Option<F::Output> {
+    tokio::pin!(connection);
+    match tokio::time::timeout(deadline, &mut connection).await {
+        Ok(result) => Some(result),
+        Err(_) if !asked.load(Ordering::Relaxed) => None,
+        Err(_) => Some(connection.await),
     }
 }

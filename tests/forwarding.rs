@@ -559,3 +559,32 @@ async fn connections_over_the_limit_are_closed_at_once() {
     }
     assert!(served);
 }
+
+#[tokio::test]
+async fn an_http2_preface_without_a_request_is_closed() {
+    let up = echo_upstream().await;
+    let config = format!(
+        "[proxy]\nheader_read_timeout = \"300ms\"\n{}",
+        upstream_config(&up)
+    );
+    let proxy = spawn_proxy(&config).await;
+    // A cut-short preface (the sniffing waits for more) and a whole one with no request.
+    let out = raw_exchange(
+        proxy.addr,
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(!out.contains("HTTP/1.1 200"), "{out}");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    assert!(
+        closed.is_ok(),
+        "an HTTP/2 connection that never asked anything was kept open"
+    );
+}

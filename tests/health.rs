@@ -316,3 +316,60 @@ async fn a_reload_during_an_outage_keeps_what_is_known_of_health() {
     assert_eq!(proxy_mode(&proxy).await, "outage");
     assert!(is_outage(&get(&proxy.url("/")).await));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_upload_is_not_the_upstreams_fault() {
+    use http_body_util::BodyExt;
+    let up = upstream(|req: Request<Incoming>| async move {
+        let n = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes().len())
+            .unwrap_or(0);
+        Response::new(full(format!("got {n}")))
+    })
+    .await;
+    // The upload takes longer than response_timeout; only the wait after it counts.
+    let proxy = proxy_for(
+        &[&up],
+        "response_timeout = \"300ms\"\n[health]\ninterval = \"1h\"\nfall = 1\nrise = 1\n",
+    )
+    .await;
+    let (tx, body) = mpsc_body();
+    let url = proxy.url("/upload");
+    let pending = tokio::spawn(async move { send(Request::post(url).body(body).unwrap()).await });
+    for _ in 0..5 {
+        tx.send(bytes::Bytes::from_static(b"0123456789"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    drop(tx);
+    let resp = pending.await.unwrap();
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    assert_eq!(resp.body(), "got 50");
+    assert_eq!(proxy_mode(&proxy).await, "normal");
+}
+
+/// A request body fed chunk by chunk from the test.
+fn mpsc_body() -> (tokio::sync::mpsc::Sender<bytes::Bytes>, TestBody) {
+    use http_body_util::BodyExt;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    (tx, ChannelBody(rx).boxed())
+}
+
+struct ChannelBody(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|b| Ok(http_body::Frame::data(b))))
+    }
+}

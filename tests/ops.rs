@@ -370,3 +370,32 @@ async fn a_dead_webhook_slows_nothing_down() {
         start.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn schedule_windows_tell_when_they_start_and_end() {
+    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[[notify]]\nurl = \"{}\"\n",
+        app.url(),
+        hook.url
+    ))
+    .await;
+    // A window that starts at once, and ends a second later.
+    let r = ctl(
+        &proxy,
+        Ctl::ScheduleAdd {
+            start: "+0s".into(),
+            end: "+1s".into(),
+            message: Some("Short window".into()),
+        },
+    )
+    .await;
+    assert!(r.ok, "{r:?}");
+    let got = wait_events(&hook, 2).await;
+    let kinds: Vec<&str> = got.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["schedule_started", "schedule_ended"]);
+    assert_eq!(got[0]["mode"], "maintenance");
+    assert_eq!(got[0]["message"], "Short window");
+    assert_eq!(got[1]["mode"], "normal");
+}

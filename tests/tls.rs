@@ -587,3 +587,53 @@ async fn wait_healthy(proxy: &Proxy) -> Option<bool> {
     }
     None
 }
+
+#[tokio::test]
+async fn with_redirect_the_bypass_link_goes_to_https_too() {
+    let ca = Ca::new();
+    let proxy = tls_proxy(|dir| {
+        ca.write_leaf(dir, "site", &["shop.test"]);
+        format!(
+            "{}[maintenance]\nbypass_secret = \"team-only-0123456789\"\n",
+            certs(&["site"])
+        )
+    })
+    .await;
+    let path = proxy.dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replacen(
+            "[proxy]\n",
+            "[proxy]\nredirect_https = true\nhttps_port = 8443\n",
+            1,
+        ),
+    )
+    .unwrap();
+    assert!(ctl(&proxy, Ctl::Reload).await.ok);
+    let resp = send(
+        Request::get(proxy.url("/_intermission/bypass/team-only-0123456789"))
+            .header("host", "shop.test")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status(), 308);
+    assert!(
+        resp.headers().get("set-cookie").is_none(),
+        "no cookie over cleartext"
+    );
+    assert_eq!(
+        resp.headers()["location"],
+        "https://shop.test:8443/_intermission/bypass/team-only-0123456789"
+    );
+    // An IPv6 literal host keeps one pair of brackets.
+    let resp = send(
+        Request::get(proxy.url("/x"))
+            .header("host", "[::1]:8080")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.headers()["location"], "https://[::1]:8443/x");
+}

@@ -287,6 +287,18 @@ impl Config {
                 "needs at least one address to listen on (here or in tls.listen)",
             );
         }
+        if config.health.kind == HealthKind::Grpc
+            && config
+                .upstream
+                .servers
+                .iter()
+                .any(|s| s.protocol == Protocol::Http)
+        {
+            v.problem(
+                "health.kind",
+                "\"grpc\" checks speak HTTP/2: use h2c:// or https:// servers, or another kind",
+            );
+        }
         if config.proxy.redirect_https && config.tls.listen.is_empty() {
             v.problem(
                 "proxy.redirect_https",
@@ -347,6 +359,11 @@ impl Validator {
         match parse_duration(&text.0) {
             Ok(d) if d.is_zero() => {
                 self.problem(key, "must be greater than zero");
+                Duration::from_secs(1)
+            }
+            // Longer is a typo, and deadlines beyond it would overflow the clock's arithmetic.
+            Ok(d) if d > MAX_DURATION => {
+                self.problem(key, "must be at most a year");
                 Duration::from_secs(1)
             }
             Ok(d) => d,
@@ -760,6 +777,8 @@ impl Validator {
     }
 }
 
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// `"250ms"`, `"90s"`, `"1h30m"`, or a plain number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
@@ -1010,6 +1029,20 @@ mod tests {
                 "health.expect"
             ]
         );
+    }
+
+    #[test]
+    fn grpc_checks_need_http2_servers() {
+        let p =
+            problems("[upstream]\nservers = [\"http://127.0.0.1:1\"]\n[health]\nkind = \"grpc\"\n");
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].key, "health.kind");
+        assert!(problems(
+            "[upstream]\nservers = [\"h2c://127.0.0.1:1\"]\n[health]\nkind = \"grpc\"\n"
+        )
+        .is_empty());
+        let long = problems("[proxy]\nheader_read_timeout = \"18446744073709551615\"\n");
+        assert_eq!(long[0].key, "proxy.header_read_timeout");
     }
 
     #[test]

@@ -8,7 +8,7 @@ pub mod headers;
 pub mod pool;
 pub mod upgrade;
 
-use crate::body::Body;
+use crate::body::{Body, SentSignal};
 use crate::config::{Protocol, Upstream};
 use crate::health::Passive;
 use headers::ClientSide;
@@ -100,7 +100,7 @@ pub async fn forward(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let body = Body::from_incoming(body);
+    let (body, sent) = Body::watched(body);
 
     let Some(first) = pool.pick(up, None) else {
         return Err(Failed {
@@ -114,11 +114,17 @@ pub async fn forward(
             .then(|| (parts.method.clone(), parts.headers.clone()));
     let mut req = Request::from_parts(parts, body);
     aim(&mut req, &pool.servers[first], path.clone());
-    let error = match send(pool, first, req, timeout).await {
+    let mut sent = sent;
+    let error = match send(pool, first, req, timeout, sent.as_mut()).await {
         Ok(resp) => return Ok(finish(resp, first, client_upgrade)),
         Err(e) => e,
     };
-    report(passive, first, &error);
+    // Only what the upstream can be blamed for counts against its health: a client that
+    // stalls or aborts its own upload must not be able to take servers out.
+    let body_complete = sent.as_ref().is_none_or(SentSignal::complete);
+    if matches!(error, UpstreamError::Connect { .. }) || body_complete {
+        report(passive, first, &error);
+    }
     // A timeout is not retried: the server may still be working on it, and a second wait
     // would double the time before the client gets an answer.
     let replay = replay.filter(|_| !matches!(error, UpstreamError::Timeout { .. }));
@@ -133,7 +139,7 @@ pub async fn forward(
     *again.method_mut() = method;
     *again.headers_mut() = headers;
     aim(&mut again, &pool.servers[second], path);
-    match send(pool, second, again, timeout).await {
+    match send(pool, second, again, timeout, None).await {
         Ok(resp) => Ok(finish(resp, second, None)),
         Err(e) => {
             report(passive, second, &e);
@@ -175,15 +181,33 @@ fn report(passive: &[Passive], server: usize, error: &UpstreamError) {
     }
 }
 
-/// Sends one request to one server, waiting at most `response_timeout` for the head.
+/// Sends one request to one server, waiting at most `response_timeout` for the head once the
+/// request body (if it streams) has been sent whole, as nginx's `proxy_read_timeout` does.
 async fn send(
     pool: &UpstreamPool,
     server: usize,
     req: Request<Body>,
     timeout: Duration,
+    sent: Option<&mut SentSignal>,
 ) -> Result<Response<Incoming>, UpstreamError> {
     let name = || pool.servers[server].to_string();
-    match tokio::time::timeout(timeout, pool.request(server, req)).await {
+    let response = pool.request(server, req);
+    let outcome = match sent {
+        None => tokio::time::timeout(timeout, response).await,
+        Some(sent) => {
+            tokio::pin!(response);
+            let deadline = async {
+                // A body that ends in error drops the sender: the timer starts then too.
+                let _ = (&mut sent.rx).await;
+                tokio::time::sleep(timeout).await;
+            };
+            tokio::select! {
+                r = &mut response => Ok(r),
+                () = deadline => tokio::time::timeout(Duration::ZERO, response).await,
+            }
+        }
+    };
+    match outcome {
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(source)) if source.is_connect() => Err(UpstreamError::Connect {
             server: name(),

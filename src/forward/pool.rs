@@ -109,7 +109,9 @@ impl UpstreamPool {
         self.servers == other.servers
             && self.config.connect_timeout == other.connect_timeout
             && self.config.idle_timeout == other.idle_timeout
-            && self.config.ca_file == other.ca_file
+            // A CA file may have new contents under the same name: re-read it on reload.
+            && self.config.ca_file.is_none()
+            && other.ca_file.is_none()
             && self.config.danger_accept_invalid_certs == other.danger_accept_invalid_certs
     }
 }

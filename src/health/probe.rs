@@ -97,7 +97,8 @@ impl Prober {
                 *req.method_mut() = http::Method::POST;
                 let resp = self.send(req).await?;
                 let (parts, body) = resp.into_parts();
-                let collected = body
+                // A health answer is a few bytes; a server streaming more is not healthy.
+                let collected = http_body_util::Limited::new(body, 64 * 1024)
                     .collect()
                     .await
                     .map_err(|e| format!("reading the answer: {e}"))?;

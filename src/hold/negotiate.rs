@@ -351,7 +351,7 @@ fn language_q(header: &str, tag: &str, is_default: bool) -> Option<(u16, usize)>
             continue;
         };
         // The first of equally specific entries decides; a later duplicate does not override.
-        if best.map_or(true, |(s, _, _)| specificity > s) {
+        if best.is_none_or(|(s, _, _)| specificity > s) {
             best = Some((specificity, q, position));
         }
     }

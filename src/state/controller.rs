@@ -131,6 +131,14 @@ impl Controller {
     }
 
     pub async fn run(mut self) {
+        let now = SystemTime::now();
+        // An overrun already known before a restart was reported then.
+        self.overrun_noted = self.state.overrun(now);
+        let tidy = self.state.clone().tidied(self.healthy(), now);
+        if tidy != self.state {
+            self.save(&tidy).await;
+            self.state = tidy;
+        }
         self.start_checkers();
         let (_, mode) = self.publish();
         self.parts.metrics.set_mode(mode);
@@ -237,7 +245,7 @@ impl Controller {
             .metrics
             .set_upstream_health(&server, flip.healthy);
         let (before, after) = self.publish();
-        if before != after {
+        if !self.window_events(before) && before != after {
             let reason = format!("{server}: {}", flip.reason);
             self.notify(EventKind::ModeChanged, before, None, Some(reason));
         }
@@ -253,17 +261,33 @@ impl Controller {
             self.save(&next).await;
             self.state = next;
         }
+        let _ = active;
         let (before, _) = self.publish();
+        self.window_events(before);
+    }
+
+    /// Sends the start and end events of schedule windows, whatever caused them (a clock
+    /// edge, an operator adding a window that starts now or removing the one in force).
+    /// Returns whether it sent any.
+    fn window_events(&mut self, previous: Mode) -> bool {
+        let active = self
+            .state
+            .active_window(SystemTime::now())
+            .map(|w| (w.id, w.by.clone()));
         let was = self.active_window;
         self.active_window = active.as_ref().map(|(id, _)| *id);
-        if was.is_some() && was != self.active_window {
-            tracing::info!("maintenance window {} ended", was.unwrap_or_default());
-            self.notify(EventKind::ScheduleEnded, before, None, None);
+        let mut sent = false;
+        if let Some(id) = was.filter(|id| Some(*id) != self.active_window) {
+            tracing::info!("maintenance window {id} ended");
+            self.notify(EventKind::ScheduleEnded, previous, None, None);
+            sent = true;
         }
         if let Some((id, by)) = active.filter(|(id, _)| Some(*id) != was) {
             tracing::info!("maintenance window {id} started");
-            self.notify(EventKind::ScheduleStarted, before, Some(by), None);
+            self.notify(EventKind::ScheduleStarted, previous, Some(by), None);
+            sent = true;
         }
+        sent
     }
 
     /// Tells the webhooks what just happened, with the state of the moment.
@@ -385,7 +409,9 @@ impl Controller {
             .held
             .as_ref()
             .map(|h| h.view.message.clone());
-        if before != after {
+        if self.window_events(before) {
+            // The window's own event says it.
+        } else if before != after {
             self.notify(EventKind::ModeChanged, before, Some(by.to_owned()), None);
         } else if message_before != message_after && after != Mode::Normal {
             self.notify(EventKind::MessageUpdated, before, Some(by.to_owned()), None);
@@ -421,13 +447,17 @@ impl Controller {
         let moved = config.proxy.listen != old.proxy.listen || config.tls.listen != old.tls.listen;
         // Everything that can fail is built before anything changes.
         let notify_targets = config.notify.clone();
-        let parts = Parts::new(
-            Arc::new(config),
-            Arc::new(pages),
-            Some(&self.parts),
-            self.parts.metrics.clone(),
-        )
+        let previous = self.parts.clone();
+        let metrics = self.parts.metrics.clone();
+        // Certificates, keys and CA files are read from disk: off the async workers.
+        let parts = tokio::task::spawn_blocking(move || {
+            Parts::new(Arc::new(config), Arc::new(pages), Some(&previous), metrics)
+        })
+        .await
+        .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+        // A new pool may carry new TLS settings, which the checks must use too.
+        let restart = restart || !Arc::ptr_eq(&parts.pool, &self.parts.pool);
         if moved {
             match &self.rebind {
                 Some(r) => {
