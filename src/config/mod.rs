@@ -375,16 +375,11 @@ impl Validator {
     }
 
     fn proxy(&mut self, f: file::ProxyFile) -> ProxyConfig {
-        let mut listen = Vec::new();
-        for (i, a) in f.listen.iter().enumerate() {
-            match a.parse::<SocketAddr>() {
-                Ok(addr) => listen.push(addr),
-                Err(_) => self.problem(
-                    &format!("proxy.listen[{i}]"),
-                    format!("{a:?} is not an address; write IP:PORT such as \"127.0.0.1:8080\" or \"[::]:80\""),
-                ),
-            }
-        }
+        let listen = self.addrs(
+            "proxy.listen",
+            &f.listen,
+            "\"127.0.0.1:8080\" or \"[::]:80\"",
+        );
 
         let trusted_proxies = self.cidrs("proxy.trusted_proxies", &f.trusted_proxies);
         if f.max_connections == 0 {
@@ -404,6 +399,21 @@ impl Validator {
             redirect_https: f.redirect_https,
             https_port: f.https_port,
         }
+    }
+
+    /// Socket addresses; `example` shows the form in the error.
+    fn addrs(&mut self, key: &str, list: &[String], example: &str) -> Vec<SocketAddr> {
+        let mut addrs = Vec::new();
+        for (i, a) in list.iter().enumerate() {
+            match a.parse::<SocketAddr>() {
+                Ok(addr) => addrs.push(addr),
+                Err(_) => self.problem(
+                    &format!("{key}[{i}]"),
+                    format!("{a:?} is not an address; write IP:PORT such as {example}"),
+                ),
+            }
+        }
+        addrs
     }
 
     fn cidrs(&mut self, key: &str, list: &[String]) -> Vec<IpNet> {
@@ -489,16 +499,7 @@ impl Validator {
     }
 
     fn tls(&mut self, f: file::TlsFile) -> TlsConfig {
-        let mut listen = Vec::new();
-        for (i, a) in f.listen.iter().enumerate() {
-            match a.parse::<SocketAddr>() {
-                Ok(addr) => listen.push(addr),
-                Err(_) => self.problem(
-                    &format!("tls.listen[{i}]"),
-                    format!("{a:?} is not an address; write IP:PORT such as \"0.0.0.0:443\""),
-                ),
-            }
-        }
+        let listen = self.addrs("tls.listen", &f.listen, "\"0.0.0.0:443\"");
         let mut certificates = Vec::new();
         for (i, c) in f.certificates.iter().enumerate() {
             let cert = self.path(&c.cert);
