@@ -435,6 +435,16 @@ async fn https_upstreams_are_verified_against_the_configured_ca() {
     let resp = get(&other.url("/via/tls")).await;
     assert_eq!(resp.status(), 503);
     assert_eq!(resp.headers()["x-intermission-mode"], "outage");
+
+    // Only the loudly named key turns verification off.
+    let lab = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"https://{addr}\"]\ndanger_accept_invalid_certs = true\n[health]\nkind = \"tcp\"\n"
+    ))
+    .await;
+    assert_eq!(
+        get(&lab.url("/via/tls")).await.body(),
+        "secure HTTP/2.0 /via/tls"
+    );
 }
 
 #[tokio::test]
