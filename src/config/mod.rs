@@ -281,7 +281,8 @@ impl Config {
             notify: v.notify(notify),
             log: v.log(log),
         };
-        if config.proxy.listen.is_empty() && config.tls.listen.is_empty() {
+        let bad_listen = v.problems.iter().any(|p| p.key.contains("listen["));
+        if config.proxy.listen.is_empty() && config.tls.listen.is_empty() && !bad_listen {
             v.problem(
                 "proxy.listen",
                 "needs at least one address to listen on (here or in tls.listen)",
