@@ -429,6 +429,21 @@ impl Metrics {
             .set(i64::from(healthy));
     }
 
+    /// Forgets a server that a reload removed, so that no alert fires for it for ever.
+    pub fn forget_upstream(&self, server: &str) {
+        let labels = ServerLabels {
+            server: server.to_owned(),
+        };
+        self.upstream_healthy.remove(&labels);
+        self.health_check_duration.remove(&labels);
+        for result in [true, false] {
+            self.health_checks.remove(&HealthCheckLabels {
+                server: server.to_owned(),
+                result: result_label(result),
+            });
+        }
+    }
+
     /// Counts one probe and its latency. Both results' series are created on a server's first
     /// probe, so that a rate of failures starts from zero rather than from nothing.
     pub fn health_check(&self, server: &str, ok: bool, latency: Duration) {

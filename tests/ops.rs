@@ -399,3 +399,25 @@ async fn schedule_windows_tell_when_they_start_and_end() {
     assert_eq!(got[0]["message"], "Short window");
     assert_eq!(got[1]["mode"], "normal");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_removed_by_reload_leaves_the_metrics() {
+    let a = upstream(|_req: Request<Incoming>| async { Response::new(full("a")) }).await;
+    let b = upstream(|_req: Request<Incoming>| async { Response::new(full("b")) }).await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        a.url()
+    ))
+    .await;
+    let has = |m: &HashMap<String, f64>, url: &str| {
+        m.keys().any(|k| k.contains(&format!("server=\"{url}\"")))
+    };
+    assert!(has(&scrape(&proxy).await, &a.url()));
+    let path = proxy.dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace(&a.url(), &b.url())).unwrap();
+    assert!(ctl(&proxy, Ctl::Reload).await.ok);
+    let m = scrape(&proxy).await;
+    assert!(!has(&m, &a.url()), "the removed server is still reported");
+    assert!(has(&m, &b.url()));
+}

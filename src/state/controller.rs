@@ -188,6 +188,15 @@ impl Controller {
             previous.iter().find(|(n, _)| *n == name).map(|&(_, h)| h)
         };
         let start: Vec<Option<bool>> = cfg.upstream.servers.iter().map(known).collect();
+        let names: Vec<String> = cfg
+            .upstream
+            .servers
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        for (gone, _) in previous.iter().filter(|(n, _)| !names.contains(n)) {
+            self.parts.metrics.forget_upstream(gone);
+        }
         self.up = start.iter().map(|h| h.unwrap_or(true)).collect();
         for (server, up) in cfg.upstream.servers.iter().zip(&self.up) {
             self.parts
