@@ -7,7 +7,6 @@
 use crate::body::Body;
 use crate::forward::{self, headers::ClientSide};
 use crate::hold::bypass;
-use crate::hold::negotiate;
 use crate::metrics::Outcome;
 use crate::reserved;
 use crate::state::{Snapshot, StateHandle};
@@ -206,15 +205,7 @@ impl Echo {
             }
         }
         let path = self.path.as_ref().map_or("/", |p| p.path());
-        let (form, lang) = negotiate::negotiate(
-            &headers,
-            path,
-            &snap.config.maintenance.api_prefixes,
-            &snap.pages.langs,
-            snap.pages.id,
-        );
-        snap.outage
-            .respond(form, lang, self.head, SystemTime::now())
+        reserved::respond(snap, &snap.outage, &headers, path, self.head)
     }
 }
 

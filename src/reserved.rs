@@ -2,6 +2,7 @@
 //! and never forwarded: `status`, `assets/…`, `bypass/{secret}` and `preview`.
 
 use crate::body::Body;
+use crate::hold::held::Held;
 use crate::hold::negotiate;
 use crate::state::Snapshot;
 use http::header::{self, HeaderValue};
@@ -151,15 +152,31 @@ pub fn hold<B>(snap: &Snapshot, req: &Request<B>) -> Response<Body> {
     let Some(held) = &snap.held else {
         return not_found();
     };
-    let m = &snap.config.maintenance;
-    let (form, lang) = negotiate::negotiate(
+    respond(
+        snap,
+        held,
         req.headers(),
         req.uri().path(),
-        &m.api_prefixes,
+        req.method() == Method::HEAD,
+    )
+}
+
+/// `held`'s response in the form and language this request's headers ask for.
+pub fn respond(
+    snap: &Snapshot,
+    held: &Held,
+    headers: &http::HeaderMap,
+    path: &str,
+    head: bool,
+) -> Response<Body> {
+    let (form, lang) = negotiate::negotiate(
+        headers,
+        path,
+        &snap.config.maintenance.api_prefixes,
         &snap.pages.langs,
         snap.pages.id,
     );
-    held.respond(form, lang, req.method() == Method::HEAD, SystemTime::now())
+    held.respond(form, lang, head, SystemTime::now())
 }
 
 fn not_found() -> Response<Body> {

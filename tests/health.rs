@@ -305,13 +305,9 @@ async fn a_reload_during_an_outage_keeps_what_is_known_of_health() {
     up.stop();
     wait_mode(&proxy, "outage", Duration::from_secs(5)).await;
     // A change to [health] restarts the checkers; the dead server must stay out.
-    let path = proxy.dir.path().join("config.toml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(
-        &path,
-        text.replace("interval = \"100ms\"", "interval = \"150ms\""),
-    )
-    .unwrap();
+    edit_config(&proxy, |text| {
+        text.replace("interval = \"100ms\"", "interval = \"150ms\"")
+    });
     assert!(ctl(&proxy, Ctl::Reload).await.ok);
     assert_eq!(proxy_mode(&proxy).await, "outage");
     assert!(is_outage(&get(&proxy.url("/")).await));

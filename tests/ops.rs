@@ -413,9 +413,7 @@ async fn a_server_removed_by_reload_leaves_the_metrics() {
         m.keys().any(|k| k.contains(&format!("server=\"{url}\"")))
     };
     assert!(has(&scrape(&proxy).await, &a.url()));
-    let path = proxy.dir.path().join("config.toml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, text.replace(&a.url(), &b.url())).unwrap();
+    edit_config(&proxy, |text| text.replace(&a.url(), &b.url()));
     assert!(ctl(&proxy, Ctl::Reload).await.ok);
     let m = scrape(&proxy).await;
     assert!(!has(&m, &a.url()), "the removed server is still reported");

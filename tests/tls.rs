@@ -484,15 +484,14 @@ async fn plaintext_is_redirected_to_https_except_reserved_and_allowed_paths() {
         )
     })
     .await;
-    let path = proxy.dir.path().join("config.toml");
-    let text = std::fs::read_to_string(&path).unwrap();
     let port = tls_addr(&proxy).port();
-    let text = text.replacen(
-        "[proxy]\n",
-        &format!("[proxy]\nredirect_https = true\nhttps_port = {port}\n"),
-        1,
-    );
-    std::fs::write(&path, text).unwrap();
+    edit_config(&proxy, |text| {
+        text.replacen(
+            "[proxy]\n",
+            &format!("[proxy]\nredirect_https = true\nhttps_port = {port}\n"),
+            1,
+        )
+    });
     assert!(ctl(&proxy, Ctl::Reload).await.ok);
     let resp = send(
         Request::get(proxy.url("/shop?item=7"))
@@ -609,17 +608,13 @@ async fn with_redirect_the_bypass_link_goes_to_https_too() {
         )
     })
     .await;
-    let path = proxy.dir.path().join("config.toml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(
-        &path,
+    edit_config(&proxy, |text| {
         text.replacen(
             "[proxy]\n",
             "[proxy]\nredirect_https = true\nhttps_port = 8443\n",
             1,
-        ),
-    )
-    .unwrap();
+        )
+    });
     assert!(ctl(&proxy, Ctl::Reload).await.ok);
     let resp = send(
         Request::get(proxy.url("/_intermission/bypass/team-only-0123456789"))

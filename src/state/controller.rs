@@ -321,13 +321,28 @@ impl Controller {
     /// Saves a state that is already in force (a clock edge, a health flip): a failure is
     /// logged, since there is no operator to refuse.
     async fn save(&self, next: &Persisted) {
+        if let Err(e) = self.write_state(next).await {
+            tracing::error!("{e}");
+        }
+    }
+
+    /// Writes the state file on the blocking pool (an fsync must not stall the data plane).
+    async fn write_state(&self, next: &Persisted) -> Result<(), String> {
         let path = self.parts.config.control.state_file.clone();
         let saved = next.clone();
-        match tokio::task::spawn_blocking(move || store::save(&path, &saved)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!("{e}"),
-            Err(e) => tracing::error!("state file writer failed: {e}"),
-        }
+        tokio::task::spawn_blocking(move || store::save(&path, &saved))
+            .await
+            .map_err(|e| format!("state file writer failed: {e}"))?
+            .map_err(|e| e.to_string())
+    }
+
+    /// The message clients are shown now, if anything is held.
+    fn shown_message(&self) -> Option<String> {
+        self.handle
+            .load()
+            .held
+            .as_ref()
+            .map(|h| h.view.message.clone())
     }
 
     fn pending_overrun(&self) -> Option<SystemTime> {
@@ -390,14 +405,9 @@ impl Controller {
                 e @ ChangeError::NoSuchWindow(_) => ErrorBody::new("not_found", e.to_string()),
             })?;
         if next != self.state {
-            let path = self.parts.config.control.state_file.clone();
-            let saved = next.clone();
-            tokio::task::spawn_blocking(move || store::save(&path, &saved))
-                .await
-                .map_err(|e| ErrorBody::new("internal", e.to_string()))?
-                .map_err(|e| {
-                    ErrorBody::new("state_not_saved", format!("{e}; nothing was changed"))
-                })?;
+            self.write_state(&next).await.map_err(|e| {
+                ErrorBody::new("state_not_saved", format!("{e}; nothing was changed"))
+            })?;
             let until = |s: &Persisted| s.planned.as_ref().and_then(|p| p.until);
             if until(&next) != until(&self.state) {
                 self.overrun_noted = false;
@@ -405,19 +415,9 @@ impl Controller {
             self.state = next;
         }
         tracing::info!(by, "{summary}");
-        let message_before = self
-            .handle
-            .load()
-            .held
-            .as_ref()
-            .map(|h| h.view.message.clone());
+        let message_before = self.shown_message();
         let (before, after) = self.publish();
-        let message_after = self
-            .handle
-            .load()
-            .held
-            .as_ref()
-            .map(|h| h.view.message.clone());
+        let message_after = self.shown_message();
         if self.window_events(before) {
             // The window's own event says it.
         } else if before != after {

@@ -414,3 +414,10 @@ pub async fn wait_mode(proxy: &Proxy, want: &str, limit: Duration) -> Duration {
         proxy_mode(proxy).await
     );
 }
+
+/// Rewrites the proxy's config file (before a reload).
+pub fn edit_config(proxy: &Proxy, edit: impl FnOnce(String) -> String) {
+    let path = proxy.dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, edit(text)).unwrap();
+}
