@@ -69,6 +69,46 @@ async fn a_window_switches_maintenance_on_and_off_by_itself() {
     assert!(list.is_empty(), "an ended window is removed: {list:?}");
 }
 
+/// The controller wakes at each window edge; a control request that lands on the very moment
+/// of an edge must not make it skip that edge (the window would never start, or never end).
+#[tokio::test(flavor = "multi_thread")]
+async fn window_edges_are_kept_under_a_stream_of_control_requests() {
+    let up = app().await;
+    let proxy = std::sync::Arc::new(
+        spawn_proxy(&format!("[upstream]\nservers = [\"{}\"]\n", up.url())).await,
+    );
+    assert!(ctl(&proxy, add("+1s", "+2s", Some("busy window"))).await.ok);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut pollers = Vec::new();
+    for _ in 0..4 {
+        let (proxy, done) = (proxy.clone(), done.clone());
+        pollers.push(tokio::spawn(async move {
+            let mut modes = Vec::new();
+            // Bounded: the window lasts 2 s; 20 s of polling is far more than the test needs.
+            let end = std::time::Instant::now() + Duration::from_secs(20);
+            while !done.load(std::sync::atomic::Ordering::Relaxed)
+                && std::time::Instant::now() < end
+            {
+                let mode = proxy_mode(&proxy).await;
+                if modes.last() != Some(&mode) {
+                    modes.push(mode);
+                }
+            }
+            modes
+        }));
+    }
+    wait_mode(&proxy, "maintenance", Duration::from_secs(5)).await;
+    wait_mode(&proxy, "normal", Duration::from_secs(5)).await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    for p in pollers {
+        let modes = p.await.unwrap();
+        assert!(
+            modes.len() <= 3,
+            "the mode went normal, maintenance, normal once: {modes:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn windows_that_make_no_sense_are_refused() {
     let proxy = spawn_proxy("").await;

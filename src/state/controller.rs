@@ -77,6 +77,11 @@ pub struct Controller {
     overrun_noted: bool,
     /// The schedule window in force at the last edge, to tell starts and ends apart.
     active_window: Option<u64>,
+    /// The clock reading the published snapshot was built at. The next window edge is looked
+    /// for after this moment, not after "now": an edge that passed while the controller was
+    /// busy with a control request is then still due, instead of silently skipped (which left
+    /// a window that never started, or never ended).
+    published_at: SystemTime,
     notifier: Notifier,
     /// Names this proxy in notifications (the host name).
     instance: String,
@@ -119,6 +124,7 @@ impl Controller {
             outage_since: None,
             overrun_noted,
             active_window: None,
+            published_at: now,
             notifier,
             instance: instance_name(),
         };
@@ -142,10 +148,10 @@ impl Controller {
         self.start_checkers();
         let (_, mode) = self.publish();
         self.parts.metrics.set_mode(mode);
-        self.active_window = self.state.active_window(SystemTime::now()).map(|w| w.id);
+        self.active_window = self.state.active_window(self.published_at).map(|w| w.id);
         loop {
             let overrun_at = self.pending_overrun();
-            let edge = self.state.next_edge(SystemTime::now());
+            let edge = self.state.next_edge(self.published_at);
             tokio::select! {
                 _ = sleep_until(edge), if edge.is_some() => self.on_edge().await,
                 msg = self.rx.recv() => match msg {
@@ -264,13 +270,11 @@ impl Controller {
     /// and publish the mode of the moment.
     async fn on_edge(&mut self) {
         let now = SystemTime::now();
-        let active = self.state.active_window(now).map(|w| (w.id, w.by.clone()));
         let next = self.state.clone().tidied(self.healthy(), now);
         if next != self.state {
             self.save(&next).await;
             self.state = next;
         }
-        let _ = active;
         let (before, _) = self.publish();
         self.window_events(before);
     }
@@ -279,9 +283,10 @@ impl Controller {
     /// edge, an operator adding a window that starts now or removing the one in force).
     /// Returns whether it sent any.
     fn window_events(&mut self, previous: Mode) -> bool {
+        // The published snapshot's clock, so that the events agree with what clients see.
         let active = self
             .state
-            .active_window(SystemTime::now())
+            .active_window(self.published_at)
             .map(|w| (w.id, w.by.clone()));
         let was = self.active_window;
         self.active_window = active.as_ref().map(|(id, _)| *id);
@@ -500,6 +505,8 @@ impl Controller {
     /// mode metrics in step.
     fn publish(&mut self) -> (Mode, Mode) {
         let before = self.handle.load().mode;
+        let now = SystemTime::now();
+        self.published_at = now;
         let snapshot = Snapshot::build(
             &self.parts,
             &Inputs {
@@ -510,7 +517,7 @@ impl Controller {
                     .as_ref()
                     .map_or_else(|| Arc::from(Vec::new()), |c| c.passive.clone()),
                 outage_since: self.outage_since,
-                now: SystemTime::now(),
+                now,
             },
         );
         let after = snapshot.mode;
