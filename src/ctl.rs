@@ -221,6 +221,13 @@ fn print_health(servers: &[ServerHealth]) {
             None => "unknown (not checked yet)",
         };
         print!("  {}  {state}", h.server);
+        if let Some(t) = &h.since {
+            print!(" since {}", t.rfc3339());
+        }
+        if h.consecutive > 0 {
+            let noun = if h.consecutive == 1 { "result" } else { "results" };
+            print!(" ({} {noun} in a row)", h.consecutive);
+        }
         if let Some(t) = &h.last_check {
             print!("  last check {}", t.rfc3339());
         }

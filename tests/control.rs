@@ -335,7 +335,34 @@ async fn ctl_prints_for_people_or_json_and_exits_with_the_documented_codes() {
         Some(2),
         "bad usage"
     );
-    assert_eq!(run(&["health"]).status.code(), Some(0));
+    // The check at start runs at once; wait (bounded) until it has said something.
+    let mut health = serde_json::Value::Null;
+    for _ in 0..250 {
+        let out = run(&["--json", "health"]);
+        assert_eq!(out.status.code(), Some(0));
+        health = serde_json::from_slice(&out.stdout).unwrap();
+        if health["health"][0]["healthy"] == true {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let server = &health["health"][0];
+    assert_eq!(server["server"], up.url(), "{health}");
+    assert_eq!(server["healthy"], true, "{health}");
+    assert!(server["since"].is_string(), "{health}");
+    assert!(server["last_check"].is_string(), "{health}");
+    assert!(server["consecutive"].as_u64().unwrap() >= 1, "{health}");
+    assert!(server["last_latency_ms"].as_f64().is_some(), "{health}");
+    let out = run(&["health"]);
+    assert_eq!(out.status.code(), Some(0));
+    let human = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        human.contains(&format!("{}  healthy since ", up.url()))
+            && human.contains("in a row")
+            && human.contains("last check")
+            && human.contains(" ms"),
+        "{human}"
+    );
     assert_eq!(run(&["reload"]).status.code(), Some(0));
     // A broken config file does not lock the operator out: ctl only needs the socket.
     let good = std::fs::read_to_string(&cfg).unwrap();

@@ -43,9 +43,11 @@ async fn outage_by_itself_and_recovery_by_itself() {
     assert_eq!(get(&proxy.url("/")).await.body(), "app");
 
     up.stop();
-    // fall × interval, plus a little for scheduling on a shared machine.
+    // fall × interval is 200 ms; the bound leaves room for a shared, loaded machine but
+    // fails if the configured interval or fall were ignored (the defaults take seconds).
     let took = wait_mode(&proxy, "outage", Duration::from_secs(5)).await;
     eprintln!("outage detected after {took:?}");
+    assert!(took < Duration::from_millis(1500), "outage after {took:?}");
     let resp = get(&proxy.url("/")).await;
     assert!(is_outage(&resp), "{resp:?}");
     let v: serde_json::Value = json(&resp);
@@ -61,6 +63,7 @@ async fn outage_by_itself_and_recovery_by_itself() {
     up.restart().await;
     let took = wait_mode(&proxy, "normal", Duration::from_secs(5)).await;
     eprintln!("recovery detected after {took:?}");
+    assert!(took < Duration::from_millis(1500), "recovery after {took:?}");
     assert_eq!(get(&proxy.url("/")).await.body(), "app");
 }
 
@@ -115,7 +118,7 @@ async fn planned_maintenance_stays_when_the_upstream_recovers() {
         "planned maintenance wins over outage"
     );
     up.restart().await;
-    wait_health(&proxy, Some(true)).await;
+    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
     assert_eq!(
         proxy_mode(&proxy).await,
         "maintenance",
@@ -148,7 +151,7 @@ async fn failed_requests_take_a_server_out_without_waiting_for_the_next_check() 
         "[health]\ninterval = \"1h\"\ntimeout = \"1s\"\nfall = 2\nrise = 2\n",
     )
     .await;
-    wait_health(&proxy, Some(true)).await;
+    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
     up.stop();
     for _ in 0..2 {
         assert!(is_outage(&get(&proxy.url("/")).await), "never a raw error");
@@ -184,6 +187,73 @@ async fn with_one_server_dead_from_the_start_every_request_succeeds() {
     let h = ctl(&proxy, Ctl::Health).await.health.unwrap();
     assert_eq!(h[0].healthy, Some(false));
     assert_eq!(proxy_mode(&proxy).await, "normal");
+}
+
+/// Checks once an hour: only the retry can save the requests that go to the dead server.
+const SLOW_CHECKS: &str = "[health]\ninterval = \"1h\"\ntimeout = \"1s\"\nfall = 1000\nrise = 1\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_to_a_server_that_just_died_is_retried_on_another() {
+    let doomed = app().await;
+    let live = upstream(|_req: Request<Incoming>| async { Response::new(full("live")) }).await;
+    let proxy = proxy_for(&[&doomed, &live], SLOW_CHECKS).await;
+    let mut bodies = Vec::new();
+    for _ in 0..4 {
+        bodies.push(get(&proxy.url("/")).await.body().clone());
+    }
+    assert!(bodies.iter().any(|b| b == "app"), "both are used: {bodies:?}");
+    doomed.stop();
+    // Round-robin sends every other request to the dead server, which is still counted as
+    // healthy (fall = 1000): each of those is refused and must be retried on the live one.
+    for i in 0..10 {
+        let resp = get(&proxy.url("/")).await;
+        assert_eq!(resp.status(), 200, "request {i}: {resp:?}");
+        assert_eq!(resp.body(), "live", "request {i}");
+    }
+    let h = ctl(&proxy, Ctl::Health).await.health.unwrap();
+    assert!(
+        h[0].last_error.as_deref().is_some_and(|e| e.contains("request failed")),
+        "the failures were the dead server's: {h:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_that_times_out_is_retried_on_another_server() {
+    // Answers its health checks, but never a real request.
+    let hung = upstream(|req: Request<Incoming>| async move {
+        if !is_health_check(&req) {
+            std::future::pending::<()>().await;
+        }
+        Response::new(full("hung"))
+    })
+    .await;
+    let live = upstream(|_req: Request<Incoming>| async { Response::new(full("live")) }).await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\", \"{}\"]\nresponse_timeout = \"300ms\"\n{SLOW_CHECKS}",
+        hung.url(),
+        live.url()
+    ))
+    .await;
+    for i in 0..4 {
+        let resp = get(&proxy.url("/")).await;
+        assert_eq!(resp.status(), 200, "request {i}: {resp:?}");
+        assert_eq!(resp.body(), "live", "request {i}");
+    }
+    // A POST cannot be sent twice: when it lands on the hung server, the client gets the
+    // outage answer instead (never a 504).
+    let mut held = 0;
+    for _ in 0..4 {
+        let resp = send(Request::post(proxy.url("/")).body(full("order")).unwrap()).await;
+        match resp.status().as_u16() {
+            200 => assert_eq!(resp.body(), "live"),
+            503 => {
+                assert!(is_outage(&resp), "{resp:?}");
+                held += 1;
+            }
+            other => panic!("a raw {other}: {resp:?}"),
+        }
+    }
+    assert_eq!(held, 2, "round-robin sent two of four POSTs to the hung server");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -125,10 +125,12 @@ pub async fn forward(
     if matches!(error, UpstreamError::Connect { .. }) || body_complete {
         report(passive, first, &error);
     }
-    // A timeout is not retried: the server may still be working on it, and a second wait
-    // would double the time before the client gets an answer.
-    let replay = replay.filter(|_| !matches!(error, UpstreamError::Timeout { .. }));
-    let (Some((method, headers)), Some(second)) = (replay, pool.pick(up, Some(first))) else {
+    // A timeout is retried too, as nginx's default `proxy_next_upstream error timeout` does:
+    // the request is idempotent, so a server still working on it does no harm, and a hung
+    // server must not cost the client its answer while another one is healthy.
+    // Picked only when there is something to retry: a pick moves the round-robin on.
+    let second = replay.as_ref().and_then(|_| pool.pick(up, Some(first)));
+    let (Some((method, headers)), Some(second)) = (replay, second) else {
         return Err(Failed {
             error: Some(error),
             server: Some(first),

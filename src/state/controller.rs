@@ -138,17 +138,30 @@ impl Controller {
 
     pub async fn run(mut self) {
         let now = SystemTime::now();
-        // An overrun already known before a restart was reported then.
-        self.overrun_noted = self.state.overrun(now);
         let tidy = self.state.clone().tidied(self.healthy(), now);
+        // What happened while the proxy was down is told now: a window that ended, one that
+        // started, an announced end that passed. Events are at-least-once: one sent before a
+        // crash may be sent again, which receivers can take as a repeat; a lost one would
+        // leave a status page saying the wrong thing.
+        let ended: Vec<u64> = self
+            .state
+            .schedules
+            .iter()
+            .filter(|w| !tidy.schedules.contains(w))
+            .map(|w| w.id)
+            .collect();
         if tidy != self.state {
             self.save(&tidy).await;
             self.state = tidy;
         }
         self.start_checkers();
-        let (_, mode) = self.publish();
+        let (before, mode) = self.publish(now, "started");
         self.parts.metrics.set_mode(mode);
-        self.active_window = self.state.active_window(self.published_at).map(|w| w.id);
+        for id in ended {
+            tracing::info!("maintenance window {id} ended while the proxy was down");
+            self.notify(EventKind::ScheduleEnded, before, None, None);
+        }
+        self.window_events(before);
         loop {
             let overrun_at = self.pending_overrun();
             let edge = self.state.next_edge(self.published_at);
@@ -245,13 +258,14 @@ impl Controller {
             tracing::warn!(%server, reason = %flip.reason, "upstream server is down");
         }
         let healthy = self.healthy();
+        let now = SystemTime::now();
         match (healthy, self.outage_since) {
-            (false, None) => self.outage_since = Some(SystemTime::now()),
+            (false, None) => self.outage_since = Some(now),
             (true, Some(_)) => self.outage_since = None,
             _ => {}
         }
         // Back to normal clears the episode's words; that is a change of the saved state.
-        let next = self.state.clone().tidied(healthy, SystemTime::now());
+        let next = self.state.clone().tidied(healthy, now);
         if next != self.state {
             self.save(&next).await;
             self.state = next;
@@ -259,9 +273,9 @@ impl Controller {
         self.parts
             .metrics
             .set_upstream_health(&server, flip.healthy);
-        let (before, after) = self.publish();
+        let reason = format!("{server}: {}", flip.reason);
+        let (before, after) = self.publish(now, &reason);
         if !self.window_events(before) && before != after {
-            let reason = format!("{server}: {}", flip.reason);
             self.notify(EventKind::ModeChanged, before, None, Some(reason));
         }
     }
@@ -275,7 +289,7 @@ impl Controller {
             self.save(&next).await;
             self.state = next;
         }
-        let (before, _) = self.publish();
+        let (before, _) = self.publish(now, "scheduled maintenance window");
         self.window_events(before);
     }
 
@@ -364,7 +378,7 @@ impl Controller {
                 until = %p.until.map(|u| u.rfc3339()).unwrap_or_default(),
                 "planned maintenance overran its announced end; it stays on until `off`, and Retry-After falls back to the configured value"
             );
-            let mode = self.publish().1;
+            let mode = self.publish(SystemTime::now(), "announced end passed").1;
             self.notify(EventKind::UntilOverrun, mode, None, None);
         }
     }
@@ -421,7 +435,9 @@ impl Controller {
         }
         tracing::info!(by, "{summary}");
         let message_before = self.shown_message();
-        let (before, after) = self.publish();
+        // The same clock reading as the change itself: a window ending during the state
+        // file's fsync is then still due as an edge, and is tidied away by it.
+        let (before, after) = self.publish(now, &format!("{summary} (by {by})"));
         let message_after = self.shown_message();
         if self.window_events(before) {
             // The window's own event says it.
@@ -489,7 +505,7 @@ impl Controller {
             self.start_checkers();
         }
         tracing::info!(file = ?self.parts.config.source, "config and pages reloaded");
-        let (before, after) = self.publish();
+        let (before, after) = self.publish(SystemTime::now(), "config reloaded");
         if before != after {
             self.notify(
                 EventKind::ModeChanged,
@@ -501,11 +517,10 @@ impl Controller {
         Ok(())
     }
 
-    /// Builds and swaps in the snapshot; returns the modes before and after, and keeps the
-    /// mode metrics in step.
-    fn publish(&mut self) -> (Mode, Mode) {
+    /// Builds and swaps in the snapshot of the moment `now`; returns the modes before and
+    /// after, logs a change of mode once with its `reason`, and keeps the mode metrics in step.
+    fn publish(&mut self, now: SystemTime, reason: &str) -> (Mode, Mode) {
         let before = self.handle.load().mode;
-        let now = SystemTime::now();
         self.published_at = now;
         let snapshot = Snapshot::build(
             &self.parts,
@@ -525,11 +540,13 @@ impl Controller {
         if before != after {
             match after {
                 Mode::Normal => tracing::info!(
+                    reason,
                     "mode {} -> {}: forwarding again",
                     before.as_str(),
                     after.as_str()
                 ),
                 _ => tracing::warn!(
+                    reason,
                     "mode {} -> {}: requests are held",
                     before.as_str(),
                     after.as_str()
