@@ -51,8 +51,9 @@ fn check_lists_every_problem_with_its_key() {
     for key in [
         "proxy.listen[0]",
         "proxy.shutdown_timeout",
-        "upstream",
-        "retries",
+        "upstream.retries",
+        // Not hidden by the unknown key beside it.
+        "upstream.servers[0]",
     ] {
         assert!(err.contains(key), "{key} not named in:\n{err}");
     }

@@ -341,16 +341,40 @@ impl Validator {
     }
 
     /// Deserializes one section on its own, so that a problem in one section does not hide
-    /// the problems of the others.
+    /// the problems of the others. Within a table section, a key that serde refuses (unknown,
+    /// or of the wrong type) is reported under its own name and left out, and the section is
+    /// built from the other keys, so that their problems are found too.
     fn section<T: DeserializeOwned + Default>(&mut self, table: &toml::Table, name: &str) -> T {
         let Some(value) = table.get(name) else {
             return T::default();
         };
-        match value.clone().try_into::<T>() {
+        let error = match value.clone().try_into::<T>() {
+            Ok(section) => return section,
+            Err(e) => e.to_string().trim().replace('\n', " "),
+        };
+        let Some(keys) = value.as_table() else {
+            self.problem(name, error);
+            return T::default();
+        };
+        // Every field has a default, so each key can be tried on its own.
+        let mut kept = toml::Table::new();
+        for (key, v) in keys {
+            let alone = toml::Table::from_iter([(key.clone(), v.clone())]);
+            match toml::Value::Table(alone).try_into::<T>() {
+                Ok(_) => {
+                    kept.insert(key.clone(), v.clone());
+                }
+                Err(e) => {
+                    let message = e.to_string().trim().replace('\n', " ");
+                    self.problem(&format!("{name}.{key}"), message);
+                }
+            }
+        }
+        match toml::Value::Table(kept).try_into::<T>() {
             Ok(section) => section,
-            Err(e) => {
-                let message = e.to_string().trim().replace('\n', " ");
-                self.problem(name, message);
+            Err(_) => {
+                // Keys that pass alone but not together: say what serde said of the whole.
+                self.problem(name, error);
                 T::default()
             }
         }
@@ -983,11 +1007,11 @@ mod tests {
         let p = problems("[proxy]\nlissten = []\n[upstream]\nserver = []\n");
         assert_eq!(p.len(), 2);
         assert!(
-            p[0].key == "proxy" && p[0].message.contains("lissten"),
+            p[0].key == "proxy.lissten" && p[0].message.contains("unknown field"),
             "{p:?}"
         );
         assert!(
-            p[1].key == "upstream" && p[1].message.contains("server"),
+            p[1].key == "upstream.server" && p[1].message.contains("unknown field"),
             "{p:?}"
         );
     }
@@ -995,8 +1019,31 @@ mod tests {
     #[test]
     fn wrong_types_name_the_field() {
         let p = problems("[proxy]\nthreads = \"many\"\n");
-        assert_eq!(p[0].key, "proxy");
-        assert!(p[0].message.contains("threads"), "{p:?}");
+        assert_eq!(p[0].key, "proxy.threads");
+        assert!(p[0].message.contains("invalid type"), "{p:?}");
+    }
+
+    #[test]
+    fn a_refused_key_does_not_hide_the_rest_of_its_section() {
+        let text = r#"
+            [upstream]
+            servers = ["ftp://x"]
+            retries = 3
+            connect_timeout = "soon"
+            [proxy]
+            threads = "many"
+            listen = ["nowhere"]
+        "#;
+        assert_eq!(
+            keys(text),
+            vec![
+                "proxy.threads",
+                "upstream.retries",
+                "proxy.listen[0]",
+                "upstream.servers[0]",
+                "upstream.connect_timeout",
+            ]
+        );
     }
 
     #[test]
