@@ -468,6 +468,45 @@ async fn a_silent_upstream_times_out() {
     hold.abort();
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connect_that_hangs_gives_up_at_connect_timeout() {
+    // A listener that never accepts, its queue filled: Linux drops further SYNs, so a new
+    // connection attempt hangs, as it does towards a host that is gone from the network.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    loop {
+        match tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) if fillers.len() < 64 => fillers.push(s),
+            Ok(Ok(_)) => panic!("the listen queue never filled"),
+            Ok(Err(e)) => panic!("connect failed instead of hanging: {e}"),
+            Err(_) => break,
+        }
+    }
+    // Checks once an hour and response_timeout far away: only connect_timeout can answer.
+    let config = format!(
+        "[upstream]\nservers = [\"http://{addr}\"]\nconnect_timeout = \"400ms\"\nresponse_timeout = \"1h\"\n\
+         [health]\ninterval = \"1h\"\ntimeout = \"1h\"\n"
+    );
+    let proxy = spawn_proxy(&config).await;
+    let started = std::time::Instant::now();
+    let resp = tokio::time::timeout(Duration::from_secs(20), get(&proxy.url("/")))
+        .await
+        .expect("the proxy hung on a connect that never completes");
+    let took = started.elapsed();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE, "never a raw 504");
+    assert_eq!(resp.headers()["x-intermission-mode"], "outage");
+    assert!(took >= Duration::from_millis(400), "answered before the timeout: {took:?}");
+    drop(listener);
+}
+
 #[tokio::test]
 async fn an_unreachable_upstream_is_reported_not_hung() {
     // A port that was free a moment ago: nothing listens there.
