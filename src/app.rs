@@ -15,6 +15,7 @@ use crate::state::store::{self, StoreError};
 use crate::state::StateHandle;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -175,6 +176,11 @@ pub struct Running {
     stop_control: Trigger,
     background: Vec<JoinHandle<()>>,
     graceful: Arc<GracefulShutdown>,
+    /// Set when shutdown starts: `/readyz` answers 503 from then on, so that a load balancer
+    /// stops sending while the open connections drain.
+    draining: Arc<AtomicBool>,
+    /// The admin listener outlives the drain (it is stopped last), to say so.
+    admin: Option<(Trigger, JoinHandle<()>)>,
 }
 
 /// Loads pages and state, binds every listener and the control socket, and starts serving.
@@ -213,29 +219,28 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     controller.set_rebind(listeners.clone());
     let (stop_control, control_stopped) = shutdown::channel();
     tracing::info!(socket = %socket_path.display(), "control socket ready");
-    let mut background = vec![
+    let background = vec![
         tokio::spawn(controller.run()),
         tokio::spawn(control::server::serve(
             control,
             socket_path,
             handle.clone(),
-            control_stopped.clone(),
+            control_stopped,
         )),
     ];
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
-    if let Some(l) = admin {
+    let draining = Arc::new(AtomicBool::new(false));
+    let admin = admin.map(|l| {
         if let Some(addr) = admin_addr {
             tracing::info!(%addr, "admin listener on {addr} (/metrics, /healthz, /readyz)");
         }
-        // Ready once this function returns: listeners bound, config and state loaded.
-        let ready: crate::admin::Ready = Arc::new(|| true);
-        background.push(tokio::spawn(crate::admin::serve(
-            l,
-            metrics,
-            ready,
-            control_stopped,
-        )));
-    }
+        // Ready from here (listeners bound, config and state loaded) until shutdown starts.
+        let flag = draining.clone();
+        let ready: crate::admin::Ready = Arc::new(move || !flag.load(Ordering::Relaxed));
+        let (stop, stopped) = shutdown::channel();
+        let task = tokio::spawn(crate::admin::serve(l, metrics, ready, stopped));
+        (stop, task)
+    });
     Ok(Running {
         admin_addr,
         state,
@@ -244,6 +249,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         stop_control,
         background,
         graceful,
+        draining,
+        admin,
     })
 }
 
@@ -287,6 +294,7 @@ impl Running {
     /// returns whether every connection finished in time.
     pub async fn shutdown(self) -> bool {
         let grace = self.state.load().config.proxy.shutdown_timeout;
+        self.draining.store(true, Ordering::Relaxed);
         self.listeners.stop_all().await;
         self.stop_control.fire();
         // The controller holds the listener set (and with it the drain handle): end it first.
@@ -295,7 +303,12 @@ impl Running {
             let _ = task.await;
         }
         drop(self.listeners);
-        drain(self.graceful, grace).await
+        let drained = drain(self.graceful, grace).await;
+        if let Some((stop, task)) = self.admin {
+            stop.fire();
+            let _ = task.await;
+        }
+        drained
     }
 }
 

@@ -225,7 +225,11 @@ fn print_health(servers: &[ServerHealth]) {
             print!(" since {}", t.rfc3339());
         }
         if h.consecutive > 0 {
-            let noun = if h.consecutive == 1 { "result" } else { "results" };
+            let noun = if h.consecutive == 1 {
+                "result"
+            } else {
+                "results"
+            };
             print!(" ({} {noun} in a row)", h.consecutive);
         }
         if let Some(t) = &h.last_check {

@@ -501,9 +501,16 @@ async fn a_connect_that_hangs_gives_up_at_connect_timeout() {
         .await
         .expect("the proxy hung on a connect that never completes");
     let took = started.elapsed();
-    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE, "never a raw 504");
+    assert_eq!(
+        resp.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "never a raw 504"
+    );
     assert_eq!(resp.headers()["x-intermission-mode"], "outage");
-    assert!(took >= Duration::from_millis(400), "answered before the timeout: {took:?}");
+    assert!(
+        took >= Duration::from_millis(400),
+        "answered before the timeout: {took:?}"
+    );
     drop(listener);
 }
 

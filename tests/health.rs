@@ -63,7 +63,10 @@ async fn outage_by_itself_and_recovery_by_itself() {
     up.restart().await;
     let took = wait_mode(&proxy, "normal", Duration::from_secs(5)).await;
     eprintln!("recovery detected after {took:?}");
-    assert!(took < Duration::from_millis(1500), "recovery after {took:?}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "recovery after {took:?}"
+    );
     assert_eq!(get(&proxy.url("/")).await.body(), "app");
 }
 
@@ -201,7 +204,10 @@ async fn a_request_to_a_server_that_just_died_is_retried_on_another() {
     for _ in 0..4 {
         bodies.push(get(&proxy.url("/")).await.body().clone());
     }
-    assert!(bodies.iter().any(|b| b == "app"), "both are used: {bodies:?}");
+    assert!(
+        bodies.iter().any(|b| b == "app"),
+        "both are used: {bodies:?}"
+    );
     doomed.stop();
     // Round-robin sends every other request to the dead server, which is still counted as
     // healthy (fall = 1000): each of those is refused and must be retried on the live one.
@@ -212,7 +218,9 @@ async fn a_request_to_a_server_that_just_died_is_retried_on_another() {
     }
     let h = ctl(&proxy, Ctl::Health).await.health.unwrap();
     assert!(
-        h[0].last_error.as_deref().is_some_and(|e| e.contains("request failed")),
+        h[0].last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("request failed")),
         "the failures were the dead server's: {h:?}"
     );
 }
@@ -253,7 +261,10 @@ async fn a_request_that_times_out_is_retried_on_another_server() {
             other => panic!("a raw {other}: {resp:?}"),
         }
     }
-    assert_eq!(held, 2, "round-robin sent two of four POSTs to the hung server");
+    assert_eq!(
+        held, 2,
+        "round-robin sent two of four POSTs to the hung server"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

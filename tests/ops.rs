@@ -419,3 +419,66 @@ async fn a_server_removed_by_reload_leaves_the_metrics() {
     assert!(!has(&m, &a.url()), "the removed server is still reported");
     assert!(has(&m, &b.url()));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn during_a_drain_readyz_says_not_ready_and_new_connections_are_refused() {
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let arrived = Arc::new(AtomicBool::new(false));
+    let seen = arrived.clone();
+    let up = upstream(move |req: Request<Incoming>| {
+        let mut release = release_rx.clone();
+        let seen = seen.clone();
+        async move {
+            if req.uri().path() == "/slow" {
+                seen.store(true, Ordering::SeqCst);
+                let _ = release.wait_for(|r| *r).await;
+            }
+            Response::new(full("done"))
+        }
+    })
+    .await;
+    let mut proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        up.url()
+    ))
+    .await;
+    let admin = proxy.running.as_ref().unwrap().admin_addr().unwrap();
+    let readyz = format!("http://{admin}/readyz");
+    assert_eq!(get(&readyz).await.status(), 200);
+
+    let url = proxy.url("/slow");
+    let in_flight = tokio::spawn(async move { get(&url).await });
+    assert!(
+        wait_until(Duration::from_secs(5), || arrived.load(Ordering::SeqCst)).await,
+        "the slow request never reached the upstream"
+    );
+    let running = proxy.running.take().unwrap();
+    let shutdown = tokio::spawn(running.shutdown());
+
+    let mut said = None;
+    for _ in 0..250 {
+        let resp = get(&readyz).await;
+        if resp.status() == 503 {
+            said = Some(resp);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let said = said.expect("readyz never said not ready during the drain");
+    assert_eq!(said.body(), "not ready");
+    assert!(
+        tokio::net::TcpStream::connect(proxy.addr).await.is_err(),
+        "a new connection was accepted during the drain"
+    );
+    assert!(!shutdown.is_finished(), "the drain waits for the request");
+
+    release_tx.send_replace(true);
+    let resp = in_flight.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.body(), "done");
+    assert!(shutdown.await.unwrap(), "every connection finished in time");
+    assert!(
+        tokio::net::TcpStream::connect(admin).await.is_err(),
+        "the admin listener closes last"
+    );
+}
