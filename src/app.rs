@@ -203,7 +203,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         None => None,
     };
     let parts = Parts::new(Arc::new(config), Arc::new(pages), None, metrics.clone())?;
-    let (mut controller, handle, state) = Controller::new(parts, persisted, notifier);
+    let (mut controller, handle, state) =
+        Controller::new(parts, persisted, notifier, crate::time::Clock::system());
     let graceful = Arc::new(GracefulShutdown::new());
     let listeners = Arc::new(Listeners {
         bound: Mutex::new(Vec::new()),

@@ -29,6 +29,42 @@ impl<'de> Deserialize<'de> for Timestamp {
     }
 }
 
+/// The wall clock the controller reads: the system's, or in tests a manual one that moves
+/// only when told, so that schedule edges and announced ends can be tested without waiting.
+#[derive(Clone, Default)]
+pub struct Clock(Option<std::sync::Arc<std::sync::Mutex<SystemTime>>>);
+
+impl Clock {
+    pub fn system() -> Clock {
+        Clock(None)
+    }
+
+    /// A clock that stands at `start` until `set`.
+    pub fn manual(start: SystemTime) -> Clock {
+        Clock(Some(std::sync::Arc::new(std::sync::Mutex::new(start))))
+    }
+
+    pub fn now(&self) -> SystemTime {
+        match &self.0 {
+            None => SystemTime::now(),
+            // A poisoned lock still holds a valid time.
+            Some(t) => *t.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+        }
+    }
+
+    /// Moves a manual clock to `to`; the system clock is not ours to move.
+    pub fn set(&self, to: SystemTime) {
+        if let Some(t) = &self.0 {
+            *t.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = to;
+        }
+    }
+
+    /// How long from now until `at` (zero once it has passed).
+    pub fn until(&self, at: SystemTime) -> Duration {
+        at.duration_since(self.now()).unwrap_or_default()
+    }
+}
+
 /// An operator's `TIME`: RFC 3339, or `+DURATION` from `now`.
 pub fn parse_time(text: &str, now: SystemTime) -> Result<SystemTime, String> {
     let t = text.trim();

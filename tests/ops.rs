@@ -482,3 +482,72 @@ async fn during_a_drain_readyz_says_not_ready_and_new_connections_are_refused() 
         "the admin listener closes last"
     );
 }
+
+/// Waits (bounded) until the wall clock has passed `t`.
+async fn until_past(t: std::time::SystemTime) {
+    for _ in 0..500 {
+        if std::time::SystemTime::now() > t {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the clock never passed {t:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn what_happened_while_the_proxy_was_down_is_told_at_start() {
+    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let config = format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[upstream]\nservers = [\"{}\"]\n[[notify]]\nurl = \"{}\"\n",
+        app.url(),
+        hook.url
+    );
+    // Stops the proxy, waits until `t` has passed, and starts it again on the same state.
+    let down_until = |mut proxy: Proxy, t: std::time::SystemTime| {
+        let config = config.clone();
+        async move {
+            assert!(proxy.running.take().unwrap().shutdown().await);
+            until_past(t).await;
+            spawn_proxy_in(proxy.dir, &config).await
+        }
+    };
+    let proxy = spawn_proxy_in(tempfile::tempdir().unwrap(), &config).await;
+
+    // A window that ends while the proxy is down.
+    let r = ctl(
+        &proxy,
+        Ctl::ScheduleAdd {
+            start: "+0s".into(),
+            end: "+1s".into(),
+            message: None,
+        },
+    )
+    .await;
+    let end = r.state.unwrap().until.unwrap().0;
+    assert_eq!(wait_events(&hook, 1).await[0]["event"], "schedule_started");
+    let proxy = down_until(proxy, end).await;
+    let got = wait_events(&hook, 2).await;
+    assert_eq!(got[1]["event"], "schedule_ended", "{got:?}");
+    assert_eq!(got[1]["mode"], "normal");
+    assert_eq!(proxy_mode(&proxy).await, "normal");
+
+    // An announced end that passes while the proxy is down.
+    let r = ctl(
+        &proxy,
+        Ctl::On {
+            message: Some("upgrade".into()),
+            until: Some("+1s".into()),
+            retry_after: None,
+            reason: None,
+        },
+    )
+    .await;
+    let until = r.state.unwrap().until.unwrap().0;
+    assert_eq!(wait_events(&hook, 3).await[2]["event"], "mode_changed");
+    let proxy = down_until(proxy, until).await;
+    let got = wait_events(&hook, 4).await;
+    assert_eq!(got[3]["event"], "until_overrun", "{got:?}");
+    assert_eq!(got[3]["mode"], "maintenance");
+    assert_eq!(proxy_mode(&proxy).await, "maintenance");
+}

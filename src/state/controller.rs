@@ -15,7 +15,7 @@ use crate::control::protocol::{ErrorBody, Request, Response, ServerHealth, Statu
 use crate::health::{self, Checkers, Flip};
 use crate::hold::pages::Pages;
 use crate::notify::{Event, EventKind, Notifier};
-use crate::time::parse_time;
+use crate::time::{parse_time, Clock};
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::sync::{mpsc, oneshot};
@@ -85,6 +85,7 @@ pub struct Controller {
     notifier: Notifier,
     /// Names this proxy in notifications (the host name).
     instance: String,
+    clock: Clock,
 }
 
 impl Controller {
@@ -93,8 +94,9 @@ impl Controller {
         parts: Parts,
         state: Persisted,
         notifier: Notifier,
+        clock: Clock,
     ) -> (Controller, ControllerHandle, StateHandle) {
-        let now = SystemTime::now();
+        let now = clock.now();
         let up = vec![true; parts.config.upstream.servers.len()];
         let snapshot = Snapshot::build(
             &parts,
@@ -127,6 +129,7 @@ impl Controller {
             published_at: now,
             notifier,
             instance: instance_name(),
+            clock,
         };
         (controller, ControllerHandle { tx }, handle)
     }
@@ -137,7 +140,7 @@ impl Controller {
     }
 
     pub async fn run(mut self) {
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let tidy = self.state.clone().tidied(self.healthy(), now);
         // What happened while the proxy was down is told now: a window that ended, one that
         // started, an announced end that passed. Events are at-least-once: one sent before a
@@ -163,10 +166,13 @@ impl Controller {
         }
         self.window_events(before);
         loop {
-            let overrun_at = self.pending_overrun();
-            let edge = self.state.next_edge(self.published_at);
+            let overrun_at = self.pending_overrun().map(|t| self.clock.until(t));
+            let edge = self
+                .state
+                .next_edge(self.published_at)
+                .map(|t| self.clock.until(t));
             tokio::select! {
-                _ = sleep_until(edge), if edge.is_some() => self.on_edge().await,
+                _ = sleep_capped(edge), if edge.is_some() => self.on_edge().await,
                 msg = self.rx.recv() => match msg {
                     Some(Msg::Control { req, by, reply }) => {
                         let resp = self.control(req, by).await;
@@ -175,7 +181,7 @@ impl Controller {
                     None => break,
                 },
                 Some(flip) = self.flips_rx.recv() => self.on_flip(flip).await,
-                _ = sleep_until(overrun_at), if overrun_at.is_some() => self.note_overrun(),
+                _ = sleep_capped(overrun_at), if overrun_at.is_some() => self.note_overrun(),
             }
         }
     }
@@ -258,7 +264,7 @@ impl Controller {
             tracing::warn!(%server, reason = %flip.reason, "upstream server is down");
         }
         let healthy = self.healthy();
-        let now = SystemTime::now();
+        let now = self.clock.now();
         match (healthy, self.outage_since) {
             (false, None) => self.outage_since = Some(now),
             (true, Some(_)) => self.outage_since = None,
@@ -283,7 +289,15 @@ impl Controller {
     /// A schedule window started or ended: drop the ended ones (a change of the saved state)
     /// and publish the mode of the moment.
     async fn on_edge(&mut self) {
-        let now = SystemTime::now();
+        let now = self.clock.now();
+        // A capped sleep wakes before the edge: nothing to do yet.
+        if self
+            .state
+            .next_edge(self.published_at)
+            .is_some_and(|t| t > now)
+        {
+            return;
+        }
         let next = self.state.clone().tidied(self.healthy(), now);
         if next != self.state {
             self.save(&next).await;
@@ -330,7 +344,7 @@ impl Controller {
             message: view.map(|v| v.message.clone()),
             reason: reason.or_else(|| planned.and_then(|p| p.reason.clone())),
             by: by.or_else(|| planned.map(|p| p.by.clone())),
-            at: crate::time::Timestamp(SystemTime::now()),
+            at: crate::time::Timestamp(self.clock.now()),
             since: view.and_then(|v| v.since).map(crate::time::Timestamp),
             until: view.and_then(|v| v.until).map(crate::time::Timestamp),
             instance: self.instance.clone(),
@@ -372,13 +386,17 @@ impl Controller {
     }
 
     fn note_overrun(&mut self) {
+        // A capped sleep wakes before the announced end: nothing to say yet.
+        if self.pending_overrun().is_some_and(|t| t > self.clock.now()) {
+            return;
+        }
         self.overrun_noted = true;
         if let Some(p) = &self.state.planned {
             tracing::warn!(
                 until = %p.until.map(|u| u.rfc3339()).unwrap_or_default(),
                 "planned maintenance overran its announced end; it stays on until `off`, and Retry-After falls back to the configured value"
             );
-            let mode = self.publish(SystemTime::now(), "announced end passed").1;
+            let mode = self.publish(self.clock.now(), "announced end passed").1;
             self.notify(EventKind::UntilOverrun, mode, None, None);
         }
     }
@@ -400,7 +418,7 @@ impl Controller {
                 Err(message) => Response::error(ErrorBody::new("reload_failed", message)),
             },
             other => {
-                let now = SystemTime::now();
+                let now = self.clock.now();
                 let change = match to_change(other, by.clone(), now) {
                     Ok(c) => c,
                     Err(e) => return Response::error(e),
@@ -505,7 +523,7 @@ impl Controller {
             self.start_checkers();
         }
         tracing::info!(file = ?self.parts.config.source, "config and pages reloaded");
-        let (before, after) = self.publish(SystemTime::now(), "config reloaded");
+        let (before, after) = self.publish(self.clock.now(), "config reloaded");
         if before != after {
             self.notify(
                 EventKind::ModeChanged,
@@ -567,7 +585,7 @@ impl Controller {
 
     fn status_view(&self) -> StatusView {
         let snap = self.handle.load();
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let view = snap.held.as_ref().map(|h| &h.view);
         let planned = self.state.planned.as_ref();
         StatusView {
@@ -679,9 +697,150 @@ fn instance_name() -> String {
         .unwrap_or_else(|| "intermission".to_owned())
 }
 
-async fn sleep_until(at: Option<SystemTime>) {
-    let wait = at
-        .and_then(|t| t.duration_since(SystemTime::now()).ok())
-        .unwrap_or_default();
-    tokio::time::sleep(wait).await;
+/// Sleeps `wait`, but never more than a minute: the deadline is a wall-clock time, and a
+/// clock step or a suspend (which the monotonic timer does not see) must not delay it for
+/// long. Waking early is harmless: the edge is looked for again and not yet due.
+async fn sleep_capped(wait: Option<std::time::Duration>) {
+    const CAP: std::time::Duration = std::time::Duration::from_secs(60);
+    tokio::time::sleep(wait.unwrap_or_default().min(CAP)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    //! The controller's own clock work, on a manual wall clock: nothing here waits for real
+    //! time, so edges can be put exactly where a race would hide them.
+    use super::*;
+    use crate::metrics::Metrics;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    struct Rig {
+        handle: ControllerHandle,
+        clock: Clock,
+        start: SystemTime,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Rig {
+        async fn ask(&self, req: Request) -> Response {
+            self.handle.request(req, "tester".into()).await
+        }
+
+        async fn mode(&self) -> Mode {
+            self.ask(Request::Status)
+                .await
+                .state
+                .expect("status answers a state")
+                .mode
+        }
+
+        /// Asks for the mode until it is `want`, letting the controller run in between.
+        async fn mode_becomes(&self, want: Mode) -> bool {
+            for _ in 0..20 {
+                if self.mode().await == want {
+                    return true;
+                }
+                tokio::task::yield_now().await;
+            }
+            false
+        }
+
+        fn at(&self, secs: u64) -> SystemTime {
+            self.start + Duration::from_secs(secs)
+        }
+    }
+
+    async fn rig() -> Rig {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Checks an hour apart: the upstream plays no part here.
+        let text = format!(
+            "[health]\ninterval = \"1h\"\n[control]\nstate_file = \"{}\"\n",
+            dir.path().join("state.json").display()
+        );
+        let config = Config::parse(&text, dir.path(), None).expect("config");
+        let pages = Pages::load(&config.maintenance.pages).expect("pages");
+        let metrics = Arc::new(Metrics::new());
+        let notifier = Notifier::start(Vec::new(), metrics.clone());
+        let parts = Parts::new(Arc::new(config), Arc::new(pages), None, metrics).expect("parts");
+        let start = UNIX_EPOCH + Duration::from_secs(1_900_000_000);
+        let clock = Clock::manual(start);
+        // Forced open: whatever the checks of the (absent) upstream say, no outage.
+        let state = Persisted {
+            force_open: true,
+            ..Persisted::default()
+        };
+        let (controller, handle, _) = Controller::new(parts, state, notifier, clock.clone());
+        tokio::spawn(controller.run());
+        Rig {
+            handle,
+            clock,
+            start,
+            _dir: dir,
+        }
+    }
+
+    fn window(start: &str, end: &str) -> Request {
+        Request::ScheduleAdd {
+            start: start.into(),
+            end: end.into(),
+            message: Some("window".into()),
+        }
+    }
+
+    /// The edge passes while the controller is busy with a request: a loop that looked for
+    /// the next edge after "now" skipped it, and the window never started (or never ended).
+    #[tokio::test(start_paused = true)]
+    async fn an_edge_passed_during_a_request_is_still_taken() {
+        let r = rig().await;
+        assert!(r.ask(window("+10s", "+20s")).await.ok);
+        assert_eq!(r.mode().await, Mode::Normal);
+        // The wall clock jumps past the start; tokio's timers do not move at all, so only
+        // the controller's own bookkeeping can notice.
+        r.clock.set(r.at(10) + Duration::from_millis(1));
+        assert!(
+            r.mode_becomes(Mode::Maintenance).await,
+            "the start was skipped"
+        );
+        r.clock.set(r.at(20) + Duration::from_millis(1));
+        assert!(r.mode_becomes(Mode::Normal).await, "the end was skipped");
+        let list = r.ask(Request::ScheduleList).await.schedules.expect("list");
+        assert!(list.is_empty(), "an ended window is removed: {list:?}");
+    }
+
+    /// An edge with nothing else happening is taken by the controller's own timer.
+    #[tokio::test(start_paused = true)]
+    async fn edges_are_taken_on_time_by_the_timer() {
+        let r = rig().await;
+        assert!(r.ask(window("+90s", "+150s")).await.ok);
+        // Both clocks move together, as they do in production.
+        r.clock.set(r.at(89));
+        tokio::time::advance(Duration::from_secs(89)).await;
+        assert_eq!(r.mode().await, Mode::Normal, "not before its start");
+        r.clock.set(r.at(90));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(r.mode_becomes(Mode::Maintenance).await);
+        r.clock.set(r.at(150));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(r.mode_becomes(Mode::Normal).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_announced_end_that_passes_is_an_overrun_and_maintenance_stays() {
+        let r = rig().await;
+        let on = Request::On {
+            message: Some("upgrade".into()),
+            until: Some("+30m".into()),
+            retry_after: None,
+            reason: None,
+        };
+        assert!(r.ask(on).await.ok);
+        let state = r.ask(Request::Status).await.state.expect("state");
+        assert!(!state.overrun);
+        assert_eq!(state.retry_after, Some(1800));
+        r.clock.set(r.at(1801));
+        tokio::time::advance(Duration::from_secs(1801)).await;
+        let state = r.ask(Request::Status).await.state.expect("state");
+        assert!(state.overrun);
+        assert_eq!(state.mode, Mode::Maintenance, "maintenance stays until off");
+        assert_eq!(state.retry_after, Some(300), "back to the configured value");
+    }
 }
