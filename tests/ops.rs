@@ -50,7 +50,7 @@ async fn metrics_count_what_happened_to_requests_and_health() {
     let up = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
     let secret = "metrics-test-secret-0123";
     let proxy = spawn_proxy(&format!(
-        "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 1\n\
+        "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"250ms\"\ntimeout = \"250ms\"\nrise = 1\nfall = 1\n\
          [maintenance]\nbypass_secret = \"{secret}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
         up.url()
     ))
@@ -247,7 +247,7 @@ async fn webhooks_follow_every_change_in_order_and_are_signed() {
     let json_hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
     let slack_hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
     let proxy = spawn_proxy(&format!(
-        "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 1\n\
+        "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"250ms\"\ntimeout = \"250ms\"\nrise = 1\nfall = 1\n\
          [[notify]]\nurl = \"{}\"\nsecret = \"hook-secret\"\n[[notify]]\nurl = \"{}\"\nformat = \"slack\"\n",
         app.url(),
         json_hook.url,
