@@ -72,6 +72,8 @@ async fn hop_by_hop_request_headers_are_removed() {
         .header("keep-alive", "timeout=5")
         .header("proxy-connection", "keep-alive")
         .header("te", "gzip")
+        // Hop-by-hop even when `Connection` does not name it (RFC 9110 §7.6.1).
+        .header("upgrade", "websocket")
         .header("x-end-to-end", "yes")
         .body(empty())
         .unwrap();
@@ -433,6 +435,7 @@ async fn slow_headers_are_cut_off_while_others_are_served() {
     let proxy = spawn_proxy(&config).await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut slow = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let started = std::time::Instant::now();
     slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
@@ -442,6 +445,16 @@ async fn slow_headers_are_cut_off_while_others_are_served() {
     let mut buf = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(15), slow.read_to_end(&mut buf)).await;
     assert!(closed.is_ok(), "the slow connection was never closed");
+    // Not before its time: a head still arriving is given header_read_timeout.
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(450),
+        "closed after only {took:?}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&buf).contains(" 200 "),
+        "an incomplete head was answered"
+    );
 }
 
 #[tokio::test]
