@@ -86,7 +86,15 @@ fn socket_from_config(path: Option<&Path>) -> Result<PathBuf, String> {
         Err(e) if !named && e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(format!("cannot read config file {}: {e}", file.display())),
     };
-    let table: toml::Table = toml::from_str(&text).unwrap_or_default();
+    let table: toml::Table = toml::from_str(&text).unwrap_or_else(|e| {
+        // Said, not fatal: the default socket may still be the right one.
+        eprintln!(
+            "warning: {} does not parse ({}); trying the default control socket (pass -s SOCKET to choose)",
+            file.display(),
+            e.message().trim()
+        );
+        toml::Table::new()
+    });
     let socket = table
         .get("control")
         .and_then(|c| c.get("socket"))

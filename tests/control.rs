@@ -379,6 +379,16 @@ async fn ctl_prints_for_people_or_json_and_exits_with_the_documented_codes() {
         "the proxy refuses the broken file"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("maintenance.retry_after"));
+    // A file that does not even parse: ctl says so, and tries the default socket (here the
+    // proxy's own, since the test's config leaves it at the default).
+    std::fs::write(&cfg, format!("{good}\n[maintenance\n")).unwrap();
+    let out = run(&["status"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not parse"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     drop(proxy);
     let out = bin()
         .args(["ctl", "-s"])
