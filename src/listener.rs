@@ -99,7 +99,13 @@ pub async fn accept_loop(
                 seen.store(true, Ordering::Relaxed);
                 let state = state.clone();
                 let conn = conn.clone();
-                async move { Ok::<_, Infallible>(gateway::handle(&state, &conn, req).await) }
+                // The request's work is boxed: hyper keeps a slot of this future's size for
+                // every connection while it idles (4.5 KB unboxed); boxed, that memory exists
+                // only while a request is in flight, for one allocation per request.
+                async move {
+                    let work = Box::pin(async move { gateway::handle(&state, &conn, req).await });
+                    Ok::<_, Infallible>(work.await)
+                }
             });
             let result = match acceptor {
                 None => {
