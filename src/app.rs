@@ -8,12 +8,11 @@ use crate::hold::pages::{Pages, PagesError};
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
-use crate::shutdown::{self, Trigger};
+use crate::shutdown::{self, Drain, Trigger};
 use crate::state::controller::{Controller, ControllerHandle, Rebind, RebindFuture};
 use crate::state::snapshot::Parts;
 use crate::state::store::{self, StoreError};
 use crate::state::StateHandle;
-use hyper_util::server::graceful::GracefulShutdown;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -55,7 +54,7 @@ struct Bound {
 pub struct Listeners {
     bound: Mutex<Vec<Bound>>,
     state: StateHandle,
-    graceful: Arc<GracefulShutdown>,
+    drain: Arc<Drain>,
     /// Shared by every listener: `proxy.max_connections` counts all client connections.
     limit: Arc<Semaphore>,
 }
@@ -108,7 +107,7 @@ impl Listeners {
             let task = tokio::spawn(listener::accept_loop(
                 l,
                 self.state.clone(),
-                self.graceful.clone(),
+                self.drain.clone(),
                 self.limit.clone(),
                 tls,
                 stopped,
@@ -175,7 +174,7 @@ pub struct Running {
     listeners: Arc<Listeners>,
     stop_control: Trigger,
     background: Vec<JoinHandle<()>>,
-    graceful: Arc<GracefulShutdown>,
+    drain: Arc<Drain>,
     /// Set when shutdown starts: `/readyz` answers 503 from then on, so that a load balancer
     /// stops sending while the open connections drain.
     draining: Arc<AtomicBool>,
@@ -205,11 +204,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let parts = Parts::new(Arc::new(config), Arc::new(pages), None, metrics.clone())?;
     let (mut controller, handle, state) =
         Controller::new(parts, persisted, notifier, crate::time::Clock::system());
-    let graceful = Arc::new(GracefulShutdown::new());
+    let drain = Arc::new(Drain::default());
     let listeners = Arc::new(Listeners {
         bound: Mutex::new(Vec::new()),
         state: state.clone(),
-        graceful: graceful.clone(),
+        drain: drain.clone(),
         limit: Arc::new(Semaphore::new(max_connections)),
     });
     if let Err(e) = listeners.apply(&listen, &listen_tls).await {
@@ -249,7 +248,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         listeners,
         stop_control,
         background,
-        graceful,
+        drain,
         draining,
         admin,
     })
@@ -304,7 +303,7 @@ impl Running {
             let _ = task.await;
         }
         drop(self.listeners);
-        let drained = drain(self.graceful, grace).await;
+        let drained = drain(self.drain, grace).await;
         if let Some((stop, task)) = self.admin {
             stop.fire();
             let _ = task.await;
@@ -313,16 +312,12 @@ impl Running {
     }
 }
 
-async fn drain(graceful: Arc<GracefulShutdown>, grace: Duration) -> bool {
-    let Ok(graceful) = Arc::try_unwrap(graceful) else {
-        tracing::warn!("cannot wait for open connections; exiting without draining");
-        return false;
-    };
-    let open = graceful.count();
+async fn drain(drain: Arc<Drain>, grace: Duration) -> bool {
+    let open = drain.count();
     if open > 0 {
         tracing::info!(connections = open, "draining for up to {grace:?}");
     }
-    match tokio::time::timeout(grace, graceful.shutdown()).await {
+    match tokio::time::timeout(grace, drain.shutdown()).await {
         Ok(()) => true,
         Err(_) => {
             tracing::warn!("shutdown_timeout reached; closing the connections still open");

@@ -36,3 +36,61 @@ pub async fn terminate_signal() -> std::io::Result<&'static str> {
         _ = int.recv() => "SIGINT",
     })
 }
+
+/// The open client connections, and the request that they finish: each connection holds a
+/// `DrainGuard` for its life; `Drain::shutdown` asks every one to close once its in-flight
+/// requests are done, and waits until all have. (hyper-util's graceful watcher does the same
+/// but cannot watch an HTTP/1 connection that allows upgrades.)
+pub struct Drain {
+    tx: watch::Sender<bool>,
+}
+
+pub struct DrainGuard(watch::Receiver<bool>);
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            tx: watch::channel(false).0,
+        }
+    }
+}
+
+impl Drain {
+    pub fn guard(&self) -> DrainGuard {
+        DrainGuard(self.tx.subscribe())
+    }
+
+    /// How many connections are open.
+    pub fn count(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
+    /// Asks every connection to finish, and resolves once none is open.
+    pub async fn shutdown(&self) {
+        self.tx.send_replace(true);
+        self.tx.closed().await;
+    }
+}
+
+impl DrainGuard {
+    /// Resolves once a drain has been asked for.
+    pub async fn asked(&mut self) {
+        // An error means the drain itself is gone: nobody waits any more, so finish too.
+        let _ = self.0.wait_for(|asked| *asked).await;
+    }
+}
+
+/// Runs `conn` to its end; once a drain is asked for, `graceful` tells it to finish its
+/// in-flight requests and close, and it is run until it has.
+pub async fn until_drained<C: std::future::Future>(
+    conn: C,
+    mut guard: DrainGuard,
+    graceful: impl FnOnce(std::pin::Pin<&mut C>),
+) -> C::Output {
+    tokio::pin!(conn);
+    tokio::select! {
+        out = &mut conn => return out,
+        () = guard.asked() => graceful(conn.as_mut()),
+    }
+    conn.await
+}
