@@ -227,6 +227,31 @@ async fn trailers_reach_an_http2_client() {
 }
 
 #[tokio::test]
+async fn request_trailers_reach_an_http2_upstream() {
+    // The upstream answers with what arrived: the body, and the trailer's value.
+    let up = upstream(|req: Request<Incoming>| async move {
+        let got = req.into_body().collect().await.unwrap();
+        let checksum = got
+            .trailers()
+            .and_then(|t| t.get("x-checksum"))
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_else(|| "no trailers".into());
+        Response::new(full(format!("{}|{checksum}", String::from_utf8_lossy(&got.to_bytes()))))
+    })
+    .await;
+    let h2c = up.url().replacen("http://", "h2c://", 1);
+    let proxy = spawn_proxy(&format!("[upstream]\nservers = [\"{h2c}\"]\n")).await;
+    let req = Request::post(proxy.url("/upload"))
+        .header("te", "trailers")
+        .body(BodyExt::boxed(WithTrailers(0)))
+        .unwrap();
+    let resp = h2c_client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "payload|abc123");
+}
+
+#[tokio::test]
 async fn servers_are_used_round_robin() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
