@@ -236,7 +236,10 @@ async fn request_trailers_reach_an_http2_upstream() {
             .and_then(|t| t.get("x-checksum"))
             .map(|v| v.to_str().unwrap().to_owned())
             .unwrap_or_else(|| "no trailers".into());
-        Response::new(full(format!("{}|{checksum}", String::from_utf8_lossy(&got.to_bytes()))))
+        Response::new(full(format!(
+            "{}|{checksum}",
+            String::from_utf8_lossy(&got.to_bytes())
+        )))
     })
     .await;
     let h2c = up.url().replacen("http://", "h2c://", 1);
