@@ -155,6 +155,15 @@ async fn route(
             }
             (f.response, Some(f.server), outcome)
         }
+        Err(failed) if failed.client.is_some() => {
+            let status = failed.client.unwrap_or(StatusCode::BAD_REQUEST);
+            let text = if status == StatusCode::REQUEST_TIMEOUT {
+                "the request body did not arrive in time\n"
+            } else {
+                "the request body could not be read\n"
+            };
+            (reserved::plain(status, text), None, Outcome::Failed)
+        }
         Err(failed) => {
             match &failed.error {
                 Some(e) => {

@@ -36,7 +36,8 @@ pub enum Outcome {
     Bypassed,
     /// One of intermission's own paths (status, assets, bypass, preview).
     Reserved,
-    /// Could not be forwarded; answered with the outage response.
+    /// Could not be forwarded; answered with the outage response (or a 4xx when the
+    /// client's own request body could not be read).
     Failed,
 }
 

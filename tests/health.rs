@@ -5,6 +5,7 @@
 mod support;
 
 use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use intermission::control::protocol::Request as Ctl;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -223,6 +224,113 @@ async fn a_request_to_a_server_that_just_died_is_retried_on_another() {
             .is_some_and(|e| e.contains("request failed")),
         "the failures were the dead server's: {h:?}"
     );
+}
+
+/// Polls an async condition every 20 ms, for at most 5 s.
+async fn wait_until_async<F, Fut>(mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..250 {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Answers with the request's method and body.
+async fn echo_body(name: &'static str) -> Upstream {
+    upstream(move |req: Request<Incoming>| async move {
+        let method = req.method().clone();
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        Response::new(full(format!(
+            "{name} {method} {}",
+            String::from_utf8_lossy(&body)
+        )))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_small_idempotent_upload_is_retried_whole_on_another_server() {
+    let doomed = echo_body("doomed").await;
+    let live = echo_body("live").await;
+    let proxy = proxy_for(&[&doomed, &live], SLOW_CHECKS).await;
+    // The check at start has passed for both (a first result decides at once).
+    assert!(
+        wait_until_async(|| async {
+            ctl(&proxy, Ctl::Health)
+                .await
+                .health
+                .unwrap()
+                .iter()
+                .all(|s| s.healthy == Some(true))
+        })
+        .await,
+        "both servers are checked healthy"
+    );
+    doomed.stop();
+    // Every other PUT goes to the dead server first; its body was read whole before
+    // forwarding, so the retry carries it.
+    for i in 0..6 {
+        let resp = send(
+            Request::put(proxy.url("/orders/42"))
+                .header("content-length", "8")
+                .body(full("order-42"))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(resp.status(), 200, "request {i}: {resp:?}");
+        assert_eq!(resp.body(), "live PUT order-42", "request {i}");
+    }
+    // A POST is never sent twice, whatever its size.
+    let mut held = 0;
+    for _ in 0..2 {
+        let resp = send(
+            Request::post(proxy.url("/orders"))
+                .header("content-length", "8")
+                .body(full("order-43"))
+                .unwrap(),
+        )
+        .await;
+        match resp.status().as_u16() {
+            200 => assert_eq!(resp.body(), "live POST order-43"),
+            503 => held += 1,
+            other => panic!("a raw {other}"),
+        }
+    }
+    assert_eq!(held, 1, "one of two POSTs went to the dead server");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_held_for_a_retry_that_stalls_gets_408() {
+    let a = echo_body("a").await;
+    let b = echo_body("b").await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\", \"{}\"]\nresponse_timeout = \"300ms\"\n{SLOW_CHECKS}",
+        a.url(),
+        b.url()
+    ))
+    .await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // Half of the announced body, then nothing.
+    s.write_all(b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("no answer to a stalled upload")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    // Nothing reached either server, and both are still healthy.
+    let h = ctl(&proxy, Ctl::Health).await.health.unwrap();
+    assert!(h.iter().all(|s| s.healthy != Some(false)), "{h:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

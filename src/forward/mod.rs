@@ -48,16 +48,52 @@ pub struct Forwarded {
 pub struct Failed {
     pub error: Option<UpstreamError>,
     pub server: Option<usize>,
+    /// The client's own request body could not be read (400) or came too slowly (408): its
+    /// answer, since that is no outage.
+    pub client: Option<StatusCode>,
+}
+
+impl Failed {
+    fn upstream(error: Option<UpstreamError>, server: Option<usize>) -> Failed {
+        Failed {
+            error,
+            server,
+            client: None,
+        }
+    }
+}
+
+/// Request bodies up to this size are read whole before forwarding when a second attempt is
+/// possible (an idempotent method, another healthy server), so that they can be sent again.
+/// Larger bodies, and bodies without a `Content-Length`, stream and are never replayed.
+pub const REPLAY_BODY_LIMIT: u64 = 64 * 1024;
+
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 /// Whether a request may be sent a second time: its method is idempotent (RFC 9110 §9.2.2)
-/// and it has no body, so nothing was consumed by the first attempt.
+/// and its body is empty or held whole, so nothing was consumed by the first attempt.
 pub fn replayable(method: &Method, body: &Body) -> bool {
-    let idempotent = matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    );
-    idempotent && matches!(body, Body::Empty)
+    idempotent(method) && matches!(body, Body::Empty | Body::Full(_))
+}
+
+/// Whether a request's body is read whole before it is forwarded, to be replayable: an
+/// idempotent HTTP/1 request whose `Content-Length` is within `REPLAY_BODY_LIMIT`. HTTP/2
+/// and chunked bodies may end in trailers, which a buffer would lose; they stream.
+fn buffer_for_replay(parts: &http::request::Parts) -> bool {
+    let length = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    idempotent(&parts.method)
+        && parts.version <= Version::HTTP_11
+        && !parts.headers.contains_key(header::TRANSFER_ENCODING)
+        && length.is_some_and(|n| n > 0 && n <= REPLAY_BODY_LIMIT)
 }
 
 /// Forwards `req` to a healthy upstream server; a request that fails before any response
@@ -87,6 +123,14 @@ pub async fn forward(
             }
         }
     }
+    // Decided before the hop-by-hop headers go: `Transfer-Encoding` is one of them.
+    let buffer = client_upgrade.is_none()
+        && pool.servers.len() > 1
+        && (0..pool.servers.len())
+            .filter(|&i| up.get(i).copied().unwrap_or(true))
+            .count()
+            > 1
+        && buffer_for_replay(&parts);
     headers::strip_hop_by_hop(&mut parts.headers);
     // This hop answered the expectation already: hyper sends `100 Continue` to the client as
     // soon as the body is read, which forwarding starts at once.
@@ -100,18 +144,29 @@ pub async fn forward(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let (body, sent) = Body::watched(body);
+    let (body, sent, held) = if buffer {
+        // Bounded by the limit above, and in time by response_timeout: a client that stalls
+        // its upload is answered 408, not waited for.
+        match tokio::time::timeout(timeout, http_body_util::BodyExt::collect(body)).await {
+            Ok(Ok(collected)) => {
+                let bytes = collected.to_bytes();
+                (Body::full(bytes.clone()), None, Some(bytes))
+            }
+            Ok(Err(_)) => return Err(client_failed(StatusCode::BAD_REQUEST)),
+            Err(_) => return Err(client_failed(StatusCode::REQUEST_TIMEOUT)),
+        }
+    } else {
+        let (body, sent) = Body::watched(body);
+        (body, sent, None)
+    };
 
     let Some(first) = pool.pick(up, None) else {
-        return Err(Failed {
-            error: None,
-            server: None,
-        });
+        return Err(Failed::upstream(None, None));
     };
     // A copy for the second attempt, made only when a second attempt is possible.
     let replay =
         (client_upgrade.is_none() && replayable(&parts.method, &body) && pool.servers.len() > 1)
-            .then(|| (parts.method.clone(), parts.headers.clone()));
+            .then(|| (parts.method.clone(), parts.headers.clone(), held));
     let mut req = Request::from_parts(parts, body);
     aim(&mut req, &pool.servers[first], path.clone());
     let mut sent = sent;
@@ -130,14 +185,11 @@ pub async fn forward(
     // server must not cost the client its answer while another one is healthy.
     // Picked only when there is something to retry: a pick moves the round-robin on.
     let second = replay.as_ref().and_then(|_| pool.pick(up, Some(first)));
-    let (Some((method, headers)), Some(second)) = (replay, second) else {
-        return Err(Failed {
-            error: Some(error),
-            server: Some(first),
-        });
+    let (Some((method, headers, held)), Some(second)) = (replay, second) else {
+        return Err(Failed::upstream(Some(error), Some(first)));
     };
     tracing::warn!(error = %error, "retrying on {}", pool.servers[second]);
-    let mut again = Request::new(Body::Empty);
+    let mut again = Request::new(held.map_or(Body::Empty, Body::full));
     *again.method_mut() = method;
     *again.headers_mut() = headers;
     aim(&mut again, &pool.servers[second], path);
@@ -145,11 +197,16 @@ pub async fn forward(
         Ok(resp) => Ok(finish(resp, second, None)),
         Err(e) => {
             report(passive, second, &e);
-            Err(Failed {
-                error: Some(e),
-                server: Some(second),
-            })
+            Err(Failed::upstream(Some(e), Some(second)))
         }
+    }
+}
+
+fn client_failed(status: StatusCode) -> Failed {
+    Failed {
+        error: None,
+        server: None,
+        client: Some(status),
     }
 }
 
@@ -269,10 +326,53 @@ mod tests {
                 want,
                 "{method} without a body"
             );
-            assert!(
-                !replayable(&method, &Body::full("x")),
-                "{method} with a body"
+            // A body held whole (see `buffer_for_replay`) can be sent again.
+            assert_eq!(
+                replayable(&method, &Body::full("x")),
+                want,
+                "{method} with a held body"
             );
+        }
+    }
+
+    #[test]
+    fn which_bodies_are_held_for_a_retry() {
+        let parts = |method: Method, version: Version, headers: &[(&str, &str)]| {
+            let mut b = Request::builder().method(method).version(version);
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        let h11 = Version::HTTP_11;
+        let table = [
+            (parts(Method::PUT, h11, &[("content-length", "10")]), true),
+            (
+                parts(Method::PUT, h11, &[("content-length", "65536")]),
+                true,
+            ),
+            (
+                parts(Method::PUT, h11, &[("content-length", "65537")]),
+                false,
+            ),
+            (parts(Method::PUT, h11, &[("content-length", "0")]), false),
+            (parts(Method::PUT, h11, &[("content-length", "ten")]), false),
+            (parts(Method::POST, h11, &[("content-length", "10")]), false),
+            (
+                parts(Method::PATCH, h11, &[("content-length", "10")]),
+                false,
+            ),
+            (
+                parts(Method::PUT, h11, &[("transfer-encoding", "chunked")]),
+                false,
+            ),
+            (
+                parts(Method::DELETE, Version::HTTP_2, &[("content-length", "10")]),
+                false,
+            ),
+        ];
+        for (i, (p, want)) in table.iter().enumerate() {
+            assert_eq!(buffer_for_replay(p), *want, "case {i}: {p:?}");
         }
     }
 }
