@@ -230,8 +230,9 @@ impl Serving<'_> {
             .http1
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
-        let connection = until_drained(connection, self.guard, |c| c.graceful_shutdown());
-        until_first_request(connection, self.deadline, self.asked).await
+        // No deadline of our own: hyper's header_read_timeout runs from the first read of
+        // every request head, the first one included (the first bytes are already here).
+        Some(until_drained(connection, self.guard, |c| c.graceful_shutdown()).await)
     }
 
     async fn http2<I, S>(self, io: I, service: S) -> Option<Result<(), hyper::Error>>
