@@ -13,7 +13,12 @@ use crate::state::{Snapshot, StateHandle};
 use http::header::{self, HeaderMap};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
 /// What the gateway knows about one client connection.
@@ -39,22 +44,92 @@ impl Conn {
     }
 }
 
-pub async fn handle(state: &StateHandle, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+/// The answer to one request: ready at once (held, reserved, redirected, refused), or to come
+/// from the upstream. Only forwarding needs a future with state of its own; it is boxed so
+/// that an idle connection does not keep a slot of its size (hyper keeps one per connection),
+/// and a held request pays neither that allocation nor the copy of that state.
+pub enum Reply<F> {
+    Ready(Option<Response<Body>>),
+    Later(Pin<Box<F>>),
+}
+
+impl<F: Future<Output = Response<Body>>> Future for Reply<F> {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Reply::Ready(resp) => Poll::Ready(Ok(resp.take().unwrap_or_else(|| {
+                // Polled again after completion: hyper never does; answer something sane.
+                reserved::plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n")
+            }))),
+            Reply::Later(f) => f.as_mut().poll(cx).map(Ok),
+        }
+    }
+}
+
+pub fn handle(
+    state: &StateHandle,
+    conn: &Arc<Conn>,
+    req: Request<Incoming>,
+) -> Reply<impl Future<Output = Response<Body>> + Send + 'static> {
     let snap = state.load();
     let start = Instant::now();
-    if !snap.config.log.access_log {
-        let (resp, _, outcome) = route(&snap, conn, req).await;
-        snap.metrics
-            .request(outcome, snap.mode, resp.status().as_u16(), start.elapsed());
-        return resp;
+    match decide(&snap, conn, &req) {
+        Decision::Answer(resp, outcome) => {
+            let log = snap
+                .config
+                .log
+                .access_log
+                .then(|| Logged::of(&snap, conn, &req));
+            Reply::Ready(Some(finish(&snap, start, log, resp, None, outcome)))
+        }
+        Decision::Forward(outcome) => {
+            let conn = conn.clone();
+            Reply::Later(Box::pin(async move {
+                let log = snap
+                    .config
+                    .log
+                    .access_log
+                    .then(|| Logged::of(&snap, &conn, &req));
+                let (resp, server, outcome) = forward_request(&snap, &conn, req, outcome).await;
+                finish(&snap, start, log, resp, server, outcome)
+            }))
+        }
     }
-    let method = req.method().clone();
-    let uri = logged_uri(&snap, req.uri());
-    let peer = conn.peer.ip();
-    let (resp, server, outcome) = route(&snap, conn, req).await;
+}
+
+/// What the access log line says of a request, taken before the request is consumed.
+struct Logged {
+    method: Method,
+    uri: http::Uri,
+    peer: std::net::IpAddr,
+}
+
+impl Logged {
+    fn of<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>) -> Logged {
+        Logged {
+            method: req.method().clone(),
+            uri: logged_uri(snap, req.uri()),
+            peer: conn.peer.ip(),
+        }
+    }
+}
+
+/// Counts the request, and with the access log on, logs it when its body is done.
+fn finish(
+    snap: &Snapshot,
+    start: Instant,
+    log: Option<Logged>,
+    resp: Response<Body>,
+    server: Option<usize>,
+    outcome: Outcome,
+) -> Response<Body> {
     let status = resp.status().as_u16();
     snap.metrics
         .request(outcome, snap.mode, status, start.elapsed());
+    let Some(Logged { method, uri, peer }) = log else {
+        return resp;
+    };
     let upstream = server.map(|i| snap.pool.servers[i].to_string());
     let (parts, body) = resp.into_parts();
     let body = Body::counted(
@@ -90,45 +165,54 @@ fn logged_uri(snap: &Snapshot, uri: &http::Uri) -> http::Uri {
         .unwrap_or_default()
 }
 
-async fn route(
-    snap: &Snapshot,
-    conn: &Conn,
-    req: Request<Incoming>,
-) -> (Response<Body>, Option<usize>, Outcome) {
+/// What becomes of a request, decided without waiting for anything.
+enum Decision {
+    Answer(Response<Body>, Outcome),
+    /// Forwarded or bypassed.
+    Forward(Outcome),
+}
+
+fn decide<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>) -> Decision {
     let m = &snap.config.maintenance;
     let redirect = !conn.tls && snap.config.proxy.redirect_https;
     if let Some(rest) = req.uri().path().strip_prefix(m.reserved_prefix.as_str()) {
         // The bypass secret and its cookie never travel in cleartext when HTTPS is there.
         if redirect && rest.starts_with("bypass/") {
-            return (redirect_https(snap, &req), None, Outcome::Reserved);
+            return Decision::Answer(redirect_https(snap, req), Outcome::Reserved);
         }
-        return (
-            reserved::answer(snap, &req, rest, conn.tls),
-            None,
+        return Decision::Answer(
+            reserved::answer(snap, req, rest, conn.tls),
             Outcome::Reserved,
         );
     }
     // A reverse proxy has no tunnel to offer; RFC 9110 §9.3.6 lets it refuse.
     if req.method() == Method::CONNECT {
-        return (
+        return Decision::Answer(
             reserved::plain(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n"),
-            None,
             Outcome::Reserved,
         );
     }
     if redirect {
         let allowed = bypass::path_allowed(req.uri().path(), &m.allow_paths);
         if !allowed {
-            return (redirect_https(snap, &req), None, Outcome::Reserved);
+            return Decision::Answer(redirect_https(snap, req), Outcome::Reserved);
         }
     }
-    let outcome = match snap.held {
-        Some(_) if !bypassed(snap, conn, &req) => {
-            return (reserved::hold(snap, &req), None, Outcome::Held);
+    match snap.held {
+        Some(_) if !bypassed(snap, conn, req) => {
+            Decision::Answer(reserved::hold(snap, req), Outcome::Held)
         }
-        Some(_) => Outcome::Bypassed,
-        None => Outcome::Forwarded,
-    };
+        Some(_) => Decision::Forward(Outcome::Bypassed),
+        None => Decision::Forward(Outcome::Forwarded),
+    }
+}
+
+async fn forward_request(
+    snap: &Snapshot,
+    conn: &Conn,
+    req: Request<Incoming>,
+    outcome: Outcome,
+) -> (Response<Body>, Option<usize>, Outcome) {
     let trusted = snap.config.proxy.is_trusted(conn.peer.ip());
     // What the outage answer would need, kept (reference counts, no copies) in case
     // forwarding fails: the request itself goes to the upstream.

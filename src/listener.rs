@@ -16,7 +16,6 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -153,15 +152,8 @@ pub async fn accept_loop(
             let seen = asked.clone();
             let service = service_fn(move |req| {
                 seen.store(true, Ordering::Relaxed);
-                let state = state.clone();
-                let conn = conn.clone();
-                // The request's work is boxed: hyper keeps a slot of this future's size for
-                // every connection while it idles (4.5 KB unboxed); boxed, that memory exists
-                // only while a request is in flight, for one allocation per request.
-                async move {
-                    let work = Box::pin(async move { gateway::handle(&state, &conn, req).await });
-                    Ok::<_, Infallible>(work.await)
-                }
+                // Decided at once; only forwarding returns a (boxed) future: see `Reply`.
+                gateway::handle(&state, &conn, req)
             });
             let serving = Serving {
                 builder: &builder,
