@@ -11,7 +11,7 @@ use crate::config::MaintenanceConfig;
 use crate::state::mode::{Mode, Persisted, Update};
 use crate::time::{seconds_until, whole_seconds, Timestamp};
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use serde::Serialize;
 use std::time::SystemTime;
@@ -284,8 +284,50 @@ pub struct Held {
     pub html: Vec<Bytes>,
     text: Bytes,
     json: Spliced,
-    grpc_message: HeaderValue,
-    mode_value: HeaderValue,
+    /// The headers each form always has, by `Form`: a request clones one (no hashing, no
+    /// formatting) and adds only what depends on the moment.
+    heads: [HeaderMap; 4],
+    /// `Retry-After` when it cannot change (no announced end to count down to).
+    retry_fixed: Option<(HeaderValue, HeaderValue)>,
+}
+
+fn form_index(form: Form) -> usize {
+    match form {
+        Form::Grpc => 0,
+        Form::Html => 1,
+        Form::Text => 2,
+        Form::Json => 3,
+    }
+}
+
+/// The headers of `form` that do not depend on the moment of the request.
+fn fixed_headers(form: Form, mode: HeaderValue, grpc_message: &HeaderValue) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(8);
+    let content_type = match form {
+        Form::Grpc => "application/grpc",
+        Form::Html => "text/html; charset=utf-8",
+        Form::Text => "text/plain; charset=utf-8",
+        Form::Json => "application/problem+json",
+    };
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(X_INTERMISSION_MODE.clone(), mode);
+    match form {
+        Form::Grpc => {
+            h.insert(GRPC_STATUS.clone(), HeaderValue::from_static("14"));
+            h.insert(GRPC_MESSAGE.clone(), grpc_message.clone());
+        }
+        Form::Html => {
+            h.insert(
+                header::VARY,
+                HeaderValue::from_static("Accept, Accept-Language"),
+            );
+        }
+        Form::Text | Form::Json => {
+            h.insert(header::VARY, HeaderValue::from_static("Accept"));
+        }
+    }
+    h
 }
 
 impl Held {
@@ -321,70 +363,61 @@ impl Held {
         let grpc_message =
             HeaderValue::from_str(&grpc_percent_encode(&view.message, MAX_GRPC_MESSAGE))
                 .unwrap_or_else(|_| HeaderValue::from_static("unavailable"));
+        let mode = HeaderValue::from_static(view.mode.as_str());
+        let heads = [Form::Grpc, Form::Html, Form::Text, Form::Json]
+            .map(|form| fixed_headers(form, mode.clone(), &grpc_message));
+        let retry_fixed = view.until.is_none().then(|| {
+            let secs = view.retry_default;
+            (
+                HeaderValue::from(secs),
+                HeaderValue::from(secs.saturating_mul(1000)),
+            )
+        });
         Held {
-            mode_value: HeaderValue::from_static(view.mode.as_str()),
             view,
             html,
             text: Bytes::from(text),
             json,
-            grpc_message,
+            heads,
+            retry_fixed,
         }
     }
 
     /// The response for one held request.
     pub fn respond(&self, form: Form, lang: usize, head: bool, now: SystemTime) -> Response<Body> {
         let retry = self.view.retry_after(now);
-        let (status, content_type, body) = match form {
-            Form::Grpc => (StatusCode::OK, "application/grpc", Bytes::new()),
+        let (status, body) = match form {
+            Form::Grpc => (StatusCode::OK, Bytes::new()),
             Form::Html => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "text/html; charset=utf-8",
                 self.html
                     .get(lang)
                     .or(self.html.first())
                     .cloned()
                     .unwrap_or_default(),
             ),
-            Form::Text => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain; charset=utf-8",
-                self.text.clone(),
-            ),
-            Form::Json => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "application/problem+json",
-                self.json.with(retry),
+            Form::Text => (StatusCode::SERVICE_UNAVAILABLE, self.text.clone()),
+            Form::Json => (StatusCode::SERVICE_UNAVAILABLE, self.json.with(retry)),
+        };
+        let mut headers = self.heads[form_index(form)].clone();
+        let (retry_value, pushback) = match &self.retry_fixed {
+            Some((r, p)) => (r.clone(), p.clone()),
+            None => (
+                HeaderValue::from(retry),
+                HeaderValue::from(retry.saturating_mul(1000)),
             ),
         };
-        let len = body.len();
+        headers.insert(header::RETRY_AFTER, retry_value);
+        if form == Form::Grpc {
+            headers.insert(GRPC_PUSHBACK.clone(), pushback);
+        } else if head {
+            // Without a body to measure, the length of the one a GET would get (RFC 9110
+            // §9.3.2); with one, hyper writes Content-Length from its exact size.
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
         let mut resp = Response::new(if head { Body::Empty } else { Body::full(body) });
         *resp.status_mut() = status;
-        let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-        h.insert(header::RETRY_AFTER, HeaderValue::from(retry));
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        h.insert(X_INTERMISSION_MODE.clone(), self.mode_value.clone());
-        match form {
-            Form::Grpc => {
-                h.insert(GRPC_STATUS.clone(), HeaderValue::from_static("14"));
-                h.insert(GRPC_MESSAGE.clone(), self.grpc_message.clone());
-                h.insert(
-                    GRPC_PUSHBACK.clone(),
-                    HeaderValue::from(retry.saturating_mul(1000)),
-                );
-            }
-            Form::Html => {
-                h.insert(
-                    header::VARY,
-                    HeaderValue::from_static("Accept, Accept-Language"),
-                );
-                h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-            }
-            Form::Text | Form::Json => {
-                h.insert(header::VARY, HeaderValue::from_static("Accept"));
-                h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-            }
-        }
+        *resp.headers_mut() = headers;
         resp
     }
 }
