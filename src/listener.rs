@@ -4,8 +4,8 @@
 //! hyper does the protocol work: a head larger than `max_header_bytes` gets 431, a malformed one
 //! 400, and `header_read_timeout` closes a connection whose headers come too slowly. The
 //! protocol is chosen here rather than by hyper-util's `auto` connection: by the client's first
-//! bytes (plaintext) or ALPN (TLS). A connection then carries the state of its own protocol
-//! only, which keeps an idle HTTP/1.1 connection small (the `auto` future, sized for HTTP/2,
+//! bytes (plaintext: read, then served again to hyper) or ALPN (TLS). A connection then
+//! carries the state of its own protocol only, which keeps an idle HTTP/1.1 connection small (the `auto` future, sized for HTTP/2,
 //! was 6 KB a connection) and spares each request a layer of polling.
 
 use crate::config::ProxyConfig;
@@ -16,10 +16,14 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
+use bytes::{Buf, Bytes};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
@@ -76,22 +80,81 @@ fn sniff(first: &[u8]) -> Option<Protocol> {
     }
 }
 
-/// Waits for enough of the client's first bytes to tell its protocol; `None` when it closes
-/// first. Peeking leaves the bytes for hyper. Clients send their first request (or the
-/// whole preface) at once, so the short pauses below run only for a cut-short preface, and
-/// the caller's deadline bounds them.
-async fn first_bytes(stream: &tokio::net::TcpStream) -> Option<Protocol> {
+/// Reads the client's first bytes until they tell its protocol; `None` when it closes first.
+/// The bytes go back to hyper through `Rewind`. Reading, not peeking: a client that sent part
+/// of the preface and stalls is then waited for by readiness, at no cost, where peeking would
+/// find the same bytes again and again.
+async fn first_bytes(stream: &mut TcpStream) -> Option<(Protocol, Bytes)> {
     let mut buf = [0u8; 24];
+    let mut len = 0;
     loop {
-        let n = stream.peek(&mut buf).await.ok()?;
+        // Never full here: 24 bytes always decide.
+        let n = stream.read(&mut buf[len..]).await.ok()?;
         if n == 0 {
             return None;
         }
-        if let Some(p) = sniff(&buf[..n]) {
-            return Some(p);
+        len += n;
+        if let Some(p) = sniff(&buf[..len]) {
+            return Some((p, Bytes::copy_from_slice(&buf[..len])));
         }
-        // A peek returns at once while unread bytes wait; pause instead of spinning.
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A plaintext socket whose first bytes were read to choose the protocol: they are served
+/// again before the rest.
+struct Rewind {
+    first: Bytes,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.first.is_empty() && buf.remaining() > 0 {
+            let n = this.first.len().min(buf.remaining());
+            buf.put_slice(&this.first[..n]);
+            this.first.advance(n);
+            if this.first.is_empty() {
+                // Let the allocation go for the connection's idle life.
+                this.first = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -138,8 +201,9 @@ pub async fn accept_loop(
             let _permit = permit;
             // hyper's header timeout starts with a request head; a client that sends nothing
             // (or a preface and nothing more) is cut off here instead.
+            let mut stream = stream;
             let plain = match acceptor {
-                None => match tokio::time::timeout(first_byte, first_bytes(&stream)).await {
+                None => match tokio::time::timeout(first_byte, first_bytes(&mut stream)).await {
                     Ok(Some(p)) => Some(p),
                     _ => return,
                 },
@@ -164,8 +228,20 @@ pub async fn accept_loop(
             let result = match (plain, acceptor) {
                 // The common case stays inline; the others are boxed so that a plaintext
                 // HTTP/1.1 connection's task is not sized for HTTP/2 or a TLS session.
-                (Some(Protocol::Http1), _) => serving.http1(stream, service).await,
-                (Some(Protocol::Http2), _) => Box::pin(serving.http2(stream, service)).await,
+                (Some((Protocol::Http1, first)), _) => {
+                    let io = Rewind {
+                        first,
+                        inner: stream,
+                    };
+                    serving.http1(io, service).await
+                }
+                (Some((Protocol::Http2, first)), _) => {
+                    let io = Rewind {
+                        first,
+                        inner: stream,
+                    };
+                    Box::pin(serving.http2(io, service)).await
+                }
                 (None, Some(acceptor)) => {
                     Box::pin(async move {
                         // The handshake gets the same deadline as a request head.

@@ -181,7 +181,7 @@ impl Controller {
                     None => break,
                 },
                 Some(flip) = self.flips_rx.recv() => self.on_flip(flip).await,
-                _ = sleep_capped(overrun_at), if overrun_at.is_some() => self.note_overrun(),
+                _ = sleep_capped(overrun_at), if overrun_at.is_some() => self.note_overrun().await,
             }
         }
     }
@@ -298,13 +298,21 @@ impl Controller {
         {
             return;
         }
+        let (before, _) = self.settle(now, "scheduled maintenance window").await;
+        self.window_events(before);
+    }
+
+    /// Drops the windows ended by `now` (saving the state) and publishes the state of `now`.
+    /// Every publish that may cross a window edge goes through here and is followed by
+    /// `window_events`, since `published_at` moves past the edge: the edge's own wake-up
+    /// will not come again.
+    async fn settle(&mut self, now: SystemTime, reason: &str) -> (Mode, Mode) {
         let next = self.state.clone().tidied(self.healthy(), now);
         if next != self.state {
             self.save(&next).await;
             self.state = next;
         }
-        let (before, _) = self.publish(now, "scheduled maintenance window");
-        self.window_events(before);
+        self.publish(now, reason)
     }
 
     /// Sends the start and end events of schedule windows, whatever caused them (a clock
@@ -385,7 +393,7 @@ impl Controller {
         self.state.planned.as_ref()?.until.map(|u| u.0)
     }
 
-    fn note_overrun(&mut self) {
+    async fn note_overrun(&mut self) {
         // A capped sleep wakes before the announced end: nothing to say yet.
         if self.pending_overrun().is_some_and(|t| t > self.clock.now()) {
             return;
@@ -396,7 +404,9 @@ impl Controller {
                 until = %p.until.map(|u| u.rfc3339()).unwrap_or_default(),
                 "planned maintenance overran its announced end; it stays on until `off`, and Retry-After falls back to the configured value"
             );
-            let mode = self.publish(self.clock.now(), "announced end passed").1;
+            let (before, mode) = self.settle(self.clock.now(), "announced end passed").await;
+            // A window that ended at the same moment says so first.
+            self.window_events(before);
             self.notify(EventKind::UntilOverrun, mode, None, None);
         }
     }
@@ -523,8 +533,8 @@ impl Controller {
             self.start_checkers();
         }
         tracing::info!(file = ?self.parts.config.source, "config and pages reloaded");
-        let (before, after) = self.publish(self.clock.now(), "config reloaded");
-        if before != after {
+        let (before, after) = self.settle(self.clock.now(), "config reloaded").await;
+        if !self.window_events(before) && before != after {
             self.notify(
                 EventKind::ModeChanged,
                 before,
@@ -821,6 +831,42 @@ mod tests {
         r.clock.set(r.at(150));
         tokio::time::advance(Duration::from_secs(60)).await;
         assert!(r.mode_becomes(Mode::Normal).await);
+    }
+
+    /// An overrun and a window's end at the same moment: whichever the controller takes
+    /// first, the window still ends (before, taking the overrun first skipped the edge).
+    #[tokio::test(start_paused = true)]
+    async fn an_overrun_at_a_windows_end_does_not_hide_the_end() {
+        for _ in 0..8 {
+            let r = rig().await;
+            assert!(r.ask(window("+10s", "+20s")).await.ok);
+            let on = Request::On {
+                message: None,
+                until: Some("+20s".into()),
+                retry_after: None,
+                reason: None,
+            };
+            assert!(r.ask(on).await.ok);
+            r.clock.set(r.at(21));
+            tokio::time::advance(Duration::from_secs(21)).await;
+            let mut listed = usize::MAX;
+            for _ in 0..20 {
+                listed = r
+                    .ask(Request::ScheduleList)
+                    .await
+                    .schedules
+                    .expect("list")
+                    .len();
+                if listed == 0 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(listed, 0, "the ended window is gone");
+            let state = r.ask(Request::Status).await.state.expect("state");
+            assert!(state.overrun);
+            assert_eq!(state.mode, Mode::Maintenance, "the operator's switch holds");
+        }
     }
 
     #[tokio::test(start_paused = true)]
