@@ -114,17 +114,22 @@ impl AsyncRead for Rewind {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        if !this.first.is_empty() && buf.remaining() > 0 {
-            let n = this.first.len().min(buf.remaining());
-            buf.put_slice(&this.first[..n]);
-            this.first.advance(n);
-            if this.first.is_empty() {
-                // Let the allocation go for the connection's idle life.
-                this.first = Bytes::new();
-            }
+        if this.first.is_empty() || buf.remaining() == 0 {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let n = this.first.len().min(buf.remaining());
+        buf.put_slice(&this.first[..n]);
+        this.first.advance(n);
+        if !this.first.is_empty() {
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
+        // Let the allocation go for the connection's idle life.
+        this.first = Bytes::new();
+        // The rest of what has arrived comes in the same read, so that hyper sees the whole
+        // head at once (a 24-byte first read would make it grow its buffer to 16 KiB). What
+        // is not there yet, or an error, comes with the next read.
+        let _ = Pin::new(&mut this.inner).poll_read(cx, buf);
+        Poll::Ready(Ok(()))
     }
 }
 
