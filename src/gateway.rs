@@ -74,23 +74,18 @@ pub fn handle(
 ) -> Reply<impl Future<Output = Response<Body>> + Send + 'static> {
     let snap = state.load();
     let start = Instant::now();
+    let log = snap
+        .config
+        .log
+        .access_log
+        .then(|| Logged::of(&snap, conn, &req));
     match decide(&snap, conn, &req) {
         Decision::Answer(resp, outcome) => {
-            let log = snap
-                .config
-                .log
-                .access_log
-                .then(|| Logged::of(&snap, conn, &req));
             Reply::Ready(Some(finish(&snap, start, log, resp, None, outcome)))
         }
         Decision::Forward(outcome) => {
             let conn = conn.clone();
             Reply::Later(Box::pin(async move {
-                let log = snap
-                    .config
-                    .log
-                    .access_log
-                    .then(|| Logged::of(&snap, &conn, &req));
                 let (resp, server, outcome) = forward_request(&snap, &conn, req, outcome).await;
                 finish(&snap, start, log, resp, server, outcome)
             }))
@@ -239,8 +234,10 @@ async fn forward_request(
             }
             (f.response, Some(f.server), outcome)
         }
-        Err(failed) if failed.client.is_some() => {
-            let status = failed.client.unwrap_or(StatusCode::BAD_REQUEST);
+        Err(forward::Failed {
+            client: Some(status),
+            ..
+        }) => {
             let text = if status == StatusCode::REQUEST_TIMEOUT {
                 "the request body did not arrive in time\n"
             } else {

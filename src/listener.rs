@@ -5,18 +5,18 @@
 //! 400, and `header_read_timeout` closes a connection whose headers come too slowly. The
 //! protocol is chosen here rather than by hyper-util's `auto` connection: by the client's first
 //! bytes (plaintext: read, then served again to hyper) or ALPN (TLS). A connection then
-//! carries the state of its own protocol only, which keeps an idle HTTP/1.1 connection small (the `auto` future, sized for HTTP/2,
-//! was 6 KB a connection) and spares each request a layer of polling.
+//! carries the state of its own protocol only, which keeps an idle HTTP/1.1 connection small
+//! (the `auto` future, sized for HTTP/2, was 6 KB a connection) and spares each request a
+//! layer of polling.
 
 use crate::config::ProxyConfig;
 use crate::gateway::{self, Conn};
-use crate::shutdown::{until_drained, Drain, DrainGuard, Shutdown};
+use crate::shutdown::{until_drained, Drain, Shutdown};
 use crate::state::StateHandle;
+use bytes::{Buf, Bytes};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-
-use bytes::{Buf, Bytes};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -98,6 +98,13 @@ async fn first_bytes(stream: &mut TcpStream) -> Option<(Protocol, Bytes)> {
             return Some((p, Bytes::copy_from_slice(&buf[..len])));
         }
     }
+}
+
+/// A new connection once its first step is done: a plaintext one whose protocol is known, or
+/// one whose TLS handshake is still to come.
+enum Arrived {
+    Plain(Protocol, Rewind),
+    Tls(TlsAcceptor, TcpStream),
 }
 
 /// A plaintext socket whose first bytes were read to choose the protocol: they are served
@@ -207,12 +214,18 @@ pub async fn accept_loop(
             // hyper's header timeout starts with a request head; a client that sends nothing
             // (or a preface and nothing more) is cut off here instead.
             let mut stream = stream;
-            let plain = match acceptor {
+            let arrived = match acceptor {
                 None => match tokio::time::timeout(first_byte, first_bytes(&mut stream)).await {
-                    Ok(Some(p)) => Some(p),
+                    Ok(Some((protocol, first))) => Arrived::Plain(
+                        protocol,
+                        Rewind {
+                            first,
+                            inner: stream,
+                        },
+                    ),
                     _ => return,
                 },
-                Some(_) => None,
+                Some(acceptor) => Arrived::Tls(acceptor, stream),
             };
             let conn = Arc::new(Conn::new(peer, tls));
             // Set by the first request: until then the connection lives on a deadline, since
@@ -230,24 +243,12 @@ pub async fn accept_loop(
                 deadline: first_byte,
                 asked: &asked,
             };
-            let result = match (plain, acceptor) {
+            let result = match arrived {
                 // The common case stays inline; the others are boxed so that a plaintext
                 // HTTP/1.1 connection's task is not sized for HTTP/2 or a TLS session.
-                (Some((Protocol::Http1, first)), _) => {
-                    let io = Rewind {
-                        first,
-                        inner: stream,
-                    };
-                    serving.http1(io, service).await
-                }
-                (Some((Protocol::Http2, first)), _) => {
-                    let io = Rewind {
-                        first,
-                        inner: stream,
-                    };
-                    Box::pin(serving.http2(io, service)).await
-                }
-                (None, Some(acceptor)) => {
+                Arrived::Plain(Protocol::Http1, io) => serving.http1(io, service).await,
+                Arrived::Plain(Protocol::Http2, io) => Box::pin(serving.http2(io, service)).await,
+                Arrived::Tls(acceptor, stream) => {
                     Box::pin(async move {
                         // The handshake gets the same deadline as a request head.
                         let tls_stream =
@@ -269,7 +270,6 @@ pub async fn accept_loop(
                     })
                     .await
                 }
-                (None, None) => return,
             };
             let Some(result) = result else {
                 tracing::debug!(%peer, "no request within header_read_timeout; closed");
@@ -285,7 +285,7 @@ pub async fn accept_loop(
 /// What serving one connection needs, whatever its protocol.
 struct Serving<'a> {
     builder: &'a ConnBuilder,
-    guard: DrainGuard,
+    guard: Shutdown,
     deadline: Duration,
     asked: &'a AtomicBool,
 }
@@ -293,7 +293,7 @@ struct Serving<'a> {
 impl Serving<'_> {
     async fn http1<I, S>(self, io: I, service: S) -> Option<Result<(), hyper::Error>>
     where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::body::Body>,
         S::Future: Send + 'static,
         S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -310,7 +310,7 @@ impl Serving<'_> {
 
     async fn http2<I, S>(self, io: I, service: S) -> Option<Result<(), hyper::Error>>
     where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::body::Body>
             + Send
             + 'static,

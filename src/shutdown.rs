@@ -1,4 +1,5 @@
-//! The one shutdown signal: set once, seen by every accept loop and the app.
+//! The shutdown signals: the one set once and seen by every accept loop and the app, and the
+//! drain that asks every open client connection to finish.
 
 use tokio::sync::watch;
 
@@ -38,45 +39,31 @@ pub async fn terminate_signal() -> std::io::Result<&'static str> {
 }
 
 /// The open client connections, and the request that they finish: each connection holds a
-/// `DrainGuard` for its life; `Drain::shutdown` asks every one to close once its in-flight
-/// requests are done, and waits until all have. (hyper-util's graceful watcher does the same
-/// but cannot watch an HTTP/1 connection that allows upgrades.)
-pub struct Drain {
-    tx: watch::Sender<bool>,
-}
-
-pub struct DrainGuard(watch::Receiver<bool>);
+/// `Shutdown` from `guard()` for its life; `Drain::shutdown` fires it, so that every one
+/// closes once its in-flight requests are done, and waits until all have. (hyper-util's
+/// graceful watcher does the same but cannot watch an HTTP/1 connection with upgrades.)
+pub struct Drain(Trigger);
 
 impl Default for Drain {
     fn default() -> Self {
-        Drain {
-            tx: watch::channel(false).0,
-        }
+        Drain(channel().0)
     }
 }
 
 impl Drain {
-    pub fn guard(&self) -> DrainGuard {
-        DrainGuard(self.tx.subscribe())
+    pub fn guard(&self) -> Shutdown {
+        Shutdown(self.0 .0.subscribe())
     }
 
     /// How many connections are open.
     pub fn count(&self) -> usize {
-        self.tx.receiver_count()
+        self.0 .0.receiver_count()
     }
 
     /// Asks every connection to finish, and resolves once none is open.
     pub async fn shutdown(&self) {
-        self.tx.send_replace(true);
-        self.tx.closed().await;
-    }
-}
-
-impl DrainGuard {
-    /// Resolves once a drain has been asked for.
-    pub async fn asked(&mut self) {
-        // An error means the drain itself is gone: nobody waits any more, so finish too.
-        let _ = self.0.wait_for(|asked| *asked).await;
+        self.0.fire();
+        self.0 .0.closed().await;
     }
 }
 
@@ -84,13 +71,13 @@ impl DrainGuard {
 /// in-flight requests and close, and it is run until it has.
 pub async fn until_drained<C: std::future::Future>(
     conn: C,
-    mut guard: DrainGuard,
+    mut guard: Shutdown,
     graceful: impl FnOnce(std::pin::Pin<&mut C>),
 ) -> C::Output {
     tokio::pin!(conn);
     tokio::select! {
         out = &mut conn => return out,
-        () = guard.asked() => graceful(conn.as_mut()),
+        () = guard.fired() => graceful(conn.as_mut()),
     }
     conn.await
 }

@@ -66,7 +66,7 @@ impl Failed {
 /// Request bodies up to this size are read whole before forwarding when a second attempt is
 /// possible (an idempotent method, another healthy server), so that they can be sent again.
 /// Larger bodies, and bodies without a `Content-Length`, stream and are never replayed.
-pub const REPLAY_BODY_LIMIT: u64 = 64 * 1024;
+const REPLAY_BODY_LIMIT: u64 = 64 * 1024;
 
 fn idempotent(method: &Method) -> bool {
     matches!(

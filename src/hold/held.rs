@@ -400,15 +400,16 @@ impl Held {
             Form::Json => (StatusCode::SERVICE_UNAVAILABLE, self.json.with(retry)),
         };
         let mut headers = self.heads[form_index(form)].clone();
-        let (retry_value, pushback) = match &self.retry_fixed {
-            Some((r, p)) => (r.clone(), p.clone()),
-            None => (
-                HeaderValue::from(retry),
-                HeaderValue::from(retry.saturating_mul(1000)),
-            ),
-        };
-        headers.insert(header::RETRY_AFTER, retry_value);
+        let fixed = self.retry_fixed.as_ref();
+        headers.insert(
+            header::RETRY_AFTER,
+            fixed.map_or_else(|| HeaderValue::from(retry), |(r, _)| r.clone()),
+        );
         if form == Form::Grpc {
+            let pushback = fixed.map_or_else(
+                || HeaderValue::from(retry.saturating_mul(1000)),
+                |(_, p)| p.clone(),
+            );
             headers.insert(GRPC_PUSHBACK.clone(), pushback);
         } else if head {
             // Without a body to measure, the length of the one a GET would get (RFC 9110

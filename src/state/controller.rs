@@ -141,24 +141,20 @@ impl Controller {
 
     pub async fn run(mut self) {
         let now = self.clock.now();
-        let tidy = self.state.clone().tidied(self.healthy(), now);
         // What happened while the proxy was down is told now: a window that ended, one that
-        // started, an announced end that passed. Events are at-least-once: one sent before a
-        // crash may be sent again, which receivers can take as a repeat; a lost one would
-        // leave a status page saying the wrong thing.
+        // started, an announced end that passed. Nothing records what was told before, so
+        // every start announces again the window in force and an end already passed
+        // (receivers take it as a repeat); a lost event would leave a status page wrong.
+        // Only a running proxy removes ended windows, so those are told exactly once.
         let ended: Vec<u64> = self
             .state
             .schedules
             .iter()
-            .filter(|w| !tidy.schedules.contains(w))
+            .filter(|w| w.end.0 <= now)
             .map(|w| w.id)
             .collect();
-        if tidy != self.state {
-            self.save(&tidy).await;
-            self.state = tidy;
-        }
         self.start_checkers();
-        let (before, mode) = self.publish(now, "started");
+        let (before, mode) = self.settle(now, "started").await;
         self.parts.metrics.set_mode(mode);
         for id in ended {
             tracing::info!("maintenance window {id} ended while the proxy was down");
@@ -270,17 +266,12 @@ impl Controller {
             (true, Some(_)) => self.outage_since = None,
             _ => {}
         }
-        // Back to normal clears the episode's words; that is a change of the saved state.
-        let next = self.state.clone().tidied(healthy, now);
-        if next != self.state {
-            self.save(&next).await;
-            self.state = next;
-        }
         self.parts
             .metrics
             .set_upstream_health(&server, flip.healthy);
+        // Back to normal clears the episode's words; that is a change of the saved state.
         let reason = format!("{server}: {}", flip.reason);
-        let (before, after) = self.publish(now, &reason);
+        let (before, after) = self.settle(now, &reason).await;
         if !self.window_events(before) && before != after {
             self.notify(EventKind::ModeChanged, before, None, Some(reason));
         }
