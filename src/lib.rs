@@ -35,6 +35,7 @@ pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod park;
 pub mod reserved;
 pub mod shutdown;
 pub mod state;

@@ -11,20 +11,19 @@
 
 use crate::config::ProxyConfig;
 use crate::gateway::{self, Conn};
+use crate::park;
 use crate::shutdown::{until_drained, Drain, Shutdown};
 use crate::state::StateHandle;
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 /// The connection settings for the proxy's listeners, one per protocol.
@@ -100,74 +99,11 @@ async fn first_bytes(stream: &mut TcpStream) -> Option<(Protocol, Bytes)> {
     }
 }
 
-/// A new connection once its first step is done: a plaintext one whose protocol is known, or
-/// one whose TLS handshake is still to come.
+/// A new connection once its first step is done: a plaintext one whose protocol is known (with
+/// the bytes that told it), or one whose TLS handshake is still to come.
 enum Arrived {
-    Plain(Protocol, Rewind),
+    H2c(Bytes, TcpStream),
     Tls(TlsAcceptor, TcpStream),
-}
-
-/// A plaintext socket whose first bytes were read to choose the protocol: they are served
-/// again before the rest.
-struct Rewind {
-    first: Bytes,
-    inner: TcpStream,
-}
-
-impl AsyncRead for Rewind {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if this.first.is_empty() || buf.remaining() == 0 {
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
-        }
-        let n = this.first.len().min(buf.remaining());
-        buf.put_slice(&this.first[..n]);
-        this.first.advance(n);
-        if !this.first.is_empty() {
-            return Poll::Ready(Ok(()));
-        }
-        // Let the allocation go for the connection's idle life.
-        this.first = Bytes::new();
-        // The rest of what has arrived comes in the same read, so that hyper sees the whole
-        // head at once (a 24-byte first read would make it grow its buffer to 16 KiB). What
-        // is not there yet, or an error, comes with the next read.
-        let _ = Pin::new(&mut this.inner).poll_read(cx, buf);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for Rewind {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
 }
 
 pub async fn accept_loop(
@@ -207,78 +143,155 @@ pub async fn accept_loop(
             (true, None) => continue,
         };
         drop(snap);
-        let guard = drain.guard();
+        let conn = Arc::new(Conn::new(peer, tls));
         let state = state.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            // hyper's header timeout starts with a request head; a client that sends nothing
-            // (or a preface and nothing more) is cut off here instead.
-            let mut stream = stream;
-            let arrived = match acceptor {
-                None => match tokio::time::timeout(first_byte, first_bytes(&mut stream)).await {
-                    Ok(Some((protocol, first))) => Arrived::Plain(
-                        protocol,
-                        Rewind {
-                            first,
-                            inner: stream,
-                        },
-                    ),
-                    _ => return,
-                },
-                Some(acceptor) => Arrived::Tls(acceptor, stream),
-            };
-            let conn = Arc::new(Conn::new(peer, tls));
-            // Set by the first request: until then the connection lives on a deadline, since
-            // the HTTP/2 preface has no timer of its own.
-            let asked = Arc::new(AtomicBool::new(false));
-            let seen = asked.clone();
-            let service = service_fn(move |req| {
-                seen.store(true, Ordering::Relaxed);
-                // Decided at once; only forwarding returns a (boxed) future: see `Reply`.
-                gateway::handle(&state, &conn, req)
-            });
-            let serving = Serving {
-                builder: &builder,
-                guard,
-                deadline: first_byte,
-                asked: &asked,
-            };
-            let result = match arrived {
-                // The common case stays inline; the others are boxed so that a plaintext
-                // HTTP/1.1 connection's task is not sized for HTTP/2 or a TLS session.
-                Arrived::Plain(Protocol::Http1, io) => serving.http1(io, service).await,
-                Arrived::Plain(Protocol::Http2, io) => Box::pin(serving.http2(io, service)).await,
-                Arrived::Tls(acceptor, stream) => {
-                    Box::pin(async move {
-                        // The handshake gets the same deadline as a request head.
-                        let tls_stream =
-                            match tokio::time::timeout(first_byte, acceptor.accept(stream)).await {
-                                Ok(Ok(s)) => s,
-                                Ok(Err(e)) => {
-                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                    return None;
-                                }
-                                Err(_) => return None,
-                            };
-                        // RFC 9113 §3.3: over TLS, HTTP/2 is chosen by ALPN.
-                        let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                        if h2 {
-                            serving.http2(tls_stream, service).await
-                        } else {
-                            serving.http1(tls_stream, service).await
-                        }
-                    })
-                    .await
-                }
-            };
-            let Some(result) = result else {
-                tracing::debug!(%peer, "no request within header_read_timeout; closed");
-                return;
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+        match acceptor {
+            None => {
+                let drain = drain.clone();
+                tokio::spawn(plain(
+                    stream, permit, conn, state, builder, drain, first_byte,
+                ));
             }
-        });
+            Some(acceptor) => {
+                // Counted by the drain from now: the handshake may be under way when it starts.
+                let guard = drain.guard();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let arrived = Arrived::Tls(acceptor, stream);
+                    let served =
+                        serve_others(arrived, state, conn, &builder, guard, first_byte).await;
+                    log_end(peer, served);
+                });
+            }
+        }
+    }
+}
+
+/// A plaintext connection: HTTP/1.1, parked whenever it idles, or HTTP/2 prior knowledge. Its
+/// own function, taking only what it keeps: a task keeps the size of its largest state for
+/// the connection's whole life, parked included, so everything else is boxed.
+async fn plain(
+    mut stream: TcpStream,
+    permit: OwnedSemaphorePermit,
+    conn: Arc<Conn>,
+    state: StateHandle,
+    builder: Arc<ConnBuilder>,
+    drain: Arc<Drain>,
+    first_byte: Duration,
+) {
+    let _permit = permit;
+    // hyper's header timeout starts with a request head; a client that sends nothing (or a
+    // preface and nothing more) is cut off here instead. No drain guard yet: a connection
+    // that has sent nothing has nothing to finish.
+    let sniffed = Box::pin(tokio::time::timeout(first_byte, first_bytes(&mut stream))).await;
+    let Ok(Some((protocol, first))) = sniffed else {
+        log_end(conn.peer, None);
+        return;
+    };
+    let served = if protocol == Protocol::Http1 {
+        let idle = Arc::new(park::Idle::default());
+        // Built in the call: named, they would keep (empty) slots in the task.
+        Some(
+            park::serve(
+                &builder.http1,
+                park::Rewind::new(first, stream, Some(idle.clone())),
+                parked_service(state, conn.clone(), idle.clone()),
+                idle,
+                &drain,
+                first_byte,
+            )
+            .await,
+        )
+    } else {
+        let arrived = Arrived::H2c(first, stream);
+        let guard = drain.guard();
+        Box::pin(serve_others(
+            arrived,
+            state,
+            conn.clone(),
+            &builder,
+            guard,
+            first_byte,
+        ))
+        .await
+    };
+    log_end(conn.peer, served);
+}
+
+/// The gateway as the service of a parking connection: each response counted until hyper is
+/// done with it.
+fn parked_service(
+    state: StateHandle,
+    conn: Arc<Conn>,
+    idle: Arc<park::Idle>,
+) -> impl hyper::service::HttpService<
+    hyper::body::Incoming,
+    ResBody = park::TrackedBody,
+    Error = std::convert::Infallible,
+    Future = impl Send + 'static,
+> + Unpin {
+    service_fn(move |req| {
+        let busy = park::Busy::new(&idle);
+        park::Tracked::new(gateway::handle(&state, &conn, req), busy)
+    })
+}
+
+fn log_end(peer: std::net::SocketAddr, served: Option<Result<(), hyper::Error>>) {
+    match served {
+        None => tracing::debug!(%peer, "no request within header_read_timeout; closed"),
+        Some(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
+        Some(Ok(())) => {}
+    }
+}
+
+/// Serves HTTP/2 prior knowledge and TLS connections (either protocol, by ALPN).
+async fn serve_others(
+    arrived: Arrived,
+    state: StateHandle,
+    conn: Arc<Conn>,
+    builder: &ConnBuilder,
+    guard: Shutdown,
+    first_byte: Duration,
+) -> Option<Result<(), hyper::Error>> {
+    let peer = conn.peer;
+    // Set by the first request: until then the connection lives on a deadline, since the
+    // HTTP/2 preface has no timer of its own.
+    let asked = Arc::new(AtomicBool::new(false));
+    let seen = asked.clone();
+    let service = service_fn(move |req| {
+        seen.store(true, Ordering::Relaxed);
+        // Decided at once; only forwarding returns a (boxed) future: see `Reply`.
+        gateway::handle(&state, &conn, req)
+    });
+    let serving = Serving {
+        builder,
+        guard,
+        deadline: first_byte,
+        asked: &asked,
+    };
+    match arrived {
+        Arrived::H2c(first, stream) => {
+            let io = park::Rewind::new(first, stream, None);
+            serving.http2(io, service).await
+        }
+        Arrived::Tls(acceptor, stream) => {
+            // The handshake gets the same deadline as a request head.
+            let tls_stream = match tokio::time::timeout(first_byte, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return None;
+                }
+                Err(_) => return None,
+            };
+            // RFC 9113 §3.3: over TLS, HTTP/2 is chosen by ALPN.
+            let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            if h2 {
+                serving.http2(tls_stream, service).await
+            } else {
+                serving.http1(tls_stream, service).await
+            }
+        }
     }
 }
 

@@ -25,6 +25,11 @@ impl Shutdown {
         // An error means the trigger is gone, which only happens when the app is done.
         let _ = self.0.wait_for(|fired| *fired).await;
     }
+
+    /// Whether shutdown has been fired already.
+    pub fn is_fired(&self) -> bool {
+        *self.0.borrow()
+    }
 }
 
 /// Waits for SIGTERM or SIGINT and says which.
