@@ -189,7 +189,7 @@ async fn plain(
         return;
     };
     let served = if protocol == Protocol::Http1 {
-        let idle = Arc::new(park::Idle::default());
+        let idle = Arc::new(park::Idle::new(state.load().metrics.parked()));
         // Built in the call: named, they would keep (empty) slots in the task.
         Some(
             park::serve(

@@ -261,6 +261,7 @@ pub struct Metrics {
     control_commands: Family<CommandLabels, Counter>,
     /// Indexed by `WebhookResult::index`.
     webhooks: [Counter; 3],
+    parked: Gauge,
 }
 
 impl Default for Metrics {
@@ -376,6 +377,14 @@ impl Metrics {
             webhooks_family,
         );
 
+        let parked = Gauge::default();
+        registry.register(
+            "intermission_parked_connections",
+            "Idle keep-alive HTTP/1.1 client connections waiting for their next request with \
+             no buffers held",
+            parked.clone(),
+        );
+
         registry.register(
             "intermission_build",
             "The running version of intermission; the value is always 1",
@@ -394,7 +403,13 @@ impl Metrics {
             health_check_duration,
             control_commands,
             webhooks,
+            parked,
         }
+    }
+
+    /// The gauge of parked connections, for a connection to move as it parks and wakes.
+    pub fn parked(&self) -> Gauge {
+        self.parked.clone()
     }
 
     /// Counts one request. Hot path: relaxed atomic increments only (ordering between different

@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::HttpService;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::gauge::Gauge;
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
@@ -32,7 +33,6 @@ use tokio::time::Instant;
 
 /// What the socket, the responses and the serving loop tell each other about one connection.
 /// Atomics only to be `Sync`: all of it happens on the connection's own task, hence `Relaxed`.
-#[derive(Default)]
 pub struct Idle {
     /// Responses handed out whose body hyper has not finished with.
     busy: AtomicU32,
@@ -44,9 +44,22 @@ pub struct Idle {
     unflushed: AtomicBool,
     /// A park is under way: hyper's closing of the socket must not reach it.
     parking: AtomicBool,
+    /// `intermission_parked_connections`.
+    parked: Gauge,
 }
 
 impl Idle {
+    pub fn new(parked: Gauge) -> Idle {
+        Idle {
+            busy: AtomicU32::new(0),
+            served: AtomicU32::new(0),
+            read_blocked: AtomicBool::new(false),
+            unflushed: AtomicBool::new(false),
+            parking: AtomicBool::new(false),
+            parked,
+        }
+    }
+
     /// Whether hyper, having just returned `Pending`, waits for nothing but the next request.
     fn parkable(&self) -> bool {
         self.busy.load(Relaxed) == 0
@@ -226,6 +239,23 @@ impl AsyncWrite for Rewind {
     }
 }
 
+/// One parked connection in `intermission_parked_connections`, for as long as it lives: a
+/// task dropped while parked (the runtime ending) leaves no count behind.
+struct Parked<'a>(&'a Gauge);
+
+impl<'a> Parked<'a> {
+    fn new(gauge: &'a Gauge) -> Parked<'a> {
+        gauge.inc();
+        Parked(gauge)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// How long a connection may idle before it parks. Rebuilding hyper's state costs about 8,000
 /// instructions (some 3 µs) per park, and a connection parks at most once per grace: at 10 ms
 /// that is at most 0.03% of a core per connection, while a busy keep-alive connection, whose
@@ -283,6 +313,9 @@ where
                 let mut drained = Box::pin(guard.fired());
                 // The request count the grace was started for: a request since restarts it.
                 let mut grace_for: Option<u32> = None;
+                // hyper closes a connection at once on a graceful shutdown only once it has
+                // answered a request; before, it would finish the first with keep-alive off.
+                let fresh = idle.served.load(Relaxed);
                 poll_fn(|cx| {
                     if let Poll::Ready(result) = Pin::new(&mut *conn).poll(cx) {
                         return Poll::Ready(Turn::Ended(result));
@@ -295,6 +328,9 @@ where
                         return Poll::Pending;
                     }
                     let served = idle.served.load(Relaxed);
+                    if served == fresh {
+                        return Poll::Pending;
+                    }
                     if grace_for != Some(served) {
                         grace_for = Some(served);
                         timer.as_mut().reset(Instant::now() + GRACE);
@@ -360,6 +396,7 @@ where
         }
         let until = *head_deadline.get_or_insert_with(|| Instant::now() + keep_alive);
         timer.as_mut().reset(until);
+        let parked = Parked::new(&idle.parked);
         // Readiness is polled rather than awaited through `readable()`, whose future would
         // add its size to every parked connection.
         let woken = poll_fn(|cx| {
@@ -369,6 +406,7 @@ where
             timer.as_mut().poll(cx).map(|()| false)
         })
         .await;
+        drop(parked);
         if !woken {
             return Ok(());
         }
@@ -382,7 +420,7 @@ mod tests {
 
     #[test]
     fn idle_means_nothing_unfinished_unflushed_or_unread() {
-        let idle = Idle::default();
+        let idle = Idle::new(Default::default());
         assert!(!idle.parkable(), "no read has blocked yet");
         idle.read_blocked.store(true, Relaxed);
         assert!(idle.parkable());

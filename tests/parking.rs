@@ -1,0 +1,191 @@
+//! Idle keep-alive connections park: they give hyper's state and buffers back between
+//! requests and are served again, on the same socket, when the client sends more.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use std::time::{Duration, Instant};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn app_and_proxy(proxy_section: &str) -> (Upstream, Proxy) {
+    let up = upstream(|req: Request<Incoming>| async move {
+        Response::new(full(format!("app saw {}", req.uri().path())))
+    })
+    .await;
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n{proxy_section}\n[upstream]\nservers = [\"{}\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        up.url()
+    ))
+    .await;
+    (up, proxy)
+}
+
+/// `intermission_parked_connections`, scraped from the admin listener.
+async fn parked(proxy: &Proxy) -> f64 {
+    let addr = proxy.running.as_ref().unwrap().admin_addr().unwrap();
+    let resp = get(&format!("http://{addr}/metrics")).await;
+    let text = String::from_utf8_lossy(resp.body()).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("intermission_parked_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("no intermission_parked_connections in /metrics")
+}
+
+async fn wait_parked(proxy: &Proxy, want: f64) {
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut seen = parked(proxy).await;
+    while seen != want && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        seen = parked(proxy).await;
+    }
+    assert_eq!(seen, want, "parked connections");
+}
+
+/// Reads one response with a `Content-Length` body from a keep-alive connection.
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("no response within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed before a whole response: {text:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_connection_parks_and_is_served_again_on_the_same_socket() {
+    let (_up, proxy) = app_and_proxy("").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    for path in ["/one", "/two", "/three"] {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let resp = read_response(&mut s).await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        assert!(resp.ends_with(&format!("app saw {path}")), "{resp}");
+        // Idle now: it gives its buffers back, and the next request wakes it.
+        wait_parked(&proxy, 1.0).await;
+    }
+    drop(s);
+    wait_parked(&proxy, 0.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_head_split_across_a_park_is_answered_whole() {
+    let (_up, proxy) = app_and_proxy("").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    // A whole request and the start of the next: once the first is answered, the connection
+    // idles with half a head read, parks with it...
+    s.write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET /split HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let resp = read_response(&mut s).await;
+    assert!(resp.ends_with("app saw /first"), "{resp}");
+    wait_parked(&proxy, 1.0).await;
+    // ...and keeps it for when the rest comes.
+    s.write_all(b"st: x\r\nAccept: */*\r\n\r\n").await.unwrap();
+    let resp = read_response(&mut s).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.ends_with("app saw /split"), "{resp}");
+
+    // Half a head on a parked connection wakes it; the rest is awaited like any head.
+    wait_parked(&proxy, 1.0).await;
+    s.write_all(b"GET /late HTTP/1.1\r\nHo").await.unwrap();
+    wait_parked(&proxy, 0.0).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"st: x\r\n\r\n").await.unwrap();
+    let resp = read_response(&mut s).await;
+    assert!(resp.ends_with("app saw /late"), "{resp}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_parked_connection_is_closed_after_header_read_timeout() {
+    let (_up, proxy) = app_and_proxy("header_read_timeout = \"400ms\"").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_response(&mut s).await;
+    let idle_from = Instant::now();
+    wait_parked(&proxy, 1.0).await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "an idle connection was kept past header_read_timeout"
+    );
+    assert!(
+        idle_from.elapsed() >= Duration::from_millis(350),
+        "closed after {:?}, before header_read_timeout",
+        idle_from.elapsed()
+    );
+    wait_parked(&proxy, 0.0).await;
+
+    // A head that trickles in is cut off at header_read_timeout too: no piece restarts its
+    // time, so a client cannot hold a connection by sending a byte at a time.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let start = Instant::now();
+    let mut cut = false;
+    for b in b"GET / HTTP/1.1\r\nHost: x\r\n".iter() {
+        if s.write_all(&[*b]).await.is_err() {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if start.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+    }
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest)).await;
+    assert!(
+        cut || closed.is_ok(),
+        "a trickled head was not cut off at header_read_timeout"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "the trickled head was given {:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parked_connections_do_not_hold_up_a_drain() {
+    let (_up, mut proxy) = app_and_proxy("shutdown_timeout = \"10s\"").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_response(&mut s).await;
+    wait_parked(&proxy, 1.0).await;
+    // Nothing is in flight on a parked connection: the drain ends without waiting for it
+    // (it would otherwise run to shutdown_timeout and report connections cut).
+    let drained = tokio::time::timeout(
+        Duration::from_secs(8),
+        proxy.running.take().unwrap().shutdown(),
+    )
+    .await
+    .expect("the drain waited for a parked connection");
+    assert!(drained, "the drain reported connections cut");
+}
