@@ -231,7 +231,7 @@ fn parked_service(
     Future = impl Send + 'static,
 > + Unpin {
     service_fn(move |req| {
-        let busy = park::Busy::new(&idle);
+        let busy = park::Busy::new(&idle, &req);
         park::Tracked::new(gateway::handle(&state, &conn, req), busy)
     })
 }

@@ -44,6 +44,13 @@ pub struct Idle {
     unflushed: AtomicBool,
     /// A park is under way: hyper's closing of the socket must not reach it.
     parking: AtomicBool,
+    /// The last request came with a body, which may still be arriving: what follows on the
+    /// socket is its rest, not a new request, and a fresh hyper connection must not read it.
+    /// Cleared by the next request without one (hyper reads a head only after a body's end).
+    body: AtomicBool,
+    /// A request asked for an upgrade that was not granted: hyper keeps it pending and would
+    /// hand the socket to nobody on a graceful shutdown. Kept for this hyper connection.
+    upgrade: AtomicBool,
     /// `intermission_parked_connections`.
     parked: Gauge,
 }
@@ -56,6 +63,8 @@ impl Idle {
             read_blocked: AtomicBool::new(false),
             unflushed: AtomicBool::new(false),
             parking: AtomicBool::new(false),
+            body: AtomicBool::new(false),
+            upgrade: AtomicBool::new(false),
             parked,
         }
     }
@@ -65,6 +74,8 @@ impl Idle {
         self.busy.load(Relaxed) == 0
             && self.read_blocked.load(Relaxed)
             && !self.unflushed.load(Relaxed)
+            && !self.body.load(Relaxed)
+            && !self.upgrade.load(Relaxed)
     }
 }
 
@@ -72,9 +83,13 @@ impl Idle {
 pub struct Busy(Arc<Idle>);
 
 impl Busy {
-    pub fn new(idle: &Arc<Idle>) -> Busy {
+    pub fn new<B: HttpBody>(idle: &Arc<Idle>, req: &http::Request<B>) -> Busy {
         idle.busy.fetch_add(1, Relaxed);
         idle.served.fetch_add(1, Relaxed);
+        idle.body.store(!req.body().is_end_stream(), Relaxed);
+        if req.headers().contains_key(http::header::UPGRADE) {
+            idle.upgrade.store(true, Relaxed);
+        }
         Busy(idle.clone())
     }
 }
@@ -297,10 +312,9 @@ where
     loop {
         // In a block, so that nothing of the served turn is kept in the task while parked.
         {
+            // Woken during a drain, the request that woke it is still answered (with
+            // keep-alive off): closing unanswered would reset it, and a POST would be lost.
             let mut guard = drain.guard();
-            if guard.is_fired() {
-                return Ok(());
-            }
             // Boxed so that a parked connection's task does not keep a slot of hyper's size.
             let mut conn = Box::new(
                 builder
@@ -316,6 +330,11 @@ where
                 // hyper closes a connection at once on a graceful shutdown only once it has
                 // answered a request; before, it would finish the first with keep-alive off.
                 let fresh = idle.served.load(Relaxed);
+                // A head begun before a park keeps its deadline: hyper's own timer, new with
+                // this connection, would give it a full header_read_timeout again.
+                if let Some(deadline) = head_deadline {
+                    timer.as_mut().reset(deadline);
+                }
                 poll_fn(|cx| {
                     if let Poll::Ready(result) = Pin::new(&mut *conn).poll(cx) {
                         return Poll::Ready(Turn::Ended(result));
@@ -323,12 +342,12 @@ where
                     if drained.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(Turn::Drain);
                     }
-                    if !idle.parkable() {
-                        grace_for = None;
-                        return Poll::Pending;
-                    }
                     let served = idle.served.load(Relaxed);
-                    if served == fresh {
+                    if served == fresh && head_deadline.is_some() {
+                        return timer.as_mut().poll(cx).map(|()| Turn::Ended(Ok(())));
+                    }
+                    if !idle.parkable() || served == fresh {
+                        grace_for = None;
                         return Poll::Pending;
                     }
                     if grace_for != Some(served) {
@@ -415,22 +434,44 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::Idle;
+    use super::{Busy, Idle};
     use std::sync::atomic::Ordering::Relaxed;
+    use std::sync::Arc;
 
     #[test]
     fn idle_means_nothing_unfinished_unflushed_or_unread() {
-        let idle = Idle::new(Default::default());
+        let get = http::Request::new(crate::body::Body::Empty);
+        let idle = Arc::new(Idle::new(Default::default()));
         assert!(!idle.parkable(), "no read has blocked yet");
         idle.read_blocked.store(true, Relaxed);
         assert!(idle.parkable());
         idle.unflushed.store(true, Relaxed);
         assert!(!idle.parkable(), "a response is still being written");
         idle.unflushed.store(false, Relaxed);
-        let arc = std::sync::Arc::new(idle);
-        let busy = super::Busy::new(&arc);
-        assert!(!arc.parkable(), "a response is not finished");
+        let busy = Busy::new(&idle, &get);
+        assert!(!idle.parkable(), "a response is not finished");
         drop(busy);
-        assert!(arc.parkable());
+        assert!(idle.parkable());
+
+        // A request body may still be coming after its answer: not idle until a request
+        // without one shows that it ended.
+        let put = http::Request::new(crate::body::Body::full("data"));
+        drop(Busy::new(&idle, &put));
+        assert!(
+            !idle.parkable(),
+            "the rest of a body would be read as a request"
+        );
+        drop(Busy::new(&idle, &get));
+        assert!(idle.parkable());
+
+        // An upgrade that was refused stays pending in hyper for the connection's life.
+        let mut upgrade = http::Request::new(crate::body::Body::Empty);
+        upgrade.headers_mut().insert(
+            http::header::UPGRADE,
+            http::HeaderValue::from_static("websocket"),
+        );
+        drop(Busy::new(&idle, &upgrade));
+        drop(Busy::new(&idle, &get));
+        assert!(!idle.parkable(), "a pending upgrade would take the socket");
     }
 }

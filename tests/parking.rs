@@ -188,4 +188,40 @@ async fn parked_connections_do_not_hold_up_a_drain() {
     .await
     .expect("the drain waited for a parked connection");
     assert!(drained, "the drain reported connections cut");
+    // A request that wakes it now is still answered, with keep-alive off, then the
+    // connection closes: closing it unanswered would lose the request.
+    s.write_all(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_response(&mut s).await;
+    assert!(resp.ends_with("app saw /late"), "{resp}");
+    assert!(
+        resp.to_ascii_lowercase().contains("connection: close"),
+        "{resp}"
+    );
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the connection stayed open after a drain");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_whose_upgrade_was_refused_keeps_serving_after_idling() {
+    // The app answers 200 to an upgrade request: hyper keeps the upgrade pending, and
+    // parking that connection would hand its socket to nobody.
+    let (_up, proxy) = app_and_proxy("").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let resp = read_response(&mut s).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    // Well past the grace after which an idle connection parks.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_response(&mut s).await;
+    assert!(resp.ends_with("app saw /after"), "{resp}");
 }
