@@ -28,7 +28,7 @@ use tokio_rustls::TlsAcceptor;
 
 /// The connection settings for the proxy's listeners, one per protocol.
 pub struct ConnBuilder {
-    http1: http1::Builder,
+    pub(crate) http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
 }
 
@@ -179,7 +179,6 @@ async fn plain(
     drain: Arc<Drain>,
     first_byte: Duration,
 ) {
-    let _permit = permit;
     // hyper's header timeout starts with a request head; a client that sends nothing (or a
     // preface and nothing more) is cut off here instead. No drain guard yet: a connection
     // that has sent nothing has nothing to finish.
@@ -190,19 +189,17 @@ async fn plain(
     };
     let served = if protocol == Protocol::Http1 {
         let idle = Arc::new(park::Idle::new(state.load().metrics.parked()));
-        // Built in the call: named, they would keep (empty) slots in the task.
-        Some(
-            park::serve(
-                &builder.http1,
-                park::Rewind::new(first, stream, Some(idle.clone())),
-                parked_service(state, conn.clone(), idle.clone()),
-                idle,
-                &drain,
-                first_byte,
-            )
-            .await,
-        )
+        let io = park::Rewind::new(first, stream, Some(idle.clone()));
+        let service = parked_service(state, conn.clone(), idle.clone());
+        let held = park::Held {
+            builder,
+            drain,
+            permit,
+            keep_alive: first_byte,
+        };
+        Some(park::serve(io, service, idle, held, None).await)
     } else {
+        let _permit = permit;
         let arrived = Arrived::H2c(first, stream);
         let guard = drain.guard();
         Box::pin(serve_others(

@@ -29,6 +29,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 /// What the socket, the responses and the serving loop tell each other about one connection.
@@ -284,152 +285,178 @@ enum Turn {
     Drain,
 }
 
-/// Serves a plaintext HTTP/1.1 connection, parking it whenever it idles for `GRACE`.
-/// `keep_alive` bounds a parked connection's wait for its next request (and for the rest of a
-/// head begun). A parked connection holds no drain guard: it has nothing in flight, and a
-/// drain does not wait for it; one woken by a request during a drain is closed unanswered,
-/// as an idle keep-alive connection is, which clients retry.
+/// What a plaintext HTTP/1.1 connection keeps, served or parked.
+pub struct Held {
+    pub builder: Arc<crate::listener::ConnBuilder>,
+    pub drain: Arc<Drain>,
+    pub permit: OwnedSemaphorePermit,
+    /// `header_read_timeout`: bounds a parked connection's wait for its next request.
+    pub keep_alive: Duration,
+}
+
+/// Serves a plaintext HTTP/1.1 connection until it ends or idles for `GRACE`; then it parks:
+/// this task ends and a small one (`parked`) waits for the next request, so that the memory
+/// of an idle connection is that small task's, not this one's. A parked connection holds no
+/// drain guard: it has nothing in flight, and a drain does not wait for it. `head_deadline`
+/// is set when a request head began before a park.
 pub async fn serve<S>(
-    builder: &http1::Builder,
     mut io: Rewind,
     mut service: S,
     idle: Arc<Idle>,
-    drain: &Drain,
-    keep_alive: Duration,
+    held: Held,
+    mut head_deadline: Option<Instant>,
 ) -> Result<(), hyper::Error>
 where
-    S: HttpService<Incoming, ResBody = TrackedBody> + Unpin,
+    S: HttpService<Incoming, ResBody = TrackedBody> + Unpin + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    // One timer for the connection's life: the grace while served, the keep-alive deadline
-    // while parked. Moving a registered deadline later is a compare-and-swap, where a new
-    // timer would be registered (under the driver's lock) each time.
-    let timer = tokio::time::sleep(keep_alive);
+    // The grace timer: moving a registered deadline later is a compare-and-swap, where a new
+    // timer would be registered (under the driver's lock) for each request.
+    let timer = tokio::time::sleep(held.keep_alive);
     tokio::pin!(timer);
-    // Set while a request head is coming in pieces, so that parking does not extend its time.
-    let mut head_deadline: Option<Instant> = None;
-    loop {
-        // In a block, so that nothing of the served turn is kept in the task while parked.
-        {
-            // Woken during a drain, the request that woke it is still answered (with
-            // keep-alive off): closing unanswered would reset it, and a POST would be lost.
-            let mut guard = drain.guard();
-            // Boxed so that a parked connection's task does not keep a slot of hyper's size.
-            let mut conn = Box::new(
-                builder
-                    .serve_connection(TokioIo::new(io), service)
-                    .with_upgrades(),
-            );
-            let turn = {
-                // Boxed, as is all that only a served connection needs: a task keeps the size of
-                // its largest state for its whole life, parked included.
-                let mut drained = Box::pin(guard.fired());
-                // The request count the grace was started for: a request since restarts it.
-                let mut grace_for: Option<u32> = None;
-                // hyper closes a connection at once on a graceful shutdown only once it has
-                // answered a request; before, it would finish the first with keep-alive off.
-                let fresh = idle.served.load(Relaxed);
-                // A head begun before a park keeps its deadline: hyper's own timer, new with
-                // this connection, would give it a full header_read_timeout again.
-                if let Some(deadline) = head_deadline {
-                    timer.as_mut().reset(deadline);
-                }
-                poll_fn(|cx| {
-                    if let Poll::Ready(result) = Pin::new(&mut *conn).poll(cx) {
-                        return Poll::Ready(Turn::Ended(result));
-                    }
-                    if drained.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Turn::Drain);
-                    }
-                    let served = idle.served.load(Relaxed);
-                    if served == fresh && head_deadline.is_some() {
-                        return timer.as_mut().poll(cx).map(|()| Turn::Ended(Ok(())));
-                    }
-                    if !idle.parkable() || served == fresh {
-                        grace_for = None;
-                        return Poll::Pending;
-                    }
-                    if grace_for != Some(served) {
-                        grace_for = Some(served);
-                        timer.as_mut().reset(Instant::now() + GRACE);
-                    }
-                    timer.as_mut().poll(cx).map(|()| Turn::Idle)
-                })
-                .await
-            };
-            match turn {
-                Turn::Ended(result) => return result,
-                Turn::Drain => {
-                    Pin::new(&mut *conn).graceful_shutdown();
-                    return conn.await;
-                }
-                Turn::Idle => {}
-            }
-            // An idle hyper connection closes at once on a graceful shutdown; the socket stays.
-            idle.parking.store(true, Relaxed);
-            Pin::new(&mut *conn).graceful_shutdown();
-            let closed = poll_fn(|cx| Poll::Ready(Pin::new(&mut *conn).poll(cx))).await;
-            idle.parking.store(false, Relaxed);
-            match closed {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Err(e),
-                // Not idle after all: hyper is still reading a request body that its answer did
-                // not wait for. This exchange ends with keep-alive off, as hyper chooses.
-                Poll::Pending => {
-                    return tokio::select! {
-                        result = &mut *conn => result,
-                        () = Box::pin(guard.fired()) => {
-                            Pin::new(&mut *conn).graceful_shutdown();
-                            conn.await
-                        }
-                    };
-                }
-            }
-            drop(guard);
-            // In a block: a box moved out of is freed only when it goes out of scope, and this
-            // one must not wait out the park.
-            let parts = {
-                let conn = conn;
-                (*conn).into_parts()
-            };
-            let Some(parts) = parts else {
-                return Ok(());
-            };
-            let http1::Parts {
-                io: socket,
-                read_buf,
-                service: kept,
-                ..
-            } = parts;
-            service = kept;
-            io = socket.into_inner();
-            // A head begun keeps its deadline across parks; a new wait gets a fresh one.
-            if read_buf.is_empty() {
-                head_deadline = None;
-                // Even empty, it holds hyper's read buffer: let it go before the wait.
-                drop(read_buf);
-            } else {
-                io.first = read_buf;
-            }
+    // Woken during a drain, the request that woke it is still answered (with keep-alive
+    // off): closing unanswered would reset it, and a POST would be lost.
+    let mut guard = held.drain.guard();
+    let mut conn = Box::new(
+        held.builder
+            .http1
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades(),
+    );
+    let turn = {
+        let mut drained = Box::pin(guard.fired());
+        // The request count the grace was started for: a request since restarts it.
+        let mut grace_for: Option<u32> = None;
+        // hyper closes a connection at once on a graceful shutdown only once it has
+        // answered a request; before, it would finish the first with keep-alive off.
+        let fresh = idle.served.load(Relaxed);
+        // A head begun before a park keeps its deadline: hyper's own timer, new with this
+        // connection, would give it a full header_read_timeout again.
+        if let Some(deadline) = head_deadline {
+            timer.as_mut().reset(deadline);
         }
-        let until = *head_deadline.get_or_insert_with(|| Instant::now() + keep_alive);
-        timer.as_mut().reset(until);
-        let parked = Parked::new(&idle.parked);
-        // Readiness is polled rather than awaited through `readable()`, whose future would
-        // add its size to every parked connection.
-        let woken = poll_fn(|cx| {
-            if let Poll::Ready(ready) = io.inner.poll_read_ready(cx) {
-                return Poll::Ready(ready.is_ok());
+        poll_fn(|cx| {
+            if let Poll::Ready(result) = Pin::new(&mut *conn).poll(cx) {
+                return Poll::Ready(Turn::Ended(result));
             }
-            timer.as_mut().poll(cx).map(|()| false)
+            if drained.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Turn::Drain);
+            }
+            let served = idle.served.load(Relaxed);
+            if served == fresh && head_deadline.is_some() {
+                return timer.as_mut().poll(cx).map(|()| Turn::Ended(Ok(())));
+            }
+            if !idle.parkable() || served == fresh {
+                grace_for = None;
+                return Poll::Pending;
+            }
+            if grace_for != Some(served) {
+                grace_for = Some(served);
+                timer.as_mut().reset(Instant::now() + GRACE);
+            }
+            timer.as_mut().poll(cx).map(|()| Turn::Idle)
         })
-        .await;
-        drop(parked);
-        if !woken {
-            return Ok(());
+        .await
+    };
+    match turn {
+        Turn::Ended(result) => return result,
+        Turn::Drain => {
+            Pin::new(&mut *conn).graceful_shutdown();
+            return conn.await;
+        }
+        Turn::Idle => {}
+    }
+    // An idle hyper connection closes at once on a graceful shutdown; the socket stays.
+    idle.parking.store(true, Relaxed);
+    Pin::new(&mut *conn).graceful_shutdown();
+    let closed = poll_fn(|cx| Poll::Ready(Pin::new(&mut *conn).poll(cx))).await;
+    idle.parking.store(false, Relaxed);
+    match closed {
+        Poll::Ready(Ok(())) => {}
+        Poll::Ready(Err(e)) => return Err(e),
+        // Not idle after all: hyper is still reading a request body that its answer did
+        // not wait for. This exchange ends with keep-alive off, as hyper chooses.
+        Poll::Pending => {
+            return tokio::select! {
+                result = &mut *conn => result,
+                () = Box::pin(guard.fired()) => {
+                    Pin::new(&mut *conn).graceful_shutdown();
+                    conn.await
+                }
+            };
         }
     }
+    drop(guard);
+    let Some(parts) = conn.into_parts() else {
+        return Ok(());
+    };
+    let http1::Parts {
+        io: socket,
+        read_buf,
+        service: kept,
+        ..
+    } = parts;
+    service = kept;
+    io = socket.into_inner();
+    // A head begun keeps its deadline across parks; a new wait gets a fresh one.
+    if read_buf.is_empty() {
+        head_deadline = None;
+    } else {
+        io.first = read_buf;
+    }
+    let until = head_deadline.unwrap_or_else(|| Instant::now() + held.keep_alive);
+    tokio::spawn(parked(io, service, idle, held, until));
+    Ok(())
+}
+
+/// A parked connection: its socket, its service and a deadline, waiting for the next
+/// request. Serving it again is a new task (`serve_again`), so that this one stays small.
+async fn parked<S>(io: Rewind, service: S, idle: Arc<Idle>, held: Held, until: Instant)
+where
+    S: HttpService<Incoming, ResBody = TrackedBody> + Unpin + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let deadline = tokio::time::sleep_until(until);
+    tokio::pin!(deadline);
+    let count = Parked::new(&idle.parked);
+    // Readiness is polled rather than awaited through `readable()`, whose future would add
+    // its size to every parked connection.
+    let woken = poll_fn(|cx| {
+        if let Poll::Ready(ready) = io.inner.poll_read_ready(cx) {
+            return Poll::Ready(ready.is_ok());
+        }
+        deadline.as_mut().poll(cx).map(|()| false)
+    })
+    .await;
+    drop(count);
+    if woken {
+        // A head already begun keeps its deadline; otherwise a new one starts with hyper.
+        let head = (!io.first.is_empty()).then_some(until);
+        tokio::spawn(serve_again(io, service, idle, held, head));
+    }
+}
+
+/// `serve` as a task of its own. Boxed: `serve` spawns `parked`, which spawns this, and a
+/// future type cannot contain itself.
+fn serve_again<S>(
+    io: Rewind,
+    service: S,
+    idle: Arc<Idle>,
+    held: Held,
+    head_deadline: Option<Instant>,
+) -> Pin<Box<dyn Future<Output = ()> + Send>>
+where
+    S: HttpService<Incoming, ResBody = TrackedBody> + Unpin + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    Box::pin(async move {
+        if let Err(e) = serve(io, service, idle, held, head_deadline).await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    })
 }
 
 #[cfg(test)]
