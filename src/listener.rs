@@ -197,7 +197,7 @@ async fn plain(
             permit,
             keep_alive: first_byte,
         };
-        Some(park::serve(io, service, idle, held, None).await)
+        Some(park::serve(io, service, idle, held, None, None).await)
     } else {
         let _permit = permit;
         let arrived = Arrived::H2c(first, stream);

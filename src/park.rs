@@ -12,7 +12,7 @@
 //! hyper's hands.
 
 use crate::body::Body;
-use crate::shutdown::Drain;
+use crate::shutdown::{Drain, Shutdown};
 use bytes::{Buf, Bytes};
 use http::Response;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -305,7 +305,8 @@ pub async fn serve<S>(
     mut service: S,
     idle: Arc<Idle>,
     held: Held,
-    mut head_deadline: Option<Instant>,
+    head_deadline: Option<Instant>,
+    guard: Option<Shutdown>,
 ) -> Result<(), hyper::Error>
 where
     S: HttpService<Incoming, ResBody = TrackedBody> + Unpin + Send + 'static,
@@ -318,7 +319,9 @@ where
     tokio::pin!(timer);
     // Woken during a drain, the request that woke it is still answered (with keep-alive
     // off): closing unanswered would reset it, and a POST would be lost.
-    let mut guard = held.drain.guard();
+    // Taken by `parked` before it spawned this task when woken, so that a drain starting in
+    // between still counts the connection.
+    let mut guard = guard.unwrap_or_else(|| held.drain.guard());
     let mut conn = Box::new(
         held.builder
             .http1
@@ -400,13 +403,12 @@ where
     } = parts;
     service = kept;
     io = socket.into_inner();
-    // A head begun keeps its deadline across parks; a new wait gets a fresh one.
-    if read_buf.is_empty() {
-        head_deadline = None;
-    } else {
+    // A park comes only after an answer, so a head begun before an earlier park has ended:
+    // the wait (and any head begun since) gets a fresh deadline.
+    if !read_buf.is_empty() {
         io.first = read_buf;
     }
-    let until = head_deadline.unwrap_or_else(|| Instant::now() + held.keep_alive);
+    let until = Instant::now() + held.keep_alive;
     tokio::spawn(parked(io, service, idle, held, until));
     Ok(())
 }
@@ -435,7 +437,8 @@ where
     if woken {
         // A head already begun keeps its deadline; otherwise a new one starts with hyper.
         let head = (!io.first.is_empty()).then_some(until);
-        tokio::spawn(serve_again(io, service, idle, held, head));
+        let guard = held.drain.guard();
+        tokio::spawn(serve_again(io, service, idle, held, head, guard));
     }
 }
 
@@ -447,6 +450,7 @@ fn serve_again<S>(
     idle: Arc<Idle>,
     held: Held,
     head_deadline: Option<Instant>,
+    guard: Shutdown,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>>
 where
     S: HttpService<Incoming, ResBody = TrackedBody> + Unpin + Send + 'static,
@@ -454,7 +458,7 @@ where
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     Box::pin(async move {
-        if let Err(e) = serve(io, service, idle, held, head_deadline).await {
+        if let Err(e) = serve(io, service, idle, held, head_deadline, Some(guard)).await {
             tracing::debug!(error = %e, "connection ended with an error");
         }
     })
