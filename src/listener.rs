@@ -167,9 +167,9 @@ pub async fn accept_loop(
     }
 }
 
-/// A plaintext connection: HTTP/1.1, parked whenever it idles, or HTTP/2 prior knowledge. Its
-/// own function, taking only what it keeps: a task keeps the size of its largest state for
-/// the connection's whole life, parked included, so everything else is boxed.
+/// A plaintext connection: HTTP/1.1, parked whenever it idles (an idle one then moves to a
+/// small task of its own, see `park`), or HTTP/2 prior knowledge. The sniffing and HTTP/2
+/// states are boxed: a task keeps the size of its largest state for its whole life.
 async fn plain(
     mut stream: TcpStream,
     permit: OwnedSemaphorePermit,

@@ -34,7 +34,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 /// What the socket, the responses and the serving loop tell each other about one connection.
-/// Atomics only to be `Sync`: all of it happens on the connection's own task, hence `Relaxed`.
+/// Atomics only to be `Sync`: all of it happens on the one task that holds the connection at
+/// the time, hence `Relaxed`.
 pub struct Idle {
     /// Responses handed out whose body hyper has not finished with.
     busy: AtomicU32,
@@ -317,10 +318,9 @@ where
     // timer would be registered (under the driver's lock) for each request.
     let timer = tokio::time::sleep(held.keep_alive);
     tokio::pin!(timer);
-    // Woken during a drain, the request that woke it is still answered (with keep-alive
-    // off): closing unanswered would reset it, and a POST would be lost.
-    // Taken by `parked` before it spawned this task when woken, so that a drain starting in
-    // between still counts the connection.
+    // A woken connection's guard was taken by `parked` before it spawned this task, so that
+    // a drain starting in between still counts it. Woken during a drain, the request that
+    // woke it is still answered (with keep-alive off): closing unanswered would reset it.
     let mut guard = guard.unwrap_or_else(|| held.drain.guard());
     let mut conn = Box::new(
         held.builder
@@ -419,7 +419,6 @@ where
 /// A function returning an `async` block rather than an `async fn`: an `async fn` keeps its
 /// arguments twice in its state (as passed, and as moved into its body), 170 B more for
 /// every parked connection.
-// Not an `async fn`, on purpose: see above.
 #[allow(clippy::manual_async_fn)]
 fn parked<S>(
     io: Rewind,

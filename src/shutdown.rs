@@ -25,11 +25,6 @@ impl Shutdown {
         // An error means the trigger is gone, which only happens when the app is done.
         let _ = self.0.wait_for(|fired| *fired).await;
     }
-
-    /// Whether shutdown has been fired already.
-    pub fn is_fired(&self) -> bool {
-        *self.0.borrow()
-    }
 }
 
 /// Waits for SIGTERM or SIGINT and says which.
@@ -44,7 +39,8 @@ pub async fn terminate_signal() -> std::io::Result<&'static str> {
 }
 
 /// The open client connections, and the request that they finish: each connection holds a
-/// `Shutdown` from `guard()` for its life; `Drain::shutdown` fires it, so that every one
+/// `Shutdown` from `guard()` while it is served (a parked one holds none: it has nothing in
+/// flight); `Drain::shutdown` fires it, so that every one
 /// closes once its in-flight requests are done, and waits until all have. (hyper-util's
 /// graceful watcher does the same but cannot watch an HTTP/1 connection with upgrades.)
 pub struct Drain(Trigger);
@@ -60,7 +56,7 @@ impl Drain {
         Shutdown(self.0 .0.subscribe())
     }
 
-    /// How many connections are open.
+    /// How many connections are being served (parked ones are not counted).
     pub fn count(&self) -> usize {
         self.0 .0.receiver_count()
     }
