@@ -17,6 +17,9 @@ pub enum Body {
     Full(Option<Bytes>),
     /// Streamed from a peer, frames passed on as they arrive (trailers included).
     Stream(Incoming),
+    /// A response streamed from an upstream connection that goes back to its pool once the
+    /// body has been read whole.
+    Lent(Incoming, Option<crate::forward::pool::Checkin>),
     /// Counts the data bytes that pass, and reports them when the body is dropped.
     Counted(Box<Counted>),
     /// A streamed request body that says when it has been sent whole, so that the wait for
@@ -117,12 +120,19 @@ impl HttpBody for Body {
             Body::Stream(incoming) => Pin::new(incoming).poll_frame(cx),
             Body::Watched(incoming, done) => {
                 let polled = Pin::new(&mut *incoming).poll_frame(cx);
-                let finished = matches!(polled, Poll::Ready(None))
-                    || (matches!(polled, Poll::Ready(Some(Ok(_)))) && incoming.is_end_stream());
-                if finished {
+                if finished(&polled, incoming) {
                     if let Some(sent) = done.take() {
                         sent.done.store(true, std::sync::atomic::Ordering::Release);
                         let _ = sent.tx.send(());
+                    }
+                }
+                polled
+            }
+            Body::Lent(incoming, checkin) => {
+                let polled = Pin::new(&mut *incoming).poll_frame(cx);
+                if finished(&polled, incoming) {
+                    if let Some(checkin) = checkin.take() {
+                        checkin.give_back();
                     }
                 }
                 polled
@@ -143,7 +153,9 @@ impl HttpBody for Body {
         match self {
             Body::Empty => true,
             Body::Full(bytes) => bytes.is_none(),
-            Body::Stream(incoming) | Body::Watched(incoming, _) => incoming.is_end_stream(),
+            Body::Stream(incoming) | Body::Watched(incoming, _) | Body::Lent(incoming, _) => {
+                incoming.is_end_stream()
+            }
             Body::Counted(c) => c.inner.is_end_stream(),
         }
     }
@@ -152,8 +164,23 @@ impl HttpBody for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Body::Stream(incoming) | Body::Watched(incoming, _) => incoming.size_hint(),
+            Body::Stream(incoming) | Body::Watched(incoming, _) | Body::Lent(incoming, _) => {
+                incoming.size_hint()
+            }
             Body::Counted(c) => c.inner.size_hint(),
         }
+    }
+}
+
+/// Whether `polled` ended the body: its end, or its last data (hyper knows a body of known
+/// length has ended with its last frame, before the next poll).
+fn finished(
+    polled: &Poll<Option<Result<Frame<Bytes>, hyper::Error>>>,
+    incoming: &Incoming,
+) -> bool {
+    match polled {
+        Poll::Ready(None) => true,
+        Poll::Ready(Some(Ok(_))) => incoming.is_end_stream(),
+        _ => false,
     }
 }

@@ -26,7 +26,7 @@ pub enum UpstreamError {
     Connect {
         server: String,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: pool::SendError,
     },
     #[error("{server} sent no response head within {timeout:?}")]
     Timeout { server: String, timeout: Duration },
@@ -34,7 +34,7 @@ pub enum UpstreamError {
     Failed {
         server: String,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: pool::SendError,
     },
 }
 
@@ -68,7 +68,7 @@ impl Failed {
 /// Larger bodies, and bodies without a `Content-Length`, stream and are never replayed.
 const REPLAY_BODY_LIMIT: u64 = 64 * 1024;
 
-fn idempotent(method: &Method) -> bool {
+pub(crate) fn idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
@@ -210,12 +210,16 @@ fn client_failed(status: StatusCode) -> Failed {
     }
 }
 
-/// Points a request at `server`: its URI, and the HTTP version its protocol speaks. An `h2c`
+/// Points a request at `server`: its URI (the path alone for an `http://` server, whose
+/// connection is the server's already), and the HTTP version its protocol speaks. An `h2c`
 /// server gets the client's host only as `X-Forwarded-Host`: HTTP/2 names the host in
 /// `:authority`, which is the server's own, and a different `Host` would make the request
 /// malformed (RFC 9113 §8.3.1).
 fn aim(req: &mut Request<Body>, server: &Upstream, path: PathAndQuery) {
-    *req.uri_mut() = upstream_uri(server, path);
+    *req.uri_mut() = match server.protocol {
+        Protocol::Http => Uri::from(path),
+        Protocol::Https | Protocol::H2c => upstream_uri(server, path),
+    };
     *req.version_mut() = match server.protocol {
         Protocol::H2c => Version::HTTP_2,
         Protocol::Http | Protocol::Https => Version::HTTP_11,
@@ -248,7 +252,7 @@ async fn send(
     req: Request<Body>,
     timeout: Duration,
     sent: Option<&mut SentSignal>,
-) -> Result<Response<Incoming>, UpstreamError> {
+) -> Result<Response<Body>, UpstreamError> {
     let name = || pool.servers[server].to_string();
     let response = pool.request(server, req);
     let outcome = match sent {
@@ -285,7 +289,7 @@ async fn send(
 
 /// Prepares the upstream's response for the client, and the tunnel if it switched protocols.
 fn finish(
-    mut resp: Response<Incoming>,
+    mut resp: Response<Body>,
     server: usize,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Forwarded {
@@ -299,7 +303,7 @@ fn finish(
         upgrade::spawn_tunnel(client_upgrade, hyper::upgrade::on(&mut resp));
     }
     Forwarded {
-        response: resp.map(Body::Stream),
+        response: resp,
         server,
     }
 }

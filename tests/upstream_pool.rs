@@ -1,0 +1,163 @@
+//! The keep-alive connections to `http://` servers: kept between requests, never the cause of
+//! an error when the server closed one, closed after `upstream.idle_timeout`, and never given
+//! to a second request while the first one's response is still unread.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// An HTTP/1.1 server written on raw sockets, so that a test decides when a connection
+/// closes. It answers `GET /big` with 1 MiB and anything else with `ok`, and counts the
+/// connections that carried a request other than a health check, and how many of those the
+/// proxy closed.
+struct Raw {
+    addr: SocketAddr,
+    served: Arc<AtomicUsize>,
+    closed_by_proxy: Arc<AtomicUsize>,
+}
+
+const BIG: usize = 1024 * 1024;
+
+async fn raw_upstream(close_after_each_answer: bool) -> Raw {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = Arc::new(AtomicUsize::new(0));
+    let closed_by_proxy = Arc::new(AtomicUsize::new(0));
+    let (s, c) = (served.clone(), closed_by_proxy.clone());
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let (served, closed) = (s.clone(), c.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut counted = false;
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => {
+                                if counted {
+                                    closed.fetch_add(1, Ordering::SeqCst);
+                                }
+                                return;
+                            }
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    buf.drain(..end + 4);
+                    if !head.contains("intermission-health-check") && !counted {
+                        counted = true;
+                        served.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let body = if head.starts_with("get /big ") {
+                        vec![b'x'; BIG]
+                    } else {
+                        b"ok".to_vec()
+                    };
+                    let mut answer =
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len())
+                            .into_bytes();
+                    answer.extend_from_slice(&body);
+                    if sock.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                    if close_after_each_answer {
+                        // Closed without a word, as a server whose keep-alive timeout ran out.
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Raw {
+        addr,
+        served,
+        closed_by_proxy,
+    }
+}
+
+fn config(up: &Raw, extra: &str) -> String {
+    format!(
+        "[upstream]\nservers = [\"http://{}\"]\n{extra}[health]\ninterval = \"60s\"\n[log]\naccess_log = false\n",
+        up.addr
+    )
+}
+
+async fn get_ok(proxy: &Proxy, path: &str) -> String {
+    let resp = get(&proxy.url(path)).await;
+    assert_eq!(resp.status(), StatusCode::OK, "{path}");
+    String::from_utf8_lossy(resp.body()).into_owned()
+}
+
+#[tokio::test]
+async fn a_connection_the_server_closed_while_kept_is_never_an_error() {
+    let up = raw_upstream(true).await;
+    let proxy = spawn_proxy(&config(&up, "")).await;
+    // Each kept connection is closed by the server right after its answer; the proxy may
+    // pick it before it has seen the close, and must then send the request on another.
+    let c = client();
+    for i in 0..100 {
+        let resp = c
+            .request(Request::get(proxy.url("/")).body(empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "request {i}");
+        assert_eq!(
+            &resp.into_body().collect().await.unwrap().to_bytes()[..],
+            b"ok"
+        );
+    }
+    assert!(up.served.load(Ordering::SeqCst) >= 100);
+}
+
+#[tokio::test]
+async fn idle_upstream_connections_are_closed_after_idle_timeout() {
+    let up = raw_upstream(false).await;
+    let proxy = spawn_proxy(&config(&up, "idle_timeout = \"300ms\"\n")).await;
+    for _ in 0..3 {
+        assert_eq!(get_ok(&proxy, "/").await, "ok");
+    }
+    assert_eq!(up.served.load(Ordering::SeqCst), 1, "one connection, kept");
+    let closed = wait_until(Duration::from_secs(10), || {
+        up.closed_by_proxy.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(closed, "the idle connection was not closed");
+    // And the next request opens a new one.
+    assert_eq!(get_ok(&proxy, "/").await, "ok");
+    assert_eq!(up.served.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_connection_whose_response_was_not_read_whole_is_not_used_again() {
+    let up = raw_upstream(false).await;
+    let proxy = spawn_proxy(&config(&up, "")).await;
+    // A client that reads the head of a large response and goes away: the rest of that
+    // body is still on the upstream connection, which must not carry another request.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 256];
+    let n = s.read(&mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+    drop(s);
+    for _ in 0..5 {
+        assert_eq!(get_ok(&proxy, "/").await, "ok");
+    }
+    // A large body read whole gives its connection back like any other.
+    let before = up.served.load(Ordering::SeqCst);
+    assert_eq!(get_ok(&proxy, "/big").await.len(), BIG);
+    assert_eq!(get_ok(&proxy, "/").await, "ok");
+    assert_eq!(up.served.load(Ordering::SeqCst), before);
+}
