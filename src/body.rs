@@ -172,7 +172,8 @@ impl HttpBody for Body {
     }
 }
 
-/// Whether `polled` ended the body: its end, or its last data (hyper knows a body of known
+/// Whether `polled` ended the body: its end, its trailers (nothing follows them, and hyper
+/// stops polling a body once it has them), or its last data (hyper knows a body of known
 /// length has ended with its last frame, before the next poll).
 fn finished(
     polled: &Poll<Option<Result<Frame<Bytes>, hyper::Error>>>,
@@ -180,7 +181,7 @@ fn finished(
 ) -> bool {
     match polled {
         Poll::Ready(None) => true,
-        Poll::Ready(Some(Ok(_))) => incoming.is_end_stream(),
+        Poll::Ready(Some(Ok(frame))) => frame.is_trailers() || incoming.is_end_stream(),
         _ => false,
     }
 }

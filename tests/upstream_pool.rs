@@ -16,13 +16,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// An HTTP/1.1 server written on raw sockets, so that a test decides when a connection
-/// closes. It answers `GET /big` with 1 MiB and anything else with `ok`, and counts the
-/// connections that carried a request other than a health check, and how many of those the
-/// proxy closed.
+/// closes. It answers `GET /big` with 1 MiB, `GET /trailers` with a chunked body ending in a
+/// trailer, closes the connection on `GET /boom` without a word (counting those), and answers
+/// anything else with `ok`. It counts the connections that carried a request other than a
+/// health check, and how many of those the proxy closed.
 struct Raw {
     addr: SocketAddr,
     served: Arc<AtomicUsize>,
     closed_by_proxy: Arc<AtomicUsize>,
+    booms: Arc<AtomicUsize>,
 }
 
 const BIG: usize = 1024 * 1024;
@@ -32,10 +34,11 @@ async fn raw_upstream(close_after_each_answer: bool) -> Raw {
     let addr = listener.local_addr().unwrap();
     let served = Arc::new(AtomicUsize::new(0));
     let closed_by_proxy = Arc::new(AtomicUsize::new(0));
-    let (s, c) = (served.clone(), closed_by_proxy.clone());
+    let booms = Arc::new(AtomicUsize::new(0));
+    let (s, c, b) = (served.clone(), closed_by_proxy.clone(), booms.clone());
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
-            let (served, closed) = (s.clone(), c.clone());
+            let (served, closed, booms) = (s.clone(), c.clone(), b.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut counted = false;
@@ -59,15 +62,24 @@ async fn raw_upstream(close_after_each_answer: bool) -> Raw {
                         counted = true;
                         served.fetch_add(1, Ordering::SeqCst);
                     }
-                    let body = if head.starts_with("get /big ") {
-                        vec![b'x'; BIG]
+                    if head.starts_with("get /boom ") {
+                        booms.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    let answer = if head.starts_with("get /trailers ") {
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n2\r\nok\r\n0\r\nx-sum: 1\r\n\r\n".to_vec()
                     } else {
-                        b"ok".to_vec()
+                        let body = if head.starts_with("get /big ") {
+                            vec![b'x'; BIG]
+                        } else {
+                            b"ok".to_vec()
+                        };
+                        let mut answer =
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len())
+                                .into_bytes();
+                        answer.extend_from_slice(&body);
+                        answer
                     };
-                    let mut answer =
-                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len())
-                            .into_bytes();
-                    answer.extend_from_slice(&body);
                     if sock.write_all(&answer).await.is_err() {
                         return;
                     }
@@ -83,6 +95,7 @@ async fn raw_upstream(close_after_each_answer: bool) -> Raw {
         addr,
         served,
         closed_by_proxy,
+        booms,
     }
 }
 
@@ -160,4 +173,49 @@ async fn a_connection_whose_response_was_not_read_whole_is_not_used_again() {
     assert_eq!(get_ok(&proxy, "/big").await.len(), BIG);
     assert_eq!(get_ok(&proxy, "/").await, "ok");
     assert_eq!(up.served.load(Ordering::SeqCst), before);
+}
+
+#[tokio::test]
+async fn a_request_that_makes_the_server_close_is_sent_again_at_most_once() {
+    let up = raw_upstream(false).await;
+    let proxy = spawn_proxy(&config(&up, "")).await;
+    // Several kept connections, idle long enough for a request on one to be sent again.
+    let gets: Vec<_> = (0..6)
+        .map(|_| {
+            let (c, url) = (client(), proxy.url("/big"));
+            tokio::spawn(async move {
+                let resp = c.request(Request::get(url).body(empty()).unwrap()).await;
+                resp.unwrap().into_body().collect().await.unwrap();
+            })
+        })
+        .collect();
+    for get in gets {
+        get.await.unwrap();
+    }
+    assert!(
+        up.served.load(Ordering::SeqCst) >= 2,
+        "connections were kept"
+    );
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let resp = get(&proxy.url("/boom")).await;
+    assert!(resp.status().is_server_error(), "{}", resp.status());
+    assert_eq!(
+        up.booms.load(Ordering::SeqCst),
+        2,
+        "sent once and again once, not once per kept connection"
+    );
+}
+
+#[tokio::test]
+async fn a_response_ending_in_trailers_gives_its_connection_back() {
+    let up = raw_upstream(false).await;
+    let proxy = spawn_proxy(&config(&up, "")).await;
+    for _ in 0..5 {
+        assert_eq!(get_ok(&proxy, "/trailers").await, "ok");
+    }
+    assert_eq!(
+        up.served.load(Ordering::SeqCst),
+        1,
+        "one connection for all five"
+    );
 }

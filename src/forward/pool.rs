@@ -211,18 +211,23 @@ fn lock(m: &Mutex<Vec<IdleConn>>) -> MutexGuard<'_, Vec<IdleConn>> {
 
 impl IdleList {
     /// The most recently used connection ready for a request. Connections that closed are
-    /// dropped on the way; one whose last response hyper has not finished reading yet (it is
-    /// given back as soon as that response's body has been read whole) is left in place.
-    fn take(&self) -> Option<IdleConn> {
+    /// dropped on the way, and those idle for `timeout` or more with all older ones (the list
+    /// is in the order connections came back); one whose last response hyper has not finished
+    /// with yet is left in place.
+    fn take(&self, now: Instant, timeout: Duration) -> Option<IdleConn> {
         let mut conns = lock(&self.conns);
         let mut i = conns.len();
         while i > 0 {
             i -= 1;
+            if now.saturating_duration_since(conns[i].since) >= timeout {
+                conns.drain(..=i);
+                return None;
+            }
             if conns[i].sender.is_ready() {
-                return Some(conns.swap_remove(i));
+                return Some(conns.remove(i));
             }
             if conns[i].sender.is_closed() {
-                conns.swap_remove(i);
+                conns.remove(i);
             }
         }
         None
@@ -302,11 +307,21 @@ impl Http1Pool {
         if req.uri().authority().is_some() {
             *req.uri_mut() = origin_form(req.uri());
         }
-        // Each turn uses up a kept connection, or ends: at most one per kept connection, then
-        // a new one.
+        let now = Instant::now();
+        // Each turn uses up a kept connection, up to `KEPT_TRIES`, then dials a new one,
+        // which is the last turn.
+        let mut kept_tries = 0;
         loop {
-            let (mut sender, kept) = match home.take() {
-                Some(IdleConn { sender, since }) => (sender, Some(since)),
+            let kept = if kept_tries < KEPT_TRIES {
+                home.take(now, self.idle_timeout)
+            } else {
+                None
+            };
+            let (mut sender, since) = match kept {
+                Some(IdleConn { sender, since }) => {
+                    kept_tries += 1;
+                    (sender, Some(since))
+                }
                 // Boxed: the rare path must not make every request's future larger.
                 None => (Box::pin(self.connect(index)).await?, None),
             };
@@ -315,18 +330,21 @@ impl Http1Pool {
             // the close is read. One that can be sent again is kept for that case, as nginx
             // retries a request that failed on a cached connection; a busy connection, idle
             // for microseconds, pays nothing for it.
-            let again = kept
-                .filter(|since| since.elapsed() >= MAYBE_CLOSED_AFTER)
+            let again = since
+                .filter(|since| now.saturating_duration_since(*since) >= MAYBE_CLOSED_AFTER)
                 .and_then(|_| copy_to_replay(&req));
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(lend(resp, sender, home)),
                 Err(mut e) => match (e.take_message(), again) {
                     // Closed before the request was written (its task saw the close first).
-                    (Some(unsent), _) if kept.is_some() => req = unsent,
-                    // Closed without a byte of answer once the request was written.
+                    (Some(unsent), _) if since.is_some() => req = unsent,
+                    // Closed before an answer's head arrived whole, once the request was
+                    // written: sent again once, on a new connection, so that a request that
+                    // makes the server fail is not sent once per kept connection.
                     (None, Some(copy)) if e.error().is_incomplete_message() => {
                         tracing::debug!("a kept upstream connection was closed; sending again");
                         req = copy;
+                        kept_tries = KEPT_TRIES;
                     }
                     _ => return Err(SendError::Http(e.into_error())),
                 },
@@ -391,13 +409,21 @@ impl Http1Pool {
 /// closed it meanwhile (`copy_to_replay`).
 const MAYBE_CLOSED_AFTER: Duration = Duration::from_millis(100);
 
+/// Kept connections a request may find closed before a new one is dialled.
+const KEPT_TRIES: usize = 4;
+
 /// A copy of `req` to send again, when it can be sent twice without harm: an idempotent
-/// method (RFC 9110 §9.2.2) and no body.
+/// method (RFC 9110 §9.2.2) and no body, or one held whole.
 fn copy_to_replay(req: &Request<Body>) -> Option<Request<Body>> {
-    if !matches!(req.body(), Body::Empty) || !super::idempotent(req.method()) {
+    let body = match req.body() {
+        Body::Empty => Body::Empty,
+        Body::Full(Some(bytes)) => Body::Full(Some(bytes.clone())),
+        _ => return None,
+    };
+    if !super::idempotent(req.method()) {
         return None;
     }
-    let mut copy = Request::new(Body::Empty);
+    let mut copy = Request::new(body);
     *copy.method_mut() = req.method().clone();
     *copy.uri_mut() = req.uri().clone();
     *copy.version_mut() = req.version();
@@ -541,5 +567,44 @@ mod kept {
         assert_eq!(resp.status(), StatusCode::OK);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_for_idle_timeout_is_not_taken() {
+        // A server that answers one request and keeps its connection open.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .unwrap();
+            let _ = s.read(&mut buf);
+        });
+        let text = format!("[upstream]\nservers = [\"http://{addr}\"]\nidle_timeout = \"90s\"\n");
+        let config = Config::parse(&text, Path::new("."), None).unwrap();
+        let pool = UpstreamPool::new(&config.upstream).unwrap();
+        let req = http::Request::get("/")
+            .header("host", "x")
+            .body(Body::Empty)
+            .unwrap();
+        let resp = pool.request(0, req).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(pool.idle_http1(0), 1);
+        let list = &pool.http1.idle[0];
+        for _ in 0..100 {
+            if lock(&list.conns).iter().any(|c| c.sender.is_ready()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(lock(&list.conns)[0].sender.is_ready());
+        let timeout = config.upstream.idle_timeout;
+        // Not before the reaper's round: a connection past idle_timeout is not used, however
+        // ready it is, and it is closed.
+        let later = Instant::now() + timeout;
+        assert!(list.take(later, timeout).is_none());
+        assert_eq!(pool.idle_http1(0), 0);
     }
 }
