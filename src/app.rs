@@ -294,8 +294,10 @@ impl Running {
     /// returns whether every connection finished in time.
     pub async fn shutdown(self) -> bool {
         let grace = self.state.load().config.proxy.shutdown_timeout;
-        self.draining.store(true, Ordering::Relaxed);
+        // Listeners first: once `/readyz` says not ready, a new connection is refused (the
+        // other order let a client connect in between).
         self.listeners.stop_all().await;
+        self.draining.store(true, Ordering::Relaxed);
         self.stop_control.fire();
         // The controller holds the listener set (and with it the drain handle): end it first.
         for task in self.background {

@@ -254,33 +254,35 @@ async fn send(
     sent: Option<&mut SentSignal>,
 ) -> Result<Response<Body>, UpstreamError> {
     let name = || pool.servers[server].to_string();
+    // One pinned response future for both cases: moving it into `tokio::time::timeout` would
+    // keep a second copy of its 1.6 KB in this future's state, which every forwarded
+    // request allocates and copies.
     let response = pool.request(server, req);
-    let outcome = match sent {
-        None => tokio::time::timeout(timeout, response).await,
-        Some(sent) => {
-            tokio::pin!(response);
-            let deadline = async {
-                // A body that ends in error drops the sender: the timer starts then too.
-                let _ = (&mut sent.rx).await;
-                tokio::time::sleep(timeout).await;
-            };
-            tokio::select! {
-                r = &mut response => Ok(r),
-                () = deadline => tokio::time::timeout(Duration::ZERO, response).await,
-            }
+    tokio::pin!(response);
+    let deadline = async {
+        if let Some(sent) = sent {
+            // A body that ends in error drops the sender: the timer starts then too.
+            let _ = (&mut sent.rx).await;
         }
+        tokio::time::sleep(timeout).await;
+    };
+    // Biased: a response that is ready when the deadline passes is taken.
+    let outcome = tokio::select! {
+        biased;
+        r = &mut response => Some(r),
+        () = deadline => None,
     };
     match outcome {
-        Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(source)) if source.is_connect() => Err(UpstreamError::Connect {
+        Some(Ok(resp)) => Ok(resp),
+        Some(Err(source)) if source.is_connect() => Err(UpstreamError::Connect {
             server: name(),
             source,
         }),
-        Ok(Err(source)) => Err(UpstreamError::Failed {
+        Some(Err(source)) => Err(UpstreamError::Failed {
             server: name(),
             source,
         }),
-        Err(_) => Err(UpstreamError::Timeout {
+        None => Err(UpstreamError::Timeout {
             server: name(),
             timeout,
         }),

@@ -330,9 +330,11 @@ impl Http1Pool {
             // the close is read. One that can be sent again is kept for that case, as nginx
             // retries a request that failed on a cached connection; a busy connection, idle
             // for microseconds, pays nothing for it.
+            // Boxed: rarely made, and a request's size in every request's future otherwise.
             let again = since
                 .filter(|since| now.saturating_duration_since(*since) >= MAYBE_CLOSED_AFTER)
-                .and_then(|_| copy_to_replay(&req));
+                .and_then(|_| copy_to_replay(&req))
+                .map(Box::new);
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(lend(resp, sender, home)),
                 Err(mut e) => match (e.take_message(), again) {
@@ -343,7 +345,7 @@ impl Http1Pool {
                     // makes the server fail is not sent once per kept connection.
                     (None, Some(copy)) if e.error().is_incomplete_message() => {
                         tracing::debug!("a kept upstream connection was closed; sending again");
-                        req = copy;
+                        req = *copy;
                         kept_tries = KEPT_TRIES;
                     }
                     _ => return Err(SendError::Http(e.into_error())),
