@@ -156,6 +156,11 @@ def main():
             s["tw"] = statistics.median(w["tw"] for w in ok)
             cpu = [w["cpu"] for w in ok if w["cpu"] == w["cpu"]]
             s["cpu"] = statistics.median(cpu) if cpu else None
+            # CPU time per request: steadier than req/s when the cores are shared or stolen,
+            # since a slower run costs the same per request.
+            per_req = [w["cpu"] / 100 / w["rps"] * 1e6 for w in ok
+                       if w["cpu"] == w["cpu"] and w["rps"]]
+            s["us_per_req"] = statistics.median(per_req) if per_req else None
             other = [w["other"] for w in ok if w["other"] == w["other"]]
             s["other"] = max(other) if other else None
             s["rss_after"] = ok[-1]["rss"]
@@ -191,8 +196,8 @@ def main():
       "figures. RSS is VmRSS summed over a server's processes (nginx master + workers).")
     p("")
     p("| row | conns | median req/s | min..max | MiB/s | × direct | × nginx | p99 ms | proxy CPU % "
-      "| RSS KiB idle → after | notes |")
-    p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+      "| CPU µs/req (× nginx) | RSS KiB idle → after | notes |")
+    p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     spread_warn = []
     busy = []
     for row in rows:
@@ -200,7 +205,7 @@ def main():
         s = stats.get(rid, {})
         notes = []
         if not s.get("ok"):
-            p(f"| {label} | {conns} | no result | | | | | | | | {s.get('n', 0)} runs, none parsed |")
+            p(f"| {label} | {conns} | no result | | | | | | | | | {s.get('n', 0)} runs, none parsed |")
             continue
         mine = value(rid, metric)
         rd = value(dref, metric) if dref and dref != rid else None
@@ -238,14 +243,23 @@ def main():
             mx = f"{s['lat_max']:.2f}" if s.get("lat_max") is not None else "—"
             p99 = f"mean {mean}, max {mx}"
         cpu = f"{s['cpu']:.0f}" if s.get("cpu") is not None else "—"
+        us = s.get("us_per_req")
+        us_text = f"{us:.1f}" if us is not None else "—"
+        us_nginx = stats.get(nref, {}).get("us_per_req") if nref and nref != rid else None
+        if us is not None and us_nginx:
+            us_text += f" ({us / us_nginx:.2f})"
         p(f"| {label} | {conns} | {fmt_int(s['rps'])} | {fmt_int(s['min'])}..{fmt_int(s['max'])} | {mib} "
-          f"| {fmt_ratio(ratio_d)} | {fmt_ratio(ratio_n)} | {p99} | {cpu} | {rss_text} "
+          f"| {fmt_ratio(ratio_d)} | {fmt_ratio(ratio_n)} | {p99} | {cpu} | {us_text} | {rss_text} "
           f"| {'; '.join(notes)} |")
     p("")
     p("× direct: against the direct row of the same body size and connections; × nginx: an "
       "intermission row against its matching nginx row (1 thread vs 1 worker, 2 vs 2, held page vs "
       "`return 503`). Body rows compare MiB/s (wrk's Transfer/sec). Proxy CPU %: the proxy's CPU "
-      "time over the run's wall time (100 = one core; for direct rows, the upstream's). TIME_WAIT: "
+      "time over the run's wall time (100 = one core; for direct rows, the upstream's). CPU µs/req: "
+      "that CPU time per request (median over the repetitions), and for an intermission row its "
+      "ratio to the matching nginx row's (below 1: cheaper per request than nginx); steadier than "
+      "req/s when the cores are shared or stolen, but it counts only the proxy's own CPU: a proxy "
+      "that makes its peers work harder is not charged for it. TIME_WAIT: "
       "sockets to/from the upstream's port left in TIME_WAIT per run (median): upstream "
       "connections closed instead of reused; for direct rows, wrk's own connections.")
     p("RSS after: right after the row's last run (the process has served the rows above it too).")
