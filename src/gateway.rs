@@ -230,6 +230,7 @@ async fn forward_request(
                     status = f.response.status().as_u16(),
                     "upstream answer intercepted"
                 );
+                drain_in_background(f.response.into_body());
                 return (echo.outage(snap), Some(f.server), Outcome::Failed);
             }
             (f.response, Some(f.server), outcome)
@@ -257,6 +258,33 @@ async fn forward_request(
             (echo.outage(snap), failed.server, Outcome::Failed)
         }
     }
+}
+
+/// Reads an unwanted upstream body to its end, so that its connection goes back to the pool
+/// instead of closing: during an outage the server answers every request with the status
+/// being intercepted, and a new connection for each would leave a TIME_WAIT socket per
+/// request. Bounded: a body that is long or slow is dropped, and its connection with it.
+fn drain_in_background(body: Body) {
+    const LIMIT: u64 = 64 * 1024;
+    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+    if !matches!(body, Body::Lent(..)) {
+        return;
+    }
+    tokio::spawn(async move {
+        use http_body_util::BodyExt;
+        let mut body = body;
+        let mut read = 0u64;
+        let drained = async {
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else { return };
+                read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if read > LIMIT {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(PATIENCE, drained).await;
+    });
 }
 
 /// The parts of a request that choose the form of a holding response.

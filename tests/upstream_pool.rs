@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 
 /// An HTTP/1.1 server written on raw sockets, so that a test decides when a connection
 /// closes. It answers `GET /big` with 1 MiB, `GET /trailers` with a chunked body ending in a
-/// trailer, closes the connection on `GET /boom` without a word (counting those), and answers
+/// trailer, `GET /unavailable` with a 503, closes the connection on `GET /boom` without a word (counting those), and answers
 /// anything else with `ok`. It counts the connections that carried a request other than a
 /// health check, and how many of those the proxy closed.
 struct Raw {
@@ -66,7 +66,9 @@ async fn raw_upstream(close_after_each_answer: bool) -> Raw {
                         booms.fetch_add(1, Ordering::SeqCst);
                         return;
                     }
-                    let answer = if head.starts_with("get /trailers ") {
+                    let answer = if head.starts_with("get /unavailable ") {
+                        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 11\r\n\r\nrestarting\n".to_vec()
+                    } else if head.starts_with("get /trailers ") {
                         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n2\r\nok\r\n0\r\nx-sum: 1\r\n\r\n".to_vec()
                     } else {
                         let body = if head.starts_with("get /big ") {
@@ -217,5 +219,24 @@ async fn a_response_ending_in_trailers_gives_its_connection_back() {
         up.served.load(Ordering::SeqCst),
         1,
         "one connection for all five"
+    );
+}
+
+#[tokio::test]
+async fn an_intercepted_answer_keeps_its_connection() {
+    let up = raw_upstream(false).await;
+    let proxy = spawn_proxy(&config(&up, "intercept_statuses = [503]\n")).await;
+    // A server that answers every request 503 while it restarts: each answer is replaced
+    // by the outage response, and its connection must not be thrown away with its body.
+    for _ in 0..5 {
+        let resp = get(&proxy.url("/unavailable")).await;
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(!String::from_utf8_lossy(resp.body()).contains("restarting"));
+    }
+    assert_eq!(get_ok(&proxy, "/").await, "ok");
+    assert_eq!(
+        up.served.load(Ordering::SeqCst),
+        1,
+        "one connection for all six"
     );
 }
