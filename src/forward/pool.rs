@@ -163,7 +163,8 @@ impl UpstreamPool {
     }
 
     /// Idle connections kept to server `index` (`http://` servers only).
-    pub fn idle_http1(&self, index: usize) -> usize {
+    #[cfg(test)]
+    fn idle_http1(&self, index: usize) -> usize {
         self.http1
             .idle
             .get(index)
@@ -178,9 +179,9 @@ type Sender = http1::SendRequest<Body>;
 /// Written here rather than taken from hyper-util's client because of what that client costs
 /// on every forwarded request: a SipHash of the pool key at each checkout and return, a task
 /// spawned per response to give its connection back, and copies of a large request future,
-/// some 8,000 of the 43,500 instructions a forwarded request took. Here a checkout is a
-/// vector pop under an uncontended lock, and a connection goes back when its response body
-/// has been read whole, from the task that read it.
+/// some 8,000 of the 43,500 instructions a forwarded request took. Here a checkout takes the
+/// last ready entry of a vector under an uncontended lock, and a connection goes back when
+/// its response body has been read whole, from the task that read it.
 struct Http1Pool {
     /// One list per server, by index (empty for servers of other protocols).
     idle: Vec<Arc<IdleList>>,
@@ -188,8 +189,8 @@ struct Http1Pool {
     dial: Vec<Uri>,
     tcp: HttpConnector,
     idle_timeout: Duration,
-    /// The task closing connections idle longer than `idle_timeout`, started with the first
-    /// connection (a pool may be built where no runtime runs yet).
+    /// Whether the task closing connections idle for `idle_timeout` has started: it starts
+    /// with the first connection (a pool may be built where no runtime runs yet).
     reaper: AtomicBool,
 }
 
