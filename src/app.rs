@@ -53,6 +53,9 @@ struct Bound {
 /// already established on a removed listener finish normally.
 pub struct Listeners {
     bound: Mutex<Vec<Bound>>,
+    /// Set by `stop_all` under the `bound` lock: a reload arriving during shutdown (the
+    /// controller still runs then) must not bind listeners again.
+    closed: AtomicBool,
     state: StateHandle,
     drain: Arc<Drain>,
     /// Shared by every listener: `proxy.max_connections` counts all client connections.
@@ -79,6 +82,9 @@ impl Listeners {
             .chain(tls.iter().map(|&a| (a, true)))
             .collect();
         let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
+        if self.closed.load(Ordering::Relaxed) {
+            return Ok(Vec::new());
+        }
         let mut fresh = Vec::new();
         for &(addr, tls) in &wanted {
             if bound.iter().any(|b| (b.configured, b.tls) == (addr, tls))
@@ -136,6 +142,7 @@ impl Listeners {
     async fn stop_all(&self) {
         let all: Vec<Bound> = {
             let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
+            self.closed.store(true, Ordering::Relaxed);
             bound.drain(..).collect()
         };
         for b in &all {
@@ -207,6 +214,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let drain = Arc::new(Drain::default());
     let listeners = Arc::new(Listeners {
         bound: Mutex::new(Vec::new()),
+        closed: AtomicBool::new(false),
         state: state.clone(),
         drain: drain.clone(),
         limit: Arc::new(Semaphore::new(max_connections)),

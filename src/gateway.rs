@@ -263,15 +263,24 @@ async fn forward_request(
 /// Reads an unwanted upstream body to its end, so that its connection goes back to the pool
 /// instead of closing: during an outage the server answers every request with the status
 /// being intercepted, and a new connection for each would leave a TIME_WAIT socket per
-/// request. Bounded: a body that is long or slow is dropped, and its connection with it.
+/// request. Bounded: a body announced larger than `LIMIT`, still going past it, or slower
+/// than `PATIENCE` is dropped, and its connection with it; and at most `AT_ONCE` are read at
+/// a time (a connection being drained is in no pool, so a server trickling its error bodies
+/// would otherwise have one more connection opened per request).
 fn drain_in_background(body: Body) {
     const LIMIT: u64 = 64 * 1024;
-    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
-    if !matches!(body, Body::Lent(..)) {
+    const PATIENCE: std::time::Duration = std::time::Duration::from_millis(250);
+    const AT_ONCE: usize = 256;
+    static DRAINING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(AT_ONCE);
+    if !matches!(body, Body::Lent(..)) || http_body::Body::size_hint(&body).lower() > LIMIT {
         return;
     }
+    let Ok(permit) = DRAINING.try_acquire() else {
+        return;
+    };
     tokio::spawn(async move {
         use http_body_util::BodyExt;
+        let _permit = permit;
         let mut body = body;
         let mut read = 0u64;
         let drained = async {
