@@ -230,7 +230,7 @@ async fn forward_request(
                     status = f.response.status().as_u16(),
                     "upstream answer intercepted"
                 );
-                drain_in_background(f.response.into_body());
+                forward::pool::read_out(f.response.into_body());
                 return (echo.outage(snap), Some(f.server), Outcome::Failed);
             }
             (f.response, Some(f.server), outcome)
@@ -258,42 +258,6 @@ async fn forward_request(
             (echo.outage(snap), failed.server, Outcome::Failed)
         }
     }
-}
-
-/// Reads an unwanted upstream body to its end, so that its connection goes back to the pool
-/// instead of closing: during an outage the server answers every request with the status
-/// being intercepted, and a new connection for each would leave a TIME_WAIT socket per
-/// request. Bounded: a body announced larger than `LIMIT`, still going past it, or slower
-/// than `PATIENCE` is dropped, and its connection with it; and at most `AT_ONCE` are read at
-/// a time (a connection being drained is in no pool, so a server trickling its error bodies
-/// would otherwise have one more connection opened per request).
-fn drain_in_background(body: Body) {
-    const LIMIT: u64 = 64 * 1024;
-    const PATIENCE: std::time::Duration = std::time::Duration::from_millis(250);
-    const AT_ONCE: usize = 256;
-    static DRAINING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(AT_ONCE);
-    if !matches!(body, Body::Lent(..)) || http_body::Body::size_hint(&body).lower() > LIMIT {
-        return;
-    }
-    let Ok(permit) = DRAINING.try_acquire() else {
-        return;
-    };
-    tokio::spawn(async move {
-        use http_body_util::BodyExt;
-        let _permit = permit;
-        let mut body = body;
-        let mut read = 0u64;
-        let drained = async {
-            while let Some(frame) = body.frame().await {
-                let Ok(frame) = frame else { return };
-                read += frame.data_ref().map_or(0, |d| d.len() as u64);
-                if read > LIMIT {
-                    return;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(PATIENCE, drained).await;
-    });
 }
 
 /// The parts of a request that choose the form of a holding response.

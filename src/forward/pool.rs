@@ -166,9 +166,9 @@ impl UpstreamPool {
     #[cfg(test)]
     fn idle_http1(&self, index: usize) -> usize {
         self.http1
-            .idle
+            .servers
             .get(index)
-            .map_or(0, |l| lock(&l.conns).len())
+            .map_or(0, |s| lock(&s.idle.conns).len())
     }
 }
 
@@ -183,15 +183,19 @@ type Sender = http1::SendRequest<Body>;
 /// last ready entry of a vector under an uncontended lock, and a connection goes back when
 /// its response body has been read whole, from the task that read it.
 struct Http1Pool {
-    /// One list per server, by index (empty for servers of other protocols).
-    idle: Vec<Arc<IdleList>>,
-    /// `http://host:port` of each server: what the connector dials.
-    dial: Vec<Uri>,
+    /// By server index (those of other protocols unused).
+    servers: Vec<Http1Server>,
     tcp: HttpConnector,
     idle_timeout: Duration,
     /// Whether the task closing connections idle for `idle_timeout` has started: it starts
     /// with the first connection (a pool may be built where no runtime runs yet).
     reaper: AtomicBool,
+}
+
+struct Http1Server {
+    idle: Arc<IdleList>,
+    /// `http://host:port`: what the connector dials.
+    dial: Uri,
 }
 
 /// Idle connections to one server, the most recently used last.
@@ -269,45 +273,40 @@ impl Checkin {
 
 impl Http1Pool {
     fn new(servers: &[Upstream], tcp: HttpConnector, idle_timeout: Duration) -> Http1Pool {
-        let dial = servers
+        let servers = servers
             .iter()
             .map(|s| {
                 let mut uri = UriParts::default();
                 uri.scheme = Some(http::uri::Scheme::HTTP);
                 uri.authority = Some(s.authority.clone());
                 uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-                Uri::from_parts(uri).unwrap_or_default()
+                Http1Server {
+                    idle: Arc::new(IdleList {
+                        conns: Mutex::new(Vec::new()),
+                    }),
+                    dial: Uri::from_parts(uri).unwrap_or_default(),
+                }
             })
             .collect();
         Http1Pool {
-            idle: servers
-                .iter()
-                .map(|_| {
-                    Arc::new(IdleList {
-                        conns: Mutex::new(Vec::new()),
-                    })
-                })
-                .collect(),
-            dial,
+            servers,
             tcp,
             idle_timeout,
             reaper: AtomicBool::new(false),
         }
     }
 
+    /// Sends `req`, whose URI is the path alone (`forward::aim` makes it so: HTTP/1.1 to an
+    /// origin server names the path, RFC 9112 §3.2.1, and the client's `Host` names the site).
     async fn request(
         &self,
         index: usize,
         mut req: Request<Body>,
     ) -> Result<Response<Body>, SendError> {
-        let Some(home) = self.idle.get(index) else {
+        let Some(server) = self.servers.get(index) else {
             return Err(SendError::Connect("no such server".into()));
         };
-        // HTTP/1.1 to an origin server names the path only (RFC 9112 §3.2.1); the client's
-        // `Host` header, kept, names the site.
-        if req.uri().authority().is_some() {
-            *req.uri_mut() = origin_form(req.uri());
-        }
+        let home = &server.idle;
         let now = Instant::now();
         // Each turn uses up a kept connection, up to `KEPT_TRIES`, then dials a new one,
         // which is the last turn.
@@ -324,14 +323,14 @@ impl Http1Pool {
                     (sender, Some(since))
                 }
                 // Boxed: the rare path must not make every request's future larger.
-                None => (Box::pin(self.connect(index)).await?, None),
+                None => (Box::pin(self.connect(&server.dial)).await?, None),
             };
             // A server closes a connection that idled past its keep-alive timeout (5 s for
             // Node.js and uvicorn, 2 s for gunicorn), and a request can be written on it before
             // the close is read. One that can be sent again is kept for that case, as nginx
             // retries a request that failed on a cached connection; a busy connection, idle
-            // for microseconds, pays nothing for it.
-            // Boxed: rarely made, and a request's size in every request's future otherwise.
+            // for microseconds, pays nothing for it. Boxed: rarely made, and a request's size in
+            // every request's future otherwise.
             let again = since
                 .filter(|since| now.saturating_duration_since(*since) >= MAYBE_CLOSED_AFTER)
                 .and_then(|_| copy_to_replay(&req))
@@ -355,10 +354,7 @@ impl Http1Pool {
         }
     }
 
-    async fn connect(&self, index: usize) -> Result<Sender, SendError> {
-        let Some(dial) = self.dial.get(index) else {
-            return Err(SendError::Connect("no such server".into()));
-        };
+    async fn connect(&self, dial: &Uri) -> Result<Sender, SendError> {
         self.start_reaper();
         let mut tcp = self.tcp.clone();
         std::future::poll_fn(|cx| tcp.poll_ready(cx))
@@ -381,7 +377,11 @@ impl Http1Pool {
         if self.reaper.swap(true, Ordering::Relaxed) {
             return;
         }
-        let lists: Vec<Weak<IdleList>> = self.idle.iter().map(Arc::downgrade).collect();
+        let lists: Vec<Weak<IdleList>> = self
+            .servers
+            .iter()
+            .map(|s| Arc::downgrade(&s.idle))
+            .collect();
         let timeout = self.idle_timeout;
         // A connection is closed between one and one and a quarter `idle_timeout` after its
         // last use; the task ends with the pool.
@@ -406,6 +406,43 @@ impl Http1Pool {
             }
         });
     }
+}
+
+/// Reads an unwanted upstream body (an answer `intercept_statuses` replaced) to its end in
+/// the background, so that its connection goes back to the pool instead of closing: during
+/// an outage the server answers every request with the status being intercepted, and a new
+/// connection for each would leave a TIME_WAIT socket per request. Bounded: a body announced
+/// larger than `LIMIT`, still going past it, or slower than `PATIENCE` is dropped, and its
+/// connection with it; and at most `AT_ONCE` are read at a time (a connection being drained
+/// is in no pool, so a server trickling its error bodies would otherwise have one more
+/// connection opened per request).
+pub fn read_out(body: Body) {
+    const LIMIT: u64 = 64 * 1024;
+    const PATIENCE: std::time::Duration = std::time::Duration::from_millis(250);
+    const AT_ONCE: usize = 256;
+    static DRAINING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(AT_ONCE);
+    if !matches!(body, Body::Lent(..)) || body.size_hint().lower() > LIMIT {
+        return;
+    }
+    let Ok(permit) = DRAINING.try_acquire() else {
+        return;
+    };
+    tokio::spawn(async move {
+        use http_body_util::BodyExt;
+        let _permit = permit;
+        let mut body = body;
+        let mut read = 0u64;
+        let drained = async {
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else { return };
+                read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if read > LIMIT {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(PATIENCE, drained).await;
+    });
 }
 
 /// How long a kept connection idles before a request on it is prepared for the server having
@@ -450,13 +487,6 @@ fn lend(resp: Response<Incoming>, sender: Sender, home: &Arc<IdleList>) -> Respo
         home: home.clone(),
     };
     resp.map(|body| Body::Lent(body, Some(checkin)))
-}
-
-fn origin_form(uri: &Uri) -> Uri {
-    uri.path_and_query()
-        .cloned()
-        .map(Uri::from)
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -552,7 +582,7 @@ mod kept {
         resp.into_body().collect().await.unwrap();
         // Until hyper has seen the exchange end, the connection is not ready for another.
         for _ in 0..100 {
-            if lock(&pool.http1.idle[0].conns)
+            if lock(&pool.http1.servers[0].idle.conns)
                 .iter()
                 .any(|c| c.sender.is_ready())
             {
@@ -595,7 +625,7 @@ mod kept {
         let resp = pool.request(0, req).await.unwrap();
         resp.into_body().collect().await.unwrap();
         assert_eq!(pool.idle_http1(0), 1);
-        let list = &pool.http1.idle[0];
+        let list = &pool.http1.servers[0].idle;
         for _ in 0..100 {
             if lock(&list.conns).iter().any(|c| c.sender.is_ready()) {
                 break;
