@@ -212,7 +212,17 @@ pub async fn spawn_proxy_in(dir: tempfile::TempDir, text: &str) -> Proxy {
 }
 
 fn with_listen(config: &str) -> String {
-    if config.contains("listen") {
+    // Only a `listen` of the proxy's own (plaintext or TLS) counts: `[admin] listen` alone
+    // would leave the proxy on its default 127.0.0.1:8080, which tests running at the same
+    // time would share (one's connection reaching another's proxy).
+    let mut section = "";
+    let sets_listen = config.lines().map(str::trim).any(|line| {
+        if line.starts_with('[') {
+            section = line;
+        }
+        matches!(section, "[proxy]" | "[tls]") && line.starts_with("listen")
+    });
+    if sets_listen {
         config.to_owned()
     } else if config.contains("[proxy]") {
         config.replacen("[proxy]", "[proxy]\nlisten = [\"127.0.0.1:0\"]", 1)
