@@ -60,7 +60,7 @@ fn serve(c: &mut Criterion) {
         b.iter(|| {
             let form = negotiate::choose_form(black_box(&headers), "/shop", &prefixes);
             let lang = negotiate::choose_language(headers.get("accept-language"), &pages.langs);
-            held.respond(form, lang, false, SystemTime::now())
+            held.respond(form, lang, false, SystemTime::now)
         })
     });
     c.bench_function("held page: render the template per request", |b| {
@@ -70,7 +70,7 @@ fn serve(c: &mut Criterion) {
             // Same response building, plus rendering the page for this request.
             let page = held::render_pages(&pages, &view, &prefix, SystemTime::now());
             black_box(page.into_iter().nth(lang));
-            held.respond(form, lang, false, SystemTime::now())
+            held.respond(form, lang, false, SystemTime::now)
         })
     });
     c.bench_function("negotiation only: browser Accept + Accept-Language", |b| {
@@ -85,7 +85,7 @@ fn serve(c: &mut Criterion) {
     c.bench_function("held problem+json: negotiate + splice Retry-After", |b| {
         b.iter(|| {
             let form = negotiate::choose_form(black_box(&api), "/api/orders", &prefixes);
-            held.respond(form, 0, false, SystemTime::now())
+            held.respond(form, 0, false, SystemTime::now)
         })
     });
 }

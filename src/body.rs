@@ -65,6 +65,22 @@ impl Body {
         )
     }
 
+    /// The bytes of a body that is whole already (pre-rendered or empty), taken without
+    /// polling and counted as sent; `None` for a streamed one.
+    pub fn into_ready(self) -> Option<Bytes> {
+        match self {
+            Body::Empty => Some(Bytes::new()),
+            Body::Full(bytes) => Some(bytes.unwrap_or_default()),
+            Body::Counted(mut c) => {
+                let inner = std::mem::replace(&mut c.inner, Body::Empty);
+                let bytes = inner.into_ready()?;
+                c.bytes += bytes.len() as u64;
+                Some(bytes)
+            }
+            _ => None,
+        }
+    }
+
     pub fn counted(inner: Body, on_done: Box<dyn FnOnce(u64) + Send + Sync>) -> Body {
         Body::Counted(Box::new(Counted {
             inner,

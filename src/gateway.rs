@@ -93,6 +93,32 @@ pub fn handle(
     }
 }
 
+/// The holding response to `req` when the gateway would answer it with one, counted and
+/// logged as `handle` does; `None` for any other request. For writers other than hyper
+/// (`fast`): the body comes whole.
+pub fn held_now<B>(
+    snap: &Snapshot,
+    conn: &Conn,
+    req: &Request<B>,
+) -> Option<(http::response::Parts, bytes::Bytes)> {
+    snap.held.as_ref()?;
+    let start = Instant::now();
+    let Decision::Answer(resp, Outcome::Held) = decide(snap, conn, req) else {
+        return None;
+    };
+    // Held answers are pre-rendered; anything else is left to hyper before it is counted.
+    if !matches!(resp.body(), Body::Empty | Body::Full(_)) {
+        return None;
+    }
+    let log = snap
+        .config
+        .log
+        .access_log
+        .then(|| Logged::of(snap, conn, req));
+    let (parts, body) = finish(snap, start, log, resp, None, Outcome::Held).into_parts();
+    Some((parts, body.into_ready()?))
+}
+
 /// What the access log line says of a request, taken before the request is consumed.
 struct Logged {
     method: Method,

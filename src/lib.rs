@@ -15,6 +15,8 @@
 //! - `app`: composition root; binds, spawns, reloads, drains. `shutdown`: the one stop signal.
 //! - `listener`: accept loops and per-connection protocol settings.
 //! - `gateway`: the per-request service; `body`: the body type both directions share.
+//! - `park`: idle HTTP/1.1 connections without hyper's state; `fast`: held requests answered
+//!   on them without hyper.
 //! - `forward`: forwarding (`headers` for hop-by-hop and `X-Forwarded-*`, `pool` for upstream
 //!   connections, `upgrade` for tunnels).
 //! - `state`: the snapshot every request reads.
@@ -27,6 +29,7 @@ pub mod app;
 pub mod body;
 pub mod config;
 pub mod control;
+pub mod fast;
 pub mod forward;
 pub mod gateway;
 pub mod health;

@@ -10,6 +10,7 @@
 //! layer of polling.
 
 use crate::config::ProxyConfig;
+use crate::fast::Fast;
 use crate::gateway::{self, Conn};
 use crate::park;
 use crate::shutdown::{until_drained, Drain, Shutdown};
@@ -190,14 +191,15 @@ async fn plain(
     let served = if protocol == Protocol::Http1 {
         let idle = Arc::new(park::Idle::new(state.load().metrics.parked()));
         let io = park::Rewind::new(first, stream, Some(idle.clone()));
-        let service = parked_service(state, conn.clone(), idle.clone());
+        let service = parked_service(state.clone(), conn.clone(), idle.clone());
         let held = park::Held {
             builder,
             drain,
             permit,
             keep_alive: first_byte,
+            fast: Fast::new(state, conn.clone()),
         };
-        Some(park::serve(io, service, idle, held, None, None).await)
+        Some(park::start(io, service, idle, held).await)
     } else {
         let _permit = permit;
         let arrived = Arrived::H2c(first, stream);

@@ -10,8 +10,12 @@
 //! (`Idle`): no response is unfinished (`Busy`), everything written has been flushed, the
 //! last read found nothing waiting, and no request body or refused upgrade may still be in
 //! hyper's hands.
+//!
+//! While requests are held, a parked connection answers plain held requests itself (`fast`)
+//! and stays parked; hyper is woken only for the others.
 
 use crate::body::Body;
+use crate::fast::{Fast, Step};
 use crate::shutdown::{Drain, Shutdown};
 use bytes::{Buf, Bytes};
 use http::Response;
@@ -295,6 +299,62 @@ pub struct Held {
     pub permit: OwnedSemaphorePermit,
     /// `header_read_timeout`: bounds a parked connection's wait for its next request.
     pub keep_alive: Duration,
+    /// Answers held requests while the connection stays parked.
+    pub fast: Fast,
+}
+
+/// Serves a new plaintext HTTP/1.1 connection, whose first bytes `io` holds: held requests
+/// are answered at once (`fast`) and the connection parks; anything else goes to hyper.
+pub async fn start<S>(
+    mut io: Rewind,
+    service: S,
+    idle: Arc<Idle>,
+    held: Held,
+) -> Result<(), hyper::Error>
+where
+    S: HttpService<Incoming, ResBody = TrackedBody> + Unpin + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let first = std::mem::take(&mut io.first);
+    match held.fast.serve(&io.inner, first.clone(), &held.drain) {
+        Step::Declined => io.first = first,
+        Step::Closed => return Ok(()),
+        Step::Served {
+            unwritten, rest, ..
+        } => {
+            if !unwritten.is_empty()
+                && write_rest(&mut io.inner, unwritten, &held.drain)
+                    .await
+                    .is_err()
+            {
+                return Ok(());
+            }
+            if rest.is_empty() {
+                let until = Instant::now() + held.keep_alive;
+                tokio::spawn(parked(io, service, idle, held, until));
+                return Ok(());
+            }
+            io.first = rest;
+        }
+    }
+    serve(io, service, idle, held, None, None).await
+}
+
+/// The part of an answer the socket did not take at once, written with a drain guard (a
+/// drain waits for it, as for any answer under way). Boxed: a parked connection's task keeps
+/// the size of its largest state, and this one is rare.
+fn write_rest<'a>(
+    io: &'a mut TcpStream,
+    bytes: Bytes,
+    drain: &Drain,
+) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + 'a>> {
+    let guard = drain.guard();
+    Box::pin(async move {
+        let written = tokio::io::AsyncWriteExt::write_all(io, &bytes).await;
+        drop(guard);
+        written
+    })
 }
 
 /// Serves a plaintext HTTP/1.1 connection until it ends or idles for `GRACE`; then it parks:
@@ -438,7 +498,7 @@ where
 /// every parked connection.
 #[allow(clippy::manual_async_fn)]
 fn parked<S>(
-    io: Rewind,
+    mut io: Rewind,
     service: S,
     idle: Arc<Idle>,
     held: Held,
@@ -453,22 +513,68 @@ where
         let deadline = tokio::time::sleep_until(until);
         tokio::pin!(deadline);
         let count = Parked::new(&idle.parked);
-        // Readiness is polled rather than awaited through `readable()`, whose future would
-        // add its size to every parked connection.
-        let woken = poll_fn(|cx| {
-            if let Poll::Ready(ready) = io.inner.poll_read_ready(cx) {
-                return Poll::Ready(ready.is_ok());
+        // When the last request was answered here: the deadline is checked against it when
+        // it fires, rather than moved for every request.
+        let mut last = None;
+        // A head begun before the park keeps its deadline. One that arrives now gets hyper's
+        // own, which starts with it.
+        let mut head = None;
+        loop {
+            // Readiness is polled rather than awaited through `readable()`, whose future
+            // would add its size to every parked connection.
+            let woken = poll_fn(|cx| {
+                if let Poll::Ready(ready) = io.inner.poll_read_ready(cx) {
+                    return Poll::Ready(Some(ready.is_ok()));
+                }
+                deadline.as_mut().poll(cx).map(|()| None)
+            })
+            .await;
+            let woken = match woken {
+                Some(woken) => woken,
+                None => match last.map(|at: Instant| at + held.keep_alive) {
+                    Some(due) if due > Instant::now() => {
+                        deadline.as_mut().reset(due);
+                        last = None;
+                        continue;
+                    }
+                    _ => false,
+                },
+            };
+            if !woken {
+                return;
             }
-            deadline.as_mut().poll(cx).map(|()| false)
-        })
-        .await;
-        drop(count);
-        if woken {
-            // A head already begun keeps its deadline; otherwise a new one starts with hyper.
-            let head = (!io.first.is_empty()).then_some(until);
-            let guard = held.drain.guard();
-            tokio::spawn(serve_again(io, service, idle, held, head, guard));
+            if !io.first.is_empty() {
+                head = Some(until);
+                break;
+            }
+            match held.fast.serve(&io.inner, Bytes::new(), &held.drain) {
+                Step::Declined => break,
+                Step::Closed => return,
+                Step::Served {
+                    answered,
+                    unwritten,
+                    rest,
+                } => {
+                    if !unwritten.is_empty()
+                        && write_rest(&mut io.inner, unwritten, &held.drain)
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                    if answered {
+                        last = Some(Instant::now());
+                    }
+                    if !rest.is_empty() {
+                        io.first = rest;
+                        break;
+                    }
+                }
+            }
         }
+        drop(count);
+        let guard = held.drain.guard();
+        tokio::spawn(serve_again(io, service, idle, held, head, guard));
     }
 }
 

@@ -176,7 +176,7 @@ pub fn respond(
         &snap.pages.langs,
         snap.pages.id,
     );
-    held.respond(form, lang, head, SystemTime::now())
+    held.respond(form, lang, head, SystemTime::now)
 }
 
 fn not_found() -> Response<Body> {

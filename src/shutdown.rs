@@ -56,6 +56,11 @@ impl Drain {
         Shutdown(self.0 .0.subscribe())
     }
 
+    /// Whether a drain has been asked for.
+    pub fn started(&self) -> bool {
+        *self.0 .0.borrow()
+    }
+
     /// How many connections are being served (parked ones are not counted).
     pub fn count(&self) -> usize {
         self.0 .0.receiver_count()

@@ -225,3 +225,200 @@ async fn a_connection_whose_upgrade_was_refused_keeps_serving_after_idling() {
     let resp = read_response(&mut s).await;
     assert!(resp.ends_with("app saw /after"), "{resp}");
 }
+
+/// Maintenance switched on or off through the control socket.
+async fn maintenance(proxy: &Proxy, on: bool) {
+    use intermission::control::protocol::Request as Ctl;
+    let req = if on {
+        Ctl::On {
+            message: Some("Back at ten".into()),
+            until: None,
+            retry_after: None,
+            reason: None,
+        }
+    } else {
+        Ctl::Off
+    };
+    assert!(ctl(proxy, req).await.ok);
+}
+
+/// Reads one response from `s`, its body `Content-Length` long unless it answers a HEAD.
+async fn one_response(s: &mut TcpStream, head: bool) -> (String, Vec<String>, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .expect("no response head within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed before a whole head: {buf:?}");
+        buf.push(byte[0]);
+    }
+    let text = String::from_utf8(buf).unwrap();
+    let mut lines = text.trim_end().split("\r\n").map(str::to_owned);
+    let status = lines.next().unwrap();
+    let headers: Vec<String> = lines.collect();
+    let length = headers
+        .iter()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map_or(0, |v| v.parse().unwrap());
+    let mut body = vec![0u8; if head { 0 } else { length }];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut body))
+        .await
+        .expect("no response body within 5 s")
+        .unwrap();
+    (status, headers, body)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn held_answers_are_the_same_whether_hyper_writes_them_or_not() {
+    let (_up, proxy) = app_and_proxy("").await;
+    maintenance(&proxy, true).await;
+    // More headers than the parked connection reads itself: hyper answers the padded twin.
+    let pad: String = (0..60).map(|i| format!("X-Pad-{i}: 1\r\n")).collect();
+    for (method, accept) in [
+        ("GET", "text/html"),
+        ("GET", "application/json"),
+        ("GET", "text/plain"),
+        ("HEAD", "text/html"),
+        ("HEAD", "application/json"),
+    ] {
+        let head = method == "HEAD";
+        let plain = format!("{method} /page HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n\r\n");
+        let padded = format!("{method} /page HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n{pad}\r\n");
+        let mut answers = Vec::new();
+        for request in [plain, padded] {
+            let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+            s.write_all(request.as_bytes()).await.unwrap();
+            let (status, mut headers, body) = one_response(&mut s, head).await;
+            assert_eq!(
+                status, "HTTP/1.1 503 Service Unavailable",
+                "{method} {accept}"
+            );
+            let dates = headers.iter().filter(|h| h.starts_with("date: ")).count();
+            assert_eq!(dates, 1, "{method} {accept}: {headers:?}");
+            headers.retain(|h| !h.starts_with("date: "));
+            headers.sort();
+            answers.push((headers, body));
+        }
+        assert_eq!(answers[0], answers[1], "{method} {accept}");
+        assert!(
+            answers[0].0.iter().any(|h| h == "retry-after: 300"),
+            "{:?}",
+            answers[0].0
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelined_requests_are_answered_in_order_when_some_reach_the_application() {
+    let (_up, proxy) = app_and_proxy("[maintenance]\nallow_paths = [\"/open/\"]").await;
+    maintenance(&proxy, true).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /open/b HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /c HTTP/1.1\r\nHost: x\r\n\r\n\
+          POST /d HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let statuses = [
+        "HTTP/1.1 503",
+        "HTTP/1.1 200",
+        "HTTP/1.1 503",
+        "HTTP/1.1 503",
+    ];
+    for (i, want) in statuses.iter().enumerate() {
+        let (status, _, body) = one_response(&mut s, false).await;
+        assert!(status.starts_with(want), "response {i}: {status}");
+        if i == 1 {
+            assert_eq!(body, b"app saw /open/b");
+        }
+    }
+    // The connection stays usable, whichever side answered last.
+    s.write_all(b"GET /e HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, _, _) = one_response(&mut s, false).await;
+    assert!(status.starts_with("HTTP/1.1 503"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_connection_follows_the_mode_both_ways() {
+    let (_up, proxy) = app_and_proxy("").await;
+    maintenance(&proxy, true).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let ask = async |s: &mut TcpStream, path: &str| {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        one_response(s, false).await
+    };
+    assert!(ask(&mut s, "/1").await.0.starts_with("HTTP/1.1 503"));
+    wait_parked(&proxy, 1.0).await;
+    // Held requests are answered without waking hyper: the connection never stops being
+    // parked (served by hyper, it would unpark for at least 10 ms after each answer).
+    for _ in 0..5 {
+        assert!(ask(&mut s, "/2").await.0.starts_with("HTTP/1.1 503"));
+        assert_eq!(
+            parked(&proxy).await,
+            1.0,
+            "the held answer unparked the connection"
+        );
+    }
+    maintenance(&proxy, false).await;
+    let (status, _, body) = ask(&mut s, "/3").await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(body, b"app saw /3");
+    maintenance(&proxy, true).await;
+    assert!(ask(&mut s, "/4").await.0.starts_with("HTTP/1.1 503"));
+    wait_parked(&proxy, 1.0).await;
+    assert!(ask(&mut s, "/5").await.0.starts_with("HTTP/1.1 503"));
+    maintenance(&proxy, false).await;
+    assert_eq!(ask(&mut s, "/6").await.2, b"app saw /6");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn held_heads_in_pieces_are_answered_and_idle_held_connections_close_in_time() {
+    let (_up, proxy) = app_and_proxy("header_read_timeout = \"400ms\"").await;
+    maintenance(&proxy, true).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    // The pause lets the first piece arrive alone: the proxy reads half a head.
+    s.write_all(b"GET /split HTTP/1.1\r\nHo").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"st: x\r\n\r\n").await.unwrap();
+    let (status, _, _) = one_response(&mut s, false).await;
+    assert!(status.starts_with("HTTP/1.1 503"), "{status}");
+    wait_parked(&proxy, 1.0).await;
+    s.write_all(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\nGET /and-a-half HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    assert!(one_response(&mut s, false)
+        .await
+        .0
+        .starts_with("HTTP/1.1 503"));
+    s.write_all(b"Host: x\r\n\r\n").await.unwrap();
+    assert!(one_response(&mut s, false)
+        .await
+        .0
+        .starts_with("HTTP/1.1 503"));
+
+    // Answered while parked, a connection is still closed header_read_timeout after its
+    // last answer, and not before.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    for _ in 0..3 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        one_response(&mut s, false).await;
+    }
+    let idle_from = Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "an idle held connection was kept open");
+    assert!(
+        idle_from.elapsed() >= Duration::from_millis(350),
+        "closed after {:?}, before header_read_timeout",
+        idle_from.elapsed()
+    );
+}

@@ -383,9 +383,19 @@ impl Held {
         }
     }
 
-    /// The response for one held request.
-    pub fn respond(&self, form: Form, lang: usize, head: bool, now: SystemTime) -> Response<Body> {
-        let retry = self.view.retry_after(now);
+    /// The response for one held request. The clock is read only when `Retry-After` counts
+    /// down to an announced end.
+    pub fn respond(
+        &self,
+        form: Form,
+        lang: usize,
+        head: bool,
+        now: impl FnOnce() -> SystemTime,
+    ) -> Response<Body> {
+        let retry = match self.retry_fixed {
+            Some(_) => self.view.retry_default,
+            None => self.view.retry_after(now()),
+        };
         let (status, body) = match form {
             Form::Grpc => (StatusCode::OK, Bytes::new()),
             Form::Html => (

@@ -1,0 +1,289 @@
+//! Holding responses without hyper: while the proxy holds requests, the plain GET or HEAD
+//! requests that arrive on a parked (idle) HTTP/1.1 connection, or as the first bytes of a new
+//! one, are answered here, and the connection stays parked.
+//!
+//! During an incident the holding page is what every client gets, retries included, so it is
+//! the path that must cost least. Building hyper's connection state, its header map and its
+//! per-request timers costs more than the answer itself, which is pre-rendered. Here a request
+//! is parsed with httparse (as hyper does), judged by the gateway's own `decide` (bypass
+//! cookies, allowed paths and addresses, reserved paths: the same code as every other request),
+//! and its pre-rendered answer written with one system call.
+//!
+//! Anything else goes to hyper, untouched, with the bytes read so far: another method, a body,
+//! `Connection`, `Upgrade` or `Expect`, HTTP/1.0, an incomplete or malformed head, a request
+//! that is forwarded (bypass) or answered by a reserved path, and every request once a drain
+//! has begun. So hyper still answers every error (400, 431, timeouts) and every exchange with
+//! state of its own.
+
+use crate::gateway::{self, Conn};
+use crate::shutdown::Drain;
+use crate::state::{Snapshot, StateHandle};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Uri, Version};
+use std::cell::RefCell;
+use std::io::ErrorKind;
+use std::mem::MaybeUninit;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// What is read at once. `proxy.max_header_bytes` is at least this, so a head that is whole
+/// here is never one hyper would refuse as too large.
+const READ_BUF: usize = 8192;
+
+/// Headers a plain request may have; more, and hyper reads it.
+const MAX_HEADERS: usize = 48;
+
+/// What a connection needs to answer held requests itself.
+pub struct Fast {
+    state: StateHandle,
+    conn: Arc<Conn>,
+}
+
+/// What became of the bytes that had arrived.
+pub enum Step {
+    /// Requests are not held now, or a drain has begun (a draining connection's answer says
+    /// `Connection: close`, which hyper writes): nothing was read.
+    Declined,
+    /// The peer closed the connection, or it failed.
+    Closed,
+    /// `answered`: at least one request was; `unwritten` is what the socket did not take at
+    /// once; `rest` is what hyper must read, from its first byte (empty when every request
+    /// was answered).
+    Served {
+        answered: bool,
+        unwritten: Bytes,
+        rest: Bytes,
+    },
+}
+
+thread_local! {
+    /// The bytes read and the answers written by one `serve`, kept for the next one: a
+    /// parked connection owns no buffer, and a request allocates none of this size.
+    static BUFFERS: RefCell<(Box<[u8; READ_BUF]>, Vec<u8>)> =
+        RefCell::new((Box::new([0; READ_BUF]), Vec::new()));
+}
+
+impl Fast {
+    pub fn new(state: StateHandle, conn: Arc<Conn>) -> Fast {
+        Fast { state, conn }
+    }
+
+    /// Reads what has arrived after `first`, and answers the plain held requests at its start.
+    pub fn serve(&self, io: &TcpStream, first: Bytes, drain: &Drain) -> Step {
+        let snap = self.state.load();
+        if snap.held.is_none() || drain.started() {
+            return Step::Declined;
+        }
+        BUFFERS.with(|cell| {
+            let Ok(mut buffers) = cell.try_borrow_mut() else {
+                return Step::Declined;
+            };
+            let (read, out) = &mut *buffers;
+            let have = first.len().min(READ_BUF);
+            read[..have].copy_from_slice(&first[..have]);
+            let mut len = have;
+            if first.len() < READ_BUF {
+                let room = READ_BUF - have;
+                let mut got = None;
+                // A read that does not fill the buffer empties the socket's (epoll is
+                // edge-triggered: more data makes a new event), so its readiness is forgotten,
+                // sparing the next wait a read that would find nothing, as tokio's own
+                // `poll_read` does. Read inside `try_io`, so that what is forgotten is only the
+                // readiness seen before this read, never one that came after it.
+                let read_once = io.try_io(Interest::READABLE, || {
+                    let n = io.try_read(&mut read[have..])?;
+                    got = Some(n);
+                    match n {
+                        n if n > 0 && n < room => Err(ErrorKind::WouldBlock.into()),
+                        _ => Ok(()),
+                    }
+                });
+                match (got, read_once) {
+                    (Some(0), _) if have == 0 => return Step::Closed,
+                    // The end of the stream after some bytes: hyper sees it on its next read.
+                    (Some(n), _) => len += n,
+                    (None, Err(e)) if e.kind() != ErrorKind::WouldBlock => return Step::Closed,
+                    (None, _) => {}
+                }
+            }
+            // Bytes, so that the request's path and header values are slices of it, not copies.
+            let mut rest = if len == have {
+                first
+            } else {
+                Bytes::copy_from_slice(&read[..len])
+            };
+            out.clear();
+            while !rest.is_empty() {
+                let Some(used) = self.answer(&snap, &rest, out) else {
+                    break;
+                };
+                let _ = rest.split_to(used);
+            }
+            let mut written = 0;
+            while written < out.len() {
+                match io.try_write(&out[written..]) {
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(_) => return Step::Closed,
+                }
+            }
+            let answered = !out.is_empty();
+            let unwritten = Bytes::copy_from_slice(&out[written..]);
+            if out.capacity() > 4 * READ_BUF {
+                // One large answer does not pin its size in every thread for good.
+                *out = Vec::new();
+            }
+            Step::Served {
+                answered,
+                unwritten,
+                rest,
+            }
+        })
+    }
+
+    /// Answers the request at the start of `input` into `out` when it is a plain held one;
+    /// returns the length of its head.
+    fn answer(&self, snap: &Snapshot, input: &Bytes, out: &mut Vec<u8>) -> Option<usize> {
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut []);
+        let httparse::Status::Complete(used) =
+            parsed.parse_with_uninit_headers(input, &mut slots).ok()?
+        else {
+            return None;
+        };
+        if parsed.version != Some(1) {
+            return None;
+        }
+        let method = match parsed.method? {
+            "GET" => Method::GET,
+            "HEAD" => Method::HEAD,
+            _ => return None,
+        };
+        let path = parsed.path?;
+        if !path.starts_with('/') {
+            return None;
+        }
+        let uri = Uri::from_maybe_shared(input.slice_ref(path.as_bytes())).ok()?;
+        let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+        for h in parsed.headers.iter() {
+            let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+            if !plain_header(&name, h.value) {
+                return None;
+            }
+            let value = HeaderValue::from_maybe_shared(input.slice_ref(h.value)).ok()?;
+            headers.append(name, value);
+        }
+        let mut req = Request::new(());
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = headers;
+        let (parts, body) = gateway::held_now(snap, &self.conn, &req)?;
+        encode(&parts, &body, out);
+        Some(used)
+    }
+}
+
+/// Whether a request header leaves the exchange plain: no body (`Content-Length: 0` aside),
+/// nothing asked of the connection beyond keep-alive, no upgrade, no `100 Continue`.
+fn plain_header(name: &HeaderName, value: &[u8]) -> bool {
+    if name == header::CONTENT_LENGTH {
+        return value == b"0";
+    }
+    if name == header::CONNECTION {
+        return value.eq_ignore_ascii_case(b"keep-alive");
+    }
+    !(name == header::TRANSFER_ENCODING || name == header::UPGRADE || name == header::EXPECT)
+}
+
+/// The response as hyper writes it: status line, the headers in order, then `content-length`
+/// and `date` when the response has none. A HEAD answer has no body and already carries the
+/// length a GET would get.
+fn encode(parts: &http::response::Parts, body: &Bytes, out: &mut Vec<u8>) {
+    let status = parts.status;
+    out.reserve(256 + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !parts.headers.contains_key(header::CONTENT_LENGTH) {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        with_date(|date| out.extend_from_slice(date));
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+}
+
+thread_local! {
+    /// The `Date` value of the current second, formatted once per second per thread.
+    static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+}
+
+fn with_date(f: impl FnOnce(&[u8])) {
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        if cached.0 != secs {
+            let text = httpdate::fmt_http_date(now);
+            if text.len() == 29 {
+                cached.1.copy_from_slice(text.as_bytes());
+                cached.0 = secs;
+            }
+        }
+        f(&cached.1);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_exchanges_are_answered_here() {
+        let cl = header::CONTENT_LENGTH;
+        assert!(plain_header(&cl, b"0"));
+        assert!(!plain_header(&cl, b"5"));
+        assert!(!plain_header(&cl, b"00"));
+        assert!(plain_header(&header::CONNECTION, b"Keep-Alive"));
+        assert!(!plain_header(&header::CONNECTION, b"close"));
+        assert!(!plain_header(&header::CONNECTION, b"upgrade"));
+        assert!(!plain_header(&header::TRANSFER_ENCODING, b"chunked"));
+        assert!(!plain_header(&header::UPGRADE, b"websocket"));
+        assert!(!plain_header(&header::EXPECT, b"100-continue"));
+        assert!(plain_header(&header::ACCEPT, b"text/html"));
+    }
+
+    #[test]
+    fn a_response_is_written_as_hyper_writes_it() {
+        let mut resp = http::Response::new(());
+        *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("300"));
+        let (parts, ()) = resp.into_parts();
+        let mut out = Vec::new();
+        encode(&parts, &Bytes::from_static(b"down"), &mut out);
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\nretry-after: 300\r\n"));
+        assert!(text.contains("\r\ncontent-length: 4\r\n"));
+        let date = text.split("\r\ndate: ").nth(1).unwrap();
+        assert!(httpdate::parse_http_date(&date[..29]).is_ok(), "{text}");
+        assert!(text.ends_with("GMT\r\n\r\ndown"));
+    }
+}
