@@ -17,7 +17,7 @@
 
 use crate::gateway::{self, Conn};
 use crate::shutdown::Drain;
-use crate::state::{Snapshot, StateHandle};
+use crate::state::Snapshot;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri, Version};
@@ -38,7 +38,6 @@ const MAX_HEADERS: usize = 48;
 
 /// What a connection needs to answer held requests itself.
 pub struct Fast {
-    state: StateHandle,
     conn: Arc<Conn>,
 }
 
@@ -67,13 +66,13 @@ thread_local! {
 }
 
 impl Fast {
-    pub fn new(state: StateHandle, conn: Arc<Conn>) -> Fast {
-        Fast { state, conn }
+    pub fn new(conn: Arc<Conn>) -> Fast {
+        Fast { conn }
     }
 
     /// Reads what has arrived after `first`, and answers the plain held requests at its start.
     pub fn serve(&self, io: &TcpStream, first: Bytes, drain: &Drain) -> Step {
-        let snap = self.state.load();
+        let snap = self.conn.state.load();
         if snap.held.is_none() || drain.started() {
             return Step::Declined;
         }
@@ -139,7 +138,8 @@ impl Fast {
             Step::Served {
                 answered,
                 unwritten,
-                rest,
+                // An empty slice would still hold the whole buffer for a parked connection.
+                rest: if rest.is_empty() { Bytes::new() } else { rest },
             }
         })
     }

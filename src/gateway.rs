@@ -21,15 +21,17 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
-/// What the gateway knows about one client connection.
+/// What the gateway knows about one client connection, and the state it answers from (kept
+/// here so that a connection holds one pointer for both).
 pub struct Conn {
     pub peer: SocketAddr,
     pub client: ClientSide,
     pub tls: bool,
+    pub state: StateHandle,
 }
 
 impl Conn {
-    pub fn new(peer: SocketAddr, tls: bool) -> Conn {
+    pub fn new(peer: SocketAddr, tls: bool, state: StateHandle) -> Conn {
         let ip = crate::config::canonical_ip(peer.ip());
         let peer_value = HeaderValue::from_str(&ip.to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
@@ -40,6 +42,7 @@ impl Conn {
                 proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
             },
             tls,
+            state,
         }
     }
 }

@@ -323,37 +323,52 @@ where
         Step::Served {
             unwritten, rest, ..
         } => {
-            if !unwritten.is_empty()
-                && write_rest(&mut io.inner, unwritten, &held.drain)
-                    .await
-                    .is_err()
-            {
+            io.first = rest;
+            if !unwritten.is_empty() {
+                tokio::spawn(write_then_go_on(io, service, idle, held, unwritten));
                 return Ok(());
             }
-            if rest.is_empty() {
+            if io.first.is_empty() {
                 let until = Instant::now() + held.keep_alive;
                 tokio::spawn(parked(io, service, idle, held, until));
                 return Ok(());
             }
-            io.first = rest;
         }
     }
     serve(io, service, idle, held, None, None).await
 }
 
-/// The part of an answer the socket did not take at once, written with a drain guard (a
-/// drain waits for it, as for any answer under way). Boxed: a parked connection's task keeps
-/// the size of its largest state, and this one is rare.
-fn write_rest<'a>(
-    io: &'a mut TcpStream,
-    bytes: Bytes,
-    drain: &Drain,
-) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + 'a>> {
-    let guard = drain.guard();
+/// Writes the part of the answers the socket did not take at once, then goes on as the
+/// connection would have: parked, or served by hyper when a request is left to it. A task of
+/// its own, as this is rare: awaited in `parked`, the write would add its state to every
+/// parked connection. It holds a drain guard: a drain waits for an answer under way.
+fn write_then_go_on<S>(
+    mut io: Rewind,
+    service: S,
+    idle: Arc<Idle>,
+    held: Held,
+    unwritten: Bytes,
+) -> Pin<Box<dyn Future<Output = ()> + Send>>
+where
+    S: HttpService<Incoming, ResBody = TrackedBody> + Unpin + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     Box::pin(async move {
-        let written = tokio::io::AsyncWriteExt::write_all(io, &bytes).await;
-        drop(guard);
-        written
+        let guard = held.drain.guard();
+        if tokio::io::AsyncWriteExt::write_all(&mut io.inner, &unwritten)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        if io.first.is_empty() {
+            drop(guard);
+            let until = Instant::now() + held.keep_alive;
+            parked(io, service, idle, held, until).await;
+        } else {
+            serve_again(io, service, idle, held, None, guard).await;
+        }
     })
 }
 
@@ -513,40 +528,27 @@ where
         let deadline = tokio::time::sleep_until(until);
         tokio::pin!(deadline);
         let count = Parked::new(&idle.parked);
-        // When the last request was answered here: the deadline is checked against it when
-        // it fires, rather than moved for every request.
-        let mut last = None;
         // A head begun before the park keeps its deadline. One that arrives now gets hyper's
         // own, which starts with it.
-        let mut head = None;
+        let mut begun = false;
         loop {
             // Readiness is polled rather than awaited through `readable()`, whose future
             // would add its size to every parked connection.
             let woken = poll_fn(|cx| {
                 if let Poll::Ready(ready) = io.inner.poll_read_ready(cx) {
-                    return Poll::Ready(Some(ready.is_ok()));
+                    return Poll::Ready(ready.is_ok());
                 }
-                deadline.as_mut().poll(cx).map(|()| None)
+                deadline.as_mut().poll(cx).map(|()| false)
             })
             .await;
-            let woken = match woken {
-                Some(woken) => woken,
-                None => match last.map(|at: Instant| at + held.keep_alive) {
-                    Some(due) if due > Instant::now() => {
-                        deadline.as_mut().reset(due);
-                        last = None;
-                        continue;
-                    }
-                    _ => false,
-                },
-            };
             if !woken {
                 return;
             }
             if !io.first.is_empty() {
-                head = Some(until);
+                begun = true;
                 break;
             }
+            // Nothing here is held across an await: what is, every parked connection keeps.
             match held.fast.serve(&io.inner, Bytes::new(), &held.drain) {
                 Step::Declined => break,
                 Step::Closed => return,
@@ -555,24 +557,24 @@ where
                     unwritten,
                     rest,
                 } => {
-                    if !unwritten.is_empty()
-                        && write_rest(&mut io.inner, unwritten, &held.drain)
-                            .await
-                            .is_err()
-                    {
+                    io.first = rest;
+                    if answered {
+                        // Later, so a compare-and-swap, not a new registration.
+                        deadline.as_mut().reset(Instant::now() + held.keep_alive);
+                    }
+                    if !unwritten.is_empty() {
+                        drop(count);
+                        tokio::spawn(write_then_go_on(io, service, idle, held, unwritten));
                         return;
                     }
-                    if answered {
-                        last = Some(Instant::now());
-                    }
-                    if !rest.is_empty() {
-                        io.first = rest;
+                    if !io.first.is_empty() {
                         break;
                     }
                 }
             }
         }
         drop(count);
+        let head = begun.then_some(until);
         let guard = held.drain.guard();
         tokio::spawn(serve_again(io, service, idle, held, head, guard));
     }
