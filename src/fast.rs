@@ -36,6 +36,11 @@ const READ_BUF: usize = 8192;
 /// Headers a plain request may have; more, and hyper reads it.
 const MAX_HEADERS: usize = 48;
 
+/// Answers are written for the requests of one read until they pass this size; hyper reads
+/// the rest, and stops reading while its answers wait. Without it, a client that pipelines
+/// small requests and reads nothing would have a read's worth of pages held for it.
+const OUT_BUDGET: usize = 64 * 1024;
+
 /// What a connection needs to answer held requests itself.
 pub struct Fast {
     conn: Arc<Conn>,
@@ -44,7 +49,8 @@ pub struct Fast {
 /// What became of the bytes that had arrived.
 pub enum Step {
     /// Requests are not held now, or a drain has begun (a draining connection's answer says
-    /// `Connection: close`, which hyper writes): nothing was read.
+    /// `Connection: close`, which hyper writes), or this thread's buffers are in use (never
+    /// so today: `serve` does not call itself): nothing was read.
     Declined,
     /// The peer closed the connection, or it failed.
     Closed,
@@ -90,8 +96,12 @@ impl Fast {
                 // A read that does not fill the buffer empties the socket's (epoll is
                 // edge-triggered: more data makes a new event), so its readiness is forgotten,
                 // sparing the next wait a read that would find nothing, as tokio's own
-                // `poll_read` does. Read inside `try_io`, so that what is forgotten is only the
-                // readiness seen before this read, never one that came after it.
+                // `poll_read` does. Read inside `try_io`, whose `WouldBlock` clears only the
+                // readiness it saw before the read (a newer event moves its tick and is kept),
+                // so nothing that arrives after the read is forgotten. tokio's docs ask the
+                // closure for a plain `recv`; `try_read` is that, behind a readiness check
+                // that the outer `try_io` has just passed, and its own clearing on a real
+                // `WouldBlock` is the same clearing.
                 let read_once = io.try_io(Interest::READABLE, || {
                     let n = io.try_read(&mut read[have..])?;
                     got = Some(n);
@@ -115,7 +125,7 @@ impl Fast {
                 Bytes::copy_from_slice(&read[..len])
             };
             out.clear();
-            while !rest.is_empty() {
+            while !rest.is_empty() && out.len() < OUT_BUDGET {
                 let Some(used) = self.answer(&snap, &rest, out) else {
                     break;
                 };
@@ -177,12 +187,12 @@ impl Fast {
             headers.append(name, value);
         }
         let mut req = Request::new(());
-        *req.method_mut() = method;
+        *req.method_mut() = method.clone();
         *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = headers;
         let (parts, body) = gateway::held_now(snap, &self.conn, &req)?;
-        encode(&parts, &body, out);
+        encode(&parts, &body, method == Method::HEAD, out);
         Some(used)
     }
 }
@@ -200,15 +210,15 @@ fn plain_header(name: &HeaderName, value: &[u8]) -> bool {
 }
 
 /// The response as hyper writes it: status line, the headers in order, then `content-length`
-/// and `date` when the response has none. A HEAD answer has no body and already carries the
-/// length a GET would get.
-fn encode(parts: &http::response::Parts, body: &Bytes, out: &mut Vec<u8>) {
+/// (not for HEAD: hyper adds none to a bodiless answer to HEAD, and the held forms that have a
+/// body already carry the length a GET would get) and `date` when the response has none.
+fn encode(parts: &http::response::Parts, body: &Bytes, head: bool, out: &mut Vec<u8>) {
     let status = parts.status;
     out.reserve(256 + body.len());
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in &parts.headers {
         out.extend_from_slice(name.as_str().as_bytes());
@@ -216,7 +226,7 @@ fn encode(parts: &http::response::Parts, body: &Bytes, out: &mut Vec<u8>) {
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !parts.headers.contains_key(header::CONTENT_LENGTH) {
+    if !head && !parts.headers.contains_key(header::CONTENT_LENGTH) {
         out.extend_from_slice(b"content-length: ");
         out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
         out.extend_from_slice(b"\r\n");
@@ -278,7 +288,7 @@ mod tests {
             .insert(header::RETRY_AFTER, HeaderValue::from_static("300"));
         let (parts, ()) = resp.into_parts();
         let mut out = Vec::new();
-        encode(&parts, &Bytes::from_static(b"down"), &mut out);
+        encode(&parts, &Bytes::from_static(b"down"), false, &mut out);
         let text = std::str::from_utf8(&out).unwrap();
         assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\nretry-after: 300\r\n"));
         assert!(text.contains("\r\ncontent-length: 4\r\n"));

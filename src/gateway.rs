@@ -119,7 +119,9 @@ pub fn held_now<B>(
         .access_log
         .then(|| Logged::of(snap, conn, req));
     let (parts, body) = finish(snap, start, log, resp, None, Outcome::Held).into_parts();
-    Some((parts, body.into_ready()?))
+    // Whole, as checked above (`finish` only wraps it to count it): never `None` here, and
+    // an answer already counted is never left to hyper to count again.
+    Some((parts, body.into_ready().unwrap_or_default()))
 }
 
 /// What the access log line says of a request, taken before the request is consumed.

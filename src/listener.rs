@@ -199,7 +199,12 @@ async fn plain(
             keep_alive: first_byte,
             fast: Fast::new(conn.clone()),
         };
-        Some(park::start(io, service, idle, held).await)
+        match park::start(io, service, idle, held) {
+            Some((io, service, idle, held)) => {
+                Some(park::serve(io, service, idle, held, None, None).await)
+            }
+            None => Some(Ok(())),
+        }
     } else {
         let _permit = permit;
         let arrived = Arrived::H2c(first, stream);

@@ -303,14 +303,16 @@ pub struct Held {
     pub fast: Fast,
 }
 
-/// Serves a new plaintext HTTP/1.1 connection, whose first bytes `io` holds: held requests
-/// are answered at once (`fast`) and the connection parks; anything else goes to hyper.
-pub async fn start<S>(
+/// Starts a new plaintext HTTP/1.1 connection, whose first bytes `io` holds: held requests
+/// are answered at once (`fast`) and the connection parks. What hyper must serve comes back,
+/// for `serve`. Not `async`: the caller's task, which serves busy connections for their
+/// whole life, keeps the size of `serve` alone.
+pub fn start<S>(
     mut io: Rewind,
     service: S,
     idle: Arc<Idle>,
     held: Held,
-) -> Result<(), hyper::Error>
+) -> Option<(Rewind, S, Arc<Idle>, Held)>
 where
     S: HttpService<Incoming, ResBody = TrackedBody> + Unpin + Send + 'static,
     S::Future: Send + 'static,
@@ -319,23 +321,23 @@ where
     let first = std::mem::take(&mut io.first);
     match held.fast.serve(&io.inner, first.clone(), &held.drain) {
         Step::Declined => io.first = first,
-        Step::Closed => return Ok(()),
+        Step::Closed => return None,
         Step::Served {
             unwritten, rest, ..
         } => {
             io.first = rest;
             if !unwritten.is_empty() {
                 tokio::spawn(write_then_go_on(io, service, idle, held, unwritten));
-                return Ok(());
+                return None;
             }
             if io.first.is_empty() {
                 let until = Instant::now() + held.keep_alive;
                 tokio::spawn(parked(io, service, idle, held, until));
-                return Ok(());
+                return None;
             }
         }
     }
-    serve(io, service, idle, held, None, None).await
+    Some((io, service, idle, held))
 }
 
 /// Writes the part of the answers the socket did not take at once, then goes on as the
