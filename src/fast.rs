@@ -17,7 +17,7 @@
 
 use crate::gateway::{self, Conn};
 use crate::shutdown::Drain;
-use crate::state::Snapshot;
+use crate::state::{Snapshot, StateHandle};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri, Version};
@@ -43,6 +43,7 @@ const OUT_BUDGET: usize = 64 * 1024;
 
 /// What a connection needs to answer held requests itself.
 pub struct Fast {
+    state: StateHandle,
     conn: Arc<Conn>,
 }
 
@@ -72,13 +73,15 @@ thread_local! {
 }
 
 impl Fast {
-    pub fn new(conn: Arc<Conn>) -> Fast {
-        Fast { conn }
+    /// Two pointers in every parked connection's state; in `Conn` instead, the state handle
+    /// would move every connection's `Conn` allocation to the next size class.
+    pub fn new(state: StateHandle, conn: Arc<Conn>) -> Fast {
+        Fast { state, conn }
     }
 
     /// Reads what has arrived after `first`, and answers the plain held requests at its start.
     pub fn serve(&self, io: &TcpStream, first: Bytes, drain: &Drain) -> Step {
-        let snap = self.conn.state.load();
+        let snap = self.state.load();
         if snap.held.is_none() || drain.started() {
             return Step::Declined;
         }

@@ -21,17 +21,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
-/// What the gateway knows about one client connection, and the state it answers from (kept
-/// here so that a connection holds one pointer for both).
+/// What the gateway knows about one client connection.
 pub struct Conn {
     pub peer: SocketAddr,
     pub client: ClientSide,
     pub tls: bool,
-    pub state: StateHandle,
 }
 
 impl Conn {
-    pub fn new(peer: SocketAddr, tls: bool, state: StateHandle) -> Conn {
+    pub fn new(peer: SocketAddr, tls: bool) -> Conn {
         let ip = crate::config::canonical_ip(peer.ip());
         let peer_value = HeaderValue::from_str(&ip.to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
@@ -42,7 +40,6 @@ impl Conn {
                 proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
             },
             tls,
-            state,
         }
     }
 }

@@ -144,7 +144,7 @@ pub async fn accept_loop(
             (true, None) => continue,
         };
         drop(snap);
-        let conn = Arc::new(Conn::new(peer, tls, state.clone()));
+        let conn = Arc::new(Conn::new(peer, tls));
         let state = state.clone();
         match acceptor {
             None => {
@@ -191,13 +191,13 @@ async fn plain(
     let served = if protocol == Protocol::Http1 {
         let idle = Arc::new(park::Idle::new(state.load().metrics.parked()));
         let io = park::Rewind::new(first, stream, Some(idle.clone()));
-        let service = parked_service(conn.clone(), idle.clone());
+        let service = parked_service(state.clone(), conn.clone(), idle.clone());
         let held = park::Held {
             builder,
             drain,
             permit,
             keep_alive: first_byte,
-            fast: Fast::new(conn.clone()),
+            fast: Fast::new(state, conn.clone()),
         };
         match park::start(io, service, idle, held) {
             Some((io, service, idle, held)) => {
@@ -225,6 +225,7 @@ async fn plain(
 /// The gateway as the service of a parking connection: each response counted until hyper is
 /// done with it.
 fn parked_service(
+    state: StateHandle,
     conn: Arc<Conn>,
     idle: Arc<park::Idle>,
 ) -> impl hyper::service::HttpService<
@@ -235,7 +236,7 @@ fn parked_service(
 > + Unpin {
     service_fn(move |req| {
         let busy = park::Busy::new(&idle, &req);
-        park::Tracked::new(gateway::handle(&conn.state, &conn, req), busy)
+        park::Tracked::new(gateway::handle(&state, &conn, req), busy)
     })
 }
 
