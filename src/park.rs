@@ -292,6 +292,32 @@ enum Turn {
     Drain,
 }
 
+/// The service of a parking connection (the gateway's): named once, since every step of a
+/// connection's life (served, parked, woken) passes it on.
+pub trait Service:
+    HttpService<
+        Incoming,
+        ResBody = TrackedBody,
+        Future: Send + 'static,
+        Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    > + Unpin
+    + Send
+    + 'static
+{
+}
+
+impl<S> Service for S where
+    S: HttpService<
+            Incoming,
+            ResBody = TrackedBody,
+            Future: Send + 'static,
+            Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        > + Unpin
+        + Send
+        + 'static
+{
+}
+
 /// What a plaintext HTTP/1.1 connection keeps, served or parked.
 pub struct Held {
     pub builder: Arc<crate::listener::ConnBuilder>,
@@ -314,9 +340,7 @@ pub fn start<S>(
     held: Held,
 ) -> Option<(Rewind, S, Arc<Idle>, Held)>
 where
-    S: HttpService<Incoming, ResBody = TrackedBody> + Unpin + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: Service,
 {
     let first = std::mem::take(&mut io.first);
     match held.fast.serve(&io.inner, first.clone(), &held.drain) {
@@ -352,9 +376,7 @@ fn write_then_go_on<S>(
     unwritten: Bytes,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>>
 where
-    S: HttpService<Incoming, ResBody = TrackedBody> + Unpin + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: Service,
 {
     Box::pin(async move {
         let guard = held.drain.guard();
@@ -388,9 +410,7 @@ pub async fn serve<S>(
     guard: Option<Shutdown>,
 ) -> Result<(), hyper::Error>
 where
-    S: HttpService<Incoming, ResBody = TrackedBody> + Unpin + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: Service,
 {
     // The grace timer: moving a registered deadline later is a compare-and-swap, where a new
     // timer would be registered (under the driver's lock) for each request.
@@ -522,9 +542,7 @@ fn parked<S>(
     until: Instant,
 ) -> impl Future<Output = ()> + Send
 where
-    S: HttpService<Incoming, ResBody = TrackedBody> + Unpin + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: Service,
 {
     async move {
         let deadline = tokio::time::sleep_until(until);
@@ -593,9 +611,7 @@ fn serve_again<S>(
     guard: Shutdown,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>>
 where
-    S: HttpService<Incoming, ResBody = TrackedBody> + Unpin + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: Service,
 {
     Box::pin(async move {
         if let Err(e) = serve(io, service, idle, held, head_deadline, Some(guard)).await {

@@ -277,6 +277,12 @@ async fn one_response_from<R: tokio::io::AsyncRead + Unpin>(
     (status, headers, body)
 }
 
+/// Reads one response and checks that it is a held one.
+async fn expect_held(s: &mut TcpStream) {
+    let (status, _, _) = one_response(s, false).await;
+    assert!(status.starts_with("HTTP/1.1 503"), "{status}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn held_answers_are_the_same_whether_hyper_writes_them_or_not() {
     let (_up, proxy) = app_and_proxy("").await;
@@ -354,10 +360,7 @@ async fn many_pipelined_held_requests_are_all_answered_in_order() {
     s.write_all(b"GET /last HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    assert!(one_response(&mut s, false)
-        .await
-        .0
-        .starts_with("HTTP/1.1 503"));
+    expect_held(&mut s).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -443,15 +446,9 @@ async fn held_heads_in_pieces_are_answered_and_idle_held_connections_close_in_ti
     s.write_all(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\nGET /and-a-half HTTP/1.1\r\n")
         .await
         .unwrap();
-    assert!(one_response(&mut s, false)
-        .await
-        .0
-        .starts_with("HTTP/1.1 503"));
+    expect_held(&mut s).await;
     s.write_all(b"Host: x\r\n\r\n").await.unwrap();
-    assert!(one_response(&mut s, false)
-        .await
-        .0
-        .starts_with("HTTP/1.1 503"));
+    expect_held(&mut s).await;
 
     // Answered while parked, a connection is still closed header_read_timeout after its
     // last answer, and not before.
