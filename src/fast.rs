@@ -189,13 +189,14 @@ impl Fast {
             let value = HeaderValue::from_maybe_shared(input.slice_ref(h.value)).ok()?;
             headers.append(name, value);
         }
+        let head = method == Method::HEAD;
         let mut req = Request::new(());
-        *req.method_mut() = method.clone();
+        *req.method_mut() = method;
         *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = headers;
         let (parts, body) = gateway::held_now(snap, &self.conn, &req)?;
-        encode(&parts, &body, method == Method::HEAD, out);
+        encode(&parts, &body, head, out);
         Some(used)
     }
 }

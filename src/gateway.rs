@@ -74,11 +74,7 @@ pub fn handle(
 ) -> Reply<impl Future<Output = Response<Body>> + Send + 'static> {
     let snap = state.load();
     let start = Instant::now();
-    let log = snap
-        .config
-        .log
-        .access_log
-        .then(|| Logged::of(&snap, conn, &req));
+    let log = Logged::if_on(&snap, conn, &req);
     match decide(&snap, conn, &req) {
         Decision::Answer(resp, outcome) => {
             Reply::Ready(Some(finish(&snap, start, log, resp, None, outcome)))
@@ -110,11 +106,7 @@ pub fn held_now<B>(
     if !matches!(resp.body(), Body::Empty | Body::Full(_)) {
         return None;
     }
-    let log = snap
-        .config
-        .log
-        .access_log
-        .then(|| Logged::of(snap, conn, req));
+    let log = Logged::if_on(snap, conn, req);
     let (parts, body) = finish(snap, start, log, resp, None, Outcome::Held).into_parts();
     // Whole, as checked above (`finish` only wraps it to count it): never `None` here, and
     // an answer already counted is never left to hyper to count again.
@@ -129,12 +121,13 @@ struct Logged {
 }
 
 impl Logged {
-    fn of<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>) -> Logged {
-        Logged {
+    /// What the line will say, when the access log is on; nothing is copied when it is off.
+    fn if_on<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>) -> Option<Logged> {
+        snap.config.log.access_log.then(|| Logged {
             method: req.method().clone(),
             uri: logged_uri(snap, req.uri()),
             peer: conn.peer.ip(),
-        }
+        })
     }
 }
 
