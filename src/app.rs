@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +58,7 @@ pub struct Listeners {
     state: StateHandle,
     drain: Arc<Drain>,
     /// Shared by every listener: `proxy.max_connections` counts all client connections.
-    limit: Arc<Semaphore>,
+    limit: Arc<listener::Limit>,
 }
 
 impl Listeners {
@@ -217,7 +216,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         closed: AtomicBool::new(false),
         state: state.clone(),
         drain: drain.clone(),
-        limit: Arc::new(Semaphore::new(max_connections)),
+        limit: listener::Limit::new(max_connections),
     });
     if let Err(e) = listeners.apply(&listen, &listen_tls).await {
         listeners.stop_all().await;

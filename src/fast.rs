@@ -79,6 +79,11 @@ impl Fast {
         Fast { state, conn }
     }
 
+    /// The gateway's answer to a request hyper read on this connection.
+    pub fn handle(&self, req: Request<hyper::body::Incoming>) -> gateway::Reply {
+        gateway::handle(&self.state, &self.conn, req)
+    }
+
     /// Reads what has arrived after `first`, and answers the plain held requests at its start.
     pub fn serve(&self, io: &TcpStream, first: Bytes, drain: &Drain) -> Step {
         let snap = self.state.load();

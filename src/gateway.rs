@@ -48,12 +48,16 @@ impl Conn {
 /// from the upstream. Only forwarding needs a future with state of its own; it is boxed so
 /// that an idle connection does not keep a slot of its size (hyper keeps one per connection),
 /// and a held request pays neither that allocation nor the copy of that state.
-pub enum Reply<F> {
+///
+/// The future is a trait object so that the type can be named: a parked connection keeps its
+/// service, a named type (`park::Gateway`), and a closure's would hold the state handle and the
+/// connection a second time beside `fast`'s. One indirect call per poll of a forwarded request.
+pub enum Reply {
     Ready(Option<Response<Body>>),
-    Later(Pin<Box<F>>),
+    Later(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
 }
 
-impl<F: Future<Output = Response<Body>>> Future for Reply<F> {
+impl Future for Reply {
     type Output = Result<Response<Body>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -67,11 +71,7 @@ impl<F: Future<Output = Response<Body>>> Future for Reply<F> {
     }
 }
 
-pub fn handle(
-    state: &StateHandle,
-    conn: &Arc<Conn>,
-    req: Request<Incoming>,
-) -> Reply<impl Future<Output = Response<Body>> + Send + 'static> {
+pub fn handle(state: &StateHandle, conn: &Arc<Conn>, req: Request<Incoming>) -> Reply {
     let snap = state.load();
     let start = Instant::now();
     let log = Logged::if_on(&snap, conn, &req);

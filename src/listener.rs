@@ -19,18 +19,57 @@ use bytes::Bytes;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
+
+/// `proxy.max_connections`: the client connections open, counted across every listener.
+/// Taken without waiting (a connection over the limit is closed at once), so a counter does
+/// what a semaphore's permit would, in one pointer instead of two words: every parked
+/// connection keeps its `Slot`, and its state has no room to spare (see `park::parked`).
+pub struct Limit {
+    open: AtomicUsize,
+    max: usize,
+}
+
+/// One open client connection, in its `Limit` until dropped.
+pub struct Slot(Arc<Limit>);
+
+impl Limit {
+    pub fn new(max: usize) -> Arc<Limit> {
+        Arc::new(Limit {
+            open: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// A slot, unless `max` connections are open.
+    pub fn take(self: &Arc<Limit>) -> Option<Slot> {
+        self.open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(self.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// The connection settings for the proxy's listeners, one per protocol.
 pub struct ConnBuilder {
     pub(crate) http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
+    /// `header_read_timeout`, which also bounds a parked connection's wait for its next
+    /// request: kept here, shared, rather than in every parked connection.
+    pub(crate) keep_alive: Duration,
 }
 
 /// The connection settings for the proxy's listeners.
@@ -53,6 +92,7 @@ pub fn conn_builder(proxy: &ProxyConfig) -> ConnBuilder {
     ConnBuilder {
         http1: h1,
         http2: h2,
+        keep_alive: proxy.header_read_timeout,
     }
 }
 
@@ -111,7 +151,7 @@ pub async fn accept_loop(
     listener: TcpListener,
     state: StateHandle,
     drain: Arc<Drain>,
-    limit: Arc<Semaphore>,
+    limit: Arc<Limit>,
     tls: bool,
     mut shutdown: Shutdown,
 ) {
@@ -130,7 +170,7 @@ pub async fn accept_loop(
         };
         // Over the limit, close at once: a refused client retries elsewhere or later, while
         // an accepted one that is never served would hold a descriptor for nothing.
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let Some(permit) = limit.take() else {
             tracing::debug!(%peer, "proxy.max_connections reached; closing a new connection");
             continue;
         };
@@ -173,7 +213,7 @@ pub async fn accept_loop(
 /// states are boxed: a task keeps the size of its largest state for its whole life.
 async fn plain(
     mut stream: TcpStream,
-    permit: OwnedSemaphorePermit,
+    permit: Slot,
     conn: Arc<Conn>,
     state: StateHandle,
     builder: Arc<ConnBuilder>,
@@ -191,18 +231,14 @@ async fn plain(
     let served = if protocol == Protocol::Http1 {
         let idle = Arc::new(park::Idle::new(state.load().metrics.parked()));
         let io = park::Rewind::new(first, stream, Some(idle.clone()));
-        let service = parked_service(state.clone(), conn.clone(), idle.clone());
+        let service = park::Gateway::new(Fast::new(state, conn.clone()), idle);
         let held = park::Held {
             builder,
             drain,
             permit,
-            keep_alive: first_byte,
-            fast: Fast::new(state, conn.clone()),
         };
-        match park::start(io, service, idle, held) {
-            Some((io, service, idle, held)) => {
-                Some(park::serve(io, service, idle, held, None, None).await)
-            }
+        match park::start(io, service, held) {
+            Some((io, service, held)) => Some(park::serve(io, service, held, None, None).await),
             None => Some(Ok(())),
         }
     } else {
@@ -220,24 +256,6 @@ async fn plain(
         .await
     };
     log_end(conn.peer, served);
-}
-
-/// The gateway as the service of a parking connection: each response counted until hyper is
-/// done with it.
-fn parked_service(
-    state: StateHandle,
-    conn: Arc<Conn>,
-    idle: Arc<park::Idle>,
-) -> impl hyper::service::HttpService<
-    hyper::body::Incoming,
-    ResBody = park::TrackedBody,
-    Error = std::convert::Infallible,
-    Future = impl Send + 'static,
-> + Unpin {
-    service_fn(move |req| {
-        let busy = park::Busy::new(&idle, &req);
-        park::Tracked::new(gateway::handle(&state, &conn, req), busy)
-    })
 }
 
 fn log_end(peer: std::net::SocketAddr, served: Option<Result<(), hyper::Error>>) {
