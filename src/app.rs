@@ -13,6 +13,7 @@ use crate::state::controller::{Controller, ControllerHandle, Rebind, RebindFutur
 use crate::state::snapshot::Parts;
 use crate::state::store::{self, StoreError};
 use crate::state::StateHandle;
+use crate::workers::Workers;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,6 +37,8 @@ pub enum StartError {
     Control(#[from] ControlError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error("cannot start the worker threads: {0}")]
+    Workers(#[source] std::io::Error),
 }
 
 /// One bound plaintext listener and the way to stop its accept loop.
@@ -59,6 +62,8 @@ pub struct Listeners {
     drain: Arc<Drain>,
     /// Shared by every listener: `proxy.max_connections` counts all client connections.
     limit: Arc<listener::Limit>,
+    /// Where the accept loops send the connections.
+    workers: Arc<Workers>,
 }
 
 impl Listeners {
@@ -114,6 +119,7 @@ impl Listeners {
                 self.state.clone(),
                 self.drain.clone(),
                 self.limit.clone(),
+                self.workers.clone(),
                 tls,
                 stopped,
             ));
@@ -201,6 +207,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let listen = config.proxy.listen.clone();
     let listen_tls = config.tls.listen.clone();
     let max_connections = config.proxy.max_connections;
+    let threads = config.proxy.threads;
     let metrics = Arc::new(Metrics::new());
     let notifier = Notifier::start(config.notify.clone(), metrics.clone());
     let admin = match config.admin.listen {
@@ -211,12 +218,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let (mut controller, handle, state) =
         Controller::new(parts, persisted, notifier, crate::time::Clock::system());
     let drain = Arc::new(Drain::default());
+    let workers = Workers::start(crate::workers::count(threads)).map_err(StartError::Workers)?;
     let listeners = Arc::new(Listeners {
         bound: Mutex::new(Vec::new()),
         closed: AtomicBool::new(false),
         state: state.clone(),
         drain: drain.clone(),
         limit: listener::Limit::new(max_connections),
+        workers: Arc::new(workers),
     });
     if let Err(e) = listeners.apply(&listen, &listen_tls).await {
         listeners.stop_all().await;

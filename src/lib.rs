@@ -13,7 +13,9 @@
 //! - `config`: the TOML file (`config::file`) and the validated `Config` with every problem
 //!   named by its key.
 //! - `app`: composition root; binds, spawns, reloads, drains. `shutdown`: the one stop signal.
-//! - `listener`: accept loops and per-connection protocol settings.
+//! - `listener`: accept loops and per-connection protocol settings; `workers`: the data
+//!   plane's threads, one single-threaded runtime each, that the accept loops hand
+//!   connections to.
 //! - `gateway`: the per-request service; `body`: the body type both directions share.
 //! - `park`: idle HTTP/1.1 connections without hyper's state; `fast`: held requests answered
 //!   on them without hyper.
@@ -44,3 +46,4 @@ pub mod shutdown;
 pub mod state;
 pub mod time;
 pub mod tls;
+pub mod workers;

@@ -15,6 +15,7 @@ use crate::gateway::{self, Conn};
 use crate::park;
 use crate::shutdown::{until_drained, Drain, Shutdown};
 use crate::state::StateHandle;
+use crate::workers::Workers;
 use bytes::Bytes;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -152,6 +153,7 @@ pub async fn accept_loop(
     state: StateHandle,
     drain: Arc<Drain>,
     limit: Arc<Limit>,
+    workers: Arc<Workers>,
     tls: bool,
     mut shutdown: Shutdown,
 ) {
@@ -189,14 +191,14 @@ pub async fn accept_loop(
         match acceptor {
             None => {
                 let drain = drain.clone();
-                tokio::spawn(plain(
-                    stream, permit, conn, state, builder, drain, first_byte,
-                ));
+                workers.spawn(stream, move |stream| {
+                    plain(stream, permit, conn, state, builder, drain, first_byte)
+                });
             }
             Some(acceptor) => {
                 // Counted by the drain from now: the handshake may be under way when it starts.
                 let guard = drain.guard();
-                tokio::spawn(async move {
+                workers.spawn(stream, move |stream| async move {
                     let _permit = permit;
                     let arrived = Arrived::Tls(acceptor, stream);
                     let served =

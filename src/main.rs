@@ -136,15 +136,9 @@ fn main() -> ExitCode {
 fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(path.as_deref())?;
     intermission::logging::init(&config.log);
-    let mut runtime = match config.proxy.threads {
-        // One worker: no work-stealing, no cross-thread wakeups.
-        1 => tokio::runtime::Builder::new_current_thread(),
-        _ => tokio::runtime::Builder::new_multi_thread(),
-    };
-    if config.proxy.threads > 1 {
-        runtime.worker_threads(config.proxy.threads);
-    }
-    let runtime = runtime
+    // The proxy's own runtime is single-threaded: it is the first worker, and starts the
+    // others (`workers`) for `proxy.threads` above 1.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;

@@ -101,9 +101,15 @@ async fn raw_upstream(close_after_each_answer: bool) -> Raw {
     }
 }
 
+/// One worker: each test counts the upstream connections that one worker's pool opens, and a
+/// client connection goes to the next worker (each has a pool of its own).
 fn config(up: &Raw, extra: &str) -> String {
+    config_threads(up, extra, 1)
+}
+
+fn config_threads(up: &Raw, extra: &str, threads: usize) -> String {
     format!(
-        "[upstream]\nservers = [\"http://{}\"]\n{extra}[health]\ninterval = \"60s\"\n[log]\naccess_log = false\n",
+        "[proxy]\nthreads = {threads}\n[upstream]\nservers = [\"http://{}\"]\n{extra}[health]\ninterval = \"60s\"\n[log]\naccess_log = false\n",
         up.addr
     )
 }
@@ -133,6 +139,24 @@ async fn a_connection_the_server_closed_while_kept_is_never_an_error() {
         );
     }
     assert!(up.served.load(Ordering::SeqCst) >= 100);
+}
+
+/// Each worker keeps upstream connections of its own, whose tasks run on its thread, so that
+/// a forwarded request wakes no other thread: client connections take turns on the two
+/// workers, and each worker opens one upstream connection and keeps it.
+#[tokio::test]
+async fn each_worker_keeps_its_own_upstream_connections() {
+    let up = raw_upstream(false).await;
+    let proxy = spawn_proxy(&config_threads(&up, "", 2)).await;
+    for _ in 0..6 {
+        // A new client connection each time (`get`), and the request done before the next.
+        assert_eq!(get_ok(&proxy, "/").await, "ok");
+    }
+    assert_eq!(
+        up.served.load(Ordering::SeqCst),
+        2,
+        "one upstream connection per worker"
+    );
 }
 
 #[tokio::test]

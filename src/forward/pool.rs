@@ -91,7 +91,8 @@ pub fn https_connector(tcp: HttpConnector, tls: &Arc<rustls::ClientConfig>) -> H
 const MAX_IDLE_PER_SERVER: usize = 1024;
 
 impl UpstreamPool {
-    pub fn new(config: &UpstreamConfig) -> Result<UpstreamPool, TlsError> {
+    /// `workers`: the data plane's threads (`crate::workers`), each with idle lists of its own.
+    pub fn new(config: &UpstreamConfig, workers: usize) -> Result<UpstreamPool, TlsError> {
         let tls = crate::tls::client_config(config)?;
         let builder = |http2_only: bool| {
             let mut b = Client::builder(TokioExecutor::new());
@@ -108,7 +109,7 @@ impl UpstreamPool {
         Ok(UpstreamPool {
             servers: config.servers.clone(),
             config: config.clone(),
-            http1: Http1Pool::new(&config.servers, tcp.clone(), config.idle_timeout),
+            http1: Http1Pool::new(&config.servers, tcp.clone(), config.idle_timeout, workers),
             client: builder(false).build(https_connector(tcp.clone(), &tls)),
             h2c: builder(true).build(tcp),
             tls,
@@ -168,7 +169,7 @@ impl UpstreamPool {
         self.http1
             .servers
             .get(index)
-            .map_or(0, |s| lock(&s.idle.conns).len())
+            .map_or(0, |s| s.idle.iter().map(|l| lock(&l.conns).len()).sum())
     }
 }
 
@@ -193,7 +194,9 @@ struct Http1Pool {
 }
 
 struct Http1Server {
-    idle: Arc<IdleList>,
+    /// One list per worker, never empty: a connection is used only by the worker that
+    /// opened it, whose thread runs its task, so that a request wakes no other thread.
+    idle: Vec<Arc<IdleList>>,
     /// `http://host:port`: what the connector dials.
     dial: Uri,
 }
@@ -272,7 +275,12 @@ impl Checkin {
 }
 
 impl Http1Pool {
-    fn new(servers: &[Upstream], tcp: HttpConnector, idle_timeout: Duration) -> Http1Pool {
+    fn new(
+        servers: &[Upstream],
+        tcp: HttpConnector,
+        idle_timeout: Duration,
+        workers: usize,
+    ) -> Http1Pool {
         let servers = servers
             .iter()
             .map(|s| {
@@ -281,9 +289,13 @@ impl Http1Pool {
                 uri.authority = Some(s.authority.clone());
                 uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
                 Http1Server {
-                    idle: Arc::new(IdleList {
-                        conns: Mutex::new(Vec::new()),
-                    }),
+                    idle: (0..workers.max(1))
+                        .map(|_| {
+                            Arc::new(IdleList {
+                                conns: Mutex::new(Vec::new()),
+                            })
+                        })
+                        .collect(),
                     dial: Uri::from_parts(uri).unwrap_or_default(),
                 }
             })
@@ -306,7 +318,8 @@ impl Http1Pool {
         let Some(server) = self.servers.get(index) else {
             return Err(SendError::Connect("no such server".into()));
         };
-        let home = &server.idle;
+        // This worker's list (a thread that is no worker, such as a test's, takes the first).
+        let home = &server.idle[crate::workers::index() % server.idle.len()];
         let now = Instant::now();
         // Each turn uses up a kept connection, up to `KEPT_TRIES`, then dials a new one,
         // which is the last turn.
@@ -380,7 +393,7 @@ impl Http1Pool {
         let lists: Vec<Weak<IdleList>> = self
             .servers
             .iter()
-            .map(|s| Arc::downgrade(&s.idle))
+            .flat_map(|s| s.idle.iter().map(Arc::downgrade))
             .collect();
         let timeout = self.idle_timeout;
         // A connection is closed between one and one and a quarter `idle_timeout` after its
@@ -500,7 +513,8 @@ mod tests {
             .map(|i| format!("\"http://127.0.0.1:{}\"", 3000 + i))
             .collect();
         let text = format!("[upstream]\nservers = [{}]\n", servers.join(","));
-        UpstreamPool::new(&Config::parse(&text, Path::new("."), None).unwrap().upstream).unwrap()
+        let config = Config::parse(&text, Path::new("."), None).unwrap();
+        UpstreamPool::new(&config.upstream, 1).unwrap()
     }
 
     #[tokio::test]
@@ -571,7 +585,7 @@ mod kept {
         let addr = server(close_rx, closed_tx);
         let text = format!("[upstream]\nservers = [\"http://{addr}\"]\n");
         let config = Config::parse(&text, Path::new("."), None).unwrap();
-        let pool = UpstreamPool::new(&config.upstream).unwrap();
+        let pool = UpstreamPool::new(&config.upstream, 1).unwrap();
         let get = || {
             http::Request::get("/")
                 .header("host", "x")
@@ -582,7 +596,7 @@ mod kept {
         resp.into_body().collect().await.unwrap();
         // Until hyper has seen the exchange end, the connection is not ready for another.
         for _ in 0..100 {
-            if lock(&pool.http1.servers[0].idle.conns)
+            if lock(&pool.http1.servers[0].idle[0].conns)
                 .iter()
                 .any(|c| c.sender.is_ready())
             {
@@ -617,7 +631,7 @@ mod kept {
         });
         let text = format!("[upstream]\nservers = [\"http://{addr}\"]\nidle_timeout = \"90s\"\n");
         let config = Config::parse(&text, Path::new("."), None).unwrap();
-        let pool = UpstreamPool::new(&config.upstream).unwrap();
+        let pool = UpstreamPool::new(&config.upstream, 1).unwrap();
         let req = http::Request::get("/")
             .header("host", "x")
             .body(Body::Empty)
@@ -625,7 +639,7 @@ mod kept {
         let resp = pool.request(0, req).await.unwrap();
         resp.into_body().collect().await.unwrap();
         assert_eq!(pool.idle_http1(0), 1);
-        let list = &pool.http1.servers[0].idle;
+        let list = &pool.http1.servers[0].idle[0];
         for _ in 0..100 {
             if lock(&list.conns).iter().any(|c| c.sender.is_ready()) {
                 break;

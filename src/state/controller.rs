@@ -491,6 +491,10 @@ impl Controller {
             );
         }
         config.control = old.control.clone();
+        if config.proxy.threads != old.proxy.threads {
+            tracing::warn!("proxy.threads changed; it takes effect at the next restart");
+            config.proxy.threads = old.proxy.threads;
+        }
         let restart =
             config.upstream.servers != old.upstream.servers || config.health != old.health;
         let moved = config.proxy.listen != old.proxy.listen || config.tls.listen != old.tls.listen;

@@ -72,7 +72,10 @@ impl Parts {
     ) -> Result<Parts, TlsError> {
         let pool = match previous {
             Some(prev) if prev.pool.same_config(&config.upstream) => prev.pool.clone(),
-            _ => Arc::new(UpstreamPool::new(&config.upstream)?),
+            _ => Arc::new(UpstreamPool::new(
+                &config.upstream,
+                crate::workers::count(config.proxy.threads),
+            )?),
         };
         let tls = crate::tls::server_config(&config.tls)?;
         let m = &config.maintenance;
