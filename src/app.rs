@@ -192,6 +192,8 @@ pub struct Running {
     draining: Arc<AtomicBool>,
     /// The admin listener outlives the drain (it is stopped last), to say so.
     admin: Option<(Trigger, JoinHandle<()>)>,
+    /// Kept until the drain is over: the connections being drained run on them.
+    workers: Arc<Workers>,
 }
 
 /// Loads pages and state, binds every listener and the control socket, and starts serving.
@@ -218,14 +220,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let (mut controller, handle, state) =
         Controller::new(parts, persisted, notifier, crate::time::Clock::system());
     let drain = Arc::new(Drain::default());
-    let workers = Workers::start(crate::workers::count(threads)).map_err(StartError::Workers)?;
+    let workers =
+        Arc::new(Workers::start(crate::workers::count(threads)).map_err(StartError::Workers)?);
     let listeners = Arc::new(Listeners {
         bound: Mutex::new(Vec::new()),
         closed: AtomicBool::new(false),
         state: state.clone(),
         drain: drain.clone(),
         limit: listener::Limit::new(max_connections),
-        workers: Arc::new(workers),
+        workers: workers.clone(),
     });
     if let Err(e) = listeners.apply(&listen, &listen_tls).await {
         listeners.stop_all().await;
@@ -267,6 +270,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         drain,
         draining,
         admin,
+        workers,
     })
 }
 
@@ -326,6 +330,9 @@ impl Running {
             stop.fire();
             let _ = task.await;
         }
+        // Only now: a worker's runtime ends with the last handle on it, and every
+        // connection still on it (parked ones) with it.
+        drop(self.workers);
         drained
     }
 }

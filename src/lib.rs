@@ -24,7 +24,8 @@
 //! - `state`: the snapshot every request reads.
 //! - `logging`: text/JSON logs and the access log.
 //!
-//! Seams: `gateway` and `forward` read only the `Snapshot`. Only `app` spawns long-lived tasks.
+//! Seams: `gateway` and `forward` read only the `Snapshot`. Only `app` spawns long-lived tasks
+//! and starts the worker threads (`workers`).
 
 pub mod admin;
 pub mod app;

@@ -36,30 +36,45 @@ pub struct Workers {
     others: Vec<Handle>,
     next: AtomicUsize,
     /// Dropped with `Workers`: each worker's runtime then ends, and the connections still on
-    /// it (parked ones; a drain has waited for the others) close.
+    /// it close. `app` keeps its `Workers` until a drain has waited for the busy ones.
     _stop: Vec<oneshot::Sender<()>>,
 }
 
 impl Workers {
-    /// Starts `total - 1` worker threads; the caller's runtime is the first worker.
+    /// Starts `total - 1` worker threads; the caller's runtime is the first worker. Each
+    /// builds its runtime on its own thread: a runtime dropped on the caller's (after a failed
+    /// spawn) would panic there, inside the caller's runtime.
     pub fn start(total: usize) -> std::io::Result<Workers> {
         let mut others = Vec::new();
         let mut stop = Vec::new();
         for i in 1..total {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let (built_tx, built) = std::sync::mpsc::channel();
             let (tx, rx) = oneshot::channel::<()>();
-            others.push(runtime.handle().clone());
-            stop.push(tx);
             std::thread::Builder::new()
                 .name(format!("intermission-{i}"))
                 .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let _ = built_tx.send(Err(e));
+                            return;
+                        }
+                    };
                     INDEX.with(|c| c.set(i));
+                    let _ = built_tx.send(Ok(runtime.handle().clone()));
                     runtime.block_on(async {
                         let _ = rx.await;
                     });
                 })?;
+            // Waits the moment a runtime takes to build, once, at start.
+            let handle = built
+                .recv()
+                .map_err(|_| std::io::Error::other("a worker thread ended at start"))??;
+            others.push(handle);
+            stop.push(tx);
         }
         Ok(Workers {
             others,
@@ -84,7 +99,7 @@ impl Workers {
         let socket = match stream.into_std() {
             Ok(s) => s,
             Err(e) => {
-                tracing::debug!(error = %e, "cannot hand a connection to a worker");
+                tracing::warn!(error = %e, "cannot hand a connection to a worker; closed");
                 return;
             }
         };

@@ -486,6 +486,60 @@ async fn during_a_drain_readyz_says_not_ready_and_new_connections_are_refused() 
     );
 }
 
+/// Connections take turns on the workers: a drain must wait for the requests on every one of
+/// them, not only on the thread that runs the shutdown.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_waits_for_requests_on_every_worker() {
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = arrived.clone();
+    let up = upstream(move |req: Request<Incoming>| {
+        let mut release = release_rx.clone();
+        let seen = seen.clone();
+        async move {
+            // Health checks are answered at once.
+            if req.uri().path() == "/slow" {
+                seen.fetch_add(1, Ordering::SeqCst);
+                let _ = release.wait_for(|r| *r).await;
+            }
+            Response::new(full("done"))
+        }
+    })
+    .await;
+    let mut proxy = spawn_proxy(&format!(
+        "[proxy]\nthreads = 2\n[upstream]\nservers = [\"{}\"]\n",
+        up.url()
+    ))
+    .await;
+    // Four connections, one request each: two on each worker.
+    let in_flight: Vec<_> = (0..4)
+        .map(|_| {
+            let url = proxy.url("/slow");
+            tokio::spawn(async move { get(&url).await })
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(5), || arrived.load(Ordering::SeqCst)
+            == 4)
+        .await,
+        "the requests never all reached the upstream"
+    );
+    let running = proxy.running.take().unwrap();
+    let shutdown = tokio::spawn(running.shutdown());
+    // The steps of a shutdown before its drain show nothing a test can wait on; 200 ms gives
+    // them room. Had the second worker's runtime ended with the listeners (as it once did),
+    // its requests would be cut off by then, and the drain over.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!shutdown.is_finished(), "the drain waits for every request");
+    release_tx.send_replace(true);
+    for request in in_flight {
+        let resp = request.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.body(), "done");
+    }
+    assert!(shutdown.await.unwrap(), "every connection finished in time");
+}
+
 /// Waits (bounded) until the wall clock has passed `t`.
 async fn until_past(t: std::time::SystemTime) {
     for _ in 0..500 {

@@ -5,7 +5,8 @@
 //! hot path, are reached through hyper's own HTTP/1.1 connections pooled here (`Http1Pool`);
 //! `https://` and `h2c://` servers through hyper-util's client, whose TLS and HTTP/2 handling
 //! is worth its cost. The pools live as long as the upstream config they were built from: a
-//! reload with the same `[upstream]` keeps them.
+//! reload with the same `[upstream]` keeps them. Each worker thread (`crate::workers`) has
+//! connections of its own, so that a request never waits on another thread.
 
 use crate::body::Body;
 use crate::config::{Protocol, Upstream, UpstreamConfig};
@@ -59,11 +60,17 @@ pub struct UpstreamPool {
     pub tls: Arc<rustls::ClientConfig>,
     /// `http://` servers.
     http1: Http1Pool,
+    /// `https://` and `h2c://` servers, one pair of clients per worker, as `Http1Pool` keeps
+    /// one idle list per worker: a connection's task runs on the thread that opened it.
+    clients: Vec<Clients>,
+    next: AtomicUsize,
+}
+
+struct Clients {
     /// `https://` servers.
-    client: Client<HttpsConnector, Body>,
+    https: Client<HttpsConnector, Body>,
     /// `h2c://` servers: HTTP/2 with prior knowledge.
     h2c: Client<HttpConnector, Body>,
-    next: AtomicUsize,
 }
 
 /// The TCP side of upstream connections.
@@ -110,8 +117,12 @@ impl UpstreamPool {
             servers: config.servers.clone(),
             config: config.clone(),
             http1: Http1Pool::new(&config.servers, tcp.clone(), config.idle_timeout, workers),
-            client: builder(false).build(https_connector(tcp.clone(), &tls)),
-            h2c: builder(true).build(tcp),
+            clients: (0..workers.max(1))
+                .map(|_| Clients {
+                    https: builder(false).build(https_connector(tcp.clone(), &tls)),
+                    h2c: builder(true).build(tcp.clone()),
+                })
+                .collect(),
             tls,
             next: AtomicUsize::new(0),
         })
@@ -126,10 +137,20 @@ impl UpstreamPool {
     ) -> Result<Response<Body>, SendError> {
         let resp = match self.servers.get(index).map(|s| s.protocol) {
             Some(Protocol::Http) => return self.http1.request(index, req).await,
-            Some(Protocol::H2c) => self.h2c.request(req).await?,
-            _ => self.client.request(req).await?,
+            Some(Protocol::H2c) => self.clients().h2c.request(req).await?,
+            _ => self.clients().https.request(req).await?,
         };
         Ok(resp.map(Body::Stream))
+    }
+
+    /// This worker's clients (a thread that is no worker, such as a test's, takes the first).
+    fn clients(&self) -> &Clients {
+        &self.clients[crate::workers::index() % self.clients.len()]
+    }
+
+    /// How many workers this pool was built for.
+    pub fn workers(&self) -> usize {
+        self.clients.len()
     }
 
     /// The next healthy server in round-robin order, other than `avoid`. `None` when no

@@ -70,12 +70,15 @@ impl Parts {
         previous: Option<&Parts>,
         metrics: Arc<Metrics>,
     ) -> Result<Parts, TlsError> {
+        // The workers are counted once, at start: `threads = 0` follows the cores available,
+        // which may change while the proxy runs, and a reload cannot add workers.
+        let workers = previous.map_or_else(
+            || crate::workers::count(config.proxy.threads),
+            |prev| prev.pool.workers(),
+        );
         let pool = match previous {
             Some(prev) if prev.pool.same_config(&config.upstream) => prev.pool.clone(),
-            _ => Arc::new(UpstreamPool::new(
-                &config.upstream,
-                crate::workers::count(config.proxy.threads),
-            )?),
+            _ => Arc::new(UpstreamPool::new(&config.upstream, workers)?),
         };
         let tls = crate::tls::server_config(&config.tls)?;
         let m = &config.maintenance;
