@@ -420,23 +420,34 @@ async fn a_server_removed_by_reload_leaves_the_metrics() {
     assert!(has(&m, &b.url()));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn during_a_drain_readyz_says_not_ready_and_new_connections_are_refused() {
+/// An upstream whose `/slow` requests, counted as they arrive, are answered "done" once the
+/// sender says `true`; anything else (health checks) at once.
+async fn slow_upstream() -> (
+    Upstream,
+    tokio::sync::watch::Sender<bool>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
     let (release_tx, release_rx) = tokio::sync::watch::channel(false);
-    let arrived = Arc::new(AtomicBool::new(false));
+    let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let seen = arrived.clone();
     let up = upstream(move |req: Request<Incoming>| {
         let mut release = release_rx.clone();
         let seen = seen.clone();
         async move {
             if req.uri().path() == "/slow" {
-                seen.store(true, Ordering::SeqCst);
+                seen.fetch_add(1, Ordering::SeqCst);
                 let _ = release.wait_for(|r| *r).await;
             }
             Response::new(full("done"))
         }
     })
     .await;
+    (up, release_tx, arrived)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn during_a_drain_readyz_says_not_ready_and_new_connections_are_refused() {
+    let (up, release_tx, arrived) = slow_upstream().await;
     let mut proxy = spawn_proxy(&format!(
         "[upstream]\nservers = [\"{}\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n",
         up.url()
@@ -449,7 +460,9 @@ async fn during_a_drain_readyz_says_not_ready_and_new_connections_are_refused() 
     let url = proxy.url("/slow");
     let in_flight = tokio::spawn(async move { get(&url).await });
     assert!(
-        wait_until(Duration::from_secs(5), || arrived.load(Ordering::SeqCst)).await,
+        wait_until(Duration::from_secs(5), || arrived.load(Ordering::SeqCst)
+            == 1)
+        .await,
         "the slow request never reached the upstream"
     );
     let running = proxy.running.take().unwrap();
@@ -490,22 +503,7 @@ async fn during_a_drain_readyz_says_not_ready_and_new_connections_are_refused() 
 /// them, not only on the thread that runs the shutdown.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drain_waits_for_requests_on_every_worker() {
-    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
-    let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let seen = arrived.clone();
-    let up = upstream(move |req: Request<Incoming>| {
-        let mut release = release_rx.clone();
-        let seen = seen.clone();
-        async move {
-            // Health checks are answered at once.
-            if req.uri().path() == "/slow" {
-                seen.fetch_add(1, Ordering::SeqCst);
-                let _ = release.wait_for(|r| *r).await;
-            }
-            Response::new(full("done"))
-        }
-    })
-    .await;
+    let (up, release_tx, arrived) = slow_upstream().await;
     let mut proxy = spawn_proxy(&format!(
         "[proxy]\nthreads = 2\n[upstream]\nservers = [\"{}\"]\n",
         up.url()
