@@ -538,6 +538,32 @@ async fn a_drain_waits_for_requests_on_every_worker() {
     assert!(shutdown.await.unwrap(), "every connection finished in time");
 }
 
+/// The workers are started once: a reload that asks for another number keeps the running one
+/// (and says so), since the pools are sized by it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_keeps_the_number_of_threads() {
+    let up = upstream(|_req: Request<Incoming>| async { Response::new(full("a")) }).await;
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nthreads = 2\n[upstream]\nservers = [\"{}\"]\n[maintenance]\nmessage = \"one\"\n",
+        up.url()
+    ))
+    .await;
+    edit_config(&proxy, |text| {
+        text.replace("threads = 2", "threads = 3")
+            .replace("message = \"one\"", "message = \"two\"")
+    });
+    assert!(ctl(&proxy, Ctl::Reload).await.ok);
+    let config = &proxy.running.as_ref().unwrap().state().load().config;
+    assert_eq!(config.maintenance.message, "two", "the reload was applied");
+    assert_eq!(
+        config.proxy.threads, 2,
+        "the running number of threads stays"
+    );
+    for _ in 0..4 {
+        assert_eq!(get(&proxy.url("/")).await.body(), "a");
+    }
+}
+
 /// Waits (bounded) until the wall clock has passed `t`.
 async fn until_past(t: std::time::SystemTime) {
     for _ in 0..500 {
