@@ -37,7 +37,7 @@ fn rewrite(c: &mut Criterion) {
     let template = browser_request();
     let client = ClientSide {
         peer: HeaderValue::from_static("192.0.2.10"),
-        proto: HeaderValue::from_static("http"),
+        https: false,
     };
     c.bench_function("rewrite: in place, peer prepared per connection", |b| {
         b.iter_batched_ref(
@@ -57,7 +57,7 @@ fn rewrite(c: &mut Criterion) {
                 headers::strip_hop_by_hop(h);
                 let client = ClientSide {
                     peer: HeaderValue::from_str(&black_box(peer).to_string()).unwrap(),
-                    proto: HeaderValue::from_static("http"),
+                    https: false,
                 };
                 headers::set_forwarded(h, &client, false);
             },

@@ -37,7 +37,7 @@ impl Conn {
             peer,
             client: ClientSide {
                 peer: peer_value,
-                proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
+                https: tls,
             },
             tls,
         }

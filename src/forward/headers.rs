@@ -125,8 +125,15 @@ pub fn restore_upgrade(headers: &mut HeaderMap, upgrade: HeaderValue) {
 pub struct ClientSide {
     /// The peer address as an `X-Forwarded-For` element.
     pub peer: HeaderValue,
-    /// `"http"` or `"https"`.
-    pub proto: HeaderValue,
+    /// Whether the client came over TLS: `X-Forwarded-Proto` is `https`, else `http`. A flag,
+    /// not the header value: every connection keeps this, parked ones included.
+    pub https: bool,
+}
+
+impl ClientSide {
+    fn proto(&self) -> HeaderValue {
+        HeaderValue::from_static(if self.https { "https" } else { "http" })
+    }
 }
 
 /// Sets `X-Forwarded-For` (appended to a trusted peer's list, else replaced: an untrusted
@@ -140,7 +147,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientSide, trusted: bool
     };
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
-        headers.insert(X_FORWARDED_PROTO.clone(), client.proto.clone());
+        headers.insert(X_FORWARDED_PROTO.clone(), client.proto());
     }
     if !(trusted && headers.contains_key(&X_FORWARDED_HOST)) {
         match headers.get(header::HOST).cloned() {
@@ -284,7 +291,7 @@ mod tests {
     fn client(peer: &str) -> ClientSide {
         ClientSide {
             peer: HeaderValue::from_str(peer).unwrap(),
-            proto: HeaderValue::from_static("http"),
+            https: false,
         }
     }
 
