@@ -413,6 +413,14 @@ impl Validator {
         if f.max_header_bytes < 8192 {
             self.problem("proxy.max_header_bytes", "must be at least 8192");
         }
+        // Each is a thread with a runtime of its own, started at once: a typo must not start
+        // a million of them.
+        if f.threads > MAX_THREADS {
+            self.problem(
+                "proxy.threads",
+                format!("must be at most {MAX_THREADS} (0 is one per core)"),
+            );
+        }
         ProxyConfig {
             listen,
             threads: f.threads,
@@ -805,6 +813,9 @@ impl Validator {
 
 const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
+/// `proxy.threads` at most: far more cores than any machine this runs on has.
+const MAX_THREADS: usize = 1024;
+
 /// `"250ms"`, `"90s"`, `"1h30m"`, or a plain number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
@@ -1014,6 +1025,14 @@ mod tests {
             p[1].key == "upstream.server" && p[1].message.contains("unknown field"),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn too_many_threads_is_refused() {
+        let p = problems("[proxy]\nthreads = 100000\n");
+        assert_eq!(p[0].key, "proxy.threads");
+        assert!(p[0].message.contains("at most 1024"), "{p:?}");
+        assert!(problems("[proxy]\nthreads = 1024\n").is_empty());
     }
 
     #[test]
