@@ -24,8 +24,8 @@ use std::time::{Instant, SystemTime};
 /// What the gateway knows about one client connection.
 pub struct Conn {
     pub peer: SocketAddr,
+    /// What forwarding tells the upstream of it, whether it came over TLS included.
     pub client: ClientSide,
-    pub tls: bool,
 }
 
 impl Conn {
@@ -39,8 +39,12 @@ impl Conn {
                 peer: peer_value,
                 https: tls,
             },
-            tls,
         }
+    }
+
+    /// Whether the client came over TLS.
+    pub fn tls(&self) -> bool {
+        self.client.https
     }
 }
 
@@ -190,14 +194,14 @@ enum Decision {
 
 fn decide<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>) -> Decision {
     let m = &snap.config.maintenance;
-    let redirect = !conn.tls && snap.config.proxy.redirect_https;
+    let redirect = !conn.tls() && snap.config.proxy.redirect_https;
     if let Some(rest) = req.uri().path().strip_prefix(m.reserved_prefix.as_str()) {
         // The bypass secret and its cookie never travel in cleartext when HTTPS is there.
         if redirect && rest.starts_with("bypass/") {
             return Decision::Answer(redirect_https(snap, req), Outcome::Reserved);
         }
         return Decision::Answer(
-            reserved::answer(snap, req, rest, conn.tls),
+            reserved::answer(snap, req, rest, conn.tls()),
             Outcome::Reserved,
         );
     }

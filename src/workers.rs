@@ -31,6 +31,26 @@ pub fn count(threads: usize) -> usize {
     }
 }
 
+/// One `T` per worker, each used from its worker's thread only (whose index picks it): what
+/// holds upstream connections, whose tasks run on the thread that opened them.
+pub struct PerWorker<T>(Vec<T>);
+
+impl<T> PerWorker<T> {
+    /// `make` for each of `workers` (at least one).
+    pub fn new(workers: usize, make: impl FnMut(usize) -> T) -> PerWorker<T> {
+        PerWorker((0..workers.max(1)).map(make).collect())
+    }
+
+    /// This thread's: a thread that is no worker (a test's, say) takes the first.
+    pub fn local(&self) -> &T {
+        &self.0[index() % self.0.len()]
+    }
+
+    pub fn all(&self) -> &[T] {
+        &self.0
+    }
+}
+
 /// The workers other than the caller's runtime, and the turn of the next connection.
 pub struct Workers {
     others: Vec<Handle>,

@@ -11,6 +11,7 @@
 use crate::body::Body;
 use crate::config::{Protocol, Upstream, UpstreamConfig};
 use crate::tls::TlsError;
+use crate::workers::PerWorker;
 use http::uri::{Parts as UriParts, Uri};
 use http::{Request, Response, StatusCode};
 use http_body::Body as _;
@@ -62,7 +63,7 @@ pub struct UpstreamPool {
     http1: Http1Pool,
     /// `https://` and `h2c://` servers, one pair of clients per worker, as `Http1Pool` keeps
     /// one idle list per worker: a connection's task runs on the thread that opened it.
-    clients: Vec<Clients>,
+    clients: PerWorker<Clients>,
     next: AtomicUsize,
 }
 
@@ -117,12 +118,10 @@ impl UpstreamPool {
             servers: config.servers.clone(),
             config: config.clone(),
             http1: Http1Pool::new(&config.servers, tcp.clone(), config.idle_timeout, workers),
-            clients: (0..workers.max(1))
-                .map(|_| Clients {
-                    https: builder(false).build(https_connector(tcp.clone(), &tls)),
-                    h2c: builder(true).build(tcp.clone()),
-                })
-                .collect(),
+            clients: PerWorker::new(workers, |_| Clients {
+                https: builder(false).build(https_connector(tcp.clone(), &tls)),
+                h2c: builder(true).build(tcp.clone()),
+            }),
             tls,
             next: AtomicUsize::new(0),
         })
@@ -137,20 +136,15 @@ impl UpstreamPool {
     ) -> Result<Response<Body>, SendError> {
         let resp = match self.servers.get(index).map(|s| s.protocol) {
             Some(Protocol::Http) => return self.http1.request(index, req).await,
-            Some(Protocol::H2c) => self.clients().h2c.request(req).await?,
-            _ => self.clients().https.request(req).await?,
+            Some(Protocol::H2c) => self.clients.local().h2c.request(req).await?,
+            _ => self.clients.local().https.request(req).await?,
         };
         Ok(resp.map(Body::Stream))
     }
 
-    /// This worker's clients (a thread that is no worker, such as a test's, takes the first).
-    fn clients(&self) -> &Clients {
-        &self.clients[crate::workers::index() % self.clients.len()]
-    }
-
     /// How many workers this pool was built for.
     pub fn workers(&self) -> usize {
-        self.clients.len()
+        self.clients.all().len()
     }
 
     /// The next healthy server in round-robin order, other than `avoid`. `None` when no
@@ -187,10 +181,9 @@ impl UpstreamPool {
     /// Idle connections kept to server `index` (`http://` servers only).
     #[cfg(test)]
     fn idle_http1(&self, index: usize) -> usize {
-        self.http1
-            .servers
-            .get(index)
-            .map_or(0, |s| s.idle.iter().map(|l| lock(&l.conns).len()).sum())
+        self.http1.servers.get(index).map_or(0, |s| {
+            s.idle.all().iter().map(|l| lock(&l.conns).len()).sum()
+        })
     }
 }
 
@@ -215,9 +208,9 @@ struct Http1Pool {
 }
 
 struct Http1Server {
-    /// One list per worker, never empty: a connection is used only by the worker that
-    /// opened it, whose thread runs its task, so that a request wakes no other thread.
-    idle: Vec<Arc<IdleList>>,
+    /// A connection is used only by the worker that opened it, whose thread runs its task,
+    /// so that a request wakes no other thread.
+    idle: PerWorker<Arc<IdleList>>,
     /// `http://host:port`: what the connector dials.
     dial: Uri,
 }
@@ -310,13 +303,11 @@ impl Http1Pool {
                 uri.authority = Some(s.authority.clone());
                 uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
                 Http1Server {
-                    idle: (0..workers.max(1))
-                        .map(|_| {
-                            Arc::new(IdleList {
-                                conns: Mutex::new(Vec::new()),
-                            })
+                    idle: PerWorker::new(workers, |_| {
+                        Arc::new(IdleList {
+                            conns: Mutex::new(Vec::new()),
                         })
-                        .collect(),
+                    }),
                     dial: Uri::from_parts(uri).unwrap_or_default(),
                 }
             })
@@ -339,8 +330,7 @@ impl Http1Pool {
         let Some(server) = self.servers.get(index) else {
             return Err(SendError::Connect("no such server".into()));
         };
-        // This worker's list (a thread that is no worker, such as a test's, takes the first).
-        let home = &server.idle[crate::workers::index() % server.idle.len()];
+        let home = server.idle.local();
         let now = Instant::now();
         // Each turn uses up a kept connection, up to `KEPT_TRIES`, then dials a new one,
         // which is the last turn.
@@ -414,7 +404,7 @@ impl Http1Pool {
         let lists: Vec<Weak<IdleList>> = self
             .servers
             .iter()
-            .flat_map(|s| s.idle.iter().map(Arc::downgrade))
+            .flat_map(|s| s.idle.all().iter().map(Arc::downgrade))
             .collect();
         let timeout = self.idle_timeout;
         // A connection is closed between one and one and a quarter `idle_timeout` after its
@@ -617,7 +607,7 @@ mod kept {
         resp.into_body().collect().await.unwrap();
         // Until hyper has seen the exchange end, the connection is not ready for another.
         for _ in 0..100 {
-            if lock(&pool.http1.servers[0].idle[0].conns)
+            if lock(&pool.http1.servers[0].idle.local().conns)
                 .iter()
                 .any(|c| c.sender.is_ready())
             {
@@ -660,7 +650,7 @@ mod kept {
         let resp = pool.request(0, req).await.unwrap();
         resp.into_body().collect().await.unwrap();
         assert_eq!(pool.idle_http1(0), 1);
-        let list = &pool.http1.servers[0].idle[0];
+        let list = pool.http1.servers[0].idle.local();
         for _ in 0..100 {
             if lock(&list.conns).iter().any(|c| c.sender.is_ready()) {
                 break;
