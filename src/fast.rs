@@ -25,7 +25,6 @@ use std::cell::RefCell;
 use std::io::ErrorKind;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -194,15 +193,12 @@ impl Fast {
             let value = HeaderValue::from_maybe_shared(input.slice_ref(h.value)).ok()?;
             headers.append(name, value);
         }
-        let head = method == Method::HEAD;
         let mut req = Request::new(());
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = headers;
-        let (parts, body) = gateway::held_now(snap, &self.conn, &req)?;
-        encode(&parts, &body, head, out);
-        Some(used)
+        gateway::write_held(snap, &self.conn, &req, out).then_some(used)
     }
 }
 
@@ -216,58 +212,6 @@ fn plain_header(name: &HeaderName, value: &[u8]) -> bool {
         return value.eq_ignore_ascii_case(b"keep-alive");
     }
     !(name == header::TRANSFER_ENCODING || name == header::UPGRADE || name == header::EXPECT)
-}
-
-/// The response as hyper writes it: status line, the headers in order, then `content-length`
-/// (not for HEAD: hyper adds none to a bodiless answer to HEAD, and the held forms that have a
-/// body already carry the length a GET would get) and `date` when the response has none.
-fn encode(parts: &http::response::Parts, body: &Bytes, head: bool, out: &mut Vec<u8>) {
-    let status = parts.status;
-    out.reserve(256 + body.len());
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for (name, value) in &parts.headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if !head && !parts.headers.contains_key(header::CONTENT_LENGTH) {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if !parts.headers.contains_key(header::DATE) {
-        out.extend_from_slice(b"date: ");
-        with_date(|date| out.extend_from_slice(date));
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
-}
-
-thread_local! {
-    /// The `Date` value of the current second, formatted once per second per thread.
-    static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
-}
-
-fn with_date(f: impl FnOnce(&[u8])) {
-    let now = SystemTime::now();
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    DATE.with(|cell| {
-        let mut cached = cell.borrow_mut();
-        if cached.0 != secs {
-            let text = httpdate::fmt_http_date(now);
-            if text.len() == 29 {
-                cached.1.copy_from_slice(text.as_bytes());
-                cached.0 = secs;
-            }
-        }
-        f(&cached.1);
-    });
 }
 
 #[cfg(test)]
@@ -287,22 +231,5 @@ mod tests {
         assert!(!plain_header(&header::UPGRADE, b"websocket"));
         assert!(!plain_header(&header::EXPECT, b"100-continue"));
         assert!(plain_header(&header::ACCEPT, b"text/html"));
-    }
-
-    #[test]
-    fn a_response_is_written_as_hyper_writes_it() {
-        let mut resp = http::Response::new(());
-        *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("300"));
-        let (parts, ()) = resp.into_parts();
-        let mut out = Vec::new();
-        encode(&parts, &Bytes::from_static(b"down"), false, &mut out);
-        let text = std::str::from_utf8(&out).unwrap();
-        assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\nretry-after: 300\r\n"));
-        assert!(text.contains("\r\ncontent-length: 4\r\n"));
-        let date = text.split("\r\ndate: ").nth(1).unwrap();
-        assert!(httpdate::parse_http_date(&date[..29]).is_ok(), "{text}");
-        assert!(text.ends_with("GMT\r\n\r\ndown"));
     }
 }

@@ -83,6 +83,10 @@ pub fn handle(state: &StateHandle, conn: &Arc<Conn>, req: Request<Incoming>) -> 
         Decision::Answer(resp, outcome) => {
             Reply::Ready(Some(finish(&snap, start, log, resp, None, outcome)))
         }
+        Decision::Hold => {
+            let resp = reserved::hold(&snap, &req);
+            Reply::Ready(Some(finish(&snap, start, log, resp, None, Outcome::Held)))
+        }
         Decision::Forward(outcome) => {
             let conn = conn.clone();
             Reply::Later(Box::pin(async move {
@@ -93,28 +97,38 @@ pub fn handle(state: &StateHandle, conn: &Arc<Conn>, req: Request<Incoming>) -> 
     }
 }
 
-/// The holding response to `req` when the gateway would answer it with one, counted and
-/// logged as `handle` does; `None` for any other request. For writers other than hyper
-/// (`fast`): the body comes whole.
-pub fn held_now<B>(
-    snap: &Snapshot,
-    conn: &Conn,
-    req: &Request<B>,
-) -> Option<(http::response::Parts, bytes::Bytes)> {
-    snap.held.as_ref()?;
-    let start = Instant::now();
-    let Decision::Answer(resp, Outcome::Held) = decide(snap, conn, req) else {
-        return None;
+/// Writes the holding response to `req`, in HTTP/1.1, to `out` when the gateway would answer
+/// it with one, counted and logged as `handle` does; false for any other request, with nothing
+/// written. For writers other than hyper (`fast`). With the access log off and no countdown
+/// to an announced end, the response was encoded when the state changed (`hold::Held`), and
+/// a request adds only its date.
+pub fn write_held<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>, out: &mut Vec<u8>) -> bool {
+    let Some(held) = &snap.held else {
+        return false;
     };
-    // Held answers are pre-rendered; anything else is left to hyper before it is counted.
-    if !matches!(resp.body(), Body::Empty | Body::Full(_)) {
-        return None;
+    let start = Instant::now();
+    if !matches!(decide(snap, conn, req), Decision::Hold) {
+        return false;
     }
+    let head = req.method() == Method::HEAD;
+    let (form, lang) = reserved::choose_form(snap, req.headers(), req.uri().path());
+    if !snap.config.log.access_log {
+        if let Some(encoded) = held.encoded(form, lang, head) {
+            encoded.write(out);
+            let status = encoded.status().as_u16();
+            snap.metrics
+                .request(Outcome::Held, snap.mode, status, start.elapsed());
+            return true;
+        }
+    }
+    let resp = held.respond(form, lang, head, SystemTime::now);
     let log = Logged::if_on(snap, conn, req);
     let (parts, body) = finish(snap, start, log, resp, None, Outcome::Held).into_parts();
-    // Whole, as checked above (`finish` only wraps it to count it): never `None` here, and
-    // an answer already counted is never left to hyper to count again.
-    Some((parts, body.into_ready().unwrap_or_default()))
+    // A holding response's body is whole (`Held::respond`): never `None` here, and an answer
+    // already counted is never left to hyper to count again.
+    let body = body.into_ready().unwrap_or_default();
+    crate::h1::encode(&parts, &body, head, out);
+    true
 }
 
 /// What the access log line says of a request, taken before the request is consumed.
@@ -188,6 +202,9 @@ fn logged_uri(snap: &Snapshot, uri: &http::Uri) -> http::Uri {
 /// What becomes of a request, decided without waiting for anything.
 enum Decision {
     Answer(Response<Body>, Outcome),
+    /// The holding response (`reserved::hold`), left to the caller to build or to find
+    /// encoded.
+    Hold,
     /// Forwarded or bypassed.
     Forward(Outcome),
 }
@@ -219,9 +236,7 @@ fn decide<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>) -> Decision {
         }
     }
     match snap.held {
-        Some(_) if !bypassed(snap, conn, req) => {
-            Decision::Answer(reserved::hold(snap, req), Outcome::Held)
-        }
+        Some(_) if !bypassed(snap, conn, req) => Decision::Hold,
         Some(_) => Decision::Forward(Outcome::Bypassed),
         None => Decision::Forward(Outcome::Forwarded),
     }

@@ -18,7 +18,7 @@
 //!   connections to.
 //! - `gateway`: the per-request service; `body`: the body type both directions share.
 //! - `park`: idle HTTP/1.1 connections without hyper's state; `fast`: held requests answered
-//!   on them without hyper.
+//!   on them without hyper, in the wire form `h1` writes.
 //! - `forward`: forwarding (`headers` for hop-by-hop and `X-Forwarded-*`, `pool` for upstream
 //!   connections, `upgrade` for tunnels).
 //! - `state`: the snapshot every request reads.
@@ -35,6 +35,7 @@ pub mod control;
 pub mod fast;
 pub mod forward;
 pub mod gateway;
+pub mod h1;
 pub mod health;
 pub mod hold;
 pub mod listener;

@@ -3,7 +3,7 @@
 
 use crate::body::Body;
 use crate::hold::held::Held;
-use crate::hold::negotiate;
+use crate::hold::negotiate::{self, Form};
 use crate::state::Snapshot;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -169,14 +169,20 @@ pub fn respond(
     path: &str,
     head: bool,
 ) -> Response<Body> {
-    let (form, lang) = negotiate::negotiate(
+    let (form, lang) = choose_form(snap, headers, path);
+    held.respond(form, lang, head, SystemTime::now)
+}
+
+/// The form and the language (an index into the pages' languages) of the holding response
+/// a request with these headers gets.
+pub fn choose_form(snap: &Snapshot, headers: &http::HeaderMap, path: &str) -> (Form, usize) {
+    negotiate::negotiate(
         headers,
         path,
         &snap.config.maintenance.api_prefixes,
         &snap.pages.langs,
         snap.pages.id,
-    );
-    held.respond(form, lang, head, SystemTime::now)
+    )
 }
 
 fn not_found() -> Response<Body> {

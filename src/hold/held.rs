@@ -1,4 +1,5 @@
-//! The holding responses, rendered once per change of state and served by cloning `Bytes`.
+//! The holding responses, rendered once per change of state and served by cloning `Bytes`,
+//! or, written without hyper, by copying their HTTP/1.1 encoding.
 //!
 //! Only `Retry-After` depends on the moment of the request (it counts down to `until`), so the
 //! JSON bodies that carry it are stored split around that one number and joined per request.
@@ -8,6 +9,7 @@ use super::pages::Pages;
 use super::render::{self, UpdateItem, Values};
 use crate::body::Body;
 use crate::config::MaintenanceConfig;
+use crate::h1::Encoded;
 use crate::state::mode::{Mode, Persisted, Update};
 use crate::time::{seconds_until, whole_seconds, Timestamp};
 use bytes::{Bytes, BytesMut};
@@ -289,7 +291,14 @@ pub struct Held {
     heads: [HeaderMap; 4],
     /// `Retry-After` when it cannot change (no announced end to count down to).
     retry_fixed: Option<(HeaderValue, HeaderValue)>,
+    /// Every response `respond` gives, encoded for HTTP/1.1 but for its date: by `Form`, then
+    /// language (HTML only), then for GET and HEAD. A held request written without hyper
+    /// (`crate::fast`) is then a copy. `None` while `Retry-After` counts down.
+    encoded: Option<[Vec<[Encoded; 2]>; 4]>,
 }
+
+/// In `form_index` order.
+const FORMS: [Form; 4] = [Form::Grpc, Form::Html, Form::Text, Form::Json];
 
 fn form_index(form: Form) -> usize {
     match form {
@@ -364,8 +373,7 @@ impl Held {
             HeaderValue::from_str(&grpc_percent_encode(&view.message, MAX_GRPC_MESSAGE))
                 .unwrap_or_else(|_| HeaderValue::from_static("unavailable"));
         let mode = HeaderValue::from_static(view.mode.as_str());
-        let heads = [Form::Grpc, Form::Html, Form::Text, Form::Json]
-            .map(|form| fixed_headers(form, mode.clone(), &grpc_message));
+        let heads = FORMS.map(|form| fixed_headers(form, mode.clone(), &grpc_message));
         let retry_fixed = view.until.is_none().then(|| {
             let secs = view.retry_default;
             (
@@ -373,14 +381,40 @@ impl Held {
                 HeaderValue::from(secs.saturating_mul(1000)),
             )
         });
-        Held {
+        let mut held = Held {
             view,
             html,
             text: Bytes::from(text),
             json,
             heads,
             retry_fixed,
+            encoded: None,
+        };
+        if held.retry_fixed.is_some() {
+            held.encoded = Some(FORMS.map(|form| {
+                let langs = if form == Form::Html {
+                    held.html.len()
+                } else {
+                    1
+                };
+                (0..langs.max(1))
+                    .map(|lang| [false, true].map(|head| held.encode(form, lang, head)))
+                    .collect()
+            }));
         }
+        held
+    }
+
+    fn encode(&self, form: Form, lang: usize, head: bool) -> Encoded {
+        let (parts, body) = self.respond(form, lang, head, SystemTime::now).into_parts();
+        Encoded::new(&parts, body.into_ready().unwrap_or_default(), head)
+    }
+
+    /// `respond`'s answer, encoded, when it does not depend on the moment.
+    pub fn encoded(&self, form: Form, lang: usize, head: bool) -> Option<&Encoded> {
+        let by_lang = self.encoded.as_ref()?.get(form_index(form))?;
+        let pair = by_lang.get(lang).or(by_lang.first())?;
+        Some(&pair[usize::from(head)])
     }
 
     /// The response for one held request. The clock is read only when `Retry-After` counts
@@ -459,6 +493,87 @@ pub fn grpc_percent_encode(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pages(langs: &[&str]) -> Pages {
+        let templates = |page: &str| {
+            langs
+                .iter()
+                .map(|l| render::Template::parse(&format!("<p>{page} {l}: {{{{message}}}}</p>")))
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap()
+        };
+        Pages {
+            id: 7,
+            langs: langs.iter().map(|l| l.to_string()).collect(),
+            maintenance: templates("maintenance"),
+            outage: templates("outage"),
+            assets: Default::default(),
+            origin: String::new(),
+        }
+    }
+
+    fn view(until: Option<SystemTime>) -> View {
+        View {
+            mode: Mode::Maintenance,
+            message: "Back soon".into(),
+            since: None,
+            until,
+            retry_default: 300,
+            updates: Vec::new(),
+            status_page: String::new(),
+            next_window: None,
+        }
+    }
+
+    fn undated(wire: &[u8]) -> String {
+        let text = String::from_utf8_lossy(wire);
+        text.split("\r\n")
+            .filter(|line| !line.starts_with("date: "))
+            .collect::<Vec<_>>()
+            .join("\r\n")
+    }
+
+    #[test]
+    fn the_encoded_answers_are_the_answers_encoded() {
+        let pages = pages(&["en", "fr"]);
+        let held = Held::new(&pages, view(None), "/_i/", SystemTime::now());
+        let mut html = Vec::new();
+        for form in FORMS {
+            // Language 2 does not exist: the first one answers, as `respond` does.
+            for lang in 0..3 {
+                for head in [false, true] {
+                    let resp = held.respond(form, lang, head, SystemTime::now);
+                    let (parts, body) = resp.into_parts();
+                    let mut want = Vec::new();
+                    let body = body.into_ready().unwrap();
+                    crate::h1::encode(&parts, &body, head, &mut want);
+                    let mut got = Vec::new();
+                    held.encoded(form, lang, head).unwrap().write(&mut got);
+                    assert_eq!(undated(&got), undated(&want), "{form:?} {lang} {head}");
+                    if form == Form::Html && !head {
+                        html.push(undated(&got));
+                    }
+                }
+            }
+        }
+        assert!(
+            html[0].ends_with("<p>maintenance en: Back soon</p>"),
+            "{}",
+            html[0]
+        );
+        assert!(
+            html[1].ends_with("<p>maintenance fr: Back soon</p>"),
+            "{}",
+            html[1]
+        );
+        assert_eq!(html[2], html[0]);
+        // With an announced end, Retry-After counts down: nothing is kept encoded.
+        let ends = SystemTime::now() + std::time::Duration::from_secs(600);
+        let counting = Held::new(&pages, view(Some(ends)), "/_i/", SystemTime::now());
+        assert!(FORMS
+            .iter()
+            .all(|&f| counting.encoded(f, 0, false).is_none()));
+    }
 
     #[test]
     fn grpc_message_encoding() {

@@ -1,0 +1,190 @@
+//! The HTTP/1.1 wire form of a whole response, written as hyper writes it, for the answers
+//! sent without hyper (`fast`). A holding response is encoded once per change of state
+//! (`Encoded`, kept by `hold::held`), so that a held request adds only the `Date` of its
+//! second to bytes ready to send.
+
+use bytes::Bytes;
+use http::header;
+use http::response::Parts;
+use http::StatusCode;
+use std::cell::RefCell;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A response encoded but for its `Date`, which changes every second.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// The status line and the headers, without the blank line that ends them.
+    head: Bytes,
+    body: Bytes,
+    status: StatusCode,
+    /// Whether the response carries a `Date` of its own.
+    dated: bool,
+}
+
+impl Encoded {
+    /// `parts` and `body` as `encode` writes them. `head`: the answer to a HEAD request,
+    /// whose `body` is empty.
+    pub fn new(parts: &Parts, body: Bytes, head: bool) -> Encoded {
+        let mut out = Vec::with_capacity(256);
+        let dated = encode_head(parts, body.len(), head, &mut out);
+        Encoded {
+            head: Bytes::from(out),
+            body,
+            status: parts.status,
+            dated,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// Appends the response, dated now, to `out`.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        out.reserve(self.head.len() + 40 + self.body.len());
+        out.extend_from_slice(&self.head);
+        end_head(self.dated, &self.body, out);
+    }
+}
+
+/// The response as hyper writes it: status line, the headers in order, then `content-length`
+/// (not for HEAD: hyper adds none to a bodiless answer to HEAD, and the held forms that have a
+/// body already carry the length a GET would get) and `date` when the response has none.
+pub fn encode(parts: &Parts, body: &Bytes, head: bool, out: &mut Vec<u8>) {
+    out.reserve(256 + body.len());
+    let dated = encode_head(parts, body.len(), head, out);
+    end_head(dated, body, out);
+}
+
+/// Writes all of the head but `date` and the blank line; returns whether it had a `Date`.
+fn encode_head(parts: &Parts, body_len: usize, head: bool, out: &mut Vec<u8>) -> bool {
+    let status = parts.status;
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !head && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    parts.headers.contains_key(header::DATE)
+}
+
+fn end_head(dated: bool, body: &[u8], out: &mut Vec<u8>) {
+    if !dated {
+        out.extend_from_slice(b"date: ");
+        with_date(|date| out.extend_from_slice(date));
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+}
+
+thread_local! {
+    /// The `Date` value of the current second, formatted once per second per thread.
+    static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+}
+
+fn with_date(f: impl FnOnce(&[u8])) {
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        if cached.0 != secs {
+            let text = httpdate::fmt_http_date(now);
+            if text.len() == 29 {
+                cached.1.copy_from_slice(text.as_bytes());
+                cached.0 = secs;
+            }
+        }
+        f(&cached.1);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn parts(status: StatusCode, headers: &[(header::HeaderName, &'static str)]) -> Parts {
+        let mut resp = http::Response::new(());
+        *resp.status_mut() = status;
+        for (name, value) in headers {
+            resp.headers_mut()
+                .insert(name.clone(), HeaderValue::from_static(value));
+        }
+        resp.into_parts().0
+    }
+
+    /// The text with its date replaced by a fixed one, after checking that it is one.
+    fn undated(out: &[u8]) -> String {
+        let text = std::str::from_utf8(out).unwrap();
+        let (before, after) = text.split_once("\r\ndate: ").unwrap();
+        assert!(httpdate::parse_http_date(&after[..29]).is_ok(), "{text}");
+        format!("{before}\r\ndate: D{}", &after[29..])
+    }
+
+    #[test]
+    fn a_response_is_written_as_hyper_writes_it() {
+        let p = parts(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &[(header::RETRY_AFTER, "300")],
+        );
+        let mut out = Vec::new();
+        encode(&p, &Bytes::from_static(b"down"), false, &mut out);
+        assert_eq!(
+            undated(&out),
+            "HTTP/1.1 503 Service Unavailable\r\nretry-after: 300\r\n\
+             content-length: 4\r\ndate: D\r\n\r\ndown"
+        );
+    }
+
+    #[test]
+    fn an_encoded_response_is_written_as_encode_writes_it() {
+        let cases = [
+            (
+                parts(StatusCode::SERVICE_UNAVAILABLE, &[(header::VARY, "Accept")]),
+                "page",
+                false,
+            ),
+            // HEAD: the length a GET would get is a header of its own; no body.
+            (
+                parts(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &[(header::CONTENT_LENGTH, "4")],
+                ),
+                "",
+                true,
+            ),
+            (parts(StatusCode::OK, &[]), "", false),
+        ];
+        for (p, body, head) in cases {
+            let body = Bytes::from_static(body.as_bytes());
+            let (mut once, mut kept) = (Vec::new(), Vec::new());
+            encode(&p, &body, head, &mut once);
+            let encoded = Encoded::new(&p, body, head);
+            encoded.write(&mut kept);
+            assert_eq!(undated(&kept), undated(&once));
+            assert_eq!(encoded.status(), p.status);
+        }
+        // A response with a date of its own keeps it, and gets no second one.
+        let p = parts(
+            StatusCode::OK,
+            &[(header::DATE, "Thu, 03 Dec 2026 07:00:00 GMT")],
+        );
+        let mut out = Vec::new();
+        Encoded::new(&p, Bytes::new(), false).write(&mut out);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "HTTP/1.1 200 OK\r\ndate: Thu, 03 Dec 2026 07:00:00 GMT\r\ncontent-length: 0\r\n\r\n"
+        );
+    }
+}
