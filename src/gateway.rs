@@ -242,60 +242,63 @@ fn decide<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>) -> Decision {
     }
 }
 
-async fn forward_request(
-    snap: &Snapshot,
-    conn: &Conn,
+#[allow(clippy::manual_async_fn)]
+fn forward_request<'a>(
+    snap: &'a Snapshot,
+    conn: &'a Conn,
     req: Request<Incoming>,
     outcome: Outcome,
-) -> (Response<Body>, Option<usize>, Outcome) {
-    let trusted = snap.config.proxy.is_trusted(conn.peer.ip());
-    // What the outage answer would need, kept (reference counts, no copies) in case
-    // forwarding fails: the request itself goes to the upstream.
-    let echo = Echo::of(&req);
-    match forward::forward(
-        &snap.pool,
-        &snap.up,
-        &snap.passive,
-        req,
-        &conn.client,
-        trusted,
-        snap.config.upstream.response_timeout,
-    )
-    .await
-    {
-        Ok(f) => {
-            let intercept = &snap.config.upstream.intercept_statuses;
-            if !intercept.is_empty() && intercept.contains(&f.response.status().as_u16()) {
-                tracing::warn!(
-                    status = f.response.status().as_u16(),
-                    "upstream answer intercepted"
-                );
-                forward::pool::read_out(f.response.into_body());
-                return (echo.outage(snap), Some(f.server), Outcome::Failed);
-            }
-            (f.response, Some(f.server), outcome)
-        }
-        Err(forward::Failed {
-            client: Some(status),
-            ..
-        }) => {
-            let text = if status == StatusCode::REQUEST_TIMEOUT {
-                "the request body did not arrive in time\n"
-            } else {
-                "the request body could not be read\n"
-            };
-            (reserved::plain(status, text), None, Outcome::Failed)
-        }
-        Err(failed) => {
-            match &failed.error {
-                Some(e) => {
-                    tracing::warn!(error = %e, "forwarding failed; answering with the outage response")
+) -> impl Future<Output = (Response<Body>, Option<usize>, Outcome)> + Send + 'a {
+    async move {
+        let trusted = snap.config.proxy.is_trusted(conn.peer.ip());
+        // What the outage answer would need, kept (reference counts, no copies) in case
+        // forwarding fails: the request itself goes to the upstream.
+        let echo = Echo::of(&req);
+        match forward::forward(
+            &snap.pool,
+            &snap.up,
+            &snap.passive,
+            req,
+            &conn.client,
+            trusted,
+            snap.config.upstream.response_timeout,
+        )
+        .await
+        {
+            Ok(f) => {
+                let intercept = &snap.config.upstream.intercept_statuses;
+                if !intercept.is_empty() && intercept.contains(&f.response.status().as_u16()) {
+                    tracing::warn!(
+                        status = f.response.status().as_u16(),
+                        "upstream answer intercepted"
+                    );
+                    forward::pool::read_out(f.response.into_body());
+                    return (echo.outage(snap), Some(f.server), Outcome::Failed);
                 }
-                None => tracing::warn!(
-                    "no upstream server to forward to; answering with the outage response"
-                ),
+                (f.response, Some(f.server), outcome)
             }
-            (echo.outage(snap), failed.server, Outcome::Failed)
+            Err(forward::Failed {
+                client: Some(status),
+                ..
+            }) => {
+                let text = if status == StatusCode::REQUEST_TIMEOUT {
+                    "the request body did not arrive in time\n"
+                } else {
+                    "the request body could not be read\n"
+                };
+                (reserved::plain(status, text), None, Outcome::Failed)
+            }
+            Err(failed) => {
+                match &failed.error {
+                    Some(e) => {
+                        tracing::warn!(error = %e, "forwarding failed; answering with the outage response")
+                    }
+                    None => tracing::warn!(
+                        "no upstream server to forward to; answering with the outage response"
+                    ),
+                }
+                (echo.outage(snap), failed.server, Outcome::Failed)
+            }
         }
     }
 }
@@ -304,33 +307,41 @@ async fn forward_request(
 struct Echo {
     head: bool,
     path: Option<http::uri::PathAndQuery>,
-    headers: [(header::HeaderName, Option<HeaderValue>); 5],
+    /// The first line of each of `ECHOED`, in its order.
+    headers: [Option<HeaderValue>; 5],
 }
+
+/// The request headers that choose the form of a holding response.
+const ECHOED: [header::HeaderName; 5] = [
+    header::ACCEPT,
+    header::ACCEPT_LANGUAGE,
+    header::CONTENT_TYPE,
+    header::UPGRADE,
+    header::CONNECTION,
+];
 
 impl Echo {
     fn of<B>(req: &Request<B>) -> Echo {
-        let h = req.headers();
-        let keep = |name: header::HeaderName| {
-            let value = h.get(&name).cloned();
-            (name, value)
-        };
+        let mut headers: [Option<HeaderValue>; 5] = Default::default();
+        // One pass over the request's few headers, not a hash and a probe for each of the
+        // five names: this runs for every forwarded request, and is used only if it fails.
+        for (name, value) in req.headers() {
+            if let Some(at) = ECHOED.iter().position(|n| n == name) {
+                // The first line of each, as `HeaderMap::get` gives.
+                headers[at].get_or_insert_with(|| value.clone());
+            }
+        }
         Echo {
             head: req.method() == Method::HEAD,
             path: req.uri().path_and_query().cloned(),
-            headers: [
-                keep(header::ACCEPT),
-                keep(header::ACCEPT_LANGUAGE),
-                keep(header::CONTENT_TYPE),
-                keep(header::UPGRADE),
-                keep(header::CONNECTION),
-            ],
+            headers,
         }
     }
 
     /// The outage holding response this request would get.
     fn outage(self, snap: &Snapshot) -> Response<Body> {
         let mut headers = HeaderMap::new();
-        for (name, value) in self.headers {
+        for (name, value) in ECHOED.into_iter().zip(self.headers) {
             if let Some(v) = value {
                 headers.insert(name, v);
             }
@@ -419,6 +430,38 @@ fn without_dot_segments(path: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use http::Request;
+
+    #[test]
+    fn an_echo_keeps_the_first_line_of_the_headers_that_choose_the_form() {
+        let req = Request::head("/shop?x=1")
+            .header("accept-language", "fr")
+            .header("accept", "application/json")
+            .header("x-other", "1")
+            .header("accept", "text/html")
+            .header("connection", "upgrade")
+            .body(())
+            .unwrap();
+        let echo = super::Echo::of(&req);
+        assert!(echo.head);
+        assert_eq!(echo.path.as_ref().map(|p| p.as_str()), Some("/shop?x=1"));
+        let kept: Vec<(&str, Option<&str>)> = super::ECHOED
+            .iter()
+            .zip(&echo.headers)
+            .map(|(n, v)| (n.as_str(), v.as_ref().map(|v| v.to_str().unwrap())))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("accept", Some("application/json")),
+                ("accept-language", Some("fr")),
+                ("content-type", None),
+                ("upgrade", None),
+                ("connection", Some("upgrade")),
+            ]
+        );
+    }
+
     #[test]
     fn dot_segments_in_any_spelling_are_caught() {
         for ok in [

@@ -17,6 +17,7 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use pool::UpstreamPool;
+use std::future::Future;
 use std::time::Duration;
 
 /// Why a request could not be forwarded: always the upstream side's fault.
@@ -99,105 +100,113 @@ fn buffer_for_replay(parts: &http::request::Parts) -> bool {
 /// Forwards `req` to a healthy upstream server; a request that fails before any response
 /// head arrives is retried once on another healthy server when it can be replayed. Every
 /// failure is reported to that server's checker.
-pub async fn forward(
-    pool: &UpstreamPool,
-    up: &[bool],
-    passive: &[Passive],
+#[allow(clippy::manual_async_fn)]
+pub fn forward<'a>(
+    pool: &'a UpstreamPool,
+    up: &'a [bool],
+    passive: &'a [Passive],
     mut req: Request<Incoming>,
-    client: &ClientSide,
+    client: &'a ClientSide,
     trusted: bool,
     timeout: Duration,
-) -> Result<Forwarded, Failed> {
-    let upgrade = match req.version() {
-        Version::HTTP_11 => headers::upgrade_request(req.headers()),
-        _ => None,
-    };
-    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+) -> impl Future<Output = Result<Forwarded, Failed>> + Send + 'a {
+    async move {
+        let upgrade = match req.version() {
+            Version::HTTP_11 => headers::upgrade_request(req.headers()),
+            _ => None,
+        };
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
 
-    let (mut parts, body) = req.into_parts();
-    // HTTP/2 clients name the host in :authority, which the upstream hop needs as Host.
-    if !parts.headers.contains_key(header::HOST) {
-        if let Some(authority) = parts.uri.authority() {
-            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-                parts.headers.insert(header::HOST, host);
+        // In a block of its own, so that the request's parts, moved into the new request at
+        // its end, keep no slot in this future's state while it waits for the response.
+        let (first, req, sent, replay, path) = {
+            let (mut parts, body) = req.into_parts();
+            // HTTP/2 clients name the host in :authority, which the upstream hop needs as Host.
+            if !parts.headers.contains_key(header::HOST) {
+                if let Some(authority) = parts.uri.authority() {
+                    if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                        parts.headers.insert(header::HOST, host);
+                    }
+                }
             }
-        }
-    }
-    // Decided before the hop-by-hop headers go: `Transfer-Encoding` is one of them.
-    let buffer = client_upgrade.is_none()
-        && pool.servers.len() > 1
-        && (0..pool.servers.len())
-            .filter(|&i| up.get(i).copied().unwrap_or(true))
-            .count()
-            > 1
-        && buffer_for_replay(&parts);
-    headers::strip_hop_by_hop(&mut parts.headers);
-    // This hop answered the expectation already: hyper sends `100 Continue` to the client as
-    // soon as the body is read, which forwarding starts at once.
-    parts.headers.remove(header::EXPECT);
-    if let Some(up) = upgrade {
-        headers::restore_upgrade(&mut parts.headers, up);
-    }
-    headers::set_forwarded(&mut parts.headers, client, trusted);
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let (body, sent, held) = if buffer {
-        // Bounded by the limit above, and in time by response_timeout: a client that stalls
-        // its upload is answered 408, not waited for.
-        match tokio::time::timeout(timeout, http_body_util::BodyExt::collect(body)).await {
-            Ok(Ok(collected)) => {
-                let bytes = collected.to_bytes();
-                (Body::full(bytes.clone()), None, Some(bytes))
+            // Decided before the hop-by-hop headers go: `Transfer-Encoding` is one of them.
+            let buffer = client_upgrade.is_none()
+                && pool.servers.len() > 1
+                && (0..pool.servers.len())
+                    .filter(|&i| up.get(i).copied().unwrap_or(true))
+                    .count()
+                    > 1
+                && buffer_for_replay(&parts);
+            headers::strip_hop_by_hop(&mut parts.headers);
+            // This hop answered the expectation already: hyper sends `100 Continue` to the client as
+            // soon as the body is read, which forwarding starts at once.
+            parts.headers.remove(header::EXPECT);
+            if let Some(up) = upgrade {
+                headers::restore_upgrade(&mut parts.headers, up);
             }
-            Ok(Err(_)) => return Err(client_failed(StatusCode::BAD_REQUEST)),
-            Err(_) => return Err(client_failed(StatusCode::REQUEST_TIMEOUT)),
-        }
-    } else {
-        let (body, sent) = Body::watched(body);
-        (body, sent, None)
-    };
+            headers::set_forwarded(&mut parts.headers, client, trusted);
+            let path = parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            let (body, sent, held) = if buffer {
+                // Bounded by the limit above, and in time by response_timeout: a client that stalls
+                // its upload is answered 408, not waited for.
+                match tokio::time::timeout(timeout, http_body_util::BodyExt::collect(body)).await {
+                    Ok(Ok(collected)) => {
+                        let bytes = collected.to_bytes();
+                        (Body::full(bytes.clone()), None, Some(bytes))
+                    }
+                    Ok(Err(_)) => return Err(client_failed(StatusCode::BAD_REQUEST)),
+                    Err(_) => return Err(client_failed(StatusCode::REQUEST_TIMEOUT)),
+                }
+            } else {
+                let (body, sent) = Body::watched(body);
+                (body, sent, None)
+            };
 
-    let Some(first) = pool.pick(up, None) else {
-        return Err(Failed::upstream(None, None));
-    };
-    // A copy for the second attempt, made only when a second attempt is possible.
-    let replay =
-        (client_upgrade.is_none() && replayable(&parts.method, &body) && pool.servers.len() > 1)
-            .then(|| (parts.method.clone(), parts.headers.clone(), held));
-    let mut req = Request::from_parts(parts, body);
-    aim(&mut req, &pool.servers[first], path.clone());
-    let mut sent = sent;
-    let error = match send(pool, first, req, timeout, sent.as_mut()).await {
-        Ok(resp) => return Ok(finish(resp, first, client_upgrade)),
-        Err(e) => e,
-    };
-    // Only what the upstream can be blamed for counts against its health: a client that
-    // stalls or aborts its own upload must not be able to take servers out.
-    let body_complete = sent.as_ref().is_none_or(SentSignal::complete);
-    if matches!(error, UpstreamError::Connect { .. }) || body_complete {
-        report(passive, first, &error);
-    }
-    // A timeout is retried too, as nginx's default `proxy_next_upstream error timeout` does:
-    // the request is idempotent, so a server still working on it does no harm, and a hung
-    // server must not cost the client its answer while another one is healthy.
-    // Picked only when there is something to retry: a pick moves the round-robin on.
-    let second = replay.as_ref().and_then(|_| pool.pick(up, Some(first)));
-    let (Some((method, headers, held)), Some(second)) = (replay, second) else {
-        return Err(Failed::upstream(Some(error), Some(first)));
-    };
-    tracing::warn!(error = %error, "retrying on {}", pool.servers[second]);
-    let mut again = Request::new(held.map_or(Body::Empty, Body::full));
-    *again.method_mut() = method;
-    *again.headers_mut() = headers;
-    aim(&mut again, &pool.servers[second], path);
-    match send(pool, second, again, timeout, None).await {
-        Ok(resp) => Ok(finish(resp, second, None)),
-        Err(e) => {
-            report(passive, second, &e);
-            Err(Failed::upstream(Some(e), Some(second)))
+            let Some(first) = pool.pick(up, None) else {
+                return Err(Failed::upstream(None, None));
+            };
+            // A copy for the second attempt, made only when a second attempt is possible.
+            let replay = (client_upgrade.is_none()
+                && replayable(&parts.method, &body)
+                && pool.servers.len() > 1)
+                .then(|| (parts.method.clone(), parts.headers.clone(), held));
+            let mut req = Request::from_parts(parts, body);
+            aim(&mut req, &pool.servers[first], path.clone());
+            (first, req, sent, replay, path)
+        };
+        let (mut req, mut server, mut sent, mut replay) = (req, first, sent, replay);
+        // One call site for both attempts: the future of each would otherwise have a slot of its
+        // own in this one's state, which every forwarded request allocates and copies.
+        loop {
+            let error = match send(pool, server, req, timeout, sent.as_mut()).await {
+                Ok(resp) => return Ok(finish(resp, server, client_upgrade)),
+                Err(e) => e,
+            };
+            // Only what the upstream can be blamed for counts against its health: a client that
+            // stalls or aborts its own upload must not be able to take servers out.
+            let body_complete = sent.as_ref().is_none_or(SentSignal::complete);
+            if matches!(error, UpstreamError::Connect { .. }) || body_complete {
+                report(passive, server, &error);
+            }
+            // A timeout is retried too, as nginx's default `proxy_next_upstream error timeout`
+            // does: the request is idempotent, so a server still working on it does no harm, and
+            // a hung server must not cost the client its answer while another one is healthy.
+            // Picked only when there is something to retry: a pick moves the round-robin on.
+            // The copy is taken: there is one second attempt at most.
+            let second = replay.as_ref().and_then(|_| pool.pick(up, Some(first)));
+            let (Some((method, headers, held)), Some(second)) = (replay.take(), second) else {
+                return Err(Failed::upstream(Some(error), Some(server)));
+            };
+            tracing::warn!(error = %error, "retrying on {}", pool.servers[second]);
+            let mut again = Request::new(held.map_or(Body::Empty, Body::full));
+            *again.method_mut() = method;
+            *again.headers_mut() = headers;
+            aim(&mut again, &pool.servers[second], path.clone());
+            (req, server, sent) = (again, second, None);
         }
     }
 }
@@ -246,46 +255,49 @@ fn report(passive: &[Passive], server: usize, error: &UpstreamError) {
 
 /// Sends one request to one server, waiting at most `response_timeout` for the head once the
 /// request body (if it streams) has been sent whole, as nginx's `proxy_read_timeout` does.
-async fn send(
-    pool: &UpstreamPool,
+#[allow(clippy::manual_async_fn)]
+fn send<'a>(
+    pool: &'a UpstreamPool,
     server: usize,
     req: Request<Body>,
     timeout: Duration,
-    sent: Option<&mut SentSignal>,
-) -> Result<Response<Body>, UpstreamError> {
-    let name = || pool.servers[server].to_string();
-    // One pinned response future for both cases: moving it into `tokio::time::timeout` would
-    // keep a second copy of its 1.6 KB in this future's state, which every forwarded
-    // request allocates and copies.
-    let response = pool.request(server, req);
-    tokio::pin!(response);
-    let deadline = async {
-        if let Some(sent) = sent {
-            // A body that ends in error drops the sender: the timer starts then too.
-            let _ = (&mut sent.rx).await;
+    sent: Option<&'a mut SentSignal>,
+) -> impl Future<Output = Result<Response<Body>, UpstreamError>> + Send + 'a {
+    async move {
+        let name = || pool.servers[server].to_string();
+        // One pinned response future for both cases: moving it into `tokio::time::timeout` would
+        // keep a second copy of its 1.6 KB in this future's state, which every forwarded
+        // request allocates and copies.
+        let response = pool.request(server, req);
+        tokio::pin!(response);
+        let deadline = async {
+            if let Some(sent) = sent {
+                // A body that ends in error drops the sender: the timer starts then too.
+                let _ = (&mut sent.rx).await;
+            }
+            tokio::time::sleep(timeout).await;
+        };
+        // Biased: a response that is ready when the deadline passes is taken.
+        let outcome = tokio::select! {
+            biased;
+            r = &mut response => Some(r),
+            () = deadline => None,
+        };
+        match outcome {
+            Some(Ok(resp)) => Ok(resp),
+            Some(Err(source)) if source.is_connect() => Err(UpstreamError::Connect {
+                server: name(),
+                source,
+            }),
+            Some(Err(source)) => Err(UpstreamError::Failed {
+                server: name(),
+                source,
+            }),
+            None => Err(UpstreamError::Timeout {
+                server: name(),
+                timeout,
+            }),
         }
-        tokio::time::sleep(timeout).await;
-    };
-    // Biased: a response that is ready when the deadline passes is taken.
-    let outcome = tokio::select! {
-        biased;
-        r = &mut response => Some(r),
-        () = deadline => None,
-    };
-    match outcome {
-        Some(Ok(resp)) => Ok(resp),
-        Some(Err(source)) if source.is_connect() => Err(UpstreamError::Connect {
-            server: name(),
-            source,
-        }),
-        Some(Err(source)) => Err(UpstreamError::Failed {
-            server: name(),
-            source,
-        }),
-        None => Err(UpstreamError::Timeout {
-            server: name(),
-            timeout,
-        }),
     }
 }
 

@@ -20,6 +20,7 @@ use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -129,17 +130,20 @@ impl UpstreamPool {
 
     /// Sends `req` to server `index` over a connection that speaks its protocol. The response
     /// body of an `http://` server gives its connection back to the pool when read whole.
-    pub async fn request(
+    #[allow(clippy::manual_async_fn)]
+    pub fn request(
         &self,
         index: usize,
         req: Request<Body>,
-    ) -> Result<Response<Body>, SendError> {
-        let resp = match self.servers.get(index).map(|s| s.protocol) {
-            Some(Protocol::Http) => return self.http1.request(index, req).await,
-            Some(Protocol::H2c) => self.clients.local().h2c.request(req).await?,
-            _ => self.clients.local().https.request(req).await?,
-        };
-        Ok(resp.map(Body::Stream))
+    ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + '_ {
+        async move {
+            let resp = match self.servers.get(index).map(|s| s.protocol) {
+                Some(Protocol::Http) => return self.http1.request(index, req).await,
+                Some(Protocol::H2c) => self.clients.local().h2c.request(req).await?,
+                _ => self.clients.local().https.request(req).await?,
+            };
+            Ok(resp.map(Body::Stream))
+        }
     }
 
     /// How many workers this pool was built for.
@@ -322,58 +326,61 @@ impl Http1Pool {
 
     /// Sends `req`, whose URI is the path alone (`forward::aim` makes it so: HTTP/1.1 to an
     /// origin server names the path, RFC 9112 §3.2.1, and the client's `Host` names the site).
-    async fn request(
+    #[allow(clippy::manual_async_fn)]
+    fn request(
         &self,
         index: usize,
         mut req: Request<Body>,
-    ) -> Result<Response<Body>, SendError> {
-        let Some(server) = self.servers.get(index) else {
-            return Err(SendError::Connect("no such server".into()));
-        };
-        let home = server.idle.local();
-        let now = Instant::now();
-        // Each turn uses up a kept connection, up to `KEPT_TRIES`, then dials a new one,
-        // which is the last turn.
-        let mut kept_tries = 0;
-        loop {
-            let kept = if kept_tries < KEPT_TRIES {
-                home.take(now, self.idle_timeout)
-            } else {
-                None
+    ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + '_ {
+        async move {
+            let Some(server) = self.servers.get(index) else {
+                return Err(SendError::Connect("no such server".into()));
             };
-            let (mut sender, since) = match kept {
-                Some(IdleConn { sender, since }) => {
-                    kept_tries += 1;
-                    (sender, Some(since))
-                }
-                // Boxed: the rare path must not make every request's future larger.
-                None => (Box::pin(self.connect(&server.dial)).await?, None),
-            };
-            // A server closes a connection that idled past its keep-alive timeout (5 s for
-            // Node.js and uvicorn, 2 s for gunicorn), and a request can be written on it before
-            // the close is read. One that can be sent again is kept for that case, as nginx
-            // retries a request that failed on a cached connection; a busy connection, idle
-            // for microseconds, pays nothing for it. Boxed: rarely made, and a request's size in
-            // every request's future otherwise.
-            let again = since
-                .filter(|since| now.saturating_duration_since(*since) >= MAYBE_CLOSED_AFTER)
-                .and_then(|_| copy_to_replay(&req))
-                .map(Box::new);
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(lend(resp, sender, home)),
-                Err(mut e) => match (e.take_message(), again) {
-                    // Closed before the request was written (its task saw the close first).
-                    (Some(unsent), _) if since.is_some() => req = unsent,
-                    // Closed before an answer's head arrived whole, once the request was
-                    // written: sent again once, on a new connection, so that a request that
-                    // makes the server fail is not sent once per kept connection.
-                    (None, Some(copy)) if e.error().is_incomplete_message() => {
-                        tracing::debug!("a kept upstream connection was closed; sending again");
-                        req = *copy;
-                        kept_tries = KEPT_TRIES;
+            let home = server.idle.local();
+            let now = Instant::now();
+            // Each turn uses up a kept connection, up to `KEPT_TRIES`, then dials a new one,
+            // which is the last turn.
+            let mut kept_tries = 0;
+            loop {
+                let kept = if kept_tries < KEPT_TRIES {
+                    home.take(now, self.idle_timeout)
+                } else {
+                    None
+                };
+                let (mut sender, since) = match kept {
+                    Some(IdleConn { sender, since }) => {
+                        kept_tries += 1;
+                        (sender, Some(since))
                     }
-                    _ => return Err(SendError::Http(e.into_error())),
-                },
+                    // Boxed: the rare path must not make every request's future larger.
+                    None => (Box::pin(self.connect(&server.dial)).await?, None),
+                };
+                // A server closes a connection that idled past its keep-alive timeout (5 s for
+                // Node.js and uvicorn, 2 s for gunicorn), and a request can be written on it before
+                // the close is read. One that can be sent again is kept for that case, as nginx
+                // retries a request that failed on a cached connection; a busy connection, idle
+                // for microseconds, pays nothing for it. Boxed: rarely made, and a request's size in
+                // every request's future otherwise.
+                let again = since
+                    .filter(|since| now.saturating_duration_since(*since) >= MAYBE_CLOSED_AFTER)
+                    .and_then(|_| copy_to_replay(&req))
+                    .map(Box::new);
+                match sender.try_send_request(req).await {
+                    Ok(resp) => return Ok(lend(resp, sender, home)),
+                    Err(mut e) => match (e.take_message(), again) {
+                        // Closed before the request was written (its task saw the close first).
+                        (Some(unsent), _) if since.is_some() => req = unsent,
+                        // Closed before an answer's head arrived whole, once the request was
+                        // written: sent again once, on a new connection, so that a request that
+                        // makes the server fail is not sent once per kept connection.
+                        (None, Some(copy)) if e.error().is_incomplete_message() => {
+                            tracing::debug!("a kept upstream connection was closed; sending again");
+                            req = *copy;
+                            kept_tries = KEPT_TRIES;
+                        }
+                        _ => return Err(SendError::Http(e.into_error())),
+                    },
+                }
             }
         }
     }
