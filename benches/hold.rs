@@ -1,12 +1,14 @@
 //! Serving a held request.
 //!
 //! Backs the decision "render at change time, not at request time" (DESIGN.md): a held request
-//! costs negotiation plus a `Bytes` clone, against rendering the template for every request.
+//! costs negotiation plus a `Bytes` clone, against rendering the template for every request;
+//! and written without hyper, a copy of its encoding, against building and encoding it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue};
 use intermission::config::{Config, PagesSource};
+use intermission::h1;
 use intermission::hold::held::{self, Held, View};
 use intermission::hold::negotiate;
 use intermission::hold::pages::Pages;
@@ -71,6 +73,30 @@ fn serve(c: &mut Criterion) {
             let page = held::render_pages(&pages, &view, &prefix, SystemTime::now());
             black_box(page.into_iter().nth(lang));
             held.respond(form, lang, false, SystemTime::now)
+        })
+    });
+    // Backs "encode once per state change" (`h1::Encoded`): what `fast` writes for a held
+    // request on a parked connection, against building the response and encoding it.
+    let mut out = Vec::with_capacity(8192);
+    c.bench_function("held page written: encoded at change time + date", |b| {
+        b.iter(|| {
+            out.clear();
+            let form = negotiate::choose_form(black_box(&headers), "/shop", &prefixes);
+            let lang = negotiate::choose_language(headers.get("accept-language"), &pages.langs);
+            held.encoded(form, lang, false).unwrap().write(&mut out);
+            out.len()
+        })
+    });
+    c.bench_function("held page written: build the response + encode it", |b| {
+        b.iter(|| {
+            out.clear();
+            let form = negotiate::choose_form(black_box(&headers), "/shop", &prefixes);
+            let lang = negotiate::choose_language(headers.get("accept-language"), &pages.langs);
+            let resp = held.respond(form, lang, false, SystemTime::now);
+            let (parts, body) = resp.into_parts();
+            let body = body.into_ready().unwrap();
+            h1::encode(&parts, &body, false, &mut out);
+            out.len()
         })
     });
     c.bench_function("negotiation only: browser Accept + Accept-Language", |b| {
