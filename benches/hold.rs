@@ -53,7 +53,7 @@ fn browser() -> HeaderMap {
 fn serve(c: &mut Criterion) {
     let (config, pages, view) = setup();
     let prefix = config.maintenance.reserved_prefix.clone();
-    let held = Held::new(&pages, view.clone(), &prefix, SystemTime::now());
+    let held = Held::new(&pages, view.clone(), &prefix, SystemTime::now()).with_encodings();
     let headers = browser();
     let api = HeaderMap::new();
     let prefixes = config.maintenance.api_prefixes.clone();

@@ -7,7 +7,8 @@
 //! per-request timers costs more than the answer itself, which is pre-rendered. Here a request
 //! is parsed with httparse (as hyper does), judged by the gateway's own `decide` (bypass
 //! cookies, allowed paths and addresses, reserved paths: the same code as every other request),
-//! and its pre-rendered answer written with one system call.
+//! and its answer, encoded when the state changed (`h1::Encoded`), written with one system
+//! call.
 //!
 //! Anything else goes to hyper, untouched, with the bytes read so far: another method, a body,
 //! `Connection`, `Upgrade` or `Expect`, HTTP/1.0, an incomplete or malformed head, a request

@@ -115,9 +115,7 @@ pub fn write_held<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>, out: &mut V
     if !snap.config.log.access_log {
         if let Some(encoded) = held.encoded(form, lang, head) {
             encoded.write(out);
-            let status = encoded.status().as_u16();
-            snap.metrics
-                .request(Outcome::Held, snap.mode, status, start.elapsed());
+            count(snap, start, encoded.status(), Outcome::Held);
             return true;
         }
     }
@@ -158,9 +156,8 @@ fn finish(
     server: Option<usize>,
     outcome: Outcome,
 ) -> Response<Body> {
+    count(snap, start, resp.status(), outcome);
     let status = resp.status().as_u16();
-    snap.metrics
-        .request(outcome, snap.mode, status, start.elapsed());
     let Some(Logged { method, uri, peer }) = log else {
         return resp;
     };
@@ -182,6 +179,11 @@ fn finish(
         }),
     );
     Response::from_parts(parts, body)
+}
+
+fn count(snap: &Snapshot, start: Instant, status: StatusCode, outcome: Outcome) {
+    snap.metrics
+        .request(outcome, snap.mode, status.as_u16(), start.elapsed());
 }
 
 /// The URI as the access log shows it: the bypass secret never reaches a log file.
@@ -309,6 +311,9 @@ struct Echo {
     path: Option<http::uri::PathAndQuery>,
     /// The first line of each of `ECHOED`, in its order.
     headers: [Option<HeaderValue>; 5],
+    /// Their further lines (an `Accept` or `Connection` may come in several), by index in
+    /// `ECHOED`: negotiation reads them all. Empty, and unallocated, for most requests.
+    more: Vec<(usize, HeaderValue)>,
 }
 
 /// The request headers that choose the form of a holding response.
@@ -323,18 +328,22 @@ const ECHOED: [header::HeaderName; 5] = [
 impl Echo {
     fn of<B>(req: &Request<B>) -> Echo {
         let mut headers: [Option<HeaderValue>; 5] = Default::default();
+        let mut more = Vec::new();
         // One pass over the request's few headers, not a hash and a probe for each of the
         // five names: this runs for every forwarded request, and is used only if it fails.
         for (name, value) in req.headers() {
             if let Some(at) = ECHOED.iter().position(|n| n == name) {
-                // The first line of each, as `HeaderMap::get` gives.
-                headers[at].get_or_insert_with(|| value.clone());
+                match &headers[at] {
+                    None => headers[at] = Some(value.clone()),
+                    Some(_) => more.push((at, value.clone())),
+                }
             }
         }
         Echo {
             head: req.method() == Method::HEAD,
             path: req.uri().path_and_query().cloned(),
             headers,
+            more,
         }
     }
 
@@ -345,6 +354,9 @@ impl Echo {
             if let Some(v) = value {
                 headers.insert(name, v);
             }
+        }
+        for (at, value) in self.more {
+            headers.append(&ECHOED[at], value);
         }
         let path = self.path.as_ref().map_or("/", |p| p.path());
         reserved::respond(snap, &snap.outage, &headers, path, self.head)
@@ -433,7 +445,7 @@ mod tests {
     use http::Request;
 
     #[test]
-    fn an_echo_keeps_the_first_line_of_the_headers_that_choose_the_form() {
+    fn an_echo_keeps_every_line_of_the_headers_that_choose_the_form() {
         let req = Request::head("/shop?x=1")
             .header("accept-language", "fr")
             .header("accept", "application/json")
@@ -460,6 +472,13 @@ mod tests {
                 ("connection", Some("upgrade")),
             ]
         );
+        // The second Accept line too: negotiation reads every line.
+        let more: Vec<(&str, &str)> = echo
+            .more
+            .iter()
+            .map(|(at, v)| (super::ECHOED[*at].as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(more, [("accept", "text/html")]);
     }
 
     #[test]

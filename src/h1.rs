@@ -1,7 +1,7 @@
 //! The HTTP/1.1 wire form of a whole response, written as hyper writes it, for the answers
-//! sent without hyper (`fast`). A holding response is encoded once per change of state
-//! (`Encoded`, kept by `hold::held`), so that a held request adds only the `Date` of its
-//! second to bytes ready to send.
+//! sent without hyper (`fast`). The holding responses are encoded once per change of state
+//! (`Encoded`, kept by `hold::held` while no answer depends on the moment), so that a held
+//! request adds only the `Date` of its second to bytes ready to send.
 
 use bytes::Bytes;
 use http::header;
@@ -110,7 +110,7 @@ fn with_date(f: impl FnOnce(&[u8])) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use http::HeaderValue;
 
@@ -125,7 +125,7 @@ mod tests {
     }
 
     /// The text with its date replaced by a fixed one, after checking that it is one.
-    fn undated(out: &[u8]) -> String {
+    pub(crate) fn undated(out: &[u8]) -> String {
         let text = std::str::from_utf8(out).unwrap();
         let (before, after) = text.split_once("\r\ndate: ").unwrap();
         assert!(httpdate::parse_http_date(&after[..29]).is_ok(), "{text}");

@@ -1,5 +1,6 @@
-//! The holding responses, rendered once per change of state and served by cloning `Bytes`,
-//! or, written without hyper, by copying their HTTP/1.1 encoding.
+//! The holding responses, rendered once per change of state and served by cloning `Bytes`;
+//! for a held request written without hyper (`crate::fast`), with the access log off and no
+//! countdown to an announced end, by copying their HTTP/1.1 encoding.
 //!
 //! Only `Retry-After` depends on the moment of the request (it counts down to `until`), so the
 //! JSON bodies that carry it are stored split around that one number and joined per request.
@@ -381,7 +382,7 @@ impl Held {
                 HeaderValue::from(secs.saturating_mul(1000)),
             )
         });
-        let mut held = Held {
+        Held {
             view,
             html,
             text: Bytes::from(text),
@@ -389,20 +390,25 @@ impl Held {
             heads,
             retry_fixed,
             encoded: None,
-        };
-        if held.retry_fixed.is_some() {
-            held.encoded = Some(FORMS.map(|form| {
+        }
+    }
+
+    /// The same, with every answer also kept encoded (`encoded`) when none depends on the
+    /// moment: for the answers to held requests, which `crate::fast` writes without hyper.
+    pub fn with_encodings(mut self) -> Held {
+        if self.retry_fixed.is_some() {
+            self.encoded = Some(FORMS.map(|form| {
                 let langs = if form == Form::Html {
-                    held.html.len()
+                    self.html.len()
                 } else {
                     1
                 };
                 (0..langs.max(1))
-                    .map(|lang| [false, true].map(|head| held.encode(form, lang, head)))
+                    .map(|lang| [false, true].map(|head| self.encode(form, lang, head)))
                     .collect()
             }));
         }
-        held
+        self
     }
 
     fn encode(&self, form: Form, lang: usize, head: bool) -> Encoded {
@@ -410,7 +416,8 @@ impl Held {
         Encoded::new(&parts, body.into_ready().unwrap_or_default(), head)
     }
 
-    /// `respond`'s answer, encoded, when it does not depend on the moment.
+    /// `respond`'s answer, encoded, when it does not depend on the moment and was kept
+    /// (`with_encodings`).
     pub fn encoded(&self, form: Form, lang: usize, head: bool) -> Option<&Encoded> {
         let by_lang = self.encoded.as_ref()?.get(form_index(form))?;
         let pair = by_lang.get(lang).or(by_lang.first())?;
@@ -493,6 +500,7 @@ pub fn grpc_percent_encode(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::h1::tests::undated;
 
     fn pages(langs: &[&str]) -> Pages {
         let templates = |page: &str| {
@@ -525,18 +533,10 @@ mod tests {
         }
     }
 
-    fn undated(wire: &[u8]) -> String {
-        let text = String::from_utf8_lossy(wire);
-        text.split("\r\n")
-            .filter(|line| !line.starts_with("date: "))
-            .collect::<Vec<_>>()
-            .join("\r\n")
-    }
-
     #[test]
     fn the_encoded_answers_are_the_answers_encoded() {
         let pages = pages(&["en", "fr"]);
-        let held = Held::new(&pages, view(None), "/_i/", SystemTime::now());
+        let held = Held::new(&pages, view(None), "/_i/", SystemTime::now()).with_encodings();
         let mut html = Vec::new();
         for form in FORMS {
             // Language 2 does not exist: the first one answers, as `respond` does.
@@ -569,7 +569,8 @@ mod tests {
         assert_eq!(html[2], html[0]);
         // With an announced end, Retry-After counts down: nothing is kept encoded.
         let ends = SystemTime::now() + std::time::Duration::from_secs(600);
-        let counting = Held::new(&pages, view(Some(ends)), "/_i/", SystemTime::now());
+        let counting =
+            Held::new(&pages, view(Some(ends)), "/_i/", SystemTime::now()).with_encodings();
         assert!(FORMS
             .iter()
             .all(|&f| counting.encoded(f, 0, false).is_none()));

@@ -132,8 +132,10 @@ impl Snapshot {
             inputs.now,
         );
         let outage = Held::new(&parts.pages, outage_view, prefix, inputs.now);
-        let held =
-            (mode != Mode::Normal).then(|| Held::new(&parts.pages, current, prefix, inputs.now));
+        // Only held requests are written from their encoding (`crate::fast`); the outage
+        // answer to a failed forward goes through hyper.
+        let held = (mode != Mode::Normal)
+            .then(|| Held::new(&parts.pages, current, prefix, inputs.now).with_encodings());
         Snapshot {
             config: parts.config.clone(),
             metrics: parts.metrics.clone(),
