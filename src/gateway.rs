@@ -442,7 +442,70 @@ fn without_dot_segments(path: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use crate::h1::tests::undated;
+    use crate::hold::negotiate::Form;
     use http::Request;
+
+    /// A snapshot holding requests (maintenance on), from the config text `toml`.
+    fn holding(toml: &str) -> super::Snapshot {
+        use crate::state::mode::{Change, Persisted};
+        use crate::state::snapshot::{Inputs, Parts};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::parse(toml, dir.path(), None).unwrap();
+        let pages = crate::hold::pages::Pages::load(&config.maintenance.pages).unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let parts = Parts::new(Arc::new(config), Arc::new(pages), None, metrics).unwrap();
+        let now = std::time::SystemTime::now();
+        let on = Change::On {
+            message: Some("Back soon".into()),
+            until: None,
+            retry_after: None,
+            reason: None,
+            by: "test".into(),
+        };
+        let state = Persisted::default().apply(on, now, true).unwrap();
+        let inputs = Inputs {
+            state: &state,
+            up: &[true],
+            passive: Arc::from(Vec::new()),
+            outage_since: None,
+            now,
+        };
+        super::Snapshot::build(&parts, &inputs)
+    }
+
+    #[test]
+    fn a_held_request_written_without_hyper_is_the_held_answer_encoded() {
+        let conn = super::Conn::new("127.0.0.1:40000".parse().unwrap(), false);
+        for log in ["", "[log]\naccess_log = true\n"] {
+            let snap = holding(log);
+            // The snapshot keeps the encodings; they serve while the access log is off, and
+            // with it on the answer is built, for its log line.
+            let kept = snap.held.as_ref().unwrap().encoded(Form::Html, 0, false);
+            assert!(kept.is_some(), "{log:?}");
+            for (method, accept) in [("GET", "text/html"), ("HEAD", "application/json")] {
+                let req = Request::builder()
+                    .method(method)
+                    .uri("/shop")
+                    .header("accept", accept)
+                    .body(())
+                    .unwrap();
+                let mut got = Vec::new();
+                assert!(super::write_held(&snap, &conn, &req, &mut got));
+                let (parts, body) = crate::reserved::hold(&snap, &req).into_parts();
+                let mut want = Vec::new();
+                let body = body.into_ready().unwrap();
+                crate::h1::encode(&parts, &body, method == "HEAD", &mut want);
+                assert_eq!(undated(&got), undated(&want), "{log:?} {method} {accept}");
+            }
+            // Not a held request: nothing written, left to hyper.
+            let reserved = Request::get("/_intermission/status").body(()).unwrap();
+            let mut out = Vec::new();
+            assert!(!super::write_held(&snap, &conn, &reserved, &mut out));
+            assert!(out.is_empty());
+        }
+    }
 
     #[test]
     fn an_echo_keeps_every_line_of_the_headers_that_choose_the_form() {
