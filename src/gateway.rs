@@ -244,7 +244,7 @@ fn decide<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>) -> Decision {
     }
 }
 
-#[allow(clippy::manual_async_fn)]
+#[allow(clippy::manual_async_fn)] // see `forward`'s module docs
 fn forward_request<'a>(
     snap: &'a Snapshot,
     conn: &'a Conn,

@@ -3,6 +3,12 @@
 //!
 //! Bodies are streamed frame by frame in both directions (trailers included), so memory does not
 //! grow with a body's size. Reads only the `UpstreamPool` of the current snapshot.
+//!
+//! The steps of a forwarded request (`gateway::forward_request`, `forward`, `send`,
+//! `UpstreamPool::request`, `Http1Pool::request`) are functions returning an `async` block,
+//! not `async fn`s: an `async fn` keeps its arguments twice in its state (as passed, and as
+//! moved into its body), and every forwarded request allocates and copies the sum of those
+//! states (5,248 B as `async fn`s, 3,352 B as blocks).
 
 pub mod headers;
 pub mod pool;
@@ -99,8 +105,8 @@ fn buffer_for_replay(parts: &http::request::Parts) -> bool {
 
 /// Forwards `req` to a healthy upstream server; a request that fails before any response
 /// head arrives is retried once on another healthy server when it can be replayed. Every
-/// failure is reported to that server's checker.
-#[allow(clippy::manual_async_fn)]
+/// failure the server can be blamed for is reported to its checker.
+#[allow(clippy::manual_async_fn)] // see the module's docs
 pub fn forward<'a>(
     pool: &'a UpstreamPool,
     up: &'a [bool],
@@ -255,7 +261,7 @@ fn report(passive: &[Passive], server: usize, error: &UpstreamError) {
 
 /// Sends one request to one server, waiting at most `response_timeout` for the head once the
 /// request body (if it streams) has been sent whole, as nginx's `proxy_read_timeout` does.
-#[allow(clippy::manual_async_fn)]
+#[allow(clippy::manual_async_fn)] // see the module's docs
 fn send<'a>(
     pool: &'a UpstreamPool,
     server: usize,
@@ -266,7 +272,7 @@ fn send<'a>(
     async move {
         let name = || pool.servers[server].to_string();
         // One pinned response future for both cases: moving it into `tokio::time::timeout` would
-        // keep a second copy of its 1.6 KB in this future's state, which every forwarded
+        // keep a second copy of its kilobyte in this future's state, which every forwarded
         // request allocates and copies.
         let response = pool.request(server, req);
         tokio::pin!(response);

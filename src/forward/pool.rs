@@ -130,7 +130,7 @@ impl UpstreamPool {
 
     /// Sends `req` to server `index` over a connection that speaks its protocol. The response
     /// body of an `http://` server gives its connection back to the pool when read whole.
-    #[allow(clippy::manual_async_fn)]
+    #[allow(clippy::manual_async_fn)] // see `forward`'s module docs
     pub fn request(
         &self,
         index: usize,
@@ -326,7 +326,7 @@ impl Http1Pool {
 
     /// Sends `req`, whose URI is the path alone (`forward::aim` makes it so: HTTP/1.1 to an
     /// origin server names the path, RFC 9112 §3.2.1, and the client's `Host` names the site).
-    #[allow(clippy::manual_async_fn)]
+    #[allow(clippy::manual_async_fn)] // see `forward`'s module docs
     fn request(
         &self,
         index: usize,

@@ -294,7 +294,8 @@ pub struct Held {
     retry_fixed: Option<(HeaderValue, HeaderValue)>,
     /// Every response `respond` gives, encoded for HTTP/1.1 but for its date: by `Form`, then
     /// language (HTML only), then for GET and HEAD. A held request written without hyper
-    /// (`crate::fast`) is then a copy. `None` while `Retry-After` counts down.
+    /// (`crate::fast`) is then a copy. `None` while `Retry-After` counts down, and unless
+    /// asked for (`with_encodings`: the outage answer to a failed forward never needs them).
     encoded: Option<[Vec<[Encoded; 2]>; 4]>,
 }
 
