@@ -134,10 +134,13 @@ fi
 # ---------------------------------------------------------------------------------- build
 BIN="$REPO/target/release/intermission"
 if ((BUILD)); then
-    say "building intermission (cargo build --release)"
-    (cd "$REPO" && timeout 3600 cargo build --release --quiet) >&2 || die "cargo build --release failed"
+    say "building intermission and the bare relay (cargo build --release)"
+    (cd "$REPO" && timeout 3600 cargo build --release --quiet --bin intermission --example bare_relay) >&2 \
+        || die "cargo build --release failed"
 fi
 [[ -x $BIN ]] || die "$BIN not found: build it (cargo build --release) or drop --no-build"
+# The ceiling row: the barest relay (benches/load/bare_relay.rs), measured beside nginx.
+BARE_BIN="$REPO/target/release/examples/bare_relay"
 
 # ---------------------------------------------------------------------------------- cleanup
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/intermission-load.XXXXXX")
@@ -467,7 +470,7 @@ measure() { # ROW_IDS... : one warm-up each, then REPS interleaved rounds
 }
 
 # ---------------------------------------------------------------------------------- setup
-read -r PORT_UP PORT_NGX1 PORT_NGX2 PORT_N503 PORT_INT1 PORT_INT2 PORT_HELD <<<"$(free_ports 7)"
+read -r PORT_UP PORT_NGX1 PORT_NGX2 PORT_N503 PORT_INT1 PORT_INT2 PORT_HELD PORT_BARE <<<"$(free_ports 8)"
 
 # Upstream bodies: exactly 100 bytes for `/`, static files for the body rows.
 BODY100=$(printf 'intermission load harness: the upstream answer, 100 bytes with padding %029d' 0)
@@ -491,6 +494,14 @@ intermission_conf held "$PORT_HELD" 1
 start_intermission int1 "$PORT_INT1"
 start_intermission int2 "$PORT_INT2"
 start_intermission held "$PORT_HELD"
+BARE=0
+if [[ -x $BARE_BIN ]]; then
+    mkdir -p "$WORK/bare"
+    start_server bare "$PORT_BARE" "$WORK/bare/stderr.log" "$BARE_BIN" "127.0.0.1:$PORT_BARE" "127.0.0.1:$PORT_UP"
+    BARE=1
+else
+    note "no ceiling row: $BARE_BIN not found (build it with cargo build --release --example bare_relay, or drop --no-build)"
+fi
 HOLD_MESSAGE="We are upgrading our database. Orders placed before 09:00 are safe. Back in about 45 minutes."
 timeout 20 python3 "$LOAD_DIR/control.py" "$WORK/held/control.sock" on --message "$HOLD_MESSAGE" >"$WORK/held/on.json" \
     || die "could not switch maintenance on through $WORK/held/control.sock: $(cat "$WORK/held/on.json")"
@@ -594,6 +605,7 @@ for s in NGX1 NGX2 INT1 INT2; do
     port_var="PORT_$s"
     expect_probe "$s" "${!port_var}" / 200 100 >/dev/null
 done
+((BARE)) && expect_probe "bare relay" "$PORT_BARE" / 200 100 >/dev/null
 for b in 1k:1024 64k:65536 1m:1048576; do
     for s in UP NGX1 INT1; do
         port_var="PORT_$s"
@@ -675,6 +687,10 @@ add_row held "intermission held (maintenance page)" 64 rps direct n503 held 503 
 add_row ngx2 "nginx proxy, 2 workers" 64 rps direct ngx2 ngx2 200 main "$PORT_NGX2" /
 add_row int2 "intermission proxy, threads=2" 64 rps direct ngx2 int2 200 main "$PORT_INT2" /
 MAIN_ROWS=(direct ngx1 int1 n503 held ngx2 int2)
+if ((BARE)); then
+    add_row bare "bare relay: the ceiling (no features)" 64 rps direct ngx1 bare 200 main "$PORT_BARE" /
+    MAIN_ROWS=(direct ngx1 int1 bare n503 held ngx2 int2)
+fi
 
 SCALE_ROWS=()
 bodies=(1k 64k)

@@ -263,6 +263,12 @@ def main():
       "sockets to/from the upstream's port left in TIME_WAIT per run (median): upstream "
       "connections closed instead of reused; for direct rows, wrk's own connections.")
     p("RSS after: right after the row's last run (the process has served the rows above it too).")
+    if "bare" in stats:
+        p("Bare relay: `benches/load/bare_relay.rs`, a relay with no features at all (no timeouts, "
+          "health checks, metrics, retries or header rules; GET and Content-Length answers only) "
+          "on the same tokio runtime flavour as intermission's threads=1. Its × nginx is the "
+          "ceiling any relay reaches in this run, where wrk, the upstream and the proxy share the "
+          "cores: a proxy's req/s moves with its peers' CPU as much as with its own.")
     if any(st.get("client") == "h2load" for st in stats.values()):
         p("HTTPS rows (h2load, h2 over TLS): × direct is against the TLS upstream (an nginx like "
           "`up` terminating TLS itself), × nginx is intermission against nginx terminating TLS with "

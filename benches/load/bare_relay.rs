@@ -1,0 +1,229 @@
+//! The barest HTTP/1.1 relay the load harness can measure: the ceiling of what any relay on
+//! tokio and epoll reaches on the machine, next to nginx, in the same run.
+//!
+//! On a 2-core machine, wrk, the upstream and the proxy share the cores, so a proxy's req/s
+//! depends on its peers' CPU as much as on its own, and a ratio to nginx has a ceiling below
+//! what the proxy's own cost would suggest. This program shows where that ceiling is: it does
+//! the system calls every relay must make (read the request, write it upstream, read the
+//! answer, write it back) and nothing else. No timeouts, no health checks, no metrics, no
+//! hop-by-hop rules beyond `Connection`, `GET` only, no chunked answers, no 1xx, no retries:
+//! anything it does not handle closes the connection. It is a measuring stick, never a
+//! proxy to put in front of anything.
+//!
+//! `bare_relay LISTEN UPSTREAM`, e.g. `bare_relay 127.0.0.1:8081 127.0.0.1:8080`.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Room for one request or response head and, after it, a 100-byte body.
+const BUF: usize = 16 * 1024;
+
+thread_local! {
+    /// Idle upstream connections: one thread runs everything, so no lock.
+    static IDLE: RefCell<Vec<TcpStream>> = const { RefCell::new(Vec::new()) };
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let addrs: Option<(SocketAddr, SocketAddr)> = match args.as_slice() {
+        [listen, upstream] => listen.parse().ok().zip(upstream.parse().ok()),
+        _ => None,
+    };
+    let Some((listen, upstream)) = addrs else {
+        eprintln!(
+            "usage: bare_relay LISTEN_ADDR UPSTREAM_ADDR (e.g. 127.0.0.1:8081 127.0.0.1:8080)"
+        );
+        std::process::exit(2);
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bare_relay: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match TcpListener::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("bare_relay: cannot listen on {listen}: {e}");
+                std::process::exit(1);
+            }
+        };
+        loop {
+            match listener.accept().await {
+                Ok((client, _)) => {
+                    let _ = client.set_nodelay(true);
+                    tokio::spawn(async move {
+                        let _ = relay(client, upstream).await;
+                    });
+                }
+                // Out of descriptors, say: the next accept may do better.
+                Err(_) => tokio::task::yield_now().await,
+            }
+        }
+    });
+}
+
+/// Why a connection ends: the harness only needs it to end.
+struct Closed;
+
+impl From<std::io::Error> for Closed {
+    fn from(_: std::io::Error) -> Closed {
+        Closed
+    }
+}
+
+/// Serves one client connection, a request at a time. `GET` only: a `HEAD` answer's length
+/// would have to be told apart from its (absent) body.
+async fn relay(mut client: TcpStream, upstream: SocketAddr) -> Result<(), Closed> {
+    let mut req = vec![0u8; BUF];
+    let mut have = 0;
+    let mut resp = vec![0u8; BUF];
+    let mut out = Vec::with_capacity(1024);
+    loop {
+        let used = loop {
+            if let Some(used) = request_head(&req[..have], &mut out)? {
+                break used;
+            }
+            if have == req.len() {
+                return Err(Closed);
+            }
+            match client.read(&mut req[have..]).await? {
+                0 => return Err(Closed),
+                n => have += n,
+            }
+        };
+        req.copy_within(used..have, 0);
+        have -= used;
+
+        let mut up = match IDLE.with(|idle| idle.borrow_mut().pop()) {
+            Some(up) => up,
+            None => {
+                let up = TcpStream::connect(upstream).await?;
+                up.set_nodelay(true)?;
+                up
+            }
+        };
+        up.write_all(&out).await?;
+        let mut got = 0;
+        let (head, length) = loop {
+            match up.read(&mut resp[got..]).await? {
+                0 => return Err(Closed),
+                n => got += n,
+            }
+            if let Some(found) = response_head(&resp[..got], &mut out)? {
+                break found;
+            }
+            if got == resp.len() {
+                return Err(Closed);
+            }
+        };
+        // The body: what came with the head, then the rest as it arrives.
+        let mut left = length;
+        let first = (got - head).min(left);
+        out.extend_from_slice(&resp[head..head + first]);
+        left -= first;
+        client.write_all(&out).await?;
+        while left > 0 {
+            let n = up.read(&mut resp[..left.min(BUF)]).await?;
+            if n == 0 {
+                return Err(Closed);
+            }
+            client.write_all(&resp[..n]).await?;
+            left -= n;
+        }
+        IDLE.with(|idle| idle.borrow_mut().push(up));
+    }
+}
+
+/// The upstream request for a whole head at the start of `buf`, into `out`; the head's length.
+/// `None` while the head is incomplete.
+fn request_head(buf: &[u8], out: &mut Vec<u8>) -> Result<Option<usize>, Closed> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let used = match parsed.parse(buf).map_err(|_| Closed)? {
+        httparse::Status::Complete(used) => used,
+        httparse::Status::Partial => return Ok(None),
+    };
+    let (Some(method @ "GET"), Some(path)) = (parsed.method, parsed.path) else {
+        return Err(Closed);
+    };
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for h in parsed.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") && h.value != b"0"
+            || h.name.eq_ignore_ascii_case("transfer-encoding")
+        {
+            return Err(Closed);
+        }
+        if h.name.eq_ignore_ascii_case("connection") {
+            continue;
+        }
+        push_header(out, h.name, h.value);
+    }
+    // What every proxy tells its upstream.
+    out.extend_from_slice(b"X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\n\r\n");
+    Ok(Some(used))
+}
+
+/// The client's response head for a whole upstream head at the start of `buf`, into `out`;
+/// the head's length and the body's. `None` while the head is incomplete.
+fn response_head(buf: &[u8], out: &mut Vec<u8>) -> Result<Option<(usize, usize)>, Closed> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Response::new(&mut headers);
+    let used = match parsed.parse(buf).map_err(|_| Closed)? {
+        httparse::Status::Complete(used) => used,
+        httparse::Status::Partial => return Ok(None),
+    };
+    let code = parsed.code.ok_or(Closed)?;
+    out.clear();
+    if !(200..1000).contains(&code) {
+        return Err(Closed);
+    }
+    let digits = [
+        b'0' + (code / 100) as u8,
+        b'0' + (code / 10 % 10) as u8,
+        b'0' + (code % 10) as u8,
+    ];
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(&digits);
+    out.push(b' ');
+    out.extend_from_slice(parsed.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut length = None;
+    for h in parsed.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(Closed);
+        }
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let text = std::str::from_utf8(h.value).map_err(|_| Closed)?;
+            length = Some(text.trim().parse::<usize>().map_err(|_| Closed)?);
+        }
+        if h.name.eq_ignore_ascii_case("connection") {
+            continue;
+        }
+        push_header(out, h.name, h.value);
+    }
+    out.extend_from_slice(b"\r\n");
+    let length = match code {
+        204 | 304 => 0,
+        _ => length.ok_or(Closed)?,
+    };
+    Ok(Some((used, length)))
+}
+
+fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
