@@ -79,6 +79,11 @@ impl Fast {
         Fast { state, conn }
     }
 
+    /// The state and the connection's facts, for `relay`.
+    pub fn parts(&self) -> (&StateHandle, &Conn) {
+        (&self.state, &self.conn)
+    }
+
     /// The gateway's answer to a request hyper read on this connection.
     pub fn handle(&self, req: Request<hyper::body::Incoming>) -> gateway::Reply {
         gateway::handle(&self.state, &self.conn, req)

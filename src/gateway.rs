@@ -181,7 +181,7 @@ fn finish(
     Response::from_parts(parts, body)
 }
 
-fn count(snap: &Snapshot, start: Instant, status: StatusCode, outcome: Outcome) {
+pub(crate) fn count(snap: &Snapshot, start: Instant, status: StatusCode, outcome: Outcome) {
     snap.metrics
         .request(outcome, snap.mode, status.as_u16(), start.elapsed());
 }
@@ -303,6 +303,12 @@ fn forward_request<'a>(
             }
         }
     }
+}
+
+/// The outage holding response to `req`, for a forward that failed outside hyper
+/// (`crate::relay`), chosen as `forward_request` chooses it.
+pub(crate) fn outage_answer<B>(snap: &Snapshot, req: &Request<B>) -> Response<Body> {
+    Echo::of(req).outage(snap)
 }
 
 /// The parts of a request that choose the form of a holding response.
@@ -448,31 +454,7 @@ mod tests {
 
     /// A snapshot holding requests (maintenance on), from the config text `toml`.
     fn holding(toml: &str) -> super::Snapshot {
-        use crate::state::mode::{Change, Persisted};
-        use crate::state::snapshot::{Inputs, Parts};
-        use std::sync::Arc;
-        let dir = tempfile::tempdir().unwrap();
-        let config = crate::config::Config::parse(toml, dir.path(), None).unwrap();
-        let pages = crate::hold::pages::Pages::load(&config.maintenance.pages).unwrap();
-        let metrics = Arc::new(crate::metrics::Metrics::new());
-        let parts = Parts::new(Arc::new(config), Arc::new(pages), None, metrics).unwrap();
-        let now = std::time::SystemTime::now();
-        let on = Change::On {
-            message: Some("Back soon".into()),
-            until: None,
-            retry_after: None,
-            reason: None,
-            by: "test".into(),
-        };
-        let state = Persisted::default().apply(on, now, true).unwrap();
-        let inputs = Inputs {
-            state: &state,
-            up: &[true],
-            passive: Arc::from(Vec::new()),
-            outage_since: None,
-            now,
-        };
-        super::Snapshot::build(&parts, &inputs)
+        crate::state::snapshot::for_tests(toml, true)
     }
 
     #[test]

@@ -80,12 +80,17 @@ fn encode_head(parts: &Parts, body_len: usize, head: bool, out: &mut Vec<u8>) ->
 
 fn end_head(dated: bool, body: &[u8], out: &mut Vec<u8>) {
     if !dated {
-        out.extend_from_slice(b"date: ");
-        with_date(|date| out.extend_from_slice(date));
-        out.extend_from_slice(b"\r\n");
+        date_header(out);
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
+}
+
+/// Appends a `date` header line for now, as hyper's server adds to a response without one.
+pub fn date_header(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"date: ");
+    with_date(|date| out.extend_from_slice(date));
+    out.extend_from_slice(b"\r\n");
 }
 
 thread_local! {

@@ -43,6 +43,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod park;
+pub mod relay;
 pub mod reserved;
 pub mod shutdown;
 pub mod state;

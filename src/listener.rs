@@ -240,7 +240,7 @@ async fn plain(
             permit,
         };
         match park::start(io, service, held) {
-            Some((io, service, held)) => Some(park::serve(io, service, held, None, None).await),
+            Some((io, service, held)) => Some(park::run(io, service, held, None, None).await),
             None => Some(Ok(())),
         }
     } else {

@@ -582,7 +582,7 @@ fn parked(
     }
 }
 
-/// `serve` as a task of its own. Boxed: `serve` spawns `parked`, which spawns this, and a
+/// `run` as a task of its own. Boxed: `serve` spawns `parked`, which spawns this, and a
 /// future type cannot contain itself.
 fn serve_again(
     io: Rewind,
@@ -592,10 +592,36 @@ fn serve_again(
     guard: Shutdown,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     Box::pin(async move {
-        if let Err(e) = serve(io, service, held, head_deadline, Some(guard)).await {
+        if let Err(e) = run(io, service, held, head_deadline, Some(guard)).await {
             tracing::debug!(error = %e, "connection ended with an error");
         }
     })
+}
+
+/// Serves a plaintext HTTP/1.1 connection: plain forwards without hyper (`relay`) while they
+/// come, then hyper (`serve`) from the first request that is not one. A head begun before a
+/// park (`head_deadline`) goes to hyper, whose timer bounds it.
+pub async fn run(
+    mut io: Rewind,
+    service: Gateway,
+    held: Held,
+    head_deadline: Option<Instant>,
+    guard: Option<Shutdown>,
+) -> Result<(), hyper::Error> {
+    let guard = guard.unwrap_or_else(|| held.drain.guard());
+    if head_deadline.is_none() {
+        let (state, conn) = service.fast.parts();
+        match crate::relay::serve(&mut io.first, &mut io.inner, state, conn, &held.drain).await {
+            crate::relay::After::Hyper => {}
+            crate::relay::After::Close => return Ok(()),
+            crate::relay::After::Park => {
+                drop(guard);
+                tokio::spawn(parked(io.first, io.inner, service, held));
+                return Ok(());
+            }
+        }
+    }
+    serve(io, service, held, head_deadline, Some(guard)).await
 }
 
 #[cfg(test)]

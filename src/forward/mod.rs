@@ -252,7 +252,7 @@ fn upstream_uri(server: &Upstream, path: PathAndQuery) -> Uri {
     Uri::from_parts(uri).unwrap_or_default()
 }
 
-fn report(passive: &[Passive], server: usize, error: &UpstreamError) {
+pub(crate) fn report(passive: &[Passive], server: usize, error: &UpstreamError) {
     if let Some(tx) = passive.get(server) {
         // Never waits: a full queue means the checker already has plenty to go on.
         let _ = tx.try_send(error.to_string());

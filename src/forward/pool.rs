@@ -24,6 +24,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -42,6 +43,12 @@ pub enum SendError {
     /// The same, through hyper-util's client (`https://`, `h2c://`).
     #[error(transparent)]
     Client(#[from] hyper_util::client::legacy::Error),
+    /// The connection failed or closed before a response head arrived (`crate::relay`).
+    #[error("{0}")]
+    Io(#[source] std::io::Error),
+    /// The server's answer broke HTTP/1.1 (`crate::relay`).
+    #[error("invalid response: {0}")]
+    Protocol(&'static str),
 }
 
 impl SendError {
@@ -49,7 +56,7 @@ impl SendError {
     pub fn is_connect(&self) -> bool {
         match self {
             SendError::Connect(_) => true,
-            SendError::Http(_) => false,
+            SendError::Http(_) | SendError::Io(_) | SendError::Protocol(_) => false,
             SendError::Client(e) => e.is_connect(),
         }
     }
@@ -146,6 +153,54 @@ impl UpstreamPool {
         }
     }
 
+    /// A kept plain socket to `http://` server `index`, for `crate::relay`, from this
+    /// worker's idle list.
+    pub fn raw_take(&self, index: usize) -> Option<TcpStream> {
+        let server = self.http1.servers.get(index)?;
+        server
+            .raw
+            .local()
+            .take(Instant::now(), self.http1.idle_timeout)
+    }
+
+    /// Gives a socket back after a response read whole from it.
+    pub fn raw_put(&self, index: usize, stream: TcpStream) {
+        if let Some(server) = self.http1.servers.get(index) {
+            server.raw.local().put(stream);
+        }
+    }
+
+    /// A new plain socket to `http://` server `index` (its name resolved now, as hyper's
+    /// connector does for each new connection), within `connect_timeout`.
+    pub async fn raw_connect(&self, index: usize) -> Result<TcpStream, SendError> {
+        let server = self
+            .servers
+            .get(index)
+            .ok_or_else(|| SendError::Connect("no such server".into()))?;
+        self.http1.start_reaper();
+        let authority = &server.authority;
+        let host = authority.host();
+        // An IPv6 literal comes in brackets, which name resolution does not take.
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let port = authority.port_u16().unwrap_or(80);
+        let connect = TcpStream::connect((host, port));
+        let stream = match tokio::time::timeout(self.config.connect_timeout, connect).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(SendError::Connect(e.into())),
+            Err(_) => {
+                let text = format!("no connection within {:?}", self.config.connect_timeout);
+                return Err(SendError::Connect(text.into()));
+            }
+        };
+        stream
+            .set_nodelay(true)
+            .map_err(|e| SendError::Connect(e.into()))?;
+        Ok(stream)
+    }
+
     /// How many workers this pool was built for.
     pub fn workers(&self) -> usize {
         self.clients.all().len()
@@ -215,6 +270,8 @@ struct Http1Server {
     /// A connection is used only by the worker that opened it, whose thread runs its task,
     /// so that a request wakes no other thread.
     idle: PerWorker<Arc<IdleList>>,
+    /// Plain sockets kept by `crate::relay`, by worker as well.
+    raw: PerWorker<Arc<RawList>>,
     /// `http://host:port`: what the connector dials.
     dial: Uri,
 }
@@ -231,8 +288,76 @@ struct IdleConn {
 
 /// The lock is never held across an await nor while running other code, so a panic cannot
 /// leave the list half-changed: a poisoned lock is taken as it is.
-fn lock(m: &Mutex<Vec<IdleConn>>) -> MutexGuard<'_, Vec<IdleConn>> {
+fn lock<T>(m: &Mutex<Vec<T>>) -> MutexGuard<'_, Vec<T>> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Idle plain sockets to one server (`crate::relay`), the most recently used last.
+pub struct RawList {
+    conns: Mutex<Vec<RawConn>>,
+}
+
+struct RawConn {
+    stream: TcpStream,
+    since: Instant,
+}
+
+impl RawList {
+    fn new() -> RawList {
+        RawList {
+            conns: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The most recently used socket that still looks open. Those idle for `timeout` or more
+    /// are closed with all older ones. An idle socket has nothing to read: one that became
+    /// readable was closed by the server (or sent what nobody asked for) and is dropped.
+    fn take(&self, now: Instant, timeout: Duration) -> Option<TcpStream> {
+        loop {
+            let conn = {
+                let mut conns = lock(&self.conns);
+                let last = conns.last()?;
+                if now.saturating_duration_since(last.since) >= timeout {
+                    conns.clear();
+                    return None;
+                }
+                conns.pop()?
+            };
+            if quiet(&conn.stream) {
+                return Some(conn.stream);
+            }
+        }
+    }
+
+    fn put(&self, stream: TcpStream) {
+        let mut conns = lock(&self.conns);
+        if conns.len() < MAX_IDLE_PER_SERVER {
+            conns.push(RawConn {
+                stream,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes the sockets idle since before `before`.
+    fn reap(&self, before: Instant) {
+        lock(&self.conns).retain(|c| c.since >= before);
+    }
+}
+
+/// Whether an idle socket has nothing to read, which is what an open one has. Readiness is
+/// tokio's record of the last events, so most checks make no system call; a socket marked
+/// readable is read once to tell a stale mark (`WouldBlock`) from a close or stray bytes.
+fn quiet(stream: &TcpStream) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match stream.poll_read_ready(&mut cx) {
+        std::task::Poll::Pending => true,
+        std::task::Poll::Ready(Err(_)) => false,
+        std::task::Poll::Ready(Ok(())) => {
+            let mut byte = [0u8; 1];
+            matches!(stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        }
+    }
 }
 
 impl IdleList {
@@ -312,6 +437,7 @@ impl Http1Pool {
                             conns: Mutex::new(Vec::new()),
                         })
                     }),
+                    raw: PerWorker::new(workers, |_| Arc::new(RawList::new())),
                     dial: Uri::from_parts(uri).unwrap_or_default(),
                 }
             })
@@ -413,6 +539,11 @@ impl Http1Pool {
             .iter()
             .flat_map(|s| s.idle.all().iter().map(Arc::downgrade))
             .collect();
+        let raw: Vec<Weak<RawList>> = self
+            .servers
+            .iter()
+            .flat_map(|s| s.raw.all().iter().map(Arc::downgrade))
+            .collect();
         let timeout = self.idle_timeout;
         // A connection is closed between one and one and a quarter `idle_timeout` after its
         // last use; the task ends with the pool.
@@ -430,6 +561,9 @@ impl Http1Pool {
                 for list in lists.iter().filter_map(Weak::upgrade) {
                     list.reap(before);
                     alive = true;
+                }
+                for list in raw.iter().filter_map(Weak::upgrade) {
+                    list.reap(before);
                 }
                 if !alive {
                     return;

@@ -175,3 +175,37 @@ impl StateHandle {
         self.0.store(Arc::new(snapshot));
     }
 }
+
+/// A snapshot built from the config text `toml`, with maintenance on (`hold`) or off and every
+/// server healthy, for unit tests of what reads one.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn for_tests(toml: &str, hold: bool) -> Snapshot {
+    use crate::state::mode::{Change, Persisted};
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::config::Config::parse(toml, dir.path(), None).unwrap();
+    let pages = crate::hold::pages::Pages::load(&config.maintenance.pages).unwrap();
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let parts = Parts::new(Arc::new(config), Arc::new(pages), None, metrics).unwrap();
+    let now = std::time::SystemTime::now();
+    let mut state = Persisted::default();
+    if hold {
+        let on = Change::On {
+            message: Some("Back soon".into()),
+            until: None,
+            retry_after: None,
+            reason: None,
+            by: "test".into(),
+        };
+        state = state.apply(on, now, true).unwrap();
+    }
+    let up = vec![true; parts.config.upstream.servers.len()];
+    let inputs = Inputs {
+        state: &state,
+        up: &up,
+        passive: Arc::from(Vec::new()),
+        outage_since: None,
+        now,
+    };
+    Snapshot::build(&parts, &inputs)
+}

@@ -1,0 +1,390 @@
+//! Plain `GET`s forwarded without hyper (`relay`): every way a server frames an answer reaches
+//! the client as hyper's path would deliver it, the request reaches the server rewritten as
+//! hyper's path rewrites it, a broken answer becomes the outage response, and the connection
+//! stays usable throughout. The relay is told from hyper's path by the case of header names,
+//! which it keeps and hyper lowercases; the access log on sends every request through hyper's
+//! path, the one compared against.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use http::StatusCode;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A server on raw sockets answering each path with fixed bytes (health checks with a 200),
+/// and keeping the request heads it was sent. `/close` answers without a length and closes; every other answer keeps the
+/// connection open.
+struct Scripted {
+    addr: SocketAddr,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+fn answer_for(path: &str) -> &'static [u8] {
+    match path {
+        "/length" => b"HTTP/1.1 200 OK\r\nX-Upstream-Case: Kept\r\nContent-Length: 5\r\n\r\nhello",
+        "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 11\r\n\r\n",
+        "/close" => b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
+        "/interim" => b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        "/empty" => b"HTTP/1.1 204 No Content\r\nX-Why: nothing\r\n\r\n",
+        "/hop" => b"HTTP/1.1 200 OK\r\nConnection: X-Secret, keep-alive\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nok",
+        "/two-lengths" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!",
+        "/garbage" => b"SURPRISE\r\n\r\n",
+        _ => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+    }
+}
+
+async fn scripted() -> Scripted {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let target = head.split(' ').nth(1).unwrap_or("/");
+                    let path = target.split('?').next().unwrap_or("/").to_owned();
+                    let answer = if head.to_lowercase().contains("intermission-health-check") {
+                        &b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"[..]
+                    } else {
+                        seen.lock().unwrap().push(head);
+                        answer_for(&path)
+                    };
+                    if sock.write_all(answer).await.is_err() || path == "/close" {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Scripted { addr, heads }
+}
+
+fn config(up: &Scripted, access_log: bool) -> String {
+    format!(
+        "[upstream]\nservers = [\"http://{}\"]\n[health]\ninterval = \"60s\"\n[log]\naccess_log = {access_log}\n",
+        up.addr
+    )
+}
+
+/// One keep-alive client connection on raw bytes, reading answers by their framing.
+struct Client {
+    sock: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// An answer as read off the wire: the head as sent, and the body without its framing.
+struct Answer {
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn status(&self) -> u16 {
+        self.head[9..12].parse().unwrap()
+    }
+
+    /// The value of a header, its name matched ignoring case.
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Client {
+        Client {
+            sock: TcpStream::connect(addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn fill(&mut self) {
+        let mut chunk = [0u8; 8192];
+        let n = tokio::time::timeout(Duration::from_secs(10), self.sock.read(&mut chunk))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        assert!(
+            n > 0,
+            "the proxy closed the connection; so far: {:?}",
+            String::from_utf8_lossy(&self.buf)
+        );
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
+
+    async fn send(&mut self, request: &str) {
+        self.sock.write_all(request.as_bytes()).await.unwrap();
+    }
+
+    async fn get(&mut self, path: &str) -> Answer {
+        self.send(&format!(
+            "GET {path} HTTP/1.1\r\nHost: shop.example\r\n\r\n"
+        ))
+        .await;
+        self.read().await
+    }
+
+    async fn read(&mut self) -> Answer {
+        let end = loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+            self.fill().await;
+        };
+        let head = String::from_utf8(self.buf[..end].to_vec()).unwrap();
+        self.buf.drain(..end + 4);
+        let mut answer = Answer {
+            head,
+            body: Vec::new(),
+        };
+        if answer.status() == 204 {
+            return answer;
+        }
+        if answer.header("transfer-encoding") == Some("chunked") {
+            loop {
+                let line = loop {
+                    if let Some(at) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                        break at;
+                    }
+                    self.fill().await;
+                };
+                let text = String::from_utf8_lossy(&self.buf[..line]).into_owned();
+                let size =
+                    usize::from_str_radix(text.split(';').next().unwrap().trim(), 16).unwrap();
+                self.buf.drain(..line + 2);
+                if size == 0 {
+                    // Trailers, up to the empty line.
+                    loop {
+                        if let Some(at) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                            let empty = at == 0;
+                            self.buf.drain(..at + 2);
+                            if empty {
+                                return answer;
+                            }
+                            continue;
+                        }
+                        self.fill().await;
+                    }
+                }
+                while self.buf.len() < size + 2 {
+                    self.fill().await;
+                }
+                answer.body.extend_from_slice(&self.buf[..size]);
+                self.buf.drain(..size + 2);
+            }
+        }
+        let length: usize = answer
+            .header("content-length")
+            .expect("a length")
+            .parse()
+            .unwrap();
+        while self.buf.len() < length {
+            self.fill().await;
+        }
+        answer.body = self.buf.drain(..length).collect();
+        answer
+    }
+}
+
+#[tokio::test]
+async fn every_framing_reaches_the_client_as_through_hyper_on_one_connection() {
+    let up = scripted().await;
+    let relay = spawn_proxy(&config(&up, false)).await;
+    let hyper = spawn_proxy(&config(&up, true)).await;
+    let mut fast = Client::connect(relay.addr).await;
+    let mut slow = Client::connect(hyper.addr).await;
+    for path in [
+        "/length", "/chunked", "/close", "/interim", "/empty", "/hop", "/length",
+    ] {
+        let a = fast.get(path).await;
+        let b = slow.get(path).await;
+        assert_eq!(
+            (a.status(), &a.body),
+            (b.status(), &b.body),
+            "{path}: {}\n---\n{}",
+            a.head,
+            b.head
+        );
+        for name in [
+            "x-secret",
+            "keep-alive",
+            "connection",
+            "link",
+            "content-length",
+            "trailer",
+        ] {
+            assert_eq!(
+                a.header(name),
+                b.header(name),
+                "{path}: {name}\n{}\n---\n{}",
+                a.head,
+                b.head
+            );
+        }
+        assert!(a.header("date").is_some(), "{path}: {}", a.head);
+    }
+    // The relay kept the server's header names as written; hyper's path lowercased them.
+    let a = fast.get("/length").await;
+    let b = slow.get("/length").await;
+    assert!(a.head.contains("\r\nX-Upstream-Case: Kept"), "{}", a.head);
+    assert!(b.head.contains("\r\nx-upstream-case: Kept"), "{}", b.head);
+    assert_eq!(fast.get("/hop").await.header("x-kept"), Some("yes"));
+}
+
+#[tokio::test]
+async fn an_answer_until_close_is_sent_chunked_and_the_client_stays_connected() {
+    let up = scripted().await;
+    let proxy = spawn_proxy(&config(&up, false)).await;
+    let mut client = Client::connect(proxy.addr).await;
+    let a = client.get("/close").await;
+    assert_eq!(a.header("transfer-encoding"), Some("chunked"), "{}", a.head);
+    assert_eq!(a.body, b"until the end");
+    assert!(
+        a.head.contains("\r\nContent-Type: text/plain"),
+        "not hyper's path: {}",
+        a.head
+    );
+    let b = client.get("/chunked").await;
+    assert_eq!(b.body, b"hello world");
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let up = scripted().await;
+    let proxy = spawn_proxy(&config(&up, false)).await;
+    let mut client = Client::connect(proxy.addr).await;
+    let host = "Host: shop.example\r\n";
+    client
+        .send(&format!(
+            "GET /length HTTP/1.1\r\n{host}\r\nGET /chunked HTTP/1.1\r\n{host}\r\nGET /empty HTTP/1.1\r\n{host}\r\n"
+        ))
+        .await;
+    assert_eq!(client.read().await.body, b"hello");
+    assert_eq!(client.read().await.body, b"hello world");
+    assert_eq!(client.read().await.status(), 204);
+    assert_eq!(client.get("/length").await.body, b"hello");
+}
+
+#[tokio::test]
+async fn the_server_gets_the_request_rewritten_as_hyper_rewrites_it() {
+    let up = scripted().await;
+    let relay = spawn_proxy(&config(&up, false)).await;
+    let hyper = spawn_proxy(&config(&up, true)).await;
+    let request = "GET /length?q=1 HTTP/1.1\r\nHost: shop.example\r\nConnection: keep-alive\r\n\
+                   Keep-Alive: timeout=5\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Host: evil\r\n\
+                   X-Client-Case: Kept\r\n\r\n";
+    for proxy in [&relay, &hyper] {
+        let mut client = Client::connect(proxy.addr).await;
+        client.send(request).await;
+        assert_eq!(client.read().await.status(), 200);
+    }
+    let heads = up.heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    let fields = |head: &str| {
+        let mut fields: Vec<(String, String)> = head
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.to_lowercase(), v.trim().to_owned()))
+            .collect();
+        fields.sort();
+        fields
+    };
+    assert_eq!(heads[0].lines().next(), Some("GET /length?q=1 HTTP/1.1"));
+    assert_eq!(
+        fields(&heads[0]),
+        fields(&heads[1]),
+        "relay:\n{}\nhyper:\n{}",
+        heads[0],
+        heads[1]
+    );
+    let relayed = fields(&heads[0]);
+    let get = |name: &str| {
+        relayed
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(get("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(get("x-forwarded-host"), Some("shop.example"));
+    assert_eq!(get("x-forwarded-proto"), Some("http"));
+    assert_eq!(get("keep-alive"), None);
+    assert!(heads[0].contains("\r\nX-Client-Case: Kept"), "{}", heads[0]);
+}
+
+#[tokio::test]
+async fn a_broken_answer_is_the_outage_response_and_the_connection_goes_on() {
+    let up = scripted().await;
+    let relay = spawn_proxy(&config(&up, false)).await;
+    let hyper = spawn_proxy(&config(&up, true)).await;
+    let mut fast = Client::connect(relay.addr).await;
+    let mut slow = Client::connect(hyper.addr).await;
+    for path in ["/two-lengths", "/garbage"] {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: shop.example\r\nAccept: application/json\r\n\r\n"
+        );
+        fast.send(&request).await;
+        slow.send(&request).await;
+        let (a, b) = (fast.read().await, slow.read().await);
+        assert_eq!(
+            a.status(),
+            StatusCode::SERVICE_UNAVAILABLE.as_u16(),
+            "{path}: {}",
+            a.head
+        );
+        assert_eq!(
+            a.header("x-intermission-mode"),
+            Some("outage"),
+            "{path}: {}",
+            a.head
+        );
+        assert_eq!(a.header("content-type"), b.header("content-type"), "{path}");
+        assert_eq!(a.status(), b.status(), "{path}");
+        assert_eq!(fast.get("/length").await.body, b"hello", "after {path}");
+    }
+}
+
+#[tokio::test]
+async fn with_no_server_listening_the_answer_is_the_outage_response() {
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"http://{addr}\"]\nconnect_timeout = \"1s\"\n[health]\ninterval = \"60s\"\n[log]\naccess_log = false\n"
+    ))
+    .await;
+    let mut client = Client::connect(proxy.addr).await;
+    let a = client.get("/").await;
+    assert_eq!(a.status(), 503, "{}", a.head);
+    assert_eq!(
+        a.header("x-intermission-mode"),
+        Some("outage"),
+        "{}",
+        a.head
+    );
+    assert_eq!(
+        client.get("/").await.status(),
+        503,
+        "the connection stays usable"
+    );
+}
