@@ -28,7 +28,7 @@
 //! body breaks. Header names keep the case the peer gave them (hyper's would be lowercase).
 
 use crate::config::Protocol;
-use crate::forward::pool::{SendError, UpstreamPool};
+use crate::forward::pool::{SendError, UpstreamPool, MAYBE_CLOSED_AFTER};
 use crate::forward::{self, UpstreamError};
 use crate::gateway::{self, Conn};
 use crate::h1;
@@ -61,6 +61,9 @@ const MAX_UPSTREAM_HEAD: usize = 400 * 1024;
 
 /// Room for reading an answer: its head and, for small answers, its whole body.
 const COPY_BUF: usize = 16 * 1024;
+
+/// The most a large body's reads grow to (`next_piece`).
+const MAX_COPY_BUF: usize = 256 * 1024;
 
 /// What became of a connection when the relay let it go.
 #[derive(Debug, PartialEq, Eq)]
@@ -168,16 +171,17 @@ pub async fn serve(
                 return After::Hyper;
             }
         };
-        let keep = exchange(&mut bufs, &snap, sock, head).await;
+        let keep = exchange(&mut bufs, &snap, sock, head, drain).await;
         bufs.input.copy_within(head..bufs.have, 0);
         bufs.have -= head;
         served = served.wrapping_add(1);
         if !keep {
             return After::Close;
         }
-        if bufs.answer.capacity() > 4 * COPY_BUF {
+        if bufs.answer.capacity() > 4 * COPY_BUF || bufs.out.capacity() > 4 * COPY_BUF {
             // One large head does not stay with the connection.
             bufs.answer = Vec::new();
+            bufs.out = Vec::new();
         }
     }
 }
@@ -310,13 +314,19 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 
 /// Forwards the request `bufs.request` (its client head is `bufs.input[..head]`) and writes
 /// the answer to the client; whether the client's connection stays open.
-async fn exchange(bufs: &mut Buffers, snap: &Snapshot, sock: &mut TcpStream, head: usize) -> bool {
+async fn exchange(
+    bufs: &mut Buffers,
+    snap: &Snapshot,
+    sock: &mut TcpStream,
+    head: usize,
+    drain: &Drain,
+) -> bool {
     let start = Instant::now();
     let pool = &snap.pool;
     let timeout = snap.config.upstream.response_timeout;
     let Some(first) = pool.pick(&snap.up, None) else {
         tracing::warn!("no upstream server to forward to; answering with the outage response");
-        return outage(bufs, snap, sock, head, start).await;
+        return outage(bufs, snap, sock, head, start, drain).await;
     };
     let mut server = first;
     loop {
@@ -324,7 +334,12 @@ async fn exchange(bufs: &mut Buffers, snap: &Snapshot, sock: &mut TcpStream, hea
         let fetched = tokio::time::timeout(timeout, fetch(bufs, pool, server)).await;
         let error = match fetched {
             Ok(Ok((up, answer))) => {
-                return respond(bufs, snap, sock, up, answer, server, start).await;
+                let to = Respond {
+                    server,
+                    start,
+                    drain,
+                };
+                return respond(bufs, snap, sock, up, answer, to).await;
             }
             Ok(Err(source)) if source.is_connect() => UpstreamError::Connect {
                 server: name(),
@@ -351,7 +366,7 @@ async fn exchange(bufs: &mut Buffers, snap: &Snapshot, sock: &mut TcpStream, hea
             }
             None => {
                 tracing::warn!(error = %error, "forwarding failed; answering with the outage response");
-                return outage(bufs, snap, sock, head, start).await;
+                return outage(bufs, snap, sock, head, start, drain).await;
             }
         }
     }
@@ -379,15 +394,20 @@ struct Answer {
 
 /// Why an attempt got no answer.
 enum Failure {
-    /// Nothing of an answer came: a kept socket may have been closed while it idled.
+    /// The request could not be written: the socket was closed.
+    Unsent(std::io::Error),
+    /// The request was written and nothing of an answer came: a kept socket may have been
+    /// closed while it idled.
     Early(std::io::Error),
     Late(SendError),
 }
 
 /// Sends the request on a kept socket (or a new one) and reads the answer's head. A kept
-/// socket that fails before any of an answer arrived is replaced by a new one once: the
-/// server may have closed it as it idled, and a `GET` can be sent again, as nginx does with
-/// its cached connections.
+/// socket found closed is replaced by a new one once, as `Http1Pool::request` does: when the
+/// request could not be written, or when it was and nothing came back on a socket idle for
+/// `MAYBE_CLOSED_AFTER` or more (the server may have closed it as it idled, and a `GET` can be
+/// sent again, as nginx does with its cached connections). A request that makes a busy
+/// connection close is not sent twice.
 async fn fetch(
     bufs: &mut Buffers,
     pool: &UpstreamPool,
@@ -395,24 +415,26 @@ async fn fetch(
 ) -> Result<(TcpStream, Answer), SendError> {
     let mut kept = pool.raw_take(server);
     loop {
-        let reused = kept.is_some();
+        let since = kept.as_ref().map(|(_, since)| *since);
         let mut up = match kept.take() {
-            Some(up) => up,
+            Some((up, _)) => up,
             None => pool.raw_connect(server).await?,
         };
+        let idled = since.is_some_and(|since| since.elapsed() >= MAYBE_CLOSED_AFTER);
         match send(bufs, &mut up).await {
             Ok(answer) => return Ok((up, answer)),
-            Err(Failure::Early(_)) if reused => {
+            Err(Failure::Unsent(_)) if since.is_some() => {}
+            Err(Failure::Early(_)) if idled => {
                 tracing::debug!("a kept upstream connection was closed; sending again");
             }
-            Err(Failure::Early(e)) => return Err(SendError::Io(e)),
+            Err(Failure::Unsent(e) | Failure::Early(e)) => return Err(SendError::Io(e)),
             Err(Failure::Late(e)) => return Err(e),
         }
     }
 }
 
 async fn send(bufs: &mut Buffers, up: &mut TcpStream) -> Result<Answer, Failure> {
-    up.write_all(&bufs.request).await.map_err(Failure::Early)?;
+    up.write_all(&bufs.request).await.map_err(Failure::Unsent)?;
     bufs.answer.clear();
     bufs.answer.reserve(COPY_BUF);
     let mut got_any = false;
@@ -488,7 +510,7 @@ fn response_head(input: &[u8], out: &mut Vec<u8>) -> Result<Head, SendError> {
     let (mut close, mut keep_alive) = (false, false);
     let mut named: Vec<&[u8]> = Vec::new();
     let (mut te, mut chunked) = (false, false);
-    let mut length: Option<u64> = None;
+    let mut lengths: Vec<&[u8]> = Vec::new();
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         if is(name, b"connection") {
@@ -508,17 +530,28 @@ fn response_head(input: &[u8], out: &mut Vec<u8>) -> Result<Head, SendError> {
                 chunked = is(last.trim_ascii(), b"chunked");
             }
         } else if is(name, b"content-length") {
-            for value in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                let n = std::str::from_utf8(value)
-                    .ok()
-                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .ok_or(SendError::Protocol("an invalid Content-Length"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(SendError::Protocol("differing Content-Length values"));
-                }
-                length = Some(n);
+            lengths.push(h.value);
+        }
+    }
+    if te && version == 0 {
+        // RFC 9112 §6.1: faulty framing; hyper's client refuses it too.
+        return Err(SendError::Protocol(
+            "Transfer-Encoding in an HTTP/1.0 response",
+        ));
+    }
+    // With a transfer coding the length is the coding's (RFC 9112 §6.3), as hyper reads it.
+    let mut length: Option<u64> = None;
+    for value in lengths.iter().filter(|_| !te) {
+        for value in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            let n = std::str::from_utf8(value)
+                .ok()
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or(SendError::Protocol("an invalid Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(SendError::Protocol("differing Content-Length values"));
             }
+            length = Some(n);
         }
     }
     let framing = match (status, te, chunked, length) {
@@ -547,7 +580,9 @@ fn response_head(input: &[u8], out: &mut Vec<u8>) -> Result<Head, SendError> {
             || is(name, b"te")
             || is(name, b"transfer-encoding")
             || is(name, b"upgrade")
-            || named.iter().any(|n| is(name, n));
+            // A length named by `Connection` still frames the body: hyper's server would
+            // write it again from the body's size.
+            || (named.iter().any(|n| is(name, n)) && !is(name, b"content-length"));
         // With a transfer coding, the length is the coding's (RFC 9112 §6.3).
         if hop_by_hop || (te && is(name, b"content-length")) {
             continue;
@@ -562,7 +597,11 @@ fn response_head(input: &[u8], out: &mut Vec<u8>) -> Result<Head, SendError> {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    // A 204 or 304 with a length or a coding may be followed by a body it should not have,
+    // which would be read as the next answer: its connection is not kept.
+    let bodiless_with_length = framing == Framing::None && (te || length.is_some_and(|n| n > 0));
     let reusable = framing != Framing::Close
+        && !bodiless_with_length
         && match version {
             1 => !close,
             _ => keep_alive && !close,
@@ -575,22 +614,35 @@ fn response_head(input: &[u8], out: &mut Vec<u8>) -> Result<Head, SendError> {
     }))
 }
 
+/// What `respond` needs beside the answer.
+struct Respond<'a> {
+    server: usize,
+    start: Instant,
+    drain: &'a Drain,
+}
+
 /// Writes the answer's head and body to the client, and gives the upstream socket back when
-/// the answer ended where its framing said; whether the client's connection stays open.
+/// the answer ended where its framing said; whether the client's connection stays open. Each
+/// piece of the body is written as it arrives, before the next is read.
 async fn respond(
     bufs: &mut Buffers,
     snap: &Snapshot,
     sock: &mut TcpStream,
     mut up: TcpStream,
     answer: Answer,
-    server: usize,
-    start: Instant,
+    to: Respond<'_>,
 ) -> bool {
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    gateway::count(snap, start, status, Outcome::Forwarded);
+    gateway::count(snap, to.start, status, Outcome::Forwarded);
     let Buffers {
         answer: buf, out, ..
     } = bufs;
+    // During a drain the answer closes the connection, as hyper's graceful shutdown does.
+    let closing = to.drain.started();
+    if closing {
+        out.truncate(out.len() - b"\r\n".len());
+        out.extend_from_slice(b"connection: close\r\n\r\n");
+    }
     let mut at = answer.head;
     // Whether the answer ended exactly where the server stopped sending.
     let clean = match answer.framing {
@@ -614,9 +666,8 @@ async fn respond(
                 if left == 0 {
                     break at + take == buf.len();
                 }
-                buf.clear();
                 at = 0;
-                match up.read_buf(buf).await {
+                match next_piece(&mut up, buf).await {
                     Ok(0) | Err(_) => return false,
                     Ok(_) => {}
                 }
@@ -625,21 +676,18 @@ async fn respond(
         Framing::Chunked => {
             let mut chunks = Chunked::default();
             loop {
-                let Ok(end) = chunks.feed(&buf[at..]) else {
+                let Ok(end) = chunks.feed(&buf[at..], out) else {
                     return false;
                 };
-                let to = end.map_or(buf.len(), |n| at + n);
-                out.extend_from_slice(&buf[at..to]);
-                if sock.write_all(out).await.is_err() {
+                if !out.is_empty() && sock.write_all(out).await.is_err() {
                     return false;
                 }
                 out.clear();
-                if end.is_some() {
-                    break to == buf.len();
+                if let Some(n) = end {
+                    break at + n == buf.len();
                 }
-                buf.clear();
                 at = 0;
-                match up.read_buf(buf).await {
+                match next_piece(&mut up, buf).await {
                     Ok(0) | Err(_) => return false,
                     Ok(_) => {}
                 }
@@ -648,42 +696,52 @@ async fn respond(
         Framing::Close => loop {
             if buf.len() > at {
                 let mut size = [0u8; 16];
-                out.extend_from_slice(hex(buf.len() - at, &mut size));
+                out.extend_from_slice(hex((buf.len() - at) as u64, &mut size));
                 out.extend_from_slice(b"\r\n");
                 out.extend_from_slice(&buf[at..]);
                 out.extend_from_slice(b"\r\n");
-            }
-            buf.clear();
-            at = 0;
-            let ended = match up.read_buf(buf).await {
-                Ok(0) => true,
-                Ok(_) => false,
-                Err(_) => return false,
-            };
-            if ended {
-                out.extend_from_slice(b"0\r\n\r\n");
             }
             if !out.is_empty() && sock.write_all(out).await.is_err() {
                 return false;
             }
             out.clear();
-            if ended {
-                break false;
+            at = 0;
+            match next_piece(&mut up, buf).await {
+                Ok(0) => {
+                    if sock.write_all(b"0\r\n\r\n").await.is_err() {
+                        return false;
+                    }
+                    break false;
+                }
+                Ok(_) => {}
+                Err(_) => return false,
             }
         },
     };
     if clean && answer.reusable {
-        snap.pool.raw_put(server, up);
+        snap.pool.raw_put(to.server, up);
     }
-    true
+    !closing
+}
+
+/// Reads the next piece of a body into `buf`, emptied first. A read that filled the buffer
+/// doubles it, up to `MAX_COPY_BUF`, so that a large body moves in fewer system calls, as
+/// hyper's adaptive read buffer does; `serve` lets a grown buffer go after the answer.
+async fn next_piece(up: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    let filled = buf.len() == buf.capacity();
+    buf.clear();
+    if filled && buf.capacity() < MAX_COPY_BUF {
+        buf.reserve(buf.capacity() * 2);
+    }
+    up.read_buf(buf).await
 }
 
 /// `n` in lowercase hexadecimal, in `buf`.
-fn hex(mut n: usize, buf: &mut [u8; 16]) -> &[u8] {
+fn hex(mut n: u64, buf: &mut [u8; 16]) -> &[u8] {
     let mut at = buf.len();
     loop {
         at -= 1;
-        buf[at] = b"0123456789abcdef"[n % 16];
+        buf[at] = b"0123456789abcdef"[(n % 16) as usize];
         n /= 16;
         if n == 0 {
             return &buf[at..];
@@ -699,16 +757,22 @@ async fn outage(
     sock: &mut TcpStream,
     head: usize,
     start: Instant,
+    drain: &Drain,
 ) -> bool {
     let req = echoed(&bufs.input[..head]);
     let resp = gateway::outage_answer(snap, &req);
     gateway::count(snap, start, resp.status(), Outcome::Failed);
-    let (parts, body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
     // A holding response's body is whole (`Held::respond`).
     let body = body.into_ready().unwrap_or_default();
+    let closing = drain.started();
+    if closing {
+        let close = HeaderValue::from_static("close");
+        parts.headers.insert(http::header::CONNECTION, close);
+    }
     bufs.out.clear();
     h1::encode(&parts, &body, false, &mut bufs.out);
-    sock.write_all(&bufs.out).await.is_ok()
+    sock.write_all(&bufs.out).await.is_ok() && !closing
 }
 
 /// The request `head` holds (taken by `prepare`, so it parses), as the outage response's
@@ -734,7 +798,10 @@ fn echoed(head: &[u8]) -> Request<()> {
     req
 }
 
-/// Where a chunked body stands: its framing read byte by byte, its data skipped over.
+/// A chunked body read as it comes and written again as hyper's server writes it: the same
+/// chunks, without chunk extensions or trailers (hyper sends trailers only to a request that
+/// asked for them with `TE: trailers`, which the relay leaves to hyper). Its framing is read
+/// byte by byte, as strictly as hyper's decoder reads it; its data is copied in runs.
 #[derive(Debug, Default)]
 struct Chunked {
     state: ChunkState,
@@ -744,11 +811,13 @@ struct Chunked {
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum ChunkState {
-    /// In the chunk size, with this many digits so far.
+    /// Before the chunk size's first digit.
     #[default]
     Size,
     SizeDigits,
-    /// In a chunk extension.
+    /// Blanks after the size: only an extension or the line's end may follow.
+    SizeBlank,
+    /// In a chunk extension, dropped.
     Extension,
     /// The size line's LF.
     SizeLf,
@@ -763,16 +832,18 @@ enum ChunkState {
 }
 
 impl Chunked {
-    /// Follows `input`, the next bytes of the body; the length of it that ends the body, when
-    /// it does. `Err` for what is not chunked framing.
-    fn feed(&mut self, input: &[u8]) -> Result<Option<usize>, ()> {
+    /// Follows `input`, the next bytes of the body, and appends them re-framed to `out`; the
+    /// length of `input` that ends the body, when it does. `Err` for what is not chunked
+    /// framing.
+    fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<Option<usize>, ()> {
         use ChunkState::*;
         let mut i = 0;
         while i < input.len() {
             if self.state == Data {
-                let take = self.size.min((input.len() - i) as u64);
-                i += take as usize;
-                self.size -= take;
+                let take = self.size.min((input.len() - i) as u64) as usize;
+                out.extend_from_slice(&input[i..i + take]);
+                i += take;
+                self.size -= take as u64;
                 if self.size == 0 {
                     self.state = DataCr;
                 }
@@ -790,20 +861,32 @@ impl Chunked {
                         .ok_or(())?;
                     SizeDigits
                 }
-                (SizeDigits, b';' | b' ' | b'\t') => Extension,
-                (SizeDigits, b'\r') | (Extension, b'\r') => SizeLf,
+                (SizeDigits | SizeBlank, b' ' | b'\t') => SizeBlank,
+                (SizeDigits | SizeBlank, b';') => Extension,
+                (SizeDigits | SizeBlank | Extension, b'\r') => SizeLf,
                 (Extension, b'\n') => return Err(()),
                 (Extension, _) => Extension,
                 (SizeLf, b'\n') if self.size == 0 => TrailerStart,
-                (SizeLf, b'\n') => Data,
+                (SizeLf, b'\n') => {
+                    let mut digits = [0u8; 16];
+                    out.extend_from_slice(hex(self.size, &mut digits));
+                    out.extend_from_slice(b"\r\n");
+                    Data
+                }
                 (DataCr, b'\r') => DataLf,
-                (DataLf, b'\n') => Size,
+                (DataLf, b'\n') => {
+                    out.extend_from_slice(b"\r\n");
+                    Size
+                }
                 (TrailerStart, b'\r') => EndLf,
                 (TrailerStart | TrailerLine, b'\n') => return Err(()),
                 (TrailerLine, b'\r') => TrailerLf,
                 (TrailerStart | TrailerLine, _) => TrailerLine,
                 (TrailerLf, b'\n') => TrailerStart,
-                (EndLf, b'\n') => return Ok(Some(i)),
+                (EndLf, b'\n') => {
+                    out.extend_from_slice(b"0\r\n\r\n");
+                    return Ok(Some(i));
+                }
                 _ => return Err(()),
             };
         }
@@ -955,6 +1038,12 @@ mod tests {
         );
         assert_eq!(answer.framing, Framing::Chunked);
 
+        // A length named by `Connection` still frames the body.
+        let (out, answer) =
+            head("HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 2\r\n\r\n");
+        assert!(out.contains("\r\nContent-Length: 2\r\n"), "{out}");
+        assert_eq!(answer.framing, Framing::Length(2));
+
         let cases = [
             (
                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
@@ -967,14 +1056,22 @@ mod tests {
                 true,
             ),
             ("HTTP/1.1 200 OK\r\n\r\n", Framing::Close, false),
+            // A body it should not have may follow: not kept.
             (
                 "HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
                 Framing::None,
-                true,
+                false,
             ),
             (
                 "HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
                 Framing::None,
+                false,
+            ),
+            ("HTTP/1.1 304 Not Modified\r\n\r\n", Framing::None, true),
+            // The coding decides; a length beside it is not even read.
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: x\r\n\r\n",
+                Framing::Chunked,
                 true,
             ),
             (
@@ -1023,6 +1120,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
             "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
             "NOT HTTP AT ALL\r\n\r\n",
         ] {
             assert!(response_head(bad.as_bytes(), &mut out).is_err(), "{bad:?}");
@@ -1039,30 +1137,46 @@ mod tests {
     }
 
     #[test]
-    fn a_chunked_body_ends_where_its_framing_says_however_it_is_split() {
-        let body = b"4;name=value\r\nWiki\r\n5\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nX-Sum: 1\r\nX-More: 2\r\n\r\n";
+    fn a_chunked_body_is_written_again_without_extensions_or_trailers_however_it_is_split() {
+        let body = b"4;name=value\r\nWiki\r\n5 \t;x\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nX-Sum: 1\r\nX-More: 2\r\n\r\n";
+        let want = b"4\r\nWiki\r\n5\r\npedia\r\ne\r\n in\r\n\r\nchunks.\r\n0\r\n\r\n";
         let mut whole = body.to_vec();
         whole.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
-        assert_eq!(Chunked::default().feed(&whole), Ok(Some(body.len())));
+        let mut out = Vec::new();
+        assert_eq!(
+            Chunked::default().feed(&whole, &mut out),
+            Ok(Some(body.len()))
+        );
+        assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(want));
         for split in 0..body.len() {
-            let mut chunks = Chunked::default();
-            assert_eq!(chunks.feed(&body[..split]), Ok(None), "split at {split}");
+            let (mut chunks, mut out) = (Chunked::default(), Vec::new());
             assert_eq!(
-                chunks.feed(&body[split..]),
-                Ok(Some(body.len() - split)),
+                chunks.feed(&body[..split], &mut out),
+                Ok(None),
                 "split at {split}"
             );
+            let rest = chunks.feed(&body[split..], &mut out);
+            assert_eq!(rest, Ok(Some(body.len() - split)), "split at {split}");
+            assert_eq!(out, want, "split at {split}");
         }
-        assert_eq!(Chunked::default().feed(b"0\r\n\r\n"), Ok(Some(5)));
+        let mut out = Vec::new();
+        assert_eq!(Chunked::default().feed(b"0\r\n\r\n", &mut out), Ok(Some(5)));
+        assert_eq!(out, b"0\r\n\r\n");
         for bad in [
             &b"x\r\n"[..],
             b"\r\n",
             b"4\r\nWikiX\r\n",
             b"4\nWiki\r\n",
+            b"5 garbage\r\n",
+            b"4;a\nWiki\r\n",
             b"11111111111111111\r\n",
             b"0\r\nX-Sum: 1\n",
         ] {
-            assert_eq!(Chunked::default().feed(bad), Err(()), "{bad:?}");
+            assert_eq!(
+                Chunked::default().feed(bad, &mut Vec::new()),
+                Err(()),
+                "{bad:?}"
+            );
         }
     }
 

@@ -22,6 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 struct Scripted {
     addr: SocketAddr,
     heads: Arc<Mutex<Vec<String>>>,
+    /// `/trickle` sends its head and a first piece, then the rest once this is notified.
+    release: Arc<tokio::sync::Notify>,
 }
 
 fn answer_for(path: &str) -> &'static [u8] {
@@ -42,10 +44,11 @@ async fn scripted() -> Scripted {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let heads = Arc::new(Mutex::new(Vec::new()));
-    let seen = heads.clone();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (seen, held) = (heads.clone(), release.clone());
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
-            let seen = seen.clone();
+            let (seen, held) = (seen.clone(), held.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
@@ -67,6 +70,14 @@ async fn scripted() -> Scripted {
                         seen.lock().unwrap().push(head);
                         answer_for(&path)
                     };
+                    if path == "/trickle" {
+                        let head = b"HTTP/1.1 200 OK\r\n\r\nfirst";
+                        if sock.write_all(head).await.is_ok() {
+                            held.notified().await;
+                            let _ = sock.write_all(b"second").await;
+                        }
+                        return;
+                    }
                     if sock.write_all(answer).await.is_err() || path == "/close" {
                         return;
                     }
@@ -74,7 +85,11 @@ async fn scripted() -> Scripted {
             });
         }
     });
-    Scripted { addr, heads }
+    Scripted {
+        addr,
+        heads,
+        release,
+    }
 }
 
 fn config(up: &Scripted, access_log: bool) -> String {
@@ -90,10 +105,12 @@ struct Client {
     buf: Vec<u8>,
 }
 
-/// An answer as read off the wire: the head as sent, and the body without its framing.
+/// An answer as read off the wire: the head as sent, the body without its framing, and the
+/// trailer lines of a chunked one.
 struct Answer {
     head: String,
     body: Vec<u8>,
+    trailers: Vec<String>,
 }
 
 impl Answer {
@@ -156,6 +173,7 @@ impl Client {
         let mut answer = Answer {
             head,
             body: Vec::new(),
+            trailers: Vec::new(),
         };
         if answer.status() == 204 {
             return answer;
@@ -176,11 +194,13 @@ impl Client {
                     // Trailers, up to the empty line.
                     loop {
                         if let Some(at) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                            let empty = at == 0;
-                            self.buf.drain(..at + 2);
-                            if empty {
+                            if at == 0 {
+                                self.buf.drain(..2);
                                 return answer;
                             }
+                            let line = String::from_utf8_lossy(&self.buf[..at]).into_owned();
+                            answer.trailers.push(line);
+                            self.buf.drain(..at + 2);
                             continue;
                         }
                         self.fill().await;
@@ -242,6 +262,9 @@ async fn every_framing_reaches_the_client_as_through_hyper_on_one_connection() {
             );
         }
         assert!(a.header("date").is_some(), "{path}: {}", a.head);
+        // Trailers reach a client that asked for them (`TE: trailers`, which hyper serves);
+        // to these requests, hyper's path sends none, and neither does the relay.
+        assert_eq!(a.trailers, b.trailers, "{path}");
     }
     // The relay kept the server's header names as written; hyper's path lowercased them.
     let a = fast.get("/length").await;
@@ -387,4 +410,27 @@ async fn with_no_server_listening_the_answer_is_the_outage_response() {
         503,
         "the connection stays usable"
     );
+}
+
+#[tokio::test]
+async fn an_answer_until_close_reaches_the_client_as_it_comes() {
+    let up = scripted().await;
+    let proxy = spawn_proxy(&config(&up, false)).await;
+    let mut client = Client::connect(proxy.addr).await;
+    client
+        .send("GET /trickle HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+        .await;
+    // The first piece arrives while the server still holds the rest back.
+    while !client.buf.windows(5).any(|w| w == b"first") {
+        client.fill().await;
+    }
+    assert!(
+        client.buf.starts_with(b"HTTP/1.1 200 OK\r\n"),
+        "{}",
+        String::from_utf8_lossy(&client.buf)
+    );
+    up.release.notify_one();
+    let a = client.read().await;
+    assert_eq!(a.body, b"firstsecond");
+    assert_eq!(client.get("/length").await.body, b"hello");
 }

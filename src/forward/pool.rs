@@ -154,8 +154,8 @@ impl UpstreamPool {
     }
 
     /// A kept plain socket to `http://` server `index`, for `crate::relay`, from this
-    /// worker's idle list.
-    pub fn raw_take(&self, index: usize) -> Option<TcpStream> {
+    /// worker's idle list, with when it was last used.
+    pub fn raw_take(&self, index: usize) -> Option<(TcpStream, Instant)> {
         let server = self.http1.servers.get(index)?;
         server
             .raw
@@ -170,35 +170,25 @@ impl UpstreamPool {
         }
     }
 
-    /// A new plain socket to `http://` server `index` (its name resolved now, as hyper's
-    /// connector does for each new connection), within `connect_timeout`.
+    /// A new plain socket to `http://` server `index`, opened by the connector hyper's
+    /// connections use (`connect_timeout` shared across the server's addresses, happy
+    /// eyeballs, `TCP_NODELAY`, TCP keepalive).
     pub async fn raw_connect(&self, index: usize) -> Result<TcpStream, SendError> {
         let server = self
+            .http1
             .servers
             .get(index)
             .ok_or_else(|| SendError::Connect("no such server".into()))?;
         self.http1.start_reaper();
-        let authority = &server.authority;
-        let host = authority.host();
-        // An IPv6 literal comes in brackets, which name resolution does not take.
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        let port = authority.port_u16().unwrap_or(80);
-        let connect = TcpStream::connect((host, port));
-        let stream = match tokio::time::timeout(self.config.connect_timeout, connect).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => return Err(SendError::Connect(e.into())),
-            Err(_) => {
-                let text = format!("no connection within {:?}", self.config.connect_timeout);
-                return Err(SendError::Connect(text.into()));
-            }
-        };
-        stream
-            .set_nodelay(true)
+        let mut tcp = self.http1.tcp.clone();
+        std::future::poll_fn(|cx| tcp.poll_ready(cx))
+            .await
             .map_err(|e| SendError::Connect(e.into()))?;
-        Ok(stream)
+        let io = tcp
+            .call(server.dial.clone())
+            .await
+            .map_err(|e| SendError::Connect(e.into()))?;
+        Ok(io.into_inner())
     }
 
     /// How many workers this pool was built for.
@@ -312,7 +302,7 @@ impl RawList {
     /// The most recently used socket that still looks open. Those idle for `timeout` or more
     /// are closed with all older ones. An idle socket has nothing to read: one that became
     /// readable was closed by the server (or sent what nobody asked for) and is dropped.
-    fn take(&self, now: Instant, timeout: Duration) -> Option<TcpStream> {
+    fn take(&self, now: Instant, timeout: Duration) -> Option<(TcpStream, Instant)> {
         loop {
             let conn = {
                 let mut conns = lock(&self.conns);
@@ -324,7 +314,7 @@ impl RawList {
                 conns.pop()?
             };
             if quiet(&conn.stream) {
-                return Some(conn.stream);
+                return Some((conn.stream, conn.since));
             }
         }
     }
@@ -611,8 +601,8 @@ pub fn read_out(body: Body) {
 }
 
 /// How long a kept connection idles before a request on it is prepared for the server having
-/// closed it meanwhile (`copy_to_replay`).
-const MAYBE_CLOSED_AFTER: Duration = Duration::from_millis(100);
+/// closed it meanwhile (`copy_to_replay`, and `crate::relay`'s sending again).
+pub(crate) const MAYBE_CLOSED_AFTER: Duration = Duration::from_millis(100);
 
 /// Kept connections a request may find closed before a new one is dialled.
 const KEPT_TRIES: usize = 4;
