@@ -40,6 +40,7 @@ use http::uri::PathAndQuery;
 use http::{HeaderName, HeaderValue, Request, StatusCode};
 use std::future::{poll_fn, Future};
 use std::io::ErrorKind;
+use std::cell::RefCell;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::Poll;
@@ -76,7 +77,8 @@ pub enum After {
     Close,
 }
 
-/// One connection's buffers, kept while it is served here and dropped when it parks.
+/// One connection's buffers, kept while it is served here. When it parks or closes they go
+/// to this thread's spares (`SPARE`) for the next connection served here.
 struct Buffers {
     /// What the client sent that is not answered yet: `input[..have]`.
     input: Box<[u8]>,
@@ -87,6 +89,48 @@ struct Buffers {
     answer: Vec<u8>,
     /// What is written to the client.
     out: Vec<u8>,
+}
+
+/// Buffer sets kept by a thread for its next relays.
+const SPARE_SETS: usize = 32;
+
+thread_local! {
+    /// Buffers of relays that ended, for the next ones on this thread. Ten thousand clients
+    /// that each send a request and then idle pass through a few dozen relays at a time:
+    /// allocated afresh for each, their 8 KiB and 16 KiB buffers were freed between the
+    /// long-lived allocations of parked connections and left the heap fragmented (RSS with
+    /// 10,000 idle connections 21.5 MB against 19.3–19.8 MB before the relay).
+    static SPARE: RefCell<Vec<Buffers>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Buffers {
+    fn take() -> Buffers {
+        let spare = SPARE.try_with(|spare| spare.try_borrow_mut().ok()?.pop());
+        spare.ok().flatten().unwrap_or_else(|| Buffers {
+            input: vec![0; READ_BUF].into_boxed_slice(),
+            have: 0,
+            request: Vec::with_capacity(512),
+            answer: Vec::new(),
+            out: Vec::new(),
+        })
+    }
+
+    /// Keeps the set for the next relay on this thread, when there is room; a buffer a large
+    /// answer grew is let go.
+    fn give_back(mut self) {
+        self.have = 0;
+        if self.answer.capacity() > 2 * COPY_BUF || self.out.capacity() > 2 * COPY_BUF {
+            self.answer = Vec::new();
+            self.out = Vec::new();
+        }
+        let _ = SPARE.try_with(|spare| {
+            if let Ok(mut spare) = spare.try_borrow_mut() {
+                if spare.len() < SPARE_SETS {
+                    spare.push(self);
+                }
+            }
+        });
+    }
 }
 
 /// Serves requests on a plaintext HTTP/1.1 connection while they are plain forwards, starting
@@ -102,13 +146,21 @@ pub async fn serve(
     if first.len() > READ_BUF {
         return After::Hyper;
     }
-    let mut bufs = Buffers {
-        input: vec![0; READ_BUF].into_boxed_slice(),
-        have: first.len(),
-        request: Vec::with_capacity(512),
-        answer: Vec::new(),
-        out: Vec::new(),
-    };
+    let mut bufs = Buffers::take();
+    let after = relay(&mut bufs, first, sock, state, conn, drain).await;
+    bufs.give_back();
+    after
+}
+
+async fn relay(
+    bufs: &mut Buffers,
+    first: &mut Bytes,
+    sock: &mut TcpStream,
+    state: &StateHandle,
+    conn: &Conn,
+    drain: &Drain,
+) -> After {
+    bufs.have = first.len();
     bufs.input[..first.len()].copy_from_slice(first);
     *first = Bytes::new();
     // The grace timer, armed once and moved only when it fires after requests were served,
@@ -171,7 +223,7 @@ pub async fn serve(
                 return After::Hyper;
             }
         };
-        let keep = exchange(&mut bufs, &snap, sock, head, drain).await;
+        let keep = exchange(bufs, &snap, sock, head, drain).await;
         bufs.input.copy_within(head..bufs.have, 0);
         bufs.have -= head;
         served = served.wrapping_add(1);
@@ -533,7 +585,9 @@ fn response_head(input: &[u8], out: &mut Vec<u8>) -> Result<Head, SendError> {
             lengths.push(h.value);
         }
     }
-    if te && version == 0 {
+    // A 204 or 304 has no body whatever its headers say: hyper's client reads none of them.
+    let bodiless = status == 204 || status == 304;
+    if te && version == 0 && !bodiless {
         // RFC 9112 §6.1: faulty framing; hyper's client refuses it too.
         return Err(SendError::Protocol(
             "Transfer-Encoding in an HTTP/1.0 response",
@@ -541,7 +595,7 @@ fn response_head(input: &[u8], out: &mut Vec<u8>) -> Result<Head, SendError> {
     }
     // With a transfer coding the length is the coding's (RFC 9112 §6.3), as hyper reads it.
     let mut length: Option<u64> = None;
-    for value in lengths.iter().filter(|_| !te) {
+    for value in lengths.iter().filter(|_| !te && !bodiless) {
         for value in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
             let n = std::str::from_utf8(value)
                 .ok()
@@ -554,12 +608,12 @@ fn response_head(input: &[u8], out: &mut Vec<u8>) -> Result<Head, SendError> {
             length = Some(n);
         }
     }
-    let framing = match (status, te, chunked, length) {
-        (204 | 304, ..) => Framing::None,
-        (_, true, true, _) => Framing::Chunked,
-        (_, true, false, _) => Framing::Close,
-        (_, false, _, Some(n)) => Framing::Length(n),
-        (_, false, _, None) => Framing::Close,
+    let framing = match (bodiless, te, chunked, length) {
+        (true, ..) => Framing::None,
+        (false, true, true, _) => Framing::Chunked,
+        (false, true, false, _) => Framing::Close,
+        (false, false, _, Some(n)) => Framing::Length(n),
+        (false, false, _, None) => Framing::Close,
     };
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -597,11 +651,13 @@ fn response_head(input: &[u8], out: &mut Vec<u8>) -> Result<Head, SendError> {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    // A 204 or 304 with a length or a coding may be followed by a body it should not have,
-    // which would be read as the next answer: its connection is not kept.
-    let bodiless_with_length = framing == Framing::None && (te || length.is_some_and(|n| n > 0));
+    // A 204 with a length or a coding, or a 304 with a coding, may be followed by a body it
+    // should not have, which would be read as the next answer: its connection is not kept. A
+    // 304's length is the representation's (RFC 9110 §8.6), and common.
+    let stray_body = bodiless
+        && (te || (status == 204 && lengths.iter().any(|v| v.trim_ascii() != b"0")));
     let reusable = framing != Framing::Close
-        && !bodiless_with_length
+        && !stray_body
         && match version {
             1 => !close,
             _ => keep_alive && !close,
@@ -898,6 +954,7 @@ impl Chunked {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const CONFIG: &str =
         "[upstream]\nservers = [\"http://127.0.0.1:9\"]\n[log]\naccess_log = false\n";
@@ -1063,7 +1120,28 @@ mod tests {
                 false,
             ),
             (
+                "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",
+                Framing::None,
+                true,
+            ),
+            (
+                "HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Framing::None,
+                false,
+            ),
+            // A 304's length is the representation's; nothing in its headers is read.
+            (
                 "HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+                Framing::None,
+                true,
+            ),
+            (
+                "HTTP/1.1 304 Not Modified\r\nContent-Length: 10, 11\r\n\r\n",
+                Framing::None,
+                true,
+            ),
+            (
+                "HTTP/1.0 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n",
                 Framing::None,
                 false,
             ),
@@ -1178,6 +1256,56 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    /// A drain that begins while an answer is awaited: the answer says the connection ends,
+    /// and it does, as hyper's graceful shutdown would have it.
+    #[tokio::test]
+    async fn during_a_drain_the_answer_in_flight_closes_the_connection() {
+        use tokio::net::TcpListener;
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = upstream.local_addr().unwrap();
+        let (arrived_tx, arrived) = tokio::sync::oneshot::channel();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (mut sock, _) = upstream.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = sock.read(&mut buf).await.unwrap();
+            arrived_tx.send(()).unwrap();
+            released.await.unwrap();
+            let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+            sock.write_all(answer).await.unwrap();
+        });
+        let config = format!(
+            "[upstream]\nservers = [\"http://{up_addr}\"]\n[log]\naccess_log = false\n"
+        );
+        let state = StateHandle::new(crate::state::snapshot::for_tests(&config, false));
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(front.local_addr().unwrap()).await.unwrap();
+        let (mut sock, peer) = front.accept().await.unwrap();
+        let drain = std::sync::Arc::new(Drain::default());
+        let relayed = {
+            let drain = drain.clone();
+            tokio::spawn(async move {
+                let conn = Conn::new(peer, false);
+                serve(&mut Bytes::new(), &mut sock, &state, &conn, &drain).await
+            })
+        };
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+            .await
+            .unwrap();
+        arrived.await.unwrap();
+        drain.shutdown().await;
+        release.send(()).unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut answer));
+        read.await.expect("the connection ends").unwrap();
+        let answer = String::from_utf8(answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+        assert_eq!(relayed.await.unwrap(), After::Close);
     }
 
     #[test]
