@@ -611,7 +611,11 @@ pub async fn run(
     let guard = guard.unwrap_or_else(|| held.drain.guard());
     if head_deadline.is_none() {
         let (state, conn) = service.fast.parts();
-        match crate::relay::serve(&mut io.first, &mut io.inner, state, conn, &held.drain).await {
+        // Boxed: inline, its 1.3 KB made every new connection's task that much larger, and
+        // those tasks, freed between the parked connections' small long-lived ones, left the
+        // heap fragmented (RSS with 10,000 idle connections 25 MB against 19 MB boxed).
+        let relayed = crate::relay::serve(&mut io.first, &mut io.inner, state, conn, &held.drain);
+        match Box::pin(relayed).await {
             crate::relay::After::Hyper => {}
             crate::relay::After::Close => return Ok(()),
             crate::relay::After::Park => {
