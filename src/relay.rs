@@ -27,7 +27,6 @@
 //! outage response; a failure after it closes the client's connection, as hyper does when a
 //! body breaks. Header names keep the case the peer gave them (hyper's would be lowercase).
 
-use crate::config::Protocol;
 use crate::forward::pool::{SendError, UpstreamPool, MAYBE_CLOSED_AFTER};
 use crate::forward::{self, UpstreamError};
 use crate::gateway::{self, Conn};
@@ -247,11 +246,6 @@ async fn relay(
         if !keep {
             return After::Close;
         }
-        if bufs.answer.capacity() > 4 * COPY_BUF || bufs.out.capacity() > 4 * COPY_BUF {
-            // One large head does not stay with the connection.
-            bufs.answer = Vec::new();
-            bufs.out = Vec::new();
-        }
     }
 }
 
@@ -289,17 +283,7 @@ fn request(
     out: &mut Vec<u8>,
 ) -> Result<Option<usize>, ()> {
     let config = &snap.config;
-    if snap.held.is_some()
-        || config.log.access_log
-        || config.proxy.redirect_https
-        || !config.upstream.intercept_statuses.is_empty()
-        || snap
-            .pool
-            .servers
-            .iter()
-            .any(|s| s.protocol != Protocol::Http)
-        || config.proxy.is_trusted(conn.peer.ip())
-    {
+    if !snap.relay || config.proxy.is_trusted(conn.peer.ip()) {
         return Err(());
     }
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -645,12 +629,7 @@ fn response_head(input: &[u8], out: &mut Vec<u8>) -> Result<Head, SendError> {
     let mut dated = false;
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
-        let hop_by_hop = is(name, b"connection")
-            || is(name, b"keep-alive")
-            || is(name, b"proxy-connection")
-            || is(name, b"te")
-            || is(name, b"transfer-encoding")
-            || is(name, b"upgrade")
+        let hop_by_hop = forward::headers::is_hop_by_hop_name(name)
             // A length named by `Connection` still frames the body: hyper's server would
             // write it again from the body's size.
             || (named.iter().any(|n| is(name, n)) && !is(name, b"content-length"));

@@ -58,6 +58,21 @@ fn is_fixed_hop_by_hop(name: &HeaderName) -> bool {
         || name == header::UPGRADE
 }
 
+/// Whether a raw header name is `Connection` or one of `is_fixed_hop_by_hop`'s, ignoring
+/// case: for code that reads header lines without a `HeaderMap` (`crate::relay`). A test keeps
+/// the two lists the same.
+pub fn is_hop_by_hop_name(name: &[u8]) -> bool {
+    const NAMES: [&[u8]; 6] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+    ];
+    NAMES.iter().any(|n| name.eq_ignore_ascii_case(n))
+}
+
 /// Removes `Connection` and every header it names.
 fn strip_connection(headers: &mut HeaderMap) {
     // The lines are cloned out (a reference count, no copy) so that their tokens can be read
@@ -194,6 +209,29 @@ mod tests {
         let mut v: Vec<String> = h.keys().map(|k| k.to_string()).collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn the_raw_hop_by_hop_names_are_the_map_s() {
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "transfer-encoding",
+            "upgrade",
+            "trailer",
+            "accept",
+            "host",
+            "content-length",
+            "x-forwarded-for",
+        ] {
+            let parsed = HeaderName::from_bytes(name.as_bytes()).unwrap();
+            let want = parsed == header::CONNECTION || is_fixed_hop_by_hop(&parsed);
+            assert_eq!(is_hop_by_hop_name(name.as_bytes()), want, "{name}");
+            let upper = name.to_ascii_uppercase();
+            assert_eq!(is_hop_by_hop_name(upper.as_bytes()), want, "{upper}");
+        }
     }
 
     #[test]

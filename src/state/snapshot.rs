@@ -5,7 +5,7 @@
 //! choosing bytes.
 
 use super::mode::{Mode, Persisted};
-use crate::config::Config;
+use crate::config::{Config, Protocol};
 use crate::forward::pool::UpstreamPool;
 use crate::health::Passive;
 use crate::hold::bypass::BypassKey;
@@ -32,6 +32,10 @@ pub struct Snapshot {
     pub mode: Mode,
     /// The holding responses; `Some` exactly when `mode` is not `normal`.
     pub held: Option<Held>,
+    /// Whether plain GETs may be forwarded without hyper (`crate::relay`): nothing is held,
+    /// and no setting asks for hyper's path (the access log, `intercept_statuses`,
+    /// `redirect_https`, a server that is not `http://`). Decided here, not per request.
+    pub relay: bool,
     /// The outage holding responses, ready in every mode for a request that cannot be
     /// forwarded ("never a raw error").
     pub outage: Held,
@@ -136,6 +140,16 @@ impl Snapshot {
         // answer to a failed forward goes through hyper.
         let held = (mode != Mode::Normal)
             .then(|| Held::new(&parts.pages, current, prefix, inputs.now).with_encodings());
+        let c = &parts.config;
+        let relay = held.is_none()
+            && !c.log.access_log
+            && !c.proxy.redirect_https
+            && c.upstream.intercept_statuses.is_empty()
+            && parts
+                .pool
+                .servers
+                .iter()
+                .all(|s| s.protocol == Protocol::Http);
         Snapshot {
             config: parts.config.clone(),
             metrics: parts.metrics.clone(),
@@ -146,6 +160,7 @@ impl Snapshot {
             bypass: parts.bypass.clone(),
             mode,
             held,
+            relay,
             outage,
             up: inputs.up.into(),
             passive: inputs.passive.clone(),
