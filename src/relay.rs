@@ -14,9 +14,10 @@
 //! hyper with the bytes read so far, as `fast` does for held requests: another method, a
 //! body, `Upgrade`, `Expect`, `TE`, a `Connection` other than `keep-alive`, no `Host` or
 //! several, HTTP/1.0, an incomplete, oversized or malformed head, a reserved path, a held
-//! request, a peer in `trusted_proxies` (whose `X-Forwarded-*` are appended to), the access
-//! log or `intercept_statuses` on, `redirect_https`, a server that is not `http://`, and every
-//! request once a drain has begun. So hyper still answers every error to a client.
+//! request, a peer in `trusted_proxies` (whose `X-Forwarded-*` are appended to),
+//! `intercept_statuses`, `redirect_https`, a server that is not `http://`, and every request
+//! once a drain has begun. So hyper still answers every error to a client. The access log
+//! line is written here as hyper's path writes it (`gateway::Line`).
 //!
 //! Once the request is sent, the answer cannot go to hyper, so every way an HTTP/1.1 server
 //! answers a `GET` is handled here as hyper's client and server would together: 1xx answers
@@ -175,10 +176,15 @@ async fn relay(
     let grace = tokio::time::sleep(crate::park::GRACE);
     tokio::pin!(grace);
     let (mut served, mut armed) = (0u32, 0u32);
+    // The start of a head that came after an answer, waiting for its rest: a client idling
+    // with it parks with it, as it would from hyper, rather than holding hyper's state.
+    let mut begun = false;
     loop {
-        if slot.as_ref().is_none_or(|bufs| bufs.have == 0) {
-            if let Some(bufs) = slot.take() {
-                bufs.give_back();
+        if begun || slot.as_ref().is_none_or(|bufs| bufs.have == 0) {
+            if !begun {
+                if let Some(bufs) = slot.take() {
+                    bufs.give_back();
+                }
             }
             // Read through `poll_read`, which forgets the socket's readiness after a read
             // that did not fill the buffer (edge-triggered epoll: more data makes a new
@@ -187,7 +193,7 @@ async fn relay(
             let read = poll_fn(|cx| {
                 if sock.poll_read_ready(cx).is_ready() {
                     let bufs = slot.get_or_insert_with(Buffers::take);
-                    let mut room = ReadBuf::new(&mut bufs.input);
+                    let mut room = ReadBuf::new(&mut bufs.input[bufs.have..]);
                     if let Poll::Ready(read) = Pin::new(&mut *sock).poll_read(cx, &mut room) {
                         return Poll::Ready(Some(read.map(|()| room.filled().len())));
                     }
@@ -206,10 +212,16 @@ async fn relay(
             })
             .await;
             match (read, slot.as_mut()) {
-                (None, _) => return After::Park,
-                (Some(Ok(n)), Some(bufs)) if n > 0 => bufs.have = n,
+                (None, bufs) => {
+                    if let Some(bufs) = bufs.filter(|_| begun) {
+                        *first = Bytes::copy_from_slice(&bufs.input[..bufs.have]);
+                    }
+                    return After::Park;
+                }
+                (Some(Ok(n)), Some(bufs)) if n > 0 => bufs.have += n,
                 _ => return After::Close,
             }
+            begun = false;
         }
         let Some(bufs) = slot.as_mut() else {
             return After::Close;
@@ -219,12 +231,18 @@ async fn relay(
             Prepared::Take(head) if !drain.started() => head,
             // A new connection comes with the few bytes that told its protocol, and a head
             // may come in pieces: what has arrived is read, without waiting. A head that is
-            // still not whole is hyper's, whose timer bounds a client that sends it slowly.
+            // still not whole is hyper's, whose timer bounds a client that sends it slowly;
+            // after an answer, it waits here and parks with the connection (`begun`), whose
+            // deadline then bounds it, as it would have from hyper.
             Prepared::Partial if bufs.have < READ_BUF => {
                 match sock.try_read(&mut bufs.input[bufs.have..]) {
                     Ok(0) => return After::Close,
                     Ok(n) => {
                         bufs.have += n;
+                        continue;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock && served != 0 => {
+                        begun = true;
                         continue;
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -239,7 +257,7 @@ async fn relay(
                 return After::Hyper;
             }
         };
-        let keep = exchange(bufs, &snap, sock, head, drain).await;
+        let keep = exchange(bufs, &snap, sock, conn, head, drain).await;
         bufs.input.copy_within(head..bufs.have, 0);
         bufs.have -= head;
         served = served.wrapping_add(1);
@@ -365,32 +383,85 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Forwards the request `bufs.request` (its client head is `bufs.input[..head]`) and writes
-/// the answer to the client; whether the client's connection stays open.
+/// What became of a request, for its access log line.
+#[derive(Debug, Default)]
+struct Served {
+    status: u16,
+    /// The server that answered, or was tried last.
+    server: Option<usize>,
+    /// The body's bytes passed to the client (without the chunked framing).
+    bytes: u64,
+}
+
+/// Forwards the request `bufs.request` (its client head is `bufs.input[..head]`), writes the
+/// answer to the client and, with the access log on, its line, as hyper's path writes it
+/// (`gateway::Line`); whether the client's connection stays open.
 async fn exchange(
     bufs: &mut Buffers,
     snap: &Snapshot,
     sock: &mut TcpStream,
+    conn: &Conn,
     head: usize,
     drain: &Drain,
 ) -> bool {
     let start = Instant::now();
+    let mut served = Served::default();
+    let keep = answer(bufs, snap, sock, head, start, drain, &mut served).await;
+    if snap.config.log.access_log {
+        let upstream = served.server.map(|i| snap.pool.servers[i].to_string());
+        let line = gateway::Line {
+            peer: conn.peer.ip(),
+            method: &"GET",
+            path: &target(&bufs.request),
+            status: served.status,
+            upstream: upstream.as_deref(),
+            bytes: served.bytes,
+        };
+        line.write(start);
+    }
+    keep
+}
+
+/// The request target of the upstream request `request` (`GET {target} HTTP/1.1`, as
+/// `request` wrote it from what httparse took as a path).
+fn target(request: &[u8]) -> &str {
+    let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
+    let target = line
+        .strip_prefix(b"GET ")
+        .and_then(|rest| rest.strip_suffix(b" HTTP/1.1"))
+        .unwrap_or_default();
+    std::str::from_utf8(target).unwrap_or_default()
+}
+
+/// `exchange`'s work: the answer, from a server or the outage response.
+async fn answer(
+    bufs: &mut Buffers,
+    snap: &Snapshot,
+    sock: &mut TcpStream,
+    head: usize,
+    start: Instant,
+    drain: &Drain,
+    served: &mut Served,
+) -> bool {
     let pool = &snap.pool;
     let timeout = snap.config.upstream.response_timeout;
     let Some(first) = pool.pick(&snap.up, None) else {
         tracing::warn!("no upstream server to forward to; answering with the outage response");
-        return outage(bufs, snap, sock, head, start, drain).await;
+        return outage(bufs, snap, sock, head, start, drain, served).await;
     };
     let mut server = first;
     loop {
+        served.server = Some(server);
         let name = || pool.servers[server].to_string();
         let fetched = tokio::time::timeout(timeout, fetch(bufs, pool, server)).await;
         let error = match fetched {
             Ok(Ok((up, answer))) => {
+                served.status = answer.status;
                 let to = Respond {
                     server,
                     start,
                     drain,
+                    bytes: &mut served.bytes,
                 };
                 return respond(bufs, snap, sock, up, answer, to).await;
             }
@@ -419,7 +490,7 @@ async fn exchange(
             }
             None => {
                 tracing::warn!(error = %error, "forwarding failed; answering with the outage response");
-                return outage(bufs, snap, sock, head, start, drain).await;
+                return outage(bufs, snap, sock, head, start, drain, served).await;
             }
         }
     }
@@ -671,6 +742,8 @@ struct Respond<'a> {
     server: usize,
     start: Instant,
     drain: &'a Drain,
+    /// The body's bytes passed on, counted as they are.
+    bytes: &'a mut u64,
 }
 
 /// Writes the answer's head and body to the client, and gives the upstream socket back when
@@ -711,6 +784,7 @@ async fn respond(
                 let take = have.min(left) as usize;
                 out.extend_from_slice(&buf[at..at + take]);
                 left -= take as u64;
+                *to.bytes += take as u64;
                 if sock.write_all(out).await.is_err() {
                     return false;
                 }
@@ -728,7 +802,9 @@ async fn respond(
         Framing::Chunked => {
             let mut chunks = Chunked::default();
             loop {
-                let Ok(end) = chunks.feed(&buf[at..], out) else {
+                let fed = chunks.feed(&buf[at..], out);
+                *to.bytes = chunks.data;
+                let Ok(end) = fed else {
                     return false;
                 };
                 if !out.is_empty() && sock.write_all(out).await.is_err() {
@@ -747,6 +823,7 @@ async fn respond(
         }
         Framing::Close => loop {
             if buf.len() > at {
+                *to.bytes += (buf.len() - at) as u64;
                 let mut size = [0u8; 16];
                 out.extend_from_slice(hex((buf.len() - at) as u64, &mut size));
                 out.extend_from_slice(b"\r\n");
@@ -810,13 +887,16 @@ async fn outage(
     head: usize,
     start: Instant,
     drain: &Drain,
+    served: &mut Served,
 ) -> bool {
     let req = echoed(&bufs.input[..head]);
     let resp = gateway::outage_answer(snap, &req);
     gateway::count(snap, start, resp.status(), Outcome::Failed);
+    served.status = resp.status().as_u16();
     let (mut parts, body) = resp.into_parts();
     // A holding response's body is whole (`Held::respond`).
     let body = body.into_ready().unwrap_or_default();
+    served.bytes = body.len() as u64;
     let closing = drain.started();
     if closing {
         let close = HeaderValue::from_static("close");
@@ -859,6 +939,8 @@ struct Chunked {
     state: ChunkState,
     /// The size of the chunk being read, then what is left of its data.
     size: u64,
+    /// The data passed on so far, for the access log.
+    data: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -896,6 +978,7 @@ impl Chunked {
                 out.extend_from_slice(&input[i..i + take]);
                 i += take;
                 self.size -= take as u64;
+                self.data += take as u64;
                 if self.size == 0 {
                     self.state = DataCr;
                 }
@@ -989,6 +1072,8 @@ mod tests {
              Content-Length: 0\r\nX-Mixed-Case: Yes\r\nx-forwarded-for: 192.0.2.7\r\n\
              x-forwarded-proto: http\r\nx-forwarded-host: shop.example\r\n\r\n"
         );
+        // The access log line's path is read back from it.
+        assert_eq!(target(got.as_bytes()), "/a/b?c=d");
     }
 
     #[test]
@@ -1023,11 +1108,13 @@ mod tests {
         let plain = format!("GET / HTTP/1.1\r\n{host}\r\n");
         assert!(prepared(&snap, &plain).is_some());
         let servers = "[upstream]\nservers = [\"http://127.0.0.1:9\"]\n";
+        // The access log is written here too.
+        let logged = crate::state::snapshot::for_tests(
+            &format!("{servers}[log]\naccess_log = true\n"),
+            false,
+        );
+        assert!(prepared(&logged, &plain).is_some());
         for (config, why) in [
-            (
-                format!("{servers}[log]\naccess_log = true\n"),
-                "the access log",
-            ),
             (
                 format!("{servers}intercept_statuses = [502]\n"),
                 "an intercepted answer",

@@ -1,9 +1,10 @@
 //! Plain `GET`s forwarded without hyper (`relay`): every way a server frames an answer reaches
 //! the client as hyper's path would deliver it, the request reaches the server rewritten as
 //! hyper's path rewrites it, a broken answer becomes the outage response, and the connection
-//! stays usable throughout. The relay is told from hyper's path by the case of header names,
-//! which it keeps and hyper lowercases; the access log on sends every request through hyper's
-//! path, the one compared against.
+//! stays usable throughout, and the access log says of each request what hyper's path says.
+//! The relay is told from hyper's path by the case of header names, which it keeps and hyper
+//! lowercases; `intercept_statuses` set sends every request through hyper's path, the one
+//! compared against.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -92,9 +93,17 @@ async fn scripted() -> Scripted {
     }
 }
 
-fn config(up: &Scripted, access_log: bool) -> String {
+/// A proxy of `up`; with `hyper`, one that forwards through hyper's path: it intercepts a
+/// status the server never sends (418), which changes nothing else, and the relay leaves
+/// every request of a proxy that intercepts to hyper.
+fn config(up: &Scripted, hyper: bool) -> String {
+    let intercept = if hyper {
+        "intercept_statuses = [418]\n"
+    } else {
+        ""
+    };
     format!(
-        "[upstream]\nservers = [\"http://{}\"]\n[health]\ninterval = \"60s\"\n[log]\naccess_log = {access_log}\n",
+        "[upstream]\nservers = [\"http://{}\"]\n{intercept}[health]\ninterval = \"60s\"\n",
         up.addr
     )
 }
@@ -433,4 +442,64 @@ async fn an_answer_until_close_reaches_the_client_as_it_comes() {
     let a = client.read().await;
     assert_eq!(a.body, b"firstsecond");
     assert_eq!(client.get("/length").await.body, b"hello");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_access_log_says_of_each_request_what_hyper_s_path_says() {
+    let up = scripted().await;
+    let log = "[log]\nformat = \"json\"\naccess_log = true\n";
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let relay = ProxyProcess::start(a.path(), &format!("{}{log}", config(&up, false)));
+    let hyper = ProxyProcess::start(b.path(), &format!("{}{log}", config(&up, true)));
+    let mut fast = Client::connect(relay.addr).await;
+    let mut slow = Client::connect(hyper.addr).await;
+    let paths = [
+        "/length?q=1",
+        "/chunked",
+        "/interim",
+        "/empty",
+        "/close",
+        "/garbage",
+    ];
+    for path in paths {
+        let (x, y) = (fast.get(path).await, slow.get(path).await);
+        assert_eq!(x.body, y.body, "{path}");
+    }
+    let kept = fast.get("/length").await;
+    assert!(
+        kept.head.contains("\r\nX-Upstream-Case: Kept"),
+        "not the relay: {}",
+        kept.head
+    );
+    // Every line but its time, by path.
+    let lines = |proxy: &ProxyProcess| -> Vec<serde_json::Value> {
+        proxy
+            .log_lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "intermission::access")
+            .map(|mut v| {
+                let fields = v.as_object_mut().unwrap();
+                assert!(fields.remove("duration_ms").unwrap().as_f64().is_some());
+                fields.remove("timestamp");
+                v
+            })
+            .collect()
+    };
+    let whole = |proxy: &ProxyProcess| lines(proxy).len() >= paths.len();
+    assert!(wait_until(Duration::from_secs(10), || whole(&relay) && whole(&hyper)).await);
+    let (x, y) = (lines(&relay), lines(&hyper));
+    for path in paths {
+        let of = |l: &Vec<serde_json::Value>| l.iter().find(|v| v["path"] == path).cloned();
+        let line = of(&x).unwrap_or_else(|| panic!("{path}: no line in {x:?}"));
+        assert_eq!(Some(&line), of(&y).as_ref(), "{path}");
+        assert_eq!(line["client"], "127.0.0.1", "{path}");
+        assert_eq!(line["upstream"], format!("http://{}", up.addr), "{path}");
+    }
+    let of = |path: &str| x.iter().find(|v| v["path"] == path).unwrap().clone();
+    assert_eq!(of("/length?q=1")["bytes"], 5);
+    assert_eq!(of("/chunked")["bytes"], 11);
+    assert_eq!(of("/close")["bytes"], 13);
+    assert_eq!(of("/empty")["status"], 204);
+    assert_eq!(of("/garbage")["status"], 503);
 }

@@ -33,8 +33,8 @@ pub struct Snapshot {
     /// The holding responses; `Some` exactly when `mode` is not `normal`.
     pub held: Option<Held>,
     /// Whether plain GETs may be forwarded without hyper (`crate::relay`): nothing is held,
-    /// and no setting asks for hyper's path (the access log, `intercept_statuses`,
-    /// `redirect_https`, a server that is not `http://`). Decided here, not per request.
+    /// and no setting asks for hyper's path (`intercept_statuses`, `redirect_https`, a server
+    /// that is not `http://`). Decided here, not per request.
     pub relay: bool,
     /// The outage holding responses, ready in every mode for a request that cannot be
     /// forwarded ("never a raw error").
@@ -142,7 +142,6 @@ impl Snapshot {
             .then(|| Held::new(&parts.pages, current, prefix, inputs.now).with_encodings());
         let c = &parts.config;
         let relay = held.is_none()
-            && !c.log.access_log
             && !c.proxy.redirect_https
             && c.upstream.intercept_statuses.is_empty()
             && parts
