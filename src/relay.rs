@@ -14,8 +14,7 @@
 //! hyper with the bytes read so far, as `fast` does for held requests: another method, a
 //! body, `Upgrade`, `Expect`, `TE`, a `Connection` other than `keep-alive`, no `Host` or
 //! several, HTTP/1.0, an incomplete, oversized or malformed head, a reserved path, a held
-//! request, a peer in `trusted_proxies` (whose `X-Forwarded-*` are appended to),
-//! `intercept_statuses`, `redirect_https`, a server that is not `http://`, and every request
+//! request, `intercept_statuses`, `redirect_https`, a server that is not `http://`, and every request
 //! once a drain has begun. So hyper still answers every error to a client. The access log
 //! line is written here as hyper's path writes it (`gateway::Line`).
 //!
@@ -301,7 +300,7 @@ fn request(
     out: &mut Vec<u8>,
 ) -> Result<Option<usize>, ()> {
     let config = &snap.config;
-    if !snap.relay || config.proxy.is_trusted(conn.peer.ip()) {
+    if !snap.relay {
         return Err(());
     }
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -331,6 +330,10 @@ fn request(
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut host: Option<&[u8]> = None;
+    // A trusted peer's `X-Forwarded-*` are kept and appended to; anyone else's replaced, so
+    // that a client cannot name another (`forward::headers::set_forwarded`).
+    let trusted = config.proxy.is_trusted(conn.peer.ip());
+    let (mut their_proto, mut their_host) = (false, false);
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let skip = match name.len() {
@@ -358,10 +361,17 @@ fn request(
                 false
             }
             17 if is(name, b"transfer-encoding") => return Err(()),
-            // Replaced below: this peer is not trusted to name the client.
+            // Written below, with a trusted peer's list first.
             15 => is(name, b"x-forwarded-for"),
-            16 => is(name, b"x-forwarded-host") || is(name, b"proxy-connection"),
-            17 => is(name, b"x-forwarded-proto"),
+            16 if is(name, b"x-forwarded-host") => {
+                their_host |= trusted;
+                !trusted
+            }
+            16 => is(name, b"proxy-connection"),
+            17 if is(name, b"x-forwarded-proto") => {
+                their_proto |= trusted;
+                !trusted
+            }
             _ => false,
         };
         if !skip {
@@ -369,9 +379,28 @@ fn request(
         }
     }
     let host = host.ok_or(())?;
-    push_header(out, b"x-forwarded-for", conn.client.peer.as_bytes());
-    push_header(out, b"x-forwarded-proto", b"http");
-    push_header(out, b"x-forwarded-host", host);
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if trusted {
+        let named = req
+            .headers
+            .iter()
+            .filter(|h| is(h.name.as_bytes(), b"x-forwarded-for"));
+        for value in named
+            .map(|h| h.value.trim_ascii())
+            .filter(|v| !v.is_empty())
+        {
+            out.extend_from_slice(value);
+            out.extend_from_slice(b", ");
+        }
+    }
+    out.extend_from_slice(conn.client.peer.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if !their_proto {
+        push_header(out, b"x-forwarded-proto", b"http");
+    }
+    if !their_host {
+        push_header(out, b"x-forwarded-host", host);
+    }
     out.extend_from_slice(b"\r\n");
     Ok(Some(used))
 }
@@ -1077,6 +1106,69 @@ mod tests {
     }
 
     #[test]
+    fn a_trusted_peer_s_forwarded_headers_are_kept_and_appended_to() {
+        let trusting = "[proxy]\ntrusted_proxies = [\"192.0.2.0/24\"]\n\
+                        [upstream]\nservers = [\"http://127.0.0.1:9\"]\n";
+        let snap = crate::state::snapshot::for_tests(trusting, false);
+        let others = crate::state::snapshot::for_tests(CONFIG, false);
+        let host = "Host: shop.example\r\n";
+        // (the peer's X-Forwarded-* lines, what the server gets from a trusted peer)
+        let cases = [
+            ("", "x-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\nx-forwarded-host: shop.example\r\n"),
+            (
+                "X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\n",
+                "X-Forwarded-Proto: https\r\nx-forwarded-for: 203.0.113.9, 192.0.2.7\r\nx-forwarded-host: shop.example\r\n",
+            ),
+            (
+                "X-Forwarded-For: 203.0.113.9 \r\nX-Forwarded-For: \r\nX-Forwarded-For: 198.51.100.2, 10.0.0.1\r\n\
+                 X-Forwarded-Host: www.example\r\nX-Forwarded-Host: other\r\n",
+                "X-Forwarded-Host: www.example\r\nX-Forwarded-Host: other\r\n\
+                 x-forwarded-for: 203.0.113.9, 198.51.100.2, 10.0.0.1, 192.0.2.7\r\nx-forwarded-proto: http\r\n",
+            ),
+        ];
+        for (theirs, want) in cases {
+            let request = format!("GET / HTTP/1.1\r\n{host}{theirs}\r\n");
+            let got = prepared(&snap, &request).unwrap();
+            assert_eq!(
+                got,
+                format!("GET / HTTP/1.1\r\n{host}{want}\r\n"),
+                "{theirs:?}"
+            );
+            // What hyper's path makes of the same lines.
+            let mut map = http::HeaderMap::new();
+            for line in format!("{host}{theirs}").lines() {
+                let (name, value) = line.split_once(':').unwrap();
+                let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
+                map.append(name, HeaderValue::from_str(value.trim()).unwrap());
+            }
+            forward::headers::set_forwarded(&mut map, &conn().client, true);
+            for line in want.lines() {
+                let (name, value) = line.split_once(": ").unwrap();
+                let all: Vec<_> = map
+                    .get_all(name)
+                    .iter()
+                    .map(|v| v.to_str().unwrap())
+                    .collect();
+                assert!(all.contains(&value), "{theirs:?}: {name}: {all:?}");
+                assert_eq!(
+                    all.len(),
+                    want.matches(&format!("{name}:")).count(),
+                    "{name}"
+                );
+            }
+            // From anyone else, they are replaced.
+            let got = prepared(&others, &request).unwrap();
+            assert!(
+                got.ends_with(
+                    "x-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\n\
+                                   x-forwarded-host: shop.example\r\n\r\n"
+                ),
+                "{got}"
+            );
+        }
+    }
+
+    #[test]
     fn what_hyper_must_read_is_left_to_it() {
         let snap = crate::state::snapshot::for_tests(CONFIG, false);
         let host = "Host: a\r\n";
@@ -1118,10 +1210,6 @@ mod tests {
             (
                 format!("{servers}intercept_statuses = [502]\n"),
                 "an intercepted answer",
-            ),
-            (
-                format!("[proxy]\ntrusted_proxies = [\"192.0.2.0/24\"]\n{servers}"),
-                "a trusted peer",
             ),
             (
                 "[upstream]\nservers = [\"h2c://127.0.0.1:9\"]\n".into(),

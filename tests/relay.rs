@@ -320,48 +320,56 @@ async fn pipelined_requests_are_answered_in_order() {
 #[tokio::test]
 async fn the_server_gets_the_request_rewritten_as_hyper_rewrites_it() {
     let up = scripted().await;
-    let relay = spawn_proxy(&config(&up, false)).await;
-    let hyper = spawn_proxy(&config(&up, true)).await;
-    let request = "GET /length?q=1 HTTP/1.1\r\nHost: shop.example\r\nConnection: keep-alive\r\n\
-                   Keep-Alive: timeout=5\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Host: evil\r\n\
-                   X-Client-Case: Kept\r\n\r\n";
-    for proxy in [&relay, &hyper] {
-        let mut client = Client::connect(proxy.addr).await;
-        client.send(request).await;
-        assert_eq!(client.read().await.status(), 200);
+    // (the proxies' [proxy] section, the X-Forwarded-* the server gets)
+    let trusting = "[proxy]\ntrusted_proxies = [\"127.0.0.0/8\"]\n";
+    let cases = [
+        ("", ["127.0.0.1", "shop.example", "http"]),
+        (trusting, ["6.6.6.6, 127.0.0.1", "evil", "http"]),
+    ];
+    for (section, forwarded) in cases {
+        let relay = spawn_proxy(&format!("{section}{}", config(&up, false))).await;
+        let hyper = spawn_proxy(&format!("{section}{}", config(&up, true))).await;
+        let request = "GET /length?q=1 HTTP/1.1\r\nHost: shop.example\r\nConnection: keep-alive\r\n\
+                       Keep-Alive: timeout=5\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Host: evil\r\n\
+                       X-Client-Case: Kept\r\n\r\n";
+        up.heads.lock().unwrap().clear();
+        for proxy in [&relay, &hyper] {
+            let mut client = Client::connect(proxy.addr).await;
+            client.send(request).await;
+            assert_eq!(client.read().await.status(), 200);
+        }
+        let heads = up.heads.lock().unwrap().clone();
+        assert_eq!(heads.len(), 2, "{heads:?}");
+        let fields = |head: &str| {
+            let mut fields: Vec<(String, String)> = head
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_once(':'))
+                .map(|(n, v)| (n.to_lowercase(), v.trim().to_owned()))
+                .collect();
+            fields.sort();
+            fields
+        };
+        assert_eq!(heads[0].lines().next(), Some("GET /length?q=1 HTTP/1.1"));
+        assert_eq!(
+            fields(&heads[0]),
+            fields(&heads[1]),
+            "{section}relay:\n{}\nhyper:\n{}",
+            heads[0],
+            heads[1]
+        );
+        let relayed = fields(&heads[0]);
+        let get = |name: &str| {
+            relayed
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let names = ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"];
+        assert_eq!(names.map(get), forwarded.map(Some), "{section}");
+        assert_eq!(get("keep-alive"), None);
+        assert!(heads[0].contains("\r\nX-Client-Case: Kept"), "{}", heads[0]);
     }
-    let heads = up.heads.lock().unwrap().clone();
-    assert_eq!(heads.len(), 2, "{heads:?}");
-    let fields = |head: &str| {
-        let mut fields: Vec<(String, String)> = head
-            .lines()
-            .skip(1)
-            .filter_map(|l| l.split_once(':'))
-            .map(|(n, v)| (n.to_lowercase(), v.trim().to_owned()))
-            .collect();
-        fields.sort();
-        fields
-    };
-    assert_eq!(heads[0].lines().next(), Some("GET /length?q=1 HTTP/1.1"));
-    assert_eq!(
-        fields(&heads[0]),
-        fields(&heads[1]),
-        "relay:\n{}\nhyper:\n{}",
-        heads[0],
-        heads[1]
-    );
-    let relayed = fields(&heads[0]);
-    let get = |name: &str| {
-        relayed
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    };
-    assert_eq!(get("x-forwarded-for"), Some("127.0.0.1"));
-    assert_eq!(get("x-forwarded-host"), Some("shop.example"));
-    assert_eq!(get("x-forwarded-proto"), Some("http"));
-    assert_eq!(get("keep-alive"), None);
-    assert!(heads[0].contains("\r\nX-Client-Case: Kept"), "{}", heads[0]);
 }
 
 #[tokio::test]
