@@ -436,7 +436,9 @@ async fn exchange(
     let start = Instant::now();
     let mut served = Served::default();
     let keep = answer(bufs, snap, sock, head, start, drain, &mut served).await;
-    if snap.config.log.access_log {
+    // No status: the client left before its answer, which is then neither counted nor
+    // logged, as on hyper's path.
+    if snap.config.log.access_log && served.status != 0 {
         let upstream = served.server.map(|i| snap.pool.servers[i].to_string());
         let line = gateway::Line {
             peer: conn.peer.ip(),
@@ -482,7 +484,10 @@ async fn answer(
     loop {
         served.server = Some(server);
         let name = || pool.servers[server].to_string();
-        let fetched = tokio::time::timeout(timeout, fetch(bufs, pool, server)).await;
+        let attempt = tokio::time::timeout(timeout, fetch(bufs, pool, server));
+        let Some(fetched) = unless_gone(sock, attempt).await else {
+            return false;
+        };
         let error = match fetched {
             Ok(Ok((up, answer))) => {
                 served.status = answer.status;
@@ -523,6 +528,27 @@ async fn answer(
             }
         }
     }
+}
+
+/// `work`'s output, or `None` once the client has closed its connection: a request whose
+/// client left is given up (its upstream socket closed), as hyper gives one up when it reads
+/// the client's end while the answer is awaited. A pipelined request that arrives meanwhile
+/// is left to be read after this answer, and ends the watch.
+async fn unless_gone<F: Future>(sock: &TcpStream, work: F) -> Option<F::Output> {
+    let gone = async {
+        let mut byte = [0u8; 1];
+        if let Ok(1..) = sock.peek(&mut byte).await {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(work, gone);
+    poll_fn(|cx| {
+        if let Poll::Ready(out) = work.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        gone.as_mut().poll(cx).map(|()| None)
+    })
+    .await
 }
 
 /// How an answer's body is delimited.

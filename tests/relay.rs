@@ -11,6 +11,7 @@ mod support;
 
 use http::StatusCode;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::*;
@@ -25,6 +26,8 @@ struct Scripted {
     heads: Arc<Mutex<Vec<String>>>,
     /// `/trickle` sends its head and a first piece, then the rest once this is notified.
     release: Arc<tokio::sync::Notify>,
+    /// `/hang` never answers; this counts the `/hang` connections the proxy closed.
+    hung_up: Arc<AtomicUsize>,
 }
 
 fn answer_for(path: &str) -> &'static [u8] {
@@ -46,10 +49,11 @@ async fn scripted() -> Scripted {
     let addr = listener.local_addr().unwrap();
     let heads = Arc::new(Mutex::new(Vec::new()));
     let release = Arc::new(tokio::sync::Notify::new());
-    let (seen, held) = (heads.clone(), release.clone());
+    let hung_up = Arc::new(AtomicUsize::new(0));
+    let (seen, held, hangs) = (heads.clone(), release.clone(), hung_up.clone());
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
-            let (seen, held) = (seen.clone(), held.clone());
+            let (seen, held, hangs) = (seen.clone(), held.clone(), hangs.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
@@ -71,6 +75,12 @@ async fn scripted() -> Scripted {
                         seen.lock().unwrap().push(head);
                         answer_for(&path)
                     };
+                    if path == "/hang" {
+                        let mut rest = Vec::new();
+                        let _ = sock.read_to_end(&mut rest).await;
+                        hangs.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
                     if path == "/trickle" {
                         let head = b"HTTP/1.1 200 OK\r\n\r\nfirst";
                         if sock.write_all(head).await.is_ok() {
@@ -90,6 +100,7 @@ async fn scripted() -> Scripted {
         addr,
         heads,
         release,
+        hung_up,
     }
 }
 
@@ -510,4 +521,36 @@ async fn the_access_log_says_of_each_request_what_hyper_s_path_says() {
     assert_eq!(of("/close")["bytes"], 13);
     assert_eq!(of("/empty")["status"], 204);
     assert_eq!(of("/garbage")["status"], 503);
+}
+
+#[tokio::test]
+async fn a_request_whose_client_leaves_is_given_up_as_on_hyper_s_path() {
+    let up = scripted().await;
+    let long = "[upstream]\nresponse_timeout = \"120s\"\n";
+    for hyper in [false, true] {
+        let text = config(&up, hyper).replacen("[upstream]\n", long, 1);
+        let proxy = spawn_proxy(&text).await;
+        let before = up.hung_up.load(Ordering::SeqCst);
+        let mut client = Client::connect(proxy.addr).await;
+        client.get("/length").await;
+        client
+            .send("GET /hang HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+            .await;
+        let asked = || {
+            up.heads
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|h| h.starts_with("GET /hang "))
+        };
+        assert!(wait_until(Duration::from_secs(10), asked).await);
+        drop(client);
+        // The proxy closes its upstream connection instead of waiting out the timeout.
+        let gave_up = || up.hung_up.load(Ordering::SeqCst) > before;
+        assert!(
+            wait_until(Duration::from_secs(10), gave_up).await,
+            "hyper's path: {hyper}"
+        );
+        up.heads.lock().unwrap().clear();
+    }
 }
