@@ -535,18 +535,24 @@ async fn answer(
 /// the client's end while the answer is awaited. A pipelined request that arrives meanwhile
 /// is left to be read after this answer, and ends the watch.
 async fn unless_gone<F: Future>(sock: &TcpStream, work: F) -> Option<F::Output> {
-    let gone = async {
-        let mut byte = [0u8; 1];
-        if let Ok(1..) = sock.peek(&mut byte).await {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::pin!(work, gone);
+    tokio::pin!(work);
+    let mut watching = true;
+    // Polled, not awaited through `peek()`, whose future would queue a waiter (under the
+    // socket's lock) for every request; this takes the read side's waker slot, unused while
+    // an answer is awaited.
     poll_fn(|cx| {
         if let Poll::Ready(out) = work.as_mut().poll(cx) {
             return Poll::Ready(Some(out));
         }
-        gone.as_mut().poll(cx).map(|()| None)
+        if watching {
+            let mut byte = [MaybeUninit::uninit()];
+            match sock.poll_peek(cx, &mut ReadBuf::uninit(&mut byte)) {
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
+                Poll::Ready(Ok(_)) => watching = false,
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
     })
     .await
 }
