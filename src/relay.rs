@@ -46,6 +46,7 @@ use std::task::Poll;
 use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 /// What is read from the client at once, and the largest head taken here: the smallest
 /// `proxy.max_header_bytes`, so that a head hyper would refuse as too large never is.
@@ -174,6 +175,10 @@ async fn relay(
     // of the wait.
     let grace = tokio::time::sleep(crate::park::GRACE);
     tokio::pin!(grace);
+    // The deadline of an answer's head, kept registered and moved later for each request (a
+    // compare-and-swap), where a `timeout` per request would register a timer and remove it.
+    let respond_by = tokio::time::sleep(std::time::Duration::ZERO);
+    tokio::pin!(respond_by);
     let (mut served, mut armed) = (0u32, 0u32);
     // The start of a head that came after an answer, waiting for its rest: a client idling
     // with it parks with it, as it would from hyper, rather than holding hyper's state.
@@ -256,7 +261,7 @@ async fn relay(
                 return After::Hyper;
             }
         };
-        let keep = exchange(bufs, &snap, sock, conn, head, drain).await;
+        let keep = exchange(bufs, &snap, sock, conn, head, drain, respond_by.as_mut()).await;
         bufs.input.copy_within(head..bufs.have, 0);
         bufs.have -= head;
         served = served.wrapping_add(1);
@@ -413,8 +418,9 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 /// What became of a request, for its access log line.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Served {
+    start: Instant,
     status: u16,
     /// The server that answered, or was tried last.
     server: Option<usize>,
@@ -432,10 +438,15 @@ async fn exchange(
     conn: &Conn,
     head: usize,
     drain: &Drain,
+    respond_by: Pin<&mut Sleep>,
 ) -> bool {
-    let start = Instant::now();
-    let mut served = Served::default();
-    let keep = answer(bufs, snap, sock, head, start, drain, &mut served).await;
+    let mut served = Served {
+        start: Instant::now(),
+        status: 0,
+        server: None,
+        bytes: 0,
+    };
+    let keep = answer(bufs, snap, sock, head, drain, respond_by, &mut served).await;
     // No status: the client left before its answer, which is then neither counted nor
     // logged, as on hyper's path.
     if snap.config.log.access_log && served.status != 0 {
@@ -448,7 +459,7 @@ async fn exchange(
             upstream: upstream.as_deref(),
             bytes: served.bytes,
         };
-        line.write(start);
+        line.write(served.start);
     }
     keep
 }
@@ -470,44 +481,50 @@ async fn answer(
     snap: &Snapshot,
     sock: &mut TcpStream,
     head: usize,
-    start: Instant,
     drain: &Drain,
+    mut respond_by: Pin<&mut Sleep>,
     served: &mut Served,
 ) -> bool {
     let pool = &snap.pool;
     let timeout = snap.config.upstream.response_timeout;
     let Some(first) = pool.pick(&snap.up, None) else {
         tracing::warn!("no upstream server to forward to; answering with the outage response");
-        return outage(bufs, snap, sock, head, start, drain, served).await;
+        return outage(bufs, snap, sock, head, drain, served).await;
     };
+    // The client's end is watched while its answer is on its way, unless its next request
+    // is already read: hyper looks for it only then, too.
+    let mut watch = bufs.have == head;
     let mut server = first;
     loop {
         served.server = Some(server);
         let name = || pool.servers[server].to_string();
-        let attempt = tokio::time::timeout(timeout, fetch(bufs, pool, server));
-        let Some(fetched) = unless_gone(sock, attempt).await else {
-            return false;
-        };
+        respond_by
+            .as_mut()
+            .reset(tokio::time::Instant::now() + timeout);
+        let attempt = fetch(bufs, pool, server);
+        let fetched = wait(sock, &mut watch, Some(respond_by.as_mut()), attempt).await;
         let error = match fetched {
-            Ok(Ok((up, answer))) => {
+            Waited::Gone => return false,
+            Waited::Done(Ok((up, answer))) => {
                 served.status = answer.status;
                 let to = Respond {
                     server,
-                    start,
+                    start: served.start,
                     drain,
+                    watch,
                     bytes: &mut served.bytes,
                 };
                 return respond(bufs, snap, sock, up, answer, to).await;
             }
-            Ok(Err(source)) if source.is_connect() => UpstreamError::Connect {
+            Waited::Done(Err(source)) if source.is_connect() => UpstreamError::Connect {
                 server: name(),
                 source,
             },
-            Ok(Err(source)) => UpstreamError::Failed {
+            Waited::Done(Err(source)) => UpstreamError::Failed {
                 server: name(),
                 source,
             },
-            Err(_) => UpstreamError::Timeout {
+            Waited::Late => UpstreamError::Timeout {
                 server: name(),
                 timeout,
             },
@@ -524,35 +541,52 @@ async fn answer(
             }
             None => {
                 tracing::warn!(error = %error, "forwarding failed; answering with the outage response");
-                return outage(bufs, snap, sock, head, start, drain, served).await;
+                return outage(bufs, snap, sock, head, drain, served).await;
             }
         }
     }
 }
 
-/// `work`'s output, or `None` once the client has closed its connection: a request whose
-/// client left is given up (its upstream socket closed), as hyper gives one up when it reads
-/// the client's end while the answer is awaited. A pipelined request that arrives meanwhile
-/// is left to be read after this answer, and ends the watch.
-async fn unless_gone<F: Future>(sock: &TcpStream, work: F) -> Option<F::Output> {
+/// What waiting for an answer's head came to.
+enum Waited<T> {
+    Done(T),
+    /// `response_timeout` passed first.
+    Late,
+    /// The client closed its connection: the request is given up (its upstream socket
+    /// closed), as hyper gives one up when it reads the client's end while the answer is
+    /// awaited.
+    Gone,
+}
+
+/// Waits for `work`, until `by` when there is one, and with `watch` for the client closing its
+/// connection. A pipelined request that arrives meanwhile is left to be read after this
+/// answer, and ends the watch.
+async fn wait<F: Future>(
+    sock: &TcpStream,
+    watch: &mut bool,
+    mut by: Option<Pin<&mut Sleep>>,
+    work: F,
+) -> Waited<F::Output> {
     tokio::pin!(work);
-    let mut watching = true;
     // Polled, not awaited through `peek()`, whose future would queue a waiter (under the
     // socket's lock) for every request; this takes the read side's waker slot, unused while
-    // an answer is awaited.
+    // an answer is on its way.
     poll_fn(|cx| {
         if let Poll::Ready(out) = work.as_mut().poll(cx) {
-            return Poll::Ready(Some(out));
+            return Poll::Ready(Waited::Done(out));
         }
-        if watching {
+        if *watch {
             let mut byte = [MaybeUninit::uninit()];
             match sock.poll_peek(cx, &mut ReadBuf::uninit(&mut byte)) {
-                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
-                Poll::Ready(Ok(_)) => watching = false,
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Waited::Gone),
+                Poll::Ready(Ok(_)) => *watch = false,
                 Poll::Pending => {}
             }
         }
-        Poll::Pending
+        match by.as_mut() {
+            Some(by) => by.as_mut().poll(cx).map(|()| Waited::Late),
+            None => Poll::Pending,
+        }
     })
     .await
 }
@@ -803,6 +837,8 @@ struct Respond<'a> {
     server: usize,
     start: Instant,
     drain: &'a Drain,
+    /// Whether the client's end is watched (`wait`).
+    watch: bool,
     /// The body's bytes passed on, counted as they are.
     bytes: &'a mut u64,
 }
@@ -820,6 +856,7 @@ async fn respond(
 ) -> bool {
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
     gateway::count(snap, to.start, status, Outcome::Forwarded);
+    let mut watch = to.watch;
     let Buffers {
         answer: buf, out, ..
     } = bufs;
@@ -854,7 +891,7 @@ async fn respond(
                     break at + take == buf.len();
                 }
                 at = 0;
-                match next_piece(&mut up, buf).await {
+                match piece(sock, &mut watch, &mut up, buf).await {
                     Ok(0) | Err(_) => return false,
                     Ok(_) => {}
                 }
@@ -876,7 +913,7 @@ async fn respond(
                     break at + n == buf.len();
                 }
                 at = 0;
-                match next_piece(&mut up, buf).await {
+                match piece(sock, &mut watch, &mut up, buf).await {
                     Ok(0) | Err(_) => return false,
                     Ok(_) => {}
                 }
@@ -896,7 +933,7 @@ async fn respond(
             }
             out.clear();
             at = 0;
-            match next_piece(&mut up, buf).await {
+            match piece(sock, &mut watch, &mut up, buf).await {
                 Ok(0) => {
                     if sock.write_all(b"0\r\n\r\n").await.is_err() {
                         return false;
@@ -912,6 +949,21 @@ async fn respond(
         snap.pool.raw_put(to.server, up);
     }
     !closing
+}
+
+/// `next_piece`, given up (an error) when the client closes its connection meanwhile: a body
+/// that stalls is not waited for once nobody wants it, as hyper's server stops reading it
+/// when it reads the client's end mid-message.
+async fn piece(
+    sock: &TcpStream,
+    watch: &mut bool,
+    up: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    match wait(sock, watch, None, next_piece(up, buf)).await {
+        Waited::Done(read) => read,
+        Waited::Gone | Waited::Late => Err(ErrorKind::ConnectionAborted.into()),
+    }
 }
 
 /// Reads the next piece of a body into `buf`, emptied first. A read that filled the buffer
@@ -946,13 +998,12 @@ async fn outage(
     snap: &Snapshot,
     sock: &mut TcpStream,
     head: usize,
-    start: Instant,
     drain: &Drain,
     served: &mut Served,
 ) -> bool {
     let req = echoed(&bufs.input[..head]);
     let resp = gateway::outage_answer(snap, &req);
-    gateway::count(snap, start, resp.status(), Outcome::Failed);
+    gateway::count(snap, served.start, resp.status(), Outcome::Failed);
     served.status = resp.status().as_u16();
     let (mut parts, body) = resp.into_parts();
     // A holding response's body is whole (`Held::respond`).

@@ -26,7 +26,8 @@ struct Scripted {
     heads: Arc<Mutex<Vec<String>>>,
     /// `/trickle` sends its head and a first piece, then the rest once this is notified.
     release: Arc<tokio::sync::Notify>,
-    /// `/hang` never answers; this counts the `/hang` connections the proxy closed.
+    /// `/hang` never answers, `/stall` sends half its body; this counts the connections of
+    /// either that the proxy closed.
     hung_up: Arc<AtomicUsize>,
 }
 
@@ -75,6 +76,15 @@ async fn scripted() -> Scripted {
                         seen.lock().unwrap().push(head);
                         answer_for(&path)
                     };
+                    if path == "/stall" {
+                        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst";
+                        if sock.write_all(head).await.is_ok() {
+                            let mut rest = Vec::new();
+                            let _ = sock.read_to_end(&mut rest).await;
+                            hangs.fetch_add(1, Ordering::SeqCst);
+                        }
+                        return;
+                    }
                     if path == "/hang" {
                         let mut rest = Vec::new();
                         let _ = sock.read_to_end(&mut rest).await;
@@ -552,5 +562,70 @@ async fn a_request_whose_client_leaves_is_given_up_as_on_hyper_s_path() {
             "hyper's path: {hyper}"
         );
         up.heads.lock().unwrap().clear();
+    }
+}
+
+#[tokio::test]
+async fn each_request_on_a_connection_has_its_own_response_timeout() {
+    let up = scripted().await;
+    let short = "[upstream]\nresponse_timeout = \"300ms\"\n";
+    let proxy = spawn_proxy(&config(&up, false).replacen("[upstream]\n", short, 1)).await;
+    let mut client = Client::connect(proxy.addr).await;
+    // Twice: the second time, the deadline has fired once already.
+    for round in 0..2 {
+        assert_eq!(client.get("/length").await.body, b"hello", "round {round}");
+        // Well inside the previous request's deadline: this one's starts when it is sent.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let sent = std::time::Instant::now();
+        let a = client.get("/hang").await;
+        assert!(
+            sent.elapsed() >= Duration::from_millis(300),
+            "round {round}: early"
+        );
+        assert_eq!(a.status(), 503, "round {round}: {}", a.head);
+        assert_eq!(
+            a.header("x-intermission-mode"),
+            Some("outage"),
+            "{}",
+            a.head
+        );
+    }
+    assert_eq!(client.get("/length").await.body, b"hello");
+}
+
+#[tokio::test]
+async fn a_body_whose_client_leaves_is_given_up_as_on_hyper_s_path() {
+    let up = scripted().await;
+    for hyper in [false, true] {
+        let proxy = spawn_proxy(&config(&up, hyper)).await;
+        let before = up.hung_up.load(Ordering::SeqCst);
+        let mut client = Client::connect(proxy.addr).await;
+        client
+            .send("GET /stall HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+            .await;
+        while !client.buf.windows(5).any(|w| w == b"first") {
+            client.fill().await;
+        }
+        drop(client);
+        let gave_up = || up.hung_up.load(Ordering::SeqCst) > before;
+        assert!(
+            wait_until(Duration::from_secs(10), gave_up).await,
+            "hyper's path: {hyper}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn pipelined_requests_then_a_half_close_get_the_first_answer_as_on_hyper_s_path() {
+    let up = scripted().await;
+    for hyper in [false, true] {
+        let proxy = spawn_proxy(&config(&up, hyper)).await;
+        let mut client = Client::connect(proxy.addr).await;
+        let one = "GET /length HTTP/1.1\r\nHost: shop.example\r\n\r\n";
+        client.send(&format!("{one}{one}")).await;
+        client.sock.shutdown().await.unwrap();
+        // The second request is read with the first: the client's end is not watched for it.
+        let a = client.read().await;
+        assert_eq!(a.body, b"hello", "hyper's path: {hyper}: {}", a.head);
     }
 }
