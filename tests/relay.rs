@@ -179,6 +179,13 @@ impl Client {
         self.buf.extend_from_slice(&chunk[..n]);
     }
 
+    /// Reads until `bytes` have arrived, whatever comes around them.
+    async fn fill_until(&mut self, bytes: &[u8]) {
+        while !self.buf.windows(bytes.len()).any(|w| w == bytes) {
+            self.fill().await;
+        }
+    }
+
     async fn send(&mut self, request: &str) {
         self.sock.write_all(request.as_bytes()).await.unwrap();
     }
@@ -459,9 +466,7 @@ async fn an_answer_until_close_reaches_the_client_as_it_comes() {
         .send("GET /trickle HTTP/1.1\r\nHost: shop.example\r\n\r\n")
         .await;
     // The first piece arrives while the server still holds the rest back.
-    while !client.buf.windows(5).any(|w| w == b"first") {
-        client.fill().await;
-    }
+    client.fill_until(b"first").await;
     assert!(
         client.buf.starts_with(b"HTTP/1.1 200 OK\r\n"),
         "{}",
@@ -603,9 +608,7 @@ async fn a_body_whose_client_leaves_is_given_up_as_on_hyper_s_path() {
         client
             .send("GET /stall HTTP/1.1\r\nHost: shop.example\r\n\r\n")
             .await;
-        while !client.buf.windows(5).any(|w| w == b"first") {
-            client.fill().await;
-        }
+        client.fill_until(b"first").await;
         drop(client);
         let gave_up = || up.hung_up.load(Ordering::SeqCst) > before;
         assert!(
