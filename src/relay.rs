@@ -492,7 +492,7 @@ async fn answer(
         return outage(bufs, snap, sock, head, drain, served).await;
     };
     // The client's end is watched while its answer is on its way, unless its next request
-    // is already read: hyper looks for it only then, too.
+    // is already read: hyper, too, looks for the end only when nothing is left unread.
     let mut watch = bufs.have == head;
     let mut server = first;
     loop {
@@ -547,14 +547,14 @@ async fn answer(
     }
 }
 
-/// What waiting for an answer's head came to.
+/// What waiting for an answer's head, or a piece of its body, came to.
 enum Waited<T> {
     Done(T),
     /// `response_timeout` passed first.
     Late,
     /// The client closed its connection: the request is given up (its upstream socket
-    /// closed), as hyper gives one up when it reads the client's end while the answer is
-    /// awaited.
+    /// closed), as hyper gives one up when it reads the client's end before the answer is
+    /// whole.
     Gone,
 }
 
