@@ -25,7 +25,9 @@
 //! the client's connection stays open). A failure before the answer's head is reported to the
 //! server's checker, tried once more on another server, and otherwise answered with the
 //! outage response; a failure after it closes the client's connection, as hyper does when a
-//! body breaks. Header names keep the case the peer gave them (hyper's would be lowercase).
+//! body breaks. A client that closes its connection before its answer is whole has its request
+//! given up, as hyper's server gives it up (`wait`). Header names keep the case the peer gave
+//! them (hyper's would be lowercase).
 
 use crate::forward::pool::{SendError, UpstreamPool, MAYBE_CLOSED_AFTER};
 use crate::forward::{self, UpstreamError};
