@@ -166,7 +166,7 @@ fn finish(
     let body = Body::counted(
         body,
         Box::new(move |bytes| {
-            let line = Line {
+            let line = crate::logging::AccessLine {
                 peer,
                 method: &method,
                 path: &uri,
@@ -178,35 +178,6 @@ fn finish(
         }),
     );
     Response::from_parts(parts, body)
-}
-
-/// One access log line. hyper's path (`finish`) and the relay (`crate::relay`) both write
-/// theirs through `write`, so that the two cannot differ in their fields or formats.
-pub(crate) struct Line<'a> {
-    pub peer: std::net::IpAddr,
-    pub method: &'a dyn std::fmt::Display,
-    pub path: &'a dyn std::fmt::Display,
-    pub status: u16,
-    /// The server that answered, or was tried last; `None` when there was none to try.
-    pub upstream: Option<&'a str>,
-    /// The response body's bytes as sent, so far when it was abandoned.
-    pub bytes: u64,
-}
-
-impl Line<'_> {
-    /// Writes the line, the request having started at `start`.
-    pub(crate) fn write(&self, start: Instant) {
-        tracing::info!(
-            target: "intermission::access",
-            client = %self.peer,
-            method = %self.method,
-            path = %self.path,
-            status = self.status,
-            duration_ms = start.elapsed().as_secs_f64() * 1000.0,
-            upstream = self.upstream.unwrap_or("-"),
-            bytes = self.bytes,
-        );
-    }
 }
 
 pub(crate) fn count(snap: &Snapshot, start: Instant, status: StatusCode, outcome: Outcome) {

@@ -16,7 +16,7 @@
 //! several, HTTP/1.0, an incomplete, oversized or malformed head, a reserved path, a held
 //! request, `intercept_statuses`, `redirect_https`, a server that is not `http://`, and every request
 //! once a drain has begun. So hyper still answers every error to a client. The access log
-//! line is written here as hyper's path writes it (`gateway::Line`).
+//! line is written here as hyper's path writes it (`logging::AccessLine`).
 //!
 //! Once the request is sent, the answer cannot go to hyper, so every way an HTTP/1.1 server
 //! answers a `GET` is handled here as hyper's client and server would together: 1xx answers
@@ -432,7 +432,7 @@ struct Served {
 
 /// Forwards the request `bufs.request` (its client head is `bufs.input[..head]`), writes the
 /// answer to the client and, with the access log on, its line, as hyper's path writes it
-/// (`gateway::Line`); whether the client's connection stays open.
+/// (`logging::AccessLine`); whether the client's connection stays open.
 async fn exchange(
     bufs: &mut Buffers,
     snap: &Snapshot,
@@ -453,7 +453,7 @@ async fn exchange(
     // logged, as on hyper's path.
     if snap.config.log.access_log && served.status != 0 {
         let upstream = served.server.map(|i| snap.pool.servers[i].to_string());
-        let line = gateway::Line {
+        let line = crate::logging::AccessLine {
             peer: conn.peer.ip(),
             method: &"GET",
             path: &target(&bufs.request),
