@@ -1,5 +1,5 @@
 //! Forwarding plain HTTP/1.1 exchanges without hyper: on a plaintext keep-alive connection, a
-//! `GET` without a body is checked and rewritten from its own bytes, written to a kept
+//! `GET` or `HEAD` without a body is checked and rewritten from its own bytes, written to a kept
 //! upstream socket, and the answer's head is rewritten and written back with its body, all in
 //! the connection's own task.
 //!
@@ -19,15 +19,16 @@
 //! line is written here as hyper's path writes it (`logging::AccessLine`).
 //!
 //! Once the request is sent, the answer cannot go to hyper, so every way an HTTP/1.1 server
-//! answers a `GET` is handled here as hyper's client and server would together: 1xx answers
-//! skipped, no body for 204 and 304, a body of `Content-Length`, chunked (passed through as
-//! it comes, its end found by `Chunked`), or until the server closes (sent on chunked, so that
-//! the client's connection stays open). A failure before the answer's head is reported to the
-//! server's checker, tried once more on another server, and otherwise answered with the
-//! outage response; a failure after it closes the client's connection, as hyper does when a
-//! body breaks. A client that closes its connection before its answer is whole has its request
-//! given up, as hyper's server gives it up (`wait`). Header names keep the case the peer gave
-//! them (hyper's would be lowercase).
+//! answers is handled here as hyper's client and server would together: 1xx answers skipped, no
+//! body for 204 and 304, nor for any answer to a `HEAD` (its first `Content-Length` passed on,
+//! no coding added, `response_head`), a body of `Content-Length`, chunked (passed through as it
+//! comes, its end found by `Chunked`), or until the server closes (sent on chunked, so that the
+//! client's connection stays open). A failure before the answer's head is reported to the
+//! server's checker, tried once more on another server, and otherwise answered with the outage
+//! response; a failure after it closes the client's connection, as hyper does when a body
+//! breaks. A client that closes its connection before its answer is whole has its request given
+//! up, as hyper's server gives it up (`wait`). Header names keep the case the peer gave them
+//! (hyper's would be lowercase).
 
 use crate::forward::pool::{SendError, UpstreamPool, MAYBE_CLOSED_AFTER};
 use crate::forward::{self, UpstreamError};
@@ -317,9 +318,10 @@ fn request(
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err(()),
     };
-    if req.version != Some(1) || req.method != Some("GET") {
-        return Err(());
-    }
+    let method = match req.method {
+        Some(m @ ("GET" | "HEAD")) if req.version == Some(1) => m,
+        _ => return Err(()),
+    };
     let target = req.path.ok_or(())?;
     // What hyper would make of it, or hyper reads it (and answers 400 to what it refuses).
     let uri = PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(target.as_bytes()))
@@ -333,7 +335,8 @@ fn request(
         return Err(());
     }
     out.clear();
-    out.extend_from_slice(b"GET ");
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut host: Option<&[u8]> = None;
@@ -453,10 +456,11 @@ async fn exchange(
     // logged, as on hyper's path.
     if snap.config.log.access_log && served.status != 0 {
         let upstream = served.server.map(|i| snap.pool.servers[i].to_string());
+        let (method, path) = request_line(&bufs.request);
         let line = crate::logging::AccessLine {
             peer: conn.peer.ip(),
-            method: &"GET",
-            path: &target(&bufs.request),
+            method: &method,
+            path: &path,
             status: served.status,
             upstream: upstream.as_deref(),
             bytes: served.bytes,
@@ -466,15 +470,18 @@ async fn exchange(
     keep
 }
 
-/// The request target of the upstream request `request` (`GET {target} HTTP/1.1`, as
-/// `request` wrote it from what httparse took as a path).
-fn target(request: &[u8]) -> &str {
+/// The method and target of the upstream request `request` (`{method} {target} HTTP/1.1`, as
+/// `request` wrote it from what httparse took as a method and a path).
+fn request_line(request: &[u8]) -> (&str, &str) {
     let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
-    let target = line
-        .strip_prefix(b"GET ")
-        .and_then(|rest| rest.strip_suffix(b" HTTP/1.1"))
-        .unwrap_or_default();
-    std::str::from_utf8(target).unwrap_or_default()
+    let line = line.strip_suffix(b" HTTP/1.1").unwrap_or_default();
+    let line = std::str::from_utf8(line).unwrap_or_default();
+    line.split_once(' ').unwrap_or_default()
+}
+
+/// Whether the upstream request `request` is a `HEAD`, whose answer has no body.
+fn is_head(request: &[u8]) -> bool {
+    request.starts_with(b"HEAD ")
 }
 
 /// `exchange`'s work: the answer, from a server or the outage response.
@@ -626,9 +633,9 @@ enum Failure {
 /// Sends the request on a kept socket (or a new one) and reads the answer's head. A kept
 /// socket found closed is replaced by a new one once, as `Http1Pool::request` does: when the
 /// request could not be written, or when it was and nothing came back on a socket idle for
-/// `MAYBE_CLOSED_AFTER` or more (the server may have closed it as it idled, and a `GET` can be
-/// sent again, as nginx does with its cached connections). A request that makes a busy
-/// connection close is not sent twice.
+/// `MAYBE_CLOSED_AFTER` or more (the server may have closed it as it idled, and a `GET` or
+/// `HEAD` can be sent again, as nginx does with its cached connections). A request that makes
+/// a busy connection close is not sent twice.
 async fn fetch(
     bufs: &mut Buffers,
     pool: &UpstreamPool,
@@ -676,7 +683,8 @@ async fn send(bufs: &mut Buffers, up: &mut TcpStream) -> Result<Answer, Failure>
         }
         // Interim (1xx) answers are passed over, as hyper's client does.
         loop {
-            match response_head(&bufs.answer, &mut bufs.out).map_err(Failure::Late)? {
+            let head = is_head(&bufs.request);
+            match response_head(&bufs.answer, head, &mut bufs.out).map_err(Failure::Late)? {
                 Head::Partial => break,
                 Head::Interim(len) => {
                     bufs.answer.drain(..len);
@@ -705,7 +713,8 @@ enum Head {
 /// Parses the answer head at the start of `input` and writes the client's head to `out`:
 /// the hop-by-hop headers removed (those `Connection` names too), `date` added when missing,
 /// as hyper's server does, and `transfer-encoding: chunked` for a body of unknown length.
-fn response_head(input: &[u8], out: &mut Vec<u8>) -> Result<Head, SendError> {
+/// The answer to a `HEAD` (`head`) has no body, and gets no `transfer-encoding`, as from hyper.
+fn response_head(input: &[u8], head: bool, out: &mut Vec<u8>) -> Result<Head, SendError> {
     let mut headers = [httparse::EMPTY_HEADER; UPSTREAM_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     let len = match resp.parse(input) {
@@ -754,9 +763,11 @@ fn response_head(input: &[u8], out: &mut Vec<u8>) -> Result<Head, SendError> {
             lengths.push(h.value);
         }
     }
-    // A 204 or 304 has no body whatever its headers say: hyper's client reads none of them.
+    // A 204 or 304 has no body whatever its headers say: hyper's client reads none of them,
+    // nor those of any answer to a `HEAD`.
     let bodiless = status == 204 || status == 304;
-    if te && version == 0 && !bodiless {
+    let unread = bodiless || head;
+    if te && version == 0 && !unread {
         // RFC 9112 §6.1: faulty framing; hyper's client refuses it too.
         return Err(SendError::Protocol(
             "Transfer-Encoding in an HTTP/1.0 response",
@@ -764,7 +775,7 @@ fn response_head(input: &[u8], out: &mut Vec<u8>) -> Result<Head, SendError> {
     }
     // With a transfer coding the length is the coding's (RFC 9112 §6.3), as hyper reads it.
     let mut length: Option<u64> = None;
-    for value in lengths.iter().filter(|_| !te && !bodiless) {
+    for value in lengths.iter().filter(|_| !te && !unread) {
         for value in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
             let n = std::str::from_utf8(value)
                 .ok()
@@ -777,7 +788,7 @@ fn response_head(input: &[u8], out: &mut Vec<u8>) -> Result<Head, SendError> {
             length = Some(n);
         }
     }
-    let framing = match (bodiless, te, chunked, length) {
+    let framing = match (unread, te, chunked, length) {
         (true, ..) => Framing::None,
         (false, true, true, _) => Framing::Chunked,
         (false, true, false, _) => Framing::Close,
@@ -794,15 +805,22 @@ fn response_head(input: &[u8], out: &mut Vec<u8>) -> Result<Head, SendError> {
     ]);
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let mut dated = false;
+    let (mut dated, mut length_written) = (false, false);
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
+        // The answer to a `HEAD` keeps its first length as the server gave it, a coding or
+        // not (as hyper's server writes the first and only the first).
+        let length = is(name, b"content-length");
+        if head && length && std::mem::replace(&mut length_written, true) {
+            continue;
+        }
         let hop_by_hop = forward::headers::is_hop_by_hop_name(name)
             // A length named by `Connection` still frames the body: hyper's server would
             // write it again from the body's size.
             || (named.iter().any(|n| is(name, n)) && !is(name, b"content-length"));
-        // With a transfer coding, the length is the coding's (RFC 9112 §6.3).
-        if hop_by_hop || (te && is(name, b"content-length")) {
+        // With a transfer coding, the length is the coding's (RFC 9112 §6.3). An answer
+        // with no body can have no trailers to announce: hyper's server drops `Trailer` then.
+        if hop_by_hop || (te && length && !head) || (unread && is(name, b"trailer")) {
             continue;
         }
         dated |= is(name, b"date");
@@ -820,7 +838,13 @@ fn response_head(input: &[u8], out: &mut Vec<u8>) -> Result<Head, SendError> {
     // 304's length is the representation's (RFC 9110 §8.6), and common.
     let stray_body =
         bodiless && (te || (status == 204 && lengths.iter().any(|v| v.trim_ascii() != b"0")));
-    let reusable = framing != Framing::Close
+    // A server that would close to end a `GET`'s body may close after a `HEAD`'s answer too:
+    // its connection is kept only when a `GET`'s body would have been delimited.
+    let delimited = match head && !bodiless {
+        true => chunked || (!te && !lengths.is_empty()),
+        false => framing != Framing::Close,
+    };
+    let reusable = delimited
         && !stray_body
         && match version {
             1 => !close,
@@ -1010,6 +1034,7 @@ async fn outage(
     let (mut parts, body) = resp.into_parts();
     // A holding response's body is whole (`Held::respond`).
     let body = body.into_ready().unwrap_or_default();
+    // Empty for a `HEAD` (`Held::respond`).
     served.bytes = body.len() as u64;
     let closing = drain.started();
     if closing {
@@ -1017,7 +1042,7 @@ async fn outage(
         parts.headers.insert(http::header::CONNECTION, close);
     }
     bufs.out.clear();
-    h1::encode(&parts, &body, false, &mut bufs.out);
+    h1::encode(&parts, &body, is_head(&bufs.request), &mut bufs.out);
     sock.write_all(&bufs.out).await.is_ok() && !closing
 }
 
@@ -1029,6 +1054,9 @@ fn echoed(head: &[u8]) -> Request<()> {
     let mut parsed = httparse::Request::new(&mut []);
     if parsed.parse_with_uninit_headers(head, &mut slots).is_err() {
         return req;
+    }
+    if parsed.method == Some("HEAD") {
+        *req.method_mut() = http::Method::HEAD;
     }
     if let Some(uri) = parsed.path.and_then(|p| p.parse().ok()) {
         *req.uri_mut() = uri;
@@ -1186,8 +1214,15 @@ mod tests {
              Content-Length: 0\r\nX-Mixed-Case: Yes\r\nx-forwarded-for: 192.0.2.7\r\n\
              x-forwarded-proto: http\r\nx-forwarded-host: shop.example\r\n\r\n"
         );
-        // The access log line's path is read back from it.
-        assert_eq!(target(got.as_bytes()), "/a/b?c=d");
+        // The access log line's method and path are read back from it.
+        assert_eq!(request_line(got.as_bytes()), ("GET", "/a/b?c=d"));
+        let head = prepared(&snap, "HEAD /h HTTP/1.1\r\nHost: shop.example\r\n\r\n").unwrap();
+        assert_eq!(
+            head,
+            "HEAD /h HTTP/1.1\r\nHost: shop.example\r\nx-forwarded-for: 192.0.2.7\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: shop.example\r\n\r\n"
+        );
+        assert_eq!(request_line(head.as_bytes()), ("HEAD", "/h"));
     }
 
     #[test]
@@ -1259,7 +1294,8 @@ mod tests {
         let host = "Host: a\r\n";
         let cases = [
             format!("POST / HTTP/1.1\r\n{host}\r\n"),
-            format!("HEAD / HTTP/1.1\r\n{host}\r\n"),
+            format!("POST / HTTP/1.1\r\n{host}\r\n"),
+            format!("OPTIONS * HTTP/1.1\r\n{host}\r\n"),
             format!("GET / HTTP/1.0\r\n{host}\r\n"),
             format!("GET / HTTP/1.1\r\n{host}Content-Length: 5\r\n\r\nhello"),
             format!("GET / HTTP/1.1\r\n{host}Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
@@ -1318,11 +1354,46 @@ mod tests {
     }
 
     fn head(input: &str) -> (String, Answer) {
+        answer_to(input, false)
+    }
+
+    /// The client's head and the answer made of `input`, the answer to a `HEAD` with `head`.
+    fn answer_to(input: &str, head: bool) -> (String, Answer) {
         let mut out = Vec::new();
-        match response_head(input.as_bytes(), &mut out).unwrap() {
+        match response_head(input.as_bytes(), head, &mut out).unwrap() {
             Head::Final(answer) => (String::from_utf8(out).unwrap(), answer),
             _ => panic!("no final head in {input:?}"),
         }
+    }
+
+    /// No answer to a `HEAD` has a body; its server connection is kept when a `GET`'s body
+    /// would have been delimited, and not when the server would have closed to end it.
+    #[test]
+    fn an_answer_to_a_head_has_no_body_and_is_kept_when_a_get_s_would_be_delimited() {
+        let date = "Date: Thu, 03 Dec 2026 09:00:00 GMT\r\n";
+        for (headers, kept) in [
+            ("Content-Length: 5\r\n", true),
+            ("Transfer-Encoding: chunked\r\n", true),
+            ("Transfer-Encoding: chunked\r\nContent-Length: 7\r\n", true),
+            ("Content-Length: nonsense\r\n", true),
+            ("", false),
+            ("Transfer-Encoding: gzip\r\n", false),
+            ("Content-Length: 5\r\nConnection: close\r\n", false),
+        ] {
+            let (out, answer) = answer_to(&format!("HTTP/1.1 200 OK\r\n{date}{headers}\r\n"), true);
+            assert_eq!(answer.framing, Framing::None, "{headers}");
+            assert_eq!(answer.reusable, kept, "{headers}");
+            assert!(!out.contains("transfer-encoding"), "{out}");
+            let length = headers.lines().find(|l| l.starts_with("Content-Length"));
+            assert_eq!(
+                length,
+                out.lines().find(|l| l.starts_with("Content-Length")),
+                "{out}"
+            );
+        }
+        // A 204's, to a `HEAD` too, is delimited by its status.
+        let (_, answer) = answer_to(&format!("HTTP/1.1 204 No Content\r\n{date}\r\n"), true);
+        assert!(answer.reusable);
     }
 
     #[test]
@@ -1457,15 +1528,18 @@ mod tests {
             "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
             "NOT HTTP AT ALL\r\n\r\n",
         ] {
-            assert!(response_head(bad.as_bytes(), &mut out).is_err(), "{bad:?}");
+            assert!(
+                response_head(bad.as_bytes(), false, &mut out).is_err(),
+                "{bad:?}"
+            );
         }
         let interim = "HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n";
         assert!(matches!(
-            response_head(interim.as_bytes(), &mut out),
+            response_head(interim.as_bytes(), false, &mut out),
             Ok(Head::Interim(n)) if n == interim.len()
         ));
         assert!(matches!(
-            response_head(b"HTTP/1.1 200 OK\r\nContent-Le", &mut out),
+            response_head(b"HTTP/1.1 200 OK\r\nContent-Le", false, &mut out),
             Ok(Head::Partial)
         ));
     }

@@ -37,8 +37,9 @@ fn answer_for(path: &str) -> &'static [u8] {
         "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 11\r\n\r\n",
         "/close" => b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
         "/interim" => b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
-        "/empty" => b"HTTP/1.1 204 No Content\r\nX-Why: nothing\r\n\r\n",
+        "/empty" => b"HTTP/1.1 204 No Content\r\nX-Why: nothing\r\nTrailer: X-Sum\r\n\r\n",
         "/hop" => b"HTTP/1.1 200 OK\r\nConnection: X-Secret, keep-alive\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nok",
+        "/both" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         "/two-lengths" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!",
         "/garbage" => b"SURPRISE\r\n\r\n",
         _ => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
@@ -70,12 +71,25 @@ async fn scripted() -> Scripted {
                     buf.drain(..end + 4);
                     let target = head.split(' ').nth(1).unwrap_or("/");
                     let path = target.split('?').next().unwrap_or("/").to_owned();
-                    let answer = if head.to_lowercase().contains("intermission-health-check") {
+                    let head_only = head.starts_with("HEAD ");
+                    let mut answer = if head.to_lowercase().contains("intermission-health-check") {
                         &b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"[..]
                     } else {
                         seen.lock().unwrap().push(head);
                         answer_for(&path)
                     };
+                    // To a HEAD, the heads only (an interim one's included), as a server sends.
+                    if head_only {
+                        let mut end = 0;
+                        while let Some(at) = answer[end..].windows(4).position(|w| w == b"\r\n\r\n")
+                        {
+                            end += at + 4;
+                            if !answer[end - at - 4..].starts_with(b"HTTP/1.1 1") {
+                                break;
+                            }
+                        }
+                        answer = &answer[..end];
+                    }
                     if path == "/stall" {
                         let head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst";
                         if sock.write_all(head).await.is_ok() {
@@ -198,6 +212,27 @@ impl Client {
         self.read().await
     }
 
+    /// A `HEAD` and its answer, whose head is all there is.
+    async fn head(&mut self, path: &str) -> Answer {
+        self.send(&format!(
+            "HEAD {path} HTTP/1.1\r\nHost: shop.example\r\n\r\n"
+        ))
+        .await;
+        let end = loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+            self.fill().await;
+        };
+        let head = String::from_utf8(self.buf[..end].to_vec()).unwrap();
+        self.buf.drain(..end + 4);
+        Answer {
+            head,
+            body: Vec::new(),
+            trailers: Vec::new(),
+        }
+    }
+
     async fn read(&mut self) -> Answer {
         let end = loop {
             if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -309,6 +344,55 @@ async fn every_framing_reaches_the_client_as_through_hyper_on_one_connection() {
     assert!(a.head.contains("\r\nX-Upstream-Case: Kept"), "{}", a.head);
     assert!(b.head.contains("\r\nx-upstream-case: Kept"), "{}", b.head);
     assert_eq!(fast.get("/hop").await.header("x-kept"), Some("yes"));
+}
+
+/// A `HEAD`'s answer as hyper's path gives it, every header the same but the date (names
+/// aside, which hyper lowercases), and no body on the connection after it.
+#[tokio::test]
+async fn a_head_request_is_answered_as_through_hyper() {
+    let up = scripted().await;
+    let relay = spawn_proxy(&config(&up, false)).await;
+    let hyper = spawn_proxy(&config(&up, true)).await;
+    let mut fast = Client::connect(relay.addr).await;
+    let mut slow = Client::connect(hyper.addr).await;
+    let lines = |a: &Answer| -> Vec<String> {
+        let mut lines: Vec<String> = a
+            .head
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let (n, v) = l.split_once(':').unwrap();
+                format!("{}:{}", n.to_ascii_lowercase(), v)
+            })
+            .filter(|l| !l.starts_with("date:"))
+            .collect();
+        lines.sort();
+        lines
+    };
+    for path in [
+        "/length", "/chunked", "/both", "/close", "/interim", "/empty", "/hop", "/missing",
+        "/garbage",
+    ] {
+        let (a, b) = (fast.head(path).await, slow.head(path).await);
+        assert_eq!(a.status(), b.status(), "{path}");
+        assert_eq!(lines(&a), lines(&b), "{path}:\n{}\n---\n{}", a.head, b.head);
+        assert!(a.header("date").is_some(), "{path}: {}", a.head);
+        // Nothing followed the head: the next answer on the connection is whole.
+        assert_eq!(fast.get("/length").await.body, b"hello", "{path}");
+        assert_eq!(slow.get("/length").await.body, b"hello", "{path}");
+    }
+    let a = fast.head("/length").await;
+    assert!(
+        a.head.contains("\r\nX-Upstream-Case: Kept"),
+        "not the relay: {}",
+        a.head
+    );
+    // Differing lengths, which no `HEAD` answer's framing reads: the first is passed on, where
+    // hyper's server refuses the head and closes the connection without an answer.
+    let a = fast.head("/two-lengths").await;
+    assert_eq!(a.status(), 200, "{}", a.head);
+    assert_eq!(a.header("content-length"), Some("2"), "{}", a.head);
+    assert_eq!(fast.get("/length").await.body, b"hello");
 }
 
 #[tokio::test]
@@ -499,6 +583,13 @@ async fn the_access_log_says_of_each_request_what_hyper_s_path_says() {
         let (x, y) = (fast.get(path).await, slow.get(path).await);
         assert_eq!(x.body, y.body, "{path}");
     }
+    let heads = ["/length?head", "/garbage?head"];
+    for path in heads {
+        assert_eq!(
+            fast.head(path).await.status(),
+            slow.head(path).await.status()
+        );
+    }
     let kept = fast.get("/length").await;
     assert!(
         kept.head.contains("\r\nX-Upstream-Case: Kept"),
@@ -520,10 +611,10 @@ async fn the_access_log_says_of_each_request_what_hyper_s_path_says() {
             })
             .collect()
     };
-    let whole = |proxy: &ProxyProcess| lines(proxy).len() >= paths.len();
+    let whole = |proxy: &ProxyProcess| lines(proxy).len() >= paths.len() + heads.len();
     assert!(wait_until(Duration::from_secs(10), || whole(&relay) && whole(&hyper)).await);
     let (x, y) = (lines(&relay), lines(&hyper));
-    for path in paths {
+    for path in paths.into_iter().chain(heads) {
         let of = |l: &Vec<serde_json::Value>| l.iter().find(|v| v["path"] == path).cloned();
         let line = of(&x).unwrap_or_else(|| panic!("{path}: no line in {x:?}"));
         assert_eq!(Some(&line), of(&y).as_ref(), "{path}");
@@ -536,6 +627,12 @@ async fn the_access_log_says_of_each_request_what_hyper_s_path_says() {
     assert_eq!(of("/close")["bytes"], 13);
     assert_eq!(of("/empty")["status"], 204);
     assert_eq!(of("/garbage")["status"], 503);
+    for path in heads {
+        assert_eq!(of(path)["method"], "HEAD", "{path}");
+        assert_eq!(of(path)["bytes"], 0, "{path}");
+    }
+    assert_eq!(of("/length?head")["status"], 200);
+    assert_eq!(of("/garbage?head")["status"], 503);
 }
 
 #[tokio::test]
