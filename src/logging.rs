@@ -21,6 +21,9 @@ const JSON: u8 = 3;
 
 const TARGET: &str = "intermission::access";
 
+/// 10000-01-01T00:00:00Z, in seconds since the epoch.
+const YEAR_10000: u64 = 253_402_300_800;
+
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides `log.level`, and can turn
 /// the access log off as it could any other target.
 pub fn init(log: &LogConfig) {
@@ -81,9 +84,13 @@ impl AccessLine<'_> {
             JSON => Self::json,
             _ => return,
         };
+        let now = SystemTime::now();
+        if !formattable(now) {
+            return self.trace(ms);
+        }
         LINE.with_borrow_mut(|line| {
             line.clear();
-            render(self, ms, SystemTime::now(), line);
+            render(self, ms, now, line);
             // One write per line, as `tracing` makes: lines from other threads and other
             // targets never interleave within one. A log that cannot be written is not the
             // client's failure.
@@ -140,6 +147,13 @@ impl AccessLine<'_> {
         let _ = serde_json::to_writer(&mut *out, self.upstream.unwrap_or("-"));
         let _ = writeln!(out, r#","bytes":{},"target":"{TARGET}"}}"#, self.bytes);
     }
+}
+
+/// Whether `humantime` can write `now`: the years 1970 to 9999 only (it panics before and
+/// fails after). A clock that far off is left to `tracing`, which writes any.
+fn formattable(now: SystemTime) -> bool {
+    now.duration_since(SystemTime::UNIX_EPOCH)
+        .is_ok_and(|d| d.as_secs() < YEAR_10000)
 }
 
 /// `value` as a JSON string. Request methods and paths need no escaping, but a path may: the
@@ -216,6 +230,20 @@ mod tests {
             ),
         }
         format!("{}{}", &line[..at], &line[from..])
+    }
+
+    /// A clock outside what `humantime` writes is told apart before it is asked to.
+    #[test]
+    fn only_times_humantime_writes_are_formatted_by_hand() {
+        let epoch = SystemTime::UNIX_EPOCH;
+        let last = epoch + Duration::from_secs(super::YEAR_10000) - Duration::from_micros(1);
+        for at in [epoch, last] {
+            assert!(super::formattable(at));
+            let text = humantime::format_rfc3339_micros(at).to_string();
+            assert!(text == "1970-01-01T00:00:00.000000Z" || text == "9999-12-31T23:59:59.999999Z");
+        }
+        assert!(!super::formattable(epoch - Duration::from_secs(1)));
+        assert!(!super::formattable(last + Duration::from_micros(1)));
     }
 
     /// Every line as `tracing` would have written it, in both formats: fields, their order,

@@ -808,19 +808,23 @@ fn response_head(input: &[u8], head: bool, out: &mut Vec<u8>) -> Result<Head, Se
     let (mut dated, mut length_written) = (false, false);
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
-        // The answer to a `HEAD` keeps its first length as the server gave it, a coding or
-        // not (as hyper's server writes the first and only the first).
         let length = is(name, b"content-length");
-        if head && length && std::mem::replace(&mut length_written, true) {
-            continue;
-        }
         let hop_by_hop = forward::headers::is_hop_by_hop_name(name)
-            // A length named by `Connection` still frames the body: hyper's server would
-            // write it again from the body's size.
-            || (named.iter().any(|n| is(name, n)) && !is(name, b"content-length"));
-        // With a transfer coding, the length is the coding's (RFC 9112 §6.3). An answer
-        // with no body can have no trailers to announce: hyper's server drops `Trailer` then.
-        if hop_by_hop || (te && length && !head) || (unread && is(name, b"trailer")) {
+            // A length named by `Connection` that frames the body stays: hyper's server would
+            // write it again from the body's size. It writes none for a body it knows empty.
+            || (named.iter().any(|n| is(name, n))
+                && !(length && matches!(framing, Framing::Length(_))));
+        let dropped = hop_by_hop
+            // With a transfer coding, the length is the coding's (RFC 9112 §6.3).
+            || (length && te && !head)
+            // hyper's server writes no length for a `GET`'s 204 or 304, whose body is empty,
+            // but a `HEAD`'s as given.
+            || (length && bodiless && !head)
+            // No trailers can follow an answer with no body: hyper's server drops `Trailer`.
+            || (unread && is(name, b"trailer"))
+            // It writes one length at most: the first, as the server gave it.
+            || (length && std::mem::replace(&mut length_written, true));
+        if dropped {
             continue;
         }
         dated |= is(name, b"date");
