@@ -146,6 +146,26 @@ fn config(up: &Scripted, hyper: bool) -> String {
     )
 }
 
+/// A proxy of a server through the relay and one through hyper's path, with a client
+/// connection to each.
+struct Both {
+    _proxies: (Proxy, Proxy),
+    fast: Client,
+    slow: Client,
+}
+
+impl Both {
+    async fn of(up: &Scripted) -> Both {
+        let relay = spawn_proxy(&config(up, false)).await;
+        let hyper = spawn_proxy(&config(up, true)).await;
+        Both {
+            fast: Client::connect(relay.addr).await,
+            slow: Client::connect(hyper.addr).await,
+            _proxies: (relay, hyper),
+        }
+    }
+}
+
 /// One keep-alive client connection on raw bytes, reading answers by their framing.
 struct Client {
     sock: TcpStream,
@@ -221,6 +241,11 @@ impl Client {
             "HEAD {path} HTTP/1.1\r\nHost: shop.example\r\n\r\n"
         ))
         .await;
+        self.read_head().await
+    }
+
+    /// The next answer's head, with no body yet.
+    async fn read_head(&mut self) -> Answer {
         let end = loop {
             if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break end;
@@ -237,19 +262,7 @@ impl Client {
     }
 
     async fn read(&mut self) -> Answer {
-        let end = loop {
-            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break end;
-            }
-            self.fill().await;
-        };
-        let head = String::from_utf8(self.buf[..end].to_vec()).unwrap();
-        self.buf.drain(..end + 4);
-        let mut answer = Answer {
-            head,
-            body: Vec::new(),
-            trailers: Vec::new(),
-        };
+        let mut answer = self.read_head().await;
         if answer.status() == 204 || answer.status() == 304 {
             return answer;
         }
@@ -304,10 +317,9 @@ impl Client {
 #[tokio::test]
 async fn every_framing_reaches_the_client_as_through_hyper_on_one_connection() {
     let up = scripted().await;
-    let relay = spawn_proxy(&config(&up, false)).await;
-    let hyper = spawn_proxy(&config(&up, true)).await;
-    let mut fast = Client::connect(relay.addr).await;
-    let mut slow = Client::connect(hyper.addr).await;
+    let Both {
+        mut fast, mut slow, ..
+    } = Both::of(&up).await;
     for path in [
         "/length",
         "/chunked",
@@ -365,10 +377,9 @@ fn lines(a: &Answer) -> Vec<String> {
 #[tokio::test]
 async fn a_head_request_is_answered_as_through_hyper() {
     let up = scripted().await;
-    let relay = spawn_proxy(&config(&up, false)).await;
-    let hyper = spawn_proxy(&config(&up, true)).await;
-    let mut fast = Client::connect(relay.addr).await;
-    let mut slow = Client::connect(hyper.addr).await;
+    let Both {
+        mut fast, mut slow, ..
+    } = Both::of(&up).await;
     for path in [
         "/length",
         "/chunked",
@@ -504,10 +515,9 @@ async fn the_server_gets_the_request_rewritten_as_hyper_rewrites_it() {
 #[tokio::test]
 async fn a_broken_answer_is_the_outage_response_and_the_connection_goes_on() {
     let up = scripted().await;
-    let relay = spawn_proxy(&config(&up, false)).await;
-    let hyper = spawn_proxy(&config(&up, true)).await;
-    let mut fast = Client::connect(relay.addr).await;
-    let mut slow = Client::connect(hyper.addr).await;
+    let Both {
+        mut fast, mut slow, ..
+    } = Both::of(&up).await;
     for path in ["/two-lengths", "/garbage"] {
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: shop.example\r\nAccept: application/json\r\n\r\n"
