@@ -161,7 +161,7 @@ fn finish(
     let Some(Logged { method, uri, peer }) = log else {
         return resp;
     };
-    let upstream = server.map(|i| snap.pool.servers[i].to_string());
+    let upstream = server.and_then(|i| snap.pool.names.get(i).cloned());
     let (parts, body) = resp.into_parts();
     let body = Body::counted(
         body,

@@ -455,14 +455,14 @@ async fn exchange(
     // No status: the client left before its answer, which is then neither counted nor
     // logged, as on hyper's path.
     if snap.config.log.access_log && served.status != 0 {
-        let upstream = served.server.map(|i| snap.pool.servers[i].to_string());
+        let upstream = served.server.and_then(|i| snap.pool.names.get(i));
         let (method, path) = request_line(&bufs.request);
         let line = crate::logging::AccessLine {
             peer: conn.peer.ip(),
             method: &method,
             path: &path,
             status: served.status,
-            upstream: upstream.as_deref(),
+            upstream: upstream.map(|name| &**name),
             bytes: served.bytes,
         };
         line.write(served.start);

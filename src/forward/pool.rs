@@ -64,6 +64,9 @@ impl SendError {
 
 pub struct UpstreamPool {
     pub servers: Vec<Upstream>,
+    /// Each server's name as the access log writes it, made once: a logged request takes a
+    /// reference, where writing the name per request allocated.
+    pub names: Vec<Arc<str>>,
     pub config: UpstreamConfig,
     /// The TLS settings for `https://` servers, shared with the health checks.
     pub tls: Arc<rustls::ClientConfig>,
@@ -124,6 +127,7 @@ impl UpstreamPool {
         let tcp = tcp_connector(config.connect_timeout);
         Ok(UpstreamPool {
             servers: config.servers.clone(),
+            names: config.servers.iter().map(|s| s.to_string().into()).collect(),
             config: config.clone(),
             http1: Http1Pool::new(&config.servers, tcp.clone(), config.idle_timeout, workers),
             clients: PerWorker::new(workers, |_| Clients {
