@@ -127,7 +127,11 @@ impl UpstreamPool {
         let tcp = tcp_connector(config.connect_timeout);
         Ok(UpstreamPool {
             servers: config.servers.clone(),
-            names: config.servers.iter().map(|s| s.to_string().into()).collect(),
+            names: config
+                .servers
+                .iter()
+                .map(|s| s.to_string().into())
+                .collect(),
             config: config.clone(),
             http1: Http1Pool::new(&config.servers, tcp.clone(), config.idle_timeout, workers),
             clients: PerWorker::new(workers, |_| Clients {
