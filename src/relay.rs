@@ -806,24 +806,27 @@ fn response_head(input: &[u8], head: bool, out: &mut Vec<u8>) -> Result<Head, Se
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let (mut dated, mut length_written) = (false, false);
+    // Which lines are lengths is asked only where it matters, after cheaper tests: a compare
+    // per header and answer costs more than the rest of this loop's rules.
+    let several_lengths = lengths.len() > 1;
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
-        let length = is(name, b"content-length");
+        let length = || is(name, b"content-length");
         let hop_by_hop = forward::headers::is_hop_by_hop_name(name)
             // A length named by `Connection` that frames the body stays: hyper's server would
             // write it again from the body's size. It writes none for a body it knows empty.
             || (named.iter().any(|n| is(name, n))
-                && !(length && matches!(framing, Framing::Length(_))));
+                && !(matches!(framing, Framing::Length(_)) && length()));
         let dropped = hop_by_hop
             // With a transfer coding, the length is the coding's (RFC 9112 §6.3).
-            || (length && te && !head)
+            || (te && !head && length())
             // hyper's server writes no length for a `GET`'s 204 or 304, whose body is empty,
             // but a `HEAD`'s as given.
-            || (length && bodiless && !head)
+            || (bodiless && !head && length())
             // No trailers can follow an answer with no body: hyper's server drops `Trailer`.
             || (unread && is(name, b"trailer"))
             // It writes one length at most: the first, as the server gave it.
-            || (length && std::mem::replace(&mut length_written, true));
+            || (several_lengths && length() && std::mem::replace(&mut length_written, true));
         if dropped {
             continue;
         }
