@@ -59,7 +59,7 @@ pub fn init(log: &LogConfig) {
 
 /// One access log line. hyper's path (`gateway`) and the relay both write theirs through
 /// `write`, so that the two cannot differ in their fields or formats.
-pub(crate) struct AccessLine<'a> {
+pub struct AccessLine<'a> {
     pub peer: IpAddr,
     pub method: &'a dyn std::fmt::Display,
     pub path: &'a dyn std::fmt::Display,
@@ -77,7 +77,7 @@ thread_local! {
 
 impl AccessLine<'_> {
     /// Writes the line, the request having started at `start`.
-    pub(crate) fn write(&self, start: Instant) {
+    pub fn write(&self, start: Instant) {
         let ms = start.elapsed().as_secs_f64() * 1000.0;
         let render = match ACCESS.load(Relaxed) {
             THROUGH_TRACING => return self.trace(ms),
@@ -99,7 +99,9 @@ impl AccessLine<'_> {
         });
     }
 
-    fn trace(&self, ms: f64) {
+    /// The line through `tracing`, as at a terminal; and what `benches/access.rs` compares the
+    /// line written by hand with.
+    pub fn trace(&self, ms: f64) {
         tracing::info!(
             target: TARGET,
             client = %self.peer,
@@ -110,6 +112,15 @@ impl AccessLine<'_> {
             upstream = self.upstream.unwrap_or("-"),
             bytes = self.bytes,
         );
+    }
+
+    /// The line as `write` writes it in `format`, the request having taken `ms` and the clock
+    /// reading `now` (which `humantime` must be able to write: see `write`).
+    pub fn render(&self, format: LogFormat, ms: f64, now: SystemTime, out: &mut Vec<u8>) {
+        match format {
+            LogFormat::Text => self.text(ms, now, out),
+            LogFormat::Json => self.json(ms, now, out),
+        }
     }
 
     /// `tracing`'s text line, without colours: values as its visitor records them, a
