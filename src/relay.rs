@@ -30,7 +30,7 @@
 //! up, as hyper's server gives it up (`wait`). Header names keep the case the peer gave them
 //! (hyper's would be lowercase).
 
-use crate::forward::pool::{SendError, UpstreamPool, MAYBE_CLOSED_AFTER};
+use crate::forward::pool::{SendError, UpstreamPool};
 use crate::forward::{self, UpstreamError};
 use crate::gateway::{self, Conn};
 use crate::h1;
@@ -631,11 +631,13 @@ enum Failure {
 }
 
 /// Sends the request on a kept socket (or a new one) and reads the answer's head. A kept
-/// socket found closed is replaced by a new one once, as `Http1Pool::request` does: when the
-/// request could not be written, or when it was and nothing came back on a socket idle for
-/// `MAYBE_CLOSED_AFTER` or more (the server may have closed it as it idled, and a `GET` or
-/// `HEAD` can be sent again, as nginx does with its cached connections). A request that makes
-/// a busy connection close is not sent twice.
+/// socket found closed is replaced by a new one once: when the request could not be written,
+/// or when it was and nothing came back. A `GET` or `HEAD` can be sent again, as nginx sends
+/// one again after a cached connection failed. Unlike `Http1Pool::request`, which keeps a copy
+/// to send again only of requests on connections idle for `MAYBE_CLOSED_AFTER`, this holds for
+/// a busy connection too: the request's bytes are kept anyway, and a server that closes as a
+/// request arrives, unannounced, is closed before the proxy can see it. Once only, and on a
+/// new connection: a request that makes the server fail is not sent once per kept socket.
 async fn fetch(
     bufs: &mut Buffers,
     pool: &UpstreamPool,
@@ -648,11 +650,10 @@ async fn fetch(
             Some((up, _)) => up,
             None => pool.raw_connect(server).await?,
         };
-        let idled = since.is_some_and(|since| since.elapsed() >= MAYBE_CLOSED_AFTER);
         match send(bufs, &mut up).await {
             Ok(answer) => return Ok((up, answer)),
             Err(Failure::Unsent(_)) if since.is_some() => {}
-            Err(Failure::Early(_)) if idled => {
+            Err(Failure::Early(_)) if since.is_some() => {
                 tracing::debug!("a kept upstream connection was closed; sending again");
             }
             Err(Failure::Unsent(e) | Failure::Early(e)) => return Err(SendError::Io(e)),

@@ -40,6 +40,7 @@ fn answer_for(path: &str) -> &'static [u8] {
         "/empty" => b"HTTP/1.1 204 No Content\r\nX-Why: nothing\r\nTrailer: X-Sum\r\n\r\n",
         "/hop" => b"HTTP/1.1 200 OK\r\nConnection: X-Secret, keep-alive\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nok",
         "/both" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "/once" => b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nonce",
         "/not-modified" => b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nContent-Length: 42\r\n\r\n",
         "/same-lengths" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
         "/named-length" => b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 2\r\n\r\nok",
@@ -61,6 +62,9 @@ async fn scripted() -> Scripted {
             let (seen, held, hangs) = (seen.clone(), held.clone(), hangs.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
+                // After `/once`, the connection's next request is read and the connection
+                // closed without an answer, unannounced.
+                let mut close_next = false;
                 loop {
                     let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
                         let mut chunk = [0u8; 4096];
@@ -72,6 +76,9 @@ async fn scripted() -> Scripted {
                     };
                     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                     buf.drain(..end + 4);
+                    if close_next {
+                        return;
+                    }
                     let target = head.split(' ').nth(1).unwrap_or("/");
                     let path = target.split('?').next().unwrap_or("/").to_owned();
                     let head_only = head.starts_with("HEAD ");
@@ -93,6 +100,7 @@ async fn scripted() -> Scripted {
                         }
                         answer = &answer[..end];
                     }
+                    close_next = path == "/once";
                     if path == "/stall" {
                         let head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst";
                         if sock.write_all(head).await.is_ok() {
@@ -420,6 +428,32 @@ async fn a_head_request_is_answered_as_through_hyper() {
             a.head
         );
         assert_eq!(fast.get("/length").await.body, b"hello");
+    }
+}
+
+/// A server that closes a busy connection as the next request arrives, unannounced (a
+/// request limit per connection it does not tell of): the request is sent again on a new
+/// connection, as nginx sends one again after a cached connection failed, not answered with
+/// the outage response, however soon it came after the last answer.
+#[tokio::test]
+async fn a_request_on_a_connection_the_server_closes_unannounced_is_sent_again() {
+    let up = scripted().await;
+    let proxy = spawn_proxy(&config(&up, false)).await;
+    let mut client = Client::connect(proxy.addr).await;
+    for _ in 0..3 {
+        assert_eq!(client.get("/once").await.body, b"once");
+        let next = client.get("/length").await;
+        assert_eq!(
+            (next.status(), &next.body[..]),
+            (200, &b"hello"[..]),
+            "{}",
+            next.head
+        );
+        assert!(
+            next.head.contains("X-Upstream-Case: Kept"),
+            "not the relay: {}",
+            next.head
+        );
     }
 }
 
