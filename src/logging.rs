@@ -79,10 +79,10 @@ impl AccessLine<'_> {
     /// Writes the line, the request having started at `start`.
     pub fn write(&self, start: Instant) {
         let ms = start.elapsed().as_secs_f64() * 1000.0;
-        let render = match ACCESS.load(Relaxed) {
+        let format = match ACCESS.load(Relaxed) {
             THROUGH_TRACING => return self.trace(ms),
-            TEXT => Self::text,
-            JSON => Self::json,
+            TEXT => LogFormat::Text,
+            JSON => LogFormat::Json,
             _ => return,
         };
         let now = SystemTime::now();
@@ -91,7 +91,7 @@ impl AccessLine<'_> {
         }
         LINE.with_borrow_mut(|line| {
             line.clear();
-            render(self, ms, now, line);
+            self.render(format, ms, now, line);
             // One write per line, as `tracing` makes: lines from other threads and other
             // targets never interleave within one. A log that cannot be written is not the
             // client's failure.

@@ -666,6 +666,7 @@ async fn send(bufs: &mut Buffers, up: &mut TcpStream) -> Result<Answer, Failure>
     up.write_all(&bufs.request).await.map_err(Failure::Unsent)?;
     bufs.answer.clear();
     bufs.answer.reserve(COPY_BUF);
+    let head = is_head(&bufs.request);
     let mut got_any = false;
     loop {
         let read = up.read_buf(&mut bufs.answer).await;
@@ -684,7 +685,6 @@ async fn send(bufs: &mut Buffers, up: &mut TcpStream) -> Result<Answer, Failure>
         }
         // Interim (1xx) answers are passed over, as hyper's client does.
         loop {
-            let head = is_head(&bufs.request);
             match response_head(&bufs.answer, head, &mut bufs.out).map_err(Failure::Late)? {
                 Head::Partial => break,
                 Head::Interim(len) => {
@@ -1301,7 +1301,6 @@ mod tests {
         let snap = crate::state::snapshot::for_tests(CONFIG, false);
         let host = "Host: a\r\n";
         let cases = [
-            format!("POST / HTTP/1.1\r\n{host}\r\n"),
             format!("POST / HTTP/1.1\r\n{host}\r\n"),
             format!("OPTIONS * HTTP/1.1\r\n{host}\r\n"),
             format!("GET / HTTP/1.0\r\n{host}\r\n"),
