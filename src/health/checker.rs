@@ -51,6 +51,22 @@ pub struct Checkers {
     pub table: Arc<HealthTable>,
 }
 
+impl Checkers {
+    /// Stops every checker and waits until none runs. Aborting alone is not enough: a checker
+    /// running on another thread finishes recording its probe first, and could bring back the
+    /// metrics of a server that a reload has just forgotten, for ever.
+    pub async fn stop(mut self) {
+        let tasks = std::mem::take(&mut self.tasks);
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            // Cancelled, or ended on its own: either way it runs no more.
+            let _ = task.await;
+        }
+    }
+}
+
 impl Drop for Checkers {
     fn drop(&mut self) {
         for t in &self.tasks {

@@ -153,7 +153,7 @@ impl Controller {
             .filter(|w| w.end.0 <= now)
             .map(|w| w.id)
             .collect();
-        self.start_checkers();
+        self.start_checkers().await;
         let (before, mode) = self.settle(now, "started").await;
         self.parts.metrics.set_mode(mode);
         for id in ended {
@@ -190,7 +190,7 @@ impl Controller {
     /// check, which runs at once.
     /// A server that stays in the list across a reload keeps its health, so that a reload
     /// during an outage does not send traffic to servers known to be down.
-    fn start_checkers(&mut self) {
+    async fn start_checkers(&mut self) {
         self.generation += 1;
         let cfg = &self.parts.config;
         let previous: Vec<(String, bool)> = self
@@ -215,6 +215,10 @@ impl Controller {
             .iter()
             .map(ToString::to_string)
             .collect();
+        // The old checkers are gone before their servers' metrics are: none records after.
+        if let Some(old) = self.checkers.take() {
+            old.stop().await;
+        }
         for (gone, _) in previous.iter().filter(|(n, _)| !names.contains(n)) {
             self.parts.metrics.forget_upstream(gone);
         }
@@ -525,7 +529,7 @@ impl Controller {
         self.parts = parts;
         self.notifier.set_targets(notify_targets);
         if restart {
-            self.start_checkers();
+            self.start_checkers().await;
         }
         tracing::info!(file = ?self.parts.config.source, "config and pages reloaded");
         let (before, after) = self.settle(self.clock.now(), "config reloaded").await;
