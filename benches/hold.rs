@@ -6,9 +6,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use http::header::ACCEPT_LANGUAGE;
 use http::{HeaderMap, HeaderValue};
 use intermission::config::{Config, PagesSource};
 use intermission::h1;
+use intermission::hold::fields::Fields;
 use intermission::hold::held::{self, Held, View};
 use intermission::hold::negotiate;
 use intermission::hold::pages::Pages;
@@ -61,14 +63,14 @@ fn serve(c: &mut Criterion) {
     c.bench_function("held page: negotiate + pre-rendered bytes", |b| {
         b.iter(|| {
             let form = negotiate::choose_form(black_box(&headers), "/shop", &prefixes);
-            let lang = negotiate::choose_language(headers.get("accept-language"), &pages.langs);
+            let lang = negotiate::choose_language(headers.value(&ACCEPT_LANGUAGE), &pages.langs);
             held.respond(form, lang, false, SystemTime::now)
         })
     });
     c.bench_function("held page: render the template per request", |b| {
         b.iter(|| {
             let form = negotiate::choose_form(black_box(&headers), "/shop", &prefixes);
-            let lang = negotiate::choose_language(headers.get("accept-language"), &pages.langs);
+            let lang = negotiate::choose_language(headers.value(&ACCEPT_LANGUAGE), &pages.langs);
             // Same response building, plus rendering the page for this request.
             let page = held::render_pages(&pages, &view, &prefix, SystemTime::now());
             black_box(page.into_iter().nth(lang));
@@ -82,7 +84,7 @@ fn serve(c: &mut Criterion) {
         b.iter(|| {
             out.clear();
             let form = negotiate::choose_form(black_box(&headers), "/shop", &prefixes);
-            let lang = negotiate::choose_language(headers.get("accept-language"), &pages.langs);
+            let lang = negotiate::choose_language(headers.value(&ACCEPT_LANGUAGE), &pages.langs);
             held.encoded(form, lang, false).unwrap().write(&mut out);
             out.len()
         })
@@ -91,7 +93,7 @@ fn serve(c: &mut Criterion) {
         b.iter(|| {
             out.clear();
             let form = negotiate::choose_form(black_box(&headers), "/shop", &prefixes);
-            let lang = negotiate::choose_language(headers.get("accept-language"), &pages.langs);
+            let lang = negotiate::choose_language(headers.value(&ACCEPT_LANGUAGE), &pages.langs);
             let resp = held.respond(form, lang, false, SystemTime::now);
             let (parts, body) = resp.into_parts();
             let body = body.into_ready().unwrap();
@@ -104,7 +106,7 @@ fn serve(c: &mut Criterion) {
             let form = negotiate::choose_form(black_box(&headers), "/shop", &prefixes);
             (
                 form,
-                negotiate::choose_language(headers.get("accept-language"), &pages.langs),
+                negotiate::choose_language(headers.value(&ACCEPT_LANGUAGE), &pages.langs),
             )
         })
     });

@@ -5,13 +5,14 @@
 //! During an incident the holding page is what every client gets, retries included, so it is
 //! the path that must cost least. Building hyper's connection state, its header map and its
 //! per-request timers costs more than the answer itself, which is pre-rendered. Here a request
-//! is parsed with httparse (as hyper does), judged by the gateway's own `decide` (bypass
-//! cookies, allowed paths and addresses, reserved paths: the same code as every other request),
-//! and its answer, encoded when the state changed (`h1::Encoded`), written with one system
-//! call.
+//! is parsed with httparse (as hyper does) in place, its lines read where they lie
+//! (`hold::fields`, no header map), judged by the gateway's own rules (`rule`: bypass cookies,
+//! allowed paths and addresses, reserved paths: the same code as every other request), and its
+//! answer, encoded when the state changed (`h1::Encoded`), written with one system call.
 //!
 //! Anything else goes to hyper, untouched, with the bytes read so far: another method, a body,
-//! `Connection`, `Upgrade` or `Expect`, HTTP/1.0, an incomplete or malformed head, a request
+//! a `Connection` other than `keep-alive`, `Upgrade` or `Expect`, HTTP/1.0, a target with a
+//! fragment or with bytes `Uri` refuses, an incomplete or malformed head, a request
 //! that is forwarded (bypass) or answered by a reserved path, and every request once a drain
 //! has begun. So hyper still answers every error (400, 431, timeouts) and every exchange with
 //! state of its own.
@@ -20,8 +21,8 @@ use crate::gateway::{self, Conn};
 use crate::shutdown::Drain;
 use crate::state::{Snapshot, StateHandle};
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Uri, Version};
+use http::header::{self, HeaderName};
+use http::{Method, Request};
 use std::cell::RefCell;
 use std::io::ErrorKind;
 use std::mem::MaybeUninit;
@@ -131,18 +132,15 @@ impl Fast {
                     (None, _) => {}
                 }
             }
-            // Bytes, so that the request's path and header values are slices of it, not copies.
-            let mut rest = if len == have {
-                first
-            } else {
-                Bytes::copy_from_slice(&read[..len])
-            };
+            // Parsed where they lie: the rules read httparse's lines (`hold::fields`), so
+            // nothing of a request is copied unless hyper must read it.
+            let mut at = 0;
             out.clear();
-            while !rest.is_empty() && out.len() < OUT_BUDGET {
-                let Some(used) = self.answer(&snap, &rest, out) else {
+            while at < len && out.len() < OUT_BUDGET {
+                let Some(used) = self.answer(&snap, &read[at..len], out) else {
                     break;
                 };
-                let _ = rest.split_to(used);
+                at += used;
             }
             let mut written = 0;
             while written < out.len() {
@@ -158,18 +156,27 @@ impl Fast {
                 // One large answer does not pin its size in every thread for good.
                 *out = Vec::new();
             }
+            // When the read added nothing, or was skipped because `first` fills the buffer,
+            // `first` holds all there is (more than `read` when it is longer than the buffer),
+            // and a slice of it saves a copy; an empty slice holds none of it.
+            let rest = if len == have {
+                first.slice(at..)
+            } else if at == len {
+                Bytes::new()
+            } else {
+                Bytes::copy_from_slice(&read[at..len])
+            };
             Step::Served {
                 answered,
                 unwritten,
-                // An empty slice would still hold the whole buffer for a parked connection.
-                rest: if rest.is_empty() { Bytes::new() } else { rest },
+                rest,
             }
         })
     }
 
     /// Answers the request at the start of `input` into `out` when it is a plain held one;
     /// returns the length of its head.
-    fn answer(&self, snap: &Snapshot, input: &Bytes, out: &mut Vec<u8>) -> Option<usize> {
+    fn answer(&self, snap: &Snapshot, input: &[u8], out: &mut Vec<u8>) -> Option<usize> {
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut parsed = httparse::Request::new(&mut []);
         let httparse::Status::Complete(used) =
@@ -185,39 +192,47 @@ impl Fast {
             "HEAD" => Method::HEAD,
             _ => return None,
         };
-        let path = parsed.path?;
-        if !path.starts_with('/') {
+        let target = parsed.path?;
+        if !plain_target(target) {
             return None;
         }
-        let uri = Uri::from_maybe_shared(input.slice_ref(path.as_bytes())).ok()?;
-        let mut headers = HeaderMap::with_capacity(parsed.headers.len());
-        for h in parsed.headers.iter() {
-            let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
-            if !plain_header(&name, h.value) {
-                return None;
-            }
-            let value = HeaderValue::from_maybe_shared(input.slice_ref(h.value)).ok()?;
-            headers.append(name, value);
+        let lines: &[httparse::Header<'_>] = parsed.headers;
+        if !lines.iter().all(|line| plain_header(line.name, line.value)) {
+            return None;
         }
-        let mut req = Request::new(());
-        *req.method_mut() = method;
-        *req.uri_mut() = uri;
-        *req.version_mut() = Version::HTTP_11;
-        *req.headers_mut() = headers;
-        gateway::write_held(snap, &self.conn, &req, out).then_some(used)
+        gateway::write_held(snap, &self.conn, &method, target, lines, out).then_some(used)
     }
 }
 
+/// Whether a request target is one `Uri` keeps as written, its path being what comes before
+/// the first `?`: the origin form, in visible ASCII but for the bytes `Uri` refuses in a path or
+/// a query (`"`, `<`, `>`, `` ` ``) and `#`, which starts a fragment that `Uri` drops. Other
+/// targets are hyper's to read, and it answers those it refuses with a 400.
+fn plain_target(target: &str) -> bool {
+    target.starts_with('/') && target.bytes().all(|b| PLAIN_TARGET[usize::from(b)])
+}
+
+const PLAIN_TARGET: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0x21;
+    while b < 0x7f {
+        table[b] = !matches!(b as u8, b'"' | b'#' | b'<' | b'>' | b'`');
+        b += 1;
+    }
+    table
+};
+
 /// Whether a request header leaves the exchange plain: no body (`Content-Length: 0` aside),
 /// nothing asked of the connection beyond keep-alive, no upgrade, no `100 Continue`.
-fn plain_header(name: &HeaderName, value: &[u8]) -> bool {
-    if name == header::CONTENT_LENGTH {
+fn plain_header(name: &str, value: &[u8]) -> bool {
+    let is = |known: &HeaderName| name.eq_ignore_ascii_case(known.as_str());
+    if is(&header::CONTENT_LENGTH) {
         return value == b"0";
     }
-    if name == header::CONNECTION {
+    if is(&header::CONNECTION) {
         return value.eq_ignore_ascii_case(b"keep-alive");
     }
-    !(name == header::TRANSFER_ENCODING || name == header::UPGRADE || name == header::EXPECT)
+    !(is(&header::TRANSFER_ENCODING) || is(&header::UPGRADE) || is(&header::EXPECT))
 }
 
 #[cfg(test)]
@@ -226,16 +241,50 @@ mod tests {
 
     #[test]
     fn only_plain_exchanges_are_answered_here() {
-        let cl = header::CONTENT_LENGTH;
-        assert!(plain_header(&cl, b"0"));
-        assert!(!plain_header(&cl, b"5"));
-        assert!(!plain_header(&cl, b"00"));
-        assert!(plain_header(&header::CONNECTION, b"Keep-Alive"));
-        assert!(!plain_header(&header::CONNECTION, b"close"));
-        assert!(!plain_header(&header::CONNECTION, b"upgrade"));
-        assert!(!plain_header(&header::TRANSFER_ENCODING, b"chunked"));
-        assert!(!plain_header(&header::UPGRADE, b"websocket"));
-        assert!(!plain_header(&header::EXPECT, b"100-continue"));
-        assert!(plain_header(&header::ACCEPT, b"text/html"));
+        assert!(plain_header("content-length", b"0"));
+        assert!(!plain_header("Content-Length", b"5"));
+        assert!(!plain_header("content-length", b"00"));
+        assert!(plain_header("Connection", b"Keep-Alive"));
+        assert!(!plain_header("connection", b"close"));
+        assert!(!plain_header("CONNECTION", b"upgrade"));
+        assert!(!plain_header("Transfer-Encoding", b"chunked"));
+        assert!(!plain_header("upgrade", b"websocket"));
+        assert!(!plain_header("Expect", b"100-continue"));
+        assert!(plain_header("Accept", b"text/html"));
+        assert!(plain_header("Content-Lengths", b"5"));
+    }
+
+    /// What `write_held` is told of a plain target holds: `Uri` takes it as written, and its
+    /// path is what comes before the `?`.
+    #[test]
+    fn a_plain_target_is_kept_as_written_by_uri() {
+        for b in 0..=255u8 {
+            let c = char::from(b);
+            let target = format!("/a{c}b?q{c}={c}");
+            let plain = PLAIN_TARGET[usize::from(b)];
+            if !plain {
+                continue;
+            }
+            assert!(plain_target(&target), "{target:?}");
+            let uri: http::Uri = target.parse().unwrap_or_else(|e| panic!("{target:?}: {e}"));
+            assert_eq!(uri.to_string(), target);
+            let path = target.split_once('?').map_or(&*target, |(p, _)| p);
+            assert_eq!(uri.path(), path, "{target:?}");
+        }
+        for odd in [
+            "*",
+            "http://a/",
+            "/a#b",
+            "/a b",
+            "/a\"b\"",
+            "/<a>",
+            "/é",
+            "/a\tb",
+        ] {
+            assert!(!plain_target(odd), "{odd:?}");
+        }
+        assert!(plain_target("/search?filter[size]=1&q={x}|y^z\\w"));
+        // Visible ASCII but five.
+        assert_eq!(PLAIN_TARGET.iter().filter(|&&p| p).count(), 94 - 5);
     }
 }

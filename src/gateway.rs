@@ -1,12 +1,14 @@
 //! The per-request service: load the snapshot once, then answer or forward.
 //!
 //! Reads only the `Snapshot`; it never talks to the control plane. The access log line is
-//! written when the response body is finished (or abandoned), like nginx's `$request_time`,
+//! written when the response body is finished (or abandoned), like nginx's `$request_time`
+//! (for a holding response written without hyper, `write_held`, once it is encoded, whole),
 //! and costs nothing when `log.access_log` is off.
 
 use crate::body::Body;
 use crate::forward::{self, headers::ClientSide};
 use crate::hold::bypass;
+use crate::hold::fields::Fields;
 use crate::metrics::Outcome;
 use crate::reserved;
 use crate::state::{Snapshot, StateHandle};
@@ -97,35 +99,59 @@ pub fn handle(state: &StateHandle, conn: &Arc<Conn>, req: Request<Incoming>) -> 
     }
 }
 
-/// Writes the holding response to `req`, in HTTP/1.1, to `out` when the gateway would answer
-/// it with one, counted and logged as `handle` does; false for any other request, with nothing
-/// written. For writers other than hyper (`fast`). With the access log off and no countdown
-/// to an announced end, the response was encoded when the state changed (`hold::Held`), and
-/// a request adds only its date.
-pub fn write_held<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>, out: &mut Vec<u8>) -> bool {
+/// Writes the holding response to a request, in HTTP/1.1, to `out` when the gateway would
+/// answer it with one, counted and logged as `handle` does; false for any other request, with
+/// nothing written. For writers other than hyper (`fast`), which read the request's lines
+/// without building an `http::Request`. `target` is an origin-form target that `Uri` keeps as
+/// written (no fragment), so that its path is what comes before any `?` and the log line shows
+/// it as hyper's path shows the `Uri`. Unless `Retry-After` counts down to an announced end,
+/// the response was encoded when the state changed (`hold::Held`), and a request adds only its
+/// date.
+pub fn write_held<H: Fields + ?Sized>(
+    snap: &Snapshot,
+    conn: &Conn,
+    method: &Method,
+    target: &str,
+    headers: &H,
+    out: &mut Vec<u8>,
+) -> bool {
     let Some(held) = &snap.held else {
         return false;
     };
     let start = Instant::now();
-    if !matches!(decide(snap, conn, req), Decision::Hold) {
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    if !matches!(rule(snap, conn, method, path, headers), Rule::Hold) {
         return false;
     }
-    let head = req.method() == Method::HEAD;
-    let (form, lang) = reserved::choose_form(snap, req.headers(), req.uri().path());
-    if !snap.config.log.access_log {
-        if let Some(encoded) = held.encoded(form, lang, head) {
+    let head = method == Method::HEAD;
+    let (form, lang) = reserved::choose_form(snap, headers, path);
+    let (status, bytes) = match held.encoded(form, lang, head) {
+        Some(encoded) => {
             encoded.write(out);
-            count(snap, start, encoded.status(), Outcome::Held);
-            return true;
+            (encoded.status(), encoded.body_len())
         }
+        None => {
+            let (parts, body) = held.respond(form, lang, head, SystemTime::now).into_parts();
+            // A holding response's body is whole (`Held::respond`).
+            let body = body.into_ready().unwrap_or_default();
+            crate::h1::encode(&parts, &body, head, out);
+            (parts.status, body.len())
+        }
+    };
+    count(snap, start, status, Outcome::Held);
+    if snap.config.log.access_log {
+        // What `finish` would log once the body is sent: it is sent whole or the connection
+        // fails, and a held path is never the bypass link that `logged_uri` hides.
+        let line = crate::logging::AccessLine {
+            peer: conn.peer.ip(),
+            method,
+            path: &target,
+            status: status.as_u16(),
+            upstream: None,
+            bytes: bytes as u64,
+        };
+        line.write(start);
     }
-    let resp = held.respond(form, lang, head, SystemTime::now);
-    let log = Logged::if_on(snap, conn, req);
-    let (parts, body) = finish(snap, start, log, resp, None, Outcome::Held).into_parts();
-    // A holding response's body is whole (`Held::respond`): never `None` here, and an answer
-    // already counted is never left to hyper to count again.
-    let body = body.into_ready().unwrap_or_default();
-    crate::h1::encode(&parts, &body, head, out);
     true
 }
 
@@ -211,35 +237,60 @@ enum Decision {
 }
 
 fn decide<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>) -> Decision {
-    let m = &snap.config.maintenance;
-    let redirect = !conn.tls() && snap.config.proxy.redirect_https;
-    if let Some(rest) = req.uri().path().strip_prefix(m.reserved_prefix.as_str()) {
-        // The bypass secret and its cookie never travel in cleartext when HTTPS is there.
-        if redirect && rest.starts_with("bypass/") {
-            return Decision::Answer(redirect_https(snap, req), Outcome::Reserved);
-        }
-        return Decision::Answer(
+    match rule(snap, conn, req.method(), req.uri().path(), req.headers()) {
+        Rule::Reserved(rest) => Decision::Answer(
             reserved::answer(snap, req, rest, conn.tls()),
             Outcome::Reserved,
-        );
-    }
-    // A reverse proxy has no tunnel to offer; RFC 9110 §9.3.6 lets it refuse.
-    if req.method() == Method::CONNECT {
-        return Decision::Answer(
+        ),
+        Rule::Redirect => Decision::Answer(redirect_https(snap, req), Outcome::Reserved),
+        // A reverse proxy has no tunnel to offer; RFC 9110 §9.3.6 lets it refuse.
+        Rule::Connect => Decision::Answer(
             reserved::plain(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n"),
             Outcome::Reserved,
-        );
+        ),
+        Rule::Hold => Decision::Hold,
+        Rule::Forward(outcome) => Decision::Forward(outcome),
     }
-    if redirect {
-        let allowed = bypass::path_allowed(req.uri().path(), &m.allow_paths);
-        if !allowed {
-            return Decision::Answer(redirect_https(snap, req), Outcome::Reserved);
+}
+
+/// What the rules make of a request, from its method, path and header lines alone: `decide`
+/// for hyper's requests, `write_held` for the lines `fast` parsed.
+enum Rule<'p> {
+    /// Under the reserved prefix: the rest of the path.
+    Reserved(&'p str),
+    /// To HTTPS: the bypass link, or a path not allowed, on plaintext when HTTPS is there.
+    Redirect,
+    Connect,
+    Hold,
+    Forward(Outcome),
+}
+
+fn rule<'p, H: Fields + ?Sized>(
+    snap: &Snapshot,
+    conn: &Conn,
+    method: &Method,
+    path: &'p str,
+    headers: &H,
+) -> Rule<'p> {
+    let m = &snap.config.maintenance;
+    let redirect = !conn.tls() && snap.config.proxy.redirect_https;
+    if let Some(rest) = path.strip_prefix(m.reserved_prefix.as_str()) {
+        // The bypass secret and its cookie never travel in cleartext when HTTPS is there.
+        if redirect && rest.starts_with("bypass/") {
+            return Rule::Redirect;
         }
+        return Rule::Reserved(rest);
+    }
+    if method == Method::CONNECT {
+        return Rule::Connect;
+    }
+    if redirect && !bypass::path_allowed(path, &m.allow_paths) {
+        return Rule::Redirect;
     }
     match snap.held {
-        Some(_) if !bypassed(snap, conn, req) => Decision::Hold,
-        Some(_) => Decision::Forward(Outcome::Bypassed),
-        None => Decision::Forward(Outcome::Forwarded),
+        Some(_) if !bypassed(snap, conn, path, headers) => Rule::Hold,
+        Some(_) => Rule::Forward(Outcome::Bypassed),
+        None => Rule::Forward(Outcome::Forwarded),
     }
 }
 
@@ -405,25 +456,20 @@ fn redirect_https<B>(snap: &Snapshot, req: &Request<B>) -> Response<Body> {
 }
 
 /// Whether a request is forwarded even though the mode holds requests (SPEC §3).
-fn bypassed<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>) -> bool {
+fn bypassed<H: Fields + ?Sized>(snap: &Snapshot, conn: &Conn, path: &str, headers: &H) -> bool {
     let m = &snap.config.maintenance;
-    let path = req.uri().path();
     if bypass::path_allowed(path, &m.allow_paths) && without_dot_segments(path) {
         return true;
     }
     if !m.allow_ips.is_empty() {
-        let ip = bypass::client_ip(
-            conn.peer.ip(),
-            req.headers(),
-            &snap.config.proxy.trusted_proxies,
-        );
+        let ip = bypass::client_ip(conn.peer.ip(), headers, &snap.config.proxy.trusted_proxies);
         if bypass::ip_allowed(ip, &m.allow_ips) {
             return true;
         }
     }
     snap.bypass
         .as_ref()
-        .is_some_and(|key| key.cookie_valid(req.headers(), SystemTime::now()))
+        .is_some_and(|key| key.cookie_valid(headers, SystemTime::now()))
 }
 
 /// Whether a path has no `.`/`..` segment in any spelling, so that an allowed prefix cannot
@@ -461,8 +507,7 @@ mod tests {
         let conn = super::Conn::new("127.0.0.1:40000".parse().unwrap(), false);
         for log in ["", "[log]\naccess_log = true\n"] {
             let snap = holding(log);
-            // The snapshot keeps the encodings; they serve while the access log is off, and
-            // with it on the answer is built, for its log line.
+            // The snapshot keeps the encodings, whether the access log is on or off.
             let kept = snap.held.as_ref().unwrap().encoded(Form::Html, 0, false);
             assert!(kept.is_some(), "{log:?}");
             for (method, accept) in [("GET", "text/html"), ("HEAD", "application/json")] {
@@ -473,7 +518,15 @@ mod tests {
                     .body(())
                     .unwrap();
                 let mut got = Vec::new();
-                assert!(super::write_held(&snap, &conn, &req, &mut got));
+                let (method, target) = (req.method(), "/shop");
+                assert!(super::write_held(
+                    &snap,
+                    &conn,
+                    method,
+                    target,
+                    req.headers(),
+                    &mut got
+                ));
                 let (parts, body) = crate::reserved::hold(&snap, &req).into_parts();
                 let mut want = Vec::new();
                 let body = body.into_ready().unwrap();
@@ -481,9 +534,12 @@ mod tests {
                 assert_eq!(undated(&got), undated(&want), "{log:?} {method} {accept}");
             }
             // Not a held request: nothing written, left to hyper.
-            let reserved = Request::get("/_intermission/status").body(()).unwrap();
+            let reserved = "/_intermission/status";
+            let (get, none) = (http::Method::GET, http::HeaderMap::new());
             let mut out = Vec::new();
-            assert!(!super::write_held(&snap, &conn, &reserved, &mut out));
+            assert!(!super::write_held(
+                &snap, &conn, &get, reserved, &none, &mut out
+            ));
             assert!(out.is_empty());
         }
     }

@@ -39,6 +39,11 @@ impl Encoded {
         self.status
     }
 
+    /// The body's length as sent: 0 for the answer to a `HEAD`.
+    pub fn body_len(&self) -> usize {
+        self.body.len()
+    }
+
     /// Appends the response, dated now, to `out`.
     pub fn write(&self, out: &mut Vec<u8>) {
         out.reserve(self.head.len() + 40 + self.body.len());

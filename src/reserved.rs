@@ -2,6 +2,7 @@
 //! and never forwarded: `status`, `assets/…`, `bypass/{secret}` and `preview`.
 
 use crate::body::Body;
+use crate::hold::fields::Fields;
 use crate::hold::held::Held;
 use crate::hold::negotiate::{self, Form};
 use crate::state::Snapshot;
@@ -175,7 +176,7 @@ pub fn respond(
 
 /// The form and the language (an index into the pages' languages) of the holding response
 /// a request with these headers gets.
-pub fn choose_form(snap: &Snapshot, headers: &http::HeaderMap, path: &str) -> (Form, usize) {
+pub fn choose_form<H: Fields + ?Sized>(snap: &Snapshot, headers: &H, path: &str) -> (Form, usize) {
     negotiate::negotiate(
         headers,
         path,

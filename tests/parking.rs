@@ -328,6 +328,145 @@ async fn held_answers_are_the_same_whether_hyper_writes_them_or_not() {
     }
 }
 
+/// The rules that choose between holding and forwarding, and the form of a held answer, read
+/// a parked connection's request from httparse's lines, and hyper's from its header map: each
+/// request here is answered, and logged, alike both ways.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rules_read_a_parked_request_as_they_read_hyper_s() {
+    let up = upstream(|req: Request<Incoming>| async move {
+        Response::new(full(format!("app saw {}", req.uri().path())))
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "let-the-team-in-0123456789";
+    let config = format!(
+        "[proxy]\ntrusted_proxies = [\"127.0.0.1/32\"]\n[upstream]\nservers = [\"{}\"]\n\
+         [maintenance]\nallow_paths = [\"/open/\"]\nallow_ips = [\"203.0.113.7\"]\n\
+         bypass_secret = \"{secret}\"\n[log]\nformat = \"json\"\naccess_log = true\n",
+        up.url()
+    );
+    let proxy = ProxyProcess::start(dir.path(), &config);
+    let on = intermission::control::protocol::Request::On {
+        message: Some("Back at ten".into()),
+        until: None,
+        retry_after: None,
+        reason: None,
+    };
+    let socket = dir.path().join("intermission.sock");
+    let answer = intermission::control::client::request(&socket, &on).await;
+    assert!(answer.unwrap().ok);
+    let link = get(&proxy.url(&format!("/_intermission/bypass/{secret}"))).await;
+    let set = link.headers()["set-cookie"].to_str().unwrap();
+    let cookie = set.split(';').next().unwrap().to_owned();
+    // (target, header lines, forwarded)
+    let cases: Vec<(&str, String, bool)> = vec![
+        (
+            "/page",
+            format!("Cookie: a=1\r\nCookie: {cookie}\r\n"),
+            true,
+        ),
+        ("/page", format!("cookie: theme=dark; {cookie}\r\n"), true),
+        (
+            "/page",
+            "Cookie: intermission_bypass=1.00\r\n".into(),
+            false,
+        ),
+        (
+            "/page",
+            "X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-For: 203.0.113.7\r\n".into(),
+            true,
+        ),
+        (
+            "/page",
+            "X-Forwarded-For: 203.0.113.7, 10.0.0.1\r\n".into(),
+            false,
+        ),
+        ("/page", "X-Forwarded-For: 203.0.113.7é\r\n".into(), false),
+        ("/page", "FORWARDED: for=203.0.113.7\r\n".into(), true),
+        ("/open/x?y=1", String::new(), true),
+        ("/open/../x", String::new(), false),
+        ("/open/%2e%2e/x", String::new(), false),
+        (
+            "/api/x",
+            "Accept: text/html, application/json\r\n".into(),
+            false,
+        ),
+        (
+            "/page",
+            "Accept: application/json;q=0.5\r\nAccept: text/html\r\n".into(),
+            false,
+        ),
+        ("/page?q=1", "accept: TEXT/PLAIN\r\n".into(), false),
+        ("/shop?filter[size]=1|2", "Accept: text/html\r\n".into(), false),
+        ("/page", "Accept: text/html;q=0.5, é/x\r\n".into(), false),
+        ("/page", "Content-Type: application/grpc\r\n".into(), false),
+        (
+            "/page?",
+            "Accept-Language: fr\r\nAccept: text/html\r\n".into(),
+            false,
+        ),
+    ];
+    // More headers than a parked connection reads itself: hyper reads the padded twin.
+    let pad: String = (0..60).map(|i| format!("X-Pad-{i}: 1\r\n")).collect();
+    let tagged = |target: &str, via: &str| {
+        let sep = if target.contains('?') { "&" } else { "?" };
+        format!("{target}{sep}via={via}")
+    };
+    for (i, (target, lines, forwarded)) in cases.iter().enumerate() {
+        for method in ["GET", "HEAD"] {
+            let mut answers = Vec::new();
+            for (via, extra) in [("parked", ""), ("hyper", pad.as_str())] {
+                let target = tagged(target, &format!("{via}-{method}"));
+                let request =
+                    format!("{method} {target} HTTP/1.1\r\nHost: x\r\n{lines}{extra}\r\n");
+                let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+                s.write_all(request.as_bytes()).await.unwrap();
+                let (status, mut headers, body) = one_response(&mut s, method == "HEAD").await;
+                headers.retain(|h| !h.starts_with("date: "));
+                headers.sort();
+                answers.push((status, headers, body));
+            }
+            let case = format!("case {i}: {method} {target} {lines:?}");
+            assert_eq!(answers[0], answers[1], "{case}");
+            if method == "GET" {
+                let app = answers[0].2.starts_with(b"app saw ");
+                assert_eq!(app, *forwarded, "{case}: {answers:?}");
+            }
+        }
+    }
+    let lines = || -> Vec<serde_json::Value> {
+        proxy
+            .log_lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "intermission::access")
+            .map(|mut v| {
+                let fields = v.as_object_mut().unwrap();
+                assert!(fields.remove("duration_ms").unwrap().as_f64().is_some());
+                fields.remove("timestamp");
+                v
+            })
+            .collect()
+    };
+    let whole = || lines().len() > 4 * cases.len();
+    assert!(wait_until(Duration::from_secs(10), whole).await);
+    let logged = lines();
+    for (i, (target, _, _)) in cases.iter().enumerate() {
+        for method in ["GET", "HEAD"] {
+            let of = |via: &str| {
+                let path = tagged(target, &format!("{via}-{method}"));
+                let mut found = logged.iter().filter(|v| v["path"] == path.as_str());
+                let mut line = found.next().cloned().unwrap_or_else(|| panic!("{path}"));
+                line["path"] = serde_json::Value::from(target.to_string());
+                line
+            };
+            let line = of("parked");
+            assert_eq!(line, of("hyper"), "case {i}: {method} {target}");
+            assert_eq!(line["method"], method);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn many_pipelined_held_requests_are_all_answered_in_order() {
     let (_up, proxy) = app_and_proxy("").await;

@@ -10,11 +10,14 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::header::{HeaderMap, HeaderValue, COOKIE};
+use http::header::{HeaderName, HeaderValue, COOKIE, FORWARDED};
 use ipnet::IpNet;
 use ring::hmac;
 
+use super::fields::{text, Fields};
 use crate::config::canonical_ip;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// How many bypass cookies of one request are checked at most.
 const MAX_CANDIDATES: usize = 4;
@@ -113,15 +116,14 @@ impl BypassKey {
 
     /// Whether the request's `Cookie` header(s) carry a valid, unexpired bypass cookie.
     /// Malformed, forged, expired, or future-dated-beyond-ttl values are all just `false`.
-    pub fn cookie_valid(&self, headers: &HeaderMap, now: SystemTime) -> bool {
+    pub fn cookie_valid<H: Fields + ?Sized>(&self, headers: &H, now: SystemTime) -> bool {
         // HTTP/2 may split cookies over several header lines; every line may hold several pairs.
         // Any valid copy wins: a browser can hold a stale one beside a fresh one.
         // At most a few candidates get an HMAC check: a header stuffed with hundreds of
         // forged copies must not make a held request cost hundreds of MACs.
         headers
-            .get_all(COOKIE)
-            .iter()
-            .flat_map(|line| line.as_bytes().split(|&b| b == b';'))
+            .all(&COOKIE)
+            .flat_map(|line| line.split(|&b| b == b';'))
             .filter_map(|pair| cookie_value(pair.trim_ascii()))
             .take(MAX_CANDIDATES)
             .any(|value| self.value_valid(value, now))
@@ -223,21 +225,20 @@ fn hex_val(b: u8) -> Option<u8> {
 /// `trusted` — the address taken from `X-Forwarded-For` (or, if absent, `Forwarded`'s `for=`),
 /// walking from the right past trusted proxies to the first untrusted address. If all are
 /// trusted, the leftmost. An unparseable entry stops the walk at the last good address.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+pub fn client_ip<H: Fields + ?Sized>(peer: IpAddr, headers: &H, trusted: &[IpNet]) -> IpAddr {
     let peer = canonical_ip(peer);
     if trusted.is_empty() || !ip_allowed(peer, trusted) {
         return peer;
     }
-    let xff = headers.get_all("x-forwarded-for");
-    if xff.iter().next().is_some() {
+    if headers.value(&X_FORWARDED_FOR).is_some() {
         // Later lines were appended by later hops, so the rightmost entry is on the last line.
-        let entries = xff.iter().rev().flat_map(|line| {
-            let (text, bad) = match line.to_str() {
-                Ok(text) => (text, None),
-                Err(_) => ("", Some(None)),
+        let entries = headers.all(&X_FORWARDED_FOR).rev().flat_map(|line| {
+            let (line, bad) = match text(line) {
+                Some(line) => (line, None),
+                None => ("", Some(None)),
             };
             bad.into_iter().chain(
-                text.rsplit(',')
+                line.rsplit(',')
                     .map(str::trim)
                     .filter(|e| !e.is_empty())
                     .map(parse_node),
@@ -245,11 +246,10 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
         });
         return walk(peer, entries, trusted);
     }
-    let forwarded = headers.get_all(http::header::FORWARDED);
-    let entries = forwarded.iter().rev().flat_map(|line| {
-        match line.to_str() {
-            Ok(text) => forwarded_for(text),
-            Err(_) => vec![None],
+    let entries = headers.all(&FORWARDED).rev().flat_map(|line| {
+        match text(line) {
+            Some(text) => forwarded_for(text),
+            None => vec![None],
         }
         .into_iter()
         .rev()
@@ -371,6 +371,7 @@ pub fn path_allowed(path: &str, prefixes: &[String]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderMap;
 
     const SECRET: &str = "s3cret-bypass-token-0123";
     const TTL: Duration = Duration::from_secs(3600);

@@ -5,8 +5,8 @@
 //! string splits and never allocate; anything they cannot parse is ignored rather than rejected,
 //! because a client with a broken header still deserves a holding response.
 
-use http::header::{ACCEPT, CONNECTION, CONTENT_TYPE, UPGRADE};
-use http::{HeaderMap, HeaderValue};
+use super::fields::{text, Fields};
+use http::header::{ACCEPT, ACCEPT_LANGUAGE, CONNECTION, CONTENT_TYPE, UPGRADE};
 
 /// The form of a holding response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,7 +25,7 @@ pub enum Form {
 ///
 /// `path` is the request path; under any of `api_prefixes` (plain string prefixes) HTML must be
 /// strictly preferred over JSON, because API clients that also accept HTML still parse JSON.
-pub fn choose_form(headers: &HeaderMap, path: &str, api_prefixes: &[String]) -> Form {
+pub fn choose_form<H: Fields + ?Sized>(headers: &H, path: &str, api_prefixes: &[String]) -> Form {
     if is_grpc(headers) {
         return Form::Grpc;
     }
@@ -61,15 +61,15 @@ pub fn choose_form(headers: &HeaderMap, path: &str, api_prefixes: &[String]) -> 
 ///
 /// `langs_id` names the language list (it changes only on reload) so that a remembered index
 /// is never applied to another list.
-pub fn negotiate(
-    headers: &HeaderMap,
+pub fn negotiate<H: Fields + ?Sized>(
+    headers: &H,
     path: &str,
     api_prefixes: &[String],
     langs: &[String],
     langs_id: usize,
 ) -> (Form, usize) {
-    let accept_language = headers.get(http::header::ACCEPT_LANGUAGE);
-    let mut accepts = headers.get_all(ACCEPT).iter();
+    let accept_language = headers.value(&ACCEPT_LANGUAGE);
+    let mut accepts = headers.all(&ACCEPT);
     let accept = accepts.next();
     // Only the common shapes are remembered: one Accept line, not gRPC, not an upgrade.
     let simple = accepts.next().is_none() && !is_grpc(headers) && !is_upgrade(headers);
@@ -81,47 +81,81 @@ pub fn negotiate(
     }
     let api = api_prefixes.iter().any(|p| path.starts_with(p.as_str()));
     let hit = LAST.with(|last| {
-        let last = last.borrow();
-        last.as_ref()
-            .filter(|m| {
-                m.api == api
-                    && m.langs_id == langs_id
-                    && m.accept.as_ref() == accept
-                    && m.language.as_ref() == accept_language
-            })
-            .map(|m| (m.form, m.lang))
+        let m = last.borrow();
+        (m.form.is_some()
+            && m.api == api
+            && m.langs_id == langs_id
+            && m.accept.is(accept)
+            && m.language.is(accept_language))
+        .then_some((m.form, m.lang))
     });
-    if let Some(answer) = hit {
-        return answer;
+    if let Some((Some(form), lang)) = hit {
+        return (form, lang);
     }
     let answer = (
         choose_form(headers, path, api_prefixes),
         choose_language(accept_language, langs),
     );
     LAST.with(|last| {
-        *last.borrow_mut() = Some(Memo {
-            accept: accept.cloned(),
-            language: accept_language.cloned(),
-            api,
-            langs_id,
-            form: answer.0,
-            lang: answer.1,
-        });
+        let mut m = last.borrow_mut();
+        m.accept.set(accept);
+        m.language.set(accept_language);
+        m.api = api;
+        m.langs_id = langs_id;
+        m.form = Some(answer.0);
+        m.lang = answer.1;
     });
     answer
 }
 
+/// The last answer, and what it was the answer to; `form` is `None` until there is one.
 struct Memo {
-    accept: Option<HeaderValue>,
-    language: Option<HeaderValue>,
+    accept: Kept,
+    language: Kept,
     api: bool,
     langs_id: usize,
-    form: Form,
+    form: Option<Form>,
     lang: usize,
 }
 
+/// A header's value, or its absence, in a buffer that is refilled rather than replaced: a
+/// thread that serves browsers and scripts in turn misses often, and allocates nothing then.
+struct Kept {
+    present: bool,
+    bytes: Vec<u8>,
+}
+
+impl Kept {
+    const NONE: Kept = Kept {
+        present: false,
+        bytes: Vec::new(),
+    };
+
+    fn is(&self, value: Option<&[u8]>) -> bool {
+        match value {
+            Some(value) => self.present && self.bytes == value,
+            None => !self.present,
+        }
+    }
+
+    fn set(&mut self, value: Option<&[u8]>) {
+        self.bytes.clear();
+        self.bytes.extend_from_slice(value.unwrap_or_default());
+        self.present = value.is_some();
+    }
+}
+
 thread_local! {
-    static LAST: std::cell::RefCell<Option<Memo>> = const { std::cell::RefCell::new(None) };
+    static LAST: std::cell::RefCell<Memo> = const {
+        std::cell::RefCell::new(Memo {
+            accept: Kept::NONE,
+            language: Kept::NONE,
+            api: false,
+            langs_id: 0,
+            form: None,
+            lang: 0,
+        })
+    };
 }
 
 /// Index into `available` (language tags like `["en", "fr"]`, index 0 is the default and the
@@ -131,8 +165,8 @@ thread_local! {
 /// primary-subtag match such as `fr-CA` ↔ `fr`, then `*` for the default only), so `fr;q=0`
 /// excludes French even after `fr-CA`. The highest q wins; ties go to the entry that came first
 /// in the header, then to the earlier available tag.
-pub fn choose_language(accept_language: Option<&HeaderValue>, available: &[String]) -> usize {
-    let Some(header) = accept_language.and_then(|v| v.to_str().ok()) else {
+pub fn choose_language(accept_language: Option<&[u8]>, available: &[String]) -> usize {
+    let Some(header) = accept_language.and_then(text) else {
         return 0;
     };
 
@@ -160,22 +194,20 @@ pub fn choose_language(accept_language: Option<&HeaderValue>, available: &[Strin
 /// exact integer comparisons.
 const Q_ONE: u16 = 1000;
 
-fn is_grpc(headers: &HeaderMap) -> bool {
+fn is_grpc<H: Fields + ?Sized>(headers: &H) -> bool {
     const GRPC: &[u8] = b"application/grpc";
-    headers.get(CONTENT_TYPE).is_some_and(|v| {
-        let v = v.as_bytes();
-        v.len() >= GRPC.len() && v[..GRPC.len()].eq_ignore_ascii_case(GRPC)
-    })
+    headers
+        .value(&CONTENT_TYPE)
+        .is_some_and(|v| v.len() >= GRPC.len() && v[..GRPC.len()].eq_ignore_ascii_case(GRPC))
 }
 
-fn is_upgrade(headers: &HeaderMap) -> bool {
-    if !headers.contains_key(UPGRADE) {
+fn is_upgrade<H: Fields + ?Sized>(headers: &H) -> bool {
+    if headers.value(&UPGRADE).is_none() {
         return false;
     }
     headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+        .all(&CONNECTION)
+        .filter_map(text)
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
 }
@@ -215,12 +247,11 @@ struct AcceptPrefs {
 }
 
 impl AcceptPrefs {
-    fn from_headers(headers: &HeaderMap) -> AcceptPrefs {
+    fn from_headers<H: Fields + ?Sized>(headers: &H) -> AcceptPrefs {
         let mut prefs = AcceptPrefs::default();
         let entries = headers
-            .get_all(ACCEPT)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
+            .all(&ACCEPT)
+            .filter_map(text)
             .flat_map(|v| v.split(','));
         for entry in entries {
             let Some((kind, subtype, q)) = parse_media_range(entry) else {
@@ -382,6 +413,7 @@ fn is_language_range(range: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::{HeaderMap, HeaderValue};
 
     #[test]
     fn remembered_answers_match_fresh_ones() {
@@ -414,7 +446,7 @@ mod tests {
                 let h = headers(pairs);
                 let fresh = (
                     choose_form(&h, path, &api),
-                    choose_language(h.get("accept-language"), &langs),
+                    choose_language(h.value(&ACCEPT_LANGUAGE), &langs),
                 );
                 assert_eq!(
                     negotiate(&h, path, &api, &langs, 1),
@@ -590,7 +622,7 @@ mod tests {
                 let mut h = HeaderMap::new();
                 h.insert(ACCEPT, v.clone());
                 let _ = choose_form(&h, "/", &api());
-                let _ = choose_language(Some(&v), &["en".into(), "fr".into()]);
+                let _ = choose_language(Some(v.as_bytes()), &["en".into(), "fr".into()]);
             }
         }
     }
@@ -635,8 +667,7 @@ mod tests {
             (Some(""), 0),
         ];
         for (header, expected) in cases {
-            let value = header.map(|h| HeaderValue::from_str(h).unwrap());
-            let got = choose_language(value.as_ref(), &available);
+            let got = choose_language(header.map(str::as_bytes), &available);
             assert_eq!(got, *expected, "Accept-Language {header:?}");
         }
     }
@@ -644,15 +675,12 @@ mod tests {
     #[test]
     fn language_matches_regional_available_tag() {
         let available = vec!["en".to_string(), "pt-BR".to_string()];
-        let v = HeaderValue::from_static("pt");
-        assert_eq!(choose_language(Some(&v), &available), 1);
-        let v = HeaderValue::from_static("pt-PT");
-        assert_eq!(choose_language(Some(&v), &available), 0);
+        assert_eq!(choose_language(Some(b"pt"), &available), 1);
+        assert_eq!(choose_language(Some(b"pt-PT"), &available), 0);
     }
 
     #[test]
     fn language_with_no_available_tags() {
-        let v = HeaderValue::from_static("fr");
-        assert_eq!(choose_language(Some(&v), &[]), 0);
+        assert_eq!(choose_language(Some(b"fr"), &[]), 0);
     }
 }
