@@ -18,6 +18,7 @@
 //! state of its own.
 
 use crate::gateway::{self, Conn};
+use crate::h1;
 use crate::shutdown::Drain;
 use crate::state::{Snapshot, StateHandle};
 use bytes::Bytes;
@@ -193,7 +194,7 @@ impl Fast {
             _ => return None,
         };
         let target = parsed.path?;
-        if !plain_target(target) {
+        if !h1::plain_target(target) {
             return None;
         }
         let lines: &[httparse::Header<'_>] = parsed.headers;
@@ -203,24 +204,6 @@ impl Fast {
         gateway::write_held(snap, &self.conn, &method, target, lines, out).then_some(used)
     }
 }
-
-/// Whether a request target is one `Uri` keeps as written, its path being what comes before
-/// the first `?`: the origin form, in visible ASCII but for the bytes `Uri` refuses in a path or
-/// a query (`"`, `<`, `>`, `` ` ``) and `#`, which starts a fragment that `Uri` drops. Other
-/// targets are hyper's to read, and it answers those it refuses with a 400.
-fn plain_target(target: &str) -> bool {
-    target.starts_with('/') && target.bytes().all(|b| PLAIN_TARGET[usize::from(b)])
-}
-
-const PLAIN_TARGET: [bool; 256] = {
-    let mut table = [false; 256];
-    let mut b = 0x21;
-    while b < 0x7f {
-        table[b] = !matches!(b as u8, b'"' | b'#' | b'<' | b'>' | b'`');
-        b += 1;
-    }
-    table
-};
 
 /// Whether a request header leaves the exchange plain: no body (`Content-Length: 0` aside),
 /// nothing asked of the connection beyond keep-alive, no upgrade, no `100 Continue`.
@@ -252,39 +235,5 @@ mod tests {
         assert!(!plain_header("Expect", b"100-continue"));
         assert!(plain_header("Accept", b"text/html"));
         assert!(plain_header("Content-Lengths", b"5"));
-    }
-
-    /// What `write_held` is told of a plain target holds: `Uri` takes it as written, and its
-    /// path is what comes before the `?`.
-    #[test]
-    fn a_plain_target_is_kept_as_written_by_uri() {
-        for b in 0..=255u8 {
-            let c = char::from(b);
-            let target = format!("/a{c}b?q{c}={c}");
-            let plain = PLAIN_TARGET[usize::from(b)];
-            if !plain {
-                continue;
-            }
-            assert!(plain_target(&target), "{target:?}");
-            let uri: http::Uri = target.parse().unwrap_or_else(|e| panic!("{target:?}: {e}"));
-            assert_eq!(uri.to_string(), target);
-            let path = target.split_once('?').map_or(&*target, |(p, _)| p);
-            assert_eq!(uri.path(), path, "{target:?}");
-        }
-        for odd in [
-            "*",
-            "http://a/",
-            "/a#b",
-            "/a b",
-            "/a\"b\"",
-            "/<a>",
-            "/é",
-            "/a\tb",
-        ] {
-            assert!(!plain_target(odd), "{odd:?}");
-        }
-        assert!(plain_target("/search?filter[size]=1&q={x}|y^z\\w"));
-        // Visible ASCII but five.
-        assert_eq!(PLAIN_TARGET.iter().filter(|&&p| p).count(), 94 - 5);
     }
 }

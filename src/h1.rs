@@ -1,5 +1,6 @@
 //! The HTTP/1.1 wire form of a whole response, written as hyper writes it, for the answers
-//! sent without hyper (`fast`). The holding responses are encoded once per change of state
+//! sent without hyper (`fast`), and the request targets that the paths without hyper take as
+//! `Uri` would take them. The holding responses are encoded once per change of state
 //! (`Encoded`, kept by `hold::held` while no answer depends on the moment), so that a held
 //! request adds only the `Date` of its second to bytes ready to send.
 
@@ -119,6 +120,25 @@ fn with_date(f: impl FnOnce(&[u8])) {
     });
 }
 
+/// Whether a request target is one `Uri` keeps as written, its path being what comes before
+/// the first `?`: the origin form, in visible ASCII but for the bytes `Uri` refuses in a path or
+/// a query (`"`, `<`, `>`, `` ` ``) and `#`, which starts a fragment that `Uri` drops. Other
+/// targets are hyper's to read, and it answers those it refuses with a 400. For the requests
+/// read without hyper (`fast`, `relay`): no `Uri` is built, nor its copy of the target.
+pub fn plain_target(target: &str) -> bool {
+    target.starts_with('/') && target.bytes().all(|b| PLAIN_TARGET[usize::from(b)])
+}
+
+const PLAIN_TARGET: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0x21;
+    while b < 0x7f {
+        table[b] = !matches!(b as u8, b'"' | b'#' | b'<' | b'>' | b'`');
+        b += 1;
+    }
+    table
+};
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -196,5 +216,39 @@ pub(crate) mod tests {
             std::str::from_utf8(&out).unwrap(),
             "HTTP/1.1 200 OK\r\ndate: Thu, 03 Dec 2026 07:00:00 GMT\r\ncontent-length: 0\r\n\r\n"
         );
+    }
+
+    /// What a plain target is taken for holds: `Uri` takes it as written, and its
+    /// path is what comes before the `?`.
+    #[test]
+    fn a_plain_target_is_kept_as_written_by_uri() {
+        for b in 0..=255u8 {
+            let c = char::from(b);
+            let target = format!("/a{c}b?q{c}={c}");
+            let plain = PLAIN_TARGET[usize::from(b)];
+            if !plain {
+                continue;
+            }
+            assert!(plain_target(&target), "{target:?}");
+            let uri: http::Uri = target.parse().unwrap_or_else(|e| panic!("{target:?}: {e}"));
+            assert_eq!(uri.to_string(), target);
+            let path = target.split_once('?').map_or(&*target, |(p, _)| p);
+            assert_eq!(uri.path(), path, "{target:?}");
+        }
+        for odd in [
+            "*",
+            "http://a/",
+            "/a#b",
+            "/a b",
+            "/a\"b\"",
+            "/<a>",
+            "/é",
+            "/a\tb",
+        ] {
+            assert!(!plain_target(odd), "{odd:?}");
+        }
+        assert!(plain_target("/search?filter[size]=1&q={x}|y^z\\w"));
+        // Visible ASCII but five.
+        assert_eq!(PLAIN_TARGET.iter().filter(|&&p| p).count(), 94 - 5);
     }
 }

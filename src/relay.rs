@@ -38,7 +38,6 @@ use crate::metrics::Outcome;
 use crate::shutdown::Drain;
 use crate::state::{Snapshot, StateHandle};
 use bytes::Bytes;
-use http::uri::PathAndQuery;
 use http::{HeaderName, HeaderValue, Request, StatusCode};
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
@@ -324,14 +323,11 @@ fn request(
     };
     let target = req.path.ok_or(())?;
     // What hyper would make of it, or hyper reads it (and answers 400 to what it refuses).
-    let uri = PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(target.as_bytes()))
-        .map_err(|_| ())?;
-    if !target.starts_with('/')
-        || uri.as_str() != target
-        || uri
-            .path()
-            .starts_with(config.maintenance.reserved_prefix.as_str())
-    {
+    if !h1::plain_target(target) {
+        return Err(());
+    }
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    if path.starts_with(config.maintenance.reserved_prefix.as_str()) {
         return Err(());
     }
     out.clear();
@@ -1315,6 +1311,8 @@ mod tests {
             format!("GET http://a/ HTTP/1.1\r\n{host}\r\n"),
             format!("GET /a#frag HTTP/1.1\r\n{host}\r\n"),
             format!("GET /_intermission/status HTTP/1.1\r\n{host}\r\n"),
+            format!("GET /_intermission/status?a=/b HTTP/1.1\r\n{host}\r\n"),
+            format!("GET /a\"b\" HTTP/1.1\r\n{host}\r\n"),
             "GET / HTTP/1.1\r\nBad Header: x\r\n\r\n".to_string(),
             format!(
                 "GET / HTTP/1.1\r\n{}\r\n",
@@ -1327,6 +1325,8 @@ mod tests {
         }
         let plain = format!("GET / HTTP/1.1\r\n{host}\r\n");
         assert!(prepared(&snap, &plain).is_some());
+        let query = format!("GET /s?f[a]=1|2&p=/_intermission/ HTTP/1.1\r\n{host}\r\n");
+        assert!(prepared(&snap, &query).is_some());
         let servers = "[upstream]\nservers = [\"http://127.0.0.1:9\"]\n";
         // The access log is written here too.
         let logged = crate::state::snapshot::for_tests(

@@ -397,7 +397,11 @@ async fn the_rules_read_a_parked_request_as_they_read_hyper_s() {
             false,
         ),
         ("/page?q=1", "accept: TEXT/PLAIN\r\n".into(), false),
-        ("/shop?filter[size]=1|2", "Accept: text/html\r\n".into(), false),
+        (
+            "/shop?filter[size]=1|2",
+            "Accept: text/html\r\n".into(),
+            false,
+        ),
         ("/page", "Accept: text/html;q=0.5, é/x\r\n".into(), false),
         ("/page", "Content-Type: application/grpc\r\n".into(), false),
         (
