@@ -629,11 +629,10 @@ enum Failure {
 /// Sends the request on a kept socket (or a new one) and reads the answer's head. A kept
 /// socket found closed is replaced by a new one once: when the request could not be written,
 /// or when it was and nothing came back. A `GET` or `HEAD` can be sent again, as nginx sends
-/// one again after a cached connection failed. Unlike `Http1Pool::request`, which keeps a copy
-/// to send again only of requests on connections idle for `MAYBE_CLOSED_AFTER`, this holds for
-/// a busy connection too: the request's bytes are kept anyway, and a server that closes as a
-/// request arrives, unannounced, is closed before the proxy can see it. Once only, and on a
-/// new connection: a request that makes the server fail is not sent once per kept socket.
+/// one again after a cached connection failed (`Http1Pool::request` has the same rule), however
+/// short the socket's idle time: a server that closes as a request arrives, unannounced, has
+/// closed before the proxy can see it. Once only, and on a new connection: a request that makes
+/// the server fail is not sent once per kept socket.
 async fn fetch(
     bufs: &mut Buffers,
     pool: &UpstreamPool,

@@ -438,22 +438,26 @@ async fn a_head_request_is_answered_as_through_hyper() {
 #[tokio::test]
 async fn a_request_on_a_connection_the_server_closes_unannounced_is_sent_again() {
     let up = scripted().await;
-    let proxy = spawn_proxy(&config(&up, false)).await;
-    let mut client = Client::connect(proxy.addr).await;
-    for _ in 0..3 {
-        assert_eq!(client.get("/once").await.body, b"once");
-        let next = client.get("/length").await;
-        assert_eq!(
-            (next.status(), &next.body[..]),
-            (200, &b"hello"[..]),
-            "{}",
-            next.head
-        );
-        assert!(
-            next.head.contains("X-Upstream-Case: Kept"),
-            "not the relay: {}",
-            next.head
-        );
+    for hyper in [false, true] {
+        let proxy = spawn_proxy(&config(&up, hyper)).await;
+        let mut client = Client::connect(proxy.addr).await;
+        for _ in 0..3 {
+            assert_eq!(client.get("/once").await.body, b"once");
+            // Sent at once on the kept connection, which the server closes when it arrives.
+            let next = client.get("/length").await;
+            assert_eq!(
+                (next.status(), &next.body[..]),
+                (200, &b"hello"[..]),
+                "hyper's path: {hyper}; {}",
+                next.head
+            );
+            assert_eq!(
+                next.head.contains("X-Upstream-Case: Kept"),
+                !hyper,
+                "hyper's path: {hyper}; {}",
+                next.head
+            );
+        }
     }
 }
 

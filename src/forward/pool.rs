@@ -480,15 +480,15 @@ impl Http1Pool {
                     None => (Box::pin(self.connect(&server.dial)).await?, None),
                 };
                 // A server closes a connection that idled past its keep-alive timeout (5 s for
-                // Node.js and uvicorn, 2 s for gunicorn), and a request can be written on it before
-                // the close is read. One that can be sent again is kept for that case, as nginx
-                // retries a request that failed on a cached connection; a busy connection, idle
-                // for microseconds, pays nothing for it. Boxed: rarely made, and a request's size in
-                // every request's future otherwise.
-                let again = since
-                    .filter(|since| now.saturating_duration_since(*since) >= MAYBE_CLOSED_AFTER)
-                    .and_then(|_| copy_to_replay(&req))
-                    .map(Box::new);
+                // Node.js and uvicorn, 2 s for gunicorn), or one it said it would keep, as the next
+                // request arrives; that request is written before the close can be read. One that
+                // can be sent again is copied for that case, as nginx retries a request that
+                // failed on a cached connection: without it, a healthy server's client would get
+                // the outage response, and the failure would count against the server's health.
+                // The copy is a header map's clone per request on a kept connection; the relay,
+                // which keeps a request's bytes anyway, has the same rule. Boxed: a request's size
+                // in every request's future otherwise.
+                let again = since.and_then(|_| copy_to_replay(&req)).map(Box::new);
                 match sender.try_send_request(req).await {
                     Ok(resp) => return Ok(lend(resp, sender, home)),
                     Err(mut e) => match (e.take_message(), again) {
@@ -607,10 +607,6 @@ pub fn read_out(body: Body) {
         let _ = tokio::time::timeout(PATIENCE, drained).await;
     });
 }
-
-/// How long a kept connection idles before a request on it is prepared for the server having
-/// closed it meanwhile (`copy_to_replay`, and `crate::relay`'s sending again).
-pub(crate) const MAYBE_CLOSED_AFTER: Duration = Duration::from_millis(100);
 
 /// Kept connections a request may find closed before a new one is dialled.
 const KEPT_TRIES: usize = 4;
@@ -757,7 +753,6 @@ mod kept {
         assert_eq!(pool.idle_http1(0), 1);
         // The server closes the kept connection; this thread blocks meanwhile, so the
         // connection's task has not read the close when the next request is written on it.
-        tokio::time::sleep(MAYBE_CLOSED_AFTER).await;
         close_tx.send(()).unwrap();
         closed_rx.recv().unwrap();
         let resp = pool.request(0, get()).await.unwrap();
