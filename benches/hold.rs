@@ -2,12 +2,14 @@
 //!
 //! Backs the decision "render at change time, not at request time" (DESIGN.md): a held request
 //! costs negotiation plus a `Bytes` clone, against rendering the template for every request;
-//! and written without hyper, a copy of its encoding, against building and encoding it.
+//! and written without hyper, a copy of its encoding, against building and encoding it; and
+//! the rules reading httparse's lines, against copying them into a header map first.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use http::header::ACCEPT_LANGUAGE;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use intermission::config::{Config, PagesSource};
 use intermission::h1;
 use intermission::hold::fields::Fields;
@@ -118,5 +120,50 @@ fn serve(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, serve);
+/// Backs "the rules read httparse's lines where they lie" (`hold::fields`): what `fast` does
+/// with a browser's held request before its answer, against copying the lines into a
+/// `HeaderMap` first, as it did before.
+fn read(c: &mut Criterion) {
+    let (config, pages, _) = setup();
+    let prefixes = config.maintenance.api_prefixes.clone();
+    let input = Bytes::from_static(
+        b"GET /shop?page=2 HTTP/1.1\r\nHost: shop.example\r\n\
+        User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0\r\n\
+        Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8\r\n\
+        Accept-Language: fr-CH, fr;q=0.9, en;q=0.8, de;q=0.7, *;q=0.5\r\n\
+        Accept-Encoding: gzip, deflate, br, zstd\r\nReferer: https://shop.example/\r\n\
+        Cookie: session=abc123; theme=dark\r\nSec-Fetch-Dest: document\r\n\
+        Sec-Fetch-Mode: navigate\r\nSec-Fetch-Site: same-origin\r\n\
+        Upgrade-Insecure-Requests: 1\r\nPriority: u=0, i\r\n\r\n",
+    );
+    c.bench_function("held request read: negotiate over httparse's lines", |b| {
+        b.iter(|| {
+            let mut lines = [httparse::EMPTY_HEADER; 48];
+            let mut req = httparse::Request::new(&mut lines);
+            req.parse(black_box(&input)).unwrap();
+            let lines: &[httparse::Header<'_>] = req.headers;
+            let form = negotiate::choose_form(lines, "/shop", &prefixes);
+            let lang = negotiate::choose_language(lines.value(&ACCEPT_LANGUAGE), &pages.langs);
+            (form, lang)
+        })
+    });
+    c.bench_function("held request read: copied into a HeaderMap first", |b| {
+        b.iter(|| {
+            let mut lines = [httparse::EMPTY_HEADER; 48];
+            let mut req = httparse::Request::new(&mut lines);
+            req.parse(black_box(&input)).unwrap();
+            let mut map = HeaderMap::with_capacity(req.headers.len());
+            for line in req.headers.iter() {
+                let name = HeaderName::from_bytes(line.name.as_bytes()).unwrap();
+                let value = HeaderValue::from_maybe_shared(input.slice_ref(line.value)).unwrap();
+                map.append(name, value);
+            }
+            let form = negotiate::choose_form(&map, "/shop", &prefixes);
+            let lang = negotiate::choose_language(map.value(&ACCEPT_LANGUAGE), &pages.langs);
+            (form, lang)
+        })
+    });
+}
+
+criterion_group!(benches, serve, read);
 criterion_main!(benches);

@@ -438,23 +438,9 @@ async fn the_rules_read_a_parked_request_as_they_read_hyper_s() {
             }
         }
     }
-    let lines = || -> Vec<serde_json::Value> {
-        proxy
-            .log_lines()
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["target"] == "intermission::access")
-            .map(|mut v| {
-                let fields = v.as_object_mut().unwrap();
-                assert!(fields.remove("duration_ms").unwrap().as_f64().is_some());
-                fields.remove("timestamp");
-                v
-            })
-            .collect()
-    };
-    let whole = || lines().len() > 4 * cases.len();
+    let whole = || proxy.access_lines().len() > 4 * cases.len();
     assert!(wait_until(Duration::from_secs(10), whole).await);
-    let logged = lines();
+    let logged = proxy.access_lines();
     for (i, (target, _, _)) in cases.iter().enumerate() {
         for method in ["GET", "HEAD"] {
             let of = |via: &str| {

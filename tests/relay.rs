@@ -662,20 +662,7 @@ async fn the_access_log_says_of_each_request_what_hyper_s_path_says() {
         kept.head
     );
     // Every line but its time, by path.
-    let lines = |proxy: &ProxyProcess| -> Vec<serde_json::Value> {
-        proxy
-            .log_lines()
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["target"] == "intermission::access")
-            .map(|mut v| {
-                let fields = v.as_object_mut().unwrap();
-                assert!(fields.remove("duration_ms").unwrap().as_f64().is_some());
-                fields.remove("timestamp");
-                v
-            })
-            .collect()
-    };
+    let lines = ProxyProcess::access_lines;
     let whole = |proxy: &ProxyProcess| lines(proxy).len() >= paths.len() + heads.len();
     assert!(wait_until(Duration::from_secs(10), || whole(&relay) && whole(&hyper)).await);
     let (x, y) = (lines(&relay), lines(&hyper));

@@ -345,6 +345,22 @@ impl ProxyProcess {
         self.log.lock().unwrap().clone()
     }
 
+    /// The access log's lines so far, when `log.format = "json"`, each without its time
+    /// (`timestamp`, and `duration_ms`, checked to be a number): what two runs can compare.
+    pub fn access_lines(&self) -> Vec<serde_json::Value> {
+        self.log_lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "intermission::access")
+            .map(|mut v| {
+                let fields = v.as_object_mut().unwrap();
+                assert!(fields.remove("duration_ms").unwrap().as_f64().is_some());
+                fields.remove("timestamp");
+                v
+            })
+            .collect()
+    }
+
     /// Waits for the process to exit, for at most `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let end = Instant::now() + limit;
