@@ -226,21 +226,6 @@ async fn a_request_to_a_server_that_just_died_is_retried_on_another() {
     );
 }
 
-/// Polls an async condition every 20 ms, for at most 5 s.
-async fn wait_until_async<F, Fut>(mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..250 {
-        if cond().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
-}
-
 /// Answers with the request's method and body.
 async fn echo_body(name: &'static str) -> Upstream {
     upstream(move |req: Request<Incoming>| async move {

@@ -270,6 +270,21 @@ pub async fn wait_until<F: FnMut() -> bool>(limit: Duration, mut cond: F) -> boo
     cond()
 }
 
+/// Polls an async condition every 20 ms, for at most 5 s.
+pub async fn wait_until_async<F, Fut>(mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..250 {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
 /// Sends raw bytes on a new connection and reads until the peer closes or `limit` passes.
 pub async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: Duration) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
