@@ -223,6 +223,11 @@ async fn relay(
                 (None, bufs) => {
                     if let Some(bufs) = bufs.filter(|_| begun) {
                         *first = Bytes::copy_from_slice(&bufs.input[..bufs.have]);
+                        // A whole head whose body is still on its way is hyper's, which
+                        // forwards the head and the body as it comes, as for any request.
+                        if head_whole(&bufs.input[..bufs.have]) {
+                            return After::Hyper;
+                        }
                     }
                     return After::Park;
                 }
@@ -237,11 +242,12 @@ async fn relay(
         let snap = state.load();
         let head = match prepare(&snap, conn, &bufs.input[..bufs.have], &mut bufs.request) {
             Prepared::Take(head) if !drain.started() => head,
-            // A new connection comes with the few bytes that told its protocol, and a head
-            // may come in pieces: what has arrived is read, without waiting. A head that is
-            // still not whole is hyper's, whose timer bounds a client that sends it slowly;
-            // after an answer, it waits here and parks with the connection (`begun`), whose
-            // deadline then bounds it, as it would have from hyper.
+            // A new connection comes with the few bytes that told its protocol, and a request
+            // may come in pieces: what has arrived is read, without waiting. A request that is
+            // still not whole is hyper's, whose timer bounds a client that sends its head
+            // slowly; after an answer, it waits here for the connection's grace (`begun`),
+            // then a head parks with the connection, whose deadline then bounds it, as it would
+            // have from hyper, and a whole head whose body is late goes to hyper.
             Prepared::Partial if bufs.have < READ_BUF => {
                 match sock.try_read(&mut bufs.input[bufs.have..]) {
                     Ok(0) => return After::Close,
@@ -283,7 +289,7 @@ fn is(name: &[u8], lower: &[u8]) -> bool {
 /// What `prepare` made of the bytes at the start of a connection's input.
 #[derive(Debug, PartialEq, Eq)]
 enum Prepared {
-    /// A request taken here, with a head of this length.
+    /// A request taken here, this long with its body.
     Take(usize),
     /// The start of a head that could be taken here.
     Partial,
@@ -442,7 +448,17 @@ fn body_length(value: &[u8]) -> Option<usize> {
 /// (RFC 9110 §9.2.2; `forward::idempotent`), its body, if any, being kept whole here.
 fn resendable(request: &[u8]) -> bool {
     let method = request.split(|&b| b == b' ').next().unwrap_or_default();
-    matches!(method, b"GET" | b"HEAD" | b"PUT" | b"DELETE" | b"OPTIONS")
+    http::Method::from_bytes(method).is_ok_and(|m| forward::idempotent(&m))
+}
+
+/// Whether `input` starts with a whole request head (its body may not have come yet).
+fn head_whole(input: &[u8]) -> bool {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    matches!(
+        req.parse_with_uninit_headers(input, &mut slots),
+        Ok(httparse::Status::Complete(_))
+    )
 }
 
 fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -463,7 +479,8 @@ struct Served {
     bytes: u64,
 }
 
-/// Forwards the request `bufs.request` (its client head is `bufs.input[..head]`), writes the
+/// Forwards the request `bufs.request` (the client's request, body included, is
+/// `bufs.input[..head]`), writes the
 /// answer to the client and, with the access log on, its line, as hyper's path writes it
 /// (`logging::AccessLine`); whether the client's connection stays open.
 async fn exchange(
@@ -695,7 +712,23 @@ async fn fetch(
 }
 
 async fn send(bufs: &mut Buffers, up: &mut TcpStream) -> Result<Answer, Failure> {
-    up.write_all(&bufs.request).await.map_err(Failure::Unsent)?;
+    // A request of which some bytes went out may have reached the server: its failure is
+    // `Early`, which a `POST` is not sent again after, not `Unsent`.
+    let mut written = 0;
+    while written < bufs.request.len() {
+        let failed = match up.write(&bufs.request[written..]).await {
+            Ok(0) => ErrorKind::WriteZero.into(),
+            Ok(n) => {
+                written += n;
+                continue;
+            }
+            Err(e) => e,
+        };
+        return Err(match written {
+            0 => Failure::Unsent(failed),
+            _ => Failure::Early(failed),
+        });
+    }
     bufs.answer.clear();
     bufs.answer.reserve(COPY_BUF);
     let head = is_head(&bufs.request);
@@ -1383,6 +1416,24 @@ mod tests {
         let partial = &post.as_bytes()[..post.len() - 6];
         let got = prepare(&snap, &conn(), partial, &mut out);
         assert_eq!(got, Prepared::Partial, "{partial:?}");
+        // Up to a read's worth in all, head and body.
+        let head = format!("PUT /x HTTP/1.1\r\n{host}Content-Length: ");
+        let fits = READ_BUF - head.len() - "dddd\r\n\r\n".len();
+        let full = format!("{head}{fits:04}\r\n\r\n{}", "b".repeat(fits));
+        assert_eq!(full.len(), READ_BUF);
+        let got = prepare(&snap, &conn(), full.as_bytes(), &mut out);
+        assert_eq!(got, Prepared::Take(READ_BUF));
+        let over = format!("{head}{:04}\r\n\r\n{}", fits + 1, "b".repeat(fits));
+        let got = prepare(&snap, &conn(), over.as_bytes(), &mut out);
+        assert_eq!(got, Prepared::Hyper, "a byte over");
+        let zeros = format!("GET /x HTTP/1.1\r\n{host}Content-Length: 005\r\n\r\nhello");
+        let got = prepare(&snap, &conn(), zeros.as_bytes(), &mut out);
+        assert_eq!(
+            got,
+            Prepared::Take(zeros.len()),
+            "a GET with a body, its length padded"
+        );
+        assert!(head_whole(partial) && !head_whole(&partial[..partial.len() - 3]));
         for method in ["PUT", "PATCH", "DELETE", "OPTIONS"] {
             let empty = format!("{method} /x HTTP/1.1\r\n{host}Content-Length: 0\r\n\r\n");
             assert!(prepared(&snap, &empty).is_some(), "{empty:?}");

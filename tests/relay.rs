@@ -462,6 +462,40 @@ async fn a_request_with_a_small_body_is_forwarded_as_through_hyper() {
     }
 }
 
+/// A body may come after its head: read at once when it follows closely, and when it is late,
+/// the request goes to hyper, which forwards the head and waits for the body, as it would have
+/// from the start; the connection's deadline for a head does not close it meanwhile.
+#[tokio::test]
+async fn a_body_that_comes_after_its_head_is_forwarded_whole() {
+    let up = scripted().await;
+    let text = config(&up, false).replacen(
+        "[upstream]",
+        "[proxy]\nheader_read_timeout = \"1s\"\n[upstream]",
+        1,
+    );
+    let proxy = spawn_proxy(&text).await;
+    let mut client = Client::connect(proxy.addr).await;
+    let head = "POST /echo HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 10\r\n\r\n";
+    // Right behind its head.
+    client.send(head).await;
+    client.send("0123456789").await;
+    assert_eq!(client.read().await.body, b"POST 0123456789");
+    // Half of it, then the rest after longer than a head may take.
+    client.send(&format!("{head}01234")).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    client.send("56789").await;
+    let late = client.read().await;
+    assert_eq!(late.body, b"POST 0123456789", "{}", late.head);
+    // Pipelined behind a body, in one write.
+    client
+        .send(&format!(
+            "{head}abcdefghijGET /length HTTP/1.1\r\nHost: shop.example\r\n\r\n"
+        ))
+        .await;
+    assert_eq!(client.read().await.body, b"POST abcdefghij");
+    assert_eq!(client.read().await.body, b"hello");
+}
+
 /// A `POST` that reached a server which then closed without an answer is never sent again: the
 /// server may have acted on it. A `DELETE` is, once, on a new connection, as on hyper's path.
 #[tokio::test]
