@@ -18,7 +18,6 @@
 //! state of its own.
 
 use crate::gateway::{self, Conn};
-use crate::h1;
 use crate::shutdown::Drain;
 use crate::state::{Snapshot, StateHandle};
 use bytes::Bytes;
@@ -194,9 +193,6 @@ impl Fast {
             _ => return None,
         };
         let target = parsed.path?;
-        if !h1::plain_target(target) {
-            return None;
-        }
         let lines: &[httparse::Header<'_>] = parsed.headers;
         if !lines.iter().all(|line| plain_header(line.name, line.value)) {
             return None;

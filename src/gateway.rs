@@ -102,11 +102,11 @@ pub fn handle(state: &StateHandle, conn: &Arc<Conn>, req: Request<Incoming>) -> 
 /// Writes the holding response to a request, in HTTP/1.1, to `out` when the gateway would
 /// answer it with one, counted and logged as `handle` does; false for any other request, with
 /// nothing written. For writers other than hyper (`fast`), which read the request's lines
-/// without building an `http::Request`. `target` is an origin-form target that `Uri` keeps as
-/// written (no fragment), so that its path is what comes before any `?` and the log line shows
-/// it as hyper's path shows the `Uri`. Unless `Retry-After` counts down to an announced end,
-/// the response was encoded when the state changed (`hold::Held`), and a request adds only its
-/// date.
+/// without building an `http::Request`. `target` is the request target as sent: one that `Uri`
+/// would not keep as written is left to hyper (`h1::plain_path`), so that the log line shows
+/// the others as hyper's path shows the `Uri`. Unless `Retry-After` counts down to an
+/// announced end, the response was encoded when the state changed (`hold::Held`), and a
+/// request adds only its date.
 pub fn write_held<H: Fields + ?Sized>(
     snap: &Snapshot,
     conn: &Conn,
@@ -119,7 +119,9 @@ pub fn write_held<H: Fields + ?Sized>(
         return false;
     };
     let start = Instant::now();
-    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    let Some(path) = crate::h1::plain_path(target) else {
+        return false;
+    };
     if !matches!(rule(snap, conn, method, path, headers), Rule::Hold) {
         return false;
     }

@@ -27,10 +27,10 @@
 //! comes, its end found by `Chunked`), or until the server closes (sent on chunked, so that the
 //! client's connection stays open). A failure before the answer's head is reported to the
 //! server's checker, tried once more on another server when the method is idempotent, and
-//! otherwise answered with the outage response; a failure after it closes the client's connection, as hyper does when a body
-//! breaks. A client that closes its connection before its answer is whole has its request given
-//! up, as hyper's server gives it up (`wait`). Header names keep the case the peer gave them
-//! (hyper's would be lowercase).
+//! otherwise answered with the outage response; a failure after it closes the client's
+//! connection, as hyper does when a body breaks. A client that closes its connection before its
+//! answer is whole has its request given up, as hyper's server gives it up (`wait`). Header
+//! names keep the case the peer gave them (hyper's would be lowercase).
 
 use crate::forward::pool::{SendError, UpstreamPool};
 use crate::forward::{self, UpstreamError};
@@ -335,10 +335,7 @@ fn request(
     };
     let target = req.path.ok_or(())?;
     // What hyper would make of it, or hyper reads it (and answers 400 to what it refuses).
-    if !h1::plain_target(target) {
-        return Err(());
-    }
-    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    let path = h1::plain_path(target).ok_or(())?;
     if path.starts_with(config.maintenance.reserved_prefix.as_str()) {
         return Err(());
     }
@@ -480,9 +477,9 @@ struct Served {
 }
 
 /// Forwards the request `bufs.request` (the client's request, body included, is
-/// `bufs.input[..head]`), writes the
-/// answer to the client and, with the access log on, its line, as hyper's path writes it
-/// (`logging::AccessLine`); whether the client's connection stays open.
+/// `bufs.input[..head]`), writes the answer to the client and, with the access log on, its
+/// line, as hyper's path writes it (`logging::AccessLine`); whether the client's connection
+/// stays open.
 async fn exchange(
     bufs: &mut Buffers,
     snap: &Snapshot,
@@ -681,10 +678,10 @@ enum Failure {
 /// socket found closed is replaced by a new one once: when the request could not be written,
 /// or, for an idempotent method (`resendable`: its body is held whole here), when it was and
 /// nothing came back, as nginx sends one again after a cached connection failed
-/// (`Http1Pool::request` has the same rule), however
-/// short the socket's idle time: a server that closes as a request arrives, unannounced, has
-/// closed before the proxy can see it. Once only, and on a new connection: a request that makes
-/// the server fail is not sent once per kept socket.
+/// (`Http1Pool::request` has the same rule), however short the socket's idle time: a server
+/// that closes as a request arrives, unannounced, has closed before the proxy can see it. Once
+/// only, and on a new connection: a request that makes the server fail is not sent once per
+/// kept socket.
 async fn fetch(
     bufs: &mut Buffers,
     pool: &UpstreamPool,

@@ -82,15 +82,14 @@ pub fn negotiate<H: Fields + ?Sized>(
     let api = api_prefixes.iter().any(|p| path.starts_with(p.as_str()));
     let hit = LAST.with(|last| {
         let m = last.borrow();
-        (m.form.is_some()
-            && m.api == api
+        let same = m.api == api
             && m.langs_id == langs_id
             && m.accept.is(accept)
-            && m.language.is(accept_language))
-        .then_some((m.form, m.lang))
+            && m.language.is(accept_language);
+        m.form.filter(|_| same).map(|form| (form, m.lang))
     });
-    if let Some((Some(form), lang)) = hit {
-        return (form, lang);
+    if let Some(answer) = hit {
+        return answer;
     }
     let answer = (
         choose_form(headers, path, api_prefixes),
