@@ -13,6 +13,7 @@ use crate::config::ProxyConfig;
 use crate::fast::Fast;
 use crate::gateway::{self, Conn};
 use crate::park;
+use crate::relay;
 use crate::shutdown::{until_drained, Drain, Shutdown};
 use crate::state::StateHandle;
 use crate::workers::Workers;
@@ -23,7 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
@@ -145,7 +146,8 @@ async fn first_bytes(stream: &mut TcpStream) -> Option<(Protocol, Bytes)> {
 /// the bytes that told it), or one whose TLS handshake is still to come.
 enum Arrived {
     H2c(Bytes, TcpStream),
-    Tls(TlsAcceptor, TcpStream),
+    /// With the drain, which the relay reads for each request.
+    Tls(TlsAcceptor, TcpStream, Arc<Drain>),
 }
 
 pub async fn accept_loop(
@@ -198,9 +200,10 @@ pub async fn accept_loop(
             Some(acceptor) => {
                 // Counted by the drain from now: the handshake may be under way when it starts.
                 let guard = drain.guard();
+                let drain = drain.clone();
                 workers.spawn(stream, move |stream| async move {
                     let _permit = permit;
-                    let arrived = Arrived::Tls(acceptor, stream);
+                    let arrived = Arrived::Tls(acceptor, stream, drain);
                     let served =
                         serve_others(arrived, state, conn, &builder, guard, first_byte).await;
                     log_end(peer, served);
@@ -268,7 +271,9 @@ fn log_end(peer: std::net::SocketAddr, served: Option<Result<(), hyper::Error>>)
     }
 }
 
-/// Serves HTTP/2 prior knowledge and TLS connections (either protocol, by ALPN).
+/// Serves HTTP/2 prior knowledge and TLS connections (either protocol, by ALPN). Over TLS,
+/// HTTP/1.1 is relayed while its requests are plain forwards (`relay`), as on a plaintext
+/// connection, then served by hyper from the first that is not one; it does not park.
 async fn serve_others(
     arrived: Arrived,
     state: StateHandle,
@@ -282,12 +287,13 @@ async fn serve_others(
     // HTTP/2 preface has no timer of its own.
     let asked = Arc::new(AtomicBool::new(false));
     let seen = asked.clone();
+    let relaying = (state.clone(), conn.clone());
     let service = service_fn(move |req| {
         seen.store(true, Ordering::Relaxed);
         // Decided at once; only forwarding returns a (boxed) future: see `Reply`.
         gateway::handle(&state, &conn, req)
     });
-    let serving = Serving {
+    let mut serving = Serving {
         builder,
         guard,
         deadline: first_byte,
@@ -298,7 +304,7 @@ async fn serve_others(
             let io = park::Rewind::new(first, stream, None);
             serving.http2(io, service).await
         }
-        Arrived::Tls(acceptor, stream) => {
+        Arrived::Tls(acceptor, stream, drain) => {
             // The handshake gets the same deadline as a request head.
             let tls_stream = match tokio::time::timeout(first_byte, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => s,
@@ -311,9 +317,26 @@ async fn serve_others(
             // RFC 9113 §3.3: over TLS, HTTP/2 is chosen by ALPN.
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
             if h2 {
-                serving.http2(tls_stream, service).await
-            } else {
-                serving.http1(tls_stream, service).await
+                return serving.http2(tls_stream, service).await;
+            }
+            let (state, conn) = relaying;
+            let (mut tls_stream, mut first) = (tls_stream, Bytes::new());
+            let keep_alive = builder.keep_alive;
+            let linger = relay::Linger::Close(keep_alive, &mut serving.guard);
+            let relayed = relay::serve(&mut first, &mut tls_stream, &state, &conn, &drain, linger);
+            // Boxed, as on a plaintext connection (`park::run`): a task keeps the size of its
+            // largest state for its whole life.
+            match Box::pin(relayed).await {
+                relay::After::Hyper => {
+                    let io = park::Rewind::new(first, tls_stream, None);
+                    serving.http1(io, service).await
+                }
+                relay::After::Park | relay::After::Close => {
+                    // With close_notify, as hyper closes a TLS connection; a client that
+                    // does not read gets the time it has for a head.
+                    let _ = tokio::time::timeout(keep_alive, tls_stream.shutdown()).await;
+                    Some(Ok(()))
+                }
             }
         }
     }

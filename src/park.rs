@@ -164,22 +164,22 @@ impl HttpBody for TrackedBody {
     }
 }
 
-/// A plaintext socket whose first bytes were read before hyper (to choose the protocol, or
-/// kept from a parked connection): they are served again before the rest. On a parking
-/// connection it also notes what `Idle` needs.
-pub struct Rewind {
+/// A connection whose first bytes were read before hyper (to choose the protocol, kept from a
+/// parked connection, or left by `relay`): they are served again before the rest. On a
+/// parking connection it also notes what `Idle` needs. Plaintext, or TLS after the relay.
+pub struct Rewind<S = TcpStream> {
     first: Bytes,
-    inner: TcpStream,
+    inner: S,
     idle: Option<Arc<Idle>>,
 }
 
-impl Rewind {
-    pub fn new(first: Bytes, inner: TcpStream, idle: Option<Arc<Idle>>) -> Rewind {
+impl<S> Rewind<S> {
+    pub fn new(first: Bytes, inner: S, idle: Option<Arc<Idle>>) -> Rewind<S> {
         Rewind { first, inner, idle }
     }
 }
 
-impl AsyncRead for Rewind {
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -212,7 +212,7 @@ impl AsyncRead for Rewind {
     }
 }
 
-impl AsyncWrite for Rewind {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -614,7 +614,15 @@ pub async fn run(
         // Boxed: inline, its 1.3 KB made every new connection's task that much larger, and
         // those tasks, freed between the parked connections' small long-lived ones, left the
         // heap fragmented (RSS with 10,000 idle connections 25 MB against 19 MB boxed).
-        let relayed = crate::relay::serve(&mut io.first, &mut io.inner, state, conn, &held.drain);
+        let linger = crate::relay::Linger::Park;
+        let relayed = crate::relay::serve(
+            &mut io.first,
+            &mut io.inner,
+            state,
+            conn,
+            &held.drain,
+            linger,
+        );
         match Box::pin(relayed).await {
             crate::relay::After::Hyper => {}
             crate::relay::After::Close => return Ok(()),

@@ -37,7 +37,7 @@ use crate::forward::{self, UpstreamError};
 use crate::gateway::{self, Conn};
 use crate::h1;
 use crate::metrics::Outcome;
-use crate::shutdown::Drain;
+use crate::shutdown::{Drain, Shutdown};
 use crate::state::{Snapshot, StateHandle};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, StatusCode};
@@ -46,11 +46,12 @@ use std::future::{poll_fn, Future};
 use std::io::ErrorKind;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::task::Poll;
-use std::time::Instant;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
+use tokio_rustls::server::TlsStream;
 
 /// What is read from the client at once, and the largest head taken here: the smallest
 /// `proxy.max_header_bytes`, so that a head hyper would refuse as too large never is.
@@ -70,12 +71,84 @@ const COPY_BUF: usize = 16 * 1024;
 /// The most a large body's reads grow to (`next_piece`).
 const MAX_COPY_BUF: usize = 256 * 1024;
 
+/// A client connection served here: a plaintext socket, or TLS over one (HTTP/1.1 by ALPN),
+/// whose records rustls opens and seals around the same work.
+pub trait Client: AsyncRead + AsyncWrite + Unpin {
+    /// Whether a write may stay in the stream until flushed (TLS seals records in a buffer of
+    /// its own when the socket is full); a plaintext socket's write is the system call.
+    const BUFFERED: bool;
+
+    /// The socket under it, watched for the client's end while an answer is on its way: a
+    /// closed socket is a client gone, whatever the layer above it still holds.
+    fn socket(&self) -> &TcpStream;
+
+    /// Whether a read may find something now. A plaintext socket's readiness, so that a
+    /// connection takes a buffer set only once there is something to read into it; always for
+    /// TLS, whose opened bytes may wait in the session when the socket has nothing.
+    fn readable(&self, cx: &mut Context<'_>) -> bool;
+
+    /// A read that does not wait: `WouldBlock` when nothing has arrived.
+    fn read_now(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> std::io::Result<usize>;
+}
+
+impl Client for TcpStream {
+    const BUFFERED: bool = false;
+
+    fn socket(&self) -> &TcpStream {
+        self
+    }
+
+    fn readable(&self, cx: &mut Context<'_>) -> bool {
+        self.poll_read_ready(cx).is_ready()
+    }
+
+    fn read_now(&mut self, _: &mut Context<'_>, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.try_read(buf)
+    }
+}
+
+impl Client for TlsStream<TcpStream> {
+    const BUFFERED: bool = true;
+
+    fn socket(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+
+    fn readable(&self, _: &mut Context<'_>) -> bool {
+        true
+    }
+
+    fn read_now(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut room = ReadBuf::new(buf);
+        match Pin::new(self).poll_read(cx, &mut room) {
+            Poll::Ready(read) => read.map(|()| room.filled().len()),
+            Poll::Pending => Err(ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+/// Writes `out` whole to the client, and flushes what the stream kept (`Client::BUFFERED`);
+/// whether it went.
+async fn put<C: Client>(sock: &mut C, out: &[u8]) -> bool {
+    sock.write_all(out).await.is_ok() && (!C::BUFFERED || sock.flush().await.is_ok())
+}
+
+/// What a connection does once it idles between requests.
+pub enum Linger<'a> {
+    /// Waits `park::GRACE`, then parks (`After::Park`): a plaintext connection.
+    Park,
+    /// Waits for its next request up to this long (`header_read_timeout`), then closes, as
+    /// hyper would; at once when the drain (`guard`) starts. A TLS connection, whose session
+    /// state is too large to park.
+    Close(Duration, &'a mut Shutdown),
+}
+
 /// What became of a connection when the relay let it go.
 #[derive(Debug, PartialEq, Eq)]
 pub enum After {
     /// A request is for hyper: its bytes, and what followed them, are in `first`.
     Hyper,
-    /// Idle for `park::GRACE`: park it.
+    /// Idle for `park::GRACE`: park it. With `Linger::Close`, idle for its time: close it.
     Park,
     /// Closed, by the client or after a broken answer.
     Close,
@@ -136,21 +209,22 @@ impl Buffers {
     }
 }
 
-/// Serves requests on a plaintext HTTP/1.1 connection while they are plain forwards, starting
-/// with the bytes in `first`. Returns when one is not (its bytes back in `first`), when the
-/// connection idles for `park::GRACE`, or when it closes.
-pub async fn serve(
+/// Serves requests on an HTTP/1.1 connection while they are plain forwards, starting with the
+/// bytes in `first`. Returns when one is not (its bytes back in `first`), when the connection
+/// idles as `linger` says, or when it closes.
+pub async fn serve<C: Client>(
     first: &mut Bytes,
-    sock: &mut TcpStream,
+    sock: &mut C,
     state: &StateHandle,
     conn: &Conn,
     drain: &Drain,
+    linger: Linger<'_>,
 ) -> After {
     if first.len() > READ_BUF {
         return After::Hyper;
     }
     let mut slot = None;
-    let after = relay(&mut slot, first, sock, state, conn, drain).await;
+    let after = relay(&mut slot, first, sock, state, conn, drain, linger).await;
     if let Some(bufs) = slot {
         bufs.give_back();
     }
@@ -160,13 +234,14 @@ pub async fn serve(
 /// `serve`'s loop. The connection holds a buffer set (`slot`) only while it has a request to
 /// answer: between requests the set goes back to the thread's spares, so that connections
 /// waiting for their next request, or for their grace to end, hold none.
-async fn relay(
+async fn relay<C: Client>(
     slot: &mut Option<Buffers>,
     first: &mut Bytes,
-    sock: &mut TcpStream,
+    sock: &mut C,
     state: &StateHandle,
     conn: &Conn,
     drain: &Drain,
+    linger: Linger<'_>,
 ) -> After {
     if !first.is_empty() {
         let bufs = slot.insert(Buffers::take());
@@ -177,8 +252,26 @@ async fn relay(
     // The grace timer, armed once and moved only when it fires after requests were served,
     // as `park::serve` does: a timer registered per request would cost more than the rest
     // of the wait.
-    let grace = tokio::time::sleep(crate::park::GRACE);
+    let (wait_for, mut guard) = match linger {
+        Linger::Park => (crate::park::GRACE, None),
+        Linger::Close(keep_alive, guard) => (keep_alive, Some(guard)),
+    };
+    // When the last answer was written, for a connection that closes after `wait_for` of
+    // idleness: hyper's keep-alive deadline, kept to the letter (a parking connection's grace
+    // may run to twice its time, a parked one's deadline is kept by the parker).
+    let mut answered: Option<tokio::time::Instant> = None;
+    let closes = guard.is_some();
+    let grace = tokio::time::sleep(wait_for);
     tokio::pin!(grace);
+    // The drain, for a connection that closes rather than parks (a parked one is closed by
+    // the parker).
+    let stop = async {
+        match guard.as_mut() {
+            Some(guard) => guard.fired().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stop);
     // The deadline of an answer's head, kept registered and moved later for each request (a
     // compare-and-swap), where a `timeout` per request would register a timer and remove it.
     let respond_by = tokio::time::sleep(std::time::Duration::ZERO);
@@ -199,12 +292,18 @@ async fn relay(
             // event), sparing the next wait a read that would find nothing. A set is taken
             // only once the socket is readable.
             let read = poll_fn(|cx| {
-                if sock.poll_read_ready(cx).is_ready() {
+                if sock.readable(cx) {
                     let bufs = slot.get_or_insert_with(Buffers::take);
                     let mut room = ReadBuf::new(&mut bufs.input[bufs.have..]);
                     if let Poll::Ready(read) = Pin::new(&mut *sock).poll_read(cx, &mut room) {
                         return Poll::Ready(Some(read.map(|()| room.filled().len())));
                     }
+                    if let Some(bufs) = slot.take_if(|bufs| bufs.have == 0) {
+                        bufs.give_back();
+                    }
+                }
+                if closes && !begun && stop.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
                 }
                 loop {
                     if grace.as_mut().poll(cx).is_pending() {
@@ -214,7 +313,8 @@ async fn relay(
                         return Poll::Ready(None);
                     }
                     armed = served;
-                    let later = tokio::time::Instant::now() + crate::park::GRACE;
+                    let since = answered.unwrap_or_else(tokio::time::Instant::now);
+                    let later = since + wait_for;
                     grace.as_mut().reset(later);
                 }
             })
@@ -249,7 +349,8 @@ async fn relay(
             // then a head parks with the connection, whose deadline then bounds it, as it would
             // have from hyper, and a whole head whose body is late goes to hyper.
             Prepared::Partial if bufs.have < READ_BUF => {
-                match sock.try_read(&mut bufs.input[bufs.have..]) {
+                let room = &mut bufs.input[bufs.have..];
+                match poll_fn(|cx| Poll::Ready(sock.read_now(cx, room))).await {
                     Ok(0) => return After::Close,
                     Ok(n) => {
                         bufs.have += n;
@@ -275,6 +376,9 @@ async fn relay(
         bufs.input.copy_within(head..bufs.have, 0);
         bufs.have -= head;
         served = served.wrapping_add(1);
+        if closes {
+            answered = Some(tokio::time::Instant::now());
+        }
         if !keep {
             return After::Close;
         }
@@ -413,7 +517,8 @@ fn request(
     out.extend_from_slice(conn.client.peer.as_bytes());
     out.extend_from_slice(b"\r\n");
     if !their_proto {
-        push_header(out, b"x-forwarded-proto", b"http");
+        let proto: &[u8] = if conn.tls() { b"https" } else { b"http" };
+        push_header(out, b"x-forwarded-proto", proto);
     }
     if !their_host {
         push_header(out, b"x-forwarded-host", host);
@@ -480,10 +585,10 @@ struct Served {
 /// `bufs.input[..head]`), writes the answer to the client and, with the access log on, its
 /// line, as hyper's path writes it (`logging::AccessLine`); whether the client's connection
 /// stays open.
-async fn exchange(
+async fn exchange<C: Client>(
     bufs: &mut Buffers,
     snap: &Snapshot,
-    sock: &mut TcpStream,
+    sock: &mut C,
     conn: &Conn,
     head: usize,
     drain: &Drain,
@@ -529,10 +634,10 @@ fn is_head(request: &[u8]) -> bool {
 }
 
 /// `exchange`'s work: the answer, from a server or the outage response.
-async fn answer(
+async fn answer<C: Client>(
     bufs: &mut Buffers,
     snap: &Snapshot,
-    sock: &mut TcpStream,
+    sock: &mut C,
     head: usize,
     drain: &Drain,
     mut respond_by: Pin<&mut Sleep>,
@@ -555,7 +660,13 @@ async fn answer(
             .as_mut()
             .reset(tokio::time::Instant::now() + timeout);
         let attempt = fetch(bufs, pool, server);
-        let fetched = wait(sock, &mut watch, Some(respond_by.as_mut()), attempt).await;
+        let fetched = wait(
+            sock.socket(),
+            &mut watch,
+            Some(respond_by.as_mut()),
+            attempt,
+        )
+        .await;
         let error = match fetched {
             Waited::Gone => return false,
             Waited::Done(Ok((up, answer))) => {
@@ -942,10 +1053,10 @@ struct Respond<'a> {
 /// Writes the answer's head and body to the client, and gives the upstream socket back when
 /// the answer ended where its framing said; whether the client's connection stays open. Each
 /// piece of the body is written as it arrives, before the next is read.
-async fn respond(
+async fn respond<C: Client>(
     bufs: &mut Buffers,
     snap: &Snapshot,
-    sock: &mut TcpStream,
+    sock: &mut C,
     mut up: TcpStream,
     answer: Answer,
     to: Respond<'_>,
@@ -966,7 +1077,7 @@ async fn respond(
     // Whether the answer ended exactly where the server stopped sending.
     let clean = match answer.framing {
         Framing::None => {
-            if sock.write_all(out).await.is_err() {
+            if !put(sock, out).await {
                 return false;
             }
             buf.len() == at
@@ -979,7 +1090,7 @@ async fn respond(
                 out.extend_from_slice(&buf[at..at + take]);
                 left -= take as u64;
                 *to.bytes += take as u64;
-                if sock.write_all(out).await.is_err() {
+                if !put(sock, out).await {
                     return false;
                 }
                 out.clear();
@@ -987,7 +1098,7 @@ async fn respond(
                     break at + take == buf.len();
                 }
                 at = 0;
-                match piece(sock, &mut watch, &mut up, buf).await {
+                match piece(sock.socket(), &mut watch, &mut up, buf).await {
                     Ok(0) | Err(_) => return false,
                     Ok(_) => {}
                 }
@@ -1001,7 +1112,7 @@ async fn respond(
                 let Ok(end) = fed else {
                     return false;
                 };
-                if !out.is_empty() && sock.write_all(out).await.is_err() {
+                if !out.is_empty() && !put(sock, out).await {
                     return false;
                 }
                 out.clear();
@@ -1009,7 +1120,7 @@ async fn respond(
                     break at + n == buf.len();
                 }
                 at = 0;
-                match piece(sock, &mut watch, &mut up, buf).await {
+                match piece(sock.socket(), &mut watch, &mut up, buf).await {
                     Ok(0) | Err(_) => return false,
                     Ok(_) => {}
                 }
@@ -1024,14 +1135,14 @@ async fn respond(
                 out.extend_from_slice(&buf[at..]);
                 out.extend_from_slice(b"\r\n");
             }
-            if !out.is_empty() && sock.write_all(out).await.is_err() {
+            if !out.is_empty() && !put(sock, out).await {
                 return false;
             }
             out.clear();
             at = 0;
-            match piece(sock, &mut watch, &mut up, buf).await {
+            match piece(sock.socket(), &mut watch, &mut up, buf).await {
                 Ok(0) => {
-                    if sock.write_all(b"0\r\n\r\n").await.is_err() {
+                    if !put(sock, b"0\r\n\r\n").await {
                         return false;
                     }
                     break false;
@@ -1089,10 +1200,10 @@ fn hex(mut n: u64, buf: &mut [u8; 16]) -> &[u8] {
 
 /// Writes the outage response this request would get from hyper's path; whether the client's
 /// connection stays open.
-async fn outage(
+async fn outage<C: Client>(
     bufs: &mut Buffers,
     snap: &Snapshot,
-    sock: &mut TcpStream,
+    sock: &mut C,
     head: usize,
     drain: &Drain,
     served: &mut Served,
@@ -1113,7 +1224,7 @@ async fn outage(
     }
     bufs.out.clear();
     h1::encode(&parts, &body, is_head(&bufs.request), &mut bufs.out);
-    sock.write_all(&bufs.out).await.is_ok() && !closing
+    put(sock, &bufs.out).await && !closing
 }
 
 /// The request `head` holds (taken by `prepare`, so it parses), as the outage response's
@@ -1736,7 +1847,8 @@ mod tests {
             let drain = drain.clone();
             tokio::spawn(async move {
                 let conn = Conn::new(peer, false);
-                serve(&mut Bytes::new(), &mut sock, &state, &conn, &drain).await
+                let linger = Linger::Park;
+                serve(&mut Bytes::new(), &mut sock, &state, &conn, &drain, linger).await
             })
         };
         client

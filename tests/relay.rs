@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A server on raw sockets answering each path with fixed bytes (health checks with a 200),
@@ -31,8 +31,22 @@ struct Scripted {
     hung_up: Arc<AtomicUsize>,
 }
 
+/// `/large`'s body: 16 MiB, more than the sockets between proxy and client hold (Linux lets
+/// loopback buffers grow to 4 MiB for sending and 6 MiB for receiving).
+const LARGE_BODY: usize = 16 << 20;
+
+static LARGE: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    let body: Vec<u8> = (0..LARGE_BODY as u32)
+        .map(|i| b'a' + (i % 26) as u8)
+        .collect();
+    let mut answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+    answer.push_str(std::str::from_utf8(&body).unwrap());
+    answer.into_bytes()
+});
+
 fn answer_for(path: &str) -> &'static [u8] {
     match path {
+        "/large" => &LARGE,
         "/length" => b"HTTP/1.1 200 OK\r\nX-Upstream-Case: Kept\r\nContent-Length: 5\r\n\r\nhello",
         "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 11\r\n\r\n",
         "/close" => b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
@@ -185,6 +199,53 @@ fn config(up: &Scripted, hyper: bool) -> String {
     )
 }
 
+/// A self-signed certificate for `localhost`, and a client that trusts it.
+struct Tls {
+    cert: String,
+    key: String,
+    client: Arc<rustls::ClientConfig>,
+}
+
+impl Tls {
+    fn new() -> Tls {
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(made.cert.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Tls {
+            cert: made.cert.pem(),
+            key: made.key_pair.serialize_pem(),
+            client: Arc::new(client),
+        }
+    }
+
+    /// A proxy from `config` that also listens for HTTPS, with this certificate.
+    async fn proxy(&self, config: &str) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("site.pem"), &self.cert).unwrap();
+        std::fs::write(dir.path().join("site.key"), &self.key).unwrap();
+        let text = format!(
+            "[tls]\nlisten = [\"127.0.0.1:0\"]\n[[tls.certificates]]\ncert = \"site.pem\"\nkey = \"site.key\"\n{config}"
+        );
+        let text = if text.contains("[proxy]") {
+            text.replacen("[proxy]", "[proxy]\nlisten = [\"127.0.0.1:0\"]", 1)
+        } else {
+            format!("[proxy]\nlisten = [\"127.0.0.1:0\"]\n{text}")
+        };
+        spawn_proxy_in(dir, &text).await
+    }
+}
+
+fn tls_addr(proxy: &Proxy) -> SocketAddr {
+    proxy.running.as_ref().unwrap().tls_addrs()[0]
+}
+
 /// A proxy of a server through the relay and one through hyper's path, with a client
 /// connection to each.
 struct Both {
@@ -203,11 +264,26 @@ impl Both {
             _proxies: (relay, hyper),
         }
     }
+
+    /// The same, with the clients connected over TLS.
+    async fn over_tls(up: &Scripted, tls: &Tls) -> Both {
+        let relay = tls.proxy(&config(up, false)).await;
+        let hyper = tls.proxy(&config(up, true)).await;
+        Both {
+            fast: Client::connect_tls(tls_addr(&relay), tls).await,
+            slow: Client::connect_tls(tls_addr(&hyper), tls).await,
+            _proxies: (relay, hyper),
+        }
+    }
 }
+
+/// A client's stream: plaintext, or TLS.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Stream for S {}
 
 /// One keep-alive client connection on raw bytes, reading answers by their framing.
 struct Client {
-    sock: TcpStream,
+    sock: Box<dyn Stream>,
     buf: Vec<u8>,
 }
 
@@ -236,8 +312,36 @@ impl Answer {
 impl Client {
     async fn connect(addr: SocketAddr) -> Client {
         Client {
-            sock: TcpStream::connect(addr).await.unwrap(),
+            sock: Box::new(TcpStream::connect(addr).await.unwrap()),
             buf: Vec::new(),
+        }
+    }
+
+    /// A connection over TLS, offering HTTP/1.1 only by ALPN, as most HTTPS clients but
+    /// browsers do.
+    async fn connect_tls(addr: SocketAddr, tls: &Tls) -> Client {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
+        let stream = connector.connect(name, tcp).await.unwrap();
+        Client {
+            sock: Box::new(stream),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Waits for the proxy to end the connection (its end of stream, or a reset); how long
+    /// that took.
+    async fn closed_within(&mut self, limit: Duration) -> Option<Duration> {
+        let start = std::time::Instant::now();
+        let mut chunk = [0u8; 1024];
+        loop {
+            match tokio::time::timeout_at((start + limit).into(), self.sock.read(&mut chunk)).await
+            {
+                Err(_) => return None,
+                Ok(Ok(0) | Err(_)) => return Some(start.elapsed()),
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+            }
         }
     }
 
@@ -958,4 +1062,151 @@ async fn pipelined_requests_then_a_half_close_get_the_first_answer_as_on_hyper_s
         let a = client.read().await;
         assert_eq!(a.body, b"hello", "hyper's path: {hyper}: {}", a.head);
     }
+}
+
+/// Over TLS, HTTP/1.1 requests are relayed too, and reach client and server as hyper's path
+/// forwards them, `X-Forwarded-Proto: https` included; a request the relay leaves to hyper
+/// hands the connection to hyper, which serves it from there on.
+#[tokio::test]
+async fn over_tls_requests_are_relayed_as_hyper_s_path_forwards_them() {
+    let up = scripted().await;
+    let tls = Tls::new();
+    let Both {
+        mut fast, mut slow, ..
+    } = Both::over_tls(&up, &tls).await;
+    for path in [
+        "/length",
+        "/chunked",
+        "/close",
+        "/interim",
+        "/empty",
+        "/hop",
+        "/not-modified",
+        "/length",
+    ] {
+        let a = fast.get(path).await;
+        let b = slow.get(path).await;
+        assert_eq!((a.status(), &a.body), (b.status(), &b.body), "{path}");
+        assert_eq!(lines(&a), lines(&b), "{path}:\n{}\n---\n{}", a.head, b.head);
+    }
+    let a = fast.get("/length").await;
+    assert!(
+        a.head.contains("\r\nX-Upstream-Case: Kept"),
+        "not relayed: {}",
+        a.head
+    );
+    let b = slow.get("/length").await;
+    assert!(b.head.contains("\r\nx-upstream-case: Kept"), "{}", b.head);
+    // A body that fills the sockets while the client does not read (nothing to wait for
+    // but time): every record the proxy sealed is sent once the client reads again.
+    fast.send("GET /large HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = fast.read().await;
+    assert!(
+        a.body == LARGE[LARGE.len() - LARGE_BODY..],
+        "a large body came altered"
+    );
+
+    // A JSON call, then three requests in one write.
+    up.heads.lock().unwrap().clear();
+    let post = "POST /echo HTTP/1.1\r\nHost: shop.example\r\nContent-Type: application/json\r\n\
+                Content-Length: 13\r\n\r\n{\"order\": 42}";
+    fast.send(post).await;
+    slow.send(post).await;
+    let (a, b) = (fast.read().await, slow.read().await);
+    assert_eq!(a.body, b"POST {\"order\": 42}");
+    assert_eq!((lines(&a), &a.body), (lines(&b), &b.body));
+    assert!(
+        a.head.contains("\r\nX-Upstream-Case: Kept"),
+        "not relayed: {}",
+        a.head
+    );
+    let host = "Host: shop.example\r\n";
+    fast.send(&format!(
+        "GET /length HTTP/1.1\r\n{host}\r\nGET /chunked HTTP/1.1\r\n{host}\r\nHEAD /length HTTP/1.1\r\n{host}\r\n"
+    ))
+    .await;
+    assert_eq!(fast.read().await.body, b"hello");
+    assert_eq!(fast.read().await.body, b"hello world");
+    assert_eq!(fast.read_head().await.header("content-length"), Some("5"));
+    let heads = up.heads.lock().unwrap().clone();
+    let sent: Vec<&String> = heads.iter().filter(|h| h.contains("/echo ")).collect();
+    assert_eq!(sent.len(), 2, "{heads:?}");
+    let lower = |h: &str| {
+        let mut lines: Vec<String> = h.lines().map(str::to_ascii_lowercase).collect();
+        lines.sort();
+        lines
+    };
+    assert_eq!(lower(sent[0]), lower(sent[1]));
+    assert!(
+        lower(sent[0]).contains(&"x-forwarded-proto: https".to_owned()),
+        "{}",
+        sent[0]
+    );
+
+    // A body larger than the relay takes is hyper's; the connection stays with hyper.
+    let large = "x".repeat(10_000);
+    fast.send(&format!(
+        "PUT /echo HTTP/1.1\r\n{host}Content-Length: {}\r\n\r\n{large}",
+        large.len()
+    ))
+    .await;
+    let a = fast.read().await;
+    assert_eq!(a.body, format!("PUT {large}").as_bytes());
+    assert!(a.head.contains("\r\nx-upstream-case: Kept"), "{}", a.head);
+    let a = fast.get("/length").await;
+    assert_eq!(a.body, b"hello");
+    assert!(a.head.contains("\r\nx-upstream-case: Kept"), "{}", a.head);
+}
+
+/// A relayed TLS connection that idles is closed `header_read_timeout` after its last answer,
+/// as hyper closes one, and at once by a drain, which does not wait for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_tls_connection_closes_after_header_read_timeout_and_at_a_drain() {
+    let up = scripted().await;
+    let tls = Tls::new();
+    let timeout = format!(
+        "[proxy]\nheader_read_timeout = \"400ms\"\n{}",
+        config(&up, false)
+    );
+    let proxy = tls.proxy(&timeout).await;
+    let mut client = Client::connect_tls(tls_addr(&proxy), &tls).await;
+    let a = client.get("/length").await;
+    assert!(
+        a.head.contains("\r\nX-Upstream-Case: Kept"),
+        "not relayed: {}",
+        a.head
+    );
+    let closed = client.closed_within(Duration::from_secs(5)).await;
+    let closed = closed.expect("an idle connection was kept past header_read_timeout");
+    assert!(
+        closed >= Duration::from_millis(350),
+        "closed after {closed:?}"
+    );
+
+    let long = format!(
+        "[proxy]\nheader_read_timeout = \"60s\"\nshutdown_timeout = \"30s\"\n{}",
+        config(&up, false)
+    );
+    let mut proxy = tls.proxy(&long).await;
+    let mut client = Client::connect_tls(tls_addr(&proxy), &tls).await;
+    let a = client.get("/length").await;
+    assert!(
+        a.head.contains("\r\nX-Upstream-Case: Kept"),
+        "not relayed: {}",
+        a.head
+    );
+    let drained = tokio::time::timeout(
+        Duration::from_secs(10),
+        proxy.running.take().unwrap().shutdown(),
+    )
+    .await
+    .expect("the drain waited for an idle TLS connection");
+    assert!(drained, "the drain reported connections cut");
+    let closed = client.closed_within(Duration::from_secs(5)).await;
+    assert!(
+        closed.is_some(),
+        "the connection stayed open after the drain"
+    );
 }
