@@ -19,8 +19,9 @@ Usage: benches/load.sh [OPTIONS]
 Measures intermission against nginx on this machine (127.0.0.1 only) and prints one markdown
 report: forwarding (direct / nginx / intermission), holding page (nginx `return 503` /
 intermission in maintenance), bodies of 1 KiB, 64 KiB and 1 MiB, 64 and 1024 connections,
-threads=2 against 2 nginx workers, HTTP/2 over TLS (h2load; direct to a TLS upstream / nginx
-terminating TLS / intermission terminating TLS, self-signed P-256 certificate made at run time),
+threads=2 against 2 nginx workers, HTTPS (HTTP/2 with h2load and HTTP/1.1 with wrk; direct to
+a TLS upstream / nginx terminating TLS / intermission terminating TLS, self-signed P-256
+certificate made at run time),
 RSS idle and after load, RSS with many idle keep-alive connections, and maintenance switched on
 and off 10 times a second under load.
 
@@ -407,10 +408,10 @@ expect_probe() { # WHAT PORT PATH STATUS BODY_BYTES(or -) [HEADER]
 
 # ---------------------------------------------------------------------------------- rows
 declare -A ROW_LABEL=() ROW_PORT=() ROW_PATH=() ROW_CONNS=() ROW_HDR=() ROW_PROC=() ROW_CLIENT=()
-declare -A ROW_TWPORT=()
+declare -A ROW_TWPORT=() ROW_SCHEME=()
 add_row() { # ID LABEL CONNS METRIC DIRECT_REF NGINX_REF SERVER EXPECT GROUP PORT PATH [HEADER]
     ROW_LABEL[$1]=$2; ROW_CONNS[$1]=$3; ROW_PROC[$1]=$7; ROW_PORT[$1]=${10}; ROW_PATH[$1]=${11}
-    ROW_HDR[$1]=${12:-}; ROW_CLIENT[$1]=wrk; ROW_TWPORT[$1]=$PORT_UP
+    ROW_HDR[$1]=${12:-}; ROW_CLIENT[$1]=wrk; ROW_TWPORT[$1]=$PORT_UP; ROW_SCHEME[$1]=http
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\twrk\n' "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$8" "$9" >>"$RES/rows.tsv"
 }
 # HTTPS rows: h2load, HTTP/2 over TLS, H2_CONNS connections x H2_STREAMS concurrent streams.
@@ -432,7 +433,7 @@ run_row() { # ID REP SECONDS
         cmd=(h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D "$secs" "https://127.0.0.1:${ROW_PORT[$id]}${ROW_PATH[$id]}")
     else
         cmd=(wrk -t1 -c"${ROW_CONNS[$id]}" -d"${secs}s" --latency "${hdr[@]}"
-            "http://127.0.0.1:${ROW_PORT[$id]}${ROW_PATH[$id]}")
+            "${ROW_SCHEME[$id]}://127.0.0.1:${ROW_PORT[$id]}${ROW_PATH[$id]}")
     fi
     if ! alive "$proc"; then
         printf 'server %s is not running\n' "$proc" >"$raw"
@@ -720,8 +721,14 @@ record_rss after_scale up ngx1 int1
 add_h2_row direct_tls "direct to TLS upstream, h2 (the limit)" direct_tls "" upt https "$PORT_UPT" / "$PORT_UPT"
 add_h2_row ngxt "nginx TLS proxy, 1 worker, h2" direct_tls ngxt ngxt https "$PORT_NGXT" / "$PORT_UP"
 add_h2_row intt "intermission TLS, threads=1, h2" direct_tls ngxt intt https "$PORT_INTT" / "$PORT_UP"
-TLS_ROWS=(direct_tls ngxt intt)
-say "HTTPS rows (h2load over TLS): ${#TLS_ROWS[@]} rows x ($REPS x ${DURATION}s + ${WARMUP}s warm-up)"
+# HTTP/1.1 over TLS with wrk (which offers no ALPN), against the same three servers.
+add_row direct_tls1 "direct to TLS upstream, HTTP/1.1 (the limit)" 64 rps direct_tls1 "" upt 200 https "$PORT_UPT" /
+add_row ngxt1 "nginx TLS proxy, 1 worker, HTTP/1.1" 64 rps direct_tls1 ngxt1 ngxt 200 https "$PORT_NGXT" /
+add_row intt1 "intermission TLS, threads=1, HTTP/1.1" 64 rps direct_tls1 ngxt1 intt 200 https "$PORT_INTT" /
+ROW_SCHEME[direct_tls1]=https; ROW_SCHEME[ngxt1]=https; ROW_SCHEME[intt1]=https
+ROW_TWPORT[direct_tls1]=$PORT_UPT
+TLS_ROWS=(direct_tls ngxt intt direct_tls1 ngxt1 intt1)
+say "HTTPS rows (h2load, then wrk, over TLS): ${#TLS_ROWS[@]} rows x ($REPS x ${DURATION}s + ${WARMUP}s warm-up)"
 measure "${TLS_ROWS[@]}"
 record_rss after_https upt ngxt intt
 

@@ -1,5 +1,7 @@
 //! Accept loops: every plaintext listener serves HTTP/1.1 and HTTP/2 prior knowledge (h2c) on
-//! the same port, with upgrades, header limits and a graceful drain.
+//! the same port, every TLS one HTTP/1.1 and HTTP/2 by ALPN, with upgrades, header limits and a
+//! graceful drain. HTTP/1.1 goes to `relay` first, then to hyper from the first request it
+//! leaves.
 //!
 //! hyper does the protocol work: a head larger than `max_header_bytes` gets 431, a malformed one
 //! 400, and `header_read_timeout` closes a connection whose headers come too slowly. The

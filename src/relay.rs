@@ -1,4 +1,5 @@
-//! Forwarding plain HTTP/1.1 exchanges without hyper: on a plaintext keep-alive connection, a
+//! Forwarding plain HTTP/1.1 exchanges without hyper: on a keep-alive connection, plaintext or
+//! TLS (`Client`), a
 //! `GET`, `HEAD`, `POST`, `PUT`, `PATCH`, `DELETE` or `OPTIONS` with no body, or with a
 //! `Content-Length` body whole in what one read holds, is checked and rewritten from its own
 //! bytes, written with its body to a kept upstream socket, and the answer's head is rewritten
@@ -78,9 +79,11 @@ pub trait Client: AsyncRead + AsyncWrite + Unpin {
     /// its own when the socket is full); a plaintext socket's write is the system call.
     const BUFFERED: bool;
 
-    /// The socket under it, watched for the client's end while an answer is on its way: a
-    /// closed socket is a client gone, whatever the layer above it still holds.
-    fn socket(&self) -> &TcpStream;
+    /// Whether the client has ended its side (`Ready(true)`), or sent more (`Ready(false)`),
+    /// while an answer is on its way; nothing is consumed. Over TLS the session is asked, not
+    /// the socket: a `close_notify` ends it as hyper reads it, and a pipelined request may
+    /// wait opened in the session with nothing left in the socket.
+    fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<bool>;
 
     /// Whether a read may find something now. A plaintext socket's readiness, so that a
     /// connection takes a buffer set only once there is something to read into it; always for
@@ -94,8 +97,10 @@ pub trait Client: AsyncRead + AsyncWrite + Unpin {
 impl Client for TcpStream {
     const BUFFERED: bool = false;
 
-    fn socket(&self) -> &TcpStream {
-        self
+    fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut byte = [MaybeUninit::uninit()];
+        self.poll_peek(cx, &mut ReadBuf::uninit(&mut byte))
+            .map(|peeked| matches!(peeked, Ok(0) | Err(_)))
     }
 
     fn readable(&self, cx: &mut Context<'_>) -> bool {
@@ -110,8 +115,11 @@ impl Client for TcpStream {
 impl Client for TlsStream<TcpStream> {
     const BUFFERED: bool = true;
 
-    fn socket(&self) -> &TcpStream {
-        self.get_ref().0
+    fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        use tokio::io::AsyncBufRead;
+        Pin::new(self)
+            .poll_fill_buf(cx)
+            .map(|filled| filled.map_or(true, |bytes| bytes.is_empty()))
     }
 
     fn readable(&self, _: &mut Context<'_>) -> bool {
@@ -419,7 +427,8 @@ fn request(
     out: &mut Vec<u8>,
 ) -> Result<Option<usize>, ()> {
     let config = &snap.config;
-    if !snap.relay {
+    // A redirect to HTTPS is hyper's to answer, and only on plaintext.
+    if !snap.relay || (config.proxy.redirect_https && !conn.tls()) {
         return Err(());
     }
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -660,13 +669,7 @@ async fn answer<C: Client>(
             .as_mut()
             .reset(tokio::time::Instant::now() + timeout);
         let attempt = fetch(bufs, pool, server);
-        let fetched = wait(
-            sock.socket(),
-            &mut watch,
-            Some(respond_by.as_mut()),
-            attempt,
-        )
-        .await;
+        let fetched = wait(sock, &mut watch, Some(respond_by.as_mut()), attempt).await;
         let error = match fetched {
             Waited::Gone => return false,
             Waited::Done(Ok((up, answer))) => {
@@ -725,8 +728,8 @@ enum Waited<T> {
 /// Waits for `work`, until `by` when there is one, and with `watch` for the client closing its
 /// connection. A pipelined request that arrives meanwhile is left to be read after this
 /// answer, and ends the watch.
-async fn wait<F: Future>(
-    sock: &TcpStream,
+async fn wait<C: Client, F: Future>(
+    sock: &mut C,
     watch: &mut bool,
     mut by: Option<Pin<&mut Sleep>>,
     work: F,
@@ -740,10 +743,9 @@ async fn wait<F: Future>(
             return Poll::Ready(Waited::Done(out));
         }
         if *watch {
-            let mut byte = [MaybeUninit::uninit()];
-            match sock.poll_peek(cx, &mut ReadBuf::uninit(&mut byte)) {
-                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Waited::Gone),
-                Poll::Ready(Ok(_)) => *watch = false,
+            match sock.poll_gone(cx) {
+                Poll::Ready(true) => return Poll::Ready(Waited::Gone),
+                Poll::Ready(false) => *watch = false,
                 Poll::Pending => {}
             }
         }
@@ -1098,7 +1100,7 @@ async fn respond<C: Client>(
                     break at + take == buf.len();
                 }
                 at = 0;
-                match piece(sock.socket(), &mut watch, &mut up, buf).await {
+                match piece(sock, &mut watch, &mut up, buf).await {
                     Ok(0) | Err(_) => return false,
                     Ok(_) => {}
                 }
@@ -1120,7 +1122,7 @@ async fn respond<C: Client>(
                     break at + n == buf.len();
                 }
                 at = 0;
-                match piece(sock.socket(), &mut watch, &mut up, buf).await {
+                match piece(sock, &mut watch, &mut up, buf).await {
                     Ok(0) | Err(_) => return false,
                     Ok(_) => {}
                 }
@@ -1140,7 +1142,7 @@ async fn respond<C: Client>(
             }
             out.clear();
             at = 0;
-            match piece(sock.socket(), &mut watch, &mut up, buf).await {
+            match piece(sock, &mut watch, &mut up, buf).await {
                 Ok(0) => {
                     if !put(sock, b"0\r\n\r\n").await {
                         return false;
@@ -1161,8 +1163,8 @@ async fn respond<C: Client>(
 /// `next_piece`, given up (an error) when the client closes its connection meanwhile: a body
 /// that stalls is not waited for once nobody wants it, as hyper's server stops reading it
 /// when it reads the client's end mid-message.
-async fn piece(
-    sock: &TcpStream,
+async fn piece<C: Client>(
+    sock: &mut C,
     watch: &mut bool,
     up: &mut TcpStream,
     buf: &mut Vec<u8>,

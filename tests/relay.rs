@@ -242,6 +242,14 @@ impl Tls {
     }
 }
 
+/// A TLS connection to `addr`.
+async fn tls_stream(addr: SocketAddr, tls: &Tls) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
+    connector.connect(name, tcp).await.unwrap()
+}
+
 fn tls_addr(proxy: &Proxy) -> SocketAddr {
     proxy.running.as_ref().unwrap().tls_addrs()[0]
 }
@@ -320,18 +328,18 @@ impl Client {
     /// A connection over TLS, offering HTTP/1.1 only by ALPN, as most HTTPS clients but
     /// browsers do.
     async fn connect_tls(addr: SocketAddr, tls: &Tls) -> Client {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
-        let stream = connector.connect(name, tcp).await.unwrap();
+        Client::over(tls_stream(addr, tls).await)
+    }
+
+    fn over(stream: impl Stream + 'static) -> Client {
         Client {
             sock: Box::new(stream),
             buf: Vec::new(),
         }
     }
 
-    /// Waits for the proxy to end the connection (its end of stream, or a reset); how long
-    /// that took.
+    /// Waits for the proxy to end the connection cleanly (over TLS, with `close_notify`); how
+    /// long that took.
     async fn closed_within(&mut self, limit: Duration) -> Option<Duration> {
         let start = std::time::Instant::now();
         let mut chunk = [0u8; 1024];
@@ -339,7 +347,8 @@ impl Client {
             match tokio::time::timeout_at((start + limit).into(), self.sock.read(&mut chunk)).await
             {
                 Err(_) => return None,
-                Ok(Ok(0) | Err(_)) => return Some(start.elapsed()),
+                Ok(Ok(0)) => return Some(start.elapsed()),
+                Ok(Err(e)) => panic!("the connection ended with an error: {e}"),
                 Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
             }
         }
@@ -1209,4 +1218,85 @@ async fn an_idle_tls_connection_closes_after_header_read_timeout_and_at_a_drain(
         closed.is_some(),
         "the connection stayed open after the drain"
     );
+}
+
+/// Over TLS, the client's end is read from the session, as hyper reads it: a request whose
+/// client leaves, with `close_notify` or without, is given up; requests pipelined in records
+/// of their own, then the client's half-close, get the first answer, as on plaintext.
+#[tokio::test]
+async fn over_tls_the_client_s_end_is_seen_as_on_hyper_s_path() {
+    let up = scripted().await;
+    let tls = Tls::new();
+    let long = "[upstream]\nresponse_timeout = \"120s\"\n";
+    for hyper in [false, true] {
+        let proxy = tls
+            .proxy(&config(&up, hyper).replacen("[upstream]\n", long, 1))
+            .await;
+        for notify in [true, false] {
+            let case = format!("hyper's path: {hyper}, close_notify: {notify}");
+            let before = up.hung_up.load(Ordering::SeqCst);
+            let mut stream = tls_stream(tls_addr(&proxy), &tls).await;
+            stream
+                .write_all(b"GET /hang HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+                .await
+                .unwrap();
+            stream.flush().await.unwrap();
+            let asked = || {
+                let heads = up.heads.lock().unwrap();
+                heads.iter().any(|h| h.starts_with("GET /hang "))
+            };
+            assert!(wait_until(Duration::from_secs(10), asked).await, "{case}");
+            if notify {
+                stream.shutdown().await.unwrap();
+            } else {
+                stream.get_mut().0.shutdown().await.unwrap();
+            }
+            // The proxy closes its upstream connection instead of waiting out the timeout.
+            let gave_up = || up.hung_up.load(Ordering::SeqCst) > before;
+            assert!(wait_until(Duration::from_secs(10), gave_up).await, "{case}");
+            up.heads.lock().unwrap().clear();
+        }
+
+        let mut stream = tls_stream(tls_addr(&proxy), &tls).await;
+        for path in ["/length", "/chunked"] {
+            let one = format!("GET {path} HTTP/1.1\r\nHost: shop.example\r\n\r\n");
+            stream.write_all(one.as_bytes()).await.unwrap();
+            stream.flush().await.unwrap();
+        }
+        stream.get_mut().0.shutdown().await.unwrap();
+        let mut client = Client::over(stream);
+        assert_eq!(client.read().await.body, b"hello", "hyper's path: {hyper}");
+    }
+}
+
+/// `redirect_https` concerns plaintext: there hyper answers with the redirect, and over TLS the
+/// relay still forwards.
+#[tokio::test]
+async fn with_redirect_https_tls_is_relayed_and_plaintext_redirected() {
+    let up = scripted().await;
+    let tls = Tls::new();
+    let proxy = tls
+        .proxy(&format!(
+            "[proxy]\nredirect_https = true\n{}",
+            config(&up, false)
+        ))
+        .await;
+    let mut secure = Client::connect_tls(tls_addr(&proxy), &tls).await;
+    let a = secure.get("/length").await;
+    assert_eq!(a.body, b"hello");
+    assert!(
+        a.head.contains("\r\nX-Upstream-Case: Kept"),
+        "not relayed: {}",
+        a.head
+    );
+    let mut plain = Client::connect(proxy.addr).await;
+    plain
+        .send("GET /length HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+        .await;
+    let a = plain.read_head().await;
+    assert_eq!(a.status(), 308, "{}", a.head);
+    assert!(a
+        .header("location")
+        .unwrap()
+        .starts_with("https://shop.example"));
 }

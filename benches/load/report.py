@@ -279,6 +279,9 @@ def main():
           "is h2load's HTTP/2 traffic (frame headers, HPACK header blocks and bodies; no TLS "
           "overhead): servers that compress response headers differently differ there for the "
           "same responses (see the notes), so compare req/s.")
+    if "intt1" in stats:
+        p("HTTPS rows over HTTP/1.1 (wrk, which offers no ALPN): the same three servers, 64 "
+          "keep-alive connections, one request at a time on each, as the plaintext rows.")
     if busy:
         p("")
         p(f"**Other processes used the CPU** during: {', '.join(busy)} — these rows are not "

@@ -32,9 +32,10 @@ pub struct Snapshot {
     pub mode: Mode,
     /// The holding responses; `Some` exactly when `mode` is not `normal`.
     pub held: Option<Held>,
-    /// Whether plain GETs may be forwarded without hyper (`crate::relay`): nothing is held,
-    /// and no setting asks for hyper's path (`intercept_statuses`, `redirect_https`, a server
-    /// that is not `http://`). Decided here, not per request.
+    /// Whether plain requests may be forwarded without hyper (`crate::relay`): nothing is
+    /// held, and no setting asks for hyper's path (`intercept_statuses`, a server that is not
+    /// `http://`). Decided here, not per request; `redirect_https`, which concerns plaintext
+    /// only, is the relay's to check.
     pub relay: bool,
     /// The outage holding responses, ready in every mode for a request that cannot be
     /// forwarded ("never a raw error").
@@ -141,8 +142,8 @@ impl Snapshot {
         let held = (mode != Mode::Normal)
             .then(|| Held::new(&parts.pages, current, prefix, inputs.now).with_encodings());
         let c = &parts.config;
+        // `redirect_https` is checked per connection (`relay::request`): TLS is relayed.
         let relay = held.is_none()
-            && !c.proxy.redirect_https
             && c.upstream.intercept_statuses.is_empty()
             && parts
                 .pool
