@@ -25,13 +25,29 @@ const TARGET: &str = "intermission::access";
 /// 10000-01-01T00:00:00Z, in seconds since the epoch.
 const YEAR_10000: u64 = 253_402_300_800;
 
-/// Installs the global subscriber. `RUST_LOG`, when set, overrides `log.level`, and can turn
-/// the access log off as it could any other target.
-pub fn init(log: &LogConfig) {
+/// The filter `log` asks for. rustls warns of what a client did wrong, such as an IP address
+/// sent as SNI (wrk and some health checkers send one), once per connection: any client could
+/// fill the log with it. So only its errors are written, unless the level is `debug` or
+/// `trace`, or names rustls itself; a failed handshake is logged at `debug` by the listener.
+fn directives(log: &LogConfig) -> String {
     let mut directives = log.level.clone();
+    let verbose = log.level.split(',').any(|d| {
+        let d = d.trim();
+        d.eq_ignore_ascii_case("debug") || d.eq_ignore_ascii_case("trace")
+    });
+    if !verbose && !log.level.contains("rustls") {
+        directives.push_str(",rustls=error");
+    }
     if log.access_log {
         directives.push_str(",intermission::access=info");
     }
+    directives
+}
+
+/// Installs the global subscriber. `RUST_LOG`, when set, overrides `log.level`, and can turn
+/// the access log off as it could any other target.
+pub fn init(log: &LogConfig) {
+    let directives = directives(log);
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&directives))
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -226,6 +242,43 @@ mod tests {
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
+        }
+    }
+
+    /// What a subscriber filtered as `init` filters for `level` writes of a client's mistake
+    /// reported by rustls and of a warning of ours.
+    fn filtered(level: &str) -> String {
+        let log = crate::config::LogConfig {
+            format: crate::config::LogFormat::Text,
+            access_log: false,
+            level: level.to_owned(),
+        };
+        let kept = Kept::default();
+        let writer = kept.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_env_filter(tracing_subscriber::EnvFilter::new(super::directives(&log)))
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "rustls::msgs::handshake", "Illegal SNI extension");
+            tracing::warn!(target: "intermission::health", "server down");
+        });
+        let text = kept.0.lock().unwrap().clone();
+        String::from_utf8(text).unwrap()
+    }
+
+    #[test]
+    fn rustls_warnings_a_client_causes_are_written_only_when_asked_for() {
+        for level in ["info", "warn", "info,hyper=warn"] {
+            let out = filtered(level);
+            assert!(out.contains("server down"), "{level}: {out}");
+            assert!(!out.contains("Illegal SNI"), "{level}: {out}");
+        }
+        for level in ["debug", "trace", "info,rustls=warn"] {
+            let out = filtered(level);
+            assert!(out.contains("server down"), "{level}: {out}");
+            assert!(out.contains("Illegal SNI"), "{level}: {out}");
         }
     }
 
