@@ -14,6 +14,9 @@ checks how many connections the server has closed meanwhile and prints
 
 then closes everything and exits 0 (1 when it could not open a single connection).
 
+With --tls, each connection is HTTPS (HTTP/1.1 by ALPN, the certificate not verified), for
+the memory an idle TLS connection costs.
+
 Only 127.0.0.1 is ever contacted. The soft RLIMIT_NOFILE is raised up to the hard limit.
 """
 
@@ -23,6 +26,7 @@ import resource
 import select
 import signal
 import socket
+import ssl
 import sys
 import time
 
@@ -85,6 +89,7 @@ def main():
     ap.add_argument("--max-time", type=float, default=120.0, help="hold at most this long (s)")
     ap.add_argument("--timeout", type=float, default=5.0, help="per-connection I/O timeout (s)")
     ap.add_argument("--max-failures", type=int, default=200, help="give up after this many failures")
+    ap.add_argument("--tls", action="store_true", help="HTTPS (HTTP/1.1 by ALPN, not verified)")
     args = ap.parse_args()
     if not 1 <= args.connections <= 200000:
         ap.error("--connections must be between 1 and 200000")
@@ -101,6 +106,12 @@ def main():
 
     request = (f"GET {args.path} HTTP/1.1\r\nHost: {HOST}:{args.port}\r\n"
                "User-Agent: intermission-load-idle\r\nConnection: keep-alive\r\n\r\n").encode()
+    tls = None
+    if args.tls:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
+        tls.set_alpn_protocols(["http/1.1"])
     socks = []
     ok = failed = 0
     started = time.monotonic()
@@ -110,6 +121,8 @@ def main():
         s.settimeout(args.timeout)
         try:
             s.connect((HOST, args.port))
+            if tls:
+                s = tls.wrap_socket(s, server_hostname="localhost")
             s.sendall(request)
             status = read_response(s)
         except (OSError, ConnectionError, ValueError, IndexError) as e:
@@ -136,7 +149,9 @@ def main():
         signal.sigtimedwait(waited, remaining)
     held = time.monotonic() - held_from
 
-    # A socket the server has closed is readable and reads as EOF (or fails with a reset).
+    # A socket the server has closed is readable and reads as EOF (or fails with a reset). Over
+    # TLS, where a peek cannot be made, an idle socket that became readable was closed (its
+    # close_notify, or its end).
     poller = select.poll()
     by_fd = {}
     for s in socks:
@@ -145,6 +160,9 @@ def main():
         by_fd[s.fileno()] = s
     closed = 0
     for fd, _ in poller.poll(0):
+        if tls:
+            closed += 1
+            continue
         try:
             if by_fd[fd].recv(1, socket.MSG_PEEK) == b"":
                 closed += 1
