@@ -439,7 +439,13 @@ async fn sighup_reloads_the_config() {
 #[tokio::test]
 async fn reload_moves_the_listeners_without_dropping_established_connections() {
     let up = echo_upstream().await;
-    let proxy = spawn_proxy(&format!("[upstream]\nservers = [\"{}\"]\n", up.url())).await;
+    // On 127.0.0.2, where no other test listens: once this listener closes, another test's
+    // listener on 127.0.0.1 could be given its port and answer for it.
+    let config = format!(
+        "[proxy]\nlisten = [\"127.0.0.2:0\"]\n[upstream]\nservers = [\"{}\"]\n",
+        up.url()
+    );
+    let proxy = spawn_proxy(&config).await;
     let old = proxy.addr;
     // An established keep-alive connection on the old listener.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -459,7 +465,7 @@ async fn reload_moves_the_listeners_without_dropping_established_connections() {
     std::fs::write(
         &path,
         text.replace(
-            "listen = [\"127.0.0.1:0\"]",
+            "listen = [\"127.0.0.2:0\"]",
             &format!("listen = [\"{new}\"]"),
         ),
     )
