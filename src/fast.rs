@@ -137,7 +137,7 @@ impl Fast {
             let mut at = 0;
             out.clear();
             while at < len && out.len() < OUT_BUDGET {
-                let Some(used) = self.answer(&snap, &read[at..len], out) else {
+                let Some(used) = held(&snap, &self.conn, &read[at..len], out) else {
                     break;
                 };
                 at += used;
@@ -173,32 +173,33 @@ impl Fast {
             }
         })
     }
+}
 
-    /// Answers the request at the start of `input` into `out` when it is a plain held one;
-    /// returns the length of its head.
-    fn answer(&self, snap: &Snapshot, input: &[u8], out: &mut Vec<u8>) -> Option<usize> {
-        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-        let mut parsed = httparse::Request::new(&mut []);
-        let httparse::Status::Complete(used) =
-            parsed.parse_with_uninit_headers(input, &mut slots).ok()?
-        else {
-            return None;
-        };
-        if parsed.version != Some(1) {
-            return None;
-        }
-        let method = match parsed.method? {
-            "GET" => Method::GET,
-            "HEAD" => Method::HEAD,
-            _ => return None,
-        };
-        let target = parsed.path?;
-        let lines: &[httparse::Header<'_>] = parsed.headers;
-        if !lines.iter().all(|line| plain_header(line.name, line.value)) {
-            return None;
-        }
-        gateway::write_held(snap, &self.conn, &method, target, lines, out).then_some(used)
+/// Answers the request at the start of `input` into `out` when it is a plain held one;
+/// returns the length of its head. For parked connections here, and for connections the relay
+/// serves (TLS ones, which do not park, included).
+pub fn held(snap: &Snapshot, conn: &Conn, input: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let httparse::Status::Complete(used) =
+        parsed.parse_with_uninit_headers(input, &mut slots).ok()?
+    else {
+        return None;
+    };
+    if parsed.version != Some(1) {
+        return None;
     }
+    let method = match parsed.method? {
+        "GET" => Method::GET,
+        "HEAD" => Method::HEAD,
+        _ => return None,
+    };
+    let target = parsed.path?;
+    let lines: &[httparse::Header<'_>] = parsed.headers;
+    if !lines.iter().all(|line| plain_header(line.name, line.value)) {
+        return None;
+    }
+    gateway::write_held(snap, conn, &method, target, lines, out).then_some(used)
 }
 
 /// Whether a request header leaves the exchange plain: no body (`Content-Length: 0` aside),

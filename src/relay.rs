@@ -17,9 +17,11 @@
 //! chunked body, a body larger than a read or a `Content-Length` in another form than plain
 //! digits, `Upgrade`, `Expect`, `TE`, a `Connection` other than `keep-alive`, no `Host` or
 //! several, HTTP/1.0, an incomplete, oversized or malformed head, a reserved path, a held
-//! request, `intercept_statuses`, `redirect_https`, a server that is not `http://`, and every request
-//! once a drain has begun. So hyper still answers every error to a client. The access log
-//! line is written here as hyper's path writes it (`logging::AccessLine`).
+//! request (but a plain one, answered here from its encoding as a parked connection answers
+//! it, `held`), `intercept_statuses`, `redirect_https` on plaintext, a server that is not
+//! `http://`, and every request once a drain has begun. So hyper still answers every error to
+//! a client. The access log line is written here as hyper's path writes it
+//! (`logging::AccessLine`).
 //!
 //! Once the request is sent, the answer cannot go to hyper, so every way an HTTP/1.1 server
 //! answers is handled here as hyper's client and server would together: 1xx answers skipped, no
@@ -348,39 +350,47 @@ async fn relay<C: Client>(
             return After::Close;
         };
         let snap = state.load();
-        let head = match prepare(&snap, conn, &bufs.input[..bufs.have], &mut bufs.request) {
-            Prepared::Take(head) if !drain.started() => head,
-            // A new connection comes with the few bytes that told its protocol, and a request
-            // may come in pieces: what has arrived is read, without waiting. A request that is
-            // still not whole is hyper's, whose timer bounds a client that sends its head
-            // slowly; after an answer, it waits here for the connection's grace (`begun`),
-            // then a head parks with the connection, whose deadline then bounds it, as it would
-            // have from hyper, and a whole head whose body is late goes to hyper.
-            Prepared::Partial if bufs.have < READ_BUF => {
-                let room = &mut bufs.input[bufs.have..];
-                match poll_fn(|cx| Poll::Ready(sock.read_now(cx, room))).await {
-                    Ok(0) => return After::Close,
-                    Ok(n) => {
-                        bufs.have += n;
-                        continue;
+        let (head, forward) =
+            match prepare(&snap, conn, &bufs.input[..bufs.have], &mut bufs.request) {
+                Prepared::Take(head) if !drain.started() => (head, true),
+                // A new connection comes with the few bytes that told its protocol, and a request
+                // may come in pieces: what has arrived is read, without waiting. A request that is
+                // still not whole is hyper's, whose timer bounds a client that sends its head
+                // slowly; after an answer, it waits here for the connection's grace (`begun`),
+                // then a head parks with the connection, whose deadline then bounds it, as it would
+                // have from hyper, and a whole head whose body is late goes to hyper.
+                Prepared::Partial if bufs.have < READ_BUF => {
+                    let room = &mut bufs.input[bufs.have..];
+                    match poll_fn(|cx| Poll::Ready(sock.read_now(cx, room))).await {
+                        Ok(0) => return After::Close,
+                        Ok(n) => {
+                            bufs.have += n;
+                            continue;
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock && served != 0 => {
+                            begun = true;
+                            continue;
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                            *first = Bytes::copy_from_slice(&bufs.input[..bufs.have]);
+                            return After::Hyper;
+                        }
+                        Err(_) => return After::Close,
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock && served != 0 => {
-                        begun = true;
-                        continue;
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                }
+                _ => match held(&snap, conn, bufs, drain) {
+                    Some(head) => (head, false),
+                    None => {
                         *first = Bytes::copy_from_slice(&bufs.input[..bufs.have]);
                         return After::Hyper;
                     }
-                    Err(_) => return After::Close,
-                }
-            }
-            _ => {
-                *first = Bytes::copy_from_slice(&bufs.input[..bufs.have]);
-                return After::Hyper;
-            }
+                },
+            };
+        let keep = if forward {
+            exchange(bufs, &snap, sock, conn, head, drain, respond_by.as_mut()).await
+        } else {
+            put(sock, &bufs.out).await
         };
-        let keep = exchange(bufs, &snap, sock, conn, head, drain, respond_by.as_mut()).await;
         bufs.input.copy_within(head..bufs.have, 0);
         bufs.have -= head;
         served = served.wrapping_add(1);
@@ -391,6 +401,18 @@ async fn relay<C: Client>(
             return After::Close;
         }
     }
+}
+
+/// The answer to a plain held request at the start of the input, into `bufs.out`, as a parked
+/// connection answers it (`fast::held`, which counts and logs it); the length of its head.
+/// The connection stays here: over TLS, where nothing parks, one held request would otherwise
+/// leave it with hyper after the hold ends. During a drain hyper answers, and closes.
+fn held(snap: &Snapshot, conn: &Conn, bufs: &mut Buffers, drain: &Drain) -> Option<usize> {
+    if snap.held.is_none() || drain.started() {
+        return None;
+    }
+    bufs.out.clear();
+    crate::fast::held(snap, conn, &bufs.input[..bufs.have], &mut bufs.out)
 }
 
 /// Whether `name` is `lower`, ignoring case.

@@ -1293,3 +1293,53 @@ async fn with_redirect_https_tls_is_relayed_and_plaintext_redirected() {
         .unwrap()
         .starts_with("https://shop.example"));
 }
+
+/// A plain held request on a relayed connection is answered as hyper's path answers it, and
+/// the connection stays with the relay: over TLS, where nothing parks, it forwards without
+/// hyper again once the hold ends.
+#[tokio::test]
+async fn over_tls_a_held_request_is_answered_and_the_connection_relays_after_the_hold() {
+    use intermission::control::protocol::Request as Ctl;
+    let up = scripted().await;
+    let tls = Tls::new();
+    let mut both = Both::over_tls(&up, &tls).await;
+    let a = both.fast.get("/length").await;
+    assert!(
+        a.head.contains("\r\nX-Upstream-Case: Kept"),
+        "not relayed: {}",
+        a.head
+    );
+    let on = || Ctl::On {
+        message: Some("Back soon".to_owned()),
+        until: None,
+        retry_after: None,
+        reason: None,
+    };
+    for proxy in [&both._proxies.0, &both._proxies.1] {
+        assert!(ctl(proxy, on()).await.ok);
+    }
+    let host = "Host: shop.example\r\n";
+    for accept in ["text/html", "application/json", "*/*"] {
+        let request = format!("GET /length HTTP/1.1\r\n{host}Accept: {accept}\r\n\r\n");
+        both.fast.send(&request).await;
+        both.slow.send(&request).await;
+        let (a, b) = (both.fast.read().await, both.slow.read().await);
+        assert_eq!(a.status(), 503, "{accept}: {}", a.head);
+        assert_eq!((lines(&a), &a.body), (lines(&b), &b.body), "{accept}");
+    }
+    let request = format!("HEAD /length HTTP/1.1\r\n{host}Accept: text/html\r\n\r\n");
+    both.fast.send(&request).await;
+    both.slow.send(&request).await;
+    let (a, b) = (both.fast.read_head().await, both.slow.read_head().await);
+    assert_eq!((a.status(), lines(&a)), (b.status(), lines(&b)));
+    for proxy in [&both._proxies.0, &both._proxies.1] {
+        assert!(ctl(proxy, Ctl::Off).await.ok);
+    }
+    let a = both.fast.get("/length").await;
+    assert_eq!(a.body, b"hello");
+    assert!(
+        a.head.contains("\r\nX-Upstream-Case: Kept"),
+        "left to hyper: {}",
+        a.head
+    );
+}
