@@ -1,6 +1,7 @@
 //! Holding responses without hyper: while the proxy holds requests, the plain GET or HEAD
 //! requests that arrive on a parked (idle) HTTP/1.1 connection, or as the first bytes of a new
-//! one, are answered here, and the connection stays parked.
+//! one, are answered here, and the connection stays parked. `held` answers them for the relay
+//! too, on the connections it serves (TLS ones included).
 //!
 //! During an incident the holding page is what every client gets, retries included, so it is
 //! the path that must cost least. Building hyper's connection state, its header map and its

@@ -350,42 +350,52 @@ async fn relay<C: Client>(
             return After::Close;
         };
         let snap = state.load();
-        let (head, forward) =
-            match prepare(&snap, conn, &bufs.input[..bufs.have], &mut bufs.request) {
-                Prepared::Take(head) if !drain.started() => (head, true),
-                // A new connection comes with the few bytes that told its protocol, and a request
-                // may come in pieces: what has arrived is read, without waiting. A request that is
-                // still not whole is hyper's, whose timer bounds a client that sends its head
-                // slowly; after an answer, it waits here for the connection's grace (`begun`),
-                // then a head parks with the connection, whose deadline then bounds it, as it would
-                // have from hyper, and a whole head whose body is late goes to hyper.
-                Prepared::Partial if bufs.have < READ_BUF => {
-                    let room = &mut bufs.input[bufs.have..];
-                    match poll_fn(|cx| Poll::Ready(sock.read_now(cx, room))).await {
-                        Ok(0) => return After::Close,
-                        Ok(n) => {
-                            bufs.have += n;
-                            continue;
-                        }
-                        Err(e) if e.kind() == ErrorKind::WouldBlock && served != 0 => {
-                            begun = true;
-                            continue;
-                        }
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                            *first = Bytes::copy_from_slice(&bufs.input[..bufs.have]);
-                            return After::Hyper;
-                        }
-                        Err(_) => return After::Close,
+        let mut prepared = prepare(&snap, conn, &bufs.input[..bufs.have], &mut bufs.request);
+        // While requests are held, a head still arriving is waited for as one to forward is,
+        // so that a held request split over reads is answered here too (`held`).
+        if prepared == Prepared::Hyper
+            && holding(&snap, drain)
+            && head_partial(&bufs.input[..bufs.have])
+        {
+            prepared = Prepared::Partial;
+        }
+        let (head, forward) = match prepared {
+            Prepared::Take(head) if !drain.started() => (head, true),
+            // A new connection comes with the few bytes that told its protocol, and a request
+            // may come in pieces: what has arrived is read, without waiting. A request that is
+            // still not whole is hyper's, whose timer bounds a client that sends its head
+            // slowly; after an answer, it waits here for the connection's grace (`begun`),
+            // then a head parks with the connection, whose deadline then bounds it, as it would
+            // have from hyper (over TLS, which does not park, it waits `header_read_timeout`
+            // and closes), and a whole head whose body is late goes to hyper. A held request's
+            // head is waited for the same way (above).
+            Prepared::Partial if bufs.have < READ_BUF => {
+                let room = &mut bufs.input[bufs.have..];
+                match poll_fn(|cx| Poll::Ready(sock.read_now(cx, room))).await {
+                    Ok(0) => return After::Close,
+                    Ok(n) => {
+                        bufs.have += n;
+                        continue;
                     }
-                }
-                _ => match held(&snap, conn, bufs, drain) {
-                    Some(head) => (head, false),
-                    None => {
+                    Err(e) if e.kind() == ErrorKind::WouldBlock && served != 0 => {
+                        begun = true;
+                        continue;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
                         *first = Bytes::copy_from_slice(&bufs.input[..bufs.have]);
                         return After::Hyper;
                     }
-                },
-            };
+                    Err(_) => return After::Close,
+                }
+            }
+            _ => match held(&snap, conn, bufs, drain) {
+                Some(head) => (head, false),
+                None => {
+                    *first = Bytes::copy_from_slice(&bufs.input[..bufs.have]);
+                    return After::Hyper;
+                }
+            },
+        };
         let keep = if forward {
             exchange(bufs, &snap, sock, conn, head, drain, respond_by.as_mut()).await
         } else {
@@ -408,11 +418,16 @@ async fn relay<C: Client>(
 /// The connection stays here: over TLS, where nothing parks, one held request would otherwise
 /// leave it with hyper after the hold ends. During a drain hyper answers, and closes.
 fn held(snap: &Snapshot, conn: &Conn, bufs: &mut Buffers, drain: &Drain) -> Option<usize> {
-    if snap.held.is_none() || drain.started() {
+    if !holding(snap, drain) {
         return None;
     }
     bufs.out.clear();
     crate::fast::held(snap, conn, &bufs.input[..bufs.have], &mut bufs.out)
+}
+
+/// Whether held requests are answered here now.
+fn holding(snap: &Snapshot, drain: &Drain) -> bool {
+    snap.held.is_some() && !drain.started()
 }
 
 /// Whether `name` is `lower`, ignoring case.
@@ -586,12 +601,17 @@ fn resendable(request: &[u8]) -> bool {
 
 /// Whether `input` starts with a whole request head (its body may not have come yet).
 fn head_whole(input: &[u8]) -> bool {
+    matches!(parse_head(input), Ok(httparse::Status::Complete(_)))
+}
+
+/// Whether `input` is the start of a request head, well formed so far.
+fn head_partial(input: &[u8]) -> bool {
+    matches!(parse_head(input), Ok(httparse::Status::Partial))
+}
+
+fn parse_head(input: &[u8]) -> httparse::Result<usize> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut []);
-    matches!(
-        req.parse_with_uninit_headers(input, &mut slots),
-        Ok(httparse::Status::Complete(_))
-    )
+    httparse::Request::new(&mut []).parse_with_uninit_headers(input, &mut slots)
 }
 
 fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {

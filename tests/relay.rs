@@ -1314,6 +1314,15 @@ async fn over_tls_a_held_request_is_answered_and_the_connection_relays_after_the
     both.slow.send(&request).await;
     let (a, b) = (both.fast.read_head().await, both.slow.read_head().await);
     assert_eq!((a.status(), lines(&a)), (b.status(), lines(&b)));
+    // A head in two records, the second after a pause (nothing to wait for but time): the
+    // relay waits for its rest as for a request to forward, and answers it.
+    both.fast
+        .send(&format!("GET /length HTTP/1.1\r\n{host}"))
+        .await;
+    both.fast.sock.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    both.fast.send("Accept: text/html\r\n\r\n").await;
+    assert_eq!(both.fast.read().await.status(), 503);
     for proxy in [&both._proxies.0, &both._proxies.1] {
         assert!(ctl(proxy, Ctl::Off).await.ok);
     }
