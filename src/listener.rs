@@ -339,6 +339,8 @@ async fn serve_others(
                     let _ = tokio::time::timeout(keep_alive, tls_stream.shutdown()).await;
                     Some(Ok(()))
                 }
+                // Dropped without close_notify, which would say that all was sent.
+                relay::After::Broken => Some(Ok(())),
             }
         }
     }

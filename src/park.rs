@@ -625,7 +625,7 @@ pub async fn run(
         );
         match Box::pin(relayed).await {
             crate::relay::After::Hyper => {}
-            crate::relay::After::Close => return Ok(()),
+            crate::relay::After::Close | crate::relay::After::Broken => return Ok(()),
             crate::relay::After::Park => {
                 drop(guard);
                 tokio::spawn(parked(io.first, io.inner, service, held));

@@ -160,8 +160,34 @@ pub enum After {
     Hyper,
     /// Idle for `park::GRACE`: park it. With `Linger::Close`, idle for its time: close it.
     Park,
-    /// Closed, by the client or after a broken answer.
+    /// Closed: by the client, or at the end of its keep-alive or by a drain (over TLS, with
+    /// `close_notify`).
     Close,
+    /// Broken off: an answer cut short, or a client gone while it waited. Dropped, as hyper
+    /// drops a connection whose body failed (over TLS, without `close_notify`, which would
+    /// tell the client that all was sent).
+    Broken,
+}
+
+/// What the connection does after an exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Keep,
+    /// Closes cleanly: a drain began.
+    Close,
+    /// Broken off (`After::Broken`).
+    Broken,
+}
+
+impl Next {
+    /// After an answer was written (`sent`), or not, with the connection `closing` or not.
+    fn after(sent: bool, closing: bool) -> Next {
+        match (sent, closing) {
+            (false, _) => Next::Broken,
+            (true, true) => Next::Close,
+            (true, false) => Next::Keep,
+        }
+    }
 }
 
 /// One connection's buffers, kept while it is served here. When it parks or closes they go
@@ -396,10 +422,10 @@ async fn relay<C: Client>(
                 }
             },
         };
-        let keep = if forward {
+        let next = if forward {
             exchange(bufs, &snap, sock, conn, head, drain, respond_by.as_mut()).await
         } else {
-            put(sock, &bufs.out).await
+            Next::after(put(sock, &bufs.out).await, false)
         };
         bufs.input.copy_within(head..bufs.have, 0);
         bufs.have -= head;
@@ -407,8 +433,10 @@ async fn relay<C: Client>(
         if closes {
             answered = Some(tokio::time::Instant::now());
         }
-        if !keep {
-            return After::Close;
+        match next {
+            Next::Keep => {}
+            Next::Close => return After::Close,
+            Next::Broken => return After::Broken,
         }
     }
 }
@@ -644,14 +672,14 @@ async fn exchange<C: Client>(
     head: usize,
     drain: &Drain,
     respond_by: Pin<&mut Sleep>,
-) -> bool {
+) -> Next {
     let mut served = Served {
         start: Instant::now(),
         status: 0,
         server: None,
         bytes: 0,
     };
-    let keep = answer(bufs, snap, sock, head, drain, respond_by, &mut served).await;
+    let next = answer(bufs, snap, sock, head, drain, respond_by, &mut served).await;
     // No status: the client left before its answer, which is then neither counted nor
     // logged, as on hyper's path.
     if snap.config.log.access_log && served.status != 0 {
@@ -667,7 +695,7 @@ async fn exchange<C: Client>(
         };
         line.write(served.start);
     }
-    keep
+    next
 }
 
 /// The method and target of the upstream request `request` (`{method} {target} HTTP/1.1`, as
@@ -693,7 +721,7 @@ async fn answer<C: Client>(
     drain: &Drain,
     mut respond_by: Pin<&mut Sleep>,
     served: &mut Served,
-) -> bool {
+) -> Next {
     let pool = &snap.pool;
     let timeout = snap.config.upstream.response_timeout;
     let Some(first) = pool.pick(&snap.up, None) else {
@@ -713,7 +741,7 @@ async fn answer<C: Client>(
         let attempt = fetch(bufs, pool, server);
         let fetched = wait(sock, &mut watch, Some(respond_by.as_mut()), attempt).await;
         let error = match fetched {
-            Waited::Gone => return false,
+            Waited::Gone => return Next::Broken,
             Waited::Done(Ok((up, answer))) => {
                 served.status = answer.status;
                 let to = Respond {
@@ -1104,7 +1132,7 @@ async fn respond<C: Client>(
     mut up: TcpStream,
     answer: Answer,
     to: Respond<'_>,
-) -> bool {
+) -> Next {
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
     gateway::count(snap, to.start, status, Outcome::Forwarded);
     let mut watch = to.watch;
@@ -1122,7 +1150,7 @@ async fn respond<C: Client>(
     let clean = match answer.framing {
         Framing::None => {
             if !put(sock, out).await {
-                return false;
+                return Next::Broken;
             }
             buf.len() == at
         }
@@ -1135,7 +1163,7 @@ async fn respond<C: Client>(
                 left -= take as u64;
                 *to.bytes += take as u64;
                 if !put(sock, out).await {
-                    return false;
+                    return Next::Broken;
                 }
                 out.clear();
                 if left == 0 {
@@ -1143,7 +1171,7 @@ async fn respond<C: Client>(
                 }
                 at = 0;
                 match piece(sock, &mut watch, &mut up, buf).await {
-                    Ok(0) | Err(_) => return false,
+                    Ok(0) | Err(_) => return Next::Broken,
                     Ok(_) => {}
                 }
             }
@@ -1154,10 +1182,10 @@ async fn respond<C: Client>(
                 let fed = chunks.feed(&buf[at..], out);
                 *to.bytes = chunks.data;
                 let Ok(end) = fed else {
-                    return false;
+                    return Next::Broken;
                 };
                 if !out.is_empty() && !put(sock, out).await {
-                    return false;
+                    return Next::Broken;
                 }
                 out.clear();
                 if let Some(n) = end {
@@ -1165,7 +1193,7 @@ async fn respond<C: Client>(
                 }
                 at = 0;
                 match piece(sock, &mut watch, &mut up, buf).await {
-                    Ok(0) | Err(_) => return false,
+                    Ok(0) | Err(_) => return Next::Broken,
                     Ok(_) => {}
                 }
             }
@@ -1180,26 +1208,26 @@ async fn respond<C: Client>(
                 out.extend_from_slice(b"\r\n");
             }
             if !out.is_empty() && !put(sock, out).await {
-                return false;
+                return Next::Broken;
             }
             out.clear();
             at = 0;
             match piece(sock, &mut watch, &mut up, buf).await {
                 Ok(0) => {
                     if !put(sock, b"0\r\n\r\n").await {
-                        return false;
+                        return Next::Broken;
                     }
                     break false;
                 }
                 Ok(_) => {}
-                Err(_) => return false,
+                Err(_) => return Next::Broken,
             }
         },
     };
     if clean && answer.reusable {
         snap.pool.raw_put(to.server, up);
     }
-    !closing
+    Next::after(true, closing)
 }
 
 /// `next_piece`, given up (an error) when the client closes its connection meanwhile: a body
@@ -1251,7 +1279,7 @@ async fn outage<C: Client>(
     head: usize,
     drain: &Drain,
     served: &mut Served,
-) -> bool {
+) -> Next {
     let req = echoed(&bufs.input[..head]);
     let resp = gateway::outage_answer(snap, &req);
     gateway::count(snap, served.start, resp.status(), Outcome::Failed);
@@ -1268,7 +1296,7 @@ async fn outage<C: Client>(
     }
     bufs.out.clear();
     h1::encode(&parts, &body, is_head(&bufs.request), &mut bufs.out);
-    put(sock, &bufs.out).await && !closing
+    Next::after(put(sock, &bufs.out).await, closing)
 }
 
 /// The request `head` holds (taken by `prepare`, so it parses), as the outage response's

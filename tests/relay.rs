@@ -60,6 +60,7 @@ fn answer_for(path: &str) -> &'static [u8] {
         "/named-length" => b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 2\r\n\r\nok",
         "/two-lengths" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!",
         "/garbage" => b"SURPRISE\r\n\r\n",
+        "/cut" => b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst",
         _ => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
     }
 }
@@ -169,7 +170,7 @@ async fn scripted() -> Scripted {
                         }
                         return;
                     }
-                    if sock.write_all(answer).await.is_err() || path == "/close" {
+                    if sock.write_all(answer).await.is_err() || path == "/close" || path == "/cut" {
                         return;
                     }
                 }
@@ -1333,4 +1334,37 @@ async fn over_tls_a_held_request_is_answered_and_the_connection_relays_after_the
         "left to hyper: {}",
         a.head
     );
+}
+
+/// An answer cut short ends a TLS connection without `close_notify`, as hyper's path ends it:
+/// the client is not told that all was sent.
+#[tokio::test]
+async fn over_tls_an_answer_cut_short_ends_without_close_notify() {
+    let up = scripted().await;
+    let tls = Tls::new();
+    for hyper in [false, true] {
+        let proxy = tls.proxy(&config(&up, hyper)).await;
+        let mut stream = tls_stream(tls_addr(&proxy), &tls).await;
+        stream
+            .write_all(b"GET /cut HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let end = loop {
+            let mut chunk = [0u8; 1024];
+            let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk));
+            match read.await.expect("the connection ended within 10 s") {
+                Ok(0) => break Ok(()),
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+                Err(e) => break Err(e),
+            }
+        };
+        assert!(got.ends_with(b"first"), "hyper's path: {hyper}: {got:?}");
+        let err = end.expect_err("a close_notify after a cut answer");
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::UnexpectedEof,
+            "hyper's path: {hyper}"
+        );
+    }
 }
