@@ -1,9 +1,8 @@
 //! Forwarding plain HTTP/1.1 exchanges without hyper: on a keep-alive connection, plaintext or
-//! TLS (`Client`), a
-//! `GET`, `HEAD`, `POST`, `PUT`, `PATCH`, `DELETE` or `OPTIONS` with no body, or with a
-//! `Content-Length` body whole in what one read holds, is checked and rewritten from its own
-//! bytes, written with its body to a kept upstream socket, and the answer's head is rewritten
-//! and written back with its body, all in the connection's own task.
+//! TLS (`Client`), a `GET`, `HEAD`, `POST`, `PUT`, `PATCH`, `DELETE` or `OPTIONS` with no body,
+//! or with a `Content-Length` body whole in what one read holds, is checked and rewritten from
+//! its own bytes, written with its body to a kept upstream socket, and the answer's head is
+//! rewritten and written back with its body, all in the connection's own task.
 //!
 //! Two general-purpose hyper connections joined by channels cost some 33,600 user-space
 //! instructions per forwarded request, where nginx spends 18,700 and a relay with no features
@@ -18,7 +17,7 @@
 //! digits, `Upgrade`, `Expect`, `TE`, a `Connection` other than `keep-alive`, no `Host` or
 //! several, HTTP/1.0, an incomplete, oversized or malformed head, a reserved path, a held
 //! request (but a plain one, answered here from its encoding as a parked connection answers
-//! it, `held`), `intercept_statuses`, `redirect_https` on plaintext, a server that is not
+//! it, `fast::held`), `intercept_statuses`, `redirect_https` on plaintext, a server that is not
 //! `http://`, and every request once a drain has begun. So hyper still answers every error to
 //! a client. The access log line is written here as hyper's path writes it
 //! (`logging::AccessLine`).
@@ -377,16 +376,22 @@ async fn relay<C: Client>(
         };
         let snap = state.load();
         let mut prepared = prepare(&snap, conn, &bufs.input[..bufs.have], &mut bufs.request);
-        // While requests are held, a head still arriving is waited for as one to forward is,
-        // so that a held request split over reads is answered here too (`held`).
-        if prepared == Prepared::Hyper
-            && holding(&snap, drain)
-            && head_partial(&bufs.input[..bufs.have])
-        {
-            prepared = Prepared::Partial;
+        // A plain held request is answered as a parked connection answers it (`fast::held`,
+        // which counts and logs it), and the connection stays here: over TLS, where nothing
+        // parks, it would otherwise stay with hyper after the hold ends. A head still arriving
+        // is waited for as one to forward is. During a drain hyper answers, and closes.
+        if prepared == Prepared::Hyper && snap.held.is_some() && !drain.started() {
+            let input = &bufs.input[..bufs.have];
+            bufs.out.clear();
+            prepared = match crate::fast::held(&snap, conn, input, &mut bufs.out) {
+                Some(head) => Prepared::Held(head),
+                None if head_partial(input) => Prepared::Partial,
+                None => Prepared::Hyper,
+            };
         }
         let (head, forward) = match prepared {
             Prepared::Take(head) if !drain.started() => (head, true),
+            Prepared::Held(head) => (head, false),
             // A new connection comes with the few bytes that told its protocol, and a request
             // may come in pieces: what has arrived is read, without waiting. A request that is
             // still not whole is hyper's, whose timer bounds a client that sends its head
@@ -414,13 +419,10 @@ async fn relay<C: Client>(
                     Err(_) => return After::Close,
                 }
             }
-            _ => match held(&snap, conn, bufs, drain) {
-                Some(head) => (head, false),
-                None => {
-                    *first = Bytes::copy_from_slice(&bufs.input[..bufs.have]);
-                    return After::Hyper;
-                }
-            },
+            _ => {
+                *first = Bytes::copy_from_slice(&bufs.input[..bufs.have]);
+                return After::Hyper;
+            }
         };
         let next = if forward {
             exchange(bufs, &snap, sock, conn, head, drain, respond_by.as_mut()).await
@@ -441,23 +443,6 @@ async fn relay<C: Client>(
     }
 }
 
-/// The answer to a plain held request at the start of the input, into `bufs.out`, as a parked
-/// connection answers it (`fast::held`, which counts and logs it); the length of its head.
-/// The connection stays here: over TLS, where nothing parks, one held request would otherwise
-/// leave it with hyper after the hold ends. During a drain hyper answers, and closes.
-fn held(snap: &Snapshot, conn: &Conn, bufs: &mut Buffers, drain: &Drain) -> Option<usize> {
-    if !holding(snap, drain) {
-        return None;
-    }
-    bufs.out.clear();
-    crate::fast::held(snap, conn, &bufs.input[..bufs.have], &mut bufs.out)
-}
-
-/// Whether held requests are answered here now.
-fn holding(snap: &Snapshot, drain: &Drain) -> bool {
-    snap.held.is_some() && !drain.started()
-}
-
 /// Whether `name` is `lower`, ignoring case.
 fn is(name: &[u8], lower: &[u8]) -> bool {
     name.eq_ignore_ascii_case(lower)
@@ -470,6 +455,8 @@ enum Prepared {
     Take(usize),
     /// The start of a head that could be taken here.
     Partial,
+    /// A held request, this long, whose answer is in `Buffers::out`.
+    Held(usize),
     /// A request for hyper (see the module's docs).
     Hyper,
 }

@@ -1,7 +1,8 @@
-//! Plain `GET`s forwarded without hyper (`relay`): every way a server frames an answer reaches
-//! the client as hyper's path would deliver it, the request reaches the server rewritten as
-//! hyper's path rewrites it, a broken answer becomes the outage response, and the connection
-//! stays usable throughout, and the access log says of each request what hyper's path says.
+//! Plain requests forwarded without hyper (`relay`), over plaintext and TLS, held ones answered
+//! there too: every way a server frames an answer reaches the client as hyper's path would
+//! deliver it, the request reaches the server rewritten as hyper's path rewrites it, a broken
+//! answer becomes the outage response, and the connection stays usable throughout, and the
+//! access log says of each request what hyper's path says.
 //! The relay is told from hyper's path by the case of header names, which it keeps and hyper
 //! lowercases; `intercept_statuses` set sends every request through hyper's path, the one
 //! compared against.
