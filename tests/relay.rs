@@ -62,6 +62,7 @@ fn answer_for(path: &str) -> &'static [u8] {
         "/two-lengths" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!",
         "/garbage" => b"SURPRISE\r\n\r\n",
         "/cut" => b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst",
+        "/spacing" => b"HTTP/1.1 200 Fine\r\nX-Tight:tight\r\nX-Wide: \t wide \t \r\nX-Upstream-Case: Kept\r\nContent-Length: 2\r\n\r\nok",
         _ => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
     }
 }
@@ -493,6 +494,50 @@ async fn every_framing_reaches_the_client_as_through_hyper_on_one_connection() {
     assert!(a.head.contains("\r\nX-Upstream-Case: Kept"), "{}", a.head);
     assert!(b.head.contains("\r\nx-upstream-case: Kept"), "{}", b.head);
     assert_eq!(fast.get("/hop").await.header("x-kept"), Some("yes"));
+}
+
+/// Header lines written in other ways than `name: value` reach the server and the client as
+/// hyper writes them, in both directions: the relay copies a line whole only when it is
+/// written that way already.
+#[tokio::test]
+async fn lines_written_unusually_are_passed_on_as_hyper_writes_them() {
+    let up = scripted().await;
+    let Both {
+        mut fast, mut slow, ..
+    } = Both::of(&up).await;
+    up.heads.lock().unwrap().clear();
+    let request = "GET /spacing HTTP/1.1\r\nHost:shop.example\r\nX-Tight:tight\r\n\
+                   X-Wide: \t wide \t \r\nX-Bare: lf\nX-Plain: as usual\r\n\r\n";
+    fast.send(request).await;
+    slow.send(request).await;
+    let (a, b) = (fast.read().await, slow.read().await);
+    assert!(a.relayed(), "not relayed: {}", a.head);
+    assert_eq!((lines(&a), &a.body), (lines(&b), &b.body));
+    let status_line = |a: &Answer| a.head.lines().next().map(str::to_owned);
+    assert_eq!(status_line(&a).as_deref(), Some("HTTP/1.1 200 Fine"));
+    assert_eq!(status_line(&a), status_line(&b));
+    for line in ["x-tight: tight", "x-wide: wide"] {
+        assert!(lines(&a).iter().any(|l| l == line), "{line}: {}", a.head);
+    }
+    let heads = up.heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    let lower = |h: &str| {
+        let mut lines: Vec<String> = h.split("\r\n").map(str::to_ascii_lowercase).collect();
+        lines.sort();
+        lines
+    };
+    assert_eq!(lower(&heads[0]), lower(&heads[1]), "{heads:?}");
+    for line in [
+        "host: shop.example",
+        "x-tight: tight",
+        "x-bare: lf",
+        "x-plain: as usual",
+    ] {
+        assert!(
+            lower(&heads[0]).iter().any(|l| l == line),
+            "{line}: {heads:?}"
+        );
+    }
 }
 
 /// Paths whose answers are framed in each way a server may frame them.

@@ -70,7 +70,7 @@ pub fn is_hop_by_hop_name(name: &[u8]) -> bool {
         b"transfer-encoding",
         b"upgrade",
     ];
-    NAMES.iter().any(|n| name.eq_ignore_ascii_case(n))
+    NAMES.iter().any(|n| crate::h1::eq_lower(name, n))
 }
 
 /// Removes `Connection` and every header it names.
