@@ -207,23 +207,48 @@ struct Set {
     out: Vec<u8>,
 }
 
-/// Buffer sets a thread keeps for its next requests: as many as it has requests in flight at
-/// once under load. With 32, the 64 connections of a load test freed and allocated (and
-/// zeroed) sets all through it, some 2 % of the proxy's time. A set for small answers is
-/// about 25 KiB, so 128 are some 3 MiB once that many requests were in flight together.
-const SPARE_SETS: usize = 128;
+/// The most a thread keeps in buffer sets for its next requests: as many sets as it has
+/// requests in flight at once under load, within reason. A set for small answers is about
+/// 25 KiB, so this is some 120 of them, fewer of those a large answer grew. With 32 sets at
+/// most, the 64 connections of a load test freed and allocated (and zeroed) sets all through
+/// it, some 2 % of the proxy's time; with 128 sets of any size, a load of 64 KiB answers left
+/// 9 MB behind.
+const SPARE_BYTES: usize = 3 << 20;
+
+/// A thread's buffer sets not in use, and their bytes.
+struct Spares {
+    sets: Vec<Set>,
+    bytes: usize,
+}
 
 thread_local! {
     /// Buffer sets not in use, for the next requests on this thread: a set is held only
     /// while a request is answered, and taken from here rather than allocated, so that
     /// connections waiting between requests hold none and a burst of new connections does
     /// not leave 8 and 16 KiB holes between the parked connections' small allocations.
-    static SPARE: RefCell<Vec<Set>> = const { RefCell::new(Vec::new()) };
+    static SPARE: RefCell<Spares> = const {
+        RefCell::new(Spares {
+            sets: Vec::new(),
+            bytes: 0,
+        })
+    };
+}
+
+impl Set {
+    /// The bytes its buffers hold.
+    fn size(&self) -> usize {
+        self.input.len() + self.request.capacity() + self.answer.capacity() + self.out.capacity()
+    }
 }
 
 impl Buffers {
     fn take() -> Buffers {
-        let spare = SPARE.try_with(|spare| spare.try_borrow_mut().ok()?.pop());
+        let spare = SPARE.try_with(|spare| {
+            let mut spare = spare.try_borrow_mut().ok()?;
+            let set = spare.sets.pop()?;
+            spare.bytes = spare.bytes.saturating_sub(set.size());
+            Some(set)
+        });
         Buffers(spare.ok().flatten().unwrap_or_else(|| Set {
             input: vec![0; READ_BUF].into_boxed_slice(),
             have: 0,
@@ -246,8 +271,10 @@ impl Drop for Buffers {
         }
         let _ = SPARE.try_with(|spare| {
             if let Ok(mut spare) = spare.try_borrow_mut() {
-                if spare.len() < SPARE_SETS {
-                    spare.push(set);
+                let size = set.size();
+                if spare.bytes + size <= SPARE_BYTES {
+                    spare.bytes += size;
+                    spare.sets.push(set);
                 }
             }
         });
