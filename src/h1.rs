@@ -146,6 +146,7 @@ const PLAIN_TARGET: [bool; 256] = {
 /// names for every header of every request and answer, and a byte at a time was some 5 % of
 /// a forwarded request's instructions.
 pub fn eq_lower(bytes: &[u8], lower: &[u8]) -> bool {
+    debug_assert!(!lower.iter().any(u8::is_ascii_uppercase), "{lower:?}");
     let n = bytes.len();
     if n != lower.len() {
         return false;
@@ -269,8 +270,6 @@ pub(crate) mod tests {
         );
     }
 
-    /// What a plain target is taken for holds: `Uri` takes it as written, and its
-    /// path is what comes before the `?`.
     #[test]
     fn eq_lower_is_eq_ignore_ascii_case_for_every_byte_at_every_place() {
         for len in 0..=20 {
@@ -292,6 +291,8 @@ pub(crate) mod tests {
         }
     }
 
+    /// What a plain target is taken for holds: `Uri` takes it as written, and its
+    /// path is what comes before the `?`.
     #[test]
     fn a_plain_target_is_kept_as_written_by_uri() {
         for b in 0..=255u8 {

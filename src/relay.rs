@@ -209,7 +209,8 @@ struct Set {
 
 /// The most a thread keeps in buffer sets for its next requests: as many sets as it has
 /// requests in flight at once under load, within reason. A set for small answers is about
-/// 25 KiB, so this is some 120 of them, fewer of those a large answer grew. With 32 sets at
+/// 25 KiB, so this is some 120 of them (more of those whose answer buffers a large answer
+/// grew and were let go). With 32 sets at
 /// most, the 64 connections of a load test freed and allocated (and zeroed) sets all through
 /// it, some 2 % of the proxy's time; with 128 sets of any size, a load of 64 KiB answers left
 /// 9 MB behind.
@@ -246,6 +247,7 @@ impl Buffers {
         let spare = SPARE.try_with(|spare| {
             let mut spare = spare.try_borrow_mut().ok()?;
             let set = spare.sets.pop()?;
+            debug_assert!(spare.bytes >= set.size(), "the spares' bytes are counted");
             spare.bytes = spare.bytes.saturating_sub(set.size());
             Some(set)
         });
@@ -483,7 +485,7 @@ enum Prepared {
     Take(usize),
     /// The start of a head that could be taken here.
     Partial,
-    /// A held request, this long, whose answer is in `Buffers::out`.
+    /// A held request, this long, whose answer is in `Set::out`.
     Held(usize),
     /// A request for hyper (see the module's docs).
     Hyper,
@@ -704,7 +706,9 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 /// What became of a request, for its access log line.
 #[derive(Debug)]
 struct Served {
-    start: Instant,
+    /// A tokio instant, which the answer's deadline is set from (tokio's clock, which tests
+    /// may pause).
+    start: tokio::time::Instant,
     status: u16,
     /// The server that answered, or was tried last.
     server: Option<usize>,
@@ -726,7 +730,7 @@ async fn exchange<C: Client>(
     respond_by: Pin<&mut Sleep>,
 ) -> Next {
     let mut served = Served {
-        start: Instant::now(),
+        start: tokio::time::Instant::now(),
         status: 0,
         server: None,
         bytes: 0,
@@ -745,7 +749,7 @@ async fn exchange<C: Client>(
             upstream: upstream.map(|name| &**name),
             bytes: served.bytes,
         };
-        line.write(served.start);
+        line.write(served.start.into_std());
     }
     next
 }
@@ -785,7 +789,7 @@ async fn answer<C: Client>(
     let mut watch = bufs.have == head;
     let mut server = first;
     // The first attempt starts with the request: its clock read serves for both.
-    let mut sent = tokio::time::Instant::from_std(served.start);
+    let mut sent = served.start;
     loop {
         served.server = Some(server);
         let name = || pool.servers[server].to_string();
@@ -798,7 +802,7 @@ async fn answer<C: Client>(
                 served.status = answer.status;
                 let to = Respond {
                     server,
-                    start: served.start,
+                    start: served.start.into_std(),
                     drain,
                     watch,
                     bytes: &mut served.bytes,
@@ -890,7 +894,7 @@ enum Framing {
     Close,
 }
 
-/// An answer whose head is at the start of `Buffers::answer`, rewritten in `Buffers::out`.
+/// An answer whose head is at the start of `Set::answer`, rewritten in `Set::out`.
 #[derive(Debug, PartialEq, Eq)]
 struct Answer {
     status: u16,
@@ -1363,7 +1367,12 @@ async fn outage<C: Client>(
 ) -> Next {
     let req = echoed(&bufs.input[..head]);
     let resp = gateway::outage_answer(snap, &req);
-    gateway::count(snap, served.start, resp.status(), Outcome::Failed);
+    gateway::count(
+        snap,
+        served.start.into_std(),
+        resp.status(),
+        Outcome::Failed,
+    );
     served.status = resp.status().as_u16();
     let (mut parts, body) = resp.into_parts();
     // A holding response's body is whole (`Held::respond`).
@@ -1895,6 +1904,91 @@ mod tests {
                 "{input:?}: {out}"
             );
         }
+    }
+
+    /// An answer's status line and header lines reach the client as `written` copies them
+    /// when they are written as the relay writes them, and written again when they are not:
+    /// always HTTP/1.1, one space before the reason and after the colon, CRLF.
+    #[test]
+    fn answer_lines_are_passed_on_as_written_or_written_again() {
+        let date = "Date: Thu, 03 Dec 2026 09:00:00 GMT\r\n";
+        for (status, line) in [
+            ("HTTP/1.1 200 OK", "HTTP/1.1 200 OK"),
+            ("HTTP/1.1 200 ", "HTTP/1.1 200 "),
+            ("HTTP/1.1 204", "HTTP/1.1 204 "),
+            ("HTTP/1.0 200 Fine", "HTTP/1.1 200 Fine"),
+            ("\r\nHTTP/1.1 200 OK", "HTTP/1.1 200 OK"),
+        ] {
+            let input = format!("{status}\r\n{date}Content-Length: 0\r\n\r\n");
+            let (out, _) = head(&input);
+            assert_eq!(out.split("\r\n").next(), Some(line), "{input:?}");
+        }
+        for (header, written) in [
+            ("X-A: b", "X-A: b"),
+            ("X-A:b", "X-A: b"),
+            ("X-A:  b \t", "X-A: b"),
+            ("X-A:", "X-A: "),
+            ("X-A: ", "X-A: "),
+        ] {
+            for end in ["\r\n", "\n"] {
+                let input =
+                    format!("HTTP/1.1 200 OK\r\n{date}{header}{end}Content-Length: 0\r\n\r\n");
+                let (out, _) = head(&input);
+                let lines: Vec<&str> = out.split("\r\n").collect();
+                assert!(lines.contains(&written), "{input:?} gave {out:?}");
+            }
+        }
+    }
+
+    /// Which fault an answer's head is refused for, where it has several.
+    #[test]
+    fn an_answer_head_is_refused_for_its_first_fault() {
+        let mut out = Vec::new();
+        for (bad, why) in [
+            (
+                "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: x\r\n\r\n",
+                "Transfer-Encoding in an HTTP/1.0 response",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: x\r\n\r\n",
+                "an invalid Content-Length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: x\r\nContent-Length: 2\r\n\r\n",
+                "an invalid Content-Length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\nContent-Length: x\r\n\r\n",
+                "differing Content-Length values",
+            ),
+        ] {
+            match response_head(bad.as_bytes(), false, &mut out) {
+                Err(SendError::Protocol(got)) => assert_eq!(got, why, "{bad:?}"),
+                other => panic!("{bad:?}: {:?}", other.is_ok()),
+            }
+        }
+        // Agreeing lines frame the body, and one is written.
+        let (out, answer) =
+            head("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n");
+        assert_eq!(answer.framing, Framing::Length(3));
+        assert_eq!(out.matches("Content-Length").count(), 1, "{out}");
+    }
+
+    /// `written` finds a line only where the slices it is given sit in the input.
+    #[test]
+    fn written_copies_only_what_sits_in_the_input() {
+        let input = b"Host: a\r\nX: b\r\n";
+        let (name, value) = (&input[..4], &input[6..7]);
+        assert_eq!(
+            written(input, name, b": ", value, b"\r\n"),
+            Some(&input[..9])
+        );
+        // The same bytes elsewhere, a value that is not the line's, the wrong separator.
+        let copy = input.to_vec();
+        assert_eq!(written(input, &copy[..4], b": ", value, b"\r\n"), None);
+        assert_eq!(written(&input[2..], name, b": ", value, b"\r\n"), None);
+        assert_eq!(written(input, name, b": ", &input[14..15], b"\r\n"), None);
+        assert_eq!(written(input, name, b":", value, b"\r\n"), None);
     }
 
     #[test]
