@@ -210,10 +210,9 @@ struct Set {
 /// The most a thread keeps in buffer sets for its next requests: as many sets as it has
 /// requests in flight at once under load, within reason. A set for small answers is about
 /// 25 KiB, so this is some 120 of them (more of those whose answer buffers a large answer
-/// grew and were let go). With 32 sets at
-/// most, the 64 connections of a load test freed and allocated (and zeroed) sets all through
-/// it, some 2 % of the proxy's time; with 128 sets of any size, a load of 64 KiB answers left
-/// 9 MB behind.
+/// grew and were let go). With 32 sets at most, the 64 connections of a load test freed and
+/// allocated (and zeroed) sets all through it, some 2 % of the proxy's time; with 128 sets of
+/// any size, a load of 64 KiB answers left 9 MB behind.
 const SPARE_BYTES: usize = 3 << 20;
 
 /// A thread's buffer sets not in use, and their bytes.
@@ -677,7 +676,7 @@ fn push_line(out: &mut Vec<u8>, input: &[u8], name: &[u8], value: &[u8]) {
 /// The bytes of `input` that are `first`, `between`, `second` and `end`, when `first` and
 /// `second` are slices of `input` (as httparse gives them) with exactly `between` and `end`
 /// around them there. The lines that a proxy passes on as they came are copied at once
-/// rather than in four pieces: a tenth of a forwarded request's copying.
+/// rather than in four pieces (1 % of a forwarded request's instructions).
 fn written<'a>(
     input: &'a [u8],
     first: &[u8],
