@@ -25,9 +25,10 @@
 //! Once the request is sent, the answer cannot go to hyper, so every way an HTTP/1.1 server
 //! answers is handled here as hyper's client and server would together: 1xx answers skipped, no
 //! body for 204 and 304, nor for any answer to a `HEAD` (its first `Content-Length` passed on,
-//! no coding added, `response_head`), a body of `Content-Length`, chunked (passed through as it
-//! comes, its end found by `Chunked`), or until the server closes (sent on chunked, so that the
-//! client's connection stays open). A failure before the answer's head is reported to the
+//! no coding added, `response_head`), a body of `Content-Length` (a small answer written
+//! once it is whole, as nginx's `postpone_output` holds a head for its body), chunked
+//! (passed through as it comes, its end found by `Chunked`), or until the server closes (sent
+//! on chunked, so that the client's connection stays open). A failure before the answer's head is reported to the
 //! server's checker, tried once more on another server when the method is idempotent, and
 //! otherwise answered with the outage response; a failure after it closes the client's
 //! connection, as hyper does when a body breaks. A client that closes its connection before its
@@ -72,6 +73,9 @@ const COPY_BUF: usize = 16 * 1024;
 
 /// The most a large body's reads grow to (`next_piece`).
 const MAX_COPY_BUF: usize = 256 * 1024;
+
+/// The largest answer, head and body, held until whole and written at once (`respond`).
+const WHOLE_ANSWER: u64 = COPY_BUF as u64;
 
 /// A client connection served here: a plaintext socket, or TLS over one (HTTP/1.1 by ALPN),
 /// whose records rustls opens and seals around the same work.
@@ -1208,7 +1212,8 @@ struct Respond<'a> {
 
 /// Writes the answer's head and body to the client, and gives the upstream socket back when
 /// the answer ended where its framing said; whether the client's connection stays open. Each
-/// piece of the body is written as it arrives, before the next is read.
+/// piece of the body is written as it arrives, before the next is read, but for a small
+/// answer of known length, written when whole.
 async fn respond<C: Client>(
     bufs: &mut Set,
     snap: &Snapshot,
@@ -1239,6 +1244,11 @@ async fn respond<C: Client>(
             buf.len() == at
         }
         Framing::Length(length) => {
+            // A small answer is written once, whole: a server that writes its head apart
+            // from its body (nginx sending a file, many application servers) would otherwise
+            // cost the client a second write, segment and read, as nginx's `postpone_output`
+            // knows. A larger one is written as it comes, so that a slow body still shows.
+            let whole = (out.len() as u64).saturating_add(length) <= WHOLE_ANSWER;
             let mut left = length;
             loop {
                 let have = (buf.len() - at) as u64;
@@ -1246,16 +1256,25 @@ async fn respond<C: Client>(
                 out.extend_from_slice(&buf[at..at + take]);
                 left -= take as u64;
                 *to.bytes += take as u64;
-                if !put(sock, out).await {
-                    return Next::Broken;
-                }
-                out.clear();
-                if left == 0 {
-                    break at + take == buf.len();
+                if left == 0 || !whole {
+                    if !put(sock, out).await {
+                        return Next::Broken;
+                    }
+                    out.clear();
+                    if left == 0 {
+                        break at + take == buf.len();
+                    }
                 }
                 at = 0;
                 match piece(sock, &mut watch, &mut up, buf).await {
-                    Ok(0) | Err(_) => return Next::Broken,
+                    Ok(0) | Err(_) => {
+                        // What a held answer had so far still reaches the client, as it
+                        // would have unheld, before the connection is broken off.
+                        if !out.is_empty() {
+                            put(sock, out).await;
+                        }
+                        return Next::Broken;
+                    }
                     Ok(_) => {}
                 }
             }
