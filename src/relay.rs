@@ -25,10 +25,10 @@
 //! Once the request is sent, the answer cannot go to hyper, so every way an HTTP/1.1 server
 //! answers is handled here as hyper's client and server would together: 1xx answers skipped, no
 //! body for 204 and 304, nor for any answer to a `HEAD` (its first `Content-Length` passed on,
-//! no coding added, `response_head`), a body of `Content-Length` (a small answer written
-//! once it is whole, as nginx's `postpone_output` holds a head for its body), chunked
-//! (passed through as it comes, its end found by `Chunked`), or until the server closes (sent
-//! on chunked, so that the client's connection stays open). A failure before the answer's head is reported to the
+//! no coding added, `response_head`), a body of `Content-Length` (a small answer written in
+//! one piece once it is whole, up to its deadline), chunked (passed through as it comes, its
+//! end found by `Chunked`), or until the server closes (sent on chunked, so that the client's
+//! connection stays open). A failure before the answer's head is reported to the
 //! server's checker, tried once more on another server when the method is idempotent, and
 //! otherwise answered with the outage response; a failure after it closes the client's
 //! connection, as hyper does when a body breaks. A client that closes its connection before its
@@ -808,6 +808,7 @@ async fn answer<C: Client>(
                     start: served.start.into_std(),
                     drain,
                     watch,
+                    by: respond_by,
                     bytes: &mut served.bytes,
                 };
                 return respond(bufs, snap, sock, up, answer, to).await;
@@ -1206,14 +1207,17 @@ struct Respond<'a> {
     drain: &'a Drain,
     /// Whether the client's end is watched (`wait`).
     watch: bool,
-    /// The body's bytes passed on, counted as they are.
+    /// The answer's deadline (`response_timeout`), which a small answer is held until at
+    /// most.
+    by: Pin<&'a mut Sleep>,
+    /// The body's bytes passed on, counted as they are taken from the server's.
     bytes: &'a mut u64,
 }
 
 /// Writes the answer's head and body to the client, and gives the upstream socket back when
 /// the answer ended where its framing said; whether the client's connection stays open. Each
 /// piece of the body is written as it arrives, before the next is read, but for a small
-/// answer of known length, written when whole.
+/// answer of known length, written when whole if that is before its deadline.
 async fn respond<C: Client>(
     bufs: &mut Set,
     snap: &Snapshot,
@@ -1225,6 +1229,7 @@ async fn respond<C: Client>(
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
     gateway::count(snap, to.start, status, Outcome::Forwarded);
     let mut watch = to.watch;
+    let mut by = to.by;
     let Set {
         answer: buf, out, ..
     } = bufs;
@@ -1246,9 +1251,11 @@ async fn respond<C: Client>(
         Framing::Length(length) => {
             // A small answer is written once, whole: a server that writes its head apart
             // from its body (nginx sending a file, many application servers) would otherwise
-            // cost the client a second write, segment and read, as nginx's `postpone_output`
-            // knows. A larger one is written as it comes, so that a slow body still shows.
-            let whole = (out.len() as u64).saturating_add(length) <= WHOLE_ANSWER;
+            // cost the client a second write, segment and read (nginx's `postpone_output`
+            // holds such a head too). Not past the answer's deadline, though: a body that
+            // stalls has what came of it written then, and the rest as it comes, as a
+            // larger answer always has.
+            let mut hold = (out.len() as u64).saturating_add(length) <= WHOLE_ANSWER;
             let mut left = length;
             loop {
                 let have = (buf.len() - at) as u64;
@@ -1256,7 +1263,7 @@ async fn respond<C: Client>(
                 out.extend_from_slice(&buf[at..at + take]);
                 left -= take as u64;
                 *to.bytes += take as u64;
-                if left == 0 || !whole {
+                if left == 0 || !hold {
                     if !put(sock, out).await {
                         return Next::Broken;
                     }
@@ -1266,7 +1273,29 @@ async fn respond<C: Client>(
                     }
                 }
                 at = 0;
-                match piece(sock, &mut watch, &mut up, buf).await {
+                let read = if hold {
+                    match wait(
+                        sock,
+                        &mut watch,
+                        Some(by.as_mut()),
+                        next_piece(&mut up, buf),
+                    )
+                    .await
+                    {
+                        Waited::Done(read) => read,
+                        Waited::Gone => Err(ErrorKind::ConnectionAborted.into()),
+                        Waited::Late => {
+                            // `next_piece` stopped before reading anything: the body
+                            // has come no further than `out` holds.
+                            hold = false;
+                            buf.clear();
+                            continue;
+                        }
+                    }
+                } else {
+                    piece(sock, &mut watch, &mut up, buf).await
+                };
+                match read {
                     Ok(0) | Err(_) => {
                         // What a held answer had so far still reaches the client, as it
                         // would have unheld, before the connection is broken off.

@@ -1155,7 +1155,8 @@ async fn a_body_whose_client_leaves_is_given_up_as_on_hyper_s_path() {
                 ))
                 .await;
             // The relay holds a small answer until it is whole: only the server can tell
-            // that its first piece went out.
+            // that its first piece went out. The client may leave before the relay has read
+            // it, too; either way, holding must not keep the request from being given up.
             match path {
                 "/stall" => client.fill_until(b"first").await,
                 _ => up.sent.notified().await,
@@ -1199,6 +1200,34 @@ async fn a_small_answer_whose_head_comes_alone_is_written_whole_at_once() {
     let a = client.read().await;
     assert_eq!((a.status(), &a.body[..]), (200, &b"body"[..]));
     assert!(a.relayed(), "{}", a.head);
+    assert_eq!(
+        client.get("/length").await.body,
+        b"hello",
+        "the connection goes on"
+    );
+}
+
+#[tokio::test]
+async fn a_small_answer_is_held_no_longer_than_its_response_timeout() {
+    let up = scripted().await;
+    let config = config(&up, false).replace("[health]", "response_timeout = \"1s\"\n[health]");
+    let proxy = spawn_proxy(&config).await;
+    let mut client = Client::connect(proxy.addr).await;
+    let sent = std::time::Instant::now();
+    client
+        .send("GET /split HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+        .await;
+    // The body never comes on its own: at the deadline the head is written alone.
+    let a = client.read_head().await;
+    let held = sent.elapsed();
+    assert!(a.relayed() && a.status() == 200, "{}", a.head);
+    assert!(held >= Duration::from_millis(900), "held only {held:?}");
+    up.release.notify_one();
+    while client.buf.len() < 4 {
+        client.fill().await;
+    }
+    assert_eq!(client.buf, b"body", "the body follows as it comes");
+    client.buf.clear();
     assert_eq!(
         client.get("/length").await.body,
         b"hello",
