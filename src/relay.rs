@@ -1273,27 +1273,18 @@ async fn respond<C: Client>(
                     }
                 }
                 at = 0;
-                let read = if hold {
-                    match wait(
-                        sock,
-                        &mut watch,
-                        Some(by.as_mut()),
-                        next_piece(&mut up, buf),
-                    )
-                    .await
-                    {
-                        Waited::Done(read) => read,
-                        Waited::Gone => Err(ErrorKind::ConnectionAborted.into()),
-                        Waited::Late => {
-                            // `next_piece` stopped before reading anything: the body
-                            // has come no further than `out` holds.
-                            hold = false;
-                            buf.clear();
-                            continue;
-                        }
+                // Only a held answer has a deadline, so only it can be `Late`.
+                let deadline = hold.then_some(by.as_mut());
+                let read = match wait(sock, &mut watch, deadline, next_piece(&mut up, buf)).await {
+                    Waited::Done(read) => read,
+                    Waited::Gone => Err(ErrorKind::ConnectionAborted.into()),
+                    Waited::Late => {
+                        // `next_piece` stopped before reading anything: the body has come
+                        // no further than `out` holds, which the next turn writes.
+                        hold = false;
+                        buf.clear();
+                        continue;
                     }
-                } else {
-                    piece(sock, &mut watch, &mut up, buf).await
                 };
                 match read {
                     Ok(0) | Err(_) => {

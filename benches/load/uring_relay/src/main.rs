@@ -57,6 +57,10 @@ enum Phase {
     Body,
 }
 
+/// A client connection's slot. The ring reads and writes the slot's buffers through raw
+/// pointers, which is sound because `req` and `resp` are boxed (their bytes never move, even
+/// when `Relay::conns` grows), `out` is refilled only when no send from it is in flight, and
+/// a slot is reused only once `ops` shows none of its operations in flight (`maybe_free`).
 struct Conn {
     live: bool,
     closing: bool,
