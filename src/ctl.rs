@@ -3,11 +3,12 @@
 use crate::{CtlCommand, ScheduleCommand};
 use intermission::config;
 use intermission::control::client;
-use intermission::control::protocol::{Request, Response, ServerHealth, StatusView};
+use intermission::control::protocol::{ErrorBody, Request, Response, ServerHealth, StatusView};
 use intermission::state::mode::Window;
+use intermission::time::parse_time;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 pub fn run(
     config: Option<PathBuf>,
@@ -15,50 +16,66 @@ pub fn run(
     json: bool,
     command: CtlCommand,
 ) -> ExitCode {
+    // Said the same way for every failure before the proxy answers: on stderr for people,
+    // and with `--json` also as one object on stdout, so a script always has one to read.
+    let fail = |exit: u8, code: &str, message: String| {
+        eprintln!("intermission ctl: {message}");
+        if json {
+            let error = ErrorBody::new(code, message);
+            println!(
+                "{}",
+                serde_json::to_string(&Response::error(error)).unwrap_or_default()
+            );
+        }
+        ExitCode::from(exit)
+    };
     let socket = match socket {
         Some(s) => s,
         None => match socket_from_config(config.as_deref()) {
             Ok(s) => s,
-            Err(e) => {
-                eprintln!("intermission ctl: {e}");
-                return ExitCode::from(2);
-            }
+            Err(e) => return fail(2, "bad_usage", e),
         },
     };
     let req = request(command);
+    if let Err(e) = check_times(&req) {
+        return fail(2, "bad_usage", e);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("intermission ctl: cannot start: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(1, "internal", format!("cannot start: {e}")),
     };
     let answer = runtime.block_on(async {
         tokio::time::timeout(ANSWER_TIMEOUT, client::request(&socket, &req)).await
     });
-    let Ok(answer) = answer else {
-        eprintln!(
-            "intermission ctl: the proxy on {} did not answer within {ANSWER_TIMEOUT:?}",
-            socket.display()
-        );
-        return ExitCode::from(3);
-    };
     let resp = match answer {
-        Ok(r) => r,
-        Err(e @ client::ClientError::NoProxy { .. }) => {
-            eprintln!("intermission ctl: {e}");
-            return ExitCode::from(3);
+        Ok(Ok(r)) => r,
+        Ok(Err(e @ client::ClientError::NoProxy { .. })) => {
+            return fail(3, "no_proxy", e.to_string())
         }
-        Err(e) => {
-            eprintln!("intermission ctl: {e}");
-            return ExitCode::from(3);
+        // The exchange broke off or made no sense: no answer from the proxy either.
+        Ok(Err(e)) => return fail(3, "no_answer", e.to_string()),
+        Err(_) => {
+            return fail(
+                3,
+                "no_answer",
+                format!(
+                    "the proxy on {} did not answer within {ANSWER_TIMEOUT:?}",
+                    socket.display()
+                ),
+            )
         }
     };
     if json {
-        println!("{}", serde_json::to_string(&resp).unwrap_or_default());
+        // SPEC §5: the socket's `state` is "the same object as `ctl status --json`", so
+        // `status` prints that object itself; every other command prints the reply line.
+        let text = match (&req, &resp.state) {
+            (Request::Status, Some(state)) if resp.ok => serde_json::to_string(state),
+            _ => serde_json::to_string(&resp),
+        };
+        println!("{}", text.unwrap_or_default());
     } else {
         print_human(&resp);
     }
@@ -66,6 +83,36 @@ pub fn run(
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// Times and durations are checked here, so that a mistyped one is bad usage (exit 2) as
+/// SPEC §1 says, not a refusal. They are still sent as typed: a relative `+45m` is resolved
+/// by the proxy, against its clock.
+fn check_times(req: &Request) -> Result<(), String> {
+    let now = SystemTime::now();
+    let time = |flag: &str, t: &str| {
+        parse_time(t, now)
+            .map(drop)
+            .map_err(|e| format!("{flag}: {e}"))
+    };
+    match req {
+        Request::On {
+            until, retry_after, ..
+        } => {
+            if let Some(u) = until {
+                time("--until", u)?;
+            }
+            if let Some(r) = retry_after {
+                config::parse_duration(r).map_err(|e| format!("--retry-after: {e}"))?;
+            }
+            Ok(())
+        }
+        Request::ScheduleAdd { start, end, .. } => {
+            time("--start", start)?;
+            time("--end", end)
+        }
+        _ => Ok(()),
     }
 }
 
@@ -199,9 +246,11 @@ fn print_state(s: &StatusView) {
             println!("  {}  {}", u.at.rfc3339(), u.message);
         }
     }
-    if let Some(w) = &s.next_window {
-        println!("next window:");
-        print_window(w);
+    if !s.schedules.is_empty() {
+        println!("schedules:");
+        for w in &s.schedules {
+            print_window(w);
+        }
     }
     print_health(&s.upstream);
 }

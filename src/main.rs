@@ -158,21 +158,28 @@ fn check(path: Option<PathBuf>) -> ExitCode {
         || "built-in defaults".to_owned(),
         |p| p.display().to_string(),
     );
-    // The pages are part of a valid config: a template that does not load would be refused
-    // at start and at reload, so `check` says so now.
-    let pages = match Pages::load(&c.maintenance.pages) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("{origin} is not valid (1 problem):\n  - maintenance.pages: {e}");
+    // The pages and certificates are part of a valid config: what would be refused at start
+    // and at reload is said now, every such problem at once.
+    let pages = Pages::load(&c.maintenance.pages).map_err(|e| format!("maintenance.pages: {e}"));
+    let server = intermission::tls::server_config(&c.tls).map_err(|e| format!("tls: {e}"));
+    let client =
+        intermission::tls::client_config(&c.upstream).map_err(|e| format!("upstream: {e}"));
+    let pages = match (pages, server, client) {
+        (Ok(pages), Ok(_), Ok(_)) => pages,
+        (pages, server, client) => {
+            let problems: Vec<String> = [pages.err(), server.err(), client.err()]
+                .into_iter()
+                .flatten()
+                .collect();
+            let n = problems.len();
+            let s = if n == 1 { "" } else { "s" };
+            eprintln!("{origin} is not valid ({n} problem{s}):");
+            for p in problems {
+                eprintln!("  - {p}");
+            }
             return ExitCode::FAILURE;
         }
     };
-    if let Err(e) = intermission::tls::server_config(&c.tls)
-        .and_then(|_| intermission::tls::client_config(&c.upstream))
-    {
-        eprintln!("{origin} is not valid (1 problem):\n  - tls: {e}");
-        return ExitCode::FAILURE;
-    }
     println!("{origin}: OK");
     let list = |v: Vec<String>| v.join(", ");
     println!(

@@ -23,7 +23,7 @@ impl Serialize for Timestamp {
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        humantime::parse_rfc3339_weak(&text)
+        parse_rfc3339(&text)
             .map(Timestamp)
             .map_err(|e| serde::de::Error::custom(format!("{text:?} is not an RFC 3339 time: {e}")))
     }
@@ -74,9 +74,63 @@ pub fn parse_time(text: &str, now: SystemTime) -> Result<SystemTime, String> {
             .checked_add(d)
             .ok_or_else(|| format!("{text:?} is too far ahead"));
     }
-    humantime::parse_rfc3339_weak(t).map_err(|e| {
-        format!("{text:?} is not a time ({e}); write RFC 3339 like \"2026-12-01T02:00:00Z\" or \"+45m\"")
+    parse_rfc3339(t).map_err(|e| {
+        format!("{text:?} is not a time ({e}); write RFC 3339 like \"2026-12-01T02:00:00Z\", \"2026-12-01T03:00:00+01:00\" or \"+45m\"")
     })
+}
+
+/// RFC 3339 with its offset honoured: humantime reads UTC only, and its lenient reader takes
+/// a time with no zone, or with a fraction and `+01:00`, as UTC, an hour off for an operator
+/// who wrote local time. A time without a zone is refused rather than guessed.
+pub fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
+    let b = text.as_bytes();
+    if !text.is_ascii() || b.len() < "2026-12-01T02:00:00".len() {
+        return Err("not an RFC 3339 time".into());
+    }
+    let (base, east) = match b[b.len() - 1] {
+        b'Z' | b'z' => (&text[..text.len() - 1], 0i64),
+        _ if b.len() < "2026-12-01T02:00:00+01:00".len() => {
+            return Err("no time zone: end it with Z for UTC or an offset like +01:00".into())
+        }
+        _ => {
+            let zone = &b[b.len() - 6..];
+            let digits = |i: usize, j: usize| -> Option<i64> {
+                let (x, y) = (zone[i], zone[j]);
+                (x.is_ascii_digit() && y.is_ascii_digit())
+                    .then(|| i64::from(x - b'0') * 10 + i64::from(y - b'0'))
+            };
+            let sign = match zone[0] {
+                b'+' => 1,
+                b'-' => -1,
+                _ => {
+                    return Err(
+                        "no time zone: end it with Z for UTC or an offset like +01:00".into(),
+                    )
+                }
+            };
+            match (digits(1, 2), zone[3], digits(4, 5)) {
+                (Some(h), b':', Some(m)) if h < 24 && m < 60 => {
+                    (&text[..text.len() - 6], sign * (h * 3600 + m * 60))
+                }
+                _ => return Err(format!("bad offset {:?}", &text[text.len() - 6..])),
+            }
+        }
+    };
+    // RFC 3339 allows a lowercase `t`, and a space for readability (its §5.6 note).
+    let mut utc = base.to_owned();
+    if matches!(utc.as_bytes().get(10), Some(b't' | b' ')) {
+        utc.replace_range(10..11, "T");
+    }
+    utc.push('Z');
+    let local = humantime::parse_rfc3339(&utc).map_err(|e| e.to_string())?;
+    let shift = Duration::from_secs(east.unsigned_abs());
+    let at = if east >= 0 {
+        local.checked_sub(shift)
+    } else {
+        local.checked_add(shift)
+    };
+    at.filter(|t| *t >= std::time::UNIX_EPOCH)
+        .ok_or_else(|| "out of range".into())
 }
 
 /// Whole seconds from `now` until `until`, rounded up, at least 1; `None` once it has passed.
@@ -111,6 +165,32 @@ mod tests {
         let t = parse_time("2026-12-01T02:00:00Z", now).unwrap();
         assert_eq!(Timestamp(t).rfc3339(), "2026-12-01T02:00:00Z");
         assert!(parse_time("tomorrow", now).is_err());
+        // An offset is honoured, with or without a fraction, and lowercase or spaced forms too.
+        for local in [
+            "2026-12-01T03:00:00+01:00",
+            "2026-12-01T03:00:00.000+01:00",
+            "2026-11-30T21:30:00-04:30",
+            "2026-12-01t02:00:00z",
+            "2026-12-01 02:00:00Z",
+            "2026-12-01T02:00:00+00:00",
+            "2026-12-01T02:00:00-00:00",
+        ] {
+            assert_eq!(parse_time(local, now), Ok(t), "{local}");
+        }
+        let half = parse_time("2026-12-01T03:00:00.5+01:00", now).unwrap();
+        assert_eq!(half, t + Duration::from_millis(500));
+        // A time without a zone would be a guess: local time or UTC?
+        for bad in [
+            "2026-12-01T02:00:00",
+            "2026-12-01T02:00:00+0100",
+            "2026-12-01T02:00:00+25:00",
+            "2026-12-01T02:00:00+01:60",
+            "2026-12-01T02:00:00 +01:00",
+            "2026-12-01T02:00:00Ω",
+            "1970-01-01T00:30:00+01:00",
+        ] {
+            assert!(parse_time(bad, now).is_err(), "{bad}");
+        }
         assert!(parse_time("+soon", now).is_err());
     }
 

@@ -68,10 +68,12 @@ async fn bad_requests_get_errors_and_the_connection_stays_usable() {
             String::from_utf8_lossy(line)
         );
     }
-    let r = parse(&c.raw(br#"{"cmd":"frobnicate"}"#).await.unwrap());
+    // The whole reply, as SPEC §5 shows it.
+    let reply: serde_json::Value =
+        serde_json::from_str(&c.raw(br#"{"cmd":"frobnicate"}"#).await.unwrap()).unwrap();
     assert_eq!(
-        r.error.unwrap().message,
-        "unknown command 'frobnicate'; known: status, on, update, off, force_open, health, reload, schedule_add, schedule_list, schedule_remove"
+        reply,
+        serde_json::json!({"ok": false, "error": {"code": "unknown_command", "message": "unknown command 'frobnicate'"}})
     );
     // Same connection, still fine; several requests in a row.
     let r = c
@@ -249,6 +251,30 @@ async fn a_broken_page_is_refused_at_start_and_at_reload() {
         pages.path().display()
     ))
     .await;
+    let on = Ctl::On {
+        message: Some("Swapping disks".into()),
+        until: None,
+        retry_after: None,
+        reason: None,
+    };
+    assert!(ctl(&proxy, on).await.ok);
+    let page = || async {
+        let req = http::Request::get(proxy.url("/"))
+            .header("accept", "text/html")
+            .body(empty())
+            .unwrap();
+        let resp = send(req).await;
+        String::from_utf8_lossy(resp.body()).into_owned()
+    };
+    // A page changed on disk is served after the reload, and not before.
+    std::fs::write(
+        pages.path().join("maintenance.html"),
+        "<p>Edited page: {{message}}</p>",
+    )
+    .unwrap();
+    assert!(!page().await.contains("Edited page"));
+    assert!(ctl(&proxy, Ctl::Reload).await.ok);
+    assert_eq!(page().await, "<p>Edited page: Swapping disks</p>");
     std::fs::write(pages.path().join("outage.html"), "<p>{{mesage}}</p>").unwrap();
     let r = ctl(&proxy, Ctl::Reload).await;
     let e = r.error.unwrap();
@@ -257,6 +283,11 @@ async fn a_broken_page_is_refused_at_start_and_at_reload() {
         e.message.contains("outage.html") && e.message.contains("mesage"),
         "{}",
         e.message
+    );
+    assert_eq!(
+        page().await,
+        "<p>Edited page: Swapping disks</p>",
+        "a refused reload keeps the pages in force"
     );
     let cfg = intermission::config::Config::parse(
         &format!(
@@ -312,14 +343,29 @@ async fn ctl_prints_for_people_or_json_and_exits_with_the_documented_codes() {
         "{human}"
     );
 
+    // SPEC §5: the socket's `state` is "the same object as `ctl status --json`".
     let out = run(&["--json", "status"]);
     assert_eq!(out.status.code(), Some(0));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["ok"], true);
-    assert_eq!(v["state"]["mode"], "maintenance");
-    assert_eq!(v["state"]["reason"], "ticket 1234");
+    assert_eq!(v["mode"], "maintenance");
+    assert_eq!(v["reason"], "ticket 1234");
+    let socket = dir.path().join("intermission.sock");
+    let mut c = intermission::control::client::Client::connect(&socket)
+        .await
+        .unwrap();
+    let line: serde_json::Value =
+        serde_json::from_str(&c.raw(br#"{"cmd":"status"}"#).await.unwrap()).unwrap();
+    assert_eq!(line["ok"], true);
+    let mut theirs = line["state"].clone();
+    let mut ours = v.clone();
+    // Health checks run on their own: their last check moves between the two asks.
+    for o in [&mut theirs, &mut ours] {
+        o["upstream"] = serde_json::Value::Null;
+        o["retry_after"] = serde_json::Value::Null;
+    }
+    assert_eq!(ours, theirs);
     let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
-    let by = v["state"]["by"].as_str().unwrap();
+    let by = v["by"].as_str().unwrap();
     assert!(by == user || by.starts_with("uid "), "by = {by}");
 
     assert_eq!(
@@ -397,6 +443,141 @@ async fn ctl_prints_for_people_or_json_and_exits_with_the_documented_codes() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3), "no proxy");
+}
+
+/// Every `ctl` command through the binary, as an operator types it: each reaches the proxy as
+/// the command it names, and a mistyped time or duration is bad usage (exit 2) before
+/// anything is sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctl_commands_do_what_they_name_and_bad_times_are_bad_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = echo_upstream().await;
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\n[maintenance]\nretry_after = \"45s\"\n",
+            up.url()
+        ),
+    );
+    let cfg = dir.path().join("config.toml");
+    let run = |args: &[&str]| {
+        let out = bin()
+            .arg("ctl")
+            .arg("-c")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .unwrap();
+        let json = serde_json::from_slice::<serde_json::Value>(&out.stdout).ok();
+        (
+            out.status.code(),
+            json,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let status = || {
+        let (code, v, err) = run(&["--json", "status"]);
+        assert_eq!(code, Some(0), "{err}");
+        v.unwrap()
+    };
+
+    for (args, flag) in [
+        (vec!["on", "--until", "tomorrow"], "--until"),
+        (vec!["on", "--until", "2026-12-01T02:00:00"], "--until"),
+        (vec!["on", "--retry-after", "soonish"], "--retry-after"),
+        (
+            vec!["schedule", "add", "--start", "+1h", "--end", "later"],
+            "--end",
+        ),
+    ] {
+        let (code, v, err) = run(&[&["--json"], &args[..]].concat());
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(flag), "{args:?}: {err}");
+        let v = v.expect("--json prints an object for bad usage too");
+        assert_eq!(v["ok"], false);
+        assert_eq!(v["error"]["code"], "bad_usage");
+    }
+    assert_eq!(status()["mode"], "normal", "nothing was sent");
+
+    // An offset is honoured: two hours from now written at +01:00 is one hour later on the
+    // clock face than in UTC.
+    let at = std::time::SystemTime::now() + Duration::from_secs(7200);
+    let utc = humantime::format_rfc3339_seconds(at).to_string();
+    let local = humantime::format_rfc3339_seconds(at + Duration::from_secs(3600))
+        .to_string()
+        .replace('Z', "+01:00");
+    let (code, _, err) = run(&["on", "--until", &local]);
+    assert_eq!(code, Some(0), "{err}");
+    let v = status();
+    assert_eq!(v["mode"], "maintenance");
+    assert_eq!(v["until"], utc.as_str(), "{local}");
+    let (code, _, err) = run(&["on", "--retry-after", "10m"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(status()["until"], utc.as_str(), "on again keeps until");
+    assert_eq!(run(&["off"]).0, Some(0));
+    let (code, _, err) = run(&["on", "--retry-after", "10m"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(status()["retry_after"], 600);
+    assert_eq!(run(&["off"]).0, Some(0));
+    assert_eq!(status()["mode"], "normal");
+
+    assert_eq!(status()["force_open"], false);
+    assert_eq!(run(&["force-open", "on"]).0, Some(0));
+    assert_eq!(status()["force_open"], true);
+    assert_eq!(run(&["force-open", "off"]).0, Some(0));
+    assert_eq!(status()["force_open"], false);
+
+    let (code, v, err) = run(&[
+        "--json",
+        "schedule",
+        "add",
+        "--start",
+        "+1h",
+        "--end",
+        "+2h",
+        "--message",
+        "Window",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(v.unwrap()["ok"], true);
+    let (code, v, _) = run(&["--json", "schedule", "list"]);
+    assert_eq!(code, Some(0));
+    let list = v.unwrap()["schedules"].clone();
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(list[0]["message"], "Window");
+    assert_eq!(status()["schedules"], list, "status lists the schedules");
+    let id = list[0]["id"].to_string();
+    let (code, human, _) = {
+        let out = bin()
+            .arg("ctl")
+            .arg("-c")
+            .arg(&cfg)
+            .args(["schedule", "list"])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            (),
+        )
+    };
+    assert_eq!(code, Some(0));
+    assert!(
+        human.contains(&format!("window {id} ")) && human.contains("\"Window\""),
+        "{human}"
+    );
+    assert_eq!(run(&["schedule", "remove", &id]).0, Some(0));
+    let (code, v, _) = run(&["--json", "schedule", "remove", &id]);
+    assert_eq!(code, Some(1), "a second remove is refused");
+    assert_eq!(v.unwrap()["error"]["code"], "not_found");
+    assert_eq!(status()["schedules"], serde_json::json!([]));
+
+    drop(proxy);
+    let (code, v, _) = run(&["--json", "status"]);
+    assert_eq!(code, Some(3), "no proxy");
+    let v = v.expect("--json prints an object when no proxy answers");
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["error"]["code"], "no_proxy");
 }
 
 #[tokio::test(flavor = "multi_thread")]

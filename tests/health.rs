@@ -71,6 +71,47 @@ async fn outage_by_itself_and_recovery_by_itself() {
     assert_eq!(get(&proxy.url("/")).await.body(), "app");
 }
 
+/// `health.kind = "tcp"` connects only: a server answering 500 to everything is up, one that
+/// refuses connections is down, and back up when it listens again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tcp_check_follows_whether_the_server_accepts_connections() {
+    let up = upstream(|_req: Request<Incoming>| async {
+        Response::builder()
+            .status(500)
+            .body(full("broken"))
+            .unwrap()
+    })
+    .await;
+    let proxy = proxy_for(&[&up], &format!("{FAST}kind = \"tcp\"\n")).await;
+    // Several checks have passed (an HTTP check would have failed each: 500 is not 200-399).
+    let mut passed = 0;
+    for _ in 0..250 {
+        let h = &ctl(&proxy, Ctl::Health).await.health.unwrap()[0];
+        if h.healthy == Some(true) {
+            passed = h.consecutive;
+        }
+        if passed >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        passed >= 3,
+        "the tcp check did not pass three times in a row"
+    );
+    let resp = get(&proxy.url("/")).await;
+    assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(resp.body(), "broken");
+
+    up.stop();
+    wait_mode(&proxy, "outage", Duration::from_secs(10)).await;
+    assert!(is_outage(&get(&proxy.url("/")).await));
+    assert_eq!(wait_health(&proxy, Some(false)).await, Some(false));
+    up.restart().await;
+    wait_mode(&proxy, "normal", Duration::from_secs(10)).await;
+    assert_eq!(get(&proxy.url("/")).await.body(), "broken");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_health_endpoint_is_down_and_force_open_forwards_anyway() {
     let up = upstream(|req: Request<Incoming>| async move {

@@ -70,6 +70,27 @@ fn a_missing_named_config_is_an_error_and_a_missing_default_is_not() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope.toml"));
+    // `run` too refuses to start on defaults when the file it was told to use is missing.
+    let mut child = bin()
+        .args(["run", "-c", "nope.toml"])
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    let mut status = None;
+    while status.is_none() && std::time::Instant::now() < end {
+        status = child.try_wait().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        status.map(|s| s.code()),
+        Some(Some(1)),
+        "run did not refuse"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.toml"));
     let out = bin()
         .args(["check"])
         .current_dir(dir.path())
@@ -121,6 +142,61 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     assert_eq!(status.0.map(|s| s.code()), Some(Some(0)), "did not exit 0");
     // New connections are no longer accepted.
     assert!(tokio::net::TcpStream::connect(status.1.addr).await.is_err());
+}
+
+/// SPEC §6 for SIGINT, and `shutdown_timeout` as the drain's limit: a request that outlives
+/// it does not keep the process from exiting 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigint_drains_for_at_most_shutdown_timeout_then_exits_0() {
+    let arrived = Arc::new(AtomicBool::new(false));
+    let seen = arrived.clone();
+    let up = upstream(move |_req: Request<Incoming>| {
+        let seen = seen.clone();
+        async move {
+            seen.store(true, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Response::new(full("never"))
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\nresponse_timeout = \"1h\"\n[proxy]\nshutdown_timeout = \"1s\"\n",
+            up.url()
+        ),
+    );
+    let addr = proxy.addr;
+    let stuck = tokio::spawn(async move {
+        raw_exchange(
+            addr,
+            b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\n",
+            Duration::from_secs(30),
+        )
+        .await
+    });
+    assert!(wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)).await);
+    let signalled = std::time::Instant::now();
+    proxy.signal("INT");
+    let (status, waited) = tokio::task::spawn_blocking(move || {
+        let s = proxy.wait_exit(Duration::from_secs(20));
+        (s, signalled.elapsed())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        status.map(|s| s.code()),
+        Some(Some(0)),
+        "did not exit 0 after SIGINT"
+    );
+    assert!(
+        waited >= Duration::from_millis(900),
+        "exited after {waited:?}, before shutdown_timeout let the request finish"
+    );
+    // The client is let go when the process ends, not left hanging for its own timeout.
+    let got = tokio::time::timeout(Duration::from_secs(10), stuck).await;
+    assert!(got.is_ok(), "the in-flight client was left hanging");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -276,6 +352,26 @@ fn check_refuses_a_broken_page_template() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("outage.html"), "{err}");
+
+    // A certificate that does not parse is listed beside the template, not after a fix of it.
+    std::fs::write(dir.path().join("site.pem"), "not a certificate\n").unwrap();
+    std::fs::write(dir.path().join("site.key"), "not a key\n").unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[tls]\nlisten = [\"127.0.0.1:0\"]\n[[tls.certificates]]\ncert = \"site.pem\"\nkey = \"site.key\"\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["check", "-c"])
+        .arg(dir.path().join("config.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("(2 problems)") && err.contains("outage.html") && err.contains("  - tls: "),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

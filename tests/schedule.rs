@@ -35,6 +35,11 @@ async fn a_window_switches_maintenance_on_and_off_by_itself() {
     let status = ctl(&proxy, Ctl::Status).await.state.unwrap();
     assert_eq!(status.mode.as_str(), "normal");
     let next = status.next_window.expect("the next window is shown");
+    assert_eq!(
+        status.schedules,
+        vec![next.clone()],
+        "status lists the schedules"
+    );
     assert_eq!(next.message.as_deref(), Some("Scheduled database upgrade"));
     let public: serde_json::Value = json(&get(&proxy.url("/_intermission/status")).await);
     assert_eq!(

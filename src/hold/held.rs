@@ -534,6 +534,34 @@ mod tests {
         }
     }
 
+    /// SPEC §1: once the announced end passes, `Retry-After` falls back to the configured
+    /// value: the operator's `--retry-after` when given, else `maintenance.retry_after`.
+    #[test]
+    fn an_overrun_falls_back_to_the_operators_retry_after_else_the_configs() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::parse(
+            "[maintenance]\nretry_after = \"45s\"\n",
+            dir.path(),
+            None,
+        )
+        .unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let later = t0 + std::time::Duration::from_secs(61);
+        for (given, after) in [(Some(600), 600), (None, 45)] {
+            let on = crate::state::mode::Change::On {
+                message: None,
+                until: Some(t0 + std::time::Duration::from_secs(60)),
+                retry_after: given.map(std::time::Duration::from_secs),
+                reason: None,
+                by: "op".into(),
+            };
+            let state = Persisted::default().apply(on, t0, true).unwrap();
+            let view = View::new(Mode::Maintenance, &state, &config.maintenance, None, t0);
+            assert_eq!(view.retry_after(t0), 60, "counts down to `until`");
+            assert_eq!(view.retry_after(later), after, "--retry-after {given:?}");
+        }
+    }
+
     #[test]
     fn the_encoded_answers_are_the_answers_encoded() {
         let pages = pages(&["en", "fr"]);

@@ -618,6 +618,7 @@ impl Controller {
                 .as_ref()
                 .map(|p| p.display().to_string()),
             next_window: self.state.next_window(now).cloned(),
+            schedules: self.state.schedules.clone(),
         }
     }
 }
