@@ -336,6 +336,69 @@ async fn webhooks_follow_every_change_in_order_and_are_signed() {
         .is_none());
 }
 
+/// SPEC §2: webhooks are called on every change of message, and a reload changes the message
+/// of a maintenance switched on without one (SPEC §3).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_changes_the_message_shown_is_notified() {
+    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[maintenance]\nmessage = \"First words\"\n\
+         [[notify]]\nurl = \"{}\"\n",
+        app.url(),
+        hook.url
+    ))
+    .await;
+    let on = Ctl::On {
+        message: None,
+        until: None,
+        retry_after: None,
+        reason: None,
+    };
+    assert!(ctl(&proxy, on).await.ok);
+    assert_eq!(wait_events(&hook, 1).await[0]["message"], "First words");
+    let path = proxy.dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    // A reload that leaves the message as it is says nothing.
+    assert!(ctl(&proxy, Ctl::Reload).await.ok);
+    std::fs::write(&path, text.replace("First words", "Second words")).unwrap();
+    assert!(ctl(&proxy, Ctl::Reload).await.ok);
+    let got = wait_events(&hook, 2).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[1]["event"], "message_updated");
+    assert_eq!(got[1]["mode"], "maintenance");
+    assert_eq!(got[1]["message"], "Second words");
+    // An operator's own message is not the config's to change: nothing to tell.
+    assert!(
+        ctl(
+            &proxy,
+            Ctl::Update {
+                message: "Ours".into()
+            }
+        )
+        .await
+        .ok
+    );
+    std::fs::write(&path, text.replace("First words", "Third words")).unwrap();
+    assert!(ctl(&proxy, Ctl::Reload).await.ok);
+    assert!(ctl(&proxy, Ctl::Off).await.ok);
+    let kinds: Vec<_> = wait_events(&hook, 4)
+        .await
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "mode_changed",
+            "message_updated",
+            "message_updated",
+            "mode_changed"
+        ],
+        "the update and the off, nothing for the last reload"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_webhook_slows_nothing_down() {
     let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;

@@ -495,12 +495,19 @@ impl Controller {
             );
         }
         config.control = old.control.clone();
+        if config.log.format != old.log.format || config.log.level != old.log.level {
+            // The log's subscriber is set once per process; `log.access_log` does reload.
+            tracing::warn!("log.format / log.level changed; they take effect at the next restart");
+            config.log.format = old.log.format;
+            config.log.level = old.log.level.clone();
+        }
         if config.proxy.threads != old.proxy.threads {
             tracing::warn!("proxy.threads changed; it takes effect at the next restart");
             config.proxy.threads = old.proxy.threads;
         }
         let restart =
             config.upstream.servers != old.upstream.servers || config.health != old.health;
+        let message_before = self.shown_message();
         let moved = config.proxy.listen != old.proxy.listen || config.tls.listen != old.tls.listen;
         // Everything that can fail is built before anything changes.
         let notify_targets = config.notify.clone();
@@ -533,9 +540,20 @@ impl Controller {
         }
         tracing::info!(file = ?self.parts.config.source, "config and pages reloaded");
         let (before, after) = self.settle(self.clock.now(), "config reloaded").await;
-        if !self.window_events(before) && before != after {
+        if self.window_events(before) {
+            // The window's own event says it.
+        } else if before != after {
             self.notify(
                 EventKind::ModeChanged,
+                before,
+                None,
+                Some("config reloaded".into()),
+            );
+        } else if after != Mode::Normal && self.shown_message() != message_before {
+            // SPEC §2: webhooks hear of every change of message, and a reload changes the
+            // one shown when no operator or window gave one (SPEC §3).
+            self.notify(
+                EventKind::MessageUpdated,
                 before,
                 None,
                 Some("config reloaded".into()),
