@@ -4,8 +4,8 @@ use crate::{CtlCommand, ScheduleCommand};
 use intermission::config;
 use intermission::control::client;
 use intermission::control::protocol::{ErrorBody, Request, Response, ServerHealth, StatusView};
+use intermission::state::controller::to_change;
 use intermission::state::mode::Window;
-use intermission::time::parse_time;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
@@ -21,11 +21,7 @@ pub fn run(
     let fail = |exit: u8, code: &str, message: String| {
         eprintln!("intermission ctl: {message}");
         if json {
-            let error = ErrorBody::new(code, message);
-            println!(
-                "{}",
-                serde_json::to_string(&Response::error(error)).unwrap_or_default()
-            );
+            print_failure(code, &message);
         }
         ExitCode::from(exit)
     };
@@ -45,7 +41,7 @@ pub fn run(
         .build()
     {
         Ok(r) => r,
-        Err(e) => return fail(1, "internal", format!("cannot start: {e}")),
+        Err(e) => return fail(3, "no_answer", format!("cannot start: {e}")),
     };
     let answer = runtime.block_on(async {
         tokio::time::timeout(ANSWER_TIMEOUT, client::request(&socket, &req)).await
@@ -86,34 +82,25 @@ pub fn run(
     }
 }
 
-/// Times and durations are checked here, so that a mistyped one is bad usage (exit 2) as
-/// SPEC §1 says, not a refusal. They are still sent as typed: a relative `+45m` is resolved
-/// by the proxy, against its clock.
+/// Times and durations are checked here, by the proxy's own reading of a change, so that a
+/// mistyped one is bad usage (exit 2) as SPEC §1 says, not a refusal. They are still sent as
+/// typed: a relative `+45m` is resolved by the proxy, against its clock.
 fn check_times(req: &Request) -> Result<(), String> {
-    let now = SystemTime::now();
-    let time = |flag: &str, t: &str| {
-        parse_time(t, now)
-            .map(drop)
-            .map_err(|e| format!("{flag}: {e}"))
-    };
-    match req {
-        Request::On {
-            until, retry_after, ..
-        } => {
-            if let Some(u) = until {
-                time("--until", u)?;
-            }
-            if let Some(r) = retry_after {
-                config::parse_duration(r).map_err(|e| format!("--retry-after: {e}"))?;
-            }
-            Ok(())
-        }
-        Request::ScheduleAdd { start, end, .. } => {
-            time("--start", start)?;
-            time("--end", end)
-        }
-        _ => Ok(()),
+    if !matches!(req, Request::On { .. } | Request::ScheduleAdd { .. }) {
+        return Ok(());
     }
+    to_change(req.clone(), String::new(), SystemTime::now())
+        .map(drop)
+        .map_err(|e| e.message)
+}
+
+/// A failure before the proxy answered, as `--json` prints it: the shape of a refusal.
+pub fn print_failure(code: &str, message: &str) {
+    let error = ErrorBody::new(code, message);
+    println!(
+        "{}",
+        serde_json::to_string(&Response::error(error)).unwrap_or_default()
+    );
 }
 
 /// A stuck proxy must not hang an operator's terminal mid-incident.

@@ -114,7 +114,22 @@ enum ScheduleCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // `ctl --json` promises one object on stdout, a mistyped command line included.
+            let args: Vec<String> = std::env::args().collect();
+            if e.use_stderr()
+                && args.iter().any(|a| a == "ctl")
+                && args.iter().any(|a| a == "--json")
+            {
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or_default();
+                ctl::print_failure("bad_usage", first.trim_start_matches("error: "));
+            }
+            e.exit()
+        }
+    };
     match cli.command {
         Command::Run { config } => match run(config) {
             Ok(()) => ExitCode::SUCCESS,
@@ -159,7 +174,8 @@ fn check(path: Option<PathBuf>) -> ExitCode {
         |p| p.display().to_string(),
     );
     // The pages and certificates are part of a valid config: what would be refused at start
-    // and at reload is said now, every such problem at once.
+    // and at reload is said now, all of them at once. They are read only once the keys are
+    // valid, since the keys name them.
     let pages = Pages::load(&c.maintenance.pages).map_err(|e| format!("maintenance.pages: {e}"));
     let server = intermission::tls::server_config(&c.tls).map_err(|e| format!("tls: {e}"));
     let client =

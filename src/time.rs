@@ -116,6 +116,15 @@ pub fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
             }
         }
     };
+    // humantime's reading of a fraction lets a dot with no digits, or junk before `Z`, pass.
+    if let Some(fraction) = base.get(19..) {
+        let digits = fraction.strip_prefix('.').unwrap_or("x");
+        if !fraction.is_empty()
+            && (digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_digit()))
+        {
+            return Err(format!("bad fraction of a second {fraction:?}"));
+        }
+    }
     // RFC 3339 allows a lowercase `t`, and a space for readability (its §5.6 note).
     let mut utc = base.to_owned();
     if matches!(utc.as_bytes().get(10), Some(b't' | b' ')) {
@@ -129,7 +138,10 @@ pub fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
     } else {
         local.checked_add(shift)
     };
-    at.filter(|t| *t >= std::time::UNIX_EPOCH)
+    // Up to the last second RFC 3339 can write (9999-12-31T23:59:59Z): an offset could move a
+    // time past it, which `Timestamp` could then not format.
+    let last = std::time::UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+    at.filter(|t| (std::time::UNIX_EPOCH..=last).contains(t))
         .ok_or_else(|| "out of range".into())
 }
 
@@ -188,6 +200,10 @@ mod tests {
             "2026-12-01T02:00:00 +01:00",
             "2026-12-01T02:00:00Ω",
             "1970-01-01T00:30:00+01:00",
+            "9999-12-31T23:00:00-05:00",
+            "2026-12-01T02:00:00.Z",
+            "2026-12-01T02:00:00.+00:0Z",
+            "2026-12-01T02:00:00x5Z",
         ] {
             assert!(parse_time(bad, now).is_err(), "{bad}");
         }

@@ -482,13 +482,15 @@ async fn ctl_commands_do_what_they_name_and_bad_times_are_bad_usage() {
     };
 
     for (args, flag) in [
-        (vec!["on", "--until", "tomorrow"], "--until"),
-        (vec!["on", "--until", "2026-12-01T02:00:00"], "--until"),
-        (vec!["on", "--retry-after", "soonish"], "--retry-after"),
+        (vec!["on", "--until", "tomorrow"], "until"),
+        (vec!["on", "--until", "2026-12-01T02:00:00"], "no time zone"),
+        (vec!["on", "--retry-after", "soonish"], "retry_after"),
         (
             vec!["schedule", "add", "--start", "+1h", "--end", "later"],
-            "--end",
+            "end",
         ),
+        (vec!["force-open", "maybe"], "maybe"),
+        (vec!["schedule", "remove", "first"], "first"),
     ] {
         let (code, v, err) = run(&[&["--json"], &args[..]].concat());
         assert_eq!(code, Some(2), "{args:?}: {err}");

@@ -194,6 +194,10 @@ async fn sigint_drains_for_at_most_shutdown_timeout_then_exits_0() {
         waited >= Duration::from_millis(900),
         "exited after {waited:?}, before shutdown_timeout let the request finish"
     );
+    assert!(
+        waited < Duration::from_secs(10),
+        "exited after {waited:?}: the drain outlived shutdown_timeout"
+    );
     // The client is let go when the process ends, not left hanging for its own timeout.
     let got = tokio::time::timeout(Duration::from_secs(10), stuck).await;
     assert!(got.is_ok(), "the in-flight client was left hanging");

@@ -641,7 +641,9 @@ impl Controller {
     }
 }
 
-fn to_change(req: Request, by: String, now: SystemTime) -> Result<Change, ErrorBody> {
+/// The change a request asks for, its times and durations read against `now`; `ctl` calls it
+/// too, so that a value the proxy would refuse is bad usage before anything is sent.
+pub fn to_change(req: Request, by: String, now: SystemTime) -> Result<Change, ErrorBody> {
     let bad = |m: String| ErrorBody::new("bad_request", m);
     Ok(match req {
         Request::On {
