@@ -10,6 +10,11 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// What a body's frame can fail with: a peer's error (hyper's), or a server that let its
+/// response body stall past `upstream.read_timeout`.
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
 pub enum Body {
     Empty,
@@ -25,6 +30,8 @@ pub enum Body {
     /// A streamed request body that says when it has been sent whole, so that the wait for
     /// the response head starts then (an upload's own time is not the upstream's delay).
     Watched(Incoming, Option<Sent>),
+    /// A server's response body that fails when it stalls longer than its limit.
+    Timed(Box<Timed>),
 }
 
 impl Body {
@@ -81,6 +88,30 @@ impl Body {
         }
     }
 
+    /// `inner`, failing when no frame comes for `limit` (`upstream.read_timeout`, nginx's
+    /// `proxy_read_timeout`): a server that stops mid-body would otherwise hold the client's
+    /// connection and its own until the client gives up.
+    pub fn timed(inner: Body, limit: Option<Duration>) -> Body {
+        match limit {
+            Some(limit) if !inner.is_end_stream() => Body::Timed(Box::new(Timed {
+                inner,
+                limit,
+                sleep: None,
+                armed: false,
+            })),
+            _ => inner,
+        }
+    }
+
+    /// Whether the body, read whole, gives its connection back to a pool (`Lent`).
+    pub fn is_lent(&self) -> bool {
+        match self {
+            Body::Lent(..) => true,
+            Body::Timed(t) => t.inner.is_lent(),
+            _ => false,
+        }
+    }
+
     pub fn counted(inner: Body, on_done: Box<dyn FnOnce(u64) + Send + Sync>) -> Body {
         Body::Counted(Box::new(Counted {
             inner,
@@ -108,6 +139,49 @@ impl SentSignal {
     }
 }
 
+pub struct Timed {
+    inner: Body,
+    limit: Duration,
+    /// Made at the first wait, so a body that never waits costs no timer.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether `sleep` is set for the current wait: it is set again only after a frame came.
+    armed: bool,
+}
+
+/// The error of a body that stalled.
+#[derive(Debug, thiserror::Error)]
+#[error("the response body stalled for {0:?} (upstream.read_timeout)")]
+pub struct Stalled(pub Duration);
+
+impl Timed {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if polled.is_ready() {
+            self.armed = false;
+            return polled;
+        }
+        let deadline = tokio::time::Instant::now() + self.limit;
+        let sleep = match &mut self.sleep {
+            Some(sleep) if self.armed => sleep,
+            Some(sleep) => {
+                sleep.as_mut().reset(deadline);
+                sleep
+            }
+            None => self
+                .sleep
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.armed = true;
+        match std::future::Future::poll(sleep.as_mut(), cx) {
+            Poll::Ready(()) => {
+                tracing::warn!("{}; the answer is cut short", Stalled(self.limit));
+                Poll::Ready(Some(Err(Stalled(self.limit).into())))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
 pub struct Counted {
     inner: Body,
     bytes: u64,
@@ -124,16 +198,16 @@ impl Drop for Counted {
 
 impl HttpBody for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         match self.get_mut() {
             Body::Empty => Poll::Ready(None),
             Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Body::Stream(incoming) => Pin::new(incoming).poll_frame(cx),
+            Body::Stream(incoming) => Pin::new(incoming).poll_frame(cx).map_err(Into::into),
             Body::Watched(incoming, done) => {
                 let polled = Pin::new(&mut *incoming).poll_frame(cx);
                 if finished(&polled, incoming) {
@@ -142,7 +216,7 @@ impl HttpBody for Body {
                         let _ = sent.tx.send(());
                     }
                 }
-                polled
+                polled.map_err(Into::into)
             }
             Body::Lent(incoming, checkin) => {
                 let polled = Pin::new(&mut *incoming).poll_frame(cx);
@@ -151,7 +225,7 @@ impl HttpBody for Body {
                         checkin.give_back();
                     }
                 }
-                polled
+                polled.map_err(Into::into)
             }
             Body::Counted(c) => {
                 let polled = Pin::new(&mut c.inner).poll_frame(cx);
@@ -162,6 +236,7 @@ impl HttpBody for Body {
                 }
                 polled
             }
+            Body::Timed(t) => t.poll_frame(cx),
         }
     }
 
@@ -173,6 +248,7 @@ impl HttpBody for Body {
                 incoming.is_end_stream()
             }
             Body::Counted(c) => c.inner.is_end_stream(),
+            Body::Timed(t) => t.inner.is_end_stream(),
         }
     }
 
@@ -184,6 +260,7 @@ impl HttpBody for Body {
                 incoming.size_hint()
             }
             Body::Counted(c) => c.inner.size_hint(),
+            Body::Timed(t) => t.inner.size_hint(),
         }
     }
 }

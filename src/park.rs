@@ -146,12 +146,12 @@ pub struct TrackedBody {
 
 impl HttpBody for TrackedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = crate::body::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         Pin::new(&mut self.get_mut().body).poll_frame(cx)
     }
 

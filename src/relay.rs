@@ -798,7 +798,7 @@ async fn answer<C: Client>(
         let name = || pool.servers[server].to_string();
         respond_by.as_mut().reset(sent + timeout);
         let attempt = fetch(bufs, pool, server);
-        let fetched = wait(sock, &mut watch, Some(respond_by.as_mut()), attempt).await;
+        let fetched = wait(sock, &mut watch, Deadline::At(respond_by.as_mut()), attempt).await;
         let error = match fetched {
             Waited::Gone => return Next::Broken,
             Waited::Done(Ok((up, answer))) => {
@@ -856,16 +856,38 @@ enum Waited<T> {
     Gone,
 }
 
-/// Waits for `work`, until `by` when there is one, and with `watch` for the client closing its
+/// How long `wait` waits.
+enum Deadline<'a> {
+    None,
+    /// Until the sleep's instant, already set: the answer's `response_timeout`.
+    At(Pin<&'a mut Sleep>),
+    /// This long from when the work is first found waiting (`upstream.read_timeout`): the
+    /// sleep is set only then, so a read that finds its bytes already there costs neither a
+    /// clock reading nor a timer.
+    Idle(Pin<&'a mut Sleep>, Duration),
+}
+
+impl<'a> Deadline<'a> {
+    /// `upstream.read_timeout` on `by`, or no limit when it is off.
+    fn idle(by: Pin<&'a mut Sleep>, snap: &Snapshot) -> Deadline<'a> {
+        match snap.config.upstream.read_timeout {
+            Some(limit) => Deadline::Idle(by, limit),
+            None => Deadline::None,
+        }
+    }
+}
+
+/// Waits for `work`, until its deadline, and with `watch` for the client closing its
 /// connection. A pipelined request that arrives meanwhile is left to be read after this
 /// answer, and ends the watch.
 async fn wait<C: Client, F: Future>(
     sock: &mut C,
     watch: &mut bool,
-    mut by: Option<Pin<&mut Sleep>>,
+    mut by: Deadline<'_>,
     work: F,
 ) -> Waited<F::Output> {
     tokio::pin!(work);
+    let mut armed = false;
     // Polled, not awaited through `peek()`, whose future would queue a waiter (under the
     // socket's lock) for every request; this takes the read side's waker slot, unused while
     // an answer is on its way.
@@ -880,10 +902,18 @@ async fn wait<C: Client, F: Future>(
                 Poll::Pending => {}
             }
         }
-        match by.as_mut() {
-            Some(by) => by.as_mut().poll(cx).map(|()| Waited::Late),
-            None => Poll::Pending,
-        }
+        let sleep = match &mut by {
+            Deadline::None => return Poll::Pending,
+            Deadline::At(sleep) => sleep,
+            Deadline::Idle(sleep, limit) => {
+                if !armed {
+                    sleep.as_mut().reset(tokio::time::Instant::now() + *limit);
+                    armed = true;
+                }
+                sleep
+            }
+        };
+        sleep.as_mut().poll(cx).map(|()| Waited::Late)
     })
     .await
 }
@@ -1273,11 +1303,14 @@ async fn respond<C: Client>(
                     }
                 }
                 at = 0;
-                // Only a held answer has a deadline, so only it can be `Late`.
-                let deadline = hold.then_some(by.as_mut());
+                let deadline = match hold {
+                    true => Deadline::At(by.as_mut()),
+                    false => Deadline::idle(by.as_mut(), snap),
+                };
                 let read = match wait(sock, &mut watch, deadline, next_piece(&mut up, buf)).await {
                     Waited::Done(read) => read,
                     Waited::Gone => Err(ErrorKind::ConnectionAborted.into()),
+                    Waited::Late if !hold => Err(stalled(snap, to.server)),
                     Waited::Late => {
                         // `next_piece` stopped before reading anything: the body has come
                         // no further than `out` holds, which the next turn writes.
@@ -1315,7 +1348,8 @@ async fn respond<C: Client>(
                     break at + n == buf.len();
                 }
                 at = 0;
-                match piece(sock, &mut watch, &mut up, buf).await {
+                let limit = Deadline::idle(by.as_mut(), snap);
+                match piece(sock, &mut watch, &mut up, buf, limit, snap, to.server).await {
                     Ok(0) | Err(_) => return Next::Broken,
                     Ok(_) => {}
                 }
@@ -1335,7 +1369,8 @@ async fn respond<C: Client>(
             }
             out.clear();
             at = 0;
-            match piece(sock, &mut watch, &mut up, buf).await {
+            let limit = Deadline::idle(by.as_mut(), snap);
+            match piece(sock, &mut watch, &mut up, buf, limit, snap, to.server).await {
                 Ok(0) => {
                     if !put(sock, b"0\r\n\r\n").await {
                         return Next::Broken;
@@ -1355,17 +1390,35 @@ async fn respond<C: Client>(
 
 /// `next_piece`, given up (an error) when the client closes its connection meanwhile: a body
 /// that stalls is not waited for once nobody wants it, as hyper's server stops reading it
-/// when it reads the client's end mid-message.
+/// when it reads the client's end mid-message; nor past `by` (`upstream.read_timeout`), said
+/// in the log with the `server`.
 async fn piece<C: Client>(
     sock: &mut C,
     watch: &mut bool,
     up: &mut TcpStream,
     buf: &mut Vec<u8>,
+    by: Deadline<'_>,
+    snap: &Snapshot,
+    server: usize,
 ) -> std::io::Result<usize> {
-    match wait(sock, watch, None, next_piece(up, buf)).await {
+    match wait(sock, watch, by, next_piece(up, buf)).await {
         Waited::Done(read) => read,
-        Waited::Gone | Waited::Late => Err(ErrorKind::ConnectionAborted.into()),
+        Waited::Gone => Err(ErrorKind::ConnectionAborted.into()),
+        Waited::Late => Err(stalled(snap, server)),
     }
+}
+
+/// Says why an answer is cut short when the server let its body stall past
+/// `upstream.read_timeout` (nginx's `proxy_read_timeout`): the client then sees its
+/// connection closed mid-answer, which only the server's silence explains.
+fn stalled(snap: &Snapshot, server: usize) -> std::io::Error {
+    if let Some(limit) = snap.config.upstream.read_timeout {
+        tracing::warn!(
+            server = %snap.pool.servers[server],
+            "the response body stalled for {limit:?} (upstream.read_timeout); the answer is cut short"
+        );
+    }
+    ErrorKind::TimedOut.into()
 }
 
 /// Reads the next piece of a body into `buf`, emptied first. A read that filled the buffer

@@ -30,8 +30,8 @@ struct Scripted {
     release: Arc<tokio::sync::Notify>,
     /// Notified when `/split` has sent its head, and `/stall-small` its first piece.
     sent: Arc<tokio::sync::Notify>,
-    /// `/hang` never answers, `/stall` and `/stall-small` send part of their body; this
-    /// counts the connections of any that the proxy closed.
+    /// `/hang` never answers, `/stall…` send part of their body; this counts the connections
+    /// of any that the proxy closed.
     hung_up: Arc<AtomicUsize>,
 }
 
@@ -159,10 +159,13 @@ async fn scripted() -> Scripted {
                         answer = &answer[..end];
                     }
                     close_next = path == "/once";
-                    if path == "/stall" || path == "/stall-small" {
-                        // Too long to be held whole by the relay, or short enough.
+                    if path.starts_with("/stall") {
+                        // Too long to be held whole by the relay, or short enough; chunked;
+                        // until the server closes.
                         let head: &[u8] = match path.as_str() {
                             "/stall" => b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\nfirst",
+                            "/stall-chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n",
+                            "/stall-close" => b"HTTP/1.1 200 OK\r\n\r\nfirst",
                             _ => b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst",
                         };
                         if sock.write_all(head).await.is_ok() {
@@ -174,6 +177,20 @@ async fn scripted() -> Scripted {
                             hangs.fetch_add(1, Ordering::SeqCst);
                         }
                         return;
+                    }
+                    if path == "/drip" {
+                        // 20,000 bytes (too many to be held whole) in four pieces 400 ms apart.
+                        let head = b"HTTP/1.1 200 OK\r\nX-Upstream-Case: Kept\r\nContent-Length: 20000\r\n\r\n";
+                        if sock.write_all(head).await.is_err() {
+                            return;
+                        }
+                        for _ in 0..4 {
+                            tokio::time::sleep(Duration::from_millis(400)).await;
+                            if sock.write_all(&[b'd'; 5000]).await.is_err() {
+                                return;
+                            }
+                        }
+                        continue;
                     }
                     if path == "/hang" {
                         let mut rest = Vec::new();
@@ -1166,6 +1183,69 @@ async fn a_body_whose_client_leaves_is_given_up_as_on_hyper_s_path() {
             assert!(
                 wait_until(Duration::from_secs(10), gave_up).await,
                 "{path}, hyper's path: {hyper}"
+            );
+        }
+    }
+}
+
+/// `upstream.read_timeout`, on both paths: a body that stalls longer is cut short (what came
+/// of it written, then the client's connection and the server's closed), whatever its
+/// framing; a body that keeps coming is not, however long it takes in all.
+#[tokio::test]
+async fn a_body_that_stalls_past_read_timeout_is_cut_short_on_both_paths() {
+    let up = scripted().await;
+    for hyper in [false, true] {
+        let config = config(&up, hyper).replace(
+            "[health]",
+            "read_timeout = \"1s\"\nresponse_timeout = \"2s\"\n[health]",
+        );
+        let proxy = spawn_proxy(&config).await;
+        let mut client = Client::connect(proxy.addr).await;
+        let a = client.get("/drip").await;
+        assert_eq!(a.body, vec![b'd'; 20000], "hyper's path: {hyper}");
+        assert_eq!(
+            client.get("/length").await.body,
+            b"hello",
+            "the connection goes on"
+        );
+
+        for path in ["/stall", "/stall-chunked", "/stall-close", "/stall-small"] {
+            let before = up.hung_up.load(Ordering::SeqCst);
+            let mut client = Client::connect(proxy.addr).await;
+            client
+                .send(&format!(
+                    "GET {path} HTTP/1.1\r\nHost: shop.example\r\n\r\n"
+                ))
+                .await;
+            // A small answer is held for its body up to response_timeout, then written.
+            client.fill_until(b"first").await;
+            let got_first = std::time::Instant::now();
+            let mut chunk = [0u8; 1024];
+            let end = tokio::time::timeout(Duration::from_secs(15), async {
+                loop {
+                    match client.sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => client.buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            })
+            .await;
+            let waited = got_first.elapsed();
+            assert!(end.is_ok(), "{path}, hyper's path {hyper}: never cut short");
+            assert!(
+                waited >= Duration::from_millis(900),
+                "{path}, hyper's path {hyper}: cut after {waited:?}"
+            );
+            // Cut short, not ended as if whole: no last chunk for the chunked forms.
+            assert!(
+                !client.buf.ends_with(b"0\r\n\r\n"),
+                "{path}, hyper's path {hyper}: {:?}",
+                String::from_utf8_lossy(&client.buf)
+            );
+            let gave_up = || up.hung_up.load(Ordering::SeqCst) > before;
+            assert!(
+                wait_until(Duration::from_secs(10), gave_up).await,
+                "{path}, hyper's path {hyper}: the server's connection was kept"
             );
         }
     }

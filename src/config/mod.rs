@@ -153,6 +153,9 @@ pub struct UpstreamConfig {
     pub servers: Vec<Upstream>,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    /// The longest wait for more of a response body once its head has come; `None` (`"0"`)
+    /// waits as long as the server likes.
+    pub read_timeout: Option<Duration>,
     pub idle_timeout: Duration,
     /// Upstream answers with these statuses become the outage holding response.
     pub intercept_statuses: Vec<u16>,
@@ -399,6 +402,14 @@ impl Validator {
         }
     }
 
+    /// A duration where `"0"` means no limit at all.
+    fn duration_or_off(&mut self, key: &str, text: &DurationText) -> Option<Duration> {
+        match parse_duration(&text.0) {
+            Ok(d) if d.is_zero() => None,
+            _ => Some(self.duration(key, text)),
+        }
+    }
+
     fn proxy(&mut self, f: file::ProxyFile) -> ProxyConfig {
         let listen = self.addrs(
             "proxy.listen",
@@ -508,6 +519,7 @@ impl Validator {
             servers,
             connect_timeout: self.duration("upstream.connect_timeout", &f.connect_timeout),
             response_timeout: self.duration("upstream.response_timeout", &f.response_timeout),
+            read_timeout: self.duration_or_off("upstream.read_timeout", &f.read_timeout),
             idle_timeout: self.duration("upstream.idle_timeout", &f.idle_timeout),
         }
     }
@@ -910,6 +922,7 @@ mod tests {
         assert_eq!(c.upstream.servers[0].to_string(), "http://127.0.0.1:3000");
         assert_eq!(c.upstream.connect_timeout, Duration::from_secs(2));
         assert_eq!(c.upstream.response_timeout, Duration::from_secs(60));
+        assert_eq!(c.upstream.read_timeout, Some(Duration::from_secs(300)));
         assert_eq!(c.log.format, LogFormat::Text);
         assert!(c.log.access_log);
         assert_eq!(c.maintenance.retry_after, Duration::from_secs(300));
@@ -982,6 +995,22 @@ mod tests {
     fn integer_duration_is_seconds() {
         let c = Config::parse("[proxy]\nshutdown_timeout = 7\n", Path::new("."), None).unwrap();
         assert_eq!(c.proxy.shutdown_timeout, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn a_read_timeout_of_zero_is_no_limit() {
+        let c = Config::parse("[upstream]\nread_timeout = \"0\"\n", Path::new("."), None).unwrap();
+        assert_eq!(c.upstream.read_timeout, None);
+        let c = Config::parse("[upstream]\nread_timeout = 30\n", Path::new("."), None).unwrap();
+        assert_eq!(c.upstream.read_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(
+            keys("[upstream]\nread_timeout = \"whenever\"\n"),
+            vec!["upstream.read_timeout"]
+        );
+        assert_eq!(
+            keys("[upstream]\nread_timeout = \"2y\"\n"),
+            vec!["upstream.read_timeout"]
+        );
     }
 
     #[test]

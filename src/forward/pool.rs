@@ -153,11 +153,23 @@ impl UpstreamPool {
     ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + '_ {
         async move {
             let resp = match self.servers.get(index).map(|s| s.protocol) {
-                Some(Protocol::Http) => return self.http1.request(index, req).await,
-                Some(Protocol::H2c) => self.clients.local().h2c.request(req).await?,
-                _ => self.clients.local().https.request(req).await?,
+                Some(Protocol::Http) => self.http1.request(index, req).await?,
+                Some(Protocol::H2c) => self
+                    .clients
+                    .local()
+                    .h2c
+                    .request(req)
+                    .await?
+                    .map(Body::Stream),
+                _ => self
+                    .clients
+                    .local()
+                    .https
+                    .request(req)
+                    .await?
+                    .map(Body::Stream),
             };
-            Ok(resp.map(Body::Stream))
+            Ok(resp.map(|body| Body::timed(body, self.config.read_timeout)))
         }
     }
 
@@ -584,7 +596,7 @@ pub fn read_out(body: Body) {
     const PATIENCE: std::time::Duration = std::time::Duration::from_millis(250);
     const AT_ONCE: usize = 256;
     static DRAINING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(AT_ONCE);
-    if !matches!(body, Body::Lent(..)) || body.size_hint().lower() > LIMIT {
+    if !body.is_lent() || body.size_hint().lower() > LIMIT {
         return;
     }
     let Ok(permit) = DRAINING.try_acquire() else {
