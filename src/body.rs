@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -91,11 +92,12 @@ impl Body {
     /// `inner`, failing when no frame comes for `limit` (`upstream.read_timeout`, nginx's
     /// `proxy_read_timeout`): a server that stops mid-body would otherwise hold the client's
     /// connection and its own until the client gives up.
-    pub fn timed(inner: Body, limit: Option<Duration>) -> Body {
+    pub fn timed(inner: Body, limit: Option<(Duration, Arc<str>)>) -> Body {
         match limit {
-            Some(limit) if !inner.is_end_stream() => Body::Timed(Box::new(Timed {
+            Some((limit, server)) if !inner.is_end_stream() => Body::Timed(Box::new(Timed {
                 inner,
                 limit,
+                server,
                 sleep: None,
                 armed: false,
             })),
@@ -142,6 +144,8 @@ impl SentSignal {
 pub struct Timed {
     inner: Body,
     limit: Duration,
+    /// The server's name, for the log.
+    server: Arc<str>,
     /// Made at the first wait, so a body that never waits costs no timer.
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Whether `sleep` is set for the current wait: it is set again only after a frame came.
@@ -160,21 +164,26 @@ impl Timed {
             self.armed = false;
             return polled;
         }
-        let deadline = tokio::time::Instant::now() + self.limit;
+        // Read only when the sleep is set: a wait already timed costs no clock reading.
+        let deadline = || tokio::time::Instant::now() + self.limit;
         let sleep = match &mut self.sleep {
             Some(sleep) if self.armed => sleep,
             Some(sleep) => {
-                sleep.as_mut().reset(deadline);
+                sleep.as_mut().reset(deadline());
                 sleep
             }
             None => self
                 .sleep
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                .insert(Box::pin(tokio::time::sleep_until(deadline()))),
         };
         self.armed = true;
         match std::future::Future::poll(sleep.as_mut(), cx) {
             Poll::Ready(()) => {
-                tracing::warn!("{}; the answer is cut short", Stalled(self.limit));
+                tracing::warn!(
+                    server = %self.server,
+                    "{}; the answer is cut short",
+                    Stalled(self.limit)
+                );
                 Poll::Ready(Some(Err(Stalled(self.limit).into())))
             }
             Poll::Pending => Poll::Pending,

@@ -348,6 +348,10 @@ async fn relay<C: Client>(
     // compare-and-swap), where a `timeout` per request would register a timer and remove it.
     let respond_by = tokio::time::sleep(std::time::Duration::ZERO);
     tokio::pin!(respond_by);
+    // The deadline of a body's next piece (`upstream.read_timeout`), apart from the head's:
+    // moved earlier for each request, the head's would be registered again each time.
+    let read_by = tokio::time::sleep(std::time::Duration::ZERO);
+    tokio::pin!(read_by);
     let (mut served, mut armed) = (0u32, 0u32);
     // The start of a head that came after an answer, waiting for its rest: a client idling
     // with it parks with it, as it would from hyper, rather than holding hyper's state.
@@ -458,7 +462,11 @@ async fn relay<C: Client>(
             }
         };
         let next = if forward {
-            exchange(bufs, &snap, sock, conn, head, drain, respond_by.as_mut()).await
+            let clocks = Clocks {
+                respond_by: respond_by.as_mut(),
+                read_by: read_by.as_mut(),
+            };
+            exchange(bufs, &snap, sock, conn, head, drain, clocks).await
         } else {
             Next::after(put(sock, &bufs.out).await, false)
         };
@@ -730,7 +738,7 @@ async fn exchange<C: Client>(
     conn: &Conn,
     head: usize,
     drain: &Drain,
-    respond_by: Pin<&mut Sleep>,
+    clocks: Clocks<'_>,
 ) -> Next {
     let mut served = Served {
         start: tokio::time::Instant::now(),
@@ -738,7 +746,7 @@ async fn exchange<C: Client>(
         server: None,
         bytes: 0,
     };
-    let next = answer(bufs, snap, sock, head, drain, respond_by, &mut served).await;
+    let next = answer(bufs, snap, sock, head, drain, clocks, &mut served).await;
     // No status: the client left before its answer, which is then neither counted nor
     // logged, as on hyper's path.
     if snap.config.log.access_log && served.status != 0 {
@@ -778,9 +786,13 @@ async fn answer<C: Client>(
     sock: &mut C,
     head: usize,
     drain: &Drain,
-    mut respond_by: Pin<&mut Sleep>,
+    clocks: Clocks<'_>,
     served: &mut Served,
 ) -> Next {
+    let Clocks {
+        mut respond_by,
+        read_by,
+    } = clocks;
     let pool = &snap.pool;
     let timeout = snap.config.upstream.response_timeout;
     let Some(first) = pool.pick(&snap.up, None) else {
@@ -809,6 +821,7 @@ async fn answer<C: Client>(
                     drain,
                     watch,
                     by: respond_by,
+                    read_by,
                     bytes: &mut served.bytes,
                 };
                 return respond(bufs, snap, sock, up, answer, to).await;
@@ -1230,6 +1243,14 @@ fn content_length(value: &[u8], mut known: Option<u64>) -> Result<Option<u64>, &
     Ok(known)
 }
 
+/// A connection's two answer deadlines, kept registered across its requests.
+struct Clocks<'a> {
+    /// The head's (`response_timeout`).
+    respond_by: Pin<&'a mut Sleep>,
+    /// The body's next piece's (`upstream.read_timeout`).
+    read_by: Pin<&'a mut Sleep>,
+}
+
 /// What `respond` needs beside the answer.
 struct Respond<'a> {
     server: usize,
@@ -1240,6 +1261,8 @@ struct Respond<'a> {
     /// The answer's deadline (`response_timeout`), which a small answer is held until at
     /// most.
     by: Pin<&'a mut Sleep>,
+    /// The deadline of the body's next piece (`upstream.read_timeout`).
+    read_by: Pin<&'a mut Sleep>,
     /// The body's bytes passed on, counted as they are taken from the server's.
     bytes: &'a mut u64,
 }
@@ -1260,6 +1283,7 @@ async fn respond<C: Client>(
     gateway::count(snap, to.start, status, Outcome::Forwarded);
     let mut watch = to.watch;
     let mut by = to.by;
+    let mut read_by = to.read_by;
     let Set {
         answer: buf, out, ..
     } = bufs;
@@ -1305,7 +1329,7 @@ async fn respond<C: Client>(
                 at = 0;
                 let deadline = match hold {
                     true => Deadline::At(by.as_mut()),
-                    false => Deadline::idle(by.as_mut(), snap),
+                    false => Deadline::idle(read_by.as_mut(), snap),
                 };
                 let read = match wait(sock, &mut watch, deadline, next_piece(&mut up, buf)).await {
                     Waited::Done(read) => read,
@@ -1348,7 +1372,7 @@ async fn respond<C: Client>(
                     break at + n == buf.len();
                 }
                 at = 0;
-                let limit = Deadline::idle(by.as_mut(), snap);
+                let limit = Deadline::idle(read_by.as_mut(), snap);
                 match piece(sock, &mut watch, &mut up, buf, limit, snap, to.server).await {
                     Ok(0) | Err(_) => return Next::Broken,
                     Ok(_) => {}
@@ -1369,7 +1393,7 @@ async fn respond<C: Client>(
             }
             out.clear();
             at = 0;
-            let limit = Deadline::idle(by.as_mut(), snap);
+            let limit = Deadline::idle(read_by.as_mut(), snap);
             match piece(sock, &mut watch, &mut up, buf, limit, snap, to.server).await {
                 Ok(0) => {
                     if !put(sock, b"0\r\n\r\n").await {

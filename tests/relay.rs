@@ -178,13 +178,21 @@ async fn scripted() -> Scripted {
                         }
                         return;
                     }
+                    if path == "/late" {
+                        // The head after 1.5 s.
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                        if sock.write_all(answer_for("/length")).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                     if path == "/drip" {
-                        // 20,000 bytes (too many to be held whole) in four pieces 400 ms apart.
-                        let head = b"HTTP/1.1 200 OK\r\nX-Upstream-Case: Kept\r\nContent-Length: 20000\r\n\r\n";
+                        // 30,000 bytes (too many to be held whole) in six pieces 400 ms apart.
+                        let head = b"HTTP/1.1 200 OK\r\nX-Upstream-Case: Kept\r\nContent-Length: 30000\r\n\r\n";
                         if sock.write_all(head).await.is_err() {
                             return;
                         }
-                        for _ in 0..4 {
+                        for _ in 0..6 {
                             tokio::time::sleep(Duration::from_millis(400)).await;
                             if sock.write_all(&[b'd'; 5000]).await.is_err() {
                                 return;
@@ -1190,7 +1198,8 @@ async fn a_body_whose_client_leaves_is_given_up_as_on_hyper_s_path() {
 
 /// `upstream.read_timeout`, on both paths: a body that stalls longer is cut short (what came
 /// of it written, then the client's connection and the server's closed), whatever its
-/// framing; a body that keeps coming is not, however long it takes in all.
+/// framing; a body that keeps coming is not, however long it takes in all (longer than
+/// `response_timeout` too), and a head is waited for `response_timeout`, not this.
 #[tokio::test]
 async fn a_body_that_stalls_past_read_timeout_is_cut_short_on_both_paths() {
     let up = scripted().await;
@@ -1201,10 +1210,15 @@ async fn a_body_that_stalls_past_read_timeout_is_cut_short_on_both_paths() {
         );
         let proxy = spawn_proxy(&config).await;
         let mut client = Client::connect(proxy.addr).await;
-        let a = client.get("/drip").await;
-        assert_eq!(a.body, vec![b'd'; 20000], "hyper's path: {hyper}");
         assert_eq!(
-            client.get("/length").await.body,
+            client.get("/late").await.body,
+            b"hello",
+            "hyper's path: {hyper}"
+        );
+        let a = client.get("/drip").await;
+        assert_eq!(a.body, vec![b'd'; 30000], "hyper's path: {hyper}");
+        assert_eq!(
+            client.get("/late").await.body,
             b"hello",
             "the connection goes on"
         );
@@ -1248,6 +1262,37 @@ async fn a_body_that_stalls_past_read_timeout_is_cut_short_on_both_paths() {
                 "{path}, hyper's path {hyper}: the server's connection was kept"
             );
         }
+    }
+}
+
+/// A reload that sets `upstream.read_timeout` applies to the next answers, on both paths.
+#[tokio::test]
+async fn a_reload_sets_the_read_timeout_of_the_next_answers() {
+    let up = scripted().await;
+    for hyper in [false, true] {
+        let proxy =
+            spawn_proxy(&config(&up, hyper).replace("[health]", "read_timeout = \"1h\"\n[health]"))
+                .await;
+        let path = proxy.dir.path().join("config.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            text.replace("read_timeout = \"1h\"", "read_timeout = \"1s\""),
+        )
+        .unwrap();
+        let reloaded = ctl(&proxy, intermission::control::protocol::Request::Reload).await;
+        assert!(reloaded.ok, "{reloaded:?}");
+        let before = up.hung_up.load(Ordering::SeqCst);
+        let mut client = Client::connect(proxy.addr).await;
+        client
+            .send("GET /stall HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+            .await;
+        client.fill_until(b"first").await;
+        let gave_up = || up.hung_up.load(Ordering::SeqCst) > before;
+        assert!(
+            wait_until(Duration::from_secs(10), gave_up).await,
+            "hyper's path {hyper}: the reloaded read_timeout was not used"
+        );
     }
 }
 

@@ -15,7 +15,7 @@ pub mod pool;
 pub mod upgrade;
 
 use crate::body::{Body, SentSignal};
-use crate::config::{Protocol, Upstream};
+use crate::config::{Protocol, Upstream, UpstreamConfig};
 use crate::health::Passive;
 use headers::ClientSide;
 use http::header::{self, HeaderValue};
@@ -24,6 +24,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use pool::UpstreamPool;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Why a request could not be forwarded: always the upstream side's fault.
@@ -114,9 +115,10 @@ pub fn forward<'a>(
     mut req: Request<Incoming>,
     client: &'a ClientSide,
     trusted: bool,
-    timeout: Duration,
+    limits: &'a UpstreamConfig,
 ) -> impl Future<Output = Result<Forwarded, Failed>> + Send + 'a {
     async move {
+        let timeout = limits.response_timeout;
         let upgrade = match req.version() {
             Version::HTTP_11 => headers::upgrade_request(req.headers()),
             _ => None,
@@ -189,7 +191,10 @@ pub fn forward<'a>(
         // own in this one's state, which every forwarded request allocates and copies.
         loop {
             let error = match send(pool, server, req, timeout, sent.as_mut()).await {
-                Ok(resp) => return Ok(finish(resp, server, client_upgrade)),
+                Ok(resp) => {
+                    let stall = limits.read_timeout.map(|d| (d, pool.names[server].clone()));
+                    return Ok(finish(resp, server, client_upgrade, stall));
+                }
                 Err(e) => e,
             };
             // Only what the upstream can be blamed for counts against its health: a client that
@@ -307,12 +312,16 @@ fn send<'a>(
     }
 }
 
-/// Prepares the upstream's response for the client, and the tunnel if it switched protocols.
+/// Prepares the upstream's response for the client, and the tunnel if it switched protocols;
+/// its body may stall no longer than `stall` (`upstream.read_timeout`, read from the config
+/// in force, so that a reload changes it; with the server's name for the log).
 fn finish(
-    mut resp: Response<Body>,
+    resp: Response<Body>,
     server: usize,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    stall: Option<(Duration, Arc<str>)>,
 ) -> Forwarded {
+    let mut resp = resp.map(|body| Body::timed(body, stall));
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let upgraded_to = switching
         .then(|| resp.headers().get(header::UPGRADE).cloned())

@@ -169,7 +169,7 @@ impl UpstreamPool {
                     .await?
                     .map(Body::Stream),
             };
-            Ok(resp.map(|body| Body::timed(body, self.config.read_timeout)))
+            Ok(resp)
         }
     }
 
