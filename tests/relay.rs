@@ -70,6 +70,17 @@ fn answer_for(path: &str) -> &'static [u8] {
     }
 }
 
+impl Scripted {
+    /// Whether the proxy closes one more of the connections counted in `hung_up` than
+    /// `before`, within 10 s.
+    async fn closed_one_since(&self, before: usize) -> bool {
+        wait_until(Duration::from_secs(10), || {
+            self.hung_up.load(Ordering::SeqCst) > before
+        })
+        .await
+    }
+}
+
 async fn scripted() -> Scripted {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1129,11 +1140,7 @@ async fn a_request_whose_client_leaves_is_given_up_as_on_hyper_s_path() {
         assert!(wait_until(Duration::from_secs(10), asked).await);
         drop(client);
         // The proxy closes its upstream connection instead of waiting out the timeout.
-        let gave_up = || up.hung_up.load(Ordering::SeqCst) > before;
-        assert!(
-            wait_until(Duration::from_secs(10), gave_up).await,
-            "hyper's path: {hyper}"
-        );
+        assert!(up.closed_one_since(before).await, "hyper's path: {hyper}");
         up.heads.lock().unwrap().clear();
     }
 }
@@ -1187,9 +1194,8 @@ async fn a_body_whose_client_leaves_is_given_up_as_on_hyper_s_path() {
                 _ => up.sent.notified().await,
             }
             drop(client);
-            let gave_up = || up.hung_up.load(Ordering::SeqCst) > before;
             assert!(
-                wait_until(Duration::from_secs(10), gave_up).await,
+                up.closed_one_since(before).await,
                 "{path}, hyper's path: {hyper}"
             );
         }
@@ -1256,9 +1262,8 @@ async fn a_body_that_stalls_past_read_timeout_is_cut_short_on_both_paths() {
                 "{path}, hyper's path {hyper}: {:?}",
                 String::from_utf8_lossy(&client.buf)
             );
-            let gave_up = || up.hung_up.load(Ordering::SeqCst) > before;
             assert!(
-                wait_until(Duration::from_secs(10), gave_up).await,
+                up.closed_one_since(before).await,
                 "{path}, hyper's path {hyper}: the server's connection was kept"
             );
         }
@@ -1288,9 +1293,8 @@ async fn a_reload_sets_the_read_timeout_of_the_next_answers() {
             .send("GET /stall HTTP/1.1\r\nHost: shop.example\r\n\r\n")
             .await;
         client.fill_until(b"first").await;
-        let gave_up = || up.hung_up.load(Ordering::SeqCst) > before;
         assert!(
-            wait_until(Duration::from_secs(10), gave_up).await,
+            up.closed_one_since(before).await,
             "hyper's path {hyper}: the reloaded read_timeout was not used"
         );
     }
@@ -1524,8 +1528,7 @@ async fn over_tls_the_client_s_end_is_seen_as_on_hyper_s_path() {
                 stream.get_mut().0.shutdown().await.unwrap();
             }
             // The proxy closes its upstream connection instead of waiting out the timeout.
-            let gave_up = || up.hung_up.load(Ordering::SeqCst) > before;
-            assert!(wait_until(Duration::from_secs(10), gave_up).await, "{case}");
+            assert!(up.closed_one_since(before).await, "{case}");
             up.heads.lock().unwrap().clear();
         }
 

@@ -153,23 +153,11 @@ impl UpstreamPool {
     ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + '_ {
         async move {
             let resp = match self.servers.get(index).map(|s| s.protocol) {
-                Some(Protocol::Http) => self.http1.request(index, req).await?,
-                Some(Protocol::H2c) => self
-                    .clients
-                    .local()
-                    .h2c
-                    .request(req)
-                    .await?
-                    .map(Body::Stream),
-                _ => self
-                    .clients
-                    .local()
-                    .https
-                    .request(req)
-                    .await?
-                    .map(Body::Stream),
+                Some(Protocol::Http) => return self.http1.request(index, req).await,
+                Some(Protocol::H2c) => self.clients.local().h2c.request(req).await?,
+                _ => self.clients.local().https.request(req).await?,
             };
-            Ok(resp)
+            Ok(resp.map(Body::Stream))
         }
     }
 
