@@ -92,12 +92,12 @@ impl Body {
     /// `inner`, failing when no frame comes for `limit` (`upstream.read_timeout`, nginx's
     /// `proxy_read_timeout`): a server that stops mid-body would otherwise hold the client's
     /// connection and its own until the client gives up.
-    pub fn timed(inner: Body, limit: Option<(Duration, Arc<str>)>) -> Body {
+    pub fn timed(inner: Body, limit: Option<(Duration, &Arc<str>)>) -> Body {
         match limit {
             Some((limit, server)) if !inner.is_end_stream() => Body::Timed(Box::new(Timed {
                 inner,
                 limit,
-                server,
+                server: server.clone(),
                 sleep: None,
                 armed: false,
             })),

@@ -1437,10 +1437,8 @@ async fn piece<C: Client>(
 /// connection closed mid-answer, which only the server's silence explains.
 fn stalled(snap: &Snapshot, server: usize) -> std::io::Error {
     if let Some(limit) = snap.config.upstream.read_timeout {
-        tracing::warn!(
-            server = %snap.pool.servers[server],
-            "the response body stalled for {limit:?} (upstream.read_timeout); the answer is cut short"
-        );
+        let stalled = crate::body::Stalled(limit);
+        tracing::warn!(server = %snap.pool.servers[server], "{stalled}; the answer is cut short");
     }
     ErrorKind::TimedOut.into()
 }

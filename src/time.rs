@@ -83,47 +83,40 @@ pub fn parse_time(text: &str, now: SystemTime) -> Result<SystemTime, String> {
 /// a time with no zone, or with a fraction and `+01:00`, as UTC, an hour off for an operator
 /// who wrote local time. A time without a zone is refused rather than guessed.
 pub fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
-    let b = text.as_bytes();
-    if !text.is_ascii() || b.len() < "2026-12-01T02:00:00".len() {
+    const NO_ZONE: &str = "no time zone: end it with Z for UTC or an offset like +01:00";
+    if !text.is_ascii() || text.len() < "2026-12-01T02:00:00".len() {
         return Err("not an RFC 3339 time".into());
     }
-    let (base, east) = match b[b.len() - 1] {
-        b'Z' | b'z' => (&text[..text.len() - 1], 0i64),
-        _ if b.len() < "2026-12-01T02:00:00+01:00".len() => {
-            return Err("no time zone: end it with Z for UTC or an offset like +01:00".into())
-        }
-        _ => {
-            let zone = &b[b.len() - 6..];
-            let digits = |i: usize, j: usize| -> Option<i64> {
-                let (x, y) = (zone[i], zone[j]);
-                (x.is_ascii_digit() && y.is_ascii_digit())
-                    .then(|| i64::from(x - b'0') * 10 + i64::from(y - b'0'))
-            };
-            let sign = match zone[0] {
-                b'+' => 1,
-                b'-' => -1,
-                _ => {
-                    return Err(
-                        "no time zone: end it with Z for UTC or an offset like +01:00".into(),
-                    )
-                }
-            };
-            match (digits(1, 2), zone[3], digits(4, 5)) {
-                (Some(h), b':', Some(m)) if h < 24 && m < 60 => {
-                    (&text[..text.len() - 6], sign * (h * 3600 + m * 60))
-                }
-                _ => return Err(format!("bad offset {:?}", &text[text.len() - 6..])),
-            }
-        }
+    // ASCII, so every split below is on a character boundary.
+    let (base, east) = if let Some(base) = text.strip_suffix(['Z', 'z']) {
+        (base, 0i64)
+    } else {
+        let at = text
+            .len()
+            .checked_sub(6)
+            .filter(|&at| at >= 19)
+            .ok_or(NO_ZONE)?;
+        let (base, zone) = text.split_at(at);
+        let sign = match zone.as_bytes()[0] {
+            b'+' => 1,
+            b'-' => -1,
+            _ => return Err(NO_ZONE.into()),
+        };
+        let two = |d: &str| -> Option<i64> {
+            (d.len() == 2 && d.bytes().all(|c| c.is_ascii_digit())).then(|| d.parse().ok())?
+        };
+        let (h, m) = zone[1..]
+            .split_once(':')
+            .and_then(|(h, m)| Some((two(h)?, two(m)?)))
+            .filter(|&(h, m)| h < 24 && m < 60)
+            .ok_or_else(|| format!("bad offset {zone:?}"))?;
+        (base, sign * (h * 3600 + m * 60))
     };
     // humantime's reading of a fraction lets a dot with no digits, or junk before `Z`, pass.
-    if let Some(fraction) = base.get(19..) {
-        let digits = fraction.strip_prefix('.').unwrap_or("x");
-        if !fraction.is_empty()
-            && (digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_digit()))
-        {
-            return Err(format!("bad fraction of a second {fraction:?}"));
-        }
+    let fraction = base.get(19..).unwrap_or_default();
+    let digits = |d: &str| !d.is_empty() && d.bytes().all(|c| c.is_ascii_digit());
+    if !fraction.is_empty() && !fraction.strip_prefix('.').is_some_and(digits) {
+        return Err(format!("bad fraction of a second {fraction:?}"));
     }
     // RFC 3339 allows a lowercase `t`, and a space for readability (its §5.6 note).
     let mut utc = base.to_owned();
@@ -204,6 +197,9 @@ mod tests {
             "2026-12-01T02:00:00.Z",
             "2026-12-01T02:00:00.+00:0Z",
             "2026-12-01T02:00:00x5Z",
+            "2026-12-01T02:00:0Z",
+            "2026-12-01T02:00:00++1:00",
+            "2026-12-01T02:00:00+1:000",
         ] {
             assert!(parse_time(bad, now).is_err(), "{bad}");
         }

@@ -192,7 +192,7 @@ pub fn forward<'a>(
         loop {
             let error = match send(pool, server, req, timeout, sent.as_mut()).await {
                 Ok(resp) => {
-                    let stall = limits.read_timeout.map(|d| (d, pool.names[server].clone()));
+                    let stall = limits.read_timeout.map(|d| (d, &pool.names[server]));
                     return Ok(finish(resp, server, client_upgrade, stall));
                 }
                 Err(e) => e,
@@ -319,7 +319,7 @@ fn finish(
     resp: Response<Body>,
     server: usize,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    stall: Option<(Duration, Arc<str>)>,
+    stall: Option<(Duration, &Arc<str>)>,
 ) -> Forwarded {
     let mut resp = resp.map(|body| Body::timed(body, stall));
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
