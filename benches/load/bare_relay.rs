@@ -30,17 +30,7 @@ thread_local! {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let addrs: Option<(SocketAddr, SocketAddr)> = match args.as_slice() {
-        [listen, upstream] => listen.parse().ok().zip(upstream.parse().ok()),
-        _ => None,
-    };
-    let Some((listen, upstream)) = addrs else {
-        eprintln!(
-            "usage: bare_relay LISTEN_ADDR UPSTREAM_ADDR (e.g. 127.0.0.1:8081 127.0.0.1:8080)"
-        );
-        std::process::exit(2);
-    };
+    let (listen, upstream) = heads::addresses("bare_relay");
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()

@@ -1,5 +1,22 @@
-//! The bare relays' head handling (`bare_relay.rs` and `uring_relay/`): one file, so that the
-//! two relays compared with each other parse and write heads exactly alike.
+//! The bare relays' head handling and command line (`bare_relay.rs` and `uring_relay/`): one
+//! file, so that the two relays compared with each other parse and write heads exactly alike.
+
+use std::net::SocketAddr;
+
+/// `LISTEN_ADDR UPSTREAM_ADDR` from the command line; exits 2 with a usage line otherwise.
+pub fn addresses(program: &str) -> (SocketAddr, SocketAddr) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let addrs: Option<(SocketAddr, SocketAddr)> = match args.as_slice() {
+        [listen, upstream] => listen.parse().ok().zip(upstream.parse().ok()),
+        _ => None,
+    };
+    addrs.unwrap_or_else(|| {
+        eprintln!(
+            "usage: {program} LISTEN_ADDR UPSTREAM_ADDR (e.g. 127.0.0.1:8081 127.0.0.1:8080)"
+        );
+        std::process::exit(2)
+    })
+}
 
 /// Why a connection ends: the relays only need it to end.
 pub struct Closed;

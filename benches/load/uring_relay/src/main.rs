@@ -472,17 +472,7 @@ impl Relay {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let addrs: Option<(SocketAddr, SocketAddr)> = match args.as_slice() {
-        [listen, upstream] => listen.parse().ok().zip(upstream.parse().ok()),
-        _ => None,
-    };
-    let Some((listen, upstream)) = addrs else {
-        eprintln!(
-            "usage: uring_relay LISTEN_ADDR UPSTREAM_ADDR (e.g. 127.0.0.1:8081 127.0.0.1:8080)"
-        );
-        std::process::exit(2);
-    };
+    let (listen, upstream) = heads::addresses("uring_relay");
     let listener = match std::net::TcpListener::bind(listen) {
         Ok(l) => l.into_raw_fd(),
         Err(e) => {
