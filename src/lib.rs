@@ -45,6 +45,7 @@ pub mod notify;
 pub mod park;
 pub mod relay;
 pub mod reserved;
+pub mod send;
 pub mod shutdown;
 pub mod state;
 pub mod time;

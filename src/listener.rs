@@ -237,7 +237,7 @@ async fn plain(
     };
     let served = if protocol == Protocol::Http1 {
         let idle = Arc::new(park::Idle::new(state.load().metrics.parked()));
-        let io = park::Rewind::new(first, stream, Some(idle.clone()));
+        let io = park::Rewind::new(first, stream, Some(idle.clone()), state.clone());
         let service = park::Gateway::new(Fast::new(state, conn.clone()), idle);
         let held = park::Held {
             builder,
@@ -303,7 +303,7 @@ async fn serve_others(
     };
     match arrived {
         Arrived::H2c(first, stream) => {
-            let io = park::Rewind::new(first, stream, None);
+            let io = park::Rewind::new(first, stream, None, relaying.0);
             serving.http2(io, service).await
         }
         Arrived::Tls(acceptor, stream, drain) => {
@@ -319,7 +319,8 @@ async fn serve_others(
             // RFC 9113 §3.3: over TLS, HTTP/2 is chosen by ALPN.
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
             if h2 {
-                return serving.http2(tls_stream, service).await;
+                let io = park::Rewind::new(Bytes::new(), tls_stream, None, relaying.0);
+                return serving.http2(io, service).await;
             }
             let (state, conn) = relaying;
             let (mut tls_stream, mut first) = (tls_stream, Bytes::new());
@@ -330,7 +331,7 @@ async fn serve_others(
             // largest state for its whole life.
             match Box::pin(relayed).await {
                 relay::After::Hyper => {
-                    let io = park::Rewind::new(first, tls_stream, None);
+                    let io = park::Rewind::new(first, tls_stream, None, state.clone());
                     serving.http1(io, service).await
                 }
                 relay::After::Park | relay::After::Close => {

@@ -17,7 +17,9 @@
 use crate::body::Body;
 use crate::fast::{Fast, Step};
 use crate::gateway::Reply;
+use crate::send::SendClock;
 use crate::shutdown::{Drain, Shutdown};
+use crate::state::StateHandle;
 use bytes::{Buf, Bytes};
 use http::Response;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -166,17 +168,33 @@ impl HttpBody for TrackedBody {
 
 /// A connection whose first bytes were read before hyper (to choose the protocol, kept from a
 /// parked connection, or left by `relay`): they are served again before the rest. On a
-/// parking connection it also notes what `Idle` needs. Plaintext, or TLS after the relay.
+/// parking connection it also notes what `Idle` needs. Plaintext, or TLS (after the relay, or
+/// HTTP/2). Its writes are timed (`proxy.send_timeout`, read from `state` when one waits):
+/// hyper has no clock of its own on a client that does not read.
 pub struct Rewind<S = TcpStream> {
     first: Bytes,
     inner: S,
     idle: Option<Arc<Idle>>,
+    state: StateHandle,
+    clock: SendClock,
 }
 
 impl<S> Rewind<S> {
-    pub fn new(first: Bytes, inner: S, idle: Option<Arc<Idle>>) -> Rewind<S> {
-        Rewind { first, inner, idle }
+    pub fn new(first: Bytes, inner: S, idle: Option<Arc<Idle>>, state: StateHandle) -> Rewind<S> {
+        Rewind {
+            first,
+            inner,
+            idle,
+            state,
+            clock: SendClock::default(),
+        }
     }
+}
+
+/// The current `proxy.send_timeout`: read when a write begins to wait, so a reload applies
+/// to connections already open.
+fn send_timeout(state: &StateHandle) -> Option<Duration> {
+    state.load().config.proxy.send_timeout
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
@@ -222,7 +240,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
         if let Some(idle) = &this.idle {
             idle.unflushed.store(true, Relaxed);
         }
-        Pin::new(&mut this.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.clock.watch(cx, || send_timeout(&this.state), polled)
     }
 
     fn poll_write_vectored(
@@ -234,7 +253,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
         if let Some(idle) = &this.idle {
             idle.unflushed.store(true, Relaxed);
         }
-        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.clock.watch(cx, || send_timeout(&this.state), polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -245,6 +265,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
         let this = self.get_mut();
         // hyper flushes its socket only once its own buffer has been written out whole.
         let flushed = Pin::new(&mut this.inner).poll_flush(cx);
+        let flushed = this.clock.watch(cx, || send_timeout(&this.state), flushed);
         if let (Some(idle), Poll::Ready(Ok(()))) = (&this.idle, &flushed) {
             idle.unflushed.store(false, Relaxed);
         }
@@ -301,6 +322,12 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// A parked connection's socket, served again with what it sent first.
+    fn rewind(&self, first: Bytes, inner: TcpStream) -> Rewind {
+        let state = self.fast.parts().0.clone();
+        Rewind::new(first, inner, Some(self.idle.clone()), state)
+    }
+
     pub fn new(fast: Fast, idle: Arc<Idle>) -> Gateway {
         Gateway { fast, idle }
     }
@@ -364,7 +391,8 @@ fn write_then_go_on(
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     Box::pin(async move {
         let guard = held.drain.guard();
-        if tokio::io::AsyncWriteExt::write_all(&mut io.inner, &unwritten)
+        let limit = send_timeout(&io.state);
+        if crate::send::write_all(&mut io.inner, &unwritten, false, limit)
             .await
             .is_err()
         {
@@ -562,7 +590,7 @@ fn parked(
                     }
                     if !unwritten.is_empty() {
                         drop(count);
-                        let io = Rewind::new(first, inner, Some(service.idle.clone()));
+                        let io = service.rewind(first, inner);
                         tokio::spawn(write_then_go_on(io, service, held, unwritten));
                         return;
                     }
@@ -577,7 +605,7 @@ fn parked(
         // deadline: it is still the park's.
         let head = begun.then(|| deadline.deadline());
         let guard = held.drain.guard();
-        let io = Rewind::new(first, inner, Some(service.idle.clone()));
+        let io = service.rewind(first, inner);
         tokio::spawn(serve_again(io, service, held, head, guard));
     }
 }

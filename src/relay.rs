@@ -40,6 +40,7 @@ use crate::forward::{self, UpstreamError};
 use crate::gateway::{self, Conn};
 use crate::h1;
 use crate::metrics::Outcome;
+use crate::send;
 use crate::shutdown::{Drain, Shutdown};
 use crate::state::{Snapshot, StateHandle};
 use bytes::Bytes;
@@ -141,9 +142,18 @@ impl Client for TlsStream<TcpStream> {
 }
 
 /// Writes `out` whole to the client, and flushes what the stream kept (`Client::BUFFERED`);
-/// whether it went.
-async fn put<C: Client>(sock: &mut C, out: &[u8]) -> bool {
-    sock.write_all(out).await.is_ok() && (!C::BUFFERED || sock.flush().await.is_ok())
+/// whether it went. A client that takes none of it for `proxy.send_timeout` is given up.
+async fn put<C: Client>(sock: &mut C, out: &[u8], snap: &Snapshot) -> bool {
+    let limit = snap.config.proxy.send_timeout;
+    match send::write_all(sock, out, C::BUFFERED, limit).await {
+        Ok(()) => true,
+        Err(e) => {
+            if send::is_timed_out(&e) {
+                tracing::debug!("{e}; the connection is closed");
+            }
+            false
+        }
+    }
 }
 
 /// What a connection does once it idles between requests.
@@ -468,7 +478,7 @@ async fn relay<C: Client>(
             };
             exchange(bufs, &snap, sock, conn, head, drain, clocks).await
         } else {
-            Next::after(put(sock, &bufs.out).await, false)
+            Next::after(put(sock, &bufs.out, &snap).await, false)
         };
         bufs.input.copy_within(head..bufs.have, 0);
         bufs.have -= head;
@@ -1297,7 +1307,7 @@ async fn respond<C: Client>(
     // Whether the answer ended exactly where the server stopped sending.
     let clean = match answer.framing {
         Framing::None => {
-            if !put(sock, out).await {
+            if !put(sock, out, snap).await {
                 return Next::Broken;
             }
             buf.len() == at
@@ -1318,7 +1328,7 @@ async fn respond<C: Client>(
                 left -= take as u64;
                 *to.bytes += take as u64;
                 if left == 0 || !hold {
-                    if !put(sock, out).await {
+                    if !put(sock, out, snap).await {
                         return Next::Broken;
                     }
                     out.clear();
@@ -1348,7 +1358,7 @@ async fn respond<C: Client>(
                         // What a held answer had so far still reaches the client, as it
                         // would have unheld, before the connection is broken off.
                         if !out.is_empty() {
-                            put(sock, out).await;
+                            put(sock, out, snap).await;
                         }
                         return Next::Broken;
                     }
@@ -1364,7 +1374,7 @@ async fn respond<C: Client>(
                 let Ok(end) = fed else {
                     return Next::Broken;
                 };
-                if !out.is_empty() && !put(sock, out).await {
+                if !out.is_empty() && !put(sock, out, snap).await {
                     return Next::Broken;
                 }
                 out.clear();
@@ -1388,7 +1398,7 @@ async fn respond<C: Client>(
                 out.extend_from_slice(&buf[at..]);
                 out.extend_from_slice(b"\r\n");
             }
-            if !out.is_empty() && !put(sock, out).await {
+            if !out.is_empty() && !put(sock, out, snap).await {
                 return Next::Broken;
             }
             out.clear();
@@ -1396,7 +1406,7 @@ async fn respond<C: Client>(
             let limit = Deadline::idle(read_by.as_mut(), snap);
             match piece(sock, &mut watch, &mut up, buf, limit, snap, to.server).await {
                 Ok(0) => {
-                    if !put(sock, b"0\r\n\r\n").await {
+                    if !put(sock, b"0\r\n\r\n", snap).await {
                         return Next::Broken;
                     }
                     break false;
@@ -1499,7 +1509,7 @@ async fn outage<C: Client>(
     }
     bufs.out.clear();
     h1::encode(&parts, &body, is_head(&bufs.request), &mut bufs.out);
-    Next::after(put(sock, &bufs.out).await, closing)
+    Next::after(put(sock, &bufs.out, snap).await, closing)
 }
 
 /// The request `head` holds (taken by `prepare`, so it parses), as the outage response's

@@ -8,6 +8,8 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use support::*;
 
@@ -358,34 +360,48 @@ async fn expect_100_continue_is_answered_before_the_body_is_sent() {
     assert!(text.contains("\"body\":\"hello\""), "{text}");
 }
 
+/// A WebSocket is tunnelled both ways, and let go (`proxy.send_timeout`) once its client
+/// stops reading while the server sends.
 #[tokio::test]
-async fn websocket_is_tunnelled_both_ways() {
-    let up = upstream(|mut req: Request<Incoming>| async move {
-        let on = hyper::upgrade::on(&mut req);
-        tokio::spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut io = hyper_util::rt::TokioIo::new(on.await.unwrap());
-            let mut buf = [0u8; 1024];
-            loop {
-                let n = io.read(&mut buf).await.unwrap_or(0);
-                if n == 0 {
-                    break;
+async fn websocket_is_tunnelled_both_ways_and_let_go_when_its_client_stops_reading() {
+    let cut = Arc::new(AtomicBool::new(false));
+    let told = cut.clone();
+    let up = upstream(move |mut req: Request<Incoming>| {
+        let told = told.clone();
+        async move {
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut io = hyper_util::rt::TokioIo::new(on.await.unwrap());
+                let mut buf = [0u8; 1024];
+                loop {
+                    let n = io.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    if &buf[..n] == b"flood" {
+                        // Sends until the tunnel is closed under it.
+                        while io.write_all(&[b'f'; 64 * 1024]).await.is_ok() {}
+                        told.store(true, Ordering::SeqCst);
+                        break;
+                    }
+                    let mut echoed = b"echo:".to_vec();
+                    echoed.extend_from_slice(&buf[..n]);
+                    io.write_all(&echoed).await.unwrap();
                 }
-                let mut echoed = b"echo:".to_vec();
-                echoed.extend_from_slice(&buf[..n]);
-                io.write_all(&echoed).await.unwrap();
-            }
-        });
-        Response::builder()
-            .status(101)
-            .header("connection", "upgrade")
-            .header("upgrade", "websocket")
-            .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
-            .body(empty())
-            .unwrap()
+            });
+            Response::builder()
+                .status(101)
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+                .body(empty())
+                .unwrap()
+        }
     })
     .await;
-    let proxy = spawn_proxy(&upstream_config(&up)).await;
+    let config = format!("[proxy]\nsend_timeout = \"1s\"\n{}", upstream_config(&up));
+    let proxy = spawn_proxy(&config).await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(
@@ -425,6 +441,9 @@ async fn websocket_is_tunnelled_both_ways() {
             .unwrap();
         assert_eq!(&buf[..n], format!("echo:{msg}").as_bytes());
     }
+    s.write_all(b"flood").await.unwrap();
+    let let_go = wait_until(Duration::from_secs(15), || cut.load(Ordering::SeqCst)).await;
+    assert!(let_go, "a tunnel whose client reads nothing is still held");
 }
 
 #[tokio::test]

@@ -492,6 +492,29 @@ async fn many_pipelined_held_requests_are_all_answered_in_order() {
     expect_held(&mut s).await;
 }
 
+/// `proxy.send_timeout` on held answers: a client that pipelines requests and reads none of
+/// the answers fills the sockets, is written to by the parked connection's writer and then
+/// by hyper, and is let go; its writes then fail. Without the limit it would be held, and its
+/// writes would wait, for as long as it stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_reads_no_held_answer_is_let_go_after_send_timeout() {
+    let (_up, proxy) = app_and_proxy("send_timeout = \"1s\"").await;
+    maintenance(&proxy, true).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let many = b"GET / HTTP/1.1\r\nHost: x\r\nAccept: text/html\r\n\r\n".repeat(1000);
+    let asked = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        while s.write_all(&many).await.is_ok() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "a client that reads nothing is still held");
+    assert!(
+        asked.elapsed() >= Duration::from_millis(900),
+        "let go after {:?}",
+        asked.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn pipelined_requests_are_answered_in_order_when_some_reach_the_application() {
     let (_up, proxy) = app_and_proxy("[maintenance]\nallow_paths = [\"/open/\"]").await;

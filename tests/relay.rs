@@ -31,7 +31,8 @@ struct Scripted {
     /// Notified when `/split` has sent its head, and `/stall-small` its first piece.
     sent: Arc<tokio::sync::Notify>,
     /// `/hang` never answers, `/stall…` send part of their body; this counts the connections
-    /// of any that the proxy closed.
+    /// of any that the proxy closed, and of `/large` once it was sent (a kept connection
+    /// stays open).
     hung_up: Arc<AtomicUsize>,
 }
 
@@ -103,11 +104,17 @@ async fn scripted() -> Scripted {
                 // After `/once`, the connection's next request is read and the connection
                 // closed without an answer, unannounced.
                 let mut close_next = false;
+                let mut sent_large = false;
                 loop {
                     let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
                         let mut chunk = [0u8; 4096];
                         match sock.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
+                            Ok(0) | Err(_) => {
+                                if sent_large {
+                                    hangs.fetch_add(1, Ordering::SeqCst);
+                                }
+                                return;
+                            }
                             Ok(n) => buf.extend_from_slice(&chunk[..n]),
                         }
                         continue;
@@ -238,9 +245,16 @@ async fn scripted() -> Scripted {
                         }
                         return;
                     }
-                    if sock.write_all(answer).await.is_err() || path == "/close" || path == "/cut" {
+                    if sock.write_all(answer).await.is_err() {
+                        if path == "/large" {
+                            hangs.fetch_add(1, Ordering::SeqCst);
+                        }
                         return;
                     }
+                    if path == "/close" || path == "/cut" {
+                        return;
+                    }
+                    sent_large = path == "/large";
                 }
             });
         }
@@ -1296,6 +1310,117 @@ async fn a_reload_sets_the_read_timeout_of_the_next_answers() {
         assert!(
             up.closed_one_since(before).await,
             "hyper's path {hyper}: the reloaded read_timeout was not used"
+        );
+    }
+}
+
+/// `GET /large` over HTTP/2 with prior knowledge, from a client that opens its flow-control
+/// windows wide (so that only the sockets hold the answer back) and then reads nothing.
+static H2C_LARGE: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let widest = 0x7fff_ffffu32;
+    let mut settings = vec![0, 4]; // SETTINGS_INITIAL_WINDOW_SIZE
+    settings.extend_from_slice(&widest.to_be_bytes());
+    // HPACK: :method GET, :scheme http (static table), then :path and :authority as literals.
+    let mut headers = vec![0x82, 0x86, 0x44, 6];
+    headers.extend_from_slice(b"/large");
+    headers.extend_from_slice(&[0x41, 12]);
+    headers.extend_from_slice(b"shop.example");
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend(frame(4, 0, 0, &settings));
+    bytes.extend(frame(8, 0, 0, &(widest - 65_535).to_be_bytes()));
+    bytes.extend(frame(1, 0x5, 1, &headers)); // END_STREAM | END_HEADERS
+    bytes
+});
+
+/// `proxy.send_timeout`, on the relay (plaintext and TLS), on hyper's path and over HTTP/2: a
+/// client that takes nothing of a 16 MiB answer (more than the sockets between it and the proxy hold) is
+/// let go, and so is the server's connection streaming to it; reading later, the client
+/// finds the answer cut short, not whole.
+#[tokio::test]
+async fn a_client_that_reads_nothing_is_let_go_after_send_timeout() {
+    let up = scripted().await;
+    let tls = Tls::new();
+    let timed = |hyper| format!("[proxy]\nsend_timeout = \"1s\"\n{}", config(&up, hyper));
+    let cases = [
+        ("relay", false, false, false),
+        ("hyper", true, false, false),
+        ("relay over TLS", false, true, false),
+        ("HTTP/2", false, false, true),
+    ];
+    for (case, hyper, over_tls, h2c) in cases {
+        let before = up.hung_up.load(Ordering::SeqCst);
+        let (_proxy, mut client) = if over_tls {
+            let proxy = tls.proxy(&timed(hyper)).await;
+            let client = Client::connect_tls(tls_addr(&proxy), &tls).await;
+            (proxy, client)
+        } else {
+            let proxy = spawn_proxy(&timed(hyper)).await;
+            let client = Client::connect(proxy.addr).await;
+            (proxy, client)
+        };
+        let asked = std::time::Instant::now();
+        if h2c {
+            client.sock.write_all(&H2C_LARGE).await.unwrap();
+        } else {
+            client
+                .send("GET /large HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+                .await;
+        }
+        assert!(
+            up.closed_one_since(before).await,
+            "{case}: the server's connection is still held for a client that reads nothing"
+        );
+        assert!(
+            asked.elapsed() >= Duration::from_millis(900),
+            "{case}: let go after {:?}",
+            asked.elapsed()
+        );
+        let mut got = 0;
+        let mut chunk = vec![0u8; 64 * 1024];
+        let end = tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                match client.sock.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+        })
+        .await;
+        assert!(end.is_ok(), "{case}: the client's connection stays open");
+        assert!(
+            got < LARGE.len(),
+            "{case}: the whole answer came ({got} bytes)"
+        );
+    }
+}
+
+/// A reload that sets `proxy.send_timeout` applies to the next write that waits, on both
+/// paths, on a connection opened before it.
+#[tokio::test]
+async fn a_reload_sets_the_send_timeout_of_connections_already_open() {
+    let up = scripted().await;
+    for hyper in [false, true] {
+        let config = format!("[proxy]\nsend_timeout = \"1h\"\n{}", config(&up, hyper));
+        let proxy = spawn_proxy(&config).await;
+        let mut client = Client::connect(proxy.addr).await;
+        assert_eq!(client.get("/length").await.body, b"hello");
+        edit_config(&proxy, |text| text.replace("\"1h\"", "\"1s\""));
+        let reloaded = ctl(&proxy, intermission::control::protocol::Request::Reload).await;
+        assert!(reloaded.ok, "{reloaded:?}");
+        let before = up.hung_up.load(Ordering::SeqCst);
+        client
+            .send("GET /large HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+            .await;
+        assert!(
+            up.closed_one_since(before).await,
+            "hyper's path {hyper}: the reloaded send_timeout was not used"
         );
     }
 }

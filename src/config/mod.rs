@@ -108,6 +108,9 @@ pub struct ProxyConfig {
     pub threads: usize,
     pub trusted_proxies: Vec<IpNet>,
     pub header_read_timeout: Duration,
+    /// How long a client may take nothing of an answer before its connection is closed
+    /// (`None`: no limit).
+    pub send_timeout: Option<Duration>,
     pub shutdown_timeout: Duration,
     pub max_header_bytes: usize,
     /// Client connections served at once; more are closed at accept.
@@ -437,6 +440,7 @@ impl Validator {
             threads: f.threads,
             trusted_proxies,
             header_read_timeout: self.duration("proxy.header_read_timeout", &f.header_read_timeout),
+            send_timeout: self.duration_or_off("proxy.send_timeout", &f.send_timeout),
             shutdown_timeout: self.duration("proxy.shutdown_timeout", &f.shutdown_timeout),
             max_header_bytes: f.max_header_bytes.max(8192),
             max_connections: f.max_connections.max(1),
@@ -923,6 +927,7 @@ mod tests {
         assert_eq!(c.upstream.connect_timeout, Duration::from_secs(2));
         assert_eq!(c.upstream.response_timeout, Duration::from_secs(60));
         assert_eq!(c.upstream.read_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(c.proxy.send_timeout, Some(Duration::from_secs(60)));
         assert_eq!(c.log.format, LogFormat::Text);
         assert!(c.log.access_log);
         assert_eq!(c.maintenance.retry_after, Duration::from_secs(300));
@@ -998,19 +1003,25 @@ mod tests {
     }
 
     #[test]
-    fn a_read_timeout_of_zero_is_no_limit() {
-        let c = Config::parse("[upstream]\nread_timeout = \"0\"\n", Path::new("."), None).unwrap();
-        assert_eq!(c.upstream.read_timeout, None);
-        let c = Config::parse("[upstream]\nread_timeout = 30\n", Path::new("."), None).unwrap();
-        assert_eq!(c.upstream.read_timeout, Some(Duration::from_secs(30)));
-        assert_eq!(
-            keys("[upstream]\nread_timeout = \"whenever\"\n"),
-            vec!["upstream.read_timeout"]
-        );
-        assert_eq!(
-            keys("[upstream]\nread_timeout = \"2y\"\n"),
-            vec!["upstream.read_timeout"]
-        );
+    fn a_read_or_send_timeout_of_zero_is_no_limit() {
+        for (table, key) in [("upstream", "read_timeout"), ("proxy", "send_timeout")] {
+            let read = |c: &Config| match table {
+                "upstream" => c.upstream.read_timeout,
+                _ => c.proxy.send_timeout,
+            };
+            let text = format!("[{table}]\n{key} = \"0\"\n");
+            assert_eq!(
+                read(&Config::parse(&text, Path::new("."), None).unwrap()),
+                None
+            );
+            let text = format!("[{table}]\n{key} = 30\n");
+            let c = Config::parse(&text, Path::new("."), None).unwrap();
+            assert_eq!(read(&c), Some(Duration::from_secs(30)));
+            for bad in ["\"whenever\"", "\"2y\""] {
+                let text = format!("[{table}]\n{key} = {bad}\n");
+                assert_eq!(keys(&text), vec![format!("{table}.{key}")], "{text}");
+            }
+        }
     }
 
     #[test]
