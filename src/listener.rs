@@ -16,6 +16,7 @@ use crate::fast::Fast;
 use crate::gateway::{self, Conn};
 use crate::park;
 use crate::relay;
+use crate::send::{Timed, Timing};
 use crate::shutdown::{until_drained, Drain, Shutdown};
 use crate::state::StateHandle;
 use crate::workers::Workers;
@@ -237,7 +238,8 @@ async fn plain(
     };
     let served = if protocol == Protocol::Http1 {
         let idle = Arc::new(park::Idle::new(state.load().metrics.parked()));
-        let io = park::Rewind::new(first, stream, Some(idle.clone()), state.clone());
+        let timing = Some(Timing::new(state.clone()));
+        let io = park::Rewind::new(first, stream, Some(idle.clone()), timing);
         let service = park::Gateway::new(Fast::new(state, conn.clone()), idle);
         let held = park::Held {
             builder,
@@ -303,12 +305,18 @@ async fn serve_others(
     };
     match arrived {
         Arrived::H2c(first, stream) => {
-            let io = park::Rewind::new(first, stream, None, relaying.0);
+            let timing = Some(Timing::new(relaying.0));
+            let io = park::Rewind::new(first, stream, None, timing);
             serving.http2(io, service).await
         }
         Arrived::Tls(acceptor, stream, drain) => {
             // The handshake gets the same deadline as a request head.
-            let tls_stream = match tokio::time::timeout(first_byte, acceptor.accept(stream)).await {
+            let tls_stream = match tokio::time::timeout(
+                first_byte,
+                acceptor.accept(Timed::new(stream, relaying.0.clone())),
+            )
+            .await
+            {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -319,7 +327,7 @@ async fn serve_others(
             // RFC 9113 §3.3: over TLS, HTTP/2 is chosen by ALPN.
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
             if h2 {
-                let io = park::Rewind::new(Bytes::new(), tls_stream, None, relaying.0);
+                let io = park::Rewind::new(Bytes::new(), tls_stream, None, None);
                 return serving.http2(io, service).await;
             }
             let (state, conn) = relaying;
@@ -331,7 +339,7 @@ async fn serve_others(
             // largest state for its whole life.
             match Box::pin(relayed).await {
                 relay::After::Hyper => {
-                    let io = park::Rewind::new(first, tls_stream, None, state.clone());
+                    let io = park::Rewind::new(first, tls_stream, None, None);
                     serving.http1(io, service).await
                 }
                 relay::After::Park | relay::After::Close => {

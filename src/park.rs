@@ -17,9 +17,8 @@
 use crate::body::Body;
 use crate::fast::{Fast, Step};
 use crate::gateway::Reply;
-use crate::send::SendClock;
+use crate::send::Timing;
 use crate::shutdown::{Drain, Shutdown};
-use crate::state::StateHandle;
 use bytes::{Buf, Bytes};
 use http::Response;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -169,32 +168,42 @@ impl HttpBody for TrackedBody {
 /// A connection whose first bytes were read before hyper (to choose the protocol, kept from a
 /// parked connection, or left by `relay`): they are served again before the rest. On a
 /// parking connection it also notes what `Idle` needs. Plaintext, or TLS (after the relay, or
-/// HTTP/2). Its writes are timed (`proxy.send_timeout`, read from `state` when one waits):
-/// hyper has no clock of its own on a client that does not read.
+/// HTTP/2). A plaintext one's writes are timed here (`proxy.send_timeout`): hyper has no clock
+/// of its own on a client that does not read. A TLS one's are timed beneath the session
+/// (`send::Timed`), where every write that moves is seen.
 pub struct Rewind<S = TcpStream> {
     first: Bytes,
     inner: S,
     idle: Option<Arc<Idle>>,
-    state: StateHandle,
-    clock: SendClock,
+    timing: Option<Timing>,
 }
 
 impl<S> Rewind<S> {
-    pub fn new(first: Bytes, inner: S, idle: Option<Arc<Idle>>, state: StateHandle) -> Rewind<S> {
+    pub fn new(
+        first: Bytes,
+        inner: S,
+        idle: Option<Arc<Idle>>,
+        timing: Option<Timing>,
+    ) -> Rewind<S> {
         Rewind {
             first,
             inner,
             idle,
-            state,
-            clock: SendClock::default(),
+            timing,
         }
     }
-}
 
-/// The current `proxy.send_timeout`: read when a write begins to wait, so a reload applies
-/// to connections already open.
-fn send_timeout(state: &StateHandle) -> Option<Duration> {
-    state.load().config.proxy.send_timeout
+    /// `polled`, through the send clock when this connection has one.
+    fn timed<T>(
+        timing: &mut Option<Timing>,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        match timing {
+            Some(timing) => timing.watch(cx, polled),
+            None => polled,
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
@@ -241,7 +250,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
             idle.unflushed.store(true, Relaxed);
         }
         let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.clock.watch(cx, || send_timeout(&this.state), polled)
+        Self::timed(&mut this.timing, cx, polled)
     }
 
     fn poll_write_vectored(
@@ -254,7 +263,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
             idle.unflushed.store(true, Relaxed);
         }
         let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.clock.watch(cx, || send_timeout(&this.state), polled)
+        Self::timed(&mut this.timing, cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -265,7 +274,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
         let this = self.get_mut();
         // hyper flushes its socket only once its own buffer has been written out whole.
         let flushed = Pin::new(&mut this.inner).poll_flush(cx);
-        let flushed = this.clock.watch(cx, || send_timeout(&this.state), flushed);
+        let flushed = Self::timed(&mut this.timing, cx, flushed);
         if let (Some(idle), Poll::Ready(Ok(()))) = (&this.idle, &flushed) {
             idle.unflushed.store(false, Relaxed);
         }
@@ -277,7 +286,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
         if this.idle.as_ref().is_some_and(|i| i.parking.load(Relaxed)) {
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.inner).poll_shutdown(cx)
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        Self::timed(&mut this.timing, cx, polled)
     }
 }
 
@@ -324,8 +334,8 @@ pub struct Gateway {
 impl Gateway {
     /// A parked connection's socket, served again with what it sent first.
     fn rewind(&self, first: Bytes, inner: TcpStream) -> Rewind {
-        let state = self.fast.parts().0.clone();
-        Rewind::new(first, inner, Some(self.idle.clone()), state)
+        let timing = Timing::new(self.fast.parts().0.clone());
+        Rewind::new(first, inner, Some(self.idle.clone()), Some(timing))
     }
 
     pub fn new(fast: Fast, idle: Arc<Idle>) -> Gateway {
@@ -391,8 +401,8 @@ fn write_then_go_on(
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     Box::pin(async move {
         let guard = held.drain.guard();
-        let limit = send_timeout(&io.state);
-        if crate::send::write_all(&mut io.inner, &unwritten, false, limit)
+        // Through `Rewind`, whose writes are timed.
+        if tokio::io::AsyncWriteExt::write_all(&mut io, &unwritten)
             .await
             .is_err()
         {

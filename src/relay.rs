@@ -118,7 +118,7 @@ impl Client for TcpStream {
     }
 }
 
-impl Client for TlsStream<TcpStream> {
+impl Client for TlsStream<send::Timed<TcpStream>> {
     const BUFFERED: bool = true;
 
     fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
@@ -142,9 +142,13 @@ impl Client for TlsStream<TcpStream> {
 }
 
 /// Writes `out` whole to the client, and flushes what the stream kept (`Client::BUFFERED`);
-/// whether it went. A client that takes none of it for `proxy.send_timeout` is given up.
+/// whether it went. A client that takes none of it for `proxy.send_timeout` is given up: timed
+/// here on a plaintext socket, beneath the session over TLS (`send::Timed`).
 async fn put<C: Client>(sock: &mut C, out: &[u8], snap: &Snapshot) -> bool {
-    let limit = snap.config.proxy.send_timeout;
+    let limit = match C::BUFFERED {
+        true => None,
+        false => snap.config.proxy.send_timeout,
+    };
     match send::write_all(sock, out, C::BUFFERED, limit).await {
         Ok(()) => true,
         Err(e) => {

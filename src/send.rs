@@ -7,25 +7,30 @@
 //! restarts whenever one moves: a slow reader is served, a silent one is let go. Its `Sleep` is
 //! made when a write first waits, so the common write, taken at once, costs a branch.
 
+use crate::state::StateHandle;
 use std::future::{poll_fn, Future};
 use std::io::{self, ErrorKind};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
-use tokio::io::AsyncWrite;
-use tokio::time::Sleep;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 /// The deadline of a write that waits. One per connection (or per write, for `write_all`).
 #[derive(Default)]
 pub struct SendClock {
-    /// Armed by a write that waits, dropped by one that moves.
+    /// When the current wait began and its limit; `None` while writes move.
+    wait: Option<(Instant, Duration)>,
+    /// Made by the first wait and kept: a later wait leaves its deadline where it was and
+    /// moves it only when it fires early, so that a large answer, whose writes wait and move
+    /// in turn, does not register a timer for every write.
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl SendClock {
-    /// Passes on the poll of a write or a flush, unless it has waited, with nothing moving
-    /// since, longer than `limit` (read only when a wait begins, so that a reload applies to
-    /// the next one): then it fails with `TimedOut`.
+    /// Passes on the poll of a write, a flush or a shutdown, unless it has waited, with
+    /// nothing moving since, longer than `limit` (read when a wait begins, so that a reload
+    /// applies to the next one): then it fails with `TimedOut`.
     pub fn watch<T>(
         &mut self,
         cx: &mut Context<'_>,
@@ -33,22 +38,129 @@ impl SendClock {
         polled: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
         if polled.is_ready() {
-            self.sleep = None;
+            self.wait = None;
             return polled;
         }
-        if self.sleep.is_none() {
-            let Some(limit) = limit() else {
-                return Poll::Pending;
-            };
-            self.sleep = Some(Box::pin(tokio::time::sleep(limit)));
-        }
-        match self.sleep.as_mut().map(|sleep| sleep.as_mut().poll(cx)) {
-            Some(Poll::Ready(())) => {
-                self.sleep = None;
-                Poll::Ready(Err(timed_out()))
+        let (since, limit) = match self.wait {
+            Some(wait) => wait,
+            None => {
+                let Some(limit) = limit() else {
+                    return Poll::Pending;
+                };
+                *self.wait.insert((Instant::now(), limit))
             }
-            _ => Poll::Pending,
+        };
+        let deadline = since + limit;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() > deadline {
+            // A reload shortened the limit since the deadline was set.
+            sleep.as_mut().reset(deadline);
         }
+        while sleep.as_mut().poll(cx).is_ready() {
+            if sleep.deadline() >= deadline {
+                self.wait = None;
+                return Poll::Ready(Err(timed_out()));
+            }
+            // Set by an earlier wait: this one has time left.
+            sleep.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    }
+}
+
+/// A connection's clock, and where its limit is read: the current `proxy.send_timeout`.
+pub struct Timing {
+    state: StateHandle,
+    clock: SendClock,
+}
+
+impl Timing {
+    pub fn new(state: StateHandle) -> Timing {
+        Timing {
+            state,
+            clock: SendClock::default(),
+        }
+    }
+
+    pub fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let state = &self.state;
+        self.clock
+            .watch(cx, || state.load().config.proxy.send_timeout, polled)
+    }
+}
+
+/// A client's socket whose writes are timed: beneath TLS, where every write that moves is
+/// seen (above it, a flush stays `Pending` until the session's whole buffer has gone, and a
+/// client that reads slowly but steadily would be taken for one that reads nothing).
+pub struct Timed<S> {
+    inner: S,
+    timing: Timing,
+}
+
+impl<S> Timed<S> {
+    pub fn new(inner: S, state: StateHandle) -> Timed<S> {
+        Timed {
+            inner,
+            timing: Timing::new(state),
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Timed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Timed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.timing.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.timing.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.timing.watch(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.timing.watch(cx, polled)
     }
 }
 
@@ -96,6 +208,44 @@ pub async fn write_all<W: AsyncWrite + Unpin>(
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    /// A write that waits on `clock` until it fails.
+    async fn wait(clock: &mut SendClock, limit: Duration) -> io::Result<()> {
+        poll_fn(|cx| clock.watch(cx, || Some(limit), Poll::Pending)).await
+    }
+
+    /// A write that moves.
+    fn moved(clock: &mut SendClock) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let polled = clock.watch(&mut cx, || None, Poll::Ready(Ok(())));
+        assert!(matches!(polled, Poll::Ready(Ok(()))));
+    }
+
+    /// A wait's deadline is its own: an earlier, later deadline (a limit since shortened by
+    /// a reload) does not delay it, and an earlier, sooner one does not end it early.
+    #[tokio::test(start_paused = true)]
+    async fn each_wait_has_its_own_deadline() {
+        let second = Duration::from_secs(1);
+        let mut clock = SendClock::default();
+        // An hour's wait, ended by a write that moved after a minute.
+        let hour = wait(&mut clock, Duration::from_secs(3600));
+        assert!(tokio::time::timeout(Duration::from_secs(60), hour)
+            .await
+            .is_err());
+        moved(&mut clock);
+        let start = tokio::time::Instant::now();
+        assert!(wait(&mut clock, second)
+            .await
+            .is_err_and(|e| is_timed_out(&e)));
+        assert_eq!(start.elapsed(), second);
+        // A second's wait, ended after half of it; the next wait gets its whole second.
+        let half = wait(&mut clock, second);
+        assert!(tokio::time::timeout(second / 2, half).await.is_err());
+        moved(&mut clock);
+        let start = tokio::time::Instant::now();
+        assert!(wait(&mut clock, second).await.is_err());
+        assert_eq!(start.elapsed(), second);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_write_nobody_reads_fails_after_the_limit_and_a_slow_reader_is_served() {
