@@ -5,16 +5,19 @@
 //! per request. `Counted` exists only when the access log is on, so that a proxy with logging off
 //! pays nothing for it.
 
+use crate::stall::StallClock;
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-/// What a body's frame can fail with: a peer's error (hyper's), or a server that let its
-/// response body stall past `upstream.read_timeout`.
+/// What a body's frame can fail with: a peer's error (hyper's), a server that let its
+/// response body stall past `upstream.read_timeout`, or a client that let its request body
+/// stall past `proxy.body_read_timeout`.
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
 pub enum Body {
@@ -29,8 +32,9 @@ pub enum Body {
     /// Counts the data bytes that pass, and reports them when the body is dropped.
     Counted(Box<Counted>),
     /// A streamed request body that says when it has been sent whole, so that the wait for
-    /// the response head starts then (an upload's own time is not the upstream's delay).
-    Watched(Incoming, Option<Sent>),
+    /// the response head starts then (an upload's own time is not the upstream's delay), and
+    /// fails when it stalls while the server waits for it. Boxed: only an upload pays for it.
+    Watched(Incoming, Option<Box<Sent>>),
     /// A server's response body that fails when it stalls longer than its limit.
     Timed(Box<Timed>),
 }
@@ -56,20 +60,25 @@ impl Body {
     }
 
     /// A streamed body and the signal fired when its end has been read; `None` for a body
-    /// that is already complete (no signal needed).
-    pub fn watched(incoming: Incoming) -> (Body, Option<SentSignal>) {
+    /// that is already complete (no signal needed). Until the server answers, the body fails
+    /// when nothing of it comes for `limit` (`proxy.body_read_timeout`, nginx's
+    /// `client_body_timeout`): a client that stops mid-upload would otherwise hold its
+    /// connection and the server's for as long as it likes.
+    pub fn watched(incoming: Incoming, limit: Option<Duration>) -> (Body, Option<SentSignal>) {
         if incoming.is_end_stream() {
             return (Body::Empty, None);
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let state = Arc::new(AtomicU8::new(STREAMING));
         let sent = Sent {
             tx,
-            done: done.clone(),
+            state: state.clone(),
+            limit,
+            clock: StallClock::default(),
         };
         (
-            Body::Watched(incoming, Some(sent)),
-            Some(SentSignal { rx, done }),
+            Body::Watched(incoming, Some(Box::new(sent))),
+            Some(SentSignal { rx, state }),
         )
     }
 
@@ -98,8 +107,7 @@ impl Body {
                 inner,
                 limit,
                 server: server.clone(),
-                sleep: None,
-                armed: false,
+                clock: StallClock::default(),
             })),
             _ => inner,
         }
@@ -123,33 +131,58 @@ impl Body {
     }
 }
 
-/// The sending side of "the body has been sent whole".
+/// Where an upload stands (`Sent::state`).
+const STREAMING: u8 = 0;
+const COMPLETE: u8 = 1;
+const STALLED: u8 = 2;
+/// The server's answer has come: the upload is not timed any more (a gRPC call whose client
+/// streams slowly while the server streams back is a conversation, not a stall).
+const ANSWERED: u8 = 3;
+
+/// The sending side of "the body has been sent whole", and the clock on its pauses.
 pub struct Sent {
     tx: tokio::sync::oneshot::Sender<()>,
-    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    state: Arc<AtomicU8>,
+    limit: Option<Duration>,
+    clock: StallClock,
 }
 
-/// Resolves when the body has been sent whole (or has failed); `complete()` tells which.
+/// Resolves when the body has been sent whole (or has failed); `complete()` and `stalled()`
+/// tell which.
 pub struct SentSignal {
     pub rx: tokio::sync::oneshot::Receiver<()>,
-    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    state: Arc<AtomicU8>,
 }
 
 impl SentSignal {
     pub fn complete(&self) -> bool {
-        self.done.load(std::sync::atomic::Ordering::Acquire)
+        self.state.load(Ordering::Acquire) == COMPLETE
+    }
+
+    /// Whether the client let the body stall past `proxy.body_read_timeout`.
+    pub fn stalled(&self) -> bool {
+        self.state.load(Ordering::Acquire) == STALLED
+    }
+
+    /// The server has answered: the rest of the body is no longer timed.
+    pub fn answered(&self) {
+        let _ =
+            self.state
+                .compare_exchange(STREAMING, ANSWERED, Ordering::AcqRel, Ordering::Acquire);
     }
 }
+
+/// The error of a request body that stalled.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body stalled for {0:?} (proxy.body_read_timeout)")]
+pub struct UploadStalled(pub Duration);
 
 pub struct Timed {
     inner: Body,
     limit: Duration,
     /// The server's name, for the log.
     server: Arc<str>,
-    /// Made at the first wait, so a body that never waits costs no timer.
-    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Whether `sleep` is set for the current wait: it is set again only after a frame came.
-    armed: bool,
+    clock: StallClock,
 }
 
 /// The error of a body that stalled.
@@ -160,34 +193,16 @@ pub struct Stalled(pub Duration);
 impl Timed {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if polled.is_ready() {
-            self.armed = false;
-            return polled;
+        let limit = self.limit;
+        if self.clock.expired(cx, polled.is_ready(), || Some(limit)) {
+            tracing::warn!(
+                server = %self.server,
+                "{}; the answer is cut short",
+                Stalled(limit)
+            );
+            return Poll::Ready(Some(Err(Stalled(limit).into())));
         }
-        // Read only when the sleep is set: a wait already timed costs no clock reading.
-        let deadline = || tokio::time::Instant::now() + self.limit;
-        let sleep = match &mut self.sleep {
-            Some(sleep) if self.armed => sleep,
-            Some(sleep) => {
-                sleep.as_mut().reset(deadline());
-                sleep
-            }
-            None => self
-                .sleep
-                .insert(Box::pin(tokio::time::sleep_until(deadline()))),
-        };
-        self.armed = true;
-        match std::future::Future::poll(sleep.as_mut(), cx) {
-            Poll::Ready(()) => {
-                tracing::warn!(
-                    server = %self.server,
-                    "{}; the answer is cut short",
-                    Stalled(self.limit)
-                );
-                Poll::Ready(Some(Err(Stalled(self.limit).into())))
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        polled
     }
 }
 
@@ -221,8 +236,21 @@ impl HttpBody for Body {
                 let polled = Pin::new(&mut *incoming).poll_frame(cx);
                 if finished(&polled, incoming) {
                     if let Some(sent) = done.take() {
-                        sent.done.store(true, std::sync::atomic::Ordering::Release);
+                        sent.state.store(COMPLETE, Ordering::Release);
                         let _ = sent.tx.send(());
+                    }
+                } else if let Some(sent) = done {
+                    let answered = sent.state.load(Ordering::Acquire) == ANSWERED;
+                    let limit = sent.limit.filter(|_| !answered);
+                    if sent
+                        .clock
+                        .expired(cx, polled.is_ready() || answered, || limit)
+                    {
+                        sent.state.store(STALLED, Ordering::Release);
+                        return Poll::Ready(Some(Err(UploadStalled(
+                            sent.limit.unwrap_or_default(),
+                        )
+                        .into())));
                     }
                 }
                 polled.map_err(Into::into)

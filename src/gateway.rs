@@ -315,7 +315,7 @@ fn forward_request<'a>(
             req,
             &conn.client,
             trusted,
-            &snap.config.upstream,
+            &snap.config,
         )
         .await
         {

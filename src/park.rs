@@ -17,8 +17,8 @@
 use crate::body::Body;
 use crate::fast::{Fast, Step};
 use crate::gateway::Reply;
-use crate::send::Timing;
 use crate::shutdown::{Drain, Shutdown};
+use crate::stall::Timing;
 use bytes::{Buf, Bytes};
 use http::Response;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -170,7 +170,7 @@ impl HttpBody for TrackedBody {
 /// parking connection it also notes what `Idle` needs. Plaintext, or TLS (after the relay, or
 /// HTTP/2). A plaintext one's writes are timed here (`proxy.send_timeout`): hyper has no clock
 /// of its own on a client that does not read. A TLS one's are timed beneath the session
-/// (`send::Timed`), where every write that moves is seen.
+/// (`stall::Timed`), where every write that moves is seen.
 pub struct Rewind<S = TcpStream> {
     first: Bytes,
     inner: S,

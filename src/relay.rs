@@ -40,8 +40,8 @@ use crate::forward::{self, UpstreamError};
 use crate::gateway::{self, Conn};
 use crate::h1;
 use crate::metrics::Outcome;
-use crate::send;
 use crate::shutdown::{Drain, Shutdown};
+use crate::stall;
 use crate::state::{Snapshot, StateHandle};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, StatusCode};
@@ -118,7 +118,7 @@ impl Client for TcpStream {
     }
 }
 
-impl Client for TlsStream<send::Timed<TcpStream>> {
+impl Client for TlsStream<stall::Timed<TcpStream>> {
     const BUFFERED: bool = true;
 
     fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
@@ -143,16 +143,16 @@ impl Client for TlsStream<send::Timed<TcpStream>> {
 
 /// Writes `out` whole to the client, and flushes what the stream kept (`Client::BUFFERED`);
 /// whether it went. A client that takes none of it for `proxy.send_timeout` is given up: timed
-/// here on a plaintext socket, beneath the session over TLS (`send::Timed`).
+/// here on a plaintext socket, beneath the session over TLS (`stall::Timed`).
 async fn put<C: Client>(sock: &mut C, out: &[u8], snap: &Snapshot) -> bool {
     let limit = match C::BUFFERED {
         true => None,
         false => snap.config.proxy.send_timeout,
     };
-    match send::write_all(sock, out, C::BUFFERED, limit).await {
+    match stall::write_all(sock, out, C::BUFFERED, limit).await {
         Ok(()) => true,
         Err(e) => {
-            if send::is_timed_out(&e) {
+            if stall::is_timed_out(&e) {
                 tracing::debug!("{e}; the connection is closed");
             }
             false

@@ -446,6 +446,75 @@ async fn websocket_is_tunnelled_both_ways_and_let_go_when_its_client_stops_readi
     assert!(let_go, "a tunnel whose client reads nothing is still held");
 }
 
+/// `proxy.body_read_timeout`: an upload that stops while the server waits for it is answered
+/// 408 and the server's connection closed; one that pauses longer after the server has
+/// answered (a conversation, as a gRPC stream) is not cut.
+#[tokio::test]
+async fn an_upload_that_stalls_gets_408_unless_the_server_has_answered() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // `/wait` reads the whole body before answering; `/talk` answers at once with the
+    // request's own body streamed back.
+    let up = upstream(|req: Request<Incoming>| async move {
+        if req.uri().path() == "/talk" {
+            return Response::new(req.into_body().map_err(Into::into).boxed());
+        }
+        let body = req.into_body().collect().await;
+        Response::new(full(format!("read whole: {}", body.is_ok())))
+    })
+    .await;
+    let config = format!(
+        "[proxy]\nbody_read_timeout = \"1s\"\n{}",
+        upstream_config(&up)
+    );
+    let proxy = spawn_proxy(&config).await;
+
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let asked = std::time::Instant::now();
+    s.write_all(b"POST /wait HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nfirst bytes")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(read.is_ok(), "a stalled upload is still waited for");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        asked.elapsed() >= Duration::from_millis(900),
+        "after {:?}",
+        asked.elapsed()
+    );
+
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"POST /talk HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains("hello") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    // A pause longer than the limit, once the server has answered.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.write_all(b"5\r\nworld\r\n0\r\n\r\n").await.unwrap();
+    while !String::from_utf8_lossy(&got).ends_with("0\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "cut short: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).contains("world"));
+}
+
 #[tokio::test]
 async fn oversized_heads_get_431_and_malformed_requests_400() {
     let up = echo_upstream().await;

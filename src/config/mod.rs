@@ -111,6 +111,9 @@ pub struct ProxyConfig {
     /// How long a client may take nothing of an answer before its connection is closed
     /// (`None`: no limit).
     pub send_timeout: Option<Duration>,
+    /// How long a request body may send nothing while the server waits for it before the
+    /// client gets 408 (`None`: no limit).
+    pub body_read_timeout: Option<Duration>,
     pub shutdown_timeout: Duration,
     pub max_header_bytes: usize,
     /// Client connections served at once; more are closed at accept.
@@ -441,6 +444,8 @@ impl Validator {
             trusted_proxies,
             header_read_timeout: self.duration("proxy.header_read_timeout", &f.header_read_timeout),
             send_timeout: self.duration_or_off("proxy.send_timeout", &f.send_timeout),
+            body_read_timeout: self
+                .duration_or_off("proxy.body_read_timeout", &f.body_read_timeout),
             shutdown_timeout: self.duration("proxy.shutdown_timeout", &f.shutdown_timeout),
             max_header_bytes: f.max_header_bytes.max(8192),
             max_connections: f.max_connections.max(1),
@@ -928,6 +933,7 @@ mod tests {
         assert_eq!(c.upstream.response_timeout, Duration::from_secs(60));
         assert_eq!(c.upstream.read_timeout, Some(Duration::from_secs(300)));
         assert_eq!(c.proxy.send_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(c.proxy.body_read_timeout, Some(Duration::from_secs(60)));
         assert_eq!(c.log.format, LogFormat::Text);
         assert!(c.log.access_log);
         assert_eq!(c.maintenance.retry_after, Duration::from_secs(300));
@@ -1003,11 +1009,17 @@ mod tests {
     }
 
     #[test]
-    fn a_read_or_send_timeout_of_zero_is_no_limit() {
-        for (table, key) in [("upstream", "read_timeout"), ("proxy", "send_timeout")] {
-            let read = |c: &Config| match table {
-                "upstream" => c.upstream.read_timeout,
-                _ => c.proxy.send_timeout,
+    fn a_stall_timeout_of_zero_is_no_limit() {
+        let timeouts = [
+            ("upstream", "read_timeout"),
+            ("proxy", "send_timeout"),
+            ("proxy", "body_read_timeout"),
+        ];
+        for (table, key) in timeouts {
+            let read = |c: &Config| match key {
+                "read_timeout" => c.upstream.read_timeout,
+                "send_timeout" => c.proxy.send_timeout,
+                _ => c.proxy.body_read_timeout,
             };
             let text = format!("[{table}]\n{key} = \"0\"\n");
             assert_eq!(

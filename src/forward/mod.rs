@@ -15,7 +15,7 @@ pub mod pool;
 pub mod upgrade;
 
 use crate::body::{Body, SentSignal};
-use crate::config::{Protocol, Upstream, UpstreamConfig};
+use crate::config::{Config, Protocol, Upstream};
 use crate::health::Passive;
 use headers::ClientSide;
 use http::header::{self, HeaderValue};
@@ -115,10 +115,10 @@ pub fn forward<'a>(
     mut req: Request<Incoming>,
     client: &'a ClientSide,
     trusted: bool,
-    limits: &'a UpstreamConfig,
+    config: &'a Config,
 ) -> impl Future<Output = Result<Forwarded, Failed>> + Send + 'a {
     async move {
-        let timeout = limits.response_timeout;
+        let timeout = config.upstream.response_timeout;
         let upgrade = match req.version() {
             Version::HTTP_11 => headers::upgrade_request(req.headers()),
             _ => None,
@@ -170,7 +170,7 @@ pub fn forward<'a>(
                     Err(_) => return Err(client_failed(StatusCode::REQUEST_TIMEOUT)),
                 }
             } else {
-                let (body, sent) = Body::watched(body);
+                let (body, sent) = Body::watched(body, config.proxy.body_read_timeout);
                 (body, sent, None)
             };
 
@@ -192,11 +192,22 @@ pub fn forward<'a>(
         loop {
             let error = match send(pool, server, req, timeout, sent.as_mut()).await {
                 Ok(resp) => {
-                    let stall = limits.read_timeout.map(|d| (d, &pool.names[server]));
+                    if let Some(sent) = &sent {
+                        sent.answered();
+                    }
+                    let stall = config
+                        .upstream
+                        .read_timeout
+                        .map(|d| (d, &pool.names[server]));
                     return Ok(finish(resp, server, client_upgrade, stall));
                 }
                 Err(e) => e,
             };
+            // The client's own doing: answered 408, and no server's fault.
+            if sent.as_ref().is_some_and(SentSignal::stalled) {
+                tracing::debug!(server = %pool.servers[server], "{error}; the client let its request body stall");
+                return Err(client_failed(StatusCode::REQUEST_TIMEOUT));
+            }
             // Only what the upstream can be blamed for counts against its health: a client that
             // stalls or aborts its own upload must not be able to take servers out.
             let body_complete = sent.as_ref().is_none_or(SentSignal::complete);

@@ -1,11 +1,13 @@
-//! How long a client may take nothing of what is written to it (`proxy.send_timeout`,
-//! nginx's `send_timeout`): the clock on writes to a client, on every path that writes to one.
+//! Clocks on stalls: how long a peer may let an exchange stand still. A client that takes
+//! nothing of what is written to it (`proxy.send_timeout`, nginx's `send_timeout`), on every
+//! path that writes to one; a server's response body that stops (`upstream.read_timeout`) and
+//! a client's request body that stops (`proxy.body_read_timeout`), in `body`.
 //!
 //! A client that stops reading fills its socket's buffer, and every write to it waits. Left
 //! alone, the connection, its buffers, the upstream connection streaming to it and a drain's
-//! patience stay held until the client goes. The clock runs only while a write waits, and
-//! restarts whenever one moves: a slow reader is served, a silent one is let go. Its `Sleep` is
-//! made when a write first waits, so the common write, taken at once, costs a branch.
+//! patience stay held until the client goes. A clock runs only while what it times waits, and
+//! restarts whenever that moves: a slow peer is served, a silent one is let go. Its `Sleep` is
+//! made at the first wait, so the common poll, ready at once, costs a branch.
 
 use crate::state::StateHandle;
 use std::future::{poll_fn, Future};
@@ -16,9 +18,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// The deadline of a write that waits. One per connection (or per write, for `write_all`).
+/// The deadline of a wait: of a write (one per connection, or per `write_all`), or of a body.
 #[derive(Default)]
-pub struct SendClock {
+pub struct StallClock {
     /// When the current wait began and its limit; `None` while writes move.
     wait: Option<(Instant, Duration)>,
     /// Made by the first wait and kept: a later wait leaves its deadline where it was and
@@ -27,25 +29,25 @@ pub struct SendClock {
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
-impl SendClock {
-    /// Passes on the poll of a write, a flush or a shutdown, unless it has waited, with
-    /// nothing moving since, longer than `limit` (read when a wait begins, so that a reload
-    /// applies to the next one): then it fails with `TimedOut`.
-    pub fn watch<T>(
+impl StallClock {
+    /// Whether a wait has gone on, with nothing moving, for its `limit`: called at every poll
+    /// of what it times, with whether that poll `moved` (was ready). The limit is read when a
+    /// wait begins, so that a reload applies to the next one; `None` is no limit.
+    pub fn expired(
         &mut self,
         cx: &mut Context<'_>,
+        moved: bool,
         limit: impl FnOnce() -> Option<Duration>,
-        polled: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        if polled.is_ready() {
+    ) -> bool {
+        if moved {
             self.wait = None;
-            return polled;
+            return false;
         }
         let (since, limit) = match self.wait {
             Some(wait) => wait,
             None => {
                 let Some(limit) = limit() else {
-                    return Poll::Pending;
+                    return false;
                 };
                 *self.wait.insert((Instant::now(), limit))
             }
@@ -61,26 +63,40 @@ impl SendClock {
         while sleep.as_mut().poll(cx).is_ready() {
             if sleep.deadline() >= deadline {
                 self.wait = None;
-                return Poll::Ready(Err(timed_out()));
+                return true;
             }
             // Set by an earlier wait: this one has time left.
             sleep.as_mut().reset(deadline);
         }
-        Poll::Pending
+        false
+    }
+
+    /// Passes on the poll of a write, a flush or a shutdown, unless it has waited, with
+    /// nothing moving since, longer than `limit`: then it fails with `TimedOut`.
+    pub fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        limit: impl FnOnce() -> Option<Duration>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if self.expired(cx, polled.is_ready(), limit) {
+            return Poll::Ready(Err(timed_out()));
+        }
+        polled
     }
 }
 
 /// A connection's clock, and where its limit is read: the current `proxy.send_timeout`.
 pub struct Timing {
     state: StateHandle,
-    clock: SendClock,
+    clock: StallClock,
 }
 
 impl Timing {
     pub fn new(state: StateHandle) -> Timing {
         Timing {
             state,
-            clock: SendClock::default(),
+            clock: StallClock::default(),
         }
     }
 
@@ -172,7 +188,7 @@ pub fn timed_out() -> io::Error {
     )
 }
 
-/// Whether `e` is `SendClock`'s: the client stopped reading.
+/// Whether `e` is `StallClock`'s: the client stopped reading.
 pub fn is_timed_out(e: &io::Error) -> bool {
     e.kind() == ErrorKind::TimedOut
 }
@@ -185,7 +201,7 @@ pub async fn write_all<W: AsyncWrite + Unpin>(
     flush: bool,
     limit: Option<Duration>,
 ) -> io::Result<()> {
-    let mut clock = SendClock::default();
+    let mut clock = StallClock::default();
     poll_fn(|cx| {
         while !buf.is_empty() {
             let polled = Pin::new(&mut *w).poll_write(cx, buf);
@@ -210,12 +226,12 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     /// A write that waits on `clock` until it fails.
-    async fn wait(clock: &mut SendClock, limit: Duration) -> io::Result<()> {
+    async fn wait(clock: &mut StallClock, limit: Duration) -> io::Result<()> {
         poll_fn(|cx| clock.watch(cx, || Some(limit), Poll::Pending)).await
     }
 
     /// A write that moves.
-    fn moved(clock: &mut SendClock) {
+    fn moved(clock: &mut StallClock) {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let polled = clock.watch(&mut cx, || None, Poll::Ready(Ok(())));
         assert!(matches!(polled, Poll::Ready(Ok(()))));
@@ -226,7 +242,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn each_wait_has_its_own_deadline() {
         let second = Duration::from_secs(1);
-        let mut clock = SendClock::default();
+        let mut clock = StallClock::default();
         // An hour's wait, ended by a write that moved after a minute.
         let hour = wait(&mut clock, Duration::from_secs(3600));
         assert!(tokio::time::timeout(Duration::from_secs(60), hour)
