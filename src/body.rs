@@ -100,17 +100,22 @@ impl Body {
 
     /// `inner`, failing when no frame comes for `limit` (`upstream.read_timeout`, nginx's
     /// `proxy_read_timeout`): a server that stops mid-body would otherwise hold the client's
-    /// connection and its own until the client gives up.
-    pub fn timed(inner: Body, limit: Option<(Duration, &Arc<str>)>) -> Body {
-        match limit {
-            Some((limit, server)) if !inner.is_end_stream() => Body::Timed(Box::new(Timed {
-                inner,
-                limit,
-                server: server.clone(),
-                clock: StallClock::default(),
-            })),
-            _ => inner,
+    /// connection and its own until the client gives up. With `resume`, an upload still under
+    /// way is timed again once this answer has ended (`Resume`).
+    pub fn timed(
+        inner: Body,
+        limit: Option<(Duration, &Arc<str>)>,
+        resume: Option<Resume>,
+    ) -> Body {
+        if inner.is_end_stream() || (limit.is_none() && resume.is_none()) {
+            return inner;
         }
+        Body::Timed(Box::new(Timed {
+            inner,
+            limit: limit.map(|(limit, server)| (limit, server.clone())),
+            clock: StallClock::default(),
+            _resume: resume,
+        }))
     }
 
     /// Whether the body, read whole, gives its connection back to a pool (`Lent`).
@@ -164,11 +169,47 @@ impl SentSignal {
         self.state.load(Ordering::Acquire) == STALLED
     }
 
-    /// The server has answered: the rest of the body is no longer timed.
-    pub fn answered(&self) {
-        let _ =
+    /// The server has answered: the rest of the body is not timed while the answer streams
+    /// back, and is again once the answer's body (which holds the `Resume`) has ended, so
+    /// that an upload the server answered early (a 401, a 413) cannot trickle on forever.
+    /// `None` when the upload had stalled first: that answer is not the client's to have.
+    pub fn answered(&self) -> Option<Resume> {
+        let answered =
             self.state
                 .compare_exchange(STREAMING, ANSWERED, Ordering::AcqRel, Ordering::Acquire);
+        match answered {
+            Ok(_) => Some(Resume(self.state.clone())),
+            Err(STALLED) => None,
+            // Sent whole already: nothing is left to time.
+            Err(_) => Some(Resume(Arc::new(AtomicU8::new(COMPLETE)))),
+        }
+    }
+}
+
+impl Sent {
+    /// Whether the upload, at a poll that `moved` or waits, has stalled past its limit;
+    /// marked so unless the server has answered meanwhile. Never timed while the server's
+    /// answer streams back.
+    fn stalls(&mut self, cx: &mut Context<'_>, moved: bool) -> bool {
+        let answered = self.state.load(Ordering::Acquire) == ANSWERED;
+        let limit = self.limit.filter(|_| !answered);
+        self.clock.expired(cx, moved || answered, || limit)
+            && self
+                .state
+                .compare_exchange(STREAMING, STALLED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+}
+
+/// Held by an answer while its upload is not timed; dropped with the answer, it times the
+/// rest of the upload again.
+pub struct Resume(Arc<AtomicU8>);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = self
+            .0
+            .compare_exchange(ANSWERED, STREAMING, Ordering::AcqRel, Ordering::Acquire);
     }
 }
 
@@ -179,10 +220,10 @@ pub struct UploadStalled(pub Duration);
 
 pub struct Timed {
     inner: Body,
-    limit: Duration,
-    /// The server's name, for the log.
-    server: Arc<str>,
+    /// The limit, and the server's name for the log.
+    limit: Option<(Duration, Arc<str>)>,
     clock: StallClock,
+    _resume: Option<Resume>,
 }
 
 /// The error of a body that stalled.
@@ -193,14 +234,12 @@ pub struct Stalled(pub Duration);
 impl Timed {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        let limit = self.limit;
-        if self.clock.expired(cx, polled.is_ready(), || Some(limit)) {
-            tracing::warn!(
-                server = %self.server,
-                "{}; the answer is cut short",
-                Stalled(limit)
-            );
-            return Poll::Ready(Some(Err(Stalled(limit).into())));
+        let Some((limit, server)) = &self.limit else {
+            return polled;
+        };
+        if self.clock.expired(cx, polled.is_ready(), || Some(*limit)) {
+            tracing::warn!(server = %server, "{}; the answer is cut short", Stalled(*limit));
+            return Poll::Ready(Some(Err(Stalled(*limit).into())));
         }
         polled
     }
@@ -240,17 +279,9 @@ impl HttpBody for Body {
                         let _ = sent.tx.send(());
                     }
                 } else if let Some(sent) = done {
-                    let answered = sent.state.load(Ordering::Acquire) == ANSWERED;
-                    let limit = sent.limit.filter(|_| !answered);
-                    if sent
-                        .clock
-                        .expired(cx, polled.is_ready() || answered, || limit)
-                    {
-                        sent.state.store(STALLED, Ordering::Release);
-                        return Poll::Ready(Some(Err(UploadStalled(
-                            sent.limit.unwrap_or_default(),
-                        )
-                        .into())));
+                    if sent.stalls(cx, polled.is_ready()) {
+                        let limit = sent.limit.unwrap_or_default();
+                        return Poll::Ready(Some(Err(UploadStalled(limit).into())));
                     }
                 }
                 polled.map_err(Into::into)

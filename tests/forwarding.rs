@@ -447,23 +447,30 @@ async fn websocket_is_tunnelled_both_ways_and_let_go_when_its_client_stops_readi
 }
 
 /// `proxy.body_read_timeout`: an upload that stops while the server waits for it is answered
-/// 408 and the server's connection closed; one that pauses longer after the server has
-/// answered (a conversation, as a gRPC stream) is not cut.
+/// 408; one that pauses longer while the server's answer streams back (a conversation, as a
+/// gRPC stream) is not cut; one that stops after an early answer has ended is let go.
 #[tokio::test]
-async fn an_upload_that_stalls_gets_408_unless_the_server_has_answered() {
+async fn an_upload_that_stalls_gets_408_unless_the_server_is_answering() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // `/wait` reads the whole body before answering; `/talk` answers at once with the
-    // request's own body streamed back.
+    // request's own body streamed back; `/early` answers 401 at once and reads the body on.
     let up = upstream(|req: Request<Incoming>| async move {
-        if req.uri().path() == "/talk" {
-            return Response::new(req.into_body().map_err(Into::into).boxed());
+        match req.uri().path() {
+            "/talk" => return Response::new(req.into_body().map_err(Into::into).boxed()),
+            "/early" => {
+                tokio::spawn(req.into_body().collect());
+                let mut early = Response::new(full("early"));
+                *early.status_mut() = StatusCode::UNAUTHORIZED;
+                return early;
+            }
+            _ => {}
         }
         let body = req.into_body().collect().await;
         Response::new(full(format!("read whole: {}", body.is_ok())))
     })
     .await;
     let config = format!(
-        "[proxy]\nbody_read_timeout = \"1s\"\n{}",
+        "[proxy]\nbody_read_timeout = \"2s\"\n{}",
         upstream_config(&up)
     );
     let proxy = spawn_proxy(&config).await;
@@ -479,7 +486,7 @@ async fn an_upload_that_stalls_gets_408_unless_the_server_has_answered() {
     assert!(read.is_ok(), "a stalled upload is still waited for");
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(
-        asked.elapsed() >= Duration::from_millis(900),
+        asked.elapsed() >= Duration::from_millis(1900),
         "after {:?}",
         asked.elapsed()
     );
@@ -502,7 +509,7 @@ async fn an_upload_that_stalls_gets_408_unless_the_server_has_answered() {
     }
     assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
     // A pause longer than the limit, once the server has answered.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     s.write_all(b"5\r\nworld\r\n0\r\n\r\n").await.unwrap();
     while !String::from_utf8_lossy(&got).ends_with("0\r\n\r\n") {
         let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
@@ -513,6 +520,20 @@ async fn an_upload_that_stalls_gets_408_unless_the_server_has_answered() {
         got.extend_from_slice(&chunk[..n]);
     }
     assert!(String::from_utf8_lossy(&got).contains("world"));
+
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nfirst bytes")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        read.is_ok(),
+        "an upload that stopped after an early answer is still waited for"
+    );
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.ends_with("early"), "{answer}");
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ pub mod headers;
 pub mod pool;
 pub mod upgrade;
 
-use crate::body::{Body, SentSignal};
+use crate::body::{Body, Resume, SentSignal};
 use crate::config::{Config, Protocol, Upstream};
 use crate::health::Passive;
 use headers::ClientSide;
@@ -192,14 +192,18 @@ pub fn forward<'a>(
         loop {
             let error = match send(pool, server, req, timeout, sent.as_mut()).await {
                 Ok(resp) => {
-                    if let Some(sent) = &sent {
-                        sent.answered();
-                    }
+                    // An upload that stalled as the head came: the answer may be cut short
+                    // already, and the stall is the client's.
+                    let resume = match sent.as_ref().map(SentSignal::answered) {
+                        Some(None) => return Err(client_failed(StatusCode::REQUEST_TIMEOUT)),
+                        Some(resume) => resume,
+                        None => None,
+                    };
                     let stall = config
                         .upstream
                         .read_timeout
                         .map(|d| (d, &pool.names[server]));
-                    return Ok(finish(resp, server, client_upgrade, stall));
+                    return Ok(finish(resp, server, client_upgrade, stall, resume));
                 }
                 Err(e) => e,
             };
@@ -325,14 +329,16 @@ fn send<'a>(
 
 /// Prepares the upstream's response for the client, and the tunnel if it switched protocols;
 /// its body may stall no longer than `stall` (`upstream.read_timeout`, read from the config
-/// in force, so that a reload changes it; with the server's name for the log).
+/// in force, so that a reload changes it; with the server's name for the log), and holds
+/// `resume` (an upload still under way) until it ends.
 fn finish(
     resp: Response<Body>,
     server: usize,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     stall: Option<(Duration, &Arc<str>)>,
+    resume: Option<Resume>,
 ) -> Forwarded {
-    let mut resp = resp.map(|body| Body::timed(body, stall));
+    let mut resp = resp.map(|body| Body::timed(body, stall, resume));
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let upgraded_to = switching
         .then(|| resp.headers().get(header::UPGRADE).cloned())
