@@ -475,15 +475,24 @@ async fn an_upload_that_stalls_gets_408_unless_the_server_is_answering() {
     );
     let proxy = spawn_proxy(&config).await;
 
-    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // A POST that announces 100,000 bytes, sends a few and stops: what came back, if the
+    // connection closed within 10 s.
+    let addr = proxy.addr;
+    let stopped_upload = |path: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n");
+        s.write_all(format!("{head}first bytes").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+        read.is_ok()
+            .then(|| String::from_utf8_lossy(&answer).into_owned())
+    };
+
     let asked = std::time::Instant::now();
-    s.write_all(b"POST /wait HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nfirst bytes")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(read.is_ok(), "a stalled upload is still waited for");
+    let answer = stopped_upload("/wait").await;
+    let answer = answer.expect("a stalled upload is still waited for");
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(
         asked.elapsed() >= Duration::from_millis(1900),
@@ -521,17 +530,8 @@ async fn an_upload_that_stalls_gets_408_unless_the_server_is_answering() {
     }
     assert!(String::from_utf8_lossy(&got).contains("world"));
 
-    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nfirst bytes")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(
-        read.is_ok(),
-        "an upload that stopped after an early answer is still waited for"
-    );
+    let answer = stopped_upload("/early").await;
+    let answer = answer.expect("an upload that stopped after an early answer is still waited for");
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
     assert!(answer.ends_with("early"), "{answer}");
 }
