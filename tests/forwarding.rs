@@ -446,6 +446,19 @@ async fn websocket_is_tunnelled_both_ways_and_let_go_when_its_client_stops_readi
     assert!(let_go, "a tunnel whose client reads nothing is still held");
 }
 
+/// Reads from `s` into `got` until `done` says so; fails when the connection closes first or
+/// nothing comes for 10 s.
+async fn read_until(s: &mut tokio::net::TcpStream, got: &mut String, done: impl Fn(&str) -> bool) {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 1024];
+    while !done(got) {
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk)).await;
+        let n = read.unwrap().unwrap();
+        assert!(n > 0, "closed after {got:?}");
+        got.push_str(&String::from_utf8_lossy(&chunk[..n]));
+    }
+}
+
 /// `proxy.body_read_timeout`: an upload that stops while the server waits for it is answered
 /// 408; one that pauses longer while the server's answer streams back (a conversation, as a
 /// gRPC stream) is not cut; one that stops after an early answer has ended is let go.
@@ -506,29 +519,14 @@ async fn an_upload_that_stalls_gets_408_unless_the_server_is_answering() {
     )
     .await
     .unwrap();
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 1024];
-    while !String::from_utf8_lossy(&got).contains("hello") {
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&chunk[..n]);
-    }
-    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    let mut got = String::new();
+    read_until(&mut s, &mut got, |got| got.contains("hello")).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
     // A pause longer than the limit, once the server has answered.
     tokio::time::sleep(Duration::from_millis(3000)).await;
     s.write_all(b"5\r\nworld\r\n0\r\n\r\n").await.unwrap();
-    while !String::from_utf8_lossy(&got).ends_with("0\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "cut short: {}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&chunk[..n]);
-    }
-    assert!(String::from_utf8_lossy(&got).contains("world"));
+    read_until(&mut s, &mut got, |got| got.ends_with("0\r\n\r\n")).await;
+    assert!(got.contains("world"), "{got}");
 
     let answer = stopped_upload("/early").await;
     let answer = answer.expect("an upload that stopped after an early answer is still waited for");
