@@ -252,6 +252,12 @@ all_server_ticks() {
 # (user, nice, system, irq, softirq, steal): what is left is other processes' (a busy machine).
 child_ticks() { sed 's/.*) //' /proc/$$/stat | awk '{print $14 + $15}'; }
 machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9; exit}' /proc/stat; }
+idle_ticks() { awk '/^cpu / {print $5 + $6; exit}' /proc/stat; }
+# TICKS of CPU time over NS nanoseconds of wall time, in % of one core (or of CORES cores).
+pct() { # TICKS NS [CORES]
+    awk -v c="$1" -v hz="$CLK_TCK" -v ns="$2" -v n="${3:-1}" \
+        'BEGIN {v = c / hz / (ns / 1e9) / n * 100; printf "%.1f", v < 0 ? 0 : v}'
+}
 
 record_rss() { # PHASE SERVER...
     local phase=$1 s
@@ -426,7 +432,7 @@ add_h2_row() { # ID LABEL DIRECT_REF NGINX_REF SERVER GROUP PORT PATH TIME_WAIT_
 run_row() { # ID REP SECONDS
     local id=$1 rep=$2 secs=$3 proc=${ROW_PROC[$1]} client=${ROW_CLIENT[$1]}
     local out="$RES/runs/$1.$2" raw="$RES/runs/$1.$2.${ROW_CLIENT[$1]}"
-    local hdr=() cmd=() tw0 tw1 c0 c1 t0 t1 a0 a1 k0 k1 m0 m1
+    local hdr=() cmd=() tw0 tw1 c0 c1 t0 t1 a0 a1 k0 k1 m0 m1 u0 u1 i0 i1
     [[ -n ${ROW_HDR[$id]} ]] && hdr=(-H "${ROW_HDR[$id]}")
     if [[ $client == h2load ]]; then
         # HTTP/2 over TLS (h2 by ALPN); h2load does not verify the certificate.
@@ -440,16 +446,19 @@ run_row() { # ID REP SECONDS
         return 0
     fi
     tw0=$(time_wait "${ROW_TWPORT[$id]}"); c0=$(cpu_ticks "$proc"); a0=$(all_server_ticks); k0=$(child_ticks); m0=$(machine_ticks)
+    u0=$(cpu_ticks up); i0=$(idle_ticks)
     t0=$(date +%s%N)
     timeout --kill-after=5 $((secs + 30)) "${cmd[@]}" >"$raw" 2>&1 \
         || note "$client exited with an error on '${ROW_LABEL[$id]}' (run $rep): $(tail -n 1 "$raw")"
     t1=$(date +%s%N); m1=$(machine_ticks); k1=$(child_ticks); a1=$(all_server_ticks); c1=$(cpu_ticks "$proc")
+    u1=$(cpu_ticks up); i1=$(idle_ticks)
     tw1=$(time_wait "${ROW_TWPORT[$id]}")
-    printf 'tw=%s cpu=%s other=%s rss=%s\n' $((tw1 > tw0 ? tw1 - tw0 : 0)) \
-        "$(awk -v c=$((c1 - c0)) -v hz="$CLK_TCK" -v ns=$((t1 - t0)) 'BEGIN {printf "%.1f", c / hz / (ns / 1e9) * 100}')" \
-        "$(awk -v c=$(((m1 - m0) - (a1 - a0) - (k1 - k0))) -v hz="$CLK_TCK" -v ns=$((t1 - t0)) \
-            'BEGIN {v = c / hz / (ns / 1e9) * 100; printf "%.1f", v < 0 ? 0 : v}')" \
-        "$(rss_kib "$proc")" >"$out.extra"
+    # up: the upstream nginx's CPU % (what a proxy costs its neighbour); idle: the machine's
+    # idle time in % of all its cores.
+    printf 'tw=%s cpu=%s other=%s rss=%s up=%s idle=%s\n' $((tw1 > tw0 ? tw1 - tw0 : 0)) \
+        "$(pct $((c1 - c0)) $((t1 - t0)))" "$(pct $(((m1 - m0) - (a1 - a0) - (k1 - k0))) $((t1 - t0)))" \
+        "$(rss_kib "$proc")" "$(pct $((u1 - u0)) $((t1 - t0)))" "$(pct $((i1 - i0)) $((t1 - t0)) "$(nproc)")" \
+        >"$out.extra"
     if ! alive "$proc"; then
         note "server $proc ($proc) DIED during '${ROW_LABEL[$id]}' run $rep; last log lines: $(tail -n 5 "$WORK/$proc/stderr.log" | tr '\n' ' ')"
     fi

@@ -9,7 +9,9 @@ RESULTS_DIR holds (all written by load.sh):
              <TAB>client (wrk or h2load; wrk when absent)
   runs/ID.REP.wrk    wrk's output of one measured run (REP 0 is the warm-up, not counted)
   runs/ID.REP.h2load h2load's output, for the HTTPS rows (h2 over TLS)
-  runs/ID.REP.extra  key=value words: tw (TIME_WAIT sockets added), cpu (proxy CPU %)
+  runs/ID.REP.extra  key=value words: tw (TIME_WAIT sockets added), cpu (proxy CPU %), other
+                     (other processes' CPU %), rss (KiB), up (the upstream nginx's CPU %), idle
+                     (the machine's idle time, % of all cores)
   rss.tsv    proc<TAB>phase<TAB>KiB   (phase: idle, after_<group>)
   mem.tsv    target<TAB>before<TAB>with<TAB>after_close<TAB>READY line<TAB>CLOSING line
   toggle.txt the COUNT, TOGGLE and wrk summary lines of the toggle test
@@ -130,6 +132,8 @@ def main():
             w["cpu"] = float(extra.get("cpu", "nan") or "nan")
             w["other"] = float(extra.get("other", "nan") or "nan")
             w["rss"] = int(extra["rss"]) if extra.get("rss", "").isdigit() else None
+            w["up"] = float(extra.get("up", "nan") or "nan")
+            w["idle"] = float(extra.get("idle", "nan") or "nan")
             reps.append(w)
             rep += 1
         ok = [w for w in reps if w["rps"] is not None]
@@ -161,6 +165,10 @@ def main():
             per_req = [w["cpu"] / 100 / w["rps"] * 1e6 for w in ok
                        if w["cpu"] == w["cpu"] and w["rps"]]
             s["us_per_req"] = statistics.median(per_req) if per_req else None
+            up = [w["up"] / 100 / w["rps"] * 1e6 for w in ok if w["up"] == w["up"] and w["rps"]]
+            s["up_us"] = statistics.median(up) if up else None
+            idle = [w["idle"] for w in ok if w["idle"] == w["idle"]]
+            s["idle"] = statistics.median(idle) if idle else None
             other = [w["other"] for w in ok if w["other"] == w["other"]]
             s["other"] = max(other) if other else None
             s["rss_after"] = ok[-1]["rss"]
@@ -290,6 +298,32 @@ def main():
         p("")
         p(f"**min..max spread above 10 %** for: {', '.join(spread_warn)} — rerun before drawing "
           "conclusions (the machine may have been busy).")
+
+    # What each forwarding proxy costs the upstream beside it, and the time the machine
+    # idled: a proxy that is cheap itself but wakes its upstream more often, or leaves a core
+    # idle while the other is the bottleneck, does not turn its saving into req/s.
+    neighbours = [r for r in ("ngx1", "int1", "bare", "ngx2", "int2") if stats.get(r, {}).get("up_us")]
+    if neighbours:
+        p("")
+        p("## Cost to the neighbours (forwarding rows)")
+        p("")
+        p("| row | median req/s | proxy CPU µs/req | upstream CPU µs/req (× nginx) | machine idle % |")
+        p("|---|---:|---:|---:|---:|")
+        for rid in neighbours:
+            s = stats[rid]
+            ref = "ngx2" if rid in ("ngx2", "int2") else "ngx1"
+            up_ref = stats.get(ref, {}).get("up_us")
+            ratio = f" ({s['up_us'] / up_ref:.2f})" if up_ref and rid != ref else ""
+            us = f"{s['us_per_req']:.1f}" if s.get("us_per_req") is not None else "—"
+            idle = f"{s['idle']:.0f}" if s.get("idle") is not None else "—"
+            label = next((row[1] for row in rows if row[0] == rid), rid)
+            p(f"| {label} | {fmt_int(s['rps'])} | {us} | {s['up_us']:.1f}{ratio} | {idle} |")
+        p("")
+        p("Upstream CPU µs/req: the upstream nginx's CPU time per request served through the row's "
+          "proxy (medians over the repetitions); machine idle: the share of all cores that idled "
+          "during the run. wrk, the upstream and the proxy share the cores: the req/s a proxy "
+          "reaches depends on what it costs them as much as on its own CPU (see "
+          "`docs/performance-history.md`, \"Where the other core's time goes\").")
 
     mem = read_tsv(os.path.join(d, "mem.tsv"))
     if mem:
