@@ -172,18 +172,26 @@ impl SentSignal {
     /// The server has answered: the rest of the body is not timed while the answer streams
     /// back, and is again once the answer's body (which holds the `Resume`) has ended, so
     /// that an upload the server answered early (a 401, a 413) cannot trickle on forever.
-    /// `None` when the upload had stalled first: that answer is not the client's to have.
-    pub fn answered(&self) -> Option<Resume> {
+    pub fn answered(&self) -> Answered {
         let answered =
             self.state
                 .compare_exchange(STREAMING, ANSWERED, Ordering::AcqRel, Ordering::Acquire);
         match answered {
-            Ok(_) => Some(Resume(self.state.clone())),
-            Err(STALLED) => None,
-            // Sent whole already: nothing is left to time.
-            Err(_) => Some(Resume(Arc::new(AtomicU8::new(COMPLETE)))),
+            Ok(_) => Answered::Streaming(Resume(self.state.clone())),
+            Err(STALLED) => Answered::Stalled,
+            Err(_) => Answered::Whole,
         }
     }
+}
+
+/// Where an upload stood when the server's head came (`SentSignal::answered`).
+pub enum Answered {
+    /// Still coming: the answer holds the `Resume`.
+    Streaming(Resume),
+    /// Sent whole already: nothing is left to time.
+    Whole,
+    /// It had stalled first: that answer is not the client's to have.
+    Stalled,
 }
 
 impl Sent {

@@ -126,10 +126,6 @@ impl<S> Timed<S> {
             timing: Timing::new(state),
         }
     }
-
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Timed<S> {
@@ -181,7 +177,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Timed<S> {
 }
 
 /// The error of a client that took nothing for `proxy.send_timeout`.
-pub fn timed_out() -> io::Error {
+fn timed_out() -> io::Error {
     io::Error::new(
         ErrorKind::TimedOut,
         "the client took nothing of its answer for proxy.send_timeout",

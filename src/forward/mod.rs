@@ -14,7 +14,7 @@ pub mod headers;
 pub mod pool;
 pub mod upgrade;
 
-use crate::body::{Body, Resume, SentSignal};
+use crate::body::{Answered, Body, Resume, SentSignal};
 use crate::config::{Config, Protocol, Upstream};
 use crate::health::Passive;
 use headers::ClientSide;
@@ -195,9 +195,11 @@ pub fn forward<'a>(
                     // An upload that stalled as the head came: the answer may be cut short
                     // already, and the stall is the client's.
                     let resume = match sent.as_ref().map(SentSignal::answered) {
-                        Some(None) => return Err(client_failed(StatusCode::REQUEST_TIMEOUT)),
-                        Some(resume) => resume,
-                        None => None,
+                        Some(Answered::Stalled) => {
+                            return Err(client_failed(StatusCode::REQUEST_TIMEOUT))
+                        }
+                        Some(Answered::Streaming(resume)) => Some(resume),
+                        Some(Answered::Whole) | None => None,
                     };
                     let stall = config
                         .upstream
