@@ -243,6 +243,9 @@ struct AcceptPrefs {
     text: Ranked,
     json: Ranked,
     problem_json: Ranked,
+    /// The highest q of the named `+json` types (RFC 6839: `application/vnd.api+json`,
+    /// `application/hal+json`): a client naming one is a program that parses JSON.
+    suffix_json: u16,
 }
 
 impl AcceptPrefs {
@@ -267,13 +270,26 @@ impl AcceptPrefs {
                 .offer(specificity(kind, subtype, "application", "json"), q);
             let problem = specificity(kind, subtype, "application", "problem+json");
             prefs.problem_json.offer(problem, q);
+            if is_json_suffix(kind, subtype) {
+                prefs.suffix_json = prefs.suffix_json.max(q);
+            }
         }
         prefs
     }
 
+    /// How high the Accept header ranks JSON: its best-ranked JSON type.
     fn json_q(&self) -> u16 {
-        self.json.q.max(self.problem_json.q)
+        self.json.q.max(self.problem_json.q).max(self.suffix_json)
     }
+}
+
+/// `kind/…+json`, a JSON type by its structured syntax suffix.
+fn is_json_suffix(kind: &str, subtype: &str) -> bool {
+    const SUFFIX: &[u8] = b"+json";
+    let sub = subtype.as_bytes();
+    kind != "*"
+        && sub.len() > SUFFIX.len()
+        && sub[sub.len() - SUFFIX.len()..].eq_ignore_ascii_case(SUFFIX)
 }
 
 /// How specifically the range `kind/subtype` matches `target_kind/target_subtype`.
@@ -532,6 +548,21 @@ mod tests {
                 Json,
             ),
             (&["application/*;q=0.9, text/html;q=0.8"], "/", Json),
+            // Every JSON type counts, by its `+json` suffix too.
+            (&["application/vnd.api+json, text/html;q=0.5"], "/", Json),
+            (&["application/HAL+JSON;q=0.6, text/html;q=0.5"], "/", Json),
+            (
+                &["application/vnd.api+json;q=0.4, text/html;q=0.5"],
+                "/",
+                Html,
+            ),
+            (
+                &["application/vnd.api+json;q=0, text/html;q=0.5"],
+                "/",
+                Html,
+            ),
+            (&["text/plain, application/ld+json"], "/", Json),
+            (&["application/+json, text/html;q=0.5"], "/", Html),
             (&["application/json;q=0.5", "text/html"], "/", Html),
             (&["text/html;q=0.5", "application/json"], "/", Json),
             (
