@@ -184,6 +184,44 @@ async fn an_operators_on_outlasts_the_window() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_operators_on_without_words_shows_the_windows_message_until_it_ends() {
+    let up = app().await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[maintenance]\nmessage = \"Configured words\"\n",
+        up.url()
+    ))
+    .await;
+    ctl(&proxy, add("+0s", "+2s", Some("Window words"))).await;
+    wait_mode(&proxy, "maintenance", Duration::from_secs(5)).await;
+    ctl(
+        &proxy,
+        Ctl::On {
+            message: None,
+            until: None,
+            retry_after: None,
+            reason: None,
+        },
+    )
+    .await;
+    // SPEC §3: the operator's message, else the window's, else the configured one.
+    let v: serde_json::Value = json(&get(&proxy.url("/")).await);
+    assert_eq!(v["detail"], "Window words");
+    let mut detail = v["detail"].clone();
+    for _ in 0..200 {
+        detail = json::<serde_json::Value>(&get(&proxy.url("/")).await)["detail"].clone();
+        if detail != "Window words" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        detail, "Configured words",
+        "once the window is over, the operator's switch shows the configured message"
+    );
+    assert_eq!(proxy_mode(&proxy).await, "maintenance");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_window_survives_a_restart_in_its_middle() {
     let up = app().await;
     let dir = tempfile::tempdir().unwrap();

@@ -52,12 +52,13 @@ impl View {
     ) -> View {
         let held = mode == Mode::Maintenance;
         let planned = state.planned.as_ref().filter(|_| held);
-        let window = state
-            .active_window(now)
-            .filter(|_| held && planned.is_none());
+        let in_force = state.active_window(now).filter(|_| held);
+        // An operator's `on` outlasts the window, so its times are the operator's; but a
+        // switch without words still shows the window's (SPEC §3: operator, window, config).
+        let window = in_force.filter(|_| planned.is_none());
         let default_message = match mode {
             Mode::Outage => &cfg.outage_message,
-            _ => window
+            _ => in_force
                 .and_then(|w| w.message.as_ref())
                 .unwrap_or(&cfg.message),
         };
