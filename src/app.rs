@@ -208,7 +208,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let socket_path = config.control.socket.clone();
     let listen = config.proxy.listen.clone();
     let listen_tls = config.tls.listen.clone();
-    let max_connections = config.proxy.max_connections;
     let threads = config.proxy.threads;
     let metrics = Arc::new(Metrics::new());
     let notifier = Notifier::start(config.notify.clone(), metrics.clone());
@@ -227,7 +226,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         closed: AtomicBool::new(false),
         state: state.clone(),
         drain: drain.clone(),
-        limit: listener::Limit::new(max_connections),
+        limit: Arc::default(),
         workers: workers.clone(),
     });
     if let Err(e) = listeners.apply(&listen, &listen_tls).await {

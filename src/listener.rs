@@ -31,31 +31,26 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-/// `proxy.max_connections`: the client connections open, counted across every listener.
-/// Taken without waiting (a connection over the limit is closed at once), so a counter does
-/// what a semaphore's permit would, in one pointer instead of two words: every parked
-/// connection keeps its `Slot`, and its state has no room to spare (see `park::parked`).
+/// The client connections open, counted across every listener against
+/// `proxy.max_connections`. Taken without waiting (a connection over the limit is closed at
+/// once), so a counter does what a semaphore's permit would, in one pointer instead of two
+/// words: every parked connection keeps its `Slot`, and its state has no room to spare (see
+/// `park::parked`). The maximum is the snapshot's at each accept, so a reload applies to the
+/// next connection; lowering it closes none of those already open.
+#[derive(Default)]
 pub struct Limit {
     open: AtomicUsize,
-    max: usize,
 }
 
 /// One open client connection, in its `Limit` until dropped.
 pub struct Slot(Arc<Limit>);
 
 impl Limit {
-    pub fn new(max: usize) -> Arc<Limit> {
-        Arc::new(Limit {
-            open: AtomicUsize::new(0),
-            max,
-        })
-    }
-
     /// A slot, unless `max` connections are open.
-    pub fn take(self: &Arc<Limit>) -> Option<Slot> {
+    pub fn take(self: &Arc<Limit>, max: usize) -> Option<Slot> {
         self.open
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < self.max).then_some(n + 1)
+                (n < max).then_some(n + 1)
             })
             .ok()
             .map(|_| Slot(self.clone()))
@@ -177,12 +172,12 @@ pub async fn accept_loop(
         };
         // Over the limit, close at once: a refused client retries elsewhere or later, while
         // an accepted one that is never served would hold a descriptor for nothing.
-        let Some(permit) = limit.take() else {
+        let snap = state.load();
+        let Some(permit) = limit.take(snap.config.proxy.max_connections) else {
             tracing::debug!(%peer, "proxy.max_connections reached; closing a new connection");
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let snap = state.load();
         let first_byte = snap.config.proxy.header_read_timeout;
         let builder = snap.conn.clone();
         let acceptor = match (tls, &snap.tls) {

@@ -720,7 +720,9 @@ mod tests {
         let held = Held {
             builder: parts.conn.clone(),
             drain: Arc::new(Drain::default()),
-            permit: crate::listener::Limit::new(1).take().expect("slot"),
+            permit: Arc::<crate::listener::Limit>::default()
+                .take(1)
+                .expect("slot"),
         };
         let task = parked(bytes::Bytes::new(), socket, Gateway::new(fast, idle), held);
         let size = std::mem::size_of_val(&task);

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use intermission::control::protocol::Request as Ctl;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -735,6 +736,22 @@ async fn connections_over_the_limit_are_closed_at_once() {
         out, "",
         "the second connection should be closed without an answer"
     );
+    // A reload raises the limit for the next connections, with the first still open.
+    edit_config(&proxy, |text| {
+        text.replace("max_connections = 1", "max_connections = 2")
+    });
+    assert!(ctl(&proxy, Ctl::Reload).await.ok);
+    let out = raw_exchange(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "after the reload: {out:?}");
+    edit_config(&proxy, |text| {
+        text.replace("max_connections = 2", "max_connections = 1")
+    });
+    assert!(ctl(&proxy, Ctl::Reload).await.ok);
     drop(first);
     // Once the first is gone, a new one is served (bounded wait for the slot to free).
     let mut served = false;

@@ -602,18 +602,19 @@ async fn a_drain_waits_for_requests_on_every_worker() {
 }
 
 /// The workers are started once: a reload that asks for another number keeps the running one
-/// (and says so), since the pools are sized by it.
+/// (and says so), since the pools are sized by it. So is the admin listener.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_reload_keeps_the_number_of_threads() {
+async fn a_reload_keeps_the_number_of_threads_and_the_admin_listener() {
     let up = upstream(|_req: Request<Incoming>| async { Response::new(full("a")) }).await;
     let proxy = spawn_proxy(&format!(
-        "[proxy]\nthreads = 2\n[upstream]\nservers = [\"{}\"]\n[maintenance]\nmessage = \"one\"\n",
+        "[proxy]\nthreads = 2\n[upstream]\nservers = [\"{}\"]\n[maintenance]\nmessage = \"one\"\n[admin]\nlisten = \"127.0.0.2:0\"\n",
         up.url()
     ))
     .await;
     edit_config(&proxy, |text| {
         text.replace("threads = 2", "threads = 3")
             .replace("message = \"one\"", "message = \"two\"")
+            .replace("127.0.0.2:0", "127.0.0.3:0")
     });
     assert!(ctl(&proxy, Ctl::Reload).await.ok);
     let config = &proxy.running.as_ref().unwrap().state().load().config;
@@ -621,6 +622,11 @@ async fn a_reload_keeps_the_number_of_threads() {
     assert_eq!(
         config.proxy.threads, 2,
         "the running number of threads stays"
+    );
+    assert_eq!(
+        config.admin.listen,
+        Some("127.0.0.2:0".parse().unwrap()),
+        "the running admin listener stays"
     );
     for _ in 0..4 {
         assert_eq!(get(&proxy.url("/")).await.body(), "a");

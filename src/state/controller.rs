@@ -488,13 +488,19 @@ impl Controller {
         let (mut config, pages) = loaded;
         let old = &self.parts.config;
         if config.control.socket != old.control.socket
+            || config.control.socket_mode != old.control.socket_mode
             || config.control.state_file != old.control.state_file
         {
             tracing::warn!(
-                "control.socket / control.state_file changed; they take effect at the next restart"
+                "control.socket / control.socket_mode / control.state_file changed; they take effect at the next restart"
             );
         }
         config.control = old.control.clone();
+        if config.admin != old.admin {
+            // Bound once at start, beside the control socket.
+            tracing::warn!("admin.listen changed; it takes effect at the next restart");
+            config.admin = old.admin.clone();
+        }
         if config.log.format != old.log.format || config.log.level != old.log.level {
             // The log's subscriber is set once per process; `log.access_log` does reload.
             tracing::warn!("log.format / log.level changed; they take effect at the next restart");
