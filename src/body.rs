@@ -7,6 +7,7 @@
 
 use crate::stall::StallClock;
 use bytes::Bytes;
+use http::StatusCode;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::pin::Pin;
@@ -143,6 +144,9 @@ const STALLED: u8 = 2;
 /// The server's answer has come: the upload is not timed any more (a gRPC call whose client
 /// streams slowly while the server streams back is a conversation, not a stall).
 const ANSWERED: u8 = 3;
+/// The client's body could not be read (a malformed chunk, a connection lost mid-body):
+/// a `400` of the client's making, not a failure of the server.
+const BROKEN: u8 = 4;
 
 /// The sending side of "the body has been sent whole", and the clock on its pauses.
 pub struct Sent {
@@ -164,9 +168,10 @@ impl SentSignal {
         self.state.load(Ordering::Acquire) == COMPLETE
     }
 
-    /// Whether the client let the body stall past `proxy.body_read_timeout`.
-    pub fn stalled(&self) -> bool {
-        self.state.load(Ordering::Acquire) == STALLED
+    /// What the client gets when its own upload failed: `408` for a body that stalled past
+    /// `proxy.body_read_timeout`, `400` for one that could not be read.
+    pub fn client_failure(&self) -> Option<StatusCode> {
+        failure(self.state.load(Ordering::Acquire))
     }
 
     /// The server has answered: the rest of the body is not timed while the answer streams
@@ -178,9 +183,16 @@ impl SentSignal {
                 .compare_exchange(STREAMING, ANSWERED, Ordering::AcqRel, Ordering::Acquire);
         match answered {
             Ok(_) => Answered::Streaming(Resume(self.state.clone())),
-            Err(STALLED) => Answered::Stalled,
-            Err(_) => Answered::Whole,
+            Err(state) => failure(state).map_or(Answered::Whole, Answered::ClientFailed),
         }
+    }
+}
+
+fn failure(state: u8) -> Option<StatusCode> {
+    match state {
+        STALLED => Some(StatusCode::REQUEST_TIMEOUT),
+        BROKEN => Some(StatusCode::BAD_REQUEST),
+        _ => None,
     }
 }
 
@@ -190,8 +202,9 @@ pub enum Answered {
     Streaming(Resume),
     /// Sent whole already: nothing is left to time.
     Whole,
-    /// It had stalled first: that answer is not the client's to have.
-    Stalled,
+    /// It had stalled or broken first: that answer is not the client's to have; it gets
+    /// this status instead.
+    ClientFailed(StatusCode),
 }
 
 impl Sent {
@@ -287,7 +300,14 @@ impl HttpBody for Body {
                         let _ = sent.tx.send(());
                     }
                 } else if let Some(sent) = done {
-                    if sent.stalls(cx, polled.is_ready()) {
+                    if let Poll::Ready(Some(Err(_))) = &polled {
+                        let _ = sent.state.compare_exchange(
+                            STREAMING,
+                            BROKEN,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        );
+                    } else if sent.stalls(cx, polled.is_ready()) {
                         let limit = sent.limit.unwrap_or_default();
                         return Poll::Ready(Some(Err(UploadStalled(limit).into())));
                     }

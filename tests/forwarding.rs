@@ -460,6 +460,62 @@ async fn read_until(s: &mut tokio::net::TcpStream, got: &mut String, done: impl 
     }
 }
 
+/// A request body that cannot be read (a malformed chunk, a connection half-closed before
+/// the announced length) is the client's fault: `400`, never the outage page, and it counts
+/// against no server, however often it comes.
+#[tokio::test]
+async fn an_unreadable_upload_gets_400_and_takes_no_server_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream(|req: Request<Incoming>| async move {
+        let body = req.into_body().collect().await;
+        Response::new(full(format!("read whole: {}", body.is_ok())))
+    })
+    .await;
+    let config = format!("[health]\nfall = 2\n{}", upstream_config(&up));
+    let proxy = spawn_proxy(&config).await;
+    for _ in 0..3 {
+        let out = raw_exchange(
+            proxy.addr,
+            b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(
+            out.starts_with("HTTP/1.1 400"),
+            "a malformed chunk: {out:?}"
+        );
+        assert!(!out.contains("x-intermission-mode"), "{out:?}");
+
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"POST /s HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
+            .await
+            .unwrap();
+        s.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        assert!(
+            read.is_ok(),
+            "the cut upload was answered or closed in time"
+        );
+        let out = String::from_utf8_lossy(&out);
+        assert!(
+            out.is_empty() || out.starts_with("HTTP/1.1 400"),
+            "a body cut short: {out:?}"
+        );
+        assert!(!out.contains("x-intermission-mode"), "{out:?}");
+    }
+    let out = raw_exchange(
+        proxy.addr,
+        b"POST /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("read whole: true"),
+        "the server is still in: {out:?}"
+    );
+}
+
 /// `proxy.body_read_timeout`: an upload that stops while the server waits for it is answered
 /// 408; one that pauses longer while the server's answer streams back (a conversation, as a
 /// gRPC stream) is not cut; one that stops after an early answer has ended is let go.

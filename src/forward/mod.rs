@@ -195,9 +195,7 @@ pub fn forward<'a>(
                     // An upload that stalled as the head came: the answer may be cut short
                     // already, and the stall is the client's.
                     let resume = match sent.as_ref().map(SentSignal::answered) {
-                        Some(Answered::Stalled) => {
-                            return Err(client_failed(StatusCode::REQUEST_TIMEOUT))
-                        }
+                        Some(Answered::ClientFailed(status)) => return Err(client_failed(status)),
                         Some(Answered::Streaming(resume)) => Some(resume),
                         Some(Answered::Whole) | None => None,
                     };
@@ -209,10 +207,11 @@ pub fn forward<'a>(
                 }
                 Err(e) => e,
             };
-            // The client's own doing: answered 408, and no server's fault.
-            if sent.as_ref().is_some_and(SentSignal::stalled) {
-                tracing::debug!(server = %pool.servers[server], "{error}; the client let its request body stall");
-                return Err(client_failed(StatusCode::REQUEST_TIMEOUT));
+            // The client's own doing (a stalled or unreadable upload): answered 408 or 400,
+            // and no server's fault.
+            if let Some(status) = sent.as_ref().and_then(SentSignal::client_failure) {
+                tracing::debug!(server = %pool.servers[server], "{error}; the client's request body failed");
+                return Err(client_failed(status));
             }
             // Only what the upstream can be blamed for counts against its health: a client that
             // stalls or aborts its own upload must not be able to take servers out.
