@@ -156,7 +156,7 @@ pub struct Sent {
     clock: StallClock,
 }
 
-/// Resolves when the body has been sent whole (or has failed); `complete()` and `stalled()`
+/// Resolves when the body has been sent whole (or has failed); `complete()` and `client_failure()`
 /// tell which.
 pub struct SentSignal {
     pub rx: tokio::sync::oneshot::Receiver<()>,
