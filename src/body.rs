@@ -156,8 +156,8 @@ pub struct Sent {
     clock: StallClock,
 }
 
-/// Resolves when the body has been sent whole (or has failed); `complete()` and `client_failure()`
-/// tell which.
+/// Resolves when the body has been sent whole (or has failed); `complete()` and
+/// `client_failure()` tell which.
 pub struct SentSignal {
     pub rx: tokio::sync::oneshot::Receiver<()>,
     state: Arc<AtomicU8>,
