@@ -251,7 +251,43 @@ fn decide<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>) -> Decision {
             Outcome::Reserved,
         ),
         Rule::Hold => Decision::Hold,
-        Rule::Forward(outcome) => Decision::Forward(outcome),
+        Rule::Forward(outcome) => match malformed(req) {
+            Some(why) => Decision::Answer(
+                reserved::plain(StatusCode::BAD_REQUEST, why),
+                Outcome::Reserved,
+            ),
+            None => Decision::Forward(outcome),
+        },
+    }
+}
+
+/// Why a request cannot be forwarded as the client sent it (RFC 9112 §3.2, §3.2.3): without a
+/// `Host` in HTTP/1.1, with more than one, with one that is no `host[:port]`, with userinfo in
+/// its target, or with a target that is no path (authority-form, or `*` on anything but
+/// `OPTIONS`). Sent on, it would reach the server as another request than the client's, or
+/// as one that a server and a cache behind the proxy read as two different hosts. A request
+/// that is answered here (held, reserved) needs no host, and is answered as it is.
+fn malformed<B>(req: &Request<B>) -> Option<&'static str> {
+    let uri = req.uri();
+    if uri.scheme().is_none() && uri.authority().is_some() {
+        return Some("the request target is not a path\n");
+    }
+    if uri.path() == "*" && req.method() != Method::OPTIONS {
+        return Some("the request target * is for OPTIONS only\n");
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Some("the request target names a user\n");
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => Some("more than one Host header\n"),
+        (Some(host), None) if !crate::h1::valid_host(host.as_bytes()) => {
+            Some("the Host header is not a host\n")
+        }
+        (None, None) if req.version() == http::Version::HTTP_11 && uri.authority().is_none() => {
+            Some("no Host header\n")
+        }
+        _ => None,
     }
 }
 

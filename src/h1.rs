@@ -141,6 +141,45 @@ const PLAIN_TARGET: [bool; 256] = {
     table
 };
 
+/// Whether a `Host` value is `host[:port]` as RFC 3986 spells it (a name, an IPv4 address or
+/// a bracketed IP literal), or empty: no space, no `/`, `?`, `#` or `@`, nothing that a
+/// server or a cache behind the proxy could read as another host, path or user.
+pub fn valid_host(value: &[u8]) -> bool {
+    value.iter().all(|&b| HOST_BYTE[usize::from(b)])
+}
+
+const HOST_BYTE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'['
+                    | b']'
+                    | b'%'
+            );
+        b += 1;
+    }
+    table
+};
+
 /// Whether `bytes` is `lower` ignoring ASCII case, where `lower` has no uppercase letter (a
 /// header name or token as the code writes it). Eight bytes at a time: the relay compares
 /// names for every header of every request and answer, and a byte at a time was some 5 % of
@@ -288,6 +327,44 @@ pub(crate) mod tests {
                 }
             }
             assert!(!eq_lower(&lower, &lower[..len.saturating_sub(1)]) || len == 0);
+        }
+    }
+
+    /// Every host `Authority` takes as a bare `host[:port]` is valid, and nothing that could be
+    /// read as a path, a query, a user or a second field.
+    #[test]
+    fn a_host_is_a_host_and_nothing_more() {
+        for good in [
+            "",
+            "shop.example",
+            "shop.example:8080",
+            "127.0.0.1:80",
+            "[::1]:443",
+            "xn--bcher-kva.example",
+            "under_score.example",
+        ] {
+            assert!(valid_host(good.as_bytes()), "{good:?}");
+        }
+        for bad in [
+            "a b",
+            "a/b",
+            "a?b",
+            "a#b",
+            "user@a",
+            "a\tb",
+            "a\\b",
+            "a\"b",
+            "a\r\nb",
+            "é.example",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?}");
+        }
+        for b in 0..=255u8 {
+            let value = [b'a', b];
+            if valid_host(&value) && b != b'%' && b != b'[' && b != b']' {
+                let authority = http::uri::Authority::try_from(&value[..]);
+                assert!(authority.is_ok(), "{:?}", char::from(b));
+            }
         }
     }
 

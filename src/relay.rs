@@ -621,7 +621,8 @@ fn request(
             push_line(out, input, name, h.value);
         }
     }
-    let host = host.ok_or(())?;
+    // One that is not `host[:port]` is hyper's path's to refuse (`gateway::malformed`).
+    let host = host.filter(|h| h1::valid_host(h)).ok_or(())?;
     out.extend_from_slice(b"x-forwarded-for: ");
     if trusted {
         let named = req

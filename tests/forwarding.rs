@@ -182,6 +182,83 @@ async fn h2c_clients_are_forwarded_with_their_authority_as_host() {
     assert_eq!(seen.body, "abc");
     assert_eq!(seen.header("host"), Some(proxy.addr.to_string().as_str()));
     assert_eq!(seen.version, "HTTP/1.1");
+    // `:authority` is the request's host, whatever a `Host` beside it says (RFC 9113 §8.3.1).
+    let resp = h2c_client()
+        .request(
+            Request::get(proxy.url("/h2"))
+                .header("host", "other.example")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let (parts, body) = resp.into_parts();
+    let resp = Response::from_parts(parts, body.collect().await.unwrap().to_bytes());
+    let seen: Seen = json(&resp);
+    assert_eq!(seen.header("host"), Some(proxy.addr.to_string().as_str()));
+    let hosts = seen.headers.iter().filter(|(k, _)| k == "host").count();
+    assert_eq!(hosts, 1, "{:?}", seen.headers);
+}
+
+/// A request the server could read as another than the client's is refused with `400`, as
+/// nginx refuses it, instead of being forwarded: no `Host` in HTTP/1.1, two of them, a `Host`
+/// that is no `host[:port]`, a target that is no path. An absolute-form target names the host
+/// itself (RFC 9112 §3.2.2), and HTTP/1.0 needs no `Host`.
+#[tokio::test]
+async fn requests_with_no_single_clear_host_get_400() {
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&upstream_config(&up)).await;
+    for request in [
+        "GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\nConnection: close\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a b/c\r\nConnection: close\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: user@a\r\nConnection: close\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a b\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        "GET foo HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        "GET example.com:80 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        "GET * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        "GET http://user@a/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        "GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+    ] {
+        let out = raw_exchange(proxy.addr, request.as_bytes(), Duration::from_secs(10)).await;
+        assert!(out.get(8..13) == Some(" 400 "), "{request:?}: {out:?}");
+    }
+    let seen = |out: String| -> Seen {
+        assert!(out.get(8..13) == Some(" 200 "), "{out:?}");
+        let body = out.split_once("\r\n\r\n").unwrap().1;
+        serde_json::from_str(body).unwrap()
+    };
+    let absolute = raw_exchange(
+        proxy.addr,
+        b"GET http://shop.example/x?y HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    let absolute = seen(absolute);
+    assert_eq!(absolute.uri, "/x?y");
+    assert_eq!(absolute.header("host"), Some("shop.example"));
+    assert_eq!(absolute.header("x-forwarded-host"), Some("shop.example"));
+    let old = raw_exchange(
+        proxy.addr,
+        b"GET /old HTTP/1.0\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    let old = seen(old);
+    assert_eq!(old.uri, "/old");
+    assert_eq!(
+        old.header("host"),
+        Some(up.url().trim_start_matches("http://")),
+        "the HTTP/1.1 hop names the server when the client named no host"
+    );
+    let options = raw_exchange(
+        proxy.addr,
+        b"OPTIONS * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(seen(options).uri, "*");
 }
 
 /// An upstream body that sends data, then trailers.

@@ -129,12 +129,12 @@ pub fn forward<'a>(
         // its end, keep no slot in this future's state while it waits for the response.
         let (first, req, sent, replay, path) = {
             let (mut parts, body) = req.into_parts();
-            // HTTP/2 clients name the host in :authority, which the upstream hop needs as Host.
-            if !parts.headers.contains_key(header::HOST) {
-                if let Some(authority) = parts.uri.authority() {
-                    if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-                        parts.headers.insert(header::HOST, host);
-                    }
+            // HTTP/2 clients name the host in :authority, an HTTP/1.1 absolute-form target in
+            // itself; either is the host of the request, whatever `Host` says (RFC 9113
+            // §8.3.1, RFC 9112 §3.2.2), and the upstream hop needs it as Host.
+            if let Some(authority) = parts.uri.authority() {
+                if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                    parts.headers.insert(header::HOST, host);
                 }
             }
             // Decided before the hop-by-hop headers go: `Transfer-Encoding` is one of them.
@@ -260,8 +260,19 @@ fn aim(req: &mut Request<Body>, server: &Upstream, path: PathAndQuery) {
         Protocol::H2c => Version::HTTP_2,
         Protocol::Http | Protocol::Https => Version::HTTP_11,
     };
-    if server.protocol == Protocol::H2c {
-        req.headers_mut().remove(header::HOST);
+    match server.protocol {
+        Protocol::H2c => {
+            req.headers_mut().remove(header::HOST);
+        }
+        // An HTTP/1.0 client may name no host, but the hop is HTTP/1.1, which needs one: the
+        // server's own, as nginx's default `$proxy_host`. (Over `https://` hyper adds it from
+        // the URI.)
+        Protocol::Http if !req.headers().contains_key(header::HOST) => {
+            if let Ok(host) = HeaderValue::from_str(server.authority.as_str()) {
+                req.headers_mut().insert(header::HOST, host);
+            }
+        }
+        Protocol::Http | Protocol::Https => {}
     }
 }
 
