@@ -252,10 +252,9 @@ fn decide<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>) -> Decision {
         ),
         Rule::Hold => Decision::Hold,
         Rule::Forward(outcome) => match malformed(req) {
-            Some(why) => Decision::Answer(
-                reserved::plain(StatusCode::BAD_REQUEST, why),
-                Outcome::Reserved,
-            ),
+            Some((status, why)) => {
+                Decision::Answer(reserved::plain(status, why), Outcome::Reserved)
+            }
             None => Decision::Forward(outcome),
         },
     }
@@ -266,8 +265,29 @@ fn decide<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>) -> Decision {
 /// its target, or with a target that is no path (authority-form, or `*` on anything but
 /// `OPTIONS`). Sent on, it would reach the server as another request than the client's, or
 /// as one that a server and a cache behind the proxy read as two different hosts. A request
-/// that is answered here (held, reserved) needs no host, and is answered as it is.
-fn malformed<B>(req: &Request<B>) -> Option<&'static str> {
+/// that is answered here (held, reserved) needs no host, and is answered as it is. A
+/// transfer coding other than `chunked` gets 501 (RFC 9112 §6.1), as nginx answers it:
+/// hyper takes the chunks off and the hop sends the body as it is, so a `gzip, chunked` body
+/// would reach the server still compressed with nothing saying so.
+fn malformed<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)> {
+    let mut codings = req.headers().get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = codings.next() {
+        if codings.next().is_some()
+            || !first
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked")
+        {
+            return Some((
+                StatusCode::NOT_IMPLEMENTED,
+                "only the chunked transfer coding is supported\n",
+            ));
+        }
+    }
+    host_problem(req).map(|why| (StatusCode::BAD_REQUEST, why))
+}
+
+fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
     let uri = req.uri();
     if uri.scheme().is_none() && uri.authority().is_some() {
         return Some("the request target is not a path\n");

@@ -224,6 +224,17 @@ async fn requests_with_no_single_clear_host_get_400() {
         let out = raw_exchange(proxy.addr, request.as_bytes(), Duration::from_secs(10)).await;
         assert!(out.get(8..13) == Some(" 400 "), "{request:?}: {out:?}");
     }
+    // A coding hyper does not take off would reach the server with nothing saying so.
+    for coding in ["gzip, chunked", "gzip\r\nTransfer-Encoding: chunked"] {
+        let request = format!(
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {coding}\r\nConnection: close\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+        );
+        let out = raw_exchange(proxy.addr, request.as_bytes(), Duration::from_secs(10)).await;
+        assert!(
+            out.starts_with("HTTP/1.1 501") || out.starts_with("HTTP/1.1 400"),
+            "{coding:?}: {out:?}"
+        );
+    }
     let seen = |out: String| -> Seen {
         assert!(out.get(8..13) == Some(" 200 "), "{out:?}");
         let body = out.split_once("\r\n\r\n").unwrap().1;
