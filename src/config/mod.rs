@@ -21,8 +21,12 @@ pub const DEFAULT_PATH: &str = "config.toml";
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The file this was read from, if any; reload reads it again.
+    /// The file this was read from, if any.
     pub source: Option<PathBuf>,
+    /// The file a reload reads: `source`, or `./config.toml` for a proxy that found none
+    /// there at start and runs on the built-in defaults, so that writing one and reloading
+    /// works as a start would.
+    pub reload_from: Option<PathBuf>,
     pub proxy: ProxyConfig,
     pub tls: TlsConfig,
     pub upstream: UpstreamConfig,
@@ -222,7 +226,11 @@ impl Config {
         match path {
             Some(p) => Self::load_file(p),
             None if Path::new(DEFAULT_PATH).exists() => Self::load_file(Path::new(DEFAULT_PATH)),
-            None => Self::parse("", Path::new("."), None),
+            None => {
+                let mut defaults = Self::parse("", Path::new("."), None)?;
+                defaults.reload_from = Some(PathBuf::from(DEFAULT_PATH));
+                Ok(defaults)
+            }
         }
     }
 
@@ -280,6 +288,7 @@ impl Config {
         let log = v.section::<file::LogFile>(&table, "log");
         let config = Config {
             source: source.map(Path::to_path_buf),
+            reload_from: source.map(Path::to_path_buf),
             proxy: v.proxy(proxy),
             tls: v.tls(tls),
             upstream: v.upstream(upstream),

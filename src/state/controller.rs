@@ -473,11 +473,17 @@ impl Controller {
     }
 
     async fn reload(&mut self) -> Result<(), String> {
-        let Some(path) = self.parts.config.source.clone() else {
+        let Some(path) = self.parts.config.reload_from.clone() else {
             return Err(
                 "the proxy was started without a config file; there is nothing to re-read".into(),
             );
         };
+        if self.parts.config.source.is_none() && !path.exists() {
+            return Err(format!(
+                "the proxy runs on the built-in defaults and there is still no {} to read",
+                path.display()
+            ));
+        }
         let loaded = tokio::task::spawn_blocking(move || -> Result<(Config, Pages), String> {
             let config = Config::load_file(&path).map_err(|e| e.to_string())?;
             let pages = Pages::load(&config.maintenance.pages).map_err(|e| e.to_string())?;
@@ -786,13 +792,23 @@ mod tests {
     }
 
     async fn rig() -> Rig {
-        let dir = tempfile::tempdir().expect("temp dir");
-        // Checks an hour apart: the upstream plays no part here.
-        let text = format!(
+        rig_with(|_, _| {}).await
+    }
+
+    /// Checks an hour apart (the upstream plays no part here), the state file in a folder of
+    /// the rig's own.
+    fn rig_text(dir: &std::path::Path) -> String {
+        format!(
             "[health]\ninterval = \"1h\"\n[control]\nstate_file = \"{}\"\n",
-            dir.path().join("state.json").display()
-        );
-        let config = Config::parse(&text, dir.path(), None).expect("config");
+            dir.join("state.json").display()
+        )
+    }
+
+    /// A rig whose config `edit` has changed, given the rig's folder.
+    async fn rig_with(edit: impl FnOnce(&mut Config, &std::path::Path)) -> Rig {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config::parse(&rig_text(dir.path()), dir.path(), None).expect("config");
+        edit(&mut config, dir.path());
         let pages = Pages::load(&config.maintenance.pages).expect("pages");
         let metrics = Arc::new(Metrics::new());
         let notifier = Notifier::start(Vec::new(), metrics.clone());
@@ -812,6 +828,24 @@ mod tests {
             start,
             _dir: dir,
         }
+    }
+
+    /// Started on the built-in defaults (no `./config.toml`), the proxy reads the file written
+    /// since at a reload, as a start would; until there is one, a reload says what is missing.
+    #[tokio::test]
+    async fn a_proxy_on_the_defaults_reloads_the_config_file_written_since() {
+        let rig = rig_with(|config, dir| config.reload_from = Some(dir.join("config.toml"))).await;
+        let path = rig._dir.path().join("config.toml");
+        let refused = rig.ask(Request::Reload).await;
+        assert!(!refused.ok);
+        let error = refused.error.expect("an error").message;
+        assert!(error.contains("config.toml"), "{error}");
+        let text = rig_text(rig._dir.path()) + "[maintenance]\nmessage = \"Written later\"\n";
+        std::fs::write(&path, text).expect("config file");
+        let reloaded = rig.ask(Request::Reload).await;
+        assert!(reloaded.ok, "{:?}", reloaded.error);
+        let status = rig.ask(Request::Status).await.state.expect("a state");
+        assert_eq!(status.config, Some(path.display().to_string()));
     }
 
     fn window(start: &str, end: &str) -> Request {
