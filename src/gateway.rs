@@ -340,7 +340,9 @@ fn rule<'p, H: Fields + ?Sized>(
         return Rule::Reserved(rest);
     }
     if method == Method::CONNECT {
-        return Rule::Connect;
+        // Held like every other method (SPEC §3): the client hears when to come back.
+        let held = snap.held.is_some() && !bypassed(snap, conn, path, headers);
+        return if held { Rule::Hold } else { Rule::Connect };
     }
     if redirect && !bypass::path_allowed(path, &m.allow_paths) {
         return Rule::Redirect;

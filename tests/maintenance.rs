@@ -104,6 +104,20 @@ async fn browsers_get_the_page_and_the_upstream_sees_nothing() {
         .await;
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "{method}");
     }
+    // CONNECT, refused with 405 in normal mode, is held like the rest.
+    let connect = raw_exchange(
+        proxy.addr,
+        b"CONNECT shop.example:443 HTTP/1.1\r\nHost: shop.example:443\r\n\r\n",
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    assert!(connect.starts_with("HTTP/1.1 503"), "{connect}");
+    let connect = connect.to_ascii_lowercase();
+    assert!(connect.contains("\r\nretry-after: 300\r\n"), "{connect}");
+    assert!(
+        connect.contains("\r\nx-intermission-mode: maintenance\r\n"),
+        "{connect}"
+    );
     assert_eq!(
         hits.load(Ordering::SeqCst),
         before,
