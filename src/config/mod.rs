@@ -284,7 +284,7 @@ impl Config {
         let maintenance = v.section::<file::MaintenanceFile>(&table, "maintenance");
         let control = v.section::<file::ControlFile>(&table, "control");
         let admin = v.section::<file::AdminFile>(&table, "admin");
-        let notify = v.section::<Vec<file::NotifyFile>>(&table, "notify");
+        let notify = v.list::<file::NotifyFile>(&table, "notify");
         let log = v.section::<file::LogFile>(&table, "log");
         let config = Config {
             source: source.map(Path::to_path_buf),
@@ -362,6 +362,32 @@ impl Validator {
     /// the problems of the others. Within a table section, a key that serde refuses (unknown,
     /// or of the wrong type) is reported under its own name and left out, and the section is
     /// built from the other keys, so that their problems are found too.
+    /// An array of tables (`[[name]]`), each entry read on its own so that a problem names
+    /// the entry (`notify[1]`) rather than the whole list.
+    fn list<E: DeserializeOwned>(&mut self, table: &toml::Table, name: &str) -> Vec<E> {
+        let Some(value) = table.get(name) else {
+            return Vec::new();
+        };
+        let Some(items) = value.as_array() else {
+            self.problem(
+                name,
+                format!("must be a list of tables, written [[{name}]]"),
+            );
+            return Vec::new();
+        };
+        let mut list = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            match item.clone().try_into::<E>() {
+                Ok(entry) => list.push(entry),
+                Err(e) => {
+                    let message = e.to_string().trim().replace('\n', " ");
+                    self.problem(&format!("{name}[{i}]"), message);
+                }
+            }
+        }
+        list
+    }
+
     fn section<T: DeserializeOwned + Default>(&mut self, table: &toml::Table, name: &str) -> T {
         let Some(value) = table.get(name) else {
             return T::default();
@@ -1086,6 +1112,19 @@ mod tests {
             p[1].key == "upstream.server" && p[1].message.contains("unknown field"),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn a_notify_entry_s_problem_names_the_entry() {
+        let p = problems(
+            "[[notify]]\nurl = \"http://127.0.0.1:9/a\"\n[[notify]]\nurl = \"http://127.0.0.1:9/b\"\nbogus = 1\n[[notify]]\nformat = \"json\"\n",
+        );
+        let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["notify[1]", "notify[2]"], "{p:?}");
+        assert!(p[0].message.contains("unknown field `bogus`"), "{p:?}");
+        assert!(p[1].message.contains("missing field `url`"), "{p:?}");
+        let p = problems("notify = 3\n");
+        assert_eq!(p[0].key, "notify", "{p:?}");
     }
 
     #[test]
