@@ -141,13 +141,41 @@ const PLAIN_TARGET: [bool; 256] = {
     table
 };
 
-/// Whether a `Host` value is `host[:port]` as RFC 3986 spells it (a name, an IPv4 address or
-/// a bracketed IP literal), or empty: no space, no `/`, `?`, `#` or `@`, nothing that a
-/// server or a cache behind the proxy could read as another host, path or user.
+/// Whether a `Host` value is `host[:port]` as RFC 3986 spells it, or empty: a name or IPv4
+/// address (unreserved bytes, `%`-escapes and sub-delimiters, but no `,`, which a server
+/// splitting the field would read as two hosts) or a bracketed IP literal, then at most a
+/// `:` and digits. Nothing that a server or a cache behind the proxy could read as another
+/// host, a path or a user.
 pub fn valid_host(value: &[u8]) -> bool {
-    value.iter().all(|&b| HOST_BYTE[usize::from(b)])
+    let (host, port) = match value.split_first() {
+        Some((b'[', rest)) => match rest.iter().position(|&b| b == b']') {
+            Some(end) => {
+                let literal = &rest[..end];
+                let ok = !literal.is_empty()
+                    && literal
+                        .iter()
+                        .all(|&b| b.is_ascii_alphanumeric() || b":.%-_~".contains(&b));
+                if !ok {
+                    return false;
+                }
+                (&[][..], &rest[end + 1..])
+            }
+            None => return false,
+        },
+        _ => match value.iter().position(|&b| b == b':') {
+            Some(colon) => (&value[..colon], &value[colon..]),
+            None => (value, &[][..]),
+        },
+    };
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    port_ok && host.iter().all(|&b| HOST_BYTE[usize::from(b)])
 }
 
+/// The bytes of a reg-name or IPv4 address (RFC 3986 §3.2.2), less `,`.
 const HOST_BYTE: [bool; 256] = {
     let mut table = [false; 256];
     let mut b = 0;
@@ -167,12 +195,8 @@ const HOST_BYTE: [bool; 256] = {
                     | b')'
                     | b'*'
                     | b'+'
-                    | b','
                     | b';'
                     | b'='
-                    | b':'
-                    | b'['
-                    | b']'
                     | b'%'
             );
         b += 1;
@@ -356,12 +380,30 @@ pub(crate) mod tests {
             "a\"b",
             "a\r\nb",
             "é.example",
+            "a.example,b.example",
+            "a:b:c",
+            "x.example:abc",
+            "a]b",
+            "[",
+            "[]",
+            "[::1",
+            "[::1]x",
+            "[::1]:8o",
+            "a:80:",
         ] {
             assert!(!valid_host(bad.as_bytes()), "{bad:?}");
         }
+        for good in [
+            "a:",
+            "[fe80::1%25eth0]:8080",
+            "a.example.:443",
+            "%41.example",
+        ] {
+            assert!(valid_host(good.as_bytes()), "{good:?}");
+        }
         for b in 0..=255u8 {
             let value = [b'a', b];
-            if valid_host(&value) && b != b'%' && b != b'[' && b != b']' {
+            if valid_host(&value) && b != b'%' {
                 let authority = http::uri::Authority::try_from(&value[..]);
                 assert!(authority.is_ok(), "{:?}", char::from(b));
             }

@@ -191,7 +191,7 @@ async fn an_operators_on_without_words_shows_the_windows_message_until_it_ends()
         up.url()
     ))
     .await;
-    ctl(&proxy, add("+0s", "+2s", Some("Window words"))).await;
+    ctl(&proxy, add("+0s", "+5s", Some("Window words"))).await;
     wait_mode(&proxy, "maintenance", Duration::from_secs(5)).await;
     ctl(
         &proxy,
@@ -207,7 +207,7 @@ async fn an_operators_on_without_words_shows_the_windows_message_until_it_ends()
     let v: serde_json::Value = json(&get(&proxy.url("/")).await);
     assert_eq!(v["detail"], "Window words");
     let mut detail = v["detail"].clone();
-    for _ in 0..200 {
+    for _ in 0..400 {
         detail = json::<serde_json::Value>(&get(&proxy.url("/")).await)["detail"].clone();
         if detail != "Window words" {
             break;

@@ -225,13 +225,19 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         match path {
             Some(p) => Self::load_file(p),
-            None if Path::new(DEFAULT_PATH).exists() => Self::load_file(Path::new(DEFAULT_PATH)),
-            None => {
-                let mut defaults = Self::parse("", Path::new("."), None)?;
-                defaults.reload_from = Some(PathBuf::from(DEFAULT_PATH));
-                Ok(defaults)
-            }
+            None => Self::load_default(Path::new(DEFAULT_PATH)),
         }
+    }
+
+    /// `default` if it exists, else the built-in defaults, which a reload will look for
+    /// `default` again to replace.
+    fn load_default(default: &Path) -> Result<Config, ConfigError> {
+        if default.exists() {
+            return Self::load_file(default);
+        }
+        let mut defaults = Self::parse("", Path::new("."), None)?;
+        defaults.reload_from = Some(default.to_path_buf());
+        Ok(defaults)
     }
 
     pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
@@ -358,10 +364,6 @@ impl Validator {
         });
     }
 
-    /// Deserializes one section on its own, so that a problem in one section does not hide
-    /// the problems of the others. Within a table section, a key that serde refuses (unknown,
-    /// or of the wrong type) is reported under its own name and left out, and the section is
-    /// built from the other keys, so that their problems are found too.
     /// An array of tables (`[[name]]`), each entry read on its own so that a problem names
     /// the entry (`notify[1]`) rather than the whole list.
     fn list<E: DeserializeOwned>(&mut self, table: &toml::Table, name: &str) -> Vec<E> {
@@ -388,6 +390,10 @@ impl Validator {
         list
     }
 
+    /// Deserializes one section on its own, so that a problem in one section does not hide
+    /// the problems of the others. Within a table section, a key that serde refuses (unknown,
+    /// or of the wrong type) is reported under its own name and left out, and the section is
+    /// built from the other keys, so that their problems are found too.
     fn section<T: DeserializeOwned + Default>(&mut self, table: &toml::Table, name: &str) -> T {
         let Some(value) = table.get(name) else {
             return T::default();
@@ -1112,6 +1118,19 @@ mod tests {
             p[1].key == "upstream.server" && p[1].message.contains("unknown field"),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn without_a_file_the_defaults_remember_where_a_reload_looks() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join(DEFAULT_PATH);
+        let defaults = Config::load_default(&path).expect("defaults");
+        assert_eq!(defaults.source, None);
+        assert_eq!(defaults.reload_from.as_deref(), Some(path.as_path()));
+        std::fs::write(&path, "[maintenance]\nmessage = \"from the file\"\n").expect("file");
+        let loaded = Config::load_default(&path).expect("the file");
+        assert_eq!(loaded.source.as_deref(), Some(path.as_path()));
+        assert_eq!(loaded.maintenance.message, "from the file");
     }
 
     #[test]

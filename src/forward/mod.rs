@@ -265,9 +265,8 @@ fn aim(req: &mut Request<Body>, server: &Upstream, path: PathAndQuery) {
             req.headers_mut().remove(header::HOST);
         }
         // An HTTP/1.0 client may name no host, but the hop is HTTP/1.1, which needs one: the
-        // server's own, as nginx's default `$proxy_host`. (Over `https://` hyper adds it from
-        // the URI.)
-        Protocol::Http if !req.headers().contains_key(header::HOST) => {
+        // server's own, as nginx's default `$proxy_host` (the pool's client adds none).
+        Protocol::Http | Protocol::Https if !req.headers().contains_key(header::HOST) => {
             if let Ok(host) = HeaderValue::from_str(server.authority.as_str()) {
                 req.headers_mut().insert(header::HOST, host);
             }
