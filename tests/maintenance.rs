@@ -39,15 +39,6 @@ async fn proxy_for(up: &Upstream, extra: &str) -> Proxy {
     .await
 }
 
-fn on(message: Option<&str>) -> Ctl {
-    Ctl::On {
-        message: message.map(str::to_owned),
-        until: None,
-        retry_after: None,
-        reason: None,
-    }
-}
-
 async fn get_with(url: &str, headers: &[(&str, &str)]) -> Response<bytes::Bytes> {
     let mut b = Request::get(url);
     for (k, v) in headers {

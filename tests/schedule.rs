@@ -193,16 +193,7 @@ async fn an_operators_on_without_words_shows_the_windows_message_until_it_ends()
     .await;
     ctl(&proxy, add("+0s", "+5s", Some("Window words"))).await;
     wait_mode(&proxy, "maintenance", Duration::from_secs(5)).await;
-    ctl(
-        &proxy,
-        Ctl::On {
-            message: None,
-            until: None,
-            retry_after: None,
-            reason: None,
-        },
-    )
-    .await;
+    ctl(&proxy, on(None)).await;
     // SPEC §3: the operator's message, else the window's, else the configured one.
     let v: serde_json::Value = json(&get(&proxy.url("/")).await);
     assert_eq!(v["detail"], "Window words");

@@ -415,6 +415,16 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
 }
 
 /// Sends one control request to an in-process proxy.
+/// `on`, with `message` or none, and nothing else.
+pub fn on(message: Option<&str>) -> intermission::control::protocol::Request {
+    intermission::control::protocol::Request::On {
+        message: message.map(str::to_owned),
+        until: None,
+        retry_after: None,
+        reason: None,
+    }
+}
+
 pub async fn ctl(
     proxy: &Proxy,
     req: intermission::control::protocol::Request,
