@@ -397,7 +397,11 @@ async fn https_upstream(ca: &Ca) -> SocketAddr {
                     return;
                 };
                 let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    let body = format!("secure {:?} {}", req.version(), req.uri().path());
+                    let host = req.headers().get("host");
+                    let body = match host.filter(|_| req.uri().path() == "/host") {
+                        Some(host) => format!("host {}", host.to_str().unwrap_or("?")),
+                        None => format!("secure {:?} {}", req.version(), req.uri().path()),
+                    };
                     Ok::<_, std::convert::Infallible>(Response::new(full(body)))
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -426,6 +430,15 @@ async fn https_upstreams_are_verified_against_the_configured_ca() {
     assert_eq!(resp.status(), 200);
     // ALPN chose HTTP/2 with this server.
     assert_eq!(resp.body(), "secure HTTP/2.0 /via/tls");
+    // An HTTP/1.0 client may name no host; the server is named instead, as nginx's
+    // `$proxy_host`, since the hop needs one.
+    let out = raw_exchange(
+        proxy.addr,
+        b"GET /host HTTP/1.0\r\n\r\n",
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    assert!(out.ends_with(&format!("\r\n\r\nhost {addr}")), "{out:?}");
 
     // Without that CA the certificate is refused: never a raw error, the outage answer.
     let other = spawn_proxy(&format!(
