@@ -940,3 +940,81 @@ async fn an_http2_preface_without_a_request_is_closed() {
         "an HTTP/2 connection that never asked anything was kept open"
     );
 }
+
+/// A body of two pieces, `gap` apart.
+struct Paced {
+    sent: u8,
+    gap: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl http_body::Body for Paced {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        match self.sent {
+            0 => {
+                self.sent = 1;
+                Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(b"a")))))
+            }
+            1 => match self.gap.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    self.sent = 2;
+                    Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(b"b")))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+            _ => Poll::Ready(None),
+        }
+    }
+}
+
+/// An HTTP/2 connection answers the keep-alive pings, so only a limit of ours closes it once
+/// it idles: as an idle HTTP/1.1 connection, after `header_read_timeout` without a request
+/// (GOAWAY, the streams still open finishing first). A connection in use is kept.
+#[tokio::test]
+async fn an_http2_connection_no_request_comes_on_is_closed() {
+    let up = upstream(|req: Request<Incoming>| async move {
+        if req.uri().path() != "/slow" {
+            return Response::new(full("ok"));
+        }
+        let gap = Box::pin(tokio::time::sleep(Duration::from_millis(2500)));
+        Response::new(Paced { sent: 0, gap }.boxed())
+    })
+    .await;
+    let config = format!(
+        "[proxy]\nheader_read_timeout = \"1s\"\n{}",
+        upstream_config(&up)
+    );
+    let proxy = spawn_proxy(&config).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let closed = tokio::spawn(conn);
+    let get = |path: &str| {
+        Request::get(format!("http://{}{path}", proxy.addr))
+            .body(empty())
+            .unwrap()
+    };
+    // In use: a request every 300 ms for 3 s.
+    for _ in 0..10 {
+        let resp = sender.send_request(get("/")).await.unwrap();
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(!closed.is_finished(), "a connection in use was closed");
+    // A stream open across the limit is answered whole; then the connection goes.
+    let resp = sender.send_request(get("/slow")).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "ab");
+    let ended = tokio::time::timeout(Duration::from_secs(10), closed).await;
+    assert!(ended.is_ok(), "an idle HTTP/2 connection was kept open");
+}
