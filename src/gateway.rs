@@ -221,7 +221,12 @@ fn logged_uri(snap: &Snapshot, uri: &http::Uri) -> http::Uri {
         .strip_prefix(prefix)
         .is_some_and(|rest| rest.starts_with("bypass/") && rest.len() > "bypass/".len());
     if !secret_path {
-        return uri.clone();
+        // An HTTP/2 request's URI (and an absolute-form target) carries the scheme and host
+        // too: the log shows the path and query, as for every other request.
+        return match uri.path_and_query() {
+            Some(pq) if uri.authority().is_some() => http::Uri::from(pq.clone()),
+            _ => uri.clone(),
+        };
     }
     format!("{prefix}bypass/REDACTED")
         .parse()

@@ -1377,6 +1377,12 @@ async fn respond<C: Client>(
                 let fed = chunks.feed(&buf[at..], out);
                 *to.bytes = chunks.data;
                 let Ok(end) = fed else {
+                    // The chunks that came whole before the bad one still reach the client
+                    // (the head too, when both came in one read), as they do when the bad
+                    // one comes in a later read, before the connection is broken off.
+                    if !out.is_empty() {
+                        put(sock, out, snap).await;
+                    }
                     return Next::Broken;
                 };
                 if !out.is_empty() && !put(sock, out, snap).await {

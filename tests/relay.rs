@@ -65,6 +65,8 @@ fn answer_for(path: &str) -> &'static [u8] {
         "/named-length" => b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 2\r\n\r\nok",
         "/two-lengths" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!",
         "/garbage" => b"SURPRISE\r\n\r\n",
+        "/switch" => b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nraw bytes",
+        "/bad-chunk" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\nxx\r\n0\r\n\r\n",
         "/cut" => b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst",
         "/spacing" => b"HTTP/1.1 200 Fine\r\nX-Tight:tight\r\nX-Wide: \t wide \t \r\nX-Upstream-Case: Kept\r\nContent-Length: 2\r\n\r\nok",
         _ => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
@@ -978,7 +980,8 @@ async fn a_broken_answer_is_the_outage_response_and_the_connection_goes_on() {
     let Both {
         mut fast, mut slow, ..
     } = Both::of(&up).await;
-    for path in ["/two-lengths", "/garbage"] {
+    // A switch the request did not ask for leaves the client nothing it can use.
+    for path in ["/two-lengths", "/garbage", "/switch"] {
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: shop.example\r\nAccept: application/json\r\n\r\n"
         );
@@ -1000,6 +1003,27 @@ async fn a_broken_answer_is_the_outage_response_and_the_connection_goes_on() {
         assert_eq!(a.header("content-type"), b.header("content-type"), "{path}");
         assert_eq!(a.status(), b.status(), "{path}");
         assert_eq!(fast.get("/length").await.body, b"hello", "after {path}");
+    }
+}
+
+/// An answer whose chunked body breaks off with a bad chunk: what came whole before it reaches
+/// the client, the head included when both came in one read, then the connection closes; on
+/// both paths, never an empty reply.
+#[tokio::test]
+async fn a_bad_chunk_ends_the_answer_after_what_came_whole() {
+    let up = scripted().await;
+    let Both {
+        mut fast, mut slow, ..
+    } = Both::of(&up).await;
+    for (name, client) in [("relay", &mut fast), ("hyper", &mut slow)] {
+        client
+            .send("GET /bad-chunk HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+            .await;
+        let closed = client.closed_within(Duration::from_secs(10)).await;
+        assert!(closed.is_some(), "{name}: the connection stayed open");
+        let got = String::from_utf8_lossy(&client.buf).into_owned();
+        assert!(got.starts_with("HTTP/1.1 200"), "{name}: {got:?}");
+        assert!(got.ends_with("\r\n\r\n5\r\nhello\r\n"), "{name}: {got:?}");
     }
 }
 
@@ -1105,9 +1129,19 @@ async fn the_access_log_says_of_each_request_what_hyper_s_path_says() {
         "not the relay: {}",
         kept.head
     );
-    // Every line but its time, by path.
+    // An HTTP/2 request, whose URI carries the scheme and host, is logged by its path too.
+    let h2 = h2c_client()
+        .request(
+            http::Request::get(format!("http://{}/length?h2", hyper.addr))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(h2.status(), 200);
+    // Every line but its time, by path (one more on each: `kept`, and the HTTP/2 request).
     let lines = ProxyProcess::access_lines;
-    let whole = |proxy: &ProxyProcess| lines(proxy).len() >= paths.len() + heads.len();
+    let whole = |proxy: &ProxyProcess| lines(proxy).len() > paths.len() + heads.len();
     assert!(wait_until(Duration::from_secs(10), || whole(&relay) && whole(&hyper)).await);
     let (x, y) = (lines(&relay), lines(&hyper));
     for path in paths.into_iter().chain(heads) {
@@ -1117,6 +1151,7 @@ async fn the_access_log_says_of_each_request_what_hyper_s_path_says() {
         assert_eq!(line["client"], "127.0.0.1", "{path}");
         assert_eq!(line["upstream"], format!("http://{}", up.addr), "{path}");
     }
+    assert!(y.iter().any(|v| v["path"] == "/length?h2"), "{y:?}");
     let of = |path: &str| x.iter().find(|v| v["path"] == path).unwrap().clone();
     assert_eq!(of("/length?q=1")["bytes"], 5);
     assert_eq!(of("/chunked")["bytes"], 11);

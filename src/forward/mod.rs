@@ -191,6 +191,20 @@ pub fn forward<'a>(
         // own in this one's state, which every forwarded request allocates and copies.
         loop {
             let error = match send(pool, server, req, timeout, sent.as_mut()).await {
+                // A switch nobody asked for (or to nothing) leaves the client a head it cannot
+                // use: the server failed, as the relay judges it too.
+                Ok(resp)
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                        && (client_upgrade.is_none()
+                            || !resp.headers().contains_key(header::UPGRADE)) =>
+                {
+                    UpstreamError::Failed {
+                        server: pool.servers[server].to_string(),
+                        source: pool::SendError::Protocol(
+                            "101 to a request that asked for no upgrade",
+                        ),
+                    }
+                }
                 Ok(resp) => {
                     // An upload that stalled as the head came: the answer may be cut short
                     // already, and the stall is the client's.
