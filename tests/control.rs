@@ -435,6 +435,16 @@ async fn ctl_prints_for_people_or_json_and_exits_with_the_documented_codes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // `-s` names the socket itself, without a config file.
+    let out = bin()
+        .args(["ctl", "--json", "-s"])
+        .arg(dir.path().join("intermission.sock"))
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["mode"], "normal", "{status}");
     drop(proxy);
     let out = bin()
         .args(["ctl", "-s"])
