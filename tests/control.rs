@@ -695,3 +695,42 @@ async fn reload_moves_the_listeners_without_dropping_established_connections() {
     assert!(e.message.contains(&busy.to_string()), "{}", e.message);
     assert_eq!(get(&format!("http://{new}/")).await.status(), 200);
 }
+
+/// A change that cannot be saved is not made (SPEC §5): the operator hears
+/// `state_not_saved`, clients see no change, and once the state file can be written again
+/// the same request works.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_that_cannot_be_saved_is_refused_and_nothing_changes() {
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("sub");
+    std::fs::create_dir(&folder).unwrap();
+    let proxy = spawn_proxy_in(
+        dir,
+        &format!(
+            "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[upstream]\nservers = [\"{}\"]\n[control]\nstate_file = \"sub/state.json\"\n",
+            up.url()
+        ),
+    )
+    .await;
+    // The state file's folder becomes a file: no write can succeed, whoever runs the test.
+    std::fs::remove_dir_all(&folder).unwrap();
+    std::fs::write(&folder, "not a folder").unwrap();
+    let socket = proxy.dir.path().join("intermission.sock");
+    let refused = intermission::control::client::request(&socket, &on(Some("Lost")))
+        .await
+        .unwrap();
+    assert!(!refused.ok);
+    assert_eq!(refused.error.unwrap().code, "state_not_saved");
+    assert_eq!(proxy_mode(&proxy).await, "normal");
+    assert_eq!(get(&proxy.url("/")).await.status(), 200, "still forwarded");
+
+    std::fs::remove_file(&folder).unwrap();
+    std::fs::create_dir(&folder).unwrap();
+    let done = intermission::control::client::request(&socket, &on(Some("Saved")))
+        .await
+        .unwrap();
+    assert!(done.ok, "{:?}", done.error);
+    assert_eq!(get(&proxy.url("/")).await.status(), 503);
+    assert!(folder.join("state.json").exists());
+}
