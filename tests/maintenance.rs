@@ -461,6 +461,20 @@ async fn allow_paths_and_allow_ips_are_forwarded() {
     assert_eq!(resp.body(), "from upstream");
     let resp = get_with(&proxy.url("/"), &[("x-forwarded-for", "198.51.100.1")]).await;
     assert_eq!(resp.status(), 503);
+    // RFC 7239's `Forwarded` names the client the same way, from a trusted proxy only.
+    let forwarded = [("forwarded", "for=203.0.113.7;proto=https")];
+    assert_eq!(
+        get_with(&proxy.url("/"), &forwarded).await.body(),
+        "from upstream"
+    );
+    let other = [("forwarded", "for=198.51.100.1")];
+    assert_eq!(get_with(&proxy.url("/"), &other).await.status(), 503);
+    let untrusted = proxy_for(&up, "[maintenance]\nallow_ips = [\"203.0.113.7\"]\n").await;
+    ctl(&untrusted, on(None)).await;
+    assert_eq!(
+        get_with(&untrusted.url("/"), &forwarded).await.status(),
+        503
+    );
 }
 
 const SECRET: &str = "let-the-team-in-0123456789";
