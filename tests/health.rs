@@ -584,3 +584,33 @@ impl http_body::Body for ChannelBody {
             .map(|chunk| chunk.map(|b| Ok(http_body::Frame::data(b))))
     }
 }
+
+/// `health.expect` decides which statuses are healthy: a health endpoint that redirects is
+/// healthy with the default `200-399`, and down when only `200-299, 204` is expected.
+#[tokio::test(flavor = "multi_thread")]
+async fn health_expect_decides_which_statuses_are_healthy() {
+    let up = upstream(|req: Request<Incoming>| async move {
+        if req.uri().path() == "/healthz" {
+            Response::builder()
+                .status(301)
+                .header("location", "/elsewhere")
+                .body(full(""))
+                .unwrap()
+        } else {
+            Response::new(full("app works"))
+        }
+    })
+    .await;
+    let by_default = proxy_for(&[&up], &format!("{FAST}path = \"/healthz\"\n")).await;
+    assert_eq!(wait_health(&by_default, Some(true)).await, Some(true));
+    let strict = proxy_for(
+        &[&up],
+        &format!("{FAST}path = \"/healthz\"\nexpect = \"200-299, 204\"\n"),
+    )
+    .await;
+    wait_mode(&strict, "outage", Duration::from_secs(5)).await;
+    let h = ctl(&strict, Ctl::Health).await.health.unwrap();
+    assert_eq!(h[0].healthy, Some(false));
+    assert!(h[0].last_error.as_deref().unwrap().contains("301"), "{h:?}");
+    assert_eq!(proxy_mode(&by_default).await, "normal");
+}
