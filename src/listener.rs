@@ -16,7 +16,7 @@ use crate::fast::Fast;
 use crate::gateway::{self, Conn};
 use crate::park;
 use crate::relay;
-use crate::shutdown::{until_drained, Drain, Shutdown};
+use crate::shutdown::{until_drained, until_idle, Drain, Shutdown};
 use crate::stall::{Timed, Timing};
 use crate::state::StateHandle;
 use crate::workers::Workers;
@@ -285,8 +285,8 @@ async fn serve_others(
     // Counted by each request: until the first the connection lives on a deadline, since
     // the HTTP/2 preface has no timer of its own, and an HTTP/2 connection that no request
     // has come on for a while is closed (`Serving::http2`).
-    let asked = Arc::new(AtomicU64::new(0));
-    let seen = asked.clone();
+    let requests = Arc::new(AtomicU64::new(0));
+    let seen = requests.clone();
     let relaying = (state.clone(), conn.clone());
     let service = service_fn(move |req| {
         seen.fetch_add(1, Ordering::Relaxed);
@@ -297,7 +297,7 @@ async fn serve_others(
         builder,
         guard,
         deadline: first_byte,
-        asked: &asked,
+        requests: &requests,
     };
     match arrived {
         Arrived::H2c(first, stream) => {
@@ -356,7 +356,7 @@ struct Serving<'a> {
     builder: &'a ConnBuilder,
     guard: Shutdown,
     deadline: Duration,
-    asked: &'a AtomicU64,
+    requests: &'a AtomicU64,
 }
 
 impl Serving<'_> {
@@ -395,60 +395,23 @@ impl Serving<'_> {
         // `keepalive_timeout` closes one, it is told to go (GOAWAY) once no request has come
         // for that long. Streams still open finish first.
         let idle = self.builder.keep_alive;
-        let connection = until_idle(connection, self.guard, self.asked, idle);
-        until_first_request(connection, self.deadline, self.asked).await
+        let connection = until_idle(connection, self.guard, self.requests, idle, |c| {
+            c.graceful_shutdown()
+        });
+        until_first_request(connection, self.deadline, self.requests).await
     }
-}
-
-/// Runs an HTTP/2 connection to its end; once a drain is asked for, or no request has come
-/// for between `idle` and twice that, it is shut down gracefully. A tick counts the
-/// requests instead of each request reading the clock.
-async fn until_idle<I, S>(
-    conn: hyper::server::conn::http2::Connection<TokioIo<I>, S, TokioExecutor>,
-    mut guard: Shutdown,
-    requests: &AtomicU64,
-    idle: Duration,
-) -> Result<(), hyper::Error>
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::body::Body>,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    tokio::pin!(conn);
-    let start = tokio::time::Instant::now() + idle;
-    let mut tick = tokio::time::interval_at(start, idle.max(Duration::from_millis(1)));
-    // A busy moment must not fire two ticks back to back with no request between them.
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut seen = requests.load(Ordering::Relaxed);
-    loop {
-        tokio::select! {
-            out = &mut conn => return out,
-            () = guard.fired() => break,
-            _ = tick.tick() => {
-                let now = requests.load(Ordering::Relaxed);
-                if now == seen {
-                    tracing::debug!("HTTP/2 connection idle for header_read_timeout; closing it");
-                    break;
-                }
-                seen = now;
-            }
-        }
-    }
-    conn.as_mut().graceful_shutdown();
-    conn.await
 }
 
 /// Runs a connection, dropping it if no request has arrived by `deadline`.
 async fn until_first_request<F: std::future::Future>(
     connection: F,
     deadline: Duration,
-    asked: &AtomicU64,
+    requests: &AtomicU64,
 ) -> Option<F::Output> {
     tokio::pin!(connection);
     match tokio::time::timeout(deadline, &mut connection).await {
         Ok(result) => Some(result),
-        Err(_) if asked.load(Ordering::Relaxed) == 0 => None,
+        Err(_) if requests.load(Ordering::Relaxed) == 0 => None,
         Err(_) => Some(connection.await),
     }
 }

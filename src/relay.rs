@@ -1095,9 +1095,7 @@ fn response_head(input: &[u8], head: bool, out: &mut Vec<u8>) -> Result<Head, Se
         return Err(SendError::Protocol("a malformed response head"));
     };
     if status == 101 {
-        return Err(SendError::Protocol(
-            "101 to a request that asked for no upgrade",
-        ));
+        return Err(SendError::Protocol(crate::forward::pool::UNASKED_SWITCH));
     }
     if (100..200).contains(&status) {
         return Ok(Head::Interim(len));

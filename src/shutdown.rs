@@ -73,6 +73,41 @@ impl Drain {
     }
 }
 
+/// As `until_drained`, and also once no request has come for between `idle` and twice that:
+/// `requests` is counted by each, and a tick compares it instead of each request reading
+/// the clock.
+pub async fn until_idle<C: std::future::Future>(
+    conn: C,
+    mut guard: Shutdown,
+    requests: &std::sync::atomic::AtomicU64,
+    idle: std::time::Duration,
+    graceful: impl FnOnce(std::pin::Pin<&mut C>),
+) -> C::Output {
+    use std::sync::atomic::Ordering;
+    tokio::pin!(conn);
+    let start = tokio::time::Instant::now() + idle;
+    let mut tick = tokio::time::interval_at(start, idle.max(std::time::Duration::from_millis(1)));
+    // A busy moment must not fire two ticks back to back with no request between them.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen = requests.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            out = &mut conn => return out,
+            () = guard.fired() => break,
+            _ = tick.tick() => {
+                let now = requests.load(Ordering::Relaxed);
+                if now == seen {
+                    tracing::debug!("connection idle for header_read_timeout; closing it");
+                    break;
+                }
+                seen = now;
+            }
+        }
+    }
+    graceful(conn.as_mut());
+    conn.await
+}
+
 /// Runs `conn` to its end; once a drain is asked for, `graceful` tells it to finish its
 /// in-flight requests and close, and it is run until it has.
 pub async fn until_drained<C: std::future::Future>(

@@ -200,9 +200,7 @@ pub fn forward<'a>(
                 {
                     UpstreamError::Failed {
                         server: pool.servers[server].to_string(),
-                        source: pool::SendError::Protocol(
-                            "101 to a request that asked for no upgrade",
-                        ),
+                        source: pool::SendError::Protocol(pool::UNASKED_SWITCH),
                     }
                 }
                 Ok(resp) => {

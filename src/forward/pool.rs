@@ -31,6 +31,10 @@ use tower_service::Service;
 /// `https://` servers (HTTP/2 when ALPN offers it).
 pub type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 
+/// A `101` to a request that asked for no upgrade, or with no `Upgrade`: the client is left a
+/// head it cannot use, so the server failed (the relay and hyper's path judge it alike).
+pub const UNASKED_SWITCH: &str = "101 to a request that asked for no upgrade";
+
 /// Why a request got no response from a server.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {

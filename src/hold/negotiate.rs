@@ -270,7 +270,7 @@ impl AcceptPrefs {
                 .offer(specificity(kind, subtype, "application", "json"), q);
             let problem = specificity(kind, subtype, "application", "problem+json");
             prefs.problem_json.offer(problem, q);
-            if is_json_suffix(kind, subtype) {
+            if is_json_suffix(subtype) {
                 prefs.suffix_json = prefs.suffix_json.max(q);
             }
         }
@@ -283,13 +283,12 @@ impl AcceptPrefs {
     }
 }
 
-/// `kind/…+json`, a JSON type by its structured syntax suffix.
-fn is_json_suffix(kind: &str, subtype: &str) -> bool {
+/// `…/…+json`, a JSON type by its structured syntax suffix (`*/*` has none, and
+/// `parse_media_range` refuses `*/json`).
+fn is_json_suffix(subtype: &str) -> bool {
     const SUFFIX: &[u8] = b"+json";
     let sub = subtype.as_bytes();
-    kind != "*"
-        && sub.len() > SUFFIX.len()
-        && sub[sub.len() - SUFFIX.len()..].eq_ignore_ascii_case(SUFFIX)
+    sub.len() > SUFFIX.len() && sub[sub.len() - SUFFIX.len()..].eq_ignore_ascii_case(SUFFIX)
 }
 
 /// How specifically the range `kind/subtype` matches `target_kind/target_subtype`.

@@ -478,12 +478,6 @@ impl Controller {
                 "the proxy was started without a config file; there is nothing to re-read".into(),
             );
         };
-        if self.parts.config.source.is_none() && !path.exists() {
-            return Err(format!(
-                "the proxy runs on the built-in defaults and there is still no {} to read",
-                path.display()
-            ));
-        }
         let loaded = tokio::task::spawn_blocking(move || -> Result<(Config, Pages), String> {
             let config = Config::load_file(&path).map_err(|e| e.to_string())?;
             let pages = Pages::load(&config.maintenance.pages).map_err(|e| e.to_string())?;
