@@ -17,12 +17,14 @@ use crate::gateway::{self, Conn};
 use crate::park;
 use crate::relay;
 use crate::shutdown::{until_drained, until_idle, Drain, Shutdown};
-use crate::stall::{Timed, Timing};
+use crate::stall::{Answer, Answers, Timed, Timing};
 use crate::state::StateHandle;
 use crate::workers::Workers;
 use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
-use hyper::service::service_fn;
+use hyper::service::{service_fn, Service};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -298,6 +300,7 @@ async fn serve_others(
         guard,
         deadline: first_byte,
         requests: &requests,
+        state: relaying.0.clone(),
     };
     match arrived {
         Arrived::H2c(first, stream) => {
@@ -357,6 +360,7 @@ struct Serving<'a> {
     guard: Shutdown,
     deadline: Duration,
     requests: &'a AtomicU64,
+    state: StateHandle,
 }
 
 impl Serving<'_> {
@@ -380,12 +384,22 @@ impl Serving<'_> {
     async fn http2<I, S>(self, io: I, service: S) -> Option<Result<(), hyper::Error>>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::body::Body>
-            + Send
-            + 'static,
+        S: Service<Request<Incoming>, Response = Response<crate::body::Body>> + Send + 'static,
         S::Future: Send + 'static,
         S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        // Each answer is counted while it waits on the client's flow-control window, which
+        // no write clock sees (`stall::Answers`).
+        let answers = Arc::new(Answers::default());
+        let counted = answers.clone();
+        let service = service_fn(move |req| {
+            let reply = service.call(req);
+            let answers = counted.clone();
+            async move {
+                let response = reply.await?;
+                Ok::<_, S::Error>(response.map(|body| Answer::new(body, &answers)))
+            }
+        });
         let connection = self
             .builder
             .http2
@@ -398,6 +412,18 @@ impl Serving<'_> {
         let connection = until_idle(connection, self.guard, self.requests, idle, |c| {
             c.graceful_shutdown()
         });
+        let state = self.state;
+        let connection = async move {
+            tokio::select! {
+                served = connection => served,
+                () = answers.stalled(&state, idle) => {
+                    tracing::debug!(
+                        "an HTTP/2 answer waited on the client's window for send_timeout; closing"
+                    );
+                    Ok(())
+                }
+            }
+        };
         until_first_request(connection, self.deadline, self.requests).await
     }
 }

@@ -1,7 +1,8 @@
 //! Clocks on stalls: how long a peer may let an exchange stand still. A client that takes
 //! nothing of what is written to it (`proxy.send_timeout`, nginx's `send_timeout`), on every
 //! path that writes to one; a server's response body that stops (`upstream.read_timeout`) and
-//! a client's request body that stops (`proxy.body_read_timeout`), in `body`.
+//! a client's request body that stops (`proxy.body_read_timeout`), in `body`; and an
+//! HTTP/2 stream whose client opens no room in its window (`Answers`).
 //!
 //! A client that stops reading fills its socket's buffer, and every write to it waits. Left
 //! alone, the connection, its buffers, the upstream connection streaming to it and a drain's
@@ -10,9 +11,13 @@
 //! made at the first wait, so the common poll, ready at once, costs a branch.
 
 use crate::state::StateHandle;
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
 use std::future::{poll_fn, Future};
 use std::io::{self, ErrorKind};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -176,6 +181,141 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Timed<S> {
     }
 }
 
+/// The answers of one HTTP/2 connection that wait on its client. An answer waits once it has
+/// handed hyper a piece and is not asked for the next: hyper asks only when the stream's
+/// flow-control window has room. A client that reads its socket but opens no window never
+/// fills the socket, so the write clock (`Timed`) never runs, and each such stream would hold
+/// the connection and the server's connection streaming to it for as long as the client
+/// likes; nginx times this wait with `send_timeout` too. hyper cannot reset one stream from
+/// outside it, so a stall closes the connection.
+#[derive(Default)]
+pub struct Answers {
+    /// Moved on by each tick of `stalled`. An answer that begins to wait is counted under
+    /// the tick's parity: one still counted under the previous tick's when the next comes
+    /// has waited at least a whole period, with no clock read per piece.
+    tick: AtomicUsize,
+    waiting: [AtomicUsize; 2],
+}
+
+impl Answers {
+    fn wait(&self) -> usize {
+        let parity = self.tick.load(Ordering::Relaxed) & 1;
+        self.waiting[parity].fetch_add(1, Ordering::Relaxed);
+        parity
+    }
+
+    fn moved(&self, parity: usize) {
+        self.waiting[parity].fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Resolves once an answer has waited on its client for `proxy.send_timeout`, to twice
+    /// that. The limit is read at each tick, so that a reload applies to open connections;
+    /// while it is off, the ticks come every `otherwise` and find nothing.
+    pub async fn stalled(&self, state: &StateHandle, otherwise: Duration) {
+        loop {
+            let limit = state.load().config.proxy.send_timeout;
+            tokio::time::sleep(limit.unwrap_or(otherwise)).await;
+            let tick = self.tick.load(Ordering::Relaxed);
+            let earlier = tick.wrapping_add(1) & 1;
+            if limit.is_some() && self.waiting[earlier].load(Ordering::Relaxed) > 0 {
+                return;
+            }
+            self.tick.store(tick.wrapping_add(1), Ordering::Relaxed);
+        }
+    }
+}
+
+/// A response body on an HTTP/2 connection, counted in its `Answers` while it waits.
+///
+/// It hands hyper at most `PIECE` at a time: hyper sends a piece as soon as the window has any
+/// room, and the window then holds what went before it, so a wait lasts about as long as the
+/// client takes to read one piece. A larger piece would be taken for a stall while a slow
+/// but steady client was reading it.
+pub struct Answer<B> {
+    body: B,
+    /// `None` for an answer with nothing to send: it cannot wait.
+    answers: Option<Arc<Answers>>,
+    /// The parity it is counted under while it waits.
+    waiting: Option<usize>,
+    /// What is left of a piece of the body larger than `PIECE`.
+    rest: Bytes,
+}
+
+/// One HTTP/2 DATA frame at the default frame size, so the pieces cost no extra frames.
+const PIECE: usize = 16 * 1024;
+
+impl<B: HttpBody> Answer<B> {
+    pub fn new(body: B, answers: &Arc<Answers>) -> Answer<B> {
+        let answers = (!body.is_end_stream()).then(|| answers.clone());
+        Answer {
+            body,
+            answers,
+            waiting: None,
+            rest: Bytes::new(),
+        }
+    }
+}
+
+impl<B: HttpBody<Data = Bytes> + Unpin> HttpBody for Answer<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let Some(answers) = &this.answers else {
+            return Pin::new(&mut this.body).poll_frame(cx);
+        };
+        if let Some(parity) = this.waiting.take() {
+            answers.moved(parity);
+        }
+        if this.rest.is_empty() {
+            match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => this.rest = data,
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                other => return Poll::Ready(other),
+            }
+        }
+        let mut piece = this.rest.split_to(this.rest.len().min(PIECE));
+        if this.rest.is_empty() && this.body.is_end_stream() && piece.len() > 1 {
+            // The last byte goes alone: hyper sends the last piece once the window has room
+            // for one byte more than it holds, and then lets the answer go, so what the window
+            // could not take of a whole last piece would wait there untimed. A one-byte last
+            // piece leaves nothing behind once it is sent.
+            this.rest = piece.split_off(piece.len() - 1);
+        }
+        this.waiting = Some(answers.wait());
+        Poll::Ready(Some(Ok(Frame::data(piece))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let hint = self.body.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut with_rest = SizeHint::new();
+        with_rest.set_lower(hint.lower().saturating_add(rest));
+        if let Some(upper) = hint.upper() {
+            with_rest.set_upper(upper.saturating_add(rest));
+        }
+        with_rest
+    }
+}
+
+impl<B> Drop for Answer<B> {
+    fn drop(&mut self) {
+        if let (Some(answers), Some(parity)) = (&self.answers, self.waiting) {
+            answers.moved(parity);
+        }
+    }
+}
+
 /// The error of a client that took nothing for `proxy.send_timeout`.
 fn timed_out() -> io::Error {
     io::Error::new(
@@ -291,5 +431,47 @@ mod tests {
         let late = tokio::time::timeout(Duration::from_secs(3600), waiting).await;
         assert!(late.is_err(), "a write with no limit gave up");
         drop(client);
+    }
+
+    /// An HTTP/2 answer is handed on in pieces of at most 16 KiB, its last byte alone when its
+    /// length is known, whole and in order, its length still announced; it is counted as
+    /// waiting from each piece until it is asked for the next, and no longer once dropped.
+    #[test]
+    fn an_answer_is_handed_on_in_pieces_and_counted_while_it_waits() {
+        use http_body_util::Full;
+        let text: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+        let answers = Arc::new(Answers::default());
+        let mut answer = Answer::new(Full::new(Bytes::from(text.clone())), &answers);
+        assert_eq!(answer.size_hint().exact(), Some(40_000));
+        let waiting = |answers: &Answers| {
+            answers.waiting[0].load(Ordering::Relaxed) + answers.waiting[1].load(Ordering::Relaxed)
+        };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut sizes = Vec::new();
+        let mut got = Vec::new();
+        while let Poll::Ready(Some(frame)) = Pin::new(&mut answer).poll_frame(&mut cx) {
+            let data = frame.unwrap().into_data().unwrap();
+            assert_eq!(
+                waiting(&answers),
+                1,
+                "a piece handed on is counted as waiting"
+            );
+            sizes.push(data.len());
+            got.extend_from_slice(&data);
+        }
+        assert_eq!(sizes, [16_384, 16_384, 7_231, 1]);
+        assert_eq!(got, text);
+        assert!(answer.is_end_stream());
+        assert_eq!(
+            waiting(&answers),
+            0,
+            "an answer that ended waits for nothing"
+        );
+
+        let mut answer = Answer::new(Full::new(Bytes::from_static(b"ab")), &answers);
+        assert!(Pin::new(&mut answer).poll_frame(&mut cx).is_ready());
+        assert_eq!(waiting(&answers), 1);
+        drop(answer);
+        assert_eq!(waiting(&answers), 0, "a dropped answer still counted");
     }
 }

@@ -1018,3 +1018,118 @@ async fn an_http2_connection_no_request_comes_on_is_closed() {
     let ended = tokio::time::timeout(Duration::from_secs(10), closed).await;
     assert!(ended.is_ok(), "an idle HTTP/2 connection was kept open");
 }
+
+/// A body that never ends, 16 KiB at a time as fast as it is taken; `dropped` says when the
+/// server has let it go (its connection closed under it).
+struct Endless {
+    dropped: Arc<AtomicBool>,
+}
+
+impl http_body::Body for Endless {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let piece = Bytes::from_static(&[b'x'; 16 * 1024]);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(piece))))
+    }
+}
+
+impl Drop for Endless {
+    fn drop(&mut self) {
+        self.dropped.store(true, Ordering::SeqCst);
+    }
+}
+
+/// An HTTP/2 client with a small window, that reads its socket whether or not its streams'
+/// bodies are read: a stream whose body is not read stalls on flow control alone.
+async fn small_window_h2(
+    addr: std::net::SocketAddr,
+    window: u32,
+) -> (
+    hyper::client::conn::http2::SendRequest<TestBody>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(window)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
+/// An HTTP/2 client that keeps reading its socket but opens no room in a stream's window
+/// never fills the socket, so no write waits: the answer's own wait is timed
+/// (`proxy.send_timeout`, as nginx's), and the connection is closed with the server's
+/// connection streaming to it. A client that reads slowly but steadily is served whole.
+#[tokio::test]
+async fn an_http2_stream_its_client_opens_no_window_for_is_let_go() {
+    let dropped = Arc::new(AtomicBool::new(false));
+    let told = dropped.clone();
+    let up = upstream(move |req: Request<Incoming>| {
+        let told = told.clone();
+        async move {
+            match req.uri().path() {
+                "/endless" => Response::new(Endless { dropped: told }.boxed()),
+                "/256k" => Response::new(full(vec![b'y'; 256 * 1024])),
+                "/32k" => Response::new(full(vec![b'z'; 32 * 1024])),
+                _ => Response::new(full("ok")),
+            }
+        }
+    })
+    .await;
+    let config = format!("[proxy]\nsend_timeout = \"1s\"\n{}", upstream_config(&up));
+    let proxy = spawn_proxy(&config).await;
+    let url = |path: &str| format!("http://{}{path}", proxy.addr);
+
+    // Slow but steady: 16 KiB every 150 ms, 2.4 s in all, the window never open a second.
+    let (mut sender, _conn) = small_window_h2(proxy.addr, 16 * 1024).await;
+    let resp = sender
+        .send_request(Request::get(url("/256k")).body(empty()).unwrap())
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut got = 0;
+    while let Some(frame) = body.frame().await {
+        got += frame.unwrap().into_data().map_or(0, |d| d.len());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(got, 256 * 1024, "a slow reader's answer was cut");
+
+    // Stopped: the head is read, the body never.
+    let (mut sender, conn) = small_window_h2(proxy.addr, 16 * 1024).await;
+    let resp = sender
+        .send_request(Request::get(url("/endless")).body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let let_go = wait_until(Duration::from_secs(15), || dropped.load(Ordering::SeqCst)).await;
+    assert!(
+        let_go,
+        "the server's answer to a stalled stream is still held"
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(closed.is_ok(), "the stalled connection is still open");
+    drop(resp);
+
+    // Stopped with the last piece of an answer larger than the room left in the window:
+    // hyper is done with the body once it has handed that piece on, so the rest of it would
+    // wait in the connection for as long as the client liked, the connection with it.
+    let (mut sender, conn) = small_window_h2(proxy.addr, 16 * 1024 + 1).await;
+    let resp = sender
+        .send_request(Request::get(url("/32k")).body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(
+        closed.is_ok(),
+        "a connection holding a stalled last piece is still open"
+    );
+    drop(resp);
+    assert_eq!(get(&url("/")).await.status(), StatusCode::OK);
+}
