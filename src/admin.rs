@@ -7,6 +7,7 @@
 
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::stall::Timed;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -32,6 +33,9 @@ pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 const MAX_CONNECTIONS: usize = 64;
 /// A request head slower than this is not a scraper.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Nor is a client that takes nothing of its answer for this long: left alone, one that
+/// pipelines requests and reads nothing would hold its connection, and 64 of them every one.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for a response being written; idle keep-alive connections close at once.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -75,7 +79,9 @@ pub async fn serve(
             let resp = respond(&req, &metrics, ready.as_ref());
             async move { Ok::<_, Infallible>(resp) }
         });
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        let connection = graceful.watch(
+            builder.serve_connection(TokioIo::new(Timed::fixed(stream, SEND_TIMEOUT)), service),
+        );
         tokio::spawn(async move {
             let _permit = permit;
             if let Err(e) = connection.await {
@@ -245,5 +251,30 @@ mod tests {
             tokio::net::TcpStream::connect(addr).await.is_err(),
             "the port is closed after shutdown"
         );
+    }
+
+    /// A client that pipelines requests and reads none of the answers is let go once it has
+    /// taken nothing for `SEND_TIMEOUT`, and its slot with it; others are served meanwhile.
+    #[tokio::test]
+    async fn a_client_that_reads_nothing_is_let_go() {
+        use tokio::io::AsyncWriteExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ready: Ready = Arc::new(|| true);
+        let (_trigger, shutdown) = crate::shutdown::channel();
+        tokio::spawn(serve(listener, Arc::new(Metrics::new()), ready, shutdown));
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stuck = socket.connect(addr).await.unwrap();
+        let flood = async move {
+            let request = b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n";
+            while stuck.write_all(request).await.is_ok() {}
+        };
+        let flood = tokio::spawn(flood);
+        let client: TestClient = Client::builder(TokioExecutor::new()).build_http();
+        let (status, _, _) = call(&client, addr, Method::GET, "/healthz").await;
+        assert_eq!(status, StatusCode::OK);
+        let cut = tokio::time::timeout(SEND_TIMEOUT * 3, flood).await;
+        assert!(cut.is_ok(), "a client that reads nothing is still served");
     }
 }

@@ -14,6 +14,7 @@
 use crate::config::ProxyConfig;
 use crate::fast::Fast;
 use crate::gateway::{self, Conn};
+use crate::metrics::Outcome;
 use crate::park;
 use crate::relay;
 use crate::shutdown::{until_drained, until_idle, Drain, Shutdown};
@@ -205,8 +206,8 @@ pub async fn accept_loop(
                     let _permit = permit;
                     let arrived = Arrived::Tls(acceptor, stream, drain);
                     let served =
-                        serve_others(arrived, state, conn, &builder, guard, first_byte).await;
-                    log_end(peer, served);
+                        serve_others(arrived, &state, conn, &builder, guard, first_byte).await;
+                    log_end(peer, served, &state);
                 });
             }
         }
@@ -230,14 +231,14 @@ async fn plain(
     // that has sent nothing has nothing to finish.
     let sniffed = Box::pin(tokio::time::timeout(first_byte, first_bytes(&mut stream))).await;
     let Ok(Some((protocol, first))) = sniffed else {
-        log_end(conn.peer, None);
+        log_end(conn.peer, None, &state);
         return;
     };
     let served = if protocol == Protocol::Http1 {
         let idle = Arc::new(park::Idle::new(state.load().metrics.parked()));
         let timing = Some(Timing::new(state.clone()));
         let io = park::Rewind::new(first, stream, Some(idle.clone()), timing);
-        let service = park::Gateway::new(Fast::new(state, conn.clone()), idle);
+        let service = park::Gateway::new(Fast::new(state.clone(), conn.clone()), idle);
         let held = park::Held {
             builder,
             drain,
@@ -253,7 +254,7 @@ async fn plain(
         let guard = drain.guard();
         Box::pin(serve_others(
             arrived,
-            state,
+            &state,
             conn.clone(),
             &builder,
             guard,
@@ -261,13 +262,28 @@ async fn plain(
         ))
         .await
     };
-    log_end(conn.peer, served);
+    log_end(conn.peer, served, &state);
 }
 
-fn log_end(peer: std::net::SocketAddr, served: Option<Result<(), hyper::Error>>) {
+fn log_end(
+    peer: std::net::SocketAddr,
+    served: Option<Result<(), hyper::Error>>,
+    state: &StateHandle,
+) {
     match served {
         None => tracing::debug!(%peer, "no request within header_read_timeout; closed"),
-        Some(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
+        Some(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+            // A head hyper could not read never reaches the gateway, but hyper answered it
+            // (400, or 431/414 for one too large): counted with the requests intermission
+            // refuses itself, so that the 4xx a client sees is in the metrics too.
+            if e.is_parse() && !e.is_parse_version_h2() {
+                let status = if e.is_parse_too_large() { 431 } else { 400 };
+                let snap = state.load();
+                snap.metrics
+                    .request(Outcome::Reserved, snap.mode, status, Duration::ZERO);
+            }
+        }
         Some(Ok(())) => {}
     }
 }
@@ -277,7 +293,7 @@ fn log_end(peer: std::net::SocketAddr, served: Option<Result<(), hyper::Error>>)
 /// connection, then served by hyper from the first that is not one; it does not park.
 async fn serve_others(
     arrived: Arrived,
-    state: StateHandle,
+    state: &StateHandle,
     conn: Arc<Conn>,
     builder: &ConnBuilder,
     guard: Shutdown,
@@ -290,6 +306,7 @@ async fn serve_others(
     let requests = Arc::new(AtomicU64::new(0));
     let seen = requests.clone();
     let relaying = (state.clone(), conn.clone());
+    let state = state.clone();
     let service = service_fn(move |req| {
         seen.fetch_add(1, Ordering::Relaxed);
         // Decided at once; only forwarding returns a (boxed) future: see `Reply`.
@@ -397,7 +414,7 @@ impl Serving<'_> {
             let answers = counted.clone();
             async move {
                 let response = reply.await?;
-                Ok::<_, S::Error>(response.map(|body| Answer::new(body, &answers)))
+                Ok::<_, S::Error>(response.map(|body| Answer::new(body, answers)))
             }
         });
         let connection = self
@@ -415,10 +432,11 @@ impl Serving<'_> {
         let state = self.state;
         let connection = async move {
             tokio::select! {
+                biased;
                 served = connection => served,
-                () = answers.stalled(&state, idle) => {
+                () = answers.stalled(|| state.load().config.proxy.send_timeout, idle) => {
                     tracing::debug!(
-                        "an HTTP/2 answer waited on the client's window for send_timeout; closing"
+                        "an HTTP/2 answer waited on the client for send_timeout, none moving; closing"
                     );
                     Ok(())
                 }

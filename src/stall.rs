@@ -91,16 +91,30 @@ impl StallClock {
     }
 }
 
-/// A connection's clock, and where its limit is read: the current `proxy.send_timeout`.
+/// A connection's clock, and where its limit is read.
 pub struct Timing {
-    state: StateHandle,
+    limit: Limit,
     clock: StallClock,
+}
+
+enum Limit {
+    /// The current `proxy.send_timeout`, for the proxy's clients.
+    Configured(StateHandle),
+    /// A limit of its own, for the admin listener's.
+    Fixed(Duration),
 }
 
 impl Timing {
     pub fn new(state: StateHandle) -> Timing {
         Timing {
-            state,
+            limit: Limit::Configured(state),
+            clock: StallClock::default(),
+        }
+    }
+
+    pub fn fixed(limit: Duration) -> Timing {
+        Timing {
+            limit: Limit::Fixed(limit),
             clock: StallClock::default(),
         }
     }
@@ -110,9 +124,15 @@ impl Timing {
         cx: &mut Context<'_>,
         polled: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
-        let state = &self.state;
-        self.clock
-            .watch(cx, || state.load().config.proxy.send_timeout, polled)
+        let limit = &self.limit;
+        self.clock.watch(
+            cx,
+            || match limit {
+                Limit::Configured(state) => state.load().config.proxy.send_timeout,
+                Limit::Fixed(limit) => Some(*limit),
+            },
+            polled,
+        )
     }
 }
 
@@ -129,6 +149,13 @@ impl<S> Timed<S> {
         Timed {
             inner,
             timing: Timing::new(state),
+        }
+    }
+
+    pub fn fixed(inner: S, limit: Duration) -> Timed<S> {
+        Timed {
+            inner,
+            timing: Timing::fixed(limit),
         }
     }
 }
@@ -186,7 +213,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Timed<S> {
 /// flow-control window has room. A client that reads its socket but opens no window never
 /// fills the socket, so the write clock (`Timed`) never runs, and each such stream would hold
 /// the connection and the server's connection streaming to it for as long as the client
-/// likes; nginx times this wait with `send_timeout` too. hyper cannot reset one stream from
+/// likes; nginx times this wait with `send_timeout` too.
+///
+/// The connection is what is timed, as a socket's writes are: it stalls when an answer has
+/// waited a whole period and no answer on it has moved meanwhile. Streams share the
+/// connection's window and its socket, so on a slow link one answer may wait its turn for
+/// long while the others move; that client is reading. hyper cannot reset one stream from
 /// outside it, so a stall closes the connection.
 #[derive(Default)]
 pub struct Answers {
@@ -195,6 +227,8 @@ pub struct Answers {
     /// has waited at least a whole period, with no clock read per piece.
     tick: AtomicUsize,
     waiting: [AtomicUsize; 2],
+    /// Bumped whenever a waiting answer is asked for its next piece.
+    moves: AtomicUsize,
 }
 
 impl Answers {
@@ -206,20 +240,26 @@ impl Answers {
 
     fn moved(&self, parity: usize) {
         self.waiting[parity].fetch_sub(1, Ordering::Relaxed);
+        self.moves.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Resolves once an answer has waited on its client for `proxy.send_timeout`, to twice
-    /// that. The limit is read at each tick, so that a reload applies to open connections;
-    /// while it is off, the ticks come every `otherwise` and find nothing.
-    pub async fn stalled(&self, state: &StateHandle, otherwise: Duration) {
+    /// that, with no answer on the connection moving for the last of it. The limit is read
+    /// at each tick, so that a reload applies from the next one; while it is off, the ticks
+    /// come every `otherwise` and find nothing.
+    pub async fn stalled(&self, limit: impl Fn() -> Option<Duration>, otherwise: Duration) {
+        let mut seen = self.moves.load(Ordering::Relaxed);
         loop {
-            let limit = state.load().config.proxy.send_timeout;
+            let limit = limit();
             tokio::time::sleep(limit.unwrap_or(otherwise)).await;
+            let moves = self.moves.load(Ordering::Relaxed);
             let tick = self.tick.load(Ordering::Relaxed);
             let earlier = tick.wrapping_add(1) & 1;
-            if limit.is_some() && self.waiting[earlier].load(Ordering::Relaxed) > 0 {
+            if limit.is_some() && moves == seen && self.waiting[earlier].load(Ordering::Relaxed) > 0
+            {
                 return;
             }
+            seen = moves;
             self.tick.store(tick.wrapping_add(1), Ordering::Relaxed);
         }
     }
@@ -245,8 +285,8 @@ pub struct Answer<B> {
 const PIECE: usize = 16 * 1024;
 
 impl<B: HttpBody> Answer<B> {
-    pub fn new(body: B, answers: &Arc<Answers>) -> Answer<B> {
-        let answers = (!body.is_end_stream()).then(|| answers.clone());
+    pub fn new(body: B, answers: Arc<Answers>) -> Answer<B> {
+        let answers = (!body.is_end_stream()).then_some(answers);
         Answer {
             body,
             answers,
@@ -441,7 +481,7 @@ mod tests {
         use http_body_util::Full;
         let text: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
         let answers = Arc::new(Answers::default());
-        let mut answer = Answer::new(Full::new(Bytes::from(text.clone())), &answers);
+        let mut answer = Answer::new(Full::new(Bytes::from(text.clone())), answers.clone());
         assert_eq!(answer.size_hint().exact(), Some(40_000));
         let waiting = |answers: &Answers| {
             answers.waiting[0].load(Ordering::Relaxed) + answers.waiting[1].load(Ordering::Relaxed)
@@ -468,10 +508,59 @@ mod tests {
             "an answer that ended waits for nothing"
         );
 
-        let mut answer = Answer::new(Full::new(Bytes::from_static(b"ab")), &answers);
+        let mut answer = Answer::new(Full::new(Bytes::from_static(b"ab")), answers.clone());
         assert!(Pin::new(&mut answer).poll_frame(&mut cx).is_ready());
         assert_eq!(waiting(&answers), 1);
         drop(answer);
         assert_eq!(waiting(&answers), 0, "a dropped answer still counted");
+    }
+
+    /// The connection stalls once an answer has waited a whole period with none moving; an
+    /// answer that waits its turn while another moves is not a stall, nor is an answer that
+    /// is asked for its next piece within the period.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_stalls_when_an_answer_waits_and_none_moves() {
+        use http_body_util::Full;
+        let second = Duration::from_secs(1);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let piece = || Full::new(Bytes::from(vec![b'x'; 3 * PIECE]));
+        let answers = Arc::new(Answers::default());
+        let stalled = answers.stalled(|| Some(second), second);
+        tokio::pin!(stalled);
+        let mut waits = Answer::new(piece(), answers.clone());
+        let mut moves = Answer::new(piece(), answers.clone());
+        assert!(Pin::new(&mut waits).poll_frame(&mut cx).is_ready());
+        // Another answer moves every 900 ms for 2.7 s: no stall, though `waits` waits.
+        for _ in 0..3 {
+            assert!(Pin::new(&mut moves).poll_frame(&mut cx).is_ready());
+            let early = tokio::time::timeout(second * 9 / 10, &mut stalled).await;
+            assert!(
+                early.is_err(),
+                "a connection that moves was taken for stalled"
+            );
+        }
+        // Nothing moves from here: the stall is seen within two periods.
+        let start = tokio::time::Instant::now();
+        tokio::time::timeout(second * 2, &mut stalled)
+            .await
+            .unwrap();
+        assert!(start.elapsed() <= second * 2);
+
+        // An answer asked again within each period never stalls its connection.
+        let answers = Arc::new(Answers::default());
+        let stalled = answers.stalled(|| Some(second), second);
+        tokio::pin!(stalled);
+        let mut answer = Answer::new(piece(), answers.clone());
+        for _ in 0..3 {
+            assert!(Pin::new(&mut answer).poll_frame(&mut cx).is_ready());
+            let early = tokio::time::timeout(second * 9 / 10, &mut stalled).await;
+            assert!(early.is_err(), "a moving answer was taken for stalled");
+        }
+        // Off: an answer waits as long as it must.
+        let answers = Arc::new(Answers::default());
+        let mut answer = Answer::new(piece(), answers.clone());
+        assert!(Pin::new(&mut answer).poll_frame(&mut cx).is_ready());
+        let off = answers.stalled(|| None, second);
+        assert!(tokio::time::timeout(second * 3600, off).await.is_err());
     }
 }

@@ -701,3 +701,38 @@ async fn what_happened_while_the_proxy_was_down_is_told_at_start() {
     assert_eq!(got[3]["mode"], "maintenance");
     assert_eq!(proxy_mode(&proxy).await, "maintenance");
 }
+
+/// A request hyper cannot read never reaches the gateway, but its client gets a 4xx: that
+/// answer is counted as the requests intermission refuses itself are.
+#[tokio::test]
+async fn requests_too_malformed_to_read_are_counted() {
+    let proxy =
+        spawn_proxy("[proxy]\nmax_header_bytes = 8192\n[admin]\nlisten = \"127.0.0.1:0\"\n").await;
+    let limit = Duration::from_secs(10);
+    let bad = raw_exchange(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\nno colon\r\n\r\n",
+        limit,
+    )
+    .await;
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+    let mut large = b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: ".to_vec();
+    large.extend_from_slice(&[b'b'; 10_000]);
+    large.extend_from_slice(b"\r\n\r\n");
+    let large = raw_exchange(proxy.addr, &large, limit).await;
+    assert!(large.starts_with("HTTP/1.1 431"), "{large}");
+    let counted = wait_until_async(|| async {
+        let m = scrape(&proxy).await;
+        // Under whichever mode the health checks had reached by then.
+        let reserved: f64 = m
+            .iter()
+            .filter(|(k, _)| k.starts_with("intermission_requests_total{"))
+            .filter(|(k, _)| k.contains("outcome=\"reserved\""))
+            .map(|(_, v)| v)
+            .sum();
+        let client_errors = find(&m, "intermission_responses_total", &["class=\"4xx\""]);
+        reserved == 2.0 && client_errors == 2.0
+    })
+    .await;
+    assert!(counted, "a request hyper refused is not counted");
+}
