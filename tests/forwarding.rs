@@ -1086,7 +1086,7 @@ async fn an_http2_stream_its_client_opens_no_window_for_is_let_go() {
     let proxy = spawn_proxy(&config).await;
     let url = |path: &str| format!("http://{}{path}", proxy.addr);
 
-    // Slow but steady: 16 KiB every 150 ms, 2.4 s in all, the window never open a second.
+    // Slow but steady: 16 KiB every 100 ms, 1.6 s in all; a 64 KiB piece waits 400 ms.
     let (mut sender, _conn) = small_window_h2(proxy.addr, 16 * 1024).await;
     let resp = sender
         .send_request(Request::get(url("/256k")).body(empty()).unwrap())
@@ -1096,7 +1096,7 @@ async fn an_http2_stream_its_client_opens_no_window_for_is_let_go() {
     let mut got = 0;
     while let Some(frame) = body.frame().await {
         got += frame.unwrap().into_data().map_or(0, |d| d.len());
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(got, 256 * 1024, "a slow reader's answer was cut");
 
