@@ -14,7 +14,6 @@
 use crate::config::ProxyConfig;
 use crate::fast::Fast;
 use crate::gateway::{self, Conn};
-use crate::metrics::Outcome;
 use crate::park;
 use crate::relay;
 use crate::shutdown::{until_drained, until_idle, Drain, Shutdown};
@@ -274,17 +273,20 @@ fn log_end(
         None => tracing::debug!(%peer, "no request within header_read_timeout; closed"),
         Some(Err(e)) => {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
-            // A head hyper could not read never reaches the gateway, but hyper answered it
-            // (400, or 431/414 for one too large): counted with the requests intermission
-            // refuses itself, so that the 4xx a client sees is in the metrics too.
-            if e.is_parse() && !e.is_parse_version_h2() {
-                let status = if e.is_parse_too_large() { 431 } else { 400 };
-                let snap = state.load();
-                snap.metrics
-                    .request(Outcome::Reserved, snap.mode, status, Duration::ZERO);
-            }
+            count_unread(&e, state);
         }
         Some(Ok(())) => {}
+    }
+}
+
+/// A head hyper could not read never reaches the gateway, but hyper answered it (400, or
+/// 431 and 414 for one too large, both counted as 431): counted with the requests
+/// intermission refuses itself, so that the 4xx a client sees is in the metrics too.
+pub(crate) fn count_unread(e: &hyper::Error, state: &StateHandle) {
+    if e.is_parse() && !e.is_parse_version_h2() {
+        let status = if e.is_parse_too_large() { 431 } else { 400 };
+        let snap = state.load();
+        snap.metrics.unread(snap.mode, status);
     }
 }
 

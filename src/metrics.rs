@@ -422,6 +422,15 @@ impl Metrics {
         self.request_duration.observe(duration);
     }
 
+    /// Counts a request head hyper refused and answered itself (`status`) before anything of
+    /// ours saw it: no duration, since nobody timed it, so it leaves the histogram alone.
+    pub fn unread(&self, mode: Mode, status: u16) {
+        self.requests[Outcome::Reserved.index()][mode_index(mode)].inc();
+        if let Some(class) = status_class(status) {
+            self.responses[class].inc();
+        }
+    }
+
     /// Marks `mode` as the current one. Only the controller calls this, so two calls never race;
     /// a scrape in between the stores may see no mode at 1 for an instant.
     pub fn set_mode(&self, mode: Mode) {

@@ -630,8 +630,10 @@ fn serve_again(
     guard: Shutdown,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     Box::pin(async move {
+        let state = service.fast.parts().0.clone();
         if let Err(e) = run(io, service, held, head_deadline, Some(guard)).await {
             tracing::debug!(error = %e, "connection ended with an error");
+            crate::listener::count_unread(&e, &state);
         }
     })
 }

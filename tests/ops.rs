@@ -721,6 +721,50 @@ async fn requests_too_malformed_to_read_are_counted() {
     large.extend_from_slice(b"\r\n\r\n");
     let large = raw_exchange(proxy.addr, &large, limit).await;
     assert!(large.starts_with("HTTP/1.1 431"), "{large}");
+    // On a keep-alive connection that has parked after its first answer, too.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let answered = |got: &[u8]| {
+        let text = String::from_utf8_lossy(got);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            return false;
+        };
+        let length = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(str::to_owned)
+            })
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        body.len() >= length
+    };
+    while !answered(&got) {
+        let n = tokio::time::timeout(limit, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed before its answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let parked = wait_until_async(|| async {
+        metric(&scrape(&proxy).await, "intermission_parked_connections") == 1.0
+    })
+    .await;
+    assert!(parked, "the connection never parked");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nno colon\r\n\r\n")
+        .await
+        .unwrap();
+    let mut after = Vec::new();
+    let _ = tokio::time::timeout(limit, s.read_to_end(&mut after)).await;
+    let after = String::from_utf8_lossy(&after);
+    assert!(after.starts_with("HTTP/1.1 400"), "{after}");
     let counted = wait_until_async(|| async {
         let m = scrape(&proxy).await;
         // Under whichever mode the health checks had reached by then.
@@ -731,8 +775,14 @@ async fn requests_too_malformed_to_read_are_counted() {
             .map(|(_, v)| v)
             .sum();
         let client_errors = find(&m, "intermission_responses_total", &["class=\"4xx\""]);
-        reserved == 2.0 && client_errors == 2.0
+        reserved == 3.0 && client_errors == 3.0
     })
     .await;
     assert!(counted, "a request hyper refused is not counted");
+    // Nobody timed them: the latency histogram holds only the request the gateway answered.
+    let m = scrape(&proxy).await;
+    assert_eq!(
+        metric(&m, "intermission_request_duration_seconds_count"),
+        1.0
+    );
 }
