@@ -1064,8 +1064,9 @@ async fn small_window_h2(
 
 /// An HTTP/2 client that keeps reading its socket but opens no room in a stream's window
 /// never fills the socket, so no write waits: the answer's own wait is timed
-/// (`proxy.send_timeout`, as nginx's), and the connection is closed with the server's
-/// connection streaming to it. A client that reads slowly but steadily is served whole.
+/// (`proxy.send_timeout`, as nginx's), and once nothing on the connection moves the
+/// connection is closed, with the server's connection streaming to it. A client that reads
+/// slowly but steadily is served whole.
 #[tokio::test]
 async fn an_http2_stream_its_client_opens_no_window_for_is_let_go() {
     let dropped = Arc::new(AtomicBool::new(false));
