@@ -412,11 +412,11 @@ impl Serving<'_> {
         let answers = Arc::new(Answers::default());
         let counted = answers.clone();
         let service = service_fn(move |req| {
+            let open = counted.open();
             let reply = service.call(req);
-            let answers = counted.clone();
             async move {
                 let response = reply.await?;
-                Ok::<_, S::Error>(response.map(|body| Answer::new(body, answers)))
+                Ok::<_, S::Error>(response.map(|body| Answer::new(body, open)))
             }
         });
         let connection = self
@@ -428,7 +428,9 @@ impl Serving<'_> {
         // `keepalive_timeout` closes one, it is told to go (GOAWAY) once no request has come
         // for that long. Streams still open finish first.
         let idle = self.builder.keep_alive;
-        let connection = until_idle(connection, self.guard, self.requests, idle, |c| {
+        let told = answers.clone();
+        let connection = until_idle(connection, self.guard, self.requests, idle, move |c| {
+            told.going();
             c.graceful_shutdown()
         });
         let state = self.state;
@@ -438,7 +440,7 @@ impl Serving<'_> {
                 served = connection => served,
                 () = answers.stalled(|| state.load().config.proxy.send_timeout, idle) => {
                     tracing::debug!(
-                        "an HTTP/2 answer waited on the client for send_timeout, none moving; closing"
+                        "HTTP/2 answers left waiting on the client for send_timeout; closing"
                     );
                     Ok(())
                 }

@@ -16,7 +16,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use std::future::{poll_fn, Future};
 use std::io::{self, ErrorKind};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -229,9 +229,34 @@ pub struct Answers {
     waiting: [AtomicUsize; 2],
     /// Bumped whenever a waiting answer is asked for its next piece.
     moves: AtomicUsize,
+    /// Requests whose answers hyper has not let go yet (`Open`), from their arrival.
+    open: AtomicUsize,
+    /// Set once the connection has been told to go (GOAWAY).
+    going: AtomicBool,
+}
+
+/// A request on the connection, from its arrival until hyper lets its answer go.
+pub struct Open(Arc<Answers>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Answers {
+    /// Counts a request from its arrival: the answer made for it takes the count over.
+    pub fn open(self: &Arc<Self>) -> Open {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Open(self.clone())
+    }
+
+    /// The connection has been told to go: from now on, once nothing on it is left in
+    /// hyper's hands, what keeps it open can only be data in a window that does not open.
+    pub fn going(&self) {
+        self.going.store(true, Ordering::Relaxed);
+    }
+
     fn wait(&self) -> usize {
         let parity = self.tick.load(Ordering::Relaxed) & 1;
         self.waiting[parity].fetch_add(1, Ordering::Relaxed);
@@ -250,14 +275,27 @@ impl Answers {
     }
 
     /// Resolves once an answer has waited on its client for `proxy.send_timeout`, to twice
-    /// that, with no answer on the connection moving for the last of it. The limit is read
-    /// at each tick, so that a reload applies from the next one; while it is off, the ticks
-    /// come every `otherwise` and find nothing.
+    /// that, with no answer on the connection moving for the last of it; or once the
+    /// connection, told to go, has had no request in hyper's hands for a whole period and is
+    /// still open. hyper lets an answer go once it has handed its last piece to HTTP/2, so
+    /// what the window could not take of that piece (an answer whose end came after it:
+    /// chunked, or ended by trailers) keeps the stream, and the connection, open untimed.
+    /// The limit is read at each tick, so that a reload applies from the next one; while it
+    /// is off, the ticks come every `otherwise` and find nothing.
     pub async fn stalled(&self, limit: impl Fn() -> Option<Duration>, otherwise: Duration) {
         let mut seen = self.moves.load(Ordering::Relaxed);
+        let mut emptied = false;
         loop {
             let limit = limit();
             tokio::time::sleep(limit.unwrap_or(otherwise)).await;
+            // After GOAWAY no request comes: a count of 0 at two ticks in a row has been 0
+            // for the whole period between them.
+            let empty =
+                self.going.load(Ordering::Relaxed) && self.open.load(Ordering::Relaxed) == 0;
+            if limit.is_some() && empty && emptied {
+                return;
+            }
+            emptied = empty;
             let moves = self.moves.load(Ordering::Relaxed);
             let tick = self.tick.load(Ordering::Relaxed);
             let earlier = tick.wrapping_add(1) & 1;
@@ -283,8 +321,9 @@ impl Answers {
 /// but steady client was reading it.
 pub struct Answer<B> {
     body: B,
-    /// `None` for an answer with nothing to send: it cannot wait.
-    answers: Option<Arc<Answers>>,
+    open: Open,
+    /// Whether it has anything to send: an answer with nothing cannot wait.
+    timed: bool,
     /// The parity it is counted under while it waits.
     waiting: Option<usize>,
     /// What is left of a piece of the body larger than `PIECE`.
@@ -299,11 +338,11 @@ pub struct Answer<B> {
 const PIECE: usize = 16 * 1024;
 
 impl<B: HttpBody> Answer<B> {
-    pub fn new(body: B, answers: Arc<Answers>) -> Answer<B> {
-        let answers = (!body.is_end_stream()).then_some(answers);
+    pub fn new(body: B, open: Open) -> Answer<B> {
         Answer {
+            timed: !body.is_end_stream(),
             body,
-            answers,
+            open,
             waiting: None,
             rest: Bytes::new(),
         }
@@ -319,9 +358,10 @@ impl<B: HttpBody<Data = Bytes> + Unpin> HttpBody for Answer<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
-        let Some(answers) = &this.answers else {
+        if !this.timed {
             return Pin::new(&mut this.body).poll_frame(cx);
-        };
+        }
+        let answers = &this.open.0;
         if let Some(parity) = this.waiting.take() {
             answers.moved(parity);
         }
@@ -364,8 +404,8 @@ impl<B: HttpBody<Data = Bytes> + Unpin> HttpBody for Answer<B> {
 
 impl<B> Drop for Answer<B> {
     fn drop(&mut self) {
-        if let (Some(answers), Some(parity)) = (&self.answers, self.waiting) {
-            answers.left(parity);
+        if let Some(parity) = self.waiting {
+            self.open.0.left(parity);
         }
     }
 }
@@ -496,7 +536,7 @@ mod tests {
         let len = 2 * PIECE + 7_232;
         let text: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         let answers = Arc::new(Answers::default());
-        let mut answer = Answer::new(Full::new(Bytes::from(text.clone())), answers.clone());
+        let mut answer = Answer::new(Full::new(Bytes::from(text.clone())), answers.open());
         assert_eq!(answer.size_hint().exact(), Some(len as u64));
         let waiting = |answers: &Answers| {
             answers.waiting[0].load(Ordering::Relaxed) + answers.waiting[1].load(Ordering::Relaxed)
@@ -523,7 +563,7 @@ mod tests {
             "an answer that ended waits for nothing"
         );
 
-        let mut answer = Answer::new(Full::new(Bytes::from_static(b"ab")), answers.clone());
+        let mut answer = Answer::new(Full::new(Bytes::from_static(b"ab")), answers.open());
         assert!(Pin::new(&mut answer).poll_frame(&mut cx).is_ready());
         assert_eq!(waiting(&answers), 1);
         drop(answer);
@@ -542,8 +582,8 @@ mod tests {
         let answers = Arc::new(Answers::default());
         let stalled = answers.stalled(|| Some(second), second);
         tokio::pin!(stalled);
-        let mut waits = Answer::new(piece(), answers.clone());
-        let mut moves = Answer::new(piece(), answers.clone());
+        let mut waits = Answer::new(piece(), answers.open());
+        let mut moves = Answer::new(piece(), answers.open());
         assert!(Pin::new(&mut waits).poll_frame(&mut cx).is_ready());
         // Another answer moves every 900 ms for 2.7 s: no stall, though `waits` waits.
         for _ in 0..3 {
@@ -565,7 +605,7 @@ mod tests {
         let answers = Arc::new(Answers::default());
         let stalled = answers.stalled(|| Some(second), second);
         tokio::pin!(stalled);
-        let mut answer = Answer::new(piece(), answers.clone());
+        let mut answer = Answer::new(piece(), answers.open());
         for _ in 0..3 {
             assert!(Pin::new(&mut answer).poll_frame(&mut cx).is_ready());
             let early = tokio::time::timeout(second * 9 / 10, &mut stalled).await;
@@ -578,11 +618,11 @@ mod tests {
         let start = tokio::time::Instant::now();
         let stalled = answers.stalled(|| Some(second), second);
         tokio::pin!(stalled);
-        let mut moves = Answer::new(piece(), answers.clone());
+        let mut moves = Answer::new(piece(), answers.open());
         assert!(Pin::new(&mut moves).poll_frame(&mut cx).is_ready());
         let until = |at: u64| tokio::time::sleep_until(start + Duration::from_millis(at));
         tokio::select! { () = &mut stalled => panic!("early"), () = until(1100) => {} }
-        let mut waits = Answer::new(piece(), answers.clone());
+        let mut waits = Answer::new(piece(), answers.open());
         assert!(Pin::new(&mut waits).poll_frame(&mut cx).is_ready());
         for at in [1500, 2050] {
             tokio::select! { () = &mut stalled => panic!("early"), () = until(at) => {} }
@@ -594,7 +634,7 @@ mod tests {
 
         // Off: an answer waits as long as it must.
         let answers = Arc::new(Answers::default());
-        let mut answer = Answer::new(piece(), answers.clone());
+        let mut answer = Answer::new(piece(), answers.open());
         assert!(Pin::new(&mut answer).poll_frame(&mut cx).is_ready());
         let off = answers.stalled(|| None, second);
         assert!(tokio::time::timeout(second * 3600, off).await.is_err());

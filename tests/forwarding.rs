@@ -1134,3 +1134,66 @@ async fn an_http2_stream_its_client_opens_no_window_for_is_let_go() {
     drop(resp);
     assert_eq!(get(&url("/")).await.status(), StatusCode::OK);
 }
+
+/// 16 KiB, then 300 ms later 100 bytes, then 300 ms later the end, with no length
+/// announced: the answer's end is known only after its last piece has been handed on.
+struct Trickled {
+    step: u8,
+    gap: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl http_body::Body for Trickled {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::future::Future;
+        use std::task::{ready, Poll};
+        if self.step > 0 {
+            ready!(self.gap.as_mut().poll(cx));
+            let next = tokio::time::Instant::now() + Duration::from_millis(300);
+            self.gap.as_mut().reset(next);
+        }
+        self.step += 1;
+        let piece = match self.step {
+            1 => Bytes::from_static(&[b'c'; 16 * 1024]),
+            2 => Bytes::from_static(&[b'd'; 100]),
+            _ => return Poll::Ready(None),
+        };
+        Poll::Ready(Some(Ok(http_body::Frame::data(piece))))
+    }
+}
+
+/// hyper lets an answer go once it has handed its last piece to HTTP/2; when the answer's
+/// end came only after that piece, what the window could not take of it is left there, and
+/// the stream with it, which a graceful GOAWAY waits for. Once the connection has been told
+/// to go (no request for `header_read_timeout`) and nothing on it has been in hyper's hands
+/// for `send_timeout`, it is closed rather than left open for as long as the client likes.
+#[tokio::test]
+async fn an_http2_connection_held_only_by_a_closed_window_is_closed_once_told_to_go() {
+    let up = upstream(|_req: Request<Incoming>| async {
+        let gap = Box::pin(tokio::time::sleep(Duration::from_millis(300)));
+        Response::new(Trickled { step: 0, gap }.boxed())
+    })
+    .await;
+    let config = format!(
+        "[proxy]\nsend_timeout = \"1s\"\nheader_read_timeout = \"1s\"\n{}",
+        upstream_config(&up)
+    );
+    let proxy = spawn_proxy(&config).await;
+    let (mut sender, conn) = small_window_h2(proxy.addr, 16 * 1024 + 1).await;
+    let req = Request::get(format!("http://{}/trickled", proxy.addr))
+        .body(empty())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().get("content-length").is_none());
+    let closed = tokio::time::timeout(Duration::from_secs(15), conn).await;
+    assert!(
+        closed.is_ok(),
+        "a connection held only by a closed window is still open"
+    );
+    drop(resp);
+}
