@@ -941,10 +941,21 @@ async fn an_http2_preface_without_a_request_is_closed() {
     );
 }
 
-/// A body of two pieces, `gap` apart.
+/// A body that hands out its steps in turn, each after its delay (ms) from the one before;
+/// a step with no bytes ends it.
 struct Paced {
-    sent: u8,
-    gap: std::pin::Pin<Box<tokio::time::Sleep>>,
+    steps: std::collections::VecDeque<(u64, Option<Bytes>)>,
+    wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Paced {
+    fn new(steps: &[(u64, Option<&'static [u8]>)]) -> Paced {
+        let steps = steps
+            .iter()
+            .map(|&(delay, bytes)| (delay, bytes.map(Bytes::from_static)))
+            .collect();
+        Paced { steps, wait: None }
+    }
 }
 
 impl http_body::Body for Paced {
@@ -955,21 +966,19 @@ impl http_body::Body for Paced {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         use std::future::Future;
-        use std::task::Poll;
-        match self.sent {
-            0 => {
-                self.sent = 1;
-                Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(b"a")))))
-            }
-            1 => match self.gap.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    self.sent = 2;
-                    Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(b"b")))))
-                }
-                Poll::Pending => Poll::Pending,
-            },
-            _ => Poll::Ready(None),
+        use std::task::{ready, Poll};
+        let Some(&(delay, _)) = self.steps.front() else {
+            return Poll::Ready(None);
+        };
+        if delay > 0 {
+            let wait = self
+                .wait
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(delay))));
+            ready!(wait.as_mut().poll(cx));
+            self.wait = None;
         }
+        let bytes = self.steps.pop_front().and_then(|(_, bytes)| bytes);
+        Poll::Ready(bytes.map(|b| Ok(http_body::Frame::data(b))))
     }
 }
 
@@ -982,8 +991,8 @@ async fn an_http2_connection_no_request_comes_on_is_closed() {
         if req.uri().path() != "/slow" {
             return Response::new(full("ok"));
         }
-        let gap = Box::pin(tokio::time::sleep(Duration::from_millis(2500)));
-        Response::new(Paced { sent: 0, gap }.boxed())
+        let steps = [(0, Some(&b"a"[..])), (2500, Some(&b"b"[..])), (0, None)];
+        Response::new(Paced::new(&steps).boxed())
     })
     .await;
     let config = format!(
@@ -1135,37 +1144,6 @@ async fn an_http2_stream_its_client_opens_no_window_for_is_let_go() {
     assert_eq!(get(&url("/")).await.status(), StatusCode::OK);
 }
 
-/// 16 KiB, then 300 ms later 100 bytes, then 300 ms later the end, with no length
-/// announced: the answer's end is known only after its last piece has been handed on.
-struct Trickled {
-    step: u8,
-    gap: std::pin::Pin<Box<tokio::time::Sleep>>,
-}
-
-impl http_body::Body for Trickled {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        use std::future::Future;
-        use std::task::{ready, Poll};
-        if self.step > 0 {
-            ready!(self.gap.as_mut().poll(cx));
-            let next = tokio::time::Instant::now() + Duration::from_millis(300);
-            self.gap.as_mut().reset(next);
-        }
-        self.step += 1;
-        let piece = match self.step {
-            1 => Bytes::from_static(&[b'c'; 16 * 1024]),
-            2 => Bytes::from_static(&[b'd'; 100]),
-            _ => return Poll::Ready(None),
-        };
-        Poll::Ready(Some(Ok(http_body::Frame::data(piece))))
-    }
-}
-
 /// hyper lets an answer go once it has handed its last piece to HTTP/2; when the answer's
 /// end came only after that piece, what the window could not take of it is left there, and
 /// the stream with it, which a graceful GOAWAY waits for. Once the connection has been told
@@ -1173,9 +1151,15 @@ impl http_body::Body for Trickled {
 /// for `send_timeout`, it is closed rather than left open for as long as the client likes.
 #[tokio::test]
 async fn an_http2_connection_held_only_by_a_closed_window_is_closed_once_told_to_go() {
+    // 16 KiB, then 100 bytes, then the end, 300 ms apart, with no length announced: the
+    // answer's end is known only after its last piece has been handed on.
     let up = upstream(|_req: Request<Incoming>| async {
-        let gap = Box::pin(tokio::time::sleep(Duration::from_millis(300)));
-        Response::new(Trickled { step: 0, gap }.boxed())
+        let steps = [
+            (0, Some(&[b'c'; 16 * 1024][..])),
+            (300, Some(&[b'd'; 100][..])),
+            (300, None),
+        ];
+        Response::new(Paced::new(&steps).boxed())
     })
     .await;
     let config = format!(
