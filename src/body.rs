@@ -65,7 +65,11 @@ impl Body {
     /// when nothing of it comes for `limit` (`proxy.body_read_timeout`, nginx's
     /// `client_body_timeout`): a client that stops mid-upload would otherwise hold its
     /// connection and the server's for as long as it likes.
-    pub fn watched(incoming: Incoming, limit: Option<Duration>) -> (Body, Option<SentSignal>) {
+    pub fn watched(
+        incoming: Incoming,
+        limit: Option<Duration>,
+        open: Option<crate::stall::Open>,
+    ) -> (Body, Option<SentSignal>) {
         if incoming.is_end_stream() {
             return (Body::Empty, None);
         }
@@ -76,6 +80,7 @@ impl Body {
             state: state.clone(),
             limit,
             clock: StallClock::default(),
+            _open: open,
         };
         (
             Body::Watched(incoming, Some(Box::new(sent))),
@@ -154,6 +159,9 @@ pub struct Sent {
     state: Arc<AtomicU8>,
     limit: Option<Duration>,
     clock: StallClock,
+    /// Over HTTP/2, the upload counted as a request still in hand until its end has been
+    /// read, so that an idle connection is not closed under it (`stall::Answers`).
+    _open: Option<crate::stall::Open>,
 }
 
 /// Resolves when the body has been sent whole (or has failed); `complete()` and

@@ -411,8 +411,12 @@ impl Serving<'_> {
         // no write clock sees (`stall::Answers`).
         let answers = Arc::new(Answers::default());
         let counted = answers.clone();
-        let service = service_fn(move |req| {
+        let service = service_fn(move |mut req: Request<Incoming>| {
             let open = counted.open();
+            if !hyper::body::Body::is_end_stream(req.body()) {
+                // An upload may outlast its answer: forwarding counts it too.
+                req.extensions_mut().insert(counted.clone());
+            }
             let reply = service.call(req);
             async move {
                 let response = reply.await?;

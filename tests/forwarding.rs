@@ -1181,3 +1181,65 @@ async fn an_http2_connection_held_only_by_a_closed_window_is_closed_once_told_to
     );
     drop(resp);
 }
+
+/// An upload may go on after its answer has ended (a server that answers first and reads
+/// after): over HTTP/2 it keeps its connection counted as in use, so the idle limit's
+/// GOAWAY waits for it instead of the connection being closed under it.
+#[tokio::test]
+async fn an_http2_upload_that_outlasts_its_answer_is_not_cut_when_the_connection_idles() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<bool>(1);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let done = done_tx.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let post = got.starts_with(b"POST");
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if s.write_all(answer).await.is_err() || !post {
+                    return;
+                }
+                // Answered; now the upload, to its last chunk.
+                while !got.ends_with(b"0\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = done.send(got.ends_with(b"0\r\n\r\n")).await;
+            });
+        }
+    });
+    let config = format!(
+        "[proxy]\nsend_timeout = \"1s\"\nheader_read_timeout = \"1s\"\n\
+         [upstream]\nservers = [\"http://{addr}\"]\n"
+    );
+    let proxy = spawn_proxy(&config).await;
+    let (mut sender, _conn) = small_window_h2(proxy.addr, 65_535).await;
+    // 1 KiB every 300 ms for 6 s: past the idle limit and two ticks of send_timeout.
+    let mut steps = vec![(0, Some(&[b'u'; 1024][..]))];
+    steps.extend((0..20).map(|_| (300, Some(&[b'u'; 1024][..]))));
+    steps.push((0, None));
+    let req = Request::post(format!("http://{}/upload", proxy.addr))
+        .body(Paced::new(&steps).boxed())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "ok");
+    let whole = tokio::time::timeout(Duration::from_secs(20), done_rx.recv()).await;
+    assert_eq!(
+        whole,
+        Ok(Some(true)),
+        "an upload still moving was cut with its connection"
+    );
+}

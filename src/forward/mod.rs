@@ -170,7 +170,13 @@ pub fn forward<'a>(
                     Err(_) => return Err(client_failed(StatusCode::REQUEST_TIMEOUT)),
                 }
             } else {
-                let (body, sent) = Body::watched(body, config.proxy.body_read_timeout);
+                // Over HTTP/2 the upload keeps its connection counted as in use until its
+                // end has been read, after its answer too (`stall::Answers`).
+                let open = parts
+                    .extensions
+                    .remove::<Arc<crate::stall::Answers>>()
+                    .map(|answers| answers.open());
+                let (body, sent) = Body::watched(body, config.proxy.body_read_timeout, open);
                 (body, sent, None)
             };
 
