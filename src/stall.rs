@@ -288,8 +288,9 @@ impl Answers {
         loop {
             let limit = limit();
             tokio::time::sleep(limit.unwrap_or(otherwise)).await;
-            // After GOAWAY no request comes: a count of 0 at two ticks in a row has been 0
-            // for the whole period between them.
+            // After GOAWAY hardly a request comes (hyper's first GOAWAY admits streams until
+            // its second, a round trip later): a count of 0 at two ticks in a row has been 0
+            // for the period between them but for such a late request that came and went.
             let empty =
                 self.going.load(Ordering::Relaxed) && self.open.load(Ordering::Relaxed) == 0;
             if limit.is_some() && empty && emptied {
