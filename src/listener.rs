@@ -302,23 +302,14 @@ async fn serve_others(
     first_byte: Duration,
 ) -> Option<Result<(), hyper::Error>> {
     let peer = conn.peer;
-    // Counted by each request: until the first the connection lives on a deadline, since
-    // the HTTP/2 preface has no timer of its own, and an HTTP/2 connection that no request
-    // has come on for a while is closed (`Serving::http2`).
-    let requests = Arc::new(AtomicU64::new(0));
-    let seen = requests.clone();
     let relaying = (state.clone(), conn.clone());
     let state = state.clone();
-    let service = service_fn(move |req| {
-        seen.fetch_add(1, Ordering::Relaxed);
-        // Decided at once; only forwarding returns a (boxed) future: see `Reply`.
-        gateway::handle(&state, &conn, req)
-    });
+    // Decided at once; only forwarding returns a (boxed) future: see `Reply`.
+    let service = service_fn(move |req| gateway::handle(&state, &conn, req));
     let mut serving = Serving {
         builder,
         guard,
         deadline: first_byte,
-        requests: &requests,
         state: relaying.0.clone(),
     };
     match arrived {
@@ -378,7 +369,6 @@ struct Serving<'a> {
     builder: &'a ConnBuilder,
     guard: Shutdown,
     deadline: Duration,
-    requests: &'a AtomicU64,
     state: StateHandle,
 }
 
@@ -433,16 +423,20 @@ impl Serving<'_> {
         // for that long. Streams still open finish first.
         let idle = self.builder.keep_alive;
         let told = answers.clone();
-        let connection = until_idle(connection, self.guard, self.requests, idle, move |c| {
+        // Requests are counted as they arrive (`Answers::open`): until the first the
+        // connection lives on a deadline, since the HTTP/2 preface has no timer of its own.
+        let requests = &answers.arrived;
+        let connection = until_idle(connection, self.guard, requests, idle, move |c| {
             told.going();
             c.graceful_shutdown()
         });
         let state = self.state;
+        let stalled = answers.stalled(move || state.load().config.proxy.send_timeout, idle);
         let connection = async move {
             tokio::select! {
                 biased;
                 served = connection => served,
-                () = answers.stalled(|| state.load().config.proxy.send_timeout, idle) => {
+                () = stalled => {
                     tracing::debug!(
                         "HTTP/2 answers left waiting on the client for send_timeout; closing"
                     );
@@ -450,7 +444,7 @@ impl Serving<'_> {
                 }
             }
         };
-        until_first_request(connection, self.deadline, self.requests).await
+        until_first_request(connection, self.deadline, requests).await
     }
 }
 

@@ -16,7 +16,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use std::future::{poll_fn, Future};
 use std::io::{self, ErrorKind};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -231,6 +231,8 @@ pub struct Answers {
     moves: AtomicUsize,
     /// Requests whose answers hyper has not let go yet (`Open`), from their arrival.
     open: AtomicUsize,
+    /// Every request that has arrived, for the idle limit (`shutdown::until_idle`).
+    pub arrived: AtomicU64,
     /// Set once the connection has been told to go (GOAWAY).
     going: AtomicBool,
 }
@@ -247,6 +249,7 @@ impl Drop for Open {
 impl Answers {
     /// Counts a request from its arrival: the answer made for it takes the count over.
     pub fn open(self: &Arc<Self>) -> Open {
+        self.arrived.fetch_add(1, Ordering::Relaxed);
         self.open.fetch_add(1, Ordering::Relaxed);
         Open(self.clone())
     }
