@@ -1436,6 +1436,82 @@ async fn a_client_that_reads_nothing_is_let_go_after_send_timeout() {
     }
 }
 
+/// `proxy.send_timeout` times a write that makes no progress, not the whole answer: a client
+/// that reads 16 MiB slowly but steadily (about 4 MiB/s, so the proxy's writes wait several
+/// times `send_timeout` in all) gets every byte, on the relay and on hyper's path, plaintext
+/// and TLS, and its connection serves the next request.
+#[tokio::test]
+async fn a_slow_but_steady_reader_gets_the_whole_answer() {
+    let up = scripted().await;
+    let tls = Tls::new();
+    let timed = |hyper| format!("[proxy]\nsend_timeout = \"1s\"\n{}", config(&up, hyper));
+    let cases = [
+        ("relay", false, false),
+        ("hyper", true, false),
+        ("relay over TLS", false, true),
+        ("hyper over TLS", true, true),
+    ];
+    let mut runs = Vec::new();
+    for (case, hyper, over_tls) in cases {
+        let (proxy, client) = if over_tls {
+            let proxy = tls.proxy(&timed(hyper)).await;
+            let client = Client::connect_tls(tls_addr(&proxy), &tls).await;
+            (proxy, client)
+        } else {
+            let proxy = spawn_proxy(&timed(hyper)).await;
+            let client = Client::connect(proxy.addr).await;
+            (proxy, client)
+        };
+        runs.push(tokio::spawn(async move {
+            let _proxy = proxy;
+            let mut client = client;
+            let asked = std::time::Instant::now();
+            client
+                .send("GET /large HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+                .await;
+            let mut chunk = vec![0u8; 32 * 1024];
+            let whole = |buf: &[u8]| {
+                buf.windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .is_some_and(|end| buf.len() >= end + 4 + LARGE_BODY)
+            };
+            while !whole(&client.buf) {
+                let n = tokio::time::timeout(Duration::from_secs(10), client.sock.read(&mut chunk))
+                    .await
+                    .unwrap_or_else(|_| panic!("{case}: the answer stopped coming"))
+                    .unwrap_or_else(|e| panic!("{case}: the answer was cut: {e}"));
+                assert!(
+                    n > 0,
+                    "{case}: the proxy closed the connection after {} bytes",
+                    client.buf.len()
+                );
+                client.buf.extend_from_slice(&chunk[..n]);
+                tokio::time::sleep(Duration::from_millis(8)).await;
+            }
+            // The pace held the proxy's writes back longer than `send_timeout` in all: the
+            // sockets between the two hold less than 10 MiB of the 16.
+            assert!(
+                asked.elapsed() >= Duration::from_secs(2),
+                "{case}: read too fast to test anything ({:?})",
+                asked.elapsed()
+            );
+            let a = client.read().await;
+            assert!(
+                a.body == LARGE[LARGE.len() - LARGE_BODY..],
+                "{case}: the answer came altered"
+            );
+            assert_eq!(
+                client.get("/length").await.body,
+                b"hello",
+                "{case}: the connection goes on"
+            );
+        }));
+    }
+    for run in runs {
+        run.await.unwrap();
+    }
+}
+
 /// A reload that sets `proxy.send_timeout` applies to the next write that waits, on both
 /// paths, on a connection opened before it.
 #[tokio::test]
