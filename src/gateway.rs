@@ -270,28 +270,68 @@ fn decide<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>) -> Decision {
 /// its target, or with a target that is no path (authority-form, or `*` on anything but
 /// `OPTIONS`). Sent on, it would reach the server as another request than the client's, or
 /// as one that a server and a cache behind the proxy read as two different hosts. A request
-/// that is answered here (held, reserved) needs no host, and is answered as it is. A
+/// that is answered here (held, reserved) needs no host, and is answered as it is. The host
+/// of an absolute-form target or an HTTP/2 `:authority` becomes the `Host` the server sees,
+/// so it is held to the same rules. A
 /// transfer coding other than `chunked` gets 501 (RFC 9112 §6.1), as nginx answers it:
 /// hyper takes the chunks off and the hop sends the body as it is, so a `gzip, chunked` body
 /// would reach the server still compressed with nothing saying so.
 fn malformed<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)> {
     // HTTP/2 has no transfer codings (the h2 crate refuses the field): no lookup for it.
-    if req.version() < http::Version::HTTP_2 && !only_chunked(req.headers()) {
-        return Some((
-            StatusCode::NOT_IMPLEMENTED,
-            "only the chunked transfer coding is supported\n",
-        ));
+    if req.version() < http::Version::HTTP_2 {
+        match codings(req.headers()) {
+            Codings::None | Codings::Chunked => {}
+            Codings::ChunkedAgain => {
+                return Some((
+                    StatusCode::BAD_REQUEST,
+                    "the chunked transfer coding is applied more than once\n",
+                ))
+            }
+            Codings::Other => {
+                return Some((
+                    StatusCode::NOT_IMPLEMENTED,
+                    "only the chunked transfer coding is supported\n",
+                ))
+            }
+        }
     }
     host_problem(req).map(|why| (StatusCode::BAD_REQUEST, why))
 }
 
-/// No `Transfer-Encoding`, or a single `chunked`.
-fn only_chunked(headers: &HeaderMap) -> bool {
-    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
-    match (codings.next(), codings.next()) {
-        (None, _) => true,
-        (Some(one), None) => one.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"),
-        (Some(_), Some(_)) => false,
+/// What a request's `Transfer-Encoding` lines say, taken together as one list.
+#[derive(Debug, PartialEq)]
+enum Codings {
+    None,
+    /// A single `chunked`.
+    Chunked,
+    /// `chunked` and nothing else, more than once: a framing error (RFC 9112 §6.1 forbids
+    /// it), not a coding this hop lacks, so 400 rather than 501.
+    ChunkedAgain,
+    /// Any other coding.
+    Other,
+}
+
+fn codings(headers: &HeaderMap) -> Codings {
+    let mut chunked = 0;
+    for line in headers.get_all(header::TRANSFER_ENCODING) {
+        // Empty list elements are allowed and mean nothing (RFC 9110 §5.6.1).
+        for coding in line
+            .as_bytes()
+            .split(|&b| b == b',')
+            .map(<[u8]>::trim_ascii)
+        {
+            match coding {
+                b"" => {}
+                c if c.eq_ignore_ascii_case(b"chunked") => chunked += 1,
+                _ => return Codings::Other,
+            }
+        }
+    }
+    match chunked {
+        0 if !headers.contains_key(header::TRANSFER_ENCODING) => Codings::None,
+        0 => Codings::Other,
+        1 => Codings::Chunked,
+        _ => Codings::ChunkedAgain,
     }
 }
 
@@ -303,8 +343,15 @@ fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
     if uri.path() == "*" && req.method() != Method::OPTIONS {
         return Some("the request target * is for OPTIONS only\n");
     }
-    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-        return Some("the request target names a user\n");
+    if let Some(authority) = uri.authority() {
+        if authority.as_str().contains('@') {
+            return Some("the request target names a user\n");
+        }
+        // It becomes the `Host` the server sees (`forward::forward`), so it is held to the
+        // rules a `Host` header is.
+        if !crate::h1::valid_host(authority.as_str().as_bytes()) {
+            return Some("the request target's host is not a host\n");
+        }
     }
     let mut hosts = req.headers().get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
@@ -672,6 +719,38 @@ mod tests {
             "/public/%252e%252e/admin",
         ] {
             assert!(!super::without_dot_segments(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn transfer_codings_are_read_as_one_list() {
+        use http::header::{self, HeaderMap, HeaderValue};
+        let of = |lines: &[&'static str]| {
+            let mut headers = HeaderMap::new();
+            for line in lines {
+                headers.append(header::TRANSFER_ENCODING, HeaderValue::from_static(line));
+            }
+            super::codings(&headers)
+        };
+        assert_eq!(of(&[]), super::Codings::None);
+        for one in [
+            &["chunked"][..],
+            &["Chunked "],
+            &["chunked,"],
+            &[", chunked"],
+        ] {
+            assert_eq!(of(one), super::Codings::Chunked, "{one:?}");
+        }
+        for again in [&["chunked, chunked"][..], &["chunked", "chunked"]] {
+            assert_eq!(of(again), super::Codings::ChunkedAgain, "{again:?}");
+        }
+        for other in [
+            &["gzip, chunked"][..],
+            &["gzip", "chunked"],
+            &["identity"],
+            &[""],
+        ] {
+            assert_eq!(of(other), super::Codings::Other, "{other:?}");
         }
     }
 }

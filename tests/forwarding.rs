@@ -95,6 +95,19 @@ async fn hop_by_hop_request_headers_are_removed() {
         .header("connection")
         .is_none_or(|c| !c.contains("x-private")));
     assert_eq!(seen.header("x-end-to-end"), Some("yes"));
+
+    // `Host` names the request's target, not the hop: a client that names it in `Connection`
+    // does not make the server see another host.
+    let req = Request::get(proxy.url("/"))
+        .header("host", "shop.example")
+        .header("connection", "x-private, Host")
+        .header("x-private", "secret")
+        .body(empty())
+        .unwrap();
+    let seen: Seen = json(&send(req).await);
+    assert!(!seen.has("x-private"), "{seen:?}");
+    assert_eq!(seen.header("host"), Some("shop.example"));
+    assert_eq!(seen.header("x-forwarded-host"), Some("shop.example"));
 }
 
 #[tokio::test]
@@ -198,6 +211,23 @@ async fn h2c_clients_are_forwarded_with_their_authority_as_host() {
     assert_eq!(seen.header("host"), Some(proxy.addr.to_string().as_str()));
     let hosts = seen.headers.iter().filter(|(k, _)| k == "host").count();
     assert_eq!(hosts, 1, "{:?}", seen.headers);
+    // An `:authority` that is no `host[:port]` would reach the server as its `Host`: refused
+    // as such a `Host` header is, and the connection goes on.
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for (authority, status) in [("a,b", 400), ("a:xx", 400), ("shop.example:8080", 200)] {
+        let req = Request::get(format!("http://{authority}/h2"))
+            .body(empty())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), status, "{authority}");
+    }
 }
 
 /// A request the server could read as another than the client's is refused with `400`, as
@@ -219,7 +249,13 @@ async fn requests_with_no_single_clear_host_get_400() {
         "GET example.com:80 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
         "GET * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
         "GET http://user@a/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        // An absolute-form target's host becomes `Host`, so it is held to the same rules.
+        "GET http://a,b/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        "GET http://a:xx/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
         "GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+        // Chunked applied twice is broken framing, not a coding this hop lacks.
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\nConnection: close\r\n\r\n0\r\n\r\n",
     ] {
         let out = raw_exchange(proxy.addr, request.as_bytes(), Duration::from_secs(10)).await;
         assert!(out.get(8..13) == Some(" 400 "), "{request:?}: {out:?}");

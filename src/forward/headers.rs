@@ -115,12 +115,18 @@ fn strip_fixed(headers: &mut HeaderMap) {
     }
 }
 
-/// Removes every header a `Connection` line names.
+/// Removes every header a `Connection` line names, but `Host`: that names the request's
+/// target, not this hop, and a client that named it would have the server see another host
+/// (the server's own address, which `forward` puts in when there is none) and no
+/// `X-Forwarded-Host`.
 fn remove_named(headers: &mut HeaderMap, line: &HeaderValue) {
     let Ok(text) = line.to_str() else { return };
     for token in text.split(',').map(str::trim) {
         // The common tokens name no header worth a lookup.
-        if token.eq_ignore_ascii_case("keep-alive") || token.eq_ignore_ascii_case("close") {
+        if token.eq_ignore_ascii_case("keep-alive")
+            || token.eq_ignore_ascii_case("close")
+            || token.eq_ignore_ascii_case("host")
+        {
             continue;
         }
         if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
