@@ -113,8 +113,11 @@ fn preview(snap: &Snapshot, query: &str) -> Response<Body> {
         .or(pages.first())
         .cloned()
         .unwrap_or_default();
+    // Set here, not left to hyper, so that a `HEAD` (whose body `answer` drops) has it too.
+    let length = HeaderValue::from(body.len());
     let mut resp = Response::new(Body::full(body));
     let h = resp.headers_mut();
+    h.insert(header::CONTENT_LENGTH, length);
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),

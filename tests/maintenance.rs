@@ -613,6 +613,26 @@ async fn reserved_paths_are_never_forwarded() {
     );
     let preview = get(&proxy.url("/_intermission/preview")).await;
     assert!(text(&preview).contains("We are doing some planned maintenance"));
+    // A `HEAD` of each gets the headers a `GET` gets, its length included, and no body.
+    for path in ["preview", "status", "assets/style.css"] {
+        let url = proxy.url(&format!("/_intermission/{path}"));
+        let got = get(&url).await;
+        let head = send(Request::head(&url).body(empty()).unwrap()).await;
+        assert_eq!(head.status(), 200, "{path}");
+        assert!(head.body().is_empty(), "{path}");
+        for name in ["content-type", "content-length", "cache-control"] {
+            assert_eq!(
+                head.headers().get(name),
+                got.headers().get(name),
+                "{path}: {name}"
+            );
+        }
+        assert_eq!(
+            head.headers().get("content-length").map(|v| v.as_bytes()),
+            Some(got.body().len().to_string().as_bytes()),
+            "{path}"
+        );
+    }
     assert_eq!(
         get(&proxy.url("/_intermission/nothing-here"))
             .await
