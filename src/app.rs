@@ -352,14 +352,15 @@ async fn drain(drain: Arc<Drain>, grace: Duration) -> bool {
 
 /// Runs the proxy until SIGTERM or SIGINT, reloading on SIGHUP. For the binary.
 pub async fn run_until_signal(config: Config) -> Result<(), RunError> {
-    // Handlers first: a SIGHUP during start must not kill the process.
+    // Handlers first: a signal during start must not kill the process. A SIGTERM then stops
+    // it as soon as it has started.
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let terminate = shutdown::terminate_signal();
+    let terminate = shutdown::terminate_signal()?;
     let running = start(config).await?;
     tokio::pin!(terminate);
     let name = loop {
         tokio::select! {
-            sig = &mut terminate => break sig?,
+            sig = &mut terminate => break sig,
             _ = hup.recv() => running.reload().await,
         }
     };

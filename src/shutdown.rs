@@ -27,14 +27,19 @@ impl Shutdown {
     }
 }
 
-/// Waits for SIGTERM or SIGINT and says which.
-pub async fn terminate_signal() -> std::io::Result<&'static str> {
+/// Installs the SIGTERM and SIGINT handlers at once, and returns the wait for either, which
+/// says which came. Installed before the proxy starts, not when the wait is first polled
+/// after it: a signal during start is then kept for a graceful stop, where the default action
+/// would kill the process and leave its control socket behind.
+pub fn terminate_signal() -> std::io::Result<impl std::future::Future<Output = &'static str>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
     })
 }
 

@@ -404,3 +404,56 @@ async fn the_bypass_secret_never_reaches_the_access_log() {
     assert!(logged, "no access log line for the bypass request");
     assert!(!proxy.log_lines().iter().any(|l| l.contains(secret)));
 }
+
+/// SPEC §6 from the first moment: a SIGTERM that comes while the proxy is still starting
+/// (its control socket made, its 256 worker threads not yet) stops it as one after start
+/// does, exit 0 and its control socket removed, rather than killing it and leaving the socket
+/// behind.
+#[test]
+fn sigterm_during_start_stops_the_proxy_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nthreads = 256\n[health]\ninterval = \"60s\"\n",
+    )
+    .unwrap();
+    let mut child = bin()
+        .args(["run", "-c"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // A shell already running, so that the signal follows the socket within microseconds,
+    // not the milliseconds that starting `kill` takes.
+    let mut killer = Command::new("sh")
+        .args(["-c", &format!("read _; kill -TERM {}", child.id())])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let socket = dir.path().join("intermission.sock");
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    while !socket.exists() && std::time::Instant::now() < end {
+        std::hint::spin_loop();
+    }
+    assert!(socket.exists(), "the control socket never appeared");
+    use std::io::Write;
+    killer.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    assert!(killer.wait().unwrap().success(), "kill failed");
+    let mut status = None;
+    while status.is_none() && std::time::Instant::now() < end {
+        status = child.try_wait().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    assert_eq!(
+        status.map(|s| s.code()),
+        Some(Some(0)),
+        "a SIGTERM during start did not stop the proxy with exit 0"
+    );
+    assert!(!socket.exists(), "the control socket was left behind");
+}
