@@ -175,6 +175,24 @@ async fn forwarded_for_from_a_trusted_proxy_is_appended() {
     assert_eq!(seen.header("x-forwarded-host"), Some("shop.example"));
 }
 
+/// An HTTP/2 connection (prior knowledge) to `addr`, driven by a task of its own, whose end
+/// the handle gives.
+async fn h2_connection(
+    addr: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<TestBody>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
 #[tokio::test]
 async fn h2c_clients_are_forwarded_with_their_authority_as_host() {
     let up = echo_upstream().await;
@@ -213,14 +231,7 @@ async fn h2c_clients_are_forwarded_with_their_authority_as_host() {
     assert_eq!(hosts, 1, "{:?}", seen.headers);
     // An `:authority` that is no `host[:port]` would reach the server as its `Host`: refused
     // as such a `Host` header is, and the connection goes on.
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let (mut sender, _) = h2_connection(proxy.addr).await;
     for (authority, status) in [("a,b", 400), ("a:xx", 400), ("shop.example:8080", 200)] {
         let req = Request::get(format!("http://{authority}/h2"))
             .body(empty())
@@ -1036,14 +1047,7 @@ async fn an_http2_connection_no_request_comes_on_is_closed() {
         upstream_config(&up)
     );
     let proxy = spawn_proxy(&config).await;
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let closed = tokio::spawn(conn);
+    let (mut sender, closed) = h2_connection(proxy.addr).await;
     let get = |path: &str| {
         Request::get(format!("http://{}{path}", proxy.addr))
             .body(empty())

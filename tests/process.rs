@@ -450,6 +450,7 @@ fn sigterm_during_start_stops_the_proxy_cleanly() {
     if status.is_none() {
         let _ = child.kill();
     }
+    let _ = child.wait();
     assert_eq!(
         status.map(|s| s.code()),
         Some(Some(0)),

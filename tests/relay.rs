@@ -328,6 +328,22 @@ impl Tls {
     }
 }
 
+impl Tls {
+    /// A proxy from `config` and a client connection to it: over TLS with `over_tls`, else
+    /// plaintext.
+    async fn maybe(&self, config: &str, over_tls: bool) -> (Proxy, Client) {
+        if over_tls {
+            let proxy = self.proxy(config).await;
+            let client = Client::connect_tls(tls_addr(&proxy), self).await;
+            (proxy, client)
+        } else {
+            let proxy = spawn_proxy(config).await;
+            let client = Client::connect(proxy.addr).await;
+            (proxy, client)
+        }
+    }
+}
+
 /// A TLS connection to `addr`.
 async fn tls_stream(addr: SocketAddr, tls: &Tls) -> tokio_rustls::client::TlsStream<TcpStream> {
     let tcp = TcpStream::connect(addr).await.unwrap();
@@ -1391,15 +1407,7 @@ async fn a_client_that_reads_nothing_is_let_go_after_send_timeout() {
     ];
     for (case, hyper, over_tls, h2c) in cases {
         let before = up.hung_up.load(Ordering::SeqCst);
-        let (_proxy, mut client) = if over_tls {
-            let proxy = tls.proxy(&timed(hyper)).await;
-            let client = Client::connect_tls(tls_addr(&proxy), &tls).await;
-            (proxy, client)
-        } else {
-            let proxy = spawn_proxy(&timed(hyper)).await;
-            let client = Client::connect(proxy.addr).await;
-            (proxy, client)
-        };
+        let (_proxy, mut client) = tls.maybe(&timed(hyper), over_tls).await;
         let asked = std::time::Instant::now();
         if h2c {
             client.sock.write_all(&H2C_LARGE).await.unwrap();
@@ -1453,15 +1461,7 @@ async fn a_slow_but_steady_reader_gets_the_whole_answer() {
     ];
     let mut runs = Vec::new();
     for (case, hyper, over_tls) in cases {
-        let (proxy, client) = if over_tls {
-            let proxy = tls.proxy(&timed(hyper)).await;
-            let client = Client::connect_tls(tls_addr(&proxy), &tls).await;
-            (proxy, client)
-        } else {
-            let proxy = spawn_proxy(&timed(hyper)).await;
-            let client = Client::connect(proxy.addr).await;
-            (proxy, client)
-        };
+        let (proxy, client) = tls.maybe(&timed(hyper), over_tls).await;
         runs.push(tokio::spawn(async move {
             let _proxy = proxy;
             let mut client = client;
