@@ -3,7 +3,9 @@
 use crate::{CtlCommand, ScheduleCommand};
 use intermission::config;
 use intermission::control::client;
-use intermission::control::protocol::{ErrorBody, Request, Response, ServerHealth, StatusView};
+use intermission::control::protocol::{
+    ErrorBody, Request, Response, ServerHealth, StatusView, MAX_LINE,
+};
 use intermission::state::controller::to_change;
 use intermission::state::mode::Window;
 use std::path::{Path, PathBuf};
@@ -33,7 +35,7 @@ pub fn run(
         },
     };
     let req = request(command);
-    if let Err(e) = check_times(&req) {
+    if let Err(e) = check_times(&req).and_then(|()| check_size(&req)) {
         return fail(2, "bad_usage", e);
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -94,6 +96,19 @@ fn check_times(req: &Request) -> Result<(), String> {
         .map_err(|e| e.message)
 }
 
+/// A request the protocol would refuse for its size (SPEC §5) is bad usage, said here with the
+/// limit and what to shorten, rather than sent to be refused with the connection closed.
+fn check_size(req: &Request) -> Result<(), String> {
+    let len = serde_json::to_vec(req).map_or(0, |l| l.len());
+    if len <= MAX_LINE {
+        return Ok(());
+    }
+    Err(format!(
+        "the request would be {len} bytes and the control protocol takes at most {MAX_LINE} \
+         a line; shorten the message or reason"
+    ))
+}
+
 /// A failure before the proxy answered, as `--json` prints it: the shape of a refusal.
 pub fn print_failure(code: &str, message: &str) {
     let error = ErrorBody::new(code, message);
@@ -120,25 +135,144 @@ fn socket_from_config(path: Option<&Path>) -> Result<PathBuf, String> {
         Err(e) if !named && e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(format!("cannot read config file {}: {e}", file.display())),
     };
-    let table: toml::Table = toml::from_str(&text).unwrap_or_else(|e| {
-        // Said, not fatal: the default socket may still be the right one.
-        eprintln!(
-            "warning: {} does not parse ({}); trying the default control socket (pass -s SOCKET to choose)",
-            file.display(),
-            e.message().trim()
-        );
-        toml::Table::new()
-    });
-    let socket = table
-        .get("control")
-        .and_then(|c| c.get("socket"))
-        .and_then(|s| s.as_str())
-        .unwrap_or("intermission.sock");
     let base = file
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    let socket = match toml::from_str::<toml::Table>(&text) {
+        Ok(table) => table
+            .get("control")
+            .and_then(|c| c.get("socket"))
+            .and_then(|s| s.as_str())
+            .unwrap_or(DEFAULT_SOCKET)
+            .to_owned(),
+        Err(e) => {
+            // Said, not fatal: the socket can often still be read from the broken file, and
+            // otherwise the default may be the right one.
+            let (socket, how) = match scan_socket(&text) {
+                Scan::Found { socket, line } => {
+                    (socket, format!("using control.socket from its line {line}"))
+                }
+                Scan::Unset => (
+                    DEFAULT_SOCKET.to_owned(),
+                    "it sets no control.socket, so trying the default".to_owned(),
+                ),
+                Scan::Unclear(why) => (
+                    DEFAULT_SOCKET.to_owned(),
+                    format!("control.socket cannot be read from it ({why}), so trying the default"),
+                ),
+            };
+            let why = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+            eprintln!(
+                "warning: {} does not parse ({why}); {how}: {} (pass -s SOCKET to choose)",
+                file.display(),
+                base.join(&socket).display()
+            );
+            socket
+        }
+    };
     Ok(base.join(socket))
+}
+
+/// `control.socket`'s default (SPEC §2).
+const DEFAULT_SOCKET: &str = "intermission.sock";
+
+/// What a line-by-line reading of a config file that does not parse says of `control.socket`.
+#[derive(Debug, PartialEq, Eq)]
+enum Scan {
+    Found {
+        socket: String,
+        line: usize,
+    },
+    /// Nothing in the file sets it.
+    Unset,
+    /// Something may set it, but what cannot be told for sure.
+    Unclear(String),
+}
+
+/// Finds `control.socket` in a file that does not parse as a whole, so that a syntax error
+/// elsewhere does not send `ctl` to the wrong socket. Only an unambiguous answer counts: the
+/// `socket` key under a `[control]` header (or `control.socket` / `control = {...}` before any
+/// header), set once, on a line that parses by itself. Anything that might set it and cannot
+/// be read that way makes the answer unclear rather than a guess.
+fn scan_socket(text: &str) -> Scan {
+    #[derive(PartialEq)]
+    enum Scope {
+        Root,
+        Control,
+        Other,
+        /// Under a header that does not parse: it may be `[control]`.
+        Unknown,
+    }
+    let mut scope = Scope::Root;
+    let mut found: Option<(String, usize)> = None;
+    // The delimiter of the multi-line string being skipped: its lines are text, not keys.
+    let mut in_string: Option<&str> = None;
+    for (i, raw) in text.lines().enumerate() {
+        let n = i + 1;
+        if let Some(delim) = in_string {
+            if raw.matches(delim).count() % 2 == 1 {
+                in_string = None;
+            }
+            continue;
+        }
+        let line = raw.trim();
+        if line.starts_with('#') {
+            continue;
+        }
+        let opens = ["\"\"\"", "'''"]
+            .into_iter()
+            .find(|d| line.matches(d).count() % 2 == 1);
+        if line.starts_with('[') && opens.is_none() {
+            scope = match toml::from_str::<toml::Table>(line) {
+                // `[[control]]` would make it an array, which has no `socket`.
+                _ if line.starts_with("[[") => Scope::Other,
+                Ok(t) if t.len() == 1 && t.get("control") == Some(&empty_table()) => Scope::Control,
+                Ok(_) => Scope::Other,
+                Err(_) => Scope::Unknown,
+            };
+            continue;
+        }
+        in_string = opens;
+        let Some((key, _)) = line.split_once('=') else {
+            continue;
+        };
+        let key: String = key
+            .chars()
+            .filter(|c| !c.is_whitespace() && !matches!(c, '"' | '\''))
+            .collect();
+        let value = match (&scope, key.as_str()) {
+            (Scope::Control, "socket") => {
+                toml::from_str::<toml::Table>(line).map(|t| t.get("socket").cloned())
+            }
+            (Scope::Root, "control.socket" | "control") => toml::from_str::<toml::Table>(line)
+                .map(|t| t.get("control").and_then(|c| c.get("socket")).cloned()),
+            (Scope::Unknown, "socket") => {
+                return Scan::Unclear(format!(
+                    "line {n} sets a socket under a table header that does not parse"
+                ))
+            }
+            _ => continue,
+        };
+        let socket = match value {
+            Ok(None) => continue,
+            Ok(Some(toml::Value::String(s))) => s,
+            Ok(Some(_)) => return Scan::Unclear(format!("line {n} sets it to a non-string")),
+            Err(_) => return Scan::Unclear(format!("line {n}, which sets it, does not parse")),
+        };
+        if let Some((_, first)) = found {
+            return Scan::Unclear(format!("lines {first} and {n} both set it"));
+        }
+        found = Some((socket, n));
+    }
+    match found {
+        Some((socket, line)) => Scan::Found { socket, line },
+        None => Scan::Unset,
+    }
+}
+
+fn empty_table() -> toml::Value {
+    toml::Value::Table(toml::Table::new())
 }
 
 fn request(command: CtlCommand) -> Request {
@@ -286,5 +420,77 @@ fn print_health(servers: &[ServerHealth]) {
             print!("  last error: {e}");
         }
         println!();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(socket: &str, line: usize) -> Scan {
+        Scan::Found {
+            socket: socket.into(),
+            line,
+        }
+    }
+
+    #[test]
+    fn the_socket_is_found_in_a_file_that_does_not_parse() {
+        let broken = "[maintenance\n";
+        let cases: &[(&str, Scan)] = &[
+            (
+                "[control]\nsocket = \"ctl.sock\"\n[maintenance\n",
+                found("ctl.sock", 2),
+            ),
+            (
+                "# ops\n[ control ] # ours\n  \"socket\" = 'a b.sock' # here\n[x\n",
+                found("a b.sock", 3),
+            ),
+            (
+                "control.socket = \"/run/i.sock\"\n[maintenance\n",
+                found("/run/i.sock", 1),
+            ),
+            (
+                "control = { socket = \"in.sock\" }\n[x\n",
+                found("in.sock", 1),
+            ),
+            (
+                "[maintenance\n[control]\nstate_file = \"s.json\"\nsocket = \"late.sock\"\n",
+                found("late.sock", 4),
+            ),
+            (broken, Scan::Unset),
+            ("[control]\nstate_file = \"s.json\"\n[x\n", Scan::Unset),
+            // Elsewhere, `socket` is not control.socket.
+            ("[admin]\nsocket = \"no.sock\"\n[x\n", Scan::Unset),
+            ("[control.sub]\nsocket = \"no.sock\"\n[x\n", Scan::Unset),
+            ("[[notify]]\nsocket = \"no.sock\"\n[x\n", Scan::Unset),
+            ("socket = \"no.sock\"\n[x\n", Scan::Unset),
+            (
+                "[maintenance]\nmessage = \"\"\"\n[control]\nsocket = \"no.sock\"\n\"\"\"\n[x\n",
+                Scan::Unset,
+            ),
+            ("# [control]\n# socket = \"no.sock\"\n[x\n", Scan::Unset),
+        ];
+        for (text, want) in cases {
+            assert_eq!(&scan_socket(text), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn an_unclear_socket_is_not_guessed() {
+        for text in [
+            "[control]\nsocket = \"ctl.sock\n",
+            "[control]\nsocket = 5\n[x\n",
+            "[control\nsocket = \"ctl.sock\"\n",
+            "[control]\nsocket = \"a.sock\"\n[control]\nsocket = \"b.sock\"\n",
+            "control.socket = \"a.sock\"\n[control]\nsocket = \"b.sock\"\n[x\n",
+            "[control]\nsocket = \"\"\"\nctl.sock\"\"\"\n[x\n",
+        ] {
+            assert!(
+                matches!(scan_socket(text), Scan::Unclear(_)),
+                "{text}: {:?}",
+                scan_socket(text)
+            );
+        }
     }
 }

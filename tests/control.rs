@@ -734,3 +734,194 @@ async fn a_change_that_cannot_be_saved_is_refused_and_nothing_changes() {
     assert_eq!(get(&proxy.url("/")).await.status(), 503);
     assert!(folder.join("state.json").exists());
 }
+
+/// The proxy refuses an oversized line before reading all of it and closes, which fails the
+/// rest of the client's write: its answer must still be read and reported, not lost behind
+/// a broken pipe.
+#[tokio::test]
+async fn the_answer_to_an_oversized_line_is_not_lost_to_the_failed_write() {
+    let proxy = spawn_proxy("").await;
+    let socket = proxy.dir.path().join("intermission.sock");
+    // Far more than the socket buffers hold, so the write cannot finish before the close.
+    let huge = format!(
+        "{{\"cmd\":\"update\",\"message\":\"{}\"}}",
+        "x".repeat(4 << 20)
+    );
+    let mut c = Client::connect(&socket).await.unwrap();
+    let r = parse(&c.raw(huge.as_bytes()).await.unwrap());
+    assert_eq!(r.error.unwrap().code, "line_too_long");
+    let r = intermission::control::client::request(
+        &socket,
+        &Ctl::Update {
+            message: "x".repeat(4 << 20),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(!r.ok);
+    assert_eq!(r.error.unwrap().code, "line_too_long");
+    assert!(ctl(&proxy, Ctl::Status).await.ok);
+}
+
+/// `ctl` does not send what the protocol would refuse for its size: bad usage, saying the
+/// limit, and nothing reaches the proxy.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctl_refuses_a_request_too_long_for_the_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(dir.path(), "");
+    let cfg = dir.path().join("config.toml");
+    let run = |args: &[&str]| {
+        bin()
+            .arg("ctl")
+            .arg("-c")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let long = "x".repeat(70_000);
+    let out = run(&["--json", "on", "--message", &long]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "bad_usage", "{v}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("65536"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["--json", "status"]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_ne!(v["mode"], "maintenance", "nothing was sent: {v}");
+    // A long message that fits in a line still goes through.
+    let fits = "x".repeat(1_500);
+    assert_eq!(run(&["on", "--message", &fits]).status.code(), Some(0));
+    drop(proxy);
+}
+
+/// A syntax error elsewhere in the config does not send `ctl` to the default socket when the
+/// file names another: the operator reaches the proxy and sees the reload refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctl_finds_a_custom_socket_in_a_config_that_does_not_parse() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(dir.path(), "[control]\nsocket = \"ctl.sock\"\n");
+    let cfg = dir.path().join("config.toml");
+    let run = |args: &[&str]| {
+        bin()
+            .arg("ctl")
+            .arg("-c")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert_eq!(run(&["status"]).status.code(), Some(0));
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("{good}\n[maintenance\nmessage = \"x\"\n")).unwrap();
+    let out = run(&["status"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("does not parse") && err.contains("ctl.sock"),
+        "the warning says which socket is used: {err}"
+    );
+    let out = run(&["--json", "reload"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the proxy refuses the reload: {err}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], false, "{v}");
+    assert_ne!(v["error"]["code"], "no_proxy", "{v}");
+    drop(proxy);
+}
+
+/// The 64 KiB limit is on a line's content: CR LF and LF endings count the same.
+#[tokio::test]
+async fn the_line_limit_does_not_count_the_line_ending() {
+    let proxy = spawn_proxy("").await;
+    let socket = proxy.dir.path().join("intermission.sock");
+    // `{"cmd":"status"` padded with spaces to `len` bytes, then `}`.
+    let line = |len: usize| {
+        let head = br#"{"cmd":"status""#;
+        let mut l = head.to_vec();
+        l.resize(len - 1, b' ');
+        l.push(b'}');
+        l
+    };
+    let max = intermission::control::protocol::MAX_LINE;
+    for ending in [&b""[..], b"\r"] {
+        // `raw` adds the LF.
+        let mut c = Client::connect(&socket).await.unwrap();
+        let r = parse(&c.raw(&[line(max), ending.to_vec()].concat()).await.unwrap());
+        assert!(r.ok, "{max} bytes + {ending:?}LF: {:?}", r.error);
+        assert!(c.request(&Ctl::Status).await.unwrap().ok, "still open");
+        let r = parse(
+            &c.raw(&[line(max + 1), ending.to_vec()].concat())
+                .await
+                .unwrap(),
+        );
+        assert_eq!(
+            r.error.map(|e| e.code).as_deref(),
+            Some("line_too_long"),
+            "{} bytes + {ending:?}LF",
+            max + 1
+        );
+    }
+}
+
+/// A zero `retry_after` is refused as the config refuses `maintenance.retry_after = "0"`,
+/// rather than reaching clients as `Retry-After: 1`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zero_retry_after_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(dir.path(), "");
+    let mut c = Client::connect(&dir.path().join("intermission.sock"))
+        .await
+        .unwrap();
+    for zero in ["0", "0s", "0ms"] {
+        let r = c
+            .request(&Ctl::On {
+                message: None,
+                until: None,
+                retry_after: Some(zero.into()),
+                reason: None,
+            })
+            .await
+            .unwrap();
+        let e = r.error.expect(zero);
+        assert_eq!(e.code, "bad_request", "{zero}");
+        assert!(e.message.contains("retry_after"), "{}", e.message);
+    }
+    let cfg = dir.path().join("config.toml");
+    let run = |args: &[&str]| {
+        bin()
+            .arg("ctl")
+            .arg("-c")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--json", "on", "--retry-after", "0"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "refused, as any refused request"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "bad_request", "{v}");
+    let out = run(&["on", "--retry-after", "0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad_request"));
+    let r = c.request(&Ctl::Status).await.unwrap();
+    assert_ne!(
+        r.state.unwrap().mode.as_str(),
+        "maintenance",
+        "nothing was switched on"
+    );
+    assert_eq!(run(&["on", "--retry-after", "1"]).status.code(), Some(0));
+    drop(proxy);
+}

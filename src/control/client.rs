@@ -42,16 +42,23 @@ impl Client {
 
     /// Sends a raw line (a newline is added) and returns the raw answer line.
     pub async fn raw(&mut self, line: &[u8]) -> Result<String, ClientError> {
-        self.writer.write_all(line).await?;
-        self.writer.write_all(b"\n").await?;
+        let sent = match self.writer.write_all(line).await {
+            Ok(()) => self.writer.write_all(b"\n").await,
+            Err(e) => Err(e),
+        };
+        // The proxy may answer before it has read the whole line (a refused `line_too_long`)
+        // and close, which fails the rest of the write; its answer is then already waiting
+        // here, and it is the one that matters.
         let mut answer = String::new();
-        let n = self.reader.read_line(&mut answer).await?;
-        if n == 0 {
-            return Err(ClientError::Protocol(
+        let read = self.reader.read_line(&mut answer).await;
+        match (read, sent) {
+            (Ok(n), _) if n > 0 => Ok(answer),
+            // Nothing came back: the failed write is what went wrong.
+            (_, Err(e)) | (Err(e), Ok(())) => Err(e.into()),
+            (Ok(_), Ok(())) => Err(ClientError::Protocol(
                 "the proxy closed the connection".into(),
-            ));
+            )),
         }
-        Ok(answer)
     }
 
     pub async fn request(&mut self, req: &Request) -> Result<Response, ClientError> {

@@ -207,7 +207,30 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ErrorBody> {
             ));
         }
     }
-    serde_json::from_value(value).map_err(|e| ErrorBody::new("bad_request", format!("{cmd}: {e}")))
+    let req = serde_json::from_value(value)
+        .map_err(|e| ErrorBody::new("bad_request", format!("{cmd}: {e}")))?;
+    check_values(&req)?;
+    Ok(req)
+}
+
+/// Values the protocol refuses whoever sends them. A zero `retry_after` would reach clients as
+/// `Retry-After: 1`, a promise nobody made; `maintenance.retry_after = "0"` is refused in the
+/// config for the same reason, so the socket refuses it too. Durations that do not parse are
+/// left to the controller, which says why.
+fn check_values(req: &Request) -> Result<(), ErrorBody> {
+    if let Request::On {
+        retry_after: Some(r),
+        ..
+    } = req
+    {
+        if crate::config::parse_duration(r).is_ok_and(|d| d.is_zero()) {
+            return Err(ErrorBody::new(
+                "bad_request",
+                format!("on: retry_after {r:?} must be greater than zero"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -245,6 +268,11 @@ mod tests {
             "bad_request"
         );
         assert_eq!(code(br#"{"cmd":"off","extra":1}"#), "bad_request");
+        for zero in ["0", "0s", "0ms", " 0 "] {
+            let line = format!(r#"{{"cmd":"on","retry_after":"{zero}"}}"#);
+            assert_eq!(code(line.as_bytes()), "bad_request", "retry_after {zero:?}");
+        }
+        assert!(parse_request(br#"{"cmd":"on","retry_after":"1"}"#).is_ok());
         assert_eq!(
             parse_request(br#"{"cmd":"frobnicate"}"#)
                 .unwrap_err()

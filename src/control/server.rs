@@ -94,8 +94,10 @@ async fn connection(stream: UnixStream, controller: ControllerHandle) {
     let mut line = Vec::new();
     loop {
         line.clear();
+        // Room for the longest line allowed and its ending (CR LF): one byte more, with no
+        // LF, is already too long.
         match (&mut r)
-            .take(MAX_LINE as u64 + 1)
+            .take(MAX_LINE as u64 + 2)
             .read_until(b'\n', &mut line)
             .await
         {
@@ -103,7 +105,7 @@ async fn connection(stream: UnixStream, controller: ControllerHandle) {
             Ok(_) => {}
         }
         let complete = line.last() == Some(&b'\n');
-        if !complete && line.len() > MAX_LINE {
+        if content_len(&line) > MAX_LINE {
             let err = Response::error(ErrorBody::new(
                 "line_too_long",
                 format!("request lines are limited to {MAX_LINE} bytes; closing"),
@@ -123,6 +125,13 @@ async fn connection(stream: UnixStream, controller: ControllerHandle) {
             return;
         }
     }
+}
+
+/// The length of a line without its ending: the limit is on what was said, so that CR LF
+/// and LF count the same.
+fn content_len(line: &[u8]) -> usize {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line).len()
 }
 
 async fn write(w: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response) -> std::io::Result<()> {
@@ -148,4 +157,24 @@ fn user_name(uid: u32) -> Option<String> {
         let id = f.nth(1)?.parse::<u32>().ok()?;
         (id == uid).then(|| name.to_owned())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_limit_does_not_count_the_line_ending() {
+        let body = vec![b'x'; MAX_LINE];
+        for ending in [&b""[..], b"\n", b"\r\n"] {
+            let line = [&body[..], ending].concat();
+            assert_eq!(content_len(&line), MAX_LINE, "{ending:?}");
+        }
+        let over = [&body[..], b"x\r"].concat();
+        assert_eq!(
+            content_len(&over),
+            MAX_LINE + 1,
+            "cut at the limit, no LF yet"
+        );
+    }
 }
