@@ -134,7 +134,7 @@ fn main() -> ExitCode {
         Command::Run { config } => match run(config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("intermission: {e:#}");
+                eprintln!("intermission: {}", describe(&e));
                 ExitCode::FAILURE
             }
         },
@@ -146,6 +146,21 @@ fn main() -> ExitCode {
             command,
         } => ctl::run(config, socket, json, command),
     }
+}
+
+/// The error and its causes on one line, as `{e:#}` prints them, but each cause once: the
+/// library's messages mostly say their cause already (they are shown alone to `ctl` and in
+/// logs), and some error types also return it as their `source()`.
+fn describe(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
 }
 
 fn run(path: Option<PathBuf>) -> anyhow::Result<()> {

@@ -71,26 +71,10 @@ fn a_missing_named_config_is_an_error_and_a_missing_default_is_not() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope.toml"));
     // `run` too refuses to start on defaults when the file it was told to use is missing.
-    let mut child = bin()
-        .args(["run", "-c", "nope.toml"])
-        .current_dir(dir.path())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let end = std::time::Instant::now() + Duration::from_secs(10);
-    let mut status = None;
-    while status.is_none() && std::time::Instant::now() < end {
-        status = child.try_wait().unwrap();
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        status.map(|s| s.code()),
-        Some(Some(1)),
-        "run did not refuse"
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.toml"));
+    let err = run_refused(dir.path(), "nope.toml");
+    assert!(err.contains("nope.toml"), "{err}");
+    // The cause is said once, not once by the error and again as its source.
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
     let out = bin()
         .args(["check"])
         .current_dir(dir.path())
@@ -102,6 +86,170 @@ fn a_missing_named_config_is_an_error_and_a_missing_default_is_not() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("built-in defaults"));
+}
+
+/// Runs `intermission run -c config` in `dir`, which must refuse to start: exit 1 within 10 s.
+/// Its stderr.
+fn run_refused(dir: &std::path::Path, config: &str) -> String {
+    let mut child = bin()
+        .args(["run", "-c", config])
+        .current_dir(dir)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    let mut status = None;
+    while status.is_none() && std::time::Instant::now() < end {
+        status = child.try_wait().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        status.map(|s| s.code()),
+        Some(Some(1)),
+        "run did not refuse:\n{err}"
+    );
+    err
+}
+
+/// `check -c FILE` output: (exit code, stderr).
+fn check(path: &std::path::Path) -> (Option<i32>, String) {
+    let out = bin().args(["check", "-c"]).arg(path).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// An unknown key in an entry of `[[tls.certificates]]` or `[[notify]]` is named with the
+/// entry's index, and does not hide the entry's other problems nor make it count as absent.
+#[test]
+fn check_lists_every_problem_of_an_entry_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"
+[tls]
+listen = ["127.0.0.1:0"]
+[[tls.certificates]]
+cert = "missing.pem"
+key = "missing.key"
+bogus = 1
+[[notify]]
+url = "ftp://hooks.example.com/x"
+timeout = "soon"
+extra = true
+"#,
+    )
+    .unwrap();
+    let (code, err) = check(&path);
+    assert_eq!(code, Some(1), "{err}");
+    for (key, says) in [
+        ("tls.certificates[0].bogus", "unknown field `bogus`"),
+        (
+            "tls.certificates[0].cert",
+            "missing.pem is not a readable file",
+        ),
+        (
+            "tls.certificates[0].key",
+            "missing.key is not a readable file",
+        ),
+        ("notify[0].extra", "unknown field `extra`"),
+        ("notify[0].url", "ftp://"),
+        ("notify[0].timeout", "\"soon\" is not a duration"),
+    ] {
+        let line = err.lines().find(|l| l.starts_with(&format!("  - {key}: ")));
+        assert!(
+            line.is_some_and(|l| l.contains(says)),
+            "{key} ({says}) not listed in:\n{err}"
+        );
+    }
+    assert!(err.contains("(6 problems)"), "{err}");
+    assert!(!err.contains("needs at least one"), "{err}");
+}
+
+/// SPEC §5: every change is saved before it is acknowledged, so a state file that cannot be
+/// written would refuse every `ctl on` mid-incident; its folder is checked before that.
+#[test]
+fn check_run_and_reload_refuse_a_state_file_in_a_missing_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[control]\nstate_file = \"run/state.json\"\n",
+    )
+    .unwrap();
+    let (code, err) = check(&path);
+    assert_eq!(code, Some(1), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("  - control.state_file: "))
+        .unwrap_or_else(|| panic!("control.state_file not named in:\n{err}"));
+    assert!(
+        line.contains(&dir.path().join("run").display().to_string())
+            && line.contains("does not exist"),
+        "{line}"
+    );
+    let err = run_refused(dir.path(), "config.toml");
+    assert!(err.contains("control.state_file"), "{err}");
+
+    std::fs::create_dir(dir.path().join("run")).unwrap();
+    let (code, err) = check(&path);
+    assert_eq!(code, Some(0), "{err}");
+
+    // A reload to a state file whose folder has gone is refused too.
+    let proxy = ProxyProcess::start(dir.path(), "[control]\nstate_file = \"run/state.json\"\n");
+    std::fs::write(
+        &path,
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[control]\nstate_file = \"gone/state.json\"\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["ctl", "-s"])
+        .arg(proxy.dir.join("intermission.sock"))
+        .arg("reload")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("control.state_file"), "{err}");
+}
+
+#[test]
+fn check_says_to_write_the_socket_mode_as_a_string() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, "[control]\nsocket_mode = 0o660\n").unwrap();
+    let (code, err) = check(&path);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(
+            "control.socket_mode: write the mode as a string of octal digits, like \"0660\""
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("432"), "{err}");
+}
+
+/// SPEC §5: a state file that cannot be read stops the start, with its cause said once.
+#[test]
+fn run_refuses_a_corrupt_state_file_saying_why_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("intermission-state.json"), "{not json").unwrap();
+    let err = run_refused(dir.path(), "config.toml");
+    assert!(
+        err.contains("intermission-state.json") && err.contains("corrupt"),
+        "{err}"
+    );
+    assert_eq!(err.matches("line 1 column 2").count(), 1, "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -162,8 +162,33 @@ impl Default for MaintenanceFile {
 #[serde(deny_unknown_fields, default)]
 pub struct ControlFile {
     pub socket: String,
+    #[serde(deserialize_with = "octal_text")]
     pub socket_mode: String,
     pub state_file: String,
+}
+
+/// A permission mode must be written as a string: TOML reads `0o660` and `432` as the same
+/// number, and `660` as a decimal, so a number cannot say which mode the operator meant.
+fn octal_text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    const NUMBER: &str =
+        "write the mode as a string of octal digits, like \"0660\", not as a number";
+    struct V;
+    impl Visitor<'_> for V {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string of octal digits, like \"0660\"")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<String, E> {
+            Err(E::custom(NUMBER))
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<String, E> {
+            Err(E::custom(NUMBER))
+        }
+    }
+    d.deserialize_any(V)
 }
 
 impl Default for ControlFile {
@@ -206,11 +231,15 @@ impl Default for HealthFile {
 #[serde(deny_unknown_fields, default)]
 pub struct TlsFile {
     pub listen: Vec<String>,
-    pub certificates: Vec<CertificateFile>,
+    /// Each entry is read into a `CertificateFile` on its own, key by key, so that a refused
+    /// key names its entry and does not drop the rest of it.
+    pub certificates: Vec<toml::Value>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// An empty `cert` or `key` is a key left out: validation says it is required, so that
+/// each key of an entry can be tried alone.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct CertificateFile {
     pub cert: String,
     pub key: String,
@@ -222,22 +251,23 @@ pub struct AdminFile {
     pub listen: String,
 }
 
+/// An empty `url` is a key left out: validation says it is required (see `CertificateFile`).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct NotifyFile {
     pub url: String,
-    #[serde(default = "json_format")]
     pub format: String,
-    #[serde(default)]
     pub secret: String,
-    #[serde(default = "notify_timeout")]
     pub timeout: DurationText,
 }
 
-fn json_format() -> String {
-    "json".into()
-}
-
-fn notify_timeout() -> DurationText {
-    DurationText::new("5s")
+impl Default for NotifyFile {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            format: "json".into(),
+            secret: String::new(),
+            timeout: DurationText::new("5s"),
+        }
+    }
 }

@@ -241,9 +241,9 @@ impl Config {
     }
 
     pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let base = if base.as_os_str().is_empty() {
@@ -285,18 +285,20 @@ impl Config {
         }
         let proxy = v.section::<file::ProxyFile>(&table, "proxy");
         let tls = v.section::<file::TlsFile>(&table, "tls");
+        let certificates = v.list::<file::CertificateFile>(&tls.certificates, "tls.certificates");
         let upstream = v.section::<file::UpstreamFile>(&table, "upstream");
         let health = v.section::<file::HealthFile>(&table, "health");
         let maintenance = v.section::<file::MaintenanceFile>(&table, "maintenance");
         let control = v.section::<file::ControlFile>(&table, "control");
         let admin = v.section::<file::AdminFile>(&table, "admin");
-        let notify = v.list::<file::NotifyFile>(&table, "notify");
+        let notify = v.array(&table, "notify");
+        let notify = v.list::<file::NotifyFile>(notify, "notify");
         let log = v.section::<file::LogFile>(&table, "log");
         let config = Config {
             source: source.map(Path::to_path_buf),
             reload_from: source.map(Path::to_path_buf),
             proxy: v.proxy(proxy),
-            tls: v.tls(tls),
+            tls: v.tls(tls, certificates),
             upstream: v.upstream(upstream),
             health: v.health(health),
             maintenance: v.maintenance(maintenance),
@@ -364,47 +366,69 @@ impl Validator {
         });
     }
 
-    /// An array of tables (`[[name]]`), each entry read on its own so that a problem names
-    /// the entry (`notify[1]`) rather than the whole list.
-    fn list<E: DeserializeOwned>(&mut self, table: &toml::Table, name: &str) -> Vec<E> {
-        let Some(value) = table.get(name) else {
-            return Vec::new();
-        };
-        let Some(items) = value.as_array() else {
-            self.problem(
-                name,
-                format!("must be a list of tables, written [[{name}]]"),
-            );
-            return Vec::new();
-        };
-        let mut list = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            match item.clone().try_into::<E>() {
-                Ok(entry) => list.push(entry),
-                Err(e) => {
-                    let message = e.to_string().trim().replace('\n', " ");
-                    self.problem(&format!("{name}[{i}]"), message);
-                }
+    fn has_problem(&self, key: &str) -> bool {
+        self.problems.iter().any(|p| p.key == key)
+    }
+
+    /// A top-level array of tables (`[[name]]`): its entries, for `list`.
+    fn array<'t>(&mut self, table: &'t toml::Table, name: &str) -> &'t [toml::Value] {
+        match table.get(name) {
+            None => &[],
+            Some(toml::Value::Array(items)) => items,
+            Some(_) => {
+                self.problem(
+                    name,
+                    format!("must be a list of tables, written [[{name}]]"),
+                );
+                &[]
             }
         }
-        list
+    }
+
+    /// The entries of an array of tables, each read key by key as a section is, so that a
+    /// problem names its entry and key (`notify[1].url`) and a refused key does not hide the
+    /// entry's other problems. Each entry keeps its index, for later problems to name it by.
+    fn list<E: DeserializeOwned + Default>(
+        &mut self,
+        items: &[toml::Value],
+        name: &str,
+    ) -> Vec<(usize, E)> {
+        let mut entries = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let key = format!("{name}[{i}]");
+            if !item.is_table() {
+                self.problem(&key, format!("must be a table of keys, written [[{name}]]"));
+            } else if let Some(entry) = self.table(item, &key) {
+                entries.push((i, entry));
+            }
+        }
+        entries
     }
 
     /// Deserializes one section on its own, so that a problem in one section does not hide
-    /// the problems of the others. Within a table section, a key that serde refuses (unknown,
-    /// or of the wrong type) is reported under its own name and left out, and the section is
-    /// built from the other keys, so that their problems are found too.
+    /// the problems of the others.
     fn section<T: DeserializeOwned + Default>(&mut self, table: &toml::Table, name: &str) -> T {
-        let Some(value) = table.get(name) else {
-            return T::default();
-        };
+        match table.get(name) {
+            Some(value) => self.table(value, name).unwrap_or_default(),
+            None => T::default(),
+        }
+    }
+
+    /// Reads a table named `name`. A key that serde refuses (unknown, or of the wrong type)
+    /// is reported under its own name and left out, and the table is built from the other
+    /// keys, so that their problems are found too. `None`: not a table at all.
+    fn table<T: DeserializeOwned + Default>(
+        &mut self,
+        value: &toml::Value,
+        name: &str,
+    ) -> Option<T> {
         let error = match value.clone().try_into::<T>() {
-            Ok(section) => return section,
+            Ok(section) => return Some(section),
             Err(e) => e.to_string().trim().replace('\n', " "),
         };
         let Some(keys) = value.as_table() else {
             self.problem(name, error);
-            return T::default();
+            return None;
         };
         // Every field has a default, so each key can be tried on its own.
         let mut kept = toml::Table::new();
@@ -416,16 +440,20 @@ impl Validator {
                 }
                 Err(e) => {
                     let message = e.to_string().trim().replace('\n', " ");
+                    // The key is named already; toml's "in `key`" would say it twice.
+                    let message = message
+                        .strip_suffix(&format!(" in `{key}`"))
+                        .unwrap_or(&message);
                     self.problem(&format!("{name}.{key}"), message);
                 }
             }
         }
         match toml::Value::Table(kept).try_into::<T>() {
-            Ok(section) => section,
+            Ok(section) => Some(section),
             Err(_) => {
                 // Keys that pass alone but not together: say what serde said of the whole.
                 self.problem(name, error);
-                T::default()
+                Some(T::default())
             }
         }
     }
@@ -593,23 +621,19 @@ impl Validator {
         list.to_vec()
     }
 
-    fn tls(&mut self, f: file::TlsFile) -> TlsConfig {
+    /// `entries`: those of `f.certificates` that are tables, each with its index.
+    fn tls(&mut self, f: file::TlsFile, entries: Vec<(usize, file::CertificateFile)>) -> TlsConfig {
         let listen = self.addrs("tls.listen", &f.listen, "\"0.0.0.0:443\"");
         let mut certificates = Vec::new();
-        for (i, c) in f.certificates.iter().enumerate() {
-            let cert = self.path(&c.cert);
-            let key = self.path(&c.key);
-            for (what, p) in [("cert", &cert), ("key", &key)] {
-                if !p.is_file() {
-                    self.problem(
-                        &format!("tls.certificates[{i}].{what}"),
-                        format!("{} is not a readable file", p.display()),
-                    );
-                }
-            }
-            certificates.push(CertificatePaths { cert, key });
+        for (i, c) in entries {
+            let key = |what: &str| format!("tls.certificates[{i}].{what}");
+            certificates.push(CertificatePaths {
+                cert: self.pem_file(&key("cert"), &c.cert),
+                key: self.pem_file(&key("key"), &c.key),
+            });
         }
-        if !listen.is_empty() && certificates.is_empty() {
+        // An entry that is there but wrong has its own problems; this is for none written.
+        if !listen.is_empty() && f.certificates.is_empty() {
             self.problem(
                 "tls.certificates",
                 "tls.listen needs at least one [[tls.certificates]] entry",
@@ -619,6 +643,22 @@ impl Validator {
             listen,
             certificates,
         }
+    }
+
+    /// A certificate entry's `cert` or `key`, which must name a file.
+    fn pem_file(&mut self, key: &str, text: &str) -> PathBuf {
+        if text.is_empty() {
+            // A value of the wrong type was refused already, under this key.
+            if !self.has_problem(key) {
+                self.problem(key, "is required: the path of a PEM file");
+            }
+            return PathBuf::new();
+        }
+        let path = self.path(text);
+        if !path.is_file() {
+            self.problem(key, format!("{} is not a readable file", path.display()));
+        }
+        path
     }
 
     fn health(&mut self, f: file::HealthFile) -> HealthConfig {
@@ -781,13 +821,17 @@ impl Validator {
         if f.socket.is_empty() {
             self.problem("control.socket", "must name a path for the control socket");
         }
+        let state_file = self.path(&f.state_file);
         if f.state_file.is_empty() {
             self.problem("control.state_file", "must name a path for the state file");
+        } else if let Err(why) = state_file_folder(&state_file) {
+            // Found now, not at the first `ctl on` of an incident, refused as not saved.
+            self.problem("control.state_file", why);
         }
         ControlConfig {
             socket: self.path(&f.socket),
             socket_mode,
-            state_file: self.path(&f.state_file),
+            state_file,
         }
     }
 
@@ -807,13 +851,23 @@ impl Validator {
         }
     }
 
-    fn notify(&mut self, list: Vec<file::NotifyFile>) -> Vec<crate::notify::Target> {
+    /// `list`: the `[[notify]]` entries that are tables, each with its index.
+    fn notify(&mut self, list: Vec<(usize, file::NotifyFile)>) -> Vec<crate::notify::Target> {
         let mut targets = Vec::new();
-        for (i, n) in list.into_iter().enumerate() {
+        for (i, n) in list {
             let key = |k: &str| format!("notify[{i}].{k}");
             let url = match n.url.parse::<http::Uri>() {
                 Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {
                     Some(u)
+                }
+                // A value of the wrong type was refused already, under this key.
+                _ if n.url.is_empty() && self.has_problem(&key("url")) => None,
+                _ if n.url.is_empty() => {
+                    self.problem(
+                        &key("url"),
+                        "is required: the webhook's http:// or https:// URL",
+                    );
+                    None
                 }
                 _ => {
                     self.problem(
@@ -878,7 +932,18 @@ const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 /// `proxy.threads` at most: far more cores than any machine this runs on has.
 const MAX_THREADS: usize = 1024;
 
-/// `"250ms"`, `"90s"`, `"1h30m"`, or a plain number of seconds.
+/// The units a duration may use. humantime also reads weeks, months (`M`), years, `us` and
+/// `ns`: a `5M` typed for five minutes would be five months, so those are refused.
+const DURATION_UNITS: &[&str] = &[
+    "ms", "msec", "s", "sec", "secs", "second", "seconds", "m", "min", "mins", "minute", "minutes",
+    "h", "hr", "hrs", "hour", "hours", "d", "day", "days",
+];
+
+const DURATION_FORMS: &str =
+    "write \"250ms\", \"90s\", \"5m\", \"1h30m\", \"2d\" or a number of seconds";
+
+/// `"250ms"`, `"90s"`, `"1h30m"`, `"1.5h"`, or a plain number of seconds; units from
+/// `DURATION_UNITS` only. Used by the config and by `ctl` (`--retry-after`, `+DURATION`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
@@ -887,9 +952,64 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             .map(Duration::from_secs)
             .map_err(|_| format!("{text:?} is too large"));
     }
+    // humantime does the arithmetic; the units are checked first. Any run of letters after
+    // a number is a unit to humantime, so every one is checked. Text with no number at all
+    // ("soon") is no duration, whatever its letters, and humantime says so.
+    let units = t
+        .split(|c: char| !c.is_alphabetic())
+        .filter(|u| !u.is_empty() && t.contains(|c: char| c.is_ascii_digit()));
+    for unit in units {
+        if !DURATION_UNITS.contains(&unit) {
+            let case = if DURATION_UNITS.contains(&unit.to_lowercase().as_str()) {
+                " (units are lower case)"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "{text:?}: {unit:?} is not a unit of duration here{case}; use ms, s, m, h or d: {DURATION_FORMS}"
+            ));
+        }
+    }
     humantime::parse_duration(t).map_err(|e| {
-        format!("{text:?} is not a duration ({e}); write \"250ms\", \"90s\", \"5m\", \"1h30m\" or a number of seconds")
+        // humantime takes a fraction only when it comes out exact: 1.5h, not 1.333h.
+        let exact = if t.contains('.') && e == humantime::DurationError::NumberOverflow {
+            "; a fraction must come out exact, in whole seconds for h and d (\"1.5h\", not \"1.333h\")"
+        } else {
+            ""
+        };
+        format!("{text:?} is not a duration ({e}){exact}; {DURATION_FORMS}")
     })
+}
+
+/// The state file may not exist yet (it is written at the first change), but the folder it
+/// is written in must, since the atomic write creates its temporary file there.
+fn state_file_folder(path: &Path) -> Result<(), String> {
+    if path.is_dir() {
+        return Err(format!(
+            "{} is a folder; name a file in it, like {}",
+            path.display(),
+            path.join("intermission-state.json").display()
+        ));
+    }
+    let folder = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if folder.is_dir() {
+        Ok(())
+    } else if folder.exists() {
+        Err(format!(
+            "{} is not a folder, so the state file {} cannot be written in it",
+            folder.display(),
+            path.display()
+        ))
+    } else {
+        Err(format!(
+            "the folder {} does not exist, so the state file {} cannot be written; create it, or name a file in a folder that exists",
+            folder.display(),
+            path.display()
+        ))
+    }
 }
 
 /// `"200-399"`, `"200,204"`, `"200-299, 301"`: inclusive status ranges.
@@ -1016,31 +1136,113 @@ mod tests {
 
     #[test]
     fn relative_paths_resolve_against_the_config_folder() {
-        let c = Config::parse(
-            "[control]\nsocket = \"run/x.sock\"\n",
-            Path::new("/etc/intermission"),
-            None,
-        )
-        .unwrap();
-        assert_eq!(c.control.socket, Path::new("/etc/intermission/run/x.sock"));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let c = Config::parse("[control]\nsocket = \"run/x.sock\"\n", dir.path(), None).unwrap();
+        assert_eq!(c.control.socket, dir.path().join("run/x.sock"));
+        assert_eq!(
+            c.control.state_file,
+            dir.path().join("intermission-state.json")
+        );
         assert_eq!(c.maintenance.pages, PagesSource::BuiltIn);
+    }
+
+    /// The state file is written at the first change: a folder that is not there must be
+    /// found by `check`, not by the first `ctl on` of an incident.
+    #[test]
+    fn the_state_file_s_folder_must_exist() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let base = dir.path();
+        std::fs::write(base.join("plain"), "").expect("file");
+        for (state_file, says) in [
+            ("nodir/state.json", "does not exist"),
+            ("plain/state.json", "is not a folder"),
+            (".", "is a folder"),
+        ] {
+            let text = format!("[control]\nstate_file = \"{state_file}\"\n");
+            let p = match Config::parse(&text, base, None) {
+                Err(ConfigError::Invalid { problems, .. }) => problems,
+                other => panic!("{state_file}: {other:?}"),
+            };
+            assert_eq!(p.len(), 1, "{p:?}");
+            assert_eq!(p[0].key, "control.state_file");
+            assert!(p[0].message.contains(says), "{p:?}");
+        }
+        // The file itself need not exist yet; its folder does.
+        let text = "[control]\nstate_file = \"new.json\"\n";
+        assert!(Config::parse(text, base, None).is_ok());
+    }
+
+    #[test]
+    fn a_socket_mode_written_as_a_number_says_to_write_a_string() {
+        let p = problems("[control]\nsocket_mode = 0o660\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "control.socket_mode");
+        assert_eq!(
+            p[0].message,
+            "write the mode as a string of octal digits, like \"0660\", not as a number"
+        );
+        let c = Config::parse("[control]\nsocket_mode = \"0660\"\n", Path::new("."), None);
+        assert_eq!(c.map(|c| c.control.socket_mode).ok(), Some(0o660));
     }
 
     #[test]
     fn durations() {
+        let secs = |s| Some(Duration::from_secs(s));
         let table = [
             ("250ms", Some(Duration::from_millis(250))),
-            ("90s", Some(Duration::from_secs(90))),
-            ("5m", Some(Duration::from_secs(300))),
-            ("1h30m", Some(Duration::from_secs(5400))),
-            ("42", Some(Duration::from_secs(42))),
+            ("90s", secs(90)),
+            ("5m", secs(300)),
+            ("1h30m", secs(5400)),
+            ("1h 30m", secs(5400)),
+            ("2d", secs(2 * 86400)),
+            ("42", secs(42)),
+            ("0", secs(0)),
+            // The long spellings humantime reads, for the same units.
+            ("250msec", Some(Duration::from_millis(250))),
+            ("1sec 2secs 3second 4seconds", secs(10)),
+            ("1min 2mins 3minute 4minutes", secs(600)),
+            ("1hr 2hrs 3hour 4hours", secs(36000)),
+            ("1day 2days", secs(3 * 86400)),
+            ("5 minutes", secs(300)),
+            // Exact fractions, as humantime reads them.
+            ("1.5h", secs(5400)),
+            ("0.5s", Some(Duration::from_millis(500))),
+            ("1.333h", None),
+            ("1.5", None),
+            // Units humantime reads too, refused: 5M is five months to it, not five minutes.
+            ("5M", None),
+            ("1month", None),
+            ("2months", None),
+            ("1y", None),
+            ("1yr", None),
+            ("2years", None),
+            ("1w", None),
+            ("2wk", None),
+            ("3weeks", None),
+            ("10us", None),
+            ("10µs", None),
+            ("10usec", None),
+            ("10ns", None),
+            ("10nsec", None),
+            ("10millis", None),
+            ("5S", None),
+            ("1h5M", None),
             ("soon", None),
             ("", None),
             ("-5s", None),
+            ("5m30", None),
         ];
         for (text, want) in table {
             assert_eq!(parse_duration(text).ok(), want, "{text}");
         }
+        let why = parse_duration("5M").unwrap_err();
+        assert!(
+            why.contains("\"M\" is not a unit") && why.contains("ms, s, m, h or d"),
+            "{why}"
+        );
+        let why = parse_duration("1.333h").unwrap_err();
+        assert!(why.contains("fraction"), "{why}");
+        assert!(!parse_duration("1.5").unwrap_err().contains("fraction"));
     }
 
     #[test]
@@ -1134,16 +1336,68 @@ mod tests {
     }
 
     #[test]
-    fn a_notify_entry_s_problem_names_the_entry() {
+    fn a_notify_entry_s_problem_names_the_entry_and_key() {
         let p = problems(
             "[[notify]]\nurl = \"http://127.0.0.1:9/a\"\n[[notify]]\nurl = \"http://127.0.0.1:9/b\"\nbogus = 1\n[[notify]]\nformat = \"json\"\n",
         );
-        let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(keys, ["notify[1]", "notify[2]"], "{p:?}");
+        let named: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(named, ["notify[1].bogus", "notify[2].url"], "{p:?}");
         assert!(p[0].message.contains("unknown field `bogus`"), "{p:?}");
-        assert!(p[1].message.contains("missing field `url`"), "{p:?}");
+        assert!(p[1].message.contains("is required"), "{p:?}");
         let p = problems("notify = 3\n");
         assert_eq!(p[0].key, "notify", "{p:?}");
+        // An entry that is not a table does not shift the index the next one is named by.
+        let p = problems("notify = [1, {url = \"ftp://x\"}]\n");
+        let named: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(named, ["notify[0]", "notify[1].url"], "{p:?}");
+        // A value of the wrong type is one problem, not also "required".
+        assert_eq!(keys("[[notify]]\nurl = 5\n"), ["notify[0].url"]);
+    }
+
+    /// A refused key in an entry is named with the entry's index, and the entry's other
+    /// keys are still checked: the entry is not dropped, so it still counts as one.
+    #[test]
+    fn a_refused_key_does_not_drop_its_entry() {
+        let text = r#"
+            [tls]
+            listen = ["127.0.0.1:8443"]
+            [[tls.certificates]]
+            cert = "missing.pem"
+            key = "missing.key"
+            bogus = 1
+            [[notify]]
+            url = "ftp://x"
+            timeout = "soon"
+            extra = true
+        "#;
+        assert_eq!(
+            keys(text),
+            vec![
+                "tls.certificates[0].bogus",
+                "notify[0].extra",
+                "tls.certificates[0].cert",
+                "tls.certificates[0].key",
+                "notify[0].url",
+                "notify[0].timeout",
+            ]
+        );
+        let p = problems("[tls]\nlisten = [\"127.0.0.1:8443\"]\ncertificates = [1, {cert = 5}]\n");
+        let named: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            named,
+            [
+                "tls.certificates[0]",
+                "tls.certificates[1].cert",
+                "tls.certificates[1].key"
+            ],
+            "{p:?}"
+        );
+        assert!(p[2].message.contains("is required"), "{p:?}");
+        // None written at all is still a problem.
+        assert_eq!(
+            keys("[tls]\nlisten = [\"127.0.0.1:8443\"]\n"),
+            ["tls.certificates"]
+        );
     }
 
     #[test]
