@@ -15,6 +15,17 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_intermission"))
 }
 
+/// `intermission ctl -c CONFIG ARGS…`, run to its end.
+fn ctl_with(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    bin()
+        .arg("ctl")
+        .arg("-c")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 fn parse(line: &str) -> CtlResponse {
     serde_json::from_str(line).unwrap()
 }
@@ -310,15 +321,7 @@ async fn ctl_prints_for_people_or_json_and_exits_with_the_documented_codes() {
         &format!("[upstream]\nservers = [\"{}\"]\n", up.url()),
     );
     let cfg = dir.path().join("config.toml");
-    let run = |args: &[&str]| {
-        bin()
-            .arg("ctl")
-            .arg("-c")
-            .arg(&cfg)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| ctl_with(&cfg, args);
 
     let out = run(&[
         "on",
@@ -471,13 +474,7 @@ async fn ctl_commands_do_what_they_name_and_bad_times_are_bad_usage() {
     );
     let cfg = dir.path().join("config.toml");
     let run = |args: &[&str]| {
-        let out = bin()
-            .arg("ctl")
-            .arg("-c")
-            .arg(&cfg)
-            .args(args)
-            .output()
-            .unwrap();
+        let out = ctl_with(&cfg, args);
         let json = serde_json::from_slice::<serde_json::Value>(&out.stdout).ok();
         (
             out.status.code(),
@@ -770,15 +767,7 @@ async fn ctl_refuses_a_request_too_long_for_the_protocol() {
     let dir = tempfile::tempdir().unwrap();
     let proxy = ProxyProcess::start(dir.path(), "");
     let cfg = dir.path().join("config.toml");
-    let run = |args: &[&str]| {
-        bin()
-            .arg("ctl")
-            .arg("-c")
-            .arg(&cfg)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| ctl_with(&cfg, args);
     let long = "x".repeat(70_000);
     let out = run(&["--json", "on", "--message", &long]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
@@ -806,15 +795,7 @@ async fn ctl_finds_a_custom_socket_in_a_config_that_does_not_parse() {
     let dir = tempfile::tempdir().unwrap();
     let proxy = ProxyProcess::start(dir.path(), "[control]\nsocket = \"ctl.sock\"\n");
     let cfg = dir.path().join("config.toml");
-    let run = |args: &[&str]| {
-        bin()
-            .arg("ctl")
-            .arg("-c")
-            .arg(&cfg)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| ctl_with(&cfg, args);
     assert_eq!(run(&["status"]).status.code(), Some(0));
     let good = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, format!("{good}\n[maintenance\nmessage = \"x\"\n")).unwrap();
@@ -896,15 +877,7 @@ async fn a_zero_retry_after_is_refused() {
         assert!(e.message.contains("retry_after"), "{}", e.message);
     }
     let cfg = dir.path().join("config.toml");
-    let run = |args: &[&str]| {
-        bin()
-            .arg("ctl")
-            .arg("-c")
-            .arg(&cfg)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| ctl_with(&cfg, args);
     let out = run(&["--json", "on", "--retry-after", "0"]);
     assert_eq!(
         out.status.code(),
