@@ -208,7 +208,8 @@ fn scan_socket(text: &str) -> Scan {
     let mut found: Option<(String, usize)> = None;
     // The delimiter of the multi-line string being skipped: its lines are text, not keys.
     let mut in_string: Option<&str> = None;
-    for (i, raw) in text.lines().enumerate() {
+    // A byte order mark, which toml accepts and Windows editors write, is not part of a key.
+    for (i, raw) in text.trim_start_matches('\u{feff}').lines().enumerate() {
         let n = i + 1;
         if let Some(delim) = in_string {
             if raw.matches(delim).count() % 2 == 1 {
@@ -220,9 +221,14 @@ fn scan_socket(text: &str) -> Scan {
         if line.starts_with('#') {
             continue;
         }
+        // The string a line opens is the one whose delimiter comes first on it: a `'''` string
+        // may hold `"""` and the other way round.
         let opens = ["\"\"\"", "'''"]
             .into_iter()
-            .find(|d| line.matches(d).count() % 2 == 1);
+            .filter_map(|d| line.find(d).map(|at| (at, d)))
+            .min()
+            .map(|(_, d)| d)
+            .filter(|d| line.matches(d).count() % 2 == 1);
         if line.starts_with('[') && opens.is_none() {
             scope = match toml::from_str::<toml::Table>(line) {
                 // `[[control]]` would make it an array, which has no `socket`.
@@ -470,6 +476,20 @@ mod tests {
                 Scan::Unset,
             ),
             ("# [control]\n# socket = \"no.sock\"\n[x\n", Scan::Unset),
+            // A byte order mark before the first line.
+            (
+                "\u{feff}[control]\nsocket = \"bom.sock\"\n[x\n",
+                found("bom.sock", 2),
+            ),
+            (
+                "\u{feff}control.socket = \"bom.sock\"\n[x\n",
+                found("bom.sock", 1),
+            ),
+            // A `'''` string holding `\"\"\"` ends at its own delimiter.
+            (
+                "message = '''He said \"\"\"\nhi'''\n[control]\nsocket = \"real.sock\"\n[x\n",
+                found("real.sock", 4),
+            ),
         ];
         for (text, want) in cases {
             assert_eq!(&scan_socket(text), want, "{text}");

@@ -932,11 +932,12 @@ const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 /// `proxy.threads` at most: far more cores than any machine this runs on has.
 const MAX_THREADS: usize = 1024;
 
-/// The units a duration may use. humantime also reads weeks, months (`M`), years, `us` and
-/// `ns`: a `5M` typed for five minutes would be five months, so those are refused.
+/// The units a duration may use. humantime also reads months (`M`), years, `us` and `ns`: a
+/// `5M` typed for five minutes would be five months, so those are refused. Weeks are kept:
+/// nothing else is spelled `w`, and a config that said `bypass_ttl = "1w"` keeps working.
 const DURATION_UNITS: &[&str] = &[
     "ms", "msec", "s", "sec", "secs", "second", "seconds", "m", "min", "mins", "minute", "minutes",
-    "h", "hr", "hrs", "hour", "hours", "d", "day", "days",
+    "h", "hr", "hrs", "hour", "hours", "d", "day", "days", "w", "week", "weeks",
 ];
 
 const DURATION_FORMS: &str =
@@ -966,7 +967,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
                 ""
             };
             return Err(format!(
-                "{text:?}: {unit:?} is not a unit of duration here{case}; use ms, s, m, h or d: {DURATION_FORMS}"
+                "{text:?}: {unit:?} is not a unit of duration here{case}; use ms, s, m, h, d or w: {DURATION_FORMS}"
             ));
         }
     }
@@ -995,20 +996,28 @@ fn state_file_folder(path: &Path) -> Result<(), String> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    if folder.is_dir() {
-        Ok(())
-    } else if folder.exists() {
-        Err(format!(
+    match std::fs::metadata(folder) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(format!(
             "{} is not a folder, so the state file {} cannot be written in it",
             folder.display(),
             path.display()
-        ))
-    } else {
-        Err(format!(
+        )),
+        Err(e) if matches!(
+            e.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+        ) =>
+        {
+            Err(format!(
             "the folder {} does not exist, so the state file {} cannot be written; create it, or name a file in a folder that exists",
             folder.display(),
             path.display()
-        ))
+            ))
+        }
+        // Not ours to see (`check` run by another user than the service, a folder behind a
+        // 0700 one as systemd's `StateDirectory` makes): whoever runs the proxy may reach it,
+        // and a start that cannot write it says so at the first change.
+        Err(_) => Ok(()),
     }
 }
 
@@ -1156,6 +1165,8 @@ mod tests {
         for (state_file, says) in [
             ("nodir/state.json", "does not exist"),
             ("plain/state.json", "is not a folder"),
+            // A file where a folder should be, further up.
+            ("plain/sub/state.json", "does not exist"),
             (".", "is a folder"),
         ] {
             let text = format!("[control]\nstate_file = \"{state_file}\"\n");
@@ -1203,6 +1214,7 @@ mod tests {
             ("1min 2mins 3minute 4minutes", secs(600)),
             ("1hr 2hrs 3hour 4hours", secs(36000)),
             ("1day 2days", secs(3 * 86400)),
+            ("1w 2week 3weeks", secs(6 * 7 * 86400)),
             ("5 minutes", secs(300)),
             // Exact fractions, as humantime reads them.
             ("1.5h", secs(5400)),
@@ -1216,9 +1228,7 @@ mod tests {
             ("1y", None),
             ("1yr", None),
             ("2years", None),
-            ("1w", None),
             ("2wk", None),
-            ("3weeks", None),
             ("10us", None),
             ("10µs", None),
             ("10usec", None),
@@ -1237,7 +1247,7 @@ mod tests {
         }
         let why = parse_duration("5M").unwrap_err();
         assert!(
-            why.contains("\"M\" is not a unit") && why.contains("ms, s, m, h or d"),
+            why.contains("\"M\" is not a unit") && why.contains("ms, s, m, h, d or w"),
             "{why}"
         );
         let why = parse_duration("1.333h").unwrap_err();
