@@ -10,7 +10,16 @@ pub struct Timestamp(pub SystemTime);
 
 impl Timestamp {
     pub fn rfc3339(&self) -> String {
-        humantime::format_rfc3339_seconds(self.0).to_string()
+        use std::fmt::Write;
+        let mut text = String::new();
+        // humantime's formatter fails (and `to_string` would panic) past the year 9999, which
+        // an operator's `+2999999d` reaches; such a time is refused as too far ahead, but it
+        // is described in the log line before that. The last second RFC 3339 can write stands
+        // in for it.
+        if write!(text, "{}", humantime::format_rfc3339_seconds(self.0)).is_err() {
+            text = "9999-12-31T23:59:59Z".to_owned();
+        }
+        text
     }
 }
 
