@@ -526,6 +526,20 @@ async fn a_reload_during_an_outage_keeps_what_is_known_of_health() {
     assert!(ctl(&proxy, Ctl::Reload).await.ok);
     assert_eq!(proxy_mode(&proxy).await, "outage");
     assert!(is_outage(&get(&proxy.url("/")).await));
+    // A server added meanwhile is not taken for healthy before it has been checked: the
+    // reload does not announce a recovery. Once it passes its checks, the outage ends.
+    let added = app().await;
+    edit_config(&proxy, |text| {
+        text.replace(
+            &format!("servers = [\"{}\"]", up.url()),
+            &format!("servers = [\"{}\", \"{}\"]", up.url(), added.url()),
+        )
+    });
+    let r = ctl(&proxy, Ctl::Reload).await;
+    let mode = r.state.as_ref().map(|s| s.mode.as_str());
+    assert_eq!(mode, Some("outage"), "{r:?}");
+    wait_mode(&proxy, "normal", Duration::from_secs(5)).await;
+    assert_eq!(get(&proxy.url("/")).await.body(), "app");
 }
 
 #[tokio::test(flavor = "multi_thread")]

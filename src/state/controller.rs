@@ -189,7 +189,8 @@ impl Controller {
     /// (Re)starts one checker per server; every server counts as healthy until its first
     /// check, which runs at once.
     /// A server that stays in the list across a reload keeps its health, so that a reload
-    /// during an outage does not send traffic to servers known to be down.
+    /// during an outage does not send traffic to servers known to be down; one added by it
+    /// during an outage starts down.
     async fn start_checkers(&mut self) {
         self.generation += 1;
         let cfg = &self.parts.config;
@@ -208,7 +209,16 @@ impl Controller {
             let name = s.to_string();
             previous.iter().find(|(n, _)| *n == name).map(|&(_, h)| h)
         };
-        let start: Vec<Option<bool>> = cfg.upstream.servers.iter().map(known).collect();
+        // A server new at a reload during an outage starts down and must pass `rise` checks:
+        // counted healthy until its first check, as at start, it would end the outage on
+        // paper, and webhooks would announce a recovery that its first failed check takes back.
+        let new = (self.checkers.is_some() && !self.up.iter().any(|&u| u)).then_some(false);
+        let start: Vec<Option<bool>> = cfg
+            .upstream
+            .servers
+            .iter()
+            .map(|s| known(s).or(new))
+            .collect();
         let names: Vec<String> = cfg
             .upstream
             .servers
