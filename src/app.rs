@@ -206,6 +206,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
     let control = control::server::bind(&config.control.socket, config.control.socket_mode)?;
     let socket_path = config.control.socket.clone();
+    // A start that fails from here on leaves no socket behind for the next one to find.
+    let unbind = Unbind(Some(socket_path.clone()));
     let listen = config.proxy.listen.clone();
     let listen_tls = config.tls.listen.clone();
     let threads = config.proxy.threads;
@@ -231,9 +233,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     });
     if let Err(e) = listeners.apply(&listen, &listen_tls).await {
         listeners.stop_all().await;
-        let _ = std::fs::remove_file(&socket_path);
         return Err(e);
     }
+    unbind.keep();
     controller.set_rebind(listeners.clone());
     let (stop_control, control_stopped) = shutdown::channel();
     tracing::info!(socket = %socket_path.display(), "control socket ready");
@@ -346,6 +348,23 @@ async fn drain(drain: Arc<Drain>, grace: Duration) -> bool {
         Err(_) => {
             tracing::warn!("shutdown_timeout reached; closing the connections still open");
             false
+        }
+    }
+}
+
+/// Removes the control socket when dropped, unless kept: the start failed after binding it.
+struct Unbind(Option<std::path::PathBuf>);
+
+impl Unbind {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unbind {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
         }
     }
 }

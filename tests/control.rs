@@ -898,3 +898,26 @@ async fn a_zero_retry_after_is_refused() {
     assert_eq!(run(&["on", "--retry-after", "1"]).status.code(), Some(0));
     drop(proxy);
 }
+
+/// A start that fails after the control socket was made (here: the admin listener's address
+/// is taken) removes it, so that nothing is left for an operator or the next start to find.
+#[tokio::test]
+async fn a_failed_start_leaves_no_control_socket() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"{}\"\n",
+            taken.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let config = intermission::config::Config::load_file(&path).unwrap();
+    assert!(intermission::app::start(config).await.is_err());
+    assert!(
+        !dir.path().join("intermission.sock").exists(),
+        "the control socket was left behind"
+    );
+}
