@@ -8,6 +8,7 @@ use intermission::control::protocol::{
 };
 use intermission::state::controller::to_change;
 use intermission::state::mode::Window;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
@@ -73,9 +74,13 @@ pub fn run(
             (Request::Status, Some(state)) if resp.ok => serde_json::to_string(state),
             _ => serde_json::to_string(&resp),
         };
-        println!("{}", text.unwrap_or_default());
+        crate::report(writeln!(
+            std::io::stdout().lock(),
+            "{}",
+            text.unwrap_or_default()
+        ));
     } else {
-        print_human(&resp);
+        crate::report(print_human(&mut std::io::stdout().lock(), &resp));
     }
     if resp.ok {
         ExitCode::SUCCESS
@@ -112,10 +117,11 @@ fn check_size(req: &Request) -> Result<(), String> {
 /// A failure before the proxy answered, as `--json` prints it: the shape of a refusal.
 pub fn print_failure(code: &str, message: &str) {
     let error = ErrorBody::new(code, message);
-    println!(
+    crate::report(writeln!(
+        std::io::stdout().lock(),
         "{}",
         serde_json::to_string(&Response::error(error)).unwrap_or_default()
-    );
+    ));
 }
 
 /// A stuck proxy must not hang an operator's terminal mid-incident.
@@ -316,33 +322,34 @@ fn request(command: CtlCommand) -> Request {
     }
 }
 
-fn print_human(resp: &Response) {
+fn print_human(out: &mut impl Write, resp: &Response) -> io::Result<()> {
     if let Some(e) = &resp.error {
         eprintln!("refused ({}): {}", e.code, e.message);
     }
     if let Some(s) = &resp.state {
-        print_state(s);
+        print_state(out, s)?;
     }
     if let Some(h) = &resp.health {
-        print_health(h);
+        print_health(out, h)?;
     }
     if let Some(list) = &resp.schedules {
         if list.is_empty() {
-            println!("no maintenance windows scheduled");
+            writeln!(out, "no maintenance windows scheduled")?;
         }
         for w in list {
-            print_window(w);
+            print_window(out, w)?;
         }
     }
+    Ok(())
 }
 
-fn print_state(s: &StatusView) {
-    println!("mode:        {}", s.mode.as_str());
+fn print_state(out: &mut impl Write, s: &StatusView) -> io::Result<()> {
+    writeln!(out, "mode:        {}", s.mode.as_str())?;
     if let Some(m) = &s.message {
-        println!("message:     {m}");
+        writeln!(out, "message:     {m}")?;
     }
     if let Some(t) = &s.since {
-        println!("since:       {}", t.rfc3339());
+        writeln!(out, "since:       {}", t.rfc3339())?;
     }
     if let Some(t) = &s.until {
         let note = if s.overrun {
@@ -350,63 +357,67 @@ fn print_state(s: &StatusView) {
         } else {
             ""
         };
-        println!("until:       {}{note}", t.rfc3339());
+        writeln!(out, "until:       {}{note}", t.rfc3339())?;
     }
     if let Some(r) = s.retry_after {
-        println!("retry-after: {r}s");
+        writeln!(out, "retry-after: {r}s")?;
     }
     if let Some(by) = &s.by {
         match &s.reason {
-            Some(r) => println!("switched by: {by} ({r})"),
-            None => println!("switched by: {by}"),
+            Some(r) => writeln!(out, "switched by: {by} ({r})")?,
+            None => writeln!(out, "switched by: {by}")?,
         }
     }
     if s.force_open {
-        println!("force-open:  on (forwarding whatever health checks say)");
+        writeln!(
+            out,
+            "force-open:  on (forwarding whatever health checks say)"
+        )?;
     }
     if let Some(p) = &s.status_page {
-        println!("status page: {p}");
+        writeln!(out, "status page: {p}")?;
     }
     if !s.updates.is_empty() {
-        println!("updates:");
+        writeln!(out, "updates:")?;
         for u in &s.updates {
-            println!("  {}  {}", u.at.rfc3339(), u.message);
+            writeln!(out, "  {}  {}", u.at.rfc3339(), u.message)?;
         }
     }
     if !s.schedules.is_empty() {
-        println!("schedules:");
+        writeln!(out, "schedules:")?;
         for w in &s.schedules {
-            print_window(w);
+            print_window(out, w)?;
         }
     }
-    print_health(&s.upstream);
+    print_health(out, &s.upstream)
 }
 
-fn print_window(w: &Window) {
-    print!(
+fn print_window(out: &mut impl Write, w: &Window) -> io::Result<()> {
+    write!(
+        out,
         "  window {}  {} to {}  by {}",
         w.id,
         w.start.rfc3339(),
         w.end.rfc3339(),
         w.by
-    );
+    )?;
     match &w.message {
-        Some(m) => println!("  \"{m}\""),
-        None => println!(),
+        Some(m) => writeln!(out, "  \"{m}\""),
+        None => writeln!(out),
     }
 }
 
-fn print_health(servers: &[ServerHealth]) {
-    println!("upstream:");
+fn print_health(out: &mut impl Write, servers: &[ServerHealth]) -> io::Result<()> {
+    writeln!(out, "upstream:")?;
     for h in servers {
         let state = match h.healthy {
             Some(true) => "healthy",
             Some(false) => "DOWN",
             None => "unknown (not checked yet)",
         };
-        print!("  {}  {state}", h.server);
+        write!(out, "  {}  {state}", h.server)?;
         if let Some(t) = &h.since {
-            print!(" since {}", t.rfc3339());
+            write!(out, " since {}", t.rfc3339())?;
         }
         if h.consecutive > 0 {
             let noun = if h.consecutive == 1 {
@@ -414,19 +425,20 @@ fn print_health(servers: &[ServerHealth]) {
             } else {
                 "results"
             };
-            print!(" ({} {noun} in a row)", h.consecutive);
+            write!(out, " ({} {noun} in a row)", h.consecutive)?;
         }
         if let Some(t) = &h.last_check {
-            print!("  last check {}", t.rfc3339());
+            write!(out, "  last check {}", t.rfc3339())?;
         }
         if let Some(ms) = h.last_latency_ms {
-            print!("  {ms:.1} ms");
+            write!(out, "  {ms:.1} ms")?;
         }
         if let Some(e) = &h.last_error {
-            print!("  last error: {e}");
+            write!(out, "  last error: {e}")?;
         }
-        println!();
+        writeln!(out)?;
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -4,8 +4,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use intermission::config::Config;
 use intermission::hold::pages::Pages;
+use intermission::tls::TlsError;
 
 mod ctl;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -192,15 +194,21 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     // and at reload is said now, all of them at once. They are read only once the keys are
     // valid, since the keys name them.
     let pages = Pages::load(&c.maintenance.pages).map_err(|e| format!("maintenance.pages: {e}"));
-    let server = intermission::tls::server_config(&c.tls).map_err(|e| format!("tls: {e}"));
+    // Each certificate entry's problem is listed on its own line, under its own key.
+    let server = intermission::tls::server_config(&c.tls).map_err(|e| match e {
+        TlsError::Certificates(entries) => entries.iter().map(ToString::to_string).collect(),
+        e => vec![format!("tls: {e}")],
+    });
     let client =
         intermission::tls::client_config(&c.upstream).map_err(|e| format!("upstream: {e}"));
     let pages = match (pages, server, client) {
         (Ok(pages), Ok(_), Ok(_)) => pages,
         (pages, server, client) => {
-            let problems: Vec<String> = [pages.err(), server.err(), client.err()]
+            let problems: Vec<String> = pages
+                .err()
                 .into_iter()
-                .flatten()
+                .chain(server.err().into_iter().flatten())
+                .chain(client.err())
                 .collect();
             let n = problems.len();
             let s = if n == 1 { "" } else { "s" };
@@ -211,30 +219,55 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("{origin}: OK");
+    report(summary(&mut std::io::stdout().lock(), &c, &origin, &pages));
+    ExitCode::SUCCESS
+}
+
+/// `check`'s summary of a valid config.
+fn summary(out: &mut impl Write, c: &Config, origin: &str, pages: &Pages) -> std::io::Result<()> {
+    writeln!(out, "{origin}: OK")?;
     let list = |v: Vec<String>| v.join(", ");
-    println!(
+    writeln!(
+        out,
         "  listen:   {}",
         list(c.proxy.listen.iter().map(ToString::to_string).collect())
-    );
+    )?;
     if !c.tls.listen.is_empty() {
-        println!(
+        writeln!(
+            out,
             "  https:    {} ({} certificate(s))",
             list(c.tls.listen.iter().map(ToString::to_string).collect()),
             c.tls.certificates.len()
-        );
+        )?;
     }
-    println!(
+    writeln!(
+        out,
         "  upstream: {}",
         list(c.upstream.servers.iter().map(ToString::to_string).collect())
-    );
+    )?;
     let threads = match c.proxy.threads {
         0 => "one per core".to_owned(),
         n => n.to_string(),
     };
-    println!("  threads:  {threads}");
-    println!("  pages:    {} ({})", pages.origin, pages.langs.join(", "));
-    println!("  control:  {}", c.control.socket.display());
-    println!("  state:    {}", c.control.state_file.display());
-    ExitCode::SUCCESS
+    writeln!(out, "  threads:  {threads}")?;
+    writeln!(
+        out,
+        "  pages:    {} ({})",
+        pages.origin,
+        pages.langs.join(", ")
+    )?;
+    writeln!(out, "  control:  {}", c.control.socket.display())?;
+    writeln!(out, "  state:    {}", c.control.state_file.display())?;
+    Ok(())
+}
+
+/// The end of writing to stdout. A reader that has gone (`check | head -1`) is not an
+/// error: the output stops quietly, and the exit code still says what was checked or what
+/// the proxy answered. Any other write error is said on stderr, once.
+pub(crate) fn report(written: std::io::Result<()>) {
+    match written {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(e) => eprintln!("intermission: cannot write the output: {e}"),
+        Ok(()) => {}
+    }
 }

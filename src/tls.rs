@@ -2,7 +2,8 @@
 //! `http/1.1`, TLS 1.2 and 1.3 only) and the client side for `https://` upstreams.
 //!
 //! Both are built whole at start and at reload; a certificate that does not load, or a key
-//! that does not match its certificate, is an error naming the file, and the running
+//! that does not match its certificate, is an error naming the file and its
+//! `tls.certificates[N]` entry (every such entry, not only the first), and the running
 //! configuration stays.
 
 use crate::config::{CertificatePaths, TlsConfig, UpstreamConfig};
@@ -26,8 +27,26 @@ pub enum TlsError {
     Key { path: PathBuf, reason: String },
     #[error("{} does not match the certificate in {}", key.display(), cert.display())]
     Mismatch { cert: PathBuf, key: PathBuf },
+    #[error(
+        "{}: the private key is encrypted (PEM \"ENCRYPTED PRIVATE KEY\"), and intermission \
+         has no passphrase to open it; decrypt it (openssl pkey -in KEY -out PLAIN.key)",
+        .0.display()
+    )]
+    EncryptedKey(PathBuf),
+    /// Every `[[tls.certificates]]` entry that does not load, each with its index, so that
+    /// one run of `check` (or one refused start or reload) says all of them.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Certificates(Vec<EntryError>),
     #[error("TLS settings: {0}")]
     Settings(String),
+}
+
+/// One problem of the `[[tls.certificates]]` entry at `index`.
+#[derive(Debug, thiserror::Error)]
+#[error("tls.certificates[{index}]: {error}")]
+pub struct EntryError {
+    pub index: usize,
+    pub error: Box<TlsError>,
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -41,8 +60,18 @@ pub fn server_config(tls: &TlsConfig) -> Result<Option<Arc<ServerConfig>>, TlsEr
     }
     let provider = provider();
     let mut certs = Vec::new();
-    for paths in &tls.certificates {
-        certs.push(load_certified_key(paths, &provider)?);
+    let mut problems = Vec::new();
+    for (index, paths) in tls.certificates.iter().enumerate() {
+        match load_certified_key(paths, &provider) {
+            Ok(c) => certs.push(c),
+            Err(errors) => problems.extend(errors.into_iter().map(|error| EntryError {
+                index,
+                error: Box::new(error),
+            })),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(TlsError::Certificates(problems));
     }
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -53,32 +82,57 @@ pub fn server_config(tls: &TlsConfig) -> Result<Option<Arc<ServerConfig>>, TlsEr
     Ok(Some(Arc::new(config)))
 }
 
+/// The entry's certificate chain and key; when both files fail to load, both problems.
 fn load_certified_key(
     paths: &CertificatePaths,
     provider: &CryptoProvider,
-) -> Result<Certified, TlsError> {
-    let chain = read_certs(&paths.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|e| TlsError::Key {
-        path: paths.key.clone(),
-        reason: e.to_string(),
-    })?;
-    let signing = provider
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| TlsError::Key {
-            path: paths.key.clone(),
-            reason: e.to_string(),
-        })?;
+) -> Result<Certified, Vec<TlsError>> {
+    let (chain, signing) = match (read_certs(&paths.cert), load_key(&paths.key, provider)) {
+        (Ok(chain), Ok(signing)) => (chain, signing),
+        (chain, signing) => {
+            return Err([chain.err(), signing.err()].into_iter().flatten().collect())
+        }
+    };
     let leaf = chain[0].clone();
     let certified = CertifiedKey::new(chain, signing);
-    certified.keys_match().map_err(|_| TlsError::Mismatch {
-        cert: paths.cert.clone(),
-        key: paths.key.clone(),
+    certified.keys_match().map_err(|_| {
+        vec![TlsError::Mismatch {
+            cert: paths.cert.clone(),
+            key: paths.key.clone(),
+        }]
     })?;
     Ok(Certified {
         leaf,
         key: Arc::new(certified),
     })
+}
+
+fn load_key(
+    path: &Path,
+    provider: &CryptoProvider,
+) -> Result<Arc<dyn rustls::sign::SigningKey>, TlsError> {
+    let refused = |reason: String| TlsError::Key {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let key = PrivateKeyDer::from_pem_file(path).map_err(|e| {
+        // An encrypted key is skipped by the PEM reader as an unknown section, which would
+        // be reported as "no items found": say what it is instead.
+        let encrypted = std::fs::read(path).is_ok_and(|bytes| {
+            let text = String::from_utf8_lossy(&bytes);
+            text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+                || text.contains("Proc-Type: 4,ENCRYPTED")
+        });
+        if encrypted {
+            TlsError::EncryptedKey(path.to_path_buf())
+        } else {
+            refused(e.to_string())
+        }
+    })?;
+    provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| refused(e.to_string()))
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

@@ -520,10 +520,105 @@ fn check_refuses_a_broken_page_template() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
+    // Neither file loads: both are said, under the entry's key.
     assert!(
-        err.contains("(2 problems)") && err.contains("outage.html") && err.contains("  - tls: "),
+        err.contains("(3 problems)")
+            && err.contains("outage.html")
+            && err.contains("  - tls.certificates[0]: ")
+            && err.contains("site.pem")
+            && err.contains("site.key"),
         "{err}"
     );
+}
+
+/// SPEC §1: `check` lists every certificate entry that would be refused at start, each under
+/// `tls.certificates[N]`, rather than the first one under `tls`.
+#[test]
+fn check_lists_every_certificate_problem_under_its_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    let made = |name: &str| rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+    let (a, b, c) = (made("a.test"), made("b.test"), made("c.test"));
+    write("bad.pem", "not a certificate\n");
+    write("a.key", &a.key_pair.serialize_pem());
+    write("b.pem", &b.cert.pem());
+    write("c.pem", &c.cert.pem());
+    // The PEM label is what says a key is encrypted (as `openssl pkcs8 -topk8` writes it);
+    // the body need not really be encrypted for the key to be recognised as such.
+    write(
+        "c.key",
+        &c.key_pair
+            .serialize_pem()
+            .replace("PRIVATE KEY", "ENCRYPTED PRIVATE KEY"),
+    );
+    write(
+        "config.toml",
+        r#"
+[tls]
+listen = ["127.0.0.1:0"]
+[[tls.certificates]]
+cert = "bad.pem"
+key = "a.key"
+[[tls.certificates]]
+cert = "b.pem"
+key = "a.key"
+[[tls.certificates]]
+cert = "c.pem"
+key = "c.key"
+"#,
+    );
+    let (code, err) = check(&dir.path().join("config.toml"));
+    assert_eq!(code, Some(1), "{err}");
+    for (key, says) in [
+        ("tls.certificates[0]", "bad.pem: no certificate found"),
+        (
+            "tls.certificates[1]",
+            "a.key does not match the certificate in",
+        ),
+        ("tls.certificates[2]", "c.key: the private key is encrypted"),
+    ] {
+        let line = err.lines().find(|l| l.starts_with(&format!("  - {key}: ")));
+        assert!(
+            line.is_some_and(|l| l.contains(says)),
+            "{key} ({says}) not listed in:\n{err}"
+        );
+    }
+    assert!(err.contains("(3 problems)"), "{err}");
+    assert!(!err.contains("  - tls: "), "{err}");
+    assert!(!err.contains("no items found"), "{err}");
+
+    // `run` refuses on the same loading, and names every entry too.
+    let err = run_refused(dir.path(), "config.toml");
+    for key in [
+        "tls.certificates[0]",
+        "tls.certificates[1]",
+        "tls.certificates[2]",
+    ] {
+        assert!(err.contains(key), "{key} not named in:\n{err}");
+    }
+}
+
+/// `check | head -1`: a reader that has gone is not a crash. The exit code still says the
+/// config is valid.
+#[test]
+fn check_on_a_closed_stdout_ends_quietly() {
+    let mut child = bin()
+        .args([
+            "check",
+            "-c",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before `check` has read its config, so every line it writes meets EPIPE.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.is_empty(), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

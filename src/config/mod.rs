@@ -1061,6 +1061,30 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
     if authority.host().is_empty() {
         return Err(format!("{s:?} has no host; write \"http://HOST:PORT\""));
     }
+    // The `http` crate keeps userinfo in the authority, and connecting would drop it
+    // silently while `ctl health`, logs and metrics labels showed it.
+    if authority.as_str().contains('@') {
+        return Err(format!(
+            "{}://…@{}: a user name or password (before the @, not repeated here) does not \
+             belong in a server address: intermission does not send it, and the address is \
+             shown in `ctl health`, logs and metrics; write \"{}://{}\"",
+            uri.scheme_str().unwrap_or_default(),
+            authority.host(),
+            uri.scheme_str().unwrap_or_default(),
+            authority.as_str().rsplit('@').next().unwrap_or_default()
+        ));
+    }
+    // The `http` crate accepts any digits as a port (`port_u16()` is then `None`), which
+    // would only show at run time as a server that refuses connections.
+    if let Some(port) = authority
+        .as_str()
+        .strip_prefix(authority.host())
+        .and_then(|rest| rest.strip_prefix(':'))
+    {
+        if !matches!(port.parse::<u16>(), Ok(1..)) {
+            return Err(format!("{s:?}: port {port:?} is not from 1 to 65535"));
+        }
+    }
     if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
         return Err(format!(
             "{s:?} has a path; requests keep their own path, so give only scheme, host and port"
@@ -1504,6 +1528,50 @@ mod tests {
         assert!(parse_upstream("127.0.0.1:3000").is_err());
         assert!(parse_upstream("http://a/b").is_err());
         assert!(parse_upstream("gopher://a").is_err());
+    }
+
+    #[test]
+    fn upstream_ports_outside_1_to_65535_are_refused_with_the_key() {
+        for ok in [
+            "http://127.0.0.1:1",
+            "h2c://127.0.0.1:65535",
+            "http://[::1]:8080",
+        ] {
+            assert!(parse_upstream(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://127.0.0.1:99999",
+            "http://127.0.0.1:112847",
+            "h2c://127.0.0.1:65536",
+            "http://127.0.0.1:0",
+            "https://[::1]:70000",
+        ] {
+            let why = parse_upstream(bad).err().unwrap_or_default();
+            assert!(why.contains("1 to 65535"), "{bad}: {why:?}");
+        }
+        let found = problems("[upstream]\nservers = [\"http://a:3000\", \"http://a:99999\"]\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].key, "upstream.servers[1]");
+    }
+
+    #[test]
+    fn upstream_credentials_are_refused_with_the_key() {
+        for bad in [
+            "http://alice:s3cret@127.0.0.1:3000",
+            "https://alice@127.0.0.1:3000",
+        ] {
+            let why = parse_upstream(bad).err().unwrap_or_default();
+            assert!(
+                why.contains("does not belong in a server address"),
+                "{bad}: {why:?}"
+            );
+            // The credentials are not echoed into `check` output or reload logs.
+            assert!(!why.contains("s3cret") && !why.contains("alice"), "{why:?}");
+            assert!(why.contains("127.0.0.1:3000"), "{why:?}");
+        }
+        let found = problems("[upstream]\nservers = [\"http://alice:s3cret@a:3000\"]\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].key, "upstream.servers[0]");
     }
 
     #[test]
