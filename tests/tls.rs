@@ -370,8 +370,14 @@ fn tool_available(tool: &str) -> bool {
     found
 }
 
-/// An upstream speaking HTTPS with a certificate from `ca` for 127.0.0.1.
+/// An upstream speaking HTTPS with a certificate from `ca` for 127.0.0.1, HTTP/2 preferred.
 async fn https_upstream(ca: &Ca) -> SocketAddr {
+    https_upstream_alpn(ca, &[b"h2", b"http/1.1"]).await
+}
+
+/// The same, offering the ALPN protocols `alpn`. `/host` answers with what names the host:
+/// the version, the URI's authority (HTTP/2's `:authority`) and every `host` header.
+async fn https_upstream_alpn(ca: &Ca, alpn: &[&[u8]]) -> SocketAddr {
     let (cert, key, _) = ca.leaf(&["127.0.0.1"]);
     let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
         .collect::<Result<Vec<_>, _>>()
@@ -385,7 +391,7 @@ async fn https_upstream(ca: &Ca) -> SocketAddr {
     .with_no_client_auth()
     .with_single_cert(chain, key)
     .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -397,10 +403,17 @@ async fn https_upstream(ca: &Ca) -> SocketAddr {
                     return;
                 };
                 let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    let host = req.headers().get("host");
-                    let body = match host.filter(|_| req.uri().path() == "/host") {
-                        Some(host) => format!("host {}", host.to_str().unwrap_or("?")),
-                        None => format!("secure {:?} {}", req.version(), req.uri().path()),
+                    let body = if req.uri().path() == "/host" {
+                        let hosts: Vec<_> = req
+                            .headers()
+                            .get_all("host")
+                            .iter()
+                            .map(|h| h.to_str().unwrap_or("?"))
+                            .collect();
+                        let authority = req.uri().authority().map_or("-", |a| a.as_str());
+                        format!("{:?} authority={authority} host={hosts:?}", req.version())
+                    } else {
+                        format!("secure {:?} {}", req.version(), req.uri().path())
                     };
                     Ok::<_, std::convert::Infallible>(Response::new(full(body)))
                 });
@@ -438,7 +451,10 @@ async fn https_upstreams_are_verified_against_the_configured_ca() {
         std::time::Duration::from_secs(10),
     )
     .await;
-    assert!(out.ends_with(&format!("\r\n\r\nhost {addr}")), "{out:?}");
+    assert!(
+        out.ends_with(&format!("\r\n\r\nHTTP/2.0 authority={addr} host=[]")),
+        "{out:?}"
+    );
 
     // Without that CA the certificate is refused: never a raw error, the outage answer.
     let other = spawn_proxy(&format!(
@@ -458,6 +474,41 @@ async fn https_upstreams_are_verified_against_the_configured_ca() {
         get(&lab.url("/via/tls")).await.body(),
         "secure HTTP/2.0 /via/tls"
     );
+}
+
+/// An HTTP/2 request naming its host twice, differently, is malformed (RFC 9113 §8.3.1): strict
+/// servers (Python's h2) reset it. The client's host must reach an `https://` server that chose
+/// HTTP/2 as `:authority` alone, and one that chose HTTP/1.1 as `Host`, as before.
+#[tokio::test]
+async fn https_upstreams_see_the_clients_host_once_over_http2_and_http1() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
+    let h2 = https_upstream_alpn(&ca, &[b"h2", b"http/1.1"]).await;
+    let h1 = https_upstream_alpn(&ca, &[b"http/1.1"]).await;
+    let cases = [
+        (h2, "HTTP/2.0 authority=shop.test:8443 host=[]"),
+        (h1, "HTTP/1.1 authority=- host=[\"shop.test:8443\"]"),
+    ];
+    for (addr, want) in cases {
+        let proxy = spawn_proxy(&format!(
+            "[upstream]\nservers = [\"https://{addr}\"]\nca_file = \"{}\"\n",
+            dir.path().join("ca.pem").display()
+        ))
+        .await;
+        assert_eq!(wait_healthy(&proxy).await, Some(true));
+        // Twice: the second goes on the connection the first opened.
+        for _ in 0..2 {
+            let out = raw_exchange(
+                proxy.addr,
+                b"GET /host HTTP/1.1\r\nHost: shop.test:8443\r\nConnection: close\r\n\r\n",
+                std::time::Duration::from_secs(10),
+            )
+            .await;
+            assert!(out.starts_with("HTTP/1.1 200"), "{addr}: {out:?}");
+            assert!(out.ends_with(&format!("\r\n\r\n{want}")), "{addr}: {out:?}");
+        }
+    }
 }
 
 #[tokio::test]

@@ -268,7 +268,9 @@ fn client_failed(status: StatusCode) -> Failed {
 /// connection is the server's already), and the HTTP version its protocol speaks. An `h2c`
 /// server gets the client's host only as `X-Forwarded-Host`: HTTP/2 names the host in
 /// `:authority`, which is the server's own, and a different `Host` would make the request
-/// malformed (RFC 9113 §8.3.1).
+/// malformed (RFC 9113 §8.3.1). An `https://` server's request is made for HTTP/1.1 here,
+/// the client's `Host` kept: the pool makes it name the client's host as `:authority` instead
+/// when the server chose HTTP/2, which is known only there (`pool::UpstreamPool::https`).
 fn aim(req: &mut Request<Body>, server: &Upstream, path: PathAndQuery) {
     *req.uri_mut() = match server.protocol {
         Protocol::Http => Uri::from(path),

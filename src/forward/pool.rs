@@ -3,26 +3,29 @@
 //! Connections are kept open between requests, so that a busy proxy reuses them instead of
 //! leaving a TIME_WAIT socket per request. Plain `http://` servers, the common case and the
 //! hot path, are reached through hyper's own HTTP/1.1 connections pooled here (`Http1Pool`);
-//! `https://` and `h2c://` servers through hyper-util's client, whose TLS and HTTP/2 handling
-//! is worth its cost. The pools live as long as the upstream config they were built from: a
-//! reload with the same `[upstream]` keeps them. Each worker thread (`crate::workers`) has
-//! connections of its own, so that a request never waits on another thread.
+//! `h2c://` servers, and `https://` servers that speak HTTP/1.1, through hyper-util's client,
+//! whose TLS handling is worth its cost; `https://` servers that choose HTTP/2 by ALPN through
+//! one HTTP/2 connection per worker kept here (`UpstreamPool::https`), since only here is the
+//! protocol known before the request's host is named (`https_over_h2`). The pools live as
+//! long as the upstream config they were built from: a reload with the same `[upstream]`
+//! keeps them. Each worker thread (`crate::workers`) has connections of its own, so that a
+//! request never waits on another thread.
 
 use crate::body::Body;
 use crate::config::{Protocol, Upstream, UpstreamConfig};
 use crate::tls::TlsError;
 use crate::workers::PerWorker;
 use http::uri::{Parts as UriParts, Uri};
-use http::{Request, Response, StatusCode};
+use http::{header, Request, Response, StatusCode};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper::client::conn::{http1, http2};
+use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -76,18 +79,29 @@ pub struct UpstreamPool {
     pub tls: Arc<rustls::ClientConfig>,
     /// `http://` servers.
     http1: Http1Pool,
-    /// `https://` and `h2c://` servers, one pair of clients per worker, as `Http1Pool` keeps
-    /// one idle list per worker: a connection's task runs on the thread that opened it.
+    /// `https://` and `h2c://` servers, clients per worker, as `Http1Pool` keeps one idle list
+    /// per worker: a connection's task runs on the thread that opened it.
     clients: PerWorker<Clients>,
+    /// Dials `https://` servers offering HTTP/2 and HTTP/1.1 by ALPN.
+    tls_h2: HttpsConnector,
+    /// By server index: the `https://` server chose HTTP/1.1 when offered HTTP/2, so its
+    /// requests go to `Clients::https` without dialing to ask again. Shared by the workers.
+    https_http1: Vec<AtomicBool>,
     next: AtomicUsize,
 }
 
 struct Clients {
-    /// `https://` servers.
+    /// `https://` servers over HTTP/1.1 (no ALPN offered): those that chose it, and requests
+    /// that ask for an upgrade, which HTTP/2 does not carry (RFC 9113 §8.2.2).
     https: Client<HttpsConnector, Body>,
     /// `h2c://` servers: HTTP/2 with prior knowledge.
     h2c: Client<HttpConnector, Body>,
+    /// By server index: the HTTP/2 connection to an `https://` server that chose it, shared
+    /// by this worker's requests as HTTP/2 multiplexes them.
+    h2: Vec<Mutex<Option<Sender2>>>,
 }
+
+type Sender2 = http2::SendRequest<Body>;
 
 /// The TCP side of upstream connections.
 pub fn tcp_connector(connect_timeout: Duration) -> HttpConnector {
@@ -107,6 +121,16 @@ pub fn https_connector(tcp: HttpConnector, tls: &Arc<rustls::ClientConfig>) -> H
         .https_or_http()
         .enable_http1()
         .enable_http2()
+        .wrap_connector(tcp)
+}
+
+/// The connector for `https://` servers that are not asked for HTTP/2: no ALPN, so the
+/// connection is HTTP/1.1 whatever the server prefers.
+fn https1_connector(tcp: HttpConnector, tls: &Arc<rustls::ClientConfig>) -> HttpsConnector {
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(rustls::ClientConfig::clone(tls))
+        .https_or_http()
+        .enable_http1()
         .wrap_connector(tcp)
 }
 
@@ -139,9 +163,16 @@ impl UpstreamPool {
             config: config.clone(),
             http1: Http1Pool::new(&config.servers, tcp.clone(), config.idle_timeout, workers),
             clients: PerWorker::new(workers, |_| Clients {
-                https: builder(false).build(https_connector(tcp.clone(), &tls)),
+                https: builder(false).build(https1_connector(tcp.clone(), &tls)),
                 h2c: builder(true).build(tcp.clone()),
+                h2: config.servers.iter().map(|_| Mutex::new(None)).collect(),
             }),
+            tls_h2: https_connector(tcp.clone(), &tls),
+            https_http1: config
+                .servers
+                .iter()
+                .map(|_| AtomicBool::new(false))
+                .collect(),
             tls,
             next: AtomicUsize::new(0),
         })
@@ -159,10 +190,100 @@ impl UpstreamPool {
             let resp = match self.servers.get(index).map(|s| s.protocol) {
                 Some(Protocol::Http) => return self.http1.request(index, req).await,
                 Some(Protocol::H2c) => self.clients.local().h2c.request(req).await?,
-                _ => self.clients.local().https.request(req).await?,
+                // Boxed: the rare path must not make every request's future larger.
+                _ => Box::pin(self.https(index, req)).await?,
             };
             Ok(resp.map(Body::Stream))
         }
+    }
+
+    /// Sends `req` to `https://` server `index`: over this worker's HTTP/2 connection to it
+    /// when the server chose HTTP/2 by ALPN, else over HTTP/1.1. `req` comes as
+    /// `forward::aim` makes it for HTTP/1.1 (the server's URI, the client's `Host`), and is
+    /// made an HTTP/2 request only once an HTTP/2 connection is in hand: hyper-util's client
+    /// picks the protocol after the request is made, and would send the client's `Host` beside
+    /// an `:authority` naming the server, which is malformed (RFC 9113 §8.3.1).
+    async fn https(
+        &self,
+        index: usize,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let clients = self.clients.local();
+        let slot = match (clients.h2.get(index), self.https_http1.get(index)) {
+            (Some(slot), Some(http1))
+                if !http1.load(Ordering::Relaxed)
+                    && !req.headers().contains_key(header::UPGRADE) =>
+            {
+                Some((slot, http1))
+            }
+            _ => None,
+        };
+        if let Some((slot, http1)) = slot {
+            let mut kept = live(slot);
+            loop {
+                let reused = kept.is_some();
+                let mut sender = match kept.take() {
+                    Some(sender) => sender,
+                    None => match self.connect_h2(index).await? {
+                        Some(sender) => {
+                            *slot.lock().unwrap_or_else(PoisonError::into_inner) =
+                                Some(sender.clone());
+                            sender
+                        }
+                        // The connection is dropped unused: it is made once per server,
+                        // and hyper-util's client cannot take it.
+                        None => {
+                            http1.store(true, Ordering::Relaxed);
+                            break;
+                        }
+                    },
+                };
+                https_over_h2(&mut req);
+                match sender.try_send_request(req).await {
+                    Ok(resp) => return Ok(resp),
+                    // A kept connection the server closed (idle, or GOAWAY) before the request
+                    // left: sent on a new one, as hyper-util's client does.
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) if reused => req = unsent,
+                        _ => return Err(SendError::Http(e.into_error())),
+                    },
+                }
+            }
+        }
+        Ok(clients.https.request(req).await?)
+    }
+
+    /// A new connection to `https://` server `index`, offering HTTP/2 and HTTP/1.1: its
+    /// HTTP/2 sender, or `None` when the server chose HTTP/1.1. The TLS server name (SNI and
+    /// the certificate's check) is the configured server's, whatever host the request names.
+    async fn connect_h2(&self, index: usize) -> Result<Option<Sender2>, SendError> {
+        let server = self
+            .servers
+            .get(index)
+            .ok_or_else(|| SendError::Connect("no such server".into()))?;
+        let mut dial = UriParts::default();
+        dial.scheme = Some(server.scheme.clone());
+        dial.authority = Some(server.authority.clone());
+        dial.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        let dial = Uri::from_parts(dial).map_err(|e| SendError::Connect(e.into()))?;
+        let mut tls = self.tls_h2.clone();
+        std::future::poll_fn(|cx| tls.poll_ready(cx))
+            .await
+            .map_err(SendError::Connect)?;
+        let io = tls.call(dial).await.map_err(SendError::Connect)?;
+        if !io.connected().is_negotiated_h2() {
+            return Ok(None);
+        }
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+            }
+        });
+        Ok(Some(sender))
     }
 
     /// A kept plain socket to `http://` server `index`, for `crate::relay`, from this
@@ -249,6 +370,32 @@ impl UpstreamPool {
 }
 
 type Sender = http1::SendRequest<Body>;
+
+/// This worker's HTTP/2 connection in `slot`, unless its server closed it.
+fn live(slot: &Mutex<Option<Sender2>>) -> Option<Sender2> {
+    let kept = slot.lock().unwrap_or_else(PoisonError::into_inner);
+    kept.as_ref().filter(|s| !s.is_closed()).cloned()
+}
+
+/// Makes a request `forward::aim` made for HTTP/1.1 an HTTP/2 one that names one host, the
+/// client's: its `Host` becomes the URI's authority, which hyper sends as `:authority`, and
+/// goes, since a `Host` beside a different `:authority` is malformed (RFC 9113 §8.3.1) and
+/// strict servers reset such a stream. A `Host` that is no authority leaves the server's
+/// (the client's stays in `X-Forwarded-Host`). Does nothing the second time.
+fn https_over_h2(req: &mut Request<Body>) {
+    *req.version_mut() = http::Version::HTTP_2;
+    let Some(host) = req.headers_mut().remove(header::HOST) else {
+        return;
+    };
+    let Ok(authority) = http::uri::Authority::try_from(host.as_bytes()) else {
+        return;
+    };
+    let mut uri = req.uri().clone().into_parts();
+    uri.authority = Some(authority);
+    if let Ok(uri) = Uri::from_parts(uri) {
+        *req.uri_mut() = uri;
+    }
+}
 
 /// hyper's HTTP/1.1 client connections to the `http://` servers, pooled by server index.
 ///
@@ -802,5 +949,29 @@ mod kept {
         let later = Instant::now() + timeout;
         assert!(list.take(later, timeout).is_none());
         assert_eq!(pool.idle_http1(0), 0);
+    }
+
+    #[test]
+    fn an_http2_request_names_the_clients_host_once() {
+        let aimed = |host: Option<&str>| {
+            let mut req = http::Request::get("https://10.0.0.1:8443/p?q=1");
+            if let Some(host) = host {
+                req = req.header("host", host);
+            }
+            req.body(Body::Empty).unwrap()
+        };
+        let mut req = aimed(Some("shop.example"));
+        https_over_h2(&mut req);
+        assert_eq!(req.uri(), "https://shop.example/p?q=1");
+        assert!(req.headers().get(header::HOST).is_none());
+        assert_eq!(req.version(), http::Version::HTTP_2);
+        // Made again before a second try on a new connection: nothing changes.
+        https_over_h2(&mut req);
+        assert_eq!(req.uri(), "https://shop.example/p?q=1");
+        // A host that is no authority: the server's, and no `Host` beside it.
+        let mut req = aimed(Some("a b"));
+        https_over_h2(&mut req);
+        assert_eq!(req.uri(), "https://10.0.0.1:8443/p?q=1");
+        assert!(req.headers().get(header::HOST).is_none());
     }
 }
