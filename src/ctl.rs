@@ -7,7 +7,7 @@ use intermission::control::protocol::{
     ErrorBody, Request, Response, ServerHealth, StatusView, MAX_LINE,
 };
 use intermission::state::controller::to_change;
-use intermission::state::mode::Window;
+use intermission::state::mode::{Mode, Window};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -81,6 +81,16 @@ pub fn run(
         ));
     } else {
         crate::report(print_human(&mut std::io::stdout().lock(), &resp));
+    }
+    if let (Request::Off, Some(window)) = (&req, resp.state.as_ref().and_then(window_in_force)) {
+        // `off` ends an operator's maintenance, not a window: said, so that an operator who
+        // sees maintenance still on knows why and what ends it.
+        eprintln!(
+            "note: maintenance window {} holds maintenance until {}; `intermission ctl schedule remove {}` ends it now",
+            window.id,
+            window.end.rfc3339(),
+            window.id
+        );
     }
     if resp.ok {
         ExitCode::SUCCESS
@@ -341,6 +351,17 @@ fn print_human(out: &mut impl Write, resp: &Response) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The window holding maintenance now, if one does.
+fn window_in_force(s: &StatusView) -> Option<&Window> {
+    if s.mode != Mode::Maintenance {
+        return None;
+    }
+    let now = SystemTime::now();
+    s.schedules
+        .iter()
+        .find(|w| w.start.0 <= now && now < w.end.0)
 }
 
 fn print_state(out: &mut impl Write, s: &StatusView) -> io::Result<()> {

@@ -921,3 +921,29 @@ async fn a_failed_start_leaves_no_control_socket() {
         "the control socket was left behind"
     );
 }
+
+/// `off` ends an operator's maintenance, not a scheduled window's: when a window still holds
+/// maintenance, `ctl off` says so and names what ends it.
+#[tokio::test(flavor = "multi_thread")]
+async fn off_during_a_window_says_the_window_holds_maintenance() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(dir.path(), "");
+    let cfg = dir.path().join("config.toml");
+    let added = ctl_with(&cfg, &["schedule", "add", "--start", "+1s", "--end", "+1h"]);
+    assert_eq!(added.status.code(), Some(0), "{added:?}");
+    let in_force = wait_until(Duration::from_secs(10), || {
+        let out = ctl_with(&cfg, &["--json", "status"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .is_ok_and(|v| v["mode"] == "maintenance")
+    })
+    .await;
+    assert!(in_force, "the window did not start");
+    let off = ctl_with(&cfg, &["off"]);
+    assert_eq!(off.status.code(), Some(0), "{off:?}");
+    let err = String::from_utf8_lossy(&off.stderr);
+    assert!(
+        err.contains("holds maintenance") && err.contains("schedule remove 1"),
+        "{err}"
+    );
+    drop(proxy);
+}
