@@ -336,6 +336,33 @@ async fn webhooks_follow_every_change_in_order_and_are_signed() {
         .is_none());
 }
 
+/// A mode that force-open changes is announced as force-open's doing: "back to normal after
+/// an outage" alone would read as a recovery while the servers are still down.
+#[tokio::test(flavor = "multi_thread")]
+async fn force_open_says_it_in_the_webhook() {
+    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"250ms\"\ntimeout = \"250ms\"\nrise = 1\nfall = 1\n\
+         [[notify]]\nurl = \"{}\"\nformat = \"slack\"\n",
+        app.url(),
+        hook.url
+    ))
+    .await;
+    app.stop();
+    wait_mode(&proxy, "outage", Duration::from_secs(10)).await;
+    assert!(ctl(&proxy, Ctl::ForceOpen { enabled: true }).await.ok);
+    let got = wait_events(&hook, 2).await;
+    let text = got
+        .get(1)
+        .and_then(|e| e["text"].as_str())
+        .unwrap_or_default();
+    assert!(
+        text.contains("back to normal") && text.contains("force-open on"),
+        "{got:?}"
+    );
+}
+
 /// SPEC §2: webhooks are called on every change of message, and a reload changes the message
 /// of a maintenance switched on without one (SPEC §3).
 #[tokio::test(flavor = "multi_thread")]

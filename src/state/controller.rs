@@ -448,6 +448,9 @@ impl Controller {
 
     async fn change(&mut self, change: Change, now: SystemTime, by: &str) -> Result<(), ErrorBody> {
         let summary = describe(&change);
+        // A mode that force-open changed is not the application's doing: the webhook says so,
+        // or "back to normal after an outage" would read as a recovery mid-incident.
+        let forced = matches!(change, Change::ForceOpen(_)).then(|| summary.clone());
         let next = self
             .state
             .apply(change, now, self.healthy())
@@ -475,7 +478,7 @@ impl Controller {
         if self.window_events(before) {
             // The window's own event says it.
         } else if before != after {
-            self.notify(EventKind::ModeChanged, before, Some(by.to_owned()), None);
+            self.notify(EventKind::ModeChanged, before, Some(by.to_owned()), forced);
         } else if message_before != message_after && after != Mode::Normal {
             self.notify(EventKind::MessageUpdated, before, Some(by.to_owned()), None);
         }
