@@ -115,6 +115,15 @@ fn run_refused(dir: &std::path::Path, config: &str) -> String {
 }
 
 /// `check -c FILE` output: (exit code, stderr).
+/// `check`'s output `err` lists `key` with a reason that says `says`.
+fn assert_listed(err: &str, key: &str, says: &str) {
+    let line = err.lines().find(|l| l.starts_with(&format!("  - {key}: ")));
+    assert!(
+        line.is_some_and(|l| l.contains(says)),
+        "{key} ({says}) not listed in:\n{err}"
+    );
+}
+
 fn check(path: &std::path::Path) -> (Option<i32>, String) {
     let out = bin().args(["check", "-c"]).arg(path).output().unwrap();
     (
@@ -161,11 +170,7 @@ extra = true
         ("notify[0].url", "ftp://"),
         ("notify[0].timeout", "\"soon\" is not a duration"),
     ] {
-        let line = err.lines().find(|l| l.starts_with(&format!("  - {key}: ")));
-        assert!(
-            line.is_some_and(|l| l.contains(says)),
-            "{key} ({says}) not listed in:\n{err}"
-        );
+        assert_listed(&err, key, says);
     }
     assert!(err.contains("(6 problems)"), "{err}");
     assert!(!err.contains("needs at least one"), "{err}");
@@ -577,11 +582,7 @@ key = "c.key"
         ),
         ("tls.certificates[2]", "c.key: the private key is encrypted"),
     ] {
-        let line = err.lines().find(|l| l.starts_with(&format!("  - {key}: ")));
-        assert!(
-            line.is_some_and(|l| l.contains(says)),
-            "{key} ({says}) not listed in:\n{err}"
-        );
+        assert_listed(&err, key, says);
     }
     assert!(err.contains("(3 problems)"), "{err}");
     assert!(!err.contains("  - tls: "), "{err}");
