@@ -372,12 +372,15 @@ fn tool_available(tool: &str) -> bool {
 
 /// An upstream speaking HTTPS with a certificate from `ca` for 127.0.0.1, HTTP/2 preferred.
 async fn https_upstream(ca: &Ca) -> SocketAddr {
-    https_upstream_alpn(ca, &[b"h2", b"http/1.1"]).await
+    https_upstream_alpn(ca, &[b"h2", b"http/1.1"]).await.0
 }
 
 /// The same, offering the ALPN protocols `alpn`. `/host` answers with what names the host:
 /// the version, the URI's authority (HTTP/2's `:authority`) and every `host` header.
-async fn https_upstream_alpn(ca: &Ca, alpn: &[&[u8]]) -> SocketAddr {
+async fn https_upstream_alpn(
+    ca: &Ca,
+    alpn: &[&[u8]],
+) -> (SocketAddr, Arc<std::sync::Mutex<Vec<usize>>>) {
     let (cert, key, _) = ca.leaf(&["127.0.0.1"]);
     let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
         .collect::<Result<Vec<_>, _>>()
@@ -395,27 +398,38 @@ async fn https_upstream_alpn(ca: &Ca, alpn: &[&[u8]]) -> SocketAddr {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let bursts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = bursts.clone();
     tokio::spawn(async move {
+        let mut next = 0;
         while let Ok((tcp, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
+            let (seen, connection) = (seen.clone(), next);
+            next += 1;
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    let body = if req.uri().path() == "/host" {
-                        let hosts: Vec<_> = req
-                            .headers()
-                            .get_all("host")
-                            .iter()
-                            .map(|h| h.to_str().unwrap_or("?"))
-                            .collect();
-                        let authority = req.uri().authority().map_or("-", |a| a.as_str());
-                        format!("{:?} authority={authority} host={hosts:?}", req.version())
-                    } else {
-                        format!("secure {:?} {}", req.version(), req.uri().path())
-                    };
-                    Ok::<_, std::convert::Infallible>(Response::new(full(body)))
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        if req.uri().path() == "/burst" {
+                            seen.lock().unwrap().push(connection);
+                        }
+                        let body = if req.uri().path() == "/host" {
+                            let hosts: Vec<_> = req
+                                .headers()
+                                .get_all("host")
+                                .iter()
+                                .map(|h| h.to_str().unwrap_or("?"))
+                                .collect();
+                            let authority = req.uri().authority().map_or("-", |a| a.as_str());
+                            format!("{:?} authority={authority} host={hosts:?}", req.version())
+                        } else {
+                            format!("secure {:?} {}", req.version(), req.uri().path())
+                        };
+                        Ok::<_, std::convert::Infallible>(Response::new(full(body)))
+                    }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tls), svc)
@@ -423,7 +437,7 @@ async fn https_upstream_alpn(ca: &Ca, alpn: &[&[u8]]) -> SocketAddr {
             });
         }
     });
-    addr
+    (addr, bursts)
 }
 
 #[tokio::test]
@@ -484,8 +498,8 @@ async fn https_upstreams_see_the_clients_host_once_over_http2_and_http1() {
     let ca = Ca::new();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
-    let h2 = https_upstream_alpn(&ca, &[b"h2", b"http/1.1"]).await;
-    let h1 = https_upstream_alpn(&ca, &[b"http/1.1"]).await;
+    let h2 = https_upstream_alpn(&ca, &[b"h2", b"http/1.1"]).await.0;
+    let h1 = https_upstream_alpn(&ca, &[b"http/1.1"]).await.0;
     let cases = [
         (h2, "HTTP/2.0 authority=shop.test:8443 host=[]"),
         (h1, "HTTP/1.1 authority=- host=[\"shop.test:8443\"]"),
@@ -509,6 +523,44 @@ async fn https_upstreams_see_the_clients_host_once_over_http2_and_http1() {
             assert!(out.ends_with(&format!("\r\n\r\n{want}")), "{addr}: {out:?}");
         }
     }
+}
+
+/// A burst of requests to an `https://` server that chose HTTP/2, before any connection to it
+/// exists, waits for one handshake and shares its connection, rather than each dialing one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_to_an_http2_https_upstream_shares_one_new_connection() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
+    let (addr, bursts) = https_upstream_alpn(&ca, &[b"h2", b"http/1.1"]).await;
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"https://{addr}\"]\nca_file = \"{}\"\n",
+        dir.path().join("ca.pem").display()
+    ))
+    .await;
+    assert_eq!(wait_healthy(&proxy).await, Some(true));
+    let requests: Vec<_> = (0..16)
+        .map(|_| {
+            let to = proxy.addr;
+            tokio::spawn(async move {
+                raw_exchange(
+                    to,
+                    b"GET /burst HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n",
+                    std::time::Duration::from_secs(10),
+                )
+                .await
+            })
+        })
+        .collect();
+    for r in requests {
+        let out = r.await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out:?}");
+    }
+    let mut used = bursts.lock().unwrap().clone();
+    assert_eq!(used.len(), 16);
+    used.sort_unstable();
+    used.dedup();
+    assert_eq!(used.len(), 1, "the burst dialed {} connections", used.len());
 }
 
 #[tokio::test]

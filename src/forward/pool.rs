@@ -98,7 +98,17 @@ struct Clients {
     h2c: Client<HttpConnector, Body>,
     /// By server index: the HTTP/2 connection to an `https://` server that chose it, shared
     /// by this worker's requests as HTTP/2 multiplexes them.
-    h2: Vec<Mutex<Option<Sender2>>>,
+    h2: Vec<H2Slot>,
+}
+
+/// One worker's HTTP/2 connection to one `https://` server.
+#[derive(Default)]
+struct H2Slot {
+    /// The connection and when a request last went on it.
+    kept: Mutex<Option<(Sender2, Instant)>>,
+    /// Held while a connection is dialed, so that a burst of requests finding none waits for
+    /// one handshake rather than making one each (hyper-util's pool did the same).
+    dialing: tokio::sync::Mutex<()>,
 }
 
 type Sender2 = http2::SendRequest<Body>;
@@ -165,7 +175,7 @@ impl UpstreamPool {
             clients: PerWorker::new(workers, |_| Clients {
                 https: builder(false).build(https1_connector(tcp.clone(), &tls)),
                 h2c: builder(true).build(tcp.clone()),
-                h2: config.servers.iter().map(|_| Mutex::new(None)).collect(),
+                h2: config.servers.iter().map(|_| H2Slot::default()).collect(),
             }),
             tls_h2: https_connector(tcp.clone(), &tls),
             https_http1: config
@@ -219,21 +229,31 @@ impl UpstreamPool {
             _ => None,
         };
         if let Some((slot, http1)) = slot {
-            let mut kept = live(slot);
+            let idle = self.config.idle_timeout;
+            let mut kept = live(slot, idle);
+            // As `forward::aim` made it: what the HTTP/1.1 client gets back, should the
+            // server no longer choose HTTP/2 after the request was made an HTTP/2 one.
+            let made = (
+                req.uri().clone(),
+                req.headers().get(header::HOST).cloned(),
+                req.version(),
+            );
             loop {
                 let reused = kept.is_some();
                 let mut sender = match kept.take() {
                     Some(sender) => sender,
-                    None => match self.connect_h2(index).await? {
-                        Some(sender) => {
-                            *slot.lock().unwrap_or_else(PoisonError::into_inner) =
-                                Some(sender.clone());
-                            sender
-                        }
+                    None => match self.dial_h2(index, slot, http1).await? {
+                        Some(sender) => sender,
                         // The connection is dropped unused: it is made once per server,
                         // and hyper-util's client cannot take it.
                         None => {
                             http1.store(true, Ordering::Relaxed);
+                            let (uri, host, version) = made;
+                            *req.uri_mut() = uri;
+                            *req.version_mut() = version;
+                            if let Some(host) = host {
+                                req.headers_mut().insert(header::HOST, host);
+                            }
                             break;
                         }
                     },
@@ -251,6 +271,30 @@ impl UpstreamPool {
             }
         }
         Ok(clients.https.request(req).await?)
+    }
+
+    /// This worker's HTTP/2 connection to `https://` server `index`, dialed unless another
+    /// request dialed it while this one waited its turn; `None` once the server chose
+    /// HTTP/1.1.
+    async fn dial_h2(
+        &self,
+        index: usize,
+        slot: &H2Slot,
+        http1: &AtomicBool,
+    ) -> Result<Option<Sender2>, SendError> {
+        let _dialing = slot.dialing.lock().await;
+        if http1.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        if let Some(sender) = live(slot, self.config.idle_timeout) {
+            return Ok(Some(sender));
+        }
+        let sender = self.connect_h2(index).await?;
+        if let Some(sender) = &sender {
+            *slot.kept.lock().unwrap_or_else(PoisonError::into_inner) =
+                Some((sender.clone(), Instant::now()));
+        }
+        Ok(sender)
     }
 
     /// A new connection to `https://` server `index`, offering HTTP/2 and HTTP/1.1: its
@@ -371,10 +415,22 @@ impl UpstreamPool {
 
 type Sender = http1::SendRequest<Body>;
 
-/// This worker's HTTP/2 connection in `slot`, unless its server closed it.
-fn live(slot: &Mutex<Option<Sender2>>) -> Option<Sender2> {
-    let kept = slot.lock().unwrap_or_else(PoisonError::into_inner);
-    kept.as_ref().filter(|s| !s.is_closed()).cloned()
+/// This worker's HTTP/2 connection in `slot`, unless its server closed it or no request went
+/// on it for `idle` (`upstream.idle_timeout`, as for HTTP/1.1 connections): then it is let go,
+/// and closes once the requests still on it are done. Taking it counts as a use.
+fn live(slot: &H2Slot, idle: Duration) -> Option<Sender2> {
+    let mut kept = slot.kept.lock().unwrap_or_else(PoisonError::into_inner);
+    let now = Instant::now();
+    match kept.as_mut() {
+        Some((sender, used)) if !sender.is_closed() && now.duration_since(*used) < idle => {
+            *used = now;
+            Some(sender.clone())
+        }
+        _ => {
+            *kept = None;
+            None
+        }
+    }
 }
 
 /// Makes a request `forward::aim` made for HTTP/1.1 an HTTP/2 one that names one host, the
