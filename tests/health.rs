@@ -519,6 +519,9 @@ async fn a_reload_during_an_outage_keeps_what_is_known_of_health() {
     let proxy = proxy_for(&[&up], FAST).await;
     up.stop();
     wait_mode(&proxy, "outage", Duration::from_secs(5)).await;
+    let before = ctl(&proxy, Ctl::Health).await.health.unwrap()[0].clone();
+    let down_since = before.since;
+    assert!(down_since.is_some());
     // A change to [health] restarts the checkers; the dead server must stay out.
     edit_config(&proxy, |text| {
         text.replace("interval = \"100ms\"", "interval = \"150ms\"")
@@ -526,6 +529,20 @@ async fn a_reload_during_an_outage_keeps_what_is_known_of_health() {
     assert!(ctl(&proxy, Ctl::Reload).await.ok);
     assert_eq!(proxy_mode(&proxy).await, "outage");
     assert!(is_outage(&get(&proxy.url("/")).await));
+    // `ctl health` still says since when it has been down, once a new checker has checked.
+    let mut h = before.clone();
+    for _ in 0..250 {
+        h = ctl(&proxy, Ctl::Health).await.health.unwrap()[0].clone();
+        if h.last_check > before.last_check {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        h.last_check > before.last_check,
+        "no check after the reload"
+    );
+    assert_eq!((h.healthy, h.since), (Some(false), down_since));
     // A server added meanwhile is not taken for healthy before it has been checked: the
     // reload does not announce a recovery. Once it passes its checks, the outage ends.
     let added = app().await;

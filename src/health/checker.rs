@@ -76,11 +76,14 @@ impl Drop for Checkers {
 }
 
 /// Starts one checker per server. The first checks run at once.
-/// `known[i]`: the health server `i` had before a reload, if it was in the list then.
+/// `known[i]`: the health server `i` starts with, if not "healthy until its first check";
+/// `was[i]`: what was known of it before a reload, if it was in the list then, so that
+/// `ctl health` keeps saying since when it has been healthy or down.
 pub fn spawn(
     servers: &[Upstream],
     config: &HealthConfig,
     known: &[Option<bool>],
+    was: &[Option<ServerHealth>],
     tls: &Arc<rustls::ClientConfig>,
     metrics: &Arc<crate::metrics::Metrics>,
     flips: mpsc::UnboundedSender<Flip>,
@@ -91,14 +94,19 @@ pub fn spawn(
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                Mutex::new(ServerHealth {
+                let healthy = known.get(i).copied().flatten();
+                let fresh = ServerHealth {
                     server: s.to_string(),
-                    healthy: known.get(i).copied().flatten(),
+                    healthy,
                     since: None,
                     last_check: None,
                     last_error: None,
                     consecutive: 0,
                     last_latency_ms: None,
+                };
+                Mutex::new(match was.get(i).cloned().flatten() {
+                    Some(w) if w.healthy == healthy => ServerHealth { healthy, ..w },
+                    _ => fresh,
                 })
             })
             .collect(),

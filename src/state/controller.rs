@@ -194,21 +194,16 @@ impl Controller {
     async fn start_checkers(&mut self) {
         self.generation += 1;
         let cfg = &self.parts.config;
-        let previous: Vec<(String, bool)> = self
+        let previous = self
             .checkers
             .as_ref()
-            .map(|c| {
-                c.table
-                    .list()
-                    .into_iter()
-                    .map(|h| (h.server, h.healthy.unwrap_or(true)))
-                    .collect()
-            })
+            .map(|c| c.table.list())
             .unwrap_or_default();
-        let known = |s: &crate::config::Upstream| {
+        let was = |s: &crate::config::Upstream| {
             let name = s.to_string();
-            previous.iter().find(|(n, _)| *n == name).map(|&(_, h)| h)
+            previous.iter().find(|h| h.server == name)
         };
+        let known = |s: &crate::config::Upstream| was(s).map(|h| h.healthy.unwrap_or(true));
         // A server new at a reload during an outage starts down and must pass `rise` checks:
         // counted healthy until its first check, as at start, it would end the outage on
         // paper, and webhooks would announce a recovery that its first failed check takes back.
@@ -218,6 +213,12 @@ impl Controller {
             .servers
             .iter()
             .map(|s| known(s).or(new))
+            .collect();
+        let kept: Vec<_> = cfg
+            .upstream
+            .servers
+            .iter()
+            .map(|s| was(s).cloned())
             .collect();
         let names: Vec<String> = cfg
             .upstream
@@ -229,8 +230,8 @@ impl Controller {
         if let Some(old) = self.checkers.take() {
             old.stop().await;
         }
-        for (gone, _) in previous.iter().filter(|(n, _)| !names.contains(n)) {
-            self.parts.metrics.forget_upstream(gone);
+        for gone in previous.iter().filter(|h| !names.contains(&h.server)) {
+            self.parts.metrics.forget_upstream(&gone.server);
         }
         self.up = start.iter().map(|h| h.unwrap_or(true)).collect();
         for (server, up) in cfg.upstream.servers.iter().zip(&self.up) {
@@ -245,6 +246,7 @@ impl Controller {
             &cfg.upstream.servers,
             &cfg.health,
             &start,
+            &kept,
             &self.parts.pool.tls,
             &self.parts.metrics,
             self.flips_tx.clone(),
