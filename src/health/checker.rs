@@ -76,14 +76,13 @@ impl Drop for Checkers {
 }
 
 /// Starts one checker per server. The first checks run at once.
-/// `known[i]`: the health server `i` starts with, if not "healthy until its first check";
-/// `was[i]`: what was known of it before a reload, if it was in the list then, so that
-/// `ctl health` keeps saying since when it has been healthy or down.
+/// `start[i]`: the health server `i` starts with, if not "healthy until its first check", and
+/// what was known of it before a reload, if it was in the list then, so that `ctl health`
+/// keeps saying since when it has been healthy or down.
 pub fn spawn(
     servers: &[Upstream],
     config: &HealthConfig,
-    known: &[Option<bool>],
-    was: &[Option<ServerHealth>],
+    start: &[(Option<bool>, Option<ServerHealth>)],
     tls: &Arc<rustls::ClientConfig>,
     metrics: &Arc<crate::metrics::Metrics>,
     flips: mpsc::UnboundedSender<Flip>,
@@ -94,7 +93,7 @@ pub fn spawn(
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                let healthy = known.get(i).copied().flatten();
+                let healthy = start.get(i).and_then(|s| s.0);
                 let fresh = ServerHealth {
                     server: s.to_string(),
                     healthy,
@@ -104,7 +103,7 @@ pub fn spawn(
                     consecutive: 0,
                     last_latency_ms: None,
                 };
-                Mutex::new(match was.get(i).cloned().flatten() {
+                Mutex::new(match start.get(i).and_then(|s| s.1.clone()) {
                     Some(w) if w.healthy == healthy => ServerHealth { healthy, ..w },
                     _ => fresh,
                 })
@@ -125,10 +124,9 @@ pub fn spawn(
             flips: flips.clone(),
             metrics: metrics.clone(),
             name: server.to_string(),
-            counter: known
+            counter: start
                 .get(index)
-                .copied()
-                .flatten()
+                .and_then(|s| s.0)
                 .map_or_else(Counter::new, Counter::known),
         };
         tasks.push(tokio::spawn(task.run(rx)));

@@ -214,11 +214,12 @@ impl Controller {
             .iter()
             .map(|s| known(s).or(new))
             .collect();
-        let kept: Vec<_> = cfg
+        let seeds: Vec<_> = cfg
             .upstream
             .servers
             .iter()
-            .map(|s| was(s).cloned())
+            .zip(&start)
+            .map(|(s, &up)| (up, was(s).cloned()))
             .collect();
         let names: Vec<String> = cfg
             .upstream
@@ -245,8 +246,7 @@ impl Controller {
         self.checkers = Some(health::spawn(
             &cfg.upstream.servers,
             &cfg.health,
-            &start,
-            &kept,
+            &seeds,
             &self.parts.pool.tls,
             &self.parts.metrics,
             self.flips_tx.clone(),
