@@ -151,8 +151,8 @@ fn main() -> ExitCode {
 }
 
 /// The error and its causes on one line, as `{e:#}` prints them, but each cause once: the
-/// library's messages mostly say their cause already (they are shown alone to `ctl` and in
-/// logs), and some error types also return it as their `source()`.
+/// library's messages say their cause already (they are shown alone to `ctl` and in logs),
+/// and also return it as their `source()`, which a printer of the chain would say again.
 fn describe(e: &anyhow::Error) -> String {
     let mut line = e.to_string();
     for cause in e.chain().skip(1) {

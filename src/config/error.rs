@@ -16,14 +16,13 @@ impl fmt::Display for Problem {
     }
 }
 
-/// Each message is whole on its own (a refused reload sends it to `ctl` as it is), so a cause
-/// it prints is not also its `source()`: a printer of the chain would say it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {}: {cause}", path.display())]
+    #[error("cannot read config file {}: {source}", path.display())]
     Read {
         path: PathBuf,
-        cause: std::io::Error,
+        #[source]
+        source: std::io::Error,
     },
     #[error("{} is not valid ({} problem{}):\n{}", origin, problems.len(),
         if problems.len() == 1 { "" } else { "s" }, list(problems))]

@@ -8,25 +8,25 @@ use super::mode::Persisted;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// Each message is whole on its own (`state_not_saved` sends it to `ctl` as it is, and the
-/// advice follows the cause), so a cause it prints is not also its `source()`: a printer of
-/// the chain, as `main` is, would say it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot read state file {}: {cause}; fix its permissions, or move it away to start with maintenance off", path.display())]
+    #[error("cannot read state file {}: {source}; fix its permissions, or move it away to start with maintenance off", path.display())]
     Read {
         path: PathBuf,
-        cause: std::io::Error,
+        #[source]
+        source: std::io::Error,
     },
-    #[error("state file {} is corrupt ({cause}); repair it, or move it away to start with maintenance off", path.display())]
+    #[error("state file {} is corrupt ({source}); repair it, or move it away to start with maintenance off", path.display())]
     Corrupt {
         path: PathBuf,
-        cause: serde_json::Error,
+        #[source]
+        source: serde_json::Error,
     },
-    #[error("cannot write state file {}: {cause}", path.display())]
+    #[error("cannot write state file {}: {source}", path.display())]
     Write {
         path: PathBuf,
-        cause: std::io::Error,
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -35,25 +35,25 @@ pub fn load(path: &Path) -> Result<Persisted, StoreError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Persisted::default()),
-        Err(cause) => {
+        Err(source) => {
             return Err(StoreError::Read {
                 path: path.to_path_buf(),
-                cause,
+                source,
             })
         }
     };
-    serde_json::from_slice(&bytes).map_err(|cause| StoreError::Corrupt {
+    serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
         path: path.to_path_buf(),
-        cause,
+        source,
     })
 }
 
 /// Writes `state` so that a crash at any moment leaves either the old or the new file whole.
 /// Blocking: call it off the async workers.
 pub fn save(path: &Path, state: &Persisted) -> Result<(), StoreError> {
-    let err = |cause| StoreError::Write {
+    let err = |source| StoreError::Write {
         path: path.to_path_buf(),
-        cause,
+        source,
     };
     let mut json = serde_json::to_vec_pretty(state).map_err(|e| err(std::io::Error::other(e)))?;
     json.push(b'\n');
