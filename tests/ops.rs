@@ -707,6 +707,7 @@ async fn what_happened_while_the_proxy_was_down_is_told_at_start() {
     let got = wait_events(&hook, 2).await;
     assert_eq!(got[1]["event"], "schedule_ended", "{got:?}");
     assert_eq!(got[1]["mode"], "normal");
+    assert_eq!(got[1]["previous_mode"], "maintenance", "the window held it");
     assert_eq!(proxy_mode(&proxy).await, "normal");
 
     // An announced end that passes while the proxy is down.
@@ -726,6 +727,28 @@ async fn what_happened_while_the_proxy_was_down_is_told_at_start() {
     let got = wait_events(&hook, 4).await;
     assert_eq!(got[3]["event"], "until_overrun", "{got:?}");
     assert_eq!(got[3]["mode"], "maintenance");
+    assert_eq!(proxy_mode(&proxy).await, "maintenance");
+
+    // A window that starts while the proxy is down took over from `normal`, not from the
+    // mode the start publishes (its own).
+    assert!(ctl(&proxy, Ctl::Off).await.ok);
+    assert_eq!(wait_events(&hook, 5).await[4]["mode"], "normal");
+    let r = ctl(
+        &proxy,
+        Ctl::ScheduleAdd {
+            start: "+1s".into(),
+            end: "+10m".into(),
+            message: None,
+        },
+    )
+    .await;
+    assert!(r.ok, "{r:?}");
+    let start = std::time::SystemTime::now() + Duration::from_secs(1);
+    let proxy = down_until(proxy, start).await;
+    let got = wait_events(&hook, 6).await;
+    assert_eq!(got[5]["event"], "schedule_started", "{got:?}");
+    assert_eq!(got[5]["mode"], "maintenance");
+    assert_eq!(got[5]["previous_mode"], "normal");
     assert_eq!(proxy_mode(&proxy).await, "maintenance");
 }
 

@@ -17,7 +17,7 @@ use crate::hold::pages::Pages;
 use crate::notify::{Event, EventKind, Notifier};
 use crate::time::{parse_time, Clock};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 
 enum Msg {
@@ -158,9 +158,20 @@ impl Controller {
         self.parts.metrics.set_mode(mode);
         for id in ended {
             tracing::info!("maintenance window {id} ended while the proxy was down");
-            self.notify(EventKind::ScheduleEnded, before, None, None);
+            // Until its end the window held the mode, whatever this start published.
+            self.notify(EventKind::ScheduleEnded, Mode::Maintenance, None, None);
         }
-        self.window_events(before);
+        // A window in force at start began before it: it took over from the mode of the
+        // moment before its start, not from the mode this start first published (the
+        // window's own), so that the event told again after a restart reads as the first.
+        let taken_over = match self.state.active_window(self.published_at) {
+            Some(w) => {
+                let just_before = w.start.0.checked_sub(Duration::from_nanos(1));
+                just_before.map_or(before, |t| self.state.mode(self.healthy(), t))
+            }
+            None => before,
+        };
+        self.window_events(taken_over);
         loop {
             let overrun_at = self.pending_overrun().map(|t| self.clock.until(t));
             let edge = self
@@ -751,8 +762,8 @@ fn instance_name() -> String {
 /// Sleeps `wait`, but never more than a minute: the deadline is a wall-clock time, and a
 /// clock step or a suspend (which the monotonic timer does not see) must not delay it for
 /// long. Waking early is harmless: the edge is looked for again and not yet due.
-async fn sleep_capped(wait: Option<std::time::Duration>) {
-    const CAP: std::time::Duration = std::time::Duration::from_secs(60);
+async fn sleep_capped(wait: Option<Duration>) {
+    const CAP: Duration = Duration::from_secs(60);
     tokio::time::sleep(wait.unwrap_or_default().min(CAP)).await;
 }
 
