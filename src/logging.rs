@@ -25,6 +25,19 @@ const TARGET: &str = "intermission::access";
 /// 10000-01-01T00:00:00Z, in seconds since the epoch.
 const YEAR_10000: u64 = 253_402_300_800;
 
+/// An error and its causes on one line ("client error (Connect): tcp connect error: …"), for
+/// errors whose own text leaves out the cause that says what happened (hyper's, hyper-util's).
+pub fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 /// The filter `log` asks for. rustls warns of what a client did wrong, such as an IP address
 /// sent as SNI (wrk and some health checkers send one), once per connection: any client could
 /// fill the log with it. So only its errors are written, unless the level is `debug` or

@@ -500,25 +500,13 @@ async fn post(
     } else {
         d.plain.request(req).await
     }
-    .map_err(|e| describe(&e))?;
+    .map_err(|e| crate::logging::with_causes(&e))?;
     let status = response.status();
     if status.is_success() {
         Ok(())
     } else {
         Err(format!("status {status}"))
     }
-}
-
-/// The error and its causes on one line ("client error (Connect): tcp connect error: …").
-fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
 }
 
 /// The client for `https://` webhooks, verifying against the system's roots.

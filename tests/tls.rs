@@ -13,6 +13,7 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use support::*;
@@ -757,4 +758,140 @@ async fn with_redirect_the_bypass_link_goes_to_https_too() {
     )
     .await;
     assert_eq!(resp.headers()["location"], "https://[::1]:8443/x");
+}
+
+/// A server that accepts TCP connections and never writes: a TLS handshake with it never ends.
+/// Its sockets are kept open, so that the proxy meets silence rather than a close.
+/// Counts the connections it accepted.
+async fn black_hole() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(tcp);
+        }
+    });
+    (addr, accepted)
+}
+
+/// Proxies to `servers` with a short `connect_timeout` and a `response_timeout` no test waits
+/// out, so that only `connect_timeout` can end a handshake that never finishes. TCP health
+/// checks, which a black hole passes, keep it in the rotation, as a server whose TLS is stuck
+/// would be.
+async fn impatient_proxy(servers: &[String], ca: &Ca) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
+    let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
+    let text = format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nthreads = 1\n[upstream]\nservers = [{}]\n\
+         ca_file = \"ca.pem\"\nconnect_timeout = \"200ms\"\nresponse_timeout = \"1h\"\n\
+         [health]\nkind = \"tcp\"\ninterval = \"1h\"\n",
+        servers.join(", ")
+    );
+    spawn_proxy_in(dir, &text).await
+}
+
+/// A request sent through the proxy, which must be answered well within `response_timeout`.
+async fn answered(req: Request<TestBody>) -> Response<Bytes> {
+    let limit = std::time::Duration::from_secs(20);
+    tokio::time::timeout(limit, send(req))
+        .await
+        .expect("no answer in 20 s: the handshake was waited on past connect_timeout")
+}
+
+/// The first server's last error, once its checker has one (bounded, as `wait_healthy`).
+async fn last_error(proxy: &Proxy) -> Option<String> {
+    for _ in 0..250 {
+        let h = ctl(proxy, Ctl::Health).await.health.unwrap();
+        if let Some(error) = &h[0].last_error {
+            return Some(error.clone());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// The HTTP/2 path (`connect_h2`): a request's first connection to an `https://` server asks
+/// for HTTP/2 by ALPN. A server stuck in the handshake fails it as a connect error after
+/// `connect_timeout`, and the request goes to the next server.
+#[tokio::test]
+async fn a_tls_handshake_that_never_ends_fails_after_connect_timeout_and_is_retried() {
+    let ca = Ca::new();
+    let (hole, _) = black_hole().await;
+    let working = https_upstream(&ca).await;
+    let proxy = impatient_proxy(
+        &[format!("https://{hole}"), format!("https://{working}")],
+        &ca,
+    )
+    .await;
+    assert_eq!(wait_healthy(&proxy).await, Some(true));
+    let resp = answered(Request::get(proxy.url("/via/tls")).body(empty()).unwrap()).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.body(), "secure HTTP/2.0 /via/tls");
+    // Tried first, and failed as a connection that was never opened.
+    let error = last_error(&proxy).await.unwrap_or_default();
+    assert!(
+        error.contains("cannot connect") && error.contains("connect_timeout (200ms)"),
+        "{error}"
+    );
+}
+
+/// The HTTP/1.1 path (hyper-util's client): a request asking for an upgrade, which HTTP/2 does
+/// not carry, is never sent twice; it gets the outage answer after `connect_timeout`.
+#[tokio::test]
+async fn an_upgrade_to_a_tls_handshake_that_never_ends_fails_after_connect_timeout() {
+    let ca = Ca::new();
+    let (hole, _) = black_hole().await;
+    let proxy = impatient_proxy(&[format!("https://{hole}")], &ca).await;
+    assert_eq!(wait_healthy(&proxy).await, Some(true));
+    let resp = answered(
+        Request::get(proxy.url("/socket"))
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["x-intermission-mode"], "outage");
+    let error = last_error(&proxy).await.unwrap_or_default();
+    assert!(
+        error.contains("cannot connect") && error.contains("connect_timeout (200ms)"),
+        "the cause is named: {error}"
+    );
+}
+
+/// A burst of requests to a server stuck in its handshake makes one attempt, which fails them
+/// all after `connect_timeout`, rather than one attempt per request in turn (the last of 16
+/// would have waited 16 × `connect_timeout`, and the server taken 16 handshakes).
+#[tokio::test]
+async fn a_burst_to_a_tls_handshake_that_never_ends_waits_for_one_attempt() {
+    let ca = Ca::new();
+    let (hole, accepted) = black_hole().await;
+    let proxy = impatient_proxy(&[format!("https://{hole}")], &ca).await;
+    assert_eq!(wait_healthy(&proxy).await, Some(true));
+    let checks = accepted.load(Ordering::SeqCst);
+    let requests: Vec<_> = (0..16)
+        .map(|_| {
+            let to = proxy.addr;
+            tokio::spawn(async move {
+                raw_exchange(
+                    to,
+                    b"GET /burst HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n",
+                    std::time::Duration::from_secs(20),
+                )
+                .await
+            })
+        })
+        .collect();
+    for r in requests {
+        let out = r.await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 503"), "{out:?}");
+    }
+    let dials = accepted.load(Ordering::SeqCst) - checks;
+    assert_eq!(dials, 1, "the burst dialed {dials} times");
 }

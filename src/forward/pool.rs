@@ -10,6 +10,9 @@
 //! long as the upstream config they were built from: a reload with the same `[upstream]`
 //! keeps them. Each worker thread (`crate::workers`) has connections of its own, so that a
 //! request never waits on another thread.
+//!
+//! `upstream.connect_timeout` bounds opening a connection whole, an `https://` server's TLS
+//! handshake included (`TimedHttps`).
 
 use crate::body::Body;
 use crate::config::{Protocol, Upstream, UpstreamConfig};
@@ -24,8 +27,10 @@ use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -41,14 +46,17 @@ pub const UNASKED_SWITCH: &str = "101 to a request that asked for no upgrade";
 /// Why a request got no response from a server.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
-    /// The connection could not be opened (refused, unreachable, `connect_timeout`).
+    /// The connection could not be opened (refused, unreachable, TCP connect or TLS handshake
+    /// past `connect_timeout`).
     #[error("{0}")]
     Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// The connection failed or closed before a response head arrived.
-    #[error(transparent)]
+    /// The connection failed or closed before a response head arrived. Its text names the
+    /// causes too: hyper's own says only which step failed ("client error (Connect)"), and the
+    /// log line and `ctl health`'s last error would not say why.
+    #[error("{}", crate::logging::with_causes(.0))]
     Http(#[from] hyper::Error),
     /// The same, through hyper-util's client (`https://`, `h2c://`).
-    #[error(transparent)]
+    #[error("{}", crate::logging::with_causes(.0))]
     Client(#[from] hyper_util::client::legacy::Error),
     /// The connection failed or closed before a response head arrived (`crate::relay`).
     #[error("{0}")]
@@ -83,7 +91,7 @@ pub struct UpstreamPool {
     /// per worker: a connection's task runs on the thread that opened it.
     clients: PerWorker<Clients>,
     /// Dials `https://` servers offering HTTP/2 and HTTP/1.1 by ALPN.
-    tls_h2: HttpsConnector,
+    tls_h2: TimedHttps,
     /// By server index: the `https://` server chose HTTP/1.1 when offered HTTP/2, so its
     /// requests go to `Clients::https` without dialing to ask again. Shared by the workers.
     https_http1: Vec<AtomicBool>,
@@ -93,7 +101,7 @@ pub struct UpstreamPool {
 struct Clients {
     /// `https://` servers over HTTP/1.1 (no ALPN offered): those that chose it, and requests
     /// that ask for an upgrade, which HTTP/2 does not carry (RFC 9113 §8.2.2).
-    https: Client<HttpsConnector, Body>,
+    https: Client<TimedHttps, Body>,
     /// `h2c://` servers: HTTP/2 with prior knowledge.
     h2c: Client<HttpConnector, Body>,
     /// By server index: the HTTP/2 connection to an `https://` server that chose it, shared
@@ -109,6 +117,8 @@ struct H2Slot {
     /// Held while a connection is dialed, so that a burst of requests finding none waits for
     /// one handshake rather than making one each (hyper-util's pool did the same).
     dialing: tokio::sync::Mutex<()>,
+    /// When the last dial failed, and why: the requests that waited for it fail with it.
+    failed: Mutex<Option<(Instant, String)>>,
 }
 
 type Sender2 = http2::SendRequest<Body>;
@@ -144,6 +154,50 @@ fn https1_connector(tcp: HttpConnector, tls: &Arc<rustls::ClientConfig>) -> Http
         .wrap_connector(tcp)
 }
 
+/// An `https://` connector that must have the TLS connection open, TCP connect and handshake
+/// together, within `limit` (`upstream.connect_timeout`), as nginx bounds its upstream
+/// handshake by `proxy_connect_timeout`. The TCP connector's own timeout ends with the TCP
+/// connect: without this one, a server that accepts and never answers the handshake would hold
+/// each request until `response_timeout`, and fail it as a request sent, where a connect error
+/// is retried on another server as one that never left.
+#[derive(Clone)]
+struct TimedHttps {
+    inner: HttpsConnector,
+    limit: Duration,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Service<Uri> for TimedHttps {
+    type Response = <HttpsConnector as Service<Uri>>::Response;
+    type Error = BoxError;
+    // Boxed, as the inner connector's future is: connections are opened rarely.
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let limit = self.limit;
+        let authority = uri.authority().cloned();
+        let connecting = self.inner.call(uri);
+        Box::pin(async move {
+            match tokio::time::timeout(limit, connecting).await {
+                Ok(opened) => opened,
+                Err(_) => {
+                    let server = authority.as_ref().map_or("the server", |a| a.as_str());
+                    let why = format!(
+                        "TCP connect and TLS handshake with {server} took longer than \
+                         connect_timeout ({limit:?})"
+                    );
+                    Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why).into())
+                }
+            }
+        })
+    }
+}
+
 /// At most this many idle connections are kept per server, as hyper-util's pool was set to.
 const MAX_IDLE_PER_SERVER: usize = 1024;
 
@@ -173,11 +227,17 @@ impl UpstreamPool {
             config: config.clone(),
             http1: Http1Pool::new(&config.servers, tcp.clone(), config.idle_timeout, workers),
             clients: PerWorker::new(workers, |_| Clients {
-                https: builder(false).build(https1_connector(tcp.clone(), &tls)),
+                https: builder(false).build(TimedHttps {
+                    inner: https1_connector(tcp.clone(), &tls),
+                    limit: config.connect_timeout,
+                }),
                 h2c: builder(true).build(tcp.clone()),
                 h2: config.servers.iter().map(|_| H2Slot::default()).collect(),
             }),
-            tls_h2: https_connector(tcp.clone(), &tls),
+            tls_h2: TimedHttps {
+                inner: https_connector(tcp.clone(), &tls),
+                limit: config.connect_timeout,
+            },
             https_http1: config
                 .servers
                 .iter()
@@ -282,6 +342,7 @@ impl UpstreamPool {
         slot: &H2Slot,
         http1: &AtomicBool,
     ) -> Result<Option<Sender2>, SendError> {
+        let queued = Instant::now();
         let _dialing = slot.dialing.lock().await;
         if http1.load(Ordering::Relaxed) {
             return Ok(None);
@@ -289,10 +350,24 @@ impl UpstreamPool {
         if let Some(sender) = live(slot, self.config.idle_timeout) {
             return Ok(Some(sender));
         }
-        let sender = self.connect_h2(index).await?;
+        // A dial that failed while this request waited for it fails this one too (as a
+        // connection never opened, so it may go elsewhere): dialing again in turn would keep
+        // the n-th request of a burst to a server stuck in its handshake n × connect_timeout.
+        let failed = match &*lock(&slot.failed) {
+            Some((at, why)) if *at >= queued => Some(why.clone()),
+            _ => None,
+        };
+        if let Some(why) = failed {
+            return Err(SendError::Connect(why.into()));
+        }
+        let dialed = self.connect_h2(index).await;
+        *lock(&slot.failed) = dialed
+            .as_ref()
+            .err()
+            .map(|e| (Instant::now(), e.to_string()));
+        let sender = dialed?;
         if let Some(sender) = &sender {
-            *slot.kept.lock().unwrap_or_else(PoisonError::into_inner) =
-                Some((sender.clone(), Instant::now()));
+            *lock(&slot.kept) = Some((sender.clone(), Instant::now()));
         }
         Ok(sender)
     }
@@ -419,7 +494,7 @@ type Sender = http1::SendRequest<Body>;
 /// on it for `idle` (`upstream.idle_timeout`, as for HTTP/1.1 connections): then it is let go,
 /// and closes once the requests still on it are done. Taking it counts as a use.
 fn live(slot: &H2Slot, idle: Duration) -> Option<Sender2> {
-    let mut kept = slot.kept.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut kept = lock(&slot.kept);
     let now = Instant::now();
     match kept.as_mut() {
         Some((sender, used)) if !sender.is_closed() && now.duration_since(*used) < idle => {
@@ -493,7 +568,7 @@ struct IdleConn {
 
 /// The lock is never held across an await nor while running other code, so a panic cannot
 /// leave the list half-changed: a poisoned lock is taken as it is.
-fn lock<T>(m: &Mutex<Vec<T>>) -> MutexGuard<'_, Vec<T>> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 

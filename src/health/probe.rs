@@ -152,15 +152,7 @@ impl Prober {
             Protocol::H2c => self.h2c.request(req),
             Protocol::Http | Protocol::Https => self.http.request(req),
         };
-        pending.await.map_err(|e| {
-            let mut why = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                why = format!("{why}: {s}");
-                source = s.source();
-            }
-            why
-        })
+        pending.await.map_err(|e| crate::logging::with_causes(&e))
     }
 }
 
