@@ -12,7 +12,7 @@
 //! request never waits on another thread.
 //!
 //! `upstream.connect_timeout` bounds opening a connection whole, an `https://` server's TLS
-//! handshake included (`TimedHttps`).
+//! handshake included (`Timed`).
 
 use crate::body::Body;
 use crate::config::{Protocol, Upstream, UpstreamConfig};
@@ -103,7 +103,7 @@ struct Clients {
     /// that ask for an upgrade, which HTTP/2 does not carry (RFC 9113 §8.2.2).
     https: Client<TimedHttps, Body>,
     /// `h2c://` servers: HTTP/2 with prior knowledge.
-    h2c: Client<HttpConnector, Body>,
+    h2c: Client<TimedTcp, Body>,
     /// By server index: the HTTP/2 connection to an `https://` server that chose it, shared
     /// by this worker's requests as HTTP/2 multiplexes them.
     h2: Vec<H2Slot>,
@@ -154,28 +154,40 @@ fn https1_connector(tcp: HttpConnector, tls: &Arc<rustls::ClientConfig>) -> Http
         .wrap_connector(tcp)
 }
 
-/// An `https://` connector that must have the TLS connection open, TCP connect and handshake
-/// together, within `limit` (`upstream.connect_timeout`), as nginx bounds its upstream
-/// handshake by `proxy_connect_timeout`. The TCP connector's own timeout ends with the TCP
-/// connect: without this one, a server that accepts and never answers the handshake would hold
-/// each request until `response_timeout`, and fail it as a request sent, where a connect error
-/// is retried on another server as one that never left.
+/// A connector that must have the connection open within `limit` (`upstream.connect_timeout`):
+/// the name lookup of a server named by host name, the TCP connect and, for `https://`, the
+/// TLS handshake together, as nginx bounds its upstream handshake by `proxy_connect_timeout`
+/// too. `HttpConnector`'s own timeout covers the TCP connect alone: without this one, a server
+/// that accepts and never answers the handshake (or a name server that never answers) held
+/// each request until `response_timeout`, and failed it as a request sent, where a connect
+/// error is retried on another server as one that never left.
 #[derive(Clone)]
-struct TimedHttps {
-    inner: HttpsConnector,
+struct Timed<C> {
+    inner: C,
     limit: Duration,
+}
+
+impl<C> Timed<C> {
+    fn new(inner: C, limit: Duration) -> Timed<C> {
+        Timed { inner, limit }
+    }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-impl Service<Uri> for TimedHttps {
-    type Response = <HttpsConnector as Service<Uri>>::Response;
+impl<C> Service<Uri> for Timed<C>
+where
+    C: Service<Uri>,
+    C::Error: Into<BoxError>,
+    C::Future: Send + 'static,
+{
+    type Response = C::Response;
     type Error = BoxError;
-    // Boxed, as the inner connector's future is: connections are opened rarely.
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+    // Boxed, as `HttpConnector`'s future is: connections are opened rarely.
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
@@ -184,19 +196,20 @@ impl Service<Uri> for TimedHttps {
         let connecting = self.inner.call(uri);
         Box::pin(async move {
             match tokio::time::timeout(limit, connecting).await {
-                Ok(opened) => opened,
+                Ok(opened) => opened.map_err(Into::into),
                 Err(_) => {
                     let server = authority.as_ref().map_or("the server", |a| a.as_str());
-                    let why = format!(
-                        "TCP connect and TLS handshake with {server} took longer than \
-                         connect_timeout ({limit:?})"
-                    );
+                    let why =
+                        format!("no connection to {server} within connect_timeout ({limit:?})");
                     Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why).into())
                 }
             }
         })
     }
 }
+
+type TimedHttps = Timed<HttpsConnector>;
+type TimedTcp = Timed<HttpConnector>;
 
 /// At most this many idle connections are kept per server, as hyper-util's pool was set to.
 const MAX_IDLE_PER_SERVER: usize = 1024;
@@ -225,19 +238,21 @@ impl UpstreamPool {
                 .map(|s| s.to_string().into())
                 .collect(),
             config: config.clone(),
-            http1: Http1Pool::new(&config.servers, tcp.clone(), config.idle_timeout, workers),
+            http1: Http1Pool::new(
+                &config.servers,
+                Timed::new(tcp.clone(), config.connect_timeout),
+                config.idle_timeout,
+                workers,
+            ),
             clients: PerWorker::new(workers, |_| Clients {
-                https: builder(false).build(TimedHttps {
-                    inner: https1_connector(tcp.clone(), &tls),
-                    limit: config.connect_timeout,
-                }),
-                h2c: builder(true).build(tcp.clone()),
+                https: builder(false).build(Timed::new(
+                    https1_connector(tcp.clone(), &tls),
+                    config.connect_timeout,
+                )),
+                h2c: builder(true).build(Timed::new(tcp.clone(), config.connect_timeout)),
                 h2: config.servers.iter().map(|_| H2Slot::default()).collect(),
             }),
-            tls_h2: TimedHttps {
-                inner: https_connector(tcp.clone(), &tls),
-                limit: config.connect_timeout,
-            },
+            tls_h2: Timed::new(https_connector(tcp.clone(), &tls), config.connect_timeout),
             https_http1: config
                 .servers
                 .iter()
@@ -435,11 +450,11 @@ impl UpstreamPool {
         let mut tcp = self.http1.tcp.clone();
         std::future::poll_fn(|cx| tcp.poll_ready(cx))
             .await
-            .map_err(|e| SendError::Connect(e.into()))?;
+            .map_err(SendError::Connect)?;
         let io = tcp
             .call(server.dial.clone())
             .await
-            .map_err(|e| SendError::Connect(e.into()))?;
+            .map_err(SendError::Connect)?;
         Ok(io.into_inner())
     }
 
@@ -539,7 +554,7 @@ fn https_over_h2(req: &mut Request<Body>) {
 struct Http1Pool {
     /// By server index (those of other protocols unused).
     servers: Vec<Http1Server>,
-    tcp: HttpConnector,
+    tcp: TimedTcp,
     idle_timeout: Duration,
     /// Whether the task closing connections idle for `idle_timeout` has started: it starts
     /// with the first connection (a pool may be built where no runtime runs yet).
@@ -700,7 +715,7 @@ impl Checkin {
 impl Http1Pool {
     fn new(
         servers: &[Upstream],
-        tcp: HttpConnector,
+        tcp: TimedTcp,
         idle_timeout: Duration,
         workers: usize,
     ) -> Http1Pool {
@@ -796,11 +811,8 @@ impl Http1Pool {
         let mut tcp = self.tcp.clone();
         std::future::poll_fn(|cx| tcp.poll_ready(cx))
             .await
-            .map_err(|e| SendError::Connect(e.into()))?;
-        let io = tcp
-            .call(dial.clone())
-            .await
-            .map_err(|e| SendError::Connect(e.into()))?;
+            .map_err(SendError::Connect)?;
+        let io = tcp.call(dial.clone()).await.map_err(SendError::Connect)?;
         let (sender, conn) = http1::Builder::new().handshake(io).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
@@ -943,6 +955,40 @@ mod tests {
         let text = format!("[upstream]\nservers = [{}]\n", servers.join(","));
         let config = Config::parse(&text, Path::new("."), None).unwrap();
         UpstreamPool::new(&config.upstream, 1).unwrap()
+    }
+
+    /// A connector that never opens anything: a name server or a TLS handshake that never
+    /// answers.
+    #[derive(Clone)]
+    struct Stuck;
+
+    impl Service<Uri> for Stuck {
+        type Response = ();
+        type Error = std::io::Error;
+        type Future = std::future::Pending<Result<(), std::io::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), std::io::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Uri) -> Self::Future {
+            std::future::pending()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opening_a_connection_is_cut_off_at_connect_timeout() {
+        let mut timed = Timed::new(Stuck, Duration::from_secs(2));
+        let uri = Uri::from_static("http://app.internal:3000/");
+        let Err(e) = timed.call(uri).await else {
+            panic!("a connection that never opens was reported open");
+        };
+        let kind = e.downcast_ref::<std::io::Error>().map(|e| e.kind());
+        assert_eq!(kind, Some(std::io::ErrorKind::TimedOut));
+        assert_eq!(
+            e.to_string(),
+            "no connection to app.internal:3000 within connect_timeout (2s)"
+        );
     }
 
     #[tokio::test]
