@@ -540,6 +540,17 @@ async fn a_burst_to_an_http2_https_upstream_shares_one_new_connection() {
     ))
     .await;
     assert_eq!(wait_healthy(&proxy).await, Some(true));
+    burst(&proxy, "HTTP/1.1 200").await;
+    let mut used = bursts.lock().unwrap().clone();
+    assert_eq!(used.len(), 16);
+    used.sort_unstable();
+    used.dedup();
+    assert_eq!(used.len(), 1, "the burst dialed {} connections", used.len());
+}
+
+/// Sixteen requests at once, each on a connection of its own; every answer must start with
+/// `status`.
+async fn burst(proxy: &Proxy, status: &str) {
     let requests: Vec<_> = (0..16)
         .map(|_| {
             let to = proxy.addr;
@@ -547,7 +558,7 @@ async fn a_burst_to_an_http2_https_upstream_shares_one_new_connection() {
                 raw_exchange(
                     to,
                     b"GET /burst HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n",
-                    std::time::Duration::from_secs(10),
+                    std::time::Duration::from_secs(20),
                 )
                 .await
             })
@@ -555,13 +566,8 @@ async fn a_burst_to_an_http2_https_upstream_shares_one_new_connection() {
         .collect();
     for r in requests {
         let out = r.await.unwrap();
-        assert!(out.starts_with("HTTP/1.1 200"), "{out:?}");
+        assert!(out.starts_with(status), "{out:?}");
     }
-    let mut used = bursts.lock().unwrap().clone();
-    assert_eq!(used.len(), 16);
-    used.sort_unstable();
-    used.dedup();
-    assert_eq!(used.len(), 1, "the burst dialed {} connections", used.len());
 }
 
 #[tokio::test]
@@ -875,23 +881,7 @@ async fn a_burst_to_a_tls_handshake_that_never_ends_waits_for_one_attempt() {
     let proxy = impatient_proxy(&[format!("https://{hole}")], &ca).await;
     assert_eq!(wait_healthy(&proxy).await, Some(true));
     let checks = accepted.load(Ordering::SeqCst);
-    let requests: Vec<_> = (0..16)
-        .map(|_| {
-            let to = proxy.addr;
-            tokio::spawn(async move {
-                raw_exchange(
-                    to,
-                    b"GET /burst HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n",
-                    std::time::Duration::from_secs(20),
-                )
-                .await
-            })
-        })
-        .collect();
-    for r in requests {
-        let out = r.await.unwrap();
-        assert!(out.starts_with("HTTP/1.1 503"), "{out:?}");
-    }
+    burst(&proxy, "HTTP/1.1 503").await;
     let dials = accepted.load(Ordering::SeqCst) - checks;
     assert_eq!(dials, 1, "the burst dialed {dials} times");
 }
