@@ -13,7 +13,7 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use support::*;
@@ -382,21 +382,7 @@ async fn https_upstream_alpn(
     ca: &Ca,
     alpn: &[&[u8]],
 ) -> (SocketAddr, Arc<std::sync::Mutex<Vec<usize>>>) {
-    let (cert, key, _) = ca.leaf(&["127.0.0.1"]);
-    let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .unwrap();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = upstream_acceptor(ca, alpn);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let bursts = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -439,6 +425,25 @@ async fn https_upstream_alpn(
         }
     });
     (addr, bursts)
+}
+
+/// An upstream's TLS side: a certificate from `ca` for 127.0.0.1, and the ALPN protocols `alpn`.
+fn upstream_acceptor(ca: &Ca, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
+    let (cert, key, _) = ca.leaf(&["127.0.0.1"]);
+    let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 #[tokio::test]
@@ -884,4 +889,157 @@ async fn a_burst_to_a_tls_handshake_that_never_ends_waits_for_one_attempt() {
     burst(&proxy, "HTTP/1.1 503").await;
     let dials = accepted.load(Ordering::SeqCst) - checks;
     assert_eq!(dials, 1, "the burst dialed {dials} times");
+}
+
+/// How `refusing_upstream` refuses streams.
+#[derive(Clone, Copy, PartialEq)]
+enum Refusal {
+    /// `RST_STREAM` with `REFUSED_STREAM` to the first, third, fifth… stream it gets.
+    Reset,
+    /// A `GOAWAY` whose last stream id is 0 to the first stream of its first connection, which
+    /// it then closes: a restart begun as the request came.
+    GoAway,
+}
+
+/// An `https://` upstream speaking HTTP/2 alone, through the h2 crate's server so that it can
+/// refuse streams, as `refusal` says; it answers the others `200` with "fine" and the method.
+/// Counts the streams it got, refused ones included.
+async fn refusing_upstream(ca: &Ca, refusal: Refusal) -> (SocketAddr, Arc<AtomicUsize>) {
+    let acceptor = upstream_acceptor(ca, &[b"h2"]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let streams = Arc::new(AtomicUsize::new(0));
+    let seen = streams.clone();
+    let go_away = Arc::new(AtomicBool::new(refusal == Refusal::GoAway));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, seen, go_away) = (acceptor.clone(), seen.clone(), go_away.clone());
+            tokio::spawn(async move {
+                // A TCP health check's connection ends here.
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if go_away.swap(false, Ordering::SeqCst) {
+                    go_away_at_first_stream(tls, &seen).await;
+                    return;
+                }
+                let Ok(mut conn) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let n = seen.fetch_add(1, Ordering::SeqCst);
+                    if refusal == Refusal::Reset && n % 2 == 0 {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let body = Bytes::from(format!("fine {}", req.method()));
+                    if let Ok(mut send) = respond.send_response(Response::new(()), false) {
+                        let _ = send.send_data(body, true);
+                    }
+                }
+            });
+        }
+    });
+    (addr, streams)
+}
+
+/// Answers the connection's first stream with `GOAWAY` (last stream id 0, `NO_ERROR`) and
+/// closes the connection, counting the stream in `seen`. Written in frames: h2's server names
+/// every stream it has read in its `GOAWAY`, as processed.
+async fn go_away_at_first_stream(
+    mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    seen: &AtomicUsize,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const CLIENT_PREFACE: usize = 24;
+    const HEADERS: u8 = 1;
+    // The server's preface: SETTINGS, empty.
+    tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let (mut got, mut frame) = (Vec::new(), CLIENT_PREFACE);
+    loop {
+        // Each frame starts with its payload's length (3 bytes) and its type.
+        while let Some(head) = got.get(frame..frame + 9) {
+            if head[3] == HEADERS {
+                seen.fetch_add(1, Ordering::SeqCst);
+                let go_away = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                tls.write_all(&go_away).await.unwrap();
+                let _ = tls.shutdown().await;
+                return;
+            }
+            frame += 9 + u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        }
+        let mut buf = [0u8; 4096];
+        match tls.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A proxy with `addr` as its one `https://` server, checked over TCP alone, so that every
+/// stream the server gets is a forwarded request.
+async fn proxy_to_one(addr: SocketAddr, ca: &Ca) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
+    let text = format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nthreads = 1\n[upstream]\n\
+         servers = [\"https://{addr}\"]\nca_file = \"ca.pem\"\n\
+         [health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
+    );
+    let proxy = spawn_proxy_in(dir, &text).await;
+    assert_eq!(wait_healthy(&proxy).await, Some(true));
+    proxy
+}
+
+/// A stream the server refused unprocessed (RFC 9113 §8.7) is sent again on a new connection,
+/// whatever its method, rather than answered as an outage while the server is fine.
+#[tokio::test]
+async fn a_request_an_http2_upstream_refuses_unprocessed_is_sent_again() {
+    let ca = Ca::new();
+    let (addr, streams) = refusing_upstream(&ca, Refusal::Reset).await;
+    let proxy = proxy_to_one(addr, &ca).await;
+    let resp = get(&proxy.url("/x")).await;
+    assert_eq!(resp.status(), 200, "{:?}", resp.body());
+    assert_eq!(resp.body(), "fine GET");
+    // The server says it did nothing with it: a POST is sent again too.
+    let resp = send(Request::post(proxy.url("/x")).body(empty()).unwrap()).await;
+    assert_eq!(resp.status(), 200, "{:?}", resp.body());
+    assert_eq!(resp.body(), "fine POST");
+    assert_eq!(streams.load(Ordering::SeqCst), 4);
+}
+
+/// A server beginning a graceful restart as a request comes says with `GOAWAY` that it did not
+/// process it (a last stream id below it): it is sent again on a new connection.
+#[tokio::test]
+async fn a_request_above_an_http2_upstreams_goaway_is_sent_again_on_a_new_connection() {
+    let ca = Ca::new();
+    let (addr, streams) = refusing_upstream(&ca, Refusal::GoAway).await;
+    let proxy = proxy_to_one(addr, &ca).await;
+    let resp = get(&proxy.url("/x")).await;
+    assert_eq!(resp.status(), 200, "{:?}", resp.body());
+    assert_eq!(resp.body(), "fine GET");
+    assert_eq!(streams.load(Ordering::SeqCst), 2);
+}
+
+/// A body that streams is never held to be sent twice: refused, its request gets the outage
+/// answer, and the server sees it once.
+#[tokio::test]
+async fn a_refused_request_whose_body_streams_is_not_sent_again() {
+    let ca = Ca::new();
+    let (addr, streams) = refusing_upstream(&ca, Refusal::Reset).await;
+    let proxy = proxy_to_one(addr, &ca).await;
+    let out = raw_exchange(
+        proxy.addr,
+        b"POST /upload HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\
+          Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 503"), "{out:?}");
+    assert!(
+        out.to_ascii_lowercase()
+            .contains("x-intermission-mode: outage"),
+        "{out:?}"
+    );
+    assert_eq!(streams.load(Ordering::SeqCst), 1);
 }

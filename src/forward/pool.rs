@@ -112,8 +112,7 @@ struct Clients {
 /// One worker's HTTP/2 connection to one `https://` server.
 #[derive(Default)]
 struct H2Slot {
-    /// The connection and when a request last went on it.
-    kept: Mutex<Option<(Sender2, Instant)>>,
+    kept: Mutex<Option<Kept2>>,
     /// Held while a connection is dialed, so that a burst of requests finding none waits for
     /// one handshake rather than making one each (hyper-util's pool did the same).
     dialing: tokio::sync::Mutex<()>,
@@ -122,6 +121,15 @@ struct H2Slot {
 }
 
 type Sender2 = http2::SendRequest<Body>;
+
+/// The connection an `H2Slot` keeps.
+struct Kept2 {
+    sender: Sender2,
+    /// When it was opened: a request its server refused goes on one opened after that.
+    dialed: Instant,
+    /// When a request last went on it.
+    used: Instant,
+}
 
 /// The TCP side of upstream connections.
 pub fn tcp_connector(connect_timeout: Duration) -> HttpConnector {
@@ -305,7 +313,7 @@ impl UpstreamPool {
         };
         if let Some((slot, http1)) = slot {
             let idle = self.config.idle_timeout;
-            let mut kept = live(slot, idle);
+            let mut kept = live(slot, idle, None);
             // As `forward::aim` made it: what the HTTP/1.1 client gets back, should the
             // server no longer choose HTTP/2 after the request was made an HTTP/2 one.
             let made = (
@@ -313,11 +321,14 @@ impl UpstreamPool {
                 req.headers().get(header::HOST).cloned(),
                 req.version(),
             );
+            // When the server refused the request unprocessed: it is sent again once, on a
+            // connection opened since.
+            let mut refused = None;
             loop {
                 let reused = kept.is_some();
                 let mut sender = match kept.take() {
                     Some(sender) => sender,
-                    None => match self.dial_h2(index, slot, http1).await? {
+                    None => match self.dial_h2(index, slot, http1, refused).await? {
                         Some(sender) => sender,
                         // The connection is dropped unused: it is made once per server,
                         // and hyper-util's client cannot take it.
@@ -334,12 +345,25 @@ impl UpstreamPool {
                     },
                 };
                 https_over_h2(&mut req);
+                // A stream the server refuses takes the request with it, so a copy is kept
+                // to send again (a header map's clone on this rare path), when its body can be
+                // sent twice.
+                let again = refused.is_none().then(|| copy_whole(&req)).flatten();
                 match sender.try_send_request(req).await {
                     Ok(resp) => return Ok(resp),
-                    // A kept connection the server closed (idle, or GOAWAY) before the request
-                    // left: sent on a new one, as hyper-util's client does.
-                    Err(mut e) => match e.take_message() {
-                        Some(unsent) if reused => req = unsent,
+                    Err(mut e) => match (e.take_message(), again) {
+                        // A kept connection the server closed (idle, or GOAWAY) before the
+                        // request left: sent on a new one, as hyper-util's client does.
+                        (Some(unsent), _) if reused => req = unsent,
+                        // Whatever its method: the server says it did nothing with it.
+                        (None, Some(copy)) if refused_unprocessed(e.error()) => {
+                            tracing::debug!(
+                                error = %crate::logging::with_causes(e.error()),
+                                "an upstream refused a request unprocessed; sending it again"
+                            );
+                            req = copy;
+                            refused = Some(Instant::now());
+                        }
                         _ => return Err(SendError::Http(e.into_error())),
                     },
                 }
@@ -349,20 +373,21 @@ impl UpstreamPool {
     }
 
     /// This worker's HTTP/2 connection to `https://` server `index`, dialed unless another
-    /// request dialed it while this one waited its turn; `None` once the server chose
-    /// HTTP/1.1.
+    /// request dialed it while this one waited its turn (after `refused`, when given);
+    /// `None` once the server chose HTTP/1.1.
     async fn dial_h2(
         &self,
         index: usize,
         slot: &H2Slot,
         http1: &AtomicBool,
+        refused: Option<Instant>,
     ) -> Result<Option<Sender2>, SendError> {
         let queued = Instant::now();
         let _dialing = slot.dialing.lock().await;
         if http1.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        if let Some(sender) = live(slot, self.config.idle_timeout) {
+        if let Some(sender) = live(slot, self.config.idle_timeout, refused) {
             return Ok(Some(sender));
         }
         // A dial that failed while this request waited for it fails this one too (as a
@@ -382,7 +407,12 @@ impl UpstreamPool {
             .map(|e| (Instant::now(), e.to_string()));
         let sender = dialed?;
         if let Some(sender) = &sender {
-            *lock(&slot.kept) = Some((sender.clone(), Instant::now()));
+            let now = Instant::now();
+            *lock(&slot.kept) = Some(Kept2 {
+                sender: sender.clone(),
+                dialed: now,
+                used: now,
+            });
         }
         Ok(sender)
     }
@@ -505,16 +535,21 @@ impl UpstreamPool {
 
 type Sender = http1::SendRequest<Body>;
 
-/// This worker's HTTP/2 connection in `slot`, unless its server closed it or no request went
-/// on it for `idle` (`upstream.idle_timeout`, as for HTTP/1.1 connections): then it is let go,
-/// and closes once the requests still on it are done. Taking it counts as a use.
-fn live(slot: &H2Slot, idle: Duration) -> Option<Sender2> {
+/// This worker's HTTP/2 connection in `slot`, unless its server closed it, no request went
+/// on it for `idle` (`upstream.idle_timeout`, as for HTTP/1.1 connections), or it was opened
+/// before `refused` (it may be the one that refused a request, and going away): then it is
+/// let go, and closes once the requests still on it are done. Taking it counts as a use.
+fn live(slot: &H2Slot, idle: Duration, refused: Option<Instant>) -> Option<Sender2> {
     let mut kept = lock(&slot.kept);
     let now = Instant::now();
     match kept.as_mut() {
-        Some((sender, used)) if !sender.is_closed() && now.duration_since(*used) < idle => {
-            *used = now;
-            Some(sender.clone())
+        Some(k)
+            if !k.sender.is_closed()
+                && now.duration_since(k.used) < idle
+                && refused.is_none_or(|at| k.dialed > at) =>
+        {
+            k.used = now;
+            Some(k.sender.clone())
         }
         _ => {
             *kept = None;
@@ -908,20 +943,44 @@ const KEPT_TRIES: usize = 4;
 /// A copy of `req` to send again, when it can be sent twice without harm: an idempotent
 /// method (RFC 9110 §9.2.2) and no body, or one held whole.
 fn copy_to_replay(req: &Request<Body>) -> Option<Request<Body>> {
+    if !super::idempotent(req.method()) {
+        return None;
+    }
+    copy_whole(req)
+}
+
+/// A copy of `req` when its body is empty or held whole: a streamed one is consumed by the
+/// first attempt, and is never buffered to be sent twice.
+fn copy_whole(req: &Request<Body>) -> Option<Request<Body>> {
     let body = match req.body() {
         Body::Empty => Body::Empty,
         Body::Full(Some(bytes)) => Body::Full(Some(bytes.clone())),
         _ => return None,
     };
-    if !super::idempotent(req.method()) {
-        return None;
-    }
     let mut copy = Request::new(body);
     *copy.method_mut() = req.method().clone();
     *copy.uri_mut() = req.uri().clone();
     *copy.version_mut() = req.version();
     *copy.headers_mut() = req.headers().clone();
     Some(copy)
+}
+
+/// Whether an HTTP/2 request failed because its server refused the stream before processing
+/// it, so that it can be sent again whatever its method (RFC 9113 §8.7): a `RST_STREAM` with
+/// `REFUSED_STREAM`, or a `GOAWAY`, which h2 reports only to streams above its last stream
+/// id (RFC 9113 §6.8) and to requests made after it; a stream at or below it that the server
+/// then drops fails with the connection, as an I/O error. Only what the server sent counts:
+/// h2's own resets and GOAWAYs say nothing of what the server did.
+fn refused_unprocessed(e: &hyper::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(h2) = c.downcast_ref::<h2::Error>() {
+            return h2.is_remote()
+                && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM));
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// The response, with its connection lent to the body (given back when the body has been
