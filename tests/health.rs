@@ -645,3 +645,127 @@ async fn health_expect_decides_which_statuses_are_healthy() {
     assert!(h[0].last_error.as_deref().unwrap().contains("301"), "{h:?}");
     assert_eq!(proxy_mode(&by_default).await, "normal");
 }
+
+/// Whether `prlimit` (util-linux) is here to lower a running proxy's descriptor limit: loudly
+/// skipped without it, and a failure in CI, which has it.
+fn have_prlimit() -> bool {
+    let found = std::process::Command::new("prlimit")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "prlimit is missing in CI"
+        );
+        eprintln!("SKIPPED: prlimit (util-linux) is not installed");
+    }
+    found
+}
+
+/// A proxy out of file descriptors is in trouble of its own: it cannot open connections to a
+/// healthy server, nor run its health checks, but that is no outage of the application. The
+/// server must not be taken out (which would switch every client to the outage page and
+/// announce an outage to the webhooks), and forwarding goes on once descriptors are free.
+#[tokio::test(flavor = "multi_thread")]
+async fn running_out_of_file_descriptors_is_not_an_outage() {
+    if !have_prlimit() {
+        return;
+    }
+    let app = upstream(|_req: Request<Incoming>| async {
+        let mut resp = Response::new(full("app"));
+        resp.headers_mut()
+            .insert("connection", http::HeaderValue::from_static("close"));
+        resp
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"{}\"]\n\
+         [health]\ninterval = \"50ms\"\ntimeout = \"50ms\"\nfall = 2\n",
+        app.url()
+    );
+    let proxy = ProxyProcess::start(dir.path(), &config);
+    let socket = dir.path().join("intermission.sock");
+    let health = || async {
+        let r = intermission::control::client::request(&socket, &Ctl::Health).await;
+        r.unwrap().health.unwrap().remove(0)
+    };
+    let mut before = health().await;
+    for _ in 0..250 {
+        if before.healthy == Some(true) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        before = health().await;
+    }
+    assert_eq!(before.healthy, Some(true), "{before:?}");
+
+    // Idle clients take the descriptors left, one more each time a request still went
+    // through, until a new client gets the last one and the connection to the server for its
+    // request finds none (the server closes each connection, so each request needs a new
+    // one). The kernel hands connections over in order: an idle client is taken in before
+    // the request after it.
+    let pid = proxy.child.id().to_string();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let lowered = std::process::Command::new("prlimit")
+        .args(["--pid", &pid, &format!("--nofile={}", open + 4)])
+        .status()
+        .unwrap();
+    assert!(lowered.success());
+    let mut idle = Vec::new();
+    let mut refused = 0;
+    for _ in 0..40 {
+        let answer = raw_exchange(
+            proxy.addr,
+            b"GET / HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(10),
+        )
+        .await;
+        if answer.starts_with("HTTP/1.1 503") {
+            refused += 1;
+            if refused == 3 {
+                break;
+            }
+        } else {
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+            idle.push(tokio::net::TcpStream::connect(proxy.addr).await.unwrap());
+        }
+    }
+    assert_eq!(refused, 3, "the proxy never ran out of descriptors");
+    // One more takes the last descriptor, which the checks had left.
+    idle.push(tokio::net::TcpStream::connect(proxy.addr).await.unwrap());
+    let starved = |what: &str| {
+        proxy
+            .log_lines()
+            .iter()
+            .any(|l| l.contains(what) && l.contains("Too many open files"))
+    };
+    assert!(starved("forwarding failed"), "no request was starved");
+    // Until a check has found no descriptor either, and said so, unless it took the server
+    // out (bounded).
+    let outage = || proxy.log_lines().iter().any(|l| l.contains("-> outage"));
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            starved("health check not made") || outage()
+        })
+        .await,
+        "no check was starved"
+    );
+    assert!(!outage(), "{:#?}", proxy.log_lines());
+
+    drop(idle);
+    assert!(
+        wait_until_async(|| async { get(&proxy.url("/")).await.status() == 200 }).await,
+        "forwarding did not come back"
+    );
+    let after = health().await;
+    assert_eq!(after.healthy, Some(true), "{after:?}");
+    assert_eq!(
+        after.since, before.since,
+        "the server was taken out: {after:?}"
+    );
+    assert!(!outage(), "{:#?}", proxy.log_lines());
+}

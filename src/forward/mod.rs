@@ -303,11 +303,37 @@ fn upstream_uri(server: &Upstream, path: PathAndQuery) -> Uri {
     Uri::from_parts(uri).unwrap_or_default()
 }
 
+/// Tells the server's checker that a request to it failed. A failure of the proxy's own (out
+/// of file descriptors, memory or local ports) is not the server's: counted against it, a
+/// flood of clients would take a healthy application out and announce an outage.
 pub(crate) fn report(passive: &[Passive], server: usize, error: &UpstreamError) {
+    if local_exhaustion(error) {
+        return;
+    }
     if let Some(tx) = passive.get(server) {
         // Never waits: a full queue means the checker already has plenty to go on.
         let _ = tx.try_send(error.to_string());
     }
+}
+
+/// Whether `e`, or one of its causes, says that this process or host ran out of something a
+/// new connection needs (file descriptors, memory, local ports): the proxy's trouble, which
+/// says nothing of the server's health.
+pub fn local_exhaustion(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        let errno = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error);
+        if matches!(
+            errno,
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+        ) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Sends one request to one server, waiting at most `response_timeout` for the head once the

@@ -48,7 +48,7 @@ pub const UNASKED_SWITCH: &str = "101 to a request that asked for no upgrade";
 pub enum SendError {
     /// The connection could not be opened (refused, unreachable, TCP connect or TLS handshake
     /// past `connect_timeout`).
-    #[error("{0}")]
+    #[error("{}", crate::logging::with_causes(&**.0))]
     Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The connection failed or closed before a response head arrived. Its text names the
     /// causes too: hyper's own says only which step failed ("client error (Connect)"), and the

@@ -2,7 +2,7 @@
 //! the request path, and a message to the controller only when health flips.
 
 use super::counter::Counter;
-use super::probe::Prober;
+use super::probe::{CheckError, Prober};
 use crate::config::{HealthConfig, Upstream};
 use crate::control::protocol::ServerHealth;
 use crate::time::Timestamp;
@@ -157,13 +157,31 @@ impl Task {
         ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
         loop {
             let (result, active) = tokio::select! {
-                _ = ticks.tick() => (self.prober.check().await, true),
+                _ = ticks.tick() => match self.prober.check().await {
+                    Ok(latency) => (Ok(latency), true),
+                    Err(CheckError::Server(why)) => (Err(why), true),
+                    Err(CheckError::Local(why)) => {
+                        self.not_run(why);
+                        continue;
+                    }
+                },
                 report = passive.recv() => match report {
                     Some(why) => (Err(format!("request failed: {why}")), false),
                     None => return,
                 },
             };
             self.record(result, active);
+        }
+    }
+
+    /// A check the proxy could not make (out of file descriptors, memory or local ports):
+    /// shown as the last error, and counted neither way, since it says nothing of the server.
+    fn not_run(&mut self, why: String) {
+        tracing::warn!(server = %self.name, "health check not made, not counted: {why}");
+        if let Some(entry) = self.table.servers.get(self.index) {
+            let mut entry = entry.lock().unwrap_or_else(|e| e.into_inner());
+            entry.last_check = Some(Timestamp(SystemTime::now()));
+            entry.last_error = Some(format!("check not made: {why}"));
         }
     }
 

@@ -20,6 +20,34 @@ const USER_AGENT: &str = concat!("intermission-health-check/", env!("CARGO_PKG_V
 /// compressed, length 0.
 const GRPC_CHECK_REQUEST: &[u8] = &[0, 0, 0, 0, 0];
 
+/// Why a check failed.
+#[derive(Debug)]
+pub enum CheckError {
+    /// The server failed it.
+    Server(String),
+    /// The proxy could not run it: out of file descriptors, memory or local ports
+    /// (`forward::local_exhaustion`). Says nothing of the server.
+    Local(String),
+}
+
+impl From<String> for CheckError {
+    fn from(why: String) -> CheckError {
+        CheckError::Server(why)
+    }
+}
+
+impl CheckError {
+    /// What failed, told the same way whoever is to blame.
+    fn from_error(e: &(dyn std::error::Error + 'static)) -> CheckError {
+        let why = crate::logging::with_causes(e);
+        if crate::forward::local_exhaustion(e) {
+            CheckError::Local(why)
+        } else {
+            CheckError::Server(why)
+        }
+    }
+}
+
 /// Runs checks for one server; its clients keep no idle connections, so every check proves
 /// that a new connection can be made, as a client's would be.
 pub struct Prober {
@@ -48,17 +76,17 @@ impl Prober {
     }
 
     /// Checks once: the latency on success, why on failure.
-    pub async fn check(&self) -> Result<Duration, String> {
+    pub async fn check(&self) -> Result<Duration, CheckError> {
         let start = Instant::now();
         let outcome = tokio::time::timeout(self.config.timeout, self.attempt()).await;
         match outcome {
             Ok(Ok(())) => Ok(start.elapsed()),
             Ok(Err(why)) => Err(why),
-            Err(_) => Err(format!("no answer within {:?}", self.config.timeout)),
+            Err(_) => Err(format!("no answer within {:?}", self.config.timeout).into()),
         }
     }
 
-    async fn attempt(&self) -> Result<(), String> {
+    async fn attempt(&self) -> Result<(), CheckError> {
         match self.config.kind {
             HealthKind::Tcp => {
                 let host = self.server.authority.host();
@@ -71,7 +99,10 @@ impl Prober {
                 tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
                     .await
                     .map(drop)
-                    .map_err(|e| format!("connect: {e}"))
+                    .map_err(|e| match CheckError::from_error(&e) {
+                        CheckError::Server(why) => CheckError::Server(format!("connect: {why}")),
+                        local => local,
+                    })
             }
             HealthKind::Http => {
                 let req = self.request(self.config.path.as_str(), Body::Empty)?;
@@ -80,7 +111,7 @@ impl Prober {
                 if self.config.expects(status) {
                     Ok(())
                 } else {
-                    Err(format!("status {status} is not in health.expect"))
+                    Err(format!("status {status} is not in health.expect").into())
                 }
             }
             HealthKind::Grpc => {
@@ -112,12 +143,12 @@ impl Prober {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("missing");
                 if status != "0" {
-                    return Err(format!("grpc-status {status}"));
+                    return Err(format!("grpc-status {status}").into());
                 }
                 match serving_status(&data) {
                     Some(1) => Ok(()),
-                    Some(other) => Err(format!("health status {other} (not SERVING)")),
-                    None => Err("unreadable HealthCheckResponse".into()),
+                    Some(other) => Err(format!("health status {other} (not SERVING)").into()),
+                    None => Err(CheckError::Server("unreadable HealthCheckResponse".into())),
                 }
             }
         }
@@ -147,12 +178,12 @@ impl Prober {
     async fn send(
         &self,
         req: Request<Body>,
-    ) -> Result<http::Response<hyper::body::Incoming>, String> {
+    ) -> Result<http::Response<hyper::body::Incoming>, CheckError> {
         let pending: ResponseFuture = match self.server.protocol {
             Protocol::H2c => self.h2c.request(req),
             Protocol::Http | Protocol::Https => self.http.request(req),
         };
-        pending.await.map_err(|e| crate::logging::with_causes(&e))
+        pending.await.map_err(|e| CheckError::from_error(&e))
     }
 }
 
