@@ -56,14 +56,13 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true);
+    let mut failures = crate::listener::AcceptFailures::new("admin");
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
-                    // Usually out of file descriptors: wait a moment instead of spinning.
-                    tracing::warn!(error = %e, "admin: accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    failures.failed(&e).await;
                     continue;
                 }
             },

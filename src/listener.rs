@@ -150,6 +150,47 @@ enum Arrived {
     Tls(TlsAcceptor, TcpStream, Arc<Drain>),
 }
 
+/// What an accept loop does when accepting fails, most often for want of file descriptors, a
+/// condition that lasts: it waits a moment instead of spinning, and says so at most once a
+/// second with how many failed in between, where a line per try wrote some 50 a second.
+pub struct AcceptFailures {
+    what: &'static str,
+    said: Option<std::time::Instant>,
+    unsaid: u64,
+}
+
+impl AcceptFailures {
+    /// `what`: the listener, as the log names it.
+    pub fn new(what: &'static str) -> AcceptFailures {
+        AcceptFailures {
+            what,
+            said: None,
+            unsaid: 0,
+        }
+    }
+
+    pub async fn failed(&mut self, e: &std::io::Error) {
+        if let Some(unsaid) = self.tell(std::time::Instant::now()) {
+            tracing::warn!(error = %e, "{}: accept failed ({unsaid} more since the last line)", self.what);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    /// Whether a failure at `now` is to be written, with how many were not since the last.
+    fn tell(&mut self, now: std::time::Instant) -> Option<u64> {
+        match self.said {
+            Some(said) if now.duration_since(said) < Duration::from_secs(1) => {
+                self.unsaid += 1;
+                None
+            }
+            _ => {
+                self.said = Some(now);
+                Some(std::mem::take(&mut self.unsaid))
+            }
+        }
+    }
+}
+
 pub async fn accept_loop(
     listener: TcpListener,
     state: StateHandle,
@@ -159,14 +200,13 @@ pub async fn accept_loop(
     tls: bool,
     mut shutdown: Shutdown,
 ) {
+    let mut failures = AcceptFailures::new("listener");
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
-                    // Usually out of file descriptors: wait a moment instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    failures.failed(&e).await;
                     continue;
                 }
             },
@@ -464,7 +504,22 @@ async fn until_first_request<F: std::future::Future>(
 
 #[cfg(test)]
 mod tests {
-    use super::{sniff, Protocol};
+    use super::{sniff, AcceptFailures, Protocol};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn lasting_accept_failures_are_told_once_a_second() {
+        let mut f = AcceptFailures::new("listener");
+        let t = Instant::now();
+        let at = |ms| t + Duration::from_millis(ms);
+        assert_eq!(f.tell(at(0)), Some(0));
+        for ms in (20..1000).step_by(20) {
+            assert_eq!(f.tell(at(ms)), None);
+        }
+        assert_eq!(f.tell(at(1000)), Some(49));
+        assert_eq!(f.tell(at(1020)), None);
+        assert_eq!(f.tell(at(5000)), Some(1));
+    }
 
     #[test]
     fn first_bytes_tell_the_protocol() {

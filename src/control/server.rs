@@ -66,13 +66,13 @@ pub async fn serve(
     controller: ControllerHandle,
     mut shutdown: Shutdown,
 ) {
+    let mut failures = crate::listener::AcceptFailures::new("control socket");
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((s, _)) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "control socket accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    failures.failed(&e).await;
                     continue;
                 }
             },
