@@ -38,6 +38,7 @@ pub mod gateway;
 pub mod h1;
 pub mod health;
 pub mod hold;
+pub mod limits;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

@@ -168,6 +168,9 @@ fn describe(e: &anyhow::Error) -> String {
 fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(path.as_deref())?;
     intermission::logging::init(&config.log);
+    if let Some(limit) = intermission::limits::raise_open_files() {
+        intermission::limits::warn_if_short(limit, config.proxy.max_connections);
+    }
     // The proxy's own runtime is single-threaded: it is the first worker, and starts the
     // others (`workers`) for `proxy.threads` above 1.
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -646,23 +646,6 @@ async fn health_expect_decides_which_statuses_are_healthy() {
     assert_eq!(proxy_mode(&by_default).await, "normal");
 }
 
-/// Whether `prlimit` (util-linux) is here to lower a running proxy's descriptor limit: loudly
-/// skipped without it, and a failure in CI, which has it.
-fn have_prlimit() -> bool {
-    let found = std::process::Command::new("prlimit")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "prlimit is missing in CI"
-        );
-        eprintln!("SKIPPED: prlimit (util-linux) is not installed");
-    }
-    found
-}
-
 /// A proxy out of file descriptors is in trouble of its own: it cannot open connections to a
 /// healthy server, nor run its health checks, but that is no outage of the application. The
 /// server must not be taken out (which would switch every client to the outage page and

@@ -702,3 +702,38 @@ fn sigterm_during_start_stops_the_proxy_cleanly() {
     );
     assert!(!socket.exists(), "the control socket was left behind");
 }
+
+/// A service started with a low soft open-file limit (systemd's 1,024) gets the hard one, and
+/// a `max_connections` the limit cannot serve is told at start.
+#[tokio::test]
+async fn the_open_file_limit_is_raised_and_a_short_one_is_told() {
+    if !have_prlimit() {
+        return;
+    }
+    let up = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[proxy]\nmax_connections = 5000\n[upstream]\nservers = [\"{}\"]\n",
+        up.url()
+    );
+    let proxy =
+        ProxyProcess::start_via(&["prlimit", "--nofile=256:4096", "--"], dir.path(), &config);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", proxy.child.id())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers, ["4096", "4096"], "{open_files}");
+    let lines = proxy.log_lines();
+    let said = |what: &str| lines.iter().any(|l| l.contains(what));
+    assert!(
+        said("open-file limit raised from 256 to 4096"),
+        "{lines:#?}"
+    );
+    assert!(
+        said("proxy.max_connections = 5000 may need 10064 open files") && said("the limit is 4096"),
+        "{lines:#?}"
+    );
+    assert_eq!(get(&proxy.url("/")).await.status(), 200);
+}

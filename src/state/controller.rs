@@ -537,6 +537,11 @@ impl Controller {
             tracing::warn!("proxy.threads changed; it takes effect at the next restart");
             config.proxy.threads = old.proxy.threads;
         }
+        if config.proxy.max_connections != old.proxy.max_connections {
+            if let Some(limit) = crate::limits::open_files() {
+                crate::limits::warn_if_short(limit, config.proxy.max_connections);
+            }
+        }
         let restart =
             config.upstream.servers != old.upstream.servers || config.health != old.health;
         let message_before = self.shown_message();

@@ -305,9 +305,23 @@ pub struct ProxyProcess {
 
 impl ProxyProcess {
     pub fn start(dir: &Path, config: &str) -> ProxyProcess {
+        ProxyProcess::start_via(&[], dir, config)
+    }
+
+    /// Started by `wrapper` (a command that runs the one it is given, as `prlimit … --`).
+    pub fn start_via(wrapper: &[&str], dir: &Path, config: &str) -> ProxyProcess {
         let path = dir.join("config.toml");
         std::fs::write(&path, with_listen(config)).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_intermission"))
+        let binary = env!("CARGO_BIN_EXE_intermission");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
+        let mut child = command
             .args(["run", "-c"])
             .arg(&path)
             .env_remove("RUST_LOG")
@@ -471,4 +485,21 @@ pub fn edit_config(proxy: &Proxy, edit: impl FnOnce(String) -> String) {
     let path = proxy.dir.path().join("config.toml");
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, edit(text)).unwrap();
+}
+
+/// Whether `prlimit` (util-linux) is here to lower a running proxy's descriptor limit: loudly
+/// skipped without it, and a failure in CI, which has it.
+pub fn have_prlimit() -> bool {
+    let found = std::process::Command::new("prlimit")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "prlimit is missing in CI"
+        );
+        eprintln!("SKIPPED: prlimit (util-linux) is not installed");
+    }
+    found
 }
