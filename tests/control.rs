@@ -128,6 +128,41 @@ async fn an_oversized_line_is_refused_and_the_connection_closed() {
     assert!(ctl(&proxy, Ctl::Status).await.ok);
 }
 
+/// 64 connections that say nothing (a script leaking them) leave the 65th told why it is
+/// closed, and the operator's way in opens again as soon as one of them goes.
+#[tokio::test]
+async fn control_connections_are_capped_and_one_over_is_told_busy() {
+    use tokio::io::AsyncBufReadExt;
+    let proxy = spawn_proxy("").await;
+    let socket = proxy.dir.path().join("intermission.sock");
+    let mut silent = Vec::new();
+    for _ in 0..63 {
+        silent.push(tokio::net::UnixStream::connect(&socket).await.unwrap());
+    }
+    // Up to 64 are served: a request on the 64th gets its answer.
+    let mut last = Client::connect(&socket).await.unwrap();
+    let answer = last.raw(br#"{"cmd":"status"}"#).await.unwrap();
+    assert!(answer.contains(r#""ok":true"#), "{answer}");
+    let over = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let mut lines = tokio::io::BufReader::new(over).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("the connection over the cap was not answered")
+        .unwrap()
+        .unwrap();
+    let refused: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(refused["error"]["code"], "busy", "{line}");
+    assert_eq!(lines.next_line().await.unwrap(), None, "closed");
+    drop(silent);
+    let answered = wait_until_async(|| async {
+        intermission::control::client::request(&socket, &Ctl::Status)
+            .await
+            .is_ok_and(|r| r.ok)
+    })
+    .await;
+    assert!(answered, "no way in once the silent connections closed");
+}
+
 #[tokio::test]
 async fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,6 +3,9 @@
 //!
 //! Lines are capped before they are buffered whole, so a client cannot make the proxy
 //! allocate without bound; a bad request gets an error and the connection stays usable.
+//! Connections are capped too, and one that says nothing for a minute is closed, so that
+//! leaked or stuck clients (a script that never closes its `socat`) cannot hold the operator's
+//! way in shut, as HAProxy's CLI has `maxconn` and `timeout cli`.
 
 use super::protocol::{parse_request, ErrorBody, Response, MAX_LINE};
 use crate::shutdown::Shutdown;
@@ -60,6 +63,11 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
+/// Control connections open at once; one more is told `busy` and closed.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a connection may wait between requests, or take to send one.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
@@ -67,6 +75,7 @@ pub async fn serve(
     mut shutdown: Shutdown,
 ) {
     let mut failures = crate::listener::AcceptFailures::new("control socket");
+    let open = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -78,9 +87,30 @@ pub async fn serve(
             },
             _ = shutdown.fired() => break,
         };
-        tokio::spawn(connection(stream, controller.clone()));
+        match open.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let controller = controller.clone();
+                tokio::spawn(async move {
+                    connection(stream, controller).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                tokio::spawn(refuse(stream));
+            }
+        }
     }
     let _ = std::fs::remove_file(&path);
+}
+
+/// Tells a connection over `MAX_CONNECTIONS` why it is closed (bounded: it may not read).
+async fn refuse(stream: UnixStream) {
+    let (_, mut w) = stream.into_split();
+    let err = Response::error(ErrorBody::new(
+        "busy",
+        format!("{MAX_CONNECTIONS} control connections are open already; closing"),
+    ));
+    let _ = tokio::time::timeout(IDLE, write(&mut w, &err)).await;
 }
 
 async fn connection(stream: UnixStream, controller: ControllerHandle) {
@@ -96,13 +126,18 @@ async fn connection(stream: UnixStream, controller: ControllerHandle) {
         line.clear();
         // Room for the longest line allowed and its ending (CR LF): one byte more, with no
         // LF, is already too long.
-        match (&mut r)
-            .take(MAX_LINE as u64 + 2)
-            .read_until(b'\n', &mut line)
-            .await
-        {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
+        let mut capped = (&mut r).take(MAX_LINE as u64 + 2);
+        match tokio::time::timeout(IDLE, capped.read_until(b'\n', &mut line)).await {
+            Ok(Ok(0) | Err(_)) => return,
+            Ok(Ok(_)) => {}
+            Err(_) => {
+                let err = Response::error(ErrorBody::new(
+                    "idle",
+                    format!("no request for {} s; closing", IDLE.as_secs()),
+                ));
+                let _ = write(&mut w, &err).await;
+                return;
+            }
         }
         let complete = line.last() == Some(&b'\n');
         if content_len(&line) > MAX_LINE {
@@ -162,6 +197,29 @@ fn user_name(uid: u32) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncBufReadExt;
+
+    /// Half a request, then silence: closed after `IDLE`, saying why.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_closed_after_a_minute() {
+        let (client, server) = UnixStream::pair().unwrap();
+        let served = tokio::spawn(connection(server, ControllerHandle::detached()));
+        let (r, mut w) = client.into_split();
+        w.write_all(br#"{"cmd":"sta"#).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let mut lines = BufReader::new(r).lines();
+        let hour = std::time::Duration::from_secs(3600);
+        let line = tokio::time::timeout(hour, lines.next_line())
+            .await
+            .expect("still open after an hour")
+            .unwrap()
+            .unwrap();
+        assert_eq!(started.elapsed(), std::time::Duration::from_secs(60));
+        let resp: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(resp["error"]["code"], "idle", "{line}");
+        assert_eq!(lines.next_line().await.unwrap(), None, "closed");
+        served.await.unwrap();
+    }
 
     #[test]
     fn the_limit_does_not_count_the_line_ending() {

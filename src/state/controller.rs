@@ -35,6 +35,15 @@ pub struct ControllerHandle {
 }
 
 impl ControllerHandle {
+    /// A handle to no controller, for tests of what reaches it (its requests are refused as
+    /// during a shutdown).
+    #[cfg(test)]
+    pub fn detached() -> ControllerHandle {
+        ControllerHandle {
+            tx: mpsc::channel(1).0,
+        }
+    }
+
     /// Applies one control request on behalf of local user `by`.
     pub async fn request(&self, req: Request, by: String) -> Response {
         let (reply, answer) = oneshot::channel();
