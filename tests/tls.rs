@@ -794,13 +794,17 @@ async fn black_hole() -> (SocketAddr, Arc<AtomicUsize>) {
 /// checks, which a black hole passes, keep it in the rotation, as a server whose TLS is stuck
 /// would be.
 async fn impatient_proxy(servers: &[String], ca: &Ca) -> Proxy {
+    proxy_with_connect_timeout(servers, ca, "200ms").await
+}
+
+async fn proxy_with_connect_timeout(servers: &[String], ca: &Ca, connect_timeout: &str) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
     let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
     let text = format!(
         "[proxy]\nlisten = [\"127.0.0.1:0\"]\nthreads = 1\n[upstream]\nservers = [{}]\n\
-         ca_file = \"ca.pem\"\nconnect_timeout = \"200ms\"\nresponse_timeout = \"1h\"\n\
-         [health]\nkind = \"tcp\"\ninterval = \"1h\"\n",
+         ca_file = \"ca.pem\"\nconnect_timeout = \"{connect_timeout}\"\n\
+         response_timeout = \"1h\"\n[health]\nkind = \"tcp\"\ninterval = \"1h\"\nfall = 3\n",
         servers.join(", ")
     );
     spawn_proxy_in(dir, &text).await
@@ -883,12 +887,22 @@ async fn an_upgrade_to_a_tls_handshake_that_never_ends_fails_after_connect_timeo
 async fn a_burst_to_a_tls_handshake_that_never_ends_waits_for_one_attempt() {
     let ca = Ca::new();
     let (hole, accepted) = black_hole().await;
-    let proxy = impatient_proxy(&[format!("https://{hole}")], &ca).await;
+    // Long enough for the whole burst to queue behind the first dial on a slow machine.
+    let proxy = proxy_with_connect_timeout(&[format!("https://{hole}")], &ca, "2s").await;
     assert_eq!(wait_healthy(&proxy).await, Some(true));
     let checks = accepted.load(Ordering::SeqCst);
     burst(&proxy, "HTTP/1.1 503").await;
     let dials = accepted.load(Ordering::SeqCst) - checks;
     assert_eq!(dials, 1, "the burst dialed {dials} times");
+    // One failed connection counts once against the server, not once per waiting request:
+    // with `fall = 3`, sixteen would have taken it out.
+    assert!(
+        last_error(&proxy).await.is_some(),
+        "the failure was not told"
+    );
+    let health = ctl(&proxy, Ctl::Health).await.health.unwrap();
+    assert_eq!(health[0].healthy, Some(true), "{health:?}");
+    assert_eq!(health[0].consecutive, 1, "{health:?}");
 }
 
 /// How `refusing_upstream` refuses streams.

@@ -304,10 +304,19 @@ fn upstream_uri(server: &Upstream, path: PathAndQuery) -> Uri {
 }
 
 /// Tells the server's checker that a request to it failed. A failure of the proxy's own (out
-/// of file descriptors, memory or local ports) is not the server's: counted against it, a
-/// flood of clients would take a healthy application out and announce an outage.
+/// of file descriptors or memory) is not the server's: counted against it, a flood of
+/// clients would take a healthy application out and announce an outage. Nor is a failed
+/// connection counted twice: one shared by the requests that waited for it
+/// (`pool::SendError::Shared`) is told by the request that opened it.
 pub(crate) fn report(passive: &[Passive], server: usize, error: &UpstreamError) {
-    if local_exhaustion(error) {
+    let shared = matches!(
+        error,
+        UpstreamError::Connect {
+            source: pool::SendError::Shared(_),
+            ..
+        }
+    );
+    if shared || local_exhaustion(error) {
         return;
     }
     if let Some(tx) = passive.get(server) {
@@ -317,8 +326,9 @@ pub(crate) fn report(passive: &[Passive], server: usize, error: &UpstreamError) 
 }
 
 /// Whether `e`, or one of its causes, says that this process or host ran out of something a
-/// new connection needs (file descriptors, memory, local ports): the proxy's trouble, which
-/// says nothing of the server's health.
+/// new connection needs (file descriptors, memory): the proxy's trouble, which says nothing
+/// of the server's health. Not `EADDRNOTAVAIL`: besides local ports running out, it is what
+/// an IPv6 server gets on a host without IPv6, which must show as the server down.
 pub fn local_exhaustion(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(e);
     while let Some(c) = cause {
@@ -327,7 +337,7 @@ pub fn local_exhaustion(e: &(dyn std::error::Error + 'static)) -> bool {
             .and_then(std::io::Error::raw_os_error);
         if matches!(
             errno,
-            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
         ) {
             return true;
         }

@@ -61,6 +61,10 @@ pub enum SendError {
     /// The connection failed or closed before a response head arrived (`crate::relay`).
     #[error("{0}")]
     Io(#[source] std::io::Error),
+    /// The connection another request was opening for this one could not be opened: that
+    /// request tells the server's checker, so this one is not counted again.
+    #[error("{0}")]
+    Shared(String),
     /// The server's answer broke HTTP/1.1 (`crate::relay`).
     #[error("invalid response: {0}")]
     Protocol(&'static str),
@@ -70,7 +74,7 @@ impl SendError {
     /// Whether no connection was made, so the request never left.
     pub fn is_connect(&self) -> bool {
         match self {
-            SendError::Connect(_) => true,
+            SendError::Connect(_) | SendError::Shared(_) => true,
             SendError::Http(_) | SendError::Io(_) | SendError::Protocol(_) => false,
             SendError::Client(e) => e.is_connect(),
         }
@@ -121,6 +125,8 @@ struct H2Slot {
 }
 
 type Sender2 = http2::SendRequest<Body>;
+/// An HTTP/2 connection's sender, with when the connection was opened.
+type Dialed = (Sender2, Instant);
 
 /// The connection an `H2Slot` keeps.
 struct Kept2 {
@@ -321,14 +327,16 @@ impl UpstreamPool {
                 req.headers().get(header::HOST).cloned(),
                 req.version(),
             );
-            // When the server refused the request unprocessed: it is sent again once, on a
-            // connection opened since.
-            let mut refused = None;
+            // When the connection that gave the request back, or refused it, was opened: the
+            // request goes on one opened after it, dialed once however many it failed.
+            let mut failed_on = None;
+            // A request the server refused unprocessed is sent again once.
+            let mut sent_again = false;
             loop {
                 let reused = kept.is_some();
-                let mut sender = match kept.take() {
-                    Some(sender) => sender,
-                    None => match self.dial_h2(index, slot, http1, refused).await? {
+                let (mut sender, dialed) = match kept.take() {
+                    Some(kept) => kept,
+                    None => match self.dial_h2(index, slot, http1, failed_on).await? {
                         Some(sender) => sender,
                         // The connection is dropped unused: it is made once per server,
                         // and hyper-util's client cannot take it.
@@ -346,15 +354,20 @@ impl UpstreamPool {
                 };
                 https_over_h2(&mut req);
                 // A stream the server refuses takes the request with it, so a copy is kept
-                // to send again (a header map's clone on this rare path), when its body can be
-                // sent twice.
-                let again = refused.is_none().then(|| copy_whole(&req)).flatten();
+                // to send again when its body can be sent twice: a clone of its header map
+                // and URI for every such request on this path (HTTPS to an HTTP/2 server,
+                // where TLS and HTTP/2 framing cost far more), since a refusal is known only
+                // once the request has left.
+                let again = (!sent_again).then(|| copy_whole(&req)).flatten();
                 match sender.try_send_request(req).await {
                     Ok(resp) => return Ok(resp),
                     Err(mut e) => match (e.take_message(), again) {
                         // A kept connection the server closed (idle, or GOAWAY) before the
                         // request left: sent on a new one, as hyper-util's client does.
-                        (Some(unsent), _) if reused => req = unsent,
+                        (Some(unsent), _) if reused => {
+                            req = unsent;
+                            failed_on = Some(dialed);
+                        }
                         // Whatever its method: the server says it did nothing with it.
                         (None, Some(copy)) if refused_unprocessed(e.error()) => {
                             tracing::debug!(
@@ -362,7 +375,8 @@ impl UpstreamPool {
                                 "an upstream refused a request unprocessed; sending it again"
                             );
                             req = copy;
-                            refused = Some(Instant::now());
+                            sent_again = true;
+                            failed_on = Some(dialed);
                         }
                         _ => return Err(SendError::Http(e.into_error())),
                     },
@@ -372,49 +386,51 @@ impl UpstreamPool {
         Ok(clients.https.request(req).await?)
     }
 
-    /// This worker's HTTP/2 connection to `https://` server `index`, dialed unless another
-    /// request dialed it while this one waited its turn (after `refused`, when given);
-    /// `None` once the server chose HTTP/1.1.
+    /// This worker's HTTP/2 connection to `https://` server `index`, with when it was opened,
+    /// dialed unless another request dialed it while this one waited its turn (after the
+    /// one opened at `failed_on`, when given); `None` once the server chose HTTP/1.1.
     async fn dial_h2(
         &self,
         index: usize,
         slot: &H2Slot,
         http1: &AtomicBool,
-        refused: Option<Instant>,
-    ) -> Result<Option<Sender2>, SendError> {
+        failed_on: Option<Instant>,
+    ) -> Result<Option<Dialed>, SendError> {
         let queued = Instant::now();
         let _dialing = slot.dialing.lock().await;
         if http1.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        if let Some(sender) = live(slot, self.config.idle_timeout, refused) {
-            return Ok(Some(sender));
+        if let Some(kept) = live(slot, self.config.idle_timeout, failed_on) {
+            return Ok(Some(kept));
         }
         // A dial that failed while this request waited for it fails this one too (as a
         // connection never opened, so it may go elsewhere): dialing again in turn would keep
         // the n-th request of a burst to a server stuck in its handshake n × connect_timeout.
+        // Counted once against the server, by the request that dialed: one failed handshake
+        // shared by a burst must not count as one per request and take a server out.
         let failed = match &*lock(&slot.failed) {
             Some((at, why)) if *at >= queued => Some(why.clone()),
             _ => None,
         };
         if let Some(why) = failed {
-            return Err(SendError::Connect(why.into()));
+            return Err(SendError::Shared(why));
         }
         let dialed = self.connect_h2(index).await;
         *lock(&slot.failed) = dialed
             .as_ref()
             .err()
             .map(|e| (Instant::now(), e.to_string()));
-        let sender = dialed?;
-        if let Some(sender) = &sender {
-            let now = Instant::now();
-            *lock(&slot.kept) = Some(Kept2 {
-                sender: sender.clone(),
-                dialed: now,
-                used: now,
-            });
-        }
-        Ok(sender)
+        let Some(sender) = dialed? else {
+            return Ok(None);
+        };
+        let now = Instant::now();
+        *lock(&slot.kept) = Some(Kept2 {
+            sender: sender.clone(),
+            dialed: now,
+            used: now,
+        });
+        Ok(Some((sender, now)))
     }
 
     /// A new connection to `https://` server `index`, offering HTTP/2 and HTTP/1.1: its
@@ -535,21 +551,22 @@ impl UpstreamPool {
 
 type Sender = http1::SendRequest<Body>;
 
-/// This worker's HTTP/2 connection in `slot`, unless its server closed it, no request went
-/// on it for `idle` (`upstream.idle_timeout`, as for HTTP/1.1 connections), or it was opened
-/// before `refused` (it may be the one that refused a request, and going away): then it is
-/// let go, and closes once the requests still on it are done. Taking it counts as a use.
-fn live(slot: &H2Slot, idle: Duration, refused: Option<Instant>) -> Option<Sender2> {
+/// This worker's HTTP/2 connection in `slot`, with when it was opened, unless its server
+/// closed it, no request went on it for `idle` (`upstream.idle_timeout`, as for HTTP/1.1
+/// connections), or it was opened no later than `failed_on` (it is the one that gave a
+/// request back or refused it, and may be going away): then it is let go, and closes once
+/// the requests still on it are done. Taking it counts as a use.
+fn live(slot: &H2Slot, idle: Duration, failed_on: Option<Instant>) -> Option<Dialed> {
     let mut kept = lock(&slot.kept);
     let now = Instant::now();
     match kept.as_mut() {
         Some(k)
             if !k.sender.is_closed()
                 && now.duration_since(k.used) < idle
-                && refused.is_none_or(|at| k.dialed > at) =>
+                && failed_on.is_none_or(|at| k.dialed > at) =>
         {
             k.used = now;
-            Some(k.sender.clone())
+            Some((k.sender.clone(), k.dialed))
         }
         _ => {
             *kept = None;

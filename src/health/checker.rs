@@ -174,7 +174,7 @@ impl Task {
         }
     }
 
-    /// A check the proxy could not make (out of file descriptors, memory or local ports):
+    /// A check the proxy could not make (out of file descriptors or memory):
     /// shown as the last error, and counted neither way, since it says nothing of the server.
     fn not_run(&mut self, why: String) {
         tracing::warn!(server = %self.name, "health check not made, not counted: {why}");

@@ -25,7 +25,7 @@ const GRPC_CHECK_REQUEST: &[u8] = &[0, 0, 0, 0, 0];
 pub enum CheckError {
     /// The server failed it.
     Server(String),
-    /// The proxy could not run it: out of file descriptors, memory or local ports
+    /// The proxy could not run it: out of file descriptors or memory
     /// (`forward::local_exhaustion`). Says nothing of the server.
     Local(String),
 }
