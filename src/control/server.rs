@@ -110,7 +110,7 @@ async fn refuse(stream: UnixStream) {
         "busy",
         format!("{MAX_CONNECTIONS} control connections are open already; closing"),
     ));
-    let _ = tokio::time::timeout(IDLE, write(&mut w, &err)).await;
+    let _ = write(&mut w, &err).await;
 }
 
 async fn connection(stream: UnixStream, controller: ControllerHandle) {
@@ -122,12 +122,14 @@ async fn connection(stream: UnixStream, controller: ControllerHandle) {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let mut line = Vec::new();
+    // Moved on by requests only: blank lines do not keep a connection open.
+    let mut deadline = tokio::time::Instant::now() + IDLE;
     loop {
         line.clear();
         // Room for the longest line allowed and its ending (CR LF): one byte more, with no
         // LF, is already too long.
         let mut capped = (&mut r).take(MAX_LINE as u64 + 2);
-        match tokio::time::timeout(IDLE, capped.read_until(b'\n', &mut line)).await {
+        match tokio::time::timeout_at(deadline, capped.read_until(b'\n', &mut line)).await {
             Ok(Ok(0) | Err(_)) => return,
             Ok(Ok(_)) => {}
             Err(_) => {
@@ -156,6 +158,7 @@ async fn connection(stream: UnixStream, controller: ControllerHandle) {
             Ok(req) => controller.request(req, by.clone()).await,
             Err(e) => Response::error(e),
         };
+        deadline = tokio::time::Instant::now() + IDLE;
         if write(&mut w, &resp).await.is_err() || !complete {
             return;
         }
@@ -169,10 +172,15 @@ fn content_len(line: &[u8]) -> usize {
     line.strip_suffix(b"\r").unwrap_or(line).len()
 }
 
+/// Writes one answer, giving up after `IDLE`: a client that sends requests and never reads
+/// the answers must not keep its connection (and a slot under `MAX_CONNECTIONS`) for ever.
 async fn write(w: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response) -> std::io::Result<()> {
     let mut out = serde_json::to_vec(resp).map_err(std::io::Error::other)?;
     out.push(b'\n');
-    w.write_all(&out).await
+    match tokio::time::timeout(IDLE, w.write_all(&out)).await {
+        Ok(written) => written,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
 }
 
 /// Who is on the other end: the local user's name from the socket's peer credentials, which
@@ -198,6 +206,51 @@ fn user_name(uid: u32) -> Option<String> {
 mod tests {
     use super::*;
     use tokio::io::AsyncBufReadExt;
+
+    /// Blank lines are no requests: they do not keep a connection open past the minute.
+    #[tokio::test(start_paused = true)]
+    async fn blank_lines_do_not_keep_a_connection_open() {
+        let (client, server) = UnixStream::pair().unwrap();
+        let served = tokio::spawn(connection(server, ControllerHandle::detached()));
+        let (r, mut w) = client.into_split();
+        let started = tokio::time::Instant::now();
+        let mut lines = BufReader::new(r).lines();
+        let blanks = async {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                if w.write_all(b"\n").await.is_err() {
+                    return;
+                }
+            }
+        };
+        let hour = std::time::Duration::from_secs(3600);
+        let line = tokio::select! {
+            line = tokio::time::timeout(hour, lines.next_line()) => line,
+            () = blanks => panic!("the blank lines stopped before the answer"),
+        };
+        let line = line.expect("still open after an hour").unwrap().unwrap();
+        assert_eq!(started.elapsed(), std::time::Duration::from_secs(60));
+        assert!(line.contains(r#""code":"idle""#), "{line}");
+        served.await.unwrap();
+    }
+
+    /// A client that sends requests and never reads the answers is let go once an answer
+    /// has waited a minute to be written.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_reads_is_let_go() {
+        let (client, server) = UnixStream::pair().unwrap();
+        let served = tokio::spawn(connection(server, ControllerHandle::detached()));
+        let (_unread, mut w) = client.into_split();
+        // Each request gets an answer (an error: no controller is behind this handle) that
+        // nobody reads, until the socket's buffer is full.
+        let hour = std::time::Duration::from_secs(3600);
+        let flood = async { while w.write_all(b"{\"cmd\":\"status\"}\n").await.is_ok() {} };
+        tokio::time::timeout(hour, async {
+            tokio::join!(flood, async { served.await.unwrap() });
+        })
+        .await
+        .expect("still served after an hour");
+    }
 
     /// Half a request, then silence: closed after `IDLE`, saying why.
     #[tokio::test(start_paused = true)]
