@@ -750,6 +750,26 @@ async fn what_happened_while_the_proxy_was_down_is_told_at_start() {
     assert_eq!(got[5]["mode"], "maintenance");
     assert_eq!(got[5]["previous_mode"], "normal");
     assert_eq!(proxy_mode(&proxy).await, "maintenance");
+
+    // An `on` given during the window was not in force before it: told again after a
+    // restart, the window still took over from `normal`.
+    assert!(ctl(&proxy, on(Some("Longer than planned"))).await.ok);
+    let told = events(&hook).len();
+    let proxy = down_until(proxy, std::time::SystemTime::now()).await;
+    let mut again = None;
+    for _ in 0..500 {
+        again = events(&hook)[told..]
+            .iter()
+            .find(|e| e["event"] == "schedule_started")
+            .cloned();
+        if again.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let again = again.expect("the window in force was not told again at start");
+    assert_eq!(again["previous_mode"], "normal", "{again}");
+    drop(proxy);
 }
 
 /// A request hyper cannot read never reaches the gateway, but its client gets a 4xx: that

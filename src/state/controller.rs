@@ -174,10 +174,15 @@ impl Controller {
         // moment before its start, not from the mode this start first published (the
         // window's own), so that the event told again after a restart reads as the first.
         let taken_over = match self.state.active_window(self.published_at) {
-            Some(w) => {
-                let just_before = w.start.0.checked_sub(Duration::from_nanos(1));
-                just_before.map_or(before, |t| self.state.mode(self.healthy(), t))
-            }
+            Some(w) => match w.start.0.checked_sub(Duration::from_nanos(1)) {
+                Some(t) => {
+                    // An `on` given during the window was not in force before it.
+                    let mut then = self.state.clone();
+                    then.planned = then.planned.filter(|p| p.since.0 <= t);
+                    then.mode(self.healthy(), t)
+                }
+                None => before,
+            },
             None => before,
         };
         self.window_events(taken_over);
