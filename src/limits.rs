@@ -11,24 +11,21 @@ const OWN: u64 = 64;
 /// and the soft one is a compatibility default for `select()`, which nothing here uses.
 /// Returns the limit in force; a failure to raise it leaves it as it was (logged).
 pub fn raise_open_files() -> Option<u64> {
-    let (soft, hard) = match rlimit::Resource::NOFILE.get() {
-        Ok(limits) => limits,
-        Err(e) => {
-            tracing::warn!("cannot read the open-file limit: {e}");
-            return None;
-        }
+    let Some(before) = open_files() else {
+        tracing::warn!("cannot read the open-file limit");
+        return None;
     };
-    if soft >= hard {
-        return Some(soft);
-    }
-    match rlimit::Resource::NOFILE.set(hard, hard) {
-        Ok(()) => {
-            tracing::info!("open-file limit raised from {soft} to {hard} (the hard limit)");
-            Some(hard)
+    // Up to the hard limit, or what the system allows a process where the hard limit says
+    // "unlimited" (macOS), which rlimit looks up.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(now) if now > before => {
+            tracing::info!("open-file limit raised from {before} to {now} (the hard limit)");
+            Some(now)
         }
+        Ok(now) => Some(now),
         Err(e) => {
-            tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
-            Some(soft)
+            tracing::warn!("cannot raise the open-file limit from {before}: {e}");
+            Some(before)
         }
     }
 }
@@ -39,7 +36,8 @@ pub fn open_files() -> Option<u64> {
 }
 
 /// Descriptors `max_connections` busy clients may need: one each, and one for the connection
-/// to the server each forwarded request holds.
+/// to the server a forwarded request holds. An estimate, not a bound: an HTTP/2 client's
+/// requests at once each hold one of their own.
 pub fn needed(max_connections: usize) -> u64 {
     (max_connections as u64)
         .saturating_mul(2)
@@ -54,7 +52,8 @@ pub fn warn_if_short(limit: u64, max_connections: usize) {
             "proxy.max_connections = {max_connections} may need {needed} open files (a client \
              and its connection to the server each), but the limit is {limit}: raise it \
              (LimitNOFILE= in a systemd unit, ulimit -n) or lower proxy.max_connections; \
-             until then, clients beyond it are refused"
+             once they run out, new clients wait unanswered and requests that need a new \
+             connection to the server get the outage response"
         );
     }
 }
