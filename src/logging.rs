@@ -51,9 +51,9 @@ fn directives(log: &LogConfig) -> String {
     if !verbose && !log.level.contains("rustls") {
         directives.push_str(",rustls=error");
     }
-    if log.access_log {
-        directives.push_str(",intermission::access=info");
-    }
+    // Whatever `access_log` says at start: a reload can turn it on, and each request asks
+    // the config in force whether to write its line.
+    directives.push_str(",intermission::access=info");
     directives
 }
 

@@ -737,3 +737,46 @@ async fn the_open_file_limit_is_raised_and_a_short_one_is_told() {
     );
     assert_eq!(get(&proxy.url("/")).await.status(), 200);
 }
+
+/// `log.access_log` is reloaded (README), even when the proxy started with it off and with
+/// `log.level` above `info` (but for the line that says where it listens).
+#[tokio::test]
+async fn a_reload_turns_the_access_log_on() {
+    let up = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[upstream]\nservers = [\"{}\"]\n[log]\nlevel = \"warn,intermission::app=info\"\n\
+         access_log = false\n",
+        up.url()
+    );
+    let proxy = ProxyProcess::start(dir.path(), &config);
+    let logged = |path: &str| {
+        proxy
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("intermission::access") && l.contains(path))
+    };
+    assert_eq!(get(&proxy.url("/before")).await.status(), 200);
+    let path = dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("access_log = false", "access_log = true"),
+    )
+    .unwrap();
+    let socket = dir.path().join("intermission.sock");
+    let reloaded = intermission::control::client::request(
+        &socket,
+        &intermission::control::protocol::Request::Reload,
+    )
+    .await
+    .unwrap();
+    assert!(reloaded.ok, "{reloaded:?}");
+    assert_eq!(get(&proxy.url("/after")).await.status(), 200);
+    assert!(
+        wait_until(Duration::from_secs(10), || logged("/after")).await,
+        "{:#?}",
+        proxy.log_lines()
+    );
+    assert!(!logged("/before"));
+}
