@@ -32,7 +32,7 @@ enum Command {
     },
     /// Validate a config file, print a summary, exit 0 (valid) or 1 (every problem listed).
     Check {
-        /// Config file [default: ./config.toml]
+        /// Config file [default: ./config.toml, built-in defaults if it does not exist]
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
@@ -41,7 +41,8 @@ enum Command {
     /// Exit codes: 0 done; 1 the proxy refused (its error printed); 2 bad usage; 3 no proxy
     /// answered on the socket.
     Ctl {
-        /// Config file naming the socket [default: ./config.toml]
+        /// Config file naming the socket [default: ./config.toml; ./intermission.sock if it
+        /// does not exist]
         #[arg(short, long, conflicts_with = "socket")]
         config: Option<PathBuf>,
         /// The control socket, instead of the one the config names
