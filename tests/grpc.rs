@@ -788,3 +788,55 @@ async fn held_grpc_answer_is_http_200_trailers_only() {
     assert!(collected.to_bytes().is_empty(), "trailers-only: no body");
     assert_eq!(server.seen.calls(), 0);
 }
+
+/// An `h2c://` server that refuses the first stream it gets unprocessed (`RST_STREAM` with
+/// `REFUSED_STREAM`, as a server going away refuses what races its `GOAWAY`) and answers the
+/// others `200` "served"; with the count of streams it got.
+async fn refusing_h2c_server() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let streams = Arc::new(AtomicUsize::new(0));
+    let seen = streams.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                // A TCP health check's connection ends here.
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_, mut respond))) = conn.accept().await {
+                    if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    if let Ok(mut send) = respond.send_response(http::Response::new(()), false) {
+                        let _ = send.send_data(bytes::Bytes::from_static(b"served"), true);
+                    }
+                }
+            });
+        }
+    });
+    (addr, streams)
+}
+
+/// A stream an `h2c://` server refused unprocessed (RFC 9113 §8.7) is sent again on a new
+/// connection, as to an `https://` server, rather than answered as an outage.
+#[tokio::test]
+async fn a_request_an_h2c_upstream_refuses_unprocessed_is_sent_again() {
+    let (addr, streams) = refusing_h2c_server().await;
+    // Checked over TCP alone, so that every stream the server gets is a forwarded request.
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"h2c://{addr}\"]\n[health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
+    ))
+    .await;
+    let checked = wait_until_async(|| async {
+        let health = ctl(&proxy, Ctl::Health).await.health.unwrap();
+        health[0].healthy == Some(true)
+    });
+    assert!(checked.await, "the server was never found healthy");
+    let resp = get(&proxy.url("/x")).await;
+    assert_eq!(resp.status(), 200, "{:?}", resp.body());
+    assert_eq!(resp.body(), "served");
+    assert_eq!(streams.load(Ordering::SeqCst), 2);
+}

@@ -3,13 +3,16 @@
 //! Connections are kept open between requests, so that a busy proxy reuses them instead of
 //! leaving a TIME_WAIT socket per request. Plain `http://` servers, the common case and the
 //! hot path, are reached through hyper's own HTTP/1.1 connections pooled here (`Http1Pool`);
-//! `h2c://` servers, and `https://` servers that speak HTTP/1.1, through hyper-util's client,
-//! whose TLS handling is worth its cost; `https://` servers that choose HTTP/2 by ALPN through
-//! one HTTP/2 connection per worker kept here (`UpstreamPool::https`), since only here is the
-//! protocol known before the request's host is named (`https_over_h2`). The pools live as
-//! long as the upstream config they were built from: a reload with the same `[upstream]`
-//! keeps them. Each worker thread (`crate::workers`) has connections of its own, so that a
-//! request never waits on another thread.
+//! `https://` servers that speak HTTP/1.1 through hyper-util's client, whose TLS handling is
+//! worth its cost; `h2c://` servers, and `https://` servers that choose HTTP/2 by ALPN, through
+//! one HTTP/2 connection per worker kept here (`UpstreamPool::h2`): only here is an `https://`
+//! server's protocol known before the request's host is named (`https_over_h2`), and only
+//! here is a request the server refused unprocessed (as one going away refuses those racing
+//! its `GOAWAY`) sent again rather than answered as an outage, when its body is empty or held
+//! whole: a gRPC call's streamed body is not kept to be sent twice. The pools
+//! live as long as the upstream config they were built from: a reload with the same
+//! `[upstream]` keeps them. Each worker thread (`crate::workers`) has connections of its own,
+//! so that a request never waits on another thread.
 //!
 //! `upstream.connect_timeout` bounds opening a connection whole, an `https://` server's TLS
 //! handshake included (`Timed`).
@@ -55,7 +58,7 @@ pub enum SendError {
     /// log line and `ctl health`'s last error would not say why.
     #[error("{}", crate::logging::with_causes(.0))]
     Http(#[from] hyper::Error),
-    /// The same, through hyper-util's client (`https://`, `h2c://`).
+    /// The same, through hyper-util's client (`https://` over HTTP/1.1).
     #[error("{}", crate::logging::with_causes(.0))]
     Client(#[from] hyper_util::client::legacy::Error),
     /// The connection failed or closed before a response head arrived (`crate::relay`).
@@ -91,8 +94,8 @@ pub struct UpstreamPool {
     pub tls: Arc<rustls::ClientConfig>,
     /// `http://` servers.
     http1: Http1Pool,
-    /// `https://` and `h2c://` servers, clients per worker, as `Http1Pool` keeps one idle list
-    /// per worker: a connection's task runs on the thread that opened it.
+    /// `h2c://` and `https://` servers, connections per worker, as `Http1Pool` keeps one idle
+    /// list per worker: a connection's task runs on the thread that opened it.
     clients: PerWorker<Clients>,
     /// Dials `https://` servers offering HTTP/2 and HTTP/1.1 by ALPN.
     tls_h2: TimedHttps,
@@ -106,14 +109,12 @@ struct Clients {
     /// `https://` servers over HTTP/1.1 (no ALPN offered): those that chose it, and requests
     /// that ask for an upgrade, which HTTP/2 does not carry (RFC 9113 §8.2.2).
     https: Client<TimedHttps, Body>,
-    /// `h2c://` servers: HTTP/2 with prior knowledge.
-    h2c: Client<TimedTcp, Body>,
-    /// By server index: the HTTP/2 connection to an `https://` server that chose it, shared
-    /// by this worker's requests as HTTP/2 multiplexes them.
+    /// By server index: the HTTP/2 connection to an `h2c://` server, or to an `https://` server
+    /// that chose HTTP/2, shared by this worker's requests as HTTP/2 multiplexes them.
     h2: Vec<H2Slot>,
 }
 
-/// One worker's HTTP/2 connection to one `https://` server.
+/// One worker's HTTP/2 connection to one `h2c://` or `https://` server.
 #[derive(Default)]
 struct H2Slot {
     kept: Mutex<Option<Kept2>>,
@@ -232,15 +233,14 @@ impl UpstreamPool {
     /// `workers`: the data plane's threads (`crate::workers`), each with idle lists of its own.
     pub fn new(config: &UpstreamConfig, workers: usize) -> Result<UpstreamPool, TlsError> {
         let tls = crate::tls::client_config(config)?;
-        let builder = |http2_only: bool| {
+        let builder = || {
             let mut b = Client::builder(TokioExecutor::new());
             b.pool_timer(TokioTimer::new())
                 .timer(TokioTimer::new())
                 .pool_idle_timeout(config.idle_timeout)
                 .pool_max_idle_per_host(MAX_IDLE_PER_SERVER)
                 // The client's own Host would name the upstream; the proxy keeps the client's.
-                .set_host(false)
-                .http2_only(http2_only);
+                .set_host(false);
             b
         };
         let tcp = tcp_connector(config.connect_timeout);
@@ -259,11 +259,10 @@ impl UpstreamPool {
                 workers,
             ),
             clients: PerWorker::new(workers, |_| Clients {
-                https: builder(false).build(Timed::new(
+                https: builder().build(Timed::new(
                     https1_connector(tcp.clone(), &tls),
                     config.connect_timeout,
                 )),
-                h2c: builder(true).build(Timed::new(tcp.clone(), config.connect_timeout)),
                 h2: config.servers.iter().map(|_| H2Slot::default()).collect(),
             }),
             tls_h2: Timed::new(https_connector(tcp.clone(), &tls), config.connect_timeout),
@@ -288,11 +287,28 @@ impl UpstreamPool {
         async move {
             let resp = match self.servers.get(index).map(|s| s.protocol) {
                 Some(Protocol::Http) => return self.http1.request(index, req).await,
-                Some(Protocol::H2c) => self.clients.local().h2c.request(req).await?,
-                // Boxed: the rare path must not make every request's future larger.
+                // Boxed: the rare paths must not make every request's future larger.
+                Some(Protocol::H2c) => Box::pin(self.h2c(index, req)).await?,
                 _ => Box::pin(self.https(index, req)).await?,
             };
             Ok(resp.map(Body::Stream))
+        }
+    }
+
+    /// Sends `req` to `h2c://` server `index` over this worker's HTTP/2 connection to it. `req`
+    /// comes as `forward::aim` makes it for HTTP/2 (the server's `:authority`, no `Host`), and
+    /// stays so: with prior knowledge there is no protocol to choose, nor HTTP/1.1 to fall
+    /// back on.
+    async fn h2c(&self, index: usize, req: Request<Body>) -> Result<Response<Incoming>, SendError> {
+        let clients = self.clients.local();
+        let slot = clients
+            .h2
+            .get(index)
+            .ok_or_else(|| SendError::Connect("no such server".into()))?;
+        match self.h2(index, slot, None, req).await? {
+            Ok(resp) => Ok(resp),
+            // Never: only an `https://` server's dial can find HTTP/1.1.
+            Err(_) => Err(SendError::Connect("the h2c server spoke no HTTP/2".into())),
         }
     }
 
@@ -318,8 +334,6 @@ impl UpstreamPool {
             _ => None,
         };
         if let Some((slot, http1)) = slot {
-            let idle = self.config.idle_timeout;
-            let mut kept = live(slot, idle, None);
             // As `forward::aim` made it: what the HTTP/1.1 client gets back, should the
             // server no longer choose HTTP/2 after the request was made an HTTP/2 one.
             let made = (
@@ -327,78 +341,95 @@ impl UpstreamPool {
                 req.headers().get(header::HOST).cloned(),
                 req.version(),
             );
-            // When the connection that gave the request back, or refused it, was opened: the
-            // request goes on one opened after it, dialed once however many it failed.
-            let mut failed_on = None;
-            // A request the server refused unprocessed is sent again once.
-            let mut sent_again = false;
-            loop {
-                let reused = kept.is_some();
-                let (mut sender, dialed) = match kept.take() {
-                    Some(kept) => kept,
-                    None => match self.dial_h2(index, slot, http1, failed_on).await? {
-                        Some(sender) => sender,
-                        // The connection is dropped unused: it is made once per server,
-                        // and hyper-util's client cannot take it.
-                        None => {
-                            http1.store(true, Ordering::Relaxed);
-                            let (uri, host, version) = made;
-                            *req.uri_mut() = uri;
-                            *req.version_mut() = version;
-                            if let Some(host) = host {
-                                req.headers_mut().insert(header::HOST, host);
-                            }
-                            break;
-                        }
-                    },
-                };
-                https_over_h2(&mut req);
-                // A stream the server refuses takes the request with it, so a copy is kept
-                // to send again when its body can be sent twice: a clone of its header map
-                // and URI for every such request on this path (HTTPS to an HTTP/2 server,
-                // where TLS and HTTP/2 framing cost far more), since a refusal is known only
-                // once the request has left.
-                let again = (!sent_again).then(|| copy_whole(&req)).flatten();
-                match sender.try_send_request(req).await {
-                    Ok(resp) => return Ok(resp),
-                    Err(mut e) => match (e.take_message(), again) {
-                        // A kept connection the server closed (idle, or GOAWAY) before the
-                        // request left: sent on a new one, as hyper-util's client does.
-                        (Some(unsent), _) if reused => {
-                            req = unsent;
-                            failed_on = Some(dialed);
-                        }
-                        // Whatever its method: the server says it did nothing with it.
-                        (None, Some(copy)) if refused_unprocessed(e.error()) => {
-                            tracing::debug!(
-                                error = %crate::logging::with_causes(e.error()),
-                                "an upstream refused a request unprocessed; sending it again"
-                            );
-                            req = copy;
-                            sent_again = true;
-                            failed_on = Some(dialed);
-                        }
-                        _ => return Err(SendError::Http(e.into_error())),
-                    },
+            req = match self.h2(index, slot, Some(http1), req).await? {
+                Ok(resp) => return Ok(resp),
+                Err(mut req) => {
+                    let (uri, host, version) = made;
+                    *req.uri_mut() = uri;
+                    *req.version_mut() = version;
+                    if let Some(host) = host {
+                        req.headers_mut().insert(header::HOST, host);
+                    }
+                    req
                 }
-            }
+            };
         }
         Ok(clients.https.request(req).await?)
     }
 
-    /// This worker's HTTP/2 connection to `https://` server `index`, with when it was opened,
-    /// dialed unless another request dialed it while this one waited its turn (after the
-    /// one opened at `failed_on`, when given); `None` once the server chose HTTP/1.1.
+    /// Sends `req` over this worker's HTTP/2 connection to server `index`, kept in `slot`.
+    /// `http1` is an `https://` server's (`https_http1`): `req` is made an HTTP/2 request
+    /// (`https_over_h2`) once a connection is in hand, and is given back unsent once the
+    /// server chose HTTP/1.1. An `h2c://` server has none: it speaks HTTP/2 by prior knowledge.
+    async fn h2(
+        &self,
+        index: usize,
+        slot: &H2Slot,
+        http1: Option<&AtomicBool>,
+        mut req: Request<Body>,
+    ) -> Result<Result<Response<Incoming>, Request<Body>>, SendError> {
+        let mut kept = live(slot, self.config.idle_timeout, None);
+        // When the connection that gave the request back, or refused it, was opened: the
+        // request goes on one opened after it, dialed once however many it failed.
+        let mut failed_on = None;
+        // A request the server refused unprocessed is sent again once.
+        let mut sent_again = false;
+        loop {
+            let reused = kept.is_some();
+            let (mut sender, dialed) = match kept.take() {
+                Some(kept) => kept,
+                None => match self.dial_h2(index, slot, http1, failed_on).await? {
+                    Some(sender) => sender,
+                    None => return Ok(Err(req)),
+                },
+            };
+            if http1.is_some() {
+                https_over_h2(&mut req);
+            }
+            // A stream the server refuses takes the request with it, so a copy is kept to
+            // send again when its body can be sent twice: a clone of its header map and URI
+            // for every such request on this path (HTTP/2 to an `h2c://` or `https://`
+            // server, where HTTP/2 framing, and TLS, cost far more), since a refusal is known
+            // only once the request has left.
+            let again = (!sent_again).then(|| copy_whole(&req)).flatten();
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(Ok(resp)),
+                Err(mut e) => match (e.take_message(), again) {
+                    // A kept connection the server closed (idle, or GOAWAY) before the
+                    // request left: sent on a new one, as hyper-util's client does.
+                    (Some(unsent), _) if reused => {
+                        req = unsent;
+                        failed_on = Some(dialed);
+                    }
+                    // Whatever its method: the server says it did nothing with it.
+                    (None, Some(copy)) if refused_unprocessed(e.error()) => {
+                        tracing::debug!(
+                            error = %crate::logging::with_causes(e.error()),
+                            "an upstream refused a request unprocessed; sending it again"
+                        );
+                        req = copy;
+                        sent_again = true;
+                        failed_on = Some(dialed);
+                    }
+                    _ => return Err(SendError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// This worker's HTTP/2 connection to server `index`, with when it was opened, dialed
+    /// unless another request dialed it while this one waited its turn (after the one opened
+    /// at `failed_on`, when given); `None` once the `https://` server chose HTTP/1.1.
     async fn dial_h2(
         &self,
         index: usize,
         slot: &H2Slot,
-        http1: &AtomicBool,
+        http1: Option<&AtomicBool>,
         failed_on: Option<Instant>,
     ) -> Result<Option<Dialed>, SendError> {
         let queued = Instant::now();
         let _dialing = slot.dialing.lock().await;
-        if http1.load(Ordering::Relaxed) {
+        if http1.is_some_and(|http1| http1.load(Ordering::Relaxed)) {
             return Ok(None);
         }
         if let Some(kept) = live(slot, self.config.idle_timeout, failed_on) {
@@ -422,6 +453,11 @@ impl UpstreamPool {
             .err()
             .map(|e| (Instant::now(), e.to_string()));
         let Some(sender) = dialed? else {
+            // The connection is dropped unused: it is made once per server, and hyper-util's
+            // client cannot take it.
+            if let Some(http1) = http1 {
+                http1.store(true, Ordering::Relaxed);
+            }
             return Ok(None);
         };
         let now = Instant::now();
@@ -433,9 +469,10 @@ impl UpstreamPool {
         Ok(Some((sender, now)))
     }
 
-    /// A new connection to `https://` server `index`, offering HTTP/2 and HTTP/1.1: its
-    /// HTTP/2 sender, or `None` when the server chose HTTP/1.1. The TLS server name (SNI and
-    /// the certificate's check) is the configured server's, whatever host the request names.
+    /// A new HTTP/2 connection to server `index`: over TCP alone to an `h2c://` server; to an
+    /// `https://` one over TLS offering HTTP/2 and HTTP/1.1, `None` when it chose HTTP/1.1.
+    /// The TLS server name (SNI and the certificate's check) is the configured server's,
+    /// whatever host the request names.
     async fn connect_h2(&self, index: usize) -> Result<Option<Sender2>, SendError> {
         let server = self
             .servers
@@ -446,6 +483,14 @@ impl UpstreamPool {
         dial.authority = Some(server.authority.clone());
         dial.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
         let dial = Uri::from_parts(dial).map_err(|e| SendError::Connect(e.into()))?;
+        if server.protocol == Protocol::H2c {
+            let mut tcp = self.http1.tcp.clone();
+            std::future::poll_fn(|cx| tcp.poll_ready(cx))
+                .await
+                .map_err(SendError::Connect)?;
+            let io = tcp.call(dial).await.map_err(SendError::Connect)?;
+            return Ok(Some(handshake_h2(io).await?));
+        }
         let mut tls = self.tls_h2.clone();
         std::future::poll_fn(|cx| tls.poll_ready(cx))
             .await
@@ -454,16 +499,7 @@ impl UpstreamPool {
         if !io.connected().is_negotiated_h2() {
             return Ok(None);
         }
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(io)
-            .await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
-            }
-        });
-        Ok(Some(sender))
+        Ok(Some(handshake_h2(io).await?))
     }
 
     /// A kept plain socket to `http://` server `index`, for `crate::relay`, from this
@@ -573,6 +609,23 @@ fn live(slot: &H2Slot, idle: Duration, failed_on: Option<Instant>) -> Option<Dia
             None
         }
     }
+}
+
+/// Opens HTTP/2 over `io`, the connection's task on this worker.
+async fn handshake_h2<T>(io: T) -> Result<Sender2, SendError>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(io)
+        .await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+        }
+    });
+    Ok(sender)
 }
 
 /// Makes a request `forward::aim` made for HTTP/1.1 an HTTP/2 one that names one host, the
