@@ -840,3 +840,49 @@ async fn a_request_an_h2c_upstream_refuses_unprocessed_is_sent_again() {
     assert_eq!(resp.body(), "served");
     assert_eq!(streams.load(Ordering::SeqCst), 2);
 }
+
+/// An `h2c://` server answering `200` "served", with the count of its connections that
+/// ended.
+async fn counting_h2c_server() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ended = Arc::new(AtomicUsize::new(0));
+    let count = ended.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                // A TCP health check's connection ends here, uncounted.
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_, mut respond))) = conn.accept().await {
+                    if let Ok(mut send) = respond.send_response(http::Response::new(()), false) {
+                        let _ = send.send_data(bytes::Bytes::from_static(b"served"), true);
+                    }
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, ended)
+}
+
+/// A kept HTTP/2 connection that no request used for `upstream.idle_timeout` is closed by the
+/// proxy, as HTTP/1.1 ones are, rather than held until the server closes it.
+#[tokio::test]
+async fn an_idle_h2c_connection_is_closed_after_idle_timeout() {
+    let (addr, ended) = counting_h2c_server().await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"h2c://{addr}\"]\nidle_timeout = \"300ms\"\n\
+         [health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
+    ))
+    .await;
+    let resp = get(&proxy.url("/x")).await;
+    assert_eq!(resp.status(), 200, "{:?}", resp.body());
+    assert_eq!(ended.load(Ordering::SeqCst), 0);
+    let closed = wait_until(Duration::from_secs(10), || {
+        ended.load(Ordering::SeqCst) == 1
+    });
+    assert!(closed.await, "the idle connection was never closed");
+}

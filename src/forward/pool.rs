@@ -111,7 +111,7 @@ struct Clients {
     https: Client<TimedHttps, Body>,
     /// By server index: the HTTP/2 connection to an `h2c://` server, or to an `https://` server
     /// that chose HTTP/2, shared by this worker's requests as HTTP/2 multiplexes them.
-    h2: Vec<H2Slot>,
+    h2: Vec<Arc<H2Slot>>,
 }
 
 /// One worker's HTTP/2 connection to one `h2c://` or `https://` server.
@@ -123,6 +123,17 @@ struct H2Slot {
     dialing: tokio::sync::Mutex<()>,
     /// When the last dial failed, and why: the requests that waited for it fail with it.
     failed: Mutex<Option<(Instant, String)>>,
+}
+
+impl H2Slot {
+    /// Lets the connection go when no request went on it since `before`: it closes once the
+    /// streams still open on it are done.
+    fn reap(&self, before: Instant) {
+        let mut kept = lock(&self.kept);
+        if kept.as_ref().is_some_and(|k| k.used < before) {
+            *kept = None;
+        }
+    }
 }
 
 type Sender2 = http2::SendRequest<Body>;
@@ -244,6 +255,24 @@ impl UpstreamPool {
             b
         };
         let tcp = tcp_connector(config.connect_timeout);
+        let clients = PerWorker::new(workers, |_| Clients {
+            https: builder().build(Timed::new(
+                https1_connector(tcp.clone(), &tls),
+                config.connect_timeout,
+            )),
+            h2: config
+                .servers
+                .iter()
+                .map(|_| Arc::new(H2Slot::default()))
+                .collect(),
+        });
+        // The HTTP/1.1 pool's reaper lets the HTTP/2 connections idle for `idle_timeout` go
+        // too, as hyper-util's pool closed them.
+        let h2_slots = clients
+            .all()
+            .iter()
+            .flat_map(|c| c.h2.iter().map(Arc::downgrade))
+            .collect();
         Ok(UpstreamPool {
             servers: config.servers.clone(),
             names: config
@@ -257,14 +286,9 @@ impl UpstreamPool {
                 Timed::new(tcp.clone(), config.connect_timeout),
                 config.idle_timeout,
                 workers,
+                h2_slots,
             ),
-            clients: PerWorker::new(workers, |_| Clients {
-                https: builder().build(Timed::new(
-                    https1_connector(tcp.clone(), &tls),
-                    config.connect_timeout,
-                )),
-                h2: config.servers.iter().map(|_| H2Slot::default()).collect(),
-            }),
+            clients,
             tls_h2: Timed::new(https_connector(tcp.clone(), &tls), config.connect_timeout),
             https_http1: config
                 .servers
@@ -447,6 +471,7 @@ impl UpstreamPool {
         if let Some(why) = failed {
             return Err(SendError::Shared(why));
         }
+        self.http1.start_reaper();
         let dialed = self.connect_h2(index).await;
         *lock(&slot.failed) = dialed
             .as_ref()
@@ -664,6 +689,9 @@ struct Http1Pool {
     /// Whether the task closing connections idle for `idle_timeout` has started: it starts
     /// with the first connection (a pool may be built where no runtime runs yet).
     reaper: AtomicBool,
+    /// The HTTP/2 connections kept for `h2c://` and `https://` servers, let go by the same
+    /// task.
+    h2_slots: Vec<Weak<H2Slot>>,
 }
 
 struct Http1Server {
@@ -823,6 +851,7 @@ impl Http1Pool {
         tcp: TimedTcp,
         idle_timeout: Duration,
         workers: usize,
+        h2_slots: Vec<Weak<H2Slot>>,
     ) -> Http1Pool {
         let servers = servers
             .iter()
@@ -847,6 +876,7 @@ impl Http1Pool {
             tcp,
             idle_timeout,
             reaper: AtomicBool::new(false),
+            h2_slots,
         }
     }
 
@@ -941,6 +971,7 @@ impl Http1Pool {
             .iter()
             .flat_map(|s| s.raw.all().iter().map(Arc::downgrade))
             .collect();
+        let h2 = self.h2_slots.clone();
         let timeout = self.idle_timeout;
         // A connection is closed between one and one and a quarter `idle_timeout` after its
         // last use; the task ends with the pool.
@@ -961,6 +992,9 @@ impl Http1Pool {
                 }
                 for list in raw.iter().filter_map(Weak::upgrade) {
                     list.reap(before);
+                }
+                for slot in h2.iter().filter_map(Weak::upgrade) {
+                    slot.reap(before);
                 }
                 if !alive {
                     return;
