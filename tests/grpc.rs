@@ -789,24 +789,31 @@ async fn held_grpc_answer_is_http_200_trailers_only() {
     assert_eq!(server.seen.calls(), 0);
 }
 
-/// An `h2c://` server that refuses the first stream it gets unprocessed (`RST_STREAM` with
-/// `REFUSED_STREAM`, as a server going away refuses what races its `GOAWAY`) and answers the
-/// others `200` "served"; with the count of streams it got.
-async fn refusing_h2c_server() -> (SocketAddr, Arc<AtomicUsize>) {
+/// What `h2c_server` saw: the streams it got, and its connections that ended.
+#[derive(Clone, Default)]
+struct H2cSeen {
+    streams: Arc<AtomicUsize>,
+    ended: Arc<AtomicUsize>,
+}
+
+/// An `h2c://` server that answers `200` "served"; with `refuse_first`, it refuses the first
+/// stream it gets unprocessed (`RST_STREAM` with `REFUSED_STREAM`, as a server going away
+/// refuses what races its `GOAWAY`).
+async fn h2c_server(refuse_first: bool) -> (SocketAddr, H2cSeen) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let streams = Arc::new(AtomicUsize::new(0));
-    let seen = streams.clone();
+    let seen = H2cSeen::default();
+    let counts = seen.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let seen = seen.clone();
+            let counts = counts.clone();
             tokio::spawn(async move {
-                // A TCP health check's connection ends here.
+                // A TCP health check's connection ends here, uncounted.
                 let Ok(mut conn) = h2::server::handshake(tcp).await else {
                     return;
                 };
                 while let Some(Ok((_, mut respond))) = conn.accept().await {
-                    if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                    if counts.streams.fetch_add(1, Ordering::SeqCst) == 0 && refuse_first {
                         respond.send_reset(h2::Reason::REFUSED_STREAM);
                         continue;
                     }
@@ -814,17 +821,18 @@ async fn refusing_h2c_server() -> (SocketAddr, Arc<AtomicUsize>) {
                         let _ = send.send_data(bytes::Bytes::from_static(b"served"), true);
                     }
                 }
+                counts.ended.fetch_add(1, Ordering::SeqCst);
             });
         }
     });
-    (addr, streams)
+    (addr, seen)
 }
 
 /// A stream an `h2c://` server refused unprocessed (RFC 9113 §8.7) is sent again on a new
 /// connection, as to an `https://` server, rather than answered as an outage.
 #[tokio::test]
 async fn a_request_an_h2c_upstream_refuses_unprocessed_is_sent_again() {
-    let (addr, streams) = refusing_h2c_server().await;
+    let (addr, seen) = h2c_server(true).await;
     // Checked over TCP alone, so that every stream the server gets is a forwarded request.
     let proxy = spawn_proxy(&format!(
         "[upstream]\nservers = [\"h2c://{addr}\"]\n[health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
@@ -838,41 +846,14 @@ async fn a_request_an_h2c_upstream_refuses_unprocessed_is_sent_again() {
     let resp = get(&proxy.url("/x")).await;
     assert_eq!(resp.status(), 200, "{:?}", resp.body());
     assert_eq!(resp.body(), "served");
-    assert_eq!(streams.load(Ordering::SeqCst), 2);
-}
-
-/// An `h2c://` server answering `200` "served", with the count of its connections that
-/// ended.
-async fn counting_h2c_server() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let ended = Arc::new(AtomicUsize::new(0));
-    let count = ended.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                // A TCP health check's connection ends here, uncounted.
-                let Ok(mut conn) = h2::server::handshake(tcp).await else {
-                    return;
-                };
-                while let Some(Ok((_, mut respond))) = conn.accept().await {
-                    if let Ok(mut send) = respond.send_response(http::Response::new(()), false) {
-                        let _ = send.send_data(bytes::Bytes::from_static(b"served"), true);
-                    }
-                }
-                count.fetch_add(1, Ordering::SeqCst);
-            });
-        }
-    });
-    (addr, ended)
+    assert_eq!(seen.streams.load(Ordering::SeqCst), 2);
 }
 
 /// A kept HTTP/2 connection that no request used for `upstream.idle_timeout` is closed by the
 /// proxy, as HTTP/1.1 ones are, rather than held until the server closes it.
 #[tokio::test]
 async fn an_idle_h2c_connection_is_closed_after_idle_timeout() {
-    let (addr, ended) = counting_h2c_server().await;
+    let (addr, seen) = h2c_server(false).await;
     let proxy = spawn_proxy(&format!(
         "[upstream]\nservers = [\"h2c://{addr}\"]\nidle_timeout = \"300ms\"\n\
          [health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
@@ -880,9 +861,9 @@ async fn an_idle_h2c_connection_is_closed_after_idle_timeout() {
     .await;
     let resp = get(&proxy.url("/x")).await;
     assert_eq!(resp.status(), 200, "{:?}", resp.body());
-    assert_eq!(ended.load(Ordering::SeqCst), 0);
+    assert_eq!(seen.ended.load(Ordering::SeqCst), 0);
     let closed = wait_until(Duration::from_secs(10), || {
-        ended.load(Ordering::SeqCst) == 1
+        seen.ended.load(Ordering::SeqCst) == 1
     });
     assert!(closed.await, "the idle connection was never closed");
 }
