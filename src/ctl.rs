@@ -359,9 +359,7 @@ fn window_in_force(s: &StatusView) -> Option<&Window> {
         return None;
     }
     let now = SystemTime::now();
-    s.schedules
-        .iter()
-        .find(|w| w.start.0 <= now && now < w.end.0)
+    s.schedules.iter().find(|w| w.in_force(now))
 }
 
 fn print_state(out: &mut impl Write, s: &StatusView) -> io::Result<()> {

@@ -38,7 +38,7 @@ pub fn open_files() -> Option<u64> {
 /// Descriptors `max_connections` busy clients may need: one each, and one for the connection
 /// to the server a forwarded request holds. An estimate, not a bound: an HTTP/2 client's
 /// requests at once each hold one of their own.
-pub fn needed(max_connections: usize) -> u64 {
+fn needed(max_connections: usize) -> u64 {
     (max_connections as u64)
         .saturating_mul(2)
         .saturating_add(OWN)

@@ -106,11 +106,13 @@ pub async fn serve(
 /// Tells a connection over `MAX_CONNECTIONS` why it is closed (bounded: it may not read).
 async fn refuse(stream: UnixStream) {
     let (_, mut w) = stream.into_split();
-    let err = Response::error(ErrorBody::new(
-        "busy",
-        format!("{MAX_CONNECTIONS} control connections are open already; closing"),
-    ));
-    let _ = write(&mut w, &err).await;
+    let why = format!("{MAX_CONNECTIONS} control connections are open already; closing");
+    closing(&mut w, "busy", why).await;
+}
+
+/// Says why the connection is about to be closed, if the client still reads.
+async fn closing(w: &mut tokio::net::unix::OwnedWriteHalf, code: &str, why: String) {
+    let _ = write(w, &Response::error(ErrorBody::new(code, why))).await;
 }
 
 async fn connection(stream: UnixStream, controller: ControllerHandle) {
@@ -133,21 +135,15 @@ async fn connection(stream: UnixStream, controller: ControllerHandle) {
             Ok(Ok(0) | Err(_)) => return,
             Ok(Ok(_)) => {}
             Err(_) => {
-                let err = Response::error(ErrorBody::new(
-                    "idle",
-                    format!("no request for {} s; closing", IDLE.as_secs()),
-                ));
-                let _ = write(&mut w, &err).await;
+                let why = format!("no request for {} s; closing", IDLE.as_secs());
+                closing(&mut w, "idle", why).await;
                 return;
             }
         }
         let complete = line.last() == Some(&b'\n');
         if content_len(&line) > MAX_LINE {
-            let err = Response::error(ErrorBody::new(
-                "line_too_long",
-                format!("request lines are limited to {MAX_LINE} bytes; closing"),
-            ));
-            let _ = write(&mut w, &err).await;
+            let why = format!("request lines are limited to {MAX_LINE} bytes; closing");
+            closing(&mut w, "line_too_long", why).await;
             return;
         }
         let text = line.trim_ascii();

@@ -119,10 +119,9 @@ struct Clients {
 struct H2Slot {
     kept: Mutex<Option<Kept2>>,
     /// Held while a connection is dialed, so that a burst of requests finding none waits for
-    /// one handshake rather than making one each (hyper-util's pool did the same).
-    dialing: tokio::sync::Mutex<()>,
-    /// When the last dial failed, and why: the requests that waited for it fail with it.
-    failed: Mutex<Option<(Instant, String)>>,
+    /// one handshake rather than making one each (hyper-util's pool did the same). It keeps
+    /// when the last dial failed, and why: the requests that waited for it fail with it.
+    dialing: tokio::sync::Mutex<Option<(Instant, String)>>,
 }
 
 impl H2Slot {
@@ -196,6 +195,20 @@ struct Timed<C> {
 impl<C> Timed<C> {
     fn new(inner: C, limit: Duration) -> Timed<C> {
         Timed { inner, limit }
+    }
+}
+
+impl<C> Timed<C>
+where
+    Timed<C>: Service<Uri, Error = BoxError> + Clone,
+{
+    /// A new connection to `uri`; any failure is a connect error (the request never left).
+    async fn open(&self, uri: Uri) -> Result<<Self as Service<Uri>>::Response, SendError> {
+        let mut connector = self.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(SendError::Connect)?;
+        connector.call(uri).await.map_err(SendError::Connect)
     }
 }
 
@@ -452,7 +465,7 @@ impl UpstreamPool {
         failed_on: Option<Instant>,
     ) -> Result<Option<Dialed>, SendError> {
         let queued = Instant::now();
-        let _dialing = slot.dialing.lock().await;
+        let mut failed = slot.dialing.lock().await;
         if http1.is_some_and(|http1| http1.load(Ordering::Relaxed)) {
             return Ok(None);
         }
@@ -464,16 +477,14 @@ impl UpstreamPool {
         // the n-th request of a burst to a server stuck in its handshake n × connect_timeout.
         // Counted once against the server, by the request that dialed: one failed handshake
         // shared by a burst must not count as one per request and take a server out.
-        let failed = match &*lock(&slot.failed) {
-            Some((at, why)) if *at >= queued => Some(why.clone()),
-            _ => None,
-        };
-        if let Some(why) = failed {
-            return Err(SendError::Shared(why));
+        if let Some((at, why)) = &*failed {
+            if *at >= queued {
+                return Err(SendError::Shared(why.clone()));
+            }
         }
         self.http1.start_reaper();
         let dialed = self.connect_h2(index).await;
-        *lock(&slot.failed) = dialed
+        *failed = dialed
             .as_ref()
             .err()
             .map(|e| (Instant::now(), e.to_string()));
@@ -509,18 +520,10 @@ impl UpstreamPool {
         dial.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
         let dial = Uri::from_parts(dial).map_err(|e| SendError::Connect(e.into()))?;
         if server.protocol == Protocol::H2c {
-            let mut tcp = self.http1.tcp.clone();
-            std::future::poll_fn(|cx| tcp.poll_ready(cx))
-                .await
-                .map_err(SendError::Connect)?;
-            let io = tcp.call(dial).await.map_err(SendError::Connect)?;
+            let io = self.http1.tcp.open(dial).await?;
             return Ok(Some(handshake_h2(io).await?));
         }
-        let mut tls = self.tls_h2.clone();
-        std::future::poll_fn(|cx| tls.poll_ready(cx))
-            .await
-            .map_err(SendError::Connect)?;
-        let io = tls.call(dial).await.map_err(SendError::Connect)?;
+        let io = self.tls_h2.open(dial).await?;
         if !io.connected().is_negotiated_h2() {
             return Ok(None);
         }
@@ -554,14 +557,7 @@ impl UpstreamPool {
             .get(index)
             .ok_or_else(|| SendError::Connect("no such server".into()))?;
         self.http1.start_reaper();
-        let mut tcp = self.http1.tcp.clone();
-        std::future::poll_fn(|cx| tcp.poll_ready(cx))
-            .await
-            .map_err(SendError::Connect)?;
-        let io = tcp
-            .call(server.dial.clone())
-            .await
-            .map_err(SendError::Connect)?;
+        let io = self.http1.tcp.open(server.dial.clone()).await?;
         Ok(io.into_inner())
     }
 
@@ -943,11 +939,7 @@ impl Http1Pool {
 
     async fn connect(&self, dial: &Uri) -> Result<Sender, SendError> {
         self.start_reaper();
-        let mut tcp = self.tcp.clone();
-        std::future::poll_fn(|cx| tcp.poll_ready(cx))
-            .await
-            .map_err(SendError::Connect)?;
-        let io = tcp.call(dial.clone()).await.map_err(SendError::Connect)?;
+        let io = self.tcp.open(dial.clone()).await?;
         let (sender, conn) = http1::Builder::new().handshake(io).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {

@@ -6,7 +6,7 @@ use super::probe::{CheckError, Prober};
 use crate::config::{HealthConfig, Upstream};
 use crate::control::protocol::ServerHealth;
 use crate::time::Timestamp;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -178,11 +178,16 @@ impl Task {
     /// shown as the last error, and counted neither way, since it says nothing of the server.
     fn not_run(&mut self, why: String) {
         tracing::warn!(server = %self.name, "health check not made, not counted: {why}");
-        if let Some(entry) = self.table.servers.get(self.index) {
-            let mut entry = entry.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mut entry) = self.entry() {
             entry.last_check = Some(Timestamp(SystemTime::now()));
             entry.last_error = Some(format!("check not made: {why}"));
         }
+    }
+
+    /// This server's line in `ctl health`.
+    fn entry(&self) -> Option<MutexGuard<'_, ServerHealth>> {
+        let entry = self.table.servers.get(self.index)?;
+        Some(entry.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn record(&mut self, result: Result<std::time::Duration, String>, active: bool) {
@@ -194,9 +199,8 @@ impl Task {
         let flipped = self.counter.record(ok, self.config.rise, self.config.fall);
         let now = SystemTime::now();
         {
-            let mut entry = match self.table.servers.get(self.index) {
-                Some(e) => e.lock().unwrap_or_else(|e| e.into_inner()),
-                None => return,
+            let Some(mut entry) = self.entry() else {
+                return;
             };
             if active {
                 entry.last_check = Some(Timestamp(now));

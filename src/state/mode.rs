@@ -128,6 +128,13 @@ pub struct Window {
     pub by: String,
 }
 
+impl Window {
+    /// Whether the window holds maintenance at `now`: from its start, until its end.
+    pub fn in_force(&self, now: SystemTime) -> bool {
+        self.start.0 <= now && now < self.end.0
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChangeError {
     #[error("{0}")]
@@ -277,9 +284,7 @@ impl Persisted {
 
     /// The window in force at `now`, if any.
     pub fn active_window(&self, now: SystemTime) -> Option<&Window> {
-        self.schedules
-            .iter()
-            .find(|w| w.start.0 <= now && now < w.end.0)
+        self.schedules.iter().find(|w| w.in_force(now))
     }
 
     /// The next window to start after `now`.
