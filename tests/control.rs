@@ -191,18 +191,15 @@ async fn maintenance_survives_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let config = format!("[upstream]\nservers = [\"{}\"]\n", up.url());
     let mut proxy = ProxyProcess::start(dir.path(), &config);
-    let socket = dir.path().join("intermission.sock");
-    let r = intermission::control::client::request(
-        &socket,
-        &Ctl::On {
+    let r = proxy
+        .ctl(&Ctl::On {
             message: Some("Survives crashes".into()),
             until: None,
             retry_after: None,
             reason: None,
-        },
-    )
-    .await
-    .unwrap();
+        })
+        .await
+        .unwrap();
     assert!(r.ok);
     proxy.signal("KILL");
     proxy.wait_exit(Duration::from_secs(10)).unwrap();
@@ -633,18 +630,15 @@ async fn sighup_reloads_the_config() {
         up.url()
     );
     let proxy = ProxyProcess::start(dir.path(), &config);
-    let socket = dir.path().join("intermission.sock");
-    intermission::control::client::request(
-        &socket,
-        &Ctl::On {
+    proxy
+        .ctl(&Ctl::On {
             message: None,
             until: None,
             retry_after: None,
             reason: None,
-        },
-    )
-    .await
-    .unwrap();
+        })
+        .await
+        .unwrap();
     let path = dir.path().join("config.toml");
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, text.replace("Before HUP", "After HUP")).unwrap();

@@ -7,7 +7,7 @@ mod support;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use intermission::control::protocol::Request as Ctl;
+use intermission::control::protocol::{Request as Ctl, ServerHealth};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,20 +84,10 @@ async fn a_tcp_check_follows_whether_the_server_accepts_connections() {
     .await;
     let proxy = proxy_for(&[&up], &format!("{FAST}kind = \"tcp\"\n")).await;
     // Several checks have passed (an HTTP check would have failed each: 500 is not 200-399).
-    let mut passed = 0;
-    for _ in 0..250 {
-        let h = &ctl(&proxy, Ctl::Health).await.health.unwrap()[0];
-        if h.healthy == Some(true) {
-            passed = h.consecutive;
-        }
-        if passed >= 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let h = first_server_once(&proxy, |h| h.healthy == Some(true) && h.consecutive >= 3).await;
     assert!(
-        passed >= 3,
-        "the tcp check did not pass three times in a row"
+        h.healthy == Some(true) && h.consecutive >= 3,
+        "the tcp check did not pass three times in a row: {h:?}"
     );
     let resp = get(&proxy.url("/")).await;
     assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
@@ -176,13 +166,24 @@ async fn planned_maintenance_stays_when_the_upstream_recovers() {
 }
 
 async fn wait_health(proxy: &Proxy, want: Option<bool>) -> Option<bool> {
-    let mut last = None;
+    first_server_once(proxy, |h| h.healthy == want)
+        .await
+        .healthy
+}
+
+/// The first server's line of `ctl health` once `done` holds of it, or the last one seen
+/// after 5 s.
+async fn first_server_once(
+    proxy: &Proxy,
+    mut done: impl FnMut(&ServerHealth) -> bool,
+) -> ServerHealth {
+    let mut last = ctl(proxy, Ctl::Health).await.health.unwrap().remove(0);
     for _ in 0..250 {
-        last = ctl(proxy, Ctl::Health).await.health.unwrap()[0].healthy;
-        if last == want {
+        if done(&last) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+        last = ctl(proxy, Ctl::Health).await.health.unwrap().remove(0);
     }
     last
 }
@@ -530,14 +531,7 @@ async fn a_reload_during_an_outage_keeps_what_is_known_of_health() {
     assert_eq!(proxy_mode(&proxy).await, "outage");
     assert!(is_outage(&get(&proxy.url("/")).await));
     // `ctl health` still says since when it has been down, once a new checker has checked.
-    let mut h = before.clone();
-    for _ in 0..250 {
-        h = ctl(&proxy, Ctl::Health).await.health.unwrap()[0].clone();
-        if h.last_check > before.last_check {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let h = first_server_once(&proxy, |h| h.last_check > before.last_check).await;
     assert!(
         h.last_check > before.last_check,
         "no check after the reload"
@@ -669,10 +663,14 @@ async fn running_out_of_file_descriptors_is_not_an_outage() {
         app.url()
     );
     let proxy = ProxyProcess::start(dir.path(), &config);
-    let socket = dir.path().join("intermission.sock");
     let health = || async {
-        let r = intermission::control::client::request(&socket, &Ctl::Health).await;
-        r.unwrap().health.unwrap().remove(0)
+        proxy
+            .ctl(&Ctl::Health)
+            .await
+            .unwrap()
+            .health
+            .unwrap()
+            .remove(0)
     };
     let mut before = health().await;
     for _ in 0..250 {

@@ -352,8 +352,7 @@ async fn the_rules_read_a_parked_request_as_they_read_hyper_s() {
         retry_after: None,
         reason: None,
     };
-    let socket = dir.path().join("intermission.sock");
-    let answer = intermission::control::client::request(&socket, &on).await;
+    let answer = proxy.ctl(&on).await;
     assert!(answer.unwrap().ok);
     let link = get(&proxy.url(&format!("/_intermission/bypass/{secret}"))).await;
     let set = link.headers()["set-cookie"].to_str().unwrap();

@@ -747,13 +747,10 @@ async fn a_reload_turns_the_access_log_on() {
         text.replace("access_log = false", "access_log = true"),
     )
     .unwrap();
-    let socket = dir.path().join("intermission.sock");
-    let reloaded = intermission::control::client::request(
-        &socket,
-        &intermission::control::protocol::Request::Reload,
-    )
-    .await
-    .unwrap();
+    let reloaded = proxy
+        .ctl(&intermission::control::protocol::Request::Reload)
+        .await
+        .unwrap();
     assert!(reloaded.ok, "{reloaded:?}");
     assert_eq!(get(&proxy.url("/after")).await.status(), 200);
     assert!(

@@ -226,11 +226,10 @@ async fn a_window_survives_a_restart_in_its_middle() {
     let dir = tempfile::tempdir().unwrap();
     let config = format!("[upstream]\nservers = [\"{}\"]\n", up.url());
     let mut proxy = ProxyProcess::start(dir.path(), &config);
-    let socket = dir.path().join("intermission.sock");
-    let r =
-        intermission::control::client::request(&socket, &add("+0s", "+10m", Some("Long window")))
-            .await
-            .unwrap();
+    let r = proxy
+        .ctl(&add("+0s", "+10m", Some("Long window")))
+        .await
+        .unwrap();
     assert!(r.ok);
     proxy.signal("KILL");
     proxy.wait_exit(Duration::from_secs(10)).unwrap();

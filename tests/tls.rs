@@ -292,7 +292,7 @@ async fn a_bad_certificate_stops_the_start_with_the_file_named() {
 
 #[tokio::test]
 async fn sec1_and_pkcs1_keys_load() {
-    if !tool_available("openssl") {
+    if !tool_present("openssl", "version", "openssl") {
         return;
     }
     let ca = Ca::new();
@@ -349,26 +349,6 @@ fn convert(dir: &Path, args: &[&str]) {
         "openssl {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// Present, or said loudly; required when CI=true.
-fn tool_available(tool: &str) -> bool {
-    let found = std::process::Command::new(tool)
-        .arg("version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{tool} is required in CI"
-        );
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: needs `{tool}` (apt-get install {tool})"
-        );
-    }
-    found
 }
 
 /// An upstream speaking HTTPS with a certificate from `ca` for 127.0.0.1, HTTP/2 preferred.
@@ -450,12 +430,10 @@ fn upstream_acceptor(ca: &Ca, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
 async fn https_upstreams_are_verified_against_the_configured_ca() {
     let ca = Ca::new();
     let addr = https_upstream(&ca).await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
-    let proxy = spawn_proxy(&format!(
-        "[upstream]\nservers = [\"https://{addr}\"]\nca_file = \"{}\"\n",
-        dir.path().join("ca.pem").display()
-    ))
+    let proxy = trusting(
+        &ca,
+        &format!("[upstream]\nservers = [\"https://{addr}\"]\n"),
+    )
     .await;
     // The HTTP health check speaks TLS (and HTTP/2) to it too.
     assert_eq!(wait_healthy(&proxy).await, Some(true));
@@ -502,8 +480,6 @@ async fn https_upstreams_are_verified_against_the_configured_ca() {
 #[tokio::test]
 async fn https_upstreams_see_the_clients_host_once_over_http2_and_http1() {
     let ca = Ca::new();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
     let h2 = https_upstream_alpn(&ca, &[b"h2", b"http/1.1"]).await.0;
     let h1 = https_upstream_alpn(&ca, &[b"http/1.1"]).await.0;
     let cases = [
@@ -511,10 +487,10 @@ async fn https_upstreams_see_the_clients_host_once_over_http2_and_http1() {
         (h1, "HTTP/1.1 authority=- host=[\"shop.test:8443\"]"),
     ];
     for (addr, want) in cases {
-        let proxy = spawn_proxy(&format!(
-            "[upstream]\nservers = [\"https://{addr}\"]\nca_file = \"{}\"\n",
-            dir.path().join("ca.pem").display()
-        ))
+        let proxy = trusting(
+            &ca,
+            &format!("[upstream]\nservers = [\"https://{addr}\"]\n"),
+        )
         .await;
         assert_eq!(wait_healthy(&proxy).await, Some(true));
         // Twice: the second goes on the connection the first opened.
@@ -536,13 +512,11 @@ async fn https_upstreams_see_the_clients_host_once_over_http2_and_http1() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_burst_to_an_http2_https_upstream_shares_one_new_connection() {
     let ca = Ca::new();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
     let (addr, bursts) = https_upstream_alpn(&ca, &[b"h2", b"http/1.1"]).await;
-    let proxy = spawn_proxy(&format!(
-        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"https://{addr}\"]\nca_file = \"{}\"\n",
-        dir.path().join("ca.pem").display()
-    ))
+    let proxy = trusting(
+        &ca,
+        &format!("[proxy]\nthreads = 1\n[upstream]\nservers = [\"https://{addr}\"]\n"),
+    )
     .await;
     assert_eq!(wait_healthy(&proxy).await, Some(true));
     burst(&proxy, "HTTP/1.1 200").await;
@@ -798,16 +772,13 @@ async fn impatient_proxy(servers: &[String], ca: &Ca) -> Proxy {
 }
 
 async fn proxy_with_connect_timeout(servers: &[String], ca: &Ca, connect_timeout: &str) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
     let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
     let text = format!(
-        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nthreads = 1\n[upstream]\nservers = [{}]\n\
-         ca_file = \"ca.pem\"\nconnect_timeout = \"{connect_timeout}\"\n\
+        "[proxy]\nthreads = 1\n[upstream]\nservers = [{}]\nconnect_timeout = \"{connect_timeout}\"\n\
          response_timeout = \"1h\"\n[health]\nkind = \"tcp\"\ninterval = \"1h\"\nfall = 3\n",
         servers.join(", ")
     );
-    spawn_proxy_in(dir, &text).await
+    trusting(ca, &text).await
 }
 
 /// A request sent through the proxy, which must be answered well within `response_timeout`.
@@ -990,17 +961,24 @@ async fn go_away_at_first_stream(
     }
 }
 
+/// A proxy from `config`, which trusts `ca` for its `https://` servers (`upstream.ca_file`,
+/// written into its folder).
+async fn trusting(ca: &Ca, config: &str) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
+    let text = with_listen(config).replace("[upstream]\n", "[upstream]\nca_file = \"ca.pem\"\n");
+    assert!(text.contains("ca_file"), "no [upstream] in {config}");
+    spawn_proxy_in(dir, &text).await
+}
+
 /// A proxy with `addr` as its one `https://` server, checked over TCP alone, so that every
 /// stream the server gets is a forwarded request.
 async fn proxy_to_one(addr: SocketAddr, ca: &Ca) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
     let text = format!(
-        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nthreads = 1\n[upstream]\n\
-         servers = [\"https://{addr}\"]\nca_file = \"ca.pem\"\n\
+        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"https://{addr}\"]\n\
          [health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
     );
-    let proxy = spawn_proxy_in(dir, &text).await;
+    let proxy = trusting(ca, &text).await;
     assert_eq!(wait_healthy(&proxy).await, Some(true));
     proxy
 }

@@ -211,7 +211,7 @@ pub async fn spawn_proxy_in(dir: tempfile::TempDir, text: &str) -> Proxy {
     }
 }
 
-fn with_listen(config: &str) -> String {
+pub fn with_listen(config: &str) -> String {
     // Only a `listen` of the proxy's own (plaintext or TLS) counts: `[admin] listen` alone
     // would leave the proxy on its default 127.0.0.1:8080, which tests running at the same
     // time would share (one's connection reaching another's proxy).
@@ -361,6 +361,15 @@ impl ProxyProcess {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// Sends `req` on this proxy's control socket, on a connection of its own.
+    pub async fn ctl(
+        &self,
+        req: &intermission::control::protocol::Request,
+    ) -> Result<intermission::control::protocol::Response, intermission::control::client::ClientError>
+    {
+        intermission::control::client::request(&self.dir.join("intermission.sock"), req).await
+    }
+
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
             .args([&format!("-{sig}"), &self.child.id().to_string()])
@@ -487,19 +496,28 @@ pub fn edit_config(proxy: &Proxy, edit: impl FnOnce(String) -> String) {
     std::fs::write(&path, edit(text)).unwrap();
 }
 
-/// Whether `prlimit` (util-linux) is here to lower a running proxy's descriptor limit: loudly
-/// skipped without it, and a failure in CI, which has it.
-pub fn have_prlimit() -> bool {
-    let found = std::process::Command::new("prlimit")
-        .arg("--version")
+/// Whether `tool` runs (`tool version_arg` exits 0): when it does not, the test is skipped
+/// and says so on the process's stderr (where the harness does not capture it, so a passing
+/// run shows it), except under `CI=true`, which installs every tool (`.ci/packages`): there
+/// it fails.
+pub fn tool_present(tool: &str, version_arg: &str, package: &str) -> bool {
+    let found = std::process::Command::new(tool)
+        .arg(version_arg)
         .output()
         .is_ok_and(|o| o.status.success());
     if !found {
+        let line = format!("SKIPPED: needs `{tool}` (apt-get install {package})");
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
-            "prlimit is missing in CI"
+            "{line}, and CI=true, so this is a failure"
         );
-        eprintln!("SKIPPED: prlimit (util-linux) is not installed");
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "{line}");
     }
     found
+}
+
+/// Whether `prlimit` (util-linux) is here to lower a running proxy's descriptor limit.
+pub fn have_prlimit() -> bool {
+    tool_present("prlimit", "--version", "util-linux")
 }
