@@ -510,15 +510,12 @@ impl UpstreamPool {
     /// The TLS server name (SNI and the certificate's check) is the configured server's,
     /// whatever host the request names.
     async fn connect_h2(&self, index: usize) -> Result<Option<Sender2>, SendError> {
-        let server = self
-            .servers
-            .get(index)
-            .ok_or_else(|| SendError::Connect("no such server".into()))?;
-        let mut dial = UriParts::default();
-        dial.scheme = Some(server.scheme.clone());
-        dial.authority = Some(server.authority.clone());
-        dial.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-        let dial = Uri::from_parts(dial).map_err(|e| SendError::Connect(e.into()))?;
+        let (Some(server), Some(dial)) = (
+            self.servers.get(index),
+            self.http1.servers.get(index).map(|s| s.dial.clone()),
+        ) else {
+            return Err(SendError::Connect("no such server".into()));
+        };
         if server.protocol == Protocol::H2c {
             let io = self.http1.tcp.open(dial).await?;
             return Ok(Some(handshake_h2(io).await?));
@@ -696,7 +693,8 @@ struct Http1Server {
     idle: PerWorker<Arc<IdleList>>,
     /// Plain sockets kept by `crate::relay`, by worker as well.
     raw: PerWorker<Arc<RawList>>,
-    /// `http://host:port`: what the connector dials.
+    /// `http://host:port` (`https://` for an `https://` server): what the connectors dial,
+    /// built once. For every server, since HTTP/2 ones dial through it too.
     dial: Uri,
 }
 
@@ -853,7 +851,7 @@ impl Http1Pool {
             .iter()
             .map(|s| {
                 let mut uri = UriParts::default();
-                uri.scheme = Some(http::uri::Scheme::HTTP);
+                uri.scheme = Some(s.scheme.clone());
                 uri.authority = Some(s.authority.clone());
                 uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
                 Http1Server {
