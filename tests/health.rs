@@ -363,11 +363,17 @@ async fn an_upload_held_for_a_retry_that_stalls_gets_408() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_that_times_out_is_retried_on_another_server() {
     // Answers its health checks, but never a real request.
-    let hung = upstream(|req: Request<Incoming>| async move {
-        if !is_health_check(&req) {
-            std::future::pending::<()>().await;
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counted = reached.clone();
+    let hung = upstream(move |req: Request<Incoming>| {
+        let counted = counted.clone();
+        async move {
+            if !is_health_check(&req) {
+                counted.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+            }
+            Response::new(full("hung"))
         }
-        Response::new(full("hung"))
     })
     .await;
     let live = upstream(|_req: Request<Incoming>| async { Response::new(full("live")) }).await;
@@ -382,6 +388,13 @@ async fn a_request_that_times_out_is_retried_on_another_server() {
         assert_eq!(resp.status(), 200, "request {i}: {resp:?}");
         assert_eq!(resp.body(), "live", "request {i}");
     }
+    // Round-robin still alternates: the retries on the live server did not move it on, which
+    // would send every request to the hung one first, each then waiting `response_timeout`.
+    assert_eq!(
+        reached.load(Ordering::SeqCst),
+        2,
+        "every other GET went to the hung server first, not every one"
+    );
     // A POST cannot be sent twice: when it lands on the hung server, the client gets the
     // outage answer instead (never a 504).
     let mut held = 0;

@@ -240,7 +240,6 @@ pub fn forward<'a>(
             // A timeout is retried too, as nginx's default `proxy_next_upstream error timeout`
             // does: the request is idempotent, so a server still working on it does no harm, and
             // a hung server must not cost the client its answer while another one is healthy.
-            // Picked only when there is something to retry: a pick moves the round-robin on.
             // The copy is taken: there is one second attempt at most.
             let second = replay.as_ref().and_then(|_| pool.pick(up, Some(first)));
             let (Some((method, headers, held)), Some(second)) = (replay.take(), second) else {

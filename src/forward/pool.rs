@@ -563,15 +563,22 @@ impl UpstreamPool {
         self.clients.all().len()
     }
 
-    /// The next healthy server in round-robin order, other than `avoid`. `None` when no
-    /// server other than `avoid` is healthy; with nothing healthy at all (force-open), the
-    /// next server whatever its health, since the operator asked to forward anyway.
+    /// The next healthy server in round-robin order; with nothing healthy at all
+    /// (force-open), the next server whatever its health, since the operator asked to forward
+    /// anyway. For a retry, `avoid` is the server that failed: the first healthy one after it,
+    /// `None` when there is none, and the round-robin is not moved on. Moving it would hand
+    /// the next request the failing server again: with two servers, one failing, every
+    /// request would try it first and pay its failure (a hung one's `response_timeout`)
+    /// instead of every other one.
     pub fn pick(&self, up: &[bool], avoid: Option<usize>) -> Option<usize> {
         let n = self.servers.len();
         if n == 0 {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = match avoid {
+            Some(failed) => failed + 1,
+            None => self.next.fetch_add(1, Ordering::Relaxed),
+        };
         let healthy = |i: usize| up.get(i).copied().unwrap_or(true);
         let candidate = (0..n)
             .map(|k| (start + k) % n)
@@ -1144,6 +1151,22 @@ mod tests {
         );
     }
 
+    /// With two servers, one failing: a retry must not move the round-robin on, or every
+    /// request would go to the failing one first.
+    #[tokio::test]
+    async fn a_retry_leaves_the_round_robin_where_it_was() {
+        let p = pool(2);
+        let mut first = Vec::new();
+        for _ in 0..6 {
+            let server = p.pick(&[true, true], None).unwrap();
+            first.push(server);
+            if server == 0 {
+                assert_eq!(p.pick(&[true, true], Some(0)), Some(1));
+            }
+        }
+        assert_eq!(first, [0, 1, 0, 1, 0, 1]);
+    }
+
     #[tokio::test]
     async fn picks_only_healthy_servers_round_robin() {
         let p = pool(3);
@@ -1162,6 +1185,9 @@ mod tests {
             assert_eq!(second, Some(1));
         }
         assert_eq!(p.pick(&[true, false, false], Some(0)), None);
+        // The first healthy server after the failed one, wrapping round.
+        assert_eq!(p.pick(&[true, true, true], Some(2)), Some(0));
+        assert_eq!(p.pick(&[false, true, true], Some(2)), Some(1));
         // Nothing healthy (force-open): forward anyway, but never retry onto the same server.
         assert!(p.pick(&[false, false, false], None).is_some());
         assert_eq!(pool(1).pick(&[true], Some(0)), None);
