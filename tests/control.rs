@@ -332,6 +332,22 @@ async fn a_broken_page_is_refused_at_start_and_at_reload() {
         "<p>Edited page: Swapping disks</p>",
         "a refused reload keeps the pages in force"
     );
+    // A page that would not show the operator's words is refused the same way.
+    std::fs::write(pages.path().join("outage.html"), "<p>{{message}}</p>").unwrap();
+    std::fs::write(
+        pages.path().join("maintenance.html"),
+        "<p>Static page, since {{since}}</p>",
+    )
+    .unwrap();
+    let e = ctl(&proxy, Ctl::Reload).await.error.unwrap();
+    assert_eq!(e.code, "reload_failed");
+    assert!(
+        e.message
+            .contains("maintenance.html never shows {{message}}"),
+        "{}",
+        e.message
+    );
+    assert_eq!(page().await, "<p>Edited page: Swapping disks</p>");
     let cfg = intermission::config::Config::parse(
         &format!(
             "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[maintenance]\npages = \"{}\"\n",

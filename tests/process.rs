@@ -498,6 +498,26 @@ fn check_refuses_a_broken_page_template() {
     assert_eq!(code, Some(1));
     assert!(err.contains("outage.html"), "{err}");
 
+    // An empty page (a truncated deploy) would be a blank page: refused, and the run too.
+    std::fs::write(pages.join("outage.html"), "").unwrap();
+    let (code, err) = check(&dir.path().join("config.toml"));
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("maintenance.pages: page template outage.html never shows {{message}}"),
+        "{err}"
+    );
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_intermission"))
+        .args(["run", "-c"])
+        .arg(dir.path().join("config.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&run.stderr).contains("outage.html never shows {{message}}"),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
     // A certificate that does not parse is listed beside the template, not after a fix of it.
     std::fs::write(dir.path().join("site.pem"), "not a certificate\n").unwrap();
     std::fs::write(dir.path().join("site.key"), "not a key\n").unwrap();

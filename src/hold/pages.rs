@@ -46,6 +46,11 @@ pub enum PagesError {
         #[source]
         source: TemplateError,
     },
+    #[error(
+        "page template {0} never shows {{{{message}}}}: the words people must read would be \
+         missing (an empty file would be a blank page); put {{{{message}}}} where they belong"
+    )]
+    NoMessage(String),
     #[error("{0}")]
     Layout(String),
 }
@@ -69,11 +74,18 @@ impl Pages {
     }
 }
 
+/// A page template, which must show the message: every held form carries it (SPEC §3), and
+/// a page without it, a blank one above all, would leave people in the dark while the check
+/// and the reload said all was well.
 fn parse(name: &str, text: &str) -> Result<Template, PagesError> {
-    Template::parse(text).map_err(|source| PagesError::Template {
+    let template = Template::parse(text).map_err(|source| PagesError::Template {
         name: name.to_owned(),
         source,
-    })
+    })?;
+    if !template.shows_message() {
+        return Err(PagesError::NoMessage(name.to_owned()));
+    }
+    Ok(template)
 }
 
 fn built_in() -> Result<Pages, PagesError> {

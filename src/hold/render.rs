@@ -214,6 +214,24 @@ impl Template {
         })
     }
 
+    /// Whether a rendering can show the message: `{{message}}` is in it, other than in a
+    /// section kept only when the message is empty.
+    pub fn shows_message(&self) -> bool {
+        let in_pieces = |pieces: &[Piece]| {
+            pieces
+                .iter()
+                .any(|p| matches!(p, Piece::Value(Name::Message)))
+        };
+        self.segments.iter().any(|segment| match segment {
+            Segment::Piece(piece) => in_pieces(std::slice::from_ref(piece)),
+            Segment::Section {
+                name,
+                inverted,
+                body,
+            } => !(*inverted && *name == Name::Message) && in_pieces(body),
+        })
+    }
+
     /// Renders the template; values are HTML-escaped except `updates_html`.
     pub fn render(&self, values: &Values) -> String {
         let mut out = String::with_capacity(self.literal_len + 512);
@@ -354,6 +372,17 @@ mod tests {
 
     fn parse_err(text: &str) -> TemplateError {
         Template::parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn knows_whether_it_can_show_the_message() {
+        let shows = |text: &str| Template::parse(text).unwrap().shows_message();
+        assert!(shows("<p>{{message}}</p>"));
+        assert!(shows("{{#until}}Until {{until}}: {{message}}{{/until}}"));
+        assert!(shows("{{#message}}<p>{{message}}</p>{{/message}}"));
+        assert!(!shows(""));
+        assert!(!shows("<p>Back soon, since {{since}}</p>"));
+        assert!(!shows("{{^message}}No news: {{message}}{{/message}}"));
     }
 
     #[test]
