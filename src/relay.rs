@@ -571,8 +571,8 @@ fn request(
         }
     }
     let mut host: Option<&[u8]> = None;
-    // A trusted peer's `X-Forwarded-*` are kept and appended to; anyone else's replaced, so
-    // that a client cannot name another (`forward::headers::set_forwarded`).
+    // `X-Forwarded-For` is appended to, whoever sent it; a trusted peer's `X-Forwarded-Host`
+    // and `-Proto` are kept, anyone else's replaced (`forward::headers::set_forwarded`).
     let trusted = config.proxy.is_trusted(conn.peer.ip());
     let (mut their_proto, mut their_host) = (false, false);
     let mut length: Option<usize> = None;
@@ -624,18 +624,16 @@ fn request(
     // One that is not `host[:port]` is hyper's path's to refuse (`gateway::malformed`).
     let host = host.filter(|h| h1::valid_host(h)).ok_or(())?;
     out.extend_from_slice(b"x-forwarded-for: ");
-    if trusted {
-        let named = req
-            .headers
-            .iter()
-            .filter(|h| is(h.name.as_bytes(), b"x-forwarded-for"));
-        for value in named
-            .map(|h| h.value.trim_ascii())
-            .filter(|v| !v.is_empty())
-        {
-            out.extend_from_slice(value);
-            out.extend_from_slice(b", ");
-        }
+    let named = req
+        .headers
+        .iter()
+        .filter(|h| is(h.name.as_bytes(), b"x-forwarded-for"));
+    for value in named
+        .map(|h| h.value.trim_ascii())
+        .filter(|v| !v.is_empty())
+    {
+        out.extend_from_slice(value);
+        out.extend_from_slice(b", ");
     }
     out.extend_from_slice(conn.client.peer.as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -1686,7 +1684,7 @@ mod tests {
         assert_eq!(
             got,
             "GET /a/b?c=d HTTP/1.1\r\nHost: shop.example\r\nAccept: text/html\r\n\
-             Content-Length: 0\r\nX-Mixed-Case: Yes\r\nx-forwarded-for: 192.0.2.7\r\n\
+             Content-Length: 0\r\nX-Mixed-Case: Yes\r\nx-forwarded-for: 6.6.6.6, 192.0.2.7\r\n\
              x-forwarded-proto: http\r\nx-forwarded-host: shop.example\r\n\r\n"
         );
         // The access log line's method and path are read back from it.
@@ -1751,13 +1749,15 @@ mod tests {
                     "{name}"
                 );
             }
-            // From anyone else, they are replaced.
+            // From anyone else, the list is appended to all the same (SPEC §3), and the other
+            // two are this hop's.
             let got = prepared(&others, &request).unwrap();
+            let xff = want.lines().find(|l| l.starts_with("x-forwarded-for: "));
             assert!(
-                got.ends_with(
-                    "x-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\n\
-                                   x-forwarded-host: shop.example\r\n\r\n"
-                ),
+                got.ends_with(&format!(
+                    "{}\r\nx-forwarded-proto: http\r\nx-forwarded-host: shop.example\r\n\r\n",
+                    xff.unwrap()
+                )),
                 "{got}"
             );
         }

@@ -134,8 +134,11 @@ async fn hop_by_hop_response_headers_are_removed() {
     assert_eq!(resp.body(), "ok");
 }
 
+/// SPEC §3: the proxy appends to `X-Forwarded-For`, whoever sent it (as nginx and HAProxy do):
+/// the application reads the last entry as the address this proxy saw. The other two are this
+/// hop's unless the peer is a trusted proxy.
 #[tokio::test]
-async fn forwarded_for_from_an_untrusted_client_is_replaced() {
+async fn forwarded_for_from_an_untrusted_client_is_appended_to() {
     let up = echo_upstream().await;
     let proxy = spawn_proxy(&upstream_config(&up)).await;
     let req = Request::get(proxy.url("/"))
@@ -146,7 +149,7 @@ async fn forwarded_for_from_an_untrusted_client_is_replaced() {
         .body(empty())
         .unwrap();
     let seen: Seen = json(&send(req).await);
-    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(seen.header("x-forwarded-for"), Some("6.6.6.6, 127.0.0.1"));
     assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
     assert_eq!(seen.header("x-forwarded-host"), Some("site.example"));
 }

@@ -157,11 +157,14 @@ impl ClientSide {
     }
 }
 
-/// Sets `X-Forwarded-For` (appended to a trusted peer's list, else replaced: an untrusted
-/// client cannot inject addresses), and `X-Forwarded-Proto` / `X-Forwarded-Host` (kept from a
-/// trusted peer that set them, else this hop's). `trusted`: the peer is in `trusted_proxies`.
+/// Appends the peer to `X-Forwarded-For` (SPEC §3), whoever sent the list, as nginx's
+/// `$proxy_add_x_forwarded_for` and HAProxy's `option forwardfor` do: the last entry is always
+/// the address this proxy saw, and what came before is the client's word, which the
+/// application believes only from proxies it trusts (as this proxy's own `allow_ips` does,
+/// `hold::bypass`). Sets `X-Forwarded-Proto` / `X-Forwarded-Host` (kept from a trusted peer
+/// that set them, else this hop's). `trusted`: the peer is in `trusted_proxies`.
 pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientSide, trusted: bool) {
-    let xff = if trusted && headers.contains_key(&X_FORWARDED_FOR) {
+    let xff = if headers.contains_key(&X_FORWARDED_FOR) {
         append_to_list(headers, &X_FORWARDED_FOR, &client.peer)
     } else {
         client.peer.clone()
@@ -345,7 +348,7 @@ mod tests {
         let table: &[(&[&str], bool, &str)] = &[
             (&[], false, "192.0.2.1"),
             (&[], true, "192.0.2.1"),
-            (&["203.0.113.9"], false, "192.0.2.1"),
+            (&["203.0.113.9"], false, "203.0.113.9, 192.0.2.1"),
             (&["203.0.113.9"], true, "203.0.113.9, 192.0.2.1"),
             (
                 &["203.0.113.9, 198.51.100.2"],
