@@ -9,6 +9,7 @@ pub mod file;
 
 pub use error::{ConfigError, Problem};
 
+use crate::state::mode::{MAX_MESSAGE_CHARS, MAX_RETRY_AFTER};
 use file::DurationText;
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
@@ -778,23 +779,38 @@ impl Validator {
                 "must use only letters, digits, '-', '_' and '.', since it appears in a URL path",
             );
         }
-        if f.message.trim().is_empty() {
-            self.problem(
-                "maintenance.message",
-                "must not be empty: it is what people read",
-            );
+        // The limits `ctl on` and `update` are held to: the config must not allow what the
+        // control socket refuses, nor the other way round.
+        for (key, message) in [
+            ("maintenance.message", &f.message),
+            ("maintenance.outage_message", &f.outage_message),
+        ] {
+            if message.trim().is_empty() {
+                self.problem(key, "must not be empty: it is what people read");
+            } else if message.chars().count() > MAX_MESSAGE_CHARS {
+                self.problem(
+                    key,
+                    format!("is longer than {MAX_MESSAGE_CHARS} characters: a page, not a novel"),
+                );
+            }
         }
-        if f.outage_message.trim().is_empty() {
-            self.problem(
-                "maintenance.outage_message",
-                "must not be empty: it is what people read",
-            );
-        }
+        let mut retry_after = |key: &str, text: &DurationText| {
+            let d = self.duration(key, text);
+            if d > MAX_RETRY_AFTER {
+                self.problem(
+                    key,
+                    "must be at most a day: clients told to wait longer would not come back",
+                );
+            }
+            d
+        };
         MaintenanceConfig {
             pages,
-            retry_after: self.duration("maintenance.retry_after", &f.retry_after),
-            outage_retry_after: self
-                .duration("maintenance.outage_retry_after", &f.outage_retry_after),
+            retry_after: retry_after("maintenance.retry_after", &f.retry_after),
+            outage_retry_after: retry_after(
+                "maintenance.outage_retry_after",
+                &f.outage_retry_after,
+            ),
             api_prefixes: self.prefixes("maintenance.api_prefixes", &f.api_prefixes),
             allow_paths: self.prefixes("maintenance.allow_paths", &f.allow_paths),
             allow_ips: self.cidrs("maintenance.allow_ips", &f.allow_ips),
@@ -913,10 +929,15 @@ impl Validator {
                 LogFormat::Text
             }
         };
-        if tracing_subscriber::EnvFilter::try_new(&f.level).is_err() {
+        if !level_or_filter(&f.level) {
             self.problem(
                 "log.level",
-                format!("{:?} is not a level; use \"error\", \"warn\", \"info\", \"debug\" or \"trace\"", f.level),
+                format!(
+                    "{:?} is not a level; use \"error\", \"warn\", \"info\", \"debug\" or \
+                     \"trace\", or a filter that gives each target its level, such as \
+                     \"info,hyper=debug\"",
+                    f.level
+                ),
             );
         }
         LogConfig {
@@ -925,6 +946,20 @@ impl Validator {
             level: f.level,
         }
     }
+}
+
+/// Whether `level` is a level or a tracing filter whose every bare word is a level. A tracing
+/// filter takes any other bare word as a target to log at every level: a mistyped `"warnn"`
+/// would log nothing but that (non-existent) target, silencing the start, the warnings and the
+/// outages while the config looked valid.
+fn level_or_filter(level: &str) -> bool {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    tracing_subscriber::EnvFilter::try_new(level).is_ok()
+        && level
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty() && !d.contains('='))
+            .all(|d| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d)))
 }
 
 const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
@@ -1340,6 +1375,72 @@ mod tests {
                 "log.format",
             ]
         );
+    }
+
+    /// What the control socket refuses (`ctl on --retry-after 2d`, a message over 2,000
+    /// characters) the config refuses too.
+    #[test]
+    fn the_config_is_held_to_the_control_socket_s_limits() {
+        let long = "x".repeat(MAX_MESSAGE_CHARS + 1);
+        let p = problems(&format!(
+            "[maintenance]\nretry_after = \"2d\"\noutage_retry_after = \"25h\"\nmessage = \"{long}\"\n"
+        ));
+        let got: Vec<_> = p
+            .iter()
+            .map(|p| (p.key.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "maintenance.message",
+                    "is longer than 2000 characters: a page, not a novel"
+                ),
+                (
+                    "maintenance.retry_after",
+                    "must be at most a day: clients told to wait longer would not come back"
+                ),
+                (
+                    "maintenance.outage_retry_after",
+                    "must be at most a day: clients told to wait longer would not come back"
+                ),
+            ]
+        );
+        let at_the_limits = format!(
+            "[maintenance]\nretry_after = \"24h\"\nmessage = \"{}\"\n",
+            "x".repeat(MAX_MESSAGE_CHARS)
+        );
+        assert!(problems(&at_the_limits).is_empty());
+    }
+
+    /// A mistyped level would otherwise be read as a target to log alone, silencing the rest.
+    #[test]
+    fn a_log_level_is_a_level_or_a_filter_of_levels() {
+        for good in [
+            "info",
+            "WARN",
+            "off",
+            "info,hyper=warn",
+            "warn,intermission=debug",
+        ] {
+            assert!(
+                problems(&format!("[log]\nlevel = \"{good}\"\n")).is_empty(),
+                "{good}"
+            );
+        }
+        for bad in [
+            "warnn",
+            "loud",
+            "info,hyperr",
+            "intermission",
+            "info,hyper=loud",
+        ] {
+            let p = problems(&format!("[log]\nlevel = \"{bad}\"\n"));
+            assert!(
+                p.len() == 1 && p[0].key == "log.level" && p[0].message.contains("is not a level"),
+                "{bad}: {p:?}"
+            );
+        }
     }
 
     #[test]
