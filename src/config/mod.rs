@@ -315,6 +315,27 @@ impl Config {
                 "needs at least one address to listen on (here or in tls.listen)",
             );
         }
+        // Found by `check` and a reload rather than by a start that fails "Address already in
+        // use". The same address twice in one list is bound once.
+        let listeners = (config.proxy.listen.iter().map(|a| ("proxy.listen", *a)))
+            .chain(config.tls.listen.iter().map(|a| ("tls.listen", *a)))
+            .chain(config.admin.listen.map(|a| ("admin.listen", a)));
+        let mut seen: Vec<(&str, SocketAddr)> = Vec::new();
+        for (key, addr) in listeners {
+            let clash = seen
+                .iter()
+                .find(|&&(k, b)| !(k == key && b == addr) && overlap(addr, b));
+            if let Some((other, b)) = clash {
+                v.problem(
+                    key,
+                    format!(
+                        "{addr} and {b} ({other}) cannot both listen: one port on the same \
+                         address, or on a wildcard address and another it covers"
+                    ),
+                );
+            }
+            seen.push((key, addr));
+        }
         if config.health.kind == HealthKind::Grpc
             && config
                 .upstream
@@ -834,8 +855,12 @@ impl Validator {
                 0o600
             }
         };
+        let socket = self.path(&f.socket);
         if f.socket.is_empty() {
             self.problem("control.socket", "must name a path for the control socket");
+        } else if let Err(why) = socket_path(&socket) {
+            // Found by `check` and a reload, not by the next restart, which would fail.
+            self.problem("control.socket", why);
         }
         let state_file = self.path(&f.state_file);
         if f.state_file.is_empty() {
@@ -845,7 +870,7 @@ impl Validator {
             self.problem("control.state_file", why);
         }
         ControlConfig {
-            socket: self.path(&f.socket),
+            socket,
             socket_mode,
             state_file,
         }
@@ -1017,6 +1042,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     })
 }
 
+/// Whether listeners on `a` and `b` cannot both be bound: the same port (not 0, which picks a
+/// free one) on the same address, or on a wildcard address and another of its family. A
+/// wildcard IPv6 address takes IPv4 too (Linux's default `bindv6only = 0`).
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |w: SocketAddr, o: SocketAddr| {
+        w.ip().is_unspecified() && (w.is_ipv4() == o.is_ipv4() || w.is_ipv6())
+    };
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
 /// The state file may not exist yet (it is written at the first change), but the folder it
 /// is written in must, since the atomic write creates its temporary file there.
 fn state_file_folder(path: &Path) -> Result<(), String> {
@@ -1027,6 +1062,40 @@ fn state_file_folder(path: &Path) -> Result<(), String> {
             path.join("intermission-state.json").display()
         ));
     }
+    folder_of(path, "the state file")
+}
+
+/// The longest control socket path: a Unix socket's address holds 107 bytes, and the socket
+/// is bound under a temporary name beside it (`.{name}.{pid}`, `control::server::bind`),
+/// nine bytes longer with the longest process id.
+const MAX_SOCKET_PATH: usize = 107 - 9;
+
+/// What would stop the control socket being made at start: its folder missing, a path too
+/// long for a Unix socket, or a file that is not a socket in its place (never replaced).
+fn socket_path(path: &Path) -> Result<(), String> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(format!(
+            "{} is {len} bytes long; a control socket's path takes at most {MAX_SOCKET_PATH} \
+             (the system's limit for a Unix socket, less the temporary name it is made under): \
+             name one nearer the root, like /run/intermission/intermission.sock",
+            path.display()
+        ));
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(format!(
+                "{} exists and is not a socket; the proxy never replaces it: name another path",
+                path.display()
+            ));
+        }
+    }
+    folder_of(path, "the control socket")
+}
+
+/// The folder `path` (`what`) is made in exists and is a folder.
+fn folder_of(path: &Path, what: &str) -> Result<(), String> {
     let folder = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -1034,24 +1103,26 @@ fn state_file_folder(path: &Path) -> Result<(), String> {
     match std::fs::metadata(folder) {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => Err(format!(
-            "{} is not a folder, so the state file {} cannot be written in it",
+            "{} is not a folder, so {what} {} cannot be made in it",
             folder.display(),
             path.display()
         )),
-        Err(e) if matches!(
-            e.kind(),
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
-        ) =>
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
         {
             Err(format!(
-            "the folder {} does not exist, so the state file {} cannot be written; create it, or name a file in a folder that exists",
-            folder.display(),
-            path.display()
+                "the folder {} does not exist, so {what} {} cannot be made; create it, or name \
+                 a file in a folder that exists",
+                folder.display(),
+                path.display()
             ))
         }
         // Not ours to see (`check` run by another user than the service, a folder behind a
         // 0700 one as systemd's `StateDirectory` makes): whoever runs the proxy may reach it,
-        // and a start that cannot write it says so at the first change.
+        // and a start that cannot use it says so.
         Err(_) => Ok(()),
     }
 }
@@ -1205,6 +1276,7 @@ mod tests {
     #[test]
     fn relative_paths_resolve_against_the_config_folder() {
         let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(dir.path().join("run")).expect("folder");
         let c = Config::parse("[control]\nsocket = \"run/x.sock\"\n", dir.path(), None).unwrap();
         assert_eq!(c.control.socket, dir.path().join("run/x.sock"));
         assert_eq!(
@@ -1240,6 +1312,72 @@ mod tests {
         // The file itself need not exist yet; its folder does.
         let text = "[control]\nstate_file = \"new.json\"\n";
         assert!(Config::parse(text, base, None).is_ok());
+    }
+
+    /// What would stop the control socket being made at start is found by `check` and reload.
+    #[test]
+    fn the_control_socket_can_be_made() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let base = dir.path();
+        std::fs::write(base.join("notes.txt"), "keep me").expect("file");
+        let long = format!("{}/x.sock", "d".repeat(120));
+        for (socket, says) in [
+            ("nodir/x.sock", "does not exist"),
+            ("notes.txt", "exists and is not a socket"),
+            (long.as_str(), "bytes long"),
+        ] {
+            let text = format!("[control]\nsocket = \"{socket}\"\n");
+            let p = match Config::parse(&text, base, None) {
+                Err(ConfigError::Invalid { problems, .. }) => problems,
+                other => panic!("{socket}: {other:?}"),
+            };
+            assert_eq!(p.len(), 1, "{p:?}");
+            assert_eq!(p[0].key, "control.socket");
+            assert!(p[0].message.contains(says), "{p:?}");
+        }
+        let text = "[control]\nsocket = \"new.sock\"\n";
+        assert!(Config::parse(text, base, None).is_ok());
+        assert_eq!(
+            std::fs::read_to_string(base.join("notes.txt"))
+                .ok()
+                .as_deref(),
+            Some("keep me")
+        );
+    }
+
+    /// Two listeners on one port of one address (or a wildcard and an address it covers)
+    /// would fail the start with "Address already in use".
+    #[test]
+    fn listeners_that_would_clash_are_named() {
+        // The certificates' files do not exist here: only the listeners' problems are looked at.
+        let clash = |text: &str| -> Vec<String> {
+            keys(text)
+                .into_iter()
+                .filter(|k| k.ends_with("listen"))
+                .collect()
+        };
+        assert_eq!(
+            clash("[proxy]\nlisten = [\"127.0.0.1:8080\"]\n[admin]\nlisten = \"127.0.0.1:8080\"\n"),
+            ["admin.listen"]
+        );
+        let tls = "[tls]\nlisten = [\"127.0.0.1:8443\"]\n[[tls.certificates]]\ncert = \"a\"\nkey = \"b\"\n";
+        assert_eq!(
+            clash(&format!("[proxy]\nlisten = [\"0.0.0.0:8443\"]\n{tls}")),
+            ["tls.listen"]
+        );
+        assert_eq!(
+            clash("[proxy]\nlisten = [\"[::]:8080\", \"127.0.0.1:8080\"]\n"),
+            ["proxy.listen"]
+        );
+        // Different ports, another family's specific address, port 0 and a repeat are fine.
+        for fine in [
+            "[proxy]\nlisten = [\"127.0.0.1:8080\"]\n[admin]\nlisten = \"127.0.0.1:9090\"\n",
+            "[proxy]\nlisten = [\"0.0.0.0:8080\", \"[::1]:8080\"]\n",
+            "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            "[proxy]\nlisten = [\"127.0.0.1:8080\", \"127.0.0.1:8080\"]\n",
+        ] {
+            assert!(clash(fine).is_empty(), "{fine}");
+        }
     }
 
     #[test]
