@@ -14,6 +14,7 @@ use crate::state::snapshot::Parts;
 use crate::state::store::{self, StoreError};
 use crate::state::StateHandle;
 use crate::workers::Workers;
+use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -67,30 +68,51 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Binds every address of `wanted` not yet bound, then stops the ones no longer wanted.
-    /// On a bind error nothing changes.
     /// Binds every wanted address not yet bound, then stops the listeners no longer wanted
-    /// and returns once they have closed their sockets.
+    /// and returns once they have closed their sockets. On a bind error nothing changes: the
+    /// listeners closed early to free a port (see `take_overlapping`) are bound again.
     async fn apply(&self, plain: &[SocketAddr], tls: &[SocketAddr]) -> Result<(), StartError> {
-        let gone = self.swap(plain, tls)?;
-        for b in gone {
-            let _ = b.task.await;
-        }
-        Ok(())
-    }
-
-    fn swap(&self, plain: &[SocketAddr], tls: &[SocketAddr]) -> Result<Vec<Bound>, StartError> {
         let wanted: Vec<(SocketAddr, bool)> = plain
             .iter()
             .map(|&a| (a, false))
             .chain(tls.iter().map(|&a| (a, true)))
             .collect();
+        let mut closed_early = Vec::new();
+        loop {
+            let err = match self.swap(&wanted) {
+                Ok(gone) => {
+                    close(gone).await;
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            // Linux refuses a wildcard and a specific address on the same port while both
+            // listen, whatever SO_REUSEADDR says: a listener that this reload removes anyway
+            // must close before its replacement can bind.
+            let early = match &err {
+                StartError::Bind { addr, source } if source.kind() == ErrorKind::AddrInUse => {
+                    self.take_overlapping(*addr, &wanted)
+                }
+                _ => Vec::new(),
+            };
+            if early.is_empty() {
+                self.restore(closed_early);
+                return Err(err);
+            }
+            closed_early.extend(early.iter().map(|b| (b.configured, b.tls, b.local)));
+            close(early).await;
+        }
+    }
+
+    /// Binds the wanted addresses not yet bound and takes out the listeners no longer wanted,
+    /// for the caller to close. On a bind error nothing changes.
+    fn swap(&self, wanted: &[(SocketAddr, bool)]) -> Result<Vec<Bound>, StartError> {
         let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
         if self.closed.load(Ordering::Relaxed) {
             return Ok(Vec::new());
         }
         let mut fresh = Vec::new();
-        for &(addr, tls) in &wanted {
+        for &(addr, tls) in wanted {
             if bound.iter().any(|b| (b.configured, b.tls) == (addr, tls))
                 || fresh.iter().any(|(a, t, _, _)| (*a, *t) == (addr, tls))
             {
@@ -108,30 +130,69 @@ impl Listeners {
         *bound = keep;
         for b in &gone {
             tracing::info!(addr = %b.local, "no longer listening on {}", b.local);
-            b.stop.fire();
         }
         for (configured, tls, local, l) in fresh {
-            let kind = if tls { "https" } else { "http" };
-            tracing::info!(addr = %local, "listening on {local} ({kind})");
-            let (stop, stopped) = shutdown::channel();
-            let task = tokio::spawn(listener::accept_loop(
-                l,
-                self.state.clone(),
-                self.drain.clone(),
-                self.limit.clone(),
-                self.workers.clone(),
-                tls,
-                stopped,
-            ));
-            bound.push(Bound {
-                configured,
-                tls,
-                local,
-                stop,
-                task,
-            });
+            bound.push(self.serve(configured, tls, local, l));
         }
         Ok(gone)
+    }
+
+    /// Takes out the listeners that are not wanted any more and may hold the port `addr`
+    /// needs, for the caller to close. Errs on the side of too many (`127.0.0.2:P` does not
+    /// block `127.0.0.1:P`, nor `[::1]:P` `0.0.0.0:P`): the reload closes them anyway.
+    fn take_overlapping(&self, addr: SocketAddr, wanted: &[(SocketAddr, bool)]) -> Vec<Bound> {
+        let overlaps = |b: &Bound| {
+            let (a, l) = (addr.ip().to_canonical(), b.local.ip().to_canonical());
+            b.local.port() == addr.port()
+                && (a == l || a.is_unspecified() || l.is_unspecified())
+                && !wanted.contains(&(b.configured, b.tls))
+        };
+        let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
+        let (early, keep): (Vec<Bound>, Vec<Bound>) = bound.drain(..).partition(overlaps);
+        *bound = keep;
+        for b in &early {
+            let local = b.local;
+            tracing::info!(addr = %local, "no longer listening on {local}, to free {addr}");
+        }
+        early
+    }
+
+    /// Listens again where the listeners closed early were, after a reload that failed:
+    /// best effort, as another process may have taken the port in between.
+    fn restore(&self, closed: Vec<(SocketAddr, bool, SocketAddr)>) {
+        let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
+        if self.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        for (configured, tls, local) in closed {
+            match bind(local) {
+                Ok(l) => bound.push(self.serve(configured, tls, local, l)),
+                Err(e) => tracing::error!(addr = %local, "no longer listening on {local}: {e}"),
+            }
+        }
+    }
+
+    /// Starts the accept loop of a bound listener.
+    fn serve(&self, configured: SocketAddr, tls: bool, local: SocketAddr, l: TcpListener) -> Bound {
+        let kind = if tls { "https" } else { "http" };
+        tracing::info!(addr = %local, "listening on {local} ({kind})");
+        let (stop, stopped) = shutdown::channel();
+        let task = tokio::spawn(listener::accept_loop(
+            l,
+            self.state.clone(),
+            self.drain.clone(),
+            self.limit.clone(),
+            self.workers.clone(),
+            tls,
+            stopped,
+        ));
+        Bound {
+            configured,
+            tls,
+            local,
+            stop,
+            task,
+        }
     }
 
     fn local_addrs(&self, tls: bool) -> Vec<SocketAddr> {
@@ -150,12 +211,18 @@ impl Listeners {
             self.closed.store(true, Ordering::Relaxed);
             bound.drain(..).collect()
         };
-        for b in &all {
-            b.stop.fire();
-        }
-        for b in all {
-            let _ = b.task.await;
-        }
+        close(all).await;
+    }
+}
+
+/// Stops the accept loops and returns once their sockets are closed. The connections they
+/// accepted run on the workers and stay open.
+async fn close(listeners: Vec<Bound>) {
+    for b in &listeners {
+        b.stop.fire();
+    }
+    for b in listeners {
+        let _ = b.task.await;
     }
 }
 

@@ -738,6 +738,128 @@ async fn reload_moves_the_listeners_without_dropping_established_connections() {
     assert_eq!(get(&format!("http://{new}/")).await.status(), 200);
 }
 
+/// A free port on every loopback address: bound on 127.0.0.1 and let go.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A keep-alive HTTP/1.1 connection to `addr`: every request on it fails once it is closed.
+async fn keep_alive(
+    addr: std::net::SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<TestBody> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// The status of a GET on an established connection, within 10 s.
+async fn get_on(sender: &mut hyper::client::conn::http1::SendRequest<TestBody>) -> u16 {
+    use http_body_util::BodyExt;
+    let req = http::Request::get("/kept")
+        .header("host", "x")
+        .body(empty())
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), async {
+        sender.ready().await?;
+        sender.send_request(req).await
+    })
+    .await
+    .expect("no answer within 10 s")
+    .expect("the established connection was dropped");
+    let status = resp.status().as_u16();
+    resp.into_body().collect().await.unwrap();
+    status
+}
+
+/// The status of a GET on a new connection, within 10 s.
+async fn get_within(url: &str) -> u16 {
+    tokio::time::timeout(Duration::from_secs(10), get(url))
+        .await
+        .expect("no answer within 10 s")
+        .status()
+        .as_u16()
+}
+
+/// Linux refuses `0.0.0.0:P` while `127.0.0.1:P` listens, and the reverse: the reload closes
+/// the old listener just before it binds the new one.
+#[tokio::test]
+async fn reload_moves_a_listener_to_another_address_on_the_same_port() {
+    let up = echo_upstream().await;
+    let port = free_port();
+    let loopback = format!("127.0.0.1:{port}");
+    let wildcard = format!("0.0.0.0:{port}");
+    // Reached only through the wildcard listener.
+    let other = format!("127.0.0.6:{port}");
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nlisten = [\"{loopback}\"]\n[upstream]\nservers = [\"{}\"]\n",
+        up.url()
+    ))
+    .await;
+    let mut established = keep_alive(proxy.addr).await;
+    assert_eq!(get_on(&mut established).await, 200);
+
+    edit_config(&proxy, |t| t.replace(&loopback, &wildcard));
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(get_on(&mut established).await, 200);
+    assert_eq!(get_within(&format!("http://{loopback}/")).await, 200);
+    assert_eq!(get_within(&format!("http://{other}/")).await, 200);
+
+    edit_config(&proxy, |t| t.replace(&wildcard, &loopback));
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(get_on(&mut established).await, 200);
+    assert_eq!(get_within(&format!("http://{loopback}/")).await, 200);
+    assert!(
+        tokio::net::TcpStream::connect(&other).await.is_err(),
+        "the wildcard listener still accepts"
+    );
+}
+
+/// When the new address on the same port cannot be bound even once the old listener is
+/// closed, the reload is refused and the proxy listens where it was.
+#[tokio::test]
+async fn a_refused_move_on_the_same_port_listens_where_it_was() {
+    let up = echo_upstream().await;
+    let port = free_port();
+    let loopback = format!("127.0.0.1:{port}");
+    let wildcard = format!("0.0.0.0:{port}");
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nlisten = [\"{loopback}\"]\n[upstream]\nservers = [\"{}\"]\n",
+        up.url()
+    ))
+    .await;
+    let mut established = keep_alive(proxy.addr).await;
+    assert_eq!(get_on(&mut established).await, 200);
+    // Listening on the same port as the proxy, on another address: 0.0.0.0 cannot be bound.
+    let holder = std::net::TcpListener::bind(format!("127.0.0.5:{port}")).unwrap();
+
+    edit_config(&proxy, |t| t.replace(&loopback, &wildcard));
+    let r = ctl(&proxy, Ctl::Reload).await;
+    let e = r.error.unwrap();
+    assert_eq!(e.code, "reload_failed");
+    assert!(e.message.contains(&wildcard), "{}", e.message);
+    assert_eq!(get_within(&format!("http://{loopback}/")).await, 200);
+    assert_eq!(get_on(&mut established).await, 200);
+    let running = proxy.running.as_ref().unwrap();
+    assert_eq!(running.local_addrs(), [proxy.addr]);
+
+    // The listener opened again is the running one: the same move works once the port is free.
+    drop(holder);
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(get_within(&format!("http://127.0.0.5:{port}/")).await, 200);
+    assert_eq!(get_on(&mut established).await, 200);
+}
+
 /// A change that cannot be saved is not made (SPEC §5): the operator hears
 /// `state_not_saved`, clients see no change, and once the state file can be written again
 /// the same request works.
