@@ -83,10 +83,12 @@ pub fn handle(state: &StateHandle, conn: &Arc<Conn>, req: Request<Incoming>) -> 
     let log = Logged::if_on(&snap, conn, &req);
     match decide(&snap, conn, &req) {
         Decision::Answer(resp, outcome) => {
+            discard_upload(req);
             Reply::Ready(Some(finish(&snap, start, log, resp, None, outcome)))
         }
         Decision::Hold => {
             let resp = reserved::hold(&snap, &req);
+            discard_upload(req);
             Reply::Ready(Some(finish(&snap, start, log, resp, None, Outcome::Held)))
         }
         Decision::Forward(outcome) => {
@@ -97,6 +99,38 @@ pub fn handle(state: &StateHandle, conn: &Arc<Conn>, req: Request<Incoming>) -> 
             }))
         }
     }
+}
+
+/// How much of an HTTP/2 upload answered without it is read and dropped, and for how long.
+const DISCARD_LIMIT: usize = 16 << 20;
+const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads and drops what is still coming of an HTTP/2 request answered without its body (held,
+/// reserved, refused), up to `DISCARD_LIMIT` and `DISCARD_TIME`, as nginx discards one. Left
+/// unread, the stream is reset once the answer has gone (`RST_STREAM(NO_ERROR)`, which RFC
+/// 9113 §8.1 allows), and clients that take that for a failure (curl before 8, others) showed
+/// an upload during maintenance an error rather than the holding page. HTTP/1.1 needs none of
+/// this: hyper closes such a connection after the answer, which clients read whole.
+fn discard_upload(req: Request<Incoming>) {
+    use http_body_util::BodyExt;
+    use hyper::body::Body as _;
+    if req.version() != http::Version::HTTP_2 || req.body().is_end_stream() {
+        return;
+    }
+    let mut body = req.into_body();
+    tokio::spawn(async move {
+        let mut left = DISCARD_LIMIT;
+        let read = async {
+            while let Some(Ok(frame)) = body.frame().await {
+                let n = frame.data_ref().map_or(0, |d| d.len());
+                left = left.saturating_sub(n);
+                if left == 0 {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DISCARD_TIME, read).await;
+    });
 }
 
 /// Writes the holding response to a request, in HTTP/1.1, to `out` when the gateway would

@@ -673,3 +673,61 @@ async fn a_preview_of_the_other_mode_shows_that_modes_own_words() {
         "{other}"
     );
 }
+
+/// An HTTP/2 upload answered while held is read to its end, as nginx discards one, rather
+/// than reset once the answer has gone: RFC 9113 allows the reset (`NO_ERROR`), but clients
+/// such as curl before version 8 then report a failed upload instead of the holding page.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_upload_answered_while_held_is_read_not_reset() {
+    let (up, hits) = counting_upstream().await;
+    let proxy = proxy_for(&up, "").await;
+    let on = Ctl::On {
+        message: Some("Uploads later".into()),
+        until: None,
+        retry_after: None,
+        reason: None,
+    };
+    assert!(ctl(&proxy, on).await.ok);
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = Request::post(proxy.url("/upload")).body(()).unwrap();
+    let (response, mut upload) = client.send_request(req, false).unwrap();
+    // Far more than the stream's window (hyper's is 1 MiB): the server must read it to take it.
+    const TOTAL: usize = 3 << 20;
+    let chunk = bytes::Bytes::from(vec![b'x'; 16 << 10]);
+    let sent = async {
+        let mut sent = 0;
+        while sent < TOTAL {
+            upload.reserve_capacity(chunk.len());
+            let room = std::future::poll_fn(|cx| upload.poll_capacity(cx)).await;
+            let room = match room {
+                Some(Ok(room)) => room,
+                Some(Err(e)) => return Err(format!("reset after {sent} bytes: {e}")),
+                None => return Err(format!("closed after {sent} bytes")),
+            };
+            let n = room.min(chunk.len());
+            upload
+                .send_data(chunk.slice(..n), false)
+                .map_err(|e| format!("reset after {sent} bytes: {e}"))?;
+            sent += n;
+        }
+        upload
+            .send_data(bytes::Bytes::new(), true)
+            .map_err(|e| format!("reset at the end: {e}"))?;
+        Ok(sent)
+    };
+    let within = std::time::Duration::from_secs(20);
+    let sent = tokio::time::timeout(within, sent)
+        .await
+        .expect("upload stalled");
+    assert_eq!(sent, Ok(TOTAL));
+    let resp = tokio::time::timeout(within, response)
+        .await
+        .expect("no answer")
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()["x-intermission-mode"], "maintenance");
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "never forwarded");
+}
