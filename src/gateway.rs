@@ -395,8 +395,12 @@ fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
         (Some(host), None) if !crate::h1::valid_host(host.as_bytes()) => {
             Some("the Host header is not a host\n")
         }
+        // HTTP/1.0 may name no host (the server's is sent); HTTP/2 must (RFC 9113 §8.3.1).
         (None, None) if req.version() == http::Version::HTTP_11 && uri.authority().is_none() => {
             Some("no Host header\n")
+        }
+        (None, None) if req.version() == http::Version::HTTP_2 && uri.authority().is_none() => {
+            Some("no :authority or Host\n")
         }
         _ => None,
     }
@@ -435,7 +439,7 @@ fn rule<'p, H: Fields + ?Sized>(
         let held = snap.held.is_some() && !bypassed(snap, conn, path, headers);
         return if held { Rule::Hold } else { Rule::Connect };
     }
-    if redirect && !bypass::path_allowed(path, &m.allow_paths) {
+    if redirect && !allowed_path(path, &m.allow_paths) {
         return Rule::Redirect;
     }
     match snap.held {
@@ -609,7 +613,7 @@ fn redirect_https<B>(snap: &Snapshot, req: &Request<B>) -> Response<Body> {
 /// Whether a request is forwarded even though the mode holds requests (SPEC §3).
 fn bypassed<H: Fields + ?Sized>(snap: &Snapshot, conn: &Conn, path: &str, headers: &H) -> bool {
     let m = &snap.config.maintenance;
-    if bypass::path_allowed(path, &m.allow_paths) && without_dot_segments(path) {
+    if allowed_path(path, &m.allow_paths) {
         return true;
     }
     if !m.allow_ips.is_empty() {
@@ -621,6 +625,13 @@ fn bypassed<H: Fields + ?Sized>(snap: &Snapshot, conn: &Conn, path: &str, header
     snap.bypass
         .as_ref()
         .is_some_and(|key| key.cookie_valid(headers, SystemTime::now()))
+}
+
+/// Whether `path` is under `maintenance.allow_paths`, which lets it past the hold and keeps it
+/// on plaintext when `redirect_https` is on, without a dot segment that would take it out
+/// from under its prefix upstream.
+fn allowed_path(path: &str, prefixes: &[String]) -> bool {
+    bypass::path_allowed(path, prefixes) && without_dot_segments(path)
 }
 
 /// Whether a path has no `.`/`..` segment in any spelling, so that an allowed prefix cannot

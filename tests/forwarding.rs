@@ -242,6 +242,13 @@ async fn h2c_clients_are_forwarded_with_their_authority_as_host() {
         let resp = sender.send_request(req).await.unwrap();
         assert_eq!(resp.status(), status, "{authority}");
     }
+    // Neither `:authority` nor `Host` is malformed (RFC 9113 §8.3.1), not a request for the
+    // server's own name.
+    let resp = sender
+        .send_request(Request::get("/h2").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
 }
 
 /// A request the server could read as another than the client's is refused with `400`, as

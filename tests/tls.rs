@@ -615,6 +615,21 @@ async fn plaintext_is_redirected_to_https_except_reserved_and_allowed_paths() {
     )
     .await;
     assert_eq!(acme.status(), 200);
+    // A dot segment would take the path out from under its prefix upstream: redirected, as
+    // it would be held in maintenance.
+    for path in [
+        "/.well-known/acme-challenge/../../secret",
+        "/.well-known/acme-challenge/%2e%2e/x",
+    ] {
+        let out = raw_exchange(
+            proxy.addr,
+            format!("GET {path} HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+            std::time::Duration::from_secs(10),
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 308"), "{path}: {out}");
+    }
     let status = get(&proxy.url("/_intermission/status")).await;
     assert_eq!(status.status(), 200);
 }
