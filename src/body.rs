@@ -104,21 +104,28 @@ impl Body {
         }
     }
 
-    /// `inner`, failing when no frame comes for `limit` (`upstream.read_timeout`, nginx's
-    /// `proxy_read_timeout`): a server that stops mid-body would otherwise hold the client's
-    /// connection and its own until the client gives up. With `resume`, an upload still under
-    /// way is timed again once this answer has ended (`Resume`).
+    /// `inner`, a response body from `server`, failing when no frame comes for `limit`
+    /// (`upstream.read_timeout`, nginx's `proxy_read_timeout`): a server that stops mid-body
+    /// would otherwise hold the client's connection and its own until the client gives up.
+    /// With `resume`, an upload still under way is timed again once this answer has ended
+    /// (`Resume`). A `grpc` answer that fails, or stalls, ends with `grpc-status: 14` trailers
+    /// rather than a reset stream, which gRPC clients take for `INTERNAL` and do not retry:
+    /// `UNAVAILABLE` is what they retry, and what the proxy says of a server it cannot reach.
     pub fn timed(
         inner: Body,
-        limit: Option<(Duration, &Arc<str>)>,
+        server: &Arc<str>,
+        limit: Option<Duration>,
         resume: Option<Resume>,
+        grpc: bool,
     ) -> Body {
-        if inner.is_end_stream() || (limit.is_none() && resume.is_none()) {
+        if inner.is_end_stream() || (limit.is_none() && resume.is_none() && !grpc) {
             return inner;
         }
         Body::Timed(Box::new(Timed {
             inner,
-            limit: limit.map(|(limit, server)| (limit, server.clone())),
+            server: server.clone(),
+            limit,
+            grpc: grpc.then_some(GrpcEnd::Open),
             clock: StallClock::default(),
             _resume: resume,
         }))
@@ -249,10 +256,19 @@ pub struct UploadStalled(pub Duration);
 
 pub struct Timed {
     inner: Body,
-    /// The limit, and the server's name for the log.
-    limit: Option<(Duration, Arc<str>)>,
+    /// The server's name, for the log.
+    server: Arc<str>,
+    limit: Option<Duration>,
+    /// Set for a gRPC answer: whether its `UNAVAILABLE` trailers have been sent.
+    grpc: Option<GrpcEnd>,
     clock: StallClock,
     _resume: Option<Resume>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GrpcEnd {
+    Open,
+    Ended,
 }
 
 /// The error of a body that stalled.
@@ -262,15 +278,34 @@ pub struct Stalled(pub Duration);
 
 impl Timed {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        let Some((limit, server)) = &self.limit else {
-            return polled;
-        };
-        if self.clock.expired(cx, polled.is_ready(), || Some(*limit)) {
-            tracing::warn!(server = %server, "{}; the answer is cut short", Stalled(*limit));
-            return Poll::Ready(Some(Err(Stalled(*limit).into())));
+        if self.grpc == Some(GrpcEnd::Ended) {
+            return Poll::Ready(None);
         }
-        polled
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let failed: Error = match (polled, self.limit) {
+            (Poll::Ready(Some(Err(e))), _) => e,
+            (polled, Some(limit)) if self.clock.expired(cx, polled.is_ready(), || Some(limit)) => {
+                tracing::warn!(server = %self.server, "{}; the answer is cut short", Stalled(limit));
+                Stalled(limit).into()
+            }
+            (polled, _) => return polled,
+        };
+        if self.grpc.is_none() {
+            return Poll::Ready(Some(Err(failed)));
+        }
+        self.grpc = Some(GrpcEnd::Ended);
+        tracing::warn!(
+            server = %self.server,
+            error = %crate::logging::with_causes(&*failed),
+            "a gRPC answer broke off; the client is told UNAVAILABLE"
+        );
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
+        trailers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("the%20server%20stopped%20answering"),
+        );
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
 }
 
@@ -352,7 +387,7 @@ impl HttpBody for Body {
                 incoming.is_end_stream()
             }
             Body::Counted(c) => c.inner.is_end_stream(),
-            Body::Timed(t) => t.inner.is_end_stream(),
+            Body::Timed(t) => t.grpc == Some(GrpcEnd::Ended) || t.inner.is_end_stream(),
         }
     }
 

@@ -867,3 +867,62 @@ async fn an_idle_h2c_connection_is_closed_after_idle_timeout() {
     });
     assert!(closed.await, "the idle connection was never closed");
 }
+
+/// A gRPC answer that breaks off (its server reset the stream, or died) ends with
+/// `grpc-status: 14` trailers rather than a reset stream: clients read a reset as `INTERNAL`,
+/// which they do not retry, and `UNAVAILABLE` is what a proxy says of a server it lost.
+#[tokio::test]
+async fn a_grpc_answer_that_breaks_off_ends_unavailable() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_, mut respond))) = conn.accept().await {
+                    let head = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(())
+                        .unwrap();
+                    if let Ok(mut send) = respond.send_response(head, false) {
+                        // One whole message, then, while the call streams, the server fails.
+                        let message = bytes::Bytes::from_static(b"\0\0\0\0\x02hi");
+                        let _ = send.send_data(message, false);
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            send.send_reset(h2::Reason::INTERNAL_ERROR);
+                        });
+                    }
+                }
+            });
+        }
+    });
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"h2c://{addr}\"]\n[health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
+    ))
+    .await;
+    let req = http::Request::post(proxy.url("/pkg.Service/Stream"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(full(vec![0u8, 0, 0, 0, 0]))
+        .unwrap();
+    let resp = h2c_client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        !resp.headers().contains_key("x-intermission-mode"),
+        "the server's own answer, not the outage one: {resp:?}"
+    );
+    let body = tokio::time::timeout(
+        Duration::from_secs(10),
+        http_body_util::BodyExt::collect(resp.into_body()),
+    )
+    .await
+    .expect("the answer never ended")
+    .expect("the answer was reset, not ended with a status");
+    let trailers = body.trailers().cloned().expect("no trailers");
+    assert_eq!(body.to_bytes().as_ref(), b"\0\0\0\0\x02hi");
+    assert_eq!(trailers["grpc-status"], "14");
+    assert!(trailers.contains_key("grpc-message"));
+}

@@ -217,11 +217,9 @@ pub fn forward<'a>(
                         Some(Answered::Streaming(resume)) => Some(resume),
                         Some(Answered::Whole) | None => None,
                     };
-                    let stall = config
-                        .upstream
-                        .read_timeout
-                        .map(|d| (d, &pool.names[server]));
-                    return Ok(finish(resp, server, client_upgrade, stall, resume));
+                    let stall = config.upstream.read_timeout;
+                    let name = &pool.names[server];
+                    return Ok(finish(resp, (server, name), client_upgrade, stall, resume));
                 }
                 Err(e) => e,
             };
@@ -395,16 +393,22 @@ fn send<'a>(
 
 /// Prepares the upstream's response for the client, and the tunnel if it switched protocols;
 /// its body may stall no longer than `stall` (`upstream.read_timeout`, read from the config
-/// in force, so that a reload changes it; with the server's name for the log), and holds
-/// `resume` (an upload still under way) until it ends.
+/// in force, so that a reload changes it), holds `resume` (an upload still under way) until
+/// it ends, and, for a gRPC answer, ends with `UNAVAILABLE` if it breaks off (`Body::timed`).
+/// `server`: its index, and its name for the log.
 fn finish(
     resp: Response<Body>,
-    server: usize,
+    (server, name): (usize, &Arc<str>),
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    stall: Option<(Duration, &Arc<str>)>,
+    stall: Option<Duration>,
     resume: Option<Resume>,
 ) -> Forwarded {
-    let mut resp = resp.map(|body| Body::timed(body, stall, resume));
+    let grpc = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.as_bytes().get(..16))
+        .is_some_and(|t| t.eq_ignore_ascii_case(b"application/grpc"));
+    let mut resp = resp.map(|body| Body::timed(body, name, stall, resume, grpc));
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let upgraded_to = switching
         .then(|| resp.headers().get(header::UPGRADE).cloned())
