@@ -367,15 +367,11 @@ impl Running {
     }
 
     /// Re-reads the config file and pages (as `ctl reload` does); on error the running
-    /// config stays and the error is logged.
+    /// config stays and the controller logs the error.
     pub async fn reload(&self) {
-        let resp = self
-            .controller
+        self.controller
             .request(Request::Reload, "SIGHUP".into())
             .await;
-        if let Some(e) = resp.error {
-            tracing::error!("reload refused, the running config stays: {}", e.message);
-        }
     }
 
     /// Stops accepting, lets in-flight requests finish for up to `shutdown_timeout`, and

@@ -763,3 +763,29 @@ async fn running_out_of_file_descriptors_is_not_an_outage() {
     );
     assert!(!outage(), "{:#?}", proxy.log_lines());
 }
+
+/// The latency `ctl health` shows beside the last check is that check's: a failed check shows
+/// none, rather than an older success's beside its error.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_check_shows_no_latency() {
+    let failing = Arc::new(AtomicBool::new(false));
+    let told = failing.clone();
+    let up = upstream(move |_req: Request<Incoming>| {
+        let failing = told.load(Ordering::SeqCst);
+        async move {
+            let status = if failing { 500 } else { 200 };
+            Response::builder()
+                .status(status)
+                .body(full("app"))
+                .unwrap()
+        }
+    })
+    .await;
+    let proxy = proxy_for(&[&up], FAST).await;
+    let h = first_server_once(&proxy, |h| h.last_latency_ms.is_some()).await;
+    assert!(h.last_latency_ms.is_some(), "{h:?}");
+    failing.store(true, Ordering::SeqCst);
+    let h = first_server_once(&proxy, |h| h.last_error.is_some()).await;
+    assert!(h.last_error.is_some(), "{h:?}");
+    assert_eq!(h.last_latency_ms, None, "{h:?}");
+}

@@ -780,3 +780,37 @@ async fn a_reload_turns_the_access_log_on() {
     );
     assert!(!logged("/before"));
 }
+
+/// A reload refused is in the log whoever asked for it, `ctl reload` as SIGHUP, with who it was:
+/// the log is the record of what was tried on the running proxy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_reload_is_logged_whoever_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    // One line per event, whatever its message holds.
+    let proxy = ProxyProcess::start(dir.path(), "[log]\nformat = \"json\"\n");
+    let path = dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{text}\n[health]\nrise = 0\n")).unwrap();
+    let refused = proxy
+        .ctl(&intermission::control::protocol::Request::Reload)
+        .await
+        .unwrap();
+    assert!(!refused.ok, "{refused:?}");
+    let logged = |by: &str| {
+        proxy
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("reload refused") && l.contains("health.rise") && l.contains(by))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || logged("\"by\":")).await,
+        "{:#?}",
+        proxy.log_lines()
+    );
+    proxy.signal("HUP");
+    assert!(
+        wait_until(Duration::from_secs(10), || logged("\"by\":\"SIGHUP\"")).await,
+        "{:#?}",
+        proxy.log_lines()
+    );
+}

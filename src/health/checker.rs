@@ -181,6 +181,7 @@ impl Task {
         if let Some(mut entry) = self.entry() {
             entry.last_check = Some(Timestamp(SystemTime::now()));
             entry.last_error = Some(format!("check not made: {why}"));
+            entry.last_latency_ms = None;
         }
     }
 
@@ -208,6 +209,11 @@ impl Task {
             match &result {
                 Ok(latency) => entry.last_latency_ms = Some(latency.as_secs_f64() * 1000.0),
                 Err(why) => entry.last_error = Some(why.clone()),
+            }
+            // The latency shown beside the last check is that check's: a failed one has none
+            // worth showing (a timeout's is the timeout), and an older success's would mislead.
+            if active && !ok {
+                entry.last_latency_ms = None;
             }
             entry.consecutive = self.counter.run();
             if entry.healthy.is_none() || flipped.is_some() {

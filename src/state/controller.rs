@@ -455,7 +455,12 @@ impl Controller {
             Request::ScheduleList => Response::schedules(self.state.schedules.clone()),
             Request::Reload => match self.reload().await {
                 Ok(()) => Response::state(self.status_view()),
-                Err(message) => Response::error(ErrorBody::new("reload_failed", message)),
+                // Logged whoever asked (`ctl reload` or SIGHUP): the log is the record of what
+                // was tried on the running proxy, not only of what changed.
+                Err(message) => {
+                    tracing::error!(by = %by, "reload refused, the running config stays: {message}");
+                    Response::error(ErrorBody::new("reload_failed", message))
+                }
             },
             other => {
                 let now = self.clock.now();
