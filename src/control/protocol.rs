@@ -90,6 +90,11 @@ pub struct ServerHealth {
     pub consecutive: u32,
     #[serde(default)]
     pub last_latency_ms: Option<f64>,
+    /// Whether the latest result passed: with `consecutive`, what a reload needs to carry the
+    /// rise/fall count on (`Counter::resumed`). Not shown: `consecutive` beside `healthy` says
+    /// it to people.
+    #[serde(skip)]
+    pub last_ok: Option<bool>,
 }
 
 /// The state as `ctl status --json` shows it.

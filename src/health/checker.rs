@@ -102,6 +102,7 @@ pub fn spawn(
                     last_error: None,
                     consecutive: 0,
                     last_latency_ms: None,
+                    last_ok: None,
                 };
                 Mutex::new(match start.get(i).and_then(|s| s.1.clone()) {
                     Some(w) if w.healthy == healthy => ServerHealth { healthy, ..w },
@@ -124,10 +125,16 @@ pub fn spawn(
             flips: flips.clone(),
             metrics: metrics.clone(),
             name: server.to_string(),
-            counter: start
-                .get(index)
-                .and_then(|s| s.0)
-                .map_or_else(Counter::new, Counter::known),
+            // Kept across a reload, the count goes on where it was: `ctl health` says
+            // "down since 09:11 (5 results in a row)", and a server two failures from being
+            // taken out is still two failures from it.
+            counter: match start.get(index) {
+                Some((Some(healthy), Some(w))) if w.healthy == Some(*healthy) => {
+                    Counter::resumed(*healthy, w.last_ok, w.consecutive)
+                }
+                Some((Some(healthy), _)) => Counter::known(*healthy),
+                _ => Counter::new(),
+            },
         };
         tasks.push(tokio::spawn(task.run(rx)));
     }
@@ -216,6 +223,7 @@ impl Task {
                 entry.last_latency_ms = None;
             }
             entry.consecutive = self.counter.run();
+            entry.last_ok = Some(ok);
             if entry.healthy.is_none() || flipped.is_some() {
                 entry.since = Some(Timestamp(now));
             }

@@ -43,6 +43,23 @@ impl Counter {
         }
     }
 
+    /// A server whose health is known and whose latest `run` results were `last` (`None`:
+    /// not known, as `known`): the count goes on, and results that disagreed with `healthy`
+    /// still count towards a flip. Those are the whole run, since a flip starts a run that
+    /// agrees.
+    pub fn resumed(healthy: bool, last: Option<bool>, run: u32) -> Counter {
+        let Some(last) = last else {
+            return Counter::known(healthy);
+        };
+        Counter {
+            healthy,
+            checked: true,
+            against: if last == healthy { 0 } else { run },
+            run,
+            last: Some(last),
+        }
+    }
+
     pub fn healthy(&self) -> bool {
         self.healthy
     }
@@ -86,6 +103,30 @@ impl Counter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A counter rebuilt from what `ctl health` kept (health, latest result, run) behaves as
+    /// the one it replaces, whatever the results before and after.
+    #[test]
+    fn a_resumed_counter_goes_on_as_the_one_it_replaces() {
+        for before in ["", "+", "++-", "+--", "---", "---+", "--++", "-+-+-"] {
+            for after in ["", "+", "-", "--", "++", "-+", "+-"] {
+                let mut old = Counter::new();
+                for r in before.chars() {
+                    old.record(r == '+', 2, 3);
+                }
+                let mut new = if before.is_empty() {
+                    Counter::new()
+                } else {
+                    Counter::resumed(old.healthy(), old.last, old.run())
+                };
+                for r in after.chars() {
+                    let flipped = (old.record(r == '+', 2, 3), new.record(r == '+', 2, 3));
+                    assert_eq!(flipped.0, flipped.1, "{before} then {after}");
+                }
+                assert_eq!(new, old, "{before} then {after}");
+            }
+        }
+    }
 
     /// Feeds `results` ("+" success, "-" failure) and returns the health after each one,
     /// as "U"/"D", lower-case where it flipped.
