@@ -275,6 +275,7 @@ impl Config {
         let mut v = Validator {
             problems: Vec::new(),
             base_dir: base_dir.to_path_buf(),
+            written: table.clone(),
         };
         for key in table.keys() {
             if !SECTIONS.contains(&key.as_str()) {
@@ -378,13 +379,126 @@ const SECTIONS: &[&str] = &[
 struct Validator {
     problems: Vec<Problem>,
     base_dir: PathBuf,
+    /// The file as written, for `problem` to know a secret it must not repeat.
+    written: toml::Table,
+}
+
+/// A key whose value is a secret or may hold one (a webhook URL often carries its token in
+/// the path: Slack's `/services/T…/B…/…`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Secret {
+    Url,
+    Token,
+}
+
+impl Secret {
+    /// The secret-bearing keys: `maintenance.bypass_secret`, `notify[N].url`, `notify[N].secret`.
+    fn of(key: &str) -> Option<Secret> {
+        if key == "maintenance.bypass_secret" {
+            return Some(Secret::Token);
+        }
+        let (index, field) = key.strip_prefix("notify[")?.split_once("].")?;
+        if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        match field {
+            "url" => Some(Secret::Url),
+            "secret" => Some(Secret::Token),
+            _ => None,
+        }
+    }
+
+    /// `message` without `value`, whatever built it: serde quotes a value of the wrong type,
+    /// and a check may quote the value it refuses.
+    fn redact(self, message: String, value: Option<&toml::Value>) -> String {
+        let text = match value {
+            Some(toml::Value::String(text)) => text,
+            // serde's "invalid type: integer `987654321`, expected a string" is the only
+            // problem a value of another type can have.
+            Some(_) => {
+                return match self {
+                    Secret::Url => "must be a string: the webhook's http:// or https:// URL",
+                    Secret::Token => "must be a string",
+                }
+                .to_owned()
+            }
+            None => return message,
+        };
+        let (shown, path) = match self {
+            Secret::Url => url_outline(text),
+            Secret::Token => ("(the value, not shown)".to_owned(), None),
+        };
+        let mut message = message.replace(&format!("{text:?}"), &shown);
+        // Unquoted, only a value long enough not to be a word of the message itself: "short"
+        // must not be cut out of "is too short".
+        for part in std::iter::once(text.as_str()).chain(path) {
+            if part.chars().count() >= 8 {
+                message = message.replace(part, "…");
+            }
+        }
+        message
+    }
+}
+
+/// A webhook URL as a problem may show it, quoted: its scheme and host, never the userinfo,
+/// path or query, which may hold the secret. Also the part not shown, for `redact` to cut.
+fn url_outline(text: &str) -> (String, Option<&str>) {
+    let scheme_chars = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+    };
+    match text.split_once("://") {
+        Some((scheme, rest)) if scheme_chars(scheme) => {
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            let (authority, path) = rest.split_at(end);
+            let host = authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, host)| host);
+            let tail = if path.is_empty() { "" } else { "/…" };
+            (
+                format!("\"{scheme}://{host}{tail}\""),
+                (!path.is_empty()).then_some(path),
+            )
+        }
+        // Without a scheme, a host cannot be told from a token.
+        _ => ("a value with no scheme".to_owned(), None),
+    }
+}
+
+/// The value a problem's key names (`notify[1].url`) in the file as written.
+fn written<'t>(table: &'t toml::Table, key: &str) -> Option<&'t toml::Value> {
+    let mut found: Option<&toml::Value> = None;
+    for part in key.split('.') {
+        let (name, index) = match part.strip_suffix(']').and_then(|p| p.split_once('[')) {
+            Some((name, i)) => (name, Some(i.parse::<usize>().ok()?)),
+            None => (part, None),
+        };
+        let within = match found {
+            None => table,
+            Some(value) => value.as_table()?,
+        };
+        let value = within.get(name)?;
+        found = Some(match index {
+            Some(i) => value.as_array()?.get(i)?,
+            None => value,
+        });
+    }
+    found
 }
 
 impl Validator {
     fn problem(&mut self, key: &str, message: impl Into<String>) {
+        let mut message = message.into();
+        // Every problem passes here, so that no check, nor serde, can print a secret: problems
+        // reach `check`'s output, the control socket's answer to a reload and the log of a
+        // refused SIGHUP, read by people and pipelines that have no need of the secrets.
+        if let Some(secret) = Secret::of(key) {
+            message = secret.redact(message, written(&self.written, key));
+        }
         self.problems.push(Problem {
             key: key.to_owned(),
-            message: message.into(),
+            message,
         });
     }
 
@@ -1671,6 +1785,97 @@ mod tests {
             keys("[tls]\nlisten = [\"127.0.0.1:8443\"]\n"),
             ["tls.certificates"]
         );
+    }
+
+    #[test]
+    fn problems_about_secrets_never_show_them() {
+        const BYPASS: &str = "bypass/with*bad!chars-XOXO";
+        let text = format!(
+            r#"
+            [maintenance]
+            bypass_secret = "{BYPASS}"
+            [[notify]]
+            url = "htps://hooks.example.com/services/T000/B000/XOXOSECRETTOKEN"
+            secret = 987654321
+            [[notify]]
+            url = 987654321
+            secret = ["XOXOSECRETTOKEN"]
+            [[notify]]
+            url = "hooks.example.com/services/T000/B000/XOXOSECRETTOKEN?t=XOXOSECRETTOKEN"
+            [[notify]]
+            url = "https://user:XOXOSECRETTOKEN@/services/XOXOSECRETTOKEN"
+            "#
+        );
+        let p = problems(&text);
+        let said: Vec<(&str, &str)> = p
+            .iter()
+            .map(|p| (p.key.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(
+            said,
+            [
+                ("notify[0].secret", "must be a string"),
+                (
+                    "notify[1].secret",
+                    "must be a string",
+                ),
+                (
+                    "notify[1].url",
+                    "must be a string: the webhook's http:// or https:// URL",
+                ),
+                (
+                    "maintenance.bypass_secret",
+                    "must use only letters, digits, '-', '_' and '.', since it appears in a URL path",
+                ),
+                (
+                    "notify[0].url",
+                    "\"htps://hooks.example.com/…\" is not an http:// or https:// URL",
+                ),
+                (
+                    "notify[2].url",
+                    "a value with no scheme is not an http:// or https:// URL",
+                ),
+                (
+                    "notify[3].url",
+                    "\"https:///…\" is not an http:// or https:// URL",
+                ),
+            ],
+            "{p:#?}"
+        );
+        for secret in ["XOXO", "987654321", BYPASS] {
+            let whole = ConfigError::Invalid {
+                origin: "config".into(),
+                problems: p.clone(),
+            }
+            .to_string();
+            assert!(!whole.contains(secret), "{secret}: {whole}");
+        }
+        // serde's type errors of the bypass secret, and a check's, keep it too.
+        let p = problems("[maintenance]\nbypass_secret = 98765432109876543210.5\n");
+        assert_eq!(p[0].key, "maintenance.bypass_secret");
+        assert_eq!(p[0].message, "must be a string");
+        let p = problems("[maintenance]\nbypass_secret = \"XOXO!\"\n");
+        assert!(p.iter().all(|p| p.key == "maintenance.bypass_secret"));
+        assert!(p.iter().all(|p| !p.message.contains("XOXO")), "{p:?}");
+        // The other keys still say what they were given.
+        let p = problems("[[notify]]\nurl = \"https://h/x\"\nformat = \"xml\"\ntimeout = 5.5\n");
+        assert!(p[0].message.contains("5.5"), "{p:?}");
+        assert!(p[1].message.contains("\"xml\""), "{p:?}");
+    }
+
+    #[test]
+    fn a_secret_bearing_key_is_told_by_its_name() {
+        for (key, secret) in [
+            ("maintenance.bypass_secret", Some(Secret::Token)),
+            ("notify[0].secret", Some(Secret::Token)),
+            ("notify[12].url", Some(Secret::Url)),
+            ("notify[0].timeout", None),
+            ("notify[x].url", None),
+            ("maintenance.message", None),
+            ("upstream.servers[0]", None),
+        ] {
+            assert_eq!(Secret::of(key), secret, "{key}");
+        }
     }
 
     #[test]
