@@ -6,8 +6,8 @@
 //! It must never slow its caller: `Notifier::send` is a mutex-guarded push and a wake-up, never
 //! an await, so a dead or slow webhook cannot hold up the controller, the control socket or the
 //! data plane, nor another webhook. When a queue is full the oldest event is dropped (counted,
-//! and logged at most once per `WARN_EVERY` per target), because the newest state is what a
-//! receiver needs most.
+//! and logged: the first drop at once, the rest of a burst summed in one line per `WARN_EVERY`
+//! per target), because the newest state is what a receiver needs most.
 //!
 //! Reload (`set_targets`): a target that stays (same url, format and secret) keeps its queue
 //! and its worker; a removed target's worker finishes the deliveries it already has (with their
@@ -42,7 +42,7 @@ const QUEUE_CAPACITY: usize = 256;
 const ATTEMPTS: u32 = 3;
 /// The backoff before the second attempt; it doubles after each failure.
 const BACKOFF: Duration = Duration::from_millis(500);
-/// At most one "dropped" warning per target in this time, with the count since the last one.
+/// At most one "dropped" warning per target in this time; later drops are summed into the next.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 /// Webhooks are rare; a short-lived idle connection is enough to reuse one across a burst.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -249,8 +249,69 @@ struct QueueState {
     events: VecDeque<Arc<Event>>,
     /// Removed by a reload or the notifier dropped: finish `events`, then end.
     closed: bool,
-    dropped_unreported: u64,
+    drops: DropLog,
+}
+
+/// When to warn of a target's dropped events: the first drop of a burst at once, then the
+/// drops since the last warning in one line at most every `WARN_EVERY`, so that a burst of
+/// hundreds of events cannot flood the log but every drop is told within `WARN_EVERY`.
+#[derive(Debug, Default)]
+struct DropLog {
+    /// Dropped since the last warning.
+    unreported: u64,
     last_warning: Option<Instant>,
+    /// A summary is scheduled (`Report::SummaryAt`) and has not run yet.
+    summary_scheduled: bool,
+}
+
+/// What to do about dropped events now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Report {
+    /// Warn now that this many of the oldest events were dropped.
+    Warn(u64),
+    /// Call `DropLog::summary` at this time.
+    SummaryAt(Instant),
+    Nothing,
+}
+
+impl DropLog {
+    /// One more event dropped, at `now`.
+    fn dropped(&mut self, now: Instant) -> Report {
+        self.unreported += 1;
+        match self.last_warning {
+            Some(at) if now.duration_since(at) < WARN_EVERY => {
+                if self.summary_scheduled {
+                    Report::Nothing
+                } else {
+                    self.summary_scheduled = true;
+                    Report::SummaryAt(at + WARN_EVERY)
+                }
+            }
+            _ => self.warn(now),
+        }
+    }
+
+    /// A scheduled summary's time has come (or a timer ran early or late).
+    fn summary(&mut self, now: Instant) -> Report {
+        match self.last_warning {
+            Some(at) if self.unreported > 0 && now.duration_since(at) < WARN_EVERY => {
+                Report::SummaryAt(at + WARN_EVERY)
+            }
+            _ => {
+                self.summary_scheduled = false;
+                if self.unreported == 0 {
+                    Report::Nothing
+                } else {
+                    self.warn(now)
+                }
+            }
+        }
+    }
+
+    fn warn(&mut self, now: Instant) -> Report {
+        self.last_warning = Some(now);
+        Report::Warn(std::mem::take(&mut self.unreported))
+    }
 }
 
 impl Queue {
@@ -315,23 +376,36 @@ impl Notifier {
         }
     }
 
-    fn push(&self, queue: &Queue, event: Arc<Event>) {
+    fn push(&self, queue: &Arc<Queue>, event: Arc<Event>) {
         let d = &self.shared.deliverer;
-        let mut warning = None;
+        let mut report = Report::Nothing;
+        let mut url = String::new();
         {
             let mut s = lock(&queue.state);
             if s.events.len() >= self.shared.capacity && s.events.pop_front().is_some() {
                 d.pending.fetch_sub(1, Ordering::Relaxed);
                 d.stats.dropped();
-                s.dropped_unreported += 1;
-                warning = take_warning(&mut s, Instant::now());
+                report = s.drops.dropped(Instant::now());
+                if let Report::Warn(_) = report {
+                    url = shown(&s.target.url);
+                }
             }
             s.events.push_back(event);
             d.pending.fetch_add(1, Ordering::Relaxed);
         }
         // Logged outside the lock: a slow log sink must not hold up the worker.
-        if let Some((url, count)) = warning {
-            warn_dropped(&url, count);
+        match report {
+            Report::Warn(count) => warn_dropped(&url, count),
+            // The rest of a burst waits for a timer of its own, not for the worker: the worker
+            // may spend three whole timeouts on one event, or sleep with nothing left to send,
+            // and a summary that waited for its next delivery or event could come much later
+            // than `WARN_EVERY`, or never.
+            Report::SummaryAt(at) => {
+                self.shared
+                    .runtime
+                    .spawn(summarize_drops(queue.clone(), at));
+            }
+            Report::Nothing => {}
         }
         queue.wake.notify_one();
     }
@@ -358,8 +432,7 @@ impl Notifier {
                             target,
                             events: VecDeque::new(),
                             closed: false,
-                            dropped_unreported: 0,
-                            last_warning: None,
+                            drops: DropLog::default(),
                         }),
                         wake: tokio::sync::Notify::new(),
                     });
@@ -387,25 +460,31 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The dropped count to report now, if a warning is due.
-fn take_warning(s: &mut QueueState, now: Instant) -> Option<(String, u64)> {
-    let due = match s.last_warning {
-        Some(at) => now.duration_since(at) >= WARN_EVERY,
-        None => true,
-    };
-    if !due || s.dropped_unreported == 0 {
-        return None;
+/// Waits for a `Report::SummaryAt`, then warns of the drops since the last warning. It holds
+/// the queue alone, not the notifier: a notifier dropped meanwhile still gets its summary.
+async fn summarize_drops(queue: Arc<Queue>, mut at: Instant) {
+    loop {
+        tokio::time::sleep_until(at).await;
+        let (report, url) = {
+            let mut s = lock(&queue.state);
+            (s.drops.summary(Instant::now()), shown(&s.target.url))
+        };
+        match report {
+            Report::Warn(count) => {
+                warn_dropped(&url, count);
+                return;
+            }
+            Report::SummaryAt(later) => at = later,
+            Report::Nothing => return,
+        }
     }
-    s.last_warning = Some(now);
-    let count = std::mem::take(&mut s.dropped_unreported);
-    Some((shown(&s.target.url), count))
 }
 
 fn warn_dropped(url: &str, count: u64) {
     tracing::warn!(
         webhook = url,
         dropped = count,
-        "webhook queue full: dropped the oldest events; the receiver is slow or down"
+        "webhook queue full: dropped the {count} oldest queued event(s); the receiver is slow or down"
     );
 }
 
@@ -432,12 +511,6 @@ async fn work(queue: Arc<Queue>, d: Arc<Deliverer>) {
             Some((event, target)) => {
                 deliver(&d, &target, &event).await;
                 d.pending.fetch_sub(1, Ordering::Relaxed);
-                // Drops after the last warning are reported once the window has passed, even
-                // if nothing is dropped any more.
-                let warning = take_warning(&mut lock(&queue.state), Instant::now());
-                if let Some((url, count)) = warning {
-                    warn_dropped(&url, count);
-                }
             }
             None => queue.wake.notified().await,
         }
@@ -888,31 +961,113 @@ mod tests {
     }
 
     #[test]
-    fn dropped_warnings_are_rate_limited() {
-        let mut s = QueueState {
-            target: Target {
-                url: Uri::from_static("http://127.0.0.1:9/x"),
-                format: Format::Json,
-                secret: None,
-                timeout: Duration::from_secs(1),
-            },
-            events: VecDeque::new(),
-            closed: false,
-            dropped_unreported: 0,
-            last_warning: None,
-        };
+    fn dropped_warnings_are_rate_limited_and_summed() {
+        let mut log = DropLog::default();
         let t0 = Instant::now();
-        assert_eq!(take_warning(&mut s, t0), None, "nothing dropped");
-        s.dropped_unreported = 1;
-        assert_eq!(take_warning(&mut s, t0).map(|w| w.1), Some(1));
-        s.dropped_unreported = 5;
-        assert_eq!(take_warning(&mut s, t0 + Duration::from_secs(9)), None);
+        let secs = |n| t0 + Duration::from_secs(n);
+        assert_eq!(log.dropped(t0), Report::Warn(1), "the first drop at once");
         assert_eq!(
-            take_warning(&mut s, t0 + WARN_EVERY).map(|w| w.1),
-            Some(5),
-            "the count since the last warning"
+            log.dropped(secs(1)),
+            Report::SummaryAt(t0 + WARN_EVERY),
+            "the rest of the burst waits for a summary"
         );
-        assert_eq!(s.dropped_unreported, 0);
+        for n in 2..=42 {
+            assert_eq!(log.dropped(secs(n % 9)), Report::Nothing, "scheduled once");
+        }
+        assert_eq!(
+            log.summary(t0 + WARN_EVERY),
+            Report::Warn(42),
+            "the whole rest"
+        );
+        assert_eq!(log.summary(t0 + WARN_EVERY), Report::Nothing, "told once");
+        // A drop within `WARN_EVERY` of the summary waits for the next one.
+        assert_eq!(
+            log.dropped(secs(11)),
+            Report::SummaryAt(t0 + WARN_EVERY * 2)
+        );
+        // A timer that runs early waits again; the window is what matters.
+        assert_eq!(
+            log.summary(secs(15)),
+            Report::SummaryAt(t0 + WARN_EVERY * 2)
+        );
+        assert_eq!(log.summary(secs(20)), Report::Warn(1));
+        // After a quiet window, the next burst starts with a warning at once.
+        assert_eq!(log.dropped(secs(100)), Report::Warn(1));
+    }
+
+    /// A `MakeWriter` that keeps what the subscriber writes.
+    #[derive(Clone, Default)]
+    struct Kept(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Kept {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The audit's case: a receiver that hangs, a burst that overflows its queue, then
+    /// nothing at all. Every drop must reach the log by itself, within `WARN_EVERY`, naming
+    /// the target without its path.
+    #[tokio::test(start_paused = true)]
+    async fn every_dropped_event_is_logged_without_a_later_event() {
+        let kept = Kept::default();
+        let writer = kept.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || writer.clone())
+            .finish();
+        // The test's runtime is single-threaded: the workers and timers log on this thread.
+        let _logging = tracing::subscriber::set_default(subscriber);
+        let receiver = Receiver::start(Answer::Hang).await;
+        let stats = Arc::new(Counts::default());
+        let target = Target {
+            // No delivery ends while the test watches: only a timer can tell the rest.
+            timeout: Duration::from_secs(3600),
+            ..receiver.target(None)
+        };
+        let notifier = Notifier::start_with_capacity(vec![target], stats.clone(), FAST, 4);
+        notifier.send(numbered(0));
+        wait_until("event 0 in flight", || receiver.count() == 1).await;
+        for n in 1..=50 {
+            notifier.send(numbered(n));
+        }
+        assert_eq!(stats.get(), (0, 0, 46), "50 sent, 4 queued");
+        tokio::time::sleep(WARN_EVERY + Duration::from_secs(1)).await;
+        let text = String::from_utf8(kept.0.lock().unwrap().clone()).unwrap();
+        let warnings: Vec<serde_json::Value> = text
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+            .filter(|v| v["fields"]["dropped"].is_u64())
+            .collect();
+        let counts: Vec<u64> = warnings
+            .iter()
+            .map(|v| v["fields"]["dropped"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            counts,
+            [1, 45],
+            "the first at once, the rest summed: {text}"
+        );
+        let authority = receiver.url.authority().unwrap();
+        for w in &warnings {
+            assert_eq!(w["level"], "WARN");
+            assert_eq!(w["fields"]["webhook"], format!("http://{authority}/…"));
+            let message = w["fields"]["message"].as_str().unwrap();
+            assert!(message.contains("oldest"), "{message}");
+        }
+        assert!(
+            warnings[1]["fields"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("dropped the 45 oldest"),
+            "{text}"
+        );
+        assert!(!text.contains("secret-path"), "{text}");
+        assert_eq!(stats.get(), (0, 0, 46));
     }
 
     #[tokio::test]
