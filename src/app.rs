@@ -30,6 +30,13 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// A reload refused after closing listeners to free their port, some of which could not
+    /// listen again: said, since "the running config stays" would no longer be true.
+    #[error("{refused}; and no longer listening on {lost}: taken meanwhile by another program")]
+    NotRestored {
+        refused: Box<StartError>,
+        lost: String,
+    },
     #[error("cannot load the pages: {0}")]
     Pages(#[from] PagesError),
     #[error(transparent)]
@@ -96,8 +103,15 @@ impl Listeners {
                 _ => Vec::new(),
             };
             if early.is_empty() {
-                self.restore(closed_early);
-                return Err(err);
+                let lost = self.restore(closed_early);
+                if lost.is_empty() {
+                    return Err(err);
+                }
+                let lost: Vec<String> = lost.iter().map(ToString::to_string).collect();
+                return Err(StartError::NotRestored {
+                    refused: Box::new(err),
+                    lost: lost.join(", "),
+                });
             }
             closed_early.extend(early.iter().map(|b| (b.configured, b.tls, b.local)));
             close(early).await;
@@ -159,17 +173,23 @@ impl Listeners {
 
     /// Listens again where the listeners closed early were, after a reload that failed:
     /// best effort, as another process may have taken the port in between.
-    fn restore(&self, closed: Vec<(SocketAddr, bool, SocketAddr)>) {
+    /// Returns the addresses it could not listen on again.
+    fn restore(&self, closed: Vec<(SocketAddr, bool, SocketAddr)>) -> Vec<SocketAddr> {
         let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
         if self.closed.load(Ordering::Relaxed) {
-            return;
+            return Vec::new();
         }
+        let mut lost = Vec::new();
         for (configured, tls, local) in closed {
             match bind(local) {
                 Ok(l) => bound.push(self.serve(configured, tls, local, l)),
-                Err(e) => tracing::error!(addr = %local, "no longer listening on {local}: {e}"),
+                Err(e) => {
+                    tracing::error!(addr = %local, "no longer listening on {local}: {e}");
+                    lost.push(local);
+                }
             }
         }
+        lost
     }
 
     /// Starts the accept loop of a bound listener.

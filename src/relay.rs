@@ -574,7 +574,7 @@ fn request(
     // `X-Forwarded-For` is appended to, whoever sent it; a trusted peer's `X-Forwarded-Host`
     // and `-Proto` are kept, anyone else's replaced (`forward::headers::set_forwarded`).
     let trusted = config.proxy.is_trusted(conn.peer.ip());
-    let (mut their_proto, mut their_host) = (false, false);
+    let (mut their_proto, mut their_host, mut their_list) = (false, false, false);
     let mut length: Option<usize> = None;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
@@ -604,8 +604,11 @@ fn request(
                 false
             }
             17 if is(name, b"transfer-encoding") => return Err(()),
-            // Written below, with a trusted peer's list first.
-            15 => is(name, b"x-forwarded-for"),
+            // Written below, after whatever list the peer sent.
+            15 if is(name, b"x-forwarded-for") => {
+                their_list = true;
+                true
+            }
             16 if is(name, b"x-forwarded-host") => {
                 their_host |= trusted;
                 !trusted
@@ -624,16 +627,19 @@ fn request(
     // One that is not `host[:port]` is hyper's path's to refuse (`gateway::malformed`).
     let host = host.filter(|h| h1::valid_host(h)).ok_or(())?;
     out.extend_from_slice(b"x-forwarded-for: ");
-    let named = req
-        .headers
-        .iter()
-        .filter(|h| is(h.name.as_bytes(), b"x-forwarded-for"));
-    for value in named
-        .map(|h| h.value.trim_ascii())
-        .filter(|v| !v.is_empty())
-    {
-        out.extend_from_slice(value);
-        out.extend_from_slice(b", ");
+    // A second pass over the head only when the client sent a list, which few do.
+    if their_list {
+        let named = req
+            .headers
+            .iter()
+            .filter(|h| is(h.name.as_bytes(), b"x-forwarded-for"));
+        for value in named
+            .map(|h| h.value.trim_ascii())
+            .filter(|v| !v.is_empty())
+        {
+            out.extend_from_slice(value);
+            out.extend_from_slice(b", ");
+        }
     }
     out.extend_from_slice(conn.client.peer.as_bytes());
     out.extend_from_slice(b"\r\n");

@@ -707,7 +707,7 @@ async fn an_http2_upload_answered_while_held_is_read_not_reset() {
                 Some(Err(e)) => return Err(format!("reset after {sent} bytes: {e}")),
                 None => return Err(format!("closed after {sent} bytes")),
             };
-            let n = room.min(chunk.len());
+            let n = room.min(chunk.len()).min(TOTAL - sent);
             upload
                 .send_data(chunk.slice(..n), false)
                 .map_err(|e| format!("reset after {sent} bytes: {e}"))?;

@@ -269,7 +269,7 @@ impl Config {
         let table: toml::Table = toml::from_str(text).map_err(|e| {
             invalid(vec![Problem {
                 key: "(syntax)".into(),
-                message: e.to_string().trim().to_owned(),
+                message: syntax_error(text, &e),
             }])
         })?;
         let mut v = Validator {
@@ -464,6 +464,18 @@ fn url_outline(text: &str) -> (String, Option<&str>) {
         // Without a scheme, a host cannot be told from a token.
         _ => ("a value with no scheme".to_owned(), None),
     }
+}
+
+/// Where a file does not parse, and why, without the line itself, which toml's own message
+/// quotes: the line may hold a secret (a webhook URL's token), and a refused reload is logged.
+fn syntax_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(at) = e.span().map(|s| s.start.min(text.len())) else {
+        return e.message().trim().to_owned();
+    };
+    let before = text.get(..at).unwrap_or_default();
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("line {line}, column {column}: {}", e.message().trim())
 }
 
 /// The value a problem's key names (`notify[1].url`) in the file as written.
@@ -1920,7 +1932,12 @@ mod tests {
     fn syntax_errors_say_where() {
         let p = problems("[proxy\n");
         assert_eq!(p[0].key, "(syntax)");
-        assert!(p[0].message.contains("line 1"), "{p:?}");
+        assert!(p[0].message.starts_with("line 1, column "), "{p:?}");
+        // Without the line, which may hold a secret.
+        let p = problems("[[notify]]\nurl = \"https://h/services/XOXOSECRETTOKEN\" oops\n");
+        assert_eq!(p[0].key, "(syntax)");
+        assert!(p[0].message.starts_with("line 2, column "), "{p:?}");
+        assert!(!p[0].message.contains("XOXO"), "{p:?}");
     }
 
     #[test]

@@ -119,6 +119,7 @@ pub fn forward<'a>(
 ) -> impl Future<Output = Result<Forwarded, Failed>> + Send + 'a {
     async move {
         let timeout = config.upstream.response_timeout;
+        let http2 = req.version() == Version::HTTP_2;
         let upgrade = match req.version() {
             Version::HTTP_11 => headers::upgrade_request(req.headers()),
             _ => None,
@@ -219,7 +220,15 @@ pub fn forward<'a>(
                     };
                     let stall = config.upstream.read_timeout;
                     let name = &pool.names[server];
-                    return Ok(finish(resp, (server, name), client_upgrade, stall, resume));
+                    let grpc = http2 && native_grpc(resp.headers());
+                    return Ok(finish(
+                        resp,
+                        (server, name),
+                        client_upgrade,
+                        stall,
+                        resume,
+                        grpc,
+                    ));
                 }
                 Err(e) => e,
             };
@@ -391,23 +400,34 @@ fn send<'a>(
     }
 }
 
+/// Whether an answer is gRPC over HTTP/2 (`application/grpc`, `+proto`, `;charset=…`), whose
+/// client reads its status in HTTP trailers. Not gRPC-Web (`application/grpc-web…`), whose
+/// status is a frame of the body and whose browsers never see HTTP trailers: for it, and for
+/// any HTTP/1.1 client, trailers added to a broken answer would be dropped and leave it
+/// looking complete.
+fn native_grpc(headers: &http::HeaderMap) -> bool {
+    const GRPC: &[u8] = b"application/grpc";
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.get(..GRPC.len())
+            .is_some_and(|t| t.eq_ignore_ascii_case(GRPC))
+            && matches!(v.get(GRPC.len()), None | Some(b'+' | b';'))
+    })
+}
+
 /// Prepares the upstream's response for the client, and the tunnel if it switched protocols;
 /// its body may stall no longer than `stall` (`upstream.read_timeout`, read from the config
 /// in force, so that a reload changes it), holds `resume` (an upload still under way) until
-/// it ends, and, for a gRPC answer, ends with `UNAVAILABLE` if it breaks off (`Body::timed`).
-/// `server`: its index, and its name for the log.
+/// it ends, and, for a `grpc` answer, ends with `UNAVAILABLE` if it breaks off
+/// (`Body::timed`). `server`: its index, and its name for the log.
 fn finish(
     resp: Response<Body>,
     (server, name): (usize, &Arc<str>),
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     stall: Option<Duration>,
     resume: Option<Resume>,
+    grpc: bool,
 ) -> Forwarded {
-    let grpc = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.as_bytes().get(..16))
-        .is_some_and(|t| t.eq_ignore_ascii_case(b"application/grpc"));
     let mut resp = resp.map(|body| Body::timed(body, name, stall, resume, grpc));
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let upgraded_to = switching
@@ -427,6 +447,30 @@ fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_is_told_from_grpc_web() {
+        let typed = |t: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_str(t).unwrap());
+            native_grpc(&h)
+        };
+        for yes in [
+            "application/grpc",
+            "application/grpc+proto",
+            "Application/GRPC;charset=utf-8",
+        ] {
+            assert!(typed(yes), "{yes}");
+        }
+        for no in [
+            "application/grpc-web",
+            "application/grpc-web-text+proto",
+            "application/json",
+        ] {
+            assert!(!typed(no), "{no}");
+        }
+        assert!(!native_grpc(&http::HeaderMap::new()));
+    }
 
     #[test]
     fn which_requests_are_replayed() {
