@@ -788,23 +788,34 @@ async fn get_within(url: &str) -> u16 {
         .as_u16()
 }
 
-/// Linux refuses `0.0.0.0:P` while `127.0.0.1:P` listens, and the reverse: the reload closes
-/// the old listener just before it binds the new one.
-#[tokio::test]
-async fn reload_moves_a_listener_to_another_address_on_the_same_port() {
+/// A proxy listening on `127.0.0.1:P` alone, its port, and a kept-alive connection to it that
+/// has been answered once.
+async fn on_a_loopback_port() -> (
+    Upstream,
+    Proxy,
+    u16,
+    hyper::client::conn::http1::SendRequest<TestBody>,
+) {
     let up = echo_upstream().await;
     let port = free_port();
-    let loopback = format!("127.0.0.1:{port}");
-    let wildcard = format!("0.0.0.0:{port}");
-    // Reached only through the wildcard listener.
-    let other = format!("127.0.0.6:{port}");
     let proxy = spawn_proxy(&format!(
-        "[proxy]\nlisten = [\"{loopback}\"]\n[upstream]\nservers = [\"{}\"]\n",
+        "[proxy]\nlisten = [\"127.0.0.1:{port}\"]\n[upstream]\nservers = [\"{}\"]\n",
         up.url()
     ))
     .await;
     let mut established = keep_alive(proxy.addr).await;
     assert_eq!(get_on(&mut established).await, 200);
+    (up, proxy, port, established)
+}
+
+/// Linux refuses `0.0.0.0:P` while `127.0.0.1:P` listens, and the reverse: the reload closes
+/// the old listener just before it binds the new one.
+#[tokio::test]
+async fn reload_moves_a_listener_to_another_address_on_the_same_port() {
+    let (_up, proxy, port, mut established) = on_a_loopback_port().await;
+    let (loopback, wildcard) = (format!("127.0.0.1:{port}"), format!("0.0.0.0:{port}"));
+    // Reached only through the wildcard listener.
+    let other = format!("127.0.0.6:{port}");
 
     edit_config(&proxy, |t| t.replace(&loopback, &wildcard));
     let r = ctl(&proxy, Ctl::Reload).await;
@@ -828,17 +839,8 @@ async fn reload_moves_a_listener_to_another_address_on_the_same_port() {
 /// closed, the reload is refused and the proxy listens where it was.
 #[tokio::test]
 async fn a_refused_move_on_the_same_port_listens_where_it_was() {
-    let up = echo_upstream().await;
-    let port = free_port();
-    let loopback = format!("127.0.0.1:{port}");
-    let wildcard = format!("0.0.0.0:{port}");
-    let proxy = spawn_proxy(&format!(
-        "[proxy]\nlisten = [\"{loopback}\"]\n[upstream]\nservers = [\"{}\"]\n",
-        up.url()
-    ))
-    .await;
-    let mut established = keep_alive(proxy.addr).await;
-    assert_eq!(get_on(&mut established).await, 200);
+    let (_up, proxy, port, mut established) = on_a_loopback_port().await;
+    let (loopback, wildcard) = (format!("127.0.0.1:{port}"), format!("0.0.0.0:{port}"));
     // Listening on the same port as the proxy, on another address: 0.0.0.0 cannot be bound.
     let holder = std::net::TcpListener::bind(format!("127.0.0.5:{port}")).unwrap();
 

@@ -828,12 +828,9 @@ async fn h2c_server(refuse_first: bool) -> (SocketAddr, H2cSeen) {
     (addr, seen)
 }
 
-/// A stream an `h2c://` server refused unprocessed (RFC 9113 §8.7) is sent again on a new
-/// connection, as to an `https://` server, rather than answered as an outage.
-#[tokio::test]
-async fn a_request_an_h2c_upstream_refuses_unprocessed_is_sent_again() {
-    let (addr, seen) = h2c_server(true).await;
-    // Checked over TCP alone, so that every stream the server gets is a forwarded request.
+/// A proxy with `addr` as its one `h2c://` server, checked over TCP alone, so that every
+/// stream the server gets is a forwarded request, and found healthy.
+async fn proxy_to_h2c(addr: SocketAddr) -> Proxy {
     let proxy = spawn_proxy(&format!(
         "[upstream]\nservers = [\"h2c://{addr}\"]\n[health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
     ))
@@ -843,6 +840,15 @@ async fn a_request_an_h2c_upstream_refuses_unprocessed_is_sent_again() {
         health[0].healthy == Some(true)
     });
     assert!(checked.await, "the server was never found healthy");
+    proxy
+}
+
+/// A stream an `h2c://` server refused unprocessed (RFC 9113 §8.7) is sent again on a new
+/// connection, as to an `https://` server, rather than answered as an outage.
+#[tokio::test]
+async fn a_request_an_h2c_upstream_refuses_unprocessed_is_sent_again() {
+    let (addr, seen) = h2c_server(true).await;
+    let proxy = proxy_to_h2c(addr).await;
     let resp = get(&proxy.url("/x")).await;
     assert_eq!(resp.status(), 200, "{:?}", resp.body());
     assert_eq!(resp.body(), "served");
@@ -899,16 +905,11 @@ async fn a_grpc_answer_that_breaks_off_ends_unavailable() {
             });
         }
     });
-    let proxy = spawn_proxy(&format!(
-        "[upstream]\nservers = [\"h2c://{addr}\"]\n[health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
-    ))
-    .await;
-    let req = http::Request::post(proxy.url("/pkg.Service/Stream"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(full(vec![0u8, 0, 0, 0, 0]))
+    let proxy = proxy_to_h2c(addr).await;
+    let resp = h2c_client()
+        .request(grpc_call(&proxy.url("/pkg.Service/Stream")))
+        .await
         .unwrap();
-    let resp = h2c_client().request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert!(
         !resp.headers().contains_key("x-intermission-mode"),

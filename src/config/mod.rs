@@ -275,7 +275,7 @@ impl Config {
         let mut v = Validator {
             problems: Vec::new(),
             base_dir: base_dir.to_path_buf(),
-            written: table.clone(),
+            written: &table,
         };
         for key in table.keys() {
             if !SECTIONS.contains(&key.as_str()) {
@@ -376,11 +376,11 @@ const SECTIONS: &[&str] = &[
 ];
 
 /// Collects every problem; each check returns a placeholder on error so validation goes on.
-struct Validator {
+struct Validator<'t> {
     problems: Vec<Problem>,
     base_dir: PathBuf,
     /// The file as written, for `problem` to know a secret it must not repeat.
-    written: toml::Table,
+    written: &'t toml::Table,
 }
 
 /// A key whose value is a secret or may hold one (a webhook URL often carries its token in
@@ -499,14 +499,14 @@ fn written<'t>(table: &'t toml::Table, key: &str) -> Option<&'t toml::Value> {
     found
 }
 
-impl Validator {
+impl Validator<'_> {
     fn problem(&mut self, key: &str, message: impl Into<String>) {
         let mut message = message.into();
         // Every problem passes here, so that no check, nor serde, can print a secret: problems
         // reach `check`'s output, the control socket's answer to a reload and the log of a
         // refused SIGHUP, read by people and pipelines that have no need of the secrets.
         if let Some(secret) = Secret::of(key) {
-            message = secret.redact(message, written(&self.written, key));
+            message = secret.redact(message, written(self.written, key));
         }
         self.problems.push(Problem {
             key: key.to_owned(),

@@ -243,6 +243,15 @@ pub fn h2c_client() -> Client<HttpConnector, TestBody> {
         .build_http()
 }
 
+/// A unary gRPC call to `url` with an empty message, as a client library sends one.
+pub fn grpc_call(url: &str) -> Request<TestBody> {
+    Request::post(url)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(full(vec![0u8, 0, 0, 0, 0]))
+        .unwrap()
+}
+
 pub async fn get(url: &str) -> Response<Bytes> {
     send(Request::get(url).body(empty()).unwrap()).await
 }
