@@ -783,7 +783,7 @@ async fn black_hole() -> (SocketAddr, Arc<AtomicUsize>) {
 /// checks, which a black hole passes, keep it in the rotation, as a server whose TLS is stuck
 /// would be.
 async fn impatient_proxy(servers: &[String], ca: &Ca) -> Proxy {
-    proxy_with_connect_timeout(servers, ca, "200ms").await
+    proxy_with_connect_timeout(servers, ca, "1s").await
 }
 
 async fn proxy_with_connect_timeout(servers: &[String], ca: &Ca, connect_timeout: &str) -> Proxy {
@@ -836,7 +836,7 @@ async fn a_tls_handshake_that_never_ends_fails_after_connect_timeout_and_is_retr
     // Tried first, and failed as a connection that was never opened.
     let error = last_error(&proxy).await.unwrap_or_default();
     assert!(
-        error.contains("cannot connect") && error.contains("connect_timeout (200ms)"),
+        error.contains("cannot connect") && error.contains("connect_timeout (1s)"),
         "{error}"
     );
 }
@@ -861,7 +861,7 @@ async fn an_upgrade_to_a_tls_handshake_that_never_ends_fails_after_connect_timeo
     assert_eq!(resp.headers()["x-intermission-mode"], "outage");
     let error = last_error(&proxy).await.unwrap_or_default();
     assert!(
-        error.contains("cannot connect") && error.contains("connect_timeout (200ms)"),
+        error.contains("cannot connect") && error.contains("connect_timeout (1s)"),
         "the cause is named: {error}"
     );
 }
