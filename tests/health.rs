@@ -225,6 +225,43 @@ async fn failed_requests_take_a_server_out_without_waiting_for_the_next_check() 
     assert_eq!((h.healthy, h.since), (kept.healthy, kept.since));
 }
 
+/// A timeout says the server was slow, not gone: one slow page reaching `response_timeout`
+/// (or, under a burst of new connections, connects waiting past `connect_timeout`) must not
+/// take out a server that answers everything else, and with it the whole site. The requests
+/// that timed out get the outage answer; the active check decides the server's health.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_that_time_out_do_not_take_a_server_out() {
+    let up = upstream(|req: Request<Incoming>| async move {
+        if req.uri().path() == "/report" {
+            std::future::pending::<()>().await;
+        }
+        Response::new(full("app"))
+    })
+    .await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\nresponse_timeout = \"200ms\"\n\
+         [health]\ninterval = \"1h\"\nfall = 2\n",
+        up.url()
+    ))
+    .await;
+    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+    for _ in 0..3 {
+        assert!(
+            is_outage(&get(&proxy.url("/report")).await),
+            "never a raw error"
+        );
+    }
+    let h = first_server_once(&proxy, |h| h.last_error.is_some()).await;
+    let error = h.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("request failed, not counted") && error.contains("200ms"),
+        "{h:?}"
+    );
+    assert_eq!(h.healthy, Some(true), "{h:?}");
+    let resp = get(&proxy.url("/")).await;
+    assert_eq!(resp.body(), "app", "{resp:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn with_one_server_dead_from_the_start_every_request_succeeds() {
     let live = app().await;

@@ -326,9 +326,31 @@ pub(crate) fn report(passive: &[Passive], server: usize, error: &UpstreamError) 
         return;
     }
     if let Some(tx) = passive.get(server) {
+        let report = crate::health::Report {
+            why: error.to_string(),
+            counted: !timed_out(error),
+        };
         // Never waits: a full queue means the checker already has plenty to go on.
-        let _ = tx.try_send(error.to_string());
+        let _ = tx.try_send(report);
     }
+}
+
+/// Whether the server was merely slow: no response head within `response_timeout`, or no
+/// connection within `connect_timeout` (the kernel's own connect timeout included).
+fn timed_out(error: &UpstreamError) -> bool {
+    if matches!(error, UpstreamError::Timeout { .. }) {
+        return true;
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Whether `e`, or one of its causes, says that this process or host ran out of something a

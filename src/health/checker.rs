@@ -22,10 +22,21 @@ pub struct Flip {
     pub reason: String,
 }
 
-/// Where the request path reports a failed forward (connect error, reset, timeout); it counts
-/// as a failed check. Bounded: under a burst, reports beyond the queue are dropped, which
-/// loses nothing since the server is already being taken out.
-pub type Passive = mpsc::Sender<String>;
+/// Where the request path reports a failed forward (connect error, reset, timeout). Bounded:
+/// under a burst, reports beyond the queue are dropped, which loses nothing since the server
+/// is already being taken out.
+pub type Passive = mpsc::Sender<Report>;
+
+/// A failed forward, as the request path tells the server's checker.
+pub struct Report {
+    pub why: String,
+    /// Whether it counts as a failed check. A timeout does not: under a burst of new
+    /// connections a live server's accept queue overflows and connects wait past
+    /// `connect_timeout`, and one slow page reaches `response_timeout`; counted, either would
+    /// take a server that answers everything else out, and with it the whole site. The active
+    /// check, with its own timeout, decides; a refused or reset connection still counts.
+    pub counted: bool,
+}
 
 const PASSIVE_QUEUE: usize = 16;
 
@@ -158,7 +169,7 @@ struct Task {
 }
 
 impl Task {
-    async fn run(mut self, mut passive: mpsc::Receiver<String>) {
+    async fn run(mut self, mut passive: mpsc::Receiver<Report>) {
         let mut ticks = tokio::time::interval(self.config.interval);
         // A slow check must not be followed by a burst of catch-up checks.
         ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
@@ -173,7 +184,11 @@ impl Task {
                     }
                 },
                 report = passive.recv() => match report {
-                    Some(why) => (Err(format!("request failed: {why}")), false),
+                    Some(Report { why, counted: true }) => (Err(format!("request failed: {why}")), false),
+                    Some(Report { why, counted: false }) => {
+                        self.not_counted(why);
+                        continue;
+                    }
                     None => return,
                 },
             };
@@ -189,6 +204,14 @@ impl Task {
             entry.last_check = Some(Timestamp(SystemTime::now()));
             entry.last_error = Some(format!("check not made: {why}"));
             entry.last_latency_ms = None;
+        }
+    }
+
+    /// A failed request that says too little of the server to count: shown as the last
+    /// error, so that an operator sees why clients got the outage answer.
+    fn not_counted(&mut self, why: String) {
+        if let Some(mut entry) = self.entry() {
+            entry.last_error = Some(format!("request failed, not counted: {why}"));
         }
     }
 

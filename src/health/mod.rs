@@ -9,4 +9,4 @@ pub mod checker;
 pub mod counter;
 pub mod probe;
 
-pub use checker::{spawn, Checkers, Flip, HealthTable, Passive};
+pub use checker::{spawn, Checkers, Flip, HealthTable, Passive, Report};
