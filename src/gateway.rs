@@ -311,6 +311,12 @@ fn decide<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>) -> Decision {
 /// hyper takes the chunks off and the hop sends the body as it is, so a `gzip, chunked` body
 /// would reach the server still compressed with nothing saying so.
 fn malformed<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)> {
+    if too_many_fields(req) {
+        return Some((
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "more than 100 header fields\n",
+        ));
+    }
     // HTTP/2 has no transfer codings (the h2 crate refuses the field): no lookup for it.
     if req.version() < http::Version::HTTP_2 {
         match codings(req.headers()) {
@@ -330,6 +336,19 @@ fn malformed<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)> {
         }
     }
     host_problem(req).map(|why| (StatusCode::BAD_REQUEST, why))
+}
+
+/// The 100 header fields hyper allows an HTTP/1.1 request, held to HTTP/2 requests too, which
+/// only `max_header_bytes` bounded. Cookie crumbs count as the one `Cookie` line they are
+/// joined into (`headers::join_cookies`): a browser may send each cookie as a field of its own.
+fn too_many_fields<B>(req: &Request<B>) -> bool {
+    const MAX: usize = 100;
+    let fields = req.headers().len();
+    if fields <= MAX || req.version() != http::Version::HTTP_2 {
+        return false;
+    }
+    let crumbs = req.headers().get_all(header::COOKIE).iter().count();
+    fields - crumbs.saturating_sub(1) > MAX
 }
 
 /// What a request's `Transfer-Encoding` lines say, taken together as one list.

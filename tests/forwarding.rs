@@ -196,6 +196,48 @@ async fn h2_connection(
     (sender, tokio::spawn(conn))
 }
 
+/// An HTTP/2 client may send each cookie as a field of its own; an HTTP/1.1 server reads one
+/// `Cookie` line, so the crumbs are joined (RFC 9113 §8.2.3). They count as that one line
+/// toward the 100 header fields an HTTP/2 request may carry, as an HTTP/1.1 one may.
+#[tokio::test]
+async fn h2c_cookie_crumbs_are_joined_and_header_fields_are_limited() {
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&upstream_config(&up)).await;
+    let (sender, _) = h2_connection(proxy.addr).await;
+    let send = |req: Request<TestBody>| {
+        let mut sender = sender.clone();
+        async move {
+            sender.ready().await.unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            let (parts, body) = resp.into_parts();
+            Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+        }
+    };
+    let mut req = Request::get(proxy.url("/crumbs"));
+    for i in 0..150 {
+        req = req.header("cookie", format!("c{i}={i}"));
+    }
+    let resp = send(req.header("x-other", "1").body(empty()).unwrap()).await;
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    let seen: Seen = json(&resp);
+    let cookies: Vec<_> = seen.headers.iter().filter(|(k, _)| k == "cookie").collect();
+    let want: Vec<String> = (0..150).map(|i| format!("c{i}={i}")).collect();
+    assert_eq!(cookies.len(), 1, "{cookies:?}");
+    assert_eq!(cookies[0].1, want.join("; "));
+
+    let mut req = Request::get(proxy.url("/fields"));
+    for i in 0..101 {
+        req = req.header(format!("x-field-{i}"), "1");
+    }
+    let resp = send(req.body(empty()).unwrap()).await;
+    assert_eq!(resp.status(), 431, "{resp:?}");
+    // The proxy's answer: the server behind it, hyper's too, would have refused it itself.
+    assert_eq!(resp.body(), "more than 100 header fields\n");
+    // The connection goes on.
+    let resp = send(Request::get(proxy.url("/after")).body(empty()).unwrap()).await;
+    assert_eq!(resp.status(), 200, "{resp:?}");
+}
+
 #[tokio::test]
 async fn h2c_clients_are_forwarded_with_their_authority_as_host() {
     let up = echo_upstream().await;

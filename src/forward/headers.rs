@@ -157,6 +157,26 @@ impl ClientSide {
     }
 }
 
+/// Joins an HTTP/2 client's cookie crumbs into one `Cookie` (RFC 9113 §8.2.3 requires it before
+/// an HTTP/1.1 hop): HTTP/2 lets a client send each cookie as a field of its own, and an
+/// HTTP/1.1 server reads one `Cookie` line (RFC 6265 §5.4), so it would see only some.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut crumbs = headers.get_all(header::COOKIE).iter();
+    if crumbs.next().is_none() || crumbs.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for crumb in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(crumb.as_bytes());
+    }
+    if let Ok(cookie) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, cookie);
+    }
+}
+
 /// Appends the peer to `X-Forwarded-For` (SPEC §3), whoever sent the list, as nginx's
 /// `$proxy_add_x_forwarded_for` and HAProxy's `option forwardfor` do: the last entry is always
 /// the address this proxy saw, and what came before is the client's word, which the

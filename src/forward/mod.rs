@@ -138,6 +138,9 @@ pub fn forward<'a>(
                     parts.headers.insert(header::HOST, host);
                 }
             }
+            if http2 {
+                headers::join_cookies(&mut parts.headers);
+            }
             // Decided before the hop-by-hop headers go: `Transfer-Encoding` is one of them.
             let buffer = client_upgrade.is_none()
                 && pool.servers.len() > 1
