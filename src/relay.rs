@@ -65,9 +65,9 @@ const READ_BUF: usize = 8192;
 const MAX_HEADERS: usize = 64;
 
 /// Headers in an answer, and the size of its head, beyond which it is refused as hyper's
-/// client refuses it (100 headers; a read buffer of about 400 KiB).
+/// client refuses it (100 headers; `MAX_RESPONSE_HEAD`).
 const UPSTREAM_HEADERS: usize = 100;
-const MAX_UPSTREAM_HEAD: usize = 400 * 1024;
+const MAX_UPSTREAM_HEAD: usize = crate::forward::pool::MAX_RESPONSE_HEAD;
 
 /// Room for reading an answer: its head and, for small answers, its whole body.
 const COPY_BUF: usize = 16 * 1024;

@@ -47,6 +47,12 @@ pub type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 pub const UNASKED_SWITCH: &str = "101 to a request that asked for no upgrade";
 
 /// Why a request got no response from a server.
+/// The largest response head taken from a server, over HTTP/1.1 and HTTP/2; a larger one is
+/// refused as malformed, and the client gets the outage answer. Clients give up on much less
+/// than hyper's own bound of about 400 KiB (curl at 100 KB, Python's h2 at 64 KiB), which
+/// would show them a broken answer; nginx stops at 4–8 KiB with a 502.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     /// The connection could not be opened (refused, unreachable, TCP connect or TLS handshake
@@ -263,6 +269,8 @@ impl UpstreamPool {
                 .timer(TokioTimer::new())
                 .pool_idle_timeout(config.idle_timeout)
                 .pool_max_idle_per_host(MAX_IDLE_PER_SERVER)
+                .http1_max_buf_size(MAX_RESPONSE_HEAD)
+                .http2_max_header_list_size(MAX_RESPONSE_HEAD as u32)
                 // The client's own Host would name the upstream; the proxy keeps the client's.
                 .set_host(false);
             b
@@ -643,6 +651,7 @@ where
 {
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
+        .max_header_list_size(MAX_RESPONSE_HEAD as u32)
         .handshake(io)
         .await?;
     tokio::spawn(async move {
@@ -945,7 +954,10 @@ impl Http1Pool {
     async fn connect(&self, dial: &Uri) -> Result<Sender, SendError> {
         self.start_reaper();
         let io = self.tcp.open(dial.clone()).await?;
-        let (sender, conn) = http1::Builder::new().handshake(io).await?;
+        let (sender, conn) = http1::Builder::new()
+            .max_header_size(MAX_RESPONSE_HEAD)
+            .handshake(io)
+            .await?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
