@@ -262,6 +262,33 @@ async fn requests_that_time_out_do_not_take_a_server_out() {
     assert_eq!(resp.body(), "app", "{resp:?}");
 }
 
+/// With TCP checks, which an application that accepts and never answers passes, the requests
+/// that time out are all that shows it hung: they count.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_tcp_checks_requests_that_time_out_take_a_server_out() {
+    let up = upstream(|_req: Request<Incoming>| async move {
+        std::future::pending::<()>().await;
+        Response::new(full("never"))
+    })
+    .await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\nresponse_timeout = \"200ms\"\n\
+         [health]\nkind = \"tcp\"\ninterval = \"1h\"\nfall = 2\n",
+        up.url()
+    ))
+    .await;
+    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+    for _ in 0..2 {
+        assert!(is_outage(&get(&proxy.url("/")).await), "never a raw error");
+    }
+    let h = first_server_once(&proxy, |h| h.healthy == Some(false)).await;
+    let error = h.last_error.clone().unwrap_or_default();
+    assert!(
+        error.starts_with("request failed: ") && error.contains("200ms"),
+        "{h:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn with_one_server_dead_from_the_start_every_request_succeeds() {
     let live = app().await;

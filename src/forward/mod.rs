@@ -331,7 +331,7 @@ pub(crate) fn report(passive: &[Passive], server: usize, error: &UpstreamError) 
     if let Some(tx) = passive.get(server) {
         let report = crate::health::Report {
             why: error.to_string(),
-            counted: !timed_out(error),
+            timed_out: timed_out(error),
         };
         // Never waits: a full queue means the checker already has plenty to go on.
         let _ = tx.try_send(report);

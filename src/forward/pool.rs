@@ -46,13 +46,13 @@ pub type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 /// head it cannot use, so the server failed (the relay and hyper's path judge it alike).
 pub const UNASKED_SWITCH: &str = "101 to a request that asked for no upgrade";
 
-/// Why a request got no response from a server.
 /// The largest response head taken from a server, over HTTP/1.1 and HTTP/2; a larger one is
 /// refused as malformed, and the client gets the outage answer. Clients give up on much less
 /// than hyper's own bound of about 400 KiB (curl at 100 KB, Python's h2 at 64 KiB), which
 /// would show them a broken answer; nginx stops at 4–8 KiB with a 502.
 pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
+/// Why a request got no response from a server.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     /// The connection could not be opened (refused, unreachable, TCP connect or TLS handshake

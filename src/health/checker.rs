@@ -3,7 +3,7 @@
 
 use super::counter::Counter;
 use super::probe::{CheckError, Prober};
-use crate::config::{HealthConfig, Upstream};
+use crate::config::{HealthConfig, HealthKind, Upstream};
 use crate::control::protocol::ServerHealth;
 use crate::time::Timestamp;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -23,19 +23,20 @@ pub struct Flip {
 }
 
 /// Where the request path reports a failed forward (connect error, reset, timeout). Bounded:
-/// under a burst, reports beyond the queue are dropped, which loses nothing since the server
-/// is already being taken out.
+/// under a burst, reports beyond the queue are dropped: the checker has plenty to go on.
 pub type Passive = mpsc::Sender<Report>;
 
 /// A failed forward, as the request path tells the server's checker.
 pub struct Report {
     pub why: String,
-    /// Whether it counts as a failed check. A timeout does not: under a burst of new
-    /// connections a live server's accept queue overflows and connects wait past
-    /// `connect_timeout`, and one slow page reaches `response_timeout`; counted, either would
-    /// take a server that answers everything else out, and with it the whole site. The active
-    /// check, with its own timeout, decides; a refused or reset connection still counts.
-    pub counted: bool,
+    /// No connection within `connect_timeout`, or no head within `response_timeout`: the
+    /// server may only be slow. Under a burst of new connections a live server's accept queue
+    /// overflows and connects wait, and one slow page reaches `response_timeout`; counted,
+    /// either would take out a server that answers everything else, and with it the whole
+    /// site. So it counts only when the checks are `kind = "tcp"`, which cannot see an
+    /// application that accepts and never answers; an HTTP or gRPC check, with its own
+    /// timeout, sees it. A refused or reset connection always counts.
+    pub timed_out: bool,
 }
 
 const PASSIVE_QUEUE: usize = 16;
@@ -184,8 +185,10 @@ impl Task {
                     }
                 },
                 report = passive.recv() => match report {
-                    Some(Report { why, counted: true }) => (Err(format!("request failed: {why}")), false),
-                    Some(Report { why, counted: false }) => {
+                    Some(Report { why, timed_out }) if !timed_out || self.config.kind == HealthKind::Tcp => {
+                        (Err(format!("request failed: {why}")), false)
+                    }
+                    Some(Report { why, .. }) => {
                         self.not_counted(why);
                         continue;
                     }
