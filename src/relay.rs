@@ -69,6 +69,10 @@ const MAX_HEADERS: usize = 64;
 const UPSTREAM_HEADERS: usize = 100;
 const MAX_UPSTREAM_HEAD: usize = crate::forward::pool::MAX_RESPONSE_HEAD;
 
+/// Why an answer whose head is over `MAX_UPSTREAM_HEAD` is refused; a page's trouble rather
+/// than the server's, so the server's checker does not count it (`forward::report`).
+pub(crate) const HEAD_TOO_LARGE: &str = "the response head is too large";
+
 /// Room for reading an answer: its head and, for small answers, its whole body.
 const COPY_BUF: usize = 16 * 1024;
 
@@ -1062,9 +1066,7 @@ async fn send(bufs: &mut Set, up: &mut TcpStream) -> Result<Answer, Failure> {
             }
         }
         if bufs.answer.len() >= MAX_UPSTREAM_HEAD {
-            return Err(Failure::Late(SendError::Protocol(
-                "the response head is too large",
-            )));
+            return Err(Failure::Late(SendError::Protocol(HEAD_TOO_LARGE)));
         }
         if bufs.answer.capacity() == bufs.answer.len() {
             bufs.answer.reserve(COPY_BUF);

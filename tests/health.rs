@@ -262,6 +262,42 @@ async fn requests_that_time_out_do_not_take_a_server_out() {
     assert_eq!(resp.body(), "app", "{resp:?}");
 }
 
+/// One page whose answer has a head too large to pass on gets the outage answer, on the relay
+/// and on hyper's path, and does not take out the server, which answers the rest.
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_with_a_head_too_large_do_not_take_a_server_out() {
+    let up = upstream(|req: Request<Incoming>| async move {
+        let mut resp = Response::new(full("app"));
+        if req.uri().path() == "/huge" {
+            let big = http::HeaderValue::from_str(&"x".repeat(100_000)).unwrap();
+            resp.headers_mut().insert("x-big", big);
+        }
+        resp
+    })
+    .await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"1h\"\nfall = 2\n",
+        up.url()
+    ))
+    .await;
+    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+    for _ in 0..2 {
+        assert!(is_outage(&get(&proxy.url("/huge")).await), "relay");
+        // An HTTP/2 client's request goes through hyper.
+        let resp = h2c_client()
+            .request(Request::get(proxy.url("/huge")).body(empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 503, "hyper's path: {resp:?}");
+        assert_eq!(resp.headers()["x-intermission-mode"], "outage");
+    }
+    let h = first_server_once(&proxy, |h| h.last_error.is_some()).await;
+    let error = h.last_error.clone().unwrap_or_default();
+    assert!(error.contains("not counted"), "{h:?}");
+    assert_eq!(h.healthy, Some(true), "{h:?}");
+    assert_eq!(get(&proxy.url("/")).await.body(), "app");
+}
+
 /// With TCP checks, which an application that accepts and never answers passes, the requests
 /// that time out are all that shows it hung: they count.
 #[tokio::test(flavor = "multi_thread")]

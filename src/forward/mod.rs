@@ -331,23 +331,31 @@ pub(crate) fn report(passive: &[Passive], server: usize, error: &UpstreamError) 
     if let Some(tx) = passive.get(server) {
         let report = crate::health::Report {
             why: error.to_string(),
-            timed_out: timed_out(error),
+            inconclusive: inconclusive(error),
         };
         // Never waits: a full queue means the checker already has plenty to go on.
         let _ = tx.try_send(report);
     }
 }
 
-/// Whether the server was merely slow: no response head within `response_timeout`, or no
-/// connection within `connect_timeout` (the kernel's own connect timeout included).
-fn timed_out(error: &UpstreamError) -> bool {
-    if matches!(error, UpstreamError::Timeout { .. }) {
-        return true;
+/// Whether the failure may not mean the server is down (`health::Report::inconclusive`): no
+/// response head within `response_timeout`, no connection within `connect_timeout` (the
+/// kernel's own connect timeout included), or a response head over `MAX_RESPONSE_HEAD`.
+fn inconclusive(error: &UpstreamError) -> bool {
+    match error {
+        UpstreamError::Timeout { .. } => return true,
+        UpstreamError::Failed {
+            source: pool::SendError::Protocol(why),
+            ..
+        } if *why == crate::relay::HEAD_TOO_LARGE => return true,
+        _ => {}
     }
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(c) = cause {
         if c.downcast_ref::<std::io::Error>()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+            || c.downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_parse_too_large)
         {
             return true;
         }

@@ -29,14 +29,15 @@ pub type Passive = mpsc::Sender<Report>;
 /// A failed forward, as the request path tells the server's checker.
 pub struct Report {
     pub why: String,
-    /// No connection within `connect_timeout`, or no head within `response_timeout`: the
-    /// server may only be slow. Under a burst of new connections a live server's accept queue
-    /// overflows and connects wait, and one slow page reaches `response_timeout`; counted,
-    /// either would take out a server that answers everything else, and with it the whole
-    /// site. So it counts only when the checks are `kind = "tcp"`, which cannot see an
-    /// application that accepts and never answers; an HTTP or gRPC check, with its own
-    /// timeout, sees it. A refused or reset connection always counts.
-    pub timed_out: bool,
+    /// The failure may not mean the server is down: no connection within `connect_timeout`,
+    /// no head within `response_timeout`, or an answer whose head is too large. Under a burst
+    /// of new connections a live server's accept queue overflows and connects wait, one slow
+    /// page reaches `response_timeout`, one page may send a huge head; counted, each would
+    /// take out a server that answers everything else, and with it the whole site. So it
+    /// counts only when the checks are `kind = "tcp"`, which cannot see an application that
+    /// accepts and never answers; an HTTP or gRPC check, with its own timeout, sees it. A
+    /// refused or reset connection always counts.
+    pub inconclusive: bool,
 }
 
 const PASSIVE_QUEUE: usize = 16;
@@ -185,7 +186,7 @@ impl Task {
                     }
                 },
                 report = passive.recv() => match report {
-                    Some(Report { why, timed_out }) if !timed_out || self.config.kind == HealthKind::Tcp => {
+                    Some(Report { why, inconclusive }) if !inconclusive || self.config.kind == HealthKind::Tcp => {
                         (Err(format!("request failed: {why}")), false)
                     }
                     Some(Report { why, .. }) => {
