@@ -225,6 +225,31 @@ async fn failed_requests_take_a_server_out_without_waiting_for_the_next_check() 
     assert_eq!((h.healthy, h.since), (kept.healthy, kept.since));
 }
 
+/// A proxy in front of `up` alone that only the check at start and the requests' failures
+/// can move (`fall = 2`), once that check has found it healthy.
+async fn passive_only(up: &Upstream, upstream_extra: &str, health_extra: &str) -> Proxy {
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n{upstream_extra}\
+         [health]\ninterval = \"1h\"\nfall = 2\n{health_extra}",
+        up.url()
+    ))
+    .await;
+    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+    proxy
+}
+
+/// The last error of a server that failed requests not counted against it, once shown, after
+/// checking that it is still in and answering.
+async fn kept_in_after_uncounted_failures(proxy: &Proxy) -> String {
+    let h = first_server_once(proxy, |h| h.last_error.is_some()).await;
+    let error = h.last_error.clone().unwrap_or_default();
+    assert!(error.contains("request failed, not counted"), "{h:?}");
+    assert_eq!(h.healthy, Some(true), "{h:?}");
+    let resp = get(&proxy.url("/")).await;
+    assert_eq!(resp.body(), "app", "{resp:?}");
+    error
+}
+
 /// A timeout says the server was slow, not gone: one slow page reaching `response_timeout`
 /// (or, under a burst of new connections, connects waiting past `connect_timeout`) must not
 /// take out a server that answers everything else, and with it the whole site. The requests
@@ -238,28 +263,15 @@ async fn requests_that_time_out_do_not_take_a_server_out() {
         Response::new(full("app"))
     })
     .await;
-    let proxy = spawn_proxy(&format!(
-        "[upstream]\nservers = [\"{}\"]\nresponse_timeout = \"200ms\"\n\
-         [health]\ninterval = \"1h\"\nfall = 2\n",
-        up.url()
-    ))
-    .await;
-    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+    let proxy = passive_only(&up, "response_timeout = \"200ms\"\n", "").await;
     for _ in 0..3 {
         assert!(
             is_outage(&get(&proxy.url("/report")).await),
             "never a raw error"
         );
     }
-    let h = first_server_once(&proxy, |h| h.last_error.is_some()).await;
-    let error = h.last_error.clone().unwrap_or_default();
-    assert!(
-        error.contains("request failed, not counted") && error.contains("200ms"),
-        "{h:?}"
-    );
-    assert_eq!(h.healthy, Some(true), "{h:?}");
-    let resp = get(&proxy.url("/")).await;
-    assert_eq!(resp.body(), "app", "{resp:?}");
+    let error = kept_in_after_uncounted_failures(&proxy).await;
+    assert!(error.contains("200ms"), "{error}");
 }
 
 /// One page whose answer has a head too large to pass on gets the outage answer, on the relay
@@ -275,12 +287,7 @@ async fn answers_with_a_head_too_large_do_not_take_a_server_out() {
         resp
     })
     .await;
-    let proxy = spawn_proxy(&format!(
-        "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"1h\"\nfall = 2\n",
-        up.url()
-    ))
-    .await;
-    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+    let proxy = passive_only(&up, "", "").await;
     for _ in 0..2 {
         assert!(is_outage(&get(&proxy.url("/huge")).await), "relay");
         // An HTTP/2 client's request goes through hyper.
@@ -291,11 +298,7 @@ async fn answers_with_a_head_too_large_do_not_take_a_server_out() {
         assert_eq!(resp.status(), 503, "hyper's path: {resp:?}");
         assert_eq!(resp.headers()["x-intermission-mode"], "outage");
     }
-    let h = first_server_once(&proxy, |h| h.last_error.is_some()).await;
-    let error = h.last_error.clone().unwrap_or_default();
-    assert!(error.contains("not counted"), "{h:?}");
-    assert_eq!(h.healthy, Some(true), "{h:?}");
-    assert_eq!(get(&proxy.url("/")).await.body(), "app");
+    kept_in_after_uncounted_failures(&proxy).await;
 }
 
 /// With TCP checks, which an application that accepts and never answers passes, the requests
@@ -307,13 +310,7 @@ async fn with_tcp_checks_requests_that_time_out_take_a_server_out() {
         Response::new(full("never"))
     })
     .await;
-    let proxy = spawn_proxy(&format!(
-        "[upstream]\nservers = [\"{}\"]\nresponse_timeout = \"200ms\"\n\
-         [health]\nkind = \"tcp\"\ninterval = \"1h\"\nfall = 2\n",
-        up.url()
-    ))
-    .await;
-    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+    let proxy = passive_only(&up, "response_timeout = \"200ms\"\n", "kind = \"tcp\"\n").await;
     for _ in 0..2 {
         assert!(is_outage(&get(&proxy.url("/")).await), "never a raw error");
     }
