@@ -26,8 +26,11 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::{service_fn, Service};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::gauge::Gauge;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -39,15 +42,42 @@ use tokio_rustls::TlsAcceptor;
 /// words: every parked connection keeps its `Slot`, and its state has no room to spare (see
 /// `park::parked`). The maximum is the snapshot's at each accept, so a reload applies to the
 /// next connection; lowering it closes none of those already open.
+///
+/// At the limit, the connection idle longest makes room for a new one (`make_room`), as
+/// nginx reuses its idle keep-alive connections: otherwise clients that keep connections
+/// open and send nothing would lock out every new one until `header_read_timeout`.
 #[derive(Default)]
 pub struct Limit {
     open: AtomicUsize,
+    /// `intermission_parked_connections`.
+    pub(crate) parked: Gauge,
+    /// The connections idle between requests that may be closed for room.
+    idle: Mutex<Idlers>,
 }
+
+/// Idle connections by the order they became idle (`ticket`), each with the waker that tells
+/// it it was picked. A lock rather than anything cleverer: a connection comes here once per
+/// idle spell (not per request), and it is held for a map operation only.
+#[derive(Default)]
+struct Idlers {
+    next: u64,
+    waiting: BTreeMap<u64, Waker>,
+}
+
+/// The `ticket` of a connection that is not idle (`Limit::poll_picked`): it is never picked.
+pub(crate) const NOT_IDLE: u64 = u64::MAX;
 
 /// One open client connection, in its `Limit` until dropped.
 pub struct Slot(Arc<Limit>);
 
 impl Limit {
+    pub fn new(parked: Gauge) -> Limit {
+        Limit {
+            parked,
+            ..Limit::default()
+        }
+    }
+
     /// A slot, unless `max` connections are open.
     pub fn take(self: &Arc<Limit>, max: usize) -> Option<Slot> {
         self.open
@@ -56,6 +86,65 @@ impl Limit {
             })
             .ok()
             .map(|_| Slot(self.clone()))
+    }
+
+    /// A slot over the limit, when a connection idle between requests can be closed to give
+    /// one back: the one idle longest, woken to close. The count runs over `max` by one for
+    /// the moment that connection takes to go, which the descriptors' headroom covers (with
+    /// two threads, for the life of a connection a request woke on the other thread in the
+    /// instant it was picked: it is served, not closed).
+    pub fn make_room(self: &Arc<Limit>) -> Option<Slot> {
+        let (_, picked) = self.idlers().waiting.pop_first()?;
+        picked.wake();
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Some(Slot(self.clone()))
+    }
+
+    /// Whether the idle connection holding `ticket` was picked to close (`make_room`). Its
+    /// first poll puts it among the idle ones (a `ticket` of 0 is none yet); each keeps the
+    /// waker current.
+    pub(crate) fn poll_picked(&self, ticket: &AtomicU64, cx: &Context<'_>) -> bool {
+        if ticket.load(Ordering::Relaxed) == NOT_IDLE {
+            return false;
+        }
+        let mut idlers = self.idlers();
+        match ticket.load(Ordering::Relaxed) {
+            0 => {
+                idlers.next += 1;
+                let new = idlers.next;
+                ticket.store(new, Ordering::Relaxed);
+                idlers.waiting.insert(new, cx.waker().clone());
+                false
+            }
+            held => match idlers.waiting.get_mut(&held) {
+                Some(waker) => {
+                    if !waker.will_wake(cx.waker()) {
+                        waker.clone_from(cx.waker());
+                    }
+                    false
+                }
+                None => true,
+            },
+        }
+    }
+
+    /// The connection holding `ticket` is no longer idle: it goes to the back of the line
+    /// when it idles again.
+    pub(crate) fn not_idle(&self, ticket: &AtomicU64) {
+        let held = ticket.swap(0, Ordering::Relaxed);
+        if held != 0 && held != NOT_IDLE {
+            self.idlers().waiting.remove(&held);
+        }
+    }
+
+    fn idlers(&self) -> MutexGuard<'_, Idlers> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Slot {
+    pub fn limit(&self) -> &Arc<Limit> {
+        &self.0
     }
 }
 
@@ -155,8 +244,7 @@ enum Arrived {
 /// second with how many failed in between, where a line per try wrote some 50 a second.
 pub struct AcceptFailures {
     what: &'static str,
-    said: Option<std::time::Instant>,
-    unsaid: u64,
+    told: Lasting,
 }
 
 impl AcceptFailures {
@@ -164,19 +252,27 @@ impl AcceptFailures {
     pub fn new(what: &'static str) -> AcceptFailures {
         AcceptFailures {
             what,
-            said: None,
-            unsaid: 0,
+            told: Lasting::default(),
         }
     }
 
     pub async fn failed(&mut self, e: &std::io::Error) {
-        if let Some(unsaid) = self.tell(std::time::Instant::now()) {
+        if let Some(unsaid) = self.told.tell(std::time::Instant::now()) {
             tracing::warn!(error = %e, "{}: accept failed ({unsaid} more since the last line)", self.what);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
 
-    /// Whether a failure at `now` is to be written, with how many were not since the last.
+/// A condition that may happen thousands of times a second, told at most once a second.
+#[derive(Default)]
+struct Lasting {
+    said: Option<std::time::Instant>,
+    unsaid: u64,
+}
+
+impl Lasting {
+    /// Whether the condition at `now` is to be written, with how many were not since the last.
     fn tell(&mut self, now: std::time::Instant) -> Option<u64> {
         match self.said {
             Some(said) if now.duration_since(said) < Duration::from_secs(1) => {
@@ -201,6 +297,8 @@ pub async fn accept_loop(
     mut shutdown: Shutdown,
 ) {
     let mut failures = AcceptFailures::new("listener");
+    // At the limit, said at most once a second each, as accept failures are.
+    let (mut made_room, mut refused) = (Lasting::default(), Lasting::default());
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -215,9 +313,30 @@ pub async fn accept_loop(
         // Over the limit, close at once: a refused client retries elsewhere or later, while
         // an accepted one that is never served would hold a descriptor for nothing.
         let snap = state.load();
-        let Some(permit) = limit.take(snap.config.proxy.max_connections) else {
-            tracing::debug!(%peer, "proxy.max_connections reached; closing a new connection");
-            continue;
+        let max = snap.config.proxy.max_connections;
+        let permit = match limit.take(max) {
+            Some(permit) => permit,
+            None => match limit.make_room() {
+                Some(permit) => {
+                    if let Some(unsaid) = made_room.tell(std::time::Instant::now()) {
+                        tracing::warn!(
+                            "proxy.max_connections ({max}) reached: closed the connection idle \
+                             longest to serve a new one ({unsaid} more since the last line)"
+                        );
+                    }
+                    permit
+                }
+                None => {
+                    if let Some(unsaid) = refused.tell(std::time::Instant::now()) {
+                        tracing::warn!(
+                            %peer,
+                            "proxy.max_connections ({max}) reached with none idle: closed a \
+                             new connection ({unsaid} more since the last line)"
+                        );
+                    }
+                    continue;
+                }
+            },
         };
         let _ = stream.set_nodelay(true);
         let first_byte = snap.config.proxy.header_read_timeout;
@@ -274,7 +393,7 @@ async fn plain(
         return;
     };
     let served = if protocol == Protocol::Http1 {
-        let idle = Arc::new(park::Idle::new(state.load().metrics.parked()));
+        let idle = Arc::new(park::Idle::new(permit.limit().clone()));
         let timing = Some(Timing::new(state.clone()));
         let io = park::Rewind::new(first, stream, Some(idle.clone()), timing);
         let service = park::Gateway::new(Fast::new(state.clone(), conn.clone()), idle);
@@ -504,12 +623,12 @@ async fn until_first_request<F: std::future::Future>(
 
 #[cfg(test)]
 mod tests {
-    use super::{sniff, AcceptFailures, Protocol};
+    use super::{sniff, Lasting, Protocol};
     use std::time::{Duration, Instant};
 
     #[test]
     fn lasting_accept_failures_are_told_once_a_second() {
-        let mut f = AcceptFailures::new("listener");
+        let mut f = Lasting::default();
         let t = Instant::now();
         let at = |ms| t + Duration::from_millis(ms);
         assert_eq!(f.tell(at(0)), Some(0));

@@ -970,8 +970,10 @@ async fn connections_over_the_limit_are_closed_at_once() {
     let proxy = spawn_proxy(&config).await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut first = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // With its next request begun, so that it is not idle: an idle one would be closed to
+    // make room (tests/parking.rs).
     first
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHo")
         .await
         .unwrap();
     let mut buf = vec![0u8; 4096];

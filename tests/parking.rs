@@ -620,3 +620,75 @@ async fn held_heads_in_pieces_are_answered_and_idle_held_connections_close_in_ti
         idle_from.elapsed()
     );
 }
+
+/// Whether the proxy closed `s` without sending anything.
+async fn closed_silently(s: &mut TcpStream) -> bool {
+    let mut chunk = [0u8; 64];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// At `max_connections`, the connection idle longest is closed to serve a new client, as
+/// nginx reuses idle keep-alive connections: clients that keep connections open and send
+/// nothing do not lock everyone else out until `header_read_timeout`.
+#[tokio::test(flavor = "multi_thread")]
+async fn at_max_connections_the_connection_idle_longest_makes_room() {
+    let (_up, proxy) = app_and_proxy("max_connections = 2").await;
+    let mut idle = Vec::new();
+    for (n, path) in ["/oldest", "/newer"].into_iter().enumerate() {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let resp = read_response(&mut s).await;
+        assert!(resp.ends_with(&format!("app saw {path}")), "{resp}");
+        // Parked in this order, so the first is idle longest.
+        wait_parked(&proxy, (n + 1) as f64).await;
+        idle.push(s);
+    }
+    let out = raw_exchange(
+        proxy.addr,
+        b"GET /new HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(out.ends_with("app saw /new"), "the new client: {out:?}");
+    assert!(
+        closed_silently(&mut idle[0]).await,
+        "the connection idle longest should have been closed"
+    );
+    // The other idle one is still served, on its own socket.
+    idle[1]
+        .write_all(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_response(&mut idle[1]).await;
+    assert!(resp.ends_with("app saw /again"), "{resp}");
+}
+
+/// A connection that has begun its next request is not idle: it is not closed for room, and
+/// a new client at the limit is refused instead, as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_with_a_head_begun_is_not_closed_for_room() {
+    let (_up, proxy) = app_and_proxy("max_connections = 1").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let resp = read_response(&mut s).await;
+    assert!(resp.ends_with("app saw /first"), "{resp}");
+    // Parked with half a head.
+    wait_parked(&proxy, 1.0).await;
+    let out = raw_exchange(
+        proxy.addr,
+        b"GET /new HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(out, "", "the new client should have been refused");
+    s.write_all(b"st: x\r\n\r\n").await.unwrap();
+    let resp = read_response(&mut s).await;
+    assert!(resp.ends_with("app saw /second"), "{resp}");
+}
