@@ -28,11 +28,13 @@ use hyper::service::{service_fn, Service};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
 use std::collections::BTreeMap;
+use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
@@ -44,28 +46,31 @@ use tokio_rustls::TlsAcceptor;
 /// next connection; lowering it closes none of those already open.
 ///
 /// At the limit, the connection idle longest makes room for a new one (`make_room`), as
-/// nginx reuses its idle keep-alive connections: otherwise clients that keep connections
-/// open and send nothing would lock out every new one until `header_read_timeout`.
+/// nginx reuses its idle connections: otherwise clients that open connections and leave
+/// them idle would lock every new one out until `header_read_timeout`.
 #[derive(Default)]
 pub struct Limit {
     open: AtomicUsize,
+    /// Connections picked to make room that have not yet seen it (`Closable`): counted in
+    /// `open` until they close, but already given away.
+    closing: AtomicUsize,
+    /// Moved on by every pick, so that an idle connection tells without the lock that it was
+    /// not picked since it last looked (`Closable::poll_picked`).
+    picks: AtomicU64,
     /// `intermission_parked_connections`.
     pub(crate) parked: Gauge,
-    /// The connections idle between requests that may be closed for room.
+    /// The connections idle now that may be closed for room.
     idle: Mutex<Idlers>,
 }
 
 /// Idle connections by the order they became idle (`ticket`), each with the waker that tells
-/// it it was picked. A lock rather than anything cleverer: a connection comes here once per
-/// idle spell (not per request), and it is held for a map operation only.
+/// it it was picked. A lock rather than anything cleverer: a connection comes here when it
+/// turns idle and when it stops being so, and the lock is held for a map operation only.
 #[derive(Default)]
 struct Idlers {
     next: u64,
     waiting: BTreeMap<u64, Waker>,
 }
-
-/// The `ticket` of a connection that is not idle (`Limit::poll_picked`): it is never picked.
-pub(crate) const NOT_IDLE: u64 = u64::MAX;
 
 /// One open client connection, in its `Limit` until dropped.
 pub struct Slot(Arc<Limit>);
@@ -88,53 +93,23 @@ impl Limit {
             .map(|_| Slot(self.clone()))
     }
 
-    /// A slot over the limit, when a connection idle between requests can be closed to give
-    /// one back: the one idle longest, woken to close. The count runs over `max` by one for
-    /// the moment that connection takes to go, which the descriptors' headroom covers (with
-    /// two threads, for the life of a connection a request woke on the other thread in the
-    /// instant it was picked: it is served, not closed).
-    pub fn make_room(self: &Arc<Limit>) -> Option<Slot> {
-        let (_, picked) = self.idlers().waiting.pop_first()?;
-        picked.wake();
-        self.open.fetch_add(1, Ordering::Relaxed);
-        Some(Slot(self.clone()))
-    }
-
-    /// Whether the idle connection holding `ticket` was picked to close (`make_room`). Its
-    /// first poll puts it among the idle ones (a `ticket` of 0 is none yet); each keeps the
-    /// waker current.
-    pub(crate) fn poll_picked(&self, ticket: &AtomicU64, cx: &Context<'_>) -> bool {
-        if ticket.load(Ordering::Relaxed) == NOT_IDLE {
-            return false;
-        }
+    /// A slot beyond `max`, given back by a connection idle between requests: the one idle
+    /// longest, woken to close. The count runs over `max` for the moment those picked take to
+    /// go (the descriptors' headroom covers it), never further: over it already (a lowered
+    /// limit, or a picked connection that a request woke first and so stays), there is none.
+    pub fn make_room(self: &Arc<Limit>, max: usize) -> Option<Slot> {
         let mut idlers = self.idlers();
-        match ticket.load(Ordering::Relaxed) {
-            0 => {
-                idlers.next += 1;
-                let new = idlers.next;
-                ticket.store(new, Ordering::Relaxed);
-                idlers.waiting.insert(new, cx.waker().clone());
-                false
-            }
-            held => match idlers.waiting.get_mut(&held) {
-                Some(waker) => {
-                    if !waker.will_wake(cx.waker()) {
-                        waker.clone_from(cx.waker());
-                    }
-                    false
-                }
-                None => true,
-            },
+        let closing = self.closing.load(Ordering::Relaxed);
+        if self.open.load(Ordering::Relaxed).saturating_sub(closing) > max {
+            return None;
         }
-    }
-
-    /// The connection holding `ticket` is no longer idle: it goes to the back of the line
-    /// when it idles again.
-    pub(crate) fn not_idle(&self, ticket: &AtomicU64) {
-        let held = ticket.swap(0, Ordering::Relaxed);
-        if held != 0 && held != NOT_IDLE {
-            self.idlers().waiting.remove(&held);
-        }
+        let (_, picked) = idlers.waiting.pop_first()?;
+        self.closing.fetch_add(1, Ordering::Relaxed);
+        self.open.fetch_add(1, Ordering::Relaxed);
+        self.picks.fetch_add(1, Ordering::Relaxed);
+        drop(idlers);
+        picked.wake();
+        Some(Slot(self.clone()))
     }
 
     fn idlers(&self) -> MutexGuard<'_, Idlers> {
@@ -151,6 +126,91 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The `ticket` of a connection that is not to be picked (`Closable::never`).
+const NOT_IDLE: u64 = u64::MAX;
+
+/// A connection's place among the idle ones `Limit::make_room` may pick: there from the
+/// first poll that says it is idle until it says otherwise, is picked, or is dropped.
+pub struct Closable {
+    limit: Arc<Limit>,
+    /// Its key among the idle ones; 0 while it is not there, `NOT_IDLE` while it must not be.
+    ticket: AtomicU64,
+    /// `Limit::picks` when it last looked.
+    seen: AtomicU64,
+}
+
+impl Closable {
+    pub fn new(limit: Arc<Limit>) -> Closable {
+        Closable {
+            limit,
+            ticket: AtomicU64::new(0),
+            seen: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether this idle connection was picked to close; its first poll puts it among the
+    /// idle ones. No lock while no connection was picked since it last looked, so that a
+    /// parked connection answering held requests takes none per request. The waker is the
+    /// one of its first poll: each connection is polled by its own task, whose waker stays.
+    pub fn poll_picked(&self, cx: &Context<'_>) -> bool {
+        let ticket = self.ticket.load(Ordering::Relaxed);
+        if ticket == NOT_IDLE {
+            return false;
+        }
+        let picks = self.limit.picks.load(Ordering::Relaxed);
+        if ticket != 0 && picks == self.seen.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut idlers = self.limit.idlers();
+        // Read again under the lock, which every pick moves it under.
+        self.seen
+            .store(self.limit.picks.load(Ordering::Relaxed), Ordering::Relaxed);
+        if ticket == 0 {
+            idlers.next += 1;
+            let new = idlers.next;
+            self.ticket.store(new, Ordering::Relaxed);
+            idlers.waiting.insert(new, cx.waker().clone());
+            return false;
+        }
+        if idlers.waiting.contains_key(&ticket) {
+            return false;
+        }
+        drop(idlers);
+        self.ticket.store(0, Ordering::Relaxed);
+        self.limit.closing.fetch_sub(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Not idle now (a request came): back of the line when it idles again. An atomic swap
+    /// when it was not among the idle ones, as it is not on a busy connection. Picked in the
+    /// meantime, it stays, over the limit (`Limit::make_room`).
+    pub fn busy(&self) {
+        let ticket = self.ticket.swap(0, Ordering::Relaxed);
+        if ticket == 0 || ticket == NOT_IDLE {
+            return;
+        }
+        if self.limit.idlers().waiting.remove(&ticket).is_none() {
+            self.limit.closing.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Not to be picked until `busy` (a parked connection with a head begun).
+    pub fn never(&self) {
+        self.busy();
+        self.ticket.store(NOT_IDLE, Ordering::Relaxed);
+    }
+
+    pub fn limit(&self) -> &Limit {
+        &self.limit
+    }
+}
+
+impl Drop for Closable {
+    fn drop(&mut self) {
+        self.busy();
     }
 }
 
@@ -211,16 +271,28 @@ fn sniff(first: &[u8]) -> Option<Protocol> {
     }
 }
 
-/// Reads the client's first bytes until they tell its protocol; `None` when it closes first.
-/// The bytes go back to hyper through `Rewind`. Reading, not peeking: a client that sent part
-/// of the preface and stalls is then waited for by readiness, at no cost, where peeking would
-/// find the same bytes again and again.
-async fn first_bytes(stream: &mut TcpStream) -> Option<(Protocol, Bytes)> {
+/// Reads the client's first bytes until they tell its protocol; `None` when it closes first,
+/// or when, having sent nothing yet, it is picked to make room for a newer connection (as
+/// nginx reuses a connection that has not sent its first request). The bytes go back to
+/// hyper through `Rewind`. Reading, not peeking: a client that sent part of the preface and
+/// stalls is then waited for by readiness, at no cost, where peeking would find the same
+/// bytes again and again.
+async fn first_bytes(stream: &mut TcpStream, closable: &Closable) -> Option<(Protocol, Bytes)> {
     let mut buf = [0u8; 24];
     let mut len = 0;
     loop {
         // Never full here: 24 bytes always decide.
-        let n = stream.read(&mut buf[len..]).await.ok()?;
+        let room = &mut buf[len..];
+        let n = poll_fn(|cx| {
+            let mut read = ReadBuf::new(room);
+            match Pin::new(&mut *stream).poll_read(cx, &mut read) {
+                Poll::Ready(done) => Poll::Ready(done.ok().map(|()| read.filled().len())),
+                Poll::Pending if len == 0 && closable.poll_picked(cx) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await?;
+        closable.busy();
         if n == 0 {
             return None;
         }
@@ -310,13 +382,14 @@ pub async fn accept_loop(
             },
             _ = shutdown.fired() => break,
         };
-        // Over the limit, close at once: a refused client retries elsewhere or later, while
-        // an accepted one that is never served would hold a descriptor for nothing.
+        // At the limit, an idle connection makes room; with none, close at once: a refused
+        // client retries elsewhere or later, while an accepted one that is never served
+        // would hold a descriptor for nothing.
         let snap = state.load();
         let max = snap.config.proxy.max_connections;
         let permit = match limit.take(max) {
             Some(permit) => permit,
-            None => match limit.make_room() {
+            None => match limit.make_room(max) {
                 Some(permit) => {
                     if let Some(unsaid) = made_room.tell(std::time::Instant::now()) {
                         tracing::warn!(
@@ -330,8 +403,8 @@ pub async fn accept_loop(
                     if let Some(unsaid) = refused.tell(std::time::Instant::now()) {
                         tracing::warn!(
                             %peer,
-                            "proxy.max_connections ({max}) reached with none idle: closed a \
-                             new connection ({unsaid} more since the last line)"
+                            "proxy.max_connections ({max}) reached and no idle connection to \
+                             close for room: closed a new one ({unsaid} more since the last line)"
                         );
                     }
                     continue;
@@ -361,10 +434,10 @@ pub async fn accept_loop(
                 let guard = drain.guard();
                 let drain = drain.clone();
                 workers.spawn(stream, move |stream| async move {
-                    let _permit = permit;
                     let arrived = Arrived::Tls(acceptor, stream, drain);
+                    let held = (guard, permit);
                     let served =
-                        serve_others(arrived, &state, conn, &builder, guard, first_byte).await;
+                        serve_others(arrived, &state, conn, &builder, held, first_byte).await;
                     log_end(peer, served, &state);
                 });
             }
@@ -387,7 +460,10 @@ async fn plain(
     // hyper's header timeout starts with a request head; a client that sends nothing (or a
     // preface and nothing more) is cut off here instead. No drain guard yet: a connection
     // that has sent nothing has nothing to finish.
-    let sniffed = Box::pin(tokio::time::timeout(first_byte, first_bytes(&mut stream))).await;
+    let closable = Closable::new(permit.limit().clone());
+    let first = first_bytes(&mut stream, &closable);
+    let sniffed = Box::pin(tokio::time::timeout(first_byte, first)).await;
+    drop(closable);
     let Ok(Some((protocol, first))) = sniffed else {
         log_end(conn.peer, None, &state);
         return;
@@ -407,7 +483,6 @@ async fn plain(
             None => Some(Ok(())),
         }
     } else {
-        let _permit = permit;
         let arrived = Arrived::H2c(first, stream);
         let guard = drain.guard();
         Box::pin(serve_others(
@@ -415,7 +490,7 @@ async fn plain(
             &state,
             conn.clone(),
             &builder,
-            guard,
+            (guard, permit),
             first_byte,
         ))
         .await
@@ -452,14 +527,20 @@ pub(crate) fn count_unread(e: &hyper::Error, state: &StateHandle) {
 /// Serves HTTP/2 prior knowledge and TLS connections (either protocol, by ALPN). Over TLS,
 /// HTTP/1.1 is relayed while its requests are plain forwards (`relay`), as on a plaintext
 /// connection, then served by hyper from the first that is not one; it does not park.
+/// `held`: the drain's guard, and the connection's slot, kept to the end.
 async fn serve_others(
     arrived: Arrived,
     state: &StateHandle,
     conn: Arc<Conn>,
     builder: &ConnBuilder,
-    guard: Shutdown,
+    held: (Shutdown, Slot),
     first_byte: Duration,
 ) -> Option<Result<(), hyper::Error>> {
+    let (guard, slot) = held;
+    // While it waits for a request, it may be closed to make room for a new connection:
+    // the relay's wait over TLS, and an HTTP/2 connection with no stream open. One that
+    // hyper serves over HTTP/1.1 (over TLS, after a request the relay does not take) is not.
+    let closable = Closable::new(slot.limit().clone());
     let peer = conn.peer;
     let relaying = (state.clone(), conn.clone());
     let state = state.clone();
@@ -470,6 +551,7 @@ async fn serve_others(
         guard,
         deadline: first_byte,
         state: relaying.0.clone(),
+        closable: &closable,
     };
     match arrived {
         Arrived::H2c(first, stream) => {
@@ -501,7 +583,7 @@ async fn serve_others(
             let (state, conn) = relaying;
             let (mut tls_stream, mut first) = (tls_stream, Bytes::new());
             let keep_alive = builder.keep_alive;
-            let linger = relay::Linger::Close(keep_alive, &mut serving.guard);
+            let linger = relay::Linger::Close(keep_alive, &mut serving.guard, &closable);
             let relayed = relay::serve(&mut first, &mut tls_stream, &state, &conn, &drain, linger);
             // Boxed, as on a plaintext connection (`park::run`): a task keeps the size of its
             // largest state for its whole life.
@@ -529,6 +611,7 @@ struct Serving<'a> {
     guard: Shutdown,
     deadline: Duration,
     state: StateHandle,
+    closable: &'a Closable,
 }
 
 impl Serving<'_> {
@@ -585,7 +668,22 @@ impl Serving<'_> {
         // Requests are counted as they arrive (`Answers::open`): until the first the
         // connection lives on a deadline, since the HTTP/2 preface has no timer of its own.
         let requests = &answers.arrived;
-        let connection = until_idle(connection, self.guard, requests, idle, move |c| {
+        // With no stream open, it is idle, and may be picked to make room for a new
+        // connection: told to go as an idle one is. Checked whenever the connection's task
+        // wakes, as hyper gives no sign of a stream's start or end: one that has just opened
+        // may be picked first, and then finishes before the connection closes.
+        let closable = self.closable;
+        let picked = poll_fn(|cx| {
+            if !answers.idle() {
+                closable.busy();
+                return Poll::Pending;
+            }
+            match closable.poll_picked(cx) {
+                true => Poll::Ready(()),
+                false => Poll::Pending,
+            }
+        });
+        let connection = until_idle(connection, self.guard, requests, idle, picked, move |c| {
             told.going();
             c.graceful_shutdown()
         });

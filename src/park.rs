@@ -17,7 +17,7 @@
 use crate::body::Body;
 use crate::fast::{Fast, Step};
 use crate::gateway::Reply;
-use crate::listener::Limit;
+use crate::listener::Closable;
 use crate::shutdown::{Drain, Shutdown};
 use crate::stall::Timing;
 use bytes::{Buf, Bytes};
@@ -29,7 +29,7 @@ use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -58,16 +58,14 @@ pub struct Idle {
     /// A request asked for an upgrade that was not granted: hyper keeps it pending and would
     /// hand the socket to nobody on a graceful shutdown. Kept for this hyper connection.
     upgrade: AtomicBool,
-    /// Its place among the idle connections that may be closed to make room for a new one
-    /// (`Limit::poll_picked`), while it is parked with nothing begun; 0 before it is,
-    /// `NOT_IDLE` when it waits with a head begun.
-    ticket: AtomicU64,
-    /// The connections' limit, with `intermission_parked_connections`.
-    limit: Arc<Limit>,
+    /// Its place among the idle connections that may be closed to make room for a new one,
+    /// while it is parked with nothing begun; with the connections' limit, which keeps
+    /// `intermission_parked_connections`.
+    closable: Closable,
 }
 
 impl Idle {
-    pub fn new(limit: Arc<Limit>) -> Idle {
+    pub fn new(limit: Arc<crate::listener::Limit>) -> Idle {
         Idle {
             busy: AtomicU32::new(0),
             served: AtomicU32::new(0),
@@ -76,8 +74,7 @@ impl Idle {
             parking: AtomicBool::new(false),
             body: AtomicBool::new(false),
             upgrade: AtomicBool::new(false),
-            ticket: AtomicU64::new(0),
-            limit,
+            closable: Closable::new(limit),
         }
     }
 
@@ -303,28 +300,23 @@ struct Parked<'a>(&'a Idle);
 
 impl<'a> Parked<'a> {
     fn new(idle: &'a Idle, closable: bool) -> Parked<'a> {
-        idle.limit.parked.inc();
+        idle.closable.limit().parked.inc();
         if !closable {
-            idle.ticket.store(crate::listener::NOT_IDLE, Relaxed);
+            idle.closable.never();
         }
         Parked(idle)
     }
 
     /// Whether this connection was picked to close, to make room for a new one.
     fn picked(&self, cx: &Context<'_>) -> bool {
-        self.0.limit.poll_picked(&self.0.ticket, cx)
-    }
-
-    /// Not idle for the moment (answering), so not to be picked: back of the line after.
-    fn busy(&self) {
-        self.0.limit.not_idle(&self.0.ticket);
+        self.0.closable.poll_picked(cx)
     }
 }
 
 impl Drop for Parked<'_> {
     fn drop(&mut self) {
-        self.0.limit.parked.dec();
-        self.0.limit.not_idle(&self.0.ticket);
+        self.0.closable.limit().parked.dec();
+        self.0.closable.busy();
     }
 }
 
@@ -617,7 +609,8 @@ fn parked(
                     rest,
                 } => {
                     first = rest;
-                    count.busy();
+                    // It keeps its place among the idle ones: moved to the back for each
+                    // held answer, it would take the lock twice per request.
                     if answered {
                         // Later, so a compare-and-swap, not a new registration.
                         let later = Instant::now() + held.builder.keep_alive;

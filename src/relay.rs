@@ -169,9 +169,10 @@ pub enum Linger<'a> {
     /// Waits `park::GRACE`, then parks (`After::Park`): a plaintext connection.
     Park,
     /// Waits for its next request up to this long (`header_read_timeout`), then closes, as
-    /// hyper would; at once when the drain (`guard`) starts. A TLS connection, whose session
-    /// state is too large to park.
-    Close(Duration, &'a mut Shutdown),
+    /// hyper would; at once when the drain (`guard`) starts, or when it is picked to make
+    /// room for a new connection while it waits with nothing begun. A TLS connection, whose
+    /// session state is too large to park.
+    Close(Duration, &'a mut Shutdown, &'a crate::listener::Closable),
 }
 
 /// What became of a connection when the relay let it go.
@@ -342,9 +343,9 @@ async fn relay<C: Client>(
     // The grace timer, armed once and moved only when it fires after requests were served,
     // as `park::serve` does: a timer registered per request would cost more than the rest
     // of the wait.
-    let (wait_for, mut guard) = match linger {
-        Linger::Park => (crate::park::GRACE, None),
-        Linger::Close(keep_alive, guard) => (keep_alive, Some(guard)),
+    let (wait_for, mut guard, closable) = match linger {
+        Linger::Park => (crate::park::GRACE, None, None),
+        Linger::Close(keep_alive, guard, closable) => (keep_alive, Some(guard), Some(closable)),
     };
     // When the last answer was written, for a connection that closes after `wait_for` of
     // idleness: hyper's keep-alive deadline, kept to the letter (a parking connection's grace
@@ -395,6 +396,11 @@ async fn relay<C: Client>(
                 if closes && !begun && stop.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(None);
                 }
+                if let Some(closable) = closable.filter(|_| !begun) {
+                    if closable.poll_picked(cx) {
+                        return Poll::Ready(None);
+                    }
+                }
                 loop {
                     if grace.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
@@ -409,6 +415,9 @@ async fn relay<C: Client>(
                 }
             })
             .await;
+            if let Some(closable) = closable {
+                closable.busy();
+            }
             match (read, slot.as_mut().map(|bufs| &mut bufs.0)) {
                 (None, bufs) => {
                     if let Some(bufs) = bufs.filter(|_| begun) {

@@ -80,16 +80,18 @@ impl Drain {
 
 /// As `until_drained`, and also once no request has come for between `idle` and twice that:
 /// `requests` is counted by each, and a tick compares it instead of each request reading
-/// the clock.
+/// the clock; and once `picked` resolves.
 pub async fn until_idle<C: std::future::Future>(
     conn: C,
     mut guard: Shutdown,
     requests: &std::sync::atomic::AtomicU64,
     idle: std::time::Duration,
+    picked: impl std::future::Future<Output = ()>,
     graceful: impl FnOnce(std::pin::Pin<&mut C>),
 ) -> C::Output {
     use std::sync::atomic::Ordering;
     tokio::pin!(conn);
+    tokio::pin!(picked);
     let start = tokio::time::Instant::now() + idle;
     let mut tick = tokio::time::interval_at(start, idle.max(std::time::Duration::from_millis(1)));
     // A busy moment must not fire two ticks back to back with no request between them.
@@ -97,6 +99,8 @@ pub async fn until_idle<C: std::future::Future>(
     let mut seen = requests.load(Ordering::Relaxed);
     loop {
         tokio::select! {
+            // The connection first, so that `picked` sees what it has just done.
+            biased;
             out = &mut conn => return out,
             () = guard.fired() => break,
             _ = tick.tick() => {
@@ -106,6 +110,10 @@ pub async fn until_idle<C: std::future::Future>(
                     break;
                 }
                 seen = now;
+            }
+            () = &mut picked => {
+                tracing::debug!("idle connection picked to make room for a new one; closing it");
+                break;
             }
         }
     }

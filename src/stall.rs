@@ -254,6 +254,11 @@ impl Answers {
         Open(self.clone())
     }
 
+    /// Whether no request on the connection is open: none in hyper's hands, none waiting.
+    pub fn idle(&self) -> bool {
+        self.open.load(Ordering::Relaxed) == 0
+    }
+
     /// The connection has been told to go: from now on, once nothing on it is left in
     /// hyper's hands, what keeps it open can only be data in a window that does not open.
     pub fn going(&self) {

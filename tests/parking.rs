@@ -692,3 +692,55 @@ async fn a_connection_with_a_head_begun_is_not_closed_for_room() {
     let resp = read_response(&mut s).await;
     assert!(resp.ends_with("app saw /second"), "{resp}");
 }
+
+/// A connection that has sent nothing yet is idle too: at the limit it makes room, as nginx
+/// reuses one.
+#[tokio::test(flavor = "multi_thread")]
+async fn at_max_connections_a_connection_that_sent_nothing_makes_room() {
+    let (_up, proxy) = app_and_proxy("max_connections = 1").await;
+    let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
+    assert!(
+        served_at_the_limit(&proxy).await,
+        "the new client was not served"
+    );
+    assert!(closed_silently(&mut silent).await);
+}
+
+/// Making room never undoes a lowered limit: with more open than the new maximum, a new
+/// client is refused, and the idle connections are left alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lowered_max_connections_refuses_rather_than_makes_room() {
+    let (_up, proxy) = app_and_proxy("max_connections = 2").await;
+    let mut idle = Vec::new();
+    for n in 1..=2 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"GET /idle HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        read_response(&mut s).await;
+        wait_parked(&proxy, n as f64).await;
+        idle.push(s);
+    }
+    edit_config(&proxy, |text| {
+        text.replace("max_connections = 2", "max_connections = 1")
+    });
+    assert!(
+        ctl(&proxy, intermission::control::protocol::Request::Reload)
+            .await
+            .ok
+    );
+    let out = raw_exchange(
+        proxy.addr,
+        b"GET /new HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(out, "", "a new client over the lowered limit was served");
+    for s in &mut idle {
+        s.write_all(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let resp = read_response(s).await;
+        assert!(resp.ends_with("app saw /again"), "{resp}");
+    }
+}

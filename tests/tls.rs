@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use support::*;
 use tokio_rustls::client::TlsStream;
@@ -1058,4 +1059,106 @@ async fn a_refused_request_whose_body_streams_is_not_sent_again() {
         "{out:?}"
     );
     assert_eq!(streams.load(Ordering::SeqCst), 1);
+}
+
+/// A proxy that serves one connection at a time, over TLS and plaintext.
+async fn one_connection_proxy(ca: &Ca, up: &Upstream) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    ca.write_leaf(dir.path(), "site", &["shop.test"]);
+    let text = format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = 1\n\
+         [tls]\nlisten = [\"127.0.0.1:0\"]\n{}[upstream]\nservers = [\"{}\"]\n",
+        certs(&["site"]),
+        up.url()
+    );
+    spawn_proxy_in(dir, &text).await
+}
+
+/// At `max_connections`, an idle HTTPS connection the relay serves makes room for a new
+/// client, as a parked plaintext one does: it is closed.
+#[tokio::test]
+async fn at_max_connections_an_idle_https_connection_makes_room() {
+    let up = echo_upstream().await;
+    let ca = Ca::new();
+    let proxy = one_connection_proxy(&ca, &up).await;
+    let stream = tls_connect(
+        tls_addr(&proxy),
+        "shop.test",
+        ca.client_config(&[b"http/1.1"]),
+    )
+    .await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let closed = tokio::spawn(conn);
+    assert_eq!(
+        get_on(&mut sender, "shop.test", "/idle").await.status(),
+        200
+    );
+    assert!(
+        served_at_the_limit(&proxy).await,
+        "the new client was not served"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(5), closed).await;
+    assert!(ended.is_ok(), "the idle HTTPS connection was not closed");
+}
+
+/// An HTTP/2 connection with no stream open is idle: at `max_connections` it is told to go
+/// (GOAWAY) to make room. One with a stream open is not.
+#[tokio::test]
+async fn at_max_connections_an_idle_http2_connection_makes_room_and_a_busy_one_does_not() {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let (r, a) = (release.clone(), arrived.clone());
+    let up = upstream(move |req: Request<Incoming>| {
+        let (release, arrived) = (r.clone(), a.clone());
+        async move {
+            if req.uri().path() == "/slow" {
+                arrived.notify_one();
+                release.notified().await;
+            }
+            Response::new(full("ok"))
+        }
+    })
+    .await;
+    let ca = Ca::new();
+    let proxy = one_connection_proxy(&ca, &up).await;
+    let stream = tls_connect(tls_addr(&proxy), "shop.test", ca.client_config(&[b"h2"])).await;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let closed = tokio::spawn(conn);
+    let get = |path: &str| {
+        Request::get(format!("https://shop.test{path}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+
+    // Busy: a stream waits on the server, and a new client is refused.
+    let slow = sender.send_request(get("/slow"));
+    let slow = tokio::spawn(slow);
+    arrived.notified().await;
+    let out = raw_exchange(
+        proxy.addr,
+        b"GET /new HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(out, "", "a busy HTTP/2 connection was closed for room");
+    release.notify_one();
+    let resp = slow.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+
+    // Idle: it makes room.
+    let resp = sender.send_request(get("/idle")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    assert!(
+        served_at_the_limit(&proxy).await,
+        "the new client was not served"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(5), closed).await;
+    assert!(ended.is_ok(), "the idle HTTP/2 connection was not closed");
 }
