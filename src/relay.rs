@@ -841,8 +841,12 @@ async fn answer<C: Client>(
         served.server = Some(server);
         let name = || pool.servers[server].to_string();
         respond_by.as_mut().reset(sent + timeout);
-        let attempt = fetch(bufs, pool, server);
-        let fetched = wait(sock, &mut watch, Deadline::At(respond_by.as_mut()), attempt).await;
+        // Pinned here and lent to `wait`: passed by value, its state (some 400 bytes) was
+        // copied twice per request on its way into `wait`'s.
+        let fetched = {
+            let attempt = std::pin::pin!(fetch(bufs, pool, server, sent));
+            wait(sock, &mut watch, Deadline::At(respond_by.as_mut()), attempt).await
+        };
         let error = match fetched {
             Waited::Gone => return Next::Broken,
             Waited::Done(Ok((up, answer))) => {
@@ -1005,8 +1009,11 @@ async fn fetch(
     bufs: &mut Set,
     pool: &UpstreamPool,
     server: usize,
+    now: tokio::time::Instant,
 ) -> Result<(TcpStream, Answer), SendError> {
-    let mut kept = pool.raw_take(server);
+    // `now` is the attempt's start, which the caller has read: a kept socket's idle time is
+    // measured from it rather than from a second reading of the clock.
+    let mut kept = pool.raw_take(server, now);
     loop {
         let since = kept.as_ref().map(|(_, since)| *since);
         let mut up = match kept.take() {

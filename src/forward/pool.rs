@@ -536,13 +536,11 @@ impl UpstreamPool {
     }
 
     /// A kept plain socket to `http://` server `index`, for `crate::relay`, from this
-    /// worker's idle list, with when it was last used.
-    pub fn raw_take(&self, index: usize) -> Option<(TcpStream, Instant)> {
+    /// worker's idle list, with when it was last used. `now` is the caller's reading of the
+    /// clock (the relay's, taken as its request began), so that a request reads it once.
+    pub fn raw_take(&self, index: usize, now: Instant) -> Option<(TcpStream, Instant)> {
         let server = self.http1.servers.get(index)?;
-        server
-            .raw
-            .local()
-            .take(Instant::now(), self.http1.idle_timeout)
+        server.raw.local().take(now, self.http1.idle_timeout)
     }
 
     /// Gives a socket back after a response read whole from it.
