@@ -175,6 +175,43 @@ pub enum Linger<'a> {
     Close(Duration, &'a mut Shutdown, &'a crate::listener::Closable),
 }
 
+/// Writes `data[piece]`, a piece of a body, as `put` does. A client that cannot take it all
+/// at once may have stopped reading: what it has not taken is then kept in a buffer of its
+/// own size, and `data` and `spent` (the answer's other buffer, whose bytes are in `data` or
+/// written) are let go, so that a client that stalls holds the rest of one piece rather than
+/// buffers grown to `MAX_COPY_BUF`. The next read starts at `COPY_BUF` again.
+async fn put_piece<C: Client>(
+    sock: &mut C,
+    data: &mut Vec<u8>,
+    piece: std::ops::Range<usize>,
+    spent: &mut Vec<u8>,
+    snap: &Snapshot,
+) -> bool {
+    let mut at = piece.start;
+    let tried = poll_fn(|cx| {
+        while at < piece.end {
+            match Pin::new(&mut *sock).poll_write(cx, &data[at..piece.end]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(())),
+                Poll::Ready(Ok(n)) => at += n,
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
+                Poll::Pending => return Poll::Ready(Ok(true)),
+            }
+        }
+        Poll::Ready(Ok(false))
+    })
+    .await;
+    match tried {
+        Err(()) => false,
+        Ok(true) if data.capacity() > COPY_BUF || spent.capacity() > COPY_BUF => {
+            let rest = data[at..piece.end].to_vec();
+            *data = Vec::new();
+            *spent = Vec::new();
+            put(sock, &rest, snap).await
+        }
+        Ok(_) => put(sock, &data[at..piece.end], snap).await,
+    }
+}
+
 /// What became of a connection when the relay let it go.
 #[derive(Debug, PartialEq, Eq)]
 pub enum After {
@@ -1349,16 +1386,26 @@ async fn respond<C: Client>(
             loop {
                 let have = (buf.len() - at) as u64;
                 let take = have.min(left) as usize;
-                out.extend_from_slice(&buf[at..at + take]);
+                // Past the head, a piece is written from where it was read: copied to `out`, it
+                // would cost a copy, and a second buffer its size while the client is slow.
+                let copy = hold || !out.is_empty();
+                if copy {
+                    out.extend_from_slice(&buf[at..at + take]);
+                }
                 left -= take as u64;
                 *to.bytes += take as u64;
                 if left == 0 || !hold {
-                    if !put(sock, out, snap).await {
+                    let whole = at + take == buf.len();
+                    let sent = match copy {
+                        true => put_piece(sock, out, 0..out.len(), buf, snap).await,
+                        false => put_piece(sock, buf, at..at + take, out, snap).await,
+                    };
+                    if !sent {
                         return Next::Broken;
                     }
                     out.clear();
                     if left == 0 {
-                        break at + take == buf.len();
+                        break whole;
                     }
                 }
                 at = 0;
@@ -1405,12 +1452,13 @@ async fn respond<C: Client>(
                     }
                     return Next::Broken;
                 };
-                if !out.is_empty() && !put(sock, out, snap).await {
+                let whole = end.map(|n| at + n == buf.len());
+                if !out.is_empty() && !put_piece(sock, out, 0..out.len(), buf, snap).await {
                     return Next::Broken;
                 }
                 out.clear();
-                if let Some(n) = end {
-                    break at + n == buf.len();
+                if let Some(whole) = whole {
+                    break whole;
                 }
                 at = 0;
                 let limit = Deadline::idle(read_by.as_mut(), snap);
@@ -1429,7 +1477,7 @@ async fn respond<C: Client>(
                 out.extend_from_slice(&buf[at..]);
                 out.extend_from_slice(b"\r\n");
             }
-            if !out.is_empty() && !put(sock, out, snap).await {
+            if !out.is_empty() && !put_piece(sock, out, 0..out.len(), buf, snap).await {
                 return Next::Broken;
             }
             out.clear();
@@ -1486,11 +1534,14 @@ fn stalled(snap: &Snapshot, server: usize) -> std::io::Error {
 
 /// Reads the next piece of a body into `buf`, emptied first. A read that filled the buffer
 /// doubles it, up to `MAX_COPY_BUF`, so that a large body moves in fewer system calls, as
-/// hyper's adaptive read buffer does; `serve` lets a grown buffer go after the answer.
+/// hyper's adaptive read buffer does; `serve` lets a grown buffer go after the answer, and
+/// `put_piece` when the client stalls, after which it starts again from `COPY_BUF`.
 async fn next_piece(up: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
     let filled = buf.len() == buf.capacity();
     buf.clear();
-    if filled && buf.capacity() < MAX_COPY_BUF {
+    if buf.capacity() < COPY_BUF {
+        buf.reserve(COPY_BUF);
+    } else if filled && buf.capacity() < MAX_COPY_BUF {
         buf.reserve(buf.capacity() * 2);
     }
     up.read_buf(buf).await
