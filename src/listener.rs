@@ -155,6 +155,7 @@ impl Closable {
     /// idle ones. No lock while no connection was picked since it last looked, so that a
     /// parked connection answering held requests takes none per request. The waker is the
     /// one of its first poll: each connection is polled by its own task, whose waker stays.
+    #[inline]
     pub fn poll_picked(&self, cx: &Context<'_>) -> bool {
         let ticket = self.ticket.load(Ordering::Relaxed);
         if ticket == NOT_IDLE {
@@ -164,6 +165,15 @@ impl Closable {
         if ticket != 0 && picks == self.seen.load(Ordering::Relaxed) {
             return false;
         }
+        self.poll_picked_locked(ticket, cx)
+    }
+
+    /// `poll_picked` under the lock: apart, so that the common case is a few instructions
+    /// inline rather than a call that saves registers for this (callgrind: 27 instructions
+    /// per call, twice per held request, before it was split).
+    #[cold]
+    #[inline(never)]
+    fn poll_picked_locked(&self, ticket: u64, cx: &Context<'_>) -> bool {
         let mut idlers = self.limit.idlers();
         // Read again under the lock, which every pick moves it under.
         self.seen

@@ -308,6 +308,7 @@ impl<'a> Parked<'a> {
     }
 
     /// Whether this connection was picked to close, to make room for a new one.
+    #[inline]
     fn picked(&self, cx: &Context<'_>) -> bool {
         self.0.closable.poll_picked(cx)
     }
@@ -582,12 +583,14 @@ fn parked(
         loop {
             // Readiness is polled rather than awaited through `readable()`, whose future
             // would add its size to every parked connection.
+            // Picked only while nothing waits to be read: a request that came first is
+            // answered, and the connection closes when it idles again.
             let woken = poll_fn(|cx| {
-                if count.picked(cx) {
-                    return Poll::Ready(false);
-                }
                 if let Poll::Ready(ready) = inner.poll_read_ready(cx) {
                     return Poll::Ready(ready.is_ok());
+                }
+                if count.picked(cx) {
+                    return Poll::Ready(false);
                 }
                 deadline.as_mut().poll(cx).map(|()| false)
             })
