@@ -93,8 +93,8 @@ impl Limit {
             .map(|_| Slot(self.clone()))
     }
 
-    /// A slot beyond `max`, given back by a connection idle between requests: the one idle
-    /// longest, woken to close. The count runs over `max` for the moment those picked take to
+    /// A slot beyond `max`, given back by an idle connection (between requests, or before
+    /// its first): the one idle longest, woken to close. The count runs over `max` for the moment those picked take to
     /// go (the descriptors' headroom covers it), never further: over it already (a lowered
     /// limit, or a picked connection that a request woke first and so stays), there is none.
     pub fn make_room(self: &Arc<Limit>, max: usize) -> Option<Slot> {
