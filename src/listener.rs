@@ -688,9 +688,10 @@ impl Serving<'_> {
                 closable.busy();
                 return Poll::Pending;
             }
-            match closable.poll_picked(cx) {
-                true => Poll::Ready(()),
-                false => Poll::Pending,
+            if closable.poll_picked(cx) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
             }
         });
         let connection = until_idle(connection, self.guard, requests, idle, picked, move |c| {

@@ -208,6 +208,8 @@ async fn put_piece<C: Client>(
             *spent = Vec::new();
             put(sock, &rest, snap).await
         }
+        // The rest of a piece that waits with buffers still small, or none when all was
+        // written: `put` then only flushes what TLS keeps sealed.
         Ok(_) => put(sock, &data[at..piece.end], snap).await,
     }
 }

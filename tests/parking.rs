@@ -648,12 +648,7 @@ async fn at_max_connections_the_connection_idle_longest_makes_room() {
         wait_parked(&proxy, (n + 1) as f64).await;
         idle.push(s);
     }
-    let out = raw_exchange(
-        proxy.addr,
-        b"GET /new HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
+    let out = new_client(&proxy).await;
     assert!(out.ends_with("app saw /new"), "the new client: {out:?}");
     assert!(
         closed_silently(&mut idle[0]).await,
@@ -681,12 +676,7 @@ async fn a_connection_with_a_head_begun_is_not_closed_for_room() {
     assert!(resp.ends_with("app saw /first"), "{resp}");
     // Parked with half a head.
     wait_parked(&proxy, 1.0).await;
-    let out = raw_exchange(
-        proxy.addr,
-        b"GET /new HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
+    let out = new_client(&proxy).await;
     assert_eq!(out, "", "the new client should have been refused");
     s.write_all(b"st: x\r\n\r\n").await.unwrap();
     let resp = read_response(&mut s).await;
@@ -729,12 +719,7 @@ async fn a_lowered_max_connections_refuses_rather_than_makes_room() {
             .await
             .ok
     );
-    let out = raw_exchange(
-        proxy.addr,
-        b"GET /new HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
+    let out = new_client(&proxy).await;
     assert_eq!(out, "", "a new client over the lowered limit was served");
     for s in &mut idle {
         s.write_all(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -1139,12 +1139,7 @@ async fn at_max_connections_an_idle_http2_connection_makes_room_and_a_busy_one_d
     let slow = sender.send_request(get("/slow"));
     let slow = tokio::spawn(slow);
     arrived.notified().await;
-    let out = raw_exchange(
-        proxy.addr,
-        b"GET /new HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
+    let out = new_client(&proxy).await;
     assert_eq!(out, "", "a busy HTTP/2 connection was closed for room");
     release.notify_one();
     let resp = slow.await.unwrap().unwrap();

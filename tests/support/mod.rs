@@ -304,17 +304,22 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: Duration) -> 
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A plaintext request at `max_connections`, tried until it is served (a connection that
-/// makes room is among the idle ones only once the proxy has seen it idle).
+/// What a new plaintext client that sends `GET /new` and closes gets: empty when it was
+/// refused at `max_connections`.
+pub async fn new_client(proxy: &Proxy) -> String {
+    raw_exchange(
+        proxy.addr,
+        b"GET /new HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await
+}
+
+/// A new client at `max_connections`, tried until it is served (a connection that makes
+/// room is among the idle ones only once the proxy has seen it idle).
 pub async fn served_at_the_limit(proxy: &Proxy) -> bool {
     for _ in 0..100 {
-        let out = raw_exchange(
-            proxy.addr,
-            b"GET /new HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            Duration::from_secs(5),
-        )
-        .await;
-        if out.starts_with("HTTP/1.1 200") {
+        if new_client(proxy).await.starts_with("HTTP/1.1 200") {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
