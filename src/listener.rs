@@ -548,7 +548,8 @@ async fn serve_others(
 ) -> Option<Result<(), hyper::Error>> {
     let (guard, slot) = held;
     // While it waits for a request, it may be closed to make room for a new connection:
-    // the relay's wait over TLS, and an HTTP/2 connection with no stream open. One that
+    // before its TLS hello, the relay's wait over TLS, and an HTTP/2 connection with no
+    // stream open. One that
     // hyper serves over HTTP/1.1 (over TLS, after a request the relay does not take) is not.
     let closable = Closable::new(slot.limit().clone());
     let peer = conn.peer;
@@ -570,19 +571,36 @@ async fn serve_others(
             serving.http2(io, service).await
         }
         Arrived::Tls(acceptor, stream, drain) => {
-            // The handshake gets the same deadline as a request head.
-            let tls_stream = match tokio::time::timeout(
-                first_byte,
-                acceptor.accept(Timed::new(stream, relaying.0.clone())),
-            )
-            .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
+            // The handshake gets the same deadline as a request head. Until its hello arrives
+            // the client has sent nothing, and is idle as a new plaintext one is
+            // (`first_bytes`): it may be closed to make room. Once the handshake is under way
+            // it is not, as nginx does not take a connection in its handshake.
+            let timing = relaying.0.clone();
+            let handshake = async {
+                // Peeked, as readiness alone may be told before any byte is there.
+                let mut byte = [0u8; 1];
+                let hello = poll_fn(|cx| {
+                    let mut peeked = ReadBuf::new(&mut byte);
+                    match stream.poll_peek(cx, &mut peeked) {
+                        Poll::Ready(_) => Poll::Ready(true),
+                        Poll::Pending if closable.poll_picked(cx) => Poll::Ready(false),
+                        Poll::Pending => Poll::Pending,
+                    }
+                });
+                let hello = hello.await;
+                closable.busy();
+                if !hello {
+                    return None;
+                }
+                Some(acceptor.accept(Timed::new(stream, timing)).await)
+            };
+            let tls_stream = match tokio::time::timeout(first_byte, handshake).await {
+                Ok(Some(Ok(s))) => s,
+                Ok(Some(Err(e))) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     return None;
                 }
-                Err(_) => return None,
+                Ok(None) | Err(_) => return None,
             };
             // RFC 9113 §3.3: over TLS, HTTP/2 is chosen by ALPN.
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");

@@ -1103,6 +1103,29 @@ async fn at_max_connections_an_idle_https_connection_makes_room() {
     assert!(ended.is_ok(), "the idle HTTPS connection was not closed");
 }
 
+/// A TLS connection that has not sent its hello is idle, as a plaintext one that has sent
+/// nothing is: at `max_connections` it is closed to make room for a new client.
+#[tokio::test]
+async fn at_max_connections_a_tls_connection_that_sent_nothing_makes_room() {
+    let up = echo_upstream().await;
+    let ca = Ca::new();
+    let proxy = one_connection_proxy(&ca, &up).await;
+    let mut silent = tokio::net::TcpStream::connect(tls_addr(&proxy))
+        .await
+        .unwrap();
+    assert!(
+        served_at_the_limit(&proxy).await,
+        "the new client was not served"
+    );
+    let mut chunk = [0u8; 64];
+    let read = tokio::io::AsyncReadExt::read(&mut silent, &mut chunk);
+    let read = tokio::time::timeout(Duration::from_secs(5), read).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the silent TLS connection was not closed: {read:?}"
+    );
+}
+
 /// An HTTP/2 connection with no stream open is idle: at `max_connections` it is told to go
 /// (GOAWAY) to make room. One with a stream open is not.
 #[tokio::test]
