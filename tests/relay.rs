@@ -74,6 +74,7 @@ fn answer_for(path: &str) -> &'static [u8] {
         "/hop" => b"HTTP/1.1 200 OK\r\nConnection: X-Secret, keep-alive\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nok",
         "/both" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         "/once" => b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nonce",
+        "/once-reset" => b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nonce",
         "/not-modified" => b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nContent-Length: 42\r\n\r\n",
         "/same-lengths" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
         "/named-length" => b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 2\r\n\r\nok",
@@ -129,8 +130,15 @@ async fn scripted() -> Scripted {
                 // After `/once`, the connection's next request is read and the connection
                 // closed without an answer, unannounced.
                 let mut close_next = false;
+                // After `/once-reset`, the connection is closed as the next request arrives,
+                // unread, so that the proxy reads a reset rather than an end.
+                let mut reset_next = false;
                 let mut sent_large = false;
                 loop {
+                    if reset_next {
+                        let _ = sock.readable().await;
+                        return;
+                    }
                     let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
                         let mut chunk = [0u8; 4096];
                         match sock.read(&mut chunk).await {
@@ -202,6 +210,7 @@ async fn scripted() -> Scripted {
                         answer = &answer[..end];
                     }
                     close_next = path == "/once";
+                    reset_next = path == "/once-reset";
                     if path.starts_with("/stall") {
                         // Too long to be held whole by the relay, or short enough; chunked;
                         // until the server closes.
@@ -901,23 +910,28 @@ async fn a_head_request_is_answered_as_through_hyper() {
 #[tokio::test]
 async fn a_request_on_a_connection_the_server_closes_unannounced_is_sent_again() {
     let up = scripted().await;
-    for hyper in [false, true] {
+    for (hyper, once) in [
+        (false, "/once"),
+        (true, "/once"),
+        (false, "/once-reset"),
+        (true, "/once-reset"),
+    ] {
         let proxy = spawn_proxy(&config(&up, hyper)).await;
         let mut client = Client::connect(proxy.addr).await;
         for _ in 0..3 {
-            assert_eq!(client.get("/once").await.body, b"once");
+            assert_eq!(client.get(once).await.body, b"once");
             // Sent at once on the kept connection, which the server closes when it arrives.
             let next = client.get("/length").await;
             assert_eq!(
                 (next.status(), &next.body[..]),
                 (200, &b"hello"[..]),
-                "hyper's path: {hyper}; {}",
+                "hyper's path: {hyper}, after {once}; {}",
                 next.head
             );
             assert_eq!(
                 next.head.contains("X-Upstream-Case: Kept"),
                 !hyper,
-                "hyper's path: {hyper}; {}",
+                "hyper's path: {hyper}, after {once}; {}",
                 next.head
             );
         }

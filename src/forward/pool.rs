@@ -937,7 +937,7 @@ impl Http1Pool {
                         // Closed before an answer's head arrived whole, once the request was
                         // written: sent again once, on a new connection, so that a request that
                         // makes the server fail is not sent once per kept connection.
-                        (None, Some(copy)) if e.error().is_incomplete_message() => {
+                        (None, Some(copy)) if closed_unanswered(e.error()) => {
                             tracing::debug!("a kept upstream connection was closed; sending again");
                             req = *copy;
                             kept_tries = KEPT_TRIES;
@@ -1050,6 +1050,24 @@ pub fn read_out(body: Body) {
 
 /// Kept connections a request may find closed before a new one is dialled.
 const KEPT_TRIES: usize = 4;
+
+/// Whether a kept connection failed by closing before the answer's head came whole: at its
+/// end (hyper's incomplete message), or reset, as a server's kernel resets a connection that
+/// was closed while the request was on its way (the relay's `fetch` takes both alike).
+fn closed_unanswered(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let io = std::error::Error::source(e).and_then(|s| s.downcast_ref::<std::io::Error>());
+    io.is_some_and(|io| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::BrokenPipe
+        )
+    })
+}
 
 /// A copy of `req` to send again, when it can be sent twice without harm: an idempotent
 /// method (RFC 9110 §9.2.2) and no body, or one held whole.
