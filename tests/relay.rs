@@ -69,6 +69,7 @@ fn answer_for(path: &str) -> &'static [u8] {
         "/length" => b"HTTP/1.1 200 OK\r\nX-Upstream-Case: Kept\r\nContent-Length: 5\r\n\r\nhello",
         "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 11\r\n\r\n",
         "/close" => b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
+        "/old" => b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nas in 1996",
         "/interim" => b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
         "/empty" => b"HTTP/1.1 204 No Content\r\nX-Why: nothing\r\nTrailer: X-Sum\r\n\r\n",
         "/hop" => b"HTTP/1.1 200 OK\r\nConnection: X-Secret, keep-alive\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nok",
@@ -285,7 +286,7 @@ async fn scripted() -> Scripted {
                         }
                         return;
                     }
-                    if path == "/close" || path == "/cut" {
+                    if matches!(path.as_str(), "/close" | "/cut" | "/old") {
                         return;
                     }
                     sent_large = path == "/large";
@@ -612,13 +613,24 @@ async fn every_framing_reaches_the_client_as_through_hyper_on_one_connection() {
     let Both {
         mut fast, mut slow, ..
     } = Both::of(&up).await;
-    let paths = ["/same-lengths", "/named-length"];
+    let paths = ["/same-lengths", "/named-length", "/both", "/old"];
     assert_same_answers(
         &mut fast,
         &mut slow,
         &[FRAMINGS.as_slice(), &paths].concat(),
     )
     .await;
+    // Chunked beside a length: the chunks frame it, and the length goes (RFC 9112 §6.3).
+    let b = slow.get("/both").await;
+    assert_eq!(
+        (&b.body[..], b.header("content-length")),
+        (&b"hello"[..], None)
+    );
+    // An HTTP/1.0 answer goes on as HTTP/1.1, chunked, and the connection stays open.
+    let b = slow.get("/old").await;
+    assert!(b.head.starts_with("HTTP/1.1 200 OK\r\n"), "{}", b.head);
+    assert_eq!(b.body, b"as in 1996");
+    assert_eq!(slow.get("/length").await.body, b"hello");
     // The relay kept the server's header names as written; hyper's path lowercased them.
     let a = fast.get("/length").await;
     let b = slow.get("/length").await;

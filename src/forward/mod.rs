@@ -197,6 +197,7 @@ pub fn forward<'a>(
             (first, req, sent, replay, path)
         };
         let (mut req, mut server, mut sent, mut replay) = (req, first, sent, replay);
+        let head = req.method() == Method::HEAD;
         // One call site for both attempts: the future of each would otherwise have a slot of its
         // own in this one's state, which every forwarded request allocates and copies.
         loop {
@@ -230,7 +231,7 @@ pub fn forward<'a>(
                         client_upgrade,
                         stall,
                         resume,
-                        grpc,
+                        (grpc, head),
                     ));
                 }
                 Err(e) => e,
@@ -452,16 +453,31 @@ fn native_grpc(headers: &http::HeaderMap) -> bool {
 /// its body may stall no longer than `stall` (`upstream.read_timeout`, read from the config
 /// in force, so that a reload changes it), holds `resume` (an upload still under way) until
 /// it ends, and, for a `grpc` answer, ends with `UNAVAILABLE` if it breaks off
-/// (`Body::timed`). `server`: its index, and its name for the log.
+/// (`Body::timed`). `server`: its index, and its name for the log; `head`: whether it answers
+/// a `HEAD`.
 fn finish(
     resp: Response<Body>,
     (server, name): (usize, &Arc<str>),
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     stall: Option<Duration>,
     resume: Option<Resume>,
-    grpc: bool,
+    (grpc, head): (bool, bool),
 ) -> Forwarded {
     let mut resp = resp.map(|body| Body::timed(body, name, stall, resume, grpc));
+    // With a transfer coding, the body's length is the coding's and a `Content-Length` beside
+    // it is void (RFC 9112 §6.3: a proxy removes it). hyper's client reads the body by the
+    // coding but leaves the line, by which hyper's server would frame it and cut it short.
+    // A `HEAD`'s has no body to frame and stays, as the relay keeps it.
+    if !head && resp.headers().contains_key(header::TRANSFER_ENCODING) {
+        resp.headers_mut().remove(header::CONTENT_LENGTH);
+    }
+    // The server's version is its hop's: an HTTP/1.0 answer goes to an HTTP/1.1 client as
+    // HTTP/1.1, chunked when it has no length, so that the client's connection stays open
+    // (hyper's server answers an HTTP/1.0 client as HTTP/1.0 whatever this says; the relay
+    // writes HTTP/1.1 too).
+    if resp.version() == Version::HTTP_10 {
+        *resp.version_mut() = Version::HTTP_11;
+    }
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let upgraded_to = switching
         .then(|| resp.headers().get(header::UPGRADE).cloned())
