@@ -13,8 +13,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use support::fuzz::*;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 /// What the server was sent, by case: each request's line, its fields (names lowercased,
@@ -78,67 +79,6 @@ async fn serve_recording(mut sock: TcpStream, seen: Seen) {
     }
 }
 
-async fn read_more(sock: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
-    let mut chunk = [0u8; 16384];
-    match sock.read(&mut chunk).await {
-        Ok(0) | Err(_) => false,
-        Ok(n) => {
-            buf.extend_from_slice(&chunk[..n]);
-            true
-        }
-    }
-}
-
-/// How a message's body is framed.
-enum Framing {
-    Length(usize),
-    Chunked,
-}
-
-impl Framing {
-    /// The body and the bytes it took, `Ok(None)` while incomplete, `Err` when malformed.
-    fn body(&self, input: &[u8]) -> Result<Option<(Vec<u8>, usize)>, ()> {
-        match *self {
-            Framing::Length(n) => Ok(input.get(..n).map(|b| (b.to_vec(), n))),
-            Framing::Chunked => dechunk(input),
-        }
-    }
-}
-
-fn dechunk(input: &[u8]) -> Result<Option<(Vec<u8>, usize)>, ()> {
-    let mut body = Vec::new();
-    let mut at = 0;
-    loop {
-        let Some(eol) = input[at..].windows(2).position(|w| w == b"\r\n") else {
-            return Ok(None);
-        };
-        let size_text = std::str::from_utf8(&input[at..at + eol]).map_err(|_| ())?;
-        let size_text = size_text.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| ())?;
-        at += eol + 2;
-        if size == 0 {
-            // Trailers, then the empty line.
-            loop {
-                let Some(eol) = input[at..].windows(2).position(|w| w == b"\r\n") else {
-                    return Ok(None);
-                };
-                at += eol + 2;
-                if eol == 0 {
-                    return Ok(Some((body, at)));
-                }
-            }
-        }
-        if input.len() < at + size + 2 {
-            return Ok(None);
-        }
-        body.extend_from_slice(&input[at..at + size]);
-        if &input[at + size..at + size + 2] != b"\r\n" {
-            return Err(());
-        }
-        at += size + 2;
-    }
-}
-
 type Parsed = (usize, String, Option<u64>, Vec<String>, Framing);
 
 fn parse_request(buf: &[u8]) -> Option<Parsed> {
@@ -176,31 +116,6 @@ fn parse_request(buf: &[u8]) -> Option<Parsed> {
         }
     }
     Some((used, line, case, fields, framing))
-}
-
-/// A small deterministic generator (xorshift64*): the same seed, the same cases.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
-        &from[self.below(from.len())]
-    }
-
-    /// True one time in `n`.
-    fn one_in(&mut self, n: usize) -> bool {
-        self.below(n) == 0
-    }
 }
 
 /// One request, ordinary most of the time, with odd parts mixed in, and a last plain
@@ -392,69 +307,6 @@ fn generate(rng: &mut Rng, case: u64) -> Vec<u8> {
     head
 }
 
-/// The status and type of each answer a client got, and how the exchange ended.
-type Answers = (Vec<String>, &'static str);
-
-/// What a client sees: the status and type of each answer, and how the exchange ended (at
-/// the answer whose body is `end`, at the `last`th answer, at a close, or at a deadline).
-async fn exchange(addr: SocketAddr, request: &[u8], last: usize) -> Answers {
-    let mut sock = TcpStream::connect(addr).await.unwrap();
-    let _ = sock.write_all(request).await;
-    let mut buf = Vec::new();
-    let mut statuses = Vec::new();
-    let ended = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut resp = httparse::Response::new(&mut headers);
-            let parsed = match resp.parse(&buf) {
-                Ok(httparse::Status::Complete(used)) => {
-                    let mut code = resp.code.unwrap_or(0).to_string();
-                    let mut framing = Framing::Length(0);
-                    for h in resp.headers.iter() {
-                        if h.name.eq_ignore_ascii_case("content-type") {
-                            code.push(' ');
-                            code.push_str(&String::from_utf8_lossy(h.value));
-                        } else if h.name.eq_ignore_ascii_case("content-length") {
-                            let text = String::from_utf8_lossy(h.value);
-                            framing = Framing::Length(text.trim().parse().unwrap_or(0));
-                        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                            framing = Framing::Chunked;
-                        }
-                    }
-                    Some((used, code, framing))
-                }
-                Ok(httparse::Status::Partial) => None,
-                Err(_) => return "unreadable answer",
-            };
-            if let Some((used, code, framing)) = parsed {
-                if code.starts_with('1') {
-                    statuses.push(code);
-                    buf.drain(..used);
-                    continue;
-                }
-                match framing.body(&buf[used..]) {
-                    Ok(Some((body, len))) => {
-                        statuses.push(code);
-                        buf.drain(..used + len);
-                        if body == b"end" || statuses.len() == last {
-                            return "end";
-                        }
-                        continue;
-                    }
-                    Ok(None) => {}
-                    Err(()) => return "unreadable body",
-                }
-            }
-            if !read_more(&mut sock, &mut buf).await {
-                return "closed";
-            }
-        }
-    })
-    .await
-    .unwrap_or("no end in 5 s");
-    (statuses, ended)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_requests_are_read_alike_by_the_relay_and_hyper_s_path() {
     let (up, seen) = recording_server().await;
@@ -476,7 +328,7 @@ async fn odd_requests_are_read_alike_by_the_relay_and_hyper_s_path() {
     let mut results = Vec::new();
     for proxy in [&relay, &hyper] {
         seen.lock().unwrap().clear();
-        let answers = all_exchanges(proxy.addr, &requests, usize::MAX).await;
+        let answers = all_exchanges(proxy.addr, &requests, (usize::MAX, false), 50).await;
         let sent = std::mem::take(&mut *seen.lock().unwrap());
         results.push((answers, sent));
     }
@@ -516,7 +368,7 @@ async fn odd_requests_in_maintenance_get_answers_and_reach_no_server() {
     ctl(&proxy, on(Some("fuzz"))).await;
     wait_mode(&proxy, "maintenance", Duration::from_secs(10)).await;
     let (cases, seed, requests) = generated();
-    let answers = all_exchanges(proxy.addr, &requests, 2).await;
+    let answers = all_exchanges(proxy.addr, &requests, (2, false), 50).await;
     let sent = seen.lock().unwrap().clone();
     assert!(
         sent.is_empty(),
@@ -556,37 +408,12 @@ async fn odd_requests_in_maintenance_get_answers_and_reach_no_server() {
 
 /// The cases: `FUZZ_CASES` of them (2,000 unless told) from `FUZZ_SEED`.
 fn generated() -> (u64, u64, Vec<Vec<u8>>) {
-    let cases: u64 = std::env::var("FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
-    let seed: u64 = std::env::var("FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x001e_570f_5eed);
-    let mut rng = Rng(seed.wrapping_mul(2).wrapping_add(1));
+    let (cases, seed, mut rng) = told_cases(2000, 0x001e_570f_5eed);
+    let cases = cases as u64;
     let requests = (0..cases).map(|case| generate(&mut rng, case)).collect();
     (cases, seed, requests)
 }
 
 fn shown(request: &[u8]) -> std::borrow::Cow<'_, str> {
     String::from_utf8_lossy(&request[..request.len().min(600)])
-}
-
-/// Every request on a connection of its own, 50 at a time (thousands at once would overflow
-/// the server's accept queue, and the proxy would rightly answer some with its outage
-/// response), the answers in the requests' order.
-async fn all_exchanges(addr: SocketAddr, requests: &[Vec<u8>], last: usize) -> Vec<Answers> {
-    let mut out = Vec::new();
-    for batch in requests.chunks(50) {
-        let runs: Vec<_> = batch
-            .iter()
-            .cloned()
-            .map(|r| tokio::spawn(async move { exchange(addr, &r, last).await }))
-            .collect();
-        for run in runs {
-            out.push(run.await.unwrap());
-        }
-    }
-    out
 }

@@ -2,6 +2,8 @@
 //! HTTP clients, and bounded waits. Shared by every integration test file.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod fuzz;
+
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};

@@ -1,0 +1,303 @@
+//! Generated answers from the server, ordinary and odd (framing, lengths, chunks, status
+//! lines, interim answers, header lines, line ends, bytes past the end), each followed by a
+//! plain request on the same connections, through two proxies: one that relays plain
+//! exchanges itself and one that sends all through hyper's path. What the client gets must
+//! be the same through both: the relay reads answers itself, and one it framed apart from
+//! hyper could hand the rest of one answer to the next request on a pooled connection.
+//! `FUZZ_CASES` and `FUZZ_SEED` run more or other cases.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use support::fuzz::*;
+use support::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+/// A generated answer, and whether the server closes its connection after it.
+struct Answer {
+    bytes: Vec<u8>,
+    close: bool,
+}
+
+/// A server on raw sockets that answers `/case/N` with the `N`th generated answer and `/end`
+/// with `end`, keeping each connection open unless the answer says otherwise.
+async fn scripted_server(answers: Arc<Vec<Answer>>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            tokio::spawn(serve_scripted(sock, answers.clone()));
+        }
+    });
+    addr
+}
+
+async fn serve_scripted(mut sock: TcpStream, answers: Arc<Vec<Answer>>) {
+    let mut buf = Vec::new();
+    loop {
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            if !read_more(&mut sock, &mut buf).await {
+                return;
+            }
+            continue;
+        };
+        // The proxies send no body with these requests.
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end + 4);
+        let target = head.split(' ').nth(1).unwrap_or("/");
+        let case = target
+            .strip_prefix("/case/")
+            .and_then(|n| n.parse::<usize>().ok());
+        let (bytes, close): (&[u8], bool) = match case.and_then(|n| answers.get(n)) {
+            Some(answer) => (&answer.bytes, answer.close),
+            None => (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nend", false),
+        };
+        if sock.write_all(bytes).await.is_err() || close {
+            return;
+        }
+    }
+}
+
+/// One answer, ordinary most of the time, with odd parts mixed in.
+fn generate(rng: &mut Rng) -> Answer {
+    let eol: &[u8] = if rng.one_in(25) { b"\n" } else { b"\r\n" };
+    let mut close = rng.one_in(4);
+    let mut out = Vec::new();
+    // An interim answer first, now and then.
+    if rng.one_in(12) {
+        let interim = *rng.pick(&[
+            "HTTP/1.1 100 Continue\r\n\r\n",
+            "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n",
+            "HTTP/1.1 102 Processing\r\n\r\n",
+        ]);
+        out.extend_from_slice(interim.as_bytes());
+    }
+    let status = if rng.one_in(5) {
+        *rng.pick(&[
+            "HTTP/1.0 200 OK",
+            "HTTP/1.1 200",
+            "HTTP/1.1 200 ",
+            "HTTP/1.1 204 No Content",
+            "HTTP/1.1 304 Not Modified",
+            "HTTP/1.1 404 Not Found",
+            "HTTP/1.1 500 Oops",
+            "HTTP/1.1 299 Odd",
+            "HTTP/1.1 999 Beyond",
+            "HTTP/2 200",
+            "HTTP/1.1 20 OK",
+            "HTTP/1.1 101 Switching Protocols",
+            "http/1.1 200 OK",
+        ])
+    } else {
+        "HTTP/1.1 200 OK"
+    };
+    out.extend_from_slice(status.as_bytes());
+    out.extend_from_slice(eol);
+    let body = b"hello world";
+    let mut lines: Vec<Vec<u8>> = vec![b"Content-Type: text/plain".to_vec()];
+    let mut payload: Vec<u8> = Vec::new();
+    match rng.below(10) {
+        // A length, plain or odd, and a body that matches it, or not.
+        0..=4 => {
+            let value = if rng.one_in(4) {
+                (*rng.pick(&[
+                    "+11",
+                    " 11",
+                    "11, 11",
+                    "0x0b",
+                    "-1",
+                    "99999999999999999999",
+                    "",
+                    "011",
+                    "11 11",
+                ]))
+                .to_owned()
+            } else {
+                "11".to_owned()
+            };
+            lines.push(format!("Content-Length: {value}").into_bytes());
+            if rng.one_in(8) {
+                let again = if rng.one_in(2) { "11" } else { "5" };
+                lines.push(format!("Content-Length: {again}").into_bytes());
+            }
+            payload.extend_from_slice(body);
+            match rng.below(8) {
+                // Bytes past the end, on a connection kept open.
+                0 => payload.extend_from_slice(b"EXTRA"),
+                // Short, then closed.
+                1 => {
+                    payload.truncate(4);
+                    close = true;
+                }
+                _ => {}
+            }
+        }
+        // Chunked, plain or odd.
+        5..=7 => {
+            let te = if rng.one_in(4) {
+                *rng.pick(&[
+                    "gzip, chunked",
+                    "chunked, gzip",
+                    "xchunked",
+                    "Chunked",
+                    "chunked, chunked",
+                    "identity, chunked",
+                    "chunked ",
+                ])
+            } else {
+                "chunked"
+            };
+            lines.push(format!("Transfer-Encoding: {te}").into_bytes());
+            if rng.one_in(5) {
+                lines.push(b"Content-Length: 3".to_vec());
+            }
+            let odd: &[&[&str]] = &[
+                &["b;ext=1\r\nhello world\r\n", "0\r\n\r\n"],
+                &["B\r\nhello world\r\n", "0\r\n\r\n"],
+                &["000b\r\nhello world\r\n", "0\r\n\r\n"],
+                &["b \r\nhello world\r\n", "0\r\n\r\n"],
+                &["b x\r\nhello world\r\n", "0\r\n\r\n"],
+                &["0x0b\r\nhello world\r\n", "0\r\n\r\n"],
+                &["b\r\nhello world\r\n", "0\r\nX-Trailer: 1\r\n\r\n"],
+                &["b\r\nhello world\r\n", "0\r\n"],
+                &["ffffffffffffffffffff\r\nhello world\r\n", "0\r\n\r\n"],
+                &["5\r\nhello world\r\n", "0\r\n\r\n"],
+                &["b\nhello world\n", "0\n\n"],
+                &["-b\r\nhello world\r\n", "0\r\n\r\n"],
+                &["5\r\nhello\r\n", "6\r\n world\r\n", "0\r\n\r\nEXTRA"],
+            ];
+            let chunks: &[&str] = if rng.one_in(3) {
+                rng.pick::<&[&str]>(odd)
+            } else {
+                &["5\r\nhello\r\n", "6\r\n world\r\n", "0\r\n\r\n"]
+            };
+            for chunk in chunks {
+                payload.extend_from_slice(chunk.as_bytes());
+            }
+        }
+        // Until the server closes.
+        _ => {
+            payload.extend_from_slice(body);
+            close = true;
+        }
+    }
+    let extras: &[&[u8]] = &[
+        b"Connection: close",
+        b"Connection: keep-alive",
+        b"Connection: Keep-Alive, x-hop",
+        b"Keep-Alive: timeout=1",
+        b"Proxy-Connection: keep-alive",
+        b"Set-Cookie: a=1",
+        b"Set-Cookie: b=2",
+        b"X-Empty:",
+        b"X-Tab:\tv\t",
+        b"X-High: \x80\xff",
+        b"Upgrade: h2c",
+        b"Trailer: X-Trailer",
+        b"Date: Sat, 05 Dec 2026 06:00:00 GMT",
+        b"Server: scripted",
+        b"Cache-Control: no-store",
+    ];
+    // Lines a client should refuse, one now and then.
+    let refused: &[&[u8]] = &[
+        b"X-Space : v",
+        b" X-Fold: continued",
+        b"X-Nul: a\0b",
+        b"NoColon",
+        b": novalue",
+        b"X-Cr: a\rb",
+    ];
+    for _ in 0..rng.below(3) {
+        lines.push(rng.pick(extras).to_vec());
+    }
+    if rng.one_in(10) {
+        lines.push(rng.pick(refused).to_vec());
+    }
+    if rng.one_in(30) {
+        lines.push(format!("X-Long: {}", "a".repeat(70_000)).into_bytes());
+    }
+    for i in (1..lines.len()).rev() {
+        let j = rng.below(i + 1);
+        lines.swap(i, j);
+    }
+    close |= lines.iter().any(|l| l == b"Connection: close");
+    for line in lines {
+        out.extend_from_slice(&line);
+        out.extend_from_slice(eol);
+    }
+    out.extend_from_slice(eol);
+    out.extend_from_slice(&payload);
+    Answer { bytes: out, close }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_answers_reach_the_client_alike_through_the_relay_and_hyper_s_path() {
+    let (cases, seed, mut rng) = told_cases(1000, 0x0005_eed0_f00d);
+    let answers: Arc<Vec<Answer>> = Arc::new((0..cases).map(|_| generate(&mut rng)).collect());
+    let up = scripted_server(answers.clone()).await;
+    // A short read timeout bounds an answer that stops short on a kept connection (200 ms for
+    // each of some 16 in 1,000 cases); checks are rare, so that the cases meet a pool of
+    // connections only they used; and no number of odd answers takes the server out, or
+    // every later case would get the outage answer.
+    let config = |hyper: bool| {
+        let intercept = if hyper {
+            "intercept_statuses = [418]\n"
+        } else {
+            ""
+        };
+        format!(
+            "[upstream]\nservers = [\"http://{up}\"]\nresponse_timeout = \"2s\"\n\
+             read_timeout = \"200ms\"\n{intercept}[health]\ninterval = \"60s\"\nfall = 1000000\n"
+        )
+    };
+    let relay = spawn_proxy(&config(false)).await;
+    let hyper = spawn_proxy(&config(true)).await;
+    // The two take different paths: the relay keeps the server's header names as written,
+    // hyper lowercases them.
+    for (proxy, line) in [
+        (&relay, "\r\nContent-Length: 3\r\n"),
+        (&hyper, "\r\ncontent-length: 3\r\n"),
+    ] {
+        let mut sock = TcpStream::connect(proxy.addr).await.unwrap();
+        sock.write_all(b"GET /end HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(b"end") && read_more(&mut sock, &mut got).await {}
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.contains(line), "{got}");
+    }
+    let requests: Vec<Vec<u8>> = (0..cases)
+        .map(|n| {
+            format!(
+                "GET /case/{n} HTTP/1.1\r\nHost: shop.test\r\n\r\n\
+                 GET /end HTTP/1.1\r\nHost: shop.test\r\n\r\n"
+            )
+            .into_bytes()
+        })
+        .collect();
+    // One at a time: bytes an answer leaves on a kept connection meet the next request sent
+    // on it, the same one through both proxies.
+    let relayed = all_exchanges(relay.addr, &requests, (2, true), 1).await;
+    let through_hyper = all_exchanges(hyper.addr, &requests, (2, true), 1).await;
+    let mut differences = Vec::new();
+    for (case, answer) in answers.iter().enumerate() {
+        let (a, b) = (&relayed[case], &through_hyper[case]);
+        if a != b {
+            let shown = String::from_utf8_lossy(&answer.bytes[..answer.bytes.len().min(400)]);
+            differences.push(format!(
+                "case {case} (close {}): {shown:?}\n  relay: {a:?}\n  hyper: {b:?}",
+                answer.close
+            ));
+        }
+    }
+    assert!(
+        differences.is_empty(),
+        "{} of {cases} cases differ (seed {seed}):\n{}",
+        differences.len(),
+        differences[..differences.len().min(15)].join("\n")
+    );
+}

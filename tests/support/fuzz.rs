@@ -1,0 +1,223 @@
+//! Pieces the generated-input tests share (tests/request_fuzz.rs, tests/response_fuzz.rs): a
+//! seeded generator, HTTP/1.1 body framing as a strict peer reads it, and a client that
+//! tells what it got.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// How many cases to run (`FUZZ_CASES`, else `cases`), and the seed they come from
+/// (`FUZZ_SEED`, else `seed`), with a generator seeded from it.
+pub fn told_cases(cases: usize, seed: u64) -> (usize, u64, Rng) {
+    let told = |name| std::env::var(name).ok().and_then(|v| v.parse().ok());
+    let cases = told("FUZZ_CASES").map_or(cases, |n: u64| n as usize);
+    let seed = told("FUZZ_SEED").unwrap_or(seed);
+    // Odd, so that xorshift never meets zero.
+    (cases, seed, Rng(seed.wrapping_mul(2).wrapping_add(1)))
+}
+
+/// A small deterministic generator (xorshift64*): the same seed, the same cases.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    pub fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
+        &from[self.below(from.len())]
+    }
+
+    /// True one time in `n`.
+    pub fn one_in(&mut self, n: usize) -> bool {
+        self.below(n) == 0
+    }
+}
+
+/// How a message's body is framed.
+pub enum Framing {
+    Length(usize),
+    Chunked,
+    /// Until the connection closes.
+    Close,
+}
+
+impl Framing {
+    /// The body and the bytes it took, `Ok(None)` while incomplete, `Err` when malformed.
+    pub fn body(&self, input: &[u8]) -> Result<Option<(Vec<u8>, usize)>, ()> {
+        match *self {
+            Framing::Length(n) => Ok(input.get(..n).map(|b| (b.to_vec(), n))),
+            Framing::Chunked => dechunk(input),
+            Framing::Close => Ok(None),
+        }
+    }
+}
+
+pub fn dechunk(input: &[u8]) -> Result<Option<(Vec<u8>, usize)>, ()> {
+    let mut body = Vec::new();
+    let mut at = 0;
+    loop {
+        let Some(eol) = input[at..].windows(2).position(|w| w == b"\r\n") else {
+            return Ok(None);
+        };
+        let size_text = std::str::from_utf8(&input[at..at + eol]).map_err(|_| ())?;
+        let size_text = size_text.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_text, 16).map_err(|_| ())?;
+        at += eol + 2;
+        if size == 0 {
+            // Trailers, then the empty line.
+            loop {
+                let Some(eol) = input[at..].windows(2).position(|w| w == b"\r\n") else {
+                    return Ok(None);
+                };
+                at += eol + 2;
+                if eol == 0 {
+                    return Ok(Some((body, at)));
+                }
+            }
+        }
+        if input.len() < at + size + 2 {
+            return Ok(None);
+        }
+        body.extend_from_slice(&input[at..at + size]);
+        if &input[at + size..at + size + 2] != b"\r\n" {
+            return Err(());
+        }
+        at += size + 2;
+    }
+}
+
+pub async fn read_more(sock: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 16384];
+    match sock.read(&mut chunk).await {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            true
+        }
+    }
+}
+
+/// The status and type of each answer a client got, and how the exchange ended.
+pub type Answers = (Vec<String>, &'static str);
+
+/// What a client sees: the status and type of each answer (with `bodies`, and its body unless
+/// it is a 503, whose body tells times), and how the exchange ended (at the answer whose body
+/// is `end`, at the `last`th final answer, at a close, or at a deadline).
+pub async fn exchange(addr: SocketAddr, request: &[u8], last: usize, bodies: bool) -> Answers {
+    let mut sock = TcpStream::connect(addr).await.unwrap();
+    let _ = sock.write_all(request).await;
+    let mut buf = Vec::new();
+    let mut statuses = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut resp = httparse::Response::new(&mut headers);
+            let parsed = match resp.parse(&buf) {
+                Ok(httparse::Status::Complete(used)) => {
+                    let status = resp.code.unwrap_or(0);
+                    let mut code = status.to_string();
+                    // Without a length or chunks, the body runs to the close (RFC 9112
+                    // §6.3), but for the statuses that have none.
+                    let mut framing = match status {
+                        100..=199 | 204 | 304 => Framing::Length(0),
+                        _ => Framing::Close,
+                    };
+                    for h in resp.headers.iter() {
+                        if h.name.eq_ignore_ascii_case("content-type") {
+                            code.push(' ');
+                            code.push_str(&String::from_utf8_lossy(h.value));
+                        } else if h.name.eq_ignore_ascii_case("content-length") {
+                            // A list of one value repeated is that value, as hyper and
+                            // browsers read it (RFC 9110 §8.6).
+                            let text = String::from_utf8_lossy(h.value);
+                            let mut values = text.split(',').map(|v| v.trim().parse().ok());
+                            let first = values.next().flatten();
+                            let one = first.filter(|_| values.all(|v| v == first));
+                            framing = Framing::Length(one.unwrap_or(0));
+                        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                            framing = Framing::Chunked;
+                        }
+                    }
+                    Some((used, code, framing))
+                }
+                Ok(httparse::Status::Partial) => None,
+                Err(_) => return "unreadable answer",
+            };
+            if let Some((used, code, framing)) = parsed {
+                if code.starts_with('1') {
+                    statuses.push(code);
+                    buf.drain(..used);
+                    continue;
+                }
+                if let Framing::Close = framing {
+                    while read_more(&mut sock, &mut buf).await {}
+                    statuses.push(told(code, &buf[used..], bodies));
+                    return "closed";
+                }
+                match framing.body(&buf[used..]) {
+                    Ok(Some((body, len))) => {
+                        statuses.push(told(code, &body, bodies));
+                        buf.drain(..used + len);
+                        if body == b"end" || finals(&statuses) == last {
+                            return "end";
+                        }
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(()) => return "unreadable body",
+                }
+            }
+            if !read_more(&mut sock, &mut buf).await {
+                return "closed";
+            }
+        }
+    })
+    .await
+    .unwrap_or("no end in 5 s");
+    (statuses, ended)
+}
+
+/// An answer's status and type, with `bodies` and its body unless it is a 503.
+fn told(mut code: String, body: &[u8], bodies: bool) -> String {
+    if bodies && !code.starts_with("503") {
+        code.push_str(&format!(" {:?}", String::from_utf8_lossy(body)));
+    }
+    code
+}
+
+/// How many answers were final (interim `1xx` ones are told but not counted).
+fn finals(statuses: &[String]) -> usize {
+    statuses.iter().filter(|s| !s.starts_with('1')).count()
+}
+
+/// Every request on a connection of its own, `at_once` at a time (thousands at once would
+/// overflow the server's accept queue, and the proxy would rightly answer some with its
+/// outage response), the answers in the requests' order.
+pub async fn all_exchanges(
+    addr: SocketAddr,
+    requests: &[Vec<u8>],
+    (last, bodies): (usize, bool),
+    at_once: usize,
+) -> Vec<Answers> {
+    let mut out = Vec::new();
+    for batch in requests.chunks(at_once) {
+        let runs: Vec<_> = batch
+            .iter()
+            .cloned()
+            .map(|r| tokio::spawn(async move { exchange(addr, &r, last, bodies).await }))
+            .collect();
+        for run in runs {
+            out.push(run.await.unwrap());
+        }
+    }
+    out
+}
