@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use intermission::control::protocol::Request as Ctl;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -75,12 +75,28 @@ fn browser_or_skip() -> Option<PathBuf> {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("binding an ephemeral port")
-        .local_addr()
-        .expect("the ephemeral port's address")
-        .port()
+/// The port chromedriver started with `--port=0` listens on, from the line it prints once it
+/// listens ("ChromeDriver was started successfully on port 35181."), within `limit`; `None`
+/// when it exits first or says nothing of the kind. Its stdout is read to its end meanwhile,
+/// so that it never waits on a full pipe.
+fn driver_port(driver: &mut Child, limit: Duration) -> Option<u16> {
+    use std::io::BufRead;
+    let stdout = driver.stdout.take()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let port = line
+                .strip_prefix("ChromeDriver was started successfully on port ")
+                .and_then(|rest| rest.trim_end_matches('.').parse::<u16>().ok());
+            if let Some(port) = port.filter(|&p| p != 0) {
+                let _ = tx.send(port);
+            }
+        }
+    });
+    rx.recv_timeout(limit).ok()
 }
 
 // ---- a minimal WebDriver client -------------------------------------------------------------
@@ -98,32 +114,40 @@ struct Browser {
 impl Browser {
     async fn start(chromedriver: &Path) -> Browser {
         let dir = tempfile::tempdir().expect("a temporary folder for the browser");
-        let port = free_port();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let log = std::fs::File::create(dir.path().join("chromedriver.log"))
             .expect("creating chromedriver's log");
-        let driver = {
+        // `--port=0`: chromedriver picks a free port and says which on its stdout. A port
+        // found free here and let go could be taken by another test before chromedriver
+        // binds it.
+        let mut driver = {
             use std::os::unix::process::CommandExt;
             Command::new(chromedriver)
-                .arg(format!("--port={port}"))
+                .arg("--port=0")
                 .arg(format!(
                     "--log-path={}",
                     dir.path().join("chromedriver.log").display()
                 ))
                 .stdin(Stdio::null())
-                .stdout(Stdio::null())
+                .stdout(Stdio::piped())
                 .stderr(log)
                 // Its own process group, so that nothing it starts can outlive the test.
                 .process_group(0)
                 .spawn()
                 .expect("starting chromedriver")
         };
+        let port = driver_port(&mut driver, Duration::from_secs(20));
         let mut browser = Browser {
             driver,
-            addr,
+            addr: ([127, 0, 0, 1], port.unwrap_or(0)).into(),
             session: None,
             dir,
         };
+        if port.is_none() {
+            panic!(
+                "chromedriver did not say which port it listens on within 20 s; its log:\n{}",
+                browser.log()
+            );
+        }
 
         // Ready when GET /status says so.
         let end = Instant::now() + Duration::from_secs(20);

@@ -916,12 +916,9 @@ async fn a_connect_that_hangs_gives_up_at_connect_timeout() {
 
 #[tokio::test]
 async fn an_unreachable_upstream_is_reported_not_hung() {
-    // A port that was free a moment ago: nothing listens there.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let config = format!("[upstream]\nservers = [\"http://{addr}\"]\n");
+    // Nothing listens there, for as long as `dead` is kept.
+    let dead = refusing();
+    let config = format!("[upstream]\nservers = [\"http://{}\"]\n", dead.addr);
     let proxy = spawn_proxy(&config).await;
     let resp = get(&proxy.url("/")).await;
     assert_eq!(

@@ -34,22 +34,23 @@ async fn reload_moves_the_listeners_without_dropping_established_connections() {
     let n = established.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
 
-    let new = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // To 127.0.0.1, on a port the proxy picks and reports: a port found free beforehand and
+    // let go could be taken by another test before the reload binds it.
     let path = proxy.dir.path().join("config.toml");
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(
         &path,
-        text.replace(
-            "listen = [\"127.0.0.2:0\"]",
-            &format!("listen = [\"{new}\"]"),
-        ),
+        text.replace("listen = [\"127.0.0.2:0\"]", "listen = [\"127.0.0.1:0\"]"),
     )
     .unwrap();
     let r = ctl(&proxy, Ctl::Reload).await;
     assert!(r.ok, "{r:?}");
+    let running = proxy.running.as_ref().unwrap();
+    let new = match running.local_addrs()[..] {
+        [new] => new,
+        ref addrs => panic!("listening on {addrs:?}, not on one new address"),
+    };
+    assert_eq!(new.ip(), std::net::Ipv4Addr::LOCALHOST);
     assert_eq!(get(&format!("http://{new}/")).await.status(), 200);
     assert!(
         tokio::net::TcpStream::connect(old).await.is_err(),
@@ -69,8 +70,8 @@ async fn reload_moves_the_listeners_without_dropping_established_connections() {
     std::fs::write(
         &path,
         text.replace(
-            &format!("listen = [\"{new}\"]"),
-            &format!("listen = [\"{new}\", \"{busy}\"]"),
+            "listen = [\"127.0.0.1:0\"]",
+            &format!("listen = [\"127.0.0.1:0\", \"{busy}\"]"),
         ),
     )
     .unwrap();
@@ -79,15 +80,6 @@ async fn reload_moves_the_listeners_without_dropping_established_connections() {
     assert_eq!(e.code, "reload_failed");
     assert!(e.message.contains(&busy.to_string()), "{}", e.message);
     assert_eq!(get(&format!("http://{new}/")).await.status(), 200);
-}
-
-/// A free port on every loopback address: bound on 127.0.0.1 and let go.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A keep-alive HTTP/1.1 connection to `addr`: every request on it fails once it is closed.
@@ -131,8 +123,8 @@ async fn get_within(url: &str) -> u16 {
         .as_u16()
 }
 
-/// A proxy listening on `127.0.0.1:P` alone, its port, and a kept-alive connection to it that
-/// has been answered once.
+/// A proxy listening on `127.0.0.1:P` alone (configured as `127.0.0.1:0`), its port, and a
+/// kept-alive connection to it that has been answered once.
 async fn on_a_loopback_port() -> (
     Upstream,
     Proxy,
@@ -140,12 +132,14 @@ async fn on_a_loopback_port() -> (
     hyper::client::conn::http1::SendRequest<TestBody>,
 ) {
     let up = echo_upstream().await;
-    let port = free_port();
+    // The proxy picks the port: one found free beforehand and let go could be taken by
+    // another test before the proxy binds it.
     let proxy = spawn_proxy(&format!(
-        "[proxy]\nlisten = [\"127.0.0.1:{port}\"]\n[upstream]\nservers = [\"{}\"]\n",
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[upstream]\nservers = [\"{}\"]\n",
         up.url()
     ))
     .await;
+    let port = proxy.addr.port();
     let mut established = keep_alive(proxy.addr).await;
     assert_eq!(get_on(&mut established).await, 200);
     (up, proxy, port, established)
@@ -160,7 +154,8 @@ async fn reload_moves_a_listener_to_another_address_on_the_same_port() {
     // Reached only through the wildcard listener.
     let other = format!("127.0.0.6:{port}");
 
-    edit_config(&proxy, |t| t.replace(&loopback, &wildcard));
+    // The config says `127.0.0.1:0`; the proxy listens on `127.0.0.1:{port}`.
+    edit_config(&proxy, |t| t.replace("127.0.0.1:0", &wildcard));
     let r = ctl(&proxy, Ctl::Reload).await;
     assert!(r.ok, "{r:?}");
     assert_eq!(get_on(&mut established).await, 200);
@@ -187,7 +182,8 @@ async fn a_refused_move_on_the_same_port_listens_where_it_was() {
     // Listening on the same port as the proxy, on another address: 0.0.0.0 cannot be bound.
     let holder = std::net::TcpListener::bind(format!("127.0.0.5:{port}")).unwrap();
 
-    edit_config(&proxy, |t| t.replace(&loopback, &wildcard));
+    // The config says `127.0.0.1:0`; the proxy listens on `127.0.0.1:{port}`.
+    edit_config(&proxy, |t| t.replace("127.0.0.1:0", &wildcard));
     let r = ctl(&proxy, Ctl::Reload).await;
     let e = r.error.unwrap();
     assert_eq!(e.code, "reload_failed");

@@ -1099,9 +1099,8 @@ async fn a_bad_chunk_ends_the_answer_after_what_came_whole() {
 
 #[tokio::test]
 async fn with_no_server_listening_the_answer_is_the_outage_response() {
-    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = closed.local_addr().unwrap();
-    drop(closed);
+    let dead = refusing();
+    let addr = dead.addr;
     let proxy = spawn_proxy(&format!(
         "[upstream]\nservers = [\"http://{addr}\"]\nconnect_timeout = \"1s\"\n[health]\ninterval = \"60s\"\n[log]\naccess_log = false\n"
     ))

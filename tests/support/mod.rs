@@ -306,6 +306,25 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: Duration) -> 
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// An address on 127.0.0.1 where nothing listens, for as long as it is kept: a socket bound to
+/// an ephemeral port and never listening. Connections to it are refused, and no other socket
+/// can be given its port meanwhile (it does not set `SO_REUSEADDR`). A port bound and let go
+/// at once, instead, could be given to another test's listener before the proxy under test
+/// connects to it, which would then answer for the "dead" server.
+pub struct Refusing {
+    pub addr: SocketAddr,
+    _held: tokio::net::TcpSocket,
+}
+
+pub fn refusing() -> Refusing {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    Refusing {
+        addr: socket.local_addr().unwrap(),
+        _held: socket,
+    }
+}
+
 /// What a new plaintext client that sends `GET /new` and closes gets: empty when it was
 /// refused at `max_connections`.
 pub async fn new_client(proxy: &Proxy) -> String {
