@@ -392,10 +392,17 @@ async fn grpc_server() -> GrpcServer {
 // ---------------------------------------------------------------------------------------------
 // The proxy and the client.
 
+/// A proxy of `server` with gRPC health checks: only the one at start (which decides at once),
+/// with all the time it needs, since these tests need the server in and nothing else of the
+/// checks. Every test here runs on one thread, proxy, server and client alike: on a loaded
+/// machine a check with a short timeout could time out and take the server out.
 async fn proxy_for(server: &GrpcServer) -> Proxy {
+    proxy_checking(server, "interval = \"1h\"\ntimeout = \"10s\"\n").await
+}
+
+async fn proxy_checking(server: &GrpcServer, health: &str) -> Proxy {
     spawn_proxy(&format!(
-        "[upstream]\nservers = [\"h2c://{}\"]\n\
-         [health]\nkind = \"grpc\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 1\n",
+        "[upstream]\nservers = [\"h2c://{}\"]\n[health]\nkind = \"grpc\"\n{health}",
         server.addr
     ))
     .await
@@ -685,9 +692,15 @@ async fn maintenance_answers_unavailable_with_message_and_pushback() {
 #[tokio::test]
 async fn grpc_health_check_drives_outage_and_recovery() {
     let server = grpc_server().await;
-    let proxy = proxy_for(&server).await;
+    // Checks every second, with the default timeout, and two failures to take the server out:
+    // one check that is merely slow on a loaded machine does not.
+    let proxy = proxy_checking(
+        &server,
+        "interval = \"1s\"\ntimeout = \"1s\"\nrise = 1\nfall = 2\n",
+    )
+    .await;
     wait_first_check(&server).await;
-    wait_mode(&proxy, "normal", Duration::from_secs(5)).await;
+    wait_mode(&proxy, "normal", Duration::from_secs(10)).await;
     let mut grpc = client(&proxy).await;
     say(&mut grpc, SAY, request("up", 0, "h-0"))
         .await
@@ -695,7 +708,7 @@ async fn grpc_health_check_drives_outage_and_recovery() {
 
     // The server says NOT_SERVING: the proxy declares an outage by itself.
     server.seen.not_serving.store(true, Ordering::SeqCst);
-    wait_mode(&proxy, "outage", Duration::from_secs(5)).await;
+    wait_mode(&proxy, "outage", Duration::from_secs(10)).await;
     let health = ctl(&proxy, Ctl::Health).await;
     let last_error = health.health.unwrap()[0].last_error.clone();
     assert!(
@@ -724,7 +737,7 @@ async fn grpc_health_check_drives_outage_and_recovery() {
 
     // SERVING again: back to normal with nobody's help, and calls succeed.
     server.seen.not_serving.store(false, Ordering::SeqCst);
-    wait_mode(&proxy, "normal", Duration::from_secs(5)).await;
+    wait_mode(&proxy, "normal", Duration::from_secs(10)).await;
     let reply = say(&mut grpc, SAY, request("back", 0, "h-2"))
         .await
         .expect("forwarded again after recovery")

@@ -13,7 +13,15 @@ use std::sync::Arc;
 use std::time::Duration;
 use support::*;
 
-const FAST: &str = "[health]\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 2\nfall = 2\n";
+/// Checks often enough for a test to see the health follow the server within a second or so.
+/// The timeout (at most the interval) is not short: a check that is merely slow on a loaded
+/// machine counts as failed, and the very first result decides at once, so a 100 ms timeout
+/// could take out a live server at start.
+const FAST: &str = "[health]\ninterval = \"500ms\"\ntimeout = \"500ms\"\nrise = 2\nfall = 2\n";
+
+/// Only the check at start, which decides at once, with all the time it may need: for tests
+/// that need one result and no check after it that could be slow and change it.
+const FIRST_CHECK_ONLY: &str = "[health]\ninterval = \"1h\"\ntimeout = \"10s\"\n";
 
 async fn app() -> Upstream {
     upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await
@@ -44,8 +52,8 @@ async fn outage_by_itself_and_recovery_by_itself() {
     assert_eq!(get(&proxy.url("/")).await.body(), "app");
 
     up.stop();
-    // fall × interval is 200 ms; the bound leaves room for a shared, loaded machine but
-    // fails if the configured interval or fall were ignored (the defaults take seconds).
+    // fall × interval is 1 s; the bound leaves room for a shared, loaded machine but fails
+    // if the configured interval or fall were ignored (the defaults take 4 to 6 s).
     let took = wait_mode(&proxy, "outage", Duration::from_secs(5)).await;
     eprintln!("outage detected after {took:?}");
     assert!(took < Duration::from_millis(2500), "outage after {took:?}");
@@ -115,7 +123,9 @@ async fn a_failing_health_endpoint_is_down_and_force_open_forwards_anyway() {
         }
     })
     .await;
-    let proxy = proxy_for(&[&up], &format!("{FAST}path = \"/healthz\"\n")).await;
+    // The one check (at start) decides: a later one that merely timed out on a loaded
+    // machine would replace the "500" of the last error.
+    let proxy = proxy_for(&[&up], &format!("{FIRST_CHECK_ONLY}path = \"/healthz\"\n")).await;
     wait_mode(&proxy, "outage", Duration::from_secs(5)).await;
     assert!(is_outage(&get(&proxy.url("/")).await));
     let h = ctl(&proxy, Ctl::Health).await.health.unwrap();
@@ -325,12 +335,10 @@ async fn with_tcp_checks_requests_that_time_out_take_a_server_out() {
 #[tokio::test(flavor = "multi_thread")]
 async fn with_one_server_dead_from_the_start_every_request_succeeds() {
     let live = app().await;
-    let dead_addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = refusing();
     let proxy = spawn_proxy(&format!(
-        "[upstream]\nservers = [\"http://{dead_addr}\", \"{}\"]\n{FAST}",
+        "[upstream]\nservers = [\"http://{}\", \"{}\"]\n{FIRST_CHECK_ONLY}",
+        dead.addr,
         live.url()
     ))
     .await;
@@ -647,7 +655,7 @@ async fn a_reload_during_an_outage_keeps_what_is_known_of_health() {
     assert!(down_since.is_some());
     // A change to [health] restarts the checkers; the dead server must stay out.
     edit_config(&proxy, |text| {
-        text.replace("interval = \"100ms\"", "interval = \"150ms\"")
+        text.replace("interval = \"500ms\"", "interval = \"600ms\"")
     });
     assert!(ctl(&proxy, Ctl::Reload).await.ok);
     assert_eq!(proxy_mode(&proxy).await, "outage");
@@ -748,11 +756,12 @@ async fn health_expect_decides_which_statuses_are_healthy() {
         }
     })
     .await;
-    let by_default = proxy_for(&[&up], &format!("{FAST}path = \"/healthz\"\n")).await;
+    // The one check at start decides each, with no later one that could time out.
+    let by_default = proxy_for(&[&up], &format!("{FIRST_CHECK_ONLY}path = \"/healthz\"\n")).await;
     assert_eq!(wait_health(&by_default, Some(true)).await, Some(true));
     let strict = proxy_for(
         &[&up],
-        &format!("{FAST}path = \"/healthz\"\nexpect = \"200-299, 204\"\n"),
+        &format!("{FIRST_CHECK_ONLY}path = \"/healthz\"\nexpect = \"200-299, 204\"\n"),
     )
     .await;
     wait_mode(&strict, "outage", Duration::from_secs(5)).await;
@@ -781,7 +790,7 @@ async fn running_out_of_file_descriptors_is_not_an_outage() {
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         "[proxy]\nthreads = 1\n[upstream]\nservers = [\"{}\"]\n\
-         [health]\ninterval = \"50ms\"\ntimeout = \"50ms\"\nfall = 2\n",
+         [health]\ninterval = \"1s\"\ntimeout = \"1s\"\nfall = 2\n",
         app.url()
     );
     let proxy = ProxyProcess::start(dir.path(), &config);
@@ -894,7 +903,11 @@ async fn a_failed_check_shows_no_latency() {
     let h = first_server_once(&proxy, |h| h.last_latency_ms.is_some()).await;
     assert!(h.last_latency_ms.is_some(), "{h:?}");
     failing.store(true, Ordering::SeqCst);
-    let h = first_server_once(&proxy, |h| h.last_error.is_some()).await;
-    assert!(h.last_error.is_some(), "{h:?}");
+    // Once a check has found the 500: every check from then on fails, so the latest one is
+    // a failure. (An earlier check that timed out on a loaded machine leaves a last error
+    // too, which successes may have followed.)
+    let failed = |h: &ServerHealth| h.last_error.as_deref().is_some_and(|e| e.contains("500"));
+    let h = first_server_once(&proxy, failed).await;
+    assert!(failed(&h), "{h:?}");
     assert_eq!(h.last_latency_ms, None, "{h:?}");
 }

@@ -50,7 +50,7 @@ async fn metrics_count_what_happened_to_requests_and_health() {
     let up = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
     let secret = "metrics-test-secret-0123";
     let proxy = spawn_proxy(&format!(
-        "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"250ms\"\ntimeout = \"250ms\"\nrise = 1\nfall = 1\n\
+        "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 1\nfall = 2\n\
          [maintenance]\nbypass_secret = \"{secret}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
         up.url()
     ))
@@ -91,6 +91,16 @@ async fn metrics_count_what_happened_to_requests_and_health() {
     )
     .await;
     assert_eq!(bypassed.body(), "app");
+    // The check at start has been made, and counted, before the counters are read.
+    assert!(
+        wait_until_async(|| async {
+            ctl(&proxy, Ctl::Health).await.health.unwrap()[0]
+                .last_check
+                .is_some()
+        })
+        .await,
+        "no health check was made"
+    );
 
     let m = scrape(&proxy).await;
     assert_eq!(
@@ -171,7 +181,8 @@ async fn metrics_count_what_happened_to_requests_and_health() {
     // A health flip shows in the per-server gauge.
     ctl(&proxy, Ctl::Off).await;
     up.stop();
-    let end = Instant::now() + Duration::from_secs(5);
+    // Two failed checks a second apart take it out; the bound leaves room for a loaded machine.
+    let end = Instant::now() + Duration::from_secs(10);
     let mut down = false;
     while Instant::now() < end && !down {
         let m = scrape(&proxy).await;
@@ -247,7 +258,7 @@ async fn webhooks_follow_every_change_in_order_and_are_signed() {
     let json_hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
     let slack_hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
     let proxy = spawn_proxy(&format!(
-        "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"250ms\"\ntimeout = \"250ms\"\nrise = 1\nfall = 1\n\
+        "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 1\nfall = 2\n\
          [[notify]]\nurl = \"{}\"\nsecret = \"hook-secret\"\n[[notify]]\nurl = \"{}\"\nformat = \"slack\"\n",
         app.url(),
         json_hook.url,
@@ -343,7 +354,7 @@ async fn force_open_says_it_in_the_webhook() {
     let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
     let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
     let proxy = spawn_proxy(&format!(
-        "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"250ms\"\ntimeout = \"250ms\"\nrise = 1\nfall = 1\n\
+        "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 1\nfall = 2\n\
          [[notify]]\nurl = \"{}\"\nformat = \"slack\"\n",
         app.url(),
         hook.url
