@@ -258,6 +258,12 @@ async fn an_intercepted_answer_keeps_its_connection() {
         assert!(!String::from_utf8_lossy(resp.body()).contains("restarting"));
     }
     assert_eq!(get_ok(&proxy, "/").await, "ok");
+    // Exact, not racy, while this test runs on one thread (`#[tokio::test]`, `threads = 1`):
+    // the intercepted body is drained by a task the proxy spawns before it answers, and that
+    // task and the connection task it wakes are queued ahead of anything the next request
+    // needs (the answer read, a new connection, its accept), so the connection is back in
+    // the pool first. On a multi-threaded runtime the next request could win and open a
+    // second connection.
     assert_eq!(
         up.served.load(Ordering::SeqCst),
         1,
