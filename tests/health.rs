@@ -718,28 +718,6 @@ async fn a_slow_upload_is_not_the_upstreams_fault() {
     assert_eq!(proxy_mode(&proxy).await, "normal");
 }
 
-/// A request body fed chunk by chunk from the test.
-fn mpsc_body() -> (tokio::sync::mpsc::Sender<bytes::Bytes>, TestBody) {
-    use http_body_util::BodyExt;
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    (tx, ChannelBody(rx).boxed())
-}
-
-struct ChannelBody(tokio::sync::mpsc::Receiver<bytes::Bytes>);
-
-impl http_body::Body for ChannelBody {
-    type Data = bytes::Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|b| Ok(http_body::Frame::data(b))))
-    }
-}
-
 /// `health.expect` decides which statuses are healthy: a health endpoint that redirects is
 /// healthy with the default `200-399`, and down when only `200-299, 204` is expected.
 #[tokio::test(flavor = "multi_thread")]

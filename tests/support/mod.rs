@@ -38,6 +38,28 @@ pub fn empty() -> TestBody {
     Empty::new().map_err(|e| match e {}).boxed()
 }
 
+/// A body fed chunk by chunk from the test, of no length known in advance (chunked over
+/// HTTP/1.1); it ends when the sender is dropped.
+pub fn mpsc_body() -> (tokio::sync::mpsc::Sender<Bytes>, TestBody) {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    (tx, ChannelBody(rx).boxed())
+}
+
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
 /// A real HTTP/1.1 + h2c server on 127.0.0.1 running `handler` for every request; it can be
 /// stopped (listener and every open connection closed, like a crashed app) and started
 /// again on the same port.
