@@ -30,7 +30,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use std::collections::BTreeMap;
 use std::future::poll_fn;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -548,9 +548,9 @@ async fn serve_others(
 ) -> Option<Result<(), hyper::Error>> {
     let (guard, slot) = held;
     // While it waits for a request, it may be closed to make room for a new connection:
-    // before its TLS hello, the relay's wait over TLS, and an HTTP/2 connection with no
-    // stream open. One that
-    // hyper serves over HTTP/1.1 (over TLS, after a request the relay does not take) is not.
+    // before its TLS hello, the relay's wait over TLS, an HTTP/1.1 one that hyper serves
+    // (over TLS, after a request the relay does not take) between requests, and an HTTP/2
+    // connection with no stream open.
     let closable = Closable::new(slot.limit().clone());
     let peer = conn.peer;
     let relaying = (state.clone(), conn.clone());
@@ -643,21 +643,62 @@ struct Serving<'a> {
 }
 
 impl Serving<'_> {
+    /// An HTTPS HTTP/1.1 connection, from the first request the relay left to hyper, whose
+    /// bytes `io` begins with.
     async fn http1<I, S>(self, io: I, service: S) -> Option<Result<(), hyper::Error>>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::body::Body>,
+        S: Service<Request<Incoming>, Response = Response<crate::body::Body>> + Send + 'static,
         S::Future: Send + 'static,
         S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let between = Arc::new(Between::default());
+        let counted = between.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let open = Open::new(&counted);
+            let reply = service.call(req);
+            async move {
+                let response = reply.await?;
+                Ok::<_, S::Error>(response.map(|body| Answered { body, _open: open }))
+            }
+        });
+        let io = Heads {
+            io,
+            between: between.clone(),
+        };
         let connection = self
             .builder
             .http1
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
+        // Idle between requests, it may be picked to make room for a new connection, and is
+        // closed as hyper closes an idle keep-alive connection (its graceful shutdown does so
+        // at once). No wake-up tells that a request ended: hyper drops the answer's body, and
+        // reads the next head, while the connection is polled, and this is polled right
+        // after it, on the same task.
+        let closable = self.closable;
+        // Whether it is among the idle ones, so that a busy connection's wake-ups (a body
+        // streaming) take no atomic write each.
+        let mut listed = false;
+        let picked = poll_fn(move |cx| {
+            if !between.idle() {
+                if listed {
+                    closable.busy();
+                    listed = false;
+                }
+                return Poll::Pending;
+            }
+            listed = true;
+            if closable.poll_picked(cx) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        });
         // No deadline of our own: hyper's header_read_timeout runs from the first read of
         // every request head, the first one included (the first bytes are already here).
-        Some(until_drained(connection, self.guard, |c| c.graceful_shutdown()).await)
+        let served = until_drained(connection, self.guard, picked, |c| c.graceful_shutdown());
+        Some(served.await)
     }
 
     async fn http2<I, S>(self, io: I, service: S) -> Option<Result<(), hyper::Error>>
@@ -734,6 +775,141 @@ impl Serving<'_> {
     }
 }
 
+/// An HTTPS HTTP/1.1 connection that hyper serves, as it stands between requests: idle, and
+/// so closable for room, once every request it has begun is answered whole and nothing of a
+/// next one has been read. hyper's graceful shutdown then closes it at once, where one with a
+/// head begun would be closed too, its request lost, since hyper keeps a head it has not
+/// parsed as idle. Atomics only to be `Sync`: all of it happens on the connection's own
+/// task (the service's futures and the answers' bodies live in hyper's connection), hence
+/// `Relaxed`, and a count moved by a load and a store rather than a locked add.
+struct Between {
+    /// Requests from hyper's call of the service until it drops their answer's body, which it
+    /// does once the last of it is in its write buffer (flushed before it closes).
+    open: AtomicUsize,
+    /// Bytes were read while no request was open: a head begun, until the request it makes.
+    /// The first head, which the relay read, is begun. So is the rest of a body that comes
+    /// after its answer: the connection is not idle again until its next request.
+    begun: AtomicBool,
+}
+
+impl Default for Between {
+    fn default() -> Between {
+        Between {
+            open: AtomicUsize::new(0),
+            begun: AtomicBool::new(true),
+        }
+    }
+}
+
+impl Between {
+    fn idle(&self) -> bool {
+        self.open.load(Ordering::Relaxed) == 0 && !self.begun.load(Ordering::Relaxed)
+    }
+}
+
+/// One request on a `Between` connection, until hyper lets its answer go.
+struct Open(Arc<Between>);
+
+impl Open {
+    fn new(between: &Arc<Between>) -> Open {
+        let open = &between.open;
+        open.store(open.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        between.begun.store(false, Ordering::Relaxed);
+        Open(between.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let open = &self.0.open;
+        open.store(
+            open.load(Ordering::Relaxed).saturating_sub(1),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// An answer's body on a `Between` connection, its request open until hyper drops it.
+struct Answered {
+    body: crate::body::Body,
+    _open: Open,
+}
+
+impl hyper::body::Body for Answered {
+    type Data = Bytes;
+    type Error = crate::body::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The socket of a `Between` connection, which tells it of a head begun: what is read while
+/// no request is open. What is read while one is, its body or a next head a client sends
+/// before its answer (pipelining, which HTTPS clients hardly do), is not told.
+struct Heads<I> {
+    io: I,
+    between: Arc<Between>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Heads<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        let between = &this.between;
+        if buf.filled().len() > before && between.open.load(Ordering::Relaxed) == 0 {
+            between.begun.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Heads<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
 /// Runs a connection, dropping it if no request has arrived by `deadline`.
 async fn until_first_request<F: std::future::Future>(
     connection: F,
@@ -750,8 +926,42 @@ async fn until_first_request<F: std::future::Future>(
 
 #[cfg(test)]
 mod tests {
-    use super::{sniff, Lasting, Protocol};
+    use super::{sniff, Answered, Between, Heads, Lasting, Open, Protocol};
+    use std::sync::Arc;
     use std::time::{Duration, Instant};
+    use tokio::io::AsyncReadExt;
+
+    /// What is read while no request is open is a head begun, which hyper's graceful shutdown
+    /// would drop: idle only once its request has come, and been answered.
+    #[tokio::test]
+    async fn a_connection_hyper_serves_is_idle_between_requests_only() {
+        let between = Arc::new(Between::default());
+        let mut buf = [0u8; 16];
+        assert!(!between.idle(), "the head the relay left is begun");
+        let open = Open::new(&between);
+        assert!(!between.idle(), "a request is open");
+        let mut body = Heads {
+            io: &b"its body"[..],
+            between: between.clone(),
+        };
+        assert_eq!(body.read(&mut buf).await.ok(), Some(8));
+        let answer = Answered {
+            body: crate::body::Body::full("answer"),
+            _open: open,
+        };
+        assert!(!between.idle(), "an answer is not sent whole");
+        drop(answer);
+        assert!(between.idle(), "its answer sent, what it read was its body");
+
+        let mut next = Heads {
+            io: &b"GET / HT"[..],
+            between: between.clone(),
+        };
+        assert_eq!(next.read(&mut buf).await.ok(), Some(8));
+        assert!(!between.idle(), "a next head is begun");
+        drop(Open::new(&between));
+        assert!(between.idle());
+    }
 
     #[test]
     fn lasting_accept_failures_are_told_once_a_second() {

@@ -121,17 +121,25 @@ pub async fn until_idle<C: std::future::Future>(
     conn.await
 }
 
-/// Runs `conn` to its end; once a drain is asked for, `graceful` tells it to finish its
-/// in-flight requests and close, and it is run until it has.
+/// Runs `conn` to its end; once a drain is asked for, or `picked` resolves, `graceful` tells
+/// it to finish its in-flight requests and close, and it is run until it has.
 pub async fn until_drained<C: std::future::Future>(
     conn: C,
     mut guard: Shutdown,
+    picked: impl std::future::Future<Output = ()>,
     graceful: impl FnOnce(std::pin::Pin<&mut C>),
 ) -> C::Output {
     tokio::pin!(conn);
+    tokio::pin!(picked);
     tokio::select! {
+        // The connection first, so that `picked` sees what it has just done.
+        biased;
         out = &mut conn => return out,
-        () = guard.fired() => graceful(conn.as_mut()),
+        () = guard.fired() => {}
+        () = &mut picked => {
+            tracing::debug!("idle connection picked to make room for a new one; closing it");
+        }
     }
+    graceful(conn.as_mut());
     conn.await
 }

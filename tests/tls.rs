@@ -1180,3 +1180,135 @@ async fn at_max_connections_an_idle_http2_connection_makes_room_and_a_busy_one_d
     let ended = tokio::time::timeout(Duration::from_secs(5), closed).await;
     assert!(ended.is_ok(), "the idle HTTP/2 connection was not closed");
 }
+
+/// An HTTP/1.1 client over TLS whose requests carry `TestBody`s.
+async fn h1_with_bodies(
+    proxy: &Proxy,
+    ca: &Ca,
+) -> (
+    hyper::client::conn::http1::SendRequest<TestBody>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let config = ca.client_config(&[b"http/1.1"]);
+    let stream = tls_connect(tls_addr(proxy), "shop.test", config).await;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
+/// A POST whose body is chunked and sent after its head: the relay leaves such a request
+/// (`Transfer-Encoding`) to hyper, which serves the connection from then on.
+fn chunked_post(path: &str) -> (tokio::sync::mpsc::Sender<Bytes>, Request<TestBody>) {
+    let (tx, body) = mpsc_body();
+    let req = Request::post(path)
+        .header("host", "shop.test")
+        .body(body)
+        .unwrap();
+    (tx, req)
+}
+
+/// At `max_connections`, an idle HTTPS connection that hyper serves (after a request the
+/// relay does not take: here a POST with a chunked body that comes after its head) makes
+/// room for a new client, as one the relay serves does: it is closed.
+#[tokio::test]
+async fn at_max_connections_an_idle_https_connection_hyper_serves_makes_room() {
+    let up = echo_upstream().await;
+    let ca = Ca::new();
+    let proxy = one_connection_proxy(&ca, &up).await;
+    let (mut sender, closed) = h1_with_bodies(&proxy, &ca).await;
+    let (tx, req) = chunked_post("/api/orders");
+    let resp = tokio::spawn(sender.send_request(req));
+    tx.send(Bytes::from_static(b"{\"order\":")).await.unwrap();
+    tx.send(Bytes::from_static(b"1}")).await.unwrap();
+    drop(tx);
+    let resp = resp.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["body"], "{\"order\":1}");
+    assert!(
+        served_at_the_limit(&proxy).await,
+        "the new client was not served"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(5), closed).await;
+    assert!(ended.is_ok(), "the idle HTTPS connection was not closed");
+}
+
+/// An HTTPS connection that hyper serves is not closed for room while a request is in
+/// flight: neither while its server has not answered, nor while its answer's body streams.
+/// A new client is refused, and the request gets its whole answer. Once idle, it makes room.
+#[tokio::test]
+async fn at_max_connections_a_busy_https_connection_hyper_serves_stays() {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let (r, a) = (release.clone(), arrived.clone());
+    let up = upstream(move |req: Request<Incoming>| {
+        let (release, arrived) = (r.clone(), a.clone());
+        async move {
+            match req.uri().path() {
+                "/slow" => {
+                    let _ = req.into_body().collect().await;
+                    arrived.notify_one();
+                    release.notified().await;
+                    Response::new(full("ok"))
+                }
+                "/drip" => {
+                    let (tx, body) = mpsc_body();
+                    tokio::spawn(async move {
+                        tx.send(Bytes::from_static(b"first,")).await.unwrap();
+                        release.notified().await;
+                        tx.send(Bytes::from_static(b"last")).await.unwrap();
+                    });
+                    Response::new(body)
+                }
+                _ => Response::new(full("ok")),
+            }
+        }
+    })
+    .await;
+    let ca = Ca::new();
+    let proxy = one_connection_proxy(&ca, &up).await;
+    let (mut sender, closed) = h1_with_bodies(&proxy, &ca).await;
+
+    // Its server has not answered yet.
+    let (tx, req) = chunked_post("/slow");
+    let slow = tokio::spawn(sender.send_request(req));
+    tx.send(Bytes::from_static(b"data")).await.unwrap();
+    drop(tx);
+    arrived.notified().await;
+    let out = new_client(&proxy).await;
+    assert_eq!(
+        out, "",
+        "an HTTPS connection waiting on its server was closed"
+    );
+    release.notify_one();
+    let resp = slow.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "ok");
+
+    // Its answer's body is still coming.
+    let (tx, req) = chunked_post("/drip");
+    drop(tx);
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "first,");
+    let out = new_client(&proxy).await;
+    assert_eq!(
+        out, "",
+        "an HTTPS connection streaming an answer was closed"
+    );
+    release.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "last");
+
+    assert!(
+        served_at_the_limit(&proxy).await,
+        "the new client was not served"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(5), closed).await;
+    assert!(ended.is_ok(), "the idle HTTPS connection was not closed");
+}
