@@ -42,6 +42,43 @@ impl Rng {
     }
 }
 
+/// Header lines a peer must refuse (RFC 9112 §5.1, RFC 9110 §5.5), one mixed in now and then.
+const REFUSED_LINES: &[&[u8]] = &[
+    b"X-Space : v",
+    b" X-Fold: continued",
+    b"X-Nul: a\0b",
+    b"NoColon",
+    b": novalue",
+    b"X-Ctl: a\x01b",
+    b"X-Cr: a\rb",
+];
+
+/// Writes a head's header lines to `out`, each ended by `eol`, then the empty line: `lines`
+/// with up to two of `extras` and now and then a line a peer must refuse, shuffled.
+pub fn write_lines(
+    rng: &mut Rng,
+    mut lines: Vec<Vec<u8>>,
+    extras: &[&[u8]],
+    eol: &[u8],
+    out: &mut Vec<u8>,
+) {
+    for _ in 0..rng.below(3) {
+        lines.push(rng.pick(extras).to_vec());
+    }
+    if rng.one_in(10) {
+        lines.push(rng.pick(REFUSED_LINES).to_vec());
+    }
+    for i in (1..lines.len()).rev() {
+        let j = rng.below(i + 1);
+        lines.swap(i, j);
+    }
+    for line in lines {
+        out.extend_from_slice(&line);
+        out.extend_from_slice(eol);
+    }
+    out.extend_from_slice(eol);
+}
+
 /// How a message's body is framed.
 pub enum Framing {
     Length(usize),

@@ -370,6 +370,17 @@ pub async fn served_at_the_limit(proxy: &Proxy) -> bool {
     false
 }
 
+/// At `max_connections`, a new client is served and the idle `what` connection whose task
+/// is `closed` makes room: it is closed.
+pub async fn assert_makes_room<T>(proxy: &Proxy, closed: tokio::task::JoinHandle<T>, what: &str) {
+    assert!(
+        served_at_the_limit(proxy).await,
+        "the new client was not served"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(5), closed).await;
+    assert!(ended.is_ok(), "the idle {what} connection was not closed");
+}
+
 /// The real binary, started as a user would start it.
 pub struct ProxyProcess {
     pub child: Child,
