@@ -299,6 +299,7 @@ async fn odd_requests_are_read_alike_by_the_relay_and_hyper_s_path() {
     };
     let relay = spawn_proxy(&config(false)).await;
     let hyper = spawn_proxy(&config(true)).await;
+    assert_paths(relay.addr, hyper.addr).await;
     let (cases, seed, requests) = generated();
     let mut results = Vec::new();
     for proxy in [&relay, &hyper] {

@@ -231,6 +231,24 @@ fn told(mut code: String, body: &[u8], bodies: bool) -> String {
     code
 }
 
+/// The proxy at `relay` relays and the one at `hyper` sends all through hyper's path, so
+/// that there are two paths to compare: the relay keeps the server's header names as written,
+/// hyper lowercases them. The server answers `GET /end` with `Content-Length: 3` and `end`.
+pub async fn assert_paths(relay: SocketAddr, hyper: SocketAddr) {
+    for (addr, line) in [
+        (relay, "\r\nContent-Length: 3\r\n"),
+        (hyper, "\r\ncontent-length: 3\r\n"),
+    ] {
+        let mut sock = TcpStream::connect(addr).await.unwrap();
+        let request = b"GET /end HTTP/1.1\r\nHost: shop.test\r\n\r\n";
+        sock.write_all(request).await.unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(b"end") && read_more(&mut sock, &mut got).await {}
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.contains(line), "{addr}: {got}");
+    }
+}
+
 /// How many answers were final (interim `1xx` ones are told but not counted).
 fn finals(statuses: &[String]) -> usize {
     statuses.iter().filter(|s| !s.starts_with('1')).count()
