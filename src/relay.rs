@@ -25,15 +25,15 @@
 //! Once the request is sent, the answer cannot go to hyper, so every way an HTTP/1.1 server
 //! answers is handled here as hyper's client and server would together: 1xx answers skipped, no
 //! body for 204 and 304, nor for any answer to a `HEAD` (its first `Content-Length` passed on,
-//! no coding added, `response_head`), a body of `Content-Length` (a small answer written in
-//! one piece once it is whole, up to its deadline), chunked (passed through as it comes, its
-//! end found by `Chunked`), or until the server closes (sent on chunked, so that the client's
-//! connection stays open). A failure before the answer's head is reported to the
-//! server's checker, tried once more on another server when the method is idempotent, and
-//! otherwise answered with the outage response; a failure after it closes the client's
-//! connection, as hyper does when a body breaks. A client that closes its connection before its
-//! answer is whole has its request given up, as hyper's server gives it up (`wait`). Header
-//! names keep the case the peer gave them (hyper's would be lowercase).
+//! or the one its values agree on, no coding added, `response_head`), a body of
+//! `Content-Length` (a small answer written in one piece once it is whole, up to its deadline),
+//! chunked (passed through as it comes, its end found by `Chunked`), or until the server closes
+//! (sent on chunked, so that the client's connection stays open). A failure before the
+//! answer's head is reported to the server's checker, tried once more on another server when
+//! the method is idempotent, and otherwise answered with the outage response; a failure after
+//! it closes the client's connection, as hyper does when a body breaks. A client that closes
+//! its connection before its answer is whole has its request given up, as hyper's server gives
+//! it up (`wait`). Header names keep the case the peer gave them (hyper's would be lowercase).
 
 use crate::forward::pool::{SendError, UpstreamPool};
 use crate::forward::{self, UpstreamError};
@@ -1169,9 +1169,10 @@ fn response_head(input: &[u8], head: bool, out: &mut Vec<u8>) -> Result<Head, Se
     let mut named: Vec<&[u8]> = Vec::new();
     let (mut te, mut chunked) = (false, false);
     // The `Content-Length` lines, read as they come rather than gathered: how many, whether
-    // one is not `0`, and the length they agree on (or why they do not), which counts only
-    // when the framing is theirs.
-    let (mut lengths, mut nonzero_length) = (0usize, false);
+    // one is not `0`, whether a value repeats one before it (`2, 2`, or a second line), and
+    // the length they agree on (or why they do not), which counts only when the framing is
+    // theirs.
+    let (mut lengths, mut nonzero_length, mut repeated) = (0usize, false, false);
     let mut length: Result<Option<u64>, &'static str> = Ok(None);
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
@@ -1194,7 +1195,8 @@ fn response_head(input: &[u8], head: bool, out: &mut Vec<u8>) -> Result<Head, Se
         } else if is(name, b"content-length") {
             lengths += 1;
             nonzero_length |= h.value.trim_ascii() != b"0";
-            length = length.and_then(|known| content_length(h.value, known));
+            length = length
+                .and_then(|known| forward::headers::content_length(h.value, known, &mut repeated));
         }
     }
     // A 204 or 304 has no body whatever its headers say: hyper's client reads none of them,
@@ -1207,6 +1209,8 @@ fn response_head(input: &[u8], head: bool, out: &mut Vec<u8>) -> Result<Head, Se
             "Transfer-Encoding in an HTTP/1.0 response",
         ));
     }
+    // What the lines say, framing or not, for the one line written of several (below).
+    let given = length;
     // With a transfer coding the length is the coding's (RFC 9112 §6.3), as hyper reads it.
     let length = match length {
         _ if te || unread => None,
@@ -1243,7 +1247,7 @@ fn response_head(input: &[u8], head: bool, out: &mut Vec<u8>) -> Result<Head, Se
     let (mut dated, mut length_written) = (false, false);
     // Which lines are lengths is asked only where it matters, after cheaper tests: a compare
     // per header and answer costs more than the rest of this loop's rules.
-    let several_lengths = lengths > 1;
+    let several_lengths = lengths > 1 || repeated;
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         let length = || is(name, b"content-length");
@@ -1260,11 +1264,23 @@ fn response_head(input: &[u8], head: bool, out: &mut Vec<u8>) -> Result<Head, Se
             // but a `HEAD`'s as given.
             || (bodiless && !head && length())
             // No trailers can follow an answer with no body: hyper's server drops `Trailer`.
-            || (unread && is(name, b"trailer"))
-            // It writes one length at most: the first, as the server gave it.
-            || (several_lengths && length() && std::mem::replace(&mut length_written, true));
+            || (unread && is(name, b"trailer"));
         if dropped {
             continue;
+        }
+        // It writes one length at most. In place of the first, the one its values agree on,
+        // whether they frame the body or not (a `HEAD`'s, a 304's): a list (`2, 2`) some
+        // clients refuse (Go's) or read as no length (Python's, which then waits for a close).
+        // Values that do not agree are read by no framing here (they are refused where they
+        // would frame the body), and the first line goes on as the server gave it.
+        if several_lengths && length() {
+            if std::mem::replace(&mut length_written, true) {
+                continue;
+            }
+            if let Ok(Some(n)) = given {
+                push_header(out, name, itoa::Buffer::new().format(n).as_bytes());
+                continue;
+            }
         }
         dated |= is(name, b"date");
         push_line(out, input, name, h.value);
@@ -1298,23 +1314,6 @@ fn response_head(input: &[u8], head: bool, out: &mut Vec<u8>) -> Result<Head, Se
         framing,
         reusable,
     }))
-}
-
-/// The length in a `Content-Length` line's `value`, which must agree with the length `known`
-/// from the lines before it, as hyper's client reads them.
-fn content_length(value: &[u8], mut known: Option<u64>) -> Result<Option<u64>, &'static str> {
-    for value in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-        let n = std::str::from_utf8(value)
-            .ok()
-            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|v| v.parse::<u64>().ok())
-            .ok_or("an invalid Content-Length")?;
-        if known.is_some_and(|l| l != n) {
-            return Err("differing Content-Length values");
-        }
-        known = Some(n);
-    }
-    Ok(known)
 }
 
 /// A connection's two answer deadlines, kept registered across its requests.
@@ -2181,6 +2180,76 @@ mod tests {
             head("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n");
         assert_eq!(answer.framing, Framing::Length(3));
         assert_eq!(out.matches("Content-Length").count(), 1, "{out}");
+    }
+
+    /// A length whose values repeat one another and agree (a list, several lines) goes on as
+    /// one line of its digits, in place of the first and with its name as given, where it is
+    /// written at all: a `HEAD`'s answer and a 304 to one included. One line of digits goes on
+    /// as given; values that do not agree, read by no framing there, too.
+    #[test]
+    fn a_repeated_length_goes_on_as_one_line_of_digits() {
+        let cases = [
+            (
+                "Content-Length: 3, 3\r\n",
+                false,
+                &["Content-Length: 3"][..],
+            ),
+            ("content-LENGTH: 3,3\r\n", false, &["content-LENGTH: 3"]),
+            (
+                "Content-Length: 3 ,\t3, 3\r\n",
+                false,
+                &["Content-Length: 3"],
+            ),
+            (
+                "Content-Length: 3, 3\r\nContent-Length: 3\r\n",
+                false,
+                &["Content-Length: 3"],
+            ),
+            (
+                "Content-Length: 3\r\nContent-Length: 3, 3\r\n",
+                false,
+                &["Content-Length: 3"],
+            ),
+            (
+                "Content-Length: 003\r\nContent-Length: 3\r\n",
+                false,
+                &["Content-Length: 3"],
+            ),
+            ("Content-Length: 3\r\n", false, &["Content-Length: 3"]),
+            ("Content-Length: 003\r\n", false, &["Content-Length: 003"]),
+            ("Content-Length:  3 \t\r\n", false, &["Content-Length: 3"]),
+            ("Content-Length: 3, 3\r\n", true, &["Content-Length: 3"]),
+            (
+                "Content-Length: 3\r\nContent-Length: 3\r\n",
+                true,
+                &["Content-Length: 3"],
+            ),
+            ("Content-Length: 2, 3\r\n", true, &["Content-Length: 2, 3"]),
+            (
+                "Content-Length: 2\r\nContent-Length: 3\r\n",
+                true,
+                &["Content-Length: 2"],
+            ),
+        ];
+        for (lengths, to_head, want) in cases {
+            for status in ["200 OK", "304 Not Modified"] {
+                if status.starts_with("304") && !to_head {
+                    continue;
+                }
+                let input = format!("HTTP/1.1 {status}\r\nX-A: b\r\n{lengths}X-Z: y\r\n\r\n");
+                let (out, answer) = answer_to(&input, to_head);
+                let lines: Vec<&str> = out
+                    .split("\r\n")
+                    .filter(|l| l.to_ascii_lowercase().starts_with("content-length"))
+                    .collect();
+                assert_eq!(lines, want, "{input:?}: {out}");
+                let lower = out.to_ascii_lowercase();
+                assert!(lower.contains("x-a: b\r\ncontent-"), "{input:?}: {out}");
+                if !to_head {
+                    assert_eq!(answer.framing, Framing::Length(3), "{input:?}");
+                }
+            }
+        }
     }
 
     /// `written` finds a line only where the slices it is given sit in the input.

@@ -141,6 +141,59 @@ pub fn restore_upgrade(headers: &mut HeaderMap, upgrade: HeaderValue) {
     headers.insert(header::UPGRADE, upgrade);
 }
 
+/// The length in a `Content-Length` line's `value`, which must agree with the length `known`
+/// from the lines before it, as hyper's client reads them: a list of values (`11, 11`) is
+/// taken when they are all the same. `repeated` is set when a value agrees with one before
+/// it (a list, or a line after another), so that the length goes on as one line
+/// (`one_length`, and `relay::response_head` on the relay's lines).
+#[inline]
+pub fn content_length(
+    value: &[u8],
+    mut known: Option<u64>,
+    repeated: &mut bool,
+) -> Result<Option<u64>, &'static str> {
+    for value in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        let n = std::str::from_utf8(value)
+            .ok()
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or("an invalid Content-Length")?;
+        if let Some(l) = known {
+            if l != n {
+                return Err("differing Content-Length values");
+            }
+            *repeated = true;
+        }
+        known = Some(n);
+    }
+    Ok(known)
+}
+
+/// Writes an answer's `Content-Length` given as a list of one value (`11, 11`) or on several
+/// lines as one line of its digits (RFC 9110 §8.6 lets a recipient do so). hyper's client
+/// takes such a length when its values agree, and hyper's server writes its first line as
+/// given, which some clients refuse (Go's) or read as no length at all (Python's, which then
+/// reads until the close). Values that do not agree, which hyper's client takes only where it
+/// reads no length (a `HEAD`'s answer, a 304), are left as they are. One line needs nothing.
+pub fn one_length(headers: &mut HeaderMap) {
+    let mut lines = headers.get_all(header::CONTENT_LENGTH).iter();
+    match (lines.next(), lines.next()) {
+        (None, _) => return,
+        (Some(one), None) if !one.as_bytes().contains(&b',') => return,
+        _ => {}
+    }
+    let (mut known, mut repeated) = (None, false);
+    for line in headers.get_all(header::CONTENT_LENGTH) {
+        match content_length(line.as_bytes(), known, &mut repeated) {
+            Ok(length) => known = length,
+            Err(_) => return,
+        }
+    }
+    if let Some(n) = known {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
+}
+
 /// What the proxy knows of the client side of one connection, prepared once per connection.
 #[derive(Debug, Clone)]
 pub struct ClientSide {
@@ -415,5 +468,77 @@ mod tests {
         set_forwarded(&mut h, &client("10.0.0.2"), true);
         assert_eq!(h.get(&X_FORWARDED_PROTO).unwrap(), "https");
         assert_eq!(h.get(&X_FORWARDED_HOST).unwrap(), "shop.example");
+    }
+
+    /// A length whose values repeat one another and agree becomes one line of its digits; one
+    /// line, and values that do not agree or do not parse, stay as they are.
+    #[test]
+    fn a_repeated_length_becomes_one_line() {
+        let lengths = |h: &HeaderMap| -> Vec<String> {
+            h.get_all(header::CONTENT_LENGTH)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect()
+        };
+        let table: &[(&[&str], &[&str])] = &[
+            (&["11, 11"], &["11"]),
+            (&["11,11"], &["11"]),
+            (&["11 ,\t11, 11"], &["11"]),
+            (&["11", "11"], &["11"]),
+            (&["11", "11, 11"], &["11"]),
+            (&["011", "11"], &["11"]),
+            (&["0, 0"], &["0"]),
+            // One line of digits is left as it is, leading zeros too (RFC 9110 §8.6 allows
+            // them, and every client reads them).
+            (&["11"], &["11"]),
+            (&["011"], &["011"]),
+            (&[], &[]),
+            // Values that do not agree or do not parse: read nowhere a length frames a body.
+            (&["10, 11"], &["10, 11"]),
+            (&["10", "11"], &["10", "11"]),
+            (&["11, x"], &["11, x"]),
+            (&["11,"], &["11,"]),
+            (&["11", "+11"], &["11", "+11"]),
+        ];
+        for (given, want) in table {
+            let pairs: Vec<(&str, &str)> = given.iter().map(|v| ("content-length", *v)).collect();
+            let mut h = map(&pairs);
+            h.append("x-after", HeaderValue::from_static("1"));
+            one_length(&mut h);
+            assert_eq!(lengths(&h), *want, "{given:?}");
+            assert_eq!(h.get("x-after").unwrap(), "1", "{given:?}");
+        }
+    }
+
+    #[test]
+    fn content_length_reads_lists_and_tells_a_repeat() {
+        let read = |value: &str, known| {
+            let mut repeated = false;
+            let got = content_length(value.as_bytes(), known, &mut repeated);
+            (got, repeated)
+        };
+        assert_eq!(read("11", None), (Ok(Some(11)), false));
+        assert_eq!(read("011", None), (Ok(Some(11)), false));
+        assert_eq!(read("11, 11", None), (Ok(Some(11)), true));
+        assert_eq!(read("11", Some(11)), (Ok(Some(11)), true));
+        assert_eq!(
+            read("11", Some(10)),
+            (Err("differing Content-Length values"), false)
+        );
+        for bad in [
+            "",
+            "+11",
+            "-1",
+            "0x0b",
+            "11 11",
+            "11,",
+            "99999999999999999999",
+        ] {
+            assert_eq!(
+                read(bad, None).0,
+                Err("an invalid Content-Length"),
+                "{bad:?}"
+            );
+        }
     }
 }

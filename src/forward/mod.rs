@@ -471,6 +471,10 @@ fn finish(
     if !head && resp.headers().contains_key(header::TRANSFER_ENCODING) {
         resp.headers_mut().remove(header::CONTENT_LENGTH);
     }
+    // A length given as a list (`11, 11`) or on several lines, which hyper's client takes
+    // when its values agree, goes on as one line: hyper's server would write the first line as
+    // given (and refuse a second line beside a `HEAD`'s answer, closing the connection).
+    headers::one_length(resp.headers_mut());
     // The server's version is its hop's: an HTTP/1.0 answer goes to an HTTP/1.1 client as
     // HTTP/1.1, chunked when it has no length, so that the client's connection stays open
     // (hyper's server answers an HTTP/1.0 client as HTTP/1.0 whatever this says; the relay
