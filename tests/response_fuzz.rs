@@ -249,7 +249,10 @@ async fn odd_answers_reach_the_client_alike_through_the_relay_and_hyper_s_path()
     let mut differences = Vec::new();
     for (case, answer) in answers.iter().enumerate() {
         let (a, b) = (&relayed[case], &through_hyper[case]);
-        if a != b {
+        // Alike, and readable by a strict client: whatever the server sent, the proxy passes
+        // on a head that client reads, or answers itself.
+        let unreadable = |(_, end): &Answers| end.starts_with("unreadable");
+        if a != b || unreadable(a) || unreadable(b) {
             let shown = String::from_utf8_lossy(&answer.bytes[..answer.bytes.len().min(400)]);
             differences.push(format!(
                 "case {case} (close {}): {shown:?}\n  relay: {a:?}\n  hyper: {b:?}",
@@ -259,7 +262,7 @@ async fn odd_answers_reach_the_client_alike_through_the_relay_and_hyper_s_path()
     }
     assert!(
         differences.is_empty(),
-        "{} of {cases} cases differ (seed {seed}):\n{}",
+        "{} of {cases} cases differ or are unreadable (seed {seed}):\n{}",
         differences.len(),
         differences[..differences.len().min(15)].join("\n")
     );

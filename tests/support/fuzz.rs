@@ -168,18 +168,26 @@ pub async fn exchange(addr: SocketAddr, request: &[u8], last: usize, bodies: boo
                         100..=199 | 204 | 304 => Framing::Length(0),
                         _ => Framing::Close,
                     };
+                    let mut lengths = 0;
                     for h in resp.headers.iter() {
                         if h.name.eq_ignore_ascii_case("content-type") {
                             code.push(' ');
                             code.push_str(&String::from_utf8_lossy(h.value));
                         } else if h.name.eq_ignore_ascii_case("content-length") {
-                            // A list of one value repeated is that value, as hyper and
-                            // browsers read it (RFC 9110 §8.6).
-                            let text = String::from_utf8_lossy(h.value);
-                            let mut values = text.split(',').map(|v| v.trim().parse().ok());
-                            let first = values.next().flatten();
-                            let one = first.filter(|_| values.all(|v| v == first));
-                            framing = Framing::Length(one.unwrap_or(0));
+                            // Strict, as Go's client is: a length is one line of digits. A
+                            // list, even of one value repeated (`11, 11`), fails the answer
+                            // there ("bad Content-Length"), and Python's reads it as no length
+                            // at all; a second line, which Go takes when it says the same, is
+                            // refused too: the proxy promises one.
+                            lengths += 1;
+                            let length = std::str::from_utf8(h.value)
+                                .ok()
+                                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                                .and_then(|v| v.parse().ok());
+                            match length {
+                                Some(n) if lengths == 1 => framing = Framing::Length(n),
+                                _ => return "unreadable answer",
+                            }
                         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                             framing = Framing::Chunked;
                         }
