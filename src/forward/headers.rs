@@ -173,8 +173,11 @@ pub fn content_length(
 /// lines as one line of its digits (RFC 9110 §8.6 lets a recipient do so). hyper's client
 /// takes such a length when its values agree, and hyper's server writes its first line as
 /// given, which some clients refuse (Go's) or read as no length at all (Python's, which then
-/// reads until the close). Values that do not agree, which hyper's client takes only where it
-/// reads no length (a `HEAD`'s answer, a 304), are left as they are. One line needs nothing.
+/// reads until the close). Values that do not agree or do not parse, which hyper's client
+/// takes only where it reads no length (a `HEAD`'s answer, a 304), go on as the first line as
+/// given, as the relay writes them: hyper's server would refuse a second line and close the
+/// connection without an answer, and Go's client fails lines that differ even there. One
+/// line needs nothing.
 pub fn one_length(headers: &mut HeaderMap) {
     let mut lines = headers.get_all(header::CONTENT_LENGTH).iter();
     match (lines.next(), lines.next()) {
@@ -186,7 +189,12 @@ pub fn one_length(headers: &mut HeaderMap) {
     for line in headers.get_all(header::CONTENT_LENGTH) {
         match content_length(line.as_bytes(), known, &mut repeated) {
             Ok(length) => known = length,
-            Err(_) => return,
+            Err(_) => {
+                if let Some(first) = headers.get(header::CONTENT_LENGTH).cloned() {
+                    headers.insert(header::CONTENT_LENGTH, first);
+                }
+                return;
+            }
         }
     }
     if let Some(n) = known {
@@ -493,12 +501,14 @@ mod tests {
             (&["11"], &["11"]),
             (&["011"], &["011"]),
             (&[], &[]),
-            // Values that do not agree or do not parse: read nowhere a length frames a body.
+            // Values that do not agree or do not parse, read nowhere a length frames a body:
+            // the first line as given.
             (&["10, 11"], &["10, 11"]),
-            (&["10", "11"], &["10", "11"]),
+            (&["10", "11"], &["10"]),
             (&["11, x"], &["11, x"]),
             (&["11,"], &["11,"]),
-            (&["11", "+11"], &["11", "+11"]),
+            (&["11", "+11"], &["11"]),
+            (&["x", "11"], &["x"]),
         ];
         for (given, want) in table {
             let pairs: Vec<(&str, &str)> = given.iter().map(|v| ("content-length", *v)).collect();
