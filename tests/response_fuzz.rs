@@ -20,6 +20,11 @@ use tokio::net::{TcpListener, TcpStream};
 struct Answer {
     bytes: Vec<u8>,
     close: bool,
+    /// Asked with `HEAD`: the server sends its heads only (`bytes[..heads]`), unless it is
+    /// one of those that send the body anyway.
+    head: bool,
+    heads: usize,
+    body_anyway: bool,
 }
 
 /// A server on raw sockets that answers `/case/N` with the `N`th generated answer and `/end`
@@ -52,7 +57,8 @@ async fn serve_scripted(mut sock: TcpStream, answers: Arc<Vec<Answer>>) {
             .strip_prefix("/case/")
             .and_then(|n| n.parse::<usize>().ok());
         let (bytes, close): (&[u8], bool) = match case.and_then(|n| answers.get(n)) {
-            Some(answer) => (&answer.bytes, answer.close),
+            Some(a) if a.head && !a.body_anyway => (&a.bytes[..a.heads], a.close),
+            Some(a) => (&a.bytes, a.close),
             None => (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nend", false),
         };
         if sock.write_all(bytes).await.is_err() || close {
@@ -206,8 +212,15 @@ fn generate(rng: &mut Rng) -> Answer {
     }
     write_lines(rng, lines, extras, eol, &mut out);
     close |= out.windows(18).any(|w| w == b"\nConnection: close");
+    let heads = out.len();
     out.extend_from_slice(&payload);
-    Answer { bytes: out, close }
+    Answer {
+        bytes: out,
+        close,
+        head: rng.one_in(6),
+        heads,
+        body_anyway: rng.one_in(4),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,8 +248,9 @@ async fn odd_answers_reach_the_client_alike_through_the_relay_and_hyper_s_path()
     assert_paths(relay.addr, hyper.addr).await;
     let requests: Vec<Vec<u8>> = (0..cases)
         .map(|n| {
+            let method = if answers[n].head { "HEAD" } else { "GET" };
             format!(
-                "GET /case/{n} HTTP/1.1\r\nHost: shop.test\r\n\r\n\
+                "{method} /case/{n} HTTP/1.1\r\nHost: shop.test\r\n\r\n\
                  GET /end HTTP/1.1\r\nHost: shop.test\r\n\r\n"
             )
             .into_bytes()
@@ -255,8 +269,8 @@ async fn odd_answers_reach_the_client_alike_through_the_relay_and_hyper_s_path()
         if a != b || unreadable(a) || unreadable(b) {
             let shown = String::from_utf8_lossy(&answer.bytes[..answer.bytes.len().min(400)]);
             differences.push(format!(
-                "case {case} (close {}): {shown:?}\n  relay: {a:?}\n  hyper: {b:?}",
-                answer.close
+                "case {case} (close {}, HEAD {}, body anyway {}): {shown:?}\n  relay: {a:?}\n  hyper: {b:?}",
+                answer.close, answer.head, answer.body_anyway
             ));
         }
     }

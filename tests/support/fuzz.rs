@@ -154,6 +154,8 @@ pub async fn exchange(addr: SocketAddr, request: &[u8], last: usize, bodies: boo
     let _ = sock.write_all(request).await;
     let mut buf = Vec::new();
     let mut statuses = Vec::new();
+    // The first final answer to a request that begins with `HEAD` has no body.
+    let mut head = request.starts_with(b"HEAD ");
     let ended = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             let mut headers = [httparse::EMPTY_HEADER; 64];
@@ -162,12 +164,12 @@ pub async fn exchange(addr: SocketAddr, request: &[u8], last: usize, bodies: boo
                 Ok(httparse::Status::Complete(used)) => {
                     let status = resp.code.unwrap_or(0);
                     let mut code = status.to_string();
+                    // No length is read where no body can be, as Go reads none there.
+                    let bodiless =
+                        (head && status >= 200) || matches!(status, 100..=199 | 204 | 304);
                     // Without a length or chunks, the body runs to the close (RFC 9112
-                    // §6.3), but for the statuses that have none.
-                    let mut framing = match status {
-                        100..=199 | 204 | 304 => Framing::Length(0),
-                        _ => Framing::Close,
-                    };
+                    // §6.3).
+                    let mut framing = Framing::Close;
                     let mut lengths = 0;
                     for h in resp.headers.iter() {
                         if h.name.eq_ignore_ascii_case("content-type") {
@@ -186,11 +188,16 @@ pub async fn exchange(addr: SocketAddr, request: &[u8], last: usize, bodies: boo
                                 .and_then(|v| v.parse().ok());
                             match length {
                                 Some(n) if lengths == 1 => framing = Framing::Length(n),
+                                _ if lengths == 1 && bodiless => {}
                                 _ => return "unreadable answer",
                             }
                         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                             framing = Framing::Chunked;
                         }
+                    }
+                    if bodiless {
+                        framing = Framing::Length(0);
+                        head &= status < 200;
                     }
                     Some((used, code, framing))
                 }
