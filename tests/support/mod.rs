@@ -607,3 +607,89 @@ pub fn tool_present(tool: &str, version_arg: &str, package: &str) -> bool {
 pub fn have_prlimit() -> bool {
     tool_present("prlimit", "--version", "util-linux")
 }
+
+/// A server that switches every request asking for an upgrade (101, as a WebSocket server
+/// answers) and then echoes what comes through the tunnel until its client closes; other
+/// requests (health checks) get 200. `open` counts its tunnels not yet closed.
+pub struct Switching {
+    pub server: Upstream,
+    pub open: Arc<AtomicUsize>,
+}
+
+pub async fn switching_upstream() -> Switching {
+    let open = Arc::new(AtomicUsize::new(0));
+    let counted = open.clone();
+    let server = upstream(move |mut req: Request<Incoming>| {
+        let open = counted.clone();
+        async move {
+            if !req.headers().contains_key("upgrade") {
+                return Response::new(full("ok"));
+            }
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let Ok(upgraded) = on.await else { return };
+                open.fetch_add(1, Ordering::SeqCst);
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+            Response::builder()
+                .status(101)
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .body(empty())
+                .unwrap()
+        }
+    })
+    .await;
+    Switching { server, open }
+}
+
+/// Asks for a WebSocket upgrade on `s` and returns the answer's head, read byte by byte so
+/// that nothing of the tunnel is taken with it; empty when the connection closes first.
+pub async fn ask_to_switch<S>(s: &mut S) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ask =
+        b"GET /ws HTTP/1.1\r\nHost: shop.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    if s.write_all(ask).await.is_err() {
+        return String::new();
+    }
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await {
+            Ok(Ok(1)) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A tunnel through the proxy at `addr` to a `switching_upstream`.
+pub async fn open_tunnel(addr: SocketAddr) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = ask_to_switch(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "no switch: {head:?}");
+    assert!(echoes(&mut s, "first").await, "a new tunnel does not echo");
+    s
+}
+
+/// Whether `msg`, sent through a tunnel, comes back within 10 s.
+pub async fn echoes<S>(s: &mut S, msg: &str) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if s.write_all(msg.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut back = vec![0u8; msg.len()];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back)).await,
+        Ok(Ok(_))
+    ) && back == msg.as_bytes()
+}
