@@ -48,6 +48,10 @@ use tokio_rustls::TlsAcceptor;
 /// At the limit, the connection idle longest makes room for a new one (`make_room`), as
 /// nginx reuses its idle connections: otherwise clients that open connections and leave
 /// them idle would lock every new one out until `header_read_timeout`.
+///
+/// A connection that becomes a tunnel (an upgrade, `forward::upgrade`) outlives the hyper
+/// connection that held its slot: the tunnel keeps one of its own (`Upgrading`), and is
+/// counted, as nginx counts every connection against `worker_connections`.
 #[derive(Default)]
 pub struct Limit {
     open: AtomicUsize,
@@ -121,6 +125,45 @@ impl Slot {
     pub fn limit(&self) -> &Arc<Limit> {
         &self.0
     }
+}
+
+/// Put in the extensions of a request that may upgrade: the limit its connection is counted
+/// in, for the tunnel it may become (`forward::upgrade`). hyper's connection, and the slot
+/// its task holds, end once hyper hands the connection to the tunnel.
+/// `Clone` as extensions must be: a clone holds no slot until `keep`.
+#[derive(Clone)]
+pub struct Upgrading(Arc<Limit>);
+
+impl Upgrading {
+    /// Marks `req` when it may upgrade. hyper gives such a request, and no other, an
+    /// `OnUpgrade` extension; the others have no extension map at all, so for them this is
+    /// one pointer's check, and no clone.
+    #[inline]
+    pub fn mark<B>(req: &mut Request<B>, limit: &Arc<Limit>) {
+        if req
+            .extensions()
+            .get::<hyper::upgrade::OnUpgrade>()
+            .is_some()
+        {
+            req.extensions_mut().insert(Upgrading(limit.clone()));
+        }
+    }
+
+    /// What keeps the connection counted while it is a tunnel: a slot, taken whatever the
+    /// maximum as this is no new connection. Taken when the upstream switched, before hyper
+    /// lets go of the connection's own: never uncounted in between, it counts twice for
+    /// that moment (a new client at the limit then may be refused, or make room).
+    pub fn keep(self) -> Tunnelled {
+        let Upgrading(limit) = self;
+        limit.open.fetch_add(1, Ordering::Relaxed);
+        Tunnelled { _slot: Slot(limit) }
+    }
+}
+
+/// A tunnel's place among the open connections, until dropped. It is never among the idle
+/// ones: a tunnel is not closed to make room.
+pub struct Tunnelled {
+    _slot: Slot,
 }
 
 impl Drop for Slot {
@@ -213,7 +256,7 @@ impl Closable {
         self.ticket.store(NOT_IDLE, Ordering::Relaxed);
     }
 
-    pub fn limit(&self) -> &Limit {
+    pub fn limit(&self) -> &Arc<Limit> {
         &self.limit
     }
 }
@@ -537,7 +580,8 @@ pub(crate) fn count_unread(e: &hyper::Error, state: &StateHandle) {
 /// Serves HTTP/2 prior knowledge and TLS connections (either protocol, by ALPN). Over TLS,
 /// HTTP/1.1 is relayed while its requests are plain forwards (`relay`), as on a plaintext
 /// connection, then served by hyper from the first that is not one; it does not park.
-/// `held`: the drain's guard, and the connection's slot, kept to the end.
+/// `held`: the drain's guard, and the connection's slot, kept to the end (an upgrade's tunnel,
+/// which outlives hyper's connection, takes its own: `Upgrading`).
 async fn serve_others(
     arrived: Arrived,
     state: &StateHandle,
@@ -654,8 +698,10 @@ impl Serving<'_> {
     {
         let between = Arc::new(Between::default());
         let counted = between.clone();
-        let service = service_fn(move |req: Request<Incoming>| {
+        let limit = self.closable.limit().clone();
+        let service = service_fn(move |mut req: Request<Incoming>| {
             let open = Open::new(&counted);
+            Upgrading::mark(&mut req, &limit);
             let reply = service.call(req);
             async move {
                 let response = reply.await?;

@@ -361,8 +361,9 @@ impl hyper::service::Service<http::Request<Incoming>> for Gateway {
     type Error = Infallible;
     type Future = Tracked<Reply>;
 
-    fn call(&self, req: http::Request<Incoming>) -> Tracked<Reply> {
+    fn call(&self, mut req: http::Request<Incoming>) -> Tracked<Reply> {
         let busy = Busy::new(&self.idle, &req);
+        crate::listener::Upgrading::mark(&mut req, self.idle.closable.limit());
         Tracked::new(self.fast.handle(req), busy)
     }
 }

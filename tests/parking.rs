@@ -729,3 +729,56 @@ async fn a_lowered_max_connections_refuses_rather_than_makes_room() {
         assert!(resp.ends_with("app saw /again"), "{resp}");
     }
 }
+
+/// A WebSocket tunnel is an open connection: it counts against `max_connections` for as long
+/// as it lasts, as nginx counts every connection, and it is never closed to make room. At
+/// the limit a new client closes an idle connection, not the tunnel; with only tunnels open
+/// it is refused; once a tunnel closes, its slot is free again.
+#[tokio::test(flavor = "multi_thread")]
+async fn open_tunnels_count_against_max_connections_and_never_make_room() {
+    let up = switching_upstream().await;
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = 2\n[upstream]\nservers = [\"{}\"]\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n",
+        up.server.url()
+    ))
+    .await;
+    let mut first = open_tunnel(proxy.addr).await;
+    let mut idle = TcpStream::connect(proxy.addr).await.unwrap();
+    idle.write_all(b"GET /idle HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_response(&mut idle).await;
+    assert!(resp.ends_with("ok"), "{resp}");
+    wait_parked(&proxy, 1.0).await;
+
+    // The tunnel and the idle connection make two: the idle one makes room.
+    let out = new_client(&proxy).await;
+    assert!(out.ends_with("ok"), "the new client: {out:?}");
+    assert!(
+        closed_silently(&mut idle).await,
+        "the idle connection should have made room: the tunnel was not counted"
+    );
+    assert!(echoes(&mut first, "still there").await);
+
+    // Two tunnels: nothing idle to close, so a new client is refused, and both stay.
+    let mut second = open_tunnel(proxy.addr).await;
+    let out = new_client(&proxy).await;
+    assert_eq!(out, "", "a new client was served beside two open tunnels");
+    assert!(
+        echoes(&mut first, "one").await,
+        "a tunnel was closed for room"
+    );
+    assert!(
+        echoes(&mut second, "two").await,
+        "a tunnel was closed for room"
+    );
+
+    // A tunnel that closes gives its slot back.
+    drop(first);
+    assert!(
+        served_at_the_limit(&proxy).await,
+        "a closed tunnel still holds its slot"
+    );
+    assert!(echoes(&mut second, "three").await);
+}

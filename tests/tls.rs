@@ -1292,3 +1292,34 @@ async fn at_max_connections_a_busy_https_connection_hyper_serves_stays() {
 
     assert_makes_room(&proxy, closed, "HTTPS").await;
 }
+
+/// A WebSocket tunnel over TLS (the relay leaves the upgrade to hyper, whose connection ends
+/// when it hands the socket over) keeps its connection's slot: at `max_connections` a new
+/// client is refused, and the tunnel is not taken for an idle connection and closed. Once
+/// it closes, its slot is free again.
+#[tokio::test]
+async fn an_https_tunnel_counts_against_max_connections_until_it_closes() {
+    let up = switching_upstream().await;
+    let ca = Ca::new();
+    let proxy = one_connection_proxy(&ca, &up.server).await;
+    let mut tunnel = tls_connect(
+        tls_addr(&proxy),
+        "shop.test",
+        ca.client_config(&[b"http/1.1"]),
+    )
+    .await;
+    let head = ask_to_switch(&mut tunnel).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "no switch: {head:?}");
+    assert!(echoes(&mut tunnel, "first").await);
+    let out = new_client(&proxy).await;
+    assert_eq!(out, "", "a new client was served beside an open tunnel");
+    assert!(
+        echoes(&mut tunnel, "still there").await,
+        "the tunnel was closed for room"
+    );
+    drop(tunnel);
+    assert!(
+        served_at_the_limit(&proxy).await,
+        "a closed tunnel still holds its slot"
+    );
+}

@@ -124,7 +124,7 @@ pub fn forward<'a>(
             Version::HTTP_11 => headers::upgrade_request(req.headers()),
             _ => None,
         };
-        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let client_upgrade = upgrade.as_ref().map(|_| upgrade::Client::of(&mut req));
 
         // In a block of its own, so that the request's parts, moved into the new request at
         // its end, keep no slot in this future's state while it waits for the response.
@@ -458,7 +458,7 @@ fn native_grpc(headers: &http::HeaderMap) -> bool {
 fn finish(
     resp: Response<Body>,
     (server, name): (usize, &Arc<str>),
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    client_upgrade: Option<upgrade::Client>,
     stall: Option<Duration>,
     resume: Option<Resume>,
     (grpc, head): (bool, bool),
