@@ -65,6 +65,8 @@ pub struct Limit {
     pub(crate) parked: Gauge,
     /// The connections idle now that may be closed for room.
     idle: Mutex<Idlers>,
+    /// The listeners' drain, which a tunnel joins as the connection it was did.
+    drain: Arc<Drain>,
 }
 
 /// Idle connections by the order they became idle (`ticket`), each with the waker that tells
@@ -80,9 +82,10 @@ struct Idlers {
 pub struct Slot(Arc<Limit>);
 
 impl Limit {
-    pub fn new(parked: Gauge) -> Limit {
+    pub fn new(parked: Gauge, drain: Arc<Drain>) -> Limit {
         Limit {
             parked,
+            drain,
             ..Limit::default()
         }
     }
@@ -129,7 +132,7 @@ impl Slot {
 
 /// Put in the extensions of a request that may upgrade: the limit its connection is counted
 /// in, for the tunnel it may become (`forward::upgrade`). hyper's connection, and the slot
-/// its task holds, end once hyper hands the connection to the tunnel.
+/// and drain guard its task holds, end once hyper hands the connection to the tunnel.
 /// `Clone` as extensions must be: a clone holds no slot until `keep`.
 #[derive(Clone)]
 pub struct Upgrading(Arc<Limit>);
@@ -150,20 +153,27 @@ impl Upgrading {
     }
 
     /// What keeps the connection counted while it is a tunnel: a slot, taken whatever the
-    /// maximum as this is no new connection. Taken when the upstream switched, before hyper
-    /// lets go of the connection's own: never uncounted in between, it counts twice for
+    /// maximum as this is no new connection, and a drain guard, so that a drain waits for
+    /// the tunnel up to `shutdown_timeout` as for any connection (nginx keeps upgraded
+    /// connections until `worker_shutdown_timeout`). Taken when the upstream switched, before
+    /// hyper lets go of the connection's own: never uncounted in between, it counts twice for
     /// that moment (a new client at the limit then may be refused, or make room).
     pub fn keep(self) -> Tunnelled {
         let Upgrading(limit) = self;
         limit.open.fetch_add(1, Ordering::Relaxed);
-        Tunnelled { _slot: Slot(limit) }
+        let guard = limit.drain.guard();
+        Tunnelled {
+            _slot: Slot(limit),
+            _guard: guard,
+        }
     }
 }
 
-/// A tunnel's place among the open connections, until dropped. It is never among the idle
-/// ones: a tunnel is not closed to make room.
+/// A tunnel's place among the open connections and in the drain, until dropped. It is never
+/// among the idle ones: a tunnel is not closed to make room.
 pub struct Tunnelled {
     _slot: Slot,
+    _guard: Shutdown,
 }
 
 impl Drop for Slot {

@@ -48,6 +48,9 @@ pub fn terminate_signal() -> std::io::Result<impl std::future::Future<Output = &
 /// flight); `Drain::shutdown` fires it, so that every one
 /// closes once its in-flight requests are done, and waits until all have. (hyper-util's
 /// graceful watcher does the same but cannot watch an HTTP/1 connection with upgrades.)
+/// A tunnel (an upgraded connection, `forward::upgrade`) holds one too, until it closes,
+/// but is not told anything: the bytes it carries are not HTTP, and it cannot be asked to
+/// finish. A drain waits for it, as nginx does, up to `shutdown_timeout`.
 pub struct Drain(Trigger);
 
 impl Default for Drain {

@@ -814,3 +814,90 @@ async fn a_refused_reload_is_logged_whoever_asked() {
         proxy.log_lines()
     );
 }
+
+/// Whether the listener at `addr` refuses connections within 10 s: the shutdown has begun.
+async fn stops_accepting(addr: std::net::SocketAddr) -> bool {
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// A drain keeps an open WebSocket tunnel flowing, as it lets an in-flight request finish
+/// (nginx keeps upgraded connections on a graceful stop): the process exits once the tunnel
+/// has closed, well before `shutdown_timeout`.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_keeps_an_open_tunnel_until_it_closes() {
+    let up = switching_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\n[proxy]\nshutdown_timeout = \"30s\"\n",
+            up.server.url()
+        ),
+    );
+    let mut tunnel = open_tunnel(proxy.addr).await;
+    proxy.signal("TERM");
+    assert!(stops_accepting(proxy.addr).await, "still accepting");
+    assert!(
+        echoes(&mut tunnel, "during the drain").await,
+        "the drain cut an open tunnel"
+    );
+    let closed = std::time::Instant::now();
+    drop(tunnel);
+    let (status, waited) = tokio::task::spawn_blocking(move || {
+        let s = proxy.wait_exit(Duration::from_secs(20));
+        (s, closed.elapsed())
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "did not exit 0");
+    assert!(
+        waited < Duration::from_secs(10),
+        "exited {waited:?} after the tunnel closed"
+    );
+}
+
+/// A tunnel still open at `shutdown_timeout` is closed then, as a request still in flight
+/// is: the process waits for it that long, no longer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tunnel_still_open_at_shutdown_timeout_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let up = switching_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\n[proxy]\nshutdown_timeout = \"1s\"\n",
+            up.server.url()
+        ),
+    );
+    let mut tunnel = open_tunnel(proxy.addr).await;
+    let signalled = std::time::Instant::now();
+    proxy.signal("TERM");
+    let (status, waited) = tokio::task::spawn_blocking(move || {
+        let s = proxy.wait_exit(Duration::from_secs(20));
+        (s, signalled.elapsed())
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "did not exit 0");
+    assert!(
+        waited >= Duration::from_millis(900),
+        "exited after {waited:?}, before shutdown_timeout: the drain did not wait for the tunnel"
+    );
+    assert!(
+        waited < Duration::from_secs(10),
+        "exited after {waited:?}: the tunnel outlived shutdown_timeout"
+    );
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(read, Ok(Ok(_)) | Ok(Err(_))),
+        "the tunnel was left open after the process exited"
+    );
+}

@@ -2,9 +2,9 @@
 //!
 //! Both sides' `OnUpgrade` futures resolve after hyper has handed over the raw connections;
 //! from then on bytes are copied both ways until either side closes. hyper's connection,
-//! and with it the client connection's `max_connections` slot, ends at the handover: the
-//! tunnel keeps its own (`listener::Upgrading`), so that it counts against
-//! `max_connections`.
+//! and with it the client connection's `max_connections` slot and drain guard, ends at the
+//! handover: the tunnel keeps its own (`listener::Upgrading`), so that it counts against
+//! `max_connections` and a drain waits for it, up to `shutdown_timeout`.
 
 use crate::listener::{Tunnelled, Upgrading};
 use http::Request;
@@ -30,7 +30,8 @@ impl Client {
 }
 
 /// Spawns the tunnel between the client's and the upstream's upgraded connections. Its slot
-/// is taken here, as the 101 goes to hyper: before hyper's connection lets go of its own.
+/// and drain guard are taken here, as the 101 goes to hyper: before hyper's connection lets
+/// go of its own.
 pub fn spawn_tunnel(client: Client, upstream: OnUpgrade) {
     let kept: Option<Tunnelled> = client.upgrading.map(Upgrading::keep);
     let client = client.on;
