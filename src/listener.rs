@@ -713,10 +713,7 @@ impl Serving<'_> {
             let open = Open::new(&counted);
             Upgrading::mark(&mut req, &limit);
             let reply = service.call(req);
-            async move {
-                let response = reply.await?;
-                Ok::<_, S::Error>(response.map(|body| Answered { body, _open: open }))
-            }
+            async move { Ok::<_, S::Error>(Answered::wrap(reply.await?, open)) }
         });
         let io = Heads {
             io,
@@ -873,6 +870,12 @@ impl Open {
         between.begun.store(false, Ordering::Relaxed);
         Open(between.clone())
     }
+
+    /// Counts this request once more, never to be let go: the connection is not idle again.
+    fn for_good(&self) {
+        let open = &self.0.open;
+        open.store(open.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Open {
@@ -889,6 +892,20 @@ impl Drop for Open {
 struct Answered {
     body: crate::body::Body,
     _open: Open,
+}
+
+impl Answered {
+    /// `response` with its request open until hyper drops its body; for good when it
+    /// switches protocols. A switch hands the connection to its tunnel, which keeps a slot of
+    /// its own (`Upgrading`): the connection is never idle again, not even while hyper still
+    /// writes the 101 out to a client that does not read, when a pick would cut it before the
+    /// tunnel begins.
+    fn wrap(response: Response<crate::body::Body>, open: Open) -> Response<Answered> {
+        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            open.for_good();
+        }
+        response.map(|body| Answered { body, _open: open })
+    }
 }
 
 impl hyper::body::Body for Answered {
@@ -1017,6 +1034,24 @@ mod tests {
         assert!(!between.idle(), "a next head is begun");
         drop(Open::new(&between));
         assert!(between.idle());
+    }
+
+    /// A connection whose request switched protocols is its tunnel's from then on: never
+    /// idle, though the 101 has no body for hyper to keep.
+    #[test]
+    fn a_connection_that_switched_protocols_is_never_idle_again() {
+        let between = Arc::new(Between::default());
+        let answer = |status: u16| {
+            let response = http::Response::builder()
+                .status(status)
+                .body(crate::body::Body::Empty)
+                .expect("a valid status");
+            drop(Answered::wrap(response, Open::new(&between)));
+        };
+        answer(200);
+        assert!(between.idle(), "an answer sent whole leaves it idle");
+        answer(101);
+        assert!(!between.idle(), "a switched connection was idle");
     }
 
     #[test]
