@@ -1121,24 +1121,45 @@ async fn at_max_connections_a_tls_connection_that_sent_nothing_makes_room() {
     );
 }
 
-/// An HTTP/2 connection with no stream open is idle: at `max_connections` it is told to go
-/// (GOAWAY) to make room. One with a stream open is not.
-#[tokio::test]
-async fn at_max_connections_an_idle_http2_connection_makes_room_and_a_busy_one_does_not() {
+/// A server held by the test: `/slow` reads its body, tells `arrived` and answers `ok` once
+/// `release` is told; `/drip` sends `first,` at once and `last` once `release` is told;
+/// anything else is answered `ok`. Returns the server, `release` and `arrived`.
+async fn gated_upstream() -> (Upstream, Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>) {
     let release = Arc::new(tokio::sync::Notify::new());
     let arrived = Arc::new(tokio::sync::Notify::new());
     let (r, a) = (release.clone(), arrived.clone());
     let up = upstream(move |req: Request<Incoming>| {
         let (release, arrived) = (r.clone(), a.clone());
         async move {
-            if req.uri().path() == "/slow" {
-                arrived.notify_one();
-                release.notified().await;
+            match req.uri().path() {
+                "/slow" => {
+                    let _ = req.into_body().collect().await;
+                    arrived.notify_one();
+                    release.notified().await;
+                    Response::new(full("ok"))
+                }
+                "/drip" => {
+                    let (tx, body) = mpsc_body();
+                    tokio::spawn(async move {
+                        tx.send(Bytes::from_static(b"first,")).await.unwrap();
+                        release.notified().await;
+                        tx.send(Bytes::from_static(b"last")).await.unwrap();
+                    });
+                    Response::new(body)
+                }
+                _ => Response::new(full("ok")),
             }
-            Response::new(full("ok"))
         }
     })
     .await;
+    (up, release, arrived)
+}
+
+/// An HTTP/2 connection with no stream open is idle: at `max_connections` it is told to go
+/// (GOAWAY) to make room. One with a stream open is not.
+#[tokio::test]
+async fn at_max_connections_an_idle_http2_connection_makes_room_and_a_busy_one_does_not() {
+    let (up, release, arrived) = gated_upstream().await;
     let ca = Ca::new();
     let proxy = one_connection_proxy(&ca, &up).await;
     let stream = tls_connect(tls_addr(&proxy), "shop.test", ca.client_config(&[b"h2"])).await;
@@ -1225,33 +1246,7 @@ async fn at_max_connections_an_idle_https_connection_hyper_serves_makes_room() {
 /// A new client is refused, and the request gets its whole answer. Once idle, it makes room.
 #[tokio::test]
 async fn at_max_connections_a_busy_https_connection_hyper_serves_stays() {
-    let release = Arc::new(tokio::sync::Notify::new());
-    let arrived = Arc::new(tokio::sync::Notify::new());
-    let (r, a) = (release.clone(), arrived.clone());
-    let up = upstream(move |req: Request<Incoming>| {
-        let (release, arrived) = (r.clone(), a.clone());
-        async move {
-            match req.uri().path() {
-                "/slow" => {
-                    let _ = req.into_body().collect().await;
-                    arrived.notify_one();
-                    release.notified().await;
-                    Response::new(full("ok"))
-                }
-                "/drip" => {
-                    let (tx, body) = mpsc_body();
-                    tokio::spawn(async move {
-                        tx.send(Bytes::from_static(b"first,")).await.unwrap();
-                        release.notified().await;
-                        tx.send(Bytes::from_static(b"last")).await.unwrap();
-                    });
-                    Response::new(body)
-                }
-                _ => Response::new(full("ok")),
-            }
-        }
-    })
-    .await;
+    let (up, release, arrived) = gated_upstream().await;
     let ca = Ca::new();
     let proxy = one_connection_proxy(&ca, &up).await;
     let (mut sender, closed) = h1_with_bodies(&proxy, &ca).await;
