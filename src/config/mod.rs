@@ -719,10 +719,16 @@ impl Validator<'_> {
             );
         }
         for (i, &code) in f.intercept_statuses.iter().enumerate() {
+            let key = format!("upstream.intercept_statuses[{i}]");
             if !(100..=599).contains(&code) {
+                self.problem(&key, format!("{code} is not an HTTP status (100-599)"));
+            } else if code < 200 {
+                // The only 1xx a forward ever ends in is a 101, whose connection is then the
+                // tunnel's: replacing it would leave the client waiting on a switch that
+                // never comes. The others are interim, never replaced.
                 self.problem(
-                    &format!("upstream.intercept_statuses[{i}]"),
-                    format!("{code} is not an HTTP status (100-599)"),
+                    &key,
+                    format!("{code} is not a final answer; only 200-599 can be replaced"),
                 );
             }
         }
@@ -1953,11 +1959,12 @@ mod tests {
         for bad in ["", "2xx", "300-200", "99", "200-600", "a-b"] {
             assert!(parse_status_ranges(bad).is_err(), "{bad}");
         }
-        let text = "[health]\nkind = \"icmp\"\npath = \"healthz\"\ninterval = \"1s\"\ntimeout = \"2s\"\nrise = 0\nexpect = \"ok\"\n[upstream]\nintercept_statuses = [502, 700]\n";
+        let text = "[health]\nkind = \"icmp\"\npath = \"healthz\"\ninterval = \"1s\"\ntimeout = \"2s\"\nrise = 0\nexpect = \"ok\"\n[upstream]\nintercept_statuses = [502, 700, 101]\n";
         assert_eq!(
             keys(text),
             vec![
                 "upstream.intercept_statuses[1]",
+                "upstream.intercept_statuses[2]",
                 "health.kind",
                 "health.path",
                 "health.timeout",
