@@ -843,6 +843,10 @@ struct Between {
     /// The first head, which the relay read, is begun. So is the rest of a body that comes
     /// after its answer: the connection is not idle again until its next request.
     begun: AtomicBool,
+    /// Something was written and not flushed since: an answer still going out (to a client
+    /// that does not read), which a pick would keep open past its slot until `send_timeout`,
+    /// as `park::Idle` does not take for idle either.
+    unflushed: AtomicBool,
 }
 
 impl Default for Between {
@@ -850,13 +854,16 @@ impl Default for Between {
         Between {
             open: AtomicUsize::new(0),
             begun: AtomicBool::new(true),
+            unflushed: AtomicBool::new(false),
         }
     }
 }
 
 impl Between {
     fn idle(&self) -> bool {
-        self.open.load(Ordering::Relaxed) == 0 && !self.begun.load(Ordering::Relaxed)
+        self.open.load(Ordering::Relaxed) == 0
+            && !self.begun.load(Ordering::Relaxed)
+            && !self.unflushed.load(Ordering::Relaxed)
     }
 }
 
@@ -959,7 +966,12 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Heads<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.between.unflushed.store(true, Ordering::Relaxed);
+        }
+        polled
     }
 
     fn poll_write_vectored(
@@ -967,7 +979,12 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Heads<I> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.between.unflushed.store(true, Ordering::Relaxed);
+        }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -975,7 +992,12 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Heads<I> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = polled {
+            this.between.unflushed.store(false, Ordering::Relaxed);
+        }
+        polled
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -1033,6 +1055,18 @@ mod tests {
         assert_eq!(next.read(&mut buf).await.ok(), Some(8));
         assert!(!between.idle(), "a next head is begun");
         drop(Open::new(&between));
+        assert!(between.idle());
+
+        // An answer written but not flushed is still being sent.
+        let mut out = Heads {
+            io: Vec::<u8>::new(),
+            between: between.clone(),
+        };
+        tokio::io::AsyncWriteExt::write_all(&mut out, b"HTTP/1.1 200 OK\r\n")
+            .await
+            .unwrap();
+        assert!(!between.idle(), "an answer not flushed is still being sent");
+        tokio::io::AsyncWriteExt::flush(&mut out).await.unwrap();
         assert!(between.idle());
     }
 
