@@ -138,9 +138,9 @@ impl Slot {
 pub struct Upgrading(Arc<Limit>);
 
 impl Upgrading {
-    /// Marks `req` when it may upgrade. hyper gives such a request, and no other, an
-    /// `OnUpgrade` extension; the others have no extension map at all, so for them this is
-    /// one pointer's check, and no clone.
+    /// Marks `req` when it may upgrade. hyper gives such a request (and a `CONNECT`, which
+    /// is refused), and no other, an `OnUpgrade` extension; the others have no extension map
+    /// at all, so for them this is one pointer's check, and no clone.
     #[inline]
     pub fn mark<B>(req: &mut Request<B>, limit: &Arc<Limit>) {
         if req
@@ -832,9 +832,10 @@ impl Serving<'_> {
 /// so closable for room, once every request it has begun is answered whole and nothing of a
 /// next one has been read. hyper's graceful shutdown then closes it at once, where one with a
 /// head begun would be closed too, its request lost, since hyper keeps a head it has not
-/// parsed as idle. Atomics only to be `Sync`: all of it happens on the connection's own
-/// task (the service's futures and the answers' bodies live in hyper's connection), hence
-/// `Relaxed`, and a count moved by a load and a store rather than a locked add.
+/// parsed as idle. All of it happens on the connection's own task (the service's futures
+/// and the answers' bodies live in hyper's connection), hence `Relaxed`; the count is still
+/// moved by locked adds, which cost nothing beside the `Arc` clone each request takes, so
+/// that it stays right should an `Open` ever be dropped elsewhere.
 struct Between {
     /// Requests from hyper's call of the service until it drops their answer's body, which it
     /// does once the last of it is in its write buffer (flushed before it closes).
@@ -872,26 +873,21 @@ struct Open(Arc<Between>);
 
 impl Open {
     fn new(between: &Arc<Between>) -> Open {
-        let open = &between.open;
-        open.store(open.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        between.open.fetch_add(1, Ordering::Relaxed);
         between.begun.store(false, Ordering::Relaxed);
         Open(between.clone())
     }
 
     /// Counts this request once more, never to be let go: the connection is not idle again.
     fn for_good(&self) {
-        let open = &self.0.open;
-        open.store(open.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        self.0.open.fetch_add(1, Ordering::Relaxed);
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        let open = &self.0.open;
-        open.store(
-            open.load(Ordering::Relaxed).saturating_sub(1),
-            Ordering::Relaxed,
-        );
+        // Every `Open` added one: it never goes below zero.
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
