@@ -782,3 +782,44 @@ async fn open_tunnels_count_against_max_connections_and_never_make_room() {
     );
     assert!(echoes(&mut second, "three").await);
 }
+
+/// A tunnel over which nothing moves either way for `upstream.read_timeout` is closed, on
+/// both sides, and its slot given back: a WebSocket whose client vanished without a word
+/// would otherwise hold a slot for ever (nginx closes one after `proxy_read_timeout`). One
+/// that carries something at least that often is never cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tunnel_silent_for_read_timeout_is_closed_and_a_talking_one_is_not() {
+    let up = switching_upstream().await;
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = 1\n[upstream]\nservers = [\"{}\"]\n\
+         read_timeout = \"400ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        up.server.url()
+    ))
+    .await;
+    let mut tunnel = open_tunnel(proxy.addr).await;
+    // Talking every 150 ms for 2 s, five times the limit.
+    for n in 0..13 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(
+            echoes(&mut tunnel, &format!("{n}")).await,
+            "a talking tunnel was cut after {n} echoes"
+        );
+    }
+    // Silent: closed within twice the limit (bounded here at 5 s), the server's side too.
+    assert!(
+        closed_silently(&mut tunnel).await,
+        "a silent tunnel was kept"
+    );
+    let server_side_closed = wait_until(Duration::from_secs(5), || {
+        up.open.load(std::sync::atomic::Ordering::SeqCst) == 0
+    })
+    .await;
+    assert!(
+        server_side_closed,
+        "the server's side of the tunnel was kept"
+    );
+    assert!(
+        served_at_the_limit(&proxy).await,
+        "the closed tunnel still holds its slot"
+    );
+}

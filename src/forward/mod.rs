@@ -489,7 +489,7 @@ fn finish(
     headers::strip_hop_by_hop(resp.headers_mut());
     if let (Some(client_upgrade), Some(proto)) = (client_upgrade, upgraded_to) {
         headers::restore_upgrade(resp.headers_mut(), proto);
-        upgrade::spawn_tunnel(client_upgrade, hyper::upgrade::on(&mut resp));
+        upgrade::spawn_tunnel(client_upgrade, hyper::upgrade::on(&mut resp), stall);
     }
     Forwarded {
         response: resp,

@@ -4,12 +4,21 @@
 //! from then on bytes are copied both ways until either side closes. hyper's connection,
 //! and with it the client connection's `max_connections` slot and drain guard, ends at the
 //! handover: the tunnel keeps its own (`listener::Upgrading`), so that it counts against
-//! `max_connections` and a drain waits for it, up to `shutdown_timeout`.
+//! `max_connections` and a drain waits for it, up to `shutdown_timeout`. So that a tunnel
+//! whose peer vanished without a word cannot keep its slot for ever, one over which nothing
+//! has moved either way for `upstream.read_timeout` is closed, as nginx closes one whose
+//! server says nothing for `proxy_read_timeout`.
 
 use crate::listener::{Tunnelled, Upgrading};
 use http::Request;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The client's side of an upgrade: hyper's handover of its connection, and what keeps that
 /// connection counted once it is a tunnel (none where no listener marked the request).
@@ -31,8 +40,8 @@ impl Client {
 
 /// Spawns the tunnel between the client's and the upstream's upgraded connections. Its slot
 /// and drain guard are taken here, as the 101 goes to hyper: before hyper's connection lets
-/// go of its own.
-pub fn spawn_tunnel(client: Client, upstream: OnUpgrade) {
+/// go of its own. `idle`: how long it may carry nothing either way (`None`: for ever).
+pub fn spawn_tunnel(client: Client, upstream: OnUpgrade, idle: Option<Duration>) {
     let kept: Option<Tunnelled> = client.upgrading.map(Upgrading::keep);
     let client = client.on;
     tokio::spawn(async move {
@@ -45,10 +54,87 @@ pub fn spawn_tunnel(client: Client, upstream: OnUpgrade) {
                 return;
             }
         };
-        let mut client = TokioIo::new(client);
-        let mut upstream = TokioIo::new(upstream);
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            tracing::debug!(error = %e, "upgraded connection ended with an error");
+        let moved = Arc::new(AtomicU64::new(0));
+        let mut client = Counted::new(TokioIo::new(client), &moved);
+        let mut upstream = Counted::new(TokioIo::new(upstream), &moved);
+        let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+        tokio::pin!(copy);
+        let Some(idle) = idle else {
+            if let Err(e) = copy.await {
+                tracing::debug!(error = %e, "upgraded connection ended with an error");
+            }
+            return;
+        };
+        // A look every `idle` rather than a deadline moved per read: closed once nothing has
+        // moved for `idle`, to twice that.
+        let mut seen = 0;
+        loop {
+            tokio::select! {
+                ended = &mut copy => {
+                    if let Err(e) = ended {
+                        tracing::debug!(error = %e, "upgraded connection ended with an error");
+                    }
+                    return;
+                }
+                () = tokio::time::sleep(idle) => {
+                    let now = moved.load(Ordering::Relaxed);
+                    if now == seen {
+                        tracing::debug!("nothing moved through an upgraded connection for {idle:?}; closing it");
+                        return;
+                    }
+                    seen = now;
+                }
+            }
         }
     });
+}
+
+/// One side of a tunnel, which counts the reads that brought bytes, from either side, in
+/// `moved`.
+struct Counted<T> {
+    io: T,
+    moved: Arc<AtomicU64>,
+}
+
+impl<T> Counted<T> {
+    fn new(io: T, moved: &Arc<AtomicU64>) -> Counted<T> {
+        Counted {
+            io,
+            moved: moved.clone(),
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.moved.fetch_add(1, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
