@@ -21,7 +21,8 @@
 //!   on them without hyper, in the wire form `h1` writes.
 //! - `forward`: forwarding (`headers` for hop-by-hop and `X-Forwarded-*`, `pool` for upstream
 //!   connections, `upgrade` for tunnels).
-//! - `state`: the snapshot every request reads.
+//! - `state`: the snapshot every request reads. `watched`: sockets that tell what moved on
+//!   them, for the idleness checks.
 //! - `logging`: text/JSON logs and the access log.
 //!
 //! Seams: `gateway` and `forward` read only the `Snapshot`. Only `app` spawns long-lived tasks
@@ -51,4 +52,5 @@ pub mod stall;
 pub mod state;
 pub mod time;
 pub mod tls;
+pub mod watched;
 pub mod workers;

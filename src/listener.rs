@@ -19,6 +19,7 @@ use crate::relay;
 use crate::shutdown::{until_drained, until_idle, Drain, Shutdown};
 use crate::stall::{Answer, Answers, Timed, Timing};
 use crate::state::StateHandle;
+use crate::watched::{Watch, Watched};
 use crate::workers::Workers;
 use bytes::Bytes;
 use http::{Request, Response};
@@ -715,9 +716,9 @@ impl Serving<'_> {
             let reply = service.call(req);
             async move { Ok::<_, S::Error>(Answered::wrap(reply.await?, open)) }
         });
-        let io = Heads {
+        let io = Watched {
             io,
-            between: between.clone(),
+            watch: between.clone(),
         };
         let connection = self
             .builder
@@ -931,73 +932,23 @@ impl hyper::body::Body for Answered {
     }
 }
 
-/// The socket of a `Between` connection, which tells it of a head begun: what is read while
-/// no request is open. What is read while one is, its body or a next head a client sends
-/// before its answer (pipelining, which HTTPS clients hardly do), is not told.
-struct Heads<I> {
-    io: I,
-    between: Arc<Between>,
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Heads<I> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        let between = &this.between;
-        if buf.filled().len() > before && between.open.load(Ordering::Relaxed) == 0 {
-            between.begun.store(true, Ordering::Relaxed);
+/// What the socket of a `Between` connection tells it: a head begun, what is read while no
+/// request is open (what is read while one is, its body or a next head a client sends
+/// before its answer, pipelining, which HTTPS clients hardly do, is not told); and an
+/// answer written and not yet flushed.
+impl Watch for Arc<Between> {
+    fn read(&self) {
+        if self.open.load(Ordering::Relaxed) == 0 {
+            self.begun.store(true, Ordering::Relaxed);
         }
-        polled
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Heads<I> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.between.unflushed.store(true, Ordering::Relaxed);
-        }
-        polled
     }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.between.unflushed.store(true, Ordering::Relaxed);
-        }
-        polled
+    fn wrote(&self) {
+        self.unflushed.store(true, Ordering::Relaxed);
     }
 
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_flush(cx);
-        if let Poll::Ready(Ok(())) = polled {
-            this.between.unflushed.store(false, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    fn flushed(&self) {
+        self.unflushed.store(false, Ordering::Relaxed);
     }
 }
 
@@ -1017,7 +968,8 @@ async fn until_first_request<F: std::future::Future>(
 
 #[cfg(test)]
 mod tests {
-    use super::{sniff, Answered, Between, Heads, Lasting, Open, Protocol};
+    use super::{sniff, Answered, Between, Lasting, Open, Protocol};
+    use crate::watched::Watched;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
     use tokio::io::AsyncReadExt;
@@ -1031,9 +983,9 @@ mod tests {
         assert!(!between.idle(), "the head the relay left is begun");
         let open = Open::new(&between);
         assert!(!between.idle(), "a request is open");
-        let mut body = Heads {
+        let mut body = Watched {
             io: &b"its body"[..],
-            between: between.clone(),
+            watch: between.clone(),
         };
         assert_eq!(body.read(&mut buf).await.ok(), Some(8));
         let answer = Answered {
@@ -1044,9 +996,9 @@ mod tests {
         drop(answer);
         assert!(between.idle(), "its answer sent, what it read was its body");
 
-        let mut next = Heads {
+        let mut next = Watched {
             io: &b"GET / HT"[..],
-            between: between.clone(),
+            watch: between.clone(),
         };
         assert_eq!(next.read(&mut buf).await.ok(), Some(8));
         assert!(!between.idle(), "a next head is begun");
@@ -1054,9 +1006,9 @@ mod tests {
         assert!(between.idle());
 
         // An answer written but not flushed is still being sent.
-        let mut out = Heads {
+        let mut out = Watched {
             io: Vec::<u8>::new(),
-            between: between.clone(),
+            watch: between.clone(),
         };
         tokio::io::AsyncWriteExt::write_all(&mut out, b"HTTP/1.1 200 OK\r\n")
             .await

@@ -10,15 +10,13 @@
 //! server says nothing for `proxy_read_timeout`.
 
 use crate::listener::{Tunnelled, Upgrading};
+use crate::watched::{Watch, Watched};
 use http::Request;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The client's side of an upgrade: hyper's handover of its connection, and what keeps that
 /// connection counted once it is a tunnel (none where no listener marked the request).
@@ -55,8 +53,11 @@ pub fn spawn_tunnel(client: Client, upstream: OnUpgrade, idle: Option<Duration>)
             }
         };
         let moved = Arc::new(AtomicU64::new(0));
-        let mut client = Counted::new(TokioIo::new(client), &moved);
-        let mut upstream = Counted::new(TokioIo::new(upstream), &moved);
+        let side = |io| Watched {
+            io: TokioIo::new(io),
+            watch: Moved(moved.clone()),
+        };
+        let (mut client, mut upstream) = (side(client), side(upstream));
         let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
         tokio::pin!(copy);
         let Some(idle) = idle else {
@@ -89,52 +90,11 @@ pub fn spawn_tunnel(client: Client, upstream: OnUpgrade, idle: Option<Duration>)
     });
 }
 
-/// One side of a tunnel, which counts the reads that brought bytes, from either side, in
-/// `moved`.
-struct Counted<T> {
-    io: T,
-    moved: Arc<AtomicU64>,
-}
+/// Reads that brought bytes through a tunnel, from either side.
+struct Moved(Arc<AtomicU64>);
 
-impl<T> Counted<T> {
-    fn new(io: T, moved: &Arc<AtomicU64>) -> Counted<T> {
-        Counted {
-            io,
-            moved: moved.clone(),
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.moved.fetch_add(1, Ordering::Relaxed);
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+impl Watch for Moved {
+    fn read(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
     }
 }
