@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use support::tls::*;
 use support::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -320,49 +321,6 @@ fn config(up: &Scripted, hyper: bool) -> String {
     )
 }
 
-/// A self-signed certificate for `localhost`, and a client that trusts it.
-struct Tls {
-    cert: String,
-    key: String,
-    client: Arc<rustls::ClientConfig>,
-}
-
-impl Tls {
-    fn new() -> Tls {
-        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(made.cert.der().clone()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        client.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Tls {
-            cert: made.cert.pem(),
-            key: made.key_pair.serialize_pem(),
-            client: Arc::new(client),
-        }
-    }
-
-    /// A proxy from `config` that also listens for HTTPS, with this certificate.
-    async fn proxy(&self, config: &str) -> Proxy {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("site.pem"), &self.cert).unwrap();
-        std::fs::write(dir.path().join("site.key"), &self.key).unwrap();
-        let text = format!(
-            "[tls]\nlisten = [\"127.0.0.1:0\"]\n[[tls.certificates]]\ncert = \"site.pem\"\nkey = \"site.key\"\n{config}"
-        );
-        let text = if text.contains("[proxy]") {
-            text.replacen("[proxy]", "[proxy]\nlisten = [\"127.0.0.1:0\"]", 1)
-        } else {
-            format!("[proxy]\nlisten = [\"127.0.0.1:0\"]\n{text}")
-        };
-        spawn_proxy_in(dir, &text).await
-    }
-}
-
 impl Tls {
     /// A proxy from `config` and a client connection to it: over TLS with `over_tls`, else
     /// plaintext.
@@ -377,18 +335,6 @@ impl Tls {
             (proxy, client)
         }
     }
-}
-
-/// A TLS connection to `addr`.
-async fn tls_stream(addr: SocketAddr, tls: &Tls) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
-    connector.connect(name, tcp).await.unwrap()
-}
-
-fn tls_addr(proxy: &Proxy) -> SocketAddr {
-    proxy.running.as_ref().unwrap().tls_addrs()[0]
 }
 
 /// A proxy of a server through the relay and one through hyper's path, with a client

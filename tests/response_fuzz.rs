@@ -12,6 +12,7 @@ mod support;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use support::fuzz::*;
+use support::tls::*;
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -225,7 +226,19 @@ fn generate(rng: &mut Rng) -> Answer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_answers_reach_the_client_alike_through_the_relay_and_hyper_s_path() {
-    let (cases, seed, mut rng) = told_cases(1000, 0x0005_eed0_f00d);
+    compare(told_cases(1000, 0x0005_eed0_f00d), None).await;
+}
+
+/// The same over TLS, where the relay writes answers through rustls in pieces it flushes
+/// itself: other cases (its own seed), fewer of them, each paying a handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_answers_reach_a_tls_client_alike_through_the_relay_and_hyper_s_path() {
+    compare(told_cases(300, 0x0007_15ee_d000), Some(&Tls::new())).await;
+}
+
+/// Generated answers through a relaying proxy and one on hyper's path, over plaintext or,
+/// with `tls`, HTTPS: what the client gets must be the same, and readable.
+async fn compare((cases, seed, mut rng): (usize, u64, Rng), tls: Option<&Tls>) {
     let answers: Arc<Vec<Answer>> = Arc::new((0..cases).map(|_| generate(&mut rng)).collect());
     let up = scripted_server(answers.clone()).await;
     // A short read timeout bounds an answer that stops short on a kept connection (200 ms for
@@ -243,9 +256,21 @@ async fn odd_answers_reach_the_client_alike_through_the_relay_and_hyper_s_path()
              read_timeout = \"200ms\"\n{intercept}[health]\ninterval = \"60s\"\nfall = 1000000\n"
         )
     };
-    let relay = spawn_proxy(&config(false)).await;
-    let hyper = spawn_proxy(&config(true)).await;
+    let (relay, hyper) = match tls {
+        Some(tls) => (
+            tls.proxy(&config(false)).await,
+            tls.proxy(&config(true)).await,
+        ),
+        None => (
+            spawn_proxy(&config(false)).await,
+            spawn_proxy(&config(true)).await,
+        ),
+    };
     assert_paths(relay.addr, hyper.addr).await;
+    if let Some(tls) = tls {
+        assert_path_on(tls_stream(tls_addr(&relay), tls).await, true).await;
+        assert_path_on(tls_stream(tls_addr(&hyper), tls).await, false).await;
+    }
     let requests: Vec<Vec<u8>> = (0..cases)
         .map(|n| {
             let method = if answers[n].head { "HEAD" } else { "GET" };
@@ -258,8 +283,23 @@ async fn odd_answers_reach_the_client_alike_through_the_relay_and_hyper_s_path()
         .collect();
     // One at a time: bytes an answer leaves on a kept connection meet the next request sent
     // on it, the same one through both proxies.
-    let relayed = all_exchanges(relay.addr, &requests, (2, true), 1).await;
-    let through_hyper = all_exchanges(hyper.addr, &requests, (2, true), 1).await;
+    let through = |proxy: &Proxy| {
+        let requests = &requests;
+        let addr = proxy.addr;
+        let tls_at = tls.map(|tls| (tls, tls_addr(proxy)));
+        async move {
+            let Some((tls, at)) = tls_at else {
+                return all_exchanges(addr, requests, (2, true), 1).await;
+            };
+            let mut out = Vec::new();
+            for request in requests {
+                out.push(exchange_on(tls_stream(at, tls).await, request, 2, true).await);
+            }
+            out
+        }
+    };
+    let relayed = through(&relay).await;
+    let through_hyper = through(&hyper).await;
     let mut differences = Vec::new();
     for (case, answer) in answers.iter().enumerate() {
         let (a, b) = (&relayed[case], &through_hyper[case]);
@@ -276,8 +316,9 @@ async fn odd_answers_reach_the_client_alike_through_the_relay_and_hyper_s_path()
     }
     assert!(
         differences.is_empty(),
-        "{} of {cases} cases differ or are unreadable (seed {seed}):\n{}",
+        "{} of {cases} cases differ or are unreadable (seed {seed}, TLS {}):\n{}",
         differences.len(),
+        tls.is_some(),
         differences[..differences.len().min(15)].join("\n")
     );
 }

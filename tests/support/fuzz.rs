@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// How many cases to run (`FUZZ_CASES`, else `cases`), and the seed they come from
@@ -132,7 +132,7 @@ pub fn dechunk(input: &[u8]) -> Result<Option<(Vec<u8>, usize)>, ()> {
     }
 }
 
-pub async fn read_more(sock: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+pub async fn read_more<S: AsyncRead + Unpin>(sock: &mut S, buf: &mut Vec<u8>) -> bool {
     let mut chunk = [0u8; 16384];
     match sock.read(&mut chunk).await {
         Ok(0) | Err(_) => false,
@@ -150,7 +150,15 @@ pub type Answers = (Vec<String>, &'static str);
 /// it is a 503, whose body tells times), and how the exchange ended (at the answer whose body
 /// is `end`, at the `last`th final answer, at a close, or at a deadline).
 pub async fn exchange(addr: SocketAddr, request: &[u8], last: usize, bodies: bool) -> Answers {
-    let mut sock = TcpStream::connect(addr).await.unwrap();
+    let sock = TcpStream::connect(addr).await.unwrap();
+    exchange_on(sock, request, last, bodies).await
+}
+
+/// `exchange` on a connection already open (over TLS, say).
+pub async fn exchange_on<S>(mut sock: S, request: &[u8], last: usize, bodies: bool) -> Answers
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let _ = sock.write_all(request).await;
     let mut buf = Vec::new();
     let mut statuses = Vec::new();
@@ -250,18 +258,26 @@ fn told(mut code: String, body: &[u8], bodies: bool) -> String {
 /// that there are two paths to compare: the relay keeps the server's header names as written,
 /// hyper lowercases them. The server answers `GET /end` with `Content-Length: 3` and `end`.
 pub async fn assert_paths(relay: SocketAddr, hyper: SocketAddr) {
-    for (addr, line) in [
-        (relay, "\r\nContent-Length: 3\r\n"),
-        (hyper, "\r\ncontent-length: 3\r\n"),
-    ] {
-        let mut sock = TcpStream::connect(addr).await.unwrap();
-        let request = b"GET /end HTTP/1.1\r\nHost: shop.test\r\n\r\n";
-        sock.write_all(request).await.unwrap();
-        let mut got = Vec::new();
-        while !got.ends_with(b"end") && read_more(&mut sock, &mut got).await {}
-        let got = String::from_utf8_lossy(&got);
-        assert!(got.contains(line), "{addr}: {got}");
+    for (addr, relayed) in [(relay, true), (hyper, false)] {
+        let sock = TcpStream::connect(addr).await.unwrap();
+        assert_path_on(sock, relayed).await;
     }
+}
+
+/// That the proxy at the end of `sock` relays (`relayed`) or sends all through hyper's path,
+/// as `assert_paths` tells it, on a connection already open (over TLS, say).
+pub async fn assert_path_on<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, relayed: bool) {
+    let line = if relayed {
+        "\r\nContent-Length: 3\r\n"
+    } else {
+        "\r\ncontent-length: 3\r\n"
+    };
+    let request = b"GET /end HTTP/1.1\r\nHost: shop.test\r\n\r\n";
+    sock.write_all(request).await.unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(b"end") && read_more(&mut sock, &mut got).await {}
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.contains(line), "relayed: {relayed}: {got}");
 }
 
 /// How many answers were final (interim `1xx` ones are told but not counted).

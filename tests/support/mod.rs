@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod fuzz;
+pub mod tls;
 
 use bytes::Bytes;
 use http::{Request, Response};
