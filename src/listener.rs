@@ -102,9 +102,10 @@ impl Limit {
     }
 
     /// A slot beyond `max`, given back by an idle connection (between requests, or before
-    /// its first): the one idle longest, woken to close. The count runs over `max` for the moment those picked take to
-    /// go (the descriptors' headroom covers it), never further: over it already (a lowered
-    /// limit, or a picked connection that a request woke first and so stays), there is none.
+    /// its first): the one idle longest, woken to close. The count runs over `max` for the
+    /// moment those picked take to go (the descriptors' headroom covers it), never further:
+    /// over it already (a lowered limit, or a picked connection that a request woke first and
+    /// so stays), there is none.
     pub fn make_room(self: &Arc<Limit>, max: usize) -> Option<Slot> {
         let mut idlers = self.idlers();
         let closing = self.closing.load(Ordering::Relaxed);

@@ -306,7 +306,7 @@ async fn sigint_drains_for_at_most_shutdown_timeout_then_exits_0() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let mut proxy = ProxyProcess::start(
+    let proxy = ProxyProcess::start(
         dir.path(),
         &format!(
             "[upstream]\nservers = [\"{}\"]\nresponse_timeout = \"1h\"\n[proxy]\nshutdown_timeout = \"1s\"\n",
@@ -325,12 +325,7 @@ async fn sigint_drains_for_at_most_shutdown_timeout_then_exits_0() {
     assert!(wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)).await);
     let signalled = std::time::Instant::now();
     proxy.signal("INT");
-    let (status, waited) = tokio::task::spawn_blocking(move || {
-        let s = proxy.wait_exit(Duration::from_secs(20));
-        (s, signalled.elapsed())
-    })
-    .await
-    .unwrap();
+    let (status, waited) = exit_after(proxy, signalled).await;
     assert_eq!(
         status.map(|s| s.code()),
         Some(Some(0)),
@@ -826,20 +821,39 @@ async fn stops_accepting(addr: std::net::SocketAddr) -> bool {
     false
 }
 
+/// The real binary before a server that switches to tunnels, with `shutdown_timeout`.
+async fn tunnelling_proxy(shutdown_timeout: &str) -> (Switching, tempfile::TempDir, ProxyProcess) {
+    let up = switching_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\n[proxy]\nshutdown_timeout = \"{shutdown_timeout}\"\n",
+            up.server.url()
+        ),
+    );
+    (up, dir, proxy)
+}
+
+/// How the process ended (waited for up to 20 s), and how long after `since`.
+async fn exit_after(
+    mut proxy: ProxyProcess,
+    since: std::time::Instant,
+) -> (Option<std::process::ExitStatus>, Duration) {
+    tokio::task::spawn_blocking(move || {
+        let s = proxy.wait_exit(Duration::from_secs(20));
+        (s, since.elapsed())
+    })
+    .await
+    .unwrap()
+}
+
 /// A drain keeps an open WebSocket tunnel flowing, as it lets an in-flight request finish
 /// (nginx keeps upgraded connections on a graceful stop): the process exits once the tunnel
 /// has closed, well before `shutdown_timeout`.
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_keeps_an_open_tunnel_until_it_closes() {
-    let up = switching_upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut proxy = ProxyProcess::start(
-        dir.path(),
-        &format!(
-            "[upstream]\nservers = [\"{}\"]\n[proxy]\nshutdown_timeout = \"30s\"\n",
-            up.server.url()
-        ),
-    );
+    let (_up, _dir, proxy) = tunnelling_proxy("30s").await;
     let mut tunnel = open_tunnel(proxy.addr).await;
     proxy.signal("TERM");
     assert!(stops_accepting(proxy.addr).await, "still accepting");
@@ -849,12 +863,7 @@ async fn sigterm_keeps_an_open_tunnel_until_it_closes() {
     );
     let closed = std::time::Instant::now();
     drop(tunnel);
-    let (status, waited) = tokio::task::spawn_blocking(move || {
-        let s = proxy.wait_exit(Duration::from_secs(20));
-        (s, closed.elapsed())
-    })
-    .await
-    .unwrap();
+    let (status, waited) = exit_after(proxy, closed).await;
     assert_eq!(status.map(|s| s.code()), Some(Some(0)), "did not exit 0");
     assert!(
         waited < Duration::from_secs(10),
@@ -867,24 +876,11 @@ async fn sigterm_keeps_an_open_tunnel_until_it_closes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tunnel_still_open_at_shutdown_timeout_is_closed() {
     use tokio::io::AsyncReadExt;
-    let up = switching_upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut proxy = ProxyProcess::start(
-        dir.path(),
-        &format!(
-            "[upstream]\nservers = [\"{}\"]\n[proxy]\nshutdown_timeout = \"1s\"\n",
-            up.server.url()
-        ),
-    );
+    let (_up, _dir, proxy) = tunnelling_proxy("1s").await;
     let mut tunnel = open_tunnel(proxy.addr).await;
     let signalled = std::time::Instant::now();
     proxy.signal("TERM");
-    let (status, waited) = tokio::task::spawn_blocking(move || {
-        let s = proxy.wait_exit(Duration::from_secs(20));
-        (s, signalled.elapsed())
-    })
-    .await
-    .unwrap();
+    let (status, waited) = exit_after(proxy, signalled).await;
     assert_eq!(status.map(|s| s.code()), Some(Some(0)), "did not exit 0");
     assert!(
         waited >= Duration::from_millis(900),

@@ -1297,15 +1297,8 @@ async fn an_https_tunnel_counts_against_max_connections_until_it_closes() {
     let up = switching_upstream().await;
     let ca = Ca::new();
     let proxy = one_connection_proxy(&ca, &up.server).await;
-    let mut tunnel = tls_connect(
-        tls_addr(&proxy),
-        "shop.test",
-        ca.client_config(&[b"http/1.1"]),
-    )
-    .await;
-    let head = ask_to_switch(&mut tunnel).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "no switch: {head:?}");
-    assert!(echoes(&mut tunnel, "first").await);
+    let config = ca.client_config(&[b"http/1.1"]);
+    let mut tunnel = tunnel_over(tls_connect(tls_addr(&proxy), "shop.test", config).await).await;
     let out = new_client(&proxy).await;
     assert_eq!(out, "", "a new client was served beside an open tunnel");
     assert!(

@@ -672,7 +672,15 @@ where
 
 /// A tunnel through the proxy at `addr` to a `switching_upstream`.
 pub async fn open_tunnel(addr: SocketAddr) -> tokio::net::TcpStream {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tunnel_over(tokio::net::TcpStream::connect(addr).await.unwrap()).await
+}
+
+/// `s`, a connection to a proxy before a `switching_upstream` (over TLS, say), made a tunnel
+/// that echoes.
+pub async fn tunnel_over<S>(mut s: S) -> S
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let head = ask_to_switch(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 101"), "no switch: {head:?}");
     assert!(echoes(&mut s, "first").await, "a new tunnel does not echo");
