@@ -197,7 +197,6 @@ pub fn forward<'a>(
             (first, req, sent, replay, path)
         };
         let (mut req, mut server, mut sent, mut replay) = (req, first, sent, replay);
-        let head = req.method() == Method::HEAD;
         // One call site for both attempts: the future of each would otherwise have a slot of its
         // own in this one's state, which every forwarded request allocates and copies.
         loop {
@@ -231,7 +230,7 @@ pub fn forward<'a>(
                         client_upgrade,
                         stall,
                         resume,
-                        (grpc, head),
+                        grpc,
                     ));
                 }
                 Err(e) => e,
@@ -453,22 +452,21 @@ fn native_grpc(headers: &http::HeaderMap) -> bool {
 /// its body may stall no longer than `stall` (`upstream.read_timeout`, read from the config
 /// in force, so that a reload changes it), holds `resume` (an upload still under way) until
 /// it ends, and, for a `grpc` answer, ends with `UNAVAILABLE` if it breaks off
-/// (`Body::timed`). `server`: its index, and its name for the log; `head`: whether it answers
-/// a `HEAD`.
+/// (`Body::timed`). `server`: its index, and its name for the log.
 fn finish(
     resp: Response<Body>,
     (server, name): (usize, &Arc<str>),
     client_upgrade: Option<upgrade::Client>,
     stall: Option<Duration>,
     resume: Option<Resume>,
-    (grpc, head): (bool, bool),
+    grpc: bool,
 ) -> Forwarded {
     let mut resp = resp.map(|body| Body::timed(body, name, stall, resume, grpc));
     // With a transfer coding, the body's length is the coding's and a `Content-Length` beside
-    // it is void (RFC 9112 §6.3: a proxy removes it). hyper's client reads the body by the
-    // coding but leaves the line, by which hyper's server would frame it and cut it short.
-    // A `HEAD`'s has no body to frame and stays, as the relay keeps it.
-    if !head && resp.headers().contains_key(header::TRANSFER_ENCODING) {
+    // it is void (RFC 9112 §6.3: a proxy removes it, from a `HEAD`'s answer too). hyper's
+    // client removes it since 1.13; before, it left the line, by which hyper's server would
+    // frame the body and cut it short. Kept here so that no version of it can bring that back.
+    if resp.headers().contains_key(header::TRANSFER_ENCODING) {
         resp.headers_mut().remove(header::CONTENT_LENGTH);
     }
     // A length given as a list (`11, 11`) or on several lines, which hyper's client takes
