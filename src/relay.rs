@@ -25,7 +25,8 @@
 //! Once the request is sent, the answer cannot go to hyper, so every way an HTTP/1.1 server
 //! answers is handled here as hyper's client and server would together: 1xx answers skipped, no
 //! body for 204 and 304, nor for any answer to a `HEAD` (its first `Content-Length` passed on,
-//! or the one its values agree on, no coding added, `response_head`), a body of
+//! or the one its values agree on, none beside a coding, no coding added, `response_head`), a
+//! body of
 //! `Content-Length` (a small answer written in one piece once it is whole, up to its deadline),
 //! chunked (passed through as it comes, its end found by `Chunked`), or until the server closes
 //! (sent on chunked, so that the client's connection stays open). A failure before the
