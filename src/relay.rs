@@ -26,10 +26,10 @@
 //! answers is handled here as hyper's client and server would together: 1xx answers skipped, no
 //! body for 204 and 304, nor for any answer to a `HEAD` (its first `Content-Length` passed on,
 //! or the one its values agree on, none beside a coding, no coding added, `response_head`), a
-//! body of
-//! `Content-Length` (a small answer written in one piece once it is whole, up to its deadline),
-//! chunked (passed through as it comes, its end found by `Chunked`), or until the server closes
-//! (sent on chunked, so that the client's connection stays open). A failure before the
+//! body of `Content-Length` (a small answer written in one piece once it is whole, up to its
+//! deadline), chunked (passed through as it comes, its end found by `Chunked`, which holds
+//! trailers and extensions to hyper's client's limits), or until the server closes (sent on
+//! chunked, so that the client's connection stays open). A failure before the
 //! answer's head is reported to the server's checker, tried once more on another server when
 //! the method is idempotent, and otherwise answered with the outage response; a failure after
 //! it closes the client's connection, as hyper does when a body breaks. A client that closes
@@ -1634,7 +1634,21 @@ struct Chunked {
     size: u64,
     /// The data passed on so far, for the access log.
     data: u64,
+    /// The bytes of chunk extensions read so far, over the whole body.
+    extensions: u64,
+    /// The trailer section as read, kept to be checked once whole (not passed on); empty,
+    /// and unallocated, for the body that has none.
+    trailers: Vec<u8>,
+    /// Its lines so far.
+    trailer_lines: usize,
 }
+
+/// What hyper's client takes of a chunked body before it breaks it off (`proto::h1::decode`:
+/// `CHUNKED_EXTENSIONS_LIMIT`, its head size limit for the trailers, `DEFAULT_MAX_HEADERS`),
+/// so that an answer the relay passes on is one hyper's path would pass on too.
+const EXTENSIONS_LIMIT: u64 = 16 * 1024;
+const TRAILERS_LIMIT: usize = crate::forward::pool::MAX_RESPONSE_HEAD;
+const TRAILER_LINES_LIMIT: usize = 100;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum ChunkState {
@@ -1693,7 +1707,13 @@ impl Chunked {
                 (SizeDigits | SizeBlank, b';') => Extension,
                 (SizeDigits | SizeBlank | Extension, b'\r') => SizeLf,
                 (Extension, b'\n') => return Err(()),
-                (Extension, _) => Extension,
+                (Extension, _) => {
+                    self.extensions += 1;
+                    if self.extensions >= EXTENSIONS_LIMIT {
+                        return Err(());
+                    }
+                    Extension
+                }
                 (SizeLf, b'\n') if self.size == 0 => TrailerStart,
                 (SizeLf, b'\n') => {
                     let mut digits = [0u8; 16];
@@ -1706,12 +1726,39 @@ impl Chunked {
                     out.extend_from_slice(b"\r\n");
                     Size
                 }
-                (TrailerStart, b'\r') => EndLf,
+                (TrailerStart, b'\r') => {
+                    self.trailer(b)?;
+                    EndLf
+                }
                 (TrailerStart | TrailerLine, b'\n') => return Err(()),
-                (TrailerLine, b'\r') => TrailerLf,
-                (TrailerStart | TrailerLine, _) => TrailerLine,
-                (TrailerLf, b'\n') => TrailerStart,
+                (TrailerLine, b'\r') => {
+                    self.trailer(b)?;
+                    TrailerLf
+                }
+                (TrailerStart | TrailerLine, _) => {
+                    // Kept from a line's first byte on, as hyper keeps it.
+                    self.trailers.push(b);
+                    if self.trailers.len() >= TRAILERS_LIMIT {
+                        return Err(());
+                    }
+                    TrailerLine
+                }
+                (TrailerLf, b'\n') => {
+                    if self.trailer_lines >= TRAILER_LINES_LIMIT {
+                        return Err(());
+                    }
+                    self.trailer_lines += 1;
+                    self.trailer(b)?;
+                    TrailerStart
+                }
                 (EndLf, b'\n') => {
+                    self.trailer(b)?;
+                    if !self.trailers.is_empty()
+                        && !trailers_valid(&self.trailers, self.trailer_lines)
+                    {
+                        return Err(());
+                    }
+                    self.trailers = Vec::new();
                     out.extend_from_slice(b"0\r\n\r\n");
                     return Ok(Some(i));
                 }
@@ -1719,6 +1766,33 @@ impl Chunked {
             };
         }
         Ok(None)
+    }
+
+    /// Keeps a line end of the trailer section once it has begun, within `TRAILERS_LIMIT`.
+    fn trailer(&mut self, b: u8) -> Result<(), ()> {
+        if self.trailers.is_empty() {
+            return Ok(());
+        }
+        self.trailers.push(b);
+        if self.trailers.len() >= TRAILERS_LIMIT {
+            return Err(());
+        }
+        Ok(())
+    }
+}
+
+/// Whether hyper's client reads `section`, a chunked body's trailer lines with the empty line
+/// that ends them, as fields (`decode_trailers`): each a valid header name and value, so that a
+/// server's broken trailers break the answer off on both paths alike. Trailers themselves are
+/// not passed on.
+fn trailers_valid(section: &[u8], lines: usize) -> bool {
+    let mut fields = vec![httparse::EMPTY_HEADER; lines];
+    match httparse::parse_headers(section, &mut fields) {
+        Ok(httparse::Status::Complete((_, fields))) => fields.iter().all(|f| {
+            HeaderName::from_bytes(f.name.as_bytes()).is_ok()
+                && HeaderValue::from_bytes(f.value).is_ok()
+        }),
+        _ => false,
     }
 }
 
@@ -2345,6 +2419,38 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    /// A chunked body's trailers and extensions are held to what hyper's client reads: fields
+    /// it can parse, at most 100 lines and 64 KiB of them, 16 KiB of extensions in a body.
+    #[test]
+    fn trailers_and_extensions_are_read_as_hyper_s_client_reads_them() {
+        let end = |trailers: &str| format!("1\r\nx\r\n0\r\n{trailers}\r\n");
+        let fed = |body: &str| {
+            Chunked::default()
+                .feed(body.as_bytes(), &mut Vec::new())
+                .map(|end| end.is_some())
+        };
+        assert_eq!(fed(&end("X-A: 1\r\nX-B:\r\n")), Ok(true));
+        assert_eq!(fed(&end(&"X-T: 1\r\n".repeat(100))), Ok(true));
+        assert_eq!(fed(&end(&"X-T: 1\r\n".repeat(101))), Err(()));
+        for bad in [
+            "no-colon\r\n",
+            "Bad Name: 1\r\n",
+            "X-A: 1\r\n folded\r\n",
+            ": v\r\n",
+            "X-C: a\u{1}b\r\n",
+        ] {
+            assert_eq!(fed(&end(bad)), Err(()), "{bad:?}");
+        }
+        // The section counts its line ends and the empty line: 9 bytes beside the value.
+        let limit = crate::forward::pool::MAX_RESPONSE_HEAD;
+        let long = |n: usize| end(&format!("X-T: {}\r\n", "t".repeat(n)));
+        assert_eq!(fed(&long(limit - 10)), Ok(true));
+        assert_eq!(fed(&long(limit - 9)), Err(()));
+        let extended = |n: usize| format!("1;{}\r\nx\r\n0\r\n\r\n", "e".repeat(n));
+        assert_eq!(fed(&extended(16 * 1024 - 1)), Ok(true));
+        assert_eq!(fed(&extended(16 * 1024)), Err(()));
     }
 
     /// A drain that begins while an answer is awaited: the answer says the connection ends,

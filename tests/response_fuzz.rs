@@ -175,14 +175,44 @@ fn generate(rng: &mut Rng) -> Answer {
                 &["b\nhello world\n", "0\n\n"],
                 &["-b\r\nhello world\r\n", "0\r\n\r\n"],
                 &["5\r\nhello\r\n", "6\r\n world\r\n", "0\r\n\r\nEXTRA"],
+                // Trailers hyper's client cannot read as fields.
+                &["b\r\nhello world\r\n", "0\r\nno-colon\r\n\r\n"],
+                &["b\r\nhello world\r\n", "0\r\nBad Name: 1\r\n\r\n"],
+                &["b\r\nhello world\r\n", "0\r\nX-A: 1\r\n folded\r\n\r\n"],
+                &[
+                    "b\r\nhello world\r\n",
+                    "0\r\nX-A: 1\r\nX-Ctl: a\x01b\r\n\r\n",
+                ],
+                &["b\r\nhello world\r\n", "0\r\n: empty name\r\n\r\n"],
             ];
             let chunks: &[&str] = if rng.one_in(3) {
                 rng.pick::<&[&str]>(odd)
             } else {
                 &["5\r\nhello\r\n", "6\r\n world\r\n", "0\r\n\r\n"]
             };
-            for chunk in chunks {
-                payload.extend_from_slice(chunk.as_bytes());
+            // At the limits of hyper's client, one side or the other: 100 trailer lines are
+            // read and 101 are not, nor 64 KiB of trailers (its head limit, `max_header_size`)
+            // or 16 KiB of chunk extensions in a body.
+            let at_limits = [
+                format!("b\r\nhello world\r\n0\r\n{}\r\n", "X-T: 1\r\n".repeat(100)),
+                format!("b\r\nhello world\r\n0\r\n{}\r\n", "X-T: 1\r\n".repeat(101)),
+                format!(
+                    "b\r\nhello world\r\n0\r\nX-T: {}\r\n\r\n",
+                    "t".repeat(65_526)
+                ),
+                format!(
+                    "b\r\nhello world\r\n0\r\nX-T: {}\r\n\r\n",
+                    "t".repeat(65_527)
+                ),
+                format!("b;{}\r\nhello world\r\n0\r\n\r\n", "e".repeat(16_384)),
+                format!("b;{}\r\nhello world\r\n0\r\n\r\n", "e".repeat(16_383)),
+            ];
+            if rng.one_in(20) {
+                payload.extend_from_slice(rng.pick(&at_limits).as_bytes());
+            } else {
+                for chunk in chunks {
+                    payload.extend_from_slice(chunk.as_bytes());
+                }
             }
         }
         // Until the server closes.
