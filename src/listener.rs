@@ -773,10 +773,11 @@ impl Serving<'_> {
                 // An upload may outlast its answer: forwarding counts it too.
                 req.extensions_mut().insert(counted.clone());
             }
+            let head = req.method() == http::Method::HEAD;
             let reply = service.call(req);
             async move {
                 let response = reply.await?;
-                Ok::<_, S::Error>(response.map(|body| Answer::new(body, open)))
+                Ok::<_, S::Error>(response.map(|body| Answer::new(body, open).to_head(head)))
             }
         });
         let connection = self

@@ -337,6 +337,8 @@ pub struct Answer<B> {
     waiting: Option<usize>,
     /// What is left of a piece of the body larger than `PIECE`.
     rest: Bytes,
+    /// Whether it answers a `HEAD`.
+    head: bool,
 }
 
 /// One HTTP/2 DATA frame at the default frame size. Streams take turns on a connection, so
@@ -354,7 +356,15 @@ impl<B: HttpBody> Answer<B> {
             open,
             waiting: None,
             rest: Bytes::new(),
+            head: false,
         }
+    }
+
+    /// Marks it as the answer to a `HEAD`, which has no body whatever length it gives: its
+    /// size then says nothing (`size_hint`).
+    pub fn to_head(mut self, head: bool) -> Answer<B> {
+        self.head = head;
+        self
     }
 }
 
@@ -400,6 +410,13 @@ impl<B: HttpBody<Data = Bytes> + Unpin> HttpBody for Answer<B> {
     }
 
     fn size_hint(&self) -> SizeHint {
+        // hyper's HTTP/2 server writes an exact size as `content-length` when the answer has
+        // none, and hyper's client sizes a `HEAD`'s body 0 (since 1.13): a `HEAD`'s answer from
+        // an HTTP/2 server that gave no length would tell the client that a `GET`'s body is
+        // empty.
+        if self.head {
+            return SizeHint::default();
+        }
         let hint = self.body.size_hint();
         let rest = self.rest.len() as u64;
         let mut with_rest = SizeHint::new();

@@ -940,3 +940,71 @@ async fn a_grpc_answer_that_breaks_off_ends_unavailable() {
     assert_eq!(trailers["grpc-status"], "14");
     assert!(trailers.contains_key("grpc-message"));
 }
+
+/// A `HEAD`'s answer from an HTTP/2 server gets no `Content-Length` the server did not give:
+/// hyper's client sizes such a body 0, which hyper's HTTP/2 server would have written as the
+/// length, telling the client that a `GET`'s body is empty. A length the server gave stays.
+#[tokio::test]
+async fn a_head_answer_from_an_h2c_server_gets_no_length_it_did_not_give() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        let mut resp = http::Response::new(());
+                        if req.uri().path() == "/sized" {
+                            resp.headers_mut()
+                                .insert(http::header::CONTENT_LENGTH, 42.into());
+                        }
+                        if let Ok(mut send) = respond.send_response(resp, false) {
+                            // The end of the stream comes apart from the head, as a server
+                            // that ends it in an empty DATA frame may send it.
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            let _ = send.send_data(bytes::Bytes::new(), true);
+                        }
+                    });
+                }
+            });
+        }
+    });
+    let proxy = proxy_to_h2c(addr).await;
+
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    for (path, length) in [("/x", None), ("/sized", Some("42"))] {
+        let req = http::Request::head(format!("http://{}{path}", proxy.addr))
+            .body(())
+            .unwrap();
+        let (resp, _) = client.send_request(req, true).unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let got = resp.headers().get(http::header::CONTENT_LENGTH);
+        assert_eq!(got.map(|v| v.to_str().unwrap()), length, "{path}: {resp:?}");
+    }
+
+    // Over HTTP/1.1 too.
+    let mut sock = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    sock.write_all(b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed before the head: {head:?}");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("content-length"), "{head}");
+}
