@@ -856,6 +856,31 @@ async fn proxy_to_h2c(addr: SocketAddr) -> Proxy {
     proxy
 }
 
+/// An `h2c://` server on 127.0.0.1 that hands each stream it gets to `each`.
+async fn h2c_streams(
+    each: impl Fn(http::Request<h2::RecvStream>, h2::server::SendResponse<bytes::Bytes>)
+        + Clone
+        + Send
+        + 'static,
+) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let each = each.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, respond))) = conn.accept().await {
+                    each(req, respond);
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// A stream an `h2c://` server refused unprocessed (RFC 9113 §8.7) is sent again on a new
 /// connection, as to an `https://` server, rather than answered as an outage.
 #[tokio::test]
@@ -892,32 +917,22 @@ async fn an_idle_h2c_connection_is_closed_after_idle_timeout() {
 /// which they do not retry, and `UNAVAILABLE` is what a proxy says of a server it lost.
 #[tokio::test]
 async fn a_grpc_answer_that_breaks_off_ends_unavailable() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
+    let addr = h2c_streams(|_, mut respond| {
+        let head = http::Response::builder()
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        if let Ok(mut send) = respond.send_response(head, false) {
+            // One whole message, then, while the call streams, the server fails.
+            let message = bytes::Bytes::from_static(b"\0\0\0\0\x02hi");
+            let _ = send.send_data(message, false);
             tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(tcp).await else {
-                    return;
-                };
-                while let Some(Ok((_, mut respond))) = conn.accept().await {
-                    let head = http::Response::builder()
-                        .header("content-type", "application/grpc")
-                        .body(())
-                        .unwrap();
-                    if let Ok(mut send) = respond.send_response(head, false) {
-                        // One whole message, then, while the call streams, the server fails.
-                        let message = bytes::Bytes::from_static(b"\0\0\0\0\x02hi");
-                        let _ = send.send_data(message, false);
-                        tokio::spawn(async move {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            send.send_reset(h2::Reason::INTERNAL_ERROR);
-                        });
-                    }
-                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                send.send_reset(h2::Reason::INTERNAL_ERROR);
             });
         }
-    });
+    })
+    .await;
     let proxy = proxy_to_h2c(addr).await;
     let resp = h2c_client()
         .request(grpc_call(&proxy.url("/pkg.Service/Stream")))
@@ -946,33 +961,22 @@ async fn a_grpc_answer_that_breaks_off_ends_unavailable() {
 /// length, telling the client that a `GET`'s body is empty. A length the server gave stays.
 #[tokio::test]
 async fn a_head_answer_from_an_h2c_server_gets_no_length_it_did_not_give() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
+    let addr = h2c_streams(|req, mut respond| {
+        let mut resp = http::Response::new(());
+        if req.uri().path() == "/sized" {
+            resp.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, 42.into());
+        }
+        if let Ok(mut send) = respond.send_response(resp, false) {
+            // The end of the stream comes apart from the head, as a server that ends it in an
+            // empty DATA frame may send it.
             tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(tcp).await else {
-                    return;
-                };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    tokio::spawn(async move {
-                        let mut resp = http::Response::new(());
-                        if req.uri().path() == "/sized" {
-                            resp.headers_mut()
-                                .insert(http::header::CONTENT_LENGTH, 42.into());
-                        }
-                        if let Ok(mut send) = respond.send_response(resp, false) {
-                            // The end of the stream comes apart from the head, as a server
-                            // that ends it in an empty DATA frame may send it.
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            let _ = send.send_data(bytes::Bytes::new(), true);
-                        }
-                    });
-                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = send.send_data(bytes::Bytes::new(), true);
             });
         }
-    });
+    })
+    .await;
     let proxy = proxy_to_h2c(addr).await;
 
     let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
@@ -990,21 +994,13 @@ async fn a_head_answer_from_an_h2c_server_gets_no_length_it_did_not_give() {
     }
 
     // Over HTTP/1.1 too.
-    let mut sock = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    sock.write_all(b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "closed before the head: {head:?}");
-        head.extend_from_slice(&buf[..n]);
-    }
-    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let head = raw_exchange(
+        proxy.addr,
+        b"HEAD /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await
+    .to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(!head.contains("content-length"), "{head}");
 }
