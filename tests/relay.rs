@@ -338,34 +338,50 @@ impl Tls {
 }
 
 /// A proxy of a server through the relay and one through hyper's path, with a client
-/// connection to each.
-struct Both {
-    _proxies: (Proxy, Proxy),
-    fast: Client,
-    slow: Client,
+/// connection to each: the relay's client, hyper's, and the two proxies, to be kept for as
+/// long as the clients are used. What the tests of both compare is each answer, not the health
+/// a run of broken ones leads to: the server is checked before they begin (`wait_checked`),
+/// and broken answers do not take it out (`fall` out of reach).
+type Both = (Client, Client, (Proxy, Proxy));
+
+fn both_config(up: &Scripted, hyper: bool) -> String {
+    config(up, hyper).replacen("[health]\n", "[health]\nfall = 1000000\n", 1)
 }
 
-impl Both {
-    async fn of(up: &Scripted) -> Both {
-        let relay = spawn_proxy(&config(up, false)).await;
-        let hyper = spawn_proxy(&config(up, true)).await;
-        Both {
-            fast: Client::connect(relay.addr).await,
-            slow: Client::connect(hyper.addr).await,
-            _proxies: (relay, hyper),
-        }
-    }
+async fn both(up: &Scripted) -> Both {
+    let relay = spawn_proxy(&both_config(up, false)).await;
+    let hyper = spawn_proxy(&both_config(up, true)).await;
+    wait_checked(&relay).await;
+    wait_checked(&hyper).await;
+    (
+        Client::connect(relay.addr).await,
+        Client::connect(hyper.addr).await,
+        (relay, hyper),
+    )
+}
 
-    /// The same, with the clients connected over TLS.
-    async fn over_tls(up: &Scripted, tls: &Tls) -> Both {
-        let relay = tls.proxy(&config(up, false)).await;
-        let hyper = tls.proxy(&config(up, true)).await;
-        Both {
-            fast: Client::connect_tls(tls_addr(&relay), tls).await,
-            slow: Client::connect_tls(tls_addr(&hyper), tls).await,
-            _proxies: (relay, hyper),
-        }
-    }
+/// The same, with the clients connected over TLS.
+async fn both_over_tls(up: &Scripted, tls: &Tls) -> Both {
+    let relay = tls.proxy(&both_config(up, false)).await;
+    let hyper = tls.proxy(&both_config(up, true)).await;
+    wait_checked(&relay).await;
+    wait_checked(&hyper).await;
+    (
+        Client::connect_tls(tls_addr(&relay), tls).await,
+        Client::connect_tls(tls_addr(&hyper), tls).await,
+        (relay, hyper),
+    )
+}
+
+/// Waits for the first health check of `proxy`'s server. A first result decides a server's
+/// health at once: a failure a test provokes must come after it to be one of the `fall` it
+/// takes, not the result that takes the server out.
+async fn wait_checked(proxy: &Proxy) {
+    let checked = || async {
+        let health = ctl(proxy, intermission::control::protocol::Request::Health).await;
+        health.health.unwrap()[0].healthy == Some(true)
+    };
+    assert!(wait_until_async(checked).await, "the server is checked");
 }
 
 /// A client's stream: plaintext, or TLS.
@@ -558,9 +574,7 @@ impl Client {
 #[tokio::test]
 async fn every_framing_reaches_the_client_as_through_hyper_on_one_connection() {
     let up = scripted().await;
-    let Both {
-        mut fast, mut slow, ..
-    } = Both::of(&up).await;
+    let (mut fast, mut slow, _proxies) = both(&up).await;
     let paths = ["/same-lengths", "/named-length", "/both", "/old"];
     assert_same_answers(
         &mut fast,
@@ -594,9 +608,7 @@ async fn every_framing_reaches_the_client_as_through_hyper_on_one_connection() {
 #[tokio::test]
 async fn a_length_given_as_a_list_reaches_the_client_as_one_line_of_digits() {
     let up = scripted().await;
-    let Both {
-        mut fast, mut slow, ..
-    } = Both::of(&up).await;
+    let (mut fast, mut slow, _proxies) = both(&up).await;
     let one_length = |a: &Answer, what: &str| {
         let lengths: Vec<String> = a
             .head
@@ -642,9 +654,7 @@ async fn a_length_given_as_a_list_reaches_the_client_as_one_line_of_digits() {
 #[tokio::test]
 async fn lines_written_unusually_are_passed_on_as_hyper_writes_them() {
     let up = scripted().await;
-    let Both {
-        mut fast, mut slow, ..
-    } = Both::of(&up).await;
+    let (mut fast, mut slow, _proxies) = both(&up).await;
     up.heads.lock().unwrap().clear();
     let request = "GET /spacing HTTP/1.1\r\nHost:shop.example\r\nX-Tight:tight\r\n\
                    X-Wide: \t wide \t \r\nX-Bare: lf\nX-Plain: as usual\r\n\r\n";
@@ -730,9 +740,7 @@ fn lines(a: &Answer) -> Vec<String> {
 #[tokio::test]
 async fn a_request_with_a_small_body_is_forwarded_as_through_hyper() {
     let up = scripted().await;
-    let Both {
-        mut fast, mut slow, ..
-    } = Both::of(&up).await;
+    let (mut fast, mut slow, _proxies) = both(&up).await;
     let large = "x".repeat(10_000);
     let cases = [
         ("POST", "{\"order\": 42}", true),
@@ -824,13 +832,7 @@ async fn a_post_on_a_connection_the_server_closes_is_not_sent_twice() {
                 .filter(|h| h.starts_with("POST /echo "))
                 .count()
         };
-        // A first result decides a server's health at once: the check at start goes first, so
-        // that the failure below is one of the `fall` it takes, not the first result.
-        let checked = || async {
-            let health = ctl(&proxy, intermission::control::protocol::Request::Health).await;
-            health.health.unwrap()[0].healthy == Some(true)
-        };
-        assert!(wait_until_async(checked).await, "the server is checked");
+        wait_checked(&proxy).await;
         let before = echoed();
         let post = "POST /echo HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 5\r\n\r\norder";
         assert_eq!(client.get("/once").await.body, b"once");
@@ -866,9 +868,7 @@ async fn a_post_on_a_connection_the_server_closes_is_not_sent_twice() {
 #[tokio::test]
 async fn a_head_request_is_answered_as_through_hyper() {
     let up = scripted().await;
-    let Both {
-        mut fast, mut slow, ..
-    } = Both::of(&up).await;
+    let (mut fast, mut slow, _proxies) = both(&up).await;
     for path in [
         "/length",
         "/chunked",
@@ -1048,9 +1048,7 @@ async fn the_server_gets_the_request_rewritten_as_hyper_rewrites_it() {
 #[tokio::test]
 async fn a_broken_answer_is_the_outage_response_and_the_connection_goes_on() {
     let up = scripted().await;
-    let Both {
-        mut fast, mut slow, ..
-    } = Both::of(&up).await;
+    let (mut fast, mut slow, _proxies) = both(&up).await;
     // A switch the request did not ask for leaves the client nothing it can use.
     for path in ["/two-lengths", "/garbage", "/switch", "/huge-head"] {
         let request = format!(
@@ -1088,9 +1086,7 @@ async fn a_broken_answer_is_the_outage_response_and_the_connection_goes_on() {
 #[tokio::test]
 async fn a_bad_chunk_ends_the_answer_after_what_came_whole() {
     let up = scripted().await;
-    let Both {
-        mut fast, mut slow, ..
-    } = Both::of(&up).await;
+    let (mut fast, mut slow, _proxies) = both(&up).await;
     for (name, client) in [("relay", &mut fast), ("hyper", &mut slow)] {
         client
             .send("GET /bad-chunk HTTP/1.1\r\nHost: shop.example\r\n\r\n")
@@ -1715,9 +1711,7 @@ async fn pipelined_requests_then_a_half_close_get_the_first_answer_as_on_hyper_s
 async fn over_tls_requests_are_relayed_as_hyper_s_path_forwards_them() {
     let up = scripted().await;
     let tls = Tls::new();
-    let Both {
-        mut fast, mut slow, ..
-    } = Both::over_tls(&up, &tls).await;
+    let (mut fast, mut slow, _proxies) = both_over_tls(&up, &tls).await;
     assert_same_answers(&mut fast, &mut slow, &FRAMINGS).await;
     let a = fast.get("/length").await;
     assert!(a.relayed(), "not relayed: {}", a.head);
@@ -1909,8 +1903,8 @@ async fn over_tls_a_held_request_is_answered_and_the_connection_relays_after_the
     use intermission::control::protocol::Request as Ctl;
     let up = scripted().await;
     let tls = Tls::new();
-    let mut both = Both::over_tls(&up, &tls).await;
-    let a = both.fast.get("/length").await;
+    let (mut fast, mut slow, proxies) = both_over_tls(&up, &tls).await;
+    let a = fast.get("/length").await;
     assert!(a.relayed(), "not relayed: {}", a.head);
     let on = || Ctl::On {
         message: Some("Back soon".to_owned()),
@@ -1918,36 +1912,34 @@ async fn over_tls_a_held_request_is_answered_and_the_connection_relays_after_the
         retry_after: None,
         reason: None,
     };
-    for proxy in [&both._proxies.0, &both._proxies.1] {
+    for proxy in [&proxies.0, &proxies.1] {
         assert!(ctl(proxy, on()).await.ok);
     }
     let host = "Host: shop.example\r\n";
     for accept in ["text/html", "application/json", "*/*"] {
         let request = format!("GET /length HTTP/1.1\r\n{host}Accept: {accept}\r\n\r\n");
-        both.fast.send(&request).await;
-        both.slow.send(&request).await;
-        let (a, b) = (both.fast.read().await, both.slow.read().await);
+        fast.send(&request).await;
+        slow.send(&request).await;
+        let (a, b) = (fast.read().await, slow.read().await);
         assert_eq!(a.status(), 503, "{accept}: {}", a.head);
         assert_eq!((lines(&a), &a.body), (lines(&b), &b.body), "{accept}");
     }
     let request = format!("HEAD /length HTTP/1.1\r\n{host}Accept: text/html\r\n\r\n");
-    both.fast.send(&request).await;
-    both.slow.send(&request).await;
-    let (a, b) = (both.fast.read_head().await, both.slow.read_head().await);
+    fast.send(&request).await;
+    slow.send(&request).await;
+    let (a, b) = (fast.read_head().await, slow.read_head().await);
     assert_eq!((a.status(), lines(&a)), (b.status(), lines(&b)));
     // A head in two records, the second after a pause (nothing to wait for but time): the
     // relay waits for its rest as for a request to forward, and answers it.
-    both.fast
-        .send(&format!("GET /length HTTP/1.1\r\n{host}"))
-        .await;
-    both.fast.sock.flush().await.unwrap();
+    fast.send(&format!("GET /length HTTP/1.1\r\n{host}")).await;
+    fast.sock.flush().await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    both.fast.send("Accept: text/html\r\n\r\n").await;
-    assert_eq!(both.fast.read().await.status(), 503);
-    for proxy in [&both._proxies.0, &both._proxies.1] {
+    fast.send("Accept: text/html\r\n\r\n").await;
+    assert_eq!(fast.read().await.status(), 503);
+    for proxy in [&proxies.0, &proxies.1] {
         assert!(ctl(proxy, Ctl::Off).await.ok);
     }
-    let a = both.fast.get("/length").await;
+    let a = fast.get("/length").await;
     assert_eq!(a.body, b"hello");
     assert!(a.relayed(), "left to hyper: {}", a.head);
 }

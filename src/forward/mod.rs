@@ -462,13 +462,9 @@ fn finish(
     grpc: bool,
 ) -> Forwarded {
     let mut resp = resp.map(|body| Body::timed(body, name, stall, resume, grpc));
-    // With a transfer coding, the body's length is the coding's and a `Content-Length` beside
-    // it is void (RFC 9112 §6.3: a proxy removes it, from a `HEAD`'s answer too). hyper's
-    // client removes it since 1.13; before, it left the line, by which hyper's server would
-    // frame the body and cut it short. Kept here so that no version of it can bring that back.
-    if resp.headers().contains_key(header::TRANSFER_ENCODING) {
-        resp.headers_mut().remove(header::CONTENT_LENGTH);
-    }
+    // A `Content-Length` beside a transfer coding is gone already: hyper's client removes it
+    // since 1.13 (RFC 9112 §6.3), which Cargo.toml requires; before, hyper's server framed the
+    // body by it and cut it short (`relay::every_framing_reaches_the_client_as_through_hyper_on_one_connection`).
     // A length given as a list (`11, 11`) or on several lines, which hyper's client takes
     // when its values agree, goes on as one line: hyper's server would write the first line as
     // given (and refuse a second line beside a `HEAD`'s answer, closing the connection).
