@@ -24,8 +24,8 @@
 //!
 //! Once the request is sent, the answer cannot go to hyper, so every way an HTTP/1.1 server
 //! answers is handled here as hyper's client and server would together: 1xx answers skipped, no
-//! body for 204 and 304, nor for any answer to a `HEAD` (its first `Content-Length` passed on,
-//! or the one its values agree on, none beside a coding, no coding added, `response_head`), a
+//! body for 204 and 304, nor for any answer to a `HEAD` (its `Content-Length` passed on when it
+//! is one number, as one line, none beside a coding, no coding added, `response_head`), a
 //! body of `Content-Length` (a small answer written in one piece once it is whole, up to its
 //! deadline), chunked (passed through as it comes, its end found by `Chunked`, which holds
 //! trailers and extensions to hyper's client's limits), or until the server closes (sent on
@@ -1266,15 +1266,17 @@ fn response_head(input: &[u8], head: bool, out: &mut Vec<u8>) -> Result<Head, Se
             // but a `HEAD`'s as given.
             || (bodiless && !head && length())
             // No trailers can follow an answer with no body: hyper's server drops `Trailer`.
-            || (unread && is(name, b"trailer"));
+            || (unread && is(name, b"trailer"))
+            // A length that is not one number, which no framing reads here (it is refused
+            // where it would frame the body), says nothing a client can use, and an HTTP/2
+            // client refuses the answer that carries it: none goes on, as on hyper's path.
+            || (unread && given.is_err() && length());
         if dropped {
             continue;
         }
         // It writes one length at most. In place of the first, the one its values agree on,
         // whether they frame the body or not (a `HEAD`'s, a 304's): a list (`2, 2`) some
         // clients refuse (Go's) or read as no length (Python's, which then waits for a close).
-        // Values that do not agree are read by no framing here (they are refused where they
-        // would frame the body), and the first line goes on as the server gave it.
         if several_lengths && length() {
             if std::mem::replace(&mut length_written, true) {
                 continue;
@@ -2058,11 +2060,13 @@ mod tests {
             assert_eq!(answer.framing, Framing::None, "{headers}");
             assert_eq!(answer.reusable, kept, "{headers}");
             assert!(!out.contains("transfer-encoding"), "{out}");
-            // Beside a transfer coding a length is void, and removed (RFC 9112 §6.3).
+            // Beside a transfer coding a length is void, and removed (RFC 9112 §6.3); one that
+            // is no number goes too.
             let length = headers
                 .lines()
                 .find(|l| l.starts_with("Content-Length"))
-                .filter(|_| !headers.contains("Transfer-Encoding"));
+                .filter(|_| !headers.contains("Transfer-Encoding"))
+                .filter(|l| !l.contains("nonsense"));
             assert_eq!(
                 length,
                 out.lines().find(|l| l.starts_with("Content-Length")),
@@ -2265,7 +2269,8 @@ mod tests {
     /// A length whose values repeat one another and agree (a list, several lines) goes on as
     /// one line of its digits, in place of the first and with its name as given, where it is
     /// written at all: a `HEAD`'s answer and a 304 to one included. One line of digits goes on
-    /// as given; values that do not agree, read by no framing there, too.
+    /// as given. Values that do not agree or are no number, read by no framing there, go: an
+    /// HTTP/2 client refuses an answer with such a length, and it tells no one anything.
     #[test]
     fn a_repeated_length_goes_on_as_one_line_of_digits() {
         let cases = [
@@ -2304,12 +2309,13 @@ mod tests {
                 true,
                 &["Content-Length: 3"],
             ),
-            ("Content-Length: 2, 3\r\n", true, &["Content-Length: 2, 3"]),
-            (
-                "Content-Length: 2\r\nContent-Length: 3\r\n",
-                true,
-                &["Content-Length: 2"],
-            ),
+            ("Content-Length: 2, 3\r\n", true, &[]),
+            ("Content-Length: 2\r\nContent-Length: 3\r\n", true, &[]),
+            ("Content-Length: 0x03\r\n", true, &[]),
+            ("Content-Length: +3\r\n", true, &[]),
+            ("Content-Length: 3 3\r\n", true, &[]),
+            ("Content-Length: 99999999999999999999\r\n", true, &[]),
+            ("Content-Length: 3\r\nContent-Length: x\r\n", true, &[]),
         ];
         for (lengths, to_head, want) in cases {
             for status in ["200 OK", "304 Not Modified"] {
@@ -2324,7 +2330,11 @@ mod tests {
                     .collect();
                 assert_eq!(lines, want, "{input:?}: {out}");
                 let lower = out.to_ascii_lowercase();
-                assert!(lower.contains("x-a: b\r\ncontent-"), "{input:?}: {out}");
+                let next = if want.is_empty() { "x-z" } else { "content-" };
+                assert!(
+                    lower.contains(&format!("x-a: b\r\n{next}")),
+                    "{input:?}: {out}"
+                );
                 if !to_head {
                     assert_eq!(answer.framing, Framing::Length(3), "{input:?}");
                 }

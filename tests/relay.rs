@@ -898,10 +898,11 @@ async fn a_head_request_is_answered_as_through_hyper() {
         "not the relay: {}",
         a.head
     );
-    // Two lengths, which no `HEAD` answer's framing reads: the first is passed on, or the one
-    // they agree on, on both paths (hyper's server, given two that differ, refused the second
-    // and closed the connection without an answer).
-    for path in ["/two-lengths", "/same-lengths"] {
+    // Two lengths, which no `HEAD` answer's framing reads: the one they agree on is passed
+    // on, and none when they differ, on both paths (hyper's server, given two that differ,
+    // refused the second and closed the connection without an answer; given the first alone,
+    // it made HTTP/2 clients refuse the answer).
+    for (path, want) in [("/two-lengths", None), ("/same-lengths", Some("2"))] {
         for client in [&mut fast, &mut slow] {
             let a = client.head(path).await;
             assert_eq!(a.status(), 200, "{}", a.head);
@@ -912,7 +913,7 @@ async fn a_head_request_is_answered_as_through_hyper() {
                 .count();
             assert_eq!(
                 (a.header("content-length"), lengths),
-                (Some("2"), 1),
+                (want, usize::from(want.is_some())),
                 "{}",
                 a.head
             );

@@ -266,26 +266,44 @@ async fn odd_answers_reach_a_tls_client_alike_through_the_relay_and_hyper_s_path
     compare(told_cases(300, 0x0007_15ee_d000), Some(&Tls::new())).await;
 }
 
+/// The config of a proxy before the scripted server at `up`, that relays or, with `hyper`,
+/// sends all through hyper's path (the relay does not take a request whose answer may be
+/// intercepted). A short read timeout bounds an answer that stops short on a kept connection
+/// (200 ms for each of some 16 in 1,000 cases); checks are rare, so that the cases meet a
+/// pool of connections only they used; and no number of odd answers takes the server out,
+/// or every later case would get the outage answer.
+fn config(up: SocketAddr, hyper: bool) -> String {
+    let intercept = if hyper {
+        "intercept_statuses = [418]\n"
+    } else {
+        ""
+    };
+    format!(
+        "[upstream]\nservers = [\"http://{up}\"]\nresponse_timeout = \"2s\"\n\
+         read_timeout = \"200ms\"\n{intercept}[health]\ninterval = \"60s\"\nfall = 1000000\n"
+    )
+}
+
+/// Each case's HTTP/1.1 request, and `GET /end` behind it on the same connection.
+fn requests(answers: &[Answer]) -> Vec<Vec<u8>> {
+    (0..answers.len())
+        .map(|n| {
+            let method = if answers[n].head { "HEAD" } else { "GET" };
+            format!(
+                "{method} /case/{n} HTTP/1.1\r\nHost: shop.test\r\n\r\n\
+                 GET /end HTTP/1.1\r\nHost: shop.test\r\n\r\n"
+            )
+            .into_bytes()
+        })
+        .collect()
+}
+
 /// Generated answers through a relaying proxy and one on hyper's path, over plaintext or,
 /// with `tls`, HTTPS: what the client gets must be the same, and readable.
 async fn compare((cases, seed, mut rng): (usize, u64, Rng), tls: Option<&Tls>) {
     let answers: Arc<Vec<Answer>> = Arc::new((0..cases).map(|_| generate(&mut rng)).collect());
     let up = scripted_server(answers.clone()).await;
-    // A short read timeout bounds an answer that stops short on a kept connection (200 ms for
-    // each of some 16 in 1,000 cases); checks are rare, so that the cases meet a pool of
-    // connections only they used; and no number of odd answers takes the server out, or
-    // every later case would get the outage answer.
-    let config = |hyper: bool| {
-        let intercept = if hyper {
-            "intercept_statuses = [418]\n"
-        } else {
-            ""
-        };
-        format!(
-            "[upstream]\nservers = [\"http://{up}\"]\nresponse_timeout = \"2s\"\n\
-             read_timeout = \"200ms\"\n{intercept}[health]\ninterval = \"60s\"\nfall = 1000000\n"
-        )
-    };
+    let config = |hyper: bool| config(up, hyper);
     let (relay, hyper) = match tls {
         Some(tls) => (
             tls.proxy(&config(false)).await,
@@ -301,16 +319,7 @@ async fn compare((cases, seed, mut rng): (usize, u64, Rng), tls: Option<&Tls>) {
         assert_path_on(tls_stream(tls_addr(&relay), tls).await, true).await;
         assert_path_on(tls_stream(tls_addr(&hyper), tls).await, false).await;
     }
-    let requests: Vec<Vec<u8>> = (0..cases)
-        .map(|n| {
-            let method = if answers[n].head { "HEAD" } else { "GET" };
-            format!(
-                "{method} /case/{n} HTTP/1.1\r\nHost: shop.test\r\n\r\n\
-                 GET /end HTTP/1.1\r\nHost: shop.test\r\n\r\n"
-            )
-            .into_bytes()
-        })
-        .collect();
+    let requests = requests(&answers);
     // One at a time: bytes an answer leaves on a kept connection meet the next request sent
     // on it, the same one through both proxies.
     let through = |proxy: &Proxy| {
@@ -351,4 +360,170 @@ async fn compare((cases, seed, mut rng): (usize, u64, Rng), tls: Option<&Tls>) {
         tls.is_some(),
         differences[..differences.len().min(15)].join("\n")
     );
+}
+
+/// The same answers to HTTP/2 clients, whose requests take hyper's path whatever the proxy:
+/// each must get what an HTTP/1.1 client gets there, in HTTP/2's terms (its stream reset where
+/// HTTP/1.1 gets its connection closed), in a form the strict client of the h2 crate reads
+/// (no connection-specific header, a length that is a number and that the DATA frames keep).
+/// Browsers speak HTTP/2 wherever TLS offers it, so this is the path most people's answers
+/// take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_answers_reach_an_http2_client_as_they_reach_an_http1_one() {
+    compare_h2(told_cases(500, 0x0002_b2b2_f00d), None).await;
+}
+
+/// The same over TLS, HTTP/2 chosen by ALPN as browsers choose it: other cases, fewer of
+/// them, each paying a handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_answers_reach_an_https_http2_client_as_they_reach_an_http1_one() {
+    compare_h2(told_cases(200, 0x0002_b2b2_7150), Some(&Tls::new())).await;
+}
+
+/// Generated answers to an HTTP/1.1 client and to an HTTP/2 one of a proxy on hyper's path,
+/// over plaintext (HTTP/2 by prior knowledge) or, with `tls`, HTTPS: what the two get must be
+/// the same.
+async fn compare_h2((cases, seed, mut rng): (usize, u64, Rng), tls: Option<&Tls>) {
+    let answers: Arc<Vec<Answer>> = Arc::new((0..cases).map(|_| generate(&mut rng)).collect());
+    let up = scripted_server(answers.clone()).await;
+    let requests = requests(&answers);
+    let (over_h1, proxy) = match tls {
+        None => {
+            let proxy = spawn_proxy(&config(up, true)).await;
+            (
+                all_exchanges(proxy.addr, &requests, (2, true), 1).await,
+                proxy,
+            )
+        }
+        Some(tls) => {
+            let proxy = tls.proxy(&config(up, true)).await;
+            let mut out = Vec::new();
+            for request in &requests {
+                let sock = tls_stream(tls_addr(&proxy), tls).await;
+                out.push(exchange_on(sock, request, 2, true).await);
+            }
+            (out, proxy)
+        }
+    };
+    let h2_tls = tls.map(|tls| {
+        let mut client = (*tls.client).clone();
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        tokio_rustls::TlsConnector::from(Arc::new(client))
+    });
+    let mut differences = Vec::new();
+    for (case, answer) in answers.iter().enumerate() {
+        let over_h2 = match &h2_tls {
+            None => {
+                h2_exchange(
+                    TcpStream::connect(proxy.addr).await.unwrap(),
+                    case,
+                    answer.head,
+                )
+                .await
+            }
+            Some(connector) => {
+                let tcp = TcpStream::connect(tls_addr(&proxy)).await.unwrap();
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                let sock = connector.connect(name, tcp).await.unwrap();
+                assert_eq!(sock.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+                h2_exchange(sock, case, answer.head).await
+            }
+        };
+        // Interim answers are HTTP/1.1's alone here: hyper's client reads them and goes on.
+        let (statuses, end) = &over_h1[case];
+        let finals: Vec<&String> = statuses.iter().filter(|s| !s.starts_with('1')).collect();
+        let over_h1 = (finals, end.to_string());
+        let same = over_h1.0.len() == over_h2.0.len()
+            && over_h1.0.iter().zip(&over_h2.0).all(|(a, b)| *a == b)
+            && over_h1.1 == over_h2.1;
+        if !same {
+            let shown = String::from_utf8_lossy(&answer.bytes[..answer.bytes.len().min(400)]);
+            differences.push(format!(
+                "case {case} (close {}, HEAD {}, body anyway {}): {shown:?}\n  HTTP/1.1: {over_h1:?}\n  HTTP/2: {over_h2:?}",
+                answer.close, answer.head, answer.body_anyway
+            ));
+        }
+    }
+    assert!(
+        differences.is_empty(),
+        "{} of {cases} cases differ between HTTP/1.1 and HTTP/2 clients (seed {seed}, TLS {}):\n{}",
+        differences.len(),
+        tls.is_some(),
+        differences[..differences.len().min(15)].join("\n")
+    );
+}
+
+/// Case `case` and then `GET /end` on one HTTP/2 connection over `sock`, told as
+/// `exchange` tells an HTTP/1.1 client's: each final answer's status, type and body (but a
+/// 503's), and how the exchange ended: `end`, `closed` when a stream was reset after its head
+/// (where HTTP/1.1's connection closes), or what went wrong otherwise.
+async fn h2_exchange<S>(sock: S, case: usize, head: bool) -> (Vec<String>, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (client, conn) = h2::client::handshake(sock).await.unwrap();
+    let driver = tokio::spawn(conn);
+    let mut statuses = Vec::new();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let first = if head {
+            http::Method::HEAD
+        } else {
+            http::Method::GET
+        };
+        for (path, method) in [
+            (format!("/case/{case}"), first),
+            ("/end".into(), http::Method::GET),
+        ] {
+            let request = http::Request::builder()
+                .method(method)
+                .uri(format!("http://shop.test{path}"))
+                .body(())
+                .unwrap();
+            let mut client = match client.clone().ready().await {
+                Ok(client) => client,
+                Err(e) => return format!("connection gone: {e}"),
+            };
+            let response = match client.send_request(request, true) {
+                Ok((response, _)) => response.await,
+                Err(e) => return format!("request refused: {e}"),
+            };
+            // An answer broken off is reset with INTERNAL_ERROR, which can overtake its head
+            // in hyper's queue when the body breaks at once (HTTP/1.1's client gets the head,
+            // then its connection closed). Any other reset before the head is a fault: the
+            // proxy answers for a server that gave none.
+            let response = match response {
+                Ok(response) => response,
+                Err(e) if e.reason() == Some(h2::Reason::INTERNAL_ERROR) => {
+                    return "closed".to_owned()
+                }
+                Err(e) => return format!("reset before its head: {e}"),
+            };
+            let (parts, mut body) = response.into_parts();
+            let mut code = parts.status.as_u16().to_string();
+            for value in parts.headers.get_all(http::header::CONTENT_TYPE) {
+                code.push(' ');
+                code.push_str(&String::from_utf8_lossy(value.as_bytes()));
+            }
+            let mut got = Vec::new();
+            while let Some(piece) = body.data().await {
+                let Ok(piece) = piece else {
+                    return "closed".to_owned();
+                };
+                let _ = body.flow_control().release_capacity(piece.len());
+                got.extend_from_slice(&piece);
+            }
+            if body.trailers().await.is_err() {
+                return "closed".to_owned();
+            }
+            statuses.push(told(code, &got, true));
+            if got == b"end" {
+                return "end".to_owned();
+            }
+        }
+        "no end".to_owned()
+    })
+    .await
+    .unwrap_or_else(|_| "no end in 5 s".to_owned());
+    driver.abort();
+    (statuses, ended)
 }

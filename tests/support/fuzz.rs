@@ -247,7 +247,7 @@ where
 }
 
 /// An answer's status and type, with `bodies` and its body unless it is a 503.
-fn told(mut code: String, body: &[u8], bodies: bool) -> String {
+pub fn told(mut code: String, body: &[u8], bodies: bool) -> String {
     if bodies && !code.starts_with("503") {
         code.push_str(&format!(" {:?}", String::from_utf8_lossy(body)));
     }
