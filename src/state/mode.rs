@@ -187,8 +187,16 @@ impl Persisted {
                 by,
             } => {
                 if let Some(u) = until {
-                    if u <= now {
+                    // Under a second ahead, an end announced as `Retry-After: 1` has passed
+                    // before a client can come back, and `+0s` would be "now": refused alike,
+                    // where `+0s` alone was refused as in the past.
+                    if u < now {
                         return Err(ChangeError::BadValue("until is in the past".into()));
+                    }
+                    if u.duration_since(now).unwrap_or_default() < Duration::from_secs(1) {
+                        return Err(ChangeError::BadValue(
+                            "until must be at least 1s ahead".into(),
+                        ));
                     }
                     if u.duration_since(now).unwrap_or_default() > MAX_AHEAD {
                         return Err(ChangeError::BadValue(
@@ -615,6 +623,35 @@ mod tests {
             .apply(Change::ScheduleRemove { id: 1 }, t(50), true)
             .unwrap();
         assert!(removed.schedules.is_empty());
+    }
+
+    /// `until` is at least a second ahead: `+0s` and `+0.5s` are refused alike, `+1s` taken.
+    #[test]
+    fn until_is_at_least_a_second_ahead() {
+        let on_until = |until| Change::On {
+            message: None,
+            until: Some(until),
+            retry_after: None,
+            reason: None,
+            by: "a".into(),
+        };
+        let now = t(100);
+        let refused =
+            |until: SystemTime| match Persisted::default().apply(on_until(until), now, true) {
+                Err(ChangeError::BadValue(why)) => why,
+                other => panic!("{until:?}: {other:?}"),
+            };
+        assert_eq!(refused(t(99)), "until is in the past");
+        for ahead in [0, 1, 999] {
+            assert_eq!(
+                refused(now + Duration::from_millis(ahead)),
+                "until must be at least 1s ahead",
+                "{ahead} ms"
+            );
+        }
+        assert!(Persisted::default()
+            .apply(on_until(now + Duration::from_secs(1)), now, true)
+            .is_ok());
     }
 
     #[test]
