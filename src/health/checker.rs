@@ -231,7 +231,12 @@ impl Task {
             let latency = result.as_ref().map_or(self.config.timeout, |d| *d);
             self.metrics.health_check(&self.name, ok, latency);
         }
-        let flipped = self.counter.record(ok, self.config.rise, self.config.fall);
+        let (rise, fall) = (self.config.rise, self.config.fall);
+        let flipped = if active || ok {
+            self.counter.record(ok, rise, fall)
+        } else {
+            self.counter.record_failed_request(rise, fall)
+        };
         let now = SystemTime::now();
         {
             let Some(mut entry) = self.entry() else {

@@ -81,6 +81,7 @@ impl Counter {
         self.last = Some(ok);
         if !self.checked {
             self.checked = true;
+            self.against = 0;
             let flipped = ok != self.healthy;
             self.healthy = ok;
             return flipped.then_some(ok);
@@ -97,6 +98,24 @@ impl Counter {
             return Some(ok);
         }
         None
+    }
+}
+
+impl Counter {
+    /// Records a request the path to the server failed. It counts towards `fall` as a failed
+    /// check does, but is never the first result that decides at once: a request that met a
+    /// reset or a malformed answer as the proxy started, before the first check came back,
+    /// took the server out, and with a single server the whole site, until `rise` checks
+    /// brought it back. The first check still decides at once.
+    pub fn record_failed_request(&mut self, rise: u32, fall: u32) -> Option<bool> {
+        if self.checked {
+            return self.record(false, rise, fall);
+        }
+        self.checked = true;
+        let flipped = self.record(false, rise, fall);
+        // Not decided by `fall` failures: the first check still decides.
+        self.checked = flipped.is_some();
+        flipped
     }
 }
 
@@ -166,6 +185,31 @@ mod tests {
                 "{results} rise={rise} fall={fall}"
             );
         }
+    }
+
+    /// Failed requests before the first check count towards `fall`, and do not decide at
+    /// once; the first check still does.
+    #[test]
+    fn a_failed_request_before_the_first_check_does_not_decide() {
+        let mut c = Counter::new();
+        assert_eq!(c.record_failed_request(2, 3), None);
+        assert!(c.healthy(), "one failed request took the server out");
+        // The first check decides at once, whatever the requests said.
+        assert_eq!(c.record(false, 2, 3), Some(false));
+        let mut c = Counter::new();
+        c.record_failed_request(2, 3);
+        assert_eq!(c.record(true, 2, 3), None);
+        // Decided, and the request's failure forgotten: `fall` more take it out.
+        c.record_failed_request(2, 3);
+        assert_eq!(c.record_failed_request(2, 3), None);
+        assert_eq!(c.record_failed_request(2, 3), Some(false));
+        // `fall` failed requests take it out before any check.
+        let mut c = Counter::new();
+        let flips: Vec<_> = (0..3).map(|_| c.record_failed_request(2, 3)).collect();
+        assert_eq!(flips, [None, None, Some(false)]);
+        // And then `rise` checks bring it back, as after any fall.
+        assert_eq!(c.record(true, 2, 3), None);
+        assert_eq!(c.record(true, 2, 3), Some(true));
     }
 
     #[test]
