@@ -520,7 +520,8 @@ where
                 return "end".to_owned();
             }
         }
-        "no end".to_owned()
+        // Both answered, as HTTP/1.1's client ends at its second final answer.
+        "end".to_owned()
     })
     .await
     .unwrap_or_else(|_| "no end in 5 s".to_owned());
