@@ -1174,6 +1174,9 @@ fn response_head(input: &[u8], head: bool, out: &mut Vec<u8>) -> Result<Head, Se
     // the length they agree on (or why they do not), which counts only when the framing is
     // theirs.
     let (mut lengths, mut nonzero_length, mut repeated) = (0usize, false, false);
+    // A length of more than 19 characters (leading zeros) goes on as its number, which
+    // HTTP/2 clients can read, as on hyper's path.
+    let mut long_length = false;
     let mut length: Result<Option<u64>, &'static str> = Ok(None);
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
@@ -1196,6 +1199,7 @@ fn response_head(input: &[u8], head: bool, out: &mut Vec<u8>) -> Result<Head, Se
         } else if is(name, b"content-length") {
             lengths += 1;
             nonzero_length |= h.value.trim_ascii() != b"0";
+            long_length |= h.value.trim_ascii().len() > 19;
             length = length
                 .and_then(|known| forward::headers::content_length(h.value, known, &mut repeated));
         }
@@ -1248,7 +1252,7 @@ fn response_head(input: &[u8], head: bool, out: &mut Vec<u8>) -> Result<Head, Se
     let (mut dated, mut length_written) = (false, false);
     // Which lines are lengths is asked only where it matters, after cheaper tests: a compare
     // per header and answer costs more than the rest of this loop's rules.
-    let several_lengths = lengths > 1 || repeated;
+    let several_lengths = lengths > 1 || repeated || long_length;
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         let length = || is(name, b"content-length");
@@ -2315,6 +2319,17 @@ mod tests {
             ("Content-Length: +3\r\n", true, &[]),
             ("Content-Length: 3 3\r\n", true, &[]),
             ("Content-Length: 99999999999999999999\r\n", true, &[]),
+            ("Content-Length: 10000000000000000000\r\n", true, &[]),
+            (
+                "Content-Length: 00000000000000000003\r\n",
+                false,
+                &["Content-Length: 3"],
+            ),
+            (
+                "Content-Length: 00000000000000000003\r\n",
+                true,
+                &["Content-Length: 3"],
+            ),
             ("Content-Length: 3\r\nContent-Length: x\r\n", true, &[]),
         ];
         for (lengths, to_head, want) in cases {

@@ -346,20 +346,10 @@ async fn compare((cases, seed, mut rng): (usize, u64, Rng), tls: Option<&Tls>) {
         // on a head that client reads, or answers itself.
         let unreadable = |(_, end): &Answers| end.starts_with("unreadable");
         if a != b || unreadable(a) || unreadable(b) {
-            let shown = String::from_utf8_lossy(&answer.bytes[..answer.bytes.len().min(400)]);
-            differences.push(format!(
-                "case {case} (close {}, HEAD {}, body anyway {}): {shown:?}\n  relay: {a:?}\n  hyper: {b:?}",
-                answer.close, answer.head, answer.body_anyway
-            ));
+            differences.push(difference(case, answer, ("relay", a), ("hyper", b)));
         }
     }
-    assert!(
-        differences.is_empty(),
-        "{} of {cases} cases differ or are unreadable (seed {seed}, TLS {}):\n{}",
-        differences.len(),
-        tls.is_some(),
-        differences[..differences.len().min(15)].join("\n")
-    );
+    assert_alike(&differences, "differ or are unreadable", (cases, seed, tls));
 }
 
 /// The same answers to HTTP/2 clients, whose requests take hyper's path whatever the proxy:
@@ -437,16 +427,41 @@ async fn compare_h2((cases, seed, mut rng): (usize, u64, Rng), tls: Option<&Tls>
             && over_h1.0.iter().zip(&over_h2.0).all(|(a, b)| *a == b)
             && over_h1.1 == over_h2.1;
         if !same {
-            let shown = String::from_utf8_lossy(&answer.bytes[..answer.bytes.len().min(400)]);
-            differences.push(format!(
-                "case {case} (close {}, HEAD {}, body anyway {}): {shown:?}\n  HTTP/1.1: {over_h1:?}\n  HTTP/2: {over_h2:?}",
-                answer.close, answer.head, answer.body_anyway
+            differences.push(difference(
+                case,
+                answer,
+                ("HTTP/1.1", over_h1),
+                ("HTTP/2", over_h2),
             ));
         }
     }
+    let what = "differ between HTTP/1.1 and HTTP/2 clients";
+    assert_alike(&differences, what, (cases, seed, tls));
+}
+
+/// A case whose two sides differ, told with the answer the server gave.
+fn difference(
+    case: usize,
+    answer: &Answer,
+    (a_name, a): (&str, impl std::fmt::Debug),
+    (b_name, b): (&str, impl std::fmt::Debug),
+) -> String {
+    let shown = String::from_utf8_lossy(&answer.bytes[..answer.bytes.len().min(400)]);
+    format!(
+        "case {case} (close {}, HEAD {}, body anyway {}): {shown:?}\n  {a_name}: {a:?}\n  {b_name}: {b:?}",
+        answer.close, answer.head, answer.body_anyway
+    )
+}
+
+/// No case differs; else the first 15 of those that do.
+fn assert_alike(
+    differences: &[String],
+    what: &str,
+    (cases, seed, tls): (usize, u64, Option<&Tls>),
+) {
     assert!(
         differences.is_empty(),
-        "{} of {cases} cases differ between HTTP/1.1 and HTTP/2 clients (seed {seed}, TLS {}):\n{}",
+        "{} of {cases} cases {what} (seed {seed}, TLS {}):\n{}",
         differences.len(),
         tls.is_some(),
         differences[..differences.len().min(15)].join("\n")

@@ -157,6 +157,9 @@ pub fn content_length(
             .ok()
             .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
             .and_then(|v| v.parse::<u64>().ok())
+            // HTTP/2 clients read at most 19 digits (the h2 crate resets a stream with more),
+            // and no body is that long.
+            .filter(|&n| n < 10_000_000_000_000_000_000)
             .ok_or("an invalid Content-Length")?;
         if let Some(l) = known {
             if l != n {
@@ -174,7 +177,7 @@ pub fn content_length(
 /// takes such a length when its values agree, and hyper's server writes its first line as
 /// given, which some clients refuse (Go's) or read as no length at all (Python's, which then
 /// reads until the close). Values that do not agree or are no number, which hyper's client
-/// takes only where it reads no length (a `HEAD`'s answer, a 304), go, as the relay drops
+/// takes only where it reads no length (a `HEAD`'s answer, a 204 or 304), go, as the relay drops
 /// them: they tell the client nothing, hyper's HTTP/2 server would send them, and HTTP/2
 /// clients refuse an answer whose length is no number (the h2 crate resets its stream). One
 /// line of digits needs nothing.
@@ -517,7 +520,11 @@ mod tests {
             (&["11 11"], &[]),
             (&[""], &[]),
             (&["99999999999999999999"], &[]),
+            (&["18446744073709551615"], &[]),
+            (&["10000000000000000000"], &[]),
             (&["9999999999999999999"], &["9999999999999999999"]),
+            // Longer than 19 digits with leading zeros: its number, which HTTP/2 clients read.
+            (&["00000000000000000011"], &["11"]),
         ];
         for (given, want) in table {
             let pairs: Vec<(&str, &str)> = given.iter().map(|v| ("content-length", *v)).collect();
@@ -552,6 +559,7 @@ mod tests {
             "11 11",
             "11,",
             "99999999999999999999",
+            "10000000000000000000",
         ] {
             assert_eq!(
                 read(bad, None).0,

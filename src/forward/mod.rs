@@ -468,7 +468,7 @@ fn finish(
     // A length given as a list (`11, 11`) or on several lines, which hyper's client takes
     // when its values agree, goes on as one line: hyper's server would write the first line as
     // given (and refuse a second line beside a `HEAD`'s answer, closing the connection). One
-    // that is no number, which only a `HEAD`'s answer or a 304 gets past hyper's client,
+    // that is no number, which only a `HEAD`'s answer, a 204 or a 304 gets past hyper's client,
     // goes: an HTTP/2 client would refuse the answer.
     headers::one_length(resp.headers_mut());
     // The server's version is its hop's: an HTTP/1.0 answer goes to an HTTP/1.1 client as

@@ -256,10 +256,14 @@ impl Task {
             }
             entry.consecutive = self.counter.run();
             entry.last_ok = Some(ok);
-            if entry.healthy.is_none() || flipped.is_some() {
-                entry.since = Some(Timestamp(now));
+            // A failed request before the first check has decided nothing: `ctl health`
+            // still says "not checked yet", not healthy since that failure.
+            if self.counter.decided() {
+                if entry.healthy.is_none() || flipped.is_some() {
+                    entry.since = Some(Timestamp(now));
+                }
+                entry.healthy = Some(self.counter.healthy());
             }
-            entry.healthy = Some(self.counter.healthy());
         }
         if let Some(healthy) = flipped {
             let reason = match result {

@@ -64,6 +64,12 @@ impl Counter {
         self.healthy
     }
 
+    /// Whether a result has decided the health: the first check, or `fall` failed requests
+    /// before it.
+    pub fn decided(&self) -> bool {
+        self.checked
+    }
+
     /// How many of the latest results in a row were the same.
     pub fn run(&self) -> u32 {
         self.run
@@ -106,7 +112,8 @@ impl Counter {
     /// check does, but is never the first result that decides at once: a request that met a
     /// reset or a malformed answer as the proxy started, before the first check came back,
     /// took the server out, and with a single server the whole site, until `rise` checks
-    /// brought it back. The first check still decides at once.
+    /// brought it back. The first check still decides at once, unless `fall` failed requests
+    /// came first (with `fall = 1`, one), which take the server out as failed checks would.
     pub fn record_failed_request(&mut self, rise: u32, fall: u32) -> Option<bool> {
         if self.checked {
             return self.record(false, rise, fall);
@@ -194,6 +201,7 @@ mod tests {
         let mut c = Counter::new();
         assert_eq!(c.record_failed_request(2, 3), None);
         assert!(c.healthy(), "one failed request took the server out");
+        assert!(!c.decided());
         // The first check decides at once, whatever the requests said.
         assert_eq!(c.record(false, 2, 3), Some(false));
         let mut c = Counter::new();
