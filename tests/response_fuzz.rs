@@ -298,47 +298,43 @@ fn requests(answers: &[Answer]) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// A proxy before the scripted server at `up` (`config`), listening for HTTPS too with `tls`.
+async fn proxy(up: SocketAddr, hyper: bool, tls: Option<&Tls>) -> Proxy {
+    match tls {
+        Some(tls) => tls.proxy(&config(up, hyper)).await,
+        None => spawn_proxy(&config(up, hyper)).await,
+    }
+}
+
+/// Each request on an HTTP/1.1 connection of its own to `proxy`, over HTTPS with `tls`, one
+/// at a time: bytes an answer leaves on a kept connection meet the next request sent on it,
+/// the same one through every proxy.
+async fn over_http1(proxy: &Proxy, requests: &[Vec<u8>], tls: Option<&Tls>) -> Vec<Answers> {
+    let Some(tls) = tls else {
+        return all_exchanges(proxy.addr, requests, (2, true), 1).await;
+    };
+    let mut out = Vec::new();
+    for request in requests {
+        let sock = tls_stream(tls_addr(proxy), tls).await;
+        out.push(exchange_on(sock, request, 2, true).await);
+    }
+    out
+}
+
 /// Generated answers through a relaying proxy and one on hyper's path, over plaintext or,
 /// with `tls`, HTTPS: what the client gets must be the same, and readable.
 async fn compare((cases, seed, mut rng): (usize, u64, Rng), tls: Option<&Tls>) {
     let answers: Arc<Vec<Answer>> = Arc::new((0..cases).map(|_| generate(&mut rng)).collect());
     let up = scripted_server(answers.clone()).await;
-    let config = |hyper: bool| config(up, hyper);
-    let (relay, hyper) = match tls {
-        Some(tls) => (
-            tls.proxy(&config(false)).await,
-            tls.proxy(&config(true)).await,
-        ),
-        None => (
-            spawn_proxy(&config(false)).await,
-            spawn_proxy(&config(true)).await,
-        ),
-    };
+    let (relay, hyper) = (proxy(up, false, tls).await, proxy(up, true, tls).await);
     assert_paths(relay.addr, hyper.addr).await;
     if let Some(tls) = tls {
         assert_path_on(tls_stream(tls_addr(&relay), tls).await, true).await;
         assert_path_on(tls_stream(tls_addr(&hyper), tls).await, false).await;
     }
     let requests = requests(&answers);
-    // One at a time: bytes an answer leaves on a kept connection meet the next request sent
-    // on it, the same one through both proxies.
-    let through = |proxy: &Proxy| {
-        let requests = &requests;
-        let addr = proxy.addr;
-        let tls_at = tls.map(|tls| (tls, tls_addr(proxy)));
-        async move {
-            let Some((tls, at)) = tls_at else {
-                return all_exchanges(addr, requests, (2, true), 1).await;
-            };
-            let mut out = Vec::new();
-            for request in requests {
-                out.push(exchange_on(tls_stream(at, tls).await, request, 2, true).await);
-            }
-            out
-        }
-    };
-    let relayed = through(&relay).await;
-    let through_hyper = through(&hyper).await;
+    let relayed = over_http1(&relay, &requests, tls).await;
+    let through_hyper = over_http1(&hyper, &requests, tls).await;
     let mut differences = Vec::new();
     for (case, answer) in answers.iter().enumerate() {
         let (a, b) = (&relayed[case], &through_hyper[case]);
@@ -377,56 +373,25 @@ async fn compare_h2((cases, seed, mut rng): (usize, u64, Rng), tls: Option<&Tls>
     let answers: Arc<Vec<Answer>> = Arc::new((0..cases).map(|_| generate(&mut rng)).collect());
     let up = scripted_server(answers.clone()).await;
     let requests = requests(&answers);
-    let (over_h1, proxy) = match tls {
-        None => {
-            let proxy = spawn_proxy(&config(up, true)).await;
-            (
-                all_exchanges(proxy.addr, &requests, (2, true), 1).await,
-                proxy,
-            )
-        }
-        Some(tls) => {
-            let proxy = tls.proxy(&config(up, true)).await;
-            let mut out = Vec::new();
-            for request in &requests {
-                let sock = tls_stream(tls_addr(&proxy), tls).await;
-                out.push(exchange_on(sock, request, 2, true).await);
-            }
-            (out, proxy)
-        }
-    };
-    let h2_tls = tls.map(|tls| {
-        let mut client = (*tls.client).clone();
-        client.alpn_protocols = vec![b"h2".to_vec()];
-        tokio_rustls::TlsConnector::from(Arc::new(client))
-    });
+    let proxy = proxy(up, true, tls).await;
+    let over_h1 = over_http1(&proxy, &requests, tls).await;
     let mut differences = Vec::new();
     for (case, answer) in answers.iter().enumerate() {
-        let over_h2 = match &h2_tls {
+        let over_h2 = match tls {
             None => {
-                h2_exchange(
-                    TcpStream::connect(proxy.addr).await.unwrap(),
-                    case,
-                    answer.head,
-                )
-                .await
+                let sock = TcpStream::connect(proxy.addr).await.unwrap();
+                h2_exchange(sock, case, answer.head).await
             }
-            Some(connector) => {
-                let tcp = TcpStream::connect(tls_addr(&proxy)).await.unwrap();
-                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-                let sock = connector.connect(name, tcp).await.unwrap();
-                assert_eq!(sock.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+            Some(tls) => {
+                let sock = tls_stream_h2(tls_addr(&proxy), tls).await;
                 h2_exchange(sock, case, answer.head).await
             }
         };
         // Interim answers are HTTP/1.1's alone here: hyper's client reads them and goes on.
         let (statuses, end) = &over_h1[case];
-        let finals: Vec<&String> = statuses.iter().filter(|s| !s.starts_with('1')).collect();
-        let over_h1 = (finals, end.to_string());
-        let same = over_h1.0.len() == over_h2.0.len()
-            && over_h1.0.iter().zip(&over_h2.0).all(|(a, b)| *a == b)
-            && over_h1.1 == over_h2.1;
-        if !same {
+        let finals = statuses.iter().filter(|s| !s.starts_with('1')).cloned();
+        let over_h1 = (finals.collect::<Vec<_>>(), end.to_string());
+        if over_h1 != over_h2 {
             differences.push(difference(
                 case,
                 answer,

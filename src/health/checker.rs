@@ -232,7 +232,8 @@ impl Task {
             self.metrics.health_check(&self.name, ok, latency);
         }
         let (rise, fall) = (self.config.rise, self.config.fall);
-        let flipped = if active || ok {
+        // What the request path reports is always a failure.
+        let flipped = if active {
             self.counter.record(ok, rise, fall)
         } else {
             self.counter.record_failed_request(rise, fall)

@@ -5,7 +5,8 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Counter {
     healthy: bool,
-    checked: bool,
+    /// A result has decided `healthy`: the first check, or `fall` failed requests before it.
+    decided: bool,
     /// Consecutive results that disagree with `healthy`.
     against: u32,
     /// Consecutive identical results, for people to read.
@@ -24,7 +25,7 @@ impl Counter {
     pub fn new() -> Counter {
         Counter {
             healthy: true,
-            checked: false,
+            decided: false,
             against: 0,
             run: 0,
             last: None,
@@ -36,7 +37,7 @@ impl Counter {
     pub fn known(healthy: bool) -> Counter {
         Counter {
             healthy,
-            checked: true,
+            decided: true,
             against: 0,
             run: 0,
             last: None,
@@ -53,7 +54,7 @@ impl Counter {
         };
         Counter {
             healthy,
-            checked: true,
+            decided: true,
             against: if last == healthy { 0 } else { run },
             run,
             last: Some(last),
@@ -64,10 +65,9 @@ impl Counter {
         self.healthy
     }
 
-    /// Whether a result has decided the health: the first check, or `fall` failed requests
-    /// before it.
+    /// Whether a result has decided the health (else it is healthy until its first check).
     pub fn decided(&self) -> bool {
-        self.checked
+        self.decided
     }
 
     /// How many of the latest results in a row were the same.
@@ -85,8 +85,8 @@ impl Counter {
             1
         };
         self.last = Some(ok);
-        if !self.checked {
-            self.checked = true;
+        if !self.decided {
+            self.decided = true;
             self.against = 0;
             let flipped = ok != self.healthy;
             self.healthy = ok;
@@ -105,9 +105,7 @@ impl Counter {
         }
         None
     }
-}
 
-impl Counter {
     /// Records a request the path to the server failed. It counts towards `fall` as a failed
     /// check does, but is never the first result that decides at once: a request that met a
     /// reset or a malformed answer as the proxy started, before the first check came back,
@@ -115,13 +113,10 @@ impl Counter {
     /// brought it back. The first check still decides at once, unless `fall` failed requests
     /// came first (with `fall = 1`, one), which take the server out as failed checks would.
     pub fn record_failed_request(&mut self, rise: u32, fall: u32) -> Option<bool> {
-        if self.checked {
-            return self.record(false, rise, fall);
-        }
-        self.checked = true;
+        // Counted as after a first result; decided only if it flipped.
+        let decided = std::mem::replace(&mut self.decided, true);
         let flipped = self.record(false, rise, fall);
-        // Not decided by `fall` failures: the first check still decides.
-        self.checked = flipped.is_some();
+        self.decided = decided || flipped.is_some();
         flipped
     }
 }

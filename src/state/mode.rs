@@ -190,15 +190,15 @@ impl Persisted {
                     // Under a second ahead, an end announced as `Retry-After: 1` has passed
                     // before a client can come back, and `+0s` would be "now": refused alike,
                     // where `+0s` alone was refused as in the past.
-                    if u < now {
+                    let Ok(ahead) = u.duration_since(now) else {
                         return Err(ChangeError::BadValue("until is in the past".into()));
-                    }
-                    if u.duration_since(now).unwrap_or_default() < Duration::from_secs(1) {
+                    };
+                    if ahead < Duration::from_secs(1) {
                         return Err(ChangeError::BadValue(
                             "until must be at least 1s ahead".into(),
                         ));
                     }
-                    if u.duration_since(now).unwrap_or_default() > MAX_AHEAD {
+                    if ahead > MAX_AHEAD {
                         return Err(ChangeError::BadValue(
                             "until is more than a year ahead".into(),
                         ));

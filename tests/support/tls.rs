@@ -49,11 +49,30 @@ impl Tls {
     }
 }
 
-/// A TLS connection to `addr`.
+/// A TLS connection to `addr`, offering HTTP/1.1.
 pub async fn tls_stream(addr: SocketAddr, tls: &Tls) -> tokio_rustls::client::TlsStream<TcpStream> {
+    connect(addr, tls.client.clone()).await
+}
+
+/// A TLS connection to `addr` on which ALPN chose HTTP/2, as browsers ask for it.
+pub async fn tls_stream_h2(
+    addr: SocketAddr,
+    tls: &Tls,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut client = (*tls.client).clone();
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    let sock = connect(addr, Arc::new(client)).await;
+    assert_eq!(sock.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    sock
+}
+
+async fn connect(
+    addr: SocketAddr,
+    client: Arc<rustls::ClientConfig>,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     let tcp = TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
+    let connector = tokio_rustls::TlsConnector::from(client);
     connector.connect(name, tcp).await.unwrap()
 }
 
