@@ -19,7 +19,12 @@ pub enum Request {
         /// RFC 3339 or `+DURATION`, resolved by the proxy against its clock.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         until: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        /// A duration; a JSON number is taken as seconds (`seconds_or_text`).
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            deserialize_with = "seconds_or_text"
+        )]
         retry_after: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
@@ -44,6 +49,28 @@ pub enum Request {
     ScheduleRemove {
         id: u64,
     },
+}
+
+/// A DURATION may be a plain number of seconds (SPEC §1), and a script that builds its request
+/// as JSON writes such a number as a number: `"retry_after": 600` means what `"600"` means.
+fn seconds_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct Duration;
+    impl<'de> serde::de::Visitor<'de> for Duration {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a duration such as \"90s\" or a whole number of seconds")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_owned()))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    d.deserialize_any(Duration)
 }
 
 pub const COMMANDS: &[&str] = &[
@@ -278,6 +305,17 @@ mod tests {
             assert_eq!(code(line.as_bytes()), "bad_request", "retry_after {zero:?}");
         }
         assert!(parse_request(br#"{"cmd":"on","retry_after":"1"}"#).is_ok());
+        assert_eq!(code(br#"{"cmd":"on","retry_after":0}"#), "bad_request");
+        for bad in ["-5", "1.5", "true", "[]"] {
+            let line = format!(r#"{{"cmd":"on","retry_after":{bad}}}"#);
+            let e = parse_request(line.as_bytes()).unwrap_err();
+            assert_eq!(e.code, "bad_request", "{bad}");
+            assert!(
+                e.message.contains("whole number of seconds"),
+                "{bad}: {}",
+                e.message
+            );
+        }
         assert_eq!(
             parse_request(br#"{"cmd":"frobnicate"}"#)
                 .unwrap_err()
@@ -285,6 +323,24 @@ mod tests {
             "unknown command 'frobnicate'",
             "the message SPEC §5 shows, word for word"
         );
+    }
+
+    #[test]
+    fn a_duration_may_be_a_json_number_of_seconds() {
+        let retry_after = |line: &[u8]| match parse_request(line) {
+            Ok(Request::On { retry_after, .. }) => retry_after,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            retry_after(br#"{"cmd":"on","retry_after":600}"#),
+            Some("600".into())
+        );
+        assert_eq!(
+            retry_after(br#"{"cmd":"on","retry_after":"10m"}"#),
+            Some("10m".into())
+        );
+        assert_eq!(retry_after(br#"{"cmd":"on","retry_after":null}"#), None);
+        assert_eq!(retry_after(br#"{"cmd":"on"}"#), None);
     }
 
     #[test]
