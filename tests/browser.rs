@@ -435,6 +435,7 @@ const root = document.documentElement;
 const msg = document.getElementById('message');
 const note = document.getElementById('auto-note');
 const until = document.getElementById('until-line');
+const overrun = document.getElementById('overrun-line');
 const app = document.getElementById('app');
 const updates = document.getElementById('updates');
 const visible = (el) => !!el && !el.hidden && el.getClientRects().length > 0
@@ -449,6 +450,8 @@ return {
   message_visible: visible(msg),
   auto_note_visible: visible(note),
   until_visible: visible(until),
+  overrun_visible: visible(overrun),
+  overrun_text: overrun ? overrun.textContent : null,
   updates: updates ? Array.from(updates.children).map((li) => li.textContent) : [],
   app: app ? app.textContent : null,
   marker: window.__intermissionTestMarker || null,
@@ -662,6 +665,39 @@ async fn a_visitor_waits_on_the_holding_page_and_comes_back_by_itself() {
         0,
         "a held request reached the shop"
     );
+
+    // The work overruns its announced end: the open page, through its polling, stops
+    // promising a time gone by and says it is taking longer.
+    let again = ctl(
+        &proxy,
+        Ctl::On {
+            message: None,
+            until: Some("+2s".into()),
+            retry_after: None,
+            reason: None,
+        },
+    )
+    .await;
+    assert!(again.ok, "a nearer announced end: {again:?}");
+    browser
+        .exec("window.__intermissionTestMarker = 'before the overrun'; return true;")
+        .await;
+    let state = wait_for_page(&browser, PAGE_POLL_LIMIT, "the overrun line", |s| {
+        s["overrun_visible"] == true && s["until_visible"] == false
+    })
+    .await;
+    assert_holding_page(&state, "maintenance", SECOND_MESSAGE);
+    assert!(
+        state["overrun_text"]
+            .as_str()
+            .is_some_and(|t| t.contains("taking longer than planned")),
+        "{state:#}"
+    );
+    assert_eq!(
+        state["marker"], "before the overrun",
+        "the page was reloaded: {state:#}"
+    );
+
     let off = ctl(&proxy, Ctl::Off).await;
     assert!(off.ok, "maintenance off: {off:?}");
     let state = wait_for_page(&browser, PAGE_POLL_LIMIT, "the real shop", |s| {

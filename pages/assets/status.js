@@ -8,7 +8,7 @@
  *
  * Hooks (all set by the templates):
  *   <html data-status-url data-prefix data-mode data-retry-after lang>
- *   #message, #until-line > #until, #since-line > #since,
+ *   #message, #until-line > #until, #overrun-line > #overrun, #since-line > #since,
  *   #status-line > #status-link, #updates-section > #updates, #auto-note
  * Server data only ever reaches the DOM through textContent / setAttribute.
  */
@@ -159,7 +159,11 @@
 
   function apply(s) {
     if (typeof s.message === 'string' && s.message) setText($('message'), s.message);
-    applyTimeLine('until-line', 'until', s.until);
+    // Past its announced end, a page says so rather than promise a time gone by; a page
+    // with no overrun line just stops showing the end.
+    const overrun = s.overrun === true;
+    applyTimeLine('until-line', 'until', overrun ? null : s.until);
+    applyTimeLine('overrun-line', 'overrun', overrun ? s.until : null);
     applyTimeLine('since-line', 'since', s.since);
     applyStatusPage(s.status_page);
     applyUpdates(s.updates);

@@ -31,6 +31,10 @@ pub struct View {
     pub message: String,
     pub since: Option<SystemTime>,
     pub until: Option<SystemTime>,
+    /// `until` had passed when the view was taken: maintenance overran its announced end,
+    /// and people must not be told to expect it back by a time gone by. The controller takes
+    /// a new view at that moment.
+    pub overrun: bool,
     /// Seconds for `Retry-After` when there is no `until` ahead.
     pub retry_default: u64,
     /// Oldest first.
@@ -68,6 +72,10 @@ impl View {
                 .and_then(|p| p.retry_after)
                 .unwrap_or_else(|| whole_seconds(cfg.retry_after)),
         };
+        let until = planned
+            .and_then(|p| p.until)
+            .or(window.map(|w| w.end))
+            .map(|u| u.0);
         View {
             mode,
             message: state
@@ -79,10 +87,8 @@ impl View {
                 Mode::Outage => outage_since,
                 Mode::Normal => None,
             },
-            until: planned
-                .and_then(|p| p.until)
-                .or(window.map(|w| w.end))
-                .map(|u| u.0),
+            until,
+            overrun: until.is_some_and(|u| u <= now),
             retry_default,
             updates: state.updates.clone(),
             status_page: cfg.status_page.clone(),
@@ -187,6 +193,9 @@ struct StatusJson<'a> {
     message: Option<&'a str>,
     since: Option<Timestamp>,
     until: Option<Timestamp>,
+    /// The announced end has passed (`View::overrun`): the page's script shows it as the
+    /// server-rendered page does.
+    overrun: bool,
     retry_after: Option<u64>,
     updates: Vec<UpdateJson<'a>>,
     status_page: Option<&'a str>,
@@ -212,6 +221,7 @@ struct ProblemJson<'a> {
     mode: Mode,
     since: Option<Timestamp>,
     until: Option<Timestamp>,
+    overrun: bool,
     retry_after: u64,
     status_page: Option<&'a str>,
     updates: Vec<UpdateJson<'a>>,
@@ -229,6 +239,7 @@ pub fn status_json(view: &View) -> Spliced {
         message: held.then_some(view.message.as_str()),
         since: view.since.map(Timestamp),
         until: view.until.map(Timestamp),
+        overrun: view.overrun,
         retry_after: held.then_some(MARK),
         updates: updates_newest_first(&view.updates),
         status_page: non_empty(&view.status_page),
@@ -269,7 +280,17 @@ pub fn render_pages(pages: &Pages, view: &View, prefix: &str, now: SystemTime) -
     let values = Values {
         message: view.message.clone(),
         since: view.since.map(render::human_time).unwrap_or_default(),
-        until: view.until.map(render::human_time).unwrap_or_default(),
+        // A page that names `until` only (one written before `overrun` existed) stops
+        // promising a time gone by without being changed.
+        until: (!view.overrun)
+            .then(|| view.until.map(render::human_time))
+            .flatten()
+            .unwrap_or_default(),
+        overrun: view
+            .until
+            .filter(|_| view.overrun)
+            .map(render::human_time)
+            .unwrap_or_default(),
         retry_after: view.retry_after(now).to_string(),
         status_page: view.status_page.clone(),
         updates_html: render::render_updates(&items),
@@ -346,8 +367,13 @@ impl Held {
     pub fn new(pages: &Pages, view: View, prefix: &str, now: SystemTime) -> Held {
         let html = render_pages(pages, &view, prefix, now);
         let mut text = view.message.clone();
-        if let Some(u) = view.until {
-            text.push_str(&format!("\nExpected back by {}.", render::human_time(u)));
+        match view.until {
+            Some(u) if view.overrun => text.push_str(&format!(
+                "\nWe planned to be back by {}; it is taking longer than planned.",
+                render::human_time(u)
+            )),
+            Some(u) => text.push_str(&format!("\nExpected back by {}.", render::human_time(u))),
+            None => {}
         }
         if !view.status_page.is_empty() {
             text.push_str(&format!("\nStatus: {}", view.status_page));
@@ -361,6 +387,7 @@ impl Held {
             mode: view.mode,
             since: view.since.map(Timestamp),
             until: view.until.map(Timestamp),
+            overrun: view.overrun,
             retry_after: MARK,
             status_page: non_empty(&view.status_page),
             updates: updates_newest_first(&view.updates)
@@ -477,15 +504,27 @@ impl Held {
 }
 
 /// gRPC's `grpc-message` encoding: bytes outside printable ASCII, and `%`, as `%XX`; cut to
-/// at most `max` bytes, never inside a `%XX` or a character.
+/// at most `max` bytes, never inside a `%XX` or a character. A cut message ends with `…`, so
+/// that nobody reads its last words as the whole of it.
 pub fn grpc_percent_encode(s: &str, max: usize) -> String {
+    const ELLIPSIS: &str = "%E2%80%A6";
+    let whole = encode_within(s, usize::MAX);
+    if whole.len() <= max {
+        return whole;
+    }
+    let mut cut = encode_within(s, max.saturating_sub(ELLIPSIS.len()));
+    cut.push_str(ELLIPSIS);
+    cut
+}
+
+fn encode_within(s: &str, max: usize) -> String {
     let mut out = String::with_capacity(s.len().min(max));
     for c in s.chars() {
         let mut utf8 = [0u8; 4];
         let bytes = c.encode_utf8(&mut utf8).as_bytes();
         let printable = bytes.len() == 1 && (0x20..=0x7e).contains(&bytes[0]) && bytes[0] != b'%';
         let needed = if printable { 1 } else { 3 * bytes.len() };
-        if out.len() + needed > max {
+        if out.len().saturating_add(needed) > max {
             break;
         }
         if printable {
@@ -528,6 +567,7 @@ mod tests {
             message: "Back soon".into(),
             since: None,
             until,
+            overrun: false,
             retry_default: 300,
             updates: Vec::new(),
             status_page: String::new(),
@@ -560,6 +600,80 @@ mod tests {
             let view = View::new(Mode::Maintenance, &state, &config.maintenance, None, t0);
             assert_eq!(view.retry_after(t0), 60, "counts down to `until`");
             assert_eq!(view.retry_after(later), after, "--retry-after {given:?}");
+        }
+    }
+
+    /// Past the announced end, maintenance stays on: the page, the text and both JSON
+    /// documents say it overran, and no form tells people to expect it back by a time gone
+    /// by. Before it, they show the end as announced.
+    #[test]
+    fn past_its_announced_end_every_form_says_it_is_taking_longer() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::parse("", dir.path(), None).unwrap();
+        let pages = Pages::load(&crate::config::PagesSource::BuiltIn).unwrap();
+        let t0 = SystemTime::now();
+        let end = t0 + std::time::Duration::from_secs(3600);
+        let on = crate::state::mode::Change::On {
+            message: Some("Database upgrade".into()),
+            until: Some(end),
+            retry_after: None,
+            reason: None,
+            by: "op".into(),
+        };
+        let state = Persisted::default().apply(on, t0, true).unwrap();
+        let shown = render::human_time(end);
+        let body = |held: &Held, form: Form, lang: usize| {
+            let body = held.respond(form, lang, false, || t0).into_body();
+            String::from_utf8(body.into_ready().unwrap().to_vec()).unwrap()
+        };
+        for (at, overrun) in [
+            (t0, false),
+            (end, true),
+            (end + std::time::Duration::from_secs(60), true),
+        ] {
+            let view = View::new(Mode::Maintenance, &state, &config.maintenance, None, at);
+            assert_eq!(view.overrun, overrun, "at {at:?}");
+            let status = String::from_utf8(status_json(&view).with(300).to_vec()).unwrap();
+            let held = Held::new(&pages, view, "/_i/", at);
+            let (html, html_fr) = (body(&held, Form::Html, 0), body(&held, Form::Html, 1));
+            let (text, json) = (body(&held, Form::Text, 0), body(&held, Form::Json, 0));
+            let flag = format!("\"overrun\":{overrun}");
+            assert!(
+                json.contains(&flag) && status.contains(&flag),
+                "{json}\n{status}"
+            );
+            assert!(
+                json.contains("\"until\":\"") && status.contains("\"until\":\""),
+                "the announced end stays in the JSON"
+            );
+            if overrun {
+                assert!(html.contains(&format!("id=\"overrun-line\" class=\"meta\">We planned to be back by <strong><time id=\"overrun\">{shown}</time>")), "{html}");
+                assert!(
+                    html.contains("id=\"until-line\" class=\"meta\" hidden>"),
+                    "{html}"
+                );
+                assert!(
+                    html_fr.contains("id=\"overrun-line\" class=\"meta\">Nous pensions revenir"),
+                    "{html_fr}"
+                );
+                assert!(!text.contains("Expected back by"), "{text}");
+                assert!(
+                    text.contains(&format!(
+                        "We planned to be back by {shown}; it is taking longer than planned."
+                    )),
+                    "{text}"
+                );
+            } else {
+                assert!(html.contains(&format!("id=\"until-line\" class=\"meta\">Expected back by <strong><time id=\"until\">{shown}</time>")), "{html}");
+                assert!(
+                    html.contains("id=\"overrun-line\" class=\"meta\" hidden>"),
+                    "{html}"
+                );
+                assert!(
+                    text.contains(&format!("Expected back by {shown}.")),
+                    "{text}"
+                );
+            }
         }
     }
 
@@ -613,10 +727,16 @@ mod tests {
             grpc_percent_encode("100% déjà\n", 100),
             "100%25 d%C3%A9j%C3%A0%0A"
         );
-        // Cut before a character that would not fit whole.
-        assert_eq!(grpc_percent_encode("abé", 7), "ab");
+        // Cut before a character that would not fit whole, and marked as cut.
         assert_eq!(grpc_percent_encode("abé", 8), "ab%C3%A9");
-        assert!(grpc_percent_encode(&"é".repeat(2000), MAX_GRPC_MESSAGE).len() <= MAX_GRPC_MESSAGE);
+        assert_eq!(grpc_percent_encode("abcdefgé", 13), "abcdefg%C3%A9");
+        assert_eq!(grpc_percent_encode("abcdefgé", 12), "abc%E2%80%A6");
+        assert_eq!(grpc_percent_encode("abcdefgéh", 13), "abcd%E2%80%A6");
+        let long = grpc_percent_encode(&"é".repeat(2000), MAX_GRPC_MESSAGE);
+        assert!(
+            long.len() <= MAX_GRPC_MESSAGE && long.ends_with("%E2%80%A6"),
+            "{long}"
+        );
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub struct Values {
     /// Human text, e.g. "2026-11-24 07:00 UTC"; empty when unknown.
     pub since: String,
     pub until: String,
+    /// Once the announced end has passed and maintenance is still on: that end, as `until`
+    /// was (which is then empty). Empty otherwise.
+    pub overrun: String,
     /// Seconds, as text.
     pub retry_after: String,
     pub status_page: String,
@@ -47,6 +50,7 @@ enum Name {
     Message,
     Since,
     Until,
+    Overrun,
     RetryAfter,
     StatusPage,
     Updates,
@@ -54,7 +58,8 @@ enum Name {
     Mode,
 }
 
-const NAMES: &str = "message, since, until, retry_after, status_page, updates, prefix, mode";
+const NAMES: &str =
+    "message, since, until, overrun, retry_after, status_page, updates, prefix, mode";
 
 impl Name {
     fn parse(s: &str) -> Option<Name> {
@@ -62,6 +67,7 @@ impl Name {
             "message" => Name::Message,
             "since" => Name::Since,
             "until" => Name::Until,
+            "overrun" => Name::Overrun,
             "retry_after" => Name::RetryAfter,
             "status_page" => Name::StatusPage,
             "updates" => Name::Updates,
@@ -76,6 +82,7 @@ impl Name {
             Name::Message => &values.message,
             Name::Since => &values.since,
             Name::Until => &values.until,
+            Name::Overrun => &values.overrun,
             Name::RetryAfter => &values.retry_after,
             Name::StatusPage => &values.status_page,
             Name::Updates => &values.updates_html,
@@ -405,17 +412,18 @@ mod tests {
             message: "m".into(),
             since: "s".into(),
             until: "u".into(),
+            overrun: "o".into(),
             retry_after: "60".into(),
             status_page: "https://status.example.com/?a=1&b=2".into(),
             updates_html: "<li>x</li>".into(),
             prefix: "/_im/".into(),
             mode: "outage".into(),
         };
-        let text = "{{message}}|{{since}}|{{until}}|{{retry_after}}|{{status_page}}|\
+        let text = "{{message}}|{{since}}|{{until}}|{{overrun}}|{{retry_after}}|{{status_page}}|\
                     {{updates}}|{{prefix}}|{{mode}}|{{ message }}";
         assert_eq!(
             render(text, &values),
-            "m|s|u|60|https://status.example.com/?a=1&amp;b=2|<li>x</li>|/_im/|outage|m"
+            "m|s|u|o|60|https://status.example.com/?a=1&amp;b=2|<li>x</li>|/_im/|outage|m"
         );
     }
 
