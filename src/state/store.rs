@@ -2,9 +2,11 @@
 //! before a change is acknowledged, and read at start.
 //!
 //! A file that exists but cannot be read or parsed stops the start: it holds the maintenance
-//! switch, and silently replacing it could put a site back online mid-incident.
+//! switch, and silently replacing it could put a site back online mid-incident. A file a newer
+//! version wrote is read (a rollback must not refuse to start), said so, and kept as it was
+//! beside the file before anything overwrites it.
 
-use super::mode::Persisted;
+use super::mode::{Persisted, STATE_VERSION};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -42,10 +44,38 @@ pub fn load(path: &Path) -> Result<Persisted, StoreError> {
             })
         }
     };
-    serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
-        path: path.to_path_buf(),
-        source,
-    })
+    let mut state: Persisted =
+        serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if state.version > STATE_VERSION {
+        keep_newer(path, &bytes, state.version);
+        // What this build writes is its own format, whatever it read.
+        state.version = STATE_VERSION;
+    }
+    Ok(state)
+}
+
+/// A newer version's file may hold what this one does not read, and its next save drops it:
+/// the file as it was goes to `<file>.v<version>` first, so that nothing is lost silently.
+fn keep_newer(path: &Path, bytes: &[u8], version: u32) {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".v{version}"));
+    let copy = PathBuf::from(name);
+    match std::fs::write(&copy, bytes) {
+        Ok(()) => tracing::warn!(
+            path = %path.display(),
+            copy = %copy.display(),
+            "state file written by a newer intermission (format {version}; this one reads {STATE_VERSION}): what this version does not know is dropped at its next save; the file as it was is kept in the copy"
+        ),
+        Err(e) => tracing::warn!(
+            path = %path.display(),
+            copy = %copy.display(),
+            error = %e,
+            "state file written by a newer intermission (format {version}; this one reads {STATE_VERSION}): what this version does not know is dropped at its next save, and no copy could be kept"
+        ),
+    }
 }
 
 /// Writes `state` so that a crash at any moment leaves either the old or the new file whole.
@@ -104,6 +134,32 @@ mod tests {
         save(&path, &s).unwrap();
         assert_eq!(load(&path).unwrap(), s);
         assert!(!dir.path().join(".state.json.tmp").exists());
+    }
+
+    /// A rollback reads a newer version's file, and keeps it whole beside it before its
+    /// own first save drops what it does not know; its saves say its own format.
+    #[test]
+    fn a_newer_versions_file_loads_and_is_kept_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let newer = r#"{"version": 7, "force_open": true, "new_thing": [1, 2]}"#;
+        std::fs::write(&path, newer).unwrap();
+        let state = load(&path).unwrap();
+        assert!(state.force_open);
+        assert_eq!(state.version, STATE_VERSION);
+        let copy = dir.path().join("state.json.v7");
+        assert_eq!(std::fs::read_to_string(&copy).unwrap(), newer);
+        save(&path, &state).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&copy).unwrap(),
+            newer,
+            "the copy stays"
+        );
+        assert_eq!(load(&path).unwrap(), state);
+        // The current format keeps no copy.
+        std::fs::remove_file(&copy).unwrap();
+        load(&path).unwrap();
+        assert!(!copy.exists());
     }
 
     #[test]
