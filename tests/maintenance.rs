@@ -5,6 +5,7 @@
 mod support;
 
 use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use intermission::control::protocol::Request as Ctl;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -367,6 +368,70 @@ async fn updates_show_in_the_status_json_and_the_page() {
     );
     let page = text(&get_with(&proxy.url("/"), &[("accept", BROWSER)]).await);
     assert!(page.contains("Halfway there") && page.contains("Starting the upgrade"));
+}
+
+/// `maintenance.reserved_prefix` moves every reserved path, and the page's links with it; the
+/// default prefix is then an ordinary path, forwarded or held like any other.
+#[tokio::test]
+async fn a_reserved_prefix_of_ones_own_moves_every_reserved_path() {
+    let (up, hits) = counting_upstream().await;
+    let proxy = proxy_for(&up, "[maintenance]\nreserved_prefix = \"/_maint/\"\n").await;
+    let v: serde_json::Value = json(&get(&proxy.url("/_maint/status")).await);
+    assert_eq!(v["mode"], "normal");
+    let old = get(&proxy.url("/_intermission/status")).await;
+    assert_eq!(text(&old), "from upstream");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+    ctl(&proxy, on(Some("Moving house"))).await;
+    // One client, so that the requests after the first come on a kept (parked) connection,
+    // which answers held requests itself and must hand reserved paths on.
+    let c = client();
+    let ask = |path: &str, accept: &str| {
+        Request::get(proxy.url(path))
+            .header("accept", accept)
+            .body(empty())
+            .unwrap()
+    };
+    for _ in 0..2 {
+        let page = c.request(ask("/shop", BROWSER)).await.unwrap();
+        assert_eq!(page.status(), 503);
+        let page = String::from_utf8_lossy(&page.into_body().collect().await.unwrap().to_bytes())
+            .into_owned();
+        assert!(page.contains("Moving house"), "{page}");
+        assert!(
+            page.contains("data-status-url=\"/_maint/status\"")
+                && page.contains("src=\"/_maint/assets/status.js\""),
+            "the page's links follow the prefix: {page}"
+        );
+        assert!(!page.contains("/_intermission/"), "{page}");
+        let status = c.request(ask("/_maint/status", "*/*")).await.unwrap();
+        assert_eq!(status.status(), 200);
+        let v: serde_json::Value =
+            serde_json::from_slice(&status.into_body().collect().await.unwrap().to_bytes())
+                .unwrap();
+        assert_eq!(v["mode"], "maintenance");
+        assert_eq!(v["message"], "Moving house");
+        let script = c
+            .request(ask("/_maint/assets/status.js", "*/*"))
+            .await
+            .unwrap();
+        assert_eq!(script.status(), 200);
+        let old = c
+            .request(ask("/_intermission/status", "*/*"))
+            .await
+            .unwrap();
+        assert_eq!(
+            old.status(),
+            503,
+            "the default prefix is held like any path"
+        );
+        assert_eq!(old.headers()["content-type"], "application/problem+json");
+    }
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "nothing held reached the upstream"
+    );
 }
 
 #[tokio::test]
