@@ -173,11 +173,19 @@ impl HttpBody for TrackedBody {
 /// HTTP/2). A plaintext one's writes are timed here (`proxy.send_timeout`): hyper has no clock
 /// of its own on a client that does not read. A TLS one's are timed beneath the session
 /// (`stall::Timed`), where every write that moves is seen.
+///
+/// It also tells hyper of the client's end one poll late (`end_deferred`). hyper looks for
+/// that end as soon as it has read a request, before it polls the answer: a client that shuts
+/// its sending side once its request is out (a script, `curl` fed from a closed stdin) lost
+/// about half its answers that way, held ones and reserved paths included, which are ready at
+/// once. A poll later the answer is written, and a forwarded request whose client left is
+/// still given up then, as the relay gives it up.
 pub struct Rewind<S = TcpStream> {
     first: Bytes,
     inner: S,
     idle: Option<Arc<Idle>>,
     timing: Option<Timing>,
+    end_deferred: bool,
 }
 
 impl<S> Rewind<S> {
@@ -192,6 +200,7 @@ impl<S> Rewind<S> {
             inner,
             idle,
             timing,
+            end_deferred: false,
         }
     }
 
@@ -216,9 +225,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         if this.first.is_empty() || buf.remaining() == 0 {
+            let before = buf.remaining();
             let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
             if let Some(idle) = &this.idle {
                 idle.read_blocked.store(polled.is_pending(), Relaxed);
+            }
+            let end =
+                matches!(polled, Poll::Ready(Ok(()))) && before > 0 && buf.remaining() == before;
+            if end && !this.end_deferred {
+                this.end_deferred = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
             }
             return polled;
         }
