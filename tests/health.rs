@@ -8,6 +8,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use intermission::control::protocol::{Request as Ctl, ServerHealth};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -309,6 +310,102 @@ async fn answers_with_a_head_too_large_do_not_take_a_server_out() {
         assert_eq!(resp.headers()["x-intermission-mode"], "outage");
     }
     kept_in_after_uncounted_failures(&proxy).await;
+}
+
+/// An application on 127.0.0.1 written byte by byte: `/crash` closes the connection without a
+/// word (a worker that dies on that page), `/garbage` answers what is no HTTP, `/upgrade`
+/// answers a `101` nobody asked for; anything else (the health check included) gets `app`.
+async fn crashing_app() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        let answer: &[u8] = if head.starts_with("GET /crash ") {
+                            return;
+                        } else if head.starts_with("GET /garbage ") {
+                            b"HTTP/1.1 2oo OK\r\n\r\n"
+                        } else if head.starts_with("GET /upgrade ") {
+                            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\napp"
+                        };
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A request the server fails after taking its connection (closed unanswered, a malformed or
+/// unasked answer) gets the outage answer, and does not count against the server: any client
+/// could bring it about on one page, and three of them took a single server out, and with it
+/// the whole site. The active check speaks for the server. With TCP checks, which cannot
+/// see such a server failing, they still count.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_a_server_fails_after_taking_them_do_not_take_it_out() {
+    let (addr, _app) = crashing_app().await;
+    let config = |health: &str| {
+        format!(
+            "[upstream]\nservers = [\"http://{addr}\"]\n\
+             [health]\ninterval = \"1h\"\nfall = 2\n{health}"
+        )
+    };
+    let proxy = spawn_proxy(&config("")).await;
+    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+    for path in ["/crash", "/garbage", "/upgrade"] {
+        for _ in 0..3 {
+            let resp = get(&proxy.url(path)).await;
+            assert!(is_outage(&resp), "{path}: never a raw error: {resp:?}");
+            // An HTTP/2 client's request goes through hyper.
+            let resp = h2c_client()
+                .request(Request::get(proxy.url(path)).body(empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(resp.headers()["x-intermission-mode"], "outage", "{path}");
+        }
+    }
+    let h = first_server_once(&proxy, |h| h.last_error.is_some()).await;
+    assert!(
+        h.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("request failed, not counted"),
+        "{h:?}"
+    );
+    assert_eq!(h.healthy, Some(true), "{h:?}");
+    assert_eq!(proxy_mode(&proxy).await, "normal");
+    let resp = get(&proxy.url("/")).await;
+    assert_eq!(resp.body(), "app", "{resp:?}");
+
+    let proxy = spawn_proxy(&config("kind = \"tcp\"\n")).await;
+    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+    for _ in 0..2 {
+        assert!(is_outage(&get(&proxy.url("/crash")).await));
+    }
+    let h = first_server_once(&proxy, |h| h.healthy == Some(false)).await;
+    assert!(
+        h.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("request failed: "),
+        "{h:?}"
+    );
 }
 
 /// With TCP checks, which an application that accepts and never answers passes, the requests

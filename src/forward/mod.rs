@@ -340,15 +340,19 @@ pub(crate) fn report(passive: &[Passive], server: usize, error: &UpstreamError) 
 
 /// Whether the failure may not mean the server is down (`health::Report::inconclusive`): no
 /// response head within `response_timeout`, no connection within `connect_timeout` (the
-/// kernel's own connect timeout included), or a response head over `MAX_RESPONSE_HEAD`.
+/// kernel's own connect timeout included), or any failure after the server took the
+/// connection (reset or closed before the answer, a malformed, oversized or unasked answer).
+/// A request can bring those about itself: a page that crashes its worker, a worker killed
+/// for a slow request. Counted, a few of them from any client took a single server out, and
+/// with it the whole site into `outage`. The active check, which asks a path of its own,
+/// speaks for the server; a refused or failed connection still counts, as no request causes
+/// that.
 fn inconclusive(error: &UpstreamError) -> bool {
-    match error {
-        UpstreamError::Timeout { .. } => return true,
-        UpstreamError::Failed {
-            source: pool::SendError::Protocol(why),
-            ..
-        } if *why == crate::relay::HEAD_TOO_LARGE => return true,
-        _ => {}
+    if matches!(
+        error,
+        UpstreamError::Timeout { .. } | UpstreamError::Failed { .. }
+    ) {
+        return true;
     }
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(c) = cause {
