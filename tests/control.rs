@@ -831,16 +831,17 @@ async fn the_line_limit_does_not_count_the_line_ending() {
     }
 }
 
-/// A zero `retry_after` is refused as the config refuses `maintenance.retry_after = "0"`,
-/// rather than reaching clients as `Retry-After: 1`.
+/// A `retry_after` under a second (zero too) is refused as the config refuses
+/// `maintenance.retry_after = "0"` or `"500ms"`, rather than reaching clients as
+/// `Retry-After: 1`.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_zero_retry_after_is_refused() {
+async fn a_retry_after_under_a_second_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let proxy = ProxyProcess::start(dir.path(), "");
     let mut c = Client::connect(&dir.path().join("intermission.sock"))
         .await
         .unwrap();
-    for zero in ["0", "0s", "0ms"] {
+    for zero in ["0", "0s", "0ms", "500ms", "0.0001s"] {
         let r = c
             .request(&Ctl::On {
                 message: None,

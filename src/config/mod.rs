@@ -949,7 +949,12 @@ impl Validator<'_> {
         }
         let mut retry_after = |key: &str, text: &DurationText| {
             let d = self.duration(key, text);
-            if d > MAX_RETRY_AFTER {
+            if d < Duration::from_secs(1) {
+                self.problem(
+                    key,
+                    "must be at least 1s: Retry-After is whole seconds, and a shorter wait would be announced as 1",
+                );
+            } else if d > MAX_RETRY_AFTER {
                 self.problem(
                     key,
                     "must be at most a day: clients told to wait longer would not come back",
@@ -1677,10 +1682,17 @@ mod tests {
             ]
         );
         let at_the_limits = format!(
-            "[maintenance]\nretry_after = \"24h\"\nmessage = \"{}\"\n",
+            "[maintenance]\nretry_after = \"24h\"\noutage_retry_after = \"1s\"\nmessage = \"{}\"\n",
             "x".repeat(MAX_MESSAGE_CHARS)
         );
         assert!(problems(&at_the_limits).is_empty());
+        let p = problems("[maintenance]\nretry_after = \"500ms\"\noutage_retry_after = \"0.1s\"\n");
+        let got: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            got,
+            ["maintenance.retry_after", "maintenance.outage_retry_after"]
+        );
+        assert!(p[0].message.starts_with("must be at least 1s"), "{p:?}");
     }
 
     /// A mistyped level would otherwise be read as a target to log alone, silencing the rest.

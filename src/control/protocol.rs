@@ -245,9 +245,9 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ErrorBody> {
     Ok(req)
 }
 
-/// Values the protocol refuses whoever sends them. A zero `retry_after` would reach clients as
-/// `Retry-After: 1`, a promise nobody made; `maintenance.retry_after = "0"` is refused in the
-/// config for the same reason, so the socket refuses it too. Durations that do not parse are
+/// Values the protocol refuses whoever sends them. A `retry_after` under a second (zero too)
+/// would reach clients as `Retry-After: 1`, a promise nobody made; the config refuses such a
+/// `maintenance.retry_after` for the same reason, so the socket refuses it too. Durations that do not parse are
 /// left to the controller, which says why.
 fn check_values(req: &Request) -> Result<(), ErrorBody> {
     if let Request::On {
@@ -255,10 +255,10 @@ fn check_values(req: &Request) -> Result<(), ErrorBody> {
         ..
     } = req
     {
-        if crate::config::parse_duration(r).is_ok_and(|d| d.is_zero()) {
+        if crate::config::parse_duration(r).is_ok_and(|d| d < std::time::Duration::from_secs(1)) {
             return Err(ErrorBody::new(
                 "bad_request",
-                format!("on: retry_after {r:?} must be greater than zero"),
+                format!("on: retry_after {r:?} must be at least 1s: Retry-After is whole seconds"),
             ));
         }
     }
@@ -300,7 +300,7 @@ mod tests {
             "bad_request"
         );
         assert_eq!(code(br#"{"cmd":"off","extra":1}"#), "bad_request");
-        for zero in ["0", "0s", "0ms", " 0 "] {
+        for zero in ["0", "0s", "0ms", " 0 ", "500ms", "0.0001s", "999ms"] {
             let line = format!(r#"{{"cmd":"on","retry_after":"{zero}"}}"#);
             assert_eq!(code(line.as_bytes()), "bad_request", "retry_after {zero:?}");
         }
