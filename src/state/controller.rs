@@ -488,6 +488,7 @@ impl Controller {
                 ChangeError::BadValue(m) => ErrorBody::new("bad_request", m),
                 e @ ChangeError::NothingHeld => ErrorBody::new("conflict", e.to_string()),
                 e @ ChangeError::NoSuchWindow(_) => ErrorBody::new("not_found", e.to_string()),
+                e @ ChangeError::TooManyWindows => ErrorBody::new("conflict", e.to_string()),
             })?;
         if next != self.state {
             self.write_state(&next).await.map_err(|e| {

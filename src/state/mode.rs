@@ -143,7 +143,14 @@ pub enum ChangeError {
     NothingHeld,
     #[error("no schedule window has id {0}")]
     NoSuchWindow(u64),
+    #[error("{MAX_WINDOWS} windows are scheduled already, the most kept: remove one first")]
+    TooManyWindows,
 }
+
+/// The most windows scheduled at once: a daily window for a year fits. Every change rewrites
+/// the state file, and every `status` and `schedule_list` carries them all, so that without a
+/// bound a script gone wrong would make each control command slower than the last.
+pub const MAX_WINDOWS: usize = 500;
 
 /// The longest message accepted, in characters: a page, not a novel.
 pub const MAX_MESSAGE_CHARS: usize = 2000;
@@ -321,6 +328,9 @@ impl Persisted {
         now: SystemTime,
     ) -> Result<(), ChangeError> {
         let bad = |m: &str| Err(ChangeError::BadValue(m.to_owned()));
+        if self.schedules.len() >= MAX_WINDOWS {
+            return Err(ChangeError::TooManyWindows);
+        }
         if end <= start {
             return bad("end must be after start");
         }
@@ -623,6 +633,25 @@ mod tests {
             .apply(Change::ScheduleRemove { id: 1 }, t(50), true)
             .unwrap();
         assert!(removed.schedules.is_empty());
+    }
+
+    #[test]
+    fn at_most_max_windows_are_scheduled() {
+        let mut s = Persisted::default();
+        for i in 0..MAX_WINDOWS as u64 {
+            s = s
+                .apply(window(100 + 10 * i, 105 + 10 * i), t(50), true)
+                .unwrap();
+        }
+        let late = 100 + 10 * MAX_WINDOWS as u64;
+        assert_eq!(
+            s.apply(window(late, late + 5), t(50), true),
+            Err(ChangeError::TooManyWindows)
+        );
+        let fewer = s
+            .apply(Change::ScheduleRemove { id: 3 }, t(50), true)
+            .unwrap();
+        assert!(fewer.apply(window(late, late + 5), t(50), true).is_ok());
     }
 
     /// `until` is at least a second ahead: `+0s` and `+0.5s` are refused alike, `+1s` taken.
