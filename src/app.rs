@@ -24,8 +24,10 @@ use tokio::task::JoinHandle;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr}: {source}")]
+    /// `key`: the config key that names the address, so that an operator knows which line.
+    #[error("{key}: cannot listen on {addr}: {source}")]
     Bind {
+        key: &'static str,
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
@@ -97,7 +99,7 @@ impl Listeners {
             // listen, whatever SO_REUSEADDR says: a listener that this reload removes anyway
             // must close before its replacement can bind.
             let early = match &err {
-                StartError::Bind { addr, source } if source.kind() == ErrorKind::AddrInUse => {
+                StartError::Bind { addr, source, .. } if source.kind() == ErrorKind::AddrInUse => {
                     self.take_overlapping(*addr, &wanted)
                 }
                 _ => Vec::new(),
@@ -132,10 +134,11 @@ impl Listeners {
             {
                 continue;
             }
-            let l = bind(addr)?;
+            let key = listen_key(tls);
+            let l = bind(addr, key)?;
             let local = l
                 .local_addr()
-                .map_err(|source| StartError::Bind { addr, source })?;
+                .map_err(|source| StartError::Bind { key, addr, source })?;
             fresh.push((addr, tls, local, l));
         }
         let (keep, gone): (Vec<Bound>, Vec<Bound>) = bound
@@ -181,7 +184,7 @@ impl Listeners {
         }
         let mut lost = Vec::new();
         for (configured, tls, local) in closed {
-            match bind(local) {
+            match bind(local, listen_key(tls)) {
                 Ok(l) => bound.push(self.serve(configured, tls, local, l)),
                 Err(e) => {
                     tracing::error!(addr = %local, "no longer listening on {local}: {e}");
@@ -252,9 +255,17 @@ impl Rebind for Listeners {
     }
 }
 
+fn listen_key(tls: bool) -> &'static str {
+    if tls {
+        "tls.listen"
+    } else {
+        "proxy.listen"
+    }
+}
+
 /// Binds with a deep backlog: a burst of new connections waits in the kernel, not refused.
-fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    let err = |source| StartError::Bind { addr, source };
+fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> {
+    let err = |source| StartError::Bind { key, addr, source };
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
@@ -301,7 +312,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     let notifier = Notifier::start(config.notify.clone(), metrics.clone());
     let admin = match config.admin.listen {
-        Some(addr) => Some(bind(addr)?),
+        Some(addr) => Some(bind(addr, "admin.listen")?),
         None => None,
     };
     let parts = Parts::new(Arc::new(config), Arc::new(pages), None, metrics.clone())?;

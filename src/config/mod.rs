@@ -268,7 +268,10 @@ impl Config {
         };
         let table: toml::Table = toml::from_str(text).map_err(|e| {
             invalid(vec![Problem {
-                key: "(syntax)".into(),
+                key: e
+                    .span()
+                    .and_then(|s| syntax_key(text, s.start))
+                    .unwrap_or_else(|| "(syntax)".into()),
                 message: syntax_error(text, &e),
             }])
         })?;
@@ -476,6 +479,47 @@ fn syntax_error(text: &str, e: &toml::de::Error) -> String {
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     format!("line {line}, column {column}: {}", e.message().trim())
+}
+
+/// The key that the line at byte `at` sets (`proxy.max_header_bytes`, `notify[1].url`), when
+/// that line is `name = …`: a value TOML itself refuses (a number too large, a bad date) is
+/// then named as every other problem is. Only names are read, never the value, which may be
+/// a secret; `None` for any other line (a header, inside a multi-line value).
+fn syntax_key(text: &str, at: usize) -> Option<String> {
+    let before = text.get(..at.min(text.len()))?;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text.get(start..)?.lines().next()?;
+    let name = line.split_once('=')?.0.trim();
+    let bare = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    };
+    if !bare(name) {
+        return None;
+    }
+    let header = |l: &str| -> Option<(String, bool)> {
+        let l = l.trim();
+        if let Some(inner) = l.strip_prefix("[[").and_then(|l| l.strip_suffix("]]")) {
+            return Some((inner.trim().to_owned(), true));
+        }
+        let inner = l.strip_prefix('[')?.strip_suffix(']')?.trim();
+        Some((inner.to_owned(), false))
+    };
+    let headers: Vec<(String, bool)> = before
+        .get(..start)?
+        .lines()
+        .filter_map(header)
+        .filter(|(h, _)| bare(h))
+        .collect();
+    Some(match headers.last() {
+        None => name.to_owned(),
+        Some((section, false)) => format!("{section}.{name}"),
+        Some((section, true)) => {
+            let index = headers.iter().filter(|(h, _)| h == section).count() - 1;
+            format!("{section}[{index}].{name}")
+        }
+    })
 }
 
 /// The value a problem's key names (`notify[1].url`) in the file as written.
@@ -1953,9 +1997,23 @@ mod tests {
         assert!(p[0].message.starts_with("line 1, column "), "{p:?}");
         // Without the line, which may hold a secret.
         let p = problems("[[notify]]\nurl = \"https://h/services/XOXOSECRETTOKEN\" oops\n");
-        assert_eq!(p[0].key, "(syntax)");
+        assert_eq!(p[0].key, "notify[0].url");
         assert!(p[0].message.starts_with("line 2, column "), "{p:?}");
         assert!(!p[0].message.contains("XOXO"), "{p:?}");
+    }
+
+    /// A value TOML itself refuses is named by its key, as every other problem is.
+    #[test]
+    fn a_value_toml_refuses_names_its_key() {
+        let p = problems("[proxy]\nmax_header_bytes = 99999999999999999999\n");
+        assert_eq!(p[0].key, "proxy.max_header_bytes", "{p:?}");
+        assert!(p[0].message.starts_with("line 2, column "), "{p:?}");
+        let p = problems(
+            "threads = 1\n[[notify]]\nurl = \"https://a\"\n[[notify]]\ntimeout = 1e999999\n",
+        );
+        assert_eq!(p[0].key, "notify[1].timeout", "{p:?}");
+        let p = problems("[upstream]\nservers = [\n  \"http://a\",\n  oops,\n]\n");
+        assert_eq!(p[0].key, "(syntax)", "inside a multi-line value: {p:?}");
     }
 
     #[test]
