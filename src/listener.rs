@@ -626,7 +626,7 @@ async fn serve_others(
             let io = park::Rewind::new(first, stream, None, timing);
             serving.http2(io, service).await
         }
-        Arrived::Tls(acceptor, stream, drain) => {
+        Arrived::Tls(acceptor, mut stream, drain) => {
             // The handshake gets the same deadline as a request head. Until its hello arrives
             // the client has sent nothing, and is idle as a new plaintext one is
             // (`first_bytes`): it may be closed to make room. Once the handshake is under way
@@ -646,6 +646,12 @@ async fn serve_others(
                 let hello = hello.await;
                 closable.busy();
                 if !hello {
+                    return None;
+                }
+                // A TLS record starts with its type, 0x16 for a handshake; an HTTP method
+                // with a capital.
+                if byte[0].is_ascii_uppercase() {
+                    plain_http_on_tls(&mut stream).await;
                     return None;
                 }
                 Some(acceptor.accept(Timed::new(stream, timing)).await)
@@ -686,6 +692,29 @@ async fn serve_others(
                 relay::After::Broken => Some(Ok(())),
             }
         }
+    }
+}
+
+/// A client that speaks plain HTTP to a TLS port (`http://example.com:443/`) gets a `400` that
+/// says so, as nginx answers, rather than a TLS alert that its user cannot read. What it sent
+/// is read first, so that closing does not reset the connection over unread bytes (which
+/// could lose the answer); it is bounded by the handshake's deadline, as the handshake is.
+async fn plain_http_on_tls(stream: &mut TcpStream) {
+    const BODY: &str = "This port speaks HTTPS: ask for https:// rather than http://.\n";
+    let mut scratch = [0u8; 1024];
+    for _ in 0..64 {
+        match stream.try_read(&mut scratch) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    if stream.write_all(answer.as_bytes()).await.is_ok() {
+        let _ = stream.shutdown().await;
     }
 }
 

@@ -173,6 +173,40 @@ async fn https_over_http1_and_http2_with_forwarded_proto() {
     assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
 }
 
+/// Plain HTTP sent to the TLS port (`http://host:443/`) gets a `400` that says to use
+/// https://, as nginx answers, not a TLS alert; the port still serves TLS after it.
+#[tokio::test]
+async fn plain_http_to_the_tls_port_gets_a_400_that_says_so() {
+    let up = echo_upstream().await;
+    let ca = Ca::new();
+    let proxy = tls_proxy(|dir| {
+        ca.write_leaf(dir, "site", &["shop.test"]);
+        format!(
+            "{}[upstream]\nservers = [\"{}\"]\n",
+            certs(&["site"]),
+            up.url()
+        )
+    })
+    .await;
+    let addr = tls_addr(&proxy);
+    for ask in [
+        "GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n",
+        "POST /api/x HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 2\r\n\r\n{}",
+    ] {
+        let out = raw_exchange(addr, ask.as_bytes(), Duration::from_secs(10)).await;
+        assert!(out.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{out:?}");
+        assert!(out.contains("connection: close"), "{out:?}");
+        assert!(
+            out.ends_with("ask for https:// rather than http://.\n"),
+            "{out:?}"
+        );
+    }
+    let stream = tls_connect(addr, "shop.test", ca.client_config(&[b"http/1.1"])).await;
+    let mut sender = h1(stream).await;
+    let resp = get_on(&mut sender, "shop.test", "/after").await;
+    assert_eq!(resp.status(), 200);
+}
+
 #[tokio::test]
 async fn the_certificate_is_chosen_by_sni_with_a_default() {
     let ca = Ca::new();
