@@ -734,6 +734,12 @@ async fn reserved_paths_are_never_forwarded() {
     );
     let preview = get(&proxy.url("/_intermission/preview")).await;
     assert!(text(&preview).contains("We are doing some planned maintenance"));
+    // A language no page has falls back to the first (English), as a visitor's would.
+    let preview = text(&get(&proxy.url("/_intermission/preview?lang=xx")).await);
+    assert!(
+        preview.contains("lang=\"en\"") && preview.contains("We are doing some planned"),
+        "{preview}"
+    );
     // A `HEAD` of each gets the headers a `GET` gets, its length included, and no body.
     for path in ["preview", "status", "assets/style.css"] {
         let url = proxy.url(&format!("/_intermission/{path}"));
