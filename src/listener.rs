@@ -696,25 +696,28 @@ async fn serve_others(
 }
 
 /// A client that speaks plain HTTP to a TLS port (`http://example.com:443/`) gets a `400` that
-/// says so, as nginx answers, rather than a TLS alert that its user cannot read. What it sent
-/// is read first, so that closing does not reset the connection over unread bytes (which
-/// could lose the answer); it is bounded by the handshake's deadline, as the handshake is.
+/// says so, as nginx answers, rather than a TLS alert that its user cannot read. What it sends
+/// is read and dropped until it closes (64 KiB at most), as nginx's lingering close does:
+/// closed over unread bytes, the connection would be reset, which can lose the answer. All of
+/// it is bounded by the handshake's deadline, as the handshake is.
 async fn plain_http_on_tls(stream: &mut TcpStream) {
+    use tokio::io::AsyncReadExt;
     const BODY: &str = "This port speaks HTTPS: ask for https:// rather than http://.\n";
-    let mut scratch = [0u8; 1024];
-    for _ in 0..64 {
-        match stream.try_read(&mut scratch) {
-            Ok(n) if n > 0 => {}
-            _ => break,
-        }
-    }
     let answer = format!(
         "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n\
          content-length: {}\r\nconnection: close\r\n\r\n{BODY}",
         BODY.len()
     );
-    if stream.write_all(answer.as_bytes()).await.is_ok() {
-        let _ = stream.shutdown().await;
+    if stream.write_all(answer.as_bytes()).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut scratch = vec![0u8; 4096];
+    let mut left: usize = 64 * 1024;
+    while left > 0 {
+        match stream.read(&mut scratch).await {
+            Ok(n) if n > 0 => left = left.saturating_sub(n),
+            _ => break,
+        }
     }
 }
 

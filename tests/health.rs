@@ -314,13 +314,15 @@ async fn answers_with_a_head_too_large_do_not_take_a_server_out() {
 
 /// An application on 127.0.0.1 written byte by byte: `/crash` closes the connection without a
 /// word (a worker that dies on that page), `/garbage` answers what is no HTTP, `/upgrade`
-/// answers a `101` nobody asked for; anything else (the health check included) gets `app`.
-async fn crashing_app() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+/// answers a `101` nobody asked for; anything else (the health check included) gets `app`,
+/// unless `broken` is set: then every request is closed unanswered.
+async fn crashing_app(broken: Arc<AtomicBool>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
+            let broken = broken.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
@@ -332,7 +334,9 @@ async fn crashing_app() -> (SocketAddr, tokio::task::JoinHandle<()>) {
                     while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                         let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                         buf.drain(..end + 4);
-                        let answer: &[u8] = if head.starts_with("GET /crash ") {
+                        let answer: &[u8] = if head.starts_with("GET /crash ")
+                            || broken.load(Ordering::SeqCst)
+                        {
                             return;
                         } else if head.starts_with("GET /garbage ") {
                             b"HTTP/1.1 2oo OK\r\n\r\n"
@@ -359,7 +363,7 @@ async fn crashing_app() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 /// see such a server failing, they still count.
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_a_server_fails_after_taking_them_do_not_take_it_out() {
-    let (addr, _app) = crashing_app().await;
+    let (addr, _app) = crashing_app(Arc::default()).await;
     let config = |health: &str| {
         format!(
             "[upstream]\nservers = [\"http://{addr}\"]\n\
@@ -405,6 +409,42 @@ async fn requests_a_server_fails_after_taking_them_do_not_take_it_out() {
             .unwrap_or_default()
             .starts_with("request failed: "),
         "{h:?}"
+    );
+}
+
+/// A server that goes on taking connections but fails every request, its health path too, is
+/// found by the checks its failed requests bring forward (at most one per `health.timeout`):
+/// out at once, with an hour between regular checks, as refused connections take a dead one
+/// out. Its requests get the outage answer meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_fails_every_request_is_checked_at_once_and_taken_out() {
+    let broken = Arc::new(AtomicBool::new(false));
+    let (addr, _app) = crashing_app(broken.clone()).await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"http://{addr}\"]\n\
+         [health]\ninterval = \"1h\"\ntimeout = \"200ms\"\nfall = 2\n"
+    ))
+    .await;
+    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+    broken.store(true, Ordering::SeqCst);
+    let url = proxy.url("/");
+    let out = wait_until_async(|| {
+        let (url, proxy) = (url.clone(), &proxy);
+        async move {
+            let resp = get(&url).await;
+            assert!(is_outage(&resp), "never a raw error: {resp:?}");
+            proxy_mode(proxy).await == "outage"
+        }
+    })
+    .await;
+    assert!(out, "still not taken out");
+    let h = first_server_once(&proxy, |h| h.healthy == Some(false)).await;
+    assert!(
+        !h.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("request failed"),
+        "taken out by its checks: {h:?}"
     );
 }
 

@@ -484,10 +484,16 @@ fn syntax_error(text: &str, e: &toml::de::Error) -> String {
 /// The key that the line at byte `at` sets (`proxy.max_header_bytes`, `notify[1].url`), when
 /// that line is `name = …`: a value TOML itself refuses (a number too large, a bad date) is
 /// then named as every other problem is. Only names are read, never the value, which may be
-/// a secret; `None` for any other line (a header, inside a multi-line value).
+/// a secret; `None` when unsure: a line inside a multi-line string, or under a header that is
+/// not a bare name (quoted).
 fn syntax_key(text: &str, at: usize) -> Option<String> {
     let before = text.get(..at.min(text.len()))?;
     let start = before.rfind('\n').map_or(0, |i| i + 1);
+    let above = before.get(..start)?;
+    // Inside a multi-line string, what looks like `name =` is the value's text.
+    if above.matches("\"\"\"").count() % 2 == 1 || above.matches("'''").count() % 2 == 1 {
+        return None;
+    }
     let line = text.get(start..)?.lines().next()?;
     let name = line.split_once('=')?.0.trim();
     let bare = |s: &str| {
@@ -498,25 +504,35 @@ fn syntax_key(text: &str, at: usize) -> Option<String> {
     if !bare(name) {
         return None;
     }
-    let header = |l: &str| -> Option<(String, bool)> {
-        let l = l.trim();
-        if let Some(inner) = l.strip_prefix("[[").and_then(|l| l.strip_suffix("]]")) {
-            return Some((inner.trim().to_owned(), true));
+    // A header, its comment cut off: `[[notify]]   # webhooks` (a bare name has no `#`).
+    let header = |l: &str| -> Option<Option<(String, bool)>> {
+        let l = l.split('#').next().unwrap_or_default().trim();
+        if !l.starts_with('[') {
+            return None;
         }
-        let inner = l.strip_prefix('[')?.strip_suffix(']')?.trim();
-        Some((inner.to_owned(), false))
+        let (inner, array) = match l.strip_prefix("[[").and_then(|l| l.strip_suffix("]]")) {
+            Some(inner) => (inner, true),
+            None => (
+                l.strip_prefix('[')
+                    .and_then(|l| l.strip_suffix(']'))
+                    .unwrap_or(""),
+                false,
+            ),
+        };
+        let inner = inner.trim();
+        Some(bare(inner).then(|| (inner.to_owned(), array)))
     };
-    let headers: Vec<(String, bool)> = before
-        .get(..start)?
-        .lines()
-        .filter_map(header)
-        .filter(|(h, _)| bare(h))
-        .collect();
+    let headers: Vec<Option<(String, bool)>> = above.lines().filter_map(header).collect();
     Some(match headers.last() {
         None => name.to_owned(),
-        Some((section, false)) => format!("{section}.{name}"),
-        Some((section, true)) => {
-            let index = headers.iter().filter(|(h, _)| h == section).count() - 1;
+        Some(None) => return None,
+        Some(Some((section, false))) => format!("{section}.{name}"),
+        Some(Some((section, true))) => {
+            let index = headers
+                .iter()
+                .filter(|h| h.as_ref().is_some_and(|(h, a)| h == section && *a))
+                .count()
+                - 1;
             format!("{section}[{index}].{name}")
         }
     })
@@ -2014,6 +2030,17 @@ mod tests {
         assert_eq!(p[0].key, "notify[1].timeout", "{p:?}");
         let p = problems("[upstream]\nservers = [\n  \"http://a\",\n  oops,\n]\n");
         assert_eq!(p[0].key, "(syntax)", "inside a multi-line value: {p:?}");
+        // Headers with comments, as SPEC's example writes them, and CR LF line ends.
+        let p = problems(
+            "[log] # logs\r\nlevel = \"info\"\r\n[[notify]]   # hooks\r\nurl = \"https://a\"\r\n\
+             [[notify]]#2\r\ntimeout = 1e999999\r\n",
+        );
+        assert_eq!(p[0].key, "notify[1].timeout", "{p:?}");
+        let p = problems("[\"proxy\"]\nmax_header_bytes = 99999999999999999999\n");
+        assert_eq!(p[0].key, "(syntax)", "a quoted header: {p:?}");
+        let p = problems("[maintenance]\nmessage = \"\"\"\nsecret_word = \\q\n\"\"\"\n");
+        assert_eq!(p[0].key, "(syntax)", "inside a multi-line string: {p:?}");
+        assert!(!p[0].message.contains("secret_word"), "{p:?}");
     }
 
     #[test]

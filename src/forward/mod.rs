@@ -345,8 +345,8 @@ pub(crate) fn report(passive: &[Passive], server: usize, error: &UpstreamError) 
 /// A request can bring those about itself: a page that crashes its worker, a worker killed
 /// for a slow request. Counted, a few of them from any client took a single server out, and
 /// with it the whole site into `outage`. The active check, which asks a path of its own,
-/// speaks for the server; a refused or failed connection still counts, as no request causes
-/// that.
+/// speaks for the server, and such a failure brings it forward; a refused or failed connection
+/// still counts, as no request causes that.
 fn inconclusive(error: &UpstreamError) -> bool {
     if matches!(
         error,
@@ -354,12 +354,12 @@ fn inconclusive(error: &UpstreamError) -> bool {
     ) {
         return true;
     }
+    // A connection that timed out: the kernel's own connect timeout, or a TLS handshake past
+    // `connect_timeout`.
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(c) = cause {
         if c.downcast_ref::<std::io::Error>()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
-            || c.downcast_ref::<hyper::Error>()
-                .is_some_and(hyper::Error::is_parse_too_large)
         {
             return true;
         }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio::time::MissedTickBehavior;
+use tokio::time::{Instant, MissedTickBehavior};
 
 /// A server's health changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,13 +30,14 @@ pub type Passive = mpsc::Sender<Report>;
 pub struct Report {
     pub why: String,
     /// The failure may not mean the server is down: no connection within `connect_timeout`,
-    /// no head within `response_timeout`, or an answer whose head is too large. Under a burst
+    /// no head within `response_timeout`, or a failure after the server took the connection
+    /// (closed or reset unanswered, a malformed, oversized or unasked answer). Under a burst
     /// of new connections a live server's accept queue overflows and connects wait, one slow
-    /// page reaches `response_timeout`, one page may send a huge head; counted, each would
+    /// page reaches `response_timeout`, one page may crash its worker; counted, each would
     /// take out a server that answers everything else, and with it the whole site. So it
     /// counts only when the checks are `kind = "tcp"`, which cannot see an application that
-    /// accepts and never answers; an HTTP or gRPC check, with its own timeout, sees it. A
-    /// refused or reset connection always counts.
+    /// fails; otherwise it brings the next check forward (`Task::run`), which asks a path of
+    /// its own and decides. A refused connection always counts.
     pub inconclusive: bool,
 }
 
@@ -175,22 +176,33 @@ impl Task {
         let mut ticks = tokio::time::interval(self.config.interval);
         // A slow check must not be followed by a burst of catch-up checks.
         ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        // When the last check began: a failed request not counted brings the next one forward,
+        // at most once per `health.timeout`, so that a flood of them costs a check a second.
+        let mut checked = Instant::now();
         loop {
             let (result, active) = tokio::select! {
-                _ = ticks.tick() => match self.prober.check().await {
-                    Ok(latency) => (Ok(latency), true),
-                    Err(CheckError::Server(why)) => (Err(why), true),
-                    Err(CheckError::Local(why)) => {
-                        self.not_run(why);
-                        continue;
+                _ = ticks.tick() => {
+                    checked = Instant::now();
+                    match self.prober.check().await {
+                        Ok(latency) => (Ok(latency), true),
+                        Err(CheckError::Server(why)) => (Err(why), true),
+                        Err(CheckError::Local(why)) => {
+                            self.not_run(why);
+                            continue;
+                        }
                     }
-                },
+                }
                 report = passive.recv() => match report {
                     Some(Report { why, inconclusive }) if !inconclusive || self.config.kind == HealthKind::Tcp => {
                         (Err(format!("request failed: {why}")), false)
                     }
                     Some(Report { why, .. }) => {
                         self.not_counted(why);
+                        // A server that takes connections and fails every request fails its
+                        // check too: found in a few checks, not `fall` intervals.
+                        if checked.elapsed() >= self.config.timeout {
+                            ticks.reset_immediately();
+                        }
                         continue;
                     }
                     None => return,

@@ -509,8 +509,8 @@ impl Held {
 pub fn grpc_percent_encode(s: &str, max: usize) -> String {
     const ELLIPSIS: &str = "%E2%80%A6";
     let whole = encode_within(s, usize::MAX);
-    if whole.len() <= max {
-        return whole;
+    if whole.len() <= max || max < ELLIPSIS.len() {
+        return encode_within(s, max);
     }
     let mut cut = encode_within(s, max.saturating_sub(ELLIPSIS.len()));
     cut.push_str(ELLIPSIS);

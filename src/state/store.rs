@@ -63,7 +63,13 @@ fn keep_newer(path: &Path, bytes: &[u8], version: u32) {
     let mut name = path.as_os_str().to_owned();
     name.push(format!(".v{version}"));
     let copy = PathBuf::from(name);
-    match std::fs::write(&copy, bytes) {
+    // Synced, as the state file is: the first save after a crash must not find the copy
+    // empty while the file it kept is gone.
+    let written = std::fs::File::create(&copy).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    match written {
         Ok(()) => tracing::warn!(
             path = %path.display(),
             copy = %copy.display(),
