@@ -120,6 +120,19 @@ listen = [\"127.0.0.1:0\"]
     spawn_proxy_in(dir, &text).await
 }
 
+/// A TLS proxy for `shop.test`, its certificate from `ca`, in front of `up`.
+async fn shop_proxy(ca: &Ca, up: &Upstream) -> Proxy {
+    tls_proxy(|dir| {
+        ca.write_leaf(dir, "site", &["shop.test"]);
+        format!(
+            "{}[upstream]\nservers = [\"{}\"]\n",
+            certs(&["site"]),
+            up.url()
+        )
+    })
+    .await
+}
+
 fn tls_addr(proxy: &Proxy) -> SocketAddr {
     proxy.running.as_ref().unwrap().tls_addrs()[0]
 }
@@ -134,15 +147,7 @@ fn certs(list: &[&str]) -> String {
 async fn https_over_http1_and_http2_with_forwarded_proto() {
     let up = echo_upstream().await;
     let ca = Ca::new();
-    let proxy = tls_proxy(|dir| {
-        ca.write_leaf(dir, "site", &["shop.test"]);
-        format!(
-            "{}[upstream]\nservers = [\"{}\"]\n",
-            certs(&["site"]),
-            up.url()
-        )
-    })
-    .await;
+    let proxy = shop_proxy(&ca, &up).await;
     let addr = tls_addr(&proxy);
 
     let stream = tls_connect(addr, "shop.test", ca.client_config(&[b"http/1.1"])).await;
@@ -179,15 +184,7 @@ async fn https_over_http1_and_http2_with_forwarded_proto() {
 async fn plain_http_to_the_tls_port_gets_a_400_that_says_so() {
     let up = echo_upstream().await;
     let ca = Ca::new();
-    let proxy = tls_proxy(|dir| {
-        ca.write_leaf(dir, "site", &["shop.test"]);
-        format!(
-            "{}[upstream]\nservers = [\"{}\"]\n",
-            certs(&["site"]),
-            up.url()
-        )
-    })
-    .await;
+    let proxy = shop_proxy(&ca, &up).await;
     let addr = tls_addr(&proxy);
     for ask in [
         "GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n",
