@@ -651,6 +651,9 @@ async fn serve_others(
                 // A TLS record starts with its type, 0x16 for a handshake; an HTTP method
                 // with a capital.
                 if byte[0].is_ascii_uppercase() {
+                    // Counted as the 400s hyper gives to heads it cannot read.
+                    let snap = timing.load();
+                    snap.metrics.unread(snap.mode, 400);
                     plain_http_on_tls(&mut stream).await;
                     return None;
                 }

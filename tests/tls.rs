@@ -120,12 +120,13 @@ listen = [\"127.0.0.1:0\"]
     spawn_proxy_in(dir, &text).await
 }
 
-/// A TLS proxy for `shop.test`, its certificate from `ca`, in front of `up`.
-async fn shop_proxy(ca: &Ca, up: &Upstream) -> Proxy {
+/// A TLS proxy for `shop.test`, its certificate from `ca`, in front of `up`; `extra` ends its
+/// config.
+async fn shop_proxy(ca: &Ca, up: &Upstream, extra: &str) -> Proxy {
     tls_proxy(|dir| {
         ca.write_leaf(dir, "site", &["shop.test"]);
         format!(
-            "{}[upstream]\nservers = [\"{}\"]\n",
+            "{}[upstream]\nservers = [\"{}\"]\n{extra}",
             certs(&["site"]),
             up.url()
         )
@@ -147,7 +148,7 @@ fn certs(list: &[&str]) -> String {
 async fn https_over_http1_and_http2_with_forwarded_proto() {
     let up = echo_upstream().await;
     let ca = Ca::new();
-    let proxy = shop_proxy(&ca, &up).await;
+    let proxy = shop_proxy(&ca, &up, "").await;
     let addr = tls_addr(&proxy);
 
     let stream = tls_connect(addr, "shop.test", ca.client_config(&[b"http/1.1"])).await;
@@ -184,7 +185,7 @@ async fn https_over_http1_and_http2_with_forwarded_proto() {
 async fn plain_http_to_the_tls_port_gets_a_400_that_says_so() {
     let up = echo_upstream().await;
     let ca = Ca::new();
-    let proxy = shop_proxy(&ca, &up).await;
+    let proxy = shop_proxy(&ca, &up, "[admin]\nlisten = \"127.0.0.1:0\"\n").await;
     let addr = tls_addr(&proxy);
     for ask in [
         "GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n",
@@ -198,6 +199,16 @@ async fn plain_http_to_the_tls_port_gets_a_400_that_says_so() {
             "{out:?}"
         );
     }
+    // Counted with the 4xx answers, as hyper's 400s to heads it cannot read are.
+    let admin = proxy.running.as_ref().unwrap().admin_addr().unwrap();
+    let metrics = get(&format!("http://{admin}/metrics")).await;
+    let metrics = String::from_utf8_lossy(metrics.body()).into_owned();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "intermission_responses_total{class=\"4xx\"} 2"),
+        "{metrics}"
+    );
     let stream = tls_connect(addr, "shop.test", ca.client_config(&[b"http/1.1"])).await;
     let mut sender = h1(stream).await;
     let resp = get_on(&mut sender, "shop.test", "/after").await;
