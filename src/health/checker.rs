@@ -176,8 +176,9 @@ impl Task {
         let mut ticks = tokio::time::interval(self.config.interval);
         // A slow check must not be followed by a burst of catch-up checks.
         ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        // When the last check began: a failed request not counted brings the next one forward,
-        // at most once per `health.timeout`, so that a flood of them costs a check a second.
+        // When the last check began: a failed request not counted brings the next one forward
+        // to `health.timeout` after it (at once when that has passed), so that a flood of them
+        // costs a check per timeout, and one that came just after a check is not forgotten.
         let mut checked = Instant::now();
         loop {
             let (result, active) = tokio::select! {
@@ -200,8 +201,9 @@ impl Task {
                         self.not_counted(why);
                         // A server that takes connections and fails every request fails its
                         // check too: found in a few checks, not `fall` intervals.
-                        if checked.elapsed() >= self.config.timeout {
-                            ticks.reset_immediately();
+                        let early = checked + self.config.timeout;
+                        if early < checked + self.config.interval {
+                            ticks.reset_at(early.max(Instant::now()));
                         }
                         continue;
                     }
