@@ -414,6 +414,11 @@ fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
         (Some(host), None) if !crate::h1::valid_host(host.as_bytes()) => {
             Some("the Host header is not a host\n")
         }
+        // The target URI would be `http:///path`, which RFC 9110 §4.2.1 has a recipient
+        // reject; nginx answers 400. A target that names its host needs none.
+        (Some(host), None) if host.is_empty() && uri.authority().is_none() => {
+            Some("the Host header is empty\n")
+        }
         // HTTP/1.0 may name no host (the server's is sent); HTTP/2 must (RFC 9113 §8.3.1).
         (None, None) if req.version() == http::Version::HTTP_11 && uri.authority().is_none() => {
             Some("no Host header\n")

@@ -677,8 +677,11 @@ fn request(
             push_line(out, input, name, h.value);
         }
     }
-    // One that is not `host[:port]` is hyper's path's to refuse (`gateway::malformed`).
-    let host = host.filter(|h| h1::valid_host(h)).ok_or(())?;
+    // One that is not `host[:port]`, or empty, is hyper's path's to refuse
+    // (`gateway::malformed`).
+    let host = host
+        .filter(|h| !h.is_empty() && h1::valid_host(h))
+        .ok_or(())?;
     out.extend_from_slice(b"x-forwarded-for: ");
     // A second pass over the head only when the client sent a list, which few do.
     if their_list {

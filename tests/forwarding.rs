@@ -295,8 +295,8 @@ async fn h2c_clients_are_forwarded_with_their_authority_as_host() {
 
 /// A request the server could read as another than the client's is refused with `400`, as
 /// nginx refuses it, instead of being forwarded: no `Host` in HTTP/1.1, two of them, a `Host`
-/// that is no `host[:port]`, a target that is no path. An absolute-form target names the host
-/// itself (RFC 9112 §3.2.2), and HTTP/1.0 needs no `Host`.
+/// that is no `host[:port]` or is empty, a target that is no path. An absolute-form target
+/// names the host itself (RFC 9112 §3.2.2), and HTTP/1.0 needs no `Host`.
 #[tokio::test]
 async fn requests_with_no_single_clear_host_get_400() {
     let up = echo_upstream().await;
@@ -308,6 +308,10 @@ async fn requests_with_no_single_clear_host_get_400() {
         "GET / HTTP/1.1\r\nHost: a b/c\r\nConnection: close\r\n\r\n",
         "GET / HTTP/1.1\r\nHost: user@a\r\nConnection: close\r\n\r\n",
         "POST / HTTP/1.1\r\nHost: a b\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        // An empty host: the target URI would be `http:///`, which has none.
+        "GET /echo HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
+        "GET /echo HTTP/1.1\r\nHost: \r\nConnection: close\r\n\r\n",
+        "GET / HTTP/1.0\r\nHost:\r\n\r\n",
         "GET foo HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
         "GET example.com:80 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
         "GET * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
@@ -346,6 +350,14 @@ async fn requests_with_no_single_clear_host_get_400() {
     assert_eq!(absolute.uri, "/x?y");
     assert_eq!(absolute.header("host"), Some("shop.example"));
     assert_eq!(absolute.header("x-forwarded-host"), Some("shop.example"));
+    // It needs no `Host`, so an empty one is no matter.
+    let named = raw_exchange(
+        proxy.addr,
+        b"GET http://shop.example/z HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(seen(named).header("host"), Some("shop.example"));
     let old = raw_exchange(
         proxy.addr,
         b"GET /old HTTP/1.0\r\n\r\n",
