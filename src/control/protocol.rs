@@ -54,8 +54,8 @@ pub enum Request {
 /// A DURATION may be a plain number of seconds (SPEC §1), and a script that builds its request
 /// as JSON writes such a number as a number: `"retry_after": 600` means what `"600"` means.
 fn seconds_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    struct Duration;
-    impl<'de> serde::de::Visitor<'de> for Duration {
+    struct SecondsOrText;
+    impl<'de> serde::de::Visitor<'de> for SecondsOrText {
         type Value = Option<String>;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a duration such as \"90s\" or a whole number of seconds")
@@ -70,7 +70,7 @@ fn seconds_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Stri
             Ok(None)
         }
     }
-    d.deserialize_any(Duration)
+    d.deserialize_any(SecondsOrText)
 }
 
 pub const COMMANDS: &[&str] = &[

@@ -201,9 +201,8 @@ impl Task {
                         self.not_counted(why);
                         // A server that takes connections and fails every request fails its
                         // check too: found in a few checks, not `fall` intervals.
-                        let early = checked + self.config.timeout;
-                        if early < checked + self.config.interval {
-                            ticks.reset_at(early.max(Instant::now()));
+                        if self.config.timeout < self.config.interval {
+                            ticks.reset_at((checked + self.config.timeout).max(Instant::now()));
                         }
                         continue;
                     }

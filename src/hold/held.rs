@@ -277,20 +277,18 @@ pub fn render_pages(pages: &Pages, view: &View, prefix: &str, now: SystemTime) -
             message: &u.message,
         })
         .collect();
+    // A page that names `until` only (one written before `overrun` existed) stops promising a
+    // time gone by without being changed.
+    let end = view.until.map(render::human_time).unwrap_or_default();
+    let (until, overrun) = match view.overrun {
+        true => (String::new(), end),
+        false => (end, String::new()),
+    };
     let values = Values {
         message: view.message.clone(),
         since: view.since.map(render::human_time).unwrap_or_default(),
-        // A page that names `until` only (one written before `overrun` existed) stops
-        // promising a time gone by without being changed.
-        until: (!view.overrun)
-            .then(|| view.until.map(render::human_time))
-            .flatten()
-            .unwrap_or_default(),
-        overrun: view
-            .until
-            .filter(|_| view.overrun)
-            .map(render::human_time)
-            .unwrap_or_default(),
+        until,
+        overrun,
         retry_after: view.retry_after(now).to_string(),
         status_page: view.status_page.clone(),
         updates_html: render::render_updates(&items),
@@ -509,7 +507,10 @@ impl Held {
 pub fn grpc_percent_encode(s: &str, max: usize) -> String {
     const ELLIPSIS: &str = "%E2%80%A6";
     let whole = encode_within(s, usize::MAX);
-    if whole.len() <= max || max < ELLIPSIS.len() {
+    if whole.len() <= max {
+        return whole;
+    }
+    if max < ELLIPSIS.len() {
         return encode_within(s, max);
     }
     let mut cut = encode_within(s, max.saturating_sub(ELLIPSIS.len()));

@@ -69,19 +69,15 @@ fn keep_newer(path: &Path, bytes: &[u8], version: u32) {
         f.write_all(bytes)?;
         f.sync_all()
     });
-    match written {
-        Ok(()) => tracing::warn!(
-            path = %path.display(),
-            copy = %copy.display(),
-            "state file written by a newer intermission (format {version}; this one reads {STATE_VERSION}): what this version does not know is dropped at its next save; the file as it was is kept in the copy"
-        ),
-        Err(e) => tracing::warn!(
-            path = %path.display(),
-            copy = %copy.display(),
-            error = %e,
-            "state file written by a newer intermission (format {version}; this one reads {STATE_VERSION}): what this version does not know is dropped at its next save, and no copy could be kept"
-        ),
-    }
+    let kept = match written {
+        Ok(()) => "the file as it was is kept in the copy".to_owned(),
+        Err(e) => format!("and no copy could be kept: {e}"),
+    };
+    tracing::warn!(
+        path = %path.display(),
+        copy = %copy.display(),
+        "state file written by a newer intermission (format {version}; this one reads {STATE_VERSION}): what this version does not know is dropped at its next save; {kept}"
+    );
 }
 
 /// Writes `state` so that a crash at any moment leaves either the old or the new file whole.
