@@ -923,3 +923,42 @@ fn the_proxy_runs_without_transparent_huge_pages() {
          environment wins over it)?"
     );
 }
+
+/// The worker threads (`intermission-N`) the running process has.
+fn worker_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("intermission-"))
+        .count()
+}
+
+/// `threads = 0` runs one worker per core (README), each serving its share of connections:
+/// the thread that started the proxy and one more per further core. A fixed count beside it
+/// shows that the threads are counted right.
+#[tokio::test]
+async fn threads_0_runs_one_worker_per_core() {
+    let up = echo_upstream().await;
+    let cores = std::thread::available_parallelism().unwrap().get();
+    for (threads, workers) in [(0, cores), (3, 3)] {
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = ProxyProcess::start(
+            dir.path(),
+            &format!(
+                "[proxy]\nthreads = {threads}\n[upstream]\nservers = [\"{}\"]\n",
+                up.url()
+            ),
+        );
+        assert_eq!(
+            worker_threads(proxy.child.id()),
+            workers - 1,
+            "threads = {threads}: not {workers} workers"
+        );
+        // Connections go to the workers in turn: each new one below lands on another, and
+        // every worker forwards.
+        for i in 0..2 * workers {
+            let resp = get(&proxy.url(&format!("/w{i}"))).await;
+            assert_eq!(resp.status(), 200, "threads = {threads}, connection {i}");
+        }
+    }
+}
