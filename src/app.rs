@@ -397,12 +397,12 @@ impl Running {
         &self.controller
     }
 
-    /// Re-reads the config file and pages (as `ctl reload` does); on error the running
-    /// config stays and the controller logs the error.
-    pub async fn reload(&self) {
-        self.controller
-            .request(Request::Reload, "SIGHUP".into())
-            .await;
+    /// Asks for the config file and pages to be read again (as `ctl reload` does), and
+    /// returns at once: the signal loop must go on hearing SIGTERM while the files are read.
+    /// On error the running config stays and the controller logs the error.
+    pub fn reload(&self) {
+        let controller = self.controller.clone();
+        tokio::spawn(async move { controller.request(Request::Reload, "SIGHUP".into()).await });
     }
 
     /// Stops accepting, lets in-flight requests finish for up to `shutdown_timeout`, and
@@ -474,7 +474,7 @@ pub async fn run_until_signal(config: Config) -> Result<(), RunError> {
     let name = loop {
         tokio::select! {
             sig = &mut terminate => break sig,
-            _ = hup.recv() => running.reload().await,
+            _ = hup.recv() => running.reload(),
         }
     };
     tracing::info!("{name} received; shutting down");

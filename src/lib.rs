@@ -34,6 +34,7 @@ pub mod body;
 pub mod config;
 pub mod control;
 pub mod fast;
+pub mod files;
 pub mod forward;
 pub mod gateway;
 pub mod h1;

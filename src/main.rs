@@ -184,7 +184,12 @@ fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    runtime.block_on(intermission::app::run_until_signal(config))?;
+    let run = runtime.block_on(intermission::app::run_until_signal(config));
+    // A file read that never ends (a reload's, from a mount that does not answer) holds a
+    // blocking thread, which dropping the runtime would wait for without end: the
+    // shutdown has already drained what matters, and the state file is written by rename.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    run?;
     Ok(())
 }
 

@@ -115,14 +115,14 @@ fn load_key(
         path: path.to_path_buf(),
         reason,
     };
-    let key = PrivateKeyDer::from_pem_file(path).map_err(|e| {
+    let bytes = crate::files::read(path, crate::files::MAX_PEM_BYTES)
+        .map_err(|e| refused(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
         // An encrypted key is skipped by the PEM reader as an unknown section, which would
         // be reported as "no items found": say what it is instead.
-        let encrypted = std::fs::read(path).is_ok_and(|bytes| {
-            let text = String::from_utf8_lossy(&bytes);
-            text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
-                || text.contains("Proc-Type: 4,ENCRYPTED")
-        });
+        let text = String::from_utf8_lossy(&bytes);
+        let encrypted = text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+            || text.contains("Proc-Type: 4,ENCRYPTED");
         if encrypted {
             TlsError::EncryptedKey(path.to_path_buf())
         } else {
@@ -140,8 +140,9 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         path: path.to_path_buf(),
         reason,
     };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| read(e.to_string()))?
+    let bytes =
+        crate::files::read(path, crate::files::MAX_PEM_BYTES).map_err(|e| read(e.to_string()))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| read(e.to_string()))?;
     if certs.is_empty() {

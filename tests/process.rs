@@ -962,3 +962,166 @@ async fn threads_0_runs_one_worker_per_core() {
         }
     }
 }
+
+/// `check -c FILE` with a bound: `None` when it had not ended after 10 s (it was killed).
+fn check_within(path: &std::path::Path) -> Option<(Option<i32>, String)> {
+    let mut child = bin()
+        .args(["check", "-c"])
+        .arg(path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < end {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            return Some((status.code(), err));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+fn mkfifo(path: &std::path::Path) {
+    let made = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(made.success(), "mkfifo {} failed", path.display());
+}
+
+/// A page template, a config or a key that is a FIFO (a mistake a deploy script can make)
+/// is refused at once, saying so, where reading it waited for a writer for ever.
+#[test]
+fn files_that_are_no_regular_files_are_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let pages = dir.path().join("pages");
+    std::fs::create_dir(&pages).unwrap();
+    std::fs::write(pages.join("maintenance.html"), "<p>{{message}}</p>").unwrap();
+    mkfifo(&pages.join("outage.html"));
+    std::fs::write(dir.path().join("config.toml"), "").unwrap();
+    let (code, err) = check_within(&dir.path().join("config.toml")).expect("check hung");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("outage.html") && err.contains("FIFO"), "{err}");
+
+    mkfifo(&dir.path().join("fifo.toml"));
+    let (code, err) = check_within(&dir.path().join("fifo.toml")).expect("check hung");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("fifo.toml") && err.contains("FIFO"), "{err}");
+
+    // `/dev/zero` as a template would have filled memory.
+    std::fs::remove_file(pages.join("outage.html")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", pages.join("outage.html")).unwrap();
+    let (code, err) = check_within(&dir.path().join("config.toml")).expect("check hung");
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("outage.html") && err.contains("device"),
+        "{err}"
+    );
+}
+
+/// A reload whose files do not answer (here the system's roots, read for a new https://
+/// server, are a FIFO; as a file on a hung network mount) holds up nothing else: control
+/// commands are answered meanwhile, the reload is given up after 10 s with the reason, and
+/// SIGTERM still stops the proxy at once, with a read still hanging.
+#[tokio::test]
+async fn a_reload_whose_files_hang_holds_up_nothing_and_is_given_up() {
+    use intermission::control::protocol::Request as Ctl;
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let roots = dir.path().join("roots.pem");
+    mkfifo(&roots);
+    let env = format!("SSL_CERT_FILE={}", roots.display());
+    let mut proxy = ProxyProcess::start_via(
+        &["env", &env],
+        dir.path(),
+        &format!("[upstream]\nservers = [\"{}\"]\n", up.url()),
+    );
+    let path = dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        &format!("[\"{}\"]", up.url()),
+        &format!("[\"{}\", \"https://127.0.0.1:9\"]", up.url()),
+    );
+    std::fs::write(&path, text).unwrap();
+    let socket = dir.path().join("intermission.sock");
+    let reload =
+        tokio::spawn(
+            async move { intermission::control::client::request(&socket, &Ctl::Reload).await },
+        );
+    let mut writer = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            writer = fifo_writer(&roots);
+            writer.is_some()
+        })
+        .await,
+        "the reload never began to read"
+    );
+    // Answered while the reload's read hangs.
+    let status = tokio::time::timeout(Duration::from_secs(5), proxy.ctl(&Ctl::Status)).await;
+    assert!(status.expect("status waited on the reload").unwrap().ok);
+    let on = tokio::time::timeout(Duration::from_secs(5), proxy.ctl(&on(Some("still here"))))
+        .await
+        .expect("on waited on the reload")
+        .unwrap();
+    assert!(on.ok, "{on:?}");
+    assert_eq!(get(&proxy.url("/")).await.status(), 503);
+
+    let refused = tokio::time::timeout(Duration::from_secs(30), reload)
+        .await
+        .expect("the reload was never given up")
+        .unwrap()
+        .unwrap();
+    assert!(!refused.ok, "{refused:?}");
+    let error = refused.error.unwrap();
+    assert_eq!(error.code, "reload_failed");
+    assert!(
+        error.message.contains("longer than 10 s"),
+        "{}",
+        error.message
+    );
+
+    // Another read that hangs, begun by a signal: the signal loop still hears SIGTERM, and
+    // the process does not wait for the read to end. The given-up read ends first (EOF).
+    drop(writer);
+    assert!(wait_until(Duration::from_secs(10), || fifo_writer(&roots).is_none()).await);
+    proxy.signal("HUP");
+    let mut writer = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            writer = fifo_writer(&roots);
+            writer.is_some()
+        })
+        .await,
+        "SIGHUP's reload never began to read"
+    );
+    proxy.signal("TERM");
+    let status = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(
+        status.map(|s| s.code()),
+        Some(Some(0)),
+        "SIGTERM did not stop the proxy while a reload's read hung"
+    );
+    drop(writer);
+}
+
+/// The FIFO at `path` opened to write, when something has it open to read: without one, the
+/// open fails at once rather than waiting. Kept open, writing nothing, it keeps its reader
+/// waiting; dropped, the reader sees the end.
+fn fifo_writer(path: &std::path::Path) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .ok()
+}

@@ -139,9 +139,11 @@ fn built_in() -> Result<Pages, PagesError> {
 }
 
 fn read(path: &Path) -> Result<String, PagesError> {
-    std::fs::read_to_string(path).map_err(|source| PagesError::Read {
-        path: path.to_path_buf(),
-        source,
+    crate::files::read_text(path, crate::files::MAX_TEMPLATE_BYTES).map_err(|source| {
+        PagesError::Read {
+            path: path.to_path_buf(),
+            source,
+        }
     })
 }
 

@@ -95,7 +95,34 @@ pub struct Controller {
     /// Names this proxy in notifications (the host name).
     instance: String,
     clock: Clock,
+    reloads: Reloads,
 }
+
+/// Reloads asked for. Their files are read off the controller: a file that blocks (a FIFO, a
+/// hung network mount) then holds up the reload alone, never a control command, a health
+/// change or a window's edge, and is given up after `RELOAD_READ_LIMIT`. One read at a time:
+/// who asks while one is under way gets the next, which begins once it is applied, since
+/// they asked after it began reading.
+#[derive(Default)]
+struct Reloads {
+    reading: Option<tokio::task::JoinHandle<Result<Prepared, String>>>,
+    /// Who asked for the read under way.
+    current: Vec<Asker>,
+    /// Who asked since it began.
+    next: Vec<Asker>,
+}
+
+/// Who asked for a reload (`ctl`'s user, or the signal), and where the answer goes.
+type Asker = (String, oneshot::Sender<Response>);
+
+/// What a reload read and built from its files, before anything of it is in force.
+struct Prepared {
+    parts: Parts,
+    notify: Vec<crate::notify::Target>,
+}
+
+/// How long a reload may take to read and build its files: a local disk takes milliseconds.
+const RELOAD_READ_LIMIT: Duration = Duration::from_secs(10);
 
 impl Controller {
     /// Builds the first snapshot and the controller that will own every later one.
@@ -139,6 +166,7 @@ impl Controller {
             notifier,
             instance: instance_name(),
             clock,
+            reloads: Reloads::default(),
         };
         (controller, ControllerHandle { tx }, handle)
     }
@@ -193,12 +221,18 @@ impl Controller {
             tokio::select! {
                 _ = sleep_capped(edge), if edge.is_some() => self.on_edge().await,
                 msg = self.rx.recv() => match msg {
+                    Some(Msg::Control { req: Request::Reload, by, reply }) => {
+                        self.ask_reload(by, reply);
+                    }
                     Some(Msg::Control { req, by, reply }) => {
                         let resp = self.control(req, by).await;
                         let _ = reply.send(resp);
                     }
                     None => break,
                 },
+                read = read(&mut self.reloads.reading), if self.reloads.reading.is_some() => {
+                    self.finish_reload(read).await;
+                }
                 Some(flip) = self.flips_rx.recv() => self.on_flip(flip).await,
                 _ = sleep_capped(overrun_at), if overrun_at.is_some() => self.note_overrun().await,
             }
@@ -453,15 +487,6 @@ impl Controller {
             Request::Status => Response::state(self.status_view()),
             Request::Health => Response::health(self.health()),
             Request::ScheduleList => Response::schedules(self.state.schedules.clone()),
-            Request::Reload => match self.reload().await {
-                Ok(()) => Response::state(self.status_view()),
-                // Logged whoever asked (`ctl reload` or SIGHUP): the log is the record of what
-                // was tried on the running proxy, not only of what changed.
-                Err(message) => {
-                    tracing::error!(by = %by, "reload refused, the running config stays: {message}");
-                    Response::error(ErrorBody::new("reload_failed", message))
-                }
-            },
             other => {
                 let now = self.clock.now();
                 let change = match to_change(other, by.clone(), now) {
@@ -516,80 +541,91 @@ impl Controller {
         Ok(())
     }
 
-    async fn reload(&mut self) -> Result<(), String> {
-        let Some(path) = self.parts.config.reload_from.clone() else {
-            return Err(
-                "the proxy was started without a config file; there is nothing to re-read".into(),
-            );
-        };
-        let loaded = tokio::task::spawn_blocking(move || -> Result<(Config, Pages), String> {
-            let config = Config::load_file(&path).map_err(|e| e.to_string())?;
-            let pages = Pages::load(&config.maintenance.pages).map_err(|e| e.to_string())?;
-            Ok((config, pages))
-        })
-        .await
-        .map_err(|e| e.to_string())??;
-        let (mut config, pages) = loaded;
-        let old = &self.parts.config;
-        if config.control.socket != old.control.socket
-            || config.control.socket_mode != old.control.socket_mode
-            || config.control.state_file != old.control.state_file
-        {
-            tracing::warn!(
-                "control.socket / control.socket_mode / control.state_file changed; they take effect at the next restart"
-            );
+    /// Takes a request for a reload: it begins a read, or waits for the next one.
+    fn ask_reload(&mut self, by: String, reply: oneshot::Sender<Response>) {
+        if self.reloads.reading.is_some() {
+            self.reloads.next.push((by, reply));
+            return;
         }
-        config.control = old.control.clone();
-        if config.admin != old.admin {
-            // Bound once at start, beside the control socket.
-            tracing::warn!("admin.listen changed; it takes effect at the next restart");
-            config.admin = old.admin.clone();
-        }
-        if config.log.format != old.log.format || config.log.level != old.log.level {
-            // The log's subscriber is set once per process; `log.access_log` does reload.
-            tracing::warn!("log.format / log.level changed; they take effect at the next restart");
-            config.log.format = old.log.format;
-            config.log.level = old.log.level.clone();
-        }
-        if config.proxy.threads != old.proxy.threads {
-            tracing::warn!("proxy.threads changed; it takes effect at the next restart");
-            config.proxy.threads = old.proxy.threads;
-        }
-        if config.proxy.max_connections != old.proxy.max_connections {
-            if let Some(limit) = crate::limits::open_files() {
-                crate::limits::warn_if_short(limit, config.proxy.max_connections);
-            }
-        }
-        let restart =
-            config.upstream.servers != old.upstream.servers || config.health != old.health;
-        let message_before = self.shown_message();
-        let moved = config.proxy.listen != old.proxy.listen || config.tls.listen != old.tls.listen;
-        // Everything that can fail is built before anything changes.
-        let notify_targets = config.notify.clone();
+        self.reloads.current.push((by, reply));
+        self.begin_read();
+    }
+
+    fn begin_read(&mut self) {
+        let path = self.parts.config.reload_from.clone();
         let previous = self.parts.clone();
-        let metrics = self.parts.metrics.clone();
-        // Certificates, keys and CA files are read from disk: off the async workers.
-        let parts = tokio::task::spawn_blocking(move || {
-            Parts::new(Arc::new(config), Arc::new(pages), Some(&previous), metrics)
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        self.reloads.reading = Some(tokio::spawn(async move {
+            let Some(path) = path else {
+                return Err(
+                    "the proxy was started without a config file; there is nothing to re-read"
+                        .into(),
+                );
+            };
+            // A read that never ends keeps its blocking thread; the reload is given up.
+            let built = tokio::task::spawn_blocking(move || prepare(&path, &previous));
+            match tokio::time::timeout(RELOAD_READ_LIMIT, built).await {
+                Ok(done) => done.map_err(|e| e.to_string())?,
+                Err(_) => Err(format!(
+                    "reading the config, its pages and certificates took longer than {} s: is one of them on a mount that does not answer?",
+                    RELOAD_READ_LIMIT.as_secs()
+                )),
+            }
+        }));
+    }
+
+    /// Applies a read that ended, answers who asked for it, and begins the next read for
+    /// who asked since.
+    async fn finish_reload(&mut self, read: Result<Prepared, String>) {
+        let askers = std::mem::take(&mut self.reloads.current);
+        let resp = match read {
+            Ok(prepared) => self.apply_reload(prepared).await,
+            Err(e) => Err(e),
+        };
+        let resp = match resp {
+            Ok(()) => Response::state(self.status_view()),
+            // Logged whoever asked (`ctl reload` or SIGHUP): the log is the record of what
+            // was tried on the running proxy, not only of what changed.
+            Err(message) => {
+                let by = askers
+                    .iter()
+                    .map(|(by, _)| by.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                tracing::error!(by = %by, "reload refused, the running config stays: {message}");
+                Response::error(ErrorBody::new("reload_failed", message))
+            }
+        };
+        for (_, reply) in askers {
+            self.parts.metrics.control_command("reload", resp.ok);
+            let _ = reply.send(resp.clone());
+        }
+        if !self.reloads.next.is_empty() {
+            self.reloads.current = std::mem::take(&mut self.reloads.next);
+            self.begin_read();
+        }
+    }
+
+    /// Puts in force what a reload read: only one read is under way at a time, so the parts
+    /// it was built beside are still the running ones.
+    async fn apply_reload(&mut self, prepared: Prepared) -> Result<(), String> {
+        let Prepared { parts, notify } = prepared;
+        let (old, config) = (&self.parts.config, &parts.config);
         // A new pool may carry new TLS settings, which the checks must use too.
-        let restart = restart || !Arc::ptr_eq(&parts.pool, &self.parts.pool);
+        let restart = config.upstream.servers != old.upstream.servers
+            || config.health != old.health
+            || !Arc::ptr_eq(&parts.pool, &self.parts.pool);
+        let moved = config.proxy.listen != old.proxy.listen || config.tls.listen != old.tls.listen;
+        let message_before = self.shown_message();
         if moved {
             match &self.rebind {
-                Some(r) => {
-                    r.rebind(&parts.config.proxy.listen, &parts.config.tls.listen)
-                        .await?
-                }
+                Some(r) => r.rebind(&config.proxy.listen, &config.tls.listen).await?,
                 None => {
                     tracing::warn!("listen addresses changed; they take effect at the next restart")
                 }
             }
         }
         self.parts = parts;
-        self.notifier.set_targets(notify_targets);
+        self.notifier.set_targets(notify);
         if restart {
             self.start_checkers().await;
         }
@@ -735,6 +771,67 @@ pub fn to_change(req: Request, by: String, now: SystemTime) -> Result<Change, Er
             return Err(ErrorBody::new("internal", "not a change"));
         }
     })
+}
+
+/// Reads and builds what a reload puts in force, beside the running `old` parts, on the
+/// blocking pool: everything that can fail is built before anything changes. What takes
+/// effect only at a restart is kept as it runs, with a warning.
+fn prepare(path: &std::path::Path, old: &Parts) -> Result<Prepared, String> {
+    let mut config = Config::load_file(path).map_err(|e| e.to_string())?;
+    let pages = Pages::load(&config.maintenance.pages).map_err(|e| e.to_string())?;
+    let old_config = &old.config;
+    if config.control.socket != old_config.control.socket
+        || config.control.socket_mode != old_config.control.socket_mode
+        || config.control.state_file != old_config.control.state_file
+    {
+        tracing::warn!(
+            "control.socket / control.socket_mode / control.state_file changed; they take effect at the next restart"
+        );
+    }
+    config.control = old_config.control.clone();
+    if config.admin != old_config.admin {
+        // Bound once at start, beside the control socket.
+        tracing::warn!("admin.listen changed; it takes effect at the next restart");
+        config.admin = old_config.admin.clone();
+    }
+    if config.log.format != old_config.log.format || config.log.level != old_config.log.level {
+        // The log's subscriber is set once per process; `log.access_log` does reload.
+        tracing::warn!("log.format / log.level changed; they take effect at the next restart");
+        config.log.format = old_config.log.format;
+        config.log.level = old_config.log.level.clone();
+    }
+    if config.proxy.threads != old_config.proxy.threads {
+        tracing::warn!("proxy.threads changed; it takes effect at the next restart");
+        config.proxy.threads = old_config.proxy.threads;
+    }
+    if config.proxy.max_connections != old_config.proxy.max_connections {
+        if let Some(limit) = crate::limits::open_files() {
+            crate::limits::warn_if_short(limit, config.proxy.max_connections);
+        }
+    }
+    let notify = config.notify.clone();
+    // Certificates, keys and CA files are read here too.
+    let parts = Parts::new(
+        Arc::new(config),
+        Arc::new(pages),
+        Some(old),
+        old.metrics.clone(),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(Prepared { parts, notify })
+}
+
+/// The end of the reload's read under way (never, while there is none: its branch is off).
+/// Cancel-safe: the read stays where it is until it has ended.
+async fn read(
+    reading: &mut Option<tokio::task::JoinHandle<Result<Prepared, String>>>,
+) -> Result<Prepared, String> {
+    let Some(task) = reading else {
+        return std::future::pending().await;
+    };
+    let done = task.await;
+    *reading = None;
+    done.map_err(|e| format!("the reload's reader failed: {e}"))?
 }
 
 /// The protocol's name of a command (a fixed set: safe as a metric label).
@@ -889,6 +986,44 @@ mod tests {
         assert!(reloaded.ok, "{:?}", reloaded.error);
         let status = rig.ask(Request::Status).await.state.expect("a state");
         assert_eq!(status.config, Some(path.display().to_string()));
+    }
+
+    /// Reloads asked for while one reads are all answered, by the read after it (they asked
+    /// after it began): each reload sees the file as it was when it was asked for, and
+    /// control commands are answered meanwhile.
+    #[tokio::test]
+    async fn reloads_asked_together_are_all_answered_with_the_latest_file() {
+        let rig = rig_with(|config, dir| config.reload_from = Some(dir.join("config.toml"))).await;
+        let path = rig._dir.path().join("config.toml");
+        let write = |message: &str| {
+            let text =
+                rig_text(rig._dir.path()) + &format!("[maintenance]\nmessage = \"{message}\"\n");
+            std::fs::write(&path, text).expect("config file");
+        };
+        let on = Request::On {
+            message: None,
+            until: None,
+            retry_after: None,
+            reason: None,
+        };
+        // Held with no message of its own: the config's is shown.
+        assert!(rig.ask(on).await.ok);
+        write("first");
+        let (first, second, third, status) = tokio::join!(
+            rig.ask(Request::Reload),
+            rig.ask(Request::Reload),
+            async {
+                write("latest");
+                rig.ask(Request::Reload).await
+            },
+            rig.ask(Request::Status),
+        );
+        assert!(status.ok);
+        for resp in [first, second, third] {
+            assert!(resp.ok, "{:?}", resp.error);
+        }
+        let status = rig.ask(Request::Status).await.state.expect("a state");
+        assert_eq!(status.message.as_deref(), Some("latest"));
     }
 
     fn window(start: &str, end: &str) -> Request {

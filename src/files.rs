@@ -1,0 +1,100 @@
+//! Reading the operator's files: the config, page templates, certificates and keys. Only
+//! regular files of a bounded size are read. A FIFO or a device named by mistake would
+//! otherwise block a start or a reload for as long as nothing writes to it, or fill memory
+//! (`/dev/zero`); such a file is refused at once, saying what it is.
+
+use std::io::{self, Read};
+use std::path::Path;
+
+/// The config file at most: far more than any config needs.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// A page template at most (held in memory for every language, rendered at each change).
+pub const MAX_TEMPLATE_BYTES: u64 = 1 << 20;
+/// A PEM file at most (a certificate chain, a key, a CA bundle: the system's is ~200 KiB).
+pub const MAX_PEM_BYTES: u64 = 4 << 20;
+
+/// The bytes of the regular file `path`, refused when it is no regular file or holds more
+/// than `limit` bytes.
+pub fn read(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    // Opening a FIFO for reading waits for a writer unless told not to; on a regular file the
+    // flag changes nothing.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_dir() {
+            "a folder"
+        } else if kind.is_fifo() {
+            "a FIFO (named pipe)"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "a device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(refused(format!("it is {what}, not a regular file")));
+    }
+    let too_large = || refused(format!("it is larger than {} KiB", limit >> 10));
+    if meta.len() > limit {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    // The file may grow while it is read.
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large());
+    }
+    Ok(bytes)
+}
+
+/// `read`, as UTF-8 text.
+pub fn read_text(path: &Path, limit: u64) -> io::Result<String> {
+    String::from_utf8(read(path, limit)?)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "it is not UTF-8 text"))
+}
+
+fn refused(why: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, why)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_regular_file_is_read_whole_up_to_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.txt");
+        std::fs::write(&path, "12345678").unwrap();
+        assert_eq!(read_text(&path, 8).unwrap(), "12345678");
+        let err = read(&path, 7).unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
+        std::fs::write(&path, [0xff, 0xfe]).unwrap();
+        assert!(read_text(&path, 8)
+            .unwrap_err()
+            .to_string()
+            .contains("UTF-8"));
+    }
+
+    /// A FIFO is refused at once, where reading it would wait for a writer for ever.
+    #[test]
+    fn a_fifo_a_device_and_a_folder_are_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.unwrap().success(), "mkfifo failed");
+        for (path, what) in [
+            (fifo.as_path(), "FIFO"),
+            (Path::new("/dev/zero"), "device"),
+            (dir.path(), "folder"),
+        ] {
+            let err = read(path, 1 << 20).unwrap_err();
+            assert!(err.to_string().contains(what), "{}: {err}", path.display());
+        }
+    }
+}
