@@ -71,7 +71,8 @@ pub enum WebhookResult {
     Delivered,
     /// Given up after the retries.
     Failed,
-    /// Never attempted: the queue was full and the oldest delivery was dropped.
+    /// Never attempted: the queue was full and the oldest delivery was dropped, or a reload
+    /// removed its webhook.
     Dropped,
 }
 
@@ -373,7 +374,7 @@ impl Metrics {
             .map(|r| webhooks_family.get_or_create_owned(&WebhookLabels { result: r.as_str() }));
         registry.register(
             "intermission_webhook_deliveries",
-            "Webhook deliveries by result (delivered, failed after retries, dropped from a full queue)",
+            "Webhook deliveries by result (delivered, failed after retries, dropped from a full queue or a removed webhook)",
             webhooks_family,
         );
 

@@ -107,7 +107,7 @@ pub trait NotifyStats: Send + Sync {
     fn delivered(&self);
     /// An event was given up after every attempt failed.
     fn failed(&self);
-    /// An event was dropped from a full queue before any attempt.
+    /// An event was dropped before any attempt: from a full queue, or with its webhook.
     fn dropped(&self);
 }
 
@@ -249,6 +249,8 @@ struct QueueState {
     events: VecDeque<Arc<Event>>,
     /// Removed by a reload or the notifier dropped: finish `events`, then end.
     closed: bool,
+    /// Removed by a reload: `events` was dropped, and the try under way is the last.
+    removed: bool,
     drops: DropLog,
 }
 
@@ -317,6 +319,33 @@ impl DropLog {
 impl Queue {
     fn close(&self) {
         lock(&self.state).closed = true;
+        self.wake.notify_one();
+    }
+
+    /// Its target was removed by a reload: the try under way is the last, and what is queued
+    /// is dropped (counted and logged). Whoever removes a receiver wants it to stop hearing;
+    /// finishing the queue kept sending to a receiver that hangs for hours (256 events, three
+    /// timeouts each), beside the queue of its replacement, one more for each reload.
+    fn remove(&self, d: &Deliverer) {
+        let (dropped, url) = {
+            let mut s = lock(&self.state);
+            s.closed = true;
+            s.removed = true;
+            let dropped = s.events.len();
+            s.events.clear();
+            (dropped, shown(&s.target.url))
+        };
+        d.pending.fetch_sub(dropped, Ordering::Relaxed);
+        for _ in 0..dropped {
+            d.stats.dropped();
+        }
+        if dropped > 0 {
+            tracing::warn!(
+                webhook = url,
+                dropped,
+                "webhook removed by a reload: dropped its {dropped} queued event(s)"
+            );
+        }
         self.wake.notify_one();
     }
 }
@@ -411,8 +440,8 @@ impl Notifier {
     }
 
     /// Replaces the targets (config reload). A target with the same url, format and secret
-    /// keeps its queue (and takes the new timeout); new ones start empty; removed ones finish
-    /// what they have queued, then stop.
+    /// keeps its queue (and takes the new timeout); new ones start empty; removed ones end
+    /// with the try under way, their queues dropped (`Queue::remove`).
     pub fn set_targets(&self, targets: Vec<Target>) {
         let mut queues = lock(&self.shared.queues);
         let mut old: Vec<Arc<Queue>> = std::mem::take(&mut *queues);
@@ -432,6 +461,7 @@ impl Notifier {
                             target,
                             events: VecDeque::new(),
                             closed: false,
+                            removed: false,
                             drops: DropLog::default(),
                         }),
                         wake: tokio::sync::Notify::new(),
@@ -444,7 +474,7 @@ impl Notifier {
             }
         }
         for removed in old {
-            removed.close();
+            removed.remove(&self.shared.deliverer);
         }
     }
 
@@ -488,10 +518,14 @@ fn warn_dropped(url: &str, count: u64) {
     );
 }
 
-/// A URL as logs may show it: scheme and authority, never the path that may hold a secret.
+/// A URL as logs may show it: scheme, host and port, never the userinfo or the path that may
+/// hold a secret.
 fn shown(url: &Uri) -> String {
     match (url.scheme_str(), url.authority()) {
-        (Some(scheme), Some(authority)) => format!("{scheme}://{authority}/…"),
+        (Some(scheme), Some(authority)) => {
+            let host_port = authority.as_str().rsplit('@').next().unwrap_or_default();
+            format!("{scheme}://{host_port}/…")
+        }
         _ => "(webhook)".to_owned(),
     }
 }
@@ -509,7 +543,7 @@ async fn work(queue: Arc<Queue>, d: Arc<Deliverer>) {
         };
         match next {
             Some((event, target)) => {
-                deliver(&d, &target, &event).await;
+                deliver(&d, &target, &event, &queue).await;
                 d.pending.fetch_sub(1, Ordering::Relaxed);
             }
             None => queue.wake.notified().await,
@@ -517,7 +551,7 @@ async fn work(queue: Arc<Queue>, d: Arc<Deliverer>) {
     }
 }
 
-async fn deliver(d: &Deliverer, target: &Target, event: &Event) {
+async fn deliver(d: &Deliverer, target: &Target, event: &Event, queue: &Queue) {
     let payload = Bytes::from(body(target.format, event));
     let signed = target
         .secret
@@ -535,6 +569,11 @@ async fn deliver(d: &Deliverer, target: &Target, event: &Event) {
             Ok(()) => {
                 tracing::debug!(webhook = shown(&target.url), event = ?event.event, attempt, "webhook delivered");
                 d.stats.delivered();
+                return;
+            }
+            Err(why) if lock(&queue.state).removed => {
+                tracing::warn!(webhook = shown(&target.url), event = ?event.event, attempt, "webhook not delivered, and removed by a reload: not tried again: {why}");
+                d.stats.failed();
                 return;
             }
             Err(why) if attempt < ATTEMPTS => {
@@ -1282,7 +1321,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_removed_target_finishes_its_queue() {
+    async fn a_removed_target_ends_with_the_try_under_way_and_drops_its_queue() {
         let gate = Arc::new(Semaphore::new(0));
         let receiver = Receiver::start(Answer::Gate(gate.clone())).await;
         let stats = Arc::new(Counts::default());
@@ -1292,8 +1331,13 @@ mod tests {
         notifier.send(numbered(1));
         // A new secret makes it another target: the old queue is removed.
         notifier.set_targets(vec![receiver.target(Some("new"))]);
+        assert_eq!(stats.get(), (0, 0, 1), "event 1 dropped with its queue");
         notifier.send(numbered(2));
-        assert_eq!(notifier.pending(), 3);
+        assert_eq!(
+            notifier.pending(),
+            2,
+            "0 in flight, 2 queued for the new target"
+        );
         gate.add_permits(10);
         wait_until("all delivered", || notifier.pending() == 0).await;
         let got = receiver.got.lock().unwrap();
@@ -1301,13 +1345,35 @@ mod tests {
             .iter()
             .map(|r| r.headers.contains_key(SIGNATURE_HEADER))
             .collect();
-        assert_eq!(got.len(), 3);
-        // The old worker finished 0 and 1 unsigned; the new one sent 2 signed (in any order
-        // relative to them: they are different targets).
-        assert_eq!(signed.iter().filter(|s| **s).count(), 1);
+        // The old worker finished 0 unsigned; the new one sent 2 signed.
+        assert_eq!(signed, [false, true]);
         drop(got);
-        let mut messages = receiver.messages();
-        messages.sort();
-        assert_eq!(messages, strings(&["0", "1", "2"]));
+        assert_eq!(receiver.messages(), strings(&["0", "2"]));
+        assert_eq!(stats.get(), (2, 0, 1));
+    }
+
+    /// A removed receiver that fails is not tried again: removing and adding it back, reload
+    /// after reload, leaves one worker sending to it, not one more per reload.
+    #[tokio::test]
+    async fn a_removed_target_that_fails_is_not_tried_again() {
+        let receiver = Receiver::start(Answer::Hang).await;
+        let other = Receiver::start(Answer::Ok).await;
+        let stats = Arc::new(Counts::default());
+        let hanging = Target {
+            timeout: Duration::from_millis(200),
+            ..receiver.target(None)
+        };
+        let notifier = Notifier::start_with(vec![hanging.clone()], stats.clone(), FAST);
+        for round in 0..5 {
+            notifier.send(numbered(round));
+            notifier.send(numbered(100 + round));
+            wait_until("a try", || receiver.count() > round).await;
+            notifier.set_targets(vec![other.target(None)]);
+            wait_until("the removed worker gone", || notifier.pending() == 0).await;
+            notifier.set_targets(vec![hanging.clone()]);
+        }
+        // One try of each first event (its retries cut short), none of the second.
+        assert_eq!(receiver.count(), 5);
+        assert_eq!(stats.get(), (0, 5, 5));
     }
 }

@@ -1099,7 +1099,29 @@ impl Validator<'_> {
             let key = |k: &str| format!("notify[{i}].{k}");
             let url = match n.url.parse::<http::Uri>() {
                 Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {
-                    Some(u)
+                    let authority = u.authority().cloned();
+                    let problem = authority.as_ref().and_then(|a| {
+                        if a.as_str().contains('@') {
+                            // hyper's client drops it without a word, and logs show the
+                            // authority.
+                            Some(
+                                "has a user name or password (before the @, not shown here), \
+                                 which intermission does not send: sign the events with \
+                                 `secret`, or give the receiver's token in the path"
+                                    .to_owned(),
+                            )
+                        } else {
+                            bad_port(a).map(|p| format!("port {p:?} is not from 1 to 65535"))
+                        }
+                    });
+                    match problem {
+                        Some(why) => {
+                            let (outline, _) = url_outline(&n.url);
+                            self.problem(&key("url"), format!("{outline} {why}"));
+                            None
+                        }
+                        None => Some(u),
+                    }
                 }
                 // A value of the wrong type was refused already, under this key.
                 _ if n.url.is_empty() && self.has_problem(&key("url")) => None,
@@ -1346,6 +1368,17 @@ fn parse_status_ranges(text: &str) -> Result<Vec<(u16, u16)>, String> {
     Ok(out)
 }
 
+/// The port of `authority` when it is no port: the `http` crate accepts any digits
+/// (`port_u16()` is then `None`), and a connector then falls back to the scheme's default
+/// port, so `:80800` would reach whatever listens on port 80.
+fn bad_port(authority: &http::uri::Authority) -> Option<&str> {
+    authority
+        .as_str()
+        .strip_prefix(authority.host())
+        .and_then(|rest| rest.strip_prefix(':'))
+        .filter(|port| !matches!(port.parse::<u16>(), Ok(1..)))
+}
+
 fn parse_upstream(s: &str) -> Result<Upstream, String> {
     let uri: http::Uri = s
         .parse()
@@ -1380,16 +1413,8 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
             authority.as_str().rsplit('@').next().unwrap_or_default()
         ));
     }
-    // The `http` crate accepts any digits as a port (`port_u16()` is then `None`), which
-    // would only show at run time as a server that refuses connections.
-    if let Some(port) = authority
-        .as_str()
-        .strip_prefix(authority.host())
-        .and_then(|rest| rest.strip_prefix(':'))
-    {
-        if !matches!(port.parse::<u16>(), Ok(1..)) {
-            return Err(format!("{s:?}: port {port:?} is not from 1 to 65535"));
-        }
+    if let Some(port) = bad_port(&authority) {
+        return Err(format!("{s:?}: port {port:?} is not from 1 to 65535"));
     }
     if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
         return Err(format!(
@@ -1897,6 +1922,10 @@ mod tests {
             url = "hooks.example.com/services/T000/B000/XOXOSECRETTOKEN?t=XOXOSECRETTOKEN"
             [[notify]]
             url = "https://user:XOXOSECRETTOKEN@/services/XOXOSECRETTOKEN"
+            [[notify]]
+            url = "https://user:XOXOSECRETTOKEN@hooks.example.com/services/XOXOSECRETTOKEN"
+            [[notify]]
+            url = "http://127.0.0.1:99999/XOXOSECRETTOKEN"
             "#
         );
         let p = problems(&text);
@@ -1931,6 +1960,16 @@ mod tests {
                 (
                     "notify[3].url",
                     "\"https:///…\" is not an http:// or https:// URL",
+                ),
+                // Sent by no one, and shown by logs: refused rather than dropped silently.
+                (
+                    "notify[4].url",
+                    "\"https://hooks.example.com/…\" has a user name or password (before the @, not shown here), which intermission does not send: sign the events with `secret`, or give the receiver's token in the path",
+                ),
+                // The `http` crate's port: any digits. Delivered to port 80 before.
+                (
+                    "notify[5].url",
+                    "\"http://127.0.0.1:99999/…\" port \"99999\" is not from 1 to 65535",
                 ),
             ],
             "{p:#?}"
