@@ -80,7 +80,10 @@ pub fn run(
             text.unwrap_or_default()
         ));
     } else {
-        crate::report(print_human(&mut std::io::stdout().lock(), &resp));
+        crate::report(print_human(
+            &mut TerminalSafe(std::io::stdout().lock()),
+            &resp,
+        ));
     }
     if let (Request::Off, Some(window)) = (&req, resp.state.as_ref().and_then(window_in_force)) {
         // `off` ends an operator's maintenance, not a window: said, so that an operator who
@@ -334,7 +337,7 @@ fn request(command: CtlCommand) -> Request {
 
 fn print_human(out: &mut impl Write, resp: &Response) -> io::Result<()> {
     if let Some(e) = &resp.error {
-        eprintln!("refused ({}): {}", e.code, e.message);
+        eprintln!("refused ({}): {}", e.code, terminal_safe(&e.message));
     }
     if let Some(s) = &resp.state {
         print_state(out, s)?;
@@ -351,6 +354,47 @@ fn print_human(out: &mut impl Write, resp: &Response) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Text as a terminal may show it: messages and reasons come from whoever can write to the
+/// socket (a whole group, with `socket_mode = "0660"`), and a control character or a bidi
+/// override in them would recolour, retitle or reorder another operator's screen. Each is
+/// written as Rust escapes it (`\u{1b}`), as the logs do; line ends and tabs stay.
+fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.contains(unsafe_char) {
+        return text.into();
+    }
+    let mut shown = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            shown.extend(c.escape_unicode());
+        } else {
+            shown.push(c);
+        }
+    }
+    shown.into()
+}
+
+/// Writes human output through `terminal_safe`: every field, whoever wrote it. `writeln!`
+/// hands it whole `str` pieces, so no character is ever split between two writes.
+struct TerminalSafe<W>(W);
+
+impl<W: Write> Write for TerminalSafe<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match std::str::from_utf8(buf) {
+            Ok(text) => self.0.write_all(terminal_safe(text).as_bytes())?,
+            Err(_) => self.0.write_all(String::from_utf8_lossy(buf).as_bytes())?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// The window holding maintenance now, if one does.
@@ -463,6 +507,21 @@ fn print_health(out: &mut impl Write, servers: &[ServerHealth]) -> io::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A message with an escape sequence, a bell, a NUL and a bidi override is shown with
+    /// them escaped: it cannot recolour, retitle or reorder the operator's terminal.
+    #[test]
+    fn human_output_escapes_what_would_drive_the_terminal() {
+        let text = "a\u{1b}[31mRED\u{1b}]0;title\u{7}\0b\u{202e}evil\u{9b}c";
+        let mut out = TerminalSafe(Vec::new());
+        writeln!(out, "message:     {text}\ttab").unwrap();
+        let shown = String::from_utf8(out.0).unwrap();
+        assert_eq!(
+            shown,
+            "message:     a\\u{1b}[31mRED\\u{1b}]0;title\\u{7}\\u{0}b\\u{202e}evil\\u{9b}c\ttab\n"
+        );
+        assert_eq!(terminal_safe("Back at 10:00 — été"), "Back at 10:00 — été");
+    }
 
     fn found(socket: &str, line: usize) -> Scan {
         Scan::Found {

@@ -166,6 +166,42 @@ async fn metrics_count_what_happened_to_requests_and_health() {
     );
     assert!(find(&m, "intermission_health_checks_total", &["result=\"ok\""]) >= 1.0);
 
+    // A request the socket refuses counts as a failure of the command it names: a broken
+    // script shows on `result="fail"`.
+    {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let socket = proxy.dir.path().join("intermission.sock");
+        let mut s =
+            tokio::io::BufReader::new(tokio::net::UnixStream::connect(&socket).await.unwrap());
+        for line in ["{\"cmd\":\"on\",\"message\":5}\n", "{\"cmd\":\"nope\"}\n"] {
+            s.get_mut().write_all(line.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            s.read_line(&mut answer).await.unwrap();
+            assert!(answer.contains("\"ok\":false"), "{answer}");
+        }
+    }
+    let refused = |m: &HashMap<String, f64>| {
+        find(
+            m,
+            "intermission_control_commands_total",
+            &["command=\"on\"", "result=\"fail\""],
+        )
+    };
+    let mut m = scrape(&proxy).await;
+    // Counted by the controller, after the answer.
+    for _ in 0..250 {
+        if refused(&m) == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        m = scrape(&proxy).await;
+    }
+    assert_eq!(refused(&m), 1.0);
+    assert!(
+        !m.keys().any(|k| k.contains("nope")),
+        "an unknown command is no label"
+    );
+
     // A reload keeps the counters.
     assert!(ctl(&proxy, Ctl::Reload).await.ok);
     let m = scrape(&proxy).await;

@@ -152,7 +152,13 @@ async fn connection(stream: UnixStream, controller: ControllerHandle) {
         }
         let resp = match parse_request(text) {
             Ok(req) => controller.request(req, by.clone()).await,
-            Err(e) => Response::error(e),
+            Err(e) => {
+                // A broken script's requests count as failures of the command it meant.
+                if let Some(command) = crate::control::protocol::named_command(text) {
+                    controller.refused(command);
+                }
+                Response::error(e)
+            }
         };
         deadline = tokio::time::Instant::now() + IDLE;
         if write(&mut w, &resp).await.is_err() || !complete {

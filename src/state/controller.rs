@@ -26,6 +26,8 @@ enum Msg {
         by: String,
         reply: oneshot::Sender<Response>,
     },
+    /// A request for `command` the socket refused before it reached the controller: counted.
+    Refused { command: &'static str },
 }
 
 /// The way to reach the controller; cheap to clone.
@@ -53,6 +55,12 @@ impl ControllerHandle {
         answer.await.unwrap_or_else(|_| {
             Response::error(ErrorBody::new("internal", "the proxy is shutting down"))
         })
+    }
+
+    /// Counts a request for `command` that the socket refused (`bad_request`). Never waits:
+    /// when the controller is busy with 64 requests, the count is the one thing let go.
+    pub fn refused(&self, command: &'static str) {
+        let _ = self.tx.try_send(Msg::Refused { command });
     }
 }
 
@@ -227,6 +235,9 @@ impl Controller {
                     Some(Msg::Control { req, by, reply }) => {
                         let resp = self.control(req, by).await;
                         let _ = reply.send(resp);
+                    }
+                    Some(Msg::Refused { command }) => {
+                        self.parts.metrics.control_command(command, false);
                     }
                     None => break,
                 },
