@@ -16,11 +16,12 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 
 /// What `/readyz` asks: listeners bound and config loaded.
 pub type Ready = Arc<dyn Fn() -> bool + Send + Sync>;
@@ -29,7 +30,9 @@ pub type Ready = Arc<dyn Fn() -> bool + Send + Sync>;
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Scrapers and probes are a handful of machines; more connections than this is a mistake or an
-/// attack, and closing them keeps descriptors for the proxy.
+/// attack, and closing them keeps descriptors for the proxy. A new connection beyond it takes
+/// the place of the oldest, as the proxy's own listeners make room: turning the new one away
+/// let a client that kept 64 connections open shut every scraper and probe out.
 const MAX_CONNECTIONS: usize = 64;
 /// A request head slower than this is not a scraper.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,7 +53,8 @@ pub async fn serve(
     mut shutdown: Shutdown,
 ) {
     let graceful = GracefulShutdown::new();
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Oldest first: each closes its connection when dropped (or sent to).
+    let mut open: VecDeque<oneshot::Sender<()>> = VecDeque::with_capacity(MAX_CONNECTIONS + 1);
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -68,10 +72,13 @@ pub async fn serve(
             },
             _ = shutdown.fired() => break,
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "admin: too many connections; closing a new one");
-            continue;
-        };
+        open.retain(|close| !close.is_closed());
+        if open.len() >= MAX_CONNECTIONS {
+            tracing::debug!(%peer, "admin: too many connections; closing the oldest");
+            open.pop_front();
+        }
+        let (close, closed) = oneshot::channel::<()>();
+        open.push_back(close);
         let metrics = metrics.clone();
         let ready = ready.clone();
         let service = service_fn(move |req| {
@@ -82,9 +89,11 @@ pub async fn serve(
             builder.serve_connection(TokioIo::new(Timed::fixed(stream, SEND_TIMEOUT)), service),
         );
         tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = connection.await {
-                tracing::debug!(%peer, error = %e, "admin: connection ended with an error");
+            tokio::select! {
+                ended = connection => if let Err(e) = ended {
+                    tracing::debug!(%peer, error = %e, "admin: connection ended with an error");
+                },
+                _ = closed => {}
             }
         });
     }

@@ -903,3 +903,32 @@ async fn requests_too_malformed_to_read_are_counted() {
         1.0
     );
 }
+
+/// A client that keeps the admin listener's 64 connections open (idle, or reconnecting as
+/// each is closed) cannot shut the scrapers and probes out: a new connection takes the place
+/// of the oldest.
+#[tokio::test]
+async fn a_full_admin_listener_makes_room_for_a_scrape() {
+    let proxy = spawn_proxy("[admin]\nlisten = \"127.0.0.1:0\"\n").await;
+    let addr = proxy.running.as_ref().unwrap().admin_addr().unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    for round in 0..3 {
+        let resp = tokio::time::timeout(
+            Duration::from_secs(5),
+            client().request(
+                Request::get(format!("http://{addr}/readyz"))
+                    .body(empty())
+                    .unwrap(),
+            ),
+        )
+        .await
+        .expect("the probe hung")
+        .unwrap_or_else(|e| panic!("round {round}: the probe was turned away: {e}"));
+        assert_eq!(resp.status(), 200);
+        // The client opens one more for each the listener closed.
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+}
