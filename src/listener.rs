@@ -279,6 +279,11 @@ impl Drop for Closable {
     }
 }
 
+/// Concurrent streams on one HTTP/2 connection, as nginx's `http2_max_concurrent_streams`.
+const MAX_STREAMS: u32 = 128;
+/// What hyper's HTTP/2 server keeps of each answer beyond what the socket has taken.
+const SEND_BUF: usize = 64 * 1024;
+
 /// The connection settings for the proxy's listeners, one per protocol.
 pub struct ConnBuilder {
     pub(crate) http1: http1::Builder,
@@ -304,7 +309,11 @@ pub fn conn_builder(proxy: &ProxyConfig) -> ConnBuilder {
         .keep_alive_interval(Some(Duration::from_secs(60)))
         .keep_alive_timeout(Duration::from_secs(20))
         .max_header_list_size(u32::try_from(proxy.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
+        // What a client that stops reading can hold is counted per stream (README, "a client
+        // that stops reading"): nginx's 128 streams, and hyper's send buffer of each cut from
+        // 400 KiB, so that one connection of such a client holds megabytes, not hundreds.
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_send_buf_size(SEND_BUF);
     ConnBuilder {
         http1: h1,
         http2: h2,

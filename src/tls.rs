@@ -78,7 +78,9 @@ pub fn server_config(tls: &TlsConfig) -> Result<Option<Arc<ServerConfig>>, TlsEr
         .map_err(|e| TlsError::Settings(e.to_string()))?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(BySni { certs }));
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // `http/1.0` too: a client that offers it alone is served over HTTP/1, as nginx serves
+    // it, where rustls would end the handshake with a fatal alert.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
     Ok(Some(Arc::new(config)))
 }
 

@@ -1125,3 +1125,101 @@ fn fifo_writer(path: &std::path::Path) -> Option<std::fs::File> {
         .open(path)
         .ok()
 }
+
+/// One HTTP/2 frame: length, type, flags, stream, payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A header block of literal fields without indexing (RFC 7541 §6.2.2), short strings only.
+fn hpack_literals(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in fields {
+        block.push(0);
+        for s in [name, value] {
+            block.push(u8::try_from(s.len()).unwrap());
+            block.extend_from_slice(s.as_bytes());
+        }
+    }
+    block
+}
+
+/// An HTTP/2 client that opens every window wide, asks for many large answers at once, and
+/// then reads nothing: what it makes the proxy hold is bounded per stream (hyper's send
+/// buffer of 64 KiB, a 64 KiB read buffer from the server) and the streams are at most 128,
+/// as nginx's. With hyper's defaults (400 KiB each, 256 streams) one such connection held
+/// over 100 MB.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_client_that_stops_reading_holds_little_per_stream() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const MIB: usize = 1 << 20;
+    let up =
+        upstream(|_req: Request<Incoming>| async move { Response::new(full(vec![b'x'; MIB])) })
+            .await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"1h\"\n[log]\naccess_log = false\n",
+            up.url()
+        ),
+    );
+    let baseline = proxy.peak_rss_kib();
+    // A small receive buffer, so that the socket itself holds little of what is sent.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(proxy.addr).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE (4) at its largest, and the connection's window too.
+    out.extend(h2_frame(4, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]));
+    out.extend(h2_frame(8, 0, 0, &(0x7fff_ffffu32 - 65_535).to_be_bytes()));
+    s.write_all(&out).await.unwrap();
+    // The server's SETTINGS come first: its stream limit is in them.
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[3], 4, "not a SETTINGS frame first");
+    let mut settings = vec![0u8; usize::from(head[2]) | usize::from(head[1]) << 8];
+    s.read_exact(&mut settings).await.unwrap();
+    let streams = settings
+        .chunks(6)
+        .find(|kv| kv[..2] == [0, 3])
+        .map(|kv| u32::from_be_bytes([kv[2], kv[3], kv[4], kv[5]]));
+    assert_eq!(streams, Some(128), "SETTINGS_MAX_CONCURRENT_STREAMS");
+    let authority = proxy.addr.to_string();
+    let block = hpack_literals(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", &authority),
+        (":path", "/large"),
+    ]);
+    let mut requests = Vec::new();
+    for i in 0..128u32 {
+        // END_HEADERS | END_STREAM
+        requests.extend(h2_frame(1, 0x4 | 0x1, 1 + 2 * i, &block));
+    }
+    s.write_all(&requests).await.unwrap();
+    // Until what it holds stops growing: it reads from the servers until its buffers are
+    // full, and then waits.
+    let mut peak = proxy.peak_rss_kib();
+    let mut still = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = proxy.peak_rss_kib();
+        still = if now == peak { still + 1 } else { 0 };
+        peak = now;
+        if still == 10 && up.connections.load(std::sync::atomic::Ordering::Relaxed) >= 128 {
+            break;
+        }
+    }
+    let per_stream = peak.saturating_sub(baseline) / 128;
+    eprintln!("proxy peak RSS: {baseline} KiB at start, {peak} KiB with 128 stalled streams: {per_stream} KiB each");
+    assert!(
+        per_stream < 500,
+        "{per_stream} KiB per stalled stream ({baseline} -> {peak} KiB)"
+    );
+    drop(s);
+}

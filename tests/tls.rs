@@ -160,6 +160,17 @@ async fn https_over_http1_and_http2_with_forwarded_proto() {
     assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
     assert_eq!(seen.header("host"), Some("shop.test"));
 
+    // A client that offers HTTP/1.0 alone is served too (a fatal alert before), as by nginx.
+    let stream = tls_connect(addr, "shop.test", ca.client_config(&[b"http/1.0"])).await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.0"[..]));
+    let mut sender = h1(stream).await;
+    assert_eq!(
+        get_on(&mut sender, "shop.test", "/over/h1.0")
+            .await
+            .status(),
+        200
+    );
+
     let stream = tls_connect(addr, "shop.test", ca.client_config(&[b"h2"])).await;
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let (mut sender, conn) =

@@ -954,6 +954,10 @@ impl Http1Pool {
         let io = self.tcp.open(dial.clone()).await?;
         let (sender, conn) = http1::Builder::new()
             .max_header_size(MAX_RESPONSE_HEAD)
+            // The read buffer, which a body's pieces are cut from, grows to 400 KiB by
+            // default, and a piece keeps all of it until the client has taken the piece:
+            // for each answer streaming to a client that stops reading.
+            .max_buf_size(MAX_RESPONSE_HEAD)
             .handshake(io)
             .await?;
         tokio::spawn(async move {
