@@ -263,6 +263,8 @@ pub struct Metrics {
     /// Indexed by `WebhookResult::index`.
     webhooks: [Counter; 3],
     parked: Gauge,
+    /// Moved by `forward::sockets`, which counts every upstream socket.
+    sockets: crate::forward::sockets::SocketMetrics,
 }
 
 impl Default for Metrics {
@@ -386,6 +388,26 @@ impl Metrics {
             parked.clone(),
         );
 
+        let sockets = crate::forward::sockets::SocketMetrics::default();
+        registry.register(
+            "intermission_upstream_connections",
+            "Sockets open to upstream servers (idle kept ones included), counted against \
+             intermission_upstream_connection_limit",
+            sockets.open.clone(),
+        );
+        registry.register(
+            "intermission_upstream_connection_limit",
+            "The most sockets to upstream servers open at once, from the open-file limit less \
+             proxy.max_connections and the proxy's own; 0 when there is none",
+            sockets.limit.clone(),
+        );
+        registry.register(
+            "intermission_upstream_connection_limit_reached",
+            "Requests answered with the outage response because no upstream connection could \
+             be opened within connect_timeout under that limit (the server is not blamed)",
+            sockets.reached.clone(),
+        );
+
         registry.register(
             "intermission_build",
             "The running version of intermission; the value is always 1",
@@ -405,7 +427,13 @@ impl Metrics {
             control_commands,
             webhooks,
             parked,
+            sockets,
         }
+    }
+
+    /// The upstream sockets' metrics, for `forward::sockets` to move.
+    pub fn sockets(&self) -> crate::forward::sockets::SocketMetrics {
+        self.sockets.clone()
     }
 
     /// The gauge of parked connections, for a connection to move as it parks and wakes.

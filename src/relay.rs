@@ -36,7 +36,7 @@
 //! its connection before its answer is whole has its request given up, as hyper's server gives
 //! it up (`wait`). Header names keep the case the peer gave them (hyper's would be lowercase).
 
-use crate::forward::pool::{SendError, UpstreamPool};
+use crate::forward::pool::{RawSocket, SendError, UpstreamPool};
 use crate::forward::{self, UpstreamError};
 use crate::gateway::{self, Conn};
 use crate::h1;
@@ -920,14 +920,22 @@ async fn answer<C: Client>(
         };
         forward::report(&snap.passive, server, &error);
         // Once, on another healthy server, as `forward::forward` retries an idempotent request.
-        let second = (server == first && pool.servers.len() > 1 && resendable(&bufs.request))
-            .then(|| pool.pick(&snap.up, Some(first)))
-            .flatten();
+        // Not at the bound on upstream sockets, as `forward::forward` does not.
+        let limited = forward::sockets::reached(&error);
+        let second =
+            (server == first && !limited && pool.servers.len() > 1 && resendable(&bufs.request))
+                .then(|| pool.pick(&snap.up, Some(first)))
+                .flatten();
         match second {
             Some(next) => {
                 tracing::warn!(error = %error, "retrying on {}", pool.servers[next]);
                 server = next;
                 sent = tokio::time::Instant::now();
+            }
+            // Told once every 10 s with a count (`forward::sockets`), not per request.
+            None if limited => {
+                tracing::debug!(error = %error, "forwarding failed; answering with the outage response");
+                return outage(bufs, snap, sock, head, drain, served).await;
             }
             None => {
                 tracing::warn!(error = %error, "forwarding failed; answering with the outage response");
@@ -1053,7 +1061,7 @@ async fn fetch(
     pool: &UpstreamPool,
     server: usize,
     now: tokio::time::Instant,
-) -> Result<(TcpStream, Answer), SendError> {
+) -> Result<(RawSocket, Answer), SendError> {
     // `now` is the attempt's start, which the caller has read: a kept socket's idle time is
     // measured from it rather than from a second reading of the clock.
     let mut kept = pool.raw_take(server, now);
@@ -1359,7 +1367,7 @@ async fn respond<C: Client>(
     bufs: &mut Set,
     snap: &Snapshot,
     sock: &mut C,
-    mut up: TcpStream,
+    mut up: RawSocket,
     answer: Answer,
     to: Respond<'_>,
 ) -> Next {

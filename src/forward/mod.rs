@@ -12,6 +12,7 @@
 
 pub mod headers;
 pub mod pool;
+pub mod sockets;
 pub mod upgrade;
 
 use crate::body::{Answered, Body, Resume, SentSignal};
@@ -251,7 +252,12 @@ pub fn forward<'a>(
             // does: the request is idempotent, so a server still working on it does no harm, and
             // a hung server must not cost the client its answer while another one is healthy.
             // The copy is taken: there is one second attempt at most.
-            let second = replay.as_ref().and_then(|_| pool.pick(up, Some(first)));
+            // Not at the bound on upstream sockets: another server's connection would wait
+            // for the same room, and the client twice as long for its outage answer.
+            let second = replay
+                .as_ref()
+                .filter(|_| !sockets::reached(&error))
+                .and_then(|_| pool.pick(up, Some(first)));
             let (Some((method, headers, held)), Some(second)) = (replay.take(), second) else {
                 return Err(Failed::upstream(Some(error), Some(server)));
             };
@@ -369,10 +375,14 @@ fn inconclusive(error: &UpstreamError) -> bool {
 }
 
 /// Whether `e`, or one of its causes, says that this process or host ran out of something a
-/// new connection needs (file descriptors, memory): the proxy's trouble, which says nothing
-/// of the server's health. Not `EADDRNOTAVAIL`: besides local ports running out, it is what
+/// new connection needs (file descriptors, memory, room under the bound on upstream sockets,
+/// `sockets::LimitReached`): the proxy's trouble, which says nothing of the server's health,
+/// and which a flood of clients could otherwise turn into an outage of the whole site. Not `EADDRNOTAVAIL`: besides local ports running out, it is what
 /// an IPv6 server gets on a host without IPv6, which must show as the server down.
 pub fn local_exhaustion(e: &(dyn std::error::Error + 'static)) -> bool {
+    if sockets::reached(e) {
+        return true;
+    }
     let mut cause = Some(e);
     while let Some(c) = cause {
         let errno = c

@@ -15,8 +15,10 @@
 //! so that a request never waits on another thread.
 //!
 //! `upstream.connect_timeout` bounds opening a connection whole, an `https://` server's TLS
-//! handshake included (`Timed`).
+//! handshake included (`Timed`). Every connection opened here, on any path, first takes its
+//! place under the bound on upstream sockets (`super::sockets`), and carries it until closed.
 
+use super::sockets::{Counted, Idle, Sockets};
 use crate::body::Body;
 use crate::config::{Protocol, Upstream, UpstreamConfig};
 use crate::tls::TlsError;
@@ -192,15 +194,23 @@ fn https1_connector(tcp: HttpConnector, tls: &Arc<rustls::ClientConfig>) -> Http
 /// that accepts and never answers the handshake (or a name server that never answers) held
 /// each request until `response_timeout`, and failed it as a request sent, where a connect
 /// error is retried on another server as one that never left.
+///
+/// It takes the socket's place under the bound on upstream sockets first, waiting for one at
+/// most `limit` too, and the connection carries it (`Counted`).
 #[derive(Clone)]
 struct Timed<C> {
     inner: C,
     limit: Duration,
+    sockets: Sockets,
 }
 
 impl<C> Timed<C> {
-    fn new(inner: C, limit: Duration) -> Timed<C> {
-        Timed { inner, limit }
+    fn new(inner: C, limit: Duration, sockets: Sockets) -> Timed<C> {
+        Timed {
+            inner,
+            limit,
+            sockets,
+        }
     }
 }
 
@@ -226,10 +236,10 @@ where
     C::Error: Into<BoxError>,
     C::Future: Send + 'static,
 {
-    type Response = C::Response;
+    type Response = Counted<C::Response>;
     type Error = BoxError;
     // Boxed, as `HttpConnector`'s future is: connections are opened rarely.
-    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -237,11 +247,18 @@ where
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let limit = self.limit;
+        let sockets = self.sockets.clone();
         let authority = uri.authority().cloned();
+        // Lazy, as the connectors' futures are: nothing is opened before the permit is had.
         let connecting = self.inner.call(uri);
         Box::pin(async move {
+            // Waiting for room is not connecting: a connection then has its whole
+            // `connect_timeout`, so that a slow start is not taken for the server's.
+            let permit = sockets.acquire(limit).await?;
             match tokio::time::timeout(limit, connecting).await {
-                Ok(opened) => opened.map_err(Into::into),
+                Ok(opened) => opened
+                    .map(|io| Counted::new(io, permit))
+                    .map_err(Into::into),
                 Err(_) => {
                     let server = authority.as_ref().map_or("the server", |a| a.as_str());
                     let why =
@@ -261,7 +278,12 @@ const MAX_IDLE_PER_SERVER: usize = 1024;
 
 impl UpstreamPool {
     /// `workers`: the data plane's threads (`crate::workers`), each with idle lists of its own.
-    pub fn new(config: &UpstreamConfig, workers: usize) -> Result<UpstreamPool, TlsError> {
+    /// `sockets`: the bound on upstream sockets, shared with the pools built before and after.
+    pub fn new(
+        config: &UpstreamConfig,
+        workers: usize,
+        sockets: &Sockets,
+    ) -> Result<UpstreamPool, TlsError> {
         let tls = crate::tls::client_config(config)?;
         let builder = || {
             let mut b = Client::builder(TokioExecutor::new());
@@ -280,6 +302,7 @@ impl UpstreamPool {
             https: builder().build(Timed::new(
                 https1_connector(tcp.clone(), &tls),
                 config.connect_timeout,
+                sockets.clone(),
             )),
             h2: config
                 .servers
@@ -304,13 +327,17 @@ impl UpstreamPool {
             config: config.clone(),
             http1: Http1Pool::new(
                 &config.servers,
-                Timed::new(tcp.clone(), config.connect_timeout),
+                Timed::new(tcp.clone(), config.connect_timeout, sockets.clone()),
                 config.idle_timeout,
                 workers,
                 h2_slots,
             ),
             clients,
-            tls_h2: Timed::new(https_connector(tcp.clone(), &tls), config.connect_timeout),
+            tls_h2: Timed::new(
+                https_connector(tcp.clone(), &tls),
+                config.connect_timeout,
+                sockets.clone(),
+            ),
             https_http1: config
                 .servers
                 .iter()
@@ -538,13 +565,13 @@ impl UpstreamPool {
     /// A kept plain socket to `http://` server `index`, for `crate::relay`, from this
     /// worker's idle list, with when it was last used. `now` is the caller's reading of the
     /// clock (the relay's, taken as its request began), so that a request reads it once.
-    pub fn raw_take(&self, index: usize, now: Instant) -> Option<(TcpStream, Instant)> {
+    pub fn raw_take(&self, index: usize, now: Instant) -> Option<(RawSocket, Instant)> {
         let server = self.http1.servers.get(index)?;
         server.raw.local().take(now, self.http1.idle_timeout)
     }
 
     /// Gives a socket back after a response read whole from it.
-    pub fn raw_put(&self, index: usize, stream: TcpStream) {
+    pub fn raw_put(&self, index: usize, stream: RawSocket) {
         if let Some(server) = self.http1.servers.get(index) {
             server.raw.local().put(stream);
         }
@@ -553,7 +580,7 @@ impl UpstreamPool {
     /// A new plain socket to `http://` server `index`, opened by the connector hyper's
     /// connections use (`connect_timeout` shared across the server's addresses, happy
     /// eyeballs, `TCP_NODELAY`, TCP keepalive).
-    pub async fn raw_connect(&self, index: usize) -> Result<TcpStream, SendError> {
+    pub async fn raw_connect(&self, index: usize) -> Result<RawSocket, SendError> {
         let server = self
             .http1
             .servers
@@ -561,7 +588,7 @@ impl UpstreamPool {
             .ok_or_else(|| SendError::Connect("no such server".into()))?;
         self.http1.start_reaper();
         let io = self.http1.tcp.open(server.dial.clone()).await?;
-        Ok(io.into_inner())
+        Ok(io.map(hyper_util::rt::TokioIo::into_inner))
     }
 
     /// How many workers this pool was built for.
@@ -712,9 +739,16 @@ struct Http1Server {
     dial: Uri,
 }
 
+/// A plain socket to an `http://` server for `crate::relay`, counted under the bound on
+/// upstream sockets while open.
+pub type RawSocket = Counted<TcpStream>;
+
 /// Idle connections to one server, the most recently used last.
 pub struct IdleList {
     conns: Mutex<Vec<IdleConn>>,
+    /// At the bound on upstream sockets, a connection coming back is closed for a request
+    /// waiting to open one.
+    sockets: Sockets,
 }
 
 struct IdleConn {
@@ -731,24 +765,27 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Idle plain sockets to one server (`crate::relay`), the most recently used last.
 pub struct RawList {
     conns: Mutex<Vec<RawConn>>,
+    /// As `IdleList`'s.
+    sockets: Sockets,
 }
 
 struct RawConn {
-    stream: TcpStream,
+    stream: RawSocket,
     since: Instant,
 }
 
 impl RawList {
-    fn new() -> RawList {
+    fn new(sockets: Sockets) -> RawList {
         RawList {
             conns: Mutex::new(Vec::new()),
+            sockets,
         }
     }
 
     /// The most recently used socket that still looks open. Those idle for `timeout` or more
     /// are closed with all older ones. An idle socket has nothing to read: one that became
     /// readable was closed by the server (or sent what nobody asked for) and is dropped.
-    fn take(&self, now: Instant, timeout: Duration) -> Option<(TcpStream, Instant)> {
+    fn take(&self, now: Instant, timeout: Duration) -> Option<(RawSocket, Instant)> {
         loop {
             let conn = {
                 let mut conns = lock(&self.conns);
@@ -765,7 +802,10 @@ impl RawList {
         }
     }
 
-    fn put(&self, stream: TcpStream) {
+    fn put(&self, stream: RawSocket) {
+        if self.sockets.wanted() {
+            return;
+        }
         let mut conns = lock(&self.conns);
         if conns.len() < MAX_IDLE_PER_SERVER {
             conns.push(RawConn {
@@ -778,6 +818,27 @@ impl RawList {
     /// Closes the sockets idle since before `before`.
     fn reap(&self, before: Instant) {
         lock(&self.conns).retain(|c| c.since >= before);
+    }
+}
+
+impl Idle for RawList {
+    fn close_oldest(&self) -> bool {
+        let oldest = {
+            let mut conns = lock(&self.conns);
+            (!conns.is_empty()).then(|| conns.remove(0))
+        };
+        oldest.is_some()
+    }
+}
+
+impl Idle for IdleList {
+    /// The connection's task closes its socket once it sees its sender gone.
+    fn close_oldest(&self) -> bool {
+        let oldest = {
+            let mut conns = lock(&self.conns);
+            (!conns.is_empty()).then(|| conns.remove(0))
+        };
+        oldest.is_some()
     }
 }
 
@@ -821,7 +882,7 @@ impl IdleList {
     }
 
     fn put(&self, sender: Sender) {
-        if sender.is_closed() {
+        if sender.is_closed() || self.sockets.wanted() {
             return;
         }
         let mut conns = lock(&self.conns);
@@ -861,7 +922,8 @@ impl Http1Pool {
         workers: usize,
         h2_slots: Vec<Weak<H2Slot>>,
     ) -> Http1Pool {
-        let servers = servers
+        let sockets = &tcp.sockets;
+        let servers: Vec<Http1Server> = servers
             .iter()
             .map(|s| {
                 let mut uri = UriParts::default();
@@ -872,13 +934,25 @@ impl Http1Pool {
                     idle: PerWorker::new(workers, |_| {
                         Arc::new(IdleList {
                             conns: Mutex::new(Vec::new()),
+                            sockets: sockets.clone(),
                         })
                     }),
-                    raw: PerWorker::new(workers, |_| Arc::new(RawList::new())),
+                    raw: PerWorker::new(workers, |_| Arc::new(RawList::new(sockets.clone()))),
                     dial: Uri::from_parts(uri).unwrap_or_default(),
                 }
             })
             .collect();
+        // Asked in turn for room at the bound; forgotten with this pool.
+        for server in &servers {
+            for list in server.idle.all() {
+                let list: Arc<dyn Idle> = list.clone();
+                sockets.register(Arc::downgrade(&list));
+            }
+            for list in server.raw.all() {
+                let list: Arc<dyn Idle> = list.clone();
+                sockets.register(Arc::downgrade(&list));
+            }
+        }
         Http1Pool {
             servers,
             tcp,
@@ -1146,7 +1220,7 @@ mod tests {
             .collect();
         let text = format!("[upstream]\nservers = [{}]\n", servers.join(","));
         let config = Config::parse(&text, Path::new("."), None).unwrap();
-        UpstreamPool::new(&config.upstream, 1).unwrap()
+        UpstreamPool::new(&config.upstream, 1, &Sockets::unbounded()).unwrap()
     }
 
     /// A connector that never opens anything: a name server or a TLS handshake that never
@@ -1170,7 +1244,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn opening_a_connection_is_cut_off_at_connect_timeout() {
-        let mut timed = Timed::new(Stuck, Duration::from_secs(2));
+        let mut timed = Timed::new(Stuck, Duration::from_secs(2), Sockets::unbounded());
         let uri = Uri::from_static("http://app.internal:3000/");
         let Err(e) = timed.call(uri).await else {
             panic!("a connection that never opens was reported open");
@@ -1230,6 +1304,7 @@ mod tests {
 mod kept {
     use super::*;
     use crate::config::Config;
+    use crate::forward::sockets::SocketMetrics;
     use http_body_util::BodyExt;
     use std::io::{Read, Write};
     use std::path::Path;
@@ -1270,7 +1345,7 @@ mod kept {
         let addr = server(close_rx, closed_tx);
         let text = format!("[upstream]\nservers = [\"http://{addr}\"]\n");
         let config = Config::parse(&text, Path::new("."), None).unwrap();
-        let pool = UpstreamPool::new(&config.upstream, 1).unwrap();
+        let pool = UpstreamPool::new(&config.upstream, 1, &Sockets::unbounded()).unwrap();
         let get = || {
             http::Request::get("/")
                 .header("host", "x")
@@ -1315,7 +1390,7 @@ mod kept {
         });
         let text = format!("[upstream]\nservers = [\"http://{addr}\"]\nidle_timeout = \"90s\"\n");
         let config = Config::parse(&text, Path::new("."), None).unwrap();
-        let pool = UpstreamPool::new(&config.upstream, 1).unwrap();
+        let pool = UpstreamPool::new(&config.upstream, 1, &Sockets::unbounded()).unwrap();
         let req = http::Request::get("/")
             .header("host", "x")
             .body(Body::Empty)
@@ -1337,6 +1412,132 @@ mod kept {
         let later = Instant::now() + timeout;
         assert!(list.take(later, timeout).is_none());
         assert_eq!(pool.idle_http1(0), 0);
+    }
+
+    /// A blocking server answering every request on every connection with `ok`, for as long
+    /// as the test runs; `closed` counts the connections its clients closed.
+    fn keep_alive_server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let closed = Arc::new(AtomicUsize::new(0));
+        let count = closed.clone();
+        std::thread::spawn(move || {
+            for mut s in listener.incoming().map_while(Result::ok) {
+                let count = count.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    let mut got = Vec::new();
+                    loop {
+                        match s.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                        while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                            got.drain(..end + 4);
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if s.write_all(ok).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, closed)
+    }
+
+    fn bounded_pool(
+        servers: &[std::net::SocketAddr],
+        bound: usize,
+    ) -> (UpstreamPool, Sockets, SocketMetrics) {
+        let servers: Vec<String> = servers.iter().map(|a| format!("\"http://{a}\"")).collect();
+        let text = format!(
+            "[upstream]\nservers = [{}]\nconnect_timeout = \"2s\"\n",
+            servers.join(",")
+        );
+        let config = Config::parse(&text, Path::new("."), None).unwrap();
+        let metrics = SocketMetrics::default();
+        let sockets = Sockets::new(Some(bound), metrics.clone());
+        let pool = UpstreamPool::new(&config.upstream, 1, &sockets).unwrap();
+        (pool, sockets, metrics)
+    }
+
+    fn get() -> Request<Body> {
+        http::Request::get("/")
+            .header("host", "x")
+            .body(Body::Empty)
+            .unwrap()
+    }
+
+    /// A kept hyper connection holds its place under the bound while idle; at the bound, a
+    /// request to another server has it closed, and its place comes back through its task.
+    #[tokio::test]
+    async fn a_kept_connection_is_closed_for_a_request_at_the_bound() {
+        let (a, a_closed) = keep_alive_server();
+        let (b, _) = keep_alive_server();
+        let (pool, _, metrics) = bounded_pool(&[a, b], 1);
+        let resp = pool.request(0, get()).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(pool.idle_http1(0), 1);
+        assert_eq!(metrics.open.get(), 1);
+        let resp = pool.request(1, get()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(pool.idle_http1(0), 0);
+        assert_eq!(metrics.open.get(), 1);
+        assert_eq!(metrics.reached.get(), 0);
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            while a_closed.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        assert!(closed.await.is_ok(), "the kept connection was not closed");
+        drop(resp);
+    }
+
+    /// A connection coming back while a request waits for room is closed instead of kept.
+    #[tokio::test]
+    async fn a_connection_coming_back_is_closed_for_a_waiting_request() {
+        let (a, _) = keep_alive_server();
+        let (b, _) = keep_alive_server();
+        let (pool, sockets, _) = bounded_pool(&[a, b], 1);
+        let pool = Arc::new(pool);
+        let busy = pool.request(0, get()).await.unwrap();
+        let waiting = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.request(1, get()).await.map(|r| r.status()) })
+        };
+        for _ in 0..250 {
+            if sockets.wanted() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(sockets.wanted());
+        busy.into_body().collect().await.unwrap();
+        assert_eq!(pool.idle_http1(0), 0, "kept while a request waited");
+        let status = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+        assert!(matches!(status, Ok(Ok(Ok(StatusCode::OK)))), "{status:?}");
+    }
+
+    /// The relay's plain sockets: dropped or kept, their place follows them.
+    #[tokio::test]
+    async fn a_raw_socket_gives_its_place_back_when_dropped_or_closed_for_room() {
+        let (a, _) = keep_alive_server();
+        let (b, _) = keep_alive_server();
+        let (pool, sockets, metrics) = bounded_pool(&[a, b], 1);
+        let socket = pool.raw_connect(0).await.unwrap();
+        let limited = pool.raw_connect(1).await.err().unwrap();
+        assert!(super::super::sockets::reached(&limited), "{limited}");
+        drop(socket);
+        let socket = pool.raw_connect(1).await.unwrap();
+        // Kept idle, it is closed for the next socket at the bound.
+        pool.raw_put(1, socket);
+        let socket = pool.raw_connect(0).await.unwrap();
+        assert!(pool.raw_take(1, Instant::now()).is_none());
+        drop(socket);
+        assert_eq!(metrics.open.get(), 0);
+        assert!(sockets.acquire(Duration::from_millis(1)).await.is_ok());
     }
 
     #[test]

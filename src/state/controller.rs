@@ -635,7 +635,18 @@ impl Controller {
                 }
             }
         }
+        let max_connections = config.proxy.max_connections;
+        let resize = max_connections != old.proxy.max_connections;
         self.parts = parts;
+        if resize {
+            // The bound on upstream sockets leaves room for the clients, so it moves with
+            // their limit, from the open-file limit as it is now.
+            if let Some(limit) = crate::limits::open_files() {
+                let bound = crate::limits::upstream_sockets(limit, max_connections);
+                self.parts.sockets.set_bound(bound);
+                tracing::info!("upstream connections now bounded at {bound} at once");
+            }
+        }
         self.notifier.set_targets(notify);
         if restart {
             self.start_checkers().await;

@@ -7,6 +7,7 @@
 use super::mode::{Mode, Persisted};
 use crate::config::{Config, Protocol};
 use crate::forward::pool::UpstreamPool;
+use crate::forward::sockets::Sockets;
 use crate::health::Passive;
 use crate::hold::bypass::BypassKey;
 use crate::hold::held::{self, Held, Spliced, View};
@@ -61,6 +62,9 @@ pub struct Parts {
     /// The TLS listeners' settings; `None` without certificates.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub pool: Arc<UpstreamPool>,
+    /// The bound on upstream sockets, which lives as long as the process: the sockets of a
+    /// pool a reload replaced stay counted until they close.
+    pub sockets: Sockets,
     pub pages: Arc<Pages>,
     pub bypass: Option<Arc<BypassKey>>,
 }
@@ -81,9 +85,22 @@ impl Parts {
             || crate::workers::count(config.proxy.threads),
             |prev| prev.pool.workers(),
         );
+        // Sized at start from the open-file limit then in force (raised by `main` already);
+        // a reload that changes `proxy.max_connections` resizes it once in force
+        // (`Controller::apply_reload`).
+        let sockets = previous.map_or_else(
+            || {
+                let limit = crate::limits::open_files();
+                let bound = limit.map(|limit| {
+                    crate::limits::upstream_sockets(limit, config.proxy.max_connections)
+                });
+                Sockets::new(bound, metrics.sockets())
+            },
+            |prev| prev.sockets.clone(),
+        );
         let pool = match previous {
             Some(prev) if prev.pool.same_config(&config.upstream) => prev.pool.clone(),
-            _ => Arc::new(UpstreamPool::new(&config.upstream, workers)?),
+            _ => Arc::new(UpstreamPool::new(&config.upstream, workers, &sockets)?),
         };
         let tls = crate::tls::server_config(&config.tls)?;
         let m = &config.maintenance;
@@ -94,6 +111,7 @@ impl Parts {
             tls,
             config,
             pool,
+            sockets,
             pages,
             bypass,
         })

@@ -1,0 +1,530 @@
+//! The bound on the sockets open to upstream servers, shared by every worker, every path that
+//! opens one (the relay's plain sockets, hyper's HTTP/1.1 and HTTP/2 connections, hyper-util's
+//! client for `https://` servers) and every pool a reload builds: so that however many
+//! requests HTTP/2 clients multiplex (each stream to an `http://` server takes a connection of
+//! its own), descriptors remain for client connections, the control socket, the admin
+//! listener, health checks, the state file and the logs. The bound comes from the open-file
+//! limit (`crate::limits::upstream_sockets`).
+//!
+//! A socket holds its `Permit` for as long as it is open (`Counted` carries it), pooled or
+//! not, so that one closed anywhere gives it back. At the bound a new socket waits, at most
+//! `connect_timeout`, for one to close; an idle kept one is closed to make room, and one
+//! coming back to a pool is closed instead of kept while another request waits. This module
+//! knows nothing of HTTP; health checks and webhooks open their few sockets outside it.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use std::ops::{Deref, DerefMut};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+/// A pool's list of idle kept sockets, which may be asked to close one to make room.
+pub trait Idle: Send + Sync {
+    /// Closes the list's oldest idle socket; false when it has none.
+    fn close_oldest(&self) -> bool;
+}
+
+/// The shared count of upstream sockets open; clones count together.
+#[derive(Clone)]
+pub struct Sockets(Arc<Inner>);
+
+struct Inner {
+    /// One permit per socket that may still be opened. Without a bound it holds as many as a
+    /// semaphore can, so that every path takes the same steps.
+    semaphore: Semaphore,
+    /// `None`: no bound (the open-file limit could not be read).
+    bound: Mutex<Option<usize>>,
+    /// Permits to forget as sockets close, rather than give back: a lowered bound with more
+    /// sockets open than it allows.
+    debt: AtomicUsize,
+    /// Requests waiting for a permit: a socket coming back to a pool is closed for them.
+    waiting: AtomicUsize,
+    /// The pools' idle lists, asked in turn to close a socket when a request waits.
+    idle: Mutex<Vec<Weak<dyn Idle>>>,
+    told: Mutex<Told>,
+    open: Gauge,
+    limit: Gauge,
+    reached: Counter,
+}
+
+/// The metrics this count moves (`crate::metrics`).
+#[derive(Clone, Debug, Default)]
+pub struct SocketMetrics {
+    /// Upstream sockets open.
+    pub open: Gauge,
+    /// The bound; 0 when there is none.
+    pub limit: Gauge,
+    /// Requests that got no socket within `connect_timeout`.
+    pub reached: Counter,
+}
+
+/// Warnings at the bound: at most one every `TELL_EVERY`, with how many were not written.
+#[derive(Default)]
+struct Told {
+    said: Option<Instant>,
+    unsaid: u64,
+}
+
+const TELL_EVERY: Duration = Duration::from_secs(10);
+
+/// Why a request got no upstream socket: the proxy's own trouble, never the server's
+/// (`forward::local_exhaustion` keeps it from the server's health).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no upstream connection free within connect_timeout ({waited:?}): all {bound} the open-file \
+     limit leaves room for are open"
+)]
+pub struct LimitReached {
+    pub bound: usize,
+    pub waited: Duration,
+}
+
+/// The lock is held only for a few field updates, never across an await: a poisoned one is
+/// taken as it is.
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Sockets {
+    /// At most `bound` sockets open at once; `None` for no bound.
+    pub fn new(bound: Option<usize>, metrics: SocketMetrics) -> Sockets {
+        // A semaphore holds no more: an unlimited open-file limit gives no bound in effect.
+        let bound = bound.map(|b| b.min(Semaphore::MAX_PERMITS));
+        metrics.limit.set(gauge_value(bound));
+        Sockets(Arc::new(Inner {
+            semaphore: Semaphore::new(bound.unwrap_or(Semaphore::MAX_PERMITS)),
+            bound: Mutex::new(bound),
+            debt: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            idle: Mutex::new(Vec::new()),
+            told: Mutex::new(Told::default()),
+            open: metrics.open,
+            limit: metrics.limit,
+            reached: metrics.reached,
+        }))
+    }
+
+    /// No bound, for pools built where no limit applies (tests, benches).
+    pub fn unbounded() -> Sockets {
+        Sockets::new(None, SocketMetrics::default())
+    }
+
+    /// The bound in force.
+    pub fn bound(&self) -> Option<usize> {
+        *lock(&self.0.bound)
+    }
+
+    /// Sets a new bound (a reload changed `proxy.max_connections`). Sockets already open stay:
+    /// over a lowered bound, new ones wait until enough have closed. A count built without a
+    /// bound keeps none, as it had no limit to compute one from.
+    pub fn set_bound(&self, new: usize) {
+        let new = new.min(Semaphore::MAX_PERMITS);
+        let mut bound = lock(&self.0.bound);
+        let Some(old) = *bound else {
+            return;
+        };
+        if new > old {
+            let more = new - old;
+            // What is owed is paid first: those permits were never handed back.
+            let owed = self
+                .0
+                .debt
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
+                    Some(d.saturating_sub(more))
+                })
+                .unwrap_or(0);
+            self.0.semaphore.add_permits(more - owed.min(more));
+        } else {
+            let fewer = old - new;
+            let forgotten = self.0.semaphore.forget_permits(fewer);
+            self.0.debt.fetch_add(fewer - forgotten, Ordering::AcqRel);
+        }
+        *bound = Some(new);
+        self.0.limit.set(gauge_value(Some(new)));
+    }
+
+    /// Lets a pool's idle list be asked to close a socket for room; forgotten with the list.
+    pub fn register(&self, list: Weak<dyn Idle>) {
+        let mut idle = lock(&self.0.idle);
+        idle.retain(|l| l.strong_count() > 0);
+        idle.push(list);
+    }
+
+    /// Whether requests wait for a socket: one coming back to a pool is then closed rather
+    /// than kept, giving its permit to the first of them. One atomic read, on the path of
+    /// every response that gives its connection back.
+    pub fn wanted(&self) -> bool {
+        self.0.waiting.load(Ordering::Relaxed) > 0
+    }
+
+    /// A permit for one more socket, at once when under the bound; else after one closes, an
+    /// idle kept one being closed for it, at most `wait` (`upstream.connect_timeout`) later.
+    pub async fn acquire(&self, wait: Duration) -> Result<Permit, LimitReached> {
+        if let Ok(permit) = self.0.semaphore.try_acquire() {
+            permit.forget();
+            return Ok(self.permit());
+        }
+        let _waiting = Waiting::new(&self.0.waiting);
+        self.close_an_idle_one();
+        match tokio::time::timeout(wait, self.0.semaphore.acquire()).await {
+            Ok(Ok(permit)) => {
+                permit.forget();
+                Ok(self.permit())
+            }
+            // The semaphore is never closed; either way, no socket.
+            Ok(Err(_)) | Err(_) => Err(self.refused(wait)),
+        }
+    }
+
+    fn permit(&self) -> Permit {
+        self.0.open.inc();
+        Permit(self.0.clone())
+    }
+
+    /// Closes the oldest idle socket of the first list that has one: its permit comes back
+    /// once it is closed (at once for a plain socket, when its task sees it dropped for
+    /// hyper's), and goes to the first request waiting.
+    fn close_an_idle_one(&self) {
+        let lists: Vec<Arc<dyn Idle>> = lock(&self.0.idle)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for list in lists {
+            if list.close_oldest() {
+                return;
+            }
+        }
+    }
+
+    fn refused(&self, waited: Duration) -> LimitReached {
+        self.0.reached.inc();
+        let bound = self.bound().unwrap_or(Semaphore::MAX_PERMITS);
+        let now = Instant::now();
+        let unsaid = {
+            let mut told = lock(&self.0.told);
+            match told.said {
+                Some(said) if now.duration_since(said) < TELL_EVERY => {
+                    told.unsaid += 1;
+                    None
+                }
+                _ => {
+                    told.said = Some(now);
+                    Some(std::mem::take(&mut told.unsaid))
+                }
+            }
+        };
+        if let Some(unsaid) = unsaid {
+            tracing::warn!(
+                "{bound} upstream connections open, the most the open-file limit leaves room \
+                 for beside proxy.max_connections clients: a request got none within \
+                 connect_timeout ({waited:?}) and the outage response ({unsaid} more since the \
+                 last line); raise the open-file limit, or see which clients hold many \
+                 requests at once (HTTP/2 streams)"
+            );
+        }
+        LimitReached { bound, waited }
+    }
+}
+
+fn gauge_value(bound: Option<usize>) -> i64 {
+    bound.map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX))
+}
+
+/// Counts a request among those waiting for as long as it waits.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Waiting<'a> {
+        count.fetch_add(1, Ordering::Relaxed);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One open upstream socket's place under the bound, given back when dropped.
+pub struct Permit(Arc<Inner>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.open.dec();
+        let owed = self
+            .0
+            .debt
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1))
+            .is_ok();
+        if !owed {
+            self.0.semaphore.add_permits(1);
+        }
+    }
+}
+
+/// A socket (or a TLS stream over one) with its permit: however it is closed, in a pool, by
+/// hyper's connection task, after a tunnel, the permit goes with it.
+pub struct Counted<T> {
+    io: T,
+    _permit: Permit,
+}
+
+impl<T> Counted<T> {
+    pub fn new(io: T, permit: Permit) -> Counted<T> {
+        Counted {
+            io,
+            _permit: permit,
+        }
+    }
+
+    /// The same socket as another type (`TokioIo`'s `TcpStream` for the relay), still counted.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Counted<U> {
+        Counted {
+            io: f(self.io),
+            _permit: self._permit,
+        }
+    }
+}
+
+impl<T> Deref for Counted<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.io
+    }
+}
+
+impl<T> DerefMut for Counted<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.io
+    }
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Counted<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Counted<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+}
+
+impl<T: hyper_util::client::legacy::connect::Connection>
+    hyper_util::client::legacy::connect::Connection for Counted<T>
+{
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.io.connected()
+    }
+}
+
+/// Whether `e`, or one of its causes, is the bound reached.
+pub fn reached(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        // An `io::Error`'s `source()` skips the error it wraps.
+        let wrapped = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .is_some_and(|inner| inner.is::<LimitReached>());
+        if wrapped || c.is::<LimitReached>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counted(bound: usize) -> (Sockets, SocketMetrics) {
+        let metrics = SocketMetrics::default();
+        (Sockets::new(Some(bound), metrics.clone()), metrics)
+    }
+
+    const NOW: Duration = Duration::from_millis(1);
+
+    #[tokio::test]
+    async fn a_dropped_socket_gives_its_permit_back() {
+        let (sockets, metrics) = counted(2);
+        let a = sockets.acquire(NOW).await.unwrap();
+        let b = sockets.acquire(NOW).await.unwrap();
+        assert_eq!(metrics.open.get(), 2);
+        let e = sockets.acquire(NOW).await.err().unwrap();
+        assert_eq!(e.bound, 2);
+        assert_eq!(metrics.reached.get(), 1);
+        drop(a);
+        let c = sockets.acquire(NOW).await.unwrap();
+        drop((b, c));
+        assert_eq!(metrics.open.get(), 0);
+        assert_eq!(sockets.0.semaphore.available_permits(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_request_gets_the_next_socket_closed() {
+        let (sockets, _) = counted(1);
+        let held = sockets.acquire(NOW).await.unwrap();
+        let waiter = {
+            let sockets = sockets.clone();
+            tokio::spawn(async move { sockets.acquire(Duration::from_secs(10)).await })
+        };
+        let told = tokio::time::timeout(Duration::from_secs(5), async {
+            while !sockets.wanted() {
+                tokio::task::yield_now().await;
+            }
+        });
+        assert!(told.await.is_ok(), "the waiting request was not counted");
+        drop(held);
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+        assert!(matches!(got, Ok(Ok(Ok(_)))));
+        assert!(!sockets.wanted());
+    }
+
+    struct List(Mutex<Vec<Permit>>);
+
+    impl Idle for List {
+        fn close_oldest(&self) -> bool {
+            let mut list = lock(&self.0);
+            if list.is_empty() {
+                return false;
+            }
+            list.remove(0);
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn at_the_bound_an_idle_kept_socket_is_closed_for_room() {
+        let (sockets, metrics) = counted(2);
+        let list = Arc::new(List(Mutex::new(Vec::new())));
+        let weak: Weak<dyn Idle> = Arc::downgrade(&(list.clone() as Arc<dyn Idle>));
+        sockets.register(weak);
+        let busy = sockets.acquire(NOW).await.unwrap();
+        lock(&list.0).push(sockets.acquire(NOW).await.unwrap());
+        let new = sockets.acquire(NOW).await;
+        assert!(
+            new.is_ok(),
+            "the idle socket was not closed for the new one"
+        );
+        assert!(lock(&list.0).is_empty());
+        assert_eq!(metrics.open.get(), 2);
+        assert_eq!(metrics.reached.get(), 0);
+        drop((busy, new));
+    }
+
+    #[tokio::test]
+    async fn a_lowered_bound_waits_for_enough_sockets_to_close() {
+        let (sockets, metrics) = counted(3);
+        let a = sockets.acquire(NOW).await.unwrap();
+        let b = sockets.acquire(NOW).await.unwrap();
+        sockets.set_bound(1);
+        assert!(sockets.acquire(NOW).await.is_err());
+        drop(a);
+        assert!(sockets.acquire(NOW).await.is_err(), "still one open of one");
+        drop(b);
+        let c = sockets.acquire(NOW).await.unwrap();
+        assert!(sockets.acquire(NOW).await.is_err());
+        // Raised again: exactly the new bound.
+        sockets.set_bound(4);
+        let more: Vec<Permit> = [
+            sockets.acquire(NOW).await.unwrap(),
+            sockets.acquire(NOW).await.unwrap(),
+            sockets.acquire(NOW).await.unwrap(),
+        ]
+        .into();
+        assert!(sockets.acquire(NOW).await.is_err());
+        assert_eq!(metrics.limit.get(), 4);
+        drop((c, more));
+        assert_eq!(sockets.0.semaphore.available_permits(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_lowered_bound_owes_what_is_open_beyond_it() {
+        let (sockets, _) = counted(3);
+        let open: Vec<Permit> = [
+            sockets.acquire(NOW).await.unwrap(),
+            sockets.acquire(NOW).await.unwrap(),
+            sockets.acquire(NOW).await.unwrap(),
+        ]
+        .into();
+        sockets.set_bound(1);
+        sockets.set_bound(2);
+        drop(open);
+        assert_eq!(sockets.0.semaphore.available_permits(), 2);
+    }
+
+    #[tokio::test]
+    async fn without_a_bound_nothing_waits() {
+        let sockets = Sockets::unbounded();
+        let open: Vec<Permit> = acquire_many(&sockets, 1000).await;
+        assert_eq!(open.len(), 1000);
+        sockets.set_bound(1);
+        assert!(sockets.acquire(NOW).await.is_ok());
+    }
+
+    async fn acquire_many(sockets: &Sockets, n: usize) -> Vec<Permit> {
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(sockets.acquire(NOW).await.unwrap());
+        }
+        v
+    }
+
+    #[test]
+    fn the_error_is_found_among_causes() {
+        let limit = LimitReached {
+            bound: 5,
+            waited: Duration::from_secs(1),
+        };
+        let wrapped = std::io::Error::other(limit);
+        assert!(reached(&wrapped));
+        let limit = LimitReached {
+            bound: 5,
+            waited: Duration::from_secs(1),
+        };
+        let failed = crate::forward::UpstreamError::Connect {
+            server: "http://127.0.0.1:1".into(),
+            source: crate::forward::pool::SendError::Connect(Box::new(limit)),
+        };
+        assert!(reached(&failed));
+        assert!(crate::forward::local_exhaustion(&failed));
+        assert!(!reached(&std::io::Error::other("refused")));
+    }
+}
