@@ -730,7 +730,7 @@ async fn the_open_file_limit_is_raised_and_a_short_one_is_told() {
         "{lines:#?}"
     );
     assert!(
-        said("proxy.max_connections = 5000 may need 10064 open files") && said("the limit is 4096"),
+        said("proxy.max_connections = 5000 may need 10128 open files") && said("the limit is 4096"),
         "{lines:#?}"
     );
     assert_eq!(get(&proxy.url("/")).await.status(), 200);
