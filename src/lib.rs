@@ -20,7 +20,7 @@
 //! - `park`: idle HTTP/1.1 connections without hyper's state; `fast`: held requests answered
 //!   on them without hyper, in the wire form `h1` writes.
 //! - `forward`: forwarding (`headers` for hop-by-hop and `X-Forwarded-*`, `pool` for upstream
-//!   connections, `upgrade` for tunnels).
+//!   connections, `sockets` for their bound from the open-file limit, `upgrade` for tunnels).
 //! - `state`: the snapshot every request reads. `watched`: sockets that tell what moved on
 //!   them, for the idleness checks.
 //! - `logging`: text/JSON logs and the access log.

@@ -951,6 +951,10 @@ pub(crate) mod tests {
             "intermission_health_check_duration_seconds",
             "intermission_control_commands",
             "intermission_webhook_deliveries",
+            "intermission_parked_connections",
+            "intermission_upstream_connections",
+            "intermission_upstream_connection_limit",
+            "intermission_upstream_connection_limit_reached",
             "intermission_build",
         ] {
             assert!(

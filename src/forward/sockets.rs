@@ -437,7 +437,8 @@ mod tests {
         let weak: Weak<dyn Idle> = Arc::downgrade(&(list.clone() as Arc<dyn Idle>));
         sockets.register(weak);
         let busy = sockets.acquire(NOW).await.unwrap();
-        lock(&list.0).push(sockets.acquire(NOW).await.unwrap());
+        let idle = sockets.acquire(NOW).await.unwrap();
+        lock(&list.0).push(idle);
         let new = sockets.acquire(NOW).await;
         assert!(
             new.is_ok(),
