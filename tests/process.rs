@@ -1055,15 +1055,7 @@ async fn a_reload_whose_files_hang_holds_up_nothing_and_is_given_up() {
         tokio::spawn(
             async move { intermission::control::client::request(&socket, &Ctl::Reload).await },
         );
-    let mut writer = None;
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            writer = fifo_writer(&roots);
-            writer.is_some()
-        })
-        .await,
-        "the reload never began to read"
-    );
+    let writer = reader_came(&roots, "the reload").await;
     // Answered while the reload's read hangs.
     let status = tokio::time::timeout(Duration::from_secs(5), proxy.ctl(&Ctl::Status)).await;
     assert!(status.expect("status waited on the reload").unwrap().ok);
@@ -1093,15 +1085,7 @@ async fn a_reload_whose_files_hang_holds_up_nothing_and_is_given_up() {
     drop(writer);
     assert!(wait_until(Duration::from_secs(10), || fifo_writer(&roots).is_none()).await);
     proxy.signal("HUP");
-    let mut writer = None;
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            writer = fifo_writer(&roots);
-            writer.is_some()
-        })
-        .await,
-        "SIGHUP's reload never began to read"
-    );
+    let writer = reader_came(&roots, "SIGHUP's reload").await;
     proxy.signal("TERM");
     let status = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(10)))
         .await
@@ -1112,6 +1096,18 @@ async fn a_reload_whose_files_hang_holds_up_nothing_and_is_given_up() {
         "SIGTERM did not stop the proxy while a reload's read hung"
     );
     drop(writer);
+}
+
+/// Waits until `who` has the FIFO at `path` open to read: its read has begun, and waits for
+/// as long as the writer returned is kept.
+async fn reader_came(path: &std::path::Path, who: &str) -> std::fs::File {
+    let mut writer = None;
+    let came = wait_until(Duration::from_secs(10), || {
+        writer = fifo_writer(path);
+        writer.is_some()
+    })
+    .await;
+    writer.unwrap_or_else(|| panic!("{who} never began to read (came: {came})"))
 }
 
 /// The FIFO at `path` opened to write, when something has it open to read: without one, the

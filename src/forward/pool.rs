@@ -821,24 +821,25 @@ impl RawList {
     }
 }
 
+/// Takes the oldest of `list` out and drops it outside the lock; false when it is empty.
+fn drop_oldest<T>(list: &Mutex<Vec<T>>) -> bool {
+    let oldest = {
+        let mut conns = lock(list);
+        (!conns.is_empty()).then(|| conns.remove(0))
+    };
+    oldest.is_some()
+}
+
 impl Idle for RawList {
     fn close_oldest(&self) -> bool {
-        let oldest = {
-            let mut conns = lock(&self.conns);
-            (!conns.is_empty()).then(|| conns.remove(0))
-        };
-        oldest.is_some()
+        drop_oldest(&self.conns)
     }
 }
 
 impl Idle for IdleList {
     /// The connection's task closes its socket once it sees its sender gone.
     fn close_oldest(&self) -> bool {
-        let oldest = {
-            let mut conns = lock(&self.conns);
-            (!conns.is_empty()).then(|| conns.remove(0))
-        };
-        oldest.is_some()
+        drop_oldest(&self.conns)
     }
 }
 
