@@ -18,7 +18,7 @@
 //! handshake included (`Timed`). Every connection opened here, on any path, first takes its
 //! place under the bound on upstream sockets (`super::sockets`), and carries it until closed.
 
-use super::sockets::{Counted, Idle, Sockets};
+use super::sockets::{self, Counted, Idle, Sockets};
 use crate::body::Body;
 use crate::config::{Protocol, Upstream, UpstreamConfig};
 use crate::tls::TlsError;
@@ -129,7 +129,7 @@ struct H2Slot {
     /// Held while a connection is dialed, so that a burst of requests finding none waits for
     /// one handshake rather than making one each (hyper-util's pool did the same). It keeps
     /// when the last dial failed, and why: the requests that waited for it fail with it.
-    dialing: tokio::sync::Mutex<Option<(Instant, String)>>,
+    dialing: tokio::sync::Mutex<Option<(Instant, String, Option<sockets::LimitReached>)>>,
 }
 
 impl H2Slot {
@@ -512,17 +512,22 @@ impl UpstreamPool {
         // the n-th request of a burst to a server stuck in its handshake n × connect_timeout.
         // Counted once against the server, by the request that dialed: one failed handshake
         // shared by a burst must not count as one per request and take a server out.
-        if let Some((at, why)) = &*failed {
+        if let Some((at, why, limit)) = &*failed {
             if *at >= queued {
-                return Err(SendError::Shared(why.clone()));
+                // The bound reached is the proxy's, told as such: no server is blamed or
+                // tried next for it.
+                return Err(match limit {
+                    Some(limit) => SendError::Connect(Box::new(limit.clone())),
+                    None => SendError::Shared(why.clone()),
+                });
             }
         }
         self.http1.start_reaper();
         let dialed = self.connect_h2(index).await;
-        *failed = dialed
-            .as_ref()
-            .err()
-            .map(|e| (Instant::now(), e.to_string()));
+        *failed = dialed.as_ref().err().map(|e| {
+            let limit = sockets::reached_in(e).cloned();
+            (Instant::now(), e.to_string(), limit)
+        });
         let Some(sender) = dialed? else {
             // The connection is dropped unused: it is made once per server, and hyper-util's
             // client cannot take it.
@@ -803,7 +808,7 @@ impl RawList {
     }
 
     fn put(&self, stream: RawSocket) {
-        if self.sockets.wanted() {
+        if self.sockets.claim_close() {
             return;
         }
         let mut conns = lock(&self.conns);
@@ -821,25 +826,29 @@ impl RawList {
     }
 }
 
-/// Takes the oldest of `list` out and drops it outside the lock; false when it is empty.
-fn drop_oldest<T>(list: &Mutex<Vec<T>>) -> bool {
+/// Takes the oldest of `list` that is still `open` out and drops it outside the lock, with
+/// those before it that are not; false when none is open.
+fn drop_oldest<T>(list: &Mutex<Vec<T>>, open: impl Fn(&T) -> bool) -> bool {
     let oldest = {
         let mut conns = lock(list);
-        (!conns.is_empty()).then(|| conns.remove(0))
+        let first = conns.iter().position(open);
+        first.map(|i| conns.drain(..=i).collect::<Vec<_>>())
     };
     oldest.is_some()
 }
 
 impl Idle for RawList {
+    /// A socket the server closed is still a descriptor here: closing it makes room too.
     fn close_oldest(&self) -> bool {
-        drop_oldest(&self.conns)
+        drop_oldest(&self.conns, |_| true)
     }
 }
 
 impl Idle for IdleList {
-    /// The connection's task closes its socket once it sees its sender gone.
+    /// The connection's task closes its socket once it sees its sender gone. One whose
+    /// connection has already ended gave its place back then: dropping it makes no room.
     fn close_oldest(&self) -> bool {
-        drop_oldest(&self.conns)
+        drop_oldest(&self.conns, |c| !c.sender.is_closed())
     }
 }
 
@@ -883,7 +892,7 @@ impl IdleList {
     }
 
     fn put(&self, sender: Sender) {
-        if sender.is_closed() || self.sockets.wanted() {
+        if sender.is_closed() || self.sockets.claim_close() {
             return;
         }
         let mut conns = lock(&self.conns);

@@ -41,8 +41,12 @@ struct Inner {
     /// Permits to forget as sockets close, rather than give back: a lowered bound with more
     /// sockets open than it allows.
     debt: AtomicUsize,
-    /// Requests waiting for a permit: a socket coming back to a pool is closed for them.
+    /// Requests waiting for a permit.
     waiting: AtomicUsize,
+    /// Closes owed to waiting requests that found no idle socket to close: each socket coming
+    /// back to a pool claims one and is closed rather than kept. Never more than `waiting`:
+    /// one close per waiter, so that a proxy at the bound keeps its other connections alive.
+    owed: AtomicUsize,
     /// The pools' idle lists, asked in turn to close a socket when a request waits.
     idle: Mutex<Vec<Weak<dyn Idle>>>,
     told: Mutex<Told>,
@@ -73,7 +77,7 @@ const TELL_EVERY: Duration = Duration::from_secs(10);
 
 /// Why a request got no upstream socket: the proxy's own trouble, never the server's
 /// (`forward::local_exhaustion` keeps it from the server's health).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error(
     "no upstream connection free within connect_timeout ({waited:?}): all {bound} the open-file \
      limit leaves room for are open"
@@ -100,6 +104,7 @@ impl Sockets {
             bound: Mutex::new(bound),
             debt: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
+            owed: AtomicUsize::new(0),
             idle: Mutex::new(Vec::new()),
             told: Mutex::new(Told::default()),
             open: metrics.open,
@@ -154,11 +159,21 @@ impl Sockets {
         idle.push(list);
     }
 
-    /// Whether requests wait for a socket: one coming back to a pool is then closed rather
-    /// than kept, giving its permit to the first of them. One atomic read, on the path of
-    /// every response that gives its connection back.
+    /// Whether requests wait for a socket.
     pub fn wanted(&self) -> bool {
         self.0.waiting.load(Ordering::Relaxed) > 0
+    }
+
+    /// Whether a socket coming back to a pool is to be closed rather than kept, its permit
+    /// going to a waiting request that found no idle one to close; claimed once. One atomic
+    /// read on the path of every response that gives its connection back.
+    pub fn claim_close(&self) -> bool {
+        self.0.owed.load(Ordering::Relaxed) > 0
+            && self
+                .0
+                .owed
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
     }
 
     /// A permit for one more socket, at once when under the bound; else after one closes, an
@@ -168,8 +183,10 @@ impl Sockets {
             permit.forget();
             return Ok(self.permit());
         }
-        let _waiting = Waiting::new(&self.0.waiting);
-        self.close_an_idle_one();
+        let _waiting = Waiting::new(&self.0);
+        if !self.close_an_idle_one() {
+            self.0.owed.fetch_add(1, Ordering::AcqRel);
+        }
         match tokio::time::timeout(wait, self.0.semaphore.acquire()).await {
             Ok(Ok(permit)) => {
                 permit.forget();
@@ -187,17 +204,13 @@ impl Sockets {
 
     /// Closes the oldest idle socket of the first list that has one: its permit comes back
     /// once it is closed (at once for a plain socket, when its task sees it dropped for
-    /// hyper's), and goes to the first request waiting.
-    fn close_an_idle_one(&self) {
+    /// hyper's), and goes to the first request waiting. False when no list had one.
+    fn close_an_idle_one(&self) -> bool {
         let lists: Vec<Arc<dyn Idle>> = lock(&self.0.idle)
             .iter()
             .filter_map(Weak::upgrade)
             .collect();
-        for list in lists {
-            if list.close_oldest() {
-                return;
-            }
-        }
+        lists.iter().any(|list| list.close_oldest())
     }
 
     fn refused(&self, waited: Duration) -> LimitReached {
@@ -218,12 +231,16 @@ impl Sockets {
             }
         };
         if let Some(unsaid) = unsaid {
+            let more = match unsaid {
+                0 => String::new(),
+                n => format!(" ({n} more since the last line)"),
+            };
             tracing::warn!(
                 "{bound} upstream connections open, the most the open-file limit leaves room \
                  for beside proxy.max_connections clients: a request got none within \
-                 connect_timeout ({waited:?}) and the outage response ({unsaid} more since the \
-                 last line); raise the open-file limit, or see which clients hold many \
-                 requests at once (HTTP/2 streams)"
+                 connect_timeout ({waited:?}) and the outage response{more}; raise the \
+                 open-file limit, or see which clients hold many requests at once (HTTP/2 \
+                 streams)"
             );
         }
         LimitReached { bound, waited }
@@ -235,18 +252,25 @@ fn gauge_value(bound: Option<usize>) -> i64 {
 }
 
 /// Counts a request among those waiting for as long as it waits.
-struct Waiting<'a>(&'a AtomicUsize);
+struct Waiting<'a>(&'a Inner);
 
 impl<'a> Waiting<'a> {
-    fn new(count: &'a AtomicUsize) -> Waiting<'a> {
-        count.fetch_add(1, Ordering::Relaxed);
-        Waiting(count)
+    fn new(inner: &'a Inner) -> Waiting<'a> {
+        inner.waiting.fetch_add(1, Ordering::AcqRel);
+        Waiting(inner)
     }
 }
 
 impl Drop for Waiting<'_> {
+    /// A request done waiting, its close claimed or not, leaves no more owed than waiters.
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let left = self.0.waiting.fetch_sub(1, Ordering::AcqRel) - 1;
+        let _ = self
+            .0
+            .owed
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n > left).then_some(left)
+            });
     }
 }
 
@@ -355,19 +379,24 @@ impl<T: hyper_util::client::legacy::connect::Connection>
 
 /// Whether `e`, or one of its causes, is the bound reached.
 pub fn reached(e: &(dyn std::error::Error + 'static)) -> bool {
+    reached_in(e).is_some()
+}
+
+/// The `LimitReached` among `e` and its causes, if any.
+pub fn reached_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a LimitReached> {
     let mut cause = Some(e);
     while let Some(c) = cause {
         // An `io::Error`'s `source()` skips the error it wraps.
         let wrapped = c
             .downcast_ref::<std::io::Error>()
             .and_then(std::io::Error::get_ref)
-            .is_some_and(|inner| inner.is::<LimitReached>());
-        if wrapped || c.is::<LimitReached>() {
-            return true;
+            .and_then(|inner| inner.downcast_ref::<LimitReached>());
+        if let Some(limit) = wrapped.or_else(|| c.downcast_ref::<LimitReached>()) {
+            return Some(limit);
         }
         cause = c.source();
     }
-    false
+    None
 }
 
 #[cfg(test)]
@@ -415,6 +444,40 @@ mod tests {
         let got = tokio::time::timeout(Duration::from_secs(5), waiter).await;
         assert!(matches!(got, Ok(Ok(Ok(_)))));
         assert!(!sockets.wanted());
+    }
+
+    /// A request waiting with no idle socket to close is owed one close, not every one: the
+    /// first socket coming back is closed for it, the next kept, and nothing stays owed once
+    /// it is done waiting, served or not.
+    #[tokio::test]
+    async fn a_waiting_request_is_owed_one_close() {
+        let (sockets, _) = counted(1);
+        let held = sockets.acquire(NOW).await.unwrap();
+        let waiter = {
+            let sockets = sockets.clone();
+            tokio::spawn(async move { sockets.acquire(Duration::from_secs(10)).await })
+        };
+        let told = tokio::time::timeout(Duration::from_secs(5), async {
+            while !sockets.wanted() {
+                tokio::task::yield_now().await;
+            }
+        });
+        assert!(told.await.is_ok(), "the waiting request was not counted");
+        assert!(
+            sockets.claim_close(),
+            "the first socket back is closed for it"
+        );
+        assert!(!sockets.claim_close(), "the next is kept");
+        drop(held);
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+        assert!(matches!(got, Ok(Ok(Ok(_)))));
+        assert!(!sockets.claim_close());
+
+        // One that gives up unserved, its close unclaimed, leaves none owed.
+        let (sockets, _) = counted(1);
+        let _held = sockets.acquire(NOW).await.unwrap();
+        assert!(sockets.acquire(Duration::from_millis(20)).await.is_err());
+        assert!(!sockets.claim_close());
     }
 
     struct List(Mutex<Vec<Permit>>);

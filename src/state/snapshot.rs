@@ -94,6 +94,11 @@ impl Parts {
                 let bound = limit.map(|limit| {
                     crate::limits::upstream_sockets(limit, config.proxy.max_connections)
                 });
+                if bound.is_none() {
+                    tracing::info!(
+                        "the open-file limit cannot be read: connections to the servers are not bounded"
+                    );
+                }
                 Sockets::new(bound, metrics.sockets())
             },
             |prev| prev.sockets.clone(),
