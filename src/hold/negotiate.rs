@@ -193,11 +193,27 @@ pub fn choose_language(accept_language: Option<&[u8]>, available: &[String]) -> 
 /// exact integer comparisons.
 const Q_ONE: u16 = 1000;
 
+/// `application/grpc` and its forms (`+proto`, parameters) and gRPC-Web's
+/// (`application/grpc-web…`, whose clients read the status from the headers too); not another
+/// type that merely begins so (`application/grpcfoo`).
 fn is_grpc<H: Fields + ?Sized>(headers: &H) -> bool {
     const GRPC: &[u8] = b"application/grpc";
-    headers
-        .value(&CONTENT_TYPE)
-        .is_some_and(|v| v.len() >= GRPC.len() && v[..GRPC.len()].eq_ignore_ascii_case(GRPC))
+    // What may follow a media type's name: nothing, a suffix, or parameters.
+    let ends = |rest: &[u8]| matches!(rest, [] | [b'+' | b';' | b' ' | b'\t', ..]);
+    let strip = |v: &'static [u8], rest: &[u8]| -> Option<usize> {
+        (rest.len() >= v.len() && rest[..v.len()].eq_ignore_ascii_case(v)).then_some(v.len())
+    };
+    headers.value(&CONTENT_TYPE).is_some_and(|v| {
+        let Some(n) = strip(GRPC, v) else {
+            return false;
+        };
+        let rest = &v[n..];
+        let Some(web) = strip(b"-web", rest) else {
+            return ends(rest);
+        };
+        let rest = &rest[web..];
+        ends(rest) || strip(b"-text", rest).is_some_and(|t| ends(&rest[t..]))
+    })
 }
 
 fn is_upgrade<H: Fields + ?Sized>(headers: &H) -> bool {
@@ -592,6 +608,20 @@ mod tests {
             ("accept", "text/html"),
         ]);
         assert_eq!(choose_form(&h, "/", &[]), Form::Html);
+        for ct in [
+            "application/grpc; charset=utf-8",
+            "application/grpc-web+proto",
+            "application/grpc-web-text",
+            "application/grpc-web-text+proto",
+        ] {
+            let h = headers(&[("content-type", ct), ("accept", "text/html")]);
+            assert_eq!(choose_form(&h, "/", &[]), Form::Grpc, "{ct}");
+        }
+        // A type that only begins like gRPC's is not gRPC.
+        for ct in ["application/grpcfoo", "application/grpc-webfoo"] {
+            let h = headers(&[("content-type", ct), ("accept", "text/html")]);
+            assert_eq!(choose_form(&h, "/", &[]), Form::Html, "{ct}");
+        }
     }
 
     #[test]
