@@ -734,6 +734,30 @@ async fn the_open_file_limit_is_raised_and_a_short_one_is_told() {
         "{lines:#?}"
     );
     assert_eq!(get(&proxy.url("/")).await.status(), 200);
+
+    // A reload that changes `max_connections` says so, and moves the bound on upstream
+    // sockets, once it is in force: a refused one says nothing of a limit it never applied.
+    let path = dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let changed = text.replace("max_connections = 5000", "max_connections = 3000");
+    std::fs::write(&path, format!("{changed}\n[health]\nrise = 0\n")).unwrap();
+    use intermission::control::protocol::Request as Ctl;
+    assert!(!proxy.ctl(&Ctl::Reload).await.unwrap().ok);
+    std::fs::write(&path, &changed).unwrap();
+    assert!(proxy.ctl(&Ctl::Reload).await.unwrap().ok);
+    let count = |what: &str| {
+        proxy
+            .log_lines()
+            .iter()
+            .filter(|l| l.contains(what))
+            .count()
+    };
+    let warned = "proxy.max_connections = 3000 may need 6128 open files";
+    let bounded = "now bounded at 1984 at once";
+    // The log reaches the test through a pipe: waited for, then counted.
+    wait_until(Duration::from_secs(10), || count(bounded) > 0).await;
+    assert_eq!(count(warned), 1, "{:#?}", proxy.log_lines());
+    assert_eq!(count(bounded), 1, "{:#?}", proxy.log_lines());
 }
 
 /// `log.access_log` is reloaded (README), even when the proxy started with it off and with

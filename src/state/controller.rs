@@ -641,7 +641,9 @@ impl Controller {
         if resize {
             // The bound on upstream sockets leaves room for the clients, so it moves with
             // their limit, from the open-file limit as it is now.
+            // Said once the reload is in force, not when a refused one was read.
             if let Some(limit) = crate::limits::open_files() {
+                crate::limits::warn_if_short(limit, max_connections);
                 let bound = crate::limits::upstream_sockets(limit, max_connections);
                 self.parts.sockets.set_bound(bound);
                 tracing::info!("upstream connections now bounded at {bound} at once");
@@ -825,11 +827,6 @@ fn prepare(path: &std::path::Path, old: &Parts) -> Result<Prepared, String> {
     if config.proxy.threads != old_config.proxy.threads {
         tracing::warn!("proxy.threads changed; it takes effect at the next restart");
         config.proxy.threads = old_config.proxy.threads;
-    }
-    if config.proxy.max_connections != old_config.proxy.max_connections {
-        if let Some(limit) = crate::limits::open_files() {
-            crate::limits::warn_if_short(limit, config.proxy.max_connections);
-        }
     }
     let notify = config.notify.clone();
     // Certificates, keys and CA files are read here too.
