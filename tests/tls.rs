@@ -411,7 +411,8 @@ async fn https_upstream(ca: &Ca) -> SocketAddr {
 }
 
 /// The same, offering the ALPN protocols `alpn`. `/host` answers with what names the host:
-/// the version, the URI's authority (HTTP/2's `:authority`) and every `host` header.
+/// the version, the URI's authority (HTTP/2's `:authority`) and every `host` header. An
+/// HTTP/2 request with a `host` beside `:authority` gets 400, as from nginx.
 async fn https_upstream_alpn(
     ca: &Ca,
     alpn: &[&[u8]],
@@ -434,6 +435,16 @@ async fn https_upstream_alpn(
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let seen = seen.clone();
                     async move {
+                        // As nginx: over HTTP/2 a `host` beside `:authority` is a duplicate
+                        // ("client sent duplicate host header"), answered 400.
+                        if req.version() == http::Version::HTTP_2
+                            && req.uri().authority().is_some()
+                            && req.headers().contains_key("host")
+                        {
+                            let mut refused = Response::new(full("duplicate host"));
+                            *refused.status_mut() = http::StatusCode::BAD_REQUEST;
+                            return Ok::<_, std::convert::Infallible>(refused);
+                        }
                         if req.uri().path() == "/burst" {
                             seen.lock().unwrap().push(connection);
                         }

@@ -165,12 +165,11 @@ impl Prober {
             .header(header::USER_AGENT, USER_AGENT)
             .body(body)
             .map_err(|e| e.to_string())?;
+        // No `Host` of our own: hyper-util's client writes one from the URI over HTTP/1.1, and
+        // over HTTP/2 (an `https://` server that chose it by ALPN) `:authority` says it, where
+        // a `Host` beside it is a duplicate that nginx answers with 400, taking the server out.
         if self.server.protocol == Protocol::H2c {
             *req.version_mut() = Version::HTTP_2;
-        } else {
-            let host =
-                HeaderValue::from_str(self.server.authority.as_str()).map_err(|e| e.to_string())?;
-            req.headers_mut().insert(header::HOST, host);
         }
         Ok(req)
     }
