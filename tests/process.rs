@@ -1104,12 +1104,35 @@ async fn a_reload_whose_files_hang_holds_up_nothing_and_is_given_up() {
         error.message
     );
 
+    // While that read still hangs, another reload is refused at once, rather than read
+    // beside it on one more blocking thread.
+    let again = tokio::time::timeout(Duration::from_secs(5), proxy.ctl(&Ctl::Reload))
+        .await
+        .expect("a second reload waited on the first's read")
+        .unwrap();
+    assert!(!again.ok, "{again:?}");
+    let message = again.error.unwrap().message;
+    assert!(message.contains("still not returned"), "{message}");
+
     // Another read that hangs, begun by a signal: the signal loop still hears SIGTERM, and
     // the process does not wait for the read to end. The given-up read ends first (EOF).
     drop(writer);
     assert!(wait_until(Duration::from_secs(10), || fifo_writer(&roots).is_none()).await);
-    proxy.signal("HUP");
-    let writer = reader_came(&roots, "SIGHUP's reload").await;
+    // The given-up read returns a moment after it closes the FIFO; a SIGHUP before that is
+    // refused (above), so it is sent again until a read begins.
+    let mut writer = None;
+    for _ in 0..20 {
+        proxy.signal("HUP");
+        let began = wait_until(Duration::from_millis(500), || {
+            writer = fifo_writer(&roots);
+            writer.is_some()
+        })
+        .await;
+        if began {
+            break;
+        }
+    }
+    let writer = writer.expect("SIGHUP's reload never began to read");
     proxy.signal("TERM");
     let status = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(10)))
         .await

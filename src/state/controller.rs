@@ -118,6 +118,11 @@ struct Reloads {
     current: Vec<Asker>,
     /// Who asked since it began.
     next: Vec<Asker>,
+    /// Set by the last read's blocking work when it returns. Still unset while no read is
+    /// under way: that read was given up and its thread still waits on a file; another read
+    /// would only wait beside it, one more thread each time, in the pool the control socket
+    /// and the state file need too.
+    returned: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Who asked for a reload (`ctl`'s user, or the signal), and where the answer goes.
@@ -127,6 +132,16 @@ type Asker = (String, oneshot::Sender<Response>);
 struct Prepared {
     parts: Parts,
     notify: Vec<crate::notify::Target>,
+}
+
+/// Marks a reload's read as returned when dropped: by its blocking work, however that ends
+/// (a panic too), or with the task when there was nothing to read.
+struct Returned(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Returned {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// How long a reload may take to read and build its files: a local disk takes milliseconds.
@@ -563,8 +578,23 @@ impl Controller {
     }
 
     fn begin_read(&mut self) {
+        use std::sync::atomic::{AtomicBool, Ordering};
         let path = self.parts.config.reload_from.clone();
         let previous = self.parts.clone();
+        if let Some(returned) = &self.reloads.returned {
+            if !returned.load(Ordering::Acquire) {
+                self.reloads.reading = Some(tokio::spawn(async {
+                    Err(format!(
+                        "the read of a reload given up earlier (after {} s) has still not returned: a file it reads does not answer (a network mount?); reloads are refused until it does",
+                        RELOAD_READ_LIMIT.as_secs()
+                    ))
+                }));
+                return;
+            }
+        }
+        let flag = Arc::new(AtomicBool::new(false));
+        self.reloads.returned = Some(flag.clone());
+        let returned = Returned(flag);
         self.reloads.reading = Some(tokio::spawn(async move {
             let Some(path) = path else {
                 return Err(
@@ -573,7 +603,10 @@ impl Controller {
                 );
             };
             // A read that never ends keeps its blocking thread; the reload is given up.
-            let built = tokio::task::spawn_blocking(move || prepare(&path, &previous));
+            let built = tokio::task::spawn_blocking(move || {
+                let _returned = returned;
+                prepare(&path, &previous)
+            });
             match tokio::time::timeout(RELOAD_READ_LIMIT, built).await {
                 Ok(done) => done.map_err(|e| e.to_string())?,
                 Err(_) => Err(format!(
