@@ -219,9 +219,22 @@ fn walk_assets(
         if kind.is_dir() {
             walk_assets(&entry.path(), &format!("{rel}/"), out, total)?;
         } else if kind.is_file() {
-            let bytes = std::fs::read(entry.path()).map_err(|source| PagesError::Read {
-                path: entry.path(),
-                source,
+            // Read no more than the room left: a stray file of gigabytes would otherwise be
+            // held whole in memory before the total refused it.
+            let room = MAX_ASSETS_BYTES.saturating_sub(*total);
+            let bytes = crate::files::read(&entry.path(), room).map_err(|source| {
+                if source.kind() == std::io::ErrorKind::InvalidInput {
+                    PagesError::Layout(format!(
+                        "assets are larger than {} MiB in total (at {}); they are held in memory, so keep them small",
+                        MAX_ASSETS_BYTES >> 20,
+                        entry.path().display()
+                    ))
+                } else {
+                    PagesError::Read {
+                        path: entry.path(),
+                        source,
+                    }
+                }
             })?;
             *total += bytes.len() as u64;
             if *total > MAX_ASSETS_BYTES {
@@ -266,5 +279,34 @@ fn content_type(name: &str) -> &'static str {
         Some("txt") => "text/plain; charset=utf-8",
         Some("html" | "htm") => "text/html; charset=utf-8",
         _ => "application/octet-stream",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stray large file among the assets is refused before it is read: the error names it.
+    #[test]
+    fn an_asset_beyond_the_room_left_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [
+            ("maintenance.html", "<p>{{message}}</p>"),
+            ("outage.html", "<p>{{message}}</p>"),
+        ] {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let assets = dir.path().join("assets");
+        std::fs::create_dir(&assets).unwrap();
+        std::fs::write(assets.join("logo.svg"), "<svg/>").unwrap();
+        assert!(from_folder(dir.path()).is_ok());
+        // Sparse: it takes no disk, and would take 17 MiB of memory if read.
+        let huge = std::fs::File::create(assets.join("huge.bin")).unwrap();
+        huge.set_len(MAX_ASSETS_BYTES + (1 << 20)).unwrap();
+        let err = from_folder(dir.path()).err().unwrap().to_string();
+        assert!(
+            err.contains("larger than 16 MiB in total") && err.contains("huge.bin"),
+            "{err}"
+        );
     }
 }
