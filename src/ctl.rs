@@ -379,6 +379,16 @@ fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
     shown.into()
 }
 
+/// A field on one line: a line end in a message would begin a line of its own, such as a
+/// false `mode:` under the true one.
+fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains(['\n', '\r']) {
+        text.replace('\n', "\\n").replace('\r', "\\r").into()
+    } else {
+        text.into()
+    }
+}
+
 /// Writes human output through `terminal_safe`: every field, whoever wrote it. `writeln!`
 /// hands it whole `str` pieces, so no character is ever split between two writes.
 struct TerminalSafe<W>(W);
@@ -409,7 +419,7 @@ fn window_in_force(s: &StatusView) -> Option<&Window> {
 fn print_state(out: &mut impl Write, s: &StatusView) -> io::Result<()> {
     writeln!(out, "mode:        {}", s.mode.as_str())?;
     if let Some(m) = &s.message {
-        writeln!(out, "message:     {m}")?;
+        writeln!(out, "message:     {}", one_line(m))?;
     }
     if let Some(t) = &s.since {
         writeln!(out, "since:       {}", t.rfc3339())?;
@@ -427,7 +437,7 @@ fn print_state(out: &mut impl Write, s: &StatusView) -> io::Result<()> {
     }
     if let Some(by) = &s.by {
         match &s.reason {
-            Some(r) => writeln!(out, "switched by: {by} ({r})")?,
+            Some(r) => writeln!(out, "switched by: {by} ({})", one_line(r))?,
             None => writeln!(out, "switched by: {by}")?,
         }
     }
@@ -443,7 +453,7 @@ fn print_state(out: &mut impl Write, s: &StatusView) -> io::Result<()> {
     if !s.updates.is_empty() {
         writeln!(out, "updates:")?;
         for u in &s.updates {
-            writeln!(out, "  {}  {}", u.at.rfc3339(), u.message)?;
+            writeln!(out, "  {}  {}", u.at.rfc3339(), one_line(&u.message))?;
         }
     }
     if !s.schedules.is_empty() {
@@ -465,7 +475,7 @@ fn print_window(out: &mut impl Write, w: &Window) -> io::Result<()> {
         w.by
     )?;
     match &w.message {
-        Some(m) => writeln!(out, "  \"{m}\""),
+        Some(m) => writeln!(out, "  \"{}\"", one_line(m)),
         None => writeln!(out),
     }
 }
@@ -497,7 +507,7 @@ fn print_health(out: &mut impl Write, servers: &[ServerHealth]) -> io::Result<()
             write!(out, "  {ms:.1} ms")?;
         }
         if let Some(e) = &h.last_error {
-            write!(out, "  last error: {e}")?;
+            write!(out, "  last error: {}", one_line(e))?;
         }
         writeln!(out)?;
     }
@@ -521,6 +531,10 @@ mod tests {
             "message:     a\\u{1b}[31mRED\\u{1b}]0;title\\u{7}\\u{0}b\\u{202e}evil\\u{9b}c\ttab\n"
         );
         assert_eq!(terminal_safe("Back at 10:00 — été"), "Back at 10:00 — été");
+        assert_eq!(
+            one_line("ok\nmode:        normal\r"),
+            "ok\\nmode:        normal\\r"
+        );
     }
 
     fn found(socket: &str, line: usize) -> Scan {
