@@ -75,6 +75,9 @@ struct Told {
 
 const TELL_EVERY: Duration = Duration::from_secs(10);
 
+/// Requests that may wait for a socket at once: as many as the bound, and at least this.
+const MIN_WAITING: usize = 1024;
+
 /// Why a request got no upstream socket: the proxy's own trouble, never the server's
 /// (`forward::local_exhaustion` keeps it from the server's health).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -182,6 +185,13 @@ impl Sockets {
         if let Ok(permit) = self.0.semaphore.try_acquire() {
             permit.forget();
             return Ok(self.permit());
+        }
+        // Waiters are bounded too: each holds its request's state (hyper-util's client also
+        // opens a connection beside every pooled one it hands out, which waits here), and at
+        // a high rate they would pile up for `wait` each.
+        let most = self.bound().unwrap_or(0).max(MIN_WAITING);
+        if self.0.waiting.load(Ordering::Relaxed) >= most {
+            return Err(self.refused(wait));
         }
         let _waiting = Waiting::new(&self.0);
         if !self.close_an_idle_one() {
@@ -478,6 +488,33 @@ mod tests {
         let _held = sockets.acquire(NOW).await.unwrap();
         assert!(sockets.acquire(Duration::from_millis(20)).await.is_err());
         assert!(!sockets.claim_close());
+    }
+
+    /// Beyond as many waiters as the bound (at least `MIN_WAITING`), a request is refused at
+    /// once rather than kept waiting with the others.
+    #[tokio::test(start_paused = true)]
+    async fn waiters_are_bounded_too() {
+        let (sockets, _) = counted(1);
+        let _held = sockets.acquire(NOW).await.unwrap();
+        let mut waiters = Vec::new();
+        for _ in 0..MIN_WAITING {
+            let sockets = sockets.clone();
+            waiters.push(tokio::spawn(async move {
+                sockets.acquire(Duration::from_secs(3600)).await.is_ok()
+            }));
+        }
+        while sockets.0.waiting.load(Ordering::Relaxed) < MIN_WAITING {
+            tokio::task::yield_now().await;
+        }
+        let next = tokio::time::timeout(
+            Duration::from_millis(1),
+            sockets.acquire(Duration::from_secs(3600)),
+        )
+        .await;
+        assert!(matches!(next, Ok(Err(_))), "not refused at once");
+        for w in waiters {
+            w.abort();
+        }
     }
 
     struct List(Mutex<Vec<Permit>>);
