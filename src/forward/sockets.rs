@@ -19,8 +19,9 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 /// A pool's list of idle kept sockets, which may be asked to close one to make room.
 pub trait Idle: Send + Sync {
@@ -74,6 +75,23 @@ struct Told {
 }
 
 const TELL_EVERY: Duration = Duration::from_secs(10);
+
+impl Told {
+    /// Whether a refusal at `now` is to be told, and then how many were not since the last
+    /// line; else it is counted for the next.
+    fn tell(&mut self, now: Instant) -> Option<u64> {
+        match self.said {
+            Some(said) if now.duration_since(said) < TELL_EVERY => {
+                self.unsaid += 1;
+                None
+            }
+            _ => {
+                self.said = Some(now);
+                Some(std::mem::take(&mut self.unsaid))
+            }
+        }
+    }
+}
 
 /// Requests that may wait for a socket at once: as many as the bound, and at least this.
 const MIN_WAITING: usize = 1024;
@@ -226,20 +244,7 @@ impl Sockets {
     fn refused(&self, waited: Duration) -> LimitReached {
         self.0.reached.inc();
         let bound = self.bound().unwrap_or(Semaphore::MAX_PERMITS);
-        let now = Instant::now();
-        let unsaid = {
-            let mut told = lock(&self.0.told);
-            match told.said {
-                Some(said) if now.duration_since(said) < TELL_EVERY => {
-                    told.unsaid += 1;
-                    None
-                }
-                _ => {
-                    told.said = Some(now);
-                    Some(std::mem::take(&mut told.unsaid))
-                }
-            }
-        };
+        let unsaid = lock(&self.0.told).tell(Instant::now());
         if let Some(unsaid) = unsaid {
             let more = match unsaid {
                 0 => String::new(),
@@ -469,6 +474,22 @@ mod tests {
         let _held = sockets.acquire(NOW).await.unwrap();
         assert!(sockets.acquire(Duration::from_millis(20)).await.is_err());
         assert!(!sockets.claim_close());
+    }
+
+    /// The first refusal is told at once, the rest of a burst summed in the next line at
+    /// most every `TELL_EVERY`.
+    #[tokio::test(start_paused = true)]
+    async fn refusals_are_told_at_most_every_ten_seconds_with_a_count() {
+        let mut told = Told::default();
+        assert_eq!(told.tell(Instant::now()), Some(0));
+        for _ in 0..5 {
+            assert_eq!(told.tell(Instant::now()), None);
+        }
+        tokio::time::advance(TELL_EVERY - Duration::from_millis(1)).await;
+        assert_eq!(told.tell(Instant::now()), None);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(told.tell(Instant::now()), Some(6));
+        assert_eq!(told.tell(Instant::now()), None);
     }
 
     /// Beyond as many waiters as the bound (at least `MIN_WAITING`), a request is refused at
