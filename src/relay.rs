@@ -70,9 +70,10 @@ const MAX_HEADERS: usize = 64;
 const UPSTREAM_HEADERS: usize = 100;
 const MAX_UPSTREAM_HEAD: usize = crate::forward::pool::MAX_RESPONSE_HEAD;
 
-/// Why an answer whose head is over `MAX_UPSTREAM_HEAD` is refused; a page's trouble rather
-/// than the server's, so the server's checker does not count it (`forward::report`).
-pub(crate) const HEAD_TOO_LARGE: &str = "the response head is too large";
+/// Why an answer whose head is over `MAX_UPSTREAM_HEAD` is refused. Like every failure after
+/// the server took the connection, it does not count against the server
+/// (`forward::inconclusive`).
+const HEAD_TOO_LARGE: &str = "the response head is too large";
 
 /// Room for reading an answer: its head and, for small answers, its whole body.
 const COPY_BUF: usize = 16 * 1024;

@@ -9,7 +9,7 @@ pub mod file;
 
 pub use error::{ConfigError, Problem};
 
-use crate::state::mode::{MAX_MESSAGE_CHARS, MAX_RETRY_AFTER};
+use crate::state::mode::{MAX_MESSAGE_CHARS, MAX_RETRY_AFTER, MIN_RETRY_AFTER};
 use file::DurationText;
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
@@ -1012,7 +1012,7 @@ impl Validator<'_> {
         }
         let mut retry_after = |key: &str, text: &DurationText| {
             let d = self.duration(key, text);
-            if d < Duration::from_secs(1) {
+            if d < MIN_RETRY_AFTER {
                 self.problem(
                     key,
                     "must be at least 1s: Retry-After is whole seconds, and a shorter wait would be announced as 1",

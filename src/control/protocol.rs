@@ -263,7 +263,7 @@ fn check_values(req: &Request) -> Result<(), ErrorBody> {
         ..
     } = req
     {
-        if crate::config::parse_duration(r).is_ok_and(|d| d < std::time::Duration::from_secs(1)) {
+        if crate::config::parse_duration(r).is_ok_and(|d| d < crate::state::mode::MIN_RETRY_AFTER) {
             return Err(ErrorBody::new(
                 "bad_request",
                 format!("on: retry_after {r:?} must be at least 1s: Retry-After is whole seconds"),

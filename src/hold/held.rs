@@ -280,9 +280,10 @@ pub fn render_pages(pages: &Pages, view: &View, prefix: &str, now: SystemTime) -
     // A page that names `until` only (one written before `overrun` existed) stops promising a
     // time gone by without being changed.
     let end = view.until.map(render::human_time).unwrap_or_default();
-    let (until, overrun) = match view.overrun {
-        true => (String::new(), end),
-        false => (end, String::new()),
+    let (until, overrun) = if view.overrun {
+        (String::new(), end)
+    } else {
+        (end, String::new())
     };
     let values = Values {
         message: view.message.clone(),

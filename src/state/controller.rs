@@ -537,9 +537,10 @@ impl Controller {
             .apply(change, now, self.healthy())
             .map_err(|e| match e {
                 ChangeError::BadValue(m) => ErrorBody::new("bad_request", m),
-                e @ ChangeError::NothingHeld => ErrorBody::new("conflict", e.to_string()),
+                e @ (ChangeError::NothingHeld | ChangeError::TooManyWindows) => {
+                    ErrorBody::new("conflict", e.to_string())
+                }
                 e @ ChangeError::NoSuchWindow(_) => ErrorBody::new("not_found", e.to_string()),
-                e @ ChangeError::TooManyWindows => ErrorBody::new("conflict", e.to_string()),
             })?;
         if next != self.state {
             self.write_state(&next).await.map_err(|e| {

@@ -158,6 +158,9 @@ pub const MAX_MESSAGE_CHARS: usize = 2000;
 pub const MAX_AHEAD: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Clients told to wait longer than this would not come back.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// `Retry-After` is whole seconds: a shorter wait would be announced as one second, a
+/// promise nobody made.
+pub const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// The timeline keeps this many entries, dropping the oldest.
 pub const MAX_UPDATES: usize = 50;
