@@ -160,14 +160,18 @@ pub fn write_held<H: Fields + ?Sized>(
         return false;
     }
     let head = method == Method::HEAD;
+    // An answer a listed origin may read carries its origin: not the one encoded for all.
+    let cors = crate::hold::cors::allowed(&snap.config.maintenance.cors_origins, headers);
     let (form, lang) = reserved::choose_form(snap, headers, path);
-    let (status, bytes) = match held.encoded(form, lang, head) {
+    let encoded = held.encoded(form, lang, head).filter(|_| cors.is_none());
+    let (status, bytes) = match encoded {
         Some(encoded) => {
             encoded.write(out);
             (encoded.status(), encoded.body_len())
         }
         None => {
-            let (parts, body) = held.respond(form, lang, head, SystemTime::now).into_parts();
+            let resp = reserved::respond(snap, held, headers, path, method);
+            let (parts, body) = resp.into_parts();
             // A holding response's body is whole (`Held::respond`).
             let body = body.into_ready().unwrap_or_default();
             crate::h1::encode(&parts, &body, head, out);
@@ -546,30 +550,35 @@ pub(crate) fn outage_answer<B>(snap: &Snapshot, req: &Request<B>) -> Response<Bo
 
 /// The parts of a request that choose the form of a holding response.
 struct Echo {
-    head: bool,
+    method: Method,
     path: Option<http::uri::PathAndQuery>,
     /// The first line of each of `ECHOED`, in its order.
-    headers: [Option<HeaderValue>; 5],
+    headers: [Option<HeaderValue>; 8],
     /// Their further lines (an `Accept` or `Connection` may come in several), by index in
     /// `ECHOED`: negotiation reads them all. Empty, and unallocated, for most requests.
     more: Vec<(usize, HeaderValue)>,
 }
 
 /// The request headers that choose the form of a holding response.
-const ECHOED: [header::HeaderName; 5] = [
+const ECHOED: [header::HeaderName; 8] = [
     header::ACCEPT,
     header::ACCEPT_LANGUAGE,
     header::CONTENT_TYPE,
     header::UPGRADE,
     header::CONNECTION,
+    // Whether the answer is readable by the calling origin, or answers its preflight
+    // (`hold::cors`).
+    header::ORIGIN,
+    header::ACCESS_CONTROL_REQUEST_METHOD,
+    header::ACCESS_CONTROL_REQUEST_HEADERS,
 ];
 
 impl Echo {
     fn of<B>(req: &Request<B>) -> Echo {
-        let mut headers: [Option<HeaderValue>; 5] = Default::default();
+        let mut headers: [Option<HeaderValue>; 8] = Default::default();
         let mut more = Vec::new();
         // One pass over the request's few headers, not a hash and a probe for each of the
-        // five names: this runs for every forwarded request, and is used only if it fails.
+        // names: this runs for every forwarded request, and is used only if it fails.
         for (name, value) in req.headers() {
             if let Some(at) = ECHOED.iter().position(|n| n == name) {
                 match &headers[at] {
@@ -579,7 +588,7 @@ impl Echo {
             }
         }
         Echo {
-            head: req.method() == Method::HEAD,
+            method: req.method().clone(),
             path: req.uri().path_and_query().cloned(),
             headers,
             more,
@@ -598,7 +607,7 @@ impl Echo {
             headers.append(&ECHOED[at], value);
         }
         let path = self.path.as_ref().map_or("/", |p| p.path());
-        reserved::respond(snap, &snap.outage, &headers, path, self.head)
+        reserved::respond(snap, &snap.outage, &headers, path, &self.method)
     }
 }
 
@@ -742,10 +751,11 @@ mod tests {
             .header("x-other", "1")
             .header("accept", "text/html")
             .header("connection", "upgrade")
+            .header("origin", "https://app.example.com")
             .body(())
             .unwrap();
         let echo = super::Echo::of(&req);
-        assert!(echo.head);
+        assert_eq!(echo.method, http::Method::HEAD);
         assert_eq!(echo.path.as_ref().map(|p| p.as_str()), Some("/shop?x=1"));
         let kept: Vec<(&str, Option<&str>)> = super::ECHOED
             .iter()
@@ -760,6 +770,9 @@ mod tests {
                 ("content-type", None),
                 ("upgrade", None),
                 ("connection", Some("upgrade")),
+                ("origin", Some("https://app.example.com")),
+                ("access-control-request-method", None),
+                ("access-control-request-headers", None),
             ]
         );
         // The second Accept line too: negotiation reads every line.

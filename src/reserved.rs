@@ -2,6 +2,7 @@
 //! and never forwarded: `status`, `assets/…`, `bypass/{secret}` and `preview`.
 
 use crate::body::Body;
+use crate::hold::cors;
 use crate::hold::fields::Fields;
 use crate::hold::held::Held;
 use crate::hold::negotiate::{self, Form};
@@ -27,7 +28,15 @@ pub fn answer<B>(snap: &Snapshot, req: &Request<B>, rest: &str, tls: bool) -> Re
         return resp;
     }
     let resp = match rest {
-        "status" => status(snap),
+        "status" => {
+            let mut resp = status(snap);
+            // A web app on a listed origin may show the state to its users (`hold::cors`).
+            let origins = &snap.config.maintenance.cors_origins;
+            if let Some(origin) = cors::allowed(origins, req.headers()) {
+                cors::readable(resp.headers_mut(), origin);
+            }
+            resp
+        }
         "preview" => preview(snap, req.uri().query().unwrap_or("")),
         _ => match rest.strip_prefix("assets/") {
             Some(name) => asset(snap, name),
@@ -156,25 +165,37 @@ pub fn hold<B>(snap: &Snapshot, req: &Request<B>) -> Response<Body> {
     let Some(held) = &snap.held else {
         return not_found();
     };
-    respond(
-        snap,
-        held,
-        req.headers(),
-        req.uri().path(),
-        req.method() == Method::HEAD,
-    )
+    respond(snap, held, req.headers(), req.uri().path(), req.method())
 }
 
-/// `held`'s response in the form and language this request's headers ask for.
-pub fn respond(
+/// `held`'s response in the form and language this request's headers ask for; readable by
+/// the calling origin when `cors_origins` lists it, whose preflight is answered instead
+/// (`hold::cors`).
+pub fn respond<H: Fields + ?Sized>(
     snap: &Snapshot,
     held: &Held,
-    headers: &http::HeaderMap,
+    headers: &H,
     path: &str,
-    head: bool,
+    method: &Method,
 ) -> Response<Body> {
+    let origin = cors::allowed(&snap.config.maintenance.cors_origins, headers);
+    if let Some(origin) = &origin {
+        if cors::is_preflight(method, headers) {
+            return cors::preflight(origin.clone(), headers, held.view.mode.as_str());
+        }
+    }
     let (form, lang) = choose_form(snap, headers, path);
-    held.respond(form, lang, head, SystemTime::now)
+    let mut resp = held.respond(form, lang, method == Method::HEAD, SystemTime::now);
+    if form == Form::Grpc {
+        // A gRPC-Web client reads its answer as the type it asked in (gRPC-Web's protocol).
+        if let Some(web) = negotiate::grpc_web_type(headers) {
+            resp.headers_mut().insert(header::CONTENT_TYPE, web);
+        }
+    }
+    if let Some(origin) = origin {
+        cors::allow(resp.headers_mut(), origin, form);
+    }
+    resp
 }
 
 /// The form and the language (an index into the pages' languages) of the holding response

@@ -1,7 +1,8 @@
 //! The holding pages in a real browser: headless Chromium driven through chromedriver's W3C
 //! WebDriver HTTP API. A visitor on the maintenance page sees the operator's message, sees an
 //! update arrive without reloading, and is taken back to the page they asked for, by the page's
-//! own script, once maintenance is switched off.
+//! own script, once maintenance is switched off. A web app on another origin that calls the API
+//! reads the holding answer when `cors_origins` lists it, and sees a network error otherwise.
 //!
 //! Needs `chromium` and `chromium-driver` (Debian packages, listed in `.ci/packages`). Without
 //! them the test says so loudly and passes, except under `CI=true`, where it fails.
@@ -719,6 +720,108 @@ async fn a_visitor_waits_on_the_holding_page_and_comes_back_by_itself() {
         "browser: the whole test took {:.1} s",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// What the page's `fetch` of `url` (a JSON `POST` with credentials, which needs a preflight)
+/// saw, as a web app's script sees it: the status, `Retry-After` and the problem's `detail`, or
+/// the network error that hides them.
+async fn cross_origin_call(browser: &Browser, url: &str) -> Value {
+    let start = format!(
+        "window.__call = null;
+         fetch({url:?}, {{method: 'POST', credentials: 'include',
+                          headers: {{'Content-Type': 'application/json'}}, body: '{{}}'}})
+           .then(async r => {{ window.__call = {{status: r.status,
+                retry: r.headers.get('Retry-After'), mode: r.headers.get('X-Intermission-Mode'),
+                detail: (await r.json()).detail}}; }})
+           .catch(e => {{ window.__call = {{failure: String(e)}}; }});
+         return true;"
+    );
+    browser.exec(&start).await;
+    let end = Instant::now() + CALL_LIMIT;
+    loop {
+        let seen = browser.exec("return window.__call;").await;
+        if !seen.is_null() {
+            return seen;
+        }
+        assert!(Instant::now() < end, "the call to {url} did not end");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A web app served from another origin calls the API during maintenance: with its origin in
+/// `cors_origins`, its script reads the 503, `Retry-After` and the operator's message (the
+/// preflight answered, the call held); without, the browser hides the answer behind a
+/// network error, which is what the app would show its users.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_web_app_on_another_origin_reads_the_holding_answer() {
+    let Some(chromedriver) = browser_or_skip() else {
+        return;
+    };
+    // The web app's origin, and the API's upstream, which nothing must reach.
+    let app = upstream(|_req: Request<Incoming>| async {
+        Response::builder()
+            .header("content-type", "text/html; charset=utf-8")
+            .body(full("<html><body>the app</body></html>"))
+            .unwrap()
+    })
+    .await;
+    let api_hits = Arc::new(AtomicUsize::new(0));
+    let hits = api_hits.clone();
+    let api = upstream(move |req: Request<Incoming>| {
+        let hits = hits.clone();
+        async move {
+            if !is_health_check(&req) {
+                hits.fetch_add(1, Ordering::SeqCst);
+            }
+            Response::new(full("{}"))
+        }
+    })
+    .await;
+    let origin = app.url();
+    let upstream = format!("[upstream]\nservers = [\"{}\"]\n", api.url());
+    let listed = spawn_proxy(&format!(
+        "{upstream}[maintenance]\ncors_origins = [\"{origin}\"]\n"
+    ))
+    .await;
+    let unlisted = spawn_proxy(&upstream).await;
+    for proxy in [&listed, &unlisted] {
+        let on = ctl(proxy, intermission_on(FIRST_MESSAGE)).await;
+        assert!(on.ok, "maintenance on: {on:?}");
+    }
+
+    let browser = Browser::start(&chromedriver).await;
+    browser.navigate(&format!("{origin}/")).await;
+    let seen = cross_origin_call(&browser, &listed.url("/api/orders")).await;
+    assert_eq!(seen["status"], 503, "{seen:#}");
+    assert_eq!(seen["mode"], "maintenance", "{seen:#}");
+    assert_eq!(seen["detail"], FIRST_MESSAGE, "{seen:#}");
+    let retry: u64 = seen["retry"]
+        .as_str()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0);
+    assert!(retry >= 1, "Retry-After not readable: {seen:#}");
+
+    let hidden = cross_origin_call(&browser, &unlisted.url("/api/orders")).await;
+    assert!(
+        hidden["failure"]
+            .as_str()
+            .is_some_and(|e| e.contains("TypeError")),
+        "an origin not listed should see only a network error: {hidden:#}"
+    );
+    assert_eq!(
+        api_hits.load(Ordering::SeqCst),
+        0,
+        "a held call reached the API"
+    );
+}
+
+fn intermission_on(message: &str) -> Ctl {
+    Ctl::On {
+        message: Some(message.into()),
+        until: None,
+        retry_after: None,
+        reason: None,
+    }
 }
 
 #[test]

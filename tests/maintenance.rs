@@ -858,3 +858,158 @@ async fn an_http2_upload_answered_while_held_is_read_not_reset() {
     assert_eq!(resp.headers()["x-intermission-mode"], "maintenance");
     assert_eq!(hits.load(Ordering::SeqCst), 0, "never forwarded");
 }
+
+const APP: &str = "https://app.example.com";
+
+/// `maintenance.cors_origins` listing the web app that calls this API from another origin.
+const CORS: &str = "[maintenance]\ncors_origins = [\"https://app.example.com\"]\n";
+
+fn readable_by(resp: &Response<bytes::Bytes>, origin: &str) {
+    let h = resp.headers();
+    assert_eq!(h["access-control-allow-origin"], origin, "{h:?}");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    let exposed = h["access-control-expose-headers"].to_str().unwrap();
+    assert!(exposed.contains("Retry-After"), "{exposed}");
+    assert!(h["vary"].to_str().unwrap().contains("Origin"), "{h:?}");
+}
+
+/// A preflight as a browser sends it before a JSON `POST` with credentials.
+fn preflight(url: &str, origin: &str) -> Request<TestBody> {
+    Request::options(url)
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "content-type, authorization",
+        )
+        .body(empty())
+        .unwrap()
+}
+
+/// A web app on a listed origin that calls the API while it is held reads the 503, its message
+/// and `Retry-After`, over every path that answers (HTTP/1.1 without hyper, HTTP/2, gRPC-Web,
+/// the status JSON), and its preflight is answered so that the call is made; no other origin
+/// gets any of it, and nothing reaches the upstream.
+#[tokio::test]
+async fn a_listed_origin_reads_the_holding_answer_across_origins() {
+    let (up, hits) = counting_upstream().await;
+    let proxy = proxy_for(&up, CORS).await;
+    ctl(&proxy, on(Some("Moving to new servers"))).await;
+    let api = proxy.url("/api/orders");
+
+    // A plain GET over HTTP/1.1 (answered without hyper), and the same over HTTP/2.
+    let resp = get_with(&api, &[("origin", APP)]).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    held_headers_ok(&resp, "maintenance");
+    readable_by(&resp, APP);
+    assert!(text(&resp).contains("Moving to new servers"));
+    let req = Request::get(&api)
+        .header("origin", APP)
+        .body(empty())
+        .unwrap();
+    let h2 = h2c_client().request(req).await.unwrap();
+    assert_eq!(h2.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let (parts, _) = h2.into_parts();
+    readable_by(&Response::from_parts(parts, bytes::Bytes::new()), APP);
+
+    // The preflight of a JSON POST is answered, for this call only; the POST is then held.
+    let pre = send(preflight(&api, APP)).await;
+    assert_eq!(pre.status(), StatusCode::NO_CONTENT);
+    let h = pre.headers();
+    assert_eq!(h["access-control-allow-origin"], APP);
+    assert_eq!(h["access-control-allow-methods"], "POST");
+    assert_eq!(
+        h["access-control-allow-headers"],
+        "content-type, authorization"
+    );
+    assert_eq!(h["access-control-max-age"], "0");
+    let post = Request::post(&api)
+        .header("origin", APP)
+        .header("content-type", "application/json")
+        .body(full("{}"))
+        .unwrap();
+    let resp = send(post).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    readable_by(&resp, APP);
+
+    // gRPC-Web from the browser: its own type back, its status readable.
+    let call = Request::post(proxy.url("/pkg.Service/Method"))
+        .header("origin", APP)
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(full(vec![0u8, 0, 0, 0, 0]))
+        .unwrap();
+    let resp = send(call).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["grpc-status"], "14");
+    assert_eq!(resp.headers()["content-type"], "application/grpc-web+proto");
+    readable_by(&resp, APP);
+    let exposed = resp.headers()["access-control-expose-headers"].clone();
+    assert!(exposed.to_str().unwrap().contains("grpc-status"));
+
+    // The status JSON, which an app may poll to show a banner.
+    let status = get_with(&proxy.url("/_intermission/status"), &[("origin", APP)]).await;
+    assert_eq!(status.status(), StatusCode::OK);
+    assert_eq!(status.headers()["access-control-allow-origin"], APP);
+
+    // Another origin: no CORS, its preflight held as any request.
+    let other = "https://elsewhere.example";
+    let resp = get_with(&api, &[("origin", other)]).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(!resp.headers().contains_key("access-control-allow-origin"));
+    let pre = send(preflight(&api, other)).await;
+    assert_eq!(pre.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(!pre.headers().contains_key("access-control-allow-origin"));
+    let status = get_with(&proxy.url("/_intermission/status"), &[("origin", other)]).await;
+    assert!(!status.headers().contains_key("access-control-allow-origin"));
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "nothing was forwarded");
+}
+
+/// Without `cors_origins`, nothing changes: no CORS headers, a preflight held as any request.
+#[tokio::test]
+async fn without_cors_origins_holding_answers_carry_no_cors() {
+    let (up, _) = counting_upstream().await;
+    let proxy = proxy_for(&up, "").await;
+    ctl(&proxy, on(None)).await;
+    let api = proxy.url("/api/orders");
+    let resp = get_with(&api, &[("origin", APP)]).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(!resp.headers().contains_key("access-control-allow-origin"));
+    let pre = send(preflight(&api, APP)).await;
+    assert_eq!(pre.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(!pre.headers().contains_key("access-control-allow-origin"));
+}
+
+/// The outage answer to a forward that failed is readable too, on the relay's path and on
+/// hyper's, and a preflight that could not be forwarded is answered.
+#[tokio::test]
+async fn a_failed_forward_answers_a_listed_origin_readably() {
+    // A server that takes connections (so a TCP check keeps it in) and closes each unanswered.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            drop(s);
+        }
+    });
+    let config = format!(
+        "[upstream]\nservers = [\"http://{addr}\"]\n[health]\nkind = \"tcp\"\ninterval = \"1h\"\n{CORS}"
+    );
+    let proxy = spawn_proxy(&config).await;
+    let api = proxy.url("/api/orders");
+    // A plain GET (the relay's) and one with a chunked upload (hyper's).
+    let resp = get_with(&api, &[("origin", APP)]).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    held_headers_ok(&resp, "outage");
+    readable_by(&resp, APP);
+    let (tx, body) = mpsc_body();
+    drop(tx);
+    let put = Request::put(&api).header("origin", APP).body(body).unwrap();
+    let resp = send(put).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    readable_by(&resp, APP);
+    let pre = send(preflight(&api, APP)).await;
+    assert_eq!(pre.status(), StatusCode::NO_CONTENT);
+    assert_eq!(pre.headers()["x-intermission-mode"], "outage");
+    assert_eq!(pre.headers()["access-control-allow-origin"], APP);
+}

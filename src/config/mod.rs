@@ -85,6 +85,9 @@ pub struct MaintenanceConfig {
     pub outage_retry_after: Duration,
     pub status_page: String,
     pub api_prefixes: Vec<String>,
+    /// Origins whose scripts may read intermission's own answers (`hold::cors`): `*`, or
+    /// origins as browsers send them.
+    pub cors_origins: Vec<String>,
     pub allow_paths: Vec<String>,
     pub allow_ips: Vec<IpNet>,
     pub bypass_secret: String,
@@ -829,6 +832,15 @@ impl Validator<'_> {
     }
 
     /// Path prefixes: each must start with '/'.
+    fn origins(&mut self, key: &str, list: Vec<String>) -> Vec<String> {
+        for (i, o) in list.iter().enumerate() {
+            if let Err(why) = crate::hold::cors::check_origin(o) {
+                self.problem(&format!("{key}[{i}]"), why);
+            }
+        }
+        list
+    }
+
     fn prefixes(&mut self, key: &str, list: &[String]) -> Vec<String> {
         for (i, p) in list.iter().enumerate() {
             if !p.starts_with('/') {
@@ -1033,6 +1045,7 @@ impl Validator<'_> {
                 &f.outage_retry_after,
             ),
             api_prefixes: self.prefixes("maintenance.api_prefixes", &f.api_prefixes),
+            cors_origins: self.origins("maintenance.cors_origins", f.cors_origins),
             allow_paths: self.prefixes("maintenance.allow_paths", &f.allow_paths),
             allow_ips: self.cidrs("maintenance.allow_ips", &f.allow_ips),
             bypass_ttl: self.duration("maintenance.bypass_ttl", &f.bypass_ttl),
@@ -1442,6 +1455,31 @@ mod tests {
 
     fn keys(text: &str) -> Vec<String> {
         problems(text).into_iter().map(|p| p.key).collect()
+    }
+
+    #[test]
+    fn cors_origins_must_be_origins_and_are_named_when_not() {
+        let c = Config::parse(
+            "[maintenance]\ncors_origins = [\"https://app.example.com\", \"*\"]\n",
+            Path::new("."),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.maintenance.cors_origins.len(), 2);
+        let p = problems(
+            "[maintenance]\ncors_origins = [\"https://ok.example\", \"https://app.example.com/\"]\n",
+        );
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "maintenance.cors_origins[1]");
+        assert!(
+            p[0].message.contains("write \"https://app.example.com\""),
+            "{p:?}"
+        );
+        assert!(Config::parse("", Path::new("."), None)
+            .unwrap()
+            .maintenance
+            .cors_origins
+            .is_empty());
     }
 
     #[test]

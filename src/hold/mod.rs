@@ -1,6 +1,7 @@
 //! Holding responses: what a client receives instead of the upstream's answer.
 
 pub mod bypass;
+pub mod cors;
 pub mod fields;
 pub mod held;
 pub mod negotiate;

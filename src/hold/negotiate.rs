@@ -216,6 +216,18 @@ fn is_grpc<H: Fields + ?Sized>(headers: &H) -> bool {
     })
 }
 
+/// The media type of a gRPC-Web request (`application/grpc-web`, `-web+proto`, `-web-text`…),
+/// parameters left out, for its answer's `Content-Type`; `None` for any other request.
+pub fn grpc_web_type<H: Fields + ?Sized>(headers: &H) -> Option<http::HeaderValue> {
+    const WEB: &[u8] = b"application/grpc-web";
+    let value = headers.value(&CONTENT_TYPE)?;
+    let media = value.split(|&b| b == b';').next()?.trim_ascii();
+    let web = media.len() >= WEB.len() && media[..WEB.len()].eq_ignore_ascii_case(WEB);
+    (web && is_grpc(headers))
+        .then(|| http::HeaderValue::from_bytes(media).ok())
+        .flatten()
+}
+
 fn is_upgrade<H: Fields + ?Sized>(headers: &H) -> bool {
     if headers.value(&UPGRADE).is_none() {
         return false;
@@ -621,6 +633,33 @@ mod tests {
         for ct in ["application/grpcfoo", "application/grpc-webfoo"] {
             let h = headers(&[("content-type", ct), ("accept", "text/html")]);
             assert_eq!(choose_form(&h, "/", &[]), Form::Html, "{ct}");
+        }
+    }
+
+    #[test]
+    fn a_grpc_web_answer_is_typed_as_asked() {
+        for (ct, want) in [
+            ("application/grpc-web", Some("application/grpc-web")),
+            (
+                "application/grpc-web+proto",
+                Some("application/grpc-web+proto"),
+            ),
+            (
+                "Application/gRPC-Web-Text; x=1",
+                Some("Application/gRPC-Web-Text"),
+            ),
+            (
+                "application/grpc-web-text+proto",
+                Some("application/grpc-web-text+proto"),
+            ),
+            ("application/grpc", None),
+            ("application/grpc+proto", None),
+            ("application/grpc-webfoo", None),
+            ("text/html", None),
+        ] {
+            let h = headers(&[("content-type", ct)]);
+            let got = grpc_web_type(&h);
+            assert_eq!(got.as_ref().map(|v| v.to_str().unwrap()), want, "{ct}");
         }
     }
 
