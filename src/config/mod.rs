@@ -1383,13 +1383,16 @@ fn parse_status_ranges(text: &str) -> Result<Vec<(u16, u16)>, String> {
 
 /// The port of `authority` when it is no port: the `http` crate accepts any digits
 /// (`port_u16()` is then `None`), and a connector then falls back to the scheme's default
-/// port, so `:80800` would reach whatever listens on port 80.
+/// port, so `:80800` would reach whatever listens on port 80. Only digits: Rust reads `+80`
+/// as 80, which no one writes meaning a port.
 fn bad_port(authority: &http::uri::Authority) -> Option<&str> {
     authority
         .as_str()
         .strip_prefix(authority.host())
         .and_then(|rest| rest.strip_prefix(':'))
-        .filter(|port| !matches!(port.parse::<u16>(), Ok(1..)))
+        .filter(|port| {
+            !port.bytes().all(|b| b.is_ascii_digit()) || !matches!(port.parse::<u16>(), Ok(1..))
+        })
 }
 
 fn parse_upstream(s: &str) -> Result<Upstream, String> {
@@ -2190,6 +2193,7 @@ mod tests {
             "h2c://127.0.0.1:65536",
             "http://127.0.0.1:0",
             "https://[::1]:70000",
+            "http://127.0.0.1:+80",
         ] {
             let why = parse_upstream(bad).err().unwrap_or_default();
             assert!(why.contains("1 to 65535"), "{bad}: {why:?}");
