@@ -170,7 +170,8 @@ pub fn write_held<H: Fields + ?Sized>(
             (encoded.status(), encoded.body_len())
         }
         None => {
-            let resp = reserved::respond(snap, held, headers, path, method);
+            let answered = reserved::Preflights::Answered;
+            let resp = reserved::respond(snap, held, headers, path, method, answered);
             let (parts, body) = resp.into_parts();
             // A holding response's body is whole (`Held::respond`).
             let body = body.into_ready().unwrap_or_default();
@@ -508,7 +509,8 @@ fn forward_request<'a>(
                         "upstream answer intercepted"
                     );
                     forward::pool::read_out(f.response.into_body());
-                    return (echo.outage(snap), Some(f.server), Outcome::Failed);
+                    let resp = echo.outage(snap, reserved::Preflights::Held);
+                    return (resp, Some(f.server), Outcome::Failed);
                 }
                 (f.response, Some(f.server), outcome)
             }
@@ -536,7 +538,8 @@ fn forward_request<'a>(
                         "no upstream server to forward to; answering with the outage response"
                     ),
                 }
-                (echo.outage(snap), failed.server, Outcome::Failed)
+                let resp = echo.outage(snap, reserved::Preflights::Answered);
+                (resp, failed.server, Outcome::Failed)
             }
         }
     }
@@ -545,7 +548,7 @@ fn forward_request<'a>(
 /// The outage holding response to `req`, for a forward that failed outside hyper
 /// (`crate::relay`), chosen as `forward_request` chooses it.
 pub(crate) fn outage_answer<B>(snap: &Snapshot, req: &Request<B>) -> Response<Body> {
-    Echo::of(req).outage(snap)
+    Echo::of(req).outage(snap, reserved::Preflights::Answered)
 }
 
 /// The parts of a request that choose the form of a holding response.
@@ -596,7 +599,7 @@ impl Echo {
     }
 
     /// The outage holding response this request would get.
-    fn outage(self, snap: &Snapshot) -> Response<Body> {
+    fn outage(self, snap: &Snapshot, preflights: reserved::Preflights) -> Response<Body> {
         let mut headers = HeaderMap::new();
         for (name, value) in ECHOED.into_iter().zip(self.headers) {
             if let Some(v) = value {
@@ -607,7 +610,7 @@ impl Echo {
             headers.append(&ECHOED[at], value);
         }
         let path = self.path.as_ref().map_or("/", |p| p.path());
-        reserved::respond(snap, &snap.outage, &headers, path, &self.method)
+        reserved::respond(snap, &snap.outage, &headers, path, &self.method, preflights)
     }
 }
 

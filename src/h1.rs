@@ -76,7 +76,9 @@ fn encode_head(parts: &Parts, body_len: usize, head: bool, out: &mut Vec<u8>) ->
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !head && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+    // A 204 has no body and no length to say (RFC 9110 §8.6), as hyper writes it.
+    let bodiless = status == http::StatusCode::NO_CONTENT;
+    if !head && !bodiless && !parts.headers.contains_key(header::CONTENT_LENGTH) {
         out.extend_from_slice(b"content-length: ");
         out.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
         out.extend_from_slice(b"\r\n");
@@ -275,6 +277,17 @@ pub(crate) mod tests {
         let (before, after) = text.split_once("\r\ndate: ").unwrap();
         assert!(httpdate::parse_http_date(&after[..29]).is_ok(), "{text}");
         format!("{before}\r\ndate: D{}", &after[29..])
+    }
+
+    #[test]
+    fn a_no_content_answer_says_no_length() {
+        let p = parts(StatusCode::NO_CONTENT, &[(header::VARY, "Origin")]);
+        let mut out = Vec::new();
+        encode(&p, &Bytes::new(), false, &mut out);
+        assert_eq!(
+            undated(&out),
+            "HTTP/1.1 204 No Content\r\nvary: Origin\r\ndate: D\r\n\r\n"
+        );
     }
 
     #[test]

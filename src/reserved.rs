@@ -18,6 +18,14 @@ pub fn answer<B>(snap: &Snapshot, req: &Request<B>, rest: &str, tls: bool) -> Re
     if let Some(secret) = rest.strip_prefix("bypass/") {
         return bypass(snap, req, secret, tls);
     }
+    let reader = cors::allowed(&snap.config.maintenance.cors_origins, req.headers());
+    if let Some(reader) = &reader {
+        // Never forwarded, so any allowed origin may call them as it likes.
+        if cors::is_preflight(req.method(), req.headers()) {
+            let mode = snap.mode.as_str();
+            return cors::preflight(reader.clone(), req.headers(), Some("GET, HEAD"), mode);
+        }
+    }
     if !readable {
         let mut resp = plain(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -30,10 +38,9 @@ pub fn answer<B>(snap: &Snapshot, req: &Request<B>, rest: &str, tls: bool) -> Re
     let resp = match rest {
         "status" => {
             let mut resp = status(snap);
-            // A web app on a listed origin may show the state to its users (`hold::cors`).
-            let origins = &snap.config.maintenance.cors_origins;
-            if let Some(origin) = cors::allowed(origins, req.headers()) {
-                cors::readable(resp.headers_mut(), origin);
+            // A web app on an allowed origin may show the state to its users.
+            if let Some(reader) = reader {
+                cors::readable(resp.headers_mut(), reader);
             }
             resp
         }
@@ -165,23 +172,33 @@ pub fn hold<B>(snap: &Snapshot, req: &Request<B>) -> Response<Body> {
     let Some(held) = &snap.held else {
         return not_found();
     };
-    respond(snap, held, req.headers(), req.uri().path(), req.method())
+    let (headers, path, method) = (req.headers(), req.uri().path(), req.method());
+    respond(snap, held, headers, path, method, Preflights::Answered)
+}
+
+/// Whether a CORS preflight gets the holding answer or, from an origin named in
+/// `cors_origins`, its approval (`hold::cors`): not in place of an answer the application gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preflights {
+    Answered,
+    Held,
 }
 
 /// `held`'s response in the form and language this request's headers ask for; readable by
-/// the calling origin when `cors_origins` lists it, whose preflight is answered instead
-/// (`hold::cors`).
+/// the calling origin when `cors_origins` allows it (`hold::cors`).
 pub fn respond<H: Fields + ?Sized>(
     snap: &Snapshot,
     held: &Held,
     headers: &H,
     path: &str,
     method: &Method,
+    preflights: Preflights,
 ) -> Response<Body> {
-    let origin = cors::allowed(&snap.config.maintenance.cors_origins, headers);
-    if let Some(origin) = &origin {
-        if cors::is_preflight(method, headers) {
-            return cors::preflight(origin.clone(), headers, held.view.mode.as_str());
+    let reader = cors::allowed(&snap.config.maintenance.cors_origins, headers);
+    if let Some(named @ cors::Reader::Named(_)) = &reader {
+        if preflights == Preflights::Answered && cors::is_preflight(method, headers) {
+            let mode = held.view.mode.as_str();
+            return cors::preflight(named.clone(), headers, None, mode);
         }
     }
     let (form, lang) = choose_form(snap, headers, path);
@@ -192,8 +209,8 @@ pub fn respond<H: Fields + ?Sized>(
             resp.headers_mut().insert(header::CONTENT_TYPE, web);
         }
     }
-    if let Some(origin) = origin {
-        cors::allow(resp.headers_mut(), origin, form);
+    if let Some(reader) = reader {
+        cors::allow(resp.headers_mut(), reader, form);
     }
     resp
 }

@@ -932,6 +932,11 @@ async fn a_listed_origin_reads_the_holding_answer_across_origins() {
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     readable_by(&resp, APP);
 
+    // The status JSON's preflight (a fetch wrapper adding `Authorization`): never forwarded.
+    let pre = send(preflight(&proxy.url("/_intermission/status"), APP)).await;
+    assert_eq!(pre.status(), StatusCode::NO_CONTENT);
+    assert_eq!(pre.headers()["access-control-allow-methods"], "GET, HEAD");
+
     // gRPC-Web from the browser: its own type back, its status readable.
     let call = Request::post(proxy.url("/pkg.Service/Method"))
         .header("origin", APP)
@@ -965,6 +970,41 @@ async fn a_listed_origin_reads_the_holding_answer_across_origins() {
     assert_eq!(hits.load(Ordering::SeqCst), 0, "nothing was forwarded");
 }
 
+/// `*` lets any origin read the holding answers, as public pages, without credentials; it
+/// approves no preflight that could let a call through to the application, only those of the
+/// reserved paths. An origin also named keeps what naming gives.
+#[tokio::test]
+async fn any_origin_reads_the_holding_answer_without_credentials_or_approvals() {
+    let (up, hits) = counting_upstream().await;
+    let extra = "[maintenance]\ncors_origins = [\"*\", \"https://app.example.com\"]\n";
+    let proxy = proxy_for(&up, extra).await;
+    ctl(&proxy, on(None)).await;
+    let api = proxy.url("/api/orders");
+    for origin in ["https://elsewhere.example", "null"] {
+        let resp = get_with(&api, &[("origin", origin)]).await;
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let h = resp.headers();
+        assert_eq!(h["access-control-allow-origin"], "*", "{origin}");
+        assert!(
+            !h.contains_key("access-control-allow-credentials"),
+            "{origin}"
+        );
+        assert!(h["access-control-expose-headers"]
+            .to_str()
+            .unwrap()
+            .contains("Retry-After"));
+        let pre = send(preflight(&api, origin)).await;
+        assert_eq!(pre.status(), StatusCode::SERVICE_UNAVAILABLE, "{origin}");
+        let status = send(preflight(&proxy.url("/_intermission/status"), origin)).await;
+        assert_eq!(status.status(), StatusCode::NO_CONTENT, "{origin}");
+        assert_eq!(status.headers()["access-control-allow-origin"], "*");
+    }
+    let pre = send(preflight(&api, APP)).await;
+    assert_eq!(pre.status(), StatusCode::NO_CONTENT);
+    assert_eq!(pre.headers()["access-control-allow-origin"], APP);
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+}
+
 /// Without `cors_origins`, nothing changes: no CORS headers, a preflight held as any request.
 #[tokio::test]
 async fn without_cors_origins_holding_answers_carry_no_cors() {
@@ -978,6 +1018,24 @@ async fn without_cors_origins_holding_answers_carry_no_cors() {
     let pre = send(preflight(&api, APP)).await;
     assert_eq!(pre.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(!pre.headers().contains_key("access-control-allow-origin"));
+}
+
+/// A gRPC-Web call gets its answer typed as it asked, whoever calls.
+#[tokio::test]
+async fn a_grpc_web_call_is_answered_in_its_own_type() {
+    let (up, _) = counting_upstream().await;
+    let proxy = proxy_for(&up, "").await;
+    ctl(&proxy, on(None)).await;
+    for ct in ["application/grpc-web+proto", "application/grpc-web-text"] {
+        let call = Request::post(proxy.url("/pkg.Service/Method"))
+            .header("content-type", ct)
+            .body(full(vec![0u8, 0, 0, 0, 0]))
+            .unwrap();
+        let resp = send(call).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["grpc-status"], "14");
+        assert_eq!(resp.headers()["content-type"], ct);
+    }
 }
 
 /// The outage answer to a forward that failed is readable too, on the relay's path and on
@@ -1012,4 +1070,45 @@ async fn a_failed_forward_answers_a_listed_origin_readably() {
     assert_eq!(pre.status(), StatusCode::NO_CONTENT);
     assert_eq!(pre.headers()["x-intermission-mode"], "outage");
     assert_eq!(pre.headers()["access-control-allow-origin"], APP);
+    // Written without hyper, the 204 says no length (RFC 9110 §8.6), and the connection
+    // goes on to the next request.
+    let out = raw_exchange(
+        proxy.addr,
+        format!(
+            "OPTIONS /api/orders HTTP/1.1\r\nHost: x\r\nOrigin: {APP}\r\n\
+             Access-Control-Request-Method: POST\r\n\r\n\
+             GET /api/orders HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    let (first, second) = out.split_once("\r\n\r\n").unwrap();
+    assert!(first.starts_with("HTTP/1.1 204"), "{out}");
+    assert!(!first.to_lowercase().contains("content-length"), "{out}");
+    assert!(second.starts_with("HTTP/1.1 503"), "{out}");
+}
+
+/// An answer the application gave, replaced by the outage answer (`intercept_statuses`), is
+/// readable, but a preflight it answered is not approved in its place.
+#[tokio::test]
+async fn an_intercepted_preflight_is_not_approved() {
+    let up = upstream(|req: Request<Incoming>| async move {
+        let status = if is_health_check(&req) { 200 } else { 503 };
+        Response::builder()
+            .status(status)
+            .body(full("app"))
+            .unwrap()
+    })
+    .await;
+    let extra = format!("intercept_statuses = [503]\n{CORS}");
+    let proxy = proxy_for(&up, &extra).await;
+    let api = proxy.url("/api/orders");
+    let pre = send(preflight(&api, APP)).await;
+    assert_eq!(pre.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(pre.headers()["x-intermission-mode"], "outage");
+    readable_by(&pre, APP);
+    let resp = get_with(&api, &[("origin", APP)]).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    readable_by(&resp, APP);
 }

@@ -831,7 +831,7 @@ impl Validator<'_> {
         }
     }
 
-    /// Path prefixes: each must start with '/'.
+    /// Origins, each as a browser sends it (`hold::cors::check_origin`).
     fn origins(&mut self, key: &str, list: Vec<String>) -> Vec<String> {
         for (i, o) in list.iter().enumerate() {
             if let Err(why) = crate::hold::cors::check_origin(o) {
@@ -841,6 +841,7 @@ impl Validator<'_> {
         list
     }
 
+    /// Path prefixes: each must start with '/'.
     fn prefixes(&mut self, key: &str, list: &[String]) -> Vec<String> {
         for (i, p) in list.iter().enumerate() {
             if !p.starts_with('/') {
@@ -1475,7 +1476,8 @@ mod tests {
         assert_eq!(p.len(), 1, "{p:?}");
         assert_eq!(p[0].key, "maintenance.cors_origins[1]");
         assert!(
-            p[0].message.contains("write \"https://app.example.com\""),
+            p[0].message
+                .contains("browsers send https://app.example.com"),
             "{p:?}"
         );
         assert!(Config::parse("", Path::new("."), None)
