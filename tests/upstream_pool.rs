@@ -141,6 +141,64 @@ async fn a_connection_the_server_closed_while_kept_is_never_an_error() {
     assert!(up.served.load(Ordering::SeqCst) >= 100);
 }
 
+/// A server that answers one request on each connection, and closes it, unanswered, when the
+/// next request arrives there: keep-alive's race, every time.
+async fn one_answer_per_connection() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let heads = |buf: &[u8]| buf.windows(4).filter(|w| w == b"\r\n\r\n").count();
+                for answered in [false, true] {
+                    while heads(&buf) < 1 + usize::from(answered) {
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    // The next request is closed on, unanswered.
+                    if answered {
+                        return;
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if sock.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The same race for uploads of HTTP/2 clients (whose bodies hyper's path forwards): a `PUT`
+/// or `DELETE` with a small body is read whole first, as nginx reads every body, so that it
+/// can be sent again on a new connection; streamed, it got the outage answer.
+#[tokio::test]
+async fn an_upload_on_a_connection_the_server_closed_while_kept_is_sent_again() {
+    let addr = one_answer_per_connection().await;
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"http://{addr}\"]\n\
+         [health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
+    ))
+    .await;
+    let c = h2c_client();
+    for i in 0..6 {
+        let method = if i % 2 == 0 { "PUT" } else { "DELETE" };
+        let req = Request::builder()
+            .method(method)
+            .uri(proxy.url("/item"))
+            .header("content-length", "3")
+            .body(full("abc"))
+            .unwrap();
+        let resp = c.request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{method} {i}");
+    }
+}
+
 /// Each worker keeps upstream connections of its own, whose tasks run on its thread, so that
 /// a forwarded request wakes no other thread: client connections take turns on the two
 /// workers, and each worker opens one upstream connection and keeps it.

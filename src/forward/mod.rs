@@ -91,16 +91,19 @@ pub fn replayable(method: &Method, body: &Body) -> bool {
 }
 
 /// Whether a request's body is read whole before it is forwarded, to be replayable: an
-/// idempotent HTTP/1 request whose `Content-Length` is within `REPLAY_BODY_LIMIT`. HTTP/2
-/// and chunked bodies may end in trailers, which a buffer would lose; they stream.
-fn buffer_for_replay(parts: &http::request::Parts) -> bool {
+/// idempotent request whose `Content-Length` is within `REPLAY_BODY_LIMIT`, so that a kept
+/// connection the server closed as it was sent (keep-alive's race) costs a second try on a
+/// new connection, not the client's answer (nginx reads every body first). Chunked bodies, and
+/// HTTP/2 ones going to a server that speaks HTTP/2, may end in trailers, which a buffer would
+/// lose; they stream (an `http://` server's hop has a length, which carries no trailers).
+fn buffer_for_replay(parts: &http::request::Parts, to: Protocol) -> bool {
     let length = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     idempotent(&parts.method)
-        && parts.version <= Version::HTTP_11
+        && (parts.version <= Version::HTTP_11 || to == Protocol::Http)
         && !parts.headers.contains_key(header::TRANSFER_ENCODING)
         && length.is_some_and(|n| n > 0 && n <= REPLAY_BODY_LIMIT)
 }
@@ -142,14 +145,12 @@ pub fn forward<'a>(
             if http2 {
                 headers::join_cookies(&mut parts.headers);
             }
+            let Some(first) = pool.pick(up, None) else {
+                return Err(Failed::upstream(None, None));
+            };
             // Decided before the hop-by-hop headers go: `Transfer-Encoding` is one of them.
-            let buffer = client_upgrade.is_none()
-                && pool.servers.len() > 1
-                && (0..pool.servers.len())
-                    .filter(|&i| up.get(i).copied().unwrap_or(true))
-                    .count()
-                    > 1
-                && buffer_for_replay(&parts);
+            let to = pool.servers[first].protocol;
+            let buffer = client_upgrade.is_none() && buffer_for_replay(&parts, to);
             headers::strip_hop_by_hop(&mut parts.headers);
             // This hop answered the expectation already: hyper sends `100 Continue` to the client as
             // soon as the body is read, which forwarding starts at once.
@@ -185,9 +186,6 @@ pub fn forward<'a>(
                 (body, sent, None)
             };
 
-            let Some(first) = pool.pick(up, None) else {
-                return Err(Failed::upstream(None, None));
-            };
             // A copy for the second attempt, made only when a second attempt is possible.
             let replay = (client_upgrade.is_none()
                 && replayable(&parts.method, &body)
@@ -593,13 +591,16 @@ mod tests {
                 parts(Method::PUT, h11, &[("transfer-encoding", "chunked")]),
                 false,
             ),
-            (
-                parts(Method::DELETE, Version::HTTP_2, &[("content-length", "10")]),
-                false,
-            ),
         ];
         for (i, (p, want)) in table.iter().enumerate() {
-            assert_eq!(buffer_for_replay(p), *want, "case {i}: {p:?}");
+            for to in [Protocol::Http, Protocol::H2c, Protocol::Https] {
+                assert_eq!(buffer_for_replay(p, to), *want, "case {i} to {to:?}: {p:?}");
+            }
         }
+        // An HTTP/2 body may end in trailers, which only a hop with a length drops anyway.
+        let h2 = parts(Method::DELETE, Version::HTTP_2, &[("content-length", "10")]);
+        assert!(buffer_for_replay(&h2, Protocol::Http));
+        assert!(!buffer_for_replay(&h2, Protocol::H2c));
+        assert!(!buffer_for_replay(&h2, Protocol::Https));
     }
 }
