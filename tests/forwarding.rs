@@ -941,6 +941,65 @@ async fn an_unreachable_upstream_is_reported_not_hung() {
     assert_eq!(resp.headers()["x-intermission-mode"], "outage");
 }
 
+/// An upgrade to cleartext HTTP/2 is not passed on: tunnelled, the client would speak HTTP/2
+/// to the server itself, its later requests never seen by the proxy (held in no mode, no
+/// `X-Forwarded-For`). The request goes on as a plain one, as nginx sends it.
+#[tokio::test]
+async fn an_upgrade_to_h2c_is_forwarded_as_a_plain_request() {
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&upstream_config(&up)).await;
+    let req = Request::get(proxy.url("/private"))
+        .header("connection", "Upgrade, HTTP2-Settings")
+        .header("upgrade", "h2c")
+        .header("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA")
+        .body(empty())
+        .unwrap();
+    let resp = send(req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let seen: Seen = json(&resp);
+    assert_eq!(seen.uri, "/private");
+    for name in ["upgrade", "http2-settings", "connection"] {
+        assert!(!seen.has(name), "{name} reached the server: {seen:?}");
+    }
+    assert!(seen.has("x-forwarded-for"));
+}
+
+/// A server's 204 that states a length reaches an HTTP/2 client without it: the client would
+/// refuse the answer (RFC 9110 §8.6 lets a 204 say none; curl and nghttp fail the stream).
+#[tokio::test]
+async fn a_no_content_answer_with_a_length_reaches_http2_clients() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = sock.read(&mut buf).await {
+                    let heads = buf[..n].windows(4).filter(|w| w == b"\r\n\r\n").count();
+                    for _ in 0..heads {
+                        let answer = b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n";
+                        if sock.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"http://{addr}\"]\n[health]\nkind = \"tcp\"\n"
+    ))
+    .await;
+    let req = Request::delete(proxy.url("/item")).body(empty()).unwrap();
+    let resp = h2c_client()
+        .request(req)
+        .await
+        .expect("the answer was refused");
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    assert!(!resp.headers().contains_key("content-length"));
+}
+
 #[tokio::test]
 async fn connect_requests_are_refused() {
     let up = echo_upstream().await;

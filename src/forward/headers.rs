@@ -20,10 +20,17 @@ pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     })
 }
 
-/// The `Upgrade` value of an HTTP/1.1 upgrade request (`Connection: upgrade` + `Upgrade`).
+/// The `Upgrade` value of an HTTP/1.1 upgrade request (`Connection: upgrade` + `Upgrade`) to
+/// pass on. Not one to HTTP/2 (`h2c`): tunnelled, the client would speak HTTP/2 to the server
+/// itself, every later request on it unseen here (held in no mode, no `X-Forwarded-For`: "h2c
+/// smuggling"); the request goes on as a plain one, its `Upgrade` dropped as nginx drops it.
 pub fn upgrade_request(headers: &HeaderMap) -> Option<HeaderValue> {
     let upgrade = headers.get(header::UPGRADE)?;
-    has_token(headers, &header::CONNECTION, "upgrade").then(|| upgrade.clone())
+    let h2c = upgrade.as_bytes().split(|&b| b == b',').any(|protocol| {
+        let name = protocol.trim_ascii().split(|&b| b == b'/').next();
+        name.is_some_and(|n| n.eq_ignore_ascii_case(b"h2c"))
+    });
+    (!h2c && has_token(headers, &header::CONNECTION, "upgrade")).then(|| upgrade.clone())
 }
 
 /// Removes the hop-by-hop headers of RFC 9110 §7.6.1: `Connection` and every header it names,
@@ -420,6 +427,13 @@ mod tests {
         .is_some());
         assert!(upgrade_request(&map(&[("upgrade", "websocket")])).is_none());
         assert!(upgrade_request(&map(&[("connection", "upgrade")])).is_none());
+        // An upgrade to HTTP/2 is never passed on, however it is written.
+        for h2c in ["h2c", "H2C", "websocket, h2c", " h2c/1 "] {
+            let asked = map(&[("connection", "Upgrade, HTTP2-Settings"), ("upgrade", h2c)]);
+            assert!(upgrade_request(&asked).is_none(), "{h2c}");
+        }
+        let not_h2c = map(&[("connection", "upgrade"), ("upgrade", "h2cx")]);
+        assert!(upgrade_request(&not_h2c).is_some());
     }
 
     fn client(peer: &str) -> ClientSide {
