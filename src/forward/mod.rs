@@ -483,6 +483,12 @@ fn finish(
     // that is no number, which only a `HEAD`'s answer, a 204 or a 304 gets past hyper's client,
     // goes: an HTTP/2 client would refuse the answer.
     headers::one_length(resp.headers_mut());
+    // A 204 has no body and may say no length (RFC 9110 §8.6): hyper's HTTP/1.1 server drops
+    // one, but an HTTP/2 client refuses the whole answer for it (curl, nghttp), as nginx's
+    // HTTP/2 side never sends it.
+    if resp.status() == StatusCode::NO_CONTENT {
+        resp.headers_mut().remove(header::CONTENT_LENGTH);
+    }
     // The server's version is its hop's: an HTTP/1.0 answer goes to an HTTP/1.1 client as
     // HTTP/1.1, chunked when it has no length, so that the client's connection stays open
     // (hyper's server answers an HTTP/1.0 client as HTTP/1.0 whatever this says; the relay
