@@ -11,7 +11,7 @@ use super::render::{self, UpdateItem, Values};
 use crate::body::Body;
 use crate::config::MaintenanceConfig;
 use crate::h1::Encoded;
-use crate::state::mode::{Mode, Persisted, Update};
+use crate::state::mode::{Mode, Persisted, Update, MAX_RETRY_AFTER, MIN_RETRY_AFTER};
 use crate::time::{seconds_until, whole_seconds, Timestamp};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -66,12 +66,15 @@ impl View {
                 .and_then(|w| w.message.as_ref())
                 .unwrap_or(&cfg.message),
         };
+        // Within the bounds `ctl on --retry-after` keeps to, whatever a state file edited by
+        // hand says (`retry_after`).
         let retry_default = match mode {
             Mode::Outage => whole_seconds(cfg.outage_retry_after),
             _ => planned
                 .and_then(|p| p.retry_after)
                 .unwrap_or_else(|| whole_seconds(cfg.retry_after)),
-        };
+        }
+        .clamp(MIN_RETRY_AFTER.as_secs(), MAX_RETRY_AFTER.as_secs());
         let until = planned
             .and_then(|p| p.until)
             .or(window.map(|w| w.end))
@@ -99,11 +102,13 @@ impl View {
     }
 
     /// Seconds for `Retry-After` now: until the announced end, else the default (also once the
-    /// end has passed: an overrun must not tell clients to retry at once).
+    /// end has passed: an overrun must not tell clients to retry at once). Never more than a
+    /// day, as the configured values: an end a month away must not keep clients and crawlers
+    /// away for a month when the work ends early.
     pub fn retry_after(&self, now: SystemTime) -> u64 {
         self.until
             .and_then(|u| seconds_until(u, now))
-            .unwrap_or(self.retry_default)
+            .map_or(self.retry_default, |s| s.min(MAX_RETRY_AFTER.as_secs()))
     }
 }
 
@@ -602,6 +607,48 @@ mod tests {
             let view = View::new(Mode::Maintenance, &state, &config.maintenance, None, t0);
             assert_eq!(view.retry_after(t0), 60, "counts down to `until`");
             assert_eq!(view.retry_after(later), after, "--retry-after {given:?}");
+        }
+    }
+
+    /// An announced end a month away tells clients to come back within a day, not a month;
+    /// a state file edited by hand cannot make `Retry-After` 0 or years.
+    #[test]
+    fn retry_after_stays_within_a_second_and_a_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::parse("", dir.path(), None).unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let month = std::time::Duration::from_secs(30 * 24 * 3600);
+        let on = |until: Option<SystemTime>, retry_after: Option<u64>| {
+            let on = crate::state::mode::Change::On {
+                message: None,
+                until,
+                retry_after: retry_after.map(std::time::Duration::from_secs),
+                reason: None,
+                by: "op".into(),
+            };
+            let state = Persisted::default().apply(on, t0, true).unwrap();
+            View::new(Mode::Maintenance, &state, &config.maintenance, None, t0)
+        };
+        assert_eq!(on(Some(t0 + month), None).retry_after(t0), 86_400);
+        let mut edited = Persisted::default()
+            .apply(
+                crate::state::mode::Change::On {
+                    message: None,
+                    until: None,
+                    retry_after: None,
+                    reason: None,
+                    by: "op".into(),
+                },
+                t0,
+                true,
+            )
+            .unwrap();
+        for (written, served) in [(0, 1), (u64::MAX, 86_400)] {
+            if let Some(p) = edited.planned.as_mut() {
+                p.retry_after = Some(written);
+            }
+            let view = View::new(Mode::Maintenance, &edited, &config.maintenance, None, t0);
+            assert_eq!(view.retry_after(t0), served, "{written}");
         }
     }
 
