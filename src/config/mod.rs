@@ -9,7 +9,7 @@ pub mod file;
 
 pub use error::{ConfigError, Problem};
 
-use crate::state::mode::{MAX_MESSAGE_CHARS, MAX_RETRY_AFTER, MIN_RETRY_AFTER};
+use crate::state::mode::{MAX_RETRY_AFTER, MIN_RETRY_AFTER};
 use file::DurationText;
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
@@ -1014,13 +1014,9 @@ impl Validator<'_> {
             ("maintenance.message", &f.message),
             ("maintenance.outage_message", &f.outage_message),
         ] {
-            if message.trim().is_empty() {
-                self.problem(key, "must not be empty: it is what people read");
-            } else if message.chars().count() > MAX_MESSAGE_CHARS {
-                self.problem(
-                    key,
-                    format!("is longer than {MAX_MESSAGE_CHARS} characters: a page, not a novel"),
-                );
+            if let Some(why) = crate::state::mode::text_problem("message", message.trim()) {
+                // Said of the key: "must not be empty…", "contains…", "is longer…".
+                self.problem(key, why.trim_start_matches("message ").to_owned());
             }
         }
         let mut retry_after = |key: &str, text: &DurationText| {
@@ -1448,6 +1444,7 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::mode::MAX_MESSAGE_CHARS;
 
     fn problems(text: &str) -> Vec<Problem> {
         match Config::parse(text, Path::new("."), None) {

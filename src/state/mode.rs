@@ -152,8 +152,36 @@ pub enum ChangeError {
 /// bound a script gone wrong would make each control command slower than the last.
 pub const MAX_WINDOWS: usize = 500;
 
-/// The longest message accepted, in characters: a page, not a novel.
+/// The longest message (and reason) accepted, in characters: a page, not a novel.
 pub const MAX_MESSAGE_CHARS: usize = 2000;
+
+/// What is wrong with an operator's text (`what`: "message" or "reason"), trimmed: more than
+/// `MAX_MESSAGE_CHARS`, a control character but line ends and tabs (which no page shows, and
+/// which the log and terminals would act on), or, for a message, nothing anyone could see
+/// (only spaces and invisible format characters such as U+200B). The config's messages and
+/// the control socket's are held to the same.
+pub fn text_problem(what: &str, text: &str) -> Option<String> {
+    let invisible = |c: char| {
+        c.is_whitespace()
+            || c.is_control()
+            || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}' | '\u{00AD}')
+    };
+    if what == "message" && text.chars().all(invisible) {
+        return Some(format!("{what} must not be empty: it is what people read"));
+    }
+    if let Some(c) = text
+        .chars()
+        .find(|&c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return Some(format!(
+            "{what} contains the control character U+{:04X}",
+            u32::from(c)
+        ));
+    }
+    (text.chars().count() > MAX_MESSAGE_CHARS).then(|| {
+        format!("{what} is longer than {MAX_MESSAGE_CHARS} characters: a page, not a novel")
+    })
+}
 /// An announced end further ahead than this is a typo, not a plan.
 pub const MAX_AHEAD: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Clients told to wait longer than this would not come back.
@@ -219,6 +247,13 @@ impl Persisted {
                         "retry_after is longer than a day".into(),
                     ));
                 }
+                // A blank reason is none, as in the state before it.
+                let reason = reason
+                    .map(|r| r.trim().to_owned())
+                    .filter(|r| !r.is_empty());
+                if let Some(why) = reason.as_deref().and_then(|r| text_problem("reason", r)) {
+                    return Err(ChangeError::BadValue(why));
+                }
                 let planned = next.planned.get_or_insert_with(|| Planned {
                     since: Timestamp(now),
                     until: None,
@@ -269,13 +304,8 @@ impl Persisted {
 
     fn set_message(&mut self, message: String, now: SystemTime) -> Result<(), ChangeError> {
         let message = message.trim().to_owned();
-        if message.is_empty() {
-            return Err(ChangeError::BadValue("message must not be empty".into()));
-        }
-        if message.chars().count() > MAX_MESSAGE_CHARS {
-            return Err(ChangeError::BadValue(format!(
-                "message is longer than {MAX_MESSAGE_CHARS} characters"
-            )));
+        if let Some(why) = text_problem("message", &message) {
+            return Err(ChangeError::BadValue(why));
         }
         if self.message.as_deref() != Some(message.as_str()) {
             self.updates.push(Update {
@@ -357,11 +387,10 @@ impl Persisted {
                 w.end.rfc3339()
             )));
         }
-        let message = match message.map(|m| m.trim().to_owned()) {
-            Some(m) if m.is_empty() => return bad("message must not be empty"),
-            Some(m) if m.chars().count() > MAX_MESSAGE_CHARS => return bad("message is too long"),
-            other => other,
-        };
+        let message = message.map(|m| m.trim().to_owned());
+        if let Some(why) = message.as_deref().and_then(|m| text_problem("message", m)) {
+            return Err(ChangeError::BadValue(why));
+        }
         let id = self.next_window_id.max(1);
         self.next_window_id = id + 1;
         self.schedules.push(Window {
@@ -534,6 +563,38 @@ mod tests {
             s.apply(on(Some(&long)), t(0), true),
             Err(ChangeError::BadValue(_))
         ));
+        // Nothing anyone could see, or what a log or terminal would act on.
+        for unseen in [
+            "\u{200B}",
+            " \u{FEFF}\u{2060} ",
+            "ok\u{0}",
+            "ok\u{1b}[2J",
+            "ok\rX",
+        ] {
+            let refused = s.apply(on(Some(unseen)), t(0), true);
+            assert!(
+                matches!(refused, Err(ChangeError::BadValue(_))),
+                "{unseen:?}"
+            );
+        }
+        let lines = s.apply(on(Some("Two lines:\n\tsecond")), t(0), true);
+        assert!(lines.is_ok(), "line ends and tabs are text");
+        let with_reason = |reason: &str| Change::On {
+            message: None,
+            until: None,
+            retry_after: None,
+            reason: Some(reason.into()),
+            by: "a".into(),
+        };
+        let long_reason = s.apply(with_reason(&long), t(0), true);
+        assert!(matches!(long_reason, Err(ChangeError::BadValue(_))));
+        let forged = s.apply(with_reason("r\nX"), t(0), true);
+        assert!(
+            forged.is_ok(),
+            "a line end in a reason is escaped where shown"
+        );
+        let blank = s.apply(with_reason("  "), t(0), true).unwrap();
+        assert_eq!(blank.planned.and_then(|p| p.reason), None, "blank is none");
         let far = Change::On {
             message: None,
             until: Some(t(400 * 24 * 3600)),
