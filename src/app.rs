@@ -336,6 +336,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     unbind.keep();
     controller.set_rebind(listeners.clone());
     let (stop_control, control_stopped) = shutdown::channel();
+    controller.stop_on(control_stopped.clone());
     tracing::info!(socket = %socket_path.display(), "control socket ready");
     let background = vec![
         tokio::spawn(controller.run()),
@@ -413,14 +414,29 @@ impl Running {
         // other order let a client connect in between).
         self.listeners.stop_all().await;
         self.draining.store(true, Ordering::Relaxed);
-        self.stop_control.fire();
+        // The controller finishes the command in hand and refuses those after it, and the
+        // control connections write their answers, before anything else stops: aborted
+        // mid-write, a change was saved and in force after the restart while `ctl` was told
+        // "refused". A state write that outlives the grace period is given up (its `ctl`
+        // told that nobody knows whether it took effect), as a request still in flight is.
         // The controller holds the listener set (and with it the drain handle): end it first.
-        for task in self.background {
-            task.abort();
-            let _ = task.await;
+        self.stop_control.fire();
+        let deadline = tokio::time::Instant::now() + grace;
+        for mut task in self.background {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                tracing::warn!(
+                    "shutdown_timeout reached with a control command still in hand; it is given up"
+                );
+                task.abort();
+                let _ = task.await;
+            }
         }
         drop(self.listeners);
-        let drained = drain(self.drain, grace).await;
+        let drained = drain(
+            self.drain,
+            deadline.saturating_duration_since(tokio::time::Instant::now()),
+        )
+        .await;
         if let Some((stop, task)) = self.admin {
             stop.fire();
             let _ = task.await;

@@ -20,6 +20,11 @@ impl Trigger {
 }
 
 impl Shutdown {
+    /// Whether shutdown has been fired already.
+    pub fn is_fired(&self) -> bool {
+        *self.0.borrow()
+    }
+
     /// Resolves once shutdown has been fired (at once if it already was).
     pub async fn fired(&mut self) {
         // An error means the trigger is gone, which only happens when the app is done.

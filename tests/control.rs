@@ -926,3 +926,99 @@ async fn off_during_a_window_says_the_window_holds_maintenance() {
     );
     drop(proxy);
 }
+
+/// The proxy that `strace` (the process `wrapper`) started and traces.
+fn traced_child(wrapper: u32) -> u32 {
+    let children = format!("/proc/{wrapper}/task/{wrapper}/children");
+    let text = std::fs::read_to_string(&children).unwrap();
+    text.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// SPEC §6 with a `ctl` command in flight: a SIGTERM while the state write of `on` is under
+/// way (each fsync slowed to 0.7 s by `strace`, as a busy disk would) lets the change finish
+/// and be answered as done, and it is in force after the restart; a command sent after the
+/// stop began is either applied and said so, or refused as not applied, and never both.
+/// Before, `ctl` said "refused (internal)" about a change that was saved and in force.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_state_write_answers_the_command_truthfully() {
+    if !tool_present("strace", "-V", "strace") {
+        return;
+    }
+    let up = echo_upstream().await;
+    let config = format!("[upstream]\nservers = [\"{}\"]\n", up.url());
+    let dir = tempfile::tempdir().unwrap();
+    let strace = [
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        "trace=fsync",
+        "-e",
+        "inject=fsync:delay_enter=700000",
+    ];
+    let mut proxy = ProxyProcess::start_via(&strace, dir.path(), &config);
+    let pid = traced_child(proxy.child.id());
+    let socket = dir.path().join("intermission.sock");
+    let ctl = |args: &[&str]| {
+        bin()
+            .arg("ctl")
+            .arg("-s")
+            .arg(&socket)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let first = ctl(&["on", "--message", "first"]);
+    // The temporary file exists from the write's start until its rename, after the fsync.
+    let tmp = dir.path().join(".intermission-state.json.tmp");
+    assert!(
+        wait_until(Duration::from_secs(10), || tmp.exists()).await,
+        "the state write never began"
+    );
+    let second = ctl(&["update", "--message", "second"]);
+    let term = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let first = first.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&first.stderr);
+    assert_eq!(
+        first.status.code(),
+        Some(0),
+        "`on` was not answered as done: {said}"
+    );
+    let second = second.wait_with_output().unwrap();
+    let second_said = String::from_utf8_lossy(&second.stderr).into_owned();
+    let exit = proxy.wait_exit(Duration::from_secs(20));
+    assert_eq!(
+        exit.and_then(|s| s.code()),
+        Some(0),
+        "the proxy did not stop cleanly"
+    );
+
+    let proxy = ProxyProcess::start(dir.path(), &config);
+    let state = proxy.ctl(&Ctl::Status).await.unwrap().state.unwrap();
+    assert_eq!(
+        state.mode.as_str(),
+        "maintenance",
+        "the saved `on` was lost"
+    );
+    let message = state.message.unwrap_or_default();
+    match second.status.code() {
+        Some(0) => assert_eq!(message, "second", "`update` said done, yet is not in force"),
+        // Refused by the stopping controller, or sent once the socket was gone.
+        Some(1 | 3) => {
+            assert!(
+                second_said.contains("not applied") || second_said.contains("no proxy answered"),
+                "{second_said}"
+            );
+            assert_eq!(message, "first", "`update` was refused, yet is in force");
+        }
+        other => panic!("`update` ended with {other:?}: {second_said}"),
+    }
+}

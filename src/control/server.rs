@@ -68,6 +68,9 @@ const MAX_CONNECTIONS: usize = 64;
 /// How long a connection may wait between requests, or take to send one.
 const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Serves until `shutdown` fires, then waits for the connections: each ends once the
+/// exchange in hand is answered, so that an operator whose command the controller finished
+/// is told so before the process exits.
 pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
@@ -76,6 +79,7 @@ pub async fn serve(
 ) {
     let mut failures = crate::listener::AcceptFailures::new("control socket");
     let open = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -85,13 +89,15 @@ pub async fn serve(
                     continue;
                 }
             },
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             _ = shutdown.fired() => break,
         };
         match open.clone().try_acquire_owned() {
             Ok(permit) => {
                 let controller = controller.clone();
-                tokio::spawn(async move {
-                    connection(stream, controller).await;
+                let stop = shutdown.clone();
+                connections.spawn(async move {
+                    connection(stream, controller, stop).await;
                     drop(permit);
                 });
             }
@@ -100,7 +106,9 @@ pub async fn serve(
             }
         }
     }
+    drop(listener);
     let _ = std::fs::remove_file(&path);
+    while connections.join_next().await.is_some() {}
 }
 
 /// Tells a connection over `MAX_CONNECTIONS` why it is closed (bounded: it may not read).
@@ -115,7 +123,7 @@ async fn closing(w: &mut tokio::net::unix::OwnedWriteHalf, code: &str, why: Stri
     let _ = write(w, &Response::error(ErrorBody::new(code, why))).await;
 }
 
-async fn connection(stream: UnixStream, controller: ControllerHandle) {
+async fn connection(stream: UnixStream, controller: ControllerHandle, mut stop: Shutdown) {
     let uid = stream.peer_cred().ok().map(|c| c.uid());
     // Reading the user database is disk work: off the async workers.
     let by = tokio::task::spawn_blocking(move || peer_user(uid))
@@ -131,7 +139,15 @@ async fn connection(stream: UnixStream, controller: ControllerHandle) {
         // Room for the longest line allowed and its ending (CR LF): one byte more, with no
         // LF, is already too long.
         let mut capped = (&mut r).take(MAX_LINE as u64 + 2);
-        match tokio::time::timeout_at(deadline, capped.read_until(b'\n', &mut line)).await {
+        let read = tokio::select! {
+            // A request already sent is taken first, to be answered (refused as not applied
+            // once the controller has stopped); only a connection waiting for its next one
+            // is closed by the stop.
+            biased;
+            read = tokio::time::timeout_at(deadline, capped.read_until(b'\n', &mut line)) => read,
+            () = stop.fired() => return,
+        };
+        match read {
             Ok(Ok(0) | Err(_)) => return,
             Ok(Ok(_)) => {}
             Err(_) => {
@@ -213,7 +229,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn blank_lines_do_not_keep_a_connection_open() {
         let (client, server) = UnixStream::pair().unwrap();
-        let served = tokio::spawn(connection(server, ControllerHandle::detached()));
+        let served = tokio::spawn(connection(server, ControllerHandle::detached(), never()));
         let (r, mut w) = client.into_split();
         let started = tokio::time::Instant::now();
         let mut lines = BufReader::new(r).lines();
@@ -241,7 +257,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_client_that_never_reads_is_let_go() {
         let (client, server) = UnixStream::pair().unwrap();
-        let served = tokio::spawn(connection(server, ControllerHandle::detached()));
+        let served = tokio::spawn(connection(server, ControllerHandle::detached(), never()));
         let (_unread, mut w) = client.into_split();
         // Each request gets an answer (an error: no controller is behind this handle) that
         // nobody reads, until the socket's buffer is full.
@@ -258,7 +274,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_silent_connection_is_closed_after_a_minute() {
         let (client, server) = UnixStream::pair().unwrap();
-        let served = tokio::spawn(connection(server, ControllerHandle::detached()));
+        let served = tokio::spawn(connection(server, ControllerHandle::detached(), never()));
         let (r, mut w) = client.into_split();
         w.write_all(br#"{"cmd":"sta"#).await.unwrap();
         let started = tokio::time::Instant::now();
@@ -274,6 +290,14 @@ mod tests {
         assert_eq!(resp["error"]["code"], "idle", "{line}");
         assert_eq!(lines.next_line().await.unwrap(), None, "closed");
         served.await.unwrap();
+    }
+
+    /// A stop that never fires.
+    fn never() -> Shutdown {
+        let (trigger, stop) = crate::shutdown::channel();
+        // Kept for the test's life: a dropped trigger counts as fired.
+        std::mem::forget(trigger);
+        stop
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::control::protocol::{ErrorBody, Request, Response, ServerHealth, Statu
 use crate::health::{self, Checkers, Flip};
 use crate::hold::pages::Pages;
 use crate::notify::{Event, EventKind, Notifier};
+use crate::shutdown::Shutdown;
 use crate::time::{parse_time, Clock};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -50,10 +51,16 @@ impl ControllerHandle {
     pub async fn request(&self, req: Request, by: String) -> Response {
         let (reply, answer) = oneshot::channel();
         if self.tx.send(Msg::Control { req, by, reply }).await.is_err() {
-            return Response::error(ErrorBody::new("internal", "the proxy is shutting down"));
+            return not_applied();
         }
+        // A stopping controller answers every request it took, applied or not; no answer at
+        // all means it was ended in the middle of one (a state write that outlived
+        // `shutdown_timeout`), and nobody can say whether that one took effect.
         answer.await.unwrap_or_else(|_| {
-            Response::error(ErrorBody::new("internal", "the proxy is shutting down"))
+            Response::error(ErrorBody::new(
+                "internal",
+                "the proxy stopped before it answered; the change may or may not be in force: check with `ctl status` once it runs again",
+            ))
         })
     }
 
@@ -62,6 +69,14 @@ impl ControllerHandle {
     pub fn refused(&self, command: &'static str) {
         let _ = self.tx.try_send(Msg::Refused { command });
     }
+}
+
+/// The answer to a request the controller will not take because the proxy is stopping.
+fn not_applied() -> Response {
+    Response::error(ErrorBody::new(
+        "internal",
+        "the proxy is shutting down; this command was not applied",
+    ))
 }
 
 /// Rebinds the plaintext listeners to a new address list; implemented by the app.
@@ -79,6 +94,8 @@ pub type RebindFuture<'a> =
 
 pub struct Controller {
     rx: mpsc::Receiver<Msg>,
+    /// Fired when the proxy stops: the controller finishes what it is doing and ends.
+    stop: Option<Shutdown>,
     rebind: Option<Arc<dyn Rebind>>,
     handle: StateHandle,
     parts: Parts,
@@ -173,6 +190,7 @@ impl Controller {
         let overrun_noted = false;
         let controller = Controller {
             rx,
+            stop: None,
             rebind: None,
             handle: handle.clone(),
             parts,
@@ -199,7 +217,15 @@ impl Controller {
         self.rebind = Some(rebind);
     }
 
+    /// Ends the controller once `stop` fires, after the work in hand: a command it has begun
+    /// (its state write under way) is finished and answered, since it may already be saved,
+    /// and every one it has not begun is refused as not applied.
+    pub fn stop_on(&mut self, stop: Shutdown) {
+        self.stop = Some(stop);
+    }
+
     pub async fn run(mut self) {
+        let mut stop = self.stop.take();
         let now = self.clock.now();
         // What happened while the proxy was down is told now: a window that ended, one that
         // started, an announced end that passed. Nothing records what was told before, so
@@ -236,12 +262,18 @@ impl Controller {
             });
         self.window_events(taken_over);
         loop {
+            // Checked before each message, not only raced with it: once the stop has begun,
+            // no further command is applied, however many wait.
+            if stop.as_ref().is_some_and(Shutdown::is_fired) {
+                break;
+            }
             let overrun_at = self.pending_overrun().map(|t| self.clock.until(t));
             let edge = self
                 .state
                 .next_edge(self.published_at)
                 .map(|t| self.clock.until(t));
             tokio::select! {
+                () = stopped(&mut stop) => break,
                 _ = sleep_capped(edge), if edge.is_some() => self.on_edge().await,
                 msg = self.rx.recv() => match msg {
                     Some(Msg::Control { req: Request::Reload, by, reply }) => {
@@ -262,6 +294,21 @@ impl Controller {
                 Some(flip) = self.flips_rx.recv() => self.on_flip(flip).await,
                 _ = sleep_capped(overrun_at), if overrun_at.is_some() => self.note_overrun().await,
             }
+        }
+        self.refuse_the_rest();
+    }
+
+    /// Answers every request still waiting, and the reloads still reading, as not applied.
+    fn refuse_the_rest(&mut self) {
+        self.rx.close();
+        while let Ok(msg) = self.rx.try_recv() {
+            if let Msg::Control { reply, .. } = msg {
+                let _ = reply.send(not_applied());
+            }
+        }
+        let reloads = std::mem::take(&mut self.reloads);
+        for (_, reply) in reloads.current.into_iter().chain(reloads.next) {
+            let _ = reply.send(not_applied());
         }
     }
 
@@ -938,6 +985,14 @@ fn instance_name() -> String {
 async fn sleep_capped(wait: Option<Duration>) {
     const CAP: Duration = Duration::from_secs(60);
     tokio::time::sleep(wait.unwrap_or_default().min(CAP)).await;
+}
+
+/// Resolves when `stop` fires; never when there is none to fire (a controller under test).
+async fn stopped(stop: &mut Option<Shutdown>) {
+    match stop {
+        Some(s) => s.fired().await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]
