@@ -299,6 +299,8 @@ pub struct Running {
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let pages = Pages::load(&config.maintenance.pages)?;
     let persisted = store::load(&config.control.state_file)?;
+    // Found now, not at the first `ctl on` of an incident, refused as not saved.
+    store::probe(&config.control.state_file)?;
     if let Some(p) = &persisted.planned {
         tracing::warn!(since = %p.since.rfc3339(), by = %p.by, "maintenance is on (restored from the state file)");
     }

@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use intermission::config::Config;
 use intermission::hold::pages::Pages;
+use intermission::state::store;
 use intermission::tls::TlsError;
 
 mod ctl;
@@ -216,14 +217,17 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     });
     let client =
         intermission::tls::client_config(&c.upstream).map_err(|e| format!("upstream: {e}"));
-    let pages = match (pages, server, client) {
-        (Ok(pages), Ok(_), Ok(_)) => pages,
-        (pages, server, client) => {
+    // As the user who runs `check`: the proxy's own may differ (said in the README).
+    let state = store::probe(&c.control.state_file).map_err(|e| e.to_string());
+    let pages = match (pages, server, client, state) {
+        (Ok(pages), Ok(_), Ok(_), Ok(())) => pages,
+        (pages, server, client, state) => {
             let problems: Vec<String> = pages
                 .err()
                 .into_iter()
                 .chain(server.err().into_iter().flatten())
                 .chain(client.err())
+                .chain(state.err())
                 .collect();
             let n = problems.len();
             let s = if n == 1 { "" } else { "s" };

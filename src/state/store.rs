@@ -24,6 +24,12 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("control.state_file: cannot write in the folder of {} ({source}), so every change would be refused as not saved; let the proxy's user write there, or name another path", path.display())]
+    Unwritable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot write state file {}: {source}", path.display())]
     Write {
         path: PathBuf,
@@ -80,6 +86,37 @@ fn keep_newer(path: &Path, bytes: &[u8], version: u32) {
     );
 }
 
+/// Whether the state file can be written where it is: a file is made and removed beside it,
+/// in the folder the save makes its temporary file in, as the running user. Under a name of
+/// its own (`create_new`), never the save's: a `check` beside a running proxy must not cut
+/// short the temporary file of a save under way.
+pub fn probe(path: &Path) -> Result<(), StoreError> {
+    let err = |source| StoreError::Unwritable {
+        path: path.to_path_buf(),
+        source,
+    };
+    let probe = beside(path, &format!("probe-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(err)?;
+    std::fs::remove_file(&probe).map_err(err)
+}
+
+/// `.{name}.{suffix}` in the folder of `path`.
+fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dir.join(format!(".{name}.{suffix}"))
+}
+
 /// Writes `state` so that a crash at any moment leaves either the old or the new file whole.
 /// Blocking: call it off the async workers.
 pub fn save(path: &Path, state: &Persisted) -> Result<(), StoreError> {
@@ -93,11 +130,7 @@ pub fn save(path: &Path, state: &Persisted) -> Result<(), StoreError> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
+    let tmp = beside(path, "tmp");
     let mut f = std::fs::File::create(&tmp).map_err(err)?;
     f.write_all(&json).map_err(err)?;
     f.sync_all().map_err(err)?;
