@@ -47,7 +47,16 @@ pub fn run(
         Err(e) => return fail(3, "no_answer", format!("cannot start: {e}")),
     };
     let answer = runtime.block_on(async {
-        tokio::time::timeout(ANSWER_TIMEOUT, client::request(&socket, &req)).await
+        let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
+        let connected = tokio::time::timeout_at(deadline, client::Client::connect(&socket)).await;
+        let mut proxy = match connected {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Ok(Err(e)),
+            Err(_) => return Err(false),
+        };
+        tokio::time::timeout_at(deadline, proxy.request(&req))
+            .await
+            .map_err(|_| true)
     });
     let resp = match answer {
         Ok(Ok(r)) => r,
@@ -56,15 +65,21 @@ pub fn run(
         }
         // The exchange broke off or made no sense: no answer from the proxy either.
         Ok(Err(e)) => return fail(3, "no_answer", e.to_string()),
-        Err(_) => {
-            return fail(
-                3,
-                "no_answer",
+        Err(sent) => {
+            let socket = socket.display();
+            let limit = ANSWER_TIMEOUT.as_secs();
+            // A stopped or stalled proxy reads the request when it runs again, and applies
+            // it then: "did not answer" alone read as "nothing happened".
+            let message = if sent {
                 format!(
-                    "the proxy on {} did not answer within {ANSWER_TIMEOUT:?}",
-                    socket.display()
-                ),
-            )
+                    "the proxy on {socket} did not answer within {limit} s; the request was sent \
+                     and may still take effect when the proxy gets to it: check with \
+                     `intermission ctl status` before sending it again"
+                )
+            } else {
+                format!("the proxy on {socket} did not take the connection within {limit} s; nothing was sent")
+            };
+            return fail(3, "no_answer", message);
         }
     };
     if json {

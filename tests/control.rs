@@ -1022,3 +1022,39 @@ async fn sigterm_during_a_state_write_answers_the_command_truthfully() {
         other => panic!("`update` ended with {other:?}: {second_said}"),
     }
 }
+
+/// A proxy that is stopped (`SIGSTOP`; a hung disk does the same) leaves `ctl` waiting 15 s
+/// and exiting 3; the request was sent, and the proxy applies it once it runs again. The
+/// message says so and points to `ctl status`, where "did not answer" alone read as
+/// "nothing happened", and an operator sent the change again or gave up on it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_proxy_s_ctl_timeout_says_the_request_may_still_take_effect() {
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("[upstream]\nservers = [\"{}\"]\n", up.url());
+    let proxy = ProxyProcess::start(dir.path(), &config);
+    proxy.signal("STOP");
+    let out = bin()
+        .arg("ctl")
+        .arg("-s")
+        .arg(dir.path().join("intermission.sock"))
+        .args(["on", "--message", "late"])
+        .output()
+        .unwrap();
+    proxy.signal("CONT");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("within 15 s"), "{err}");
+    assert!(err.contains("may still take effect"), "{err}");
+    assert!(err.contains("ctl status"), "{err}");
+    // As the message says: applied once the proxy runs again.
+    let applied = wait_until_async(|| async {
+        let state = proxy.ctl(&Ctl::Status).await.unwrap().state.unwrap();
+        state.message.as_deref() == Some("late")
+    })
+    .await;
+    assert!(
+        applied,
+        "the request sent to the stopped proxy was not applied"
+    );
+}
