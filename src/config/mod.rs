@@ -318,6 +318,25 @@ impl Config {
             notify: v.notify(notify),
             log: v.log(log),
         };
+        let state_file = &config.control.state_file;
+        // The first save would replace the socket, or this very file, with the state.
+        if same_place(state_file, &config.control.socket) {
+            v.problem(
+                "control.state_file",
+                format!(
+                    "{} is control.socket's path too; the two need paths of their own",
+                    state_file.display()
+                ),
+            );
+        } else if source.is_some_and(|config_file| same_place(state_file, config_file)) {
+            v.problem(
+                "control.state_file",
+                format!(
+                    "{} is this config file; the state file is written over at every change: name another path",
+                    state_file.display()
+                ),
+            );
+        }
         let bad_listen = v.problems.iter().any(|p| p.key.contains("listen["));
         if config.proxy.listen.is_empty() && config.tls.listen.is_empty() && !bad_listen {
             v.problem(
@@ -1297,6 +1316,24 @@ fn state_file_folder(path: &Path) -> Result<(), String> {
     folder_of(path, "the state file")
 }
 
+/// Whether `a` and `b` name one file: the same file where both exist (links included), else
+/// the same name in the same folder once the folder's links are followed.
+fn same_place(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+        return (x.dev(), x.ino()) == (y.dev(), y.ino());
+    }
+    let place = |p: &Path| {
+        let folder = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let folder = std::fs::canonicalize(folder).unwrap_or_else(|_| folder.to_path_buf());
+        (folder, p.file_name().map(ToOwned::to_owned))
+    };
+    place(a) == place(b)
+}
+
 /// The longest control socket path: a Unix socket's address holds 107 bytes, and the socket
 /// is bound under a temporary name beside it (`.{name}.{pid}`, `control::server::bind`),
 /// nine bytes longer with the longest process id.
@@ -1577,6 +1614,33 @@ mod tests {
         // The file itself need not exist yet; its folder does.
         let text = "[control]\nstate_file = \"new.json\"\n";
         assert!(Config::parse(text, base, None).is_ok());
+    }
+
+    /// A state file on the control socket's path or on the config file itself would be
+    /// written over by the first save: refused, naming the keys.
+    #[test]
+    fn the_state_file_has_a_path_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        for (text, says) in [
+            (
+                "[control]\nsocket = \"im.sock\"\nstate_file = \"./im.sock\"\n",
+                "control.socket",
+            ),
+            (
+                "[control]\nstate_file = \"config.toml\"\n",
+                "this config file",
+            ),
+        ] {
+            std::fs::write(&config, text).unwrap();
+            let p = match Config::load_file(&config) {
+                Err(ConfigError::Invalid { problems, .. }) => problems,
+                other => panic!("{text}: {other:?}"),
+            };
+            assert_eq!(p.len(), 1, "{p:?}");
+            assert_eq!(p[0].key, "control.state_file");
+            assert!(p[0].message.contains(says), "{}", p[0].message);
+        }
     }
 
     /// What would stop the control socket being made at start is found by `check` and reload.
