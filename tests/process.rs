@@ -328,6 +328,24 @@ fn run_refuses_a_corrupt_state_file_saying_why_once() {
     assert_eq!(err.matches("line 1 column 2").count(), 1, "{err}");
 }
 
+/// A FIFO as the state file (a deploy script's mistake) stops the start at once, saying so,
+/// where the start waited for a writer for ever and ignored SIGTERM meanwhile.
+#[test]
+fn run_refuses_a_fifo_as_the_state_file_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n",
+    )
+    .unwrap();
+    mkfifo(&dir.path().join("intermission-state.json"));
+    let err = run_refused(dir.path(), "config.toml");
+    assert!(
+        err.contains("intermission-state.json") && err.contains("FIFO"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     let arrived = Arc::new(AtomicBool::new(false));
