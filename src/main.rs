@@ -218,7 +218,14 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     let client =
         intermission::tls::client_config(&c.upstream).map_err(|e| format!("upstream: {e}"));
     // As the user who runs `check`: the proxy's own may differ (said in the README).
-    let state = store::probe(&c.control.state_file).map_err(|e| e.to_string());
+    // Loaded as the start loads it: a corrupt file passed here and then stopped `run`.
+    let state = store::inspect(&c.control.state_file)
+        .and_then(|()| store::probe(&c.control.state_file))
+        .map_err(|e| match e {
+            // Names its key already, as the start says it.
+            e @ store::StoreError::Unwritable { .. } => e.to_string(),
+            e => format!("control.state_file: {e}"),
+        });
     let pages = match (pages, server, client, state) {
         (Ok(pages), Ok(_), Ok(_), Ok(())) => pages,
         (pages, server, client, state) => {

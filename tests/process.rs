@@ -326,6 +326,15 @@ fn run_refuses_a_corrupt_state_file_saying_why_once() {
         "{err}"
     );
     assert_eq!(err.matches("line 1 column 2").count(), 1, "{err}");
+    // `check` says it too, where it said OK and `run` then refused.
+    let (code, err) = check(&dir.path().join("config.toml"));
+    assert_eq!(code, Some(1), "{err}");
+    assert_listed(&err, "control.state_file", "corrupt");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("intermission-state.json")).unwrap(),
+        "{not json",
+        "never replaced"
+    );
 }
 
 /// A FIFO as the state file (a deploy script's mistake) stops the start at once, saying so,
@@ -342,6 +351,12 @@ fn run_refuses_a_fifo_as_the_state_file_at_once() {
     let err = run_refused(dir.path(), "config.toml");
     assert!(
         err.contains("intermission-state.json") && err.contains("FIFO"),
+        "{err}"
+    );
+    let (code, err) = check_within(&dir.path().join("config.toml")).expect("check hung");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("control.state_file") && err.contains("FIFO"),
         "{err}"
     );
 }

@@ -45,9 +45,28 @@ const MAX_STATE_BYTES: u64 = 16 << 20;
 /// The saved state, or the default when no file exists yet. Read as the operator's files are
 /// (`files::read`): a FIFO in its place blocked the start for ever, deaf to SIGTERM.
 pub fn load(path: &Path) -> Result<Persisted, StoreError> {
+    let Some((bytes, mut state)) = read(path)? else {
+        return Ok(Persisted::default());
+    };
+    if state.version > STATE_VERSION {
+        keep_newer(path, &bytes, state.version);
+        // What this build writes is its own format, whatever it read.
+        state.version = STATE_VERSION;
+    }
+    Ok(state)
+}
+
+/// Whether the start could load the state file, for `check`: read and parsed as `load`
+/// does, and nothing written (a newer version's file is not copied aside).
+pub fn inspect(path: &Path) -> Result<(), StoreError> {
+    read(path).map(drop)
+}
+
+/// The file's bytes and what they say, or `None` when there is no file yet.
+fn read(path: &Path) -> Result<Option<(Vec<u8>, Persisted)>, StoreError> {
     let bytes = match crate::files::read(path, MAX_STATE_BYTES) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Persisted::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => {
             return Err(StoreError::Read {
                 path: path.to_path_buf(),
@@ -55,17 +74,11 @@ pub fn load(path: &Path) -> Result<Persisted, StoreError> {
             })
         }
     };
-    let mut state: Persisted =
-        serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    if state.version > STATE_VERSION {
-        keep_newer(path, &bytes, state.version);
-        // What this build writes is its own format, whatever it read.
-        state.version = STATE_VERSION;
-    }
-    Ok(state)
+    let state = serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(Some((bytes, state)))
 }
 
 /// A newer version's file may hold what this one does not read, and its next save drops it:
@@ -212,6 +225,20 @@ mod tests {
         assert!(made.unwrap().success(), "mkfifo failed");
         let e = load(&path).unwrap_err().to_string();
         assert!(e.contains("state.json") && e.contains("FIFO"), "{e}");
+    }
+
+    /// `check`'s look at the file writes nothing: a newer version's file is copied aside by
+    /// the start only.
+    #[test]
+    fn inspect_reads_as_load_does_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        inspect(&path).unwrap();
+        std::fs::write(&path, r#"{"version": 7}"#).unwrap();
+        inspect(&path).unwrap();
+        assert!(!dir.path().join("state.json.v7").exists());
+        std::fs::write(&path, "{not json").unwrap();
+        assert!(inspect(&path).unwrap_err().to_string().contains("corrupt"));
     }
 
     #[test]
