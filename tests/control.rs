@@ -1058,3 +1058,41 @@ async fn a_stopped_proxy_s_ctl_timeout_says_the_request_may_still_take_effect() 
         "the request sent to the stopped proxy was not applied"
     );
 }
+
+/// An operator's reason or message with a line end in it is logged on one line: in the text
+/// log, a line end would begin a line of its own (`X) by="root"`), one that could pass for
+/// the proxy's own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_line_end_in_a_reason_does_not_forge_a_log_line() {
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("[upstream]\nservers = [\"{}\"]\n", up.url());
+    let proxy = ProxyProcess::start(dir.path(), &config);
+    let on = Ctl::On {
+        message: None,
+        until: None,
+        retry_after: None,
+        reason: Some("ticket 7\nINFO intermission: maintenance off".into()),
+    };
+    assert!(proxy.ctl(&on).await.unwrap().ok);
+    let logged = |l: &String| l.contains("maintenance on (ticket 7");
+    assert!(
+        wait_until(Duration::from_secs(10), || proxy
+            .log_lines()
+            .iter()
+            .any(logged))
+        .await,
+        "{:#?}",
+        proxy.log_lines()
+    );
+    let lines = proxy.log_lines();
+    let line = lines.iter().find(|l| logged(l)).unwrap();
+    assert!(
+        line.contains(r"ticket 7\nINFO intermission: maintenance off"),
+        "{line}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.starts_with("INFO intermission")),
+        "{lines:#?}"
+    );
+}

@@ -599,7 +599,9 @@ impl Controller {
             }
             self.state = next;
         }
-        tracing::info!(by, "{summary}");
+        // On one line: a line end in a reason or message (which may have them) would begin a
+        // line of its own in the text log, such as a forged one; the JSON log escapes it.
+        tracing::info!(by, "{}", summary.replace('\n', "\\n"));
         let message_before = self.shown_message();
         // The same clock reading as the change itself: a window ending during the state
         // file's fsync is then still due as an edge, and is tidied away by it.
