@@ -1096,3 +1096,20 @@ async fn a_line_end_in_a_reason_does_not_forge_a_log_line() {
         "{lines:#?}"
     );
 }
+
+/// A start without a state file says so, so that maintenance lost over a restart (a state file
+/// moved, a mount that failed) can be traced in the log; a start with one says nothing of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_without_a_state_file_says_so() {
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("[upstream]\nservers = [\"{}\"]\n", up.url());
+    let said = |p: &ProxyProcess| p.log_lines().iter().any(|l| l.contains("no state file at"));
+    let mut first = ProxyProcess::start(dir.path(), &config);
+    assert!(said(&first), "{:#?}", first.log_lines());
+    assert!(first.ctl(&on(None)).await.unwrap().ok);
+    first.signal("TERM");
+    assert!(first.wait_exit(Duration::from_secs(20)).is_some());
+    let second = ProxyProcess::start(dir.path(), &config);
+    assert!(!said(&second), "{:#?}", second.log_lines());
+}

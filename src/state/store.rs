@@ -46,6 +46,12 @@ const MAX_STATE_BYTES: u64 = 16 << 20;
 /// (`files::read`): a FIFO in its place blocked the start for ever, deaf to SIGTERM.
 pub fn load(path: &Path) -> Result<Persisted, StoreError> {
     let Some((bytes, mut state)) = read(path)? else {
+        // Said, so that an operator whose maintenance did not survive a restart (a state
+        // file moved, a mount that failed) finds why in the log.
+        tracing::info!(
+            "no state file at {}: starting with no maintenance on and no windows",
+            path.display()
+        );
         return Ok(Persisted::default());
     };
     if state.version > STATE_VERSION {
