@@ -164,7 +164,9 @@ fn socket_from_config(path: Option<&Path>) -> Result<PathBuf, String> {
         Some(p) => (p, true),
         None => (default, false),
     };
-    let text = match std::fs::read_to_string(file) {
+    // As `check` and `run` read it: a FIFO or `/dev/zero` named by mistake is refused at once,
+    // not waited on or read without end.
+    let text = match intermission::files::read_text(file, intermission::files::MAX_CONFIG_BYTES) {
         Ok(t) => t,
         Err(e) if !named && e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(format!("cannot read config file {}: {e}", file.display())),

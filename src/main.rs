@@ -55,8 +55,8 @@ enum Command {
         /// The control socket, instead of the one the config names
         #[arg(short, long)]
         socket: Option<PathBuf>,
-        /// Print the proxy's answer as one JSON object
-        #[arg(long)]
+        /// Print the proxy's answer as one JSON object (before or after the command)
+        #[arg(long, global = true)]
         json: bool,
         #[command(subcommand)]
         command: CtlCommand,

@@ -394,12 +394,16 @@ async fn ctl_prints_for_people_or_json_and_exits_with_the_documented_codes() {
         "{human}"
     );
 
-    // SPEC §5: the socket's `state` is "the same object as `ctl status --json`".
+    // SPEC §5: the socket's `state` is "the same object as `ctl status --json`", however
+    // the flag is placed (as people type it: after the command, too).
     let out = run(&["--json", "status"]);
     assert_eq!(out.status.code(), Some(0));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["mode"], "maintenance");
     assert_eq!(v["reason"], "ticket 1234");
+    let after = run(&["status", "--json"]);
+    assert_eq!(after.status.code(), Some(0));
+    assert_eq!(after.stdout, out.stdout);
     let socket = dir.path().join("intermission.sock");
     let mut c = intermission::control::client::Client::connect(&socket)
         .await
@@ -1112,4 +1116,42 @@ async fn a_start_without_a_state_file_says_so() {
     assert!(first.wait_exit(Duration::from_secs(20)).is_some());
     let second = ProxyProcess::start(dir.path(), &config);
     assert!(!said(&second), "{:#?}", second.log_lines());
+}
+
+/// `ctl` reads no more than it can use: a config named by mistake that is a device or a FIFO
+/// is refused at once (as `check` and `run` refuse it), and whatever listens on the socket
+/// cannot make it grow without end by sending a line that never ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctl_reads_within_bounds() {
+    let out = bin()
+        .args(["ctl", "-c", "/dev/zero", "status"])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("/dev/zero"), "{said}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("endless.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let endless = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let (mut s, _) = listener.accept().await.unwrap();
+        let chunk = vec![b'x'; 1 << 20];
+        while s.write_all(&chunk).await.is_ok() {}
+    });
+    let out = tokio::task::spawn_blocking(move || {
+        bin()
+            .args(["ctl", "-s"])
+            .arg(&path)
+            .arg("status")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    endless.abort();
+    assert_ne!(out.status.code(), Some(0));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("longer than"), "{said}");
 }

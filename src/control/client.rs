@@ -2,7 +2,7 @@
 
 use super::protocol::{Request, Response};
 use std::path::Path;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +18,10 @@ pub enum ClientError {
     #[error("the proxy sent an answer that is not understood: {0}")]
     Protocol(String),
 }
+
+/// The longest answer taken: the largest status (500 windows and 50 updates of 2,000
+/// characters each) is a few MiB.
+const MAX_ANSWER: u64 = 64 << 20;
 
 /// A connection that can carry many requests.
 pub struct Client {
@@ -50,8 +54,14 @@ impl Client {
         // and close, which fails the rest of the write; its answer is then already waiting
         // here, and it is the one that matters.
         let mut answer = String::new();
-        let read = self.reader.read_line(&mut answer).await;
+        // Bounded: whatever listens on the socket (not always the proxy) could send without
+        // end, and `ctl` would grow with it.
+        let mut capped = (&mut self.reader).take(MAX_ANSWER);
+        let read = capped.read_line(&mut answer).await;
         match (read, sent) {
+            (Ok(_), _) if answer.len() as u64 >= MAX_ANSWER && !answer.ends_with('\n') => Err(
+                ClientError::Protocol(format!("an answer longer than {MAX_ANSWER} bytes")),
+            ),
             (Ok(n), _) if n > 0 => Ok(answer),
             // Nothing came back: the failed write is what went wrong.
             (_, Err(e)) | (Err(e), Ok(())) => Err(e.into()),
