@@ -222,7 +222,9 @@ struct Immutable(std::path::PathBuf);
 
 impl Immutable {
     fn make(folder: &std::path::Path) -> Option<Immutable> {
-        if !tool_present("chattr", "--help", "e2fsprogs") {
+        // `chattr` exits 1 to any question without a file; its package's `lsattr -V` says
+        // whether it is installed.
+        if !tool_present("lsattr", "-V", "e2fsprogs") {
             return None;
         }
         let made = Command::new("chattr")
