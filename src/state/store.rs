@@ -155,10 +155,27 @@ pub fn save(path: &Path, state: &Persisted) -> Result<(), StoreError> {
         _ => Path::new("."),
     };
     let tmp = beside(path, "tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    f.write_all(&json).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    drop(f);
+    // Whatever is in the temporary file's place (a failed save's leftover, or a symlink put
+    // there, which `File::create` would write through, onto its target) goes first; the file
+    // is then made new. What cannot go is named, not the state file.
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(StoreError::Write { path: tmp, source }),
+    }
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(&json)?;
+            f.sync_all()
+        });
+    if let Err(e) = written {
+        // A full disk's partial file is not left behind.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e));
+    }
     std::fs::rename(&tmp, path).map_err(err)?;
     // The new file is in place; failing to sync the folder only weakens crash safety, and
     // reporting the change as not made would be false.
@@ -171,6 +188,25 @@ pub fn save(path: &Path, state: &Persisted) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A symlink in the temporary file's place is replaced, never written through onto its
+    /// target; a folder there is named in the error, not the state file.
+    #[test]
+    fn what_stands_in_the_temporary_files_place_is_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep me").unwrap();
+        let tmp = dir.path().join(".state.json.tmp");
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        save(&path, &Persisted::default()).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+        assert_eq!(load(&path).unwrap(), Persisted::default());
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+        std::fs::create_dir(&tmp).unwrap();
+        let e = save(&path, &Persisted::default()).unwrap_err().to_string();
+        assert!(e.contains(".state.json.tmp"), "{e}");
+    }
 
     #[test]
     fn missing_file_is_the_default_state() {
