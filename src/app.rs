@@ -292,6 +292,10 @@ pub struct Running {
     admin: Option<(Trigger, JoinHandle<()>)>,
     /// Kept until the drain is over: the connections being drained run on them.
     workers: Arc<Workers>,
+    /// The state file's lock (`store::lock`), let go once the controller has stopped, so that
+    /// a new instance started during the drain (its control socket is gone already) can take
+    /// the state file over, as it takes the socket.
+    state_lock: std::fs::File,
 }
 
 /// Loads pages and state, binds every listener and the control socket, and starts serving.
@@ -301,6 +305,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let persisted = store::load(&config.control.state_file)?;
     // Found now, not at the first `ctl on` of an incident, refused as not saved.
     store::probe(&config.control.state_file)?;
+    let state_lock = store::lock(&config.control.state_file)?;
     if let Some(p) = &persisted.planned {
         tracing::warn!(since = %p.since.rfc3339(), by = %p.by, "maintenance is on (restored from the state file)");
     }
@@ -373,6 +378,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         draining,
         admin,
         workers,
+        state_lock,
     })
 }
 
@@ -433,6 +439,7 @@ impl Running {
                 let _ = task.await;
             }
         }
+        drop(self.state_lock);
         drop(self.listeners);
         let drained = drain(
             self.drain,

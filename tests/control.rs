@@ -185,6 +185,21 @@ async fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
     drop(first);
 }
 
+/// A second proxy on another socket but the same state file refuses to start: each would
+/// overwrite the other's changes, and a restart would bring back the other's state.
+#[tokio::test]
+async fn a_second_proxy_on_the_same_state_file_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = ProxyProcess::start(dir.path(), "");
+    let cfg = dir.path().join("second.toml");
+    std::fs::write(&cfg, "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[control]\nsocket = \"second.sock\"\nstate_file = \"intermission-state.json\"\n").unwrap();
+    let out = bin().args(["run", "-c"]).arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("in use by another intermission"), "{said}");
+    drop(first);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn maintenance_survives_kill_9() {
     let up = echo_upstream().await;

@@ -30,6 +30,14 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("control.state_file: {} is in use by another intermission, which holds {}: give each instance a state file of its own (each would overwrite the other's changes)", path.display(), lock.display())]
+    InUse { path: PathBuf, lock: PathBuf },
+    #[error("control.state_file: cannot lock {}: {source}", lock.display())]
+    Lock {
+        lock: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot write state file {}: {source}", path.display())]
     Write {
         path: PathBuf,
@@ -128,6 +136,31 @@ pub fn probe(path: &Path) -> Result<(), StoreError> {
     std::fs::remove_file(&probe).map_err(err)
 }
 
+/// Holds the state file for this process while the returned file is open: two proxies
+/// sharing one state file overwrite each other's changes (a restart then brings back the
+/// other's state), and their saves race for the temporary file. An advisory lock (`flock`)
+/// on a file beside it, which the kernel lets go when the process dies, however it dies.
+pub fn lock(path: &Path) -> Result<std::fs::File, StoreError> {
+    let lock = beside(path, "lock");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock)
+        .map_err(|source| StoreError::Lock {
+            lock: lock.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse {
+            path: path.to_path_buf(),
+            lock,
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(StoreError::Lock { lock, source }),
+    }
+}
+
 /// `.{name}.{suffix}` in the folder of `path`.
 fn beside(path: &Path, suffix: &str) -> PathBuf {
     let dir = match path.parent() {
@@ -206,6 +239,17 @@ mod tests {
         std::fs::create_dir(&tmp).unwrap();
         let e = save(&path, &Persisted::default()).unwrap_err().to_string();
         assert!(e.contains(".state.json.tmp"), "{e}");
+    }
+
+    #[test]
+    fn a_state_file_is_held_by_one_process_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let held = lock(&path).unwrap();
+        let e = lock(&path).unwrap_err().to_string();
+        assert!(e.contains("in use by another intermission"), "{e}");
+        drop(held);
+        assert!(lock(&path).is_ok(), "let go when the holder closes it");
     }
 
     #[test]
