@@ -151,13 +151,17 @@ pub fn lock(path: &Path) -> Result<std::fs::File, StoreError> {
             lock: lock.clone(),
             source,
         })?;
-    match file.try_lock() {
+    use rustix::fs::{flock, FlockOperation};
+    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse {
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(StoreError::InUse {
             path: path.to_path_buf(),
             lock,
         }),
-        Err(std::fs::TryLockError::Error(source)) => Err(StoreError::Lock { lock, source }),
+        Err(e) => Err(StoreError::Lock {
+            lock,
+            source: e.into(),
+        }),
     }
 }
 
