@@ -127,7 +127,7 @@ pub fn probe(path: &Path) -> Result<(), StoreError> {
         path: path.to_path_buf(),
         source,
     };
-    let probe = beside(path, &format!("probe-{}", std::process::id()));
+    let probe = beside(&followed(path), &format!("probe-{}", std::process::id()));
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -165,6 +165,22 @@ pub fn lock(path: &Path) -> Result<std::fs::File, StoreError> {
     }
 }
 
+/// The file `path` names, through symlinks (a few levels; one that names no file yet is
+/// followed too, as the first save will make it); `path` itself when it is none.
+fn followed(path: &Path) -> PathBuf {
+    let mut at = path.to_path_buf();
+    for _ in 0..8 {
+        let Ok(target) = std::fs::read_link(&at) else {
+            break;
+        };
+        at = match at.parent() {
+            Some(dir) if target.is_relative() => dir.join(target),
+            _ => target,
+        };
+    }
+    at
+}
+
 /// `.{name}.{suffix}` in the folder of `path`.
 fn beside(path: &Path, suffix: &str) -> PathBuf {
     let dir = match path.parent() {
@@ -185,6 +201,10 @@ pub fn save(path: &Path, state: &Persisted) -> Result<(), StoreError> {
         path: path.to_path_buf(),
         source,
     };
+    // Through a symlink to the file it names: renamed over, the link itself would become a
+    // regular file, and the file it named (on a volume that outlives the container, say)
+    // would keep the old state for the next start to restore.
+    let path = &followed(path);
     let mut json = serde_json::to_vec_pretty(state).map_err(|e| err(std::io::Error::other(e)))?;
     json.push(b'\n');
     let dir = match path.parent() {
@@ -243,6 +263,29 @@ mod tests {
         std::fs::create_dir(&tmp).unwrap();
         let e = save(&path, &Persisted::default()).unwrap_err().to_string();
         assert!(e.contains(".state.json.tmp"), "{e}");
+    }
+
+    /// A state file that is a symlink (to a volume that outlives the container, say) is saved
+    /// through it: the link stays, and the file it names holds the new state.
+    #[test]
+    fn a_symlinked_state_file_is_saved_through_its_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = dir.path().join("volume");
+        std::fs::create_dir(&volume).unwrap();
+        let real = volume.join("state.json");
+        let link = dir.path().join("state.json");
+        std::os::unix::fs::symlink("volume/state.json", &link).unwrap();
+        let on = Persisted {
+            force_open: true,
+            ..Persisted::default()
+        };
+        // Named by the link before the file exists, and after.
+        for _ in 0..2 {
+            save(&link, &on).unwrap();
+            assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+            assert_eq!(load(&real).unwrap(), on);
+        }
+        probe(&link).unwrap();
     }
 
     #[test]
