@@ -1030,7 +1030,8 @@ async fn sigterm_during_a_state_write_answers_the_command_truthfully() {
     let message = state.message.unwrap_or_default();
     match second.status.code() {
         Some(0) => assert_eq!(message, "second", "`update` said done, yet is not in force"),
-        // Refused by the stopping controller, or sent once the socket was gone.
+        // Refused by the stopping controller (or by its connection, the request still on
+        // its way when the stop began), or sent once the socket was gone.
         Some(1 | 3) => {
             assert!(
                 second_said.contains("not applied") || second_said.contains("no proxy answered"),

@@ -142,10 +142,16 @@ async fn connection(stream: UnixStream, controller: ControllerHandle, mut stop: 
         let read = tokio::select! {
             // A request already sent is taken first, to be answered (refused as not applied
             // once the controller has stopped); only a connection waiting for its next one
-            // is closed by the stop.
+            // is closed by the stop, saying so: a client whose request was on its way (it
+            // connected as the stop began) reads that it was not applied, not a bare close
+            // that says nothing of it.
             biased;
             read = tokio::time::timeout_at(deadline, capped.read_until(b'\n', &mut line)) => read,
-            () = stop.fired() => return,
+            () = stop.fired() => {
+                let why = "the proxy is shutting down; this command was not applied".to_owned();
+                closing(&mut w, "internal", why).await;
+                return;
+            }
         };
         match read {
             Ok(Ok(0) | Err(_)) => return,
@@ -289,6 +295,26 @@ mod tests {
         let resp: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(resp["error"]["code"], "idle", "{line}");
         assert_eq!(lines.next_line().await.unwrap(), None, "closed");
+        served.await.unwrap();
+    }
+
+    /// A connection waiting for its request when the proxy stops says the request was not
+    /// applied before it closes: its client may have sent one as the stop began.
+    #[tokio::test]
+    async fn a_stop_tells_a_waiting_connection_nothing_was_applied() {
+        let (client, server) = UnixStream::pair().unwrap();
+        let (trigger, stop) = crate::shutdown::channel();
+        let served = tokio::spawn(connection(server, ControllerHandle::detached(), stop));
+        trigger.fire();
+        let mut lines = BufReader::new(client).lines();
+        let line = lines.next_line().await.unwrap().unwrap();
+        let resp: Response = serde_json::from_str(&line).unwrap();
+        assert!(!resp.ok);
+        assert!(
+            resp.error.unwrap().message.contains("not applied"),
+            "{line}"
+        );
+        assert!(lines.next_line().await.unwrap().is_none(), "then closed");
         served.await.unwrap();
     }
 
