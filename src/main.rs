@@ -133,9 +133,16 @@ fn main() -> ExitCode {
                 && args.iter().any(|a| a == "ctl")
                 && args.iter().any(|a| a == "--json")
             {
+                // The error's first paragraph, on one line: its first line alone can end in
+                // "were not provided:", the arguments it means on the lines after it.
                 let text = e.to_string();
-                let first = text.lines().next().unwrap_or_default();
-                ctl::print_failure("bad_usage", first.trim_start_matches("error: "));
+                let said: Vec<&str> = text
+                    .lines()
+                    .map(str::trim)
+                    .take_while(|line| !line.is_empty())
+                    .collect();
+                let said = said.join(" ");
+                ctl::print_failure("bad_usage", said.trim_start_matches("error: "));
             }
             e.exit()
         }

@@ -573,6 +573,14 @@ async fn ctl_commands_do_what_they_name_and_bad_times_are_bad_usage() {
         assert_eq!(v["ok"], false);
         assert_eq!(v["error"]["code"], "bad_usage");
     }
+    // A missing argument is named in the JSON too, not only on stderr.
+    let (code, v, _) = run(&["--json", "schedule", "add"]);
+    assert_eq!(code, Some(2));
+    let said = v.unwrap()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(said.contains("--start") && said.contains("--end"), "{said}");
     assert_eq!(status()["mode"], "normal", "nothing was sent");
 
     // An offset is honoured: two hours from now written at +01:00 is one hour later on the
