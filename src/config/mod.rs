@@ -1033,9 +1033,9 @@ impl Validator<'_> {
             ("maintenance.message", &f.message),
             ("maintenance.outage_message", &f.outage_message),
         ] {
-            if let Some(why) = crate::state::mode::text_problem("message", message.trim()) {
-                // Said of the key: "must not be empty…", "contains…", "is longer…".
-                self.problem(key, why.trim_start_matches("message ").to_owned());
+            let text = crate::state::mode::Text::Message;
+            if let Some(why) = crate::state::mode::text_problem(text, message.trim()) {
+                self.problem(key, why);
             }
         }
         let mut retry_after = |key: &str, text: &DurationText| {
@@ -1419,7 +1419,7 @@ fn parse_status_ranges(text: &str) -> Result<Vec<(u16, u16)>, String> {
 /// (`port_u16()` is then `None`), and a connector then falls back to the scheme's default
 /// port, so `:80800` would reach whatever listens on port 80. Only digits: Rust reads `+80`
 /// as 80, which no one writes meaning a port.
-fn bad_port(authority: &http::uri::Authority) -> Option<&str> {
+pub(crate) fn bad_port(authority: &http::uri::Authority) -> Option<&str> {
     authority
         .as_str()
         .strip_prefix(authority.host())

@@ -185,15 +185,12 @@ pub fn check_origin(text: &str) -> Result<(), String> {
     if rest.contains('@') || host.is_empty() {
         return Err(format!("{text:?} has no valid host"));
     }
-    let port = rest.strip_prefix(host).and_then(|p| p.strip_prefix(':'));
-    match port {
-        Some(p)
-            if !p.bytes().all(|b| b.is_ascii_digit()) || !matches!(p.parse::<u16>(), Ok(1..)) =>
-        {
-            return Err(format!("{text:?} has no valid port"));
-        }
-        Some(p) if p == default => return Err(as_sent(host)),
-        _ => {}
+    // The rule of servers' and webhooks' ports; and a default port, which browsers leave out.
+    if crate::config::bad_port(&authority).is_some() {
+        return Err(format!("{text:?} has no valid port"));
+    }
+    if authority.port().is_some_and(|p| p.as_str() == default) {
+        return Err(as_sent(host));
     }
     if host.ends_with('.') {
         return Err(as_sent(&rest.replacen(host, host.trim_end_matches('.'), 1)));

@@ -155,33 +155,52 @@ pub const MAX_WINDOWS: usize = 500;
 /// The longest message (and reason) accepted, in characters: a page, not a novel.
 pub const MAX_MESSAGE_CHARS: usize = 2000;
 
-/// What is wrong with an operator's text (`what`: "message" or "reason"), trimmed: more than
-/// `MAX_MESSAGE_CHARS`, a control character but line ends and tabs (which no page shows, and
-/// which the log and terminals would act on), or, for a message, nothing anyone could see
+/// An operator's text: a message must say something, a reason may be blank (it is then none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Text {
+    Message,
+    Reason,
+}
+
+/// What is wrong with an operator's text, trimmed, said of it ("must not be empty…"): more
+/// than `MAX_MESSAGE_CHARS`, a control character but line ends and tabs (which no page shows,
+/// and which the log and terminals would act on), or, for a message, nothing anyone could see
 /// (only spaces and invisible format characters such as U+200B). The config's messages and
 /// the control socket's are held to the same.
-pub fn text_problem(what: &str, text: &str) -> Option<String> {
+pub fn text_problem(kind: Text, text: &str) -> Option<String> {
     let invisible = |c: char| {
         c.is_whitespace()
             || c.is_control()
             || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}' | '\u{00AD}')
     };
-    if what == "message" && text.chars().all(invisible) {
-        return Some(format!("{what} must not be empty: it is what people read"));
+    if kind == Text::Message && text.chars().all(invisible) {
+        return Some("must not be empty: it is what people read".to_owned());
     }
     if let Some(c) = text
         .chars()
         .find(|&c| c.is_control() && c != '\n' && c != '\t')
     {
         return Some(format!(
-            "{what} contains the control character U+{:04X}",
+            "contains the control character U+{:04X}",
             u32::from(c)
         ));
     }
-    (text.chars().count() > MAX_MESSAGE_CHARS).then(|| {
-        format!("{what} is longer than {MAX_MESSAGE_CHARS} characters: a page, not a novel")
-    })
+    (text.chars().count() > MAX_MESSAGE_CHARS)
+        .then(|| format!("is longer than {MAX_MESSAGE_CHARS} characters: a page, not a novel"))
 }
+
+/// `text_problem` as the control socket refuses it, naming the field.
+fn check_text(kind: Text, text: &str) -> Result<(), ChangeError> {
+    let name = match kind {
+        Text::Message => "message",
+        Text::Reason => "reason",
+    };
+    match text_problem(kind, text) {
+        Some(why) => Err(ChangeError::BadValue(format!("{name} {why}"))),
+        None => Ok(()),
+    }
+}
+
 /// An announced end further ahead than this is a typo, not a plan.
 pub const MAX_AHEAD: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Clients told to wait longer than this would not come back.
@@ -251,8 +270,8 @@ impl Persisted {
                 let reason = reason
                     .map(|r| r.trim().to_owned())
                     .filter(|r| !r.is_empty());
-                if let Some(why) = reason.as_deref().and_then(|r| text_problem("reason", r)) {
-                    return Err(ChangeError::BadValue(why));
+                if let Some(r) = &reason {
+                    check_text(Text::Reason, r)?;
                 }
                 let planned = next.planned.get_or_insert_with(|| Planned {
                     since: Timestamp(now),
@@ -304,9 +323,7 @@ impl Persisted {
 
     fn set_message(&mut self, message: String, now: SystemTime) -> Result<(), ChangeError> {
         let message = message.trim().to_owned();
-        if let Some(why) = text_problem("message", &message) {
-            return Err(ChangeError::BadValue(why));
-        }
+        check_text(Text::Message, &message)?;
         if self.message.as_deref() != Some(message.as_str()) {
             self.updates.push(Update {
                 at: Timestamp(now),
@@ -388,8 +405,8 @@ impl Persisted {
             )));
         }
         let message = message.map(|m| m.trim().to_owned());
-        if let Some(why) = message.as_deref().and_then(|m| text_problem("message", m)) {
-            return Err(ChangeError::BadValue(why));
+        if let Some(m) = &message {
+            check_text(Text::Message, m)?;
         }
         let id = self.next_window_id.max(1);
         self.next_window_id = id + 1;

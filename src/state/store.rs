@@ -181,12 +181,17 @@ fn followed(path: &Path) -> PathBuf {
     at
 }
 
-/// `.{name}.{suffix}` in the folder of `path`.
-fn beside(path: &Path, suffix: &str) -> PathBuf {
-    let dir = match path.parent() {
+/// The folder `path` is in (`.` for a bare name).
+fn folder(path: &Path) -> &Path {
+    match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
-    };
+    }
+}
+
+/// `.{name}.{suffix}` in the folder of `path`.
+fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let dir = folder(path);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -207,10 +212,7 @@ pub fn save(path: &Path, state: &Persisted) -> Result<(), StoreError> {
     let path = &followed(path);
     let mut json = serde_json::to_vec_pretty(state).map_err(|e| err(std::io::Error::other(e)))?;
     json.push(b'\n');
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = folder(path);
     let tmp = beside(path, "tmp");
     // Whatever is in the temporary file's place (a failed save's leftover, or a symlink put
     // there, which `File::create` would write through, onto its target) goes first; the file
