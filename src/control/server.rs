@@ -150,6 +150,12 @@ async fn connection(stream: UnixStream, controller: ControllerHandle, mut stop: 
             () = stop.fired() => {
                 let why = "the proxy is shutting down; this command was not applied".to_owned();
                 closing(&mut w, "internal", why).await;
+                // Closed with the client's request unread, the socket would be reset, and the
+                // client could lose this answer with it: what it sends is read and dropped
+                // until it closes, for a moment at most.
+                let mut sink = tokio::io::sink();
+                let drop_rest = tokio::io::copy(&mut capped, &mut sink);
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drop_rest).await;
                 return;
             }
         };
