@@ -493,17 +493,26 @@ pub async fn run_until_signal(config: Config) -> Result<(), RunError> {
     // Handlers first: a signal during start must not kill the process. A SIGTERM then stops
     // it as soon as it has started.
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let terminate = shutdown::terminate_signal()?;
+    let mut terminate = shutdown::Terminate::new()?;
     let running = start(config).await?;
-    tokio::pin!(terminate);
     let name = loop {
         tokio::select! {
-            sig = &mut terminate => break sig,
+            sig = terminate.recv() => break sig,
             _ = hup.recv() => running.reload(),
         }
     };
-    tracing::info!("{name} received; shutting down");
-    running.shutdown().await;
+    tracing::info!("{name} received; shutting down (send it again to stop at once)");
+    // A second signal ends the drain: an operator who cannot wait out `shutdown_timeout`
+    // (a tunnel open for minutes, a request that hangs) is not left with SIGKILL, which
+    // would leave the control socket and the state lock behind. Dropping the shutdown
+    // drops what it owns (the socket unbound, the lock let go); the process then exits and
+    // the connections still open are closed with it, as nginx's fast stop does.
+    tokio::select! {
+        _ = running.shutdown() => {}
+        sig = terminate.recv() => {
+            tracing::warn!("{sig} received again; stopping now, closing the connections still open");
+        }
+    }
     Ok(())
 }
 

@@ -32,20 +32,31 @@ impl Shutdown {
     }
 }
 
-/// Installs the SIGTERM and SIGINT handlers at once, and returns the wait for either, which
-/// says which came. Installed before the proxy starts, not when the wait is first polled
-/// after it: a signal during start is then kept for a graceful stop, where the default action
-/// would kill the process and leave its control socket behind.
-pub fn terminate_signal() -> std::io::Result<impl std::future::Future<Output = &'static str>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
+/// The SIGTERM and SIGINT handlers, installed at once by `new`. Installed before the proxy
+/// starts, not when first waited on after it: a signal during start is then kept for a
+/// graceful stop, where the default action would kill the process and leave its control
+/// socket behind. Kept through the drain, so that a second signal can cut it short.
+pub struct Terminate {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Terminate {
+    pub fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Terminate {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The next SIGTERM or SIGINT, named.
+    pub async fn recv(&mut self) -> &'static str {
         tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
         }
-    })
+    }
 }
 
 /// The open client connections, and the request that they finish: each connection holds a

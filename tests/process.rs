@@ -1035,6 +1035,40 @@ async fn a_tunnel_still_open_at_shutdown_timeout_is_closed() {
     );
 }
 
+/// A second SIGTERM ends the drain at once: an operator who cannot wait out
+/// `shutdown_timeout` (here a tunnel that stays open) stops the proxy cleanly, its control
+/// socket removed, where before only SIGKILL did, leaving the socket behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_sigterm_stops_the_drain_at_once() {
+    use tokio::io::AsyncReadExt;
+    let (_up, dir, proxy) = tunnelling_proxy("1h").await;
+    let mut tunnel = open_tunnel(proxy.addr).await;
+    proxy.signal("TERM");
+    assert!(stops_accepting(proxy.addr).await, "still accepting");
+    assert!(
+        echoes(&mut tunnel, "during the drain").await,
+        "the drain cut an open tunnel"
+    );
+    let again = std::time::Instant::now();
+    proxy.signal("TERM");
+    let (status, waited) = exit_after(proxy, again).await;
+    assert_eq!(
+        status.map(|s| s.code()),
+        Some(Some(0)),
+        "a second SIGTERM did not stop the draining proxy with exit 0 (waited {waited:?})"
+    );
+    assert!(
+        !dir.path().join("intermission.sock").exists(),
+        "the control socket was left behind"
+    );
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut rest)).await;
+    assert!(
+        read.is_ok(),
+        "the tunnel was left open after the process exited"
+    );
+}
+
 /// mimalloc turns transparent huge pages off for the process as it starts
 /// (`.cargo/config.toml`): where a host has them `always` on, they back its arenas with
 /// 2 MiB pages from their first byte, and the idle proxy takes 13 MiB instead of 7.
