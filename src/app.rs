@@ -283,6 +283,8 @@ pub struct Running {
     controller: ControllerHandle,
     listeners: Arc<Listeners>,
     stop_control: Trigger,
+    /// Told at each SIGHUP to find the control socket at its path again.
+    recheck_control: Arc<tokio::sync::Notify>,
     background: Vec<JoinHandle<()>>,
     drain: Arc<Drain>,
     /// Set when shutdown starts: `/readyz` answers 503 from then on, so that a load balancer
@@ -309,7 +311,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     if let Some(p) = &persisted.planned {
         tracing::warn!(since = %p.since.rfc3339(), by = %p.by, "maintenance is on (restored from the state file)");
     }
-    let control = control::server::bind(&config.control.socket, config.control.socket_mode)?;
+    let control = control::server::Bound::new(&config.control.socket, config.control.socket_mode)?;
     let socket_path = config.control.socket.clone();
     // A start that fails from here on leaves no socket behind for the next one to find.
     let unbind = Unbind(Some(socket_path.clone()));
@@ -344,14 +346,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     controller.set_rebind(listeners.clone());
     let (stop_control, control_stopped) = shutdown::channel();
     controller.stop_on(control_stopped.clone());
+    let recheck_control = Arc::new(tokio::sync::Notify::new());
     tracing::info!(socket = %socket_path.display(), "control socket ready");
     let background = vec![
         tokio::spawn(controller.run()),
         tokio::spawn(control::server::serve(
             control,
-            socket_path,
             handle.clone(),
             control_stopped,
+            recheck_control.clone(),
         )),
     ];
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
@@ -373,6 +376,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         controller: handle,
         listeners,
         stop_control,
+        recheck_control,
         background,
         drain,
         draining,
@@ -406,10 +410,12 @@ impl Running {
         &self.controller
     }
 
-    /// Asks for the config file and pages to be read again (as `ctl reload` does), and
+    /// Asks for the config file and pages to be read again (as `ctl reload` does), and for
+    /// the control socket to be bound again if its path was removed, and
     /// returns at once: the signal loop must go on hearing SIGTERM while the files are read.
     /// On error the running config stays and the controller logs the error.
     pub fn reload(&self) {
+        self.recheck_control.notify_one();
         let controller = self.controller.clone();
         tokio::spawn(async move { controller.request(Request::Reload, "SIGHUP".into()).await });
     }

@@ -1069,6 +1069,54 @@ async fn a_second_sigterm_stops_the_drain_at_once() {
     );
 }
 
+/// A control socket removed by hand, or by a cleaner of `/tmp` or `/run`, is bound again at
+/// the next SIGHUP, with its mode: `ctl` reaches the proxy again without a restart, whose
+/// drain would refuse clients. Before, only a restart brought it back.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_binds_a_removed_control_socket_again() {
+    use intermission::control::protocol::Request as Ctl;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(dir.path(), "[control]\nsocket_mode = \"0600\"\n");
+    let socket = dir.path().join("intermission.sock");
+    std::fs::remove_file(&socket).unwrap();
+    assert!(proxy.ctl(&Ctl::Status).await.is_err());
+    let told = bin()
+        .args(["ctl", "-s"])
+        .arg(&socket)
+        .arg("status")
+        .output()
+        .unwrap();
+    let told = String::from_utf8_lossy(&told.stderr);
+    assert!(told.contains("`kill -HUP` it"), "ctl said: {told}");
+    proxy.signal("HUP");
+    assert!(
+        wait_until(Duration::from_secs(10), || socket.exists()).await,
+        "SIGHUP did not bind the removed control socket again"
+    );
+    let status = proxy.ctl(&Ctl::Status).await;
+    assert!(matches!(&status, Ok(r) if r.ok), "{status:?}");
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the socket was bound again without its mode");
+    assert!(
+        proxy
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("control socket had been removed; bound again")),
+        "{:#?}",
+        proxy.log_lines()
+    );
+    // A SIGHUP with the socket in place binds nothing and says nothing about it.
+    proxy.signal("HUP");
+    assert!(proxy.ctl(&Ctl::Reload).await.is_ok());
+    let said = proxy
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains("control socket"))
+        .count();
+    assert_eq!(said, 2, "{:#?}", proxy.log_lines());
+}
+
 /// mimalloc turns transparent huge pages off for the process as it starts
 /// (`.cargo/config.toml`): where a host has them `always` on, they back its arenas with
 /// 2 MiB pages from their first byte, and the idle proxy takes 13 MiB instead of 7.

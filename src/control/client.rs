@@ -7,7 +7,7 @@ use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("no proxy answered on {path}: {source}")]
+    #[error("no proxy answered on {path}: {source}{}", hint(source))]
     NoProxy {
         path: String,
         #[source]
@@ -17,6 +17,17 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
     #[error("the proxy sent an answer that is not understood: {0}")]
     Protocol(String),
+}
+
+/// What an operator can do about a socket that is not there: a proxy whose socket file was
+/// removed binds it again at SIGHUP, which a restart (refusing clients while it drains)
+/// would otherwise be the way to.
+fn hint(e: &std::io::Error) -> &'static str {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        " (if the proxy is running, its socket file was removed: `kill -HUP` it to bind the socket again)"
+    } else {
+        ""
+    }
 }
 
 /// The longest answer taken: the largest status (500 windows and 50 updates of 2,000

@@ -10,7 +10,7 @@
 use super::protocol::{parse_request, ErrorBody, Response, MAX_LINE};
 use crate::shutdown::Shutdown;
 use crate::state::controller::ControllerHandle;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -29,9 +29,81 @@ pub enum ControlError {
     },
 }
 
+/// The bound control socket, and what is needed to find it again at its path.
+pub struct Bound {
+    listener: UnixListener,
+    path: PathBuf,
+    mode: u32,
+    /// The socket file's device and inode, to tell ours from one put at the path since.
+    id: Option<(u64, u64)>,
+}
+
+/// The device and inode of what is at `path` now, if anything.
+fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
+    std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()))
+}
+
+impl Bound {
+    /// Binds the socket at `path` with permissions `mode` (see `bind`).
+    pub fn new(path: &Path, mode: u32) -> Result<Bound, ControlError> {
+        let listener = bind(path, mode)?;
+        Ok(Bound {
+            listener,
+            path: path.to_path_buf(),
+            mode,
+            id: file_id(path).ok(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Binds again when the socket's path no longer leads to this socket: removed by hand
+    /// or by a cleaner of `/tmp` or `/run`, `ctl` cannot reach the proxy, and a restart to
+    /// get it back would refuse clients while it drains. Something else put at the path is
+    /// left alone, and said.
+    fn find_again(&mut self) {
+        match file_id(&self.path) {
+            Ok(id) if Some(id) == self.id => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                match bind(&self.path, self.mode) {
+                    Ok(listener) => {
+                        self.listener = listener;
+                        self.id = file_id(&self.path).ok();
+                        tracing::warn!(
+                            socket = %self.path.display(),
+                            "the control socket had been removed; bound again"
+                        );
+                    }
+                    Err(e) => tracing::error!(
+                        "the control socket had been removed, and cannot be bound again: {e}"
+                    ),
+                }
+            }
+            Err(e) => tracing::error!(
+                socket = %self.path.display(),
+                "the control socket cannot be checked: {e}"
+            ),
+            Ok(_) => tracing::error!(
+                socket = %self.path.display(),
+                "something else is at the control socket's path now; ctl reaches it, not this proxy"
+            ),
+        }
+    }
+
+    /// Removes the socket file, if it is still this one.
+    fn remove(self) {
+        drop(self.listener);
+        if self.id.is_some() && file_id(&self.path).ok() == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Binds the socket at `path` with permissions `mode`, replacing a stale socket left by a
 /// crash but never a live one or a file that is not a socket.
-pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ControlError> {
+fn bind(path: &Path, mode: u32) -> Result<UnixListener, ControlError> {
     let io = |source| ControlError::Io {
         path: path.to_path_buf(),
         source,
@@ -70,19 +142,20 @@ const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Serves until `shutdown` fires, then waits for the connections: each ends once the
 /// exchange in hand is answered, so that an operator whose command the controller finished
-/// is told so before the process exits.
+/// is told so before the process exits. Each notice on `recheck` (a SIGHUP) finds the
+/// socket at its path again (`Bound::find_again`).
 pub async fn serve(
-    listener: UnixListener,
-    path: PathBuf,
+    mut socket: Bound,
     controller: ControllerHandle,
     mut shutdown: Shutdown,
+    recheck: std::sync::Arc<tokio::sync::Notify>,
 ) {
     let mut failures = crate::listener::AcceptFailures::new("control socket");
     let open = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = socket.listener.accept() => match accepted {
                 Ok((s, _)) => s,
                 Err(e) => {
                     failures.failed(&e).await;
@@ -90,6 +163,10 @@ pub async fn serve(
                 }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            () = recheck.notified() => {
+                socket.find_again();
+                continue;
+            }
             _ = shutdown.fired() => break,
         };
         match open.clone().try_acquire_owned() {
@@ -106,8 +183,7 @@ pub async fn serve(
             }
         }
     }
-    drop(listener);
-    let _ = std::fs::remove_file(&path);
+    socket.remove();
     while connections.join_next().await.is_some() {}
 }
 
