@@ -8,6 +8,7 @@
 
 use super::mode::{Persisted, STATE_VERSION};
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -222,10 +223,22 @@ pub fn save(path: &Path, state: &Persisted) -> Result<(), StoreError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(source) => return Err(StoreError::Write { path: tmp, source }),
     }
+    // The file holds the operators' internal reasons, which the control socket (0600 by
+    // default) shows only to those allowed to ask: made readable by the owner alone, unless
+    // the file in place was given another mode (a group's backup), which is kept.
+    let mode = std::fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o600);
     let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(mode)
         .open(&tmp)
+        .and_then(|f| {
+            // `mode` is filtered by the umask; the kept mode is meant as it was.
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+            Ok(f)
+        })
         .and_then(|mut f| {
             f.write_all(&json)?;
             f.sync_all()
@@ -247,6 +260,20 @@ pub fn save(path: &Path, state: &Persisted) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A new state file is readable by its owner alone (it holds the internal reasons); a
+    /// mode given to the file in place is kept across saves.
+    #[test]
+    fn a_new_state_file_is_private_and_a_given_mode_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        save(&path, &Persisted::default()).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        save(&path, &Persisted::default()).unwrap();
+        assert_eq!(mode(&path), 0o640);
+    }
 
     /// A symlink in the temporary file's place is replaced, never written through onto its
     /// target; a folder there is named in the error, not the state file.
