@@ -722,6 +722,77 @@ async fn a_visitor_waits_on_the_holding_page_and_comes_back_by_itself() {
     );
 }
 
+/// The message and each update as the page lays them out: their text, the direction the browser
+/// gives them, and the text as rendered (`innerText`, where collapsed line breaks are gone).
+const RTL_STATE: &str = r#"
+const box = (el) => ({
+  text: el.textContent,
+  direction: getComputedStyle(el).direction,
+  rendered: el.innerText,
+});
+const msg = document.getElementById('message');
+const items = Array.from(document.getElementById('updates').children).map((li) => {
+  const t = li.querySelector('time');
+  const node = Array.from(li.childNodes).reverse()
+    .find((n) => n !== t && n.textContent.trim() !== '');
+  return box(node.nodeType === Node.ELEMENT_NODE ? node : node.parentElement);
+});
+return { message: box(msg), items: items };
+"#;
+
+/// An operator writes in Hebrew or Arabic on a page whose own language reads left to right:
+/// the message and each update, whether the server rendered it or the page's script added it,
+/// read right to left, so that their punctuation and numbers stand where their readers expect
+/// them ("ב-80%." not ".80%-ב"), and an update keeps its line breaks as the message does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_right_to_left_message_reads_right_to_left() {
+    const HEBREW: &str = "עדכון: ההעברה הושלמה ב-80%.";
+    const ARABIC: &str = "نحن نقوم بترقية قاعدة البيانات.\nسنعود الساعة 10:00!";
+    let Some(chromedriver) = browser_or_skip() else {
+        return;
+    };
+    let up = upstream(|_req: Request<Incoming>| async { Response::new(full("the app")) }).await;
+    let proxy = spawn_proxy(&format!("[upstream]\nservers = [\"{}\"]\n", up.url())).await;
+    let on = ctl(&proxy, intermission_on(HEBREW)).await;
+    assert!(on.ok, "maintenance on: {on:?}");
+
+    let browser = Browser::start(&chromedriver).await;
+    browser.navigate(&proxy.url("/")).await;
+    let state = browser.exec(RTL_STATE).await;
+    assert_eq!(state["message"]["text"], HEBREW, "{state:#}");
+    assert_eq!(state["message"]["direction"], "rtl", "{state:#}");
+    assert_eq!(state["items"][0]["text"], HEBREW, "{state:#}");
+    assert_eq!(state["items"][0]["direction"], "rtl", "{state:#}");
+
+    // An update the page's script adds as it polls reads the same way.
+    let update = ctl(
+        &proxy,
+        Ctl::Update {
+            message: ARABIC.into(),
+        },
+    )
+    .await;
+    assert!(update.ok, "update: {update:?}");
+    wait_for_page(&browser, PAGE_POLL_LIMIT, "the Arabic update", |s| {
+        s["message"] == ARABIC && s["updates"].as_array().is_some_and(|u| u.len() == 2)
+    })
+    .await;
+    let state = browser.exec(RTL_STATE).await;
+    assert_eq!(state["message"]["direction"], "rtl", "{state:#}");
+    let items = state["items"].as_array().expect("the updates");
+    assert_eq!(items.len(), 2, "{state:#}");
+    assert_eq!(items[0]["text"], ARABIC, "{state:#}");
+    assert_eq!(items[0]["direction"], "rtl", "{state:#}");
+    assert!(
+        items[0]["rendered"]
+            .as_str()
+            .is_some_and(|r| r.contains(".\nسنعود")),
+        "the update's line break is gone: {state:#}"
+    );
+    assert_eq!(items[1]["text"], HEBREW, "{state:#}");
+    assert_eq!(items[1]["direction"], "rtl", "{state:#}");
+}
+
 /// What the page's `fetch` of `url` (a JSON `POST` with credentials, which needs a preflight)
 /// saw, as a web app's script sees it: the status, `Retry-After` and the problem's `detail`, or
 /// the network error that hides them.

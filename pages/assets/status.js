@@ -100,7 +100,7 @@
     return (at || '') + '\n' + message;
   }
 
-  // Key for a server-rendered <li><time datetime>..</time> message</li>.
+  // Key for a server-rendered <li><time datetime>..</time> <span dir="auto">message</span></li>.
   function keyOfItem(li) {
     const k = li.getAttribute('data-key');
     if (k !== null) return k;
@@ -124,7 +124,11 @@
       li.appendChild(t);
       li.appendChild(document.createTextNode(' '));
     }
-    li.appendChild(document.createTextNode(u.message));
+    // As the server renders it: dir="auto" lets a right-to-left message read so.
+    const text = document.createElement('span');
+    text.setAttribute('dir', 'auto');
+    text.textContent = u.message;
+    li.appendChild(text);
     return li;
   }
 

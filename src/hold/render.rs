@@ -323,9 +323,12 @@ pub struct UpdateItem<'a> {
     pub message: &'a str,
 }
 
-/// Renders `<li><time datetime="AT">HUMAN</time> MESSAGE</li>` items, every part escaped, in the
-/// given order. The shape matches what `pages/assets/status.js` builds and reads back, so
-/// server-rendered items are recognised and not duplicated when the page polls.
+/// Renders `<li><time datetime="AT">HUMAN</time> <span dir="auto">MESSAGE</span></li>` items,
+/// every part escaped, in the given order. The shape matches what `pages/assets/status.js`
+/// builds and reads back, so server-rendered items are recognised and not duplicated when the
+/// page polls. `dir="auto"` lets a message in Hebrew or Arabic read right to left on a page
+/// whose own language reads left to right (its punctuation and numbers in their places), as
+/// the page's `#message` does.
 pub fn render_updates(items: &[UpdateItem<'_>]) -> String {
     let mut out = String::new();
     for item in items {
@@ -333,9 +336,9 @@ pub fn render_updates(items: &[UpdateItem<'_>]) -> String {
         escape_html_into(&mut out, item.at_rfc3339);
         out.push_str("\">");
         escape_html_into(&mut out, item.at_human);
-        out.push_str("</time> ");
+        out.push_str("</time> <span dir=\"auto\">");
         escape_html_into(&mut out, item.message);
-        out.push_str("</li>");
+        out.push_str("</span></li>");
     }
     out
 }
@@ -543,9 +546,10 @@ mod tests {
         ];
         assert_eq!(
             render_updates(&items),
-            "<li><time datetime=\"2026-11-24T07:10:00Z\">07:10 UTC</time> DB &lt;migration&gt; \
-             &amp; &#39;cleanup&#39;</li>\
-             <li><time datetime=\"&quot;&gt;&lt;x\">&lt;t&gt;</time> second</li>"
+            "<li><time datetime=\"2026-11-24T07:10:00Z\">07:10 UTC</time> <span dir=\"auto\">DB \
+             &lt;migration&gt; &amp; &#39;cleanup&#39;</span></li>\
+             <li><time datetime=\"&quot;&gt;&lt;x\">&lt;t&gt;</time> <span dir=\"auto\">second\
+             </span></li>"
         );
         assert_eq!(render_updates(&[]), "");
     }
