@@ -453,6 +453,18 @@ return {
   until_visible: visible(until),
   overrun_visible: visible(overrun),
   overrun_text: overrun ? overrun.textContent : null,
+  ...(() => {
+    const t = document.getElementById('until');
+    if (!t) return {};
+    const d = new Date(t.getAttribute('datetime'));
+    const f = new Intl.DateTimeFormat(root.getAttribute('lang'), { year: 'numeric',
+      month: 'short', day: 'numeric', hour: '2-digit', minute: '2-digit', timeZoneName: 'short' });
+    return {
+      until_shown: t.textContent,
+      until_up: f.format(new Date(Math.ceil(d.getTime() / 60000) * 60000)),
+      until_down: f.format(d),
+    };
+  })(),
   updates: updates ? Array.from(updates.children).map((li) => li.textContent) : [],
   app: app ? app.textContent : null,
   marker: window.__intermissionTestMarker || null,
@@ -568,11 +580,15 @@ async fn a_visitor_waits_on_the_holding_page_and_comes_back_by_itself() {
         up.url()
     ))
     .await;
+    // An end 30 s past a whole minute, half an hour away: shown rounded up to the minute.
+    let now = std::time::SystemTime::now();
+    let whole = now.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 60 * 60;
+    let end = std::time::UNIX_EPOCH + Duration::from_secs(whole + 30 * 60 + 30);
     let on = ctl(
         &proxy,
         Ctl::On {
             message: Some(FIRST_MESSAGE.into()),
-            until: Some("+30m".into()),
+            until: Some(humantime::format_rfc3339_seconds(end).to_string()),
             retry_after: None,
             reason: None,
         },
@@ -599,6 +615,13 @@ async fn a_visitor_waits_on_the_holding_page_and_comes_back_by_itself() {
         state["auto_note_visible"], true,
         "status.js did not run (its note stays hidden): {state:#}"
     );
+    // "Back by 10:31" for an end at 10:30:30: a promise that passes while `Retry-After` still
+    // counts down would read as broken. As status.js writes it in the visitor's time.
+    let shown = wait_for_page(&browser, PAGE_POLL_LIMIT, "the end rounded up", |s| {
+        s["until_shown"] == s["until_up"]
+    })
+    .await;
+    assert_ne!(shown["until_up"], shown["until_down"], "{shown:#}");
     assert_eq!(
         shop_hits.load(Ordering::SeqCst),
         0,

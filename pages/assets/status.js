@@ -47,19 +47,22 @@
   });
   const shortFmt = makeFormat({ hour: '2-digit', minute: '2-digit', timeZoneName: 'short' });
 
-  function format(fmt, iso) {
+  // `up`: rounded up to the minute, as the server writes an expected end: "back by 10:00"
+  // must not pass while Retry-After still counts down to 10:00:45.
+  function format(fmt, iso, up) {
     if (!fmt || typeof iso !== 'string') return null;
-    const d = new Date(iso);
+    let d = new Date(iso);
     if (isNaN(d.getTime())) return null;
+    if (up) d = new Date(Math.ceil(d.getTime() / 60000) * 60000);
     try { return fmt.format(d); } catch (e) { return null; }
   }
 
   // Point a <time> at an RFC 3339 instant and show it in local time.
   // Without a usable formatter the server-rendered text stays.
-  function setTime(el, iso, fmt) {
+  function setTime(el, iso, fmt, up) {
     if (!el) return;
     if (el.getAttribute('datetime') !== iso) el.setAttribute('datetime', iso);
-    const text = format(fmt, iso);
+    const text = format(fmt, iso, up);
     if (text && el.textContent !== text) el.textContent = text;
     if (fmt === shortFmt) {
       const full = format(longFmt, iso);
@@ -73,11 +76,11 @@
     if (el && el.textContent !== text) el.textContent = text;
   }
 
-  function applyTimeLine(lineId, timeId, iso) {
+  function applyTimeLine(lineId, timeId, iso, up) {
     const line = $(lineId);
     if (!line) return;
     if (typeof iso === 'string' && iso) {
-      setTime($(timeId), iso, longFmt);
+      setTime($(timeId), iso, longFmt, up);
       line.hidden = false;
     } else {
       line.hidden = true;
@@ -166,8 +169,8 @@
     // Past its announced end, a page says so rather than promise a time gone by; a page
     // with no overrun line just stops showing the end.
     const overrun = s.overrun === true;
-    applyTimeLine('until-line', 'until', overrun ? null : s.until);
-    applyTimeLine('overrun-line', 'overrun', overrun ? s.until : null);
+    applyTimeLine('until-line', 'until', overrun ? null : s.until, true);
+    applyTimeLine('overrun-line', 'overrun', overrun ? s.until : null, true);
     applyTimeLine('since-line', 'since', s.since);
     applyStatusPage(s.status_page);
     applyUpdates(s.updates);

@@ -284,7 +284,7 @@ pub fn render_pages(pages: &Pages, view: &View, prefix: &str, now: SystemTime) -
         .collect();
     // A page that names `until` only (one written before `overrun` existed) stops promising a
     // time gone by without being changed.
-    let end = view.until.map(render::human_time).unwrap_or_default();
+    let end = view.until.map(render::human_end).unwrap_or_default();
     let (until, overrun) = if view.overrun {
         (String::new(), end)
     } else {
@@ -374,9 +374,9 @@ impl Held {
         match view.until {
             Some(u) if view.overrun => text.push_str(&format!(
                 "\nWe planned to be back by {}; it is taking longer than planned.",
-                render::human_time(u)
+                render::human_end(u)
             )),
-            Some(u) => text.push_str(&format!("\nExpected back by {}.", render::human_time(u))),
+            Some(u) => text.push_str(&format!("\nExpected back by {}.", render::human_end(u))),
             None => {}
         }
         if !view.status_page.is_empty() {
@@ -661,7 +661,9 @@ mod tests {
         let config = crate::config::Config::parse("", dir.path(), None).unwrap();
         let pages = Pages::load(&crate::config::PagesSource::BuiltIn).unwrap();
         let t0 = SystemTime::now();
-        let end = t0 + std::time::Duration::from_secs(3600);
+        // Half a minute past a whole one: shown as the next minute, a promise kept.
+        let whole = t0.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 60 * 60;
+        let end = std::time::UNIX_EPOCH + std::time::Duration::from_secs(whole + 3630);
         let on = crate::state::mode::Change::On {
             message: Some("Database upgrade".into()),
             until: Some(end),
@@ -670,7 +672,7 @@ mod tests {
             by: "op".into(),
         };
         let state = Persisted::default().apply(on, t0, true).unwrap();
-        let shown = render::human_time(end);
+        let shown = render::human_time(end + std::time::Duration::from_secs(30));
         let body = |held: &Held, form: Form, lang: usize| {
             let body = held.respond(form, lang, false, || t0).into_body();
             String::from_utf8(body.into_ready().unwrap().to_vec()).unwrap()

@@ -354,6 +354,19 @@ pub fn human_time(t: SystemTime) -> String {
     }
 }
 
+/// An expected end, as [`human_time`] but rounded up to the minute: "back by 10:00" must not
+/// pass while `Retry-After` still counts down to 10:00:45.
+pub fn human_end(t: SystemTime) -> String {
+    let past = t.duration_since(UNIX_EPOCH).map_or(0, |d| {
+        d.as_secs() % 60 * 1_000_000_000 + u64::from(d.subsec_nanos())
+    });
+    let up = match past {
+        0 => t,
+        _ => t + std::time::Duration::from_nanos(60_000_000_000 - past),
+    };
+    human_time(up)
+}
+
 /// `"07:00 UTC"`, for times within the day (update timestamps). Empty like [`human_time`].
 pub fn human_time_of_day(t: SystemTime) -> String {
     match rfc3339(t) {
@@ -565,6 +578,24 @@ mod tests {
         let t = UNIX_EPOCH + Duration::from_millis(1_795_000_019_999);
         assert_eq!(human_time(t), "2026-11-18 11:06 UTC");
         assert_eq!(human_time(UNIX_EPOCH), "1970-01-01 00:00 UTC");
+    }
+
+    #[test]
+    fn an_expected_end_is_rounded_up_to_the_minute() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_000_000 - 40); // 2026-11-18 11:06:00
+        assert_eq!(human_end(t), "2026-11-18 11:06 UTC");
+        assert_eq!(
+            human_end(t + Duration::from_millis(1)),
+            "2026-11-18 11:07 UTC"
+        );
+        assert_eq!(
+            human_end(t + Duration::from_secs(59)),
+            "2026-11-18 11:07 UTC"
+        );
+        assert_eq!(
+            human_end(t - Duration::from_secs(1)),
+            "2026-11-18 11:06 UTC"
+        );
     }
 
     #[test]
