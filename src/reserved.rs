@@ -108,13 +108,13 @@ fn preview(snap: &Snapshot, query: &str) -> Response<Body> {
         match pair.split_once('=') {
             Some(("mode", "outage")) => outage = true,
             Some(("mode", "maintenance")) => outage = false,
+            // Chosen as a visitor's `Accept-Language: CODE` would choose it (`fr-CA`
+            // shows the French page), so that the preview shows what they will see.
             Some(("lang", code)) => {
-                lang = snap
-                    .pages
-                    .langs
-                    .iter()
-                    .position(|l| l.eq_ignore_ascii_case(code))
-                    .unwrap_or(0)
+                lang = crate::hold::negotiate::choose_language(
+                    Some(code.as_bytes()),
+                    &snap.pages.langs,
+                )
             }
             _ => {}
         }

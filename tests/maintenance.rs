@@ -734,6 +734,9 @@ async fn reserved_paths_are_never_forwarded() {
     );
     let preview = get(&proxy.url("/_intermission/preview")).await;
     assert!(text(&preview).contains("We are doing some planned maintenance"));
+    // A regional tag shows its language's page, as a visitor's `Accept-Language` does.
+    let preview = text(&get(&proxy.url("/_intermission/preview?lang=fr-CA")).await);
+    assert!(preview.contains("lang=\"fr\""), "{preview}");
     // A language no page has falls back to the first (English), as a visitor's would.
     let preview = text(&get(&proxy.url("/_intermission/preview?lang=xx")).await);
     assert!(
