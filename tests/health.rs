@@ -806,6 +806,71 @@ async fn a_reload_during_an_outage_keeps_what_is_known_of_health() {
     assert_eq!(get(&proxy.url("/")).await.body(), "app");
 }
 
+/// What an operator said during an outage (`update`, and its timeline) outlives a restart of
+/// the proxy while the outage goes on: until the first check, the server only counts as
+/// healthy, which says nothing of the application. Once a check finds it healthy, they go,
+/// so that the next outage starts with the configured message.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operators_outage_message_survives_a_restart_during_the_outage() {
+    const SAID: &str = "Restoring the database from last night's backup.";
+    let up = app().await;
+    let config = with_listen(&format!("[upstream]\nservers = [\"{}\"]\n{FAST}", up.url()));
+    let restart = |mut proxy: Proxy| {
+        let config = config.clone();
+        async move {
+            assert!(proxy.running.take().unwrap().shutdown().await);
+            spawn_proxy_in(proxy.dir, &config).await
+        }
+    };
+    let detail = |resp: &Response<bytes::Bytes>| {
+        assert!(is_outage(resp), "{resp:?}");
+        json::<serde_json::Value>(resp)["detail"].clone()
+    };
+    let proxy = spawn_proxy_in(tempfile::tempdir().unwrap(), &config).await;
+    up.stop();
+    wait_mode(&proxy, "outage", Duration::from_secs(5)).await;
+    let r = ctl(
+        &proxy,
+        Ctl::Update {
+            message: SAID.into(),
+        },
+    )
+    .await;
+    assert!(r.ok, "{r:?}");
+
+    // Restarted while the application is still down: the same words, the same timeline.
+    let proxy = restart(proxy).await;
+    wait_mode(&proxy, "outage", Duration::from_secs(5)).await;
+    let resp = get(&proxy.url("/")).await;
+    assert_eq!(detail(&resp), SAID);
+    let v: serde_json::Value = json(&resp);
+    assert_eq!(v["updates"][0]["message"], SAID, "{v}");
+
+    // Restarted once the application is back: the first check ends the episode, and the
+    // next outage says the configured message, not the old words.
+    let stopped = {
+        let mut proxy = proxy;
+        assert!(proxy.running.take().unwrap().shutdown().await);
+        proxy
+    };
+    up.restart().await;
+    let proxy = spawn_proxy_in(stopped.dir, &config).await;
+    assert!(
+        wait_until_async(|| async {
+            ctl(&proxy, Ctl::Health).await.health.unwrap()[0].healthy == Some(true)
+        })
+        .await
+    );
+    let state = ctl(&proxy, Ctl::Status).await.state.unwrap();
+    assert_eq!(state.mode.as_str(), "normal");
+    up.stop();
+    wait_mode(&proxy, "outage", Duration::from_secs(5)).await;
+    assert_eq!(
+        detail(&get(&proxy.url("/")).await),
+        "We are having trouble reaching the service. We are on it."
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_upload_is_not_the_upstreams_fault() {
     use http_body_util::BodyExt;

@@ -20,6 +20,10 @@ pub struct Flip {
     pub index: usize,
     pub healthy: bool,
     pub reason: String,
+    /// Whether the health changed. A server's first result is told even when it only
+    /// confirms the health the server was counted with until then (`false`): the controller
+    /// must not take that assumed health for a fact (`Controller::settle`).
+    pub changed: bool,
 }
 
 /// Where the request path reports a failed forward (connect error, reset, timeout). Bounded:
@@ -245,6 +249,7 @@ impl Task {
             self.metrics.health_check(&self.name, ok, latency);
         }
         let (rise, fall) = (self.config.rise, self.config.fall);
+        let was_decided = self.counter.decided();
         // What the request path reports is always a failure.
         let flipped = if active {
             self.counter.record(ok, rise, fall)
@@ -279,7 +284,8 @@ impl Task {
                 entry.healthy = Some(self.counter.healthy());
             }
         }
-        if let Some(healthy) = flipped {
+        let first = !was_decided && self.counter.decided();
+        if flipped.is_some() || first {
             let reason = match result {
                 Ok(_) => format!("{} consecutive checks passed", self.counter.run()),
                 Err(why) => why,
@@ -287,8 +293,9 @@ impl Task {
             let _ = self.flips.send(Flip {
                 generation: self.generation,
                 index: self.index,
-                healthy,
+                healthy: self.counter.healthy(),
                 reason,
+                changed: flipped.is_some(),
             });
         }
     }

@@ -102,6 +102,9 @@ pub struct Controller {
     state: Persisted,
     /// Health by server index, as the checkers last said.
     up: Vec<bool>,
+    /// By server index, whether a result has decided `up`: until then a server counts as
+    /// healthy (at start, or added by a reload), which is not yet known.
+    decided: Vec<bool>,
     checkers: Option<Checkers>,
     generation: u64,
     flips_tx: mpsc::UnboundedSender<Flip>,
@@ -174,6 +177,7 @@ impl Controller {
     ) -> (Controller, ControllerHandle, StateHandle) {
         let now = clock.now();
         let up = vec![true; parts.config.upstream.servers.len()];
+        let decided = vec![false; up.len()];
         let snapshot = Snapshot::build(
             &parts,
             &Inputs {
@@ -196,6 +200,7 @@ impl Controller {
             parts,
             state,
             up,
+            decided,
             checkers: None,
             generation: 0,
             flips_tx,
@@ -316,6 +321,12 @@ impl Controller {
         self.up.iter().any(|&u| u)
     }
 
+    /// Whether a server is known to be healthy: one counted healthy only until its first
+    /// check (at start) does not say that the application is back.
+    fn known_healthy(&self) -> bool {
+        self.up.iter().zip(&self.decided).any(|(&u, &d)| u && d)
+    }
+
     /// (Re)starts one checker per server; every server counts as healthy until its first
     /// check, which runs at once.
     /// A server that stays in the list across a reload keeps its health, so that a reload
@@ -365,6 +376,7 @@ impl Controller {
             self.parts.metrics.forget_upstream(&gone.server);
         }
         self.up = start.iter().map(|h| h.unwrap_or(true)).collect();
+        self.decided = start.iter().map(Option::is_some).collect();
         for (server, up) in cfg.upstream.servers.iter().zip(&self.up) {
             self.parts
                 .metrics
@@ -392,6 +404,17 @@ impl Controller {
             return;
         };
         *slot = flip.healthy;
+        if let Some(decided) = self.decided.get_mut(flip.index) {
+            *decided = true;
+        }
+        if !flip.changed {
+            // A first check that found the server as it was counted: nothing changed for
+            // clients, but a healthy server is now known, which may end an episode whose
+            // words were kept since the start (`settle`).
+            let (before, _) = self.settle(self.clock.now(), "first health check").await;
+            self.window_events(before);
+            return;
+        }
         let server = self
             .parts
             .config
@@ -444,7 +467,11 @@ impl Controller {
     /// `window_events`, since `published_at` moves past the edge: the edge's own wake-up
     /// will not come again.
     async fn settle(&mut self, now: SystemTime, reason: &str) -> (Mode, Mode) {
-        let next = self.state.clone().tidied(self.healthy(), now);
+        // The episode's words (an operator's `update` during an outage, and its timeline) go
+        // once the application is known to be back, not while a server only counts as healthy
+        // until its first check: a restart during an outage would otherwise lose them, on
+        // disk too, before that check found the outage still going on.
+        let next = self.state.clone().tidied(self.known_healthy(), now);
         if next != self.state {
             self.save(&next).await;
             self.state = next;
