@@ -410,6 +410,41 @@ async fn force_open_says_it_in_the_webhook() {
     );
 }
 
+/// Maintenance switched off while the application is still down leaves the site in `outage`:
+/// the webhook says why no server is healthy, not only who switched maintenance off, which
+/// would read as the operator's doing.
+#[tokio::test(flavor = "multi_thread")]
+async fn maintenance_off_into_an_outage_says_why_in_the_webhook() {
+    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 1\nfall = 2\n\
+         [[notify]]\nurl = \"{}\"\n",
+        app.url(),
+        hook.url
+    ))
+    .await;
+    assert!(ctl(&proxy, on(Some("Database upgrade"))).await.ok);
+    app.stop();
+    assert!(
+        wait_until_async(|| async {
+            ctl(&proxy, Ctl::Health).await.health.unwrap()[0].healthy == Some(false)
+        })
+        .await
+    );
+    assert!(ctl(&proxy, Ctl::Off).await.ok);
+    let got = wait_events(&hook, 2).await;
+    let last = got.get(1).cloned().unwrap_or_default();
+    assert_eq!(last["mode"], "outage", "{got:?}");
+    let reason = last["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("maintenance off")
+            && reason.contains("no upstream server is healthy")
+            && reason.contains(&app.url()),
+        "{got:?}"
+    );
+}
+
 /// SPEC §2: webhooks are called on every change of message, and a reload changes the message
 /// of a maintenance switched on without one (SPEC §3).
 #[tokio::test(flavor = "multi_thread")]

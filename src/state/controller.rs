@@ -637,7 +637,15 @@ impl Controller {
         if self.window_events(before) {
             // The window's own event says it.
         } else if before != after {
-            self.notify(EventKind::ModeChanged, before, Some(by.to_owned()), forced);
+            // Left in `outage` by an operator's change (maintenance off, force-open off while
+            // no server is healthy): the operator is not its cause, and a receiver reading
+            // "Outage ... by alice" with no reason has to ask what is. Say it.
+            let reason = if after == Mode::Outage {
+                Some(format!("{summary}; {}", self.outage_cause()))
+            } else {
+                forced
+            };
+            self.notify(EventKind::ModeChanged, before, Some(by.to_owned()), reason);
         } else if message_before != message_after && after != Mode::Normal {
             self.notify(EventKind::MessageUpdated, before, Some(by.to_owned()), None);
         }
@@ -826,6 +834,19 @@ impl Controller {
             self.parts.metrics.mode_transition(before, after);
         }
         (before, after)
+    }
+
+    /// Why no server is healthy, as `ctl health` tells each one's last error.
+    fn outage_cause(&self) -> String {
+        let servers: Vec<String> = self
+            .health()
+            .into_iter()
+            .map(|h| match h.last_error {
+                Some(why) => format!("{}: {why}", h.server),
+                None => h.server,
+            })
+            .collect();
+        format!("no upstream server is healthy ({})", servers.join("; "))
     }
 
     fn health(&self) -> Vec<ServerHealth> {
