@@ -38,10 +38,17 @@ pub const SIGNATURE_HEADER: &str = "x-intermission-signature";
 const AGENT: &str = concat!("intermission/", env!("CARGO_PKG_VERSION"));
 /// Events waiting per target (the one being delivered not counted).
 const QUEUE_CAPACITY: usize = 256;
-/// Attempts per event, the first included.
-const ATTEMPTS: u32 = 3;
-/// The backoff before the second attempt; it doubles after each failure.
+/// Attempts per event, the first included: with `BACKOFF` doubling up to `MAX_BACKOFF`, the
+/// last comes about a minute after the first, long enough for a receiver (a chat relay, a
+/// pager's gateway) to restart, where three tries in 1.5 s lost the outage's news for good.
+const ATTEMPTS: u32 = 8;
+/// The backoff before the second attempt; it doubles after each failure, up to
+/// `MAX_BACKOFF_FACTOR` times itself (30 s).
 const BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF_FACTOR: u32 = 60;
+/// The longest wait a receiver's `Retry-After` (on a 429 or 503) is followed for: longer
+/// would hold every later event of the queue back for it.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// At most one "dropped" warning per target in this time; later drops are summed into the next.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 /// Webhooks are rare; a short-lived idle connection is enough to reuse one across a burst.
@@ -558,30 +565,39 @@ async fn deliver(d: &Deliverer, target: &Target, event: &Event, queue: &Queue) {
         .as_deref()
         .map(|secret| signature(secret, &payload));
     let mut delay = d.backoff;
+    let longest = d.backoff.saturating_mul(MAX_BACKOFF_FACTOR);
     for attempt in 1..=ATTEMPTS {
         let outcome = tokio::time::timeout(
             target.timeout,
             post(d, &target.url, payload.clone(), signed.as_deref()),
         )
         .await
-        .unwrap_or_else(|_| Err(format!("no answer within {:?}", target.timeout)));
+        .unwrap_or_else(|_| {
+            Err(Failed::from(format!(
+                "no answer within {:?}",
+                target.timeout
+            )))
+        });
         match outcome {
             Ok(()) => {
                 tracing::debug!(webhook = shown(&target.url), event = ?event.event, attempt, "webhook delivered");
                 d.stats.delivered();
                 return;
             }
-            Err(why) if lock(&queue.state).removed => {
+            Err(Failed { why, .. }) if lock(&queue.state).removed => {
                 tracing::warn!(webhook = shown(&target.url), event = ?event.event, attempt, "webhook not delivered, and removed by a reload: not tried again: {why}");
                 d.stats.failed();
                 return;
             }
-            Err(why) if attempt < ATTEMPTS => {
-                tracing::debug!(webhook = shown(&target.url), attempt, retry_in = ?delay, "webhook attempt failed: {why}");
-                tokio::time::sleep(delay).await;
-                delay = delay.saturating_mul(2);
+            Err(Failed { why, retry_after }) if attempt < ATTEMPTS => {
+                // A receiver that says when to come back (a rate limit) is followed, within
+                // bounds; otherwise the backoff's own time.
+                let wait = retry_after.map_or(delay, |asked| asked.min(MAX_RETRY_AFTER).max(delay));
+                tracing::debug!(webhook = shown(&target.url), attempt, retry_in = ?wait, "webhook attempt failed: {why}");
+                tokio::time::sleep(wait).await;
+                delay = delay.saturating_mul(2).min(longest);
             }
-            Err(why) => {
+            Err(Failed { why, .. }) => {
                 tracing::warn!(webhook = shown(&target.url), event = ?event.event, attempts = ATTEMPTS, "webhook not delivered, giving up: {why}");
                 d.stats.failed();
             }
@@ -589,14 +605,51 @@ async fn deliver(d: &Deliverer, target: &Target, event: &Event, queue: &Queue) {
     }
 }
 
+/// Why an attempt failed, and when the receiver asked to be tried again, if it did.
+struct Failed {
+    why: String,
+    retry_after: Option<Duration>,
+}
+
+impl From<String> for Failed {
+    fn from(why: String) -> Self {
+        Failed {
+            why,
+            retry_after: None,
+        }
+    }
+}
+
+/// A `Retry-After` of a 429 or 503, in seconds or as an HTTP date.
+fn retry_after(status: http::StatusCode, headers: &http::HeaderMap) -> Option<Duration> {
+    if status != http::StatusCode::TOO_MANY_REQUESTS
+        && status != http::StatusCode::SERVICE_UNAVAILABLE
+    {
+        return None;
+    }
+    let value = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
 /// One attempt: success is a 2xx answer. The response body is not read; receivers have
-/// nothing to say to us beyond the status.
+/// nothing to say to us beyond the status (and, refusing, when to come back).
 async fn post(
     d: &Deliverer,
     url: &Uri,
     payload: Bytes,
     signed: Option<&str>,
-) -> Result<(), String> {
+) -> Result<(), Failed> {
     let mut req = Request::post(url.clone())
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
         .header(USER_AGENT, HeaderValue::from_static(AGENT))
@@ -607,7 +660,12 @@ async fn post(
         req.headers_mut().insert(SIGNATURE_HEADER, value);
     }
     let response = if url.scheme() == Some(&http::uri::Scheme::HTTPS) {
-        let client = d.https.get_or_init(https_client).await.as_ref()?;
+        let client = d
+            .https
+            .get_or_init(https_client)
+            .await
+            .as_ref()
+            .map_err(|e| Failed::from(e.clone()))?;
         client.request(req).await
     } else {
         d.plain.request(req).await
@@ -617,7 +675,10 @@ async fn post(
     if status.is_success() {
         Ok(())
     } else {
-        Err(format!("status {status}"))
+        Err(Failed {
+            why: format!("status {status}"),
+            retry_after: retry_after(status, response.headers()),
+        })
     }
 }
 
@@ -732,6 +793,8 @@ mod tests {
         Hang,
         /// Answers 200 once a permit is given, one per request.
         Gate(Arc<Semaphore>),
+        /// 429 with `Retry-After: 1` to the first request, then 200.
+        Limited,
     }
 
     struct Received {
@@ -772,6 +835,15 @@ mod tests {
                             let n = calls.fetch_add(1, Ordering::SeqCst);
                             let status = match answer {
                                 Answer::Ok => 200,
+                                Answer::Limited if n == 0 => {
+                                    let response = http::Response::builder()
+                                        .status(429)
+                                        .header("retry-after", "1")
+                                        .body(Full::new(Bytes::new()))
+                                        .unwrap();
+                                    return Ok(response);
+                                }
+                                Answer::Limited => 200,
                                 Answer::FailFirst(k) if n < k => 500,
                                 Answer::FailFirst(_) => 204,
                                 Answer::Hang => std::future::pending().await,
@@ -1181,15 +1253,78 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn gives_up_after_three_attempts_and_goes_on() {
-        let receiver = Receiver::start(Answer::FailFirst(3)).await;
+    async fn gives_up_after_eight_attempts_and_goes_on() {
+        let receiver = Receiver::start(Answer::FailFirst(8)).await;
         let stats = Arc::new(Counts::default());
         let notifier = Notifier::start_with(vec![receiver.target(None)], stats.clone(), FAST);
         notifier.send(numbered(1));
         notifier.send(numbered(2));
         wait_until("both events settled", || notifier.pending() == 0).await;
-        assert_eq!(receiver.messages(), strings(&["1", "1", "1", "2"]));
+        let mut expected = vec!["1"; 8];
+        expected.push("2");
+        assert_eq!(receiver.messages(), strings(&expected));
         assert_eq!(stats.get(), (1, 1, 0));
+    }
+
+    /// A receiver down for longer than a second or two (restarting) still gets the event:
+    /// three tries within 1.5 s lost it for good. The backoff doubles from its first step.
+    #[tokio::test]
+    async fn a_receiver_back_after_a_few_failures_gets_the_event() {
+        let receiver = Receiver::start(Answer::FailFirst(6)).await;
+        let stats = Arc::new(Counts::default());
+        let notifier = Notifier::start_with(vec![receiver.target(None)], stats.clone(), FAST);
+        let started = std::time::Instant::now();
+        notifier.send(numbered(1));
+        wait_until("delivered", || stats.get().0 == 1).await;
+        assert_eq!(receiver.count(), 7);
+        // 10 + 20 + 40 + 80 + 160 + 320 ms between the tries.
+        assert!(started.elapsed() >= Duration::from_millis(630));
+    }
+
+    /// A receiver that answers 429 with `Retry-After` is tried again when it asked, not at
+    /// the backoff's first step.
+    #[tokio::test]
+    async fn a_receivers_retry_after_is_followed() {
+        let receiver = Receiver::start(Answer::Limited).await;
+        let stats = Arc::new(Counts::default());
+        let notifier = Notifier::start_with(vec![receiver.target(None)], stats.clone(), FAST);
+        let started = std::time::Instant::now();
+        notifier.send(numbered(1));
+        wait_until("delivered", || stats.get().0 == 1).await;
+        assert_eq!(receiver.count(), 2);
+        assert!(
+            started.elapsed() >= Duration::from_millis(990),
+            "tried again after {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn retry_after_is_read_from_a_429_or_503_only() {
+        let mut h = http::HeaderMap::new();
+        h.insert(http::header::RETRY_AFTER, HeaderValue::from_static("120"));
+        let too_many = http::StatusCode::TOO_MANY_REQUESTS;
+        assert_eq!(retry_after(too_many, &h), Some(Duration::from_secs(120)));
+        assert_eq!(
+            retry_after(http::StatusCode::SERVICE_UNAVAILABLE, &h),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            retry_after(http::StatusCode::INTERNAL_SERVER_ERROR, &h),
+            None
+        );
+        let later = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(30));
+        h.insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from_str(&later).unwrap(),
+        );
+        let got = retry_after(too_many, &h).unwrap();
+        assert!(
+            got > Duration::from_secs(25) && got <= Duration::from_secs(30),
+            "{got:?}"
+        );
+        h.insert(http::header::RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(too_many, &h), None);
     }
 
     #[tokio::test]
@@ -1218,9 +1353,9 @@ mod tests {
         let notifier = Notifier::start_with(targets, stats.clone(), FAST);
         notifier.send(numbered(1));
         wait_until("both given up", || stats.get().1 == 2).await;
-        assert_eq!(hanging.count(), 3, "three attempts");
-        // 3 timeouts of 100 ms and 10 + 20 ms of backoff.
-        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(hanging.count(), 8, "eight attempts");
+        // 8 timeouts of 100 ms and 10 + 20 + … + 600 ms of backoff.
+        assert!(started.elapsed() < Duration::from_secs(4));
         assert_eq!(notifier.pending(), 0);
     }
 
