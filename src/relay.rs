@@ -920,13 +920,18 @@ async fn answer<C: Client>(
             },
         };
         forward::report(&snap.passive, server, &error);
-        // Once, on another healthy server, as `forward::forward` retries an idempotent request.
+        // Once, on another healthy server, as `forward::forward` retries an idempotent request,
+        // or any request the server never got (its connection not made: a `POST` too, as
+        // nginx's `proxy_next_upstream error` does; the relay holds every body whole).
         // Not at the bound on upstream sockets, as `forward::forward` does not.
         let limited = forward::sockets::reached(&error);
-        let second =
-            (server == first && !limited && pool.servers.len() > 1 && resendable(&bufs.request))
-                .then(|| pool.pick(&snap.up, Some(first)))
-                .flatten();
+        let unsent = matches!(error, UpstreamError::Connect { .. });
+        let second = (server == first
+            && !limited
+            && pool.servers.len() > 1
+            && (unsent || resendable(&bufs.request)))
+        .then(|| pool.pick(&snap.up, Some(first)))
+        .flatten();
         match second {
             Some(next) => {
                 tracing::warn!(error = %error, "retrying on {}", pool.servers[next]);

@@ -553,9 +553,10 @@ async fn a_small_idempotent_upload_is_retried_whole_on_another_server() {
         assert_eq!(resp.status(), 200, "request {i}: {resp:?}");
         assert_eq!(resp.body(), "live PUT order-42", "request {i}");
     }
-    // A POST is never sent twice, whatever its size.
-    let mut held = 0;
-    for _ in 0..2 {
+    // A POST whose first server refused the connection never reached it: it goes to the
+    // live one, as nginx's `proxy_next_upstream error` sends it (the outage page answered
+    // it before, though nothing had been sent).
+    for i in 0..4 {
         let resp = send(
             Request::post(proxy.url("/orders"))
                 .header("content-length", "8")
@@ -563,13 +564,76 @@ async fn a_small_idempotent_upload_is_retried_whole_on_another_server() {
                 .unwrap(),
         )
         .await;
+        assert_eq!(resp.status(), 200, "POST {i}: {resp:?}");
+        assert_eq!(resp.body(), "live POST order-43", "POST {i}");
+    }
+    // The same for an HTTP/2 client's bodiless POST (hyper's path).
+    for i in 0..4 {
+        let resp = h2c_client()
+            .request(
+                Request::post(proxy.url("/orders/44/confirm"))
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "HTTP/2 POST {i}: {resp:?}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "live POST ", "HTTP/2 POST {i}");
+    }
+}
+
+/// A POST is never sent twice: one the server got and failed (closed unanswered) gets the
+/// outage answer, not a second try on another server, which could place the order twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_post_a_server_got_and_failed_is_not_sent_again() {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counted = seen.clone();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closer = listener.local_addr().unwrap();
+    // Reads the request, then closes without a word.
+    std::thread::spawn(move || {
+        use std::io::Read;
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut buf = [0u8; 4096];
+            if stream
+                .read(&mut buf)
+                .is_ok_and(|n| buf[..n].starts_with(b"POST"))
+            {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    let live = echo_body("live").await;
+    // TCP checks, which the closing server passes: it stays in the rotation.
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"http://{closer}\", \"{}\"]\n\
+         [health]\nkind = \"tcp\"\ninterval = \"1h\"\nfall = 1000\n",
+        live.url()
+    ))
+    .await;
+    let mut held = 0;
+    for _ in 0..2 {
+        let resp = send(
+            Request::post(proxy.url("/orders"))
+                .header("content-length", "8")
+                .body(full("order-44"))
+                .unwrap(),
+        )
+        .await;
         match resp.status().as_u16() {
-            200 => assert_eq!(resp.body(), "live POST order-43"),
+            200 => assert_eq!(resp.body(), "live POST order-44"),
             503 => held += 1,
             other => panic!("a raw {other}"),
         }
     }
-    assert_eq!(held, 1, "one of two POSTs went to the dead server");
+    assert_eq!(held, 1, "one of two POSTs went to the failing server");
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        1,
+        "the failing server got one POST"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

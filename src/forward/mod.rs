@@ -84,12 +84,6 @@ pub(crate) fn idempotent(method: &Method) -> bool {
     )
 }
 
-/// Whether a request may be sent a second time: its method is idempotent (RFC 9110 §9.2.2)
-/// and its body is empty or held whole, so nothing was consumed by the first attempt.
-pub fn replayable(method: &Method, body: &Body) -> bool {
-    idempotent(method) && matches!(body, Body::Empty | Body::Full(_))
-}
-
 /// Whether a request's body is read whole before it is forwarded, to be replayable: an
 /// idempotent request whose `Content-Length` is within `REPLAY_BODY_LIMIT`, so that a kept
 /// connection the server closed as it was sent (keep-alive's race) costs a second try on a
@@ -186,9 +180,10 @@ pub fn forward<'a>(
                 (body, sent, None)
             };
 
-            // A copy for the second attempt, made only when a second attempt is possible.
+            // A copy for the second attempt, made only when a second attempt is possible:
+            // for any method, since one the server never got may be sent elsewhere.
             let replay = (client_upgrade.is_none()
-                && replayable(&parts.method, &body)
+                && matches!(body, Body::Empty | Body::Full(_))
                 && pool.servers.len() > 1)
                 .then(|| (parts.method.clone(), parts.headers.clone(), held));
             let mut req = Request::from_parts(parts, body);
@@ -252,8 +247,12 @@ pub fn forward<'a>(
             // The copy is taken: there is one second attempt at most.
             // Not at the bound on upstream sockets: another server's connection would wait
             // for the same room, and the client twice as long for its outage answer.
+            // An idempotent request once, and any other (a `POST` without a body, or one
+            // held whole) only when the server never got it: its connection was not made.
+            let unsent = matches!(error, UpstreamError::Connect { .. });
             let second = replay
                 .as_ref()
+                .filter(|(method, ..)| unsent || idempotent(method))
                 .filter(|_| !sockets::reached(&error))
                 .and_then(|_| pool.pick(up, Some(first)));
             let (Some((method, headers, held)), Some(second)) = (replay.take(), second) else {
@@ -539,8 +538,10 @@ mod tests {
         assert!(!native_grpc(&http::HeaderMap::new()));
     }
 
+    /// Sent again after the server may have acted on them: only idempotent methods (RFC 9110
+    /// §9.2.2). Any method goes to another server when the first never got it.
     #[test]
-    fn which_requests_are_replayed() {
+    fn which_requests_are_sent_again() {
         let table = [
             (Method::GET, true),
             (Method::HEAD, true),
@@ -552,17 +553,7 @@ mod tests {
             (Method::CONNECT, false),
         ];
         for (method, want) in table {
-            assert_eq!(
-                replayable(&method, &Body::Empty),
-                want,
-                "{method} without a body"
-            );
-            // A body held whole (see `buffer_for_replay`) can be sent again.
-            assert_eq!(
-                replayable(&method, &Body::full("x")),
-                want,
-                "{method} with a held body"
-            );
+            assert_eq!(idempotent(&method), want, "{method}");
         }
     }
 
