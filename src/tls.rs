@@ -27,6 +27,23 @@ pub enum TlsError {
     Key { path: PathBuf, reason: String },
     #[error("{} does not match the certificate in {}", key.display(), cert.display())]
     Mismatch { cert: PathBuf, key: PathBuf },
+    /// The key belongs to a certificate of the file other than its first: the chain is out of
+    /// order (an intermediate first), which would otherwise be reported as a mismatch.
+    #[error(
+        "{}: the chain must begin with the server's certificate, but the one for {} is \
+         certificate {position} of the file; put it first, then its intermediates",
+        cert.display(),
+        key.display()
+    )]
+    ChainOrder {
+        cert: PathBuf,
+        key: PathBuf,
+        position: usize,
+    },
+    /// The first certificate of the file is not one that can be served (damaged, or a
+    /// kind webpki does not read), which would otherwise be reported as a mismatch.
+    #[error("{}: the first certificate cannot be used: {reason}", path.display())]
+    BadCertificate { path: PathBuf, reason: String },
     #[error(
         "{}: the private key is encrypted (PEM \"ENCRYPTED PRIVATE KEY\"), and intermission \
          has no passphrase to open it; decrypt it (openssl pkey -in KEY -out PLAIN.key)",
@@ -96,11 +113,31 @@ fn load_certified_key(
         }
     };
     let leaf = chain[0].clone();
+    if let Err(e) = webpki::EndEntityCert::try_from(&leaf) {
+        return Err(vec![TlsError::BadCertificate {
+            path: paths.cert.clone(),
+            reason: certificate_problem(&e),
+        }]);
+    }
+    // Which certificate of the file the key is for, when it is not the first.
+    let position = signing.public_key().and_then(|spki| {
+        chain.iter().skip(1).position(|c| {
+            webpki::EndEntityCert::try_from(c)
+                .is_ok_and(|c| c.subject_public_key_info().as_ref() == spki.as_ref())
+        })
+    });
     let certified = CertifiedKey::new(chain, signing);
     certified.keys_match().map_err(|_| {
-        vec![TlsError::Mismatch {
-            cert: paths.cert.clone(),
-            key: paths.key.clone(),
+        vec![match position {
+            Some(i) => TlsError::ChainOrder {
+                cert: paths.cert.clone(),
+                key: paths.key.clone(),
+                position: i + 2,
+            },
+            None => TlsError::Mismatch {
+                cert: paths.cert.clone(),
+                key: paths.key.clone(),
+            },
         }]
     })?;
     Ok(Certified {
@@ -128,13 +165,51 @@ fn load_key(
         if encrypted {
             TlsError::EncryptedKey(path.to_path_buf())
         } else {
-            refused(e.to_string())
+            refused(pem_problem(&e, "PRIVATE KEY"))
         }
     })?;
-    provider
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| refused(e.to_string()))
+    provider.key_provider.load_private_key(key).map_err(|e| {
+        // ring's words ("failed to parse private key as RSA, ECDSA, or EdDSA") are all it
+        // says for a key it does not take, a 1024-bit RSA or a P-521 one among them.
+        refused(format!(
+            "{e} (supported: RSA of 2048 to 8192 bits, ECDSA P-256 or P-384, Ed25519)"
+        ))
+    })
+}
+
+/// A PEM reader's error in words: its own name the missing end line and the bad start line
+/// as lists of bytes.
+fn pem_problem(e: &rustls::pki_types::pem::Error, what: &str) -> String {
+    use rustls::pki_types::pem::Error;
+    match e {
+        Error::MissingSectionEnd { end_marker } => format!(
+            "a PEM block has no \"-----END {}-----\" line: the file is cut short or damaged",
+            String::from_utf8_lossy(end_marker)
+        ),
+        Error::IllegalSectionStart { .. } => {
+            "a \"-----BEGIN\" line is malformed: the file is damaged".to_owned()
+        }
+        Error::Base64Decode(_) => {
+            "a PEM block is not valid base64: the file is damaged or cut short".to_owned()
+        }
+        Error::NoItemsFound => format!("no PEM \"{what}\" block found"),
+        e => e.to_string(),
+    }
+}
+
+/// Why webpki cannot read the first certificate of a chain.
+fn certificate_problem(e: &webpki::Error) -> String {
+    match e {
+        webpki::Error::UnsupportedCertVersion => {
+            "it is an X.509 version 1 certificate, which is not supported; issue it again as \
+             version 3 (with subjectAltName)"
+                .to_owned()
+        }
+        webpki::Error::BadDer | webpki::Error::BadDerTime | webpki::Error::TrailingData(_) => {
+            "it is not a well-formed X.509 certificate (damaged?)".to_owned()
+        }
+        e => e.to_string(),
+    }
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -146,7 +221,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         crate::files::read(path, crate::files::MAX_PEM_BYTES).map_err(|e| read(e.to_string()))?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| read(e.to_string()))?;
+        .map_err(|e| read(pem_problem(&e, "CERTIFICATE")))?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate(path.to_path_buf()));
     }

@@ -344,6 +344,49 @@ async fn a_bad_certificate_stops_the_start_with_the_file_named() {
     }
 }
 
+/// A certificate file that does not load is refused with its real fault: a chain out of order,
+/// a cut-short file or a damaged certificate is not called a key mismatch, and no error
+/// is a list of bytes.
+#[test]
+fn a_certificate_that_does_not_load_says_why() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (leaf, key, _) = ca.leaf(&["shop.test"]);
+    std::fs::write(dir.path().join("site.key"), &key).unwrap();
+    // An intermediate (here the CA) before the server's certificate.
+    std::fs::write(
+        dir.path().join("reversed.pem"),
+        format!("{}{leaf}", ca.cert.pem()),
+    )
+    .unwrap();
+    // A renewal caught halfway through writing the file.
+    std::fs::write(dir.path().join("cut.pem"), &leaf[..leaf.len() / 2]).unwrap();
+    std::fs::write(
+        dir.path().join("damaged.pem"),
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    for (cert, says) in [
+        ("reversed.pem", "is certificate 2 of the file"),
+        ("cut.pem", "no \"-----END CERTIFICATE-----\" line"),
+        ("damaged.pem", "not a well-formed X.509 certificate"),
+    ] {
+        let text = format!(
+            "[tls]\nlisten = [\"127.0.0.1:0\"]\n[[tls.certificates]]\ncert = \"{cert}\"\nkey = \"site.key\"\n"
+        );
+        let cfg = intermission::config::Config::parse(&text, dir.path(), None).unwrap();
+        let err = intermission::tls::server_config(&cfg.tls)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains(cert) && err.contains(says), "{cert}: {err}");
+        assert!(
+            !err.contains("does not match") && !err.contains("[67, "),
+            "{cert}: {err}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn sec1_and_pkcs1_keys_load() {
     if !tool_present("openssl", "version", "openssl") {
