@@ -218,10 +218,11 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     // valid, since the keys name them.
     let pages = Pages::load(&c.maintenance.pages).map_err(|e| format!("maintenance.pages: {e}"));
     // Each certificate entry's problem is listed on its own line, under its own key.
-    let server = intermission::tls::server_config(&c.tls).map_err(|e| match e {
-        TlsError::Certificates(entries) => entries.iter().map(ToString::to_string).collect(),
-        e => vec![format!("tls: {e}")],
-    });
+    let server = intermission::tls::server_config_checked(&c.tls, std::time::SystemTime::now())
+        .map_err(|e| match e {
+            TlsError::Certificates(entries) => entries.iter().map(ToString::to_string).collect(),
+            e => vec![format!("tls: {e}")],
+        });
     let client =
         intermission::tls::client_config(&c.upstream).map_err(|e| format!("upstream: {e}"));
     // As the user who runs `check`: the proxy's own may differ (said in the README).
@@ -233,8 +234,8 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             e @ store::StoreError::Unwritable { .. } => e.to_string(),
             e => format!("control.state_file: {e}"),
         });
-    let pages = match (pages, server, client, state) {
-        (Ok(pages), Ok(_), Ok(_), Ok(())) => pages,
+    let (pages, warnings) = match (pages, server, client, state) {
+        (Ok(pages), Ok((_, warnings)), Ok(_), Ok(())) => (pages, warnings),
         (pages, server, client, state) => {
             let problems: Vec<String> = pages
                 .err()
@@ -252,12 +253,24 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    report(summary(&mut std::io::stdout().lock(), &c, &origin, &pages));
+    report(summary(
+        &mut std::io::stdout().lock(),
+        &c,
+        &origin,
+        &pages,
+        &warnings,
+    ));
     ExitCode::SUCCESS
 }
 
 /// `check`'s summary of a valid config.
-fn summary(out: &mut impl Write, c: &Config, origin: &str, pages: &Pages) -> std::io::Result<()> {
+fn summary(
+    out: &mut impl Write,
+    c: &Config,
+    origin: &str,
+    pages: &Pages,
+    warnings: &[String],
+) -> std::io::Result<()> {
     writeln!(out, "{origin}: OK")?;
     let list = |v: Vec<String>| v.join(", ");
     writeln!(
@@ -291,6 +304,11 @@ fn summary(out: &mut impl Write, c: &Config, origin: &str, pages: &Pages) -> std
     )?;
     writeln!(out, "  control:  {}", c.control.socket.display())?;
     writeln!(out, "  state:    {}", c.control.state_file.display())?;
+    // Valid, but clients would refuse what it serves (an expired certificate...): said
+    // after the summary, with exit 0, as the start and a reload log it.
+    for warning in warnings {
+        writeln!(out, "  warning:  {warning}")?;
+    }
     Ok(())
 }
 

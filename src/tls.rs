@@ -16,6 +16,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -70,17 +71,46 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
 }
 
-/// The server configuration for the TLS listeners; `None` without certificates.
+/// From this long before a certificate's end, start, reload and `check` warn that it ends.
+const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
+
+/// The server configuration for the TLS listeners; `None` without certificates. What would
+/// let clients down although it loads (`server_config_checked`) is logged as warnings.
 pub fn server_config(tls: &TlsConfig) -> Result<Option<Arc<ServerConfig>>, TlsError> {
+    let (config, warnings) = server_config_checked(tls, SystemTime::now())?;
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    Ok(config)
+}
+
+/// `server_config`, with what clients would refuse although it loads, as of `now`, each
+/// named by its entry: a certificate expired, not yet valid or ending within
+/// `EXPIRY_WARNING`, an expired certificate in its chain, and a file that holds the server's
+/// certificate alone when another issued it (`cert.pem` named where `fullchain.pem` was
+/// meant: browsers may find the intermediate themselves, most other clients do not).
+/// nginx serves all of these without a word.
+pub fn server_config_checked(
+    tls: &TlsConfig,
+    now: SystemTime,
+) -> Result<(Option<Arc<ServerConfig>>, Vec<String>), TlsError> {
     if tls.certificates.is_empty() {
-        return Ok(None);
+        return Ok((None, Vec::new()));
     }
     let provider = provider();
     let mut certs = Vec::new();
     let mut problems = Vec::new();
+    let mut warnings = Vec::new();
     for (index, paths) in tls.certificates.iter().enumerate() {
         match load_certified_key(paths, &provider) {
-            Ok(c) => certs.push(c),
+            Ok(c) => {
+                warnings.extend(
+                    chain_warnings(&paths.cert, &c.key.cert, now)
+                        .into_iter()
+                        .map(|w| format!("tls.certificates[{index}]: {w}")),
+                );
+                certs.push(c);
+            }
             Err(errors) => problems.extend(errors.into_iter().map(|error| EntryError {
                 index,
                 error: Box::new(error),
@@ -98,7 +128,81 @@ pub fn server_config(tls: &TlsConfig) -> Result<Option<Arc<ServerConfig>>, TlsEr
     // `http/1.0` too: a client that offers it alone is served over HTTP/1, as nginx serves
     // it, where rustls would end the handshake with a fatal alert.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
-    Ok(Some(Arc::new(config)))
+    Ok((Some(Arc::new(config)), warnings))
+}
+
+/// What clients would refuse in the chain of the file `path`, which loads (its first
+/// certificate reads). Validity is checked by webpki's own path building with no trust
+/// anchor: it checks each certificate's dates before it looks for an issuer.
+fn chain_warnings(path: &Path, chain: &[CertificateDer<'static>], now: SystemTime) -> Vec<String> {
+    let Some((first, rest)) = chain.split_first() else {
+        return Vec::new();
+    };
+    let Ok(leaf) = webpki::EndEntityCert::try_from(first) else {
+        return Vec::new();
+    };
+    let at = |t: SystemTime| {
+        UnixTime::since_unix_epoch(t.duration_since(UNIX_EPOCH).unwrap_or_default())
+    };
+    let date = |t: UnixTime| {
+        crate::time::Timestamp(UNIX_EPOCH + Duration::from_secs(t.as_secs())).rfc3339()
+    };
+    let check = |intermediates: &[CertificateDer<'static>], time: SystemTime| {
+        leaf.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &[],
+            intermediates,
+            at(time),
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .err()
+    };
+    let file = path.display();
+    let mut warnings = Vec::new();
+    match check(&[], now) {
+        Some(webpki::Error::CertExpired { not_after, .. }) => warnings.push(format!(
+            "the certificate in {file} expired on {}: clients refuse it; renew it and reload",
+            date(not_after)
+        )),
+        Some(webpki::Error::CertNotValidYet { not_before, .. }) => warnings.push(format!(
+            "the certificate in {file} is not valid before {}: clients refuse it until then \
+             (or this machine's clock is wrong)",
+            date(not_before)
+        )),
+        Some(webpki::Error::InvalidCertValidity) => warnings.push(format!(
+            "the certificate in {file} ends before it begins (notAfter before notBefore): \
+             clients refuse it"
+        )),
+        _ => {
+            if let Some(webpki::Error::CertExpired { not_after, .. }) =
+                check(&[], now + EXPIRY_WARNING)
+            {
+                warnings.push(format!(
+                    "the certificate in {file} expires on {}: renew it and reload",
+                    date(not_after)
+                ));
+            }
+            if let Some(webpki::Error::CertExpired { not_after, .. }) = check(rest, now) {
+                warnings.push(format!(
+                    "a certificate of the chain in {file} expired on {}: clients that \
+                     follow the chain refuse it; use the chain your certificate authority \
+                     issues now",
+                    date(not_after)
+                ));
+            }
+        }
+    }
+    if rest.is_empty() && leaf.issuer() != leaf.subject() {
+        warnings.push(format!(
+            "{file} holds only the server's certificate, not the intermediate certificates \
+             of its issuer: clients that do not have them already refuse it (Let's Encrypt: \
+             name fullchain.pem, not cert.pem); ignore this if clients trust its issuer \
+             directly"
+        ));
+    }
+    warnings
 }
 
 /// The entry's certificate chain and key; when both files fail to load, both problems.

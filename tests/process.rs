@@ -647,6 +647,34 @@ fn check_refuses_a_broken_page_template() {
     );
 }
 
+/// `check` accepts a certificate that loads but has expired (as the start does, so that a
+/// site is not taken down by it), and says so after its summary, exit 0.
+#[test]
+fn check_warns_of_an_expired_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["old.test".to_owned()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.path().join("old.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("old.key"), key.serialize_pem()).unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        "[tls]\nlisten = [\"127.0.0.1:0\"]\n[[tls.certificates]]\ncert = \"old.pem\"\nkey = \"old.key\"\n",
+    )
+    .unwrap();
+    let out = bin().args(["check", "-c"]).arg(&path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("  warning:  tls.certificates[0]: the certificate in ")
+            && text.contains("old.pem expired on 2021-01-01T00:00:00Z"),
+        "{text}"
+    );
+}
+
 /// SPEC §1: `check` lists every certificate entry that would be refused at start, each under
 /// `tls.certificates[N]`, rather than the first one under `tls`.
 #[test]

@@ -387,6 +387,67 @@ fn a_certificate_that_does_not_load_says_why() {
     }
 }
 
+/// A certificate that loads but that clients would refuse is warned about (check prints it,
+/// start and reload log it): an expired one, and a file without the intermediate of its
+/// issuer. A complete chain in date gets no warning.
+#[test]
+fn a_certificate_clients_would_refuse_is_warned_about() {
+    // A CA named apart from its leaves (rcgen names both alike by default, which would make a
+    // leaf look self-issued).
+    let ca = {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Test intermediate");
+        let cert = params.self_signed(&key).unwrap();
+        Ca { cert, key }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (leaf, key, _) = ca.leaf(&["shop.test"]);
+    std::fs::write(
+        dir.path().join("full.pem"),
+        format!("{leaf}{}", ca.cert.pem()),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("full.key"), &key).unwrap();
+    std::fs::write(dir.path().join("alone.pem"), &leaf).unwrap();
+    std::fs::write(dir.path().join("alone.key"), &key).unwrap();
+    let old_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["old.test".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let old = params.signed_by(&old_key, &ca.cert, &ca.key).unwrap();
+    std::fs::write(
+        dir.path().join("old.pem"),
+        format!("{}{}", old.pem(), ca.cert.pem()),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("old.key"), old_key.serialize_pem()).unwrap();
+    for (stem, says) in [
+        ("full", None),
+        ("alone", Some("holds only the server's certificate")),
+        ("old", Some("expired on 2021-01-01T00:00:00Z")),
+    ] {
+        let text = format!("[tls]\nlisten = [\"127.0.0.1:0\"]\n{}", certs(&[stem]));
+        let cfg = intermission::config::Config::parse(&text, dir.path(), None).unwrap();
+        let (config, warnings) =
+            intermission::tls::server_config_checked(&cfg.tls, std::time::SystemTime::now())
+                .unwrap();
+        assert!(config.is_some(), "{stem}");
+        match says {
+            None => assert!(warnings.is_empty(), "{stem}: {warnings:?}"),
+            Some(says) => assert!(
+                warnings.len() == 1
+                    && warnings[0].starts_with("tls.certificates[0]: ")
+                    && warnings[0].contains(says),
+                "{stem}: {warnings:?}"
+            ),
+        }
+    }
+}
+
 #[tokio::test]
 async fn sec1_and_pkcs1_keys_load() {
     if !tool_present("openssl", "version", "openssl") {
