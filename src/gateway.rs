@@ -94,8 +94,9 @@ pub fn handle(state: &StateHandle, conn: &Arc<Conn>, req: Request<Incoming>) -> 
         Decision::Forward(outcome) => {
             let conn = conn.clone();
             Reply::Later(Box::pin(async move {
+                let mut log = Unanswered(log, start);
                 let (resp, server, outcome) = forward_request(&snap, &conn, req, outcome).await;
-                finish(&snap, start, log, resp, server, outcome)
+                finish(&snap, start, log.0.take(), resp, server, outcome)
             }))
         }
     }
@@ -213,6 +214,32 @@ impl Logged {
         })
     }
 }
+
+/// The access log line of a forwarded request, until its answer comes: a client that leaves
+/// first (its connection closed, its HTTP/2 stream reset) drops the request, which is then
+/// logged with nginx's `499`, so that the operator sees the requests people gave up on (a
+/// server that hangs shows as a run of them), where nothing was written.
+struct Unanswered(Option<Logged>, Instant);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(Logged { method, uri, peer }) = self.0.take() {
+            let line = crate::logging::AccessLine {
+                peer,
+                method: &method,
+                path: &uri,
+                status: CLIENT_CLOSED,
+                upstream: None,
+                bytes: 0,
+            };
+            line.write(self.1);
+        }
+    }
+}
+
+/// nginx's status for a request whose client closed before its answer, which the access
+/// log shows for lack of a standard one.
+pub(crate) const CLIENT_CLOSED: u16 = 499;
 
 /// Counts the request, and with the access log on, logs it when its body is done.
 fn finish(

@@ -823,16 +823,19 @@ async fn exchange<C: Client>(
         bytes: 0,
     };
     let next = answer(bufs, snap, sock, head, drain, clocks, &mut served).await;
-    // No status: the client left before its answer, which is then neither counted nor
-    // logged, as on hyper's path.
-    if snap.config.log.access_log && served.status != 0 {
-        let upstream = served.server.and_then(|i| snap.pool.names.get(i));
+    // No status: the client left before its answer, which is not counted, and is logged
+    // with nginx's 499, as on hyper's path (`gateway::Unanswered`).
+    if snap.config.log.access_log {
+        let (status, upstream) = match served.status {
+            0 => (gateway::CLIENT_CLOSED, None),
+            status => (status, served.server.and_then(|i| snap.pool.names.get(i))),
+        };
         let (method, path) = request_line(&bufs.request);
         let line = crate::logging::AccessLine {
             peer: conn.peer.ip(),
             method: &method,
             path: &path,
-            status: served.status,
+            status,
             upstream: upstream.map(|name| &**name),
             bytes: served.bytes,
         };

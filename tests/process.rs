@@ -488,6 +488,81 @@ async fn access_log_lines_are_json_with_the_request_facts() {
     assert!(v["duration_ms"].as_f64().is_some());
 }
 
+/// A client that gives up before its answer (its connection closed, its HTTP/2 stream
+/// reset) is logged with nginx's 499, on the relay's path and on hyper's: a server that hangs
+/// shows in the access log as a run of them, where nothing was written.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_its_client_gave_up_on_is_logged_499() {
+    use tokio::io::AsyncWriteExt;
+    let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = arrived.clone();
+    let up = upstream(move |req: Request<Incoming>| {
+        let seen = seen.clone();
+        async move {
+            // The health checks (`/`) are answered; the requests given up on, never.
+            if req.uri().path() == "/" {
+                return Response::new(full("ok"));
+            }
+            seen.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Response::new(full("never"))
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\nresponse_timeout = \"1h\"\n\
+             [log]\nformat = \"json\"\naccess_log = true\n",
+            up.url()
+        ),
+    );
+    let logged = |path: &str| {
+        proxy
+            .log_lines()
+            .into_iter()
+            .find(|l| l.contains(path))
+            .map(|l| serde_json::from_str::<serde_json::Value>(&l).unwrap())
+    };
+    // HTTP/1.1 (the relay): the client closes once the server has the request.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /gave-up-h1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)
+            == 1)
+        .await
+    );
+    drop(s);
+    assert!(
+        wait_until(Duration::from_secs(10), || logged("/gave-up-h1").is_some()).await,
+        "no line for the request given up on: {:#?}",
+        proxy.log_lines()
+    );
+    let line = logged("/gave-up-h1").unwrap();
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["bytes"], 0, "{line}");
+    // HTTP/2 (hyper's path): the stream is dropped with its client.
+    let client = h2c_client();
+    let url = proxy.url("/gave-up-h2");
+    let call = tokio::spawn(async move { client.get(url.parse().unwrap()).await });
+    assert!(
+        wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)
+            == 2)
+        .await
+    );
+    call.abort();
+    let _ = call.await;
+    assert!(
+        wait_until(Duration::from_secs(10), || logged("/gave-up-h2").is_some()).await,
+        "no line for the HTTP/2 request given up on: {:#?}",
+        proxy.log_lines()
+    );
+    assert_eq!(logged("/gave-up-h2").unwrap()["status"], 499);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn access_log_off_writes_no_request_lines() {
     let up = echo_upstream().await;
