@@ -14,6 +14,7 @@
 use crate::config::ProxyConfig;
 use crate::fast::Fast;
 use crate::gateway::{self, Conn};
+use crate::metrics::TlsFailure;
 use crate::park;
 use crate::relay;
 use crate::shutdown::{until_drained, until_idle, Drain, Shutdown};
@@ -641,6 +642,8 @@ async fn serve_others(
             // (`first_bytes`): it may be closed to make room. Once the handshake is under way
             // it is not, as nginx does not take a connection in its handshake.
             let timing = relaying.0.clone();
+            // Whether the client began: one that sent nothing is idle, not a failed handshake.
+            let mut began = false;
             let handshake = async {
                 // Peeked, as readiness alone may be told before any byte is there.
                 let mut byte = [0u8; 1];
@@ -657,21 +660,29 @@ async fn serve_others(
                 if !hello {
                     return None;
                 }
+                began = true;
                 // A TLS record starts with its type, 0x16 for a handshake; an HTTP method
                 // with a capital.
                 if byte[0].is_ascii_uppercase() {
                     // Counted as the 400s hyper gives to heads it cannot read.
                     let snap = timing.load();
                     snap.metrics.unread(snap.mode, 400);
+                    snap.metrics.tls_failure(TlsFailure::PlainHttp);
                     plain_http_on_tls(&mut stream).await;
                     return None;
                 }
                 Some(acceptor.accept(Timed::new(stream, timing)).await)
             };
-            let tls_stream = match tokio::time::timeout(first_byte, handshake).await {
+            let handshake = tokio::time::timeout(first_byte, handshake).await;
+            let tls_stream = match handshake {
                 Ok(Some(Ok(s))) => s,
                 Ok(Some(Err(e))) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    relaying.0.load().metrics.tls_failure(TlsFailure::of(&e));
+                    return None;
+                }
+                Err(_) if began => {
+                    relaying.0.load().metrics.tls_failure(TlsFailure::Timeout);
                     return None;
                 }
                 Ok(None) | Err(_) => return None,

@@ -96,6 +96,74 @@ impl WebhookResult {
     }
 }
 
+/// Why a TLS handshake failed, in the few kinds an operator acts on differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// Nothing in common with the client: TLS version, ciphers, ALPN (old clients, scanners).
+    Protocol,
+    /// The client refused the certificate (unknown issuer, expired, wrong name): a chain or
+    /// renewal problem, which every client of that kind then has.
+    Certificate,
+    /// Not finished within `header_read_timeout` after the client began.
+    Timeout,
+    /// Plain HTTP sent to the TLS port (answered 400).
+    PlainHttp,
+    /// Anything else: malformed records, a reset.
+    Other,
+}
+
+impl TlsFailure {
+    const ALL: [TlsFailure; 5] = [
+        TlsFailure::Protocol,
+        TlsFailure::Certificate,
+        TlsFailure::Timeout,
+        TlsFailure::PlainHttp,
+        TlsFailure::Other,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            TlsFailure::Protocol => "protocol",
+            TlsFailure::Certificate => "certificate",
+            TlsFailure::Timeout => "timeout",
+            TlsFailure::PlainHttp => "plain_http",
+            TlsFailure::Other => "other",
+        }
+    }
+
+    /// The kind of a failed handshake's error (`tokio_rustls`'s, a rustls error inside).
+    pub fn of(e: &std::io::Error) -> TlsFailure {
+        use rustls::AlertDescription as A;
+        let Some(tls) = e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
+            return TlsFailure::Other;
+        };
+        match tls {
+            rustls::Error::PeerIncompatible(_) | rustls::Error::NoApplicationProtocol => {
+                TlsFailure::Protocol
+            }
+            rustls::Error::AlertReceived(
+                A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::AccessDenied
+                // A signature in the chain that does not verify (an intermediate of another
+                // issuer's, with the same name).
+                | A::DecryptError,
+            ) => TlsFailure::Certificate,
+            rustls::Error::AlertReceived(
+                A::ProtocolVersion
+                | A::HandshakeFailure
+                | A::InsufficientSecurity
+                | A::NoApplicationProtocol,
+            ) => TlsFailure::Protocol,
+            _ => TlsFailure::Other,
+        }
+    }
+}
+
 const MODES: [Mode; 3] = [Mode::Normal, Mode::Maintenance, Mode::Outage];
 
 fn mode_index(mode: Mode) -> usize {
@@ -163,6 +231,11 @@ struct CommandLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WebhookLabels {
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TlsFailureLabels {
+    reason: &'static str,
 }
 
 fn result_label(ok: bool) -> &'static str {
@@ -262,6 +335,8 @@ pub struct Metrics {
     control_commands: Family<CommandLabels, Counter>,
     /// Indexed by `WebhookResult::index`.
     webhooks: [Counter; 3],
+    /// Indexed like `TlsFailure::ALL`.
+    tls_failures: [Counter; 5],
     parked: Gauge,
     /// Moved by `forward::sockets`, which counts every upstream socket.
     sockets: crate::forward::sockets::SocketMetrics,
@@ -380,6 +455,16 @@ impl Metrics {
             webhooks_family,
         );
 
+        let tls_family = Family::<TlsFailureLabels, Counter>::default();
+        let tls_failures = TlsFailure::ALL
+            .map(|r| tls_family.get_or_create_owned(&TlsFailureLabels { reason: r.as_str() }));
+        registry.register(
+            "intermission_tls_handshake_failures",
+            "TLS handshakes that failed after the client began, by reason (protocol: nothing \
+             in common; certificate: the client refused it; timeout; plain_http; other)",
+            tls_family,
+        );
+
         let parked = Gauge::default();
         registry.register(
             "intermission_parked_connections",
@@ -426,6 +511,7 @@ impl Metrics {
             health_check_duration,
             control_commands,
             webhooks,
+            tls_failures,
             parked,
             sockets,
         }
@@ -535,6 +621,10 @@ impl Metrics {
         self.webhooks[result.index()].inc();
     }
 
+    pub fn tls_failure(&self, reason: TlsFailure) {
+        self.tls_failures[reason as usize].inc();
+    }
+
     /// Everything, in the OpenMetrics text format (`# EOF` included); serve it as
     /// `application/openmetrics-text; version=1.0.0; charset=utf-8`.
     pub fn encode(&self) -> String {
@@ -564,6 +654,33 @@ impl crate::notify::NotifyStats for Metrics {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_handshake_is_told_by_its_error() {
+        use rustls::AlertDescription as A;
+        let of = |e: rustls::Error| {
+            TlsFailure::of(&std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        };
+        assert_eq!(
+            of(rustls::Error::AlertReceived(A::UnknownCA)),
+            TlsFailure::Certificate
+        );
+        assert_eq!(
+            of(rustls::Error::AlertReceived(A::CertificateExpired)),
+            TlsFailure::Certificate
+        );
+        assert_eq!(
+            of(rustls::Error::NoApplicationProtocol),
+            TlsFailure::Protocol
+        );
+        assert_eq!(
+            of(rustls::Error::AlertReceived(A::ProtocolVersion)),
+            TlsFailure::Protocol
+        );
+        assert_eq!(of(rustls::Error::DecryptError), TlsFailure::Other);
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(TlsFailure::of(&reset), TlsFailure::Other);
+    }
     use std::collections::BTreeMap;
 
     /// One sample line of the text format: `name{k="v",...} value`.

@@ -226,6 +226,80 @@ async fn plain_http_to_the_tls_port_gets_a_400_that_says_so() {
     assert_eq!(resp.status(), 200);
 }
 
+/// Failed handshakes are counted by reason, so that an operator sees a chain that clients
+/// refuse (`certificate`), old clients (`protocol`), stalled ones (`timeout`) and plain HTTP
+/// on the TLS port, which were logged at debug level only.
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_handshakes_are_counted_by_reason() {
+    use tokio::io::AsyncWriteExt;
+    let up = echo_upstream().await;
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    ca.write_leaf(dir.path(), "site", &["shop.test"]);
+    let config = format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nheader_read_timeout = \"1s\"\n\
+         [tls]\nlisten = [\"127.0.0.1:0\"]\n{}[upstream]\nservers = [\"{}\"]\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n",
+        certs(&["site"]),
+        up.url()
+    );
+    let proxy = spawn_proxy_in(dir, &config).await;
+    let addr = tls_addr(&proxy);
+    let name = || ServerName::try_from("shop.test".to_owned()).unwrap();
+    // A client that does not know the certificate's issuer refuses it.
+    let stranger = Ca::new();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let refused = tokio_rustls::TlsConnector::from(stranger.client_config(&[]))
+        .connect(name(), tcp)
+        .await;
+    assert!(refused.is_err());
+    // A client whose only protocol the proxy does not speak.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let refused = tokio_rustls::TlsConnector::from(ca.client_config(&[b"spdy/1"]))
+        .connect(name(), tcp)
+        .await;
+    assert!(refused.is_err());
+    // A client that begins its hello and stops.
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stalled
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
+        .await
+        .unwrap();
+    // Plain HTTP.
+    raw_exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    // A client that connects and says nothing is idle, not a failure.
+    let _idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let admin = proxy.running.as_ref().unwrap().admin_addr().unwrap();
+    let counted = |text: &str, reason: &str| {
+        text.lines().any(|l| {
+            l == format!("intermission_tls_handshake_failures_total{{reason=\"{reason}\"}} 1")
+        })
+    };
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        let got = get(&format!("http://{admin}/metrics")).await;
+        metrics = String::from_utf8_lossy(got.body()).into_owned();
+        if counted(&metrics, "timeout") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for reason in ["certificate", "protocol", "timeout", "plain_http"] {
+        assert!(counted(&metrics, reason), "{reason}: {metrics}");
+    }
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "intermission_tls_handshake_failures_total{reason=\"other\"} 0"),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn the_certificate_is_chosen_by_sni_with_a_default() {
     let ca = Ca::new();
