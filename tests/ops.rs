@@ -173,7 +173,11 @@ async fn metrics_count_what_happened_to_requests_and_health() {
         let socket = proxy.dir.path().join("intermission.sock");
         let mut s =
             tokio::io::BufReader::new(tokio::net::UnixStream::connect(&socket).await.unwrap());
-        for line in ["{\"cmd\":\"on\",\"message\":5}\n", "{\"cmd\":\"nope\"}\n"] {
+        for line in [
+            "{\"cmd\":\"on\",\"message\":5}\n",
+            "{\"cmd\":\"nope\"}\n",
+            "not json\n",
+        ] {
             s.get_mut().write_all(line.as_bytes()).await.unwrap();
             let mut answer = String::new();
             s.read_line(&mut answer).await.unwrap();
@@ -187,10 +191,17 @@ async fn metrics_count_what_happened_to_requests_and_health() {
             &["command=\"on\"", "result=\"fail\""],
         )
     };
+    let unknown = |m: &HashMap<String, f64>| {
+        find(
+            m,
+            "intermission_control_commands_total",
+            &["command=\"unknown\"", "result=\"fail\""],
+        )
+    };
     let mut m = scrape(&proxy).await;
     // Counted by the controller, after the answer.
     for _ in 0..250 {
-        if refused(&m) == 1.0 {
+        if refused(&m) == 1.0 && unknown(&m) == 2.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -201,6 +212,8 @@ async fn metrics_count_what_happened_to_requests_and_health() {
         !m.keys().any(|k| k.contains("nope")),
         "an unknown command is no label"
     );
+    // Requests that name no known command are counted under one fixed label.
+    assert_eq!(unknown(&m), 2.0);
 
     // A reload keeps the counters.
     assert!(ctl(&proxy, Ctl::Reload).await.ok);

@@ -257,10 +257,11 @@ async fn connection(stream: UnixStream, controller: ControllerHandle, mut stop: 
         let resp = match parse_request(text) {
             Ok(req) => controller.request(req, by.clone()).await,
             Err(e) => {
-                // A broken script's requests count as failures of the command it meant.
-                if let Some(command) = crate::control::protocol::named_command(text) {
-                    controller.refused(command);
-                }
+                // A broken script's requests count as failures of the command it meant, and
+                // one that names none (not JSON, no `cmd`, an unknown one) under `unknown`:
+                // a fixed label, so that a prober shows without growing the series.
+                let named = crate::control::protocol::named_command(text);
+                controller.refused(named.unwrap_or("unknown"));
                 Response::error(e)
             }
         };
