@@ -141,6 +141,22 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
     out
 }
 
+/// How long the episode that just ended lasted (`since` to `at`), as " of 1 h 5 min": what a
+/// team reading the all-clear asks first. Empty without a start.
+fn lasted(e: &Event) -> String {
+    let Some(since) = e.since else {
+        return String::new();
+    };
+    let secs = e.at.0.duration_since(since.0).map_or(0, |d| d.as_secs());
+    let (h, m) = (secs / 3600, secs % 3600 / 60);
+    match (h, m) {
+        (0, 0) => format!(" of {secs} s"),
+        (0, m) => format!(" of {m} min"),
+        (h, 0) => format!(" of {h} h"),
+        (h, m) => format!(" of {h} h {m} min"),
+    }
+}
+
 /// The readable sentence of a Slack payload.
 fn sentence(e: &Event) -> String {
     let on = &e.instance;
@@ -157,9 +173,11 @@ fn sentence(e: &Event) -> String {
             (Mode::Maintenance, _) => said(format!("Maintenance started on {on}")) + &until,
             (Mode::Outage, _) => format!("Outage on {on}: no upstream server is healthy"),
             (Mode::Normal, Mode::Maintenance) => {
-                format!("{on} is back to normal after maintenance")
+                format!("{on} is back to normal after maintenance{}", lasted(e))
             }
-            (Mode::Normal, Mode::Outage) => format!("{on} is back to normal after an outage"),
+            (Mode::Normal, Mode::Outage) => {
+                format!("{on} is back to normal after an outage{}", lasted(e))
+            }
             (Mode::Normal, Mode::Normal) => format!("{on} is in normal mode"),
         },
         EventKind::MessageUpdated => said(format!("Message updated on {on}")),
@@ -974,6 +992,7 @@ mod tests {
         use Mode::*;
         let until = Some(time("2026-11-24T10:00:00Z"));
         let db = Some("Database upgrade");
+        let back = event(ModeChanged, Normal, Outage, None);
         let cases = [
             (
                 Event {
@@ -1001,6 +1020,20 @@ mod tests {
             (
                 event(ModeChanged, Normal, Outage, None),
                 "shop-1 is back to normal after an outage",
+            ),
+            (
+                Event {
+                    since: Some(Timestamp(back.at.0 - Duration::from_secs(3900))),
+                    ..back.clone()
+                },
+                "shop-1 is back to normal after an outage of 1 h 5 min",
+            ),
+            (
+                Event {
+                    since: Some(Timestamp(back.at.0 - Duration::from_secs(42))),
+                    ..back.clone()
+                },
+                "shop-1 is back to normal after an outage of 42 s",
             ),
             (
                 event(MessageUpdated, Maintenance, Maintenance, Some("15 more minutes.")),

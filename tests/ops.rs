@@ -368,6 +368,16 @@ async fn webhooks_follow_every_change_in_order_and_are_signed() {
     assert!(first["by"].as_str().is_some() && first["instance"].as_str().is_some());
     assert!(first["at"].as_str().unwrap().ends_with('Z'));
     assert_eq!(got[1]["message"], "Halfway there");
+    // Each all-clear says when the episode it ends began: how long it lasted.
+    assert_eq!(got[2]["since"], got[0]["since"], "{got:#?}");
+    assert_eq!(got[4]["since"], got[3]["since"], "{got:#?}");
+    assert!(got[4]["since"].as_str().is_some(), "{got:#?}");
+    let slack = wait_events(&slack_hook, 5).await;
+    let all_clear = slack[4]["text"].as_str().unwrap();
+    assert!(
+        all_clear.contains("back to normal after an outage of "),
+        "{all_clear}"
+    );
 
     // Each body is signed with HMAC-SHA256 of the raw bytes.
     for (headers, body) in json_hook.got.lock().unwrap().iter() {

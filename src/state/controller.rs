@@ -110,6 +110,9 @@ pub struct Controller {
     flips_tx: mpsc::UnboundedSender<Flip>,
     flips_rx: mpsc::UnboundedReceiver<Flip>,
     outage_since: Option<SystemTime>,
+    /// When the held episode that last ended began: the all-clear's `since`, so that a
+    /// receiver can tell how long it lasted.
+    ended_since: Option<SystemTime>,
     /// The overrun of the current `until` has been reported.
     overrun_noted: bool,
     /// The schedule window in force at the last edge, to tell starts and ends apart.
@@ -206,6 +209,7 @@ impl Controller {
             flips_tx,
             flips_rx,
             outage_since: None,
+            ended_since: None,
             overrun_noted,
             active_window: None,
             published_at: now,
@@ -517,7 +521,10 @@ impl Controller {
             reason: reason.or_else(|| planned.and_then(|p| p.reason.clone())),
             by: by.or_else(|| planned.map(|p| p.by.clone())),
             at: crate::time::Timestamp(self.clock.now()),
-            since: view.and_then(|v| v.since).map(crate::time::Timestamp),
+            since: match view {
+                Some(v) => v.since.map(crate::time::Timestamp),
+                None => self.ended_since.map(crate::time::Timestamp),
+            },
             until: view.and_then(|v| v.until).map(crate::time::Timestamp),
             instance: self.instance.clone(),
         });
@@ -798,7 +805,10 @@ impl Controller {
     /// Builds and swaps in the snapshot of the moment `now`; returns the modes before and
     /// after, logs a change of mode once with its `reason`, and keeps the mode metrics in step.
     fn publish(&mut self, now: SystemTime, reason: &str) -> (Mode, Mode) {
-        let before = self.handle.load().mode;
+        let (before, began) = {
+            let old = self.handle.load();
+            (old.mode, old.held.as_ref().and_then(|h| h.view.since))
+        };
         self.published_at = now;
         let snapshot = Snapshot::build(
             &self.parts,
@@ -814,6 +824,9 @@ impl Controller {
             },
         );
         let after = snapshot.mode;
+        if after == Mode::Normal && before != Mode::Normal {
+            self.ended_since = began;
+        }
         self.handle.store(snapshot);
         if before != after {
             match after {
