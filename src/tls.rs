@@ -128,6 +128,13 @@ pub fn server_config_checked(
     // `http/1.0` too: a client that offers it alone is served over HTTP/1, as nginx serves
     // it, where rustls would end the handshake with a fatal alert.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
+    if tls.listen.is_empty() {
+        warnings.push(
+            "tls.certificates are set, but tls.listen is empty: nothing serves HTTPS; add an \
+             address to tls.listen, such as \"[::]:443\""
+                .to_owned(),
+        );
+    }
     Ok((Some(Arc::new(config)), warnings))
 }
 

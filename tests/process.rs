@@ -748,6 +748,20 @@ fn check_warns_of_an_expired_certificate() {
             && text.contains("old.pem expired on 2021-01-01T00:00:00Z"),
         "{text}"
     );
+    assert!(!text.contains("tls.listen is empty"), "{text}");
+    // Certificates with nowhere to serve them: HTTPS is off, which the operator meant not.
+    std::fs::write(
+        &path,
+        "[[tls.certificates]]\ncert = \"old.pem\"\nkey = \"old.key\"\n",
+    )
+    .unwrap();
+    let out = bin().args(["check", "-c"]).arg(&path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("  warning:  tls.certificates are set, but tls.listen is empty"),
+        "{text}"
+    );
 }
 
 /// SPEC §1: `check` lists every certificate entry that would be refused at start, each under
