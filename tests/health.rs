@@ -1141,3 +1141,74 @@ async fn a_failed_check_shows_no_latency() {
     assert!(failed(&h), "{h:?}");
     assert_eq!(h.last_latency_ms, None, "{h:?}");
 }
+
+/// What an operator said during an outage, and a proxy restarted while it goes on, with a
+/// server that takes the whole health timeout to fail its checks. `act` runs at once after the
+/// restart, while the first check waits on its timeout; the words must outlive it.
+async fn the_words_outlive(act: impl AsyncFnOnce(&Proxy)) {
+    const SAID: &str = "Restoring the database from last night's backup.";
+    // Accepts and never answers: each check takes its whole timeout.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming() {
+            held.push(s);
+        }
+    });
+    let config = with_listen(&format!(
+        "[upstream]\nservers = [\"http://{hung}\"]\n\
+         [health]\ninterval = \"2s\"\ntimeout = \"2s\"\nrise = 1\nfall = 1\n"
+    ));
+    let mut proxy = spawn_proxy_in(tempfile::tempdir().unwrap(), &config).await;
+    wait_mode(&proxy, "outage", Duration::from_secs(10)).await;
+    let r = ctl(
+        &proxy,
+        Ctl::Update {
+            message: SAID.into(),
+        },
+    )
+    .await;
+    assert!(r.ok, "{r:?}");
+    // The hung checks' connections may outlast the drain: whether it finished in time is not
+    // what this test is about.
+    proxy.running.take().unwrap().shutdown().await;
+    let proxy = spawn_proxy_in(proxy.dir, &config).await;
+    act(&proxy).await;
+    wait_mode(&proxy, "outage", Duration::from_secs(10)).await;
+    let resp = get(&proxy.url("/")).await;
+    assert!(is_outage(&resp), "{resp:?}");
+    let v: serde_json::Value = json(&resp);
+    assert_eq!(v["detail"], SAID, "{v}");
+}
+
+/// A reload that restarts the checkers before the first check after a restart has answered
+/// does not take the servers' assumed health for a fact.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operators_outage_message_survives_a_reload_before_the_first_check() {
+    the_words_outlive(async |proxy: &Proxy| {
+        edit_config(proxy, |text| {
+            text.replace("interval = \"2s\"", "interval = \"3s\"")
+        });
+        assert!(ctl(proxy, Ctl::Reload).await.ok);
+    })
+    .await;
+}
+
+/// Nor does an operator's change made before the first check (a window scheduled).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operators_outage_message_survives_a_change_before_the_first_check() {
+    the_words_outlive(async |proxy: &Proxy| {
+        let r = ctl(
+            proxy,
+            Ctl::ScheduleAdd {
+                start: "+2h".into(),
+                end: "+3h".into(),
+                message: None,
+            },
+        )
+        .await;
+        assert!(r.ok, "{r:?}");
+    })
+    .await;
+}

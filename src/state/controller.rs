@@ -348,7 +348,10 @@ impl Controller {
             let name = s.to_string();
             previous.iter().find(|h| h.server == name)
         };
-        let known = |s: &crate::config::Upstream| was(s).map(|h| h.healthy.unwrap_or(true));
+        // Only what a check decided: a server not checked yet when the checkers restart (a
+        // reload just after the start) stays undecided, counted healthy but not known to be,
+        // as at start (`known_healthy`).
+        let known = |s: &crate::config::Upstream| was(s).and_then(|h| h.healthy);
         // A server new at a reload during an outage starts down and must pass `rise` checks:
         // counted healthy until its first check, as at start, it would end the outage on
         // paper, and webhooks would announce a recovery that its first failed check takes back.
@@ -613,9 +616,17 @@ impl Controller {
         // A mode that force-open changed is not the application's doing: the webhook says so,
         // or "back to normal after an outage" would read as a recovery mid-incident.
         let forced = matches!(change, Change::ForceOpen(_)).then(|| summary.clone());
+        // An `update` speaks of the mode clients are in (refused in `normal`); any other
+        // change is tidied as `settle` tidies, once a server is known to be healthy, not while
+        // one only counts as healthy until its first check: a change made just after a
+        // restart during an outage would otherwise lose the operator's words.
+        let healthy = match change {
+            Change::Update { .. } => self.healthy(),
+            _ => self.known_healthy(),
+        };
         let next = self
             .state
-            .apply(change, now, self.healthy())
+            .apply(change, now, healthy)
             .map_err(|e| match e {
                 ChangeError::BadValue(m) => ErrorBody::new("bad_request", m),
                 e @ (ChangeError::NothingHeld | ChangeError::TooManyWindows) => {
