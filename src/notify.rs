@@ -347,6 +347,28 @@ impl Queue {
         self.wake.notify_one();
     }
 
+    /// Waits `wait` between two tries of an event; `false` as soon as the target is removed
+    /// meanwhile: a wait is up to a minute, and a receiver removed during it must not be
+    /// sent to again. A wake-up for a new event taken here is no loss: the worker looks at
+    /// its queue before it waits for one.
+    async fn wait_unless_removed(&self, wait: Duration) -> bool {
+        let sleep = tokio::time::sleep(wait);
+        tokio::pin!(sleep);
+        loop {
+            // Registered before the check: a removal between the two still wakes it.
+            let woken = self.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if lock(&self.state).removed {
+                return false;
+            }
+            tokio::select! {
+                () = &mut sleep => return true,
+                () = &mut woken => {}
+            }
+        }
+    }
+
     /// Its target was removed by a reload: the try under way is the last, and what is queued
     /// is dropped (counted and logged). Whoever removes a receiver wants it to stop hearing;
     /// finishing the queue kept sending to a receiver that hangs for hours (256 events, three
@@ -612,7 +634,11 @@ async fn deliver(d: &Deliverer, target: &Target, event: &Event, queue: &Queue) {
                 // bounds; otherwise the backoff's own time.
                 let wait = retry_after.map_or(delay, |asked| asked.min(MAX_RETRY_AFTER).max(delay));
                 tracing::debug!(webhook = shown(&target.url), attempt, retry_in = ?wait, "webhook attempt failed: {why}");
-                tokio::time::sleep(wait).await;
+                if !queue.wait_unless_removed(wait).await {
+                    tracing::warn!(webhook = shown(&target.url), event = ?event.event, attempt, "webhook not delivered, and removed by a reload: not tried again: {why}");
+                    d.stats.failed();
+                    return;
+                }
                 delay = delay.saturating_mul(2).min(longest);
             }
             Err(Failed { why, .. }) => {
@@ -1518,6 +1544,24 @@ mod tests {
         drop(got);
         assert_eq!(receiver.messages(), strings(&["0", "2"]));
         assert_eq!(stats.get(), (2, 0, 1));
+    }
+
+    /// A receiver removed while its worker waits to try an event again (a `Retry-After` of
+    /// up to a minute) is not sent it again once the wait is over.
+    #[tokio::test]
+    async fn a_target_removed_between_two_tries_is_not_tried_again() {
+        let receiver = Receiver::start(Answer::Limited).await;
+        let other = Receiver::start(Answer::Ok).await;
+        let stats = Arc::new(Counts::default());
+        let notifier = Notifier::start_with(vec![receiver.target(None)], stats.clone(), FAST);
+        notifier.send(numbered(1));
+        // Answered 429 with `Retry-After: 1`: the worker waits a second.
+        wait_until("the first try", || receiver.count() == 1).await;
+        notifier.set_targets(vec![other.target(None)]);
+        wait_until("the removed worker gone", || notifier.pending() == 0).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(receiver.count(), 1, "tried again after its removal");
+        assert_eq!(stats.get(), (0, 1, 0));
     }
 
     /// A removed receiver that fails is not tried again: removing and adding it back, reload
