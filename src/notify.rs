@@ -213,12 +213,15 @@ fn sentence(e: &Event) -> String {
     }
 }
 
-/// `2026-11-24 10:00 UTC`: what a person reads in a chat line.
+/// `2026-11-24 10:42 UTC`: what a person reads in a chat line.
 fn readable_time(t: Timestamp) -> String {
-    let full = t.rfc3339(); // 2026-11-24T10:00:00Z
-    match (full.get(..10), full.get(11..16)) {
-        (Some(day), Some(hm)) => format!("{day} {hm} UTC"),
-        _ => full,
+    // An announced end, rounded up to the minute as the pages show it (`human_end`): the team
+    // and the visitors read the same time.
+    let shown = crate::hold::render::human_end(t.0);
+    if shown.is_empty() {
+        t.rfc3339()
+    } else {
+        shown
     }
 }
 
@@ -1090,6 +1093,14 @@ mod tests {
                     ..event(UntilOverrun, Maintenance, Maintenance, db)
                 },
                 "Maintenance on shop-1 overran its announced end (2026-11-24 10:00 UTC); it stays on until switched off",
+            ),
+            (
+                // Rounded up to the minute, as the pages show it.
+                Event {
+                    until: Some(time("2026-11-24T10:41:30Z")),
+                    ..event(ModeChanged, Maintenance, Normal, db)
+                },
+                "Maintenance started on shop-1: Database upgrade (until 2026-11-24 10:42 UTC)",
             ),
         ];
         for (e, want) in cases {

@@ -94,10 +94,12 @@ impl Bound {
 
     /// Removes the socket file, if it is still this one.
     fn remove(self) {
-        drop(self.listener);
+        // Compared while the socket is still open, so that its inode cannot have been given
+        // to another file in between.
         if self.id.is_some() && file_id(&self.path).ok() == self.id {
             let _ = std::fs::remove_file(&self.path);
         }
+        drop(self.listener);
     }
 }
 
