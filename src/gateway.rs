@@ -521,6 +521,7 @@ fn forward_request<'a>(
             &snap.pool,
             &snap.up,
             &snap.passive,
+            &snap.marks,
             req,
             &conn.client,
             trusted,

@@ -43,6 +43,7 @@ use crate::h1;
 use crate::metrics::Outcome;
 use crate::shutdown::{Drain, Shutdown};
 use crate::stall;
+use crate::state::marks;
 use crate::state::{Snapshot, StateHandle};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, StatusCode};
@@ -884,19 +885,49 @@ async fn answer<C: Client>(
     let mut server = first;
     // The first attempt starts with the request: its clock read serves for both.
     let mut sent = served.start;
+    // The head is waited for in two stages on the one timer: until the first look, then, the
+    // server being watched for a mark-down (`state::marks`), until `response_timeout`. A
+    // request answered before the first look (nearly all) moves the timer once, later than
+    // the last request's, which costs no lock in tokio's timer.
+    let look = marks::first_look(timeout);
     loop {
         served.server = Some(server);
         let name = || pool.servers[server].to_string();
-        respond_by.as_mut().reset(sent + timeout);
+        respond_by.as_mut().reset(sent + look);
         // Pinned here and lent to `wait`: passed by value, its state (some 400 bytes) was
         // copied twice per request on its way into `wait`'s.
         let fetched = {
-            let attempt = std::pin::pin!(fetch(bufs, pool, server, sent));
-            wait(sock, &mut watch, Deadline::At(respond_by.as_mut()), attempt).await
+            let mut attempt = std::pin::pin!(fetch(bufs, pool, server, sent));
+            let by = Deadline::At(respond_by.as_mut());
+            match wait(sock, &mut watch, by, attempt.as_mut()).await {
+                Waited::Late if look < timeout => {
+                    respond_by.as_mut().reset(sent + timeout);
+                    // Watched only when it was healthy as the request set out: one sent to a
+                    // server already down (`force-open`, a bypass during an outage) knew.
+                    // Boxed: only a request that waits this long pays for its room.
+                    let mut down = match snap.up.get(server).copied().unwrap_or(true) {
+                        true => Some(Box::pin(snap.marks.marked_down(&pool.names[server]))),
+                        false => None,
+                    };
+                    let either = poll_fn(|cx| {
+                        if let Poll::Ready(out) = attempt.as_mut().poll(cx) {
+                            return Poll::Ready(Some(out));
+                        }
+                        match &mut down {
+                            Some(down) => down.as_mut().poll(cx).map(|()| None),
+                            None => Poll::Pending,
+                        }
+                    });
+                    wait(sock, &mut watch, Deadline::At(respond_by.as_mut()), either).await
+                }
+                Waited::Late => Waited::Late,
+                Waited::Gone => Waited::Gone,
+                Waited::Done(out) => Waited::Done(Some(out)),
+            }
         };
         let error = match fetched {
             Waited::Gone => return Next::Broken,
-            Waited::Done(Ok((up, answer))) => {
+            Waited::Done(Some(Ok((up, answer)))) => {
                 served.status = answer.status;
                 let to = Respond {
                     server,
@@ -904,19 +935,21 @@ async fn answer<C: Client>(
                     drain,
                     watch,
                     by: respond_by,
+                    until: sent + timeout,
                     read_by,
                     bytes: &mut served.bytes,
                 };
                 return respond(bufs, snap, sock, up, answer, to).await;
             }
-            Waited::Done(Err(source)) if source.is_connect() => UpstreamError::Connect {
+            Waited::Done(Some(Err(source))) if source.is_connect() => UpstreamError::Connect {
                 server: name(),
                 source,
             },
-            Waited::Done(Err(source)) => UpstreamError::Failed {
+            Waited::Done(Some(Err(source))) => UpstreamError::Failed {
                 server: name(),
                 source,
             },
+            Waited::Done(None) => UpstreamError::MarkedDown { server: name() },
             Waited::Late => UpstreamError::Timeout {
                 server: name(),
                 timeout,
@@ -934,7 +967,9 @@ async fn answer<C: Client>(
             && pool.servers.len() > 1
             && (unsent || resendable(&bufs.request)))
         .then(|| pool.pick(&snap.up, Some(first)))
-        .flatten();
+        .flatten()
+        // `snap.up` is as the request found it: one taken out since is not tried.
+        .filter(|&next| !snap.marks.is_down(&pool.names[next]));
         match second {
             Some(next) => {
                 tracing::warn!(error = %error, "retrying on {}", pool.servers[next]);
@@ -1360,8 +1395,9 @@ struct Respond<'a> {
     /// Whether the client's end is watched (`wait`).
     watch: bool,
     /// The answer's deadline (`response_timeout`), which a small answer is held until at
-    /// most.
+    /// most: `until`, or the first look before it (`answer`), moved to `until` when passed.
     by: Pin<&'a mut Sleep>,
+    until: tokio::time::Instant,
     /// The deadline of the body's next piece (`upstream.read_timeout`).
     read_by: Pin<&'a mut Sleep>,
     /// The body's bytes passed on, counted as they are taken from the server's.
@@ -1446,6 +1482,12 @@ async fn respond<C: Client>(
                     Waited::Done(read) => read,
                     Waited::Gone => Err(ErrorKind::ConnectionAborted.into()),
                     Waited::Late if !hold => Err(stalled(snap, to.server)),
+                    Waited::Late if by.deadline() < to.until => {
+                        // Only the first look passed: held on, nothing read.
+                        by.as_mut().reset(to.until);
+                        buf.clear();
+                        continue;
+                    }
                     Waited::Late => {
                         // `next_piece` stopped before reading anything: the body has come
                         // no further than `out` holds, which the next turn writes.

@@ -1212,3 +1212,180 @@ async fn an_operators_outage_message_survives_a_change_before_the_first_check() 
     })
     .await;
 }
+
+/// Checks that take a server that stops answering out within a second: `fall` checks
+/// `timeout` apart (not so short that a live server on a loaded machine fails one).
+const HANG_CHECKS: &str =
+    "[health]\ninterval = \"250ms\"\ntimeout = \"250ms\"\nrise = 1\nfall = 2\n";
+
+/// An application that takes its requests and never answers them (its database locked, its
+/// threads all busy), counting those it took in `took`; its health path answers until `hang`
+/// is set, and then hangs too.
+async fn hanging(hang: Arc<AtomicBool>, took: Arc<AtomicUsize>) -> Upstream {
+    upstream(move |req: Request<Incoming>| {
+        let (hang, took) = (hang.clone(), took.clone());
+        async move {
+            if !is_health_check(&req) {
+                took.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+            }
+            if hang.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            Response::new(full("hung"))
+        }
+    })
+    .await
+}
+
+/// A GET over HTTP/1.1 (the relay) or, with `h2`, HTTP/2 with prior knowledge (hyper's path),
+/// under way in a task of its own.
+fn get_in_task(url: String, h2: bool) -> tokio::task::JoinHandle<Response<bytes::Bytes>> {
+    tokio::spawn(async move {
+        let client = if h2 { h2c_client() } else { client() };
+        let resp = client
+            .request(Request::get(url).body(empty()).unwrap())
+            .await
+            .expect("request failed");
+        let (parts, body) = resp.into_parts();
+        Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    })
+}
+
+/// Sends GETs until one is taken by the server counting in `took`, and returns that one,
+/// still waiting (those that reach another server are answered by it at once).
+async fn one_waiting(
+    proxy: &Proxy,
+    h2: bool,
+    took: &AtomicUsize,
+) -> tokio::task::JoinHandle<Response<bytes::Bytes>> {
+    for _ in 0..4 {
+        let before = took.load(Ordering::SeqCst);
+        let asked = get_in_task(proxy.url("/orders"), h2);
+        let taken = || took.load(Ordering::SeqCst) > before || asked.is_finished();
+        assert!(wait_until(Duration::from_secs(5), taken).await);
+        if !asked.is_finished() {
+            return asked;
+        }
+        let resp = asked.await.unwrap();
+        assert_eq!(resp.body(), "live", "{resp:?}");
+    }
+    panic!("no GET reached the hanging server");
+}
+
+/// A request already waiting for a server that stops answering is answered when the checks
+/// take it out (HAProxy's `on-marked-down shutdown-sessions`), not after `response_timeout`:
+/// with one server, with the outage response, as new requests are.
+async fn a_waiting_request_is_answered_at_the_mark_down(h2: bool) {
+    let (hang, took) = (Arc::new(AtomicBool::new(false)), Arc::default());
+    let app = hanging(hang.clone(), Arc::clone(&took)).await;
+    let extra = format!("response_timeout = \"1h\"\n{HANG_CHECKS}");
+    let proxy = proxy_for(&[&app], &extra).await;
+    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+    let asked = one_waiting(&proxy, h2, &took).await;
+    hang.store(true, Ordering::SeqCst);
+    let resp = tokio::time::timeout(Duration::from_secs(20), asked)
+        .await
+        .expect("still waiting after the server was taken out")
+        .unwrap();
+    assert!(is_outage(&resp), "{resp:?}");
+    assert_eq!(wait_health(&proxy, Some(false)).await, Some(false));
+    // A request answered this way blames the server no further: one flip, one log line.
+    assert!(is_outage(&get(&proxy.url("/")).await));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_waiting_over_http1_gets_the_outage_answer_when_its_server_is_taken_out() {
+    a_waiting_request_is_answered_at_the_mark_down(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_waiting_over_h2_gets_the_outage_answer_when_its_server_is_taken_out() {
+    a_waiting_request_is_answered_at_the_mark_down(true).await;
+}
+
+/// With another server healthy, the GETs waiting for the one taken out go to it, over either
+/// path, as a timeout would send them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_get_waiting_for_a_server_taken_out_is_answered_by_another() {
+    let (hang, took) = (Arc::new(AtomicBool::new(false)), Arc::default());
+    let hung = hanging(hang.clone(), Arc::clone(&took)).await;
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counted = reached.clone();
+    let live = upstream(move |req: Request<Incoming>| {
+        if !is_health_check(&req) {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+        async { Response::new(full("live")) }
+    })
+    .await;
+    let extra = format!("response_timeout = \"1h\"\n{HANG_CHECKS}");
+    let proxy = proxy_for(&[&hung, &live], &extra).await;
+    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+    let over_h1 = one_waiting(&proxy, false, &took).await;
+    let over_h2 = one_waiting(&proxy, true, &took).await;
+    let before = reached.load(Ordering::SeqCst);
+    hang.store(true, Ordering::SeqCst);
+    for (asked, path) in [(over_h1, "HTTP/1.1"), (over_h2, "h2c")] {
+        let resp = tokio::time::timeout(Duration::from_secs(20), asked)
+            .await
+            .unwrap_or_else(|_| panic!("{path}: still waiting after its server was taken out"))
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}: {resp:?}");
+        assert_eq!(resp.body(), "live", "{path}");
+    }
+    assert_eq!(reached.load(Ordering::SeqCst), before + 2);
+    assert_eq!(wait_health(&proxy, Some(false)).await, Some(false));
+}
+
+/// An answer whose head has come is the server's, whatever its checks say after: a body
+/// still streaming when they take it out goes on to its end, over either path.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_under_way_is_not_cut_when_its_server_is_taken_out() {
+    let hang = Arc::new(AtomicBool::new(false));
+    let (bodies_tx, mut bodies) = tokio::sync::mpsc::unbounded_channel();
+    let hung = hang.clone();
+    let app = upstream(move |req: Request<Incoming>| {
+        let (hang, bodies) = (hung.clone(), bodies_tx.clone());
+        async move {
+            if is_health_check(&req) && hang.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            if is_health_check(&req) {
+                return Response::new(full("ok"));
+            }
+            let (tx, body) = mpsc_body();
+            bodies.send(tx).unwrap();
+            Response::new(body)
+        }
+    })
+    .await;
+    let extra = format!("response_timeout = \"1h\"\n{HANG_CHECKS}");
+    let proxy = proxy_for(&[&app], &extra).await;
+    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+    let mut under_way = Vec::new();
+    let started = tokio::time::Instant::now();
+    for h2 in [false, true] {
+        let client = if h2 { h2c_client() } else { client() };
+        let req = Request::get(proxy.url("/stream")).body(empty()).unwrap();
+        let fetch = tokio::spawn(client.request(req));
+        let tx = bodies.recv().await.unwrap();
+        tx.send(bytes::Bytes::from_static(b"first ")).await.unwrap();
+        let resp = fetch.await.unwrap().expect("the head came");
+        assert_eq!(resp.status(), 200);
+        under_way.push((resp, tx));
+    }
+    hang.store(true, Ordering::SeqCst);
+    assert_eq!(wait_health(&proxy, Some(false)).await, Some(false));
+    // Until both have waited past the first look (`state::marks::FIRST_LOOK`, 1 s), after
+    // which a request still waiting for its head would have been cut by now.
+    tokio::time::sleep_until(started + Duration::from_millis(1500)).await;
+    for (resp, tx) in under_way {
+        tx.send(bytes::Bytes::from_static(b"and last"))
+            .await
+            .unwrap();
+        drop(tx);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "first and last");
+    }
+}

@@ -1690,6 +1690,39 @@ async fn a_small_answer_is_held_no_longer_than_its_response_timeout() {
     );
 }
 
+/// A request still waiting at the first look (`state::marks::FIRST_LOOK`, 1 s) starts
+/// watching its server's health; a small answer whose body comes after that is still held
+/// whole, up to `response_timeout`, not written in two from then on.
+#[tokio::test]
+async fn a_small_answer_is_held_whole_past_the_first_look() {
+    let up = scripted().await;
+    let config = config(&up, false).replace("[health]", "response_timeout = \"1h\"\n[health]");
+    let proxy = spawn_proxy(&config).await;
+    let mut client = Client::connect(proxy.addr).await;
+    client
+        .send("GET /split HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+        .await;
+    up.sent.notified().await;
+    let mut chunk = [0u8; 1024];
+    let early = tokio::time::timeout(Duration::from_millis(1500), client.sock.read(&mut chunk));
+    if let Ok(read) = early.await {
+        panic!(
+            "the head was written before its body: {:?}",
+            read.map(|n| String::from_utf8_lossy(&chunk[..n]).into_owned())
+        );
+    }
+    up.release.notify_one();
+    client.fill().await;
+    assert!(
+        client.buf.starts_with(b"HTTP/1.1 200 OK\r\n") && client.buf.ends_with(b"\r\n\r\nbody"),
+        "{}",
+        String::from_utf8_lossy(&client.buf)
+    );
+    let a = client.read().await;
+    assert_eq!((a.status(), &a.body[..]), (200, &b"body"[..]));
+    assert!(a.relayed(), "{}", a.head);
+}
+
 #[tokio::test]
 async fn pipelined_requests_then_a_half_close_get_the_first_answer_as_on_hyper_s_path() {
     let up = scripted().await;

@@ -18,6 +18,7 @@ pub mod upgrade;
 use crate::body::{Answered, Body, Resume, SentSignal};
 use crate::config::{Config, Protocol, Upstream};
 use crate::health::Passive;
+use crate::state::marks::{self, Marks};
 use headers::ClientSide;
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
@@ -39,6 +40,10 @@ pub enum UpstreamError {
     },
     #[error("{server} sent no response head within {timeout:?}")]
     Timeout { server: String, timeout: Duration },
+    /// Its health checks took the server out while the request waited for its response head:
+    /// handled as a `Timeout` at that moment (`state::marks`).
+    #[error("{server} was taken out by its health checks while the request waited for its response head")]
+    MarkedDown { server: String },
     #[error("{server} failed before answering: {source}")]
     Failed {
         server: String,
@@ -103,13 +108,16 @@ fn buffer_for_replay(parts: &http::request::Parts, to: Protocol) -> bool {
 }
 
 /// Forwards `req` to a healthy upstream server; a request that fails before any response
-/// head arrives is retried once on another healthy server when it can be replayed. Every
-/// failure the server can be blamed for is reported to its checker.
+/// head arrives is retried once on another healthy server when it can be replayed, and so is
+/// one whose server `marks` says was taken out while it waited for that head. Every failure
+/// the server can be blamed for is reported to its checker.
 #[allow(clippy::manual_async_fn)] // see the module's docs
+#[allow(clippy::too_many_arguments)] // each a reference into the request's snapshot
 pub fn forward<'a>(
     pool: &'a UpstreamPool,
     up: &'a [bool],
     passive: &'a [Passive],
+    marks: &'a Marks,
     mut req: Request<Incoming>,
     client: &'a ClientSide,
     trusted: bool,
@@ -194,7 +202,10 @@ pub fn forward<'a>(
         // One call site for both attempts: the future of each would otherwise have a slot of its
         // own in this one's state, which every forwarded request allocates and copies.
         loop {
-            let error = match send(pool, server, req, timeout, sent.as_mut()).await {
+            // Watched for a mark-down only when it was healthy as the request set out: one
+            // sent to a server already down (`force-open`, a bypass during an outage) knew.
+            let watch = up.get(server).copied().unwrap_or(true).then_some(marks);
+            let error = match send(pool, server, req, timeout, sent.as_mut(), watch).await {
                 // A switch nobody asked for (or to nothing) leaves the client a head it cannot
                 // use: the server failed, as the relay judges it too.
                 Ok(resp)
@@ -254,7 +265,9 @@ pub fn forward<'a>(
                 .as_ref()
                 .filter(|(method, ..)| unsent || idempotent(method))
                 .filter(|_| !sockets::reached(&error))
-                .and_then(|_| pool.pick(up, Some(first)));
+                .and_then(|_| pool.pick(up, Some(first)))
+                // `up` is as the request found it: one taken out since is not tried.
+                .filter(|&next| !marks.is_down(&pool.names[next]));
             let (Some((method, headers, held)), Some(second)) = (replay.take(), second) else {
                 return Err(Failed::upstream(Some(error), Some(server)));
             };
@@ -328,7 +341,8 @@ pub(crate) fn report(passive: &[Passive], server: usize, error: &UpstreamError) 
             ..
         }
     );
-    if shared || local_exhaustion(error) {
+    // A server taken out by its checks has nothing more to tell them.
+    if shared || local_exhaustion(error) || matches!(error, UpstreamError::MarkedDown { .. }) {
         return;
     }
     if let Some(tx) = passive.get(server) {
@@ -353,7 +367,9 @@ pub(crate) fn report(passive: &[Passive], server: usize, error: &UpstreamError) 
 fn inconclusive(error: &UpstreamError) -> bool {
     if matches!(
         error,
-        UpstreamError::Timeout { .. } | UpstreamError::Failed { .. }
+        UpstreamError::Timeout { .. }
+            | UpstreamError::MarkedDown { .. }
+            | UpstreamError::Failed { .. }
     ) {
         return true;
     }
@@ -397,7 +413,9 @@ pub fn local_exhaustion(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// Sends one request to one server, waiting at most `response_timeout` for the head once the
-/// request body (if it streams) has been sent whole, as nginx's `proxy_read_timeout` does.
+/// request body (if it streams) has been sent whole, as nginx's `proxy_read_timeout` does,
+/// and, with `watch`, no longer than the server stays in: taken out by its health checks
+/// meanwhile, it will not answer either (`state::marks`).
 #[allow(clippy::manual_async_fn)] // see the module's docs
 fn send<'a>(
     pool: &'a UpstreamPool,
@@ -405,6 +423,7 @@ fn send<'a>(
     req: Request<Body>,
     timeout: Duration,
     sent: Option<&'a mut SentSignal>,
+    watch: Option<&'a Marks>,
 ) -> impl Future<Output = Result<Response<Body>, UpstreamError>> + Send + 'a {
     async move {
         let name = || pool.servers[server].to_string();
@@ -418,30 +437,60 @@ fn send<'a>(
                 // A body that ends in error drops the sender: the timer starts then too.
                 let _ = (&mut sent.rx).await;
             }
-            tokio::time::sleep(timeout).await;
+            // In two stages, on one timer: a request answered within the first look (nearly
+            // all) costs what one sleep of `timeout` did; one still waiting then watches its
+            // server's mark for the rest (boxed: only those pay for its room).
+            let look = marks::first_look(timeout);
+            let sleep = tokio::time::sleep(look);
+            tokio::pin!(sleep);
+            sleep.as_mut().await;
+            if look < timeout {
+                let until = sleep.deadline() + (timeout - look);
+                sleep.as_mut().reset(until);
+                let Some(marks) = watch else {
+                    sleep.await;
+                    return Cut::Late;
+                };
+                let down = Box::pin(marks.marked_down(&pool.names[server]));
+                return tokio::select! {
+                    biased;
+                    () = sleep => Cut::Late,
+                    () = down => Cut::Down,
+                };
+            }
+            Cut::Late
         };
         // Biased: a response that is ready when the deadline passes is taken.
         let outcome = tokio::select! {
             biased;
-            r = &mut response => Some(r),
-            () = deadline => None,
+            r = &mut response => Ok(r),
+            cut = deadline => Err(cut),
         };
         match outcome {
-            Some(Ok(resp)) => Ok(resp),
-            Some(Err(source)) if source.is_connect() => Err(UpstreamError::Connect {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(source)) if source.is_connect() => Err(UpstreamError::Connect {
                 server: name(),
                 source,
             }),
-            Some(Err(source)) => Err(UpstreamError::Failed {
+            Ok(Err(source)) => Err(UpstreamError::Failed {
                 server: name(),
                 source,
             }),
-            None => Err(UpstreamError::Timeout {
+            Err(Cut::Late) => Err(UpstreamError::Timeout {
                 server: name(),
                 timeout,
             }),
+            Err(Cut::Down) => Err(UpstreamError::MarkedDown { server: name() }),
         }
     }
+}
+
+/// Why the wait for a response head ended without one.
+enum Cut {
+    /// `response_timeout` passed.
+    Late,
+    /// The server was taken out by its health checks.
+    Down,
 }
 
 /// Whether an answer is gRPC over HTTP/2 (`application/grpc`, `+proto`, `;charset=…`), whose

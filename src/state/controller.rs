@@ -839,6 +839,17 @@ impl Controller {
             self.ended_since = began;
         }
         self.handle.store(snapshot);
+        // After the store: a request woken by a mark-down that retries finds the new healthy
+        // set. Not under `force-open`, which forwards to servers whatever their checks say: a
+        // request waiting for one is not cut either.
+        let down = match self.state.force_open {
+            true => Vec::new(),
+            false => (self.parts.pool.names.iter().zip(&self.up))
+                .filter(|&(_, &up)| !up)
+                .map(|(name, _)| name.clone())
+                .collect(),
+        };
+        self.parts.marks.publish(down);
         if before != after {
             match after {
                 Mode::Normal => tracing::info!(

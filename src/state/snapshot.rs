@@ -4,6 +4,7 @@
 //! builds and stores new ones; building renders every holding response, so serving one is
 //! choosing bytes.
 
+use super::marks::Marks;
 use super::mode::{Mode, Persisted};
 use crate::config::{Config, Protocol};
 use crate::forward::pool::UpstreamPool;
@@ -45,6 +46,8 @@ pub struct Snapshot {
     pub up: Arc<[bool]>,
     /// Where to report a failed forward, by server index.
     pub passive: Arc<[Passive]>,
+    /// The servers taken out since, for a request still waiting for its answer.
+    pub marks: Arc<Marks>,
     /// The public status document.
     pub status: Spliced,
     /// The pages as they would be shown now, by mode, for `{prefix}preview`.
@@ -67,6 +70,9 @@ pub struct Parts {
     pub sockets: Sockets,
     pub pages: Arc<Pages>,
     pub bypass: Option<Arc<BypassKey>>,
+    /// Lives as long as the process: a request that waits across a reload still hears of its
+    /// server being taken out.
+    pub marks: Arc<Marks>,
 }
 
 impl Parts {
@@ -108,6 +114,7 @@ impl Parts {
             _ => Arc::new(UpstreamPool::new(&config.upstream, workers, &sockets)?),
         };
         let tls = crate::tls::server_config(&config.tls)?;
+        let marks = previous.map_or_else(Arc::default, |prev| prev.marks.clone());
         let m = &config.maintenance;
         let bypass = BypassKey::new(&m.bypass_secret, m.bypass_ttl).map(Arc::new);
         Ok(Parts {
@@ -119,6 +126,7 @@ impl Parts {
             sockets,
             pages,
             bypass,
+            marks,
         })
     }
 }
@@ -187,6 +195,7 @@ impl Snapshot {
             outage,
             up: inputs.up.into(),
             passive: inputs.passive.clone(),
+            marks: parts.marks.clone(),
             status,
             preview_maintenance,
             preview_outage,
