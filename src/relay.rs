@@ -890,6 +890,7 @@ async fn answer<C: Client>(
     // request answered before the first look (nearly all) moves the timer once, later than
     // the last request's, which costs no lock in tokio's timer.
     let look = marks::first_look(timeout);
+    let idempotent = resendable(&bufs.request);
     loop {
         served.server = Some(server);
         let name = || pool.servers[server].to_string();
@@ -904,8 +905,12 @@ async fn answer<C: Client>(
                     respond_by.as_mut().reset(sent + timeout);
                     // Watched only when it was healthy as the request set out: one sent to a
                     // server already down (`force-open`, a bypass during an outage) knew.
+                    // And only an idempotent request: a `POST` the server has (a payment on
+                    // an overloaded server whose checks time out) may still be answered,
+                    // and its client must not read an outage page about an order placed.
                     // Boxed: only a request that waits this long pays for its room.
-                    let mut down = match snap.up.get(server).copied().unwrap_or(true) {
+                    let healthy = snap.up.get(server).copied().unwrap_or(true);
+                    let mut down = match healthy && idempotent {
                         true => Some(Box::pin(snap.marks.marked_down(&pool.names[server]))),
                         false => None,
                     };

@@ -1294,6 +1294,42 @@ async fn a_waiting_request_is_answered_at_the_mark_down(h2: bool) {
     assert!(is_outage(&get(&proxy.url("/")).await));
 }
 
+/// A `POST` waiting for a server that its checks take out is not cut: the server has it and
+/// may still answer (a payment on an overloaded server whose checks time out), and its
+/// client must not read an outage page about an order that went through. It waits for its
+/// answer up to `response_timeout`, as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_post_waiting_for_a_server_taken_out_is_not_cut() {
+    let (hang, took) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let app = hanging(hang.clone(), Arc::clone(&took)).await;
+    let extra = format!("response_timeout = \"1h\"\n{HANG_CHECKS}");
+    let proxy = proxy_for(&[&app], &extra).await;
+    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+    let mut asked = Vec::new();
+    for h2 in [false, true] {
+        let url = proxy.url("/orders");
+        asked.push(tokio::spawn(async move {
+            let client = if h2 { h2c_client() } else { client() };
+            let req = Request::post(url)
+                .header("content-length", "8")
+                .body(full("order-45"))
+                .unwrap();
+            client.request(req).await.map(|r| r.status())
+        }));
+    }
+    assert!(wait_until(Duration::from_secs(5), || took.load(Ordering::SeqCst) == 2).await);
+    hang.store(true, Ordering::SeqCst);
+    assert_eq!(wait_health(&proxy, Some(false)).await, Some(false));
+    // Past the first look (`state::marks::FIRST_LOOK`, 1 s), when a GET would have been cut.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for (i, post) in asked.iter().enumerate() {
+        assert!(!post.is_finished(), "POST {i} was cut at the mark-down");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_waiting_over_http1_gets_the_outage_answer_when_its_server_is_taken_out() {
     a_waiting_request_is_answered_at_the_mark_down(false).await;

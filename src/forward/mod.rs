@@ -204,7 +204,10 @@ pub fn forward<'a>(
         loop {
             // Watched for a mark-down only when it was healthy as the request set out: one
             // sent to a server already down (`force-open`, a bypass during an outage) knew.
-            let watch = up.get(server).copied().unwrap_or(true).then_some(marks);
+            // And only an idempotent request: a `POST` the server has may still be answered
+            // (as the relay judges it).
+            let healthy = up.get(server).copied().unwrap_or(true);
+            let watch = (healthy && idempotent(req.method())).then_some(marks);
             let error = match send(pool, server, req, timeout, sent.as_mut(), watch).await {
                 // A switch nobody asked for (or to nothing) leaves the client a head it cannot
                 // use: the server failed, as the relay judges it too.
