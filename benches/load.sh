@@ -583,7 +583,7 @@ read -r PORT_UPT PORT_NGXT PORT_INTT <<<"$(free_ports 3)"
 mkdir -p "$WORK/tls"
 TLS_CERT="$WORK/tls/cert.pem"
 TLS_KEY="$WORK/tls/key.pem"
-timeout 30 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+timeout 30 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
     -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
     -keyout "$TLS_KEY" -out "$TLS_CERT" >"$WORK/tls/openssl.log" 2>&1 \
     || { cat "$WORK/tls/openssl.log" >&2; die "openssl could not make the test certificate"; }
