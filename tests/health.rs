@@ -521,6 +521,17 @@ async fn echo_body(name: &'static str) -> Upstream {
     .await
 }
 
+/// `body` sent to `url` with `method` over HTTP/1.1, its length announced.
+async fn upload(method: http::Method, url: &str, body: &'static str) -> Response<bytes::Bytes> {
+    let req = Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-length", body.len())
+        .body(full(body))
+        .unwrap();
+    send(req).await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_small_idempotent_upload_is_retried_whole_on_another_server() {
     let doomed = echo_body("doomed").await;
@@ -543,13 +554,7 @@ async fn a_small_idempotent_upload_is_retried_whole_on_another_server() {
     // Every other PUT goes to the dead server first; its body was read whole before
     // forwarding, so the retry carries it.
     for i in 0..6 {
-        let resp = send(
-            Request::put(proxy.url("/orders/42"))
-                .header("content-length", "8")
-                .body(full("order-42"))
-                .unwrap(),
-        )
-        .await;
+        let resp = upload(http::Method::PUT, &proxy.url("/orders/42"), "order-42").await;
         assert_eq!(resp.status(), 200, "request {i}: {resp:?}");
         assert_eq!(resp.body(), "live PUT order-42", "request {i}");
     }
@@ -557,13 +562,7 @@ async fn a_small_idempotent_upload_is_retried_whole_on_another_server() {
     // live one, as nginx's `proxy_next_upstream error` sends it (the outage page answered
     // it before, though nothing had been sent).
     for i in 0..4 {
-        let resp = send(
-            Request::post(proxy.url("/orders"))
-                .header("content-length", "8")
-                .body(full("order-43"))
-                .unwrap(),
-        )
-        .await;
+        let resp = upload(http::Method::POST, &proxy.url("/orders"), "order-43").await;
         assert_eq!(resp.status(), 200, "POST {i}: {resp:?}");
         assert_eq!(resp.body(), "live POST order-43", "POST {i}");
     }
@@ -615,13 +614,7 @@ async fn a_post_a_server_got_and_failed_is_not_sent_again() {
     .await;
     let mut held = 0;
     for _ in 0..2 {
-        let resp = send(
-            Request::post(proxy.url("/orders"))
-                .header("content-length", "8")
-                .body(full("order-44"))
-                .unwrap(),
-        )
-        .await;
+        let resp = upload(http::Method::POST, &proxy.url("/orders"), "order-44").await;
         match resp.status().as_u16() {
             200 => assert_eq!(resp.body(), "live POST order-44"),
             503 => held += 1,

@@ -403,21 +403,29 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     assert!(tokio::net::TcpStream::connect(status.1.addr).await.is_err());
 }
 
-/// SPEC §6 for SIGINT, and `shutdown_timeout` as the drain's limit: a request that outlives
-/// it does not keep the process from exiting 0.
-#[tokio::test(flavor = "multi_thread")]
-async fn sigint_drains_for_at_most_shutdown_timeout_then_exits_0() {
-    let arrived = Arc::new(AtomicBool::new(false));
-    let seen = arrived.clone();
-    let up = upstream(move |_req: Request<Incoming>| {
-        let seen = seen.clone();
+/// An application that answers its health checks (`/`) and never answers any other request,
+/// counting those in `arrived`.
+async fn never_answering(arrived: Arc<std::sync::atomic::AtomicUsize>) -> Upstream {
+    upstream(move |req: Request<Incoming>| {
+        let seen = arrived.clone();
         async move {
-            seen.store(true, Ordering::SeqCst);
+            if req.uri().path() == "/" {
+                return Response::new(full("ok"));
+            }
+            seen.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_secs(3600)).await;
             Response::new(full("never"))
         }
     })
-    .await;
+    .await
+}
+
+/// SPEC §6 for SIGINT, and `shutdown_timeout` as the drain's limit: a request that outlives
+/// it does not keep the process from exiting 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigint_drains_for_at_most_shutdown_timeout_then_exits_0() {
+    let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let up = never_answering(arrived.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     let proxy = ProxyProcess::start(
         dir.path(),
@@ -435,7 +443,11 @@ async fn sigint_drains_for_at_most_shutdown_timeout_then_exits_0() {
         )
         .await
     });
-    assert!(wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)).await);
+    assert!(
+        wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)
+            > 0)
+        .await
+    );
     let signalled = std::time::Instant::now();
     proxy.signal("INT");
     let (status, waited) = exit_after(proxy, signalled).await;
@@ -495,20 +507,7 @@ async fn access_log_lines_are_json_with_the_request_facts() {
 async fn a_request_its_client_gave_up_on_is_logged_499() {
     use tokio::io::AsyncWriteExt;
     let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let seen = arrived.clone();
-    let up = upstream(move |req: Request<Incoming>| {
-        let seen = seen.clone();
-        async move {
-            // The health checks (`/`) are answered; the requests given up on, never.
-            if req.uri().path() == "/" {
-                return Response::new(full("ok"));
-            }
-            seen.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            Response::new(full("never"))
-        }
-    })
-    .await;
+    let up = never_answering(arrived.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     let proxy = ProxyProcess::start(
         dir.path(),

@@ -1626,6 +1626,29 @@ async fn a_reload_sets_the_send_timeout_of_connections_already_open() {
     }
 }
 
+/// Nothing is written to `client` for `quiet` (the head has reached the proxy, the body not
+/// yet); then, the body let go, head and body come in one write, so the first read has both.
+async fn written_whole_after(client: &mut Client, up: &Scripted, quiet: Duration) {
+    let mut chunk = [0u8; 1024];
+    let early = tokio::time::timeout(quiet, client.sock.read(&mut chunk));
+    if let Ok(read) = early.await {
+        panic!(
+            "the head was written before its body: {:?}",
+            read.map(|n| String::from_utf8_lossy(&chunk[..n]).into_owned())
+        );
+    }
+    up.release.notify_one();
+    client.fill().await;
+    assert!(
+        client.buf.starts_with(b"HTTP/1.1 200 OK\r\n") && client.buf.ends_with(b"\r\n\r\nbody"),
+        "{}",
+        String::from_utf8_lossy(&client.buf)
+    );
+    let a = client.read().await;
+    assert_eq!((a.status(), &a.body[..]), (200, &b"body"[..]));
+    assert!(a.relayed(), "{}", a.head);
+}
+
 #[tokio::test]
 async fn a_small_answer_whose_head_comes_alone_is_written_whole_at_once() {
     let up = scripted().await;
@@ -1636,25 +1659,7 @@ async fn a_small_answer_whose_head_comes_alone_is_written_whole_at_once() {
         .await;
     up.sent.notified().await;
     // The head has reached the proxy, the body not yet: nothing is written meanwhile.
-    let mut chunk = [0u8; 1024];
-    let early = tokio::time::timeout(Duration::from_millis(500), client.sock.read(&mut chunk));
-    if let Ok(read) = early.await {
-        panic!(
-            "the head was written before its body: {:?}",
-            read.map(|n| String::from_utf8_lossy(&chunk[..n]).into_owned())
-        );
-    }
-    up.release.notify_one();
-    // Head and body come in one write, so the first read has them both.
-    client.fill().await;
-    assert!(
-        client.buf.starts_with(b"HTTP/1.1 200 OK\r\n") && client.buf.ends_with(b"\r\n\r\nbody"),
-        "{}",
-        String::from_utf8_lossy(&client.buf)
-    );
-    let a = client.read().await;
-    assert_eq!((a.status(), &a.body[..]), (200, &b"body"[..]));
-    assert!(a.relayed(), "{}", a.head);
+    written_whole_after(&mut client, &up, Duration::from_millis(500)).await;
     assert_eq!(
         client.get("/length").await.body,
         b"hello",
@@ -1703,24 +1708,7 @@ async fn a_small_answer_is_held_whole_past_the_first_look() {
         .send("GET /split HTTP/1.1\r\nHost: shop.example\r\n\r\n")
         .await;
     up.sent.notified().await;
-    let mut chunk = [0u8; 1024];
-    let early = tokio::time::timeout(Duration::from_millis(1500), client.sock.read(&mut chunk));
-    if let Ok(read) = early.await {
-        panic!(
-            "the head was written before its body: {:?}",
-            read.map(|n| String::from_utf8_lossy(&chunk[..n]).into_owned())
-        );
-    }
-    up.release.notify_one();
-    client.fill().await;
-    assert!(
-        client.buf.starts_with(b"HTTP/1.1 200 OK\r\n") && client.buf.ends_with(b"\r\n\r\nbody"),
-        "{}",
-        String::from_utf8_lossy(&client.buf)
-    );
-    let a = client.read().await;
-    assert_eq!((a.status(), &a.body[..]), (200, &b"body"[..]));
-    assert!(a.relayed(), "{}", a.head);
+    written_whole_after(&mut client, &up, Duration::from_millis(1500)).await;
 }
 
 #[tokio::test]
