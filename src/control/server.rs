@@ -91,15 +91,18 @@ impl Bound {
             ),
         }
     }
+}
 
-    /// Removes the socket file, if it is still this one.
-    fn remove(self) {
-        // Compared while the socket is still open, so that its inode cannot have been given
-        // to another file in between.
+/// Removes the socket file, if it is still this one, however the server ends: at the stop,
+/// or dropped with the runtime when a second signal cut the shutdown short before the
+/// server was told to stop (the file was left behind then, for the next start to replace).
+impl Drop for Bound {
+    fn drop(&mut self) {
+        // Compared while the socket is still open (the listener is a field, dropped after
+        // this), so that its inode cannot have been given to another file in between.
         if self.id.is_some() && file_id(&self.path).ok() == self.id {
             let _ = std::fs::remove_file(&self.path);
         }
-        drop(self.listener);
     }
 }
 
@@ -185,7 +188,7 @@ pub async fn serve(
             }
         }
     }
-    socket.remove();
+    drop(socket);
     while connections.join_next().await.is_some() {}
 }
 
@@ -409,6 +412,21 @@ mod tests {
         // Kept for the test's life: a dropped trigger counts as fired.
         std::mem::forget(trigger);
         stop
+    }
+
+    /// Dropped however the server ends, the socket removes its file, and only its own: a
+    /// file put at the path since is left alone.
+    #[tokio::test]
+    async fn a_dropped_socket_removes_its_own_file_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        drop(Bound::new(&path, 0o600).unwrap());
+        assert!(!path.exists(), "the socket file was left behind");
+        let bound = Bound::new(&path, 0o600).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "someone else's").unwrap();
+        drop(bound);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "someone else's");
     }
 
     #[test]
