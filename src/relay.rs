@@ -890,6 +890,7 @@ async fn answer<C: Client>(
     // request answered before the first look (nearly all) moves the timer once, later than
     // the last request's, which costs no lock in tokio's timer.
     let look = marks::first_look(timeout);
+    // Read once, for both uses: whether the wait may be cut, and whether to send it again.
     let idempotent = resendable(&bufs.request);
     loop {
         served.server = Some(server);
@@ -967,14 +968,12 @@ async fn answer<C: Client>(
         // Not at the bound on upstream sockets, as `forward::forward` does not.
         let limited = forward::sockets::reached(&error);
         let unsent = matches!(error, UpstreamError::Connect { .. });
-        let second = (server == first
-            && !limited
-            && pool.servers.len() > 1
-            && (unsent || resendable(&bufs.request)))
-        .then(|| pool.pick(&snap.up, Some(first)))
-        .flatten()
-        // `snap.up` is as the request found it: one taken out since is not tried.
-        .filter(|&next| !snap.marks.is_down(&pool.names[next]));
+        let second =
+            (server == first && !limited && pool.servers.len() > 1 && (unsent || idempotent))
+                .then(|| pool.pick(&snap.up, Some(first)))
+                .flatten()
+                // `snap.up` is as the request found it: one taken out since is not tried.
+                .filter(|&next| !snap.marks.is_down(&pool.names[next]));
         match second {
             Some(next) => {
                 tracing::warn!(error = %error, "retrying on {}", pool.servers[next]);
