@@ -863,13 +863,28 @@ async fn a_reload_during_an_outage_keeps_what_is_known_of_health() {
     assert_eq!(get(&proxy.url("/")).await.body(), "app");
 }
 
+/// What an operator says during an outage, in the tests of its words.
+const SAID: &str = "Restoring the database from last night's backup.";
+
+/// Waits up to `limit` for the outage, then says `SAID` in it with `update`.
+async fn say_in_outage(proxy: &Proxy, limit: Duration) {
+    wait_mode(proxy, "outage", limit).await;
+    let r = ctl(
+        proxy,
+        Ctl::Update {
+            message: SAID.into(),
+        },
+    )
+    .await;
+    assert!(r.ok, "{r:?}");
+}
+
 /// What an operator said during an outage (`update`, and its timeline) outlives a restart of
 /// the proxy while the outage goes on: until the first check, the server only counts as
 /// healthy, which says nothing of the application. Once a check finds it healthy, they go,
 /// so that the next outage starts with the configured message.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_operators_outage_message_survives_a_restart_during_the_outage() {
-    const SAID: &str = "Restoring the database from last night's backup.";
     let up = app().await;
     let config = with_listen(&format!("[upstream]\nservers = [\"{}\"]\n{FAST}", up.url()));
     let restart = |mut proxy: Proxy| {
@@ -885,15 +900,7 @@ async fn an_operators_outage_message_survives_a_restart_during_the_outage() {
     };
     let proxy = spawn_proxy_in(tempfile::tempdir().unwrap(), &config).await;
     up.stop();
-    wait_mode(&proxy, "outage", Duration::from_secs(5)).await;
-    let r = ctl(
-        &proxy,
-        Ctl::Update {
-            message: SAID.into(),
-        },
-    )
-    .await;
-    assert!(r.ok, "{r:?}");
+    say_in_outage(&proxy, Duration::from_secs(5)).await;
 
     // Restarted while the application is still down: the same words, the same timeline.
     let proxy = restart(proxy).await;
@@ -1139,7 +1146,6 @@ async fn a_failed_check_shows_no_latency() {
 /// server that takes the whole health timeout to fail its checks. `act` runs at once after the
 /// restart, while the first check waits on its timeout; the words must outlive it.
 async fn the_words_outlive(act: impl AsyncFnOnce(&Proxy)) {
-    const SAID: &str = "Restoring the database from last night's backup.";
     // Accepts and never answers: each check takes its whole timeout.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let hung = listener.local_addr().unwrap();
@@ -1154,15 +1160,7 @@ async fn the_words_outlive(act: impl AsyncFnOnce(&Proxy)) {
          [health]\ninterval = \"2s\"\ntimeout = \"2s\"\nrise = 1\nfall = 1\n"
     ));
     let mut proxy = spawn_proxy_in(tempfile::tempdir().unwrap(), &config).await;
-    wait_mode(&proxy, "outage", Duration::from_secs(10)).await;
-    let r = ctl(
-        &proxy,
-        Ctl::Update {
-            message: SAID.into(),
-        },
-    )
-    .await;
-    assert!(r.ok, "{r:?}");
+    say_in_outage(&proxy, Duration::from_secs(10)).await;
     // The hung checks' connections may outlast the drain: whether it finished in time is not
     // what this test is about.
     proxy.running.take().unwrap().shutdown().await;
@@ -1285,6 +1283,49 @@ async fn a_waiting_request_is_answered_at_the_mark_down(h2: bool) {
     assert_eq!(wait_health(&proxy, Some(false)).await, Some(false));
     // A request answered this way blames the server no further: one flip, one log line.
     assert!(is_outage(&get(&proxy.url("/")).await));
+}
+
+/// SPEC §3: a GET waiting for its server is not cut by maintenance switched on (the server is
+/// up and answers what it was sent), nor, under `force-open`, by its server being taken out
+/// (requests go to it whatever the checks say).
+#[tokio::test(flavor = "multi_thread")]
+async fn maintenance_and_force_open_cut_no_request_waiting() {
+    for force_open in [false, true] {
+        let (hang, took) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let app = hanging(hang.clone(), Arc::clone(&took)).await;
+        let extra = format!("response_timeout = \"1h\"\n{HANG_CHECKS}");
+        let proxy = proxy_for(&[&app], &extra).await;
+        assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+        let asked = one_waiting(&proxy, false, &took).await;
+        let r = if force_open {
+            ctl(&proxy, Ctl::ForceOpen { enabled: true }).await
+        } else {
+            ctl(
+                &proxy,
+                Ctl::On {
+                    message: None,
+                    until: None,
+                    retry_after: None,
+                    reason: None,
+                },
+            )
+            .await
+        };
+        assert!(r.ok, "{r:?}");
+        if force_open {
+            hang.store(true, Ordering::SeqCst);
+            assert_eq!(wait_health(&proxy, Some(false)).await, Some(false));
+        }
+        // Past the first look (`state::marks::FIRST_LOOK`, 1 s), when a cut would have come.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(
+            !asked.is_finished(),
+            "a waiting GET was cut (force-open: {force_open})"
+        );
+    }
 }
 
 /// A `POST` waiting for a server that its checks take out is not cut: the server has it and
