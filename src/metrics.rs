@@ -234,6 +234,11 @@ struct WebhookLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertificateLabels {
+    file: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TlsFailureLabels {
     reason: &'static str,
 }
@@ -337,6 +342,7 @@ pub struct Metrics {
     webhooks: [Counter; 3],
     /// Indexed like `TlsFailure::ALL`.
     tls_failures: [Counter; 5],
+    certificate_ends: Family<CertificateLabels, Gauge>,
     parked: Gauge,
     /// Moved by `forward::sockets`, which counts every upstream socket.
     sockets: crate::forward::sockets::SocketMetrics,
@@ -465,6 +471,15 @@ impl Metrics {
             tls_family,
         );
 
+        let certificate_ends = Family::<CertificateLabels, Gauge>::default();
+        registry.register_with_unit(
+            "intermission_tls_certificate_expiry_timestamp",
+            "When each served certificate ends (its notAfter), in seconds since the Unix \
+             epoch, by the file it was read from; alert on it minus time()",
+            Unit::Seconds,
+            certificate_ends.clone(),
+        );
+
         let parked = Gauge::default();
         registry.register(
             "intermission_parked_connections",
@@ -512,6 +527,7 @@ impl Metrics {
             control_commands,
             webhooks,
             tls_failures,
+            certificate_ends,
             parked,
             sockets,
         }
@@ -619,6 +635,25 @@ impl Metrics {
 
     pub fn webhook(&self, result: WebhookResult) {
         self.webhooks[result.index()].inc();
+    }
+
+    /// Shows the ends of the certificates now served, and only those: a file a reload
+    /// stopped serving is forgotten, so that no alert fires for it. Only the controller calls
+    /// this, at start and at reload; a scrape in between its steps may miss them for an
+    /// instant.
+    pub fn set_certificate_ends(&self, ends: &[crate::tls::CertificateEnd]) {
+        self.certificate_ends.clear();
+        for end in ends {
+            let seconds = end
+                .not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            self.certificate_ends
+                .get_or_create(&CertificateLabels {
+                    file: end.file.display().to_string(),
+                })
+                .set(seconds);
+        }
     }
 
     pub fn tls_failure(&self, reason: TlsFailure) {

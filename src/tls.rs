@@ -74,14 +74,91 @@ fn provider() -> Arc<CryptoProvider> {
 /// From this long before a certificate's end, start, reload and `check` warn that it ends.
 const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
 
-/// The server configuration for the TLS listeners; `None` without certificates. What would
-/// let clients down although it loads (`server_config_checked`) is logged as warnings.
-pub fn server_config(tls: &TlsConfig) -> Result<Option<Arc<ServerConfig>>, TlsError> {
-    let (config, warnings) = server_config_checked(tls, SystemTime::now())?;
+/// What the TLS listeners serve: their settings (`None` without certificates), and when each
+/// certificate ends.
+#[derive(Clone, Default)]
+pub struct ServerTls {
+    pub config: Option<Arc<ServerConfig>>,
+    pub ends: Arc<[CertificateEnd]>,
+}
+
+/// When the certificate of one `[[tls.certificates]]` entry ends (its `notAfter`): what the
+/// expiry gauge shows, and what a running proxy warns of as the end nears (`expiry_warnings`),
+/// since a proxy may run for months between reloads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertificateEnd {
+    pub index: usize,
+    pub file: PathBuf,
+    pub not_after: SystemTime,
+}
+
+impl CertificateEnd {
+    /// The warning the entry calls for at `now`, unprefixed: ended, or ending within
+    /// `EXPIRY_WARNING`.
+    fn warning(&self, now: SystemTime) -> Option<String> {
+        let file = self.file.display();
+        let date = crate::time::Timestamp(self.not_after).rfc3339();
+        if self.not_after < now {
+            Some(format!(
+                "the certificate in {file} expired on {date}: clients refuse it; renew it \
+                 and reload"
+            ))
+        } else if self.not_after <= now + EXPIRY_WARNING {
+            Some(format!(
+                "the certificate in {file} expires on {date}: renew it and reload"
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// The warnings a running proxy logs at `now` about the certificates it serves: each one that
+/// has ended or ends within `EXPIRY_WARNING`, as start and reload say it.
+pub fn expiry_warnings(ends: &[CertificateEnd], now: SystemTime) -> Vec<String> {
+    ends.iter()
+        .filter_map(|e| {
+            Some(format!(
+                "tls.certificates[{}]: {}",
+                e.index,
+                e.warning(now)?
+            ))
+        })
+        .collect()
+}
+
+/// When `expiry_warnings` has something new to say after `now`, which has just been said: a
+/// certificate entering its last `EXPIRY_WARNING`, one ending, and then once a day for each
+/// one that is ending or has ended, so that an operator who missed a line meets another.
+pub fn next_expiry_check(ends: &[CertificateEnd], now: SystemTime) -> Option<SystemTime> {
+    const DAY: Duration = Duration::from_secs(86_400);
+    ends.iter()
+        .map(|e| {
+            let warn_from = e
+                .not_after
+                .checked_sub(EXPIRY_WARNING)
+                .unwrap_or(UNIX_EPOCH);
+            // Clients refuse a certificate from the second after its `notAfter`.
+            let refused_from = e.not_after + Duration::from_secs(1);
+            if now < warn_from {
+                warn_from
+            } else if now < refused_from {
+                refused_from.min(now + DAY)
+            } else {
+                now + DAY
+            }
+        })
+        .min()
+}
+
+/// The server configuration for the TLS listeners. What would let clients down although it
+/// loads (`server_config_checked`) is logged as warnings.
+pub fn server_config(tls: &TlsConfig) -> Result<ServerTls, TlsError> {
+    let (served, warnings) = server_config_checked(tls, SystemTime::now())?;
     for warning in warnings {
         tracing::warn!("{warning}");
     }
-    Ok(config)
+    Ok(served)
 }
 
 /// `server_config`, with what clients would refuse although it loads, as of `now`, each
@@ -93,22 +170,29 @@ pub fn server_config(tls: &TlsConfig) -> Result<Option<Arc<ServerConfig>>, TlsEr
 pub fn server_config_checked(
     tls: &TlsConfig,
     now: SystemTime,
-) -> Result<(Option<Arc<ServerConfig>>, Vec<String>), TlsError> {
+) -> Result<(ServerTls, Vec<String>), TlsError> {
     if tls.certificates.is_empty() {
-        return Ok((None, Vec::new()));
+        return Ok((ServerTls::default(), Vec::new()));
     }
     let provider = provider();
     let mut certs = Vec::new();
     let mut problems = Vec::new();
     let mut warnings = Vec::new();
+    let mut ends = Vec::new();
     for (index, paths) in tls.certificates.iter().enumerate() {
         match load_certified_key(paths, &provider) {
             Ok(c) => {
+                let end = end_of(&c.leaf).map(|not_after| CertificateEnd {
+                    index,
+                    file: paths.cert.clone(),
+                    not_after,
+                });
                 warnings.extend(
-                    chain_warnings(&paths.cert, &c.key.cert, now)
+                    chain_warnings(&paths.cert, &c.key.cert, end.as_ref(), now)
                         .into_iter()
                         .map(|w| format!("tls.certificates[{index}]: {w}")),
                 );
+                ends.extend(end);
                 certs.push(c);
             }
             Err(errors) => problems.extend(errors.into_iter().map(|error| EntryError {
@@ -135,13 +219,47 @@ pub fn server_config_checked(
                 .to_owned(),
         );
     }
-    Ok((Some(Arc::new(config)), warnings))
+    let served = ServerTls {
+        config: Some(Arc::new(config)),
+        ends: ends.into(),
+    };
+    Ok((served, warnings))
+}
+
+/// The `notAfter` of a certificate that loads: webpki keeps its dates to itself, but names
+/// the end in the error of a check made after it (the year 10000 is after every end X.509 can
+/// write). `None` for one that ends before it begins, which `chain_warnings` reports.
+fn end_of(leaf: &CertificateDer<'_>) -> Option<SystemTime> {
+    const AFTER_EVERY_END: u64 = 253_402_300_800;
+    let cert = webpki::EndEntityCert::try_from(leaf).ok()?;
+    let err = cert
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &[],
+            &[],
+            UnixTime::since_unix_epoch(Duration::from_secs(AFTER_EVERY_END)),
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .err()?;
+    match err {
+        webpki::Error::CertExpired { not_after, .. } => {
+            Some(UNIX_EPOCH + Duration::from_secs(not_after.as_secs()))
+        }
+        _ => None,
+    }
 }
 
 /// What clients would refuse in the chain of the file `path`, which loads (its first
 /// certificate reads). Validity is checked by webpki's own path building with no trust
 /// anchor: it checks each certificate's dates before it looks for an issuer.
-fn chain_warnings(path: &Path, chain: &[CertificateDer<'static>], now: SystemTime) -> Vec<String> {
+fn chain_warnings(
+    path: &Path,
+    chain: &[CertificateDer<'static>],
+    end: Option<&CertificateEnd>,
+    now: SystemTime,
+) -> Vec<String> {
     let Some((first, rest)) = chain.split_first() else {
         return Vec::new();
     };
@@ -169,10 +287,9 @@ fn chain_warnings(path: &Path, chain: &[CertificateDer<'static>], now: SystemTim
     let file = path.display();
     let mut warnings = Vec::new();
     match check(&[], now) {
-        Some(webpki::Error::CertExpired { not_after, .. }) => warnings.push(format!(
-            "the certificate in {file} expired on {}: clients refuse it; renew it and reload",
-            date(not_after)
-        )),
+        Some(webpki::Error::CertExpired { .. }) => {
+            warnings.extend(end.and_then(|e| e.warning(now)))
+        }
         Some(webpki::Error::CertNotValidYet { not_before, .. }) => warnings.push(format!(
             "the certificate in {file} is not valid before {}: clients refuse it until then \
              (or this machine's clock is wrong)",
@@ -183,14 +300,7 @@ fn chain_warnings(path: &Path, chain: &[CertificateDer<'static>], now: SystemTim
              clients refuse it"
         )),
         _ => {
-            if let Some(webpki::Error::CertExpired { not_after, .. }) =
-                check(&[], now + EXPIRY_WARNING)
-            {
-                warnings.push(format!(
-                    "the certificate in {file} expires on {}: renew it and reload",
-                    date(not_after)
-                ));
-            }
+            warnings.extend(end.and_then(|e| e.warning(now)));
             if let Some(webpki::Error::CertExpired { not_after, .. }) = check(rest, now) {
                 warnings.push(format!(
                     "a certificate of the chain in {file} expired on {}: clients that \
@@ -458,5 +568,58 @@ impl ServerCertVerifier for AcceptAnything {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    fn end(index: usize, not_after: SystemTime) -> CertificateEnd {
+        CertificateEnd {
+            index,
+            file: PathBuf::from(format!("/etc/site{index}.pem")),
+            not_after,
+        }
+    }
+
+    /// A running proxy warns as a certificate enters its last 14 days, daily after, at its end,
+    /// and daily after that; a certificate far from its end says nothing and wakes nobody
+    /// before its window.
+    #[test]
+    fn a_certificate_is_warned_of_from_14_days_before_its_end_and_daily() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let ends = [end(0, t0 + 20 * DAY), end(1, t0 + 400 * DAY)];
+        assert!(expiry_warnings(&ends, t0).is_empty());
+        // The first wakes at its window's start.
+        let due = next_expiry_check(&ends, t0);
+        assert_eq!(due, Some(t0 + 6 * DAY));
+        let said = expiry_warnings(&ends, t0 + 6 * DAY);
+        assert_eq!(
+            said,
+            [
+                "tls.certificates[0]: the certificate in /etc/site0.pem expires on \
+              2027-02-04T08:00:00Z: renew it and reload"
+            ]
+        );
+        assert_eq!(next_expiry_check(&ends, t0 + 6 * DAY), Some(t0 + 7 * DAY));
+        // The last day wakes at the end itself, not a day after it.
+        let late = t0 + 20 * DAY - Duration::from_secs(3600);
+        let at_end = t0 + 20 * DAY + Duration::from_secs(1);
+        assert_eq!(next_expiry_check(&ends, late), Some(at_end));
+        // Its last second is still served; from the next, refused: and then once a day.
+        assert!(expiry_warnings(&ends, t0 + 20 * DAY)[0].contains("expires on"));
+        let said = expiry_warnings(&ends, at_end);
+        assert_eq!(said.len(), 1);
+        assert!(
+            said[0].starts_with("tls.certificates[0]: ")
+                && said[0].contains("expired on 2027-02-04T08:00:00Z: clients refuse it"),
+            "{said:?}"
+        );
+        assert_eq!(next_expiry_check(&ends, at_end), Some(at_end + DAY));
+        // Without certificates, nothing is ever due.
+        assert_eq!(next_expiry_check(&[], t0), None);
     }
 }

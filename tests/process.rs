@@ -763,6 +763,44 @@ fn check_warns_of_an_expired_certificate() {
     );
 }
 
+/// A certificate that ends while the proxy runs, with no reload to read it again, is warned
+/// of when it ends (and was warned of at start, within its last 14 days): a proxy may run
+/// for months, and its log is where the operator looks when clients begin to refuse it.
+#[test]
+fn a_certificate_that_ends_while_running_is_warned_of() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["soon.test".to_owned()]).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(now.as_secs() + 4);
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.path().join("soon.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("soon.key"), key.serialize_pem()).unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        "[tls]\nlisten = [\"127.0.0.1:0\"]\n[[tls.certificates]]\ncert = \"soon.pem\"\nkey = \"soon.key\"\n",
+    );
+    let said = |what: &str| {
+        proxy
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("tls.certificates[0]: the certificate in ") && l.contains(what))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !said("expired on") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(said("soon.pem expires on"), "{:#?}", proxy.log_lines());
+    assert!(
+        said("soon.pem expired on") && said("clients refuse it"),
+        "{:#?}",
+        proxy.log_lines()
+    );
+}
+
 /// SPEC §1: `check` lists every certificate entry that would be refused at start, each under
 /// `tls.certificates[N]`, rather than the first one under `tls`.
 #[test]

@@ -127,6 +127,9 @@ pub struct Controller {
     instance: String,
     clock: Clock,
     reloads: Reloads,
+    /// When the served certificates next call for a warning (`tls::next_expiry_check`):
+    /// start and reload warn of them, and a proxy may run for months between the two.
+    certificates_due: Option<SystemTime>,
 }
 
 /// Reloads asked for. Their files are read off the controller: a file that blocks (a FIFO, a
@@ -193,6 +196,8 @@ impl Controller {
         );
         let (flips_tx, flips_rx) = mpsc::unbounded_channel();
         let handle = StateHandle::new(snapshot);
+        parts.metrics.set_certificate_ends(&parts.tls.ends);
+        let certificates_due = crate::tls::next_expiry_check(&parts.tls.ends, now);
         let (tx, rx) = mpsc::channel(64);
         let overrun_noted = false;
         let controller = Controller {
@@ -217,6 +222,7 @@ impl Controller {
             instance: instance_name(),
             clock,
             reloads: Reloads::default(),
+            certificates_due,
         };
         (controller, ControllerHandle { tx }, handle)
     }
@@ -277,6 +283,7 @@ impl Controller {
                 break;
             }
             let overrun_at = self.pending_overrun().map(|t| self.clock.until(t));
+            let certificates_at = self.certificates_due.map(|t| self.clock.until(t));
             let edge = self
                 .state
                 .next_edge(self.published_at)
@@ -302,6 +309,9 @@ impl Controller {
                 }
                 Some(flip) = self.flips_rx.recv() => self.on_flip(flip).await,
                 _ = sleep_capped(overrun_at), if overrun_at.is_some() => self.note_overrun().await,
+                _ = sleep_capped(certificates_at), if certificates_at.is_some() => {
+                    self.note_certificates();
+                }
             }
         }
         self.refuse_the_rest();
@@ -585,6 +595,19 @@ impl Controller {
         }
     }
 
+    /// Warns of the certificates that end soon or have ended, when that is due.
+    fn note_certificates(&mut self) {
+        let now = self.clock.now();
+        // A capped sleep wakes before it is due: nothing to say yet.
+        if self.certificates_due.is_some_and(|t| t > now) {
+            return;
+        }
+        for warning in crate::tls::expiry_warnings(&self.parts.tls.ends, now) {
+            tracing::warn!("{warning}");
+        }
+        self.certificates_due = crate::tls::next_expiry_check(&self.parts.tls.ends, now);
+    }
+
     async fn control(&mut self, req: Request, by: String) -> Response {
         let name = command_name(&req);
         let resp = self.apply_request(req, by).await;
@@ -774,6 +797,12 @@ impl Controller {
         let max_connections = config.proxy.max_connections;
         let resize = max_connections != old.proxy.max_connections;
         self.parts = parts;
+        // The reload's load has warned of the new certificates already.
+        self.parts
+            .metrics
+            .set_certificate_ends(&self.parts.tls.ends);
+        self.certificates_due =
+            crate::tls::next_expiry_check(&self.parts.tls.ends, self.clock.now());
         if resize {
             // The bound on upstream sockets leaves room for the clients, so it moves with
             // their limit, from the open-file limit as it is now.

@@ -62,8 +62,9 @@ pub struct Parts {
     /// Lives as long as the process: counters survive reloads.
     pub metrics: Arc<Metrics>,
     pub conn: Arc<ConnBuilder>,
-    /// The TLS listeners' settings; `None` without certificates.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The TLS listeners' settings (`None` without certificates), and when each certificate
+    /// ends.
+    pub tls: crate::tls::ServerTls,
     pub pool: Arc<UpstreamPool>,
     /// The bound on upstream sockets, which lives as long as the process: the sockets of a
     /// pool a reload replaced stay counted until they close.
@@ -185,7 +186,7 @@ impl Snapshot {
             config: parts.config.clone(),
             metrics: parts.metrics.clone(),
             conn: parts.conn.clone(),
-            tls: parts.tls.clone(),
+            tls: parts.tls.config.clone(),
             pool: parts.pool.clone(),
             pages: parts.pages.clone(),
             bypass: parts.bypass.clone(),
