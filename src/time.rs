@@ -2,7 +2,7 @@
 //! `+DURATION` relative times from operators, and whole seconds for `Retry-After`.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A wall-clock instant that serializes as RFC 3339 (`2026-12-01T02:00:00Z`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -145,6 +145,23 @@ pub fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
     let last = std::time::UNIX_EPOCH + Duration::from_secs(253_402_300_799);
     at.filter(|t| (std::time::UNIX_EPOCH..=last).contains(t))
         .ok_or_else(|| "out of range".into())
+}
+
+/// `t` cut to its whole second, as RFC 3339 is written here and the state file keeps it.
+pub fn floor_second(t: SystemTime) -> SystemTime {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => UNIX_EPOCH + Duration::from_secs(d.as_secs()),
+        Err(_) => t,
+    }
+}
+
+/// `t` rounded up to a whole second (unchanged when it is one already, or cannot be).
+pub fn ceil_second(t: SystemTime) -> SystemTime {
+    let cut = floor_second(t);
+    if cut == t {
+        return t;
+    }
+    cut.checked_add(Duration::from_secs(1)).unwrap_or(t)
 }
 
 /// Whole seconds from `now` until `until`, rounded up, at least 1; `None` once it has passed.

@@ -239,3 +239,23 @@ async fn a_window_survives_a_restart_in_its_middle() {
     let v: serde_json::Value = json(&resp);
     assert_eq!(v["detail"], "Long window");
 }
+
+/// Windows put end to end at the times `schedule list` shows touch, as the SPEC's "touching is
+/// not overlapping" has it. A relative time's fraction of a second was kept but not shown: the
+/// window listed as ending at 10:00:00 held until 10:00:00.4, so one put at that end was
+/// refused as overlapping it (and one ending at a listed start left a gap, see `mode.rs`).
+#[tokio::test]
+async fn windows_put_end_to_end_at_their_listed_times_touch() {
+    let proxy = spawn_proxy("").await;
+    let r = ctl(&proxy, add("+1h", "+2h", Some("middle"))).await;
+    assert!(r.ok, "{r:?}");
+    let middle = r.state.unwrap().schedules.remove(0);
+    let (start, end) = (middle.start.rfc3339(), middle.end.rfc3339());
+    let after = ctl(&proxy, add(&end, "+3h", Some("after"))).await;
+    assert!(after.ok, "at the listed end: {:?}", after.error);
+    let before = ctl(&proxy, add("+30m", &start, Some("before"))).await;
+    assert!(before.ok, "at the listed start: {:?}", before.error);
+    let list = ctl(&proxy, Ctl::ScheduleList).await.schedules.unwrap();
+    let messages: Vec<_> = list.iter().filter_map(|w| w.message.as_deref()).collect();
+    assert_eq!(messages, ["before", "middle", "after"]);
+}

@@ -4,7 +4,7 @@
 //! its message, its timeline, force-open). The effective `Mode` is derived from it and from
 //! upstream health, never stored, so the two can never disagree.
 
-use crate::time::Timestamp;
+use crate::time::{ceil_second, floor_second, Timestamp};
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, SystemTime};
 
@@ -392,6 +392,13 @@ impl Persisted {
         if end.duration_since(now).unwrap_or_default() > MAX_AHEAD {
             return bad("end is more than a year ahead");
         }
+        // Whole seconds, as every listing writes the window and the state file keeps it: a
+        // relative time's fraction of a second made the next window, put at the end or start
+        // listed for this one, overlap it by that fraction (refused, "touching is not
+        // overlapping" notwithstanding), or leave a gap of it between the two, in which
+        // requests were forwarded mid-maintenance and webhooks told of an end and a start.
+        let start = floor_second(start.max(now));
+        let end = ceil_second(end);
         if let Some(w) = self
             .schedules
             .iter()
@@ -412,7 +419,7 @@ impl Persisted {
         self.next_window_id = id + 1;
         self.schedules.push(Window {
             id,
-            start: Timestamp(start.max(now)),
+            start: Timestamp(start),
             end: Timestamp(end),
             message,
             by,
@@ -715,6 +722,45 @@ mod tests {
             .apply(Change::ScheduleRemove { id: 1 }, t(50), true)
             .unwrap();
         assert!(removed.schedules.is_empty());
+    }
+
+    /// A window ending at the start another is listed with (RFC 3339, whole seconds) leaves
+    /// no moment between them in `normal`, whatever fraction of a second the clock read when
+    /// the later one was added with a relative time.
+    #[test]
+    fn windows_end_to_end_at_listed_times_leave_no_gap() {
+        let now = t(0) + Duration::from_millis(400);
+        let later = Change::ScheduleAdd {
+            start: now + Duration::from_secs(100),
+            end: now + Duration::from_secs(200),
+            message: None,
+            by: "ops".into(),
+        };
+        let s = Persisted::default().apply(later, now, true).unwrap();
+        let listed = |at: Timestamp| crate::time::parse_rfc3339(&at.rfc3339()).unwrap();
+        let (start, end) = (listed(s.schedules[0].start), listed(s.schedules[0].end));
+        let earlier = Change::ScheduleAdd {
+            start: now,
+            end: start,
+            message: None,
+            by: "ops".into(),
+        };
+        let s = s.apply(earlier, now, true).unwrap();
+        for ms in [0, 200, 400, 600] {
+            let at = start + Duration::from_millis(ms);
+            assert_eq!(
+                s.mode(true, at),
+                Mode::Maintenance,
+                "{ms} ms after the start"
+            );
+        }
+        let next = Change::ScheduleAdd {
+            start: end,
+            end: end + Duration::from_secs(100),
+            message: None,
+            by: "ops".into(),
+        };
+        assert!(s.apply(next, now, true).is_ok(), "touching the listed end");
     }
 
     #[test]
