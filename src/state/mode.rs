@@ -282,7 +282,11 @@ impl Persisted {
                 });
                 planned.by = by;
                 if let Some(u) = until {
-                    planned.until = Some(Timestamp(u));
+                    // Up to the whole second it is listed with (`status`, webhooks, the state
+                    // file): a relative time's fraction would end it, and start the overrun,
+                    // up to a second before the listed end, and a restart, reading the file
+                    // back, would move it earlier still.
+                    planned.until = Some(Timestamp(ceil_second(u)));
                 }
                 if let Some(r) = retry_after {
                     planned.retry_after = Some(crate::time::whole_seconds(r));
@@ -809,6 +813,13 @@ mod tests {
         assert!(Persisted::default()
             .apply(on_until(now + Duration::from_secs(1)), now, true)
             .is_ok());
+        // A relative end's fraction of a second is rounded up to the second it is listed with.
+        let on = Persisted::default()
+            .apply(on_until(now + Duration::from_millis(90_400)), now, true)
+            .unwrap();
+        let until = on.planned.unwrap().until.unwrap();
+        assert_eq!(until, Timestamp(t(191)));
+        assert_eq!(crate::time::parse_rfc3339(&until.rfc3339()), Ok(t(191)));
     }
 
     #[test]
