@@ -121,6 +121,18 @@ pub fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
             .ok_or_else(|| format!("bad offset {zone:?}"))?;
         (base, sign * (h * 3600 + m * 60))
     };
+    // The date and time's own shape first: a five-digit year was otherwise read as a date
+    // with a fraction of a second gone wrong.
+    let shape = base.as_bytes();
+    let digit_at = |i: usize| shape.get(i).is_some_and(u8::is_ascii_digit);
+    if !(0..19).all(|i| match i {
+        4 | 7 => shape[i] == b'-',
+        10 => matches!(shape[i], b'T' | b't' | b' '),
+        13 | 16 => shape[i] == b':',
+        _ => digit_at(i),
+    }) {
+        return Err("not YYYY-MM-DDTHH:MM:SS with a four-digit year".into());
+    }
     // humantime's reading of a fraction lets a dot with no digits, or junk before `Z`, pass.
     let fraction = base.get(19..).unwrap_or_default();
     let digits = |d: &str| !d.is_empty() && d.bytes().all(|c| c.is_ascii_digit());
@@ -230,6 +242,9 @@ mod tests {
             assert!(parse_time(bad, now).is_err(), "{bad}");
         }
         assert!(parse_time("+soon", now).is_err());
+        // A fifth digit of the year is said as such, not as a fraction of a second.
+        let five = parse_time("10000-01-01T00:00:00Z", now).unwrap_err();
+        assert!(five.contains("four-digit year"), "{five}");
     }
 
     #[test]
