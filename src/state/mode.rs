@@ -419,8 +419,12 @@ impl Persisted {
         if let Some(m) = &message {
             check_text(Text::Message, m)?;
         }
-        let id = self.next_window_id.max(1);
-        self.next_window_id = id + 1;
+        // Past every window's id too: a state file edited by hand, or without
+        // `next_window_id`, must not give a new window an id that `schedule remove` would
+        // take for an older one's, and remove both.
+        let taken = self.schedules.iter().map(|w| w.id.saturating_add(1)).max();
+        let id = self.next_window_id.max(taken.unwrap_or(1)).max(1);
+        self.next_window_id = id.saturating_add(1);
         self.schedules.push(Window {
             id,
             start: Timestamp(start),
@@ -765,6 +769,19 @@ mod tests {
             by: "ops".into(),
         };
         assert!(s.apply(next, now, true).is_ok(), "touching the listed end");
+    }
+
+    /// A state file without `next_window_id` (edited by hand) gives no new window an id
+    /// already taken: `schedule remove` would remove both.
+    #[test]
+    fn a_new_window_takes_no_id_already_taken() {
+        let mut s = Persisted::default();
+        s = s.apply(window(100, 200), t(50), true).unwrap();
+        s = s.apply(window(300, 400), t(50), true).unwrap();
+        s.next_window_id = 0;
+        let s = s.apply(window(500, 600), t(50), true).unwrap();
+        let ids: Vec<u64> = s.schedules.iter().map(|w| w.id).collect();
+        assert_eq!(ids, [1, 2, 3]);
     }
 
     #[test]
