@@ -28,6 +28,9 @@ pub type Ready = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// The text `Metrics::encode` writes (OpenMetrics 1.0, which Prometheus asks for first).
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The text `Metrics::encode_text` writes (the Prometheus text format 0.0.4), for a scraper
+/// that does not ask for OpenMetrics, as Prometheus's own Go client answers one.
+pub const METRICS_TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Scrapers and probes are a handful of machines; more connections than this is a mistake or an
 /// attack, and closing them keeps descriptors for the proxy. A new connection beyond it takes
@@ -126,11 +129,41 @@ fn respond<B>(
         return resp;
     }
     match path {
-        "/metrics" => reply(StatusCode::OK, METRICS_CONTENT_TYPE, metrics.encode()),
+        "/metrics" if asks_for_openmetrics(req) => {
+            reply(StatusCode::OK, METRICS_CONTENT_TYPE, metrics.encode())
+        }
+        "/metrics" => reply(
+            StatusCode::OK,
+            METRICS_TEXT_CONTENT_TYPE,
+            metrics.encode_text(),
+        ),
         "/readyz" if ready() => reply(StatusCode::OK, TEXT, "ready"),
         "/readyz" => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready"),
         _ => reply(StatusCode::OK, TEXT, "ok"),
     }
+}
+
+/// Whether `Accept` names OpenMetrics with a weight above zero, as Prometheus's scrapes do
+/// (`application/openmetrics-text;version=1.0.0,…,text/plain;version=0.0.4;q=0.5,*/*;q=0.1`).
+/// Anything else, no `Accept` and `*/*` included, gets the 0.0.4 text, which every reader of
+/// the older format can read.
+fn asks_for_openmetrics<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            let kind = parts.next().unwrap_or_default();
+            let refused = parts.any(|p| {
+                p.split_once('=').is_some_and(|(k, v)| {
+                    k.trim().eq_ignore_ascii_case("q")
+                        && v.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
+                })
+            });
+            kind.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+        })
 }
 
 fn reply(
@@ -167,11 +200,23 @@ mod tests {
         method: Method,
         path: &str,
     ) -> (StatusCode, http::HeaderMap, String) {
-        let req = Request::builder()
+        call_accepting(client, addr, method, path, None).await
+    }
+
+    async fn call_accepting(
+        client: &TestClient,
+        addr: SocketAddr,
+        method: Method,
+        path: &str,
+        accept: Option<&str>,
+    ) -> (StatusCode, http::HeaderMap, String) {
+        let mut req = Request::builder()
             .method(method)
-            .uri(format!("http://{addr}{path}"))
-            .body(Empty::new())
-            .unwrap();
+            .uri(format!("http://{addr}{path}"));
+        if let Some(accept) = accept {
+            req = req.header(header::ACCEPT, accept);
+        }
+        let req = req.body(Empty::new()).unwrap();
         let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
             .await
             .expect("admin answers in time")
@@ -204,7 +249,12 @@ mod tests {
         let server = tokio::spawn(serve(listener, metrics.clone(), ready, shutdown));
         let client: TestClient = Client::builder(TokioExecutor::new()).build_http();
 
-        let (status, headers, body) = call(&client, addr, Method::GET, "/metrics").await;
+        // Prometheus's own Accept.
+        const PROMETHEUS: &str = "application/openmetrics-text;version=1.0.0,\
+            application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,\
+            */*;q=0.1";
+        let (status, headers, body) =
+            call_accepting(&client, addr, Method::GET, "/metrics", Some(PROMETHEUS)).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(headers[header::CONTENT_TYPE], METRICS_CONTENT_TYPE);
         let samples = parse(&body);
@@ -221,6 +271,28 @@ mod tests {
             Some(1.0)
         );
         assert!(body.ends_with("# EOF\n"));
+        // Anything else gets the text format 0.0.4: promtool, and agents that read it alone.
+        for accept in [
+            None,
+            Some("*/*"),
+            Some("text/plain;version=0.0.4"),
+            Some("application/openmetrics-text; q=0, text/plain"),
+        ] {
+            let (status, headers, text) =
+                call_accepting(&client, addr, Method::GET, "/metrics", accept).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(
+                headers[header::CONTENT_TYPE],
+                METRICS_TEXT_CONTENT_TYPE,
+                "{accept:?}"
+            );
+            assert!(
+                text.contains("\n# TYPE intermission_requests_total counter\n")
+                    && !text.contains("# EOF"),
+                "{accept:?}: {text}"
+            );
+            assert_eq!(parse(&text), samples, "{accept:?}");
+        }
 
         let (status, _, body) = call(&client, addr, Method::GET, "/healthz").await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
@@ -236,7 +308,7 @@ mod tests {
 
         let (status, headers, body) = call(&client, addr, Method::HEAD, "/metrics").await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(headers[header::CONTENT_TYPE], METRICS_CONTENT_TYPE);
+        assert_eq!(headers[header::CONTENT_TYPE], METRICS_TEXT_CONTENT_TYPE);
         assert!(body.is_empty(), "HEAD has no body");
 
         let (status, _, _) = call(&client, addr, Method::GET, "/").await;

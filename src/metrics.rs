@@ -251,6 +251,45 @@ fn result_label(ok: bool) -> &'static str {
     }
 }
 
+/// OpenMetrics text, as prometheus-client writes it, in the Prometheus text format 0.0.4: a
+/// counter's `# HELP` and `# TYPE` name its samples (`x_total`, where OpenMetrics names the
+/// family `x`), an `info` is a gauge named as its sample (`x_info`), and the `# UNIT` lines and
+/// `# EOF`, which 0.0.4 has not, are left out. Samples are written alike in both.
+fn to_text_004(open: &str) -> String {
+    let kinds: std::collections::HashMap<&str, &str> = open
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split_once(' '))
+        .collect();
+    let mut out = String::with_capacity(open.len());
+    for line in open.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?.split_once(' ')?)));
+        match meta {
+            Some((prefix, (name, rest))) => {
+                out.push_str(prefix);
+                out.push_str(name);
+                match kinds.get(name).copied() {
+                    Some("counter") => out.push_str("_total"),
+                    Some("info") => out.push_str("_info"),
+                    _ => {}
+                }
+                out.push(' ');
+                out.push_str(match (prefix, rest) {
+                    ("# TYPE ", "info") => "gauge",
+                    _ => rest,
+                });
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// Upper bounds of the duration buckets, in microseconds (0.5 ms to 10 s), so that observing
 /// compares integers. `+Inf` is the extra last bucket.
 const BUCKETS_MICROS: [u64; 14] = [
@@ -658,6 +697,14 @@ impl Metrics {
 
     pub fn tls_failure(&self, reason: TlsFailure) {
         self.tls_failures[reason as usize].inc();
+    }
+
+    /// Everything in the Prometheus text format 0.0.4, for the scrapers and tools that do not
+    /// ask for OpenMetrics (`promtool check metrics`, agents that read the older format alone);
+    /// serve it as `text/plain; version=0.0.4; charset=utf-8`. prometheus-client writes
+    /// OpenMetrics only, and the two differ in the few ways `to_text_004` undoes.
+    pub fn encode_text(&self) -> String {
+        to_text_004(&self.encode())
     }
 
     /// Everything, in the OpenMetrics text format (`# EOF` included); serve it as
@@ -1121,6 +1168,64 @@ pub(crate) mod tests {
             );
         }
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    /// The 0.0.4 text holds each family as that format's readers (promtool, the Go and Python
+    /// parsers) demand it: `# HELP` then `# TYPE` naming the samples that follow (counters
+    /// with `_total`, histograms by their `_bucket`, `_sum`, `_count`), only the types 0.0.4
+    /// knows, no `# UNIT` and no `# EOF`; and the samples are the OpenMetrics text's.
+    #[test]
+    fn the_text_format_0_0_4_names_each_family_as_its_samples() {
+        let m = Metrics::new();
+        m.set_upstream_health("a:1", true);
+        m.health_check("a:1", true, MS);
+        m.request(Outcome::Held, Mode::Maintenance, 503, MS);
+        let (open, text) = (m.encode(), m.encode_text());
+        let samples = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(samples(&open), samples(&text));
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        let mut family: Option<(String, String)> = None;
+        let mut help: Option<String> = None;
+        let mut seen = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, words) = rest.split_once(' ').unwrap();
+                assert!(!words.contains('\\'), "{line}");
+                help = Some(name.to_owned());
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert_eq!(help.as_deref(), Some(name), "HELP before {line}");
+                assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+                assert!(seen.insert(name.to_owned()), "{name} twice");
+                family = Some((name.to_owned(), kind.to_owned()));
+            } else {
+                let (name, kind) = family.as_ref().expect("a sample before any TYPE");
+                let sample = line.split(['{', ' ']).next().unwrap();
+                let belongs = match kind.as_str() {
+                    "histogram" => ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .any(|s| sample.strip_suffix(s) == Some(name)),
+                    _ => sample == name,
+                };
+                assert!(belongs, "{sample} under # TYPE {name} {kind}");
+            }
+        }
+        for expected in [
+            "# TYPE intermission_requests_total counter",
+            "# TYPE intermission_build_info gauge",
+            "# TYPE intermission_request_duration_seconds histogram",
+            "# TYPE intermission_mode gauge",
+        ] {
+            assert!(text.lines().any(|l| l == expected), "{expected}: {text}");
+        }
     }
 
     #[test]

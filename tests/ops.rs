@@ -45,6 +45,51 @@ async fn scrape(proxy: &Proxy) -> HashMap<String, f64> {
     parse_metrics(&String::from_utf8_lossy(resp.body()))
 }
 
+/// `promtool check metrics`, Prometheus's own linter, reads what `/metrics` answers a client
+/// that does not ask for OpenMetrics (the text format 0.0.4), and finds nothing to say: the
+/// format, the names, the units and the help texts pass.
+#[tokio::test(flavor = "multi_thread")]
+async fn promtool_finds_nothing_to_say_about_the_metrics() {
+    if !tool_present("promtool", "--version", "prometheus") {
+        return;
+    }
+    let up = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        up.url()
+    ))
+    .await;
+    assert_eq!(get(&proxy.url("/")).await.status(), 200);
+    ctl(&proxy, Ctl::Status).await;
+    let addr = proxy.running.as_ref().unwrap().admin_addr().unwrap();
+    let resp = get(&format!("http://{addr}/metrics")).await;
+    assert_eq!(
+        resp.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(resp.body())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_what_happened_to_requests_and_health() {
     let up = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
