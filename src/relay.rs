@@ -627,7 +627,8 @@ fn request(
     }
     let mut host: Option<&[u8]> = None;
     // `X-Forwarded-For` is appended to, whoever sent it; a trusted peer's `X-Forwarded-Host`
-    // and `-Proto` are kept, anyone else's replaced (`forward::headers::set_forwarded`).
+    // and `-Proto` are kept, anyone else's replaced, and anyone else's `Forwarded` dropped
+    // (`forward::headers::set_forwarded`).
     let trusted = config.proxy.is_trusted(conn.peer.ip());
     let (mut their_proto, mut their_host, mut their_list) = (false, false, false);
     let mut length: Option<usize> = None;
@@ -644,6 +645,8 @@ fn request(
             }
             6 if is(name, b"expect") => return Err(()),
             7 if is(name, b"upgrade") => return Err(()),
+            // Kept from a trusted peer only (`forward::headers::set_forwarded`).
+            9 if is(name, b"forwarded") => !trusted,
             10 if is(name, b"connection") => {
                 if !is(h.value, b"keep-alive") {
                     return Err(());
@@ -1903,7 +1906,8 @@ mod tests {
             "GET /a/b?c=d HTTP/1.1\r\nHost: shop.example\r\nConnection: keep-alive\r\n\
              Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nX-Forwarded-For: 6.6.6.6\r\n\
              X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\nAccept: text/html\r\n\
-             Content-Length: 0\r\nX-Mixed-Case: Yes\r\n\r\nGET /next",
+             FORWARDED: for=6.6.6.6;host=evil\r\nContent-Length: 0\r\nX-Mixed-Case: Yes\r\n\r\n\
+             GET /next",
         )
         .unwrap();
         assert_eq!(
@@ -1936,6 +1940,10 @@ mod tests {
             (
                 "X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\n",
                 "X-Forwarded-Proto: https\r\nx-forwarded-for: 203.0.113.9, 192.0.2.7\r\nx-forwarded-host: shop.example\r\n",
+            ),
+            (
+                "Forwarded: for=203.0.113.9;proto=https\r\n",
+                "Forwarded: for=203.0.113.9;proto=https\r\nx-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\nx-forwarded-host: shop.example\r\n",
             ),
             (
                 "X-Forwarded-For: 203.0.113.9 \r\nX-Forwarded-For: \r\nX-Forwarded-For: 198.51.100.2, 10.0.0.1\r\n\
@@ -1974,9 +1982,14 @@ mod tests {
                     "{name}"
                 );
             }
-            // From anyone else, the list is appended to all the same (SPEC §3), and the other
-            // two are this hop's.
+            // From anyone else, the list is appended to all the same (SPEC §3), the other
+            // two are this hop's, and `Forwarded` goes.
             let got = prepared(&others, &request).unwrap();
+            assert!(
+                !got.lines()
+                    .any(|l| l.to_ascii_lowercase().starts_with("forwarded:")),
+                "{got}"
+            );
             let xff = want.lines().find(|l| l.starts_with("x-forwarded-for: "));
             assert!(
                 got.ends_with(&format!(

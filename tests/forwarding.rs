@@ -178,6 +178,54 @@ async fn forwarded_for_from_a_trusted_proxy_is_appended() {
     assert_eq!(seen.header("x-forwarded-host"), Some("shop.example"));
 }
 
+/// `Forwarded` (RFC 7239) names the same host, scheme and client as `X-Forwarded-*`, and
+/// frameworks that read it prefer it: from a client that is no trusted proxy it would name
+/// the host the application builds its links with, past the `X-Forwarded-Host` this hop sets.
+/// So it is dropped, on the relay's path (a plain HTTP/1.1 `GET`) as on hyper's (HTTP/2), and
+/// kept from a trusted proxy.
+#[tokio::test]
+async fn forwarded_from_an_untrusted_client_is_dropped() {
+    let up = echo_upstream().await;
+    let spoof = "for=203.0.113.7;host=evil.example;proto=https";
+    let untrusted = spawn_proxy(&upstream_config(&up)).await;
+    let relayed = Request::get(untrusted.url("/"))
+        .header("host", "site.example")
+        .header("forwarded", spoof)
+        .body(empty())
+        .unwrap();
+    let seen: Seen = json(&send(relayed).await);
+    assert!(!seen.has("forwarded"), "{:?}", seen.headers);
+    assert_eq!(seen.header("x-forwarded-host"), Some("site.example"));
+    let resp = h2c_client()
+        .request(
+            Request::get(untrusted.url("/"))
+                .header("forwarded", spoof)
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let (parts, body) = resp.into_parts();
+    let seen: Seen = json(&Response::from_parts(
+        parts,
+        body.collect().await.unwrap().to_bytes(),
+    ));
+    assert!(!seen.has("forwarded"), "{:?}", seen.headers);
+
+    let config = format!(
+        "[proxy]\ntrusted_proxies = [\"127.0.0.0/8\"]\n{}",
+        upstream_config(&up)
+    );
+    let trusting = spawn_proxy(&config).await;
+    let req = Request::get(trusting.url("/"))
+        .header("host", "internal")
+        .header("forwarded", spoof)
+        .body(empty())
+        .unwrap();
+    let seen: Seen = json(&send(req).await);
+    assert_eq!(seen.header("forwarded"), Some(spoof));
+}
+
 /// An HTTP/2 connection (prior knowledge) to `addr`, driven by a task of its own, whose end
 /// the handle gives.
 async fn h2_connection(

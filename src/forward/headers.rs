@@ -257,7 +257,15 @@ pub fn join_cookies(headers: &mut HeaderMap) {
 /// application believes only from proxies it trusts (as this proxy's own `allow_ips` does,
 /// `hold::bypass`). Sets `X-Forwarded-Proto` / `X-Forwarded-Host` (kept from a trusted peer
 /// that set them, else this hop's). `trusted`: the peer is in `trusted_proxies`.
+///
+/// `Forwarded` (RFC 7239) says the same as those three in one field, and frameworks that read
+/// it prefer it to them (Spring's `ForwardedHeaderFilter`, Quarkus, Vert.x): so it is kept
+/// from a trusted peer only. From anyone else it would let a client name the host and scheme
+/// the application builds its links with, which replacing `X-Forwarded-Host` is there to stop.
 pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientSide, trusted: bool) {
+    if !trusted {
+        headers.remove(header::FORWARDED);
+    }
     let xff = if headers.contains_key(&X_FORWARDED_FOR) {
         append_to_list(headers, &X_FORWARDED_FOR, &client.peer)
     } else {
@@ -496,6 +504,28 @@ mod tests {
         set_forwarded(&mut h, &client("10.0.0.2"), true);
         assert_eq!(h.get(&X_FORWARDED_PROTO).unwrap(), "https");
         assert_eq!(h.get(&X_FORWARDED_HOST).unwrap(), "shop.example");
+    }
+
+    #[test]
+    fn forwarded_is_kept_from_a_trusted_peer_only() {
+        let theirs = [
+            ("host", "shop.example"),
+            ("forwarded", "for=203.0.113.9;host=evil.example;proto=https"),
+            ("forwarded", "for=198.51.100.2"),
+        ];
+        let mut h = map(&theirs);
+        set_forwarded(&mut h, &client("192.0.2.1"), false);
+        assert!(!h.contains_key(header::FORWARDED));
+        let mut h = map(&theirs);
+        set_forwarded(&mut h, &client("10.0.0.2"), true);
+        let kept: Vec<_> = h.get_all(header::FORWARDED).iter().collect();
+        assert_eq!(
+            kept,
+            [
+                "for=203.0.113.9;host=evil.example;proto=https",
+                "for=198.51.100.2"
+            ]
+        );
     }
 
     /// A length whose values repeat one another and agree becomes one line of its digits; one
