@@ -582,7 +582,7 @@ fn log_end(
         None => tracing::debug!(%peer, "no request within header_read_timeout; closed"),
         Some(Err(e)) => {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
-            count_unread(&e, state);
+            count_unread(&e, state, peer.ip());
         }
         Some(Ok(())) => {}
     }
@@ -590,13 +590,31 @@ fn log_end(
 
 /// A head hyper could not read never reaches the gateway, but hyper answered it (400, or
 /// 431 and 414 for one too large, both counted as 431): counted with the requests
-/// intermission refuses itself, so that the 4xx a client sees is in the metrics too.
-pub(crate) fn count_unread(e: &hyper::Error, state: &StateHandle) {
+/// intermission refuses itself, so that the 4xx a client sees is in the metrics too, and
+/// logged, with no method or path since none was read: a visitor whose cookies outgrew
+/// `max_header_bytes` gets a `431` on every page, and the access log is where an operator
+/// looks for it.
+pub(crate) fn count_unread(e: &hyper::Error, state: &StateHandle, peer: std::net::IpAddr) {
     if e.is_parse() && !e.is_parse_version_h2() {
         let status = if e.is_parse_too_large() { 431 } else { 400 };
         let snap = state.load();
         snap.metrics.unread(snap.mode, status);
+        unread_line(peer, status, 0);
     }
+}
+
+/// The access line of an answer given to a request that was never read: `-` for its method
+/// and path, as nginx writes a request line it could not read.
+fn unread_line(peer: std::net::IpAddr, status: u16, bytes: u64) {
+    let line = crate::logging::AccessLine {
+        peer,
+        method: &"-",
+        path: &"-",
+        status,
+        upstream: None,
+        bytes,
+    };
+    line.write(std::time::Instant::now());
 }
 
 /// Serves HTTP/2 prior knowledge and TLS connections (either protocol, by ALPN). Over TLS,
@@ -668,7 +686,8 @@ async fn serve_others(
                     let snap = timing.load();
                     snap.metrics.unread(snap.mode, 400);
                     snap.metrics.tls_failure(TlsFailure::PlainHttp);
-                    plain_http_on_tls(&mut stream).await;
+                    let sent = plain_http_on_tls(&mut stream).await;
+                    unread_line(peer.ip(), 400, sent);
                     return None;
                 }
                 Some(acceptor.accept(Timed::new(stream, timing)).await)
@@ -723,7 +742,8 @@ async fn serve_others(
 /// is read and dropped until it closes (64 KiB at most), as nginx's lingering close does:
 /// closed over unread bytes, the connection would be reset, which can lose the answer. All of
 /// it is bounded by the handshake's deadline, as the handshake is.
-async fn plain_http_on_tls(stream: &mut TcpStream) {
+/// Answers plain HTTP sent to a TLS port; the body's bytes sent.
+async fn plain_http_on_tls(stream: &mut TcpStream) -> u64 {
     use tokio::io::AsyncReadExt;
     const BODY: &str = "This port speaks HTTPS: ask for https:// rather than http://.\n";
     let answer = format!(
@@ -731,8 +751,12 @@ async fn plain_http_on_tls(stream: &mut TcpStream) {
          content-length: {}\r\nconnection: close\r\n\r\n{BODY}",
         BODY.len()
     );
-    if stream.write_all(answer.as_bytes()).await.is_err() || stream.shutdown().await.is_err() {
-        return;
+    if stream.write_all(answer.as_bytes()).await.is_err() {
+        return 0;
+    }
+    let sent = BODY.len() as u64;
+    if stream.shutdown().await.is_err() {
+        return sent;
     }
     let mut scratch = vec![0u8; 4096];
     let mut left: usize = 64 * 1024;
@@ -742,6 +766,7 @@ async fn plain_http_on_tls(stream: &mut TcpStream) {
             _ => break,
         }
     }
+    sent
 }
 
 /// What serving one connection needs, whatever its protocol.

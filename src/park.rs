@@ -670,9 +670,10 @@ fn serve_again(
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     Box::pin(async move {
         let state = service.fast.parts().0.clone();
+        let peer = service.fast.parts().1.peer.ip();
         if let Err(e) = run(io, service, held, head_deadline, Some(guard)).await {
             tracing::debug!(error = %e, "connection ended with an error");
-            crate::listener::count_unread(&e, &state);
+            crate::listener::count_unread(&e, &state, peer);
         }
     })
 }

@@ -500,6 +500,90 @@ async fn access_log_lines_are_json_with_the_request_facts() {
     assert!(v["duration_ms"].as_f64().is_some());
 }
 
+/// A request whose head hyper refused before the proxy read it (too large: `431`; not HTTP:
+/// `400`), and plain HTTP sent to the TLS port, each get an access line with `-` for the
+/// method and path, as nginx logs a request line it could not read: a visitor whose cookies
+/// outgrew `max_header_bytes` is refused on every page, and had no line at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_refused_unread_is_logged_with_its_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(dir.path().join("site.pem"), made.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("site.key"), made.key_pair.serialize_pem()).unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[tls]\nlisten = [\"127.0.0.1:0\"]\n\
+         [[tls.certificates]]\ncert = \"site.pem\"\nkey = \"site.key\"\n\
+         [log]\nformat = \"json\"\naccess_log = true\n",
+    );
+    let big = format!(
+        "GET /big HTTP/1.1\r\nHost: x\r\nCookie: {}\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let listening = |kind: &str| {
+        proxy
+            .log_lines()
+            .iter()
+            .filter(|l| l.contains(&format!("({kind})")))
+            .find_map(|l| {
+                let rest = &l[l.find("listening on ")? + "listening on ".len()..];
+                rest.split(' ').next()?.parse::<std::net::SocketAddr>().ok()
+            })
+            .expect("the listener's address")
+    };
+    // Said one after the other: the first one starts the test.
+    let both = || {
+        proxy
+            .log_lines()
+            .iter()
+            .filter(|l| l.contains("listening on"))
+            .count()
+            == 2
+    };
+    assert!(wait_until(Duration::from_secs(10), both).await);
+    let (plain, tls) = (listening("http"), listening("https"));
+    let answer = raw_exchange(plain, big.as_bytes(), Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    let answer = raw_exchange(plain, b"NOT HTTP AT ALL\r\n\r\n", Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let answer = raw_exchange(
+        tls,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let refused = |status: u64| {
+        proxy.access_lines().into_iter().any(|v| {
+            v["method"] == "-" && v["path"] == "-" && v["status"] == status && v["upstream"] == "-"
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || refused(431)).await,
+        "{:#?}",
+        proxy.log_lines()
+    );
+    let plain_on_tls = |v: &serde_json::Value| {
+        v["status"] == 400
+            && v["bytes"]
+                == "This port speaks HTTPS: ask for https:// rather than http://.\n".len() as u64
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let lines = proxy.access_lines();
+            lines
+                .iter()
+                .filter(|v| v["status"] == 400 && v["method"] == "-")
+                .count()
+                == 2
+                && lines.iter().any(plain_on_tls)
+        })
+        .await,
+        "{:#?}",
+        proxy.log_lines()
+    );
+}
+
 /// A client that gives up before its answer (its connection closed, its HTTP/2 stream
 /// reset) is logged with nginx's 499, on the relay's path and on hyper's: a server that hangs
 /// shows in the access log as a run of them, where nothing was written.
