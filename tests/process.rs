@@ -865,7 +865,8 @@ fn a_certificate_that_ends_while_running_is_warned_of() {
     std::fs::write(dir.path().join("soon.key"), key.serialize_pem()).unwrap();
     let proxy = ProxyProcess::start(
         dir.path(),
-        "[tls]\nlisten = [\"127.0.0.1:0\"]\n[[tls.certificates]]\ncert = \"soon.pem\"\nkey = \"soon.key\"\n",
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[tls]\nlisten = [\"127.0.0.1:0\"]\n\
+         [[tls.certificates]]\ncert = \"soon.pem\"\nkey = \"soon.key\"\n",
     );
     let said = |what: &str| {
         proxy
