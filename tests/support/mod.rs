@@ -237,15 +237,15 @@ pub async fn spawn_proxy_in(dir: tempfile::TempDir, text: &str) -> Proxy {
 }
 
 pub fn with_listen(config: &str) -> String {
-    // Only a `listen` of the proxy's own (plaintext or TLS) counts: `[admin] listen` alone
-    // would leave the proxy on its default 127.0.0.1:8080, which tests running at the same
-    // time would share (one's connection reaching another's proxy).
+    // Only the plaintext `listen` counts: `[admin] listen` or `[tls] listen` alone would leave
+    // the proxy on its default 127.0.0.1:8080, which tests running at the same time would
+    // share (one's connection reaching another's proxy), or anything else holds.
     let mut section = "";
     let sets_listen = config.lines().map(str::trim).any(|line| {
         if line.starts_with('[') {
             section = line;
         }
-        matches!(section, "[proxy]" | "[tls]") && line.starts_with("listen")
+        section == "[proxy]" && line.starts_with("listen")
     });
     if sets_listen {
         config.to_owned()
