@@ -94,6 +94,10 @@ pub struct Event {
     pub at: Timestamp,
     pub since: Option<Timestamp>,
     pub until: Option<Timestamp>,
+    /// The schedule window a `schedule_started` or `schedule_ended` is about (its id, as
+    /// `schedule list` shows it): with several windows, and the ends a restart tells of, a
+    /// receiver can match each end to its start.
+    pub window: Option<u64>,
     /// Which proxy is speaking (e.g. the hostname).
     pub instance: String,
 }
@@ -816,6 +820,7 @@ mod tests {
             at: time("2026-11-24T09:00:00Z"),
             since: None,
             until: None,
+            window: None,
             instance: "shop-1".into(),
         }
     }
@@ -982,7 +987,7 @@ mod tests {
                 "event": "mode_changed", "mode": "maintenance", "previous_mode": "normal",
                 "message": "Database upgrade", "reason": "INC-1234", "by": "alice",
                 "at": "2026-11-24T09:00:00Z", "since": "2026-11-24T09:00:00Z",
-                "until": "2026-11-24T10:00:00Z", "instance": "shop-1"
+                "until": "2026-11-24T10:00:00Z", "window": null, "instance": "shop-1"
             })
         );
         // Absent values are null, not missing: receivers can rely on every key.
@@ -999,6 +1004,7 @@ mod tests {
             "at",
             "since",
             "until",
+            "window",
             "instance",
         ];
         expected.sort_unstable();

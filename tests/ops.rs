@@ -635,6 +635,11 @@ async fn schedule_windows_tell_when_they_start_and_end() {
     let got = wait_events(&hook, 2).await;
     let kinds: Vec<&str> = got.iter().map(|e| e["event"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["schedule_started", "schedule_ended"]);
+    // Both name the window, by the id `schedule list` shows (a fresh state's first is 1).
+    assert_eq!(
+        (got[0]["window"].as_u64(), got[1]["window"].as_u64()),
+        (Some(1), Some(1))
+    );
     assert_eq!(got[0]["mode"], "maintenance");
     assert_eq!(got[0]["message"], "Short window");
     assert_eq!(got[1]["mode"], "normal");
@@ -856,6 +861,7 @@ async fn what_happened_while_the_proxy_was_down_is_told_at_start() {
     let proxy = down_until(proxy, end).await;
     let got = wait_events(&hook, 2).await;
     assert_eq!(got[1]["event"], "schedule_ended", "{got:?}");
+    assert_eq!(got[1]["window"], 1, "{got:?}");
     assert_eq!(got[1]["mode"], "normal");
     assert_eq!(got[1]["previous_mode"], "maintenance", "the window held it");
     assert_eq!(proxy_mode(&proxy).await, "normal");
@@ -876,6 +882,7 @@ async fn what_happened_while_the_proxy_was_down_is_told_at_start() {
     let proxy = down_until(proxy, until).await;
     let got = wait_events(&hook, 4).await;
     assert_eq!(got[3]["event"], "until_overrun", "{got:?}");
+    assert!(got[3]["window"].is_null(), "{got:?}");
     assert_eq!(got[3]["mode"], "maintenance");
     assert_eq!(proxy_mode(&proxy).await, "maintenance");
 

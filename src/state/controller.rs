@@ -260,7 +260,7 @@ impl Controller {
         for id in ended {
             tracing::info!("maintenance window {id} ended while the proxy was down");
             // Until its end the window held the mode, whatever this start published.
-            self.notify(EventKind::ScheduleEnded, Mode::Maintenance, None, None);
+            self.notify_window(EventKind::ScheduleEnded, Mode::Maintenance, None, id);
         }
         // A window in force at start began before it: it took over from the mode of the
         // moment before its start, not from the mode this start first published (the
@@ -510,12 +510,12 @@ impl Controller {
         let mut sent = false;
         if let Some(id) = was.filter(|id| Some(*id) != self.active_window) {
             tracing::info!("maintenance window {id} ended");
-            self.notify(EventKind::ScheduleEnded, previous, None, None);
+            self.notify_window(EventKind::ScheduleEnded, previous, None, id);
             sent = true;
         }
         if let Some((id, by)) = active.filter(|(id, _)| Some(*id) != was) {
             tracing::info!("maintenance window {id} started");
-            self.notify(EventKind::ScheduleStarted, previous, Some(by), None);
+            self.notify_window(EventKind::ScheduleStarted, previous, Some(by), id);
             sent = true;
         }
         sent
@@ -523,10 +523,29 @@ impl Controller {
 
     /// Tells the webhooks what just happened, with the state of the moment.
     fn notify(&self, kind: EventKind, previous: Mode, by: Option<String>, reason: Option<String>) {
+        self.notifier.send(self.event(kind, previous, by, reason));
+    }
+
+    /// `notify`, of the start or end of schedule window `id`.
+    fn notify_window(&self, kind: EventKind, previous: Mode, by: Option<String>, id: u64) {
+        let event = Event {
+            window: Some(id),
+            ..self.event(kind, previous, by, None)
+        };
+        self.notifier.send(event);
+    }
+
+    fn event(
+        &self,
+        kind: EventKind,
+        previous: Mode,
+        by: Option<String>,
+        reason: Option<String>,
+    ) -> Event {
         let snap = self.handle.load();
         let view = snap.held.as_ref().map(|h| &h.view);
         let planned = self.state.planned.as_ref();
-        self.notifier.send(Event {
+        Event {
             event: kind,
             mode: snap.mode,
             previous_mode: previous,
@@ -539,8 +558,9 @@ impl Controller {
                 None => self.ended_since.map(crate::time::Timestamp),
             },
             until: view.and_then(|v| v.until).map(crate::time::Timestamp),
+            window: None,
             instance: self.instance.clone(),
-        });
+        }
     }
 
     /// Saves a state that is already in force (a clock edge, a health flip): a failure is
