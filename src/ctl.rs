@@ -176,6 +176,16 @@ fn socket_from_config(path: Option<&Path>) -> Result<PathBuf, String> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let socket = match toml::from_str::<toml::Table>(&text) {
+        // Refused by `run` and a reload (caught mid-write, or emptied by mistake): the socket
+        // it named is not known, and the default may not be it.
+        Ok(_) if text.trim().is_empty() && file.exists() => {
+            eprintln!(
+                "warning: {} is empty; trying the default socket: {} (pass -s SOCKET to choose)",
+                file.display(),
+                base.join(DEFAULT_SOCKET).display()
+            );
+            DEFAULT_SOCKET.to_owned()
+        }
         Ok(table) => table
             .get("control")
             .and_then(|c| c.get("socket"))

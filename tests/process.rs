@@ -759,7 +759,7 @@ fn check_refuses_a_broken_page_template() {
     std::fs::create_dir(&pages).unwrap();
     std::fs::write(pages.join("maintenance.html"), "<p>{{message}}</p>").unwrap();
     std::fs::write(pages.join("outage.html"), "<p>{{#message}}never closed</p>").unwrap();
-    std::fs::write(dir.path().join("config.toml"), "").unwrap();
+    std::fs::write(dir.path().join("config.toml"), "# the built-in defaults\n").unwrap();
     let (code, err) = check(&dir.path().join("config.toml"));
     assert_eq!(code, Some(1));
     assert!(err.contains("outage.html"), "{err}");
@@ -1152,6 +1152,60 @@ async fn a_reload_turns_the_access_log_on() {
     assert!(!logged("/before"));
 }
 
+/// A config file of nothing but white space (one caught while an editor or a deploy rewrote it
+/// in place, or emptied by mistake) is refused by `check`, `run` and a reload alike, saying
+/// so: read as "every key left out", a reload moved the running proxy to the built-in
+/// defaults (127.0.0.1:8080, an application on 127.0.0.1:3000), and it said done. A file
+/// that means the defaults says so with a comment.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_empty_config_file_is_refused_by_check_run_and_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    for empty in ["", "\n  \n\t\n"] {
+        std::fs::write(&path, empty).unwrap();
+        let (code, err) = check(&path);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("config.toml is empty"), "{err}");
+        let err = run_refused(dir.path(), "config.toml");
+        assert!(err.contains("config.toml is empty"), "{err}");
+    }
+    std::fs::write(&path, "# the built-in defaults\n").unwrap();
+    let (code, err) = check(&path);
+    assert_eq!(code, Some(0), "{err}");
+
+    let up = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!("[upstream]\nservers = [\"{}\"]\n", up.url()),
+    );
+    assert_eq!(get(&proxy.url("/")).await.status(), 200);
+    std::fs::write(&path, "").unwrap();
+    let refused = proxy
+        .ctl(&intermission::control::protocol::Request::Reload)
+        .await
+        .unwrap();
+    assert!(!refused.ok, "{refused:?}");
+    let error = refused.error.expect("a refusal says why");
+    assert_eq!(error.code, "reload_failed");
+    assert!(error.message.contains("config.toml is empty"), "{error:?}");
+    proxy.signal("HUP");
+    let by_signal = || {
+        proxy
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("reload refused") && l.contains("is empty") && l.contains("SIGHUP"))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), by_signal).await,
+        "{:#?}",
+        proxy.log_lines()
+    );
+    // The running config stays: the same address, the same application.
+    let res = get(&proxy.url("/")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(&res.body()[..], b"app");
+}
+
 /// A reload refused is in the log whoever asked for it, `ctl reload` as SIGHUP, with who it was:
 /// the log is the record of what was tried on the running proxy.
 #[tokio::test(flavor = "multi_thread")]
@@ -1464,7 +1518,7 @@ fn files_that_are_no_regular_files_are_refused_at_once() {
     std::fs::create_dir(&pages).unwrap();
     std::fs::write(pages.join("maintenance.html"), "<p>{{message}}</p>").unwrap();
     mkfifo(&pages.join("outage.html"));
-    std::fs::write(dir.path().join("config.toml"), "").unwrap();
+    std::fs::write(dir.path().join("config.toml"), "# the built-in defaults\n").unwrap();
     let (code, err) = check_within(&dir.path().join("config.toml")).expect("check hung");
     assert_eq!(code, Some(1));
     assert!(err.contains("outage.html") && err.contains("FIFO"), "{err}");

@@ -24,6 +24,12 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    /// Nothing but white space: a file caught while an editor or a deploy rewrote it in
+    /// place, or emptied by mistake. Read as "every key left out", it moved a running proxy
+    /// to the built-in defaults (127.0.0.1:8080, an application on 127.0.0.1:3000) at a
+    /// reload; a file meant to hold the defaults says so with a comment.
+    #[error("{} is empty: nothing was read from it (a file caught while it was being written, or emptied by mistake); write the settings, or a comment for the built-in defaults", path.display())]
+    Empty { path: PathBuf },
     #[error("{} is not valid ({} problem{}):\n{}", origin, problems.len(),
         if problems.len() == 1 { "" } else { "s" }, list(problems))]
     Invalid {

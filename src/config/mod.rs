@@ -252,6 +252,11 @@ impl Config {
                     source,
                 }
             })?;
+        if text.trim().is_empty() {
+            return Err(ConfigError::Empty {
+                path: path.to_path_buf(),
+            });
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         let base = if base.as_os_str().is_empty() {
             Path::new(".")
