@@ -796,9 +796,22 @@ impl Validator<'_> {
 
     fn upstream(&mut self, f: file::UpstreamFile) -> UpstreamConfig {
         let mut servers = Vec::new();
+        let mut named: Vec<(usize, String)> = Vec::new();
         for (i, s) in f.servers.iter().enumerate() {
             match parse_upstream(s) {
-                Ok(u) => servers.push(u),
+                // Once each: a server's health, its metrics and its mark-down go by its
+                // name, and a second entry got a second checker that `ctl health` listed
+                // beside the first, with counts of its own, under one metric series.
+                Ok(u) => match named.iter().find(|(_, name)| *name == u.to_string()) {
+                    Some((first, name)) => self.problem(
+                        &format!("upstream.servers[{i}]"),
+                        format!("{name} is listed already, as upstream.servers[{first}]: list each server once"),
+                    ),
+                    None => {
+                        named.push((i, u.to_string()));
+                        servers.push(u);
+                    }
+                },
                 Err(why) => self.problem(&format!("upstream.servers[{i}]"), why),
             }
         }
@@ -2269,6 +2282,25 @@ mod tests {
         let found = problems("[upstream]\nservers = [\"http://a:3000\", \"http://a:99999\"]\n");
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].key, "upstream.servers[1]");
+    }
+
+    /// A server listed twice is refused under the second entry, naming the first.
+    #[test]
+    fn a_server_is_listed_once() {
+        let found = problems(
+            "[upstream]\nservers = [\"http://a:3000\", \"http://b:3000\", \"http://a:3000\"]\n",
+        );
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].key, "upstream.servers[2]");
+        assert!(
+            found[0]
+                .message
+                .contains("http://a:3000 is listed already, as upstream.servers[0]"),
+            "{found:?}"
+        );
+        assert!(
+            problems("[upstream]\nservers = [\"http://a:3000\", \"h2c://a:3000\"]\n").is_empty()
+        );
     }
 
     #[test]
