@@ -63,6 +63,9 @@ pub fn run(
         Ok(Err(e @ client::ClientError::NoProxy { .. })) => {
             return fail(3, "no_proxy", e.to_string())
         }
+        Ok(Err(e @ client::ClientError::Denied { .. })) => {
+            return fail(3, "permission_denied", e.to_string())
+        }
         // The exchange broke off or made no sense: no answer from the proxy either.
         Ok(Err(e)) => return fail(3, "no_answer", e.to_string()),
         Err(sent) => {

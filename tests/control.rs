@@ -30,6 +30,42 @@ fn parse(line: &str) -> CtlResponse {
     serde_json::from_str(line).unwrap()
 }
 
+/// A user the socket's mode keeps out is told so, not that no proxy answered: an on-call
+/// engineer who is not the proxy's user read "no proxy answered" as "the proxy is down", and
+/// restarted one that was serving. Root passes every mode, so `ctl` runs as `nobody`.
+#[tokio::test]
+async fn a_user_the_socket_keeps_out_is_told_so() {
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if !root {
+        eprintln!("SKIPPED: needs root, to run ctl as another user");
+        return;
+    }
+    if !tool_present("setpriv", "--version", "util-linux") {
+        return;
+    }
+    let proxy = spawn_proxy("").await;
+    let socket = proxy.dir.path().join("intermission.sock");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_intermission"))
+        .args(["ctl", "--json", "-s"])
+        .arg(&socket)
+        .arg("status")
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(out.status.code(), Some(3), "{v}");
+    assert_eq!(v["error"]["code"], "permission_denied", "{v}");
+    let said = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        said.contains("may well be running") && said.contains("proxy's user or root"),
+        "{said}"
+    );
+}
+
 #[tokio::test]
 async fn the_socket_is_private_by_default_and_configurable() {
     let proxy = spawn_proxy("").await;

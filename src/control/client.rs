@@ -13,6 +13,14 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// The socket is there, but this user may not use it: the proxy may well be running, and
+    /// "no proxy answered" sent an operator to restart one that was serving.
+    #[error(
+        "permission denied on {path}: the proxy may well be running, but this user may not \
+         use its socket; run ctl as the proxy's user or root (or let a group in: \
+         control.socket_mode = \"0660\", the proxy run with that group)"
+    )]
+    Denied { path: String },
     #[error("the control connection failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("the proxy sent an answer that is not understood: {0}")]
@@ -24,7 +32,9 @@ pub enum ClientError {
 /// would otherwise be the way to.
 fn hint(e: &std::io::Error) -> &'static str {
     if e.kind() == std::io::ErrorKind::NotFound {
-        " (if the proxy is running, its socket file was removed: `kill -HUP` it to bind the socket again)"
+        " (a proxy that is stopping removes it at once, and the next one binds it when it \
+         starts; if the proxy is running and not stopping, the file was removed: `kill -HUP` \
+         it to bind the socket again)"
     } else {
         ""
     }
@@ -42,12 +52,13 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(path: &Path) -> Result<Client, ClientError> {
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(|source| ClientError::NoProxy {
-                path: path.display().to_string(),
-                source,
-            })?;
+        let stream = UnixStream::connect(path).await.map_err(|source| {
+            let path = path.display().to_string();
+            match source.kind() {
+                std::io::ErrorKind::PermissionDenied => ClientError::Denied { path },
+                _ => ClientError::NoProxy { path, source },
+            }
+        })?;
         let (r, w) = stream.into_split();
         Ok(Client {
             reader: BufReader::new(r),
