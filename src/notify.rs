@@ -112,6 +112,19 @@ pub enum EventKind {
     UntilOverrun,
 }
 
+impl EventKind {
+    /// The event's name as receivers get it in `event`, for the log lines about it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::ModeChanged => "mode_changed",
+            EventKind::MessageUpdated => "message_updated",
+            EventKind::ScheduleStarted => "schedule_started",
+            EventKind::ScheduleEnded => "schedule_ended",
+            EventKind::UntilOverrun => "until_overrun",
+        }
+    }
+}
+
 /// Counters the notifier reports to (implemented by the metrics module).
 pub trait NotifyStats: Send + Sync {
     /// An event reached a target (2xx).
@@ -627,12 +640,22 @@ async fn deliver(d: &Deliverer, target: &Target, event: &Event, queue: &Queue) {
         });
         match outcome {
             Ok(()) => {
-                tracing::debug!(webhook = shown(&target.url), event = ?event.event, attempt, "webhook delivered");
+                tracing::debug!(
+                    webhook = shown(&target.url),
+                    event = event.event.as_str(),
+                    attempt,
+                    "webhook delivered"
+                );
                 d.stats.delivered();
                 return;
             }
             Err(Failed { why, .. }) if lock(&queue.state).removed => {
-                tracing::warn!(webhook = shown(&target.url), event = ?event.event, attempt, "webhook not delivered, and removed by a reload: not tried again: {why}");
+                tracing::warn!(
+                    webhook = shown(&target.url),
+                    event = event.event.as_str(),
+                    attempt,
+                    "webhook not delivered, and removed by a reload: not tried again: {why}"
+                );
                 d.stats.failed();
                 return;
             }
@@ -642,14 +665,24 @@ async fn deliver(d: &Deliverer, target: &Target, event: &Event, queue: &Queue) {
                 let wait = retry_after.map_or(delay, |asked| asked.min(MAX_RETRY_AFTER).max(delay));
                 tracing::debug!(webhook = shown(&target.url), attempt, retry_in = ?wait, "webhook attempt failed: {why}");
                 if !queue.wait_unless_removed(wait).await {
-                    tracing::warn!(webhook = shown(&target.url), event = ?event.event, attempt, "webhook not delivered, and removed by a reload: not tried again: {why}");
+                    tracing::warn!(
+                        webhook = shown(&target.url),
+                        event = event.event.as_str(),
+                        attempt,
+                        "webhook not delivered, and removed by a reload: not tried again: {why}"
+                    );
                     d.stats.failed();
                     return;
                 }
                 delay = delay.saturating_mul(2).min(longest);
             }
             Err(Failed { why, .. }) => {
-                tracing::warn!(webhook = shown(&target.url), event = ?event.event, attempts = ATTEMPTS, "webhook not delivered, giving up: {why}");
+                tracing::warn!(
+                    webhook = shown(&target.url),
+                    event = event.event.as_str(),
+                    attempts = ATTEMPTS,
+                    "webhook not delivered, giving up: {why}"
+                );
                 d.stats.failed();
             }
         }

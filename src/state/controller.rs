@@ -838,7 +838,16 @@ impl Controller {
         if restart {
             self.start_checkers().await;
         }
-        tracing::info!(file = ?self.parts.config.source, "config and pages reloaded");
+        let file = self
+            .parts
+            .config
+            .source
+            .as_ref()
+            .map(|p| p.display().to_string());
+        tracing::info!(
+            file = file.as_deref().unwrap_or("-"),
+            "config and pages reloaded"
+        );
         let (before, after) = self.settle(self.clock.now(), "config reloaded").await;
         if self.window_events(before) {
             // The window's own event says it.
