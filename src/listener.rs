@@ -589,14 +589,23 @@ fn log_end(
 }
 
 /// A head hyper could not read never reaches the gateway, but hyper answered it (400, or
-/// 431 and 414 for one too large, both counted as 431): counted with the requests
+/// 431 for one too large, 414 for a target too long): counted with the requests
 /// intermission refuses itself, so that the 4xx a client sees is in the metrics too, and
 /// logged, with no method or path since none was read: a visitor whose cookies outgrew
 /// `max_header_bytes` gets a `431` on every page, and the access log is where an operator
 /// looks for it.
 pub(crate) fn count_unread(e: &hyper::Error, state: &StateHandle, peer: std::net::IpAddr) {
     if e.is_parse() && !e.is_parse_version_h2() {
-        let status = if e.is_parse_too_large() { 431 } else { 400 };
+        // hyper's one test for both "too large" kinds; it answers a target over its 64 KiB
+        // limit 414, which it names only in its message.
+        let status = match (
+            e.is_parse_too_large(),
+            e.to_string().contains("URI too long"),
+        ) {
+            (true, true) => 414,
+            (true, false) => 431,
+            (false, _) => 400,
+        };
         let snap = state.load();
         snap.metrics.unread(snap.mode, status);
         unread_line(peer, status, 0);

@@ -512,14 +512,15 @@ async fn a_request_refused_unread_is_logged_with_its_status() {
     std::fs::write(dir.path().join("site.key"), made.key_pair.serialize_pem()).unwrap();
     let proxy = ProxyProcess::start(
         dir.path(),
-        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[tls]\nlisten = [\"127.0.0.1:0\"]\n\
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nmax_header_bytes = 200000\n[tls]\nlisten = [\"127.0.0.1:0\"]\n\
          [[tls.certificates]]\ncert = \"site.pem\"\nkey = \"site.key\"\n\
          [log]\nformat = \"json\"\naccess_log = true\n",
     );
     let big = format!(
         "GET /big HTTP/1.1\r\nHost: x\r\nCookie: {}\r\n\r\n",
-        "a".repeat(70_000)
+        "a".repeat(210_000)
     );
+    let long = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70_000));
     let listening = |kind: &str| {
         proxy
             .log_lines()
@@ -544,6 +545,9 @@ async fn a_request_refused_unread_is_logged_with_its_status() {
     let (plain, tls) = (listening("http"), listening("https"));
     let answer = raw_exchange(plain, big.as_bytes(), Duration::from_secs(10)).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    // A target over hyper's 64 KiB, in a head under `max_header_bytes`: 414, logged as sent.
+    let answer = raw_exchange(plain, long.as_bytes(), Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 414"), "{answer}");
     let answer = raw_exchange(plain, b"NOT HTTP AT ALL\r\n\r\n", Duration::from_secs(10)).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     let answer = raw_exchange(
@@ -559,7 +563,7 @@ async fn a_request_refused_unread_is_logged_with_its_status() {
         })
     };
     assert!(
-        wait_until(Duration::from_secs(10), || refused(431)).await,
+        wait_until(Duration::from_secs(10), || refused(431) && refused(414)).await,
         "{:#?}",
         proxy.log_lines()
     );
