@@ -645,8 +645,11 @@ fn request(
             }
             6 if is(name, b"expect") => return Err(()),
             7 if is(name, b"upgrade") => return Err(()),
-            // Kept from a trusted peer only (`forward::headers::set_forwarded`).
+            // These, as `forward::headers::FROM_TRUSTED_ONLY`: kept from a trusted peer only.
             9 if is(name, b"forwarded") => !trusted,
+            15 if is(name, b"x-forwarded-ssl") => !trusted,
+            16 if is(name, b"x-forwarded-port") => !trusted,
+            18 if is(name, b"x-forwarded-prefix") || is(name, b"x-forwarded-scheme") => !trusted,
             10 if is(name, b"connection") => {
                 if !is(h.value, b"keep-alive") {
                     return Err(());

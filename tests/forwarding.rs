@@ -186,23 +186,34 @@ async fn forwarded_for_from_a_trusted_proxy_is_appended() {
 #[tokio::test]
 async fn forwarded_from_an_untrusted_client_is_dropped() {
     let up = echo_upstream().await;
-    let spoof = "for=203.0.113.7;host=evil.example;proto=https";
+    // `Forwarded`, and the other headers frameworks build links from: the port (Spring,
+    // Rack), the path prefix (Spring), the scheme (Rack reads `X-Forwarded-Ssl` before
+    // `X-Forwarded-Proto`).
+    let spoofed = [
+        ("forwarded", "for=203.0.113.7;host=evil.example;proto=https"),
+        ("x-forwarded-port", "8443"),
+        ("x-forwarded-prefix", "/evil"),
+        ("x-forwarded-ssl", "on"),
+        ("x-forwarded-scheme", "https"),
+    ];
+    let with_spoofs = |url: String, host: Option<&str>| {
+        let mut req = Request::get(url);
+        if let Some(host) = host {
+            req = req.header("host", host);
+        }
+        for (name, value) in spoofed {
+            req = req.header(name, value);
+        }
+        req.body(empty()).unwrap()
+    };
     let untrusted = spawn_proxy(&upstream_config(&up)).await;
-    let relayed = Request::get(untrusted.url("/"))
-        .header("host", "site.example")
-        .header("forwarded", spoof)
-        .body(empty())
-        .unwrap();
-    let seen: Seen = json(&send(relayed).await);
-    assert!(!seen.has("forwarded"), "{:?}", seen.headers);
+    let seen: Seen = json(&send(with_spoofs(untrusted.url("/"), Some("site.example"))).await);
+    for (name, _) in spoofed {
+        assert!(!seen.has(name), "relay: {name}: {:?}", seen.headers);
+    }
     assert_eq!(seen.header("x-forwarded-host"), Some("site.example"));
     let resp = h2c_client()
-        .request(
-            Request::get(untrusted.url("/"))
-                .header("forwarded", spoof)
-                .body(empty())
-                .unwrap(),
-        )
+        .request(with_spoofs(untrusted.url("/"), None))
         .await
         .unwrap();
     let (parts, body) = resp.into_parts();
@@ -210,20 +221,19 @@ async fn forwarded_from_an_untrusted_client_is_dropped() {
         parts,
         body.collect().await.unwrap().to_bytes(),
     ));
-    assert!(!seen.has("forwarded"), "{:?}", seen.headers);
+    for (name, _) in spoofed {
+        assert!(!seen.has(name), "h2c: {name}: {:?}", seen.headers);
+    }
 
     let config = format!(
         "[proxy]\ntrusted_proxies = [\"127.0.0.0/8\"]\n{}",
         upstream_config(&up)
     );
     let trusting = spawn_proxy(&config).await;
-    let req = Request::get(trusting.url("/"))
-        .header("host", "internal")
-        .header("forwarded", spoof)
-        .body(empty())
-        .unwrap();
-    let seen: Seen = json(&send(req).await);
-    assert_eq!(seen.header("forwarded"), Some(spoof));
+    let seen: Seen = json(&send(with_spoofs(trusting.url("/"), Some("internal"))).await);
+    for (name, value) in spoofed {
+        assert_eq!(seen.header(name), Some(value), "trusted: {name}");
+    }
 }
 
 /// An HTTP/2 connection (prior knowledge) to `addr`, driven by a task of its own, whose end

@@ -251,6 +251,16 @@ pub fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
+/// Headers passed on from a peer in `trusted_proxies` only (`set_forwarded`; the relay's
+/// `request` drops the same).
+pub const FROM_TRUSTED_ONLY: [HeaderName; 5] = [
+    header::FORWARDED,
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static("x-forwarded-scheme"),
+];
+
 /// Appends the peer to `X-Forwarded-For` (SPEC §3), whoever sent the list, as nginx's
 /// `$proxy_add_x_forwarded_for` and HAProxy's `option forwardfor` do: the last entry is always
 /// the address this proxy saw, and what came before is the client's word, which the
@@ -259,12 +269,15 @@ pub fn join_cookies(headers: &mut HeaderMap) {
 /// that set them, else this hop's). `trusted`: the peer is in `trusted_proxies`.
 ///
 /// `Forwarded` (RFC 7239) says the same as those three in one field, and frameworks that read
-/// it prefer it to them (Spring's `ForwardedHeaderFilter`, Quarkus, Vert.x): so it is kept
-/// from a trusted peer only. From anyone else it would let a client name the host and scheme
-/// the application builds its links with, which replacing `X-Forwarded-Host` is there to stop.
+/// it prefer it to them (Spring's `ForwardedHeaderFilter`, Quarkus, Vert.x); the others of
+/// `FROM_TRUSTED_ONLY` name the port, path prefix and scheme links are built with (Spring,
+/// Rack). They are kept from a trusted peer only: from anyone else they would let a client
+/// name the links the application writes, which replacing `X-Forwarded-Host` is there to stop.
 pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientSide, trusted: bool) {
     if !trusted {
-        headers.remove(header::FORWARDED);
+        for name in &FROM_TRUSTED_ONLY {
+            headers.remove(name);
+        }
     }
     let xff = if headers.contains_key(&X_FORWARDED_FOR) {
         append_to_list(headers, &X_FORWARDED_FOR, &client.peer)
