@@ -129,41 +129,59 @@ fn respond<B>(
         return resp;
     }
     match path {
-        "/metrics" if asks_for_openmetrics(req) => {
-            reply(StatusCode::OK, METRICS_CONTENT_TYPE, metrics.encode())
+        "/metrics" => {
+            let mut resp = if asks_for_openmetrics(req) {
+                reply(StatusCode::OK, METRICS_CONTENT_TYPE, metrics.encode())
+            } else {
+                reply(
+                    StatusCode::OK,
+                    METRICS_TEXT_CONTENT_TYPE,
+                    metrics.encode_text(),
+                )
+            };
+            resp.headers_mut()
+                .insert(header::VARY, HeaderValue::from_static("accept"));
+            resp
         }
-        "/metrics" => reply(
-            StatusCode::OK,
-            METRICS_TEXT_CONTENT_TYPE,
-            metrics.encode_text(),
-        ),
         "/readyz" if ready() => reply(StatusCode::OK, TEXT, "ready"),
         "/readyz" => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready"),
         _ => reply(StatusCode::OK, TEXT, "ok"),
     }
 }
 
-/// Whether `Accept` names OpenMetrics with a weight above zero, as Prometheus's scrapes do
-/// (`application/openmetrics-text;version=1.0.0,…,text/plain;version=0.0.4;q=0.5,*/*;q=0.1`).
+/// Whether `Accept` prefers OpenMetrics: its weight is above zero and above that of the 0.0.4
+/// text (`text/plain`, `*/*`), as Prometheus's Go client weighs them. Prometheus asks
+/// `application/openmetrics-text;version=1.0.0,…,text/plain;version=0.0.4;q=0.5,*/*;q=0.1`;
+/// one configured to put the text format first asks it with the weights the other way.
 /// Anything else, no `Accept` and `*/*` included, gets the 0.0.4 text, which every reader of
 /// the older format can read.
 fn asks_for_openmetrics<B>(req: &Request<B>) -> bool {
-    req.headers()
+    let (mut open, mut text) = (0.0f32, 0.0f32);
+    for range in req
+        .headers()
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|range| {
-            let mut parts = range.split(';').map(str::trim);
-            let kind = parts.next().unwrap_or_default();
-            let refused = parts.any(|p| {
-                p.split_once('=').is_some_and(|(k, v)| {
-                    k.trim().eq_ignore_ascii_case("q")
-                        && v.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
-                })
-            });
-            kind.eq_ignore_ascii_case("application/openmetrics-text") && !refused
-        })
+    {
+        let mut parts = range.split(';').map(str::trim);
+        let kind = parts.next().unwrap_or_default();
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .map_or(1.0, |(_, v)| v.trim().parse::<f32>().unwrap_or(0.0));
+        let q = if q.is_finite() {
+            q.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        if kind.eq_ignore_ascii_case("application/openmetrics-text") {
+            open = open.max(q);
+        } else if kind.eq_ignore_ascii_case("text/plain") || kind == "*/*" {
+            text = text.max(q);
+        }
+    }
+    open > 0.0 && open > text
 }
 
 fn reply(
@@ -277,6 +295,8 @@ mod tests {
             Some("*/*"),
             Some("text/plain;version=0.0.4"),
             Some("application/openmetrics-text; q=0, text/plain"),
+            // Prometheus with `scrape_protocols` putting the text format first.
+            Some("text/plain;version=0.0.4;q=0.5,application/openmetrics-text;version=1.0.0;q=0.4"),
         ] {
             let (status, headers, text) =
                 call_accepting(&client, addr, Method::GET, "/metrics", accept).await;
@@ -286,6 +306,7 @@ mod tests {
                 METRICS_TEXT_CONTENT_TYPE,
                 "{accept:?}"
             );
+            assert_eq!(headers[header::VARY], "accept");
             assert!(
                 text.contains("\n# TYPE intermission_requests_total counter\n")
                     && !text.contains("# EOF"),

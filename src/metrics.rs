@@ -712,7 +712,8 @@ impl Metrics {
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(8 * 1024);
         // Writing into a String cannot fail; only a metric's own encoder could, and then the
-        // truncated text (no `# EOF`) makes the scrape fail visibly instead of lying.
+        // truncated OpenMetrics text (no `# EOF`) makes the scrape fail visibly instead of
+        // lying. The 0.0.4 text has no end marker to lose: such a failure is in the log.
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "encoding metrics failed");
         }
