@@ -199,6 +199,22 @@ pub struct Upstream {
     pub authority: http::uri::Authority,
 }
 
+impl Upstream {
+    /// What makes two entries one server: the protocol, the host in any case, and the port,
+    /// its scheme's default when none is written.
+    fn identity(&self) -> (Protocol, String, u16) {
+        let default = match self.protocol {
+            Protocol::Https => 443,
+            Protocol::Http | Protocol::H2c => 80,
+        };
+        (
+            self.protocol,
+            self.authority.host().to_ascii_lowercase(),
+            self.authority.port_u16().unwrap_or(default),
+        )
+    }
+}
+
 impl std::fmt::Display for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let scheme = match self.protocol {
@@ -796,19 +812,20 @@ impl Validator<'_> {
 
     fn upstream(&mut self, f: file::UpstreamFile) -> UpstreamConfig {
         let mut servers = Vec::new();
-        let mut named: Vec<(usize, String)> = Vec::new();
+        let mut listed: Vec<(usize, (Protocol, String, u16))> = Vec::new();
         for (i, s) in f.servers.iter().enumerate() {
             match parse_upstream(s) {
                 // Once each: a server's health, its metrics and its mark-down go by its
                 // name, and a second entry got a second checker that `ctl health` listed
-                // beside the first, with counts of its own, under one metric series.
-                Ok(u) => match named.iter().find(|(_, name)| *name == u.to_string()) {
-                    Some((first, name)) => self.problem(
+                // beside the first, with counts of its own. Written alike or not: `App`
+                // and `app`, `:80` and none, are one server.
+                Ok(u) => match listed.iter().find(|(_, key)| *key == u.identity()) {
+                    Some((first, _)) => self.problem(
                         &format!("upstream.servers[{i}]"),
-                        format!("{name} is listed already, as upstream.servers[{first}]: list each server once"),
+                        format!("{u} is listed already, as upstream.servers[{first}]: list each server once"),
                     ),
                     None => {
-                        named.push((i, u.to_string()));
+                        listed.push((i, u.identity()));
                         servers.push(u);
                     }
                 },
@@ -2300,6 +2317,16 @@ mod tests {
         );
         assert!(
             problems("[upstream]\nservers = [\"http://a:3000\", \"h2c://a:3000\"]\n").is_empty()
+        );
+        // Written otherwise, the same server.
+        let found = problems(
+            "[upstream]\nservers = [\"http://App:3000\", \"http://app:3000\", \"https://b\", \"https://B:443\"]\n",
+        );
+        let keys: Vec<&str> = found.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["upstream.servers[1]", "upstream.servers[3]"],
+            "{found:?}"
         );
     }
 
