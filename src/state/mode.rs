@@ -424,6 +424,13 @@ impl Persisted {
         // take for an older one's, and remove both.
         let taken = self.schedules.iter().map(|w| w.id.saturating_add(1)).max();
         let id = self.next_window_id.max(taken.unwrap_or(1)).max(1);
+        // Only a file edited by hand gets here: ids count up from 1, one per window added.
+        if self.schedules.iter().any(|w| w.id == id) {
+            return bad(
+                "no window id is left past the ones in use: remove the windows, or \
+                        lower next_window_id in the state file",
+            );
+        }
         self.next_window_id = id.saturating_add(1);
         self.schedules.push(Window {
             id,
@@ -782,6 +789,14 @@ mod tests {
         let s = s.apply(window(500, 600), t(50), true).unwrap();
         let ids: Vec<u64> = s.schedules.iter().map(|w| w.id).collect();
         assert_eq!(ids, [1, 2, 3]);
+        // At the top of the range, no id is reused: the window is refused.
+        let mut top = s.clone();
+        top.schedules[2].id = u64::MAX;
+        let refused = top.apply(window(700, 800), t(50), true);
+        assert!(
+            matches!(&refused, Err(ChangeError::BadValue(why)) if why.contains("no window id")),
+            "{refused:?}"
+        );
     }
 
     #[test]
