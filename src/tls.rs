@@ -219,6 +219,10 @@ pub fn server_config_checked(
                 .to_owned(),
         );
     }
+    // Certificates nothing serves (said above) have no end to watch or show.
+    if tls.listen.is_empty() {
+        ends.clear();
+    }
     let served = ServerTls {
         config: Some(Arc::new(config)),
         ends: ends.into(),

@@ -461,6 +461,25 @@ async fn the_certificates_ends_are_in_metrics_and_follow_a_reload() {
     );
 }
 
+/// Certificates with no TLS listener to serve them have no end to show or warn of: only the
+/// warning that nothing serves them.
+#[test]
+fn certificates_nothing_serves_have_no_end_to_watch() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    ca.write_leaf_ending(dir.path(), "a", &["a.test"], (2031, 1, 1));
+    let ends = |listen: &str| {
+        let text = format!("[tls]\nlisten = [{listen}]\n{}", certs(&["a"]));
+        let cfg = intermission::config::Config::parse(&text, dir.path(), None).unwrap();
+        let (served, _) =
+            intermission::tls::server_config_checked(&cfg.tls, std::time::SystemTime::now())
+                .unwrap();
+        served.ends.len()
+    };
+    assert_eq!(ends("\"127.0.0.1:0\""), 1);
+    assert_eq!(ends(""), 0);
+}
+
 #[tokio::test]
 async fn a_bad_certificate_stops_the_start_with_the_file_named() {
     let ca = Ca::new();
