@@ -28,6 +28,13 @@ pub fn run(
         }
         ExitCode::from(exit)
     };
+    // The commands suggested below name the socket as this one did, so that they can be
+    // pasted as they are (from another folder than the config's too).
+    let again = match (&socket, &config) {
+        (Some(s), _) => format!("intermission ctl -s {}", shell_word(s)),
+        (None, Some(c)) => format!("intermission ctl -c {}", shell_word(c)),
+        (None, None) => "intermission ctl".to_owned(),
+    };
     let socket = match socket {
         Some(s) => s,
         None => match socket_from_config(config.as_deref()) {
@@ -77,7 +84,7 @@ pub fn run(
                 format!(
                     "the proxy on {socket} did not answer within {limit} s; the request was sent \
                      and may still take effect when the proxy gets to it: check with \
-                     `intermission ctl status` before sending it again"
+                     `{again} status` before sending it again"
                 )
             } else {
                 format!("the proxy on {socket} did not take the connection within {limit} s; nothing was sent")
@@ -107,7 +114,7 @@ pub fn run(
         // `off` ends an operator's maintenance, not a window: said, so that an operator who
         // sees maintenance still on knows why and what ends it.
         eprintln!(
-            "note: maintenance window {} holds maintenance until {}; `intermission ctl schedule remove {}` ends it now",
+            "note: maintenance window {} holds maintenance until {}; `{again} schedule remove {}` ends it now",
             window.id,
             window.end.rfc3339(),
             window.id
@@ -544,9 +551,36 @@ fn print_health(out: &mut impl Write, servers: &[ServerHealth]) -> io::Result<()
     Ok(())
 }
 
+/// `path` as one word a shell reads back as it is: quoted unless it needs none.
+fn shell_word(path: &Path) -> String {
+    let text = path.display().to_string();
+    let plain = !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+:@%,=".contains(&b));
+    if plain {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_is_one_shell_word() {
+        assert_eq!(
+            shell_word(Path::new("/etc/intermission/config.toml")),
+            "/etc/intermission/config.toml"
+        );
+        assert_eq!(
+            shell_word(Path::new("/srv/my site/c.toml")),
+            "'/srv/my site/c.toml'"
+        );
+        assert_eq!(shell_word(Path::new("it's.toml")), "'it'\\''s.toml'");
+    }
 
     /// A message with an escape sequence, a bell, a NUL and a bidi override is shown with
     /// them escaped: it cannot recolour, retitle or reorder the operator's terminal.

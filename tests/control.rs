@@ -983,8 +983,13 @@ async fn off_during_a_window_says_the_window_holds_maintenance() {
     let off = ctl_with(&cfg, &["off"]);
     assert_eq!(off.status.code(), Some(0), "{off:?}");
     let err = String::from_utf8_lossy(&off.stderr);
+    // The command it names can be pasted as it is: with the `-c` this one was given.
     assert!(
-        err.contains("holds maintenance") && err.contains("schedule remove 1"),
+        err.contains("holds maintenance")
+            && err.contains(&format!(
+                "`intermission ctl -c {} schedule remove 1`",
+                cfg.display()
+            )),
         "{err}"
     );
     drop(proxy);
