@@ -110,6 +110,9 @@ pub enum EventKind {
     ScheduleStarted,
     ScheduleEnded,
     UntilOverrun,
+    /// An operator announced a new end (`on --until` again) while maintenance is on: "running
+    /// late?" is news the team's channel must hear, not only the page.
+    UntilChanged,
 }
 
 impl EventKind {
@@ -121,6 +124,7 @@ impl EventKind {
             EventKind::ScheduleStarted => "schedule_started",
             EventKind::ScheduleEnded => "schedule_ended",
             EventKind::UntilOverrun => "until_overrun",
+            EventKind::UntilChanged => "until_changed",
         }
     }
 }
@@ -215,6 +219,13 @@ fn sentence(e: &Event) -> String {
                 .unwrap_or_default();
             format!("Maintenance on {on} overran its announced end{end}; it stays on until switched off")
         }
+        EventKind::UntilChanged => match e.until {
+            Some(u) => format!(
+                "Maintenance on {on} now expected to end by {}",
+                readable_time(u)
+            ),
+            None => format!("Maintenance on {on} has no announced end any more"),
+        },
     };
     let details: Vec<String> = [
         e.reason.as_deref().map(|r| format!("reason: {r}")),
@@ -1049,6 +1060,7 @@ mod tests {
             (EventKind::ScheduleStarted, "schedule_started"),
             (EventKind::ScheduleEnded, "schedule_ended"),
             (EventKind::UntilOverrun, "until_overrun"),
+            (EventKind::UntilChanged, "until_changed"),
         ] {
             assert_eq!(serde_json::to_value(kind).unwrap(), name);
         }
@@ -1132,6 +1144,14 @@ mod tests {
                     ..event(UntilOverrun, Maintenance, Maintenance, db)
                 },
                 "Maintenance on shop-1 overran its announced end (2026-11-24 10:00 UTC); it stays on until switched off",
+            ),
+            (
+                Event {
+                    until,
+                    by: Some("alice".into()),
+                    ..event(UntilChanged, Maintenance, Maintenance, db)
+                },
+                "Maintenance on shop-1 now expected to end by 2026-11-24 10:00 UTC — by alice",
             ),
             (
                 // Rounded up to the minute, as the pages show it.

@@ -376,12 +376,23 @@ async fn webhooks_follow_every_change_in_order_and_are_signed() {
         },
     )
     .await;
+    // Running late: a new end is news of its own.
+    ctl(
+        &proxy,
+        Ctl::On {
+            message: None,
+            until: Some("+90m".into()),
+            retry_after: None,
+            reason: None,
+        },
+    )
+    .await;
     ctl(&proxy, Ctl::Off).await;
     app.stop();
-    let got = wait_events(&json_hook, 4).await;
+    let got = wait_events(&json_hook, 5).await;
     app.restart().await;
-    let got = if got.len() >= 4 {
-        wait_events(&json_hook, 5).await
+    let got = if got.len() >= 5 {
+        wait_events(&json_hook, 6).await
     } else {
         got
     };
@@ -398,6 +409,7 @@ async fn webhooks_follow_every_change_in_order_and_are_signed() {
     let want = [
         ("mode_changed", "normal", "maintenance"),
         ("message_updated", "maintenance", "maintenance"),
+        ("until_changed", "maintenance", "maintenance"),
         ("mode_changed", "maintenance", "normal"),
         ("mode_changed", "normal", "outage"),
         ("mode_changed", "outage", "normal"),
@@ -413,12 +425,21 @@ async fn webhooks_follow_every_change_in_order_and_are_signed() {
     assert!(first["by"].as_str().is_some() && first["instance"].as_str().is_some());
     assert!(first["at"].as_str().unwrap().ends_with('Z'));
     assert_eq!(got[1]["message"], "Halfway there");
+    assert!(got[2]["until"].as_str().is_some(), "{got:#?}");
+    assert_eq!(got[2]["message"], "Halfway there");
     // Each all-clear says when the episode it ends began: how long it lasted.
-    assert_eq!(got[2]["since"], got[0]["since"], "{got:#?}");
-    assert_eq!(got[4]["since"], got[3]["since"], "{got:#?}");
-    assert!(got[4]["since"].as_str().is_some(), "{got:#?}");
-    let slack = wait_events(&slack_hook, 5).await;
-    let all_clear = slack[4]["text"].as_str().unwrap();
+    assert_eq!(got[3]["since"], got[0]["since"], "{got:#?}");
+    assert_eq!(got[5]["since"], got[4]["since"], "{got:#?}");
+    assert!(got[5]["since"].as_str().is_some(), "{got:#?}");
+    let slack = wait_events(&slack_hook, 6).await;
+    assert!(
+        slack[2]["text"]
+            .as_str()
+            .unwrap()
+            .contains("now expected to end by "),
+        "{slack:#?}"
+    );
+    let all_clear = slack[5]["text"].as_str().unwrap();
     assert!(
         all_clear.contains("back to normal after an outage of "),
         "{all_clear}"
@@ -439,7 +460,7 @@ async fn webhooks_follow_every_change_in_order_and_are_signed() {
         );
     }
     // The Slack receiver gets readable sentences.
-    let slack = wait_events(&slack_hook, 5).await;
+    let slack = wait_events(&slack_hook, 6).await;
     let text = slack[0]["text"].as_str().unwrap();
     assert!(
         text.contains("Maintenance") && text.contains("Database upgrade"),

@@ -677,13 +677,17 @@ impl Controller {
                 }
                 e @ ChangeError::NoSuchWindow(_) => ErrorBody::new("not_found", e.to_string()),
             })?;
+        let until = |s: &Persisted| s.planned.as_ref().and_then(|p| p.until);
+        let mut new_end = false;
         if next != self.state {
             self.write_state(&next).await.map_err(|e| {
                 ErrorBody::new("state_not_saved", format!("{e}; nothing was changed"))
             })?;
-            let until = |s: &Persisted| s.planned.as_ref().and_then(|p| p.until);
             if until(&next) != until(&self.state) {
                 self.overrun_noted = false;
+                // A new end for maintenance already on; one given with `on` itself is told
+                // by the start's event.
+                new_end = self.state.planned.is_some() && next.planned.is_some();
             }
             self.state = next;
         }
@@ -709,6 +713,12 @@ impl Controller {
             self.notify(EventKind::ModeChanged, before, Some(by.to_owned()), reason);
         } else if message_before != message_after && after != Mode::Normal {
             self.notify(EventKind::MessageUpdated, before, Some(by.to_owned()), None);
+        }
+        // Its own event, beside a new message given with it: a receiver showing the end
+        // hears of it whatever else changed. The operator's end is the one clients are shown
+        // (over a window's) while the operator's maintenance is on.
+        if new_end && after == Mode::Maintenance {
+            self.notify(EventKind::UntilChanged, before, Some(by.to_owned()), None);
         }
         Ok(())
     }
