@@ -170,8 +170,7 @@
     // with no overrun line just stops showing the end.
     const overrun = s.overrun === true;
     applyTimeLine('until-line', 'until', overrun ? null : s.until, true);
-    // Passed: the minute it passed in, not the next one, which may be still ahead.
-    applyTimeLine('overrun-line', 'overrun', overrun ? s.until : null, false);
+    applyTimeLine('overrun-line', 'overrun', overrun ? s.until : null, true);
     applyTimeLine('since-line', 'since', s.since);
     applyStatusPage(s.status_page);
     applyUpdates(s.updates);
