@@ -1118,7 +1118,12 @@ async fn a_stopped_proxy_s_ctl_timeout_says_the_request_may_still_take_effect() 
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("within 15 s"), "{err}");
     assert!(err.contains("may still take effect"), "{err}");
-    assert!(err.contains("ctl status"), "{err}");
+    // The command to check with names the socket as this one did, to be pasted as it is.
+    let again = format!(
+        "`intermission ctl -s {} status`",
+        dir.path().join("intermission.sock").display()
+    );
+    assert!(err.contains(&again), "{err}");
     // As the message says: applied once the proxy runs again.
     let applied = wait_until_async(|| async {
         let state = proxy.ctl(&Ctl::Status).await.unwrap().state.unwrap();
