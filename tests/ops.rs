@@ -632,6 +632,63 @@ async fn a_dead_webhook_slows_nothing_down() {
     );
 }
 
+/// A new end is told when the end clients are shown changes while maintenance stays on, and
+/// only then: not for the `on` that starts maintenance with one, not for the same end given
+/// again; and when an operator's end takes over a window's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_end_is_told_when_the_end_shown_changes() {
+    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[[notify]]\nurl = \"{}\"\n",
+        app.url(),
+        hook.url
+    ))
+    .await;
+    let at = |secs: u64| {
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(secs))
+            .to_string()
+    };
+    let on_until = |until: String| Ctl::On {
+        message: None,
+        until: Some(until),
+        retry_after: None,
+        reason: None,
+    };
+    let (first, later) = (at(3600), at(7200));
+    assert!(ctl(&proxy, on_until(first.clone())).await.ok);
+    assert!(ctl(&proxy, on_until(first)).await.ok, "the same end again");
+    assert!(ctl(&proxy, on_until(later.clone())).await.ok);
+    assert!(ctl(&proxy, Ctl::Off).await.ok);
+    let r = ctl(
+        &proxy,
+        Ctl::ScheduleAdd {
+            start: "+0s".into(),
+            end: "+1h".into(),
+            message: None,
+        },
+    )
+    .await;
+    assert!(r.ok, "{r:?}");
+    let taken_over = at(5400);
+    assert!(ctl(&proxy, on_until(taken_over.clone())).await.ok);
+    let got = wait_events(&hook, 5).await;
+    let kinds: Vec<&str> = got.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "mode_changed",
+            "until_changed",
+            "mode_changed",
+            "schedule_started",
+            "until_changed"
+        ],
+        "{got:#?}"
+    );
+    assert_eq!(got[1]["until"], later.as_str());
+    assert_eq!(got[4]["until"], taken_over.as_str());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn schedule_windows_tell_when_they_start_and_end() {
     let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;

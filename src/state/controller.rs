@@ -581,6 +581,11 @@ impl Controller {
             .map_err(|e| e.to_string())
     }
 
+    /// The end clients are shown now, if anything is held and has one.
+    fn shown_until(&self) -> Option<SystemTime> {
+        self.handle.load().held.as_ref().and_then(|h| h.view.until)
+    }
+
     /// The message clients are shown now, if anything is held.
     fn shown_message(&self) -> Option<String> {
         self.handle
@@ -659,6 +664,7 @@ impl Controller {
         // A mode that force-open changed is not the application's doing: the webhook says so,
         // or "back to normal after an outage" would read as a recovery mid-incident.
         let forced = matches!(change, Change::ForceOpen(_)).then(|| summary.clone());
+        let is_on = matches!(change, Change::On { .. });
         // An `update` speaks of the mode clients are in (refused in `normal`); any other
         // change is tidied as `settle` tidies, once a server is known to be healthy, not while
         // one only counts as healthy until its first check: a change made just after a
@@ -677,17 +683,13 @@ impl Controller {
                 }
                 e @ ChangeError::NoSuchWindow(_) => ErrorBody::new("not_found", e.to_string()),
             })?;
-        let until = |s: &Persisted| s.planned.as_ref().and_then(|p| p.until);
-        let mut new_end = false;
         if next != self.state {
             self.write_state(&next).await.map_err(|e| {
                 ErrorBody::new("state_not_saved", format!("{e}; nothing was changed"))
             })?;
+            let until = |s: &Persisted| s.planned.as_ref().and_then(|p| p.until);
             if until(&next) != until(&self.state) {
                 self.overrun_noted = false;
-                // A new end for maintenance already on; one given with `on` itself is told
-                // by the start's event.
-                new_end = self.state.planned.is_some() && next.planned.is_some();
             }
             self.state = next;
         }
@@ -695,11 +697,13 @@ impl Controller {
         // line of its own in the text log, such as a forged one; the JSON log escapes it.
         tracing::info!(by, "{}", summary.replace('\n', "\\n"));
         let message_before = self.shown_message();
+        let until_before = self.shown_until();
         // The same clock reading as the change itself: a window ending during the state
         // file's fsync is then still due as an edge, and is tidied away by it.
         let (before, after) = self.publish(now, &format!("{summary} (by {by})"));
         let message_after = self.shown_message();
-        if self.window_events(before) {
+        let windows_told = self.window_events(before);
+        if windows_told {
             // The window's own event says it.
         } else if before != after {
             // Left in `outage` by an operator's change (maintenance off, force-open off while
@@ -714,10 +718,16 @@ impl Controller {
         } else if message_before != message_after && after != Mode::Normal {
             self.notify(EventKind::MessageUpdated, before, Some(by.to_owned()), None);
         }
-        // Its own event, beside a new message given with it: a receiver showing the end
-        // hears of it whatever else changed. The operator's end is the one clients are shown
-        // (over a window's) while the operator's maintenance is on.
-        if new_end && after == Mode::Maintenance {
+        // A new end clients are shown, while maintenance stays on: its own event, beside a
+        // message update given with it. Compared as shown, so that an `on --until` taking
+        // over a window's end is told too; an `on` that starts maintenance is told by its
+        // start's event.
+        if is_on
+            && !windows_told
+            && before == Mode::Maintenance
+            && after == Mode::Maintenance
+            && self.shown_until() != until_before
+        {
             self.notify(EventKind::UntilChanged, before, Some(by.to_owned()), None);
         }
         Ok(())
