@@ -150,7 +150,8 @@ fn respond<B>(
 }
 
 /// Whether `Accept` prefers OpenMetrics: its weight is above zero and above that of the 0.0.4
-/// text (`text/plain`, `*/*`), as Prometheus's Go client weighs them. Prometheus asks
+/// text (`text/plain`, or `*/*`, which that text answers as well). Ties go to the text, which
+/// every reader of either format reads; Prometheus's Go client breaks them by order. Prometheus asks
 /// `application/openmetrics-text;version=1.0.0,…,text/plain;version=0.0.4;q=0.5,*/*;q=0.1`;
 /// one configured to put the text format first asks it with the weights the other way.
 /// Anything else, no `Accept` and `*/*` included, gets the 0.0.4 text, which every reader of

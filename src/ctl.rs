@@ -554,6 +554,11 @@ fn print_health(out: &mut impl Write, servers: &[ServerHealth]) -> io::Result<()
 /// `path` as one word a shell reads back as it is: quoted unless it needs none.
 fn shell_word(path: &Path) -> String {
     let text = path.display().to_string();
+    // A leading `-` would read as a flag, and a leading `=` is expanded by zsh.
+    let text = match text.as_bytes().first() {
+        Some(b'-' | b'=') => format!("./{text}"),
+        _ => text,
+    };
     let plain = !text.is_empty()
         && text
             .bytes()
@@ -580,6 +585,7 @@ mod tests {
             "'/srv/my site/c.toml'"
         );
         assert_eq!(shell_word(Path::new("it's.toml")), "'it'\\''s.toml'");
+        assert_eq!(shell_word(Path::new("-x.toml")), "./-x.toml");
     }
 
     /// A message with an escape sequence, a bell, a NUL and a bidi override is shown with

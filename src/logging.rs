@@ -104,12 +104,16 @@ thread_local! {
     static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(256));
 }
 
+/// `d` in milliseconds from whole microseconds: `as_secs_f64() * 1000.0` wrote float noise
+/// into the line (`0.017591000000000002`, and `2.7e-5` in JSON), which log pipelines trip on.
+fn millis(d: std::time::Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
+}
+
 impl AccessLine<'_> {
     /// Writes the line, the request having started at `start`.
     pub fn write(&self, start: Instant) {
-        // From whole microseconds: `as_secs_f64() * 1000.0` wrote float noise into the line
-        // (`0.017591000000000002`, and `2.7e-5` in JSON), which log pipelines may trip on.
-        let ms = start.elapsed().as_micros() as f64 / 1000.0;
+        let ms = millis(start.elapsed());
         let format = match ACCESS.load(Relaxed) {
             THROUGH_TRACING => return self.trace(ms),
             TEXT => LogFormat::Text,
@@ -241,6 +245,19 @@ fn json_str(out: &mut Vec<u8>, value: &dyn std::fmt::Display) {
 #[cfg(test)]
 mod tests {
     use super::AccessLine;
+
+    /// The duration is written as a plain decimal of whole microseconds, in both forms.
+    #[test]
+    fn durations_are_plain_decimals() {
+        let ms = super::millis;
+        assert_eq!(
+            ms(std::time::Duration::from_nanos(17_591_400)).to_string(),
+            "17.591"
+        );
+        assert_eq!(ms(std::time::Duration::from_nanos(27)).to_string(), "0");
+        let json = serde_json::to_string(&ms(std::time::Duration::from_micros(27))).unwrap();
+        assert_eq!(json, "0.027");
+    }
     use std::io::Write;
     use std::net::IpAddr;
     use std::sync::{Arc, Mutex};

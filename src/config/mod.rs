@@ -207,9 +207,17 @@ impl Upstream {
             Protocol::Https => 443,
             Protocol::Http | Protocol::H2c => 80,
         };
+        // An address in any of its spellings (`[::1]`, `[0:0::1]`), a name in any case and
+        // with or without its final dot.
+        let host = self.authority.host();
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let host = match bare.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip.to_string(),
+            Err(_) => host.trim_end_matches('.').to_ascii_lowercase(),
+        };
         (
             self.protocol,
-            self.authority.host().to_ascii_lowercase(),
+            host,
             self.authority.port_u16().unwrap_or(default),
         )
     }
@@ -2321,6 +2329,15 @@ mod tests {
         // Written otherwise, the same server.
         let found = problems(
             "[upstream]\nservers = [\"http://App:3000\", \"http://app:3000\", \"https://b\", \"https://B:443\"]\n",
+        );
+        let keys: Vec<&str> = found.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["upstream.servers[1]", "upstream.servers[3]"],
+            "{found:?}"
+        );
+        let found = problems(
+            "[upstream]\nservers = [\"http://[::1]:3000\", \"http://[0:0::1]:3000\", \"http://a.example:1\", \"http://A.example.:1\"]\n",
         );
         let keys: Vec<&str> = found.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(

@@ -426,10 +426,10 @@ impl Persisted {
         let id = self.next_window_id.max(taken.unwrap_or(1)).max(1);
         // Only a file edited by hand gets here: ids count up from 1, one per window added.
         if self.schedules.iter().any(|w| w.id == id) {
-            return bad(
-                "no window id is left past the ones in use: remove the windows, or \
-                        lower next_window_id in the state file",
-            );
+            return bad(&format!(
+                "no window id is left past {id}, which window {id} has: remove that window \
+                 (schedule remove {id}) before adding another"
+            ));
         }
         self.next_window_id = id.saturating_add(1);
         self.schedules.push(Window {
