@@ -266,11 +266,12 @@ impl Persisted {
                         "retry_after is longer than a day".into(),
                     ));
                 }
-                // A blank reason is none, as in the state before it.
-                let reason = reason
-                    .map(|r| r.trim().to_owned())
-                    .filter(|r| !r.is_empty());
-                if let Some(r) = &reason {
+                // A blank reason is none: given so, it clears the one before it (`on` again
+                // changes what it is given; a reason left out stays).
+                let reason = reason.map(|r| r.trim().to_owned());
+                let reason: Option<Option<String>> =
+                    reason.map(|r| Some(r).filter(|r| !r.is_empty()));
+                if let Some(Some(r)) = &reason {
                     check_text(Text::Reason, r)?;
                 }
                 let planned = next.planned.get_or_insert_with(|| Planned {
@@ -291,8 +292,8 @@ impl Persisted {
                 if let Some(r) = retry_after {
                     planned.retry_after = Some(crate::time::whole_seconds(r));
                 }
-                if reason.is_some() {
-                    planned.reason = reason;
+                if let Some(r) = reason {
+                    planned.reason = r;
                 }
                 if let Some(m) = message {
                     next.set_message(m, now)?;
@@ -508,6 +509,16 @@ mod tests {
         assert_eq!(p.until, Some(Timestamp(t(3600))));
         assert_eq!(p.reason.as_deref(), Some("ticket 1"));
         assert_eq!(s2.message.as_deref(), Some("DB upgrade"));
+        // A blank reason given clears it.
+        let blank = Change::On {
+            message: None,
+            until: None,
+            retry_after: None,
+            reason: Some("  ".into()),
+            by: "alice".into(),
+        };
+        let s3 = s2.apply(blank, t(120), true).unwrap();
+        assert_eq!(s3.planned.unwrap().reason, None);
     }
 
     #[test]
