@@ -660,41 +660,37 @@ async fn deliver(d: &Deliverer, target: &Target, event: &Event, queue: &Queue) {
                 d.stats.delivered();
                 return;
             }
-            Err(Failed { why, .. }) if lock(&queue.state).removed => {
-                tracing::warn!(
-                    webhook = shown(&target.url),
-                    event = event.event.as_str(),
-                    attempt,
-                    "webhook not delivered, and removed by a reload: not tried again: {why}"
-                );
-                d.stats.failed();
-                return;
-            }
-            Err(Failed { why, retry_after }) if attempt < ATTEMPTS => {
-                // A receiver that says when to come back (a rate limit) is followed, within
-                // bounds; otherwise the backoff's own time.
-                let wait = retry_after.map_or(delay, |asked| asked.min(MAX_RETRY_AFTER).max(delay));
-                tracing::debug!(webhook = shown(&target.url), attempt, retry_in = ?wait, "webhook attempt failed: {why}");
-                if !queue.wait_unless_removed(wait).await {
+            Err(Failed { why, retry_after }) => {
+                let last = attempt == ATTEMPTS;
+                let mut removed = lock(&queue.state).removed;
+                if !removed && !last {
+                    // A receiver that says when to come back (a rate limit) is followed,
+                    // within bounds; otherwise the backoff's own time.
+                    let wait =
+                        retry_after.map_or(delay, |asked| asked.min(MAX_RETRY_AFTER).max(delay));
+                    tracing::debug!(webhook = shown(&target.url), attempt, retry_in = ?wait, "webhook attempt failed: {why}");
+                    removed = !queue.wait_unless_removed(wait).await;
+                }
+                if removed {
                     tracing::warn!(
                         webhook = shown(&target.url),
                         event = event.event.as_str(),
                         attempt,
                         "webhook not delivered, and removed by a reload: not tried again: {why}"
                     );
-                    d.stats.failed();
-                    return;
+                } else if last {
+                    tracing::warn!(
+                        webhook = shown(&target.url),
+                        event = event.event.as_str(),
+                        attempts = ATTEMPTS,
+                        "webhook not delivered, giving up: {why}"
+                    );
+                } else {
+                    delay = delay.saturating_mul(2).min(longest);
+                    continue;
                 }
-                delay = delay.saturating_mul(2).min(longest);
-            }
-            Err(Failed { why, .. }) => {
-                tracing::warn!(
-                    webhook = shown(&target.url),
-                    event = event.event.as_str(),
-                    attempts = ATTEMPTS,
-                    "webhook not delivered, giving up: {why}"
-                );
                 d.stats.failed();
+                return;
             }
         }
     }

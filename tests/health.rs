@@ -1209,6 +1209,19 @@ async fn an_operators_outage_message_survives_a_change_before_the_first_check() 
 const HANG_CHECKS: &str =
     "[health]\ninterval = \"250ms\"\ntimeout = \"250ms\"\nrise = 1\nfall = 2\n";
 
+/// A proxy in front of `servers` whose checks take a hanging server out within a second and
+/// which would wait an hour for an answer (so that only the mark-down can end a wait),
+/// returned once its servers are counted healthy.
+async fn watching_for_a_hang(servers: &[&Upstream]) -> Proxy {
+    let proxy = proxy_for(
+        servers,
+        &format!("response_timeout = \"1h\"\n{HANG_CHECKS}"),
+    )
+    .await;
+    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+    proxy
+}
+
 /// An application that takes its requests and never answers them (its database locked, its
 /// threads all busy), counting those it took in `took`; its health path answers until `hang`
 /// is set, and then hangs too.
@@ -1270,9 +1283,7 @@ async fn one_waiting(
 async fn a_waiting_request_is_answered_at_the_mark_down(h2: bool) {
     let (hang, took) = (Arc::new(AtomicBool::new(false)), Arc::default());
     let app = hanging(hang.clone(), Arc::clone(&took)).await;
-    let extra = format!("response_timeout = \"1h\"\n{HANG_CHECKS}");
-    let proxy = proxy_for(&[&app], &extra).await;
-    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+    let proxy = watching_for_a_hang(&[&app]).await;
     let asked = one_waiting(&proxy, h2, &took).await;
     hang.store(true, Ordering::SeqCst);
     let resp = tokio::time::timeout(Duration::from_secs(20), asked)
@@ -1296,23 +1307,12 @@ async fn maintenance_and_force_open_cut_no_request_waiting() {
             Arc::new(AtomicUsize::new(0)),
         );
         let app = hanging(hang.clone(), Arc::clone(&took)).await;
-        let extra = format!("response_timeout = \"1h\"\n{HANG_CHECKS}");
-        let proxy = proxy_for(&[&app], &extra).await;
-        assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+        let proxy = watching_for_a_hang(&[&app]).await;
         let asked = one_waiting(&proxy, false, &took).await;
         let r = if force_open {
             ctl(&proxy, Ctl::ForceOpen { enabled: true }).await
         } else {
-            ctl(
-                &proxy,
-                Ctl::On {
-                    message: None,
-                    until: None,
-                    retry_after: None,
-                    reason: None,
-                },
-            )
-            .await
+            ctl(&proxy, on(None)).await
         };
         assert!(r.ok, "{r:?}");
         if force_open {
@@ -1339,9 +1339,7 @@ async fn a_post_waiting_for_a_server_taken_out_is_not_cut() {
         Arc::new(AtomicUsize::new(0)),
     );
     let app = hanging(hang.clone(), Arc::clone(&took)).await;
-    let extra = format!("response_timeout = \"1h\"\n{HANG_CHECKS}");
-    let proxy = proxy_for(&[&app], &extra).await;
-    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+    let proxy = watching_for_a_hang(&[&app]).await;
     let mut asked = Vec::new();
     for h2 in [false, true] {
         let url = proxy.url("/orders");
@@ -1389,9 +1387,7 @@ async fn a_get_waiting_for_a_server_taken_out_is_answered_by_another() {
         async { Response::new(full("live")) }
     })
     .await;
-    let extra = format!("response_timeout = \"1h\"\n{HANG_CHECKS}");
-    let proxy = proxy_for(&[&hung, &live], &extra).await;
-    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+    let proxy = watching_for_a_hang(&[&hung, &live]).await;
     let over_h1 = one_waiting(&proxy, false, &took).await;
     let over_h2 = one_waiting(&proxy, true, &took).await;
     let before = reached.load(Ordering::SeqCst);
@@ -1430,9 +1426,7 @@ async fn an_answer_under_way_is_not_cut_when_its_server_is_taken_out() {
         }
     })
     .await;
-    let extra = format!("response_timeout = \"1h\"\n{HANG_CHECKS}");
-    let proxy = proxy_for(&[&app], &extra).await;
-    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+    let proxy = watching_for_a_hang(&[&app]).await;
     let mut under_way = Vec::new();
     let started = tokio::time::Instant::now();
     for h2 in [false, true] {
