@@ -627,7 +627,8 @@ fn request(
     }
     let mut host: Option<&[u8]> = None;
     // `X-Forwarded-For` is appended to, whoever sent it; a trusted peer's `X-Forwarded-Host`
-    // and `-Proto` are kept, anyone else's replaced, and anyone else's `Forwarded` dropped
+    // and `-Proto` are kept, anyone else's replaced, and anyone else's `Forwarded`,
+    // `X-Forwarded-Port`, `-Prefix`, `-Ssl` and `-Scheme` dropped
     // (`forward::headers::set_forwarded`).
     let trusted = config.proxy.is_trusted(conn.peer.ip());
     let (mut their_proto, mut their_host, mut their_list) = (false, false, false);
