@@ -72,13 +72,13 @@ enum CtlCommand {
         /// What people are told
         #[arg(short, long)]
         message: Option<String>,
-        /// Announced end: RFC 3339 (2026-12-01T02:00:00Z) or +DURATION (+45m)
+        /// Announced end: RFC 3339 (2026-12-01T02:00:00Z) or +DURATION (+45m); "" takes it back
         #[arg(short, long)]
         until: Option<String>,
         /// Retry-After when no --until is set: 250ms, 90s, 5m, 1h30m or seconds
         #[arg(short, long)]
         retry_after: Option<String>,
-        /// Why (recorded in the state, with who switched it)
+        /// Why (recorded in the state, with who switched it); "" clears it
         #[arg(long)]
         reason: Option<String>,
     },

@@ -239,6 +239,22 @@ async fn retry_after_counts_down_to_until_or_uses_the_configured_value() {
     let v: serde_json::Value = json(&resp);
     assert_eq!(v["retry_after"], secs);
     assert!(v["until"].as_str().is_some());
+    // The end taken back (`--until ""`): the configured value again, and no end shown.
+    let r = ctl(
+        &proxy,
+        Ctl::On {
+            message: None,
+            until: Some(String::new()),
+            retry_after: None,
+            reason: None,
+        },
+    )
+    .await;
+    assert!(r.ok, "{r:?}");
+    let resp = get(&proxy.url("/")).await;
+    assert_eq!(resp.headers()["retry-after"], "120");
+    let v: serde_json::Value = json(&resp);
+    assert_eq!(v["until"], serde_json::Value::Null, "{v}");
     // An explicit --retry-after replaces the configured value when no until is ahead.
     let proxy2 = proxy_for(&up, "").await;
     ctl(

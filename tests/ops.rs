@@ -659,6 +659,7 @@ async fn a_new_end_is_told_when_the_end_shown_changes() {
     assert!(ctl(&proxy, on_until(first.clone())).await.ok);
     assert!(ctl(&proxy, on_until(first)).await.ok, "the same end again");
     assert!(ctl(&proxy, on_until(later.clone())).await.ok);
+    assert!(ctl(&proxy, on_until(String::new())).await.ok, "taken back");
     assert!(ctl(&proxy, Ctl::Off).await.ok);
     let r = ctl(
         &proxy,
@@ -672,12 +673,13 @@ async fn a_new_end_is_told_when_the_end_shown_changes() {
     assert!(r.ok, "{r:?}");
     let taken_over = at(5400);
     assert!(ctl(&proxy, on_until(taken_over.clone())).await.ok);
-    let got = wait_events(&hook, 5).await;
+    let got = wait_events(&hook, 6).await;
     let kinds: Vec<&str> = got.iter().map(|e| e["event"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,
         [
             "mode_changed",
+            "until_changed",
             "until_changed",
             "mode_changed",
             "schedule_started",
@@ -686,7 +688,8 @@ async fn a_new_end_is_told_when_the_end_shown_changes() {
         "{got:#?}"
     );
     assert_eq!(got[1]["until"], later.as_str());
-    assert_eq!(got[4]["until"], taken_over.as_str());
+    assert_eq!(got[2]["until"], serde_json::Value::Null, "{:#?}", got[2]);
+    assert_eq!(got[5]["until"], taken_over.as_str());
 }
 
 #[tokio::test(flavor = "multi_thread")]

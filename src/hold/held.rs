@@ -598,7 +598,7 @@ mod tests {
         for (given, after) in [(Some(600), 600), (None, 45)] {
             let on = crate::state::mode::Change::On {
                 message: None,
-                until: Some(t0 + std::time::Duration::from_secs(60)),
+                until: Some(Some(t0 + std::time::Duration::from_secs(60))),
                 retry_after: given.map(std::time::Duration::from_secs),
                 reason: None,
                 by: "op".into(),
@@ -621,7 +621,7 @@ mod tests {
         let on = |until: Option<SystemTime>, retry_after: Option<u64>| {
             let on = crate::state::mode::Change::On {
                 message: None,
-                until,
+                until: until.map(Some),
                 retry_after: retry_after.map(std::time::Duration::from_secs),
                 reason: None,
                 by: "op".into(),
@@ -666,7 +666,7 @@ mod tests {
         let end = std::time::UNIX_EPOCH + std::time::Duration::from_secs(whole + 3630);
         let on = crate::state::mode::Change::On {
             message: Some("Database upgrade".into()),
-            until: Some(end),
+            until: Some(Some(end)),
             retry_after: None,
             reason: None,
             by: "op".into(),

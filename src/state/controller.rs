@@ -1012,8 +1012,14 @@ pub fn to_change(req: Request, by: String, now: SystemTime) -> Result<Change, Er
             reason,
         } => Change::On {
             message,
+            // Blank, as a blank reason: the announced end taken back.
             until: until
-                .map(|u| parse_time(&u, now).map_err(|e| bad(format!("until: {e}"))))
+                .map(|u| match u.trim() {
+                    "" => Ok(None),
+                    u => parse_time(u, now)
+                        .map(Some)
+                        .map_err(|e| bad(format!("until: {e}"))),
+                })
                 .transpose()?,
             retry_after: retry_after
                 .map(|r| parse_duration(&r).map_err(|e| bad(format!("retry_after: {e}"))))
@@ -1115,9 +1121,10 @@ fn command_name(req: &Request) -> &'static str {
 
 fn describe(change: &Change) -> String {
     match change {
-        Change::On { reason, .. } => match reason {
-            Some(r) => format!("maintenance on ({r})"),
-            None => "maintenance on".to_owned(),
+        // A blank reason clears the one before: nothing to show.
+        Change::On { reason, .. } => match reason.as_deref().map(str::trim) {
+            Some(r) if !r.is_empty() => format!("maintenance on ({r})"),
+            _ => "maintenance on".to_owned(),
         },
         Change::Update { message } => format!("message updated: {message}"),
         Change::Off => "maintenance off".to_owned(),

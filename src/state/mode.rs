@@ -96,7 +96,8 @@ impl Default for Persisted {
 pub enum Change {
     On {
         message: Option<String>,
-        until: Option<SystemTime>,
+        /// `Some(None)`: the announced end taken back (`--until ""`).
+        until: Option<Option<SystemTime>>,
         retry_after: Option<Duration>,
         reason: Option<String>,
         by: String,
@@ -243,7 +244,7 @@ impl Persisted {
                 reason,
                 by,
             } => {
-                if let Some(u) = until {
+                if let Some(Some(u)) = until {
                     // Under a second ahead, an end announced as `Retry-After: 1` has passed
                     // before a client can come back, and `+0s` would be "now": refused alike,
                     // where `+0s` alone was refused as in the past.
@@ -287,7 +288,7 @@ impl Persisted {
                     // file): a relative time's fraction would end it, and start the overrun,
                     // up to a second before the listed end, and a restart, reading the file
                     // back, would move it earlier still.
-                    planned.until = Some(Timestamp(ceil_second(u)));
+                    planned.until = u.map(|u| Timestamp(ceil_second(u)));
                 }
                 if let Some(r) = retry_after {
                     planned.retry_after = Some(crate::time::whole_seconds(r));
@@ -494,7 +495,7 @@ mod tests {
             .apply(
                 Change::On {
                     message: Some("DB upgrade".into()),
-                    until: Some(t(3600)),
+                    until: Some(Some(t(3600))),
                     retry_after: None,
                     reason: Some("ticket 1".into()),
                     by: "alice".into(),
@@ -518,7 +519,23 @@ mod tests {
             by: "alice".into(),
         };
         let s3 = s2.apply(blank, t(120), true).unwrap();
-        assert_eq!(s3.planned.unwrap().reason, None);
+        let p = s3.planned.as_ref().unwrap();
+        assert_eq!(p.reason, None);
+        assert_eq!(p.until, Some(Timestamp(t(3600))), "an end left out stays");
+        // An end given as none (`--until ""`) is taken back; the rest stays.
+        let no_end = Change::On {
+            message: None,
+            until: Some(None),
+            retry_after: None,
+            reason: None,
+            by: "bob".into(),
+        };
+        let s4 = s3.apply(no_end, t(180), true).unwrap();
+        let p = s4.planned.as_ref().unwrap();
+        assert_eq!(p.until, None);
+        assert_eq!(p.since, Timestamp(t(0)));
+        assert_eq!(s4.message.as_deref(), Some("DB upgrade"));
+        assert_eq!(s4.mode(true, t(180)), Mode::Maintenance);
     }
 
     #[test]
@@ -595,7 +612,7 @@ mod tests {
         );
         let past = Change::On {
             message: None,
-            until: Some(t(0)),
+            until: Some(Some(t(0))),
             retry_after: None,
             reason: None,
             by: "a".into(),
@@ -647,7 +664,7 @@ mod tests {
         assert_eq!(blank.planned.and_then(|p| p.reason), None, "blank is none");
         let far = Change::On {
             message: None,
-            until: Some(t(400 * 24 * 3600)),
+            until: Some(Some(t(400 * 24 * 3600))),
             retry_after: None,
             reason: None,
             by: "a".into(),
@@ -834,7 +851,7 @@ mod tests {
     fn until_is_at_least_a_second_ahead() {
         let on_until = |until| Change::On {
             message: None,
-            until: Some(until),
+            until: Some(Some(until)),
             retry_after: None,
             reason: None,
             by: "a".into(),
@@ -871,7 +888,7 @@ mod tests {
             .apply(
                 Change::On {
                     message: None,
-                    until: Some(t(100)),
+                    until: Some(Some(t(100))),
                     retry_after: None,
                     reason: None,
                     by: "a".into(),
