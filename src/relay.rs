@@ -626,12 +626,13 @@ fn request(
         }
     }
     let mut host: Option<&[u8]> = None;
-    // `X-Forwarded-For` is appended to, whoever sent it; a trusted peer's `X-Forwarded-Host`
-    // and `-Proto` are kept, anyone else's replaced, and anyone else's `Forwarded`,
-    // `X-Forwarded-Port`, `-Prefix`, `-Ssl` and `-Scheme` dropped
-    // (`forward::headers::set_forwarded`).
+    // `X-Forwarded-For` is appended to, whoever sent it; a trusted peer's `X-Forwarded-Host`,
+    // `-Proto` and `X-Real-IP` are kept, anyone else's replaced, and anyone else's
+    // `Forwarded`, `True-Client-IP`, `X-Forwarded-Port`, `-Prefix`, `-Ssl` and `-Scheme`
+    // dropped (`forward::headers::set_forwarded`).
     let trusted = config.proxy.is_trusted(conn.peer.ip());
     let (mut their_proto, mut their_host, mut their_list) = (false, false, false);
+    let mut their_address = false;
     let mut length: Option<usize> = None;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
@@ -648,6 +649,7 @@ fn request(
             7 if is(name, b"upgrade") => return Err(()),
             // These, as `forward::headers::FROM_TRUSTED_ONLY`: kept from a trusted peer only.
             9 if is(name, b"forwarded") => !trusted,
+            14 if is(name, b"true-client-ip") => !trusted,
             15 if is(name, b"x-forwarded-ssl") => !trusted,
             16 if is(name, b"x-forwarded-port") => !trusted,
             18 if is(name, b"x-forwarded-prefix") || is(name, b"x-forwarded-scheme") => !trusted,
@@ -676,6 +678,10 @@ fn request(
                 !trusted
             }
             16 => is(name, b"proxy-connection"),
+            9 if is(name, b"x-real-ip") => {
+                their_address |= trusted;
+                !trusted
+            }
             17 if is(name, b"x-forwarded-proto") => {
                 their_proto |= trusted;
                 !trusted
@@ -714,6 +720,9 @@ fn request(
     }
     if !their_host {
         push_header(out, b"x-forwarded-host", host);
+    }
+    if !their_address {
+        push_header(out, b"x-real-ip", conn.client.peer.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
     // A body is taken when it is whole in what a read holds, so that it can be sent with
@@ -1910,15 +1919,16 @@ mod tests {
             "GET /a/b?c=d HTTP/1.1\r\nHost: shop.example\r\nConnection: keep-alive\r\n\
              Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nX-Forwarded-For: 6.6.6.6\r\n\
              X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\nAccept: text/html\r\n\
-             FORWARDED: for=6.6.6.6;host=evil\r\nContent-Length: 0\r\nX-Mixed-Case: Yes\r\n\r\n\
-             GET /next",
+             FORWARDED: for=6.6.6.6;host=evil\r\nContent-Length: 0\r\nX-Mixed-Case: Yes\r\n\
+             X-Real-IP: 6.6.6.6\r\nTrue-Client-IP: 6.6.6.6\r\n\r\nGET /next",
         )
         .unwrap();
         assert_eq!(
             got,
             "GET /a/b?c=d HTTP/1.1\r\nHost: shop.example\r\nAccept: text/html\r\n\
              Content-Length: 0\r\nX-Mixed-Case: Yes\r\nx-forwarded-for: 6.6.6.6, 192.0.2.7\r\n\
-             x-forwarded-proto: http\r\nx-forwarded-host: shop.example\r\n\r\n"
+             x-forwarded-proto: http\r\nx-forwarded-host: shop.example\r\n\
+             x-real-ip: 192.0.2.7\r\n\r\n"
         );
         // The access log line's method and path are read back from it.
         assert_eq!(request_line(got.as_bytes()), ("GET", "/a/b?c=d"));
@@ -1926,7 +1936,7 @@ mod tests {
         assert_eq!(
             head,
             "HEAD /h HTTP/1.1\r\nHost: shop.example\r\nx-forwarded-for: 192.0.2.7\r\n\
-             x-forwarded-proto: http\r\nx-forwarded-host: shop.example\r\n\r\n"
+             x-forwarded-proto: http\r\nx-forwarded-host: shop.example\r\nx-real-ip: 192.0.2.7\r\n\r\n"
         );
         assert_eq!(request_line(head.as_bytes()), ("HEAD", "/h"));
     }
@@ -1940,20 +1950,24 @@ mod tests {
         let host = "Host: shop.example\r\n";
         // (the peer's X-Forwarded-* lines, what the server gets from a trusted peer)
         let cases = [
-            ("", "x-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\nx-forwarded-host: shop.example\r\n"),
+            ("", "x-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\nx-forwarded-host: shop.example\r\nx-real-ip: 192.0.2.7\r\n"),
             (
                 "X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\n",
-                "X-Forwarded-Proto: https\r\nx-forwarded-for: 203.0.113.9, 192.0.2.7\r\nx-forwarded-host: shop.example\r\n",
+                "X-Forwarded-Proto: https\r\nx-forwarded-for: 203.0.113.9, 192.0.2.7\r\nx-forwarded-host: shop.example\r\nx-real-ip: 192.0.2.7\r\n",
             ),
             (
                 "Forwarded: for=203.0.113.9;proto=https\r\n",
-                "Forwarded: for=203.0.113.9;proto=https\r\nx-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\nx-forwarded-host: shop.example\r\n",
+                "Forwarded: for=203.0.113.9;proto=https\r\nx-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\nx-forwarded-host: shop.example\r\nx-real-ip: 192.0.2.7\r\n",
             ),
             (
                 "X-Forwarded-For: 203.0.113.9 \r\nX-Forwarded-For: \r\nX-Forwarded-For: 198.51.100.2, 10.0.0.1\r\n\
                  X-Forwarded-Host: www.example\r\nX-Forwarded-Host: other\r\n",
                 "X-Forwarded-Host: www.example\r\nX-Forwarded-Host: other\r\n\
-                 x-forwarded-for: 203.0.113.9, 198.51.100.2, 10.0.0.1, 192.0.2.7\r\nx-forwarded-proto: http\r\n",
+                 x-forwarded-for: 203.0.113.9, 198.51.100.2, 10.0.0.1, 192.0.2.7\r\nx-forwarded-proto: http\r\nx-real-ip: 192.0.2.7\r\n",
+            ),
+            (
+                "X-Real-IP: 203.0.113.9\r\nTrue-Client-IP: 203.0.113.9\r\n",
+                "X-Real-IP: 203.0.113.9\r\nTrue-Client-IP: 203.0.113.9\r\nx-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\nx-forwarded-host: shop.example\r\n",
             ),
         ];
         for (theirs, want) in cases {
@@ -1987,17 +2001,28 @@ mod tests {
                 );
             }
             // From anyone else, the list is appended to all the same (SPEC §3), the other
-            // two are this hop's, and `Forwarded` goes.
+            // three are this hop's, and `Forwarded` and `True-Client-IP` go.
             let got = prepared(&others, &request).unwrap();
             assert!(
-                !got.lines()
-                    .any(|l| l.to_ascii_lowercase().starts_with("forwarded:")),
+                !got.lines().any(|l| {
+                    let l = l.to_ascii_lowercase();
+                    l.starts_with("forwarded:") || l.starts_with("true-client-ip:")
+                }),
+                "{got}"
+            );
+            let addresses = got
+                .lines()
+                .filter(|l| l.to_ascii_lowercase().starts_with("x-real-ip:"));
+            assert_eq!(
+                addresses.collect::<Vec<_>>(),
+                ["x-real-ip: 192.0.2.7"],
                 "{got}"
             );
             let xff = want.lines().find(|l| l.starts_with("x-forwarded-for: "));
             assert!(
                 got.ends_with(&format!(
-                    "{}\r\nx-forwarded-proto: http\r\nx-forwarded-host: shop.example\r\n\r\n",
+                    "{}\r\nx-forwarded-proto: http\r\nx-forwarded-host: shop.example\r\n\
+                     x-real-ip: 192.0.2.7\r\n\r\n",
                     xff.unwrap()
                 )),
                 "{got}"

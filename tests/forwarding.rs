@@ -195,6 +195,10 @@ async fn forwarded_from_an_untrusted_client_is_dropped() {
         ("x-forwarded-prefix", "/evil"),
         ("x-forwarded-ssl", "on"),
         ("x-forwarded-scheme", "https"),
+        // And the client's address, which middleware reads before `X-Forwarded-For` (Go's
+        // chi reads `True-Client-IP` first, then `X-Real-IP`).
+        ("true-client-ip", "203.0.113.7"),
+        ("x-real-ip", "203.0.113.7"),
     ];
     let with_spoofs = |url: String, host: Option<&str>| {
         let mut req = Request::get(url);
@@ -208,10 +212,13 @@ async fn forwarded_from_an_untrusted_client_is_dropped() {
     };
     let untrusted = spawn_proxy(&upstream_config(&up)).await;
     let seen: Seen = json(&send(with_spoofs(untrusted.url("/"), Some("site.example"))).await);
-    for (name, _) in spoofed {
+    for (name, _) in spoofed.iter().filter(|(n, _)| *n != "x-real-ip") {
         assert!(!seen.has(name), "relay: {name}: {:?}", seen.headers);
     }
     assert_eq!(seen.header("x-forwarded-host"), Some("site.example"));
+    let addresses = seen.headers.iter().filter(|(k, _)| k == "x-real-ip");
+    assert_eq!(addresses.count(), 1, "relay: {:?}", seen.headers);
+    assert_eq!(seen.header("x-real-ip"), Some("127.0.0.1"), "relay");
     let resp = h2c_client()
         .request(with_spoofs(untrusted.url("/"), None))
         .await
@@ -221,9 +228,12 @@ async fn forwarded_from_an_untrusted_client_is_dropped() {
         parts,
         body.collect().await.unwrap().to_bytes(),
     ));
-    for (name, _) in spoofed {
+    for (name, _) in spoofed.iter().filter(|(n, _)| *n != "x-real-ip") {
         assert!(!seen.has(name), "h2c: {name}: {:?}", seen.headers);
     }
+    let addresses = seen.headers.iter().filter(|(k, _)| k == "x-real-ip");
+    assert_eq!(addresses.count(), 1, "h2c: {:?}", seen.headers);
+    assert_eq!(seen.header("x-real-ip"), Some("127.0.0.1"), "h2c");
 
     let config = format!(
         "[proxy]\ntrusted_proxies = [\"127.0.0.0/8\"]\n{}",

@@ -8,6 +8,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
@@ -253,8 +254,9 @@ pub fn join_cookies(headers: &mut HeaderMap) {
 
 /// Headers passed on from a peer in `trusted_proxies` only (`set_forwarded`; the relay's
 /// `request` drops the same).
-pub const FROM_TRUSTED_ONLY: [HeaderName; 5] = [
+pub const FROM_TRUSTED_ONLY: [HeaderName; 6] = [
     header::FORWARDED,
+    HeaderName::from_static("true-client-ip"),
     HeaderName::from_static("x-forwarded-port"),
     HeaderName::from_static("x-forwarded-prefix"),
     HeaderName::from_static("x-forwarded-ssl"),
@@ -265,8 +267,14 @@ pub const FROM_TRUSTED_ONLY: [HeaderName; 5] = [
 /// `$proxy_add_x_forwarded_for` and HAProxy's `option forwardfor` do: the last entry is always
 /// the address this proxy saw, and what came before is the client's word, which the
 /// application believes only from proxies it trusts (as this proxy's own `allow_ips` does,
-/// `hold::bypass`). Sets `X-Forwarded-Proto` / `X-Forwarded-Host` (kept from a trusted peer
-/// that set them, else this hop's). `trusted`: the peer is in `trusted_proxies`.
+/// `hold::bypass`). Sets `X-Forwarded-Proto` / `X-Forwarded-Host` / `X-Real-IP` (kept from a
+/// trusted peer that set them, else this hop's). `trusted`: the peer is in `trusted_proxies`.
+///
+/// `X-Real-IP` is the peer's address, as the `proxy_set_header X-Real-IP $remote_addr` of
+/// nearly every nginx setup writes it: middleware that reads it before `X-Forwarded-For`
+/// (Go's chi `RealIP`, Gin) would otherwise take a client's own word for its address, in
+/// rate limits and audit logs. `True-Client-IP`, which chi reads first of all, is one of
+/// `FROM_TRUSTED_ONLY`.
 ///
 /// `Forwarded` (RFC 7239) says the same as those three in one field, and frameworks that read
 /// it prefer it to them (Spring's `ForwardedHeaderFilter`, Quarkus, Vert.x); the others of
@@ -297,6 +305,9 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientSide, trusted: bool
                 headers.remove(&X_FORWARDED_HOST);
             }
         }
+    }
+    if !(trusted && headers.contains_key(&X_REAL_IP)) {
+        headers.insert(X_REAL_IP.clone(), client.peer.clone());
     }
 }
 
