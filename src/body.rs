@@ -25,6 +25,9 @@ pub enum Body {
     Empty,
     /// Pre-rendered bytes; taken on first poll.
     Full(Option<Bytes>),
+    /// A request body read whole that ended in trailers (an HTTP/2 client's may): its data,
+    /// then its trailers. Boxed: bodies without trailers are `Full`.
+    Trailed(Box<(Option<Bytes>, Option<http::HeaderMap>)>),
     /// Streamed from a peer, frames passed on as they arrive (trailers included).
     Stream(Incoming),
     /// A response streamed from an upstream connection that goes back to its pool once the
@@ -334,6 +337,10 @@ impl HttpBody for Body {
         match self.get_mut() {
             Body::Empty => Poll::Ready(None),
             Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Body::Trailed(held) => Poll::Ready(match held.0.take() {
+                Some(data) => Some(Ok(Frame::data(data))),
+                None => held.1.take().map(|t| Ok(Frame::trailers(t))),
+            }),
             Body::Stream(incoming) => Pin::new(incoming).poll_frame(cx).map_err(Into::into),
             Body::Watched(incoming, done) => {
                 let polled = Pin::new(&mut *incoming).poll_frame(cx);
@@ -383,6 +390,7 @@ impl HttpBody for Body {
         match self {
             Body::Empty => true,
             Body::Full(bytes) => bytes.is_none(),
+            Body::Trailed(held) => held.0.is_none() && held.1.is_none(),
             Body::Stream(incoming) | Body::Watched(incoming, _) | Body::Lent(incoming, _) => {
                 incoming.is_end_stream()
             }
@@ -395,6 +403,9 @@ impl HttpBody for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::Trailed(held) => {
+                SizeHint::with_exact(held.0.as_ref().map_or(0, |b| b.len() as u64))
+            }
             Body::Stream(incoming) | Body::Watched(incoming, _) | Body::Lent(incoming, _) => {
                 incoming.size_hint()
             }

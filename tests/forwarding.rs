@@ -448,29 +448,6 @@ async fn requests_with_no_single_clear_host_get_400() {
     assert_eq!(seen(options).uri, "*");
 }
 
-/// An upstream body that sends data, then trailers.
-struct WithTrailers(u8);
-
-impl http_body::Body for WithTrailers {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        self.0 += 1;
-        std::task::Poll::Ready(match self.0 {
-            1 => Some(Ok(http_body::Frame::data(Bytes::from_static(b"payload")))),
-            2 => {
-                let mut t = http::HeaderMap::new();
-                t.insert("x-checksum", "abc123".parse().unwrap());
-                Some(Ok(http_body::Frame::trailers(t)))
-            }
-            _ => None,
-        })
-    }
-}
-
 #[tokio::test]
 async fn trailers_reach_an_http2_client() {
     // HTTP/1.1 sends trailers only when the response declares them in `Trailer`.

@@ -1271,7 +1271,22 @@ async fn refusing_upstream(ca: &Ca, refusal: Refusal) -> (SocketAddr, Arc<Atomic
                         respond.send_reset(h2::Reason::REFUSED_STREAM);
                         continue;
                     }
-                    let body = Bytes::from(format!("fine {}", req.method()));
+                    // "fine METHOD", then the body's length and its trailer when it had them.
+                    let mut answer = format!("fine {}", req.method());
+                    let mut body = req.into_body();
+                    let mut length = 0;
+                    while let Some(Ok(data)) = body.data().await {
+                        length += data.len();
+                        let _ = body.flow_control().release_capacity(data.len());
+                    }
+                    if length > 0 {
+                        answer.push_str(&format!(" {length}"));
+                    }
+                    if let Ok(Some(trailers)) = body.trailers().await {
+                        let sum = trailers.get("x-checksum").and_then(|v| v.to_str().ok());
+                        answer.push_str(&format!(" {}", sum.unwrap_or("?")));
+                    }
+                    let body = Bytes::from(answer);
                     if let Ok(mut send) = respond.send_response(Response::new(()), false) {
                         let _ = send.send_data(body, true);
                     }
@@ -1352,6 +1367,26 @@ async fn a_request_an_http2_upstream_refuses_unprocessed_is_sent_again() {
     assert_eq!(resp.status(), 200, "{:?}", resp.body());
     assert_eq!(resp.body(), "fine POST");
     assert_eq!(streams.load(Ordering::SeqCst), 4);
+    // And one with a body (a form, an API call): held whole, so that it can be sent again.
+    let post = Request::post(proxy.url("/x"))
+        .header("content-length", "5")
+        .body(full("hello"))
+        .unwrap();
+    let resp = send(post).await;
+    assert_eq!(resp.status(), 200, "{:?}", resp.body());
+    assert_eq!(resp.body(), "fine POST 5");
+    assert_eq!(streams.load(Ordering::SeqCst), 6);
+    // An HTTP/2 client's, trailers and all.
+    let post = Request::post(proxy.url("/x"))
+        .header("content-length", "7")
+        .header("te", "trailers")
+        .body(BodyExt::boxed(WithTrailers(0)))
+        .unwrap();
+    let resp = h2c_client().request(post).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "fine POST 7 abc123");
+    assert_eq!(streams.load(Ordering::SeqCst), 8);
 }
 
 /// A server beginning a graceful restart as a request comes says with `GOAWAY` that it did not

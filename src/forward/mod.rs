@@ -78,8 +78,8 @@ impl Failed {
 }
 
 /// Request bodies up to this size are read whole before forwarding when a second attempt is
-/// possible (an idempotent method, another healthy server), so that they can be sent again.
-/// Larger bodies, and bodies without a `Content-Length`, stream and are never replayed.
+/// possible, so that they can be sent again. Larger bodies, and bodies without a
+/// `Content-Length`, stream and are never replayed.
 const REPLAY_BODY_LIMIT: u64 = 64 * 1024;
 
 pub(crate) fn idempotent(method: &Method) -> bool {
@@ -89,20 +89,23 @@ pub(crate) fn idempotent(method: &Method) -> bool {
     )
 }
 
-/// Whether a request's body is read whole before it is forwarded, to be replayable: an
-/// idempotent request whose `Content-Length` is within `REPLAY_BODY_LIMIT`, so that a kept
-/// connection the server closed as it was sent (keep-alive's race) costs a second try on a
-/// new connection, not the client's answer (nginx reads every body first). Chunked bodies, and
-/// HTTP/2 ones going to a server that speaks HTTP/2, may end in trailers, which a buffer would
-/// lose; they stream (an `http://` server's hop has a length, which carries no trailers).
+/// Whether a request's body is read whole before it is forwarded, to be replayable: one whose
+/// `Content-Length` is within `REPLAY_BODY_LIMIT`, so that a kept connection the server closed
+/// as it was sent (keep-alive's race) costs a second try on a new connection, not the
+/// client's answer (nginx reads every body first). For an `http://` server, an idempotent
+/// request's only: a `POST` on a connection closed under it may have been processed. For an
+/// HTTP/2 server (`h2c://`, and an `https://` one that may choose HTTP/2), any method's: such
+/// a server says which streams it never processed (a `GOAWAY` as it closes a connection
+/// after its `keepalive_requests`, `REFUSED_STREAM`), and those may be sent again whatever
+/// their method (RFC 9113 §8.7; `pool::UpstreamPool::h2`). Chunked bodies stream. Trailers
+/// an HTTP/2 client's body ends in are kept with it (`Body::Trailed`).
 fn buffer_for_replay(parts: &http::request::Parts, to: Protocol) -> bool {
     let length = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    idempotent(&parts.method)
-        && (parts.version <= Version::HTTP_11 || to == Protocol::Http)
+    (idempotent(&parts.method) || to != Protocol::Http)
         && !parts.headers.contains_key(header::TRANSFER_ENCODING)
         && length.is_some_and(|n| n > 0 && n <= REPLAY_BODY_LIMIT)
 }
@@ -170,10 +173,17 @@ pub fn forward<'a>(
                 // Bounded by the limit above, and in time by response_timeout: a client that stalls
                 // its upload is answered 408, not waited for.
                 match tokio::time::timeout(timeout, http_body_util::BodyExt::collect(body)).await {
-                    Ok(Ok(collected)) => {
-                        let bytes = collected.to_bytes();
-                        (Body::full(bytes.clone()), None, Some(bytes))
-                    }
+                    // Ended in trailers, it is sent with them once, and never again.
+                    Ok(Ok(collected)) => match collected.trailers().cloned() {
+                        None => {
+                            let bytes = collected.to_bytes();
+                            (Body::full(bytes.clone()), None, Some(bytes))
+                        }
+                        Some(trailers) => {
+                            let held = Box::new((Some(collected.to_bytes()), Some(trailers)));
+                            (Body::Trailed(held), None, None)
+                        }
+                    },
                     Ok(Err(_)) => return Err(client_failed(StatusCode::BAD_REQUEST)),
                     Err(_) => return Err(client_failed(StatusCode::REQUEST_TIMEOUT)),
                 }

@@ -1166,12 +1166,13 @@ fn copy_to_replay(req: &Request<Body>) -> Option<Request<Body>> {
     copy_whole(req)
 }
 
-/// A copy of `req` when its body is empty or held whole: a streamed one is consumed by the
-/// first attempt, and is never buffered to be sent twice.
+/// A copy of `req` when its body is empty or held whole (with its trailers, if any): a
+/// streamed one is consumed by the first attempt, and is never buffered to be sent twice.
 fn copy_whole(req: &Request<Body>) -> Option<Request<Body>> {
     let body = match req.body() {
         Body::Empty => Body::Empty,
         Body::Full(Some(bytes)) => Body::Full(Some(bytes.clone())),
+        Body::Trailed(held) if held.0.is_some() => Body::Trailed(held.clone()),
         _ => return None,
     };
     let mut copy = Request::new(body);

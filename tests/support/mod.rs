@@ -702,3 +702,26 @@ where
         Ok(Ok(_))
     ) && back == msg.as_bytes()
 }
+
+/// A body that sends `payload` (7 bytes), then the trailer `x-checksum: abc123`.
+pub struct WithTrailers(pub u8);
+
+impl http_body::Body for WithTrailers {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0 += 1;
+        std::task::Poll::Ready(match self.0 {
+            1 => Some(Ok(http_body::Frame::data(Bytes::from_static(b"payload")))),
+            2 => {
+                let mut t = http::HeaderMap::new();
+                t.insert("x-checksum", "abc123".parse().unwrap());
+                Some(Ok(http_body::Frame::trailers(t)))
+            }
+            _ => None,
+        })
+    }
+}
