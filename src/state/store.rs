@@ -141,8 +141,11 @@ pub fn probe(path: &Path) -> Result<(), StoreError> {
 /// sharing one state file overwrite each other's changes (a restart then brings back the
 /// other's state), and their saves race for the temporary file. An advisory lock (`flock`)
 /// on a file beside it, which the kernel lets go when the process dies, however it dies.
+/// Beside the file a symlink names, where the saves write: two proxies whose links (in
+/// folders of their own, one per container) name one file on a shared volume each held a
+/// lock of their own beside their link, and overwrote each other's state.
 pub fn lock(path: &Path) -> Result<std::fs::File, StoreError> {
-    let lock = beside(path, "lock");
+    let lock = beside(&followed(path), "lock");
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -326,6 +329,31 @@ mod tests {
         assert!(e.contains("in use by another intermission"), "{e}");
         drop(held);
         assert!(lock(&path).is_ok(), "let go when the holder closes it");
+    }
+
+    /// Two links, in folders of their own, that name one state file are one state file: the
+    /// second proxy is refused, as it is when both name the file itself.
+    #[test]
+    fn links_to_one_state_file_are_held_as_that_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = dir.path().join("volume");
+        std::fs::create_dir(&volume).unwrap();
+        let real = volume.join("state.json");
+        let mut links = Vec::new();
+        for name in ["blue", "green"] {
+            let folder = dir.path().join(name);
+            std::fs::create_dir(&folder).unwrap();
+            let link = folder.join("state.json");
+            std::os::unix::fs::symlink(&real, &link).unwrap();
+            links.push(link);
+        }
+        let held = lock(&links[0]).unwrap();
+        let e = lock(&links[1]).unwrap_err().to_string();
+        assert!(e.contains("in use by another intermission"), "{e}");
+        let e = lock(&real).unwrap_err().to_string();
+        assert!(e.contains("in use by another intermission"), "{e}");
+        drop(held);
+        assert!(lock(&links[1]).is_ok(), "let go when the holder closes it");
     }
 
     #[test]
