@@ -102,12 +102,25 @@ fn keep_newer(path: &Path, bytes: &[u8], version: u32) {
     let mut name = path.as_os_str().to_owned();
     name.push(format!(".v{version}"));
     let copy = PathBuf::from(name);
+    // As private as the file it keeps (0600 by default: it holds the internal reasons), not
+    // left to the umask, which made it readable by every local user.
+    let mode = std::fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o600);
     // Synced, as the state file is: the first save after a crash must not find the copy
     // empty while the file it kept is gone.
-    let written = std::fs::File::create(&copy).and_then(|mut f| {
-        f.write_all(bytes)?;
-        f.sync_all()
-    });
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&copy)
+        .and_then(|mut f| {
+            // `mode` is filtered by the umask, and a copy in place keeps its own: set as meant.
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+            f.write_all(bytes)?;
+            f.sync_all()
+        });
     let kept = match written {
         Ok(()) => "the file as it was is kept in the copy".to_owned(),
         Err(e) => format!("and no copy could be kept: {e}"),
@@ -403,6 +416,28 @@ mod tests {
         std::fs::remove_file(&copy).unwrap();
         load(&path).unwrap();
         assert!(!copy.exists());
+    }
+
+    /// The copy a rollback keeps of a newer version's file is as private as the file: it
+    /// holds the same internal reasons.
+    #[test]
+    fn the_copy_of_a_newer_versions_file_is_as_private_as_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        std::fs::write(&path, r#"{"version": 7, "new_thing": "internal"}"#).unwrap();
+        let copy = dir.path().join("state.json.v7");
+        // Made new (the umask would leave it 0644), and over a copy kept before.
+        for (given, before) in [(0o600, None), (0o600, Some(0o644)), (0o640, Some(0o600))] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(given)).unwrap();
+            let _ = std::fs::remove_file(&copy);
+            if let Some(before) = before {
+                std::fs::write(&copy, "old").unwrap();
+                std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(before)).unwrap();
+            }
+            load(&path).unwrap();
+            assert_eq!(mode(&copy), given, "the copy of a {given:o} file");
+        }
     }
 
     /// A FIFO in the state file's place is refused at once, where reading it waited for a
