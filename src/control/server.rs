@@ -21,6 +21,14 @@ pub enum ControlError {
     InUse(PathBuf),
     #[error("control socket {}: the path exists and is not a socket; move it away or set control.socket", .0.display())]
     NotASocket(PathBuf),
+    /// A socket is there that this proxy cannot connect to (another user's, with a mode that
+    /// keeps this one out; a datagram socket): something may be listening, so it is not taken.
+    #[error("control socket {}: a socket is there that this proxy cannot connect to ({source}), so whether another intermission (another user's, say) is listening there cannot be told; it is left alone: stop what listens there, remove the file if nothing does, or set control.socket", path.display())]
+    Unreachable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("control socket {}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -117,10 +125,23 @@ fn bind(path: &Path, mode: u32) -> Result<UnixListener, ControlError> {
         if !meta.file_type().is_socket() {
             return Err(ControlError::NotASocket(path.to_path_buf()));
         }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(ControlError::InUse(path.to_path_buf()));
+        // Stale only when nothing listens: any other failure to connect (this user kept out
+        // of another user's live socket, a socket of another type) says nothing of that, and
+        // removing the file took the control socket from a running proxy.
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(ControlError::InUse(path.to_path_buf())),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path).map_err(io)?;
+            }
+            // Removed in between: the path is free.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(ControlError::Unreachable {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
         }
-        std::fs::remove_file(path).map_err(io)?;
     }
     // Bound under a temporary name and given its permissions before it appears at `path`, so
     // that no one can connect in the moment between bind and chmod.
@@ -427,6 +448,28 @@ mod tests {
         std::fs::write(&path, "someone else's").unwrap();
         drop(bound);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "someone else's");
+    }
+
+    /// A socket at the path that cannot be connected to, though something holds it open (a
+    /// datagram socket here; another user's proxy behind a mode that keeps this user out),
+    /// is not taken as one a crash left: the start is refused and the file stays.
+    #[tokio::test]
+    async fn a_socket_that_cannot_be_connected_to_is_not_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let held = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let before = file_id(&path).unwrap();
+        let e = Bound::new(&path, 0o600)
+            .err()
+            .expect("the socket was taken");
+        assert!(matches!(e, ControlError::Unreachable { .. }), "{e}");
+        assert!(e.to_string().contains("c.sock"), "{e}");
+        assert_eq!(file_id(&path).unwrap(), before, "the file was replaced");
+        drop(held);
+        // One nobody listens on any more is a crash's leftover, and is replaced.
+        let listener = std::os::unix::net::UnixListener::bind(dir.path().join("s.sock")).unwrap();
+        drop(listener);
+        Bound::new(&dir.path().join("s.sock"), 0o600).unwrap();
     }
 
     #[test]
