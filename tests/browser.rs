@@ -909,6 +909,128 @@ async fn a_web_app_on_another_origin_reads_the_holding_answer() {
     );
 }
 
+/// A bare HTTP/1.1 server for `a_form_the_application_failed_is_not_sent_again`: `/healthz`
+/// and a `GET` of `/form` or `/order` are answered, a `POST` is read whole and its connection
+/// closed without an answer, as an application that crashes on it. Every request to `/order`
+/// is noted, its method first.
+async fn failing_form_app(orders: Arc<std::sync::Mutex<Vec<String>>>) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let orders = orders.clone();
+            tokio::spawn(async move {
+                let mut data = Vec::new();
+                let mut buf = [0u8; 8192];
+                let end = loop {
+                    if let Some(at) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break at + 4;
+                    }
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => data.extend_from_slice(&buf[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&data[..end]).into_owned();
+                let length: usize = head
+                    .lines()
+                    .filter_map(|l| l.split_once(':'))
+                    .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+                    .and_then(|(_, v)| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while data.len() < end + length {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => data.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = head.lines().next().unwrap_or_default().to_owned();
+                let mut words = line.split(' ');
+                let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                if path == "/order" {
+                    orders.lock().unwrap().push(method.to_owned());
+                }
+                let body = match (method, path) {
+                    ("POST", _) => return, // dropped: closed without an answer
+                    (_, "/healthz") => "ok".to_owned(),
+                    (_, "/form") => "<html><body><form method=\"post\" action=\"/order\">\
+                         <input name=\"item\" value=\"tv\"></form>\
+                         <script>document.forms[0].submit()</script></body></html>"
+                        .to_owned(),
+                    (_, "/order") => {
+                        "<html><head><title>Orders</title></head><body><h1 id=\"app\">Your \
+                         orders</h1></body></html>"
+                            .to_owned()
+                    }
+                    _ => "not here".to_owned(),
+                };
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A form whose `POST` the application failed after it arrived gets the outage page (the
+/// proxy never sends such a request twice), while the site as a whole stays `normal`. The
+/// page's script takes the visitor back to the address they asked for: by `GET`. A reload
+/// would have sent the form again, unasked, at every try, as many orders as tries.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_form_the_application_failed_is_not_sent_again() {
+    let Some(chromedriver) = browser_or_skip() else {
+        return;
+    };
+    let orders = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let app = failing_form_app(orders.clone()).await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"http://{app}\"]\n[health]\npath = \"/healthz\"\n"
+    ))
+    .await;
+
+    let browser = Browser::start(&chromedriver).await;
+    browser.navigate(&proxy.url("/form")).await;
+    // The form posts itself; the page's script then asks for /order again at once (the mode
+    // is `normal`), and once more after 5 s if it lands on the holding page again.
+    let asked = wait_until(Duration::from_secs(30), || {
+        orders.lock().unwrap().len() >= 2
+    })
+    .await;
+    let seen = orders.lock().unwrap().clone();
+    assert!(asked, "/order was asked for {seen:?} only");
+    assert_eq!(
+        seen[..2],
+        ["POST", "GET"],
+        "the form was sent again by the holding page's script"
+    );
+    let state = wait_for_page(&browser, PAGE_POLL_LIMIT, "the orders page", |s| {
+        s["app"] == "Your orders"
+    })
+    .await;
+    assert!(
+        state["url"].as_str().is_some_and(|u| u.ends_with("/order")),
+        "{state:#}"
+    );
+    assert_eq!(
+        orders
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| *m == "POST")
+            .count(),
+        1,
+        "the form was sent again"
+    );
+}
+
 fn intermission_on(message: &str) -> Ctl {
     Ctl::On {
         message: Some(message.into()),

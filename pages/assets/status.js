@@ -2,9 +2,10 @@
  *
  * The page works without this script. With it, the page polls the status
  * endpoint, keeps the message, the expected end and the updates current,
- * shows times in the visitor's time zone, and reloads once the mode is
- * "normal" so the visitor lands on the page they asked for. On the operator
- * preview (any path under the reserved prefix) it never reloads.
+ * shows times in the visitor's time zone, and asks for the page again (by GET,
+ * so that a form is never sent twice) once the mode is "normal" so the visitor
+ * lands on the page they asked for. On the operator preview (any path under the
+ * reserved prefix) it never reloads.
  *
  * Hooks (all set by the templates):
  *   <html data-status-url data-prefix data-mode data-retry-after lang>
@@ -178,8 +179,11 @@
 
   // ---- reloading ---------------------------------------------------------
 
-  // Reload to reach the page the visitor asked for. If we keep landing back
+  // Ask again for the page the visitor asked for. If we keep landing back
   // here (e.g. the proxy still holds this path), space the reloads out.
+  // By GET, never location.reload(): this page may answer a form's POST (held, or
+  // one the application failed after it arrived, which the proxy never sends twice),
+  // and a reload would send that form again, unasked, at every try.
   function reloadSoon() {
     if (isPreview || reloading) return;
     reloading = true;
@@ -191,7 +195,10 @@
     const wait = n === 0 ? 0 : Math.min(5000 * Math.pow(2, n - 1), 300000);
     setTimeout(() => {
       try { sessionStorage.setItem(RELOAD_KEY, JSON.stringify({ n: n, t: Date.now() })); } catch (e) { /* ignore */ }
-      location.reload();
+      // The same address with a #fragment would only scroll: reload that one (a form's
+      // action rarely has one).
+      if (location.hash) location.reload();
+      else location.replace(location.href);
     }, wait);
   }
 
