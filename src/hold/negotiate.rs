@@ -163,16 +163,17 @@ thread_local! {
 /// Each available tag takes the q of the most specific entry matching it (exact tag, then a
 /// primary-subtag match such as `fr-CA` ↔ `fr`, then `*` for the default only), so `fr;q=0`
 /// excludes French even after `fr-CA`. The highest q wins; ties go to the entry that came first
-/// in the header, then to the earlier available tag.
+/// in the header, then to the tag that entry names more exactly (`fr-CA` gets a `fr-CA` page
+/// over a `fr` one), then to the earlier available tag.
 pub fn choose_language(accept_language: Option<&[u8]>, available: &[String]) -> usize {
     let Some(header) = accept_language.and_then(text) else {
         return 0;
     };
 
-    // (q, position in header, index in available)
-    let mut best: Option<(u16, usize, usize)> = None;
+    // (q, position in header, specificity, index in available)
+    let mut best: Option<(u16, usize, u8, usize)> = None;
     for (index, tag) in available.iter().enumerate() {
-        let Some((q, position)) = language_q(header, tag, index == 0) else {
+        let Some((q, position, specificity)) = language_q(header, tag, index == 0) else {
             continue;
         };
         if q == 0 {
@@ -180,13 +181,17 @@ pub fn choose_language(accept_language: Option<&[u8]>, available: &[String]) -> 
         }
         let better = match best {
             None => true,
-            Some((best_q, best_pos, _)) => q > best_q || (q == best_q && position < best_pos),
+            Some((best_q, best_pos, best_specificity, _)) => {
+                q > best_q
+                    || (q == best_q && position < best_pos)
+                    || (q == best_q && position == best_pos && specificity > best_specificity)
+            }
         };
         if better {
-            best = Some((q, position, index));
+            best = Some((q, position, specificity, index));
         }
     }
-    best.map_or(0, |(_, _, index)| index)
+    best.map_or(0, |(_, _, _, index)| index)
 }
 
 /// q-values are kept in thousandths (RFC 9110 allows at most three decimals), so comparisons are
@@ -398,7 +403,7 @@ fn is_token(s: &str) -> bool {
 
 /// The q the Accept-Language `header` gives `tag`, with the position of the entry that decided
 /// it; `None` when no entry matches. `is_default` lets `*` match.
-fn language_q(header: &str, tag: &str, is_default: bool) -> Option<(u16, usize)> {
+fn language_q(header: &str, tag: &str, is_default: bool) -> Option<(u16, usize, u8)> {
     // (specificity, q, position)
     let mut best: Option<(u8, u16, usize)> = None;
     for (position, entry) in header.split(',').enumerate() {
@@ -428,7 +433,7 @@ fn language_q(header: &str, tag: &str, is_default: bool) -> Option<(u16, usize)>
             best = Some((specificity, q, position));
         }
     }
-    best.map(|(_, q, position)| (q, position))
+    best.map(|(specificity, q, position)| (q, position, specificity))
 }
 
 fn primary_subtag(tag: &str) -> &str {
@@ -775,6 +780,31 @@ mod tests {
         let available = vec!["en".to_string(), "pt-BR".to_string()];
         assert_eq!(choose_language(Some(b"pt"), &available), 1);
         assert_eq!(choose_language(Some(b"pt-PT"), &available), 0);
+    }
+
+    /// A visitor whose browser sends only its regional tag (`fr-CA`, as Safari does) gets the
+    /// regional page when there is one, not the generic page that sorts before it.
+    #[test]
+    fn a_regional_page_beats_the_generic_one_for_its_own_tag() {
+        let available: Vec<String> = ["en", "fr", "fr-ca", "pt", "pt-br"]
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        let cases: &[(&str, usize)] = &[
+            ("fr-CA", 2),
+            ("fr-ca", 2),
+            ("fr-CA,fr;q=0.9", 2),
+            ("fr, fr-CA", 1),
+            ("fr-BE", 1),
+            ("fr", 1),
+            ("pt-BR", 4),
+            ("pt-PT", 3),
+            ("pt-BR;q=0.5, pt", 3),
+        ];
+        for (header, expected) in cases {
+            let got = choose_language(Some(header.as_bytes()), &available);
+            assert_eq!(got, *expected, "Accept-Language {header:?}");
+        }
     }
 
     #[test]
