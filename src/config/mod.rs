@@ -1038,10 +1038,15 @@ impl Validator<'_> {
                 "maintenance.reserved_prefix",
                 format!("{prefix:?} must start and end with '/' and name a path, like \"/_intermission/\""),
             );
-        } else if prefix.contains(|c: char| c.is_whitespace() || c == '?' || c == '#' || c == '%') {
+        } else if !is_plain_prefix(prefix) {
             self.problem(
                 "maintenance.reserved_prefix",
-                format!("{prefix:?} must be a plain path"),
+                format!(
+                    "{prefix:?} must be a plain path: letters, digits and - . _ ~ ! $ & ' ( ) * \
+                     + , ; = : @ between single slashes, no `.` or `..` segment (a browser \
+                     would rewrite the page's links to it, and its status, assets and preview \
+                     would never be reached)"
+                ),
             );
         }
         if !(f.status_page.is_empty()
@@ -1521,6 +1526,23 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
     })
 }
 
+/// A reserved prefix that browsers request as it is written: the pages link to
+/// `{prefix}assets/…` and poll `{prefix}status`, and a browser percent-encodes a character
+/// outside RFC 3986's path characters (`"`, `é`, a space) and resolves `.` and `..` segments
+/// before it asks, so that such a prefix would never match the requests made for it.
+fn is_plain_prefix(prefix: &str) -> bool {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@".contains(c);
+    let Some(inner) = prefix
+        .strip_prefix('/')
+        .and_then(|rest| rest.strip_suffix('/'))
+    else {
+        return false;
+    };
+    inner
+        .split('/')
+        .all(|segment| !matches!(segment, "" | "." | "..") && segment.chars().all(allowed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1616,6 +1638,27 @@ mod tests {
                 "control.socket_mode",
             ]
         );
+    }
+
+    /// A prefix a browser would rewrite (percent-encoded, dot segments resolved) is refused:
+    /// the page's status, assets and preview would never be reached under it.
+    #[test]
+    fn a_reserved_prefix_must_be_requested_as_written() {
+        for bad in [
+            "/é/", "/_im\"x/", "/_i/../", "/./", "/a//b/", "/_i<x>/", "/a b/", "/a%2e/", "/a?/",
+        ] {
+            let text = format!("[maintenance]\nreserved_prefix = {bad:?}\n");
+            assert_eq!(keys(&text), vec!["maintenance.reserved_prefix"], "{bad}");
+        }
+        for good in [
+            "/_intermission/",
+            "/-/",
+            "/.well-known/intermission/",
+            "/a.b~c/d_e/",
+        ] {
+            let text = format!("[maintenance]\nreserved_prefix = {good:?}\n");
+            assert!(keys(&text).is_empty(), "{good}: {:?}", keys(&text));
+        }
     }
 
     #[test]
