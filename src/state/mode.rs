@@ -172,7 +172,31 @@ pub fn text_problem(kind: Text, text: &str) -> Option<String> {
     let invisible = |c: char| {
         c.is_whitespace()
             || c.is_control()
-            || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}' | '\u{00AD}')
+            || matches!(
+                c,
+                // Zero-width spaces and joiners, direction marks, embeddings, overrides and
+                // isolates, word joiners, the byte-order mark and the soft hyphen.
+                '\u{200B}'..='\u{200F}'
+                    | '\u{202A}'..='\u{202E}'
+                    | '\u{2060}'..='\u{2069}'
+                    | '\u{061C}'
+                    | '\u{FEFF}'
+                    | '\u{00AD}'
+                    // Fillers and blanks that are letters or symbols but draw nothing.
+                    | '\u{115F}'
+                    | '\u{1160}'
+                    | '\u{3164}'
+                    | '\u{FFA0}'
+                    | '\u{2800}'
+                    | '\u{180E}'
+                    | '\u{17B4}'
+                    | '\u{17B5}'
+                    // Marks with nothing to mark: grapheme joiner, variation selectors, tags.
+                    | '\u{034F}'
+                    | '\u{FE00}'..='\u{FE0F}'
+                    | '\u{E0000}'..='\u{E007F}'
+                    | '\u{E0100}'..='\u{E01EF}'
+            )
     };
     if kind == Text::Message && text.chars().all(invisible) {
         return Some("must not be empty: it is what people read".to_owned());
@@ -634,6 +658,12 @@ mod tests {
         for unseen in [
             "\u{200B}",
             " \u{FEFF}\u{2060} ",
+            "\u{202E}",
+            "\u{2067}\u{2069}",
+            "\u{3164}\u{115F}\u{FFA0}",
+            "\u{2800}\u{2800}",
+            "\u{061C}\u{180E}\u{034F}\u{FE0F}",
+            "\u{E0020}\u{E007F}",
             "ok\u{0}",
             "ok\u{1b}[2J",
             "ok\rX",
