@@ -759,7 +759,14 @@ async fn a_change_that_cannot_be_saved_is_refused_and_nothing_changes() {
         .await
         .unwrap();
     assert!(!refused.ok);
-    assert_eq!(refused.error.unwrap().code, "state_not_saved");
+    let error = refused.error.unwrap();
+    assert_eq!(error.code, "state_not_saved");
+    // What to do, said where the operator reads it.
+    assert!(
+        error.message.contains("state.json") && error.message.contains("send it again"),
+        "{}",
+        error.message
+    );
     assert_eq!(proxy_mode(&proxy).await, "normal");
     assert_eq!(get(&proxy.url("/")).await.status(), 200, "still forwarded");
 

@@ -685,7 +685,16 @@ impl Controller {
             })?;
         if next != self.state {
             self.write_state(&next).await.map_err(|e| {
-                ErrorBody::new("state_not_saved", format!("{e}; nothing was changed"))
+                // What to do, for an operator mid-incident whose `off` a full disk refused:
+                // the refusal itself is the promise (a restart keeps every change acknowledged).
+                ErrorBody::new(
+                    "state_not_saved",
+                    format!(
+                        "{e}; nothing was changed: a change is made only once it is saved, so \
+                         that a restart keeps it. Make room on that file system (or let the \
+                         proxy's user write there) and send it again"
+                    ),
+                )
             })?;
             let until = |s: &Persisted| s.planned.as_ref().and_then(|p| p.until);
             if until(&next) != until(&self.state) {
