@@ -1131,10 +1131,17 @@ fn command_name(req: &Request) -> &'static str {
 fn describe(change: &Change) -> String {
     match change {
         // A blank reason clears the one before: nothing to show.
-        Change::On { reason, .. } => match reason.as_deref().map(str::trim) {
-            Some(r) if !r.is_empty() => format!("maintenance on ({r})"),
-            _ => "maintenance on".to_owned(),
-        },
+        Change::On { reason, until, .. } => {
+            let taken_back = if *until == Some(None) {
+                ", its announced end taken back"
+            } else {
+                ""
+            };
+            match reason.as_deref().map(str::trim) {
+                Some(r) if !r.is_empty() => format!("maintenance on ({r}){taken_back}"),
+                _ => format!("maintenance on{taken_back}"),
+            }
+        }
         Change::Update { message } => format!("message updated: {message}"),
         Change::Off => "maintenance off".to_owned(),
         Change::ForceOpen(true) => {
@@ -1181,6 +1188,29 @@ mod tests {
     use super::*;
     use crate::metrics::Metrics;
     use std::time::{Duration, UNIX_EPOCH};
+
+    /// The log line for `on` says what it changed that no field shows: a reason cleared is
+    /// none (not "()"), an end taken back is said.
+    #[test]
+    fn an_on_is_described_as_what_it_changes() {
+        let on = |reason: Option<&str>, until: Option<Option<SystemTime>>| Change::On {
+            message: None,
+            until,
+            retry_after: None,
+            reason: reason.map(str::to_owned),
+            by: "alice".into(),
+        };
+        assert_eq!(describe(&on(Some("INC-1"), None)), "maintenance on (INC-1)");
+        assert_eq!(describe(&on(Some("  "), None)), "maintenance on");
+        assert_eq!(
+            describe(&on(None, Some(None))),
+            "maintenance on, its announced end taken back"
+        );
+        assert_eq!(
+            describe(&on(Some("INC-1"), Some(Some(UNIX_EPOCH)))),
+            "maintenance on (INC-1)"
+        );
+    }
 
     struct Rig {
         handle: ControllerHandle,
