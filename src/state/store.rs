@@ -96,17 +96,25 @@ fn read(path: &Path) -> Result<Option<(Vec<u8>, Persisted)>, StoreError> {
     Ok(Some((bytes, state)))
 }
 
+/// The mode the state file (and a copy of it) is written with. The file holds the
+/// operators' internal reasons, which the control socket (0600 by default) shows only to
+/// those allowed to ask: readable by the owner alone, unless the file in place was given
+/// another mode (a group's backup), which is kept.
+fn file_mode(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o600)
+}
+
 /// A newer version's file may hold what this one does not read, and its next save drops it:
 /// the file as it was goes to `<file>.v<version>` first, so that nothing is lost silently.
 fn keep_newer(path: &Path, bytes: &[u8], version: u32) {
     let mut name = path.as_os_str().to_owned();
     name.push(format!(".v{version}"));
     let copy = PathBuf::from(name);
-    // As private as the file it keeps (0600 by default: it holds the internal reasons), not
-    // left to the umask, which made it readable by every local user.
-    let mode = std::fs::metadata(path)
-        .map(|m| m.permissions().mode() & 0o7777)
-        .unwrap_or(0o600);
+    // As private as the file it keeps (`file_mode`), not left to the umask, which made it
+    // readable by every local user.
+    let mode = file_mode(path);
     // Synced, as the state file is: the first save after a crash must not find the copy
     // empty while the file it kept is gone.
     let written = std::fs::OpenOptions::new()
@@ -239,12 +247,7 @@ pub fn save(path: &Path, state: &Persisted) -> Result<(), StoreError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(source) => return Err(StoreError::Write { path: tmp, source }),
     }
-    // The file holds the operators' internal reasons, which the control socket (0600 by
-    // default) shows only to those allowed to ask: made readable by the owner alone, unless
-    // the file in place was given another mode (a group's backup), which is kept.
-    let mode = std::fs::metadata(path)
-        .map(|m| m.permissions().mode() & 0o7777)
-        .unwrap_or(0o600);
+    let mode = file_mode(path);
     let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
