@@ -21,8 +21,9 @@ use std::path::Path;
 use std::time::SystemTime;
 
 fn setup() -> (Config, Pages, View) {
-    let config = Config::parse("", Path::new("."), None).unwrap();
-    let pages = Pages::load(&PagesSource::BuiltIn).unwrap();
+    let mut config = Config::parse("", Path::new("."), None).unwrap();
+    config.maintenance.pages = PagesSource::BuiltIn;
+    let pages = Pages::load(&config.maintenance).unwrap();
     let now = SystemTime::now();
     let state = Persisted::default()
         .apply(

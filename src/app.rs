@@ -303,7 +303,7 @@ pub struct Running {
 /// Loads pages and state, binds every listener and the control socket, and starts serving.
 /// Anything that would make the proxy answer wrongly stops the start with an error.
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    let pages = Pages::load(&config.maintenance.pages)?;
+    let pages = Pages::load(&config.maintenance)?;
     let persisted = store::load(&config.control.state_file)?;
     // Found now, not at the first `ctl on` of an incident, refused as not saved.
     store::probe(&config.control.state_file)?;

@@ -216,7 +216,7 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     // The pages and certificates are part of a valid config: what would be refused at start
     // and at reload is said now, all of them at once. They are read only once the keys are
     // valid, since the keys name them.
-    let pages = Pages::load(&c.maintenance.pages).map_err(|e| format!("maintenance.pages: {e}"));
+    let pages = Pages::load(&c.maintenance).map_err(|e| format!("maintenance.pages: {e}"));
     // Each certificate entry's problem is listed on its own line, under its own key.
     let server = intermission::tls::server_config_checked(&c.tls, std::time::SystemTime::now())
         .map_err(|e| match e {

@@ -741,7 +741,7 @@ mod tests {
     async fn a_parked_connection_stays_in_the_384_byte_task() {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = Config::parse("", dir.path(), None).expect("config");
-        let pages = Pages::load(&config.maintenance.pages).expect("pages");
+        let pages = Pages::load(&config.maintenance).expect("pages");
         let metrics = Arc::new(Metrics::new());
         let parts = Parts::new(Arc::new(config), Arc::new(pages), None, metrics).expect("parts");
         let inputs = Inputs {

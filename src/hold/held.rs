@@ -659,7 +659,7 @@ mod tests {
     fn past_its_announced_end_every_form_says_it_is_taking_longer() {
         let dir = tempfile::tempdir().unwrap();
         let config = crate::config::Config::parse("", dir.path(), None).unwrap();
-        let pages = Pages::load(&crate::config::PagesSource::BuiltIn).unwrap();
+        let pages = Pages::load(&config.maintenance).unwrap();
         let t0 = SystemTime::now();
         // Half a minute past a whole one: shown as the next minute, a promise kept.
         let whole = t0.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 60 * 60;

@@ -4,14 +4,27 @@
 //! and no request path can name a file outside `assets/` — only names found when walking that
 //! folder (symlinks not followed) exist at all.
 
-use super::render::{Template, TemplateError};
-use crate::config::PagesSource;
+use super::render::{self, MaxLen, Template, TemplateError, UpdateItem, Widths};
+use crate::config::{MaintenanceConfig, PagesSource};
+use crate::state::mode::{Mode, MAX_MESSAGE_CHARS, MAX_UPDATES};
+use crate::time::Timestamp;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Assets larger than this in total are refused: they are held in memory.
 const MAX_ASSETS_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The most one page may take once rendered, at the widest values the proxy accepts. Pages
+/// are rendered whole in memory, in every language, at each change and again at start from
+/// the saved state: a template that showed `{{updates}}` 500 times passed, and a dozen long
+/// updates later took 72 MB a page and the proxy 650 MB. The shipped pages take 0.6 MiB at
+/// most; 16 MiB leaves room for any page meant to be read.
+const MAX_PAGE_BYTES: u64 = 16 << 20;
+
+/// The most all the pages may take together once rendered: the previews render every
+/// template, both modes in every language, at each change.
+const MAX_PAGES_BYTES: u64 = 64 << 20;
 
 pub struct Asset {
     pub bytes: Bytes,
@@ -56,11 +69,33 @@ pub enum PagesError {
 }
 
 impl Pages {
-    pub fn load(source: &PagesSource) -> Result<Pages, PagesError> {
-        match source {
-            PagesSource::BuiltIn => built_in(),
-            PagesSource::Folder(dir) => from_folder(dir),
+    /// The pages `config` names, each held to what it could take once rendered with the
+    /// widest values the proxy accepts (`widths`), as are all of them together.
+    pub fn load(config: &MaintenanceConfig) -> Result<Pages, PagesError> {
+        let widths = widths(&config.status_page, &config.reserved_prefix);
+        let pages = match &config.pages {
+            PagesSource::BuiltIn => built_in(&widths),
+            PagesSource::Folder(dir) => from_folder(dir, &widths),
+        }?;
+        let total = pages
+            .maintenance
+            .iter()
+            .chain(&pages.outage)
+            .map(|t| t.max_len(&widths).total)
+            .fold(0u64, u64::saturating_add);
+        if total > MAX_PAGES_BYTES {
+            return Err(PagesError::Layout(format!(
+                "the {} page templates in {} could take {} together once rendered (each as \
+                 shown with the longest message and a full timeline of updates), and all are \
+                 rendered in memory at each change: at most {} is allowed; show {{{{updates}}}} \
+                 and {{{{message}}}} fewer times, or ship fewer languages",
+                pages.maintenance.len() + pages.outage.len(),
+                pages.origin,
+                size(total),
+                size(MAX_PAGES_BYTES),
+            )));
         }
+        Ok(pages)
     }
 
     /// The template for `mode` ("maintenance"/"outage") in language `lang`.
@@ -77,7 +112,8 @@ impl Pages {
 /// A page template, which must show the message: every held form carries it (SPEC §3), and
 /// a page without it, a blank one above all, would leave people in the dark while the check
 /// and the reload said all was well.
-fn parse(name: &str, text: &str) -> Result<Template, PagesError> {
+/// It must also stay within `MAX_PAGE_BYTES` once rendered with values as wide as `widths`.
+fn parse(name: &str, text: &str, widths: &Widths) -> Result<Template, PagesError> {
     let template = Template::parse(text).map_err(|source| PagesError::Template {
         name: name.to_owned(),
         source,
@@ -85,11 +121,82 @@ fn parse(name: &str, text: &str) -> Result<Template, PagesError> {
     if !template.shows_message() {
         return Err(PagesError::NoMessage(name.to_owned()));
     }
+    let MaxLen { total, heaviest } = template.max_len(widths);
+    if total > MAX_PAGE_BYTES {
+        let most = match heaviest {
+            Some((placeholder, count, each)) => format!(
+                ": it shows {{{{{placeholder}}}}} {count} times, each up to {}{}",
+                size(each),
+                match placeholder {
+                    "updates" =>
+                        format!(" ({MAX_UPDATES} updates of {MAX_MESSAGE_CHARS} characters)"),
+                    "message" => format!(" ({MAX_MESSAGE_CHARS} characters, escaped)"),
+                    _ => String::new(),
+                }
+            ),
+            None => String::new(),
+        };
+        return Err(PagesError::Layout(format!(
+            "page template {name} could take {} once rendered{most}; pages are rendered whole \
+             in memory, in every language, at each change and at start, so at most {} is \
+             allowed: show each value once or twice",
+            size(total),
+            size(MAX_PAGE_BYTES),
+        )));
+    }
     Ok(template)
 }
 
-fn built_in() -> Result<Pages, PagesError> {
-    let t = |name: &str, text: &str| parse(&format!("(built-in) {name}"), text);
+/// The most bytes each value can take on a page, escaped. The message and each update may
+/// be `MAX_MESSAGE_CHARS` characters, each escaped to at most 6 bytes (`"` is `&quot;`; no
+/// character takes more than 4 bytes of UTF-8); the timeline keeps `MAX_UPDATES`; times,
+/// numbers and modes have fixed widths; the status page and prefix are the config's own.
+fn widths(status_page: &str, prefix: &str) -> Widths {
+    let len = |s: &str| s.len() as u64;
+    let escaped = |s: &str| len(&render::escape_html(s));
+    let per_char = ["&", "<", ">", "\"", "'", "\u{10FFFF}"]
+        .into_iter()
+        .map(escaped)
+        .max()
+        .unwrap_or(6);
+    let message = MAX_MESSAGE_CHARS as u64 * per_char;
+    // Times are written at fixed widths (`YYYY-MM-DD HH:MM UTC`), whatever the time.
+    let epoch = std::time::UNIX_EPOCH;
+    let item = render::render_updates(&[UpdateItem {
+        at_rfc3339: &Timestamp(epoch).rfc3339(),
+        at_human: &render::human_time_of_day(epoch),
+        message: "",
+    }]);
+    Widths {
+        message,
+        time: len(&render::human_time(epoch)),
+        retry_after: len(&u64::MAX.to_string()),
+        status_page: escaped(status_page),
+        updates: MAX_UPDATES as u64 * (len(&item) + message),
+        prefix: escaped(prefix),
+        mode: [Mode::Normal, Mode::Maintenance, Mode::Outage]
+            .into_iter()
+            .map(|m| len(m.as_str()))
+            .max()
+            .unwrap_or(0),
+    }
+}
+
+/// `bytes` for people: "605 KiB", "302.4 MiB".
+fn size(bytes: u64) -> String {
+    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+        format!("{} MiB", bytes >> 20)
+    } else if bytes >= 1 << 20 {
+        format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+    } else if bytes >= 1 << 10 {
+        format!("{} KiB", bytes.div_ceil(1 << 10))
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+fn built_in(widths: &Widths) -> Result<Pages, PagesError> {
+    let t = |name: &str, text: &str| parse(&format!("(built-in) {name}"), text, widths);
     let assets = [
         (
             "style.css",
@@ -147,7 +254,8 @@ fn read(path: &Path) -> Result<String, PagesError> {
     })
 }
 
-fn from_folder(dir: &Path) -> Result<Pages, PagesError> {
+fn from_folder(dir: &Path, widths: &Widths) -> Result<Pages, PagesError> {
+    let parse = |name: &str, text: &str| parse(name, text, widths);
     let mut langs = vec!["en".to_owned()];
     let mut maintenance = vec![parse(
         "maintenance.html",
@@ -285,6 +393,143 @@ fn content_type(name: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+    use crate::hold::held::{render_pages, View};
+    use crate::state::mode::Update;
+    use std::time::{Duration, SystemTime};
+
+    /// A `pages` folder holding `files`, and the config that names it.
+    fn folder(files: &[(&str, &str)]) -> (tempfile::TempDir, MaintenanceConfig) {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let config = Config::parse("", dir.path(), None).unwrap();
+        let mut maintenance = config.maintenance;
+        maintenance.pages = PagesSource::Folder(dir.path().to_path_buf());
+        (dir, maintenance)
+    }
+
+    /// What a page is rendered with at the widest the proxy accepts: a message and a full
+    /// timeline of updates of the longest length, all of characters escaped the longest.
+    fn widest_view(status_page: &str) -> View {
+        let now = SystemTime::now();
+        let longest = "\"".repeat(MAX_MESSAGE_CHARS);
+        View {
+            mode: Mode::Maintenance,
+            message: longest.clone(),
+            since: Some(now),
+            until: Some(now + Duration::from_secs(3600)),
+            overrun: false,
+            retry_default: 300,
+            updates: (0..MAX_UPDATES)
+                .map(|_| Update {
+                    at: Timestamp(now),
+                    message: longest.clone(),
+                })
+                .collect(),
+            status_page: status_page.to_owned(),
+            next_window: None,
+        }
+    }
+
+    /// A template that repeats `{{updates}}` could take hundreds of megabytes once the
+    /// timeline fills up, rendered at every change and at start: it is refused at load
+    /// (`check`, start, reload), naming the file, the placeholder and the bound.
+    #[test]
+    fn a_template_that_could_render_too_large_is_refused() {
+        let repeated = format!(
+            "<p>{{{{message}}}}</p>{}",
+            "<ul>{{updates}}</ul>".repeat(500)
+        );
+        let (_dir, config) = folder(&[
+            ("maintenance.html", "<p>{{message}}</p><ul>{{updates}}</ul>"),
+            ("outage.html", &repeated),
+        ]);
+        let err = Pages::load(&config).err().unwrap().to_string();
+        for part in ["outage.html", "{{updates}} 500 times", "at most 16 MiB"] {
+            assert!(err.contains(part), "{part:?} in {err}");
+        }
+        // Shown a few times, it is a page like any other.
+        let few = format!("<p>{{{{message}}}}</p>{}", "<ul>{{updates}}</ul>".repeat(3));
+        let (_dir, config) = folder(&[("maintenance.html", &few), ("outage.html", &few)]);
+        assert!(Pages::load(&config).is_ok());
+    }
+
+    /// Pages that are each within the bound, but together too large to render at every
+    /// change (both modes, in every language, for the previews), are refused too.
+    #[test]
+    fn pages_too_large_together_are_refused() {
+        let heavy = format!(
+            "<p>{{{{message}}}}</p>{}",
+            "<ul>{{updates}}</ul>".repeat(20)
+        );
+        let mut files = vec![
+            ("maintenance.html".to_owned(), heavy.clone()),
+            ("outage.html".to_owned(), heavy.clone()),
+        ];
+        for lang in ["de", "es", "fr", "it", "nl", "pt"] {
+            files.push((format!("maintenance.{lang}.html"), heavy.clone()));
+            files.push((format!("outage.{lang}.html"), heavy.clone()));
+        }
+        let files: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.as_str()))
+            .collect();
+        let (_dir, config) = folder(&files[..4]);
+        assert!(Pages::load(&config).is_ok(), "one language is fine");
+        let (_dir, config) = folder(&files);
+        let err = Pages::load(&config).err().unwrap().to_string();
+        assert!(
+            err.contains("14 page templates") && err.contains("at most 64 MiB"),
+            "{err}"
+        );
+    }
+
+    /// The bound is what rendering really takes at the widest values, not a guess: no page
+    /// renders larger than its bound, and one made of updates comes within a few bytes of it.
+    #[test]
+    fn the_bound_holds_what_the_widest_values_render_to() {
+        let status_page = "https://status.example.com/?a=1&b=\"2\"";
+        let updates = format!(
+            "<p>{{{{message}}}}</p>{}",
+            "<ul>{{updates}}</ul>".repeat(10)
+        );
+        let (_dir, mut config) =
+            folder(&[("maintenance.html", &updates), ("outage.html", &updates)]);
+        config.status_page = status_page.to_owned();
+        let widths = widths(status_page, &config.reserved_prefix);
+        let view = widest_view(status_page);
+        let rendered = |pages: &Pages| {
+            render_pages(pages, &view, &config.reserved_prefix, SystemTime::now())
+                .iter()
+                .map(|page| page.len() as u64)
+                .collect::<Vec<_>>()
+        };
+        let pages = Pages::load(&config).unwrap();
+        let bound = pages.maintenance[0].max_len(&widths).total;
+        let got = rendered(&pages)[0];
+        assert!(
+            got <= bound && bound - got < 64,
+            "{got} rendered, {bound} bound"
+        );
+        // The shipped pages, every placeholder and section in them.
+        config.pages = PagesSource::Folder(concat!(env!("CARGO_MANIFEST_DIR"), "/pages").into());
+        let pages = Pages::load(&config).unwrap();
+        for (lang, got) in rendered(&pages).into_iter().enumerate() {
+            let bound = pages.maintenance[lang].max_len(&widths).total;
+            assert!(
+                got <= bound,
+                "{}: {got} rendered, {bound} bound",
+                pages.langs[lang]
+            );
+            assert!(
+                got > bound * 9 / 10,
+                "{}: {got} rendered, {bound} bound",
+                pages.langs[lang]
+            );
+        }
+    }
 
     /// A stray large file among the assets is refused before it is read: the error names it.
     #[test]
@@ -299,11 +544,14 @@ mod tests {
         let assets = dir.path().join("assets");
         std::fs::create_dir(&assets).unwrap();
         std::fs::write(assets.join("logo.svg"), "<svg/>").unwrap();
-        assert!(from_folder(dir.path()).is_ok());
+        assert!(from_folder(dir.path(), &Widths::default()).is_ok());
         // Sparse: it takes no disk, and would take 17 MiB of memory if read.
         let huge = std::fs::File::create(assets.join("huge.bin")).unwrap();
         huge.set_len(MAX_ASSETS_BYTES + (1 << 20)).unwrap();
-        let err = from_folder(dir.path()).err().unwrap().to_string();
+        let err = from_folder(dir.path(), &Widths::default())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             err.contains("larger than 16 MiB in total") && err.contains("huge.bin"),
             "{err}"

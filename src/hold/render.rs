@@ -61,6 +61,56 @@ enum Name {
 const NAMES: &str =
     "message, since, until, overrun, retry_after, status_page, updates, prefix, mode";
 
+const NAME_COUNT: usize = 9;
+const ALL_NAMES: [Name; NAME_COUNT] = [
+    Name::Message,
+    Name::Since,
+    Name::Until,
+    Name::Overrun,
+    Name::RetryAfter,
+    Name::StatusPage,
+    Name::Updates,
+    Name::Prefix,
+    Name::Mode,
+];
+
+/// The most bytes each value can take in a page, escaped as it is rendered: what
+/// [`Template::max_len`] counts a placeholder as.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Widths {
+    pub message: u64,
+    /// `since`, `until` and `overrun`.
+    pub time: u64,
+    pub retry_after: u64,
+    pub status_page: u64,
+    pub updates: u64,
+    pub prefix: u64,
+    pub mode: u64,
+}
+
+impl Widths {
+    fn of(&self, name: Name) -> u64 {
+        match name {
+            Name::Message => self.message,
+            Name::Since | Name::Until | Name::Overrun => self.time,
+            Name::RetryAfter => self.retry_after,
+            Name::StatusPage => self.status_page,
+            Name::Updates => self.updates,
+            Name::Prefix => self.prefix,
+            Name::Mode => self.mode,
+        }
+    }
+}
+
+/// What [`Template::max_len`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxLen {
+    pub total: u64,
+    /// The placeholder whose copies weigh most (`"updates"`), how many times it is shown
+    /// and the most bytes of each; `None` for a template without any.
+    pub heaviest: Option<(&'static str, u64, u64)>,
+}
+
 impl Name {
     fn parse(s: &str) -> Option<Name> {
         Some(match s {
@@ -75,6 +125,20 @@ impl Name {
             "mode" => Name::Mode,
             _ => return None,
         })
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Name::Message => "message",
+            Name::Since => "since",
+            Name::Until => "until",
+            Name::Overrun => "overrun",
+            Name::RetryAfter => "retry_after",
+            Name::StatusPage => "status_page",
+            Name::Updates => "updates",
+            Name::Prefix => "prefix",
+            Name::Mode => "mode",
+        }
     }
 
     fn value(self, values: &Values) -> &str {
@@ -237,6 +301,34 @@ impl Template {
                 body,
             } => !(*inverted && *name == Name::Message) && in_pieces(body),
         })
+    }
+
+    /// The most bytes a rendering can take when each value is as wide as `widths` says, and
+    /// the placeholder that weighs most in it: its name, how often it is shown and its width.
+    /// A section is counted as kept, whichever way it goes.
+    pub fn max_len(&self, widths: &Widths) -> MaxLen {
+        let mut total = 0u64;
+        let mut shown = [0u64; NAME_COUNT];
+        let mut add = |piece: &Piece| match piece {
+            Piece::Text(text) => total = total.saturating_add(text.len() as u64),
+            Piece::Value(name) => {
+                total = total.saturating_add(widths.of(*name));
+                shown[*name as usize] += 1;
+            }
+        };
+        for segment in &self.segments {
+            match segment {
+                Segment::Piece(piece) => add(piece),
+                Segment::Section { body, .. } => body.iter().for_each(&mut add),
+            }
+        }
+        let heaviest = ALL_NAMES
+            .iter()
+            .map(|&name| (name, shown[name as usize]))
+            .max_by_key(|&(name, count)| count.saturating_mul(widths.of(name)))
+            .filter(|&(_, count)| count > 0)
+            .map(|(name, count)| (name.as_str(), count, widths.of(name)));
+        MaxLen { total, heaviest }
     }
 
     /// Renders the template; values are HTML-escaped except `updates_html`.

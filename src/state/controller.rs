@@ -1061,7 +1061,7 @@ pub fn to_change(req: Request, by: String, now: SystemTime) -> Result<Change, Er
 /// effect only at a restart is kept as it runs, with a warning.
 fn prepare(path: &std::path::Path, old: &Parts) -> Result<Prepared, String> {
     let mut config = Config::load_file(path).map_err(|e| e.to_string())?;
-    let pages = Pages::load(&config.maintenance.pages).map_err(|e| e.to_string())?;
+    let pages = Pages::load(&config.maintenance).map_err(|e| e.to_string())?;
     let old_config = &old.config;
     if config.control.socket != old_config.control.socket
         || config.control.socket_mode != old_config.control.socket_mode
@@ -1266,7 +1266,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config::parse(&rig_text(dir.path()), dir.path(), None).expect("config");
         edit(&mut config, dir.path());
-        let pages = Pages::load(&config.maintenance.pages).expect("pages");
+        let pages = Pages::load(&config.maintenance).expect("pages");
         let metrics = Arc::new(Metrics::new());
         let notifier = Notifier::start(Vec::new(), metrics.clone());
         let parts = Parts::new(Arc::new(config), Arc::new(pages), None, metrics).expect("parts");

@@ -232,7 +232,7 @@ pub(crate) fn for_tests(toml: &str, hold: bool) -> Snapshot {
     use crate::state::mode::{Change, Persisted};
     let dir = tempfile::tempdir().unwrap();
     let config = crate::config::Config::parse(toml, dir.path(), None).unwrap();
-    let pages = crate::hold::pages::Pages::load(&config.maintenance.pages).unwrap();
+    let pages = crate::hold::pages::Pages::load(&config.maintenance).unwrap();
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let parts = Parts::new(Arc::new(config), Arc::new(pages), None, metrics).unwrap();
     let now = std::time::SystemTime::now();
