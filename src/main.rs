@@ -300,7 +300,7 @@ fn summary(
         out,
         "  pages:    {} ({})",
         pages.origin,
-        pages.langs.join(", ")
+        pages.describe_langs()
     )?;
     writeln!(out, "  control:  {}", c.control.socket.display())?;
     writeln!(out, "  state:    {}", c.control.state_file.display())?;

@@ -26,6 +26,10 @@ const MAX_PAGE_BYTES: u64 = 16 << 20;
 /// template, both modes in every language, at each change.
 const MAX_PAGES_BYTES: u64 = 64 << 20;
 
+/// The tag of the unsuffixed pages when `maintenance.en.html` is there too: they then answer
+/// the languages that have no page of their own (and `Accept-Language: *`), none by name.
+pub const ANY_OTHER: &str = "*";
+
 pub struct Asset {
     pub bytes: Bytes,
     pub content_type: &'static str,
@@ -37,7 +41,8 @@ static LOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::n
 pub struct Pages {
     /// Unique per load: a remembered language index applies to this list only.
     pub id: usize,
-    /// Language tags; index 0 ("en", from the unsuffixed files) is the fallback.
+    /// Language tags; index 0, from the unsuffixed files, is the fallback: tagged "en", or
+    /// [`ANY_OTHER`] when an explicit `maintenance.en.html` takes "en".
     pub langs: Vec<String>,
     pub maintenance: Vec<Template>,
     pub outage: Vec<Template>,
@@ -96,6 +101,17 @@ impl Pages {
             )));
         }
         Ok(pages)
+    }
+
+    /// The languages for people: "en, fr", or "en, fr, and maintenance.html for any other"
+    /// when the unsuffixed pages are not English.
+    pub fn describe_langs(&self) -> String {
+        match self.langs.split_first() {
+            Some((first, rest)) if first == ANY_OTHER => {
+                format!("{}, and maintenance.html for any other", rest.join(", "))
+            }
+            _ => self.langs.join(", "),
+        }
     }
 
     /// The template for `mode` ("maintenance"/"outage") in language `lang`.
@@ -256,7 +272,6 @@ fn read(path: &Path) -> Result<String, PagesError> {
 
 fn from_folder(dir: &Path, widths: &Widths) -> Result<Pages, PagesError> {
     let parse = |name: &str, text: &str| parse(name, text, widths);
-    let mut langs = vec!["en".to_owned()];
     let mut maintenance = vec![parse(
         "maintenance.html",
         &read(&dir.join("maintenance.html"))?,
@@ -279,6 +294,15 @@ fn from_folder(dir: &Path, widths: &Widths) -> Result<Pages, PagesError> {
         })
         .collect();
     translated.sort();
+    // The unsuffixed pages are taken as English unless an English page is named: a German
+    // site whose `maintenance.html` is German and `maintenance.en.html` English served its
+    // English visitors the German page, the unsuffixed one winning the tie for "en".
+    let default = if translated.iter().any(|l| l.eq_ignore_ascii_case("en")) {
+        ANY_OTHER
+    } else {
+        "en"
+    };
+    let mut langs = vec![default.to_owned()];
     for lang in translated {
         let m = format!("maintenance.{lang}.html");
         let o = format!("outage.{lang}.html");
@@ -529,6 +553,50 @@ mod tests {
                 pages.langs[lang]
             );
         }
+    }
+
+    /// An explicit `maintenance.en.html` is served to English visitors; the unsuffixed pages
+    /// (here German) answer every language that has no page of its own.
+    #[test]
+    fn an_explicit_english_page_takes_english_from_the_unsuffixed_one() {
+        use crate::hold::negotiate::choose_language;
+        let (_dir, config) = folder(&[
+            ("maintenance.html", "Wartung: {{message}}"),
+            ("outage.html", "Störung: {{message}}"),
+            ("maintenance.en.html", "Maintenance: {{message}}"),
+            ("outage.en.html", "Outage: {{message}}"),
+            ("maintenance.fr.html", "Maintenance en cours : {{message}}"),
+            ("outage.fr.html", "Panne : {{message}}"),
+        ]);
+        let pages = Pages::load(&config).unwrap();
+        let values = render::Values {
+            message: "m".into(),
+            ..Default::default()
+        };
+        let page = |accept: Option<&str>, outage: bool| {
+            let lang = choose_language(accept.map(str::as_bytes), &pages.langs);
+            pages.template(outage, lang).render(&values)
+        };
+        assert_eq!(page(Some("en"), false), "Maintenance: m");
+        assert_eq!(page(Some("en-GB, de;q=0.5"), true), "Outage: m");
+        assert_eq!(page(Some("fr"), false), "Maintenance en cours : m");
+        assert_eq!(page(Some("de"), false), "Wartung: m");
+        assert_eq!(page(Some("ja, *;q=0.1"), true), "Störung: m");
+        assert_eq!(page(None, false), "Wartung: m");
+        assert_eq!(
+            pages.describe_langs(),
+            "en, fr, and maintenance.html for any other"
+        );
+        // Without an English page, the unsuffixed one is English, as it always was.
+        let (_dir, config) = folder(&[
+            ("maintenance.html", "Maintenance: {{message}}"),
+            ("outage.html", "Outage: {{message}}"),
+            ("maintenance.fr.html", "Maintenance en cours : {{message}}"),
+            ("outage.fr.html", "Panne : {{message}}"),
+        ]);
+        let pages = Pages::load(&config).unwrap();
+        assert_eq!(pages.langs, ["en", "fr"]);
+        assert_eq!(pages.describe_langs(), "en, fr");
     }
 
     /// A stray large file among the assets is refused before it is read: the error names it.
