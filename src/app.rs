@@ -304,6 +304,9 @@ pub struct Running {
 /// Anything that would make the proxy answer wrongly stops the start with an error.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let pages = Pages::load(&config.maintenance)?;
+    for warning in &pages.warnings {
+        tracing::warn!("maintenance.pages: {warning}");
+    }
     let persisted = store::load(&config.control.state_file)?;
     // Found now, not at the first `ctl on` of an incident, refused as not saved.
     store::probe(&config.control.state_file)?;

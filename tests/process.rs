@@ -809,6 +809,41 @@ fn check_refuses_a_broken_page_template() {
     );
 }
 
+/// Files that look like pages but are served to nobody (an outage page without its
+/// maintenance page, a language written as no browser sends it) are named with why: by
+/// `check`, which still passes, and in the start's log.
+#[test]
+fn pages_served_to_nobody_are_warned_of_by_check_and_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let pages = dir.path().join("pages");
+    std::fs::create_dir(&pages).unwrap();
+    for name in [
+        "maintenance.html",
+        "outage.html",
+        "outage.de.html",
+        "maintenance.fr_CA.html",
+    ] {
+        std::fs::write(pages.join(name), "<p>{{message}}</p>").unwrap();
+    }
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, "# the built-in defaults\n").unwrap();
+    let out = bin().args(["check", "-c"]).arg(&path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let said = [
+        "maintenance.pages: outage.de.html is ignored: there is no maintenance.de.html beside it",
+        "maintenance.pages: maintenance.fr_CA.html is ignored: \"fr_CA\" is not a language tag",
+    ];
+    for line in said {
+        assert!(text.contains(&format!("  warning:  {line}")), "{text}");
+    }
+    let proxy = ProxyProcess::start(dir.path(), "");
+    let log = proxy.log_lines().join("\n");
+    for line in said {
+        assert!(log.contains(line), "{line:?} not in the log:\n{log}");
+    }
+}
+
 /// `check` accepts a certificate that loads but has expired (as the start does, so that a
 /// site is not taken down by it), and says so after its summary, exit 0.
 #[test]

@@ -565,6 +565,7 @@ mod tests {
             outage: templates("outage"),
             assets: Default::default(),
             origin: String::new(),
+            warnings: Vec::new(),
         }
     }
 

@@ -441,7 +441,7 @@ fn primary_subtag(tag: &str) -> &str {
 }
 
 /// `*` or `alpha{1,8}(-alphanum{1,8})*` (RFC 4647 §2.1).
-fn is_language_range(range: &str) -> bool {
+pub(crate) fn is_language_range(range: &str) -> bool {
     if range == "*" {
         return true;
     }

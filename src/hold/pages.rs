@@ -48,6 +48,9 @@ pub struct Pages {
     pub outage: Vec<Template>,
     pub assets: HashMap<String, Asset>,
     pub origin: String,
+    /// Files that look like pages but are not served, each named with why: said by `check`
+    /// and logged at start and reload, since nothing else would tell.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -258,6 +261,7 @@ fn built_in(widths: &Widths) -> Result<Pages, PagesError> {
         ],
         assets,
         origin: "built-in pages".into(),
+        warnings: Vec::new(),
     })
 }
 
@@ -281,19 +285,12 @@ fn from_folder(dir: &Path, widths: &Widths) -> Result<Pages, PagesError> {
         path: dir.to_path_buf(),
         source,
     })?;
-    let mut translated: Vec<String> = entries
+    let mut names: Vec<String> = entries
         .filter_map(Result::ok)
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let lang = name
-                .strip_prefix("maintenance.")?
-                .strip_suffix(".html")?
-                .to_owned();
-            (!lang.is_empty() && lang.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
-                .then_some(lang)
-        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    translated.sort();
+    names.sort();
+    let (translated, warnings) = languages(&names);
     // The unsuffixed pages are taken as English unless an English page is named: a German
     // site whose `maintenance.html` is German and `maintenance.en.html` English served its
     // English visitors the German page, the unsuffixed one winning the tie for "en".
@@ -329,7 +326,60 @@ fn from_folder(dir: &Path, widths: &Widths) -> Result<Pages, PagesError> {
         outage,
         assets,
         origin: dir.display().to_string(),
+        warnings,
     })
+}
+
+/// The languages `names` (a folder's files, sorted) hold pages in, by their
+/// `maintenance.LANG.html`, and a warning for each file that looks like a page but would be
+/// served to nobody: a name whose LANG no `Accept-Language` can ask for (`fr_CA`), a
+/// language named twice in different cases, or an `outage.LANG.html` without its
+/// `maintenance.LANG.html` (the other way round is an error, as it always was).
+fn languages(names: &[String]) -> (Vec<String>, Vec<String>) {
+    let lang_of = |name: &'_ str, page: &str| -> Option<String> {
+        let lang = name
+            .strip_prefix(page)?
+            .strip_prefix('.')?
+            .strip_suffix(".html")?;
+        Some(lang.to_owned())
+    };
+    let is_tag = |lang: &str| lang != "*" && super::negotiate::is_language_range(lang);
+    let mut langs: Vec<String> = Vec::new();
+    let mut warnings = Vec::new();
+    for page in ["maintenance", "outage"] {
+        for name in names {
+            let Some(lang) = lang_of(name, page) else {
+                continue;
+            };
+            if !is_tag(&lang) {
+                let fixed = lang.replace('_', "-");
+                let hint = if fixed != lang && is_tag(&fixed) {
+                    format!("name it {page}.{fixed}.html")
+                } else {
+                    "a tag is letters, then letters or digits, in parts of up to 8 joined by \
+                     \"-\", such as \"fr\" or \"fr-CA\""
+                        .to_owned()
+                };
+                warnings.push(format!(
+                    "{name} is ignored: {lang:?} is not a language tag that browsers send; {hint}"
+                ));
+            } else if page == "maintenance" {
+                match langs.iter().find(|l| l.eq_ignore_ascii_case(&lang)) {
+                    Some(first) => warnings.push(format!(
+                        "{name} is ignored: maintenance.{first}.html is the same language, \
+                         and serves it"
+                    )),
+                    None => langs.push(lang),
+                }
+            } else if !names.contains(&format!("maintenance.{lang}.html")) {
+                warnings.push(format!(
+                    "{name} is ignored: there is no maintenance.{lang}.html beside it, and a \
+                     language is served only with both pages"
+                ));
+            }
+        }
+    }
+    (langs, warnings)
 }
 
 fn walk_assets(
@@ -597,6 +647,44 @@ mod tests {
         let pages = Pages::load(&config).unwrap();
         assert_eq!(pages.langs, ["en", "fr"]);
         assert_eq!(pages.describe_langs(), "en, fr");
+    }
+
+    /// Files that look like pages but would be served to nobody are named, with why; the
+    /// languages served are as before.
+    #[test]
+    fn pages_served_to_nobody_are_warned_of() {
+        let page = "<p>{{message}}</p>";
+        let (_dir, config) = folder(&[
+            ("maintenance.html", page),
+            ("outage.html", page),
+            ("maintenance.fr.html", page),
+            ("outage.fr.html", page),
+            ("outage.de.html", page),
+            ("maintenance.fr_CA.html", page),
+            ("outage.fr_CA.html", page),
+            ("maintenance.123.html", page),
+            ("maintenance.FR.html", page),
+            ("outage.FR.html", page),
+            ("maintenance.html.bak", page),
+        ]);
+        let pages = Pages::load(&config).unwrap();
+        assert_eq!(pages.langs, ["en", "fr"]);
+        let said = pages.warnings.join("\n");
+        for part in [
+            "outage.de.html is ignored: there is no maintenance.de.html beside it",
+            "maintenance.fr_CA.html is ignored: \"fr_CA\" is not a language tag that browsers \
+             send; name it maintenance.fr-CA.html",
+            "outage.fr_CA.html is ignored",
+            "maintenance.123.html is ignored: \"123\" is not a language tag",
+            "maintenance.fr.html is ignored: maintenance.FR.html is the same language",
+        ] {
+            assert!(said.contains(part), "{part:?} in\n{said}");
+        }
+        assert_eq!(pages.warnings.len(), 5, "{said}");
+        // The ignored twin's outage page is not said to lack its maintenance page.
+        assert!(!said.contains("outage.fr.html"), "{said}");
+        let (_dir, config) = folder(&[("maintenance.html", page), ("outage.html", page)]);
+        assert!(Pages::load(&config).unwrap().warnings.is_empty());
     }
 
     /// A stray large file among the assets is refused before it is read: the error names it.

@@ -1062,6 +1062,9 @@ pub fn to_change(req: Request, by: String, now: SystemTime) -> Result<Change, Er
 fn prepare(path: &std::path::Path, old: &Parts) -> Result<Prepared, String> {
     let mut config = Config::load_file(path).map_err(|e| e.to_string())?;
     let pages = Pages::load(&config.maintenance).map_err(|e| e.to_string())?;
+    for warning in &pages.warnings {
+        tracing::warn!("maintenance.pages: {warning}");
+    }
     let old_config = &old.config;
     if config.control.socket != old_config.control.socket
         || config.control.socket_mode != old_config.control.socket_mode
