@@ -144,6 +144,35 @@ async fn bad_requests_get_errors_and_the_connection_stays_usable() {
     assert!(r.state.unwrap().force_open);
 }
 
+/// A field given twice is refused as a `bad_request`, whichever value would have won:
+/// `{"cmd":"status","cmd":"off"}` switched maintenance off. Nothing changes, and the
+/// connection stays usable.
+#[tokio::test]
+async fn a_request_giving_a_field_twice_is_refused_and_changes_nothing() {
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&format!("[upstream]\nservers = [\"{}\"]\n", up.url())).await;
+    let mut c = Client::connect(&proxy.dir.path().join("intermission.sock"))
+        .await
+        .unwrap();
+    assert!(c.request(&on(Some("Kept"))).await.unwrap().ok);
+    for line in [
+        &br#"{"cmd":"status","cmd":"off"}"#[..],
+        br#"{"cmd":"update","message":"one","message":"two"}"#,
+        br#"{"cmd":"force_open","enabled":true,"enabled":false}"#,
+    ] {
+        let r = parse(&c.raw(line).await.unwrap());
+        assert!(!r.ok, "{}", String::from_utf8_lossy(line));
+        let e = r.error.unwrap();
+        assert_eq!(e.code, "bad_request", "{}", String::from_utf8_lossy(line));
+        assert!(e.message.contains("is given twice"), "{}", e.message);
+    }
+    let state = c.request(&Ctl::Status).await.unwrap().state.unwrap();
+    assert_eq!(state.mode.as_str(), "maintenance");
+    assert_eq!(state.message.as_deref(), Some("Kept"));
+    assert!(!state.force_open);
+    assert_eq!(state.updates.len(), 1);
+}
+
 #[tokio::test]
 async fn an_oversized_line_is_refused_and_the_connection_closed() {
     let proxy = spawn_proxy("").await;

@@ -224,6 +224,20 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ErrorBody> {
             "a request is a JSON object like {\"cmd\": \"status\"}",
         ));
     };
+    // Checked before anything is read from it: serde_json keeps the last of a repeated key,
+    // so `{"cmd":"status","cmd":"off"}` switched maintenance off; a script that sends two
+    // values for one field (a template gone wrong) meant one of them, and only it can say
+    // which.
+    match serde_json::from_slice::<UniqueKeys>(line) {
+        Ok(UniqueKeys(None)) => {}
+        Ok(UniqueKeys(Some(key))) => {
+            return Err(ErrorBody::new(
+                "bad_request",
+                format!("the field {key:?} is given twice; give each field once"),
+            ))
+        }
+        Err(e) => return Err(ErrorBody::new("bad_request", e.to_string())),
+    }
     let cmd = match obj.get("cmd") {
         Some(serde_json::Value::String(c)) => c.clone(),
         Some(_) => return Err(ErrorBody::new("bad_request", "\"cmd\" must be a string")),
@@ -251,6 +265,39 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ErrorBody> {
         .map_err(|e| ErrorBody::new("bad_request", format!("{cmd}: {e}")))?;
     check_values(&req)?;
     Ok(req)
+}
+
+/// The first key a JSON object gives twice, if any; its values are skipped. Requests have
+/// no nested objects, so their top level is all that can be repeated and mean something.
+struct UniqueKeys(Option<String>);
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = UniqueKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<UniqueKeys, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                let mut twice = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    if seen.contains(&key) {
+                        twice.get_or_insert(key);
+                    } else {
+                        seen.insert(key);
+                    }
+                }
+                Ok(UniqueKeys(twice))
+            }
+        }
+        d.deserialize_map(Keys)
+    }
 }
 
 /// Values the protocol refuses whoever sends them. A `retry_after` under a second (zero too)
@@ -330,6 +377,47 @@ mod tests {
                 .message,
             "unknown command 'frobnicate'",
             "the message SPEC §5 shows, word for word"
+        );
+    }
+
+    /// A field given twice is refused, whichever it is: serde_json would keep the last, and
+    /// `{"cmd":"status","cmd":"off"}` switched maintenance off.
+    #[test]
+    fn a_field_given_twice_is_refused() {
+        for line in [
+            r#"{"cmd":"status","cmd":"off"}"#,
+            r#"{"cmd":"frobnicate","cmd":"status"}"#,
+            r#"{"cmd":"on","message":"a","message":"b"}"#,
+            r#"{"cmd":"force_open","enabled":false, "enabled" :true}"#,
+            r#"{"cmd":"on","until":"+1h","retry_after":60,"until":"+2h"}"#,
+            r#"{"cmd":"\u0063md","cmd":"off"}"#,
+        ] {
+            let e = parse_request(line.as_bytes()).unwrap_err();
+            assert_eq!(e.code, "bad_request", "{line}");
+            assert!(
+                e.message.contains("is given twice"),
+                "{line}: {}",
+                e.message
+            );
+        }
+        let e = parse_request(br#"{"cmd":"status","cmd":"off"}"#).unwrap_err();
+        assert!(
+            e.message.starts_with("the field \"cmd\" is given twice"),
+            "{}",
+            e.message
+        );
+        // The same name in different cases, or inside a value, is no repeat.
+        assert_eq!(
+            parse_request(br#"{"cmd":"update","message":"{\"message\":1,\"message\":2}"}"#),
+            Ok(Request::Update {
+                message: r#"{"message":1,"message":2}"#.into()
+            })
+        );
+        assert_eq!(
+            parse_request(br#"{"cmd":"off","CMD":"off"}"#)
+                .unwrap_err()
+                .message,
+            "off: unknown field `CMD`"
         );
     }
 
