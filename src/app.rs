@@ -307,10 +307,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     for warning in &pages.warnings {
         tracing::warn!("maintenance.pages: {warning}");
     }
-    let persisted = store::load(&config.control.state_file)?;
     // Found now, not at the first `ctl on` of an incident, refused as not saved.
     store::probe(&config.control.state_file)?;
+    // Held before it is read: a proxy started while its predecessor drains (whose controller
+    // may still save a change until it lets the lock go) read the state first, and could
+    // take the lock a moment later and run on a state older than the file.
     let state_lock = store::lock(&config.control.state_file)?;
+    let persisted = store::load(&config.control.state_file)?;
     if let Some(p) = &persisted.planned {
         tracing::warn!(since = %p.since.rfc3339(), by = %p.by, "maintenance is on (restored from the state file)");
     }

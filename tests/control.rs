@@ -265,6 +265,27 @@ async fn a_second_proxy_on_the_same_state_file_refuses_to_start() {
     drop(first);
 }
 
+/// The state file is read only once this proxy holds it: one started while its predecessor
+/// drains (whose controller may still save a change) must not run on the state it read
+/// before the predecessor's last save. Held elsewhere, the file is not read at all: the
+/// start says it is in use, not that it is corrupt.
+#[tokio::test]
+async fn the_state_file_is_read_only_once_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("intermission-state.json");
+    let held = intermission::state::store::lock(&state).unwrap();
+    std::fs::write(&state, "{\"planned\": ").unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, with_listen("")).unwrap();
+    let config = intermission::config::Config::load_file(&path).unwrap();
+    let said = match intermission::app::start(config).await {
+        Ok(_) => panic!("started on a state file held by another"),
+        Err(e) => e.to_string(),
+    };
+    assert!(said.contains("in use by another intermission"), "{said}");
+    drop(held);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn maintenance_survives_kill_9() {
     let up = echo_upstream().await;
