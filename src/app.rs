@@ -303,6 +303,9 @@ pub struct Running {
 /// Loads pages and state, binds every listener and the control socket, and starts serving.
 /// Anything that would make the proxy answer wrongly stops the start with an error.
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let pages = Pages::load(&config.maintenance)?;
     for warning in &pages.warnings {
         tracing::warn!("maintenance.pages: {warning}");

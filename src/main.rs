@@ -309,6 +309,9 @@ fn summary(
     for warning in warnings {
         writeln!(out, "  warning:  {warning}")?;
     }
+    for warning in c.warnings() {
+        writeln!(out, "  warning:  {warning}")?;
+    }
     // Files that look like pages but are served to nobody: nothing else would tell.
     for warning in &pages.warnings {
         writeln!(out, "  warning:  maintenance.pages: {warning}")?;

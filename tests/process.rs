@@ -312,6 +312,30 @@ fn check_says_to_write_the_socket_mode_as_a_string() {
     assert!(!err.contains("432"), "{err}");
 }
 
+/// A control socket its owner cannot use is refused by `check` and the start; one every
+/// local user may use is warned of by `check` (exit 0) and in the start's log.
+#[test]
+fn check_and_run_hold_the_socket_mode_to_what_the_operators_need() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, "[control]\nsocket_mode = \"0400\"\n").unwrap();
+    let (code, err) = check(&path);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("control.socket_mode: \"0400\" keeps the proxy's own user out"),
+        "{err}"
+    );
+    std::fs::write(&path, "[control]\nsocket_mode = \"0777\"\n").unwrap();
+    let out = bin().args(["check", "-c"]).arg(&path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let said = "control.socket_mode \"0777\" lets every local user connect";
+    assert!(text.contains(&format!("  warning:  {said}")), "{text}");
+    let proxy = ProxyProcess::start(dir.path(), "[control]\nsocket_mode = \"0777\"\n");
+    let log = proxy.log_lines().join("\n");
+    assert!(log.contains(said), "{log}");
+}
+
 /// SPEC §5: a state file that cannot be read stops the start, with its cause said once.
 #[test]
 fn run_refuses_a_corrupt_state_file_saying_why_once() {

@@ -268,6 +268,21 @@ impl Config {
         Ok(defaults)
     }
 
+    /// What is valid but likely not meant, said by `check` after its summary and logged at
+    /// start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let mode = self.control.socket_mode;
+        if mode & 0o002 != 0 {
+            warnings.push(format!(
+                "control.socket_mode \"{mode:04o}\" lets every local user connect to the \
+                 control socket, and so switch maintenance on and off; use \"0600\", or \
+                 \"0660\" and a group for the operators"
+            ));
+        }
+        warnings
+    }
+
     pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
         let text =
             crate::files::read_text(path, crate::files::MAX_CONFIG_BYTES).map_err(|source| {
@@ -1123,6 +1138,20 @@ impl Validator<'_> {
 
     fn control(&mut self, f: file::ControlFile) -> ControlConfig {
         let socket_mode = match u32::from_str_radix(f.socket_mode.trim_start_matches("0o"), 8) {
+            // The proxy's own user runs `ctl` (and systemd's `ExecReload` may too): a mode
+            // that keeps its owner out leaves nobody able to switch maintenance off but by a
+            // restart, and was found only when `ctl` was needed.
+            Ok(m) if m <= 0o777 && m & 0o600 != 0o600 => {
+                self.problem(
+                    "control.socket_mode",
+                    format!(
+                        "{:?} keeps the proxy's own user out of its control socket; the owner \
+                         needs read and write, as in \"0600\" or \"0660\"",
+                        f.socket_mode
+                    ),
+                );
+                0o600
+            }
             Ok(m) if m <= 0o777 => m,
             _ => {
                 self.problem(
@@ -1793,6 +1822,39 @@ mod tests {
         ] {
             assert!(clash(fine).is_empty(), "{fine}");
         }
+    }
+
+    /// A mode that keeps the proxy's own user out of its socket is refused; one that lets
+    /// every local user in is warned of.
+    #[test]
+    fn a_socket_mode_must_let_its_owner_in_and_is_warned_of_when_open_to_all() {
+        for mode in [
+            "0000", "0400", "0200", "0500", "0300", "0100", "0066", "0466",
+        ] {
+            let p = problems(&format!("[control]\nsocket_mode = \"{mode}\"\n"));
+            assert_eq!(p.len(), 1, "{mode}: {p:?}");
+            assert_eq!(p[0].key, "control.socket_mode");
+            assert!(
+                p[0].message.contains("the owner needs read and write"),
+                "{mode}: {}",
+                p[0].message
+            );
+        }
+        let warnings = |mode: &str| {
+            let text = format!("[control]\nsocket_mode = \"{mode}\"\n");
+            Config::parse(&text, Path::new("."), None)
+                .map(|c| c.warnings())
+                .unwrap_or_else(|e| panic!("{mode}: {e}"))
+        };
+        for mode in ["0600", "0660", "0700", "0770", "0640", "0604"] {
+            assert_eq!(warnings(mode), Vec::<String>::new(), "{mode}");
+        }
+        for mode in ["0777", "0666", "0602", "0o622"] {
+            let w = warnings(mode);
+            assert_eq!(w.len(), 1, "{mode}: {w:?}");
+            assert!(w[0].contains("lets every local user connect"), "{w:?}");
+        }
+        assert!(warnings("0777")[0].starts_with("control.socket_mode \"0777\""));
     }
 
     #[test]
