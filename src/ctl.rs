@@ -53,18 +53,8 @@ pub fn run(
         Ok(r) => r,
         Err(e) => return fail(3, "no_answer", format!("cannot start: {e}")),
     };
-    let answer = runtime.block_on(async {
-        let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
-        let connected = tokio::time::timeout_at(deadline, client::Client::connect(&socket)).await;
-        let mut proxy = match connected {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Ok(Err(e)),
-            Err(_) => return Err(false),
-        };
-        tokio::time::timeout_at(deadline, proxy.request(&req))
-            .await
-            .map_err(|_| true)
-    });
+    let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
+    let answer = runtime.block_on(exchange(&socket, &req, deadline));
     let resp = match answer {
         Ok(Ok(r)) => r,
         Ok(Err(e @ client::ClientError::NoProxy { .. })) => {
@@ -109,6 +99,9 @@ pub fn run(
             &mut TerminalSafe(std::io::stdout().lock()),
             &resp,
         ));
+    }
+    if resp.error.as_ref().is_some_and(|e| e.code == "busy") {
+        eprintln!("note: {}", busy_hint(&socket, ANSWER_TIMEOUT));
     }
     if let (Request::Off, Some(window)) = (&req, resp.state.as_ref().and_then(window_in_force)) {
         // `off` ends an operator's maintenance, not a window: said, so that an operator who
@@ -164,6 +157,85 @@ pub fn print_failure(code: &str, message: &str) {
 
 /// A stuck proxy must not hang an operator's terminal mid-incident.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
+/// The first pause before asking again after the proxy did not read a request; doubled at
+/// each try up to `MAX_BACKOFF`, so that a burst of scripts clears within a few tries and
+/// one that waits out other connections asks about once a second.
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The answer, or the failure, as `run` reports it; `Err(sent)` when `deadline` passed,
+/// `sent` saying whether the request had gone out.
+type Answer = Result<Result<Response, client::ClientError>, bool>;
+
+/// Sends `req`, on a new connection each time, until the proxy reads it or `deadline` is
+/// too near to try again. `busy` (its control connections all in use) and `idle` (this one
+/// closed to make room for a newer one) both say that the request was not read: asked again,
+/// it cannot apply twice, and an operator in an incident gets through once a slot frees
+/// rather than being sent away at the first refusal. The last refusal is what is returned.
+async fn exchange(socket: &Path, req: &Request, deadline: tokio::time::Instant) -> Answer {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let answer = once(socket, req, deadline).await;
+        let unread = match &answer {
+            Ok(Ok(resp)) => resp
+                .error
+                .as_ref()
+                .is_some_and(|e| e.code == "busy" || e.code == "idle"),
+            _ => false,
+        };
+        // Spread, so that clients refused together do not come back together.
+        let pause = backoff / 2 + backoff.mul_f64(jitter() / 2.0);
+        if !unread || tokio::time::Instant::now() + pause >= deadline {
+            return answer;
+        }
+        tokio::time::sleep(pause).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One connection, one request, within `deadline`.
+async fn once(socket: &Path, req: &Request, deadline: tokio::time::Instant) -> Answer {
+    let connected = tokio::time::timeout_at(deadline, client::Client::connect(socket)).await;
+    let mut proxy = match connected {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Ok(Err(e)),
+        Err(_) => return Err(false),
+    };
+    tokio::time::timeout_at(deadline, proxy.request(req))
+        .await
+        .map_err(|_| true)
+}
+
+/// A number in [0, 1) that differs between processes and calls: std's hasher keys are
+/// random, which is all the spread needs.
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let bits = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// What an operator can do when the proxy stayed busy until `ctl` gave up: find what holds
+/// its control connections. They are found by the socket's file name: the proxy binds it
+/// under a temporary one beside it (`.NAME.PID`, `control::server::bind`) and the system
+/// lists it by that, so its path would not match. `ss -xp` shows the proxy's ends with the
+/// client's inode but not the client; `lsof +E` names the client beside each.
+fn busy_hint(socket: &Path, waited: Duration) -> String {
+    let name = socket
+        .file_name()
+        .unwrap_or(socket.as_os_str())
+        .to_string_lossy();
+    let name = shell_quote(&name);
+    format!(
+        "the proxy's control connections stayed in use for {} s: something holds many of them \
+         open (a script that leaks connections, or keeps a pool of them). `lsof +E -U | grep -F \
+         -e {name}` names the process at the other end of each; `ss -xp | grep -F -e {name}` \
+         lists them with the inode of each client's end under Peer, which `ss -xp | grep -w \
+         INODE` shows with its process",
+        waited.as_secs()
+    )
+}
 
 /// The socket path from the config file, read without validating the rest: an operator who
 /// broke the config must still be able to run `ctl status`, `off` or `reload` (which then
@@ -559,12 +631,19 @@ fn shell_word(path: &Path) -> String {
         Some(b'-' | b'=') => format!("./{text}"),
         _ => text,
     };
+    shell_quote(&text)
+}
+
+/// `text` as one word a shell reads back as it is: quoted unless it needs none.
+fn shell_quote(text: &str) -> String {
+    // zsh expands a leading `=` even in a word of these characters alone.
     let plain = !text.is_empty()
+        && !text.starts_with('=')
         && text
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"/._-+:@%,=".contains(&b));
     if plain {
-        text
+        text.to_owned()
     } else {
         format!("'{}'", text.replace('\'', "'\\''"))
     }
@@ -605,6 +684,102 @@ mod tests {
             one_line("ok\nmode:        normal\r"),
             "ok\\nmode:        normal\\r"
         );
+    }
+
+    /// A stand-in proxy on `socket`: answers each connection's first line with the next of
+    /// `answers` (the last again once they run out), and sends what it read on `seen`.
+    fn fake_proxy(
+        socket: &Path,
+        answers: &'static [&'static str],
+    ) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let listener = tokio::net::UnixListener::bind(socket).unwrap();
+        let (seen, read) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            for n in 0.. {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (r, mut w) = stream.into_split();
+                let mut line = String::new();
+                tokio::io::BufReader::new(r)
+                    .read_line(&mut line)
+                    .await
+                    .unwrap();
+                let _ = seen.send(line);
+                let answer = answers[n.min(answers.len() - 1)];
+                w.write_all(format!("{answer}\n").as_bytes()).await.unwrap();
+            }
+        });
+        read
+    }
+
+    const BUSY: &str = r#"{"ok":false,"error":{"code":"busy","message":"64 open"}}"#;
+    const IDLE: &str = r#"{"ok":false,"error":{"code":"idle","message":"closed for room"}}"#;
+    const CONFLICT: &str = r#"{"ok":false,"error":{"code":"conflict","message":"nothing held"}}"#;
+    const DONE: &str = r#"{"ok":true}"#;
+
+    /// A `busy` or `idle` refusal says the request was not read: it is sent again, whole, on
+    /// a new connection, and the answer that comes then is the one reported.
+    #[tokio::test]
+    async fn a_request_the_proxy_did_not_read_is_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("c.sock");
+        let mut seen = fake_proxy(&socket, &[BUSY, IDLE, DONE]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let answer = exchange(&socket, &Request::Off, deadline).await;
+        let resp = answer.unwrap().unwrap();
+        assert!(resp.ok, "{resp:?}");
+        for _ in 0..3 {
+            assert_eq!(seen.recv().await.unwrap(), "{\"cmd\":\"off\"}\n");
+        }
+    }
+
+    /// A proxy busy until the deadline is given up on before it, with its last refusal, and
+    /// asked often enough meanwhile; other refusals are not sent again.
+    #[tokio::test]
+    async fn a_proxy_busy_throughout_is_given_up_on_by_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("c.sock");
+        let mut seen = fake_proxy(&socket, &[BUSY]);
+        let started = tokio::time::Instant::now();
+        let deadline = started + Duration::from_secs(2);
+        let resp = exchange(&socket, &Request::Off, deadline)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.error.unwrap().code, "busy");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "past the deadline"
+        );
+        let mut tries = 0;
+        while seen.try_recv().is_ok() {
+            tries += 1;
+        }
+        assert!(tries >= 4, "asked {tries} times in 2 s");
+
+        let socket = dir.path().join("d.sock");
+        let mut seen = fake_proxy(&socket, &[CONFLICT]);
+        let resp = exchange(&socket, &Request::Off, deadline)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.error.unwrap().code, "conflict");
+        seen.recv().await.unwrap();
+        assert!(
+            seen.try_recv().is_err(),
+            "a refusal that read the request was sent again"
+        );
+    }
+
+    #[test]
+    fn giving_up_on_a_busy_proxy_says_how_to_find_what_holds_it() {
+        // The file name, which the temporary name the socket was bound under holds.
+        let hint = busy_hint(Path::new("/run/my proxy/-i.sock"), ANSWER_TIMEOUT);
+        assert!(hint.contains("15 s"), "{hint}");
+        assert!(hint.contains("`ss -xp | grep -F -e -i.sock`"), "{hint}");
+        assert!(hint.contains("`lsof +E -U | grep -F -e -i.sock`"), "{hint}");
+        let hint = busy_hint(Path::new("i'.sock"), ANSWER_TIMEOUT);
+        assert!(hint.contains("grep -F -e 'i'\\''.sock'`"), "{hint}");
     }
 
     fn found(socket: &str, line: usize) -> Scan {

@@ -228,6 +228,48 @@ async fn control_connections_are_capped_and_one_over_is_told_busy() {
     assert!(answered, "no way in once the silent connections closed");
 }
 
+/// `ctl` asks again after a `busy` refusal, within its deadline, and reports the answer that
+/// comes then: a burst of scripts, or a moment when every connection is in use, no longer
+/// turns an operator's command away.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctl_asks_again_when_the_proxy_is_busy() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fake.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let fake = tokio::spawn(async move {
+        let mut requests = Vec::new();
+        for answer in [
+            r#"{"ok":false,"error":{"code":"busy","message":"64 open"}}"#,
+            r#"{"ok":true}"#,
+        ] {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            tokio::io::BufReader::new(r)
+                .read_line(&mut line)
+                .await
+                .unwrap();
+            requests.push(line);
+            w.write_all(format!("{answer}\n").as_bytes()).await.unwrap();
+        }
+        requests
+    });
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_intermission"))
+        .arg("ctl")
+        .arg("-s")
+        .arg(&socket)
+        .arg("off")
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("busy"), "{err}");
+    let requests = fake.await.unwrap();
+    assert_eq!(requests, ["{\"cmd\":\"off\"}\n"; 2]);
+}
+
 #[tokio::test]
 async fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
     let dir = tempfile::tempdir().unwrap();
