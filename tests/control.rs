@@ -193,21 +193,20 @@ async fn an_oversized_line_is_refused_and_the_connection_closed() {
     assert!(ctl(&proxy, Ctl::Status).await.ok);
 }
 
-/// 64 connections that say nothing (a script leaking them) leave the 65th told why it is
-/// closed, and the operator's way in opens again as soon as one of them goes.
+/// 64 connections each in the middle of a request leave the 65th told why it is closed
+/// (`busy`: none is waiting for its next request, so none is closed to make room), and the
+/// operator's way in opens again as soon as one of them goes.
 #[tokio::test]
 async fn control_connections_are_capped_and_one_over_is_told_busy() {
-    use tokio::io::AsyncBufReadExt;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let proxy = spawn_proxy("").await;
     let socket = proxy.dir.path().join("intermission.sock");
-    let mut silent = Vec::new();
-    for _ in 0..63 {
-        silent.push(tokio::net::UnixStream::connect(&socket).await.unwrap());
+    let mut begun = Vec::new();
+    for _ in 0..64 {
+        let mut c = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        c.write_all(br#"{"cmd":"sta"#).await.unwrap();
+        begun.push(c);
     }
-    // Up to 64 are served: a request on the 64th gets its answer.
-    let mut last = Client::connect(&socket).await.unwrap();
-    let answer = last.raw(br#"{"cmd":"status"}"#).await.unwrap();
-    assert!(answer.contains(r#""ok":true"#), "{answer}");
     let over = tokio::net::UnixStream::connect(&socket).await.unwrap();
     let mut lines = tokio::io::BufReader::new(over).lines();
     let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
@@ -218,14 +217,59 @@ async fn control_connections_are_capped_and_one_over_is_told_busy() {
     let refused: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(refused["error"]["code"], "busy", "{line}");
     assert_eq!(lines.next_line().await.unwrap(), None, "closed");
-    drop(silent);
+    // Up to 64 are served: the one that goes frees its slot for the next.
+    drop(begun.pop());
     let answered = wait_until_async(|| async {
         intermission::control::client::request(&socket, &Ctl::Status)
             .await
             .is_ok_and(|r| r.ok)
     })
     .await;
-    assert!(answered, "no way in once the silent connections closed");
+    assert!(answered, "no way in once a connection closed");
+}
+
+/// 64 connections left idle (a script that leaks them, or keeps a pool) no longer lock the
+/// operator out: `ctl` gets through, by the place of the one that has waited longest for its
+/// next request, which is told why it is closed (`idle`); the others stay open.
+#[tokio::test]
+async fn idle_control_connections_make_room_for_the_operator() {
+    use tokio::io::AsyncBufReadExt;
+    let proxy = spawn_proxy("").await;
+    let socket = proxy.dir.path().join("intermission.sock");
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(tokio::net::UnixStream::connect(&socket).await.unwrap());
+    }
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_intermission"))
+        .arg("ctl")
+        .arg("-s")
+        .arg(&socket)
+        .args(["on", "--message", "Database upgrade"])
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(proxy_mode(&proxy).await, "maintenance");
+    let mut oldest = tokio::io::BufReader::new(idle.remove(0)).lines();
+    let line = tokio::time::timeout(Duration::from_secs(5), oldest.next_line())
+        .await
+        .expect("the connection idle longest was not told")
+        .unwrap()
+        .unwrap();
+    let told: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(told["error"]["code"], "idle", "{line}");
+    assert!(
+        matches!(oldest.next_line().await, Ok(None) | Err(_)),
+        "then closed"
+    );
+    for c in &idle {
+        let mut buf = [0u8; 1];
+        let e = c
+            .try_read(&mut buf)
+            .expect_err("another connection was closed");
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+    }
 }
 
 /// `ctl` asks again after a `busy` refusal, within its deadline, and reports the answer that

@@ -3,17 +3,24 @@
 //!
 //! Lines are capped before they are buffered whole, so a client cannot make the proxy
 //! allocate without bound; a bad request gets an error and the connection stays usable.
-//! Connections are capped too, and one that says nothing for a minute is closed, so that
-//! leaked or stuck clients (a script that never closes its `socat`) cannot hold the operator's
-//! way in shut, as HAProxy's CLI has `maxconn` and `timeout cli`.
+//! Connections are capped too, and one that says nothing for a minute is closed, as HAProxy's
+//! CLI has `maxconn` and `timeout cli`. At the cap, a new connection takes the place of the one
+//! that has waited longest for its next request, as the HTTP listener makes room: leaked or kept
+//! clients (a script that never closes its `socat`, an exporter's pool) cannot hold the
+//! operator's way in shut, even for the minute.
 
 use super::protocol::{parse_request, ErrorBody, Response, MAX_LINE};
 use crate::shutdown::Shutdown;
 use crate::state::controller::ControllerHandle;
+use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -161,10 +168,135 @@ fn bind(path: &Path, mode: u32) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
-/// Control connections open at once; one more is told `busy` and closed.
+/// Control connections open at once. One more takes the place of the connection that has
+/// waited longest for its next request (`Room::admit`), or, when every one has a request in
+/// hand or has waited less than `SETTLED`, is told `busy` and closed.
 const MAX_CONNECTIONS: usize = 64;
 /// How long a connection may wait between requests, or take to send one.
-const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+const IDLE: Duration = Duration::from_secs(60);
+/// A connection that has waited less than this for its next request is not closed to make
+/// room: that request is most likely on its way (a client between its connect and its write,
+/// a script reading one answer before it sends the next), and would be refused. A burst of
+/// short-lived clients is told `busy` instead, which `ctl` asks again after.
+const SETTLED: Duration = Duration::from_secs(1);
+/// How long a connection closed to make room has to take the line that says so: it no
+/// longer holds a slot, so it must not linger on a client that does not read.
+const FAREWELL: Duration = Duration::from_secs(1);
+
+/// The control connections' slots under `MAX_CONNECTIONS`, and, lent back to it, those of the
+/// connections waiting for their next request, which a new connection at the limit may take.
+/// A semaphore counts the slots, so that most admissions take no lock; the lock is held for a
+/// map operation only, never across an await.
+struct Room {
+    open: Arc<Semaphore>,
+    /// By when each began to wait, then by the order connections came (unique per connection:
+    /// each waits for one request at a time), so that the first waited longest.
+    waiting: Mutex<BTreeMap<(Instant, u64), Lent>>,
+}
+
+/// A waiting connection's slot, and how it is told that a newer connection took it.
+struct Lent {
+    permit: OwnedSemaphorePermit,
+    taken: oneshot::Sender<()>,
+}
+
+/// One connection's place under `MAX_CONNECTIONS`.
+struct Slot {
+    room: Arc<Room>,
+    permit: OwnedSemaphorePermit,
+    id: u64,
+    /// When its connection began to wait for its next request: when it was accepted, then
+    /// when its last answer was written.
+    since: Instant,
+}
+
+/// A slot lent back while its connection waits (`Slot::lend`); the connection closes once
+/// `taken` fires. Dropped, it gives the slot up, if still there.
+struct Loan {
+    room: Arc<Room>,
+    key: (Instant, u64),
+    taken: oneshot::Receiver<()>,
+}
+
+impl Room {
+    fn new(max: usize) -> Arc<Room> {
+        Arc::new(Room {
+            open: Arc::new(Semaphore::new(max)),
+            waiting: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// A slot for connection `id`: a free one, else the one of the connection that has
+    /// waited longest for its next request, at least `SETTLED`, which is told to close. None
+    /// when every connection has a request in hand or has waited less: the limit holds, and
+    /// nothing is queued.
+    fn admit(self: &Arc<Room>, id: u64) -> Option<Slot> {
+        let permit = match self.open.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let mut waiting = self.waiting();
+                let longest = waiting.first_entry()?;
+                if longest.key().0.elapsed() < SETTLED {
+                    return None;
+                }
+                let lent = longest.remove();
+                drop(waiting);
+                // Gone already (its task ended between its last look and now): the slot is
+                // free all the same.
+                let _ = lent.taken.send(());
+                lent.permit
+            }
+        };
+        Some(Slot {
+            room: self.clone(),
+            permit,
+            id,
+            since: Instant::now(),
+        })
+    }
+
+    fn waiting(&self) -> MutexGuard<'_, BTreeMap<(Instant, u64), Lent>> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Slot {
+    /// Lends the slot back while the connection waits for its next request.
+    fn lend(self) -> Loan {
+        let (taken, told) = oneshot::channel();
+        let key = (self.since, self.id);
+        let lent = Lent {
+            permit: self.permit,
+            taken,
+        };
+        self.room.waiting().insert(key, lent);
+        Loan {
+            room: self.room,
+            key,
+            taken: told,
+        }
+    }
+}
+
+impl Loan {
+    /// The slot back, as a request comes; none if a newer connection took it.
+    fn back(&self) -> Option<Slot> {
+        let lent = self.room.waiting().remove(&self.key)?;
+        Some(Slot {
+            room: self.room.clone(),
+            permit: lent.permit,
+            id: self.key.1,
+            since: self.key.0,
+        })
+    }
+}
+
+impl Drop for Loan {
+    fn drop(&mut self) {
+        let lent = self.room.waiting().remove(&self.key);
+        drop(lent);
+    }
+}
 
 /// Serves until `shutdown` fires, then waits for the connections: each ends once the
 /// exchange in hand is answered, so that an operator whose command the controller finished
@@ -177,7 +309,8 @@ pub async fn serve(
     recheck: std::sync::Arc<tokio::sync::Notify>,
 ) {
     let mut failures = crate::listener::AcceptFailures::new("control socket");
-    let open = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let room = Room::new(MAX_CONNECTIONS);
+    let mut accepted: u64 = 0;
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let stream = tokio::select! {
@@ -195,16 +328,14 @@ pub async fn serve(
             }
             _ = shutdown.fired() => break,
         };
-        match open.clone().try_acquire_owned() {
-            Ok(permit) => {
+        accepted += 1;
+        match room.admit(accepted) {
+            Some(slot) => {
                 let controller = controller.clone();
                 let stop = shutdown.clone();
-                connections.spawn(async move {
-                    connection(stream, controller, stop).await;
-                    drop(permit);
-                });
+                connections.spawn(connection(stream, controller, stop, slot));
             }
-            Err(_) => {
+            None => {
                 tokio::spawn(refuse(stream));
             }
         }
@@ -216,16 +347,38 @@ pub async fn serve(
 /// Tells a connection over `MAX_CONNECTIONS` why it is closed (bounded: it may not read).
 async fn refuse(stream: UnixStream) {
     let (_, mut w) = stream.into_split();
-    let why = format!("{MAX_CONNECTIONS} control connections are open already; closing");
-    closing(&mut w, "busy", why).await;
+    let why = format!(
+        "{MAX_CONNECTIONS} control connections are open, and none has waited {} s for its next \
+         request to be closed for room; closing: try again in a moment",
+        SETTLED.as_secs()
+    );
+    let _ = tokio::time::timeout(FAREWELL, closing(&mut w, "busy", why)).await;
 }
 
 /// Says why the connection is about to be closed, if the client still reads.
-async fn closing(w: &mut tokio::net::unix::OwnedWriteHalf, code: &str, why: String) {
+async fn closing(w: &mut OwnedWriteHalf, code: &str, why: String) {
     let _ = write(w, &Response::error(ErrorBody::new(code, why))).await;
 }
 
-async fn connection(stream: UnixStream, controller: ControllerHandle, mut stop: Shutdown) {
+/// What ended a connection's wait for its next request.
+enum Waited {
+    /// The first bytes of one came.
+    Request,
+    /// The client closed its end, or the socket failed.
+    Closed,
+    /// `IDLE` passed.
+    Idle,
+    /// A newer connection took its slot.
+    Taken,
+    Stop,
+}
+
+async fn connection(
+    stream: UnixStream,
+    controller: ControllerHandle,
+    mut stop: Shutdown,
+    mut slot: Slot,
+) {
     let uid = stream.peer_cred().ok().map(|c| c.uid());
     // Reading the user database is disk work: off the async workers.
     let by = tokio::task::spawn_blocking(move || peer_user(uid))
@@ -234,32 +387,62 @@ async fn connection(stream: UnixStream, controller: ControllerHandle, mut stop: 
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let mut line = Vec::new();
-    // Moved on by requests only: blank lines do not keep a connection open.
-    let mut deadline = tokio::time::Instant::now() + IDLE;
     loop {
-        line.clear();
-        // Room for the longest line allowed and its ending (CR LF): one byte more, with no
-        // LF, is already too long.
-        let mut capped = (&mut r).take(MAX_LINE as u64 + 2);
-        let read = tokio::select! {
+        // Moved on by requests only: blank lines do not keep a connection open, nor move it
+        // back among those waiting.
+        let deadline = slot.since + IDLE;
+        // Waiting, the connection lends its slot back, for a newer one to take should it have
+        // waited longest when the limit is reached. It counts as waiting until the first byte
+        // of its next request: one begun is not closed for room (`IDLE` still bounds it).
+        let mut loan = slot.lend();
+        let waited = tokio::select! {
             // A request already sent is taken first, to be answered (refused as not applied
             // once the controller has stopped); only a connection waiting for its next one
             // is closed by the stop, saying so: a client whose request was on its way (it
             // connected as the stop began) reads that it was not applied, not a bare close
             // that says nothing of it.
             biased;
-            read = tokio::time::timeout_at(deadline, capped.read_until(b'\n', &mut line)) => read,
-            () = stop.fired() => {
-                let why = "the proxy is shutting down; this command was not applied".to_owned();
-                closing(&mut w, "internal", why).await;
-                // Closed with the client's request unread, the socket would be reset, and the
-                // client could lose this answer with it: what it sends is read and dropped
-                // until it closes, for a moment at most.
-                let mut sink = tokio::io::sink();
-                let drop_rest = tokio::io::copy(&mut capped, &mut sink);
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drop_rest).await;
+            filled = tokio::time::timeout_at(deadline, r.fill_buf()) => match filled {
+                Ok(Ok(bytes)) if !bytes.is_empty() => Waited::Request,
+                Ok(_) => Waited::Closed,
+                Err(_) => Waited::Idle,
+            },
+            Ok(()) = &mut loan.taken => Waited::Taken,
+            () = stop.fired() => Waited::Stop,
+        };
+        match waited {
+            Waited::Closed => return,
+            Waited::Stop => return stopping(&mut w, &mut r).await,
+            Waited::Idle => {
+                let why = format!("no request for {} s; closing", IDLE.as_secs());
+                return closing(&mut w, "idle", why).await;
+            }
+            Waited::Request | Waited::Taken => {}
+        }
+        // Taken as its request came, the connection goes all the same: that request is not
+        // read, and `idle` tells its client so, as when it is taken while it waits.
+        slot = match loan.back() {
+            Some(slot) => slot,
+            None => {
+                let why = format!(
+                    "closed to make room for a newer control connection: {MAX_CONNECTIONS} \
+                     are open, and this one had waited longest for its next request ({} s)",
+                    loan.key.0.elapsed().as_secs()
+                );
+                let _ = tokio::time::timeout(FAREWELL, closing(&mut w, "idle", why)).await;
                 return;
             }
+        };
+        drop(loan);
+        line.clear();
+        // Room for the longest line allowed and its ending (CR LF): one byte more, with no
+        // LF, is already too long.
+        let mut capped = (&mut r).take(MAX_LINE as u64 + 2);
+        let read = tokio::select! {
+            // As above: a request being sent is read first.
+            biased;
+            read = tokio::time::timeout_at(deadline, capped.read_until(b'\n', &mut line)) => read,
+            () = stop.fired() => return stopping(&mut w, &mut r).await,
         };
         match read {
             Ok(Ok(0) | Err(_)) => return,
@@ -291,11 +474,24 @@ async fn connection(stream: UnixStream, controller: ControllerHandle, mut stop: 
                 Response::error(e)
             }
         };
-        deadline = tokio::time::Instant::now() + IDLE;
         if write(&mut w, &resp).await.is_err() || !complete {
             return;
         }
+        slot.since = Instant::now();
     }
+}
+
+/// Closes a connection as the proxy stops, saying that what it sent was not applied.
+async fn stopping(w: &mut OwnedWriteHalf, r: &mut BufReader<OwnedReadHalf>) {
+    let why = "the proxy is shutting down; this command was not applied".to_owned();
+    closing(w, "internal", why).await;
+    // Closed with the client's request unread, the socket would be reset, and the client
+    // could lose this answer with it: what it sends is read and dropped until it closes, for
+    // a moment at most.
+    let mut sink = tokio::io::sink();
+    let mut rest = r.take(MAX_LINE as u64 + 2);
+    let drop_rest = tokio::io::copy(&mut rest, &mut sink);
+    let _ = tokio::time::timeout(Duration::from_secs(1), drop_rest).await;
 }
 
 /// The length of a line without its ending: the limit is on what was said, so that CR LF
@@ -307,7 +503,7 @@ fn content_len(line: &[u8]) -> usize {
 
 /// Writes one answer, giving up after `IDLE`: a client that sends requests and never reads
 /// the answers must not keep its connection (and a slot under `MAX_CONNECTIONS`) for ever.
-async fn write(w: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response) -> std::io::Result<()> {
+async fn write(w: &mut OwnedWriteHalf, resp: &Response) -> std::io::Result<()> {
     let mut out = serde_json::to_vec(resp).map_err(std::io::Error::other)?;
     out.push(b'\n');
     match tokio::time::timeout(IDLE, w.write_all(&out)).await {
@@ -344,7 +540,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn blank_lines_do_not_keep_a_connection_open() {
         let (client, server) = UnixStream::pair().unwrap();
-        let served = tokio::spawn(connection(server, ControllerHandle::detached(), never()));
+        let served = tokio::spawn(connection(
+            server,
+            ControllerHandle::detached(),
+            never(),
+            slot(),
+        ));
         let (r, mut w) = client.into_split();
         let started = tokio::time::Instant::now();
         let mut lines = BufReader::new(r).lines();
@@ -372,7 +573,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_client_that_never_reads_is_let_go() {
         let (client, server) = UnixStream::pair().unwrap();
-        let served = tokio::spawn(connection(server, ControllerHandle::detached(), never()));
+        let served = tokio::spawn(connection(
+            server,
+            ControllerHandle::detached(),
+            never(),
+            slot(),
+        ));
         let (_unread, mut w) = client.into_split();
         // Each request gets an answer (an error: no controller is behind this handle) that
         // nobody reads, until the socket's buffer is full.
@@ -389,7 +595,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_silent_connection_is_closed_after_a_minute() {
         let (client, server) = UnixStream::pair().unwrap();
-        let served = tokio::spawn(connection(server, ControllerHandle::detached(), never()));
+        let served = tokio::spawn(connection(
+            server,
+            ControllerHandle::detached(),
+            never(),
+            slot(),
+        ));
         let (r, mut w) = client.into_split();
         w.write_all(br#"{"cmd":"sta"#).await.unwrap();
         let started = tokio::time::Instant::now();
@@ -413,7 +624,12 @@ mod tests {
     async fn a_stop_tells_a_waiting_connection_nothing_was_applied() {
         let (client, server) = UnixStream::pair().unwrap();
         let (trigger, stop) = crate::shutdown::channel();
-        let served = tokio::spawn(connection(server, ControllerHandle::detached(), stop));
+        let served = tokio::spawn(connection(
+            server,
+            ControllerHandle::detached(),
+            stop,
+            slot(),
+        ));
         trigger.fire();
         let mut lines = BufReader::new(client).lines();
         let line = lines.next_line().await.unwrap().unwrap();
@@ -425,6 +641,90 @@ mod tests {
         );
         assert!(lines.next_line().await.unwrap().is_none(), "then closed");
         served.await.unwrap();
+    }
+
+    /// A slot in a room of its own.
+    fn slot() -> Slot {
+        Room::new(1).admit(1).unwrap()
+    }
+
+    /// At the limit, a new connection takes the slot of the one that has waited longest for
+    /// its next request; never one with a request in hand, nor one that waited less than
+    /// `SETTLED`, whose request may be on its way. With none to take, nothing is queued.
+    #[tokio::test(start_paused = true)]
+    async fn room_is_made_from_the_connection_waiting_longest() {
+        let room = Room::new(3);
+        let mut older = room.admit(1).unwrap().lend();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let newer = room.admit(2).unwrap().lend();
+        let _in_hand = room.admit(3).unwrap();
+        let _fourth = room.admit(4).expect("the older one waited 5 s");
+        assert!(older.back().is_none(), "its slot was given away");
+        assert_eq!(older.taken.try_recv(), Ok(()), "and it was told");
+        assert!(
+            room.admit(5).is_none(),
+            "the newer one waited less than SETTLED"
+        );
+        tokio::time::advance(SETTLED).await;
+        let _sixth = room.admit(6).expect("the newer one has waited SETTLED");
+        assert!(newer.back().is_none());
+        assert!(room.admit(7).is_none(), "every slot has a request in hand");
+    }
+
+    /// A connection given back waits again from where it left off, and a dropped loan frees
+    /// its slot.
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_taken_back_is_not_given_away() {
+        let room = Room::new(1);
+        let began = Instant::now();
+        let loan = room.admit(1).unwrap().lend();
+        tokio::time::advance(SETTLED).await;
+        let slot = loan.back().unwrap();
+        drop(loan);
+        assert_eq!(
+            slot.since, began,
+            "a blank line does not move it back in the line"
+        );
+        tokio::time::advance(SETTLED * 2).await;
+        assert!(room.admit(2).is_none(), "a request in hand keeps its slot");
+        drop(slot.lend());
+        assert!(room.admit(3).is_some(), "a dropped loan frees its slot");
+    }
+
+    /// A connection whose slot a newer one takes is told why, with `idle`, and closed; one
+    /// that has begun a request is not taken.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_closed_for_room_is_told_idle() {
+        let room = Room::new(2);
+        let (client, server) = UnixStream::pair().unwrap();
+        let detached = ControllerHandle::detached();
+        let served = tokio::spawn(connection(
+            server,
+            detached,
+            never(),
+            room.admit(1).unwrap(),
+        ));
+        let (busy, server) = UnixStream::pair().unwrap();
+        let detached = ControllerHandle::detached();
+        let begun = tokio::spawn(connection(
+            server,
+            detached,
+            never(),
+            room.admit(2).unwrap(),
+        ));
+        let (_, mut begun_w) = busy.into_split();
+        begun_w.write_all(br#"{"cmd":"sta"#).await.unwrap();
+        tokio::time::sleep(SETTLED).await;
+        let _newer = room.admit(3).expect("the waiting connection makes room");
+        let mut lines = BufReader::new(client).lines();
+        let line = lines.next_line().await.unwrap().unwrap();
+        let resp: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(resp["error"]["code"], "idle", "{line}");
+        assert!(line.contains("make room"), "{line}");
+        assert_eq!(lines.next_line().await.unwrap(), None, "closed");
+        served.await.unwrap();
+        assert!(room.admit(4).is_none(), "the begun request keeps its slot");
+        begun.abort();
     }
 
     /// A stop that never fires.
