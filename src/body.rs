@@ -33,6 +33,9 @@ pub enum Body {
     /// A response streamed from an upstream connection that goes back to its pool once the
     /// body has been read whole.
     Lent(Incoming, Option<crate::forward::pool::Checkin>),
+    /// A response streamed over an upstream HTTP/2 connection, holding its stream's place
+    /// among those the connection may carry until the body ends or is dropped.
+    Multiplexed(Incoming, Option<crate::forward::pool::OpenStream>),
     /// Counts the data bytes that pass, and reports them when the body is dropped.
     Counted(Box<Counted>),
     /// A streamed request body that says when it has been sent whole, so that the wait for
@@ -373,6 +376,13 @@ impl HttpBody for Body {
                 }
                 polled.map_err(Into::into)
             }
+            Body::Multiplexed(incoming, stream) => {
+                let polled = Pin::new(&mut *incoming).poll_frame(cx);
+                if finished(&polled, incoming) {
+                    drop(stream.take());
+                }
+                polled.map_err(Into::into)
+            }
             Body::Counted(c) => {
                 let polled = Pin::new(&mut c.inner).poll_frame(cx);
                 if let Poll::Ready(Some(Ok(frame))) = &polled {
@@ -391,9 +401,10 @@ impl HttpBody for Body {
             Body::Empty => true,
             Body::Full(bytes) => bytes.is_none(),
             Body::Trailed(held) => held.0.is_none() && held.1.is_none(),
-            Body::Stream(incoming) | Body::Watched(incoming, _) | Body::Lent(incoming, _) => {
-                incoming.is_end_stream()
-            }
+            Body::Stream(incoming)
+            | Body::Watched(incoming, _)
+            | Body::Lent(incoming, _)
+            | Body::Multiplexed(incoming, _) => incoming.is_end_stream(),
             Body::Counted(c) => c.inner.is_end_stream(),
             Body::Timed(t) => t.grpc == Some(GrpcEnd::Ended) || t.inner.is_end_stream(),
         }
@@ -406,9 +417,10 @@ impl HttpBody for Body {
             Body::Trailed(held) => {
                 SizeHint::with_exact(held.0.as_ref().map_or(0, |b| b.len() as u64))
             }
-            Body::Stream(incoming) | Body::Watched(incoming, _) | Body::Lent(incoming, _) => {
-                incoming.size_hint()
-            }
+            Body::Stream(incoming)
+            | Body::Watched(incoming, _)
+            | Body::Lent(incoming, _)
+            | Body::Multiplexed(incoming, _) => incoming.size_hint(),
             Body::Counted(c) => c.inner.size_hint(),
             Body::Timed(t) => t.inner.size_hint(),
         }

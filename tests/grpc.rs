@@ -912,6 +912,112 @@ async fn an_idle_h2c_connection_is_closed_after_idle_timeout() {
     assert!(closed.await, "the idle connection was never closed");
 }
 
+/// An `h2c://` server that lets each connection carry `streams` at once, as nginx, Apache or
+/// Go cap theirs (`SETTINGS_MAX_CONCURRENT_STREAMS`). `/held` is answered with its head and
+/// `first,` at once and `last` once `release` gives it a permit, as a server-sent event
+/// stream or a slow download keeps its stream; anything else `served`. `connections` counts
+/// the HTTP/2 connections it got.
+async fn capped_h2c_server(
+    streams: u32,
+    release: Arc<tokio::sync::Semaphore>,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (counted, release) = (counted.clone(), release.clone());
+            tokio::spawn(async move {
+                let handshake = h2::server::Builder::new()
+                    .max_concurrent_streams(streams)
+                    .handshake(tcp);
+                // A TCP health check's connection ends here, uncounted.
+                let Ok(mut conn) = handshake.await else {
+                    return;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let held = req.uri().path() == "/held";
+                    let Ok(mut send) = respond.send_response(http::Response::new(()), false) else {
+                        continue;
+                    };
+                    if !held {
+                        let _ = send.send_data(bytes::Bytes::from_static(b"served"), true);
+                        continue;
+                    }
+                    let _ = send.send_data(bytes::Bytes::from_static(b"first,"), false);
+                    let release = release.clone();
+                    tokio::spawn(async move {
+                        if let Ok(permit) = release.acquire().await {
+                            permit.forget();
+                        }
+                        let _ = send.send_data(bytes::Bytes::from_static(b"last"), true);
+                    });
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+/// Two `/held` answers through `proxy`, once their heads and first bytes have come (so the
+/// server's streams are taken, and the proxy has read its `SETTINGS`, sent before them).
+async fn two_held(proxy: &Proxy) -> Vec<http::Response<hyper::body::Incoming>> {
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let req = http::Request::get(proxy.url("/held"))
+            .body(empty())
+            .unwrap();
+        let mut resp = support::client().request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let first = http_body_util::BodyExt::frame(resp.body_mut()).await;
+        let first = first.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first.as_ref(), b"first,");
+        held.push(resp);
+    }
+    held
+}
+
+/// A server lets an HTTP/2 connection carry only so many streams at once: with all of them
+/// held by long answers (server-sent events, slow downloads, gRPC streams), a request goes on
+/// another connection at once, rather than waiting in h2 for a stream to end and getting the
+/// outage answer after `response_timeout` from a healthy server. A stream whose answer has
+/// ended is free again: later requests go on the connections already open.
+#[tokio::test]
+async fn a_request_finding_every_stream_of_an_h2c_connection_held_goes_on_another() {
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let (addr, connections) = capped_h2c_server(2, release.clone()).await;
+    // One worker, so that every request shares its connections; the short
+    // `response_timeout` only makes a failure come sooner.
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"h2c://{addr}\"]\n\
+         response_timeout = \"5s\"\n[health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
+    ))
+    .await;
+
+    let held = two_held(&proxy).await;
+    // Answered while both streams of the first connection are still held.
+    let resp = get(&proxy.url("/quick")).await;
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    assert_eq!(resp.body(), "served");
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+
+    release.add_permits(2);
+    for resp in held {
+        let body = http_body_util::BodyExt::collect(resp.into_body()).await;
+        assert_eq!(body.unwrap().to_bytes().as_ref(), b"last");
+    }
+    // Their streams are free again: two more held ones take the first connection's, and a
+    // request beside them the second's, with no third connection.
+    let held = two_held(&proxy).await;
+    let resp = get(&proxy.url("/quick")).await;
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    release.add_permits(2);
+    drop(held);
+}
+
 /// A gRPC answer that breaks off (its server reset the stream, or died) ends with
 /// `grpc-status: 14` trailers rather than a reset stream: clients read a reset as `INTERNAL`,
 /// which they do not retry, and `UNAVAILABLE` is what a proxy says of a server it lost.

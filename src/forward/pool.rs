@@ -5,7 +5,8 @@
 //! hot path, are reached through hyper's own HTTP/1.1 connections pooled here (`Http1Pool`);
 //! `https://` servers that speak HTTP/1.1 through hyper-util's client, whose TLS handling is
 //! worth its cost; `h2c://` servers, and `https://` servers that choose HTTP/2 by ALPN, through
-//! one HTTP/2 connection per worker kept here (`UpstreamPool::h2`): only here is an `https://`
+//! HTTP/2 connections kept here by each worker, as many as the streams in use need (`H2Slot`,
+//! `UpstreamPool::h2`): only here is an `https://`
 //! server's protocol known before the request's host is named (`https_over_h2`), and only
 //! here is a request the server refused unprocessed (as one going away refuses those racing
 //! its `GOAWAY`) sent again rather than answered as an outage, when its body is empty or held
@@ -117,43 +118,108 @@ struct Clients {
     /// `https://` servers over HTTP/1.1 (no ALPN offered): those that chose it, and requests
     /// that ask for an upgrade, which HTTP/2 does not carry (RFC 9113 §8.2.2).
     https: Client<TimedHttps, Body>,
-    /// By server index: the HTTP/2 connection to an `h2c://` server, or to an `https://` server
-    /// that chose HTTP/2, shared by this worker's requests as HTTP/2 multiplexes them.
+    /// By server index: the HTTP/2 connections to an `h2c://` server, or to an `https://`
+    /// server that chose HTTP/2, shared by this worker's requests as HTTP/2 multiplexes them.
     h2: Vec<Arc<H2Slot>>,
 }
 
-/// One worker's HTTP/2 connection to one `h2c://` or `https://` server.
+/// One worker's HTTP/2 connections to one `h2c://` or `https://` server.
+///
+/// More than one, because a server lets a connection carry only so many streams at once
+/// (`SETTINGS_MAX_CONCURRENT_STREAMS`: 100 for Apache and h2o, 128 for nginx, 250 for Go):
+/// on a connection whose streams are all taken, by server-sent events, slow downloads or
+/// long gRPC calls, a request waits inside h2 for one to end, and got the outage answer
+/// after `response_timeout` from a healthy server. So a request goes on the oldest
+/// connection with a stream free, and when none has one, another connection is opened, as
+/// Go's and Envoy's clients do; the extra ones go idle once the peak has passed, and are let
+/// go after `upstream.idle_timeout`.
 #[derive(Default)]
 struct H2Slot {
-    kept: Mutex<Option<Kept2>>,
-    /// Held while a connection is dialed, so that a burst of requests finding none waits for
-    /// one handshake rather than making one each (hyper-util's pool did the same). It keeps
-    /// when the last dial failed, and why: the requests that waited for it fail with it.
+    /// Oldest first, at most `MAX_H2_PER_SERVER`.
+    kept: Mutex<Vec<Kept2>>,
+    /// Held while a connection is dialed, so that a burst of requests finding none with room
+    /// waits for one handshake rather than making one each (hyper-util's pool did the same).
+    /// It keeps when the last dial failed, and why: the requests that waited for it fail with
+    /// it.
     dialing: tokio::sync::Mutex<Option<(Instant, String, Option<sockets::LimitReached>)>>,
 }
 
+/// At most this many HTTP/2 connections are kept by each worker for each server. Beyond
+/// them, with every stream of every one taken, a request waits in h2 on the connection with
+/// the fewest waiting, as it did on the one connection kept before: this bounds the
+/// connections a server that allows one stream (or none) at a time would have opened, at
+/// 6,400 streams at once per worker with the 100 hyper assumes (8,192 with nginx's 128).
+/// Each connection counts under the bound on upstream sockets too.
+const MAX_H2_PER_SERVER: usize = 64;
+
 impl H2Slot {
-    /// Lets the connection go when no request went on it since `before`: it closes once the
+    /// Lets the connections go that no request went on since `before`: each closes once the
     /// streams still open on it are done.
     fn reap(&self, before: Instant) {
-        let mut kept = lock(&self.kept);
-        if kept.as_ref().is_some_and(|k| k.used < before) {
-            *kept = None;
-        }
+        lock(&self.kept).retain(|k| k.used >= before && !k.sender.is_closed());
     }
 }
 
 type Sender2 = http2::SendRequest<Body>;
-/// An HTTP/2 connection's sender, with when the connection was opened.
-type Dialed = (Sender2, Instant);
 
-/// The connection an `H2Slot` keeps.
+/// An HTTP/2 connection's sender, with when the connection was opened and a stream taken on
+/// it for one request.
+struct Taken {
+    sender: Sender2,
+    dialed: Instant,
+    stream: OpenStream,
+}
+
+/// A connection an `H2Slot` keeps.
 struct Kept2 {
     sender: Sender2,
+    /// Its task, which tells how many streams its server allows at once.
+    task: Arc<dyn Allowed>,
     /// When it was opened: a request its server refused goes on one opened after that.
     dialed: Instant,
     /// When a request last went on it.
     used: Instant,
+    /// The requests on it whose response has not ended (`OpenStream`).
+    open: Arc<AtomicUsize>,
+}
+
+impl Kept2 {
+    /// How many requests, one more included, would wait in h2 for a stream on it beyond what
+    /// its server allows at once: 0 when it has room for one more. Until the server's
+    /// `SETTINGS` have come, hyper assumes 100, as Go's client does, no more than the common
+    /// servers allow.
+    fn waiting(&self) -> usize {
+        match self.open.load(Ordering::Relaxed) {
+            // A server allows one stream at least, save the rare one that allows none for a
+            // while; with none open, the locks on the connection's task and h2's state are
+            // not taken.
+            0 => 0,
+            open => (open + 1).saturating_sub(self.task.streams()),
+        }
+    }
+
+    /// Takes a stream on it for one request.
+    fn take(&mut self, now: Instant) -> Taken {
+        self.used = now;
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Taken {
+            sender: self.sender.clone(),
+            dialed: self.dialed,
+            stream: OpenStream(self.open.clone()),
+        }
+    }
+}
+
+/// One request's place among the streams of an HTTP/2 connection, taken as the request is
+/// sent and given back when dropped: with the response's body, which carries it until its
+/// end (`Body::Multiplexed`), or with the request, when it failed or was given up. An atomic
+/// counter's step each way, on the HTTP/2 path alone.
+pub struct OpenStream(Arc<AtomicUsize>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The TCP side of upstream connections.
@@ -349,7 +415,8 @@ impl UpstreamPool {
     }
 
     /// Sends `req` to server `index` over a connection that speaks its protocol. The response
-    /// body of an `http://` server gives its connection back to the pool when read whole.
+    /// body of an `http://` server gives its connection back to the pool when read whole; that
+    /// of an HTTP/2 server its stream, when it ends or is dropped.
     #[allow(clippy::manual_async_fn)] // see `forward`'s module docs
     pub fn request(
         &self,
@@ -357,21 +424,20 @@ impl UpstreamPool {
         req: Request<Body>,
     ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + '_ {
         async move {
-            let resp = match self.servers.get(index).map(|s| s.protocol) {
-                Some(Protocol::Http) => return self.http1.request(index, req).await,
+            match self.servers.get(index).map(|s| s.protocol) {
+                Some(Protocol::Http) => self.http1.request(index, req).await,
                 // Boxed: the rare paths must not make every request's future larger.
-                Some(Protocol::H2c) => Box::pin(self.h2c(index, req)).await?,
-                _ => Box::pin(self.https(index, req)).await?,
-            };
-            Ok(resp.map(Body::Stream))
+                Some(Protocol::H2c) => Box::pin(self.h2c(index, req)).await,
+                _ => Box::pin(self.https(index, req)).await,
+            }
         }
     }
 
-    /// Sends `req` to `h2c://` server `index` over this worker's HTTP/2 connection to it. `req`
-    /// comes as `forward::aim` makes it for HTTP/2 (the server's `:authority`, no `Host`), and
-    /// stays so: with prior knowledge there is no protocol to choose, nor HTTP/1.1 to fall
-    /// back on.
-    async fn h2c(&self, index: usize, req: Request<Body>) -> Result<Response<Incoming>, SendError> {
+    /// Sends `req` to `h2c://` server `index` over one of this worker's HTTP/2 connections to
+    /// it. `req` comes as `forward::aim` makes it for HTTP/2 (the server's `:authority`, no
+    /// `Host`), and stays so: with prior knowledge there is no protocol to choose, nor HTTP/1.1
+    /// to fall back on.
+    async fn h2c(&self, index: usize, req: Request<Body>) -> Result<Response<Body>, SendError> {
         let clients = self.clients.local();
         let slot = clients
             .h2
@@ -384,8 +450,8 @@ impl UpstreamPool {
         }
     }
 
-    /// Sends `req` to `https://` server `index`: over this worker's HTTP/2 connection to it
-    /// when the server chose HTTP/2 by ALPN, else over HTTP/1.1. `req` comes as
+    /// Sends `req` to `https://` server `index`: over one of this worker's HTTP/2 connections
+    /// to it when the server chose HTTP/2 by ALPN, else over HTTP/1.1. `req` comes as
     /// `forward::aim` makes it for HTTP/1.1 (the server's URI, the client's `Host`), and is
     /// made an HTTP/2 request only once an HTTP/2 connection is in hand: hyper-util's client
     /// picks the protocol after the request is made, and would send the client's `Host` beside
@@ -394,7 +460,7 @@ impl UpstreamPool {
         &self,
         index: usize,
         mut req: Request<Body>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<Body>, SendError> {
         let clients = self.clients.local();
         let slot = match (clients.h2.get(index), self.https_http1.get(index)) {
             (Some(slot), Some(http1))
@@ -426,35 +492,55 @@ impl UpstreamPool {
                 }
             };
         }
-        Ok(clients.https.request(req).await?)
+        Ok(clients.https.request(req).await?.map(Body::Stream))
     }
 
-    /// Sends `req` over this worker's HTTP/2 connection to server `index`, kept in `slot`.
-    /// `http1` is an `https://` server's (`https_http1`): `req` is made an HTTP/2 request
-    /// (`https_over_h2`) once a connection is in hand, and is given back unsent once the
-    /// server chose HTTP/1.1. An `h2c://` server has none: it speaks HTTP/2 by prior knowledge.
+    /// Sends `req` over one of this worker's HTTP/2 connections to server `index`, kept in
+    /// `slot`. `http1` is an `https://` server's (`https_http1`): `req` is made an HTTP/2
+    /// request (`https_over_h2`) once a connection is in hand, and is given back unsent once
+    /// the server chose HTTP/1.1. An `h2c://` server has none: it speaks HTTP/2 by prior
+    /// knowledge.
     async fn h2(
         &self,
         index: usize,
         slot: &H2Slot,
         http1: Option<&AtomicBool>,
         mut req: Request<Body>,
-    ) -> Result<Result<Response<Incoming>, Request<Body>>, SendError> {
-        let mut kept = live(slot, self.config.idle_timeout, None);
+    ) -> Result<Result<Response<Body>, Request<Body>>, SendError> {
+        let idle = self.config.idle_timeout;
         // When the connection that gave the request back, or refused it, was opened: the
         // request goes on one opened after it, dialed once however many it failed.
         let mut failed_on = None;
         // A request the server refused unprocessed is sent again once.
         let mut sent_again = false;
+        // Kept connections the request was given back by: each is let go with those opened
+        // before it, and after `KEPT_TRIES` of them a new one is dialed, as for HTTP/1.1.
+        let mut kept_tries = 0;
         loop {
-            let reused = kept.is_some();
-            let (mut sender, dialed) = match kept.take() {
-                Some(kept) => kept,
-                None => match self.dial_h2(index, slot, http1, failed_on).await? {
-                    Some(sender) => sender,
-                    None => return Ok(Err(req)),
+            let reuse = kept_tries < KEPT_TRIES;
+            let kept = reuse
+                .then(|| take_h2(slot, idle, failed_on, false))
+                .flatten();
+            let (taken, reused) = match kept {
+                Some(taken) => (taken, true),
+                None => match self.dial_h2(index, slot, http1, failed_on, reuse).await {
+                    Ok(Some(dialed)) => dialed,
+                    Ok(None) => return Ok(Err(req)),
+                    // The server has a connection open with no stream free, and none more
+                    // could be opened (at the bound on upstream sockets, or past
+                    // `connect_timeout`): the request waits in h2 for a stream there, as it
+                    // did on the one connection kept before, rather than failing at once.
+                    Err(e) => match take_h2(slot, idle, failed_on, true) {
+                        Some(taken) => (taken, true),
+                        None => return Err(e),
+                    },
                 },
             };
+            let Taken {
+                mut sender,
+                dialed,
+                stream,
+            } = taken;
             if http1.is_some() {
                 https_over_h2(&mut req);
             }
@@ -465,13 +551,14 @@ impl UpstreamPool {
             // only once the request has left.
             let again = (!sent_again).then(|| copy_whole(&req)).flatten();
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(Ok(resp)),
+                Ok(resp) => return Ok(Ok(multiplexed(resp, stream))),
                 Err(mut e) => match (e.take_message(), again) {
                     // A kept connection the server closed (idle, or GOAWAY) before the
                     // request left: sent on a new one, as hyper-util's client does.
                     (Some(unsent), _) if reused => {
                         req = unsent;
                         failed_on = Some(dialed);
+                        kept_tries += 1;
                     }
                     // Whatever its method: the server says it did nothing with it.
                     (None, Some(copy)) if refused_unprocessed(e.error()) => {
@@ -489,23 +576,27 @@ impl UpstreamPool {
         }
     }
 
-    /// This worker's HTTP/2 connection to server `index`, with when it was opened, dialed
-    /// unless another request dialed it while this one waited its turn (after the one opened
-    /// at `failed_on`, when given); `None` once the `https://` server chose HTTP/1.1.
+    /// A stream on a new HTTP/2 connection to server `index`, and whether that connection was
+    /// kept already: with `reuse`, one another request dialed while this one waited its turn
+    /// (after the one opened at `failed_on`, when given), or that a stream ended on meanwhile.
+    /// `None` once the `https://` server chose HTTP/1.1.
     async fn dial_h2(
         &self,
         index: usize,
         slot: &H2Slot,
         http1: Option<&AtomicBool>,
         failed_on: Option<Instant>,
-    ) -> Result<Option<Dialed>, SendError> {
+        reuse: bool,
+    ) -> Result<Option<(Taken, bool)>, SendError> {
         let queued = Instant::now();
         let mut failed = slot.dialing.lock().await;
         if http1.is_some_and(|http1| http1.load(Ordering::Relaxed)) {
             return Ok(None);
         }
-        if let Some(kept) = live(slot, self.config.idle_timeout, failed_on) {
-            return Ok(Some(kept));
+        if reuse {
+            if let Some(kept) = take_h2(slot, self.config.idle_timeout, failed_on, false) {
+                return Ok(Some((kept, true)));
+            }
         }
         // A dial that failed while this request waited for it fails this one too (as a
         // connection never opened, so it may go elsewhere): dialing again in turn would keep
@@ -528,7 +619,7 @@ impl UpstreamPool {
             let limit = sockets::reached_in(e).cloned();
             (Instant::now(), e.to_string(), limit)
         });
-        let Some(sender) = dialed? else {
+        let Some((sender, task)) = dialed? else {
             // The connection is dropped unused: it is made once per server, and hyper-util's
             // client cannot take it.
             if let Some(http1) = http1 {
@@ -537,19 +628,28 @@ impl UpstreamPool {
             return Ok(None);
         };
         let now = Instant::now();
-        *lock(&slot.kept) = Some(Kept2 {
-            sender: sender.clone(),
+        let mut conn = Kept2 {
+            sender,
+            task,
             dialed: now,
             used: now,
-        });
-        Ok(Some((sender, now)))
+            open: Arc::new(AtomicUsize::new(0)),
+        };
+        let taken = conn.take(now);
+        let mut kept = lock(&slot.kept);
+        // At the bound, with every stream taken (`take_h2`), the new connection serves the
+        // request that dialed it and then closes; it is not kept in place of one in use.
+        if kept.len() < MAX_H2_PER_SERVER {
+            kept.push(conn);
+        }
+        Ok(Some((taken, false)))
     }
 
     /// A new HTTP/2 connection to server `index`: over TCP alone to an `h2c://` server; to an
     /// `https://` one over TLS offering HTTP/2 and HTTP/1.1, `None` when it chose HTTP/1.1.
     /// The TLS server name (SNI and the certificate's check) is the configured server's,
     /// whatever host the request names.
-    async fn connect_h2(&self, index: usize) -> Result<Option<Sender2>, SendError> {
+    async fn connect_h2(&self, index: usize) -> Result<Option<Dialed2>, SendError> {
         let (Some(server), Some(dial)) = (
             self.servers.get(index),
             self.http1.servers.get(index).map(|s| s.dial.clone()),
@@ -650,32 +750,48 @@ impl UpstreamPool {
 
 type Sender = http1::SendRequest<Body>;
 
-/// This worker's HTTP/2 connection in `slot`, with when it was opened, unless its server
-/// closed it, no request went on it for `idle` (`upstream.idle_timeout`, as for HTTP/1.1
-/// connections), or it was opened no later than `failed_on` (it is the one that gave a
-/// request back or refused it, and may be going away): then it is let go, and closes once
-/// the requests still on it are done. Taking it counts as a use.
-fn live(slot: &H2Slot, idle: Duration, failed_on: Option<Instant>) -> Option<Dialed> {
+/// A stream on one of this worker's HTTP/2 connections in `slot`: the oldest with one free,
+/// so that the connections opened for a peak go idle after it; with `any`, or with
+/// `MAX_H2_PER_SERVER` open, the one with the fewest requests waiting for a stream, when none
+/// has one free. On the way it lets go of those its server closed, those no request went on
+/// for `idle` (`upstream.idle_timeout`, as for HTTP/1.1 connections), and those opened no
+/// later than `failed_on` (one of them gave a request back or refused it, and may be going
+/// away): each closes once the requests still on it are done. Taking a stream counts as a use.
+fn take_h2(slot: &H2Slot, idle: Duration, failed_on: Option<Instant>, any: bool) -> Option<Taken> {
     let mut kept = lock(&slot.kept);
     let now = Instant::now();
-    match kept.as_mut() {
-        Some(k)
-            if !k.sender.is_closed()
-                && now.duration_since(k.used) < idle
-                && failed_on.is_none_or(|at| k.dialed > at) =>
-        {
-            k.used = now;
-            Some((k.sender.clone(), k.dialed))
+    kept.retain(|k| {
+        !k.sender.is_closed()
+            && now.duration_since(k.used) < idle
+            && failed_on.is_none_or(|at| k.dialed > at)
+    });
+    let any = any || kept.len() >= MAX_H2_PER_SERVER;
+    let mut fewest: Option<(usize, usize)> = None;
+    for (i, k) in kept.iter().enumerate() {
+        let waiting = k.waiting();
+        if waiting == 0 {
+            fewest = Some((i, 0));
+            break;
         }
-        _ => {
-            *kept = None;
-            None
+        if any && fewest.is_none_or(|(_, w)| waiting < w) {
+            fewest = Some((i, waiting));
         }
     }
+    let (i, _) = fewest?;
+    kept.get_mut(i).map(|k| k.take(now))
+}
+
+/// The response, carrying its stream's place on the connection (`OpenStream`) until its
+/// body ends or is dropped; given back at once when there is no body.
+fn multiplexed(resp: Response<Incoming>, stream: OpenStream) -> Response<Body> {
+    if resp.body().is_end_stream() {
+        return resp.map(Body::Stream);
+    }
+    resp.map(|body| Body::Multiplexed(body, Some(stream)))
 }
 
 /// Opens HTTP/2 over `io`, the connection's task on this worker.
-async fn handshake_h2<T>(io: T) -> Result<Sender2, SendError>
+async fn handshake_h2<T>(io: T) -> Result<Dialed2, SendError>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -684,12 +800,40 @@ where
         .max_header_list_size(MAX_RESPONSE_HEAD as u32)
         .handshake(io)
         .await?;
+    // hyper tells the streams the server allows through the connection's task alone, which
+    // the spawned task drives: the two share it, each holding the lock only for a call that
+    // never waits (its poll, or the read).
+    let task = Arc::new(Task2(Mutex::new(conn)));
+    let driven = task.clone();
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        let ended = std::future::poll_fn(|cx| Pin::new(&mut *lock(&driven.0)).poll(cx)).await;
+        if let Err(e) = ended {
             tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
         }
     });
-    Ok(sender)
+    Ok((sender, task))
+}
+
+/// An HTTP/2 connection's sender, and its task to read the streams its server allows from.
+type Dialed2 = (Sender2, Arc<dyn Allowed>);
+
+/// How many streams at once an HTTP/2 connection's server allows, of whatever I/O.
+trait Allowed: Send + Sync {
+    fn streams(&self) -> usize;
+}
+
+/// An HTTP/2 connection's task, shared by the task that drives it and its `Kept2`.
+struct Task2<T>(Mutex<http2::Connection<T, Body, TokioExecutor>>)
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static;
+
+impl<T> Allowed for Task2<T>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    fn streams(&self) -> usize {
+        lock(&self.0).current_max_send_streams()
+    }
 }
 
 /// Makes a request `forward::aim` made for HTTP/1.1 an HTTP/2 one that names one host, the
