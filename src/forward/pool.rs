@@ -160,6 +160,21 @@ impl H2Slot {
     }
 }
 
+impl Idle for H2Slot {
+    /// A connection with no stream open is idle, and closes once let go. The others are
+    /// left in place, however old: their requests are under way.
+    fn close_oldest(&self) -> bool {
+        let idle = {
+            let mut kept = lock(&self.kept);
+            let i = kept
+                .iter()
+                .position(|k| k.open.load(Ordering::Relaxed) == 0 && !k.sender.is_closed());
+            i.map(|i| kept.remove(i))
+        };
+        idle.is_some()
+    }
+}
+
 type Sender2 = http2::SendRequest<Body>;
 
 /// An HTTP/2 connection's sender, with when the connection was opened and a stream taken on
@@ -383,6 +398,12 @@ impl UpstreamPool {
             .iter()
             .flat_map(|c| c.h2.iter().map(Arc::downgrade))
             .collect();
+        // At the bound on upstream sockets, an idle one is closed for a request that needs
+        // room, as an idle HTTP/1.1 one is; forgotten with this pool.
+        for slot in clients.all().iter().flat_map(|c| c.h2.iter()) {
+            let slot: Arc<dyn Idle> = slot.clone();
+            sockets.register(Arc::downgrade(&slot));
+        }
         Ok(UpstreamPool {
             servers: config.servers.clone(),
             names: config
@@ -1693,6 +1714,78 @@ mod kept {
         drop(socket);
         assert_eq!(metrics.open.get(), 0);
         assert!(sockets.acquire(Duration::from_millis(1)).await.is_ok());
+    }
+
+    /// An `h2c://` server answering every stream with `ok`; `held` keeps a stream's answer
+    /// open until its sender is dropped.
+    async fn h2c_server(
+        held: Arc<Mutex<Vec<h2::SendStream<bytes::Bytes>>>>,
+    ) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let held = held.clone();
+                tokio::spawn(async move {
+                    let mut conn = h2::server::handshake(tcp).await.unwrap();
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        let hold = req.uri().path() == "/held";
+                        let mut send = respond
+                            .send_response(http::Response::new(()), false)
+                            .unwrap();
+                        send.send_data(bytes::Bytes::from_static(b"ok"), !hold)
+                            .unwrap();
+                        if hold {
+                            lock(&held).push(send);
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// At the bound, an idle HTTP/2 connection is closed for a request to another server, as
+    /// an idle HTTP/1.1 one is; one with a stream open is not.
+    #[tokio::test]
+    async fn an_idle_http2_connection_is_closed_for_a_request_at_the_bound() {
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let h2c = h2c_server(held.clone()).await;
+        let (plain, _) = keep_alive_server();
+        let text = format!(
+            "[upstream]\nservers = [\"h2c://{h2c}\", \"http://{plain}\"]\n\
+             connect_timeout = \"300ms\"\n"
+        );
+        let config = Config::parse(&text, Path::new("."), None).unwrap();
+        let metrics = SocketMetrics::default();
+        let sockets = Sockets::new(Some(1), metrics.clone());
+        let pool = UpstreamPool::new(&config.upstream, 1, &sockets).unwrap();
+        let kept = |pool: &UpstreamPool| lock(&pool.clients.local().h2[0].kept).len();
+
+        // Busy: its stream stays open, and the request for room waits in vain.
+        let resp = pool.request(0, held_get()).await.unwrap();
+        assert_eq!(kept(&pool), 1);
+        let Err(e) = pool.request(1, get()).await else {
+            panic!("a busy HTTP/2 connection was closed for room");
+        };
+        assert!(super::super::sockets::reached(&e), "{e}");
+        assert_eq!(kept(&pool), 1);
+
+        // Idle once its answer has ended: closed, and its place taken.
+        for mut send in lock(&held).drain(..) {
+            send.send_data(bytes::Bytes::new(), true).unwrap();
+        }
+        resp.into_body().collect().await.unwrap();
+        let resp = pool.request(1, get()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(kept(&pool), 0);
+        assert_eq!(metrics.open.get(), 1);
+    }
+
+    fn held_get() -> Request<Body> {
+        http::Request::get("http://x/held")
+            .body(Body::Empty)
+            .unwrap()
     }
 
     #[test]
