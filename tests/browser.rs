@@ -114,29 +114,22 @@ struct Browser {
 
 impl Browser {
     async fn start(chromedriver: &Path) -> Browser {
-        let dir = tempfile::tempdir().expect("a temporary folder for the browser");
-        let log = std::fs::File::create(dir.path().join("chromedriver.log"))
-            .expect("creating chromedriver's log");
-        // `--port=0`: chromedriver picks a free port and says which on its stdout. A port
-        // found free here and let go could be taken by another test before chromedriver
-        // binds it.
-        let mut driver = {
-            use std::os::unix::process::CommandExt;
-            Command::new(chromedriver)
-                .arg("--port=0")
-                .arg(format!(
-                    "--log-path={}",
-                    dir.path().join("chromedriver.log").display()
-                ))
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(log)
-                // Its own process group, so that nothing it starts can outlive the test.
-                .process_group(0)
-                .spawn()
-                .expect("starting chromedriver")
+        // chromedriver given `--port=0` binds IPv6 first and then IPv4 on the port it got,
+        // which another process may hold on IPv4: it then never says it started ("bind()
+        // failed: Address already in use"). Another start picks another port.
+        let mut tries = 0;
+        let (driver, port, dir) = loop {
+            tries += 1;
+            let dir = tempfile::tempdir().expect("a temporary folder for the browser");
+            let mut driver = spawn_driver(chromedriver, dir.path());
+            let port = driver_port(&mut driver, Duration::from_secs(20));
+            let log =
+                std::fs::read_to_string(dir.path().join("chromedriver.log")).unwrap_or_default();
+            if port.is_some() || tries == 3 || !log.contains("ERR_ADDRESS_IN_USE") {
+                break (driver, port, dir);
+            }
+            kill_group(&mut driver);
         };
-        let port = driver_port(&mut driver, Duration::from_secs(20));
         let mut browser = Browser {
             driver,
             addr: ([127, 0, 0, 1], port.unwrap_or(0)).into(),
@@ -145,7 +138,8 @@ impl Browser {
         };
         if port.is_none() {
             panic!(
-                "chromedriver did not say which port it listens on within 20 s; its log:\n{}",
+                "chromedriver did not say which port it listens on within 20 s ({tries} \
+                 tries); its log:\n{}",
                 browser.log()
             );
         }
@@ -351,6 +345,37 @@ impl Browser {
     }
 }
 
+/// chromedriver on a port it picks (`--port=0`: a port found free here and let go could be
+/// taken by another test before chromedriver binds it), logging into `dir`, in a process
+/// group of its own, so that nothing it starts can outlive the test.
+fn spawn_driver(chromedriver: &Path, dir: &Path) -> Child {
+    use std::os::unix::process::CommandExt;
+    let log =
+        std::fs::File::create(dir.join("chromedriver.log")).expect("creating chromedriver's log");
+    Command::new(chromedriver)
+        .arg("--port=0")
+        .arg(format!(
+            "--log-path={}",
+            dir.join("chromedriver.log").display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .expect("starting chromedriver")
+}
+
+/// Kills `driver` and anything left in its process group (a browser that did not quit), and
+/// reaps it. Not reaped before, the group's id is still `driver`'s.
+fn kill_group(driver: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", driver.id())])
+        .stderr(Stdio::null())
+        .status();
+    let _ = driver.wait();
+}
+
 impl Drop for Browser {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -361,14 +386,7 @@ impl Drop for Browser {
         if let Some(id) = self.session.take() {
             let _ = raw_request(self.addr, "DELETE", &format!("/session/{id}"));
         }
-        // chromedriver and anything left in its process group (a browser that did not quit).
-        // chromedriver is not reaped yet, so the group's id is still ours.
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.driver.id())])
-            .stderr(Stdio::null())
-            .status();
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
+        kill_group(&mut self.driver);
     }
 }
 
