@@ -80,6 +80,31 @@ async fn outage_by_itself_and_recovery_by_itself() {
     assert_eq!(get(&proxy.url("/")).await.body(), "app");
 }
 
+/// A server taken out is checked every `health.down_interval`, not every `interval`: an
+/// application back from a restart is found within `rise` of those. With an hour's
+/// interval, it would be answered as an outage for an hour.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_taken_out_is_checked_at_its_own_pace_until_it_is_back() {
+    let up = app().await;
+    let proxy = proxy_for(
+        &[&up],
+        "[health]\ninterval = \"1h\"\ndown_interval = \"100ms\"\nrise = 2\nfall = 1\n",
+    )
+    .await;
+    assert_eq!(get(&proxy.url("/")).await.body(), "app");
+    up.stop();
+    // The refused connection counts as a failed check, and `fall = 1` takes it out.
+    assert!(is_outage(&get(&proxy.url("/")).await));
+    wait_mode(&proxy, "outage", Duration::from_secs(10)).await;
+    up.restart().await;
+    wait_mode(&proxy, "normal", Duration::from_secs(10)).await;
+    assert_eq!(get(&proxy.url("/")).await.body(), "app");
+    // Back up, it is checked every `interval` again: no check after the two that brought it
+    // back (each counted in `consecutive`), however long the test waits for one.
+    let h = first_server_once(&proxy, |h| h.consecutive > 2).await;
+    assert_eq!((h.healthy, h.consecutive), (Some(true), 2), "{h:?}");
+}
+
 /// `health.kind = "tcp"` connects only: a server answering 500 to everything is up, one that
 /// refuses connections is down, and back up when it listens again.
 #[tokio::test(flavor = "multi_thread")]

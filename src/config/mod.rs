@@ -60,6 +60,9 @@ pub struct HealthConfig {
     pub kind: HealthKind,
     pub path: http::uri::PathAndQuery,
     pub interval: Duration,
+    /// How often a server taken out is checked (at most `interval`): one back after a restart
+    /// is found within `rise` of these, not `rise` intervals of outage answers.
+    pub down_interval: Duration,
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
@@ -995,6 +998,7 @@ impl Validator<'_> {
             }
         };
         let interval = self.duration("health.interval", &f.interval);
+        let down_interval = self.duration("health.down_interval", &f.down_interval);
         let timeout = self.duration("health.timeout", &f.timeout);
         if timeout > interval {
             self.problem("health.timeout", "must not be longer than health.interval");
@@ -1016,6 +1020,9 @@ impl Validator<'_> {
             kind,
             path,
             interval,
+            // Longer than `interval` would check a server that is down less often than one
+            // that is up: taken as `interval`, as HAProxy's `downinter` is a faster pace only.
+            down_interval: down_interval.min(interval),
             timeout,
             rise: f.rise.max(1),
             fall: f.fall.max(1),
@@ -2342,6 +2349,19 @@ mod tests {
         let c = Config::parse("", Path::new("."), None).unwrap();
         assert_eq!(c.health.kind, HealthKind::Http);
         assert_eq!((c.health.rise, c.health.fall), (2, 3));
+        assert_eq!(c.health.down_interval, Duration::from_millis(500));
+        // Never slower than `interval`: a server that is down is checked no less often.
+        let slow = Config::parse(
+            "[health]\ninterval = \"300ms\"\ntimeout = \"100ms\"\ndown_interval = \"5s\"\n",
+            Path::new("."),
+            None,
+        )
+        .unwrap();
+        assert_eq!(slow.health.down_interval, Duration::from_millis(300));
+        assert_eq!(
+            keys("[health]\ndown_interval = \"0s\"\n"),
+            vec!["health.down_interval"]
+        );
         assert!(c.health.expects(200) && c.health.expects(399) && !c.health.expects(404));
         assert_eq!(
             parse_status_ranges("200,204, 300-302").unwrap(),

@@ -177,7 +177,8 @@ struct Task {
 
 impl Task {
     async fn run(mut self, mut passive: mpsc::Receiver<Report>) {
-        let mut ticks = tokio::time::interval(self.config.interval);
+        let mut pace = self.pace();
+        let mut ticks = tokio::time::interval(pace);
         // A slow check must not be followed by a burst of catch-up checks.
         ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
         // When the last check began: a failed request not counted brings the next one forward
@@ -214,6 +215,23 @@ impl Task {
                 },
             };
             self.record(result, active);
+            // Taken out, the server is checked every `down_interval` until it is back, as
+            // HAProxy's `downinter` does: an application restarting for a second was answered
+            // as an outage for `rise × interval` after it was back (3 to 4 s by default).
+            if self.pace() != pace {
+                pace = self.pace();
+                ticks = tokio::time::interval_at(tokio::time::Instant::now() + pace, pace);
+                ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
+            }
+        }
+    }
+
+    /// How often the server is checked now: every `down_interval` while it is taken out.
+    fn pace(&self) -> std::time::Duration {
+        if self.counter.decided() && !self.counter.healthy() {
+            self.config.down_interval
+        } else {
+            self.config.interval
         }
     }
 
