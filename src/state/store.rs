@@ -6,7 +6,7 @@
 //! version wrote is read (a rollback must not refuse to start), said so, and kept as it was
 //! beside the file before anything overwrites it.
 
-use super::mode::{Persisted, STATE_VERSION};
+use super::mode::{Persisted, MAX_UPDATES, STATE_VERSION};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -67,6 +67,18 @@ pub fn load(path: &Path) -> Result<Persisted, StoreError> {
         keep_newer(path, &bytes, state.version);
         // What this build writes is its own format, whatever it read.
         state.version = STATE_VERSION;
+    }
+    // A file edited by hand may list more updates than a change ever keeps; the pages'
+    // bound on their rendered size (`hold::pages`) counts on at most `MAX_UPDATES`, and the
+    // timeline shows the latest alone.
+    let over = state.updates.len().saturating_sub(MAX_UPDATES);
+    if over > 0 {
+        tracing::warn!(
+            "state file {} lists {} updates: the first {over} are dropped, as a change drops them past {MAX_UPDATES}",
+            path.display(),
+            state.updates.len()
+        );
+        state.updates.drain(..over);
     }
     Ok(state)
 }
@@ -279,6 +291,29 @@ pub fn save(path: &Path, state: &Persisted) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file edited by hand with more updates than a change keeps is read with the latest
+    /// `MAX_UPDATES`, as a change would have left it.
+    #[test]
+    fn updates_past_the_most_kept_are_dropped_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let mut state = Persisted::default();
+        for i in 0..MAX_UPDATES + 7 {
+            state.updates.push(super::super::mode::Update {
+                at: crate::time::Timestamp(std::time::UNIX_EPOCH),
+                message: format!("m{i}"),
+            });
+        }
+        std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+        let loaded = load(&path).unwrap();
+        assert_eq!(loaded.updates.len(), MAX_UPDATES);
+        assert_eq!(loaded.updates[0].message, "m7");
+        assert_eq!(
+            loaded.updates.last().map(|u| u.message.as_str()),
+            Some(format!("m{}", MAX_UPDATES + 6).as_str())
+        );
+    }
 
     /// A new state file is readable by its owner alone (it holds the internal reasons); a
     /// mode given to the file in place is kept across saves.
