@@ -916,7 +916,8 @@ async fn an_idle_h2c_connection_is_closed_after_idle_timeout() {
 /// Go cap theirs (`SETTINGS_MAX_CONCURRENT_STREAMS`). `/held` is answered with its head and
 /// `first,` at once and `last` once `release` gives it a permit, as a server-sent event
 /// stream or a slow download keeps its stream; anything else `served`. `connections` counts
-/// the HTTP/2 connections it got.
+/// the HTTP/2 connections it got. The first `/refused` is refused unprocessed
+/// (`REFUSED_STREAM`), as a server going away refuses what crosses its `GOAWAY`.
 async fn capped_h2c_server(
     streams: u32,
     release: Arc<tokio::sync::Semaphore>,
@@ -925,9 +926,10 @@ async fn capped_h2c_server(
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
     let counted = connections.clone();
+    let refuse = Arc::new(AtomicBool::new(true));
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let (counted, release) = (counted.clone(), release.clone());
+            let (counted, release, refuse) = (counted.clone(), release.clone(), refuse.clone());
             tokio::spawn(async move {
                 let handshake = h2::server::Builder::new()
                     .max_concurrent_streams(streams)
@@ -938,6 +940,10 @@ async fn capped_h2c_server(
                 };
                 counted.fetch_add(1, Ordering::SeqCst);
                 while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if req.uri().path() == "/refused" && refuse.swap(false, Ordering::SeqCst) {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
                     let held = req.uri().path() == "/held";
                     let Ok(mut send) = respond.send_response(http::Response::new(()), false) else {
                         continue;
@@ -1014,6 +1020,39 @@ async fn a_request_finding_every_stream_of_an_h2c_connection_held_goes_on_anothe
     let resp = get(&proxy.url("/quick")).await;
     assert_eq!(resp.status(), 200, "{resp:?}");
     assert_eq!(connections.load(Ordering::SeqCst), 2);
+    release.add_permits(2);
+    drop(held);
+}
+
+/// A stream one connection refused says nothing of the others: the request goes on another,
+/// and only the refusing connection is let go. Letting every connection older than it go
+/// too made one server's graceful `GOAWAY` cost the worker all of them, each dialed again.
+#[tokio::test]
+async fn a_refusing_http2_connection_is_let_go_alone() {
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let (addr, connections) = capped_h2c_server(2, release.clone()).await;
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"h2c://{addr}\"]\n\
+         response_timeout = \"5s\"\n[health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
+    ))
+    .await;
+    // The first connection's streams held; a second connection opened for `/refused`,
+    // which refuses it; sent again on a third.
+    let held = two_held(&proxy).await;
+    let resp = get(&proxy.url("/refused")).await;
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    assert_eq!(connections.load(Ordering::SeqCst), 3);
+    release.add_permits(2);
+    for resp in held {
+        let body = http_body_util::BodyExt::collect(resp.into_body()).await;
+        assert_eq!(body.unwrap().to_bytes().as_ref(), b"last");
+    }
+    // The first connection is still kept: two held answers take its streams, and a request
+    // beside them goes on the third, with no fourth dialed.
+    let held = two_held(&proxy).await;
+    let resp = get(&proxy.url("/quick")).await;
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    assert_eq!(connections.load(Ordering::SeqCst), 3);
     release.add_permits(2);
     drop(held);
 }

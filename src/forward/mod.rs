@@ -173,7 +173,9 @@ pub fn forward<'a>(
                 // Bounded by the limit above, and in time by response_timeout: a client that stalls
                 // its upload is answered 408, not waited for.
                 match tokio::time::timeout(timeout, http_body_util::BodyExt::collect(body)).await {
-                    // Ended in trailers, it is sent with them once, and never again.
+                    // Ended in trailers, it is sent with them: again to the same server when it
+                    // refuses it unprocessed (`pool::copy_whole`), but not to another (`replay`
+                    // keeps bytes alone).
                     Ok(Ok(collected)) => match collected.trailers().cloned() {
                         None => {
                             let bytes = collected.to_bytes();

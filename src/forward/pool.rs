@@ -190,7 +190,8 @@ struct Kept2 {
     sender: Sender2,
     /// Its task, which tells how many streams its server allows at once.
     task: Arc<dyn Allowed>,
-    /// When it was opened: a request its server refused goes on one opened after that.
+    /// When it was opened: a request its server refused goes on another connection, and
+    /// this one is let go (`take_h2`).
     dialed: Instant,
     /// When a request last went on it.
     used: Instant,
@@ -530,12 +531,12 @@ impl UpstreamPool {
     ) -> Result<Result<Response<Body>, Request<Body>>, SendError> {
         let idle = self.config.idle_timeout;
         // When the connection that gave the request back, or refused it, was opened: the
-        // request goes on one opened after it, dialed once however many it failed.
+        // request goes on another, dialed once however many it failed.
         let mut failed_on = None;
         // A request the server refused unprocessed is sent again once.
         let mut sent_again = false;
-        // Kept connections the request was given back by: each is let go with those opened
-        // before it, and after `KEPT_TRIES` of them a new one is dialed, as for HTTP/1.1.
+        // Kept connections the request was given back by: each is let go, and after
+        // `KEPT_TRIES` of them a new one is dialed, as for HTTP/1.1.
         let mut kept_tries = 0;
         loop {
             let reuse = kept_tries < KEPT_TRIES;
@@ -775,16 +776,18 @@ type Sender = http1::SendRequest<Body>;
 /// so that the connections opened for a peak go idle after it; with `any`, or with
 /// `MAX_H2_PER_SERVER` open, the one with the fewest requests waiting for a stream, when none
 /// has one free. On the way it lets go of those its server closed, those no request went on
-/// for `idle` (`upstream.idle_timeout`, as for HTTP/1.1 connections), and those opened no
-/// later than `failed_on` (one of them gave a request back or refused it, and may be going
-/// away): each closes once the requests still on it are done. Taking a stream counts as a use.
+/// for `idle` (`upstream.idle_timeout`, as for HTTP/1.1 connections), and the one opened at
+/// `failed_on` (it gave a request back or refused it, and may be going away; the others,
+/// opened before or after it, need not be, and letting them go with it made a server's
+/// graceful `GOAWAY` on one connection cost the worker every connection older than it):
+/// each closes once the requests still on it are done. Taking a stream counts as a use.
 fn take_h2(slot: &H2Slot, idle: Duration, failed_on: Option<Instant>, any: bool) -> Option<Taken> {
     let mut kept = lock(&slot.kept);
     let now = Instant::now();
     kept.retain(|k| {
         !k.sender.is_closed()
             && now.duration_since(k.used) < idle
-            && failed_on.is_none_or(|at| k.dialed > at)
+            && failed_on.is_none_or(|at| k.dialed != at)
     });
     let any = any || kept.len() >= MAX_H2_PER_SERVER;
     let mut fewest: Option<(usize, usize)> = None;
