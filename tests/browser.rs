@@ -1049,6 +1049,73 @@ async fn a_form_the_application_failed_is_not_sent_again() {
     );
 }
 
+/// An already open page whose `EventSource` reconnects while requests are held keeps
+/// reconnecting (a 503 would close it for good, as the HTML standard has it), hears the
+/// operator's message as an `intermission` event, and gets the application's events again
+/// once maintenance is switched off, without a reload.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pages_event_source_outlasts_maintenance() {
+    let Some(chromedriver) = browser_or_skip() else {
+        return;
+    };
+    const PAGE: &str = r#"<html><body><script>
+        window.__seen = [];
+        window.__es = new EventSource('/events');
+        __es.onmessage = e => __seen.push('app:' + e.data);
+        __es.addEventListener('intermission',
+            e => __seen.push('held:' + JSON.parse(e.data).detail));
+        </script></body></html>"#;
+    let app = upstream(|req: Request<Incoming>| async move {
+        let (kind, body) = match req.uri().path() {
+            // A stream that ends at once, so that the browser reconnects soon and often.
+            "/events" => ("text/event-stream", "retry: 200\ndata: tick\n\n"),
+            _ => ("text/html; charset=utf-8", PAGE),
+        };
+        Response::builder()
+            .header("content-type", kind)
+            .body(full(body))
+            .unwrap()
+    })
+    .await;
+    let proxy = spawn_proxy(&format!("[upstream]\nservers = [\"{}\"]\n", app.url())).await;
+    let browser = Browser::start(&chromedriver).await;
+    browser.navigate(&proxy.url("/")).await;
+    let seen = || async { browser.exec("return window.__seen.join('|');").await };
+    let wait_for = |part: &'static str| async move {
+        let end = Instant::now() + CALL_LIMIT;
+        loop {
+            let now = seen().await;
+            if now.as_str().is_some_and(|s| s.contains(part)) {
+                return now;
+            }
+            assert!(Instant::now() < end, "never saw {part}: {now}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    wait_for("app:tick").await;
+    let on = ctl(
+        &proxy,
+        Ctl::On {
+            message: Some(FIRST_MESSAGE.into()),
+            until: None,
+            retry_after: Some("1s".into()),
+            reason: None,
+        },
+    )
+    .await;
+    assert!(on.ok, "maintenance on: {on:?}");
+    wait_for("held:").await;
+    browser.exec("window.__seen = []; return true;").await;
+    // Held more than once: it went on reconnecting after the first held answer.
+    wait_for("held:").await;
+    let state = browser.exec("return window.__es.readyState;").await;
+    assert_ne!(state, json!(2), "the EventSource was closed for good");
+    assert!(ctl(&proxy, Ctl::Off).await.ok);
+    browser.exec("window.__seen = []; return true;").await;
+    // Within the second it was told to wait, whatever the hold's own `Retry-After`.
+    wait_for("app:tick").await;
+}
+
 fn intermission_on(message: &str) -> Ctl {
     Ctl::On {
         message: Some(message.into()),

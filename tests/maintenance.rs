@@ -1132,3 +1132,210 @@ async fn an_intercepted_preflight_is_not_approved() {
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     readable_by(&resp, APP);
 }
+
+/// The fields of an event stream as a browser's `EventSource` reads them (HTML, "Interpreting
+/// an event stream"): the last `retry`, and each event's type and data.
+fn read_event_stream(body: &[u8]) -> (Option<u64>, Vec<(String, String)>) {
+    let text = std::str::from_utf8(body).expect("an event stream is UTF-8");
+    let (mut retry, mut events) = (None, Vec::new());
+    let (mut kind, mut data): (String, Vec<&str>) = (String::new(), Vec::new());
+    for line in text.split("\r\n").flat_map(|l| l.split(['\r', '\n'])) {
+        if line.is_empty() {
+            if !data.is_empty() {
+                let kind = std::mem::take(&mut kind);
+                events.push((
+                    if kind.is_empty() {
+                        "message".into()
+                    } else {
+                        kind
+                    },
+                    data.join("\n"),
+                ));
+                data.clear();
+            }
+            continue;
+        }
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "retry" if value.bytes().all(|b| b.is_ascii_digit()) => retry = value.parse().ok(),
+            "event" => kind = value.to_owned(),
+            "data" => data.push(value),
+            _ => {}
+        }
+    }
+    (retry, events)
+}
+
+/// What an `EventSource` must be given to keep reconnecting: 200, `text/event-stream`, the
+/// headers of every held answer, then a `retry` and the problem as one `intermission` event;
+/// returns the reconnection delay.
+fn assert_held_event_stream(
+    status: u16,
+    headers: &http::HeaderMap,
+    body: &[u8],
+    message: &str,
+) -> u64 {
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(body));
+    assert_eq!(headers["content-type"], "text/event-stream");
+    assert_eq!(headers["cache-control"], "no-store");
+    assert_eq!(headers["x-intermission-mode"], "maintenance");
+    let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    let (retry, events) = read_event_stream(body);
+    assert_eq!(events.len(), 1, "{}", String::from_utf8_lossy(body));
+    let (kind, data) = &events[0];
+    assert_eq!(kind, "intermission");
+    let problem: serde_json::Value = serde_json::from_str(data).unwrap();
+    assert_eq!(problem["detail"], message, "{problem}");
+    assert_eq!(problem["mode"], "maintenance");
+    assert_eq!(problem["retry_after"], retry_after);
+    let retry = retry.expect("a reconnection delay");
+    assert_eq!(retry, retry_after.min(60) * 1000);
+    retry
+}
+
+/// One request on an open connection, and its answer, read as far as its `Content-Length`:
+/// (status, headers, body).
+async fn exchange_on(
+    sock: &mut tokio::net::TcpStream,
+    request: &str,
+    head_only: bool,
+) -> (u16, http::HeaderMap, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    sock.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    loop {
+        let mut lines = [httparse::EMPTY_HEADER; 32];
+        let mut parsed = httparse::Response::new(&mut lines);
+        if let httparse::Status::Complete(used) = parsed.parse(&buf).unwrap() {
+            let mut headers = http::HeaderMap::new();
+            for line in parsed.headers.iter() {
+                headers.append(
+                    http::HeaderName::from_bytes(line.name.as_bytes()).unwrap(),
+                    http::HeaderValue::from_bytes(line.value).unwrap(),
+                );
+            }
+            let status = parsed.code.unwrap();
+            let len: usize = match head_only {
+                true => 0,
+                false => headers["content-length"].to_str().unwrap().parse().unwrap(),
+            };
+            while buf.len() < used + len {
+                let mut more = [0u8; 4096];
+                let n = sock.read(&mut more).await.unwrap();
+                assert!(n > 0, "closed before the body was whole");
+                buf.extend_from_slice(&more[..n]);
+            }
+            return (status, headers, buf[used..used + len].to_vec());
+        }
+        let mut more = [0u8; 4096];
+        let n = sock.read(&mut more).await.unwrap();
+        assert!(n > 0, "closed before an answer");
+        buf.extend_from_slice(&more[..n]);
+    }
+}
+
+/// A browser's `EventSource` gives up for good on any answer but a 200 event stream, so a held
+/// one gets a stream that tells it when to reconnect and ends, on every path a held answer
+/// takes: a new connection's first request and a parked keep-alive connection's next one
+/// (answered without hyper), `Connection: close` (hyper's path), HTTP/2, under `api_prefixes`
+/// and while `Retry-After` counts down to an announced end. Once the hold ends, it reaches the
+/// application again.
+#[tokio::test]
+async fn an_event_source_is_told_to_reconnect_rather_than_refused() {
+    const MESSAGE: &str = "Database upgrade in progress";
+    let (up, hits) = counting_upstream().await;
+    let proxy = proxy_for(&up, "[maintenance]\napi_prefixes = [\"/api/\"]\n").await;
+    assert!(ctl(&proxy, on(Some(MESSAGE))).await.ok);
+    let sse = [("accept", "text/event-stream")];
+
+    let first = get_with(&proxy.url("/api/events"), &sse).await;
+    let retry = assert_held_event_stream(
+        first.status().as_u16(),
+        first.headers(),
+        first.body(),
+        MESSAGE,
+    );
+    assert_eq!(
+        retry, 60_000,
+        "five minutes of Retry-After, at most a minute"
+    );
+    assert_eq!(first.headers()["retry-after"], "300");
+
+    let request = |path: &str, method: &str, connection: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: shop.test\r\nAccept: text/event-stream\r\n\
+             Cache-Control: no-cache\r\n{connection}\r\n"
+        )
+    };
+    let mut sock = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    for path in ["/events", "/events?again"] {
+        let (status, headers, body) =
+            exchange_on(&mut sock, &request(path, "GET", ""), false).await;
+        assert_held_event_stream(status, &headers, &body, MESSAGE);
+    }
+    let (status, headers, body) =
+        exchange_on(&mut sock, &request("/events", "HEAD", ""), true).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "text/event-stream");
+    assert_eq!(
+        headers["content-length"],
+        first.body().len().to_string().as_str()
+    );
+    assert!(body.is_empty());
+
+    let closing = raw_exchange(
+        proxy.addr,
+        request("/events", "GET", "Connection: close\r\n").as_bytes(),
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    let (head, body) = closing.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{closing}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("\r\ncontent-type: text/event-stream\r\n"),
+        "{closing}"
+    );
+    assert_eq!(body.as_bytes(), first.body());
+
+    let req = Request::get(proxy.url("/events"))
+        .header("accept", "text/event-stream")
+        .body(empty())
+        .unwrap();
+    let resp = h2c_client().request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    assert_held_event_stream(parts.status.as_u16(), &parts.headers, &body, MESSAGE);
+
+    // Counting down to an announced end: the delay counts down with `Retry-After`.
+    let r = ctl(
+        &proxy,
+        Ctl::On {
+            message: Some(MESSAGE.into()),
+            until: Some("+20s".into()),
+            retry_after: None,
+            reason: None,
+        },
+    )
+    .await;
+    assert!(r.ok, "{r:?}");
+    let counting = get_with(&proxy.url("/events"), &sse).await;
+    let retry = assert_held_event_stream(
+        counting.status().as_u16(),
+        counting.headers(),
+        counting.body(),
+        MESSAGE,
+    );
+    assert!((10_000..=21_000).contains(&retry), "{retry}");
+
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "a held request reached the app"
+    );
+    assert!(ctl(&proxy, Ctl::Off).await.ok);
+    let back = get_with(&proxy.url("/events"), &sse).await;
+    assert_eq!(back.body(), "from upstream");
+}

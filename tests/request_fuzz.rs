@@ -261,6 +261,7 @@ fn generate(rng: &mut Rng, case: u64) -> Vec<u8> {
         b"Accept: application/json",
         b"Accept: text/html",
         b"Accept: text/html;q=0, */*",
+        b"Accept: text/event-stream",
         b"Content-Type: application/grpc",
         b"Forwarded: for=1.2.3.4",
     ];
@@ -350,11 +351,13 @@ async fn odd_requests_in_maintenance_get_answers_and_reach_no_server() {
         sent.is_empty(),
         "sent to the server in maintenance: {sent:?}"
     );
-    // What a held request gets (the problem, the page, gRPC's UNAVAILABLE in a 200, the
-    // status JSON at its reserved path), and what a malformed or refused one gets.
+    // What a held request gets (the problem, the page, gRPC's UNAVAILABLE in a 200, an event
+    // stream's reconnection, the status JSON at its reserved path), and what a malformed or
+    // refused one gets.
     let readable = [
         "503 application/problem+json",
         "503 text/html; charset=utf-8",
+        "200 text/event-stream",
         "200 application/grpc",
         "200 application/json",
         "100",

@@ -122,6 +122,16 @@ pub struct Spliced {
 /// The problem document carries the latest updates only; the page and `status` have all.
 const PROBLEM_UPDATES: usize = 10;
 
+/// The longest an event stream client is told to wait before it reconnects (`retry:`), by
+/// mode. A browser's `EventSource` waits exactly that long, and its page shows nothing new
+/// meanwhile, so this is how stale a page left open stays once the hold ends: an outage ends
+/// by itself when a check passes, unannounced, so as long as its default `Retry-After`; a
+/// maintenance's hour-long `Retry-After` would leave pages an hour behind an early end, and a
+/// minute costs an open page one held answer a minute, from the fast path. Each page waits
+/// from its own last answer, so the reconnections after the end come spread, not at once.
+const MAX_RECONNECT_OUTAGE: u64 = 30;
+const MAX_RECONNECT_MAINTENANCE: u64 = 60;
+
 /// gRPC clients refuse large metadata (grpc-java: 8 KiB in all), and an oversized
 /// `grpc-message` would turn UNAVAILABLE into INTERNAL.
 const MAX_GRPC_MESSAGE: usize = 1024;
@@ -313,28 +323,55 @@ pub struct Held {
     pub html: Vec<Bytes>,
     text: Bytes,
     json: Spliced,
+    /// The event stream's body when it cannot change (no announced end to count down to).
+    events: Option<Bytes>,
     /// The headers each form always has, by `Form`: a request clones one (no hashing, no
     /// formatting) and adds only what depends on the moment.
-    heads: [HeaderMap; 4],
+    heads: [HeaderMap; 5],
     /// `Retry-After` when it cannot change (no announced end to count down to).
     retry_fixed: Option<(HeaderValue, HeaderValue)>,
     /// Every response `respond` gives, encoded for HTTP/1.1 but for its date: by `Form`, then
     /// language (HTML only), then for GET and HEAD. A held request written without hyper
     /// (`crate::fast`) is then a copy. `None` while `Retry-After` counts down, and unless
     /// asked for (`with_encodings`: the outage answer to a failed forward never needs them).
-    encoded: Option<[Vec<[Encoded; 2]>; 4]>,
+    encoded: Option<[Vec<[Encoded; 2]>; 5]>,
 }
 
 /// In `form_index` order.
-const FORMS: [Form; 4] = [Form::Grpc, Form::Html, Form::Text, Form::Json];
+const FORMS: [Form; 5] = [
+    Form::Grpc,
+    Form::EventStream,
+    Form::Html,
+    Form::Text,
+    Form::Json,
+];
 
 fn form_index(form: Form) -> usize {
     match form {
         Form::Grpc => 0,
-        Form::Html => 1,
-        Form::Text => 2,
-        Form::Json => 3,
+        Form::EventStream => 1,
+        Form::Html => 2,
+        Form::Text => 3,
+        Form::Json => 4,
     }
+}
+
+/// The event stream a held `EventSource` gets: the reconnection delay, then the problem as
+/// one `intermission` event, which a page can listen for and the app's own `message`
+/// listeners never see. No `id:` field, so that the browser keeps the app's last event ID
+/// and sends it back to the app when the hold ends, to resume where it left off.
+fn event_stream(mode: Mode, retry_after: u64, problem: &[u8]) -> Bytes {
+    let most = match mode {
+        Mode::Outage => MAX_RECONNECT_OUTAGE,
+        _ => MAX_RECONNECT_MAINTENANCE,
+    };
+    let ms = retry_after.min(most).saturating_mul(1000);
+    let mut out = BytesMut::with_capacity(problem.len() + 64);
+    out.extend_from_slice(format!("retry: {ms}\nevent: intermission\ndata: ").as_bytes());
+    // serde_json's compact output escapes every line break, so the document is one line.
+    out.extend_from_slice(problem);
+    out.extend_from_slice(b"\n\n");
+    out.freeze()
 }
 
 /// The headers of `form` that do not depend on the moment of the request.
@@ -342,6 +379,7 @@ fn fixed_headers(form: Form, mode: HeaderValue, grpc_message: &HeaderValue) -> H
     let mut h = HeaderMap::with_capacity(8);
     let content_type = match form {
         Form::Grpc => "application/grpc",
+        Form::EventStream => "text/event-stream",
         Form::Html => "text/html; charset=utf-8",
         Form::Text => "text/plain; charset=utf-8",
         Form::Json => "application/problem+json",
@@ -360,7 +398,7 @@ fn fixed_headers(form: Form, mode: HeaderValue, grpc_message: &HeaderValue) -> H
                 HeaderValue::from_static("Accept, Accept-Language"),
             );
         }
-        Form::Text | Form::Json => {
+        Form::EventStream | Form::Text | Form::Json => {
             h.insert(header::VARY, HeaderValue::from_static("Accept"));
         }
     }
@@ -403,6 +441,13 @@ impl Held {
             None => json.fixed(view.retry_default),
             Some(_) => json,
         };
+        let events = view.until.is_none().then(|| {
+            event_stream(
+                view.mode,
+                view.retry_default,
+                &json.with(view.retry_default),
+            )
+        });
         let grpc_message =
             HeaderValue::from_str(&grpc_percent_encode(&view.message, MAX_GRPC_MESSAGE))
                 .unwrap_or_else(|_| HeaderValue::from_static("unavailable"));
@@ -420,6 +465,7 @@ impl Held {
             html,
             text: Bytes::from(text),
             json,
+            events,
             heads,
             retry_fixed,
             encoded: None,
@@ -472,6 +518,13 @@ impl Held {
         };
         let (status, body) = match form {
             Form::Grpc => (StatusCode::OK, Bytes::new()),
+            Form::EventStream => (
+                StatusCode::OK,
+                match &self.events {
+                    Some(events) => events.clone(),
+                    None => event_stream(self.view.mode, retry, &self.json.with(retry)),
+                },
+            ),
             Form::Html => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 self.html
@@ -770,6 +823,87 @@ mod tests {
         assert!(FORMS
             .iter()
             .all(|&f| counting.encoded(f, 0, false).is_none()));
+    }
+
+    /// The fields of an event stream as a browser reads them (HTML, "Interpreting an event
+    /// stream"): `(retry, [(event type, data)])`.
+    fn read_events(body: &str) -> (Option<u64>, Vec<(String, String)>) {
+        let (mut retry, mut events) = (None, Vec::new());
+        let (mut kind, mut data) = (String::new(), Vec::new());
+        for line in body.split('\n') {
+            if line.is_empty() {
+                if !data.is_empty() {
+                    events.push((std::mem::take(&mut kind), data.join("\n")));
+                    data.clear();
+                }
+                continue;
+            }
+            let (field, value) = line.split_once(':').unwrap_or((line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match field {
+                "retry" => retry = value.parse().ok(),
+                "event" => kind = value.to_owned(),
+                "data" => data.push(value.to_owned()),
+                _ => {}
+            }
+        }
+        (retry, events)
+    }
+
+    /// A held `EventSource` gets 200, its reconnection delay (the `Retry-After` of the moment,
+    /// but at most a minute in maintenance and half of one in an outage), and the problem
+    /// document every other client gets, as one `intermission` event on one line.
+    #[test]
+    fn an_event_stream_says_when_to_reconnect_and_carries_the_problem() {
+        let pages = pages(&["en"]);
+        let read = |held: &Held, at: SystemTime| {
+            let resp = held.respond(Form::EventStream, 0, false, || at);
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/event-stream");
+            assert_eq!(resp.headers()[header::CACHE_CONTROL], "no-store");
+            let retry_after: u64 = resp.headers()[header::RETRY_AFTER]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let body = resp.into_body().into_ready().unwrap();
+            let (retry, events) = read_events(std::str::from_utf8(&body).unwrap());
+            assert_eq!(events.len(), 1, "{body:?}");
+            assert_eq!(events[0].0, "intermission");
+            let problem: serde_json::Value = serde_json::from_str(&events[0].1).unwrap();
+            assert_eq!(problem["retry_after"], retry_after);
+            (retry_after, retry, problem)
+        };
+        let mut multiline = view(None);
+        multiline.message = "Back soon\r\nreally\nsoon".into();
+        let held = Held::new(&pages, multiline, "/_i/", SystemTime::now());
+        let (after, retry, problem) = read(&held, SystemTime::now());
+        assert_eq!((after, retry), (300, Some(60_000)));
+        assert_eq!(problem["detail"], "Back soon\r\nreally\nsoon");
+        assert_eq!(problem["mode"], "maintenance");
+
+        let mut outage = view(None);
+        outage.mode = Mode::Outage;
+        let held = Held::new(&pages, outage.clone(), "/_i/", SystemTime::now());
+        assert_eq!(read(&held, SystemTime::now()).1, Some(30_000));
+        outage.retry_default = 5;
+        let held = Held::new(&pages, outage, "/_i/", SystemTime::now());
+        assert_eq!(read(&held, SystemTime::now()).1, Some(5_000));
+
+        // Counting down to an announced end, the delay shrinks with it.
+        let now = SystemTime::now();
+        let held = Held::new(
+            &pages,
+            view(Some(now + std::time::Duration::from_secs(20))),
+            "/_i/",
+            now,
+        );
+        assert_eq!(read(&held, now).1, Some(20_000));
+        let later = now + std::time::Duration::from_secs(15);
+        assert_eq!(read(&held, later).1, Some(5_000));
+        let head = held.respond(Form::EventStream, 0, true, || now);
+        assert_eq!(head.headers()[header::CONTENT_TYPE], "text/event-stream");
+        assert!(head.into_body().into_ready().unwrap_or_default().is_empty());
     }
 
     #[test]

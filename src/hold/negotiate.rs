@@ -1,5 +1,5 @@
-//! Content negotiation for held requests: which form (gRPC, HTML, plain text, problem JSON) and
-//! which page language a request gets, from its headers alone (SPEC §3).
+//! Content negotiation for held requests: which form (gRPC, event stream, HTML, plain text,
+//! problem JSON) and which page language a request gets, from its headers alone (SPEC §3).
 //!
 //! Pure functions, no I/O. They run on every held request, so they parse headers in place over
 //! string splits and never allocate; anything they cannot parse is ignored rather than rejected,
@@ -13,6 +13,10 @@ use http::header::{ACCEPT, ACCEPT_LANGUAGE, CONNECTION, CONTENT_TYPE, UPGRADE};
 pub enum Form {
     /// Trailers-only gRPC UNAVAILABLE.
     Grpc,
+    /// A `200 text/event-stream` that sets the reconnection delay, carries the problem as one
+    /// `intermission` event and ends: a browser's `EventSource` gives up for good on any other
+    /// status or type, and reconnects after a stream that ends.
+    EventStream,
     /// The HTML page of SPEC §4.
     Html,
     /// The message as `text/plain`.
@@ -38,6 +42,13 @@ pub fn choose_form<H: Fields + ?Sized>(headers: &H, path: &str, api_prefixes: &[
     let prefs = AcceptPrefs::from_headers(headers);
     let html = prefs.html.q;
     let json = prefs.json_q();
+    // Only a client that names the type reads it (`EventSource` sends it alone); under
+    // `api_prefixes` too, where event streams usually live: the JSON rule there is about
+    // pages, and a stream client that got the problem's 503 would stop for good.
+    let events = prefs.events;
+    if events.named() && events.q >= html && events.q >= json && events.q >= prefs.text.q {
+        return Form::EventStream;
+    }
     let under_api = api_prefixes.iter().any(|p| path.starts_with(p.as_str()));
 
     // A client that ranks text/plain strictly above HTML gets text even where HTML would
@@ -272,6 +283,7 @@ impl Ranked {
 /// The q-values the Accept header gives the types negotiation cares about.
 #[derive(Debug, Default)]
 struct AcceptPrefs {
+    events: Ranked,
     html: Ranked,
     text: Ranked,
     json: Ranked,
@@ -292,6 +304,9 @@ impl AcceptPrefs {
             let Some((kind, subtype, q)) = parse_media_range(entry) else {
                 continue;
             };
+            prefs
+                .events
+                .offer(specificity(kind, subtype, "text", "event-stream"), q);
             prefs
                 .html
                 .offer(specificity(kind, subtype, "text", "html"), q);
@@ -475,6 +490,8 @@ mod tests {
             ),
             (&[("accept", "text/html"), ("accept-language", "en")], "/"),
             (&[("accept", "application/json")], "/"),
+            (&[("accept", "text/event-stream")], "/api/x"),
+            (&[("accept", "text/event-stream")], "/"),
             (
                 &[("accept", "text/html"), ("accept", "application/json;q=2")],
                 "/",
@@ -597,6 +614,28 @@ mod tests {
             (&["application/+json, text/html;q=0.5"], "/", Html),
             (&["application/json;q=0.5", "text/html"], "/", Html),
             (&["text/html;q=0.5", "application/json"], "/", Json),
+            // What `EventSource` sends, and the forms of it a stream client may send.
+            (&["text/event-stream"], "/", EventStream),
+            (&["text/event-stream"], "/api/events", EventStream),
+            (&["Text/Event-Stream; charset=utf-8"], "/", EventStream),
+            (&["text/event-stream, */*"], "/", EventStream),
+            (
+                &["text/event-stream", "application/json"],
+                "/api/",
+                EventStream,
+            ),
+            (
+                &["application/json;q=0.9, text/event-stream"],
+                "/",
+                EventStream,
+            ),
+            (&["text/event-stream, text/html"], "/", EventStream),
+            // Ranked below another kind, or refused, it is not asked for.
+            (&["text/event-stream;q=0.5, */*"], "/", Json),
+            (&["text/event-stream;q=0.5, text/html"], "/", Html),
+            (&["text/event-stream;q=0.5, text/plain"], "/", Text),
+            (&["text/event-stream;q=0"], "/", Json),
+            (&["text/*"], "/api/events", Json),
             (
                 &["  text/html  ;  q=0.9  ,application/json;q=0.9"],
                 "/",
@@ -620,6 +659,11 @@ mod tests {
             let h = headers(&[("content-type", ct), ("accept", "text/html")]);
             assert_eq!(choose_form(&h, "/", &[]), Form::Grpc, "{ct}");
         }
+        let h = headers(&[
+            ("content-type", "application/grpc"),
+            ("accept", "text/event-stream"),
+        ]);
+        assert_eq!(choose_form(&h, "/", &[]), Form::Grpc);
         let h = headers(&[
             ("content-type", "application/json"),
             ("accept", "text/html"),
@@ -677,6 +721,12 @@ mod tests {
         ]);
         assert_eq!(choose_form(&h, "/", &[]), Form::Json);
         // Connection: upgrade without an Upgrade header is not an upgrade request.
+        let h = headers(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("accept", "text/event-stream"),
+        ]);
+        assert_eq!(choose_form(&h, "/", &[]), Form::Json);
         let h = headers(&[("connection", "upgrade"), ("accept", BROWSER)]);
         assert_eq!(choose_form(&h, "/", &[]), Form::Html);
         // Connection tokens may come on several lines.
