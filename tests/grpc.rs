@@ -967,6 +967,29 @@ async fn capped_h2c_server(
     (addr, connections)
 }
 
+/// A proxy with one worker, so that every request shares its connections, to the
+/// `capped_h2c_server` at `addr`; the short `response_timeout` only makes a failure come
+/// sooner.
+async fn proxy_to_capped(addr: SocketAddr) -> Proxy {
+    spawn_proxy(&format!(
+        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"h2c://{addr}\"]\n\
+         response_timeout = \"5s\"\n[health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
+    ))
+    .await
+}
+
+/// Lets the `held` answers end, and reads each to its end.
+async fn end_held(
+    held: Vec<http::Response<hyper::body::Incoming>>,
+    release: &tokio::sync::Semaphore,
+) {
+    release.add_permits(held.len());
+    for resp in held {
+        let body = http_body_util::BodyExt::collect(resp.into_body()).await;
+        assert_eq!(body.unwrap().to_bytes().as_ref(), b"last");
+    }
+}
+
 /// Two `/held` answers through `proxy`, once their heads and first bytes have come (so the
 /// server's streams are taken, and the proxy has read its `SETTINGS`, sent before them).
 async fn two_held(proxy: &Proxy) -> Vec<http::Response<hyper::body::Incoming>> {
@@ -994,13 +1017,7 @@ async fn two_held(proxy: &Proxy) -> Vec<http::Response<hyper::body::Incoming>> {
 async fn a_request_finding_every_stream_of_an_h2c_connection_held_goes_on_another() {
     let release = Arc::new(tokio::sync::Semaphore::new(0));
     let (addr, connections) = capped_h2c_server(2, release.clone()).await;
-    // One worker, so that every request shares its connections; the short
-    // `response_timeout` only makes a failure come sooner.
-    let proxy = spawn_proxy(&format!(
-        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"h2c://{addr}\"]\n\
-         response_timeout = \"5s\"\n[health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
-    ))
-    .await;
+    let proxy = proxy_to_capped(addr).await;
 
     let held = two_held(&proxy).await;
     // Answered while both streams of the first connection are still held.
@@ -1009,11 +1026,7 @@ async fn a_request_finding_every_stream_of_an_h2c_connection_held_goes_on_anothe
     assert_eq!(resp.body(), "served");
     assert_eq!(connections.load(Ordering::SeqCst), 2);
 
-    release.add_permits(2);
-    for resp in held {
-        let body = http_body_util::BodyExt::collect(resp.into_body()).await;
-        assert_eq!(body.unwrap().to_bytes().as_ref(), b"last");
-    }
+    end_held(held, &release).await;
     // Their streams are free again: two more held ones take the first connection's, and a
     // request beside them the second's, with no third connection.
     let held = two_held(&proxy).await;
@@ -1031,22 +1044,14 @@ async fn a_request_finding_every_stream_of_an_h2c_connection_held_goes_on_anothe
 async fn a_refusing_http2_connection_is_let_go_alone() {
     let release = Arc::new(tokio::sync::Semaphore::new(0));
     let (addr, connections) = capped_h2c_server(2, release.clone()).await;
-    let proxy = spawn_proxy(&format!(
-        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"h2c://{addr}\"]\n\
-         response_timeout = \"5s\"\n[health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
-    ))
-    .await;
+    let proxy = proxy_to_capped(addr).await;
     // The first connection's streams held; a second connection opened for `/refused`,
     // which refuses it; sent again on a third.
     let held = two_held(&proxy).await;
     let resp = get(&proxy.url("/refused")).await;
     assert_eq!(resp.status(), 200, "{resp:?}");
     assert_eq!(connections.load(Ordering::SeqCst), 3);
-    release.add_permits(2);
-    for resp in held {
-        let body = http_body_util::BodyExt::collect(resp.into_body()).await;
-        assert_eq!(body.unwrap().to_bytes().as_ref(), b"last");
-    }
+    end_held(held, &release).await;
     // The first connection is still kept: two held answers take its streams, and a request
     // beside them goes on the third, with no fourth dialed.
     let held = two_held(&proxy).await;
