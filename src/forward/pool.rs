@@ -133,10 +133,14 @@ struct Clients {
 /// connection with a stream free, and when none has one, another connection is opened, as
 /// Go's and Envoy's clients do; the extra ones go idle once the peak has passed, and are let
 /// go after `upstream.idle_timeout`.
-#[derive(Default)]
 struct H2Slot {
     /// Oldest first, at most `MAX_H2_PER_SERVER`.
     kept: Mutex<Vec<Kept2>>,
+    /// Itself, for the streams taken on its connections (`OpenStream`), and the bound on
+    /// upstream sockets: a connection whose last stream ends while a request waits for room
+    /// is closed for it, as an HTTP/1.1 one coming back to its pool is.
+    me: Weak<H2Slot>,
+    sockets: Sockets,
     /// Held while a connection is dialed, so that a burst of requests finding none with room
     /// waits for one handshake rather than making one each (hyper-util's pool did the same).
     /// It keeps when the last dial failed, and why: the requests that waited for it fail with
@@ -214,14 +218,17 @@ impl Kept2 {
         }
     }
 
-    /// Takes a stream on it for one request.
-    fn take(&mut self, now: Instant) -> Taken {
+    /// Takes a stream on it, kept in `slot`, for one request.
+    fn take(&mut self, now: Instant, slot: &H2Slot) -> Taken {
         self.used = now;
         self.open.fetch_add(1, Ordering::Relaxed);
         Taken {
             sender: self.sender.clone(),
             dialed: self.dialed,
-            stream: OpenStream(self.open.clone()),
+            stream: OpenStream {
+                open: self.open.clone(),
+                slot: slot.me.clone(),
+            },
         }
     }
 }
@@ -230,11 +237,26 @@ impl Kept2 {
 /// sent and given back when dropped: with the response's body, which carries it until its
 /// end (`Body::Multiplexed`), or with the request, when it failed or was given up. An atomic
 /// counter's step each way, on the HTTP/2 path alone.
-pub struct OpenStream(Arc<AtomicUsize>);
+pub struct OpenStream {
+    open: Arc<AtomicUsize>,
+    slot: Weak<H2Slot>,
+}
 
 impl Drop for OpenStream {
+    /// The last stream of its connection ending while a request waits for room at the bound
+    /// on upstream sockets: an idle connection of the slot is closed for it (this one, unless
+    /// a request took it meanwhile). Only one idle when the wait began was closed before, and
+    /// the request failed after `connect_timeout` while this one sat idle.
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        if self.open.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let Some(slot) = self.slot.upgrade() else {
+            return;
+        };
+        if slot.sockets.wanted() && slot.sockets.claim_close() && !slot.close_oldest() {
+            slot.sockets.owe_close();
+        }
     }
 }
 
@@ -389,7 +411,14 @@ impl UpstreamPool {
             h2: config
                 .servers
                 .iter()
-                .map(|_| Arc::new(H2Slot::default()))
+                .map(|_| {
+                    Arc::new_cyclic(|me| H2Slot {
+                        kept: Mutex::default(),
+                        dialing: tokio::sync::Mutex::default(),
+                        me: me.clone(),
+                        sockets: sockets.clone(),
+                    })
+                })
                 .collect(),
         });
         // The HTTP/1.1 pool's reaper lets the HTTP/2 connections idle for `idle_timeout` go
@@ -657,7 +686,7 @@ impl UpstreamPool {
             used: now,
             open: Arc::new(AtomicUsize::new(0)),
         };
-        let taken = conn.take(now);
+        let taken = conn.take(now, slot);
         let mut kept = lock(&slot.kept);
         // At the bound, with every stream taken (`take_h2`), the new connection serves the
         // request that dialed it and then closes; it is not kept in place of one in use.
@@ -802,7 +831,7 @@ fn take_h2(slot: &H2Slot, idle: Duration, failed_on: Option<Instant>, any: bool)
         }
     }
     let (i, _) = fewest?;
-    kept.get_mut(i).map(|k| k.take(now))
+    kept.get_mut(i).map(|k| k.take(now, slot))
 }
 
 /// The response, carrying its stream's place on the connection (`OpenStream`) until its
@@ -1783,6 +1812,41 @@ mod kept {
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(kept(&pool), 0);
         assert_eq!(metrics.open.get(), 1);
+    }
+
+    /// A request waiting for room at the bound gets it when an HTTP/2 connection's last
+    /// stream ends during the wait, not only when one is idle as the wait begins.
+    #[tokio::test]
+    async fn an_http2_connection_going_idle_during_the_wait_makes_room() {
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let h2c = h2c_server(held.clone()).await;
+        let (plain, _) = keep_alive_server();
+        // Long enough that only the connection's close, not the wait's end, can answer.
+        let text = format!(
+            "[upstream]\nservers = [\"h2c://{h2c}\", \"http://{plain}\"]\n\
+             connect_timeout = \"30s\"\n"
+        );
+        let config = Config::parse(&text, Path::new("."), None).unwrap();
+        let sockets = Sockets::new(Some(1), SocketMetrics::default());
+        let pool = UpstreamPool::new(&config.upstream, 1, &sockets).unwrap();
+        let resp = pool.request(0, held_get()).await.unwrap();
+        let waiting = pool.request(1, get());
+        let ending = async {
+            // Once the request waits for room, the held answer ends and is read whole.
+            while !sockets.wanted() {
+                tokio::task::yield_now().await;
+            }
+            for mut send in lock(&held).drain(..) {
+                send.send_data(bytes::Bytes::new(), true).unwrap();
+            }
+            resp.into_body().collect().await.unwrap();
+        };
+        let (waited, ()) = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(waiting, ending)
+        })
+        .await
+        .expect("the request waited on while the connection sat idle");
+        assert_eq!(waited.unwrap().status(), StatusCode::OK);
     }
 
     fn held_get() -> Request<Body> {

@@ -197,6 +197,11 @@ impl Sockets {
                 .is_ok()
     }
 
+    /// Gives back a close claimed (`claim_close`) that found nothing to close.
+    pub fn owe_close(&self) {
+        self.0.owed.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// A permit for one more socket, at once when under the bound; else after one closes, an
     /// idle kept one being closed for it, at most `wait` (`upstream.connect_timeout`) later.
     pub async fn acquire(&self, wait: Duration) -> Result<Permit, LimitReached> {
