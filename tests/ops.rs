@@ -346,6 +346,19 @@ async fn wait_events(r: &Receiver, n: usize) -> Vec<serde_json::Value> {
     events(r)
 }
 
+/// A proxy for an application answering `app`, with one JSON webhook to `hook`.
+async fn hooked_proxy() -> (Upstream, Receiver, Proxy) {
+    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[[notify]]\nurl = \"{}\"\n",
+        app.url(),
+        hook.url
+    ))
+    .await;
+    (app, hook, proxy)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn webhooks_follow_every_change_in_order_and_are_signed() {
     let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
@@ -637,14 +650,7 @@ async fn a_dead_webhook_slows_nothing_down() {
 /// again; and when an operator's end takes over a window's.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_end_is_told_when_the_end_shown_changes() {
-    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
-    let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
-    let proxy = spawn_proxy(&format!(
-        "[upstream]\nservers = [\"{}\"]\n[[notify]]\nurl = \"{}\"\n",
-        app.url(),
-        hook.url
-    ))
-    .await;
+    let (_app, hook, proxy) = hooked_proxy().await;
     let at = |secs: u64| {
         humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(secs))
             .to_string()
@@ -694,14 +700,7 @@ async fn a_new_end_is_told_when_the_end_shown_changes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn schedule_windows_tell_when_they_start_and_end() {
-    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
-    let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
-    let proxy = spawn_proxy(&format!(
-        "[upstream]\nservers = [\"{}\"]\n[[notify]]\nurl = \"{}\"\n",
-        app.url(),
-        hook.url
-    ))
-    .await;
+    let (_app, hook, proxy) = hooked_proxy().await;
     // A window that starts at once, and ends a second later.
     let r = ctl(
         &proxy,

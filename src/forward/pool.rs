@@ -1750,9 +1750,7 @@ mod kept {
 
     /// An `h2c://` server answering every stream with `ok`; `held` keeps a stream's answer
     /// open until its sender is dropped.
-    async fn h2c_server(
-        held: Arc<Mutex<Vec<h2::SendStream<bytes::Bytes>>>>,
-    ) -> std::net::SocketAddr {
+    async fn h2c_server(held: HeldStreams) -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -1781,17 +1779,7 @@ mod kept {
     /// an idle HTTP/1.1 one is; one with a stream open is not.
     #[tokio::test]
     async fn an_idle_http2_connection_is_closed_for_a_request_at_the_bound() {
-        let held = Arc::new(Mutex::new(Vec::new()));
-        let h2c = h2c_server(held.clone()).await;
-        let (plain, _) = keep_alive_server();
-        let text = format!(
-            "[upstream]\nservers = [\"h2c://{h2c}\", \"http://{plain}\"]\n\
-             connect_timeout = \"300ms\"\n"
-        );
-        let config = Config::parse(&text, Path::new("."), None).unwrap();
-        let metrics = SocketMetrics::default();
-        let sockets = Sockets::new(Some(1), metrics.clone());
-        let pool = UpstreamPool::new(&config.upstream, 1, &sockets).unwrap();
+        let (pool, _, metrics, held) = at_the_bound("300ms").await;
         let kept = |pool: &UpstreamPool| lock(&pool.clients.local().h2[0].kept).len();
 
         // Busy: its stream stays open, and the request for room waits in vain.
@@ -1804,10 +1792,7 @@ mod kept {
         assert_eq!(kept(&pool), 1);
 
         // Idle once its answer has ended: closed, and its place taken.
-        for mut send in lock(&held).drain(..) {
-            send.send_data(bytes::Bytes::new(), true).unwrap();
-        }
-        resp.into_body().collect().await.unwrap();
+        end_held(&held, resp).await;
         let resp = pool.request(1, get()).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(kept(&pool), 0);
@@ -1818,17 +1803,8 @@ mod kept {
     /// stream ends during the wait, not only when one is idle as the wait begins.
     #[tokio::test]
     async fn an_http2_connection_going_idle_during_the_wait_makes_room() {
-        let held = Arc::new(Mutex::new(Vec::new()));
-        let h2c = h2c_server(held.clone()).await;
-        let (plain, _) = keep_alive_server();
         // Long enough that only the connection's close, not the wait's end, can answer.
-        let text = format!(
-            "[upstream]\nservers = [\"h2c://{h2c}\", \"http://{plain}\"]\n\
-             connect_timeout = \"30s\"\n"
-        );
-        let config = Config::parse(&text, Path::new("."), None).unwrap();
-        let sockets = Sockets::new(Some(1), SocketMetrics::default());
-        let pool = UpstreamPool::new(&config.upstream, 1, &sockets).unwrap();
+        let (pool, sockets, _, held) = at_the_bound("30s").await;
         let resp = pool.request(0, held_get()).await.unwrap();
         let waiting = pool.request(1, get());
         let ending = async {
@@ -1836,10 +1812,7 @@ mod kept {
             while !sockets.wanted() {
                 tokio::task::yield_now().await;
             }
-            for mut send in lock(&held).drain(..) {
-                send.send_data(bytes::Bytes::new(), true).unwrap();
-            }
-            resp.into_body().collect().await.unwrap();
+            end_held(&held, resp).await;
         };
         let (waited, ()) = tokio::time::timeout(Duration::from_secs(20), async {
             tokio::join!(waiting, ending)
@@ -1847,6 +1820,36 @@ mod kept {
         .await
         .expect("the request waited on while the connection sat idle");
         assert_eq!(waited.unwrap().status(), StatusCode::OK);
+    }
+
+    type HeldStreams = Arc<Mutex<Vec<h2::SendStream<bytes::Bytes>>>>;
+
+    /// A pool to an `h2c_server` (server 0) and a plain keep-alive one (server 1) under a
+    /// bound of one upstream socket, waiting `connect_timeout` for room; with the bound's
+    /// metrics and the server's held answers.
+    async fn at_the_bound(
+        connect_timeout: &str,
+    ) -> (UpstreamPool, Sockets, SocketMetrics, HeldStreams) {
+        let held = HeldStreams::default();
+        let h2c = h2c_server(held.clone()).await;
+        let (plain, _) = keep_alive_server();
+        let text = format!(
+            "[upstream]\nservers = [\"h2c://{h2c}\", \"http://{plain}\"]\n\
+             connect_timeout = \"{connect_timeout}\"\n"
+        );
+        let config = Config::parse(&text, Path::new("."), None).unwrap();
+        let metrics = SocketMetrics::default();
+        let sockets = Sockets::new(Some(1), metrics.clone());
+        let pool = UpstreamPool::new(&config.upstream, 1, &sockets).unwrap();
+        (pool, sockets, metrics, held)
+    }
+
+    /// Ends the server's held answers, and reads `resp`, the one held through the pool, whole.
+    async fn end_held(held: &HeldStreams, resp: Response<Body>) {
+        for mut send in lock(held).drain(..) {
+            send.send_data(bytes::Bytes::new(), true).unwrap();
+        }
+        resp.into_body().collect().await.unwrap();
     }
 
     fn held_get() -> Request<Body> {
