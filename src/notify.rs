@@ -72,10 +72,13 @@ pub struct Target {
     pub secret: Option<String>,
     /// Per attempt: connect, send and the response head.
     pub timeout: Duration,
+    /// `notify.headers`, sent with every POST (values marked sensitive).
+    pub headers: http::HeaderMap,
 }
 
 impl Target {
-    /// What makes a target "the same" across a reload; the timeout may change in place.
+    /// What makes a target "the same" across a reload; the timeout and the headers may change
+    /// in place, so that a token rotated by a reload is what the queued events are sent with.
     fn same_receiver(&self, other: &Target) -> bool {
         self.url == other.url && self.format == other.format && self.secret == other.secret
     }
@@ -640,7 +643,7 @@ async fn deliver(d: &Deliverer, target: &Target, event: &Event, queue: &Queue) {
     for attempt in 1..=ATTEMPTS {
         let outcome = tokio::time::timeout(
             target.timeout,
-            post(d, &target.url, payload.clone(), signed.as_deref()),
+            post(d, target, payload.clone(), signed.as_deref()),
         )
         .await
         .unwrap_or_else(|_| {
@@ -737,15 +740,21 @@ fn retry_after(status: http::StatusCode, headers: &http::HeaderMap) -> Option<Du
 /// nothing to say to us beyond the status (and, refusing, when to come back).
 async fn post(
     d: &Deliverer,
-    url: &Uri,
+    target: &Target,
     payload: Bytes,
     signed: Option<&str>,
 ) -> Result<(), Failed> {
+    let url = &target.url;
     let mut req = Request::post(url.clone())
-        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-        .header(USER_AGENT, HeaderValue::from_static(AGENT))
         .body(Full::new(payload))
         .map_err(|e| e.to_string())?;
+    // Ours first, so that a `User-Agent` the target gives replaces it.
+    let headers = req.headers_mut();
+    headers.insert(USER_AGENT, HeaderValue::from_static(AGENT));
+    for (name, value) in &target.headers {
+        headers.insert(name, value.clone());
+    }
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Some(value) = signed {
         let value = HeaderValue::from_str(value).map_err(|e| e.to_string())?;
         req.headers_mut().insert(SIGNATURE_HEADER, value);
@@ -985,6 +994,7 @@ mod tests {
                 format: Format::Json,
                 secret: secret.map(str::to_owned),
                 timeout: Duration::from_secs(10),
+                headers: http::HeaderMap::new(),
             }
         }
     }
@@ -1578,6 +1588,49 @@ mod tests {
         })
         .await;
         assert_eq!(stats.get(), (5, 0, 0));
+    }
+
+    /// A receiver that wants a token (Opsgenie's `Authorization: GenieKey …`, a Basic
+    /// password) gets it with every event; a reload that rotates it sends the events still
+    /// queued with the new one, which is the one the receiver still takes.
+    #[tokio::test]
+    async fn a_targets_headers_go_with_every_event_and_a_reload_rotates_them() {
+        let gate = Arc::new(Semaphore::new(0));
+        let receiver = Receiver::start(Answer::Gate(gate.clone())).await;
+        let stats = Arc::new(Counts::default());
+        let with = |token: &'static str| Target {
+            headers: http::HeaderMap::from_iter([
+                (http::header::AUTHORIZATION, HeaderValue::from_static(token)),
+                (USER_AGENT, HeaderValue::from_static("theirs/1")),
+            ]),
+            ..receiver.target(None)
+        };
+        let notifier = Notifier::start_with(vec![with("Bearer old")], stats.clone(), FAST);
+        notifier.send(numbered(0));
+        wait_until("event 0 in flight", || receiver.count() == 1).await;
+        notifier.send(numbered(1));
+        notifier.set_targets(vec![with("Bearer new")]);
+        gate.add_permits(10);
+        wait_until("both delivered", || notifier.pending() == 0).await;
+        assert_eq!(receiver.messages(), strings(&["0", "1"]));
+        let got = receiver.got.lock().unwrap();
+        let header = |i: usize, name: http::header::HeaderName| {
+            got[i]
+                .headers
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(
+            header(0, http::header::AUTHORIZATION).as_deref(),
+            Some("Bearer old")
+        );
+        assert_eq!(
+            header(1, http::header::AUTHORIZATION).as_deref(),
+            Some("Bearer new")
+        );
+        assert_eq!(header(1, USER_AGENT).as_deref(), Some("theirs/1"));
+        assert_eq!(header(1, CONTENT_TYPE).as_deref(), Some("application/json"));
+        assert_eq!(stats.get(), (2, 0, 0));
     }
 
     #[tokio::test]

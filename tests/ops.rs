@@ -366,7 +366,8 @@ async fn webhooks_follow_every_change_in_order_and_are_signed() {
     let slack_hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
     let proxy = spawn_proxy(&format!(
         "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 1\nfall = 2\n\
-         [[notify]]\nurl = \"{}\"\nsecret = \"hook-secret\"\n[[notify]]\nurl = \"{}\"\nformat = \"slack\"\n",
+         [[notify]]\nurl = \"{}\"\nsecret = \"hook-secret\"\n[[notify]]\nurl = \"{}\"\nformat = \"slack\"\n\
+         headers = {{ Authorization = \"Basic dXNlcjpwYXNz\" }}\n",
         app.url(),
         json_hook.url,
         slack_hook.url
@@ -471,6 +472,13 @@ async fn webhooks_follow_every_change_in_order_and_are_signed() {
             ring::hmac::verify(&key, body, &mac).is_ok(),
             "bad signature"
         );
+    }
+    // A receiver behind a password gets it with every event, the others nothing of it.
+    for (headers, _) in slack_hook.got.lock().unwrap().iter() {
+        assert_eq!(headers["authorization"], "Basic dXNlcjpwYXNz");
+    }
+    for (headers, _) in json_hook.got.lock().unwrap().iter() {
+        assert!(headers.get("authorization").is_none());
     }
     // The Slack receiver gets readable sentences.
     let slack = wait_events(&slack_hook, 6).await;

@@ -263,6 +263,8 @@ pub struct NotifyFile {
     pub format: String,
     pub secret: String,
     pub timeout: DurationText,
+    /// Sent with every POST, for a receiver that wants a token in a header.
+    pub headers: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for NotifyFile {
@@ -272,6 +274,7 @@ impl Default for NotifyFile {
             format: "json".into(),
             secret: String::new(),
             timeout: DurationText::new("5s"),
+            headers: std::collections::BTreeMap::new(),
         }
     }
 }

@@ -464,10 +464,13 @@ struct Validator<'t> {
 enum Secret {
     Url,
     Token,
+    /// A table whose values are tokens more often than not (`Authorization`).
+    Headers,
 }
 
 impl Secret {
-    /// The secret-bearing keys: `maintenance.bypass_secret`, `notify[N].url`, `notify[N].secret`.
+    /// The secret-bearing keys: `maintenance.bypass_secret`, `notify[N].url`, `notify[N].secret`,
+    /// `notify[N].headers`.
     fn of(key: &str) -> Option<Secret> {
         if key == "maintenance.bypass_secret" {
             return Some(Secret::Token);
@@ -479,6 +482,7 @@ impl Secret {
         match field {
             "url" => Some(Secret::Url),
             "secret" => Some(Secret::Token),
+            "headers" => Some(Secret::Headers),
             _ => None,
         }
     }
@@ -486,6 +490,19 @@ impl Secret {
     /// `message` without `value`, whatever built it: serde quotes a value of the wrong type,
     /// and a check may quote the value it refuses.
     fn redact(self, message: String, value: Option<&toml::Value>) -> String {
+        if self == Secret::Headers {
+            return match value {
+                // serde's "invalid type: integer `5`, expected a string" quotes a header's
+                // value; the checks' own problems name the header, never its value.
+                Some(toml::Value::Table(_)) if message.starts_with("invalid type") => {
+                    "must give each header's value as a string".to_owned()
+                }
+                Some(toml::Value::Table(_)) | None => message,
+                Some(_) => "must be a table of header names and values, such as { Authorization \
+                            = \"Bearer …\" }"
+                    .to_owned(),
+            };
+        }
         let text = match value {
             Some(toml::Value::String(text)) => text,
             // serde's "invalid type: integer `987654321`, expected a string" is the only
@@ -493,7 +510,7 @@ impl Secret {
             Some(_) => {
                 return match self {
                     Secret::Url => "must be a string: the webhook's http:// or https:// URL",
-                    Secret::Token => "must be a string",
+                    Secret::Token | Secret::Headers => "must be a string",
                 }
                 .to_owned()
             }
@@ -501,7 +518,7 @@ impl Secret {
         };
         let (shown, path) = match self {
             Secret::Url => url_outline(text),
-            Secret::Token => ("(the value, not shown)".to_owned(), None),
+            Secret::Token | Secret::Headers => ("(the value, not shown)".to_owned(), None),
         };
         let mut message = message.replace(&format!("{text:?}"), &shown);
         // Unquoted, only a value long enough not to be a word of the message itself: "short"
@@ -1219,8 +1236,10 @@ impl Validator<'_> {
                             // authority.
                             Some(
                                 "has a user name or password (before the @, not shown here), \
-                                 which intermission does not send: sign the events with \
-                                 `secret`, or give the receiver's token in the path"
+                                 which intermission does not send: give it as `headers = { \
+                                 Authorization = \"Basic …\" }` (the base64 of user:password), \
+                                 sign the events with `secret`, or give the receiver's token \
+                                 in the path"
                                     .to_owned(),
                             )
                         } else {
@@ -1265,16 +1284,81 @@ impl Validator<'_> {
                 }
             };
             let timeout = self.duration(&key("timeout"), &n.timeout);
+            let headers = self.notify_headers(&key("headers"), n.headers);
             if let Some(url) = url {
                 targets.push(crate::notify::Target {
                     url,
                     format,
                     secret: (!n.secret.is_empty()).then_some(n.secret),
                     timeout,
+                    headers,
                 });
             }
         }
         targets
+    }
+
+    /// A webhook's own headers: any but those the POST itself decides (its body's framing,
+    /// its host, its signature), each name once whatever its case. The values are secrets
+    /// (tokens): problems name the header, never its value.
+    fn notify_headers(
+        &mut self,
+        key: &str,
+        given: std::collections::BTreeMap<String, String>,
+    ) -> http::HeaderMap {
+        const OURS: &[&str] = &[
+            "content-type",
+            "content-length",
+            "content-encoding",
+            "transfer-encoding",
+            "host",
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "upgrade",
+            "expect",
+            crate::notify::SIGNATURE_HEADER,
+        ];
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in given {
+            let Ok(parsed) = http::HeaderName::from_bytes(name.as_bytes()) else {
+                self.problem(
+                    key,
+                    format!("{name:?} is not a header name (letters, digits and !#$%&'*+-.^_`|~)"),
+                );
+                continue;
+            };
+            if OURS.contains(&parsed.as_str()) {
+                self.problem(
+                    key,
+                    format!("{name:?} is set by intermission for each event; leave it out"),
+                );
+                continue;
+            }
+            if headers.contains_key(&parsed) {
+                self.problem(
+                    key,
+                    format!("{name:?} is given twice (header names are case-insensitive)"),
+                );
+                continue;
+            }
+            match http::HeaderValue::from_str(value.trim()) {
+                Ok(mut v) if !value.trim().is_empty() => {
+                    v.set_sensitive(true);
+                    headers.insert(parsed, v);
+                }
+                _ => self.problem(
+                    key,
+                    format!(
+                        "{name:?}: its value (not shown here) must be printable ASCII on one \
+                         line, not empty"
+                    ),
+                ),
+            }
+        }
+        headers
     }
 
     fn log(&mut self, f: file::LogFile) -> LogConfig {
@@ -2223,7 +2307,7 @@ mod tests {
                 // Sent by no one, and shown by logs: refused rather than dropped silently.
                 (
                     "notify[4].url",
-                    "\"https://hooks.example.com/…\" has a user name or password (before the @, not shown here), which intermission does not send: sign the events with `secret`, or give the receiver's token in the path",
+                    "\"https://hooks.example.com/…\" has a user name or password (before the @, not shown here), which intermission does not send: give it as `headers = { Authorization = \"Basic …\" }` (the base64 of user:password), sign the events with `secret`, or give the receiver's token in the path",
                 ),
                 // The `http` crate's port: any digits. Delivered to port 80 before.
                 (
@@ -2255,12 +2339,78 @@ mod tests {
     }
 
     #[test]
+    fn a_webhooks_headers_are_checked_and_their_values_never_shown() {
+        let p = problems(
+            r#"
+            [[notify]]
+            url = "https://hooks.example.com/a"
+            headers = { Authorization = "GenieKey XOXO-1", "X-Api-Key" = "XOXO-2" }
+            [[notify]]
+            url = "https://hooks.example.com/b"
+            headers = { "Bad Name" = "XOXO-3", Host = "XOXO-4", authorization = "XOXO-5", Authorization = "XOXO-6", "X-Two" = "XOXO-7\u0007XOXO-8", "X-Empty" = " ", "X-Intermission-Signature" = "XOXO-9" }
+            [[notify]]
+            url = "https://hooks.example.com/c"
+            headers = { Authorization = 987654321 }
+            [[notify]]
+            url = "https://hooks.example.com/d"
+            headers = "Authorization: XOXO-10"
+            "#,
+        );
+        let said: Vec<(&str, &str)> = p
+            .iter()
+            .map(|p| (p.key.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(
+            said,
+            [
+                ("notify[2].headers", "must give each header's value as a string"),
+                (
+                    "notify[3].headers",
+                    "must be a table of header names and values, such as { Authorization = \"Bearer …\" }"
+                ),
+                (
+                    "notify[1].headers",
+                    "\"Bad Name\" is not a header name (letters, digits and !#$%&'*+-.^_`|~)"
+                ),
+                (
+                    "notify[1].headers",
+                    "\"Host\" is set by intermission for each event; leave it out"
+                ),
+                (
+                    "notify[1].headers",
+                    "\"X-Empty\": its value (not shown here) must be printable ASCII on one line, not empty"
+                ),
+                (
+                    "notify[1].headers",
+                    "\"X-Intermission-Signature\" is set by intermission for each event; leave it out"
+                ),
+                (
+                    "notify[1].headers",
+                    "\"X-Two\": its value (not shown here) must be printable ASCII on one line, not empty"
+                ),
+                (
+                    "notify[1].headers",
+                    "\"authorization\" is given twice (header names are case-insensitive)"
+                ),
+            ],
+            "{p:#?}"
+        );
+        let whole = ConfigError::Invalid {
+            origin: "config".into(),
+            problems: p,
+        }
+        .to_string();
+        assert!(!whole.contains("XOXO"), "{whole}");
+    }
+
+    #[test]
     fn a_secret_bearing_key_is_told_by_its_name() {
         for (key, secret) in [
             ("maintenance.bypass_secret", Some(Secret::Token)),
             ("notify[0].secret", Some(Secret::Token)),
             ("notify[12].url", Some(Secret::Url)),
             ("notify[0].timeout", None),
+            ("notify[3].headers", Some(Secret::Headers)),
             ("notify[x].url", None),
             ("maintenance.message", None),
             ("upstream.servers[0]", None),
