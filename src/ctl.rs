@@ -100,8 +100,14 @@ pub fn run(
             &resp,
         ));
     }
-    if resp.error.as_ref().is_some_and(|e| e.code == "busy") {
-        eprintln!("note: {}", busy_hint(&socket, ANSWER_TIMEOUT));
+    match resp.error.as_ref().map(|e| e.code.as_str()) {
+        Some("busy") => eprintln!("note: {}", busy_hint(&socket, ANSWER_TIMEOUT)),
+        Some("shutting_down") => eprintln!(
+            "note: no proxy took its place on {} within {} s; once one runs, send the command again",
+            socket.display(),
+            ANSWER_TIMEOUT.as_secs()
+        ),
+        _ => {}
     }
     if let (Request::Off, Some(window)) = (&req, resp.state.as_ref().and_then(window_in_force)) {
         // `off` ends an operator's maintenance, not a window: said, so that an operator who
@@ -172,16 +178,34 @@ type Answer = Result<Result<Response, client::ClientError>, bool>;
 /// closed to make room for a newer one) both say that the request was not read: asked again,
 /// it cannot apply twice, and an operator in an incident gets through once a slot frees
 /// rather than being sent away at the first refusal. The last refusal is what is returned.
+///
+/// `shutting_down` says the same of a proxy that is stopping, whose socket file is already
+/// gone: a restart's next instance binds it within a second or two, and the request is sent
+/// to that one, so that `ctl on` typed during a deploy's restart is not lost. Until it comes,
+/// or until the deadline, the stopping proxy's refusal is what is returned.
 async fn exchange(socket: &Path, req: &Request, deadline: tokio::time::Instant) -> Answer {
     let mut backoff = FIRST_BACKOFF;
+    // The stopping proxy's refusal, which stands until the next instance answers.
+    let mut stopping: Option<Response> = None;
     loop {
-        let answer = once(socket, req, deadline).await;
-        let unread = match &answer {
-            Ok(Ok(resp)) => resp
-                .error
-                .as_ref()
-                .is_some_and(|e| e.code == "busy" || e.code == "idle"),
-            _ => false,
+        let (unread, answer) = match once(socket, req, deadline).await {
+            Ok(Ok(resp)) => {
+                let code = resp.error.as_ref().map(|e| e.code.as_str());
+                stopping = (code == Some("shutting_down")).then(|| resp.clone());
+                (
+                    matches!(code, Some("busy" | "idle" | "shutting_down")),
+                    Ok(Ok(resp)),
+                )
+            }
+            // Between the stopping proxy and the next: no socket, or one not yet listening.
+            Ok(Err(client::ClientError::NoProxy { path, source })) => match &stopping {
+                Some(refusal) => (true, Ok(Ok(refusal.clone()))),
+                None => (
+                    false,
+                    Ok(Err(client::ClientError::NoProxy { path, source })),
+                ),
+            },
+            other => (false, other),
         };
         // Spread, so that clients refused together do not come back together.
         let pause = backoff / 2 + backoff.mul_f64(jitter() / 2.0);
@@ -769,6 +793,43 @@ mod tests {
             seen.try_recv().is_err(),
             "a refusal that read the request was sent again"
         );
+    }
+
+    const SHUTTING: &str =
+        r#"{"ok":false,"error":{"code":"shutting_down","message":"not applied"}}"#;
+
+    /// A proxy stopping for a restart refuses what it has not applied; the command goes to
+    /// the instance that takes the socket next. With none, the refusal is what is returned.
+    #[tokio::test]
+    async fn a_command_refused_by_a_stopping_proxy_goes_to_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("c.sock");
+        let mut old = fake_proxy(&socket, &[SHUTTING]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let asking = tokio::spawn({
+            let socket = socket.clone();
+            async move { exchange(&socket, &Request::Off, deadline).await }
+        });
+        old.recv().await.unwrap();
+        // The stopping proxy removes its socket file; the next binds it a moment later.
+        std::fs::remove_file(&socket).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut next = fake_proxy(&socket, &[DONE]);
+        let resp = asking.await.unwrap().unwrap().unwrap();
+        assert!(resp.ok, "{resp:?}");
+        assert_eq!(next.recv().await.unwrap(), "{\"cmd\":\"off\"}\n");
+
+        let socket = dir.path().join("d.sock");
+        let mut seen = fake_proxy(&socket, &[SHUTTING]);
+        let asking = tokio::spawn({
+            let socket = socket.clone();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+            async move { exchange(&socket, &Request::Off, deadline).await }
+        });
+        seen.recv().await.unwrap();
+        std::fs::remove_file(&socket).unwrap();
+        let resp = asking.await.unwrap().unwrap().unwrap();
+        assert_eq!(resp.error.unwrap().code, "shutting_down");
     }
 
     #[test]

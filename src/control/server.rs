@@ -484,7 +484,7 @@ async fn connection(
 /// Closes a connection as the proxy stops, saying that what it sent was not applied.
 async fn stopping(w: &mut OwnedWriteHalf, r: &mut BufReader<OwnedReadHalf>) {
     let why = "the proxy is shutting down; this command was not applied".to_owned();
-    closing(w, "internal", why).await;
+    closing(w, "shutting_down", why).await;
     // Closed with the client's request unread, the socket would be reset, and the client
     // could lose this answer with it: what it sends is read and dropped until it closes, for
     // a moment at most.
@@ -635,10 +635,10 @@ mod tests {
         let line = lines.next_line().await.unwrap().unwrap();
         let resp: Response = serde_json::from_str(&line).unwrap();
         assert!(!resp.ok);
-        assert!(
-            resp.error.unwrap().message.contains("not applied"),
-            "{line}"
-        );
+        let error = resp.error.unwrap();
+        assert!(error.message.contains("not applied"), "{line}");
+        // Its own code, which a client may act on: safe to send again to the next proxy.
+        assert_eq!(error.code, "shutting_down");
         assert!(lines.next_line().await.unwrap().is_none(), "then closed");
         served.await.unwrap();
     }

@@ -74,7 +74,7 @@ impl ControllerHandle {
 /// The answer to a request the controller will not take because the proxy is stopping.
 fn not_applied() -> Response {
     Response::error(ErrorBody::new(
-        "internal",
+        "shutting_down",
         "the proxy is shutting down; this command was not applied",
     ))
 }
