@@ -1026,6 +1026,41 @@ async fn health_expect_decides_which_statuses_are_healthy() {
     assert_eq!(proxy_mode(&by_default).await, "normal");
 }
 
+/// A health endpoint that sends its head and then hangs (an application that flushes its
+/// headers before asking a database that hangs) fails its checks: the answer must end within
+/// `health.timeout`, as Kubernetes' probes read it. One whose answer ends passes, a long one
+/// included (read no further than 64 KiB).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_health_answer_that_never_ends_fails_its_check() {
+    // Each answer's sender kept, so that its body neither goes on nor ends.
+    let open = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stalling = upstream(move |req: Request<Incoming>| {
+        let open = open.clone();
+        async move {
+            if req.uri().path() == "/healthz" {
+                let (more, body) = mpsc_body();
+                more.try_send(bytes::Bytes::from_static(b"OK ")).unwrap();
+                open.lock().unwrap().push(more);
+                Response::new(body)
+            } else {
+                Response::new(full("app works"))
+            }
+        }
+    })
+    .await;
+    let long =
+        upstream(|_req: Request<Incoming>| async { Response::new(full(vec![b'x'; 1 << 20])) })
+            .await;
+    let health = "[health]\ninterval = \"1h\"\ntimeout = \"1s\"\npath = \"/healthz\"\n";
+    let proxy = proxy_for(&[&stalling], health).await;
+    wait_mode(&proxy, "outage", Duration::from_secs(5)).await;
+    let h = ctl(&proxy, Ctl::Health).await.health.unwrap();
+    let error = h[0].last_error.as_deref().unwrap_or_default();
+    assert!(error.contains("head came, but not its end"), "{h:?}");
+    let proxy = proxy_for(&[&long], health).await;
+    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+}
+
 /// A proxy out of file descriptors is in trouble of its own: it cannot open connections to a
 /// healthy server, nor run its health checks, but that is no outage of the application. The
 /// server must not be taken out (which would switch every client to the outage page and

@@ -11,6 +11,7 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,9 @@ const USER_AGENT: &str = concat!("intermission-health-check/", env!("CARGO_PKG_V
 /// An empty `HealthCheckRequest` (service "" = the whole server) in gRPC framing: not
 /// compressed, length 0.
 const GRPC_CHECK_REQUEST: &[u8] = &[0, 0, 0, 0, 0];
+
+/// What a check reads of an answer's body: a health answer is a few bytes.
+const MAX_BODY: usize = 64 * 1024;
 
 /// Why a check failed.
 #[derive(Debug)]
@@ -78,15 +82,23 @@ impl Prober {
     /// Checks once: the latency on success, why on failure.
     pub async fn check(&self) -> Result<Duration, CheckError> {
         let start = Instant::now();
-        let outcome = tokio::time::timeout(self.config.timeout, self.attempt()).await;
+        let head = AtomicBool::new(false);
+        let outcome = tokio::time::timeout(self.config.timeout, self.attempt(&head)).await;
         match outcome {
             Ok(Ok(())) => Ok(start.elapsed()),
             Ok(Err(why)) => Err(why),
+            Err(_) if head.load(Ordering::Relaxed) => Err(format!(
+                "the answer's head came, but not its end within {:?}",
+                self.config.timeout
+            )
+            .into()),
             Err(_) => Err(format!("no answer within {:?}", self.config.timeout).into()),
         }
     }
 
-    async fn attempt(&self) -> Result<(), CheckError> {
+    /// `head` is set once the answer's head has come, so that a timeout can say which part
+    /// of the answer was missing.
+    async fn attempt(&self, head: &AtomicBool) -> Result<(), CheckError> {
         match self.config.kind {
             HealthKind::Tcp => {
                 let host = self.server.authority.host();
@@ -107,12 +119,32 @@ impl Prober {
             HealthKind::Http => {
                 let req = self.request(self.config.path.as_str(), Body::Empty)?;
                 let resp = self.send(req).await?;
+                head.store(true, Ordering::Relaxed);
                 let status = resp.status().as_u16();
-                if self.config.expects(status) {
-                    Ok(())
-                } else {
-                    Err(format!("status {status} is not in health.expect").into())
+                if !self.config.expects(status) {
+                    return Err(format!("status {status} is not in health.expect").into());
                 }
+                // The answer must end too, as Kubernetes' probes read it: an application that
+                // sends its head at once and then hangs on its database answers nothing else
+                // either. A long one is read no further than a health page needs.
+                let mut body = resp.into_body();
+                let mut read = 0;
+                while read < MAX_BODY {
+                    match body.frame().await {
+                        None => break,
+                        Some(Ok(frame)) => {
+                            read += frame.data_ref().map_or(0, Bytes::len);
+                        }
+                        Some(Err(e)) => {
+                            return Err(format!(
+                                "reading the answer: {}",
+                                crate::logging::with_causes(&e)
+                            )
+                            .into())
+                        }
+                    }
+                }
+                Ok(())
             }
             HealthKind::Grpc => {
                 let mut req = self.request(
@@ -127,9 +159,10 @@ impl Prober {
                     .insert(header::TE, HeaderValue::from_static("trailers"));
                 *req.method_mut() = http::Method::POST;
                 let resp = self.send(req).await?;
+                head.store(true, Ordering::Relaxed);
                 let (parts, body) = resp.into_parts();
                 // A health answer is a few bytes; a server streaming more is not healthy.
-                let collected = http_body_util::Limited::new(body, 64 * 1024)
+                let collected = http_body_util::Limited::new(body, MAX_BODY)
                     .collect()
                     .await
                     .map_err(|e| format!("reading the answer: {e}"))?;
