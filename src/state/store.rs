@@ -6,7 +6,7 @@
 //! version wrote is read (a rollback must not refuse to start), said so, and kept as it was
 //! beside the file before anything overwrites it.
 
-use super::mode::{Persisted, MAX_UPDATES, STATE_VERSION};
+use super::mode::{Persisted, MAX_MESSAGE_CHARS, MAX_UPDATES, STATE_VERSION};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -80,7 +80,44 @@ pub fn load(path: &Path) -> Result<Persisted, StoreError> {
         );
         state.updates.drain(..over);
     }
+    let mended = mend_texts(&mut state);
+    if mended > 0 {
+        tracing::warn!(
+            "state file {}: {mended} of its messages and reasons were longer than {MAX_MESSAGE_CHARS} characters or held control characters, as no change can leave them: cut at {MAX_MESSAGE_CHARS}, the control characters removed",
+            path.display()
+        );
+    }
     Ok(state)
+}
+
+/// Holds the texts of a file edited by hand to what a change can leave in it (`text_problem`):
+/// the pages' bound on their rendered size counts on `MAX_MESSAGE_CHARS`, and a control
+/// character would reach the log and `ctl`'s terminal. How many were mended.
+fn mend_texts(state: &mut Persisted) -> usize {
+    let texts = state
+        .message
+        .iter_mut()
+        .chain(state.updates.iter_mut().map(|u| &mut u.message))
+        .chain(
+            state
+                .schedules
+                .iter_mut()
+                .filter_map(|w| w.message.as_mut()),
+        )
+        .chain(state.planned.iter_mut().filter_map(|p| p.reason.as_mut()));
+    let mut mended = 0;
+    for text in texts {
+        let kept: String = text
+            .chars()
+            .filter(|&c| !c.is_control() || c == '\n' || c == '\t')
+            .take(MAX_MESSAGE_CHARS)
+            .collect();
+        if kept != *text {
+            *text = kept;
+            mended += 1;
+        }
+    }
+    mended
 }
 
 /// Whether the start could load the state file, for `check`: read and parsed as `load`
@@ -313,6 +350,33 @@ mod tests {
             loaded.updates.last().map(|u| u.message.as_str()),
             Some(format!("m{}", MAX_UPDATES + 6).as_str())
         );
+    }
+
+    /// A file edited by hand holds no text a change could not leave: a message past
+    /// `MAX_MESSAGE_CHARS` (which the pages' bound on their size counts on) is cut there, a
+    /// control character (an escape sequence for the log and terminals) removed, line ends
+    /// kept; what a change could leave is read as it is.
+    #[test]
+    fn texts_edited_by_hand_are_held_to_what_a_change_accepts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let long = "é".repeat(MAX_MESSAGE_CHARS + 500);
+        let text = format!(
+            r#"{{"version":1,"message":"{long}","planned":{{"since":"2026-12-06T00:00:00Z","by":"ops","reason":"INC\u001b[31m-7"}},
+               "updates":[{{"at":"2026-12-06T00:00:00Z","message":"line\none\tand two"}}],
+               "schedules":[{{"id":1,"start":"2026-12-06T00:00:00Z","end":"2036-12-06T00:00:00Z","message":"{long}","by":"ops"}}]}}"#
+        );
+        std::fs::write(&path, text).unwrap();
+        let loaded = load(&path).unwrap();
+        let message = loaded.message.unwrap();
+        assert_eq!(message.chars().count(), MAX_MESSAGE_CHARS);
+        assert!(message.chars().all(|c| c == 'é'));
+        assert_eq!(
+            loaded.schedules[0].message.as_deref(),
+            Some(message.as_str())
+        );
+        assert_eq!(loaded.planned.unwrap().reason.as_deref(), Some("INC[31m-7"));
+        assert_eq!(loaded.updates[0].message, "line\none\tand two");
     }
 
     /// A new state file is readable by its owner alone (it holds the internal reasons); a
