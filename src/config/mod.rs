@@ -1676,6 +1676,13 @@ mod tests {
         }
     }
 
+    /// Each problem as (key, message), for comparing a list whole.
+    fn said(p: &[Problem]) -> Vec<(&str, &str)> {
+        p.iter()
+            .map(|p| (p.key.as_str(), p.message.as_str()))
+            .collect()
+    }
+
     fn keys(text: &str) -> Vec<String> {
         problems(text).into_iter().map(|p| p.key).collect()
     }
@@ -2091,10 +2098,7 @@ mod tests {
         let p = problems(&format!(
             "[maintenance]\nretry_after = \"2d\"\noutage_retry_after = \"25h\"\nmessage = \"{long}\"\n"
         ));
-        let got: Vec<_> = p
-            .iter()
-            .map(|p| (p.key.as_str(), p.message.as_str()))
-            .collect();
+        let got = said(&p);
         assert_eq!(
             got,
             [
@@ -2272,10 +2276,7 @@ mod tests {
             "#
         );
         let p = problems(&text);
-        let said: Vec<(&str, &str)> = p
-            .iter()
-            .map(|p| (p.key.as_str(), p.message.as_str()))
-            .collect();
+        let said = said(&p);
         assert_eq!(
             said,
             [
@@ -2356,10 +2357,7 @@ mod tests {
             headers = "Authorization: XOXO-10"
             "#,
         );
-        let said: Vec<(&str, &str)> = p
-            .iter()
-            .map(|p| (p.key.as_str(), p.message.as_str()))
-            .collect();
+        let said = said(&p);
         assert_eq!(
             said,
             [
