@@ -176,6 +176,21 @@ pub fn ceil_second(t: SystemTime) -> SystemTime {
     cut.checked_add(Duration::from_secs(1)).unwrap_or(t)
 }
 
+/// An announced end as people are told it: rounded up to its minute ("back by 10:01" for
+/// 10:00:23), since "back by 10:00" would be a promise broken. It is also when the end counts
+/// as passed (the overrun), so that no page says "we planned to be back by 10:01; it is
+/// taking longer" at 10:00:40. Unchanged when it is a whole minute already, or cannot be.
+pub fn announced_end(t: SystemTime) -> SystemTime {
+    let Ok(since) = t.duration_since(UNIX_EPOCH) else {
+        return t;
+    };
+    let past = Duration::new(since.as_secs() % 60, since.subsec_nanos());
+    if past.is_zero() {
+        return t;
+    }
+    t.checked_add(Duration::from_secs(60) - past).unwrap_or(t)
+}
+
 /// Whole seconds from `now` until `until`, rounded up, at least 1; `None` once it has passed.
 pub fn seconds_until(until: SystemTime, now: SystemTime) -> Option<u64> {
     let left = until.duration_since(now).ok()?;

@@ -709,12 +709,14 @@ async fn a_visitor_waits_on_the_holding_page_and_comes_back_by_itself() {
     );
 
     // The work overruns its announced end: the open page, through its polling, stops
-    // promising a time gone by and says it is taking longer.
+    // promising a time gone by and says it is taking longer. An end that is a whole minute
+    // overruns at that time (within a minute: a test that waits).
+    let (_, end) = whole_minute_ahead(Duration::from_secs(2));
     let again = ctl(
         &proxy,
         Ctl::On {
             message: None,
-            until: Some("+2s".into()),
+            until: Some(end),
             retry_after: None,
             reason: None,
         },
@@ -724,7 +726,8 @@ async fn a_visitor_waits_on_the_holding_page_and_comes_back_by_itself() {
     browser
         .exec("window.__intermissionTestMarker = 'before the overrun'; return true;")
         .await;
-    let state = wait_for_page(&browser, PAGE_POLL_LIMIT, "the overrun line", |s| {
+    let limit = PAGE_POLL_LIMIT + Duration::from_secs(62);
+    let state = wait_for_page(&browser, limit, "the overrun line", |s| {
         s["overrun_visible"] == true && s["until_visible"] == false
     })
     .await;

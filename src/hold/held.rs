@@ -12,7 +12,7 @@ use crate::body::Body;
 use crate::config::MaintenanceConfig;
 use crate::h1::Encoded;
 use crate::state::mode::{Mode, Persisted, Update, MAX_RETRY_AFTER, MIN_RETRY_AFTER};
-use crate::time::{seconds_until, whole_seconds, Timestamp};
+use crate::time::{announced_end, seconds_until, whole_seconds, Timestamp};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
@@ -91,7 +91,7 @@ impl View {
                 Mode::Normal => None,
             },
             until,
-            overrun: until.is_some_and(|u| u <= now),
+            overrun: until.is_some_and(|u| announced_end(u) <= now),
             retry_default,
             updates: state.updates.clone(),
             status_page: cfg.status_page.clone(),
@@ -731,9 +731,13 @@ mod tests {
             let body = held.respond(form, lang, false, || t0).into_body();
             String::from_utf8(body.into_ready().unwrap().to_vec()).unwrap()
         };
+        // Past the end given, but not the minute shown, no form says it is taking longer than
+        // that minute: from that minute on, every form does.
         for (at, overrun) in [
             (t0, false),
-            (end, true),
+            (end, false),
+            (end + std::time::Duration::from_millis(29_999), false),
+            (end + std::time::Duration::from_secs(30), true),
             (end + std::time::Duration::from_secs(60), true),
         ] {
             let view = View::new(Mode::Maintenance, &state, &config.maintenance, None, at);

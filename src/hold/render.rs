@@ -449,14 +449,7 @@ pub fn human_time(t: SystemTime) -> String {
 /// An expected end, as [`human_time`] but rounded up to the minute: "back by 10:00" must not
 /// pass while `Retry-After` still counts down to 10:00:45.
 pub fn human_end(t: SystemTime) -> String {
-    let past = t.duration_since(UNIX_EPOCH).map_or(0, |d| {
-        d.as_secs() % 60 * 1_000_000_000 + u64::from(d.subsec_nanos())
-    });
-    let up = match past {
-        0 => t,
-        _ => t + std::time::Duration::from_nanos(60_000_000_000 - past),
-    };
-    human_time(up)
+    human_time(crate::time::announced_end(t))
 }
 
 /// `"07:00 UTC"`, for times within the day (update timestamps). Empty like [`human_time`].

@@ -599,7 +599,8 @@ impl Controller {
         if self.overrun_noted {
             return None;
         }
-        self.state.planned.as_ref()?.until.map(|u| u.0)
+        let until = self.state.planned.as_ref()?.until?;
+        Some(crate::time::announced_end(until.0))
     }
 
     async fn note_overrun(&mut self) {
@@ -1440,8 +1441,16 @@ mod tests {
         let state = r.ask(Request::Status).await.state.expect("state");
         assert!(!state.overrun);
         assert_eq!(state.retry_after, Some(1800));
-        r.clock.set(r.at(1801));
-        tokio::time::advance(Duration::from_secs(1801)).await;
+        // Past the end given, the minute shown may not have come: not yet an overrun.
+        let until = state.until.expect("until").0;
+        let shown = crate::time::announced_end(until);
+        let before = shown.duration_since(r.at(0)).unwrap() - Duration::from_millis(1);
+        r.clock.set(r.at(0) + before);
+        tokio::time::advance(before).await;
+        let state = r.ask(Request::Status).await.state.expect("state");
+        assert!(!state.overrun, "overran before the minute people were told");
+        r.clock.set(shown);
+        tokio::time::advance(Duration::from_millis(1)).await;
         let state = r.ask(Request::Status).await.state.expect("state");
         assert!(state.overrun);
         assert_eq!(state.mode, Mode::Maintenance, "maintenance stays until off");

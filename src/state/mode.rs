@@ -469,12 +469,13 @@ impl Persisted {
         Ok(())
     }
 
-    /// Whether the announced end of planned maintenance has passed.
+    /// Whether the announced end of planned maintenance has passed: the minute people were
+    /// told (`time::announced_end`).
     pub fn overrun(&self, now: SystemTime) -> bool {
         self.planned
             .as_ref()
             .and_then(|p| p.until)
-            .is_some_and(|u| u.0 <= now)
+            .is_some_and(|u| crate::time::announced_end(u.0) <= now)
     }
 }
 
@@ -927,8 +928,10 @@ mod tests {
                 true,
             )
             .unwrap();
-        assert!(!s.overrun(t(99)));
-        assert!(s.overrun(t(100)));
+        // The end given is 1:40 past a whole minute, shown as 2:00: overrun from then on.
+        assert!(!s.overrun(t(100)));
+        assert!(!s.overrun(t(119)));
+        assert!(s.overrun(t(120)));
         assert_eq!(
             s.mode(true, t(0)),
             Mode::Maintenance,

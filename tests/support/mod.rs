@@ -526,6 +526,14 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
 
 /// Sends one control request to an in-process proxy.
 /// `on`, with `message` or none, and nothing else.
+/// The first whole minute at least `ahead` from now, and as `on --until` takes it: an end
+/// that is a whole minute overruns at that very time (one that is not, at the minute the
+/// pages show it, rounded up).
+pub fn whole_minute_ahead(ahead: Duration) -> (std::time::SystemTime, String) {
+    let end = intermission::time::announced_end(std::time::SystemTime::now() + ahead);
+    (end, intermission::time::Timestamp(end).rfc3339())
+}
+
 pub fn on(message: Option<&str>) -> intermission::control::protocol::Request {
     intermission::control::protocol::Request::On {
         message: message.map(str::to_owned),
