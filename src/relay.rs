@@ -677,6 +677,8 @@ fn request(
                 their_host |= trusted;
                 !trusted
             }
+            // `X_Forwarded_For` and the like: dropped, as hyper's path drops them.
+            9 | 14..=18 if forward::headers::is_underscore_alias(name) => true,
             16 => is(name, b"proxy-connection"),
             9 if is(name, b"x-real-ip") => {
                 their_address |= trusted;
@@ -697,6 +699,11 @@ fn request(
     let host = host
         .filter(|h| !h.is_empty() && h1::valid_host(h))
         .ok_or(())?;
+    // A body where the method gives it no meaning goes through hyper's path, which closes
+    // the server's connection after it (`forward::headers::close_after_unmeant_body`).
+    if length.is_some_and(|n| n > 0) && !forward::body_has_meaning(method) {
+        return Err(());
+    }
     out.extend_from_slice(b"x-forwarded-for: ");
     // A second pass over the head only when the client sent a list, which few do.
     if their_list {
@@ -2095,13 +2102,15 @@ mod tests {
         let over = format!("{head}{:04}\r\n\r\n{}", fits + 1, "b".repeat(fits));
         let got = prepare(&snap, &conn(), over.as_bytes(), &mut out);
         assert_eq!(got, Prepared::Hyper, "a byte over");
-        let zeros = format!("GET /x HTTP/1.1\r\n{host}Content-Length: 005\r\n\r\nhello");
+        let zeros = format!("POST /x HTTP/1.1\r\n{host}Content-Length: 005\r\n\r\nhello");
         let got = prepare(&snap, &conn(), zeros.as_bytes(), &mut out);
-        assert_eq!(
-            got,
-            Prepared::Take(zeros.len()),
-            "a GET with a body, its length padded"
-        );
+        assert_eq!(got, Prepared::Take(zeros.len()), "its length padded");
+        // A body a method gives no meaning: hyper's path closes the server's connection after.
+        for method in ["GET", "HEAD", "DELETE", "OPTIONS"] {
+            let odd = format!("{method} /x HTTP/1.1\r\n{host}Content-Length: 5\r\n\r\nhello");
+            let got = prepare(&snap, &conn(), odd.as_bytes(), &mut out);
+            assert_eq!(got, Prepared::Hyper, "{odd:?}");
+        }
         assert!(head_whole(partial) && !head_whole(&partial[..partial.len() - 3]));
         for method in ["PUT", "PATCH", "DELETE", "OPTIONS"] {
             let empty = format!("{method} /x HTTP/1.1\r\n{host}Content-Length: 0\r\n\r\n");

@@ -200,15 +200,31 @@ async fn forwarded_from_an_untrusted_client_is_dropped() {
         ("true-client-ip", "203.0.113.7"),
         ("x-real-ip", "203.0.113.7"),
     ];
+    // The same names with `_` for `-`, which CGI, WSGI, Rack and PHP read as the real ones
+    // (`HTTP_X_FORWARDED_FOR`): dropped from anyone, as nginx drops them.
+    let aliases = [
+        ("x_forwarded_for", "203.0.113.7"),
+        ("x_real_ip", "203.0.113.7"),
+        ("x-forwarded_host", "evil.example"),
+        ("true_client_ip", "203.0.113.7"),
+        ("x_forwarded_proto", "https"),
+    ];
     let with_spoofs = |url: String, host: Option<&str>| {
         let mut req = Request::get(url);
         if let Some(host) = host {
             req = req.header("host", host);
         }
-        for (name, value) in spoofed {
-            req = req.header(name, value);
+        for (name, value) in spoofed.iter().chain(&aliases) {
+            req = req.header(*name, *value);
         }
-        req.body(empty()).unwrap()
+        // Another name with `_` is the application's, and passes.
+        req.header("x_tenant", "blue").body(empty()).unwrap()
+    };
+    let no_aliases = |seen: &Seen, path: &str| {
+        for (name, _) in aliases {
+            assert!(!seen.has(name), "{path}: {name}: {:?}", seen.headers);
+        }
+        assert_eq!(seen.header("x_tenant"), Some("blue"), "{path}");
     };
     let untrusted = spawn_proxy(&upstream_config(&up)).await;
     let seen: Seen = json(&send(with_spoofs(untrusted.url("/"), Some("site.example"))).await);
@@ -219,6 +235,7 @@ async fn forwarded_from_an_untrusted_client_is_dropped() {
     let addresses = seen.headers.iter().filter(|(k, _)| k == "x-real-ip");
     assert_eq!(addresses.count(), 1, "relay: {:?}", seen.headers);
     assert_eq!(seen.header("x-real-ip"), Some("127.0.0.1"), "relay");
+    no_aliases(&seen, "relay");
     let resp = h2c_client()
         .request(with_spoofs(untrusted.url("/"), None))
         .await
@@ -234,6 +251,7 @@ async fn forwarded_from_an_untrusted_client_is_dropped() {
     let addresses = seen.headers.iter().filter(|(k, _)| k == "x-real-ip");
     assert_eq!(addresses.count(), 1, "h2c: {:?}", seen.headers);
     assert_eq!(seen.header("x-real-ip"), Some("127.0.0.1"), "h2c");
+    no_aliases(&seen, "h2c");
 
     let config = format!(
         "[proxy]\ntrusted_proxies = [\"127.0.0.0/8\"]\n{}",
@@ -244,6 +262,7 @@ async fn forwarded_from_an_untrusted_client_is_dropped() {
     for (name, value) in spoofed {
         assert_eq!(seen.header(name), Some(value), "trusted: {name}");
     }
+    no_aliases(&seen, "trusted");
 }
 
 /// An HTTP/2 connection (prior knowledge) to `addr`, driven by a task of its own, whose end
@@ -1446,4 +1465,108 @@ async fn an_http2_upload_that_outlasts_its_answer_is_not_cut_when_the_connection
         Ok(Some(true)),
         "an upload still moving was cut with its connection"
     );
+}
+
+/// A server with the "CL.0" flaw: it reads no body, so whatever follows a head is read as
+/// the next request on the connection. Each answer's body is its path without the `/`; the
+/// one to `/smuggled` comes after 300 ms, as a slow page's would.
+async fn cl0_server() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut more = [0u8; 4096];
+                        match sock.read(&mut more).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&more[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+                    if path == "/smuggled" {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    let body = path.trim_start_matches('/');
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if sock.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `request` on `sock` and reads one answer (framed by its `Content-Length`): its body.
+async fn one_answer(sock: &mut tokio::net::TcpStream, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    sock.write_all(request).await.unwrap();
+    let mut got = Vec::new();
+    let read = async {
+        loop {
+            let mut more = [0u8; 4096];
+            let n = sock.read(&mut more).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&more[..n]);
+            let text = String::from_utf8_lossy(&got).into_owned();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(str::to_owned)
+                    })
+                    .and_then(|n| n.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if body.len() >= length {
+                    return body.to_owned();
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("no answer within 10 s")
+}
+
+/// A `GET` (or `HEAD`, `DELETE`, `OPTIONS`) with a body, which a server with the "CL.0"
+/// flaw reads as a second request: its answer to that one must not reach the next client
+/// whose request takes the pooled connection (RFC 9110 §9.3.1, RFC 9112 §11.2). The
+/// server's connection is closed after such a request. Before, the next client got the
+/// answer to the request hidden in another client's body.
+#[tokio::test]
+async fn a_body_a_get_gives_no_meaning_poisons_no_other_answer() {
+    let server = cl0_server().await;
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"http://{server}\"]\n\
+         [health]\ninterval = \"1h\"\n"
+    ))
+    .await;
+    for method in ["GET", "DELETE", "OPTIONS"] {
+        let hidden = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut attacker = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let mut victim = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let request = format!(
+            "{method} /a HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{hidden}",
+            hidden.len()
+        );
+        assert_eq!(one_answer(&mut attacker, request.as_bytes()).await, "a");
+        let mine = one_answer(&mut victim, b"GET /victim HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!(
+            mine, "victim",
+            "{method}: another client's hidden request answered"
+        );
+    }
 }

@@ -252,6 +252,46 @@ pub fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
+/// Asks an HTTP/1.1 server to close its connection after a request whose body the method
+/// gives no meaning (`forward::body_has_meaning`): a server that ignores such a body without
+/// reading it (a static file handler, a redirect) takes it for the next request on the
+/// connection, and its answer to that would reach whichever client's request came next on
+/// the pooled connection (a "CL.0" desync, RFC 9110 §9.3.1; RFC 9112 §11.2). Not reused, the
+/// connection takes the stray answer with it. HTTP/2 frames each stream's body, and hyper
+/// drops the field for an HTTP/2 server.
+pub fn close_after_unmeant_body(headers: &mut HeaderMap) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+}
+
+/// The names `set_forwarded` writes or drops, for `is_underscore_alias`.
+const MANAGED: [&[u8]; 9] = [
+    b"true-client-ip",
+    b"x-forwarded-port",
+    b"x-forwarded-prefix",
+    b"x-forwarded-ssl",
+    b"x-forwarded-scheme",
+    b"x-forwarded-for",
+    b"x-forwarded-host",
+    b"x-forwarded-proto",
+    b"x-real-ip",
+];
+
+/// Whether `name` is one of the names `set_forwarded` manages written with `_` for `-`
+/// (`X_Forwarded_For`): CGI, WSGI, Rack and PHP read `-` and `_` alike (both are
+/// `HTTP_X_FORWARDED_FOR`), so a client's `X_Forwarded_For` or `X_Real_IP` could stand in for
+/// the proxy's own, which the application trusts. Dropped, as nginx drops every name with
+/// `_` by default (`underscores_in_headers off`); other such names pass on.
+pub fn is_underscore_alias(name: &[u8]) -> bool {
+    name.contains(&b'_')
+        && MANAGED.iter().any(|managed| {
+            managed.len() == name.len()
+                && managed
+                    .iter()
+                    .zip(name)
+                    .all(|(&m, &n)| m == n.to_ascii_lowercase() || (m == b'-' && n == b'_'))
+        })
+}
+
 /// Headers passed on from a peer in `trusted_proxies` only (`set_forwarded`; the relay's
 /// `request` drops the same).
 pub const FROM_TRUSTED_ONLY: [HeaderName; 6] = [
@@ -282,6 +322,14 @@ pub const FROM_TRUSTED_ONLY: [HeaderName; 6] = [
 /// Rack). They are kept from a trusted peer only: from anyone else they would let a client
 /// name the links the application writes, which replacing `X-Forwarded-Host` is there to stop.
 pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientSide, trusted: bool) {
+    let aliases: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_underscore_alias(name.as_str().as_bytes()))
+        .cloned()
+        .collect();
+    for alias in aliases {
+        headers.remove(alias);
+    }
     if !trusted {
         for name in &FROM_TRUSTED_ONLY {
             headers.remove(name);

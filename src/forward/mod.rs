@@ -110,6 +110,12 @@ fn buffer_for_replay(parts: &http::request::Parts, to: Protocol) -> bool {
         && length.is_some_and(|n| n > 0 && n <= REPLAY_BODY_LIMIT)
 }
 
+/// Whether a request body has a meaning for `method` (RFC 9110 §9.3): not for `GET`, `HEAD`,
+/// `DELETE`, `OPTIONS` or `TRACE`, whose bodies some servers ignore without reading them.
+pub(crate) fn body_has_meaning(method: &[u8]) -> bool {
+    !matches!(method, b"GET" | b"HEAD" | b"DELETE" | b"OPTIONS" | b"TRACE")
+}
+
 /// Forwards `req` to a healthy upstream server; a request that fails before any response
 /// head arrives is retried once on another healthy server when it can be replayed, and so is
 /// one whose server `marks` says was taken out while it waited for that head. Every failure
@@ -157,6 +163,11 @@ pub fn forward<'a>(
             let to = pool.servers[first].protocol;
             let buffer = client_upgrade.is_none() && buffer_for_replay(&parts, to);
             headers::strip_hop_by_hop(&mut parts.headers);
+            if !http_body::Body::is_end_stream(&body)
+                && !body_has_meaning(parts.method.as_str().as_bytes())
+            {
+                headers::close_after_unmeant_body(&mut parts.headers);
+            }
             // This hop answered the expectation already: hyper sends `100 Continue` to the client as
             // soon as the body is read, which forwarding starts at once.
             parts.headers.remove(header::EXPECT);
