@@ -294,6 +294,8 @@ pub struct Running {
     admin: Option<(Trigger, JoinHandle<()>)>,
     /// Kept until the drain is over: the connections being drained run on them.
     workers: Arc<Workers>,
+    /// The webhooks' queues, given their time to be delivered at the stop (`finish`).
+    notifier: Notifier,
     /// The state file's lock (`store::lock`), let go once the controller has stopped, so that
     /// a new instance started during the drain (its control socket is gone already) can take
     /// the state file over, as it takes the socket.
@@ -329,6 +331,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let threads = config.proxy.threads;
     let metrics = Arc::new(Metrics::new());
     let notifier = Notifier::start(config.notify.clone(), metrics.clone());
+    let kept_notifier = notifier.clone();
     let admin = match config.admin.listen {
         Some(addr) => Some(bind(addr, "admin.listen")?),
         None => None,
@@ -391,6 +394,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         draining,
         admin,
         workers,
+        notifier: kept_notifier,
         state_lock,
     })
 }
@@ -429,9 +433,17 @@ impl Running {
         tokio::spawn(async move { controller.request(Request::Reload, "SIGHUP".into()).await });
     }
 
+    /// The webhooks, for a stop cut short by a second signal to count and log what they
+    /// still hold (`Notifier::finish`).
+    pub fn notifier(&self) -> Notifier {
+        self.notifier.clone()
+    }
+
     /// Stops accepting, lets in-flight requests finish for up to `shutdown_timeout`, and
-    /// returns whether every connection finished in time.
+    /// the webhook events still queued be delivered meanwhile for up to `NOTIFY_AT_STOP`
+    /// (or `shutdown_timeout` if shorter); returns whether every connection finished in time.
     pub async fn shutdown(self) -> bool {
+        let began = tokio::time::Instant::now();
         let grace = self.state.load().config.proxy.shutdown_timeout;
         // Listeners first: once `/readyz` says not ready, a new connection is refused (the
         // other order let a client connect in between).
@@ -456,11 +468,16 @@ impl Running {
         }
         drop(self.state_lock);
         drop(self.listeners);
-        let drained = drain(
-            self.drain,
-            deadline.saturating_duration_since(tokio::time::Instant::now()),
-        )
-        .await;
+        // The controller has ended: no more events will come. Beside the drain, never past
+        // it: a stop takes no longer than `shutdown_timeout` for them.
+        let notified_by = deadline.min(began + NOTIFY_AT_STOP);
+        let (drained, ()) = tokio::join!(
+            drain(
+                self.drain,
+                deadline.saturating_duration_since(tokio::time::Instant::now()),
+            ),
+            self.notifier.finish(notified_by),
+        );
         if let Some((stop, task)) = self.admin {
             stop.fire();
             let _ = task.await;
@@ -471,6 +488,13 @@ impl Running {
         drained
     }
 }
+
+/// How long a stop gives the webhook events still queued to be delivered, at most: a receiver
+/// that answers within seconds gets the last changes (the return to normal above all), and
+/// one that hangs holds the stop no longer than this, well within systemd's stop timeout
+/// (`TimeoutStopSec`, 90 s by default, 45 s in the README's unit) when `shutdown_timeout`
+/// leaves the drain longer.
+const NOTIFY_AT_STOP: Duration = Duration::from_secs(10);
 
 async fn drain(drain: Arc<Drain>, grace: Duration) -> bool {
     let open = drain.count();
@@ -517,6 +541,7 @@ pub async fn run_until_signal(config: Config) -> Result<(), RunError> {
         }
     };
     tracing::info!("{name} received; shutting down (send it again to stop at once)");
+    let notifier = running.notifier();
     // A second signal ends the drain: an operator who cannot wait out `shutdown_timeout`
     // (a tunnel open for minutes, a request that hangs) is not left with SIGKILL, which
     // would leave the control socket and the state lock behind. Dropping the shutdown
@@ -526,6 +551,9 @@ pub async fn run_until_signal(config: Config) -> Result<(), RunError> {
         _ = running.shutdown() => {}
         sig = terminate.recv() => {
             tracing::warn!("{sig} received again; stopping now, closing the connections still open");
+            // What the webhooks still hold is counted and logged as not delivered, not lost
+            // without a word.
+            notifier.finish(tokio::time::Instant::now()).await;
         }
     }
     Ok(())

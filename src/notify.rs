@@ -10,8 +10,12 @@
 //! per target), because the newest state is what a receiver needs most.
 //!
 //! Reload (`set_targets`): a target that stays (same url, format and secret) keeps its queue
-//! and its worker; a removed target's worker finishes the deliveries it already has (with their
-//! retries), then ends — so a reload never loses an event that was already announced.
+//! and its worker; a removed target's worker ends with the try under way, its queue dropped
+//! (counted and logged).
+//!
+//! Stop (`finish`): the events still queued or under way get a bounded time to be delivered,
+//! beside the drain of the requests; what is left at the bound is dropped, counted and logged
+//! per target, so that a receiver left on the last state it heard of is told in the log.
 //!
 //! Logs name a target by scheme and authority only: webhook URLs often carry their secret in
 //! the path (Slack's `/services/T…/B…/…`).
@@ -55,6 +59,10 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The attempt's own timeout (`Target::timeout`) is what bounds a connect; this is a backstop.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stop waits, once it has told the workers to give up, for them to have counted
+/// and logged what they held: they do it as soon as they run, on the same runtime, so this
+/// only backs up a worker that is somehow not polled.
+const GIVE_UP_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -138,7 +146,8 @@ pub trait NotifyStats: Send + Sync {
     fn delivered(&self);
     /// An event was given up after every attempt failed.
     fn failed(&self);
-    /// An event was dropped before any attempt: from a full queue, or with its webhook.
+    /// An event was dropped undelivered without using up its attempts: from a full queue,
+    /// with its webhook at a reload, or still queued or under way when the proxy stopped.
     fn dropped(&self);
 }
 
@@ -296,6 +305,36 @@ struct Deliverer {
     backoff: Duration,
     /// Queued plus being delivered, all targets (removed ones still finishing included).
     pending: AtomicUsize,
+    /// Woken each time `pending` falls to zero: what a stop waits for.
+    settled: tokio::sync::Notify,
+    /// Set when a stop's time for deliveries is over: every worker, removed ones too, gives
+    /// up what it holds (counted and logged) and ends.
+    halt: tokio::sync::watch::Sender<bool>,
+}
+
+impl Deliverer {
+    /// `n` deliveries are over (done, given up or dropped).
+    fn settle(&self, n: usize) {
+        if n > 0 && self.pending.fetch_sub(n, Ordering::SeqCst) == n {
+            self.settled.notify_waiters();
+        }
+    }
+
+    /// Waits until nothing is pending, or `deadline`; whether nothing is.
+    async fn settled_by(&self, deadline: Instant) -> bool {
+        loop {
+            // Registered before the check: a delivery that ends between the two still wakes it.
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            if self.pending.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, settled).await.is_err() {
+                return self.pending.load(Ordering::SeqCst) == 0;
+            }
+        }
+    }
 }
 
 struct Queue {
@@ -416,7 +455,7 @@ impl Queue {
             s.events.clear();
             (dropped, shown(&s.target.url))
         };
-        d.pending.fetch_sub(dropped, Ordering::Relaxed);
+        d.settle(dropped);
         for _ in 0..dropped {
             d.stats.dropped();
         }
@@ -468,6 +507,8 @@ impl Notifier {
                     stats,
                     backoff,
                     pending: AtomicUsize::new(0),
+                    settled: tokio::sync::Notify::new(),
+                    halt: tokio::sync::watch::channel(false).0,
                 }),
                 capacity: capacity.max(1),
                 runtime: tokio::runtime::Handle::current(),
@@ -492,8 +533,20 @@ impl Notifier {
         let mut url = String::new();
         {
             let mut s = lock(&queue.state);
+            if s.removed {
+                // Given up by a stop (its worker has ended): nothing would send it. Only a
+                // second signal, which cuts the stop short, leaves events coming after it.
+                drop(s);
+                d.stats.dropped();
+                tracing::warn!(
+                    event = event.event.as_str(),
+                    "webhook event not delivered: the proxy is stopping"
+                );
+                return;
+            }
             if s.events.len() >= self.shared.capacity && s.events.pop_front().is_some() {
-                d.pending.fetch_sub(1, Ordering::Relaxed);
+                // Out of the queue and into it again at once: never zero in between.
+                d.pending.fetch_sub(1, Ordering::SeqCst);
                 d.stats.dropped();
                 report = s.drops.dropped(Instant::now());
                 if let Report::Warn(_) = report {
@@ -501,7 +554,7 @@ impl Notifier {
                 }
             }
             s.events.push_back(event);
-            d.pending.fetch_add(1, Ordering::Relaxed);
+            d.pending.fetch_add(1, Ordering::SeqCst);
         }
         // Logged outside the lock: a slow log sink must not hold up the worker.
         match report {
@@ -561,7 +614,39 @@ impl Notifier {
 
     /// Deliveries waiting or under way, all targets (removed ones still finishing included).
     pub fn pending(&self) -> usize {
-        self.shared.deliverer.pending.load(Ordering::Relaxed)
+        self.shared.deliverer.pending.load(Ordering::SeqCst)
+    }
+
+    /// At a stop, once no more events will come: lets the events still queued or under way
+    /// be delivered (in order, retried as usual) until none is left or `deadline`, whichever
+    /// comes first; then each worker gives up what it still holds, counted as dropped and
+    /// logged in one line per target. Returns at once when nothing is pending. Delivery is
+    /// at least once, and the next start does not tell again what this one failed to send:
+    /// a receiver not told of the return to normal would stay on "maintenance".
+    pub async fn finish(&self, deadline: Instant) {
+        let d = &self.shared.deliverer;
+        let pending = self.pending();
+        if pending == 0 {
+            return;
+        }
+        let within = deadline.saturating_duration_since(Instant::now());
+        if !within.is_zero() {
+            tracing::info!(
+                pending,
+                "delivering {pending} webhook event(s) before stopping, for up to {within:?}"
+            );
+        }
+        if d.settled_by(deadline).await {
+            tracing::info!("webhook events delivered; stopping");
+            return;
+        }
+        d.halt.send_replace(true);
+        if !d.settled_by(Instant::now() + GIVE_UP_WAIT).await {
+            tracing::warn!(
+                pending = self.pending(),
+                "webhook workers did not give up their events in time; stopping anyway"
+            );
+        }
     }
 }
 
@@ -611,9 +696,15 @@ fn shown(url: &Uri) -> String {
     }
 }
 
-/// One target's worker: delivers its events one at a time, in order.
+/// One target's worker: delivers its events one at a time, in order, until its queue is
+/// closed and empty, or a stop's time is over (`Deliverer::halt`).
 async fn work(queue: Arc<Queue>, d: Arc<Deliverer>) {
+    let mut halt = d.halt.subscribe();
     loop {
+        if *halt.borrow() {
+            give_up_at_stop(&queue, &d, None);
+            return;
+        }
         let next = {
             let mut s = lock(&queue.state);
             match s.events.pop_front() {
@@ -624,12 +715,71 @@ async fn work(queue: Arc<Queue>, d: Arc<Deliverer>) {
         };
         match next {
             Some((event, target)) => {
-                deliver(&d, &target, &event, &queue).await;
-                d.pending.fetch_sub(1, Ordering::Relaxed);
+                // The stop first: once its time is over, an attempt under way is not known
+                // to have arrived, and is counted with the rest as not delivered.
+                tokio::select! {
+                    biased;
+                    _ = halt.wait_for(|halted| *halted) => {
+                        give_up_at_stop(&queue, &d, Some(&event));
+                        return;
+                    }
+                    () = deliver(&d, &target, &event, &queue) => d.settle(1),
+                }
             }
-            None => queue.wake.notified().await,
+            None => tokio::select! {
+                _ = halt.wait_for(|halted| *halted) => {}
+                () = queue.wake.notified() => {}
+            },
         }
     }
+}
+
+/// A stop's time for deliveries is over: the event under way (if any) and those queued are
+/// dropped, counted, and told in one line for the target, by kind, so that whoever runs the
+/// receiver knows what it was not told. The queue takes no more events.
+fn give_up_at_stop(queue: &Queue, d: &Deliverer, under_way: Option<&Event>) {
+    let (left, url) = {
+        let mut s = lock(&queue.state);
+        s.closed = true;
+        s.removed = true;
+        let left: Vec<EventKind> = under_way
+            .map(|e| e.event)
+            .into_iter()
+            .chain(s.events.drain(..).map(|e| e.event))
+            .collect();
+        (left, shown(&s.target.url))
+    };
+    if left.is_empty() {
+        return;
+    }
+    let dropped = left.len();
+    d.settle(dropped);
+    for _ in 0..dropped {
+        d.stats.dropped();
+    }
+    let kinds = by_kind(&left);
+    tracing::warn!(
+        webhook = url,
+        dropped,
+        events = kinds,
+        "stopping: {dropped} webhook event(s) not delivered ({kinds}); the receiver may still show the state before them"
+    );
+}
+
+/// `2 mode_changed, 1 message_updated`: how many of each kind, in the order first seen.
+fn by_kind(kinds: &[EventKind]) -> String {
+    let mut counted: Vec<(EventKind, usize)> = Vec::new();
+    for &kind in kinds {
+        match counted.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, n)) => *n += 1,
+            None => counted.push((kind, 1)),
+        }
+    }
+    counted
+        .iter()
+        .map(|(kind, n)| format!("{n} {}", kind.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 async fn deliver(d: &Deliverer, target: &Target, event: &Event, queue: &Queue) {
@@ -896,6 +1046,8 @@ mod tests {
         Gate(Arc<Semaphore>),
         /// 429 with `Retry-After: 1` to the first request, then 200.
         Limited,
+        /// 200 after this long.
+        Slow(Duration),
     }
 
     struct Received {
@@ -948,6 +1100,10 @@ mod tests {
                                 Answer::FailFirst(k) if n < k => 500,
                                 Answer::FailFirst(_) => 204,
                                 Answer::Hang => std::future::pending().await,
+                                Answer::Slow(after) => {
+                                    tokio::time::sleep(after).await;
+                                    200
+                                }
                                 Answer::Gate(gate) => {
                                     gate.acquire().await.unwrap().forget();
                                     200
@@ -1706,5 +1862,156 @@ mod tests {
         // One try of each first event (its retries cut short), none of the second.
         assert_eq!(receiver.count(), 5);
         assert_eq!(stats.get(), (0, 5, 5));
+    }
+
+    /// The JSON lines a test's subscriber wrote, and a guard that keeps it in place.
+    fn kept_logs() -> (Kept, tracing::subscriber::DefaultGuard) {
+        let kept = Kept::default();
+        let writer = kept.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || writer.clone())
+            .finish();
+        (kept, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn lines(kept: &Kept) -> Vec<serde_json::Value> {
+        String::from_utf8(kept.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+
+    /// A stop lets a slow receiver have what is queued for it, in order: the return to
+    /// normal behind the start of maintenance was thrown away at SIGTERM.
+    #[tokio::test]
+    async fn a_stop_delivers_what_is_queued_to_a_slow_receiver() {
+        let receiver = Receiver::start(Answer::Slow(Duration::from_millis(300))).await;
+        let stats = Arc::new(Counts::default());
+        let notifier = Notifier::start_with(vec![receiver.target(None)], stats.clone(), FAST);
+        for n in 0..3 {
+            notifier.send(numbered(n));
+        }
+        let started = Instant::now();
+        notifier.finish(started + Duration::from_secs(5)).await;
+        assert!(started.elapsed() >= Duration::from_millis(850));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(receiver.messages(), strings(&["0", "1", "2"]));
+        assert_eq!(stats.get(), (3, 0, 0));
+        assert_eq!(notifier.pending(), 0);
+    }
+
+    /// A receiver that fails at first is tried again within the stop's time.
+    #[tokio::test]
+    async fn a_stop_retries_within_its_time() {
+        let receiver = Receiver::start(Answer::FailFirst(2)).await;
+        let stats = Arc::new(Counts::default());
+        let notifier = Notifier::start_with(vec![receiver.target(None)], stats.clone(), FAST);
+        notifier.send(numbered(1));
+        notifier
+            .finish(Instant::now() + Duration::from_secs(5))
+            .await;
+        assert_eq!(receiver.messages(), strings(&["1", "1", "1"]));
+        assert_eq!(stats.get(), (1, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_stop_with_nothing_queued_returns_at_once() {
+        let receiver = Receiver::start(Answer::Ok).await;
+        let stats = Arc::new(Counts::default());
+        let notifier = Notifier::start_with(vec![receiver.target(None)], stats.clone(), FAST);
+        let started = Instant::now();
+        notifier.finish(started + Duration::from_secs(10)).await;
+        assert!(started.elapsed() < Duration::from_millis(100));
+    }
+
+    /// A receiver that hangs holds the stop until its bound, no longer; the event under way
+    /// and those queued are counted as dropped and told in one line for the target, by kind,
+    /// without its path. A receiver that answers is not held back by it.
+    #[tokio::test]
+    async fn a_stop_gives_up_at_its_bound_counted_and_logged() {
+        let (kept, _logging) = kept_logs();
+        let hanging = Receiver::start(Answer::Hang).await;
+        let fine = Receiver::start(Answer::Ok).await;
+        let stats = Arc::new(Counts::default());
+        let target = Target {
+            timeout: Duration::from_secs(3600),
+            ..hanging.target(None)
+        };
+        let notifier = Notifier::start_with(vec![target, fine.target(None)], stats.clone(), FAST);
+        let kinds = [
+            (EventKind::ModeChanged, Mode::Maintenance, Mode::Normal),
+            (
+                EventKind::MessageUpdated,
+                Mode::Maintenance,
+                Mode::Maintenance,
+            ),
+            (EventKind::ModeChanged, Mode::Normal, Mode::Maintenance),
+        ];
+        for (kind, mode, previous) in kinds {
+            notifier.send(event(kind, mode, previous, None));
+        }
+        wait_until("the first in flight", || hanging.count() == 1).await;
+        let started = Instant::now();
+        notifier.finish(started + Duration::from_millis(300)).await;
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(290) && took < Duration::from_secs(1),
+            "{took:?}"
+        );
+        assert_eq!(fine.count(), 3);
+        assert_eq!(stats.get(), (3, 0, 3));
+        assert_eq!(notifier.pending(), 0);
+        // Nothing more is sent to it once given up.
+        assert_eq!(hanging.count(), 1);
+        let logged = lines(&kept);
+        let lost: Vec<&serde_json::Value> = logged
+            .iter()
+            .filter(|v| {
+                v["fields"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("not delivered")
+            })
+            .collect();
+        assert_eq!(lost.len(), 1, "{logged:#?}");
+        let authority = hanging.url.authority().unwrap();
+        assert_eq!(lost[0]["level"], "WARN");
+        assert_eq!(
+            lost[0]["fields"]["webhook"],
+            format!("http://{authority}/…")
+        );
+        assert_eq!(lost[0]["fields"]["dropped"], 3);
+        assert_eq!(
+            lost[0]["fields"]["events"],
+            "2 mode_changed, 1 message_updated"
+        );
+        assert!(!format!("{logged:?}").contains("secret-path"));
+    }
+
+    /// A stop cut short (a second signal: no time at all) still counts and logs what the
+    /// workers hold, a removed target's try under way included.
+    #[tokio::test]
+    async fn a_stop_without_time_counts_what_is_held() {
+        let hanging = Receiver::start(Answer::Hang).await;
+        let other = Receiver::start(Answer::Hang).await;
+        let stats = Arc::new(Counts::default());
+        let notifier = Notifier::start_with(vec![hanging.target(None)], stats.clone(), FAST);
+        notifier.send(numbered(0));
+        wait_until("the first in flight", || hanging.count() == 1).await;
+        // Removed by a reload: its try under way is the last, and still pending.
+        notifier.set_targets(vec![other.target(None)]);
+        notifier.send(numbered(1));
+        notifier.send(numbered(2));
+        wait_until("the other's first in flight", || other.count() == 1).await;
+        assert_eq!(notifier.pending(), 3);
+        notifier.finish(Instant::now()).await;
+        assert_eq!(notifier.pending(), 0);
+        assert_eq!(stats.get(), (0, 0, 3));
+        // An event after the stop (a second signal leaves the controller running) is counted.
+        notifier.send(numbered(3));
+        assert_eq!(stats.get(), (0, 0, 4));
+        assert_eq!(notifier.pending(), 0);
     }
 }

@@ -1817,3 +1817,138 @@ async fn an_http2_client_that_stops_reading_holds_little_per_stream() {
     );
     drop(s);
 }
+
+/// A webhook receiver that answers 200 after `delay` and records every body it got; the
+/// bodies are recorded as they arrive, the answer comes after.
+async fn slow_receiver(
+    delay: Duration,
+) -> (Upstream, Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+    let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = got.clone();
+    let up = upstream(move |req: Request<Incoming>| {
+        let sink = sink.clone();
+        async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            sink.lock()
+                .unwrap()
+                .push(serde_json::from_slice(&body).unwrap());
+            tokio::time::sleep(delay).await;
+            Response::new(full("ok"))
+        }
+    })
+    .await;
+    (up, got)
+}
+
+/// A stop delivers what the webhooks still have queued: the return to normal, queued behind
+/// a receiver that takes 2 s per event, used to be thrown away at SIGTERM, and nothing tells
+/// it again after the restart, so the receiver stayed on "maintenance".
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_delivers_the_queued_webhook_events_first() {
+    let (hook, got) = slow_receiver(Duration::from_secs(2)).await;
+    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\n[[notify]]\nurl = \"{}/hook\"\n",
+            app.url(),
+            hook.url()
+        ),
+    );
+    assert!(proxy.ctl(&on(Some("x"))).await.unwrap().ok);
+    assert!(
+        proxy
+            .ctl(&intermission::control::protocol::Request::Off)
+            .await
+            .unwrap()
+            .ok
+    );
+    let signalled = std::time::Instant::now();
+    proxy.signal("TERM");
+    let log = proxy.log.clone();
+    let (status, waited) = exit_after(proxy, signalled).await;
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)));
+    let modes: Vec<String> = got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| e["mode"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        modes,
+        ["maintenance", "normal"],
+        "{:#?}",
+        log.lock().unwrap()
+    );
+    // The second answer, at least, came after the signal; well within the 10 s bound.
+    assert!(waited < Duration::from_secs(8), "stopped after {waited:?}");
+    assert!(
+        !log.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("not delivered")),
+        "{:#?}",
+        log.lock().unwrap()
+    );
+}
+
+/// A receiver that hangs holds the stop no longer than its bound (here `shutdown_timeout`,
+/// shorter than 10 s), and what it was not told is counted and logged, not lost in silence.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_gives_up_on_a_hanging_webhook_at_its_bound_and_says_what_was_lost() {
+    let (hook, got) = slow_receiver(Duration::from_secs(3600)).await;
+    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[proxy]\nshutdown_timeout = \"2s\"\n[upstream]\nservers = [\"{}\"]\n\
+             [[notify]]\nurl = \"{}/hook/secret-path\"\ntimeout = \"30s\"\n",
+            app.url(),
+            hook.url()
+        ),
+    );
+    assert!(proxy.ctl(&on(Some("x"))).await.unwrap().ok);
+    assert!(
+        proxy
+            .ctl(&intermission::control::protocol::Request::Update {
+                message: "y".into()
+            })
+            .await
+            .unwrap()
+            .ok
+    );
+    assert!(
+        proxy
+            .ctl(&intermission::control::protocol::Request::Off)
+            .await
+            .unwrap()
+            .ok
+    );
+    // The first event is under way (the receiver has it), the other two queued behind it.
+    assert!(
+        wait_until(Duration::from_secs(5), || got.lock().unwrap().len() == 1).await,
+        "the first event never arrived"
+    );
+    let signalled = std::time::Instant::now();
+    proxy.signal("TERM");
+    let log = proxy.log.clone();
+    let (status, waited) = exit_after(proxy, signalled).await;
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)));
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(6),
+        "stopped after {waited:?}, not at shutdown_timeout"
+    );
+    let log = log.lock().unwrap().clone();
+    let lost: Vec<&String> = log.iter().filter(|l| l.contains("not delivered")).collect();
+    assert_eq!(lost.len(), 1, "one line for the webhook: {log:#?}");
+    let line = lost[0];
+    assert!(line.contains("WARN"), "{line}");
+    assert!(
+        line.contains("3 webhook event(s)") && line.contains("2 mode_changed, 1 message_updated"),
+        "{line}"
+    );
+    assert!(line.contains(&format!("{}/…", hook.url())), "{line}");
+    assert!(!log.iter().any(|l| l.contains("secret-path")), "{log:#?}");
+}
