@@ -944,7 +944,8 @@ async fn what_happened_while_the_proxy_was_down_is_told_at_start() {
         },
     )
     .await;
-    let end = r.state.unwrap().until.unwrap().0;
+    let window = r.state.unwrap();
+    let (start, end) = (window.since.unwrap(), window.until.unwrap().0);
     assert_eq!(wait_events(&hook, 1).await[0]["event"], "schedule_started");
     let proxy = down_until(proxy, end).await;
     let got = wait_events(&hook, 2).await;
@@ -952,6 +953,18 @@ async fn what_happened_while_the_proxy_was_down_is_told_at_start() {
     assert_eq!(got[1]["window"], 1, "{got:?}");
     assert_eq!(got[1]["mode"], "normal");
     assert_eq!(got[1]["previous_mode"], "maintenance", "the window held it");
+    // As the running proxy would have told it at the end: when the window began and ended,
+    // not `null` and the time of the restart.
+    assert_eq!(got[1]["since"], start.rfc3339(), "{got:?}");
+    assert_eq!(
+        got[1]["at"],
+        intermission::time::Timestamp(end).rfc3339(),
+        "{got:?}"
+    );
+    assert!(
+        got[1]["until"].is_null() && got[1]["message"].is_null(),
+        "{got:?}"
+    );
     assert_eq!(proxy_mode(&proxy).await, "normal");
 
     // An announced end that passes while the proxy is down: a whole minute, which overruns

@@ -6,13 +6,14 @@
 //! reading the config and pages) runs on the blocking pool, so the data plane never waits on
 //! the disk even with a single worker thread.
 
-use super::mode::{Change, ChangeError, Mode, Persisted};
+use super::mode::{Change, ChangeError, Mode, Persisted, Window};
 use super::snapshot::{Inputs, Parts, Snapshot};
 use super::store;
 use super::StateHandle;
 use crate::config::{parse_duration, Config};
 use crate::control::protocol::{ErrorBody, Request, Response, ServerHealth, StatusView};
 use crate::health::{self, Checkers, Flip};
+use crate::hold::held::View;
 use crate::hold::pages::Pages;
 use crate::notify::{Event, EventKind, Notifier};
 use crate::shutdown::Shutdown;
@@ -247,20 +248,22 @@ impl Controller {
         // every start announces again the window in force and an end already passed
         // (receivers take it as a repeat); a lost event would leave a status page wrong.
         // Only a running proxy removes ended windows, so those are told exactly once.
-        let ended: Vec<u64> = self
+        let ended: Vec<Window> = self
             .state
             .schedules
             .iter()
             .filter(|w| w.end.0 <= now)
-            .map(|w| w.id)
+            .cloned()
             .collect();
+        // The state as the proxy left it: what held the mode around those ends, which the
+        // start's tidying forgets.
+        let left = self.state.clone();
         self.start_checkers().await;
         let (before, mode) = self.settle(now, "started").await;
         self.parts.metrics.set_mode(mode);
-        for id in ended {
-            tracing::info!("maintenance window {id} ended while the proxy was down");
-            // Until its end the window held the mode, whatever this start published.
-            self.notify_window(EventKind::ScheduleEnded, Mode::Maintenance, None, id);
+        for w in ended {
+            tracing::info!("maintenance window {} ended while the proxy was down", w.id);
+            self.notifier.send(self.ended_while_down(&left, &w));
         }
         // A window in force at start began before it: it took over from the mode of the
         // moment before its start, not from the mode this start first published (the
@@ -533,6 +536,46 @@ impl Controller {
             ..self.event(kind, previous, by, None)
         };
         self.notifier.send(event);
+    }
+
+    /// The `schedule_ended` of window `w`, which ended while the proxy was down, as a running
+    /// proxy would have sent it at the end (`left` is the state the proxy left, with `w`):
+    /// `at` the end, and the mode, words and times of that moment, not of this start, so that
+    /// a receiver reads how long the window lasted (`since` its start), as it would have.
+    fn ended_while_down(&self, left: &Persisted, w: &Window) -> Event {
+        let at = w.end.0;
+        let mut then = left.clone();
+        // An operator's `on` holds from its own start only.
+        then.planned = then.planned.filter(|p| p.since.0 <= at);
+        let healthy = self.healthy();
+        let m = &self.parts.config.maintenance;
+        let mode = then.mode(healthy, at);
+        let view = (mode != Mode::Normal).then(|| View::new(mode, &then, m, None, at));
+        // A return to normal carries when the episode it ends began: the `since` shown just
+        // before the end (the window's start, or an operator's `on` before it).
+        let began = || {
+            let just_before = at.checked_sub(Duration::from_nanos(1))?;
+            let mode = then.mode(healthy, just_before);
+            View::new(mode, &then, m, None, just_before).since
+        };
+        let planned = then.planned.as_ref();
+        Event {
+            event: EventKind::ScheduleEnded,
+            mode,
+            previous_mode: Mode::Maintenance,
+            message: view.as_ref().map(|v| v.message.clone()),
+            reason: planned.and_then(|p| p.reason.clone()),
+            by: planned.map(|p| p.by.clone()),
+            at: crate::time::Timestamp(at),
+            since: match &view {
+                Some(v) => v.since,
+                None => began(),
+            }
+            .map(crate::time::Timestamp),
+            until: view.and_then(|v| v.until).map(crate::time::Timestamp),
+            window: Some(w.id),
+            instance: self.instance.clone(),
+        }
     }
 
     fn event(
