@@ -427,8 +427,19 @@ impl Persisted {
         // listed for this one, overlap it by that fraction (refused, "touching is not
         // overlapping" notwithstanding), or leave a gap of it between the two, in which
         // requests were forwarded mid-maintenance and webhooks told of an end and a start.
-        let start = floor_second(start.max(now));
+        // Starts and ends are rounded the same way (up, as `--until`): a start rounded down
+        // and an end up made `--start +3s --end +4s` two seconds long, and the window then
+        // put after it with `--start +4s` overlapped it. A start that has come (`+0s`) is
+        // now, its second rounded down, so that it is in force at once.
+        let start = if start <= now {
+            floor_second(now)
+        } else {
+            ceil_second(start)
+        };
         let end = ceil_second(end);
+        if end <= start {
+            return bad("end must be after start, in another second: windows are whole seconds");
+        }
         if let Some(w) = self
             .schedules
             .iter()
@@ -835,6 +846,64 @@ mod tests {
             by: "ops".into(),
         };
         assert!(s.apply(next, now, true).is_ok(), "touching the listed end");
+    }
+
+    /// `--start +3s --end +4s`, then `--start +4s --end +6s` a moment later, within the same
+    /// second: the first was stretched to two seconds (its start rounded down, its end up)
+    /// and the second refused as overlapping it. Rounded the same way, they touch; a start
+    /// that has come is still now, and a window that rounding would empty is refused.
+    #[test]
+    fn relative_windows_put_end_to_end_touch() {
+        let add = |start: SystemTime, end: SystemTime| Change::ScheduleAdd {
+            start,
+            end,
+            message: None,
+            by: "ops".into(),
+        };
+        let secs = Duration::from_secs;
+        let first = t(0) + Duration::from_millis(400);
+        let s = Persisted::default()
+            .apply(add(first + secs(3), first + secs(4)), first, true)
+            .unwrap();
+        let w = &s.schedules[0];
+        assert_eq!(
+            (w.start, w.end),
+            (Timestamp(t(4)), Timestamp(t(5))),
+            "one second"
+        );
+        let second = t(0) + Duration::from_millis(700);
+        let s = s
+            .apply(add(second + secs(4), second + secs(6)), second, true)
+            .unwrap();
+        let w = &s.schedules[1];
+        assert_eq!((w.start, w.end), (Timestamp(t(5)), Timestamp(t(7))));
+        // Across a second's change, a gap rather than an overlap.
+        let third = t(1) + Duration::from_millis(100);
+        let s = s
+            .apply(add(third + secs(6), third + secs(8)), third, true)
+            .unwrap();
+        assert_eq!(s.schedules[2].start, Timestamp(t(8)));
+        // `+0s` is in force at once.
+        let now = t(100) + Duration::from_millis(400);
+        let at_once = Persisted::default()
+            .apply(add(now, now + secs(1)), now, true)
+            .unwrap();
+        assert_eq!(at_once.mode(true, now), Mode::Maintenance);
+        assert_eq!(at_once.schedules[0].start, Timestamp(t(100)));
+        assert_eq!(at_once.schedules[0].end, Timestamp(t(102)));
+        // Both within one second: nothing left of it.
+        let empty = Persisted::default().apply(
+            add(
+                now + Duration::from_millis(100),
+                now + Duration::from_millis(500),
+            ),
+            now,
+            true,
+        );
+        assert!(
+            matches!(&empty, Err(ChangeError::BadValue(m)) if m.starts_with("end must be after start")),
+            "{empty:?}"
+        );
     }
 
     /// A state file without `next_window_id` (edited by hand) gives no new window an id
