@@ -804,12 +804,22 @@ async fn deliver(d: &Deliverer, target: &Target, event: &Event, queue: &Queue) {
         });
         match outcome {
             Ok(()) => {
-                tracing::debug!(
-                    webhook = shown(&target.url),
-                    event = event.event.as_str(),
-                    attempt,
-                    "webhook delivered"
-                );
+                if attempt == 1 {
+                    tracing::debug!(
+                        webhook = shown(&target.url),
+                        event = event.event.as_str(),
+                        attempt,
+                        "webhook delivered"
+                    );
+                } else {
+                    // The failure was warned of: its end is told too.
+                    tracing::info!(
+                        webhook = shown(&target.url),
+                        event = event.event.as_str(),
+                        attempts = attempt,
+                        "webhook delivered after {attempt} tries"
+                    );
+                }
                 d.stats.delivered();
                 return;
             }
@@ -821,7 +831,19 @@ async fn deliver(d: &Deliverer, target: &Target, event: &Event, queue: &Queue) {
                     // within bounds; otherwise the backoff's own time.
                     let wait =
                         retry_after.map_or(delay, |asked| asked.min(MAX_RETRY_AFTER).max(delay));
-                    tracing::debug!(webhook = shown(&target.url), attempt, retry_in = ?wait, "webhook attempt failed: {why}");
+                    if attempt == 1 {
+                        // At once, not only after the last try about a minute later: a receiver
+                        // that is down is seen while it can still be fixed. The tries after are
+                        // quiet until the event is delivered or given up.
+                        tracing::warn!(
+                            webhook = shown(&target.url),
+                            event = event.event.as_str(),
+                            retry_in = ?wait,
+                            "webhook not delivered: {why}; trying again in {wait:?} (up to {ATTEMPTS} tries)"
+                        );
+                    } else {
+                        tracing::debug!(webhook = shown(&target.url), attempt, retry_in = ?wait, "webhook attempt failed: {why}");
+                    }
                     removed = !queue.wait_unless_removed(wait).await;
                 }
                 if removed {
@@ -2013,5 +2035,56 @@ mod tests {
         notifier.send(numbered(3));
         assert_eq!(stats.get(), (0, 0, 4));
         assert_eq!(notifier.pending(), 0);
+    }
+
+    /// A failure is warned of at its first try, not only after the last one a minute later;
+    /// the tries after it are quiet until the event is delivered (said at info) or given up.
+    #[tokio::test]
+    async fn the_first_failure_is_warned_of_at_once_then_its_end() {
+        let (kept, _logging) = kept_logs();
+        let receiver = Receiver::start(Answer::FailFirst(2)).await;
+        let stats = Arc::new(Counts::default());
+        let notifier = Notifier::start_with(vec![receiver.target(None)], stats.clone(), FAST);
+        notifier.send(numbered(1));
+        wait_until("the first try", || receiver.count() >= 1).await;
+        wait_until("the warning", || !lines(&kept).is_empty()).await;
+        let first = lines(&kept);
+        assert_eq!(first.len(), 1, "{first:#?}");
+        assert_eq!(first[0]["level"], "WARN");
+        let message = first[0]["fields"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("500") && message.contains("trying again in 10ms"),
+            "{message}"
+        );
+        let authority = receiver.url.authority().unwrap();
+        assert_eq!(
+            first[0]["fields"]["webhook"],
+            format!("http://{authority}/…")
+        );
+        wait_until("delivered", || stats.get().0 == 1).await;
+        let all = lines(&kept);
+        assert_eq!(all.len(), 2, "{all:#?}");
+        assert_eq!(all[1]["level"], "INFO");
+        assert_eq!(
+            all[1]["fields"]["message"],
+            "webhook delivered after 3 tries"
+        );
+
+        // Given up: the first failure and the end, nothing between.
+        let failing = Receiver::start(Answer::FailFirst(8)).await;
+        notifier.set_targets(vec![failing.target(None)]);
+        notifier.send(numbered(2));
+        wait_until("given up", || stats.get().1 == 1).await;
+        let all = lines(&kept);
+        let levels: Vec<&str> = all[2..]
+            .iter()
+            .map(|v| v["level"].as_str().unwrap())
+            .collect();
+        assert_eq!(levels, ["WARN", "WARN"], "{all:#?}");
+        assert!(all[3]["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("giving up"));
+        assert!(!format!("{all:?}").contains("secret-path"));
     }
 }
