@@ -57,6 +57,9 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 const WARN_EVERY: Duration = Duration::from_secs(10);
 /// Webhooks are rare; a short-lived idle connection is enough to reuse one across a burst.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest `notify.timeout` the config takes: a receiver that hangs holds its queue for
+/// `ATTEMPTS` times this (8 minutes), plus the backoff between them.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 /// The attempt's own timeout (`Target::timeout`) is what bounds a connect; this is a backstop.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a stop waits, once it has told the workers to give up, for them to have counted

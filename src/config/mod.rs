@@ -1284,6 +1284,12 @@ impl Validator<'_> {
                 }
             };
             let timeout = self.duration(&key("timeout"), &n.timeout);
+            if timeout > crate::notify::MAX_TIMEOUT {
+                self.problem(
+                    &key("timeout"),
+                    "must be at most 60s: each of an event's 8 tries waits this long on a receiver that hangs, and the webhook's later events wait behind it (\"1d\" held them for 8 days)",
+                );
+            }
             let headers = self.notify_headers(&key("headers"), n.headers);
             if let Some(url) = url {
                 targets.push(crate::notify::Target {
@@ -2652,5 +2658,21 @@ mod tests {
         assert!(c.proxy.is_trusted("::ffff:10.1.2.3".parse().unwrap()));
         assert!(c.proxy.is_trusted("192.0.2.7".parse().unwrap()));
         assert!(!c.proxy.is_trusted("192.0.2.8".parse().unwrap()));
+    }
+
+    /// A webhook's `timeout` is bounded as the config's other waits are: `"1d"` passed, and a
+    /// receiver that hung then held its queue (every later event) for eight days.
+    #[test]
+    fn a_webhook_timeout_is_at_most_a_minute() {
+        let text = |t: &str| format!("[[notify]]\nurl = \"https://h/x\"\ntimeout = \"{t}\"\n");
+        for ok in ["5s", "60s", "1m"] {
+            assert_eq!(problems(&text(ok)), Vec::new(), "{ok}");
+        }
+        for long in ["61s", "1d"] {
+            let p = problems(&text(long));
+            assert_eq!(p.len(), 1, "{p:?}");
+            assert_eq!(p[0].key, "notify[0].timeout");
+            assert!(p[0].message.starts_with("must be at most 60s"), "{p:?}");
+        }
     }
 }
