@@ -672,25 +672,15 @@ async fn serve_others(
             // Whether the client began: one that sent nothing is idle, not a failed handshake.
             let mut began = false;
             let handshake = async {
-                // Peeked, as readiness alone may be told before any byte is there.
-                let mut byte = [0u8; 1];
-                let hello = poll_fn(|cx| {
-                    let mut peeked = ReadBuf::new(&mut byte);
-                    match stream.poll_peek(cx, &mut peeked) {
-                        Poll::Ready(_) => Poll::Ready(true),
-                        Poll::Pending if closable.poll_picked(cx) => Poll::Ready(false),
-                        Poll::Pending => Poll::Pending,
-                    }
-                });
-                let hello = hello.await;
+                let hello = hello(&stream, &closable).await;
                 closable.busy();
-                if !hello {
+                let Hello::Began(first) = hello else {
                     return None;
-                }
+                };
                 began = true;
                 // A TLS record starts with its type, 0x16 for a handshake; an HTTP method
                 // with a capital.
-                if byte[0].is_ascii_uppercase() {
+                if first.is_ascii_uppercase() {
                     // Counted as the 400s hyper gives to heads it cannot read.
                     let snap = timing.load();
                     snap.metrics.unread(snap.mode, 400);
@@ -744,6 +734,41 @@ async fn serve_others(
             }
         }
     }
+}
+
+/// How a TLS client's wait for its first byte ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Hello {
+    /// It sent something, whose first byte this is.
+    Began(u8),
+    /// It closed or reset the connection having sent nothing: a TCP health check (a load
+    /// balancer's, `nc -z`), a port scan, a client that gave up. No handshake was tried, so
+    /// none failed: counting these as failures buried real ones under every probe.
+    Closed,
+    /// Picked to make room for a newer connection while it had sent nothing.
+    Picked,
+}
+
+/// Waits for a TLS client's first byte, peeked so that the handshake reads it again:
+/// readiness alone may be told before any byte is there. An end of stream or an error (a
+/// reset) before it is `Closed`, not a beginning.
+async fn hello(stream: &TcpStream, closable: &Closable) -> Hello {
+    let mut byte = [0u8; 1];
+    poll_fn(|cx| {
+        let mut peeked = ReadBuf::new(&mut byte);
+        match stream.poll_peek(cx, &mut peeked) {
+            Poll::Ready(Ok(_)) => Poll::Ready(
+                peeked
+                    .filled()
+                    .first()
+                    .map_or(Hello::Closed, |&b| Hello::Began(b)),
+            ),
+            Poll::Ready(Err(_)) => Poll::Ready(Hello::Closed),
+            Poll::Pending if closable.poll_picked(cx) => Poll::Ready(Hello::Picked),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// A client that speaks plain HTTP to a TLS port (`http://example.com:443/`) gets a `400` that
@@ -1059,7 +1084,8 @@ async fn until_first_request<F: std::future::Future>(
 
 #[cfg(test)]
 mod tests {
-    use super::{sniff, Answered, Between, Lasting, Open, Protocol};
+    use super::{hello, sniff, Answered, Between, Closable, Hello, Lasting, Limit};
+    use super::{Open, Protocol};
     use crate::watched::Watched;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
@@ -1139,6 +1165,39 @@ mod tests {
         assert_eq!(f.tell(at(1000)), Some(49));
         assert_eq!(f.tell(at(1020)), None);
         assert_eq!(f.tell(at(5000)), Some(1));
+    }
+
+    /// A TLS client's first byte as the listener sees it, from a real socket after `client`.
+    async fn hello_after(client: impl FnOnce(tokio::net::TcpStream)) -> Hello {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connecting = tokio::net::TcpStream::connect(addr);
+        let (connected, accepted) = tokio::join!(connecting, listener.accept());
+        client(connected.unwrap());
+        let (stream, _) = accepted.unwrap();
+        let drain = Arc::new(crate::shutdown::Drain::default());
+        let limit = Arc::new(Limit::new(Default::default(), drain));
+        let closable = Closable::new(limit);
+        tokio::time::timeout(Duration::from_secs(10), hello(&stream, &closable))
+            .await
+            .expect("the client's close is seen")
+    }
+
+    /// A connection closed or reset before its first byte (a load balancer's TCP check) is
+    /// no handshake begun: it was counted as a failed one, under `other`.
+    #[tokio::test]
+    async fn a_tls_client_that_closes_or_resets_before_a_byte_has_not_begun() {
+        assert_eq!(hello_after(drop).await, Hello::Closed);
+        let reset = |s: tokio::net::TcpStream| {
+            // Closed with SO_LINGER 0: an RST, not a FIN.
+            s.set_zero_linger().unwrap();
+            drop(s);
+        };
+        assert_eq!(hello_after(reset).await, Hello::Closed);
+        let hello_byte = |s: tokio::net::TcpStream| {
+            s.try_write(&[0x16, 0x03, 0x01]).unwrap();
+        };
+        assert_eq!(hello_after(hello_byte).await, Hello::Began(0x16));
     }
 
     #[test]
