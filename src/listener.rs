@@ -678,9 +678,7 @@ async fn serve_others(
                     return None;
                 };
                 began = true;
-                // A TLS record starts with its type, 0x16 for a handshake; an HTTP method
-                // with a capital.
-                if first.is_ascii_uppercase() {
+                if plain_http(first) {
                     // Counted as the 400s hyper gives to heads it cannot read.
                     let snap = timing.load();
                     snap.metrics.unread(snap.mode, 400);
@@ -769,6 +767,16 @@ async fn hello(stream: &TcpStream, closable: &Closable) -> Hello {
         }
     })
     .await
+}
+
+/// Whether a TLS client's first byte begins plain HTTP rather than TLS. A TLS record starts
+/// with its content type (0x14 to 0x17, 0x16 for the hello) and an SSLv2-style hello with
+/// 0x80 or more, none of them printable: any printable ASCII byte, or a line end, is taken
+/// for HTTP, so that a lowercase method (`get /`, which a server may refuse but which is
+/// still HTTP) and the empty lines RFC 9112 §2.2 lets a client send before its request line
+/// get the `400` that says to use https://, not a TLS alert.
+fn plain_http(first: u8) -> bool {
+    matches!(first, b' '..=b'~' | b'\r' | b'\n')
 }
 
 /// A client that speaks plain HTTP to a TLS port (`http://example.com:443/`) gets a `400` that
@@ -1084,7 +1092,7 @@ async fn until_first_request<F: std::future::Future>(
 
 #[cfg(test)]
 mod tests {
-    use super::{hello, sniff, Answered, Between, Closable, Hello, Lasting, Limit};
+    use super::{hello, plain_http, sniff, Answered, Between, Closable, Hello, Lasting, Limit};
     use super::{Open, Protocol};
     use crate::watched::Watched;
     use std::sync::Arc;
@@ -1198,6 +1206,19 @@ mod tests {
             s.try_write(&[0x16, 0x03, 0x01]).unwrap();
         };
         assert_eq!(hello_after(hello_byte).await, Hello::Began(0x16));
+    }
+
+    /// Plain HTTP is told from TLS by any printable first byte or line end, not by a capital
+    /// alone: `get /` and a request after an empty line got a TLS alert.
+    #[test]
+    fn plain_http_is_told_from_a_tls_record_by_its_first_byte() {
+        for b in [b'G', b'g', b'P', b'\r', b'\n', b' ', b'~', b'/', b'0'] {
+            assert!(plain_http(b), "{b:#04x}");
+        }
+        // TLS content types (0x16: handshake), an SSLv2-style hello, other control bytes.
+        for b in [0x14, 0x15, 0x16, 0x17, 0x80, 0x00, 0x7f, b'\t', 0xff] {
+            assert!(!plain_http(b), "{b:#04x}");
+        }
     }
 
     #[test]

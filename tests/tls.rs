@@ -213,10 +213,15 @@ async fn plain_http_to_the_tls_port_gets_a_400_that_says_so() {
     let ca = Ca::new();
     let proxy = shop_proxy(&ca, &up, "[admin]\nlisten = \"127.0.0.1:0\"\n").await;
     let addr = tls_addr(&proxy);
-    for ask in [
+    let asks = [
         "GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n",
         "POST /api/x HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 2\r\n\r\n{}",
-    ] {
+        // Not told by a capital alone: these got a TLS alert, counted under `other`.
+        "get / HTTP/1.1\r\nHost: shop.test\r\n\r\n",
+        "\r\nGET / HTTP/1.1\r\nHost: shop.test\r\n\r\n",
+        "\nGET / HTTP/1.1\r\nHost: shop.test\r\n\r\n",
+    ];
+    for ask in asks {
         let out = raw_exchange(addr, ask.as_bytes(), Duration::from_secs(10)).await;
         assert!(out.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{out:?}");
         assert!(out.contains("connection: close"), "{out:?}");
@@ -229,12 +234,19 @@ async fn plain_http_to_the_tls_port_gets_a_400_that_says_so() {
     let admin = proxy.running.as_ref().unwrap().admin_addr().unwrap();
     let metrics = get(&format!("http://{admin}/metrics")).await;
     let metrics = String::from_utf8_lossy(metrics.body()).into_owned();
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l == "intermission_responses_total{class=\"4xx\"} 2"),
-        "{metrics}"
-    );
+    for line in [
+        format!(
+            "intermission_responses_total{{class=\"4xx\"}} {}",
+            asks.len()
+        ),
+        format!(
+            "intermission_tls_handshake_failures_total{{reason=\"plain_http\"}} {}",
+            asks.len()
+        ),
+        "intermission_tls_handshake_failures_total{reason=\"other\"} 0".to_owned(),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
+    }
     let stream = tls_connect(addr, "shop.test", ca.client_config(&[b"http/1.1"])).await;
     let mut sender = h1(stream).await;
     let resp = get_on(&mut sender, "shop.test", "/after").await;
