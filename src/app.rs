@@ -347,7 +347,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         closed: AtomicBool::new(false),
         state: state.clone(),
         drain: drain.clone(),
-        limit: Arc::new(listener::Limit::new(metrics.parked(), drain.clone())),
+        limit: Arc::new(listener::Limit::new(
+            metrics.clients(),
+            metrics.parked(),
+            drain.clone(),
+        )),
         workers: workers.clone(),
     });
     if let Err(e) = listeners.apply(&listen, &listen_tls).await {

@@ -14,7 +14,7 @@
 use crate::config::ProxyConfig;
 use crate::fast::Fast;
 use crate::gateway::{self, Conn};
-use crate::metrics::TlsFailure;
+use crate::metrics::{ClientMetrics, OpenCount, TlsFailure};
 use crate::park;
 use crate::relay;
 use crate::shutdown::{until_drained, until_idle, Drain, Shutdown};
@@ -28,6 +28,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::{service_fn, Service};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use std::collections::BTreeMap;
 use std::future::poll_fn;
@@ -56,7 +57,8 @@ use tokio_rustls::TlsAcceptor;
 /// counted, as nginx counts every connection against `worker_connections`.
 #[derive(Default)]
 pub struct Limit {
-    open: AtomicUsize,
+    /// `intermission_client_connections`, read at a scrape.
+    open: OpenCount,
     /// Connections picked to make room that have not yet seen it (`Closable`): counted in
     /// `open` until they close, but already given away.
     closing: AtomicUsize,
@@ -65,6 +67,9 @@ pub struct Limit {
     picks: AtomicU64,
     /// `intermission_parked_connections`.
     pub(crate) parked: Gauge,
+    /// `intermission_client_connection_limit_reached_total`, by outcome.
+    refused: Counter,
+    made_room: Counter,
     /// The connections idle now that may be closed for room.
     idle: Mutex<Idlers>,
     /// The listeners' drain, which a tunnel joins as the connection it was did.
@@ -84,8 +89,11 @@ struct Idlers {
 pub struct Slot(Arc<Limit>);
 
 impl Limit {
-    pub fn new(parked: Gauge, drain: Arc<Drain>) -> Limit {
+    pub fn new(clients: ClientMetrics, parked: Gauge, drain: Arc<Drain>) -> Limit {
         Limit {
+            open: clients.open,
+            refused: clients.refused,
+            made_room: clients.made_room,
             parked,
             drain,
             ..Limit::default()
@@ -466,6 +474,7 @@ pub async fn accept_loop(
             Some(permit) => permit,
             None => match limit.make_room(max) {
                 Some(permit) => {
+                    limit.made_room.inc();
                     if let Some(unsaid) = made_room.tell(std::time::Instant::now()) {
                         tracing::warn!(
                             "proxy.max_connections ({max}) reached: closed the connection idle \
@@ -475,6 +484,7 @@ pub async fn accept_loop(
                     permit
                 }
                 None => {
+                    limit.refused.inc();
                     if let Some(unsaid) = refused.tell(std::time::Instant::now()) {
                         tracing::warn!(
                             %peer,
@@ -1184,7 +1194,7 @@ mod tests {
         client(connected.unwrap());
         let (stream, _) = accepted.unwrap();
         let drain = Arc::new(crate::shutdown::Drain::default());
-        let limit = Arc::new(Limit::new(Default::default(), drain));
+        let limit = Arc::new(Limit::new(Default::default(), Default::default(), drain));
         let closable = Closable::new(limit);
         tokio::time::timeout(Duration::from_secs(10), hello(&stream, &closable))
             .await

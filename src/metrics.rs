@@ -21,7 +21,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,6 +63,52 @@ impl Outcome {
     fn index(self) -> usize {
         self as usize
     }
+}
+
+/// The client connections counted against `proxy.max_connections`: how many are open, and
+/// what happened when that many were. `listener::Limit` keeps them; each is an atomic it
+/// moves only when a connection opens or closes, or finds the limit reached.
+#[derive(Debug, Clone, Default)]
+pub struct ClientMetrics {
+    /// The connections open, read at a scrape: the very count the limit is checked against,
+    /// so that keeping the gauge adds nothing to an accept.
+    pub open: OpenCount,
+    /// New connections closed at once: the limit reached, and no idle connection to close.
+    pub refused: Counter,
+    /// Idle connections closed to make room for a new one at the limit.
+    pub made_room: Counter,
+}
+
+/// A count of things open as a gauge, moved by whoever opens and closes them.
+#[derive(Debug, Clone, Default)]
+pub struct OpenCount(Arc<AtomicUsize>);
+
+impl std::ops::Deref for OpenCount {
+    type Target = AtomicUsize;
+
+    fn deref(&self) -> &AtomicUsize {
+        &self.0
+    }
+}
+
+impl TypedMetric for OpenCount {
+    const TYPE: MetricType = MetricType::Gauge;
+}
+
+impl EncodeMetric for OpenCount {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let open = i64::try_from(self.0.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+        encoder.encode_gauge(&open)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    outcome: &'static str,
 }
 
 /// What became of one webhook delivery.
@@ -383,6 +429,8 @@ pub struct Metrics {
     tls_failures: [Counter; 5],
     certificate_ends: Family<CertificateLabels, Gauge>,
     parked: Gauge,
+    /// Moved by `listener::Limit`.
+    clients: ClientMetrics,
     /// Moved by `forward::sockets`, which counts every upstream socket.
     sockets: crate::forward::sockets::SocketMetrics,
 }
@@ -527,6 +575,27 @@ impl Metrics {
             parked.clone(),
         );
 
+        let limit_family = Family::<LimitLabels, Counter>::default();
+        let reached = |outcome| limit_family.get_or_create_owned(&LimitLabels { outcome });
+        let clients = ClientMetrics {
+            open: OpenCount::default(),
+            refused: reached("refused"),
+            made_room: reached("made_room"),
+        };
+        registry.register(
+            "intermission_client_connections",
+            "Client connections open on the proxy's listeners (plaintext and TLS, tunnels \
+             included), counted against proxy.max_connections",
+            clients.open.clone(),
+        );
+        registry.register(
+            "intermission_client_connection_limit_reached",
+            "New client connections that found proxy.max_connections open, by outcome \
+             (refused: closed at once, as no idle connection could be closed for it; \
+             made_room: an idle connection was closed for it)",
+            limit_family,
+        );
+
         let sockets = crate::forward::sockets::SocketMetrics::default();
         registry.register(
             "intermission_upstream_connections",
@@ -568,8 +637,14 @@ impl Metrics {
             tls_failures,
             certificate_ends,
             parked,
+            clients,
             sockets,
         }
+    }
+
+    /// The client connections' metrics, for `listener::Limit` to keep.
+    pub fn clients(&self) -> ClientMetrics {
+        self.clients.clone()
     }
 
     /// The upstream sockets' metrics, for `forward::sockets` to move.
@@ -1152,6 +1227,8 @@ pub(crate) mod tests {
             "intermission_control_commands",
             "intermission_webhook_deliveries",
             "intermission_parked_connections",
+            "intermission_client_connections",
+            "intermission_client_connection_limit_reached",
             "intermission_upstream_connections",
             "intermission_upstream_connection_limit",
             "intermission_upstream_connection_limit_reached",

@@ -299,8 +299,28 @@ async fn failed_handshakes_are_counted_by_reason() {
         Duration::from_secs(10),
     )
     .await;
+    // Clients that close or reset before their first byte (TCP health checks) began no
+    // handshake: each was counted under `other`.
+    for _ in 0..5 {
+        drop(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let reset = tokio::net::TcpStream::connect(addr).await.unwrap();
+    reset.set_zero_linger().unwrap();
+    drop(reset);
     // A client that connects and says nothing is idle, not a failure.
-    let _idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // Closed at header_read_timeout: accepted, and so were those before it (one accept loop
+    // takes them in turn); once no connection is open, all of them have been counted.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut idle, &mut rest),
+    );
+    assert!(closed.await.is_ok(), "the idle client was not closed");
+    assert_eq!(
+        series_reaches(&proxy, "intermission_client_connections", 0.0).await,
+        Some(0.0)
+    );
     let admin = proxy.running.as_ref().unwrap().admin_addr().unwrap();
     let counted = |text: &str, reason: &str| {
         text.lines().any(|l| {
@@ -1686,4 +1706,91 @@ async fn an_https_tunnel_counts_against_max_connections_until_it_closes() {
         served_at_the_limit(&proxy).await,
         "a closed tunnel still holds its slot"
     );
+}
+
+/// The value of one series of `/metrics` as written (`name{labels}`), if there is one.
+async fn series(proxy: &Proxy, key: &str) -> Option<f64> {
+    let admin = proxy.running.as_ref().unwrap().admin_addr().unwrap();
+    let got = get(&format!("http://{admin}/metrics")).await;
+    let text = String::from_utf8_lossy(got.body()).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Waits until `/metrics` shows `key` at `want`; what it showed last.
+async fn series_reaches(proxy: &Proxy, key: &str, want: f64) -> Option<f64> {
+    let mut seen = None;
+    for _ in 0..200 {
+        seen = series(proxy, key).await;
+        if seen == Some(want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    seen
+}
+
+const OPEN: &str = "intermission_client_connections";
+const REFUSED: &str = "intermission_client_connection_limit_reached_total{outcome=\"refused\"}";
+const MADE_ROOM: &str = "intermission_client_connection_limit_reached_total{outcome=\"made_room\"}";
+
+/// Clients in the middle of a handshake fill `proxy.max_connections` and every new client on
+/// either port is closed at once: `/metrics` shows the connections open and those turned away,
+/// where only a log line said so while `/readyz` said ready.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_open_and_turned_away_at_the_limit_are_in_metrics() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = echo_upstream().await;
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    ca.write_leaf(dir.path(), "site", &["shop.test"]);
+    let config = format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = 2\nheader_read_timeout = \"30s\"\n\
+         [tls]\nlisten = [\"127.0.0.1:0\"]\n{}[upstream]\nservers = [\"{}\"]\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n",
+        certs(&["site"]),
+        up.url()
+    );
+    let proxy = spawn_proxy_in(dir, &config).await;
+    let addr = tls_addr(&proxy);
+    assert_eq!(series(&proxy, OPEN).await, Some(0.0));
+    assert_eq!(series(&proxy, REFUSED).await, Some(0.0));
+    assert_eq!(series(&proxy, MADE_ROOM).await, Some(0.0));
+    // Each sends its hello, reads the first of the proxy's answer, and goes no further: in its
+    // handshake, which is never closed to make room.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let name = ServerName::try_from("shop.test".to_owned()).unwrap();
+        let mut client =
+            rustls::ClientConnection::new(ca.client_config(&[b"http/1.1"]), name).unwrap();
+        let mut hello = Vec::new();
+        client.write_tls(&mut hello).unwrap();
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(&hello).await.unwrap();
+        let mut first = [0u8; 1];
+        tcp.read_exact(&mut first).await.unwrap();
+        assert_eq!(first[0], 0x16, "the proxy's answer is a handshake record");
+        stalled.push(tcp);
+    }
+    assert_eq!(series(&proxy, OPEN).await, Some(2.0));
+    // A new client is closed unserved, and counted.
+    assert_eq!(
+        new_client(&proxy).await,
+        "",
+        "a new client was served at the limit"
+    );
+    assert_eq!(series(&proxy, REFUSED).await, Some(1.0));
+    assert_eq!(series(&proxy, MADE_ROOM).await, Some(0.0));
+    assert_eq!(series(&proxy, OPEN).await, Some(2.0));
+
+    drop(stalled);
+    assert_eq!(series_reaches(&proxy, OPEN, 0.0).await, Some(0.0));
+    // Two that sent nothing are idle: a new client closes one to be served.
+    let _silent = [
+        tokio::net::TcpStream::connect(addr).await.unwrap(),
+        tokio::net::TcpStream::connect(addr).await.unwrap(),
+    ];
+    assert_eq!(series_reaches(&proxy, OPEN, 2.0).await, Some(2.0));
+    assert!(served_at_the_limit(&proxy).await, "no room was made");
+    assert_eq!(series(&proxy, MADE_ROOM).await, Some(1.0));
 }
