@@ -305,13 +305,7 @@ pub struct Running {
 /// Loads pages and state, binds every listener and the control socket, and starts serving.
 /// Anything that would make the proxy answer wrongly stops the start with an error.
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    for warning in config.warnings() {
-        tracing::warn!("{warning}");
-    }
     let pages = Pages::load(&config.maintenance)?;
-    for warning in &pages.warnings {
-        tracing::warn!("maintenance.pages: {warning}");
-    }
     // Found now, not at the first `ctl on` of an incident, refused as not saved.
     store::probe(&config.control.state_file)?;
     // Held before it is read: a proxy started while its predecessor drains (whose controller
@@ -336,7 +330,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Some(addr) => Some(bind(addr, "admin.listen")?),
         None => None,
     };
-    let parts = Parts::new(Arc::new(config), Arc::new(pages), None, metrics.clone())?;
+    let (parts, certificates) =
+        Parts::checked(Arc::new(config), Arc::new(pages), None, metrics.clone())?;
+    for warning in parts.config.load_warnings(&parts.pages, certificates) {
+        tracing::warn!("{warning}");
+    }
     let (mut controller, handle, state) =
         Controller::new(parts, persisted, notifier, crate::time::Clock::system());
     let drain = Arc::new(Drain::default());

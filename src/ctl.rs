@@ -100,6 +100,11 @@ pub fn run(
             &resp,
         ));
     }
+    // On stderr whether or not `--json` is given, so that stdout stays the answer alone; the
+    // exit code is the command's, as `check`'s is with its warnings.
+    for warning in &resp.warnings {
+        eprintln!("warning: {}", terminal_safe(warning));
+    }
     match resp.error.as_ref().map(|e| e.code.as_str()) {
         Some("busy") => eprintln!("note: {}", busy_hint(&socket, ANSWER_TIMEOUT)),
         Some("shutting_down") => eprintln!(

@@ -64,12 +64,12 @@ pub fn upstream_sockets(limit: u64, max_connections: usize) -> usize {
 }
 
 /// Warns when `limit` leaves `max_connections` busy clients short of descriptors, and says
-/// what bounds the upstream connections.
-pub fn warn_if_short(limit: u64, max_connections: usize) {
+/// what bounds the upstream connections; the warning, for a reload to return it too.
+pub fn warn_if_short(limit: u64, max_connections: usize) -> Option<String> {
     let needed = needed(max_connections);
     let upstream = upstream_sockets(limit, max_connections);
     if limit < needed {
-        tracing::warn!(
+        let warning = format!(
             "proxy.max_connections = {max_connections} may need {needed} open files (a client \
              and its connection to the server each, and {RESERVE} of the proxy's own), but the \
              limit is {limit}: raise it (LimitNOFILE= in a systemd unit, ulimit -n) or lower \
@@ -77,12 +77,15 @@ pub fn warn_if_short(limit: u64, max_connections: usize) {
              once, and requests beyond them wait up to upstream.connect_timeout for one, then \
              get the outage response"
         );
+        tracing::warn!("{warning}");
+        Some(warning)
     } else {
         tracing::info!(
             "connections to the servers are bounded at {upstream} at once (the open-file limit \
              {limit}, less proxy.max_connections = {max_connections} and {RESERVE} of the \
              proxy's own): an HTTP/2 client's requests each hold one"
         );
+        None
     }
 }
 

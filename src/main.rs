@@ -253,6 +253,7 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let warnings = c.load_warnings(&pages, warnings);
     report(summary(
         &mut std::io::stdout().lock(),
         &c,
@@ -304,17 +305,11 @@ fn summary(
     )?;
     writeln!(out, "  control:  {}", c.control.socket.display())?;
     writeln!(out, "  state:    {}", c.control.state_file.display())?;
-    // Valid, but clients would refuse what it serves (an expired certificate...): said
-    // after the summary, with exit 0, as the start and a reload log it.
+    // Valid, but clients would refuse what it serves (an expired certificate...), or files
+    // that look like pages are served to nobody: said after the summary, with exit 0, as
+    // the start logs them and a reload logs and returns them.
     for warning in warnings {
         writeln!(out, "  warning:  {warning}")?;
-    }
-    for warning in c.warnings() {
-        writeln!(out, "  warning:  {warning}")?;
-    }
-    // Files that look like pages but are served to nobody: nothing else would tell.
-    for warning in &pages.warnings {
-        writeln!(out, "  warning:  maintenance.pages: {warning}")?;
     }
     Ok(())
 }

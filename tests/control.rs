@@ -1371,3 +1371,86 @@ async fn ctl_reads_within_bounds() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("longer than"), "{said}");
 }
+
+/// A reload's warnings reach `ctl reload`, each as `warning: …` on stderr, and in the JSON
+/// answer under `warnings`, with exit 0: a reload that loaded an expired certificate, or
+/// changed `admin.listen` (in force at the next restart), printed the ordinary status, and
+/// only the log said why clients would refuse it. They are `check`'s, and the reload's own.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctl_reload_prints_the_reloads_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(dir.path(), "");
+    let cfg = dir.path().join("config.toml");
+    let run = |args: &[&str]| ctl_with(&cfg, args);
+    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    // None to say: no field, no line.
+    let out = run(&["--json", "reload"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(v.get("warnings").is_none(), "{v}");
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
+
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["shop.test".to_owned()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.path().join("site.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("site.key"), key.serialize_pem()).unwrap();
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "{good}\n[tls]\nlisten = [\"127.0.0.1:0\"]\n[[tls.certificates]]\n\
+             cert = \"site.pem\"\nkey = \"site.key\"\n[admin]\nlisten = \"127.0.0.1:0\"\n"
+        ),
+    )
+    .unwrap();
+    let checked = bin().arg("check").arg("-c").arg(&cfg).output().unwrap();
+    assert_eq!(checked.status.code(), Some(0), "{checked:?}");
+    let checked = String::from_utf8_lossy(&checked.stdout).into_owned();
+    let of_check: Vec<&str> = checked
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("warning:"))
+        .map(str::trim_start)
+        .collect();
+    assert!(
+        of_check.iter().any(|w| w.contains("expired on 2021-01-01")),
+        "{checked}"
+    );
+    let restart = "admin.listen changed; it takes effect at the next restart";
+
+    let out = run(&["reload"]);
+    let said = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("mode:"),
+        "the status is printed as ever"
+    );
+    let lines: Vec<&str> = said
+        .lines()
+        .filter_map(|l| l.strip_prefix("warning: "))
+        .collect();
+    for warning in of_check.iter().chain([&restart]) {
+        assert!(lines.contains(warning), "{warning:?} not in {said}");
+    }
+
+    let out = run(&["--json", "reload"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let warnings: Vec<&str> = v["warnings"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no warnings in {v}"))
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    assert_eq!(warnings, lines, "the same in JSON");
+    let said = stderr(&out);
+    let on_stderr: Vec<&str> = said
+        .lines()
+        .filter_map(|l| l.strip_prefix("warning: "))
+        .collect();
+    assert_eq!(on_stderr, lines, "and on stderr with --json");
+    drop(proxy);
+}

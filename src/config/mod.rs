@@ -286,6 +286,26 @@ impl Config {
         warnings
     }
 
+    /// Everything `check` says after its summary of a valid config, and what a start logs
+    /// and a reload logs and returns to who asked: what clients would refuse of the
+    /// certificates although they load (`certificates`, from
+    /// `tls::server_config_checked`), the config's own (`warnings`), and the pages'.
+    pub fn load_warnings(
+        &self,
+        pages: &crate::hold::pages::Pages,
+        certificates: Vec<String>,
+    ) -> Vec<String> {
+        let mut all = certificates;
+        all.extend(self.warnings());
+        all.extend(
+            pages
+                .warnings
+                .iter()
+                .map(|w| format!("maintenance.pages: {w}")),
+        );
+        all
+    }
+
     pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
         let text =
             crate::files::read_text(path, crate::files::MAX_CONFIG_BYTES).map_err(|source| {

@@ -162,6 +162,10 @@ pub struct Response {
     pub schedules: Option<Vec<Window>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorBody>,
+    /// What a reload that was applied warns of (what `check` says of the files it read, and
+    /// settings kept until a restart); left out when there is none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl Response {
@@ -172,6 +176,7 @@ impl Response {
             health: None,
             schedules: None,
             error: None,
+            warnings: Vec::new(),
         }
     }
 
@@ -182,6 +187,7 @@ impl Response {
             health: None,
             schedules: Some(list),
             error: None,
+            warnings: Vec::new(),
         }
     }
 
@@ -192,7 +198,12 @@ impl Response {
             health: Some(health),
             schedules: None,
             error: None,
+            warnings: Vec::new(),
         }
+    }
+
+    pub fn with_warnings(self, warnings: Vec<String>) -> Response {
+        Response { warnings, ..self }
     }
 
     pub fn error(error: ErrorBody) -> Response {
@@ -202,6 +213,7 @@ impl Response {
             health: None,
             schedules: None,
             error: Some(error),
+            warnings: Vec::new(),
         }
     }
 }

@@ -159,6 +159,10 @@ type Asker = (String, oneshot::Sender<Response>);
 struct Prepared {
     parts: Parts,
     notify: Vec<crate::notify::Target>,
+    /// Valid but likely not meant (what `check` would say), or read but kept until a
+    /// restart: logged, and returned to who asked, since `ctl reload` exited 0 without a
+    /// word of them.
+    warnings: Vec<String>,
 }
 
 /// Marks a reload's read as returned when dropped: by its blocking work, however that ends
@@ -845,7 +849,7 @@ impl Controller {
             Err(e) => Err(e),
         };
         let resp = match resp {
-            Ok(()) => Response::state(self.status_view()),
+            Ok(warnings) => Response::state(self.status_view()).with_warnings(warnings),
             // Logged whoever asked (`ctl reload` or SIGHUP): the log is the record of what
             // was tried on the running proxy, not only of what changed.
             Err(message) => {
@@ -870,8 +874,13 @@ impl Controller {
 
     /// Puts in force what a reload read: only one read is under way at a time, so the parts
     /// it was built beside are still the running ones.
-    async fn apply_reload(&mut self, prepared: Prepared) -> Result<(), String> {
-        let Prepared { parts, notify } = prepared;
+    /// Its warnings, with those of its own: the read's are logged already.
+    async fn apply_reload(&mut self, prepared: Prepared) -> Result<Vec<String>, String> {
+        let Prepared {
+            parts,
+            notify,
+            mut warnings,
+        } = prepared;
         let (old, config) = (&self.parts.config, &parts.config);
         // A new pool may carry new TLS settings, which the checks must use too.
         let restart = config.upstream.servers != old.upstream.servers
@@ -883,7 +892,9 @@ impl Controller {
             match &self.rebind {
                 Some(r) => r.rebind(&config.proxy.listen, &config.tls.listen).await?,
                 None => {
-                    tracing::warn!("listen addresses changed; they take effect at the next restart")
+                    let warning = "listen addresses changed; they take effect at the next restart";
+                    tracing::warn!("{warning}");
+                    warnings.push(warning.to_owned());
                 }
             }
         }
@@ -901,7 +912,7 @@ impl Controller {
             // their limit, from the open-file limit as it is now.
             // Said once the reload is in force, not when a refused one was read.
             if let Some(limit) = crate::limits::open_files() {
-                crate::limits::warn_if_short(limit, max_connections);
+                warnings.extend(crate::limits::warn_if_short(limit, max_connections));
                 let bound = crate::limits::upstream_sockets(limit, max_connections);
                 self.parts.sockets.set_bound(bound);
                 tracing::info!("upstream connections now bounded at {bound} at once");
@@ -941,7 +952,7 @@ impl Controller {
                 Some("config reloaded".into()),
             );
         }
-        Ok(())
+        Ok(warnings)
     }
 
     /// Builds and swaps in the snapshot of the moment `now`; returns the modes before and
@@ -1106,44 +1117,53 @@ pub fn to_change(req: Request, by: String, now: SystemTime) -> Result<Change, Er
 fn prepare(path: &std::path::Path, old: &Parts) -> Result<Prepared, String> {
     let mut config = Config::load_file(path).map_err(|e| e.to_string())?;
     let pages = Pages::load(&config.maintenance).map_err(|e| e.to_string())?;
-    for warning in &pages.warnings {
-        tracing::warn!("maintenance.pages: {warning}");
-    }
     let old_config = &old.config;
+    let mut restart = Vec::new();
     if config.control.socket != old_config.control.socket
         || config.control.socket_mode != old_config.control.socket_mode
         || config.control.state_file != old_config.control.state_file
     {
-        tracing::warn!(
-            "control.socket / control.socket_mode / control.state_file changed; they take effect at the next restart"
+        restart.push(
+            "control.socket / control.socket_mode / control.state_file changed; they take effect at the next restart",
         );
     }
     config.control = old_config.control.clone();
     if config.admin != old_config.admin {
         // Bound once at start, beside the control socket.
-        tracing::warn!("admin.listen changed; it takes effect at the next restart");
+        restart.push("admin.listen changed; it takes effect at the next restart");
         config.admin = old_config.admin.clone();
     }
     if config.log.format != old_config.log.format || config.log.level != old_config.log.level {
         // The log's subscriber is set once per process; `log.access_log` does reload.
-        tracing::warn!("log.format / log.level changed; they take effect at the next restart");
+        restart.push("log.format / log.level changed; they take effect at the next restart");
         config.log.format = old_config.log.format;
         config.log.level = old_config.log.level.clone();
     }
     if config.proxy.threads != old_config.proxy.threads {
-        tracing::warn!("proxy.threads changed; it takes effect at the next restart");
+        restart.push("proxy.threads changed; it takes effect at the next restart");
         config.proxy.threads = old_config.proxy.threads;
     }
     let notify = config.notify.clone();
     // Certificates, keys and CA files are read here too.
-    let parts = Parts::new(
+    let (parts, certificates) = Parts::checked(
         Arc::new(config),
         Arc::new(pages),
         Some(old),
         old.metrics.clone(),
     )
     .map_err(|e| e.to_string())?;
-    Ok(Prepared { parts, notify })
+    // What `check` would say of the config now in force (a changed control.socket_mode is
+    // not, until a restart, which is said), then what waits for a restart.
+    let mut warnings = parts.config.load_warnings(&parts.pages, certificates);
+    warnings.extend(restart.into_iter().map(str::to_owned));
+    for warning in &warnings {
+        tracing::warn!("{warning}");
+    }
+    Ok(Prepared {
+        parts,
+        notify,
+        warnings,
+    })
 }
 
 /// The end of the reload's read under way (never, while there is none: its branch is off).

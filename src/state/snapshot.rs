@@ -79,13 +79,30 @@ pub struct Parts {
 impl Parts {
     /// Parts for `config`, keeping `previous`'s connection pool when the upstream settings did
     /// not change, so that a reload does not drop warm connections.
-    /// Fails when a certificate, key or CA file does not load.
+    /// Fails when a certificate, key or CA file does not load. What clients would refuse
+    /// of the certificates although they load is logged.
     pub fn new(
         config: Arc<Config>,
         pages: Arc<Pages>,
         previous: Option<&Parts>,
         metrics: Arc<Metrics>,
     ) -> Result<Parts, TlsError> {
+        let (parts, warnings) = Parts::checked(config, pages, previous, metrics)?;
+        for warning in warnings {
+            tracing::warn!("{warning}");
+        }
+        Ok(parts)
+    }
+
+    /// `new`, with what clients would refuse of the certificates although they load
+    /// (`tls::server_config_checked`) returned for the caller to say, to the log and to
+    /// whoever asked for a reload.
+    pub fn checked(
+        config: Arc<Config>,
+        pages: Arc<Pages>,
+        previous: Option<&Parts>,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Parts, Vec<String>), TlsError> {
         // The workers are counted once, at start: `threads = 0` follows the cores available,
         // which may change while the proxy runs, and a reload cannot add workers.
         let workers = previous.map_or_else(
@@ -114,11 +131,12 @@ impl Parts {
             Some(prev) if prev.pool.same_config(&config.upstream) => prev.pool.clone(),
             _ => Arc::new(UpstreamPool::new(&config.upstream, workers, &sockets)?),
         };
-        let tls = crate::tls::server_config(&config.tls)?;
+        let (tls, warnings) =
+            crate::tls::server_config_checked(&config.tls, std::time::SystemTime::now())?;
         let marks = previous.map_or_else(Arc::default, |prev| prev.marks.clone());
         let m = &config.maintenance;
         let bypass = BypassKey::new(&m.bypass_secret, m.bypass_ttl).map(Arc::new);
-        Ok(Parts {
+        let parts = Parts {
             metrics,
             conn: Arc::new(crate::listener::conn_builder(&config.proxy)),
             tls,
@@ -128,7 +146,8 @@ impl Parts {
             pages,
             bypass,
             marks,
-        })
+        };
+        Ok((parts, warnings))
     }
 }
 
