@@ -45,12 +45,14 @@ pub enum TlsError {
     /// kind webpki does not read), which would otherwise be reported as a mismatch.
     #[error("{}: the first certificate cannot be used: {reason}", path.display())]
     BadCertificate { path: PathBuf, reason: String },
+    /// `how`: what in the file says so (`encryption`), since the two ways of writing an
+    /// encrypted key look nothing alike and an operator looks for the one named.
     #[error(
-        "{}: the private key is encrypted (PEM \"ENCRYPTED PRIVATE KEY\"), and intermission \
-         has no passphrase to open it; decrypt it (openssl pkey -in KEY -out PLAIN.key)",
-        .0.display()
+        "{}: the private key is encrypted ({how}), and intermission has no passphrase to open \
+         it; decrypt it (openssl pkey -in KEY -out PLAIN.key)",
+        path.display()
     )]
-    EncryptedKey(PathBuf),
+    EncryptedKey { path: PathBuf, how: String },
     /// Every `[[tls.certificates]]` entry that does not load, each with its index, so that
     /// one run of `check` (or one refused start or reload) says all of them.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
@@ -384,13 +386,12 @@ fn load_key(
     let key = PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
         // An encrypted key is skipped by the PEM reader as an unknown section, which would
         // be reported as "no items found": say what it is instead.
-        let text = String::from_utf8_lossy(&bytes);
-        let encrypted = text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
-            || text.contains("Proc-Type: 4,ENCRYPTED");
-        if encrypted {
-            TlsError::EncryptedKey(path.to_path_buf())
-        } else {
-            refused(pem_problem(&e, "PRIVATE KEY"))
+        match encryption(&String::from_utf8_lossy(&bytes)) {
+            Some(how) => TlsError::EncryptedKey {
+                path: path.to_path_buf(),
+                how,
+            },
+            None => refused(pem_problem(&e, "PRIVATE KEY")),
         }
     })?;
     provider.key_provider.load_private_key(key).map_err(|e| {
@@ -399,6 +400,31 @@ fn load_key(
         refused(format!(
             "{e} (supported: RSA of 2048 to 8192 bits, ECDSA P-256 or P-384, Ed25519)"
         ))
+    })
+}
+
+/// What says a PEM key file is encrypted, if anything does: a PKCS#8 `ENCRYPTED PRIVATE KEY`
+/// block (`openssl pkcs8 -topk8`, `openssl genpkey -aes256`), or OpenSSL's older way, a
+/// `Proc-Type: 4,ENCRYPTED` header in a block of the key's own kind (`RSA PRIVATE KEY`, as
+/// `openssl genrsa -aes256` wrote it before 3.0; `EC PRIVATE KEY`). Named as it is in the
+/// file: "ENCRYPTED PRIVATE KEY" sent an operator looking for a line not there.
+fn encryption(text: &str) -> Option<String> {
+    if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") {
+        return Some("PEM \"ENCRYPTED PRIVATE KEY\"".to_owned());
+    }
+    const HEADER: &str = "Proc-Type: 4,ENCRYPTED";
+    let at = text.find(HEADER)?;
+    // The label of the block the header is in, when it reads as one (a few capitals).
+    let label = text[..at]
+        .rfind("-----BEGIN ")
+        .and_then(|begin| text[begin + "-----BEGIN ".len()..at].split_once("-----"))
+        .map(|(label, _)| label)
+        .filter(|l| {
+            (1..=40).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_uppercase() || b == b' ')
+        });
+    Some(match label {
+        Some(label) => format!("PEM \"{label}\" with \"{HEADER}\""),
+        None => format!("PEM header \"{HEADER}\""),
     })
 }
 
@@ -580,6 +606,47 @@ mod tests {
     use super::*;
 
     const DAY: Duration = Duration::from_secs(86_400);
+
+    /// An encrypted key is named as the file writes it: a PKCS#1 key encrypted the old way
+    /// was said to be a PEM "ENCRYPTED PRIVATE KEY", which the file does not hold.
+    #[test]
+    fn an_encrypted_key_is_named_as_its_file_writes_it() {
+        let dir = tempfile::tempdir().expect("a folder");
+        let pem = rcgen::KeyPair::generate().expect("a key").serialize_pem();
+        let body: String = pem
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let legacy = |label: &str| {
+            format!(
+                "-----BEGIN {label}-----\nProc-Type: 4,ENCRYPTED\n\
+                 DEK-Info: AES-256-CBC,0123456789ABCDEF0123456789ABCDEF\n\n{body}\n\
+                 -----END {label}-----\n"
+            )
+        };
+        let pkcs8 = pem.replace("PRIVATE KEY", "ENCRYPTED PRIVATE KEY");
+        for (text, says) in [
+            (
+                legacy("RSA PRIVATE KEY"),
+                "(PEM \"RSA PRIVATE KEY\" with \"Proc-Type: 4,ENCRYPTED\")",
+            ),
+            (
+                legacy("EC PRIVATE KEY"),
+                "(PEM \"EC PRIVATE KEY\" with \"Proc-Type: 4,ENCRYPTED\")",
+            ),
+            (pkcs8, "(PEM \"ENCRYPTED PRIVATE KEY\")"),
+        ] {
+            let path = dir.path().join("site.key");
+            std::fs::write(&path, &text).expect("written");
+            let refused = load_key(&path, &provider()).err().map(|e| e.to_string());
+            let refused = refused.unwrap_or_default();
+            assert!(
+                refused.contains("the private key is encrypted") && refused.contains(says),
+                "{says}: {refused}"
+            );
+        }
+    }
 
     fn end(index: usize, not_after: SystemTime) -> CertificateEnd {
         CertificateEnd {
