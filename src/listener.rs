@@ -31,7 +31,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use std::collections::BTreeMap;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -677,7 +677,8 @@ async fn serve_others(
             // The handshake gets the same deadline as a request head. Until its hello arrives
             // the client has sent nothing, and is idle as a new plaintext one is
             // (`first_bytes`): it may be closed to make room. Once the handshake is under way
-            // it is not, as nginx does not take a connection in its handshake.
+            // it may be too, but only once it has lasted `STALLED_HANDSHAKE`
+            // (`unless_picked`).
             let timing = relaying.0.clone();
             // Whether the client began: one that sent nothing is idle, not a failed handshake.
             let mut began = false;
@@ -697,7 +698,10 @@ async fn serve_others(
                     unread_line(peer.ip(), 400, sent);
                     return None;
                 }
-                Some(acceptor.accept(Timed::new(stream, timing)).await)
+                let accepted =
+                    unless_picked(acceptor.accept(Timed::new(stream, timing)), &closable).await;
+                closable.busy();
+                accepted
             };
             let handshake = tokio::time::timeout(first_byte, handshake).await;
             let tls_stream = match handshake {
@@ -742,6 +746,31 @@ async fn serve_others(
             }
         }
     }
+}
+
+/// How long a TLS handshake runs before it may be closed to make room at `max_connections`:
+/// a client's takes a round trip or two, a second on the slowest mobile links, so one still
+/// under way after this has stalled. Left alone (as nginx leaves one), a host that begins
+/// handshakes and never ends them, 11 bytes each renewed every `header_read_timeout`, held
+/// every slot and shut out every new client on both ports.
+const STALLED_HANDSHAKE: Duration = Duration::from_secs(2);
+
+/// `work` (a TLS handshake), unless it has lasted `STALLED_HANDSHAKE` and is then picked to
+/// make room (`Limit::make_room`), the handshake under way longest first among the idle
+/// connections; `None` then. The caller takes it out of the idle ones (`Closable::busy`).
+async fn unless_picked<F: Future>(work: F, closable: &Closable) -> Option<F::Output> {
+    let mut work = std::pin::pin!(work);
+    let mut stalled = std::pin::pin!(tokio::time::sleep(STALLED_HANDSHAKE));
+    poll_fn(|cx| {
+        if let Poll::Ready(out) = work.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if stalled.as_mut().poll(cx).is_ready() && closable.poll_picked(cx) {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// How a TLS client's wait for its first byte ended.
