@@ -1508,39 +1508,6 @@ async fn cl0_server() -> std::net::SocketAddr {
     addr
 }
 
-/// Sends `request` on `sock` and reads one answer (framed by its `Content-Length`): its body.
-async fn one_answer(sock: &mut tokio::net::TcpStream, request: &[u8]) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    sock.write_all(request).await.unwrap();
-    let mut got = Vec::new();
-    let read = async {
-        loop {
-            let mut more = [0u8; 4096];
-            let n = sock.read(&mut more).await.unwrap();
-            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&more[..n]);
-            let text = String::from_utf8_lossy(&got).into_owned();
-            if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                let length = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length: ")
-                            .map(str::to_owned)
-                    })
-                    .and_then(|n| n.trim().parse::<usize>().ok())
-                    .unwrap_or(0);
-                if body.len() >= length {
-                    return body.to_owned();
-                }
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .expect("no answer within 10 s")
-}
-
 /// A `GET` (or `HEAD`, `DELETE`, `OPTIONS`) with a body, which a server with the "CL.0"
 /// flaw reads as a second request: its answer to that one must not reach the next client
 /// whose request takes the pooled connection (RFC 9110 §9.3.1, RFC 9112 §11.2). The

@@ -1054,35 +1054,7 @@ async fn requests_too_malformed_to_read_are_counted() {
     // On a keep-alive connection that has parked after its first answer, too.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let answered = |got: &[u8]| {
-        let text = String::from_utf8_lossy(got);
-        let Some((head, body)) = text.split_once("\r\n\r\n") else {
-            return false;
-        };
-        let length = head
-            .lines()
-            .find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("content-length: ")
-                    .map(str::to_owned)
-            })
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .unwrap_or(0);
-        body.len() >= length
-    };
-    while !answered(&got) {
-        let n = tokio::time::timeout(limit, s.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "closed before its answer");
-        got.extend_from_slice(&buf[..n]);
-    }
+    one_answer(&mut s, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
     let parked = wait_until_async(|| async {
         metric(&scrape(&proxy).await, "intermission_parked_connections") == 1.0
     })

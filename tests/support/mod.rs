@@ -329,6 +329,39 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: Duration) -> 
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Sends `request` on `sock` and reads one answer (framed by its `Content-Length`): its body.
+pub async fn one_answer(sock: &mut tokio::net::TcpStream, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    sock.write_all(request).await.unwrap();
+    let mut got = Vec::new();
+    let read = async {
+        loop {
+            let mut more = [0u8; 4096];
+            let n = sock.read(&mut more).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&more[..n]);
+            let text = String::from_utf8_lossy(&got).into_owned();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(str::to_owned)
+                    })
+                    .and_then(|n| n.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if body.len() >= length {
+                    return body.to_owned();
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("no answer within 10 s")
+}
+
 /// An address on 127.0.0.1 where nothing listens, for as long as it is kept: a socket bound to
 /// an ephemeral port and never listening. Connections to it are refused, and no other socket
 /// can be given its port meanwhile (it does not set `SO_REUSEADDR`). A port bound and let go
