@@ -208,14 +208,16 @@ impl Kept2 {
     /// its server allows at once: 0 when it has room for one more. Until the server's
     /// `SETTINGS` have come, hyper assumes 100, as Go's client does, no more than the common
     /// servers allow.
+    ///
+    /// Read with none open too: a server may allow none for a while
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS` 0, RFC 9113 §6.5.2, as one about to go away may
+    /// send), and a request put on such a connection waited in h2 for a stream until
+    /// `response_timeout`, then got the outage answer, where a new connection would have
+    /// served it at once. The two locks it takes (the connection's task, h2's state) are this
+    /// worker's alone: the connection's task runs on its thread.
     fn waiting(&self) -> usize {
-        match self.open.load(Ordering::Relaxed) {
-            // A server allows one stream at least, save the rare one that allows none for a
-            // while; with none open, the locks on the connection's task and h2's state are
-            // not taken.
-            0 => 0,
-            open => (open + 1).saturating_sub(self.task.streams()),
-        }
+        let open = self.open.load(Ordering::Relaxed);
+        (open + 1).saturating_sub(self.task.streams())
     }
 
     /// Takes a stream on it, kept in `slot`, for one request.
