@@ -1032,6 +1032,196 @@ async fn what_happened_while_the_proxy_was_down_is_told_at_start() {
     drop(proxy);
 }
 
+/// A proxy for `app` whose checks decide within a second, with a JSON and a Slack webhook,
+/// and what restarts it on the same state file once the wall clock has passed `t`.
+fn restartable(app: &Upstream, json: &Receiver, slack: &Receiver) -> String {
+    format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[upstream]\nservers = [\"{}\"]\n\
+         [health]\ninterval = \"300ms\"\ntimeout = \"300ms\"\nrise = 1\nfall = 1\n\
+         [[notify]]\nurl = \"{}\"\n[[notify]]\nurl = \"{}\"\nformat = \"slack\"\n",
+        app.url(),
+        json.url,
+        slack.url
+    )
+}
+
+/// The outage told by the first webhook event, with `since` as `ctl status`, the public
+/// status document and the state file say it: saved when it is told, so that a kill -9
+/// leaves it as a clean stop does.
+async fn outage_told(proxy: &Proxy, hook: &Receiver) -> serde_json::Value {
+    let got = wait_events(hook, 1).await;
+    assert_eq!(got[0]["event"], "mode_changed", "{got:?}");
+    assert_eq!(got[0]["mode"], "outage", "{got:?}");
+    assert_eq!(got[0]["previous_mode"], "normal", "{got:?}");
+    let since = got[0]["since"].clone();
+    assert!(since.is_string(), "{got:?}");
+    let status = ctl(proxy, Ctl::Status).await.state.unwrap();
+    assert_eq!(
+        status.since.map(|t| t.rfc3339()),
+        since.as_str().map(str::to_owned)
+    );
+    let saved = std::fs::read(proxy.dir.path().join("intermission-state.json")).unwrap();
+    let saved: serde_json::Value = serde_json::from_slice(&saved).unwrap();
+    assert_eq!(saved["outage_since"], since, "{saved}");
+    since
+}
+
+/// Stops the proxy once the clock is past a second after now (so that a `since` of the
+/// restart would read another second than one of the outage), and starts it again on the
+/// same state file.
+async fn restart_a_second_later(mut proxy: Proxy, config: &str) -> Proxy {
+    let later = std::time::SystemTime::now() + Duration::from_secs(1);
+    assert!(proxy.running.take().unwrap().shutdown().await);
+    until_past(later).await;
+    spawn_proxy_in(proxy.dir, config).await
+}
+
+/// Restarted while the application is still down, the proxy tells the same outage: `since`
+/// is when it began, in `status`, the public JSON and the event it tells again (as it tells
+/// a window in force again), not the time of the restart, which read as a second outage.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outage_that_goes_on_across_a_restart_keeps_its_start() {
+    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let slack = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let config = restartable(&app, &hook, &slack);
+    let proxy = spawn_proxy_in(tempfile::tempdir().unwrap(), &config).await;
+    app.stop();
+    let since = outage_told(&proxy, &hook).await;
+
+    let proxy = restart_a_second_later(proxy, &config).await;
+    wait_mode(&proxy, "outage", Duration::from_secs(5)).await;
+    let status = ctl(&proxy, Ctl::Status).await.state.unwrap();
+    assert_eq!(
+        status.since.map(|t| t.rfc3339()),
+        since.as_str().map(str::to_owned)
+    );
+    let public: serde_json::Value = json(&get(&proxy.url("/_intermission/status")).await);
+    assert_eq!(public["since"], since, "{public}");
+    let held: serde_json::Value = json(&get(&proxy.url("/")).await);
+    assert_eq!(held["since"], since, "{held}");
+    let got = wait_events(&hook, 2).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[1]["event"], "mode_changed", "{got:?}");
+    assert_eq!(got[1]["mode"], "outage", "{got:?}");
+    assert_eq!(got[1]["previous_mode"], "normal", "as first told: {got:?}");
+    assert_eq!(
+        got[1]["since"], since,
+        "the outage's start, not the restart's"
+    );
+
+    // Once it is over, the next outage is a new one.
+    app.restart().await;
+    let got = wait_events(&hook, 3).await;
+    assert_eq!(got[2]["mode"], "normal", "{got:?}");
+    assert_eq!(got[2]["since"], since, "{got:?}");
+    app.stop();
+    let got = wait_events(&hook, 4).await;
+    assert_eq!(got[3]["mode"], "outage", "{got:?}");
+    assert_ne!(got[3]["since"], since, "{got:?}");
+    drop(proxy);
+}
+
+/// Restarted once the application is back, the proxy tells the end of the outage the
+/// previous instance told (which nothing else would ever tell, leaving alerting and status
+/// pages on `outage`), with `since` its start, so that the Slack sentence says how long it
+/// lasted; the state file forgets it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outage_that_ended_across_a_restart_is_told_over() {
+    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let slack = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let config = restartable(&app, &hook, &slack);
+    let proxy = spawn_proxy_in(tempfile::tempdir().unwrap(), &config).await;
+    app.stop();
+    let since = outage_told(&proxy, &hook).await;
+    assert_eq!(wait_events(&slack, 1).await.len(), 1);
+
+    app.restart().await;
+    let proxy = restart_a_second_later(proxy, &config).await;
+    let got = wait_events(&hook, 2).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[1]["event"], "mode_changed", "{got:?}");
+    assert_eq!(got[1]["mode"], "normal", "{got:?}");
+    assert_eq!(got[1]["previous_mode"], "outage", "{got:?}");
+    assert_eq!(got[1]["since"], since, "{got:?}");
+    let reason = got[1]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains(&app.url()), "{got:?}");
+    let text = wait_events(&slack, 2).await[1]["text"].clone();
+    let text = text.as_str().unwrap_or_default();
+    // How long it lasted, from its start: " of 1 s" (or 2), where no start said nothing.
+    assert!(
+        text.contains("is back to normal after an outage of ") && !text.contains(" of 0 s"),
+        "{text}"
+    );
+    let status = ctl(&proxy, Ctl::Status).await.state.unwrap();
+    assert_eq!(status.mode.as_str(), "normal");
+    assert!(status.since.is_none(), "{status:?}");
+    let saved = std::fs::read(proxy.dir.path().join("intermission-state.json")).unwrap();
+    let saved: serde_json::Value = serde_json::from_slice(&saved).unwrap();
+    assert!(saved["outage_since"].is_null(), "{saved}");
+
+    // Told once: a restart after it has nothing to tell.
+    let proxy = restart_a_second_later(proxy, &config).await;
+    assert!(
+        wait_until_async(|| async {
+            ctl(&proxy, Ctl::Health).await.health.unwrap()[0].healthy == Some(true)
+        })
+        .await
+    );
+    assert_eq!(events(&hook).len(), 2, "{:?}", events(&hook));
+    drop(proxy);
+}
+
+/// Maintenance switched on during an outage wins over it, and is what receivers were told
+/// last: a restart, the application still down, tells nothing new, and the outage `off` then
+/// shows began when the application went down, as it would have without the restart. Once it
+/// is back, the end of an outage receivers no longer believe in is not told.
+#[tokio::test(flavor = "multi_thread")]
+async fn maintenance_over_an_outage_across_a_restart_keeps_the_outages_start() {
+    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let slack = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let config = restartable(&app, &hook, &slack);
+    let proxy = spawn_proxy_in(tempfile::tempdir().unwrap(), &config).await;
+    app.stop();
+    let since = outage_told(&proxy, &hook).await;
+    assert!(ctl(&proxy, on(Some("Restoring the database"))).await.ok);
+    assert_eq!(wait_events(&hook, 2).await[1]["mode"], "maintenance");
+
+    let proxy = restart_a_second_later(proxy, &config).await;
+    assert!(
+        wait_until_async(|| async {
+            ctl(&proxy, Ctl::Health).await.health.unwrap()[0].healthy == Some(false)
+        })
+        .await
+    );
+    assert!(ctl(&proxy, Ctl::Off).await.ok);
+    let got = wait_events(&hook, 3).await;
+    assert_eq!(got.len(), 3, "nothing told at the restart: {got:?}");
+    assert_eq!(got[2]["mode"], "outage", "{got:?}");
+    assert_eq!(got[2]["previous_mode"], "maintenance", "{got:?}");
+    assert_eq!(got[2]["since"], since, "{got:?}");
+
+    // Maintenance again, and the application back while the proxy is down.
+    assert!(ctl(&proxy, on(Some("Restoring the database"))).await.ok);
+    assert_eq!(wait_events(&hook, 4).await[3]["mode"], "maintenance");
+    app.restart().await;
+    let proxy = restart_a_second_later(proxy, &config).await;
+    assert!(
+        wait_until_async(|| async {
+            ctl(&proxy, Ctl::Health).await.health.unwrap()[0].healthy == Some(true)
+        })
+        .await
+    );
+    assert!(ctl(&proxy, Ctl::Off).await.ok);
+    let got = wait_events(&hook, 5).await;
+    assert_eq!(got.len(), 5, "{got:?}");
+    assert_eq!(got[4]["mode"], "normal", "{got:?}");
+    assert_eq!(got[4]["previous_mode"], "maintenance", "{got:?}");
+    drop(proxy);
+}
+
 /// A request hyper cannot read never reaches the gateway, but its client gets a 4xx: that
 /// answer is counted as the requests intermission refuses itself are.
 #[tokio::test]

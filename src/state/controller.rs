@@ -111,6 +111,10 @@ pub struct Controller {
     flips_tx: mpsc::UnboundedSender<Flip>,
     flips_rx: mpsc::UnboundedReceiver<Flip>,
     outage_since: Option<SystemTime>,
+    /// The outage the state file says was going on when the proxy last stopped, until the
+    /// first checks decide whether it still is: servers count as healthy until then, which
+    /// says nothing of the application.
+    resumed: Option<Resumed>,
     /// When the held episode that last ended began: the all-clear's `since`, so that a
     /// receiver can tell how long it lasted.
     ended_since: Option<SystemTime>,
@@ -150,6 +154,17 @@ struct Reloads {
     /// would only wait beside it, one more thread each time, in the pool the control socket
     /// and the state file need too.
     returned: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// An outage a previous instance of the proxy left going on (`Persisted::outage_since`).
+#[derive(Debug, Clone, Copy)]
+struct Resumed {
+    since: SystemTime,
+    /// Whether `outage` is the last mode receivers were told: the previous instance showed
+    /// it (no maintenance, no force-open) and this start told nothing else since (a window
+    /// that ended while it was down is told as a return to normal). Only then is an end of
+    /// the outage theirs to hear of.
+    told: bool,
 }
 
 /// Who asked for a reload (`ctl`'s user, or the signal), and where the answer goes.
@@ -219,6 +234,7 @@ impl Controller {
             flips_tx,
             flips_rx,
             outage_since: None,
+            resumed: None,
             ended_since: None,
             overrun_noted,
             active_window: None,
@@ -262,6 +278,10 @@ impl Controller {
         // The state as the proxy left it: what held the mode around those ends, which the
         // start's tidying forgets.
         let left = self.state.clone();
+        self.resumed = left.outage_since.map(|since| Resumed {
+            since: since.0,
+            told: ended.is_empty() && left.mode(false, now) == Mode::Outage,
+        });
         self.start_checkers().await;
         let (before, mode) = self.settle(now, "started").await;
         self.parts.metrics.set_mode(mode);
@@ -431,12 +451,20 @@ impl Controller {
         if let Some(decided) = self.decided.get_mut(flip.index) {
             *decided = true;
         }
+        // A server known healthy ends an outage left going on by the previous instance, which
+        // `settle` then clears from the state file.
+        let back = self.resumed.filter(|_| self.known_healthy());
+        if back.is_some() {
+            self.resumed = None;
+        }
         if !flip.changed {
             // A first check that found the server as it was counted: nothing changed for
             // clients, but a healthy server is now known, which may end an episode whose
             // words were kept since the start (`settle`).
-            let (before, _) = self.settle(self.clock.now(), "first health check").await;
-            self.window_events(before);
+            let (before, after) = self.settle(self.clock.now(), "first health check").await;
+            if !self.window_events(before) && before == after {
+                self.tell_resumed_end(back, after, &flip);
+            }
             return;
         }
         let server = self
@@ -455,7 +483,11 @@ impl Controller {
         let healthy = self.healthy();
         let now = self.clock.now();
         match (healthy, self.outage_since) {
-            (false, None) => self.outage_since = Some(now),
+            // An outage the previous instance left going on goes on from its own start, in
+            // what clients are shown and in the event that tells it again.
+            (false, None) => {
+                self.outage_since = Some(self.resumed.take().map_or(now, |r| r.since));
+            }
             (true, Some(_)) => self.outage_since = None,
             _ => {}
         }
@@ -465,9 +497,43 @@ impl Controller {
         // Back to normal clears the episode's words; that is a change of the saved state.
         let reason = format!("{server}: {}", flip.reason);
         let (before, after) = self.settle(now, &reason).await;
-        if !self.window_events(before) && before != after {
-            self.notify(EventKind::ModeChanged, before, None, Some(reason));
+        if !self.window_events(before) {
+            if before != after {
+                self.notify(EventKind::ModeChanged, before, None, Some(reason));
+            } else {
+                self.tell_resumed_end(back, after, &flip);
+            }
         }
+    }
+
+    /// Tells receivers that the outage the previous instance told them of is over, when the
+    /// first check after the start finds a server healthy: no mode changes here (the start
+    /// counted the servers healthy), and nothing else would ever tell them, leaving alerts
+    /// and status pages on `outage`. `since` is when the outage began, as a running proxy's
+    /// return to normal carries it.
+    fn tell_resumed_end(&mut self, back: Option<Resumed>, mode: Mode, flip: &Flip) {
+        let Some(r) = back.filter(|r| r.told && mode == Mode::Normal) else {
+            return;
+        };
+        let server = self
+            .parts
+            .config
+            .upstream
+            .servers
+            .get(flip.index)
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        tracing::info!(
+            %server,
+            since = %crate::time::Timestamp(r.since).rfc3339(),
+            "the outage going on when the proxy stopped is over: telling the webhooks"
+        );
+        self.ended_since = Some(r.since);
+        let reason = format!(
+            "{server}: {}, at its first check since the proxy restarted",
+            flip.reason
+        );
+        self.notify(EventKind::ModeChanged, Mode::Outage, None, Some(reason));
     }
 
     /// A schedule window started or ended: drop the ended ones (a change of the saved state)
@@ -495,7 +561,11 @@ impl Controller {
         // once the application is known to be back, not while a server only counts as healthy
         // until its first check: a restart during an outage would otherwise lose them, on
         // disk too, before that check found the outage still going on.
-        let next = self.state.clone().tidied(self.known_healthy(), now);
+        let mut next = self.state.clone().tidied(self.known_healthy(), now);
+        // Kept as saved until the first checks decide, for the same reason as the words.
+        if self.resumed.is_none() {
+            next.outage_since = self.outage_since.map(crate::time::Timestamp);
+        }
         if next != self.state {
             self.save(&next).await;
             self.state = next;

@@ -1,8 +1,9 @@
 //! The mode and the operator's state, with the pure transitions between states.
 //!
 //! `Persisted` is exactly what the state file holds: what operators decided (maintenance on,
-//! its message, its timeline, force-open). The effective `Mode` is derived from it and from
-//! upstream health, never stored, so the two can never disagree.
+//! its message, its timeline, force-open), and when the outage going on began. The effective
+//! `Mode` is derived from it and from upstream health, never stored, so the two can never
+//! disagree.
 
 use crate::time::{ceil_second, floor_second, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -69,6 +70,12 @@ pub struct Persisted {
     pub schedules: Vec<Window>,
     #[serde(default)]
     pub next_window_id: u64,
+    /// When the outage going on began (no server healthy), so that a restart during it
+    /// tells the same outage, from the same start, and tells its end if the application came
+    /// back meanwhile: one write when it begins and one when it ends, never per request.
+    /// Absent in an older version's file, which a restart then reads as today: no outage.
+    #[serde(default)]
+    pub outage_since: Option<Timestamp>,
 }
 
 pub const STATE_VERSION: u32 = 1;
@@ -87,6 +94,7 @@ impl Default for Persisted {
             force_open: false,
             schedules: Vec::new(),
             next_window_id: 1,
+            outage_since: None,
         }
     }
 }

@@ -471,6 +471,30 @@ mod tests {
         assert!(lock(&links[1]).is_ok(), "let go when the holder closes it");
     }
 
+    /// An older version's file has no outage start: read as no outage, which a start then
+    /// tells as it did before there was one. An older version reading this one's ignores it.
+    #[test]
+    fn the_outage_start_is_kept_and_an_older_file_has_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::write(&path, r#"{"version": 1, "force_open": false}"#).unwrap();
+        assert_eq!(load(&path).unwrap().outage_since, None);
+        let since = crate::time::Timestamp(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_900_000_000),
+        );
+        let s = Persisted {
+            outage_since: Some(since),
+            ..Persisted::default()
+        };
+        save(&path, &s).unwrap();
+        assert_eq!(load(&path).unwrap().outage_since, Some(since));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains(r#""outage_since": "2030-03-17T17:46:40Z""#),
+            "{text}"
+        );
+    }
+
     #[test]
     fn missing_file_is_the_default_state() {
         let dir = tempfile::tempdir().unwrap();
