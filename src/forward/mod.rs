@@ -116,6 +116,17 @@ pub(crate) fn body_has_meaning(method: &[u8]) -> bool {
     !matches!(method, b"GET" | b"HEAD" | b"DELETE" | b"OPTIONS" | b"TRACE")
 }
 
+/// Whether `req` carries a body its method gives no meaning (`body_has_meaning`). An HTTP/2
+/// request whose end comes in a DATA frame of its own, empty, or that says its length is 0,
+/// carries none.
+fn unmeant_body(req: &Request<Incoming>) -> bool {
+    use http_body::Body as _;
+    let body = req.body();
+    !body_has_meaning(req.method().as_str().as_bytes())
+        && !body.is_end_stream()
+        && body.size_hint().exact() != Some(0)
+}
+
 /// Forwards `req` to a healthy upstream server; a request that fails before any response
 /// head arrives is retried once on another healthy server when it can be replayed, and so is
 /// one whose server `marks` says was taken out while it waited for that head. Every failure
@@ -135,8 +146,12 @@ pub fn forward<'a>(
     async move {
         let timeout = config.upstream.response_timeout;
         let http2 = req.version() == Version::HTTP_2;
+        // A body its method gives no meaning closes the server's connection after it
+        // (`headers::close_after_unmeant_body`); an upgrade, which would keep it open as a
+        // tunnel or, declined, for the next request, is not passed on with one.
+        let unmeant = unmeant_body(&req);
         let upgrade = match req.version() {
-            Version::HTTP_11 => headers::upgrade_request(req.headers()),
+            Version::HTTP_11 if !unmeant => headers::upgrade_request(req.headers()),
             _ => None,
         };
         let client_upgrade = upgrade.as_ref().map(|_| upgrade::Client::of(&mut req));
@@ -163,9 +178,7 @@ pub fn forward<'a>(
             let to = pool.servers[first].protocol;
             let buffer = client_upgrade.is_none() && buffer_for_replay(&parts, to);
             headers::strip_hop_by_hop(&mut parts.headers);
-            if !http_body::Body::is_end_stream(&body)
-                && !body_has_meaning(parts.method.as_str().as_bytes())
-            {
+            if unmeant {
                 headers::close_after_unmeant_body(&mut parts.headers);
             }
             // This hop answered the expectation already: hyper sends `100 Continue` to the client as
