@@ -694,7 +694,7 @@ async fn serve_others(
                     let snap = timing.load();
                     snap.metrics.unread(snap.mode, 400);
                     snap.metrics.tls_failure(TlsFailure::PlainHttp);
-                    let sent = plain_http_on_tls(&mut stream).await;
+                    let sent = plain_http_on_tls(&mut stream, &closable).await;
                     unread_line(peer.ip(), 400, sent);
                     return None;
                 }
@@ -824,8 +824,7 @@ fn plain_http(first: u8) -> bool {
 /// closed over unread bytes, the connection would be reset, which can lose the answer. All of
 /// it is bounded by the handshake's deadline, as the handshake is.
 /// Answers plain HTTP sent to a TLS port; the body's bytes sent.
-async fn plain_http_on_tls(stream: &mut TcpStream) -> u64 {
-    use tokio::io::AsyncReadExt;
+async fn plain_http_on_tls(stream: &mut TcpStream, closable: &Closable) -> u64 {
     const BODY: &str = "This port speaks HTTPS: ask for https:// rather than http://.\n";
     let answer = format!(
         "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n\
@@ -839,14 +838,26 @@ async fn plain_http_on_tls(stream: &mut TcpStream) -> u64 {
     if stream.shutdown().await.is_err() {
         return sent;
     }
+    // The answer is out: what is left is a courtesy, and the connection may make room, or
+    // clients sending a byte of plain HTTP and waiting would hold every slot as long.
     let mut scratch = vec![0u8; 4096];
     let mut left: usize = 64 * 1024;
-    while left > 0 {
-        match stream.read(&mut scratch).await {
-            Ok(n) if n > 0 => left = left.saturating_sub(n),
-            _ => break,
+    poll_fn(|cx| loop {
+        if left == 0 {
+            return Poll::Ready(());
         }
-    }
+        let mut read = ReadBuf::new(&mut scratch);
+        match Pin::new(&mut *stream).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) if !read.filled().is_empty() => {
+                left = left.saturating_sub(read.filled().len());
+            }
+            Poll::Ready(_) => return Poll::Ready(()),
+            Poll::Pending if closable.poll_picked(cx) => return Poll::Ready(()),
+            Poll::Pending => return Poll::Pending,
+        }
+    })
+    .await;
+    closable.busy();
     sent
 }
 
