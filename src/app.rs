@@ -470,8 +470,9 @@ impl Running {
         }
         drop(self.state_lock);
         drop(self.listeners);
-        // The controller has ended: no more events will come. Beside the drain, never past
-        // it: a stop takes no longer than `shutdown_timeout` for them.
+        // The controller has ended: no more events will come. Beside the drain, bounded by
+        // it: past `shutdown_timeout` only by the second a worker that is somehow not polled
+        // is given to count what it held (`notify::GIVE_UP_WAIT`).
         let notified_by = deadline.min(began + NOTIFY_AT_STOP);
         let (drained, ()) = tokio::join!(
             drain(

@@ -105,9 +105,12 @@ impl View {
     /// end has passed: an overrun must not tell clients to retry at once). Never more than a
     /// day, as the configured values: an end a month away must not keep clients and crawlers
     /// away for a month when the work ends early.
+    ///
+    /// Past the end given but before the minute the pages show (`announced_end`), it counts
+    /// to that minute, when the overrun comes: until then the page still says "back by" it.
     pub fn retry_after(&self, now: SystemTime) -> u64 {
         self.until
-            .and_then(|u| seconds_until(u, now))
+            .and_then(|u| seconds_until(u, now).or_else(|| seconds_until(announced_end(u), now)))
             .map_or(self.retry_default, |s| s.min(MAX_RETRY_AFTER.as_secs()))
     }
 }
@@ -731,6 +734,15 @@ mod tests {
             let body = held.respond(form, lang, false, || t0).into_body();
             String::from_utf8(body.into_ready().unwrap().to_vec()).unwrap()
         };
+        // Between the end given and the minute shown, Retry-After counts to that minute, when
+        // the overrun comes; then it is the configured value.
+        let retry = |at: SystemTime| {
+            View::new(Mode::Maintenance, &state, &config.maintenance, None, at).retry_after(at)
+        };
+        assert_eq!(retry(end - std::time::Duration::from_secs(10)), 10);
+        assert_eq!(retry(end), 30);
+        assert_eq!(retry(end + std::time::Duration::from_secs(20)), 10);
+        assert_eq!(retry(end + std::time::Duration::from_secs(30)), 300);
         // Past the end given, but not the minute shown, no form says it is taking longer than
         // that minute: from that minute on, every form does.
         for (at, overrun) in [

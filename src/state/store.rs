@@ -92,31 +92,42 @@ pub fn load(path: &Path) -> Result<Persisted, StoreError> {
 
 /// Holds the texts of a file edited by hand to what a change can leave in it (`text_problem`):
 /// the pages' bound on their rendered size counts on `MAX_MESSAGE_CHARS`, and a control
-/// character would reach the log and `ctl`'s terminal. How many were mended.
+/// character would reach the log and `ctl`'s terminal. Trimmed, as a change keeps them; one
+/// left empty goes (a message then falls back to the config's, as with none). How many were
+/// mended.
 fn mend_texts(state: &mut Persisted) -> usize {
-    let texts = state
-        .message
-        .iter_mut()
-        .chain(state.updates.iter_mut().map(|u| &mut u.message))
-        .chain(
-            state
-                .schedules
-                .iter_mut()
-                .filter_map(|w| w.message.as_mut()),
-        )
-        .chain(state.planned.iter_mut().filter_map(|p| p.reason.as_mut()));
     let mut mended = 0;
-    for text in texts {
+    let mut mend = |text: &mut String| {
         let kept: String = text
             .chars()
             .filter(|&c| !c.is_control() || c == '\n' || c == '\t')
             .take(MAX_MESSAGE_CHARS)
             .collect();
-        if kept != *text {
-            *text = kept;
+        let kept = kept.trim();
+        if kept != text.as_str() {
+            *text = kept.to_owned();
             mended += 1;
         }
+    };
+    let mut mend_option = |text: &mut Option<String>| {
+        if let Some(t) = text.as_mut() {
+            mend(t);
+            if t.is_empty() {
+                *text = None;
+            }
+        }
+    };
+    mend_option(&mut state.message);
+    for window in &mut state.schedules {
+        mend_option(&mut window.message);
     }
+    if let Some(planned) = state.planned.as_mut() {
+        mend_option(&mut planned.reason);
+    }
+    for update in &mut state.updates {
+        mend(&mut update.message);
+    }
+    state.updates.retain(|u| !u.message.is_empty());
     mended
 }
 
@@ -377,6 +388,15 @@ mod tests {
         );
         assert_eq!(loaded.planned.unwrap().reason.as_deref(), Some("INC[31m-7"));
         assert_eq!(loaded.updates[0].message, "line\none\tand two");
+        // Left empty, a text goes: the message falls back to the config's.
+        let text = r#"{"version":1,"message":"\u0007\u001b ","updates":[
+            {"at":"2026-12-06T00:00:00Z","message":" \u0000 "},
+            {"at":"2026-12-06T00:01:00Z","message":" kept "}]}"#;
+        std::fs::write(&path, text).unwrap();
+        let loaded = load(&path).unwrap();
+        assert_eq!(loaded.message, None);
+        let updates: Vec<&str> = loaded.updates.iter().map(|u| u.message.as_str()).collect();
+        assert_eq!(updates, ["kept"]);
     }
 
     /// A new state file is readable by its owner alone (it holds the internal reasons); a
