@@ -1734,6 +1734,20 @@ const OPEN: &str = "intermission_client_connections";
 const REFUSED: &str = "intermission_client_connection_limit_reached_total{outcome=\"refused\"}";
 const MADE_ROOM: &str = "intermission_client_connection_limit_reached_total{outcome=\"made_room\"}";
 
+/// A proxy with plaintext and TLS listeners and room for two connections, whose idle ones
+/// wait 30 s for a request: a test sees them make room, not time out.
+async fn two_slot_proxy(ca: &Ca, up: &Upstream, extra: &str) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    ca.write_leaf(dir.path(), "site", &["shop.test"]);
+    let config = format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = 2\nheader_read_timeout = \"30s\"\n\
+         [tls]\nlisten = [\"127.0.0.1:0\"]\n{}[upstream]\nservers = [\"{}\"]\n{extra}",
+        certs(&["site"]),
+        up.url()
+    );
+    spawn_proxy_in(dir, &config).await
+}
+
 /// A client that sends plain HTTP to the TLS port, reads its `400` and then waits holds its
 /// slot no longer than an idle connection: at `max_connections` it makes room. Such clients
 /// held every slot until `header_read_timeout`, as cheaply as stalled handshakes did.
@@ -1742,15 +1756,7 @@ async fn plain_http_to_the_tls_port_answered_makes_room() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = echo_upstream().await;
     let ca = Ca::new();
-    let dir = tempfile::tempdir().unwrap();
-    ca.write_leaf(dir.path(), "site", &["shop.test"]);
-    let config = format!(
-        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = 2\nheader_read_timeout = \"30s\"\n\
-         [tls]\nlisten = [\"127.0.0.1:0\"]\n{}[upstream]\nservers = [\"{}\"]\n",
-        certs(&["site"]),
-        up.url()
-    );
-    let proxy = spawn_proxy_in(dir, &config).await;
+    let proxy = two_slot_proxy(&ca, &up, "").await;
     let mut waiting = Vec::new();
     for _ in 0..2 {
         let mut tcp = tokio::net::TcpStream::connect(tls_addr(&proxy))
@@ -1792,16 +1798,7 @@ async fn connections_open_and_turned_away_at_the_limit_are_in_metrics() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = echo_upstream().await;
     let ca = Ca::new();
-    let dir = tempfile::tempdir().unwrap();
-    ca.write_leaf(dir.path(), "site", &["shop.test"]);
-    let config = format!(
-        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = 2\nheader_read_timeout = \"30s\"\n\
-         [tls]\nlisten = [\"127.0.0.1:0\"]\n{}[upstream]\nservers = [\"{}\"]\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n",
-        certs(&["site"]),
-        up.url()
-    );
-    let proxy = spawn_proxy_in(dir, &config).await;
+    let proxy = two_slot_proxy(&ca, &up, "[admin]\nlisten = \"127.0.0.1:0\"\n").await;
     let addr = tls_addr(&proxy);
     assert_eq!(series(&proxy, OPEN).await, Some(0.0));
     assert_eq!(series(&proxy, REFUSED).await, Some(0.0));

@@ -467,14 +467,7 @@ impl Controller {
             }
             return;
         }
-        let server = self
-            .parts
-            .config
-            .upstream
-            .servers
-            .get(flip.index)
-            .map(ToString::to_string)
-            .unwrap_or_default();
+        let server = self.server_name(flip.index);
         if flip.healthy {
             tracing::info!(%server, reason = %flip.reason, "upstream server is healthy again");
         } else {
@@ -506,6 +499,17 @@ impl Controller {
         }
     }
 
+    /// The server a health flip is about, as the config names it.
+    fn server_name(&self, index: usize) -> String {
+        self.parts
+            .config
+            .upstream
+            .servers
+            .get(index)
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    }
+
     /// Tells receivers that the outage the previous instance told them of is over, when the
     /// first check after the start finds a server healthy: no mode changes here (the start
     /// counted the servers healthy), and nothing else would ever tell them, leaving alerts
@@ -515,14 +519,7 @@ impl Controller {
         let Some(r) = back.filter(|r| r.told && mode == Mode::Normal) else {
             return;
         };
-        let server = self
-            .parts
-            .config
-            .upstream
-            .servers
-            .get(flip.index)
-            .map(ToString::to_string)
-            .unwrap_or_default();
+        let server = self.server_name(flip.index);
         tracing::info!(
             %server,
             since = %crate::time::Timestamp(r.since).rfc3339(),
