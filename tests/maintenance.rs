@@ -273,8 +273,9 @@ async fn retry_after_counts_down_to_until_or_uses_the_configured_value() {
 #[tokio::test]
 async fn an_overrun_falls_back_to_the_configured_retry_after_and_stays_on() {
     let (up, _) = counting_upstream().await;
-    let proxy = proxy_for(&up, "[maintenance]\nretry_after = \"45s\"\n").await;
+    let proxy = proxy_for(&up, "[maintenance]\nretry_after = \"90s\"\n").await;
     // A whole minute, which overruns at that very time (within a minute: a test that waits).
+    // Until then Retry-After counts down from at most 61: the configured 90 is no such value.
     let (end, until) = whole_minute_ahead(std::time::Duration::from_secs(1));
     ctl(
         &proxy,
@@ -292,7 +293,7 @@ async fn an_overrun_falls_back_to_the_configured_retry_after_and_stays_on() {
         overrun = state
             .held
             .as_ref()
-            .is_some_and(|h| h.view.retry_after(std::time::SystemTime::now()) == 45);
+            .is_some_and(|h| h.view.retry_after(std::time::SystemTime::now()) == 90);
         overrun
     })
     .await;
@@ -303,7 +304,7 @@ async fn an_overrun_falls_back_to_the_configured_retry_after_and_stays_on() {
     );
     let resp = get(&proxy.url("/")).await;
     assert_eq!(resp.status(), 503, "maintenance must stay on after until");
-    assert_eq!(resp.headers()["retry-after"], "45");
+    assert_eq!(resp.headers()["retry-after"], "90");
     let status = ctl(&proxy, Ctl::Status).await.state.unwrap();
     assert!(status.overrun);
 }
