@@ -263,27 +263,21 @@ pub fn close_after_unmeant_body(headers: &mut HeaderMap) {
     headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
 }
 
-/// The names `set_forwarded` writes or drops, for `is_underscore_alias`.
-const MANAGED: [&[u8]; 9] = [
-    b"true-client-ip",
-    b"x-forwarded-port",
-    b"x-forwarded-prefix",
-    b"x-forwarded-ssl",
-    b"x-forwarded-scheme",
-    b"x-forwarded-for",
-    b"x-forwarded-host",
-    b"x-forwarded-proto",
-    b"x-real-ip",
-];
-
 /// Whether `name` is one of the names `set_forwarded` manages written with `_` for `-`
 /// (`X_Forwarded_For`): CGI, WSGI, Rack and PHP read `-` and `_` alike (both are
 /// `HTTP_X_FORWARDED_FOR`), so a client's `X_Forwarded_For` or `X_Real_IP` could stand in for
 /// the proxy's own, which the application trusts. Dropped, as nginx drops every name with
 /// `_` by default (`underscores_in_headers off`); other such names pass on.
 pub fn is_underscore_alias(name: &[u8]) -> bool {
+    let written = [
+        &X_FORWARDED_FOR,
+        &X_FORWARDED_HOST,
+        &X_FORWARDED_PROTO,
+        &X_REAL_IP,
+    ];
     name.contains(&b'_')
-        && MANAGED.iter().any(|managed| {
+        && FROM_TRUSTED_ONLY.iter().chain(written).any(|managed| {
+            let managed = managed.as_str().as_bytes();
             managed.len() == name.len()
                 && managed
                     .iter()
