@@ -218,11 +218,14 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     // valid, since the keys name them.
     let pages = Pages::load(&c.maintenance).map_err(|e| format!("maintenance.pages: {e}"));
     // Each certificate entry's problem is listed on its own line, under its own key.
-    let server = intermission::tls::server_config_checked(&c.tls, std::time::SystemTime::now())
-        .map_err(|e| match e {
-            TlsError::Certificates(entries) => entries.iter().map(ToString::to_string).collect(),
-            e => vec![format!("tls: {e}")],
-        });
+    let server =
+        intermission::tls::server_config_checked(&c.tls, std::time::SystemTime::now(), None)
+            .map_err(|e| match e {
+                TlsError::Certificates(entries) => {
+                    entries.iter().map(ToString::to_string).collect()
+                }
+                e => vec![format!("tls: {e}")],
+            });
     let client =
         intermission::tls::client_config(&c.upstream).map_err(|e| format!("upstream: {e}"));
     // As the user who runs `check`: the proxy's own may differ (said in the README).

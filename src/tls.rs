@@ -82,6 +82,9 @@ const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
 pub struct ServerTls {
     pub config: Option<Arc<ServerConfig>>,
     pub ends: Arc<[CertificateEnd]>,
+    /// The chains served, in entry order: what decides whether a reload may keep the
+    /// sessions made before it (`resumption`).
+    chains: Arc<[Vec<CertificateDer<'static>>]>,
 }
 
 /// When the certificate of one `[[tls.certificates]]` entry ends (its `notAfter`): what the
@@ -156,7 +159,7 @@ pub fn next_expiry_check(ends: &[CertificateEnd], now: SystemTime) -> Option<Sys
 /// The server configuration for the TLS listeners. What would let clients down although it
 /// loads (`server_config_checked`) is logged as warnings.
 pub fn server_config(tls: &TlsConfig) -> Result<ServerTls, TlsError> {
-    let (served, warnings) = server_config_checked(tls, SystemTime::now())?;
+    let (served, warnings) = server_config_checked(tls, SystemTime::now(), None)?;
     for warning in warnings {
         tracing::warn!("{warning}");
     }
@@ -169,9 +172,13 @@ pub fn server_config(tls: &TlsConfig) -> Result<ServerTls, TlsError> {
 /// certificate alone when another issued it (`cert.pem` named where `fullchain.pem` was
 /// meant: browsers may find the intermediate themselves, most other clients do not).
 /// nginx serves all of these without a word.
+///
+/// `previous`: what served before a reload, whose sessions clients may go on resuming when
+/// it served the same certificates (`resumption`).
 pub fn server_config_checked(
     tls: &TlsConfig,
     now: SystemTime,
+    previous: Option<&ServerTls>,
 ) -> Result<(ServerTls, Vec<String>), TlsError> {
     if tls.certificates.is_empty() {
         return Ok((ServerTls::default(), Vec::new()));
@@ -206,11 +213,14 @@ pub fn server_config_checked(
     if !problems.is_empty() {
         return Err(TlsError::Certificates(problems));
     }
+    let chains: Arc<[Vec<CertificateDer<'static>>]> =
+        certs.iter().map(|c| c.key.cert.clone()).collect();
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Settings(e.to_string()))?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(BySni { certs }));
+    resumption(&mut config, &chains, previous)?;
     // `http/1.0` too: a client that offers it alone is served over HTTP/1, as nginx serves
     // it, where rustls would end the handshake with a fatal alert.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
@@ -228,8 +238,41 @@ pub fn server_config_checked(
     let served = ServerTls {
         config: Some(Arc::new(config)),
         ends: ends.into(),
+        chains,
     };
     Ok((served, warnings))
+}
+
+/// How clients resume their sessions (an abbreviated handshake: no certificate sent, no
+/// signature made, one round trip less): by tickets the proxy encrypts under keys of its own,
+/// rotated every 6 hours (rustls' `Ticketer`), so that every client can, where rustls'
+/// default cache holds the last 256 sessions and a busy site's clients fall out of it within
+/// seconds. TLS 1.2 clients without tickets still use that cache.
+///
+/// A reload that serves the very certificates served before keeps both (a changed message or
+/// timeout, a `SIGHUP` from a renewal job that renewed nothing): otherwise every client's
+/// next connection would make a full handshake. One that changed them starts afresh, as nginx
+/// does (its session ID context is a digest of the certificates), so that no session made
+/// under an identity no longer served is resumed under another.
+fn resumption(
+    config: &mut ServerConfig,
+    chains: &[Vec<CertificateDer<'static>>],
+    previous: Option<&ServerTls>,
+) -> Result<(), TlsError> {
+    let kept = previous
+        .filter(|p| *p.chains == *chains)
+        .and_then(|p| p.config.as_ref());
+    match kept {
+        Some(before) => {
+            config.ticketer = before.ticketer.clone();
+            config.session_storage = before.session_storage.clone();
+        }
+        None => {
+            config.ticketer = ring::Ticketer::new()
+                .map_err(|e| TlsError::Settings(format!("session tickets: {e}")))?;
+        }
+    }
+    Ok(())
 }
 
 /// The `notAfter` of a certificate that loads: webpki keeps its dates to itself, but names

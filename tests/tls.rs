@@ -390,6 +390,83 @@ async fn the_certificate_is_chosen_by_sni_with_a_default() {
     );
 }
 
+/// A client of `ca` speaking only `version`, which keeps the sessions it is given.
+fn resuming_client(
+    ca: &Ca,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert.der().clone()).unwrap();
+    let c = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[version])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Arc::new(c)
+}
+
+/// One connection's handshake, full or resumed, after a request on it: the session tickets
+/// TLS 1.3 sends come after the handshake, and are read with the answer.
+async fn visit(addr: SocketAddr, client: &Arc<rustls::ClientConfig>) -> rustls::HandshakeKind {
+    let stream = tls_connect(addr, "shop.test", client.clone()).await;
+    let kind = stream.get_ref().1.handshake_kind().unwrap();
+    let mut sender = h1(stream).await;
+    assert_eq!(get_on(&mut sender, "shop.test", "/").await.status(), 200);
+    kind
+}
+
+/// A returning client resumes its TLS session (no certificate, no signature, a round trip
+/// less), however many clients came since, and after a reload that serves the same
+/// certificates; a reload serving others starts afresh. rustls' default held the last 256
+/// sessions, and a reload lost all of them.
+#[tokio::test]
+async fn sessions_resume_after_many_others_and_a_reload_keeping_the_certificates() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let up = echo_upstream().await;
+    let ca = Ca::new();
+    let proxy = shop_proxy(&ca, &up, "").await;
+    let addr = tls_addr(&proxy);
+    let versions = [&rustls::version::TLS13, &rustls::version::TLS12];
+    let clients: Vec<_> = versions.iter().map(|v| resuming_client(&ca, v)).collect();
+    for (client, version) in clients.iter().zip(versions) {
+        assert_eq!(visit(addr, client).await, Full);
+        assert_eq!(visit(addr, client).await, Resumed, "{version:?}");
+        for _ in 0..300 {
+            visit(addr, &resuming_client(&ca, version)).await;
+        }
+        assert_eq!(
+            visit(addr, client).await,
+            Resumed,
+            "{version:?} after 300 other clients"
+        );
+    }
+
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert!(r.ok, "{r:?}");
+    for (client, version) in clients.iter().zip(versions) {
+        assert_eq!(
+            visit(addr, client).await,
+            Resumed,
+            "{version:?} after a reload keeping the certificates"
+        );
+    }
+
+    let renewed = ca.write_leaf(proxy.dir.path(), "site", &["shop.test"]);
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert!(r.ok, "{r:?}");
+    for (client, version) in clients.iter().zip(versions) {
+        let stream = tls_connect(addr, "shop.test", client.clone()).await;
+        assert_eq!(
+            stream.get_ref().1.handshake_kind(),
+            Some(Full),
+            "{version:?} after a reload changing the certificate"
+        );
+        assert_eq!(peer_cert(&stream), renewed);
+    }
+}
+
 #[tokio::test]
 async fn reload_swaps_the_certificate_and_old_connections_keep_working() {
     let up = echo_upstream().await;
@@ -504,7 +581,7 @@ fn certificates_nothing_serves_have_no_end_to_watch() {
         let text = format!("[tls]\nlisten = [{listen}]\n{}", certs(&["a"]));
         let cfg = intermission::config::Config::parse(&text, dir.path(), None).unwrap();
         let (served, _) =
-            intermission::tls::server_config_checked(&cfg.tls, std::time::SystemTime::now())
+            intermission::tls::server_config_checked(&cfg.tls, std::time::SystemTime::now(), None)
                 .unwrap();
         served.ends.len()
     };
@@ -625,7 +702,7 @@ fn a_certificate_clients_would_refuse_is_warned_about() {
         let text = format!("[tls]\nlisten = [\"127.0.0.1:0\"]\n{}", certs(&[stem]));
         let cfg = intermission::config::Config::parse(&text, dir.path(), None).unwrap();
         let (config, warnings) =
-            intermission::tls::server_config_checked(&cfg.tls, std::time::SystemTime::now())
+            intermission::tls::server_config_checked(&cfg.tls, std::time::SystemTime::now(), None)
                 .unwrap();
         assert!(config.config.is_some(), "{stem}");
         match says {

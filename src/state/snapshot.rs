@@ -131,8 +131,11 @@ impl Parts {
             Some(prev) if prev.pool.same_config(&config.upstream) => prev.pool.clone(),
             _ => Arc::new(UpstreamPool::new(&config.upstream, workers, &sockets)?),
         };
-        let (tls, warnings) =
-            crate::tls::server_config_checked(&config.tls, std::time::SystemTime::now())?;
+        let (tls, warnings) = crate::tls::server_config_checked(
+            &config.tls,
+            std::time::SystemTime::now(),
+            previous.map(|prev| &prev.tls),
+        )?;
         let marks = previous.map_or_else(Arc::default, |prev| prev.marks.clone());
         let m = &config.maintenance;
         let bypass = BypassKey::new(&m.bypass_secret, m.bypass_ttl).map(Arc::new);
