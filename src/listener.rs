@@ -30,6 +30,7 @@ use hyper::service::{service_fn, Service};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use rustls::HandshakeKind;
 use std::collections::BTreeMap;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
@@ -705,7 +706,11 @@ async fn serve_others(
             };
             let handshake = tokio::time::timeout(first_byte, handshake).await;
             let tls_stream = match handshake {
-                Ok(Some(Ok(s))) => s,
+                Ok(Some(Ok(s))) => {
+                    let resumed = s.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed);
+                    relaying.0.load().metrics.tls_handshake(resumed);
+                    s
+                }
                 Ok(Some(Err(e))) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     relaying.0.load().metrics.tls_failure(TlsFailure::of(&e));

@@ -289,6 +289,11 @@ struct TlsFailureLabels {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TlsHandshakeLabels {
+    kind: &'static str,
+}
+
 fn result_label(ok: bool) -> &'static str {
     if ok {
         "ok"
@@ -427,6 +432,8 @@ pub struct Metrics {
     webhooks: [Counter; 3],
     /// Indexed like `TlsFailure::ALL`.
     tls_failures: [Counter; 5],
+    /// Full, then resumed.
+    tls_handshakes: [Counter; 2],
     certificate_ends: Family<CertificateLabels, Gauge>,
     parked: Gauge,
     /// Moved by `listener::Limit`.
@@ -558,6 +565,16 @@ impl Metrics {
             tls_family,
         );
 
+        let handshakes_family = Family::<TlsHandshakeLabels, Counter>::default();
+        let tls_handshakes = ["full", "resumed"]
+            .map(|kind| handshakes_family.get_or_create_owned(&TlsHandshakeLabels { kind }));
+        registry.register(
+            "intermission_tls_handshakes",
+            "TLS handshakes completed, by kind: full, or resumed (a returning client's session, \
+             no certificate sent and no signature made)",
+            handshakes_family,
+        );
+
         let certificate_ends = Family::<CertificateLabels, Gauge>::default();
         registry.register_with_unit(
             "intermission_tls_certificate_expiry_timestamp",
@@ -635,6 +652,7 @@ impl Metrics {
             control_commands,
             webhooks,
             tls_failures,
+            tls_handshakes,
             certificate_ends,
             parked,
             clients,
@@ -772,6 +790,10 @@ impl Metrics {
 
     pub fn tls_failure(&self, reason: TlsFailure) {
         self.tls_failures[reason as usize].inc();
+    }
+
+    pub fn tls_handshake(&self, resumed: bool) {
+        self.tls_handshakes[usize::from(resumed)].inc();
     }
 
     /// Everything in the Prometheus text format 0.0.4, for the scrapers and tools that do not

@@ -426,7 +426,7 @@ async fn sessions_resume_after_many_others_and_a_reload_keeping_the_certificates
     use rustls::HandshakeKind::{Full, Resumed};
     let up = echo_upstream().await;
     let ca = Ca::new();
-    let proxy = shop_proxy(&ca, &up, "").await;
+    let proxy = shop_proxy(&ca, &up, "[admin]\nlisten = \"127.0.0.1:0\"\n").await;
     let addr = tls_addr(&proxy);
     let versions = [&rustls::version::TLS13, &rustls::version::TLS12];
     let clients: Vec<_> = versions.iter().map(|v| resuming_client(&ca, v)).collect();
@@ -451,6 +451,17 @@ async fn sessions_resume_after_many_others_and_a_reload_keeping_the_certificates
             Resumed,
             "{version:?} after a reload keeping the certificates"
         );
+    }
+    // Counted for an operator to follow: each client's first and 300 others full, the rest
+    // resumed.
+    let admin = proxy.running.as_ref().unwrap().admin_addr().unwrap();
+    let metrics = get(&format!("http://{admin}/metrics")).await;
+    let metrics = String::from_utf8_lossy(metrics.body()).into_owned();
+    for line in [
+        "intermission_tls_handshakes_total{kind=\"full\"} 602",
+        "intermission_tls_handshakes_total{kind=\"resumed\"} 6",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
     }
 
     let renewed = ca.write_leaf(proxy.dir.path(), "site", &["shop.test"]);
