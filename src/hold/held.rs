@@ -37,6 +37,9 @@ pub struct View {
     pub overrun: bool,
     /// Seconds for `Retry-After` when there is no `until` ahead.
     pub retry_default: u64,
+    /// `until` is a schedule window's end, which switches maintenance off by itself, where an
+    /// operator's is an announcement that may be overrun.
+    pub ends_by_itself: bool,
     /// Oldest first.
     pub updates: Vec<Update>,
     pub status_page: String,
@@ -93,6 +96,7 @@ impl View {
             until,
             overrun: until.is_some_and(|u| announced_end(u) <= now),
             retry_default,
+            ends_by_itself: planned.is_none() && window.is_some(),
             updates: state.updates.clone(),
             status_page: cfg.status_page.clone(),
             next_window: state
@@ -108,7 +112,13 @@ impl View {
     ///
     /// Past the end given but before the minute the pages show (`announced_end`), it counts
     /// to that minute, when the overrun comes: until then the page still says "back by" it.
+    ///
+    /// Past a window's end, a second: the window is over, and the milliseconds the switch
+    /// takes to follow it must not tell a client to stay away for the whole default.
     pub fn retry_after(&self, now: SystemTime) -> u64 {
+        if self.ends_by_itself && self.until.is_some_and(|u| u <= now) {
+            return MIN_RETRY_AFTER.as_secs();
+        }
         self.until
             .and_then(|u| seconds_until(u, now).or_else(|| seconds_until(announced_end(u), now)))
             .map_or(self.retry_default, |s| s.min(MAX_RETRY_AFTER.as_secs()))
@@ -633,6 +643,7 @@ mod tests {
             until,
             overrun: false,
             retry_default: 300,
+            ends_by_itself: false,
             updates: Vec::new(),
             status_page: String::new(),
             next_window: None,
@@ -665,6 +676,42 @@ mod tests {
             assert_eq!(view.retry_after(t0), 60, "counts down to `until`");
             assert_eq!(view.retry_after(later), after, "--retry-after {given:?}");
         }
+    }
+
+    /// In the milliseconds between a window's end and the switch that follows it, a held
+    /// answer says to come back in a second, not the default's minutes; an operator's end
+    /// passed is an overrun, which keeps the default.
+    #[test]
+    fn past_a_windows_end_retry_after_is_a_second() {
+        use crate::state::mode::Change;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::parse("", dir.path(), None).unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let (start, end) = (t0 + Duration::from_secs(60), t0 + Duration::from_secs(120));
+        let window = Change::ScheduleAdd {
+            start,
+            end,
+            message: None,
+            by: "op".into(),
+        };
+        let state = Persisted::default().apply(window, t0, true).unwrap();
+        let view = View::new(Mode::Maintenance, &state, &config.maintenance, None, start);
+        assert_eq!(view.retry_after(start), 60);
+        for late in [0, 4, 25, 900] {
+            assert_eq!(view.retry_after(end + Duration::from_millis(late)), 1, "{late} ms");
+        }
+
+        let on = Change::On {
+            message: None,
+            until: Some(Some(end)),
+            retry_after: None,
+            reason: None,
+            by: "op".into(),
+        };
+        let state = Persisted::default().apply(on, t0, true).unwrap();
+        let view = View::new(Mode::Maintenance, &state, &config.maintenance, None, t0);
+        assert_eq!(view.retry_after(end + Duration::from_millis(25)), 300);
     }
 
     /// An announced end a month away tells clients to come back within a day, not a month;

@@ -496,6 +496,7 @@ mod tests {
             until: Some(now + Duration::from_secs(3600)),
             overrun: false,
             retry_default: 300,
+            ends_by_itself: false,
             updates: (0..MAX_UPDATES)
                 .map(|_| Update {
                     at: Timestamp(now),
