@@ -1796,28 +1796,6 @@ async fn an_https_tunnel_counts_against_max_connections_until_it_closes() {
     );
 }
 
-/// The value of one series of `/metrics` as written (`name{labels}`), if there is one.
-async fn series(proxy: &Proxy, key: &str) -> Option<f64> {
-    let admin = proxy.running.as_ref().unwrap().admin_addr().unwrap();
-    let got = get(&format!("http://{admin}/metrics")).await;
-    let text = String::from_utf8_lossy(got.body()).into_owned();
-    text.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
-}
-
-/// Waits until `/metrics` shows `key` at `want`; what it showed last.
-async fn series_reaches(proxy: &Proxy, key: &str, want: f64) -> Option<f64> {
-    let mut seen = None;
-    for _ in 0..200 {
-        seen = series(proxy, key).await;
-        if seen == Some(want) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    seen
-}
-
 const OPEN: &str = "intermission_client_connections";
 const REFUSED: &str = "intermission_client_connection_limit_reached_total{outcome=\"refused\"}";
 const MADE_ROOM: &str = "intermission_client_connection_limit_reached_total{outcome=\"made_room\"}";

@@ -321,8 +321,31 @@ where
 
 /// Sends raw bytes on a new connection and reads until the peer closes or `limit` passes.
 pub async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: Duration) -> String {
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    exchange_on(s, request, limit).await
+}
+
+/// A connection to `addr` from the loopback address `local` (`127.0.0.2`…: Linux routes all
+/// of 127.0.0.0/8 to the loopback), for a client the proxy sees as another host.
+pub async fn connect_from(local: &str, addr: SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// `raw_exchange` from the loopback address `local`.
+pub async fn raw_exchange_from(
+    local: &str,
+    addr: SocketAddr,
+    request: &[u8],
+    limit: Duration,
+) -> String {
+    exchange_on(connect_from(local, addr).await, request, limit).await
+}
+
+/// Sends `request` on `s` and reads all that comes back within `limit`.
+async fn exchange_on(mut s: tokio::net::TcpStream, request: &[u8], limit: Duration) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(request).await.unwrap();
     let mut out = Vec::new();
     let _ = tokio::time::timeout(limit, s.read_to_end(&mut out)).await;
@@ -379,6 +402,28 @@ pub fn refusing() -> Refusing {
         addr: socket.local_addr().unwrap(),
         _held: socket,
     }
+}
+
+/// The value of one series of `/metrics` as written (`name{labels}`), if there is one.
+pub async fn series(proxy: &Proxy, key: &str) -> Option<f64> {
+    let admin = proxy.running.as_ref().unwrap().admin_addr().unwrap();
+    let got = get(&format!("http://{admin}/metrics")).await;
+    let text = String::from_utf8_lossy(got.body()).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Waits until `/metrics` shows `key` at `want`; what it showed last.
+pub async fn series_reaches(proxy: &Proxy, key: &str, want: f64) -> Option<f64> {
+    let mut seen = None;
+    for _ in 0..200 {
+        seen = series(proxy, key).await;
+        if seen == Some(want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    seen
 }
 
 /// What a new plaintext client that sends `GET /new` and closes gets: empty when it was
