@@ -200,7 +200,11 @@ pub fn held(snap: &Snapshot, conn: &Conn, input: &[u8], out: &mut Vec<u8>) -> Op
     if !lines.iter().all(|line| plain_header(line.name, line.value)) {
         return None;
     }
-    gateway::write_held(snap, conn, &method, target, lines, out).then_some(used)
+    if !gateway::write_held(snap, conn, &method, target, lines, out) {
+        return None;
+    }
+    conn.arrived();
+    Some(used)
 }
 
 /// Whether a request header leaves the exchange plain: no body (`Content-Length: 0` aside),

@@ -10,6 +10,7 @@ use crate::forward::{self, headers::ClientSide};
 use crate::hold::bypass;
 use crate::hold::fields::Fields;
 use crate::metrics::Outcome;
+use crate::pending::Pending;
 use crate::reserved;
 use crate::state::{Snapshot, StateHandle};
 use http::header::{self, HeaderMap};
@@ -28,6 +29,10 @@ pub struct Conn {
     pub peer: SocketAddr,
     /// What forwarding tells the upstream of it, whether it came over TLS included.
     pub client: ClientSide,
+    /// Its place among its client's connections not yet past their first request
+    /// (`proxy.max_pending_per_client`), until its first request arrives (`arrived`) or it
+    /// closes: every connection's handlers hold its `Conn`, which goes when they all have.
+    pub(crate) pending: Pending,
 }
 
 impl Conn {
@@ -41,12 +46,27 @@ impl Conn {
                 peer: peer_value,
                 https: tls,
             },
+            pending: Pending::default(),
         }
+    }
+
+    /// A request arrived on this connection, its head whole: it is past its first. Called
+    /// by each way a request is served (hyper's, the relay's, held answers written without
+    /// hyper); after the first, an atomic load.
+    #[inline]
+    pub fn arrived(&self) {
+        self.pending.end(self.peer.ip());
     }
 
     /// Whether the client came over TLS.
     pub fn tls(&self) -> bool {
         self.client.https
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.pending.end(self.peer.ip());
     }
 }
 
@@ -78,6 +98,7 @@ impl Future for Reply {
 }
 
 pub fn handle(state: &StateHandle, conn: &Arc<Conn>, req: Request<Incoming>) -> Reply {
+    conn.arrived();
     let snap = state.load();
     let start = Instant::now();
     let log = Logged::if_on(&snap, conn, &req);

@@ -17,6 +17,7 @@
 //!   plane's threads, one single-threaded runtime each, that the accept loops hand
 //!   connections to.
 //! - `gateway`: the per-request service; `body`: the body type both directions share.
+//! - `pending`: connections not yet past their first request, capped per client address.
 //! - `park`: idle HTTP/1.1 connections without hyper's state; `fast`: held requests answered
 //!   on them without hyper, in the wire form `h1` writes.
 //! - `forward`: forwarding (`headers` for hop-by-hop and `X-Forwarded-*`, `pool` for upstream
@@ -46,6 +47,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod park;
+pub mod pending;
 pub mod relay;
 pub mod reserved;
 pub mod shutdown;

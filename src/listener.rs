@@ -16,6 +16,7 @@ use crate::fast::Fast;
 use crate::gateway::{self, Conn};
 use crate::metrics::{ClientMetrics, OpenCount, TlsFailure};
 use crate::park;
+use crate::pending::{self, Pending, PerClient};
 use crate::relay;
 use crate::shutdown::{until_drained, until_idle, Drain, Shutdown};
 use crate::stall::{Answer, Answers, Timed, Timing};
@@ -71,6 +72,10 @@ pub struct Limit {
     /// `intermission_client_connection_limit_reached_total`, by outcome.
     refused: Counter,
     made_room: Counter,
+    pending_per_client: Counter,
+    /// The connections each client has not yet past their first request
+    /// (`proxy.max_pending_per_client`).
+    per_client: Arc<PerClient>,
     /// The connections idle now that may be closed for room.
     idle: Mutex<Idlers>,
     /// The listeners' drain, which a tunnel joins as the connection it was did.
@@ -95,6 +100,7 @@ impl Limit {
             open: clients.open,
             refused: clients.refused,
             made_room: clients.made_room,
+            pending_per_client: clients.pending_per_client,
             parked,
             drain,
             ..Limit::default()
@@ -455,6 +461,7 @@ pub async fn accept_loop(
     let mut failures = AcceptFailures::new("listener");
     // At the limit, said at most once a second each, as accept failures are.
     let (mut made_room, mut refused) = (Lasting::default(), Lasting::default());
+    let mut over_cap = Lasting::default();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -471,6 +478,29 @@ pub async fn accept_loop(
         // would hold a descriptor for nothing.
         let snap = state.load();
         let max = snap.config.proxy.max_connections;
+        // Before a slot is sought, so that a connection over its client's cap never closes
+        // an idle one to make room.
+        let begun = match pending_cap(&snap.config.proxy, peer.ip()) {
+            None => None,
+            Some(cap) => {
+                let client = pending::client_of(peer.ip());
+                match limit.per_client.begin(client, cap) {
+                    Some(begun) => Some(begun),
+                    None => {
+                        limit.pending_per_client.inc();
+                        if let Some(unsaid) = over_cap.tell(std::time::Instant::now()) {
+                            tracing::warn!(
+                                client = %pending::Shown(client),
+                                "proxy.max_pending_per_client ({cap}) reached: the client has \
+                                 that many connections not yet past their first request; \
+                                 closed a new one ({unsaid} more since the last line)"
+                            );
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
         let permit = match limit.take(max) {
             Some(permit) => permit,
             None => match limit.make_room(max) {
@@ -506,7 +536,9 @@ pub async fn accept_loop(
             (true, None) => continue,
         };
         drop(snap);
-        let conn = Arc::new(Conn::new(peer, tls));
+        let mut conn = Conn::new(peer, tls);
+        conn.pending = begun.map(Pending::from).unwrap_or_default();
+        let conn = Arc::new(conn);
         let state = state.clone();
         match acceptor {
             None => {
@@ -528,6 +560,18 @@ pub async fn accept_loop(
                 });
             }
         }
+    }
+}
+
+/// The most connections not yet past their first request that a connection from `peer`'s
+/// client may join (`pending`); `None` when they are not capped: `max_pending_per_client` is
+/// 0, or the peer is one of `trusted_proxies`, a load balancer or CDN in front that carries
+/// many clients' connections on few addresses.
+fn pending_cap(proxy: &ProxyConfig, peer: std::net::IpAddr) -> Option<usize> {
+    match proxy.max_pending_per_client {
+        0 => None,
+        _ if proxy.is_trusted(peer) => None,
+        cap => Some(cap),
     }
 }
 

@@ -77,6 +77,9 @@ pub struct ClientMetrics {
     pub refused: Counter,
     /// Idle connections closed to make room for a new one at the limit.
     pub made_room: Counter,
+    /// New connections closed at once: their client had `proxy.max_pending_per_client`
+    /// connections not yet past their first request.
+    pub pending_per_client: Counter,
 }
 
 /// A count of things open as a gauge, moved by whoever opens and closes them.
@@ -598,6 +601,7 @@ impl Metrics {
             open: OpenCount::default(),
             refused: reached("refused"),
             made_room: reached("made_room"),
+            pending_per_client: reached("pending_per_client"),
         };
         registry.register(
             "intermission_client_connections",
@@ -607,9 +611,11 @@ impl Metrics {
         );
         registry.register(
             "intermission_client_connection_limit_reached",
-            "New client connections that found proxy.max_connections open, by outcome \
-             (refused: closed at once, as no idle connection could be closed for it; \
-             made_room: an idle connection was closed for it)",
+            "New client connections that met a connection limit, by outcome (refused: \
+             proxy.max_connections open and no idle connection could be closed for it, closed \
+             at once; made_room: proxy.max_connections open, an idle connection was closed for \
+             it; pending_per_client: its address had proxy.max_pending_per_client connections \
+             not yet past their first request, closed at once)",
             limit_family,
         );
 

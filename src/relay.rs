@@ -530,6 +530,7 @@ async fn relay<C: Client>(
                 return After::Hyper;
             }
         };
+        conn.arrived();
         let next = if forward {
             let clocks = Clocks {
                 respond_by: respond_by.as_mut(),

@@ -696,6 +696,132 @@ async fn at_max_connections_a_connection_that_sent_nothing_makes_room() {
     assert!(closed_silently(&mut silent).await);
 }
 
+const PENDING_PER_CLIENT: &str =
+    "intermission_client_connection_limit_reached_total{outcome=\"pending_per_client\"}";
+
+/// A connection from `local` that has begun a request head and stops there.
+async fn head_begun(local: &str, addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = connect_from(local, addr).await;
+    s.write_all(b"GET /begun HTTP/1.1\r\nHo").await.unwrap();
+    s
+}
+
+/// One host's connections that have begun their first request head and not finished it are
+/// never closed for room: up to `max_pending_per_client` of them are accepted, and its next
+/// connection is closed at once, where it used to take a slot too (a host sending `G` and
+/// nothing more, as fast as `header_read_timeout` let them go, held every slot). A client
+/// at another address is served meanwhile. Established connections are not counted: the
+/// host's keep-alive connections go on being served and do not use up its cap, and a
+/// connection's first request gives its place back.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_host_s_unfinished_first_heads_are_capped_and_its_established_connections_are_not() {
+    let (_up, proxy) = app_and_proxy(
+        "max_connections = 8\nmax_pending_per_client = 2\nheader_read_timeout = \"30s\"",
+    )
+    .await;
+    let mut established = Vec::new();
+    for n in 1..=3 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"GET /kept HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let resp = read_response(&mut s).await;
+        assert!(resp.ends_with("app saw /kept"), "{resp}");
+        wait_parked(&proxy, n as f64).await;
+        established.push(s);
+    }
+    // Accepted in order: both are counted before the next connection is.
+    let mut begun = [
+        head_begun("127.0.0.1", proxy.addr).await,
+        head_begun("127.0.0.1", proxy.addr).await,
+    ];
+    let out = new_client(&proxy).await;
+    assert_eq!(out, "", "a third connection from the host was served");
+    assert_eq!(series(&proxy, PENDING_PER_CLIENT).await, Some(1.0));
+    let other = raw_exchange_from(
+        "127.0.0.2",
+        proxy.addr,
+        b"GET /other HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(other.ends_with("app saw /other"), "another host: {other:?}");
+
+    for s in &mut established {
+        s.write_all(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let resp = read_response(s).await;
+        assert!(resp.ends_with("app saw /again"), "{resp}");
+    }
+    for s in &mut begun {
+        s.write_all(b"st: x\r\n\r\n").await.unwrap();
+        let resp = read_response(s).await;
+        assert!(resp.ends_with("app saw /begun"), "{resp}");
+    }
+    // Past their first request, they no longer count: the host may open more.
+    let out = new_client(&proxy).await;
+    assert!(out.ends_with("app saw /new"), "{out:?}");
+    assert_eq!(series(&proxy, PENDING_PER_CLIENT).await, Some(1.0));
+}
+
+/// A held request answered without hyper (`fast`, as every plain request is during
+/// maintenance) is its connection's first request too: a host's connections answered so do
+/// not use up its cap.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_answered_while_held_do_not_count_against_the_cap() {
+    let (_up, proxy) = app_and_proxy("max_pending_per_client = 1").await;
+    assert!(ctl(&proxy, on(None)).await.ok);
+    let mut kept = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let resp = read_response(&mut s).await;
+        assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+        kept.push(s);
+    }
+    assert_eq!(series(&proxy, PENDING_PER_CLIENT).await, Some(0.0));
+}
+
+/// A peer in `trusted_proxies` is a load balancer or CDN carrying many clients: its
+/// connections are not capped, while another's are. `0` turns the cap off, and a reload
+/// applies to the next connections.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cap_spares_trusted_proxies_and_0_turns_it_off() {
+    let (_up, proxy) = app_and_proxy(
+        "max_pending_per_client = 1\ntrusted_proxies = [\"127.0.0.1\"]\nheader_read_timeout = \"30s\"",
+    )
+    .await;
+    let _trusted = head_begun("127.0.0.1", proxy.addr).await;
+    let out = new_client(&proxy).await;
+    assert!(out.ends_with("app saw /new"), "the trusted proxy: {out:?}");
+    let _other = head_begun("127.0.0.2", proxy.addr).await;
+    let request = b"GET /second HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let second = || raw_exchange_from("127.0.0.2", proxy.addr, request, Duration::from_secs(5));
+    assert_eq!(
+        second().await,
+        "",
+        "a second from an untrusted host was served"
+    );
+    assert_eq!(series(&proxy, PENDING_PER_CLIENT).await, Some(1.0));
+
+    edit_config(&proxy, |text| {
+        text.replace("max_pending_per_client = 1", "max_pending_per_client = 0")
+    });
+    assert!(
+        ctl(&proxy, intermission::control::protocol::Request::Reload)
+            .await
+            .ok
+    );
+    let out = second().await;
+    assert!(
+        out.ends_with("app saw /second"),
+        "with the cap off: {out:?}"
+    );
+}
+
 /// Making room never undoes a lowered limit: with more open than the new maximum, a new
 /// client is refused, and the idle connections are left alone.
 #[tokio::test(flavor = "multi_thread")]

@@ -88,6 +88,15 @@ async fn tls_connect(
     config: Arc<rustls::ClientConfig>,
 ) -> TlsStream<tokio::net::TcpStream> {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tls_connect_on(tcp, name, config).await
+}
+
+/// `tls_connect` over `tcp`, connected already (from another loopback address, say).
+async fn tls_connect_on(
+    tcp: tokio::net::TcpStream,
+    name: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> TlsStream<tokio::net::TcpStream> {
     let name = ServerName::try_from(name.to_owned()).unwrap();
     tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
@@ -1929,4 +1938,100 @@ async fn connections_open_and_turned_away_at_the_limit_are_in_metrics() {
     assert_eq!(series_reaches(&proxy, OPEN, 2.0).await, Some(2.0));
     assert!(served_at_the_limit(&proxy).await, "no room was made");
     assert_eq!(series(&proxy, MADE_ROOM).await, Some(made_room + 1.0));
+}
+
+const PENDING_PER_CLIENT: &str =
+    "intermission_client_connection_limit_reached_total{outcome=\"pending_per_client\"}";
+
+/// Begins a TLS handshake to `addr` from the loopback address `local` and goes no further:
+/// sends its hello and reads the first byte of the proxy's answer. `None` when the proxy
+/// closes the connection instead of answering.
+async fn begin_handshake(ca: &Ca, local: &str, addr: SocketAddr) -> Option<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let name = ServerName::try_from("shop.test".to_owned()).unwrap();
+    let mut client = rustls::ClientConnection::new(ca.client_config(&[b"http/1.1"]), name).unwrap();
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).unwrap();
+    let mut tcp = connect_from(local, addr).await;
+    // Closed at accept, the connection may refuse the hello already.
+    let _ = tcp.write_all(&hello).await;
+    let mut first = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut first)).await;
+    match read.expect("the proxy neither answered the hello nor closed within 5 s") {
+        Ok(_) => {
+            assert_eq!(first[0], 0x16, "the proxy's answer is a handshake record");
+            Some(tcp)
+        }
+        Err(_) => None,
+    }
+}
+
+/// One host that opens handshakes and leaves them under way (a hello each, as fast as they
+/// age) fills its `max_pending_per_client` and no more: its next connection is closed at
+/// once and counted, while a client at another address is served in the slot left. Without
+/// the cap such a host held every slot with handshakes younger than 2 s, never closed for
+/// room, and every other client was turned away on both ports. Its place comes back when
+/// one of its handshakes ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_host_s_handshakes_beyond_its_cap_are_refused_while_another_is_served() {
+    let up = echo_upstream().await;
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    ca.write_leaf(dir.path(), "site", &["shop.test"]);
+    let config = format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = 3\nmax_pending_per_client = 2\n\
+         header_read_timeout = \"30s\"\n[tls]\nlisten = [\"127.0.0.1:0\"]\n{}\
+         [upstream]\nservers = [\"{}\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        certs(&["site"]),
+        up.url()
+    );
+    let proxy = spawn_proxy_in(dir, &config).await;
+    let addr = tls_addr(&proxy);
+    let mut stalled = Vec::new();
+    for n in 1..=2 {
+        let tcp = begin_handshake(&ca, "127.0.0.1", addr).await;
+        stalled.push(tcp.unwrap_or_else(|| panic!("handshake {n} of 2 was refused")));
+    }
+    assert!(
+        begin_handshake(&ca, "127.0.0.1", addr).await.is_none(),
+        "a third handshake from the same host was answered"
+    );
+    assert_eq!(series(&proxy, PENDING_PER_CLIENT).await, Some(1.0));
+    assert_eq!(series(&proxy, REFUSED).await, Some(0.0));
+    assert_eq!(series_reaches(&proxy, OPEN, 2.0).await, Some(2.0));
+
+    // Another host is served in the slot left, over TLS and on the plaintext port.
+    let tcp = connect_from("127.0.0.2", addr).await;
+    let stream = tls_connect_on(tcp, "shop.test", ca.client_config(&[b"http/1.1"])).await;
+    let mut sender = h1(stream).await;
+    assert_eq!(
+        get_on(&mut sender, "shop.test", "/other").await.status(),
+        200
+    );
+    drop(sender);
+    assert_eq!(series_reaches(&proxy, OPEN, 2.0).await, Some(2.0));
+    let plain = raw_exchange_from(
+        "127.0.0.3",
+        proxy.addr,
+        b"GET /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(plain.starts_with("HTTP/1.1 200"), "{plain:?}");
+    assert_eq!(series(&proxy, PENDING_PER_CLIENT).await, Some(1.0));
+
+    // One of its handshakes given up, the host may begin another.
+    stalled.pop();
+    let mut again = None;
+    for _ in 0..100 {
+        again = begin_handshake(&ca, "127.0.0.1", addr).await;
+        if again.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        again.is_some(),
+        "a closed handshake still counts against its host"
+    );
 }

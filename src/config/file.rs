@@ -52,6 +52,7 @@ pub struct ProxyFile {
     pub shutdown_timeout: DurationText,
     pub max_header_bytes: usize,
     pub max_connections: usize,
+    pub max_pending_per_client: usize,
     pub redirect_https: bool,
     pub https_port: Option<u16>,
 }
@@ -68,6 +69,7 @@ impl Default for ProxyFile {
             shutdown_timeout: DurationText::new("30s"),
             max_header_bytes: 64 * 1024,
             max_connections: 20_000,
+            max_pending_per_client: 512,
             redirect_https: false,
             https_port: None,
         }

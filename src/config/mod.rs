@@ -129,6 +129,10 @@ pub struct ProxyConfig {
     pub max_header_bytes: usize,
     /// Client connections served at once; more are closed at accept.
     pub max_connections: usize,
+    /// Connections not yet past their first request (a TLS handshake, a request head still
+    /// arriving) one client address may have open at once, an IPv6 one counted by its /64;
+    /// more are closed at accept (`pending`). 0: no such cap.
+    pub max_pending_per_client: usize,
     /// Plaintext requests get a 308 to HTTPS (except reserved paths and `allow_paths`).
     pub redirect_https: bool,
     /// The port the redirect names: the public HTTPS port, when it differs from the first
@@ -835,6 +839,7 @@ impl Validator<'_> {
             shutdown_timeout: self.duration("proxy.shutdown_timeout", &f.shutdown_timeout),
             max_header_bytes: f.max_header_bytes.max(8192),
             max_connections: f.max_connections.max(1),
+            max_pending_per_client: f.max_pending_per_client,
             redirect_https: f.redirect_https,
             https_port: f.https_port,
         }
@@ -2440,6 +2445,23 @@ mod tests {
             ("upstream.servers[0]", None),
         ] {
             assert_eq!(Secret::of(key), secret, "{key}");
+        }
+    }
+
+    /// 512 by default, 0 for no cap; a value that is no count is named by its key.
+    #[test]
+    fn max_pending_per_client_defaults_to_512_and_0_turns_it_off() {
+        let c = Config::parse("", Path::new("."), None).unwrap();
+        assert_eq!(c.proxy.max_pending_per_client, 512);
+        let c = Config::parse(
+            "[proxy]\nmax_pending_per_client = 0\n",
+            Path::new("."),
+            None,
+        );
+        assert_eq!(c.unwrap().proxy.max_pending_per_client, 0);
+        for bad in ["-1", "\"many\"", "1.5"] {
+            let p = problems(&format!("[proxy]\nmax_pending_per_client = {bad}\n"));
+            assert_eq!(p[0].key, "proxy.max_pending_per_client", "{bad}: {p:?}");
         }
     }
 
