@@ -886,6 +886,12 @@ async fn open_tunnels_count_against_max_connections_and_never_make_room() {
         "the idle connection should have made room: the tunnel was not counted"
     );
     assert!(echoes(&mut first, "still there").await);
+    // The new client's slot is given back once the proxy has seen it close, which may come
+    // a moment after the client read its end: until then a second tunnel would be refused.
+    assert_eq!(
+        series_reaches(&proxy, "intermission_client_connections", 1.0).await,
+        Some(1.0)
+    );
 
     // Two tunnels: nothing idle to close, so a new client is refused, and both stay.
     let mut second = open_tunnel(proxy.addr).await;
