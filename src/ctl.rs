@@ -7,7 +7,7 @@ use intermission::control::protocol::{
     ErrorBody, Request, Response, ServerHealth, StatusView, MAX_LINE,
 };
 use intermission::state::controller::to_change;
-use intermission::state::mode::{Mode, Window};
+use intermission::state::mode::Window;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -113,16 +113,6 @@ pub fn run(
             ANSWER_TIMEOUT.as_secs()
         ),
         _ => {}
-    }
-    if let (Request::Off, Some(window)) = (&req, resp.state.as_ref().and_then(window_in_force)) {
-        // `off` ends an operator's maintenance, not a window: said, so that an operator who
-        // sees maintenance still on knows why and what ends it.
-        eprintln!(
-            "note: maintenance window {} holds maintenance until {}; `{again} schedule remove {}` ends it now",
-            window.id,
-            window.end.rfc3339(),
-            window.id
-        );
     }
     if resp.ok {
         ExitCode::SUCCESS
@@ -543,15 +533,6 @@ impl<W: Write> Write for TerminalSafe<W> {
     fn flush(&mut self) -> io::Result<()> {
         self.0.flush()
     }
-}
-
-/// The window holding maintenance now, if one does.
-fn window_in_force(s: &StatusView) -> Option<&Window> {
-    if s.mode != Mode::Maintenance {
-        return None;
-    }
-    let now = SystemTime::now();
-    s.schedules.iter().find(|w| w.in_force(now))
 }
 
 fn print_state(out: &mut impl Write, s: &StatusView) -> io::Result<()> {

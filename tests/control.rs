@@ -1107,10 +1107,10 @@ async fn a_failed_start_leaves_no_control_socket() {
     );
 }
 
-/// `off` ends an operator's maintenance, not a scheduled window's: when a window still holds
-/// maintenance, `ctl off` says so and names what ends it.
+/// `off` is "planned maintenance off" (SPEC §1), and a window is planned maintenance (§3):
+/// during a window, `ctl off` ends it and says so, naming it, and traffic flows again.
 #[tokio::test(flavor = "multi_thread")]
-async fn off_during_a_window_says_the_window_holds_maintenance() {
+async fn off_during_a_window_ends_it_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let proxy = ProxyProcess::start(dir.path(), "");
     let cfg = dir.path().join("config.toml");
@@ -1126,15 +1126,13 @@ async fn off_during_a_window_says_the_window_holds_maintenance() {
     let off = ctl_with(&cfg, &["off"]);
     assert_eq!(off.status.code(), Some(0), "{off:?}");
     let err = String::from_utf8_lossy(&off.stderr);
-    // The command it names can be pasted as it is: with the `-c` this one was given.
     assert!(
-        err.contains("holds maintenance")
-            && err.contains(&format!(
-                "`intermission ctl -c {} schedule remove 1`",
-                cfg.display()
-            )),
+        err.contains("maintenance window 1") && err.contains("`off` ended it"),
         "{err}"
     );
+    let out = String::from_utf8_lossy(&off.stdout);
+    // No upstream runs here: what `off` leaves is `outage`, and no longer maintenance.
+    assert!(out.contains("mode:        outage"), "{out}");
     drop(proxy);
 }
 

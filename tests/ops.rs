@@ -733,6 +733,65 @@ async fn schedule_windows_tell_when_they_start_and_end() {
     assert_eq!(got[1]["mode"], "normal");
 }
 
+/// `off` during a window is maintenance off (SPEC §1 "planned maintenance off"; §3 a window
+/// is planned maintenance): the window does not take over again with its own end as a new
+/// pending one, told by no `until_changed`; it ends, told as the operator's doing, traffic
+/// flows again, and the windows after it stay scheduled.
+#[tokio::test(flavor = "multi_thread")]
+async fn off_during_a_window_ends_maintenance_and_the_window() {
+    let (_app, hook, proxy) = hooked_proxy().await;
+    let add = |start: &str, end: &str| Ctl::ScheduleAdd {
+        start: start.into(),
+        end: end.into(),
+        message: Some("Window words".into()),
+    };
+    assert!(ctl(&proxy, add("+0s", "+1h")).await.ok);
+    assert!(ctl(&proxy, add("+2h", "+3h")).await.ok);
+    let r = ctl(
+        &proxy,
+        Ctl::On {
+            message: Some("Taking longer".into()),
+            until: Some("+90m".into()),
+            retry_after: None,
+            reason: None,
+        },
+    )
+    .await;
+    assert!(r.ok, "{r:?}");
+    let r = ctl(&proxy, Ctl::Off).await;
+    assert!(r.ok, "{r:?}");
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.contains("maintenance window 1")),
+        "{r:?}"
+    );
+    let state = r.state.unwrap();
+    assert_eq!(state.mode.as_str(), "normal", "{state:?}");
+    assert!(state.until.is_none(), "{state:?}");
+    assert_eq!(get(&proxy.url("/")).await.body(), "app");
+    let left: Vec<u64> = state.schedules.iter().map(|w| w.id).collect();
+    assert_eq!(left, [2], "the later window stays");
+    let got = wait_events(&hook, 4).await;
+    let kinds: Vec<&str> = got.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "schedule_started",
+            "message_updated",
+            "until_changed",
+            "schedule_ended"
+        ],
+        "{got:#?}"
+    );
+    let ended = &got[3];
+    assert_eq!(ended["window"], 1, "{ended}");
+    assert_eq!(ended["mode"], "normal", "{ended}");
+    assert_eq!(ended["previous_mode"], "maintenance", "{ended}");
+    assert!(ended["by"].is_string(), "the operator's doing: {ended}");
+    assert_eq!(ended["reason"], "maintenance off", "{ended}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_removed_by_reload_leaves_the_metrics() {
     let a = upstream(|_req: Request<Incoming>| async { Response::new(full("a")) }).await;

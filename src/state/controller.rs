@@ -574,6 +574,13 @@ impl Controller {
     /// edge, an operator adding a window that starts now or removing the one in force).
     /// Returns whether it sent any.
     fn window_events(&mut self, previous: Mode) -> bool {
+        self.window_events_by(previous, None)
+    }
+
+    /// `window_events`, for a change an operator made (`by`, described as `summary`): a
+    /// window their command ended is told as theirs (`off`, `schedule remove`), not as an end
+    /// that came by itself with nobody named.
+    fn window_events_by(&mut self, previous: Mode, cause: Option<(&str, &str)>) -> bool {
         // The published snapshot's clock, so that the events agree with what clients see.
         let active = self
             .state
@@ -584,7 +591,16 @@ impl Controller {
         let mut sent = false;
         if let Some(id) = was.filter(|id| Some(*id) != self.active_window) {
             tracing::info!("maintenance window {id} ended");
-            self.notify_window(EventKind::ScheduleEnded, previous, None, id);
+            let event = Event {
+                window: Some(id),
+                ..self.event(
+                    EventKind::ScheduleEnded,
+                    previous,
+                    cause.map(|(by, _)| by.to_owned()),
+                    cause.map(|(_, summary)| summary.to_owned()),
+                )
+            };
+            self.notifier.send(event);
             sent = true;
         }
         if let Some((id, by)) = active.filter(|(id, _)| Some(*id) != was) {
@@ -767,19 +783,26 @@ impl Controller {
                     Err(e) => return Response::error(e),
                 };
                 match self.change(change, now, &by).await {
-                    Ok(()) => Response::state(self.status_view()),
+                    Ok(notes) => Response::state(self.status_view()).with_warnings(notes),
                     Err(e) => Response::error(e),
                 }
             }
         }
     }
 
-    async fn change(&mut self, change: Change, now: SystemTime, by: &str) -> Result<(), ErrorBody> {
+    /// Applies an operator's change; returns what the operator should be told beside it.
+    async fn change(
+        &mut self,
+        change: Change,
+        now: SystemTime,
+        by: &str,
+    ) -> Result<Vec<String>, ErrorBody> {
         let summary = describe(&change);
         // A mode that force-open changed is not the application's doing: the webhook says so,
         // or "back to normal after an outage" would read as a recovery mid-incident.
         let forced = matches!(change, Change::ForceOpen(_)).then(|| summary.clone());
         let is_on = matches!(change, Change::On { .. });
+        let change_is_off = matches!(change, Change::Off);
         // An `update` speaks of the mode clients are in (refused in `normal`); any other
         // change is tidied as `settle` tidies, once a server is known to be healthy, not while
         // one only counts as healthy until its first check: a change made just after a
@@ -798,6 +821,24 @@ impl Controller {
                 }
                 e @ ChangeError::NoSuchWindow(_) => ErrorBody::new("not_found", e.to_string()),
             })?;
+        // A window `off` ended along with the operator's maintenance: said, since the
+        // operator may not know one was in force, and its later windows stay scheduled.
+        let notes: Vec<String> = match change_is_off {
+            true => self
+                .state
+                .schedules
+                .iter()
+                .filter(|w| w.in_force(now) && !next.schedules.iter().any(|n| n.id == w.id))
+                .map(|w| {
+                    format!(
+                        "maintenance window {} (scheduled until {}) was in force: `off` ended it; later windows stay scheduled",
+                        w.id,
+                        w.end.rfc3339()
+                    )
+                })
+                .collect(),
+            false => Vec::new(),
+        };
         if next != self.state {
             self.write_state(&next).await.map_err(|e| {
                 // What to do, for an operator mid-incident whose `off` a full disk refused:
@@ -826,7 +867,7 @@ impl Controller {
         // file's fsync is then still due as an edge, and is tidied away by it.
         let (before, after) = self.publish(now, &format!("{summary} (by {by})"));
         let message_after = self.shown_message();
-        let windows_told = self.window_events(before);
+        let windows_told = self.window_events_by(before, Some((by, &summary)));
         if windows_told {
             // The window's own event says it.
         } else if before != after {
@@ -854,7 +895,7 @@ impl Controller {
         {
             self.notify(EventKind::UntilChanged, before, Some(by.to_owned()), None);
         }
-        Ok(())
+        Ok(notes)
     }
 
     /// Takes a request for a reload: it begins a read, or waits for the next one.

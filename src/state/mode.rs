@@ -338,7 +338,14 @@ impl Persisted {
                 }
                 next.set_message(message, now)?;
             }
-            Change::Off => next.planned = None,
+            Change::Off => {
+                next.planned = None;
+                // SPEC §3: a window is planned maintenance too, and `off` is "planned
+                // maintenance off": an operator who says so mid-window wants traffic back
+                // now. Left in force, the window took over at once with its own end, which
+                // read as a new pending end nobody announced. Later windows stay scheduled.
+                next.schedules.retain(|w| !w.in_force(now));
+            }
             Change::ForceOpen(enabled) => next.force_open = enabled,
             Change::ScheduleAdd {
                 start,
