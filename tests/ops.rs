@@ -792,6 +792,56 @@ async fn off_during_a_window_ends_maintenance_and_the_window() {
     assert_eq!(ended["reason"], "maintenance off", "{ended}");
 }
 
+/// Windows put end to end are one maintenance: its `since` stays the first window's start
+/// across the edge, in `status`, the held answers and every event (each window's start and end
+/// is still told), and the all-clear counts the whole of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn windows_end_to_end_keep_one_since() {
+    let (_app, hook, proxy) = hooked_proxy().await;
+    let add = |start: &str, end: &str| Ctl::ScheduleAdd {
+        start: start.into(),
+        end: end.into(),
+        message: None,
+    };
+    let r = ctl(&proxy, add("+0s", "+1s")).await;
+    assert!(r.ok, "{r:?}");
+    let first = r.state.unwrap().schedules.remove(0);
+    let since = first.start.rfc3339();
+    let r = ctl(&proxy, add(&first.end.rfc3339(), "+1h")).await;
+    assert!(r.ok, "{r:?}");
+    let got = wait_events(&hook, 3).await;
+    let told: Vec<(&str, u64)> = got
+        .iter()
+        .map(|e| (e["event"].as_str().unwrap(), e["window"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        told,
+        [
+            ("schedule_started", 1),
+            ("schedule_ended", 1),
+            ("schedule_started", 2)
+        ],
+        "{got:#?}"
+    );
+    for e in &got {
+        assert_eq!(e["mode"], "maintenance", "{e}");
+        assert_eq!(e["since"], since.as_str(), "{e}");
+    }
+    let status = ctl(&proxy, Ctl::Status).await.state.unwrap();
+    assert_eq!(status.since.map(|t| t.rfc3339()), Some(since.clone()));
+    let held: serde_json::Value = json(&get(&proxy.url("/")).await);
+    assert_eq!(held["since"], since.as_str(), "{held}");
+    // An operator's `on` during the second window carries the same maintenance on.
+    assert!(ctl(&proxy, on(Some("Longer"))).await.ok);
+    let status = ctl(&proxy, Ctl::Status).await.state.unwrap();
+    assert_eq!(status.since.map(|t| t.rfc3339()), Some(since.clone()));
+    assert!(ctl(&proxy, Ctl::Off).await.ok);
+    let got = wait_events(&hook, 5).await;
+    let back = got.last().unwrap();
+    assert_eq!(back["mode"], "normal", "{got:#?}");
+    assert_eq!(back["since"], since.as_str(), "{back}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_removed_by_reload_leaves_the_metrics() {
     let a = upstream(|_req: Request<Incoming>| async { Response::new(full("a")) }).await;
@@ -1278,6 +1328,39 @@ async fn maintenance_over_an_outage_across_a_restart_keeps_the_outages_start() {
     assert_eq!(got.len(), 5, "{got:?}");
     assert_eq!(got[4]["mode"], "normal", "{got:?}");
     assert_eq!(got[4]["previous_mode"], "maintenance", "{got:?}");
+    drop(proxy);
+}
+
+/// A window that begins while the proxy is down during an outage took over from `outage`,
+/// as a running proxy would have told it: the start tells it so, not from the `normal` of
+/// servers counted healthy until their first checks.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_window_that_began_during_an_outage_while_down_took_over_from_it() {
+    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let slack = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let config = restartable(&app, &hook, &slack);
+    let proxy = spawn_proxy_in(tempfile::tempdir().unwrap(), &config).await;
+    app.stop();
+    outage_told(&proxy, &hook).await;
+    let r = ctl(
+        &proxy,
+        Ctl::ScheduleAdd {
+            start: "+2s".into(),
+            end: "+1h".into(),
+            message: None,
+        },
+    )
+    .await;
+    assert!(r.ok, "{r:?}");
+    let start = r.state.unwrap().next_window.unwrap().start.0;
+    let mut proxy = proxy;
+    assert!(proxy.running.take().unwrap().shutdown().await);
+    until_past(start).await;
+    let proxy = spawn_proxy_in(proxy.dir, &config).await;
+    let got = wait_events(&hook, 2).await;
+    assert_eq!(got[1]["event"], "schedule_started", "{got:#?}");
+    assert_eq!(got[1]["previous_mode"], "outage", "{got:#?}");
     drop(proxy);
 }
 

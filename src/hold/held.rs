@@ -89,7 +89,9 @@ impl View {
                 .clone()
                 .unwrap_or_else(|| default_message.clone()),
             since: match mode {
-                Mode::Maintenance => planned.map(|p| p.since.0).or(window.map(|w| w.start.0)),
+                Mode::Maintenance => planned
+                    .map(|p| p.since.0)
+                    .or(window.map(|w| state.window_since(w))),
                 Mode::Outage => outage_since,
                 Mode::Normal => None,
             },

@@ -291,17 +291,8 @@ impl Controller {
         }
         // A window in force at start began before it: it took over from the mode of the
         // moment before its start, not from the mode this start first published (the
-        // window's own), so that the event told again after a restart reads as the first.
-        let taken_over = self
-            .state
-            .active_window(self.published_at)
-            .and_then(|w| w.start.0.checked_sub(Duration::from_nanos(1)))
-            .map_or(before, |t| {
-                // An `on` given during the window was not in force before it.
-                let mut then = self.state.clone();
-                then.planned = then.planned.filter(|p| p.since.0 <= t);
-                then.mode(self.healthy(), t)
-            });
+        // window's own), nor from the servers counted healthy until their first checks.
+        let taken_over = self.state.taken_over(self.published_at).unwrap_or(before);
         self.window_events(taken_over);
         loop {
             // Checked before each message, not only raced with it: once the stop has begun,

@@ -76,6 +76,19 @@ pub struct Persisted {
     /// Absent in an older version's file, which a restart then reads as today: no outage.
     #[serde(default)]
     pub outage_since: Option<Timestamp>,
+    /// The maintenance the window in force carries on without a break: it began at the end of
+    /// the window before it (windows put end to end), which began at `since`. One maintenance
+    /// keeps one `since` on the pages, in `status` and webhooks, and in the all-clear's
+    /// duration; the window before is gone from `schedules` once it ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continues: Option<Continues>,
+}
+
+/// See `Persisted::continues`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Continues {
+    pub window: u64,
+    pub since: Timestamp,
 }
 
 pub const STATE_VERSION: u32 = 1;
@@ -95,6 +108,7 @@ impl Default for Persisted {
             schedules: Vec::new(),
             next_window_id: 1,
             outage_since: None,
+            continues: None,
         }
     }
 }
@@ -307,8 +321,9 @@ impl Persisted {
                 if let Some(Some(r)) = &reason {
                     check_text(Text::Reason, r)?;
                 }
+                let since = self.maintenance_since(now).unwrap_or(now);
                 let planned = next.planned.get_or_insert_with(|| Planned {
-                    since: Timestamp(now),
+                    since: Timestamp(since),
                     until: None,
                     retry_after: None,
                     by: by.clone(),
@@ -384,12 +399,64 @@ impl Persisted {
 
     /// Clears the episode's message and timeline once nothing is held any more.
     pub fn tidied(mut self, upstream_healthy: bool, now: SystemTime) -> Persisted {
+        // By start, so that a chain of windows that all ended while the proxy was down hands
+        // the first one's start along to the one in force.
+        for i in 0..self.schedules.len() {
+            let w = &self.schedules[i];
+            if w.end.0 > now {
+                continue;
+            }
+            let since = self.window_since(w);
+            if let Some(next) = self.schedules.iter().find(|n| n.start == w.end) {
+                self.continues = Some(Continues {
+                    window: next.id,
+                    since: Timestamp(since),
+                });
+            }
+        }
         self.schedules.retain(|w| w.end.0 > now);
+        let kept = |c: &Continues| self.schedules.iter().any(|w| w.id == c.window);
+        self.continues = self.continues.filter(kept);
         if self.mode(upstream_healthy, now) == Mode::Normal {
             self.message = None;
             self.updates.clear();
         }
         self
+    }
+
+    /// When the maintenance window `w` holds began: its start, or that of the window it
+    /// carries on from without a break (`continues`).
+    pub fn window_since(&self, w: &Window) -> SystemTime {
+        self.continues
+            .filter(|c| c.window == w.id)
+            .map_or(w.start.0, |c| c.since.0.min(w.start.0))
+    }
+
+    /// When the maintenance going on at `now` began, if one is: an operator's `on` given
+    /// during a window carries on the window's maintenance, and keeps its start.
+    fn maintenance_since(&self, now: SystemTime) -> Option<SystemTime> {
+        match &self.planned {
+            Some(p) => Some(p.since.0),
+            None => self.active_window(now).map(|w| self.window_since(w)),
+        }
+    }
+
+    /// The mode the window in force at `now` took over from at its start, as the running
+    /// proxy told it (a start tells the window again, and the repeat must read as the first):
+    /// the maintenance of a window it carries on from (`continues`), an operator's `on` given
+    /// before it, the outage going on since before it (`outage_since`, kept across restarts),
+    /// else `normal`.
+    pub fn taken_over(&self, now: SystemTime) -> Option<Mode> {
+        let w = self.active_window(now)?;
+        if self.continues.is_some_and(|c| c.window == w.id) {
+            return Some(Mode::Maintenance);
+        }
+        let t = w.start.0.checked_sub(Duration::from_nanos(1))?;
+        let mut then = self.clone();
+        // An `on` given during the window was not in force before it.
+        then.planned = then.planned.filter(|p| p.since.0 <= t);
+        let healthy = self.outage_since.is_none_or(|s| s.0 > t);
+        Some(then.mode(healthy, t))
     }
 
     /// The window in force at `now`, if any.
@@ -522,6 +589,69 @@ mod tests {
             reason: None,
             by: "alice".into(),
         }
+    }
+
+    /// Windows end to end are one maintenance, also when the edges between them passed while
+    /// the proxy was down: the one in force keeps the first one's start. A gap breaks it.
+    #[test]
+    fn windows_end_to_end_keep_the_first_start() {
+        let mut s = Persisted::default();
+        for (start, end) in [(100, 200), (200, 300), (300, 400), (401, 500)] {
+            s = s.apply(window(start, end), t(0), true).unwrap();
+        }
+        let third = s.schedules[2].id;
+        let s = s.tidied(true, t(350));
+        assert_eq!(s.schedules.len(), 2);
+        let w = s.active_window(t(350)).unwrap();
+        assert_eq!(w.id, third);
+        assert_eq!(s.window_since(w), t(100));
+        let s = s.tidied(true, t(450));
+        let w = s.active_window(t(450)).unwrap();
+        assert_eq!(s.window_since(w), t(401), "after a gap, a new maintenance");
+        assert_eq!(s.continues, None, "forgotten with its window");
+    }
+
+    /// What a window in force took over from, as a restart tells it again.
+    #[test]
+    fn the_mode_a_window_took_over_from() {
+        let s = Persisted::default()
+            .apply(window(100, 200), t(0), true)
+            .unwrap()
+            .apply(window(200, 300), t(0), true)
+            .unwrap();
+        assert_eq!(s.taken_over(t(150)), Some(Mode::Normal));
+        assert_eq!(s.taken_over(t(50)), None, "no window in force");
+        let carried = s.clone().tidied(true, t(250));
+        assert_eq!(carried.taken_over(t(250)), Some(Mode::Maintenance));
+        let mut down = s.clone();
+        down.outage_since = Some(Timestamp(t(90)));
+        assert_eq!(down.taken_over(t(150)), Some(Mode::Outage));
+        down.outage_since = Some(Timestamp(t(120)));
+        assert_eq!(
+            down.taken_over(t(150)),
+            Some(Mode::Normal),
+            "began after it"
+        );
+    }
+
+    /// An operator's `on` during a window carries on its maintenance, from the same start.
+    #[test]
+    fn an_on_during_a_window_keeps_its_since() {
+        let s = Persisted::default()
+            .apply(window(100, 200), t(0), true)
+            .unwrap()
+            .apply(window(200, 300), t(0), true)
+            .unwrap()
+            .tidied(true, t(250))
+            .apply(on(None), t(260), true)
+            .unwrap();
+        assert_eq!(s.planned.unwrap().since, Timestamp(t(100)));
+        let s = Persisted::default().apply(on(None), t(260), true).unwrap();
+        assert_eq!(
+            s.planned.unwrap().since,
+            Timestamp(t(260)),
+            "none to carry on"
+        );
     }
 
     #[test]
