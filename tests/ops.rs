@@ -1364,6 +1364,43 @@ async fn a_window_that_began_during_an_outage_while_down_took_over_from_it() {
     drop(proxy);
 }
 
+/// An outage first told from `maintenance` (the operator's `off` showed it) is told again
+/// after a restart as it was told, not as a new one from `normal`.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outage_shown_by_off_is_told_again_from_maintenance() {
+    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let slack = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let config = restartable(&app, &hook, &slack);
+    let proxy = spawn_proxy_in(tempfile::tempdir().unwrap(), &config).await;
+    assert!(ctl(&proxy, on(Some("Restoring the database"))).await.ok);
+    assert_eq!(wait_events(&hook, 1).await[0]["mode"], "maintenance");
+    app.stop();
+    assert!(
+        wait_until_async(|| async {
+            ctl(&proxy, Ctl::Health).await.health.unwrap()[0].healthy == Some(false)
+        })
+        .await
+    );
+    assert!(ctl(&proxy, Ctl::Off).await.ok);
+    let got = wait_events(&hook, 2).await;
+    assert_eq!(got[1]["mode"], "outage", "{got:#?}");
+    assert_eq!(got[1]["previous_mode"], "maintenance", "{got:#?}");
+    let since = got[1]["since"].clone();
+
+    let proxy = restart_a_second_later(proxy, &config).await;
+    let got = wait_events(&hook, 3).await;
+    assert_eq!(got.len(), 3, "{got:#?}");
+    assert_eq!(got[2]["event"], "mode_changed", "{got:#?}");
+    assert_eq!(got[2]["mode"], "outage", "{got:#?}");
+    assert_eq!(
+        got[2]["previous_mode"], "maintenance",
+        "as first told: {got:#?}"
+    );
+    assert_eq!(got[2]["since"], since, "{got:#?}");
+    drop(proxy);
+}
+
 /// A request hyper cannot read never reaches the gateway, but its client gets a 4xx: that
 /// answer is counted as the requests intermission refuses itself are.
 #[tokio::test]

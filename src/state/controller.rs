@@ -115,6 +115,9 @@ pub struct Controller {
     /// first checks decide whether it still is: servers count as healthy until then, which
     /// says nothing of the application.
     resumed: Option<Resumed>,
+    /// While the first check after a restart tells again the outage the previous instance
+    /// told: the mode it was told from then.
+    retold_from: Option<Mode>,
     /// When the held episode that last ended began: the all-clear's `since`, so that a
     /// receiver can tell how long it lasted.
     ended_since: Option<SystemTime>,
@@ -165,6 +168,8 @@ struct Resumed {
     /// that ended while it was down is told as a return to normal). Only then is an end of
     /// the outage theirs to hear of.
     told: bool,
+    /// The mode it was told from (`Persisted::outage_told_from`).
+    from: Option<Mode>,
 }
 
 /// Who asked for a reload (`ctl`'s user, or the signal), and where the answer goes.
@@ -235,6 +240,7 @@ impl Controller {
             flips_rx,
             outage_since: None,
             resumed: None,
+            retold_from: None,
             ended_since: None,
             overrun_noted,
             active_window: None,
@@ -281,6 +287,7 @@ impl Controller {
         self.resumed = left.outage_since.map(|since| Resumed {
             since: since.0,
             told: ended.is_empty() && left.mode(false, now) == Mode::Outage,
+            from: left.outage_told_from,
         });
         self.start_checkers().await;
         let (before, mode) = self.settle(now, "started").await;
@@ -470,7 +477,9 @@ impl Controller {
             // An outage the previous instance left going on goes on from its own start, in
             // what clients are shown and in the event that tells it again.
             (false, None) => {
-                self.outage_since = Some(self.resumed.take().map_or(now, |r| r.since));
+                let resumed = self.resumed.take();
+                self.outage_since = Some(resumed.map_or(now, |r| r.since));
+                self.retold_from = resumed.filter(|r| r.told).and_then(|r| r.from);
             }
             (true, Some(_)) => self.outage_since = None,
             _ => {}
@@ -481,9 +490,13 @@ impl Controller {
         // Back to normal clears the episode's words; that is a change of the saved state.
         let reason = format!("{server}: {}", flip.reason);
         let (before, after) = self.settle(now, &reason).await;
+        let previous = match self.retold_from.take() {
+            Some(from) if before != after && after == Mode::Outage => from,
+            _ => before,
+        };
         if !self.window_events(before) {
             if before != after {
-                self.notify(EventKind::ModeChanged, before, None, Some(reason));
+                self.notify(EventKind::ModeChanged, previous, None, Some(reason));
             } else {
                 self.tell_resumed_end(back, after, &flip);
             }
@@ -553,12 +566,27 @@ impl Controller {
         // Kept as saved until the first checks decide, for the same reason as the words.
         if self.resumed.is_none() {
             next.outage_since = self.outage_since.map(crate::time::Timestamp);
+            next.outage_told_from = self.outage_told_from(&next, now);
         }
         if next != self.state {
             self.save(&next).await;
             self.state = next;
         }
         self.publish(now, reason)
+    }
+
+    /// What `next`, about to be saved and published at `now`, keeps as the mode its outage was
+    /// told from: the mode shown now if `next` shows the outage first (the event that tells
+    /// it names that mode), else what was kept. Saved with the change that shows it, so that
+    /// a restart tells it again as it was told.
+    fn outage_told_from(&self, next: &Persisted, now: SystemTime) -> Option<Mode> {
+        next.outage_since?;
+        let shown = self.handle.load().mode;
+        if shown != Mode::Outage && next.mode(self.healthy(), now) == Mode::Outage {
+            Some(self.retold_from.unwrap_or(shown))
+        } else {
+            next.outage_told_from
+        }
     }
 
     /// Sends the start and end events of schedule windows, whatever caused them (a clock
@@ -812,6 +840,10 @@ impl Controller {
                 }
                 e @ ChangeError::NoSuchWindow(_) => ErrorBody::new("not_found", e.to_string()),
             })?;
+        let next = Persisted {
+            outage_told_from: self.outage_told_from(&next, now),
+            ..next
+        };
         // A window `off` ended along with the operator's maintenance: said, since the
         // operator may not know one was in force, and its later windows stay scheduled.
         let notes: Vec<String> = match change_is_off {

@@ -82,6 +82,11 @@ pub struct Persisted {
     /// duration; the window before is gone from `schedules` once it ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub continues: Option<Continues>,
+    /// The mode the outage going on was last told from (its `mode_changed`'s
+    /// `previous_mode`): `maintenance` when an operator's `off` or a window's end showed it.
+    /// A restart that tells the outage again tells it as it was told.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outage_told_from: Option<Mode>,
 }
 
 /// See `Persisted::continues`.
@@ -109,6 +114,7 @@ impl Default for Persisted {
             next_window_id: 1,
             outage_since: None,
             continues: None,
+            outage_told_from: None,
         }
     }
 }
