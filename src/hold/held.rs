@@ -701,7 +701,11 @@ mod tests {
         let view = View::new(Mode::Maintenance, &state, &config.maintenance, None, start);
         assert_eq!(view.retry_after(start), 60);
         for late in [0, 4, 25, 900] {
-            assert_eq!(view.retry_after(end + Duration::from_millis(late)), 1, "{late} ms");
+            assert_eq!(
+                view.retry_after(end + Duration::from_millis(late)),
+                1,
+                "{late} ms"
+            );
         }
 
         let on = Change::On {
