@@ -828,6 +828,15 @@ impl Validator<'_> {
                 format!("must be at most {MAX_THREADS} (0 is one per core)"),
             );
         }
+        // Port 0 is "any free port" to a listener, but in a redirect it names no port at all:
+        // every plaintext visitor would be sent to https://HOST:0/, where nothing answers.
+        if f.https_port == Some(0) {
+            self.problem(
+                "proxy.https_port",
+                "port \"0\" is not from 1 to 65535: it is the port HTTPS redirects send visitors \
+                 to (https://HOST:0/ reaches nothing)",
+            );
+        }
         ProxyConfig {
             listen,
             threads: f.threads,
@@ -2628,6 +2637,23 @@ mod tests {
         let found = problems("[upstream]\nservers = [\"http://a:3000\", \"http://a:99999\"]\n");
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].key, "upstream.servers[1]");
+    }
+
+    /// Port 0 passed, and every plaintext visitor was then redirected to https://HOST:0/.
+    #[test]
+    fn an_https_port_of_0_is_refused_with_the_key() {
+        let found = problems("[proxy]\nhttps_port = 0\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].key, "proxy.https_port");
+        assert!(
+            found[0].message.contains("\"0\" is not from 1 to 65535"),
+            "{found:?}"
+        );
+        for ok in [1, 8443, 65535] {
+            let text = format!("[proxy]\nhttps_port = {ok}\n");
+            let found = problems(&text);
+            assert!(found.is_empty(), "{ok}: {found:?}");
+        }
     }
 
     /// A server listed twice is refused under the second entry, naming the first.
