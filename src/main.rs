@@ -237,15 +237,18 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             e @ store::StoreError::Unwritable { .. } => e.to_string(),
             e => format!("control.state_file: {e}"),
         });
-    let (pages, warnings) = match (pages, server, client, state) {
-        (Ok(pages), Ok((_, warnings)), Ok(_), Ok(())) => (pages, warnings),
-        (pages, server, client, state) => {
+    // As the state file's: a folder this user cannot write in passed, and the start failed.
+    let socket = intermission::control::server::probe(&c.control.socket).map_err(|e| e.to_string());
+    let (pages, warnings) = match (pages, server, client, state, socket) {
+        (Ok(pages), Ok((_, warnings)), Ok(_), Ok(()), Ok(())) => (pages, warnings),
+        (pages, server, client, state, socket) => {
             let problems: Vec<String> = pages
                 .err()
                 .into_iter()
                 .chain(server.err().into_iter().flatten())
                 .chain(client.err())
                 .chain(state.err())
+                .chain(socket.err())
                 .collect();
             let n = problems.len();
             let s = if n == 1 { "" } else { "s" };

@@ -36,6 +36,14 @@ pub enum ControlError {
         #[source]
         source: std::io::Error,
     },
+    /// Found by `check`, run as the proxy's user (systemd's `ExecStartPre`), rather than by
+    /// the start it would stop.
+    #[error("control.socket: cannot make the control socket {} in its folder ({source}), so the proxy would not start; let the proxy's user write there, or name another path", path.display())]
+    Unwritable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("control socket {}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -152,11 +160,7 @@ fn bind(path: &Path, mode: u32) -> Result<UnixListener, ControlError> {
     }
     // Bound under a temporary name and given its permissions before it appears at `path`, so
     // that no one can connect in the moment between bind and chmod.
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let staging = path.with_file_name(format!(".{name}.{}", std::process::id()));
+    let staging = staging(path);
     let _ = std::fs::remove_file(&staging);
     let listener = UnixListener::bind(&staging).map_err(io)?;
     let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
@@ -166,6 +170,30 @@ fn bind(path: &Path, mode: u32) -> Result<UnixListener, ControlError> {
         return Err(io(e));
     }
     Ok(listener)
+}
+
+/// The name beside `path` that the socket is bound under before it is moved there: this
+/// process's own, so that no other's is ever removed.
+fn staging(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}", std::process::id()))
+}
+
+/// Whether the control socket can be made at `path`, for `check`: a socket is bound in its
+/// folder as the start binds it (under this process's temporary name, never at `path`, where
+/// a running proxy may listen), as the user who runs `check`, and removed.
+pub fn probe(path: &Path) -> Result<(), ControlError> {
+    let err = |source| ControlError::Unwritable {
+        path: path.to_path_buf(),
+        source,
+    };
+    let staging = staging(path);
+    let _ = std::fs::remove_file(&staging);
+    drop(std::os::unix::net::UnixListener::bind(&staging).map_err(err)?);
+    std::fs::remove_file(&staging).map_err(err)
 }
 
 /// Control connections open at once. One more takes the place of the connection that has
