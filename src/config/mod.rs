@@ -1384,8 +1384,10 @@ impl Validator<'_> {
                 );
                 continue;
             }
+            // `HeaderValue` takes any byte from 0x80 (obs-text), and an `é` was sent as its
+            // raw UTF-8, which receivers read as they like.
             match http::HeaderValue::from_str(value.trim()) {
-                Ok(mut v) if !value.trim().is_empty() => {
+                Ok(mut v) if !value.trim().is_empty() && value.is_ascii() => {
                     v.set_sensitive(true);
                     headers.insert(parsed, v);
                 }
@@ -2388,7 +2390,7 @@ mod tests {
             headers = { Authorization = "GenieKey XOXO-1", "X-Api-Key" = "XOXO-2" }
             [[notify]]
             url = "https://hooks.example.com/b"
-            headers = { "Bad Name" = "XOXO-3", Host = "XOXO-4", authorization = "XOXO-5", Authorization = "XOXO-6", "X-Two" = "XOXO-7\u0007XOXO-8", "X-Empty" = " ", "X-Intermission-Signature" = "XOXO-9" }
+            headers = { "Bad Name" = "XOXO-3", Host = "XOXO-4", authorization = "XOXO-5", Authorization = "XOXO-6", "X-Two" = "XOXO-7\u0007XOXO-8", "X-Empty" = " ", "X-Intermission-Signature" = "XOXO-9", "X-Accent" = "Basic XOXO-é" }
             [[notify]]
             url = "https://hooks.example.com/c"
             headers = { Authorization = 987654321 }
@@ -2413,6 +2415,10 @@ mod tests {
                 (
                     "notify[1].headers",
                     "\"Host\" is set by intermission for each event; leave it out"
+                ),
+                (
+                    "notify[1].headers",
+                    "\"X-Accent\": its value (not shown here) must be printable ASCII on one line, not empty"
                 ),
                 (
                     "notify[1].headers",
