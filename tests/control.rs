@@ -137,6 +137,16 @@ async fn bad_requests_get_errors_and_the_connection_stays_usable() {
     assert_eq!(state.mode.as_str(), "maintenance");
     assert_eq!(state.reason.as_deref(), Some("ticket 1234"));
     assert!(state.by.is_some());
+    // A reason that shows nothing is none, as a blank one is: it was kept, and `ctl status`
+    // said "switched by: root (\u{202e})".
+    let reply: serde_json::Value = serde_json::from_str(
+        &c.raw(br#"{"cmd":"on","reason":"\u202e\u200b"}"#)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["state"]["reason"], serde_json::Value::Null, "{reply}");
     assert!(c.request(&Ctl::Status).await.unwrap().ok);
     let h = c.request(&Ctl::Health).await.unwrap();
     assert_eq!(h.health.unwrap().len(), 1);

@@ -1336,7 +1336,9 @@ fn describe(change: &Change) -> String {
                 ""
             };
             match reason.as_deref().map(str::trim) {
-                Some(r) if !r.is_empty() => format!("maintenance on ({r}){taken_back}"),
+                Some(r) if !crate::state::mode::shows_nothing(r) => {
+                    format!("maintenance on ({r}){taken_back}")
+                }
                 _ => format!("maintenance on{taken_back}"),
             }
         }
@@ -1400,6 +1402,7 @@ mod tests {
         };
         assert_eq!(describe(&on(Some("INC-1"), None)), "maintenance on (INC-1)");
         assert_eq!(describe(&on(Some("  "), None)), "maintenance on");
+        assert_eq!(describe(&on(Some("\u{202E}"), None)), "maintenance on");
         assert_eq!(
             describe(&on(None, Some(None))),
             "maintenance on, its announced end taken back"

@@ -191,42 +191,48 @@ pub enum Text {
     Reason,
 }
 
+/// Whether `text` shows nothing anyone could see: only spaces and invisible format characters
+/// such as U+200B or U+202E (or nothing at all). A message so is refused; a reason so is none.
+pub fn shows_nothing(text: &str) -> bool {
+    text.chars().all(invisible)
+}
+
+fn invisible(c: char) -> bool {
+    c.is_whitespace()
+        || c.is_control()
+        || matches!(
+            c,
+            // Zero-width spaces and joiners, direction marks, embeddings, overrides and
+            // isolates, word joiners, the byte-order mark and the soft hyphen.
+            '\u{200B}'..='\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2060}'..='\u{2069}'
+                | '\u{061C}'
+                | '\u{FEFF}'
+                | '\u{00AD}'
+                // Fillers and blanks that are letters or symbols but draw nothing.
+                | '\u{115F}'
+                | '\u{1160}'
+                | '\u{3164}'
+                | '\u{FFA0}'
+                | '\u{2800}'
+                | '\u{180E}'
+                | '\u{17B4}'
+                | '\u{17B5}'
+                // Marks with nothing to mark: grapheme joiner, variation selectors, tags.
+                | '\u{034F}'
+                | '\u{FE00}'..='\u{FE0F}'
+                | '\u{E0000}'..='\u{E007F}'
+                | '\u{E0100}'..='\u{E01EF}'
+        )
+}
+
 /// What is wrong with an operator's text, trimmed, said of it ("must not be empty…"): more
 /// than `MAX_MESSAGE_CHARS`, a control character but line ends and tabs (which no page shows,
 /// and which the log and terminals would act on), or, for a message, nothing anyone could see
-/// (only spaces and invisible format characters such as U+200B). The config's messages and
-/// the control socket's are held to the same.
+/// (`shows_nothing`). The config's messages and the control socket's are held to the same.
 pub fn text_problem(kind: Text, text: &str) -> Option<String> {
-    let invisible = |c: char| {
-        c.is_whitespace()
-            || c.is_control()
-            || matches!(
-                c,
-                // Zero-width spaces and joiners, direction marks, embeddings, overrides and
-                // isolates, word joiners, the byte-order mark and the soft hyphen.
-                '\u{200B}'..='\u{200F}'
-                    | '\u{202A}'..='\u{202E}'
-                    | '\u{2060}'..='\u{2069}'
-                    | '\u{061C}'
-                    | '\u{FEFF}'
-                    | '\u{00AD}'
-                    // Fillers and blanks that are letters or symbols but draw nothing.
-                    | '\u{115F}'
-                    | '\u{1160}'
-                    | '\u{3164}'
-                    | '\u{FFA0}'
-                    | '\u{2800}'
-                    | '\u{180E}'
-                    | '\u{17B4}'
-                    | '\u{17B5}'
-                    // Marks with nothing to mark: grapheme joiner, variation selectors, tags.
-                    | '\u{034F}'
-                    | '\u{FE00}'..='\u{FE0F}'
-                    | '\u{E0000}'..='\u{E007F}'
-                    | '\u{E0100}'..='\u{E01EF}'
-            )
-    };
-    if kind == Text::Message && text.chars().all(invisible) {
+    if kind == Text::Message && shows_nothing(text) {
         return Some("must not be empty: it is what people read".to_owned());
     }
     if let Some(c) = text
@@ -319,14 +325,15 @@ impl Persisted {
                         "retry_after is longer than a day".into(),
                     ));
                 }
-                // A blank reason is none: given so, it clears the one before it (`on` again
-                // changes what it is given; a reason left out stays).
+                // A reason that shows nothing (blank, or a zero-width space alone) is none:
+                // given so, it clears the one before it (`on` again changes what it is given;
+                // a reason left out stays). It was kept, and shown as "(\u{202e})".
                 let reason = reason.map(|r| r.trim().to_owned());
-                let reason: Option<Option<String>> =
-                    reason.map(|r| Some(r).filter(|r| !r.is_empty()));
-                if let Some(Some(r)) = &reason {
+                if let Some(r) = &reason {
                     check_text(Text::Reason, r)?;
                 }
+                let reason: Option<Option<String>> =
+                    reason.map(|r| Some(r).filter(|r| !shows_nothing(r)));
                 let since = self.maintenance_since(now).unwrap_or(now);
                 let planned = next.planned.get_or_insert_with(|| Planned {
                     since: Timestamp(since),
@@ -855,6 +862,22 @@ mod tests {
         );
         let blank = s.apply(with_reason("  "), t(0), true).unwrap();
         assert_eq!(blank.planned.and_then(|p| p.reason), None, "blank is none");
+        for unseen in ["\u{202E}", "\u{200B}", " \u{200B}\u{FEFF} "] {
+            let kept = s.apply(with_reason(unseen), t(0), true).unwrap();
+            let kept = kept.planned.and_then(|p| p.reason);
+            assert_eq!(kept, None, "{unseen:?} shows nothing: it is none");
+        }
+        let marked = s.apply(with_reason("\u{200B}INC-7"), t(0), true).unwrap();
+        assert_eq!(
+            marked.planned.and_then(|p| p.reason).as_deref(),
+            Some("\u{200B}INC-7"),
+            "a reason that shows something is kept as given"
+        );
+        let bell = s.apply(with_reason("\u{7}"), t(0), true);
+        assert!(
+            matches!(bell, Err(ChangeError::BadValue(_))),
+            "a control character is refused, not taken for none: {bell:?}"
+        );
         let far = Change::On {
             message: None,
             until: Some(Some(t(400 * 24 * 3600))),

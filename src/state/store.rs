@@ -6,7 +6,7 @@
 //! version wrote is read (a rollback must not refuse to start), said so, and kept as it was
 //! beside the file before anything overwrites it.
 
-use super::mode::{Persisted, MAX_MESSAGE_CHARS, MAX_UPDATES, STATE_VERSION};
+use super::mode::{shows_nothing, Persisted, MAX_MESSAGE_CHARS, MAX_UPDATES, STATE_VERSION};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -83,7 +83,7 @@ pub fn load(path: &Path) -> Result<Persisted, StoreError> {
     let mended = mend_texts(&mut state);
     if mended > 0 {
         tracing::warn!(
-            "state file {}: {mended} of its messages and reasons were longer than {MAX_MESSAGE_CHARS} characters or held control characters, as no change can leave them: cut at {MAX_MESSAGE_CHARS}, the control characters removed",
+            "state file {}: {mended} of its messages and reasons were longer than {MAX_MESSAGE_CHARS} characters, held control characters or showed nothing, as no change can leave them: cut at {MAX_MESSAGE_CHARS}, the control characters removed, those showing nothing dropped",
             path.display()
         );
     }
@@ -93,8 +93,8 @@ pub fn load(path: &Path) -> Result<Persisted, StoreError> {
 /// Holds the texts of a file edited by hand to what a change can leave in it (`text_problem`):
 /// the pages' bound on their rendered size counts on `MAX_MESSAGE_CHARS`, and a control
 /// character would reach the log and `ctl`'s terminal. Trimmed, as a change keeps them; one
-/// left empty goes (a message then falls back to the config's, as with none). How many were
-/// mended.
+/// left empty, or showing nothing (`shows_nothing`), goes (a message then falls back to the
+/// config's, as with none). How many were mended.
 fn mend_texts(state: &mut Persisted) -> usize {
     let mut mended = 0;
     let mut mend = |text: &mut String| {
@@ -104,6 +104,8 @@ fn mend_texts(state: &mut Persisted) -> usize {
             .take(MAX_MESSAGE_CHARS)
             .collect();
         let kept = kept.trim();
+        // As a change leaves it: a message that shows nothing is refused, a reason is none.
+        let kept = if shows_nothing(kept) { "" } else { kept };
         if kept != text.as_str() {
             *text = kept.to_owned();
             mended += 1;
@@ -397,6 +399,17 @@ mod tests {
         assert_eq!(loaded.message, None);
         let updates: Vec<&str> = loaded.updates.iter().map(|u| u.message.as_str()).collect();
         assert_eq!(updates, ["kept"]);
+        // Showing nothing, as no change can leave it: the reason is none, the message goes.
+        let text = r#"{"version":1,"message":"\u200b","planned":{"since":"2026-12-06T00:00:00Z",
+            "by":"ops","reason":" \u202e "},"updates":[
+            {"at":"2026-12-06T00:00:00Z","message":"\ufeff\u2060"},
+            {"at":"2026-12-06T00:01:00Z","message":"\u200bkept"}]}"#;
+        std::fs::write(&path, text).unwrap();
+        let loaded = load(&path).unwrap();
+        assert_eq!(loaded.message, None);
+        assert_eq!(loaded.planned.map(|p| p.reason), Some(None));
+        let updates: Vec<&str> = loaded.updates.iter().map(|u| u.message.as_str()).collect();
+        assert_eq!(updates, ["\u{200b}kept"]);
     }
 
     /// A new state file is readable by its owner alone (it holds the internal reasons); a
