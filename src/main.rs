@@ -226,8 +226,11 @@ fn check(path: Option<PathBuf>) -> ExitCode {
                 }
                 e => vec![format!("tls: {e}")],
             });
-    let client =
-        intermission::tls::client_config(&c.upstream).map_err(|e| format!("upstream: {e}"));
+    let client = intermission::tls::client_config(&c.upstream).map_err(|e| match e {
+        // Names its key already, as the start says it.
+        e @ TlsError::CaFile(_) => e.to_string(),
+        e => format!("upstream: {e}"),
+    });
     // As the user who runs `check`: the proxy's own may differ (said in the README).
     // Loaded as the start loads it: a corrupt file passed here and then stopped `run`.
     let state = store::inspect(&c.control.state_file)

@@ -59,6 +59,9 @@ pub enum TlsError {
     Certificates(Vec<EntryError>),
     #[error("TLS settings: {0}")]
     Settings(String),
+    /// `upstream.ca_file` does not load: named by its key, as every other problem is.
+    #[error("upstream.ca_file: {0}")]
+    CaFile(Box<TlsError>),
 }
 
 /// One problem of the `[[tls.certificates]]` entry at `index`.
@@ -567,11 +570,15 @@ pub fn client_config(upstream: &UpstreamConfig) -> Result<Arc<ClientConfig>, Tls
         let mut roots = RootCertStore::empty();
         match &upstream.ca_file {
             Some(path) => {
-                for cert in read_certs(path)? {
-                    roots.add(cert).map_err(|e| TlsError::Read {
-                        path: path.clone(),
-                        reason: e.to_string(),
-                    })?;
+                let ca_file = |e| TlsError::CaFile(Box::new(e));
+                for cert in read_certs(path).map_err(ca_file)? {
+                    roots
+                        .add(cert)
+                        .map_err(|e| TlsError::Read {
+                            path: path.clone(),
+                            reason: e.to_string(),
+                        })
+                        .map_err(ca_file)?;
                 }
             }
             // The system store is read only when an https:// server needs it: it is a few

@@ -314,7 +314,11 @@ fn check_refuses_a_control_socket_folder_it_cannot_write_in() {
     .unwrap();
     let (code, err) = check(&path);
     assert_eq!(code, Some(1), "{err}");
-    assert_listed(&err, "control.socket", "cannot make the control socket /sys/intermission.sock");
+    assert_listed(
+        &err,
+        "control.socket",
+        "cannot make the control socket /sys/intermission.sock",
+    );
 
     // Readable by `nobody`: the folder, the config; the state file's folder writable by all.
     let mode = |p: &std::path::Path, m| {
@@ -1080,6 +1084,32 @@ key = "c.key"
     ] {
         assert!(err.contains(key), "{key} not named in:\n{err}");
     }
+}
+
+/// An `upstream.ca_file` that is no PEM file of certificates is named by its key, by `check`
+/// and by the start: it was listed as `upstream: …/config.toml: no certificate found`.
+#[test]
+fn check_and_run_name_a_ca_file_that_does_not_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[upstream]\nservers = [\"https://127.0.0.1:3000\"]\n\
+         ca_file = \"config.toml\"\n",
+    )
+    .unwrap();
+    let (code, err) = check(&path);
+    assert_eq!(code, Some(1), "{err}");
+    assert_listed(
+        &err,
+        "upstream.ca_file",
+        "config.toml: no certificate found",
+    );
+    let err = run_refused(dir.path(), "config.toml");
+    assert!(
+        err.contains("upstream.ca_file: ") && err.contains("no certificate found"),
+        "{err}"
+    );
 }
 
 /// `check | head -1`: a reader that has gone is not a crash. The exit code still says the
