@@ -101,6 +101,8 @@ fn asset(snap: &Snapshot, name: &str) -> Response<Body> {
     }
 }
 
+/// `mode` left out: the page of the mode in force, the outage page during an outage and the
+/// maintenance page otherwise.
 fn preview(snap: &Snapshot, query: &str) -> Response<Body> {
     let mut outage = snap.mode == crate::state::Mode::Outage;
     let mut lang = 0;
@@ -108,6 +110,12 @@ fn preview(snap: &Snapshot, query: &str) -> Response<Body> {
         match pair.split_once('=') {
             Some(("mode", "outage")) => outage = true,
             Some(("mode", "maintenance")) => outage = false,
+            // A typo (`mode=outgae`) showed the maintenance page, as if it were the one asked
+            // for: an operator checking the outage page saw the wrong one, told nothing.
+            Some(("mode", _)) => return plain(
+                StatusCode::BAD_REQUEST,
+                "mode must be maintenance or outage (left out: the page of the mode in force)\n",
+            ),
             // Chosen as a visitor's `Accept-Language: CODE` would choose it (`fr-CA`
             // shows the French page), so that the preview shows what they will see.
             Some(("lang", code)) => {

@@ -828,6 +828,38 @@ async fn a_preview_of_the_other_mode_shows_that_modes_own_words() {
     );
 }
 
+/// A mode the preview does not know is said to be so: `mode=outgae` showed the maintenance
+/// page as if it were the one asked for. Left out, the page of the mode in force is shown.
+#[tokio::test]
+async fn a_preview_of_an_unknown_mode_is_refused_saying_which_there_are() {
+    let down = refusing();
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"http://{}\"]\n[health]\nkind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n",
+        down.addr
+    ))
+    .await;
+    for query in ["mode=outgae", "mode=", "mode=Outage", "lang=fr&mode=bogus"] {
+        let resp = get(&proxy.url(&format!("/_intermission/preview?{query}"))).await;
+        assert_eq!(resp.status(), 400, "{query}");
+        let said = text(&resp);
+        assert!(
+            said.contains("maintenance") && said.contains("outage"),
+            "{query}: {said}"
+        );
+    }
+    wait_mode(&proxy, "outage", std::time::Duration::from_secs(10)).await;
+    let page = text(&get(&proxy.url("/_intermission/preview")).await);
+    assert!(
+        page.contains("We are having trouble reaching the service"),
+        "no mode during an outage: the outage page: {page}"
+    );
+    let page = text(&get(&proxy.url("/_intermission/preview?mode=maintenance")).await);
+    assert!(
+        page.contains("We are doing some planned maintenance"),
+        "{page}"
+    );
+}
+
 /// An HTTP/2 upload answered while held is read to its end, as nginx discards one, rather
 /// than reset once the answer has gone: RFC 9113 allows the reset (`NO_ERROR`), but clients
 /// such as curl before version 8 then report a failed upload instead of the holding page.
