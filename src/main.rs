@@ -257,7 +257,8 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             let s = if n == 1 { "" } else { "s" };
             eprintln!("{origin} is not valid ({n} problem{s}):");
             for p in problems {
-                eprintln!("  - {p}");
+                // As `ConfigError` lists them: one item each, however many lines.
+                eprintln!("  - {}", p.replace('\n', "\n    "));
             }
             return ExitCode::FAILURE;
         }

@@ -38,10 +38,12 @@ pub enum ConfigError {
     },
 }
 
+/// One item a problem, however many lines it takes: a line after its first is indented
+/// under it, never read as an item of its own.
 fn list(problems: &[Problem]) -> String {
     problems
         .iter()
-        .map(|p| format!("  - {p}"))
+        .map(|p| format!("  - {}", p.to_string().replace('\n', "\n    ")))
         .collect::<Vec<_>>()
         .join("\n")
 }

@@ -585,13 +585,22 @@ fn url_outline(text: &str) -> (String, Option<&str>) {
 /// Where a file does not parse, and why, without the line itself, which toml's own message
 /// quotes: the line may hold a secret (a webhook URL's token), and a refused reload is logged.
 fn syntax_error(text: &str, e: &toml::de::Error) -> String {
+    // toml says some on two lines ("invalid table header", then "duplicate key `proxy` in
+    // document root"): the second, unindented, read as a problem of its own.
+    let message: Vec<&str> = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let message = message.join(": ");
     let Some(at) = e.span().map(|s| s.start.min(text.len())) else {
-        return e.message().trim().to_owned();
+        return message;
     };
     let before = text.get(..at).unwrap_or_default();
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    format!("line {line}, column {column}: {}", e.message().trim())
+    format!("line {line}, column {column}: {message}")
 }
 
 /// The key that the line at byte `at` sets (`proxy.max_header_bytes`, `notify[1].url`), when
@@ -2528,6 +2537,27 @@ mod tests {
         assert_eq!(p[0].key, "notify[0].url");
         assert!(p[0].message.starts_with("line 2, column "), "{p:?}");
         assert!(!p[0].message.contains("XOXO"), "{p:?}");
+        // One problem, on one line: toml's second line read as a problem of its own.
+        let p = problems("[proxy]\nthreads = 1\n[proxy]\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].message
+                .contains("invalid table header: duplicate key `proxy`"),
+            "{p:?}"
+        );
+        assert!(!p[0].message.contains('\n'), "{p:?}");
+        let listed = ConfigError::Invalid {
+            origin: "config.toml".into(),
+            problems: vec![Problem {
+                key: "(syntax)".into(),
+                message: "one\ntwo".into(),
+            }],
+        }
+        .to_string();
+        assert_eq!(
+            listed,
+            "config.toml is not valid (1 problem):\n  - (syntax): one\n    two"
+        );
     }
 
     /// A value TOML itself refuses is named by its key, as every other problem is.
