@@ -765,12 +765,41 @@ async fn one_host_s_unfinished_first_heads_are_capped_and_its_established_connec
     assert_eq!(series(&proxy, PENDING_PER_CLIENT).await, Some(1.0));
 }
 
+/// The cap bites only once half of `max_connections` is taken: below that, one host's
+/// connections not yet past their first request shut nobody out, and a load test from one
+/// machine (wrk opens all its connections at once, 512 of 1,024 were refused) is served whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cap_bites_only_once_half_the_slots_are_taken() {
+    let (_up, proxy) = app_and_proxy(
+        "max_connections = 10\nmax_pending_per_client = 2\nheader_read_timeout = \"30s\"",
+    )
+    .await;
+    let mut host = Vec::new();
+    for _ in 0..4 {
+        host.push(head_begun("127.0.0.1", proxy.addr).await);
+    }
+    let out = new_client(&proxy).await;
+    assert!(
+        out.ends_with("app saw /new"),
+        "under half the slots: {out:?}"
+    );
+    assert_eq!(series(&proxy, PENDING_PER_CLIENT).await, Some(0.0));
+    let open = "intermission_client_connections";
+    assert_eq!(series_reaches(&proxy, open, 4.0).await, Some(4.0));
+
+    let _other = head_begun("127.0.0.3", proxy.addr).await;
+    assert_eq!(series_reaches(&proxy, open, 5.0).await, Some(5.0));
+    let out = new_client(&proxy).await;
+    assert_eq!(out, "", "at half the slots, over its cap: served");
+    assert_eq!(series(&proxy, PENDING_PER_CLIENT).await, Some(1.0));
+}
+
 /// A held request answered without hyper (`fast`, as every plain request is during
 /// maintenance) is its connection's first request too: a host's connections answered so do
 /// not use up its cap.
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_answered_while_held_do_not_count_against_the_cap() {
-    let (_up, proxy) = app_and_proxy("max_pending_per_client = 1").await;
+    let (_up, proxy) = app_and_proxy("max_connections = 4\nmax_pending_per_client = 1").await;
     assert!(ctl(&proxy, on(None)).await.ok);
     let mut kept = Vec::new();
     for _ in 0..3 {
@@ -791,7 +820,8 @@ async fn connections_answered_while_held_do_not_count_against_the_cap() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cap_spares_trusted_proxies_and_0_turns_it_off() {
     let (_up, proxy) = app_and_proxy(
-        "max_pending_per_client = 1\ntrusted_proxies = [\"127.0.0.1\"]\nheader_read_timeout = \"30s\"",
+        "max_connections = 4\nmax_pending_per_client = 1\ntrusted_proxies = [\"127.0.0.1\"]\n\
+         header_read_timeout = \"30s\"",
     )
     .await;
     let _trusted = head_begun("127.0.0.1", proxy.addr).await;
