@@ -123,20 +123,27 @@ pub fn handle(state: &StateHandle, conn: &Arc<Conn>, req: Request<Incoming>) -> 
     }
 }
 
-/// How much of an HTTP/2 upload answered without it is read and dropped, and for how long.
+/// How much of an upload answered without it is read and dropped, and for how long.
 const DISCARD_LIMIT: usize = 16 << 20;
 const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Reads and drops what is still coming of an HTTP/2 request answered without its body (held,
-/// reserved, refused), up to `DISCARD_LIMIT` and `DISCARD_TIME`, as nginx discards one. Left
-/// unread, the stream is reset once the answer has gone (`RST_STREAM(NO_ERROR)`, which RFC
-/// 9113 §8.1 allows), and clients that take that for a failure (curl before 8, others) showed
-/// an upload during maintenance an error rather than the holding page. HTTP/1.1 needs none of
-/// this: hyper closes such a connection after the answer, which clients read whole.
+/// Reads and drops what is still coming of a request answered without its body (held,
+/// reserved, refused), up to `DISCARD_LIMIT` and `DISCARD_TIME`, as nginx discards one.
+/// Left unread, an HTTP/2 stream is reset once the answer has gone (`RST_STREAM(NO_ERROR)`,
+/// which RFC 9113 §8.1 allows), and clients that take that for a failure (curl before 8,
+/// others) showed an upload during maintenance an error rather than the holding page; an
+/// HTTP/1.1 connection was closed with the body unread, which resets it under a client still
+/// sending, and a client that sends its whole body before it reads (asyncio's, many scripts)
+/// lost the answer. Read, the connection is kept. Not when the client waits for
+/// `100 Continue`: reading would ask for the body, where the answer now tells it to send none.
 fn discard_upload(req: Request<Incoming>) {
     use http_body_util::BodyExt;
     use hyper::body::Body as _;
-    if req.version() != http::Version::HTTP_2 || req.body().is_end_stream() {
+    let waits = req
+        .headers()
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if req.body().is_end_stream() || (req.version() != http::Version::HTTP_2 && waits) {
         return;
     }
     let mut body = req.into_body();

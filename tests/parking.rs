@@ -45,34 +45,6 @@ async fn wait_parked(proxy: &Proxy, want: f64) {
     assert_eq!(seen, want, "parked connections");
 }
 
-/// Reads one response with a `Content-Length` body from a keep-alive connection.
-async fn read_response(s: &mut TcpStream) -> String {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let length = text[..end]
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse::<usize>().ok())?
-                })
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + length {
-                return text;
-            }
-        }
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
-            .await
-            .expect("no response within 5 s")
-            .unwrap();
-        assert!(n > 0, "closed before a whole response: {text:?}");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_connection_parks_and_is_served_again_on_the_same_socket() {
     let (_up, proxy) = app_and_proxy("").await;

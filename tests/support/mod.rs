@@ -811,3 +811,34 @@ impl http_body::Body for WithTrailers {
         })
     }
 }
+
+/// Reads one response with a `Content-Length` body from a keep-alive connection.
+pub async fn read_response(s: &mut tokio::net::TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read(s, &mut chunk),
+        )
+        .await
+        .expect("no response within 5 s")
+        .unwrap();
+        assert!(n > 0, "closed before a whole response: {text:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
