@@ -115,8 +115,9 @@ pub fn handle(state: &StateHandle, conn: &Arc<Conn>, req: Request<Incoming>) -> 
         Decision::Forward(outcome) => {
             let conn = conn.clone();
             Reply::Later(Box::pin(async move {
-                let mut log = Unanswered(log, start);
+                let mut log = Unanswered(log, start, Some(&snap));
                 let (resp, server, outcome) = forward_request(&snap, &conn, req, outcome).await;
+                log.2 = None;
                 finish(&snap, start, log.0.take(), resp, server, outcome)
             }))
         }
@@ -246,11 +247,15 @@ impl Logged {
 /// The access log line of a forwarded request, until its answer comes: a client that leaves
 /// first (its connection closed, its HTTP/2 stream reset) drops the request, which is then
 /// logged with nginx's `499`, so that the operator sees the requests people gave up on (a
-/// server that hangs shows as a run of them), where nothing was written.
-struct Unanswered(Option<Logged>, Instant);
+/// server that hangs shows as a run of them), where nothing was written; and counted as
+/// `abandoned`, where dashboards showed the traffic to a hanging server fall to nothing.
+struct Unanswered<'a>(Option<Logged>, Instant, Option<&'a Snapshot>);
 
-impl Drop for Unanswered {
+impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
+        if let Some(snap) = self.2 {
+            snap.metrics.abandoned(snap.mode);
+        }
         if let Some(Logged { method, uri, peer }) = self.0.take() {
             let line = crate::logging::AccessLine {
                 peer,

@@ -39,15 +39,18 @@ pub enum Outcome {
     /// Could not be forwarded; answered with the outage response (or a 4xx when the
     /// client's own request body could not be read).
     Failed,
+    /// Forwarded, and its client left before the answer came (the access log's 499).
+    Abandoned,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 5] = [
+    const ALL: [Outcome; 6] = [
         Outcome::Forwarded,
         Outcome::Held,
         Outcome::Bypassed,
         Outcome::Reserved,
         Outcome::Failed,
+        Outcome::Abandoned,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -57,6 +60,7 @@ impl Outcome {
             Outcome::Bypassed => "bypassed",
             Outcome::Reserved => "reserved",
             Outcome::Failed => "failed",
+            Outcome::Abandoned => "abandoned",
         }
     }
 
@@ -419,7 +423,7 @@ impl EncodeMetric for DurationHistogram {
 pub struct Metrics {
     registry: Registry,
     /// `[outcome][mode]`.
-    requests: [[Counter; 3]; 5],
+    requests: [[Counter; 3]; 6],
     /// Indexed like `STATUS_CLASSES`.
     responses: [Counter; 5],
     request_duration: DurationHistogram,
@@ -689,6 +693,12 @@ impl Metrics {
             self.responses[class].inc();
         }
         self.request_duration.observe(duration);
+    }
+
+    /// Counts a forwarded request whose client left before its answer: no response was sent,
+    /// so neither its class nor a duration is counted.
+    pub fn abandoned(&self, mode: Mode) {
+        self.requests[Outcome::Abandoned.index()][mode_index(mode)].inc();
     }
 
     /// Counts a request head hyper refused and answered itself (`status`) before anything of
@@ -1000,7 +1010,20 @@ pub(crate) mod tests {
             get(&s, total, &[("outcome", "held"), ("mode", "outage")]),
             0.0
         );
-        assert_eq!(s.iter().filter(|x| x.name == total).count(), 15);
+        assert_eq!(s.iter().filter(|x| x.name == total).count(), 18);
+        // A request its client gave up on: no response, no duration.
+        m.abandoned(Mode::Normal);
+        let s = parse(&m.encode());
+        assert_eq!(
+            get(&s, total, &[("outcome", "abandoned"), ("mode", "normal")]),
+            1.0
+        );
+        let classes: f64 = s
+            .iter()
+            .filter(|x| x.name == "intermission_responses_total")
+            .map(|x| x.value)
+            .sum();
+        assert_eq!(classes, 6.0);
     }
 
     #[test]

@@ -848,8 +848,11 @@ async fn exchange<C: Client>(
         bytes: 0,
     };
     let next = answer(bufs, snap, sock, head, drain, clocks, &mut served).await;
-    // No status: the client left before its answer, which is not counted, and is logged
-    // with nginx's 499, as on hyper's path (`gateway::Unanswered`).
+    // No status: the client left before its answer, counted as abandoned and logged with
+    // nginx's 499, as on hyper's path (`gateway::Unanswered`).
+    if served.status == 0 {
+        snap.metrics.abandoned(snap.mode);
+    }
     if snap.config.log.access_log {
         let (status, upstream) = match served.status {
             0 => (gateway::CLIENT_CLOSED, None),

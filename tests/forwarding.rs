@@ -1552,3 +1552,56 @@ async fn a_body_a_get_gives_no_meaning_poisons_no_other_answer() {
         );
     }
 }
+
+/// A request whose client leaves before its answer (the access log's 499) is counted in
+/// `/metrics` as `abandoned`, on the relay's path and on hyper's: with a server that hangs,
+/// dashboards showed the traffic fall to nothing, where every request was given up on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_its_client_gave_up_on_is_counted_abandoned() {
+    use tokio::io::AsyncWriteExt;
+    let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = arrived.clone();
+    let up = upstream(move |_req: Request<Incoming>| {
+        let seen = seen.clone();
+        async move {
+            seen.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Response::new(full("never"))
+        }
+    })
+    .await;
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[upstream]\nservers = [\"{}\"]\n\
+         response_timeout = \"1h\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        up.url()
+    ))
+    .await;
+    let abandoned = "intermission_requests_total{outcome=\"abandoned\",mode=\"normal\"}";
+    assert_eq!(series(&proxy, abandoned).await, Some(0.0));
+    // HTTP/1.1 (the relay): the client closes once the server has the request.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /gave-up-h1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)
+            == 1)
+        .await
+    );
+    drop(s);
+    assert_eq!(series_reaches(&proxy, abandoned, 1.0).await, Some(1.0));
+    // HTTP/2 (hyper's path): the stream is dropped with its client.
+    let client = h2c_client();
+    let url = proxy.url("/gave-up-h2");
+    let call = tokio::spawn(async move { client.get(url.parse().unwrap()).await });
+    assert!(
+        wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)
+            == 2)
+        .await
+    );
+    call.abort();
+    let _ = call.await;
+    assert_eq!(series_reaches(&proxy, abandoned, 2.0).await, Some(2.0));
+    let forwarded = "intermission_requests_total{outcome=\"forwarded\",mode=\"normal\"}";
+    assert_eq!(series(&proxy, forwarded).await, Some(0.0));
+}
