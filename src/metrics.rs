@@ -124,8 +124,8 @@ pub enum WebhookResult {
     Delivered,
     /// Given up after the retries.
     Failed,
-    /// Never attempted: the queue was full and the oldest delivery was dropped, or a reload
-    /// removed its webhook.
+    /// Not delivered and not given up after its retries: the queue was full and the oldest
+    /// delivery was dropped, or the proxy stopped before it was delivered.
     Dropped,
 }
 
@@ -142,10 +142,6 @@ impl WebhookResult {
             WebhookResult::Failed => "failed",
             WebhookResult::Dropped => "dropped",
         }
-    }
-
-    fn index(self) -> usize {
-        self as usize
     }
 }
 
@@ -281,9 +277,17 @@ struct CommandLabels {
     result: &'static str,
 }
 
+/// `webhook` is a `[[notify]]` entry's `name`, else its index: as many as the config has
+/// entries, and never its URL, whose path or userinfo may hold a token.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WebhookLabels {
+    webhook: String,
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookQueueLabels {
+    webhook: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -435,8 +439,9 @@ pub struct Metrics {
     health_checks: Family<HealthCheckLabels, Counter>,
     health_check_duration: Family<ServerLabels, DurationHistogram>,
     control_commands: Family<CommandLabels, Counter>,
-    /// Indexed by `WebhookResult::index`.
-    webhooks: [Counter; 3],
+    /// By webhook (`notify::Target::id`) and result.
+    webhooks: Family<WebhookLabels, Counter>,
+    webhook_queues: Family<WebhookQueueLabels, Gauge>,
     /// Indexed like `TlsFailure::ALL`.
     tls_failures: [Counter; 5],
     /// Full, then resumed.
@@ -553,13 +558,20 @@ impl Metrics {
             control_commands.clone(),
         );
 
-        let webhooks_family = Family::<WebhookLabels, Counter>::default();
-        let webhooks = WebhookResult::ALL
-            .map(|r| webhooks_family.get_or_create_owned(&WebhookLabels { result: r.as_str() }));
+        let webhooks = Family::<WebhookLabels, Counter>::default();
         registry.register(
             "intermission_webhook_deliveries",
-            "Webhook deliveries by result (delivered, failed after retries, dropped from a full queue or a removed webhook)",
-            webhooks_family,
+            "Webhook deliveries by webhook (its name, else its index in [[notify]]) and result \
+             (delivered, failed after retries, dropped from a full queue or at a stop)",
+            webhooks.clone(),
+        );
+
+        let webhook_queues = Family::<WebhookQueueLabels, Gauge>::default();
+        registry.register(
+            "intermission_webhook_queue_length",
+            "Events a webhook holds, queued or being tried, not yet delivered, given up or \
+             dropped, by webhook (its name, else its index in [[notify]])",
+            webhook_queues.clone(),
         );
 
         let tls_family = Family::<TlsFailureLabels, Counter>::default();
@@ -661,6 +673,7 @@ impl Metrics {
             health_check_duration,
             control_commands,
             webhooks,
+            webhook_queues,
             tls_failures,
             tls_handshakes,
             certificate_ends,
@@ -781,8 +794,53 @@ impl Metrics {
         }
     }
 
-    pub fn webhook(&self, result: WebhookResult) {
-        self.webhooks[result.index()].inc();
+    fn webhook_labels(webhook: &str, result: WebhookResult) -> WebhookLabels {
+        WebhookLabels {
+            webhook: webhook.to_owned(),
+            result: result.as_str(),
+        }
+    }
+
+    /// Counts one delivery's end for `webhook`, a configured entry's id (see `WebhookLabels`).
+    pub fn webhook(&self, webhook: &str, result: WebhookResult) {
+        self.webhooks
+            .get_or_create(&Metrics::webhook_labels(webhook, result))
+            .inc();
+    }
+
+    /// Shows `webhook`'s series, every result at zero and an empty queue, so that a rate of
+    /// failures starts from zero rather than from nothing.
+    pub fn add_webhook(&self, webhook: &str) {
+        // Created, and the family's lock let go at once.
+        for result in WebhookResult::ALL {
+            drop(
+                self.webhooks
+                    .get_or_create(&Metrics::webhook_labels(webhook, result)),
+            );
+        }
+        drop(self.webhook_queues.get_or_create(&WebhookQueueLabels {
+            webhook: webhook.to_owned(),
+        }));
+    }
+
+    /// Forgets a webhook that a reload removed (or whose id now names another), so that its
+    /// series neither linger nor carry its counts into another receiver's.
+    pub fn forget_webhook(&self, webhook: &str) {
+        for result in WebhookResult::ALL {
+            self.webhooks
+                .remove(&Metrics::webhook_labels(webhook, result));
+        }
+        self.webhook_queues.remove(&WebhookQueueLabels {
+            webhook: webhook.to_owned(),
+        });
+    }
+
+    pub fn set_webhook_queue(&self, webhook: &str, events: usize) {
+        self.webhook_queues
+            .get_or_create(&WebhookQueueLabels {
+                webhook: webhook.to_owned(),
+            })
+            .set(i64::try_from(events).unwrap_or(i64::MAX));
     }
 
     /// Shows the ends of the certificates now served, and only those: a file a reload
@@ -836,14 +894,23 @@ impl Metrics {
 
 /// Webhook deliveries, as the notifier reports them.
 impl crate::notify::NotifyStats for Metrics {
-    fn delivered(&self) {
-        self.webhook(WebhookResult::Delivered);
+    fn delivered(&self, webhook: &str) {
+        self.webhook(webhook, WebhookResult::Delivered);
     }
-    fn failed(&self) {
-        self.webhook(WebhookResult::Failed);
+    fn failed(&self, webhook: &str) {
+        self.webhook(webhook, WebhookResult::Failed);
     }
-    fn dropped(&self) {
-        self.webhook(WebhookResult::Dropped);
+    fn dropped(&self, webhook: &str) {
+        self.webhook(webhook, WebhookResult::Dropped);
+    }
+    fn waiting(&self, webhook: &str, events: usize) {
+        self.set_webhook_queue(webhook, events);
+    }
+    fn added(&self, webhook: &str) {
+        self.add_webhook(webhook);
+    }
+    fn forget(&self, webhook: &str) {
+        self.forget_webhook(webhook);
     }
 }
 
@@ -1163,9 +1230,10 @@ pub(crate) mod tests {
         m.control_command("on", true);
         m.control_command("on", false);
         m.control_command("status", true);
-        m.webhook(WebhookResult::Delivered);
-        m.webhook(WebhookResult::Delivered);
-        m.webhook(WebhookResult::Dropped);
+        m.add_webhook("alerts");
+        m.webhook("alerts", WebhookResult::Delivered);
+        m.webhook("alerts", WebhookResult::Delivered);
+        m.webhook("alerts", WebhookResult::Dropped);
         let s = parse(&m.encode());
 
         let up = |server| get(&s, "intermission_upstream_healthy", &[("server", server)]);
@@ -1219,7 +1287,7 @@ pub(crate) mod tests {
             get(
                 &s,
                 "intermission_webhook_deliveries_total",
-                &[("result", result)],
+                &[("webhook", "alerts"), ("result", result)],
             )
         };
         assert_eq!(
@@ -1237,26 +1305,59 @@ pub(crate) mod tests {
         );
     }
 
+    /// Each webhook's deliveries and queue under its own label; a forgotten webhook's series
+    /// are gone from the text, and one added again starts from zero.
     #[test]
-    fn notifier_reports_into_the_webhook_counter() {
+    fn notifier_reports_into_each_webhooks_series() {
         let m = Arc::new(Metrics::new());
         let stats: Arc<dyn crate::notify::NotifyStats> = m.clone();
-        stats.delivered();
-        stats.failed();
-        stats.failed();
-        stats.dropped();
+        stats.added("alerts");
+        stats.added("0");
+        stats.delivered("alerts");
+        stats.failed("0");
+        stats.failed("0");
+        stats.dropped("alerts");
+        stats.waiting("0", 3);
         let s = parse(&m.encode());
-        let hook = |result| {
-            get(
-                &s,
+        let hook = |s: &[Sample], webhook, result| {
+            value(
+                s,
                 "intermission_webhook_deliveries_total",
-                &[("result", result)],
+                &[("webhook", webhook), ("result", result)],
+            )
+        };
+        let queue = |s: &[Sample], webhook| {
+            value(
+                s,
+                "intermission_webhook_queue_length",
+                &[("webhook", webhook)],
             )
         };
         assert_eq!(
-            (hook("delivered"), hook("failed"), hook("dropped")),
-            (1.0, 2.0, 1.0)
+            ["delivered", "failed", "dropped"].map(|r| hook(&s, "alerts", r)),
+            [Some(1.0), Some(0.0), Some(1.0)]
         );
+        assert_eq!(
+            ["delivered", "failed", "dropped"].map(|r| hook(&s, "0", r)),
+            [Some(0.0), Some(2.0), Some(0.0)]
+        );
+        assert_eq!(
+            (queue(&s, "alerts"), queue(&s, "0")),
+            (Some(0.0), Some(3.0))
+        );
+
+        stats.forget("0");
+        let s = parse(&m.encode());
+        assert!(
+            !s.iter()
+                .any(|x| x.labels.get("webhook").map(String::as_str) == Some("0")),
+            "{s:?}"
+        );
+        assert_eq!(hook(&s, "alerts", "delivered"), Some(1.0));
+        stats.added("0");
+        let s = parse(&m.encode());
+        assert_eq!(hook(&s, "0", "failed"), Some(0.0));
+        assert_eq!(queue(&s, "0"), Some(0.0));
     }
 
     #[test]
@@ -1265,6 +1366,7 @@ pub(crate) mod tests {
         m.set_upstream_health("a:1", true);
         m.health_check("a:1", true, MS);
         m.control_command("status", true);
+        m.add_webhook("0");
         let text = m.encode();
         for family in [
             "intermission_requests",
@@ -1277,6 +1379,7 @@ pub(crate) mod tests {
             "intermission_health_check_duration_seconds",
             "intermission_control_commands",
             "intermission_webhook_deliveries",
+            "intermission_webhook_queue_length",
             "intermission_parked_connections",
             "intermission_client_connections",
             "intermission_client_connection_limit_reached",

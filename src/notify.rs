@@ -18,7 +18,16 @@
 //! per target, so that a receiver left on the last state it heard of is told in the log.
 //!
 //! Logs name a target by scheme and authority only: webhook URLs often carry their secret in
-//! the path (Slack's `/services/T…/B…/…`).
+//! the path (Slack's `/services/T…/B…/…`). Beside it they give the target's `id` (its
+//! configured `name`, else its index in `[[notify]]`), which is also the `webhook` label of its
+//! metrics, so that a failing series can be matched to its log lines.
+//!
+//! Metrics (`NotifyStats`): each target's counts and queue length go under its `id`. A name
+//! keeps its series across reloads while it is configured; an index only while it names the
+//! same receiver. An `id` a reload drops (or an index it gives to another receiver) has its
+//! series forgotten, and every queue that held it, a removed one still finishing its try
+//! included, reports nothing more under it: no series comes back for a webhook the config no
+//! longer has, and the label values are never more than the config's entries.
 
 use crate::forward::pool::{https_connector, tcp_connector, HttpsConnector};
 use crate::state::mode::Mode;
@@ -76,6 +85,9 @@ pub enum Format {
 /// One `[[notify]]` entry, validated by the config layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
+    /// What metrics (the `webhook` label) and logs call it: its `name`, else its index in
+    /// `[[notify]]`. Never the URL, whose path or userinfo may hold a token.
+    pub id: String,
     /// `http://` or `https://`.
     pub url: Uri,
     pub format: Format,
@@ -143,15 +155,25 @@ impl EventKind {
     }
 }
 
-/// Counters the notifier reports to (implemented by the metrics module).
+/// Counters the notifier reports to (implemented by the metrics module), each by the
+/// target's `id`. Calls for one `id` come in order: the notifier makes them with the target's
+/// queue locked.
 pub trait NotifyStats: Send + Sync {
     /// An event reached a target (2xx).
-    fn delivered(&self);
+    fn delivered(&self, webhook: &str);
     /// An event was given up after every attempt failed.
-    fn failed(&self);
-    /// An event was dropped undelivered without using up its attempts: from a full queue,
-    /// with its webhook at a reload, or still queued or under way when the proxy stopped.
-    fn dropped(&self);
+    fn failed(&self, webhook: &str);
+    /// An event was dropped undelivered without using up its attempts: from a full queue, or
+    /// still queued or under way when the proxy stopped.
+    fn dropped(&self, webhook: &str);
+    /// The events the target holds now: queued, and the one being tried, until each is
+    /// delivered, given up or dropped.
+    fn waiting(&self, webhook: &str, events: usize);
+    /// `webhook` names a target from now on (at start, or by a reload): its series may start.
+    fn added(&self, webhook: &str);
+    /// `webhook` no longer names the target it named (a reload removed it, renamed it, or gave
+    /// its index to another): its series go, and a new target under it starts from zero.
+    fn forget(&self, webhook: &str);
 }
 
 /// The exact body a target receives for `event`.
@@ -285,6 +307,9 @@ pub struct Notifier {
 
 struct Shared {
     queues: Mutex<Vec<Arc<Queue>>>,
+    /// Queues a reload removed, while their worker may still be finishing its try: a later
+    /// reload that forgets their `id` must silence them too.
+    retired: Mutex<Vec<Arc<Queue>>>,
     deliverer: Arc<Deliverer>,
     capacity: usize,
     runtime: tokio::runtime::Handle,
@@ -352,7 +377,34 @@ struct QueueState {
     closed: bool,
     /// Removed by a reload: `events` was dropped, and the try under way is the last.
     removed: bool,
+    /// Removed by a reload (`removed` is set by a stop too): its `id`, if still shown, is
+    /// another queue's now, whose length it must not overwrite.
+    retired: bool,
+    /// Its `id`'s series were forgotten by a reload: nothing more is reported under it.
+    forgotten: bool,
+    /// An event taken from `events` is being tried.
+    under_way: bool,
     drops: DropLog,
+}
+
+impl QueueState {
+    /// Tells the stats how many events the target holds, unless its `id` was forgotten.
+    /// Called with the queue locked, so that the reports of one target come in order.
+    fn report_waiting(&self, stats: &dyn NotifyStats) {
+        if !self.forgotten && !self.retired {
+            stats.waiting(
+                &self.target.id,
+                self.events.len() + usize::from(self.under_way),
+            );
+        }
+    }
+
+    /// Counts an outcome under the target's `id`, unless that was forgotten.
+    fn report(&self, stats: &dyn NotifyStats, outcome: fn(&dyn NotifyStats, &str)) {
+        if !self.forgotten {
+            outcome(stats, &self.target.id);
+        }
+    }
 }
 
 /// When to warn of a target's dropped events: the first drop of a burst at once, then the
@@ -444,33 +496,6 @@ impl Queue {
             }
         }
     }
-
-    /// Its target was removed by a reload: the try under way is the last, and what is queued
-    /// is dropped (counted and logged). Whoever removes a receiver wants it to stop hearing;
-    /// finishing the queue kept sending to a receiver that hangs for hours (256 events, three
-    /// timeouts each), beside the queue of its replacement, one more for each reload.
-    fn remove(&self, d: &Deliverer) {
-        let (dropped, url) = {
-            let mut s = lock(&self.state);
-            s.closed = true;
-            s.removed = true;
-            let dropped = s.events.len();
-            s.events.clear();
-            (dropped, shown(&s.target.url))
-        };
-        d.settle(dropped);
-        for _ in 0..dropped {
-            d.stats.dropped();
-        }
-        if dropped > 0 {
-            tracing::warn!(
-                webhook = url,
-                dropped,
-                "webhook removed by a reload: dropped its {dropped} queued event(s)"
-            );
-        }
-        self.wake.notify_one();
-    }
 }
 
 impl Notifier {
@@ -504,6 +529,7 @@ impl Notifier {
         let notifier = Notifier {
             shared: Arc::new(Shared {
                 queues: Mutex::new(Vec::new()),
+                retired: Mutex::new(Vec::new()),
                 deliverer: Arc::new(Deliverer {
                     plain: builder.build(tcp_connector(CONNECT_TIMEOUT)),
                     https: OnceCell::new(),
@@ -533,15 +559,17 @@ impl Notifier {
     fn push(&self, queue: &Arc<Queue>, event: Arc<Event>) {
         let d = &self.shared.deliverer;
         let mut report = Report::Nothing;
-        let mut url = String::new();
+        let (mut url, mut id) = (String::new(), String::new());
         {
             let mut s = lock(&queue.state);
             if s.removed {
                 // Given up by a stop (its worker has ended): nothing would send it. Only a
                 // second signal, which cuts the stop short, leaves events coming after it.
+                s.report(&*d.stats, |stats, id| stats.dropped(id));
+                let id = s.target.id.clone();
                 drop(s);
-                d.stats.dropped();
                 tracing::warn!(
+                    webhook_id = id,
                     event = event.event.as_str(),
                     "webhook event not delivered: the proxy is stopping"
                 );
@@ -550,18 +578,20 @@ impl Notifier {
             if s.events.len() >= self.shared.capacity && s.events.pop_front().is_some() {
                 // Out of the queue and into it again at once: never zero in between.
                 d.pending.fetch_sub(1, Ordering::SeqCst);
-                d.stats.dropped();
+                s.report(&*d.stats, |stats, id| stats.dropped(id));
                 report = s.drops.dropped(Instant::now());
                 if let Report::Warn(_) = report {
                     url = shown(&s.target.url);
+                    id = s.target.id.clone();
                 }
             }
             s.events.push_back(event);
             d.pending.fetch_add(1, Ordering::SeqCst);
+            s.report_waiting(&*d.stats);
         }
         // Logged outside the lock: a slow log sink must not hold up the worker.
         match report {
-            Report::Warn(count) => warn_dropped(&url, count),
+            Report::Warn(count) => warn_dropped(&url, &id, count),
             // The rest of a burst waits for a timer of its own, not for the worker: the worker
             // may spend three whole timeouts on one event, or sleep with nothing left to send,
             // and a summary that waited for its next delivery or event could come much later
@@ -577,41 +607,121 @@ impl Notifier {
     }
 
     /// Replaces the targets (config reload). A target with the same url, format and secret
-    /// keeps its queue (and takes the new timeout); new ones start empty; removed ones end
-    /// with the try under way, their queues dropped (`Queue::remove`).
+    /// keeps its queue (and takes the new timeout, headers and `id`); new ones start empty;
+    /// removed ones end with the try under way, their queues dropped (`Queue::remove`). The
+    /// series of an `id` that no longer names the same receiver are forgotten.
     pub fn set_targets(&self, targets: Vec<Target>) {
+        let d = &self.shared.deliverer;
+        let stats = &*d.stats;
         let mut queues = lock(&self.shared.queues);
-        let mut old: Vec<Arc<Queue>> = std::mem::take(&mut *queues);
+        let mut retired = lock(&self.shared.retired);
+        // The others' workers have ended: nothing of theirs is left to report.
+        retired.retain(|q| Arc::strong_count(q) > 1);
+        let old: Vec<Arc<Queue>> = std::mem::take(&mut *queues);
+        // Every queue stays locked until the `id`s are settled: a try that ends meanwhile is
+        // counted under the `id` in force after the reload, never into a series being
+        // forgotten (which would bring it back).
+        let mut states: Vec<MutexGuard<'_, QueueState>> =
+            old.iter().map(|q| lock(&q.state)).collect();
+        let mut retired_states: Vec<MutexGuard<'_, QueueState>> =
+            retired.iter().map(|q| lock(&q.state)).collect();
+        let mut taken = vec![false; old.len()];
+        let mut placed: Vec<(Target, Option<usize>)> = Vec::with_capacity(targets.len());
         for target in targets {
-            let kept = old
+            let kept =
+                (0..old.len()).find(|&i| !taken[i] && states[i].target.same_receiver(&target));
+            if let Some(i) = kept {
+                taken[i] = true;
+            }
+            placed.push((target, kept));
+        }
+        // A removed target ends with the try under way, and what it had queued is dropped:
+        // whoever removes a receiver wants it to stop hearing, and finishing the queue kept
+        // sending to a receiver that hangs for hours (256 events, eight timeouts each),
+        // beside the queue of its replacement, one more for each reload. The drops are
+        // counted under its `id` while that is still shown.
+        let mut removals = Vec::new();
+        for (i, s) in states.iter_mut().enumerate() {
+            if taken[i] {
+                continue;
+            }
+            s.closed = true;
+            s.removed = true;
+            s.retired = true;
+            let dropped = s.events.len();
+            s.events.clear();
+            for _ in 0..dropped {
+                s.report(stats, |stats, id| stats.dropped(id));
+            }
+            removals.push((i, dropped, shown(&s.target.url), s.target.id.clone()));
+        }
+        // A name keeps its counts while it is configured, whatever its URL; an index only
+        // while it names the same receiver: one that comes to mean another webhook (entries
+        // removed or reordered) starts again from zero, as a counter reset, rather than adding
+        // one receiver's deliveries to another's.
+        let mut forgotten: Vec<String> = Vec::new();
+        for (i, s) in states.iter().enumerate() {
+            let id = &s.target.id;
+            let keeps = placed
                 .iter()
-                .position(|q| lock(&q.state).target.same_receiver(&target));
-            match kept {
+                .find(|(t, _)| t.id == *id)
+                .is_some_and(|(_, kept)| !is_index(id) || *kept == Some(i));
+            if !keeps {
+                stats.forget(id);
+                forgotten.push(id.clone());
+            }
+        }
+        for s in states.iter_mut().chain(retired_states.iter_mut()) {
+            if forgotten.contains(&s.target.id) {
+                s.forgotten = true;
+            }
+        }
+        for (target, kept) in placed {
+            let queue = match kept {
                 Some(i) => {
-                    let queue = old.swap_remove(i);
-                    lock(&queue.state).target = target;
-                    queues.push(queue);
+                    let s = &mut states[i];
+                    s.target = target;
+                    s.forgotten = false;
+                    stats.added(&s.target.id);
+                    s.report_waiting(stats);
+                    old[i].clone()
                 }
                 None => {
+                    stats.added(&target.id);
                     let queue = Arc::new(Queue {
                         state: Mutex::new(QueueState {
                             target,
                             events: VecDeque::new(),
                             closed: false,
                             removed: false,
+                            retired: false,
+                            forgotten: false,
+                            under_way: false,
                             drops: DropLog::default(),
                         }),
                         wake: tokio::sync::Notify::new(),
                     });
-                    self.shared
-                        .runtime
-                        .spawn(work(queue.clone(), self.shared.deliverer.clone()));
-                    queues.push(queue);
+                    self.shared.runtime.spawn(work(queue.clone(), d.clone()));
+                    queue
                 }
-            }
+            };
+            queues.push(queue);
         }
-        for removed in old {
-            removed.remove(&self.shared.deliverer);
+        drop(states);
+        drop(retired_states);
+        for (i, dropped, url, id) in removals {
+            d.settle(dropped);
+            if dropped > 0 {
+                tracing::warn!(
+                    webhook = url,
+                    webhook_id = id,
+                    dropped,
+                    "webhook removed by a reload: dropped its {dropped} queued event(s)"
+                );
+            }
+            // Its worker sees `removed` at once, even in a wait between two tries.
+            old[i].wake.notify_one();
+            retired.push(old[i].clone());
         }
     }
 
@@ -664,13 +774,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 async fn summarize_drops(queue: Arc<Queue>, mut at: Instant) {
     loop {
         tokio::time::sleep_until(at).await;
-        let (report, url) = {
+        let (report, url, id) = {
             let mut s = lock(&queue.state);
-            (s.drops.summary(Instant::now()), shown(&s.target.url))
+            (
+                s.drops.summary(Instant::now()),
+                shown(&s.target.url),
+                s.target.id.clone(),
+            )
         };
         match report {
             Report::Warn(count) => {
-                warn_dropped(&url, count);
+                warn_dropped(&url, &id, count);
                 return;
             }
             Report::SummaryAt(later) => at = later,
@@ -679,12 +793,19 @@ async fn summarize_drops(queue: Arc<Queue>, mut at: Instant) {
     }
 }
 
-fn warn_dropped(url: &str, count: u64) {
+fn warn_dropped(url: &str, id: &str, count: u64) {
     tracing::warn!(
         webhook = url,
+        webhook_id = id,
         dropped = count,
         "webhook queue full: dropped the {count} oldest queued event(s); the receiver is slow or down"
     );
+}
+
+/// Whether `id` is an entry's index rather than its `name`: the config refuses names made of
+/// digits alone, so that the two never meet.
+fn is_index(id: &str) -> bool {
+    id.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// A URL as logs may show it: scheme, host and port, never the userinfo or the path that may
@@ -711,7 +832,11 @@ async fn work(queue: Arc<Queue>, d: Arc<Deliverer>) {
         let next = {
             let mut s = lock(&queue.state);
             match s.events.pop_front() {
-                Some(event) => Some((event, s.target.clone())),
+                Some(event) => {
+                    // Still held, now by the worker: the length it reports does not change.
+                    s.under_way = true;
+                    Some((event, s.target.clone()))
+                }
                 None if s.closed => return,
                 None => None,
             }
@@ -726,7 +851,19 @@ async fn work(queue: Arc<Queue>, d: Arc<Deliverer>) {
                         give_up_at_stop(&queue, &d, Some(&event));
                         return;
                     }
-                    () = deliver(&d, &target, &event, &queue) => d.settle(1),
+                    delivered = deliver(&d, &target, &event, &queue) => {
+                        {
+                            let mut s = lock(&queue.state);
+                            s.under_way = false;
+                            if delivered {
+                                s.report(&*d.stats, |stats, id| stats.delivered(id));
+                            } else {
+                                s.report(&*d.stats, |stats, id| stats.failed(id));
+                            }
+                            s.report_waiting(&*d.stats);
+                        }
+                        d.settle(1);
+                    }
                 }
             }
             None => tokio::select! {
@@ -741,28 +878,31 @@ async fn work(queue: Arc<Queue>, d: Arc<Deliverer>) {
 /// dropped, counted, and told in one line for the target, by kind, so that whoever runs the
 /// receiver knows what it was not told. The queue takes no more events.
 fn give_up_at_stop(queue: &Queue, d: &Deliverer, under_way: Option<&Event>) {
-    let (left, url) = {
+    let (left, url, id) = {
         let mut s = lock(&queue.state);
         s.closed = true;
         s.removed = true;
+        s.under_way = false;
         let left: Vec<EventKind> = under_way
             .map(|e| e.event)
             .into_iter()
             .chain(s.events.drain(..).map(|e| e.event))
             .collect();
-        (left, shown(&s.target.url))
+        for _ in 0..left.len() {
+            s.report(&*d.stats, |stats, id| stats.dropped(id));
+        }
+        s.report_waiting(&*d.stats);
+        (left, shown(&s.target.url), s.target.id.clone())
     };
     if left.is_empty() {
         return;
     }
     let dropped = left.len();
     d.settle(dropped);
-    for _ in 0..dropped {
-        d.stats.dropped();
-    }
     let kinds = by_kind(&left);
     tracing::warn!(
         webhook = url,
+        webhook_id = id,
         dropped,
         events = kinds,
         "stopping: {dropped} webhook event(s) not delivered ({kinds}); the receiver may still show the state before them"
@@ -785,7 +925,8 @@ fn by_kind(kinds: &[EventKind]) -> String {
         .join(", ")
 }
 
-async fn deliver(d: &Deliverer, target: &Target, event: &Event, queue: &Queue) {
+/// Tries `event` until it is delivered (`true`) or given up (`false`); the caller counts it.
+async fn deliver(d: &Deliverer, target: &Target, event: &Event, queue: &Queue) -> bool {
     let payload = Bytes::from(body(target.format, event));
     let signed = target
         .secret
@@ -810,6 +951,7 @@ async fn deliver(d: &Deliverer, target: &Target, event: &Event, queue: &Queue) {
                 if attempt == 1 {
                     tracing::debug!(
                         webhook = shown(&target.url),
+                        webhook_id = target.id,
                         event = event.event.as_str(),
                         attempt,
                         "webhook delivered"
@@ -818,13 +960,13 @@ async fn deliver(d: &Deliverer, target: &Target, event: &Event, queue: &Queue) {
                     // The failure was warned of: its end is told too.
                     tracing::info!(
                         webhook = shown(&target.url),
+                        webhook_id = target.id,
                         event = event.event.as_str(),
                         attempts = attempt,
                         "webhook delivered after {attempt} tries"
                     );
                 }
-                d.stats.delivered();
-                return;
+                return true;
             }
             Err(Failed { why, retry_after }) => {
                 let last = attempt == ATTEMPTS;
@@ -840,18 +982,20 @@ async fn deliver(d: &Deliverer, target: &Target, event: &Event, queue: &Queue) {
                         // quiet until the event is delivered or given up.
                         tracing::warn!(
                             webhook = shown(&target.url),
+                        webhook_id = target.id,
                             event = event.event.as_str(),
                             retry_in = ?wait,
                             "webhook not delivered: {why}; trying again in {wait:?} (up to {ATTEMPTS} tries)"
                         );
                     } else {
-                        tracing::debug!(webhook = shown(&target.url), attempt, retry_in = ?wait, "webhook attempt failed: {why}");
+                        tracing::debug!(webhook = shown(&target.url), webhook_id = target.id, attempt, retry_in = ?wait, "webhook attempt failed: {why}");
                     }
                     removed = !queue.wait_unless_removed(wait).await;
                 }
                 if removed {
                     tracing::warn!(
                         webhook = shown(&target.url),
+                        webhook_id = target.id,
                         event = event.event.as_str(),
                         attempt,
                         "webhook not delivered, and removed by a reload: not tried again: {why}"
@@ -859,6 +1003,7 @@ async fn deliver(d: &Deliverer, target: &Target, event: &Event, queue: &Queue) {
                 } else if last {
                     tracing::warn!(
                         webhook = shown(&target.url),
+                        webhook_id = target.id,
                         event = event.event.as_str(),
                         attempts = ATTEMPTS,
                         "webhook not delivered, giving up: {why}"
@@ -867,11 +1012,11 @@ async fn deliver(d: &Deliverer, target: &Target, event: &Event, queue: &Queue) {
                     delay = delay.saturating_mul(2).min(longest);
                     continue;
                 }
-                d.stats.failed();
-                return;
+                return false;
             }
         }
     }
+    false
 }
 
 /// Why an attempt failed, and when the receiver asked to be tried again, if it did.
@@ -1000,22 +1145,52 @@ mod tests {
     use tokio::net::TcpListener;
     use tokio::sync::Semaphore;
 
+    /// What the notifier reported: the totals of every webhook, reported or forgotten since,
+    /// and, as the metrics keep them, the counts and queue length of each webhook shown now.
     #[derive(Default)]
     struct Counts {
         delivered: AtomicUsize,
         failed: AtomicUsize,
         dropped: AtomicUsize,
+        shown: Mutex<std::collections::BTreeMap<String, Shown>>,
+    }
+
+    #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+    struct Shown {
+        delivered: usize,
+        failed: usize,
+        dropped: usize,
+        waiting: usize,
+    }
+
+    impl Counts {
+        fn show(&self, webhook: &str, change: impl FnOnce(&mut Shown)) {
+            let mut shown = self.shown.lock().unwrap();
+            change(shown.entry(webhook.to_owned()).or_default());
+        }
     }
 
     impl NotifyStats for Counts {
-        fn delivered(&self) {
+        fn delivered(&self, webhook: &str) {
             self.delivered.fetch_add(1, Ordering::SeqCst);
+            self.show(webhook, |s| s.delivered += 1);
         }
-        fn failed(&self) {
+        fn failed(&self, webhook: &str) {
             self.failed.fetch_add(1, Ordering::SeqCst);
+            self.show(webhook, |s| s.failed += 1);
         }
-        fn dropped(&self) {
+        fn dropped(&self, webhook: &str) {
             self.dropped.fetch_add(1, Ordering::SeqCst);
+            self.show(webhook, |s| s.dropped += 1);
+        }
+        fn waiting(&self, webhook: &str, events: usize) {
+            self.show(webhook, |s| s.waiting = events);
+        }
+        fn added(&self, webhook: &str) {
+            self.show(webhook, |_| {});
+        }
+        fn forget(&self, webhook: &str) {
+            self.shown.lock().unwrap().remove(webhook);
         }
     }
 
@@ -1026,6 +1201,20 @@ mod tests {
                 self.failed.load(Ordering::SeqCst),
                 self.dropped.load(Ordering::SeqCst),
             )
+        }
+
+        /// The webhooks shown now, each with (delivered, failed, dropped, waiting).
+        fn shown(&self) -> Vec<(String, (usize, usize, usize, usize))> {
+            self.shown
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(id, s)| (id.clone(), (s.delivered, s.failed, s.dropped, s.waiting)))
+                .collect()
+        }
+
+        fn waiting(&self, webhook: &str) -> Option<usize> {
+            self.shown.lock().unwrap().get(webhook).map(|s| s.waiting)
         }
     }
 
@@ -1171,6 +1360,7 @@ mod tests {
 
         fn target(&self, secret: Option<&str>) -> Target {
             Target {
+                id: "hook".into(),
                 url: self.url.clone(),
                 format: Format::Json,
                 secret: secret.map(str::to_owned),
@@ -1889,6 +2079,158 @@ mod tests {
         assert_eq!(stats.get(), (0, 5, 5));
     }
 
+    /// `target` under another id.
+    fn called(id: &str, target: Target) -> Target {
+        Target {
+            id: id.to_owned(),
+            ..target
+        }
+    }
+
+    /// Two webhooks, one answering and one failing every try, are counted apart: an operator
+    /// can tell which one fails.
+    #[tokio::test]
+    async fn each_webhook_is_counted_under_its_own_id() {
+        let fine = Receiver::start(Answer::Ok).await;
+        let down = Receiver::start(Answer::FailFirst(usize::MAX)).await;
+        let stats = Arc::new(Counts::default());
+        let notifier = Notifier::start_with(
+            vec![
+                called("alerts", fine.target(None)),
+                called("status", down.target(None)),
+            ],
+            stats.clone(),
+            FAST,
+        );
+        assert_eq!(
+            stats.shown(),
+            [
+                ("alerts".to_owned(), (0, 0, 0, 0)),
+                ("status".to_owned(), (0, 0, 0, 0))
+            ],
+            "both shown from the start"
+        );
+        notifier.send(numbered(1));
+        notifier.send(numbered(2));
+        wait_until("both settled", || notifier.pending() == 0).await;
+        assert_eq!(
+            stats.shown(),
+            [
+                ("alerts".to_owned(), (2, 0, 0, 0)),
+                ("status".to_owned(), (0, 2, 0, 0))
+            ]
+        );
+    }
+
+    /// The queue length counts every event a webhook holds, the one being tried included,
+    /// and is back to zero once they are delivered.
+    #[tokio::test]
+    async fn the_queue_length_is_what_a_webhook_holds() {
+        let gate = Arc::new(Semaphore::new(0));
+        let slow = Receiver::start(Answer::Gate(gate.clone())).await;
+        let fine = Receiver::start(Answer::Ok).await;
+        let stats = Arc::new(Counts::default());
+        let notifier = Notifier::start_with(
+            vec![
+                called("slow", slow.target(None)),
+                called("fine", fine.target(None)),
+            ],
+            stats.clone(),
+            FAST,
+        );
+        for n in 0..3 {
+            notifier.send(numbered(n));
+        }
+        wait_until("the first in flight", || slow.count() == 1).await;
+        wait_until("the other delivered", || fine.count() == 3).await;
+        wait_until("the other's queue empty", || {
+            stats.waiting("fine") == Some(0)
+        })
+        .await;
+        assert_eq!(stats.waiting("slow"), Some(3), "{:?}", stats.shown());
+        gate.add_permits(1);
+        wait_until("the first delivered", || stats.waiting("slow") == Some(2)).await;
+        gate.add_permits(10);
+        wait_until("all delivered", || notifier.pending() == 0).await;
+        assert_eq!(stats.waiting("slow"), Some(0));
+        assert_eq!(stats.shown()[1], ("slow".to_owned(), (3, 0, 0, 0)));
+    }
+
+    /// A reload that removes a webhook forgets its series, even when its worker reports the
+    /// try it was finishing later; the webhook it keeps keeps its counts and its queue.
+    #[tokio::test]
+    async fn a_reload_forgets_a_removed_webhook_and_keeps_the_others_counts() {
+        let gate = Arc::new(Semaphore::new(0));
+        let going = Receiver::start(Answer::Gate(gate.clone())).await;
+        let kept = Receiver::start(Answer::Ok).await;
+        let stats = Arc::new(Counts::default());
+        let kept_target = called("kept", kept.target(None));
+        let notifier = Notifier::start_with(
+            vec![called("going", going.target(None)), kept_target.clone()],
+            stats.clone(),
+            FAST,
+        );
+        notifier.send(numbered(0));
+        notifier.send(numbered(1));
+        wait_until("going's first in flight", || going.count() == 1).await;
+        wait_until("kept's delivered", || kept.count() == 2).await;
+        notifier.set_targets(vec![kept_target]);
+        assert_eq!(stats.shown(), [("kept".to_owned(), (2, 0, 0, 0))]);
+        // The removed worker's try ends now, and must not bring its series back.
+        gate.add_permits(10);
+        wait_until("the removed worker done", || notifier.pending() == 0).await;
+        assert_eq!(going.count(), 1);
+        notifier.send(numbered(2));
+        wait_until("kept's third", || kept.count() == 3).await;
+        wait_until("counted", || stats.get().0 >= 3).await;
+        assert_eq!(stats.shown(), [("kept".to_owned(), (3, 0, 0, 0))]);
+    }
+
+    /// An index is a label only while it names the same receiver: a reload that removes the
+    /// first of two unnamed webhooks makes the second "0", which starts from zero rather than
+    /// showing the removed one's counts as its own. A name keeps its counts when its URL
+    /// changes.
+    #[tokio::test]
+    async fn an_index_given_to_another_webhook_starts_again_and_a_name_keeps_its_counts() {
+        let a = Receiver::start(Answer::Ok).await;
+        let b = Receiver::start(Answer::Ok).await;
+        let c = Receiver::start(Answer::Ok).await;
+        let stats = Arc::new(Counts::default());
+        let notifier = Notifier::start_with(
+            vec![
+                called("0", a.target(None)),
+                called("1", b.target(None)),
+                called("pager", c.target(None)),
+            ],
+            stats.clone(),
+            FAST,
+        );
+        notifier.send(numbered(0));
+        wait_until("delivered", || stats.get().0 == 3).await;
+        // `a` removed: `b` is "0" now; `pager` moves to `a`'s URL.
+        notifier.set_targets(vec![
+            called("0", b.target(None)),
+            called("pager", a.target(None)),
+        ]);
+        assert_eq!(
+            stats.shown(),
+            [
+                ("0".to_owned(), (0, 0, 0, 0)),
+                ("pager".to_owned(), (1, 0, 0, 0))
+            ]
+        );
+        notifier.send(numbered(1));
+        wait_until("delivered", || stats.get().0 == 5).await;
+        assert_eq!(
+            stats.shown(),
+            [
+                ("0".to_owned(), (1, 0, 0, 0)),
+                ("pager".to_owned(), (2, 0, 0, 0))
+            ]
+        );
+        assert_eq!((a.count(), b.count(), c.count()), (2, 2, 1));
+    }
+
     /// The JSON lines a test's subscriber wrote, and a guard that keeps it in place.
     fn kept_logs() -> (Kept, tracing::subscriber::DefaultGuard) {
         let kept = Kept::default();
@@ -2008,6 +2350,7 @@ mod tests {
             format!("http://{authority}/…")
         );
         assert_eq!(lost[0]["fields"]["dropped"], 3);
+        assert_eq!(lost[0]["fields"]["webhook_id"], "hook");
         assert_eq!(
             lost[0]["fields"]["events"],
             "2 mode_changed, 1 message_updated"
@@ -2064,6 +2407,8 @@ mod tests {
             first[0]["fields"]["webhook"],
             format!("http://{authority}/…")
         );
+        // The label of its metrics, so that a failing series leads to its lines.
+        assert_eq!(first[0]["fields"]["webhook_id"], "hook");
         wait_until("delivered", || stats.get().0 == 1).await;
         let all = lines(&kept);
         assert_eq!(all.len(), 2, "{all:#?}");
@@ -2088,6 +2433,7 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("giving up"));
+        assert_eq!(all[3]["fields"]["webhook_id"], "hook");
         assert!(!format!("{all:?}").contains("secret-path"));
     }
 }

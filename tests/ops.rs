@@ -618,6 +618,142 @@ async fn a_reload_that_changes_the_message_shown_is_notified() {
     );
 }
 
+/// A webhook receiver that holds every request until `open` is set, then answers 200.
+async fn gated_receiver(open: tokio::sync::watch::Receiver<bool>) -> Receiver {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let sink = got.clone();
+    let up = upstream(move |req: Request<Incoming>| {
+        let (sink, mut open) = (sink.clone(), open.clone());
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = body.collect().await.unwrap().to_bytes();
+            let _ = open.wait_for(|open| *open).await;
+            sink.lock().unwrap().push((parts.headers, body));
+            Response::new(full("ok"))
+        }
+    })
+    .await;
+    Receiver {
+        url: format!("{}/hook", up.url()),
+        got,
+        _up: up,
+    }
+}
+
+/// `intermission_webhook_deliveries_total` of one webhook and result, as `/metrics` writes it.
+fn deliveries(webhook: &str, result: &str) -> String {
+    format!("intermission_webhook_deliveries_total{{webhook=\"{webhook}\",result=\"{result}\"}}")
+}
+
+fn queue_length(webhook: &str) -> String {
+    format!("intermission_webhook_queue_length{{webhook=\"{webhook}\"}}")
+}
+
+/// With several webhooks, the metrics say which one fails and how much each holds: each is
+/// labelled by its `name`, else its index; a reload that removes one removes its series, and
+/// those it keeps keep their counts.
+#[tokio::test(flavor = "multi_thread")]
+async fn webhook_metrics_tell_each_webhook_apart_and_follow_reloads() {
+    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let fine = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let dead = refusing();
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let slow = gated_receiver(gate).await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[notify]]\nname = \"alerts\"\nurl = \"{}\"\n\
+         [[notify]]\nurl = \"http://{}/hook\"\n\
+         [[notify]]\nname = \"status-page\"\nurl = \"{}\"\ntimeout = \"60s\"\n",
+        app.url(),
+        fine.url,
+        dead.addr,
+        slow.url
+    ))
+    .await;
+    // Shown from the start, at zero, under their labels.
+    for webhook in ["alerts", "1", "status-page"] {
+        assert_eq!(
+            series(&proxy, &deliveries(webhook, "failed")).await,
+            Some(0.0)
+        );
+        assert_eq!(series(&proxy, &queue_length(webhook)).await, Some(0.0));
+    }
+    assert!(ctl(&proxy, on(Some("Database upgrade"))).await.ok);
+    for message in ["Halfway there", "Nearly done"] {
+        let update = Ctl::Update {
+            message: message.into(),
+        };
+        assert!(ctl(&proxy, update).await.ok);
+    }
+    assert_eq!(
+        series_reaches(&proxy, &deliveries("alerts", "delivered"), 3.0).await,
+        Some(3.0)
+    );
+    assert_eq!(
+        series_reaches(&proxy, &queue_length("alerts"), 0.0).await,
+        Some(0.0)
+    );
+    // The one that hangs holds all three, the one being tried included.
+    assert_eq!(
+        series_reaches(&proxy, &queue_length("status-page"), 3.0).await,
+        Some(3.0)
+    );
+    // The one that refuses connections is being tried again: nothing delivered, all held.
+    assert_eq!(
+        series_reaches(&proxy, &queue_length("1"), 3.0).await,
+        Some(3.0)
+    );
+    assert_eq!(
+        series(&proxy, &deliveries("1", "delivered")).await,
+        Some(0.0)
+    );
+    assert_eq!(
+        series(&proxy, &deliveries("status-page", "delivered")).await,
+        Some(0.0)
+    );
+    open.send_replace(true);
+    assert_eq!(
+        series_reaches(&proxy, &deliveries("status-page", "delivered"), 3.0).await,
+        Some(3.0)
+    );
+    assert_eq!(
+        series_reaches(&proxy, &queue_length("status-page"), 0.0).await,
+        Some(0.0)
+    );
+    assert_eq!(wait_events(&slow, 3).await.len(), 3);
+
+    // The dead one removed: its series go; the others keep their counts.
+    let dead_entry = format!("[[notify]]\nurl = \"http://{}/hook\"\n", dead.addr);
+    edit_config(&proxy, |text| text.replace(&dead_entry, ""));
+    assert!(ctl(&proxy, Ctl::Reload).await.ok);
+    let admin = proxy.running.as_ref().unwrap().admin_addr().unwrap();
+    let text =
+        String::from_utf8_lossy(get(&format!("http://{admin}/metrics")).await.body()).into_owned();
+    let removed: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("webhook=\"1\""))
+        .collect();
+    assert!(removed.is_empty(), "{removed:?}");
+    assert_eq!(
+        series(&proxy, &deliveries("alerts", "delivered")).await,
+        Some(3.0)
+    );
+    assert_eq!(
+        series(&proxy, &deliveries("status-page", "delivered")).await,
+        Some(3.0)
+    );
+    assert!(ctl(&proxy, Ctl::Off).await.ok);
+    assert_eq!(
+        series_reaches(&proxy, &deliveries("alerts", "delivered"), 4.0).await,
+        Some(4.0)
+    );
+    assert_eq!(
+        series_reaches(&proxy, &deliveries("status-page", "delivered"), 4.0).await,
+        Some(4.0)
+    );
+    assert_eq!(series(&proxy, &queue_length("1")).await, None);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_webhook_slows_nothing_down() {
     let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;

@@ -261,6 +261,8 @@ pub struct AdminFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NotifyFile {
+    /// What metrics (the `webhook` label) and logs call it; its index when empty.
+    pub name: String,
     pub url: String,
     pub format: String,
     pub secret: String,
@@ -272,6 +274,7 @@ pub struct NotifyFile {
 impl Default for NotifyFile {
     fn default() -> Self {
         Self {
+            name: String::new(),
             url: String::new(),
             format: "json".into(),
             secret: String::new(),

@@ -1268,8 +1268,11 @@ impl Validator<'_> {
     /// `list`: the `[[notify]]` entries that are tables, each with its index.
     fn notify(&mut self, list: Vec<(usize, file::NotifyFile)>) -> Vec<crate::notify::Target> {
         let mut targets = Vec::new();
+        // Each name given, with the entry that gave it first.
+        let mut names: Vec<(String, usize)> = Vec::new();
         for (i, n) in list {
             let key = |k: &str| format!("notify[{i}].{k}");
+            let id = self.notify_name(&key("name"), &n.name, i, &mut names);
             let url = match n.url.parse::<http::Uri>() {
                 Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {
                     let authority = u.authority().cloned();
@@ -1336,6 +1339,7 @@ impl Validator<'_> {
             let headers = self.notify_headers(&key("headers"), n.headers);
             if let Some(url) = url {
                 targets.push(crate::notify::Target {
+                    id,
                     url,
                     format,
                     secret: (!n.secret.is_empty()).then_some(n.secret),
@@ -1345,6 +1349,48 @@ impl Validator<'_> {
             }
         }
         targets
+    }
+
+    /// The id of `[[notify]]` entry `index` (`key` is its `name`): the name when given, else
+    /// the index. It is a metric label and a log field, so it is short and plain; it must be
+    /// its entry's own, and not all digits, which would be taken for another entry's index.
+    fn notify_name(
+        &mut self,
+        key: &str,
+        name: &str,
+        index: usize,
+        names: &mut Vec<(String, usize)>,
+    ) -> String {
+        const LONGEST: usize = 64;
+        if name.is_empty() {
+            return index.to_string();
+        }
+        let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+        if name.len() > LONGEST || !name.chars().all(plain) {
+            self.problem(
+                key,
+                format!(
+                    "{name:?} is not a webhook name: use 1 to {LONGEST} letters, digits, '_', '-' and '.'"
+                ),
+            );
+        } else if name.bytes().all(|b| b.is_ascii_digit()) {
+            self.problem(
+                key,
+                format!(
+                    "{name:?} is all digits, which is how a webhook without a name is labelled (by its index): put a letter in it"
+                ),
+            );
+        } else if let Some((_, first)) = names.iter().find(|(n, _)| n == name) {
+            self.problem(
+                key,
+                format!(
+                    "{name:?} is the name of notify[{first}] too: each webhook's name must be its own, since metrics and logs tell them apart by it"
+                ),
+            );
+        } else {
+            names.push((name.to_owned(), index));
+        }
+        name.to_owned()
     }
 
     /// A webhook's own headers: any but those the POST itself decides (its body's framing,
@@ -2255,6 +2301,54 @@ mod tests {
         assert_eq!(named, ["notify[0]", "notify[1].url"], "{p:?}");
         // A value of the wrong type is one problem, not also "required".
         assert_eq!(keys("[[notify]]\nurl = 5\n"), ["notify[0].url"]);
+    }
+
+    /// A webhook is called by its `name` in metrics and logs, else by its index; a name is
+    /// short and plain, its entry's own, and never taken for another entry's index.
+    #[test]
+    fn a_webhook_is_called_by_its_name_else_its_index() {
+        let c = Config::parse(
+            "[[notify]]\nurl = \"http://127.0.0.1:9/a\"\nname = \"pager.v2\"\n\
+             [[notify]]\nurl = \"http://127.0.0.1:9/b\"\n\
+             [[notify]]\nurl = \"http://127.0.0.1:9/c\"\nname = \"status-page_1\"\n",
+            Path::new("."),
+            None,
+        )
+        .unwrap();
+        let ids: Vec<&str> = c.notify.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(ids, ["pager.v2", "1", "status-page_1"]);
+        let long = "x".repeat(65);
+        let p = problems(&format!(
+            "[[notify]]\nurl = \"http://h/a\"\nname = \"alerts\"\n\
+             [[notify]]\nurl = \"http://h/b\"\nname = \"alerts\"\n\
+             [[notify]]\nurl = \"http://h/c\"\nname = \"2\"\n\
+             [[notify]]\nurl = \"http://h/d\"\nname = \"has space\"\n\
+             [[notify]]\nurl = \"http://h/e\"\nname = \"{long}\"\n\
+             [[notify]]\nurl = \"http://h/f\"\nname = 7\n"
+        ));
+        // A value of the wrong type is refused first, as it is read.
+        let mut named: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        named.sort_unstable();
+        assert_eq!(
+            named,
+            [
+                "notify[1].name",
+                "notify[2].name",
+                "notify[3].name",
+                "notify[4].name",
+                "notify[5].name"
+            ],
+            "{p:?}"
+        );
+        let said = |key: &str| p.iter().find(|p| p.key == key).unwrap().message.clone();
+        assert!(said("notify[1].name").contains("notify[0] too"), "{p:?}");
+        assert!(said("notify[2].name").contains("all digits"), "{p:?}");
+        assert!(said("notify[3].name").contains("letters, digits"), "{p:?}");
+        assert!(said("notify[4].name").contains("letters, digits"), "{p:?}");
+        assert!(
+            said("notify[5].name").contains("expected a string"),
+            "{p:?}"
+        );
     }
 
     /// A refused key in an entry is named with the entry's index, and the entry's other
