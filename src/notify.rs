@@ -688,6 +688,8 @@ impl Notifier {
                 }
                 None => {
                     stats.added(&target.id);
+                    // A name kept for a new receiver: what the old one held is not its.
+                    stats.waiting(&target.id, 0);
                     let queue = Arc::new(Queue {
                         state: Mutex::new(QueueState {
                             target,
@@ -2229,6 +2231,34 @@ mod tests {
             ]
         );
         assert_eq!((a.count(), b.count(), c.count()), (2, 2, 1));
+    }
+
+    /// A name moved to another URL keeps its counts, the removed receiver's last try
+    /// included, but its queue length is the new receiver's alone.
+    #[tokio::test]
+    async fn a_name_moved_to_another_url_shows_the_new_queue_alone() {
+        let (gate_a, gate_b) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
+        let a = Receiver::start(Answer::Gate(gate_a.clone())).await;
+        let b = Receiver::start(Answer::Gate(gate_b.clone())).await;
+        let stats = Arc::new(Counts::default());
+        let notifier =
+            Notifier::start_with(vec![called("pager", a.target(None))], stats.clone(), FAST);
+        notifier.send(numbered(0));
+        notifier.send(numbered(1));
+        wait_until("a's first in flight", || a.count() == 1).await;
+        assert_eq!(stats.waiting("pager"), Some(2));
+        notifier.set_targets(vec![called("pager", b.target(None))]);
+        assert_eq!(stats.shown(), [("pager".to_owned(), (0, 0, 1, 0))]);
+        notifier.send(numbered(2));
+        wait_until("b's first in flight", || b.count() == 1).await;
+        assert_eq!(stats.waiting("pager"), Some(1));
+        // The removed worker's try ends: counted, but it holds nothing of the new queue's.
+        gate_a.add_permits(1);
+        wait_until("a's try counted", || stats.get().0 == 1).await;
+        assert_eq!(stats.shown(), [("pager".to_owned(), (1, 0, 1, 1))]);
+        gate_b.add_permits(1);
+        wait_until("all delivered", || notifier.pending() == 0).await;
+        assert_eq!(stats.shown(), [("pager".to_owned(), (2, 0, 1, 0))]);
     }
 
     /// The JSON lines a test's subscriber wrote, and a guard that keeps it in place.
