@@ -11,7 +11,7 @@
 //!
 //! Reload (`set_targets`): a target that stays (same url, format and secret) keeps its queue
 //! and its worker; a removed target's worker ends with the try under way, its queue dropped
-//! (counted and logged).
+//! (logged, and counted while its `id` stays shown).
 //!
 //! Stop (`finish`): the events still queued or under way get a bounded time to be delivered,
 //! beside the drain of the requests; what is left at the bound is dropped, counted and logged
@@ -608,8 +608,9 @@ impl Notifier {
 
     /// Replaces the targets (config reload). A target with the same url, format and secret
     /// keeps its queue (and takes the new timeout, headers and `id`); new ones start empty;
-    /// removed ones end with the try under way, their queues dropped (`Queue::remove`). The
-    /// series of an `id` that no longer names the same receiver are forgotten.
+    /// removed ones end with the try under way, their queues dropped (logged, and counted
+    /// under a name that stays). The series of an `id` that no longer names the same webhook
+    /// are forgotten.
     pub fn set_targets(&self, targets: Vec<Target>) {
         let d = &self.shared.deliverer;
         let stats = &*d.stats;
