@@ -127,6 +127,7 @@ pub fn handle(state: &StateHandle, conn: &Arc<Conn>, req: Request<Incoming>) -> 
 /// How much of an upload answered without it is read and dropped, and for how long.
 const DISCARD_LIMIT: usize = 16 << 20;
 const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+const DISCARD_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Reads and drops what is still coming of a request answered without its body (held,
 /// reserved, refused), up to `DISCARD_LIMIT` and `DISCARD_TIME`, as nginx discards one.
@@ -151,7 +152,12 @@ fn discard_upload(req: Request<Incoming>) {
     tokio::spawn(async move {
         let mut left = DISCARD_LIMIT;
         let read = async {
-            while let Some(Ok(frame)) = body.frame().await {
+            // A body that stops is given up on after `DISCARD_PAUSE`, as nginx's
+            // `lingering_timeout`: a held connection still reading is neither parked nor
+            // closable for room, and a host sending heads whole and bodies never would hold
+            // slots during maintenance for the whole `DISCARD_TIME`.
+            while let Ok(Some(Ok(frame))) = tokio::time::timeout(DISCARD_PAUSE, body.frame()).await
+            {
                 let n = frame.data_ref().map_or(0, |d| d.len());
                 left = left.saturating_sub(n);
                 if left == 0 {

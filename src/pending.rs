@@ -14,9 +14,11 @@
 //! made, and the cap only bounds how many they may be opening at the same instant, which for
 //! a real client lasts a round trip or two.
 //!
-//! An IPv6 client is counted by its /64, the block one subscriber's LAN or one phone gets
-//! (RFC 6177): a host picks any address in it at will (privacy addresses), so counting it by
-//! address would let it multiply the cap by as many addresses as it likes. An IPv4 address
+//! An IPv6 client is counted by its /64, the block one network (a LAN, a phone) gets: a host
+//! picks any address in it at will (privacy addresses), so counting it by address would let
+//! it multiply the cap by as many addresses as it likes. A subscriber given a /56 or a /48
+//! (RFC 6177 recommends more than a /64 for an end site) still has 256 or 65,536 of them, each
+//! capped apart: the cap bounds one network's share, not one subscriber's. An IPv4 address
 //! that arrives on a dual-stack socket as `::ffff:a.b.c.d` is counted as that IPv4 address,
 //! not under the /64 that every such address shares.
 

@@ -969,6 +969,22 @@ async fn an_http1_upload_answered_while_held_is_read_not_reset() {
         "no 100 Continue: {:?}",
         String::from_utf8_lossy(&got)
     );
+
+    // A body that stops is given up on after a pause (1 s), not read for the whole 10 s:
+    // a host sending heads whole and bodies never would hold slots meanwhile.
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc")
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    let closed =
+        tokio::time::timeout(std::time::Duration::from_secs(6), tcp.read_to_end(&mut all)).await;
+    assert!(closed.is_ok(), "still open after 6 s");
+    assert!(
+        all.starts_with(b"HTTP/1.1 503"),
+        "{:?}",
+        String::from_utf8_lossy(&all)
+    );
     assert_eq!(hits.load(Ordering::SeqCst), 0, "never forwarded");
 }
 

@@ -939,7 +939,8 @@ async fn windows_end_to_end_keep_one_since() {
         end: end.into(),
         message: None,
     };
-    let r = ctl(&proxy, add("+0s", "+1s")).await;
+    // Long enough that the second is added before the first ends, on a busy machine too.
+    let r = ctl(&proxy, add("+0s", "+3s")).await;
     assert!(r.ok, "{r:?}");
     let first = r.state.unwrap().schedules.remove(0);
     let since = first.start.rfc3339();
@@ -1484,7 +1485,7 @@ async fn a_window_that_began_during_an_outage_while_down_took_over_from_it() {
     let r = ctl(
         &proxy,
         Ctl::ScheduleAdd {
-            start: "+2s".into(),
+            start: "+4s".into(),
             end: "+1h".into(),
             message: None,
         },
@@ -1494,6 +1495,9 @@ async fn a_window_that_began_during_an_outage_while_down_took_over_from_it() {
     let start = r.state.unwrap().next_window.unwrap().start.0;
     let mut proxy = proxy;
     assert!(proxy.running.take().unwrap().shutdown().await);
+    // The window began while the proxy was down, not before its stop: else the restart's
+    // path would go untested.
+    assert_eq!(events(&hook).len(), 1, "{:#?}", events(&hook));
     until_past(start).await;
     let proxy = spawn_proxy_in(proxy.dir, &config).await;
     let got = wait_events(&hook, 2).await;
