@@ -1560,20 +1560,7 @@ async fn a_body_a_get_gives_no_meaning_poisons_no_other_answer() {
 async fn a_request_its_client_gave_up_on_is_counted_abandoned() {
     use tokio::io::AsyncWriteExt;
     let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let seen = arrived.clone();
-    let up = upstream(move |req: Request<Incoming>| {
-        let seen = seen.clone();
-        async move {
-            // Health checks are answered; the requests given up on hang.
-            if req.uri().path() == "/" {
-                return Response::new(full("ok"));
-            }
-            seen.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            Response::new(full("never"))
-        }
-    })
-    .await;
+    let up = never_answering(arrived.clone()).await;
     let proxy = spawn_proxy(&format!(
         "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[upstream]\nservers = [\"{}\"]\n\
          response_timeout = \"1h\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",

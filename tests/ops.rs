@@ -1280,6 +1280,17 @@ async fn what_happened_while_the_proxy_was_down_is_told_at_start() {
     drop(proxy);
 }
 
+/// An application, a JSON and a Slack receiver, and a proxy in front of them whose config
+/// (`restartable`) a test may start again in the proxy's folder.
+async fn restartable_proxy() -> (Upstream, Receiver, Receiver, String, Proxy) {
+    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let slack = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let config = restartable(&app, &hook, &slack);
+    let proxy = spawn_proxy_in(tempfile::tempdir().unwrap(), &config).await;
+    (app, hook, slack, config, proxy)
+}
+
 /// A proxy for `app` whose checks decide within a second, with a JSON and a Slack webhook,
 /// and what restarts it on the same state file once the wall clock has passed `t`.
 fn restartable(app: &Upstream, json: &Receiver, slack: &Receiver) -> String {
@@ -1329,11 +1340,7 @@ async fn restart_a_second_later(mut proxy: Proxy, config: &str) -> Proxy {
 /// a window in force again), not the time of the restart, which read as a second outage.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_outage_that_goes_on_across_a_restart_keeps_its_start() {
-    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
-    let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
-    let slack = receiver(Arc::new(AtomicBool::new(false)), false).await;
-    let config = restartable(&app, &hook, &slack);
-    let proxy = spawn_proxy_in(tempfile::tempdir().unwrap(), &config).await;
+    let (app, hook, _slack, config, proxy) = restartable_proxy().await;
     app.stop();
     let since = outage_told(&proxy, &hook).await;
 
@@ -1376,11 +1383,7 @@ async fn an_outage_that_goes_on_across_a_restart_keeps_its_start() {
 /// lasted; the state file forgets it.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_outage_that_ended_across_a_restart_is_told_over() {
-    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
-    let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
-    let slack = receiver(Arc::new(AtomicBool::new(false)), false).await;
-    let config = restartable(&app, &hook, &slack);
-    let proxy = spawn_proxy_in(tempfile::tempdir().unwrap(), &config).await;
+    let (app, hook, slack, config, proxy) = restartable_proxy().await;
     app.stop();
     let since = outage_told(&proxy, &hook).await;
     assert_eq!(wait_events(&slack, 1).await.len(), 1);
@@ -1427,11 +1430,7 @@ async fn an_outage_that_ended_across_a_restart_is_told_over() {
 /// is back, the end of an outage receivers no longer believe in is not told.
 #[tokio::test(flavor = "multi_thread")]
 async fn maintenance_over_an_outage_across_a_restart_keeps_the_outages_start() {
-    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
-    let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
-    let slack = receiver(Arc::new(AtomicBool::new(false)), false).await;
-    let config = restartable(&app, &hook, &slack);
-    let proxy = spawn_proxy_in(tempfile::tempdir().unwrap(), &config).await;
+    let (app, hook, _slack, config, proxy) = restartable_proxy().await;
     app.stop();
     let since = outage_told(&proxy, &hook).await;
     assert!(ctl(&proxy, on(Some("Restoring the database"))).await.ok);
@@ -1475,11 +1474,7 @@ async fn maintenance_over_an_outage_across_a_restart_keeps_the_outages_start() {
 /// servers counted healthy until their first checks.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_window_that_began_during_an_outage_while_down_took_over_from_it() {
-    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
-    let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
-    let slack = receiver(Arc::new(AtomicBool::new(false)), false).await;
-    let config = restartable(&app, &hook, &slack);
-    let proxy = spawn_proxy_in(tempfile::tempdir().unwrap(), &config).await;
+    let (app, hook, _slack, config, proxy) = restartable_proxy().await;
     app.stop();
     outage_told(&proxy, &hook).await;
     let r = ctl(
@@ -1510,11 +1505,7 @@ async fn a_window_that_began_during_an_outage_while_down_took_over_from_it() {
 /// after a restart as it was told, not as a new one from `normal`.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_outage_shown_by_off_is_told_again_from_maintenance() {
-    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
-    let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
-    let slack = receiver(Arc::new(AtomicBool::new(false)), false).await;
-    let config = restartable(&app, &hook, &slack);
-    let proxy = spawn_proxy_in(tempfile::tempdir().unwrap(), &config).await;
+    let (app, hook, _slack, config, proxy) = restartable_proxy().await;
     assert!(ctl(&proxy, on(Some("Restoring the database"))).await.ok);
     assert_eq!(wait_events(&hook, 1).await[0]["mode"], "maintenance");
     app.stop();

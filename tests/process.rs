@@ -501,23 +501,6 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     assert!(tokio::net::TcpStream::connect(status.1.addr).await.is_err());
 }
 
-/// An application that answers its health checks (`/`) and never answers any other request,
-/// counting those in `arrived`.
-async fn never_answering(arrived: Arc<std::sync::atomic::AtomicUsize>) -> Upstream {
-    upstream(move |req: Request<Incoming>| {
-        let seen = arrived.clone();
-        async move {
-            if req.uri().path() == "/" {
-                return Response::new(full("ok"));
-            }
-            seen.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            Response::new(full("never"))
-        }
-    })
-    .await
-}
-
 /// SPEC §6 for SIGINT, and `shutdown_timeout` as the drain's limit: a request that outlives
 /// it does not keep the process from exiting 0.
 #[tokio::test(flavor = "multi_thread")]

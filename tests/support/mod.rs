@@ -842,3 +842,20 @@ pub async fn read_response(s: &mut tokio::net::TcpStream) -> String {
         buf.extend_from_slice(&chunk[..n]);
     }
 }
+
+/// An application that answers its health checks (`/`) and never answers any other request,
+/// counting those in `arrived`.
+pub async fn never_answering(arrived: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Upstream {
+    upstream(move |req: Request<Incoming>| {
+        let seen = arrived.clone();
+        async move {
+            if req.uri().path() == "/" {
+                return Response::new(full("ok"));
+            }
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Response::new(full("never"))
+        }
+    })
+    .await
+}
