@@ -115,10 +115,14 @@ pub fn handle(state: &StateHandle, conn: &Arc<Conn>, req: Request<Incoming>) -> 
         Decision::Forward(outcome) => {
             let conn = conn.clone();
             Reply::Later(Box::pin(async move {
-                let mut log = Unanswered(log, start, Some(&snap));
+                let mut unanswered = Unanswered {
+                    log,
+                    start,
+                    counted_in: Some(&snap),
+                };
                 let (resp, server, outcome) = forward_request(&snap, &conn, req, outcome).await;
-                log.2 = None;
-                finish(&snap, start, log.0.take(), resp, server, outcome)
+                unanswered.counted_in = None;
+                finish(&snap, start, unanswered.log.take(), resp, server, outcome)
             }))
         }
     }
@@ -255,14 +259,20 @@ impl Logged {
 /// logged with nginx's `499`, so that the operator sees the requests people gave up on (a
 /// server that hangs shows as a run of them), where nothing was written; and counted as
 /// `abandoned`, where dashboards showed the traffic to a hanging server fall to nothing.
-struct Unanswered<'a>(Option<Logged>, Instant, Option<&'a Snapshot>);
+struct Unanswered<'a> {
+    /// The line to write, with the access log on.
+    log: Option<Logged>,
+    start: Instant,
+    /// Where it is counted, until its answer came.
+    counted_in: Option<&'a Snapshot>,
+}
 
 impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
-        if let Some(snap) = self.2 {
+        if let Some(snap) = self.counted_in {
             snap.metrics.abandoned(snap.mode);
         }
-        if let Some(Logged { method, uri, peer }) = self.0.take() {
+        if let Some(Logged { method, uri, peer }) = self.log.take() {
             let line = crate::logging::AccessLine {
                 peer,
                 method: &method,
@@ -271,7 +281,7 @@ impl Drop for Unanswered<'_> {
                 upstream: None,
                 bytes: 0,
             };
-            line.write(self.1);
+            line.write(self.start);
         }
     }
 }

@@ -136,16 +136,18 @@ pub struct Pending {
     pending: AtomicBool,
 }
 
-impl Pending {
-    /// The count `begun` holds, now the connection's.
-    pub fn from(mut begun: Begun) -> Pending {
+/// The count `begun` holds, now the connection's.
+impl From<Begun> for Pending {
+    fn from(mut begun: Begun) -> Pending {
         let counted = begun.counted.take();
         Pending {
             pending: AtomicBool::new(counted.is_some()),
             counted,
         }
     }
+}
 
+impl Pending {
     /// The first request of the connection from `peer` has arrived, or the connection has
     /// closed: it is counted no more. Later calls are a load each.
     #[inline]
