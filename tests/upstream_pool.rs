@@ -235,6 +235,18 @@ async fn idle_upstream_connections_are_closed_after_idle_timeout() {
     assert_eq!(up.served.load(Ordering::SeqCst), 2);
 }
 
+/// A kept socket its server closed is closed by the proxy too, not left in CLOSE-WAIT, a
+/// descriptor and a place under the bound on upstream sockets, until `idle_timeout` (90 s).
+#[tokio::test]
+async fn a_kept_connection_its_server_closed_is_closed_at_once() {
+    let up = raw_upstream(true).await;
+    let text = format!("{}[admin]\nlisten = \"127.0.0.1:0\"\n", config(&up, ""));
+    let proxy = spawn_proxy(&text).await;
+    assert_eq!(get_ok(&proxy, "/").await, "ok");
+    let open = series_reaches(&proxy, "intermission_upstream_connections", 0.0).await;
+    assert_eq!(open, Some(0.0), "the closed connection is still open");
+}
+
 #[tokio::test]
 async fn a_connection_whose_response_was_not_read_whole_is_not_used_again() {
     let up = raw_upstream(false).await;

@@ -382,6 +382,10 @@ type TimedTcp = Timed<HttpConnector>;
 /// At most this many idle connections are kept per server, as hyper-util's pool was set to.
 const MAX_IDLE_PER_SERVER: usize = 1024;
 
+/// How often kept connections are looked over for those idle too long or closed by their
+/// server: a look is a lock and a readiness check per connection kept, mostly no system call.
+const SWEEP: Duration = Duration::from_secs(1);
+
 impl UpstreamPool {
     /// `workers`: the data plane's threads (`crate::workers`), each with idle lists of its own.
     /// `sockets`: the bound on upstream sockets, shared with the pools built before and after.
@@ -1019,9 +1023,12 @@ impl RawList {
         }
     }
 
-    /// Closes the sockets idle since before `before`.
+    /// Closes the sockets idle since before `before`, and those the server closed: unlike
+    /// hyper's connections, whose tasks see a close and end, nothing else reads an idle
+    /// socket, which would stay in CLOSE-WAIT, a descriptor and a place under the bound on
+    /// upstream sockets, until it was taken or grew old.
     fn reap(&self, before: Instant) {
-        lock(&self.conns).retain(|c| c.since >= before);
+        lock(&self.conns).retain(|c| c.since >= before && quiet(&c.stream));
     }
 }
 
@@ -1267,9 +1274,11 @@ impl Http1Pool {
             .collect();
         let h2 = self.h2_slots.clone();
         let timeout = self.idle_timeout;
-        // A connection is closed between one and one and a quarter `idle_timeout` after its
-        // last use; the task ends with the pool.
-        let every = (timeout / 4).max(Duration::from_millis(10));
+        // A connection is closed within a tick (a quarter of `idle_timeout`, at most `SWEEP`)
+        // of its `idle_timeout` running out, and a plain socket within a tick of its server's
+        // closing it, as nginx closes a cached connection when its server does; the task ends
+        // with the pool.
+        let every = (timeout / 4).min(SWEEP).max(Duration::from_millis(10));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
