@@ -278,10 +278,16 @@ impl Closable {
         }
     }
 
-    /// Not to be picked until `busy` (a parked connection with a head begun).
+    /// Not to be picked until `busy` (a parked connection with a head begun, until it has
+    /// lasted `STALLED`).
     pub fn never(&self) {
         self.busy();
         self.ticket.store(NOT_IDLE, Ordering::Relaxed);
+    }
+
+    /// Whether it is not to be picked (`never`) and has not been `busy` since.
+    pub fn is_never(&self) -> bool {
+        self.ticket.load(Ordering::Relaxed) == NOT_IDLE
     }
 
     pub fn limit(&self) -> &Arc<Limit> {
@@ -726,7 +732,7 @@ async fn serve_others(
             // The handshake gets the same deadline as a request head. Until its hello arrives
             // the client has sent nothing, and is idle as a new plaintext one is
             // (`first_bytes`): it may be closed to make room. Once the handshake is under way
-            // it may be too, but only once it has lasted `STALLED_HANDSHAKE`
+            // it may be too, but only once it has lasted `STALLED`
             // (`unless_picked`).
             let timing = relaying.0.clone();
             // Whether the client began: one that sent nothing is idle, not a failed handshake.
@@ -801,19 +807,21 @@ async fn serve_others(
     }
 }
 
-/// How long a TLS handshake runs before it may be closed to make room at `max_connections`:
-/// a client's takes a round trip or two, a second on the slowest mobile links, so one still
-/// under way after this has stalled. Left alone (as nginx leaves one), a host that begins
-/// handshakes and never ends them, 11 bytes each renewed every `header_read_timeout`, held
-/// every slot and shut out every new client on both ports.
-const STALLED_HANDSHAKE: Duration = Duration::from_secs(2);
+/// How long a TLS handshake, or a request head after the first, runs before it may be closed
+/// to make room at `max_connections`: a client's takes a round trip or two, a second on the
+/// slowest mobile links, so one still under way after this has stalled. Left alone (as nginx
+/// leaves one), a host that begins handshakes and never ends them, 11 bytes each renewed
+/// every `header_read_timeout`, held every slot and shut out every new client on both ports;
+/// as did one that sent a whole request on each connection and then a byte of the next
+/// (`park`), which `proxy.max_pending_per_client` does not count.
+pub const STALLED: Duration = Duration::from_secs(2);
 
-/// `work` (a TLS handshake), unless it has lasted `STALLED_HANDSHAKE` and is then picked to
+/// `work` (a TLS handshake), unless it has lasted `STALLED` and is then picked to
 /// make room (`Limit::make_room`), the handshake under way longest first among the idle
 /// connections; `None` then. The caller takes it out of the idle ones (`Closable::busy`).
 async fn unless_picked<F: Future>(work: F, closable: &Closable) -> Option<F::Output> {
     let mut work = std::pin::pin!(work);
-    let mut stalled = std::pin::pin!(tokio::time::sleep(STALLED_HANDSHAKE));
+    let mut stalled = std::pin::pin!(tokio::time::sleep(STALLED));
     poll_fn(|cx| {
         if let Poll::Ready(out) = work.as_mut().poll(cx) {
             return Poll::Ready(Some(out));
@@ -960,8 +968,24 @@ impl Serving<'_> {
         // Whether it is among the idle ones, so that a busy connection's wake-ups (a body
         // streaming) take no atomic write each.
         let mut listed = false;
+        // A head begun may be picked too once it has lasted `STALLED`, as a parked plaintext
+        // connection's (`park`): armed when one is seen under way, let go when it is whole.
+        let mut stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let picked = poll_fn(move |cx| {
-            if !between.idle() {
+            let idle = between.idle();
+            let may = match idle {
+                true => true,
+                false if between.stalling() => stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(STALLED)))
+                    .as_mut()
+                    .poll(cx)
+                    .is_ready(),
+                false => {
+                    stalled = None;
+                    false
+                }
+            };
+            if !may {
                 if listed {
                     closable.busy();
                     listed = false;
@@ -970,7 +994,7 @@ impl Serving<'_> {
             }
             listed = true;
             if closable.poll_picked(cx) {
-                Poll::Ready(())
+                Poll::Ready(!idle)
             } else {
                 Poll::Pending
             }
@@ -1092,6 +1116,14 @@ impl Between {
     fn idle(&self) -> bool {
         self.open.load(Ordering::Relaxed) == 0
             && !self.begun.load(Ordering::Relaxed)
+            && !self.unflushed.load(Ordering::Relaxed)
+    }
+
+    /// Whether a head (or the rest of a body after its answer) is under way with nothing
+    /// else: idle but for it.
+    fn stalling(&self) -> bool {
+        self.open.load(Ordering::Relaxed) == 0
+            && self.begun.load(Ordering::Relaxed)
             && !self.unflushed.load(Ordering::Relaxed)
     }
 }

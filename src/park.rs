@@ -17,7 +17,7 @@
 use crate::body::Body;
 use crate::fast::{Fast, Step};
 use crate::gateway::Reply;
-use crate::listener::Closable;
+use crate::listener::{Closable, STALLED};
 use crate::shutdown::{Drain, Shutdown};
 use crate::stall::Timing;
 use bytes::{Buf, Bytes};
@@ -329,6 +329,11 @@ impl<'a> Parked<'a> {
     fn picked(&self, cx: &Context<'_>) -> bool {
         self.0.closable.poll_picked(cx)
     }
+
+    /// Whether its head is begun and has not lasted `STALLED` yet: not closable.
+    fn stalling(&self) -> bool {
+        self.0.closable.is_never()
+    }
 }
 
 impl Drop for Parked<'_> {
@@ -489,7 +494,15 @@ pub async fn serve(
         if let Some(deadline) = head_deadline {
             timer.as_mut().reset(deadline);
         }
-        poll_fn(|cx| {
+        // Until hyper has read its first head whole, that head is under way (this connection
+        // was made for bytes that came), and once it has lasted `STALLED` the connection may
+        // be closed for room, as a parked one with a head begun. Armed only when a poll
+        // finds the head unfinished: a timer for each whole head would cost every hyper
+        // connection a registration. From the park, for a head begun before it.
+        let keep_alive = held.builder.keep_alive;
+        let mut stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let closable = &idle.closable;
+        let turn = poll_fn(|cx| {
             if let Poll::Ready(result) = Pin::new(&mut *conn).poll(cx) {
                 return Poll::Ready(Turn::Ended(result));
             }
@@ -497,6 +510,17 @@ pub async fn serve(
                 return Poll::Ready(Turn::Drain);
             }
             let served = idle.served.load(Relaxed);
+            if served == fresh {
+                let stalled = stalled.get_or_insert_with(|| {
+                    let began = head_deadline.map_or_else(Instant::now, |d| d - keep_alive);
+                    Box::pin(tokio::time::sleep_until(began + STALLED))
+                });
+                if stalled.as_mut().poll(cx).is_ready() && closable.poll_picked(cx) {
+                    return Poll::Ready(Turn::Ended(Ok(())));
+                }
+            } else if stalled.take().is_some() {
+                closable.busy();
+            }
             if served == fresh && head_deadline.is_some() {
                 return timer.as_mut().poll(cx).map(|()| Turn::Ended(Ok(())));
             }
@@ -524,7 +548,10 @@ pub async fn serve(
                 }
             }
         })
-        .await
+        .await;
+        // Out of the idle ones, whose waker is this task's: a park registers anew.
+        closable.busy();
+        turn
     };
     match turn {
         Turn::Ended(result) => return result,
@@ -591,10 +618,16 @@ fn parked(
     held: Held,
 ) -> impl Future<Output = ()> + Send {
     async move {
-        let deadline = tokio::time::sleep(held.builder.keep_alive);
+        // A head begun is not idle: such a connection is not closed for room until it has
+        // lasted `STALLED` (its first wait, when it is the shorter), as a stalled handshake.
+        // `keep_alive` is read where it is needed, not kept: 16 B more in every parked task.
+        let stalls = !first.is_empty() && held.builder.keep_alive > STALLED;
+        let deadline = tokio::time::sleep(match stalls {
+            true => STALLED,
+            false => held.builder.keep_alive,
+        });
         tokio::pin!(deadline);
-        // A head begun is not idle: such a connection is not closed for room.
-        let count = Parked::new(&service.idle, first.is_empty());
+        let count = Parked::new(&service.idle, !stalls);
         // A head begun before the park keeps its deadline. One that arrives now gets hyper's
         // own, which starts with it.
         let mut begun = false;
@@ -613,6 +646,13 @@ fn parked(
                 deadline.as_mut().poll(cx).map(|()| false)
             })
             .await;
+            if !woken && count.stalling() {
+                // Its head has stalled: closable from now, until the park's deadline.
+                count.0.closable.busy();
+                let end = deadline.deadline() - STALLED + held.builder.keep_alive;
+                deadline.as_mut().reset(end);
+                continue;
+            }
             if !woken {
                 return;
             }
@@ -649,10 +689,13 @@ fn parked(
                 }
             }
         }
-        drop(count);
         // Only a head begun before the park sets `begun`, and then no answer has moved the
-        // deadline: it is still the park's.
-        let head = begun.then(|| deadline.deadline());
+        // deadline: it is still the park's, or its stalling point.
+        let head = begun.then(|| match count.stalling() {
+            true => deadline.deadline() - STALLED + held.builder.keep_alive,
+            false => deadline.deadline(),
+        });
+        drop(count);
         let guard = held.drain.guard();
         let io = service.rewind(first, inner);
         tokio::spawn(serve_again(io, service, held, head, guard));

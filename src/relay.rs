@@ -417,6 +417,10 @@ async fn relay<C: Client>(
     // The start of a head that came after an answer, waiting for its rest: a client idling
     // with it parks with it, as it would from hyper, rather than holding hyper's state.
     let mut begun = false;
+    // Over TLS, where nothing parks, such a head may be picked to make room once it has
+    // lasted `STALLED`, as a parked one may (`park::parked`): armed with the head's first
+    // wait, let go when it is whole.
+    let mut stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         if begun || slot.as_ref().is_none_or(|bufs| bufs.0.have == 0) {
             if !begun {
@@ -438,8 +442,16 @@ async fn relay<C: Client>(
                 if closes && !begun && stop.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(None);
                 }
-                if let Some(closable) = closable.filter(|_| !begun) {
-                    if closable.poll_picked(cx) {
+                if let Some(closable) = closable {
+                    let may = !begun
+                        || stalled
+                            .get_or_insert_with(|| {
+                                Box::pin(tokio::time::sleep(crate::listener::STALLED))
+                            })
+                            .as_mut()
+                            .poll(cx)
+                            .is_ready();
+                    if may && closable.poll_picked(cx) {
                         return Poll::Ready(None);
                     }
                 }
@@ -531,6 +543,7 @@ async fn relay<C: Client>(
             }
         };
         conn.arrived();
+        stalled = None;
         let next = if forward {
             let clocks = Clocks {
                 respond_by: respond_by.as_mut(),

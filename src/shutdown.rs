@@ -141,13 +141,18 @@ pub async fn until_idle<C: std::future::Future>(
 }
 
 /// Runs `conn` to its end; once a drain is asked for, or `picked` resolves, `graceful` tells
-/// it to finish its in-flight requests and close, and it is run until it has.
-pub async fn until_drained<C: std::future::Future>(
+/// it to finish its in-flight requests and close, and it is run until it has. Picked with a
+/// head stalled (`picked` says true), it is dropped at once: it has nothing in flight, and
+/// hyper would wait for a first request's head to end before closing.
+pub async fn until_drained<C, E>(
     conn: C,
     mut guard: Shutdown,
-    picked: impl std::future::Future<Output = ()>,
+    picked: impl std::future::Future<Output = bool>,
     graceful: impl FnOnce(std::pin::Pin<&mut C>),
-) -> C::Output {
+) -> Result<(), E>
+where
+    C: std::future::Future<Output = Result<(), E>>,
+{
     tokio::pin!(conn);
     tokio::pin!(picked);
     tokio::select! {
@@ -155,8 +160,11 @@ pub async fn until_drained<C: std::future::Future>(
         biased;
         out = &mut conn => return out,
         () = guard.fired() => {}
-        () = &mut picked => {
+        stalled = &mut picked => {
             tracing::debug!("idle connection picked to make room for a new one; closing it");
+            if stalled {
+                return Ok(());
+            }
         }
     }
     graceful(conn.as_mut());

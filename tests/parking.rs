@@ -636,23 +636,67 @@ async fn at_max_connections_the_connection_idle_longest_makes_room() {
 }
 
 /// A connection that has begun its next request is not idle: it is not closed for room, and
-/// a new client at the limit is refused instead, as before.
+/// a new client at the limit is refused instead, until its head has lasted two seconds, as a
+/// TLS handshake: then it has stalled, and makes room. Without that, one host that sent a
+/// whole request on each connection and then a byte of the next (which
+/// `max_pending_per_client` does not count) held every slot until `header_read_timeout`.
+/// Both ways a next head waits: parked with the connection (it came with the answered
+/// request), and read by hyper (it came once the connection had parked).
 #[tokio::test(flavor = "multi_thread")]
-async fn a_connection_with_a_head_begun_is_not_closed_for_room() {
-    let (_up, proxy) = app_and_proxy("max_connections = 1").await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHo")
-        .await
-        .unwrap();
-    let resp = read_response(&mut s).await;
-    assert!(resp.ends_with("app saw /first"), "{resp}");
-    // Parked with half a head.
-    wait_parked(&proxy, 1.0).await;
-    let out = new_client(&proxy).await;
-    assert_eq!(out, "", "the new client should have been refused");
-    s.write_all(b"st: x\r\n\r\n").await.unwrap();
-    let resp = read_response(&mut s).await;
-    assert!(resp.ends_with("app saw /second"), "{resp}");
+async fn a_connection_with_a_head_begun_makes_room_only_once_it_has_stalled() {
+    for woken in [false, true] {
+        let (_up, proxy) =
+            app_and_proxy("max_connections = 1\nheader_read_timeout = \"60s\"").await;
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        let next = b"GET /second HTTP/1.1\r\nHo";
+        let begun = if woken {
+            s.write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let resp = read_response(&mut s).await;
+            assert!(resp.ends_with("app saw /first"), "{resp}");
+            wait_parked(&proxy, 1.0).await;
+            s.write_all(next).await.unwrap();
+            let begun = Instant::now();
+            // Woken, and hyper's.
+            wait_parked(&proxy, 0.0).await;
+            begun
+        } else {
+            let mut both = b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+            both.extend_from_slice(next);
+            s.write_all(&both).await.unwrap();
+            let begun = Instant::now();
+            let resp = read_response(&mut s).await;
+            assert!(resp.ends_with("app saw /first"), "{resp}");
+            // Parked with half a head.
+            wait_parked(&proxy, 1.0).await;
+            begun
+        };
+        let out = new_client(&proxy).await;
+        // Refused while the head is young; a machine slow enough to take the whole two
+        // seconds to get here proves nothing either way.
+        if begun.elapsed() < Duration::from_millis(1500) {
+            assert_eq!(
+                out, "",
+                "the new client should have been refused (woken: {woken})"
+            );
+        }
+        let mut served = out.starts_with("HTTP/1.1 200");
+        // Well within the head's deadline, which would free the slot too.
+        while !served && begun.elapsed() < Duration::from_secs(15) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            served = new_client(&proxy).await.starts_with("HTTP/1.1 200");
+        }
+        assert!(served, "no room was made for a new client (woken: {woken})");
+        assert!(
+            begun.elapsed() >= Duration::from_secs(2),
+            "made room before the head stalled (woken: {woken})"
+        );
+        assert!(
+            closed_silently(&mut s).await,
+            "the stalled connection was not the one closed (woken: {woken})"
+        );
+    }
 }
 
 /// A connection that has sent nothing yet is idle too: at the limit it makes room, as nginx

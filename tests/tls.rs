@@ -1556,10 +1556,15 @@ async fn a_refused_request_whose_body_streams_is_not_sent_again() {
 
 /// A proxy that serves one connection at a time, over TLS and plaintext.
 async fn one_connection_proxy(ca: &Ca, up: &Upstream) -> Proxy {
+    one_connection_proxy_with(ca, up, "").await
+}
+
+/// `one_connection_proxy` with more `[proxy]` lines.
+async fn one_connection_proxy_with(ca: &Ca, up: &Upstream, proxy: &str) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     ca.write_leaf(dir.path(), "site", &["shop.test"]);
     let text = format!(
-        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = 1\n\
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = 1\n{proxy}\
          [tls]\nlisten = [\"127.0.0.1:0\"]\n{}[upstream]\nservers = [\"{}\"]\n",
         certs(&["site"]),
         up.url()
@@ -1732,6 +1737,82 @@ async fn at_max_connections_an_idle_https_connection_hyper_serves_makes_room() {
     let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(seen["body"], "{\"order\":1}");
     assert_makes_room(&proxy, closed, "HTTPS").await;
+}
+
+/// Whether the peer of the IPv4 loopback socket bound to `local` has read all that was sent
+/// to it: its receive queue in `/proc/net/tcp` is empty (Linux only; true elsewhere).
+fn read_by_peer(local: SocketAddr) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return true;
+    };
+    let port = format!(":{:04X}", local.port());
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() > 4
+            && fields[2].ends_with(&port)
+            && fields[4]
+                .split_once(':')
+                .is_some_and(|(_, rx)| u64::from_str_radix(rx, 16) == Ok(0))
+    })
+}
+
+/// An HTTPS connection with a request head begun is not closed for room until the head has
+/// lasted two seconds, as a handshake: then it has stalled, and makes room. Both ways a head
+/// waits over TLS: in the relay (a next head after an answer), and in hyper (a first head
+/// the relay left to it unfinished).
+#[tokio::test]
+async fn an_https_connection_whose_head_stalled_makes_room() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = echo_upstream().await;
+    let ca = Ca::new();
+    for in_hyper in [false, true] {
+        // Longer than the test: the head's deadline would free the slot too.
+        let proxy = one_connection_proxy_with(&ca, &up, "header_read_timeout = \"60s\"\n").await;
+        let config = ca.client_config(&[b"http/1.1"]);
+        let mut stream = tls_connect(tls_addr(&proxy), "shop.test", config).await;
+        let next = b"GET /second HTTP/1.1\r\nHo";
+        let begun = if in_hyper {
+            stream.write_all(next).await.unwrap();
+            let begun = std::time::Instant::now();
+            // Until the proxy has read it, the connection has sent nothing and is idle.
+            let client = stream.get_ref().0.local_addr().unwrap();
+            assert!(
+                wait_until(Duration::from_secs(5), || read_by_peer(client)).await,
+                "the proxy did not read the head"
+            );
+            begun
+        } else {
+            let mut both = b"GET /first HTTP/1.1\r\nHost: shop.test\r\n\r\n".to_vec();
+            both.extend_from_slice(next);
+            stream.write_all(&both).await.unwrap();
+            let begun = std::time::Instant::now();
+            let resp = read_response(&mut stream).await;
+            assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+            begun
+        };
+        let out = new_client(&proxy).await;
+        // Refused while the head is young; a machine slow enough to take the whole two
+        // seconds to get here proves nothing either way.
+        if begun.elapsed() < Duration::from_millis(1500) {
+            assert_eq!(out, "", "a young head was closed (in hyper: {in_hyper})");
+        }
+        let mut served = out.starts_with("HTTP/1.1 200");
+        while !served && begun.elapsed() < Duration::from_secs(15) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            served = new_client(&proxy).await.starts_with("HTTP/1.1 200");
+        }
+        assert!(served, "no room was made (in hyper: {in_hyper})");
+        assert!(
+            begun.elapsed() >= Duration::from_secs(2),
+            "made room before the head stalled (in hyper: {in_hyper})"
+        );
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest));
+        assert!(
+            matches!(read.await, Ok(Ok(0)) | Ok(Err(_))),
+            "the stalled connection was not the one closed (in hyper: {in_hyper})"
+        );
+    }
 }
 
 /// An HTTPS connection that hyper serves is not closed for room while a request is in

@@ -813,7 +813,7 @@ impl http_body::Body for WithTrailers {
 }
 
 /// Reads one response with a `Content-Length` body from a keep-alive connection.
-pub async fn read_response(s: &mut tokio::net::TcpStream) -> String {
+pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
