@@ -1501,6 +1501,40 @@ async fn a_window_that_began_during_an_outage_while_down_took_over_from_it() {
     drop(proxy);
 }
 
+/// A window that ended while the proxy was down, in an outage going on since before the stop,
+/// is told as ending in that outage, not in a return to normal: at the restart the servers
+/// count healthy until their first checks, and what held at the window's end was the outage
+/// the state file kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_window_that_ended_while_down_during_an_outage_ends_in_it() {
+    let (app, hook, _slack, config, proxy) = restartable_proxy().await;
+    app.stop();
+    outage_told(&proxy, &hook).await;
+    let r = ctl(
+        &proxy,
+        Ctl::ScheduleAdd {
+            start: "+1s".into(),
+            end: "+3s".into(),
+            message: None,
+        },
+    )
+    .await;
+    assert!(r.ok, "{r:?}");
+    let end = r.state.unwrap().next_window.unwrap().end.0;
+    let got = wait_events(&hook, 2).await;
+    assert_eq!(got[1]["event"], "schedule_started", "{got:#?}");
+    let mut proxy = proxy;
+    assert!(proxy.running.take().unwrap().shutdown().await);
+    // The window ended while the proxy was down, not before its stop.
+    assert_eq!(events(&hook).len(), 2, "{:#?}", events(&hook));
+    until_past(end).await;
+    let proxy = spawn_proxy_in(proxy.dir, &config).await;
+    let got = wait_events(&hook, 3).await;
+    assert_eq!(got[2]["event"], "schedule_ended", "{got:#?}");
+    assert_eq!(got[2]["mode"], "outage", "{got:#?}");
+    drop(proxy);
+}
+
 /// An outage first told from `maintenance` (the operator's `off` showed it) is told again
 /// after a restart as it was told, not as a new one from `normal`.
 #[tokio::test(flavor = "multi_thread")]

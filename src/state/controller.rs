@@ -653,7 +653,11 @@ impl Controller {
         let mut then = left.clone();
         // An operator's `on` holds from its own start only.
         then.planned = then.planned.filter(|p| p.since.0 <= at);
-        let healthy = self.healthy();
+        // The servers' health then is the outage the state file kept, going on since before
+        // the stop (as `Persisted::taken_over` reads it): at a start they count healthy until
+        // their first checks, which told an outage's window as ending in a return to normal,
+        // and the outage again right after.
+        let healthy = left.outage_since.is_none_or(|s| s.0 > at);
         let m = &self.parts.config.maintenance;
         let mode = then.mode(healthy, at);
         let view = (mode != Mode::Normal).then(|| View::new(mode, &then, m, None, at));
