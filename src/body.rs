@@ -75,6 +75,7 @@ impl Body {
         incoming: Incoming,
         limit: Option<Duration>,
         open: Option<crate::stall::Open>,
+        upload: Option<crate::park::Upload>,
     ) -> (Body, Option<SentSignal>) {
         if incoming.is_end_stream() {
             return (Body::Empty, None);
@@ -87,6 +88,7 @@ impl Body {
             limit,
             clock: StallClock::default(),
             _open: open,
+            upload,
         };
         (
             Body::Watched(incoming, Some(Box::new(sent))),
@@ -175,6 +177,9 @@ pub struct Sent {
     /// Over HTTP/2, the upload counted as a request still in hand until its end has been
     /// read, so that an idle connection is not closed under it (`stall::Answers`).
     _open: Option<crate::stall::Open>,
+    /// On a plaintext HTTP/1.1 connection, told when the end has been read, so that the
+    /// connection may park before its next request (`park::Upload`).
+    upload: Option<crate::park::Upload>,
 }
 
 /// Resolves when the body has been sent whole (or has failed); `complete()` and
@@ -350,6 +355,9 @@ impl HttpBody for Body {
                 if finished(&polled, incoming) {
                     if let Some(sent) = done.take() {
                         sent.state.store(COMPLETE, Ordering::Release);
+                        if let Some(upload) = &sent.upload {
+                            upload.ended();
+                        }
                         let _ = sent.tx.send(());
                     }
                 } else if let Some(sent) = done {

@@ -152,7 +152,9 @@ fn discard_upload(req: Request<Incoming>) {
     if req.body().is_end_stream() || (req.version() != http::Version::HTTP_2 && waits) {
         return;
     }
-    let mut body = req.into_body();
+    let (mut parts, mut body) = req.into_parts();
+    // Read to its end, a plaintext HTTP/1.1 connection may park again (`park`).
+    let upload = parts.extensions.remove::<crate::park::Upload>();
     tokio::spawn(async move {
         let mut left = DISCARD_LIMIT;
         let read = async {
@@ -160,12 +162,22 @@ fn discard_upload(req: Request<Incoming>) {
             // `lingering_timeout`: a held connection still reading is neither parked nor
             // closable for room, and a host sending heads whole and bodies never would hold
             // slots during maintenance for the whole `DISCARD_TIME`.
-            while let Ok(Some(Ok(frame))) = tokio::time::timeout(DISCARD_PAUSE, body.frame()).await
-            {
-                let n = frame.data_ref().map_or(0, |d| d.len());
-                left = left.saturating_sub(n);
-                if left == 0 {
-                    break;
+            loop {
+                match tokio::time::timeout(DISCARD_PAUSE, body.frame()).await {
+                    Ok(Some(Ok(frame))) => {
+                        let n = frame.data_ref().map_or(0, |d| d.len());
+                        left = left.saturating_sub(n);
+                        if left == 0 {
+                            break;
+                        }
+                    }
+                    Ok(None) => {
+                        if let Some(upload) = &upload {
+                            upload.ended();
+                        }
+                        break;
+                    }
+                    Ok(Some(Err(_))) | Err(_) => break,
                 }
             }
         };

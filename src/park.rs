@@ -53,8 +53,10 @@ pub struct Idle {
     parking: AtomicBool,
     /// The last request came with a body, which may still be arriving: what follows on the
     /// socket is its rest, not a new request, and a fresh hyper connection must not read it.
-    /// Cleared by the next request without one (hyper reads a head only after a body's end).
-    body: AtomicBool,
+    /// The request's number (`served`, never 0) while its body is awaited, else 0. Cleared
+    /// when the body has been read to its end (`Upload`), or by the next request without one
+    /// (hyper reads a head only after a body's end).
+    body: AtomicU32,
     /// A request asked for an upgrade that was not granted: hyper keeps it pending and would
     /// hand the socket to nobody on a graceful shutdown. Kept for this hyper connection.
     upgrade: AtomicBool,
@@ -72,7 +74,7 @@ impl Idle {
             read_blocked: AtomicBool::new(false),
             unflushed: AtomicBool::new(false),
             parking: AtomicBool::new(false),
-            body: AtomicBool::new(false),
+            body: AtomicU32::new(0),
             upgrade: AtomicBool::new(false),
             closable: Closable::new(limit),
         }
@@ -83,8 +85,38 @@ impl Idle {
         self.busy.load(Relaxed) == 0
             && self.read_blocked.load(Relaxed)
             && !self.unflushed.load(Relaxed)
-            && !self.body.load(Relaxed)
+            && self.body.load(Relaxed) == 0
             && !self.upgrade.load(Relaxed)
+    }
+
+    /// Whether it would be parkable but for a request body not yet read to its end: one
+    /// answered before it was (held, or a server that answered early), still arriving, or
+    /// read whole by another task a moment ago (`Upload::ended`), which wakes nobody here.
+    fn awaits_body(&self) -> bool {
+        self.busy.load(Relaxed) == 0
+            && self.read_blocked.load(Relaxed)
+            && !self.unflushed.load(Relaxed)
+            && self.body.load(Relaxed) != 0
+            && !self.upgrade.load(Relaxed)
+    }
+}
+
+/// A request body on a parking connection, in the request's extensions: whoever reads it to
+/// its end says so (`ended`), and the connection may park again without waiting for a next
+/// request. By number, so that a late word about one body never clears the next one's.
+#[derive(Clone)]
+pub struct Upload {
+    idle: Arc<Idle>,
+    number: u32,
+}
+
+impl Upload {
+    /// The body has been read to its end: hyper is done with it.
+    pub fn ended(&self) {
+        let _ = self
+            .idle
+            .body
+            .compare_exchange(self.number, 0, Relaxed, Relaxed);
     }
 }
 
@@ -92,14 +124,20 @@ impl Idle {
 pub struct Busy(Arc<Idle>);
 
 impl Busy {
-    pub fn new<B: HttpBody>(idle: &Arc<Idle>, req: &http::Request<B>) -> Busy {
+    /// With the request's `Upload` when it has a body.
+    pub fn new<B: HttpBody>(idle: &Arc<Idle>, req: &http::Request<B>) -> (Busy, Option<Upload>) {
         idle.busy.fetch_add(1, Relaxed);
-        idle.served.fetch_add(1, Relaxed);
-        idle.body.store(!req.body().is_end_stream(), Relaxed);
+        let number = idle.served.fetch_add(1, Relaxed).wrapping_add(1).max(1);
+        let upload = (!req.body().is_end_stream()).then(|| Upload {
+            idle: idle.clone(),
+            number,
+        });
+        idle.body
+            .store(upload.as_ref().map_or(0, |u| u.number), Relaxed);
         if req.headers().contains_key(http::header::UPGRADE) {
             idle.upgrade.store(true, Relaxed);
         }
-        Busy(idle.clone())
+        (Busy(idle.clone()), upload)
     }
 }
 
@@ -384,7 +422,10 @@ impl hyper::service::Service<http::Request<Incoming>> for Gateway {
     type Future = Tracked<Reply>;
 
     fn call(&self, mut req: http::Request<Incoming>) -> Tracked<Reply> {
-        let busy = Busy::new(&self.idle, &req);
+        let (busy, upload) = Busy::new(&self.idle, &req);
+        if let Some(upload) = upload {
+            req.extensions_mut().insert(upload);
+        }
         crate::listener::Upgrading::mark(&mut req, self.idle.closable.limit());
         Tracked::new(self.fast.handle(req), busy)
     }
@@ -486,6 +527,8 @@ pub async fn serve(
         // move the timer (a clock read and a timer update for every request): when it fires,
         // a connection that has served one since is given another grace instead of parking.
         let mut grace_for: Option<u32> = None;
+        // How long until a connection awaiting an answered request's body looks again.
+        let mut recheck = GRACE;
         // hyper closes a connection at once on a graceful shutdown only once it has
         // answered a request; before, it would finish the first with keep-alive off.
         let fresh = idle.served.load(Relaxed);
@@ -527,6 +570,21 @@ pub async fn serve(
             if served == fresh {
                 return Poll::Pending;
             }
+            if idle.awaits_body() {
+                // Answered, its body still unread: looked at again after a grace, then after
+                // twice as long each time up to a second, since the task that reads it to its
+                // end (`Upload`) has no way to wake this one, and a body hyper drains itself
+                // (one the answer did not read) is never said to end.
+                grace_for = None;
+                let next = Instant::now() + recheck;
+                if timer.deadline() > next || timer.as_mut().poll(cx).is_ready() {
+                    timer.as_mut().reset(next);
+                    let _ = timer.as_mut().poll(cx);
+                    recheck = (recheck * 2).min(Duration::from_secs(1));
+                }
+                return Poll::Pending;
+            }
+            recheck = GRACE;
             if !idle.parkable() {
                 // A grace running out while a response streams disarms it, so that a long
                 // response costs one wake-up, not one per grace.
@@ -825,7 +883,7 @@ mod tests {
         idle.unflushed.store(true, Relaxed);
         assert!(!idle.parkable(), "a response is still being written");
         idle.unflushed.store(false, Relaxed);
-        let busy = Busy::new(&idle, &get);
+        let (busy, _) = Busy::new(&idle, &get);
         assert!(!idle.parkable(), "a response is not finished");
         drop(busy);
         assert!(idle.parkable());
@@ -833,12 +891,23 @@ mod tests {
         // A request body may still be coming after its answer: not idle until a request
         // without one shows that it ended.
         let put = http::Request::new(crate::body::Body::full("data"));
-        drop(Busy::new(&idle, &put));
+        let (busy, upload) = Busy::new(&idle, &put);
+        drop(busy);
         assert!(
             !idle.parkable(),
             "the rest of a body would be read as a request"
         );
+        assert!(idle.awaits_body());
         drop(Busy::new(&idle, &get));
+        assert!(idle.parkable());
+
+        // Read to its end, the body no longer holds the connection up; a word about an
+        // earlier body does not clear a later one's.
+        let (busy, second) = Busy::new(&idle, &put);
+        drop(busy);
+        upload.expect("a body").ended();
+        assert!(!idle.parkable(), "an earlier body's end cleared this one");
+        second.expect("a body").ended();
         assert!(idle.parkable());
 
         // An upgrade that was refused stays pending in hyper for the connection's life.

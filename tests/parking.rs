@@ -635,6 +635,39 @@ async fn at_max_connections_the_connection_idle_longest_makes_room() {
     assert!(resp.ends_with("app saw /again"), "{resp}");
 }
 
+/// A connection whose request came with a body parks once the body has been read to its end,
+/// not only at its next request: hyper's path (a chunked upload forwarded, an upload answered
+/// while held and read to drop it) held hyper's state, 13 KB, until then, and the connection
+/// could not be closed for room meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_parks_once_an_upload_is_read_whole() {
+    for held in [false, true] {
+        let (_up, proxy) = app_and_proxy("").await;
+        if held {
+            maintenance(&proxy, true).await;
+        }
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        // Chunked, and too large for the relay: hyper's path either way.
+        let data = vec![b'x'; 64 * 1024];
+        let mut upload =
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        upload.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        upload.extend_from_slice(&data);
+        upload.extend_from_slice(b"\r\n0\r\n\r\n");
+        s.write_all(&upload).await.unwrap();
+        let resp = read_response(&mut s).await;
+        let want = if held { "HTTP/1.1 503" } else { "HTTP/1.1 200" };
+        assert!(resp.starts_with(want), "{resp}");
+        wait_parked(&proxy, 1.0).await;
+        // And it is served again, on the same socket.
+        s.write_all(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let resp = read_response(&mut s).await;
+        assert!(resp.starts_with(want), "{resp}");
+    }
+}
+
 /// A connection that has begun its next request is not idle: it is not closed for room, and
 /// a new client at the limit is refused instead, until its head has lasted two seconds, as a
 /// TLS handshake: then it has stalled, and makes room. Without that, one host that sent a

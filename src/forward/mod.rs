@@ -193,10 +193,17 @@ pub fn forward<'a>(
                 .path_and_query()
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            // Read to its end, a plaintext HTTP/1.1 connection's body lets it park (`park`).
+            let upload = parts.extensions.remove::<crate::park::Upload>();
             let (body, sent, held) = if buffer {
                 // Bounded by the limit above, and in time by response_timeout: a client that stalls
                 // its upload is answered 408, not waited for.
-                match tokio::time::timeout(timeout, http_body_util::BodyExt::collect(body)).await {
+                let collected =
+                    tokio::time::timeout(timeout, http_body_util::BodyExt::collect(body)).await;
+                if let (Ok(Ok(_)), Some(upload)) = (&collected, &upload) {
+                    upload.ended();
+                }
+                match collected {
                     // Ended in trailers, it is sent with them: again to the same server when it
                     // refuses it unprocessed (`pool::copy_whole`), but not to another (`replay`
                     // keeps bytes alone).
@@ -220,7 +227,8 @@ pub fn forward<'a>(
                     .extensions
                     .remove::<Arc<crate::stall::Answers>>()
                     .map(|answers| answers.open());
-                let (body, sent) = Body::watched(body, config.proxy.body_read_timeout, open);
+                let limit = config.proxy.body_read_timeout;
+                let (body, sent) = Body::watched(body, limit, open, upload);
                 (body, sent, None)
             };
 
