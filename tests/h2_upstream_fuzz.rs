@@ -7,8 +7,10 @@
 //! the server's answer whole when its frames were valid, else the outage answer or, once the
 //! server's head was sent, that head with its body cut short, never no answer at all nor
 //! another answer's; a request sent twice only when the server refused it unprocessed; the
-//! proxy still serving (`/end`), and no panic. `FUZZ_CASES` and `FUZZ_SEED` run more or other
-//! cases.
+//! proxy still serving (`/end`), and no panic. The same again from an `https://` server that
+//! chose HTTP/2 by ALPN, with faults of TLS's own mixed in (`Fault`: a close with no
+//! `close_notify`, records that do not decrypt, a flood of `KeyUpdate`s). `FUZZ_CASES` and
+//! `FUZZ_SEED` run more or other cases, `FUZZ_CASE=N` one alone.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -20,9 +22,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use support::fuzz::*;
+use support::tls::*;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A client's wait for one answer: past twice `response_timeout` (a request refused
@@ -94,8 +96,10 @@ enum Piece {
         code: u32,
     },
     Pause(u64),
-    /// Closes the connection.
+    /// Closes the connection (over TLS, with no `close_notify`).
     Close,
+    /// Misuses the TLS connection (`https://` servers alone).
+    Tls(Fault),
 }
 
 fn frame(ty: u8, flags: u8, sid: Sid, payload: Vec<u8>) -> Piece {
@@ -419,7 +423,7 @@ fn padded(rng: &mut Rng, payload: &[u8], flags: &mut u8) -> Vec<u8> {
 }
 
 /// One case, ordinary most of the time, with odd parts mixed in.
-fn generate(rng: &mut Rng, n: usize) -> Case {
+fn generate(rng: &mut Rng, n: usize, tls: bool) -> Case {
     let mut note = Vec::new();
     let status = *rng.pick(&[200u16, 200, 200, 200, 201, 204, 302, 404, 500]);
     let body = if status == 204 {
@@ -757,6 +761,43 @@ fn generate(rng: &mut Rng, n: usize) -> Case {
         if !pieces.is_empty() {
             answer.groups.insert(at.min(answer.groups.len()), pieces);
         }
+    }
+    // TLS's own faults, in place of the odd parts above (drawn only over TLS, so that the
+    // h2c cases of a seed stay the same).
+    if tls && odd.is_none() && !rng.one_in(3) {
+        let (stage, at) = pick_stage(rng, &answer);
+        let fault = *rng.pick(&[
+            Fault::Drop,
+            Fault::CloseNotify,
+            Fault::ClearAlert,
+            Fault::Garbage,
+            Fault::Corrupt,
+            Fault::KeyUpdates(1),
+            Fault::KeyUpdates(5),
+            Fault::KeyUpdates(40),
+        ]);
+        note.push(format!("TLS {fault:?} ({stage:?})"));
+        if !matches!(fault, Fault::KeyUpdates(n) if n <= 32) {
+            // The connection ends there, in error but for the closes: an answer whole
+            // before it may still be lost with the records that carried it, when they and
+            // the fault come in one read (tokio-rustls fails the read, and hyper does not
+            // read again what rustls had decrypted).
+            taints = true;
+            answer.groups.truncate(at);
+            let closes = matches!(fault, Fault::Drop | Fault::CloseNotify);
+            expect = worst(
+                expect,
+                match stage {
+                    Stage::Before => Expect::Outage,
+                    Stage::Within => Expect::Broken { cut: true },
+                    Stage::After if closes => Expect::Whole,
+                    Stage::After => Expect::Broken { cut: true },
+                },
+            );
+        }
+        answer
+            .groups
+            .insert(at.min(answer.groups.len()), vec![Piece::Tls(fault)]);
     }
     // Split writes and pauses, now and then, in the ordinary parts.
     let split = rng.one_in(5);
@@ -1171,7 +1212,9 @@ fn odd_piece(
 /// One connection's shared state: its writing half (gone once closed), the task that reads
 /// it, and the highest stream it got.
 struct Conn {
-    writer: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
+    writer: tokio::sync::Mutex<Option<Box<dyn AsyncWrite + Send + Unpin>>>,
+    /// The TLS connection itself, to misuse (`Piece::Tls`) and to close.
+    tls: Mutex<Option<Faulty>>,
     reader: Mutex<Option<tokio::task::AbortHandle>>,
     tainted: AtomicBool,
     streams: Mutex<Streams>,
@@ -1211,12 +1254,17 @@ impl Conn {
     async fn write(&self, bytes: &[u8]) -> bool {
         let mut w = self.writer.lock().await;
         match w.as_mut() {
-            Some(w) => w.write_all(bytes).await.is_ok(),
+            Some(w) => w.write_all(bytes).await.is_ok() && w.flush().await.is_ok(),
             None => false,
         }
     }
 
     async fn close(&self) {
+        // Dropping a TLS connection's writer closes nothing: its reader holds it too.
+        let tls = self.tls.lock().unwrap().take();
+        if let Some(tls) = tls {
+            tls.close_tcp().await;
+        }
         self.writer.lock().await.take();
         if let Some(reader) = self.reader.lock().unwrap().take() {
             reader.abort();
@@ -1242,7 +1290,7 @@ struct ServerState {
     changed: tokio::sync::Notify,
 }
 
-async fn server(cases: Arc<Vec<Case>>) -> Server {
+async fn server(cases: Arc<Vec<Case>>, tls: Option<tokio_rustls::TlsAcceptor>) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let state = Arc::new(ServerState {
@@ -1257,11 +1305,32 @@ async fn server(cases: Arc<Vec<Case>>) -> Server {
     tokio::spawn(async move {
         let mut accepted = 0;
         while let Ok((sock, _)) = listener.accept().await {
-            accepted += 1;
             let _ = sock.set_nodelay(true);
-            let (read, write) = sock.into_split();
+            type Halves = (
+                Box<dyn AsyncRead + Send + Unpin>,
+                Box<dyn AsyncWrite + Send + Unpin>,
+                Option<Faulty>,
+            );
+            let (read, write, tls): Halves = match &tls {
+                None => {
+                    let (read, write) = sock.into_split();
+                    (Box::new(read), Box::new(write), None)
+                }
+                // A TCP health check's connection ends in the handshake. In turn: a lane's
+                // connections are few.
+                Some(acceptor) => {
+                    let handshake = acceptor.accept(sock);
+                    let Ok(Ok(tls)) = tokio::time::timeout(BOUND, handshake).await else {
+                        continue;
+                    };
+                    let tls = Faulty::new(tls);
+                    (Box::new(tls.clone()), Box::new(tls.clone()), Some(tls))
+                }
+            };
+            accepted += 1;
             let conn = Arc::new(Conn {
                 writer: tokio::sync::Mutex::new(Some(write)),
+                tls: Mutex::new(tls),
                 reader: Mutex::new(None),
                 tainted: AtomicBool::new(false),
                 streams: Mutex::new(Streams {
@@ -1366,7 +1435,7 @@ struct Incoming {
 }
 
 async fn read_conn(
-    mut read: tokio::net::tcp::OwnedReadHalf,
+    mut read: Box<dyn AsyncRead + Send + Unpin>,
     conn: Arc<Conn>,
     state: Arc<ServerState>,
 ) {
@@ -1502,6 +1571,18 @@ async fn play(pieces: &[Piece], sid: u32, conn: &Conn) {
                 conn.close().await;
                 return;
             }
+            Piece::Tls(fault) => {
+                let tls = conn.tls.lock().unwrap().clone();
+                let Some(tls) = tls else { return };
+                if !tls.commit(*fault).await {
+                    return;
+                }
+                // The connection is over but for KeyUpdates the client takes.
+                if !matches!(fault, Fault::KeyUpdates(n) if *n <= 32) {
+                    conn.close().await;
+                    return;
+                }
+            }
             Piece::GoAway { last, code } => {
                 let mut payload = u32_be(conn.go_away(Some(resolve(*last, sid))));
                 payload.extend(u32_be(*code));
@@ -1539,7 +1620,7 @@ async fn play(pieces: &[Piece], sid: u32, conn: &Conn) {
                     if i > 0 {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
-                    if w.write_all(part).await.is_err() {
+                    if w.write_all(part).await.is_err() || w.flush().await.is_err() {
                         return;
                     }
                 }
@@ -1843,19 +1924,31 @@ fn end_ok_with(got: &Got, expected: &[u8]) -> bool {
 /// connections; short timeouts, so that an answer that never comes costs little; health
 /// checked by TCP alone, rarely, and never taken out, or every later case would get the
 /// outage answer.
-async fn proxy(up: SocketAddr) -> Proxy {
-    spawn_proxy(&format!(
-        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"h2c://{up}\"]\n\
+/// With `tls`, the server is an `https://` one with its certificate, which the proxy trusts.
+async fn proxy(up: SocketAddr, tls: Option<&Tls>) -> Proxy {
+    let scheme = if tls.is_some() { "https" } else { "h2c" };
+    let config = format!(
+        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"{scheme}://{up}\"]\n\
          response_timeout = \"2s\"\nread_timeout = \"1s\"\nconnect_timeout = \"1s\"\n\
          [health]\nkind = \"tcp\"\ninterval = \"1h\"\nfall = 1000000\n"
-    ))
-    .await
+    );
+    match tls {
+        Some(tls) => tls.trusting(&config).await,
+        None => spawn_proxy(&config).await,
+    }
 }
 
 /// Runs the cases of lane `lane` one after the other; what went wrong, by case.
-async fn run_lane(cases: Arc<Vec<Case>>, lane: usize, only: Option<usize>) -> Vec<(usize, String)> {
-    let server = server(cases.clone()).await;
-    let proxy = proxy(server.addr).await;
+async fn run_lane(
+    cases: Arc<Vec<Case>>,
+    lane: usize,
+    only: Option<usize>,
+    tls: Option<Arc<Tls>>,
+) -> Vec<(usize, String)> {
+    // The server offers HTTP/1.1 too, as most do, and chooses HTTP/2.
+    let acceptor = tls.as_ref().map(|tls| tls.acceptor(&[b"h2", b"http/1.1"]));
+    let server = server(cases.clone(), acceptor).await;
+    let proxy = proxy(server.addr, tls.as_deref()).await;
     let mut failures = Vec::new();
     for n in (lane..cases.len()).step_by(LANES) {
         if only.is_some_and(|only| only != n) {
@@ -1957,6 +2050,7 @@ fn told_pieces(pieces: &[Piece]) -> String {
             Piece::GoAway { last, code } => format!("GOAWAY(last {last:?}, {code})"),
             Piece::Pause(ms) => format!("pause {ms} ms"),
             Piece::Close => "close".into(),
+            Piece::Tls(fault) => format!("TLS {fault:?}"),
         })
         .collect();
     told.join(" ")
@@ -1980,6 +2074,7 @@ fn shown(got: &Got) -> String {
 /// The tests of this file, whose own threads' panics are not the proxy's.
 const TESTS: &[&str] = &[
     "odd_h2c_answers_get_the_server_s_answer_or_a_documented_one",
+    "odd_https_http2_answers_and_tls_faults_get_the_server_s_answer_or_a_documented_one",
     "a_request_does_not_wait_on_a_connection_that_allows_no_stream",
     "a_body_reset_with_no_error_is_not_passed_on_as_whole",
 ];
@@ -1992,6 +2087,24 @@ const TESTS: &[&str] = &[
 /// refusal and sends the request again. A worker's tasks never interleave so.
 #[tokio::test]
 async fn odd_h2c_answers_get_the_server_s_answer_or_a_documented_one() {
+    run_all(told_cases(300, 0x0002_c0de_f00d), None).await;
+}
+
+/// The same from an `https://` server that chose HTTP/2 by ALPN, its frames in TLS records
+/// (a frame written in parts, a record per part), with TLS's own faults mixed in: other cases,
+/// fewer of them, a handshake for every connection a case ends.
+#[tokio::test]
+async fn odd_https_http2_answers_and_tls_faults_get_the_server_s_answer_or_a_documented_one() {
+    run_all(
+        told_cases(160, 0x0002_7150_f00d),
+        Some(Arc::new(Tls::new())),
+    )
+    .await;
+}
+
+/// Generates the cases and runs them in lanes, over TLS with `tls`; fails with those that
+/// went wrong, and on any panic of the proxy's.
+async fn run_all((cases, seed, mut rng): (usize, u64, Rng), tls: Option<Arc<Tls>>) {
     let panics = Arc::new(AtomicUsize::new(0));
     let counted = panics.clone();
     let default_hook = std::panic::take_hook();
@@ -2005,8 +2118,11 @@ async fn odd_h2c_answers_get_the_server_s_answer_or_a_documented_one() {
         default_hook(info);
     }));
 
-    let (cases, seed, mut rng) = told_cases(300, 0x0002_c0de_f00d);
-    let all: Arc<Vec<Case>> = Arc::new((0..cases).map(|n| generate(&mut rng, n)).collect());
+    let all: Arc<Vec<Case>> = Arc::new(
+        (0..cases)
+            .map(|n| generate(&mut rng, n, tls.is_some()))
+            .collect(),
+    );
     // `FUZZ_CASE` runs one case alone, to look at it.
     let only = std::env::var("FUZZ_CASE").ok().and_then(|n| n.parse().ok());
     if only.is_some() || std::env::var_os("RUST_LOG").is_some() {
@@ -2015,7 +2131,7 @@ async fn odd_h2c_answers_get_the_server_s_answer_or_a_documented_one() {
             .try_init();
     }
     let lanes: Vec<_> = (0..LANES)
-        .map(|lane| tokio::spawn(run_lane(all.clone(), lane, only)))
+        .map(|lane| tokio::spawn(run_lane(all.clone(), lane, only, tls.clone())))
         .collect();
     let mut failures = Vec::new();
     for lane in lanes {
@@ -2025,8 +2141,9 @@ async fn odd_h2c_answers_get_the_server_s_answer_or_a_documented_one() {
     let panicked = panics.load(Ordering::SeqCst);
     assert!(
         failures.is_empty() && panicked == 0,
-        "{} of {cases} cases failed, {panicked} panics (seed {seed}; FUZZ_SEED={seed} FUZZ_CASES={cases} replays them, FUZZ_CASE=N one alone):\n{}",
+        "{} of {cases} cases failed, {panicked} panics (seed {seed}, TLS {}; FUZZ_SEED={seed} FUZZ_CASES={cases} replays them, FUZZ_CASE=N one alone):\n{}",
         failures.len(),
+        tls.is_some(),
         failures
             .iter()
             .take(15)
@@ -2061,8 +2178,8 @@ async fn a_request_does_not_wait_on_a_connection_that_allows_no_stream() {
         expect: Expect::Whole,
         note: String::new(),
     };
-    let server = server(Arc::new(vec![case])).await;
-    let proxy = proxy(server.addr).await;
+    let server = server(Arc::new(vec![case]), None).await;
+    let proxy = proxy(server.addr, None).await;
     let (got, _) = over_http1(proxy.addr, &server, 0, false).await;
     assert!(end_ok_with(&got, b"ok"), "{}", shown(&got));
     let started = Instant::now();
@@ -2103,8 +2220,8 @@ async fn a_body_reset_with_no_error_is_not_passed_on_as_whole() {
         expect: Expect::Broken { cut: true },
         note: String::new(),
     };
-    let server = server(Arc::new(vec![case])).await;
-    let proxy = proxy(server.addr).await;
+    let server = server(Arc::new(vec![case]), None).await;
+    let proxy = proxy(server.addr, None).await;
     let (got, end) = over_http1(proxy.addr, &server, 0, false).await;
     let cases = &server.state.cases;
     assert!(judge(&cases[0], &got).is_ok(), "{}", shown(&got));

@@ -549,7 +549,24 @@ impl UpstreamPool {
                 }
             };
         }
-        Ok(clients.https.request(req).await?.map(Body::Stream))
+        // A kept connection the server closed as the request came (its keep-alive timeout)
+        // fails it once written, and hyper-util's client sends again only those it had not
+        // begun to write: sent again once, when it can be sent twice, as `Http1Pool::request`
+        // sends it (it got the outage answer from a healthy server). Kept: opened before the
+        // request began (`sockets::Opened`), not by its own dial. The copy is a header map's
+        // clone per request, which TLS costs far more than.
+        let began = Instant::now();
+        let again = copy_to_replay(&req);
+        match clients.https.request(req).await {
+            Ok(resp) => Ok(resp.map(Body::Stream)),
+            Err(e) => match again {
+                Some(copy) if kept_before(&e, began) && client_closed_unanswered(&e) => {
+                    tracing::debug!("a kept upstream connection was closed; sending again");
+                    Ok(clients.https.request(copy).await?.map(Body::Stream))
+                }
+                _ => Err(e.into()),
+            },
+        }
     }
 
     /// Sends `req` over one of this worker's HTTP/2 connections to server `index`, kept in
@@ -1363,6 +1380,26 @@ fn closed_unanswered(e: &hyper::Error) -> bool {
                 | std::io::ErrorKind::BrokenPipe
         )
     })
+}
+
+/// Whether the connection a request of hyper-util's client failed on was opened before `began`.
+fn kept_before(e: &hyper_util::client::legacy::Error, began: Instant) -> bool {
+    let Some(connected) = e.connect_info() else {
+        return false;
+    };
+    let mut extras = http::Extensions::new();
+    connected.get_extras(&mut extras);
+    extras
+        .get::<sockets::Opened>()
+        .is_some_and(|opened| opened.0 < began)
+}
+
+/// `closed_unanswered`, of a request hyper-util's client sent.
+fn client_closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
+    !e.is_connect()
+        && std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<hyper::Error>())
+            .is_some_and(closed_unanswered)
 }
 
 /// A copy of `req` to send again, when it can be sent twice without harm: an idempotent

@@ -316,13 +316,20 @@ impl Drop for Permit {
 pub struct Counted<T> {
     io: T,
     _permit: Permit,
+    opened: Instant,
 }
+
+/// When a connection hyper-util's client holds was opened (`Connected`'s extra): a request
+/// that failed on one opened before it began was sent on a kept connection.
+#[derive(Clone, Copy)]
+pub struct Opened(pub Instant);
 
 impl<T> Counted<T> {
     pub fn new(io: T, permit: Permit) -> Counted<T> {
         Counted {
             io,
             _permit: permit,
+            opened: Instant::now(),
         }
     }
 
@@ -331,6 +338,7 @@ impl<T> Counted<T> {
         Counted {
             io: f(self.io),
             _permit: self._permit,
+            opened: self.opened,
         }
     }
 }
@@ -393,7 +401,7 @@ impl<T: hyper_util::client::legacy::connect::Connection>
     hyper_util::client::legacy::connect::Connection for Counted<T>
 {
     fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        self.io.connected()
+        self.io.connected().extra(Opened(self.opened))
     }
 }
 
