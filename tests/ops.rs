@@ -1469,25 +1469,40 @@ async fn maintenance_over_an_outage_across_a_restart_keeps_the_outages_start() {
     drop(proxy);
 }
 
-/// A window that begins while the proxy is down during an outage took over from `outage`,
-/// as a running proxy would have told it: the start tells it so, not from the `normal` of
-/// servers counted healthy until their first checks.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_window_that_began_during_an_outage_while_down_took_over_from_it() {
+/// A restartable proxy whose application is down, its outage told, and a window from
+/// `start` to `end` added: its JSON webhook, config, the proxy and the window's times.
+async fn a_window_in_an_outage(
+    start: &str,
+    end: &str,
+) -> (
+    Receiver,
+    String,
+    Proxy,
+    (std::time::SystemTime, std::time::SystemTime),
+) {
     let (app, hook, _slack, config, proxy) = restartable_proxy().await;
     app.stop();
     outage_told(&proxy, &hook).await;
     let r = ctl(
         &proxy,
         Ctl::ScheduleAdd {
-            start: "+4s".into(),
-            end: "+1h".into(),
+            start: start.into(),
+            end: end.into(),
             message: None,
         },
     )
     .await;
     assert!(r.ok, "{r:?}");
-    let start = r.state.unwrap().next_window.unwrap().start.0;
+    let window = r.state.unwrap().next_window.unwrap();
+    (hook, config, proxy, (window.start.0, window.end.0))
+}
+
+/// A window that begins while the proxy is down during an outage took over from `outage`,
+/// as a running proxy would have told it: the start tells it so, not from the `normal` of
+/// servers counted healthy until their first checks.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_window_that_began_during_an_outage_while_down_took_over_from_it() {
+    let (hook, config, proxy, (start, _)) = a_window_in_an_outage("+4s", "+1h").await;
     let mut proxy = proxy;
     assert!(proxy.running.take().unwrap().shutdown().await);
     // The window began while the proxy was down, not before its stop: else the restart's
@@ -1507,20 +1522,7 @@ async fn a_window_that_began_during_an_outage_while_down_took_over_from_it() {
 /// the state file kept.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_window_that_ended_while_down_during_an_outage_ends_in_it() {
-    let (app, hook, _slack, config, proxy) = restartable_proxy().await;
-    app.stop();
-    outage_told(&proxy, &hook).await;
-    let r = ctl(
-        &proxy,
-        Ctl::ScheduleAdd {
-            start: "+1s".into(),
-            end: "+3s".into(),
-            message: None,
-        },
-    )
-    .await;
-    assert!(r.ok, "{r:?}");
-    let end = r.state.unwrap().next_window.unwrap().end.0;
+    let (hook, config, proxy, (_, end)) = a_window_in_an_outage("+1s", "+3s").await;
     let got = wait_events(&hook, 2).await;
     assert_eq!(got[1]["event"], "schedule_started", "{got:#?}");
     let mut proxy = proxy;

@@ -449,6 +449,28 @@ pub async fn served_at_the_limit(proxy: &Proxy) -> bool {
     false
 }
 
+/// At `max_connections`, with one connection whose request head began at `begun` and
+/// stalled: a new client is refused while the head is young (when this gets there soon enough
+/// to tell: a machine slow enough to take the whole two seconds proves nothing either way),
+/// then served once the head has lasted its 2 s, well within its deadline (which would free
+/// the slot too). `what` names the case in failures.
+pub async fn room_made_once_stalled(proxy: &Proxy, begun: Instant, what: &str) {
+    let out = new_client(proxy).await;
+    if begun.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(out, "", "a young head was closed ({what})");
+    }
+    let mut served = out.starts_with("HTTP/1.1 200");
+    while !served && begun.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        served = new_client(proxy).await.starts_with("HTTP/1.1 200");
+    }
+    assert!(served, "no room was made for a new client ({what})");
+    assert!(
+        begun.elapsed() >= Duration::from_secs(2),
+        "made room before the head stalled ({what})"
+    );
+}
+
 /// At `max_connections`, a new client is served and the idle `what` connection whose task
 /// is `closed` makes room: it is closed.
 pub async fn assert_makes_room<T>(proxy: &Proxy, closed: tokio::task::JoinHandle<T>, what: &str) {
