@@ -557,16 +557,22 @@ impl UpstreamPool {
         // clone per request, which TLS costs far more than.
         let began = Instant::now();
         let again = copy_to_replay(&req);
-        match clients.https.request(req).await {
-            Ok(resp) => Ok(resp.map(Body::Stream)),
+        let resp = match clients.https.request(req).await {
+            Ok(resp) => resp,
             Err(e) => match again {
                 Some(copy) if kept_before(&e, began) && client_closed_unanswered(&e) => {
                     tracing::debug!("a kept upstream connection was closed; sending again");
-                    Ok(clients.https.request(copy).await?.map(Body::Stream))
+                    clients.https.request(copy).await?
                 }
-                _ => Err(e.into()),
+                _ => return Err(e.into()),
             },
+        };
+        // hyper-util's client cannot be given hyper's `max_header_size`, and reads heads up to
+        // its buffer's 400 KiB: the bound every other path keeps is checked here.
+        if head_size(&resp) > MAX_RESPONSE_HEAD {
+            return Err(SendError::Protocol("response head over 64 KiB"));
         }
+        Ok(resp.map(Body::Stream))
     }
 
     /// Sends `req` over one of this worker's HTTP/2 connections to server `index`, kept in
@@ -1380,6 +1386,17 @@ fn closed_unanswered(e: &hyper::Error) -> bool {
                 | std::io::ErrorKind::BrokenPipe
         )
     })
+}
+
+/// The size of a response head as HTTP/1.1 sent it, near enough (the reason phrase is not
+/// kept): its status line, and each line's name, value, `: ` and line end.
+fn head_size<B>(resp: &Response<B>) -> usize {
+    let lines: usize = resp
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    "HTTP/1.1 200 \r\n\r\n".len() + lines
 }
 
 /// Whether the connection a request of hyper-util's client failed on was opened before `began`.
