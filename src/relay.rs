@@ -430,6 +430,13 @@ async fn relay<C: Client>(
             // that did not fill the buffer (edge-triggered epoll: more data makes a new
             // event), sparing the next wait a read that would find nothing. A set is taken
             // only once the socket is readable.
+            // A whole head whose body is late is a request under way, not a stalled head: it
+            // goes to hyper after its wait, and is never picked.
+            let whole = begun
+                && slot
+                    .as_ref()
+                    .is_some_and(|bufs| head_whole(&bufs.0.input[..bufs.0.have]));
+            let mut picked = false;
             let read = poll_fn(|cx| {
                 if sock.readable(cx) {
                     let bufs = &mut slot.get_or_insert_with(Buffers::take).0;
@@ -442,7 +449,7 @@ async fn relay<C: Client>(
                 if closes && !begun && stop.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(None);
                 }
-                if let Some(closable) = closable {
+                if let Some(closable) = closable.filter(|_| !whole) {
                     let may = !begun
                         || stalled
                             .get_or_insert_with(|| {
@@ -452,6 +459,7 @@ async fn relay<C: Client>(
                             .poll(cx)
                             .is_ready();
                     if may && closable.poll_picked(cx) {
+                        picked = true;
                         return Poll::Ready(None);
                     }
                 }
@@ -471,6 +479,9 @@ async fn relay<C: Client>(
             .await;
             if let Some(closable) = closable {
                 closable.busy();
+            }
+            if picked {
+                return After::Close;
             }
             match (read, slot.as_mut().map(|bufs| &mut bufs.0)) {
                 (None, bufs) => {

@@ -1800,6 +1800,37 @@ async fn an_https_connection_whose_head_stalled_makes_room() {
     }
 }
 
+/// A request whose head came whole and whose body is late is under way, not stalled: past
+/// the 2 s after which a head still arriving makes room, it is not closed for a new client,
+/// and its answer comes once its body does.
+#[tokio::test]
+async fn an_https_request_whose_body_is_late_is_not_closed_for_room() {
+    use tokio::io::AsyncWriteExt;
+    let up = echo_upstream().await;
+    let ca = Ca::new();
+    let proxy = one_connection_proxy_with(&ca, &up, "header_read_timeout = \"60s\"\n").await;
+    let config = ca.client_config(&[b"http/1.1"]);
+    let mut stream = tls_connect(tls_addr(&proxy), "shop.test", config).await;
+    let mut both = b"GET /first HTTP/1.1\r\nHost: shop.test\r\n\r\n".to_vec();
+    both.extend_from_slice(
+        b"POST /late HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 10\r\n\r\nhello",
+    );
+    stream.write_all(&both).await.unwrap();
+    let resp = read_response(&mut stream).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    // What is tested is the time passing: past the stalled-head mark, with room to spare.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        new_client(&proxy).await,
+        "",
+        "a request under way was closed for room"
+    );
+    stream.write_all(b"world").await.unwrap();
+    let resp = read_response(&mut stream).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("helloworld"), "{resp}");
+}
+
 /// An HTTPS connection that hyper serves is not closed for room while a request is in
 /// flight: neither while its server has not answered, nor while its answer's body streams.
 /// A new client is refused, and the request gets its whole answer. Once idle, it makes room.
