@@ -740,9 +740,17 @@ async fn a_certificate_that_fails_verification_is_logged() {
 /// A kept `https://` connection over HTTP/1.1 that the server closes as the next request
 /// arrives (its keep-alive timeout, keep-alive's race) costs that request a second try on a new
 /// connection, as it does for an `http://` server (tests/upstream_pool.rs), not the outage
-/// answer.
+/// answer. So does one whose session fails then (a fatal alert in the clear, which does not
+/// decrypt: as a server's TLS library gone wrong after its last answer, unseen until the next
+/// request), as nginx sends a request again after any error on a cached connection.
 #[tokio::test]
 async fn a_kept_https_connection_the_server_closed_as_the_request_came_is_no_outage() {
+    for clear_alert in [false, true] {
+        kept_https_connection_failing_at_the_next_request(clear_alert).await;
+    }
+}
+
+async fn kept_https_connection_failing_at_the_next_request(clear_alert: bool) {
     let tls = Tls::new();
     let acceptor = tls.acceptor(&[b"http/1.1"]);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -762,7 +770,13 @@ async fn a_kept_https_connection_the_server_closed_as_the_request_came_is_no_out
                             return;
                         }
                     }
-                    // The next request is closed on, unanswered (with `close_notify`).
+                    // The next request is closed on, unanswered (with `close_notify`), or
+                    // gets an alert in the clear.
+                    if answered && clear_alert {
+                        let alert = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x50];
+                        let _ = sock.get_mut().0.write_all(&alert).await;
+                        return;
+                    }
                     if answered {
                         let _ = sock.shutdown().await;
                         return;
@@ -786,7 +800,7 @@ async fn a_kept_https_connection_the_server_closed_as_the_request_came_is_no_out
         assert_eq!(
             got.0.first().map(String::as_str),
             Some("200 \"ok\""),
-            "request {i}: {got:?} in {took:?}"
+            "request {i} (clear alert: {clear_alert}): {got:?} in {took:?}"
         );
     }
 }

@@ -1412,11 +1412,17 @@ fn kept_before(e: &hyper_util::client::legacy::Error, began: Instant) -> bool {
 }
 
 /// `closed_unanswered`, of a request hyper-util's client sent.
+/// Over TLS a kept connection may also have failed in its session (an alert, a record that
+/// does not decrypt, an end without `close_notify`) after its last answer was whole, unseen
+/// until the next request: any failure of the connection before the head, as nginx sends a
+/// request again after any error on a cached connection.
 fn client_closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
-    !e.is_connect()
-        && std::error::Error::source(e)
-            .and_then(|s| s.downcast_ref::<hyper::Error>())
-            .is_some_and(closed_unanswered)
+    let Some(e) = std::error::Error::source(e).and_then(|s| s.downcast_ref::<hyper::Error>())
+    else {
+        return false;
+    };
+    let broken = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+    closed_unanswered(e) || broken
 }
 
 /// A copy of `req` to send again, when it can be sent twice without harm: an idempotent
