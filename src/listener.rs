@@ -648,6 +648,10 @@ fn log_end(
         Some(Err(e)) => {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
             count_unread(&e, state, peer.ip());
+            // h2's own warnings of these are not logged (`logging::directives`): counted.
+            if let Some(reason) = crate::metrics::Http2Goaway::of(&e) {
+                state.load().metrics.http2_goaway(reason);
+            }
         }
         Some(Ok(())) => {}
     }

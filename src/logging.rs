@@ -38,23 +38,43 @@ pub fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// The filter `log` asks for. rustls warns of what a client did wrong, such as an IP address
-/// sent as SNI (wrk and some health checkers send one), once per connection: any client could
-/// fill the log with it. So only its errors are written, unless the level is `debug` or
-/// `trace`, or names rustls itself; a failed handshake is logged at `debug` by the listener.
+/// The filter `log` asks for. Two libraries warn of what a client did wrong, and any client
+/// could fill the log with those warnings: rustls once per connection (an IP address sent as
+/// SNI, which wrk and some health checkers send), and h2 once per HTTP/2 connection it closes
+/// for abuse (a rapid reset: "remotely-reset pending-accept streams reached limit") and once
+/// per frame for a PING acknowledgement the proxy never asked for, which one connection sent
+/// at some 500,000 lines (76 MB) a second. So only their errors are written, unless the level
+/// is `debug` or `trace`, or names the library itself; a failed handshake, and a connection
+/// h2 closed, are logged at `debug` by the listener.
 fn directives(log: &LogConfig) -> String {
     let mut directives = log.level.clone();
     let verbose = log.level.split(',').any(|d| {
         let d = d.trim();
         d.eq_ignore_ascii_case("debug") || d.eq_ignore_ascii_case("trace")
     });
-    if !verbose && !log.level.contains("rustls") {
-        directives.push_str(",rustls=error");
+    for library in ["rustls", "h2"] {
+        if !verbose && !names(&log.level, library) {
+            directives.push(',');
+            directives.push_str(library);
+            directives.push_str("=error");
+        }
     }
     // Whatever `access_log` says at start: a reload can turn it on, and each request asks
     // the config in force whether to write its line.
     directives.push_str(",intermission::access=info");
     directives
+}
+
+/// Whether a directive of `level` is for `library` or one of its modules (`h2=warn`,
+/// `h2::proto=debug`), not merely a target whose name contains it (`hyper::proto::h2`).
+fn names(level: &str, library: &str) -> bool {
+    level.split(',').any(|d| {
+        let target = d.trim().split(['=', '[']).next().unwrap_or_default();
+        target == library
+            || target
+                .strip_prefix(library)
+                .is_some_and(|rest| rest.starts_with("::"))
+    })
 }
 
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides `log.level`, and can turn
@@ -277,8 +297,8 @@ mod tests {
         }
     }
 
-    /// What a subscriber filtered as `init` filters for `level` writes of a client's mistake
-    /// reported by rustls and of a warning of ours.
+    /// What a subscriber filtered as `init` filters for `level` writes of a client's mistakes
+    /// reported by rustls and h2, and of a warning of ours.
     fn filtered(level: &str) -> String {
         let log = crate::config::LogConfig {
             format: crate::config::LogFormat::Text,
@@ -294,6 +314,7 @@ mod tests {
             .finish();
         tracing::subscriber::with_default(subscriber, || {
             tracing::warn!(target: "rustls::msgs::handshake", "Illegal SNI extension");
+            tracing::warn!(target: "h2::proto::ping_pong", "recv PING ack that we never sent");
             tracing::warn!(target: "intermission::health", "server down");
         });
         let text = kept.0.lock().unwrap().clone();
@@ -301,17 +322,29 @@ mod tests {
     }
 
     #[test]
-    fn rustls_warnings_a_client_causes_are_written_only_when_asked_for() {
-        for level in ["info", "warn", "info,hyper=warn"] {
+    fn warnings_a_client_causes_are_written_only_when_asked_for() {
+        for level in [
+            "info",
+            "warn",
+            "info,hyper=warn",
+            "info,hyper::proto::h2=debug",
+        ] {
             let out = filtered(level);
             assert!(out.contains("server down"), "{level}: {out}");
             assert!(!out.contains("Illegal SNI"), "{level}: {out}");
+            assert!(!out.contains("PING ack"), "{level}: {out}");
         }
-        for level in ["debug", "trace", "info,rustls=warn"] {
+        for level in ["debug", "trace", "info,rustls=warn,h2=warn"] {
             let out = filtered(level);
             assert!(out.contains("server down"), "{level}: {out}");
             assert!(out.contains("Illegal SNI"), "{level}: {out}");
+            assert!(out.contains("PING ack"), "{level}: {out}");
         }
+        let out = filtered("info,h2::proto=warn");
+        assert!(
+            out.contains("PING ack") && !out.contains("Illegal SNI"),
+            "{out}"
+        );
     }
 
     /// The line `tracing`'s formatter writes for `line`, through the subscriber `init`

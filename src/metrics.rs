@@ -145,6 +145,59 @@ impl WebhookResult {
     }
 }
 
+/// Why the proxy closed an HTTP/2 client's connection with an error (a GOAWAY frame's code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Http2Goaway {
+    /// h2's answer to abuse: a rapid reset, a CONTINUATION flood, an HPACK bomb, a flood of
+    /// empty DATA frames, more than 1,024 streams reset for the client's errors.
+    EnhanceYourCalm,
+    ProtocolError,
+    /// A window past 2³¹−1, or data past it.
+    FlowControlError,
+    /// Anything else (COMPRESSION_ERROR, FRAME_SIZE_ERROR).
+    Other,
+}
+
+impl Http2Goaway {
+    const ALL: [Http2Goaway; 4] = [
+        Http2Goaway::EnhanceYourCalm,
+        Http2Goaway::ProtocolError,
+        Http2Goaway::FlowControlError,
+        Http2Goaway::Other,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Http2Goaway::EnhanceYourCalm => "enhance_your_calm",
+            Http2Goaway::ProtocolError => "protocol_error",
+            Http2Goaway::FlowControlError => "flow_control_error",
+            Http2Goaway::Other => "other",
+        }
+    }
+
+    /// The GOAWAY the proxy's own HTTP/2 server sent for the client's error, if that is how
+    /// the connection `e` ended: not one the client sent, nor a reset or a broken socket.
+    pub fn of(e: &hyper::Error) -> Option<Http2Goaway> {
+        let mut cause = std::error::Error::source(e);
+        while let Some(c) = cause {
+            if let Some(h2) = c.downcast_ref::<h2::Error>() {
+                if !(h2.is_go_away() && h2.is_library()) {
+                    return None;
+                }
+                return Some(match h2.reason()? {
+                    h2::Reason::NO_ERROR => return None,
+                    h2::Reason::ENHANCE_YOUR_CALM => Http2Goaway::EnhanceYourCalm,
+                    h2::Reason::PROTOCOL_ERROR => Http2Goaway::ProtocolError,
+                    h2::Reason::FLOW_CONTROL_ERROR => Http2Goaway::FlowControlError,
+                    _ => Http2Goaway::Other,
+                });
+            }
+            cause = c.source();
+        }
+        None
+    }
+}
+
 /// Why a TLS handshake failed, in the few kinds an operator acts on differently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsFailure {
@@ -301,6 +354,11 @@ struct TlsFailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Http2GoawayLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TlsHandshakeLabels {
     kind: &'static str,
 }
@@ -446,6 +504,8 @@ pub struct Metrics {
     tls_failures: [Counter; 5],
     /// Full, then resumed.
     tls_handshakes: [Counter; 2],
+    /// Indexed like `Http2Goaway::ALL`.
+    http2_goaways: [Counter; 4],
     certificate_ends: Family<CertificateLabels, Gauge>,
     parked: Gauge,
     /// Moved by `listener::Limit`.
@@ -584,6 +644,17 @@ impl Metrics {
             tls_family,
         );
 
+        let goaways_family = Family::<Http2GoawayLabels, Counter>::default();
+        let http2_goaways = Http2Goaway::ALL
+            .map(|r| goaways_family.get_or_create_owned(&Http2GoawayLabels { reason: r.as_str() }));
+        registry.register(
+            "intermission_http2_client_goaways",
+            "HTTP/2 client connections closed with an error GOAWAY for what the client did, by \
+             its code (enhance_your_calm: abuse, such as a rapid reset, a CONTINUATION flood, an \
+             HPACK bomb or too many stream errors; protocol_error; flow_control_error; other)",
+            goaways_family,
+        );
+
         let handshakes_family = Family::<TlsHandshakeLabels, Counter>::default();
         let tls_handshakes = ["full", "resumed"]
             .map(|kind| handshakes_family.get_or_create_owned(&TlsHandshakeLabels { kind }));
@@ -676,6 +747,7 @@ impl Metrics {
             webhook_queues,
             tls_failures,
             tls_handshakes,
+            http2_goaways,
             certificate_ends,
             parked,
             clients,
@@ -868,6 +940,10 @@ impl Metrics {
 
     pub fn tls_handshake(&self, resumed: bool) {
         self.tls_handshakes[usize::from(resumed)].inc();
+    }
+
+    pub fn http2_goaway(&self, reason: Http2Goaway) {
+        self.http2_goaways[reason as usize].inc();
     }
 
     /// Everything in the Prometheus text format 0.0.4, for the scrapers and tools that do not
@@ -1380,6 +1456,7 @@ pub(crate) mod tests {
             "intermission_control_commands",
             "intermission_webhook_deliveries",
             "intermission_webhook_queue_length",
+            "intermission_http2_client_goaways",
             "intermission_parked_connections",
             "intermission_client_connections",
             "intermission_client_connection_limit_reached",

@@ -2035,3 +2035,124 @@ async fn sigterm_gives_up_on_a_hanging_webhook_at_its_bound_and_says_what_was_lo
     assert!(line.contains(&format!("{}/…", hook.url())), "{line}");
     assert!(!log.iter().any(|l| l.contains("secret-path")), "{log:#?}");
 }
+
+/// Reads frames until one `wanted` (by its kind and stream) comes, and returns its payload:
+/// `None` if the connection closes first, or nothing comes for 10 s.
+async fn h2_until(
+    s: &mut tokio::net::TcpStream,
+    wanted: impl Fn(u8, u32) -> bool,
+) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 9];
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut head));
+        read.await.ok()?.ok()?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut payload));
+        read.await.ok()?.ok()?;
+        if wanted(head[3], stream) {
+            return Some(payload);
+        }
+    }
+}
+
+/// What h2 warns of when a client misbehaves is not written at `info`: once per frame for a
+/// PING acknowledgement the proxy never asked for (one connection sending them wrote some
+/// 500,000 lines, 76 MB, a second), and once per connection it closes for a rapid reset
+/// (CVE-2023-44487: requests opened and reset at once), which a client that reconnects
+/// repeats some 700 times a second. The rapid reset is still stopped: `GOAWAY` with
+/// `ENHANCE_YOUR_CALM` after a few tens of streams.
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_abuse_is_stopped_without_filling_the_log() {
+    use tokio::io::AsyncWriteExt;
+    const HEADERS: u8 = 0x1;
+    const RST_STREAM: u8 = 0x3;
+    const SETTINGS: u8 = 0x4;
+    const PING: u8 = 0x6;
+    const GOAWAY: u8 = 0x7;
+    const END_STREAM: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+    // GET http://x/ (HPACK: :method GET, :scheme http, :path /, :authority x).
+    const GET: &[u8] = &[0x82, 0x86, 0x84, 0x01, 0x01, b'x'];
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            up.url()
+        ),
+    );
+    let preface = [
+        &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
+        &h2_frame(SETTINGS, 0, 0, &[]),
+    ]
+    .concat();
+
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut pings = preface.clone();
+    for _ in 0..1000 {
+        pings.extend(h2_frame(PING, 0x1, 0, b"12345678"));
+    }
+    // Frames are read in order: once this request is answered, every PING was read.
+    pings.extend(h2_frame(HEADERS, END_HEADERS | END_STREAM, 1, GET));
+    s.write_all(&pings).await.unwrap();
+    assert!(
+        h2_until(&mut s, |kind, stream| kind == HEADERS && stream == 1)
+            .await
+            .is_some()
+    );
+
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut resets = preface.clone();
+    for stream in (1..1000).step_by(2) {
+        resets.extend(h2_frame(HEADERS, END_HEADERS | END_STREAM, stream, GET));
+        resets.extend(h2_frame(RST_STREAM, 0, stream, &8u32.to_be_bytes()));
+    }
+    // The proxy may close before it has read all: what it says before is what counts.
+    let _ = s.write_all(&resets).await;
+    let goaway = h2_until(&mut s, |kind, _| kind == GOAWAY).await;
+    let goaway = goaway.expect("no GOAWAY for a rapid reset");
+    assert_eq!(goaway[4..8], 0xbu32.to_be_bytes(), "not ENHANCE_YOUR_CALM");
+    let last = u32::from_be_bytes([goaway[0], goaway[1], goaway[2], goaway[3]]);
+    assert!(last < 200, "the GOAWAY came after {last} streams");
+
+    // A request after both, whose access line is written after whatever they caused.
+    assert_eq!(get(&proxy.url("/after")).await.status(), 200);
+    let logged = || proxy.log_lines().iter().any(|l| l.contains("path=/after"));
+    assert!(wait_until(Duration::from_secs(10), logged).await);
+    let lines = proxy.log_lines();
+    let from_h2: Vec<_> = lines.iter().filter(|l| l.contains("h2::")).collect();
+    // Counted instead, once the connection has ended.
+    let admin = lines
+        .iter()
+        .find_map(|l| {
+            let rest = &l[l.find("admin listener on ")? + "admin listener on ".len()..];
+            rest.split(' ').next()?.parse::<std::net::SocketAddr>().ok()
+        })
+        .expect("the admin listener's address");
+    let key = "intermission_http2_client_goaways_total{reason=\"enhance_your_calm\"} ";
+    let mut seen = String::new();
+    for _ in 0..200 {
+        let got = get(&format!("http://{admin}/metrics")).await;
+        let text = String::from_utf8_lossy(got.body()).into_owned();
+        seen = text
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or("")
+            .to_owned();
+        if seen == format!("{key}1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(seen, format!("{key}1"));
+    assert!(
+        from_h2.is_empty(),
+        "{} lines from h2: {:#?}",
+        from_h2.len(),
+        &from_h2[..from_h2.len().min(3)]
+    );
+}
