@@ -64,7 +64,10 @@ struct Case {
     body: Vec<u8>,
     expect: Expect,
     /// The server closes before its head: on a kept connection, as keep-alive's race closes
-    /// one, the request is sent again once.
+    /// one, the request is sent again once. So it may be after any fault that breaks the
+    /// session (an alert, a record that does not decrypt), wherever it falls: what came
+    /// before it in the same read is lost with it, the head too (see below), and a kept
+    /// connection failing before a head is tried again, as nginx tries a cached one.
     twice: bool,
     note: String,
 }
@@ -176,7 +179,12 @@ fn generate(rng: &mut Rng, n: usize) -> Case {
                 Some(_) if all_before && !close => worst(expect, Expect::WholeOrCut),
                 _ => Expect::Cut,
             };
-            twice = at == 0 && matches!(fault, Some(Fault::Drop | Fault::CloseNotify));
+            twice = match fault {
+                Some(Fault::Drop | Fault::CloseNotify) => at == 0,
+                Some(Fault::ClearAlert | Fault::Garbage | Fault::Corrupt) => true,
+                Some(Fault::KeyUpdates(n)) => n > 32,
+                None => false,
+            };
             steps.truncate(at);
             steps.push(fault.map_or(Step::Stall, Step::Fault));
         }
