@@ -368,9 +368,11 @@ impl<'a> Parked<'a> {
         self.0.closable.poll_picked(cx)
     }
 
-    /// Whether its head is begun and has not lasted `STALLED` yet: not closable.
-    fn stalling(&self) -> bool {
-        self.0.closable.is_never()
+    /// Whether its head is begun and has not lasted `STALLED` yet: not closable. With a
+    /// `keep_alive` no longer than that, a head begun is never closable (`never` as well), and
+    /// its deadline is the park's own.
+    fn stalling(&self, keep_alive: Duration) -> bool {
+        keep_alive > STALLED && self.0.closable.is_never()
     }
 }
 
@@ -685,7 +687,7 @@ fn parked(
             false => held.builder.keep_alive,
         });
         tokio::pin!(deadline);
-        let count = Parked::new(&service.idle, !stalls);
+        let count = Parked::new(&service.idle, first.is_empty());
         // A head begun before the park keeps its deadline. One that arrives now gets hyper's
         // own, which starts with it.
         let mut begun = false;
@@ -704,7 +706,7 @@ fn parked(
                 deadline.as_mut().poll(cx).map(|()| false)
             })
             .await;
-            if !woken && count.stalling() {
+            if !woken && count.stalling(held.builder.keep_alive) {
                 // Its head has stalled: closable from now, until the park's deadline.
                 count.0.closable.busy();
                 let end = deadline.deadline() - STALLED + held.builder.keep_alive;
@@ -749,7 +751,7 @@ fn parked(
         }
         // Only a head begun before the park sets `begun`, and then no answer has moved the
         // deadline: it is still the park's, or its stalling point.
-        let head = begun.then(|| match count.stalling() {
+        let head = begun.then(|| match count.stalling(held.builder.keep_alive) {
             true => deadline.deadline() - STALLED + held.builder.keep_alive,
             false => deadline.deadline(),
         });

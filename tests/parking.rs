@@ -91,6 +91,50 @@ async fn a_head_split_across_a_park_is_answered_whole() {
     assert!(resp.ends_with("app saw /late"), "{resp}");
 }
 
+/// With a `header_read_timeout` shorter than the 2 s a head takes to stall, a head begun
+/// before a park is not closed for room either (it was, at once: a new client at the limit
+/// took its place), and woken by more of it keeps the park's deadline.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_head_begun_is_not_closed_for_room_with_a_short_header_read_timeout() {
+    let (_up, proxy) = app_and_proxy("max_connections = 1\nheader_read_timeout = \"1s\"").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET /split HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let begun = Instant::now();
+    let resp = read_response(&mut s).await;
+    assert!(resp.ends_with("app saw /first"), "{resp}");
+    wait_parked(&proxy, 1.0).await;
+    let out = new_client(&proxy).await;
+    // A machine too slow to get here well within the head's 1 s proves nothing either way.
+    let quick = begun.elapsed() < Duration::from_millis(500);
+    if quick {
+        assert_eq!(out, "", "a young head was closed for room");
+    }
+    // More of it, still not whole, wakes it: hyper reads the rest.
+    s.write_all(b"st: x\r\n").await.unwrap();
+    let client = s.local_addr().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || read_by_peer(client)).await,
+        "the proxy did not read the head"
+    );
+    s.write_all(b"Accept: */*\r\n\r\n").await.unwrap();
+    let mut resp = String::new();
+    let mut chunk = [0u8; 4096];
+    while !resp.contains("app saw") {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => resp.push_str(&String::from_utf8_lossy(&chunk[..n])),
+            _ => break,
+        }
+    }
+    if quick && begun.elapsed() < Duration::from_millis(800) {
+        assert!(
+            resp.ends_with("app saw /split"),
+            "closed before its deadline: {resp:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_parked_connection_is_closed_after_header_read_timeout() {
     let (_up, proxy) = app_and_proxy("header_read_timeout = \"1s\"").await;

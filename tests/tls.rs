@@ -1739,23 +1739,6 @@ async fn at_max_connections_an_idle_https_connection_hyper_serves_makes_room() {
     assert_makes_room(&proxy, closed, "HTTPS").await;
 }
 
-/// Whether the peer of the IPv4 loopback socket bound to `local` has read all that was sent
-/// to it: its receive queue in `/proc/net/tcp` is empty (Linux only; true elsewhere).
-fn read_by_peer(local: SocketAddr) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
-        return true;
-    };
-    let port = format!(":{:04X}", local.port());
-    table.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        fields.len() > 4
-            && fields[2].ends_with(&port)
-            && fields[4]
-                .split_once(':')
-                .is_some_and(|(_, rx)| u64::from_str_radix(rx, 16) == Ok(0))
-    })
-}
-
 /// An HTTPS connection with a request head begun is not closed for room until the head has
 /// lasted two seconds, as a handshake: then it has stalled, and makes room. Both ways a head
 /// waits over TLS: in the relay (a next head after an answer), and in hyper (a first head

@@ -292,6 +292,23 @@ pub fn json<T: serde::de::DeserializeOwned>(resp: &Response<Bytes>) -> T {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(resp.body())))
 }
 
+/// Whether the peer of the IPv4 loopback socket bound to `local` has read all that was sent
+/// to it: its receive queue in `/proc/net/tcp` is empty (Linux only; true elsewhere).
+pub fn read_by_peer(local: SocketAddr) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return true;
+    };
+    let port = format!(":{:04X}", local.port());
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() > 4
+            && fields[2].ends_with(&port)
+            && fields[4]
+                .split_once(':')
+                .is_some_and(|(_, rx)| u64::from_str_radix(rx, 16) == Ok(0))
+    })
+}
+
 /// Waits for `cond` to hold, checking every 20 ms, for at most `limit`.
 pub async fn wait_until<F: FnMut() -> bool>(limit: Duration, mut cond: F) -> bool {
     let end = Instant::now() + limit;
