@@ -978,7 +978,12 @@ impl Serving<'_> {
         let picked = poll_fn(move |cx| {
             let idle = between.idle();
             let may = match idle {
-                true => true,
+                // A request answered within one poll (held) is never seen under way: the
+                // next head's clock must not be the last one's.
+                true => {
+                    stalled = None;
+                    true
+                }
                 false if between.stalling() => stalled
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(STALLED)))
                     .as_mut()

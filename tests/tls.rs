@@ -1814,6 +1814,52 @@ async fn an_https_request_whose_body_is_late_is_not_closed_for_room() {
     assert!(resp.contains("helloworld"), "{resp}");
 }
 
+/// The 2 s a head takes to stall on an HTTPS connection hyper serves are counted from that
+/// head's start, not from an earlier one's: a request answered at once (held) after a head
+/// that came in pieces left that head's clock running, and every later head on the
+/// connection was closable for room as soon as it began.
+#[tokio::test]
+async fn an_https_head_stalls_two_seconds_after_its_own_start() {
+    use tokio::io::AsyncWriteExt;
+    let up = echo_upstream().await;
+    let ca = Ca::new();
+    let proxy = one_connection_proxy_with(&ca, &up, "header_read_timeout = \"60s\"\n").await;
+    assert!(ctl(&proxy, on(None)).await.ok);
+    let config = ca.client_config(&[b"http/1.1"]);
+    let mut stream = tls_connect(tls_addr(&proxy), "shop.test", config).await;
+    // A first head in pieces is hyper's, which answers it held.
+    stream
+        .write_all(b"GET /first HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let client = stream.get_ref().0.local_addr().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || read_by_peer(client)).await,
+        "the proxy did not read the head"
+    );
+    stream.write_all(b"st: shop.test\r\n\r\n").await.unwrap();
+    let resp = read_response(&mut stream).await;
+    assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+    let first = std::time::Instant::now();
+    // Idle past the first head's 2 s, then a next head begins.
+    while first.elapsed() < Duration::from_millis(2500) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stream
+        .write_all(b"GET /second HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let begun = std::time::Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(5), || read_by_peer(client)).await,
+        "the proxy did not read the head"
+    );
+    let out = new_client(&proxy).await;
+    if begun.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(out, "", "a young head was closed for room");
+    }
+}
+
 /// An HTTPS connection that hyper serves is not closed for room while a request is in
 /// flight: neither while its server has not answered, nor while its answer's body streams.
 /// A new client is refused, and the request gets its whole answer. Once idle, it makes room.
