@@ -1470,11 +1470,13 @@ async fn maintenance_over_an_outage_across_a_restart_keeps_the_outages_start() {
 }
 
 /// A restartable proxy whose application is down, its outage told, and a window from
-/// `start` to `end` added: its JSON webhook, config, the proxy and the window's times.
+/// `start` to `end` added: the application, its JSON webhook, config, the proxy and the
+/// window's times.
 async fn a_window_in_an_outage(
     start: &str,
     end: &str,
 ) -> (
+    Upstream,
     Receiver,
     String,
     Proxy,
@@ -1494,7 +1496,7 @@ async fn a_window_in_an_outage(
     .await;
     assert!(r.ok, "{r:?}");
     let window = r.state.unwrap().next_window.unwrap();
-    (hook, config, proxy, (window.start.0, window.end.0))
+    (app, hook, config, proxy, (window.start.0, window.end.0))
 }
 
 /// A window that begins while the proxy is down during an outage took over from `outage`,
@@ -1502,7 +1504,7 @@ async fn a_window_in_an_outage(
 /// servers counted healthy until their first checks.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_window_that_began_during_an_outage_while_down_took_over_from_it() {
-    let (hook, config, proxy, (start, _)) = a_window_in_an_outage("+4s", "+1h").await;
+    let (_app, hook, config, proxy, (start, _)) = a_window_in_an_outage("+4s", "+1h").await;
     let mut proxy = proxy;
     assert!(proxy.running.take().unwrap().shutdown().await);
     // The window began while the proxy was down, not before its stop: else the restart's
@@ -1522,19 +1524,37 @@ async fn a_window_that_began_during_an_outage_while_down_took_over_from_it() {
 /// the state file kept.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_window_that_ended_while_down_during_an_outage_ends_in_it() {
-    let (hook, config, proxy, (_, end)) = a_window_in_an_outage("+1s", "+3s").await;
-    let got = wait_events(&hook, 2).await;
-    assert_eq!(got[1]["event"], "schedule_started", "{got:#?}");
-    let mut proxy = proxy;
-    assert!(proxy.running.take().unwrap().shutdown().await);
-    // The window ended while the proxy was down, not before its stop.
-    assert_eq!(events(&hook).len(), 2, "{:#?}", events(&hook));
-    until_past(end).await;
-    let proxy = spawn_proxy_in(proxy.dir, &config).await;
-    let got = wait_events(&hook, 3).await;
-    assert_eq!(got[2]["event"], "schedule_ended", "{got:#?}");
-    assert_eq!(got[2]["mode"], "outage", "{got:#?}");
-    drop(proxy);
+    for back in [false, true] {
+        let (app, hook, config, proxy, (_, end)) = a_window_in_an_outage("+1s", "+3s").await;
+        let got = wait_events(&hook, 2).await;
+        assert_eq!(got[1]["event"], "schedule_started", "{got:#?}");
+        let mut proxy = proxy;
+        assert!(proxy.running.take().unwrap().shutdown().await);
+        // The window ended while the proxy was down, not before its stop.
+        assert_eq!(events(&hook).len(), 2, "{:#?}", events(&hook));
+        until_past(end).await;
+        if back {
+            app.restart().await;
+        }
+        let proxy = spawn_proxy_in(proxy.dir, &config).await;
+        let got = wait_events(&hook, 4).await;
+        assert_eq!(got[2]["event"], "schedule_ended", "{got:#?}");
+        assert_eq!(got[2]["mode"], "outage", "{got:#?}");
+        // With the outage's start, as a running proxy tells an outage.
+        assert_eq!(got[2]["since"], got[0]["since"], "{got:#?}");
+        // The outage was told last: its end, found at the first check, is told too, or a
+        // status page would show an outage that is over. Still down, it is told again.
+        let (mode, previous) = if back {
+            ("normal", "outage")
+        } else {
+            ("outage", "normal")
+        };
+        assert_eq!(got.len(), 4, "{got:#?}");
+        assert_eq!(got[3]["event"], "mode_changed", "{got:#?}");
+        assert_eq!(got[3]["mode"], mode, "{got:#?}");
+        assert_eq!(got[3]["previous_mode"], previous, "{got:#?}");
+        drop(proxy);
+    }
 }
 
 /// An outage first told from `maintenance` (the operator's `off` showed it) is told again

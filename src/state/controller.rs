@@ -165,8 +165,8 @@ struct Resumed {
     since: SystemTime,
     /// Whether `outage` is the last mode receivers were told: the previous instance showed
     /// it (no maintenance, no force-open) and this start told nothing else since (a window
-    /// that ended while it was down is told as a return to normal). Only then is an end of
-    /// the outage theirs to hear of.
+    /// that ended while it was down is told as ending in the outage). Only then is an end
+    /// of the outage theirs to hear of.
     told: bool,
     /// The mode it was told from (`Persisted::outage_told_from`).
     from: Option<Mode>,
@@ -284,9 +284,12 @@ impl Controller {
         // The state as the proxy left it: what held the mode around those ends, which the
         // start's tidying forgets.
         let left = self.state.clone();
+        // A window that ended while the proxy was down ended in the outage (with no
+        // operator's `on`, which `mode` would show), and is told so (`ended_while_down`):
+        // the outage is still the last word, whose end receivers must hear.
         self.resumed = left.outage_since.map(|since| Resumed {
             since: since.0,
-            told: ended.is_empty() && left.mode(false, now) == Mode::Outage,
+            told: left.mode(false, now) == Mode::Outage,
             from: left.outage_told_from,
         });
         self.start_checkers().await;
@@ -657,10 +660,12 @@ impl Controller {
         // the stop (as `Persisted::taken_over` reads it): at a start they count healthy until
         // their first checks, which told an outage's window as ending in a return to normal,
         // and the outage again right after.
-        let healthy = left.outage_since.is_none_or(|s| s.0 > at);
+        let outage = left.outage_since.map(|s| s.0).filter(|s| *s <= at);
+        let healthy = outage.is_none();
         let m = &self.parts.config.maintenance;
         let mode = then.mode(healthy, at);
-        let view = (mode != Mode::Normal).then(|| View::new(mode, &then, m, None, at));
+        // Told as ending in the outage, it carries the outage's start as a running proxy's does.
+        let view = (mode != Mode::Normal).then(|| View::new(mode, &then, m, outage, at));
         // A return to normal carries when the episode it ends began: the `since` shown just
         // before the end (the window's start, or an operator's `on` before it).
         let began = || {
