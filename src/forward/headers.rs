@@ -316,19 +316,33 @@ pub const FROM_TRUSTED_ONLY: [HeaderName; 6] = [
 /// Rack). They are kept from a trusted peer only: from anyone else they would let a client
 /// name the links the application writes, which replacing `X-Forwarded-Host` is there to stop.
 pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientSide, trusted: bool) {
-    let aliases: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| is_underscore_alias(name.as_str().as_bytes()))
-        .cloned()
-        .collect();
-    for alias in aliases {
-        headers.remove(alias);
+    // One pass over the names first: a client seldom sends an alias or a name kept from
+    // trusted peers only, and each removal costs a hash and a probe, some 180 instructions
+    // apiece for these names (callgrind, HTTP/2 over TLS: six per request went to
+    // `FROM_TRUSTED_ONLY` alone).
+    let (mut aliases, mut untrusted) = (false, false);
+    for name in headers.keys() {
+        aliases |= is_underscore_alias(name.as_str().as_bytes());
+        untrusted |= !trusted && FROM_TRUSTED_ONLY.contains(name);
     }
-    if !trusted {
+    if aliases {
+        let aliases: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| is_underscore_alias(name.as_str().as_bytes()))
+            .cloned()
+            .collect();
+        for alias in aliases {
+            headers.remove(alias);
+        }
+    }
+    if untrusted {
         for name in &FROM_TRUSTED_ONLY {
             headers.remove(name);
         }
     }
+    // Room for the four written below at once: an HTTP/2 request's map is made to the size
+    // of what the client sent, and grew up to three times on the way (rehashing each time).
+    let _ = headers.try_reserve(4);
     let xff = if headers.contains_key(&X_FORWARDED_FOR) {
         append_to_list(headers, &X_FORWARDED_FOR, &client.peer)
     } else {
@@ -592,6 +606,48 @@ mod tests {
                 "for=198.51.100.2"
             ]
         );
+    }
+
+    /// Each name kept from trusted peers only goes from anyone else, whichever of them comes
+    /// and wherever it stands among the others (`set_forwarded` looks before it removes);
+    /// the `_` aliases of all of them go from everyone; the map keeps no other change.
+    #[test]
+    fn every_name_kept_from_trusted_peers_only_goes_from_others() {
+        for (i, only) in FROM_TRUSTED_ONLY.iter().enumerate() {
+            // `Forwarded` has no `-`, so no alias either.
+            let alias = only.as_str().replace('-', "_");
+            let mut theirs = vec![
+                ("host", "shop.example"),
+                ("user-agent", "h2load"),
+                (only.as_str(), "theirs"),
+                ("accept", "*/*"),
+            ];
+            if alias != only.as_str() {
+                theirs.insert(3, (alias.as_str(), "alias"));
+            }
+            let mut h = map(&theirs);
+            set_forwarded(&mut h, &client("192.0.2.1"), false);
+            assert!(
+                !h.contains_key(only),
+                "case {i}: {only} kept from an untrusted peer"
+            );
+            assert!(!h.contains_key(alias.as_str()), "case {i}: {alias} kept");
+            assert_eq!(h.get("user-agent").unwrap(), "h2load");
+            assert_eq!(h.get("accept").unwrap(), "*/*");
+            assert_eq!(h.get(&X_FORWARDED_FOR).unwrap(), "192.0.2.1");
+            assert_eq!(h.len(), 7, "case {i}: {h:?}");
+
+            let mut h = map(&theirs);
+            set_forwarded(&mut h, &client("10.0.0.2"), true);
+            assert_eq!(h.get(only).unwrap(), "theirs", "case {i}");
+            if alias != only.as_str() {
+                assert!(!h.contains_key(alias.as_str()), "case {i}: {alias} kept");
+            }
+        }
+        // None of them: nothing removed, the four written.
+        let mut h = map(&[("host", "shop.example"), ("user-agent", "h2load")]);
+        set_forwarded(&mut h, &client("192.0.2.1"), false);
+        assert_eq!(h.len(), 6, "{h:?}");
     }
 
     /// A length whose values repeat one another and agree becomes one line of its digits; one

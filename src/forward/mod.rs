@@ -164,6 +164,10 @@ pub fn forward<'a>(
             // itself; either is the host of the request, whatever `Host` says (RFC 9113
             // §8.3.1, RFC 9112 §3.2.2), and the upstream hop needs it as Host.
             if let Some(authority) = parts.uri.authority() {
+                // Room for it and the four `headers::set_forwarded` writes, made at once: an
+                // HTTP/2 request's map is made to the size of what the client sent, and grew
+                // up to three times on the way (rehashing each time).
+                let _ = parts.headers.try_reserve(5);
                 if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
                     parts.headers.insert(header::HOST, host);
                 }
