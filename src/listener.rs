@@ -950,6 +950,8 @@ impl Serving<'_> {
         let limit = self.closable.limit().clone();
         let service = service_fn(move |mut req: Request<Incoming>| {
             let open = Open::new(&counted);
+            let upload = !hyper::body::Body::is_end_stream(req.body());
+            counted.upload.store(upload, Ordering::Relaxed);
             Upgrading::mark(&mut req, &limit);
             let reply = service.call(req);
             async move { Ok::<_, S::Error>(Answered::wrap(reply.await?, open)) }
@@ -1109,6 +1111,9 @@ struct Between {
     /// that does not read), which a pick would keep open past its slot until `send_timeout`,
     /// as `park::Idle` does not take for idle either.
     unflushed: AtomicBool,
+    /// The last request came with a body: what arrives after its answer may be the rest of
+    /// it, an upload under way, not a head stalled. Until a request without one.
+    upload: AtomicBool,
 }
 
 impl Default for Between {
@@ -1117,6 +1122,7 @@ impl Default for Between {
             open: AtomicUsize::new(0),
             begun: AtomicBool::new(true),
             unflushed: AtomicBool::new(false),
+            upload: AtomicBool::new(false),
         }
     }
 }
@@ -1128,12 +1134,14 @@ impl Between {
             && !self.unflushed.load(Ordering::Relaxed)
     }
 
-    /// Whether a head (or the rest of a body after its answer) is under way with nothing
-    /// else: idle but for it.
+    /// Whether a head is under way with nothing else: idle but for it. Not after a request
+    /// with a body, whose rest may still be coming after its answer: an upload under way,
+    /// which a drop would reset under the client, losing the answer it has not read yet.
     fn stalling(&self) -> bool {
         self.open.load(Ordering::Relaxed) == 0
             && self.begun.load(Ordering::Relaxed)
             && !self.unflushed.load(Ordering::Relaxed)
+            && !self.upload.load(Ordering::Relaxed)
     }
 }
 

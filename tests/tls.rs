@@ -1860,6 +1860,49 @@ async fn an_https_head_stalls_two_seconds_after_its_own_start() {
     }
 }
 
+/// An upload still arriving after its answer (held: answered at once, its body read and
+/// dropped) is an upload under way, not a head stalled: past 2 s it is not closed for room,
+/// which would reset the connection under a client still sending, and the connection serves
+/// the next request once the body has ended.
+#[tokio::test]
+async fn an_https_upload_going_on_after_its_answer_is_not_closed_for_room() {
+    use tokio::io::AsyncWriteExt;
+    let up = echo_upstream().await;
+    let ca = Ca::new();
+    let proxy = one_connection_proxy_with(&ca, &up, "header_read_timeout = \"60s\"\n").await;
+    assert!(ctl(&proxy, on(None)).await.ok);
+    let config = ca.client_config(&[b"http/1.1"]);
+    let mut stream = tls_connect(tls_addr(&proxy), "shop.test", config).await;
+    // Chunked: hyper's, which answers it held at once.
+    stream
+        .write_all(
+            b"POST /up HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .await
+        .unwrap();
+    let resp = read_response(&mut stream).await;
+    assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+    // The body goes on, a piece every 300 ms (a held upload that pauses for a second is
+    // given up on), past the 2 s after which a head still arriving makes room.
+    let sending = std::time::Instant::now();
+    while sending.elapsed() < Duration::from_millis(2500) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stream.write_all(b"5\r\nworld\r\n").await.unwrap();
+    }
+    assert_eq!(
+        new_client(&proxy).await,
+        "",
+        "an upload under way was closed for room"
+    );
+    stream.write_all(b"0\r\n\r\n").await.unwrap();
+    stream
+        .write_all(b"GET /next HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_response(&mut stream).await;
+    assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+}
+
 /// An HTTPS connection that hyper serves is not closed for room while a request is in
 /// flight: neither while its server has not answered, nor while its answer's body streams.
 /// A new client is refused, and the request gets its whole answer. Once idle, it makes room.
