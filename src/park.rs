@@ -39,7 +39,8 @@ use tokio::time::Instant;
 
 /// What the socket, the responses and the serving loop tell each other about one connection.
 /// Atomics only to be `Sync`: all of it happens on the one task that holds the connection at
-/// the time, hence `Relaxed`.
+/// the time, hence `Relaxed`, but for `body`, which the task reading a body to its end clears
+/// (`Upload::ended`): a compare-and-swap of that one value, which orders nothing else.
 pub struct Idle {
     /// Responses handed out whose body hyper has not finished with.
     busy: AtomicU32,
