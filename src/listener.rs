@@ -61,8 +61,11 @@ use tokio_rustls::TlsAcceptor;
 pub struct Limit {
     /// `intermission_client_connections`, read at a scrape.
     open: OpenCount,
-    /// Connections picked to make room that have not yet seen it (`Closable`): counted in
-    /// `open` until they close, but already given away.
+    /// Connections picked to make room that have not closed yet (`Closable`): counted in
+    /// `open` until they close, but already given away. One stops counting here when it is
+    /// gone, not when it sees it was picked: an HTTP/2 connection told to go waits a round
+    /// trip for its client's answer to the GOAWAY's PING, and every new client at the limit
+    /// was refused meanwhile, idle connections or not.
     closing: AtomicUsize,
     /// Moved on by every pick, so that an idle connection tells without the lock that it was
     /// not picked since it last looked (`Closable::poll_picked`).
@@ -202,6 +205,9 @@ impl Drop for Slot {
 
 /// The `ticket` of a connection that is not to be picked (`Closable::never`).
 const NOT_IDLE: u64 = u64::MAX;
+/// The `ticket` of a connection that was picked and has seen it: closing, and counted in
+/// `Limit::closing` until it is dropped (or a request came first, `Closable::busy`).
+const PICKED: u64 = u64::MAX - 1;
 
 /// A connection's place among the idle ones `Limit::make_room` may pick: there from the
 /// first poll that says it is idle until it says otherwise, is picked, or is dropped.
@@ -232,6 +238,9 @@ impl Closable {
         if ticket == NOT_IDLE {
             return false;
         }
+        if ticket == PICKED {
+            return true;
+        }
         let picks = self.limit.picks.load(Ordering::Relaxed);
         if ticket != 0 && picks == self.seen.load(Ordering::Relaxed) {
             return false;
@@ -260,8 +269,7 @@ impl Closable {
             return false;
         }
         drop(idlers);
-        self.ticket.store(0, Ordering::Relaxed);
-        self.limit.closing.fetch_sub(1, Ordering::Relaxed);
+        self.ticket.store(PICKED, Ordering::Relaxed);
         true
     }
 
@@ -273,7 +281,7 @@ impl Closable {
         if ticket == 0 || ticket == NOT_IDLE {
             return;
         }
-        if self.limit.idlers().waiting.remove(&ticket).is_none() {
+        if ticket == PICKED || self.limit.idlers().waiting.remove(&ticket).is_none() {
             self.limit.closing.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -1069,10 +1077,19 @@ impl Serving<'_> {
                 Poll::Pending
             }
         });
-        let connection = until_idle(connection, self.guard, requests, idle, picked, move |c| {
-            told.going();
-            c.graceful_shutdown()
-        });
+        let settled = answers.clone();
+        let connection = until_idle(
+            connection,
+            self.guard,
+            requests,
+            idle,
+            picked,
+            move || settled.idle(),
+            move |c| {
+                told.going();
+                c.graceful_shutdown()
+            },
+        );
         let state = self.state;
         let stalled = answers.stalled(move || state.load().config.proxy.send_timeout, idle);
         let connection = async move {

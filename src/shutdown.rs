@@ -99,15 +99,22 @@ impl Drain {
 
 /// As `until_drained`, and also once no request has come for between `idle` and twice that:
 /// `requests` is counted by each, and a tick compares it instead of each request reading
-/// the clock; and once `picked` resolves.
-pub async fn until_idle<C: std::future::Future>(
+/// the clock; and once `picked` resolves. Picked, it is given `PICKED_GRACE` to close as
+/// `graceful` asks, then dropped once `settled` (nothing in flight on it): hyper's HTTP/2
+/// graceful shutdown waits for the client's answer to its PING, and a client that never
+/// answers held its slot, over `max_connections`, until the keep-alive pings gave up on it.
+pub async fn until_idle<C, E>(
     conn: C,
     mut guard: Shutdown,
     requests: &std::sync::atomic::AtomicU64,
     idle: std::time::Duration,
     picked: impl std::future::Future<Output = ()>,
+    settled: impl Fn() -> bool,
     graceful: impl FnOnce(std::pin::Pin<&mut C>),
-) -> C::Output {
+) -> Result<(), E>
+where
+    C: std::future::Future<Output = Result<(), E>>,
+{
     use std::sync::atomic::Ordering;
     tokio::pin!(conn);
     tokio::pin!(picked);
@@ -116,29 +123,49 @@ pub async fn until_idle<C: std::future::Future>(
     // A busy moment must not fire two ticks back to back with no request between them.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seen = requests.load(Ordering::Relaxed);
-    loop {
+    let for_room = loop {
         tokio::select! {
             // The connection first, so that `picked` sees what it has just done.
             biased;
             out = &mut conn => return out,
-            () = guard.fired() => break,
+            () = guard.fired() => break false,
             _ = tick.tick() => {
                 let now = requests.load(Ordering::Relaxed);
                 if now == seen {
                     tracing::debug!("connection idle for header_read_timeout; closing it");
-                    break;
+                    break false;
                 }
                 seen = now;
             }
             () = &mut picked => {
                 tracing::debug!("idle connection picked to make room for a new one; closing it");
-                break;
+                break true;
             }
         }
-    }
+    };
     graceful(conn.as_mut());
-    conn.await
+    if !for_room {
+        return conn.await;
+    }
+    let mut deadline = tokio::time::Instant::now() + PICKED_GRACE;
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut conn => return out,
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+        // A stream the client opened as it was picked is served to its end.
+        if settled() {
+            tracing::debug!("connection picked to make room did not close in time; dropped");
+            return Ok(());
+        }
+        deadline += PICKED_GRACE;
+    }
 }
+
+/// How long a connection picked to make room has to close as asked (a client's round trip,
+/// with room to spare) before it is dropped.
+pub const PICKED_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs `conn` to its end; once a drain is asked for, or `picked` resolves, `graceful` tells
 /// it to finish its in-flight requests and close, and it is run until it has. Picked with a

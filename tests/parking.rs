@@ -679,6 +679,63 @@ async fn at_max_connections_the_connection_idle_longest_makes_room() {
     assert!(resp.ends_with("app saw /again"), "{resp}");
 }
 
+/// An idle HTTP/2 connection picked to make room is told to go (GOAWAY, and a PING whose
+/// answer hyper waits for before it closes): until it is gone it is still open, given away.
+/// It was no longer counted as closing once it had seen it was picked, so that every new
+/// client at the limit was refused meanwhile, idle connections or not (a client 20 ms away
+/// had 35 of 300 new clients refused at the limit), and until `header_read_timeout` when its
+/// client never answered. Now the next new client closes the next idle connection, and the
+/// picked one is dropped once it has had `PICKED_GRACE` to go.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_picked_http2_connection_slow_to_go_shuts_no_new_client_out() {
+    let (_up, proxy) = app_and_proxy("max_connections = 2\nheader_read_timeout = \"60s\"").await;
+    // Prior knowledge, then nothing: it never reads, so never answers the PING.
+    let mut h2 = TcpStream::connect(proxy.addr).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    // The server's SETTINGS: hyper serves it, and so it is among the idle ones.
+    let mut settings = [0u8; 9];
+    h2.read_exact(&mut settings).await.unwrap();
+    assert_eq!(settings[3], 4, "not a SETTINGS frame: {settings:?}");
+    let opened = "intermission_client_connections";
+    let mut parked_one = TcpStream::connect(proxy.addr).await.unwrap();
+    parked_one
+        .write_all(b"GET /parked HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_response(&mut parked_one).await;
+    assert!(resp.ends_with("app saw /parked"), "{resp}");
+    wait_parked(&proxy, 1.0).await;
+    // The HTTP/2 connection, idle longest, makes room for a client that stays.
+    let mut stays = TcpStream::connect(proxy.addr).await.unwrap();
+    stays
+        .write_all(b"GET /stays HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_response(&mut stays).await;
+    assert!(resp.ends_with("app saw /stays"), "{resp}");
+    assert_eq!(series_reaches(&proxy, opened, 3.0).await, Some(3.0));
+    // While it waits for its PING's answer, the parked one makes room for the next client.
+    let out = new_client(&proxy).await;
+    let begun = Instant::now();
+    assert!(
+        out.ends_with("app saw /new"),
+        "the next new client: {out:?}"
+    );
+    assert!(closed_silently(&mut parked_one).await);
+    // And the HTTP/2 connection is dropped after its grace, its GOAWAY read first.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), h2.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the picked HTTP/2 connection was not closed");
+    assert!(
+        begun.elapsed() < Duration::from_secs(5),
+        "closed after {:?}",
+        begun.elapsed()
+    );
+    assert_eq!(series_reaches(&proxy, opened, 1.0).await, Some(1.0));
+}
+
 /// A connection whose request came with a body parks once the body has been read to its end,
 /// not only at its next request: hyper's path (a chunked upload forwarded, an upload answered
 /// while held and read to drop it) held hyper's state, 13 KB, until then, and the connection
