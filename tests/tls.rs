@@ -1814,6 +1814,18 @@ async fn an_https_request_whose_body_is_late_is_not_closed_for_room() {
     assert!(resp.contains("helloworld"), "{resp}");
 }
 
+/// A proxy in maintenance serving one connection at a time, with a long
+/// `header_read_timeout`, and an HTTPS HTTP/1.1 connection to it.
+async fn held_on_one_connection() -> (Upstream, Proxy, TlsStream<tokio::net::TcpStream>) {
+    let up = echo_upstream().await;
+    let ca = Ca::new();
+    let proxy = one_connection_proxy_with(&ca, &up, "header_read_timeout = \"60s\"\n").await;
+    assert!(ctl(&proxy, on(None)).await.ok);
+    let config = ca.client_config(&[b"http/1.1"]);
+    let stream = tls_connect(tls_addr(&proxy), "shop.test", config).await;
+    (up, proxy, stream)
+}
+
 /// The 2 s a head takes to stall on an HTTPS connection hyper serves are counted from that
 /// head's start, not from an earlier one's: a request answered at once (held) after a head
 /// that came in pieces left that head's clock running, and every later head on the
@@ -1821,12 +1833,7 @@ async fn an_https_request_whose_body_is_late_is_not_closed_for_room() {
 #[tokio::test]
 async fn an_https_head_stalls_two_seconds_after_its_own_start() {
     use tokio::io::AsyncWriteExt;
-    let up = echo_upstream().await;
-    let ca = Ca::new();
-    let proxy = one_connection_proxy_with(&ca, &up, "header_read_timeout = \"60s\"\n").await;
-    assert!(ctl(&proxy, on(None)).await.ok);
-    let config = ca.client_config(&[b"http/1.1"]);
-    let mut stream = tls_connect(tls_addr(&proxy), "shop.test", config).await;
+    let (_up, proxy, mut stream) = held_on_one_connection().await;
     // A first head in pieces is hyper's, which answers it held.
     stream
         .write_all(b"GET /first HTTP/1.1\r\nHo")
@@ -1867,12 +1874,7 @@ async fn an_https_head_stalls_two_seconds_after_its_own_start() {
 #[tokio::test]
 async fn an_https_upload_going_on_after_its_answer_is_not_closed_for_room() {
     use tokio::io::AsyncWriteExt;
-    let up = echo_upstream().await;
-    let ca = Ca::new();
-    let proxy = one_connection_proxy_with(&ca, &up, "header_read_timeout = \"60s\"\n").await;
-    assert!(ctl(&proxy, on(None)).await.ok);
-    let config = ca.client_config(&[b"http/1.1"]);
-    let mut stream = tls_connect(tls_addr(&proxy), "shop.test", config).await;
+    let (_up, proxy, mut stream) = held_on_one_connection().await;
     // Chunked: hyper's, which answers it held at once.
     stream
         .write_all(
