@@ -1146,19 +1146,19 @@ impl Default for Between {
 
 impl Between {
     fn idle(&self) -> bool {
-        self.open.load(Ordering::Relaxed) == 0
-            && !self.begun.load(Ordering::Relaxed)
-            && !self.unflushed.load(Ordering::Relaxed)
+        self.quiet() && !self.begun.load(Ordering::Relaxed)
+    }
+
+    /// No request open and nothing left unflushed.
+    fn quiet(&self) -> bool {
+        self.open.load(Ordering::Relaxed) == 0 && !self.unflushed.load(Ordering::Relaxed)
     }
 
     /// Whether a head is under way with nothing else: idle but for it. Not after a request
     /// with a body, whose rest may still be coming after its answer: an upload under way,
     /// which a drop would reset under the client, losing the answer it has not read yet.
     fn stalling(&self) -> bool {
-        self.open.load(Ordering::Relaxed) == 0
-            && self.begun.load(Ordering::Relaxed)
-            && !self.unflushed.load(Ordering::Relaxed)
-            && !self.upload.load(Ordering::Relaxed)
+        self.quiet() && self.begun.load(Ordering::Relaxed) && !self.upload.load(Ordering::Relaxed)
     }
 }
 

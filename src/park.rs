@@ -83,21 +83,21 @@ impl Idle {
 
     /// Whether hyper, having just returned `Pending`, waits for nothing but the next request.
     fn parkable(&self) -> bool {
-        self.busy.load(Relaxed) == 0
-            && self.read_blocked.load(Relaxed)
-            && !self.unflushed.load(Relaxed)
-            && self.body.load(Relaxed) == 0
-            && !self.upgrade.load(Relaxed)
+        self.settled() && self.body.load(Relaxed) == 0
     }
 
     /// Whether it would be parkable but for a request body not yet read to its end: one
     /// answered before it was (held, or a server that answered early), still arriving, or
     /// read whole by another task a moment ago (`Upload::ended`), which wakes nobody here.
     fn awaits_body(&self) -> bool {
+        self.settled() && self.body.load(Relaxed) != 0
+    }
+
+    /// Nothing unfinished, unflushed or unread, no upgrade pending: idle, but for a body.
+    fn settled(&self) -> bool {
         self.busy.load(Relaxed) == 0
             && self.read_blocked.load(Relaxed)
             && !self.unflushed.load(Relaxed)
-            && self.body.load(Relaxed) != 0
             && !self.upgrade.load(Relaxed)
     }
 }

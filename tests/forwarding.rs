@@ -1558,7 +1558,6 @@ async fn a_body_a_get_gives_no_meaning_poisons_no_other_answer() {
 /// dashboards showed the traffic fall to nothing, where every request was given up on.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_its_client_gave_up_on_is_counted_abandoned() {
-    use tokio::io::AsyncWriteExt;
     let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let up = never_answering(arrived.clone()).await;
     let proxy = spawn_proxy(&format!(
@@ -1570,28 +1569,10 @@ async fn a_request_its_client_gave_up_on_is_counted_abandoned() {
     let abandoned = "intermission_requests_total{outcome=\"abandoned\",mode=\"normal\"}";
     assert_eq!(series(&proxy, abandoned).await, Some(0.0));
     // HTTP/1.1 (the relay): the client closes once the server has the request.
-    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"GET /gave-up-h1 HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)
-            == 1)
-        .await
-    );
-    drop(s);
+    give_up_over_http1(proxy.addr, "/gave-up-h1", &arrived).await;
     assert_eq!(series_reaches(&proxy, abandoned, 1.0).await, Some(1.0));
     // HTTP/2 (hyper's path): the stream is dropped with its client.
-    let client = h2c_client();
-    let url = proxy.url("/gave-up-h2");
-    let call = tokio::spawn(async move { client.get(url.parse().unwrap()).await });
-    assert!(
-        wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)
-            == 2)
-        .await
-    );
-    call.abort();
-    let _ = call.await;
+    give_up_over_h2c(proxy.url("/gave-up-h2"), &arrived).await;
     assert_eq!(series_reaches(&proxy, abandoned, 2.0).await, Some(2.0));
     let forwarded = "intermission_requests_total{outcome=\"forwarded\",mode=\"normal\"}";
     assert_eq!(series(&proxy, forwarded).await, Some(0.0));

@@ -219,21 +219,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = Vec::new();
-    loop {
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            if !read_more(&mut sock, &mut buf).await {
-                return;
-            }
-            continue;
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        buf.drain(..end + 4);
-        let target = head.split(' ').nth(1).unwrap_or("/");
-        let case = target
-            .strip_prefix("/case/")
-            .and_then(|n| n.parse::<usize>().ok())
-            .filter(|&n| n < cases.len());
-        let Some(n) = case else {
+    while let Some(case) = next_case(&mut sock, &mut buf).await {
+        let Some(n) = case.filter(|&n| n < cases.len()) else {
             let end =
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nend";
             if sock.write_all(end).await.is_err() || sock.flush().await.is_err() {

@@ -301,16 +301,28 @@ struct Receiver {
 }
 
 async fn receiver(fail: Arc<AtomicBool>, hang: bool) -> Receiver {
+    receiver_held(fail, hang, None).await
+}
+
+/// `receiver`, that also holds each request, once read, until `gate` opens (when given).
+async fn receiver_held(
+    fail: Arc<AtomicBool>,
+    hang: bool,
+    gate: Option<tokio::sync::watch::Receiver<bool>>,
+) -> Receiver {
     let got = Arc::new(Mutex::new(Vec::new()));
     let sink = got.clone();
     let up = upstream(move |req: Request<Incoming>| {
-        let (sink, fail) = (sink.clone(), fail.clone());
+        let (sink, fail, mut gate) = (sink.clone(), fail.clone(), gate.clone());
         async move {
             if hang {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
             }
             let (parts, body) = req.into_parts();
             let body = body.collect().await.unwrap().to_bytes();
+            if let Some(gate) = gate.as_mut() {
+                let _ = gate.wait_for(|open| *open).await;
+            }
             if fail.load(Ordering::SeqCst) {
                 return Response::builder().status(500).body(full("no")).unwrap();
             }
@@ -620,24 +632,7 @@ async fn a_reload_that_changes_the_message_shown_is_notified() {
 
 /// A webhook receiver that holds every request until `open` is set, then answers 200.
 async fn gated_receiver(open: tokio::sync::watch::Receiver<bool>) -> Receiver {
-    let got = Arc::new(Mutex::new(Vec::new()));
-    let sink = got.clone();
-    let up = upstream(move |req: Request<Incoming>| {
-        let (sink, mut open) = (sink.clone(), open.clone());
-        async move {
-            let (parts, body) = req.into_parts();
-            let body = body.collect().await.unwrap().to_bytes();
-            let _ = open.wait_for(|open| *open).await;
-            sink.lock().unwrap().push((parts.headers, body));
-            Response::new(full("ok"))
-        }
-    })
-    .await;
-    Receiver {
-        url: format!("{}/hook", up.url()),
-        got,
-        _up: up,
-    }
+    receiver_held(Arc::new(AtomicBool::new(false)), false, Some(open)).await
 }
 
 /// `intermission_webhook_deliveries_total` of one webhook and result, as `/metrics` writes it.

@@ -674,7 +674,6 @@ async fn a_request_refused_unread_is_logged_with_its_status() {
 /// shows in the access log as a run of them, where nothing was written.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_its_client_gave_up_on_is_logged_499() {
-    use tokio::io::AsyncWriteExt;
     let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let up = never_answering(arrived.clone()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -694,16 +693,7 @@ async fn a_request_its_client_gave_up_on_is_logged_499() {
             .map(|l| serde_json::from_str::<serde_json::Value>(&l).unwrap())
     };
     // HTTP/1.1 (the relay): the client closes once the server has the request.
-    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"GET /gave-up-h1 HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)
-            == 1)
-        .await
-    );
-    drop(s);
+    give_up_over_http1(proxy.addr, "/gave-up-h1", &arrived).await;
     assert!(
         wait_until(Duration::from_secs(10), || logged("/gave-up-h1").is_some()).await,
         "no line for the request given up on: {:#?}",
@@ -713,16 +703,7 @@ async fn a_request_its_client_gave_up_on_is_logged_499() {
     assert_eq!(line["status"], 499, "{line}");
     assert_eq!(line["bytes"], 0, "{line}");
     // HTTP/2 (hyper's path): the stream is dropped with its client.
-    let client = h2c_client();
-    let url = proxy.url("/gave-up-h2");
-    let call = tokio::spawn(async move { client.get(url.parse().unwrap()).await });
-    assert!(
-        wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)
-            == 2)
-        .await
-    );
-    call.abort();
-    let _ = call.await;
+    give_up_over_h2c(proxy.url("/gave-up-h2"), &arrived).await;
     assert!(
         wait_until(Duration::from_secs(10), || logged("/gave-up-h2").is_some()).await,
         "no line for the HTTP/2 request given up on: {:#?}",

@@ -59,20 +59,7 @@ async fn scripted_server(
 
 async fn serve_scripted<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, answers: Arc<Vec<Answer>>) {
     let mut buf = Vec::new();
-    loop {
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            if !read_more(&mut sock, &mut buf).await {
-                return;
-            }
-            continue;
-        };
-        // The proxies send no body with these requests.
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        buf.drain(..end + 4);
-        let target = head.split(' ').nth(1).unwrap_or("/");
-        let case = target
-            .strip_prefix("/case/")
-            .and_then(|n| n.parse::<usize>().ok());
+    while let Some(case) = next_case(&mut sock, &mut buf).await {
         let (bytes, close): (&[u8], bool) = match case.and_then(|n| answers.get(n)) {
             Some(a) if a.head && !a.body_anyway => (&a.bytes[..a.heads], a.close),
             Some(a) => (&a.bytes, a.close),

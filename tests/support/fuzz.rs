@@ -132,6 +132,30 @@ pub fn dechunk(input: &[u8]) -> Result<Option<(Vec<u8>, usize)>, ()> {
     }
 }
 
+/// Reads the next request's head from `sock`, on after what `buf` holds: the case its target
+/// `/case/N` names, if any; `None` when the connection ends first. The scripted servers' side
+/// of one exchange: the proxies send no body with these requests.
+pub async fn next_case<S: AsyncRead + Unpin>(
+    sock: &mut S,
+    buf: &mut Vec<u8>,
+) -> Option<Option<usize>> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            buf.drain(..end + 4);
+            let case = head
+                .split(' ')
+                .nth(1)
+                .and_then(|target| target.strip_prefix("/case/"))
+                .and_then(|n| n.parse::<usize>().ok());
+            return Some(case);
+        }
+        if !read_more(sock, buf).await {
+            return None;
+        }
+    }
+}
+
 pub async fn read_more<S: AsyncRead + Unpin>(sock: &mut S, buf: &mut Vec<u8>) -> bool {
     let mut chunk = [0u8; 16384];
     match sock.read(&mut chunk).await {

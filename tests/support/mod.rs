@@ -882,6 +882,43 @@ pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String
     }
 }
 
+/// A `GET path` over HTTP/1.1 to `addr` whose client closes once the application has it:
+/// once `arrived` (counted by `never_answering`) has gone up by one.
+pub async fn give_up_over_http1(
+    addr: std::net::SocketAddr,
+    path: &str,
+    arrived: &std::sync::atomic::AtomicUsize,
+) {
+    use std::sync::atomic::Ordering;
+    let before = arrived.load(Ordering::SeqCst);
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut s, head.as_bytes())
+        .await
+        .unwrap();
+    let came = wait_until(Duration::from_secs(10), || {
+        arrived.load(Ordering::SeqCst) > before
+    });
+    assert!(came.await, "{path} never reached the application");
+}
+
+/// The same over HTTP/2 prior knowledge: the stream is dropped with its client.
+pub async fn give_up_over_h2c(url: String, arrived: &std::sync::atomic::AtomicUsize) {
+    use std::sync::atomic::Ordering;
+    let before = arrived.load(Ordering::SeqCst);
+    let client = h2c_client();
+    let call = tokio::spawn(async move { client.get(url.parse().unwrap()).await });
+    let came = wait_until(Duration::from_secs(10), || {
+        arrived.load(Ordering::SeqCst) > before
+    });
+    assert!(
+        came.await,
+        "the HTTP/2 request never reached the application"
+    );
+    call.abort();
+    let _ = call.await;
+}
+
 /// An application that answers its health checks (`/`) and never answers any other request,
 /// counting those in `arrived`.
 pub async fn never_answering(arrived: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Upstream {

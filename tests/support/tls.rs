@@ -21,6 +21,24 @@ pub struct Tls {
     pub client: Arc<rustls::ClientConfig>,
 }
 
+/// A server's side of TLS with the PEM certificate chain `cert` and key `key`, offering
+/// `alpn` (none: no ALPN at all).
+pub fn acceptor(cert: &str, key: &str, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
 impl Tls {
     pub fn new() -> Tls {
         // 127.0.0.1 too, for a server dialed by address (`https://127.0.0.1:PORT`).
@@ -72,19 +90,7 @@ impl Tls {
 
     /// A server's side of TLS with this certificate, offering `alpn` (none: no ALPN at all).
     pub fn acceptor(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
-        let chain = rustls::pki_types::CertificateDer::pem_slice_iter(self.cert.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(self.key.as_bytes()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        acceptor(&self.cert, &self.key, alpn)
     }
 
     /// A proxy from `config` (which has an `[upstream]` section) that trusts this certificate
