@@ -293,6 +293,14 @@ async fn metrics_count_what_happened_to_requests_and_health() {
     assert!(find(&m, "intermission_health_checks_total", &["result=\"fail\""]) >= 1.0);
 }
 
+/// Waits until `ctl health` shows the first server `healthy`; whether it did.
+async fn health_shows(proxy: &Proxy, healthy: bool) -> bool {
+    wait_until_async(|| async {
+        ctl(proxy, Ctl::Health).await.health.unwrap()[0].healthy == Some(healthy)
+    })
+    .await
+}
+
 /// A webhook receiver that records what it gets, optionally failing or hanging.
 struct Receiver {
     url: String,
@@ -548,12 +556,7 @@ async fn maintenance_off_into_an_outage_says_why_in_the_webhook() {
     .await;
     assert!(ctl(&proxy, on(Some("Database upgrade"))).await.ok);
     app.stop();
-    assert!(
-        wait_until_async(|| async {
-            ctl(&proxy, Ctl::Health).await.health.unwrap()[0].healthy == Some(false)
-        })
-        .await
-    );
+    assert!(health_shows(&proxy, false).await);
     assert!(ctl(&proxy, Ctl::Off).await.ok);
     let got = wait_events(&hook, 2).await;
     let last = got.get(1).cloned().unwrap_or_default();
@@ -1409,12 +1412,7 @@ async fn an_outage_that_ended_across_a_restart_is_told_over() {
 
     // Told once: a restart after it has nothing to tell.
     let proxy = restart_a_second_later(proxy, &config).await;
-    assert!(
-        wait_until_async(|| async {
-            ctl(&proxy, Ctl::Health).await.health.unwrap()[0].healthy == Some(true)
-        })
-        .await
-    );
+    assert!(health_shows(&proxy, true).await);
     assert_eq!(events(&hook).len(), 2, "{:?}", events(&hook));
     drop(proxy);
 }
@@ -1432,12 +1430,7 @@ async fn maintenance_over_an_outage_across_a_restart_keeps_the_outages_start() {
     assert_eq!(wait_events(&hook, 2).await[1]["mode"], "maintenance");
 
     let proxy = restart_a_second_later(proxy, &config).await;
-    assert!(
-        wait_until_async(|| async {
-            ctl(&proxy, Ctl::Health).await.health.unwrap()[0].healthy == Some(false)
-        })
-        .await
-    );
+    assert!(health_shows(&proxy, false).await);
     assert!(ctl(&proxy, Ctl::Off).await.ok);
     let got = wait_events(&hook, 3).await;
     assert_eq!(got.len(), 3, "nothing told at the restart: {got:?}");
@@ -1450,12 +1443,7 @@ async fn maintenance_over_an_outage_across_a_restart_keeps_the_outages_start() {
     assert_eq!(wait_events(&hook, 4).await[3]["mode"], "maintenance");
     app.restart().await;
     let proxy = restart_a_second_later(proxy, &config).await;
-    assert!(
-        wait_until_async(|| async {
-            ctl(&proxy, Ctl::Health).await.health.unwrap()[0].healthy == Some(true)
-        })
-        .await
-    );
+    assert!(health_shows(&proxy, true).await);
     assert!(ctl(&proxy, Ctl::Off).await.ok);
     let got = wait_events(&hook, 5).await;
     assert_eq!(got.len(), 5, "{got:?}");
@@ -1560,12 +1548,7 @@ async fn an_outage_shown_by_off_is_told_again_from_maintenance() {
     assert!(ctl(&proxy, on(Some("Restoring the database"))).await.ok);
     assert_eq!(wait_events(&hook, 1).await[0]["mode"], "maintenance");
     app.stop();
-    assert!(
-        wait_until_async(|| async {
-            ctl(&proxy, Ctl::Health).await.health.unwrap()[0].healthy == Some(false)
-        })
-        .await
-    );
+    assert!(health_shows(&proxy, false).await);
     assert!(ctl(&proxy, Ctl::Off).await.ok);
     let got = wait_events(&hook, 2).await;
     assert_eq!(got[1]["mode"], "outage", "{got:#?}");
