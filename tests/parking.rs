@@ -113,7 +113,7 @@ async fn a_head_begun_is_not_closed_for_room_with_a_short_header_read_timeout() 
     }
     // More of it, still not whole, wakes it: hyper reads the rest.
     s.write_all(b"st: x\r\n").await.unwrap();
-    let client = s.local_addr().unwrap();
+    let client = (s.local_addr().unwrap(), s.peer_addr().unwrap());
     assert!(
         wait_until(Duration::from_secs(5), || read_by_peer(client)).await,
         "the proxy did not read the head"

@@ -1745,7 +1745,10 @@ async fn an_https_connection_whose_head_stalled_makes_room() {
             stream.write_all(next).await.unwrap();
             let begun = std::time::Instant::now();
             // Until the proxy has read it, the connection has sent nothing and is idle.
-            let client = stream.get_ref().0.local_addr().unwrap();
+            let client = (
+                stream.get_ref().0.local_addr().unwrap(),
+                stream.get_ref().0.peer_addr().unwrap(),
+            );
             assert!(
                 wait_until(Duration::from_secs(5), || read_by_peer(client)).await,
                 "the proxy did not read the head"
@@ -1826,7 +1829,10 @@ async fn an_https_head_stalls_two_seconds_after_its_own_start() {
         .write_all(b"GET /first HTTP/1.1\r\nHo")
         .await
         .unwrap();
-    let client = stream.get_ref().0.local_addr().unwrap();
+    let client = (
+        stream.get_ref().0.local_addr().unwrap(),
+        stream.get_ref().0.peer_addr().unwrap(),
+    );
     assert!(
         wait_until(Duration::from_secs(5), || read_by_peer(client)).await,
         "the proxy did not read the head"

@@ -292,17 +292,24 @@ pub fn json<T: serde::de::DeserializeOwned>(resp: &Response<Bytes>) -> T {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(resp.body())))
 }
 
-/// Whether the peer of the IPv4 loopback socket bound to `local` has read all that was sent
-/// to it: its receive queue in `/proc/net/tcp` is empty (Linux only; true elsewhere).
-pub fn read_by_peer(local: SocketAddr) -> bool {
+/// Whether the peer of the IPv4 loopback connection `(local, peer)` (the client's ends) has
+/// read all that was sent to it: the peer's socket, the one at `peer` connected to `local`,
+/// has an empty receive queue in `/proc/net/tcp` (Linux only; true elsewhere). Both ports are
+/// matched: a closed socket of another connection that came from the same port would read as
+/// empty before this one's bytes were read.
+pub fn read_by_peer((local, peer): (SocketAddr, SocketAddr)) -> bool {
     let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
         return true;
     };
-    let port = format!(":{:04X}", local.port());
+    let (ours, theirs) = (
+        format!(":{:04X}", peer.port()),
+        format!(":{:04X}", local.port()),
+    );
     table.lines().skip(1).any(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
         fields.len() > 4
-            && fields[2].ends_with(&port)
+            && fields[1].ends_with(&ours)
+            && fields[2].ends_with(&theirs)
             && fields[4]
                 .split_once(':')
                 .is_some_and(|(_, rx)| u64::from_str_radix(rx, 16) == Ok(0))
