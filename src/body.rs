@@ -164,9 +164,12 @@ const STALLED: u8 = 2;
 /// The server's answer has come: the upload is not timed any more (a gRPC call whose client
 /// streams slowly while the server streams back is a conversation, not a stall).
 const ANSWERED: u8 = 3;
-/// The client's body could not be read (a malformed chunk, a connection lost mid-body):
-/// a `400` of the client's making, not a failure of the server.
+/// The client's body could not be read (a malformed chunk): a `400` of the client's making,
+/// not a failure of the server.
 const BROKEN: u8 = 4;
+/// The client left mid-body (its connection closed or reset, its HTTP/2 stream reset): no
+/// one is left to read an answer, so the request is the access log's `499`, not a `400`.
+const LEFT: u8 = 5;
 
 /// The sending side of "the body has been sent whole", and the clock on its pauses.
 pub struct Sent {
@@ -194,9 +197,8 @@ impl SentSignal {
         self.state.load(Ordering::Acquire) == COMPLETE
     }
 
-    /// What the client gets when its own upload failed: `408` for a body that stalled past
-    /// `proxy.body_read_timeout`, `400` for one that could not be read.
-    pub fn client_failure(&self) -> Option<StatusCode> {
+    /// How the client's own upload failed, if it did.
+    pub fn client_failure(&self) -> Option<ClientFault> {
         failure(self.state.load(Ordering::Acquire))
     }
 
@@ -214,11 +216,60 @@ impl SentSignal {
     }
 }
 
-fn failure(state: u8) -> Option<StatusCode> {
+fn failure(state: u8) -> Option<ClientFault> {
     match state {
-        STALLED => Some(StatusCode::REQUEST_TIMEOUT),
-        BROKEN => Some(StatusCode::BAD_REQUEST),
+        STALLED => Some(ClientFault::Stalled),
+        BROKEN => Some(ClientFault::Unreadable),
+        LEFT => Some(ClientFault::Left),
         _ => None,
+    }
+}
+
+/// How a client's own upload failed: its answer, since that is no outage, and no server's
+/// fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientFault {
+    /// Stalled past `proxy.body_read_timeout`: `408`.
+    Stalled,
+    /// Could not be read (a malformed chunk, an HTTP/2 stream error of its making): `400`.
+    Unreadable,
+    /// The client went away mid-body: counted and logged as abandoned (`499`), since nobody
+    /// reads the answer.
+    Left,
+}
+
+impl ClientFault {
+    /// Of a request body's read error: whether the client left or sent something unreadable.
+    pub fn of(e: &hyper::Error) -> ClientFault {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(c) = cause {
+            if let Some(io) = c.downcast_ref::<std::io::Error>() {
+                use std::io::ErrorKind::*;
+                if matches!(
+                    io.kind(),
+                    UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+                ) {
+                    return ClientFault::Left;
+                }
+            }
+            if let Some(h2) = c.downcast_ref::<h2::Error>() {
+                // A stream the client reset, or its connection lost; a frame it got wrong
+                // is reset by us (`is_remote` false), and stays unreadable.
+                if h2.is_io() || (h2.is_remote() && (h2.is_reset() || h2.is_go_away())) {
+                    return ClientFault::Left;
+                }
+            }
+            cause = c.source();
+        }
+        ClientFault::Unreadable
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            ClientFault::Stalled => StatusCode::REQUEST_TIMEOUT,
+            // What a client that only half-closed its side still reads.
+            ClientFault::Unreadable | ClientFault::Left => StatusCode::BAD_REQUEST,
+        }
     }
 }
 
@@ -229,8 +280,8 @@ pub enum Answered {
     /// Sent whole already: nothing is left to time.
     Whole,
     /// It had stalled or broken first: that answer is not the client's to have; it gets
-    /// this status instead.
-    ClientFailed(StatusCode),
+    /// this fault's answer instead.
+    ClientFailed(ClientFault),
 }
 
 impl Sent {
@@ -361,10 +412,14 @@ impl HttpBody for Body {
                         let _ = sent.tx.send(());
                     }
                 } else if let Some(sent) = done {
-                    if let Poll::Ready(Some(Err(_))) = &polled {
+                    if let Poll::Ready(Some(Err(e))) = &polled {
+                        let state = match ClientFault::of(e) {
+                            ClientFault::Left => LEFT,
+                            _ => BROKEN,
+                        };
                         let _ = sent.state.compare_exchange(
                             STREAMING,
-                            BROKEN,
+                            state,
                             Ordering::AcqRel,
                             Ordering::Acquire,
                         );

@@ -5,7 +5,7 @@
 //! (for a holding response written without hyper, `write_held`, once it is encoded, whole),
 //! and costs nothing when `log.access_log` is off.
 
-use crate::body::Body;
+use crate::body::{Body, ClientFault};
 use crate::forward::{self, headers::ClientSide};
 use crate::hold::bypass;
 use crate::hold::fields::Fields;
@@ -121,6 +121,12 @@ pub fn handle(state: &StateHandle, conn: &Arc<Conn>, req: Request<Incoming>) -> 
                     counted_in: Some(&snap),
                 };
                 let (resp, server, outcome) = forward_request(&snap, &conn, req, outcome).await;
+                // A client that left mid-upload is told as one that left before its answer
+                // (`Unanswered`, dropped here): what is written back reaches nobody, or a
+                // client that closed only its sending side.
+                if outcome == Outcome::Abandoned {
+                    return resp;
+                }
                 unanswered.counted_in = None;
                 finish(&snap, start, unanswered.log.take(), resp, server, outcome)
             }))
@@ -604,15 +610,19 @@ fn forward_request<'a>(
                 (f.response, Some(f.server), outcome)
             }
             Err(forward::Failed {
-                client: Some(status),
+                client: Some(fault),
                 ..
             }) => {
-                let text = if status == StatusCode::REQUEST_TIMEOUT {
-                    "the request body did not arrive in time\n"
-                } else {
-                    "the request body could not be read\n"
+                let text = match fault {
+                    ClientFault::Stalled => "the request body did not arrive in time\n",
+                    ClientFault::Unreadable => "the request body could not be read\n",
+                    ClientFault::Left => "the request body did not arrive whole\n",
                 };
-                (reserved::plain(status, text), None, Outcome::Failed)
+                let outcome = match fault {
+                    ClientFault::Left => Outcome::Abandoned,
+                    ClientFault::Stalled | ClientFault::Unreadable => Outcome::Failed,
+                };
+                (reserved::plain(fault.status(), text), None, outcome)
             }
             Err(failed) => {
                 match &failed.error {

@@ -776,6 +776,63 @@ async fn an_unreadable_upload_gets_400_and_takes_no_server_out() {
     );
 }
 
+/// A chunked upload whose client leaves mid-chunk is counted `abandoned` (the access log's
+/// 499), as a client that leaves before its answer is: it was no failure, and its `400`
+/// reached nobody. A malformed chunk stays `failed`.
+#[tokio::test]
+async fn an_upload_its_client_left_mid_body_is_counted_abandoned() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let up = upstream(move |req: Request<Incoming>| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(());
+            let body = req.into_body().collect().await;
+            Response::new(full(format!("read whole: {}", body.is_ok())))
+        }
+    })
+    .await;
+    let proxy = spawn_proxy(&format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        upstream_config(&up)
+    ))
+    .await;
+    let abandoned = "intermission_requests_total{outcome=\"abandoned\",mode=\"normal\"}";
+    let failed = "intermission_requests_total{outcome=\"failed\",mode=\"normal\"}";
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"POST /cut HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nhello")
+        .await
+        .unwrap();
+    // Gone once the server is reading the body.
+    tokio::time::timeout(Duration::from_secs(10), arrived.recv())
+        .await
+        .unwrap();
+    drop(s);
+    assert_eq!(series_reaches(&proxy, abandoned, 1.0).await, Some(1.0));
+    assert_eq!(series(&proxy, failed).await, Some(0.0));
+
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"POST /bad HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), arrived.recv())
+        .await
+        .unwrap();
+    s.write_all(b"zz\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "the malformed chunk was answered in time");
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.1 400"),
+        "a malformed chunk: {out:?}"
+    );
+    assert_eq!(series_reaches(&proxy, failed, 1.0).await, Some(1.0));
+    assert_eq!(series(&proxy, abandoned).await, Some(1.0));
+}
+
 /// `proxy.body_read_timeout`: an upload that stops while the server waits for it is answered
 /// 408; one that pauses longer while the server's answer streams back (a conversation, as a
 /// gRPC stream) is not cut; one that stops after an early answer has ended is let go.

@@ -15,7 +15,7 @@ pub mod pool;
 pub mod sockets;
 pub mod upgrade;
 
-use crate::body::{Answered, Body, Resume, SentSignal};
+use crate::body::{Answered, Body, ClientFault, Resume, SentSignal};
 use crate::config::{Config, Protocol, Upstream};
 use crate::health::Passive;
 use crate::state::marks::{self, Marks};
@@ -62,9 +62,8 @@ pub struct Forwarded {
 pub struct Failed {
     pub error: Option<UpstreamError>,
     pub server: Option<usize>,
-    /// The client's own request body could not be read (400) or came too slowly (408): its
-    /// answer, since that is no outage.
-    pub client: Option<StatusCode>,
+    /// The client's own request body failed: its answer, since that is no outage.
+    pub client: Option<ClientFault>,
 }
 
 impl Failed {
@@ -221,8 +220,8 @@ pub fn forward<'a>(
                             (Body::Trailed(held), None, None)
                         }
                     },
-                    Ok(Err(_)) => return Err(client_failed(StatusCode::BAD_REQUEST)),
-                    Err(_) => return Err(client_failed(StatusCode::REQUEST_TIMEOUT)),
+                    Ok(Err(e)) => return Err(client_failed(ClientFault::of(&e))),
+                    Err(_) => return Err(client_failed(ClientFault::Stalled)),
                 }
             } else {
                 // Over HTTP/2 the upload keeps its connection counted as in use until its
@@ -273,7 +272,7 @@ pub fn forward<'a>(
                     // An upload that stalled as the head came: the answer may be cut short
                     // already, and the stall is the client's.
                     let resume = match sent.as_ref().map(SentSignal::answered) {
-                        Some(Answered::ClientFailed(status)) => return Err(client_failed(status)),
+                        Some(Answered::ClientFailed(fault)) => return Err(client_failed(fault)),
                         Some(Answered::Streaming(resume)) => Some(resume),
                         Some(Answered::Whole) | None => None,
                     };
@@ -293,9 +292,9 @@ pub fn forward<'a>(
             };
             // The client's own doing (a stalled or unreadable upload): answered 408 or 400,
             // and no server's fault.
-            if let Some(status) = sent.as_ref().and_then(SentSignal::client_failure) {
+            if let Some(fault) = sent.as_ref().and_then(SentSignal::client_failure) {
                 tracing::debug!(server = %pool.servers[server], "{error}; the client's request body failed");
-                return Err(client_failed(status));
+                return Err(client_failed(fault));
             }
             // Only what the upstream can be blamed for counts against its health: a client that
             // stalls or aborts its own upload must not be able to take servers out.
@@ -332,11 +331,11 @@ pub fn forward<'a>(
     }
 }
 
-fn client_failed(status: StatusCode) -> Failed {
+fn client_failed(fault: ClientFault) -> Failed {
     Failed {
         error: None,
         server: None,
-        client: Some(status),
+        client: Some(fault),
     }
 }
 
