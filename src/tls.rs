@@ -571,15 +571,36 @@ pub fn client_config(upstream: &UpstreamConfig) -> Result<Arc<ClientConfig>, Tls
         match &upstream.ca_file {
             Some(path) => {
                 let ca_file = |e| TlsError::CaFile(Box::new(e));
-                for cert in read_certs(path).map_err(ca_file)? {
+                let certs = read_certs(path).map_err(ca_file)?;
+                for cert in &certs {
                     roots
-                        .add(cert)
+                        .add(cert.clone())
                         .map_err(|e| TlsError::Read {
                             path: path.clone(),
                             reason: e.to_string(),
                         })
                         .map_err(ca_file)?;
                 }
+                let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider.clone(),
+                )
+                .build()
+                .map_err(|e| TlsError::Read {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })
+                .map_err(ca_file)?;
+                let verifier = CaFile {
+                    inner,
+                    pinned: certs,
+                };
+                return Ok(Arc::new(
+                    builder
+                        .dangerous()
+                        .with_custom_certificate_verifier(Arc::new(verifier))
+                        .with_no_client_auth(),
+                ));
             }
             // The system store is read only when an https:// server needs it: it is a few
             // hundred files and a few hundred KiB in memory.
@@ -600,6 +621,78 @@ pub fn client_config(upstream: &UpstreamConfig) -> Result<Arc<ClientConfig>, Tls
     };
     // ALPN (h2, http/1.1) is set by the connector, which insists on setting it itself.
     Ok(Arc::new(config))
+}
+
+/// `upstream.ca_file`'s verification: webpki's, which also takes a server that presents one
+/// of the file's certificates itself. `openssl req -x509`, the usual way to make a
+/// self-signed certificate, marks it a CA (`CA:TRUE`), and webpki refuses a CA's certificate
+/// as a server's (`CaUsedAsEndEntity`): the application behind such a certificate was shown
+/// as down, everyone getting the outage page, where nginx, HAProxy and Go's proxies (OpenSSL,
+/// crypto/x509) take the certificate trusted as it is. Trusting a CA trusts whatever it
+/// signs, itself included: accepting it is no wider trust. Its time was checked before the
+/// refusal (webpki checks validity first); its name is checked here; the handshake's
+/// signature by its key, as for any other.
+#[derive(Debug)]
+struct CaFile {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    pinned: Vec<CertificateDer<'static>>,
+}
+
+impl ServerCertVerifier for CaFile {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified =
+            self.inner
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now);
+        let Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) =
+            &verified
+        else {
+            return verified;
+        };
+        let ca_as_server = matches!(
+            other.0.downcast_ref::<webpki::Error>(),
+            Some(webpki::Error::CaUsedAsEndEntity)
+        );
+        if !ca_as_server
+            || !self
+                .pinned
+                .iter()
+                .any(|p| p.as_ref() == end_entity.as_ref())
+        {
+            return verified;
+        }
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_name(&parsed, server_name)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// `upstream.danger_accept_invalid_certs`: signatures are still checked, identities are not.

@@ -811,7 +811,13 @@ async fn https_upstream_alpn(
     ca: &Ca,
     alpn: &[&[u8]],
 ) -> (SocketAddr, Arc<std::sync::Mutex<Vec<usize>>>) {
-    let acceptor = upstream_acceptor(ca, alpn);
+    https_upstream_on(upstream_acceptor(ca, alpn)).await
+}
+
+/// The same, with the TLS side `acceptor`.
+async fn https_upstream_on(
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> (SocketAddr, Arc<std::sync::Mutex<Vec<usize>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let bursts = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -918,6 +924,54 @@ async fn https_upstreams_are_verified_against_the_configured_ca() {
         get(&lab.url("/via/tls")).await.body(),
         "secure HTTP/2.0 /via/tls"
     );
+}
+
+/// A server presenting a self-signed certificate marked a CA (`openssl req -x509`'s default),
+/// that `ca_file` holds, is forwarded to, as nginx and Go forward to it: webpki alone refuses a
+/// CA's certificate as a server's, and showed the application as down. Its name and time are
+/// still checked, and a certificate the file does not hold is still refused.
+#[tokio::test]
+async fn a_self_signed_ca_certificate_in_ca_file_is_trusted_as_the_servers_own() {
+    /// A self-signed certificate marked `CA:TRUE`, for `name`, and its key.
+    fn ca_marked(name: &str, expired: bool) -> (String, String) {
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+    /// A proxy to a server presenting `served`, with `trusted` as its `ca_file`.
+    async fn through(served: &(String, String), trusted: &str) -> http::Response<bytes::Bytes> {
+        let acceptor = support::tls::acceptor(&served.0, &served.1, &[b"http/1.1"]);
+        let addr = https_upstream_on(acceptor).await.0;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), trusted).unwrap();
+        let text = with_listen(&format!(
+            "[upstream]\nca_file = \"ca.pem\"\nservers = [\"https://{addr}\"]\n\
+             [health]\nkind = \"tcp\"\n"
+        ));
+        let proxy = spawn_proxy_in(dir, &text).await;
+        get(&proxy.url("/pinned")).await
+    }
+    let own = ca_marked("127.0.0.1", false);
+    let resp = through(&own, &own.0).await;
+    assert_eq!(resp.status(), 200, "{:?}", resp.body());
+    assert_eq!(resp.body(), "secure HTTP/1.1 /pinned");
+
+    let outage = |resp: http::Response<bytes::Bytes>, what: &str| {
+        assert_eq!(resp.status(), 503, "{what}: {:?}", resp.body());
+        assert_eq!(resp.headers()["x-intermission-mode"], "outage", "{what}");
+    };
+    let elsewhere = ca_marked("elsewhere.test", false);
+    outage(through(&elsewhere, &elsewhere.0).await, "another name");
+    let expired = ca_marked("127.0.0.1", true);
+    outage(through(&expired, &expired.0).await, "expired");
+    let other = ca_marked("127.0.0.1", false);
+    outage(through(&other, &own.0).await, "not in the file");
 }
 
 /// An HTTP/2 request naming its host twice, differently, is malformed (RFC 9113 §8.3.1): strict
