@@ -21,7 +21,7 @@ report: forwarding (direct / nginx / intermission), holding page (nginx `return 
 intermission in maintenance), bodies of 1 KiB, 64 KiB and 1 MiB, 64 and 1024 connections,
 threads=2 against 2 nginx workers, HTTPS (HTTP/2 with h2load and HTTP/1.1 with wrk; direct to
 a TLS upstream / nginx terminating TLS / intermission terminating TLS, self-signed P-256
-certificate made at run time),
+certificate made at run time), forwarding to an https:// upstream (nginx / intermission),
 RSS idle and after load, RSS with many idle keep-alive connections, and maintenance switched on
 and off 10 times a second under load.
 
@@ -368,7 +368,8 @@ threads = $3
 max_connections = $CONN_LIMIT
 
 [upstream]
-servers = ["http://127.0.0.1:$PORT_UP"]
+servers = ["${UPSTREAM_URL:-http://127.0.0.1:$PORT_UP}"]
+ca_file = "${UPSTREAM_CA:-}"
 
 [health]
 interval = "5s"
@@ -616,9 +617,28 @@ start_nginx ngxt "$PORT_NGXT"
 intermission_conf intt "$PORT_INTT" 1 tls
 start_intermission intt "$PORT_INTT"
 
+# An `https://` upstream: a TLS upstream speaking HTTP/1.1 only (as `upt`, without h2), behind
+# nginx (1 worker, keepalive 128, TLS sessions reused, as its defaults do) and intermission
+# (threads=1, the certificate trusted by `ca_file`), both listening in plain HTTP: what
+# forwarding to an application that terminates TLS itself costs each. HTTP/1.1 on both legs,
+# since nginx speaks nothing else to a server (intermission would choose h2 by ALPN).
+read -r PORT_UPS PORT_NGXS PORT_INTS <<<"$(free_ports 3)"
+nginx_conf ups 1 "    server {
+        listen 127.0.0.1:$PORT_UPS ssl backlog=4096;$(sed 's/^ *http2 on;$//' <<<"$TLS_BLOCK")
+        location = / { default_type text/plain; return 200 \"$BODY100\"; }
+    }"
+nginx_conf ngxs 1 "    upstream app { server 127.0.0.1:$PORT_UPS; keepalive 128; }
+    server {
+        listen 127.0.0.1:$PORT_NGXS backlog=4096;${PROXY_BLOCK/http:\/\/app/https://app}
+    }"
+start_nginx ups "$PORT_UPS"
+start_nginx ngxs "$PORT_NGXS"
+UPSTREAM_URL="https://127.0.0.1:$PORT_UPS" UPSTREAM_CA="$TLS_CERT" intermission_conf ints "$PORT_INTS" 1
+start_intermission ints "$PORT_INTS"
+
 say "checking every row answers as expected"
 UP_PROBE=$(expect_probe "upstream" "$PORT_UP" / 200 100)
-for s in NGX1 NGX2 INT1 INT2; do
+for s in NGX1 NGX2 INT1 INT2 NGXS INTS; do
     port_var="PORT_$s"
     expect_probe "$s" "${!port_var}" / 200 100 >/dev/null
 done
@@ -656,7 +676,7 @@ TLS_INTT=$(expect_h2 "intermission TLS" "$PORT_INTT")
 [[ $TLS_NGXT == "$TLS_INTT" ]] \
     || note "nginx and intermission negotiated different TLS parameters (h2load): nginx $TLS_NGXT; intermission $TLS_INTT"
 
-record_rss idle up ngx1 ngx2 n503 int1 int2 held upt ngxt intt
+record_rss idle up ngx1 ngx2 n503 int1 int2 held upt ngxt intt ups ngxs ints
 
 size_text() { # PROBE_JSON
     printf '%s B (head %s + body %s)' "$(json_field "$1" '["total_bytes"]')" \
@@ -747,6 +767,15 @@ TLS_ROWS=(direct_tls ngxt intt direct_tls1 ngxt1 intt1)
 say "HTTPS rows (h2load, then wrk, over TLS): ${#TLS_ROWS[@]} rows x ($REPS x ${DURATION}s + ${WARMUP}s warm-up)"
 measure "${TLS_ROWS[@]}"
 record_rss after_https upt ngxt intt
+
+# Forwarding to an `https://` upstream (HTTP/1.1 over TLS on the upstream leg only).
+add_row ngxs "nginx proxy to an https:// upstream, 1 worker" 64 rps "" ngxs ngxs 200 upstreams "$PORT_NGXS" /
+add_row ints "intermission proxy to an https:// upstream, threads=1" 64 rps "" ngxs ints 200 upstreams "$PORT_INTS" /
+ROW_TWPORT[ngxs]=$PORT_UPS; ROW_TWPORT[ints]=$PORT_UPS
+UPS_ROWS=(ngxs ints)
+say "https:// upstream rows: ${#UPS_ROWS[@]} rows x ($REPS x ${DURATION}s + ${WARMUP}s warm-up)"
+measure "${UPS_ROWS[@]}"
+record_rss after_upstreams ups ngxs ints
 
 # Memory: idle keep-alive connections held open against each proxy (1 worker / 1 thread).
 mem_test() { # LABEL SERVER PORT

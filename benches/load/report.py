@@ -290,6 +290,12 @@ def main():
     if "intt1" in stats:
         p("HTTPS rows over HTTP/1.1 (wrk, which offers no ALPN): the same three servers, 64 "
           "keep-alive connections, one request at a time on each, as the plaintext rows.")
+    if "ints" in stats:
+        p("`https://` upstream rows: both proxies listen in plain HTTP and forward to an nginx "
+          "terminating TLS and speaking HTTP/1.1 only (nginx speaks nothing else to a server), "
+          "over kept connections (nginx: keepalive 128, TLS sessions reused; intermission: its "
+          "pool, the certificate trusted by `upstream.ca_file`); no direct row. TIME_WAIT is on "
+          "that upstream's port.")
     if busy:
         p("")
         p(f"**Other processes used the CPU** during: {', '.join(busy)} — these rows are not "
