@@ -18,6 +18,7 @@
 //!   connections to.
 //! - `gateway`: the per-request service; `body`: the body type both directions share.
 //! - `pending`: connections not yet past their first request, capped per client address.
+//!   `flood`: HTTP/2 client connections closed when they send mostly frames that do no work.
 //! - `park`: idle HTTP/1.1 connections without hyper's state; `fast`: held requests answered
 //!   on them without hyper, in the wire form `h1` writes.
 //! - `forward`: forwarding (`headers` for hop-by-hop and `X-Forwarded-*`, `pool` for upstream
@@ -36,6 +37,7 @@ pub mod config;
 pub mod control;
 pub mod fast;
 pub mod files;
+pub mod flood;
 pub mod forward;
 pub mod gateway;
 pub mod h1;

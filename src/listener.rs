@@ -442,14 +442,21 @@ impl AcceptFailures {
 
 /// A condition that may happen thousands of times a second, told at most once a second.
 #[derive(Default)]
-struct Lasting {
+pub(crate) struct Lasting {
     said: Option<std::time::Instant>,
     unsaid: u64,
 }
 
 impl Lasting {
+    pub(crate) const fn new() -> Lasting {
+        Lasting {
+            said: None,
+            unsaid: 0,
+        }
+    }
+
     /// Whether the condition at `now` is to be written, with how many were not since the last.
-    fn tell(&mut self, now: std::time::Instant) -> Option<u64> {
+    pub(crate) fn tell(&mut self, now: std::time::Instant) -> Option<u64> {
         match self.said {
             Some(said) if now.duration_since(said) < Duration::from_secs(1) => {
                 self.unsaid += 1;
@@ -733,6 +740,7 @@ async fn serve_others(
         deadline: first_byte,
         state: relaying.0.clone(),
         closable: &closable,
+        peer,
     };
     match arrived {
         Arrived::H2c(first, stream) => {
@@ -941,6 +949,7 @@ struct Serving<'a> {
     deadline: Duration,
     state: StateHandle,
     closable: &'a Closable,
+    peer: std::net::SocketAddr,
 }
 
 impl Serving<'_> {
@@ -1048,6 +1057,8 @@ impl Serving<'_> {
                 Ok::<_, S::Error>(response.map(|body| Answer::new(body, open).to_head(head)))
             }
         });
+        // Every HTTP/2 client connection, h2c and TLS, passes here, and only those.
+        let io = crate::flood::Flood::new(io, self.state.clone(), self.peer);
         let connection = self
             .builder
             .http2

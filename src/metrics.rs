@@ -156,14 +156,18 @@ pub enum Http2Goaway {
     FlowControlError,
     /// Anything else (COMPRESSION_ERROR, FRAME_SIZE_ERROR).
     Other,
+    /// The proxy's own answer, ENHANCE_YOUR_CALM, to a client sending mostly frames that do
+    /// no work (`flood`), which h2 does not bound.
+    Flood,
 }
 
 impl Http2Goaway {
-    const ALL: [Http2Goaway; 4] = [
+    const ALL: [Http2Goaway; 5] = [
         Http2Goaway::EnhanceYourCalm,
         Http2Goaway::ProtocolError,
         Http2Goaway::FlowControlError,
         Http2Goaway::Other,
+        Http2Goaway::Flood,
     ];
 
     fn as_str(self) -> &'static str {
@@ -172,6 +176,7 @@ impl Http2Goaway {
             Http2Goaway::ProtocolError => "protocol_error",
             Http2Goaway::FlowControlError => "flow_control_error",
             Http2Goaway::Other => "other",
+            Http2Goaway::Flood => "flood",
         }
     }
 
@@ -505,7 +510,7 @@ pub struct Metrics {
     /// Full, then resumed.
     tls_handshakes: [Counter; 2],
     /// Indexed like `Http2Goaway::ALL`.
-    http2_goaways: [Counter; 4],
+    http2_goaways: [Counter; 5],
     certificate_ends: Family<CertificateLabels, Gauge>,
     parked: Gauge,
     /// Moved by `listener::Limit`.
@@ -651,7 +656,9 @@ impl Metrics {
             "intermission_http2_client_goaways",
             "HTTP/2 client connections closed with an error GOAWAY for what the client did, by \
              its code (enhance_your_calm: abuse, such as a rapid reset, a CONTINUATION flood, an \
-             HPACK bomb or too many stream errors; protocol_error; flow_control_error; other)",
+             HPACK bomb or too many stream errors; protocol_error; flow_control_error; other; \
+             flood: the proxy's own ENHANCE_YOUR_CALM to a client sending 8 times more than \
+             its requests, bodies and answers, past 1 MiB)",
             goaways_family,
         );
 

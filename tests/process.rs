@@ -2107,33 +2107,312 @@ async fn http2_abuse_is_stopped_without_filling_the_log() {
     let lines = proxy.log_lines();
     let from_h2: Vec<_> = lines.iter().filter(|l| l.contains("h2::")).collect();
     // Counted instead, once the connection has ended.
-    let admin = lines
-        .iter()
-        .find_map(|l| {
-            let rest = &l[l.find("admin listener on ")? + "admin listener on ".len()..];
-            rest.split(' ').next()?.parse::<std::net::SocketAddr>().ok()
-        })
-        .expect("the admin listener's address");
-    let key = "intermission_http2_client_goaways_total{reason=\"enhance_your_calm\"} ";
-    let mut seen = String::new();
-    for _ in 0..200 {
-        let got = get(&format!("http://{admin}/metrics")).await;
-        let text = String::from_utf8_lossy(got.body()).into_owned();
-        seen = text
-            .lines()
-            .find(|l| l.starts_with(key))
-            .unwrap_or("")
-            .to_owned();
-        if seen == format!("{key}1") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert_eq!(seen, format!("{key}1"));
+    let key = "intermission_http2_client_goaways_total{reason=\"enhance_your_calm\"}";
+    assert_eq!(goaways_reach(&proxy, key, 1).await, format!("{key} 1"));
     assert!(
         from_h2.is_empty(),
         "{} lines from h2: {:#?}",
         from_h2.len(),
         &from_h2[..from_h2.len().min(3)]
     );
+}
+
+/// The line of `/metrics` of the proxy started with an admin listener that begins with `key`
+/// once it reads `key want`, or as it last read (empty without one) after 5 s.
+async fn goaways_reach(proxy: &ProxyProcess, key: &str, want: u32) -> String {
+    let admin = logged_addr(proxy, "admin listener on ", "").await;
+    let mut seen = String::new();
+    for _ in 0..200 {
+        let got = get(&format!("http://{admin}/metrics")).await;
+        let text = String::from_utf8_lossy(got.body()).into_owned();
+        let line = text.lines().find(|l| l.split(' ').next() == Some(key));
+        seen = line.unwrap_or("").to_owned();
+        if seen == format!("{key} {want}") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    seen
+}
+
+/// The address the proxy's log gives after `before`, and before ` {then}`, once it is written.
+async fn logged_addr(proxy: &ProxyProcess, before: &str, then: &str) -> std::net::SocketAddr {
+    let find = || {
+        proxy.log_lines().iter().find_map(|l| {
+            let mut words = l[l.find(before)? + before.len()..].split(' ');
+            let addr = words.next()?.parse().ok()?;
+            (then.is_empty() || words.next() == Some(then)).then_some(addr)
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || find().is_some()).await,
+        "no {before}"
+    );
+    find().unwrap()
+}
+
+const H2_SETTINGS: u8 = 0x4;
+const H2_PING: u8 = 0x6;
+const H2_GOAWAY: u8 = 0x7;
+const H2_WINDOW_UPDATE: u8 = 0x8;
+/// The client's preface and its SETTINGS, none changed.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+
+/// How a client's wait for a frame ended.
+#[derive(Debug)]
+enum Came {
+    Frame(u8, u8, u32, Vec<u8>),
+    /// The connection closed, or was reset.
+    Closed,
+}
+
+/// The next frame from the proxy (the proxy must say something within 10 s).
+async fn next_frame<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Came {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 9];
+    let ten = Duration::from_secs(10);
+    match tokio::time::timeout(ten, s.read_exact(&mut head)).await {
+        Err(_) => panic!("the proxy said nothing for 10 s"),
+        Ok(Err(_)) => return Came::Closed,
+        Ok(Ok(_)) => {}
+    }
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0u8; len];
+    match tokio::time::timeout(ten, s.read_exact(&mut payload)).await {
+        Err(_) => panic!("the proxy stopped inside a frame for 10 s"),
+        Ok(Err(_)) => Came::Closed,
+        Ok(Ok(_)) => Came::Frame(head[3], head[4], stream, payload),
+    }
+}
+
+/// A client flooding `frame` on a connection that holds one request open: 64 KiB of them at a
+/// time, each batch followed by a PING whose acknowledgement says the proxy read it all. How
+/// many bytes it sent once the proxy closed, and the GOAWAY's payload if one came first;
+/// `None` if the connection is still open after 8 MiB.
+async fn flood<S>(s: &mut S, frame: &[u8]) -> Option<(u64, Option<Vec<u8>>)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    // GET /slow (HPACK: :method GET, :scheme http, :path /slow, :authority x), never answered.
+    let get = [&[0x82, 0x86, 0x04, 0x05][..], b"/slow", &[0x01, 0x01, b'x']].concat();
+    let mut setup = H2_PREFACE.to_vec();
+    setup.extend(h2_frame(0x1, 0x5, 1, &get));
+    s.write_all(&setup).await.unwrap();
+    let batch = frame.repeat(64 * 1024 / frame.len());
+    let mut sent = 0;
+    for round in 0u64.. {
+        if sent >= 8 << 20 {
+            return None;
+        }
+        let mark = round.to_be_bytes();
+        let out = [&batch[..], &h2_frame(H2_PING, 0, 0, &mark)].concat();
+        sent += out.len() as u64;
+        if s.write_all(&out).await.is_err() {
+            return Some((sent, None));
+        }
+        loop {
+            match next_frame(s).await {
+                Came::Frame(H2_PING, 0x1, _, p) if p == mark => break,
+                Came::Frame(H2_GOAWAY, _, _, p) => return Some((sent, Some(p))),
+                Came::Frame(..) => {}
+                Came::Closed => return Some((sent, None)),
+            }
+        }
+    }
+    None
+}
+
+/// A client that holds a request open and sends, without end, frames that cost the proxy CPU
+/// and nothing else (PING and SETTINGS whose acknowledgements it reads, WINDOW_UPDATE,
+/// PRIORITY) is closed once it has sent 8 times more than its request past 1 MiB, with
+/// GOAWAY (ENHANCE_YOUR_CALM), counted, and said once; over TLS too. h2 bounds none of them:
+/// some 100 MB/s kept a core busy for as long as the client went on.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_client_flooding_control_frames_is_closed() {
+    let update = h2_frame(H2_WINDOW_UPDATE, 0, 0, &1u32.to_be_bytes());
+    let floods = [
+        ("WINDOW_UPDATE", update.clone(), false),
+        ("PING", h2_frame(H2_PING, 0, 0, b"flooding"), false),
+        (
+            "SETTINGS",
+            h2_frame(H2_SETTINGS, 0, 0, &[0, 2, 0, 0, 0, 0]),
+            false,
+        ),
+        // Stream 3, idle, on stream 1.
+        ("PRIORITY", h2_frame(0x2, 0, 3, &[0, 0, 0, 1, 16]), false),
+        ("WINDOW_UPDATE over TLS", update, true),
+    ];
+    let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let up = never_answering(arrived).await;
+    let tls = support::tls::Tls::new();
+    for (kind, frame, over_tls) in floods {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = format!(
+            "[upstream]\nservers = [\"{}\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            up.url()
+        );
+        if over_tls {
+            std::fs::write(dir.path().join("site.pem"), &tls.cert).unwrap();
+            std::fs::write(dir.path().join("site.key"), &tls.key).unwrap();
+            config.push_str(
+                "[tls]\nlisten = [\"127.0.0.1:0\"]\n\
+                 [[tls.certificates]]\ncert = \"site.pem\"\nkey = \"site.key\"\n",
+            );
+        }
+        let proxy = ProxyProcess::start(dir.path(), &config);
+        let (flooded, client) = if over_tls {
+            let https = logged_addr(&proxy, "listening on ", "(https)").await;
+            let mut s = support::tls::tls_stream_h2(https, &tls).await;
+            let client = s.get_ref().0.local_addr().unwrap();
+            (flood(&mut s, &frame).await, client)
+        } else {
+            let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+            let client = s.local_addr().unwrap();
+            (flood(&mut s, &frame).await, client)
+        };
+        let (sent, goaway) = flooded.unwrap_or_else(|| panic!("{kind}: open after 8 MiB"));
+        eprintln!("{kind}: closed after {sent} bytes, GOAWAY {goaway:?}");
+        assert!(
+            (1 << 20..3 << 19).contains(&sent),
+            "{kind}: closed after {sent} bytes, not past 1 MiB and soon after"
+        );
+        // The proxy's GOAWAY may be lost in the reset that closing over unread bytes makes.
+        if let Some(goaway) = goaway {
+            assert_eq!(
+                goaway,
+                [0, 0, 0, 1, 0, 0, 0, 0xb],
+                "{kind}: stream 1, ENHANCE_YOUR_CALM"
+            );
+        }
+        let key = "intermission_http2_client_goaways_total{reason=\"flood\"}";
+        assert_eq!(
+            goaways_reach(&proxy, key, 1).await,
+            format!("{key} 1"),
+            "{kind}"
+        );
+        let lines = proxy.log_lines();
+        let told: Vec<_> = lines.iter().filter(|l| l.contains("flood")).collect();
+        assert_eq!(told.len(), 1, "{kind}: {told:#?}");
+        assert!(
+            told[0].contains("WARN") && told[0].contains(&client.to_string()),
+            "{kind}: {}",
+            told[0]
+        );
+        // Other clients are served.
+        assert_eq!(get(&proxy.url("/")).await.status(), 200, "{kind}");
+    }
+}
+
+/// Clients that work hard are not taken for a flood: one uploading 32 MiB (the proxy sends it
+/// WINDOW_UPDATEs) and sending 500 small requests, one like a browser (SETTINGS, a wide
+/// window, PRIORITY frames, a PING every few requests), and one that downloads 48 MiB and
+/// gives its window back 1 KiB at a time, two WINDOW_UPDATEs each: 1.2 MiB of them, which
+/// only what it receives pays for.
+#[tokio::test(flavor = "multi_thread")]
+async fn heavy_http2_clients_are_not_taken_for_a_flood() {
+    use tokio::io::AsyncWriteExt;
+    const DOWNLOAD: u64 = 48 << 20;
+    let up = upstream(|req: Request<Incoming>| async move {
+        if req.method() == http::Method::PUT {
+            let n = count_body(req.into_body()).await;
+            Response::new(full(n.to_string()))
+        } else if req.uri().path() == "/big" {
+            Response::new(BodyExt::boxed(endless(DOWNLOAD)))
+        } else {
+            Response::new(full("small"))
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [log]\naccess_log = false\n",
+            up.url()
+        ),
+    );
+
+    let h2 = h2c_client();
+    let upload = Request::put(proxy.url("/upload"))
+        .body(BodyExt::boxed(endless(32 << 20)))
+        .unwrap();
+    let resp = h2.request(upload).await.unwrap();
+    let got = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(got, (32u64 << 20).to_string());
+    for _ in 0..500 {
+        let small = Request::get(proxy.url("/small")).body(empty()).unwrap();
+        let resp = h2.request(small).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            &resp.into_body().collect().await.unwrap().to_bytes()[..],
+            b"small"
+        );
+    }
+
+    // GET /page (HPACK as in `flood`); streams 1, 3, …
+    let get = [&[0x82, 0x86, 0x04, 0x05][..], b"/page", &[0x01, 0x01, b'x']].concat();
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let settings = [0, 1, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 4, 0, 0x60, 0, 0];
+    let mut hello = H2_PREFACE[..24].to_vec();
+    hello.extend(h2_frame(H2_SETTINGS, 0, 0, &settings));
+    hello.extend(h2_frame(
+        H2_WINDOW_UPDATE,
+        0,
+        0,
+        &15_663_105u32.to_be_bytes(),
+    ));
+    for group in [3u32, 5, 7, 9, 11] {
+        hello.extend(h2_frame(0x2, 0, group, &[0, 0, 0, 0, 200]));
+    }
+    s.write_all(&hello).await.unwrap();
+    for stream in (13..2000).step_by(2) {
+        let mut out = h2_frame(0x1, 0x5, stream, &get);
+        if stream % 20 == 1 {
+            out.extend(h2_frame(H2_PING, 0, 0, b"browser!"));
+        }
+        s.write_all(&out).await.unwrap();
+        loop {
+            match next_frame(&mut s).await {
+                Came::Frame(0x0 | 0x1, flags, id, _) if id == stream && flags & 0x1 != 0 => break,
+                Came::Frame(H2_GOAWAY, ..) | Came::Closed => panic!("browser closed at {stream}"),
+                Came::Frame(..) => {}
+            }
+        }
+    }
+
+    // GET /big, a stream window of 64 KiB given back 1 KiB at a time.
+    let get = [&[0x82, 0x86, 0x04, 0x04][..], b"/big", &[0x01, 0x01, b'x']].concat();
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut hello = H2_PREFACE.to_vec();
+    hello.extend(h2_frame(0x1, 0x5, 1, &get));
+    s.write_all(&hello).await.unwrap();
+    let mut received = 0;
+    loop {
+        match next_frame(&mut s).await {
+            Came::Frame(0x0, flags, 1, data) => {
+                received += data.len() as u64;
+                let mut updates = Vec::new();
+                for piece in data.chunks(1024) {
+                    let n = u32::try_from(piece.len()).unwrap().to_be_bytes();
+                    updates.extend(h2_frame(H2_WINDOW_UPDATE, 0, 1, &n));
+                    updates.extend(h2_frame(H2_WINDOW_UPDATE, 0, 0, &n));
+                }
+                s.write_all(&updates).await.unwrap();
+                if flags & 0x1 != 0 {
+                    break;
+                }
+            }
+            Came::Frame(H2_GOAWAY, ..) | Came::Closed => panic!("closed after {received} bytes"),
+            Came::Frame(..) => {}
+        }
+    }
+    assert_eq!(received, DOWNLOAD);
+
+    let key = "intermission_http2_client_goaways_total{reason=\"flood\"}";
+    assert_eq!(goaways_reach(&proxy, key, 0).await, format!("{key} 0"));
+    let lines = proxy.log_lines();
+    assert!(!lines.iter().any(|l| l.contains("flood")), "{lines:#?}");
 }

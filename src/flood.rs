@@ -1,0 +1,380 @@
+//! The HTTP/2 flood check of a client connection: what the client sends is weighed, beneath
+//! hyper's HTTP/2 server, against the work it asks for, and a connection that sends mostly
+//! frames that do none is closed, as nginx closes one ("http2 flood detected").
+//!
+//! h2 bounds the attacks that make it hold state (rapid resets, CONTINUATION floods, empty
+//! DATA frames) but not frames that cost only CPU: PING and SETTINGS whose acknowledgements
+//! the client reads, PRIORITY, WINDOW_UPDATE. Sent without end on a connection holding one
+//! request open, about 100 MB/s of them kept a core busy for as long as the client cared.
+//! The frames are walked as their bytes pass, nothing copied or held: each read's bytes are
+//! looked at once, only for their 9-byte frame headers, and the payload of the frames that
+//! carry requests, bodies and answers (HEADERS, CONTINUATION, DATA) is counted as useful,
+//! both ways. Only the HTTP/2 connections pay for it.
+
+use crate::metrics::Http2Goaway;
+use crate::state::StateHandle;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// How many bytes a client may send for each useful one, as nginx: a request's headers and
+/// body come in frames of a few to 16,384 bytes behind 9 bytes of header (ratios of 1 to 3 at
+/// most), and a download's WINDOW_UPDATEs (13 bytes per 32 KiB or more) count against the
+/// answer they make room for.
+const RATIO: u64 = 8;
+/// What a client may send beyond that before the ratio is held to: a browser's SETTINGS,
+/// PINGs and PRIORITY frames, and keep-alive PINGs answered for hours (17 bytes a minute),
+/// take a few KiB; 1 MiB of 13-byte frames is some 80,000 of them. nginx allows 8 MiB.
+const ALLOWANCE: u64 = 1024 * 1024;
+
+/// The client's connection preface (RFC 9113 §3.4), which precedes its first frame.
+const PREFACE: u32 = 24;
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+/// One direction's frames, walked as their bytes pass.
+#[derive(Default)]
+struct Frames {
+    /// Bytes still to pass before the next frame header: the rest of a payload (or of the
+    /// preface).
+    skip: u32,
+    /// A frame header split between two reads or writes, gathered.
+    head: [u8; 9],
+    got: u8,
+}
+
+impl Frames {
+    /// Walks `bytes`, the next ones of the stream, telling `each` the kind, length and stream
+    /// of every frame whose header they complete.
+    fn walk(&mut self, mut bytes: &[u8], mut each: impl FnMut(u8, u32, u32)) {
+        loop {
+            let skipped = bytes.len().min(self.skip as usize);
+            bytes = &bytes[skipped..];
+            // No more than `skip`, a u32.
+            self.skip -= skipped as u32;
+            if bytes.is_empty() {
+                return;
+            }
+            let head = match bytes.split_first_chunk::<9>() {
+                Some((head, rest)) if self.got == 0 => {
+                    bytes = rest;
+                    *head
+                }
+                _ => {
+                    let got = usize::from(self.got);
+                    let n = (9 - got).min(bytes.len());
+                    self.head[got..got + n].copy_from_slice(&bytes[..n]);
+                    bytes = &bytes[n..];
+                    // At most 9.
+                    self.got += n as u8;
+                    if self.got < 9 {
+                        return;
+                    }
+                    self.got = 0;
+                    self.head
+                }
+            };
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]);
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            each(head[3], len, stream);
+            self.skip = len;
+        }
+    }
+
+    /// Between two frames: something written now would not land inside one.
+    fn between(&self) -> bool {
+        self.skip == 0 && self.got == 0
+    }
+}
+
+/// What one connection's client sent, against what of it, and of the answers, was useful.
+struct Budget {
+    read: Frames,
+    written: Frames,
+    /// Bytes read from the client, its preface included.
+    total: u64,
+    /// Payload of the HEADERS, CONTINUATION and DATA frames read and written.
+    useful: u64,
+    /// The highest stream the client opened: the GOAWAY's last stream, which may be higher
+    /// than what h2 took up (RFC 9113 §6.8 allows it), never lower.
+    last_stream: u32,
+}
+
+impl Budget {
+    fn new() -> Budget {
+        Budget {
+            read: Frames {
+                skip: PREFACE,
+                ..Frames::default()
+            },
+            written: Frames::default(),
+            total: 0,
+            useful: 0,
+            last_stream: 0,
+        }
+    }
+
+    /// Counts bytes read from the client; whether it has now sent too much for too little.
+    fn read(&mut self, bytes: &[u8]) -> bool {
+        self.total += bytes.len() as u64;
+        let (useful, last) = (&mut self.useful, &mut self.last_stream);
+        self.read.walk(bytes, |kind, len, stream| {
+            if matches!(kind, DATA | HEADERS | CONTINUATION) {
+                *useful += u64::from(len);
+            }
+            if kind == HEADERS {
+                *last = (*last).max(stream);
+            }
+        });
+        self.total > self.useful.saturating_mul(RATIO).saturating_add(ALLOWANCE)
+    }
+
+    /// Counts bytes written to the client.
+    fn wrote(&mut self, bytes: &[u8]) {
+        let useful = &mut self.useful;
+        self.written.walk(bytes, |kind, len, _| {
+            if matches!(kind, DATA | HEADERS | CONTINUATION) {
+                *useful += u64::from(len);
+            }
+        });
+    }
+
+    /// GOAWAY with ENHANCE_YOUR_CALM, as h2 answers the abuse it bounds itself.
+    fn goaway(&self) -> [u8; 17] {
+        let mut frame = [0u8; 17];
+        frame[..9].copy_from_slice(&[0, 0, 8, GOAWAY, 0, 0, 0, 0, 0]);
+        frame[9..13].copy_from_slice(&self.last_stream.to_be_bytes());
+        frame[13..].copy_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
+        frame
+    }
+}
+
+/// At most one line a second for every flooding connection together: a client that
+/// reconnects would otherwise write one for each MiB it sends.
+static TOLD: Mutex<crate::listener::Lasting> = Mutex::new(crate::listener::Lasting::new());
+
+/// An HTTP/2 client connection's socket, beneath hyper, with its flood check.
+pub struct Flood<I> {
+    io: I,
+    budget: Budget,
+    flooded: bool,
+    state: StateHandle,
+    peer: SocketAddr,
+}
+
+impl<I: AsyncWrite + Unpin> Flood<I> {
+    pub fn new(io: I, state: StateHandle, peer: SocketAddr) -> Flood<I> {
+        Flood {
+            io,
+            budget: Budget::new(),
+            flooded: false,
+            state,
+            peer,
+        }
+    }
+
+    /// Closes the connection for a flood: counts it, says so, and tells the client with a
+    /// GOAWAY of its own when no frame of h2's is half written. Nothing is waited for: the
+    /// frame goes if the socket takes it now, and every read and write from here fails, which
+    /// ends hyper's connection.
+    fn close(&mut self, cx: &mut Context<'_>) -> std::io::Error {
+        self.flooded = true;
+        self.state.load().metrics.http2_goaway(Http2Goaway::Flood);
+        let told = TOLD
+            .lock()
+            .map(|mut t| t.tell(std::time::Instant::now()))
+            .unwrap_or(None);
+        if let Some(unsaid) = told {
+            tracing::warn!(
+                peer = %self.peer,
+                "HTTP/2 client flood: {} bytes received for {} bytes of requests, bodies and \
+                 answers, more than 8 to 1 past 1 MiB; closed with GOAWAY (ENHANCE_YOUR_CALM) \
+                 ({unsaid} more since the last line)",
+                self.budget.total,
+                self.budget.useful,
+            );
+        }
+        if self.budget.written.between() {
+            let goaway = self.budget.goaway();
+            if let Poll::Ready(Ok(_)) = Pin::new(&mut self.io).poll_write(cx, &goaway) {
+                let _ = Pin::new(&mut self.io).poll_shutdown(cx);
+            }
+        }
+        flooded()
+    }
+}
+
+fn flooded() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "HTTP/2 client flood: too many bytes for too little work",
+    )
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for Flood<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.flooded {
+            return Poll::Ready(Err(flooded()));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before && this.budget.read(&buf.filled()[before..]) {
+            return Poll::Ready(Err(this.close(cx)));
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Flood<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.flooded {
+            return Poll::Ready(Err(flooded()));
+        }
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            this.budget.wrote(&buf[..n.min(buf.len())]);
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.flooded {
+            return Poll::Ready(Err(flooded()));
+        }
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            let mut left = n;
+            for buf in bufs {
+                let taken = left.min(buf.len());
+                this.budget.wrote(&buf[..taken]);
+                left -= taken;
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.flooded {
+            return Poll::Ready(Err(flooded()));
+        }
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Budget, Frames, ALLOWANCE, PREFACE};
+
+    fn frame(kind: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = (payload.len() as u32).to_be_bytes();
+        let mut f = vec![len[1], len[2], len[3], kind, 0];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn stream() -> Vec<u8> {
+        let mut s = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        s.extend(frame(0x4, 0, &[0, 3, 0, 0, 0, 100]));
+        s.extend(frame(0x1, 1, b"head"));
+        s.extend(frame(0x8, 0, &[0, 0, 1, 0]));
+        s.extend(frame(0x0, 1, &[7; 300]));
+        s.extend(frame(0x9, 1, b"more"));
+        s.extend(frame(0x6, 0, b"12345678"));
+        s.extend(frame(0x1, 5, b""));
+        s
+    }
+
+    const SEEN: [(u8, u32, u32); 7] = [
+        (0x4, 6, 0),
+        (0x1, 4, 1),
+        (0x8, 4, 0),
+        (0x0, 300, 1),
+        (0x9, 4, 1),
+        (0x6, 8, 0),
+        (0x1, 0, 5),
+    ];
+
+    /// Every frame is seen once, whatever the reads' sizes, a header split over two, three
+    /// or nine reads included.
+    #[test]
+    fn frames_are_walked_across_any_split() {
+        let bytes = stream();
+        for size in 1..=bytes.len() {
+            let mut frames = Frames {
+                skip: PREFACE,
+                ..Frames::default()
+            };
+            let mut seen = Vec::new();
+            for chunk in bytes.chunks(size) {
+                frames.walk(chunk, |kind, len, stream| seen.push((kind, len, stream)));
+            }
+            assert_eq!(seen, SEEN, "reads of {size} bytes");
+            assert!(frames.between());
+        }
+    }
+
+    #[test]
+    fn useful_bytes_are_those_of_headers_and_data() {
+        let mut budget = Budget::new();
+        assert!(!budget.read(&stream()));
+        assert_eq!(budget.useful, 4 + 300 + 4);
+        assert_eq!(budget.last_stream, 5);
+        budget.wrote(&frame(0x0, 1, &[0; 1000]));
+        budget.wrote(&frame(0x6, 0, b"12345678"));
+        assert_eq!(budget.useful, 4 + 300 + 4 + 1000);
+    }
+
+    /// Control frames alone are let through up to the allowance, and 8 times what is useful.
+    #[test]
+    fn a_flood_is_told_past_eight_to_one_and_the_allowance() {
+        let update = frame(0x8, 0, &[0, 0, 0, 1]);
+        let mut budget = Budget::new();
+        assert!(!budget.read(&stream()));
+        let mut sent = stream().len() as u64;
+        while !budget.read(&update) {
+            sent += update.len() as u64;
+            assert!(sent < 2 * ALLOWANCE, "never told");
+        }
+        let useful = 4 + 300 + 4;
+        assert!(sent <= 8 * useful + ALLOWANCE && sent + 13 > 8 * useful + ALLOWANCE);
+        // An answer written makes room for 8 times its size.
+        budget.wrote(&frame(0x0, 1, &[0; 16_384]));
+        assert!(!budget.read(&update));
+        let goaway = budget.goaway();
+        assert_eq!(goaway[..9], [0, 0, 8, 7, 0, 0, 0, 0, 0]);
+        assert_eq!(goaway[9..], [0, 0, 0, 5, 0, 0, 0, 0xb]);
+    }
+}
