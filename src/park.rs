@@ -61,6 +61,10 @@ pub struct Idle {
     /// A request asked for an upgrade that was not granted: hyper keeps it pending and would
     /// hand the socket to nobody on a graceful shutdown. Kept for this hyper connection.
     upgrade: AtomicBool,
+    /// An upgrade was granted (a `101` went to hyper): the connection is its tunnel's from
+    /// then on, never idle, even while hyper still writes the `101` to a client that does
+    /// not read (nothing taken by the socket, so nothing unflushed), when a pick would cut it.
+    switched: AtomicBool,
     /// Its place among the idle connections that may be closed to make room for a new one,
     /// while it is parked with nothing begun; with the connections' limit, which keeps
     /// `intermission_parked_connections`.
@@ -77,6 +81,7 @@ impl Idle {
             parking: AtomicBool::new(false),
             body: AtomicU32::new(0),
             upgrade: AtomicBool::new(false),
+            switched: AtomicBool::new(false),
             closable: Closable::new(limit),
         }
     }
@@ -91,6 +96,19 @@ impl Idle {
     /// read whole by another task a moment ago (`Upload::ended`), which wakes nobody here.
     fn awaits_body(&self) -> bool {
         self.settled() && self.body.load(Relaxed) != 0
+    }
+
+    /// Idle but for an upgrade hyper keeps pending since one was declined (a WebSocket held
+    /// during maintenance, a server's `200` or `426` to one): it cannot park, as hyper's
+    /// graceful shutdown would hand the socket to that upgrade, but it waits for nothing but
+    /// the next request, and may be closed to make room as a parked one may.
+    fn idle_but_for_upgrade(&self) -> bool {
+        self.busy.load(Relaxed) == 0
+            && self.read_blocked.load(Relaxed)
+            && !self.unflushed.load(Relaxed)
+            && self.body.load(Relaxed) == 0
+            && self.upgrade.load(Relaxed)
+            && !self.switched.load(Relaxed)
     }
 
     /// Nothing unfinished, unflushed or unread, no upgrade pending: idle, but for a body.
@@ -172,7 +190,13 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         Pin::new(&mut this.reply).poll(cx).map(|resp| {
-            Ok(resp?.map(|body| TrackedBody {
+            let resp = resp?;
+            if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                if let Some(busy) = &this.busy {
+                    busy.0.switched.store(true, Relaxed);
+                }
+            }
+            Ok(resp.map(|body| TrackedBody {
                 body,
                 _busy: this.busy.take(),
             }))
@@ -548,6 +572,8 @@ pub async fn serve(
         let keep_alive = held.builder.keep_alive;
         let mut stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let closable = &idle.closable;
+        // Whether it is among the idle ones while a declined upgrade keeps it from parking.
+        let mut listed = false;
         let turn = poll_fn(|cx| {
             if let Poll::Ready(result) = Pin::new(&mut *conn).poll(cx) {
                 return Poll::Ready(Turn::Ended(result));
@@ -556,6 +582,11 @@ pub async fn serve(
                 return Poll::Ready(Turn::Drain);
             }
             let served = idle.served.load(Relaxed);
+            // A request came since it was listed: back of the line when it idles again.
+            if listed && !idle.idle_but_for_upgrade() {
+                listed = false;
+                closable.busy();
+            }
             if served == fresh {
                 let stalled = stalled.get_or_insert_with(|| {
                     let began = head_deadline.map_or_else(Instant::now, |d| d - keep_alive);
@@ -593,6 +624,16 @@ pub async fn serve(
                 // response costs one wake-up, not one per grace.
                 if grace_for.is_some() && timer.as_mut().poll(cx).is_ready() {
                     grace_for = None;
+                }
+                // Idle, but for a declined upgrade that keeps it from parking: it may still
+                // make room. Otherwise a client that sends `Upgrade` with each request (held
+                // during maintenance, or to a path that is no WebSocket) kept every slot it
+                // held from new clients until `header_read_timeout`.
+                if idle.idle_but_for_upgrade() {
+                    listed = true;
+                    if closable.poll_picked(cx) {
+                        return Poll::Ready(Turn::Ended(Ok(())));
+                    }
                 }
                 return Poll::Pending;
             }
@@ -922,5 +963,14 @@ mod tests {
         drop(Busy::new(&idle, &upgrade));
         drop(Busy::new(&idle, &get));
         assert!(!idle.parkable(), "a pending upgrade would take the socket");
+        assert!(
+            idle.idle_but_for_upgrade(),
+            "a declined upgrade may make room"
+        );
+        idle.switched.store(true, Relaxed);
+        assert!(
+            !idle.idle_but_for_upgrade(),
+            "a switched connection is the tunnel's"
+        );
     }
 }

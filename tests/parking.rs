@@ -679,6 +679,33 @@ async fn at_max_connections_the_connection_idle_longest_makes_room() {
     assert!(resp.ends_with("app saw /again"), "{resp}");
 }
 
+/// A connection whose upgrade was declined (a WebSocket held during maintenance, a server's
+/// `200` or `426` to one) is idle between requests like any other: hyper keeps the upgrade
+/// pending, so it cannot park, but it makes room at `max_connections`. It kept its slot until
+/// `header_read_timeout`, so that a client sending `Upgrade` with each request kept new
+/// clients out, where the same client without it was closed to make room.
+#[tokio::test(flavor = "multi_thread")]
+async fn at_max_connections_a_connection_whose_upgrade_was_declined_makes_room() {
+    let (_up, proxy) = app_and_proxy("max_connections = 1\nheader_read_timeout = \"60s\"").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let resp = read_response(&mut s).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.ends_with("app saw /ws"), "{resp}");
+    assert!(
+        served_at_the_limit(&proxy).await,
+        "an idle connection whose upgrade was declined kept its slot from a new client"
+    );
+    assert!(
+        closed_silently(&mut s).await,
+        "the connection whose upgrade was declined should have made room"
+    );
+}
+
 /// An idle HTTP/2 connection picked to make room is told to go (GOAWAY, and a PING whose
 /// answer hyper waits for before it closes): until it is gone it is still open, given away.
 /// It was no longer counted as closing once it had seen it was picked, so that every new
