@@ -323,21 +323,27 @@ fn finish(
         return resp;
     };
     let upstream = server.and_then(|i| snap.pool.names.get(i).cloned());
-    let (parts, body) = resp.into_parts();
-    let body = Body::counted(
-        body,
-        Box::new(move |bytes| {
-            let line = crate::logging::AccessLine {
-                peer,
-                method: &method,
-                path: &uri,
-                status,
-                upstream: upstream.as_deref(),
-                bytes,
-            };
-            line.write(start);
-        }),
-    );
+    let (mut parts, body) = resp.into_parts();
+    let write: crate::forward::upgrade::LineWriter = Box::new(move |bytes| {
+        let line = crate::logging::AccessLine {
+            peer,
+            method: &method,
+            path: &uri,
+            status,
+            upstream: upstream.as_deref(),
+            bytes,
+        };
+        line.write(start);
+    });
+    // A switch is logged when its tunnel ends, with what went through it.
+    if let Some(tunnel) = parts
+        .extensions
+        .remove::<crate::forward::upgrade::TunnelLog>()
+    {
+        tunnel.on_end(write);
+        return Response::from_parts(parts, body);
+    }
+    let body = Body::counted(body, write);
     Response::from_parts(parts, body)
 }
 

@@ -13,6 +13,8 @@ pub trait Watch {
     fn read(&self) {}
     /// A write took bytes.
     fn wrote(&self) {}
+    /// A write took `n` bytes (more than none), told beside `wrote`.
+    fn took(&self, _n: usize) {}
     /// A flush finished: nothing written waits.
     fn flushed(&self) {}
 }
@@ -82,8 +84,11 @@ impl<T: AsyncWrite + Unpin, W: Watch + Unpin> AsyncWrite for Watched<T, W> {
 
 impl<T, W: Watch> Watched<T, W> {
     fn took(&self, polled: &Poll<std::io::Result<usize>>) {
-        if matches!(polled, Poll::Ready(Ok(n)) if *n > 0) {
-            self.watch.wrote();
+        if let Poll::Ready(Ok(n)) = polled {
+            if *n > 0 {
+                self.watch.wrote();
+                self.watch.took(*n);
+            }
         }
     }
 }

@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use support::*;
 
 fn bin() -> Command {
@@ -579,6 +579,51 @@ async fn access_log_lines_are_json_with_the_request_facts() {
     assert_eq!(v["upstream"], up.url());
     assert_eq!(v["bytes"], resp.body().len() as u64);
     assert!(v["duration_ms"].as_f64().is_some());
+}
+
+/// A WebSocket is logged when its tunnel closes, as nginx logs it: status 101, the duration
+/// of the whole tunnel (from its request), and the bytes that went to the client through it.
+/// Its line was written at the `101`, with no bytes and the milliseconds of the handshake,
+/// so that a WebSocket open for hours and carrying gigabytes showed as nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_is_logged_when_its_tunnel_closes_with_what_it_carried() {
+    let up = switching_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\n[log]\nformat = \"json\"\naccess_log = true\n",
+            up.server.url()
+        ),
+    );
+    let opened = Instant::now();
+    // "first" (5 bytes) comes back as the tunnel opens, and "hello" (5) here.
+    let mut tunnel = open_tunnel(proxy.addr).await;
+    assert!(echoes(&mut tunnel, "hello").await);
+    // A life long enough to tell from a handshake's.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lived = opened.elapsed();
+    drop(tunnel);
+    let logged = || {
+        proxy
+            .log_lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["target"] == "intermission::access" && v["path"] == "/ws")
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || logged().is_some()).await,
+        "no access log line for the WebSocket: {:#?}",
+        proxy.log_lines()
+    );
+    let line = logged().unwrap();
+    assert_eq!(line["status"], 101, "{line}");
+    assert_eq!(line["bytes"], 10, "{line}");
+    let ms = line["duration_ms"].as_f64().unwrap();
+    assert!(
+        ms >= 300.0 && ms <= lived.as_secs_f64() * 1000.0 + 5000.0,
+        "duration_ms {ms} for a tunnel that lived {lived:?}"
+    );
 }
 
 /// A request whose head hyper refused before the proxy read it (too large: `431`; not HTTP:

@@ -601,7 +601,8 @@ fn finish(
     headers::strip_hop_by_hop(resp.headers_mut());
     if let (Some(client_upgrade), Some(proto)) = (client_upgrade, upgraded_to) {
         headers::restore_upgrade(resp.headers_mut(), proto);
-        upgrade::spawn_tunnel(client_upgrade, hyper::upgrade::on(&mut resp), stall);
+        let log = upgrade::spawn_tunnel(client_upgrade, hyper::upgrade::on(&mut resp), stall);
+        resp.extensions_mut().insert(log);
     }
     Forwarded {
         response: resp,

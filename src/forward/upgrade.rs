@@ -7,7 +7,8 @@
 //! `max_connections` and a drain waits for it, up to `shutdown_timeout`. So that a tunnel
 //! whose peer vanished without a word cannot keep its slot for ever, one over which nothing
 //! has moved either way for `upstream.read_timeout` is closed, as nginx closes one whose
-//! server says nothing for `proxy_read_timeout`.
+//! server says nothing for `proxy_read_timeout`. Its request's access log line is written
+//! when it ends (`TunnelLog`), as nginx writes a WebSocket's.
 
 use crate::listener::{Tunnelled, Upgrading};
 use crate::watched::{Watch, Watched};
@@ -15,7 +16,7 @@ use http::Request;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 /// The client's side of an upgrade: hyper's handover of its connection, and what keeps that
@@ -36,15 +37,79 @@ impl Client {
     }
 }
 
+/// What writes the access log line of a request, given the bytes its answer sent.
+pub type LineWriter = Box<dyn FnOnce(u64) + Send + Sync>;
+
+/// The access log line of a request whose answer switched protocols, in the `101`'s
+/// extensions: written when its tunnel ends, with the bytes that went to the client through
+/// it and (from the request's start) the tunnel's whole life, as nginx logs a WebSocket. At
+/// the `101` it would say a few milliseconds and no bytes, however long the WebSocket lived
+/// and whatever it carried. Whichever of the two comes second, the line or the end, writes it.
+#[derive(Clone)]
+pub struct TunnelLog(Arc<Mutex<Logging>>);
+
+enum Logging {
+    Waiting,
+    Line(LineWriter),
+    Ended(u64),
+    Written,
+}
+
+impl TunnelLog {
+    /// `write`, called once the tunnel has ended (at once if it has).
+    pub fn on_end(&self, write: LineWriter) {
+        let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match std::mem::replace(&mut *state, Logging::Written) {
+            Logging::Ended(bytes) => {
+                drop(state);
+                write(bytes);
+            }
+            _ => *state = Logging::Line(write),
+        }
+    }
+
+    fn ended(&self, bytes: u64) {
+        let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match std::mem::replace(&mut *state, Logging::Written) {
+            Logging::Line(write) => {
+                drop(state);
+                write(bytes);
+            }
+            _ => *state = Logging::Ended(bytes),
+        }
+    }
+}
+
+/// Tells the tunnel's log that it ended when dropped: however the tunnel's task ends, a
+/// drain's `shutdown_timeout` that drops it included.
+struct Ends {
+    log: TunnelLog,
+    to_client: Arc<AtomicU64>,
+}
+
+impl Drop for Ends {
+    fn drop(&mut self) {
+        self.log.ended(self.to_client.load(Ordering::Relaxed));
+    }
+}
+
 /// Spawns the tunnel between the client's and the upstream's upgraded connections. Its slot
 /// and drain guard are taken here, as the 101 goes to hyper: before hyper's connection lets
-/// go of its own. `idle`: how long it may carry nothing either way (`None`: for ever).
-pub fn spawn_tunnel(client: Client, upstream: OnUpgrade, idle: Option<Duration>) {
+/// go of its own. `idle`: how long it may carry nothing either way (`None`: for ever). What
+/// it returns goes with the `101` to the access log (`TunnelLog`).
+pub fn spawn_tunnel(client: Client, upstream: OnUpgrade, idle: Option<Duration>) -> TunnelLog {
     let kept: Option<Tunnelled> = client.upgrading.map(Upgrading::keep);
     let client = client.on;
+    let log = TunnelLog(Arc::new(Mutex::new(Logging::Waiting)));
+    let to_client = Arc::new(AtomicU64::new(0));
+    let ends = Ends {
+        log: log.clone(),
+        to_client: to_client.clone(),
+    };
     tokio::spawn(async move {
         // Until the tunnel ends, whichever way.
         let _kept = kept;
+        let _ends = ends;
         let (client, upstream) = match tokio::try_join!(client, upstream) {
             Ok(pair) => pair,
             Err(e) => {
@@ -53,11 +118,20 @@ pub fn spawn_tunnel(client: Client, upstream: OnUpgrade, idle: Option<Duration>)
             }
         };
         let moved = Arc::new(AtomicU64::new(0));
-        let side = |io| Watched {
-            io: TokioIo::new(io),
-            watch: Moved(moved.clone()),
+        let mut client = Watched {
+            io: TokioIo::new(client),
+            watch: Moved {
+                reads: moved.clone(),
+                written: Some(to_client),
+            },
         };
-        let (mut client, mut upstream) = (side(client), side(upstream));
+        let mut upstream = Watched {
+            io: TokioIo::new(upstream),
+            watch: Moved {
+                reads: moved.clone(),
+                written: None,
+            },
+        };
         let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
         tokio::pin!(copy);
         let Some(idle) = idle else {
@@ -88,13 +162,24 @@ pub fn spawn_tunnel(client: Client, upstream: OnUpgrade, idle: Option<Duration>)
             }
         }
     });
+    log
 }
 
-/// Reads that brought bytes through a tunnel, from either side.
-struct Moved(Arc<AtomicU64>);
+/// Reads that brought bytes through a tunnel, from either side; and on the client's side,
+/// the bytes written to it.
+struct Moved {
+    reads: Arc<AtomicU64>,
+    written: Option<Arc<AtomicU64>>,
+}
 
 impl Watch for Moved {
     fn read(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.reads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn took(&self, n: usize) {
+        if let Some(written) = &self.written {
+            written.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 }
