@@ -57,7 +57,32 @@ pub struct Workers {
     next: AtomicUsize,
     /// Dropped with `Workers`: each worker's runtime then ends, and the connections still on
     /// it close. `app` keeps its `Workers` until a drain has waited for the busy ones.
-    _stop: Vec<oneshot::Sender<()>>,
+    stop: Vec<oneshot::Sender<()>>,
+    /// Disconnected once every worker thread has dropped its runtime (each holds a sender).
+    /// In a mutex to be `Sync`, as `Workers` is shared; only `drop` reads it.
+    ended: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+/// How long dropping `Workers` waits for the workers' runtimes to end, as `main` gives its
+/// own (`Runtime::shutdown_timeout`): a runtime's end waits for its blocking tasks, which a
+/// file read that never returns could hold for ever.
+const END_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Drop for Workers {
+    /// Ends the workers and waits, briefly, for their runtimes to drop what they still run:
+    /// the connections a drain's `shutdown_timeout` cut write their access log lines as they
+    /// drop (a request's 499, a WebSocket's tunnel), and the process exits right after this.
+    /// Not waited for, a worker still dropping its connections lost some of those lines (a
+    /// third of the requests cut, with four workers).
+    fn drop(&mut self) {
+        self.stop.clear();
+        // Nothing is sent: this returns when the last thread's sender is gone, or at the end.
+        let ended = self
+            .ended
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = ended.recv_timeout(END_WAIT);
+    }
 }
 
 impl Workers {
@@ -67,12 +92,16 @@ impl Workers {
     pub fn start(total: usize) -> std::io::Result<Workers> {
         let mut others = Vec::new();
         let mut stop = Vec::new();
+        let (ends, ended) = std::sync::mpsc::channel();
         for i in 1..total {
             let (built_tx, built) = std::sync::mpsc::channel();
             let (tx, rx) = oneshot::channel::<()>();
+            let end = ends.clone();
             std::thread::Builder::new()
                 .name(format!("intermission-{i}"))
                 .spawn(move || {
+                    // Declared before the runtime, dropped after it: the thread's end.
+                    let _end: std::sync::mpsc::Sender<()> = end;
                     let runtime = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
@@ -99,7 +128,8 @@ impl Workers {
         Ok(Workers {
             others,
             next: AtomicUsize::new(0),
-            _stop: stop,
+            stop,
+            ended: std::sync::Mutex::new(ended),
         })
     }
 
