@@ -871,7 +871,9 @@ async fn exchange<C: Client>(
         server: None,
         bytes: 0,
     };
+    let cut = Cut::new(snap, conn, &bufs.request, served.start);
     let next = answer(bufs, snap, sock, head, drain, clocks, &mut served).await;
+    cut.disarm();
     // No status: the client left before its answer, counted as abandoned and logged with
     // nginx's 499, as on hyper's path (`gateway::Unanswered`).
     if served.status == 0 {
@@ -894,6 +896,60 @@ async fn exchange<C: Client>(
         line.write(served.start.into_std());
     }
     next
+}
+
+/// A request whose connection is dropped before its answer (a drain's `shutdown_timeout`
+/// ends the worker's runtime with it): counted as abandoned and logged with 499, as
+/// `gateway::Unanswered` tells one on hyper's path, where nothing was said of it. The request
+/// line is copied only with the access log on.
+struct Cut<'a> {
+    snap: &'a Snapshot,
+    peer: std::net::IpAddr,
+    line: Option<String>,
+    start: tokio::time::Instant,
+    armed: bool,
+}
+
+impl<'a> Cut<'a> {
+    fn new(snap: &'a Snapshot, conn: &Conn, request: &[u8], start: tokio::time::Instant) -> Self {
+        let line = snap.config.log.access_log.then(|| {
+            let (method, path) = request_line(request);
+            format!("{method} {path}")
+        });
+        Cut {
+            snap,
+            peer: conn.peer.ip(),
+            line,
+            start,
+            armed: true,
+        }
+    }
+
+    /// The exchange ended, and told itself what became of the request.
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Cut<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.snap.metrics.abandoned(self.snap.mode);
+        if let Some(line) = &self.line {
+            let (method, path) = line.split_once(' ').unwrap_or_default();
+            let line = crate::logging::AccessLine {
+                peer: self.peer,
+                method: &method,
+                path: &path,
+                status: gateway::CLIENT_CLOSED,
+                upstream: None,
+                bytes: 0,
+            };
+            line.write(self.start.into_std());
+        }
+    }
 }
 
 /// The method and target of the upstream request `request` (`{method} {target} HTTP/1.1`, as
