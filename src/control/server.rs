@@ -132,29 +132,65 @@ impl Drop for Bound {
 /// Binds the socket at `path` with permissions `mode`, replacing a stale socket left by a
 /// crash but never a live one or a file that is not a socket.
 fn bind(path: &Path, mode: u32) -> Result<UnixListener, ControlError> {
-    let io = |source| ControlError::Io {
-        path: path.to_path_buf(),
-        source,
+    // Each try finds the path free, or frees it of a stale socket, then places the socket
+    // there unless something took it in between: another proxy starting on the same socket
+    // at the same moment, whose socket is then found live, and the start refused.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match bind_once(path, mode) {
+            Err(Placed::Taken(e)) if tries < 3 => {
+                tracing::debug!("the control socket's path was taken while binding ({e}); again")
+            }
+            Err(Placed::Taken(source)) => {
+                return Err(ControlError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+            Err(Placed::Failed(e)) => return Err(e),
+            Ok(listener) => return Ok(listener),
+        }
+    }
+}
+
+/// Why one try of `bind` did not bind.
+enum Placed {
+    /// Something was put at the path between its check and the placing of the socket.
+    Taken(std::io::Error),
+    Failed(ControlError),
+}
+
+fn bind_once(path: &Path, mode: u32) -> Result<UnixListener, Placed> {
+    let io = |source| {
+        Placed::Failed(ControlError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
     };
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
-            return Err(ControlError::NotASocket(path.to_path_buf()));
+            return Err(Placed::Failed(ControlError::NotASocket(path.to_path_buf())));
         }
         // Stale only when nothing listens: any other failure to connect (this user kept out
         // of another user's live socket, a socket of another type) says nothing of that, and
         // removing the file took the control socket from a running proxy.
         match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => return Err(ControlError::InUse(path.to_path_buf())),
+            Ok(_) => return Err(Placed::Failed(ControlError::InUse(path.to_path_buf()))),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                std::fs::remove_file(path).map_err(io)?;
+                match std::fs::remove_file(path) {
+                    // Removed in between, by another start that found it stale too.
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+                    _ => {}
+                }
             }
             // Removed in between: the path is free.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => {
-                return Err(ControlError::Unreachable {
+                return Err(Placed::Failed(ControlError::Unreachable {
                     path: path.to_path_buf(),
                     source,
-                })
+                }))
             }
         }
     }
@@ -164,12 +200,31 @@ fn bind(path: &Path, mode: u32) -> Result<UnixListener, ControlError> {
     let _ = std::fs::remove_file(&staging);
     let listener = UnixListener::bind(&staging).map_err(io)?;
     let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
-        .and_then(|()| std::fs::rename(&staging, path));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&staging);
-        return Err(io(e));
+        .and_then(|()| place(&staging, path));
+    let _ = std::fs::remove_file(&staging);
+    match placed {
+        Ok(()) => Ok(listener),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Placed::Taken(e)),
+        Err(e) => Err(io(e)),
     }
-    Ok(listener)
+}
+
+/// Gives the socket bound at `staging` the name `path` as well, never over what is there
+/// (`AlreadyExists`): two proxies started at once on one socket both found the path free,
+/// and with a rename the second replaced the first's socket, which then ran on where no
+/// `ctl` could reach it. The caller removes `staging`.
+fn place(staging: &Path, path: &Path) -> std::io::Result<()> {
+    match std::fs::hard_link(staging, path) {
+        Err(e)
+            if e.kind() != std::io::ErrorKind::AlreadyExists
+                && std::fs::symlink_metadata(path).is_err() =>
+        {
+            // A file system without hard links (vfat, some FUSE): moved, as before; the
+            // moment between the look and the move is all that is left of the race there.
+            std::fs::rename(staging, path)
+        }
+        linked => linked,
+    }
 }
 
 /// The name beside `path` that the socket is bound under before it is moved there: this
@@ -798,6 +853,46 @@ mod tests {
         let listener = std::os::unix::net::UnixListener::bind(dir.path().join("s.sock")).unwrap();
         drop(listener);
         Bound::new(&dir.path().join("s.sock"), 0o600).unwrap();
+    }
+
+    /// A socket another proxy put at the path after this one found it free (both started at
+    /// once) stays, and still answers: it is not replaced by this one's, which left the other
+    /// proxy running where no `ctl` reached it.
+    #[test]
+    fn a_socket_placed_meanwhile_is_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let other = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let before = file_id(&path).unwrap();
+        let staging = staging(&path);
+        let _ours = std::os::unix::net::UnixListener::bind(&staging).unwrap();
+        let e = place(&staging, &path).expect_err("placed over the other socket");
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+        assert_eq!(
+            file_id(&path).unwrap(),
+            before,
+            "the other socket was replaced"
+        );
+        drop(std::os::unix::net::UnixStream::connect(&path).unwrap());
+        drop(other);
+        // And with the path free, it is placed, the same socket under both names.
+        let free = dir.path().join("free.sock");
+        place(&staging, &free).unwrap();
+        assert_eq!(file_id(&free).unwrap(), file_id(&staging).unwrap());
+    }
+
+    /// Binding leaves no temporary name beside the socket.
+    #[tokio::test]
+    async fn binding_leaves_only_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let _bound = Bound::new(&path, 0o600).unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["c.sock"]);
+        drop(std::os::unix::net::UnixStream::connect(&path).unwrap());
     }
 
     #[test]
