@@ -35,10 +35,17 @@ pub fn run(
         (None, Some(c)) => format!("intermission ctl -c {}", shell_word(c)),
         (None, None) => "intermission ctl".to_owned(),
     };
+    // Whether the socket is only the built-in default's, no config file having been named or
+    // found here: an operator who forgot `-c`, or is in another folder, is told that rather
+    // than that the proxy's socket file was removed.
+    let mut guessed = false;
     let socket = match socket {
         Some(s) => s,
         None => match socket_from_config(config.as_deref()) {
-            Ok(s) => s,
+            Ok((s, defaulted)) => {
+                guessed = defaulted;
+                s
+            }
             Err(e) => return fail(2, "bad_usage", e),
         },
     };
@@ -57,6 +64,15 @@ pub fn run(
     let answer = runtime.block_on(exchange(&socket, &req, deadline));
     let resp = match answer {
         Ok(Ok(r)) => r,
+        Ok(Err(client::ClientError::NoProxy { path, source })) if guessed => {
+            let message = format!(
+                "no proxy answered on {path}: {source}; no config file was named and there is \
+                 no ./{} in this folder, so the default socket was tried: name the proxy's \
+                 config with -c PATH (the one it runs with) or its socket with -s SOCKET",
+                config::DEFAULT_PATH
+            );
+            return fail(3, "no_proxy", message);
+        }
         Ok(Err(e @ client::ClientError::NoProxy { .. })) => {
             return fail(3, "no_proxy", e.to_string())
         }
@@ -258,8 +274,9 @@ fn busy_hint(socket: &Path, waited: Duration) -> String {
 
 /// The socket path from the config file, read without validating the rest: an operator who
 /// broke the config must still be able to run `ctl status`, `off` or `reload` (which then
-/// tells what is wrong).
-fn socket_from_config(path: Option<&Path>) -> Result<PathBuf, String> {
+/// tells what is wrong). With it, whether no config file was named or found, the default
+/// socket taken for want of one.
+fn socket_from_config(path: Option<&Path>) -> Result<(PathBuf, bool), String> {
     let default = Path::new(config::DEFAULT_PATH);
     let (file, named) = match path {
         Some(p) => (p, true),
@@ -269,7 +286,9 @@ fn socket_from_config(path: Option<&Path>) -> Result<PathBuf, String> {
     // not waited on or read without end.
     let text = match intermission::files::read_text(file, intermission::files::MAX_CONFIG_BYTES) {
         Ok(t) => t,
-        Err(e) if !named && e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) if !named && e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((Path::new(".").join(DEFAULT_SOCKET), true))
+        }
         Err(e) => return Err(format!("cannot read config file {}: {e}", file.display())),
     };
     let base = file
@@ -318,7 +337,7 @@ fn socket_from_config(path: Option<&Path>) -> Result<PathBuf, String> {
             socket
         }
     };
-    Ok(base.join(socket))
+    Ok((base.join(socket), false))
 }
 
 /// `control.socket`'s default (SPEC §2).

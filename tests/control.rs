@@ -1013,6 +1013,54 @@ async fn ctl_finds_a_custom_socket_in_a_config_that_does_not_parse() {
     drop(proxy);
 }
 
+/// When no proxy answers, `ctl` says what is at the path it tried, for what an operator got
+/// wrong at 3 a.m.: run outside the config's folder without `-c` (the built-in default socket
+/// was tried), `-s` given the config file or a folder, a socket a killed proxy left. Each was
+/// "Connection refused" or "No such file", with advice to `kill -HUP` a proxy that was fine.
+#[test]
+fn ctl_says_why_no_proxy_answered_where_it_looked() {
+    let dir = tempfile::tempdir().unwrap();
+    let said = |dir: &std::path::Path, args: &[&str]| {
+        let out = bin()
+            .current_dir(dir)
+            .arg("ctl")
+            .arg("--json")
+            .args(args)
+            .arg("status")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(3), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["error"]["code"], "no_proxy", "{v}");
+        v["error"]["message"].as_str().unwrap().to_owned()
+    };
+    let told = said(dir.path(), &[]);
+    assert!(
+        told.contains("no config file was named") && told.contains("-c PATH"),
+        "{told}"
+    );
+    assert!(!told.contains("kill -HUP"), "{told}");
+
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(&cfg, "[control]\nsocket = \"gone.sock\"\n").unwrap();
+    let told = said(dir.path(), &[]);
+    assert!(
+        told.contains("kill -HUP") && !told.contains("no config file"),
+        "a config that names the socket is no guess: {told}"
+    );
+
+    let told = said(dir.path(), &["-s", "config.toml"]);
+    assert!(told.contains("regular file, not a socket"), "{told}");
+    assert!(told.contains("-c"), "{told}");
+    let told = said(dir.path(), &["-s", "."]);
+    assert!(told.contains("folder, not a socket"), "{told}");
+
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let told = said(dir.path(), &["-s", "stale.sock"]);
+    assert!(told.contains("nothing listens on it"), "{told}");
+}
+
 /// The 64 KiB limit is on a line's content: CR LF and LF endings count the same.
 #[tokio::test]
 async fn the_line_limit_does_not_count_the_line_ending() {

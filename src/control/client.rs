@@ -7,7 +7,7 @@ use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("no proxy answered on {path}: {source}{}", hint(source))]
+    #[error("no proxy answered on {path}: {source}{}", hint(source, path))]
     NoProxy {
         path: String,
         #[source]
@@ -29,14 +29,37 @@ pub enum ClientError {
 
 /// What an operator can do about a socket that is not there: a proxy whose socket file was
 /// removed binds it again at SIGHUP, which a restart (refusing clients while it drains)
-/// would otherwise be the way to.
-fn hint(e: &std::io::Error) -> &'static str {
-    if e.kind() == std::io::ErrorKind::NotFound {
-        " (a proxy that is stopping removes it at once, and the next one binds it when it \
-         starts; if the proxy is running and not stopping, the file was removed: `kill -HUP` \
-         it to bind the socket again)"
+/// would otherwise be the way to. A refused connection is told apart by what is at the
+/// path: the system says "Connection refused" of a socket nobody listens on and of a file
+/// that is no socket alike (`-s config.toml` typed for `-c`), and an operator read both as
+/// "the proxy is down".
+fn hint(e: &std::io::Error, path: &str) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => " (a proxy that is stopping removes it at once, and the \
+            next one binds it when it starts; if the proxy is running and not stopping, the \
+            file was removed: `kill -HUP` it to bind the socket again)"
+            .to_owned(),
+        std::io::ErrorKind::ConnectionRefused => refused_hint(Path::new(path)),
+        _ => String::new(),
+    }
+}
+
+fn refused_hint(path: &Path) -> String {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return String::new();
+    };
+    let kind = meta.file_type();
+    if kind.is_socket() {
+        " (the socket file is there but nothing listens on it: the proxy that made it is not \
+         running, as after `kill -9` or a crash; the next start replaces the file)"
+            .to_owned()
+    } else if kind.is_dir() {
+        " (it is a folder, not a socket: -s names the socket itself, -c the config file)".to_owned()
+    } else if kind.is_file() {
+        " (it is a regular file, not a socket: a config file is named with -c, not -s)".to_owned()
     } else {
-        ""
+        " (it is not a socket)".to_owned()
     }
 }
 
