@@ -238,6 +238,52 @@ async fn control_connections_are_capped_and_one_over_is_told_busy() {
     assert!(answered, "no way in once a connection closed");
 }
 
+/// 64 connections stuck mid-request (a script that never ends its line) no longer lock the
+/// operator out for a minute, again each time they reconnect: `ctl` gets through once they
+/// have been stuck a few seconds, within its deadline, and one of them is told its request
+/// was not applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_stuck_mid_request_make_room_for_the_operator() {
+    use tokio::io::AsyncWriteExt;
+    let proxy = spawn_proxy("").await;
+    let socket = proxy.dir.path().join("intermission.sock");
+    let mut stuck = Vec::new();
+    for _ in 0..64 {
+        let mut c = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        c.write_all(br#"{"cmd":"sta"#).await.unwrap();
+        stuck.push(c);
+    }
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_intermission"))
+        .arg("ctl")
+        .arg("-s")
+        .arg(&socket)
+        .args(["on", "--message", "Database upgrade"])
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(proxy_mode(&proxy).await, "maintenance");
+    // Told as it is closed, which may come a moment after `ctl`'s answer.
+    let mut told = String::new();
+    let heard = wait_until(Duration::from_secs(5), || {
+        stuck.iter().any(|c| {
+            let mut buf = vec![0u8; 4096];
+            match c.try_read(&mut buf) {
+                Ok(n) if n > 0 => {
+                    told = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    true
+                }
+                _ => false,
+            }
+        })
+    })
+    .await;
+    assert!(heard, "none of the stuck connections was told");
+    assert!(told.contains(r#""code":"idle""#), "{told}");
+    assert!(told.contains("not applied"), "{told}");
+}
+
 /// 64 connections left idle (a script that leaks them, or keeps a pool) no longer lock the
 /// operator out: `ctl` gets through, by the place of the one that has waited longest for its
 /// next request, which is told why it is closed (`idle`); the others stay open.

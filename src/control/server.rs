@@ -253,7 +253,7 @@ pub fn probe(path: &Path) -> Result<(), ControlError> {
 
 /// Control connections open at once. One more takes the place of the connection that has
 /// waited longest for its next request (`Room::admit`), or, when every one has a request in
-/// hand or has waited less than `SETTLED`, is told `busy` and closed.
+/// hand (for less than `STUCK`) or has waited less than `SETTLED`, is told `busy` and closed.
 const MAX_CONNECTIONS: usize = 64;
 /// How long a connection may wait between requests, or take to send one.
 const IDLE: Duration = Duration::from_secs(60);
@@ -265,6 +265,12 @@ const SETTLED: Duration = Duration::from_secs(1);
 /// How long a connection closed to make room has to take the line that says so: it no
 /// longer holds a slot, so it must not linger on a client that does not read.
 const FAREWELL: Duration = Duration::from_secs(1);
+/// How long a request may take to arrive whole, or its answer to be taken, before its
+/// connection may be closed for room as a waiting one is. On a local socket a line comes in
+/// one write and an answer is read at once: a client mid-line this long (a script that never
+/// ends its line, a stopped one) or not reading its answers is stuck, and 64 of them shut the
+/// operator out for `IDLE`, again and again if they reconnect.
+const STUCK: Duration = Duration::from_secs(5);
 
 /// The control connections' slots under `MAX_CONNECTIONS`, and, lent back to it, those of the
 /// connections waiting for their next request, which a new connection at the limit may take.
@@ -298,6 +304,8 @@ struct Slot {
 struct Loan {
     room: Arc<Room>,
     key: (Instant, u64),
+    /// The slot's `since`, given back with it.
+    since: Instant,
     taken: oneshot::Receiver<()>,
 }
 
@@ -346,8 +354,21 @@ impl Room {
 impl Slot {
     /// Lends the slot back while the connection waits for its next request.
     fn lend(self) -> Loan {
+        let at = self.since;
+        self.lend_as_of(at)
+    }
+
+    /// Lends the slot back while a request arrives or its answer is written: taken for room
+    /// only once that has lasted `STUCK`, since it counts as waiting from `STUCK` less
+    /// `SETTLED` after now (and after those waiting already).
+    fn lend_while_busy(self) -> Loan {
+        let at = Instant::now() + (STUCK - SETTLED);
+        self.lend_as_of(at)
+    }
+
+    fn lend_as_of(self, at: Instant) -> Loan {
         let (taken, told) = oneshot::channel();
-        let key = (self.since, self.id);
+        let key = (at, self.id);
         let lent = Lent {
             permit: self.permit,
             taken,
@@ -356,6 +377,7 @@ impl Slot {
         Loan {
             room: self.room,
             key,
+            since: self.since,
             taken: told,
         }
     }
@@ -369,7 +391,7 @@ impl Loan {
             room: self.room.clone(),
             permit: lent.permit,
             id: self.key.1,
-            since: self.key.0,
+            since: self.since,
         })
     }
 }
@@ -521,12 +543,19 @@ async fn connection(
         // Room for the longest line allowed and its ending (CR LF): one byte more, with no
         // LF, is already too long.
         let mut capped = (&mut r).take(MAX_LINE as u64 + 2);
+        let mut arriving = slot.lend_while_busy();
         let read = tokio::select! {
             // As above: a request being sent is read first.
             biased;
             read = tokio::time::timeout_at(deadline, capped.read_until(b'\n', &mut line)) => read,
+            Ok(()) = &mut arriving.taken => return stuck_request(&mut w).await,
             () = stop.fired() => return stopping(&mut w, &mut r).await,
         };
+        slot = match arriving.back() {
+            Some(slot) => slot,
+            None => return stuck_request(&mut w).await,
+        };
+        drop(arriving);
         match read {
             Ok(Ok(0) | Err(_)) => return,
             Ok(Ok(_)) => {}
@@ -557,11 +586,35 @@ async fn connection(
                 Response::error(e)
             }
         };
-        if write(&mut w, &resp).await.is_err() || !complete {
+        let mut answering = slot.lend_while_busy();
+        let written = tokio::select! {
+            biased;
+            written = write(&mut w, &resp) => written,
+            // Applied, and its answer left unread for `STUCK`: only the answer is lost, to a
+            // client that was not reading it, and nothing can be said to it.
+            Ok(()) = &mut answering.taken => return,
+        };
+        slot = match answering.back() {
+            Some(slot) => slot,
+            None => return,
+        };
+        drop(answering);
+        if written.is_err() || !complete {
             return;
         }
         slot.since = Instant::now();
     }
+}
+
+/// Tells a connection closed for room while its request was still arriving that it was not
+/// applied: `idle`, which `ctl` asks again after.
+async fn stuck_request(w: &mut OwnedWriteHalf) {
+    let why = format!(
+        "closed to make room for a newer control connection: {MAX_CONNECTIONS} are open, and \
+         this one's request had been arriving for {} s without its line end; it was not applied",
+        STUCK.as_secs()
+    );
+    let _ = tokio::time::timeout(FAREWELL, closing(w, "idle", why)).await;
 }
 
 /// Closes a connection as the proxy stops, saying that what it sent was not applied.
@@ -810,7 +863,65 @@ mod tests {
         begun.abort();
     }
 
-    /// A stop that never fires.
+    /// A connection stuck mid-request is closed for room once it has been so for `STUCK`,
+    /// and told that the request was not applied; one whose answers its client does not read
+    /// likewise. 64 of either shut the operator out for `IDLE`, and again as they reconnect.
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_connection_makes_room_after_a_while() {
+        let room = Room::new(1);
+        let (client, server) = UnixStream::pair().unwrap();
+        let detached = ControllerHandle::detached();
+        let served = tokio::spawn(connection(
+            server,
+            detached,
+            never(),
+            room.admit(1).unwrap(),
+        ));
+        let (r, mut w) = client.into_split();
+        w.write_all(br#"{"cmd":"sta"#).await.unwrap();
+        tokio::time::sleep(STUCK - Duration::from_millis(100)).await;
+        assert!(
+            room.admit(2).is_none(),
+            "a request arriving is not taken at once"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _newer = room.admit(3).expect("a request stuck mid-line makes room");
+        let mut lines = BufReader::new(r).lines();
+        let line = lines.next_line().await.unwrap().unwrap();
+        let resp: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(resp["error"]["code"], "idle", "{line}");
+        assert!(line.contains("not applied"), "{line}");
+        served.await.unwrap();
+
+        let room = Room::new(1);
+        let (client, server) = UnixStream::pair().unwrap();
+        let detached = ControllerHandle::detached();
+        let served = tokio::spawn(connection(
+            server,
+            detached,
+            never(),
+            room.admit(1).unwrap(),
+        ));
+        let (_unread, mut w) = client.into_split();
+        let flood = async { while w.write_all(b"{\"cmd\":\"status\"}\n").await.is_ok() {} };
+        let taken = async {
+            tokio::time::sleep(SETTLED).await;
+            assert!(
+                room.admit(2).is_none(),
+                "an answer being written is not taken at once"
+            );
+            tokio::time::sleep(STUCK).await;
+            let newer = room.admit(3).expect("an answer nobody reads makes room");
+            served.await.unwrap();
+            newer
+        };
+        let hour = Duration::from_secs(3600);
+        tokio::time::timeout(hour, async { tokio::join!(flood, taken) })
+            .await
+            .expect("still served after an hour");
+    }
+
+    /// A stop that never fires.    /// A stop that never fires.
     fn never() -> Shutdown {
         let (trigger, stop) = crate::shutdown::channel();
         // Kept for the test's life: a dropped trigger counts as fired.
