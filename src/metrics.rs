@@ -513,6 +513,10 @@ pub struct Metrics {
     http2_goaways: [Counter; 5],
     certificate_ends: Family<CertificateLabels, Gauge>,
     parked: Gauge,
+    /// Whether the last reload was put in force (1) or refused (0); 1 from the start.
+    reload_ok: Gauge,
+    /// When the config last came in force (the start, or a reload), in Unix seconds.
+    reload_at: Gauge,
     /// Moved by `listener::Limit`.
     clients: ClientMetrics,
     /// Moved by `forward::sockets`, which counts every upstream socket.
@@ -689,6 +693,25 @@ impl Metrics {
             parked.clone(),
         );
 
+        // Prometheus's own names for the same facts, so that an alert written for one
+        // (`config_last_reload_successful == 0`) reads the same here: a refused reload
+        // (SIGHUP, `systemctl reload`, a certbot hook) is otherwise only in the log.
+        let reload_ok = Gauge::default();
+        reload_ok.set(1);
+        registry.register(
+            "intermission_config_last_reload_successful",
+            "Whether the last config reload was put in force (1) or refused, the running \
+             config kept (0); 1 from the start",
+            reload_ok.clone(),
+        );
+        let reload_at = Gauge::default();
+        reload_at.set(unix_now());
+        registry.register(
+            "intermission_config_last_reload_success_timestamp_seconds",
+            "When the running config came in force, at the start or by a reload, in Unix time",
+            reload_at.clone(),
+        );
+
         let limit_family = Family::<LimitLabels, Counter>::default();
         let reached = |outcome| limit_family.get_or_create_owned(&LimitLabels { outcome });
         let clients = ClientMetrics {
@@ -757,8 +780,18 @@ impl Metrics {
             http2_goaways,
             certificate_ends,
             parked,
+            reload_ok,
+            reload_at,
             clients,
             sockets,
+        }
+    }
+
+    /// A reload was put in force (`ok`) or refused.
+    pub fn reloaded(&self, ok: bool) {
+        self.reload_ok.set(i64::from(ok));
+        if ok {
+            self.reload_at.set(unix_now());
         }
     }
 
@@ -995,6 +1028,13 @@ impl crate::notify::NotifyStats for Metrics {
     fn forget(&self, webhook: &str) {
         self.forget_webhook(webhook);
     }
+}
+
+/// Now, in whole Unix seconds (0 for a clock before 1970).
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]
@@ -1465,6 +1505,8 @@ pub(crate) mod tests {
             "intermission_webhook_queue_length",
             "intermission_http2_client_goaways",
             "intermission_parked_connections",
+            "intermission_config_last_reload_successful",
+            "intermission_config_last_reload_success_timestamp_seconds",
             "intermission_client_connections",
             "intermission_client_connection_limit_reached",
             "intermission_upstream_connections",

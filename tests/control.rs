@@ -525,6 +525,47 @@ async fn reload_applies_a_good_config_and_refuses_a_bad_one() {
     assert_eq!(v["detail"], "Second words", "the old config keeps serving");
 }
 
+/// Whether the last reload took is in `/metrics` under Prometheus's own names: a reload
+/// refused by SIGHUP, `systemctl reload` or a certbot hook was otherwise only in the log.
+#[tokio::test]
+async fn metrics_say_whether_the_last_reload_took() {
+    let pages = tempfile::tempdir().unwrap();
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/pages");
+    for f in ["maintenance.html", "outage.html"] {
+        std::fs::copy(format!("{src}/{f}"), pages.path().join(f)).unwrap();
+    }
+    let proxy = spawn_proxy(&format!(
+        "[maintenance]\npages = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        pages.path().display()
+    ))
+    .await;
+    let took = "intermission_config_last_reload_successful";
+    let at = "intermission_config_last_reload_success_timestamp_seconds";
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as f64
+    };
+    assert_eq!(series(&proxy, took).await, Some(1.0), "the start's config");
+    let started = series(&proxy, at).await.unwrap();
+    assert!((now() - started).abs() < 60.0, "{started}");
+
+    std::fs::write(pages.path().join("outage.html"), "<p>{{mesage}}</p>").unwrap();
+    assert!(!ctl(&proxy, Ctl::Reload).await.ok);
+    assert_eq!(series(&proxy, took).await, Some(0.0), "a refused reload");
+    assert_eq!(
+        series(&proxy, at).await,
+        Some(started),
+        "kept from the start"
+    );
+
+    std::fs::write(pages.path().join("outage.html"), "<p>{{message}}</p>").unwrap();
+    assert!(ctl(&proxy, Ctl::Reload).await.ok);
+    assert_eq!(series(&proxy, took).await, Some(1.0), "mended");
+    assert!(series(&proxy, at).await.unwrap() >= started);
+}
+
 #[tokio::test]
 async fn a_broken_page_is_refused_at_start_and_at_reload() {
     let pages = tempfile::tempdir().unwrap();

@@ -1002,6 +1002,7 @@ impl Controller {
                 Response::error(ErrorBody::new("reload_failed", message))
             }
         };
+        self.parts.metrics.reloaded(resp.ok);
         for (_, reply) in askers {
             self.parts.metrics.control_command("reload", resp.ok);
             let _ = reply.send(resp.clone());
