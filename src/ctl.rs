@@ -588,6 +588,14 @@ fn print_state(out: &mut impl Write, s: &StatusView) -> io::Result<()> {
     if let Some(p) = &s.status_page {
         writeln!(out, "status page: {p}")?;
     }
+    if let Some(r) = &s.reload_refused {
+        writeln!(
+            out,
+            "LAST RELOAD REFUSED at {} (the running config stays): {}",
+            r.at.rfc3339(),
+            one_line(&r.message)
+        )?;
+    }
     if !s.updates.is_empty() {
         writeln!(out, "updates:")?;
         for u in &s.updates {

@@ -525,8 +525,9 @@ async fn reload_applies_a_good_config_and_refuses_a_bad_one() {
     assert_eq!(v["detail"], "Second words", "the old config keeps serving");
 }
 
-/// Whether the last reload took is in `/metrics` under Prometheus's own names: a reload
-/// refused by SIGHUP, `systemctl reload` or a certbot hook was otherwise only in the log.
+/// Whether the last reload took is in `/metrics` under Prometheus's own names, and a refused
+/// one in `status` with its reason: a reload refused by SIGHUP, `systemctl reload` or a
+/// certbot hook was otherwise only in the log.
 #[tokio::test]
 async fn metrics_say_whether_the_last_reload_took() {
     let pages = tempfile::tempdir().unwrap();
@@ -551,6 +552,9 @@ async fn metrics_say_whether_the_last_reload_took() {
     let started = series(&proxy, at).await.unwrap();
     assert!((now() - started).abs() < 60.0, "{started}");
 
+    let refused = || async { ctl(&proxy, Ctl::Status).await.state.unwrap().reload_refused };
+    assert_eq!(refused().await, None);
+
     std::fs::write(pages.path().join("outage.html"), "<p>{{mesage}}</p>").unwrap();
     assert!(!ctl(&proxy, Ctl::Reload).await.ok);
     assert_eq!(series(&proxy, took).await, Some(0.0), "a refused reload");
@@ -559,11 +563,15 @@ async fn metrics_say_whether_the_last_reload_took() {
         Some(started),
         "kept from the start"
     );
+    // `status` says so too, with why.
+    let said = refused().await.expect("status names the refused reload");
+    assert!(said.message.contains("mesage"), "{said:?}");
 
     std::fs::write(pages.path().join("outage.html"), "<p>{{message}}</p>").unwrap();
     assert!(ctl(&proxy, Ctl::Reload).await.ok);
     assert_eq!(series(&proxy, took).await, Some(1.0), "mended");
     assert!(series(&proxy, at).await.unwrap() >= started);
+    assert_eq!(refused().await, None, "forgotten once a reload takes");
 }
 
 #[tokio::test]

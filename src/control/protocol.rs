@@ -149,6 +149,11 @@ pub struct StatusView {
     /// `schedule list` gives them.
     #[serde(default)]
     pub schedules: Vec<Window>,
+    /// The last reload, when it was refused (the running config kept): when, and why. Gone
+    /// once a reload takes. A SIGHUP's refusal (`systemctl reload`, a certbot hook) was
+    /// otherwise only in the log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload_refused: Option<Update>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

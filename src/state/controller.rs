@@ -157,6 +157,8 @@ struct Reloads {
     /// would only wait beside it, one more thread each time, in the pool the control socket
     /// and the state file need too.
     returned: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The last reload, when it was refused: when, and why (`StatusView::reload_refused`).
+    refused: Option<crate::state::mode::Update>,
 }
 
 /// An outage a previous instance of the proxy left going on (`Persisted::outage_since`).
@@ -1003,6 +1005,10 @@ impl Controller {
             }
         };
         self.parts.metrics.reloaded(resp.ok);
+        self.reloads.refused = resp.error.as_ref().map(|e| crate::state::mode::Update {
+            at: crate::time::Timestamp(self.clock.now()),
+            message: e.message.clone(),
+        });
         for (_, reply) in askers {
             self.parts.metrics.control_command("reload", resp.ok);
             let _ = reply.send(resp.clone());
@@ -1201,6 +1207,7 @@ impl Controller {
                 .map(|p| p.display().to_string()),
             next_window: self.state.next_window(now).cloned(),
             schedules: self.state.schedules.clone(),
+            reload_refused: self.reloads.refused.clone(),
         }
     }
 }
