@@ -865,53 +865,70 @@ async fn exchange<C: Client>(
     drain: &Drain,
     clocks: Clocks<'_>,
 ) -> Next {
-    let mut served = Served {
+    let served = Served {
         start: tokio::time::Instant::now(),
         status: 0,
         server: None,
         bytes: 0,
     };
-    let cut = Cut::new(snap, conn, &bufs.request, served.start);
-    let next = answer(bufs, snap, sock, head, drain, clocks, &mut served).await;
-    cut.disarm();
+    let mut cut = Cut::new(snap, conn, &bufs.request, served);
+    let next = answer(bufs, snap, sock, head, drain, clocks, &mut cut.served).await;
+    cut.armed = false;
+    let served = &cut.served;
     // No status: the client left before its answer, counted as abandoned and logged with
     // nginx's 499, as on hyper's path (`gateway::Unanswered`).
     if served.status == 0 {
         snap.metrics.abandoned(snap.mode);
     }
     if snap.config.log.access_log {
-        let (status, upstream) = match served.status {
-            0 => (gateway::CLIENT_CLOSED, None),
-            status => (status, served.server.and_then(|i| snap.pool.names.get(i))),
-        };
         let (method, path) = request_line(&bufs.request);
-        let line = crate::logging::AccessLine {
-            peer: conn.peer.ip(),
-            method: &method,
-            path: &path,
-            status,
-            upstream: upstream.map(|name| &**name),
-            bytes: served.bytes,
-        };
-        line.write(served.start.into_std());
+        log_served(snap, conn.peer.ip(), &method, &path, served);
     }
     next
 }
 
-/// A request whose connection is dropped before its answer (a drain's `shutdown_timeout`
-/// ends the worker's runtime with it): counted as abandoned and logged with 499, as
-/// `gateway::Unanswered` tells one on hyper's path, where nothing was said of it. The request
-/// line is copied only with the access log on.
+/// The access log line of a request served as `served` says: 499 with no status, as nginx
+/// logs a request its client left before its answer.
+fn log_served(
+    snap: &Snapshot,
+    peer: std::net::IpAddr,
+    method: &dyn std::fmt::Display,
+    path: &dyn std::fmt::Display,
+    served: &Served,
+) {
+    let (status, upstream) = match served.status {
+        0 => (gateway::CLIENT_CLOSED, None),
+        status => (status, served.server.and_then(|i| snap.pool.names.get(i))),
+    };
+    let line = crate::logging::AccessLine {
+        peer,
+        method,
+        path,
+        status,
+        upstream: upstream.map(|name| &**name),
+        bytes: served.bytes,
+    };
+    line.write(served.start.into_std());
+}
+
+/// A request whose connection is dropped while it is served (a drain's `shutdown_timeout`
+/// ends the worker's runtime with it), told as `exchange` would have told it, where nothing
+/// was said of it: before its answer, counted as abandoned and logged with 499, as
+/// `gateway::Unanswered` tells one on hyper's path; once its answer has begun (counted then,
+/// `respond`, `outage`), logged with its status and the bytes sent so far, as hyper's path
+/// logs a body dropped halfway (`Body::counted`), and not counted again. The request line is
+/// copied only with the access log on.
 struct Cut<'a> {
     snap: &'a Snapshot,
     peer: std::net::IpAddr,
     line: Option<String>,
-    start: tokio::time::Instant,
+    served: Served,
+    /// Until the exchange ends and tells itself what became of the request.
     armed: bool,
 }
 
 impl<'a> Cut<'a> {
-    fn new(snap: &'a Snapshot, conn: &Conn, request: &[u8], start: tokio::time::Instant) -> Self {
+    fn new(snap: &'a Snapshot, conn: &Conn, request: &[u8], served: Served) -> Self {
         let line = snap.config.log.access_log.then(|| {
             let (method, path) = request_line(request);
             format!("{method} {path}")
@@ -920,14 +937,9 @@ impl<'a> Cut<'a> {
             snap,
             peer: conn.peer.ip(),
             line,
-            start,
+            served,
             armed: true,
         }
-    }
-
-    /// The exchange ended, and told itself what became of the request.
-    fn disarm(mut self) {
-        self.armed = false;
     }
 }
 
@@ -936,18 +948,12 @@ impl Drop for Cut<'_> {
         if !self.armed {
             return;
         }
-        self.snap.metrics.abandoned(self.snap.mode);
+        if self.served.status == 0 {
+            self.snap.metrics.abandoned(self.snap.mode);
+        }
         if let Some(line) = &self.line {
             let (method, path) = line.split_once(' ').unwrap_or_default();
-            let line = crate::logging::AccessLine {
-                peer: self.peer,
-                method: &method,
-                path: &path,
-                status: gateway::CLIENT_CLOSED,
-                upstream: None,
-                bytes: 0,
-            };
-            line.write(self.start.into_std());
+            log_served(self.snap, self.peer, &method, &path, &self.served);
         }
     }
 }

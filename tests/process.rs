@@ -828,6 +828,70 @@ async fn what_a_drain_cuts_is_logged_on_every_worker() {
     assert_eq!(tunnels, 4, "lines of the WebSockets cut: {lines:#?}");
 }
 
+/// A download a drain's `shutdown_timeout` cuts once its answer has begun is logged with the
+/// status the client got and the bytes it got, once, on the relay's path as on hyper's: the
+/// relay logged it 499 with 0 bytes (and counted it `abandoned` beside `forwarded`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_download_a_drain_cuts_is_logged_with_its_status_and_bytes() {
+    let up = upstream(|_req: Request<Incoming>| async move {
+        let (tx, body) = mpsc_body();
+        tokio::spawn(async move {
+            let _ = tx.send(Bytes::from_static(b"0123456789")).await;
+            // The rest never comes: the answer is in flight when the drain ends.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(tx);
+        });
+        Response::new(body)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[proxy]\nshutdown_timeout = \"300ms\"\n\
+             [upstream]\nservers = [\"{}\"]\nread_timeout = \"1h\"\n\
+             [log]\nformat = \"json\"\naccess_log = true\n",
+            up.url()
+        ),
+    );
+    let mut held = Vec::new();
+    // Through hyper (`TE` keeps it from the relay), then through the relay.
+    for (path, te) in [("/dl-hyper", "TE: trailers\r\n"), ("/dl-relay", "")] {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{te}\r\n");
+        tokio::io::AsyncWriteExt::write_all(&mut s, head.as_bytes())
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let read = async {
+            while !got.windows(10).any(|w| w == b"0123456789") {
+                let mut buf = [0u8; 4096];
+                let n = tokio::io::AsyncReadExt::read(&mut s, &mut buf)
+                    .await
+                    .unwrap();
+                assert!(n > 0, "{path}: closed early");
+                got.extend_from_slice(&buf[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("the answer's first bytes did not come");
+        held.push(s);
+    }
+    proxy.signal("TERM");
+    assert!(
+        proxy.wait_exit(Duration::from_secs(20)).is_some(),
+        "the proxy did not exit"
+    );
+    let lines = proxy.access_lines();
+    for path in ["/dl-hyper", "/dl-relay"] {
+        let of: Vec<_> = lines.iter().filter(|v| v["path"] == path).collect();
+        assert_eq!(of.len(), 1, "{path}: {lines:#?}");
+        assert_eq!(of[0]["status"], 200, "{path}: {lines:#?}");
+        assert_eq!(of[0]["bytes"], 10, "{path}: {lines:#?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn access_log_off_writes_no_request_lines() {
     let up = echo_upstream().await;
