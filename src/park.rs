@@ -48,6 +48,9 @@ pub struct Idle {
     served: AtomicU32,
     /// The last read from the socket found nothing waiting.
     read_blocked: AtomicBool,
+    /// Bytes were read while no response was out: a head begun, until the request it makes
+    /// (`Busy::new`). hyper keeps a head it has not parsed whole as idle.
+    begun: AtomicBool,
     /// Something was written and not flushed since.
     unflushed: AtomicBool,
     /// A park is under way: hyper's closing of the socket must not reach it.
@@ -77,6 +80,7 @@ impl Idle {
             busy: AtomicU32::new(0),
             served: AtomicU32::new(0),
             read_blocked: AtomicBool::new(false),
+            begun: AtomicBool::new(false),
             unflushed: AtomicBool::new(false),
             parking: AtomicBool::new(false),
             body: AtomicU32::new(0),
@@ -101,14 +105,23 @@ impl Idle {
     /// Idle but for an upgrade hyper keeps pending since one was declined (a WebSocket held
     /// during maintenance, a server's `200` or `426` to one): it cannot park, as hyper's
     /// graceful shutdown would hand the socket to that upgrade, but it waits for nothing but
-    /// the next request, and may be closed to make room as a parked one may.
-    fn idle_but_for_upgrade(&self) -> bool {
+    /// the next request (or the rest of its head, `begun`), and may be closed to make room as
+    /// a parked one may; with that head begun, only once it has stalled (`serve`), since a
+    /// pick loses it.
+    fn waits_but_for_upgrade(&self) -> bool {
         self.busy.load(Relaxed) == 0
             && self.read_blocked.load(Relaxed)
             && !self.unflushed.load(Relaxed)
             && self.body.load(Relaxed) == 0
             && self.upgrade.load(Relaxed)
             && !self.switched.load(Relaxed)
+    }
+
+    /// Bytes came: with no response out, a head has begun.
+    fn read_some(&self) {
+        if self.busy.load(Relaxed) == 0 {
+            self.begun.store(true, Relaxed);
+        }
     }
 
     /// Nothing unfinished, unflushed or unread, no upgrade pending: idle, but for a body.
@@ -146,6 +159,7 @@ impl Busy {
     /// With the request's `Upload` when it has a body.
     pub fn new<B: HttpBody>(idle: &Arc<Idle>, req: &http::Request<B>) -> (Busy, Option<Upload>) {
         idle.busy.fetch_add(1, Relaxed);
+        idle.begun.store(false, Relaxed);
         let number = idle.served.fetch_add(1, Relaxed).wrapping_add(1).max(1);
         let upload = (!req.body().is_end_stream()).then(|| Upload {
             idle: idle.clone(),
@@ -292,6 +306,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
             let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
             if let Some(idle) = &this.idle {
                 idle.read_blocked.store(polled.is_pending(), Relaxed);
+                if buf.remaining() < before {
+                    idle.read_some();
+                }
             }
             let end =
                 matches!(polled, Poll::Ready(Ok(()))) && before > 0 && buf.remaining() == before;
@@ -304,6 +321,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
         }
         if let Some(idle) = &this.idle {
             idle.read_blocked.store(false, Relaxed);
+            idle.read_some();
         }
         let n = this.first.len().min(buf.remaining());
         buf.put_slice(&this.first[..n]);
@@ -574,6 +592,9 @@ pub async fn serve(
         let closable = &idle.closable;
         // Whether it is among the idle ones while a declined upgrade keeps it from parking.
         let mut listed = false;
+        // A head begun on such a connection, closable once it has lasted `STALLED`, as a
+        // parked one's: armed when one is seen under way, let go when it is whole.
+        let mut head_stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let turn = poll_fn(|cx| {
             if let Poll::Ready(result) = Pin::new(&mut *conn).poll(cx) {
                 return Poll::Ready(Turn::Ended(result));
@@ -582,8 +603,24 @@ pub async fn serve(
                 return Poll::Ready(Turn::Drain);
             }
             let served = idle.served.load(Relaxed);
-            // A request came since it was listed: back of the line when it idles again.
-            if listed && !idle.idle_but_for_upgrade() {
+            let waits = idle.waits_but_for_upgrade();
+            let head_begun = waits && idle.begun.load(Relaxed);
+            if !head_begun {
+                head_stalled = None;
+            }
+            // After a declined upgrade, whether it may be closed to make room: idle, or with
+            // a head begun that has stalled.
+            let room = waits
+                && (!head_begun
+                    || (keep_alive > STALLED
+                        && head_stalled
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(STALLED)))
+                            .as_mut()
+                            .poll(cx)
+                            .is_ready()));
+            // A request came since it was listed, or a head began: back of the line when it
+            // idles again.
+            if listed && !room {
                 listed = false;
                 closable.busy();
             }
@@ -629,7 +666,7 @@ pub async fn serve(
                 // make room. Otherwise a client that sends `Upgrade` with each request (held
                 // during maintenance, or to a path that is no WebSocket) kept every slot it
                 // held from new clients until `header_read_timeout`.
-                if idle.idle_but_for_upgrade() {
+                if room {
                     listed = true;
                     if closable.poll_picked(cx) {
                         return Poll::Ready(Turn::Ended(Ok(())));
@@ -964,12 +1001,12 @@ mod tests {
         drop(Busy::new(&idle, &get));
         assert!(!idle.parkable(), "a pending upgrade would take the socket");
         assert!(
-            idle.idle_but_for_upgrade(),
+            idle.waits_but_for_upgrade(),
             "a declined upgrade may make room"
         );
         idle.switched.store(true, Relaxed);
         assert!(
-            !idle.idle_but_for_upgrade(),
+            !idle.waits_but_for_upgrade(),
             "a switched connection is the tunnel's"
         );
     }

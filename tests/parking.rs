@@ -706,6 +706,35 @@ async fn at_max_connections_a_connection_whose_upgrade_was_declined_makes_room()
     );
 }
 
+/// A connection whose upgrade was declined and whose next request head has begun is not
+/// closed to make room while that head is young, and is once it has lasted 2 s, as any head
+/// begun: hyper keeps a head it has not parsed whole as idle, and a pick lost the request at
+/// once (the new client was served in its place).
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_declined_upgrade_a_head_begun_makes_room_only_once_it_has_stalled() {
+    let (_up, proxy) = app_and_proxy("max_connections = 1\nheader_read_timeout = \"60s\"").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let resp = read_response(&mut s).await;
+    assert!(resp.ends_with("app saw /ws"), "{resp}");
+    s.write_all(b"GET /next HTTP/1.1\r\nHo").await.unwrap();
+    let begun = Instant::now();
+    let client = (s.local_addr().unwrap(), s.peer_addr().unwrap());
+    assert!(
+        wait_until(Duration::from_secs(5), || read_by_peer(client)).await,
+        "the proxy did not read the head begun"
+    );
+    room_made_once_stalled(&proxy, begun, "a head begun after a declined upgrade").await;
+    assert!(
+        closed_silently(&mut s).await,
+        "the connection with the stalled head should have made room"
+    );
+}
+
 /// An idle HTTP/2 connection picked to make room is told to go (GOAWAY, and a PING whose
 /// answer hyper waits for before it closes): until it is gone it is still open, given away.
 /// It was no longer counted as closing once it had seen it was picked, so that every new
