@@ -2,9 +2,8 @@
 //!
 //! Connections are kept open between requests, so that a busy proxy reuses them instead of
 //! leaving a TIME_WAIT socket per request. Plain `http://` servers, the common case and the
-//! hot path, are reached through hyper's own HTTP/1.1 connections pooled here (`Http1Pool`);
-//! `https://` servers that speak HTTP/1.1 through hyper-util's client, whose TLS handling is
-//! worth its cost; `h2c://` servers, and `https://` servers that choose HTTP/2 by ALPN, through
+//! hot path, are reached through hyper's own HTTP/1.1 connections pooled here (`Http1Pool`),
+//! and so are `https://` servers that speak HTTP/1.1, over TLS; `h2c://` servers, and `https://` servers that choose HTTP/2 by ALPN, through
 //! HTTP/2 connections kept here by each worker, as many as the streams in use need (`H2Slot`,
 //! `UpstreamPool::h2`): only here is an `https://`
 //! server's protocol known before the request's host is named (`https_over_h2`), and only
@@ -30,7 +29,6 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::future::Future;
 use std::pin::Pin;
@@ -67,9 +65,6 @@ pub enum SendError {
     /// log line and `ctl health`'s last error would not say why.
     #[error("{}", crate::logging::with_causes(.0))]
     Http(#[from] hyper::Error),
-    /// The same, through hyper-util's client (`https://` over HTTP/1.1).
-    #[error("{}", crate::logging::with_causes(.0))]
-    Client(#[from] hyper_util::client::legacy::Error),
     /// The connection failed or closed before a response head arrived (`crate::relay`).
     #[error("{0}")]
     Io(#[source] std::io::Error),
@@ -88,7 +83,6 @@ impl SendError {
         match self {
             SendError::Connect(_) | SendError::Shared(_) => true,
             SendError::Http(_) | SendError::Io(_) | SendError::Protocol(_) => false,
-            SendError::Client(e) => e.is_connect(),
         }
     }
 }
@@ -109,15 +103,12 @@ pub struct UpstreamPool {
     /// Dials `https://` servers offering HTTP/2 and HTTP/1.1 by ALPN.
     tls_h2: TimedHttps,
     /// By server index: the `https://` server chose HTTP/1.1 when offered HTTP/2, so its
-    /// requests go to `Clients::https` without dialing to ask again. Shared by the workers.
+    /// requests go to `Http1Pool` without dialing to ask again. Shared by the workers.
     https_http1: Vec<AtomicBool>,
     next: AtomicUsize,
 }
 
 struct Clients {
-    /// `https://` servers over HTTP/1.1 (no ALPN offered): those that chose it, and requests
-    /// that ask for an upgrade, which HTTP/2 does not carry (RFC 9113 §8.2.2).
-    https: Client<TimedHttps, Body>,
     /// By server index: the HTTP/2 connections to an `h2c://` server, or to an `https://`
     /// server that chose HTTP/2, shared by this worker's requests as HTTP/2 multiplexes them.
     h2: Vec<Arc<H2Slot>>,
@@ -395,25 +386,8 @@ impl UpstreamPool {
         sockets: &Sockets,
     ) -> Result<UpstreamPool, TlsError> {
         let tls = crate::tls::client_config(config)?;
-        let builder = || {
-            let mut b = Client::builder(TokioExecutor::new());
-            b.pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                .pool_idle_timeout(config.idle_timeout)
-                .pool_max_idle_per_host(MAX_IDLE_PER_SERVER)
-                .http1_max_buf_size(MAX_RESPONSE_HEAD)
-                .http2_max_header_list_size(MAX_RESPONSE_HEAD as u32)
-                // The client's own Host would name the upstream; the proxy keeps the client's.
-                .set_host(false);
-            b
-        };
         let tcp = tcp_connector(config.connect_timeout);
         let clients = PerWorker::new(workers, |_| Clients {
-            https: builder().build(Timed::new(
-                https1_connector(tcp.clone(), &tls),
-                config.connect_timeout,
-                sockets.clone(),
-            )),
             h2: config
                 .servers
                 .iter()
@@ -451,6 +425,11 @@ impl UpstreamPool {
             http1: Http1Pool::new(
                 &config.servers,
                 Timed::new(tcp.clone(), config.connect_timeout, sockets.clone()),
+                Timed::new(
+                    https1_connector(tcp.clone(), &tls),
+                    config.connect_timeout,
+                    sockets.clone(),
+                ),
                 config.idle_timeout,
                 workers,
                 h2_slots,
@@ -549,30 +528,12 @@ impl UpstreamPool {
                 }
             };
         }
-        // A kept connection the server closed as the request came (its keep-alive timeout)
-        // fails it once written, and hyper-util's client sends again only those it had not
-        // begun to write: sent again once, when it can be sent twice, as `Http1Pool::request`
-        // sends it (it got the outage answer from a healthy server). Kept: opened before the
-        // request began (`sockets::Opened`), not by its own dial. The copy is a header map's
-        // clone per request, which TLS costs far more than.
-        let began = Instant::now();
-        let again = copy_to_replay(&req);
-        let resp = match clients.https.request(req).await {
-            Ok(resp) => resp,
-            Err(e) => match again {
-                Some(copy) if kept_before(&e, began) && client_closed_unanswered(&e) => {
-                    tracing::debug!("a kept upstream connection was closed; sending again");
-                    clients.https.request(copy).await?
-                }
-                _ => return Err(e.into()),
-            },
-        };
-        // hyper-util's client cannot be given hyper's `max_header_size`, and reads heads up to
-        // its buffer's 400 KiB: the bound every other path keeps is checked here.
-        if head_size(&resp) > MAX_RESPONSE_HEAD {
-            return Err(SendError::Protocol("response head over 64 KiB"));
-        }
-        Ok(resp.map(Body::Stream))
+        // Over HTTP/1.1 the request names the path alone, as to an `http://` server (RFC 9112
+        // §3.2.1), and goes through the same pool: its own lists of kept connections, and its
+        // rule for sending again a request a kept connection closed on.
+        let path = req.uri().path_and_query().cloned();
+        *req.uri_mut() = path.map_or_else(|| Uri::from_static("/"), Uri::from);
+        self.http1.request(index, req).await
     }
 
     /// Sends `req` over one of this worker's HTTP/2 connections to server `index`, kept in
@@ -822,7 +783,8 @@ impl UpstreamPool {
             && self.config.danger_accept_invalid_certs == other.danger_accept_invalid_certs
     }
 
-    /// Idle connections kept to server `index` (`http://` servers only).
+    /// Idle HTTP/1.1 connections kept to server `index` (`http://`, and `https://` over
+    /// HTTP/1.1).
     #[cfg(test)]
     fn idle_http1(&self, index: usize) -> usize {
         self.http1.servers.get(index).map_or(0, |s| {
@@ -873,6 +835,28 @@ fn multiplexed(resp: Response<Incoming>, stream: OpenStream) -> Response<Body> {
         return resp.map(Body::Stream);
     }
     resp.map(|body| Body::Multiplexed(body, Some(stream)))
+}
+
+/// An HTTP/1.1 connection over `io` (plain TCP, or TLS to an `https://` server), its task
+/// spawned on this worker's thread.
+async fn handshake_http1<T>(io: T) -> Result<Sender, SendError>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::Builder::new()
+        .max_header_size(MAX_RESPONSE_HEAD)
+        // The read buffer, which a body's pieces are cut from, grows to 400 KiB by
+        // default, and a piece keeps all of it until the client has taken the piece:
+        // for each answer streaming to a client that stops reading.
+        .max_buf_size(MAX_RESPONSE_HEAD)
+        .handshake(io)
+        .await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
 }
 
 /// Opens HTTP/2 over `io`, the connection's task on this worker.
@@ -941,18 +925,26 @@ fn https_over_h2(req: &mut Request<Body>) {
     }
 }
 
-/// hyper's HTTP/1.1 client connections to the `http://` servers, pooled by server index.
+/// hyper's HTTP/1.1 client connections to the `http://` servers, and over TLS to the
+/// `https://` ones that speak HTTP/1.1, pooled by server index.
 ///
 /// Written here rather than taken from hyper-util's client because of what that client costs
 /// on every forwarded request: a SipHash of the pool key at each checkout and return, a task
 /// spawned per response to give its connection back, and copies of a large request future,
-/// some 8,000 of the 43,500 instructions a forwarded request took. Here a checkout takes the
+/// some 8,000 of the 43,500 instructions a forwarded request took (and for `https://` servers,
+/// which went through it until 2026-12-06, a third of the proxy's user-space instructions
+/// per request beside TLS's own); nor could its idle connections be closed to make room at
+/// the bound on upstream sockets. Here a checkout takes the
 /// last ready entry of a vector under an uncontended lock, and a connection goes back when
 /// its response body has been read whole, from the task that read it.
 struct Http1Pool {
     /// By server index (those of other protocols unused).
     servers: Vec<Http1Server>,
     tcp: TimedTcp,
+    /// `https://` servers over HTTP/1.1: TLS offering no ALPN, so that the server speaks
+    /// HTTP/1.1 whatever it prefers (those that chose it when offered HTTP/2, and requests
+    /// asking for an upgrade, which HTTP/2 does not carry, RFC 9113 §8.2.2).
+    tls: TimedHttps,
     idle_timeout: Duration,
     /// Whether the task closing connections idle for `idle_timeout` has started: it starts
     /// with the first connection (a pool may be built where no runtime runs yet).
@@ -1160,6 +1152,7 @@ impl Http1Pool {
     fn new(
         servers: &[Upstream],
         tcp: TimedTcp,
+        tls: TimedHttps,
         idle_timeout: Duration,
         workers: usize,
         h2_slots: Vec<Weak<H2Slot>>,
@@ -1198,6 +1191,7 @@ impl Http1Pool {
         Http1Pool {
             servers,
             tcp,
+            tls,
             idle_timeout,
             reaper: AtomicBool::new(false),
             h2_slots,
@@ -1217,6 +1211,7 @@ impl Http1Pool {
                 return Err(SendError::Connect("no such server".into()));
             };
             let home = server.idle.local();
+            let tls = server.dial.scheme() == Some(&http::uri::Scheme::HTTPS);
             let now = Instant::now();
             // Each turn uses up a kept connection, up to `KEPT_TRIES`, then dials a new one,
             // which is the last turn.
@@ -1253,7 +1248,10 @@ impl Http1Pool {
                         // Closed before an answer's head arrived whole, once the request was
                         // written: sent again once, on a new connection, so that a request that
                         // makes the server fail is not sent once per kept connection.
-                        (None, Some(copy)) if closed_unanswered(e.error()) => {
+                        (None, Some(copy))
+                            if closed_unanswered(e.error())
+                                || (tls && tls_closed_unanswered(e.error())) =>
+                        {
                             tracing::debug!("a kept upstream connection was closed; sending again");
                             req = *copy;
                             kept_tries = KEPT_TRIES;
@@ -1267,21 +1265,12 @@ impl Http1Pool {
 
     async fn connect(&self, dial: &Uri) -> Result<Sender, SendError> {
         self.start_reaper();
+        if dial.scheme() == Some(&http::uri::Scheme::HTTPS) {
+            let io = self.tls.open(dial.clone()).await?;
+            return handshake_http1(io).await;
+        }
         let io = self.tcp.open(dial.clone()).await?;
-        let (sender, conn) = http1::Builder::new()
-            .max_header_size(MAX_RESPONSE_HEAD)
-            // The read buffer, which a body's pieces are cut from, grows to 400 KiB by
-            // default, and a piece keeps all of it until the client has taken the piece:
-            // for each answer streaming to a client that stops reading.
-            .max_buf_size(MAX_RESPONSE_HEAD)
-            .handshake(io)
-            .await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+        handshake_http1(io).await
     }
 
     fn start_reaper(&self) {
@@ -1391,39 +1380,11 @@ fn closed_unanswered(e: &hyper::Error) -> bool {
     })
 }
 
-/// The size of a response head as HTTP/1.1 sent it, near enough (the reason phrase is not
-/// kept): its status line, and each line's name, value, `: ` and line end.
-fn head_size<B>(resp: &Response<B>) -> usize {
-    let lines: usize = resp
-        .headers()
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
-    "HTTP/1.1 200 \r\n\r\n".len() + lines
-}
-
-/// Whether the connection a request of hyper-util's client failed on was opened before `began`.
-fn kept_before(e: &hyper_util::client::legacy::Error, began: Instant) -> bool {
-    let Some(connected) = e.connect_info() else {
-        return false;
-    };
-    let mut extras = http::Extensions::new();
-    connected.get_extras(&mut extras);
-    extras
-        .get::<sockets::Opened>()
-        .is_some_and(|opened| opened.0 < began)
-}
-
-/// `closed_unanswered`, of a request hyper-util's client sent.
-/// Over TLS a kept connection may also have failed in its session (an alert, a record that
-/// does not decrypt, an end without `close_notify`) after its last answer was whole, unseen
-/// until the next request: any failure of the connection before the head, as nginx sends a
-/// request again after any error on a cached connection.
-fn client_closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
-    let Some(e) = std::error::Error::source(e).and_then(|s| s.downcast_ref::<hyper::Error>())
-    else {
-        return false;
-    };
+/// `closed_unanswered`, over TLS: a kept connection may also have failed in its session (an
+/// alert, a record that does not decrypt, an end without `close_notify`) after its last
+/// answer was whole, unseen until the next request; so any failure of the connection before
+/// the head, as nginx sends a request again after any error on a cached connection.
+fn tls_closed_unanswered(e: &hyper::Error) -> bool {
     let broken = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
     closed_unanswered(e) || broken
 }
@@ -1767,6 +1728,96 @@ mod kept {
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(pool.idle_http1(0), 0);
         assert_eq!(metrics.open.get(), 1);
+        assert_eq!(metrics.reached.get(), 0);
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            while a_closed.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        assert!(closed.await.is_ok(), "the kept connection was not closed");
+        drop(resp);
+    }
+
+    /// `keep_alive_server` over TLS, offering no ALPN: an `https://` server that speaks
+    /// HTTP/1.1 alone.
+    async fn tls_keep_alive_server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        let key = rustls::pki_types::PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key.into())
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let closed = Arc::new(AtomicUsize::new(0));
+        let count = closed.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, count) = (acceptor.clone(), count.clone());
+                tokio::spawn(async move {
+                    let Ok(mut s) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut buf = [0u8; 4096];
+                    let mut got = Vec::new();
+                    'conn: loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                        while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                            got.drain(..end + 4);
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if s.write_all(ok).await.is_err() {
+                                break 'conn;
+                            }
+                        }
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, closed)
+    }
+
+    /// An `https://` server's idle HTTP/1.1 connection is kept in the proxy's own pool, as an
+    /// `http://` server's: at the bound on upstream sockets it is closed for a request that
+    /// needs room. In hyper-util's pool, where such connections were kept before, it could
+    /// not be, and the request waited `connect_timeout` and got the outage answer.
+    #[tokio::test]
+    async fn a_kept_https_connection_is_closed_for_a_request_at_the_bound() {
+        let (a, a_closed) = tls_keep_alive_server().await;
+        let (b, _) = keep_alive_server();
+        let text = format!(
+            "[upstream]\nservers = [\"https://{a}\", \"http://{b}\"]\n\
+             connect_timeout = \"2s\"\ndanger_accept_invalid_certs = true\n"
+        );
+        let config = Config::parse(&text, Path::new("."), None).unwrap();
+        let metrics = SocketMetrics::default();
+        let sockets = Sockets::new(Some(1), metrics.clone());
+        let pool = UpstreamPool::new(&config.upstream, 1, &sockets).unwrap();
+        // As `forward::aim` makes it for an `https://` server: the server's URI.
+        let to_a = || {
+            http::Request::get(format!("https://{a}/"))
+                .header("host", "x")
+                .body(Body::Empty)
+                .unwrap()
+        };
+        // Twice: the first dial asks for HTTP/2 by ALPN and learns the server's choice.
+        for _ in 0..2 {
+            let resp = pool.request(0, to_a()).await.unwrap();
+            assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+        }
+        assert_eq!(pool.idle_http1(0), 1);
+        assert_eq!(metrics.open.get(), 1);
+        let resp = pool.request(1, get()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(pool.idle_http1(0), 0);
         assert_eq!(metrics.reached.get(), 0);
         let closed = tokio::time::timeout(Duration::from_secs(5), async {
             while a_closed.load(Ordering::SeqCst) == 0 {

@@ -319,8 +319,8 @@ pub struct Counted<T> {
     opened: Instant,
 }
 
-/// When a connection hyper-util's client holds was opened (`Connected`'s extra): a request
-/// that failed on one opened before it began was sent on a kept connection.
+/// When a connection was opened (`Connected`'s extra), for a client that pools connections
+/// it did not open itself (hyper-util's); the proxy's own pools know it otherwise.
 #[derive(Clone, Copy)]
 pub struct Opened(pub Instant);
 
