@@ -871,20 +871,8 @@ async fn exchange<C: Client>(
         server: None,
         bytes: 0,
     };
-    let mut cut = Cut::new(snap, conn, &bufs.request, served);
-    let next = answer(bufs, snap, sock, head, drain, clocks, &mut cut.served).await;
-    cut.armed = false;
-    let served = &cut.served;
-    // No status: the client left before its answer, counted as abandoned and logged with
-    // nginx's 499, as on hyper's path (`gateway::Unanswered`).
-    if served.status == 0 {
-        snap.metrics.abandoned(snap.mode);
-    }
-    if snap.config.log.access_log {
-        let (method, path) = request_line(&bufs.request);
-        log_served(snap, conn.peer.ip(), &method, &path, served);
-    }
-    next
+    let mut told = Told::new(snap, conn, &bufs.request, served);
+    answer(bufs, snap, sock, head, drain, clocks, &mut told.served).await
 }
 
 /// The access log line of a request served as `served` says: 499 with no status, as nginx
@@ -911,43 +899,37 @@ fn log_served(
     line.write(served.start.into_std());
 }
 
-/// A request whose connection is dropped while it is served (a drain's `shutdown_timeout`
-/// ends the worker's runtime with it), told as `exchange` would have told it, where nothing
-/// was said of it: before its answer, counted as abandoned and logged with 499, as
-/// `gateway::Unanswered` tells one on hyper's path; once its answer has begun (counted then,
-/// `respond`, `outage`), logged with its status and the bytes sent so far, as hyper's path
-/// logs a body dropped halfway (`Body::counted`), and not counted again. The request line is
-/// copied only with the access log on.
-struct Cut<'a> {
+/// What became of a request, told when its exchange ends, or when it is dropped while the
+/// request is served (a drain's `shutdown_timeout` ends the worker's runtime with it), where
+/// nothing was said of it. No status: the client left (or the drain came) before its answer,
+/// counted as abandoned and logged with nginx's 499, as `gateway::Unanswered` tells one on
+/// hyper's path; with one, counted already (`respond`, `outage`) and logged with the bytes
+/// sent so far, as hyper's path logs a body dropped halfway (`Body::counted`). The request
+/// line is copied only with the access log on.
+struct Told<'a> {
     snap: &'a Snapshot,
     peer: std::net::IpAddr,
     line: Option<String>,
     served: Served,
-    /// Until the exchange ends and tells itself what became of the request.
-    armed: bool,
 }
 
-impl<'a> Cut<'a> {
+impl<'a> Told<'a> {
     fn new(snap: &'a Snapshot, conn: &Conn, request: &[u8], served: Served) -> Self {
         let line = snap.config.log.access_log.then(|| {
             let (method, path) = request_line(request);
             format!("{method} {path}")
         });
-        Cut {
+        Told {
             snap,
             peer: conn.peer.ip(),
             line,
             served,
-            armed: true,
         }
     }
 }
 
-impl Drop for Cut<'_> {
+impl Drop for Told<'_> {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
         if self.served.status == 0 {
             self.snap.metrics.abandoned(self.snap.mode);
         }
