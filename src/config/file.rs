@@ -4,7 +4,7 @@
 //! names the key of every problem. Values that need parsing (durations, addresses, CIDRs, URLs)
 //! stay strings here so that their errors can name the key and the fix.
 
-use serde::de::{self, Deserializer, Visitor};
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use std::fmt;
 
@@ -40,11 +40,41 @@ impl<'de> Deserialize<'de> for DurationText {
     }
 }
 
+/// A list of strings, or one string for a list of one: `listen = "127.0.0.1:8080"` is written
+/// as `[admin] listen` is, and refusing it ("expected a sequence") helped nobody. `""` is the
+/// empty list, as `admin.listen = ""` is no listener.
+fn strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string or a list of strings")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<String>, E> {
+            Ok(if v.is_empty() {
+                Vec::new()
+            } else {
+                vec![v.to_owned()]
+            })
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+            let mut all = Vec::new();
+            while let Some(one) = seq.next_element::<String>()? {
+                all.push(one);
+            }
+            Ok(all)
+        }
+    }
+    d.deserialize_any(V)
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyFile {
+    #[serde(deserialize_with = "strings")]
     pub listen: Vec<String>,
     pub threads: usize,
+    #[serde(deserialize_with = "strings")]
     pub trusted_proxies: Vec<String>,
     pub header_read_timeout: DurationText,
     pub send_timeout: DurationText,
@@ -79,6 +109,7 @@ impl Default for ProxyFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamFile {
+    #[serde(deserialize_with = "strings")]
     pub servers: Vec<String>,
     pub connect_timeout: DurationText,
     pub response_timeout: DurationText,
@@ -133,9 +164,13 @@ pub struct MaintenanceFile {
     pub retry_after: DurationText,
     pub outage_retry_after: DurationText,
     pub status_page: String,
+    #[serde(deserialize_with = "strings")]
     pub api_prefixes: Vec<String>,
+    #[serde(deserialize_with = "strings")]
     pub cors_origins: Vec<String>,
+    #[serde(deserialize_with = "strings")]
     pub allow_paths: Vec<String>,
+    #[serde(deserialize_with = "strings")]
     pub allow_ips: Vec<String>,
     pub bypass_secret: String,
     pub bypass_ttl: DurationText,
@@ -236,6 +271,7 @@ impl Default for HealthFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsFile {
+    #[serde(deserialize_with = "strings")]
     pub listen: Vec<String>,
     /// Each entry is read into a `CertificateFile` on its own, key by key, so that a refused
     /// key names its entry and does not drop the rest of it.

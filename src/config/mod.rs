@@ -2591,6 +2591,57 @@ mod tests {
         assert!(problems("[proxy]\nthreads = 1024\n").is_empty());
     }
 
+    /// `listen = "127.0.0.1:8080"`, as `[admin] listen` is written, was refused as "expected a
+    /// sequence": every list of strings takes one string for a list of one, and "" for none.
+    #[test]
+    fn a_list_key_takes_one_string_for_a_list_of_one() {
+        let c = Config::parse(
+            r#"
+            [proxy]
+            listen = "127.0.0.1:18080"
+            trusted_proxies = "10.0.0.0/8"
+            [upstream]
+            servers = "http://127.0.0.1:3001"
+            [maintenance]
+            api_prefixes = "/v1/"
+            cors_origins = "https://app.example.com"
+            allow_paths = "/status"
+            allow_ips = "192.0.2.7"
+            [tls]
+            listen = ""
+            "#,
+            Path::new("."),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.proxy.listen, vec!["127.0.0.1:18080".parse().unwrap()]);
+        assert_eq!(c.proxy.trusted_proxies, vec!["10.0.0.0/8".parse().unwrap()]);
+        assert_eq!(c.upstream.servers.len(), 1);
+        assert_eq!(c.maintenance.api_prefixes, vec!["/v1/".to_owned()]);
+        assert_eq!(c.maintenance.cors_origins.len(), 1);
+        assert_eq!(c.maintenance.allow_paths, vec!["/status".to_owned()]);
+        assert_eq!(
+            c.maintenance.allow_ips,
+            vec!["192.0.2.7/32".parse().unwrap()]
+        );
+        assert!(c.tls.listen.is_empty());
+        // One string is judged as the list's only entry, and other types are still named.
+        assert_eq!(
+            keys("[proxy]\nlisten = \"nowhere\"\n"),
+            vec!["proxy.listen[0]"]
+        );
+        let p = problems("[upstream]\nservers = 5\n");
+        assert_eq!(p[0].key, "upstream.servers");
+        assert!(
+            p[0].message.contains("a string or a list of strings"),
+            "{p:?}"
+        );
+        assert_eq!(
+            problems("[proxy]\nlisten = \"\"\n")[0].message,
+            "needs at least one address to listen on (here or in tls.listen)"
+        );
+    }
+
     #[test]
     fn wrong_types_name_the_field() {
         let p = problems("[proxy]\nthreads = \"many\"\n");
