@@ -49,6 +49,14 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error("cannot start the worker threads: {0}")]
     Workers(#[source] std::io::Error),
+    /// Connections to a socket the service manager passed and nothing serves would wait
+    /// unanswered in its backlog: a `.socket` unit and the config that disagree.
+    #[error(
+        "the service manager passed a socket listening on {0}, which no proxy.listen, tls.listen \
+         or admin.listen names: name it there (the same address: \"[::]:80\" for ListenStream=80), \
+         or remove it from the .socket unit"
+    )]
+    Unserved(String),
 }
 
 /// One bound plaintext listener and the way to stop its accept loop.
@@ -146,7 +154,18 @@ impl Listeners {
             .partition(|b| wanted.contains(&(b.configured, b.tls)));
         *bound = keep;
         for b in &gone {
-            tracing::info!(addr = %b.local, "no longer listening on {}", b.local);
+            if crate::passed::holds(b.configured) {
+                // The service manager keeps it open: the kernel still takes connections there.
+                tracing::warn!(
+                    addr = %b.local,
+                    "no longer listening on {}, a socket the service manager passed: connections \
+                     to it wait unanswered until a reload listens there again or the .socket \
+                     unit drops it",
+                    b.local
+                );
+            } else {
+                tracing::info!(addr = %b.local, "no longer listening on {}", b.local);
+            }
         }
         for (configured, tls, local, l) in fresh {
             bound.push(self.serve(configured, tls, local, l));
@@ -264,8 +283,12 @@ fn listen_key(tls: bool) -> &'static str {
 }
 
 /// Binds with a deep backlog: a burst of new connections waits in the kernel, not refused.
+/// A socket the service manager passed for `addr` is taken instead (`passed`).
 fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> {
     let err = |source| StartError::Bind { key, addr, source };
+    if let Some(passed) = crate::passed::listener(addr) {
+        return passed.map_err(err);
+    }
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
@@ -326,6 +349,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     let notifier = Notifier::start(config.notify.clone(), metrics.clone());
     let kept_notifier = notifier.clone();
+    let admin_listen = config.admin.listen;
     let admin = match config.admin.listen {
         Some(addr) => Some(bind(addr, "admin.listen")?),
         None => None,
@@ -355,6 +379,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     if let Err(e) = listeners.apply(&listen, &listen_tls).await {
         listeners.stop_all().await;
         return Err(e);
+    }
+    let served: Vec<SocketAddr> = (listen.iter().chain(&listen_tls).copied())
+        .chain(admin_listen)
+        .collect();
+    let unserved = crate::passed::unserved(&served);
+    if !unserved.is_empty() {
+        listeners.stop_all().await;
+        let unserved: Vec<String> = unserved.iter().map(ToString::to_string).collect();
+        return Err(StartError::Unserved(unserved.join(", ")));
     }
     unbind.keep();
     controller.set_rebind(listeners.clone());

@@ -49,6 +49,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod park;
+pub mod passed;
 pub mod pending;
 pub mod relay;
 pub mod reserved;

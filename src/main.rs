@@ -183,6 +183,12 @@ fn describe(e: &anyhow::Error) -> String {
 fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(path.as_deref())?;
     intermission::logging::init(&config.log);
+    // Before any thread starts: the sockets the service manager passed (socket activation).
+    let passed = intermission::passed::take_from_env().map_err(anyhow::Error::msg)?;
+    if !passed.is_empty() {
+        let list: Vec<String> = passed.iter().map(ToString::to_string).collect();
+        tracing::info!("sockets passed by the service manager: {}", list.join(", "));
+    }
     if let Some(limit) = intermission::limits::raise_open_files() {
         intermission::limits::warn_if_short(limit, config.proxy.max_connections);
     }

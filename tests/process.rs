@@ -2596,3 +2596,109 @@ async fn heavy_http2_clients_are_not_taken_for_a_flood() {
     let lines = proxy.log_lines();
     assert!(!lines.iter().any(|l| l.contains("flood")), "{lines:#?}");
 }
+
+/// Under systemd's socket activation the listening socket outlives the process: across a
+/// restart (the old proxy drained and gone, the next not yet started) nobody is refused, and
+/// a request that came in between is answered by the next proxy. With a socket of its own,
+/// that request was refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_socket_the_service_manager_passed_refuses_nobody_across_a_restart() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream(|_req: Request<Incoming>| async { Response::new(full("ok")) }).await;
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    let config = format!(
+        "[proxy]\nlisten = [\"{addr}\"]\n[upstream]\nservers = [\"{}\"]\n",
+        up.url()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let first = ProxyProcess::start_passed(dir.path(), &config, &socket);
+    assert_eq!(first.addr, addr);
+    assert_eq!(get(&first.url("/")).await.status(), 200);
+    first.signal("TERM");
+    let (status, first) = tokio::task::spawn_blocking(move || {
+        let mut first = first;
+        (first.wait_exit(Duration::from_secs(20)), first)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "did not exit 0");
+    assert!(first
+        .log_lines()
+        .iter()
+        .any(|l| l.contains(&format!("sockets passed by the service manager: {addr}"))));
+    // No proxy runs: the kernel takes the connection into the socket's backlog.
+    let mut between = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("refused between the two proxies");
+    between
+        .write_all(b"GET /between HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let _second = ProxyProcess::start_passed(dir.path(), &config, &socket);
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), between.read_to_string(&mut answer))
+        .await
+        .expect("the next proxy did not answer the request that waited")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("ok"), "{answer}");
+}
+
+/// A passed socket the config does not name would leave its connections waiting for ever:
+/// the start is refused, naming it. Sockets passed to another process (`LISTEN_PID`) are not
+/// taken for this one's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_passed_socket_the_config_does_not_name_stops_the_start() {
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, "[proxy]\nlisten = [\"127.0.0.1:0\"]\n").unwrap();
+    let mut child = Command::new("sh")
+        .args([
+            "-c",
+            "exec 3<&0 0</dev/null; LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"",
+        ])
+        .arg(env!("CARGO_BIN_EXE_intermission"))
+        .args(["run", "-c"])
+        .arg(&path)
+        .stdin(std::os::fd::OwnedFd::from(socket.try_clone().unwrap()))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    let mut status = None;
+    while status.is_none() && Instant::now() < end {
+        status = child.try_wait().unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "not refused: {err}");
+    assert!(
+        err.contains(&format!(
+            "passed a socket listening on {addr}, which no proxy.listen"
+        )),
+        "{err}"
+    );
+    assert!(!dir.path().join("intermission.sock").exists());
+    // Another process's: ignored, and the proxy listens where its config says.
+    let other = [
+        "sh",
+        "-c",
+        "exec 3<&0 0</dev/null; LISTEN_PID=1 LISTEN_FDS=1 exec \"$0\" \"$@\"",
+    ];
+    let proxy = ProxyProcess::launch(
+        &other,
+        dir.path(),
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n",
+        std::process::Stdio::from(std::os::fd::OwnedFd::from(socket.try_clone().unwrap())),
+    );
+    assert_ne!(proxy.addr, addr);
+    assert!(!proxy
+        .log_lines()
+        .iter()
+        .any(|l| l.contains("passed by the service manager")));
+}

@@ -521,6 +521,25 @@ impl ProxyProcess {
 
     /// Started by `wrapper` (a command that runs the one it is given, as `prlimit … --`).
     pub fn start_via(wrapper: &[&str], dir: &Path, config: &str) -> ProxyProcess {
+        ProxyProcess::launch(wrapper, dir, config, Stdio::null())
+    }
+
+    /// Started as systemd starts a socket-activated service: with `socket` passed as
+    /// descriptor 3, `LISTEN_FDS=1` and `LISTEN_PID` naming the proxy. The caller keeps its
+    /// own copy open, as systemd does across restarts.
+    pub fn start_passed(dir: &Path, config: &str, socket: &std::net::TcpListener) -> ProxyProcess {
+        let copy = std::os::fd::OwnedFd::from(socket.try_clone().unwrap());
+        // The shell moves its standard input to descriptor 3 and execs: the proxy keeps the
+        // shell's process id, which `LISTEN_PID` names.
+        let wrapper = [
+            "sh",
+            "-c",
+            "exec 3<&0 0</dev/null; LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"",
+        ];
+        ProxyProcess::launch(&wrapper, dir, config, Stdio::from(copy))
+    }
+
+    pub fn launch(wrapper: &[&str], dir: &Path, config: &str, stdin: Stdio) -> ProxyProcess {
         let path = dir.join("config.toml");
         std::fs::write(&path, with_listen(config)).unwrap();
         let binary = env!("CARGO_BIN_EXE_intermission");
@@ -536,7 +555,7 @@ impl ProxyProcess {
             .args(["run", "-c"])
             .arg(&path)
             .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
