@@ -382,7 +382,7 @@ enum Decision {
     Forward(Outcome),
 }
 
-fn decide<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>) -> Decision {
+fn decide(snap: &Snapshot, conn: &Conn, req: &Request<Incoming>) -> Decision {
     match rule(snap, conn, req.method(), req.uri().path(), req.headers()) {
         Rule::Reserved(rest) => Decision::Answer(
             reserved::answer(snap, req, rest, conn.tls()),
@@ -399,9 +399,37 @@ fn decide<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>) -> Decision {
             Some((status, why)) => {
                 Decision::Answer(reserved::plain(status, why), Outcome::Reserved)
             }
+            None if tunnel_while_draining(req) => Decision::Answer(stopping(), Outcome::Reserved),
             None => Decision::Forward(outcome),
         },
     }
+}
+
+/// Whether `req` would open a tunnel (a WebSocket) while the proxy drains. A tunnel cannot
+/// be asked to finish: opened now, it would be cut at `shutdown_timeout`, and the stop would
+/// wait for it that long. nginx and HAProxy open no new one on a graceful stop either. An
+/// `h2c` upgrade is forwarded as a plain request (`forward::headers::upgrade_request`), and
+/// answered, so it goes on. hyper marks only the requests that may upgrade (`Upgrading`):
+/// the others pay one check of an empty extension map.
+fn tunnel_while_draining(req: &Request<Incoming>) -> bool {
+    req.extensions()
+        .get::<crate::listener::Upgrading>()
+        .is_some_and(crate::listener::Upgrading::draining)
+        && forward::asks_for_tunnel(req)
+}
+
+/// The answer to a request refused because the proxy is stopping: `503`, to come back at
+/// once (`Retry-After: 1`, the least it can say) on a new connection, which reaches the
+/// instance that takes over, or another behind the load balancer.
+fn stopping() -> Response<Body> {
+    let mut resp = reserved::plain(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the proxy is shutting down; connect again to be served\n",
+    );
+    let h = resp.headers_mut();
+    h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 /// Why a request cannot be forwarded as the client sent it (RFC 9112 §3.2, §3.2.3): without a

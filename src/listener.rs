@@ -173,6 +173,13 @@ impl Upgrading {
         }
     }
 
+    /// Whether a drain has begun: a request that would become a tunnel is then refused
+    /// (`gateway`), since a tunnel cannot be asked to finish and would be cut at
+    /// `shutdown_timeout`.
+    pub fn draining(&self) -> bool {
+        self.0.drain.started()
+    }
+
     /// What keeps the connection counted while it is a tunnel: a slot, taken whatever the
     /// maximum as this is no new connection, and a drain guard, so that a drain waits for
     /// the tunnel up to `shutdown_timeout` as for any connection (nginx keeps upgraded

@@ -1654,6 +1654,47 @@ async fn a_tunnel_still_open_at_shutdown_timeout_is_closed() {
     );
 }
 
+/// A WebSocket asked for on a kept-alive connection once a drain has begun is refused, `503`
+/// with `Connection: close` and `Retry-After`, as nginx and HAProxy open no new tunnel on a
+/// graceful stop: it was switched, and then cut at `shutdown_timeout`, the stop held up
+/// meanwhile. The client reconnects, to the instance that takes over. A plain request on such
+/// a connection is still answered, and an `h2c` upgrade is one (it is never tunnelled).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_asked_for_during_a_drain_is_refused_503_and_closed() {
+    let (up, _dir, proxy) = tunnelling_proxy("30s").await;
+    // A tunnel open before the signal keeps the drain going while the rest is asked.
+    let tunnel = open_tunnel(proxy.addr).await;
+    let mut kept = Vec::new();
+    for _ in 0..3 {
+        let mut sock = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let body = one_answer(&mut sock, b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n").await;
+        assert_eq!(body, "ok");
+        kept.push(sock);
+    }
+    proxy.signal("TERM");
+    assert!(stops_accepting(proxy.addr).await, "still accepting");
+    let (mut ws, mut h2c, mut plain) = (kept.remove(0), kept.remove(0), kept.remove(0));
+    let head = ask_to_switch(&mut ws).await.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 503"), "{head:?}");
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head:?}");
+    assert!(head.contains("\r\nretry-after: 1\r\n"), "{head:?}");
+    assert!(
+        closes(&mut ws).await,
+        "the refused connection was left open"
+    );
+    assert_eq!(up.open.load(Ordering::SeqCst), 1, "a tunnel was opened");
+    let asked = b"GET / HTTP/1.1\r\nHost: shop.test\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+                  Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n";
+    assert_eq!(one_answer(&mut h2c, asked).await, "ok");
+    let got = one_answer(&mut plain, b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n").await;
+    assert_eq!(got, "ok");
+    let closed = std::time::Instant::now();
+    drop(tunnel);
+    let (status, waited) = exit_after(proxy, closed).await;
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "did not exit 0");
+    assert!(waited < Duration::from_secs(10), "exited {waited:?} after");
+}
+
 /// A second SIGTERM ends the drain at once: an operator who cannot wait out
 /// `shutdown_timeout` (here a tunnel that stays open) stops the proxy cleanly, its control
 /// socket removed, where before only SIGKILL did, leaving the socket behind.

@@ -126,6 +126,15 @@ fn unmeant_body(req: &Request<Incoming>) -> bool {
         && body.size_hint().exact() != Some(0)
 }
 
+/// Whether forwarding `req` would pass on its `Upgrade`, so that a server's `101` makes the
+/// connection a tunnel: HTTP/1.1, with no body its method gives no meaning, and not to `h2c`
+/// (`headers::upgrade_request`), which goes on as a plain request.
+pub fn asks_for_tunnel(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && !unmeant_body(req)
+        && headers::upgrade_request(req.headers()).is_some()
+}
+
 /// Forwards `req` to a healthy upstream server; a request that fails before any response
 /// head arrives is retried once on another healthy server when it can be replayed, and so is
 /// one whose server `marks` says was taken out while it waited for that head. Every failure
