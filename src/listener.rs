@@ -140,6 +140,16 @@ impl Limit {
         Some(Slot(self.clone()))
     }
 
+    /// Whether a drain has begun. An HTTP/1.1 answer hyper writes then says
+    /// `Connection: close` (`park::Tracked`, `Serving::http1`): a connection hyper began to
+    /// serve after the drain began (woken from a park, or left by the relay) is told to
+    /// close only once its first answer is out, and one ready at once (held, reserved) went
+    /// without the word, the connection closed under a client that could already be sending
+    /// its next request on it.
+    pub fn draining(&self) -> bool {
+        self.drain.started()
+    }
+
     fn idlers(&self) -> MutexGuard<'_, Idlers> {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -177,7 +187,7 @@ impl Upgrading {
     /// (`gateway`), since a tunnel cannot be asked to finish and would be cut at
     /// `shutdown_timeout`.
     pub fn draining(&self) -> bool {
-        self.0.drain.started()
+        self.0.draining()
     }
 
     /// What keeps the connection counted while it is a tunnel: a slot, taken whatever the
@@ -949,6 +959,17 @@ async fn plain_http_on_tls(stream: &mut TcpStream, closable: &Closable) -> u64 {
     sent
 }
 
+/// Says `Connection: close` on an HTTP/1.1 answer during a drain (`Limit::draining`), but
+/// on a `101`, whose connection becomes a tunnel.
+pub(crate) fn close_if_draining<B>(response: &mut Response<B>, limit: &Limit) {
+    if response.status() != http::StatusCode::SWITCHING_PROTOCOLS && limit.draining() {
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+}
+
 /// What serving one connection needs, whatever its protocol.
 struct Serving<'a> {
     builder: &'a ConnBuilder,
@@ -978,7 +999,12 @@ impl Serving<'_> {
             counted.upload.store(upload, Ordering::Relaxed);
             Upgrading::mark(&mut req, &limit);
             let reply = service.call(req);
-            async move { Ok::<_, S::Error>(Answered::wrap(reply.await?, open)) }
+            let limit = limit.clone();
+            async move {
+                let mut response = reply.await?;
+                close_if_draining(&mut response, &limit);
+                Ok::<_, S::Error>(Answered::wrap(response, open))
+            }
         });
         let io = Watched {
             io,

@@ -204,11 +204,12 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         Pin::new(&mut this.reply).poll(cx).map(|resp| {
-            let resp = resp?;
-            if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                if let Some(busy) = &this.busy {
+            let mut resp = resp?;
+            if let Some(busy) = &this.busy {
+                if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                     busy.0.switched.store(true, Relaxed);
                 }
+                crate::listener::close_if_draining(&mut resp, busy.0.closable.limit());
             }
             Ok(resp.map(|body| TrackedBody {
                 body,

@@ -1695,6 +1695,48 @@ async fn a_websocket_asked_for_during_a_drain_is_refused_503_and_closed() {
     assert!(waited < Duration::from_secs(10), "exited {waited:?} after");
 }
 
+/// An answer the proxy has ready at once (held, or a reserved path) to a request on a
+/// kept-alive connection during a drain says `Connection: close`, as a forwarded one does, and
+/// the connection closes after it. It went without the word, keep-alive turned off only once
+/// hyper had answered, and the connection closed at once under a client that could already be
+/// sending its next request on it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_ready_at_once_during_a_drain_says_connection_close() {
+    use tokio::io::AsyncWriteExt;
+    let (_up, _dir, proxy) = tunnelling_proxy("30s").await;
+    // A tunnel open before the signal keeps the drain going while the rest is asked.
+    let tunnel = open_tunnel(proxy.addr).await;
+    let get = b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n";
+    let mut reserved = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    assert_eq!(one_answer(&mut reserved, get).await, "ok");
+    assert!(proxy.ctl(&on(None)).await.unwrap().ok);
+    let mut held = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    held.write_all(get).await.unwrap();
+    let first = read_response(&mut held).await;
+    assert!(first.starts_with("HTTP/1.1 503"), "{first:?}");
+    proxy.signal("TERM");
+    assert!(stops_accepting(proxy.addr).await, "still accepting");
+    let status = b"GET /_intermission/status HTTP/1.1\r\nHost: shop.test\r\n\r\n";
+    for (sock, request, want) in [
+        (&mut reserved, &status[..], "200"),
+        (&mut held, &get[..], "503"),
+    ] {
+        sock.write_all(request).await.unwrap();
+        let answer = read_response(sock).await.to_ascii_lowercase();
+        assert!(
+            answer.starts_with(&format!("http/1.1 {want}")),
+            "{answer:?}"
+        );
+        assert!(answer.contains("\r\nconnection: close\r\n"), "{answer:?}");
+        assert!(closes(sock).await, "left open after its answer");
+    }
+    let closed = std::time::Instant::now();
+    drop(tunnel);
+    let (status, waited) = exit_after(proxy, closed).await;
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "did not exit 0");
+    assert!(waited < Duration::from_secs(10), "exited {waited:?} after");
+}
+
 /// A second SIGTERM ends the drain at once: an operator who cannot wait out
 /// `shutdown_timeout` (here a tunnel that stays open) stops the proxy cleanly, its control
 /// socket removed, where before only SIGKILL did, leaving the socket behind.
