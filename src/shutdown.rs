@@ -99,10 +99,11 @@ impl Drain {
 
 /// As `until_drained`, and also once no request has come for between `idle` and twice that:
 /// `requests` is counted by each, and a tick compares it instead of each request reading
-/// the clock; and once `picked` resolves. Picked, it is given `PICKED_GRACE` to close as
+/// the clock; and once `picked` resolves. Told to go, it is given `PICKED_GRACE` to close as
 /// `graceful` asks, then dropped once `settled` (nothing in flight on it): hyper's HTTP/2
 /// graceful shutdown waits for the client's answer to its PING, and a client that never
-/// answers held its slot, over `max_connections`, until the keep-alive pings gave up on it.
+/// answers held its slot, over `max_connections`, until the keep-alive pings gave up on it,
+/// and a drain until `shutdown_timeout`.
 pub async fn until_idle<C, E>(
     conn: C,
     mut guard: Shutdown,
@@ -144,9 +145,11 @@ where
         }
     };
     graceful(conn.as_mut());
-    if !for_room {
-        return conn.await;
-    }
+    // Told to go however (picked, idle, or a drain), it is given `PICKED_GRACE` to close as
+    // asked, then dropped once nothing is in flight on it: a client that never answers the
+    // PING (gone without a word, a phone out of reach; or hostile) otherwise held it until the
+    // keep-alive pings gave up on it, up to 80 s, and held every drain it was in for the whole
+    // of `shutdown_timeout`. nginx closes an idle HTTP/2 connection at once on a graceful stop.
     let mut deadline = tokio::time::Instant::now() + PICKED_GRACE;
     loop {
         tokio::select! {
@@ -154,9 +157,14 @@ where
             out = &mut conn => return out,
             () = tokio::time::sleep_until(deadline) => {}
         }
-        // A stream the client opened as it was picked is served to its end.
+        // A stream the client opened as it was told is served to its end.
         if settled() {
-            tracing::debug!("connection picked to make room did not close in time; dropped");
+            match for_room {
+                true => {
+                    tracing::debug!("connection picked to make room did not close in time; dropped")
+                }
+                false => tracing::debug!("connection told to go did not close in time; dropped"),
+            }
             return Ok(());
         }
         deadline += PICKED_GRACE;

@@ -1737,6 +1737,66 @@ async fn an_answer_ready_at_once_during_a_drain_says_connection_close() {
     assert!(waited < Duration::from_secs(10), "exited {waited:?} after");
 }
 
+/// An idle HTTP/2 client that answers nothing (gone without a word: a phone out of reach, a
+/// NAT that forgot it) no longer holds a stop for the whole `shutdown_timeout`, with its
+/// warning that connections were cut: hyper's graceful GOAWAY waits for the client's answer to
+/// its PING, and such a connection, nothing in flight on it, is now dropped a grace after, as
+/// nginx closes an idle HTTP/2 connection at once on a graceful stop. Over TLS alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_http2_client_that_answers_nothing_does_not_hold_the_stop() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_up, _dir, proxy) = tunnelling_proxy("30s").await;
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let authority = proxy.addr.to_string();
+    let block = hpack_literals(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", &authority),
+        (":path", "/"),
+    ]);
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(h2_frame(0x4, 0, 0, &[]));
+    // END_HEADERS | END_STREAM
+    hello.extend(h2_frame(0x1, 0x5, 1, &block));
+    silent.write_all(&hello).await.unwrap();
+    // Its answer, whole (a frame on stream 1 with END_STREAM): it has been served, and idles.
+    let answered = async {
+        loop {
+            let mut head = [0u8; 9];
+            silent.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            silent.read_exact(&mut payload).await.unwrap();
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
+            if stream == 1 && matches!(head[3], 0x0 | 0x1) && head[4] & 0x1 != 0 {
+                return;
+            }
+        }
+    };
+    let answered = tokio::time::timeout(Duration::from_secs(10), answered).await;
+    assert!(answered.is_ok(), "no answer");
+    // From now on it reads nothing and answers nothing, the PING of the GOAWAY included.
+    let signalled = std::time::Instant::now();
+    proxy.signal("TERM");
+    let log = proxy.log.clone();
+    let (status, waited) = exit_after(proxy, signalled).await;
+    assert_eq!(
+        status.map(|s| s.code()),
+        Some(Some(0)),
+        "did not exit 0 ({waited:?})"
+    );
+    assert!(
+        waited < Duration::from_secs(8),
+        "exited {waited:?} after the signal"
+    );
+    let cut = log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("shutdown_timeout reached"));
+    assert!(!cut, "the stop says it cut connections");
+}
+
 /// A second SIGTERM ends the drain at once: an operator who cannot wait out
 /// `shutdown_timeout` (here a tunnel that stays open) stops the proxy cleanly, its control
 /// socket removed, where before only SIGKILL did, leaving the socket behind.
