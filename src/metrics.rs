@@ -505,6 +505,8 @@ pub struct Metrics {
     /// By webhook (`notify::Target::id`) and result.
     webhooks: Family<WebhookLabels, Counter>,
     webhook_queues: Family<WebhookQueueLabels, Gauge>,
+    /// Events of webhooks whose series a reload removed, not delivered.
+    webhook_removed_dropped: Counter,
     /// Indexed like `TlsFailure::ALL`.
     tls_failures: [Counter; 5],
     /// Full, then resumed.
@@ -643,6 +645,16 @@ impl Metrics {
             webhook_queues.clone(),
         );
 
+        // Apart from the deliveries by webhook: a reload that removes a webhook removes its
+        // series, and what it then drops would otherwise be counted nowhere.
+        let webhook_removed_dropped = Counter::default();
+        registry.register(
+            "intermission_webhook_removed_dropped",
+            "Webhook events not delivered because a reload removed their webhook, whose \
+             series went with it: still queued then, or under way then and failed",
+            webhook_removed_dropped.clone(),
+        );
+
         let tls_family = Family::<TlsFailureLabels, Counter>::default();
         let tls_failures = TlsFailure::ALL
             .map(|r| tls_family.get_or_create_owned(&TlsFailureLabels { reason: r.as_str() }));
@@ -775,6 +787,7 @@ impl Metrics {
             control_commands,
             webhooks,
             webhook_queues,
+            webhook_removed_dropped,
             tls_failures,
             tls_handshakes,
             http2_goaways,
@@ -1027,6 +1040,9 @@ impl crate::notify::NotifyStats for Metrics {
     }
     fn forget(&self, webhook: &str) {
         self.forget_webhook(webhook);
+    }
+    fn dropped_removed(&self) {
+        self.webhook_removed_dropped.inc();
     }
 }
 
@@ -1503,6 +1519,7 @@ pub(crate) mod tests {
             "intermission_control_commands",
             "intermission_webhook_deliveries",
             "intermission_webhook_queue_length",
+            "intermission_webhook_removed_dropped",
             "intermission_http2_client_goaways",
             "intermission_parked_connections",
             "intermission_config_last_reload_successful",

@@ -174,6 +174,11 @@ pub trait NotifyStats: Send + Sync {
     /// `webhook` no longer names the target it named (a reload removed it, renamed it, or gave
     /// its index to another): its series go, and a new target under it starts from zero.
     fn forget(&self, webhook: &str);
+    /// An event of a target whose `id` was forgotten was not delivered: still queued when a
+    /// reload removed the target, or under way then and failed or cut short by a stop. No
+    /// series of its own is left to count it in, and an operator who removed a webhook
+    /// while its receiver was down must still see what it was never told.
+    fn dropped_removed(&self);
 }
 
 /// The exact body a target receives for `event`.
@@ -399,12 +404,26 @@ impl QueueState {
         }
     }
 
-    /// Counts an outcome under the target's `id`, unless that was forgotten.
-    fn report(&self, stats: &dyn NotifyStats, outcome: fn(&dyn NotifyStats, &str)) {
-        if !self.forgotten {
-            outcome(stats, &self.target.id);
+    /// Counts an outcome under the target's `id`; once that was forgotten, an event not
+    /// delivered is counted apart (`NotifyStats::dropped_removed`).
+    fn report(&self, stats: &dyn NotifyStats, outcome: Outcome) {
+        let id = &self.target.id;
+        match (self.forgotten, outcome) {
+            (false, Outcome::Delivered) => stats.delivered(id),
+            (false, Outcome::Failed) => stats.failed(id),
+            (false, Outcome::Dropped) => stats.dropped(id),
+            (true, Outcome::Failed | Outcome::Dropped) => stats.dropped_removed(),
+            (true, Outcome::Delivered) => {}
         }
     }
+}
+
+/// What became of an event, as `QueueState::report` counts it.
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    Delivered,
+    Failed,
+    Dropped,
 }
 
 /// When to warn of a target's dropped events: the first drop of a burst at once, then the
@@ -565,7 +584,7 @@ impl Notifier {
             if s.removed {
                 // Given up by a stop (its worker has ended): nothing would send it. Only a
                 // second signal, which cuts the stop short, leaves events coming after it.
-                s.report(&*d.stats, |stats, id| stats.dropped(id));
+                s.report(&*d.stats, Outcome::Dropped);
                 let id = s.target.id.clone();
                 drop(s);
                 tracing::warn!(
@@ -578,7 +597,7 @@ impl Notifier {
             if s.events.len() >= self.shared.capacity && s.events.pop_front().is_some() {
                 // Out of the queue and into it again at once: never zero in between.
                 d.pending.fetch_sub(1, Ordering::SeqCst);
-                s.report(&*d.stats, |stats, id| stats.dropped(id));
+                s.report(&*d.stats, Outcome::Dropped);
                 report = s.drops.dropped(Instant::now());
                 if let Report::Warn(_) = report {
                     url = shown(&s.target.url);
@@ -609,7 +628,7 @@ impl Notifier {
     /// Replaces the targets (config reload). A target with the same url, format and secret
     /// keeps its queue (and takes the new timeout, headers and `id`); new ones start empty;
     /// removed ones end with the try under way, their queues dropped (logged, and counted
-    /// under a name that stays). The series of an `id` that no longer names the same webhook
+    /// under a name that stays, else apart: `NotifyStats::dropped_removed`). The series of an `id` that no longer names the same webhook
     /// are forgotten.
     pub fn set_targets(&self, targets: Vec<Target>) {
         let d = &self.shared.deliverer;
@@ -640,7 +659,7 @@ impl Notifier {
         // whoever removes a receiver wants it to stop hearing, and finishing the queue kept
         // sending to a receiver that hangs for hours (256 events, eight timeouts each),
         // beside the queue of its replacement, one more for each reload. The drops are
-        // counted under its `id` while that is still shown.
+        // counted below, once it is known whether its `id` stays shown.
         let mut removals = Vec::new();
         for (i, s) in states.iter_mut().enumerate() {
             if taken[i] {
@@ -651,9 +670,6 @@ impl Notifier {
             s.retired = true;
             let dropped = s.events.len();
             s.events.clear();
-            for _ in 0..dropped {
-                s.report(stats, |stats, id| stats.dropped(id));
-            }
             removals.push((i, dropped, shown(&s.target.url), s.target.id.clone()));
         }
         // A name keeps its counts while it is configured, whatever its URL; an index only
@@ -675,6 +691,13 @@ impl Notifier {
         for s in states.iter_mut().chain(retired_states.iter_mut()) {
             if forgotten.contains(&s.target.id) {
                 s.forgotten = true;
+            }
+        }
+        // Counted once its `id`'s fate is known: under the name it keeps, else apart, not
+        // into series removed a moment later.
+        for &(i, dropped, ..) in &removals {
+            for _ in 0..dropped {
+                states[i].report(stats, Outcome::Dropped);
             }
         }
         for (target, kept) in placed {
@@ -859,9 +882,9 @@ async fn work(queue: Arc<Queue>, d: Arc<Deliverer>) {
                             let mut s = lock(&queue.state);
                             s.under_way = false;
                             if delivered {
-                                s.report(&*d.stats, |stats, id| stats.delivered(id));
+                                s.report(&*d.stats, Outcome::Delivered);
                             } else {
-                                s.report(&*d.stats, |stats, id| stats.failed(id));
+                                s.report(&*d.stats, Outcome::Failed);
                             }
                             s.report_waiting(&*d.stats);
                         }
@@ -892,7 +915,7 @@ fn give_up_at_stop(queue: &Queue, d: &Deliverer, under_way: Option<&Event>) {
             .chain(s.events.drain(..).map(|e| e.event))
             .collect();
         for _ in 0..left.len() {
-            s.report(&*d.stats, |stats, id| stats.dropped(id));
+            s.report(&*d.stats, Outcome::Dropped);
         }
         s.report_waiting(&*d.stats);
         (left, shown(&s.target.url), s.target.id.clone())
@@ -1155,6 +1178,8 @@ mod tests {
         delivered: AtomicUsize,
         failed: AtomicUsize,
         dropped: AtomicUsize,
+        /// Undelivered events of webhooks whose series were forgotten.
+        removed: AtomicUsize,
         shown: Mutex<std::collections::BTreeMap<String, Shown>>,
     }
 
@@ -1194,6 +1219,9 @@ mod tests {
         }
         fn forget(&self, webhook: &str) {
             self.shown.lock().unwrap().remove(webhook);
+        }
+        fn dropped_removed(&self) {
+            self.removed.fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -2080,6 +2108,48 @@ mod tests {
         // One try of each first event (its retries cut short), none of the second.
         assert_eq!(receiver.count(), 5);
         assert_eq!(stats.get(), (0, 5, 5));
+    }
+
+    /// A reload that removes a webhook removes its series; what it had not delivered (its
+    /// queue, and the try under way, which then fails) is counted apart rather than lost
+    /// with them. A webhook whose index another takes is removed alike.
+    #[tokio::test]
+    async fn a_removed_webhooks_undelivered_events_are_counted_apart() {
+        let hanging = Receiver::start(Answer::Hang).await;
+        let other = Receiver::start(Answer::Ok).await;
+        for (id, replaced_by) in [
+            ("going", vec![]),
+            ("0", vec![called("0", other.target(None))]),
+        ] {
+            let stats = Arc::new(Counts::default());
+            let target = Target {
+                timeout: Duration::from_millis(200),
+                ..called(id, hanging.target(None))
+            };
+            let tried = hanging.count();
+            let notifier = Notifier::start_with(vec![target], stats.clone(), FAST);
+            for n in 0..3 {
+                notifier.send(numbered(n));
+            }
+            wait_until("the first try", || hanging.count() == tried + 1).await;
+            notifier.set_targets(replaced_by);
+            assert_eq!(stats.removed.load(Ordering::SeqCst), 2, "{id}: the queued");
+            wait_until("the removed worker gone", || notifier.pending() == 0).await;
+            assert_eq!(
+                stats.removed.load(Ordering::SeqCst),
+                3,
+                "{id}: the one under way"
+            );
+            assert_eq!(stats.get(), (0, 0, 0), "{id}: nothing under its id");
+            assert!(
+                stats
+                    .shown()
+                    .iter()
+                    .all(|(_, counts)| *counts == (0, 0, 0, 0)),
+                "{id}: {:?}",
+                stats.shown()
+            );
+        }
     }
 
     /// `target` under another id.

@@ -720,7 +720,14 @@ async fn webhook_metrics_tell_each_webhook_apart_and_follow_reloads() {
     );
     assert_eq!(wait_events(&slow, 3).await.len(), 3);
 
-    // The dead one removed: its series go; the others keep their counts.
+    let lost = "intermission_webhook_removed_dropped_total";
+    assert_eq!(
+        series(&proxy, lost).await,
+        Some(0.0),
+        "shown from the start"
+    );
+    // The dead one removed: its series go; the others keep their counts. What it had not
+    // delivered (two queued, one between two tries) is counted apart, not lost with them.
     let dead_entry = format!("[[notify]]\nurl = \"http://{}/hook\"\n", dead.addr);
     edit_config(&proxy, |text| text.replace(&dead_entry, ""));
     assert!(ctl(&proxy, Ctl::Reload).await.ok);
@@ -732,6 +739,7 @@ async fn webhook_metrics_tell_each_webhook_apart_and_follow_reloads() {
         .filter(|l| l.contains("webhook=\"1\""))
         .collect();
     assert!(removed.is_empty(), "{removed:?}");
+    assert_eq!(series_reaches(&proxy, lost, 3.0).await, Some(3.0));
     assert_eq!(
         series(&proxy, &deliveries("alerts", "delivered")).await,
         Some(3.0)
