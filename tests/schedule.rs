@@ -140,6 +140,33 @@ async fn windows_that_make_no_sense_are_refused() {
         assert_eq!(e.code, "bad_request", "{why}");
         assert!(e.message.contains(why), "{why}: {}", e.message);
     }
+    // Refusals name the times as read, in UTC: a local time given the offset of the wrong
+    // side of a change of daylight saving time (Paris, spring forward: 02:30 does not exist
+    // there, and 03:30 is summer time) is seen for what it is, not as a puzzle.
+    let as_read = [
+        (
+            add(
+                "2027-03-28T02:30:00+01:00",
+                "2027-03-28T03:30:00+02:00",
+                None,
+            ),
+            "end must be after start (read as 2027-03-28T01:30:00Z and 2027-03-28T01:30:00Z",
+        ),
+        (
+            add(
+                "2001-01-01T00:00:00+05:00",
+                "2001-01-01T01:00:00+05:00",
+                None,
+            ),
+            "start is in the past (read as 2000-12-31T19:00:00Z; it is ",
+        ),
+    ];
+    for (req, why) in as_read {
+        let r = ctl(&proxy, req).await;
+        let e = r.error.unwrap_or_else(|| panic!("accepted: {why}"));
+        assert_eq!(e.code, "bad_request", "{why}");
+        assert!(e.message.contains(why), "{why}: {}", e.message);
+    }
     // The refusals left the control plane working.
     assert!(ctl(&proxy, Ctl::Status).await.ok);
     let r = ctl(&proxy, Ctl::ScheduleRemove { id: 42 }).await;

@@ -307,7 +307,11 @@ impl Persisted {
                     // before a client can come back, and `+0s` would be "now": refused alike,
                     // where `+0s` alone was refused as in the past.
                     let Ok(ahead) = u.duration_since(now) else {
-                        return Err(ChangeError::BadValue("until is in the past".into()));
+                        return Err(ChangeError::BadValue(format!(
+                            "until is in the past (read as {}; it is {} now)",
+                            Timestamp(u).rfc3339(),
+                            Timestamp(now).rfc3339()
+                        )));
                     };
                     if ahead < Duration::from_secs(1) {
                         return Err(ChangeError::BadValue(
@@ -507,12 +511,24 @@ impl Persisted {
         if self.schedules.iter().filter(|w| w.end.0 > now).count() >= MAX_WINDOWS {
             return Err(ChangeError::TooManyWindows);
         }
+        // Each refusal names the times as they were read, in UTC: an operator who wrote a
+        // local time with the offset of the wrong side of a change of daylight saving time
+        // (`02:30:00+01:00` to `03:30:00+02:00` is no time at all) sees why.
+        let utc = |t: SystemTime| Timestamp(t).rfc3339();
         if end <= start {
-            return bad("end must be after start");
+            return bad(&format!(
+                "end must be after start (read as {} and {}, in UTC)",
+                utc(end),
+                utc(start)
+            ));
         }
         // A second of slack lets "--start +0s" mean now.
         if start + Duration::from_secs(1) < now {
-            return bad("start is in the past");
+            return bad(&format!(
+                "start is in the past (read as {}; it is {} now)",
+                utc(start),
+                utc(now)
+            ));
         }
         if end.duration_since(now).unwrap_or_default() > MAX_AHEAD {
             return bad("end is more than a year ahead");
@@ -1136,7 +1152,9 @@ mod tests {
                 Err(ChangeError::BadValue(why)) => why,
                 other => panic!("{until:?}: {other:?}"),
             };
-        assert_eq!(refused(t(99)), "until is in the past");
+        let past = refused(t(99));
+        assert!(past.starts_with("until is in the past (read as "), "{past}");
+        assert!(past.contains(&Timestamp(t(99)).rfc3339()), "{past}");
         for ahead in [0, 1, 999] {
             assert_eq!(
                 refused(now + Duration::from_millis(ahead)),
