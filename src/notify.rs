@@ -1293,6 +1293,8 @@ mod tests {
         Limited,
         /// 200 after this long.
         Slow(Duration),
+        /// 301 to this URL.
+        Moved(Uri),
     }
 
     struct Received {
@@ -1352,6 +1354,14 @@ mod tests {
                                 Answer::Gate(gate) => {
                                     gate.acquire().await.unwrap().forget();
                                     200
+                                }
+                                Answer::Moved(to) => {
+                                    let response = http::Response::builder()
+                                        .status(301)
+                                        .header("location", to.to_string())
+                                        .body(Full::new(Bytes::new()))
+                                        .unwrap();
+                                    return Ok(response);
                                 }
                             };
                             let response = http::Response::builder()
@@ -1787,6 +1797,22 @@ mod tests {
         );
         assert_eq!(stats.get(), (1, 0, 0));
         assert_eq!(notifier.pending(), 0);
+    }
+
+    /// A redirect is not followed: it would send the body, signed, wherever `Location` says,
+    /// another host included. It fails the try as a 500 does, and the tries after it go to
+    /// the configured URL alone.
+    #[tokio::test]
+    async fn a_redirect_is_not_followed_and_fails_the_try() {
+        let elsewhere = Receiver::start(Answer::Ok).await;
+        let moved = Receiver::start(Answer::Moved(elsewhere.url.clone())).await;
+        let stats = Arc::new(Counts::default());
+        let notifier = Notifier::start_with(vec![moved.target(None)], stats.clone(), FAST);
+        notifier.send(numbered(1));
+        wait_until("given up", || notifier.pending() == 0).await;
+        assert_eq!(moved.count(), ATTEMPTS as usize);
+        assert_eq!(elsewhere.count(), 0, "the redirect was followed");
+        assert_eq!(stats.get(), (0, 1, 0));
     }
 
     #[tokio::test]
