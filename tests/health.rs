@@ -166,6 +166,46 @@ async fn a_failing_health_endpoint_is_down_and_force_open_forwards_anyway() {
     assert_eq!(proxy_mode(&proxy).await, "outage");
 }
 
+/// An application that answers only the names it serves (Django's `ALLOWED_HOSTS` answers
+/// any other `Host` with 400, as does a virtual host) was checked under the server's own
+/// `host:port`: every check failed, and the whole site showed the outage page while the
+/// application answered its visitors. `health.host` names the site in the checks.
+#[tokio::test(flavor = "multi_thread")]
+async fn health_host_names_the_site_to_an_application_that_checks_the_host() {
+    let up = upstream(|req: Request<Incoming>| async move {
+        let host = req.headers().get("host").and_then(|v| v.to_str().ok());
+        if host == Some("shop.example.com") {
+            Response::new(full(format!("served {}", req.uri().path())))
+        } else {
+            Response::builder()
+                .status(400)
+                .body(full("DisallowedHost"))
+                .unwrap()
+        }
+    })
+    .await;
+    let checks = format!("{FIRST_CHECK_ONLY}path = \"/healthz\"\n");
+    // The server's own name, as before: the check is refused, and the site is down.
+    let proxy = proxy_for(&[&up], &checks).await;
+    wait_mode(&proxy, "outage", Duration::from_secs(5)).await;
+    let h = ctl(&proxy, Ctl::Health).await.health.unwrap();
+    assert!(h[0].last_error.as_deref().unwrap().contains("400"), "{h:?}");
+    drop(proxy);
+
+    let proxy = proxy_for(&[&up], &format!("{checks}host = \"shop.example.com\"\n")).await;
+    assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
+    assert_eq!(proxy_mode(&proxy).await, "normal");
+    // Visitors' requests keep their own Host.
+    let resp = send(
+        Request::get(proxy.url("/page"))
+            .header("host", "shop.example.com")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.body(), "served /page");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn planned_maintenance_stays_when_the_upstream_recovers() {
     let up = app().await;

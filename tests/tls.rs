@@ -878,6 +878,29 @@ fn upstream_acceptor(ca: &Ca, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
     support::tls::acceptor(&cert, &key, alpn)
 }
 
+/// `health.host` goes over HTTP/1.1 to an `https://` server that prefers HTTP/2: beside
+/// HTTP/2's `:authority` (the server as listed), a `Host` naming the site is a duplicate that
+/// nginx (and this server) answer with 400, which would take the server out.
+#[tokio::test]
+async fn a_health_host_reaches_an_https_server_that_prefers_http2() {
+    let ca = Ca::new();
+    let addr = https_upstream(&ca).await;
+    let proxy = trusting(
+        &ca,
+        &format!(
+            "[upstream]\nservers = [\"https://{addr}\"]\n\
+             [health]\nhost = \"shop.example.com\"\ninterval = \"1h\"\ntimeout = \"10s\"\n"
+        ),
+    )
+    .await;
+    assert_eq!(wait_healthy(&proxy).await, Some(true));
+    // Requests still choose HTTP/2 with it.
+    assert_eq!(
+        get(&proxy.url("/via/tls")).await.body(),
+        "secure HTTP/2.0 /via/tls"
+    );
+}
+
 #[tokio::test]
 async fn https_upstreams_are_verified_against_the_configured_ca() {
     let ca = Ca::new();

@@ -251,6 +251,7 @@ pub struct HealthFile {
     pub rise: u32,
     pub fall: u32,
     pub expect: String,
+    pub host: String,
 }
 
 impl Default for HealthFile {
@@ -264,6 +265,7 @@ impl Default for HealthFile {
             rise: 2,
             fall: 3,
             expect: "200-399".into(),
+            host: String::new(),
         }
     }
 }

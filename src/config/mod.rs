@@ -68,6 +68,10 @@ pub struct HealthConfig {
     pub fall: u32,
     /// Inclusive status ranges that count as healthy.
     pub expect: Vec<(u16, u16)>,
+    /// The `Host` an HTTP check names (`None`: the server's own `host:port`), for an
+    /// application that answers only the names it serves (Django's `ALLOWED_HOSTS`, a
+    /// virtual host): its checks failed and took the whole site into `outage`.
+    pub host: Option<http::HeaderValue>,
 }
 
 impl HealthConfig {
@@ -446,6 +450,18 @@ impl Config {
             v.problem(
                 "health.kind",
                 "\"grpc\" checks speak HTTP/2: use h2c:// or https:// servers, or another kind",
+            );
+        }
+        if config.health.host.is_some()
+            && config
+                .upstream
+                .servers
+                .iter()
+                .any(|s| s.protocol == Protocol::H2c)
+        {
+            v.problem(
+                "health.host",
+                "h2c:// servers are checked over HTTP/2, which names the server in :authority, not Host",
             );
         }
         if config.proxy.redirect_https && config.tls.listen.is_empty() {
@@ -1076,6 +1092,7 @@ impl Validator<'_> {
                 vec![(200, 399)]
             }
         };
+        let host = self.health_host(&f.host, kind);
         HealthConfig {
             kind,
             path,
@@ -1087,6 +1104,46 @@ impl Validator<'_> {
             rise: f.rise.max(1),
             fall: f.fall.max(1),
             expect,
+            host,
+        }
+    }
+
+    /// `health.host`: a host name or address, with a port if it is not the default, as a
+    /// `Host` header carries it. Only HTTP checks send one: a TCP check sends nothing, and a
+    /// gRPC check is HTTP/2, which names the server in `:authority`, where a `Host` beside it
+    /// that differs makes the request malformed (RFC 9113 §8.3.1).
+    fn health_host(&mut self, text: &str, kind: HealthKind) -> Option<http::HeaderValue> {
+        if text.is_empty() {
+            return None;
+        }
+        if kind != HealthKind::Http {
+            self.problem(
+                "health.host",
+                "only kind = \"http\" checks send a Host; leave it empty for \"tcp\" and \"grpc\"",
+            );
+            return None;
+        }
+        let authority = text.parse::<http::uri::Authority>().ok().filter(|a| {
+            // No `user@`, which a Host never carries, no empty host (":80"), and a port that
+            // is a number ("shop:port" parses as an authority).
+            let port = a.as_str().get(a.host().len()..).unwrap_or("x");
+            !a.as_str().contains('@')
+                && !a.host().is_empty()
+                && a.as_str() == text
+                && (port.is_empty()
+                    || port
+                        .strip_prefix(':')
+                        .is_some_and(|p| p.parse::<u16>().is_ok_and(|n| n > 0)))
+        });
+        match authority.and_then(|a| http::HeaderValue::from_str(a.as_str()).ok()) {
+            Some(v) => Some(v),
+            None => {
+                self.problem(
+                    "health.host",
+                    format!("{text:?} is not a host as a Host header names it, like \"shop.example.com\" or \"shop.example.com:8443\""),
+                );
+                None
+            }
         }
     }
 
@@ -2783,6 +2840,45 @@ mod tests {
         .is_empty());
         let long = problems("[proxy]\nheader_read_timeout = \"18446744073709551615\"\n");
         assert_eq!(long[0].key, "proxy.header_read_timeout");
+    }
+
+    /// `health.host`: what a `Host` header may carry, for HTTP checks over HTTP/1.1 only.
+    #[test]
+    fn a_health_host_is_a_host_for_http_checks() {
+        let with = |host: &str, rest: &str| format!("[health]\nhost = {host:?}\n{rest}");
+        for good in [
+            "shop.example.com",
+            "shop.example.com:8443",
+            "10.0.0.5",
+            "[::1]:80",
+        ] {
+            let c = Config::parse(&with(good, ""), Path::new("."), None).unwrap();
+            assert_eq!(c.health.host.unwrap(), good);
+        }
+        assert_eq!(
+            Config::parse("", Path::new("."), None).unwrap().health.host,
+            None
+        );
+        for bad in [
+            "user@shop",
+            "shop/x",
+            "shop example",
+            ":80",
+            "shop:port",
+            "shop:0",
+            "shop:",
+            "http://shop",
+        ] {
+            assert_eq!(keys(&with(bad, "")), vec!["health.host"], "{bad}");
+        }
+        for kind in ["tcp", "grpc"] {
+            let rest = format!("kind = {kind:?}\n[upstream]\nservers = [\"h2c://127.0.0.1:1\"]\n");
+            assert_eq!(keys(&with("shop", &rest)), vec!["health.host"], "{kind}");
+        }
+        let h2c = with("shop", "[upstream]\nservers = [\"h2c://127.0.0.1:1\"]\n");
+        assert_eq!(keys(&h2c), vec!["health.host"]);
+        let https = with("shop", "[upstream]\nservers = [\"https://127.0.0.1:1\"]\n");
+        assert!(problems(&https).is_empty());
     }
 
     #[test]

@@ -276,7 +276,7 @@ pub fn https_connector(tcp: HttpConnector, tls: &Arc<rustls::ClientConfig>) -> H
 
 /// The connector for `https://` servers that are not asked for HTTP/2: no ALPN, so the
 /// connection is HTTP/1.1 whatever the server prefers.
-fn https1_connector(tcp: HttpConnector, tls: &Arc<rustls::ClientConfig>) -> HttpsConnector {
+pub fn https1_connector(tcp: HttpConnector, tls: &Arc<rustls::ClientConfig>) -> HttpsConnector {
     hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(rustls::ClientConfig::clone(tls))
         .https_or_http()

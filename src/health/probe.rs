@@ -3,7 +3,7 @@
 
 use crate::body::Body;
 use crate::config::{HealthConfig, HealthKind, Protocol, Upstream};
-use crate::forward::pool::{https_connector, tcp_connector, HttpsConnector};
+use crate::forward::pool::{https1_connector, https_connector, tcp_connector, HttpsConnector};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Uri, Version};
@@ -71,8 +71,16 @@ impl Prober {
                 .http2_only(http2_only);
             b
         };
+        // A `Host` of the operator's goes over HTTP/1.1 only: over HTTP/2 (an `https://` server
+        // that chose it by ALPN) `:authority` names the server, and a `Host` beside it that
+        // differs makes the request malformed (RFC 9113 §8.3.1), which nginx answers with 400.
+        let connector = if config.host.is_some() {
+            https1_connector(tcp.clone(), tls)
+        } else {
+            https_connector(tcp.clone(), tls)
+        };
         Prober {
-            http: builder(false).build(https_connector(tcp.clone(), tls)),
+            http: builder(false).build(connector),
             h2c: builder(true).build(tcp),
             config,
             server,
@@ -203,6 +211,9 @@ impl Prober {
         // a `Host` beside it is a duplicate that nginx answers with 400, taking the server out.
         if self.server.protocol == Protocol::H2c {
             *req.version_mut() = Version::HTTP_2;
+        } else if let (HealthKind::Http, Some(host)) = (self.config.kind, &self.config.host) {
+            // hyper-util's client writes its own only when there is none.
+            req.headers_mut().insert(header::HOST, host.clone());
         }
         Ok(req)
     }
