@@ -1207,7 +1207,7 @@ async fn fetch(
 ) -> Result<(RawSocket, Answer), SendError> {
     // `now` is the attempt's start, which the caller has read: a kept socket's idle time is
     // measured from it rather than from a second reading of the clock.
-    let mut kept = pool.raw_take(server, now);
+    let mut kept = pool.raw_take(server, now, resendable(&bufs.request));
     loop {
         let since = kept.as_ref().map(|(_, since)| *since);
         let mut up = match kept.take() {

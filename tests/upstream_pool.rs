@@ -199,6 +199,44 @@ async fn an_upload_on_a_connection_the_server_closed_while_kept_is_sent_again() 
     }
 }
 
+/// A `POST` cannot be sent again once it may have reached the server, so it goes on a kept
+/// connection only while that one has idled less than a second: past it, a server's own
+/// keep-alive timeout (2 s for gunicorn) may close it as the request arrives, and a healthy
+/// application's client got the outage answer. Through the relay (a small body in one read)
+/// and hyper's path (an HTTP/2 client's) alike.
+#[tokio::test]
+async fn a_post_does_not_go_on_a_connection_idle_past_a_second() {
+    let addr = one_answer_per_connection().await;
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"http://{addr}\"]\n\
+         [health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
+    ))
+    .await;
+    let post = b"POST /order HTTP/1.1\r\nHost: shop.example\r\ncontent-length: 3\r\n\r\nabc";
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let h2 = h2c_client();
+    let h2_post = || {
+        Request::builder()
+            .method("POST")
+            .uri(proxy.url("/order"))
+            .header("content-length", "3")
+            .body(full("abc"))
+            .unwrap()
+    };
+    for round in 0..3 {
+        let relayed = one_answer(&mut client, post).await;
+        let through_hyper = h2.request(h2_post()).await.unwrap().status();
+        assert_eq!(
+            (relayed.as_str(), through_hyper),
+            ("ok", StatusCode::OK),
+            "round {round}"
+        );
+        // The server would close each kept connection as the next request comes: the idle
+        // time itself is what is tested.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+}
+
 /// Each worker keeps upstream connections of its own, whose tasks run on its thread, so that
 /// a forwarded request wakes no other thread: client connections take turns on the two
 /// workers, and each worker opens one upstream connection and keeps it.

@@ -373,6 +373,14 @@ type TimedTcp = Timed<HttpConnector>;
 /// At most this many idle connections are kept per server, as hyper-util's pool was set to.
 const MAX_IDLE_PER_SERVER: usize = 1024;
 
+/// A request that cannot be sent a second time (a `POST`, a streamed upload) goes only on a
+/// kept connection idle for less than this, else on a new one. A server closes a connection
+/// idle past its own keep-alive timeout (2 s for gunicorn, 5 s for Node.js, uvicorn and
+/// Apache) as the next request arrives; a request that may act twice cannot be sent again
+/// then, and its client would get the outage answer from a healthy server. Under load
+/// connections never idle this long, so it costs nothing there.
+const FRESH: Duration = Duration::from_secs(1);
+
 /// How often kept connections are looked over for those idle too long or closed by their
 /// server: a look is a lock and a readiness check per connection kept, mostly no system call.
 const SWEEP: Duration = Duration::from_secs(1);
@@ -714,9 +722,19 @@ impl UpstreamPool {
     /// A kept plain socket to `http://` server `index`, for `crate::relay`, from this
     /// worker's idle list, with when it was last used. `now` is the caller's reading of the
     /// clock (the relay's, taken as its request began), so that a request reads it once.
-    pub fn raw_take(&self, index: usize, now: Instant) -> Option<(RawSocket, Instant)> {
+    /// `replayable`: whether the request can be sent a second time (`idle_limit`).
+    pub fn raw_take(
+        &self,
+        index: usize,
+        now: Instant,
+        replayable: bool,
+    ) -> Option<(RawSocket, Instant)> {
         let server = self.http1.servers.get(index)?;
-        server.raw.local().take(now, self.http1.idle_timeout)
+        let timeout = self.http1.idle_timeout;
+        server
+            .raw
+            .local()
+            .take(now, timeout, idle_limit(timeout, replayable))
     }
 
     /// Gives a socket back after a response read whole from it.
@@ -1011,13 +1029,23 @@ impl RawList {
     /// The most recently used socket that still looks open. Those idle for `timeout` or more
     /// are closed with all older ones. An idle socket has nothing to read: one that became
     /// readable was closed by the server (or sent what nobody asked for) and is dropped.
-    fn take(&self, now: Instant, timeout: Duration) -> Option<(RawSocket, Instant)> {
+    /// One idle for `fresh` or more is left for a request that can be sent again.
+    fn take(
+        &self,
+        now: Instant,
+        timeout: Duration,
+        fresh: Duration,
+    ) -> Option<(RawSocket, Instant)> {
         loop {
             let conn = {
                 let mut conns = lock(&self.conns);
                 let last = conns.last()?;
-                if now.saturating_duration_since(last.since) >= timeout {
+                let idle = now.saturating_duration_since(last.since);
+                if idle >= timeout {
                     conns.clear();
+                    return None;
+                }
+                if idle >= fresh {
                     return None;
                 }
                 conns.pop()?
@@ -1096,13 +1124,18 @@ impl IdleList {
     /// dropped on the way, and those idle for `timeout` or more with all older ones (the list
     /// is in the order connections came back); one whose last response hyper has not finished
     /// with yet is left in place.
-    fn take(&self, now: Instant, timeout: Duration) -> Option<IdleConn> {
+    /// One idle for `fresh` or more is left for a request that can be sent again.
+    fn take(&self, now: Instant, timeout: Duration, fresh: Duration) -> Option<IdleConn> {
         let mut conns = lock(&self.conns);
         let mut i = conns.len();
         while i > 0 {
             i -= 1;
-            if now.saturating_duration_since(conns[i].since) >= timeout {
+            let idle = now.saturating_duration_since(conns[i].since);
+            if idle >= timeout {
                 conns.drain(..=i);
+                return None;
+            }
+            if idle >= fresh {
                 return None;
             }
             if conns[i].sender.is_ready() {
@@ -1216,9 +1249,10 @@ impl Http1Pool {
             // Each turn uses up a kept connection, up to `KEPT_TRIES`, then dials a new one,
             // which is the last turn.
             let mut kept_tries = 0;
+            let fresh = idle_limit(self.idle_timeout, replayable(&req));
             loop {
                 let kept = if kept_tries < KEPT_TRIES {
-                    home.take(now, self.idle_timeout)
+                    home.take(now, self.idle_timeout, fresh)
                 } else {
                     None
                 };
@@ -1391,6 +1425,28 @@ fn tls_closed_unanswered(e: &hyper::Error) -> bool {
 
 /// A copy of `req` to send again, when it can be sent twice without harm: an idempotent
 /// method (RFC 9110 §9.2.2) and no body, or one held whole.
+/// Whether `req` could be sent a second time (`copy_to_replay` would copy it), told without
+/// copying anything.
+fn replayable(req: &Request<Body>) -> bool {
+    super::idempotent(req.method())
+        && match req.body() {
+            Body::Empty => true,
+            Body::Full(Some(_)) => true,
+            Body::Trailed(held) => held.0.is_some(),
+            _ => false,
+        }
+}
+
+/// How long a connection may have been idle to carry a request: `timeout`, or for one that
+/// cannot be sent again (`POST`, a streamed upload) at most `FRESH`.
+fn idle_limit(timeout: Duration, replayable: bool) -> Duration {
+    if replayable {
+        timeout
+    } else {
+        timeout.min(FRESH)
+    }
+}
+
 fn copy_to_replay(req: &Request<Body>) -> Option<Request<Body>> {
     if !super::idempotent(req.method()) {
         return None;
@@ -1653,7 +1709,7 @@ mod kept {
         // Not before the reaper's round: a connection past idle_timeout is not used, however
         // ready it is, and it is closed.
         let later = Instant::now() + timeout;
-        assert!(list.take(later, timeout).is_none());
+        assert!(list.take(later, timeout, timeout).is_none());
         assert_eq!(pool.idle_http1(0), 0);
     }
 
@@ -1867,7 +1923,7 @@ mod kept {
         // Kept idle, it is closed for the next socket at the bound.
         pool.raw_put(1, socket);
         let socket = pool.raw_connect(0).await.unwrap();
-        assert!(pool.raw_take(1, Instant::now()).is_none());
+        assert!(pool.raw_take(1, Instant::now(), true).is_none());
         drop(socket);
         assert_eq!(metrics.open.get(), 0);
         assert!(sockets.acquire(Duration::from_millis(1)).await.is_ok());
