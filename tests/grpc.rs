@@ -689,6 +689,35 @@ async fn maintenance_answers_unavailable_with_message_and_pushback() {
     assert_eq!(server.seen.calls(), 2);
 }
 
+/// A server without the standard Health service answers the check `UNIMPLEMENTED`: the
+/// operator is told that, not a bare "grpc-status 12".
+#[tokio::test]
+async fn a_server_without_the_health_service_is_said_so() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let router = tonic::transport::Server::builder().add_service(EchoServer(seen));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let task = tokio::spawn(async move {
+        router.serve_with_incoming(incoming).await.unwrap();
+    });
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"h2c://{addr}\"]\n[health]\nkind = \"grpc\"\n\
+         interval = \"1h\"\ntimeout = \"10s\"\n"
+    ))
+    .await;
+    wait_mode(&proxy, "outage", Duration::from_secs(10)).await;
+    let health = ctl(&proxy, Ctl::Health).await;
+    let last_error = health.health.unwrap()[0].last_error.clone();
+    assert!(
+        last_error.as_deref().is_some_and(|e| e.contains(
+            "grpc-status 12 (UNIMPLEMENTED): the server has no grpc.health.v1.Health service"
+        )),
+        "{last_error:?}"
+    );
+    task.abort();
+}
+
 #[tokio::test]
 async fn grpc_health_check_drives_outage_and_recovery() {
     let server = grpc_server().await;

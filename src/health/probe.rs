@@ -177,14 +177,16 @@ impl Prober {
                 let trailers = collected.trailers().cloned();
                 let data = collected.to_bytes();
                 // A trailers-only answer carries grpc-status in the headers.
-                let status = trailers
-                    .as_ref()
-                    .and_then(|t| t.get("grpc-status"))
-                    .or_else(|| parts.headers.get("grpc-status"))
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("missing");
+                let field = |name: &str| {
+                    trailers
+                        .as_ref()
+                        .and_then(|t| t.get(name))
+                        .or_else(|| parts.headers.get(name))
+                        .and_then(|v| v.to_str().ok())
+                };
+                let status = field("grpc-status").unwrap_or("missing");
                 if status != "0" {
-                    return Err(format!("grpc-status {status}").into());
+                    return Err(grpc_failure(status, field("grpc-message")).into());
                 }
                 match serving_status(&data) {
                     Some(1) => Ok(()),
@@ -291,5 +293,68 @@ mod tests {
         for (framed, want) in table {
             assert_eq!(serving_status(framed), *want, "{framed:?}");
         }
+    }
+}
+
+/// A failed gRPC check as an operator can act on it: the code's name, the server's own
+/// message (percent-decoded, at most 200 characters), and what the two usual codes mean
+/// here. "grpc-status 12" alone sent people reading the gRPC specification at 3 a.m.
+fn grpc_failure(status: &str, message: Option<&str>) -> String {
+    let name = match status {
+        "1" => "CANCELLED",
+        "2" => "UNKNOWN",
+        "3" => "INVALID_ARGUMENT",
+        "4" => "DEADLINE_EXCEEDED",
+        "5" => "NOT_FOUND",
+        "7" => "PERMISSION_DENIED",
+        "8" => "RESOURCE_EXHAUSTED",
+        "9" => "FAILED_PRECONDITION",
+        "13" => "INTERNAL",
+        "12" => "UNIMPLEMENTED",
+        "14" => "UNAVAILABLE",
+        "16" => "UNAUTHENTICATED",
+        _ => "",
+    };
+    let mut said = format!("grpc-status {status}");
+    if !name.is_empty() {
+        said.push_str(&format!(" ({name})"));
+    }
+    match status {
+        "12" => said.push_str(
+            ": the server has no grpc.health.v1.Health service (register one, or check with \
+             health.kind = \"tcp\")",
+        ),
+        "5" => said.push_str(": the server's Health service does not know the service asked for"),
+        _ => {}
+    }
+    let message = message
+        .map(|m| percent_encoding::percent_decode_str(m).decode_utf8_lossy())
+        .filter(|m| !m.trim().is_empty());
+    if let Some(m) = message {
+        let m: String = m.chars().filter(|c| !c.is_control()).take(200).collect();
+        said.push_str(&format!(" (the server said: {m})"));
+    }
+    said
+}
+
+#[cfg(test)]
+mod grpc_failures {
+    use super::grpc_failure;
+
+    #[test]
+    fn a_failed_grpc_check_names_its_code_and_what_the_server_said() {
+        assert_eq!(
+            grpc_failure("12", None),
+            "grpc-status 12 (UNIMPLEMENTED): the server has no grpc.health.v1.Health service \
+             (register one, or check with health.kind = \"tcp\")"
+        );
+        assert_eq!(
+            grpc_failure("14", Some("db%20down%0A")),
+            "grpc-status 14 (UNAVAILABLE) (the server said: db down)"
+        );
+        assert_eq!(grpc_failure("99", Some("  ")), "grpc-status 99");
+        assert_eq!(grpc_failure("missing", None), "grpc-status missing");
+        let long = "x".repeat(500);
+        assert_eq!(grpc_failure("13", Some(&long)).matches('x').count(), 200);
     }
 }
