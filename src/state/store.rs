@@ -80,6 +80,9 @@ pub fn load(path: &Path) -> Result<Persisted, StoreError> {
         );
         state.updates.drain(..over);
     }
+    for problem in mend_windows(&mut state) {
+        tracing::warn!("state file {}: {problem}", path.display());
+    }
     let mended = mend_texts(&mut state);
     if mended > 0 {
         tracing::warn!(
@@ -131,6 +134,51 @@ fn mend_texts(state: &mut Persisted) -> usize {
     }
     state.updates.retain(|u| !u.message.is_empty());
     mended
+}
+
+/// Holds the windows of a file edited by hand to what `schedule add` can leave: in order of
+/// their start, each ending after it starts, each id its own. A window that ends before it
+/// starts was told as "ended while the proxy was down"; two with one id were both removed by
+/// one `schedule remove`. What was mended, one sentence each, for the log.
+fn mend_windows(state: &mut Persisted) -> Vec<String> {
+    let mut said = Vec::new();
+    state.schedules.retain(|w| {
+        let keep = w.end > w.start;
+        if !keep {
+            said.push(format!(
+                "window {} ends ({}) before it starts ({}), as no schedule add leaves one: dropped",
+                w.id,
+                w.end.rfc3339(),
+                w.start.rfc3339()
+            ));
+        }
+        keep
+    });
+    state.schedules.sort_by_key(|w| w.start);
+    let mut next = state
+        .schedules
+        .iter()
+        .map(|w| w.id.saturating_add(1))
+        .max()
+        .unwrap_or(1)
+        .max(state.next_window_id)
+        .max(1);
+    let mut seen = std::collections::HashSet::new();
+    for w in &mut state.schedules {
+        if seen.insert(w.id) {
+            continue;
+        }
+        said.push(format!(
+            "two windows have id {}: the one from {} is window {next} now",
+            w.id,
+            w.start.rfc3339()
+        ));
+        w.id = next;
+        seen.insert(next);
+        next = next.saturating_add(1);
+    }
+    state.next_window_id = next;
+    said
 }
 
 /// Whether the start could load the state file, for `check`: read and parsed as `load`
@@ -410,6 +458,38 @@ mod tests {
         assert_eq!(loaded.planned.map(|p| p.reason), Some(None));
         let updates: Vec<&str> = loaded.updates.iter().map(|u| u.message.as_str()).collect();
         assert_eq!(updates, ["\u{200b}kept"]);
+    }
+
+    /// A file edited by hand holds no window `schedule add` could not leave: one that ends
+    /// before it starts is dropped, two with one id are told apart (so that `schedule remove`
+    /// takes one), and they are read in order of their start.
+    #[test]
+    fn windows_edited_by_hand_are_held_to_what_schedule_add_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let text = r#"{"version":1,"next_window_id":2,"schedules":[
+            {"id":3,"start":"2030-01-02T00:00:00Z","end":"2030-01-02T01:00:00Z","by":"ops"},
+            {"id":3,"start":"2030-01-01T00:00:00Z","end":"2030-01-01T01:00:00Z","by":"ops"},
+            {"id":4,"start":"2030-01-03T01:00:00Z","end":"2030-01-03T00:00:00Z","by":"ops"}]}"#;
+        std::fs::write(&path, text).unwrap();
+        let loaded = load(&path).unwrap();
+        let windows: Vec<(u64, String)> = loaded
+            .schedules
+            .iter()
+            .map(|w| (w.id, w.start.rfc3339()))
+            .collect();
+        assert_eq!(
+            windows,
+            [
+                (3, "2030-01-01T00:00:00Z".to_owned()),
+                (4, "2030-01-02T00:00:00Z".to_owned())
+            ]
+        );
+        assert_eq!(loaded.next_window_id, 5);
+        // What a change leaves is read as it is.
+        let mut again = loaded.clone();
+        assert!(mend_windows(&mut again).is_empty());
+        assert_eq!(again, loaded);
     }
 
     /// A new state file is readable by its owner alone (it holds the internal reasons); a
