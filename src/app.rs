@@ -583,13 +583,21 @@ pub async fn run_until_signal(config: Config) -> Result<(), RunError> {
     // would leave the control socket and the state lock behind. Dropping the shutdown
     // drops what it owns (the socket unbound, the lock let go); the process then exits and
     // the connections still open are closed with it, as nginx's fast stop does.
-    tokio::select! {
-        _ = running.shutdown() => {}
-        sig = terminate.recv() => {
-            tracing::warn!("{sig} received again; stopping now, closing the connections still open");
-            // What the webhooks still hold is counted and logged as not delivered, not lost
-            // without a word.
-            notifier.finish(tokio::time::Instant::now()).await;
+    let shutdown = running.shutdown();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            sig = terminate.recv() => {
+                tracing::warn!("{sig} received again; stopping now, closing the connections still open");
+                // What the webhooks still hold is counted and logged as not delivered, not
+                // lost without a word.
+                notifier.finish(tokio::time::Instant::now()).await;
+                break;
+            }
+            // A certbot hook or a `systemctl reload` during the stop: said, not silently
+            // dropped (the next process reads the config anyway).
+            _ = hup.recv() => tracing::warn!("SIGHUP received while stopping: no reload"),
         }
     }
     Ok(())

@@ -2845,3 +2845,57 @@ async fn a_passed_socket_the_config_does_not_name_stops_the_start() {
         .iter()
         .any(|l| l.contains("passed by the service manager")));
 }
+
+/// A SIGHUP during the drain (a certbot hook, `systemctl reload` as the service stops) is
+/// said in the log, not dropped without a word, and the stop goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sighup_while_stopping_is_said_and_the_stop_goes_on() {
+    let arrived = Arc::new(AtomicBool::new(false));
+    let seen = arrived.clone();
+    let up = upstream(move |_req: Request<Incoming>| {
+        let seen = seen.clone();
+        async move {
+            seen.store(true, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            Response::new(full("finished"))
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\n[health]\nkind = \"tcp\"\n",
+            up.url()
+        ),
+    );
+    let url = proxy.url("/slow");
+    let in_flight = tokio::spawn(async move { get(&url).await });
+    assert!(wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)).await);
+    proxy.signal("TERM");
+    assert!(
+        wait_until(Duration::from_secs(10), || proxy
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("shutting down")))
+        .await
+    );
+    proxy.signal("HUP");
+    assert!(
+        wait_until(Duration::from_secs(10), || proxy
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("SIGHUP received while stopping: no reload")))
+        .await,
+        "{:?}",
+        proxy.log_lines()
+    );
+    assert_eq!(in_flight.await.unwrap().body(), "finished");
+    let (status, _proxy) = tokio::task::spawn_blocking(move || {
+        let mut proxy = proxy;
+        (proxy.wait_exit(Duration::from_secs(20)), proxy)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "did not exit 0");
+}
