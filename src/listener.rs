@@ -48,7 +48,8 @@ use tokio_rustls::TlsAcceptor;
 /// once), so a counter does what a semaphore's permit would, in one pointer instead of two
 /// words: every parked connection keeps its `Slot`, and its state has no room to spare (see
 /// `park::parked`). The maximum is the snapshot's at each accept, so a reload applies to the
-/// next connection; lowering it closes none of those already open.
+/// next connection; lowering it closes none of those already open at once (the next ones
+/// at the limit close idle ones to come back to it, `make_room`).
 ///
 /// At the limit, the connection idle longest makes room for a new one (`make_room`), as
 /// nginx reuses its idle connections: otherwise clients that open connections and leave
@@ -122,21 +123,37 @@ impl Limit {
 
     /// A slot beyond `max`, given back by an idle connection (between requests, or before
     /// its first): the one idle longest, woken to close. The count runs over `max` for the
-    /// moment those picked take to go (the descriptors' headroom covers it), never further:
-    /// over it already (a lowered limit, or a picked connection that a request woke first and
-    /// so stays), there is none.
+    /// moment those picked take to go (the descriptors' headroom covers it). Over it already
+    /// (a lowered limit, or picked connections that a request woke first and so stay: under
+    /// a burst of new connections on a busy machine, hundreds), the next idle ones are picked
+    /// too, up to `PAYBACK` at a time, so that the count comes back to `max`: refusing while
+    /// over it, as this did, refused every new client for as long as the busy connections
+    /// kept it there, with every open one idle (helper-139's soak: 440 open at a limit of
+    /// 256, new clients refused 62 % of an hour).
     pub fn make_room(self: &Arc<Limit>, max: usize) -> Option<Slot> {
         let mut idlers = self.idlers();
-        let closing = self.closing.load(Ordering::Relaxed);
-        if self.open.load(Ordering::Relaxed).saturating_sub(closing) > max {
-            return None;
-        }
         let (_, picked) = idlers.waiting.pop_first()?;
-        self.closing.fetch_add(1, Ordering::Relaxed);
+        let closing = self.closing.load(Ordering::Relaxed);
+        let over = (self.open.load(Ordering::Relaxed).saturating_sub(closing))
+            .saturating_sub(max)
+            .min(PAYBACK);
+        let mut more: [Option<Waker>; PAYBACK] = Default::default();
+        let mut paid = 0;
+        while paid < over {
+            let Some((_, waker)) = idlers.waiting.pop_first() else {
+                break;
+            };
+            more[paid] = Some(waker);
+            paid += 1;
+        }
+        self.closing.fetch_add(1 + paid, Ordering::Relaxed);
         self.open.fetch_add(1, Ordering::Relaxed);
         self.picks.fetch_add(1, Ordering::Relaxed);
         drop(idlers);
         picked.wake();
+        for waker in more.into_iter().flatten() {
+            waker.wake();
+        }
         Some(Slot(self.clone()))
     }
 
@@ -220,6 +237,11 @@ impl Drop for Slot {
     }
 }
 
+/// How many idle connections one new client's `Limit::make_room` closes beyond its own, to
+/// bring a count over the limit back to it: each newcomer at the limit pays some of the excess
+/// back, and the work under the lock stays small.
+const PAYBACK: usize = 8;
+
 /// The `ticket` of a connection that is not to be picked (`Closable::never`).
 const NOT_IDLE: u64 = u64::MAX;
 /// The `ticket` of a connection that was picked and has seen it: closing, and counted in
@@ -292,7 +314,8 @@ impl Closable {
 
     /// Not idle now (a request came): back of the line when it idles again. An atomic swap
     /// when it was not among the idle ones, as it is not on a busy connection. Picked in the
-    /// meantime, it stays, over the limit (`Limit::make_room`).
+    /// meantime, it stays, over the limit, until the next connections to make room pay the
+    /// excess back (`Limit::make_room`).
     pub fn busy(&self) {
         let ticket = self.ticket.swap(0, Ordering::Relaxed);
         if ticket == 0 || ticket == NOT_IDLE {

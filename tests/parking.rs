@@ -1052,13 +1052,15 @@ async fn the_cap_spares_trusted_proxies_and_0_turns_it_off() {
     );
 }
 
-/// Making room never undoes a lowered limit: with more open than the new maximum, a new
-/// client is refused, and the idle connections are left alone.
+/// More open than the limit (a lowered one here; under a burst, picked connections that a
+/// request woke first and so stayed) is paid back as new clients come: a new client is served
+/// by closing idle connections, its own and the excess, so the count comes back to the limit.
+/// Refusing while over it refused every new client with every open connection idle.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_lowered_max_connections_refuses_rather_than_makes_room() {
-    let (_up, proxy) = app_and_proxy("max_connections = 2").await;
+async fn over_a_lowered_max_connections_new_clients_are_served_as_idle_ones_close() {
+    let (_up, proxy) = app_and_proxy("max_connections = 3").await;
     let mut idle = Vec::new();
-    for n in 1..=2 {
+    for n in 1..=3 {
         let mut s = TcpStream::connect(proxy.addr).await.unwrap();
         s.write_all(b"GET /idle HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
@@ -1068,7 +1070,7 @@ async fn a_lowered_max_connections_refuses_rather_than_makes_room() {
         idle.push(s);
     }
     edit_config(&proxy, |text| {
-        text.replace("max_connections = 2", "max_connections = 1")
+        text.replace("max_connections = 3", "max_connections = 1")
     });
     assert!(
         ctl(&proxy, intermission::control::protocol::Request::Reload)
@@ -1076,14 +1078,23 @@ async fn a_lowered_max_connections_refuses_rather_than_makes_room() {
             .ok
     );
     let out = new_client(&proxy).await;
-    assert_eq!(out, "", "a new client over the lowered limit was served");
+    assert!(
+        out.ends_with("app saw /new"),
+        "a new client over the lowered limit was refused with every connection idle: {out:?}"
+    );
+    // The three idle ones made room: one for the new client, two to come back to the limit.
     for s in &mut idle {
-        s.write_all(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let resp = read_response(s).await;
-        assert!(resp.ends_with("app saw /again"), "{resp}");
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0) | Err(_))),
+            "an idle connection over the limit stayed open"
+        );
     }
+    assert_eq!(
+        series_reaches(&proxy, "intermission_client_connections", 0.0).await,
+        Some(0.0)
+    );
 }
 
 /// A WebSocket tunnel is an open connection: it counts against `max_connections` for as long
