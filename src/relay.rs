@@ -1,8 +1,9 @@
 //! Forwarding plain HTTP/1.1 exchanges without hyper: on a keep-alive connection, plaintext or
 //! TLS (`Client`), a `GET`, `HEAD`, `POST`, `PUT`, `PATCH`, `DELETE` or `OPTIONS` with no body,
 //! or with a `Content-Length` body whole in what one read holds, is checked and rewritten from
-//! its own bytes, written with its body to a kept upstream socket, and the answer's head is
-//! rewritten and written back with its body, all in the connection's own task.
+//! its own bytes, written with its body to a kept upstream socket (a TLS session to an
+//! `https://` server, `RawStream`), and the answer's head is rewritten and written back with
+//! its body, all in the connection's own task.
 //!
 //! Two general-purpose hyper connections joined by channels cost some 33,600 user-space
 //! instructions per forwarded request, where nginx spends 18,700 and a relay with no features
@@ -17,8 +18,10 @@
 //! digits, `Upgrade`, `Expect`, `TE`, a `Connection` other than `keep-alive`, no `Host` or
 //! several, HTTP/1.0, an incomplete, oversized or malformed head, a reserved path, a held
 //! request (but a plain one, answered here from its encoding as a parked connection answers
-//! it, `fast::held`), `intercept_statuses`, `redirect_https` on plaintext, a server that is not
-//! `http://`, and every request once a drain has begun. So hyper still answers every error to
+//! it, `fast::held`), `intercept_statuses`, `redirect_https` on plaintext, an `h2c://` server or
+//! an `https://` one not known to choose HTTP/1.1 (each is asked once, before the first request
+//! taken, `UpstreamPool::learn`: one that chooses HTTP/2 stays hyper's), and every request once
+//! a drain has begun. So hyper still answers every error to
 //! a client. The access log line is written here as hyper's path writes it
 //! (`logging::AccessLine`).
 //!
@@ -35,8 +38,14 @@
 //! it closes the client's connection, as hyper does when a body breaks. A client that closes
 //! its connection before its answer is whole has its request given up, as hyper's server gives
 //! it up (`wait`). Header names keep the case the peer gave them (hyper's would be lowercase).
+//!
+//! To an `https://` server the exchange is the same over a TLS session: the request is flushed
+//! out of rustls once written (`send`), any failure before the answer's head on a kept session
+//! counts as the server's close, as on hyper's path (`fetch`), and a kept session is read
+//! through rustls while it idles, so that a ticket or `KeyUpdate` is no stray byte and a
+//! `close_notify` a close (`RawStream`).
 
-use crate::forward::pool::{RawSocket, SendError, UpstreamPool};
+use crate::forward::pool::{RawSocket, RawStream, SendError, UpstreamPool};
 use crate::forward::{self, UpstreamError};
 use crate::gateway::{self, Conn};
 use crate::h1;
@@ -517,6 +526,15 @@ async fn relay<C: Client>(
                 None if head_partial(input) => Prepared::Partial,
                 None => Prepared::Hyper,
             };
+        }
+        // A request that could be forwarded here while an `https://` server's protocol is
+        // not known: asked once per server (boxed: only then is its room paid for). One that
+        // chose HTTP/2, or could not be asked, is hyper's, as is every request to it.
+        if matches!(prepared, Prepared::Take(_))
+            && !snap.pool.relayable()
+            && !Box::pin(snap.pool.learn()).await
+        {
+            prepared = Prepared::Hyper;
         }
         let (head, forward) = match prepared {
             Prepared::Take(head) if !drain.started() => (head, true),
@@ -1228,7 +1246,7 @@ async fn fetch(
     }
 }
 
-async fn send(bufs: &mut Set, up: &mut TcpStream) -> Result<Answer, Failure> {
+async fn send(bufs: &mut Set, up: &mut RawStream) -> Result<Answer, Failure> {
     // A request of which some bytes went out may have reached the server: its failure is
     // `Early`, which a `POST` is not sent again after, not `Unsent`.
     let mut written = 0;
@@ -1245,6 +1263,11 @@ async fn send(bufs: &mut Set, up: &mut TcpStream) -> Result<Answer, Failure> {
             0 => Failure::Unsent(failed),
             _ => Failure::Early(failed),
         });
+    }
+    // rustls takes the request whole and writes what the socket takes: the rest of its
+    // records go out here, or the server would wait for them as the relay waits for it.
+    if up.buffered() {
+        up.flush().await.map_err(Failure::Early)?;
     }
     bufs.answer.clear();
     bufs.answer.reserve(COPY_BUF);
@@ -1678,7 +1701,7 @@ async fn respond<C: Client>(
 async fn piece<C: Client>(
     sock: &mut C,
     watch: &mut bool,
-    up: &mut TcpStream,
+    up: &mut RawStream,
     buf: &mut Vec<u8>,
     by: Deadline<'_>,
     snap: &Snapshot,
@@ -1706,7 +1729,7 @@ fn stalled(snap: &Snapshot, server: usize) -> std::io::Error {
 /// doubles it, up to `MAX_COPY_BUF`, so that a large body moves in fewer system calls, as
 /// hyper's adaptive read buffer does; `serve` lets a grown buffer go after the answer, and
 /// `put_piece` when the client stalls, after which it starts again from `COPY_BUF`.
-async fn next_piece(up: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+async fn next_piece(up: &mut RawStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
     let filled = buf.len() == buf.capacity();
     buf.clear();
     if buf.capacity() < COPY_BUF {

@@ -5,6 +5,7 @@
 //! through the proxy, then `GET /end`, and a client must get the server's answer whole when it
 //! was, else the outage answer or, once the head has left, that head with its body cut short
 //! (never passed on as whole), within the configured timeouts; and the next request is served.
+//! The requests are plain ones, which the relay forwards over TLS sessions of its own.
 //! Then handshakes that go wrong, on the first connection of either ALPN outcome and on one the
 //! HTTP/1.1 path dials later: stalled (bounded by `connect_timeout`), closed, answered in plain
 //! HTTP or garbage, a certificate that fails verification. The faults within HTTP/2 answers
@@ -344,6 +345,8 @@ async fn run_lane(
     let alpn: &[&[u8]] = if lane % 2 == 0 { &[b"http/1.1"] } else { &[] };
     let (up, came) = server(&tls, alpn, cases.clone()).await;
     let proxy = proxy(&tls, up).await;
+    // The cases are the relay's, which reads the server's TLS sessions itself.
+    assert_path_on(TcpStream::connect(proxy.addr).await.unwrap(), true).await;
     let mut failures = Vec::new();
     for n in (lane..cases.len()).step_by(LANES) {
         if only.is_some_and(|only| only != n) {
@@ -604,7 +607,12 @@ async fn serve_well_on(tls: tokio_rustls::server::TlsStream<TcpStream>) {
         }
         Ok::<_, std::convert::Infallible>(resp.body(full("end")).unwrap())
     });
-    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+    // Header names in title case, which the relay passes on as written and hyper's path
+    // lowercases (`assert_path_on`).
+    let mut server =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    server.http1().title_case_headers(true);
+    let _ = server
         .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
         .await;
 }
@@ -618,7 +626,7 @@ async fn ask(proxy: &Proxy, path: &str) -> (Answers, Duration) {
 }
 
 /// Each way a handshake goes wrong, on the proxy's first connection to a server that chooses
-/// HTTP/2 or HTTP/1.1, and on one the HTTP/1.1 path dials later (after a `Connection: close`):
+/// HTTP/2 or HTTP/1.1, and on one the relay dials later (after a `Connection: close`):
 /// the outage answer, within `connect_timeout` of stalling (well before `response_timeout`);
 /// and once the server handshakes again, the next request is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -667,6 +675,9 @@ async fn handshake_case(certs: &Certs, how: Handshake, h2: bool, warm: bool) -> 
     );
     let proxy = certs.trusted.trusting(&config).await;
     if warm {
+        // The relay's own session, dialed once the server is known to speak HTTP/1.1, is the
+        // one the warm-up closes: the handshake that fails is then the relay's.
+        assert_path_on(TcpStream::connect(proxy.addr).await.unwrap(), true).await;
         let (got, _) = ask(&proxy, "/warm").await;
         if got.0.first().map(String::as_str) != Some(END) {
             return Err(format!("the warm-up got {got:?}"));

@@ -1998,3 +1998,200 @@ async fn over_tls_an_answer_cut_short_ends_without_close_notify() {
         );
     }
 }
+
+/// An `https://` server offering HTTP/1.1 by ALPN, on raw TLS sessions, answering each request
+/// `ok` with a header whose name's case the relay keeps. By path, after the answer: `/notify`
+/// ends the session with `close_notify`, `/fin` with a bare TCP close, `/key-update` sends a
+/// `KeyUpdate` (a record with no data, as a session ticket is) and goes on. The first
+/// `/vanish` and `/vanish-fin` are read and their session ended unanswered (with
+/// `close_notify`, or without), as keep-alive's race ends one as a request arrives.
+struct TlsUp {
+    addr: SocketAddr,
+    /// Each request's path, with the number of the session it came on.
+    seen: Arc<Mutex<Vec<(usize, String)>>>,
+    /// Sessions the server ended.
+    ended: Arc<AtomicUsize>,
+}
+
+impl TlsUp {
+    fn seen(&self, path: &str) -> Vec<usize> {
+        let seen = self.seen.lock().unwrap();
+        seen.iter()
+            .filter(|(_, p)| p == path)
+            .map(|(s, _)| *s)
+            .collect()
+    }
+}
+
+async fn tls_up(tls: &Tls) -> TlsUp {
+    let acceptor = tls.acceptor(&[b"http/1.1"]);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let ended = Arc::new(AtomicUsize::new(0));
+    let vanished = Arc::new(Mutex::new(std::collections::HashSet::new()));
+    let (seen_by, ended_by) = (seen.clone(), ended.clone());
+    tokio::spawn(async move {
+        let mut sessions = 0;
+        while let Ok((sock, _)) = listener.accept().await {
+            sessions += 1;
+            let session = sessions;
+            let (acceptor, seen, ended) = (acceptor.clone(), seen_by.clone(), ended_by.clone());
+            let vanished = vanished.clone();
+            tokio::spawn(async move {
+                // A health check over TCP ends in the handshake.
+                let Ok(tls) = acceptor.accept(sock).await else {
+                    return;
+                };
+                let faulty = Faulty::new(tls);
+                let mut sock = faulty.clone();
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        if !support::fuzz::read_more(&mut sock, &mut buf).await {
+                            return;
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+                    seen.lock().unwrap().push((session, path.clone()));
+                    let fault = match path.as_str() {
+                        "/vanish" => Some(Fault::CloseNotify),
+                        "/vanish-fin" => Some(Fault::Drop),
+                        _ => None,
+                    };
+                    if let Some(fault) = fault {
+                        if vanished.lock().unwrap().insert(path.clone()) {
+                            faulty.commit(fault).await;
+                            ended.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                    }
+                    let answer =
+                        b"HTTP/1.1 200 OK\r\nX-Upstream-Case: Kept\r\nContent-Length: 2\r\n\r\nok";
+                    if sock.write_all(answer).await.is_err() || sock.flush().await.is_err() {
+                        return;
+                    }
+                    let fault = match path.as_str() {
+                        "/notify" => Fault::CloseNotify,
+                        "/fin" => Fault::Drop,
+                        "/key-update" => Fault::KeyUpdates(1),
+                        _ => continue,
+                    };
+                    let went_on = faulty.commit(fault).await;
+                    if fault != Fault::KeyUpdates(1) || !went_on {
+                        ended.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    TlsUp { addr, seen, ended }
+}
+
+/// A proxy of the `https://` server `up`, trusting `tls`, with one worker (so that requests
+/// share its kept sessions) and an `idle_timeout` whose sweep looks at them every second.
+async fn tls_up_proxy(tls: &Tls, up: &TlsUp) -> Proxy {
+    tls.trusting(&format!(
+        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"https://{}\"]\nidle_timeout = \"4s\"\n\
+         [health]\nkind = \"tcp\"\ninterval = \"1h\"\n",
+        up.addr
+    ))
+    .await
+}
+
+/// Requests to an `https://` server that speaks HTTP/1.1 are relayed, the first one too (the
+/// relay learns the server's protocol before it), over one kept TLS session, and reach it as
+/// they would over `http://`.
+#[tokio::test]
+async fn requests_to_an_https_http1_server_are_relayed_on_a_kept_session() {
+    let tls = Tls::new();
+    let up = tls_up(&tls).await;
+    let proxy = tls_up_proxy(&tls, &up).await;
+    let mut client = Client::connect(proxy.addr).await;
+    for i in 0..3 {
+        let a = client.get("/").await;
+        assert!(a.relayed() && a.body == b"ok", "request {i}: {}", a.head);
+    }
+    let post = "POST /post HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 5\r\n\r\nhello";
+    client.send(post).await;
+    let a = client.read().await;
+    assert!(a.relayed() && a.body == b"ok", "{}", a.head);
+    let mut other = Client::connect(proxy.addr).await;
+    assert!(other.get("/").await.relayed());
+    let sessions = up.seen("/");
+    assert_eq!(sessions.len(), 4);
+    assert!(
+        sessions
+            .iter()
+            .chain(&up.seen("/post"))
+            .all(|&s| s == sessions[0]),
+        "one session kept for all: {sessions:?}"
+    );
+}
+
+/// A kept TLS session its server ended while it idled, with `close_notify` or a bare close,
+/// is not used for the next request, which is served on a new one, sent once; one that got a
+/// record with no data (a `KeyUpdate`, as a session ticket) while it idled is still used.
+#[tokio::test]
+async fn a_kept_tls_session_is_let_go_when_its_server_ends_it_and_kept_for_other_records() {
+    let tls = Tls::new();
+    let up = tls_up(&tls).await;
+    let proxy = tls_up_proxy(&tls, &up).await;
+    let mut client = Client::connect(proxy.addr).await;
+    for path in ["/notify", "/fin"] {
+        let ended = up.ended.load(Ordering::SeqCst);
+        let before = up.seen("/").len();
+        let a = client.get(path).await;
+        assert!(a.relayed() && a.status() == 200, "{path}: {}", a.head);
+        let closed = wait_until(Duration::from_secs(5), || {
+            up.ended.load(Ordering::SeqCst) > ended
+        })
+        .await;
+        assert!(closed, "{path}: the server ended its session");
+        let a = client.get("/").await;
+        assert!(a.relayed() && a.body == b"ok", "after {path}: {}", a.head);
+        let seen = up.seen("/");
+        assert_eq!(seen.len(), before + 1, "after {path}: sent once");
+        let ended_on = up.seen(path)[0];
+        assert_ne!(seen[before], ended_on, "after {path}: on a new session");
+    }
+    let a = client.get("/key-update").await;
+    assert!(a.relayed() && a.status() == 200, "{}", a.head);
+    // Nothing tells when the record has reached the proxy: long enough for it to, and for
+    // the sweep of idle sessions (every second) to have looked at the session.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let a = client.get("/").await;
+    assert!(
+        a.relayed() && a.body == b"ok",
+        "after a KeyUpdate: {}",
+        a.head
+    );
+    let on = up.seen("/key-update")[0];
+    assert_eq!(up.seen("/").last(), Some(&on), "the session was kept");
+}
+
+/// A kept TLS session its server ends as the next request arrives, unanswered (with
+/// `close_notify` or without), costs that request a second try on a new session, as over
+/// `http://`, and its client gets the answer, not the outage response.
+#[tokio::test]
+async fn a_request_on_a_kept_tls_session_the_server_ends_is_sent_again_once() {
+    let tls = Tls::new();
+    let up = tls_up(&tls).await;
+    let proxy = tls_up_proxy(&tls, &up).await;
+    let mut client = Client::connect(proxy.addr).await;
+    for path in ["/vanish", "/vanish-fin"] {
+        let a = client.get("/").await;
+        assert!(a.relayed(), "{}", a.head);
+        let kept = *up.seen("/").last().unwrap();
+        let a = client.get(path).await;
+        assert!(a.relayed() && a.body == b"ok", "{path}: {}", a.head);
+        let sessions = up.seen(path);
+        assert_eq!(sessions.len(), 2, "{path}: sent twice: {sessions:?}");
+        assert_eq!(sessions[0], kept, "{path}: first on the kept session");
+        assert_ne!(sessions[1], kept, "{path}: then on a new one");
+    }
+}

@@ -3,7 +3,9 @@
 //! Connections are kept open between requests, so that a busy proxy reuses them instead of
 //! leaving a TIME_WAIT socket per request. Plain `http://` servers, the common case and the
 //! hot path, are reached through hyper's own HTTP/1.1 connections pooled here (`Http1Pool`),
-//! and so are `https://` servers that speak HTTP/1.1, over TLS; `h2c://` servers, and `https://` servers that choose HTTP/2 by ALPN, through
+//! and so are `https://` servers that speak HTTP/1.1, over TLS; the relay's sockets to both
+//! (`RawStream`: TLS sessions to an `https://` server) are pooled beside them (`RawList`);
+//! `h2c://` servers, and `https://` servers that choose HTTP/2 by ALPN, through
 //! HTTP/2 connections kept here by each worker, as many as the streams in use need (`H2Slot`,
 //! `UpstreamPool::h2`): only here is an `https://`
 //! server's protocol known before the request's host is named (`https_over_h2`), and only
@@ -105,6 +107,12 @@ pub struct UpstreamPool {
     /// By server index: the `https://` server chose HTTP/1.1 when offered HTTP/2, so its
     /// requests go to `Http1Pool` without dialing to ask again. Shared by the workers.
     https_http1: Vec<AtomicBool>,
+    /// How many `https://` servers are not known to choose HTTP/1.1: the relay takes requests
+    /// only once none is (`relayable`), since it cannot speak HTTP/2.
+    https_unknown: AtomicUsize,
+    /// By server index: the relay asked the `https://` server its protocol (`learn`), which
+    /// it does once, so that a server down or choosing HTTP/2 costs no dial per request.
+    asked: Vec<AtomicBool>,
     next: AtomicUsize,
 }
 
@@ -453,6 +461,18 @@ impl UpstreamPool {
                 .iter()
                 .map(|_| AtomicBool::new(false))
                 .collect(),
+            https_unknown: AtomicUsize::new(
+                config
+                    .servers
+                    .iter()
+                    .filter(|s| s.protocol == Protocol::Https)
+                    .count(),
+            ),
+            asked: config
+                .servers
+                .iter()
+                .map(|_| AtomicBool::new(false))
+                .collect(),
             tls,
             next: AtomicUsize::new(0),
         })
@@ -675,7 +695,9 @@ impl UpstreamPool {
             // The connection is dropped unused: it is made once per server, and hyper-util's
             // client cannot take it.
             if let Some(http1) = http1 {
-                http1.store(true, Ordering::Relaxed);
+                if !http1.swap(true, Ordering::Relaxed) {
+                    self.https_unknown.fetch_sub(1, Ordering::Relaxed);
+                }
             }
             return Ok(None);
         };
@@ -719,8 +741,46 @@ impl UpstreamPool {
         Ok(Some(handshake_h2(io).await?))
     }
 
-    /// A kept plain socket to `http://` server `index`, for `crate::relay`, from this
-    /// worker's idle list, with when it was last used. `now` is the caller's reading of the
+    /// Whether the relay can reach every server: each is `http://`, or `https://` and known
+    /// to choose HTTP/1.1 (`https_http1`). A plain load on the relay's hot path.
+    pub fn relayable(&self) -> bool {
+        self.https_unknown.load(Ordering::Relaxed) == 0
+    }
+
+    /// Learns which protocol each `https://` server not yet known chooses, as a request on
+    /// hyper's path learns it (`dial_h2`: a connection offering HTTP/2 and HTTP/1.1, kept when
+    /// the server chooses HTTP/2, let go when it chooses HTTP/1.1); whether the relay can now
+    /// reach every server (`relayable`). Asked once per server by the relay: without it, the
+    /// first requests of every client connection went to hyper's path, and a busy keep-alive
+    /// connection stays there. A server that fails the dial, or chooses HTTP/2, is left to
+    /// hyper's path, which asks it again for each of its requests while it is not known.
+    pub async fn learn(&self) -> bool {
+        let clients = self.clients.local();
+        for (index, server) in self.servers.iter().enumerate() {
+            let (Some(slot), Some(http1), Some(asked)) = (
+                clients.h2.get(index),
+                self.https_http1.get(index),
+                self.asked.get(index),
+            ) else {
+                continue;
+            };
+            if server.protocol != Protocol::Https
+                || http1.load(Ordering::Relaxed)
+                || asked.swap(true, Ordering::Relaxed)
+            {
+                continue;
+            }
+            // A stream taken on an HTTP/2 connection the server chose is given back at once;
+            // the connection stays kept for hyper's path.
+            if let Err(e) = self.dial_h2(index, slot, Some(http1), None, true).await {
+                tracing::debug!(error = %e, "could not learn an https:// server's protocol");
+            }
+        }
+        self.relayable()
+    }
+
+    /// A kept socket to `http://` server `index`, or TLS session to `https://` one, for
+    /// `crate::relay`, from this worker's idle list, with when it was last used. `now` is the caller's reading of the
     /// clock (the relay's, taken as its request began), so that a request reads it once.
     /// `replayable`: whether the request can be sent a second time (`idle_limit`).
     pub fn raw_take(
@@ -746,7 +806,10 @@ impl UpstreamPool {
 
     /// A new plain socket to `http://` server `index`, opened by the connector hyper's
     /// connections use (`connect_timeout` shared across the server's addresses, happy
-    /// eyeballs, `TCP_NODELAY`, TCP keepalive).
+    /// eyeballs, `TCP_NODELAY`, TCP keepalive); to an `https://` one, a TLS session opened as
+    /// hyper's HTTP/1.1 connections open theirs (`Http1Pool::tls`: no ALPN, the server's host
+    /// name for SNI and the certificate's check, `upstream.ca_file`, the handshake within
+    /// `connect_timeout`).
     pub async fn raw_connect(&self, index: usize) -> Result<RawSocket, SendError> {
         let server = self
             .http1
@@ -754,8 +817,24 @@ impl UpstreamPool {
             .get(index)
             .ok_or_else(|| SendError::Connect("no such server".into()))?;
         self.http1.start_reaper();
+        if server.dial.scheme() == Some(&http::uri::Scheme::HTTPS) {
+            // Boxed: the rare path must not make every request's future larger.
+            let io = Box::pin(self.http1.tls.open(server.dial.clone())).await?;
+            return match &*io {
+                hyper_rustls::MaybeHttpsStream::Https(_) => Ok(io.map(|io| match io {
+                    hyper_rustls::MaybeHttpsStream::Https(tls) => {
+                        RawStream::Tls(Box::new(tls.into_inner()))
+                    }
+                    hyper_rustls::MaybeHttpsStream::Http(tcp) => RawStream::Tcp(tcp.into_inner()),
+                })),
+                // Never: the connector speaks TLS to every `https://` URI.
+                hyper_rustls::MaybeHttpsStream::Http(_) => {
+                    Err(SendError::Connect("no TLS to an https:// server".into()))
+                }
+            };
+        }
         let io = self.http1.tcp.open(server.dial.clone()).await?;
-        Ok(io.map(hyper_util::rt::TokioIo::into_inner))
+        Ok(io.map(|io| RawStream::Tcp(io.into_inner())))
     }
 
     /// How many workers this pool was built for.
@@ -976,16 +1055,93 @@ struct Http1Server {
     /// A connection is used only by the worker that opened it, whose thread runs its task,
     /// so that a request wakes no other thread.
     idle: PerWorker<Arc<IdleList>>,
-    /// Plain sockets kept by `crate::relay`, by worker as well.
+    /// Sockets (TLS sessions for an `https://` server) kept by `crate::relay`, by worker as
+    /// well.
     raw: PerWorker<Arc<RawList>>,
     /// `http://host:port` (`https://` for an `https://` server): what the connectors dial,
     /// built once. For every server, since HTTP/2 ones dial through it too.
     dial: Uri,
 }
 
-/// A plain socket to an `http://` server for `crate::relay`, counted under the bound on
-/// upstream sockets while open.
-pub type RawSocket = Counted<TcpStream>;
+/// A socket to a server for `crate::relay`, counted under the bound on upstream sockets while
+/// open.
+pub type RawSocket = Counted<RawStream>;
+
+/// A TLS session to an `https://` server, as `Http1Pool::tls` opens it.
+pub type TlsUpstream =
+    tokio_rustls::client::TlsStream<hyper_util::rt::TokioIo<hyper_util::rt::TokioIo<TcpStream>>>;
+
+/// What the relay speaks HTTP/1.1 over: a plain socket to an `http://` server, or TLS to an
+/// `https://` one known to choose HTTP/1.1. An enum, not a trait object: the plain socket is
+/// the hot path, and pays a branch per call, no allocation nor indirect call.
+pub enum RawStream {
+    Tcp(TcpStream),
+    /// Boxed: a TLS session is over a kilobyte, which every plain socket, moved with each
+    /// answer, would carry otherwise. Allocated once per connection.
+    Tls(Box<TlsUpstream>),
+}
+
+impl RawStream {
+    /// Whether a write may stay in the stream until flushed: rustls seals records in a buffer
+    /// of its own and writes what the socket takes.
+    pub fn buffered(&self) -> bool {
+        matches!(self, RawStream::Tls(_))
+    }
+
+    /// Whether an idle one has nothing to read (`quiet`). Over TLS, what came while it idled
+    /// is pushed through the session first: a server sends records that carry no data
+    /// (session tickets, `KeyUpdate`), which are not a close nor stray bytes; `close_notify`
+    /// is a close.
+    fn quiet(&mut self) -> bool {
+        match self {
+            RawStream::Tcp(tcp) => quiet(tcp),
+            RawStream::Tls(tls) => quiet_tls(tls),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for RawStream {
+    #[inline]
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            RawStream::Tcp(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            RawStream::Tls(tls) => Pin::new(&mut **tls).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for RawStream {
+    #[inline]
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            RawStream::Tcp(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            RawStream::Tls(tls) => Pin::new(&mut **tls).poll_write(cx, buf),
+        }
+    }
+
+    #[inline]
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            RawStream::Tcp(tcp) => Pin::new(tcp).poll_flush(cx),
+            RawStream::Tls(tls) => Pin::new(&mut **tls).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            RawStream::Tcp(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            RawStream::Tls(tls) => Pin::new(&mut **tls).poll_shutdown(cx),
+        }
+    }
+}
 
 /// Idle connections to one server, the most recently used last.
 pub struct IdleList {
@@ -1006,7 +1162,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Idle plain sockets to one server (`crate::relay`), the most recently used last.
+/// Idle sockets to one server (`crate::relay`), the most recently used last.
 pub struct RawList {
     conns: Mutex<Vec<RawConn>>,
     /// As `IdleList`'s.
@@ -1037,7 +1193,7 @@ impl RawList {
         fresh: Duration,
     ) -> Option<(RawSocket, Instant)> {
         loop {
-            let conn = {
+            let mut conn = {
                 let mut conns = lock(&self.conns);
                 let last = conns.last()?;
                 let idle = now.saturating_duration_since(last.since);
@@ -1050,7 +1206,7 @@ impl RawList {
                 }
                 conns.pop()?
             };
-            if quiet(&conn.stream) {
+            if conn.stream.quiet() {
                 return Some((conn.stream, conn.since));
             }
         }
@@ -1074,7 +1230,7 @@ impl RawList {
     /// socket, which would stay in CLOSE-WAIT, a descriptor and a place under the bound on
     /// upstream sockets, until it was taken or grew old.
     fn reap(&self, before: Instant) {
-        lock(&self.conns).retain(|c| c.since >= before && quiet(&c.stream));
+        lock(&self.conns).retain_mut(|c| c.since >= before && c.stream.quiet());
     }
 }
 
@@ -1117,6 +1273,22 @@ fn quiet(stream: &TcpStream) -> bool {
             matches!(stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
         }
     }
+}
+
+/// `quiet` for a TLS session: records that came are read through rustls (without a waker:
+/// none reads the session while it idles), which answers what asks for an answer on the next
+/// write; only data or a close make it not quiet. A session with nothing unread in it and a
+/// socket with nothing marked readable is quiet without a read.
+fn quiet_tls(tls: &mut TlsUpstream) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let (io, session) = tls.get_ref();
+    // `wants_read`: no data waiting in the session, and no `close_notify` read.
+    if session.wants_read() && io.inner().inner().poll_read_ready(&mut cx).is_pending() {
+        return true;
+    }
+    let mut byte = [0u8; 1];
+    let mut buf = tokio::io::ReadBuf::new(&mut byte);
+    tokio::io::AsyncRead::poll_read(Pin::new(tls), &mut cx, &mut buf).is_pending()
 }
 
 impl IdleList {

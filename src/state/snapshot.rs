@@ -35,9 +35,9 @@ pub struct Snapshot {
     /// The holding responses; `Some` exactly when `mode` is not `normal`.
     pub held: Option<Held>,
     /// Whether plain requests may be forwarded without hyper (`crate::relay`): nothing is
-    /// held, and no setting asks for hyper's path (`intercept_statuses`, a server that is not
-    /// `http://`). Decided here, not per request; `redirect_https`, which concerns plaintext
-    /// only, is the relay's to check.
+    /// held, and no setting asks for hyper's path (`intercept_statuses`, an `h2c://` server).
+    /// Decided here, not per request; `redirect_https`, which concerns plaintext only, and
+    /// whether every `https://` server is known to choose HTTP/1.1, are the relay's to check.
     pub relay: bool,
     /// The outage holding responses, ready in every mode for a request that cannot be
     /// forwarded ("never a raw error").
@@ -203,7 +203,8 @@ impl Snapshot {
                 .pool
                 .servers
                 .iter()
-                .all(|s| s.protocol == Protocol::Http);
+                // `https://` ones too, once known to choose HTTP/1.1 (`UpstreamPool::relayable`).
+                .all(|s| matches!(s.protocol, Protocol::Http | Protocol::Https));
         Snapshot {
             config: parts.config.clone(),
             metrics: parts.metrics.clone(),
