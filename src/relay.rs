@@ -1259,8 +1259,11 @@ async fn send(bufs: &mut Set, up: &mut RawStream) -> Result<Answer, Failure> {
             }
             Err(e) => e,
         };
+        // Over TLS a failed write may have sent records already: rustls takes the request
+        // into its buffer and writes records out within the same call, which reports the
+        // socket's error, not what went before it (helper-135's finding).
         return Err(match written {
-            0 => Failure::Unsent(failed),
+            0 if !up.buffered() => Failure::Unsent(failed),
             _ => Failure::Early(failed),
         });
     }
