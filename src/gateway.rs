@@ -802,9 +802,45 @@ fn bypassed<H: Fields + ?Sized>(snap: &Snapshot, conn: &Conn, path: &str, header
 
 /// Whether `path` is under `maintenance.allow_paths`, which lets it past the hold and keeps it
 /// on plaintext when `redirect_https` is on, without a dot segment that would take it out
-/// from under its prefix upstream.
+/// from under its prefix upstream, and with nothing after the prefix that a server could
+/// decode into one (`plain_after_prefix`).
 fn allowed_path(path: &str, prefixes: &[String]) -> bool {
-    bypass::path_allowed(path, prefixes) && without_dot_segments(path)
+    without_dot_segments(path)
+        && prefixes.iter().any(|prefix| {
+            path.strip_prefix(prefix.as_str())
+                .is_some_and(plain_after_prefix)
+        })
+}
+
+/// Whether the part of an allowed path after its prefix holds only RFC 3986 path characters
+/// but `;`, and escapes only of those that no server reads as structure. A list of the
+/// spellings of `.` and `/` to refuse is never whole: overlong UTF-8 (`%c0%ae`, which
+/// lenient Java decoders take for `.`), IIS's `%u002e`, a `%20` or `%00` after `..` (Windows
+/// trims trailing spaces; C code stops at NUL) all reached `/admin` on some server. What is
+/// let through instead is what ACME tokens, health checks and webhooks use, and anything
+/// else is held, which costs nothing but a holding answer.
+fn plain_after_prefix(rest: &str) -> bool {
+    // pchar (RFC 3986 §3.3) and `/`, without `;` (path parameters, `..;/`) or `%`, which is
+    // checked with what follows it.
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,=:@/".contains(&b);
+    // What an escape may stand for: the above, without `.` and `/`.
+    let escaped = |b: u8| b != b'.' && b != b'/' && plain(b);
+    let bytes = rest.as_bytes();
+    let mut at = 0;
+    while let Some(&b) = bytes.get(at) {
+        if b == b'%' {
+            let hex = |i: usize| bytes.get(i).and_then(|&h| char::from(h).to_digit(16));
+            match (hex(at + 1), hex(at + 2)) {
+                (Some(hi), Some(lo)) if u8::try_from(hi * 16 + lo).is_ok_and(escaped) => at += 3,
+                _ => return false,
+            }
+        } else if plain(b) {
+            at += 1;
+        } else {
+            return false;
+        }
+    }
+    true
 }
 
 /// Whether a path has no `.`/`..` segment in any spelling, so that an allowed prefix cannot
@@ -817,7 +853,10 @@ fn without_dot_segments(path: &str) -> bool {
     };
     // `;` carries path parameters that some servers strip before resolving (`..;/`), and
     // `%25` hides a second round of decoding.
-    !(path.split('/').any(|seg| seg == "." || seg == "..")
+    // A segment of dots only: `...` is `..` to Windows, which trims trailing dots.
+    !(path
+        .split('/')
+        .any(|seg| !seg.is_empty() && seg.bytes().all(|b| b == b'.'))
         || path.contains(';')
         || lower_has(b"%25")
         || path.contains('\\')
@@ -941,8 +980,51 @@ mod tests {
             "/public%5c..%5cadmin",
             "/public/..;/admin",
             "/public/%252e%252e/admin",
+            "/public/.../admin",
         ] {
             assert!(!super::without_dot_segments(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_plain_paths_pass_under_an_allowed_prefix() {
+        let prefixes = ["/public/".to_owned(), "/my%20files/".to_owned()];
+        for ok in [
+            "/public/",
+            "/public/a-b_c~d.e",
+            "/public/Zx9!$&'()*+,=:@/deep",
+            "/public/caf%41%7e%2D",
+            // The operator's own prefix is taken as written.
+            "/my%20files/report",
+        ] {
+            assert!(super::allowed_path(ok, &prefixes), "{ok}");
+        }
+        for held in [
+            "/private/x",
+            "/public/%c0%ae%c0%ae/admin",
+            "/public/%C0%AF",
+            "/public/caf%C3%A9",
+            "/public/%e0%80%ae%e0%80%ae/",
+            "/public/%u002e%u002e/admin",
+            "/public/..%20/admin",
+            "/public/..%09/admin",
+            "/public/..%00/admin",
+            "/public/.%00./admin",
+            "/public/%2e",
+            "/public/%2F",
+            "/public/%3b",
+            "/public/%25",
+            "/public/%",
+            "/public/%4",
+            "/public/%zz",
+            "/public/a;b",
+            "/public/a\\b",
+            "/public/a|b",
+            "/public/{x}",
+            "/public/.../admin",
+            "/my%20files/%20",
+        ] {
+            assert!(!super::allowed_path(held, &prefixes), "{held}");
         }
     }
 

@@ -801,14 +801,40 @@ async fn an_allowed_prefix_is_no_way_around_the_hold() {
     let (up, hits) = counting_upstream().await;
     let proxy = proxy_for(&up, "[maintenance]\nallow_paths = [\"/public/\"]\n").await;
     ctl(&proxy, on(None)).await;
-    for path in ["/public/../admin", "/public/%2e%2e/admin"] {
-        let out = raw_exchange(
-            proxy.addr,
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-            std::time::Duration::from_secs(5),
-        )
-        .await;
-        assert!(out.starts_with("HTTP/1.1 503"), "{path}: {out}");
+    // Spellings that some server decodes into `/public/../admin`: overlong UTF-8 (lenient
+    // Java decoders), IIS's `%u`, a space or NUL after `..` (Windows trims, C stops), `...`.
+    let paths = [
+        "/public/../admin",
+        "/public/%2e%2e/admin",
+        "/public/%c0%ae%c0%ae/admin",
+        "/public/..%c0%afadmin",
+        "/public/%u002e%u002e/admin",
+        "/public/..%20/admin",
+        "/public/..%00/admin",
+        "/public/.../admin",
+    ];
+    for path in paths {
+        // Once to hyper (`Connection: close`), once as a plain keep-alive GET answered
+        // without it (`fast`), pipelined before one that closes.
+        for keep in ["Connection: close\r\n", ""] {
+            let mut request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{keep}\r\n");
+            if keep.is_empty() {
+                request.push_str("GET /held HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            }
+            let out = raw_exchange(
+                proxy.addr,
+                request.as_bytes(),
+                std::time::Duration::from_secs(5),
+            )
+            .await;
+            assert!(out.starts_with("HTTP/1.1 503"), "{path} {keep:?}: {out}");
+            let answers = if keep.is_empty() { 2 } else { 1 };
+            assert_eq!(
+                out.matches("HTTP/1.1 503").count(),
+                answers,
+                "{path}: {out}"
+            );
+        }
     }
     assert_eq!(hits.load(Ordering::SeqCst), 0);
 }
