@@ -384,10 +384,15 @@ enum Decision {
 
 fn decide(snap: &Snapshot, conn: &Conn, req: &Request<Incoming>) -> Decision {
     match rule(snap, conn, req.method(), req.uri().path(), req.headers()) {
-        Rule::Reserved(rest) => Decision::Answer(
-            reserved::answer(snap, req, rest, conn.tls()),
-            Outcome::Reserved,
-        ),
+        Rule::Reserved(rest) => {
+            // Whether the bypass cookie is `Secure`: the browser came over HTTPS, to this
+            // proxy or to a trusted one in front that says so (TLS ended at a load balancer).
+            let https = conn.tls()
+                || (rest.starts_with("bypass/")
+                    && snap.config.proxy.is_trusted(conn.peer.ip())
+                    && bypass::https_by_proxy(req.headers()));
+            Decision::Answer(reserved::answer(snap, req, rest, https), Outcome::Reserved)
+        }
         Rule::Redirect => Decision::Answer(redirect_https(snap, req), Outcome::Reserved),
         // A reverse proxy has no tunnel to offer; RFC 9110 §9.3.6 lets it refuse.
         Rule::Connect => Decision::Answer(

@@ -11,7 +11,8 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use std::time::SystemTime;
 
-/// Answers the reserved path `rest` (the part after the prefix).
+/// Answers the reserved path `rest` (the part after the prefix). `tls`: the client came over
+/// HTTPS (here, or to a trusted proxy in front), for the bypass cookie's `Secure`.
 pub fn answer<B>(snap: &Snapshot, req: &Request<B>, rest: &str, tls: bool) -> Response<Body> {
     let head = req.method() == Method::HEAD;
     let readable = head || req.method() == Method::GET;

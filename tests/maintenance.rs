@@ -652,6 +652,53 @@ async fn the_bypass_link_sets_a_cookie_that_lets_the_browser_through() {
     assert_eq!(resp.body(), "from upstream");
 }
 
+/// Behind a load balancer that ends TLS, the browser is on HTTPS though this proxy's listener
+/// is plaintext: the cookie, a key past the hold for `bypass_ttl`, must not be sent again in
+/// cleartext (`http://`, or an attacker's downgrade). Only a trusted proxy is believed.
+#[tokio::test]
+async fn the_bypass_cookie_is_secure_when_a_trusted_proxy_says_https() {
+    let (up, _) = counting_upstream().await;
+    let link = format!("/_intermission/bypass/{SECRET}");
+    let cases = [
+        (
+            "trusted_proxies = [\"127.0.0.1\"]",
+            "x-forwarded-proto",
+            "https",
+            true,
+        ),
+        (
+            "trusted_proxies = [\"127.0.0.1\"]",
+            "forwarded",
+            "for=192.0.2.1;proto=https",
+            true,
+        ),
+        (
+            "trusted_proxies = [\"127.0.0.1\"]",
+            "x-forwarded-proto",
+            "http",
+            false,
+        ),
+        ("", "x-forwarded-proto", "https", false),
+        ("", "forwarded", "proto=https", false),
+    ];
+    for (trusted, name, value, secure) in cases {
+        let proxy = proxy_for(
+            &up,
+            &format!("[proxy]\n{trusted}\n[maintenance]\nbypass_secret = \"{SECRET}\"\n"),
+        )
+        .await;
+        ctl(&proxy, on(None)).await;
+        let resp = get_with(&proxy.url(&link), &[(name, value)]).await;
+        assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+        let cookie = resp.headers()["set-cookie"].to_str().unwrap();
+        assert_eq!(
+            cookie.contains("; Secure"),
+            secure,
+            "{trusted:?} {name}: {value}: {cookie}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_wrong_secret_or_forged_cookie_looks_like_any_held_request() {
     let (up, _) = counting_upstream().await;

@@ -257,6 +257,31 @@ pub fn client_ip<H: Fields + ?Sized>(peer: IpAddr, headers: &H, trusted: &[IpNet
     walk(peer, entries, trusted)
 }
 
+/// Whether a proxy in front says its client came over HTTPS: the first (the client's hop)
+/// of `X-Forwarded-Proto`'s values, or when there is none, `Forwarded`'s first `proto=`. For
+/// the bypass cookie's `Secure` behind a load balancer that ends TLS; the caller checks that
+/// the peer is trusted.
+pub fn https_by_proxy<H: Fields + ?Sized>(headers: &H) -> bool {
+    static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    if let Some(line) = headers.value(&X_FORWARDED_PROTO) {
+        let first = line.split(|&b| b == b',').next().unwrap_or_default();
+        return first.trim_ascii().eq_ignore_ascii_case(b"https");
+    }
+    let Some(line) = headers.value(&FORWARDED).and_then(text) else {
+        return false;
+    };
+    let first = split_outside_quotes(line, ',')
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    split_outside_quotes(first, ';').into_iter().any(|pair| {
+        pair.split_once('=').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("proto")
+                && value.trim().trim_matches('"').eq_ignore_ascii_case("https")
+        })
+    })
+}
+
 /// Right-to-left over the hops, `None` marking an entry that cannot be believed.
 fn walk(peer: IpAddr, entries: impl Iterator<Item = Option<IpAddr>>, trusted: &[IpNet]) -> IpAddr {
     let mut client = peer;
@@ -630,6 +655,44 @@ mod tests {
         for (why, peer, lines, want) in CLIENT_IP_CASES {
             let got = client_ip(ip(peer), &headers(lines), &trusted);
             assert_eq!(got, ip(want), "{why}");
+        }
+    }
+
+    #[test]
+    fn https_by_proxy_table() {
+        let table: &[(&[(&'static str, &str)], bool)] = &[
+            (&[], false),
+            (&[("x-forwarded-proto", "https")], true),
+            (&[("x-forwarded-proto", "HTTPS ")], true),
+            (&[("x-forwarded-proto", "http")], false),
+            (&[("x-forwarded-proto", "https, http")], true),
+            (&[("x-forwarded-proto", "http, https")], false),
+            (
+                &[("x-forwarded-proto", "http"), ("forwarded", "proto=https")],
+                false,
+            ),
+            (&[("forwarded", "for=1.2.3.4;proto=https")], true),
+            (
+                &[(
+                    "forwarded",
+                    "for=1.2.3.4;Proto=\"https\", for=5.6.7.8;proto=http",
+                )],
+                true,
+            ),
+            (
+                &[(
+                    "forwarded",
+                    "for=1.2.3.4;proto=http, for=5.6.7.8;proto=https",
+                )],
+                false,
+            ),
+            (
+                &[("forwarded", "for=\"a;proto=https\""), ("x-other", "1")],
+                false,
+            ),
+        ];
+        for (lines, want) in table {
+            assert_eq!(https_by_proxy(&headers(lines)), *want, "{lines:?}");
         }
     }
 
