@@ -671,8 +671,8 @@ fn request(
     let mut host: Option<&[u8]> = None;
     // `X-Forwarded-For` is appended to, whoever sent it; a trusted peer's `X-Forwarded-Host`,
     // `-Proto` and `X-Real-IP` are kept, anyone else's replaced, and anyone else's
-    // `Forwarded`, `True-Client-IP`, `X-Forwarded-Port`, `-Prefix`, `-Ssl` and `-Scheme`
-    // dropped (`forward::headers::set_forwarded`).
+    // `Forwarded`, `True-Client-IP`, `X-Forwarded-Port`, `-Prefix`, `-Ssl`, `-Scheme`,
+    // `X-Original-URL` and `X-Rewrite-URL` dropped (`forward::headers::set_forwarded`).
     let trusted = config.proxy.is_trusted(conn.peer.ip());
     let (mut their_proto, mut their_host, mut their_list) = (false, false, false);
     let mut their_address = false;
@@ -692,7 +692,8 @@ fn request(
             7 if is(name, b"upgrade") => return Err(()),
             // These, as `forward::headers::FROM_TRUSTED_ONLY`: kept from a trusted peer only.
             9 if is(name, b"forwarded") => !trusted,
-            14 if is(name, b"true-client-ip") => !trusted,
+            14 if is(name, b"true-client-ip") || is(name, b"x-original-url") => !trusted,
+            13 if is(name, b"x-rewrite-url") => !trusted,
             15 if is(name, b"x-forwarded-ssl") => !trusted,
             16 if is(name, b"x-forwarded-port") => !trusted,
             18 if is(name, b"x-forwarded-prefix") || is(name, b"x-forwarded-scheme") => !trusted,
@@ -721,7 +722,7 @@ fn request(
                 !trusted
             }
             // `X_Forwarded_For` and the like: dropped, as hyper's path drops them.
-            9 | 14..=18 if forward::headers::is_underscore_alias(name) => true,
+            9 | 13..=18 if forward::headers::is_underscore_alias(name) => true,
             16 => is(name, b"proxy-connection"),
             9 if is(name, b"x-real-ip") => {
                 their_address |= trusted;

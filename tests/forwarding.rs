@@ -195,6 +195,10 @@ async fn forwarded_from_an_untrusted_client_is_dropped() {
         ("x-forwarded-prefix", "/evil"),
         ("x-forwarded-ssl", "on"),
         ("x-forwarded-scheme", "https"),
+        // The path a rewriting proxy saw, which some frameworks route by (CVE-2018-14773):
+        // under an allowed path, a way to any other during maintenance.
+        ("x-original-url", "/admin"),
+        ("x-rewrite-url", "/admin"),
         // And the client's address, which middleware reads before `X-Forwarded-For` (Go's
         // chi reads `True-Client-IP` first, then `X-Real-IP`).
         ("true-client-ip", "203.0.113.7"),
@@ -208,6 +212,7 @@ async fn forwarded_from_an_untrusted_client_is_dropped() {
         ("x-forwarded_host", "evil.example"),
         ("true_client_ip", "203.0.113.7"),
         ("x_forwarded_proto", "https"),
+        ("x_rewrite_url", "/admin"),
     ];
     let with_spoofs = |url: String, host: Option<&str>| {
         let mut req = Request::get(url);

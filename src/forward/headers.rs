@@ -288,13 +288,20 @@ pub fn is_underscore_alias(name: &[u8]) -> bool {
 
 /// Headers passed on from a peer in `trusted_proxies` only (`set_forwarded`; the relay's
 /// `request` drops the same).
-pub const FROM_TRUSTED_ONLY: [HeaderName; 6] = [
+///
+/// `X-Original-URL` and `X-Rewrite-URL` are the path a rewriting proxy in front (IIS) saw,
+/// which some frameworks route by in place of the request's own (Symfony before 3.4.14 and
+/// 4.1.3, zend-http, zend-diactoros: CVE-2018-14773): from a client, `GET /status` (under
+/// `allow_paths`) with `X-Original-URL: /admin` reached `/admin` during maintenance.
+pub const FROM_TRUSTED_ONLY: [HeaderName; 8] = [
     header::FORWARDED,
     HeaderName::from_static("true-client-ip"),
     HeaderName::from_static("x-forwarded-port"),
     HeaderName::from_static("x-forwarded-prefix"),
     HeaderName::from_static("x-forwarded-ssl"),
     HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
 ];
 
 /// Appends the peer to `X-Forwarded-For` (SPEC §3), whoever sent the list, as nginx's
