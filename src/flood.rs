@@ -28,7 +28,7 @@ const RATIO: u64 = 8;
 /// SETTINGS, PINGs and PRIORITY frames take a few KiB, and a gRPC client's keep-alive PINGs
 /// (17 bytes each) on a connection that carries little else may go on for 490,000 of them,
 /// 57 days at one every 10 s. A flood is stopped after 8 MiB, under 0.1 s of a core.
-const ALLOWANCE: u64 = 8 * 1024 * 1024;
+pub(crate) const ALLOWANCE: u64 = 8 * 1024 * 1024;
 
 /// The client's connection preface (RFC 9113 §3.4), which precedes its first frame.
 const PREFACE: u32 = 24;

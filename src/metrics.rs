@@ -549,8 +549,8 @@ impl Metrics {
         });
         registry.register(
             "intermission_requests",
-            "Requests by what became of them (forwarded, held, bypassed, reserved, failed) \
-             and the mode they were decided in",
+            "Requests by what became of them (forwarded, held, bypassed, reserved, failed, \
+             abandoned) and the mode they were decided in",
             requests_family,
         );
 
@@ -674,7 +674,7 @@ impl Metrics {
              its code (enhance_your_calm: abuse, such as a rapid reset, a CONTINUATION flood, an \
              HPACK bomb or too many stream errors; protocol_error; flow_control_error; other; \
              flood: the proxy's own ENHANCE_YOUR_CALM to a client sending 8 times more than \
-             its requests, bodies and answers, past 1 MiB)",
+             its requests, bodies and answers, past 8 MiB)",
             goaways_family,
         );
 
@@ -1497,6 +1497,30 @@ pub(crate) mod tests {
         let s = parse(&m.encode());
         assert_eq!(hook(&s, "0", "failed"), Some(0.0));
         assert_eq!(queue(&s, "0"), Some(0.0));
+    }
+
+    /// The HELP texts are what a scraper's user reads of a label: one that left out
+    /// `abandoned`, and another that put the flood allowance at 1 MiB where the proxy allows
+    /// 8, told a different story from the README and from what the proxy does.
+    #[test]
+    fn help_texts_name_every_outcome_and_the_flood_allowance() {
+        let text = Metrics::new().encode();
+        let help = |family: &str| {
+            text.lines()
+                .find(|l| l.starts_with(&format!("# HELP {family} ")))
+                .map(str::to_owned)
+                .unwrap_or_default()
+        };
+        let requests = help("intermission_requests");
+        for outcome in Outcome::ALL {
+            assert!(
+                requests.contains(outcome.as_str()),
+                "{outcome:?}: {requests}"
+            );
+        }
+        let mib = crate::flood::ALLOWANCE / (1024 * 1024);
+        let goaways = help("intermission_http2_client_goaways");
+        assert!(goaways.contains(&format!("past {mib} MiB")), "{goaways}");
     }
 
     #[test]
