@@ -3020,4 +3020,23 @@ mod tests {
             assert!(p[0].message.starts_with("must be at most 60s"), "{p:?}");
         }
     }
+
+    /// The shipped `config.toml` says that the values it writes are the defaults, but for
+    /// the keys it marks "shipped:": a default changed in the code and not in the file (or the
+    /// other way round) would have the reference teach operators a value they do not get.
+    #[test]
+    fn the_shipped_config_writes_the_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let shipped = include_str!("../../config.toml");
+        let mut shipped = Config::parse(shipped, dir.path(), None).unwrap();
+        let defaults = Config::parse("# the built-in defaults\n", dir.path(), None).unwrap();
+        // The one key marked "shipped:".
+        assert_eq!(
+            shipped.admin.listen,
+            Some("127.0.0.1:9090".parse().unwrap())
+        );
+        assert_eq!(defaults.admin.listen, None);
+        shipped.admin.listen = None;
+        assert_eq!(format!("{shipped:#?}"), format!("{defaults:#?}"));
+    }
 }
