@@ -84,10 +84,11 @@ enum CtlCommand {
     },
     /// New message, also added to the public timeline of updates
     Update {
+        /// What people are told from now on
         #[arg(short, long)]
         message: String,
     },
-    /// Switch planned maintenance off
+    /// Switch planned maintenance off (a schedule window in force is ended too)
     Off,
     /// Forward even when health checks say the upstream is down
     ForceOpen {

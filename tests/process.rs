@@ -36,6 +36,30 @@ fn check_accepts_the_shipped_config() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
 }
 
+/// `--help` is what an operator reads in the middle of an incident: every flag says what it
+/// is, and `off` says that it ends a window in force, as the README does.
+#[test]
+fn ctl_help_describes_every_flag() {
+    let help = |args: &[&str]| {
+        let out = bin().args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let update = help(&["ctl", "update", "--help"]);
+    let line = update
+        .lines()
+        .find(|l| l.trim_start().starts_with("-m, --message <MESSAGE>"))
+        .unwrap_or_default();
+    let said = line.split_once('>').map_or("", |(_, rest)| rest.trim());
+    assert!(!said.is_empty(), "--message has no description:\n{update}");
+    let ctl = help(&["ctl", "--help"]);
+    let off = ctl
+        .lines()
+        .find(|l| l.trim_start().starts_with("off "))
+        .unwrap_or_default();
+    assert!(off.contains("window"), "{off}");
+}
+
 #[test]
 fn check_lists_every_problem_with_its_key() {
     let dir = tempfile::tempdir().unwrap();
