@@ -1609,12 +1609,9 @@ async fn exit_after(
     .unwrap()
 }
 
-/// A drain keeps an open WebSocket tunnel flowing, as it lets an in-flight request finish
-/// (nginx keeps upgraded connections on a graceful stop): the process exits once the tunnel
-/// has closed, well before `shutdown_timeout`.
-#[tokio::test(flavor = "multi_thread")]
-async fn sigterm_keeps_an_open_tunnel_until_it_closes() {
-    let (_up, _dir, proxy, tunnel) = draining_with_a_tunnel("30s").await;
+/// Closes `tunnel`, the last thing the drain waits for, and holds the proxy to exiting 0 then,
+/// well before `shutdown_timeout`.
+async fn exits_once_closed<T>(proxy: ProxyProcess, tunnel: T) {
     let closed = std::time::Instant::now();
     drop(tunnel);
     let (status, waited) = exit_after(proxy, closed).await;
@@ -1623,6 +1620,15 @@ async fn sigterm_keeps_an_open_tunnel_until_it_closes() {
         waited < Duration::from_secs(10),
         "exited {waited:?} after the tunnel closed"
     );
+}
+
+/// A drain keeps an open WebSocket tunnel flowing, as it lets an in-flight request finish
+/// (nginx keeps upgraded connections on a graceful stop): the process exits once the tunnel
+/// has closed, well before `shutdown_timeout`.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_keeps_an_open_tunnel_until_it_closes() {
+    let (_up, _dir, proxy, tunnel) = draining_with_a_tunnel("30s").await;
+    exits_once_closed(proxy, tunnel).await;
 }
 
 /// A proxy draining after a SIGTERM, with a tunnel open that still flows.
@@ -1712,11 +1718,7 @@ async fn a_websocket_asked_for_during_a_drain_is_refused_503_and_closed() {
     assert_eq!(one_answer(&mut h2c, asked).await, "ok");
     let got = one_answer(&mut plain, b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n").await;
     assert_eq!(got, "ok");
-    let closed = std::time::Instant::now();
-    drop(tunnel);
-    let (status, waited) = exit_after(proxy, closed).await;
-    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "did not exit 0");
-    assert!(waited < Duration::from_secs(10), "exited {waited:?} after");
+    exits_once_closed(proxy, tunnel).await;
 }
 
 /// An answer the proxy has ready at once (held, or a reserved path) to a request on a
@@ -1754,11 +1756,7 @@ async fn an_answer_ready_at_once_during_a_drain_says_connection_close() {
         assert!(answer.contains("\r\nconnection: close\r\n"), "{answer:?}");
         assert!(closes(sock).await, "left open after its answer");
     }
-    let closed = std::time::Instant::now();
-    drop(tunnel);
-    let (status, waited) = exit_after(proxy, closed).await;
-    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "did not exit 0");
-    assert!(waited < Duration::from_secs(10), "exited {waited:?} after");
+    exits_once_closed(proxy, tunnel).await;
 }
 
 /// An idle HTTP/2 client that answers nothing (gone without a word: a phone out of reach, a
