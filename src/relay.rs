@@ -532,7 +532,7 @@ async fn relay<C: Client>(
         // chose HTTP/2, or could not be asked, is hyper's, as is every request to it.
         if matches!(prepared, Prepared::Take(_))
             && !snap.pool.relayable()
-            && !Box::pin(snap.pool.learn()).await
+            && (drain.started() || !Box::pin(snap.pool.learn()).await)
         {
             prepared = Prepared::Hyper;
         }
@@ -633,7 +633,7 @@ fn request(
 ) -> Result<Option<usize>, ()> {
     let config = &snap.config;
     // A redirect to HTTPS is hyper's to answer, and only on plaintext.
-    if !snap.relay || (config.proxy.redirect_https && !conn.tls()) {
+    if !snap.relay || !snap.pool.may_relay() || (config.proxy.redirect_https && !conn.tls()) {
         return Err(());
     }
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];

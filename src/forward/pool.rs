@@ -113,6 +113,10 @@ pub struct UpstreamPool {
     /// By server index: the relay asked the `https://` server its protocol (`learn`), which
     /// it does once, so that a server down or choosing HTTP/2 costs no dial per request.
     asked: Vec<AtomicBool>,
+    /// How many `https://` servers the relay has not asked yet: once none is left and one is
+    /// still not known to choose HTTP/1.1 (it chose HTTP/2, or could not be asked), the relay
+    /// gives every request to hyper before reading it (`may_relay`).
+    unasked: AtomicUsize,
     next: AtomicUsize,
 }
 
@@ -473,6 +477,13 @@ impl UpstreamPool {
                 .iter()
                 .map(|_| AtomicBool::new(false))
                 .collect(),
+            unasked: AtomicUsize::new(
+                config
+                    .servers
+                    .iter()
+                    .filter(|s| s.protocol == Protocol::Https)
+                    .count(),
+            ),
             tls,
             next: AtomicUsize::new(0),
         })
@@ -747,6 +758,15 @@ impl UpstreamPool {
         self.https_unknown.load(Ordering::Relaxed) == 0
     }
 
+    /// Whether the relay may take requests: every server is known to it, or one not known is
+    /// still to be asked (`learn`). Otherwise (an `https://` server chose HTTP/2) each
+    /// request went through the relay's parsing, a boxed `learn` and a loop over the servers,
+    /// only to go to hyper, which parsed it again (helper-142). One relaxed load while every
+    /// server is known.
+    pub fn may_relay(&self) -> bool {
+        self.relayable() || self.unasked.load(Ordering::Relaxed) > 0
+    }
+
     /// Learns which protocol each `https://` server not yet known chooses, as a request on
     /// hyper's path learns it (`dial_h2`: a connection offering HTTP/2 and HTTP/1.1, kept when
     /// the server chooses HTTP/2, let go when it chooses HTTP/1.1); whether the relay can now
@@ -770,6 +790,7 @@ impl UpstreamPool {
             {
                 continue;
             }
+            self.unasked.fetch_sub(1, Ordering::Relaxed);
             // A stream taken on an HTTP/2 connection the server chose is given back at once;
             // the connection stays kept for hyper's path.
             if let Err(e) = self.dial_h2(index, slot, Some(http1), None, true).await {
@@ -1692,6 +1713,30 @@ mod tests {
         let text = format!("[upstream]\nservers = [{}]\n", servers.join(","));
         let config = Config::parse(&text, Path::new("."), None).unwrap();
         UpstreamPool::new(&config.upstream, 1, &Sockets::unbounded()).unwrap()
+    }
+
+    /// Once every `https://` server has been asked and one is still not known to choose
+    /// HTTP/1.1 (it chose HTTP/2, or could not be asked), the relay takes no request: each
+    /// went through its parsing and a boxed `learn` only to go to hyper.
+    #[tokio::test]
+    async fn the_relay_gives_up_once_every_server_was_asked_and_one_is_not_known() {
+        assert!(pool(2).may_relay(), "http:// servers alone");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let text = format!(
+            "[upstream]\nservers = [\"http://127.0.0.1:3000\", \"https://{addr}\"]\n\
+             connect_timeout = \"1s\"\n"
+        );
+        let config = Config::parse(&text, Path::new("."), None).unwrap();
+        let pool = UpstreamPool::new(&config.upstream, 1, &Sockets::unbounded()).unwrap();
+        assert!(!pool.relayable());
+        assert!(pool.may_relay(), "not asked yet");
+        assert!(
+            !pool.learn().await,
+            "a server that could not be asked is not known"
+        );
+        assert!(!pool.may_relay(), "asked, and still not known");
     }
 
     /// A connector that never opens anything: a name server or a TLS handshake that never
