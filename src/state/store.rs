@@ -164,9 +164,19 @@ fn mend_windows(state: &mut Persisted) -> Vec<String> {
         .max(state.next_window_id)
         .max(1);
     let mut seen = std::collections::HashSet::new();
-    for w in &mut state.schedules {
+    state.schedules.retain_mut(|w| {
         if seen.insert(w.id) {
-            continue;
+            return true;
+        }
+        // No id left past the last (a file that names `u64::MAX`): dropped, as `schedule add`
+        // refuses a window then.
+        if seen.contains(&next) {
+            said.push(format!(
+                "two windows have id {}, and no id is left for the one from {}: dropped",
+                w.id,
+                w.start.rfc3339()
+            ));
+            return false;
         }
         said.push(format!(
             "two windows have id {}: the one from {} is window {next} now",
@@ -176,7 +186,8 @@ fn mend_windows(state: &mut Persisted) -> Vec<String> {
         w.id = next;
         seen.insert(next);
         next = next.saturating_add(1);
-    }
+        true
+    });
     state.next_window_id = next;
     said
 }
@@ -486,6 +497,17 @@ mod tests {
             ]
         );
         assert_eq!(loaded.next_window_id, 5);
+        // With no id left past the last, a duplicate goes, as `schedule add` refuses one then.
+        let max = u64::MAX;
+        let text = format!(
+            r#"{{"version":1,"schedules":[
+            {{"id":{max},"start":"2030-01-01T00:00:00Z","end":"2030-01-01T01:00:00Z","by":"ops"}},
+            {{"id":{max},"start":"2030-01-02T00:00:00Z","end":"2030-01-02T01:00:00Z","by":"ops"}}]}}"#
+        );
+        std::fs::write(&path, text).unwrap();
+        let full = load(&path).unwrap();
+        let ids: Vec<u64> = full.schedules.iter().map(|w| w.id).collect();
+        assert_eq!(ids, [max]);
         // What a change leaves is read as it is.
         let mut again = loaded.clone();
         assert!(mend_windows(&mut again).is_empty());
