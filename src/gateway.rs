@@ -992,6 +992,27 @@ mod tests {
     }
 
     #[test]
+    fn allowed_paths_are_plain_prefixes() {
+        let prefixes = vec![
+            "/health".to_owned(),
+            "/.well-known/acme-challenge/".to_owned(),
+        ];
+        let table = [
+            ("/health", true),
+            ("/healthz", true), // plain prefix, as documented
+            ("/health/deep", true),
+            ("/.well-known/acme-challenge/tok", true),
+            ("/.well-known/other", false),
+            ("/", false),
+            ("/Health", false),
+        ];
+        for (path, want) in table {
+            assert_eq!(super::allowed_path(path, &prefixes), want, "{path}");
+        }
+        assert!(!super::allowed_path("/health", &[]));
+    }
+
+    #[test]
     fn only_plain_paths_pass_under_an_allowed_prefix() {
         let prefixes = ["/public/".to_owned(), "/my%20files/".to_owned()];
         for ok in [

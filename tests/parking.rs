@@ -679,6 +679,19 @@ async fn at_max_connections_the_connection_idle_longest_makes_room() {
     assert!(resp.ends_with("app saw /again"), "{resp}");
 }
 
+/// A connection that asked for a WebSocket, which the app declined (it answers every request
+/// `200`): hyper keeps the upgrade pending for the connection's life. Its answer with it.
+async fn upgrade_declined(proxy: &Proxy) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let resp = read_response(&mut s).await;
+    (s, resp)
+}
+
 /// A connection whose upgrade was declined (a WebSocket held during maintenance, a server's
 /// `200` or `426` to one) is idle between requests like any other: hyper keeps the upgrade
 /// pending, so it cannot park, but it makes room at `max_connections`. It kept its slot until
@@ -687,13 +700,7 @@ async fn at_max_connections_the_connection_idle_longest_makes_room() {
 #[tokio::test(flavor = "multi_thread")]
 async fn at_max_connections_a_connection_whose_upgrade_was_declined_makes_room() {
     let (_up, proxy) = app_and_proxy("max_connections = 1\nheader_read_timeout = \"60s\"").await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let resp = read_response(&mut s).await;
+    let (mut s, resp) = upgrade_declined(&proxy).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.ends_with("app saw /ws"), "{resp}");
     assert!(
@@ -713,13 +720,7 @@ async fn at_max_connections_a_connection_whose_upgrade_was_declined_makes_room()
 #[tokio::test(flavor = "multi_thread")]
 async fn after_a_declined_upgrade_a_head_begun_makes_room_only_once_it_has_stalled() {
     let (_up, proxy) = app_and_proxy("max_connections = 1\nheader_read_timeout = \"60s\"").await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let resp = read_response(&mut s).await;
+    let (mut s, resp) = upgrade_declined(&proxy).await;
     assert!(resp.ends_with("app saw /ws"), "{resp}");
     s.write_all(b"GET /next HTTP/1.1\r\nHo").await.unwrap();
     let begun = Instant::now();

@@ -2002,13 +2002,18 @@ mod kept {
         assert_eq!(pool.idle_http1(0), 0);
         assert_eq!(metrics.open.get(), 1);
         assert_eq!(metrics.reached.get(), 0);
-        let closed = tokio::time::timeout(Duration::from_secs(5), async {
-            while a_closed.load(Ordering::SeqCst) == 0 {
+        closed_soon(&a_closed).await;
+        drop(resp);
+    }
+
+    /// Waits, at most 5 s, for the server counting `closed` to see its connection closed.
+    async fn closed_soon(closed: &AtomicUsize) {
+        let seen = tokio::time::timeout(Duration::from_secs(5), async {
+            while closed.load(Ordering::SeqCst) == 0 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         });
-        assert!(closed.await.is_ok(), "the kept connection was not closed");
-        drop(resp);
+        assert!(seen.await.is_ok(), "the kept connection was not closed");
     }
 
     /// `keep_alive_server` over TLS, offering no ALPN: an `https://` server that speaks
@@ -2092,12 +2097,7 @@ mod kept {
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(pool.idle_http1(0), 0);
         assert_eq!(metrics.reached.get(), 0);
-        let closed = tokio::time::timeout(Duration::from_secs(5), async {
-            while a_closed.load(Ordering::SeqCst) == 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        });
-        assert!(closed.await.is_ok(), "the kept connection was not closed");
+        closed_soon(&a_closed).await;
         drop(resp);
     }
 

@@ -1,6 +1,6 @@
 //! Who may skip the holding response (SPEC §3 "Always forwarded"): the secret bypass link and
 //! the signed cookie it sets, the client address for `allow_ips` (believing `X-Forwarded-For` /
-//! `Forwarded` only from trusted proxies), and the `allow_paths` prefix match.
+//! `Forwarded` only from trusted proxies). The `allow_paths` match is `gateway::allowed_path`.
 //!
 //! Pure functions only: no I/O, no clock of its own (callers pass `now`), no routing. Whatever a
 //! client sends is at worst "not allowed"; nothing here panics on input. The per-request checks
@@ -386,13 +386,6 @@ pub fn ip_allowed(ip: IpAddr, nets: &[IpNet]) -> bool {
     nets.iter().any(|net| net.contains(&ip))
 }
 
-/// Whether `path` is under any of `prefixes` (plain byte prefix match; prefixes come validated).
-pub fn path_allowed(path: &str, prefixes: &[String]) -> bool {
-    prefixes
-        .iter()
-        .any(|prefix| path.starts_with(prefix.as_str()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -730,26 +723,5 @@ mod tests {
             assert_eq!(ip_allowed(ip(addr), &allow), want, "{addr}");
         }
         assert!(!ip_allowed(ip("192.0.2.7"), &[]));
-    }
-
-    #[test]
-    fn path_allowed_table() {
-        let prefixes = vec![
-            "/health".to_owned(),
-            "/.well-known/acme-challenge/".to_owned(),
-        ];
-        let table = [
-            ("/health", true),
-            ("/healthz", true), // plain prefix, as documented
-            ("/health/deep", true),
-            ("/.well-known/acme-challenge/tok", true),
-            ("/.well-known/other", false),
-            ("/", false),
-            ("/Health", false),
-        ];
-        for (path, want) in table {
-            assert_eq!(path_allowed(path, &prefixes), want, "{path}");
-        }
-        assert!(!path_allowed("/health", &[]));
     }
 }
