@@ -691,12 +691,19 @@ fn request(
             6 if is(name, b"expect") => return Err(()),
             7 if is(name, b"upgrade") => return Err(()),
             // These, as `forward::headers::FROM_TRUSTED_ONLY`: kept from a trusted peer only.
-            9 if is(name, b"forwarded") => !trusted,
+            9 if is(name, b"forwarded") || is(name, b"client-ip") => !trusted,
+            11 if is(name, b"x-client-ip") || is(name, b"x-forwarded") => !trusted,
             14 if is(name, b"true-client-ip") || is(name, b"x-original-url") => !trusted,
-            13 if is(name, b"x-rewrite-url") => !trusted,
+            13 if is(name, b"x-rewrite-url") || is(name, b"forwarded-for") => !trusted,
             15 if is(name, b"x-forwarded-ssl") => !trusted,
-            16 if is(name, b"x-forwarded-port") => !trusted,
+            16 if is(name, b"x-forwarded-port")
+                || is(name, b"cf-connecting-ip")
+                || is(name, b"fastly-client-ip") =>
+            {
+                !trusted
+            }
             18 if is(name, b"x-forwarded-prefix") || is(name, b"x-forwarded-scheme") => !trusted,
+            19 if is(name, b"x-cluster-client-ip") => !trusted,
             10 if is(name, b"connection") => {
                 if !is(h.value, b"keep-alive") {
                     return Err(());
@@ -722,7 +729,7 @@ fn request(
                 !trusted
             }
             // `X_Forwarded_For` and the like: dropped, as hyper's path drops them.
-            9 | 13..=18 if forward::headers::is_underscore_alias(name) => true,
+            9 | 11 | 13..=19 if forward::headers::is_underscore_alias(name) => true,
             16 => is(name, b"proxy-connection"),
             9 if is(name, b"x-real-ip") => {
                 their_address |= trusted;
@@ -2045,6 +2052,38 @@ mod tests {
              x-forwarded-proto: http\r\nx-forwarded-host: shop.example\r\nx-real-ip: 192.0.2.7\r\n\r\n"
         );
         assert_eq!(request_line(head.as_bytes()), ("HEAD", "/h"));
+    }
+
+    /// Every name hyper's path keeps from trusted peers only, in any case, goes from anyone
+    /// else here too, and its `_` alias from everyone; a trusted peer's passes as sent.
+    #[test]
+    fn every_name_kept_from_trusted_peers_only_goes_from_others_on_the_relay() {
+        let trusting = "[proxy]\ntrusted_proxies = [\"192.0.2.0/24\"]\n\
+                        [upstream]\nservers = [\"http://127.0.0.1:9\"]\n";
+        let trusted = crate::state::snapshot::for_tests(trusting, false);
+        let others = crate::state::snapshot::for_tests(CONFIG, false);
+        for only in &forward::headers::FROM_TRUSTED_ONLY {
+            let upper = only.as_str().to_ascii_uppercase();
+            let alias = only.as_str().replace('-', "_");
+            let request = format!(
+                "GET / HTTP/1.1\r\nHost: shop.example\r\n{upper}: theirs\r\n\
+                 {alias}: alias\r\nAccept: */*\r\n\r\n"
+            );
+            let got = prepared(&others, &request).unwrap();
+            assert!(!got.contains("theirs"), "{only} kept: {got}");
+            assert!(!got.contains("alias"), "{alias} kept: {got}");
+            assert!(got.contains("Accept: */*\r\n"), "{got}");
+            let got = prepared(&trusted, &request).unwrap();
+            assert!(
+                got.contains(&format!("{upper}: theirs\r\n")),
+                "{only}: {got}"
+            );
+            assert_eq!(
+                alias != only.as_str(),
+                !got.contains("alias"),
+                "{alias}: {got}"
+            );
+        }
     }
 
     #[test]

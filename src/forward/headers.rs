@@ -293,9 +293,22 @@ pub fn is_underscore_alias(name: &[u8]) -> bool {
 /// which some frameworks route by in place of the request's own (Symfony before 3.4.14 and
 /// 4.1.3, zend-http, zend-diactoros: CVE-2018-14773): from a client, `GET /status` (under
 /// `allow_paths`) with `X-Original-URL: /admin` reached `/admin` during maintenance.
-pub const FROM_TRUSTED_ONLY: [HeaderName; 8] = [
+///
+/// `Client-IP` to `Forwarded-For` are the client address as CDNs and load balancers write it,
+/// which the most used helpers read before `X-Forwarded-For` or instead of it (Node's
+/// `request-ip`: `X-Client-IP` first; django-ipware; PHP's ubiquitous `HTTP_CLIENT_IP`;
+/// Rails' `Client-IP`): from a client, its own word for its address in rate limits and audit
+/// logs.
+pub const FROM_TRUSTED_ONLY: [HeaderName; 15] = [
     header::FORWARDED,
     HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("client-ip"),
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("x-cluster-client-ip"),
+    HeaderName::from_static("cf-connecting-ip"),
+    HeaderName::from_static("fastly-client-ip"),
+    HeaderName::from_static("x-forwarded"),
+    HeaderName::from_static("forwarded-for"),
     HeaderName::from_static("x-forwarded-port"),
     HeaderName::from_static("x-forwarded-prefix"),
     HeaderName::from_static("x-forwarded-ssl"),
@@ -651,6 +664,20 @@ mod tests {
                 assert!(!h.contains_key(alias.as_str()), "case {i}: {alias} kept");
             }
         }
+        // The client-address names CDNs write, which helpers read before X-Forwarded-For.
+        let theirs = [
+            ("host", "shop.example"),
+            ("client-ip", "6.6.6.6"),
+            ("x-client-ip", "6.6.6.6"),
+            ("x-cluster-client-ip", "6.6.6.6"),
+            ("cf-connecting-ip", "6.6.6.6"),
+            ("fastly-client-ip", "6.6.6.6"),
+            ("x-forwarded", "for=6.6.6.6"),
+            ("forwarded-for", "6.6.6.6"),
+        ];
+        let mut h = map(&theirs);
+        set_forwarded(&mut h, &client("192.0.2.1"), false);
+        assert_eq!(h.len(), 5, "Host and the four written: {h:?}");
         // None of them: nothing removed, the four written.
         let mut h = map(&[("host", "shop.example"), ("user-agent", "h2load")]);
         set_forwarded(&mut h, &client("192.0.2.1"), false);
