@@ -845,6 +845,17 @@ impl Validator<'_> {
         if f.max_header_bytes < 8192 {
             self.problem("proxy.max_header_bytes", "must be at least 8192");
         }
+        // It is also how far hyper lets a connection's read buffer grow while a body streams
+        // in: a typo's extra zeros would let each upload hold that much.
+        if f.max_header_bytes > MAX_HEADER_BYTES {
+            self.problem(
+                "proxy.max_header_bytes",
+                format!(
+                    "must be at most {MAX_HEADER_BYTES} (1 MiB; nginx's and HAProxy's defaults \
+                     are 8 and 16 KiB)"
+                ),
+            );
+        }
         // Each is a thread with a runtime of its own, started at once: a typo must not start
         // a million of them.
         if f.threads > MAX_THREADS {
@@ -1564,6 +1575,9 @@ const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// `proxy.threads` at most: far more cores than any machine this runs on has.
 const MAX_THREADS: usize = 1024;
+
+/// The largest `proxy.max_header_bytes`.
+const MAX_HEADER_BYTES: usize = 1 << 20;
 
 /// The units a duration may use. humantime also reads months (`M`), years, `us` and `ns`: a
 /// `5M` typed for five minutes would be five months, so those are refused. Weeks are kept:
@@ -2760,6 +2774,15 @@ mod tests {
             listed,
             "config.toml is not valid (1 problem):\n  - (syntax): one\n    two"
         );
+    }
+
+    #[test]
+    fn max_header_bytes_is_bounded_both_ways() {
+        let p = problems("[proxy]\nmax_header_bytes = 10485760\n");
+        assert_eq!(p[0].key, "proxy.max_header_bytes", "{p:?}");
+        assert!(p[0].message.contains("at most 1048576"), "{p:?}");
+        assert!(problems("[proxy]\nmax_header_bytes = 1048576\n").is_empty());
+        assert!(!problems("[proxy]\nmax_header_bytes = 8191\n").is_empty());
     }
 
     /// A value TOML itself refuses is named by its key, as every other problem is.
