@@ -330,6 +330,63 @@ struct HealthCheckLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamFailureLabels {
+    server: String,
+    reason: &'static str,
+}
+
+/// How a request failed on an upstream server before its response head, in the kinds an
+/// operator tells apart: a server that takes no connections, one that hangs, one that breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// No connection: refused, or not made within `connect_timeout` (a name lookup or an
+    /// `https://` server's handshake included).
+    Connect,
+    /// No response head within `response_timeout`, or the server taken out by its health
+    /// checks while the request waited for one.
+    Timeout,
+    /// Anything after the server took the connection: closed or reset unanswered, a
+    /// malformed, oversized or unasked answer.
+    Error,
+}
+
+impl UpstreamFailure {
+    const ALL: [UpstreamFailure; 3] = [
+        UpstreamFailure::Connect,
+        UpstreamFailure::Timeout,
+        UpstreamFailure::Error,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            UpstreamFailure::Connect => "connect",
+            UpstreamFailure::Timeout => "timeout",
+            UpstreamFailure::Error => "error",
+        }
+    }
+}
+
+/// One upstream server's request failures and retries, kept by the request path as plain
+/// handles (relaxed increments, no label lookup), from its checker's `health::Passive`.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamCounters {
+    /// Indexed like `UpstreamFailure::ALL`.
+    failures: [Counter; 3],
+    retries: Counter,
+}
+
+impl UpstreamCounters {
+    pub fn failed(&self, reason: UpstreamFailure) {
+        self.failures[reason as usize].inc();
+    }
+
+    /// A request that failed on this server was sent again to another.
+    pub fn retried(&self) {
+        self.retries.inc();
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CommandLabels {
     command: String,
     result: &'static str,
@@ -501,6 +558,8 @@ pub struct Metrics {
     upstream_healthy: Family<ServerLabels, Gauge>,
     health_checks: Family<HealthCheckLabels, Counter>,
     health_check_duration: Family<ServerLabels, DurationHistogram>,
+    upstream_failures: Family<UpstreamFailureLabels, Counter>,
+    upstream_retries: Family<ServerLabels, Counter>,
     control_commands: Family<CommandLabels, Counter>,
     /// By webhook (`notify::Target::id`) and result.
     webhooks: Family<WebhookLabels, Counter>,
@@ -620,6 +679,24 @@ impl Metrics {
             "Time a health check probe took, by upstream server, in seconds",
             Unit::Seconds,
             health_check_duration.clone(),
+        );
+
+        // Beside the checks: a failure that a retry on another server hid from the client,
+        // or one the checks do not see (a page that hangs while `health.path` answers), is
+        // otherwise only in the log.
+        let upstream_failures = Family::<UpstreamFailureLabels, Counter>::default();
+        registry.register(
+            "intermission_upstream_failures",
+            "Requests that failed on an upstream server before its response head, by server \
+             and reason (connect: no connection; timeout: no head within response_timeout; \
+             error: closed, reset or a malformed answer), retried on another server or not",
+            upstream_failures.clone(),
+        );
+        let upstream_retries = Family::<ServerLabels, Counter>::default();
+        registry.register(
+            "intermission_upstream_retries",
+            "Requests sent again to another upstream server after failing on this one",
+            upstream_retries.clone(),
         );
 
         let control_commands = Family::<CommandLabels, Counter>::default();
@@ -784,6 +861,8 @@ impl Metrics {
             upstream_healthy,
             health_checks,
             health_check_duration,
+            upstream_failures,
+            upstream_retries,
             control_commands,
             webhooks,
             webhook_queues,
@@ -878,12 +957,36 @@ impl Metrics {
         };
         self.upstream_healthy.remove(&labels);
         self.health_check_duration.remove(&labels);
+        self.upstream_retries.remove(&labels);
+        for reason in UpstreamFailure::ALL {
+            self.upstream_failures.remove(&UpstreamFailureLabels {
+                server: server.to_owned(),
+                reason: reason.as_str(),
+            });
+        }
         for result in [true, false] {
             self.health_checks.remove(&HealthCheckLabels {
                 server: server.to_owned(),
                 result: result_label(result),
             });
         }
+    }
+
+    /// `server`'s failure and retry counters, every series shown from now on at zero (so
+    /// that a rate of failures starts from zero rather than from nothing); a server a reload
+    /// keeps keeps its counts.
+    pub fn upstream(&self, server: &str) -> UpstreamCounters {
+        let failures = UpstreamFailure::ALL.map(|reason| {
+            self.upstream_failures
+                .get_or_create_owned(&UpstreamFailureLabels {
+                    server: server.to_owned(),
+                    reason: reason.as_str(),
+                })
+        });
+        let retries = self.upstream_retries.get_or_create_owned(&ServerLabels {
+            server: server.to_owned(),
+        });
+        UpstreamCounters { failures, retries }
     }
 
     /// Counts one probe and its latency. Both results' series are created on a server's first

@@ -1098,6 +1098,7 @@ async fn answer<C: Client>(
         match second {
             Some(next) => {
                 tracing::warn!(error = %error, "retrying on {}", pool.servers[next]);
+                forward::retried(&snap.passive, server);
                 server = next;
                 sent = tokio::time::Instant::now();
             }

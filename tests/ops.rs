@@ -1007,6 +1007,93 @@ async fn a_server_removed_by_reload_leaves_the_metrics() {
     assert!(has(&m, &b.url()));
 }
 
+/// A server that hangs on one page while its health check answers: the requests that time
+/// out on it and are sent again to the other server reach their clients whole, over HTTP/1.1
+/// (the relay) and HTTP/2 (hyper) alike, so only the metrics can show them, by server and
+/// reason, from zero. A `POST`, never sent twice, gets the outage answer, counted the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn failures_on_a_server_are_counted_whether_retried_or_not() {
+    let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = arrived.clone();
+    let hangs = upstream(move |req: Request<Incoming>| {
+        let seen = seen.clone();
+        async move {
+            if req.uri().path() == "/page" {
+                seen.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+            }
+            Response::new(full("hangs"))
+        }
+    })
+    .await;
+    let answers = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\", \"{}\"]\nresponse_timeout = \"200ms\"\n\
+         [health]\ninterval = \"1h\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        hangs.url(),
+        answers.url()
+    ))
+    .await;
+    let failures = |m: &HashMap<String, f64>, up: &Upstream, reason: &str| {
+        let server = format!("server=\"{}\"", up.url());
+        let reason = format!("reason=\"{reason}\"");
+        find(
+            m,
+            "intermission_upstream_failures_total",
+            &[&server, &reason],
+        )
+    };
+    let retries = |m: &HashMap<String, f64>, up: &Upstream| {
+        let server = format!("server=\"{}\"", up.url());
+        find(m, "intermission_upstream_retries_total", &[&server])
+    };
+    let m = scrape(&proxy).await;
+    for up in [&hangs, &answers] {
+        for reason in ["connect", "timeout", "error"] {
+            assert_eq!(failures(&m, up, reason), 0.0, "{reason}");
+        }
+        assert_eq!(retries(&m, up), 0.0);
+    }
+
+    for _ in 0..4 {
+        assert_eq!(get(&proxy.url("/page")).await.body(), "app");
+        let resp = h2c_client()
+            .request(Request::get(proxy.url("/page")).body(empty()).unwrap())
+            .await
+            .unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "app");
+    }
+    let timed_out = arrived.load(Ordering::SeqCst);
+    assert!(
+        timed_out >= 2,
+        "round-robin sent none to the hanging server"
+    );
+    let m = scrape(&proxy).await;
+    assert_eq!(failures(&m, &hangs, "timeout"), timed_out as f64);
+    assert_eq!(retries(&m, &hangs), timed_out as f64);
+    assert_eq!(failures(&m, &hangs, "connect"), 0.0);
+    assert_eq!(failures(&m, &answers, "timeout"), 0.0);
+    assert_eq!(retries(&m, &answers), 0.0);
+
+    // Round-robin: one of two lands on the hanging server.
+    let mut posts = 0;
+    while arrived.load(Ordering::SeqCst) == timed_out && posts < 4 {
+        let post = Request::post(proxy.url("/page")).body(full("x")).unwrap();
+        let status = send(post).await.status();
+        assert!(status == 200 || status == 503, "{status}");
+        posts += 1;
+    }
+    assert_eq!(arrived.load(Ordering::SeqCst), timed_out + 1);
+    let m = scrape(&proxy).await;
+    assert_eq!(failures(&m, &hangs, "timeout"), (timed_out + 1) as f64);
+    assert_eq!(
+        retries(&m, &hangs),
+        timed_out as f64,
+        "a POST is not sent twice"
+    );
+}
+
 /// An upstream whose `/slow` requests, counted as they arrive, are answered "done" once the
 /// sender says `true`; anything else (health checks) at once.
 async fn slow_upstream() -> (

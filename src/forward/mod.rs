@@ -18,6 +18,7 @@ pub mod upgrade;
 use crate::body::{Answered, Body, ClientFault, Resume, SentSignal};
 use crate::config::{Config, Protocol, Upstream};
 use crate::health::Passive;
+use crate::metrics::UpstreamFailure;
 use crate::state::marks::{self, Marks};
 use headers::ClientSide;
 use http::header::{self, HeaderValue};
@@ -331,6 +332,7 @@ pub fn forward<'a>(
                 return Err(Failed::upstream(Some(error), Some(server)));
             };
             tracing::warn!(error = %error, "retrying on {}", pool.servers[second]);
+            retried(passive, server);
             let mut again = Request::new(held.map_or(Body::Empty, Body::full));
             *again.method_mut() = method;
             *again.headers_mut() = headers;
@@ -387,12 +389,19 @@ fn upstream_uri(server: &Upstream, path: PathAndQuery) -> Uri {
     Uri::from_parts(uri).unwrap_or_default()
 }
 
-/// Tells the server's checker that a request to it failed. A failure of the proxy's own (out
-/// of file descriptors or memory) is not the server's: counted against it, a flood of
-/// clients would take a healthy application out and announce an outage. Nor is a failed
-/// connection counted twice: one shared by the requests that waited for it
-/// (`pool::SendError::Shared`) is told by the request that opened it.
+/// Tells the server's checker that a request to it failed, and counts it in the server's
+/// metrics. A failure of the proxy's own (out of file descriptors or memory, or at the bound
+/// on upstream sockets) is not the server's: counted against it, a flood of clients would
+/// take a healthy application out and announce an outage. Nor is a failed connection told
+/// twice: one shared by the requests that waited for it (`pool::SendError::Shared`) is told
+/// by the request that opened it, though each of them failed and is counted.
 pub(crate) fn report(passive: &[Passive], server: usize, error: &UpstreamError) {
+    if local_exhaustion(error) {
+        return;
+    }
+    let Some(passive) = passive.get(server) else {
+        return;
+    };
     let shared = matches!(
         error,
         UpstreamError::Connect {
@@ -401,16 +410,29 @@ pub(crate) fn report(passive: &[Passive], server: usize, error: &UpstreamError) 
         }
     );
     // A server taken out by its checks has nothing more to tell them.
-    if shared || local_exhaustion(error) || matches!(error, UpstreamError::MarkedDown { .. }) {
-        return;
+    let told = !shared && !matches!(error, UpstreamError::MarkedDown { .. });
+    let report = told.then(|| crate::health::Report {
+        why: error.to_string(),
+        inconclusive: inconclusive(error),
+    });
+    passive.failed(failure_reason(error), report);
+}
+
+/// `error` in the few kinds the metrics tell apart.
+fn failure_reason(error: &UpstreamError) -> UpstreamFailure {
+    match error {
+        UpstreamError::Connect { .. } => UpstreamFailure::Connect,
+        UpstreamError::Timeout { .. } | UpstreamError::MarkedDown { .. } => {
+            UpstreamFailure::Timeout
+        }
+        UpstreamError::Failed { .. } => UpstreamFailure::Error,
     }
-    if let Some(tx) = passive.get(server) {
-        let report = crate::health::Report {
-            why: error.to_string(),
-            inconclusive: inconclusive(error),
-        };
-        // Never waits: a full queue means the checker already has plenty to go on.
-        let _ = tx.try_send(report);
+}
+
+/// Counts a request that failed on `server` and is sent again to another.
+pub(crate) fn retried(passive: &[Passive], server: usize) {
+    if let Some(passive) = passive.get(server) {
+        passive.retried();
     }
 }
 

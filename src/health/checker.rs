@@ -26,9 +26,30 @@ pub struct Flip {
     pub changed: bool,
 }
 
-/// Where the request path reports a failed forward (connect error, reset, timeout). Bounded:
-/// under a burst, reports beyond the queue are dropped: the checker has plenty to go on.
-pub type Passive = mpsc::Sender<Report>;
+/// Where the request path reports a failed forward (connect error, reset, timeout) and
+/// counts it in the server's metrics. The reports are bounded: under a burst, those beyond
+/// the queue are dropped, as the checker has plenty to go on; the counts are not.
+pub struct Passive {
+    reports: mpsc::Sender<Report>,
+    counts: crate::metrics::UpstreamCounters,
+}
+
+impl Passive {
+    /// Counts a failed request, and tells the checker when `report` says so (`None`: a
+    /// failure that is not news to it, or not the server's own doing).
+    pub fn failed(&self, reason: crate::metrics::UpstreamFailure, report: Option<Report>) {
+        self.counts.failed(reason);
+        if let Some(report) = report {
+            // Never waits: a full queue means the checker already has plenty to go on.
+            let _ = self.reports.try_send(report);
+        }
+    }
+
+    /// A request that failed on this server was sent again to another.
+    pub fn retried(&self) {
+        self.counts.retried();
+    }
+}
 
 /// A failed forward, as the request path tells the server's checker.
 pub struct Report {
@@ -133,7 +154,10 @@ pub fn spawn(
     let mut tasks = Vec::new();
     for (index, server) in servers.iter().enumerate() {
         let (tx, rx) = mpsc::channel(PASSIVE_QUEUE);
-        passive.push(tx);
+        passive.push(Passive {
+            reports: tx,
+            counts: metrics.upstream(&server.to_string()),
+        });
         let task = Task {
             index,
             generation,
