@@ -556,6 +556,8 @@ pub struct Metrics {
     /// `[from][to]`; the diagonal stays unused.
     transitions: [[Counter; 3]; 3],
     upstream_healthy: Family<ServerLabels, Gauge>,
+    /// Times each server was taken out.
+    upstream_downs: Family<ServerLabels, Counter>,
     health_checks: Family<HealthCheckLabels, Counter>,
     health_check_duration: Family<ServerLabels, DurationHistogram>,
     upstream_failures: Family<UpstreamFailureLabels, Counter>,
@@ -664,6 +666,16 @@ impl Metrics {
             "intermission_upstream_healthy",
             "Whether the health checks count an upstream server as healthy (1) or not (0)",
             upstream_healthy.clone(),
+        );
+
+        // The gauge alone misses a server out and back between two scrapes (a second or two
+        // with the defaults, against a scrape interval of 15 s or more).
+        let upstream_downs = Family::<ServerLabels, Counter>::default();
+        registry.register(
+            "intermission_upstream_marked_down",
+            "Times an upstream server was taken out, by its health checks or by failed \
+             requests: a server that goes out and back between two scrapes shows here",
+            upstream_downs.clone(),
         );
 
         let health_checks = Family::<HealthCheckLabels, Counter>::default();
@@ -859,6 +871,7 @@ impl Metrics {
             mode,
             transitions,
             upstream_healthy,
+            upstream_downs,
             health_checks,
             health_check_duration,
             upstream_failures,
@@ -942,12 +955,25 @@ impl Metrics {
         }
     }
 
+    /// Shows `server`'s health; its count of times taken out is shown from then on, at 0
+    /// until the first.
     pub fn set_upstream_health(&self, server: &str, healthy: bool) {
+        let labels = ServerLabels {
+            server: server.to_owned(),
+        };
         self.upstream_healthy
+            .get_or_create(&labels)
+            .set(i64::from(healthy));
+        drop(self.upstream_downs.get_or_create(&labels));
+    }
+
+    /// Counts `server` taken out (its health flipped from healthy to not).
+    pub fn upstream_marked_down(&self, server: &str) {
+        self.upstream_downs
             .get_or_create(&ServerLabels {
                 server: server.to_owned(),
             })
-            .set(i64::from(healthy));
+            .inc();
     }
 
     /// Forgets a server that a reload removed, so that no alert fires for it for ever.
@@ -956,6 +982,7 @@ impl Metrics {
             server: server.to_owned(),
         };
         self.upstream_healthy.remove(&labels);
+        self.upstream_downs.remove(&labels);
         self.health_check_duration.remove(&labels);
         self.upstream_retries.remove(&labels);
         for reason in UpstreamFailure::ALL {

@@ -272,7 +272,12 @@ async fn metrics_count_what_happened_to_requests_and_health() {
         3.0
     );
 
-    // A health flip shows in the per-server gauge.
+    // A health flip shows in the per-server gauge, and is counted: a server out and back
+    // between two scrapes would not show in the gauge.
+    let server = format!("server=\"{}\"", up.url());
+    let marked_down =
+        |m: &HashMap<String, f64>| find(m, "intermission_upstream_marked_down_total", &[&server]);
+    assert_eq!(marked_down(&m), 0.0);
     ctl(&proxy, Ctl::Off).await;
     up.stop();
     // Two failed checks a second apart take it out; the bound leaves room for a loaded machine.
@@ -291,6 +296,7 @@ async fn metrics_count_what_happened_to_requests_and_health() {
     assert!(down, "the health flip did not show in the metrics");
     let m = scrape(&proxy).await;
     assert!(find(&m, "intermission_health_checks_total", &["result=\"fail\""]) >= 1.0);
+    assert_eq!(marked_down(&m), 1.0);
 }
 
 /// Waits until `ctl health` shows the first server `healthy`; whether it did.

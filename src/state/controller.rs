@@ -492,6 +492,9 @@ impl Controller {
         self.parts
             .metrics
             .set_upstream_health(&server, flip.healthy);
+        if !flip.healthy {
+            self.parts.metrics.upstream_marked_down(&server);
+        }
         // Back to normal clears the episode's words; that is a change of the saved state.
         let reason = format!("{server}: {}", flip.reason);
         let (before, after) = self.settle(now, &reason).await;
