@@ -472,11 +472,12 @@ fn to_text_004(open: &str) -> String {
     out
 }
 
-/// Upper bounds of the duration buckets, in microseconds (0.5 ms to 10 s), so that observing
-/// compares integers. `+Inf` is the extra last bucket.
-const BUCKETS_MICROS: [u64; 14] = [
+/// Upper bounds of the duration buckets, in microseconds (0.5 ms to 60 s), so that observing
+/// compares integers. `+Inf` is the extra last bucket. Up to 60 s, `upstream.response_timeout`'s
+/// default: a server slower than 10 s showed only in `+Inf`, its 20 s and its timeouts alike.
+const BUCKETS_MICROS: [u64; 16] = [
     500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
-    2_500_000, 5_000_000, 10_000_000,
+    2_500_000, 5_000_000, 10_000_000, 30_000_000, 60_000_000,
 ];
 
 /// One observation adds at most a day to the sum, so that no absurd duration can wrap it.
@@ -1405,16 +1406,17 @@ pub(crate) mod tests {
             Duration::from_micros(100),
             Duration::from_millis(1), // on a bound: counted in that bucket (le means <=)
             Duration::from_millis(30),
-            Duration::from_secs(20), // above the last bound: only in +Inf
+            Duration::from_secs(20),
+            Duration::from_secs(61), // above the last bound: only in +Inf
         ];
         for d in observed {
             m.request(Outcome::Forwarded, Mode::Normal, 200, d);
         }
         let s = parse(&m.encode());
         let name = "intermission_request_duration_seconds";
-        assert_eq!(get(&s, &format!("{name}_count"), &[]), 4.0);
+        assert_eq!(get(&s, &format!("{name}_count"), &[]), 5.0);
         let sum = get(&s, &format!("{name}_sum"), &[]);
-        assert!((sum - 20.0311).abs() < 1e-9, "sum is {sum}");
+        assert!((sum - 81.0311).abs() < 1e-9, "sum is {sum}");
 
         let mut buckets: Vec<(f64, f64)> = s
             .iter()
@@ -1441,7 +1443,13 @@ pub(crate) mod tests {
         assert_eq!(at(0.025), Some(2.0));
         assert_eq!(at(0.05), Some(3.0));
         assert_eq!(at(10.0), Some(3.0));
-        assert_eq!(at(f64::INFINITY), Some(4.0), "+Inf equals the count");
+        assert_eq!(
+            at(30.0),
+            Some(4.0),
+            "a slow server's 20 s has a bucket of its own"
+        );
+        assert_eq!(at(60.0), Some(4.0));
+        assert_eq!(at(f64::INFINITY), Some(5.0), "+Inf equals the count");
     }
 
     #[test]
