@@ -427,8 +427,13 @@ fn load_key(
         path: path.to_path_buf(),
         reason,
     };
-    let bytes = crate::files::read(path, crate::files::MAX_PEM_BYTES)
-        .map_err(|e| refused(e.to_string()))?;
+    // A file that cannot be read is not a key of the wrong kind: "unsupported private key:
+    // Permission denied" sent operators looking at the key's format, not at its mode.
+    let bytes =
+        crate::files::read(path, crate::files::MAX_PEM_BYTES).map_err(|e| TlsError::Read {
+            path: path.to_path_buf(),
+            reason: read_problem(&e),
+        })?;
     let key = PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
         // An encrypted key is skipped by the PEM reader as an unknown section, which would
         // be reported as "no items found": say what it is instead.
@@ -474,6 +479,19 @@ fn encryption(text: &str) -> Option<String> {
     })
 }
 
+/// Why a certificate or key file cannot be read, with what to do when the proxy's user may
+/// not read it (certbot keeps its keys to root).
+pub fn read_problem(e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        format!(
+            "{e}: the user the proxy runs as may not read it (or a folder on its path); make \
+             it readable by that user (see \"Running it as a service\" in the README)"
+        )
+    } else {
+        e.to_string()
+    }
+}
+
 /// A PEM reader's error in words: its own name the missing end line and the bad start line
 /// as lists of bytes.
 fn pem_problem(e: &rustls::pki_types::pem::Error, what: &str) -> String {
@@ -514,8 +532,8 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         path: path.to_path_buf(),
         reason,
     };
-    let bytes =
-        crate::files::read(path, crate::files::MAX_PEM_BYTES).map_err(|e| read(e.to_string()))?;
+    let bytes = crate::files::read(path, crate::files::MAX_PEM_BYTES)
+        .map_err(|e| read(read_problem(&e)))?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| read(pem_problem(&e, "CERTIFICATE")))?;

@@ -538,6 +538,56 @@ async fn reload_swaps_the_certificate_and_old_connections_keep_working() {
     );
 }
 
+/// A key or certificate file that cannot be read says so and why, not that the key is of an
+/// unsupported kind ("unsupported private key: Permission denied" sent operators to the
+/// key's format); one missing says it does not exist, or where its symbolic link points.
+#[test]
+fn a_key_that_cannot_be_read_is_not_called_unsupported() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    ca.write_leaf(dir.path(), "site", &["shop.test"]);
+    // Larger than a PEM file is read: a read error, as a permission would be (root here).
+    let big = std::fs::File::options()
+        .write(true)
+        .open(dir.path().join("site.key"))
+        .unwrap();
+    big.set_len(5 << 20).unwrap();
+    let text = format!("[tls]\nlisten = [\"127.0.0.1:0\"]\n{}", certs(&["site"]));
+    let cfg = intermission::config::Config::parse(&text, dir.path(), None).unwrap();
+    let err = intermission::tls::server_config(&cfg.tls)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("cannot read") && err.contains("site.key") && !err.contains("unsupported"),
+        "{err}"
+    );
+    let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+    assert!(
+        intermission::tls::read_problem(&denied).contains("the user the proxy runs as"),
+        "{}",
+        intermission::tls::read_problem(&denied)
+    );
+
+    std::os::unix::fs::symlink(
+        dir.path().join("..data/tls.crt"),
+        dir.path().join("k8s.pem"),
+    )
+    .unwrap();
+    let text = "[tls]\nlisten = [\"127.0.0.1:0\"]\n[[tls.certificates]]\ncert = \"k8s.pem\"\n\
+                key = \"gone.key\"\n";
+    let err = match intermission::config::Config::parse(text, dir.path(), None) {
+        Ok(_) => panic!("parsed with files that are not there"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("k8s.pem is not a readable file: it is a symbolic link to ")
+            && err.contains("..data/tls.crt, which does not exist")
+            && err.contains("gone.key is not a readable file: it does not exist"),
+        "{err}"
+    );
+}
+
 /// `/metrics` shows when each served certificate ends, by file, for an alert well before it;
 /// a reload that stops serving a file takes its series away, and a new one adds its own.
 #[tokio::test]

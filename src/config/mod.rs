@@ -967,11 +967,11 @@ impl Validator<'_> {
         }
         let ca_file = (!f.ca_file.is_empty()).then(|| self.path(&f.ca_file));
         if let Some(ca) = &ca_file {
-            if !ca.is_file() {
+            if let Some(why) = not_a_file(ca) {
                 self.problem(
                     "upstream.ca_file",
                     format!(
-                        "{} is not a readable file of PEM certificates",
+                        "{} is not a readable file of PEM certificates: {why}",
                         ca.display()
                     ),
                 );
@@ -1052,8 +1052,11 @@ impl Validator<'_> {
             return PathBuf::new();
         }
         let path = self.path(text);
-        if !path.is_file() {
-            self.problem(key, format!("{} is not a readable file", path.display()));
+        if let Some(why) = not_a_file(&path) {
+            self.problem(
+                key,
+                format!("{} is not a readable file: {why}", path.display()),
+            );
         }
         path
     }
@@ -1829,6 +1832,28 @@ fn is_plain_prefix(prefix: &str) -> bool {
     inner
         .split('/')
         .all(|segment| !matches!(segment, "" | "." | "..") && segment.chars().all(allowed))
+}
+
+/// Why `path` names no file a certificate or key can be read from, when it does not: a
+/// missing file, a symbolic link to nothing (a Kubernetes secret's `..data` swapped away), a
+/// folder on the path the proxy's user may not enter (certbot's `live/` is root's alone), or
+/// something other than a file. "is not a readable file" alone left an operator guessing.
+fn not_a_file(path: &Path) -> Option<String> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => None,
+        Ok(meta) if meta.is_dir() => Some("it is a folder".to_owned()),
+        Ok(_) => Some("it is not a regular file".to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Some(match std::fs::read_link(path) {
+                Ok(target) => format!(
+                    "it is a symbolic link to {}, which does not exist",
+                    target.display()
+                ),
+                Err(_) => "it does not exist".to_owned(),
+            })
+        }
+        Err(e) => Some(crate::tls::read_problem(&e)),
+    }
 }
 
 #[cfg(test)]
