@@ -57,6 +57,16 @@ pub enum TlsError {
     /// one run of `check` (or one refused start or reload) says all of them.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Certificates(Vec<EntryError>),
+    /// At a reload, the file of a certificate clients accept now holds one they refuse
+    /// (expired, not valid yet): serving it would turn a working site into one no client
+    /// reaches, so the reload is refused and the one served stays.
+    #[error(
+        "{}: the certificate in it {why}, where the one served from it now is valid: clients \
+         would refuse it, so the reload is refused and the one served stays; renew it (a \
+         restart serves it anyway)",
+        path.display()
+    )]
+    WorseAtReload { path: PathBuf, why: String },
     #[error("TLS settings: {0}")]
     Settings(String),
     /// `upstream.ca_file` does not load: named by its key, as every other problem is.
@@ -88,6 +98,9 @@ pub struct ServerTls {
     /// The chains served, in entry order: what decides whether a reload may keep the
     /// sessions made before it (`resumption`).
     chains: Arc<[Vec<CertificateDer<'static>>]>,
+    /// The file each chain was read from: what a reload compares a renewed certificate with
+    /// (`replaced_by_one_refused`).
+    files: Arc<[PathBuf]>,
 }
 
 /// When the certificate of one `[[tls.certificates]]` entry ends (its `notAfter`): what the
@@ -194,6 +207,16 @@ pub fn server_config_checked(
     for (index, paths) in tls.certificates.iter().enumerate() {
         match load_certified_key(paths, &provider) {
             Ok(c) => {
+                if let Some(why) = replaced_by_one_refused(previous, &paths.cert, &c.leaf, now) {
+                    problems.push(EntryError {
+                        index,
+                        error: Box::new(TlsError::WorseAtReload {
+                            path: paths.cert.clone(),
+                            why,
+                        }),
+                    });
+                    continue;
+                }
                 let end = end_of(&c.leaf).map(|not_after| CertificateEnd {
                     index,
                     file: paths.cert.clone(),
@@ -242,8 +265,67 @@ pub fn server_config_checked(
         config: Some(Arc::new(config)),
         ends: ends.into(),
         chains,
+        files: tls.certificates.iter().map(|p| p.cert.clone()).collect(),
     };
     Ok((served, warnings))
+}
+
+/// Why clients would refuse `leaf` at `now` by its dates alone (expired, not valid yet, ending
+/// before it begins), if they would.
+fn refused_by_date(leaf: &CertificateDer<'_>, now: SystemTime) -> Option<String> {
+    let cert = webpki::EndEntityCert::try_from(leaf).ok()?;
+    let at = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
+    // No trust anchor: webpki checks the dates before it looks for an issuer.
+    let err = cert
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &[],
+            &[],
+            at,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .err()?;
+    let date = |t: UnixTime| {
+        crate::time::Timestamp(UNIX_EPOCH + Duration::from_secs(t.as_secs())).rfc3339()
+    };
+    match err {
+        webpki::Error::CertExpired { not_after, .. } => {
+            Some(format!("expired on {}", date(not_after)))
+        }
+        webpki::Error::CertNotValidYet { not_before, .. } => Some(format!(
+            "is not valid before {} (or this machine's clock is wrong)",
+            date(not_before)
+        )),
+        webpki::Error::InvalidCertValidity => {
+            Some("ends before it begins (notAfter before notBefore)".to_owned())
+        }
+        _ => None,
+    }
+}
+
+/// At a reload, why the certificate `leaf` now read from `file` is refused: clients would
+/// refuse it by its dates, where they accept the one served from the same file until now (a
+/// renewal job that copied an old backup, a clock-skewed issuer). At start there is nothing
+/// better to serve, and it is served with a warning, as nginx serves it.
+fn replaced_by_one_refused(
+    previous: Option<&ServerTls>,
+    file: &Path,
+    leaf: &CertificateDer<'_>,
+    now: SystemTime,
+) -> Option<String> {
+    let previous = previous?;
+    let served = previous
+        .files
+        .iter()
+        .zip(previous.chains.iter())
+        .find(|(f, _)| f.as_path() == file)
+        .and_then(|(_, chain)| chain.first())?;
+    if refused_by_date(served, now).is_some() {
+        return None;
+    }
+    refused_by_date(leaf, now)
 }
 
 /// How clients resume their sessions (an abbreviated handshake: no certificate sent, no

@@ -538,6 +538,48 @@ async fn reload_swaps_the_certificate_and_old_connections_keep_working() {
     );
 }
 
+/// A reload whose certificate file now holds one clients refuse by its dates (an old backup
+/// copied back, a renewal caught with an expired file) is refused, naming the file and why,
+/// and the certificate served stays: it used to be swapped in with a warning, and every
+/// client was refused from then on. A proxy serving an expired certificate already takes
+/// another one, as its start did.
+#[tokio::test]
+async fn a_reload_to_an_expired_certificate_keeps_the_valid_one() {
+    let ca = Ca::new();
+    let mut served = None;
+    let proxy = tls_proxy(|dir| {
+        served = Some(ca.write_leaf(dir, "site", &["shop.test"]));
+        certs(&["site"])
+    })
+    .await;
+    let addr = tls_addr(&proxy);
+    let client = ca.client_config(&[b"http/1.1"]);
+    ca.write_leaf_ending(proxy.dir.path(), "site", &["shop.test"], (2020, 1, 1));
+    let r = ctl(&proxy, Ctl::Reload).await;
+    let e = r.error.expect("the reload was refused");
+    assert_eq!(e.code, "reload_failed");
+    assert!(
+        e.message.contains("tls.certificates[0]: ")
+            && e.message.contains("site.pem")
+            && e.message.contains("expired on 2020-01-01")
+            && e.message.contains("the one served stays"),
+        "{}",
+        e.message
+    );
+    let stream = tls_connect(addr, "shop.test", client).await;
+    assert_eq!(Some(peer_cert(&stream)), served);
+
+    // Serving an expired one already, nothing gets worse: the reload takes.
+    let expired = tls_proxy(|dir| {
+        ca.write_leaf_ending(dir, "site", &["shop.test"], (2020, 1, 1));
+        certs(&["site"])
+    })
+    .await;
+    ca.write_leaf_ending(expired.dir.path(), "site", &["shop.test"], (2021, 1, 1));
+    let r = ctl(&expired, Ctl::Reload).await;
+    assert!(r.ok, "{r:?}");
+}
+
 /// A key or certificate file that cannot be read says so and why, not that the key is of an
 /// unsupported kind ("unsupported private key: Permission denied" sent operators to the
 /// key's format); one missing says it does not exist, or where its symbolic link points.
