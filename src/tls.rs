@@ -631,8 +631,13 @@ struct Certified {
     key: Arc<CertifiedKey>,
 }
 
-/// Picks the first certificate valid for the SNI name (wildcards included, as webpki checks
-/// them), else the first certificate.
+/// Picks a certificate valid for the SNI name (wildcards included, as webpki checks them),
+/// else the first certificate. Among several valid for the name, one whose key can sign in a
+/// scheme the client offers comes first (an ECDSA and an RSA certificate for the same names,
+/// as nginx serves them: a client that verifies RSA alone got the ECDSA one, listed first,
+/// and failed), then one that names it exactly rather than by a wildcard (`shop.example.com`
+/// before `*.example.com`, as nginx chooses: listed after the wildcard, the exact one was
+/// never served), then the first listed.
 #[derive(Debug)]
 struct BySni {
     certs: Vec<Certified>,
@@ -640,16 +645,24 @@ struct BySni {
 
 impl ResolvesServerCert for BySni {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let chosen = hello
-            .server_name()
-            .and_then(|name| ServerName::try_from(name).ok())
-            .and_then(|name| {
-                self.certs.iter().find(|c| {
-                    webpki::EndEntityCert::try_from(&c.leaf)
-                        .and_then(|cert| cert.verify_is_valid_for_subject_name(&name))
-                        .is_ok()
+        let chosen = hello.server_name().and_then(|asked| {
+            let name = ServerName::try_from(asked).ok()?;
+            let asked = asked.trim_end_matches('.');
+            self.certs
+                .iter()
+                .filter_map(|c| {
+                    let cert = webpki::EndEntityCert::try_from(&c.leaf).ok()?;
+                    cert.verify_is_valid_for_subject_name(&name).ok()?;
+                    let exact = cert
+                        .valid_dns_names()
+                        .any(|n| n.trim_end_matches('.').eq_ignore_ascii_case(asked));
+                    let signs = c.key.key.choose_scheme(hello.signature_schemes()).is_some();
+                    Some((c, signs, exact))
                 })
-            });
+                // `min_by_key` keeps the first of equals: the order the operator listed.
+                .min_by_key(|&(_, signs, exact)| (!signs, !exact))
+                .map(|(c, _, _)| c)
+        });
         chosen.or(self.certs.first()).map(|c| c.key.clone())
     }
 }

@@ -399,6 +399,59 @@ async fn the_certificate_is_chosen_by_sni_with_a_default() {
     );
 }
 
+/// Among the certificates valid for the name asked, one that names it exactly is chosen
+/// before a wildcard listed earlier (as nginx chooses), and one whose key signs in a scheme
+/// the client verifies before one it cannot (an Ed25519 and an ECDSA certificate for the same
+/// name: a client that verifies ECDSA alone got the Ed25519 one, listed first, and failed).
+#[tokio::test]
+async fn sni_prefers_an_exact_name_and_a_key_the_client_verifies() {
+    let ca = Ca::new();
+    let mut ders = Vec::new();
+    let proxy = tls_proxy(|dir| {
+        ders.push(ca.write_leaf(dir, "wild", &["*.shop.test"]));
+        ders.push(ca.write_leaf(dir, "admin", &["admin.shop.test"]));
+        // The same name twice: Ed25519 first, then ECDSA P-256.
+        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let params = CertificateParams::new(vec!["both.test".to_owned()]).unwrap();
+        let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
+        std::fs::write(dir.join("ed.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("ed.key"), key.serialize_pem()).unwrap();
+        ders.push(cert.der().clone());
+        ders.push(ca.write_leaf(dir, "ec", &["both.test"]));
+        certs(&["wild", "admin", "ed", "ec"])
+    })
+    .await;
+    let addr = tls_addr(&proxy);
+    let client = ca.client_config(&[b"http/1.1"]);
+    let chosen = |name: &'static str, client: Arc<rustls::ClientConfig>| async move {
+        peer_cert(&tls_connect(addr, name, client).await)
+    };
+    assert_eq!(chosen("admin.shop.test", client.clone()).await, ders[1]);
+    assert_eq!(chosen("ADMIN.shop.test", client.clone()).await, ders[1]);
+    assert_eq!(chosen("www.shop.test", client.clone()).await, ders[0]);
+    // A client offering every scheme gets the first listed.
+    assert_eq!(chosen("both.test", client.clone()).await, ders[2]);
+
+    // A client that verifies ECDSA P-256 signatures alone.
+    let mut provider = rustls::crypto::ring::default_provider();
+    let only_p256: Vec<_> = provider
+        .signature_verification_algorithms
+        .mapping
+        .iter()
+        .filter(|(scheme, _)| *scheme == rustls::SignatureScheme::ECDSA_NISTP256_SHA256)
+        .copied()
+        .collect();
+    provider.signature_verification_algorithms.mapping = Box::leak(only_p256.into_boxed_slice());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert.der().clone()).unwrap();
+    let p256 = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    assert_eq!(chosen("both.test", Arc::new(p256)).await, ders[3]);
+}
+
 /// A client of `ca` speaking only `version`, which keeps the sessions it is given.
 fn resuming_client(
     ca: &Ca,
