@@ -221,7 +221,10 @@ pub fn write_held<H: Fields + ?Sized>(
     // An answer a listed origin may read carries its origin: not the one encoded for all.
     let cors = crate::hold::cors::allowed(&snap.config.maintenance.cors_origins, headers);
     let (form, lang) = reserved::choose_form(snap, headers, path);
-    let encoded = held.encoded(form, lang, head).filter(|_| cors.is_none());
+    // Nor a gRPC one, typed and paced by the call's own headers (`reserved::respond`).
+    let encoded = held
+        .encoded(form, lang, head)
+        .filter(|_| cors.is_none() && form != crate::hold::negotiate::Form::Grpc);
     let (status, bytes) = match encoded {
         Some(encoded) => {
             encoded.write(out);

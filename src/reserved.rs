@@ -217,6 +217,8 @@ pub fn respond<H: Fields + ?Sized>(
         if let Some(web) = negotiate::grpc_web_type(headers) {
             resp.headers_mut().insert(header::CONTENT_TYPE, web);
         }
+        let deadline = negotiate::grpc_deadline(headers);
+        crate::hold::held::grpc_pushback_within(resp.headers_mut(), deadline);
     }
     if let Some(reader) = reader {
         cors::allow(resp.headers_mut(), reader, form);

@@ -661,6 +661,22 @@ async fn maintenance_answers_unavailable_with_message_and_pushback() {
         Some("30000"),
         "{err:?}"
     );
+    // A call sent with a deadline (`grpc-timeout`) that ends before the 30 s pushback is told
+    // not to retry, so that a retry policy reports this UNAVAILABLE now rather than wait out
+    // the deadline.
+    let mut timed = request("during", 0, "m-1b");
+    timed.set_timeout(Duration::from_secs(5));
+    let err = say(&mut grpc, SAY, timed)
+        .await
+        .expect_err("held in maintenance");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(err.message(), message);
+    assert_eq!(
+        meta(err.metadata(), "grpc-retry-pushback-ms"),
+        Some("-1"),
+        "{err:?}"
+    );
+    assert_eq!(meta(err.metadata(), "retry-after"), Some("30"), "{err:?}");
     assert_eq!(
         meta(err.metadata(), "x-intermission-mode"),
         Some("maintenance")
@@ -829,6 +845,103 @@ async fn held_grpc_answer_is_http_200_trailers_only() {
     );
     assert!(collected.to_bytes().is_empty(), "trailers-only: no body");
     assert_eq!(server.seen.calls(), 0);
+}
+
+/// A client with a retry policy (grpc-core, grpc-go, grpc-java) waits out a pushback even past
+/// its call's deadline: a 5 s call told to wait 120 s ended `DEADLINE_EXCEEDED` after 5 s,
+/// the operator's message lost. A call whose deadline (`grpc-timeout`) ends first is asked not
+/// to retry (`-1`, gRFC A6) and reports `UNAVAILABLE` at once; one with a longer deadline, or
+/// none, keeps the pushback.
+#[tokio::test]
+async fn a_call_whose_deadline_ends_before_the_pushback_is_told_not_to_retry() {
+    let server = grpc_server().await;
+    let proxy = proxy_for(&server).await;
+    let on = Ctl::On {
+        message: Some("Upgrading".into()),
+        until: None,
+        retry_after: Some("2m".into()),
+        reason: None,
+    };
+    assert!(ctl(&proxy, on).await.ok);
+
+    let pushback = |timeout: Option<&'static str>, content_type: &'static str| {
+        let mut req = http::Request::post(proxy.url(SAY))
+            .version(http::Version::HTTP_2)
+            .header("content-type", content_type)
+            .header("te", "trailers");
+        if let Some(timeout) = timeout {
+            req = req.header("grpc-timeout", timeout);
+        }
+        let req = req.body(full(vec![0u8, 0, 0, 0, 0])).unwrap();
+        async move {
+            let resp = tokio::time::timeout(Duration::from_secs(5), h2c_client().request(req))
+                .await
+                .expect("bounded")
+                .expect("an answer");
+            let h = resp.headers();
+            assert_eq!(h.get("grpc-status").unwrap(), "14", "{h:?}");
+            assert_eq!(h.get("retry-after").unwrap(), "120", "{h:?}");
+            h.get("grpc-retry-pushback-ms")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        }
+    };
+    for (timeout, want) in [
+        (Some("5S"), "-1"),
+        (Some("120S"), "-1"),
+        (Some("119999m"), "-1"),
+        (Some("120001m"), "120000"),
+        (Some("2M"), "-1"),
+        (Some("121S"), "120000"),
+        (Some("1H"), "120000"),
+        (None, "120000"),
+        (Some("soon"), "120000"),
+    ] {
+        for content_type in ["application/grpc", "application/grpc-web+proto"] {
+            assert_eq!(
+                pushback(timeout, content_type).await.as_deref(),
+                Some(want),
+                "grpc-timeout {timeout:?}, {content_type}"
+            );
+        }
+    }
+    assert_eq!(server.seen.calls(), 0);
+}
+
+/// gRPC-Web's answer is typed as its call was on every path: a `GET` is answered without
+/// hyper (`fast`), from what was encoded at the last change, which knew no call's type.
+#[tokio::test]
+async fn a_grpc_web_call_answered_without_hyper_is_typed_as_it_was_sent() {
+    let server = grpc_server().await;
+    let proxy = proxy_for(&server).await;
+    assert!(
+        ctl(
+            &proxy,
+            Ctl::On {
+                message: Some("Upgrading".into()),
+                until: None,
+                retry_after: None,
+                reason: None,
+            }
+        )
+        .await
+        .ok
+    );
+    let request = "GET /pkg.Svc/M HTTP/1.1\r\nHost: x\r\n\
+                   Content-Type: application/grpc-web-text\r\ngrpc-timeout: 1S\r\n\
+                   Connection: close\r\n\r\n";
+    let answer = raw_exchange(proxy.addr, request.as_bytes(), Duration::from_secs(5)).await;
+    let head = answer.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{answer}");
+    assert!(
+        head.contains("\r\ncontent-type: application/grpc-web-text\r\n"),
+        "{answer}"
+    );
+    assert!(head.contains("\r\ngrpc-status: 14\r\n"), "{answer}");
+    assert!(
+        head.contains("\r\ngrpc-retry-pushback-ms: -1\r\n"),
+        "{answer}"
+    );
 }
 
 /// What `h2c_server` saw: the streams it got, and its connections that ended.

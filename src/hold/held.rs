@@ -575,6 +575,24 @@ impl Held {
     }
 }
 
+/// Asks a gRPC client not to retry (`grpc-retry-pushback-ms: -1`, gRFC A6) when the call's
+/// deadline ends before the pushback does: a library with a retry policy (grpc-core, grpc-go,
+/// grpc-java) honours a pushback even past the deadline, so the call would wait out its whole
+/// deadline and end `DEADLINE_EXCEEDED` with the operator's message lost, where `-1` makes it
+/// report this `UNAVAILABLE` at once. A call without a deadline keeps the pushback.
+pub fn grpc_pushback_within(headers: &mut HeaderMap, deadline: Option<std::time::Duration>) {
+    let Some(deadline) = deadline else {
+        return;
+    };
+    let pushback = headers
+        .get(&GRPC_PUSHBACK)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if pushback.is_some_and(|ms| std::time::Duration::from_millis(ms) >= deadline) {
+        headers.insert(GRPC_PUSHBACK.clone(), HeaderValue::from_static("-1"));
+    }
+}
+
 /// gRPC's `grpc-message` encoding: bytes outside printable ASCII, and `%`, as `%XX`; cut to
 /// at most `max` bytes, never inside a `%XX` or a character. A cut message ends with `…`, so
 /// that nobody reads its last words as the whole of it.

@@ -244,6 +244,31 @@ pub fn grpc_web_type<H: Fields + ?Sized>(headers: &H) -> Option<http::HeaderValu
         .flatten()
 }
 
+/// The deadline a gRPC call was sent with (`grpc-timeout`: at most 8 digits and a unit,
+/// `H`, `M`, `S`, `m`, `u` or `n`); `None` without one, or for one that does not parse, which
+/// the call's own library would not have sent.
+pub fn grpc_deadline<H: Fields + ?Sized>(headers: &H) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    static GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+    let value = headers.value(&GRPC_TIMEOUT)?.trim_ascii();
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = digits
+        .iter()
+        .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 fn is_upgrade<H: Fields + ?Sized>(headers: &H) -> bool {
     if headers.value(&UPGRADE).is_none() {
         return false;
@@ -541,6 +566,35 @@ mod tests {
     }
 
     const BROWSER: &str = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
+
+    #[test]
+    fn grpc_deadlines_are_read_in_every_unit_and_nothing_else() {
+        use std::time::Duration;
+        let deadline = |v: &str| grpc_deadline(&headers(&[("grpc-timeout", v)]));
+        assert_eq!(deadline("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(deadline("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(deadline("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(
+            deadline("99999999m"),
+            Some(Duration::from_millis(99_999_999))
+        );
+        assert_eq!(deadline("250u"), Some(Duration::from_micros(250)));
+        assert_eq!(deadline("7n"), Some(Duration::from_nanos(7)));
+        for bad in [
+            "",
+            "S",
+            "5",
+            "5s",
+            "123456789m",
+            "-5S",
+            "5 S",
+            "1.5S",
+            "5SS",
+        ] {
+            assert_eq!(deadline(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_deadline(&HeaderMap::new()), None);
+    }
 
     #[test]
     fn form_table() {
