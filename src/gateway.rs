@@ -220,7 +220,7 @@ pub fn write_held<H: Fields + ?Sized>(
     let head = method == Method::HEAD;
     // An answer a listed origin may read carries its origin: not the one encoded for all.
     let cors = crate::hold::cors::allowed(&snap.config.maintenance.cors_origins, headers);
-    let (form, lang) = reserved::choose_form(snap, headers, path);
+    let (form, lang) = reserved::choose_form(snap, headers, path, method);
     // Nor a gRPC one, typed and paced by the call's own headers (`reserved::respond`).
     let encoded = held
         .encoded(form, lang, head)

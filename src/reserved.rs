@@ -210,7 +210,7 @@ pub fn respond<H: Fields + ?Sized>(
             return cors::preflight(named.clone(), headers, None, mode);
         }
     }
-    let (form, lang) = choose_form(snap, headers, path);
+    let (form, lang) = choose_form(snap, headers, path, method);
     let mut resp = held.respond(form, lang, method == Method::HEAD, SystemTime::now);
     if form == Form::Grpc {
         // A gRPC-Web client reads its answer as the type it asked in (gRPC-Web's protocol).
@@ -228,14 +228,28 @@ pub fn respond<H: Fields + ?Sized>(
 
 /// The form and the language (an index into the pages' languages) of the holding response
 /// a request with these headers gets.
-pub fn choose_form<H: Fields + ?Sized>(snap: &Snapshot, headers: &H, path: &str) -> (Form, usize) {
-    negotiate::negotiate(
+pub fn choose_form<H: Fields + ?Sized>(
+    snap: &Snapshot,
+    headers: &H,
+    path: &str,
+    method: &Method,
+) -> (Form, usize) {
+    let api_prefixes = &snap.config.maintenance.api_prefixes;
+    let (form, lang) = negotiate::negotiate(
         headers,
         path,
-        &snap.config.maintenance.api_prefixes,
+        api_prefixes,
         &snap.pages.langs,
         snap.pages.id,
-    )
+    );
+    // An `EventSource` only ever GETs: the stream's `200` is for it alone.
+    if form == Form::EventStream && !matches!(*method, Method::GET | Method::HEAD) {
+        return (
+            negotiate::choose_form_not_streamed(headers, path, api_prefixes),
+            lang,
+        );
+    }
+    (form, lang)
 }
 
 fn not_found() -> Response<Body> {

@@ -1417,6 +1417,55 @@ async fn exchange_on(
     }
 }
 
+/// Only a `GET` is an `EventSource`'s: a request of another method that asks for a stream (an
+/// MCP client's `POST` with `Accept: application/json, text/event-stream`, a chat API's
+/// streamed `POST`) gets the `503` problem, which its library reports as the error it is and
+/// retries on, not a `200` saying its request was taken and a stream that ends with nothing
+/// it knows. A `GET` asking the same still gets the stream.
+#[tokio::test]
+async fn a_request_of_another_method_asking_for_a_stream_gets_the_503() {
+    const MESSAGE: &str = "Database upgrade in progress";
+    let (up, hits) = counting_upstream().await;
+    let proxy = proxy_for(&up, "[maintenance]\napi_prefixes = [\"/api/\"]\n").await;
+    assert!(ctl(&proxy, on(Some(MESSAGE))).await.ok);
+    for accept in ["text/event-stream", "application/json, text/event-stream"] {
+        for (method, path) in [("POST", "/mcp"), ("POST", "/api/chat"), ("PUT", "/api/x")] {
+            for h2 in [false, true] {
+                let req = Request::builder()
+                    .method(method)
+                    .uri(proxy.url(path))
+                    .header("accept", accept)
+                    .header("content-type", "application/json")
+                    .body(full(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#))
+                    .unwrap();
+                let resp = match h2 {
+                    false => client().request(req).await.unwrap(),
+                    true => h2c_client().request(req).await.unwrap(),
+                };
+                let (parts, body) = resp.into_parts();
+                let body = body.collect().await.unwrap().to_bytes();
+                let told = format!("{method} {path} {accept} h2={h2}");
+                assert_eq!(parts.status, 503, "{told}");
+                assert_eq!(
+                    parts.headers["content-type"], "application/problem+json",
+                    "{told}"
+                );
+                assert_eq!(parts.headers["retry-after"], "300", "{told}");
+                let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(problem["detail"], MESSAGE, "{told}");
+            }
+        }
+        let stream = get_with(&proxy.url("/mcp"), &[("accept", accept)]).await;
+        assert_held_event_stream(
+            stream.status().as_u16(),
+            stream.headers(),
+            stream.body(),
+            MESSAGE,
+        );
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+}
+
 /// A browser's `EventSource` gives up for good on any answer but a 200 event stream, so a held
 /// one gets a stream that tells it when to reconnect and ends, on every path a held answer
 /// takes: a new connection's first request and a parked keep-alive connection's next one

@@ -30,6 +30,27 @@ pub enum Form {
 /// `path` is the request path; under any of `api_prefixes` (plain string prefixes) HTML must be
 /// strictly preferred over JSON, because API clients that also accept HTML still parse JSON.
 pub fn choose_form<H: Fields + ?Sized>(headers: &H, path: &str, api_prefixes: &[String]) -> Form {
+    choose(headers, path, api_prefixes, true)
+}
+
+/// The form a request that no `EventSource` sends (a `POST`, a `PUT`…) gets: `choose_form`'s
+/// but never the event stream, whose `200` would tell a client that POSTs for a stream (an
+/// MCP client's `Accept: application/json, text/event-stream`, a chat API's) that its request
+/// was taken, and give its library no error to retry on; it gets the `503` instead.
+pub fn choose_form_not_streamed<H: Fields + ?Sized>(
+    headers: &H,
+    path: &str,
+    api_prefixes: &[String],
+) -> Form {
+    choose(headers, path, api_prefixes, false)
+}
+
+fn choose<H: Fields + ?Sized>(
+    headers: &H,
+    path: &str,
+    api_prefixes: &[String],
+    streams: bool,
+) -> Form {
     if is_grpc(headers) {
         return Form::Grpc;
     }
@@ -46,7 +67,8 @@ pub fn choose_form<H: Fields + ?Sized>(headers: &H, path: &str, api_prefixes: &[
     // `api_prefixes` too, where event streams usually live: the JSON rule there is about
     // pages, and a stream client that got the problem's 503 would stop for good.
     let events = prefs.events;
-    if events.named() && events.q >= html && events.q >= json && events.q >= prefs.text.q {
+    let most = events.q >= html && events.q >= json && events.q >= prefs.text.q;
+    if streams && events.named() && most {
         return Form::EventStream;
     }
     let under_api = api_prefixes.iter().any(|p| path.starts_with(p.as_str()));
