@@ -653,7 +653,10 @@ fn print_health(out: &mut impl Write, servers: &[ServerHealth]) -> io::Result<()
             write!(out, "  {ms:.1} ms")?;
         }
         if let Some(e) = &h.last_error {
-            write!(out, "  last error: {}", one_line(e))?;
+            match &h.last_error_at {
+                Some(t) => write!(out, "  last error {}: {}", t.rfc3339(), one_line(e))?,
+                None => write!(out, "  last error: {}", one_line(e))?,
+            }
         }
         writeln!(out)?;
     }
@@ -689,6 +692,34 @@ fn shell_quote(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server healthy again keeps its last error shown, with when it happened: without
+    /// the time, an operator in an incident read "connection refused" as happening now.
+    #[test]
+    fn a_last_error_is_shown_with_its_time() {
+        let at =
+            |t: &str| intermission::time::Timestamp(intermission::time::parse_rfc3339(t).unwrap());
+        let h = ServerHealth {
+            server: "http://10.0.0.6:3000".into(),
+            healthy: Some(true),
+            since: Some(at("2026-11-24T09:12:30Z")),
+            last_check: Some(at("2026-11-24T09:40:00Z")),
+            last_error: Some("tcp connect error: Connection refused".into()),
+            last_error_at: Some(at("2026-11-24T09:11:52Z")),
+            consecutive: 800,
+            last_latency_ms: Some(1.25),
+            last_ok: Some(true),
+        };
+        let mut out = Vec::new();
+        print_health(&mut out, std::slice::from_ref(&h)).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.contains(
+                "  last error 2026-11-24T09:11:52Z: tcp connect error: Connection refused"
+            ),
+            "{out}"
+        );
+    }
 
     #[test]
     fn a_path_is_one_shell_word() {

@@ -320,6 +320,7 @@ async fn kept_in_after_uncounted_failures(proxy: &Proxy) -> String {
     let h = first_server_once(proxy, |h| h.last_error.is_some()).await;
     let error = h.last_error.clone().unwrap_or_default();
     assert!(error.contains("request failed, not counted"), "{h:?}");
+    assert!(h.last_error_at.is_some(), "when it happened: {h:?}");
     assert_eq!(h.healthy, Some(true), "{h:?}");
     let resp = get(&proxy.url("/")).await;
     assert_eq!(resp.body(), "app", "{resp:?}");

@@ -113,6 +113,10 @@ pub struct ServerHealth {
     pub last_check: Option<Timestamp>,
     #[serde(default)]
     pub last_error: Option<String>,
+    /// When `last_error` happened: a server healthy again keeps it shown (so that one that
+    /// flaps can be seen), which without its time read as a failure now.
+    #[serde(default)]
+    pub last_error_at: Option<Timestamp>,
     #[serde(default)]
     pub consecutive: u32,
     #[serde(default)]

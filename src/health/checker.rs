@@ -139,6 +139,7 @@ pub fn spawn(
                     since: None,
                     last_check: None,
                     last_error: None,
+                    last_error_at: None,
                     consecutive: 0,
                     last_latency_ms: None,
                     last_ok: None,
@@ -264,8 +265,10 @@ impl Task {
     fn not_run(&mut self, why: String) {
         tracing::warn!(server = %self.name, "health check not made, not counted: {why}");
         if let Some(mut entry) = self.entry() {
-            entry.last_check = Some(Timestamp(SystemTime::now()));
+            let now = Timestamp(SystemTime::now());
+            entry.last_check = Some(now);
             entry.last_error = Some(format!("check not made: {why}"));
+            entry.last_error_at = Some(now);
             entry.last_latency_ms = None;
         }
     }
@@ -275,6 +278,7 @@ impl Task {
     fn not_counted(&mut self, why: String) {
         if let Some(mut entry) = self.entry() {
             entry.last_error = Some(format!("request failed, not counted: {why}"));
+            entry.last_error_at = Some(Timestamp(SystemTime::now()));
         }
     }
 
@@ -308,7 +312,10 @@ impl Task {
             }
             match &result {
                 Ok(latency) => entry.last_latency_ms = Some(latency.as_secs_f64() * 1000.0),
-                Err(why) => entry.last_error = Some(why.clone()),
+                Err(why) => {
+                    entry.last_error = Some(why.clone());
+                    entry.last_error_at = Some(Timestamp(now));
+                }
             }
             // The latency shown beside the last check is that check's: a failed one has none
             // worth showing (a timeout's is the timeout), and an older success's would mislead.
