@@ -765,6 +765,11 @@ fn redirect_https<B>(snap: &Snapshot, req: &Request<B>) -> Response<Body> {
     let Some(host) = host.and_then(|h| h.parse::<http::uri::Authority>().ok()) else {
         return reserved::plain(StatusCode::BAD_REQUEST, "a Host header is needed\n");
     };
+    // An authority parses with userinfo (`a@b.example`), which a Host may not carry (RFC 9110
+    // §7.2), and the redirect would have dropped it: refused as forwarding refuses it.
+    if !crate::h1::valid_host(host.as_str().as_bytes()) {
+        return reserved::plain(StatusCode::BAD_REQUEST, "bad Host header\n");
+    }
     let port = snap
         .config
         .proxy

@@ -1298,6 +1298,14 @@ async fn plaintext_is_redirected_to_https_except_reserved_and_allowed_paths() {
         .await;
         assert!(out.starts_with("HTTP/1.1 308"), "{path}: {out}");
     }
+    // A Host with userinfo is no host: refused, not redirected to the part after the `@`.
+    let out = raw_exchange(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nHost: shop.test@evil.test\r\nConnection: close\r\n\r\n",
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
     let status = get(&proxy.url("/_intermission/status")).await;
     assert_eq!(status.status(), 200);
 }
