@@ -568,7 +568,18 @@ async fn metrics_say_whether_the_last_reload_took() {
     assert!(said.message.contains("mesage"), "{said:?}");
 
     std::fs::write(pages.path().join("outage.html"), "<p>{{message}}</p>").unwrap();
-    assert!(ctl(&proxy, Ctl::Reload).await.ok);
+    let mended = ctl(&proxy, Ctl::Reload).await;
+    assert!(mended.ok, "{mended:?}");
+    // `ctl reload` prints the status it answers with: the reload that mends the file must
+    // not say "LAST RELOAD REFUSED", as if the fix had been refused too.
+    assert_eq!(
+        mended
+            .state
+            .expect("a reload answers with the status")
+            .reload_refused,
+        None,
+        "the mending reload's own answer"
+    );
     assert_eq!(series(&proxy, took).await, Some(1.0), "mended");
     assert!(series(&proxy, at).await.unwrap() >= started);
     assert_eq!(refused().await, None, "forgotten once a reload takes");

@@ -993,6 +993,16 @@ impl Controller {
             Ok(prepared) => self.apply_reload(prepared).await,
             Err(e) => Err(e),
         };
+        // Before the answer's status is built: the reload that mends a refused one answered
+        // "LAST RELOAD REFUSED" with the old reason, and the operator who had just fixed the
+        // file read that the fix was refused too.
+        self.reloads.refused = resp
+            .as_ref()
+            .err()
+            .map(|message| crate::state::mode::Update {
+                at: crate::time::Timestamp(self.clock.now()),
+                message: message.clone(),
+            });
         let resp = match resp {
             Ok(warnings) => Response::state(self.status_view()).with_warnings(warnings),
             // Logged whoever asked (`ctl reload` or SIGHUP): the log is the record of what
@@ -1008,10 +1018,6 @@ impl Controller {
             }
         };
         self.parts.metrics.reloaded(resp.ok);
-        self.reloads.refused = resp.error.as_ref().map(|e| crate::state::mode::Update {
-            at: crate::time::Timestamp(self.clock.now()),
-            message: e.message.clone(),
-        });
         for (_, reply) in askers {
             self.parts.metrics.control_command("reload", resp.ok);
             let _ = reply.send(resp.clone());
