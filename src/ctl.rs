@@ -289,6 +289,19 @@ fn socket_from_config(path: Option<&Path>) -> Result<(PathBuf, bool), String> {
         Err(e) if !named && e.kind() == std::io::ErrorKind::NotFound => {
             return Ok((Path::new(".").join(DEFAULT_SOCKET), true))
         }
+        // One character saved as Latin-1 (an editor's setting) left `ctl -c` unable to reach
+        // the proxy at all, `off` and `status` included, in the middle of an incident. The
+        // proxy refuses the file at reload; its control.socket is read as for a file that
+        // does not parse.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            let bytes = intermission::files::read(file, intermission::files::MAX_CONFIG_BYTES)
+                .map_err(|e| format!("cannot read config file {}: {e}", file.display()))?;
+            eprintln!(
+                "warning: {}: {e} (the proxy refuses it at reload)",
+                file.display()
+            );
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
         Err(e) => return Err(format!("cannot read config file {}: {e}", file.display())),
     };
     let base = file

@@ -54,8 +54,31 @@ pub fn read(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
 
 /// `read`, as UTF-8 text.
 pub fn read_text(path: &Path, limit: u64) -> io::Result<String> {
-    String::from_utf8(read(path, limit)?)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "it is not UTF-8 text"))
+    String::from_utf8(read(path, limit)?).map_err(|e| {
+        let why = not_utf8(e.as_bytes(), e.utf8_error());
+        io::Error::new(io::ErrorKind::InvalidData, why)
+    })
+}
+
+/// Where text stops being UTF-8, and the likely why: one `é` or `–` saved by an editor set
+/// to Latin-1 or Windows-1252 (or a whole file saved as UTF-16) in a config of hundreds of
+/// lines, with only "not UTF-8" said, left the operator to search it byte by byte. Only the
+/// byte is shown, never the line, which may hold a secret.
+fn not_utf8(bytes: &[u8], e: std::str::Utf8Error) -> String {
+    if bytes.starts_with(&[0xff, 0xfe]) || bytes.starts_with(&[0xfe, 0xff]) {
+        return "it is not UTF-8 text: it is UTF-16 (it begins with a UTF-16 byte order mark); \
+                save it as UTF-8"
+            .to_owned();
+    }
+    let at = e.valid_up_to();
+    let before = String::from_utf8_lossy(&bytes[..at]);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let byte = bytes.get(at).copied().unwrap_or_default();
+    format!(
+        "it is not UTF-8 text: line {line}, column {column} has the byte 0x{byte:02X} (a \
+         character saved as Latin-1 or Windows-1252?); save the file as UTF-8"
+    )
 }
 
 fn refused(why: String) -> io::Error {
@@ -75,10 +98,23 @@ mod tests {
         let err = read(&path, 7).unwrap_err();
         assert!(err.to_string().contains("larger than"), "{err}");
         std::fs::write(&path, [0xff, 0xfe]).unwrap();
-        assert!(read_text(&path, 8)
-            .unwrap_err()
-            .to_string()
-            .contains("UTF-8"));
+        let err = read_text(&path, 8).unwrap_err().to_string();
+        assert!(err.contains("UTF-16"), "{err}");
+    }
+
+    /// A character saved in another encoding is named by its line and column, so that it
+    /// can be found in a long file; the line's text is not repeated (it may hold a secret).
+    #[test]
+    fn text_that_is_not_utf8_says_where() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, b"[maintenance]\nmessage = \"Caf\xe9 closed\"\n").unwrap();
+        let err = read_text(&path, 1 << 20).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let err = err.to_string();
+        assert!(err.contains("line 2, column 15"), "{err}");
+        assert!(err.contains("0xE9"), "{err}");
+        assert!(!err.contains("closed"), "the line is not shown: {err}");
     }
 
     /// A FIFO is refused at once, where reading it would wait for a writer for ever.

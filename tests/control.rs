@@ -1119,6 +1119,41 @@ async fn ctl_finds_a_custom_socket_in_a_config_that_does_not_parse() {
     drop(proxy);
 }
 
+/// A config saved with one character in Latin-1 (an editor's setting) is refused by the
+/// proxy, but `ctl -c` still finds the socket it names: it exited 2 ("not UTF-8 text")
+/// before trying, and `off`, `status` and `systemctl reload` could not reach the proxy.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctl_reaches_the_proxy_through_a_config_that_is_not_utf8() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(dir.path(), "[control]\nsocket = \"ctl.sock\"\n");
+    let cfg = dir.path().join("config.toml");
+    let run = |args: &[&str]| ctl_with(&cfg, args);
+    assert_eq!(run(&["status"]).status.code(), Some(0));
+    let mut bad = std::fs::read(&cfg).unwrap();
+    bad.extend_from_slice(b"\n[maintenance]\nmessage = \"Back at 18:00 \x96 sorry\"\n");
+    std::fs::write(&cfg, &bad).unwrap();
+    let out = run(&["status"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("not UTF-8"), "the warning says why: {err}");
+    let out = run(&["--json", "reload"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the proxy refuses the reload: {err}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    // The line the proxy names is the one to mend: the appended message's line.
+    let line = bad.iter().filter(|&&b| b == b'\n').count();
+    assert!(
+        message.contains("not UTF-8") && message.contains(&format!("line {line},")),
+        "{v}"
+    );
+    drop(proxy);
+}
+
 /// When no proxy answers, `ctl` says what is at the path it tried, for what an operator got
 /// wrong at 3 a.m.: run outside the config's folder without `-c` (the built-in default socket
 /// was tried), `-s` given the config file or a folder, a socket a killed proxy left. Each was
