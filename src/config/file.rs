@@ -209,8 +209,7 @@ pub struct ControlFile {
 /// A permission mode must be written as a string: TOML reads `0o660` and `432` as the same
 /// number, and `660` as a decimal, so a number cannot say which mode the operator meant.
 fn octal_text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    const NUMBER: &str =
-        "write the mode as a string of octal digits, like \"0660\", not as a number";
+    const NUMBER: &str = super::SOCKET_MODE_AS_TEXT;
     struct V;
     impl Visitor<'_> for V {
         type Value = String;

@@ -348,12 +348,16 @@ impl Config {
             problems,
         };
         let table: toml::Table = toml::from_str(text).map_err(|e| {
+            let key = e.span().and_then(|s| syntax_key(text, s.start));
+            let mut message = syntax_error(text, &e);
+            // `socket_mode = 0660`, as chmod writes it, is no TOML number (a leading zero),
+            // and "expected newline, `#`" did not say what to write instead.
+            if key.as_deref() == Some("control.socket_mode") {
+                message.push_str(&format!(" ({SOCKET_MODE_AS_TEXT})"));
+            }
             invalid(vec![Problem {
-                key: e
-                    .span()
-                    .and_then(|s| syntax_key(text, s.start))
-                    .unwrap_or_else(|| "(syntax)".into()),
-                message: syntax_error(text, &e),
+                key: key.unwrap_or_else(|| "(syntax)".into()),
+                message,
             }])
         })?;
         let mut v = Validator {
@@ -477,6 +481,10 @@ impl Config {
         }
     }
 }
+
+/// What to write for `control.socket_mode`, said when it is written as a number.
+const SOCKET_MODE_AS_TEXT: &str =
+    "write the mode as a string of octal digits, like \"0660\", not as a number";
 
 const SECTIONS: &[&str] = &[
     "proxy",
@@ -2156,6 +2164,15 @@ mod tests {
         assert_eq!(
             p[0].message,
             "write the mode as a string of octal digits, like \"0660\", not as a number"
+        );
+        // As chmod writes it: not even a TOML number, so a syntax error, which says the same.
+        let p = problems("[control]\nsocket_mode = 0660\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "control.socket_mode");
+        assert!(p[0].message.starts_with("line 2, column "), "{p:?}");
+        assert!(
+            p[0].message.ends_with("like \"0660\", not as a number)"),
+            "{p:?}"
         );
         let c = Config::parse("[control]\nsocket_mode = \"0660\"\n", Path::new("."), None);
         assert_eq!(c.map(|c| c.control.socket_mode).ok(), Some(0o660));
