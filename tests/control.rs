@@ -1154,6 +1154,38 @@ async fn ctl_reaches_the_proxy_through_a_config_that_is_not_utf8() {
     drop(proxy);
 }
 
+/// A reload keeps the control socket the proxy started with, and says so; `ctl -c` then reads
+/// the new path from the file and finds nothing there. What it says names that case, where it
+/// sent the operator to `kill -HUP`, which binds the old path again and not the new one.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctl_says_a_changed_control_socket_waits_for_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(dir.path(), "");
+    let cfg = dir.path().join("config.toml");
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("{good}\n[control]\nsocket = \"other.sock\"\n"),
+    )
+    .unwrap();
+    let r = proxy.ctl(&Ctl::Reload).await.unwrap();
+    assert!(r.ok, "{r:?}");
+    assert!(
+        r.warnings.iter().any(|w| w.contains("control.socket")),
+        "the reload says the socket waits for a restart: {r:?}"
+    );
+    let out = ctl_with(&cfg, &["status"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("other.sock")
+            && err.contains("control.socket was changed in the config")
+            && err.contains("-s"),
+        "{err}"
+    );
+    drop(proxy);
+}
+
 /// When no proxy answers, `ctl` says what is at the path it tried, for what an operator got
 /// wrong at 3 a.m.: run outside the config's folder without `-c` (the built-in default socket
 /// was tried), `-s` given the config file or a folder, a socket a killed proxy left. Each was

@@ -35,9 +35,15 @@ pub enum ClientError {
 /// "the proxy is down".
 fn hint(e: &std::io::Error, path: &str) -> String {
     match e.kind() {
+        // A control.socket changed in the config since the start is the other way to get
+        // here: a reload keeps the socket the proxy started with (it warned so), and `ctl -c`
+        // reads the new path. `kill -HUP` alone binds the old path again, not this one.
         std::io::ErrorKind::NotFound => " (a proxy that is stopping removes it at once, and the \
             next one binds it when it starts; if the proxy is running and not stopping, the \
-            file was removed: `kill -HUP` it to bind the socket again)"
+            file was removed: `kill -HUP` it to bind the socket again; or control.socket was \
+            changed in the config since the proxy started, which only a restart applies: until \
+            then pass -s with the socket it started with, which its start's log names, \
+            `control socket ready`)"
             .to_owned(),
         std::io::ErrorKind::ConnectionRefused => refused_hint(Path::new(path)),
         _ => String::new(),
