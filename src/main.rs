@@ -249,12 +249,15 @@ fn check(path: Option<PathBuf>) -> ExitCode {
         });
     // As the state file's: a folder this user cannot write in passed, and the start failed.
     let socket = intermission::control::server::probe(&c.control.socket).map_err(|e| e.to_string());
+    let addresses = foreign_addresses(&c);
     let (pages, warnings) = match (pages, server, client, state, socket) {
-        (Ok(pages), Ok((_, warnings)), Ok(_), Ok(()), Ok(())) => (pages, warnings),
+        (Ok(pages), Ok((_, warnings)), Ok(_), Ok(()), Ok(())) if addresses.is_empty() => {
+            (pages, warnings)
+        }
         (pages, server, client, state, socket) => {
-            let problems: Vec<String> = pages
-                .err()
+            let problems: Vec<String> = addresses
                 .into_iter()
+                .chain(pages.err())
                 .chain(server.err().into_iter().flatten())
                 .chain(client.err())
                 .chain(state.err())
@@ -279,6 +282,36 @@ fn check(path: Option<PathBuf>) -> ExitCode {
         &warnings,
     ));
     ExitCode::SUCCESS
+}
+
+/// The listen addresses this machine cannot listen on at all (a mistyped private address, a
+/// floating one not here yet): `check` said OK and the start failed "Cannot assign requested
+/// address". Each is tried on port 0, since its own port may be the running proxy's, as nginx
+/// -t and haproxy -c leave ports untried.
+fn foreign_addresses(c: &Config) -> Vec<String> {
+    let keyed = |key: &'static str, list: &[std::net::SocketAddr]| {
+        list.iter()
+            .enumerate()
+            .map(move |(i, addr)| (format!("{key}[{i}]"), *addr))
+            .collect::<Vec<_>>()
+    };
+    keyed("proxy.listen", &c.proxy.listen)
+        .into_iter()
+        .chain(keyed("tls.listen", &c.tls.listen))
+        .chain(c.admin.listen.map(|a| ("admin.listen".to_owned(), a)))
+        .filter_map(|(key, addr)| {
+            let any_port = std::net::SocketAddr::new(addr.ip(), 0);
+            let e = std::net::TcpListener::bind(any_port).err()?;
+            let why = match e.kind() {
+                std::io::ErrorKind::AddrNotAvailable => "is not an address of this machine",
+                _ => "cannot be listened on",
+            };
+            Some(format!(
+                "{key}: {} {why} ({e}): the start would fail to listen on {addr}",
+                addr.ip()
+            ))
+        })
+        .collect()
 }
 
 /// `check`'s summary of a valid config.

@@ -394,6 +394,40 @@ fn check_refuses_a_control_socket_folder_it_cannot_write_in() {
     assert!(left.is_empty(), "check left {left:?} behind");
 }
 
+/// An address that is not this machine's (192.0.2.1 is documentation's, on no interface) was
+/// passed by `check`, and the start then failed "Cannot assign requested address". The port
+/// is not tried: the running proxy holds it while a new config is checked.
+#[test]
+fn check_refuses_a_listen_address_that_is_not_this_machines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        "[proxy]\nlisten = [\"127.0.0.1:0\", \"192.0.2.1:0\"]\n[admin]\nlisten = \"192.0.2.1:0\"\n",
+    )
+    .unwrap();
+    let (code, err) = check(&path);
+    assert_eq!(code, Some(1), "{err}");
+    assert_listed(
+        &err,
+        "proxy.listen[1]",
+        "192.0.2.1 is not an address of this machine",
+    );
+    assert_listed(
+        &err,
+        "admin.listen",
+        "192.0.2.1 is not an address of this machine",
+    );
+    assert!(!err.contains("proxy.listen[0]"), "{err}");
+
+    // A port in use, as the running proxy's is, passes.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    std::fs::write(&path, format!("[proxy]\nlisten = [\"127.0.0.1:{port}\"]\n")).unwrap();
+    let (code, err) = check(&path);
+    assert_eq!(code, Some(0), "{err}");
+}
+
 #[test]
 fn check_says_to_write_the_socket_mode_as_a_string() {
     let dir = tempfile::tempdir().unwrap();
