@@ -484,6 +484,10 @@ impl Running {
         // other order let a client connect in between).
         self.listeners.stop_all().await;
         self.draining.store(true, Ordering::Relaxed);
+        // The drain begins now, not once the controller below has ended: an answer given in
+        // between, to a client on a kept connection, went without `Connection: close`, and
+        // the connection was closed under it as it sent its next request.
+        self.drain.begin();
         // The controller finishes the command in hand and refuses those after it, and the
         // control connections write their answers, before anything else stops: aborted
         // mid-write, a change was saved and in force after the restart while `ctl` was told

@@ -90,6 +90,12 @@ impl Drain {
         self.0 .0.receiver_count()
     }
 
+    /// Asks every connection to finish, without waiting: at once when the listeners have
+    /// stopped, so that an answer given meanwhile says `Connection: close` (`started`).
+    pub fn begin(&self) {
+        self.0.fire();
+    }
+
     /// Asks every connection to finish, and resolves once none is open.
     pub async fn shutdown(&self) {
         self.0.fire();
