@@ -44,6 +44,9 @@ pub enum Body {
     Watched(Incoming, Option<Box<Sent>>),
     /// A server's response body that fails when it stalls longer than its limit.
     Timed(Box<Timed>),
+    /// A response read from a raw upstream socket for an HTTP/2 client (`crate::relay::upstream`),
+    /// whose socket goes back to its list once the body has been read whole.
+    Relayed(Box<crate::relay::Relayed>),
 }
 
 impl Body {
@@ -142,7 +145,7 @@ impl Body {
     /// Whether the body, read whole, gives its connection back to a pool (`Lent`).
     pub fn is_lent(&self) -> bool {
         match self {
-            Body::Lent(..) => true,
+            Body::Lent(..) | Body::Relayed(_) => true,
             Body::Timed(t) => t.inner.is_lent(),
             _ => false,
         }
@@ -456,6 +459,7 @@ impl HttpBody for Body {
                 polled
             }
             Body::Timed(t) => t.poll_frame(cx),
+            Body::Relayed(r) => r.poll_frame(cx),
         }
     }
 
@@ -470,6 +474,7 @@ impl HttpBody for Body {
             | Body::Multiplexed(incoming, _) => incoming.is_end_stream(),
             Body::Counted(c) => c.inner.is_end_stream(),
             Body::Timed(t) => t.grpc == Some(GrpcEnd::Ended) || t.inner.is_end_stream(),
+            Body::Relayed(r) => r.is_end_stream(),
         }
     }
 
@@ -486,6 +491,7 @@ impl HttpBody for Body {
             | Body::Multiplexed(incoming, _) => incoming.size_hint(),
             Body::Counted(c) => c.inner.size_hint(),
             Body::Timed(t) => t.inner.size_hint(),
+            Body::Relayed(r) => r.size_hint(),
         }
     }
 }

@@ -28,7 +28,7 @@
 //! Once the request is sent, the answer cannot go to hyper, so every way an HTTP/1.1 server
 //! answers is handled here as hyper's client and server would together: 1xx answers skipped, no
 //! body for 204 and 304, nor for any answer to a `HEAD` (its `Content-Length` passed on when it
-//! is one number, as one line, none beside a coding, no coding added, `response_head`), a
+//! is one number, as one line, none beside a coding, no coding added, `read_head`), a
 //! body of `Content-Length` (a small answer written in one piece once it is whole, up to its
 //! deadline), chunked (passed through as it comes, its end found by `Chunked`, which holds
 //! trailers and extensions to hyper's client's limits), or until the server closes (sent on
@@ -44,6 +44,13 @@
 //! counts as the server's close, as on hyper's path (`fetch`), and a kept session is read
 //! through rustls while it idles, so that a ticket or `KeyUpdate` is no stray byte and a
 //! `close_notify` a close (`RawStream`).
+//!
+//! An HTTP/2 client's request, which hyper's server reads, uses the upstream half alone
+//! (`upstream`): `forward::forward` rewrites it as for hyper's client, `encode` writes it as
+//! hyper's client would, on the same kept sockets, and the answer's head goes back to hyper's
+//! server as the map hyper's client would have read (`headers_into`), its body read from the
+//! socket (`Relayed`). hyper's HTTP/1.1 client cost some 5,000 instructions per request
+//! reading the answer into its map, and its dispatch between tasks more.
 
 use crate::forward::pool::{RawSocket, RawStream, SendError, UpstreamPool};
 use crate::forward::{self, UpstreamError};
@@ -279,6 +286,9 @@ struct Set {
     answer: Vec<u8>,
     /// What is written to the client.
     out: Vec<u8>,
+    /// For an HTTP/2 client's request (`upstream`), the answer's headers, read into a map for
+    /// hyper's server instead of written to `out`; `None` for the relay's own.
+    map: Option<http::HeaderMap>,
 }
 
 /// The most a thread keeps in buffer sets for its next requests: as many sets as it has
@@ -330,6 +340,7 @@ impl Buffers {
             request: Vec::with_capacity(512),
             answer: Vec::new(),
             out: Vec::new(),
+            map: None,
         }))
     }
 }
@@ -340,6 +351,7 @@ impl Drop for Buffers {
     fn drop(&mut self) {
         let mut set = std::mem::take(&mut self.0);
         set.have = 0;
+        set.map = None;
         if set.answer.capacity() > 2 * COPY_BUF || set.out.capacity() > 2 * COPY_BUF {
             set.answer = Vec::new();
             set.out = Vec::new();
@@ -1302,7 +1314,11 @@ async fn send(bufs: &mut Set, up: &mut RawStream) -> Result<Answer, Failure> {
         }
         // Interim (1xx) answers are passed over, as hyper's client does.
         loop {
-            match response_head(&bufs.answer, head, &mut bufs.out).map_err(Failure::Late)? {
+            let sink = match bufs.map.as_mut() {
+                Some(map) => Sink::Map(map),
+                None => Sink::Bytes(&mut bufs.out),
+            };
+            match read_head(&bufs.answer, head, sink).map_err(Failure::Late)? {
                 Head::Partial => break,
                 Head::Interim(len) => {
                     bufs.answer.drain(..len);
@@ -1326,11 +1342,27 @@ enum Head {
     Final(Answer),
 }
 
-/// Parses the answer head at the start of `input` and writes the client's head to `out`:
+/// `read_head` for an HTTP/1.1 client, as the relay's own requests call it.
+#[cfg(test)]
+fn response_head(input: &[u8], head: bool, out: &mut Vec<u8>) -> Result<Head, SendError> {
+    read_head(input, head, Sink::Bytes(out))
+}
+
+/// Where `read_head` puts a final answer's head.
+enum Sink<'a> {
+    /// Written for an HTTP/1.1 client.
+    Bytes(&'a mut Vec<u8>),
+    /// Read into a map for hyper's server, as hyper's client reads it (`upstream`).
+    Map(&'a mut http::HeaderMap),
+}
+
+/// Parses the answer head at the start of `input` and writes the client's head to `sink`:
 /// the hop-by-hop headers removed (those `Connection` names too), `date` added when missing,
 /// as hyper's server does, and `transfer-encoding: chunked` for a body of unknown length.
 /// The answer to a `HEAD` (`head`) has no body, and gets no `transfer-encoding`, as from hyper.
-fn response_head(input: &[u8], head: bool, out: &mut Vec<u8>) -> Result<Head, SendError> {
+/// Or, for hyper's server (`Sink::Map`), reads the head into a map as hyper's client reads
+/// it (`headers_into`). The framing, the refusals and whether the socket is kept are the same.
+fn read_head(input: &[u8], head: bool, sink: Sink<'_>) -> Result<Head, SendError> {
     // Uninitialised slots: an answer has a handful of headers, and 100 initialised ones would
     // be 3 KiB written for every answer.
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; UPSTREAM_HEADERS];
@@ -1418,6 +1450,34 @@ fn response_head(input: &[u8], head: bool, out: &mut Vec<u8>) -> Result<Head, Se
         (false, false, _, Some(n)) => Framing::Length(n),
         (false, false, _, None) => Framing::Close,
     };
+    // A 204 with a length or a coding, or a 304 with a coding, may be followed by a body it
+    // should not have, which would be read as the next answer: its connection is not kept. A
+    // 304's length is the representation's (RFC 9110 §8.6), and common.
+    let stray_body = bodiless && (te || (status == 204 && nonzero_length));
+    // A server that would close to end a `GET`'s body may close after a `HEAD`'s answer too:
+    // its connection is kept only when a `GET`'s body would have been delimited.
+    let delimited = match head && !bodiless {
+        true => chunked || (!te && lengths > 0),
+        false => framing != Framing::Close,
+    };
+    let reusable = delimited
+        && !stray_body
+        && match version {
+            1 => !close,
+            _ => keep_alive && !close,
+        };
+    let out = match sink {
+        Sink::Bytes(out) => out,
+        Sink::Map(map) => {
+            headers_into(&resp, te, map)?;
+            return Ok(Head::Final(Answer {
+                status,
+                head: len,
+                framing,
+                reusable,
+            }));
+        }
+    };
     out.clear();
     let reason = resp.reason.unwrap_or("").as_bytes();
     let status_line = input
@@ -1489,22 +1549,6 @@ fn response_head(input: &[u8], head: bool, out: &mut Vec<u8>) -> Result<Head, Se
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    // A 204 with a length or a coding, or a 304 with a coding, may be followed by a body it
-    // should not have, which would be read as the next answer: its connection is not kept. A
-    // 304's length is the representation's (RFC 9110 §8.6), and common.
-    let stray_body = bodiless && (te || (status == 204 && nonzero_length));
-    // A server that would close to end a `GET`'s body may close after a `HEAD`'s answer too:
-    // its connection is kept only when a `GET`'s body would have been delimited.
-    let delimited = match head && !bodiless {
-        true => chunked || (!te && lengths > 0),
-        false => framing != Framing::Close,
-    };
-    let reusable = delimited
-        && !stray_body
-        && match version {
-            1 => !close,
-            _ => keep_alive && !close,
-        };
     Ok(Head::Final(Answer {
         status,
         head: len,
@@ -1844,6 +1888,9 @@ struct Chunked {
     trailers: Vec<u8>,
     /// Its lines so far.
     trailer_lines: usize,
+    /// Decoding for an HTTP/2 client (`Relayed`): the data alone is written, with no chunk
+    /// framing, and the trailer section is kept, to be passed on as trailers.
+    decode: bool,
 }
 
 /// What hyper's client takes of a chunked body before it breaks it off (`proto::h1::decode`:
@@ -1919,14 +1966,18 @@ impl Chunked {
                 }
                 (SizeLf, b'\n') if self.size == 0 => TrailerStart,
                 (SizeLf, b'\n') => {
-                    let mut digits = [0u8; 16];
-                    out.extend_from_slice(hex(self.size, &mut digits));
-                    out.extend_from_slice(b"\r\n");
+                    if !self.decode {
+                        let mut digits = [0u8; 16];
+                        out.extend_from_slice(hex(self.size, &mut digits));
+                        out.extend_from_slice(b"\r\n");
+                    }
                     Data
                 }
                 (DataCr, b'\r') => DataLf,
                 (DataLf, b'\n') => {
-                    out.extend_from_slice(b"\r\n");
+                    if !self.decode {
+                        out.extend_from_slice(b"\r\n");
+                    }
                     Size
                 }
                 (TrailerStart, b'\r') => {
@@ -1961,8 +2012,10 @@ impl Chunked {
                     {
                         return Err(());
                     }
-                    self.trailers = Vec::new();
-                    out.extend_from_slice(b"0\r\n\r\n");
+                    if !self.decode {
+                        self.trailers = Vec::new();
+                        out.extend_from_slice(b"0\r\n\r\n");
+                    }
                     return Ok(Some(i));
                 }
                 _ => return Err(()),
@@ -1997,6 +2050,336 @@ fn trailers_valid(section: &[u8], lines: usize) -> bool {
         }),
         _ => false,
     }
+}
+
+/// Whether `req`, an HTTP/2 client's request as `forward::forward` made it for an HTTP/1.1
+/// server, is sent by `upstream` exactly as hyper's HTTP/1.1 client would write it: no body,
+/// or one held whole (`Body::Full`) with one `Content-Length` of plain digits that says its
+/// size, and nothing that asks hyper for more than its head and body as they are (`CONNECT`,
+/// `Connection`, `Transfer-Encoding`, `Upgrade`). Everything else (a streamed upload, a
+/// body with trailers) stays on hyper's path.
+pub fn fits(req: &Request<crate::body::Body>) -> bool {
+    use crate::body::Body;
+    use http::header;
+    let headers = req.headers();
+    if req.method() == http::Method::CONNECT
+        || headers.contains_key(header::CONNECTION)
+        || headers.contains_key(header::TRANSFER_ENCODING)
+        || headers.contains_key(header::UPGRADE)
+    {
+        return false;
+    }
+    match req.body() {
+        Body::Empty => true,
+        Body::Full(Some(bytes)) => {
+            let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+            match (lengths.next(), lengths.next()) {
+                (Some(length), None) => {
+                    let digits = length.as_bytes();
+                    !digits.is_empty()
+                        && digits.len() <= 19
+                        && digits.iter().all(u8::is_ascii_digit)
+                        && std::str::from_utf8(digits)
+                            .ok()
+                            .and_then(|d| d.parse::<u64>().ok())
+                            == Some(bytes.len() as u64)
+                }
+                _ => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+/// Writes `req` (`fits`) as hyper's HTTP/1.1 client writes it: the method, the path (the
+/// target of an `http://` server's request, and of an `https://` one's over HTTP/1.1, as
+/// `UpstreamPool::https` makes it), its headers as the map holds them, lowercase and in its
+/// order, and the body after the head.
+fn encode(req: &Request<crate::body::Body>, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.push(b' ');
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in req.headers() {
+        push_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    if let crate::body::Body::Full(Some(bytes)) = req.body() {
+        out.extend_from_slice(bytes);
+    }
+}
+
+/// Sends `req` (`fits`) to HTTP/1.1 server `server` on a kept raw socket (or a new one), as
+/// the relay sends its own requests (`fetch`: the same sockets, the same rule for sending one
+/// again on a new socket, `FRESH` for one that cannot be), and gives the answer as hyper's
+/// client gives it to `forward::finish`: its head read into a header map as hyper reads it
+/// (names lowercase, in order, a `Content-Length` beside a `Transfer-Encoding` removed), its
+/// body streamed from the socket (`Relayed`), which goes back to its list once the body is
+/// read whole. Interim answers are passed over, and an answer hyper's client would refuse is
+/// refused (`read_head`).
+pub async fn upstream(
+    pool: &UpstreamPool,
+    server: usize,
+    req: Request<crate::body::Body>,
+) -> Result<http::Response<crate::body::Body>, SendError> {
+    use crate::body::Body;
+    let mut set = Buffers::take();
+    let bufs = &mut set.0;
+    encode(&req, &mut bufs.request);
+    drop(req);
+    bufs.map = Some(http::HeaderMap::new());
+    let (up, answer) = fetch(bufs, pool, server, tokio::time::Instant::now()).await?;
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = StatusCode::from_u16(answer.status)
+        .map_err(|_| SendError::Protocol("a malformed status"))?;
+    // hyper's client says HTTP/1.0 of an HTTP/1.0 answer, which `forward::finish` makes
+    // HTTP/1.1 (the version of the client's hop is its own): HTTP/1.1 either way.
+    parts.version = http::Version::HTTP_11;
+    parts.headers = bufs.map.take().unwrap_or_default();
+    let rest = &bufs.answer[answer.head..];
+    let home = pool.raw_home(server);
+    let give_back = |up: RawSocket, clean: bool| {
+        if let Some(home) = home.as_ref().filter(|_| clean && answer.reusable) {
+            home.put(up);
+        }
+    };
+    let body = match answer.framing {
+        Framing::None | Framing::Length(0) => {
+            give_back(up, rest.is_empty());
+            Body::Empty
+        }
+        Framing::Length(length) if rest.len() as u64 >= length => {
+            // Whole in the first read (nearly every small answer): given at once, its socket
+            // back before the client has it, as a `Lent` body gives its connection back with
+            // its last piece.
+            let length = length as usize;
+            give_back(up, rest.len() == length);
+            Body::Full(Some(Bytes::copy_from_slice(&rest[..length])))
+        }
+        framing => {
+            let flow = match framing {
+                Framing::Length(left) => Flow::Length(left),
+                Framing::Chunked => Flow::Chunked,
+                Framing::None | Framing::Close => Flow::Close,
+            };
+            let mut buf = vec![0; rest.len().max(COPY_BUF)];
+            buf[..rest.len()].copy_from_slice(rest);
+            Body::Relayed(Box::new(Relayed {
+                up: Some(up),
+                end: rest.len(),
+                buf,
+                at: 0,
+                flow,
+                reusable: answer.reusable,
+                home,
+                chunks: Chunked {
+                    decode: true,
+                    ..Chunked::default()
+                },
+                out: Vec::new(),
+                trailers: None,
+                done: false,
+            }))
+        }
+    };
+    Ok(http::Response::from_parts(parts, body))
+}
+
+/// The answer's headers (`resp`) as hyper's client reads them into its map
+/// (`proto::h1::role::Client::parse`): every line, names lowercase, in order, and no
+/// `Content-Length` beside a `Transfer-Encoding` (`te`). `forward::finish` then takes out the
+/// hop-by-hop ones, as for an answer from hyper's client.
+fn headers_into(
+    resp: &httparse::Response<'_, '_>,
+    te: bool,
+    map: &mut http::HeaderMap,
+) -> Result<(), SendError> {
+    const MALFORMED: SendError = SendError::Protocol("a malformed response head");
+    map.clear();
+    map.reserve(resp.headers.len());
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| MALFORMED)?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| MALFORMED)?;
+        map.append(name, value);
+    }
+    if te {
+        map.remove(http::header::CONTENT_LENGTH);
+    }
+    Ok(())
+}
+
+/// How a `Relayed` body ends.
+#[derive(Debug)]
+enum Flow {
+    /// After this many more bytes.
+    Length(u64),
+    /// At its last chunk and trailers (`Chunked`, decoding).
+    Chunked,
+    /// When the server closes.
+    Close,
+}
+
+/// An answer's body read from its raw upstream socket for hyper's server (an HTTP/2
+/// client's, `upstream`), as hyper's client's body would give it: its data as it comes, a
+/// chunked body's trailers as trailers, an error where hyper's would fail (the socket closed
+/// before the end, broken chunked framing). The socket goes back to its list when the body
+/// ended cleanly (nothing read past its end) and the server keeps it open; dropped, it closes.
+pub struct Relayed {
+    up: Option<RawSocket>,
+    /// Read bytes are `buf[at..end]`. Initialised once: a read needs initialised room, and
+    /// this crate has no unsafe code to grow a vector past its length.
+    buf: Vec<u8>,
+    at: usize,
+    end: usize,
+    flow: Flow,
+    reusable: bool,
+    home: Option<std::sync::Arc<crate::forward::pool::RawList>>,
+    chunks: Chunked,
+    /// A chunked body's data, decoded from `buf`.
+    out: Vec<u8>,
+    /// A chunked body's trailers, given after its data.
+    trailers: Option<http::HeaderMap>,
+    done: bool,
+}
+
+impl Relayed {
+    /// The body has ended: its socket goes back when `clean` (nothing past the end) and the
+    /// server keeps it, or is closed.
+    fn ended(&mut self, clean: bool) {
+        self.done = true;
+        if let Some(up) = self.up.take() {
+            if let Some(home) = self.home.as_ref().filter(|_| clean && self.reusable) {
+                home.put(up);
+            }
+        }
+    }
+
+    /// Breaks the body off with `why`, closing its socket.
+    fn broken(&mut self, why: std::io::Error) -> Poll<Option<Result<Frame, crate::body::Error>>> {
+        self.done = true;
+        self.up = None;
+        self.trailers = None;
+        Poll::Ready(Some(Err(why.into())))
+    }
+
+    pub fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame, crate::body::Error>>> {
+        loop {
+            if self.done {
+                return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            }
+            if self.at < self.end {
+                let have = &self.buf[self.at..self.end];
+                match &mut self.flow {
+                    Flow::Length(left) => {
+                        let take = (*left).min(have.len() as u64) as usize;
+                        let data = Bytes::copy_from_slice(&have[..take]);
+                        *left -= take as u64;
+                        self.at += take;
+                        if *left == 0 {
+                            self.ended(self.at == self.end);
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Flow::Close => {
+                        let data = Bytes::copy_from_slice(have);
+                        self.at = self.end;
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Flow::Chunked => {
+                        self.out.clear();
+                        match self.chunks.feed(have, &mut self.out) {
+                            Err(()) => {
+                                return self.broken(std::io::Error::new(
+                                    ErrorKind::InvalidData,
+                                    "invalid chunked framing in the response body",
+                                ))
+                            }
+                            Ok(None) => self.at = self.end,
+                            Ok(Some(n)) => {
+                                self.at += n;
+                                let section = std::mem::take(&mut self.chunks.trailers);
+                                if !section.is_empty() {
+                                    match trailer_map(&section, self.chunks.trailer_lines) {
+                                        Some(map) => self.trailers = Some(map),
+                                        None => {
+                                            return self.broken(std::io::Error::new(
+                                                ErrorKind::InvalidData,
+                                                "invalid trailers in the response body",
+                                            ))
+                                        }
+                                    }
+                                }
+                                self.ended(self.at == self.end);
+                            }
+                        }
+                        if !self.out.is_empty() {
+                            let data = Bytes::copy_from_slice(&self.out);
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        continue;
+                    }
+                }
+            }
+            (self.at, self.end) = (0, 0);
+            let Some(up) = self.up.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let mut room = ReadBuf::new(&mut self.buf);
+            match Pin::new(&mut **up).poll_read(cx, &mut room) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return self.broken(e),
+                Poll::Ready(Ok(())) => {}
+            }
+            let read = room.filled().len();
+            if read == 0 {
+                if matches!(self.flow, Flow::Close) {
+                    self.ended(false);
+                    continue;
+                }
+                return self.broken(std::io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "the connection closed before the response body's end",
+                ));
+            }
+            self.end = read;
+        }
+    }
+
+    pub fn is_end_stream(&self) -> bool {
+        self.done && self.trailers.is_none()
+    }
+
+    pub fn size_hint(&self) -> http_body::SizeHint {
+        match self.flow {
+            Flow::Length(left) if !self.done => http_body::SizeHint::with_exact(left),
+            Flow::Length(_) => http_body::SizeHint::with_exact(0),
+            Flow::Chunked | Flow::Close => http_body::SizeHint::default(),
+        }
+    }
+}
+
+type Frame = http_body::Frame<Bytes>;
+
+/// A trailer section (`Chunked::trailers`, whole) as hyper's client reads it
+/// (`decode_trailers`); `None` where it would fail.
+fn trailer_map(section: &[u8], lines: usize) -> Option<http::HeaderMap> {
+    let mut fields = vec![httparse::EMPTY_HEADER; lines];
+    let Ok(httparse::Status::Complete((_, fields))) = httparse::parse_headers(section, &mut fields)
+    else {
+        return None;
+    };
+    let mut map = http::HeaderMap::new();
+    for f in fields.iter() {
+        let name = HeaderName::from_bytes(f.name.as_bytes()).ok()?;
+        let value = HeaderValue::from_bytes(f.value).ok()?;
+        map.append(name, value);
+    }
+    Some(map)
 }
 
 #[cfg(test)]
@@ -2785,6 +3168,116 @@ mod tests {
         assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
         assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
         assert_eq!(relayed.await.unwrap(), After::Close);
+    }
+
+    /// Requests as `forward::forward` makes them of an HTTP/2 client's (`fits`), and how
+    /// hyper's HTTP/1.1 client writes each: `encode` writes the same bytes.
+    fn h2_requests() -> Vec<Request<crate::body::Body>> {
+        use crate::body::Body;
+        let get = Request::get("/a?b=c")
+            .header("x-one", "1")
+            .header("host", "shop.example")
+            .header("x-one", "2")
+            .header("cookie", "a=1; b=2")
+            .header("x-forwarded-for", "127.0.0.1")
+            .body(Body::Empty);
+        let put = Request::put("/p")
+            .header("content-length", "3")
+            .header("host", "h")
+            .body(Body::full("abc"));
+        let head = Request::head("/").header("host", "h").body(Body::Empty);
+        let delete = Request::delete("/d")
+            .header("content-length", "0")
+            .body(Body::Empty);
+        let options = Request::options("*").body(Body::Empty);
+        [get, put, head, delete, options]
+            .into_iter()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_request_is_written_as_hyper_s_client_writes_it() {
+        use tokio::io::AsyncReadExt;
+        for (i, (req, copy)) in h2_requests().into_iter().zip(h2_requests()).enumerate() {
+            assert!(fits(&req), "case {i}");
+            let mut ours = Vec::new();
+            encode(&req, &mut ours);
+            let (client, mut server) = tokio::io::duplex(64 * 1024);
+            let io = hyper_util::rt::TokioIo::new(client);
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            tokio::spawn(async move { sender.send_request(copy).await });
+            let mut theirs = vec![0; ours.len()];
+            let read = tokio::time::timeout(Duration::from_secs(5), server.read_exact(&mut theirs));
+            read.await.unwrap().unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&ours),
+                String::from_utf8_lossy(&theirs),
+                "case {i}"
+            );
+            // Nothing more: hyper wrote no more than `encode`.
+            let mut more = [0u8; 1];
+            let extra = tokio::time::timeout(Duration::from_millis(50), server.read(&mut more));
+            assert!(extra.await.is_err(), "case {i}");
+        }
+        use crate::body::Body;
+        let unfit = [
+            Request::connect("h:1").body(Body::Empty),
+            Request::get("/")
+                .header("connection", "close")
+                .body(Body::Empty),
+            Request::put("/").body(Body::full("abc")),
+            Request::put("/")
+                .header("content-length", "4")
+                .body(Body::full("abc")),
+            Request::put("/")
+                .header("content-length", "+3")
+                .body(Body::full("abc")),
+        ];
+        for (i, req) in unfit.into_iter().enumerate() {
+            assert!(!fits(&req.unwrap()), "unfit case {i}");
+        }
+    }
+
+    /// An answer's head reads as hyper's client reads it (`headers_into`): the same status and
+    /// header map, in the same order.
+    #[tokio::test]
+    async fn an_answer_head_is_read_as_hyper_s_client_reads_it() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let answers: [&[u8]; 6] = [
+            b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 2\r\nx-a: 2\r\nSet-Cookie: a\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n0\r\n\r\n",
+            b"HTTP/1.0 404 Gone Fishing\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\nX-Why: nothing\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX-Tight:tight\r\nX-Wide: \t wide \t \r\nContent-Length: 2, 2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nX-Obs: caf\xc3\xa9\r\nContent-Length: 0\r\n\r\n",
+        ];
+        for (i, answer) in answers.into_iter().enumerate() {
+            let mut headers = http::HeaderMap::new();
+            let status = match read_head(answer, false, Sink::Map(&mut headers)) {
+                Ok(Head::Final(a)) => a.status,
+                _ => panic!("case {i}"),
+            };
+            let (client, mut server) = tokio::io::duplex(64 * 1024);
+            let io = hyper_util::rt::TokioIo::new(client);
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            let req = Request::get("/").body(crate::body::Body::Empty).unwrap();
+            let asked = tokio::spawn(async move { sender.send_request(req).await });
+            let mut head = [0u8; 64];
+            let _ = server.read(&mut head).await.unwrap();
+            server.write_all(answer).await.unwrap();
+            let theirs = asked.await.unwrap().unwrap();
+            assert_eq!(status, theirs.status().as_u16(), "case {i}");
+            assert_eq!(&headers, theirs.headers(), "case {i}");
+            let order = |h: &http::HeaderMap| {
+                h.iter()
+                    .map(|(n, v)| format!("{n}: {v:?}"))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(order(&headers), order(theirs.headers()), "case {i}");
+        }
     }
 
     #[test]

@@ -35,6 +35,8 @@ struct Scripted {
     /// of any that the proxy closed, and of `/large` once it was sent (a kept connection
     /// stays open).
     hung_up: Arc<AtomicUsize>,
+    /// The connection (numbered as accepted) each of `heads` came on.
+    conns: Arc<Mutex<Vec<usize>>>,
 }
 
 /// `/large`'s body: 16 MiB, more than the sockets between proxy and client hold (Linux lets
@@ -119,16 +121,26 @@ async fn scripted() -> Scripted {
     let release = Arc::new(tokio::sync::Notify::new());
     let sent = Arc::new(tokio::sync::Notify::new());
     let hung_up = Arc::new(AtomicUsize::new(0));
-    let (seen, held, told, hangs) = (
+    let conns = Arc::new(Mutex::new(Vec::new()));
+    let (seen, held, told, hangs, on) = (
         heads.clone(),
         release.clone(),
         sent.clone(),
         hung_up.clone(),
+        conns.clone(),
     );
     tokio::spawn(async move {
+        let mut accepted = 0;
         while let Ok((mut sock, _)) = listener.accept().await {
-            let (seen, held, told, hangs) =
-                (seen.clone(), held.clone(), told.clone(), hangs.clone());
+            let (seen, held, told, hangs, on) = (
+                seen.clone(),
+                held.clone(),
+                told.clone(),
+                hangs.clone(),
+                on.clone(),
+            );
+            accepted += 1;
+            let conn = accepted;
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 // After `/once`, the connection's next request is read and the connection
@@ -186,6 +198,7 @@ async fn scripted() -> Scripted {
                         &b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"[..]
                     } else {
                         seen.lock().unwrap().push(head);
+                        on.lock().unwrap().push(conn);
                         if path == "/echo" {
                             // The method and the body the request came with.
                             let said = [method.as_bytes(), b" ", &body].concat();
@@ -303,6 +316,7 @@ async fn scripted() -> Scripted {
         release,
         sent,
         hung_up,
+        conns,
     }
 }
 
@@ -2194,4 +2208,152 @@ async fn a_request_on_a_kept_tls_session_the_server_ends_is_sent_again_once() {
         assert_eq!(sessions[0], kept, "{path}: first on the kept session");
         assert_ne!(sessions[1], kept, "{path}: then on a new one");
     }
+}
+
+/// An HTTP/2 client's request to an `http://` server goes on the relay's kept sockets, not
+/// through hyper's HTTP/1.1 client: on the very socket an HTTP/1.1 client's relayed request
+/// left kept (hyper's pool has sockets of its own), written as hyper's client writes it
+/// (lowercase names, in order: `relay::upstream`'s unit tests compare the bytes), and every
+/// way the server frames its answer reaches the HTTP/2 client as hyper's client reads it.
+#[tokio::test]
+async fn an_http2_client_s_requests_go_on_the_relay_s_kept_sockets() {
+    use http_body_util::BodyExt;
+    let up = scripted().await;
+    // One worker: kept sockets are each worker's, and the two clients' connections would
+    // otherwise go to two of them.
+    let proxy = spawn_proxy(&format!("[proxy]\nthreads = 1\n{}", config(&up, false))).await;
+    wait_checked(&proxy).await;
+    let mut client = Client::connect(proxy.addr).await;
+    assert_eq!(client.get("/length").await.status(), 200);
+    let h2 = h2c_client();
+    let send = |method: http::Method, path: &str, body: &'static str| {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://shop.example{path}"))
+            .header("x-client-case", "Kept");
+        if !body.is_empty() {
+            req = req.header("content-length", body.len());
+        }
+        let req = req.body(full(body)).unwrap();
+        let h2 = h2.clone();
+        let addr = proxy.addr;
+        async move {
+            let mut req = req;
+            let uri = format!("http://{addr}{}", req.uri().path_and_query().unwrap());
+            *req.uri_mut() = uri.parse().unwrap();
+            let resp = tokio::time::timeout(Duration::from_secs(10), h2.request(req))
+                .await
+                .unwrap()
+                .unwrap();
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await.unwrap();
+            (parts, body.trailers().cloned(), body.to_bytes())
+        }
+    };
+    let get = |path: &'static str| send(http::Method::GET, path, "");
+    let (parts, _, body) = get("/length").await;
+    assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"hello"[..]));
+    assert_eq!(parts.headers["x-upstream-case"], "Kept");
+    let (parts, trailers, body) = get("/chunked").await;
+    assert_eq!(
+        (parts.status.as_u16(), &body[..]),
+        (200, &b"hello world"[..])
+    );
+    assert_eq!(trailers.unwrap()["x-sum"], "11");
+    assert!(!parts.headers.contains_key("transfer-encoding"));
+    let (parts, _, body) = get("/interim").await;
+    assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"ok"[..]));
+    let (parts, _, body) = get("/empty").await;
+    assert_eq!((parts.status.as_u16(), &body[..]), (204, &b""[..]));
+    assert_eq!(parts.headers["x-why"], "nothing");
+    let (parts, _, _) = get("/not-modified").await;
+    assert_eq!(parts.status.as_u16(), 304);
+    assert_eq!(parts.headers["etag"], "\"v1\"");
+    let (parts, _, body) = get("/hop").await;
+    assert_eq!(&body[..], b"ok");
+    assert_eq!(parts.headers["x-kept"], "yes");
+    assert!(!parts.headers.contains_key("x-secret"), "{parts:?}");
+    assert!(!parts.headers.contains_key("keep-alive"), "{parts:?}");
+    let (parts, _, body) = get("/both").await;
+    assert_eq!(&body[..], b"hello");
+    assert!(!parts.headers.contains_key("content-length"), "{parts:?}");
+    let (parts, _, body) = get("/same-lengths").await;
+    assert_eq!(&body[..], b"ok");
+    assert_eq!(parts.headers["content-length"], "2");
+    // A `PUT` with a small body is held whole (to be sent again), and goes the same way.
+    let (_, _, body) = send(http::Method::PUT, "/echo", "abc").await;
+    assert_eq!(&body[..], b"PUT abc");
+    {
+        let heads = up.heads.lock().unwrap();
+        let conns = up.conns.lock().unwrap();
+        assert_eq!(heads.len(), 10, "{heads:?}");
+        // The HTTP/1.1 client's socket, kept, carried every HTTP/2 request after it.
+        assert!(conns.iter().all(|&c| c == conns[0]), "{conns:?}\n{heads:?}");
+        // As hyper's client writes it: names lowercase, in the map's order.
+        let expected = format!(
+            "GET /length HTTP/1.1\r\nx-client-case: Kept\r\nhost: {0}\r\n\
+             x-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http\r\n\
+             x-forwarded-host: {0}\r\nx-real-ip: 127.0.0.1",
+            proxy.addr
+        );
+        assert_eq!(heads[1], expected);
+        assert!(heads[9]
+            .starts_with("PUT /echo HTTP/1.1\r\nx-client-case: Kept\r\ncontent-length: 3\r\n"));
+    }
+    // Bodies that stream: until the close (a new socket after it), as HTTP/1.0, and large.
+    let (_, _, body) = get("/close").await;
+    assert_eq!(&body[..], b"until the end");
+    let (parts, _, body) = get("/old").await;
+    assert_eq!(
+        (parts.status.as_u16(), &body[..]),
+        (200, &b"as in 1996"[..])
+    );
+    for path in ["/large", "/large-chunked"] {
+        let (_, _, body) = get(path).await;
+        assert_eq!(body.len(), LARGE_BODY, "{path}");
+        assert_eq!(&body[..], &LARGE[LARGE.len() - LARGE_BODY..], "{path}");
+    }
+    // A broken answer is the outage response; a cut body breaks the stream off.
+    let (parts, _, _) = get("/garbage").await;
+    assert_eq!(parts.status.as_u16(), 503, "{parts:?}");
+    assert_eq!(parts.headers["x-intermission-mode"], "outage");
+}
+
+/// An HTTP/2 client's requests to an `https://` server known to choose HTTP/1.1 go on the
+/// relay's kept TLS sessions too: the one an HTTP/1.1 client's relayed request left kept, and,
+/// when the server ends it unanswered as a `GET` arrives, a new one, the `GET` sent again.
+#[tokio::test]
+async fn an_http2_client_s_requests_to_an_https_http1_server_go_on_kept_sessions() {
+    use http_body_util::BodyExt;
+    let tls = Tls::new();
+    let up = tls_up(&tls).await;
+    let proxy = tls_up_proxy(&tls, &up).await;
+    let mut client = Client::connect(proxy.addr).await;
+    assert!(client.get("/").await.relayed());
+    let h2 = h2c_client();
+    for path in ["/", "/", "/vanish", "/"] {
+        let req = http::Request::get(format!("http://{}{path}", proxy.addr))
+            .body(empty())
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), h2.request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        assert_eq!(resp.headers()["x-upstream-case"], "Kept", "{path}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok", "{path}");
+    }
+    let sessions = up.seen("/");
+    assert_eq!(sessions.len(), 4, "{sessions:?}");
+    // The vanished one's session was the kept one; the last `/` went on the new one.
+    let vanished = up.seen("/vanish");
+    assert_eq!(vanished.len(), 2, "sent again once: {vanished:?}");
+    assert!(
+        sessions[..3].iter().all(|&s| s == sessions[0]),
+        "{sessions:?}"
+    );
+    assert_eq!(vanished[0], sessions[0]);
+    assert_ne!(vanished[1], vanished[0]);
+    assert_eq!(sessions[3], vanished[1]);
 }

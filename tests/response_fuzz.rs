@@ -378,7 +378,8 @@ async fn odd_answers_reach_an_https_http2_client_as_they_reach_an_http1_one() {
     compare_h2(told_cases(200, 0x0002_b2b2_7150), Some(&Tls::new())).await;
 }
 
-/// Generated answers to an HTTP/1.1 client and to an HTTP/2 one of a proxy on hyper's path,
+/// Generated answers to an HTTP/1.1 client and to an HTTP/2 one of a proxy on hyper's path
+/// (the HTTP/2 client's requests on the relay's sockets, `relay::upstream`, since 2026-12-06),
 /// over plaintext (HTTP/2 by prior knowledge) or, with `tls`, HTTPS: what the two get must be
 /// the same.
 async fn compare_h2((cases, seed, mut rng): (usize, u64, Rng), tls: Option<&Tls>) {

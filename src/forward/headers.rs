@@ -153,7 +153,7 @@ pub fn restore_upgrade(headers: &mut HeaderMap, upgrade: HeaderValue) {
 /// from the lines before it, as hyper's client reads them: a list of values (`11, 11`) is
 /// taken when they are all the same. `repeated` is set when a value agrees with one before
 /// it (a list, or a line after another), so that the length goes on as one line
-/// (`one_length`, and `relay::response_head` on the relay's lines).
+/// (`one_length`, and `relay::read_head` on the relay's lines).
 #[inline]
 pub fn content_length(
     value: &[u8],

@@ -155,6 +155,10 @@ pub fn forward<'a>(
     async move {
         let timeout = config.upstream.response_timeout;
         let http2 = req.version() == Version::HTTP_2;
+        // An HTTP/2 client's request may go to an HTTP/1.1 server on a kept raw socket
+        // (`pool::UpstreamPool::request`); gRPC stays on hyper's path, whose HTTP/2 upstreams
+        // it needs.
+        let relay = http2 && !native_grpc(req.headers());
         // A body its method gives no meaning closes the server's connection after it
         // (`headers::close_after_unmeant_body`); an upgrade, which would keep it open as a
         // tunnel or, declined, for the next request, is not passed on with one.
@@ -265,7 +269,7 @@ pub fn forward<'a>(
             // (as the relay judges it).
             let healthy = up.get(server).copied().unwrap_or(true);
             let watch = (healthy && idempotent(req.method())).then_some(marks);
-            let error = match send(pool, server, req, timeout, sent.as_mut(), watch).await {
+            let error = match send(pool, server, req, timeout, sent.as_mut(), watch, relay).await {
                 // A switch nobody asked for (or to nothing) leaves the client a head it cannot
                 // use: the server failed, as the relay judges it too.
                 Ok(resp)
@@ -505,13 +509,14 @@ fn send<'a>(
     timeout: Duration,
     sent: Option<&'a mut SentSignal>,
     watch: Option<&'a Marks>,
+    relay: bool,
 ) -> impl Future<Output = Result<Response<Body>, UpstreamError>> + Send + 'a {
     async move {
         let name = || pool.servers[server].to_string();
         // One pinned response future for both cases: moving it into `tokio::time::timeout` would
         // keep a second copy of its kilobyte in this future's state, which every forwarded
         // request allocates and copies.
-        let response = pool.request(server, req);
+        let response = pool.request(server, req, relay);
         tokio::pin!(response);
         let deadline = async {
             if let Some(sent) = sent {
@@ -579,7 +584,7 @@ enum Cut {
 /// status is a frame of the body and whose browsers never see HTTP trailers: for it, and for
 /// any HTTP/1.1 client, trailers added to a broken answer would be dropped and leave it
 /// looking complete.
-fn native_grpc(headers: &http::HeaderMap) -> bool {
+pub(crate) fn native_grpc(headers: &http::HeaderMap) -> bool {
     const GRPC: &[u8] = b"application/grpc";
     headers.get(header::CONTENT_TYPE).is_some_and(|v| {
         let v = v.as_bytes();

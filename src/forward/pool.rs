@@ -492,14 +492,29 @@ impl UpstreamPool {
     /// Sends `req` to server `index` over a connection that speaks its protocol. The response
     /// body of an `http://` server gives its connection back to the pool when read whole; that
     /// of an HTTP/2 server its stream, when it ends or is dropped.
+    ///
+    /// `relay`: the request came over HTTP/2 and may go on a kept raw socket
+    /// (`crate::relay::upstream`) when its server speaks HTTP/1.1 (`http://`, or `https://`
+    /// known to choose it) and the request fits (`crate::relay::fits`): hyper's HTTP/1.1
+    /// client cost some 5,000 instructions per request parsing the answer into its own map,
+    /// besides its dispatch between the request's task and the connection's.
     #[allow(clippy::manual_async_fn)] // see `forward`'s module docs
     pub fn request(
         &self,
         index: usize,
         req: Request<Body>,
+        relay: bool,
     ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + '_ {
         async move {
+            let relay = relay && crate::relay::fits(&req);
             match self.servers.get(index).map(|s| s.protocol) {
+                // Boxed, as the rare paths are: its state would make hyper's path's larger.
+                Some(Protocol::Http) if relay => {
+                    Box::pin(crate::relay::upstream(self, index, req)).await
+                }
+                Some(Protocol::Https) if relay && self.known_http1(index) => {
+                    Box::pin(crate::relay::upstream(self, index, req)).await
+                }
                 Some(Protocol::Http) => self.http1.request(index, req).await,
                 // Boxed: the rare paths must not make every request's future larger.
                 Some(Protocol::H2c) => Box::pin(self.h2c(index, req)).await,
@@ -816,6 +831,19 @@ impl UpstreamPool {
             .raw
             .local()
             .take(now, timeout, idle_limit(timeout, replayable))
+    }
+
+    /// Whether `https://` server `index` is known to choose HTTP/1.1 (`https_http1`).
+    fn known_http1(&self, index: usize) -> bool {
+        self.https_http1
+            .get(index)
+            .is_some_and(|http1| http1.load(Ordering::Relaxed))
+    }
+
+    /// This worker's list of kept sockets to server `index`, for a body that gives its socket
+    /// back once read whole, wherever it is then polled.
+    pub fn raw_home(&self, index: usize) -> Option<Arc<RawList>> {
+        self.http1.servers.get(index).map(|s| s.raw.local().clone())
     }
 
     /// Gives a socket back after a response read whole from it.
@@ -1233,7 +1261,8 @@ impl RawList {
         }
     }
 
-    fn put(&self, stream: RawSocket) {
+    /// Gives a socket back after a response read whole from it.
+    pub fn put(&self, stream: RawSocket) {
         if self.sockets.claim_close() {
             return;
         }
@@ -1868,7 +1897,7 @@ mod kept {
                 .body(Body::Empty)
                 .unwrap()
         };
-        let resp = pool.request(0, get()).await.unwrap();
+        let resp = pool.request(0, get(), false).await.unwrap();
         resp.into_body().collect().await.unwrap();
         // Until hyper has seen the exchange end, the connection is not ready for another.
         for _ in 0..100 {
@@ -1885,7 +1914,7 @@ mod kept {
         // connection's task has not read the close when the next request is written on it.
         close_tx.send(()).unwrap();
         closed_rx.recv().unwrap();
-        let resp = pool.request(0, get()).await.unwrap();
+        let resp = pool.request(0, get(), false).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
@@ -1911,7 +1940,7 @@ mod kept {
             .header("host", "x")
             .body(Body::Empty)
             .unwrap();
-        let resp = pool.request(0, req).await.unwrap();
+        let resp = pool.request(0, req, false).await.unwrap();
         resp.into_body().collect().await.unwrap();
         assert_eq!(pool.idle_http1(0), 1);
         let list = pool.http1.servers[0].idle.local();
@@ -1993,11 +2022,11 @@ mod kept {
         let (a, a_closed) = keep_alive_server();
         let (b, _) = keep_alive_server();
         let (pool, _, metrics) = bounded_pool(&[a, b], 1);
-        let resp = pool.request(0, get()).await.unwrap();
+        let resp = pool.request(0, get(), false).await.unwrap();
         resp.into_body().collect().await.unwrap();
         assert_eq!(pool.idle_http1(0), 1);
         assert_eq!(metrics.open.get(), 1);
-        let resp = pool.request(1, get()).await.unwrap();
+        let resp = pool.request(1, get(), false).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(pool.idle_http1(0), 0);
         assert_eq!(metrics.open.get(), 1);
@@ -2088,12 +2117,12 @@ mod kept {
         };
         // Twice: the first dial asks for HTTP/2 by ALPN and learns the server's choice.
         for _ in 0..2 {
-            let resp = pool.request(0, to_a()).await.unwrap();
+            let resp = pool.request(0, to_a(), false).await.unwrap();
             assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
         }
         assert_eq!(pool.idle_http1(0), 1);
         assert_eq!(metrics.open.get(), 1);
-        let resp = pool.request(1, get()).await.unwrap();
+        let resp = pool.request(1, get(), false).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(pool.idle_http1(0), 0);
         assert_eq!(metrics.reached.get(), 0);
@@ -2108,10 +2137,10 @@ mod kept {
         let (b, _) = keep_alive_server();
         let (pool, sockets, _) = bounded_pool(&[a, b], 1);
         let pool = Arc::new(pool);
-        let busy = pool.request(0, get()).await.unwrap();
+        let busy = pool.request(0, get(), false).await.unwrap();
         let waiting = {
             let pool = pool.clone();
-            tokio::spawn(async move { pool.request(1, get()).await.map(|r| r.status()) })
+            tokio::spawn(async move { pool.request(1, get(), false).await.map(|r| r.status()) })
         };
         for _ in 0..250 {
             if sockets.wanted() {
@@ -2181,9 +2210,9 @@ mod kept {
         let kept = |pool: &UpstreamPool| lock(&pool.clients.local().h2[0].kept).len();
 
         // Busy: its stream stays open, and the request for room waits in vain.
-        let resp = pool.request(0, held_get()).await.unwrap();
+        let resp = pool.request(0, held_get(), false).await.unwrap();
         assert_eq!(kept(&pool), 1);
-        let Err(e) = pool.request(1, get()).await else {
+        let Err(e) = pool.request(1, get(), false).await else {
             panic!("a busy HTTP/2 connection was closed for room");
         };
         assert!(super::super::sockets::reached(&e), "{e}");
@@ -2191,7 +2220,7 @@ mod kept {
 
         // Idle once its answer has ended: closed, and its place taken.
         end_held(&held, resp).await;
-        let resp = pool.request(1, get()).await.unwrap();
+        let resp = pool.request(1, get(), false).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(kept(&pool), 0);
         assert_eq!(metrics.open.get(), 1);
@@ -2203,8 +2232,8 @@ mod kept {
     async fn an_http2_connection_going_idle_during_the_wait_makes_room() {
         // Long enough that only the connection's close, not the wait's end, can answer.
         let (pool, sockets, _, held) = at_the_bound("30s").await;
-        let resp = pool.request(0, held_get()).await.unwrap();
-        let waiting = pool.request(1, get());
+        let resp = pool.request(0, held_get(), false).await.unwrap();
+        let waiting = pool.request(1, get(), false);
         let ending = async {
             // Once the request waits for room, the held answer ends and is read whole.
             while !sockets.wanted() {
