@@ -585,6 +585,30 @@ async fn metrics_say_whether_the_last_reload_took() {
     assert_eq!(refused().await, None, "forgotten once a reload takes");
 }
 
+/// The `pages` folder beside the config, read at start (no `pages` key), gone at a reload (a
+/// deploy that moves it in a moment later): the built-in pages are served, and the reload
+/// says so, where nothing did.
+#[tokio::test]
+async fn a_reload_that_falls_back_to_the_built_in_pages_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let pages = dir.path().join("pages");
+    std::fs::create_dir(&pages).unwrap();
+    std::fs::write(pages.join("maintenance.html"), "<p>Ours: {{message}}</p>").unwrap();
+    std::fs::write(pages.join("outage.html"), "<p>Ours too: {{message}}</p>").unwrap();
+    let proxy = spawn_proxy_in(dir, &with_listen("")).await;
+    let quiet = ctl(&proxy, Ctl::Reload).await;
+    assert!(quiet.ok && quiet.warnings.is_empty(), "{quiet:?}");
+    std::fs::rename(&pages, proxy.dir.path().join("pages.old")).unwrap();
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert!(r.ok, "{r:?}");
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.contains("pages") && w.contains("built-in pages are served")),
+        "{r:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_broken_page_is_refused_at_start_and_at_reload() {
     let pages = tempfile::tempdir().unwrap();

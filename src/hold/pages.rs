@@ -53,6 +53,9 @@ pub struct Pages {
     pub warnings: Vec<String>,
 }
 
+/// The `origin` of the pages built into the binary.
+const BUILT_IN: &str = "built-in pages";
+
 #[derive(Debug, thiserror::Error)]
 pub enum PagesError {
     #[error("cannot read {}: {source}", path.display())]
@@ -77,6 +80,11 @@ pub enum PagesError {
 }
 
 impl Pages {
+    /// Whether these are the pages built into the binary (no `pages` folder).
+    pub fn is_built_in(&self) -> bool {
+        self.origin == BUILT_IN
+    }
+
     /// The pages `config` names, each held to what it could take once rendered with the
     /// widest values the proxy accepts (`widths`), as are all of them together.
     pub fn load(config: &MaintenanceConfig) -> Result<Pages, PagesError> {
@@ -260,7 +268,7 @@ fn built_in(widths: &Widths) -> Result<Pages, PagesError> {
             t("outage.fr.html", include_str!("../../pages/outage.fr.html"))?,
         ],
         assets,
-        origin: "built-in pages".into(),
+        origin: BUILT_IN.into(),
         warnings: Vec::new(),
     })
 }

@@ -1054,6 +1054,17 @@ impl Controller {
                 }
             }
         }
+        // A `pages` folder found beside the config at the last read, and gone at this one (a
+        // deploy that moves it in a moment later): the built-in pages were served instead,
+        // and nothing said so.
+        if parts.pages.origin != self.parts.pages.origin && parts.pages.is_built_in() {
+            let warning = format!(
+                "the pages in force were {}; they are not found now, and the built-in pages are served",
+                self.parts.pages.origin
+            );
+            tracing::warn!("{warning}");
+            warnings.push(warning);
+        }
         let max_connections = config.proxy.max_connections;
         let resize = max_connections != old.proxy.max_connections;
         self.parts = parts;
@@ -1086,6 +1097,7 @@ impl Controller {
             .map(|p| p.display().to_string());
         tracing::info!(
             file = file.as_deref().unwrap_or("-"),
+            pages = %self.parts.pages.origin,
             "config and pages reloaded"
         );
         let (before, after) = self.settle(self.clock.now(), "config reloaded").await;
