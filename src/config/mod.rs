@@ -1210,14 +1210,23 @@ impl Validator<'_> {
                 ),
             );
         }
-        if !(f.status_page.is_empty()
-            || f.status_page.starts_with("https://")
-            || f.status_page.starts_with("http://"))
-        {
+        // With a host and no space or control character: such a link led nowhere, on the
+        // page shown to every visitor. Not parsed as `http::Uri`, which refuses the
+        // non-ASCII a browser takes (`https://statut.exemple.fr/état`).
+        let rest = f
+            .status_page
+            .strip_prefix("https://")
+            .or_else(|| f.status_page.strip_prefix("http://"));
+        let status_page_ok = f.status_page.is_empty()
+            || rest.is_some_and(|rest| {
+                let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+                !host.is_empty() && !rest.chars().any(|c| c.is_whitespace() || c.is_control())
+            });
+        if !status_page_ok {
             self.problem(
                 "maintenance.status_page",
                 format!(
-                    "{:?} must be an http:// or https:// URL, or empty",
+                    "{:?} must be an http:// or https:// URL (with a host, no spaces), or empty",
                     f.status_page
                 ),
             );
@@ -1937,6 +1946,30 @@ mod tests {
         assert_eq!(c.maintenance.api_prefixes, vec!["/api/".to_owned()]);
         assert_eq!(c.control.socket_mode, 0o600);
         assert_eq!(c.control.socket, Path::new("./intermission.sock"));
+    }
+
+    #[test]
+    fn a_status_page_must_be_a_whole_url() {
+        for bad in [
+            "https://status.example.com/ x",
+            "https://",
+            "http:///path",
+            "ftp://status",
+        ] {
+            let p = problems(&format!("[maintenance]\nstatus_page = \"{bad}\"\n"));
+            assert_eq!(p.len(), 1, "{bad}: {p:?}");
+            assert_eq!(p[0].key, "maintenance.status_page", "{bad}");
+        }
+        for good in [
+            "",
+            "https://status.example.com",
+            "https://status.example.com/incidents?id=1#now",
+            "http://10.0.0.1:8080/status",
+            "https://statut.exemple.fr/état",
+        ] {
+            let p = problems(&format!("[maintenance]\nstatus_page = \"{good}\"\n"));
+            assert!(p.is_empty(), "{good}: {p:?}");
+        }
     }
 
     #[test]
