@@ -689,7 +689,8 @@ impl Metrics {
         let health_check_duration = Family::<ServerLabels, DurationHistogram>::default();
         registry.register_with_unit(
             "intermission_health_check_duration",
-            "Time a health check probe took, by upstream server, in seconds",
+            "Time a health check probe took, by upstream server, in seconds (a failed probe \
+             counts as health.timeout, whatever it took)",
             Unit::Seconds,
             health_check_duration.clone(),
         );
