@@ -98,6 +98,14 @@ fn answer_for(path: &str) -> &'static [u8] {
         "/switch" => b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nraw bytes",
         "/bad-chunk" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\nxx\r\n0\r\n\r\n",
         "/cut" => b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst",
+        // What a broken or careless server sends past an answer's end, or beside an answer
+        // that has none: never read as the next request's answer.
+        "/extra" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray",
+        "/chunked-extra" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray",
+        "/stray-204" => b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nstray",
+        "/head-body" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray",
+        "/said-close" => b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+        "/old-kept" => b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
         "/spacing" => b"HTTP/1.1 200 Fine\r\nX-Tight:tight\r\nX-Wide: \t wide \t \r\nX-Upstream-Case: Kept\r\nContent-Length: 2\r\n\r\nok",
         _ => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
     }
@@ -215,7 +223,7 @@ async fn scripted() -> Scripted {
                         }
                     };
                     // To a HEAD, the heads only (an interim one's included), as a server sends.
-                    if head_only {
+                    if head_only && path != "/head-body" {
                         let mut end = 0;
                         while let Some(at) = answer[end..].windows(4).position(|w| w == b"\r\n\r\n")
                         {
@@ -251,6 +259,28 @@ async fn scripted() -> Scripted {
                         // The head after 1.5 s.
                         tokio::time::sleep(Duration::from_millis(1500)).await;
                         if sock.write_all(answer_for("/length")).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    if let Some(rest) = path.strip_prefix("/streamed-extra") {
+                        // A body that comes in two pieces (read from the socket as it comes,
+                        // not whole with its head), its end followed by stray bytes.
+                        let (head, tail): (&[u8], &[u8]) = match rest {
+                            "-chunked" => (
+                                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n",
+                                b"6\r\nsecond\r\n0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray",
+                            ),
+                            _ => (
+                                b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nfirst",
+                                b"secondHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray",
+                            ),
+                        };
+                        if sock.write_all(head).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        if sock.write_all(tail).await.is_err() {
                             return;
                         }
                         continue;
@@ -2356,4 +2386,288 @@ async fn an_http2_client_s_requests_to_an_https_http1_server_go_on_kept_sessions
     assert_eq!(vanished[0], sessions[0]);
     assert_ne!(vanished[1], vanished[0]);
     assert_eq!(sessions[3], vanished[1]);
+}
+
+/// An HTTP/2 client's request on the relay's sockets: a socket goes back to its list only
+/// after an answer read whole with nothing past its end, from a server that keeps it open.
+/// Bytes past a body's end (whole in the first read, or streamed), a body beside a `HEAD`'s
+/// answer or a 204, `Connection: close`, an HTTP/1.0 answer without `keep-alive`, and a
+/// stream the client resets mid-body each leave the socket closed: the next request goes on
+/// a new one and gets its own answer, never the stray bytes.
+#[tokio::test]
+async fn an_http2_client_s_socket_is_kept_only_after_an_answer_read_whole_and_clean() {
+    use http_body_util::BodyExt;
+    let up = scripted().await;
+    let proxy = spawn_proxy(&format!("[proxy]\nthreads = 1\n{}", config(&up, false))).await;
+    wait_checked(&proxy).await;
+    let h2 = h2c_client();
+    let addr = proxy.addr;
+    let send = |method: http::Method, path: &str| {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}{path}"))
+            .body(empty())
+            .unwrap();
+        let h2 = h2.clone();
+        async move {
+            let resp = tokio::time::timeout(Duration::from_secs(10), h2.request(req))
+                .await
+                .unwrap()
+                .unwrap();
+            let (parts, body) = resp.into_parts();
+            let body = tokio::time::timeout(Duration::from_secs(10), body.collect())
+                .await
+                .unwrap()
+                .unwrap()
+                .to_bytes();
+            (parts.status.as_u16(), body)
+        }
+    };
+    let last_conn = || *up.conns.lock().unwrap().last().unwrap();
+    // Kept: the next request goes on the same socket.
+    assert_eq!(
+        send(http::Method::GET, "/length").await,
+        (200, "hello".into())
+    );
+    let kept = last_conn();
+    assert_eq!(
+        send(http::Method::GET, "/length").await,
+        (200, "hello".into())
+    );
+    assert_eq!(last_conn(), kept, "a clean answer's socket is kept");
+    let cases: [(http::Method, &str, u16, &str); 8] = [
+        (http::Method::GET, "/extra", 200, "ok"),
+        (http::Method::GET, "/chunked-extra", 200, "ok"),
+        (http::Method::GET, "/streamed-extra", 200, "firstsecond"),
+        (
+            http::Method::GET,
+            "/streamed-extra-chunked",
+            200,
+            "firstsecond",
+        ),
+        (http::Method::GET, "/stray-204", 204, ""),
+        (http::Method::HEAD, "/head-body", 200, ""),
+        (http::Method::GET, "/said-close", 200, "ok"),
+        (http::Method::GET, "/old-kept", 200, "ok"),
+    ];
+    for (method, path, status, body) in cases {
+        assert_eq!(
+            send(method.clone(), path).await,
+            (status, body.into()),
+            "{method} {path}"
+        );
+        let on = last_conn();
+        assert_eq!(
+            send(http::Method::GET, "/length").await,
+            (200, "hello".into()),
+            "after {method} {path}"
+        );
+        assert_ne!(
+            last_conn(),
+            on,
+            "after {method} {path}: its socket was kept"
+        );
+    }
+    // A stream the client resets before the answer's head: its socket is closed too.
+    let before = up.hung_up.load(Ordering::SeqCst);
+    let asked = {
+        let req = http::Request::get(format!("http://{addr}/hang"))
+            .body(empty())
+            .unwrap();
+        tokio::spawn(h2.request(req))
+    };
+    let arrived = wait_until(Duration::from_secs(10), || {
+        up.heads
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|h| h.starts_with("GET /hang "))
+    });
+    assert!(arrived.await, "/hang reached the server");
+    asked.abort();
+    assert!(
+        up.closed_one_since(before).await,
+        "/hang: its socket was kept"
+    );
+    // A stream the client resets mid-body: its socket is closed, not kept mid-answer.
+    for path in ["/stall", "/stall-chunked"] {
+        let before = up.hung_up.load(Ordering::SeqCst);
+        let req = http::Request::get(format!("http://{addr}{path}"))
+            .body(empty())
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), h2.request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut body = resp.into_body();
+        let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.into_data().unwrap(), "first", "{path}");
+        drop(body);
+        assert!(
+            up.closed_one_since(before).await,
+            "{path}: its socket was kept"
+        );
+        assert_eq!(
+            send(http::Method::GET, "/length").await,
+            (200, "hello".into()),
+            "after {path}"
+        );
+    }
+}
+
+/// `upstream.read_timeout` on an HTTP/2 client's answer read from the relay's socket: a body
+/// that stalls is cut short (the client's stream reset), and the server's socket closed.
+#[tokio::test]
+async fn an_http2_client_s_relayed_body_that_stalls_is_cut_short() {
+    use http_body_util::BodyExt;
+    let up = scripted().await;
+    let config = config(&up, false).replace(
+        "[health]",
+        "read_timeout = \"500ms\"\nresponse_timeout = \"500ms\"\n[health]\nfall = 1000000\n",
+    );
+    let proxy = spawn_proxy(&format!("[proxy]\nthreads = 1\n{config}")).await;
+    wait_checked(&proxy).await;
+    let h2 = h2c_client();
+    // No head within `response_timeout`: the outage response, and the socket closed.
+    let before = up.hung_up.load(Ordering::SeqCst);
+    let req = http::Request::get(format!("http://{}/hang", proxy.addr))
+        .body(empty())
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), h2.request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(
+        up.closed_one_since(before).await,
+        "/hang: its socket was kept"
+    );
+    for path in ["/stall", "/stall-chunked", "/stall-close"] {
+        let before = up.hung_up.load(Ordering::SeqCst);
+        let req = http::Request::get(format!("http://{}{path}", proxy.addr))
+            .body(empty())
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), h2.request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        let collected = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+            .await
+            .unwrap();
+        assert!(
+            collected.is_err(),
+            "{path}: the stalled body ended as if whole"
+        );
+        assert!(
+            up.closed_one_since(before).await,
+            "{path}: its socket was kept"
+        );
+    }
+}
+
+/// An HTTP/2 client's `POST` on the relay's kept sessions (its small body held whole, as for
+/// any `https://` server) is never sent twice: when the server ends the session unanswered as
+/// it arrives, it may have acted on it, and the client gets the outage response, as on
+/// hyper's path; a `GET` is sent again once.
+#[tokio::test]
+async fn an_http2_client_s_post_the_server_vanishes_on_is_not_sent_again() {
+    use http_body_util::BodyExt;
+    let tls = Tls::new();
+    let up = tls_up(&tls).await;
+    let proxy = tls_up_proxy(&tls, &up).await;
+    let mut client = Client::connect(proxy.addr).await;
+    assert!(client.get("/").await.relayed());
+    let h2 = h2c_client();
+    let send = |method: http::Method, path: &str, body: &'static str| {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", proxy.addr));
+        if !body.is_empty() {
+            req = req.header("content-length", body.len());
+        }
+        let req = req.body(full(body)).unwrap();
+        let h2 = h2.clone();
+        async move {
+            let resp = tokio::time::timeout(Duration::from_secs(10), h2.request(req))
+                .await
+                .unwrap()
+                .unwrap();
+            let status = resp.status().as_u16();
+            let kept = resp.headers().get("x-upstream-case").is_some();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, kept, body)
+        }
+    };
+    assert_eq!(send(http::Method::GET, "/", "").await.0, 200);
+    let (status, _, _) = send(http::Method::POST, "/vanish", "abc").await;
+    assert_eq!(status, 503, "the POST's failure is the outage response");
+    let vanished = up.seen("/vanish");
+    assert_eq!(vanished.len(), 1, "sent once: {vanished:?}");
+    // It went on the relay's kept session (the `GET`'s).
+    let sessions = up.seen("/");
+    assert_eq!(vanished[0], sessions[1], "{sessions:?} {vanished:?}");
+    // A `POST` goes only on a session idle under a second (`FRESH`): past it, on a new one.
+    assert_eq!(send(http::Method::GET, "/", "").await.0, 200);
+    let kept = *up.seen("/").last().unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(send(http::Method::POST, "/", "abc").await.0, 200);
+    let sessions = up.seen("/");
+    assert_ne!(sessions[sessions.len() - 1], kept, "{sessions:?}");
+}
+
+/// Many HTTP/2 streams at once on the relay's sockets, every framing mixed, with sockets kept,
+/// closed and opened under them: each stream gets its own answer (a `PUT`'s own body echoed),
+/// never another's, nor stray bytes.
+#[tokio::test]
+async fn concurrent_http2_streams_each_get_their_own_answer() {
+    use http_body_util::BodyExt;
+    let up = scripted().await;
+    let proxy = spawn_proxy(&format!("[proxy]\nthreads = 1\n{}", config(&up, false))).await;
+    wait_checked(&proxy).await;
+    let h2 = h2c_client();
+    let paths = [
+        ("/length", "hello"),
+        ("/chunked", "hello world"),
+        ("/interim", "ok"),
+        ("/extra", "ok"),
+        ("/streamed-extra", "firstsecond"),
+        ("/said-close", "ok"),
+        ("/echo", ""),
+        ("/close", "until the end"),
+    ];
+    let mut runs = Vec::new();
+    for i in 0..240 {
+        let (path, want) = paths[i % paths.len()];
+        let h2 = h2.clone();
+        let addr = proxy.addr;
+        runs.push(tokio::spawn(async move {
+            let mut req = http::Request::builder().uri(format!("http://{addr}{path}"));
+            let (body, want) = if path == "/echo" {
+                let mine = format!("stream {i}");
+                req = req.method("PUT").header("content-length", mine.len());
+                (full(mine.clone()), format!("PUT {mine}"))
+            } else {
+                (empty(), want.to_owned())
+            };
+            let resp =
+                tokio::time::timeout(Duration::from_secs(20), h2.request(req.body(body).unwrap()))
+                    .await
+                    .unwrap()
+                    .unwrap();
+            let got = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(String::from_utf8_lossy(&got), want, "stream {i}: {path}");
+        }));
+    }
+    for run in runs {
+        run.await.unwrap();
+    }
+    // More than one socket, and far fewer than one per request: sockets were kept and shared.
+    let conns = up.conns.lock().unwrap();
+    let distinct: std::collections::HashSet<_> = conns.iter().collect();
+    assert!(distinct.len() < conns.len(), "{distinct:?}");
 }
