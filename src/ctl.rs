@@ -601,6 +601,9 @@ fn print_state(out: &mut impl Write, s: &StatusView) -> io::Result<()> {
     if let Some(p) = &s.status_page {
         writeln!(out, "status page: {p}")?;
     }
+    for pending in &s.restart_pending {
+        writeln!(out, "RESTART PENDING: {pending}")?;
+    }
     if let Some(r) = &s.reload_refused {
         writeln!(
             out,

@@ -1705,5 +1705,20 @@ async fn ctl_reload_prints_the_reloads_warnings() {
         .filter_map(|l| l.strip_prefix("warning: "))
         .collect();
     assert_eq!(on_stderr, lines, "and on stderr with --json");
+    // `status` says what waits for a restart until one, where only the reload said it.
+    let out = run(&["status"]);
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        shown.contains(&format!("RESTART PENDING: {restart}")),
+        "{shown}"
+    );
+    let out = run(&["--json", "status"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["restart_pending"][0], restart, "{v}");
+    // A file that no longer changes it: nothing waits.
+    std::fs::write(&cfg, &good).unwrap();
+    assert_eq!(run(&["reload"]).status.code(), Some(0));
+    let out = run(&["status"]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("RESTART PENDING"));
     drop(proxy);
 }

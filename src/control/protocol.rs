@@ -158,6 +158,12 @@ pub struct StatusView {
     /// otherwise only in the log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reload_refused: Option<Update>,
+    /// What the config file in force changed that takes effect only at a restart
+    /// (`proxy.threads`, `admin.listen`, `control.*`, `log.format`/`log.level`): said by the
+    /// reload that read it, and here until a restart, or a reload of a file that no longer
+    /// changes them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restart_pending: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -159,6 +159,8 @@ struct Reloads {
     returned: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// The last reload, when it was refused: when, and why (`StatusView::reload_refused`).
     refused: Option<crate::state::mode::Update>,
+    /// What the file in force changed that waits for a restart (`StatusView::restart_pending`).
+    pending: Vec<String>,
 }
 
 /// An outage a previous instance of the proxy left going on (`Persisted::outage_since`).
@@ -185,6 +187,8 @@ struct Prepared {
     /// restart: logged, and returned to who asked, since `ctl reload` exited 0 without a
     /// word of them.
     warnings: Vec<String>,
+    /// The keys read but kept as they run until a restart, as `warnings` say them.
+    pending: Vec<String>,
 }
 
 /// Marks a reload's read as returned when dropped: by its blocking work, however that ends
@@ -1036,6 +1040,7 @@ impl Controller {
             parts,
             notify,
             mut warnings,
+            pending,
         } = prepared;
         let (old, config) = (&self.parts.config, &parts.config);
         // A new pool may carry new TLS settings, which the checks must use too.
@@ -1068,6 +1073,7 @@ impl Controller {
         let max_connections = config.proxy.max_connections;
         let resize = max_connections != old.proxy.max_connections;
         self.parts = parts;
+        self.reloads.pending = pending;
         // The reload's load has warned of the new certificates already.
         self.parts
             .metrics
@@ -1229,6 +1235,7 @@ impl Controller {
             next_window: self.state.next_window(now).cloned(),
             schedules: self.state.schedules.clone(),
             reload_refused: self.reloads.refused.clone(),
+            restart_pending: self.reloads.pending.clone(),
         }
     }
 }
@@ -1324,7 +1331,8 @@ fn prepare(path: &std::path::Path, old: &Parts) -> Result<Prepared, String> {
     // What `check` would say of the config now in force (a changed control.socket_mode is
     // not, until a restart, which is said), then what waits for a restart.
     let mut warnings = parts.config.load_warnings(&parts.pages, certificates);
-    warnings.extend(restart.into_iter().map(str::to_owned));
+    let pending: Vec<String> = restart.into_iter().map(str::to_owned).collect();
+    warnings.extend(pending.iter().cloned());
     for warning in &warnings {
         tracing::warn!("{warning}");
     }
@@ -1332,6 +1340,7 @@ fn prepare(path: &std::path::Path, old: &Parts) -> Result<Prepared, String> {
         parts,
         notify,
         warnings,
+        pending,
     })
 }
 
