@@ -1639,3 +1639,90 @@ async fn a_request_its_client_gave_up_on_is_counted_abandoned() {
     let forwarded = "intermission_requests_total{outcome=\"forwarded\",mode=\"normal\"}";
     assert_eq!(series(&proxy, forwarded).await, Some(0.0));
 }
+
+/// A body of `left` copies of `chunk`, counting in `sent` what the server has taken of it.
+struct Repeat {
+    chunk: Bytes,
+    left: usize,
+    sent: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl http_body::Body for Repeat {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.left -= 1;
+        self.sent.fetch_add(self.chunk.len(), Ordering::SeqCst);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(self.chunk.clone()))))
+    }
+}
+
+/// Clients that stop reading downloads from an `h2c://` server hold what their streams
+/// received unread; that must not take the window the whole connection shares. With hyper's
+/// default windows (2 MiB a stream, 5 MiB the connection), three such clients left every
+/// other request on the worker's connection to that server without a byte of its body until
+/// `send_timeout` closed them.
+#[tokio::test]
+async fn stalled_downloads_do_not_stall_others_on_an_h2c_connection() {
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = sent.clone();
+    let up = upstream(move |req: Request<Incoming>| {
+        let sent = counted.clone();
+        async move {
+            let big = req.uri().path() == "/big";
+            let body = Repeat {
+                chunk: Bytes::from(vec![b'x'; 64 * 1024]),
+                // 64 MiB: more than the stalled clients' sockets and windows take.
+                left: if big { 1024 } else { 4 },
+                sent: if big { sent } else { Default::default() },
+            };
+            Response::new(BodyExt::boxed(body))
+        }
+    })
+    .await;
+    let h2c = up.url().replacen("http://", "h2c://", 1);
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"{h2c}\"]\n[health]\nkind = \"tcp\"\n"
+    ))
+    .await;
+    let mut stalled = Vec::new();
+    for _ in 0..6 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let mut s = sock.connect(proxy.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut s, b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        stalled.push(s);
+    }
+    // Until the stalled answers have stopped moving: their windows (or sockets) are full.
+    let mut last = 0;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = sent.load(Ordering::SeqCst);
+        if now > 0 && now == last {
+            break;
+        }
+        last = now;
+    }
+    let other = tokio::time::timeout(Duration::from_secs(10), async {
+        let resp = client()
+            .request(Request::get(proxy.url("/small")).body(empty()).unwrap())
+            .await
+            .unwrap();
+        resp.into_body().collect().await.unwrap().to_bytes().len()
+    })
+    .await;
+    assert_eq!(
+        other.ok(),
+        Some(256 * 1024),
+        "another client's download stalled behind clients that stopped reading"
+    );
+    drop(stalled);
+}

@@ -159,6 +159,18 @@ struct H2Slot {
 /// Each connection counts under the bound on upstream sockets too.
 const MAX_H2_PER_SERVER: usize = 64;
 
+/// What one stream's answer from an HTTP/2 server may bring ahead of its client's reading:
+/// about what a stalled HTTP/2 client's stream holds on the client's side (a 2 MiB window,
+/// hyper's default, let each client that stops reading hold 2 MiB).
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+
+/// The connection's window, the most h2 allows: each stream is bounded by its own window, and
+/// a connection's shared one (hyper's default is 5 MiB) was filled by the streams of two or
+/// three clients that stopped reading, leaving every other answer on that connection without
+/// a byte until `send_timeout` closed them. Apache's mod_http2 opens it as wide (Go's client:
+/// 1 GiB).
+const H2_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+
 impl H2Slot {
     /// Lets the connections go that no request went on since `before`: each closes once the
     /// streams still open on it are done.
@@ -1013,6 +1025,8 @@ where
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_RESPONSE_HEAD as u32)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .handshake(io)
         .await?;
     // hyper tells the streams the server allows through the connection's task alone, which
