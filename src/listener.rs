@@ -353,6 +353,13 @@ impl Drop for Closable {
 const MAX_STREAMS: u32 = 128;
 /// What hyper's HTTP/2 server keeps of each answer beyond what the socket has taken.
 const SEND_BUF: usize = 64 * 1024;
+/// What one request's body may bring ahead of its server's reading (hyper's default).
+const STREAM_WINDOW: u32 = 1024 * 1024;
+/// What all of a connection's request bodies may bring ahead together: twice a stream's, so
+/// that one upload its server does not read (yet) leaves room for the others. At hyper's
+/// default, the same as a stream's, such an upload left every other request body on the
+/// connection (a browser's form posts and API calls beside it) unsent until it moved.
+const CONNECTION_WINDOW: u32 = 2 * STREAM_WINDOW;
 
 /// The connection settings for the proxy's listeners, one per protocol.
 pub struct ConnBuilder {
@@ -383,7 +390,9 @@ pub fn conn_builder(proxy: &ProxyConfig) -> ConnBuilder {
         // that stops reading"): nginx's 128 streams, and hyper's send buffer of each cut from
         // 400 KiB, so that one connection of such a client holds megabytes, not hundreds.
         .max_concurrent_streams(MAX_STREAMS)
-        .max_send_buf_size(SEND_BUF);
+        .max_send_buf_size(SEND_BUF)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
     ConnBuilder {
         http1: h1,
         http2: h2,

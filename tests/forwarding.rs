@@ -1726,3 +1726,72 @@ async fn stalled_downloads_do_not_stall_others_on_an_h2c_connection() {
     );
     drop(stalled);
 }
+
+/// An HTTP/2 client's upload that its server does not read (yet) holds what it sent in the
+/// proxy's windows; one such upload must leave room in the connection's window for the
+/// client's other requests. With hyper's defaults (1 MiB a stream and the connection alike),
+/// a single stuck upload left every other request body on the connection unsent.
+#[tokio::test]
+async fn a_stuck_upload_does_not_stall_the_other_bodies_of_an_h2_client() {
+    let up = upstream(|req: Request<Incoming>| async move {
+        if req.uri().path() == "/stuck" {
+            // Read nothing, answer nothing: a server busy elsewhere.
+            let _unread = req;
+            return std::future::pending::<Response<TestBody>>().await;
+        }
+        let got = req.into_body().collect().await.unwrap().to_bytes();
+        Response::new(full(got.len().to_string()))
+    })
+    .await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[health]\nkind = \"tcp\"\n",
+        up.url()
+    ))
+    .await;
+    let client = h2c_client();
+    let (tx, body) = mpsc_body();
+    let stuck = tokio::spawn({
+        let client = client.clone();
+        let url = proxy.url("/stuck");
+        async move { client.request(Request::post(url).body(body).unwrap()).await }
+    });
+    let pushed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let pushing = tokio::spawn({
+        let pushed = pushed.clone();
+        async move {
+            let chunk = Bytes::from(vec![b'u'; 64 * 1024]);
+            // 64 MiB: more than the server's socket, the proxy and the windows take.
+            for _ in 0..1024 {
+                if tx.send(chunk.clone()).await.is_err() {
+                    return;
+                }
+                pushed.fetch_add(chunk.len(), Ordering::SeqCst);
+            }
+        }
+    });
+    // Until the stuck upload has stopped moving: it has taken all the room it can.
+    let mut last = 0;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = pushed.load(Ordering::SeqCst);
+        if now > 0 && now == last {
+            break;
+        }
+        last = now;
+    }
+    let other = tokio::time::timeout(Duration::from_secs(10), async {
+        let req = Request::post(proxy.url("/other"))
+            .body(full(vec![b'o'; 100_000]))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        resp.into_body().collect().await.unwrap().to_bytes()
+    })
+    .await;
+    assert_eq!(
+        other.ok(),
+        Some(Bytes::from("100000")),
+        "a request body stalled behind an upload its server does not read"
+    );
+    pushing.abort();
+    stuck.abort();
+}
