@@ -741,12 +741,16 @@ pub(crate) fn count_unread(e: &hyper::Error, state: &StateHandle, peer: std::net
         };
         let snap = state.load();
         snap.metrics.unread(snap.mode, status);
-        unread_line(peer, status, 0);
+        if snap.config.log.access_log {
+            unread_line(peer, status, 0);
+        }
     }
 }
 
 /// The access line of an answer given to a request that was never read: `-` for its method
-/// and path, as nginx writes a request line it could not read.
+/// and path, as nginx writes a request line it could not read. Written only with the access
+/// log on, as every access line: it was written with it off too, at `info`, one line for
+/// each head of garbage any client sent.
 fn unread_line(peer: std::net::IpAddr, status: u16, bytes: u64) {
     let line = crate::logging::AccessLine {
         peer,
@@ -819,7 +823,9 @@ async fn serve_others(
                     snap.metrics.unread(snap.mode, 400);
                     snap.metrics.tls_failure(TlsFailure::PlainHttp);
                     let sent = plain_http_on_tls(&mut stream, &closable).await;
-                    unread_line(peer.ip(), 400, sent);
+                    if timing.load().config.log.access_log {
+                        unread_line(peer.ip(), 400, sent);
+                    }
                     return None;
                 }
                 let accepted =
