@@ -9,7 +9,8 @@ use std::cell::RefCell;
 use std::io::{IsTerminal, Write};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
-use std::time::{Instant, SystemTime};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 use tracing_subscriber::EnvFilter;
 
 /// How access lines are written, decided once by `init`: through `tracing` until then (for
@@ -47,22 +48,40 @@ pub fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
 /// is `debug` or `trace`, or names the library itself; a failed handshake, and a connection
 /// h2 closed, are logged at `debug` by the listener.
 fn directives(log: &LogConfig) -> String {
-    let mut directives = log.level.clone();
-    let verbose = log.level.split(',').any(|d| {
+    let mut directives = clamped(&log.level);
+    // Whatever `access_log` says at start: a reload can turn it on, and each request asks
+    // the config in force whether to write its line.
+    directives.push_str(",intermission::access=info");
+    directives
+}
+
+/// `level` with rustls's and h2's warnings kept to their errors, unless it asks for them
+/// (see `directives`).
+fn clamped(level: &str) -> String {
+    let mut directives = level.to_owned();
+    let verbose = level.split(',').any(|d| {
         let d = d.trim();
         d.eq_ignore_ascii_case("debug") || d.eq_ignore_ascii_case("trace")
     });
     for library in ["rustls", "h2"] {
-        if !verbose && !names(&log.level, library) {
+        if !verbose && !names(level, library) {
             directives.push(',');
             directives.push_str(library);
             directives.push_str("=error");
         }
     }
-    // Whatever `access_log` says at start: a reload can turn it on, and each request asks
-    // the config in force whether to write its line.
-    directives.push_str(",intermission::access=info");
     directives
+}
+
+/// The filter in force: `RUST_LOG` (`env`), when set and valid, else `log.level`. `RUST_LOG`
+/// is held to the same bounds on the libraries' warnings as `log.level`: read as it was
+/// written, `RUST_LOG=info` (a common line in a unit file or an image) let any client write a
+/// line per PING acknowledgement frame it sent, some 76 MB a second. It does not turn the
+/// access log on: `RUST_LOG=warn` turns it off, as it turns off every target's `info`.
+fn chosen(log: &LogConfig, env: Option<&str>) -> EnvFilter {
+    env.and_then(|env| EnvFilter::try_new(clamped(env)).ok())
+        .or_else(|| EnvFilter::try_new(directives(log)).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"))
 }
 
 /// Whether a directive of `level` is for `library` or one of its modules (`h2=warn`,
@@ -77,19 +96,169 @@ fn names(level: &str, library: &str) -> bool {
     })
 }
 
+/// The lines waiting for the writer thread, at most this many bytes (some 16,000 access
+/// lines); beyond, lines are dropped and counted, rather than the proxy waiting for room.
+const QUEUED: usize = 4 << 20;
+
+/// How long the end of the process waits for the lines still queued to be written.
+const FLUSH_LIMIT: Duration = Duration::from_secs(2);
+
+/// Every line, written to stderr by a thread of its own. A write to stderr blocks when what
+/// reads it does not (a pipe nobody reads, a stalled journald or container log driver, a
+/// full disk behind a FIFO): made by the thread serving requests, as it was, it froze every
+/// connection of that worker, `/healthz` included, once the pipe's 64 KiB were full.
+struct Queue {
+    pending: Mutex<Pending>,
+    /// The writer waits here for lines.
+    arrived: Condvar,
+    /// `flush` waits here for the writer to have written all it was given.
+    written: Condvar,
+}
+
+struct Pending {
+    lines: Vec<u8>,
+    /// Lines dropped for want of room since the writer last said so.
+    dropped: u64,
+    /// Whether the writer is writing lines it took (`flush` waits for those too).
+    writing: bool,
+    /// Whether there is a writer thread: until `init` starts one (or if it cannot), lines
+    /// are written by whoever logs, as before.
+    started: bool,
+}
+
+static QUEUE: Queue = Queue {
+    pending: Mutex::new(Pending {
+        lines: Vec::new(),
+        dropped: 0,
+        writing: false,
+        started: false,
+    }),
+    arrived: Condvar::new(),
+    written: Condvar::new(),
+};
+
+/// Queues `line` (whole lines, as one), or with no writer thread writes it.
+fn push(line: &[u8]) {
+    let Ok(mut pending) = QUEUE.pending.lock() else {
+        return;
+    };
+    if !pending.started {
+        drop(pending);
+        let _ = std::io::stderr().lock().write_all(line);
+        return;
+    }
+    if pending.lines.len() + line.len() > QUEUED {
+        pending.dropped += 1;
+        return;
+    }
+    // The writer waits only with nothing queued: a line added to others needs no wake-up.
+    let was_empty = pending.lines.is_empty();
+    pending.lines.extend_from_slice(line);
+    drop(pending);
+    if was_empty {
+        QUEUE.arrived.notify_one();
+    }
+}
+
+/// The writer thread: writes what is queued, as it comes, in one `write` a batch, and once
+/// stderr takes lines again says how many were dropped while it did not.
+fn write_queued() {
+    let mut taken = Vec::new();
+    loop {
+        let Ok(mut pending) = QUEUE.pending.lock() else {
+            return;
+        };
+        pending.writing = false;
+        while pending.lines.is_empty() && pending.dropped == 0 {
+            QUEUE.written.notify_all();
+            pending = match QUEUE.arrived.wait(pending) {
+                Ok(pending) => pending,
+                Err(_) => return,
+            };
+        }
+        std::mem::swap(&mut pending.lines, &mut taken);
+        let dropped = std::mem::take(&mut pending.dropped);
+        pending.writing = true;
+        drop(pending);
+        if dropped > 0 {
+            // Queued behind what is being written now, so said after the lines before the gap.
+            tracing::warn!(
+                dropped,
+                "{dropped} log lines dropped: stderr did not take them as fast as they came \
+                 (what reads the proxy's stderr is blocked or too slow); requests were served \
+                 meanwhile"
+            );
+        }
+        let _ = std::io::stderr().lock().write_all(&taken);
+        taken.clear();
+        // A burst's buffer is not kept for good.
+        taken.shrink_to(64 << 10);
+    }
+}
+
+/// Kept by `main` while the proxy runs: dropped, it waits (a little) for the lines still
+/// queued to be written, the last ones said at the stop among them.
+#[must_use = "dropped, the log lines still queued are written at once"]
+pub struct Flush(());
+
+impl Drop for Flush {
+    fn drop(&mut self) {
+        flush(FLUSH_LIMIT);
+    }
+}
+
+/// Waits, for at most `limit`, until every line queued has been written.
+fn flush(limit: Duration) {
+    let Ok(pending) = QUEUE.pending.lock() else {
+        return;
+    };
+    let _ = QUEUE.written.wait_timeout_while(pending, limit, |p| {
+        p.started && (p.writing || !p.lines.is_empty() || p.dropped > 0)
+    });
+}
+
+/// What `tracing` writes with: each line into the queue.
+struct Queued;
+
+impl Write for Queued {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        push(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Starts the writer thread, unless one runs already.
+fn start_writer() {
+    let Ok(mut pending) = QUEUE.pending.lock() else {
+        return;
+    };
+    if pending.started {
+        return;
+    }
+    pending.started = std::thread::Builder::new()
+        .name("log".into())
+        .spawn(write_queued)
+        .is_ok();
+}
+
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides `log.level`, and can turn
-/// the access log off as it could any other target.
-pub fn init(log: &LogConfig) {
-    let directives = directives(log);
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&directives))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+/// the access log off as it could any other target. Lines are written by a thread of their
+/// own (`Queue`), which the returned guard lets finish.
+pub fn init(log: &LogConfig) -> Flush {
+    // Set to nothing (`Environment=RUST_LOG=`), it is not set.
+    let env = std::env::var(EnvFilter::DEFAULT_ENV)
+        .ok()
+        .filter(|env| !env.trim().is_empty());
+    let filter = chosen(log, env.as_deref());
     // Colours only for a person at a terminal, never into a log file or journal.
     let ansi = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(|| Queued);
     let installed = match log.format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -104,6 +273,10 @@ pub fn init(log: &LogConfig) {
         TEXT
     };
     ACCESS.store(access, Relaxed);
+    if installed.is_ok() {
+        start_writer();
+    }
+    Flush(())
 }
 
 /// One access log line. hyper's path (`gateway`) and the relay both write theirs through
@@ -147,10 +320,10 @@ impl AccessLine<'_> {
         LINE.with_borrow_mut(|line| {
             line.clear();
             self.render(format, ms, now, line);
-            // One write per line, as `tracing` makes: lines from other threads and other
-            // targets never interleave within one. A log that cannot be written is not the
-            // client's failure.
-            let _ = std::io::stderr().lock().write_all(line);
+            // Queued whole, as `tracing` queues its lines: lines from other threads and
+            // other targets never interleave within one, and a stderr that takes nothing
+            // never holds up the request (`Queue`).
+            push(line);
         });
     }
 
@@ -161,7 +334,7 @@ impl AccessLine<'_> {
             target: TARGET,
             client = %self.peer,
             method = %self.method,
-            path = %self.path,
+            path = %Clean(self.path),
             status = self.status,
             duration_ms = ms,
             upstream = self.upstream.unwrap_or("-"),
@@ -182,14 +355,19 @@ impl AccessLine<'_> {
     /// string's quoted as `Debug` quotes it.
     fn text(&self, ms: f64, now: SystemTime, out: &mut Vec<u8>) {
         // Writing into a `Vec` cannot fail.
-        let _ = writeln!(
+        let _ = write!(
             out,
-            "{}  INFO {TARGET}: client={} method={} path={} status={} duration_ms={ms:?} \
-             upstream={:?} bytes={}",
+            "{}  INFO {TARGET}: client={} method={} path=",
             humantime::format_rfc3339_micros(now),
             Peer(self.peer),
             self.method,
-            self.path,
+        );
+        let start = out.len();
+        let _ = write!(out, "{}", self.path);
+        clean(out, start);
+        let _ = writeln!(
+            out,
+            " status={} duration_ms={ms:?} upstream={:?} bytes={}",
             self.status,
             self.upstream.unwrap_or("-"),
             self.bytes,
@@ -250,15 +428,70 @@ fn formattable(now: SystemTime) -> bool {
 }
 
 /// `value` as a JSON string. Request methods and paths need no escaping, but a path may: the
-/// text goes through `serde_json` only then, whose escapes are those characters'.
+/// text goes through `serde_json` only then, whose escapes are those characters', after
+/// `clean`'s.
 fn json_str(out: &mut Vec<u8>, value: &dyn std::fmt::Display) {
     let start = out.len();
-    let _ = write!(out, "\"{value}\"");
-    let inner = &out[start + 1..out.len() - 1];
+    let _ = write!(out, "{value}");
+    clean(out, start);
+    let inner = &out[start..];
     if inner.iter().any(|&b| b == b'"' || b == b'\\' || b < 0x20) {
         let text = String::from_utf8_lossy(inner).into_owned();
         out.truncate(start);
         let _ = serde_json::to_writer(&mut *out, &text);
+    } else {
+        out.insert(start, b'"');
+        out.push(b'"');
+    }
+}
+
+/// Whether `c` would be read as something other than text by what shows a log or splits it
+/// into lines: a control character (C0, DEL, and C1, which xterm obeys: U+009B is a CSI, so
+/// "\u{9b}2J" clears the screen of an operator's `tail -f`, U+0085 is a new line to it and to
+/// Python's `splitlines`), a line or paragraph separator, or a mark that reverses the text
+/// shown after it.
+fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{061c}'
+        )
+        || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Escapes, as Rust writes them (`\u{9b}`), the characters of `out[start..]` that `unprintable`
+/// finds. A path is written raw: hyper refuses C0 controls in it, but lets UTF-8 through, and
+/// with it U+0085 or U+009B, with which a client could write a line of its own into a text
+/// log, or send an operator's terminal commands. Plain ASCII, every line but a rare one, is
+/// only read.
+fn clean(out: &mut Vec<u8>, start: usize) {
+    if out[start..].iter().all(|&b| (0x20..0x7f).contains(&b)) {
+        return;
+    }
+    let text = String::from_utf8_lossy(&out[start..]).into_owned();
+    if !text.chars().any(unprintable) {
+        return;
+    }
+    out.truncate(start);
+    for c in text.chars() {
+        if unprintable(c) {
+            let _ = write!(out, "{}", c.escape_unicode());
+        } else {
+            let mut utf8 = [0; 4];
+            out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+        }
+    }
+}
+
+/// A path as `clean` writes it, for `tracing`'s formatter.
+struct Clean<'a>(&'a dyn std::fmt::Display);
+
+impl std::fmt::Display for Clean<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut text = Vec::new();
+        let _ = write!(text, "{}", self.0);
+        clean(&mut text, 0);
+        f.write_str(&String::from_utf8_lossy(&text))
     }
 }
 
@@ -300,6 +533,11 @@ mod tests {
     /// What a subscriber filtered as `init` filters for `level` writes of a client's mistakes
     /// reported by rustls and h2, and of a warning of ours.
     fn filtered(level: &str) -> String {
+        filtered_with(level, None)
+    }
+
+    /// What `filtered` says, with `RUST_LOG` set to `env`; and an access line.
+    fn filtered_with(level: &str, env: Option<&str>) -> String {
         let log = crate::config::LogConfig {
             format: crate::config::LogFormat::Text,
             access_log: false,
@@ -309,16 +547,51 @@ mod tests {
         let writer = kept.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_ansi(false)
-            .with_env_filter(tracing_subscriber::EnvFilter::new(super::directives(&log)))
+            .with_env_filter(super::chosen(&log, env))
             .with_writer(move || writer.clone())
             .finish();
         tracing::subscriber::with_default(subscriber, || {
             tracing::warn!(target: "rustls::msgs::handshake", "Illegal SNI extension");
             tracing::warn!(target: "h2::proto::ping_pong", "recv PING ack that we never sent");
             tracing::warn!(target: "intermission::health", "server down");
+            tracing::info!(target: "intermission::access", "an access line");
         });
         let text = kept.0.lock().unwrap().clone();
         String::from_utf8(text).unwrap()
+    }
+
+    /// `RUST_LOG` wins over `log.level`, but lets clients fill the log no more than it does.
+    #[test]
+    fn rust_log_keeps_the_warnings_a_client_causes_out_too() {
+        for env in [
+            "info",
+            "warn",
+            "intermission=info",
+            "info,hyper::proto::h2=debug",
+        ] {
+            let out = filtered_with("debug", Some(env));
+            assert!(out.contains("server down"), "{env}: {out}");
+            assert!(!out.contains("Illegal SNI"), "{env}: {out}");
+            assert!(!out.contains("PING ack"), "{env}: {out}");
+        }
+        for env in ["debug", "info,rustls=warn,h2=warn"] {
+            let out = filtered_with("info", Some(env));
+            assert!(
+                out.contains("Illegal SNI") && out.contains("PING ack"),
+                "{env}: {out}"
+            );
+        }
+        // RUST_LOG turns the access log off as any other target, and on.
+        assert!(!filtered_with("info", Some("warn")).contains("an access line"));
+        assert!(filtered_with("warn", Some("info")).contains("an access line"));
+        // Without it, or with one that is not a filter, `log.level` is read.
+        for env in [None, Some("info,=[")] {
+            let out = filtered_with("info", env);
+            assert!(
+                out.contains("an access line") && !out.contains("PING ack"),
+                "{out}"
+            );
+        }
     }
 
     #[test]
@@ -386,6 +659,40 @@ mod tests {
             ),
         }
         format!("{}{}", &line[..at], &line[from..])
+    }
+
+    /// No client can end a line, or send a terminal commands, through its path: the characters
+    /// that would are escaped, in both forms, and nothing else is.
+    #[test]
+    fn a_path_writes_no_control_character() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_770_437);
+        for (path, want) in [
+            ("/a\u{85}FAKE", r"/a\u{85}FAKE"),
+            ("/x?q=\u{9b}2J", r"/x?q=\u{9b}2J"),
+            ("/\u{2028}\u{202e}t\x1b\n", r"/\u{2028}\u{202e}t\u{1b}\u{a}"),
+            ("/caf\u{e9}?q=1&r=%0a", "/caf\u{e9}?q=1&r=%0a"),
+        ] {
+            let line = AccessLine {
+                peer: [127, 0, 0, 1].into(),
+                method: &"GET",
+                path: &path,
+                status: 200,
+                upstream: None,
+                bytes: 0,
+            };
+            let mut text = Vec::new();
+            line.text(1.0, now, &mut text);
+            let text = String::from_utf8(text).unwrap();
+            assert!(text.contains(&format!(" path={want} status=")), "{text}");
+            assert_eq!(text.lines().count(), 1, "{text}");
+            let mut json = Vec::new();
+            line.json(1.0, now, &mut json);
+            let json = String::from_utf8(json).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+            assert_eq!(v["path"], want, "{json}");
+            assert!(!json.trim_end().chars().any(super::unprintable), "{json}");
+            assert_eq!(json.matches('\n').count(), 1, "{json}");
+        }
     }
 
     /// A clock outside what `humantime` writes is told apart before it is asked to.

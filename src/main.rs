@@ -183,7 +183,8 @@ fn describe(e: &anyhow::Error) -> String {
 
 fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(path.as_deref())?;
-    intermission::logging::init(&config.log);
+    // Held to the end, so that the lines of the stop are written before the process exits.
+    let _flush = intermission::logging::init(&config.log);
     // Before any thread starts: the sockets the service manager passed (socket activation).
     let passed = intermission::passed::take_from_env().map_err(anyhow::Error::msg)?;
     if !passed.is_empty() {

@@ -979,6 +979,157 @@ async fn access_log_off_writes_no_request_lines() {
     );
 }
 
+/// A stderr that takes nothing (a pipe nobody reads, a stalled journald or log driver) holds
+/// up no request: the lines wait for it in a bounded queue, those beyond are dropped, and how
+/// many is said once it takes lines again. Each worker wrote to stderr itself, and froze, its
+/// `/healthz` and every connection with it, once the pipe's 64 KiB were full.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stderr_nobody_reads_holds_up_no_request() {
+    use std::io::BufRead;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let text = format!(
+        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"{}\"]\n\
+         [log]\nformat = \"json\"\naccess_log = true\n",
+        up.url()
+    );
+    std::fs::write(&config, with_listen(&text)).unwrap();
+    let mut child = bin()
+        .args(["run", "-c"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (said, listening) = std::sync::mpsc::channel();
+    let (read_on, go) = std::sync::mpsc::channel::<()>();
+    let kept = log.clone();
+    std::thread::spawn(move || {
+        let mut lines = std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok);
+        // Read up to where the proxy says where it listens, then nothing until told.
+        for line in lines.by_ref() {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            let message = v["message"].as_str().unwrap_or_default();
+            if message.starts_with("listening on ") {
+                let _ = said.send(v["addr"].as_str().unwrap().parse().unwrap());
+                break;
+            }
+        }
+        if go.recv().is_ok() {
+            for line in lines {
+                kept.lock().unwrap().push(line);
+            }
+        }
+    });
+    let addr: std::net::SocketAddr = listening.recv_timeout(Duration::from_secs(20)).unwrap();
+    let proxy = ProxyProcess {
+        child,
+        addr,
+        dir: dir.path().to_path_buf(),
+        log,
+    };
+    // Some 5.6 MB of access lines: the pipe's 64 KiB many times over, and the queue's 4 MiB.
+    let path = format!("/{}", "a".repeat(8000));
+    for i in 0..700 {
+        let answered = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+            let req = format!("GET {path}?{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            conn.write_all(req.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            conn.read_to_end(&mut answer).await.unwrap();
+            answer
+        })
+        .await;
+        let answer =
+            answered.unwrap_or_else(|_| panic!("request {i} hung: the proxy waits for its log"));
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "request {i}");
+    }
+    read_on.send(()).unwrap();
+    let dropped = wait_until(Duration::from_secs(10), || {
+        proxy
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("log lines dropped"))
+    })
+    .await;
+    assert!(dropped, "the dropped lines were not told of");
+    // Once stderr takes lines again, every request gets its line again.
+    assert_eq!(get(&proxy.url("/after")).await.status(), 200);
+    let after = wait_until(Duration::from_secs(10), || {
+        proxy.log_lines().iter().any(|l| l.contains("\"/after\""))
+    })
+    .await;
+    assert!(after, "no line for the request after");
+    // What was written came whole, line by line.
+    for line in &proxy.log_lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "{line}"
+        );
+    }
+    let mut proxy = proxy;
+    proxy.signal("TERM");
+    assert!(proxy.wait_exit(Duration::from_secs(10)).is_some());
+}
+
+/// `RUST_LOG=info`, which wins over `log.level`, lets no client fill the log: h2 warned of
+/// each PING acknowledgement the proxy never asked for, a line a frame, with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn rust_log_lets_no_client_write_a_line_a_frame() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start_via(
+        &["env", "RUST_LOG=info"],
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\n[log]\nformat = \"json\"\n",
+            up.url()
+        ),
+    );
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0".to_vec();
+    let ping = |flags: u8| [&[0, 0, 8, 6, flags, 0, 0, 0, 0][..], &[7; 8]].concat();
+    for _ in 0..500 {
+        out.extend_from_slice(&ping(1));
+    }
+    // A PING of its own last: its answer says the acknowledgements before it were read.
+    out.extend_from_slice(&ping(0));
+    conn.write_all(&out).await.unwrap();
+    let mut got = Vec::new();
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        while !got.windows(5).any(|w| w == [0, 0, 8, 6, 1]) {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before its PING was answered");
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(answered.is_ok(), "its PING was not answered");
+    // Lines are written in order: once this request's is there, the PINGs' would be.
+    assert_eq!(get(&proxy.url("/marker")).await.status(), 200);
+    let marked = wait_until(Duration::from_secs(10), || {
+        proxy.log_lines().iter().any(|l| l.contains("/marker"))
+    })
+    .await;
+    assert!(marked, "RUST_LOG=info turned the access log off");
+    let pings = proxy
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains("PING"))
+        .count();
+    assert_eq!(pings, 0, "{:#?}", proxy.log_lines());
+}
+
 const CHUNK: usize = 256 * 1024;
 const GIB: u64 = 1 << 30;
 
