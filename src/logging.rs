@@ -100,6 +100,12 @@ fn names(level: &str, library: &str) -> bool {
 /// lines); beyond, lines are dropped and counted, rather than the proxy waiting for room.
 const QUEUED: usize = 4 << 20;
 
+/// Every line dropped for want of room in the queue, since the start: `/metrics`'
+/// `intermission_log_lines_dropped_total`, since the warning that says so is itself a line
+/// that reaches nobody while stderr is blocked.
+pub static DROPPED: std::sync::LazyLock<prometheus_client::metrics::counter::Counter> =
+    std::sync::LazyLock::new(Default::default);
+
 /// How long the end of the process waits for the lines still queued to be written.
 const FLUSH_LIMIT: Duration = Duration::from_secs(2);
 
@@ -149,6 +155,7 @@ fn push(line: &[u8]) {
     }
     if pending.lines.len() + line.len() > QUEUED {
         pending.dropped += 1;
+        DROPPED.inc();
         return;
     }
     // The writer waits only with nothing queued: a line added to others needs no wake-up.

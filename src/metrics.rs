@@ -746,6 +746,15 @@ impl Metrics {
             webhook_removed_dropped.clone(),
         );
 
+        // One count for the process (the log is), shared by every registry a test makes.
+        registry.register(
+            "intermission_log_lines_dropped",
+            "Log lines (access lines included) dropped because stderr did not take them as \
+             fast as they came: what reads it is blocked or too slow, and requests were served \
+             meanwhile",
+            crate::logging::DROPPED.clone(),
+        );
+
         let tls_family = Family::<TlsFailureLabels, Counter>::default();
         let tls_failures = TlsFailure::ALL
             .map(|r| tls_family.get_or_create_owned(&TlsFailureLabels { reason: r.as_str() }));

@@ -992,7 +992,7 @@ async fn a_stderr_nobody_reads_holds_up_no_request() {
     let config = dir.path().join("config.toml");
     let text = format!(
         "[proxy]\nthreads = 1\n[upstream]\nservers = [\"{}\"]\n\
-         [log]\nformat = \"json\"\naccess_log = true\n",
+         [log]\nformat = \"json\"\naccess_log = true\n[admin]\nlisten = \"127.0.0.1:0\"\n",
         up.url()
     );
     std::fs::write(&config, with_listen(&text)).unwrap();
@@ -1014,12 +1014,19 @@ async fn a_stderr_nobody_reads_holds_up_no_request() {
         let mut lines = std::io::BufReader::new(stderr)
             .lines()
             .map_while(Result::ok);
-        // Read up to where the proxy says where it listens, then nothing until told.
+        // Read up to where the proxy says where it listens, and its admin listener (said
+        // after), then nothing until told.
+        let mut proxy_at = None;
         for line in lines.by_ref() {
             let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             let message = v["message"].as_str().unwrap_or_default();
-            if message.starts_with("listening on ") {
-                let _ = said.send(v["addr"].as_str().unwrap().parse().unwrap());
+            let addr = || v["addr"].as_str().unwrap().parse().unwrap();
+            if message.starts_with("listening on ") && proxy_at.is_none() {
+                proxy_at = Some(addr());
+            } else if message.starts_with("admin listener on ") {
+                if let Some(at) = proxy_at {
+                    let _ = said.send((at, addr()));
+                }
                 break;
             }
         }
@@ -1029,7 +1036,8 @@ async fn a_stderr_nobody_reads_holds_up_no_request() {
             }
         }
     });
-    let addr: std::net::SocketAddr = listening.recv_timeout(Duration::from_secs(20)).unwrap();
+    let (addr, admin): (std::net::SocketAddr, std::net::SocketAddr) =
+        listening.recv_timeout(Duration::from_secs(20)).unwrap();
     let proxy = ProxyProcess {
         child,
         addr,
@@ -1061,6 +1069,14 @@ async fn a_stderr_nobody_reads_holds_up_no_request() {
     })
     .await;
     assert!(dropped, "the dropped lines were not told of");
+    // And counted where a blocked stderr does not keep it from being read.
+    let metrics = get(&format!("http://{admin}/metrics")).await;
+    let text = String::from_utf8_lossy(metrics.body()).into_owned();
+    let counted = text
+        .lines()
+        .find_map(|l| l.strip_prefix("intermission_log_lines_dropped_total "))
+        .and_then(|n| n.parse::<f64>().ok());
+    assert!(counted.is_some_and(|n| n > 0.0), "{counted:?}");
     // Once stderr takes lines again, every request gets its line again.
     assert_eq!(get(&proxy.url("/after")).await.status(), 200);
     let after = wait_until(Duration::from_secs(10), || {
