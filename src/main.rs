@@ -301,7 +301,10 @@ fn foreign_addresses(c: &Config) -> Vec<String> {
         .chain(keyed("tls.listen", &c.tls.listen))
         .chain(c.admin.listen.map(|a| ("admin.listen".to_owned(), a)))
         .filter_map(|(key, addr)| {
-            let any_port = std::net::SocketAddr::new(addr.ip(), 0);
+            // The address as written, on any port: `SocketAddr::new` would drop an IPv6
+            // scope (`[fe80::1%2]`), and a link-local address binds only with its scope.
+            let mut any_port = addr;
+            any_port.set_port(0);
             let e = std::net::TcpListener::bind(any_port).err()?;
             let why = match e.kind() {
                 std::io::ErrorKind::AddrNotAvailable => "is not an address of this machine",
