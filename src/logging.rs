@@ -143,11 +143,18 @@ static QUEUE: Queue = Queue {
     written: Condvar::new(),
 };
 
+/// The queue, whatever a panic that held it left: poisoned, every line after would have been
+/// lost, and not counted.
+fn pending() -> std::sync::MutexGuard<'static, Pending> {
+    QUEUE
+        .pending
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Queues `line` (whole lines, as one), or with no writer thread writes it.
 fn push(line: &[u8]) {
-    let Ok(mut pending) = QUEUE.pending.lock() else {
-        return;
-    };
+    let mut pending = pending();
     if !pending.started {
         drop(pending);
         let _ = std::io::stderr().lock().write_all(line);
@@ -172,16 +179,14 @@ fn push(line: &[u8]) {
 fn write_queued() {
     let mut taken = Vec::new();
     loop {
-        let Ok(mut pending) = QUEUE.pending.lock() else {
-            return;
-        };
+        let mut pending = pending();
         pending.writing = false;
         while pending.lines.is_empty() && pending.dropped == 0 {
             QUEUE.written.notify_all();
-            pending = match QUEUE.arrived.wait(pending) {
-                Ok(pending) => pending,
-                Err(_) => return,
-            };
+            pending = QUEUE
+                .arrived
+                .wait(pending)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
         std::mem::swap(&mut pending.lines, &mut taken);
         let dropped = std::mem::take(&mut pending.dropped);
@@ -196,11 +201,44 @@ fn write_queued() {
                  meanwhile"
             );
         }
-        let _ = std::io::stderr().lock().write_all(&taken);
+        write_out(&taken);
         taken.clear();
         // A burst's buffer is not kept for good.
         taken.shrink_to(64 << 10);
     }
+}
+
+/// Writes `lines` to stderr whole. A stderr left non-blocking by whoever started the process
+/// (`O_NONBLOCK`, inherited: some supervisors and Node.js parents) refuses a write it has no
+/// room for, where `write_all` would give up the whole batch uncounted: it is tried again
+/// until it takes it. Lines a failed stderr never takes are counted as dropped.
+fn write_out(lines: &[u8]) {
+    let mut err = std::io::stderr().lock();
+    let mut rest = lines;
+    while !rest.is_empty() {
+        match err.write(rest) {
+            Ok(0) => break,
+            Ok(n) => rest = rest.get(n..).unwrap_or_default(),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(_) => break,
+        }
+    }
+    let lost = rest.iter().filter(|&&b| b == b'\n').count();
+    DROPPED.inc_by(u64::try_from(lost).unwrap_or(u64::MAX));
+}
+
+/// Says `line` last, through the queue when a writer thread runs, and waits (a little) for it
+/// to be written: `eprintln!` would wait for stderr's lock, which a writer blocked on a stderr
+/// nobody reads holds, and the process would never exit.
+pub fn last_words(line: &str) {
+    let mut text = String::with_capacity(line.len() + 1);
+    text.push_str(line);
+    text.push('\n');
+    push(text.as_bytes());
+    flush(FLUSH_LIMIT);
 }
 
 /// Kept by `main` while the proxy runs: dropped, it waits (a little) for the lines still
@@ -216,10 +254,7 @@ impl Drop for Flush {
 
 /// Waits, for at most `limit`, until every line queued has been written.
 fn flush(limit: Duration) {
-    let Ok(pending) = QUEUE.pending.lock() else {
-        return;
-    };
-    let _ = QUEUE.written.wait_timeout_while(pending, limit, |p| {
+    let _ = QUEUE.written.wait_timeout_while(pending(), limit, |p| {
         p.started && (p.writing || !p.lines.is_empty() || p.dropped > 0)
     });
 }
@@ -239,9 +274,7 @@ impl Write for Queued {
 
 /// Starts the writer thread, unless one runs already.
 fn start_writer() {
-    let Ok(mut pending) = QUEUE.pending.lock() else {
-        return;
-    };
+    let mut pending = pending();
     if pending.started {
         return;
     }

@@ -325,8 +325,16 @@ fn replaced_by_one_refused(
     if refused_by_date(served, now).is_some() {
         return None;
     }
-    refused_by_date(leaf, now)
+    // One valid within the hour is taken: issuers backdate a new certificate by only a
+    // minute or less (step-ca, Vault), so a proxy whose clock runs a little behind theirs
+    // refused a renewal that its hook, run once, never sent again; the old one then served
+    // until it expired. The start's and `check`'s warning still says it is not valid yet.
+    refused_by_date(leaf, now)?;
+    refused_by_date(leaf, now + NOT_YET_VALID_GRACE)
 }
+
+/// How far ahead a renewed certificate's `notBefore` may be and still replace a valid one.
+const NOT_YET_VALID_GRACE: Duration = Duration::from_secs(3600);
 
 /// How clients resume their sessions (an abbreviated handshake: no certificate sent, no
 /// signature made, one round trip less): by tickets the proxy encrypts under keys of its own,
@@ -663,7 +671,15 @@ impl ResolvesServerCert for BySni {
                 .min_by_key(|&(_, signs, exact)| (!signs, !exact))
                 .map(|(c, _, _)| c)
         });
-        chosen.or(self.certs.first()).map(|c| c.key.clone())
+        // No name, or one none has: the first listed whose key the client verifies, as for
+        // a name (an RSA-only client without SNI got a first-listed ECDSA one and failed).
+        let fallback = || {
+            self.certs
+                .iter()
+                .find(|c| c.key.key.choose_scheme(hello.signature_schemes()).is_some())
+                .or(self.certs.first())
+        };
+        chosen.or_else(fallback).map(|c| c.key.clone())
     }
 }
 

@@ -60,6 +60,22 @@ impl Ca {
         end
     }
 
+    /// A leaf valid from `ahead` from now, for a year.
+    fn write_leaf_starting_in(&self, dir: &Path, stem: &str, names: &[&str], ahead: Duration) {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        params.not_before = rcgen::date_time_ymd(1970, 1, 1) + (now + ahead);
+        params.not_after = params.not_before + Duration::from_secs(365 * 86400);
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        std::fs::write(dir.join(format!("{stem}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{stem}.key")), key.serialize_pem()).unwrap();
+    }
+
     fn write_leaf(&self, dir: &Path, stem: &str, names: &[&str]) -> CertificateDer<'static> {
         let (cert, key, der) = self.leaf(names);
         std::fs::write(dir.join(format!("{stem}.pem")), cert).unwrap();
@@ -449,7 +465,25 @@ async fn sni_prefers_an_exact_name_and_a_key_the_client_verifies() {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    assert_eq!(chosen("both.test", Arc::new(p256)).await, ders[3]);
+    assert_eq!(chosen("both.test", Arc::new(p256.clone())).await, ders[3]);
+
+    // Without SNI, the first listed whose key it verifies too, not the first listed.
+    let mut unnamed = Vec::new();
+    let proxy = tls_proxy(|dir| {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let params = CertificateParams::new(vec!["both.test".to_owned()]).unwrap();
+        let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
+        std::fs::write(dir.join("ed.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("ed.key"), key.serialize_pem()).unwrap();
+        unnamed.push(cert.der().clone());
+        unnamed.push(ca.write_leaf(dir, "ec", &["both.test"]));
+        certs(&["ed", "ec"])
+    })
+    .await;
+    let mut no_sni = p256;
+    no_sni.enable_sni = false;
+    let stream = tls_connect(tls_addr(&proxy), "both.test", Arc::new(no_sni)).await;
+    assert_eq!(peer_cert(&stream), unnamed[1]);
 }
 
 /// A client of `ca` speaking only `version`, which keeps the sessions it is given.
@@ -621,6 +655,17 @@ async fn a_reload_to_an_expired_certificate_keeps_the_valid_one() {
     );
     let stream = tls_connect(addr, "shop.test", client).await;
     assert_eq!(Some(peer_cert(&stream)), served);
+
+    // One not valid for hours yet is refused too; one a minute ahead (issuers backdate by a
+    // minute or less, and clocks drift) is taken.
+    let later = Duration::from_secs(3 * 3600);
+    ca.write_leaf_starting_in(proxy.dir.path(), "site", &["shop.test"], later);
+    let e = ctl(&proxy, Ctl::Reload).await.error.expect("refused");
+    assert!(e.message.contains("is not valid before"), "{}", e.message);
+    let soon = Duration::from_secs(60);
+    ca.write_leaf_starting_in(proxy.dir.path(), "site", &["shop.test"], soon);
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert!(r.ok, "{r:?}");
 
     // Serving an expired one already, nothing gets worse: the reload takes.
     let expired = tls_proxy(|dir| {

@@ -164,12 +164,13 @@ const MAX_H2_PER_SERVER: usize = 64;
 /// hyper's default, let each client that stops reading hold 2 MiB).
 const H2_STREAM_WINDOW: u32 = 256 * 1024;
 
-/// The connection's window, the most h2 allows: each stream is bounded by its own window, and
-/// a connection's shared one (hyper's default is 5 MiB) was filled by the streams of two or
-/// three clients that stopped reading, leaving every other answer on that connection without
-/// a byte until `send_timeout` closed them. Apache's mod_http2 opens it as wide (Go's client:
-/// 1 GiB).
-const H2_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+/// The connection's window, as wide as the streams a server commonly allows at once (nginx's
+/// 128) can take together: a connection's shared window (hyper's default is 5 MiB) was filled
+/// by the streams of two or three clients that stopped reading, leaving every other answer on
+/// that connection without a byte until `send_timeout` closed them. Not the most h2 allows
+/// (2 GiB, as Apache's mod_http2 opens it): what a connection may hold unread stays bounded,
+/// at 32 MiB.
+const H2_CONNECTION_WINDOW: u32 = 128 * H2_STREAM_WINDOW;
 
 impl H2Slot {
     /// Lets the connections go that no request went on since `before`: each closes once the
