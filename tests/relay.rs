@@ -2247,7 +2247,6 @@ async fn a_request_on_a_kept_tls_session_the_server_ends_is_sent_again_once() {
 /// way the server frames its answer reaches the HTTP/2 client as hyper's client reads it.
 #[tokio::test]
 async fn an_http2_client_s_requests_go_on_the_relay_s_kept_sockets() {
-    use http_body_util::BodyExt;
     let up = scripted().await;
     // One worker: kept sockets are each worker's, and the two clients' connections would
     // otherwise go to two of them.
@@ -2256,29 +2255,15 @@ async fn an_http2_client_s_requests_go_on_the_relay_s_kept_sockets() {
     let mut client = Client::connect(proxy.addr).await;
     assert_eq!(client.get("/length").await.status(), 200);
     let h2 = h2c_client();
-    let send = |method: http::Method, path: &str, body: &'static str| {
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(format!("http://shop.example{path}"))
-            .header("x-client-case", "Kept");
-        if !body.is_empty() {
-            req = req.header("content-length", body.len());
-        }
-        let req = req.body(full(body)).unwrap();
-        let h2 = h2.clone();
-        let addr = proxy.addr;
-        async move {
-            let mut req = req;
-            let uri = format!("http://{addr}{}", req.uri().path_and_query().unwrap());
-            *req.uri_mut() = uri.parse().unwrap();
-            let resp = tokio::time::timeout(Duration::from_secs(10), h2.request(req))
-                .await
-                .unwrap()
-                .unwrap();
-            let (parts, body) = resp.into_parts();
-            let body = body.collect().await.unwrap();
-            (parts, body.trailers().cloned(), body.to_bytes())
-        }
+    let send = |method: http::Method, path: &'static str, body: &'static str| {
+        h2_ask(
+            &h2,
+            proxy.addr,
+            method,
+            path,
+            &[("x-client-case", "Kept")],
+            body,
+        )
     };
     let get = |path: &'static str| send(http::Method::GET, path, "");
     let (parts, _, body) = get("/length").await;
@@ -2402,24 +2387,10 @@ async fn an_http2_client_s_socket_is_kept_only_after_an_answer_read_whole_and_cl
     wait_checked(&proxy).await;
     let h2 = h2c_client();
     let addr = proxy.addr;
-    let send = |method: http::Method, path: &str| {
-        let req = http::Request::builder()
-            .method(method)
-            .uri(format!("http://{addr}{path}"))
-            .body(empty())
-            .unwrap();
-        let h2 = h2.clone();
+    let send = |method: http::Method, path: &'static str| {
+        let h2 = &h2;
         async move {
-            let resp = tokio::time::timeout(Duration::from_secs(10), h2.request(req))
-                .await
-                .unwrap()
-                .unwrap();
-            let (parts, body) = resp.into_parts();
-            let body = tokio::time::timeout(Duration::from_secs(10), body.collect())
-                .await
-                .unwrap()
-                .unwrap()
-                .to_bytes();
+            let (parts, _, body) = h2_ask(h2, addr, method, path, &[], "").await;
             (parts.status.as_u16(), body)
         }
     };
@@ -2576,31 +2547,19 @@ async fn an_http2_client_s_relayed_body_that_stalls_is_cut_short() {
 /// hyper's path; a `GET` is sent again once.
 #[tokio::test]
 async fn an_http2_client_s_post_the_server_vanishes_on_is_not_sent_again() {
-    use http_body_util::BodyExt;
     let tls = Tls::new();
     let up = tls_up(&tls).await;
     let proxy = tls_up_proxy(&tls, &up).await;
     let mut client = Client::connect(proxy.addr).await;
     assert!(client.get("/").await.relayed());
     let h2 = h2c_client();
-    let send = |method: http::Method, path: &str, body: &'static str| {
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(format!("http://{}{path}", proxy.addr));
-        if !body.is_empty() {
-            req = req.header("content-length", body.len());
-        }
-        let req = req.body(full(body)).unwrap();
-        let h2 = h2.clone();
+    let addr = proxy.addr;
+    let send = |method: http::Method, path: &'static str, body: &'static str| {
+        let h2 = &h2;
         async move {
-            let resp = tokio::time::timeout(Duration::from_secs(10), h2.request(req))
-                .await
-                .unwrap()
-                .unwrap();
-            let status = resp.status().as_u16();
-            let kept = resp.headers().get("x-upstream-case").is_some();
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
-            (status, kept, body)
+            let (parts, _, got) = h2_ask(h2, addr, method, path, &[], body).await;
+            let kept = parts.headers.contains_key("x-upstream-case");
+            (parts.status.as_u16(), kept, got)
         }
     };
     assert_eq!(send(http::Method::GET, "/", "").await.0, 200);
@@ -2670,4 +2629,43 @@ async fn concurrent_http2_streams_each_get_their_own_answer() {
     let conns = up.conns.lock().unwrap();
     let distinct: std::collections::HashSet<_> = conns.iter().collect();
     assert!(distinct.len() < conns.len(), "{distinct:?}");
+}
+
+/// What an HTTP/2 client gets for `method path` from the proxy at `addr`, with `headers` and
+/// `body` (whole, with its length when it has one): the answer's head, its trailers and its
+/// body, each within 10 s.
+async fn h2_ask(
+    h2: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        TestBody,
+    >,
+    addr: SocketAddr,
+    method: http::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &'static str,
+) -> (http::response::Parts, Option<http::HeaderMap>, bytes::Bytes) {
+    use http_body_util::BodyExt;
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    if !body.is_empty() {
+        req = req.header("content-length", body.len());
+    }
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        h2.request(req.body(full(body)).unwrap()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = tokio::time::timeout(Duration::from_secs(10), body.collect())
+        .await
+        .unwrap()
+        .unwrap();
+    (parts, body.trailers().cloned(), body.to_bytes())
 }
