@@ -63,8 +63,15 @@ fn clamped(level: &str) -> String {
         let d = d.trim();
         d.eq_ignore_ascii_case("debug") || d.eq_ignore_ascii_case("trace")
     });
+    // Nothing to bound where the default is `off` or `error` already: `rustls=error` added to
+    // `off` (`RUST_LOG=off`) let the libraries' errors through where nothing was asked for.
+    let quiet = level
+        .split(',')
+        .map(str::trim)
+        .rfind(|d| !d.contains('='))
+        .is_some_and(|d| d.eq_ignore_ascii_case("off") || d.eq_ignore_ascii_case("error"));
     for library in ["rustls", "h2"] {
-        if !verbose && !names(level, library) {
+        if !verbose && !quiet && !names(level, library) {
             directives.push(',');
             directives.push_str(library);
             directives.push_str("=error");
@@ -595,6 +602,7 @@ mod tests {
             tracing::warn!(target: "h2::proto::ping_pong", "recv PING ack that we never sent");
             tracing::warn!(target: "intermission::health", "server down");
             tracing::info!(target: "intermission::access", "an access line");
+            tracing::error!(target: "rustls::conn", "an error of rustls's");
         });
         let text = kept.0.lock().unwrap().clone();
         String::from_utf8(text).unwrap()
@@ -621,6 +629,10 @@ mod tests {
                 "{env}: {out}"
             );
         }
+        // `off` is off for the libraries too; their errors pass under any other level.
+        assert!(!filtered_with("info", Some("off")).contains("an error of rustls's"));
+        assert!(filtered_with("info", Some("info")).contains("an error of rustls's"));
+        assert!(filtered_with("info", None).contains("an error of rustls's"));
         // RUST_LOG turns the access log off as any other target, and on.
         assert!(!filtered_with("info", Some("warn")).contains("an access line"));
         assert!(filtered_with("warn", Some("info")).contains("an access line"));
