@@ -2143,10 +2143,9 @@ pub async fn upstream(
     parts.version = http::Version::HTTP_11;
     parts.headers = bufs.map.take().unwrap_or_default();
     let rest = &bufs.answer[answer.head..];
-    let home = pool.raw_home(server);
     let give_back = |up: RawSocket, clean: bool| {
-        if let Some(home) = home.as_ref().filter(|_| clean && answer.reusable) {
-            home.put(up);
+        if clean && answer.reusable {
+            pool.raw_put(server, up);
         }
     };
     let body = match answer.framing {
@@ -2177,7 +2176,9 @@ pub async fn upstream(
                 at: 0,
                 flow,
                 reusable: answer.reusable,
-                home,
+                // Only a body read later needs its list at hand: the others are given back
+                // here, with no handle taken.
+                home: pool.raw_home(server),
                 chunks: Chunked {
                     decode: true,
                     ..Chunked::default()
