@@ -831,9 +831,12 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(resp.error.unwrap().code, "busy");
+        // The last try starts before the deadline and may end a scheduling hiccup after it
+        // on a loaded machine: what is held is that the refusals are not retried past it.
+        let took = started.elapsed();
         assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "past the deadline"
+            took < Duration::from_secs(3),
+            "still asking {took:?} after a 2 s deadline"
         );
         let mut tries = 0;
         while seen.try_recv().is_ok() {
