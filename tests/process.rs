@@ -1010,6 +1010,8 @@ async fn a_stderr_nobody_reads_holds_up_no_request() {
     let (said, listening) = std::sync::mpsc::channel();
     let (read_on, go) = std::sync::mpsc::channel::<()>();
     let kept = log.clone();
+    let read_all = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = read_all.clone();
     std::thread::spawn(move || {
         let mut lines = std::io::BufReader::new(stderr)
             .lines()
@@ -1035,6 +1037,7 @@ async fn a_stderr_nobody_reads_holds_up_no_request() {
                 kept.lock().unwrap().push(line);
             }
         }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
     });
     let (addr, admin): (std::net::SocketAddr, std::net::SocketAddr) =
         listening.recv_timeout(Duration::from_secs(20)).unwrap();
@@ -1043,6 +1046,7 @@ async fn a_stderr_nobody_reads_holds_up_no_request() {
         addr,
         dir: dir.path().to_path_buf(),
         log,
+        read_all,
     };
     // Some 5.6 MB of access lines: the pipe's 64 KiB many times over, and the queue's 4 MiB.
     let path = format!("/{}", "a".repeat(8000));
@@ -2846,6 +2850,12 @@ async fn an_http2_client_flooding_control_frames_is_closed() {
             goaways_reach(&proxy, key, 1).await,
             format!("{key} 1"),
             "{kind}"
+        );
+        // The line is written by the proxy's log thread, which may lag the metric.
+        let told = || proxy.log_lines().iter().any(|l| l.contains("flood"));
+        assert!(
+            wait_until(Duration::from_secs(10), told).await,
+            "{kind}: not logged"
         );
         let lines = proxy.log_lines();
         let told: Vec<_> = lines.iter().filter(|l| l.contains("flood")).collect();

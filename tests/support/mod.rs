@@ -512,6 +512,8 @@ pub struct ProxyProcess {
     pub addr: SocketAddr,
     pub dir: PathBuf,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Set once the proxy's stderr is read to its end: every line it wrote is in `log`.
+    pub read_all: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ProxyProcess {
@@ -564,6 +566,8 @@ impl ProxyProcess {
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let lines = log.clone();
+        let read_all = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = read_all.clone();
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -575,6 +579,7 @@ impl ProxyProcess {
                 }
                 lines.lock().unwrap().push(line);
             }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
         });
         let addr = rx
             .recv_timeout(Duration::from_secs(20))
@@ -584,6 +589,7 @@ impl ProxyProcess {
             addr,
             dir: dir.to_path_buf(),
             log,
+            read_all,
         }
     }
 
@@ -629,11 +635,18 @@ impl ProxyProcess {
             .collect()
     }
 
-    /// Waits for the process to exit, for at most `limit`.
+    /// Waits for the process to exit, for at most `limit`, and then for the lines it wrote
+    /// last to be read (on a loaded machine the reader thread lags the exit).
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let end = Instant::now() + limit;
         while Instant::now() < end {
             if let Ok(Some(status)) = self.child.try_wait() {
+                let read = Instant::now() + Duration::from_secs(10);
+                while !self.read_all.load(std::sync::atomic::Ordering::SeqCst)
+                    && Instant::now() < read
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(20));
