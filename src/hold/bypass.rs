@@ -8,11 +8,12 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::num::NonZeroU32;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::header::{HeaderName, HeaderValue, COOKIE, FORWARDED};
 use ipnet::IpNet;
-use ring::hmac;
+use ring::{hmac, pbkdf2};
 
 use super::fields::{text, Fields};
 use crate::config::canonical_ip;
@@ -30,10 +31,18 @@ const MAC_PREFIX: &[u8] = b"intermission-bypass:";
 const MAX_EXPIRY_DIGITS: usize = 20;
 const MAC_LEN: usize = 32;
 
-/// The secret bypass link and its cookie. Built once per config (not per request).
+/// PBKDF2 rounds that turn the secret into the cookie key. A cookie value reaches the
+/// application (and whatever logs its `Cookie` headers); with the secret itself as the key,
+/// anyone holding one could test guesses of a weak secret offline at one HMAC each. Each guess
+/// now costs this many, paid here once per secret (a reload that keeps it keeps the key).
+const KDF_ROUNDS: u32 = 100_000;
+/// Domain separation for the derivation: the same secret used elsewhere gives another key.
+const KDF_SALT: &[u8] = b"intermission-bypass-cookie-key";
+
+/// The secret bypass link and its cookie. Built once per secret (not per request).
 ///
-/// The cookie key is the secret itself, so cookies survive restarts and reloads that keep the
-/// secret, and changing the secret revokes every cookie issued under the old one.
+/// The cookie key is derived from the secret alone, so cookies survive restarts and reloads
+/// that keep the secret, and changing the secret revokes every cookie issued under the old one.
 pub struct BypassKey {
     cookie_key: hmac::Key,
     /// The secret check compares fixed-length tags under a separate, public key: the comparison
@@ -41,6 +50,9 @@ pub struct BypassKey {
     check_key: hmac::Key,
     secret_tag: hmac::Tag,
     ttl_secs: u64,
+    /// What the key was built from, so that a reload keeping it keeps the key (`same`).
+    secret: String,
+    ttl: Duration,
 }
 
 impl fmt::Debug for BypassKey {
@@ -62,12 +74,27 @@ impl BypassKey {
         let secret_tag = hmac::sign(&check_key, secret.as_bytes());
         // Cookies count whole seconds (Max-Age); a sub-second ttl would issue dead cookies.
         let ttl_secs = ttl.as_secs().max(1);
+        let mut derived = [0u8; MAC_LEN];
+        pbkdf2::derive(
+            pbkdf2::PBKDF2_HMAC_SHA256,
+            NonZeroU32::MIN.saturating_add(KDF_ROUNDS - 1),
+            KDF_SALT,
+            secret.as_bytes(),
+            &mut derived,
+        );
         Some(BypassKey {
-            cookie_key: hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes()),
+            cookie_key: hmac::Key::new(hmac::HMAC_SHA256, &derived),
+            secret: secret.to_owned(),
             check_key,
             secret_tag,
             ttl_secs,
+            ttl,
         })
+    }
+
+    /// Whether this key is what `new(secret, ttl)` would build.
+    pub fn same(&self, secret: &str, ttl: Duration) -> bool {
+        self.secret == secret && self.ttl == ttl
     }
 
     /// Constant-time check of a candidate secret taken verbatim from the URL path segment.
@@ -440,6 +467,33 @@ mod tests {
         for (candidate, want) in table {
             assert_eq!(k.secret_matches(candidate), want, "{candidate:?}");
         }
+    }
+
+    /// A cookie's MAC is keyed by the secret's PBKDF2 derivation, not by the secret: the
+    /// value the application sees cannot be checked against guesses at one HMAC each.
+    /// Pinned, since changing the derivation revokes every cookie in browsers.
+    #[test]
+    fn the_cookie_key_is_derived_from_the_secret() {
+        let value = key().issue(at(1_000));
+        let (expiry, mac) = value.split_once('.').unwrap();
+        let message = format!("intermission-bypass:{expiry}");
+        let hex = |tag: hmac::Tag| {
+            let mut s = String::new();
+            push_hex(&mut s, tag.as_ref());
+            s
+        };
+        let raw = hmac::Key::new(hmac::HMAC_SHA256, SECRET.as_bytes());
+        assert_ne!(mac, hex(hmac::sign(&raw, message.as_bytes())));
+        let mut derived = [0u8; MAC_LEN];
+        pbkdf2::derive(
+            pbkdf2::PBKDF2_HMAC_SHA256,
+            NonZeroU32::new(100_000).unwrap(),
+            b"intermission-bypass-cookie-key",
+            SECRET.as_bytes(),
+            &mut derived,
+        );
+        let derived = hmac::Key::new(hmac::HMAC_SHA256, &derived);
+        assert_eq!(mac, hex(hmac::sign(&derived, message.as_bytes())));
     }
 
     #[test]

@@ -138,7 +138,11 @@ impl Parts {
         )?;
         let marks = previous.map_or_else(Arc::default, |prev| prev.marks.clone());
         let m = &config.maintenance;
-        let bypass = BypassKey::new(&m.bypass_secret, m.bypass_ttl).map(Arc::new);
+        // The key's derivation is deliberately slow: a reload that keeps the secret keeps it.
+        let bypass = match previous.and_then(|prev| prev.bypass.as_ref()) {
+            Some(key) if key.same(&m.bypass_secret, m.bypass_ttl) => Some(key.clone()),
+            _ => BypassKey::new(&m.bypass_secret, m.bypass_ttl).map(Arc::new),
+        };
         let parts = Parts {
             metrics,
             conn: Arc::new(crate::listener::conn_builder(&config.proxy)),
@@ -279,4 +283,41 @@ pub(crate) fn for_tests(toml: &str, hold: bool) -> Snapshot {
         now,
     };
     Snapshot::build(&parts, &inputs)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parts(toml: &str, previous: Option<&Parts>) -> Parts {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::parse(toml, dir.path(), None).unwrap();
+        let pages = crate::hold::pages::Pages::load(&config.maintenance).unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        Parts::new(Arc::new(config), Arc::new(pages), previous, metrics).unwrap()
+    }
+
+    /// The bypass key's derivation is slow on purpose: a reload keeping the secret and its
+    /// ttl keeps the key, and one changing either builds a new one.
+    #[test]
+    fn a_reload_keeps_the_bypass_key_while_its_secret_stays() {
+        let a = "[maintenance]\nbypass_secret = \"first-secret-0123456789\"\n";
+        let first = parts(a, None);
+        let kept = parts(&format!("{a}message = \"other\"\n"), Some(&first));
+        let (k1, k2) = (
+            first.bypass.as_ref().unwrap(),
+            kept.bypass.as_ref().unwrap(),
+        );
+        assert!(Arc::ptr_eq(k1, k2), "the same secret derived again");
+
+        let other = parts(
+            "[maintenance]\nbypass_secret = \"second-secret-0123456789\"\n",
+            Some(&kept),
+        );
+        assert!(!Arc::ptr_eq(k2, other.bypass.as_ref().unwrap()));
+        let ttl = parts(&format!("{a}bypass_ttl = \"1h\"\n"), Some(&kept));
+        assert!(!Arc::ptr_eq(k2, ttl.bypass.as_ref().unwrap()));
+        assert!(parts("", Some(&kept)).bypass.is_none());
+    }
 }
