@@ -543,6 +543,10 @@ pub async fn accept_loop(
             },
             _ = shutdown.fired() => break,
         };
+        // An IPv4 client of a dual-stack (`[::]`) listener, `::ffff:a.b.c.d`, is that IPv4
+        // address for everything after: the access log and the warnings named it in its
+        // mapped form, where X-Forwarded-For, allow_ips and trusted_proxies read it as IPv4.
+        let peer = std::net::SocketAddr::new(crate::config::canonical_ip(peer.ip()), peer.port());
         // At the limit, an idle connection makes room; with none, close at once: a refused
         // client retries elsewhere or later, while an accepted one that is never served
         // would hold a descriptor for nothing.

@@ -772,6 +772,63 @@ async fn a_request_refused_unread_is_logged_with_its_status() {
     );
 }
 
+/// An IPv4 client of a dual-stack listener (`[::]`) is logged by its IPv4 address, as
+/// X-Forwarded-For names it and as allow_ips and trusted_proxies match it: the access log
+/// wrote `::ffff:127.0.0.1`, which an operator then copied into allow_ips to no effect.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ipv4_client_of_a_dual_stack_listener_is_logged_as_ipv4() {
+    if std::net::TcpListener::bind("[::]:0").is_err() {
+        eprintln!("SKIPPED: no IPv6 on this machine");
+        return;
+    }
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[proxy]\nlisten = [\"[::]:0\"]\n[upstream]\nservers = [\"{}\"]\n\
+             [log]\nformat = \"json\"\naccess_log = true\n",
+            up.url()
+        ),
+    );
+    let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], proxy.addr.port()));
+    let resp = get(&format!("http://{v4}/dual-v4")).await;
+    assert_eq!(resp.status(), 200);
+    let seen: serde_json::Value = json(&resp);
+    let forwarded = |name: &str| {
+        seen["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h[0] == name)
+            .map(|h| h[1].clone())
+    };
+    assert_eq!(forwarded("x-forwarded-for"), Some("127.0.0.1".into()));
+    // A head that is not HTTP is logged by the listener itself, before any request.
+    let answer = raw_exchange(v4, b"NOT HTTP AT ALL\r\n\r\n", Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let clients = || {
+        proxy
+            .access_lines()
+            .into_iter()
+            .map(|v| {
+                (
+                    v["path"].as_str().unwrap_or("").to_owned(),
+                    v["client"].clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || clients().len() == 2).await,
+        "{:#?}",
+        proxy.log_lines()
+    );
+    for (path, client) in clients() {
+        assert_eq!(client, "127.0.0.1", "{path}: {:#?}", proxy.log_lines());
+    }
+}
+
 /// A client that gives up before its answer (its connection closed, its HTTP/2 stream
 /// reset) is logged with nginx's 499, on the relay's path and on hyper's: a server that hangs
 /// shows in the access log as a run of them, where nothing was written.
