@@ -622,6 +622,26 @@ async fn allow_paths_and_allow_ips_are_forwarded() {
     );
 }
 
+/// An address written IPv4-mapped (`::ffff:a.b.c.d`, as the access log named an IPv4 client
+/// of a dual-stack listener) is that IPv4 address, in allow_ips as in trusted_proxies: it
+/// matched nobody, and the team it was meant for got the holding page.
+#[tokio::test]
+async fn mapped_ipv4_entries_allow_and_trust_their_ipv4_clients() {
+    let (up, _) = counting_upstream().await;
+    let proxy = proxy_for(&up, "[maintenance]\nallow_ips = [\"::ffff:127.0.0.1\"]\n").await;
+    ctl(&proxy, on(None)).await;
+    assert_eq!(get(&proxy.url("/")).await.body(), "from upstream");
+    let proxy = proxy_for(
+        &up,
+        "[proxy]\ntrusted_proxies = [\"::ffff:127.0.0.0/104\"]\n\
+         [maintenance]\nallow_ips = [\"203.0.113.7\"]\n",
+    )
+    .await;
+    ctl(&proxy, on(None)).await;
+    let resp = get_with(&proxy.url("/"), &[("x-forwarded-for", "203.0.113.7")]).await;
+    assert_eq!(resp.body(), "from upstream");
+}
+
 const SECRET: &str = "let-the-team-in-0123456789";
 
 #[tokio::test]

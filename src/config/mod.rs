@@ -173,6 +173,20 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// A net of IPv4-mapped addresses (`::ffff:10.0.0.0/104`, `::ffff:10.0.0.1`) as the IPv4 net
+/// it is: peers are matched as IPv4 (`canonical_ip`), so that as written it matched nobody,
+/// while the access log named an IPv4 client of a dual-stack listener that way.
+fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => v6
+            .network()
+            .to_ipv4_mapped()
+            .and_then(|v4| ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).ok())
+            .map_or(net, IpNet::V4),
+        other => other,
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     pub servers: Vec<Upstream>,
@@ -921,7 +935,7 @@ impl Validator<'_> {
                 .parse::<IpNet>()
                 .or_else(|_| s.parse::<IpAddr>().map(IpNet::from));
             match parsed {
-                Ok(net) => nets.push(net),
+                Ok(net) => nets.push(canonical_net(net)),
                 Err(_) => self.problem(
                     &format!("{key}[{i}]"),
                     format!("{s:?} is not a CIDR; write \"10.0.0.0/8\", \"::1/128\" or a single address"),
@@ -3101,6 +3115,41 @@ mod tests {
         assert!(c.proxy.is_trusted("::ffff:10.1.2.3".parse().unwrap()));
         assert!(c.proxy.is_trusted("192.0.2.7".parse().unwrap()));
         assert!(!c.proxy.is_trusted("192.0.2.8".parse().unwrap()));
+    }
+
+    /// An entry written as IPv4-mapped IPv6 (as the access log wrote an IPv4 client of a
+    /// dual-stack listener) means those IPv4 addresses: it matched no peer at all.
+    #[test]
+    fn mapped_ipv4_entries_match_their_ipv4_peers() {
+        let c = Config::parse(
+            "[proxy]\ntrusted_proxies = [\"::ffff:10.0.0.0/104\", \"::ffff:192.0.2.7\"]\n\
+             [maintenance]\nallow_ips = [\"::ffff:203.0.113.0/120\", \"::ffff:0:0/95\"]\n",
+            Path::new("."),
+            None,
+        )
+        .unwrap();
+        for trusted in [
+            "10.1.2.3",
+            "::ffff:10.1.2.3",
+            "192.0.2.7",
+            "::ffff:192.0.2.7",
+        ] {
+            assert!(c.proxy.is_trusted(trusted.parse().unwrap()), "{trusted}");
+        }
+        for untrusted in ["11.0.0.1", "192.0.2.8", "::1"] {
+            assert!(
+                !c.proxy.is_trusted(untrusted.parse().unwrap()),
+                "{untrusted}"
+            );
+        }
+        let allowed: Vec<String> = c
+            .maintenance
+            .allow_ips
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        // A prefix shorter than the mapped block's /96 holds more than IPv4: kept as written.
+        assert_eq!(allowed, ["203.0.113.0/24", "::ffff:0.0.0.0/95"]);
     }
 
     /// A webhook's `timeout` is bounded as the config's other waits are: `"1d"` passed, and a
