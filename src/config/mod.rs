@@ -606,9 +606,13 @@ fn url_outline(text: &str) -> (String, Option<&str>) {
         Some((scheme, rest)) if scheme_chars(scheme) => {
             let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
             let (authority, path) = rest.split_at(end);
-            let host = authority
-                .rsplit_once('@')
-                .map_or(authority, |(_, host)| host);
+            let host = match authority.rsplit_once('@') {
+                Some((_, host)) => host,
+                // An `@` further on may end a user name or password that holds a `/`, `?` or
+                // `#`: what comes before the cut could be part of it.
+                None if path.contains('@') => "…",
+                None => authority,
+            };
             let tail = if path.is_empty() { "" } else { "/…" };
             (
                 format!("\"{scheme}://{host}{tail}\""),
@@ -1379,7 +1383,10 @@ impl Validator<'_> {
                 Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {
                     let authority = u.authority().cloned();
                     let problem = authority.as_ref().and_then(|a| {
-                        if a.as_str().contains('@') {
+                        // A password holding a `/`, `?` or `#` ends the authority before
+                        // its `@`, and its start reads as a port (`alice:pa/ss@host`).
+                        let cut = n.url.contains('@') && bad_port(a).is_some();
+                        if a.as_str().contains('@') || cut {
                             // hyper's client drops it without a word, and logs show the
                             // authority.
                             Some(
@@ -1800,6 +1807,22 @@ pub(crate) fn bad_port(authority: &http::uri::Authority) -> Option<&str> {
 }
 
 fn parse_upstream(s: &str) -> Result<Upstream, String> {
+    // The `http` crate keeps userinfo in the authority, and connecting would drop it
+    // silently while `ctl health`, logs and metrics labels showed it. A server's address has
+    // no path, so any `@` is one: a password holding a `/`, `?` or `#` ends the authority
+    // before the `@` for a URL parser, and the problems below quoted the text, password and
+    // all (`port "pa" is not from 1 to 65535`).
+    if let Some((before, after)) = s.rsplit_once('@') {
+        let scheme = before
+            .split_once("://")
+            .map_or("http", |(scheme, _)| scheme);
+        let host = after.split(['/', '?', '#']).next().unwrap_or_default();
+        return Err(format!(
+            "{scheme}://…@{host}: a user name or password (before the @, not repeated here) does \
+             not belong in a server address: intermission does not send it, and the address is \
+             shown in `ctl health`, logs and metrics; write \"{scheme}://{host}\""
+        ));
+    }
     let uri: http::Uri = s
         .parse()
         .map_err(|e| format!("{s:?} is not a URL ({e}); write \"http://HOST:PORT\""))?;
@@ -1819,19 +1842,6 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
     };
     if authority.host().is_empty() {
         return Err(format!("{s:?} has no host; write \"http://HOST:PORT\""));
-    }
-    // The `http` crate keeps userinfo in the authority, and connecting would drop it
-    // silently while `ctl health`, logs and metrics labels showed it.
-    if authority.as_str().contains('@') {
-        return Err(format!(
-            "{}://…@{}: a user name or password (before the @, not repeated here) does not \
-             belong in a server address: intermission does not send it, and the address is \
-             shown in `ctl health`, logs and metrics; write \"{}://{}\"",
-            uri.scheme_str().unwrap_or_default(),
-            authority.host(),
-            uri.scheme_str().unwrap_or_default(),
-            authority.as_str().rsplit('@').next().unwrap_or_default()
-        ));
     }
     if let Some(port) = bad_port(&authority) {
         return Err(format!("{s:?}: port {port:?} is not from 1 to 65535"));
@@ -2578,6 +2588,12 @@ mod tests {
             url = "https://user:XOXOSECRETTOKEN@hooks.example.com/services/XOXOSECRETTOKEN"
             [[notify]]
             url = "http://127.0.0.1:99999/XOXOSECRETTOKEN"
+            [[notify]]
+            url = "https://XOXOuser:XO/XOSECRET@hooks.example.com/services/XOXO"
+            [[notify]]
+            url = "https://XOXOuser:XO?XO@hooks.example.com/x"
+            [[notify]]
+            url = "https://XOXOuser:XO XO@hooks.example.com/x"
             "#
         );
         let p = problems(&text);
@@ -2619,6 +2635,20 @@ mod tests {
                 (
                     "notify[5].url",
                     "\"http://127.0.0.1:99999/…\" port \"99999\" is not from 1 to 65535",
+                ),
+                // A password with a `/` or `?` ends the authority before the `@` for a URL
+                // parser: its start read as a port, and was quoted with the user's name.
+                (
+                    "notify[6].url",
+                    "\"https://…/…\" has a user name or password (before the @, not shown here), which intermission does not send: give it as `headers = { Authorization = \"Basic …\" }` (the base64 of user:password), sign the events with `secret`, or give the receiver's token in the path",
+                ),
+                (
+                    "notify[7].url",
+                    "\"https://…/…\" has a user name or password (before the @, not shown here), which intermission does not send: give it as `headers = { Authorization = \"Basic …\" }` (the base64 of user:password), sign the events with `secret`, or give the receiver's token in the path",
+                ),
+                (
+                    "notify[8].url",
+                    "\"https://hooks.example.com/…\" is not an http:// or https:// URL",
                 ),
             ],
             "{p:#?}"
@@ -3088,6 +3118,12 @@ mod tests {
         for bad in [
             "http://alice:s3cret@127.0.0.1:3000",
             "https://alice@127.0.0.1:3000",
+            // A password holding a character that ends the authority before the `@`: the
+            // problem quoted the whole address ("port \"s3\" is not from 1 to 65535").
+            "http://alice:s3/cret@127.0.0.1:3000",
+            "http://alice:s3?cret@127.0.0.1:3000",
+            "http://alice:s3#cret@127.0.0.1:3000",
+            "http://alice:s3 cret@127.0.0.1:3000",
         ] {
             let why = parse_upstream(bad).err().unwrap_or_default();
             assert!(
@@ -3095,7 +3131,10 @@ mod tests {
                 "{bad}: {why:?}"
             );
             // The credentials are not echoed into `check` output or reload logs.
-            assert!(!why.contains("s3cret") && !why.contains("alice"), "{why:?}");
+            assert!(
+                !why.contains("s3") && !why.contains("cret") && !why.contains("alice"),
+                "{why:?}"
+            );
             assert!(why.contains("127.0.0.1:3000"), "{why:?}");
         }
         let found = problems("[upstream]\nservers = [\"http://alice:s3cret@a:3000\"]\n");
