@@ -1843,6 +1843,16 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
     if authority.host().is_empty() {
         return Err(format!("{s:?} has no host; write \"http://HOST:PORT\""));
     }
+    // A URL writes an IPv6 zone escaped (RFC 6874: `[fe80::1%25eth0]`), and the system's
+    // resolver, which the connector asks for any host that is not a plain address, reads only
+    // `%eth0`: the escaped form passed `check`, then failed every connect as a name that does
+    // not resolve, the site in outage.
+    let authority = match authority.as_str().split_once("%25") {
+        Some((literal, zone)) if literal.starts_with('[') => {
+            format!("{literal}%{zone}").parse().unwrap_or(authority)
+        }
+        _ => authority,
+    };
     if let Some(port) = bad_port(&authority) {
         return Err(format!("{s:?}: port {port:?} is not from 1 to 65535"));
     }
@@ -3111,6 +3121,20 @@ mod tests {
             ["upstream.servers[1]", "upstream.servers[3]"],
             "{found:?}"
         );
+    }
+
+    /// An IPv6 zone as a URL writes it (`%25eth0`) is dialled as the resolver reads it.
+    #[test]
+    fn an_upstream_zone_is_dialled_unescaped() {
+        for (given, dialled) in [
+            ("http://[fe80::1%25eth0]:3000", "[fe80::1%eth0]:3000"),
+            ("http://[fe80::1%eth0]:3000", "[fe80::1%eth0]:3000"),
+            ("h2c://[fe80::1%25lo]", "[fe80::1%lo]"),
+            ("http://[::1]:3000", "[::1]:3000"),
+        ] {
+            let u = parse_upstream(given).unwrap();
+            assert_eq!(u.authority.as_str(), dialled, "{given}");
+        }
     }
 
     #[test]
