@@ -83,7 +83,7 @@ pub enum Format {
 }
 
 /// One `[[notify]]` entry, validated by the config layer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Target {
     /// What metrics (the `webhook` label) and logs call it: its `name`, else its index in
     /// `[[notify]]`. Never the URL, whose path or userinfo may hold a token.
@@ -97,6 +97,18 @@ pub struct Target {
     pub timeout: Duration,
     /// `notify.headers`, sent with every POST (values marked sensitive).
     pub headers: http::HeaderMap,
+}
+
+impl std::fmt::Debug for Target {
+    // Configs and snapshots are Debug: the URL (its path or userinfo may hold a token), the
+    // secret and the header values must never reach a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("id", &self.id)
+            .field("format", &self.format)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Target {
@@ -1427,6 +1439,32 @@ mod tests {
     }
 
     const FAST: Duration = Duration::from_millis(10);
+
+    #[test]
+    fn a_target_s_debug_shows_no_secret() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("authorization", "Bearer header-token".parse().unwrap());
+        let target = Target {
+            id: "ops".into(),
+            url: "https://user:url-password@hooks.example/path-token"
+                .parse()
+                .unwrap(),
+            format: Format::Json,
+            secret: Some("signing-secret".into()),
+            timeout: Duration::from_secs(5),
+            headers,
+        };
+        let shown = format!("{target:?}");
+        assert!(shown.contains("ops"), "{shown}");
+        for secret in [
+            "url-password",
+            "path-token",
+            "signing-secret",
+            "header-token",
+        ] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+    }
 
     #[test]
     fn json_body_has_exactly_the_documented_fields() {
