@@ -14,6 +14,7 @@ use std::time::SystemTime;
 fn line(c: &mut Criterion) {
     let line = AccessLine {
         peer: [203, 0, 113, 7].into(),
+        client: None,
         method: &"GET",
         path: &"/products/42?ref=home",
         status: 200,

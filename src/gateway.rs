@@ -16,9 +16,10 @@ use crate::state::{Snapshot, StateHandle};
 use http::header::{self, HeaderMap};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -101,8 +102,9 @@ pub fn handle(state: &StateHandle, conn: &Arc<Conn>, req: Request<Incoming>) -> 
     conn.arrived();
     let snap = state.load();
     let start = Instant::now();
-    let log = Logged::if_on(&snap, conn, &req);
-    match decide(&snap, conn, &req) {
+    let judged = Judged::default();
+    let log = Logged::if_on(&snap, conn, &req, &judged);
+    match decide(&snap, conn, &req, &judged) {
         Decision::Answer(resp, outcome) => {
             discard_upload(req);
             Reply::Ready(Some(finish(&snap, start, log, resp, None, outcome)))
@@ -214,7 +216,8 @@ pub fn write_held<H: Fields + ?Sized>(
     let Some(path) = crate::h1::plain_path(target) else {
         return false;
     };
-    if !matches!(rule(snap, conn, method, path, headers), Rule::Hold) {
+    let judged = Judged::default();
+    if !matches!(rule(snap, conn, method, path, headers, &judged), Rule::Hold) {
         return false;
     }
     let head = method == Method::HEAD;
@@ -246,6 +249,7 @@ pub fn write_held<H: Fields + ?Sized>(
         // fails, and a held path is never the bypass link that `logged_uri` hides.
         let line = crate::logging::AccessLine {
             peer: conn.peer.ip(),
+            client: judged.logged(snap, conn, headers),
             method,
             path: &target,
             status: status.as_u16(),
@@ -261,17 +265,56 @@ pub fn write_held<H: Fields + ?Sized>(
 struct Logged {
     method: Method,
     uri: http::Uri,
-    peer: std::net::IpAddr,
+    peer: IpAddr,
+    /// The client a trusted peer named (`Judged::logged`).
+    client: Option<IpAddr>,
 }
 
 impl Logged {
     /// What the line will say, when the access log is on; nothing is copied when it is off.
-    fn if_on<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>) -> Option<Logged> {
+    fn if_on<B>(snap: &Snapshot, conn: &Conn, req: &Request<B>, judged: &Judged) -> Option<Logged> {
         snap.config.log.access_log.then(|| Logged {
             method: req.method().clone(),
             uri: logged_uri(snap, req.uri()),
             peer: conn.peer.ip(),
+            client: judged.logged(snap, conn, req.headers()),
         })
+    }
+}
+
+/// The client's address as `allow_ips` reads it (`bypass::client_ip`), worked out at most
+/// once for a request however many ask (the hold's rules, the access line), and only when
+/// one does: behind a load balancer, the walk over `X-Forwarded-For` is the request's.
+#[derive(Default)]
+struct Judged(Cell<Option<IpAddr>>);
+
+impl Judged {
+    /// The client's address: the peer, or the one a trusted peer named.
+    fn client<H: Fields + ?Sized>(&self, snap: &Snapshot, conn: &Conn, headers: &H) -> IpAddr {
+        if let Some(ip) = self.0.get() {
+            return ip;
+        }
+        let trusted = &snap.config.proxy.trusted_proxies;
+        let ip = bypass::client_ip(conn.peer.ip(), headers, trusted);
+        self.0.set(Some(ip));
+        ip
+    }
+
+    /// What the access line says is the client when it is not the peer (an operator behind a
+    /// load balancer sees the visitor, not the balancer, as nginx's `realip` shows it); `None`
+    /// for every peer that is not trusted, without a look at the headers.
+    fn logged<H: Fields + ?Sized>(
+        &self,
+        snap: &Snapshot,
+        conn: &Conn,
+        headers: &H,
+    ) -> Option<IpAddr> {
+        let peer = conn.peer.ip();
+        if !snap.config.proxy.is_trusted(peer) {
+            return None;
+        }
+        let client = self.client(snap, conn, headers);
+        (client != crate::config::canonical_ip(peer)).then_some(client)
     }
 }
 
@@ -293,9 +336,16 @@ impl Drop for Unanswered<'_> {
         if let Some(snap) = self.counted_in {
             snap.metrics.abandoned(snap.mode);
         }
-        if let Some(Logged { method, uri, peer }) = self.log.take() {
+        if let Some(Logged {
+            method,
+            uri,
+            peer,
+            client,
+        }) = self.log.take()
+        {
             let line = crate::logging::AccessLine {
                 peer,
+                client,
                 method: &method,
                 path: &uri,
                 status: CLIENT_CLOSED,
@@ -322,7 +372,13 @@ fn finish(
 ) -> Response<Body> {
     count(snap, start, resp.status(), outcome);
     let status = resp.status().as_u16();
-    let Some(Logged { method, uri, peer }) = log else {
+    let Some(Logged {
+        method,
+        uri,
+        peer,
+        client,
+    }) = log
+    else {
         return resp;
     };
     let upstream = server.and_then(|i| snap.pool.names.get(i).cloned());
@@ -330,6 +386,7 @@ fn finish(
     let write: crate::forward::upgrade::LineWriter = Box::new(move |bytes| {
         let line = crate::logging::AccessLine {
             peer,
+            client,
             method: &method,
             path: &uri,
             status,
@@ -385,8 +442,15 @@ enum Decision {
     Forward(Outcome),
 }
 
-fn decide(snap: &Snapshot, conn: &Conn, req: &Request<Incoming>) -> Decision {
-    match rule(snap, conn, req.method(), req.uri().path(), req.headers()) {
+fn decide(snap: &Snapshot, conn: &Conn, req: &Request<Incoming>, judged: &Judged) -> Decision {
+    match rule(
+        snap,
+        conn,
+        req.method(),
+        req.uri().path(),
+        req.headers(),
+        judged,
+    ) {
         Rule::Reserved(rest) => {
             // Whether the bypass cookie is `Secure`: the browser came over HTTPS, to this
             // proxy or to a trusted one in front that says so (TLS ended at a load balancer).
@@ -589,6 +653,7 @@ fn rule<'p, H: Fields + ?Sized>(
     method: &Method,
     path: &'p str,
     headers: &H,
+    judged: &Judged,
 ) -> Rule<'p> {
     let m = &snap.config.maintenance;
     let redirect = !conn.tls() && snap.config.proxy.redirect_https;
@@ -601,14 +666,14 @@ fn rule<'p, H: Fields + ?Sized>(
     }
     if method == Method::CONNECT {
         // Held like every other method (SPEC §3): the client hears when to come back.
-        let held = snap.held.is_some() && !bypassed(snap, conn, path, headers);
+        let held = snap.held.is_some() && !bypassed(snap, conn, path, headers, judged);
         return if held { Rule::Hold } else { Rule::Connect };
     }
     if redirect && !allowed_path(path, &m.allow_paths) {
         return Rule::Redirect;
     }
     match snap.held {
-        Some(_) if !bypassed(snap, conn, path, headers) => Rule::Hold,
+        Some(_) if !bypassed(snap, conn, path, headers, judged) => Rule::Hold,
         Some(_) => Rule::Forward(Outcome::Bypassed),
         None => Rule::Forward(Outcome::Forwarded),
     }
@@ -797,13 +862,19 @@ fn redirect_https<B>(snap: &Snapshot, req: &Request<B>) -> Response<Body> {
 }
 
 /// Whether a request is forwarded even though the mode holds requests (SPEC §3).
-fn bypassed<H: Fields + ?Sized>(snap: &Snapshot, conn: &Conn, path: &str, headers: &H) -> bool {
+fn bypassed<H: Fields + ?Sized>(
+    snap: &Snapshot,
+    conn: &Conn,
+    path: &str,
+    headers: &H,
+    judged: &Judged,
+) -> bool {
     let m = &snap.config.maintenance;
     if allowed_path(path, &m.allow_paths) {
         return true;
     }
     if !m.allow_ips.is_empty() {
-        let ip = bypass::client_ip(conn.peer.ip(), headers, &snap.config.proxy.trusted_proxies);
+        let ip = judged.client(snap, conn, headers);
         if bypass::ip_allowed(ip, &m.allow_ips) {
             return true;
         }

@@ -758,6 +758,8 @@ pub(crate) fn count_unread(e: &hyper::Error, state: &StateHandle, peer: std::net
 fn unread_line(peer: std::net::IpAddr, status: u16, bytes: u64) {
     let line = crate::logging::AccessLine {
         peer,
+        // No header was read that could name another client.
+        client: None,
         method: &"-",
         path: &"-",
         status,

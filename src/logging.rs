@@ -329,7 +329,13 @@ pub fn init(log: &LogConfig) -> Flush {
 /// One access log line. hyper's path (`gateway`) and the relay both write theirs through
 /// `write`, so that the two cannot differ in their fields or formats.
 pub struct AccessLine<'a> {
+    /// The TCP peer: the line's `client`, unless `client` is set.
     pub peer: IpAddr,
+    /// The client a trusted peer (`proxy.trusted_proxies`) named, by the rule `allow_ips`
+    /// reads (`hold::bypass::client_ip`), when it is not the peer: written as `client`, with
+    /// the peer after it as `peer`, so that the balancer that sent the request is still told.
+    /// `None` leaves the line as it was before there was one.
+    pub client: Option<IpAddr>,
     pub method: &'a dyn std::fmt::Display,
     pub path: &'a dyn std::fmt::Display,
     pub status: u16,
@@ -379,7 +385,9 @@ impl AccessLine<'_> {
     pub fn trace(&self, ms: f64) {
         tracing::info!(
             target: TARGET,
-            client = %self.peer,
+            client = %self.client.unwrap_or(self.peer),
+            // Recorded only when there is one: `tracing` writes nothing for a `None`.
+            peer = self.client.map(|_| tracing::field::display(self.peer)),
             method = %self.method,
             path = %Clean(self.path),
             status = self.status,
@@ -402,13 +410,20 @@ impl AccessLine<'_> {
     /// string's quoted as `Debug` quotes it.
     fn text(&self, ms: f64, now: SystemTime, out: &mut Vec<u8>) {
         // Writing into a `Vec` cannot fail.
-        let _ = write!(
-            out,
-            "{}  INFO {TARGET}: client={} method={} path=",
-            humantime::format_rfc3339_micros(now),
-            Peer(self.peer),
-            self.method,
-        );
+        let (at, method) = (humantime::format_rfc3339_micros(now), self.method);
+        let _ = match self.client {
+            None => write!(
+                out,
+                "{at}  INFO {TARGET}: client={} method={method} path=",
+                Peer(self.peer),
+            ),
+            Some(client) => write!(
+                out,
+                "{at}  INFO {TARGET}: client={} peer={} method={method} path=",
+                Peer(client),
+                Peer(self.peer),
+            ),
+        };
         let start = out.len();
         let _ = write!(out, "{}", self.path);
         clean(out, start);
@@ -424,12 +439,20 @@ impl AccessLine<'_> {
     /// `tracing`'s JSON line, flattened: its keys in its order, strings escaped and the
     /// duration written by `serde_json`, as its formatter does.
     fn json(&self, ms: f64, now: SystemTime, out: &mut Vec<u8>) {
-        let _ = write!(
-            out,
-            r#"{{"timestamp":"{}","level":"INFO","client":"{}","method":"#,
-            humantime::format_rfc3339_micros(now),
-            Peer(self.peer)
-        );
+        let at = humantime::format_rfc3339_micros(now);
+        let _ = match self.client {
+            None => write!(
+                out,
+                r#"{{"timestamp":"{at}","level":"INFO","client":"{}","method":"#,
+                Peer(self.peer)
+            ),
+            Some(client) => write!(
+                out,
+                r#"{{"timestamp":"{at}","level":"INFO","client":"{}","peer":"{}","method":"#,
+                Peer(client),
+                Peer(self.peer)
+            ),
+        };
         json_str(out, self.method);
         out.extend_from_slice(br#","path":"#);
         json_str(out, self.path);
@@ -726,6 +749,7 @@ mod tests {
         ] {
             let line = AccessLine {
                 peer: [127, 0, 0, 1].into(),
+                client: None,
                 method: &"GET",
                 path: &path,
                 status: 200,
@@ -775,11 +799,14 @@ mod tests {
         let paths = ["/", "/a/b?q=1&r=%20", "/odd\"quote\\slash\ttab\u{1}é"];
         let now = SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_770_437_543_388);
         let peers = v4s.map(|v4| (v4, Some("http://127.0.0.1:8080")));
+        // A client a trusted peer named, written with the peer beside it.
+        let clients = [None, Some(v4s[0]), Some(v6)];
         for (peer, upstream) in peers.into_iter().chain([(v6, None)]) {
-            for path in paths {
+            for (path, client) in paths.into_iter().flat_map(|p| clients.map(|c| (p, c))) {
                 for ms in [0.618779, 12.0, 1234.5678, 0.0001, 3e-7] {
                     let line = AccessLine {
                         peer,
+                        client,
                         method: &"GET",
                         path: &path,
                         status: 503,
@@ -802,6 +829,47 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// A client a trusted peer named is the line's `client`, the peer right after it as
+    /// `peer`, in both forms; without one the line has no `peer`.
+    #[test]
+    fn a_named_client_comes_first_and_the_peer_after_it() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_770_437);
+        let named: IpAddr = [203, 0, 113, 7].into();
+        for (client, text_want, json_want) in [
+            (
+                Some(named),
+                " client=203.0.113.7 peer=10.0.0.1 method=GET path=/ ",
+                r#""client":"203.0.113.7","peer":"10.0.0.1","method":"GET""#,
+            ),
+            (
+                None,
+                " client=10.0.0.1 method=GET path=/ ",
+                r#""client":"10.0.0.1","method":"GET""#,
+            ),
+        ] {
+            let line = AccessLine {
+                peer: [10, 0, 0, 1].into(),
+                client,
+                method: &"GET",
+                path: &"/",
+                status: 200,
+                upstream: None,
+                bytes: 0,
+            };
+            let mut text = Vec::new();
+            line.text(1.0, now, &mut text);
+            let text = String::from_utf8(text).unwrap();
+            assert!(text.contains(text_want), "{text}");
+            assert_eq!(text.matches("peer=").count(), usize::from(client.is_some()));
+            let mut json = Vec::new();
+            line.json(1.0, now, &mut json);
+            let json = String::from_utf8(json).unwrap();
+            assert!(json.contains(json_want), "{json}");
+            let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+            assert_eq!(v.get("peer").is_some(), client.is_some(), "{json}");
         }
     }
 }

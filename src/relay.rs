@@ -67,6 +67,7 @@ use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::io::ErrorKind;
 use std::mem::MaybeUninit;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -546,15 +547,15 @@ async fn relay<C: Client>(
         // A request that could be forwarded here while an `https://` server's protocol is
         // not known: asked once per server (boxed: only then is its room paid for). One that
         // chose HTTP/2, or could not be asked, is hyper's, as is every request to it.
-        if matches!(prepared, Prepared::Take(_))
+        if matches!(prepared, Prepared::Take(..))
             && !snap.pool.relayable()
             && (drain.started() || !Box::pin(snap.pool.learn()).await)
         {
             prepared = Prepared::Hyper;
         }
-        let (head, forward) = match prepared {
-            Prepared::Take(head) if !drain.started() => (head, true),
-            Prepared::Held(head) => (head, false),
+        let (head, forward, client) = match prepared {
+            Prepared::Take(head, client) if !drain.started() => (head, true, client),
+            Prepared::Held(head) => (head, false, None),
             // A new connection comes with the few bytes that told its protocol, and a request
             // may come in pieces: what has arrived is read, without waiting. A request that is
             // still not whole is hyper's, whose timer bounds a client that sends its head
@@ -594,7 +595,8 @@ async fn relay<C: Client>(
                 respond_by: respond_by.as_mut(),
                 read_by: read_by.as_mut(),
             };
-            exchange(bufs, &snap, sock, conn, head, drain, clocks).await
+            let asked = Asked { head, client };
+            exchange(bufs, &snap, sock, conn, asked, drain, clocks).await
         } else {
             Next::after(put(sock, &bufs.out, &snap).await, false)
         };
@@ -620,8 +622,9 @@ fn is(name: &[u8], lower: &[u8]) -> bool {
 /// What `prepare` made of the bytes at the start of a connection's input.
 #[derive(Debug, PartialEq, Eq)]
 enum Prepared {
-    /// A request taken here, this long with its body.
-    Take(usize),
+    /// A request taken here, this long with its body; and, for its access line, the client
+    /// a trusted peer named, when it is not the peer (`gateway::Judged::logged`).
+    Take(usize, Option<IpAddr>),
     /// The start of a head that could be taken here.
     Partial,
     /// A held request, this long, whose answer is in `Set::out`.
@@ -634,7 +637,7 @@ enum Prepared {
 /// here.
 fn prepare(snap: &Snapshot, conn: &Conn, input: &[u8], out: &mut Vec<u8>) -> Prepared {
     match request(snap, conn, input, out) {
-        Ok(Some(head)) => Prepared::Take(head),
+        Ok(Some((head, client))) => Prepared::Take(head, client),
         Ok(None) => Prepared::Partial,
         Err(()) => Prepared::Hyper,
     }
@@ -646,7 +649,7 @@ fn request(
     conn: &Conn,
     input: &[u8],
     out: &mut Vec<u8>,
-) -> Result<Option<usize>, ()> {
+) -> Result<Option<(usize, Option<IpAddr>)>, ()> {
     let config = &snap.config;
     // A redirect to HTTPS is hyper's to answer, and only on plaintext.
     if !snap.relay || !snap.pool.may_relay() || (config.proxy.redirect_https && !conn.tls()) {
@@ -691,7 +694,7 @@ fn request(
     // `X-Original-URL` and `X-Rewrite-URL` dropped (`forward::headers::set_forwarded`).
     let trusted = config.proxy.is_trusted(conn.peer.ip());
     let (mut their_proto, mut their_host, mut their_list) = (false, false, false);
-    let mut their_address = false;
+    let (mut their_address, mut their_forwarded) = (false, false);
     let mut length: Option<usize> = None;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
@@ -707,7 +710,11 @@ fn request(
             6 if is(name, b"expect") => return Err(()),
             7 if is(name, b"upgrade") => return Err(()),
             // These, as `forward::headers::FROM_TRUSTED_ONLY`: kept from a trusted peer only.
-            9 if is(name, b"forwarded") || is(name, b"client-ip") => !trusted,
+            9 if is(name, b"forwarded") => {
+                their_forwarded = true;
+                !trusted
+            }
+            9 if is(name, b"client-ip") => !trusted,
             11 if is(name, b"x-client-ip") || is(name, b"x-forwarded") => !trusted,
             14 if is(name, b"true-client-ip") || is(name, b"x-original-url") => !trusted,
             13 if is(name, b"x-rewrite-url") || is(name, b"forwarded-for") => !trusted,
@@ -809,7 +816,15 @@ fn request(
         return Ok(None);
     };
     out.extend_from_slice(body);
-    Ok(Some(whole))
+    // The client the access line names: read, by `allow_ips`'s rule, only from a trusted
+    // peer's lists, and only with the line on; with no list the client is the peer.
+    let client = (trusted && config.log.access_log && (their_list || their_forwarded))
+        .then(|| {
+            let trusting = &config.proxy.trusted_proxies;
+            crate::hold::bypass::client_ip(conn.peer.ip(), &*req.headers, trusting)
+        })
+        .filter(|&ip| ip != crate::config::canonical_ip(conn.peer.ip()));
+    Ok(Some((whole, client)))
 }
 
 /// A request's `Content-Length` as hyper reads it, for the plain form only: digits, at most
@@ -894,16 +909,23 @@ struct Served {
     bytes: u64,
 }
 
-/// Forwards the request `bufs.request` (the client's request, body included, is
-/// `bufs.input[..head]`), writes the answer to the client and, with the access log on, its
-/// line, as hyper's path writes it (`logging::AccessLine`); whether the client's connection
-/// stays open.
+/// What `prepare` took of a request for the relay to forward.
+struct Asked {
+    /// The client's request, body included, is `bufs.input[..head]`.
+    head: usize,
+    /// The client a trusted peer named, for the access line (`Prepared::Take`).
+    client: Option<IpAddr>,
+}
+
+/// Forwards the request `bufs.request` (the client's is `bufs.input[..asked.head]`), writes
+/// the answer to the client and, with the access log on, its line, as hyper's path writes it
+/// (`logging::AccessLine`); whether the client's connection stays open.
 async fn exchange<C: Client>(
     bufs: &mut Set,
     snap: &Snapshot,
     sock: &mut C,
     conn: &Conn,
-    head: usize,
+    asked: Asked,
     drain: &Drain,
     clocks: Clocks<'_>,
 ) -> Next {
@@ -913,7 +935,8 @@ async fn exchange<C: Client>(
         server: None,
         bytes: 0,
     };
-    let mut told = Told::new(snap, conn, &bufs.request, served);
+    let head = asked.head;
+    let mut told = Told::new(snap, conn, asked.client, &bufs.request, served);
     answer(bufs, snap, sock, head, drain, clocks, &mut told.served).await
 }
 
@@ -921,7 +944,8 @@ async fn exchange<C: Client>(
 /// logs a request its client left before its answer.
 fn log_served(
     snap: &Snapshot,
-    peer: std::net::IpAddr,
+    peer: IpAddr,
+    client: Option<IpAddr>,
     method: &dyn std::fmt::Display,
     path: &dyn std::fmt::Display,
     served: &Served,
@@ -932,6 +956,7 @@ fn log_served(
     };
     let line = crate::logging::AccessLine {
         peer,
+        client,
         method,
         path,
         status,
@@ -950,13 +975,21 @@ fn log_served(
 /// line is copied only with the access log on.
 struct Told<'a> {
     snap: &'a Snapshot,
-    peer: std::net::IpAddr,
+    peer: IpAddr,
+    /// The client a trusted peer named (`Prepared::Take`).
+    client: Option<IpAddr>,
     line: Option<String>,
     served: Served,
 }
 
 impl<'a> Told<'a> {
-    fn new(snap: &'a Snapshot, conn: &Conn, request: &[u8], served: Served) -> Self {
+    fn new(
+        snap: &'a Snapshot,
+        conn: &Conn,
+        client: Option<IpAddr>,
+        request: &[u8],
+        served: Served,
+    ) -> Self {
         let line = snap.config.log.access_log.then(|| {
             let (method, path) = request_line(request);
             format!("{method} {path}")
@@ -964,6 +997,7 @@ impl<'a> Told<'a> {
         Told {
             snap,
             peer: conn.peer.ip(),
+            client,
             line,
             served,
         }
@@ -977,7 +1011,8 @@ impl Drop for Told<'_> {
         }
         if let Some(line) = &self.line {
             let (method, path) = line.split_once(' ').unwrap_or_default();
-            log_served(self.snap, self.peer, &method, &path, &self.served);
+            let served = &self.served;
+            log_served(self.snap, self.peer, self.client, &method, &path, served);
         }
     }
 }
@@ -2402,7 +2437,7 @@ mod tests {
 
     fn prepared(snap: &Snapshot, input: &str) -> Option<String> {
         let mut out = Vec::new();
-        let Prepared::Take(used) = prepare(snap, &conn(), input.as_bytes(), &mut out) else {
+        let Prepared::Take(used, _) = prepare(snap, &conn(), input.as_bytes(), &mut out) else {
             return None;
         };
         assert_eq!(
@@ -2473,6 +2508,54 @@ mod tests {
                 "{alias}: {got}"
             );
         }
+    }
+
+    /// The client a trusted peer names, for the access line, is the one `allow_ips` reads
+    /// (`bypass::client_ip`), looked for only with the access log on, from a trusted peer;
+    /// the peer itself is no other client.
+    #[test]
+    fn the_client_a_trusted_peer_names_is_the_one_allow_ips_reads() {
+        let trusting = "[proxy]\ntrusted_proxies = [\"192.0.2.0/24\", \"10.0.0.0/8\"]\n\
+                        [upstream]\nservers = [\"http://127.0.0.1:9\"]\n";
+        let logged = |config: &str| {
+            crate::state::snapshot::for_tests(&format!("{config}[log]\naccess_log = true\n"), false)
+        };
+        let untrusting = "[upstream]\nservers = [\"http://127.0.0.1:9\"]\n";
+        let (trusted, others) = (logged(trusting), logged(untrusting));
+        let quiet = format!("{trusting}[log]\naccess_log = false\n");
+        let quiet = crate::state::snapshot::for_tests(&quiet, false);
+        let named = |snap: &Snapshot, lines: &str| {
+            let request = format!("GET / HTTP/1.1\r\nHost: a\r\n{lines}\r\n");
+            match prepare(snap, &conn(), request.as_bytes(), &mut Vec::new()) {
+                Prepared::Take(_, client) => client.map(|ip| ip.to_string()),
+                got => panic!("{got:?}"),
+            }
+        };
+        let client = Some("203.0.113.9".to_string());
+        for lines in [
+            "X-Forwarded-For: 203.0.113.9\r\n",
+            "x-forwarded-for: 198.51.100.66, 203.0.113.9, 10.1.2.3\r\n",
+            "X-Forwarded-For: 198.51.100.66\r\nX-Forwarded-For: 203.0.113.9, 10.1.2.3\r\n",
+            "Forwarded: for=203.0.113.9;proto=https\r\n",
+            "FORWARDED: for=198.51.100.66, for=\"203.0.113.9:443\"\r\n",
+        ] {
+            assert_eq!(named(&trusted, lines), client, "{lines:?}");
+            assert_eq!(named(&others, lines), None, "untrusted: {lines:?}");
+            assert_eq!(named(&quiet, lines), None, "access log off: {lines:?}");
+        }
+        // No list, a list of trusted hops only, or one naming the peer: the peer.
+        for lines in [
+            "",
+            "Accept: */*\r\n",
+            "X-Forwarded-For: 192.0.2.7\r\n",
+            "X-Forwarded-For: ::ffff:192.0.2.7\r\n",
+            "X-Client-IP: 203.0.113.9\r\n",
+        ] {
+            assert_eq!(named(&trusted, lines), None, "{lines:?}");
+        }
+        // An entry that is no address ends the walk at the last one that was.
+        let garbled = "X-Forwarded-For: 203.0.113.9, nonsense, 10.1.2.3\r\n";
+        assert_eq!(named(&trusted, garbled), Some("10.1.2.3".into()));
     }
 
     #[test]
@@ -2609,7 +2692,7 @@ mod tests {
         let post = format!("POST /orders HTTP/1.1\r\n{host}Content-Length: 5\r\n\r\nhelloGET");
         let mut out = Vec::new();
         let got = prepare(&snap, &conn(), post.as_bytes(), &mut out);
-        assert_eq!(got, Prepared::Take(post.len() - 3), "{post:?}");
+        assert_eq!(got, Prepared::Take(post.len() - 3, None), "{post:?}");
         assert!(
             out.ends_with(b"\r\n\r\nhello"),
             "{:?}",
@@ -2625,13 +2708,13 @@ mod tests {
         let full = format!("{head}{fits:04}\r\n\r\n{}", "b".repeat(fits));
         assert_eq!(full.len(), READ_BUF);
         let got = prepare(&snap, &conn(), full.as_bytes(), &mut out);
-        assert_eq!(got, Prepared::Take(READ_BUF));
+        assert_eq!(got, Prepared::Take(READ_BUF, None));
         let over = format!("{head}{:04}\r\n\r\n{}", fits + 1, "b".repeat(fits));
         let got = prepare(&snap, &conn(), over.as_bytes(), &mut out);
         assert_eq!(got, Prepared::Hyper, "a byte over");
         let zeros = format!("POST /x HTTP/1.1\r\n{host}Content-Length: 005\r\n\r\nhello");
         let got = prepare(&snap, &conn(), zeros.as_bytes(), &mut out);
-        assert_eq!(got, Prepared::Take(zeros.len()), "its length padded");
+        assert_eq!(got, Prepared::Take(zeros.len(), None), "its length padded");
         // A body a method gives no meaning: hyper's path closes the server's connection after.
         for method in ["GET", "HEAD", "DELETE", "OPTIONS"] {
             let odd = format!("{method} /x HTTP/1.1\r\n{host}Content-Length: 5\r\n\r\nhello");

@@ -1282,6 +1282,212 @@ async fn the_access_log_says_of_each_request_what_hyper_s_path_says() {
     assert_eq!(of("/garbage?head")["status"], 503);
 }
 
+/// Behind a load balancer in `trusted_proxies`, the access line's `client` is the visitor its
+/// `X-Forwarded-For` or `Forwarded` names, read as `allow_ips` reads it (right to left past
+/// trusted hops: never an entry a client wrote left of them), and the balancer follows as
+/// `peer`: on the relay's path and hyper's (HTTP/1.1 with `TE`, and HTTP/2), for an answer,
+/// for a request its client left (499) and for a held answer. Any other peer's lists are not
+/// believed, and its line, as one whose client is the peer, has no `peer`.
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_a_trusted_proxy_the_access_line_names_the_client_and_the_peer() {
+    let up = scripted().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[proxy]\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\"]\n{}\
+         [log]\nformat = \"json\"\naccess_log = true\n",
+        config(&up, false).replacen(
+            "[upstream]\n",
+            "[upstream]\nresponse_timeout = \"120s\"\n",
+            1
+        )
+    );
+    let proxy = ProxyProcess::start(dir.path(), &text);
+    let socket = dir.path().join("intermission.sock");
+    let checked = || async {
+        let ask = intermission::control::protocol::Request::Health;
+        let answer = intermission::control::client::request(&socket, &ask).await;
+        answer.is_ok_and(|a| a.health.is_some_and(|h| h[0].healthy == Some(true)))
+    };
+    assert!(wait_until_async(checked).await, "the server is checked");
+    let xff = "X-Forwarded-For: 203.0.113.7\r\n";
+    let spoofed = "X-Forwarded-For: 198.51.100.66, 203.0.113.9\r\nX-Forwarded-For: 10.1.2.3\r\n";
+    let forwarded = "Forwarded: for=198.51.100.66, for=\"[2001:db8::7]:443\";proto=https\r\n";
+    let te = "TE: trailers\r\n";
+    // (tag, from, lines, the line's client, its peer)
+    let mut cases = Vec::new();
+    for (via, extra) in [("relay", ""), ("hyper", te)] {
+        let trusted = Some("127.0.0.1");
+        cases.extend([
+            (
+                via.to_string(),
+                "127.0.0.1",
+                format!("{extra}{xff}"),
+                "203.0.113.7",
+                trusted,
+            ),
+            (
+                format!("{via}-spoofed"),
+                "127.0.0.1",
+                format!("{extra}{spoofed}"),
+                "203.0.113.9",
+                trusted,
+            ),
+            (
+                format!("{via}-forwarded"),
+                "127.0.0.1",
+                format!("{extra}{forwarded}"),
+                "2001:db8::7",
+                trusted,
+            ),
+            (
+                format!("{via}-direct"),
+                "127.0.0.1",
+                extra.to_string(),
+                "127.0.0.1",
+                None,
+            ),
+            (
+                format!("{via}-untrusted"),
+                "127.0.0.2",
+                format!("{extra}{xff}"),
+                "127.0.0.2",
+                None,
+            ),
+        ]);
+    }
+    for (tag, from, lines, _, _) in &cases {
+        let mut client = Client::over(connect_from(from, proxy.addr).await);
+        client
+            .send(&format!(
+                "GET /length?{tag} HTTP/1.1\r\nHost: shop.example\r\n{lines}\r\n"
+            ))
+            .await;
+        let answer = client.read().await;
+        assert_eq!(answer.status(), 200, "{tag}: {}", answer.head);
+        assert_eq!(
+            answer.relayed(),
+            tag.starts_with("relay"),
+            "{tag}: {}",
+            answer.head
+        );
+    }
+    let h2 = h2c_client()
+        .request(
+            http::Request::get(format!("http://{}/length?h2", proxy.addr))
+                .header("x-forwarded-for", "203.0.113.7")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(h2.status(), 200);
+    cases.push((
+        "h2".into(),
+        "127.0.0.1",
+        String::new(),
+        "203.0.113.7",
+        Some("127.0.0.1"),
+    ));
+    // Requests their clients leave once the server has them.
+    for (via, extra) in [("relay", ""), ("hyper", te)] {
+        let tag = format!("{via}-left");
+        let mut client = Client::over(connect_from("127.0.0.1", proxy.addr).await);
+        client
+            .send(&format!(
+                "GET /hang?{tag} HTTP/1.1\r\nHost: shop.example\r\n{extra}{xff}\r\n"
+            ))
+            .await;
+        let asked = || {
+            let heads = up.heads.lock().unwrap();
+            heads
+                .iter()
+                .any(|h| h.starts_with(&format!("GET /hang?{tag} ")))
+        };
+        assert!(wait_until(Duration::from_secs(10), asked).await, "{tag}");
+        drop(client);
+        cases.push((
+            tag,
+            "127.0.0.1",
+            String::new(),
+            "203.0.113.7",
+            Some("127.0.0.1"),
+        ));
+    }
+    // Held answers: written by the relay (`fast::held`), and by hyper for a request that asks
+    // more of the connection than keep-alive (which its answer tells).
+    assert!(proxy.ctl(&on(None)).await.unwrap().ok);
+    for (tag, from, lines, client, peer) in [
+        (
+            "held",
+            "127.0.0.1",
+            spoofed.to_string(),
+            "203.0.113.9",
+            Some("127.0.0.1"),
+        ),
+        (
+            "held-hyper",
+            "127.0.0.1",
+            format!("Connection: close\r\n{spoofed}"),
+            "203.0.113.9",
+            Some("127.0.0.1"),
+        ),
+        (
+            "held-untrusted",
+            "127.0.0.2",
+            xff.to_string(),
+            "127.0.0.2",
+            None,
+        ),
+    ] {
+        let mut sock = Client::over(connect_from(from, proxy.addr).await);
+        sock.send(&format!(
+            "GET /length?{tag} HTTP/1.1\r\nHost: shop.example\r\n{lines}\r\n"
+        ))
+        .await;
+        let answer = sock.read().await;
+        assert_eq!(answer.status(), 503, "{tag}: {}", answer.head);
+        let closes = answer.header("connection") == Some("close");
+        assert_eq!(closes, tag == "held-hyper", "{tag}: {}", answer.head);
+        cases.push((tag.into(), from, lines, client, peer));
+    }
+    let lines = || proxy.access_lines();
+    let path = |tag: &str| {
+        let script = if tag.ends_with("-left") {
+            "/hang"
+        } else {
+            "/length"
+        };
+        format!("{script}?{tag}")
+    };
+    let all = || {
+        let got = lines();
+        cases
+            .iter()
+            .all(|(tag, ..)| got.iter().any(|v| v["path"] == path(tag)))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), all).await,
+        "{:#?}",
+        lines()
+    );
+    let got = lines();
+    for (tag, _, _, client, peer) in &cases {
+        let line = got.iter().find(|v| v["path"] == path(tag)).unwrap();
+        assert_eq!(line["client"], *client, "{tag}: {line}");
+        assert_eq!(
+            line.get("peer").and_then(|p| p.as_str()),
+            *peer,
+            "{tag}: {line}"
+        );
+        let status = match tag.as_str() {
+            t if t.ends_with("-left") => 499,
+            t if t.starts_with("held") => 503,
+            _ => 200,
+        };
+        assert_eq!(line["status"], status, "{tag}: {line}");
+    }
+}
+
 #[tokio::test]
 async fn a_request_whose_client_leaves_is_given_up_as_on_hyper_s_path() {
     let up = scripted().await;
