@@ -203,6 +203,54 @@ async fn an_oversized_line_is_refused_and_the_connection_closed() {
     assert!(ctl(&proxy, Ctl::Status).await.ok);
 }
 
+/// A refusal that closes the connection is written within a moment, and the connection
+/// closed then whether or not its client read it: 64 clients that piped requests in without
+/// reading the answers, then a line over the limit, held every slot for a minute (the
+/// `line_too_long` waited that long for room in a buffer full of unread answers, its
+/// connection neither reading nor able to be closed for room), and `ctl` gave up `busy`.
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_nobody_reads_do_not_keep_the_operator_out() {
+    use std::io::Write;
+    use tokio::io::AsyncWriteExt;
+    let proxy = spawn_proxy("").await;
+    let socket = proxy.dir.path().join("intermission.sock");
+    let mut probe = Client::connect(&socket).await.unwrap();
+    let answer = probe.raw(b"{}").await.unwrap();
+    assert!(answer.contains("bad_request"), "{answer}");
+    drop(probe);
+    // How many such answers the proxy writes before the next one waits for its client to
+    // read: as many as a socket pair takes without a read, the system's default buffer.
+    let fit = {
+        let (w, _unread) = std::os::unix::net::UnixStream::pair().unwrap();
+        w.set_nonblocking(true).unwrap();
+        let mut n = 0;
+        while (&w).write(answer.as_bytes()).ok() == Some(answer.len()) {
+            n += 1;
+        }
+        n
+    };
+    let mut sent = b"{}\n".repeat(fit);
+    sent.extend(vec![b'x'; 70 * 1024]);
+    sent.push(b'\n');
+    let mut unread = Vec::new();
+    for _ in 0..64 {
+        let mut c = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        c.write_all(&sent).await.unwrap();
+        unread.push(c);
+    }
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_intermission"))
+        .arg("ctl")
+        .arg("-s")
+        .arg(&socket)
+        .args(["on", "--message", "Database upgrade"])
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(proxy_mode(&proxy).await, "maintenance");
+}
+
 /// 64 connections each in the middle of a request leave the 65th told why it is closed
 /// (`busy`: none is waiting for its next request, so none is closed to make room), and the
 /// operator's way in opens again as soon as one of them goes.

@@ -262,8 +262,12 @@ const IDLE: Duration = Duration::from_secs(60);
 /// a script reading one answer before it sends the next), and would be refused. A burst of
 /// short-lived clients is told `busy` instead, which `ctl` asks again after.
 const SETTLED: Duration = Duration::from_secs(1);
-/// How long a connection closed to make room has to take the line that says so: it no
-/// longer holds a slot, so it must not linger on a client that does not read.
+/// How long a connection being closed has to take the line that says why (`closing`): a
+/// client that reads takes it at once, and one that does not (its buffer full of answers it
+/// left unread) must not keep the connection, and its slot, for `IDLE` more. A refusal that
+/// closes the connection (`line_too_long`, `idle`) holds the slot while it is written, and
+/// such a connection, no longer reading, cannot be closed for room: 64 of them kept the
+/// operator out for a minute.
 const FAREWELL: Duration = Duration::from_secs(1);
 /// How long a request may take to arrive whole, or its answer to be taken, before its
 /// connection may be closed for room as a waiting one is. On a local socket a line comes in
@@ -457,12 +461,14 @@ async fn refuse(stream: UnixStream) {
          request to be closed for room; closing: try again in a moment",
         SETTLED.as_secs()
     );
-    let _ = tokio::time::timeout(FAREWELL, closing(&mut w, "busy", why)).await;
+    closing(&mut w, "busy", why).await;
 }
 
-/// Says why the connection is about to be closed, if the client still reads.
+/// Says why the connection is about to be closed, if the client still reads, within
+/// `FAREWELL`.
 async fn closing(w: &mut OwnedWriteHalf, code: &str, why: String) {
-    let _ = write(w, &Response::error(ErrorBody::new(code, why))).await;
+    let refusal = Response::error(ErrorBody::new(code, why));
+    let _ = tokio::time::timeout(FAREWELL, write(w, &refusal)).await;
 }
 
 /// What ended a connection's wait for its next request.
@@ -534,7 +540,7 @@ async fn connection(
                      are open, and this one had waited longest for its next request ({} s)",
                     loan.key.0.elapsed().as_secs()
                 );
-                let _ = tokio::time::timeout(FAREWELL, closing(&mut w, "idle", why)).await;
+                closing(&mut w, "idle", why).await;
                 return;
             }
         };
@@ -614,7 +620,7 @@ async fn stuck_request(w: &mut OwnedWriteHalf) {
          this one's request had been arriving for {} s without its line end; it was not applied",
         STUCK.as_secs()
     );
-    let _ = tokio::time::timeout(FAREWELL, closing(w, "idle", why)).await;
+    closing(w, "idle", why).await;
 }
 
 /// Closes a connection as the proxy stops, saying that what it sent was not applied.
