@@ -79,6 +79,16 @@ pub fn run(
         Ok(Err(e @ client::ClientError::Denied { .. })) => {
             return fail(3, "permission_denied", e.to_string())
         }
+        // Sent, and the proxy went before it answered: as when it does not answer in time,
+        // the change may be in force, and "no answer" alone read as "nothing happened".
+        Ok(Err(e @ client::ClientError::Unanswered(_))) => {
+            let message = format!(
+                "{e}: the request was sent, and the proxy stopped (crashed, or was killed) \
+                 before it answered, so the change may or may not be in force: check with \
+                 `{again} status` before sending it again"
+            );
+            return fail(3, "no_answer", message);
+        }
         // The exchange broke off or made no sense: no answer from the proxy either.
         Ok(Err(e)) => return fail(3, "no_answer", e.to_string()),
         Err(sent) => {

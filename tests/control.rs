@@ -1580,6 +1580,58 @@ async fn a_stopped_proxy_s_ctl_timeout_says_the_request_may_still_take_effect() 
     );
 }
 
+/// A proxy that reads the request and goes before it answers (killed, crashed, out of memory
+/// in the middle of `on`) may have applied it: `ctl` says so, and how to check, where it said
+/// "the proxy sent an answer that is not understood", which it had not, and which read as
+/// "nothing happened".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_proxy_gone_before_it_answered_may_have_applied_the_request() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fake.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let fake = tokio::spawn(async move {
+        let mut requests = Vec::new();
+        for _ in 0..2 {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut line = String::new();
+            tokio::io::BufReader::new(stream)
+                .read_line(&mut line)
+                .await
+                .unwrap();
+            requests.push(line);
+        }
+        requests
+    });
+    let run = |json: bool| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_intermission"));
+        cmd.arg("ctl").arg("-s").arg(&socket);
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.args(["on", "--message", "Database upgrade"]).output()
+    };
+    let out = run(false).await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("without answering"), "{err}");
+    assert!(err.contains("may or may not be in force"), "{err}");
+    assert!(!err.contains("not understood"), "{err}");
+    let again = format!("`intermission ctl -s {} status`", socket.display());
+    assert!(err.contains(&again), "{err}");
+    let out = run(true).await.unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(said["error"]["code"], "no_answer", "{said}");
+    // Each run sent the request once, and was not refused it before sending.
+    let requests = fake.await.unwrap();
+    assert_eq!(requests.len(), 2);
+    assert!(
+        requests.iter().all(|r| r.contains(r#""cmd":"on""#)),
+        "{requests:?}"
+    );
+}
+
 /// An operator's reason or message with a line end in it is logged on one line: in the text
 /// log, a line end would begin a line of its own (`X) by="root"`), one that could pass for
 /// the proxy's own.

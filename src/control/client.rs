@@ -23,6 +23,12 @@ pub enum ClientError {
     Denied { path: String },
     #[error("the control connection failed: {0}")]
     Io(#[from] std::io::Error),
+    /// The request went out whole and the connection ended before an answer came: the proxy
+    /// stopped (crashed, killed, out of memory) while it read or applied it, so whether the
+    /// change took effect is not known. Told apart from an answer not understood, which
+    /// read as "the proxy said something odd, nothing happened".
+    #[error("the proxy closed the connection without answering{}", .0.as_ref().map(|e| format!(" ({e})")).unwrap_or_default())]
+    Unanswered(Option<std::io::Error>),
     #[error("the proxy sent an answer that is not understood: {0}")]
     Protocol(String),
 }
@@ -115,10 +121,18 @@ impl Client {
             ),
             (Ok(n), _) if n > 0 => Ok(answer),
             // Nothing came back: the failed write is what went wrong.
-            (_, Err(e)) | (Err(e), Ok(())) => Err(e.into()),
-            (Ok(_), Ok(())) => Err(ClientError::Protocol(
-                "the proxy closed the connection".into(),
-            )),
+            (_, Err(e)) => Err(e.into()),
+            // Sent, and the connection ended under the read: the proxy went.
+            (Err(e), Ok(()))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                Err(ClientError::Unanswered(Some(e)))
+            }
+            (Err(e), Ok(())) => Err(e.into()),
+            (Ok(_), Ok(())) => Err(ClientError::Unanswered(None)),
         }
     }
 
