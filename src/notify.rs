@@ -47,6 +47,12 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 pub const SIGNATURE_HEADER: &str = "x-intermission-signature";
+/// The signature of the time of sending with the body: `t=<unix seconds>,sha256=<hex
+/// HMAC-SHA256(secret, "<t>." + body)>`, made again for each try. `SIGNATURE_HEADER` proves
+/// who wrote a body, not when it was sent: a delivery seen on its way could be sent again
+/// and check. With this one a receiver refuses what was sent too long ago (Stripe's and
+/// Slack's scheme); the other stays for receivers written against it.
+pub const TIMED_SIGNATURE_HEADER: &str = "x-intermission-signature-timed";
 
 const AGENT: &str = concat!("intermission/", env!("CARGO_PKG_VERSION"));
 /// Events waiting per target (the one being delivered not counted).
@@ -207,9 +213,24 @@ pub fn body(format: Format, event: &Event) -> Vec<u8> {
 /// The value of `SIGNATURE_HEADER` for `body`: `sha256=<lowercase hex HMAC-SHA256(secret, body)>`.
 pub fn signature(secret: &str, body: &[u8]) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-    let tag = ring::hmac::sign(&key, body);
-    let mut out = String::with_capacity(7 + 64);
-    out.push_str("sha256=");
+    hex_tag("sha256=", ring::hmac::sign(&key, body))
+}
+
+/// The value of `TIMED_SIGNATURE_HEADER` for `body` sent at `sent` (unix seconds).
+pub fn timed_signature(secret: &str, sent: u64, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let mut context = ring::hmac::Context::with_key(&key);
+    let stamp = sent.to_string();
+    context.update(stamp.as_bytes());
+    context.update(b".");
+    context.update(body);
+    hex_tag(&format!("t={stamp},sha256="), context.sign())
+}
+
+/// `prefix` and the tag in lowercase hex.
+fn hex_tag(prefix: &str, tag: ring::hmac::Tag) -> String {
+    let mut out = String::with_capacity(prefix.len() + 64);
+    out.push_str(prefix);
     for byte in tag.as_ref() {
         out.push_str(&format!("{byte:02x}"));
     }
@@ -1103,6 +1124,13 @@ async fn post(
     signed: Option<&str>,
 ) -> Result<(), Failed> {
     let url = &target.url;
+    // Signed as this try is sent, not when the event was: the time is what a receiver checks.
+    let timed = target.secret.as_deref().map(|secret| {
+        let sent = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        timed_signature(secret, sent, &payload)
+    });
     let mut req = Request::post(url.clone())
         .body(Full::new(payload))
         .map_err(|e| e.to_string())?;
@@ -1116,6 +1144,10 @@ async fn post(
     if let Some(value) = signed {
         let value = HeaderValue::from_str(value).map_err(|e| e.to_string())?;
         req.headers_mut().insert(SIGNATURE_HEADER, value);
+    }
+    if let Some(timed) = timed {
+        let value = HeaderValue::from_str(&timed).map_err(|e| e.to_string())?;
+        req.headers_mut().insert(TIMED_SIGNATURE_HEADER, value);
     }
     let response = if url.scheme() == Some(&http::uri::Scheme::HTTPS) {
         let client = d
@@ -1791,6 +1823,22 @@ mod tests {
                 .collect();
             let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"s3cret");
             assert!(ring::hmac::verify(&key, &r.body, &tag).is_ok());
+            // The timed one: the time of sending, and the HMAC of "<t>." and the body.
+            let timed = r.headers[TIMED_SIGNATURE_HEADER].to_str().unwrap();
+            let (t, mac) = timed
+                .strip_prefix("t=")
+                .and_then(|rest| rest.split_once(",sha256="))
+                .unwrap();
+            let sent: u64 = t.parse().unwrap();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            assert!(now.abs_diff(sent) <= 5, "{timed}");
+            let mut signed = format!("{t}.").into_bytes();
+            signed.extend_from_slice(&r.body);
+            let want = signature("s3cret", &signed);
+            assert_eq!(Some(mac), want.strip_prefix("sha256="), "{timed}");
         }
         assert_eq!(stats.get(), (5, 0, 0));
         assert_eq!(notifier.pending(), 0);
@@ -1814,6 +1862,7 @@ mod tests {
         wait_until("a delivery", || stats.get().0 == 1).await;
         let got = receiver.got.lock().unwrap();
         assert!(got[0].headers.get(SIGNATURE_HEADER).is_none());
+        assert!(got[0].headers.get(TIMED_SIGNATURE_HEADER).is_none());
         let v: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
         assert_eq!(
             v,

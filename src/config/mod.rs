@@ -1524,6 +1524,7 @@ impl Validator<'_> {
             "upgrade",
             "expect",
             crate::notify::SIGNATURE_HEADER,
+            crate::notify::TIMED_SIGNATURE_HEADER,
         ];
         let mut headers = http::HeaderMap::new();
         for (name, value) in given {
@@ -2693,7 +2694,7 @@ mod tests {
             headers = { Authorization = "GenieKey XOXO-1", "X-Api-Key" = "XOXO-2" }
             [[notify]]
             url = "https://hooks.example.com/b"
-            headers = { "Bad Name" = "XOXO-3", Host = "XOXO-4", authorization = "XOXO-5", Authorization = "XOXO-6", "X-Two" = "XOXO-7\u0007XOXO-8", "X-Empty" = " ", "X-Intermission-Signature" = "XOXO-9", "X-Accent" = "Basic XOXO-é" }
+            headers = { "Bad Name" = "XOXO-3", Host = "XOXO-4", authorization = "XOXO-5", Authorization = "XOXO-6", "X-Two" = "XOXO-7\u0007XOXO-8", "X-Empty" = " ", "X-Intermission-Signature" = "XOXO-9", "X-Intermission-Signature-Timed" = "XOXO-11", "X-Accent" = "Basic XOXO-é" }
             [[notify]]
             url = "https://hooks.example.com/c"
             headers = { Authorization = 987654321 }
@@ -2730,6 +2731,10 @@ mod tests {
                 (
                     "notify[1].headers",
                     "\"X-Intermission-Signature\" is set by intermission for each event; leave it out"
+                ),
+                (
+                    "notify[1].headers",
+                    "\"X-Intermission-Signature-Timed\" is set by intermission for each event; leave it out"
                 ),
                 (
                     "notify[1].headers",
