@@ -1299,6 +1299,11 @@ fn ctl_says_why_no_proxy_answered_where_it_looked() {
     assert!(told.contains("-c"), "{told}");
     let told = said(dir.path(), &["-s", "."]);
     assert!(told.contains("folder, not a socket"), "{told}");
+    let told = said(dir.path(), &["-s", "rnu/intermission.sock"]);
+    assert!(
+        told.contains("its folder does not exist") && !told.contains("kill -HUP"),
+        "a mistyped folder is no removed socket: {told}"
+    );
 
     let stale = dir.path().join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());

@@ -41,6 +41,12 @@ pub enum ClientError {
 /// "the proxy is down".
 fn hint(e: &std::io::Error, path: &str) -> String {
     match e.kind() {
+        // A mistyped folder (`-s /rnu/intermission.sock`) is no removed socket: sent to
+        // `kill -HUP`, an operator under stress lost minutes on a proxy that was fine.
+        std::io::ErrorKind::NotFound if !parent_exists(Path::new(path)) => {
+            " (its folder does not exist: check the path, or the -c config's control.socket)"
+                .to_owned()
+        }
         // A control.socket changed in the config since the start is the other way to get
         // here: a reload keeps the socket the proxy started with (it warned so), and `ctl -c`
         // reads the new path. `kill -HUP` alone binds the old path again, not this one.
@@ -53,6 +59,14 @@ fn hint(e: &std::io::Error, path: &str) -> String {
             .to_owned(),
         std::io::ErrorKind::ConnectionRefused => refused_hint(Path::new(path)),
         _ => String::new(),
+    }
+}
+
+/// Whether the folder `path` would be in is there (a relative path's is the current one).
+fn parent_exists(path: &Path) -> bool {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.is_dir(),
+        _ => true,
     }
 }
 
