@@ -29,6 +29,13 @@ const RATIO: u64 = 8;
 /// (17 bytes each) on a connection that carries little else may go on for 490,000 of them,
 /// 57 days at one every 10 s. A flood is stopped after 8 MiB, under 0.1 s of a core.
 pub(crate) const ALLOWANCE: u64 = 8 * 1024 * 1024;
+/// How many bytes of frames that do no work are handed to h2 between two turns the
+/// connection gives its worker's other tasks. tokio's budget lets a task do 128 socket reads
+/// of rustls' 4 KiB a turn, some 35,000 SETTINGS or PINGs that h2 answers one by one, tens of
+/// milliseconds of a core: 30 connections flooding so held every other client of their
+/// worker (a page, `/healthz` on the admin listener) for up to 0.6 to 1.6 s, until the
+/// allowance closed them. About a thousand frames a turn; requests and bodies never count.
+const TURN: u64 = 16 * 1024;
 
 /// The client's connection preface (RFC 9113 §3.4), which precedes its first frame.
 const PREFACE: u32 = 24;
@@ -104,6 +111,9 @@ struct Budget {
     /// The highest stream the client opened: the GOAWAY's last stream, which may be higher
     /// than what h2 took up (RFC 9113 §6.8 allows it), never lower.
     last_stream: u32,
+    /// Bytes read that carried no request, body or answer since the connection last let
+    /// its worker's other tasks run (`TURN`).
+    idle_streak: u64,
 }
 
 impl Budget {
@@ -117,12 +127,14 @@ impl Budget {
             total: 0,
             useful: 0,
             last_stream: 0,
+            idle_streak: 0,
         }
     }
 
     /// Counts bytes read from the client; whether it has now sent too much for too little.
     fn read(&mut self, bytes: &[u8]) -> bool {
         self.total += bytes.len() as u64;
+        let useful_before = self.useful;
         let (useful, last) = (&mut self.useful, &mut self.last_stream);
         self.read.walk(bytes, |kind, len, stream| {
             if matches!(kind, DATA | HEADERS | CONTINUATION) {
@@ -132,6 +144,9 @@ impl Budget {
                 *last = (*last).max(stream);
             }
         });
+        // A payload's bytes count as useful when its header passes, so they may be more
+        // than this read's.
+        self.idle_streak += (bytes.len() as u64).saturating_sub(self.useful - useful_before);
         self.total > self.useful.saturating_mul(RATIO).saturating_add(ALLOWANCE)
     }
 
@@ -227,10 +242,20 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for Flood<I> {
         if this.flooded {
             return Poll::Ready(Err(flooded()));
         }
+        if this.budget.idle_streak >= TURN {
+            // As tokio's own budget does: the task is woken at once and goes to the back of
+            // its worker's queue, and h2 answers what it has buffered before it reads again.
+            this.budget.idle_streak = 0;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
         if buf.filled().len() > before && this.budget.read(&buf.filled()[before..]) {
             return Poll::Ready(Err(this.close(cx)));
+        }
+        if polled.is_pending() {
+            this.budget.idle_streak = 0;
         }
         polled
     }
@@ -296,7 +321,97 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Flood<I> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Budget, Frames, ALLOWANCE, PREFACE};
+    use super::{Budget, Flood, Frames, ALLOWANCE, PREFACE, TURN};
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    /// A client that always has more PINGs to send, after its preface.
+    struct Pings {
+        preface: bool,
+    }
+
+    impl AsyncRead for Pings {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if !self.preface {
+                self.preface = true;
+                buf.put_slice(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+            }
+            let ping = frame(0x6, 0, b"12345678");
+            while buf.remaining() >= ping.len() {
+                buf.put_slice(&ping);
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Pings {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A socket that always has control frames to read still lets its worker's other tasks
+    /// run every `TURN` bytes, waking itself, rather than hold the worker until tokio's budget
+    /// of reads (half a MiB over TLS) or the allowance runs out.
+    #[test]
+    fn a_flood_gives_its_worker_a_turn() {
+        let config = "[upstream]\nservers = [\"http://127.0.0.1:9\"]\n[log]\naccess_log = false\n";
+        let state =
+            crate::state::StateHandle::new(crate::state::snapshot::for_tests(config, false));
+        let peer = "192.0.2.7:40000".parse().unwrap();
+        let mut flood = Flood::new(Pings { preface: false }, state, peer);
+        let waker = std::sync::Arc::new(Woken::default());
+        let waker_ref = std::task::Waker::from(waker.clone());
+        let mut cx = Context::from_waker(&waker_ref);
+        let mut read = 0u64;
+        let mut mem = [0u8; 4096];
+        loop {
+            let mut buf = ReadBuf::new(&mut mem);
+            match Pin::new(&mut flood).poll_read(&mut cx, &mut buf) {
+                Poll::Ready(Ok(())) => read += buf.filled().len() as u64,
+                Poll::Ready(Err(e)) => panic!("no turn given before {read} bytes: {e}"),
+                Poll::Pending => break,
+            }
+        }
+        assert!(
+            (TURN..TURN + 4096).contains(&read),
+            "{read} bytes in a turn"
+        );
+        assert!(
+            waker.0.load(std::sync::atomic::Ordering::SeqCst),
+            "not woken"
+        );
+        // The next turn reads as much again.
+        let mut buf = ReadBuf::new(&mut mem);
+        assert!(Pin::new(&mut flood).poll_read(&mut cx, &mut buf).is_ready());
+    }
+
+    #[derive(Default)]
+    struct Woken(std::sync::atomic::AtomicBool);
+
+    impl std::task::Wake for Woken {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn wake_by_ref(self: &std::sync::Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 
     fn frame(kind: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let len = (payload.len() as u32).to_be_bytes();
