@@ -206,6 +206,15 @@ const HOST_BYTE: [bool; 256] = {
     table
 };
 
+/// Appends the header line `name: value`.
+#[inline]
+pub fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Whether `bytes` is `lower` ignoring ASCII case, where `lower` has no uppercase letter (a
 /// header name or token as the code writes it). Eight bytes at a time: the relay compares
 /// names for every header of every request and answer, and a byte at a time was some 5 % of

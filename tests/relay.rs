@@ -2540,6 +2540,66 @@ async fn an_http2_client_s_requests_go_on_the_relay_s_kept_sockets() {
     assert_eq!(parts.headers["x-intermission-mode"], "outage");
 }
 
+/// An HTTP/2 client's fields reach an `http://` server as hyper's HTTP/1.1 client wrote the
+/// map `forward` rewrote, byte for byte, both when the relay writes them straight from the
+/// fields (cookie crumbs joined where the first stood, a list appended to where it stood, a
+/// replaced `X-Forwarded-Proto` where it stood, the rest added after) and when a field taken
+/// out sends them through the map (`TE: trailers` and an untrusted peer's `Forwarded`: the
+/// map moves its last field into the place of each, and `TE: trailers` is put back last).
+#[tokio::test]
+async fn an_http2_client_s_fields_reach_the_server_as_the_rewritten_map_s() {
+    let up = scripted().await;
+    let proxy = spawn_proxy(&format!("[proxy]\nthreads = 1\n{}", config(&up, false))).await;
+    wait_checked(&proxy).await;
+    let h2 = h2c_client();
+    let straight = [
+        ("cookie", "a=1"),
+        ("x-forwarded-for", "203.0.113.9"),
+        ("x-forwarded-proto", "https"),
+        ("cookie", "b=2"),
+        ("accept", "*/*"),
+    ];
+    let mapped = [
+        ("te", "trailers"),
+        ("forwarded", "for=203.0.113.9"),
+        ("x-one", "1"),
+        ("x-two", "2"),
+        ("accept", "*/*"),
+    ];
+    up.heads.lock().unwrap().clear();
+    for fields in [&straight[..], &mapped[..]] {
+        let (parts, _, _) = h2_ask(
+            &h2,
+            proxy.addr,
+            http::Method::GET,
+            "/length?q=1",
+            fields,
+            "",
+        )
+        .await;
+        assert_eq!(parts.status.as_u16(), 200);
+    }
+    let heads = up.heads.lock().unwrap().clone();
+    let host = proxy.addr;
+    let forwarded = "x-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http";
+    assert_eq!(
+        heads,
+        [
+            format!(
+                "GET /length?q=1 HTTP/1.1\r\ncookie: a=1; b=2\r\n\
+                 x-forwarded-for: 203.0.113.9, 127.0.0.1\r\nx-forwarded-proto: http\r\n\
+                 accept: */*\r\nhost: {host}\r\nx-forwarded-host: {host}\r\n\
+                 x-real-ip: 127.0.0.1"
+            ),
+            format!(
+                "GET /length?q=1 HTTP/1.1\r\nhost: {host}\r\nte: trailers\r\nx-one: 1\r\n\
+                 x-two: 2\r\naccept: */*\r\n{forwarded}\r\nx-forwarded-host: {host}\r\n\
+                 x-real-ip: 127.0.0.1"
+            ),
+        ]
+    );
+}
+
 /// An HTTP/2 client's requests to an `https://` server known to choose HTTP/1.1 go on the
 /// relay's kept TLS sessions too: the one an HTTP/1.1 client's relayed request left kept, and,
 /// when the server ends it unanswered as a `GET` arrives, a new one, the `GET` sent again.

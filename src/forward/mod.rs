@@ -171,40 +171,24 @@ pub fn forward<'a>(
 
         // In a block of its own, so that the request's parts, moved into the new request at
         // its end, keep no slot in this future's state while it waits for the response.
-        let (first, req, sent, replay, path) = {
+        let (first, req, sent, replay, path, hop) = {
             let (mut parts, body) = req.into_parts();
-            // HTTP/2 clients name the host in :authority, an HTTP/1.1 absolute-form target in
-            // itself; either is the host of the request, whatever `Host` says (RFC 9113
-            // §8.3.1, RFC 9112 §3.2.2), and the upstream hop needs it as Host.
-            if let Some(authority) = parts.uri.authority() {
-                // Room for it and the four `headers::set_forwarded` writes, made at once: an
-                // HTTP/2 request's map is made to the size of what the client sent, and grew
-                // up to three times on the way (rehashing each time).
-                let _ = parts.headers.try_reserve(5);
-                if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-                    parts.headers.insert(header::HOST, host);
-                }
-            }
-            if http2 {
-                headers::join_cookies(&mut parts.headers);
-            }
             let Some(first) = pool.pick(up, None) else {
                 return Err(Failed::upstream(None, None));
             };
             // Decided before the hop-by-hop headers go: `Transfer-Encoding` is one of them.
             let to = pool.servers[first].protocol;
             let buffer = client_upgrade.is_none() && buffer_for_replay(&parts, to);
-            headers::strip_hop_by_hop(&mut parts.headers);
-            if unmeant {
-                headers::close_after_unmeant_body(&mut parts.headers);
-            }
-            // This hop answered the expectation already: hyper sends `100 Continue` to the client as
-            // soon as the body is read, which forwarding starts at once.
-            parts.headers.remove(header::EXPECT);
-            if let Some(up) = upgrade {
-                headers::restore_upgrade(&mut parts.headers, up);
-            }
-            headers::set_forwarded(&mut parts.headers, client, trusted);
+            // An HTTP/2 client's request that may go on the relay's sockets keeps its fields
+            // as they came until its server is known (`Hop`); any other is rewritten now.
+            let hop = if relay && !unmeant {
+                Some(Hop::new(parts.uri.authority().cloned(), client, trusted))
+            } else {
+                let authority = parts.uri.authority();
+                let headers = &mut parts.headers;
+                rewrite(headers, authority, http2, unmeant, upgrade, client, trusted);
+                None
+            };
             let path = parts
                 .uri
                 .path_and_query()
@@ -256,8 +240,8 @@ pub fn forward<'a>(
                 && pool.servers.len() > 1)
                 .then(|| (parts.method.clone(), parts.headers.clone(), held));
             let mut req = Request::from_parts(parts, body);
-            aim(&mut req, &pool.servers[first], path.clone());
-            (first, req, sent, replay, path)
+            aim(&mut req, &pool.servers[first], path.clone(), hop.is_none());
+            (first, req, sent, replay, path, hop)
         };
         let (mut req, mut server, mut sent, mut replay) = (req, first, sent, replay);
         // One call site for both attempts: the future of each would otherwise have a slot of its
@@ -269,7 +253,8 @@ pub fn forward<'a>(
             // (as the relay judges it).
             let healthy = up.get(server).copied().unwrap_or(true);
             let watch = (healthy && idempotent(req.method())).then_some(marks);
-            let error = match send(pool, server, req, timeout, sent.as_mut(), watch, relay).await {
+            let hop = hop.as_ref();
+            let error = match send(pool, server, req, timeout, sent.as_mut(), watch, hop).await {
                 // A switch nobody asked for (or to nothing) leaves the client a head it cannot
                 // use: the server failed, as the relay judges it too.
                 Ok(resp)
@@ -340,7 +325,12 @@ pub fn forward<'a>(
             let mut again = Request::new(held.map_or(Body::Empty, Body::full));
             *again.method_mut() = method;
             *again.headers_mut() = headers;
-            aim(&mut again, &pool.servers[second], path.clone());
+            aim(
+                &mut again,
+                &pool.servers[second],
+                path.clone(),
+                hop.is_none(),
+            );
             (req, server, sent) = (again, second, None);
         }
     }
@@ -355,13 +345,9 @@ fn client_failed(fault: ClientFault) -> Failed {
 }
 
 /// Points a request at `server`: its URI (the path alone for an `http://` server, whose
-/// connection is the server's already), and the HTTP version its protocol speaks. An `h2c`
-/// server gets the client's host only as `X-Forwarded-Host`: HTTP/2 names the host in
-/// `:authority`, which is the server's own, and a different `Host` would make the request
-/// malformed (RFC 9113 §8.3.1). An `https://` server's request is made for HTTP/1.1 here,
-/// the client's `Host` kept: the pool makes it name the client's host as `:authority` instead
-/// when the server chose HTTP/2, which is known only there (`pool::UpstreamPool::https`).
-fn aim(req: &mut Request<Body>, server: &Upstream, path: PathAndQuery) {
+/// connection is the server's already), the HTTP version its protocol speaks, and, with
+/// `host`, its `Host` (`aim_host`; a `Hop`'s is set with the rest of its fields).
+fn aim(req: &mut Request<Body>, server: &Upstream, path: PathAndQuery, host: bool) {
     *req.uri_mut() = match server.protocol {
         Protocol::Http => Uri::from(path),
         Protocol::Https | Protocol::H2c => upstream_uri(server, path),
@@ -370,18 +356,125 @@ fn aim(req: &mut Request<Body>, server: &Upstream, path: PathAndQuery) {
         Protocol::H2c => Version::HTTP_2,
         Protocol::Http | Protocol::Https => Version::HTTP_11,
     };
+    if host {
+        aim_host(req.headers_mut(), server);
+    }
+}
+
+/// A rewritten request's `Host` for `server`. An `h2c` server gets the client's host only as
+/// `X-Forwarded-Host`: HTTP/2 names the host in `:authority`, which is the server's own, and a
+/// different `Host` would make the request malformed (RFC 9113 §8.3.1). An `https://`
+/// server's request is made for HTTP/1.1 here, the client's `Host` kept: the pool makes it
+/// name the client's host as `:authority` instead when the server chose HTTP/2, which is
+/// known only there (`pool::UpstreamPool::https`).
+fn aim_host(headers: &mut http::HeaderMap, server: &Upstream) {
     match server.protocol {
         Protocol::H2c => {
-            req.headers_mut().remove(header::HOST);
+            headers.remove(header::HOST);
         }
         // An HTTP/1.0 client may name no host, but the hop is HTTP/1.1, which needs one: the
         // server's own, as nginx's default `$proxy_host` (the pool's client adds none).
-        Protocol::Http | Protocol::Https if !req.headers().contains_key(header::HOST) => {
+        Protocol::Http | Protocol::Https if !headers.contains_key(header::HOST) => {
             if let Ok(host) = HeaderValue::from_str(server.authority.as_str()) {
-                req.headers_mut().insert(header::HOST, host);
+                headers.insert(header::HOST, host);
             }
         }
         Protocol::Http | Protocol::Https => {}
+    }
+}
+
+/// Rewrites a request's fields for the upstream hop, but its `Host` (`aim_host`): the host it
+/// names, HTTP/2 cookie crumbs joined, hop-by-hop fields out, `Expect` out, the forwarding
+/// fields. `authority`: what the request's target names as its host; `http2`: it came over
+/// HTTP/2; `unmeant`: it carries a body its method gives no meaning; `upgrade`: the upgrade
+/// passed on.
+fn rewrite(
+    headers: &mut http::HeaderMap,
+    authority: Option<&http::uri::Authority>,
+    http2: bool,
+    unmeant: bool,
+    upgrade: Option<HeaderValue>,
+    client: &ClientSide,
+    trusted: bool,
+) {
+    // HTTP/2 clients name the host in :authority, an HTTP/1.1 absolute-form target in
+    // itself; either is the host of the request, whatever `Host` says (RFC 9113 §8.3.1, RFC
+    // 9112 §3.2.2), and the upstream hop needs it as Host.
+    if let Some(authority) = authority {
+        // Room for it and the four `headers::set_forwarded` writes, made at once: an HTTP/2
+        // request's map is made to the size of what the client sent, and grew up to three
+        // times on the way (rehashing each time).
+        let _ = headers.try_reserve(5);
+        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+            headers.insert(header::HOST, host);
+        }
+    }
+    if http2 {
+        headers::join_cookies(headers);
+    }
+    headers::strip_hop_by_hop(headers);
+    if unmeant {
+        headers::close_after_unmeant_body(headers);
+    }
+    // This hop answered the expectation already: hyper sends `100 Continue` to the client as
+    // soon as the body is read, which forwarding starts at once.
+    headers.remove(header::EXPECT);
+    if let Some(up) = upgrade {
+        headers::restore_upgrade(headers, up);
+    }
+    headers::set_forwarded(headers, client, trusted);
+}
+
+/// An HTTP/2 client's request, whose fields are rewritten only once its server is known
+/// (`pool::UpstreamPool::request`): for an HTTP/1.1 server on the relay's sockets they are
+/// written straight from the fields hyper's server read (`write`), with no rewritten map;
+/// for any other, the map is rewritten as any request's (`apply`). The request's URI is
+/// already `aim`'s, with no authority: this keeps the client's.
+pub struct Hop<'a> {
+    authority: Option<http::uri::Authority>,
+    client: &'a ClientSide,
+    trusted: bool,
+}
+
+impl<'a> Hop<'a> {
+    /// `authority`: the host the client's target names (its `:authority`); `trusted`: the peer
+    /// is in `trusted_proxies`.
+    pub fn new(
+        authority: Option<http::uri::Authority>,
+        client: &'a ClientSide,
+        trusted: bool,
+    ) -> Hop<'a> {
+        Hop {
+            authority,
+            client,
+            trusted,
+        }
+    }
+
+    /// Rewrites `headers` for `server` as `forward` rewrites any request's (`rewrite`, then
+    /// `aim_host`).
+    pub fn apply(&self, headers: &mut http::HeaderMap, server: &Upstream) {
+        let authority = self.authority.as_ref();
+        rewrite(
+            headers,
+            authority,
+            true,
+            false,
+            None,
+            self.client,
+            self.trusted,
+        );
+        aim_host(headers, server);
+    }
+
+    /// Writes the lines of `headers` as `apply` makes them for `server`, an HTTP/1.1 one, and
+    /// hyper's HTTP/1.1 client writes them (`headers::write_rewritten`); false, and nothing
+    /// written, for a request left to `apply`.
+    pub fn write(&self, headers: &http::HeaderMap, server: &Upstream, out: &mut Vec<u8>) -> bool {
+        let authority = self.authority.as_ref().map(http::uri::Authority::as_str);
+        let (client, trusted) = (self.client, self.trusted);
+        let server = server.authority.as_str();
+        headers::write_rewritten(out, headers, authority, client, trusted, server)
     }
 }
 
@@ -509,14 +602,14 @@ fn send<'a>(
     timeout: Duration,
     sent: Option<&'a mut SentSignal>,
     watch: Option<&'a Marks>,
-    relay: bool,
+    hop: Option<&'a Hop<'a>>,
 ) -> impl Future<Output = Result<Response<Body>, UpstreamError>> + Send + 'a {
     async move {
         let name = || pool.servers[server].to_string();
         // One pinned response future for both cases: moving it into `tokio::time::timeout` would
         // keep a second copy of its kilobyte in this future's state, which every forwarded
         // request allocates and copies.
-        let response = pool.request(server, req, relay);
+        let response = pool.request(server, req, hop);
         tokio::pin!(response);
         let deadline = async {
             if let Some(sent) = sent {
