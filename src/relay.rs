@@ -2252,6 +2252,13 @@ fn headers_into(
     map.clear();
     map.reserve(resp.headers.len());
     for h in resp.headers.iter() {
+        // A `Connection` naming no field (nginx's `keep-alive` on every answer) was put in
+        // the map only for `forward::finish` to take it out again, some 1,000 instructions
+        // of an HTTP/2 client's request; whether the socket is kept was read before. One that
+        // names fields stays, for `finish` to drop them.
+        if h.name.len() == 10 && is(h.name.as_bytes(), b"connection") && names_no_field(h.value) {
+            continue;
+        }
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| MALFORMED)?;
         let value = HeaderValue::from_bytes(h.value).map_err(|_| MALFORMED)?;
         map.append(name, value);
@@ -2260,6 +2267,14 @@ fn headers_into(
         map.remove(http::header::CONTENT_LENGTH);
     }
     Ok(())
+}
+
+/// Whether a `Connection` value holds only `keep-alive` and `close` tokens (or none).
+fn names_no_field(value: &[u8]) -> bool {
+    value.split(|&b| b == b',').all(|token| {
+        let token = token.trim_ascii();
+        token.is_empty() || is(token, b"keep-alive") || is(token, b"close")
+    })
 }
 
 /// How a `Relayed` body ends.
@@ -3601,12 +3616,15 @@ mod tests {
     }
 
     /// An answer's head reads as hyper's client reads it (`headers_into`): the same status and
-    /// header map, in the same order.
+    /// header map, in the same order, once `forward::finish` has taken the hop-by-hop fields
+    /// out (a `Connection` naming no field is not put in).
     #[tokio::test]
     async fn an_answer_head_is_read_as_hyper_s_client_reads_it() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let answers: [&[u8]; 6] = [
+        let answers: [&[u8]; 8] = [
             b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 2\r\nx-a: 2\r\nSet-Cookie: a\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX-Hop: 1\r\nConnection: Keep-Alive, X-Hop\r\nX-End: 2\r\nContent-Length: 0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n0\r\n\r\n",
             b"HTTP/1.0 404 Gone Fishing\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
             b"HTTP/1.1 204 No Content\r\nX-Why: nothing\r\n\r\n",
@@ -3628,8 +3646,17 @@ mod tests {
             let mut head = [0u8; 64];
             let _ = server.read(&mut head).await.unwrap();
             server.write_all(answer).await.unwrap();
-            let theirs = asked.await.unwrap().unwrap();
+            let mut theirs = asked.await.unwrap().unwrap();
             assert_eq!(status, theirs.status().as_u16(), "case {i}");
+            // Put in only when it names a field for `finish` to drop.
+            let names = i == 2;
+            assert_eq!(
+                headers.contains_key(http::header::CONNECTION),
+                names,
+                "case {i}"
+            );
+            crate::forward::headers::strip_hop_by_hop(&mut headers);
+            crate::forward::headers::strip_hop_by_hop(theirs.headers_mut());
             assert_eq!(&headers, theirs.headers(), "case {i}");
             let order = |h: &http::HeaderMap| {
                 h.iter()
