@@ -114,6 +114,8 @@ struct Budget {
     /// Bytes read that carried no request, body or answer since the connection last let
     /// its worker's other tasks run (`TURN`).
     idle_streak: u64,
+    /// Payload of requests and bodies counted in `useful` whose bytes are still to be read.
+    ahead: u64,
 }
 
 impl Budget {
@@ -128,6 +130,7 @@ impl Budget {
             useful: 0,
             last_stream: 0,
             idle_streak: 0,
+            ahead: 0,
         }
     }
 
@@ -144,9 +147,15 @@ impl Budget {
                 *last = (*last).max(stream);
             }
         });
-        // A payload's bytes count as useful when its header passes, so they may be more
-        // than this read's.
-        self.idle_streak += (bytes.len() as u64).saturating_sub(self.useful - useful_before);
+        // A payload is counted useful when its frame's header passes, before its bytes do:
+        // what is still to come of it (`ahead`) covers the first bytes of the next reads,
+        // which would otherwise count as frames that do no work (an upload split across
+        // reads gave up its turn as a flood does).
+        let len = bytes.len() as u64;
+        let ahead = self.ahead + (self.useful - useful_before);
+        let covered = ahead.min(len);
+        self.ahead = ahead - covered;
+        self.idle_streak += len - covered;
         self.total > self.useful.saturating_mul(RATIO).saturating_add(ALLOWANCE)
     }
 
@@ -399,6 +408,33 @@ mod tests {
         // The next turn reads as much again.
         let mut buf = ReadBuf::new(&mut mem);
         assert!(Pin::new(&mut flood).poll_read(&mut cx, &mut buf).is_ready());
+    }
+
+    /// An upload's DATA frames are work, however they are split across reads: a payload is
+    /// counted when its frame's header passes, and the rest of it, in the reads after, was
+    /// counted again as frames that do no work, so that a client sending a body gave up its
+    /// turn every 16 KiB or so, as a flood does.
+    #[test]
+    fn an_upload_split_across_reads_is_no_flood_s_turn() {
+        let mut budget = Budget::new();
+        let mut upload = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        upload.extend(frame(0x1, 1, b"head"));
+        for _ in 0..64 {
+            upload.extend(frame(0x0, 1, &[b'b'; 16 * 1024]));
+        }
+        for piece in upload.chunks(4096) {
+            assert!(!budget.read(piece), "a flood");
+        }
+        // Only the frames' 9-byte headers and the preface do no work.
+        assert!(
+            budget.idle_streak < 1024,
+            "{} idle bytes",
+            budget.idle_streak
+        );
+        // A control frame after the last payload still counts, whole.
+        let before = budget.idle_streak;
+        assert!(!budget.read(&frame(0x6, 0, b"12345678")));
+        assert_eq!(budget.idle_streak, before + 17);
     }
 
     #[derive(Default)]
