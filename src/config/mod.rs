@@ -606,11 +606,12 @@ fn url_outline(text: &str) -> (String, Option<&str>) {
         Some((scheme, rest)) if scheme_chars(scheme) => {
             let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
             let (authority, path) = rest.split_at(end);
+            // An `@` further on may end a user name or password that holds a `/`, `?` or
+            // `#`: what comes before the cut could be part of it, after an `@` of its own too
+            // (`user:p@ss/word@host`).
             let host = match authority.rsplit_once('@') {
+                _ if path.contains('@') => "…",
                 Some((_, host)) => host,
-                // An `@` further on may end a user name or password that holds a `/`, `?` or
-                // `#`: what comes before the cut could be part of it.
-                None if path.contains('@') => "…",
                 None => authority,
             };
             let tail = if path.is_empty() { "" } else { "/…" };
@@ -2605,6 +2606,8 @@ mod tests {
             url = "https://XOXOuser:XO?XO@hooks.example.com/x"
             [[notify]]
             url = "https://XOXOuser:XO XO@hooks.example.com/x"
+            [[notify]]
+            url = "https://XOXOuser:XO@XO/XO@hooks.example.com/x"
             "#
         );
         let p = problems(&text);
@@ -2660,6 +2663,11 @@ mod tests {
                 (
                     "notify[8].url",
                     "\"https://hooks.example.com/…\" is not an http:// or https:// URL",
+                ),
+                // A password holding an `@` before its `/`: the text between them is no host.
+                (
+                    "notify[9].url",
+                    "\"https://…/…\" has a user name or password (before the @, not shown here), which intermission does not send: give it as `headers = { Authorization = \"Basic …\" }` (the base64 of user:password), sign the events with `secret`, or give the receiver's token in the path",
                 ),
             ],
             "{p:#?}"
