@@ -769,7 +769,6 @@ impl Notifier {
         drop(states);
         drop(retired_states);
         for (i, dropped, url, id) in removals {
-            d.settle(dropped);
             if dropped > 0 {
                 tracing::warn!(
                     webhook = url,
@@ -778,6 +777,8 @@ impl Notifier {
                     "webhook removed by a reload: dropped its {dropped} queued event(s)"
                 );
             }
+            // Said before settled, as `give_up_at_stop` says it.
+            d.settle(dropped);
             // Its worker sees `removed` at once, even in a wait between two tries.
             old[i].wake.notify_one();
             retired.push(old[i].clone());
@@ -957,7 +958,6 @@ fn give_up_at_stop(queue: &Queue, d: &Deliverer, under_way: Option<&Event>) {
         return;
     }
     let dropped = left.len();
-    d.settle(dropped);
     let kinds = by_kind(&left);
     tracing::warn!(
         webhook = url,
@@ -966,6 +966,9 @@ fn give_up_at_stop(queue: &Queue, d: &Deliverer, under_way: Option<&Event>) {
         events = kinds,
         "stopping: {dropped} webhook event(s) not delivered ({kinds}); the receiver may still show the state before them"
     );
+    // Settled once said: `finish` returns when all are, and the process may end right after,
+    // before a line still to be written (CI once looked for it in that moment, and missed it).
+    d.settle(dropped);
 }
 
 /// `2 mode_changed, 1 message_updated`: how many of each kind, in the order first seen.
