@@ -326,6 +326,21 @@ pub fn init(log: &LogConfig) -> Flush {
     Flush(())
 }
 
+/// Called by every test that installs a scoped subscriber (`set_default`, `with_default`) to
+/// look at what is logged: installs, once, a global subscriber that takes every event and
+/// keeps none. tracing caches one interest per call site for the whole process, and while a
+/// single dispatcher is registered it asks the thread that first reaches the call site: a
+/// sibling test's thread with no subscriber then cached `never`, and this test's warning was
+/// lost (CI, twice in a day, tokio-rs/tracing#3611). With a global one, every thread asks a
+/// subscriber that is interested.
+#[cfg(test)]
+pub(crate) fn capture_ready() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+    });
+}
+
 /// One access log line. hyper's path (`gateway`) and the relay both write theirs through
 /// `write`, so that the two cannot differ in their fields or formats.
 pub struct AccessLine<'a> {
@@ -620,6 +635,7 @@ mod tests {
             .with_env_filter(super::chosen(&log, env))
             .with_writer(move || writer.clone())
             .finish();
+        super::capture_ready();
         tracing::subscriber::with_default(subscriber, || {
             tracing::warn!(target: "rustls::msgs::handshake", "Illegal SNI extension");
             tracing::warn!(target: "h2::proto::ping_pong", "recv PING ack that we never sent");
@@ -708,6 +724,7 @@ mod tests {
         } else {
             tracing::Dispatch::new(builder.finish())
         };
+        super::capture_ready();
         tracing::dispatcher::with_default(&dispatch, || line.trace(ms));
         let text = kept.0.lock().unwrap().clone();
         String::from_utf8(text).unwrap()

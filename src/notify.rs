@@ -1752,6 +1752,7 @@ mod tests {
             .with_writer(move || writer.clone())
             .finish();
         // The test's runtime is single-threaded: the workers and timers log on this thread.
+        crate::logging::capture_ready();
         let _logging = tracing::subscriber::set_default(subscriber);
         let receiver = Receiver::start(Answer::Hang).await;
         let stats = Arc::new(Counts::default());
@@ -2452,6 +2453,7 @@ mod tests {
 
     /// The JSON lines a test's subscriber wrote, and a guard that keeps it in place.
     fn kept_logs() -> (Kept, tracing::subscriber::DefaultGuard) {
+        crate::logging::capture_ready();
         let kept = Kept::default();
         let writer = kept.clone();
         let subscriber = tracing_subscriber::fmt()
