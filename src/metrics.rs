@@ -384,6 +384,11 @@ impl UpstreamCounters {
     pub fn retried(&self) {
         self.retries.inc();
     }
+
+    #[cfg(test)]
+    pub fn connect_failures(&self) -> u64 {
+        self.failures[UpstreamFailure::Connect as usize].get()
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

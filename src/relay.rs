@@ -547,13 +547,23 @@ async fn relay<C: Client>(
             };
         }
         // A request that could be forwarded here while an `https://` server's protocol is
-        // not known: asked once per server (boxed: only then is its room paid for). One that
-        // chose HTTP/2, or could not be asked, is hyper's, as is every request to it.
-        if matches!(prepared, Prepared::Take(..))
-            && !snap.pool.relayable()
-            && (drain.started() || !Box::pin(snap.pool.learn()).await)
-        {
-            prepared = Prepared::Hyper;
+        // not known: each is asked once as a request waits (boxed: only then is its room
+        // paid for), and one that could not be reached again later. Meanwhile the request
+        // goes to a server the relay reaches: one server down as the proxy started kept the
+        // relay off for all of them. With none healthy, or one that chose HTTP/2, it is
+        // hyper's.
+        let mut chosen = None;
+        if matches!(prepared, Prepared::Take(..)) && !snap.pool.relayable() {
+            if !drain.started() && snap.pool.unasked() {
+                Box::pin(snap.pool.learn(&snap.passive)).await;
+            }
+            chosen = match drain.started() {
+                true => None,
+                false => snap.pool.relay_server(&snap.up, &snap.passive),
+            };
+            if chosen.is_none() {
+                prepared = Prepared::Hyper;
+            }
         }
         let (head, forward, client) = match prepared {
             Prepared::Take(head, client) if !drain.started() => (head, true, client),
@@ -597,7 +607,11 @@ async fn relay<C: Client>(
                 respond_by: respond_by.as_mut(),
                 read_by: read_by.as_mut(),
             };
-            let asked = Asked { head, client };
+            let asked = Asked {
+                head,
+                client,
+                server: chosen,
+            };
             exchange(bufs, &snap, sock, conn, asked, drain, clocks).await
         } else {
             Next::after(put(sock, &bufs.out, &snap).await, false)
@@ -882,7 +896,8 @@ struct Served {
     /// may pause).
     start: tokio::time::Instant,
     status: u16,
-    /// The server that answered, or was tried last.
+    /// The server that answered, or was tried last; before the request is sent, the one
+    /// picked for it, if any (`Asked::server`).
     server: Option<usize>,
     /// The body's bytes passed to the client (without the chunked framing).
     bytes: u64,
@@ -894,6 +909,9 @@ struct Asked {
     head: usize,
     /// The client a trusted peer named, for the access line (`Prepared::Take`).
     client: Option<IpAddr>,
+    /// The server picked among those the relay reaches, while one is not
+    /// (`UpstreamPool::relay_server`); `None`: any, picked as the request is sent.
+    server: Option<usize>,
 }
 
 /// Forwards the request `bufs.request` (the client's is `bufs.input[..asked.head]`), writes
@@ -911,7 +929,7 @@ async fn exchange<C: Client>(
     let served = Served {
         start: tokio::time::Instant::now(),
         status: 0,
-        server: None,
+        server: asked.server,
         bytes: 0,
     };
     let head = asked.head;
@@ -1026,7 +1044,8 @@ async fn answer<C: Client>(
     } = clocks;
     let pool = &snap.pool;
     let timeout = snap.config.upstream.response_timeout;
-    let Some(first) = pool.pick(&snap.up, None) else {
+    // Picked already while the relay does not reach every server (`Asked::server`).
+    let Some(first) = served.server.or_else(|| pool.pick(&snap.up, None)) else {
         tracing::warn!("no upstream server to forward to; answering with the outage response");
         return outage(bufs, snap, sock, head, drain, served).await;
     };
@@ -1121,7 +1140,11 @@ async fn answer<C: Client>(
         let unsent = matches!(error, UpstreamError::Connect { .. });
         let second =
             (server == first && !limited && pool.servers.len() > 1 && (unsent || idempotent))
-                .then(|| pool.pick(&snap.up, Some(first)))
+                .then(|| match pool.relayable() {
+                    true => pool.pick(&snap.up, Some(first)),
+                    // Not to a server the relay does not reach (`UpstreamPool::relay_server`).
+                    false => pool.pick_known(&snap.up, Some(first)),
+                })
                 .flatten()
                 // `snap.up` is as the request found it: one taken out since is not tried.
                 .filter(|&next| !snap.marks.is_down(&pool.names[next]));

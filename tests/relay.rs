@@ -2274,8 +2274,12 @@ impl TlsUp {
 }
 
 async fn tls_up(tls: &Tls) -> TlsUp {
+    tls_up_on(tls, TcpListener::bind("127.0.0.1:0").await.unwrap())
+}
+
+/// `tls_up` on `listener`.
+fn tls_up_on(tls: &Tls, listener: TcpListener) -> TlsUp {
     let acceptor = tls.acceptor(&[b"http/1.1"]);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let ended = Arc::new(AtomicUsize::new(0));
@@ -2351,6 +2355,84 @@ async fn tls_up_proxy(tls: &Tls, up: &TlsUp) -> Proxy {
         up.addr
     ))
     .await
+}
+
+/// One of two `https://` servers down as the proxy starts does not keep the relay off: the
+/// requests go to the other on one kept session, the failed dial that asked the down one its
+/// protocol is counted against it as any failed connect, and once it is up it is asked again
+/// and relayed to as well.
+#[tokio::test]
+async fn an_https_server_down_at_start_leaves_the_relay_the_other_and_is_learned_once_up() {
+    let tls = Tls::new();
+    let up = tls_up(&tls).await;
+    let down = refusing();
+    let proxy = tls
+        .trusting(&format!(
+            "[proxy]\nthreads = 1\n[upstream]\nservers = [\"https://{}\", \"https://{}\"]\n\
+             idle_timeout = \"10s\"\n[health]\nkind = \"tcp\"\ninterval = \"200ms\"\n\
+             down_interval = \"100ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 1\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n",
+            up.addr, down.addr
+        ))
+        .await;
+    // Taken out by its first check before any request: hyper's path sends it none.
+    let healthy = format!(
+        "intermission_upstream_healthy{{server=\"https://{}\"}}",
+        down.addr
+    );
+    assert_eq!(series_reaches(&proxy, &healthy, 0.0).await, Some(0.0));
+    let failed = format!(
+        "intermission_upstream_failures_total{{server=\"https://{}\",reason=\"connect\"}}",
+        down.addr
+    );
+    assert_eq!(series(&proxy, &failed).await, Some(0.0));
+    let mut client = Client::connect(proxy.addr).await;
+    let first = client.get("/").await;
+    assert_eq!(
+        series(&proxy, &failed).await,
+        Some(1.0),
+        "the dial that asked its protocol failed, and counts"
+    );
+    assert!(first.relayed() && first.body == b"ok", "{}", first.head);
+    for i in 1..4 {
+        let a = client.get("/").await;
+        assert!(a.relayed() && a.body == b"ok", "request {i}: {}", a.head);
+    }
+    let mut other = Client::connect(proxy.addr).await;
+    assert!(other.get("/").await.relayed(), "another client's");
+    let sessions = up.seen("/");
+    assert_eq!(sessions.len(), 5);
+    assert!(
+        sessions.iter().all(|&s| s == sessions[0]),
+        "one session kept for all: {sessions:?}"
+    );
+    assert_eq!(
+        series(&proxy, &failed).await,
+        Some(1.0),
+        "asked once while it was down"
+    );
+    let back = tls_up_on(&tls, down.listen());
+    assert_eq!(series_reaches(&proxy, &healthy, 1.0).await, Some(1.0));
+    // Asked again a second after its failed dial, in the background.
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while back.seen("/").is_empty() && std::time::Instant::now() < end {
+        let a = client.get("/").await;
+        assert!(a.relayed() && a.body == b"ok", "{}", a.head);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !back.seen("/").is_empty(),
+        "the server back up was relayed to"
+    );
+    for i in 0..4 {
+        let a = client.get("/").await;
+        assert!(
+            a.relayed() && a.body == b"ok",
+            "request {i} once both are known: {}",
+            a.head
+        );
+    }
+    assert!(back.seen("/").len() >= 2, "round-robin between both");
 }
 
 /// Requests to an `https://` server that speaks HTTP/1.1 are relayed, the first one too (the

@@ -24,6 +24,7 @@ use super::sockets::{self, Counted, Idle, Sockets};
 use super::Hop;
 use crate::body::Body;
 use crate::config::{Protocol, Upstream, UpstreamConfig};
+use crate::health::Passive;
 use crate::tls::TlsError;
 use crate::workers::PerWorker;
 use http::uri::{Parts as UriParts, Uri};
@@ -35,7 +36,7 @@ use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -111,13 +112,24 @@ pub struct UpstreamPool {
     /// How many `https://` servers are not known to choose HTTP/1.1: the relay takes requests
     /// only once none is (`relayable`), since it cannot speak HTTP/2.
     https_unknown: AtomicUsize,
-    /// By server index: the relay asked the `https://` server its protocol (`learn`), which
-    /// it does once, so that a server down or choosing HTTP/2 costs no dial per request.
-    asked: Vec<AtomicBool>,
-    /// How many `https://` servers the relay has not asked yet: once none is left and one is
-    /// still not known to choose HTTP/1.1 (it chose HTTP/2, or could not be asked), the relay
-    /// gives every request to hyper before reading it (`may_relay`).
+    /// By server index: the `https://` server chose HTTP/2 when the relay asked it (`ask`).
+    chose_h2: Vec<AtomicBool>,
+    /// How many `https://` servers chose HTTP/2 when asked: with one, the relay takes no
+    /// request (`may_relay`), since it would never send that server one.
+    https_h2: AtomicUsize,
+    /// By server index, for an `https://` server whose protocol is not known: when the relay
+    /// may ask it (`ask`), in milliseconds after `born`. `0`: never asked yet; `ASKED`: being
+    /// asked, or it answered. A server that could not be reached is asked again later, each
+    /// time later (`ask_backoff`), and only while its checks count it healthy: asked once
+    /// for good, one server down as the proxy started kept the relay off for every server
+    /// until a restart.
+    ask_at: Vec<AtomicU64>,
+    /// By server index: the asks that failed in a row.
+    failed_asks: Vec<AtomicU32>,
+    /// How many `https://` servers the relay has never asked: they are asked as a request
+    /// waits (`learn`), the others in the background (`relay_server`).
     unasked: AtomicUsize,
+    born: Instant,
     next: AtomicUsize,
 }
 
@@ -396,6 +408,17 @@ where
 type TimedHttps = Timed<HttpsConnector>;
 type TimedTcp = Timed<HttpConnector>;
 
+/// `UpstreamPool::ask_at` of a server being asked its protocol, or that answered.
+const ASKED: u64 = u64::MAX;
+
+/// How long after its `failures`-th failed ask in a row an `https://` server that could not
+/// be reached is asked its protocol again: 1 s, doubled each time up to 30 s, as it is asked
+/// only while its checks count it healthy (`UpstreamPool::relay_server`).
+fn ask_backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(5);
+    Duration::from_secs(1u64 << doublings).min(Duration::from_secs(30))
+}
+
 /// At most this many idle connections are kept per server, as hyper-util's pool was set to.
 const MAX_IDLE_PER_SERVER: usize = 1024;
 
@@ -486,11 +509,14 @@ impl UpstreamPool {
                     .filter(|s| s.protocol == Protocol::Https)
                     .count(),
             ),
-            asked: config
+            chose_h2: config
                 .servers
                 .iter()
                 .map(|_| AtomicBool::new(false))
                 .collect(),
+            https_h2: AtomicUsize::new(0),
+            ask_at: config.servers.iter().map(|_| AtomicU64::new(0)).collect(),
+            failed_asks: config.servers.iter().map(|_| AtomicU32::new(0)).collect(),
             unasked: AtomicUsize::new(
                 config
                     .servers
@@ -498,6 +524,7 @@ impl UpstreamPool {
                     .filter(|s| s.protocol == Protocol::Https)
                     .count(),
             ),
+            born: Instant::now(),
             tls,
             next: AtomicUsize::new(0),
         })
@@ -753,6 +780,13 @@ impl UpstreamPool {
                 if !http1.swap(true, Ordering::Relaxed) {
                     self.https_unknown.fetch_sub(1, Ordering::Relaxed);
                 }
+                if self
+                    .chose_h2
+                    .get(index)
+                    .is_some_and(|h2| h2.swap(false, Ordering::Relaxed))
+                {
+                    self.https_h2.fetch_sub(1, Ordering::Relaxed);
+                }
             }
             return Ok(None);
         };
@@ -802,46 +836,158 @@ impl UpstreamPool {
         self.https_unknown.load(Ordering::Relaxed) == 0
     }
 
-    /// Whether the relay may take requests: every server is known to it, or one not known is
-    /// still to be asked (`learn`). Otherwise (an `https://` server chose HTTP/2) each
-    /// request went through the relay's parsing, a boxed `learn` and a loop over the servers,
-    /// only to go to hyper, which parsed it again (helper-142). One relaxed load while every
-    /// server is known.
+    /// Whether the relay may take requests: every server is known to it, or none chose
+    /// HTTP/2 (those not known are still to be asked, or could not be reached, and the relay
+    /// serves the others: `relay_server`). Otherwise each request went through the relay's
+    /// parsing and a loop over the servers only to go to hyper, which parsed it again
+    /// (helper-142). One relaxed load while every server is known.
     pub fn may_relay(&self) -> bool {
-        self.relayable() || self.unasked.load(Ordering::Relaxed) > 0
+        self.relayable() || self.https_h2.load(Ordering::Relaxed) == 0
     }
 
-    /// Learns which protocol each `https://` server not yet known chooses, as a request on
-    /// hyper's path learns it (`dial_h2`: a connection offering HTTP/2 and HTTP/1.1, kept when
-    /// the server chooses HTTP/2, let go when it chooses HTTP/1.1); whether the relay can now
-    /// reach every server (`relayable`). Asked once per server by the relay: without it, the
-    /// first requests of every client connection went to hyper's path, and a busy keep-alive
-    /// connection stays there. A server that fails the dial, or chooses HTTP/2, is left to
-    /// hyper's path, which asks it again for each of its requests while it is not known.
-    pub async fn learn(&self) -> bool {
-        let clients = self.clients.local();
-        for (index, server) in self.servers.iter().enumerate() {
-            let (Some(slot), Some(http1), Some(asked)) = (
-                clients.h2.get(index),
-                self.https_http1.get(index),
-                self.asked.get(index),
-            ) else {
+    /// Whether an `https://` server has never been asked its protocol (`learn`).
+    pub fn unasked(&self) -> bool {
+        self.unasked.load(Ordering::Relaxed) > 0
+    }
+
+    /// Asks each `https://` server never asked yet which protocol it chooses, as a request
+    /// on hyper's path learns it (`dial_h2`: a connection offering HTTP/2 and HTTP/1.1, kept
+    /// when the server chooses HTTP/2, let go when it chooses HTTP/1.1), while the request
+    /// that brought it waits: without it, the first requests of every client connection went
+    /// to hyper's path, and a busy keep-alive connection stays there. One that cannot be
+    /// reached is told to its checker (`passive`) as any failed connect is, and asked again
+    /// later (`relay_server`).
+    pub async fn learn(&self, passive: &[Passive]) {
+        for index in 0..self.servers.len() {
+            let Some(at) = self.ask_at.get(index) else {
                 continue;
             };
-            if server.protocol != Protocol::Https
-                || http1.load(Ordering::Relaxed)
-                || asked.swap(true, Ordering::Relaxed)
+            if !self.unknown_https(index)
+                || at
+                    .compare_exchange(0, ASKED, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err()
             {
                 continue;
             }
             self.unasked.fetch_sub(1, Ordering::Relaxed);
-            // A stream taken on an HTTP/2 connection the server chose is given back at once;
-            // the connection stays kept for hyper's path.
-            if let Err(e) = self.dial_h2(index, slot, Some(http1), None, true).await {
-                tracing::debug!(error = %e, "could not learn an https:// server's protocol");
+            self.ask(index, passive).await;
+        }
+    }
+
+    /// A server for a request the relay takes while some `https://` server's protocol is not
+    /// known: the next healthy one it reaches (`pick_known`), `None` for hyper's path (one
+    /// chose HTTP/2, or none it reaches is healthy). Those that could not be reached, and whose
+    /// checks count them healthy again, are asked again in the background once their
+    /// backoff has passed (`ask_backoff`), the request going on meanwhile: one that never
+    /// answers the dial would have held it `connect_timeout`.
+    pub fn relay_server(self: &Arc<Self>, up: &[bool], passive: &Arc<[Passive]>) -> Option<usize> {
+        if self.https_h2.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let now = self.millis();
+        for (index, at) in self.ask_at.iter().enumerate() {
+            let due = at.load(Ordering::Relaxed);
+            if due == 0
+                || due == ASKED
+                || due > now
+                || !up.get(index).copied().unwrap_or(true)
+                || !self.unknown_https(index)
+                || at
+                    .compare_exchange(due, ASKED, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err()
+            {
+                continue;
+            }
+            let (pool, passive) = (self.clone(), passive.clone());
+            tokio::spawn(async move { pool.ask(index, &passive).await });
+        }
+        self.pick_known(up, None)
+    }
+
+    /// Asks `https://` server `index` its protocol, its `ask_at` taken (`ASKED`).
+    async fn ask(&self, index: usize, passive: &[Passive]) {
+        let clients = self.clients.local();
+        let (Some(slot), Some(http1), Some(at), Some(failed), Some(h2)) = (
+            clients.h2.get(index),
+            self.https_http1.get(index),
+            self.ask_at.get(index),
+            self.failed_asks.get(index),
+            self.chose_h2.get(index),
+        ) else {
+            return;
+        };
+        // A stream taken on an HTTP/2 connection the server chose is given back at once;
+        // the connection stays kept for hyper's path.
+        match self.dial_h2(index, slot, Some(http1), None, true).await {
+            Ok(Some(_)) => {
+                failed.store(0, Ordering::Relaxed);
+                if !http1.load(Ordering::Relaxed) && !h2.swap(true, Ordering::Relaxed) {
+                    self.https_h2.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(None) => failed.store(0, Ordering::Relaxed),
+            Err(source) => {
+                tracing::debug!(error = %source, "could not learn an https:// server's protocol");
+                let server = self
+                    .names
+                    .get(index)
+                    .map_or_else(String::new, |n| n.to_string());
+                let error = match source.is_connect() {
+                    true => super::UpstreamError::Connect { server, source },
+                    false => super::UpstreamError::Failed { server, source },
+                };
+                super::report(passive, index, &error);
+                let failures = failed.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+                let wait = ask_backoff(failures).as_millis();
+                let wait = u64::try_from(wait).unwrap_or(u64::MAX);
+                at.store(
+                    self.millis().saturating_add(wait).min(ASKED - 1),
+                    Ordering::Relaxed,
+                );
             }
         }
-        self.relayable()
+    }
+
+    /// Milliseconds since the pool was made, never 0 (`ask_at`'s "never asked").
+    fn millis(&self) -> u64 {
+        let since = self.born.elapsed().as_millis();
+        u64::try_from(since).unwrap_or(ASKED - 1).max(1)
+    }
+
+    /// Whether server `index` is `https://` and neither known to choose HTTP/1.1 nor HTTP/2.
+    fn unknown_https(&self, index: usize) -> bool {
+        self.servers
+            .get(index)
+            .is_some_and(|s| s.protocol == Protocol::Https)
+            && !self.known_http1(index)
+            && !self
+                .chose_h2
+                .get(index)
+                .is_some_and(|h2| h2.load(Ordering::Relaxed))
+    }
+
+    /// Whether the relay can send to server `index`: `http://`, or `https://` known to
+    /// choose HTTP/1.1.
+    fn reaches(&self, index: usize) -> bool {
+        match self.servers.get(index).map(|s| s.protocol) {
+            Some(Protocol::Http) => true,
+            Some(Protocol::Https) => self.known_http1(index),
+            _ => false,
+        }
+    }
+
+    /// As `pick`, among the servers the relay reaches (`reaches`), and never one taken out
+    /// by its checks: with none healthy, the request is hyper's, whose `pick` knows what to
+    /// do then (`force-open`), and may find a healthy server the relay does not reach.
+    pub fn pick_known(&self, up: &[bool], avoid: Option<usize>) -> Option<usize> {
+        let n = self.servers.len();
+        let start = match avoid {
+            Some(failed) => failed + 1,
+            None => self.next.fetch_add(1, Ordering::Relaxed),
+        };
+        (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&i| Some(i) != avoid && up.get(i).copied().unwrap_or(true) && self.reaches(i))
     }
 
     /// A kept socket to `http://` server `index`, or TLS session to `https://` one, for
@@ -1775,11 +1921,11 @@ mod tests {
         UpstreamPool::new(&config.upstream, 1, &Sockets::unbounded()).unwrap()
     }
 
-    /// Once every `https://` server has been asked and one is still not known to choose
-    /// HTTP/1.1 (it chose HTTP/2, or could not be asked), the relay takes no request: each
-    /// went through its parsing and a boxed `learn` only to go to hyper.
+    /// An `https://` server that could not be asked its protocol does not keep the relay
+    /// off: requests go to the servers it reaches, the failed dial is counted against the
+    /// server, and it is asked again only after its backoff.
     #[tokio::test]
-    async fn the_relay_gives_up_once_every_server_was_asked_and_one_is_not_known() {
+    async fn a_server_that_could_not_be_asked_leaves_the_relay_the_others() {
         assert!(pool(2).may_relay(), "http:// servers alone");
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = closed.local_addr().unwrap();
@@ -1789,14 +1935,26 @@ mod tests {
              connect_timeout = \"1s\"\n"
         );
         let config = Config::parse(&text, Path::new("."), None).unwrap();
-        let pool = UpstreamPool::new(&config.upstream, 1, &Sockets::unbounded()).unwrap();
+        let pool = Arc::new(UpstreamPool::new(&config.upstream, 1, &Sockets::unbounded()).unwrap());
         assert!(!pool.relayable());
-        assert!(pool.may_relay(), "not asked yet");
+        assert!(pool.may_relay() && pool.unasked(), "not asked yet");
+        let (passive, _reports) = crate::health::checker::passive_for_tests(2);
+        pool.learn(&passive).await;
+        assert!(!pool.unasked() && !pool.relayable());
         assert!(
-            !pool.learn().await,
-            "a server that could not be asked is not known"
+            pool.may_relay(),
+            "a server down keeps the relay for the others"
         );
-        assert!(!pool.may_relay(), "asked, and still not known");
+        assert_eq!(passive[1].failures(), 1, "the failed dial is counted");
+        let up = [true, true];
+        for _ in 0..3 {
+            assert_eq!(pool.relay_server(&up, &passive), Some(0));
+        }
+        assert_eq!(pool.relay_server(&[false, true], &passive), None);
+        assert!(
+            pool.ask_at[1].load(Ordering::Relaxed) >= 1000,
+            "asked again later"
+        );
     }
 
     /// A connector that never opens anything: a name server or a TLS handshake that never

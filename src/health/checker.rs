@@ -51,6 +51,34 @@ impl Passive {
     }
 }
 
+/// `n` servers' passive reports, apart from any checker, with the queues they go to.
+#[cfg(test)]
+pub fn passive_for_tests(n: usize) -> (Arc<[Passive]>, Vec<mpsc::Receiver<Report>>) {
+    let metrics = crate::metrics::Metrics::new();
+    let (passive, queues): (Vec<_>, Vec<_>) = (0..n)
+        .map(|i| {
+            let (tx, rx) = mpsc::channel(PASSIVE_QUEUE);
+            let counts = metrics.upstream(&format!("server-{i}"));
+            (
+                Passive {
+                    reports: tx,
+                    counts,
+                },
+                rx,
+            )
+        })
+        .unzip();
+    (passive.into(), queues)
+}
+
+#[cfg(test)]
+impl Passive {
+    /// The failed connects counted.
+    pub fn failures(&self) -> u64 {
+        self.counts.connect_failures()
+    }
+}
+
 /// A failed forward, as the request path tells the server's checker.
 pub struct Report {
     pub why: String,

@@ -419,6 +419,13 @@ pub struct Refusing {
     _held: tokio::net::TcpSocket,
 }
 
+impl Refusing {
+    /// Starts listening on its address: a server that was down comes up.
+    pub fn listen(self) -> tokio::net::TcpListener {
+        self._held.listen(1024).unwrap()
+    }
+}
+
 pub fn refusing() -> Refusing {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
