@@ -299,6 +299,50 @@ fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> 
     socket.listen(4096).map_err(err)
 }
 
+/// The admin listener's socket at start: bound, or held by a predecessor still draining.
+enum AdminSocket {
+    Bound(TcpListener),
+    Later(SocketAddr),
+}
+
+/// Whether `addr` is the admin listener of a proxy that is draining: its `/readyz` answers
+/// `503` "not ready" (a program that answers otherwise, or not within a second, holds the
+/// address for good, and the start is refused as before).
+async fn predecessor_draining(addr: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ask = async {
+        let mut sock = tokio::net::TcpStream::connect(addr).await?;
+        sock.write_all(b"GET /readyz HTTP/1.1\r\nHost: intermission\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut answer = Vec::new();
+        sock.take(4096).read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    match tokio::time::timeout(Duration::from_secs(1), ask).await {
+        Ok(Ok(answer)) => answer.starts_with(b"HTTP/1.1 503 ") && answer.ends_with(b"not ready"),
+        _ => false,
+    }
+}
+
+/// Binds `addr` once its holder (a predecessor ending its drain, `shutdown_timeout` at most)
+/// has let it go.
+async fn bind_when_free(addr: SocketAddr) -> TcpListener {
+    let mut said = false;
+    loop {
+        match bind(addr, "admin.listen") {
+            Ok(l) => return l,
+            Err(e) => {
+                let in_use = matches!(&e, StartError::Bind { source, .. } if source.kind() == ErrorKind::AddrInUse);
+                if !in_use && !said {
+                    tracing::warn!("{e}; trying again");
+                    said = true;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A started proxy: its bound addresses, and the handles to reload or stop it.
 pub struct Running {
     admin_addr: Option<SocketAddr>,
@@ -351,7 +395,23 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let kept_notifier = notifier.clone();
     let admin_listen = config.admin.listen;
     let admin = match config.admin.listen {
-        Some(addr) => Some(bind(addr, "admin.listen")?),
+        Some(addr) => Some(match bind(addr, "admin.listen") {
+            Ok(listener) => AdminSocket::Bound(listener),
+            // A restart that starts this proxy as its predecessor drains (whose admin
+            // listener says "not ready" until it exits): refused, the restart left no proxy
+            // at all once that drain ended.
+            Err(StartError::Bind { source, .. })
+                if source.kind() == ErrorKind::AddrInUse && predecessor_draining(addr).await =>
+            {
+                tracing::warn!(
+                    %addr,
+                    "admin.listen {addr} is held by a proxy still draining: /metrics, /healthz \
+                     and /readyz are served here once it has exited"
+                );
+                AdminSocket::Later(addr)
+            }
+            Err(e) => return Err(e),
+        }),
         None => None,
     };
     let (parts, certificates) =
@@ -404,17 +464,29 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             recheck_control.clone(),
         )),
     ];
-    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    let admin_addr = admin.as_ref().and_then(|a| match a {
+        AdminSocket::Bound(l) => l.local_addr().ok(),
+        AdminSocket::Later(addr) => Some(*addr),
+    });
     let draining = Arc::new(AtomicBool::new(false));
-    let admin = admin.map(|l| {
-        if let Some(addr) = admin_addr {
-            tracing::info!(%addr, "admin listener on {addr} (/metrics, /healthz, /readyz)");
-        }
+    let admin = admin.map(|a| {
         // Ready from here (listeners bound, config and state loaded) until shutdown starts.
         let flag = draining.clone();
         let ready: crate::admin::Ready = Arc::new(move || !flag.load(Ordering::Relaxed));
-        let (stop, stopped) = shutdown::channel();
-        let task = tokio::spawn(crate::admin::serve(l, metrics, ready, stopped));
+        let (stop, mut stopped) = shutdown::channel();
+        let task = tokio::spawn(async move {
+            let l = match a {
+                AdminSocket::Bound(l) => l,
+                AdminSocket::Later(addr) => tokio::select! {
+                    l = bind_when_free(addr) => l,
+                    () = stopped.fired() => return,
+                },
+            };
+            if let Ok(addr) = l.local_addr() {
+                tracing::info!(%addr, "admin listener on {addr} (/metrics, /healthz, /readyz)");
+            }
+            crate::admin::serve(l, metrics, ready, stopped).await;
+        });
         (stop, task)
     });
     Ok(Running {

@@ -608,6 +608,89 @@ async fn sigint_drains_for_at_most_shutdown_timeout_then_exits_0() {
     assert!(got.is_ok(), "the in-flight client was left hanging");
 }
 
+/// A restart that starts the next proxy as soon as the old one is told to stop (`kill -TERM`,
+/// then `run`): its listeners are closed at the signal, but its admin listener says "not
+/// ready" until its drain ends, and the next proxy, refused its `admin.listen`, exited, so
+/// that once the drain ended no proxy was running at all. It starts, serves, and takes the
+/// admin listener once the old one has let it go.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_next_proxy_starts_while_the_old_one_drains_and_takes_its_admin_listener() {
+    let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let up = never_answering(arrived.clone()).await;
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = format!(
+        "[upstream]\nservers = [\"{}\"]\nresponse_timeout = \"1h\"\n[proxy]\nshutdown_timeout = \"3s\"\n[admin]\nlisten = \"{admin}\"\n",
+        up.url()
+    );
+    let old_dir = tempfile::tempdir().unwrap();
+    let mut old = ProxyProcess::start(old_dir.path(), &config);
+    let addr = old.addr;
+    let stuck = tokio::spawn(async move {
+        raw_exchange(
+            addr,
+            b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\n",
+            Duration::from_secs(30),
+        )
+        .await
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)
+            > 0)
+        .await
+    );
+    old.signal("TERM");
+    // What the admin listener says, or "" while nothing listens there.
+    let readyz = || async move {
+        match tokio::net::TcpStream::connect(admin).await {
+            Ok(mut s) => {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let ask = b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+                let mut said = Vec::new();
+                let read = async {
+                    s.write_all(ask).await?;
+                    s.read_to_end(&mut said).await
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+                String::from_utf8_lossy(&said).into_owned()
+            }
+            Err(_) => String::new(),
+        }
+    };
+    let draining = wait_until_async(|| async { readyz().await.ends_with("not ready") }).await;
+    assert!(draining, "the old proxy's /readyz never said it drains");
+    let new_dir = tempfile::tempdir().unwrap();
+    let mut new = ProxyProcess::start(new_dir.path(), &config);
+    assert!(
+        new.child.try_wait().unwrap().is_none(),
+        "the next proxy did not start: {:?}",
+        new.log_lines()
+    );
+    assert!(new
+        .log_lines()
+        .iter()
+        .any(|l| l.contains("is held by a proxy still draining")));
+    assert_eq!(get(&new.url("/_intermission/status")).await.status(), 200);
+    let old_status = tokio::task::spawn_blocking(move || old.wait_exit(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(old_status.map(|s| s.code()), Some(Some(0)));
+    let _ = stuck.await;
+    let ready = wait_until_async(|| async {
+        let said = readyz().await;
+        said.starts_with("HTTP/1.1 200 ") && said.ends_with("ready")
+    })
+    .await;
+    assert!(ready, "the next proxy never took the admin listener");
+    new.signal("TERM");
+    let new_status = tokio::task::spawn_blocking(move || new.wait_exit(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(new_status.map(|s| s.code()), Some(Some(0)));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn access_log_lines_are_json_with_the_request_facts() {
     let up = echo_upstream().await;
