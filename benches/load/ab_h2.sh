@@ -12,35 +12,12 @@ ROUNDS=${3:-6}
 OLDPID=""; NEWPID=""
 W=$(mktemp -d); mkdir -p $W/up $W/ngt
 trap 'kill $OLDPID $NEWPID 2>/dev/null; nginx -c $W/up/nginx.conf -s stop 2>/dev/null; nginx -c $W/ngt/nginx.conf -s stop 2>/dev/null; rm -rf $W' EXIT
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
-  -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" -keyout $W/key.pem -out $W/cert.pem 2>/dev/null
-BODY=$(head -c 100 /dev/zero | tr '\0' 'x')
-common() { echo "worker_processes $1; pid $2/nginx.pid; error_log $2/error.log; events { worker_connections 4096; } http { access_log off; client_body_temp_path $2/t1; proxy_temp_path $2/t2; fastcgi_temp_path $2/t3; uwsgi_temp_path $2/t4; scgi_temp_path $2/t5; keepalive_requests 1000000; keepalive_timeout 75s;"; }
-{ common 1 $W/up; echo "server { listen 127.0.0.1:18080; location / { return 200 '$BODY'; } } }"; } > $W/up/nginx.conf
-{ common 1 $W/ngt; echo "upstream app { server 127.0.0.1:18080; keepalive 128; } server { listen 127.0.0.1:18445 ssl http2; ssl_certificate $W/cert.pem; ssl_certificate_key $W/key.pem; ssl_protocols TLSv1.2 TLSv1.3; location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } } }"; } > $W/ngt/nginx.conf
-nginx -c $W/up/nginx.conf; nginx -c $W/ngt/nginx.conf
-conf() { mkdir -p $W/$1; cat > $W/$1/config.toml <<EOC
-[proxy]
-listen = []
-threads = 1
-[upstream]
-servers = ["http://127.0.0.1:18080"]
-[health]
-interval = "5s"
-[log]
-access_log = false
-level = "warn"
-[control]
-socket = "$W/$1/control.sock"
-state_file = "$W/$1/state.json"
-[tls]
-listen = ["127.0.0.1:$2"]
-[[tls.certificates]]
-cert = "$W/cert.pem"
-key = "$W/key.pem"
-EOC
-}
-conf old 18443; conf new 18444
+. "$(dirname "$0")/h2_row.sh"
+h2_cert $W
+h2_upstream $W 18080
+{ nginx_common 1 $W/ngt; echo "upstream app { server 127.0.0.1:18080; keepalive 128; } server { listen 127.0.0.1:18445 ssl http2; ssl_certificate $W/cert.pem; ssl_certificate_key $W/key.pem; ssl_protocols TLSv1.2 TLSv1.3; location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } } }"; } > $W/ngt/nginx.conf
+nginx -c $W/ngt/nginx.conf
+h2_im_config $W/old 18080 18443 $W; h2_im_config $W/new 18080 18444 $W
 $OLD run -c $W/old/config.toml > $W/old/log 2>&1 & OLDPID=$!
 $NEW run -c $W/new/config.toml > $W/new/log 2>&1 & NEWPID=$!
 sleep 2

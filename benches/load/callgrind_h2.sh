@@ -10,31 +10,10 @@ BIN=$1; W=$2; rm -rf $W; mkdir -p $W/up $W/im
 UP=${UP_PORT:-28152}; TLSP=${TLS_PORT:-28153}
 VPID=""
 trap 'kill $VPID 2>/dev/null; wait $VPID 2>/dev/null; nginx -c $W/up/nginx.conf -s stop 2>/dev/null' EXIT
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
-  -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" -keyout $W/key.pem -out $W/cert.pem 2>/dev/null
-BODY=$(head -c 100 /dev/zero | tr '\0' 'x')
-echo "worker_processes 1; pid $W/up/nginx.pid; error_log $W/up/error.log; events { worker_connections 4096; } http { access_log off; client_body_temp_path $W/up/t1; proxy_temp_path $W/up/t2; fastcgi_temp_path $W/up/t3; uwsgi_temp_path $W/up/t4; scgi_temp_path $W/up/t5; keepalive_requests 1000000; keepalive_timeout 75s; server { listen 127.0.0.1:$UP; location / { return 200 '$BODY'; } } }" > $W/up/nginx.conf
-nginx -c $W/up/nginx.conf
-cat > $W/im/config.toml <<EOC
-[proxy]
-listen = []
-threads = 1
-[upstream]
-servers = ["http://127.0.0.1:$UP"]
-[health]
-interval = "5s"
-[log]
-access_log = false
-level = "warn"
-[control]
-socket = "$W/im/control.sock"
-state_file = "$W/im/state.json"
-[tls]
-listen = ["127.0.0.1:$TLSP"]
-[[tls.certificates]]
-cert = "$W/cert.pem"
-key = "$W/key.pem"
-EOC
+. "$(dirname "$0")/h2_row.sh"
+h2_cert $W
+h2_upstream $W $UP
+h2_im_config $W/im $UP $TLSP $W
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$W/cg.out.%p $BIN run -c $W/im/config.toml > $W/im/log 2>&1 & VPID=$!
 for i in $(seq 60); do curl -sk --http2 https://127.0.0.1:$TLSP/ -o /dev/null && break; sleep 1; done
 h2load -t1 -c16 -m8 -n 3000 https://127.0.0.1:$TLSP/ | grep -E "requests:|status codes"
