@@ -665,7 +665,9 @@ pub async fn run_until_signal(config: Config) -> Result<(), RunError> {
         tokio::select! {
             _ = &mut shutdown => break,
             sig = terminate.recv() => {
-                tracing::warn!("{sig} received again; stopping now, closing the connections still open");
+                // "again" only for the same signal: a Ctrl-C after a `kill -TERM` is not one.
+                let when = if sig == name { "again" } else { "while stopping" };
+                tracing::warn!("{sig} received {when}; stopping now, closing the connections still open");
                 // What the webhooks still hold is counted and logged as not delivered, not
                 // lost without a word.
                 notifier.finish(tokio::time::Instant::now()).await;

@@ -2197,6 +2197,33 @@ async fn a_second_sigterm_stops_the_drain_at_once() {
     );
 }
 
+/// A Ctrl-C after a `kill -TERM` stops the drain too, and the log says which signal came,
+/// not that the same one came "again".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigint_during_the_drain_is_named_as_such() {
+    let (_up, _dir, proxy, _tunnel) = draining_with_a_tunnel("1h").await;
+    let log = proxy.log.clone();
+    let again = std::time::Instant::now();
+    proxy.signal("INT");
+    let (status, waited) = exit_after(proxy, again).await;
+    assert_eq!(
+        status.map(|s| s.code()),
+        Some(Some(0)),
+        "SIGINT did not stop the draining proxy with exit 0 (waited {waited:?})"
+    );
+    let lines = log.lock().unwrap().clone();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("SIGINT received while stopping; stopping now")),
+        "{lines:#?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("received again")),
+        "{lines:#?}"
+    );
+}
+
 /// A control socket removed by hand, or by a cleaner of `/tmp` or `/run`, is bound again at
 /// the next SIGHUP, with its mode: `ctl` reaches the proxy again without a restart, whose
 /// drain would refuse clients. Before, only a restart brought it back.
