@@ -305,6 +305,20 @@ impl Config {
                  \"0660\" and a group for the operators"
             ));
         }
+        for (i, target) in self.notify.iter().enumerate() {
+            let short = target.secret.as_ref().map_or(0, |s| s.chars().count());
+            if (1..MIN_WEBHOOK_SECRET).contains(&short) {
+                // Refusing it would stop a config that ran yesterday; a receiver that checks
+                // the signature is only as safe as the key, which one signed event lets anyone
+                // guess offline.
+                warnings.push(format!(
+                    "notify[{i}].secret is too short ({short} of at least \
+                     {MIN_WEBHOOK_SECRET} characters; `openssl rand -hex 16` makes one): one \
+                     signed event lets anyone guess so short a key offline and sign events of \
+                     their own"
+                ));
+            }
+        }
         warnings
     }
 
@@ -519,6 +533,9 @@ struct Validator<'t> {
     /// The file as written, for `problem` to know a secret it must not repeat.
     written: &'t toml::Table,
 }
+
+/// Below this, a webhook's `secret` is warned about, as `bypass_secret` is refused.
+const MIN_WEBHOOK_SECRET: usize = 16;
 
 /// A key whose value is a secret or may hold one (a webhook URL often carries its token in
 /// the path: Slack's `/services/T…/B…/…`).
@@ -2223,6 +2240,34 @@ mod tests {
             assert!(w[0].contains("lets every local user connect"), "{w:?}");
         }
         assert!(warnings("0777")[0].starts_with("control.socket_mode \"0777\""));
+    }
+
+    #[test]
+    fn a_short_webhook_secret_is_warned_about_and_never_shown() {
+        let warnings = |secret: &str| {
+            let text = format!(
+                "[[notify]]\nurl = \"https://hooks.example/x\"\n\n[[notify]]\n\
+                 url = \"https://hooks.example/y\"\nsecret = \"{secret}\"\n"
+            );
+            Config::parse(&text, Path::new("."), None)
+                .map(|c| c.warnings())
+                .unwrap_or_else(|e| panic!("{secret}: {e}"))
+        };
+        for secret in ["", "0123456789abcdef", "ééééééééééééééééé"] {
+            assert_eq!(warnings(secret), Vec::<String>::new(), "{secret:?}");
+        }
+        for secret in ["Z", "hunter2", "0123456789abcde"] {
+            let w = warnings(secret);
+            assert_eq!(w.len(), 1, "{secret:?}: {w:?}");
+            let n = secret.len();
+            assert!(
+                w[0].starts_with(&format!(
+                    "notify[1].secret is too short ({n} of at least 16"
+                )),
+                "{w:?}"
+            );
+            assert!(!w[0].contains(secret), "{w:?}");
+        }
     }
 
     #[test]
