@@ -1731,7 +1731,7 @@ fn same_place(a: &Path, b: &Path) -> bool {
 }
 
 /// The longest control socket path: a Unix socket's address holds 107 bytes, and the socket
-/// is bound under a temporary name beside it (`.{name}.{pid}`, `control::server::bind`),
+/// is bound under a temporary name beside it (`.{pid}/{name}`, `control::server::bind`),
 /// nine bytes longer with the longest process id.
 const MAX_SOCKET_PATH: usize = 107 - 9;
 

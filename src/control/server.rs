@@ -194,14 +194,14 @@ fn bind_once(path: &Path, mode: u32) -> Result<UnixListener, Placed> {
             }
         }
     }
-    // Bound under a temporary name and given its permissions before it appears at `path`, so
-    // that no one can connect in the moment between bind and chmod.
-    let staging = staging(path);
-    let _ = std::fs::remove_file(&staging);
-    let listener = UnixListener::bind(&staging).map_err(io)?;
-    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
-        .and_then(|()| place(&staging, path));
-    let _ = std::fs::remove_file(&staging);
+    // Bound in a private folder and given its permissions before it appears at `path`, so
+    // that no one can connect in the moment between bind and chmod, when the socket has the
+    // umask's permissions (with `umask 000`, everyone's).
+    let staging = Staging::new(path).map_err(io)?;
+    let listener = UnixListener::bind(&staging.socket).map_err(io)?;
+    let placed = std::fs::set_permissions(&staging.socket, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| place(&staging.socket, path));
+    drop(staging);
     match placed {
         Ok(()) => Ok(listener),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Placed::Taken(e)),
@@ -227,14 +227,40 @@ fn place(staging: &Path, path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// The name beside `path` that the socket is bound under before it is moved there: this
-/// process's own, so that no other's is ever removed.
-fn staging(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}", std::process::id()))
+/// Where the socket is bound before it is placed at `path`: `.{pid}/{name}` beside it, in a
+/// folder only this user may enter (so no one else can connect there, whatever the socket's
+/// own permissions), this process's own (so no other's is ever removed), and no longer than
+/// `config::MAX_SOCKET_PATH` allows for. Removed when dropped.
+struct Staging {
+    folder: PathBuf,
+    socket: PathBuf,
+}
+
+impl Staging {
+    fn new(path: &Path) -> std::io::Result<Staging> {
+        use std::os::unix::fs::DirBuilderExt;
+        let folder = path.with_file_name(format!(".{}", std::process::id()));
+        let socket = folder.join(path.file_name().unwrap_or_default());
+        let make = || std::fs::DirBuilder::new().mode(0o700).create(&folder);
+        if let Err(e) = make() {
+            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                return Err(e);
+            }
+            // A crash's leftover, of an earlier process that had this id: removed only when
+            // it holds nothing but its socket, else its maker's error stands.
+            let _ = std::fs::remove_file(&socket);
+            std::fs::remove_dir(&folder).map_err(|_| e)?;
+            make()?;
+        }
+        Ok(Staging { folder, socket })
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_dir(&self.folder);
+    }
 }
 
 /// Whether the control socket can be made at `path`, for `check`: a socket is bound in its
@@ -245,10 +271,9 @@ pub fn probe(path: &Path) -> Result<(), ControlError> {
         path: path.to_path_buf(),
         source,
     };
-    let staging = staging(path);
-    let _ = std::fs::remove_file(&staging);
-    drop(std::os::unix::net::UnixListener::bind(&staging).map_err(err)?);
-    std::fs::remove_file(&staging).map_err(err)
+    let staging = Staging::new(path).map_err(err)?;
+    drop(std::os::unix::net::UnixListener::bind(&staging.socket).map_err(err)?);
+    std::fs::remove_file(&staging.socket).map_err(err)
 }
 
 /// Control connections open at once. One more takes the place of the connection that has
@@ -981,9 +1006,10 @@ mod tests {
         let path = dir.path().join("c.sock");
         let other = std::os::unix::net::UnixListener::bind(&path).unwrap();
         let before = file_id(&path).unwrap();
-        let staging = staging(&path);
-        let _ours = std::os::unix::net::UnixListener::bind(&staging).unwrap();
-        let e = place(&staging, &path).expect_err("placed over the other socket");
+        let staging = Staging::new(&path).unwrap();
+        let staging = &staging.socket;
+        let _ours = std::os::unix::net::UnixListener::bind(staging).unwrap();
+        let e = place(staging, &path).expect_err("placed over the other socket");
         assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
         assert_eq!(
             file_id(&path).unwrap(),
@@ -994,8 +1020,8 @@ mod tests {
         drop(other);
         // And with the path free, it is placed, the same socket under both names.
         let free = dir.path().join("free.sock");
-        place(&staging, &free).unwrap();
-        assert_eq!(file_id(&free).unwrap(), file_id(&staging).unwrap());
+        place(staging, &free).unwrap();
+        assert_eq!(file_id(&free).unwrap(), file_id(staging).unwrap());
     }
 
     /// Binding leaves no temporary name beside the socket.
@@ -1010,6 +1036,30 @@ mod tests {
             .collect();
         assert_eq!(names, ["c.sock"]);
         drop(std::os::unix::net::UnixStream::connect(&path).unwrap());
+    }
+
+    /// The socket is bound where only this user may reach it, so that the moment before its
+    /// permissions are set (it has the umask's, everyone's under `umask 000`) lets no one in;
+    /// and that folder is gone after, with a crash's leftover of it.
+    #[test]
+    fn the_socket_is_staged_in_a_folder_only_its_user_may_enter() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let leftover = dir.path().join(format!(".{}", std::process::id()));
+        std::fs::create_dir(&leftover).unwrap();
+        std::fs::set_permissions(&leftover, std::fs::Permissions::from_mode(0o777)).unwrap();
+        drop(std::os::unix::net::UnixListener::bind(leftover.join("c.sock")).unwrap());
+        let staging = Staging::new(&path).unwrap();
+        assert_eq!(staging.socket.parent(), Some(leftover.as_path()));
+        let mode = std::fs::metadata(&leftover).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{mode:o}");
+        // Its path is no longer than the limit the config holds socket paths to allows for.
+        let longer = staging.socket.as_os_str().len() - path.as_os_str().len();
+        assert!(longer <= 107 - 98, "{longer}");
+        drop(std::os::unix::net::UnixListener::bind(&staging.socket).unwrap());
+        drop(staging);
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(names.is_empty(), "{names:?}");
     }
 
     #[test]
