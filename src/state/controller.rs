@@ -1136,6 +1136,19 @@ impl Controller {
             let old = self.handle.load();
             (old.mode, old.held.as_ref().and_then(|h| h.view.since))
         };
+        // Said, since times in `status` and the log then run behind ones already written: a
+        // window in force stays so until its end (`Window::started`), which comes later by as
+        // much.
+        if let Ok(back) = self.published_at.duration_since(now) {
+            if back >= Duration::from_secs(1) {
+                tracing::warn!(
+                    "the system clock went back by {} (from {} to {}); windows and announced ends are wall-clock times, and a window in force stays in force until its end",
+                    humantime::format_duration(Duration::from_secs(back.as_secs())),
+                    crate::time::Timestamp(self.published_at).rfc3339(),
+                    crate::time::Timestamp(now).rfc3339()
+                );
+            }
+        }
         self.published_at = now;
         let snapshot = Snapshot::build(
             &self.parts,
@@ -1632,6 +1645,55 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(r.mode_becomes(Mode::Maintenance).await);
         r.clock.set(r.at(150));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(r.mode_becomes(Mode::Normal).await);
+    }
+
+    /// The wall clock set back during a window, to before its start (NTP stepping a clock
+    /// that ran fast, `date -s`): the window that has begun stays in force until its end, as
+    /// the wall clock reaches it, whatever publishes meanwhile. Before, the next publish (here
+    /// a command; a health check's flip as well) ended it mid-work and sent traffic to the
+    /// application, and it began again at its start: two starts and two ends told.
+    #[tokio::test(start_paused = true)]
+    async fn a_window_in_force_stays_so_when_the_clock_goes_back() {
+        let r = rig().await;
+        assert!(r.ask(window("+10s", "+20s")).await.ok);
+        r.clock.set(r.at(12));
+        assert!(r.mode_becomes(Mode::Maintenance).await);
+        r.clock.set(r.at(5));
+        // Anything that publishes: a command that changes nothing.
+        assert!(r.ask(Request::ForceOpen { enabled: true }).await.ok);
+        let state = r.ask(Request::Status).await.state.expect("state");
+        assert_eq!(state.mode, Mode::Maintenance, "ended by a clock set back");
+        assert_eq!(
+            state.next_window, None,
+            "the window in force is not the next one"
+        );
+        assert_eq!(state.until.map(|u| u.0), Some(r.at(20)));
+        r.clock.set(r.at(19));
+        assert!(r.ask(Request::ForceOpen { enabled: true }).await.ok);
+        assert_eq!(r.mode().await, Mode::Maintenance);
+        // `off` ends it, as it ends any window in force.
+        assert!(r.ask(Request::Off).await.ok);
+        assert_eq!(r.mode().await, Mode::Normal);
+        let list = r.ask(Request::ScheduleList).await.schedules.expect("list");
+        assert!(list.is_empty(), "{list:?}");
+    }
+
+    /// The same window, left to its end: it ends at its end by the wall clock, once.
+    #[tokio::test(start_paused = true)]
+    async fn a_window_begun_before_the_clock_went_back_ends_at_its_end() {
+        let r = rig().await;
+        assert!(r.ask(window("+10s", "+20s")).await.ok);
+        r.clock.set(r.at(12));
+        assert!(r.mode_becomes(Mode::Maintenance).await);
+        r.clock.set(r.at(3));
+        for at in [4, 9, 10, 15, 19] {
+            r.clock.set(r.at(at));
+            tokio::time::advance(Duration::from_secs(1)).await;
+            assert_eq!(r.mode().await, Mode::Maintenance, "at {at}");
+        }
+        r.clock.set(r.at(20));
         tokio::time::advance(Duration::from_secs(60)).await;
         assert!(r.mode_becomes(Mode::Normal).await);
     }

@@ -155,12 +155,20 @@ pub struct Window {
     #[serde(default)]
     pub message: Option<String>,
     pub by: String,
+    /// The window has begun (its start was seen to pass). Kept, in the state file too, so that
+    /// a wall clock set back before its start (NTP stepping a clock that ran fast, `date -s`)
+    /// neither ends it mid-work, sending traffic to an application under maintenance, nor
+    /// starts it a second time: it ends at its end, as the wall clock reaches it. An older
+    /// version ignores the field.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub started: bool,
 }
 
 impl Window {
-    /// Whether the window holds maintenance at `now`: from its start, until its end.
+    /// Whether the window holds maintenance at `now`: from its start (or once begun, whatever
+    /// the clock says since: `started`), until its end.
     pub fn in_force(&self, now: SystemTime) -> bool {
-        self.start.0 <= now && now < self.end.0
+        (self.started || self.start.0 <= now) && now < self.end.0
     }
 }
 
@@ -432,6 +440,9 @@ impl Persisted {
             }
         }
         self.schedules.retain(|w| w.end.0 > now);
+        for w in &mut self.schedules {
+            w.started |= w.start.0 <= now;
+        }
         let kept = |c: &Continues| self.schedules.iter().any(|w| w.id == c.window);
         self.continues = self.continues.filter(kept);
         if self.mode(upstream_healthy, now) == Mode::Normal {
@@ -470,8 +481,10 @@ impl Persisted {
         }
         let t = w.start.0.checked_sub(Duration::from_nanos(1))?;
         let mut then = self.clone();
-        // An `on` given during the window was not in force before it.
+        // An `on` given during the window was not in force before it, nor the window itself,
+        // begun since.
         then.planned = then.planned.filter(|p| p.since.0 <= t);
+        then.schedules.retain(|x| x.id != w.id);
         let healthy = self.outage_since.is_none_or(|s| s.0 > t);
         Some(then.mode(healthy, t))
     }
@@ -481,11 +494,12 @@ impl Persisted {
         self.schedules.iter().find(|w| w.in_force(now))
     }
 
-    /// The next window to start after `now`.
+    /// The next window to start after `now` (not one begun already, which a clock set back
+    /// puts after `now`).
     pub fn next_window(&self, now: SystemTime) -> Option<&Window> {
         self.schedules
             .iter()
-            .filter(|w| w.start.0 > now)
+            .filter(|w| w.start.0 > now && !w.started)
             .min_by_key(|w| w.start)
     }
 
@@ -493,7 +507,8 @@ impl Persisted {
     pub fn next_edge(&self, now: SystemTime) -> Option<SystemTime> {
         self.schedules
             .iter()
-            .flat_map(|w| [w.start.0, w.end.0])
+            .flat_map(|w| [(!w.started).then_some(w.start.0), Some(w.end.0)])
+            .flatten()
             .filter(|&t| t > now)
             .min()
     }
@@ -551,10 +566,15 @@ impl Persisted {
         if end <= start {
             return bad("end must be after start, in another second: windows are whole seconds");
         }
+        // A window begun holds from now on, even where a clock set back puts its start ahead.
+        let from = |w: &Window| match w.started {
+            true => w.start.0.min(now),
+            false => w.start.0,
+        };
         if let Some(w) = self
             .schedules
             .iter()
-            .find(|w| start < w.end.0 && w.start.0 < end)
+            .find(|w| start < w.end.0 && from(w) < end)
         {
             return Err(ChangeError::BadValue(format!(
                 "overlaps window {} ({} to {})",
@@ -586,6 +606,7 @@ impl Persisted {
             end: Timestamp(end),
             message,
             by,
+            started: false,
         });
         self.schedules.sort_by_key(|w| w.start);
         Ok(())
@@ -970,6 +991,45 @@ mod tests {
         assert_eq!(s.next_window(t(150)), None);
         // Ended windows are dropped when the state is tidied.
         assert!(s.clone().tidied(true, t(200)).schedules.is_empty());
+    }
+
+    /// A window seen in force is begun (`Window::started`): a clock set back before its start
+    /// leaves it in force until its end, not next nor taking over from itself, and a window
+    /// added in the time the clock gave back may not overlap it. Kept in the state file; one
+    /// an older version wrote has no such mark.
+    #[test]
+    fn a_begun_window_stays_in_force_when_the_clock_goes_back() {
+        let s = Persisted::default()
+            .apply(window(100, 200), t(0), true)
+            .unwrap();
+        assert!(!s.schedules[0].started);
+        let s = s.tidied(true, t(150));
+        assert!(s.schedules[0].started);
+        // The clock set back to 50: what the running proxy or a restart sees.
+        let s = s.tidied(true, t(50));
+        assert!(s.schedules[0].started, "kept");
+        assert_eq!(s.mode(true, t(50)), Mode::Maintenance);
+        assert_eq!(s.active_window(t(50)).map(|w| w.id), Some(1));
+        assert_eq!(s.next_window(t(50)), None, "it is not the next window");
+        assert_eq!(s.next_edge(t(50)), Some(t(200)), "its end, not its start");
+        assert_eq!(s.taken_over(t(50)), Some(Mode::Normal));
+        let refused = s.apply(window(60, 80), t(50), true).unwrap_err();
+        assert!(
+            refused.to_string().contains("overlaps window 1"),
+            "{refused}"
+        );
+        assert_eq!(s.mode(true, t(200)), Mode::Normal, "it ends at its end");
+        let off = s.apply(Change::Off, t(50), true).unwrap();
+        assert!(off.schedules.is_empty(), "`off` ends it");
+
+        let json = serde_json::to_string(&s).unwrap();
+        let back: Persisted = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+        let older = json.replace(",\"started\":true", "");
+        assert_ne!(older, json);
+        let older: Persisted = serde_json::from_str(&older).unwrap();
+        assert!(!older.schedules[0].started);
+        assert_eq!(older.mode(true, t(50)), Mode::Normal);
     }
 
     #[test]
