@@ -509,6 +509,17 @@ fn print_human(out: &mut impl Write, resp: &Response) -> io::Result<()> {
     if let Some(e) = &resp.error {
         eprintln!("refused ({}): {}", e.code, terminal_safe(&e.message));
     }
+    // First: among many windows, the listing below does not say which one this is.
+    if let Some(w) = &resp.window {
+        writeln!(
+            out,
+            "scheduled window {}: {} to {} (`schedule remove {}` takes it back)",
+            w.id,
+            w.start.rfc3339(),
+            w.end.rfc3339(),
+            w.id
+        )?;
+    }
     if let Some(s) = &resp.state {
         print_state(out, s)?;
     }

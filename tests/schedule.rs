@@ -286,3 +286,67 @@ async fn windows_put_end_to_end_at_their_listed_times_touch() {
     let messages: Vec<_> = list.iter().filter_map(|w| w.message.as_deref()).collect();
     assert_eq!(messages, ["before", "middle", "after"]);
 }
+
+/// `schedule_add` names the window it made: among windows already scheduled, the listing in
+/// its answer did not say which was new, and `schedule remove` needs its id. `ctl` says it
+/// first, and the log names it with the times it is kept at (rounded up to whole seconds),
+/// where it wrote the times asked for, cut to the second: one second ahead of the window's.
+#[tokio::test]
+async fn schedule_add_names_the_window_it_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(dir.path(), "");
+    let first = proxy.ctl(&add("+1h", "+2h", None)).await.unwrap();
+    let first = first.window.expect("the window made is named");
+    let r = proxy.ctl(&add("+3h", "+4h", Some("second"))).await.unwrap();
+    let made = r.window.expect("the window made is named");
+    assert_eq!(made.id, first.id + 1);
+    assert_eq!(made.message.as_deref(), Some("second"));
+    assert_eq!(
+        r.state.expect("a state").schedules,
+        vec![first, made.clone()]
+    );
+    let status = proxy.ctl(&Ctl::Status).await.unwrap();
+    assert!(status.window.is_none(), "only schedule_add's answer has it");
+
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_intermission"))
+        .arg("ctl")
+        .arg("-s")
+        .arg(dir.path().join("intermission.sock"))
+        .args(["schedule", "add", "--start", "+5h", "--end", "+5h 30m"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let list = proxy
+        .ctl(&Ctl::ScheduleList)
+        .await
+        .unwrap()
+        .schedules
+        .unwrap();
+    let third = list.last().expect("three windows");
+    assert_eq!(third.id, made.id + 1);
+    let said = String::from_utf8_lossy(&out.stdout);
+    let want = format!(
+        "scheduled window {}: {} to {} (`schedule remove {}` takes it back)",
+        third.id,
+        third.start.rfc3339(),
+        third.end.rfc3339(),
+        third.id
+    );
+    assert_eq!(said.lines().next(), Some(want.as_str()), "{said}");
+    let logged = format!(
+        "maintenance window {} scheduled from {} to {}",
+        third.id,
+        third.start.rfc3339(),
+        third.end.rfc3339()
+    );
+    let mut found = false;
+    for _ in 0..100 {
+        found = proxy.log_lines().iter().any(|l| l.contains(&logged));
+        if found {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(found, "{logged}: {:#?}", proxy.log_lines());
+}

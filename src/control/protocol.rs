@@ -181,6 +181,11 @@ pub struct Response {
     /// settings kept until a restart); left out when there is none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// The window a `schedule_add` made, as it is kept (its id for `schedule_remove`, its times
+    /// rounded to whole seconds): among many, `state.schedules` does not say which is new.
+    /// Left out of every other answer; an older client ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Window>,
 }
 
 impl Response {
@@ -192,6 +197,7 @@ impl Response {
             schedules: None,
             error: None,
             warnings: Vec::new(),
+            window: None,
         }
     }
 
@@ -203,6 +209,7 @@ impl Response {
             schedules: Some(list),
             error: None,
             warnings: Vec::new(),
+            window: None,
         }
     }
 
@@ -214,11 +221,16 @@ impl Response {
             schedules: None,
             error: None,
             warnings: Vec::new(),
+            window: None,
         }
     }
 
     pub fn with_warnings(self, warnings: Vec<String>) -> Response {
         Response { warnings, ..self }
+    }
+
+    pub fn with_window(self, window: Option<Window>) -> Response {
+        Response { window, ..self }
     }
 
     pub fn error(error: ErrorBody) -> Response {
@@ -229,6 +241,7 @@ impl Response {
             schedules: None,
             error: Some(error),
             warnings: Vec::new(),
+            window: None,
         }
     }
 }

@@ -819,12 +819,28 @@ impl Controller {
                     Ok(c) => c,
                     Err(e) => return Response::error(e),
                 };
+                let known: Vec<u64> = self.state.schedules.iter().map(|w| w.id).collect();
+                let added = matches!(change, Change::ScheduleAdd { .. });
                 match self.change(change, now, &by).await {
-                    Ok(notes) => Response::state(self.status_view()).with_warnings(notes),
+                    Ok(notes) => {
+                        let window = added.then(|| self.new_window(&known)).flatten();
+                        Response::state(self.status_view())
+                            .with_warnings(notes)
+                            .with_window(window)
+                    }
                     Err(e) => Response::error(e),
                 }
             }
         }
+    }
+
+    /// The window scheduled since the ids `known` were: the one a `schedule_add` made.
+    fn new_window(&self, known: &[u64]) -> Option<Window> {
+        self.state
+            .schedules
+            .iter()
+            .find(|w| !known.contains(&w.id))
+            .cloned()
     }
 
     /// Applies an operator's change; returns what the operator should be told beside it.
@@ -834,7 +850,8 @@ impl Controller {
         now: SystemTime,
         by: &str,
     ) -> Result<Vec<String>, ErrorBody> {
-        let summary = describe(&change);
+        let mut summary = describe(&change);
+        let known: Vec<u64> = self.state.schedules.iter().map(|w| w.id).collect();
         // A mode that force-open changed is not the application's doing: the webhook says so,
         // or "back to normal after an outage" would read as a recovery mid-incident.
         let forced = matches!(change, Change::ForceOpen(_)).then(|| summary.clone());
@@ -898,6 +915,17 @@ impl Controller {
                 self.overrun_noted = false;
             }
             self.state = next;
+        }
+        // The window as it is kept, with its id: the times asked for may have had a fraction
+        // of a second (`+3s`), which the log wrote cut to the second before, one second ahead
+        // of the window's own, and the id was nowhere in the log.
+        if let Some(w) = self.new_window(&known) {
+            summary = format!(
+                "maintenance window {} scheduled from {} to {}",
+                w.id,
+                w.start.rfc3339(),
+                w.end.rfc3339()
+            );
         }
         // On one line: a line end in a reason or message (which may have them) would begin a
         // line of its own in the text log, such as a forged one; the JSON log escapes it.
