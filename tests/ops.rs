@@ -1424,6 +1424,56 @@ async fn outage_told(proxy: &Proxy, hook: &Receiver) -> serde_json::Value {
     since
 }
 
+/// An outage a reload brings about (the one healthy server taken off the list, the others
+/// known to be down) has a start like any other: `since` in the event that tells it, in
+/// `ctl status` and in the state file, so that the return to normal says how long it lasted
+/// and a restart tells it again as the same outage. It had none, everywhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outage_a_reload_brings_about_has_a_start() {
+    let live = upstream(|_req: Request<Incoming>| async { Response::new(full("live")) }).await;
+    let dead = upstream(|_req: Request<Incoming>| async { Response::new(full("dead")) }).await;
+    dead.stop();
+    let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\", \"{}\"]\n\
+         [health]\ninterval = \"300ms\"\ntimeout = \"300ms\"\nrise = 1\nfall = 1\n\
+         [[notify]]\nurl = \"{}\"\n",
+        live.url(),
+        dead.url(),
+        hook.url
+    ))
+    .await;
+    assert!(
+        wait_until_async(|| async {
+            ctl(&proxy, Ctl::Health).await.health.unwrap()[1].healthy == Some(false)
+        })
+        .await
+    );
+    assert_eq!(proxy_mode(&proxy).await, "normal");
+    edit_config(&proxy, |text| {
+        text.replace(&format!("\"{}\", ", live.url()), "")
+    });
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert_eq!(
+        r.state.map(|s| s.mode.as_str().to_owned()).as_deref(),
+        Some("outage")
+    );
+    let since = outage_told(&proxy, &hook).await;
+    let reason = events(&hook)[0]["reason"].as_str().unwrap().to_owned();
+    let why = format!(
+        "config reloaded; no upstream server is healthy ({}: ",
+        dead.url()
+    );
+    assert!(reason.starts_with(&why), "{reason}");
+    let held: serde_json::Value = json(&get(&proxy.url("/")).await);
+    assert_eq!(held["since"], since, "{held}");
+
+    dead.restart().await;
+    let got = wait_events(&hook, 2).await;
+    assert_eq!(got[1]["mode"], "normal", "{got:?}");
+    assert_eq!(got[1]["since"], since, "how long it lasted: {got:?}");
+}
+
 /// Stops the proxy once the clock is past a second after now (so that a `since` of the
 /// restart would read another second than one of the outage), and starts it again on the
 /// same state file.

@@ -435,7 +435,13 @@ impl Controller {
         }
         if self.healthy() {
             self.outage_since = None;
+        } else if self.outage_since.is_none() {
+            // A reload that leaves only servers known to be down (the healthy one taken off
+            // the list) begins the outage here, with no flip to begin it: without a start,
+            // its event, pages, `status` and state file had no `since`.
+            self.outage_begins(self.clock.now());
         }
+        let cfg = &self.parts.config;
         self.checkers = Some(health::spawn(
             &cfg.upstream.servers,
             &cfg.health,
@@ -485,11 +491,7 @@ impl Controller {
         match (healthy, self.outage_since) {
             // An outage the previous instance left going on goes on from its own start, in
             // what clients are shown and in the event that tells it again.
-            (false, None) => {
-                let resumed = self.resumed.take();
-                self.outage_since = Some(resumed.map_or(now, |r| r.since));
-                self.retold_from = resumed.filter(|r| r.told).and_then(|r| r.from);
-            }
+            (false, None) => self.outage_begins(now),
             (true, Some(_)) => self.outage_since = None,
             _ => {}
         }
@@ -513,6 +515,15 @@ impl Controller {
                 self.tell_resumed_end(back, after, &flip);
             }
         }
+    }
+
+    /// No server is healthy any more, and no outage was going on: it begins `now`, or goes on
+    /// from its own start if the previous instance left it going on, in what clients are
+    /// shown and in the event that tells it again.
+    fn outage_begins(&mut self, now: SystemTime) {
+        let resumed = self.resumed.take();
+        self.outage_since = Some(resumed.map_or(now, |r| r.since));
+        self.retold_from = resumed.filter(|r| r.told).and_then(|r| r.from);
     }
 
     /// The server a health flip is about, as the config names it.
@@ -1135,15 +1146,20 @@ impl Controller {
             "config and pages reloaded"
         );
         let (before, after) = self.settle(self.clock.now(), "config reloaded").await;
+        // An outage the previous instance left going on, which this reload showed again.
+        let previous = match self.retold_from.take() {
+            Some(from) if before != after && after == Mode::Outage => from,
+            _ => before,
+        };
         if self.window_events(before) {
             // The window's own event says it.
         } else if before != after {
-            self.notify(
-                EventKind::ModeChanged,
-                before,
-                None,
-                Some("config reloaded".into()),
-            );
+            // Left in `outage` by a reload, as by an `off`: the reload is not its cause.
+            let reason = match after {
+                Mode::Outage => format!("config reloaded; {}", self.outage_cause()),
+                _ => "config reloaded".to_owned(),
+            };
+            self.notify(EventKind::ModeChanged, previous, None, Some(reason));
         } else if after != Mode::Normal && self.shown_message() != message_before {
             // SPEC §2: webhooks hear of every change of message, and a reload changes the
             // one shown when no operator or window gave one (SPEC §3).
