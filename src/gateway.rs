@@ -762,14 +762,17 @@ struct Echo {
     method: Method,
     path: Option<http::uri::PathAndQuery>,
     /// The first line of each of `ECHOED`, in its order.
-    headers: [Option<HeaderValue>; 8],
+    headers: [Option<HeaderValue>; 9],
     /// Their further lines (an `Accept` or `Connection` may come in several), by index in
     /// `ECHOED`: negotiation reads them all. Empty, and unallocated, for most requests.
     more: Vec<(usize, HeaderValue)>,
+    /// When a call with a deadline (`grpc-timeout`) came: its outage answer sees what is
+    /// left of the deadline (`Echo::outage`). The clock is read for those calls alone.
+    sent: Option<Instant>,
 }
 
 /// The request headers that choose the form of a holding response.
-const ECHOED: [header::HeaderName; 8] = [
+static ECHOED: [header::HeaderName; 9] = [
     header::ACCEPT,
     header::ACCEPT_LANGUAGE,
     header::CONTENT_TYPE,
@@ -780,11 +783,18 @@ const ECHOED: [header::HeaderName; 8] = [
     header::ORIGIN,
     header::ACCESS_CONTROL_REQUEST_METHOD,
     header::ACCESS_CONTROL_REQUEST_HEADERS,
+    // A gRPC call's deadline: one that ends before the pushback is told not to retry
+    // (`hold::held::grpc_pushback_within`), or a client's retry policy would wait out the
+    // pushback past it and end `DEADLINE_EXCEEDED`, the message lost.
+    crate::hold::negotiate::GRPC_TIMEOUT,
 ];
+
+/// `ECHOED`'s index of `grpc-timeout`.
+const ECHOED_GRPC_TIMEOUT: usize = 8;
 
 impl Echo {
     fn of<B>(req: &Request<B>) -> Echo {
-        let mut headers: [Option<HeaderValue>; 8] = Default::default();
+        let mut headers: [Option<HeaderValue>; 9] = Default::default();
         let mut more = Vec::new();
         // One pass over the request's few headers, not a hash and a probe for each of the
         // names: this runs for every forwarded request, and is used only if it fails.
@@ -796,24 +806,30 @@ impl Echo {
                 }
             }
         }
+        let sent = headers[ECHOED_GRPC_TIMEOUT].is_some().then(Instant::now);
         Echo {
             method: req.method().clone(),
             path: req.uri().path_and_query().cloned(),
             headers,
             more,
+            sent,
         }
     }
 
     /// The outage holding response this request would get.
     fn outage(self, snap: &Snapshot, preflights: reserved::Preflights) -> Response<Body> {
         let mut headers = HeaderMap::new();
-        for (name, value) in ECHOED.into_iter().zip(self.headers) {
+        for (name, value) in ECHOED.iter().zip(self.headers) {
             if let Some(v) = value {
-                headers.insert(name, v);
+                headers.insert(name.clone(), v);
             }
         }
         for (at, value) in self.more {
             headers.append(&ECHOED[at], value);
+        }
+        // A forward that failed may have taken much of the deadline (`response_timeout`).
+        if let Some(sent) = self.sent {
+            crate::hold::negotiate::grpc_deadline_left(&mut headers, sent.elapsed());
         }
         let path = self.path.as_ref().map_or("/", |p| p.path());
         reserved::respond(snap, &snap.outage, &headers, path, &self.method, preflights)
@@ -1032,6 +1048,7 @@ mod tests {
                 ("origin", Some("https://app.example.com")),
                 ("access-control-request-method", None),
                 ("access-control-request-headers", None),
+                ("grpc-timeout", None),
             ]
         );
         // The second Accept line too: negotiation reads every line.

@@ -1860,7 +1860,10 @@ async fn outage<C: Client>(
     drain: &Drain,
     served: &mut Served,
 ) -> Next {
-    let req = echoed(&bufs.input[..head]);
+    let mut req = echoed(&bufs.input[..head]);
+    // A gRPC-Web call's deadline, less the time the failed forward took of it.
+    let elapsed = served.start.elapsed();
+    crate::hold::negotiate::grpc_deadline_left(req.headers_mut(), elapsed);
     let resp = gateway::outage_answer(snap, &req);
     gateway::count(
         snap,

@@ -1296,3 +1296,132 @@ async fn a_head_answer_from_an_h2c_server_gets_no_length_it_did_not_give() {
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(!head.contains("content-length"), "{head}");
 }
+
+/// The outage answer to a gRPC call whose forward failed (its server reset the stream, or
+/// sent no head within `response_timeout`) is paced by the call's deadline as a held call's
+/// is: `-1` when what is left of the deadline ends before the pushback. With the pushback, a
+/// client's retry policy waited it out past the deadline and ended `DEADLINE_EXCEEDED`, the
+/// message lost.
+#[tokio::test]
+async fn a_failed_forward_tells_a_call_whose_deadline_ends_first_not_to_retry() {
+    let addr = h2c_streams(|req, mut respond| {
+        if req.uri().path() == "/health" {
+            let _ = respond.send_response(http::Response::new(()), true);
+        } else if req.uri().path() == "/pkg.Svc/Hang" {
+            // No head, ever: the proxy's `response_timeout` ends the wait.
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop((req, respond));
+            });
+        } else {
+            respond.send_reset(h2::Reason::INTERNAL_ERROR);
+        }
+    })
+    .await;
+    // Checked over HTTP, whose checks alone take a server out: the resets below, counted as
+    // failed checks with `kind = "tcp"`, would turn every call after them into a held one.
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"h2c://{addr}\"]\nresponse_timeout = \"1s\"\n\
+         [health]\npath = \"/health\"\ninterval = \"1h\"\n\
+         [maintenance]\noutage_retry_after = \"2s\"\n"
+    ))
+    .await;
+    let checked = wait_until_async(|| async {
+        let health = ctl(&proxy, Ctl::Health).await.health.unwrap();
+        health[0].healthy == Some(true)
+    });
+    assert!(checked.await, "the server was never found healthy");
+
+    let call = |path: &'static str, version, content_type, timeout: Option<&'static str>| {
+        let mut req = http::Request::post(proxy.url(path))
+            .version(version)
+            .header("content-type", content_type)
+            .header("te", "trailers");
+        if let Some(timeout) = timeout {
+            req = req.header("grpc-timeout", timeout);
+        }
+        let req = req.body(full(vec![0u8, 0, 0, 0, 0])).unwrap();
+        let client = match version {
+            http::Version::HTTP_2 => h2c_client(),
+            _ => support::client(),
+        };
+        async move {
+            let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+                .await
+                .expect("bounded")
+                .expect("an answer");
+            let h = resp.headers();
+            assert_eq!(
+                h.get("grpc-status").unwrap(),
+                "14",
+                "{path} {timeout:?}: {h:?}"
+            );
+            assert_eq!(h.get("x-intermission-mode").unwrap(), "outage", "{h:?}");
+            h.get("grpc-retry-pushback-ms")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        }
+    };
+    let h2 = http::Version::HTTP_2;
+    let h1 = http::Version::HTTP_11;
+    for (version, content_type) in [(h2, "application/grpc"), (h1, "application/grpc-web+proto")] {
+        for (timeout, want) in [(Some("1S"), "-1"), (None, "2000"), (Some("10S"), "2000")] {
+            assert_eq!(
+                call("/pkg.Svc/Reset", version, content_type, timeout)
+                    .await
+                    .as_deref(),
+                Some(want),
+                "reset, {content_type}, grpc-timeout {timeout:?}"
+            );
+        }
+    }
+    // 2.5 s, of which the second the proxy waited for a head leaves less than the pushback.
+    assert_eq!(
+        call("/pkg.Svc/Hang", h2, "application/grpc", Some("2500m"))
+            .await
+            .as_deref(),
+        Some("-1"),
+        "what is left of the deadline counts"
+    );
+}
+
+/// The same over the relay (an HTTP/1.1 gRPC-Web call to an `http://` server): what is left
+/// of the call's deadline when the server's head did not come in `response_timeout` is what
+/// the pushback is measured against.
+#[tokio::test]
+async fn a_grpc_web_call_the_relay_gave_up_on_is_paced_by_what_is_left_of_its_deadline() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Takes every connection and never answers on it (a health check's included).
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"http://{addr}\"]\nresponse_timeout = \"1s\"\n\
+         [health]\nkind = \"tcp\"\ninterval = \"1h\"\n\
+         [maintenance]\noutage_retry_after = \"2s\"\n"
+    ))
+    .await;
+    let checked = wait_until_async(|| async {
+        let health = ctl(&proxy, Ctl::Health).await.health.unwrap();
+        health[0].healthy == Some(true)
+    });
+    assert!(checked.await, "the server was never found healthy");
+    for (timeout, want) in [("2500m", "-1"), ("10S", "2000")] {
+        let request = format!(
+            "POST /pkg.Svc/M HTTP/1.1\r\nHost: x\r\nContent-Type: application/grpc-web+proto\r\n\
+             grpc-timeout: {timeout}\r\nContent-Length: 5\r\nConnection: close\r\n\r\n\0\0\0\0\0"
+        );
+        let answer = raw_exchange(proxy.addr, request.as_bytes(), Duration::from_secs(10)).await;
+        let head = answer.to_ascii_lowercase();
+        assert!(head.contains("\r\ngrpc-status: 14\r\n"), "{answer}");
+        assert!(
+            head.contains(&format!("\r\ngrpc-retry-pushback-ms: {want}\r\n")),
+            "grpc-timeout {timeout}: {answer}"
+        );
+    }
+    server.abort();
+}

@@ -271,8 +271,8 @@ pub fn grpc_web_type<H: Fields + ?Sized>(headers: &H) -> Option<http::HeaderValu
 /// the call's own library would not have sent.
 pub fn grpc_deadline<H: Fields + ?Sized>(headers: &H) -> Option<std::time::Duration> {
     use std::time::Duration;
-    static GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
-    let value = headers.value(&GRPC_TIMEOUT)?.trim_ascii();
+    static NAME: http::HeaderName = GRPC_TIMEOUT;
+    let value = headers.value(&NAME)?.trim_ascii();
     let (&unit, digits) = value.split_last()?;
     if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
@@ -289,6 +289,25 @@ pub fn grpc_deadline<H: Fields + ?Sized>(headers: &H) -> Option<std::time::Durat
         b'n' => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+/// The header a gRPC call's deadline comes in.
+pub const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+
+/// Rewrites a call's `grpc-timeout` to what is left of it `elapsed` after the call came, in
+/// milliseconds (rounded down, so that a pushback is never allowed past the deadline). A
+/// deadline too long for 8 digits of milliseconds (27 hours) is left as it was.
+pub fn grpc_deadline_left(headers: &mut http::HeaderMap, elapsed: std::time::Duration) {
+    let Some(deadline) = grpc_deadline(headers) else {
+        return;
+    };
+    let left = deadline.saturating_sub(elapsed).as_millis();
+    if left <= 99_999_999 {
+        let value = http::HeaderValue::from_str(&format!("{left}m"));
+        if let Ok(value) = value {
+            headers.insert(GRPC_TIMEOUT, value);
+        }
+    }
 }
 
 fn is_upgrade<H: Fields + ?Sized>(headers: &H) -> bool {
@@ -588,6 +607,26 @@ mod tests {
     }
 
     const BROWSER: &str = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
+
+    #[test]
+    fn what_is_left_of_a_grpc_deadline_is_written_in_milliseconds() {
+        use std::time::Duration;
+        let left = |v: &str, elapsed: u64| {
+            let mut h = headers(&[("grpc-timeout", v)]);
+            grpc_deadline_left(&mut h, Duration::from_millis(elapsed));
+            h.get("grpc-timeout")
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(left("5S", 1_200).as_deref(), Some("3800m"));
+        assert_eq!(left("1500u", 0).as_deref(), Some("1m"));
+        assert_eq!(left("1S", 2_000).as_deref(), Some("0m"));
+        // Past 8 digits of milliseconds, the deadline stays as it came.
+        assert_eq!(left("99999H", 1_000).as_deref(), Some("99999H"));
+        assert_eq!(left("soon", 1_000).as_deref(), Some("soon"));
+        let mut none = HeaderMap::new();
+        grpc_deadline_left(&mut none, Duration::from_secs(1));
+        assert!(none.is_empty());
+    }
 
     #[test]
     fn grpc_deadlines_are_read_in_every_unit_and_nothing_else() {
