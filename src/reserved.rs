@@ -47,7 +47,7 @@ pub fn answer<B>(snap: &Snapshot, req: &Request<B>, rest: &str, tls: bool) -> Re
         }
         "preview" => preview(snap, req.uri().query().unwrap_or("")),
         _ => match rest.strip_prefix("assets/") {
-            Some(name) => asset(snap, name),
+            Some(name) => asset(snap, name, req.headers()),
             None => not_found(),
         },
     };
@@ -75,31 +75,41 @@ fn status(snap: &Snapshot) -> Response<Body> {
     resp
 }
 
-fn asset(snap: &Snapshot, name: &str) -> Response<Body> {
+fn asset(snap: &Snapshot, name: &str, headers: &http::HeaderMap) -> Response<Body> {
     // Only names found under assets/ at load time exist, so no spelling of `..` can escape;
     // decoding just lets real names with spaces or accents be found.
     let decoded = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
-    match snap.pages.assets.get(decoded.as_ref()) {
-        Some(a) => {
-            let mut resp = Response::new(Body::full(a.bytes.clone()));
-            let h = resp.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(a.content_type),
-            );
-            h.insert(
-                header::CACHE_CONTROL,
-                HeaderValue::from_static("public, max-age=300"),
-            );
-            h.insert(header::CONTENT_LENGTH, HeaderValue::from(a.bytes.len()));
-            h.insert(
-                header::X_CONTENT_TYPE_OPTIONS,
-                HeaderValue::from_static("nosniff"),
-            );
-            resp
-        }
-        None => not_found(),
-    }
+    let Some(a) = snap.pages.assets.get(decoded.as_ref()) else {
+        return not_found();
+    };
+    // A browser that has the file already is told so, with the headers its `200` had but
+    // the ones about the body (RFC 9110 §15.4.5).
+    let fresh = a.matches(headers.get_all(header::IF_NONE_MATCH).iter());
+    let mut resp = if fresh {
+        let mut resp = Response::new(Body::Empty);
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
+        resp
+    } else {
+        let mut resp = Response::new(Body::full(a.bytes.clone()));
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(a.content_type),
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(a.bytes.len()));
+        h.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+        resp
+    };
+    let h = resp.headers_mut();
+    h.insert(header::ETAG, a.etag.clone());
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
+    resp
 }
 
 /// `mode` left out: the page of the mode in force, the outage page during an outage and the

@@ -811,6 +811,86 @@ async fn assets_are_served_and_nothing_outside_them() {
     }
 }
 
+/// A `pages` folder with the least templates and the assets `assets` (name, bytes).
+fn pages_with_assets(assets: &[(&str, &str)]) -> tempfile::TempDir {
+    let pages = tempfile::tempdir().unwrap();
+    for page in ["maintenance.html", "outage.html"] {
+        std::fs::write(pages.path().join(page), "<p>{{message}}</p>").unwrap();
+    }
+    for (name, bytes) in assets {
+        let path = pages.path().join("assets").join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+    pages
+}
+
+/// Browsers left on the holding page through an incident reload it every few seconds: its
+/// assets carry an `ETag`, the same on every answer (computed at load), and a browser that
+/// sends it back in `If-None-Match` gets a `304` without the file; a file changed and
+/// reloaded gets a new tag, and the old one the new bytes.
+#[tokio::test]
+async fn assets_carry_an_etag_and_a_browser_that_has_them_gets_304() {
+    let (up, _) = counting_upstream().await;
+    let pages = pages_with_assets(&[("site.css", "body { color: red }"), ("img/a.svg", "<svg/>")]);
+    let proxy = proxy_for(
+        &up,
+        &format!("[maintenance]\npages = \"{}\"\n", pages.path().display()),
+    )
+    .await;
+    let url = proxy.url("/_intermission/assets/site.css");
+    let first = get(&url).await;
+    assert_eq!(first.status(), 200);
+    let etag = first.headers()["etag"].to_str().unwrap().to_owned();
+    assert!(
+        etag.len() > 2 && etag.starts_with('"') && etag.ends_with('"'),
+        "a strong entity tag: {etag}"
+    );
+    assert_eq!(get(&url).await.headers()["etag"], etag.as_str());
+    let other = get(&proxy.url("/_intermission/assets/img/a.svg")).await;
+    assert_ne!(
+        other.headers()["etag"],
+        etag.as_str(),
+        "another file, another tag"
+    );
+    for value in [
+        etag.clone(),
+        format!("W/{etag}"),
+        format!("\"nope\", {etag}"),
+        format!("\"nope\",{etag} , \"nor\""),
+        "*".to_owned(),
+    ] {
+        let resp = get_with(&url, &[("if-none-match", &value)]).await;
+        assert_eq!(resp.status(), 304, "If-None-Match: {value}");
+        assert!(resp.body().is_empty(), "{value}");
+        assert_eq!(resp.headers()["etag"], etag.as_str(), "{value}");
+        assert_eq!(resp.headers()["cache-control"], "public, max-age=300");
+    }
+    let head = Request::head(&url)
+        .header("if-none-match", &etag)
+        .body(empty())
+        .unwrap();
+    assert_eq!(send(head).await.status(), 304);
+    for value in ["\"nope\"", "", "W/\"nope\""] {
+        let resp = get_with(&url, &[("if-none-match", value)]).await;
+        assert_eq!(resp.status(), 200, "If-None-Match: {value}");
+        assert_eq!(resp.body().as_ref(), b"body { color: red }");
+    }
+    // The built-in pages' assets have theirs too.
+    let built_in = proxy_for(&up, "").await;
+    let url_built_in = built_in.url("/_intermission/assets/style.css");
+    let tag = get(&url_built_in).await.headers()["etag"].clone();
+    let resp = get_with(&url_built_in, &[("if-none-match", tag.to_str().unwrap())]).await;
+    assert_eq!(resp.status(), 304);
+    // A changed file has a new tag from the reload on, and the old tag gets the new bytes.
+    std::fs::write(pages.path().join("assets/site.css"), "body { color: blue }").unwrap();
+    assert!(ctl(&proxy, Ctl::Reload).await.ok);
+    let resp = get_with(&url, &[("if-none-match", &etag)]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.body().as_ref(), b"body { color: blue }");
+    assert_ne!(resp.headers()["etag"], etag.as_str());
+}
+
 #[tokio::test]
 async fn reserved_paths_are_never_forwarded() {
     let (up, hits) = counting_upstream().await;

@@ -9,7 +9,9 @@ use crate::config::{MaintenanceConfig, PagesSource};
 use crate::state::mode::{Mode, MAX_MESSAGE_CHARS, MAX_UPDATES};
 use crate::time::Timestamp;
 use bytes::Bytes;
+use http::HeaderValue;
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 /// Assets larger than this in total are refused: they are held in memory.
@@ -33,6 +35,42 @@ pub const ANY_OTHER: &str = "*";
 pub struct Asset {
     pub bytes: Bytes,
     pub content_type: &'static str,
+    /// A strong validator of `bytes` (`ETag`), computed here at load rather than per request:
+    /// browsers left on the holding page through an incident, reloaded every few seconds,
+    /// revalidate its stylesheet and images with `If-None-Match` and get a `304` instead of
+    /// the files again. Taken from the bytes alone, so that a restart or a reload of the same
+    /// files keeps it, and a changed file changes it.
+    pub etag: HeaderValue,
+}
+
+impl Asset {
+    /// The asset `name` (its type is taken from its extension) holding `bytes`.
+    pub fn new(name: &str, bytes: Bytes) -> Asset {
+        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        // 128 bits of SHA-256: no two files an operator ships share it by chance.
+        let mut tag = String::with_capacity(34);
+        tag.push('"');
+        for b in &digest.as_ref()[..16] {
+            let _ = write!(tag, "{b:02x}");
+        }
+        tag.push('"');
+        Asset {
+            bytes,
+            content_type: content_type(name),
+            etag: HeaderValue::from_str(&tag).unwrap_or_else(|_| HeaderValue::from_static("\"\"")),
+        }
+    }
+
+    /// Whether a request's `If-None-Match` fields match this asset (RFC 9110 §13.1.2: `*`,
+    /// or a list of entity tags compared weakly, so that `W/"…"`, which a compressing proxy
+    /// in front may have made of ours, matches too).
+    pub fn matches<'a>(&self, if_none_match: impl Iterator<Item = &'a HeaderValue>) -> bool {
+        let ours = self.etag.as_bytes();
+        if_none_match
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .any(|tag| tag == b"*" || tag.strip_prefix(b"W/").unwrap_or(tag) == ours)
+    }
 }
 
 /// Tells loads of pages apart, for answers remembered per language list.
@@ -239,16 +277,7 @@ fn built_in(widths: &Widths) -> Result<Pages, PagesError> {
         ),
     ]
     .into_iter()
-    .map(|(name, bytes)| {
-        let content_type = content_type(name);
-        (
-            name.to_owned(),
-            Asset {
-                bytes,
-                content_type,
-            },
-        )
-    })
+    .map(|(name, bytes)| (name.to_owned(), Asset::new(name, bytes)))
     .collect();
     Ok(Pages {
         id: LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -433,14 +462,7 @@ fn walk_assets(
                     MAX_ASSETS_BYTES >> 20
                 )));
             }
-            let content_type = content_type(&name);
-            out.insert(
-                rel,
-                Asset {
-                    bytes: Bytes::from(bytes),
-                    content_type,
-                },
-            );
+            out.insert(rel, Asset::new(&name, Bytes::from(bytes)));
         } else {
             tracing::warn!(path = %entry.path().display(), "skipping an asset that is not a regular file (symlinks are not served)");
         }
