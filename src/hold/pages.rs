@@ -327,7 +327,7 @@ fn from_folder(dir: &Path, widths: &Widths) -> Result<Pages, PagesError> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    let (translated, warnings) = languages(&names);
+    let (translated, mut warnings) = languages(&names);
     // The unsuffixed pages are taken as English unless an English page is named: a German
     // site whose `maintenance.html` is German and `maintenance.en.html` English served its
     // English visitors the German page, the unsuffixed one winning the tie for "en".
@@ -350,11 +350,12 @@ fn from_folder(dir: &Path, widths: &Widths) -> Result<Pages, PagesError> {
         outage.push(parse(&o, &read(&dir.join(&o))?)?);
         langs.push(lang.to_ascii_lowercase());
     }
-    let mut assets = HashMap::new();
     let assets_dir = dir.join("assets");
+    let mut assets = HashMap::new();
     if assets_dir.is_dir() {
-        let mut total = 0;
-        walk_assets(&assets_dir, "", &mut assets, &mut total)?;
+        let (found, said) = AssetWalk::load(&assets_dir)?;
+        assets = found;
+        warnings.extend(said);
     }
     Ok(Pages {
         id: LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -419,55 +420,164 @@ fn languages(names: &[String]) -> (Vec<String>, Vec<String>) {
     (langs, warnings)
 }
 
-fn walk_assets(
-    dir: &Path,
-    prefix: &str,
-    out: &mut HashMap<String, Asset>,
-    total: &mut u64,
-) -> Result<(), PagesError> {
-    let rd = |source| PagesError::Read {
-        path: dir.to_path_buf(),
-        source,
-    };
-    for entry in std::fs::read_dir(dir).map_err(rd)? {
-        let entry = entry.map_err(rd)?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        // `file_type` does not follow symlinks: a link can never lead outside `assets/`.
-        let kind = entry.file_type().map_err(rd)?;
-        let rel = format!("{prefix}{name}");
-        if kind.is_dir() {
-            walk_assets(&entry.path(), &format!("{rel}/"), out, total)?;
-        } else if kind.is_file() {
-            // Read no more than the room left: a stray file of gigabytes would otherwise be
-            // held whole in memory before the total refused it.
-            let room = MAX_ASSETS_BYTES.saturating_sub(*total);
-            let bytes = crate::files::read(&entry.path(), room).map_err(|source| {
-                if source.kind() == std::io::ErrorKind::InvalidInput {
-                    PagesError::Layout(format!(
-                        "assets are larger than {} MiB in total (at {}); they are held in memory, so keep them small",
-                        MAX_ASSETS_BYTES >> 20,
-                        entry.path().display()
-                    ))
-                } else {
-                    PagesError::Read {
-                        path: entry.path(),
-                        source,
+/// The walk of `assets/`, and what it found.
+struct AssetWalk {
+    /// `assets/`, every link on its path resolved: a link among the assets is followed only
+    /// to a file or folder under it, so that no request names a file elsewhere
+    /// (`passwd -> /etc/passwd`). Links within are followed: Kubernetes mounts a ConfigMap as
+    /// links (`style.css -> ..data/style.css`), and served none of them, the holding page had
+    /// no stylesheet, logo nor script, while `check` said all was well.
+    root: PathBuf,
+    assets: HashMap<String, Asset>,
+    total: u64,
+    /// The folders from `assets/` down to the one being walked, resolved: a link back up
+    /// (`up -> ..`) is not walked round for ever. A folder reached by two names (Kubernetes'
+    /// `..data` and the folder it names) is walked under both, its files read once.
+    within: Vec<PathBuf>,
+    /// Files read, resolved: one reached by its name and by a link is read, and counted
+    /// against `MAX_ASSETS_BYTES`, once.
+    read: HashMap<PathBuf, Bytes>,
+    warnings: Vec<String>,
+}
+
+/// What a folder entry leads to, links followed.
+enum Found {
+    Folder(PathBuf),
+    File(PathBuf),
+}
+
+impl AssetWalk {
+    /// The assets under `dir` (the pages folder's `assets/`), and a warning for each entry not
+    /// served.
+    fn load(dir: &Path) -> Result<(HashMap<String, Asset>, Vec<String>), PagesError> {
+        let root = std::fs::canonicalize(dir).map_err(|source| PagesError::Read {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut walk = AssetWalk {
+            root: root.clone(),
+            assets: HashMap::new(),
+            total: 0,
+            within: vec![root.clone()],
+            read: HashMap::new(),
+            warnings: Vec::new(),
+        };
+        walk.folder(&root, dir, "")?;
+        Ok((walk.assets, walk.warnings))
+    }
+
+    /// `resolved` is the folder's path with its links resolved; `shown` the one the operator
+    /// wrote, for messages.
+    fn folder(&mut self, resolved: &Path, shown: &Path, prefix: &str) -> Result<(), PagesError> {
+        let rd = |source| PagesError::Read {
+            path: shown.to_path_buf(),
+            source,
+        };
+        let mut entries = std::fs::read_dir(resolved)
+            .map_err(rd)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(rd)?;
+        // The same walk, whatever order the file system lists in: which of two names of a
+        // folder is walked, and which error comes first, do not change from load to load.
+        entries.sort_by_key(std::fs::DirEntry::file_name);
+        for entry in entries {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let rel = format!("{prefix}{name}");
+            let shown = shown.join(&name);
+            // Not followed by `file_type`: a link is judged by where it leads, below.
+            let kind = entry.file_type().map_err(rd)?;
+            let here = resolved.join(&name);
+            let found = if kind.is_dir() {
+                Found::Folder(here)
+            } else if kind.is_file() {
+                Found::File(here)
+            } else if kind.is_symlink() {
+                match self.follow(&here) {
+                    Ok(found) => found,
+                    Err(why) => {
+                        self.warnings
+                            .push(format!("assets/{rel} is not served: {why}"));
+                        continue;
                     }
                 }
-            })?;
-            *total += bytes.len() as u64;
-            if *total > MAX_ASSETS_BYTES {
-                return Err(PagesError::Layout(format!(
-                    "assets are larger than {} MiB in total; they are held in memory, so keep them small",
-                    MAX_ASSETS_BYTES >> 20
-                )));
+            } else {
+                self.warnings.push(format!(
+                    "assets/{rel} is not served: it is not a regular file"
+                ));
+                continue;
+            };
+            match found {
+                Found::Folder(folder) => {
+                    if self.within.contains(&folder) {
+                        self.warnings.push(format!(
+                            "assets/{rel} is not served: it is a link to a folder it is in"
+                        ));
+                        continue;
+                    }
+                    self.within.push(folder.clone());
+                    self.folder(&folder, &shown, &format!("{rel}/"))?;
+                    self.within.pop();
+                }
+                Found::File(file) => {
+                    let bytes = match self.read.get(&file) {
+                        Some(bytes) => bytes.clone(),
+                        None => {
+                            let bytes = self.read_file(&file, &shown)?;
+                            self.read.insert(file, bytes.clone());
+                            bytes
+                        }
+                    };
+                    self.assets.insert(rel, Asset::new(&name, bytes));
+                }
             }
-            out.insert(rel, Asset::new(&name, Bytes::from(bytes)));
-        } else {
-            tracing::warn!(path = %entry.path().display(), "skipping an asset that is not a regular file (symlinks are not served)");
+        }
+        Ok(())
+    }
+
+    /// Where the link `link` leads, when that is a file or folder under `assets/`.
+    fn follow(&self, link: &Path) -> Result<Found, &'static str> {
+        let target = std::fs::canonicalize(link)
+            .map_err(|_| "it is a link to nothing (or to what the proxy may not read)")?;
+        if !target.starts_with(&self.root) {
+            return Err(
+                "it is a link that leads outside assets/, and only what is under \
+                        assets/ is served; copy the file in instead",
+            );
+        }
+        match std::fs::metadata(&target) {
+            Ok(meta) if meta.is_dir() => Ok(Found::Folder(target)),
+            Ok(meta) if meta.is_file() => Ok(Found::File(target)),
+            _ => Err("it is a link to something other than a file or a folder"),
         }
     }
-    Ok(())
+
+    fn read_file(&mut self, file: &Path, shown: &Path) -> Result<Bytes, PagesError> {
+        // Read no more than the room left: a stray file of gigabytes would otherwise be held
+        // whole in memory before the total refused it.
+        let room = MAX_ASSETS_BYTES.saturating_sub(self.total);
+        let bytes = crate::files::read(file, room).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::InvalidInput {
+                PagesError::Layout(format!(
+                    "assets are larger than {} MiB in total (at {}); they are held in memory, so keep them small",
+                    MAX_ASSETS_BYTES >> 20,
+                    shown.display()
+                ))
+            } else {
+                PagesError::Read {
+                    path: shown.to_path_buf(),
+                    source,
+                }
+            }
+        })?;
+        self.total += bytes.len() as u64;
+        if self.total > MAX_ASSETS_BYTES {
+            return Err(PagesError::Layout(format!(
+                "assets are larger than {} MiB in total; they are held in memory, so keep them small",
+                MAX_ASSETS_BYTES >> 20
+            )));
+        }
+        Ok(Bytes::from(bytes))
+    }
 }
 
 fn content_type(name: &str) -> &'static str {
@@ -716,6 +826,57 @@ mod tests {
         assert!(!said.contains("outage.fr.html"), "{said}");
         let (_dir, config) = folder(&[("maintenance.html", page), ("outage.html", page)]);
         assert!(Pages::load(&config).unwrap().warnings.is_empty());
+    }
+
+    /// An `assets/` folder mounted from a Kubernetes ConfigMap is links into a folder beside
+    /// them (`style.css -> ..data/style.css`, `..data -> ..2026_…`): each is served under its
+    /// own name, its file read once; a link leading outside `assets/`, to nothing, or round
+    /// in a loop is not followed, and is named in the warnings (`check`, the log).
+    #[test]
+    fn links_within_the_assets_are_served_and_no_others() {
+        use std::os::unix::fs::symlink;
+        let (dir, _config) = folder(&[
+            ("maintenance.html", "<p>{{message}}</p>"),
+            ("outage.html", "<p>{{message}}</p>"),
+            ("secret.txt", "top secret"),
+        ]);
+        let assets = dir.path().join("assets");
+        let stamped = assets.join("..2026_12_06_10_00_00.1");
+        std::fs::create_dir_all(stamped.join("img")).unwrap();
+        // Large enough that reading it twice would pass the bound on all the assets.
+        let css = "a".repeat(usize::try_from(MAX_ASSETS_BYTES * 2 / 3).unwrap());
+        std::fs::write(stamped.join("style.css"), &css).unwrap();
+        std::fs::write(stamped.join("img/logo.svg"), "<svg/>").unwrap();
+        symlink("..2026_12_06_10_00_00.1", assets.join("..data")).unwrap();
+        symlink("..data/style.css", assets.join("style.css")).unwrap();
+        symlink("..data/img", assets.join("img")).unwrap();
+        symlink("../secret.txt", assets.join("secret.txt")).unwrap();
+        symlink("/etc/passwd", assets.join("passwd")).unwrap();
+        symlink("nowhere.css", assets.join("gone.css")).unwrap();
+        symlink(".", stamped.join("img/self")).unwrap();
+        let pages = from_folder(dir.path(), &Widths::default()).unwrap();
+        let served = |name: &str| pages.assets.get(name).map(|a| a.bytes.clone());
+        assert_eq!(served("style.css").as_deref(), Some(css.as_bytes()));
+        assert_eq!(served("img/logo.svg").as_deref(), Some(&b"<svg/>"[..]));
+        assert_eq!(
+            pages.assets["style.css"].etag,
+            pages.assets["..2026_12_06_10_00_00.1/style.css"].etag
+        );
+        assert_eq!(served("..data/style.css").as_deref(), Some(css.as_bytes()));
+        for name in ["secret.txt", "passwd", "gone.css", "img/self/logo.svg"] {
+            assert!(served(name).is_none(), "{name}");
+        }
+        let said = pages.warnings.join("\n");
+        for part in [
+            "assets/secret.txt is not served: it is a link that leads outside assets/",
+            "assets/passwd is not served: it is a link that leads outside assets/",
+            "assets/gone.css is not served: it is a link to nothing",
+            "assets/img/self is not served: it is a link to a folder it is in",
+        ] {
+            assert!(said.contains(part), "{part:?} in\n{said}");
+        }
+        // `self` is met under each of the three names of its folder.
+        assert_eq!(pages.warnings.len(), 6, "{said}");
     }
 
     /// A stray large file among the assets is refused before it is read: the error names it.
