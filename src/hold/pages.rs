@@ -594,9 +594,13 @@ fn content_type(name: &str) -> &'static str {
         Some("jpg" | "jpeg") => "image/jpeg",
         Some("gif") => "image/gif",
         Some("webp") => "image/webp",
+        Some("avif") => "image/avif",
         Some("ico") => "image/x-icon",
         Some("woff2") => "font/woff2",
         Some("woff") => "font/woff",
+        Some("ttf") => "font/ttf",
+        Some("otf") => "font/otf",
+        Some("webmanifest") => "application/manifest+json",
         Some("json") => "application/json",
         Some("txt") => "text/plain; charset=utf-8",
         Some("html" | "htm") => "text/html; charset=utf-8",
@@ -877,6 +881,22 @@ mod tests {
         }
         // `self` is met under each of the three names of its folder.
         assert_eq!(pages.warnings.len(), 6, "{said}");
+    }
+
+    /// Every type a holding page's assets commonly have is named, so that a browser reads
+    /// them as what they are (they are served `nosniff`).
+    #[test]
+    fn asset_types_are_named_by_extension() {
+        for (name, want) in [
+            ("site.CSS", "text/css; charset=utf-8"),
+            ("hero.avif", "image/avif"),
+            ("brand.ttf", "font/ttf"),
+            ("brand.otf", "font/otf"),
+            ("site.webmanifest", "application/manifest+json"),
+            ("unknown.xyz", "application/octet-stream"),
+        ] {
+            assert_eq!(content_type(name), want, "{name}");
+        }
     }
 
     /// A stray large file among the assets is refused before it is read: the error names it.
