@@ -2,7 +2,8 @@
 //!
 //! Assets are read into memory once, so serving one is a map lookup: no disk work per request,
 //! and no request path can name a file outside `assets/` — only names found when walking that
-//! folder (symlinks not followed) exist at all.
+//! folder (links followed only to what is under it, names beginning with `.` left out) exist
+//! at all.
 
 use super::render::{self, MaxLen, Template, TemplateError, UpdateItem, Widths};
 use crate::config::{MaintenanceConfig, PagesSource};
@@ -482,6 +483,13 @@ impl AssetWalk {
         entries.sort_by_key(std::fs::DirEntry::file_name);
         for entry in entries {
             let name = entry.file_name().to_string_lossy().into_owned();
+            // Hidden names are what an editor, a checkout or a system leaves beside the files
+            // (`.style.css.swp`, `.git/`, `.DS_Store`, `.env`), or a ConfigMap's own folders
+            // (`..data`, reached through the links beside them): never meant for visitors, and
+            // not said either, since a ConfigMap mount would warn at every load.
+            if name.starts_with('.') {
+                continue;
+            }
             let rel = format!("{prefix}{name}");
             let shown = shown.join(&name);
             // Not followed by `file_type`: a link is judged by where it leads, below.
@@ -853,6 +861,7 @@ mod tests {
         std::fs::write(stamped.join("img/logo.svg"), "<svg/>").unwrap();
         symlink("..2026_12_06_10_00_00.1", assets.join("..data")).unwrap();
         symlink("..data/style.css", assets.join("style.css")).unwrap();
+        symlink("..data/style.css", assets.join("again.css")).unwrap();
         symlink("..data/img", assets.join("img")).unwrap();
         symlink("../secret.txt", assets.join("secret.txt")).unwrap();
         symlink("/etc/passwd", assets.join("passwd")).unwrap();
@@ -864,10 +873,17 @@ mod tests {
         assert_eq!(served("img/logo.svg").as_deref(), Some(&b"<svg/>"[..]));
         assert_eq!(
             pages.assets["style.css"].etag,
-            pages.assets["..2026_12_06_10_00_00.1/style.css"].etag
+            pages.assets["again.css"].etag
         );
-        assert_eq!(served("..data/style.css").as_deref(), Some(css.as_bytes()));
-        for name in ["secret.txt", "passwd", "gone.css", "img/self/logo.svg"] {
+        // The ConfigMap's own folders are hidden names, reached only through the links.
+        for name in [
+            "secret.txt",
+            "passwd",
+            "gone.css",
+            "img/self/logo.svg",
+            "..data/style.css",
+            "..2026_12_06_10_00_00.1/style.css",
+        ] {
             assert!(served(name).is_none(), "{name}");
         }
         let said = pages.warnings.join("\n");
@@ -879,8 +895,35 @@ mod tests {
         ] {
             assert!(said.contains(part), "{part:?} in\n{said}");
         }
-        // `self` is met under each of the three names of its folder.
-        assert_eq!(pages.warnings.len(), 6, "{said}");
+        assert_eq!(pages.warnings.len(), 4, "{said}");
+    }
+
+    /// What an editor, a checkout or a system leaves among the assets is not served.
+    #[test]
+    fn hidden_names_among_the_assets_are_not_served() {
+        let (dir, _config) = folder(&[
+            ("maintenance.html", "<p>{{message}}</p>"),
+            ("outage.html", "<p>{{message}}</p>"),
+        ]);
+        let assets = dir.path().join("assets");
+        for folder in ["", ".git", "img"] {
+            std::fs::create_dir_all(assets.join(folder)).unwrap();
+        }
+        for (name, text) in [
+            ("style.css", "a{}"),
+            (".style.css.swp", "swap"),
+            (".env", "PASSWORD=x"),
+            (".git/config", "[remote]"),
+            ("img/.DS_Store", "x"),
+            ("img/logo.svg", "<svg/>"),
+        ] {
+            std::fs::write(assets.join(name), text).unwrap();
+        }
+        let pages = from_folder(dir.path(), &Widths::default()).unwrap();
+        let mut names: Vec<_> = pages.assets.keys().cloned().collect();
+        names.sort();
+        assert_eq!(names, ["img/logo.svg", "style.css"]);
+        assert!(pages.warnings.is_empty(), "{:?}", pages.warnings);
     }
 
     /// Every type a holding page's assets commonly have is named, so that a browser reads
