@@ -350,7 +350,10 @@ impl Timed {
         let failed: Error = match (polled, self.limit) {
             (Poll::Ready(Some(Err(e))), _) => e,
             (polled, Some(limit)) if self.clock.expired(cx, polled.is_ready(), || Some(limit)) => {
-                tracing::warn!(server = %self.server, "{}; the answer is cut short", Stalled(limit));
+                let line = crate::forward::Line::CutShort;
+                if let Some(more) = crate::forward::said(&[], None, line) {
+                    tracing::warn!(server = %self.server, "{}; the answer is cut short{more}", Stalled(limit));
+                }
                 Stalled(limit).into()
             }
             (polled, _) => return polled,
@@ -359,11 +362,13 @@ impl Timed {
             return Poll::Ready(Some(Err(failed)));
         }
         self.grpc = Some(GrpcEnd::Ended);
-        tracing::warn!(
-            server = %self.server,
-            error = %crate::logging::with_causes(&*failed),
-            "a gRPC answer broke off; the client is told UNAVAILABLE"
-        );
+        if let Some(more) = crate::forward::said(&[], None, crate::forward::Line::BrokeOff) {
+            tracing::warn!(
+                server = %self.server,
+                error = %crate::logging::with_causes(&*failed),
+                "a gRPC answer broke off; the client is told UNAVAILABLE{more}"
+            );
+        }
         let mut trailers = http::HeaderMap::new();
         trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
         trailers.insert(

@@ -706,10 +706,14 @@ fn forward_request<'a>(
             Ok(f) => {
                 let intercept = &snap.config.upstream.intercept_statuses;
                 if !intercept.is_empty() && intercept.contains(&f.response.status().as_u16()) {
-                    tracing::warn!(
-                        status = f.response.status().as_u16(),
-                        "upstream answer intercepted"
-                    );
+                    let line = forward::Line::Intercepted;
+                    if let Some(more) = forward::said(&snap.passive, Some(f.server), line) {
+                        tracing::warn!(
+                            status = f.response.status().as_u16(),
+                            server = snap.pool.names.get(f.server).map_or("-", |n| &**n),
+                            "upstream answer intercepted{more}"
+                        );
+                    }
                     forward::pool::read_out(f.response.into_body());
                     let resp = echo.outage(snap, reserved::Preflights::Held);
                     return (resp, Some(f.server), Outcome::Failed);
@@ -738,11 +742,19 @@ fn forward_request<'a>(
                         tracing::debug!(error = %e, "forwarding failed; answering with the outage response")
                     }
                     Some(e) => {
-                        tracing::warn!(error = %e, "forwarding failed; answering with the outage response")
+                        let line = forward::Line::Failed;
+                        if let Some(more) = forward::said(&snap.passive, failed.server, line) {
+                            tracing::warn!(error = %e, "forwarding failed; answering with the outage response{more}")
+                        }
                     }
-                    None => tracing::warn!(
-                        "no upstream server to forward to; answering with the outage response"
-                    ),
+                    None => {
+                        let line = forward::Line::NoServer;
+                        if let Some(more) = forward::said(&snap.passive, None, line) {
+                            tracing::warn!(
+                                "no upstream server to forward to; answering with the outage response{more}"
+                            )
+                        }
+                    }
                 }
                 let resp = echo.outage(snap, reserved::Preflights::Answered);
                 (resp, failed.server, Outcome::Failed)

@@ -1046,7 +1046,11 @@ async fn answer<C: Client>(
     let timeout = snap.config.upstream.response_timeout;
     // Picked already while the relay does not reach every server (`Asked::server`).
     let Some(first) = served.server.or_else(|| pool.pick(&snap.up, None)) else {
-        tracing::warn!("no upstream server to forward to; answering with the outage response");
+        if let Some(more) = forward::said(&snap.passive, None, forward::Line::NoServer) {
+            tracing::warn!(
+                "no upstream server to forward to; answering with the outage response{more}"
+            );
+        }
         return outage(bufs, snap, sock, head, drain, served).await;
     };
     // The client's end is watched while its answer is on its way, unless its next request
@@ -1150,7 +1154,11 @@ async fn answer<C: Client>(
                 .filter(|&next| !snap.marks.is_down(&pool.names[next]));
         match second {
             Some(next) => {
-                tracing::warn!(error = %error, "retrying on {}", pool.servers[next]);
+                if let Some(more) =
+                    forward::said(&snap.passive, Some(server), forward::Line::Retried)
+                {
+                    tracing::warn!(error = %error, "retrying on {}{more}", pool.servers[next]);
+                }
                 forward::retried(&snap.passive, server);
                 server = next;
                 sent = tokio::time::Instant::now();
@@ -1161,7 +1169,11 @@ async fn answer<C: Client>(
                 return outage(bufs, snap, sock, head, drain, served).await;
             }
             None => {
-                tracing::warn!(error = %error, "forwarding failed; answering with the outage response");
+                if let Some(more) =
+                    forward::said(&snap.passive, Some(server), forward::Line::Failed)
+                {
+                    tracing::warn!(error = %error, "forwarding failed; answering with the outage response{more}");
+                }
                 return outage(bufs, snap, sock, head, drain, served).await;
             }
         }
@@ -1817,7 +1829,9 @@ async fn piece<C: Client>(
 fn stalled(snap: &Snapshot, server: usize) -> std::io::Error {
     if let Some(limit) = snap.config.upstream.read_timeout {
         let stalled = crate::body::Stalled(limit);
-        tracing::warn!(server = %snap.pool.servers[server], "{stalled}; the answer is cut short");
+        if let Some(more) = forward::said(&snap.passive, Some(server), forward::Line::CutShort) {
+            tracing::warn!(server = %snap.pool.servers[server], "{stalled}; the answer is cut short{more}");
+        }
     }
     ErrorKind::TimedOut.into()
 }

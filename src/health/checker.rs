@@ -5,6 +5,7 @@ use super::counter::Counter;
 use super::probe::{CheckError, Prober};
 use crate::config::{HealthConfig, HealthKind, Upstream};
 use crate::control::protocol::ServerHealth;
+use crate::listener::Lasting;
 use crate::time::Timestamp;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -32,6 +33,10 @@ pub struct Flip {
 pub struct Passive {
     reports: mpsc::Sender<Report>,
     counts: crate::metrics::UpstreamCounters,
+    /// When each of the lines a failed forward to this server is logged with was last
+    /// written (`forward::said`). Locked only on a failure, by whichever worker thread met it;
+    /// made anew with the checkers, so a reload that changes the servers starts it afresh.
+    told: Mutex<[Lasting; crate::forward::LINES]>,
 }
 
 impl Passive {
@@ -49,6 +54,13 @@ impl Passive {
     pub fn retried(&self) {
         self.counts.retried();
     }
+
+    /// Whether `line` is to be written for this server now, with how many were not since
+    /// the last that was (`Lasting`).
+    pub(crate) fn tell(&self, line: crate::forward::Line) -> Option<u64> {
+        let mut told = self.told.lock().unwrap_or_else(|e| e.into_inner());
+        told[line as usize].tell(std::time::Instant::now())
+    }
 }
 
 /// `n` servers' passive reports, apart from any checker, with the queues they go to.
@@ -63,6 +75,7 @@ pub fn passive_for_tests(n: usize) -> (Arc<[Passive]>, Vec<mpsc::Receiver<Report
                 Passive {
                     reports: tx,
                     counts,
+                    told: Mutex::default(),
                 },
                 rx,
             )
@@ -186,6 +199,7 @@ pub fn spawn(
         passive.push(Passive {
             reports: tx,
             counts: metrics.upstream(&server.to_string()),
+            told: Mutex::default(),
         });
         let task = Task {
             index,
