@@ -8,10 +8,11 @@ use crate::control::protocol::ServerHealth;
 use crate::listener::Lasting;
 use crate::time::Timestamp;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use std::time::SystemTime;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 
 /// A server's health changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,18 +246,25 @@ struct Task {
 impl Task {
     async fn run(mut self, mut passive: mpsc::Receiver<Report>) {
         let mut pace = self.pace();
-        let mut ticks = tokio::time::interval(pace);
-        // A slow check must not be followed by a burst of catch-up checks.
-        ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        // When the next check is due, kept here rather than in a `tokio::time::Interval`,
+        // whose next tick cannot be read: a failed request may only ever bring it forward
+        // (`sooner`). The first check runs at once.
+        let mut due = Instant::now();
+        let next = tokio::time::sleep_until(due);
+        tokio::pin!(next);
         // When the last check began: a failed request not counted brings the next one forward
         // to `health.timeout` after it (at once when that has passed), so that a flood of them
         // costs a check per timeout, and one that came just after a check is not forgotten.
         let mut checked = Instant::now();
         loop {
             let (result, active) = tokio::select! {
-                _ = ticks.tick() => {
+                () = next.as_mut() => {
                     checked = Instant::now();
-                    match self.prober.check().await {
+                    let result = self.prober.check().await;
+                    // A slow check must not be followed by a burst of catch-up checks.
+                    due = next_beat(due, pace, Instant::now());
+                    next.as_mut().reset(due);
+                    match result {
                         Ok(latency) => (Ok(latency), true),
                         Err(CheckError::Server(why)) => (Err(why), true),
                         Err(CheckError::Local(why)) => {
@@ -273,8 +281,10 @@ impl Task {
                         self.not_counted(why);
                         // A server that takes connections and fails every request fails its
                         // check too: found in a few checks, not `fall` intervals.
-                        if self.config.timeout < self.config.interval {
-                            ticks.reset_at((checked + self.config.timeout).max(Instant::now()));
+                        let sooner = sooner(due, checked, self.config.timeout, Instant::now());
+                        if sooner != due {
+                            due = sooner;
+                            next.as_mut().reset(due);
                         }
                         continue;
                     }
@@ -287,8 +297,8 @@ impl Task {
             // as an outage for `rise × interval` after it was back (3 to 4 s by default).
             if self.pace() != pace {
                 pace = self.pace();
-                ticks = tokio::time::interval_at(tokio::time::Instant::now() + pace, pace);
-                ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
+                due = Instant::now() + pace;
+                next.as_mut().reset(due);
             }
         }
     }
@@ -389,5 +399,74 @@ impl Task {
                 changed: flipped.is_some(),
             });
         }
+    }
+}
+
+/// The check after one that was due at `due`, checked every `pace`, once it is done at `now`:
+/// `pace` later, or, when a slow check has made that pass, the first beat after `now` (the
+/// beats missed are skipped, as tokio's `MissedTickBehavior::Skip` skips them).
+fn next_beat(due: Instant, pace: Duration, now: Instant) -> Instant {
+    let next = due + pace;
+    if next > now || pace.is_zero() {
+        return next.max(now);
+    }
+    let behind = now.duration_since(due).as_nanos();
+    let beats = behind / pace.as_nanos() + 1;
+    let ahead = pace.as_nanos() * beats - behind;
+    now + Duration::from_nanos(u64::try_from(ahead).unwrap_or(u64::MAX))
+}
+
+/// When the next check is due after a failed request that is not counted, at `now`: at
+/// `timeout` after the last check began (`checked`), or at once when that has passed, but
+/// never later than it was due already. While a server is down its checks come every
+/// `health.down_interval` (500 ms by default), sooner than a `timeout` (1 s) after the last:
+/// such a request (under `force-open`, `allow_ips` or a bypass) put the next check off, and
+/// halved how soon a server back from a restart was found.
+fn sooner(due: Instant, checked: Instant, timeout: Duration, now: Instant) -> Instant {
+    due.min((checked + timeout).max(now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    /// A failed request not counted brings the next check forward, never puts it off: with
+    /// a server down, checked every 500 ms (`down_interval`), a `timeout` of 1 s moved the
+    /// next check from 500 ms after the last to 1 s after it.
+    #[test]
+    fn a_failed_request_only_ever_brings_the_next_check_forward() {
+        let checked = Instant::now();
+        // Down: due 500 ms after the last check; the timeout is 1 s.
+        let due = checked + MS(500);
+        for after in [0, 100, 499, 500, 900, 1500] {
+            let at = sooner(due, checked, MS(1000), checked + MS(after));
+            assert!(
+                at <= due,
+                "{after} ms after the check: put off by {:?}",
+                at - due
+            );
+        }
+        // Up: due 2 s after the last check; the timeout brings it to 1 s after it.
+        let due = checked + MS(2000);
+        assert_eq!(
+            sooner(due, checked, MS(1000), checked + MS(10)),
+            checked + MS(1000)
+        );
+        // The timeout has passed since the last check: at once.
+        let now = checked + MS(1200);
+        assert_eq!(sooner(due, checked, MS(1000), now), now);
+    }
+
+    #[test]
+    fn a_slow_check_skips_the_beats_it_missed() {
+        let due = Instant::now();
+        // Done in time: one pace after the last was due.
+        assert_eq!(next_beat(due, MS(500), due + MS(20)), due + MS(500));
+        // A check of 1.2 s on a 500 ms pace: the next beat after it, at 1.5 s, not three at once.
+        assert_eq!(next_beat(due, MS(500), due + MS(1200)), due + MS(1500));
+        // Done right on a beat: the next one.
+        assert_eq!(next_beat(due, MS(500), due + MS(1000)), due + MS(1500));
     }
 }
