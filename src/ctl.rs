@@ -675,13 +675,9 @@ fn print_health(out: &mut impl Write, servers: &[ServerHealth]) -> io::Result<()
         if let Some(t) = &h.since {
             write!(out, " since {}", t.rfc3339())?;
         }
-        if h.consecutive > 0 {
-            let noun = if h.consecutive == 1 {
-                "result"
-            } else {
-                "results"
-            };
-            write!(out, " ({} {noun} in a row)", h.consecutive)?;
+        let notes = health_notes(h);
+        if !notes.is_empty() {
+            write!(out, " ({})", notes.join("; "))?;
         }
         if let Some(t) = &h.last_check {
             write!(out, "  last check {}", t.rfc3339())?;
@@ -698,6 +694,34 @@ fn print_health(out: &mut impl Write, servers: &[ServerHealth]) -> io::Result<()
         writeln!(out)?;
     }
     Ok(())
+}
+
+/// What `ctl health` says in brackets after a server's health: its latest results in a row,
+/// and for a server down why, and what it needs to be back. A server added by a reload
+/// during an outage starts down before any check, and showed a bare `DOWN`, or
+/// `DOWN (1 result in a row)` once it had passed one check of the two it needed.
+fn health_notes(h: &ServerHealth) -> Vec<String> {
+    let plural = |n: u32| if n == 1 { "" } else { "s" };
+    let down = h.healthy == Some(false);
+    let mut notes = Vec::new();
+    if down && h.added_in_outage {
+        notes.push("added during an outage".to_owned());
+    }
+    // Down, and its latest checks pass: on its way back.
+    let rising = down && h.last_ok == Some(true);
+    match h.consecutive {
+        0 => {}
+        n if rising => notes.push(format!("{n} passing check{} in a row", plural(n))),
+        n => notes.push(format!("{n} result{} in a row", plural(n))),
+    }
+    match h.passes_needed.filter(|_| down) {
+        Some(n) if rising => notes.push(format!("needs {n} more")),
+        Some(n) if h.added_in_outage => {
+            notes.push(format!("needs {n} passing check{}", plural(n)));
+        }
+        _ => {}
+    }
+    notes
 }
 
 /// `path` as one word a shell reads back as it is: quoted unless it needs none.
@@ -746,6 +770,8 @@ mod tests {
             consecutive: 800,
             last_latency_ms: Some(1.25),
             last_ok: Some(true),
+            added_in_outage: false,
+            passes_needed: None,
         };
         let mut out = Vec::new();
         print_health(&mut out, std::slice::from_ref(&h)).unwrap();
@@ -755,6 +781,58 @@ mod tests {
                 "  last error 2026-11-24T09:11:52Z: tcp connect error: Connection refused"
             ),
             "{out}"
+        );
+    }
+
+    /// A server a reload added during an outage says why it is down, and what it needs to be
+    /// back, where it showed a bare `DOWN`, then `DOWN (1 result in a row)` after a passing
+    /// check.
+    #[test]
+    fn a_server_added_during_an_outage_says_why_it_is_down() {
+        let shown = |consecutive, last_ok, passes_needed, added_in_outage| {
+            let h = ServerHealth {
+                server: "http://10.0.0.7:3000".into(),
+                healthy: Some(false),
+                since: None,
+                last_check: None,
+                last_error: None,
+                last_error_at: None,
+                consecutive,
+                last_latency_ms: None,
+                last_ok,
+                added_in_outage,
+                passes_needed,
+            };
+            let mut out = Vec::new();
+            print_health(&mut out, std::slice::from_ref(&h)).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        let line = |text: &str| format!("upstream:\n  http://10.0.0.7:3000  {text}\n");
+        assert_eq!(
+            shown(0, None, Some(2), true),
+            line("DOWN (added during an outage; needs 2 passing checks)")
+        );
+        assert_eq!(
+            shown(1, Some(true), Some(1), true),
+            line("DOWN (added during an outage; 1 passing check in a row; needs 1 more)")
+        );
+        assert_eq!(
+            shown(3, Some(false), Some(2), true),
+            line("DOWN (added during an outage; 3 results in a row; needs 2 passing checks)")
+        );
+        // Any server down on its way back says so.
+        assert_eq!(
+            shown(1, Some(true), Some(1), false),
+            line("DOWN (1 passing check in a row; needs 1 more)")
+        );
+        assert_eq!(
+            shown(4, Some(false), Some(2), false),
+            line("DOWN (4 results in a row)")
+        );
+        // What an older proxy answers (no `last_ok`, no new fields) reads as before.
+        assert_eq!(
+            shown(1, None, None, false),
+            line("DOWN (1 result in a row)")
         );
     }
 

@@ -1021,6 +1021,53 @@ async fn a_reload_during_an_outage_keeps_what_is_known_of_health() {
     assert_eq!(get(&proxy.url("/")).await.body(), "app");
 }
 
+/// A server a reload adds during an outage starts down before any check: `ctl health` says
+/// why, and what it needs to be back, where it showed a bare `DOWN`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_added_during_an_outage_says_why_it_is_down() {
+    let up = app().await;
+    let proxy = proxy_for(&[&up], FAST).await;
+    up.stop();
+    wait_mode(&proxy, "outage", Duration::from_secs(5)).await;
+    let dead = refusing();
+    edit_config(&proxy, |text| {
+        text.replace(
+            &format!("servers = [\"{}\"]", up.url()),
+            &format!("servers = [\"http://{}\", \"{}\"]", dead.addr, up.url()),
+        )
+    });
+    assert!(ctl(&proxy, Ctl::Reload).await.ok);
+    let h = first_server_once(&proxy, |h| h.last_check.is_some()).await;
+    assert_eq!(h.healthy, Some(false), "{h:?}");
+    assert!(h.added_in_outage, "{h:?}");
+    assert_eq!(h.passes_needed, Some(2), "{h:?}");
+    assert!(h.last_check.is_some(), "never checked: {h:?}");
+    // The server that was down before the reload is not new.
+    let old = ctl(&proxy, Ctl::Health).await.health.unwrap().remove(1);
+    assert!(!old.added_in_outage, "{old:?}");
+    assert_eq!(old.passes_needed, Some(2), "{old:?}");
+    // Back, it is no longer new.
+    let listener = dead.listen();
+    let served = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(full("app")))
+                });
+                let io = hyper_util::rt::TokioIo::new(s);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+    let h = first_server_once(&proxy, |h| h.healthy == Some(true)).await;
+    assert_eq!(h.healthy, Some(true), "{h:?}");
+    assert!(!h.added_in_outage, "{h:?}");
+    assert_eq!(h.passes_needed, None, "{h:?}");
+    served.abort();
+}
+
 /// What an operator says during an outage, in the tests of its words.
 const SAID: &str = "Restoring the database from last night's backup.";
 

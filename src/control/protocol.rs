@@ -122,10 +122,17 @@ pub struct ServerHealth {
     #[serde(default)]
     pub last_latency_ms: Option<f64>,
     /// Whether the latest result passed: with `consecutive`, what a reload needs to carry the
-    /// rise/fall count on (`Counter::resumed`). Not shown: `consecutive` beside `healthy` says
-    /// it to people.
-    #[serde(skip)]
+    /// rise/fall count on (`Counter::resumed`), and what tells a server down whose latest
+    /// checks pass (on its way back) from one whose checks fail.
+    #[serde(default)]
     pub last_ok: Option<bool>,
+    /// A reload added the server while no server was healthy: it starts down, before any
+    /// check, and is back once it passes `rise` checks in a row. Cleared once it is healthy.
+    #[serde(default)]
+    pub added_in_outage: bool,
+    /// For a server that is down: how many passing checks in a row it still needs to be back.
+    #[serde(default)]
+    pub passes_needed: Option<u32>,
 }
 
 /// The state as `ctl status --json` shows it.

@@ -185,6 +185,10 @@ pub fn spawn(
                     consecutive: 0,
                     last_latency_ms: None,
                     last_ok: None,
+                    // Down from the start with nothing known of it: a reload added it while
+                    // no server was healthy (`Controller::start_checkers`).
+                    added_in_outage: healthy == Some(false),
+                    passes_needed: None,
                 };
                 Mutex::new(match start.get(i).and_then(|s| s.1.clone()) {
                     Some(w) if w.healthy == healthy => ServerHealth { healthy, ..w },
@@ -222,6 +226,10 @@ pub fn spawn(
                 _ => Counter::new(),
             },
         };
+        // What `rise` (perhaps changed by the reload) leaves to pass, for `ctl health`.
+        if let Some(mut entry) = task.entry() {
+            entry.passes_needed = task.counter.passes_needed(config.rise);
+        }
         tasks.push(tokio::spawn(task.run(rx)));
     }
     Checkers {
@@ -376,6 +384,7 @@ impl Task {
             }
             entry.consecutive = self.counter.run();
             entry.last_ok = Some(ok);
+            entry.passes_needed = self.counter.passes_needed(rise);
             // A failed request before the first check has decided nothing: `ctl health`
             // still says "not checked yet", not healthy since that failure.
             if self.counter.decided() {
@@ -383,6 +392,7 @@ impl Task {
                     entry.since = Some(Timestamp(now));
                 }
                 entry.healthy = Some(self.counter.healthy());
+                entry.added_in_outage &= !self.counter.healthy();
             }
         }
         let first = !was_decided && self.counter.decided();

@@ -70,6 +70,11 @@ impl Counter {
         self.decided
     }
 
+    /// For a server taken out: how many passing checks in a row it still needs to be back.
+    pub fn passes_needed(&self, rise: u32) -> Option<u32> {
+        (self.decided && !self.healthy).then(|| rise.max(1).saturating_sub(self.against))
+    }
+
     /// How many of the latest results in a row were the same.
     pub fn run(&self) -> u32 {
         self.run
