@@ -578,16 +578,14 @@ impl Running {
             }
         }
         drop(self.state_lock);
+        let limit = self.listeners.limit.clone();
         drop(self.listeners);
         // The controller has ended: no more events will come. Beside the drain, bounded by
         // it: past `shutdown_timeout` only by the second a worker that is somehow not polled
         // is given to count what it held (`notify::GIVE_UP_WAIT`).
         let notified_by = deadline.min(began + NOTIFY_AT_STOP);
         let (drained, ()) = tokio::join!(
-            drain(
-                self.drain,
-                deadline.saturating_duration_since(tokio::time::Instant::now()),
-            ),
+            drain(self.drain, &limit, deadline),
             self.notifier.finish(notified_by),
         );
         if let Some((stop, task)) = self.admin {
@@ -608,18 +606,38 @@ impl Running {
 /// leaves the drain longer.
 const NOTIFY_AT_STOP: Duration = Duration::from_secs(10);
 
-async fn drain(drain: Arc<Drain>, grace: Duration) -> bool {
+/// Waits for the connections being served until `deadline`; then, once they have all ended,
+/// closes the idle (parked) ones with a lingering close and waits for those closes, and for
+/// any request one of them was woken by, until `deadline` still: dropped with the process, a
+/// parked connection a client had just sent a request on was reset, where the lingering close
+/// lets it read a clean end (and send the request again, to the next instance). Whether every
+/// connection being served finished in time.
+async fn drain(drain: Arc<Drain>, limit: &listener::Limit, deadline: tokio::time::Instant) -> bool {
     let open = drain.count();
     if open > 0 {
+        let grace = deadline.saturating_duration_since(tokio::time::Instant::now());
         tracing::info!(connections = open, "draining for up to {grace:?}");
     }
-    match tokio::time::timeout(grace, drain.shutdown()).await {
-        Ok(()) => true,
-        Err(_) => {
-            tracing::warn!("shutdown_timeout reached; closing the connections still open");
-            false
-        }
+    if tokio::time::timeout_at(deadline, drain.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown_timeout reached; closing the connections still open");
+        return false;
     }
+    limit.close_idle();
+    // Each connection picked takes its drain guard on its worker's thread before it stops
+    // counting as closing: only then has every one a guard the drain's end can wait for.
+    while limit.closing() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    if tokio::time::timeout_at(deadline, drain.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::debug!("shutdown_timeout reached with idle connections still closing");
+    }
+    true
 }
 
 /// Removes the control socket when dropped, unless kept: the start failed after binding it.

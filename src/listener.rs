@@ -84,6 +84,9 @@ pub struct Limit {
     idle: Mutex<Idlers>,
     /// The listeners' drain, which a tunnel joins as the connection it was did.
     drain: Arc<Drain>,
+    /// Set at the drain's end (`close_idle`): every idle connection is picked to close, one
+    /// idling from now at once.
+    ending: AtomicBool,
 }
 
 /// Idle connections by the order they became idle (`ticket`), each with the waker that tells
@@ -169,6 +172,32 @@ impl Limit {
 
     fn idlers(&self) -> MutexGuard<'_, Idlers> {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// At the drain's end: picks every idle connection to close, and any that idles from
+    /// now. A parked one closes with a lingering close (`park::parked`), where the process's
+    /// exit closed it under a client that could be sending a request on it, and the kernel
+    /// answered that request with a reset.
+    pub fn close_idle(&self) {
+        let mut idlers = self.idlers();
+        self.ending.store(true, Ordering::Relaxed);
+        let picked = std::mem::take(&mut idlers.waiting);
+        self.closing.fetch_add(picked.len(), Ordering::Relaxed);
+        self.picks.fetch_add(1, Ordering::Relaxed);
+        drop(idlers);
+        for waker in picked.into_values() {
+            waker.wake();
+        }
+    }
+
+    /// Whether the drain's end has closed the idle connections (`close_idle`).
+    pub fn ending(&self) -> bool {
+        self.ending.load(Ordering::Relaxed)
+    }
+
+    /// Connections picked to close that have not closed yet.
+    pub fn closing(&self) -> usize {
+        self.closing.load(Ordering::Relaxed)
     }
 }
 
@@ -297,6 +326,11 @@ impl Closable {
         // Read again under the lock, which every pick moves it under.
         self.seen
             .store(self.limit.picks.load(Ordering::Relaxed), Ordering::Relaxed);
+        if ticket == 0 && self.limit.ending.load(Ordering::Relaxed) {
+            self.limit.closing.fetch_add(1, Ordering::Relaxed);
+            self.ticket.store(PICKED, Ordering::Relaxed);
+            return true;
+        }
         if ticket == 0 {
             idlers.next += 1;
             let new = idlers.next;

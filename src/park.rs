@@ -694,10 +694,15 @@ pub async fn serve(
         turn
     };
     match turn {
+        Turn::Ended(Ok(())) if held.drain.started() => return lingering(conn, guard),
         Turn::Ended(result) => return result,
         Turn::Drain => {
             Pin::new(&mut *conn).graceful_shutdown();
-            return conn.await;
+            let ended = poll_fn(|cx| Pin::new(&mut *conn).poll(cx)).await;
+            return match ended {
+                Ok(()) => lingering(conn, guard),
+                Err(e) => Err(e),
+            };
         }
         Turn::Idle => {}
     }
@@ -721,7 +726,6 @@ pub async fn serve(
             };
         }
     }
-    drop(guard);
     let Some(parts) = conn.into_parts() else {
         return Ok(());
     };
@@ -737,7 +741,43 @@ pub async fn serve(
     if !read_buf.is_empty() {
         io.first = read_buf;
     }
-    tokio::spawn(parked(io.first, io.inner, service, held));
+    park(io, service, held, guard);
+    Ok(())
+}
+
+/// Parks a connection that has gone idle: `parked` in a task of its own, and `guard` let go.
+/// During a drain the guard is let go only once the parked connection has been polled once,
+/// and so is among the idle ones that the drain's end closes (`Limit::close_idle`), or has
+/// seen that end: let go before, the drain could end, and the process exit, with the
+/// connection not yet there, and it was closed with the process as before.
+fn park(io: Rewind, service: Gateway, held: Held, guard: Shutdown) {
+    if !held.drain.started() {
+        drop(guard);
+        tokio::spawn(parked(io.first, io.inner, service, held));
+        return;
+    }
+    tokio::spawn(async move {
+        let parked = parked(io.first, io.inner, service, held);
+        tokio::pin!(parked);
+        let first = poll_fn(|cx| Poll::Ready(parked.as_mut().poll(cx))).await;
+        drop(guard);
+        if first.is_pending() {
+            parked.await;
+        }
+    });
+}
+
+/// hyper's connection on a plaintext HTTP/1.1 socket.
+type Connection = http1::UpgradeableConnection<TokioIo<Rewind>, Gateway>;
+
+/// A connection hyper has closed cleanly during a drain (its last answer said
+/// `Connection: close`), closed again with a lingering close (`shutdown::linger`): the socket,
+/// hyper's to drop, would otherwise be closed with the requests pipelined behind that answer
+/// unread, and reset.
+fn lingering(conn: Box<Connection>, guard: Shutdown) -> Result<(), hyper::Error> {
+    if let Some(parts) = conn.into_parts() {
+        crate::shutdown::linger(parts.io.into_inner().inner, guard);
+    }
     Ok(())
 }
 
@@ -794,6 +834,12 @@ fn parked(
                 continue;
             }
             if !woken {
+                // Picked at the drain's end (`Limit::close_idle`): dropped with the
+                // process, a request sent on it meanwhile would be answered with a reset.
+                // The guard is taken before `count` goes, which the drain's end waits for.
+                if count.0.closable.limit().ending() {
+                    crate::shutdown::linger(inner, held.drain.guard());
+                }
                 return;
             }
             if !first.is_empty() {
@@ -835,8 +881,10 @@ fn parked(
             true => deadline.deadline() - STALLED + held.builder.keep_alive,
             false => deadline.deadline(),
         });
-        drop(count);
+        // The guard before `count` goes: at the drain's end, a connection woken by a request
+        // as it was picked to close is then waited for.
         let guard = held.drain.guard();
+        drop(count);
         let io = service.rewind(first, inner);
         tokio::spawn(serve_again(io, service, held, head, guard));
     }
@@ -888,10 +936,15 @@ pub async fn run(
         );
         match Box::pin(relayed).await {
             crate::relay::After::Hyper => {}
+            // Closed by a drain: with requests pipelined behind the answer that said so
+            // unread, a plain close would reset the connection, and the answer with it.
+            crate::relay::After::Close if held.drain.started() => {
+                crate::shutdown::linger(io.inner, guard);
+                return Ok(());
+            }
             crate::relay::After::Close | crate::relay::After::Broken => return Ok(()),
             crate::relay::After::Park => {
-                drop(guard);
-                tokio::spawn(parked(io.first, io.inner, service, held));
+                park(io, service, held, guard);
                 return Ok(());
             }
         }

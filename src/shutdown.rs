@@ -211,3 +211,43 @@ where
     graceful(conn.as_mut());
     conn.await
 }
+
+/// How long a lingering close (`linger`) waits for the client's next bytes before it closes:
+/// what a request sent as the proxy's `FIN` was on its way takes to arrive (a round trip, with
+/// room to spare), after which a client that neither sends nor closes has nothing in flight.
+pub const LINGER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The most a lingering close lasts, however the client keeps sending (nginx:
+/// `lingering_time`, 30 s; a drain's is bounded by `shutdown_timeout` besides).
+pub const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Closes a client's connection as nginx's lingering close does, in a task of its own: its
+/// sending side is shut (a `FIN` after what is queued), and what the client still sends is
+/// read and thrown away until it closes its side, or sends nothing for `LINGER_TIMEOUT`, or
+/// `LINGER_TIME` has passed. A socket closed with unread bytes in its receive buffer (requests
+/// pipelined behind the last answer, or one sent as the close came) makes the kernel send a
+/// reset, which throws away what the client has not read yet, the last answer with it; and
+/// bytes that arrive once it is closed are answered with a reset too.
+///
+/// `guard` is a drain guard, kept until the close is done: a drain (and the process's exit)
+/// waits for it, up to `shutdown_timeout`. No slot of `max_connections` is kept.
+pub fn linger(sock: tokio::net::TcpStream, guard: Shutdown) {
+    tokio::spawn(lingering(sock, guard));
+}
+
+async fn lingering(mut sock: tokio::net::TcpStream, _guard: Shutdown) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The system call itself, which does not wait: the FIN goes once what is queued has.
+    if sock.shutdown().await.is_err() {
+        return;
+    }
+    let end = tokio::time::Instant::now() + LINGER_TIME;
+    let mut buf = vec![0; 16 * 1024];
+    loop {
+        let by = end.min(tokio::time::Instant::now() + LINGER_TIMEOUT);
+        match tokio::time::timeout_at(by, sock.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
+    }
+}
