@@ -292,6 +292,9 @@ struct Set {
     /// For an HTTP/2 client's request (`upstream`), the answer's headers, read into a map for
     /// hyper's server instead of written to `out`; `None` for the relay's own.
     map: Option<http::HeaderMap>,
+    /// With `map`, the answer's head copied once, and its body when whole in it: the map's
+    /// values and the body are slices of it (`read_head`).
+    whole: Bytes,
 }
 
 /// The most a thread keeps in buffer sets for its next requests: as many sets as it has
@@ -344,6 +347,7 @@ impl Buffers {
             answer: Vec::new(),
             out: Vec::new(),
             map: None,
+            whole: Bytes::new(),
         }))
     }
 }
@@ -355,6 +359,7 @@ impl Drop for Buffers {
         let mut set = std::mem::take(&mut self.0);
         set.have = 0;
         set.map = None;
+        set.whole = Bytes::new();
         if set.answer.capacity() > 2 * COPY_BUF || set.out.capacity() > 2 * COPY_BUF {
             set.answer = Vec::new();
             set.out = Vec::new();
@@ -1368,7 +1373,7 @@ async fn send(bufs: &mut Set, up: &mut RawStream) -> Result<Answer, Failure> {
         // Interim (1xx) answers are passed over, as hyper's client does.
         loop {
             let sink = match bufs.map.as_mut() {
-                Some(map) => Sink::Map(map),
+                Some(map) => Sink::Map(map, &mut bufs.whole),
                 None => Sink::Bytes(&mut bufs.out),
             };
             match read_head(&bufs.answer, head, sink).map_err(Failure::Late)? {
@@ -1405,8 +1410,10 @@ fn response_head(input: &[u8], head: bool, out: &mut Vec<u8>) -> Result<Head, Se
 enum Sink<'a> {
     /// Written for an HTTP/1.1 client.
     Bytes(&'a mut Vec<u8>),
-    /// Read into a map for hyper's server, as hyper's client reads it (`upstream`).
-    Map(&'a mut http::HeaderMap),
+    /// Read into a map for hyper's server, as hyper's client reads it (`upstream`), its
+    /// values slices of one copy of the head (and of the body, when whole in `input`), kept in
+    /// the `Bytes`.
+    Map(&'a mut http::HeaderMap, &'a mut Bytes),
 }
 
 /// Parses the answer head at the start of `input` and writes the client's head to `sink`:
@@ -1521,8 +1528,15 @@ fn read_head(input: &[u8], head: bool, sink: Sink<'_>) -> Result<Head, SendError
         };
     let out = match sink {
         Sink::Bytes(out) => out,
-        Sink::Map(map) => {
-            headers_into(&resp, te, map)?;
+        Sink::Map(map, whole) => {
+            // One copy (and allocation) for the head's values and a small body, where each
+            // value and the body were one of their own: some 5 of them in nginx's answers.
+            let end = match framing {
+                Framing::Length(n) if (input.len() - len) as u64 >= n => len + n as usize,
+                _ => len,
+            };
+            *whole = Bytes::copy_from_slice(&input[..end]);
+            headers_into(&resp, input, whole, te, map)?;
             return Ok(Head::Final(Answer {
                 status,
                 head: len,
@@ -2117,20 +2131,26 @@ fn trailers_valid(section: &[u8], lines: usize) -> bool {
 /// `Connection`, `Transfer-Encoding`, `Upgrade`). Everything else (a streamed upload, a
 /// body with trailers) stays on hyper's path.
 pub fn fits(req: &Request<crate::body::Body>) -> bool {
-    use crate::body::Body;
     use http::header;
     let headers = req.headers();
-    if req.method() == http::Method::CONNECT
-        || headers.contains_key(header::CONNECTION)
-        || headers.contains_key(header::TRANSFER_ENCODING)
-        || headers.contains_key(header::UPGRADE)
-    {
+    fits_body(req)
+        && !headers.contains_key(header::CONNECTION)
+        && !headers.contains_key(header::TRANSFER_ENCODING)
+        && !headers.contains_key(header::UPGRADE)
+}
+
+/// `fits` but for the three fields, which `forward::Hop::write` refuses as it writes the rest
+/// (`encode_for` asks `fits` of a request it leaves to the map): three lookups in the map
+/// were some 350 instructions of each HTTP/2 client's request (README, "Performance").
+pub fn fits_body(req: &Request<crate::body::Body>) -> bool {
+    use crate::body::Body;
+    if req.method() == http::Method::CONNECT {
         return false;
     }
     match req.body() {
         Body::Empty => true,
         Body::Full(Some(bytes)) => {
-            let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+            let mut lengths = req.headers().get_all(http::header::CONTENT_LENGTH).iter();
             match (lengths.next(), lengths.next()) {
                 (Some(length), None) => {
                     let digits = length.as_bytes();
@@ -2185,26 +2205,49 @@ fn encode(
     true
 }
 
-/// Writes `req` (`fits`) into `out`, with `hop` its fields rewritten for `server`: from the
-/// fields as they came where `forward::Hop::write` can, else through the map
-/// (`forward::Hop::apply`).
+/// Writes `req` (`fits_body`) into `out`, with `hop` its fields rewritten for `server`: from
+/// the fields as they came where `forward::Hop::write` can (which refuses what `fits` would),
+/// else through the map (`forward::Hop::apply`). A request whose rewritten map does not `fit`
+/// is given back, rewritten, for hyper's path; without `hop` it must `fit` already.
 fn encode_for(
     mut req: Request<crate::body::Body>,
     hop: Option<(&forward::Hop<'_>, &Upstream)>,
     out: &mut Vec<u8>,
-) {
+) -> Option<Request<crate::body::Body>> {
     if !encode(&req, hop, out) {
         if let Some((hop, server)) = hop {
             hop.apply(req.headers_mut(), server);
+            if !fits(&req) {
+                out.clear();
+                return Some(req);
+            }
         }
         encode(&req, None, out);
     }
+    None
 }
 
-/// Sends `req` (`fits`; with `hop`, its fields as they came, `encode_for`) to HTTP/1.1 server
-/// `server` on a kept raw socket (or a new one), as the relay sends its own requests (`fetch`:
-/// the same sockets, the same rule for sending one again on a new socket, `FRESH` for one
-/// that cannot be), and gives the answer as hyper's
+/// A request written for its server (`encoded`), in the buffer set its exchange will use.
+pub struct Encoded(Buffers);
+
+/// Writes `req`, an HTTP/2 client's request that `fits_body` (with `hop`, its fields as they
+/// came; else rewritten already, and `fits`), for HTTP/1.1 server `server` (`encode_for`), to
+/// be sent by `upstream`; or gives it back, rewritten by `hop`, when what the rewrite left does
+/// not `fit`, for hyper's path to send.
+pub fn encoded(
+    req: Request<crate::body::Body>,
+    hop: Option<(&forward::Hop<'_>, &Upstream)>,
+) -> Result<Encoded, Box<Request<crate::body::Body>>> {
+    let mut set = Buffers::take();
+    match encode_for(req, hop, &mut set.0.request) {
+        None => Ok(Encoded(set)),
+        Some(req) => Err(Box::new(req)),
+    }
+}
+
+/// Sends `req` (`encoded`) to HTTP/1.1 server `server` on a kept raw socket (or a new one), as
+/// the relay sends its own requests (`fetch`: the same sockets, the same rule for sending one
+/// again on a new socket, `FRESH` for one that cannot be), and gives the answer as hyper's
 /// client gives it to `forward::finish`: its head read into a header map as hyper reads it
 /// (names lowercase, in order, a `Content-Length` beside a `Transfer-Encoding` removed), its
 /// body streamed from the socket (`Relayed`), which goes back to its list once the body is
@@ -2213,13 +2256,11 @@ fn encode_for(
 pub async fn upstream(
     pool: &UpstreamPool,
     server: usize,
-    req: Request<crate::body::Body>,
-    hop: Option<&forward::Hop<'_>>,
+    req: Encoded,
 ) -> Result<http::Response<crate::body::Body>, SendError> {
     use crate::body::Body;
-    let mut set = Buffers::take();
+    let mut set = req.0;
     let bufs = &mut set.0;
-    encode_for(req, hop.zip(pool.servers.get(server)), &mut bufs.request);
     bufs.map = Some(http::HeaderMap::new());
     let (up, answer) = fetch(bufs, pool, server, tokio::time::Instant::now()).await?;
     let (mut parts, ()) = http::Response::new(()).into_parts();
@@ -2229,6 +2270,7 @@ pub async fn upstream(
     // HTTP/1.1 (the version of the client's hop is its own): HTTP/1.1 either way.
     parts.version = http::Version::HTTP_11;
     parts.headers = bufs.map.take().unwrap_or_default();
+    let whole = std::mem::take(&mut bufs.whole);
     let rest = &bufs.answer[answer.head..];
     let give_back = |up: RawSocket, clean: bool| {
         if clean && answer.reusable {
@@ -2243,10 +2285,10 @@ pub async fn upstream(
         Framing::Length(length) if rest.len() as u64 >= length => {
             // Whole in the first read (nearly every small answer): given at once, its socket
             // back before the client has it, as a `Lent` body gives its connection back with
-            // its last piece.
+            // its last piece. Its bytes are in the copy its header values share (`read_head`).
             let length = length as usize;
             give_back(up, rest.len() == length);
-            Body::Full(Some(Bytes::copy_from_slice(&rest[..length])))
+            Body::Full(Some(whole.slice(answer.head..answer.head + length)))
         }
         framing => {
             let flow = match framing {
@@ -2254,7 +2296,7 @@ pub async fn upstream(
                 Framing::Chunked => Flow::Chunked,
                 Framing::None | Framing::Close => Flow::Close,
             };
-            let mut buf = vec![0; rest.len().max(COPY_BUF)];
+            let mut buf = vec![0; rest.len().max(body_room(framing))];
             buf[..rest.len()].copy_from_slice(rest);
             Body::Relayed(Box::new(Relayed {
                 up: Some(up),
@@ -2279,12 +2321,26 @@ pub async fn upstream(
     Ok(http::Response::from_parts(parts, body))
 }
 
+/// Room for reading a `Relayed` body of `framing`: `COPY_BUF`, or less for a shorter body
+/// of known length (a head and a small body read apart, as from a server that sends a file
+/// after its head), with a byte more to see one sent past its end, which closes the socket
+/// (`Relayed::ended`) as it does with more room. Initialised room (no unsafe code here): 16
+/// KiB zeroed for every such answer, however small.
+fn body_room(framing: Framing) -> usize {
+    match framing {
+        Framing::Length(left) => left.saturating_add(1).min(COPY_BUF as u64) as usize,
+        _ => COPY_BUF,
+    }
+}
+
 /// The answer's headers (`resp`) as hyper's client reads them into its map
 /// (`proto::h1::role::Client::parse`): every line, names lowercase, in order, and no
 /// `Content-Length` beside a `Transfer-Encoding` (`te`). `forward::finish` then takes out the
 /// hop-by-hop ones, as for an answer from hyper's client.
 fn headers_into(
     resp: &httparse::Response<'_, '_>,
+    input: &[u8],
+    whole: &Bytes,
     te: bool,
     map: &mut http::HeaderMap,
 ) -> Result<(), SendError> {
@@ -2300,8 +2356,14 @@ fn headers_into(
             continue;
         }
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| MALFORMED)?;
-        let value = HeaderValue::from_bytes(h.value).map_err(|_| MALFORMED)?;
-        map.append(name, value);
+        // The value where it lies in `whole`, a copy of `input`'s start (httparse gives
+        // slices of `input`): the same bytes, and the same checks, as `from_bytes`'s copy.
+        let at = (h.value.as_ptr() as usize).wrapping_sub(input.as_ptr() as usize);
+        let value = match at.checked_add(h.value.len()) {
+            Some(end) if end <= whole.len() => HeaderValue::from_maybe_shared(whole.slice(at..end)),
+            _ => HeaderValue::from_bytes(h.value),
+        };
+        map.append(name, value.map_err(|_| MALFORMED)?);
     }
     if te {
         map.remove(http::header::CONTENT_LENGTH);
@@ -3569,7 +3631,8 @@ mod tests {
                             } else {
                                 mapped += 1;
                             }
-                            encode_for(req, Some((&hop, server)), &mut ours);
+                            let back = encode_for(req, Some((&hop, server)), &mut ours);
+                            assert!(back.is_none(), "round {round}");
                             let mut before = request(shape, &fields, server);
                             *before.headers_mut() = rewritten_as_before(
                                 before.headers(),
@@ -3655,13 +3718,80 @@ mod tests {
         }
     }
 
+    /// `fits` is asked of a request as its fields are written (`encode_for`): one the writer
+    /// refuses is rewritten through its map, then written from it when what the rewrite left
+    /// fits, else given back for hyper's path, rewritten and with nothing written.
+    #[test]
+    fn a_request_the_writer_refuses_is_written_from_its_map_or_given_back() {
+        use crate::body::Body;
+        use crate::config::Protocol;
+        use http::header;
+        let client = forward::headers::ClientSide {
+            peer: HeaderValue::from_static("192.0.2.7"),
+            https: true,
+        };
+        let server = Upstream {
+            protocol: Protocol::Http,
+            scheme: http::uri::Scheme::HTTP,
+            authority: http::uri::Authority::from_static("127.0.0.1:8080"),
+        };
+        let authority = Some(http::uri::Authority::from_static("shop.example"));
+        let rules = forward::Hop::new(authority, &client, false);
+        let hop = Some((&rules, &server));
+        // Its `Connection` names the length its body needs, which the rewrite takes out.
+        let named = Request::post("/p")
+            .header("connection", "content-length")
+            .header("content-length", "3")
+            .body(Body::full("abc"))
+            .unwrap();
+        assert!(fits_body(&named) && !fits(&named));
+        let mut out = b"stale".to_vec();
+        let back = encode_for(named, hop, &mut out).expect("given back");
+        assert!(out.is_empty());
+        let fields = back.headers();
+        assert!(!fields.contains_key(header::CONNECTION));
+        assert!(!fields.contains_key(header::CONTENT_LENGTH));
+        assert!(
+            fields.contains_key("x-forwarded-for"),
+            "rewritten: {fields:?}"
+        );
+        // Refused by the writer, and fit once rewritten: as `encode` writes the rewritten map.
+        let unfit = [
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("expect", "100-continue"),
+        ];
+        for (name, value) in unfit {
+            let req = || {
+                Request::get("/")
+                    .header(name, value)
+                    .header("accept", "*/*")
+                    .body(Body::Empty)
+                    .unwrap()
+            };
+            let mut rewritten = req();
+            rules.apply(rewritten.headers_mut(), &server);
+            assert!(fits(&rewritten), "{name}");
+            let mut theirs = Vec::new();
+            assert!(encode(&rewritten, None, &mut theirs));
+            let mut ours = Vec::new();
+            assert!(!encode(&req(), hop, &mut ours), "{name}");
+            assert!(encode_for(req(), hop, &mut ours).is_none(), "{name}");
+            assert_eq!(
+                String::from_utf8_lossy(&ours),
+                String::from_utf8_lossy(&theirs),
+                "{name}"
+            );
+        }
+    }
+
     /// An answer's head reads as hyper's client reads it (`headers_into`): the same status and
     /// header map, in the same order, once `forward::finish` has taken the hop-by-hop fields
     /// out (a `Connection` naming no field is not put in).
     #[tokio::test]
     async fn an_answer_head_is_read_as_hyper_s_client_reads_it() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let answers: [&[u8]; 8] = [
+        let answers: [&[u8]; 10] = [
             b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 2\r\nx-a: 2\r\nSet-Cookie: a\r\n\r\nok",
             b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nX-Hop: 1\r\nConnection: Keep-Alive, X-Hop\r\nX-End: 2\r\nContent-Length: 0\r\n\r\n",
@@ -3670,13 +3800,27 @@ mod tests {
             b"HTTP/1.1 204 No Content\r\nX-Why: nothing\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nX-Tight:tight\r\nX-Wide: \t wide \t \r\nContent-Length: 2, 2\r\n\r\nok",
             b"HTTP/1.1 200 OK\r\nX-Obs: caf\xc3\xa9\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX-Empty:\r\nX-Last: z\r\nContent-Length: 3\r\n\r\nabc",
+            b"HTTP/1.1 200 OK\r\nX-Part: 1\r\nContent-Length: 10\r\n\r\nabc",
         ];
         for (i, answer) in answers.into_iter().enumerate() {
             let mut headers = http::HeaderMap::new();
-            let status = match read_head(answer, false, Sink::Map(&mut headers)) {
-                Ok(Head::Final(a)) => a.status,
+            let mut whole = Bytes::new();
+            let sink = Sink::Map(&mut headers, &mut whole);
+            let (status, end) = match read_head(answer, false, sink) {
+                Ok(Head::Final(a)) => (
+                    a.status,
+                    match a.framing {
+                        Framing::Length(n) if answer.len() - a.head >= n as usize => {
+                            a.head + n as usize
+                        }
+                        _ => a.head,
+                    },
+                ),
                 _ => panic!("case {i}"),
             };
+            // The values' copy: the head, and the body when whole, as they came.
+            assert_eq!(&whole[..], &answer[..end], "case {i}");
             let (client, mut server) = tokio::io::duplex(64 * 1024);
             let io = hyper_util::rt::TokioIo::new(client);
             let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
@@ -3705,6 +3849,16 @@ mod tests {
             };
             assert_eq!(order(&headers), order(theirs.headers()), "case {i}");
         }
+    }
+
+    #[test]
+    fn a_relayed_body_of_known_length_gets_room_for_it_and_a_byte() {
+        assert_eq!(body_room(Framing::Length(5)), 6);
+        assert_eq!(body_room(Framing::Length(COPY_BUF as u64 - 1)), COPY_BUF);
+        assert_eq!(body_room(Framing::Length(1 << 40)), COPY_BUF);
+        assert_eq!(body_room(Framing::Length(u64::MAX)), COPY_BUF);
+        assert_eq!(body_room(Framing::Chunked), COPY_BUF);
+        assert_eq!(body_room(Framing::Close), COPY_BUF);
     }
 
     #[test]

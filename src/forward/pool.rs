@@ -556,21 +556,22 @@ impl UpstreamPool {
                     Some(Protocol::Https) => self.known_http1(index),
                     _ => false,
                 };
-            // What `fits` says of the fields as they came holds of them rewritten: with no
-            // `Connection` to name it, no rule takes out the length, and none adds a field it
-            // refuses. A request it refuses is asked again once rewritten.
-            let direct = relay && crate::relay::fits(&req);
-            if let (false, Some(hop), Some(server)) = (direct, hop, self.servers.get(index)) {
+            // What `fits_body` says of the fields as they came holds of them rewritten: with
+            // no `Connection` to name it, no rule takes out the length. The rest of `fits` is
+            // asked as the fields are written (`relay::encoded`), which gives back a request
+            // whose rewritten fields do not fit.
+            if relay && crate::relay::fits_body(&req) {
+                match crate::relay::encoded(req, hop.zip(self.servers.get(index))) {
+                    // Boxed, as the rare paths are: its state would make hyper's path's larger.
+                    Ok(encoded) => {
+                        return Box::pin(crate::relay::upstream(self, index, encoded)).await
+                    }
+                    Err(rewritten) => req = *rewritten,
+                }
+            } else if let (Some(hop), Some(server)) = (hop, self.servers.get(index)) {
                 hop.apply(req.headers_mut(), server);
             }
             match protocol {
-                // Boxed, as the rare paths are: its state would make hyper's path's larger.
-                Some(Protocol::Http | Protocol::Https)
-                    if direct || (relay && crate::relay::fits(&req)) =>
-                {
-                    let hop = hop.filter(|_| direct);
-                    Box::pin(crate::relay::upstream(self, index, req, hop)).await
-                }
                 Some(Protocol::Http) => self.http1.request(index, req).await,
                 // Boxed: the rare paths must not make every request's future larger.
                 Some(Protocol::H2c) => Box::pin(self.h2c(index, req)).await,
