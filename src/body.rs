@@ -129,7 +129,11 @@ impl Body {
         resume: Option<Resume>,
         grpc: bool,
     ) -> Body {
-        if inner.is_end_stream() || (limit.is_none() && resume.is_none() && !grpc) {
+        // A body held whole (an HTTP/2 client's small answer from the relay, `relay::upstream`)
+        // can neither stall nor break: wrapped, it only cost an allocation and a poll more
+        // for each such answer. With `resume`, it holds the upload's timing until it ends.
+        let whole = matches!(inner, Body::Full(_)) && resume.is_none();
+        if whole || inner.is_end_stream() || (limit.is_none() && resume.is_none() && !grpc) {
             return inner;
         }
         Body::Timed(Box::new(Timed {
@@ -140,6 +144,11 @@ impl Body {
             clock: StallClock::default(),
             _resume: resume,
         }))
+    }
+
+    /// Whether polling the body can fail: not one held whole.
+    pub fn can_break(&self) -> bool {
+        !matches!(self, Body::Empty | Body::Full(_))
     }
 
     /// Whether the body, read whole, gives its connection back to a pool (`Lent`).
@@ -512,5 +521,27 @@ fn finished(
         Poll::Ready(None) => true,
         Poll::Ready(Some(Ok(frame))) => frame.is_trailers() || incoming.is_end_stream(),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body held whole is passed on as it is: it cannot stall nor break, and a `Timed` box
+    /// around it was an allocation and a poll more for each of an HTTP/2 client's small
+    /// answers. One that holds an upload's timing (`Resume`) is still wrapped.
+    #[test]
+    fn a_whole_body_is_not_timed() {
+        let server: Arc<str> = Arc::from("http://127.0.0.1:9");
+        let limit = Some(Duration::from_secs(1));
+        for grpc in [false, true] {
+            let body = Body::timed(Body::full("whole"), &server, limit, None, grpc);
+            assert!(matches!(body, Body::Full(Some(_))), "grpc {grpc}");
+            assert!(!body.can_break());
+        }
+        let resume = Resume(Arc::new(AtomicU8::new(ANSWERED)));
+        let body = Body::timed(Body::full("whole"), &server, limit, Some(resume), false);
+        assert!(matches!(body, Body::Timed(_)));
     }
 }

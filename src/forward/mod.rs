@@ -277,7 +277,9 @@ pub fn forward<'a>(
                     };
                     let stall = config.upstream.read_timeout;
                     let name = &pool.names[server];
-                    let grpc = http2 && native_grpc(resp.headers());
+                    // Only a body that can break off ends a gRPC call with its status
+                    // (`Body::timed`): an answer held whole skips the lookup.
+                    let grpc = http2 && resp.body().can_break() && native_grpc(resp.headers());
                     return Ok(finish(
                         resp,
                         (server, name),
