@@ -75,6 +75,7 @@ const SAY_MANY: &str = "/test.Echo/SayMany";
 const SAY_MANY_THEN_FAIL: &str = "/test.Echo/SayManyThenFail";
 const FAIL: &str = "/test.Echo/Fail";
 const SAY_GATED: &str = "/test.Echo/SayGated";
+const SAY_ALL: &str = "/test.Echo/SayAll";
 const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 
 // ---------------------------------------------------------------------------------------------
@@ -217,6 +218,36 @@ impl Service<tonic::Request<SayRequest>> for SayGatedSvc {
     }
 }
 
+/// `rpc SayAll(stream SayRequest) returns (SayReply)`: the texts of every request, joined,
+/// once the client's stream has ended.
+struct SayAllSvc(Arc<Seen>);
+
+impl Service<tonic::Request<Streaming<SayRequest>>> for SayAllSvc {
+    type Response = tonic::Response<SayReply>;
+    type Error = Status;
+    type Future = BoxFuture<Self::Response, Status>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::Request<Streaming<SayRequest>>) -> Self::Future {
+        let request_id = self.0.record(&req);
+        let mut stream = req.into_inner();
+        Box::pin(async move {
+            let mut texts = Vec::new();
+            while let Some(said) = stream.message().await? {
+                texts.push(said.text);
+            }
+            Ok(tonic::Response::new(SayReply {
+                text: texts.join(" "),
+                request_id,
+                index: 0,
+            }))
+        })
+    }
+}
+
 /// `rpc Fail(SayRequest) returns (SayReply)`: always NOT_FOUND, with error metadata.
 struct FailSvc(Arc<Seen>);
 
@@ -322,6 +353,7 @@ impl Service<http::Request<Body>> for EchoServer {
                     grpc.server_streaming(svc, req).await
                 }
                 SAY_GATED => grpc.server_streaming(SayGatedSvc(seen), req).await,
+                SAY_ALL => grpc.client_streaming(SayAllSvc(seen), req).await,
                 _ => unimplemented(),
             };
             Ok(resp)
@@ -453,6 +485,21 @@ async fn say_many(
     grpc.server_streaming(
         req,
         PathAndQuery::from_static(path),
+        ProstCodec::<SayRequest, SayReply>::default(),
+    )
+    .await
+}
+
+/// A client-streaming call sending what comes from `messages` until it is dropped.
+async fn say_all(
+    grpc: &mut tonic::client::Grpc<Channel>,
+    messages: tokio::sync::mpsc::Receiver<SayRequest>,
+) -> Result<tonic::Response<SayReply>, Status> {
+    grpc.ready().await.expect("channel ready");
+    let stream = tokio_stream::wrappers::ReceiverStream::new(messages);
+    grpc.client_streaming(
+        tonic::Request::new(stream),
+        PathAndQuery::from_static(SAY_ALL),
         ProstCodec::<SayRequest, SayReply>::default(),
     )
     .await
@@ -1424,4 +1471,70 @@ async fn a_grpc_web_call_the_relay_gave_up_on_is_paced_by_what_is_left_of_its_de
         );
     }
     server.abort();
+}
+
+/// A call whose first server refused its connection goes to the other: gRPC bodies stream
+/// (no `Content-Length`), and were never sent again, so that each restart of one of two
+/// servers cost every other call `UNAVAILABLE` until its checks took it out. Nothing of the
+/// call had left: unary, server- and client-streaming calls all reach the live server.
+#[tokio::test]
+async fn a_call_whose_server_refuses_the_connection_goes_to_another() {
+    let doomed = grpc_server().await;
+    let live = grpc_server().await;
+    // Checked once at start, and never taken out by the refusals (`fall`): only the retry
+    // can save the calls sent to the dead server.
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"h2c://{}\", \"h2c://{}\"]\n\
+         [health]\nkind = \"grpc\"\ninterval = \"1h\"\ntimeout = \"10s\"\nfall = 1000\n",
+        doomed.addr, live.addr
+    ))
+    .await;
+    let both = wait_until_async(|| async {
+        let h = ctl(&proxy, Ctl::Health).await.health.unwrap();
+        h.iter().all(|s| s.healthy == Some(true))
+    });
+    assert!(both.await, "both servers are checked healthy");
+    let (doomed_addr, doomed_seen) = (doomed.addr, doomed.seen.clone());
+    // Its listener closes with its task: connections to it are refused.
+    drop(doomed);
+    assert!(
+        wait_until_async(|| async { tokio::net::TcpStream::connect(doomed_addr).await.is_err() })
+            .await,
+        "the dead server still takes connections"
+    );
+    let mut grpc = client(&proxy).await;
+    for i in 0..6 {
+        let resp = say(&mut grpc, SAY, request("hi", 0, &format!("u{i}"))).await;
+        let resp = resp.unwrap_or_else(|e| panic!("unary call {i}: {e:?}"));
+        assert_eq!(resp.get_ref().text, "echo: hi");
+    }
+    for i in 0..2 {
+        let resp = say_many(&mut grpc, SAY_MANY, request("hey", 3, &format!("s{i}"))).await;
+        let mut stream = resp
+            .unwrap_or_else(|e| panic!("server streaming call {i}: {e:?}"))
+            .into_inner();
+        let mut got = 0;
+        while let Some(reply) = stream.message().await.unwrap() {
+            assert_eq!(reply.index, got);
+            got += 1;
+        }
+        assert_eq!(got, 3);
+    }
+    for i in 0..2 {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        for text in ["one", "two"] {
+            tx.send(SayRequest {
+                text: text.into(),
+                count: 0,
+            })
+            .await
+            .unwrap();
+        }
+        drop(tx);
+        let resp = say_all(&mut grpc, rx).await;
+        let resp = resp.unwrap_or_else(|e| panic!("client streaming call {i}: {e:?}"));
+        assert_eq!(resp.get_ref().text, "one two");
+    }
+    assert_eq!(live.seen.calls(), 10, "every call reached the live server");
+    assert_eq!(doomed_seen.calls(), 0);
 }

@@ -740,6 +740,73 @@ async fn a_small_idempotent_upload_is_retried_whole_on_another_server() {
     }
 }
 
+/// A request whose first server refused its connection goes to another whatever its body: a
+/// streamed one (chunked over HTTP/1.1, of no stated length over HTTP/2) too, since nothing
+/// of it was sent, to `http://` and `h2c://` servers alike. It got the outage answer before,
+/// so that each restart of a server cost every upload sent to it until its checks took it
+/// out. The request reaches the other server rewritten once (`X-Forwarded-For` names the
+/// client once, the host is the client's).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_streamed_upload_whose_connection_was_refused_goes_to_another_server() {
+    for scheme in ["http", "h2c"] {
+        let doomed = echo_upstream().await;
+        let live = echo_upstream().await;
+        let proxy = spawn_proxy(&format!(
+            "[upstream]\nservers = [\"{scheme}://{}\", \"{scheme}://{}\"]\n{SLOW_CHECKS}",
+            doomed.addr, live.addr
+        ))
+        .await;
+        let both = wait_until_async(|| async {
+            let h = ctl(&proxy, Ctl::Health).await.health.unwrap();
+            h.iter().all(|s| s.healthy == Some(true))
+        });
+        assert!(both.await, "both servers are checked healthy");
+        doomed.stop();
+        for i in 0..4 {
+            for http2 in [false, true] {
+                let (tx, body) = mpsc_body();
+                tx.send("part one, ".into()).await.unwrap();
+                tx.send("part two".into()).await.unwrap();
+                drop(tx);
+                let req = Request::post(proxy.url("/upload")).body(body).unwrap();
+                let client = if http2 { h2c_client() } else { client() };
+                let what = format!("{scheme} server, HTTP/2 client {http2}, upload {i}");
+                let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+                    .await
+                    .expect("bounded")
+                    .unwrap();
+                assert_eq!(resp.status(), StatusCode::OK, "{what}: {resp:?}");
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                let seen: Seen = serde_json::from_slice(&body).unwrap();
+                assert_eq!(seen.method, "POST", "{what}");
+                assert_eq!(seen.body, "part one, part two", "{what}");
+                assert_eq!(
+                    seen.header("x-forwarded-for"),
+                    Some("127.0.0.1"),
+                    "{what}: {seen:?}"
+                );
+                let host = proxy.addr.to_string();
+                assert_eq!(
+                    seen.header("x-forwarded-host"),
+                    Some(host.as_str()),
+                    "{what}: {seen:?}"
+                );
+                if scheme == "http" {
+                    assert_eq!(seen.header("host"), Some(host.as_str()), "{what}: {seen:?}");
+                }
+            }
+        }
+        // The refusals were counted against the dead server, each retried.
+        let h = ctl(&proxy, Ctl::Health).await.health.unwrap();
+        assert!(
+            h[0].last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("request failed")),
+            "{scheme}: {h:?}"
+        );
+    }
+}
+
 /// A POST is never sent twice: one the server got and failed (closed unanswered) gets the
 /// outage answer, not a second try on another server, which could place the order twice.
 #[tokio::test(flavor = "multi_thread")]

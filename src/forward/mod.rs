@@ -79,7 +79,8 @@ impl Failed {
 
 /// Request bodies up to this size are read whole before forwarding when a second attempt is
 /// possible, so that they can be sent again. Larger bodies, and bodies without a
-/// `Content-Length`, stream and are never replayed.
+/// `Content-Length`, stream and are never replayed: such a request goes to another server
+/// only as itself, given back by the pool when none of it left (`pool::UpstreamPool::request`).
 const REPLAY_BODY_LIMIT: u64 = 64 * 1024;
 
 pub(crate) fn idempotent(method: &Method) -> bool {
@@ -137,8 +138,9 @@ pub fn asks_for_tunnel(req: &Request<Incoming>) -> bool {
 }
 
 /// Forwards `req` to a healthy upstream server; a request that fails before any response
-/// head arrives is retried once on another healthy server when it can be replayed, and so is
-/// one whose server `marks` says was taken out while it waited for that head. Every failure
+/// head arrives is retried once on another healthy server when it can be replayed or none of
+/// it was sent, and so is one whose server `marks` says was taken out while it waited for
+/// that head. Every failure
 /// the server can be blamed for is reported to its checker.
 #[allow(clippy::manual_async_fn)] // see the module's docs
 #[allow(clippy::too_many_arguments)] // each a reference into the request's snapshot
@@ -244,6 +246,11 @@ pub fn forward<'a>(
             (first, req, sent, replay, path, hop)
         };
         let (mut req, mut server, mut sent, mut replay) = (req, first, sent, replay);
+        // The request itself, given back by the pool when it failed before any of it was sent
+        // (`pool::UpstreamPool::request`): boxed, so that only such a failure pays for its room.
+        let mut unsent: Option<Box<Request<Body>>> = None;
+        // Its fields rewritten for the hop already (`Hop::apply`), once it was given back.
+        let mut rewritten = false;
         // One call site for both attempts: the future of each would otherwise have a slot of its
         // own in this one's state, which every forwarded request allocates and copies.
         loop {
@@ -253,8 +260,18 @@ pub fn forward<'a>(
             // (as the relay judges it).
             let healthy = up.get(server).copied().unwrap_or(true);
             let watch = (healthy && idempotent(req.method())).then_some(marks);
-            let hop = hop.as_ref();
-            let error = match send(pool, server, req, timeout, sent.as_mut(), watch, hop).await {
+            let hop = hop.as_ref().filter(|_| !rewritten);
+            let sending = send(
+                pool,
+                server,
+                req,
+                timeout,
+                sent.as_mut(),
+                watch,
+                hop,
+                &mut unsent,
+            );
+            let error = match sending.await {
                 // A switch nobody asked for (or to nothing) leaves the client a head it cannot
                 // use: the server failed, as the relay judges it too.
                 Ok(resp)
@@ -291,6 +308,8 @@ pub fn forward<'a>(
                 }
                 Err(e) => e,
             };
+            // Only the first server's: there is one second attempt at most.
+            let back = unsent.take().filter(|_| server == first);
             // The client's own doing (a stalled or unreadable upload): answered 408 or 400,
             // and no server's fault.
             if let Some(fault) = sent.as_ref().and_then(SentSignal::client_failure) {
@@ -311,33 +330,70 @@ pub fn forward<'a>(
             // for the same room, and the client twice as long for its outage answer.
             // An idempotent request once, and any other (a `POST` without a body, or one
             // held whole) only when the server never got it: its connection was not made.
-            let unsent = matches!(error, UpstreamError::Connect { .. });
-            let second = replay
-                .as_ref()
-                .filter(|(method, ..)| unsent || idempotent(method))
-                .filter(|_| !sockets::reached(&error))
-                .and_then(|_| pool.pick(up, Some(first)))
-                // `up` is as the request found it: one taken out since is not tried.
-                .filter(|&next| !marks.is_down(&pool.names[next]));
-            let (Some((method, headers, held)), Some(second)) = (replay.take(), second) else {
+            // A request given back unsent goes whatever its method and body, a streamed
+            // one (gRPC, a chunked upload) too: nothing of it left.
+            let never_got = matches!(error, UpstreamError::Connect { .. });
+            let second = (back.is_some()
+                || replay
+                    .as_ref()
+                    .is_some_and(|(method, ..)| never_got || idempotent(method)))
+            .then_some(())
+            .filter(|_| client_upgrade.is_none() && !sockets::reached(&error))
+            .and_then(|()| pool.pick(up, Some(first)))
+            // `up` is as the request found it: one taken out since is not tried.
+            .filter(|&next| !marks.is_down(&pool.names[next]));
+            let Some(second) = second else {
                 return Err(Failed::upstream(Some(error), Some(server)));
+            };
+            let to = &pool.servers[second];
+            let back = back.and_then(|mut b| reaim(&mut b, hop, to, path.clone()).then_some(b));
+            let again = match (back, replay.take()) {
+                // The same body, its signal with it.
+                (Some(back), _) => {
+                    rewritten |= hop.is_some();
+                    *back
+                }
+                (None, Some((method, headers, held))) => {
+                    let mut again = Request::new(held.map_or(Body::Empty, Body::full));
+                    *again.method_mut() = method;
+                    *again.headers_mut() = headers;
+                    aim(&mut again, to, path.clone(), hop.is_none());
+                    sent = None;
+                    again
+                }
+                (None, None) => return Err(Failed::upstream(Some(error), Some(server))),
             };
             if let Some(more) = said(passive, Some(server), Line::Retried) {
                 tracing::warn!(error = %error, "retrying on {}{more}", pool.servers[second]);
             }
             retried(passive, server);
-            let mut again = Request::new(held.map_or(Body::Empty, Body::full));
-            *again.method_mut() = method;
-            *again.headers_mut() = headers;
-            aim(
-                &mut again,
-                &pool.servers[second],
-                path.clone(),
-                hop.is_none(),
-            );
-            (req, server, sent) = (again, second, None);
+            (req, server) = (again, second);
         }
     }
+}
+
+/// Points a request given back unsent (`pool::UpstreamPool::request`) at `server`, as `aim`
+/// points a new one: its fields are rewritten for the hop already, and only its `Host` is the
+/// first server's. An `h2c` server took it out (`aim_host`): it is the client's again from
+/// `hop`'s authority; false, and the request not to be sent there, when it cannot be had
+/// back for a server that needs one.
+fn reaim(
+    req: &mut Request<Body>,
+    hop: Option<&Hop>,
+    server: &Upstream,
+    path: PathAndQuery,
+) -> bool {
+    if let Some(host) = hop
+        .and_then(|hop| hop.authority.as_ref())
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        req.headers_mut().insert(header::HOST, host);
+    }
+    if server.protocol != Protocol::H2c && !req.headers().contains_key(header::HOST) {
+        return false;
+    }
+    aim(req, server, path, true);
+    true
 }
 
 fn client_failed(fault: ClientFault) -> Failed {
@@ -650,8 +706,10 @@ pub fn local_exhaustion(e: &(dyn std::error::Error + 'static)) -> bool {
 /// Sends one request to one server, waiting at most `response_timeout` for the head once the
 /// request body (if it streams) has been sent whole, as nginx's `proxy_read_timeout` does,
 /// and, with `watch`, no longer than the server stays in: taken out by its health checks
-/// meanwhile, it will not answer either (`state::marks`).
+/// meanwhile, it will not answer either (`state::marks`). A request that failed before any
+/// of it left is put in `unsent`.
 #[allow(clippy::manual_async_fn)] // see the module's docs
+#[allow(clippy::too_many_arguments)] // each a reference into the request's state
 fn send<'a>(
     pool: &'a UpstreamPool,
     server: usize,
@@ -660,13 +718,14 @@ fn send<'a>(
     sent: Option<&'a mut SentSignal>,
     watch: Option<&'a Marks>,
     hop: Option<&'a Hop<'a>>,
+    unsent: &'a mut Option<Box<Request<Body>>>,
 ) -> impl Future<Output = Result<Response<Body>, UpstreamError>> + Send + 'a {
     async move {
         let name = || pool.servers[server].to_string();
         // One pinned response future for both cases: moving it into `tokio::time::timeout` would
         // keep a second copy of its kilobyte in this future's state, which every forwarded
         // request allocates and copies.
-        let response = pool.request(server, req, hop);
+        let response = pool.request(server, req, hop, unsent);
         tokio::pin!(response);
         let deadline = async {
             if let Some(sent) = sent {

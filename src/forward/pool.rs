@@ -541,12 +541,19 @@ impl UpstreamPool {
     /// hyper's HTTP/1.1 client cost some 5,000 instructions per request parsing the answer
     /// into its own map, besides its dispatch between the request's task and the
     /// connection's, and the rewritten map some 3,900. Any other has its map rewritten here.
+    ///
+    /// A request that fails before any of it was sent (no connection could be opened, or
+    /// hyper gave it back from a new one that closed first) is put back in `unsent`, as
+    /// `forward::aim` and the hop made it, its body untouched: it may go to another server
+    /// whatever its method and body (a streamed one too), as nothing of it reached this one.
+    /// A request the relay takes has its body held whole, and is not given back.
     #[allow(clippy::manual_async_fn)] // see `forward`'s module docs
     pub fn request<'a>(
         &'a self,
         index: usize,
         mut req: Request<Body>,
         hop: Option<&'a Hop<'a>>,
+        unsent: &'a mut Option<Box<Request<Body>>>,
     ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + 'a {
         async move {
             let protocol = self.servers.get(index).map(|s| s.protocol);
@@ -572,10 +579,10 @@ impl UpstreamPool {
                 hop.apply(req.headers_mut(), server);
             }
             match protocol {
-                Some(Protocol::Http) => self.http1.request(index, req).await,
+                Some(Protocol::Http) => self.http1.request(index, req, unsent).await,
                 // Boxed: the rare paths must not make every request's future larger.
-                Some(Protocol::H2c) => Box::pin(self.h2c(index, req)).await,
-                _ => Box::pin(self.https(index, req)).await,
+                Some(Protocol::H2c) => Box::pin(self.h2c(index, req, unsent)).await,
+                _ => Box::pin(self.https(index, req, unsent)).await,
             }
         }
     }
@@ -584,13 +591,18 @@ impl UpstreamPool {
     /// it. `req` comes as `forward::aim` makes it for HTTP/2 (the server's `:authority`, no
     /// `Host`), and stays so: with prior knowledge there is no protocol to choose, nor HTTP/1.1
     /// to fall back on.
-    async fn h2c(&self, index: usize, req: Request<Body>) -> Result<Response<Body>, SendError> {
+    async fn h2c(
+        &self,
+        index: usize,
+        req: Request<Body>,
+        unsent: &mut Option<Box<Request<Body>>>,
+    ) -> Result<Response<Body>, SendError> {
         let clients = self.clients.local();
         let slot = clients
             .h2
             .get(index)
             .ok_or_else(|| SendError::Connect("no such server".into()))?;
-        match self.h2(index, slot, None, req).await? {
+        match self.h2(index, slot, None, req, unsent).await? {
             Ok(resp) => Ok(resp),
             // Never: only an `https://` server's dial can find HTTP/1.1.
             Err(_) => Err(SendError::Connect("the h2c server spoke no HTTP/2".into())),
@@ -607,6 +619,7 @@ impl UpstreamPool {
         &self,
         index: usize,
         mut req: Request<Body>,
+        unsent: &mut Option<Box<Request<Body>>>,
     ) -> Result<Response<Body>, SendError> {
         let clients = self.clients.local();
         let slot = match (clients.h2.get(index), self.https_http1.get(index)) {
@@ -626,16 +639,25 @@ impl UpstreamPool {
                 req.headers().get(header::HOST).cloned(),
                 req.version(),
             );
-            req = match self.h2(index, slot, Some(http1), req).await? {
-                Ok(resp) => return Ok(resp),
-                Err(mut req) => {
-                    let (uri, host, version) = made;
-                    *req.uri_mut() = uri;
-                    *req.version_mut() = version;
-                    if let Some(host) = host {
-                        req.headers_mut().insert(header::HOST, host);
-                    }
+            let unmade = |req: &mut Request<Body>, (uri, host, version)| {
+                *req.uri_mut() = uri;
+                *req.version_mut() = version;
+                if let Some(host) = host {
+                    req.headers_mut().insert(header::HOST, host);
+                }
+            };
+            req = match self.h2(index, slot, Some(http1), req, unsent).await {
+                Ok(Ok(resp)) => return Ok(resp),
+                Ok(Err(mut req)) => {
+                    unmade(&mut req, made);
                     req
+                }
+                // Given back as `forward::aim` made it, for a server that may speak either.
+                Err(e) => {
+                    if let Some(req) = unsent {
+                        unmade(req, made);
+                    }
+                    return Err(e);
                 }
             };
         }
@@ -644,7 +666,16 @@ impl UpstreamPool {
         // rule for sending again a request a kept connection closed on.
         let path = req.uri().path_and_query().cloned();
         *req.uri_mut() = path.map_or_else(|| Uri::from_static("/"), Uri::from);
-        self.http1.request(index, req).await
+        let sent = self.http1.request(index, req, unsent).await;
+        if let (Err(_), Some(req)) = (&sent, unsent) {
+            // As `forward::aim` made it: the server's URI.
+            if let Some(server) = self.servers.get(index) {
+                let path = req.uri().path_and_query().cloned();
+                *req.uri_mut() =
+                    path.map_or_else(Uri::default, |path| super::upstream_uri(server, path));
+            }
+        }
+        sent
     }
 
     /// Sends `req` over one of this worker's HTTP/2 connections to server `index`, kept in
@@ -658,6 +689,7 @@ impl UpstreamPool {
         slot: &H2Slot,
         http1: Option<&AtomicBool>,
         mut req: Request<Body>,
+        unsent: &mut Option<Box<Request<Body>>>,
     ) -> Result<Result<Response<Body>, Request<Body>>, SendError> {
         let idle = self.config.idle_timeout;
         // When the connection that gave the request back, or refused it, was opened: the
@@ -687,7 +719,10 @@ impl UpstreamPool {
                     // did on the one connection kept before, rather than failing at once.
                     Err(e) => match take_h2(slot, idle, failed_on, true) {
                         Some(taken) => (taken, true),
-                        None => return Err(e),
+                        None => {
+                            *unsent = Some(Box::new(req));
+                            return Err(e);
+                        }
                     },
                 },
             };
@@ -714,6 +749,11 @@ impl UpstreamPool {
                         req = unsent;
                         failed_on = Some(dialed);
                         kept_tries += 1;
+                    }
+                    // A new connection that closed before the request left: given back.
+                    (Some(back), _) => {
+                        *unsent = Some(Box::new(back));
+                        return Err(SendError::Http(e.into_error()));
                     }
                     // Whatever its method: the server says it did nothing with it.
                     (None, Some(copy)) if refused_unprocessed(e.error()) => {
@@ -1634,11 +1674,12 @@ impl Http1Pool {
     /// Sends `req`, whose URI is the path alone (`forward::aim` makes it so: HTTP/1.1 to an
     /// origin server names the path, RFC 9112 §3.2.1, and the client's `Host` names the site).
     #[allow(clippy::manual_async_fn)] // see `forward`'s module docs
-    fn request(
-        &self,
+    fn request<'a>(
+        &'a self,
         index: usize,
         mut req: Request<Body>,
-    ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + '_ {
+        unsent: &'a mut Option<Box<Request<Body>>>,
+    ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + 'a {
         async move {
             let Some(server) = self.servers.get(index) else {
                 return Err(SendError::Connect("no such server".into()));
@@ -1662,7 +1703,14 @@ impl Http1Pool {
                         (sender, Some(since))
                     }
                     // Boxed: the rare path must not make every request's future larger.
-                    None => (Box::pin(self.connect(&server.dial)).await?, None),
+                    None => match Box::pin(self.connect(&server.dial)).await {
+                        Ok(sender) => (sender, None),
+                        // Nothing of the request left: it is given back.
+                        Err(e) => {
+                            *unsent = Some(Box::new(req));
+                            return Err(e);
+                        }
+                    },
                 };
                 // A server closes a connection that idled past its keep-alive timeout (5 s for
                 // Node.js and uvicorn, 2 s for gunicorn), or one it said it would keep, as the next
@@ -1679,6 +1727,11 @@ impl Http1Pool {
                     Err(mut e) => match (e.take_message(), again) {
                         // Closed before the request was written (its task saw the close first).
                         (Some(unsent), _) if since.is_some() => req = unsent,
+                        // A new connection's, that closed first: given back.
+                        (Some(back), _) => {
+                            *unsent = Some(Box::new(back));
+                            return Err(SendError::Http(e.into_error()));
+                        }
                         // Closed before an answer's head arrived whole, once the request was
                         // written: sent again once, on a new connection, so that a request that
                         // makes the server fail is not sent once per kept connection.
@@ -2087,7 +2140,7 @@ mod kept {
                 .body(Body::Empty)
                 .unwrap()
         };
-        let resp = pool.request(0, get(), None).await.unwrap();
+        let resp = pool.request(0, get(), None, &mut None).await.unwrap();
         resp.into_body().collect().await.unwrap();
         // Until hyper has seen the exchange end, the connection is not ready for another.
         for _ in 0..100 {
@@ -2104,7 +2157,7 @@ mod kept {
         // connection's task has not read the close when the next request is written on it.
         close_tx.send(()).unwrap();
         closed_rx.recv().unwrap();
-        let resp = pool.request(0, get(), None).await.unwrap();
+        let resp = pool.request(0, get(), None, &mut None).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
@@ -2130,7 +2183,7 @@ mod kept {
             .header("host", "x")
             .body(Body::Empty)
             .unwrap();
-        let resp = pool.request(0, req, None).await.unwrap();
+        let resp = pool.request(0, req, None, &mut None).await.unwrap();
         resp.into_body().collect().await.unwrap();
         assert_eq!(pool.idle_http1(0), 1);
         let list = pool.http1.servers[0].idle.local();
@@ -2212,11 +2265,11 @@ mod kept {
         let (a, a_closed) = keep_alive_server();
         let (b, _) = keep_alive_server();
         let (pool, _, metrics) = bounded_pool(&[a, b], 1);
-        let resp = pool.request(0, get(), None).await.unwrap();
+        let resp = pool.request(0, get(), None, &mut None).await.unwrap();
         resp.into_body().collect().await.unwrap();
         assert_eq!(pool.idle_http1(0), 1);
         assert_eq!(metrics.open.get(), 1);
-        let resp = pool.request(1, get(), None).await.unwrap();
+        let resp = pool.request(1, get(), None, &mut None).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(pool.idle_http1(0), 0);
         assert_eq!(metrics.open.get(), 1);
@@ -2307,12 +2360,12 @@ mod kept {
         };
         // Twice: the first dial asks for HTTP/2 by ALPN and learns the server's choice.
         for _ in 0..2 {
-            let resp = pool.request(0, to_a(), None).await.unwrap();
+            let resp = pool.request(0, to_a(), None, &mut None).await.unwrap();
             assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
         }
         assert_eq!(pool.idle_http1(0), 1);
         assert_eq!(metrics.open.get(), 1);
-        let resp = pool.request(1, get(), None).await.unwrap();
+        let resp = pool.request(1, get(), None, &mut None).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(pool.idle_http1(0), 0);
         assert_eq!(metrics.reached.get(), 0);
@@ -2327,10 +2380,14 @@ mod kept {
         let (b, _) = keep_alive_server();
         let (pool, sockets, _) = bounded_pool(&[a, b], 1);
         let pool = Arc::new(pool);
-        let busy = pool.request(0, get(), None).await.unwrap();
+        let busy = pool.request(0, get(), None, &mut None).await.unwrap();
         let waiting = {
             let pool = pool.clone();
-            tokio::spawn(async move { pool.request(1, get(), None).await.map(|r| r.status()) })
+            tokio::spawn(async move {
+                pool.request(1, get(), None, &mut None)
+                    .await
+                    .map(|r| r.status())
+            })
         };
         for _ in 0..250 {
             if sockets.wanted() {
@@ -2400,9 +2457,9 @@ mod kept {
         let kept = |pool: &UpstreamPool| lock(&pool.clients.local().h2[0].kept).len();
 
         // Busy: its stream stays open, and the request for room waits in vain.
-        let resp = pool.request(0, held_get(), None).await.unwrap();
+        let resp = pool.request(0, held_get(), None, &mut None).await.unwrap();
         assert_eq!(kept(&pool), 1);
-        let Err(e) = pool.request(1, get(), None).await else {
+        let Err(e) = pool.request(1, get(), None, &mut None).await else {
             panic!("a busy HTTP/2 connection was closed for room");
         };
         assert!(super::super::sockets::reached(&e), "{e}");
@@ -2410,7 +2467,7 @@ mod kept {
 
         // Idle once its answer has ended: closed, and its place taken.
         end_held(&held, resp).await;
-        let resp = pool.request(1, get(), None).await.unwrap();
+        let resp = pool.request(1, get(), None, &mut None).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(kept(&pool), 0);
         assert_eq!(metrics.open.get(), 1);
@@ -2422,8 +2479,9 @@ mod kept {
     async fn an_http2_connection_going_idle_during_the_wait_makes_room() {
         // Long enough that only the connection's close, not the wait's end, can answer.
         let (pool, sockets, _, held) = at_the_bound("30s").await;
-        let resp = pool.request(0, held_get(), None).await.unwrap();
-        let waiting = pool.request(1, get(), None);
+        let resp = pool.request(0, held_get(), None, &mut None).await.unwrap();
+        let mut unsent = None;
+        let waiting = pool.request(1, get(), None, &mut unsent);
         let ending = async {
             // Once the request waits for room, the held answer ends and is read whole.
             while !sockets.wanted() {
@@ -2485,8 +2543,9 @@ mod kept {
         let config = crate::config::Config::parse(text, std::path::Path::new("."), None).unwrap();
         let pool = UpstreamPool::new(&config.upstream, 1, &Sockets::unbounded()).unwrap();
         let req = || http::Request::get("/").body(Body::Empty).unwrap();
-        let https = std::mem::size_of_val(&pool.https(0, req()));
-        let h2c = std::mem::size_of_val(&pool.h2c(0, req()));
+        let (mut a, mut b) = (None, None);
+        let https = std::mem::size_of_val(&pool.https(0, req(), &mut a));
+        let h2c = std::mem::size_of_val(&pool.h2c(0, req(), &mut b));
         assert!(https < 4096, "the https future is {https} bytes");
         assert!(h2c < 4096, "the h2c future is {h2c} bytes");
     }
