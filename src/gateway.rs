@@ -733,7 +733,15 @@ fn forward_request<'a>(
                     ClientFault::Left => Outcome::Abandoned,
                     ClientFault::Stalled | ClientFault::Unreadable => Outcome::Failed,
                 };
-                (reserved::plain(fault.status(), text), None, outcome)
+                let resp = match echo.grpc_type() {
+                    Some(typed) => {
+                        let limit = snap.config.proxy.body_read_timeout;
+                        let (status, message) = grpc_client_fault(fault, limit);
+                        reserved::grpc_status(typed, status, &message)
+                    }
+                    None => reserved::plain(fault.status(), text),
+                };
+                (resp, None, outcome)
             }
             Err(failed) => {
                 match &failed.error {
@@ -763,6 +771,33 @@ fn forward_request<'a>(
     }
 }
 
+/// The gRPC status, and its message, of a call whose own upload failed (`ClientFault`), for
+/// its client to read in place of the `408` or `400` another client gets:
+/// - stalled past `proxy.body_read_timeout` (`limit`): `DEADLINE_EXCEEDED` (4), "the deadline
+///   expired before the operation could complete" (gRPC's status codes), as Envoy answers its
+///   own timeouts on a gRPC call. A time limit ran out, which clients do not retry: with
+///   `UNAVAILABLE` they would send the call again, to stall again, and read the server as down;
+///   `CANCELLED` says the caller gave up, `RESOURCE_EXHAUSTED` a quota or size.
+/// - unreadable (a malformed frame of the client's): `INTERNAL` (13), gRPC's status for a
+///   protocol error, as its mapping reads an HTTP `400`.
+/// - the client left mid-upload: `CANCELLED` (1); nobody reads it.
+fn grpc_client_fault(fault: ClientFault, limit: Option<std::time::Duration>) -> (u16, String) {
+    match fault {
+        ClientFault::Stalled => {
+            let message = match limit {
+                Some(limit) => format!(
+                    "the request body did not arrive in time: nothing of it came for {limit:?} \
+                     (the proxy's body_read_timeout)"
+                ),
+                None => "the request body did not arrive in time".to_owned(),
+            };
+            (4, message)
+        }
+        ClientFault::Unreadable => (13, "the request body could not be read".to_owned()),
+        ClientFault::Left => (1, "the request body did not arrive whole".to_owned()),
+    }
+}
+
 /// The outage holding response to `req`, for a forward that failed outside hyper
 /// (`crate::relay`), chosen as `forward_request` chooses it.
 pub(crate) fn outage_answer<B>(snap: &Snapshot, req: &Request<B>) -> Response<Body> {
@@ -781,6 +816,8 @@ struct Echo {
     /// When a call with a deadline (`grpc-timeout`) came: its outage answer sees what is
     /// left of the deadline (`Echo::outage`). The clock is read for those calls alone.
     sent: Option<Instant>,
+    /// It came over HTTP/2, where `application/grpc` is a native gRPC call.
+    http2: bool,
 }
 
 /// The request headers that choose the form of a holding response.
@@ -803,6 +840,8 @@ static ECHOED: [header::HeaderName; 9] = [
 
 /// `ECHOED`'s index of `grpc-timeout`.
 const ECHOED_GRPC_TIMEOUT: usize = 8;
+/// `ECHOED`'s index of `content-type`.
+const ECHOED_CONTENT_TYPE: usize = 2;
 
 impl Echo {
     fn of<B>(req: &Request<B>) -> Echo {
@@ -825,7 +864,22 @@ impl Echo {
             headers,
             more,
             sent,
+            http2: req.version() == http::Version::HTTP_2,
         }
+    }
+
+    /// The type of a gRPC answer to this request, whose client reads a status in its headers
+    /// (`reserved::grpc_status`): `application/grpc` for a native call (over HTTP/2), the
+    /// call's own for a gRPC-Web one; `None` for any other request.
+    fn grpc_type(&self) -> Option<HeaderValue> {
+        let mut headers = HeaderMap::new();
+        let content_type = self.headers[ECHOED_CONTENT_TYPE].clone()?;
+        headers.insert(header::CONTENT_TYPE, content_type);
+        if let Some(web) = crate::hold::negotiate::grpc_web_type(&headers) {
+            return Some(web);
+        }
+        (self.http2 && forward::native_grpc(&headers))
+            .then(|| HeaderValue::from_static("application/grpc"))
     }
 
     /// The outage holding response this request would get.

@@ -266,6 +266,24 @@ fn not_found() -> Response<Body> {
     plain(StatusCode::NOT_FOUND, "not found\n")
 }
 
+/// A gRPC answer from the proxy itself, trailers-only (HTTP 200, `grpc-status` and
+/// `grpc-message` in its headers, no body), typed `content_type` (`application/grpc`, or a
+/// gRPC-Web call's own type): gRPC's clients read a status only so, and took an HTTP status
+/// for an unknown failure (`UNKNOWN: Received http2 header with status: 408`).
+pub fn grpc_status(content_type: HeaderValue, status: u16, message: &str) -> Response<Body> {
+    let mut resp = Response::new(Body::Empty);
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, content_type);
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert("grpc-status", HeaderValue::from(status));
+    let max = crate::hold::held::MAX_GRPC_MESSAGE;
+    let message = crate::hold::held::grpc_percent_encode(message, max);
+    if let Ok(message) = HeaderValue::from_str(&message) {
+        headers.insert("grpc-message", message);
+    }
+    resp
+}
+
 pub fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     let mut resp = Response::new(Body::full(text));
     *resp.status_mut() = status;

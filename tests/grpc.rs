@@ -1538,3 +1538,64 @@ async fn a_call_whose_server_refuses_the_connection_goes_to_another() {
     assert_eq!(live.seen.calls(), 10, "every call reached the live server");
     assert_eq!(doomed_seen.calls(), 0);
 }
+
+/// A client-streaming call whose client pauses longer than `proxy.body_read_timeout` while
+/// its server waits for the rest is answered as gRPC, trailers-only: `DEADLINE_EXCEEDED`,
+/// saying which limit ran out. The `408` it got before read as `UNKNOWN: Received http2
+/// header with status: 408`. A gRPC-Web call's (over HTTP/1.1) is the same, typed as it came.
+#[tokio::test]
+async fn a_call_whose_client_stalls_its_stream_gets_deadline_exceeded() {
+    let server = grpc_server().await;
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nbody_read_timeout = \"1s\"\n[upstream]\nservers = [\"h2c://{}\"]\n\
+         [health]\nkind = \"grpc\"\ninterval = \"1h\"\ntimeout = \"10s\"\n",
+        server.addr
+    ))
+    .await;
+    wait_first_check(&server).await;
+    let mut grpc = client(&proxy).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(SayRequest {
+        text: "one".into(),
+        count: 0,
+    })
+    .await
+    .unwrap();
+    // `tx` is kept: the stream stays open, and nothing more comes.
+    let status = say_all(&mut grpc, rx).await.expect_err("a stalled call");
+    drop(tx);
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("1s (the proxy's body_read_timeout)"),
+        "{status:?}"
+    );
+    let h = ctl(&proxy, Ctl::Health).await.health.unwrap();
+    assert_eq!(h[0].healthy, Some(true), "the server is not blamed: {h:?}");
+
+    // gRPC-Web over HTTP/1.1, to a server that waits for the whole body.
+    let web = upstream(|req: http::Request<hyper::body::Incoming>| async move {
+        use http_body_util::BodyExt;
+        let _ = req.into_body().collect().await;
+        http::Response::new(full("never"))
+    })
+    .await;
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nbody_read_timeout = \"1s\"\n[upstream]\nservers = [\"{}\"]\n\
+         [health]\nkind = \"tcp\"\ninterval = \"1h\"\n",
+        web.url()
+    ))
+    .await;
+    let request =
+        "POST /pkg.Svc/M HTTP/1.1\r\nHost: x\r\nContent-Type: application/grpc-web+proto\r\n\
+                   Transfer-Encoding: chunked\r\n\r\n5\r\n\0\0\0\0\0\r\n";
+    let answer = raw_exchange(proxy.addr, request.as_bytes(), Duration::from_secs(10)).await;
+    let head = answer.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{answer}");
+    assert!(head.contains("\r\ngrpc-status: 4\r\n"), "{answer}");
+    assert!(
+        head.contains("\r\ncontent-type: application/grpc-web+proto\r\n"),
+        "{answer}"
+    );
+}

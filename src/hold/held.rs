@@ -149,7 +149,7 @@ const MAX_RECONNECT_MAINTENANCE: u64 = 60;
 
 /// gRPC clients refuse large metadata (grpc-java: 8 KiB in all), and an oversized
 /// `grpc-message` would turn UNAVAILABLE into INTERNAL.
-const MAX_GRPC_MESSAGE: usize = 1024;
+pub(crate) const MAX_GRPC_MESSAGE: usize = 1024;
 
 /// A number no real value reaches, so it marks the split point in the serialized text.
 const MARK: u64 = u64::MAX;
