@@ -1599,3 +1599,69 @@ async fn a_call_whose_client_stalls_its_stream_gets_deadline_exceeded() {
         "{answer}"
     );
 }
+
+/// A call whose deadline (`grpc-timeout`) is longer than `response_timeout` has its head waited
+/// for up to that deadline: a slow unary call reaches its client, where it was cut at
+/// `response_timeout` with `UNAVAILABLE`. Without a deadline, or with a shorter one,
+/// `response_timeout` holds.
+#[tokio::test]
+async fn a_call_waits_for_its_head_as_long_as_its_deadline_allows() {
+    let addr = h2c_streams(|req, mut respond| {
+        if req.uri().path() == "/health" {
+            let _ = respond.send_response(http::Response::new(()), true);
+            return;
+        }
+        // Answers OK, trailers-only, 2 s after the call came.
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let resp = http::Response::builder()
+                .header("content-type", "application/grpc")
+                .header("grpc-status", "0")
+                .body(())
+                .unwrap();
+            let _ = respond.send_response(resp, true);
+            drop(req);
+        });
+    })
+    .await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"h2c://{addr}\"]\nresponse_timeout = \"1s\"\n\
+         [health]\npath = \"/health\"\ninterval = \"1h\"\n"
+    ))
+    .await;
+    let checked = wait_until_async(|| async {
+        let health = ctl(&proxy, Ctl::Health).await.health.unwrap();
+        health[0].healthy == Some(true)
+    });
+    assert!(checked.await, "the server was never found healthy");
+    let call = |timeout: Option<&'static str>| {
+        let mut req = http::Request::post(proxy.url("/pkg.Svc/Slow"))
+            .version(http::Version::HTTP_2)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+        if let Some(timeout) = timeout {
+            req = req.header("grpc-timeout", timeout);
+        }
+        let req = req.body(full(vec![0u8, 0, 0, 0, 0])).unwrap();
+        async move {
+            let resp = tokio::time::timeout(Duration::from_secs(10), h2c_client().request(req))
+                .await
+                .expect("bounded")
+                .expect("an answer");
+            let h = resp.headers();
+            let status = h.get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
+            (status, h.contains_key("x-intermission-mode"))
+        }
+    };
+    assert_eq!(
+        call(Some("3S")).await,
+        (Some("0".into()), false),
+        "the server's answer, after 2 s"
+    );
+    assert_eq!(call(None).await, (Some("14".into()), true), "no deadline");
+    assert_eq!(
+        call(Some("1500m")).await,
+        (Some("14".into()), true),
+        "a deadline shorter than the answer"
+    );
+}

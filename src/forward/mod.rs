@@ -83,6 +83,26 @@ impl Failed {
 /// only as itself, given back by the pool when none of it left (`pool::UpstreamPool::request`).
 const REPLAY_BODY_LIMIT: u64 = 64 * 1024;
 
+/// The longest a native gRPC call's deadline makes its head be waited for
+/// (`grpc_head_wait`): a deadline of hours (`grpc-timeout` allows 8 digits of them, and some
+/// clients send a day for "none") is left to its client, whose cancel at the deadline ends
+/// the wait anyway; a server that hangs keeps a call no longer than this.
+const GRPC_HEAD_WAIT_MAX: Duration = Duration::from_secs(3600);
+
+/// How long a native gRPC call (`headers`) waits for its response head: `response_timeout`,
+/// or its deadline (`grpc-timeout`) when longer, up to `GRPC_HEAD_WAIT_MAX`, as Envoy's
+/// `grpc_timeout_header_max` has it. A unary call that the server takes two minutes on, sent
+/// with a five-minute deadline, got `UNAVAILABLE` at `response_timeout`, which the client
+/// then retried, to be cut again.
+fn grpc_head_wait(headers: &http::HeaderMap, response_timeout: Duration) -> Duration {
+    if !native_grpc(headers) {
+        return response_timeout;
+    }
+    crate::hold::negotiate::grpc_deadline(headers).map_or(response_timeout, |deadline| {
+        deadline.min(GRPC_HEAD_WAIT_MAX).max(response_timeout)
+    })
+}
+
 pub(crate) fn idempotent(method: &Method) -> bool {
     matches!(
         *method,
@@ -161,6 +181,11 @@ pub fn forward<'a>(
         // (`pool::UpstreamPool::request`); gRPC stays on hyper's path, whose HTTP/2 upstreams
         // it needs.
         let relay = http2 && !native_grpc(req.headers());
+        let head_wait = if http2 && !relay {
+            grpc_head_wait(req.headers(), timeout)
+        } else {
+            timeout
+        };
         // A body its method gives no meaning closes the server's connection after it
         // (`headers::close_after_unmeant_body`); an upgrade, which would keep it open as a
         // tunnel or, declined, for the next request, is not passed on with one.
@@ -265,7 +290,7 @@ pub fn forward<'a>(
                 pool,
                 server,
                 req,
-                timeout,
+                head_wait,
                 sent.as_mut(),
                 watch,
                 hop,
@@ -858,6 +883,38 @@ fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_grpc_calls_deadline_extends_the_wait_for_its_head() {
+        let wait = |content_type: &str, timeout: Option<&str>| {
+            let mut h = http::HeaderMap::new();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_str(content_type).unwrap(),
+            );
+            if let Some(t) = timeout {
+                h.insert("grpc-timeout", HeaderValue::from_str(t).unwrap());
+            }
+            grpc_head_wait(&h, Duration::from_secs(60))
+        };
+        let secs = Duration::from_secs;
+        assert_eq!(wait("application/grpc", None), secs(60));
+        assert_eq!(
+            wait("application/grpc", Some("5S")),
+            secs(60),
+            "never shorter"
+        );
+        assert_eq!(wait("application/grpc", Some("5M")), secs(300));
+        assert_eq!(wait("application/grpc+proto", Some("120000m")), secs(120));
+        assert_eq!(wait("application/grpc", Some("24H")), secs(3600), "capped");
+        assert_eq!(wait("application/grpc", Some("5X")), secs(60), "unparsed");
+        assert_eq!(
+            wait("application/grpc-web", Some("5M")),
+            secs(60),
+            "not gRPC-Web"
+        );
+        assert_eq!(wait("application/json", Some("5M")), secs(60));
+    }
 
     #[test]
     fn grpc_is_told_from_grpc_web() {
