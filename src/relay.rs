@@ -3665,21 +3665,27 @@ mod tests {
         assert!(straight > many && mapped > many, "{taken}");
     }
 
-    /// The shapes that take fields out are left to the map; those the rules only replace and
-    /// add to are written straight.
-    #[test]
-    fn which_http2_requests_are_written_straight() {
-        use crate::body::Body;
-        use crate::config::Protocol;
+    /// An HTTPS client at 192.0.2.7, and an `http://` server: the two ends of the hop that
+    /// the writer tests rewrite requests for.
+    fn an_https_client_and_a_plain_server() -> (forward::headers::ClientSide, Upstream) {
         let client = forward::headers::ClientSide {
             peer: HeaderValue::from_static("192.0.2.7"),
             https: true,
         };
         let server = Upstream {
-            protocol: Protocol::Http,
+            protocol: crate::config::Protocol::Http,
             scheme: http::uri::Scheme::HTTP,
             authority: http::uri::Authority::from_static("127.0.0.1:8080"),
         };
+        (client, server)
+    }
+
+    /// The shapes that take fields out are left to the map; those the rules only replace and
+    /// add to are written straight.
+    #[test]
+    fn which_http2_requests_are_written_straight() {
+        use crate::body::Body;
+        let (client, server) = an_https_client_and_a_plain_server();
         let authority = Some(http::uri::Authority::from_static("shop.example"));
         let straight = |fields: &[(&'static str, &'static str)], trusted: bool| {
             let mut req = Request::get("/").body(Body::Empty).unwrap();
@@ -3724,17 +3730,8 @@ mod tests {
     #[test]
     fn a_request_the_writer_refuses_is_written_from_its_map_or_given_back() {
         use crate::body::Body;
-        use crate::config::Protocol;
         use http::header;
-        let client = forward::headers::ClientSide {
-            peer: HeaderValue::from_static("192.0.2.7"),
-            https: true,
-        };
-        let server = Upstream {
-            protocol: Protocol::Http,
-            scheme: http::uri::Scheme::HTTP,
-            authority: http::uri::Authority::from_static("127.0.0.1:8080"),
-        };
+        let (client, server) = an_https_client_and_a_plain_server();
         let authority = Some(http::uri::Authority::from_static("shop.example"));
         let rules = forward::Hop::new(authority, &client, false);
         let hop = Some((&rules, &server));
