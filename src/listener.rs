@@ -195,9 +195,11 @@ impl Limit {
         self.ending.load(Ordering::Relaxed)
     }
 
-    /// Connections picked to close that have not closed yet.
+    /// Connections picked to close that have not closed yet. Acquire, paired with the
+    /// decrement's Release (`Closable::busy`): a connection takes its drain guard before it
+    /// stops counting, and the drain's end, once it reads 0 here, must see every such guard.
     pub fn closing(&self) -> usize {
-        self.closing.load(Ordering::Relaxed)
+        self.closing.load(Ordering::Acquire)
     }
 }
 
@@ -356,7 +358,7 @@ impl Closable {
             return;
         }
         if ticket == PICKED || self.limit.idlers().waiting.remove(&ticket).is_none() {
-            self.limit.closing.fetch_sub(1, Ordering::Relaxed);
+            self.limit.closing.fetch_sub(1, Ordering::Release);
         }
     }
 
