@@ -796,6 +796,37 @@ async fn a_streamed_upload_whose_connection_was_refused_goes_to_another_server()
                 }
             }
         }
+        // An HTTP/1.0 client names no host: the server that takes its upload gets its own as
+        // `Host`, not the refusing one's, which the first try had put there.
+        for i in 0..4 {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            if scheme == "h2c" {
+                break;
+            }
+            let body = "z".repeat(70_000);
+            let mut raw = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+            let head = format!(
+                "POST /upload HTTP/1.0\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            raw.write_all(head.as_bytes()).await.unwrap();
+            raw.write_all(body.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut answer))
+                .await
+                .expect("bounded")
+                .unwrap();
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(
+                answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"),
+                "upload {i}: {answer:.300}"
+            );
+            let json = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+            let seen: Seen = serde_json::from_str(json).unwrap();
+            let live = live.addr.to_string();
+            assert_eq!(seen.header("host"), Some(live.as_str()), "upload {i}");
+            assert_eq!(seen.body.len(), 70_000, "upload {i}");
+        }
         // The refusals were counted against the dead server, each retried.
         let h = ctl(&proxy, Ctl::Health).await.health.unwrap();
         assert!(

@@ -371,7 +371,9 @@ pub fn forward<'a>(
                 return Err(Failed::upstream(Some(error), Some(server)));
             };
             let to = &pool.servers[second];
-            let back = back.and_then(|mut b| reaim(&mut b, hop, to, path.clone()).then_some(b));
+            let from = &pool.servers[first];
+            let back =
+                back.and_then(|mut b| reaim(&mut b, hop, from, to, path.clone()).then_some(b));
             let again = match (back, replay.take()) {
                 // The same body, its signal with it.
                 (Some(back), _) => {
@@ -401,13 +403,26 @@ pub fn forward<'a>(
 /// points a new one: its fields are rewritten for the hop already, and only its `Host` is the
 /// first server's. An `h2c` server took it out (`aim_host`): it is the client's again from
 /// `hop`'s authority; false, and the request not to be sent there, when it cannot be had
-/// back for a server that needs one.
+/// back for a server that needs one. A `Host` that `aim_host` gave a request that named none
+/// (an HTTP/1.0 client's) is the first server's own, and becomes `server`'s.
 fn reaim(
     req: &mut Request<Body>,
     hop: Option<&Hop>,
+    first: &Upstream,
     server: &Upstream,
     path: PathAndQuery,
 ) -> bool {
+    if hop.is_none()
+        && first.protocol != Protocol::H2c
+        && req
+            .headers()
+            .get(header::HOST)
+            .is_some_and(|h| h.as_bytes() == first.authority.as_str().as_bytes())
+    {
+        req.headers_mut().remove(header::HOST);
+        aim(req, server, path, true);
+        return true;
+    }
     if let Some(host) = hop
         .and_then(|hop| hop.authority.as_ref())
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
