@@ -247,7 +247,11 @@ impl Staging {
                 return Err(e);
             }
             // A crash's leftover, of an earlier process that had this id: removed only when
-            // it holds nothing but its socket, else its maker's error stands.
+            // it is a folder (not a link someone put there, to have a file elsewhere removed)
+            // holding nothing but its socket, else its maker's error stands.
+            if !std::fs::symlink_metadata(&folder).is_ok_and(|m| m.is_dir()) {
+                return Err(e);
+            }
             let _ = std::fs::remove_file(&socket);
             std::fs::remove_dir(&folder).map_err(|_| e)?;
             make()?;
@@ -1060,6 +1064,23 @@ mod tests {
         drop(staging);
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert!(names.is_empty(), "{names:?}");
+    }
+
+    /// A link in the place of the staging folder (another local user's, in a shared folder)
+    /// is not followed: the file it leads to stays, and the bind fails.
+    #[test]
+    fn a_link_where_the_staging_folder_goes_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join("c.sock"), "precious").unwrap();
+        let folder = dir.path().join(format!(".{}", std::process::id()));
+        std::os::unix::fs::symlink(&elsewhere, &folder).unwrap();
+        assert!(Staging::new(&dir.path().join("c.sock")).is_err());
+        assert_eq!(
+            std::fs::read_to_string(elsewhere.join("c.sock")).unwrap(),
+            "precious"
+        );
     }
 
     #[test]
