@@ -912,14 +912,7 @@ async fn a_call_whose_deadline_ends_before_the_pushback_is_told_not_to_retry() {
     assert!(ctl(&proxy, on).await.ok);
 
     let pushback = |timeout: Option<&'static str>, content_type: &'static str| {
-        let mut req = http::Request::post(proxy.url(SAY))
-            .version(http::Version::HTTP_2)
-            .header("content-type", content_type)
-            .header("te", "trailers");
-        if let Some(timeout) = timeout {
-            req = req.header("grpc-timeout", timeout);
-        }
-        let req = req.body(full(vec![0u8, 0, 0, 0, 0])).unwrap();
+        let req = empty_call(proxy.url(SAY), http::Version::HTTP_2, content_type, timeout);
         async move {
             let resp = tokio::time::timeout(Duration::from_secs(5), h2c_client().request(req))
                 .await
@@ -1373,21 +1366,13 @@ async fn a_failed_forward_tells_a_call_whose_deadline_ends_first_not_to_retry() 
          [maintenance]\noutage_retry_after = \"2s\"\n"
     ))
     .await;
-    let checked = wait_until_async(|| async {
-        let health = ctl(&proxy, Ctl::Health).await.health.unwrap();
-        health[0].healthy == Some(true)
-    });
-    assert!(checked.await, "the server was never found healthy");
+    assert!(
+        all_servers_healthy(&proxy).await,
+        "the server was never found healthy"
+    );
 
     let call = |path: &'static str, version, content_type, timeout: Option<&'static str>| {
-        let mut req = http::Request::post(proxy.url(path))
-            .version(version)
-            .header("content-type", content_type)
-            .header("te", "trailers");
-        if let Some(timeout) = timeout {
-            req = req.header("grpc-timeout", timeout);
-        }
-        let req = req.body(full(vec![0u8, 0, 0, 0, 0])).unwrap();
+        let req = empty_call(proxy.url(path), version, content_type, timeout);
         let client = match version {
             http::Version::HTTP_2 => h2c_client(),
             _ => support::client(),
@@ -1489,11 +1474,10 @@ async fn a_call_whose_server_refuses_the_connection_goes_to_another() {
         doomed.addr, live.addr
     ))
     .await;
-    let both = wait_until_async(|| async {
-        let h = ctl(&proxy, Ctl::Health).await.health.unwrap();
-        h.iter().all(|s| s.healthy == Some(true))
-    });
-    assert!(both.await, "both servers are checked healthy");
+    assert!(
+        all_servers_healthy(&proxy).await,
+        "both servers are checked healthy"
+    );
     let (doomed_addr, doomed_seen) = (doomed.addr, doomed.seen.clone());
     // Its listener closes with its task: connections to it are refused.
     drop(doomed);
@@ -1629,20 +1613,17 @@ async fn a_call_waits_for_its_head_as_long_as_its_deadline_allows() {
          [health]\npath = \"/health\"\ninterval = \"1h\"\n"
     ))
     .await;
-    let checked = wait_until_async(|| async {
-        let health = ctl(&proxy, Ctl::Health).await.health.unwrap();
-        health[0].healthy == Some(true)
-    });
-    assert!(checked.await, "the server was never found healthy");
+    assert!(
+        all_servers_healthy(&proxy).await,
+        "the server was never found healthy"
+    );
     let call = |timeout: Option<&'static str>| {
-        let mut req = http::Request::post(proxy.url("/pkg.Svc/Slow"))
-            .version(http::Version::HTTP_2)
-            .header("content-type", "application/grpc")
-            .header("te", "trailers");
-        if let Some(timeout) = timeout {
-            req = req.header("grpc-timeout", timeout);
-        }
-        let req = req.body(full(vec![0u8, 0, 0, 0, 0])).unwrap();
+        let req = empty_call(
+            proxy.url("/pkg.Svc/Slow"),
+            http::Version::HTTP_2,
+            "application/grpc",
+            timeout,
+        );
         async move {
             let resp = tokio::time::timeout(Duration::from_secs(10), h2c_client().request(req))
                 .await
@@ -1664,4 +1645,21 @@ async fn a_call_waits_for_its_head_as_long_as_its_deadline_allows() {
         (Some("14".into()), true),
         "a deadline shorter than the answer"
     );
+}
+
+/// A call of one empty message (its 5-byte frame), with `grpc-timeout` when given.
+fn empty_call(
+    url: String,
+    version: http::Version,
+    content_type: &str,
+    timeout: Option<&str>,
+) -> http::Request<TestBody> {
+    let mut req = http::Request::post(url)
+        .version(version)
+        .header("content-type", content_type)
+        .header("te", "trailers");
+    if let Some(timeout) = timeout {
+        req = req.header("grpc-timeout", timeout);
+    }
+    req.body(full(vec![0u8, 0, 0, 0, 0])).unwrap()
 }

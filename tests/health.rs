@@ -697,15 +697,7 @@ async fn a_small_idempotent_upload_is_retried_whole_on_another_server() {
     let proxy = proxy_for(&[&doomed, &live], SLOW_CHECKS).await;
     // The check at start has passed for both (a first result decides at once).
     assert!(
-        wait_until_async(|| async {
-            ctl(&proxy, Ctl::Health)
-                .await
-                .health
-                .unwrap()
-                .iter()
-                .all(|s| s.healthy == Some(true))
-        })
-        .await,
+        all_servers_healthy(&proxy).await,
         "both servers are checked healthy"
     );
     doomed.stop();
@@ -756,11 +748,10 @@ async fn a_streamed_upload_whose_connection_was_refused_goes_to_another_server()
             doomed.addr, live.addr
         ))
         .await;
-        let both = wait_until_async(|| async {
-            let h = ctl(&proxy, Ctl::Health).await.health.unwrap();
-            h.iter().all(|s| s.healthy == Some(true))
-        });
-        assert!(both.await, "both servers are checked healthy");
+        assert!(
+            all_servers_healthy(&proxy).await,
+            "both servers are checked healthy"
+        );
         doomed.stop();
         for i in 0..4 {
             for http2 in [false, true] {

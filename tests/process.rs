@@ -574,19 +574,7 @@ async fn sigint_drains_for_at_most_shutdown_timeout_then_exits_0() {
         ),
     );
     let addr = proxy.addr;
-    let stuck = tokio::spawn(async move {
-        raw_exchange(
-            addr,
-            b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\n",
-            Duration::from_secs(30),
-        )
-        .await
-    });
-    assert!(
-        wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)
-            > 0)
-        .await
-    );
+    let stuck = stuck_request(addr, &arrived).await;
     let signalled = std::time::Instant::now();
     proxy.signal("INT");
     let (status, waited) = exit_after(proxy, signalled).await;
@@ -606,6 +594,28 @@ async fn sigint_drains_for_at_most_shutdown_timeout_then_exits_0() {
     // The client is let go when the process ends, not left hanging for its own timeout.
     let got = tokio::time::timeout(Duration::from_secs(10), stuck).await;
     assert!(got.is_ok(), "the in-flight client was left hanging");
+}
+
+/// A request that `never_answering` keeps in flight, sent once it has reached the server
+/// (`arrived`), answered by the process's end at the latest.
+async fn stuck_request(
+    addr: std::net::SocketAddr,
+    arrived: &std::sync::atomic::AtomicUsize,
+) -> tokio::task::JoinHandle<String> {
+    let stuck = tokio::spawn(async move {
+        raw_exchange(
+            addr,
+            b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\n",
+            Duration::from_secs(30),
+        )
+        .await
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)
+            > 0)
+        .await
+    );
+    stuck
 }
 
 /// A restart that starts the next proxy as soon as the old one is told to stop (`kill -TERM`,
@@ -628,19 +638,7 @@ async fn the_next_proxy_starts_while_the_old_one_drains_and_takes_its_admin_list
     let old_dir = tempfile::tempdir().unwrap();
     let mut old = ProxyProcess::start(old_dir.path(), &config);
     let addr = old.addr;
-    let stuck = tokio::spawn(async move {
-        raw_exchange(
-            addr,
-            b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\n",
-            Duration::from_secs(30),
-        )
-        .await
-    });
-    assert!(
-        wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)
-            > 0)
-        .await
-    );
+    let stuck = stuck_request(addr, &arrived).await;
     old.signal("TERM");
     // What the admin listener says, or "" while nothing listens there.
     let readyz = || async move {

@@ -716,6 +716,17 @@ pub async fn ctl(
         .unwrap()
 }
 
+/// Waits (bounded, as `wait_until_async`) until the proxy's checks find every server healthy.
+pub async fn all_servers_healthy(proxy: &Proxy) -> bool {
+    wait_until_async(|| async {
+        let health = ctl(proxy, intermission::control::protocol::Request::Health).await;
+        health
+            .health
+            .is_some_and(|h| h.iter().all(|s| s.healthy == Some(true)))
+    })
+    .await
+}
+
 /// Whether a request is intermission's own health check.
 pub fn is_health_check<B>(req: &Request<B>) -> bool {
     req.headers()
