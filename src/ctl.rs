@@ -639,13 +639,33 @@ fn print_state(out: &mut impl Write, s: &StatusView) -> io::Result<()> {
             writeln!(out, "  {}  {}", u.at.rfc3339(), one_line(&u.message))?;
         }
     }
-    if !s.schedules.is_empty() {
-        writeln!(out, "schedules:")?;
-        for w in &s.schedules {
-            print_window(out, w)?;
-        }
-    }
+    print_schedules(out, &s.schedules)?;
     print_health(out, &s.upstream)
+}
+
+/// How many windows `status` lists: the state a worried operator reads in an incident is not
+/// to scroll away under a year of planned work (up to 500 windows), and the server health
+/// below it with it. `schedule list` and `--json` give every one.
+const STATUS_WINDOWS: usize = 5;
+
+/// The first windows, in order of start (as they are kept), and how many more there are.
+fn print_schedules(out: &mut impl Write, windows: &[Window]) -> io::Result<()> {
+    if windows.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "schedules:")?;
+    for w in windows.iter().take(STATUS_WINDOWS) {
+        print_window(out, w)?;
+    }
+    let more = windows.len().saturating_sub(STATUS_WINDOWS);
+    if more > 0 {
+        let s = if more == 1 { "" } else { "s" };
+        writeln!(
+            out,
+            "  … and {more} later window{s} (`schedule list` shows them all)"
+        )?;
+    }
+    Ok(())
 }
 
 fn print_window(out: &mut impl Write, w: &Window) -> io::Result<()> {
@@ -753,6 +773,50 @@ fn shell_quote(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `status` lists the first windows and counts the rest, where it printed all 500 a
+    /// schedule may hold above the upstream's health.
+    #[test]
+    fn status_lists_the_first_windows_and_counts_the_others() {
+        let at = |secs: u64| {
+            intermission::time::Timestamp(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+            )
+        };
+        let window = |id: u64| Window {
+            id,
+            start: at(1_900_000_000 + id * 3600),
+            end: at(1_900_000_000 + id * 3600 + 60),
+            message: Some(format!("work {id}")),
+            by: "ops".into(),
+            started: false,
+        };
+        let shown = |n: u64| {
+            let list: Vec<Window> = (1..=n).map(window).collect();
+            let mut out = Vec::new();
+            print_schedules(&mut out, &list).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(shown(0), "");
+        let five = shown(5);
+        assert_eq!(five.lines().count(), 6, "{five}");
+        assert!(
+            five.contains("\"work 5\"") && !five.contains("later"),
+            "{five}"
+        );
+        let six = shown(6);
+        assert!(
+            six.contains("\"work 5\"") && !six.contains("\"work 6\""),
+            "{six}"
+        );
+        assert!(
+            six.ends_with("  … and 1 later window (`schedule list` shows them all)\n"),
+            "{six}"
+        );
+        let many = shown(500);
+        assert_eq!(many.lines().count(), 7, "{many}");
+        assert!(many.contains("… and 495 later windows"), "{many}");
+    }
 
     /// A server healthy again keeps its last error shown, with when it happened: without
     /// the time, an operator in an incident read "connection refused" as happening now.
