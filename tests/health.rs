@@ -666,6 +666,36 @@ async fn a_request_to_a_server_that_just_died_is_retried_on_another() {
     );
 }
 
+/// A WebSocket asked for while round-robin points at a server that just died (still counted
+/// healthy) opens on the live one, as a `GET` would be answered by it: the handshake never
+/// reached the dead one. Clients reconnect all at once when their server goes (a deploy),
+/// and each that met the dead one got a `503` instead of a tunnel.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_to_a_server_that_just_died_opens_on_another() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let doomed = switching_upstream().await;
+    let live = switching_upstream().await;
+    let proxy = proxy_for(&[&doomed.server, &live.server], SLOW_CHECKS).await;
+    assert!(
+        all_servers_healthy(&proxy).await,
+        "both servers are checked healthy"
+    );
+    doomed.server.stop();
+    for i in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let head = ask_to_switch(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "tunnel {i}: {head}");
+        s.write_all(b"ping").await.unwrap();
+        let mut echoed = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut echoed))
+            .await
+            .expect("bounded")
+            .unwrap();
+        assert_eq!(&echoed, b"ping", "tunnel {i}");
+    }
+    assert_eq!(doomed.open.load(Ordering::SeqCst), 0);
+}
+
 /// Answers with the request's method and body.
 async fn echo_body(name: &'static str) -> Upstream {
     upstream(move |req: Request<Incoming>| async move {

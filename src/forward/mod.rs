@@ -261,10 +261,10 @@ pub fn forward<'a>(
             };
 
             // A copy for the second attempt, made only when a second attempt is possible:
-            // for any method, since one the server never got may be sent elsewhere.
-            let replay = (client_upgrade.is_none()
-                && matches!(body, Body::Empty | Body::Full(_))
-                && pool.servers.len() > 1)
+            // for any method, since one the server never got may be sent elsewhere. An
+            // upgrade's too (a WebSocket's handshake has no body): its client's connection is
+            // still the proxy's until a `101` comes, so one the server never got can go on.
+            let replay = (matches!(body, Body::Empty | Body::Full(_)) && pool.servers.len() > 1)
                 .then(|| (parts.method.clone(), parts.headers.clone(), held));
             let mut req = Request::from_parts(parts, body);
             aim(&mut req, &pool.servers[first], path.clone(), hop.is_none());
@@ -357,13 +357,16 @@ pub fn forward<'a>(
             // held whole) only when the server never got it: its connection was not made.
             // A request given back unsent goes whatever its method and body, a streamed
             // one (gRPC, a chunked upload) too: nothing of it left.
+            // An upgrade only when the server never got it: a server that did may have
+            // switched already (its `101` lost on the way), and a second tunnel for one
+            // client is nobody's to open.
             let never_got = matches!(error, UpstreamError::Connect { .. });
             let second = (back.is_some()
-                || replay
-                    .as_ref()
-                    .is_some_and(|(method, ..)| never_got || idempotent(method)))
+                || replay.as_ref().is_some_and(|(method, ..)| {
+                    never_got || (client_upgrade.is_none() && idempotent(method))
+                }))
             .then_some(())
-            .filter(|_| client_upgrade.is_none() && !sockets::reached(&error))
+            .filter(|_| !sockets::reached(&error))
             .and_then(|()| pool.pick(up, Some(first)))
             // `up` is as the request found it: one taken out since is not tried.
             .filter(|&next| !marks.is_down(&pool.names[next]));
