@@ -68,6 +68,33 @@ fn strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     d.deserialize_any(V)
 }
 
+/// The entries of an array of tables (`[[tls.certificates]]`). One written `[tls.certificates]`
+/// is a table, which serde refused as "invalid type: map, expected a sequence": the fix is
+/// one more pair of brackets, said so.
+fn tables<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<toml::Value>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Vec<toml::Value>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a list of tables, each written [[tls.certificates]]")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut all = Vec::new();
+            while let Some(one) = seq.next_element::<toml::Value>()? {
+                all.push(one);
+            }
+            Ok(all)
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+            Err(de::Error::custom(
+                "is one table; write each certificate as [[tls.certificates]], with two \
+                 brackets on each side",
+            ))
+        }
+    }
+    d.deserialize_any(V)
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyFile {
@@ -276,6 +303,7 @@ pub struct TlsFile {
     pub listen: Vec<String>,
     /// Each entry is read into a `CertificateFile` on its own, key by key, so that a refused
     /// key names its entry and does not drop the rest of it.
+    #[serde(deserialize_with = "tables")]
     pub certificates: Vec<toml::Value>,
 }
 

@@ -510,6 +510,27 @@ impl Config {
     }
 }
 
+/// serde's message with Rust's integer types said as an operator reads them:
+/// "expected usize" named a type, not what to write.
+fn plain_types(message: String) -> String {
+    const TYPES: [(&str, &str); 4] = [
+        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected u64", "expected a whole number, 0 or more"),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
+        ("expected u16", "expected a whole number from 0 to 65535"),
+    ];
+    TYPES
+        .iter()
+        .find(|(rust, _)| message.ends_with(rust) || message.contains(&format!("{rust} ")))
+        .map_or_else(
+            || message.clone(),
+            |(rust, plain)| message.replacen(rust, plain, 1),
+        )
+}
+
 /// What to write for `control.socket_mode`, said when it is written as a number.
 const SOCKET_MODE_AS_TEXT: &str =
     "write the mode as a string of octal digits, like \"0660\", not as a number";
@@ -756,6 +777,11 @@ impl Validator<'_> {
         });
     }
 
+    /// Whether the file writes `key` (`health.timeout`), rather than leaving its default.
+    fn has_value(&self, key: &str) -> bool {
+        written(self.written, key).is_some()
+    }
+
     fn has_problem(&self, key: &str) -> bool {
         self.problems.iter().any(|p| p.key == key)
     }
@@ -799,6 +825,20 @@ impl Validator<'_> {
     /// the problems of the others.
     fn section<T: DeserializeOwned + Default>(&mut self, table: &toml::Table, name: &str) -> T {
         match table.get(name) {
+            // `[[proxy]]` (or `proxy = 5`): serde read its first field from what it found and
+            // said "expected a string or a list of strings", of a key nobody wrote.
+            Some(value) if !value.is_table() => {
+                let not = if value.is_array() {
+                    format!(", not [[{name}]]")
+                } else {
+                    String::new()
+                };
+                self.problem(
+                    name,
+                    format!("must be a table of keys, written [{name}]{not}"),
+                );
+                T::default()
+            }
             Some(value) => self.table(value, name).unwrap_or_default(),
             None => T::default(),
         }
@@ -814,7 +854,7 @@ impl Validator<'_> {
     ) -> Option<T> {
         let error = match value.clone().try_into::<T>() {
             Ok(section) => return Some(section),
-            Err(e) => e.to_string().trim().replace('\n', " "),
+            Err(e) => plain_types(e.to_string().trim().replace('\n', " ")),
         };
         let Some(keys) = value.as_table() else {
             self.problem(name, error);
@@ -829,7 +869,7 @@ impl Validator<'_> {
                     kept.insert(key.clone(), v.clone());
                 }
                 Err(e) => {
-                    let message = e.to_string().trim().replace('\n', " ");
+                    let message = plain_types(e.to_string().trim().replace('\n', " "));
                     // The key is named already; toml's "in `key`" would say it twice.
                     let message = message
                         .strip_suffix(&format!(" in `{key}`"))
@@ -1074,7 +1114,8 @@ impl Validator<'_> {
             });
         }
         // An entry that is there but wrong has its own problems; this is for none written.
-        if !listen.is_empty() && f.certificates.is_empty() {
+        if !listen.is_empty() && f.certificates.is_empty() && !self.has_problem("tls.certificates")
+        {
             self.problem(
                 "tls.certificates",
                 "tls.listen needs at least one [[tls.certificates]] entry",
@@ -1135,7 +1176,22 @@ impl Validator<'_> {
         let down_interval = self.duration("health.down_interval", &f.down_interval);
         let timeout = self.duration("health.timeout", &f.timeout);
         if timeout > interval {
-            self.problem("health.timeout", "must not be longer than health.interval");
+            // Said with both values: an `interval = "500ms"` alone is refused under
+            // `timeout`, a key the operator never wrote, whose default (1s) is the cause.
+            let unset = if self.has_value("health.timeout") {
+                ""
+            } else {
+                " (its default, as it is not set)"
+            };
+            self.problem(
+                "health.timeout",
+                format!(
+                    "must not be longer than health.interval: {}{unset} is longer than {}; \
+                     set health.timeout to at most the interval",
+                    humantime::format_duration(timeout),
+                    humantime::format_duration(interval)
+                ),
+            );
         }
         if f.rise == 0 {
             self.problem("health.rise", "must be at least 1");
@@ -2897,6 +2953,81 @@ mod tests {
         assert_eq!(
             problems("[proxy]\nlisten = \"\"\n")[0].message,
             "needs at least one address to listen on (here or in tls.listen)"
+        );
+    }
+
+    #[test]
+    fn a_section_not_written_as_a_table_says_how_to_write_it() {
+        let p = problems("[[proxy]]\nthreads = 1\n[[health]]\n");
+        assert_eq!(
+            said(&p),
+            vec![
+                (
+                    "proxy",
+                    "must be a table of keys, written [proxy], not [[proxy]]"
+                ),
+                (
+                    "health",
+                    "must be a table of keys, written [health], not [[health]]"
+                ),
+            ]
+        );
+        let p = problems("log = \"json\"\n");
+        assert_eq!(
+            said(&p),
+            vec![("log", "must be a table of keys, written [log]")]
+        );
+    }
+
+    #[test]
+    fn one_certificate_table_says_to_write_two_brackets() {
+        let text = "[tls]\nlisten = \"127.0.0.1:8443\"\n[tls.certificates]\ncert = \"a.pem\"\nkey = \"a.key\"\n";
+        let p = problems(text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "tls.certificates");
+        assert!(
+            p[0].message
+                .starts_with("is one table; write each certificate as [[tls.certificates]]"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn whole_numbers_are_said_in_words_not_rust_types() {
+        let text = "[proxy]\nthreads = -1\nhttps_port = 70000\nmax_connections = \"100\"\n\
+                    [health]\nfall = 4294967296\n[upstream]\nintercept_statuses = [\"502\"]\n";
+        let p = problems(text);
+        assert_eq!(
+            said(&p),
+            vec![
+                ("proxy.https_port", "invalid value: integer `70000`, expected a whole number from 0 to 65535"),
+                ("proxy.max_connections", "invalid type: string \"100\", expected a whole number, 0 or more"),
+                ("proxy.threads", "invalid value: integer `-1`, expected a whole number, 0 or more"),
+                ("upstream.intercept_statuses", "invalid type: string \"502\", expected a whole number from 0 to 65535"),
+                ("health.fall", "invalid value: integer `4294967296`, expected a whole number from 0 to 4294967295"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_health_timeout_over_the_interval_says_both_and_whether_it_is_the_default() {
+        let p = problems("[health]\ninterval = \"500ms\"\n");
+        assert_eq!(
+            said(&p),
+            vec![(
+                "health.timeout",
+                "must not be longer than health.interval: 1s (its default, as it is not set) \
+                 is longer than 500ms; set health.timeout to at most the interval"
+            )]
+        );
+        let p = problems("[health]\ninterval = \"2s\"\ntimeout = \"3s\"\n");
+        assert_eq!(
+            said(&p),
+            vec![(
+                "health.timeout",
+                "must not be longer than health.interval: 3s is longer than 2s; set \
+                 health.timeout to at most the interval"
+            )]
         );
     }
 
