@@ -22,7 +22,8 @@ pub fn read(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
+        .open(path)
+        .map_err(|e| dangling(path).unwrap_or(e))?;
     let meta = file.metadata()?;
     let kind = meta.file_type();
     if !kind.is_file() {
@@ -81,6 +82,23 @@ fn not_utf8(bytes: &[u8], e: std::str::Utf8Error) -> String {
     )
 }
 
+/// A symbolic link at `path` to nothing (a release folder removed under a `current` link, a
+/// Kubernetes `..data` swapped away): "No such file or directory" of a name `ls` shows
+/// left the operator looking at a file that is there.
+fn dangling(path: &Path) -> Option<io::Error> {
+    let target = std::fs::read_link(path).ok()?;
+    if path.exists() {
+        return None;
+    }
+    Some(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!(
+            "it is a symbolic link to {}, which does not exist",
+            target.display()
+        ),
+    ))
+}
+
 fn refused(why: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, why)
 }
@@ -88,6 +106,23 @@ fn refused(why: String) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_to_nothing_is_said_to_be_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("config.toml");
+        std::os::unix::fs::symlink("..data/config.toml", &link).unwrap();
+        let e = read(&link, 1024).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert_eq!(
+            e.to_string(),
+            "it is a symbolic link to ..data/config.toml, which does not exist"
+        );
+        // A missing file that is no link is said as the system says it.
+        let e = read(&dir.path().join("none.toml"), 1024).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(!e.to_string().contains("symbolic link"), "{e}");
+    }
 
     #[test]
     fn a_regular_file_is_read_whole_up_to_its_limit() {

@@ -285,7 +285,10 @@ impl Config {
     /// `default` if it exists, else the built-in defaults, which a reload will look for
     /// `default` again to replace.
     fn load_default(default: &Path) -> Result<Config, ConfigError> {
-        if default.exists() {
+        // A link to nothing is a config file gone astray (its release folder cleaned up), not
+        // one never written: `exists()` follows it, and the proxy started, and `check` said
+        // OK, on the built-in defaults (127.0.0.1:8080, an application on 127.0.0.1:3000).
+        if std::fs::symlink_metadata(default).is_ok() {
             return Self::load_file(default);
         }
         let mut defaults = Self::parse("", Path::new("."), None)?;
@@ -2552,6 +2555,23 @@ mod tests {
             p[1].key == "upstream.server" && p[1].message.contains("unknown field"),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn a_default_config_that_links_to_nothing_is_refused_not_taken_for_none() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join(DEFAULT_PATH);
+        std::os::unix::fs::symlink(dir.path().join("releases/41/config.toml"), &path)
+            .expect("link");
+        match Config::load_default(&path) {
+            Err(e @ ConfigError::Read { .. }) => assert!(
+                e.to_string().contains("it is a symbolic link to ")
+                    && e.to_string()
+                        .ends_with("releases/41/config.toml, which does not exist"),
+                "{e}"
+            ),
+            other => panic!("read as {other:?}"),
+        }
     }
 
     #[test]
