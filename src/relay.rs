@@ -309,6 +309,42 @@ const SPARE_BYTES: usize = 3 << 20;
 struct Spares {
     sets: Vec<Set>,
     bytes: usize,
+    /// The fewest sets kept since the last `trim_spares`: sets below that mark (taken from
+    /// the end, they are at the start) were not needed in all that time.
+    low: usize,
+}
+
+/// How often each worker lets go of the spare sets it did not need since the last time. A
+/// burst (1,024 connections at once) left each worker its 3 MiB of sets for good: 190 MiB
+/// on 64 cores, and idle RSS 1.5× what it was before the burst. Sets in use under a steady
+/// load are kept, as they are taken within every period.
+pub const SPARE_TRIM: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Lets go of the spare sets this thread has not taken since the last call (the first call
+/// only marks), and returns how many.
+pub fn trim_spares() -> usize {
+    SPARE
+        .try_with(|spare| {
+            let Ok(mut spare) = spare.try_borrow_mut() else {
+                return 0;
+            };
+            let unused = spare.low.min(spare.sets.len());
+            let freed: usize = spare.sets.drain(..unused).map(|set| set.size()).sum();
+            spare.bytes = spare.bytes.saturating_sub(freed);
+            spare.low = spare.sets.len();
+            unused
+        })
+        .unwrap_or(0)
+}
+
+/// Runs `trim_spares` every `SPARE_TRIM` on the worker it is spawned on, for ever.
+pub async fn trim_spares_regularly() {
+    let mut every = tokio::time::interval_at(tokio::time::Instant::now() + SPARE_TRIM, SPARE_TRIM);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        trim_spares();
+    }
 }
 
 thread_local! {
@@ -320,6 +356,7 @@ thread_local! {
         RefCell::new(Spares {
             sets: Vec::new(),
             bytes: 0,
+            low: 0,
         })
     };
 }
@@ -338,6 +375,7 @@ impl Buffers {
             let set = spare.sets.pop()?;
             debug_assert!(spare.bytes >= set.size(), "the spares' bytes are counted");
             spare.bytes = spare.bytes.saturating_sub(set.size());
+            spare.low = spare.low.min(spare.sets.len());
             Some(set)
         });
         Buffers(spare.ok().flatten().unwrap_or_else(|| Set {
@@ -2556,6 +2594,38 @@ fn trailer_map(section: &[u8], lines: usize) -> Option<http::HeaderMap> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// The spare sets a burst left are let go of once a whole period passed without them,
+    /// and those a steady load takes in every period are kept.
+    #[test]
+    fn spare_sets_unused_for_a_period_are_let_go_of() {
+        let spares = || SPARE.with(|s| (s.borrow().sets.len(), s.borrow().bytes));
+        let one = Buffers::take().0.size();
+        trim_spares();
+        trim_spares();
+        assert_eq!(spares(), (0, 0));
+        // A burst: 40 requests at once.
+        let burst: Vec<Buffers> = (0..40).map(|_| Buffers::take()).collect();
+        drop(burst);
+        assert_eq!(spares().0, 40);
+        assert_eq!(
+            trim_spares(),
+            0,
+            "a period with the burst in it keeps its sets"
+        );
+        // Then a steady trickle of 3 at once: 37 sets not taken in the whole period.
+        for _ in 0..100 {
+            let load: Vec<Buffers> = (0..3).map(|_| Buffers::take()).collect();
+            drop(load);
+        }
+        assert_eq!(trim_spares(), 37);
+        let (sets, bytes) = spares();
+        assert_eq!(sets, 3);
+        assert_eq!(bytes, 3 * one, "the bytes follow the sets");
+        // Idle for a whole period: none kept.
+        assert_eq!(trim_spares(), 3);
+        assert_eq!(spares(), (0, 0));
+    }
 
     const CONFIG: &str =
         "[upstream]\nservers = [\"http://127.0.0.1:9\"]\n[log]\naccess_log = false\n";

@@ -115,7 +115,10 @@ impl Workers {
                     INDEX.with(|c| c.set(i));
                     let _ = built_tx.send(Ok(runtime.handle().clone()));
                     runtime.block_on(async {
-                        let _ = rx.await;
+                        tokio::select! {
+                            _ = rx => {}
+                            () = crate::relay::trim_spares_regularly() => {}
+                        }
                     });
                 })?;
             // Waits the moment a runtime takes to build, once, at start.
@@ -124,6 +127,10 @@ impl Workers {
                 .map_err(|_| std::io::Error::other("a worker thread ended at start"))??;
             others.push(handle);
             stop.push(tx);
+        }
+        // The caller's runtime is worker 0: its spare buffers are let go of as the others'.
+        if let Ok(runtime) = Handle::try_current() {
+            runtime.spawn(crate::relay::trim_spares_regularly());
         }
         Ok(Workers {
             others,
