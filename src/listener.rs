@@ -41,6 +41,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 /// The client connections open, counted across every listener against
@@ -909,12 +910,16 @@ async fn serve_others(
             match Box::pin(relayed).await {
                 relay::After::Hyper => {
                     let io = park::Rewind::new(first, tls_stream, None, None);
-                    serving.http1(io, service).await
+                    let guard = serving.guard.clone();
+                    let (result, io) = serving.http1(io, service).await;
+                    if let Some(io) = io {
+                        tls_linger(io.into_inner(), keep_alive, guard, slot, &drain).await;
+                    }
+                    Some(result)
                 }
                 relay::After::Park | relay::After::Close => {
-                    // With close_notify, as hyper closes a TLS connection; a client that
-                    // does not read gets the time it has for a head.
-                    let _ = tokio::time::timeout(keep_alive, tls_stream.shutdown()).await;
+                    let guard = serving.guard.clone();
+                    tls_linger(tls_stream, keep_alive, guard, slot, &drain).await;
                     Some(Ok(()))
                 }
                 // Dropped without close_notify, which would say that all was sent.
@@ -922,6 +927,30 @@ async fn serve_others(
             }
         }
     }
+}
+
+/// Closes an HTTPS connection: with `close_notify`, as hyper closes a TLS connection (a
+/// client that does not read gets the time it has for a head), then as nginx's lingering
+/// close does (`shutdown::linger`): what the client still sends (requests pipelined behind
+/// the last answer at a drain, the rest of a body an answer did not wait for) is read and
+/// dropped, not left unread in the socket, whose close would then be a reset that can throw
+/// away the answer. The records are dropped unread: nothing more is answered. Outside a drain
+/// the connection keeps `slot` meanwhile.
+async fn tls_linger(
+    mut tls: TlsStream<Timed<TcpStream>>,
+    keep_alive: Duration,
+    guard: Shutdown,
+    slot: Slot,
+    drain: &Drain,
+) {
+    if tokio::time::timeout(keep_alive, tls.shutdown())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let slot = (!drain.started()).then_some(slot);
+    crate::shutdown::linger(tls.into_inner().0.into_inner(), guard, slot);
 }
 
 /// How long a TLS handshake, or a request head after the first, runs before it may be closed
@@ -1062,8 +1091,9 @@ struct Serving<'a> {
 
 impl Serving<'_> {
     /// An HTTPS HTTP/1.1 connection, from the first request the relay left to hyper, whose
-    /// bytes `io` begins with.
-    async fn http1<I, S>(self, io: I, service: S) -> Option<Result<(), hyper::Error>>
+    /// bytes `io` begins with; with `io` back once hyper has ended it (not when it was dropped
+    /// to make room, nor once it became a tunnel).
+    async fn http1<I, S>(self, io: I, service: S) -> (Result<(), hyper::Error>, Option<I>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: Service<Request<Incoming>, Response = Response<crate::body::Body>> + Send + 'static,
@@ -1142,8 +1172,20 @@ impl Serving<'_> {
         });
         // No deadline of our own: hyper's header_read_timeout runs from the first read of
         // every request head, the first one included (the first bytes are already here).
-        let served = until_drained(connection, self.guard, picked, |c| c.graceful_shutdown());
-        Some(served.await)
+        let mut connection = connection;
+        let served = until_drained(&mut connection, self.guard, picked, |c| {
+            c.graceful_shutdown()
+        });
+        match served.await {
+            // Ended by hyper: its socket, for a lingering close.
+            Some(result) => {
+                let io = connection
+                    .into_parts()
+                    .map(|parts| parts.io.into_inner().io);
+                (result, io)
+            }
+            None => (Ok(()), None),
+        }
     }
 
     async fn http2<I, S>(self, io: I, service: S) -> Option<Result<(), hyper::Error>>

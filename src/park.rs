@@ -282,6 +282,10 @@ impl<S> Rewind<S> {
         }
     }
 
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
     /// `polled`, through the send clock when this connection has one.
     fn timed<T>(
         timing: &mut Option<Timing>,
@@ -437,6 +441,8 @@ pub const GRACE: Duration = Duration::from_millis(10);
 /// What ended one hyper connection's turn on the socket.
 enum Turn {
     Ended(Result<(), hyper::Error>),
+    /// Picked to make room for a new connection, or its head's deadline passed: dropped.
+    Dropped,
     Idle,
     Drain,
 }
@@ -631,13 +637,13 @@ pub async fn serve(
                     Box::pin(tokio::time::sleep_until(began + STALLED))
                 });
                 if stalled.as_mut().poll(cx).is_ready() && closable.poll_picked(cx) {
-                    return Poll::Ready(Turn::Ended(Ok(())));
+                    return Poll::Ready(Turn::Dropped);
                 }
             } else if stalled.take().is_some() {
                 closable.busy();
             }
             if served == fresh && head_deadline.is_some() {
-                return timer.as_mut().poll(cx).map(|()| Turn::Ended(Ok(())));
+                return timer.as_mut().poll(cx).map(|()| Turn::Dropped);
             }
             if served == fresh {
                 return Poll::Pending;
@@ -670,7 +676,7 @@ pub async fn serve(
                 if room {
                     listed = true;
                     if closable.poll_picked(cx) {
-                        return Poll::Ready(Turn::Ended(Ok(())));
+                        return Poll::Ready(Turn::Dropped);
                     }
                 }
                 return Poll::Pending;
@@ -694,15 +700,12 @@ pub async fn serve(
         turn
     };
     match turn {
-        Turn::Ended(Ok(())) if held.drain.started() => return lingering(conn, guard),
-        Turn::Ended(result) => return result,
+        Turn::Ended(result) => return lingering(conn, guard, held, result),
+        Turn::Dropped => return Ok(()),
         Turn::Drain => {
             Pin::new(&mut *conn).graceful_shutdown();
             let ended = poll_fn(|cx| Pin::new(&mut *conn).poll(cx)).await;
-            return match ended {
-                Ok(()) => lingering(conn, guard),
-                Err(e) => Err(e),
-            };
+            return lingering(conn, guard, held, ended);
         }
         Turn::Idle => {}
     }
@@ -717,13 +720,14 @@ pub async fn serve(
         // Not idle after all: hyper is still reading a request body that its answer did
         // not wait for. This exchange ends with keep-alive off, as hyper chooses.
         Poll::Pending => {
-            return tokio::select! {
+            let result = tokio::select! {
                 result = &mut *conn => result,
                 () = Box::pin(guard.fired()) => {
                     Pin::new(&mut *conn).graceful_shutdown();
-                    conn.await
+                    (&mut *conn).await
                 }
             };
+            return lingering(conn, guard, held, result);
         }
     }
     let Some(parts) = conn.into_parts() else {
@@ -770,15 +774,24 @@ fn park(io: Rewind, service: Gateway, held: Held, guard: Shutdown) {
 /// hyper's connection on a plaintext HTTP/1.1 socket.
 type Connection = http1::UpgradeableConnection<TokioIo<Rewind>, Gateway>;
 
-/// A connection hyper has closed cleanly during a drain (its last answer said
-/// `Connection: close`), closed again with a lingering close (`shutdown::linger`): the socket,
-/// hyper's to drop, would otherwise be closed with the requests pipelined behind that answer
-/// unread, and reset.
-fn lingering(conn: Box<Connection>, guard: Shutdown) -> Result<(), hyper::Error> {
+/// A connection hyper has ended (its last answer said `Connection: close`, or was an error
+/// hyper gave itself: a `400` or `431` to a head it could not read, an answer that did not
+/// wait for its body), closed with a lingering close (`shutdown::linger`): the socket, hyper's
+/// to drop, would otherwise be closed with what the client still sends unread (requests
+/// pipelined behind that answer, the rest of a body), and reset, which can throw away the
+/// answer. Outside a drain it keeps its slot while it lingers (and may be picked to make
+/// room); `result` is hyper's, passed on.
+fn lingering(
+    conn: Box<Connection>,
+    guard: Shutdown,
+    held: Held,
+    result: Result<(), hyper::Error>,
+) -> Result<(), hyper::Error> {
     if let Some(parts) = conn.into_parts() {
-        crate::shutdown::linger(parts.io.into_inner().inner, guard);
+        let slot = (!held.drain.started()).then_some(held.permit);
+        crate::shutdown::linger(parts.io.into_inner().inner, guard, slot);
     }
-    Ok(())
+    result
 }
 
 /// A parked connection: its socket, the bytes of a head begun before the park, its service
@@ -838,7 +851,7 @@ fn parked(
                 // process, a request sent on it meanwhile would be answered with a reset.
                 // The guard is taken before `count` goes, which the drain's end waits for.
                 if count.0.closable.limit().ending() {
-                    crate::shutdown::linger(inner, held.drain.guard());
+                    crate::shutdown::linger(inner, held.drain.guard(), None);
                 }
                 return;
             }
@@ -939,7 +952,7 @@ pub async fn run(
             // Closed by a drain: with requests pipelined behind the answer that said so
             // unread, a plain close would reset the connection, and the answer with it.
             crate::relay::After::Close if held.drain.started() => {
-                crate::shutdown::linger(io.inner, guard);
+                crate::shutdown::linger(io.inner, guard, None);
                 return Ok(());
             }
             crate::relay::After::Close | crate::relay::After::Broken => return Ok(()),

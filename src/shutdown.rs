@@ -1,6 +1,7 @@
 //! The shutdown signals: the one set once and seen by every accept loop and the app, and the
 //! drain that asks every open client connection to finish.
 
+use crate::listener::{Closable, Slot};
 use tokio::sync::watch;
 
 #[derive(Clone)]
@@ -183,33 +184,32 @@ pub const PICKED_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs `conn` to its end; once a drain is asked for, or `picked` resolves, `graceful` tells
 /// it to finish its in-flight requests and close, and it is run until it has. Picked with a
-/// head stalled (`picked` says true), it is dropped at once: it has nothing in flight, and
-/// hyper would wait for a first request's head to end before closing.
+/// head stalled (`picked` says true), it is dropped at once (`None`): it has nothing in
+/// flight, and hyper would wait for a first request's head to end before closing.
 pub async fn until_drained<C, E>(
-    conn: C,
+    conn: &mut C,
     mut guard: Shutdown,
     picked: impl std::future::Future<Output = bool>,
     graceful: impl FnOnce(std::pin::Pin<&mut C>),
-) -> Result<(), E>
+) -> Option<Result<(), E>>
 where
-    C: std::future::Future<Output = Result<(), E>>,
+    C: std::future::Future<Output = Result<(), E>> + Unpin,
 {
-    tokio::pin!(conn);
     tokio::pin!(picked);
     tokio::select! {
         // The connection first, so that `picked` sees what it has just done.
         biased;
-        out = &mut conn => return out,
+        out = &mut *conn => return Some(out),
         () = guard.fired() => {}
         stalled = &mut picked => {
             tracing::debug!("idle connection picked to make room for a new one; closing it");
             if stalled {
-                return Ok(());
+                return None;
             }
         }
     }
-    graceful(conn.as_mut());
-    conn.await
+    graceful(std::pin::Pin::new(&mut *conn));
+    Some(conn.await)
 }
 
 /// How long a lingering close (`linger`) waits for the client's next bytes before it closes:
@@ -225,29 +225,60 @@ pub const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 /// sending side is shut (a `FIN` after what is queued), and what the client still sends is
 /// read and thrown away until it closes its side, or sends nothing for `LINGER_TIMEOUT`, or
 /// `LINGER_TIME` has passed. A socket closed with unread bytes in its receive buffer (requests
-/// pipelined behind the last answer, or one sent as the close came) makes the kernel send a
-/// reset, which throws away what the client has not read yet, the last answer with it; and
-/// bytes that arrive once it is closed are answered with a reset too.
+/// pipelined behind the last answer, or one sent as the close came, or the rest of a body the
+/// answer did not wait for) makes the kernel send a reset, which throws away what the client
+/// has not read yet, the last answer with it; and bytes that arrive once it is closed are
+/// answered with a reset too.
 ///
 /// `guard` is a drain guard, kept until the close is done: a drain (and the process's exit)
-/// waits for it, up to `shutdown_timeout`. No slot of `max_connections` is kept.
-pub fn linger(sock: tokio::net::TcpStream, guard: Shutdown) {
-    tokio::spawn(lingering(sock, guard));
+/// waits for it, up to `shutdown_timeout`. `slot`, the connection's place in
+/// `max_connections`, is kept too when given (a close outside a drain), so that lingering
+/// connections are bounded with the others and cannot be made to hold descriptors beyond
+/// it; meanwhile the connection is idle, and picked to make room for a new one it closes at
+/// once. A client that closed already, with nothing left unread, is closed at once.
+pub fn linger(sock: tokio::net::TcpStream, guard: Shutdown, slot: Option<Slot>) {
+    if !discard(&sock) {
+        return;
+    }
+    tokio::spawn(lingering(sock, guard, slot));
 }
 
-async fn lingering(mut sock: tokio::net::TcpStream, _guard: Shutdown) {
+async fn lingering(mut sock: tokio::net::TcpStream, _guard: Shutdown, slot: Option<Slot>) {
     use tokio::io::AsyncWriteExt;
     // The system call itself, which does not wait: the FIN goes once what is queued has.
     if sock.shutdown().await.is_err() {
         return;
     }
+    let mut room = slot.map(|slot| {
+        let closable = Closable::new(slot.limit().clone());
+        (slot, closable)
+    });
     let end = tokio::time::Instant::now() + LINGER_TIME;
+    let quiet = tokio::time::sleep(LINGER_TIMEOUT.min(LINGER_TIME));
+    tokio::pin!(quiet);
     loop {
-        let by = end.min(tokio::time::Instant::now() + LINGER_TIMEOUT);
-        match tokio::time::timeout_at(by, sock.readable()).await {
-            Ok(Ok(())) if discard(&sock) => {}
-            _ => return,
+        let more = std::future::poll_fn(|cx| {
+            if let std::task::Poll::Ready(ready) = sock.poll_read_ready(cx) {
+                return std::task::Poll::Ready(ready.is_ok());
+            }
+            if let Some((_, closable)) = &room {
+                if closable.poll_picked(cx) {
+                    // Picked by the drain's end, which closes the idle connections: this one
+                    // is closing already, and the drain's guard bounds it.
+                    if !closable.limit().ending() {
+                        return std::task::Poll::Ready(false);
+                    }
+                    room = None;
+                }
+            }
+            std::future::Future::poll(quiet.as_mut(), cx).map(|()| false)
+        })
+        .await;
+        if !more || !discard(&sock) {
+            return;
         }
+        let now = tokio::time::Instant::now();
+        quiet.as_mut().reset(end.min(now + LINGER_TIMEOUT));
     }
 }
 
@@ -286,7 +317,7 @@ mod tests {
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
         let drain = Drain::default();
-        let closing = lingering(server, drain.guard());
+        let closing = lingering(server, drain.guard(), None);
         let size = std::mem::size_of_val(&closing);
         assert!(size < 1024, "{size} bytes");
         let task = tokio::spawn(closing);

@@ -152,6 +152,10 @@ impl<S> Timed<S> {
         }
     }
 
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
     pub fn fixed(inner: S, limit: Duration) -> Timed<S> {
         Timed {
             inner,

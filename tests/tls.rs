@@ -2474,3 +2474,46 @@ async fn one_host_s_handshakes_beyond_its_cap_are_refused_while_another_is_serve
         "a closed handshake still counts against its host"
     );
 }
+
+/// A connection the proxy ends while its client is still sending (a `400` to a head it
+/// cannot read, before the body behind it; a held upload past the 16 MiB read and dropped) is
+/// closed as nginx's lingering close closes one: the client's writes all go through, and it
+/// reads the answer and then a clean end. Closed with the client's bytes unread, the
+/// connection was reset: the client's write failed (`EPIPE`, `ECONNRESET`: what curl shows
+/// in place of the answer), and an answer not yet out of the proxy's socket was lost. On
+/// plaintext and over TLS.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_ended_under_a_client_still_sending_is_closed_lingering() {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    async fn sends_all_then_reads<S: AsyncRead + AsyncWrite + Unpin>(
+        mut s: S,
+        head: &str,
+        body: usize,
+    ) -> String {
+        let mut ask = head.as_bytes().to_vec();
+        ask.resize(ask.len() + body, b'x');
+        let wrote = tokio::time::timeout(Duration::from_secs(20), s.write_all(&ask)).await;
+        assert!(matches!(wrote, Ok(Ok(()))), "{head:?}: {wrote:?}");
+        let mut read = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut read)).await;
+        assert!(matches!(end, Ok(Ok(_))), "{head:?}: {end:?}");
+        String::from_utf8_lossy(&read).into_owned()
+    }
+    let up = echo_upstream().await;
+    let ca = Ca::new();
+    let proxy = shop_proxy(&ca, &up, "").await;
+    let config = ca.client_config(&[b"http/1.1"]);
+    let bad = "GET / HTTP/1.1\r\nHost: shop.test\r\nBad Header\r\n\r\n";
+    let held = "POST /form HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 20971520\r\n\r\n";
+    for (head, body, status) in [(bad, 4 << 20, "400"), (held, 20 << 20, "503")] {
+        if status == "503" {
+            ctl(&proxy, on(None)).await;
+        }
+        let plain = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let out = sends_all_then_reads(plain, head, body).await;
+        assert!(out.starts_with(&format!("HTTP/1.1 {status} ")), "{out:?}");
+        let tls = tls_connect(tls_addr(&proxy), "shop.test", config.clone()).await;
+        let out = sends_all_then_reads(tls, head, body).await;
+        assert!(out.starts_with(&format!("HTTP/1.1 {status} ")), "{out:?}");
+    }
+}
