@@ -2104,8 +2104,9 @@ mod tests {
         assert_eq!(kept.messages(), strings(&["0", "1", "2"]));
         assert_eq!(added.count(), 0, "a new target starts empty");
         notifier.send(numbered(3));
+        // Counted once the answer is back, after the receiver counted the request.
         wait_until("both got event 3", || {
-            kept.count() == 4 && added.count() == 1
+            kept.count() == 4 && added.count() == 1 && stats.get().0 == 5
         })
         .await;
         assert_eq!(stats.get(), (5, 0, 0));
