@@ -913,13 +913,16 @@ async fn serve_others(
                     let guard = serving.guard.clone();
                     let (result, io) = serving.http1(io, service).await;
                     if let Some(io) = io {
-                        tls_linger(io.into_inner(), keep_alive, guard, slot, &drain).await;
+                        // An error (an answer cut short, a head hyper refused) is told by a
+                        // close without close_notify, which would say that all was sent.
+                        let notify = result.is_ok();
+                        tls_linger(io.into_inner(), notify, keep_alive, guard, slot, &drain).await;
                     }
                     Some(result)
                 }
                 relay::After::Park | relay::After::Close => {
                     let guard = serving.guard.clone();
-                    tls_linger(tls_stream, keep_alive, guard, slot, &drain).await;
+                    tls_linger(tls_stream, true, keep_alive, guard, slot, &drain).await;
                     Some(Ok(()))
                 }
                 // Dropped without close_notify, which would say that all was sent.
@@ -935,17 +938,20 @@ async fn serve_others(
 /// the last answer at a drain, the rest of a body an answer did not wait for) is read and
 /// dropped, not left unread in the socket, whose close would then be a reset that can throw
 /// away the answer. The records are dropped unread: nothing more is answered. Outside a drain
-/// the connection keeps `slot` meanwhile.
+/// the connection keeps `slot` meanwhile. Without `notify`, no `close_notify` is sent: the
+/// client is to see that the connection broke off.
 async fn tls_linger(
     mut tls: TlsStream<Timed<TcpStream>>,
+    notify: bool,
     keep_alive: Duration,
     guard: Shutdown,
     slot: Slot,
     drain: &Drain,
 ) {
-    if tokio::time::timeout(keep_alive, tls.shutdown())
-        .await
-        .is_err()
+    if notify
+        && tokio::time::timeout(keep_alive, tls.shutdown())
+            .await
+            .is_err()
     {
         return;
     }
