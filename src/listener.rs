@@ -853,8 +853,19 @@ async fn serve_others(
             let timing = relaying.0.clone();
             // Whether the client began: one that sent nothing is idle, not a failed handshake.
             let mut began = false;
+            // The drain's signal. The guard counts the connection from its accept, so the
+            // drain's end, which closes the idle connections, waits for it: one that has sent
+            // nothing, or was answered as plain HTTP, held every stop for
+            // `header_read_timeout` (to `shutdown_timeout`), the listeners closed meanwhile,
+            // where a plaintext one that has sent nothing is closed at once.
+            let drained = &mut serving.guard;
             let handshake = async {
-                let hello = hello(&stream, &closable).await;
+                // Its byte first: a hello that has come is served as the drain lets one be.
+                let hello = tokio::select! {
+                    biased;
+                    hello = hello(&stream, &closable) => hello,
+                    () = drained.fired() => Hello::Picked,
+                };
                 closable.busy();
                 let Hello::Began(first) = hello else {
                     return None;
@@ -865,14 +876,26 @@ async fn serve_others(
                     let snap = timing.load();
                     snap.metrics.unread(snap.mode, 400);
                     snap.metrics.tls_failure(TlsFailure::PlainHttp);
-                    let sent = plain_http_on_tls(&mut stream, &closable).await;
+                    let sent = plain_http_on_tls(&mut stream, &closable, drained).await;
                     if timing.load().config.log.access_log {
                         unread_line(peer.ip(), 400, sent);
                     }
                     return None;
                 }
-                let accepted =
-                    unless_picked(acceptor.accept(Timed::new(stream, timing)), &closable).await;
+                // A handshake under way when the drain begins gets what one that has not
+                // stalled takes (`STALLED` from its start), as at `max_connections`.
+                let begun = tokio::time::Instant::now();
+                let cut = async {
+                    drained.fired().await;
+                    tokio::time::sleep_until(begun + STALLED).await;
+                };
+                let accepting =
+                    unless_picked(acceptor.accept(Timed::new(stream, timing)), &closable);
+                let accepted = tokio::select! {
+                    biased;
+                    accepted = accepting => accepted,
+                    () = cut => None,
+                };
                 closable.busy();
                 accepted
             };
@@ -1036,8 +1059,13 @@ fn plain_http(first: u8) -> bool {
 /// is read and dropped until it closes (64 KiB at most), as nginx's lingering close does:
 /// closed over unread bytes, the connection would be reset, which can lose the answer. All of
 /// it is bounded by the handshake's deadline, as the handshake is.
-/// Answers plain HTTP sent to a TLS port; the body's bytes sent.
-async fn plain_http_on_tls(stream: &mut TcpStream, closable: &Closable) -> u64 {
+/// Answers plain HTTP sent to a TLS port; the body's bytes sent. A drain ends what is left
+/// once the answer is out, as a pick does.
+async fn plain_http_on_tls(
+    stream: &mut TcpStream,
+    closable: &Closable,
+    drain: &mut Shutdown,
+) -> u64 {
     const BODY: &str = "This port speaks HTTPS: ask for https:// rather than http://.\n";
     let answer = format!(
         "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n\
@@ -1055,6 +1083,7 @@ async fn plain_http_on_tls(stream: &mut TcpStream, closable: &Closable) -> u64 {
     // clients sending a byte of plain HTTP and waiting would hold every slot as long.
     let mut scratch = vec![0u8; 4096];
     let mut left: usize = 64 * 1024;
+    let mut drained = std::pin::pin!(drain.fired());
     poll_fn(|cx| loop {
         if left == 0 {
             return Poll::Ready(());
@@ -1066,6 +1095,7 @@ async fn plain_http_on_tls(stream: &mut TcpStream, closable: &Closable) -> u64 {
             }
             Poll::Ready(_) => return Poll::Ready(()),
             Poll::Pending if closable.poll_picked(cx) => return Poll::Ready(()),
+            Poll::Pending if drained.as_mut().poll(cx).is_ready() => return Poll::Ready(()),
             Poll::Pending => return Poll::Pending,
         }
     })

@@ -278,6 +278,53 @@ async fn plain_http_to_the_tls_port_gets_a_400_that_says_so() {
     assert_eq!(resp.status(), 200);
 }
 
+/// A stop does not wait for TLS connections that have nothing to finish: one that has sent
+/// nothing (a load balancer's TCP check, a port scan, `nc host 443` left open), one answered as
+/// plain HTTP that stays open, and a handshake begun and left (it gets `STALLED` from its
+/// start, as a real one takes a round trip or two). Each held every stop for
+/// `header_read_timeout` (to `shutdown_timeout`), the listeners closed meanwhile, where a
+/// plaintext connection that has sent nothing is closed at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_does_not_wait_for_tls_connections_with_nothing_to_finish() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = echo_upstream().await;
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    ca.write_leaf(dir.path(), "site", &["shop.test"]);
+    let text = format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nheader_read_timeout = \"30s\"\n\
+         shutdown_timeout = \"30s\"\n[tls]\nlisten = [\"127.0.0.1:0\"]\n{}\
+         [upstream]\nservers = [\"{}\"]\n",
+        certs(&["site"]),
+        up.url()
+    );
+    let mut proxy = spawn_proxy_in(dir, &text).await;
+    let addr = tls_addr(&proxy);
+    let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+    plain.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let mut head = [0u8; 12];
+    plain.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 400");
+    // A handshake record's header and the first bytes of a ClientHello, and no more.
+    let mut begun = tokio::net::TcpStream::connect(addr).await.unwrap();
+    begun
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00])
+        .await
+        .unwrap();
+    // A client served before the stop, whose connection idles: closed by the drain too.
+    let stream = tls_connect(addr, "shop.test", ca.client_config(&[b"http/1.1"])).await;
+    let mut sender = h1(stream).await;
+    assert_eq!(get_on(&mut sender, "shop.test", "/").await.status(), 200);
+    let running = proxy.running.take().unwrap();
+    let signalled = std::time::Instant::now();
+    let drained = tokio::time::timeout(Duration::from_secs(20), running.shutdown()).await;
+    let took = signalled.elapsed();
+    assert_eq!(drained.ok(), Some(true), "the stop took {took:?}");
+    assert!(took < Duration::from_secs(10), "the stop took {took:?}");
+    drop((silent, plain, begun));
+}
+
 /// Failed handshakes are counted by reason, so that an operator sees a chain that clients
 /// refuse (`certificate`), old clients (`protocol`), stalled ones (`timeout`) and plain HTTP
 /// on the TLS port, which were logged at debug level only.
