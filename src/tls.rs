@@ -524,7 +524,7 @@ fn load_key(
             path: path.to_path_buf(),
             reason: read_problem(&e),
         })?;
-    let key = PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
+    let key = PrivateKeyDer::from_pem_slice(without_bom(&bytes)).map_err(|e| {
         // An encrypted key is skipped by the PEM reader as an unknown section, which would
         // be reported as "no items found": say what it is instead.
         match encryption(&String::from_utf8_lossy(&bytes)) {
@@ -542,6 +542,14 @@ fn load_key(
             "{e} (supported: RSA of 2048 to 8192 bits, ECDSA P-256 or P-384, Ed25519)"
         ))
     })
+}
+
+/// A PEM file's bytes without the UTF-8 byte order mark an editor may have put first (Windows
+/// Notepad, a certificate pasted there from a portal's page): the PEM reader takes the line it
+/// is on for text before the first block, and said of a file whose `-----BEGIN` an operator
+/// can see that it held no certificate or key, where OpenSSL (nginx) reads it.
+fn without_bom(bytes: &[u8]) -> &[u8] {
+    bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
 }
 
 /// What says a PEM key file is encrypted, if anything does: a PKCS#8 `ENCRYPTED PRIVATE KEY`
@@ -624,7 +632,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     };
     let bytes = crate::files::read(path, crate::files::MAX_PEM_BYTES)
         .map_err(|e| read(read_problem(&e)))?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
+    let certs = CertificateDer::pem_slice_iter(without_bom(&bytes))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| read(pem_problem(&e, "CERTIFICATE")))?;
     if certs.is_empty() {

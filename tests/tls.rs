@@ -913,6 +913,21 @@ fn a_certificate_that_does_not_load_says_why() {
     }
 }
 
+/// A certificate and a key saved with a UTF-8 byte order mark first (Windows Notepad) load, as
+/// OpenSSL (nginx) loads them: they were refused as holding no certificate and no key.
+#[test]
+fn a_certificate_and_key_with_a_byte_order_mark_load() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (leaf, key, _) = ca.leaf(&["shop.test"]);
+    std::fs::write(dir.path().join("site.pem"), format!("\u{feff}{leaf}")).unwrap();
+    std::fs::write(dir.path().join("site.key"), format!("\u{feff}{key}")).unwrap();
+    let text = "[tls]\nlisten = [\"127.0.0.1:0\"]\n[[tls.certificates]]\ncert = \"site.pem\"\nkey = \"site.key\"\n";
+    let cfg = intermission::config::Config::parse(text, dir.path(), None).unwrap();
+    let loaded = intermission::tls::server_config(&cfg.tls).map(|t| t.config.is_some());
+    assert_eq!(loaded.map_err(|e| e.to_string()), Ok(true));
+}
+
 /// A certificate that loads but that clients would refuse is warned about (check prints it,
 /// start and reload log it): an expired one, and a file without the intermediate of its
 /// issuer. A complete chain in date gets no warning.
