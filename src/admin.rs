@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -34,8 +35,9 @@ pub const METRICS_TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=
 
 /// Scrapers and probes are a handful of machines; more connections than this is a mistake or an
 /// attack, and closing them keeps descriptors for the proxy. A new connection beyond it takes
-/// the place of the oldest, as the proxy's own listeners make room: turning the new one away
-/// let a client that kept 64 connections open shut every scraper and probe out.
+/// the place of the oldest of the address that holds the most: turning the new one away let a
+/// client that kept 64 connections open shut every scraper and probe out, and taking the
+/// oldest of all let one that opened connections in a loop close a scrape in the middle.
 const MAX_CONNECTIONS: usize = 64;
 /// A request head slower than this is not a scraper.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,8 +58,9 @@ pub async fn serve(
     mut shutdown: Shutdown,
 ) {
     let graceful = GracefulShutdown::new();
-    // Oldest first: each closes its connection when dropped (or sent to).
-    let mut open: VecDeque<oneshot::Sender<()>> = VecDeque::with_capacity(MAX_CONNECTIONS + 1);
+    // Oldest first, with the peer's address: each closes its connection when dropped.
+    let mut open: VecDeque<(IpAddr, oneshot::Sender<()>)> =
+        VecDeque::with_capacity(MAX_CONNECTIONS + 1);
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -75,13 +78,16 @@ pub async fn serve(
             },
             _ = shutdown.fired() => break,
         };
-        open.retain(|close| !close.is_closed());
+        open.retain(|(_, close)| !close.is_closed());
         if open.len() >= MAX_CONNECTIONS {
-            tracing::debug!(%peer, "admin: too many connections; closing the oldest");
-            open.pop_front();
+            let busiest = busiest(open.iter().map(|(ip, _)| *ip));
+            tracing::debug!(%peer, ?busiest, "admin: too many connections; closing the oldest of the address holding the most");
+            if let Some(i) = open.iter().position(|(ip, _)| Some(*ip) == busiest) {
+                open.remove(i);
+            }
         }
         let (close, closed) = oneshot::channel::<()>();
-        open.push_back(close);
+        open.push_back((peer.ip(), close));
         let metrics = metrics.clone();
         let ready = ready.clone();
         let service = service_fn(move |req| {
@@ -108,6 +114,24 @@ pub async fn serve(
     {
         tracing::debug!("admin: connections still open after the drain timeout; leaving them");
     }
+}
+
+/// The address that holds the most of `open` (oldest first); of those that hold as many, the
+/// one with the oldest connection.
+fn busiest(open: impl Iterator<Item = IpAddr>) -> Option<IpAddr> {
+    let mut counts: Vec<(IpAddr, usize)> = Vec::new();
+    for ip in open {
+        match counts.iter_mut().find(|(seen, _)| *seen == ip) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((ip, 1)),
+        }
+    }
+    // `max_by_key` keeps the last of equals; reversed, that is the first seen.
+    counts
+        .into_iter()
+        .rev()
+        .max_by_key(|&(_, n)| n)
+        .map(|(ip, _)| ip)
 }
 
 /// The whole routing table. An unknown path is 404 whatever the method; a known one answers
@@ -378,5 +402,71 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         let cut = tokio::time::timeout(SEND_TIMEOUT * 3, flood).await;
         assert!(cut.is_ok(), "a client that reads nothing is still served");
+    }
+
+    /// Connections beyond the cap are taken from the address that holds the most: a client
+    /// that opens them in a loop closes its own, never a scraper's from another address,
+    /// which before lost the oldest connection, whoever held it.
+    #[tokio::test]
+    async fn a_flood_of_connections_closes_its_own_not_a_scrapers() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ready: Ready = Arc::new(|| true);
+        let (_trigger, shutdown) = crate::shutdown::channel();
+        tokio::spawn(serve(listener, Arc::new(Metrics::new()), ready, shutdown));
+        async fn ask(conn: &mut tokio::net::TcpStream) -> std::io::Result<String> {
+            conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+                .await?;
+            let mut answer = Vec::new();
+            let mut buf = [0u8; 512];
+            while !answer.ends_with(b"ok") {
+                let n = conn.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                answer.extend_from_slice(&buf[..n]);
+            }
+            Ok(String::from_utf8_lossy(&answer).into_owned())
+        }
+        // The oldest connection, a scraper's, kept alive between its scrapes.
+        let mut scraper = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let first = ask(&mut scraper).await.unwrap();
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        // Twice the cap from another loopback address, sending nothing.
+        let mut flood = Vec::new();
+        for _ in 0..2 * MAX_CONNECTIONS {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            flood.push(socket.connect(addr).await.unwrap());
+        }
+        // Closed by then with either rule: the cap has been applied to the whole flood.
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(
+            Duration::from_secs(5),
+            flood[MAX_CONNECTIONS - 1].read(&mut byte),
+        )
+        .await;
+        assert!(
+            matches!(read, Ok(Ok(0) | Err(_))),
+            "the flood's early connections are closed"
+        );
+        let again = tokio::time::timeout(Duration::from_secs(5), ask(&mut scraper))
+            .await
+            .expect("answers in time");
+        assert!(
+            matches!(&again, Ok(a) if a.starts_with("HTTP/1.1 200")),
+            "the scraper's connection is still served: {again:?}"
+        );
+    }
+
+    #[test]
+    fn the_busiest_address_is_the_one_holding_most_then_the_oldest() {
+        let [a, b, c]: [IpAddr; 3] =
+            ["10.0.0.1", "10.0.0.2", "10.0.0.3"].map(|ip| ip.parse().unwrap());
+        assert_eq!(busiest([a, b, b, a, b].into_iter()), Some(b));
+        assert_eq!(busiest([c, a, b, a, b].into_iter()), Some(a));
+        assert_eq!(busiest([c, a, b].into_iter()), Some(c));
+        assert_eq!(busiest(std::iter::empty()), None);
     }
 }
