@@ -719,6 +719,19 @@ impl Metrics {
         );
 
         let control_commands = Family::<CommandLabels, Counter>::default();
+        // Every command and result at 0 from the start, so that an alert on the `increase()`
+        // of failures sees the first (a series that appears at 1 shows no increase).
+        for command in crate::control::protocol::COMMANDS
+            .iter()
+            .chain(&["unknown"])
+        {
+            for ok in [true, false] {
+                drop(control_commands.get_or_create(&CommandLabels {
+                    command: (*command).to_owned(),
+                    result: result_label(ok),
+                }));
+            }
+        }
         registry.register(
             "intermission_control_commands",
             "Commands received on the control socket, by command and result (ok or fail)",
@@ -1595,6 +1608,28 @@ pub(crate) mod tests {
             ),
             1.0
         );
+    }
+
+    /// A failed control command shows as an increase from 0, its first one too.
+    #[test]
+    fn every_control_command_is_shown_at_zero_from_the_start() {
+        let s = parse(&Metrics::new().encode());
+        for command in crate::control::protocol::COMMANDS
+            .iter()
+            .chain(&["unknown"])
+        {
+            for result in ["ok", "fail"] {
+                assert_eq!(
+                    value(
+                        &s,
+                        "intermission_control_commands_total",
+                        &[("command", command), ("result", result)]
+                    ),
+                    Some(0.0),
+                    "{command} {result}"
+                );
+            }
+        }
     }
 
     /// Each webhook's deliveries and queue under its own label; a forgotten webhook's series
