@@ -44,6 +44,13 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Nor is a client that takes nothing of its answer for this long: left alone, one that
 /// pipelines requests and reads nothing would hold its connection, and 64 of them every one.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Sent by a proxy started while this one drains (`app::predecessor_draining`) with its
+/// `/readyz`: a draining proxy that gets it lets its admin listener go at once, for the next
+/// one to take and answer "ready" while it serves. Kept until its own exit, the old
+/// listener said "not ready" for up to `shutdown_timeout` of a restart, and a load balancer
+/// that asks it took a serving host out. Heeded only while draining, when nothing of this
+/// process is ready any more.
+pub const SUCCESSOR_HEADER: &str = "x-intermission-successor";
 /// How long shutdown waits for a response being written; idle keep-alive connections close at once.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -67,6 +74,7 @@ pub async fn serve(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true);
     let mut failures = crate::listener::AcceptFailures::new("admin");
+    let successor = Arc::new(tokio::sync::Notify::new());
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -77,6 +85,10 @@ pub async fn serve(
                 }
             },
             _ = shutdown.fired() => break,
+            () = successor.notified() => {
+                tracing::info!("admin: the next proxy asked for admin.listen; letting it go");
+                break;
+            }
         };
         open.retain(|(_, close)| !close.is_closed());
         if open.len() >= MAX_CONNECTIONS {
@@ -90,7 +102,11 @@ pub async fn serve(
         open.push_back((peer.ip(), close));
         let metrics = metrics.clone();
         let ready = ready.clone();
-        let service = service_fn(move |req| {
+        let successor = successor.clone();
+        let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+            if req.headers().contains_key(SUCCESSOR_HEADER) && !ready() {
+                successor.notify_one();
+            }
             let resp = respond(&req, &metrics, ready.as_ref());
             async move { Ok::<_, Infallible>(resp) }
         });
@@ -468,5 +484,39 @@ mod tests {
         assert_eq!(busiest([c, a, b, a, b].into_iter()), Some(a));
         assert_eq!(busiest([c, a, b].into_iter()), Some(c));
         assert_eq!(busiest(std::iter::empty()), None);
+    }
+
+    /// The next proxy's ask lets the address go only while this one drains; a ready proxy
+    /// keeps it, whoever sends the header.
+    #[tokio::test]
+    async fn a_draining_listener_lets_the_next_proxy_have_its_address() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let draining = Arc::new(AtomicBool::new(false));
+        let flag = draining.clone();
+        let ready: Ready = Arc::new(move || !flag.load(Ordering::SeqCst));
+        let (_trigger, shutdown) = crate::shutdown::channel();
+        let server = tokio::spawn(serve(listener, Arc::new(Metrics::new()), ready, shutdown));
+        let client: TestClient = Client::builder(TokioExecutor::new()).build_http();
+        let ask = || {
+            Request::get(format!("http://{addr}/readyz"))
+                .header(SUCCESSOR_HEADER, "1")
+                .body(Empty::new())
+                .unwrap()
+        };
+        let resp = client.request(ask()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let (status, _, _) = call(&client, addr, Method::GET, "/healthz").await;
+        assert_eq!(status, StatusCode::OK, "a ready proxy keeps its listener");
+        assert!(!server.is_finished());
+
+        draining.store(true, Ordering::SeqCst);
+        let resp = client.request(ask()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("a draining proxy lets its listener go")
+            .expect("serve does not panic");
+        assert!(tokio::net::TcpListener::bind(addr).await.is_ok());
     }
 }

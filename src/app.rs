@@ -307,13 +307,22 @@ enum AdminSocket {
 
 /// Whether `addr` is the admin listener of a proxy that is draining: its `/readyz` answers
 /// `503` "not ready" (a program that answers otherwise, or not within a second, holds the
-/// address for good, and the start is refused as before).
-async fn predecessor_draining(addr: SocketAddr) -> bool {
+/// address for good, and the start is refused as before). `successor`: ask it to let the
+/// address go now (see `admin::SUCCESSOR_HEADER`), once this proxy is ready to answer there;
+/// one that does not know the header answers all the same.
+async fn predecessor_draining(addr: SocketAddr, successor: bool) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let ask = async {
         let mut sock = tokio::net::TcpStream::connect(addr).await?;
-        sock.write_all(b"GET /readyz HTTP/1.1\r\nHost: intermission\r\nConnection: close\r\n\r\n")
-            .await?;
+        let header = if successor {
+            format!("{}: 1\r\n", crate::admin::SUCCESSOR_HEADER)
+        } else {
+            String::new()
+        };
+        let ask = format!(
+            "GET /readyz HTTP/1.1\r\nHost: intermission\r\n{header}Connection: close\r\n\r\n"
+        );
+        sock.write_all(ask.as_bytes()).await?;
         let mut answer = Vec::new();
         sock.take(4096).read_to_end(&mut answer).await?;
         Ok::<_, std::io::Error>(answer)
@@ -339,7 +348,9 @@ async fn bind_when_free(addr: SocketAddr) -> TcpListener {
                 }
             }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Often: asked to, the predecessor lets the address go at once, and probes meet a
+        // refused connection until this binds it.
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -401,12 +412,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             // listener says "not ready" until it exits): refused, the restart left no proxy
             // at all once that drain ended.
             Err(StartError::Bind { source, .. })
-                if source.kind() == ErrorKind::AddrInUse && predecessor_draining(addr).await =>
+                if source.kind() == ErrorKind::AddrInUse
+                    && predecessor_draining(addr, false).await =>
             {
                 tracing::warn!(
                     %addr,
                     "admin.listen {addr} is held by a proxy still draining: /metrics, /healthz \
-                     and /readyz are served here once it has exited"
+                     and /readyz are served here once it lets it go (at once, or at its exit \
+                     for a version before 2026-12)"
                 );
                 AdminSocket::Later(addr)
             }
@@ -478,7 +491,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             let l = match a {
                 AdminSocket::Bound(l) => l,
                 AdminSocket::Later(addr) => tokio::select! {
-                    l = bind_when_free(addr) => l,
+                    // Asked only now, when this proxy serves: the address is never let go
+                    // for a start that fails, nor refuses probes while this one starts.
+                    l = async {
+                        predecessor_draining(addr, true).await;
+                        bind_when_free(addr).await
+                    } => l,
                     () = stopped.fired() => return,
                 },
             };

@@ -622,7 +622,8 @@ async fn stuck_request(
 /// then `run`): its listeners are closed at the signal, but its admin listener says "not
 /// ready" until its drain ends, and the next proxy, refused its `admin.listen`, exited, so
 /// that once the drain ended no proxy was running at all. It starts, serves, and takes the
-/// admin listener once the old one has let it go.
+/// admin listener at once: the old one lets it go when asked, rather than saying "not ready"
+/// for the whole drain while the next proxy serves.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_next_proxy_starts_while_the_old_one_drains_and_takes_its_admin_listener() {
     let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -632,7 +633,7 @@ async fn the_next_proxy_starts_while_the_old_one_drains_and_takes_its_admin_list
         .local_addr()
         .unwrap();
     let config = format!(
-        "[upstream]\nservers = [\"{}\"]\nresponse_timeout = \"1h\"\n[proxy]\nshutdown_timeout = \"3s\"\n[admin]\nlisten = \"{admin}\"\n",
+        "[upstream]\nservers = [\"{}\"]\nresponse_timeout = \"1h\"\n[proxy]\nshutdown_timeout = \"10s\"\n[admin]\nlisten = \"{admin}\"\n",
         up.url()
     );
     let old_dir = tempfile::tempdir().unwrap();
@@ -671,6 +672,19 @@ async fn the_next_proxy_starts_while_the_old_one_drains_and_takes_its_admin_list
         .iter()
         .any(|l| l.contains("is held by a proxy still draining")));
     assert_eq!(get(&new.url("/_intermission/status")).await.status(), 200);
+    let ready = wait_until_async(|| async {
+        let said = readyz().await;
+        said.starts_with("HTTP/1.1 200 ") && said.ends_with("ready")
+    })
+    .await;
+    assert!(
+        ready,
+        "the next proxy did not take the admin listener during the drain"
+    );
+    assert!(
+        old.child.try_wait().unwrap().is_none(),
+        "the old proxy is still draining (its request held for shutdown_timeout)"
+    );
     let old_status = tokio::task::spawn_blocking(move || old.wait_exit(Duration::from_secs(20)))
         .await
         .unwrap();
