@@ -55,9 +55,24 @@ fn directives(log: &LogConfig) -> String {
     directives
 }
 
+/// `level` as tracing should read it: each directive trimmed, the empty ones dropped. tracing
+/// splits a filter at its commas but trims nothing, and took `" info"` (a space after a comma,
+/// a value padded in a unit file or a YAML manifest) for a target of that name, to be logged
+/// alone: `check` passed `level = " info "`, and the proxy then wrote the access log and not
+/// one other line, no warning, no outage, no refused reload.
+pub(crate) fn normalised(level: &str) -> String {
+    let directives: Vec<&str> = level
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    directives.join(",")
+}
+
 /// `level` with rustls's and h2's warnings kept to their errors, unless it asks for them
 /// (see `directives`).
 fn clamped(level: &str) -> String {
+    let level = &normalised(level);
     let mut directives = level.to_owned();
     let verbose = level.split(',').any(|d| {
         let d = d.trim();
@@ -84,11 +99,21 @@ fn clamped(level: &str) -> String {
 /// is held to the same bounds on the libraries' warnings as `log.level`: read as it was
 /// written, `RUST_LOG=info` (a common line in a unit file or an image) let any client write a
 /// line per PING acknowledgement frame it sent, some 76 MB a second. It does not turn the
-/// access log on: `RUST_LOG=warn` turns it off, as it turns off every target's `info`.
+/// access log on: `RUST_LOG=warn` turns it off, as it turns off every target's `info`. Nor is
+/// it read unless it is what `log.level` may be (`rust_log_ignored`): a mistyped
+/// `RUST_LOG=warnn` was a filter that logged that one (non-existent) target, and the proxy
+/// wrote nothing at all, its access log included.
 fn chosen(log: &LogConfig, env: Option<&str>) -> EnvFilter {
-    env.and_then(|env| EnvFilter::try_new(clamped(env)).ok())
+    env.filter(|env| !rust_log_ignored(env))
+        .and_then(|env| EnvFilter::try_new(clamped(env)).ok())
         .or_else(|| EnvFilter::try_new(directives(log)).ok())
         .unwrap_or_else(|| EnvFilter::new("info"))
+}
+
+/// Whether `RUST_LOG` set to `env` is not read, `log.level` being read in its place: it is not
+/// a level or a filter of levels, as `log.level` must be (`config::level_or_filter`).
+fn rust_log_ignored(env: &str) -> bool {
+    !crate::config::level_or_filter(env)
 }
 
 /// Whether a directive of `level` is for `library` or one of its modules (`h2=warn`,
@@ -322,6 +347,15 @@ pub fn init(log: &LogConfig) -> Flush {
     ACCESS.store(access, Relaxed);
     if installed.is_ok() {
         start_writer();
+    }
+    if let Some(env) = env.as_deref().filter(|env| rust_log_ignored(env)) {
+        // Said, since the operator who set it expects its levels.
+        tracing::warn!(
+            "RUST_LOG={env:?} is not a level (error, warn, info, debug, trace) nor a filter \
+             that gives each target its level (\"info,hyper=debug\"): it is ignored, and \
+             log.level {:?} is read",
+            log.level
+        );
     }
     Flush(())
 }
@@ -683,6 +717,30 @@ mod tests {
                 "{out}"
             );
         }
+    }
+
+    /// A space around a directive, in `log.level` or `RUST_LOG`, and a `RUST_LOG` that is not
+    /// a level, silence no line: each was a target of its own to be logged alone.
+    #[test]
+    fn spaces_or_a_mistyped_rust_log_silence_nothing() {
+        for level in [" info ", "info ,hyper=warn", "info, intermission=info"] {
+            let out = filtered(level);
+            assert!(
+                out.contains("server down")
+                    && out.contains("an access line")
+                    && !out.contains("PING ack"),
+                "{level:?}: {out}"
+            );
+        }
+        for env in [" info ", "warnn", " warn", "info ,rustls=warn"] {
+            let out = filtered_with("info", Some(env));
+            assert!(out.contains("server down"), "{env:?}: {out}");
+            assert!(!out.contains("PING ack"), "{env:?}: {out}");
+        }
+        // Ignored, `log.level` is read in its place.
+        assert!(filtered_with("info", Some("warnn")).contains("an access line"));
+        assert!(super::rust_log_ignored("warnn") && super::rust_log_ignored("intermission"));
+        assert!(!super::rust_log_ignored(" debug ") && !super::rust_log_ignored("h2=warn"));
     }
 
     #[test]

@@ -1680,9 +1680,11 @@ impl Validator<'_> {
 /// filter takes any other bare word as a target to log at every level: a mistyped `"warnn"`
 /// would log nothing but that (non-existent) target, silencing the start, the warnings and the
 /// outages while the config looked valid.
-fn level_or_filter(level: &str) -> bool {
+/// Spaces around a directive are not part of it (`logging::normalised`). `RUST_LOG` is held
+/// to the same.
+pub(crate) fn level_or_filter(level: &str) -> bool {
     const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
-    tracing_subscriber::EnvFilter::try_new(level).is_ok()
+    tracing_subscriber::EnvFilter::try_new(crate::logging::normalised(level)).is_ok()
         && level
             .split(',')
             .map(str::trim)
@@ -2522,6 +2524,9 @@ mod tests {
             "off",
             "info,hyper=warn",
             "warn,intermission=debug",
+            // Spaces around a directive are not part of it.
+            " info ",
+            "info, hyper=warn",
         ] {
             assert!(
                 problems(&format!("[log]\nlevel = \"{good}\"\n")).is_empty(),
