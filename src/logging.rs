@@ -262,14 +262,19 @@ fn write_out(lines: &[u8]) {
     DROPPED.inc_by(u64::try_from(lost).unwrap_or(u64::MAX));
 }
 
-/// Says `line` last, through the queue when a writer thread runs, and waits (a little) for it
-/// to be written: `eprintln!` would wait for stderr's lock, which a writer blocked on a stderr
-/// nobody reads holds, and the process would never exit.
-pub fn last_words(line: &str) {
-    let mut text = String::with_capacity(line.len() + 1);
-    text.push_str(line);
-    text.push('\n');
-    push(text.as_bytes());
+/// Says why the proxy stops (`what`, an error), last, and waits (a little) for it to be
+/// written: `eprintln!` would wait for stderr's lock, which a writer blocked on a stderr nobody
+/// reads holds, and the process would never exit. Once the log is set up it is a line of the
+/// log's own, an `ERROR` in its format: written as plain text ("intermission: …"), it was the
+/// one line of a JSON log that was not JSON, the reason the proxy died, which a pipeline that
+/// parses each line dropped. Before (a config that does not load), or with errors filtered
+/// out, it is plain text, which a person starting the proxy by hand reads.
+pub fn last_words(what: &str) {
+    if pending().started && tracing::enabled!(target: "intermission", tracing::Level::ERROR) {
+        tracing::error!(target: "intermission", "{what}");
+    } else {
+        push(format!("intermission: {what}\n").as_bytes());
+    }
     flush(FLUSH_LIMIT);
 }
 
@@ -347,6 +352,14 @@ pub fn init(log: &LogConfig) -> Flush {
     ACCESS.store(access, Relaxed);
     if installed.is_ok() {
         start_writer();
+        let standard = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if tracing::enabled!(target: PANIC, tracing::Level::ERROR) {
+                panicked(info);
+            } else {
+                standard(info);
+            }
+        }));
     }
     if let Some(env) = env.as_deref().filter(|env| rust_log_ignored(env)) {
         // Said, since the operator who set it expects its levels.
@@ -358,6 +371,37 @@ pub fn init(log: &LogConfig) -> Flush {
         );
     }
     Flush(())
+}
+
+const PANIC: &str = "intermission::panic";
+
+/// A panic (a bug), said as a line of the log, through the queue. The standard hook wrote it to
+/// stderr itself, in lines of text: in a JSON log the one entry that was not an object (over
+/// several lines, its message's own among them), and with a stderr that takes nothing, the
+/// queue's reason, a write that blocked the thread that panicked, and with it a worker and
+/// every connection it serves, until something read it.
+fn panicked(info: &std::panic::PanicHookInfo<'_>) {
+    let payload = info.payload();
+    let what = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("Box<dyn Any>");
+    let thread = std::thread::current();
+    let at = info.location().map(ToString::to_string);
+    // As the standard hook, only when RUST_BACKTRACE asks for one.
+    let trace = std::backtrace::Backtrace::capture();
+    let trace =
+        (trace.status() == std::backtrace::BacktraceStatus::Captured).then(|| trace.to_string());
+    // The payload and the trace as fields, quoted on one line in the text log.
+    tracing::error!(
+        target: PANIC,
+        thread = thread.name().unwrap_or("<unnamed>"),
+        at = at.as_deref(),
+        panic = what,
+        backtrace = trace.as_deref(),
+        "a thread panicked (a bug: please report it with this line)"
+    );
 }
 
 /// Called by every test that installs a scoped subscriber (`set_default`, `with_default`) to

@@ -152,7 +152,7 @@ fn main() -> ExitCode {
         Command::Run { config } => match run(config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                intermission::logging::last_words(&format!("intermission: {}", describe(&e)));
+                intermission::logging::last_words(&describe(&e));
                 ExitCode::FAILURE
             }
         },

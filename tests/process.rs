@@ -137,6 +137,85 @@ fn run_refused(dir: &std::path::Path, config: &str) -> String {
     err
 }
 
+/// Why the proxy stopped is a line of its log like any other: in a JSON log, an object with
+/// its level, where it was the one line a JSON pipeline could not parse.
+#[test]
+fn a_start_that_fails_says_why_in_the_logs_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let config = format!("[proxy]\nlisten = [\"127.0.0.1:{port}\"]\n[log]\nformat = \"json\"\n");
+    std::fs::write(dir.path().join("config.toml"), config).unwrap();
+    let err = run_refused(dir.path(), "config.toml");
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}\n{err}")))
+        .collect();
+    let last = lines.last().unwrap();
+    assert_eq!(last["level"], "ERROR", "{err}");
+    let said = last["message"].as_str().unwrap_or_default();
+    assert!(
+        said.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
+    // A config that does not load is said before there is a log, as plain text.
+    std::fs::write(dir.path().join("config.toml"), "[log]\nformat = \"yaml\"\n").unwrap();
+    let err = run_refused(dir.path(), "config.toml");
+    assert!(err.contains("log.format"), "{err}");
+}
+
+/// A panic is a line of the log like any other, through its queue: in a JSON log one object,
+/// where the standard hook wrote lines of text. Run in a process of its own (this test's
+/// binary, again), since it sets up the process's log.
+#[test]
+fn a_panic_is_a_line_in_the_logs_format() {
+    const CHILD: &str = "INTERMISSION_TEST_PANIC_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        let log = intermission::config::LogConfig {
+            format: intermission::config::LogFormat::Json,
+            access_log: true,
+            level: "info".to_owned(),
+        };
+        let _flush = intermission::logging::init(&log);
+        let joined = std::thread::Builder::new()
+            .name("doomed".to_owned())
+            .spawn(|| panic!("a bug\nsaid over two lines"))
+            .unwrap()
+            .join();
+        assert!(joined.is_err());
+        return;
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "a_panic_is_a_line_in_the_logs_format",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .env_remove("RUST_LOG")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}\n{err}")))
+        .collect();
+    let panic = lines.iter().find(|l| l["target"] == "intermission::panic");
+    let panic = panic.unwrap_or_else(|| panic!("no panic line:\n{err}"));
+    assert_eq!(panic["level"], "ERROR", "{err}");
+    assert_eq!(panic["panic"], "a bug\nsaid over two lines", "{err}");
+    assert_eq!(panic["thread"], "doomed", "{err}");
+    assert!(
+        panic["at"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("process.rs"),
+        "{err}"
+    );
+}
+
 /// `check`'s output `err` lists `key` with a reason that says `says`.
 fn assert_listed(err: &str, key: &str, says: &str) {
     let line = err.lines().find(|l| l.starts_with(&format!("  - {key}: ")));
