@@ -296,12 +296,18 @@ fn flush(limit: Duration) {
     });
 }
 
-/// What `tracing` writes with: each line into the queue.
-struct Queued;
+/// What `tracing` writes with: each line (an event, which it writes whole, in one call) into
+/// the queue, as `escaped` leaves it for a log in `format`; as it is when `None`, for a
+/// terminal, whose colours are escape sequences.
+#[derive(Clone, Copy)]
+struct Queued(Option<LogFormat>);
 
 impl Write for Queued {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        push(buf);
+        match self.0 {
+            Some(format) => push(&escaped(format, buf)),
+            None => push(buf),
+        }
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -332,10 +338,11 @@ pub fn init(log: &LogConfig) -> Flush {
     let filter = chosen(log, env.as_deref());
     // Colours only for a person at a terminal, never into a log file or journal.
     let ansi = std::io::stderr().is_terminal();
+    let queued = Queued((!ansi).then_some(log.format));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(|| Queued);
+        .with_writer(move || queued);
     let installed = match log.format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -646,6 +653,45 @@ fn clean(out: &mut Vec<u8>, start: usize) {
     }
 }
 
+/// `line`, one line `tracing` wrote, with none of the characters `unprintable` finds but the
+/// `\n` that ends it. The access line's path was escaped so, and nothing else: a message with
+/// line ends of its own (a refused reload's list of problems, one a line) began lines that had
+/// no time nor level, read as entries of their own by whatever splits the log into lines, and
+/// an operator's reason or an upstream's error could carry a C1 control or a mark that
+/// reverses the text to a terminal. As text escaped as the path is (`\u{9b}`), a line end and a
+/// tab as `\n` and `\t`; in JSON, where `tracing` has escaped those already, the rest as JSON's
+/// own `\u009b`, which keeps the object valid and its value the same.
+fn escaped(format: LogFormat, line: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    use std::borrow::Cow;
+    use std::fmt::Write as _;
+    let (body, end) = match line.strip_suffix(b"\n") {
+        Some(body) => (body, "\n"),
+        None => (line, ""),
+    };
+    if body.iter().all(|&b| (0x20..0x7f).contains(&b)) {
+        return Cow::Borrowed(line);
+    }
+    let text = String::from_utf8_lossy(body);
+    if matches!(text, Cow::Borrowed(_)) && !text.chars().any(unprintable) {
+        return Cow::Borrowed(line);
+    }
+    let mut out = String::with_capacity(line.len() + 32);
+    for c in text.chars() {
+        let _ = match (unprintable(c), format) {
+            (false, _) => out.write_char(c),
+            // Every character `unprintable` finds is in the Basic Multilingual Plane.
+            (true, LogFormat::Json) => write!(out, "\\u{:04x}", u32::from(c)),
+            (true, LogFormat::Text) => match c {
+                '\n' => out.write_str("\\n"),
+                '\t' => out.write_str("\\t"),
+                c => write!(out, "{}", c.escape_unicode()),
+            },
+        };
+    }
+    out.push_str(end);
+    Cow::Owned(out.into_bytes())
+}
+
 /// A path as `clean` writes it, for `tracing`'s formatter.
 struct Clean<'a>(&'a dyn std::fmt::Display);
 
@@ -888,6 +934,35 @@ mod tests {
             assert!(!json.trim_end().chars().any(super::unprintable), "{json}");
             assert_eq!(json.matches('\n').count(), 1, "{json}");
         }
+    }
+
+    /// Any line `tracing` writes is one line, with no control character or reversing mark in
+    /// it: escaped as text, and in JSON as JSON escapes, the value the same.
+    #[test]
+    fn a_line_of_tracing_is_one_line_with_no_control_character() {
+        use super::escaped;
+        use crate::config::LogFormat::{Json, Text};
+        let plain = b"2026-12-03T14:00:37Z  INFO intermission: caf\xc3\xa9 ok\n";
+        assert!(matches!(
+            escaped(Text, plain),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        let text = "ERROR x: refused (2 problems):\n  - a\n  - b\u{2028}c\u{9b}2J\td by=\"root\"\n";
+        let out = String::from_utf8(escaped(Text, text.as_bytes()).into_owned()).unwrap();
+        assert_eq!(
+            out,
+            "ERROR x: refused (2 problems):\\n  - a\\n  - b\\u{2028}c\\u{9b}2J\\td by=\"root\"\n"
+        );
+        let value = "r\u{202e}x\u{85}y\u{7f}\"\\";
+        let json = format!("{}\n", serde_json::json!({ "message": value }));
+        let out = String::from_utf8(escaped(Json, json.as_bytes()).into_owned()).unwrap();
+        assert!(!out.trim_end().chars().any(super::unprintable), "{out}");
+        assert_eq!(out.matches('\n').count(), 1, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["message"], value, "{out}");
+        // Bytes that are not UTF-8 do not make a line that is not.
+        let out = escaped(Text, b"bad \xff\n").into_owned();
+        assert_eq!(String::from_utf8(out).unwrap(), "bad \u{fffd}\n");
     }
 
     /// A clock outside what `humantime` writes is told apart before it is asked to.

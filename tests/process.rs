@@ -216,6 +216,69 @@ fn a_panic_is_a_line_in_the_logs_format() {
     );
 }
 
+/// Every line of the text log is an entry of its own, with its time and level: a refused
+/// reload's problems, one a line in what `ctl` prints, and an operator's reason with a line
+/// separator or a mark that reverses the text, are written escaped, as a path is.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_line_of_the_text_log_begins_with_its_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!("[upstream]\nservers = [\"{}\"]\n", up.url()),
+    );
+    let path = dir.path().join("config.toml");
+    let config = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{config}\n[nope]\n[neither]\n")).unwrap();
+    let refused = proxy
+        .ctl(&intermission::control::protocol::Request::Reload)
+        .await
+        .unwrap();
+    assert!(!refused.ok, "{refused:?}");
+    std::fs::write(&path, config).unwrap();
+    let on = intermission::control::protocol::Request::On {
+        message: None,
+        until: None,
+        retry_after: None,
+        reason: Some("db\u{2028}FAKE\u{202e}txet".to_owned()),
+    };
+    assert!(proxy.ctl(&on).await.unwrap().ok);
+    let said = || {
+        let lines = proxy.log_lines();
+        lines.iter().any(|l| l.contains("reload refused"))
+            && lines.iter().any(|l| l.contains("maintenance on ("))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), said).await,
+        "{:#?}",
+        proxy.log_lines()
+    );
+    let lines = proxy.log_lines();
+    for line in &lines {
+        let time = line.split(' ').next().unwrap_or_default();
+        assert!(
+            time.ends_with('Z') && humantime::parse_rfc3339(time).is_ok(),
+            "a line without its time: {line:?}\n{lines:#?}"
+        );
+        assert!(
+            !line
+                .chars()
+                .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{202e}')),
+            "{line:?}"
+        );
+    }
+    let refused = lines.iter().find(|l| l.contains("reload refused")).unwrap();
+    assert!(
+        refused.contains("nope") && refused.contains("neither"),
+        "{refused}"
+    );
+    let on = lines
+        .iter()
+        .find(|l| l.contains("maintenance on ("))
+        .unwrap();
+    assert!(on.contains(r"db\u{2028}FAKE\u{202e}txet"), "{on}");
+}
+
 /// `check`'s output `err` lists `key` with a reason that says `says`.
 fn assert_listed(err: &str, key: &str, says: &str) {
     let line = err.lines().find(|l| l.starts_with(&format!("  - {key}: ")));
