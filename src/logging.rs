@@ -210,6 +210,7 @@ fn push(line: &[u8]) {
 /// stderr takes lines again says how many were dropped while it did not.
 fn write_queued() {
     let mut taken = Vec::new();
+    let mut stderr = Stderr::default();
     loop {
         let mut pending = pending();
         pending.writing = false;
@@ -233,33 +234,93 @@ fn write_queued() {
                  meanwhile"
             );
         }
-        write_out(&taken);
+        let lost = write_out(&mut std::io::stderr().lock(), &taken, &mut stderr);
+        if let Some((lost, why)) = lost {
+            tracing::warn!(
+                lost,
+                "{lost} log lines lost: writing them to stderr failed ({why}); \
+                 intermission_log_lines_dropped_total counts them"
+            );
+        }
         taken.clear();
         // A burst's buffer is not kept for good.
         taken.shrink_to(64 << 10);
     }
 }
 
-/// Writes `lines` to stderr whole. A stderr left non-blocking by whoever started the process
-/// (`O_NONBLOCK`, inherited: some supervisors and Node.js parents) refuses a write it has no
-/// room for, where `write_all` would give up the whole batch uncounted: it is tried again
-/// until it takes it. Lines a failed stderr never takes are counted as dropped.
-fn write_out(lines: &[u8]) {
-    let mut err = std::io::stderr().lock();
+/// What the writer knows of stderr from one batch to the next.
+#[derive(Default)]
+struct Stderr {
+    /// A write failed in the middle of a line (a file on a disk that filled up: a part of the
+    /// batch, then `ENOSPC`), whose start is out: the next line would be glued to it, two
+    /// entries in one (in JSON, a line that parses as neither), at the moment space came back.
+    torn: bool,
+    /// Lines lost to failed writes since one last went through, and why the last failed.
+    lost: u64,
+    why: String,
+}
+
+/// Writes `lines` to `out` (stderr) whole. A stderr left non-blocking by whoever started the
+/// process (`O_NONBLOCK`, inherited: some supervisors and Node.js parents) refuses a write it
+/// has no room for, where `write_all` would give up the whole batch uncounted: it is tried
+/// again until it takes it. Lines a failed stderr never takes are counted as dropped; once it
+/// takes lines again, how many were lost, and why, to be said in the log, which had a gap
+/// that nothing in it explained.
+fn write_out(out: &mut impl Write, lines: &[u8], stderr: &mut Stderr) -> Option<(u64, String)> {
+    // The torn line is ended first, so that the next begins a line of its own.
+    let mended;
+    let was_torn = stderr.torn;
+    let lines = match was_torn {
+        true => {
+            mended = [&b"\n"[..], lines].concat();
+            &mended[..]
+        }
+        false => lines,
+    };
     let mut rest = lines;
+    let mut failed = None;
     while !rest.is_empty() {
-        match err.write(rest) {
-            Ok(0) => break,
+        match out.write(rest) {
+            Ok(0) => {
+                failed = Some("it took nothing".to_owned());
+                break;
+            }
             Ok(n) => rest = rest.get(n..).unwrap_or_default(),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            Err(_) => break,
+            Err(e) => {
+                failed = Some(e.to_string());
+                break;
+            }
         }
     }
-    let lost = rest.iter().filter(|&&b| b == b'\n').count();
-    DROPPED.inc_by(u64::try_from(lost).unwrap_or(u64::MAX));
+    let written = lines.len() - rest.len();
+    if let Some(last) = written.checked_sub(1).and_then(|i| lines.get(i)) {
+        stderr.torn = *last != b'\n';
+    }
+    // The line end written first ends no line of this batch.
+    let mending = usize::from(was_torn && written == 0);
+    let lost = rest
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        .saturating_sub(mending);
+    let lost = u64::try_from(lost).unwrap_or(u64::MAX);
+    DROPPED.inc_by(lost);
+    match failed {
+        Some(why) => {
+            stderr.lost = stderr.lost.saturating_add(lost);
+            stderr.why = why;
+            None
+        }
+        None if written > 0 && stderr.lost > 0 => Some((
+            std::mem::take(&mut stderr.lost),
+            std::mem::take(&mut stderr.why),
+        )),
+        None => None,
+    }
 }
 
 /// Says why the proxy stops (`what`, an error), last, and waits (a little) for it to be
@@ -963,6 +1024,56 @@ mod tests {
         // Bytes that are not UTF-8 do not make a line that is not.
         let out = escaped(Text, b"bad \xff\n").into_owned();
         assert_eq!(String::from_utf8(out).unwrap(), "bad \u{fffd}\n");
+    }
+
+    /// A stderr that fails in the middle of a line (a disk that filled up) and takes lines
+    /// again later: the torn line is ended before the next, which is whole, and the writer is
+    /// told how many were lost and why, once a write goes through.
+    #[test]
+    fn a_write_that_fails_mid_line_tears_no_later_line() {
+        struct Disk {
+            kept: Vec<u8>,
+            room: usize,
+        }
+        impl Write for Disk {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                if self.room == 0 {
+                    return Err(std::io::Error::from_raw_os_error(28));
+                }
+                let n = b.len().min(self.room);
+                self.kept.extend_from_slice(&b[..n]);
+                self.room -= n;
+                Ok(n)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut disk = Disk {
+            kept: Vec::new(),
+            room: 32,
+        };
+        let mut stderr = super::Stderr::default();
+        let first = b"{\"line\":\"one, whole\"}\n{\"line\":\"two, torn\"}\n";
+        assert_eq!(super::write_out(&mut disk, first, &mut stderr), None);
+        assert_eq!(
+            super::write_out(&mut disk, b"{\"line\":3}\n", &mut stderr),
+            None
+        );
+        disk.room = 1000;
+        let said = super::write_out(&mut disk, b"{\"line\":4}\n", &mut stderr);
+        let (lost, why) = said.unwrap();
+        assert_eq!(lost, 2);
+        assert!(why.contains("No space left"), "{why}");
+        let kept = String::from_utf8(disk.kept.clone()).unwrap();
+        let lines: Vec<&str> = kept.lines().collect();
+        assert_eq!(
+            lines,
+            [r#"{"line":"one, whole"}"#, r#"{"line":"t"#, r#"{"line":4}"#],
+            "{kept}"
+        );
+        // Said once.
+        assert_eq!(super::write_out(&mut disk, b"5\n", &mut stderr), None);
     }
 
     /// A clock outside what `humantime` writes is told apart before it is asked to.
