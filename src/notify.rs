@@ -2367,6 +2367,8 @@ mod tests {
         notifier.send(numbered(1));
         wait_until("going's first in flight", || going.count() == 1).await;
         wait_until("kept's delivered", || kept.count() == 2).await;
+        // Counted once each answer is back, after the receiver counted the request.
+        wait_until("kept's counted", || stats.get().0 == 2).await;
         notifier.set_targets(vec![kept_target]);
         assert_eq!(stats.shown(), [("kept".to_owned(), (2, 0, 0, 0))]);
         // The removed worker's try ends now, and must not bring its series back.
