@@ -5,6 +5,7 @@
 
 use std::io::{self, Read};
 use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
 
 /// The config file at most: far more than any config needs.
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
@@ -55,10 +56,87 @@ pub fn read(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
 
 /// `read`, as UTF-8 text.
 pub fn read_text(path: &Path, limit: u64) -> io::Result<String> {
-    String::from_utf8(read(path, limit)?).map_err(|e| {
+    text(read(path, limit)?)
+}
+
+/// Bytes read, as UTF-8 text.
+pub fn text(bytes: Vec<u8>) -> io::Result<String> {
+    String::from_utf8(bytes).map_err(|e| {
         let why = not_utf8(e.as_bytes(), e.utf8_error());
         io::Error::new(io::ErrorKind::InvalidData, why)
     })
+}
+
+/// How a reload waits out a file that is being written in place (an editor's save, `cat >`,
+/// a deploy's copy): one caught half-written that is still valid TOML (cut after its
+/// `[proxy]` section) was put in force, every later section back to its defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct Settle {
+    /// A file changed less than this long ago may still be being written: it is read again.
+    pub recent: Duration,
+    /// The wait between two reads: a writer pausing longer than this is not seen.
+    pub pause: Duration,
+    /// How long the reads may go on; the last one is then taken, and said to be.
+    pub give_up: Duration,
+}
+
+/// A reload's: a file saved more than a second ago is read once, as before; one just
+/// written costs the reload 200 ms.
+pub const SETTLE: Settle = Settle {
+    recent: Duration::from_secs(1),
+    pause: Duration::from_millis(200),
+    give_up: Duration::from_secs(2),
+};
+
+/// What `read_settled` read.
+#[derive(Debug)]
+pub struct Settled {
+    pub bytes: Vec<u8>,
+    /// It was still changing when the reads gave up: the bytes are the last read.
+    pub still_changing: bool,
+}
+
+/// `read`, again and again while the file changed lately, until two reads `pause` apart are
+/// the same (or `give_up` has passed). It sleeps: call it on a thread that may block (a
+/// reload reads on tokio's blocking pool, never on a runtime's worker).
+pub fn read_settled(path: &Path, limit: u64, settle: &Settle) -> io::Result<Settled> {
+    let began = Instant::now();
+    let mut last = read(path, limit);
+    loop {
+        let still_changing = changed_lately(path, settle.recent);
+        if !still_changing || began.elapsed() + settle.pause > settle.give_up {
+            return last.map(|bytes| Settled {
+                bytes,
+                still_changing,
+            });
+        }
+        std::thread::sleep(settle.pause);
+        // A read that fails in between (a file an editor renames away for a moment) is one
+        // more change.
+        let again = read(path, limit);
+        if let (Ok(a), Ok(b)) = (&last, &again) {
+            if a == b {
+                return again.map(|bytes| Settled {
+                    bytes,
+                    still_changing: false,
+                });
+            }
+        }
+        last = again;
+    }
+}
+
+/// Whether `path` was modified less than `recent` ago, or is stamped less than `recent`
+/// ahead of the clock (written from a host whose clock runs a little ahead).
+fn changed_lately(path: &Path, recent: Duration) -> bool {
+    let Ok(modified) = std::fs::metadata(path).and_then(|m| m.modified()) else {
+        return false;
+    };
+    let apart = match SystemTime::now().duration_since(modified) {
+        Ok(age) => age,
+        Err(ahead) => ahead.duration(),
+    };
+    apart < recent
 }
 
 /// Where text stops being UTF-8, and the likely why: one `é` or `–` saved by an editor set
@@ -150,6 +228,82 @@ mod tests {
         assert!(err.contains("line 2, column 15"), "{err}");
         assert!(err.contains("0xE9"), "{err}");
         assert!(!err.contains("closed"), "the line is not shown: {err}");
+    }
+
+    /// A file written in place while it is read, in pieces less than a pause apart, is read
+    /// whole; a file written long ago is read once, at once.
+    #[test]
+    fn a_file_being_written_is_read_once_it_stops_changing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "[proxy]\n").unwrap();
+        let writer = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let mut file = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .unwrap();
+                for piece in ["[upstream]\n", "servers = []\n", "[log]\n"] {
+                    std::thread::sleep(Duration::from_millis(50));
+                    file.write_all(piece.as_bytes()).unwrap();
+                }
+            })
+        };
+        let read = read_settled(&path, 1 << 20, &SETTLE).unwrap();
+        writer.join().unwrap();
+        assert!(!read.still_changing);
+        assert_eq!(read.bytes, b"[proxy]\n[upstream]\nservers = []\n[log]\n");
+
+        // Written long ago: one read, no wait.
+        let old = SystemTime::now() - Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let began = Instant::now();
+        assert!(
+            !read_settled(&path, 1 << 20, &SETTLE)
+                .unwrap()
+                .still_changing
+        );
+        assert!(began.elapsed() < SETTLE.pause, "{:?}", began.elapsed());
+    }
+
+    /// A file that never stops changing is taken as last read once the reads give up, and
+    /// said to be still changing.
+    #[test]
+    fn a_file_that_keeps_changing_is_taken_as_last_read_and_said_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "0").unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 1;
+                    std::fs::write(&path, n.to_string()).unwrap();
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        let settle = Settle {
+            recent: Duration::from_secs(1),
+            pause: Duration::from_millis(100),
+            give_up: Duration::from_millis(500),
+        };
+        let began = Instant::now();
+        let read = read_settled(&path, 1 << 20, &settle);
+        let took = began.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        assert!(read.unwrap().still_changing);
+        assert!(took < Duration::from_secs(2), "{took:?}");
     }
 
     /// A FIFO is refused at once, where reading it would wait for a writer for ever.

@@ -657,6 +657,104 @@ async fn a_reload_that_falls_back_to_the_built_in_pages_says_so() {
     );
 }
 
+/// The servers `ctl health` lists.
+async fn servers(proxy: &Proxy) -> Vec<String> {
+    let health = ctl(proxy, Ctl::Health).await.health.unwrap();
+    health.into_iter().map(|s| s.server).collect()
+}
+
+/// A config file rewritten in place (`cat > config.toml`, an editor's save) and caught by a
+/// reload half-written, where it was still valid TOML (cut after its `[proxy]` section), was
+/// put in force: the application replaced by the default 127.0.0.1:3000, the site in outage,
+/// and `ctl reload` said done. A file changed within the last second is read until two reads
+/// agree; one that never stops changing is taken as last read, and said to be.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_config_caught_half_written_is_read_until_it_is_whole() {
+    use std::io::Write;
+    let up = echo_upstream().await;
+    let whole = format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[upstream]\nservers = [\"{}\"]\n\
+         [health]\ninterval = \"1h\"\n[maintenance]\nmessage = \"Back soon\"\n",
+        up.url()
+    );
+    let proxy = spawn_proxy_in(tempfile::tempdir().unwrap(), &whole).await;
+    assert_eq!(servers(&proxy).await, [up.url()]);
+    let path = proxy.dir.path().join("config.toml");
+    let cut = whole.find("[upstream]").unwrap();
+    // Truncated, its `[proxy]` written, and the rest a piece every 50 ms, as a slow writer
+    // (or one in a loaded machine) writes it.
+    let mut file = std::fs::File::create(&path).unwrap();
+    file.write_all(&whole.as_bytes()[..cut]).unwrap();
+    let rest = whole[cut..].to_owned();
+    let writer = std::thread::spawn(move || {
+        for piece in rest.as_bytes().chunks(16) {
+            std::thread::sleep(Duration::from_millis(50));
+            file.write_all(piece).unwrap();
+        }
+    });
+    let r = ctl(&proxy, Ctl::Reload).await;
+    writer.join().unwrap();
+    assert!(r.ok && r.warnings.is_empty(), "{r:?}");
+    assert_eq!(
+        servers(&proxy).await,
+        [up.url()],
+        "the whole file is in force"
+    );
+
+    // A file that is still changing after 2 s: its last read, with a warning.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (path, stop, whole) = (path.clone(), stop.clone(), whole.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                std::fs::write(&path, format!("{whole}# save {n}\n")).unwrap();
+                std::thread::sleep(Duration::from_millis(30));
+            }
+        })
+    };
+    let r = ctl(&proxy, Ctl::Reload).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(r.ok, "{r:?}");
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.contains("was still changing after 2 s") && w.contains("reload again")),
+        "{r:?}"
+    );
+}
+
+/// A section the file in force had and a new one does not (cut short, or deleted with more
+/// than meant) is said by the reload that applies it: its keys are back to their defaults.
+#[tokio::test]
+async fn a_reload_that_drops_a_section_says_so() {
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[maintenance]\nmessage = \"Back soon\"\n",
+        up.url()
+    ))
+    .await;
+    edit_config(&proxy, |text| {
+        text.replace("[maintenance]\nmessage = \"Back soon\"\n", "")
+    });
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.warnings.len(), 1, "{r:?}");
+    assert!(
+        r.warnings[0].ends_with(
+            "config.toml has no [maintenance] any more, which the file in force had: its keys \
+             are back to their defaults (a file cut short while it was written? if so, reload \
+             again once it is whole)"
+        ),
+        "{r:?}"
+    );
+    // Said once: the file now in force has none.
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert!(r.ok && r.warnings.is_empty(), "{r:?}");
+}
+
 #[tokio::test]
 async fn a_broken_page_is_refused_at_start_and_at_reload() {
     let pages = tempfile::tempdir().unwrap();

@@ -37,6 +37,9 @@ pub struct Config {
     pub admin: AdminConfig,
     pub notify: Vec<crate::notify::Target>,
     pub log: LogConfig,
+    /// The sections the file writes (`proxy`, `notify`…), for a reload to say which of those
+    /// in force a new file no longer has.
+    pub sections: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -308,6 +311,18 @@ impl Config {
                  \"0660\" and a group for the operators"
             ));
         }
+        for (i, net) in self.maintenance.allow_ips.iter().enumerate() {
+            if net.prefix_len() == 0 {
+                // Valid, and a way to open the site for a test; refusing it would stop a
+                // config that ran yesterday.
+                let family = if net.addr().is_ipv4() { "IPv4" } else { "IPv6" };
+                warnings.push(format!(
+                    "maintenance.allow_ips[{i}] \"{net}\" lets every {family} client through \
+                     to the application in every mode: maintenance holds none of them; name \
+                     the team's addresses instead"
+                ));
+            }
+        }
         for (i, target) in self.notify.iter().enumerate() {
             let short = target.secret.as_ref().map_or(0, |s| s.chars().count());
             if (1..MIN_WEBHOOK_SECRET).contains(&short) {
@@ -346,13 +361,38 @@ impl Config {
     }
 
     pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
-        let text =
-            crate::files::read_text(path, crate::files::MAX_CONFIG_BYTES).map_err(|source| {
-                ConfigError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                }
-            })?;
+        let text = crate::files::read_text(path, crate::files::MAX_CONFIG_BYTES);
+        Self::from_file_text(path, text)
+    }
+
+    /// `load_file` for a reload: a file changed within the last second is read again until
+    /// two reads 200 ms apart agree (`files::read_settled`), so that a file caught while it
+    /// is written in place is not put in force cut short. A warning says when it was still
+    /// changing after 2 s, and the last read was taken. It sleeps: for a blocking thread.
+    pub fn reload_file(path: &Path) -> Result<(Config, Option<String>), ConfigError> {
+        let settle = crate::files::SETTLE;
+        let read = crate::files::read_settled(path, crate::files::MAX_CONFIG_BYTES, &settle);
+        let still_changing = read.as_ref().is_ok_and(|r| r.still_changing);
+        let text = read.and_then(|r| crate::files::text(r.bytes));
+        let config = Self::from_file_text(path, text)?;
+        let warning = still_changing.then(|| {
+            format!(
+                "{} was still changing after {} s of reads {} ms apart (written to while the \
+                 reload read it?): its last read is in force; if it was not whole, reload \
+                 again once it is",
+                path.display(),
+                settle.give_up.as_secs(),
+                settle.pause.as_millis()
+            )
+        });
+        Ok((config, warning))
+    }
+
+    fn from_file_text(path: &Path, text: std::io::Result<String>) -> Result<Config, ConfigError> {
+        let text = text.map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         if text.trim().is_empty() {
             return Err(ConfigError::Empty {
                 path: path.to_path_buf(),
@@ -396,13 +436,34 @@ impl Config {
             base_dir: base_dir.to_path_buf(),
             written: &table,
         };
-        for key in table.keys() {
-            if !SECTIONS.contains(&key.as_str()) {
-                v.problem(
-                    key,
-                    format!("unknown section; expected one of: {}", SECTIONS.join(", ")),
-                );
+        for (key, value) in &table {
+            if SECTIONS.contains(&key.as_str()) {
+                continue;
             }
+            let tables = match value {
+                toml::Value::Table(_) => true,
+                toml::Value::Array(items) => {
+                    !items.is_empty() && items.iter().all(toml::Value::is_table)
+                }
+                _ => false,
+            };
+            let message = if tables {
+                format!("unknown section; expected one of: {}", SECTIONS.join(", "))
+            } else {
+                // `threads = 2` above every `[section]`: "unknown section" named a section
+                // nobody wrote.
+                let found = sections_with(key, value);
+                let under = if found.is_empty() {
+                    "and no section has such a key".to_owned()
+                } else {
+                    format!("it is a key of {}", found.join(", "))
+                };
+                format!(
+                    "is written before any [section], where no key belongs; {under}: move it \
+                     under its section's header"
+                )
+            };
+            v.problem(key, message);
         }
         let proxy = v.section::<file::ProxyFile>(&table, "proxy");
         let tls = v.section::<file::TlsFile>(&table, "tls");
@@ -427,6 +488,11 @@ impl Config {
             admin: v.admin(admin),
             notify: v.notify(notify),
             log: v.log(log),
+            sections: SECTIONS
+                .iter()
+                .filter(|name| table.contains_key(**name))
+                .map(|name| (*name).to_owned())
+                .collect(),
         };
         let state_file = &config.control.state_file;
         // The first save would replace the socket, or this very file, with the state.
@@ -549,6 +615,37 @@ const SECTIONS: &[&str] = &[
     "notify",
     "log",
 ];
+
+/// The sections that have a key `key` (which `value` may not suit), as they are written:
+/// `[proxy]`, `[[notify]]`.
+fn sections_with(key: &str, value: &toml::Value) -> Vec<&'static str> {
+    // What serde says of a key a section does not have, whatever its value.
+    fn has<T: DeserializeOwned>(key: &str, value: &toml::Value) -> bool {
+        let alone = toml::Table::from_iter([(key.to_owned(), value.clone())]);
+        match toml::Value::Table(alone).try_into::<T>() {
+            Ok(_) => true,
+            Err(e) => !e.to_string().contains("unknown field"),
+        }
+    }
+    [
+        ("[proxy]", has::<file::ProxyFile>(key, value)),
+        ("[tls]", has::<file::TlsFile>(key, value)),
+        (
+            "[[tls.certificates]]",
+            has::<file::CertificateFile>(key, value),
+        ),
+        ("[upstream]", has::<file::UpstreamFile>(key, value)),
+        ("[health]", has::<file::HealthFile>(key, value)),
+        ("[maintenance]", has::<file::MaintenanceFile>(key, value)),
+        ("[control]", has::<file::ControlFile>(key, value)),
+        ("[admin]", has::<file::AdminFile>(key, value)),
+        ("[[notify]]", has::<file::NotifyFile>(key, value)),
+        ("[log]", has::<file::LogFile>(key, value)),
+    ]
+    .into_iter()
+    .filter_map(|(name, has)| has.then_some(name))
+    .collect()
+}
 
 /// Collects every problem; each check returns a placeholder on error so validation goes on.
 struct Validator<'t> {
@@ -1177,8 +1274,27 @@ impl Validator<'_> {
         };
         let interval = self.duration("health.interval", &f.interval);
         let down_interval = self.duration("health.down_interval", &f.down_interval);
+        for (key, d) in [
+            ("health.interval", interval),
+            ("health.down_interval", down_interval),
+        ] {
+            if d < MIN_CHECK_INTERVAL && !self.has_problem(key) {
+                self.problem(
+                    key,
+                    format!(
+                        "{} is shorter than {}, the shortest pace of checks: each server \
+                         would be checked {} times a second by each proxy, and an answer \
+                         slower than that (timeout is at most the interval) would take it out",
+                        humantime::format_duration(d),
+                        humantime::format_duration(MIN_CHECK_INTERVAL),
+                        1000 / d.as_millis().max(1)
+                    ),
+                );
+            }
+        }
         let timeout = self.duration("health.timeout", &f.timeout);
-        if timeout > interval {
+        // An interval refused already is said once, under its own key.
+        if timeout > interval && !self.has_problem("health.interval") {
             // Said with both values: an `interval = "500ms"` alone is refused under
             // `timeout`, a key the operator never wrote, whose default (1s) is the cause.
             let unset = if self.has_value("health.timeout") {
@@ -1266,6 +1382,16 @@ impl Validator<'_> {
 
     fn maintenance(&mut self, f: file::MaintenanceFile) -> MaintenanceConfig {
         let pages = match &f.pages {
+            // Read as the config's own folder, it was refused as "cannot read
+            // ./maintenance.html", a file nobody named.
+            Some(p) if p.trim().is_empty() => {
+                self.problem(
+                    "maintenance.pages",
+                    "is empty; name the folder of the pages, or leave the key out for the \
+                     `pages` folder beside the config (else the built-in pages)",
+                );
+                PagesSource::BuiltIn
+            }
             Some(p) => {
                 let dir = self.path(p);
                 if !dir.is_dir() {
@@ -1475,7 +1601,9 @@ impl Validator<'_> {
                                     .to_owned(),
                             )
                         } else {
-                            bad_port(a).map(|p| format!("port {p:?} is not from 1 to 65535"))
+                            bad_port(a)
+                                .map(|p| format!("port {p:?} is not from 1 to 65535"))
+                                .or_else(|| not_ipv4(a.host()))
                         }
                     });
                     match problem {
@@ -1694,6 +1822,11 @@ pub(crate) fn level_or_filter(level: &str) -> bool {
 
 const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
+/// The shortest `health.interval` and `down_interval`: ten checks a second per server, per
+/// proxy, already more than HAProxy's and nginx's defaults (2 s, 5 s) by far. `"1ms"` passed,
+/// a thousand checks a second at each server, each timed out at the next millisecond's hiccup.
+const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
 /// `proxy.threads` at most: far more cores than any machine this runs on has.
 const MAX_THREADS: usize = 1024;
 
@@ -1739,7 +1872,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             ));
         }
     }
-    humantime::parse_duration(t).map_err(|e| {
+    let d = humantime::parse_duration(t).map_err(|e| {
         // humantime takes a fraction only when it comes out exact: 1.5h, not 1.333h.
         let exact = if t.contains('.') && e == humantime::DurationError::NumberOverflow {
             "; a fraction must come out exact, in whole seconds for h and d (\"1.5h\", not \"1.333h\")"
@@ -1747,7 +1880,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             ""
         };
         format!("{text:?} is not a duration ({e}){exact}; {DURATION_FORMS}")
-    })
+    })?;
+    // `"100us"` is refused by its unit, and `"0.0001s"` said the same in a fraction: nothing
+    // here is timed to less than a millisecond, and such a value is a slip.
+    if !d.is_zero() && d < Duration::from_millis(1) {
+        return Err(format!(
+            "{text:?} is less than a millisecond ({}); the shortest duration is \"1ms\"",
+            humantime::format_duration(d)
+        ));
+    }
+    Ok(d)
 }
 
 /// Whether listeners on `a` and `b` cannot both be bound: the same port (not 0, which picks a
@@ -1903,6 +2045,14 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
              shown in `ctl health`, logs and metrics; write \"{scheme}://{host}\""
         ));
     }
+    // The `http` crate drops a fragment without a word: the address `check` passed was not
+    // the one written.
+    if let Some((before, _)) = s.split_once('#') {
+        return Err(format!(
+            "{s:?} has a fragment (from the #), which a server address has no use for; write \
+             \"{before}\""
+        ));
+    }
     let uri: http::Uri = s
         .parse()
         .map_err(|e| format!("{s:?} is not a URL ({e}); write \"http://HOST:PORT\""))?;
@@ -1936,6 +2086,9 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
     if let Some(port) = bad_port(&authority) {
         return Err(format!("{s:?}: port {port:?} is not from 1 to 65535"));
     }
+    if let Some(why) = not_ipv4(authority.host()) {
+        return Err(format!("{s:?}: {why}"));
+    }
     if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
         return Err(format!(
             "{s:?} has a path; requests keep their own path, so give only scheme, host and port"
@@ -1946,6 +2099,27 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
         scheme,
         authority,
     })
+}
+
+/// Why `host` is no host, when it ends in a number as an IPv4 address does (WHATWG URL's
+/// "ends in a number": no top-level domain is numeric) and is no IPv4 address either:
+/// `256.1.1.1`, `10.1`, `010.0.0.1`, `0x7f.1`. The resolver took `256.1.1.1` for a name,
+/// which never resolves (the site in outage, `check` having passed it), and reads `10.1` as
+/// `inet_aton` does, 10.0.0.1, and `010.0.0.1` as 8.0.0.1: another server than written.
+fn not_ipv4(host: &str) -> Option<String> {
+    let last = host.rsplit('.').next().unwrap_or_default();
+    let hex = last
+        .strip_prefix("0x")
+        .or_else(|| last.strip_prefix("0X"))
+        .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
+    let number = hex || (!last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()));
+    if !number || host.parse::<std::net::Ipv4Addr>().is_ok() {
+        return None;
+    }
+    Some(format!(
+        "host {host:?} is not an IPv4 address: write four numbers from 0 to 255 without \
+         leading zeros, like 10.0.0.5 (a host name cannot end in a number)"
+    ))
 }
 
 /// A reserved prefix that browsers request as it is written: the pages link to
@@ -2084,6 +2258,81 @@ mod tests {
             let p = problems(&format!("[maintenance]\nstatus_page = \"{good}\"\n"));
             assert!(p.is_empty(), "{good}: {p:?}");
         }
+    }
+
+    /// Read as the config's own folder, it was refused as "cannot read ./maintenance.html".
+    #[test]
+    fn an_empty_pages_key_says_to_leave_it_out() {
+        let p = problems("[maintenance]\npages = \"\"\n");
+        assert_eq!(
+            said(&p),
+            [(
+                "maintenance.pages",
+                "is empty; name the folder of the pages, or leave the key out for the `pages` \
+                 folder beside the config (else the built-in pages)"
+            )]
+        );
+    }
+
+    /// `threads = 2` above every header was "unknown section; expected one of: …".
+    #[test]
+    fn a_key_before_any_section_says_where_it_belongs() {
+        let p = problems("threads = 2\nlisten = \"1\"\nnope = 1\n[proxy]\n[proxi]\n");
+        assert_eq!(
+            said(&p),
+            [
+                (
+                    "listen",
+                    "is written before any [section], where no key belongs; it is a key of \
+                     [proxy], [tls], [admin]: move it under its section's header"
+                ),
+                (
+                    "nope",
+                    "is written before any [section], where no key belongs; and no section \
+                     has such a key: move it under its section's header"
+                ),
+                (
+                    "proxi",
+                    "unknown section; expected one of: proxy, tls, upstream, health, \
+                     maintenance, control, admin, notify, log"
+                ),
+                (
+                    "threads",
+                    "is written before any [section], where no key belongs; it is a key of \
+                     [proxy]: move it under its section's header"
+                ),
+            ]
+        );
+    }
+
+    /// Valid, and it turns maintenance off for every client of a family: said, not refused.
+    #[test]
+    fn allowing_every_address_is_warned_of() {
+        let c = Config::parse(
+            "[maintenance]\nallow_ips = [\"10.0.0.0/8\", \"0.0.0.0/0\", \"::/0\"]\n",
+            Path::new("."),
+            None,
+        )
+        .unwrap();
+        let w = c.warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("maintenance.allow_ips[1] \"0.0.0.0/0\" lets every IPv4 client"),
+            "{w:?}"
+        );
+        assert!(w[1].starts_with("maintenance.allow_ips[2] \"::/0\" lets every IPv6 client"));
+    }
+
+    /// The sections written, for a reload to say which one a new file no longer has.
+    #[test]
+    fn the_sections_written_are_kept() {
+        let c = Config::parse(
+            "[log]\n[proxy]\n[[notify]]\nurl = \"https://h.example/x\"\n",
+            Path::new("."),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.sections, ["proxy", "notify", "log"]);
     }
 
     #[test]
@@ -2410,6 +2659,61 @@ mod tests {
         let why = parse_duration("1.333h").unwrap_err();
         assert!(why.contains("fraction"), "{why}");
         assert!(!parse_duration("1.5").unwrap_err().contains("fraction"));
+    }
+
+    /// Less than a millisecond, written as a fraction of a unit, is refused as `"100us"` is;
+    /// `"0"`, where it means none, stays so.
+    #[test]
+    fn a_duration_under_a_millisecond_is_refused() {
+        for text in ["0.0001s", "0.5ms", "0.000001m"] {
+            let why = parse_duration(text).unwrap_err();
+            assert!(why.contains("less than a millisecond"), "{text}: {why}");
+        }
+        assert_eq!(parse_duration("0.001s"), Ok(Duration::from_millis(1)));
+        assert_eq!(parse_duration("0.0s"), Ok(Duration::ZERO));
+        let p = problems("[proxy]\nsend_timeout = \"0.0001s\"\nheader_read_timeout = \"0.5ms\"\n");
+        assert_eq!(
+            keys_of(&p),
+            ["proxy.header_read_timeout", "proxy.send_timeout"],
+            "{p:?}"
+        );
+        assert!(p[0].message.contains("\"1ms\""), "{p:?}");
+    }
+
+    fn keys_of(p: &[Problem]) -> Vec<&str> {
+        let mut keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// A thousand checks a second at each server passed as `interval = "1ms"`.
+    #[test]
+    fn health_checks_are_at_most_ten_a_second() {
+        let p = problems("[health]\ninterval = \"1ms\"\ndown_interval = \"99ms\"\n");
+        assert_eq!(
+            said(&p),
+            [
+                (
+                    "health.interval",
+                    "1ms is shorter than 100ms, the shortest pace of checks: each server would \
+                     be checked 1000 times a second by each proxy, and an answer slower than \
+                     that (timeout is at most the interval) would take it out"
+                ),
+                (
+                    "health.down_interval",
+                    "99ms is shorter than 100ms, the shortest pace of checks: each server \
+                     would be checked 10 times a second by each proxy, and an answer slower \
+                     than that (timeout is at most the interval) would take it out"
+                ),
+            ]
+        );
+        let c = Config::parse(
+            "[health]\ninterval = \"100ms\"\ndown_interval = \"100ms\"\ntimeout = \"100ms\"\n",
+            Path::new("."),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.health.interval, Duration::from_millis(100));
     }
 
     #[test]
@@ -3247,6 +3551,54 @@ mod tests {
         assert!(problems(&https).is_empty());
     }
 
+    /// A fragment was dropped without a word, and a host ending in a number that is no IPv4
+    /// address was taken for a name (which never resolves) or read as `inet_aton` reads it.
+    #[test]
+    fn a_server_address_has_no_fragment_and_a_numeric_host_is_an_ipv4_address() {
+        let why = parse_upstream("http://h:80#frag").unwrap_err();
+        assert_eq!(
+            why,
+            "\"http://h:80#frag\" has a fragment (from the #), which a server address has no \
+             use for; write \"http://h:80\""
+        );
+        for host in [
+            "256.1.1.1",
+            "10.1",
+            "010.0.0.1",
+            "0x7f.1",
+            "1.2.3.4.5",
+            "3232235777",
+        ] {
+            let why = parse_upstream(&format!("http://{host}:80")).unwrap_err();
+            assert!(
+                why.contains(&format!("host \"{host}\" is not an IPv4 address")),
+                "{why}"
+            );
+        }
+        for fine in [
+            "10.0.0.5",
+            "app1",
+            "app.internal",
+            "1.example",
+            "[::1]",
+            "v4.0x7fz",
+        ] {
+            assert!(
+                parse_upstream(&format!("http://{fine}:80")).is_ok(),
+                "{fine}"
+            );
+        }
+        let p = problems(
+            "[upstream]\nservers = [\"http://256.1.1.1:80\"]\n\
+             [[notify]]\nurl = \"https://300.1.1.1/hook\"\n",
+        );
+        assert_eq!(
+            keys_of(&p),
+            ["notify[0].url", "upstream.servers[0]"],
+            "{p:?}"
+        );
+    }
+
     #[test]
     fn upstreams() {
         let ok = parse_upstream("http://127.0.0.1:3000").unwrap();
@@ -3461,6 +3813,8 @@ mod tests {
         );
         assert_eq!(defaults.admin.listen, None);
         shipped.admin.listen = None;
+        // Which sections are written is no value.
+        shipped.sections.clear();
         assert_eq!(format!("{shipped:#?}"), format!("{defaults:#?}"));
     }
 }

@@ -1348,9 +1348,30 @@ pub fn to_change(req: Request, by: String, now: SystemTime) -> Result<Change, Er
 /// blocking pool: everything that can fail is built before anything changes. What takes
 /// effect only at a restart is kept as it runs, with a warning.
 fn prepare(path: &std::path::Path, old: &Parts) -> Result<Prepared, String> {
-    let mut config = Config::load_file(path).map_err(|e| e.to_string())?;
+    let (mut config, still_changing) = Config::reload_file(path).map_err(|e| e.to_string())?;
     let pages = Pages::load(&config.maintenance).map_err(|e| e.to_string())?;
     let old_config = &old.config;
+    // Valid, and likely not meant: a file cut short by a write the settling did not outlast,
+    // or a section deleted with what the operator meant to delete. Said first.
+    let mut said: Vec<String> = still_changing.into_iter().collect();
+    for gone in old_config
+        .sections
+        .iter()
+        .filter(|s| !config.sections.contains(s))
+    {
+        let (written, now) = match gone.as_str() {
+            "notify" => (
+                "[[notify]]".to_owned(),
+                "no webhook is told of changes any more",
+            ),
+            _ => (format!("[{gone}]"), "its keys are back to their defaults"),
+        };
+        said.push(format!(
+            "{} has no {written} any more, which the file in force had: {now} (a file cut \
+             short while it was written? if so, reload again once it is whole)",
+            path.display()
+        ));
+    }
     let mut restart = Vec::new();
     if config.control.socket != old_config.control.socket
         || config.control.socket_mode != old_config.control.socket_mode
@@ -1387,7 +1408,8 @@ fn prepare(path: &std::path::Path, old: &Parts) -> Result<Prepared, String> {
     .map_err(|e| e.to_string())?;
     // What `check` would say of the config now in force (a changed control.socket_mode is
     // not, until a restart, which is said), then what waits for a restart.
-    let mut warnings = parts.config.load_warnings(&parts.pages, certificates);
+    let mut warnings = said;
+    warnings.extend(parts.config.load_warnings(&parts.pages, certificates));
     let pending: Vec<String> = restart.into_iter().map(str::to_owned).collect();
     warnings.extend(pending.iter().cloned());
     for warning in &warnings {
