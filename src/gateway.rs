@@ -477,9 +477,9 @@ fn decide(snap: &Snapshot, conn: &Conn, req: &Request<Incoming>, judged: &Judged
     }
 }
 
-/// Whether `req` would open a tunnel (a WebSocket) while the proxy drains. A tunnel cannot
-/// be asked to finish: opened now, it would be cut at `shutdown_timeout`, and the stop would
-/// wait for it that long. nginx and HAProxy open no new one on a graceful stop either. An
+/// Whether `req` would open a tunnel (a WebSocket) while the proxy drains. Opened now, a
+/// WebSocket would be closed at once (`forward::websocket`), and another tunnel, which
+/// cannot be asked to finish, cut at `shutdown_timeout`, the stop waiting for it. nginx and HAProxy open no new one on a graceful stop either. An
 /// `h2c` upgrade is forwarded as a plain request (`forward::headers::upgrade_request`), and
 /// answered, so it goes on. hyper marks only the requests that may upgrade (`Upgrading`):
 /// the others pay one check of an empty extension map.

@@ -233,7 +233,7 @@ impl Upgrading {
     }
 
     /// Whether a drain has begun: a request that would become a tunnel is then refused
-    /// (`gateway`), since a tunnel cannot be asked to finish and would be cut at
+    /// (`gateway`), since a tunnel would be closed at once (a WebSocket) or cut at
     /// `shutdown_timeout`.
     pub fn draining(&self) -> bool {
         self.0.draining()
@@ -251,7 +251,7 @@ impl Upgrading {
         let guard = limit.drain.guard();
         Tunnelled {
             _slot: Slot(limit),
-            _guard: guard,
+            guard,
         }
     }
 }
@@ -260,7 +260,15 @@ impl Upgrading {
 /// among the idle ones: a tunnel is not closed to make room.
 pub struct Tunnelled {
     _slot: Slot,
-    _guard: Shutdown,
+    guard: Shutdown,
+}
+
+impl Tunnelled {
+    /// Resolves once a drain has begun (at once if it has): a WebSocket is then closed
+    /// (`forward::websocket`).
+    pub async fn draining(&mut self) {
+        self.guard.fired().await;
+    }
 }
 
 impl Drop for Slot {

@@ -65,9 +65,10 @@ impl Terminate {
 /// flight); `Drain::shutdown` fires it, so that every one
 /// closes once its in-flight requests are done, and waits until all have. (hyper-util's
 /// graceful watcher does the same but cannot watch an HTTP/1 connection with upgrades.)
-/// A tunnel (an upgraded connection, `forward::upgrade`) holds one too, until it closes,
-/// but is not told anything: the bytes it carries are not HTTP, and it cannot be asked to
-/// finish. A drain waits for it, as nginx does, up to `shutdown_timeout`.
+/// A tunnel (an upgraded connection, `forward::upgrade`) holds one too, until it closes.
+/// A WebSocket is closed with a close frame each way (`forward::websocket`) and ends once its
+/// ends have answered; any other tunnel carries bytes that are not HTTP and cannot be asked
+/// to finish. A drain waits for each, as nginx does, up to `shutdown_timeout`.
 pub struct Drain(Trigger);
 
 impl Default for Drain {

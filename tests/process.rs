@@ -2192,6 +2192,184 @@ async fn a_tunnel_still_open_at_shutdown_timeout_is_closed() {
     );
 }
 
+/// A server that switches every upgrade to a WebSocket and hands the test each tunnel's raw
+/// end, to speak frames on as the test says.
+async fn websocket_upstream() -> (
+    Upstream,
+    tokio::sync::mpsc::UnboundedReceiver<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let server = upstream(move |mut req: Request<Incoming>| {
+        let tx = tx.clone();
+        async move {
+            if !req.headers().contains_key("upgrade") {
+                return Response::new(full("ok"));
+            }
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = on.await {
+                    let _ = tx.send(hyper_util::rt::TokioIo::new(upgraded));
+                }
+            });
+            Response::builder()
+                .status(101)
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+                .body(empty())
+                .unwrap()
+        }
+    })
+    .await;
+    (server, rx)
+}
+
+/// A WebSocket frame: `b0` (FIN, opcode), its payload, masked with `key` when given (a
+/// client's frames).
+fn ws_frame(b0: u8, payload: &[u8], key: Option<[u8; 4]>) -> Vec<u8> {
+    assert!(payload.len() <= 125);
+    let mut f = vec![
+        b0,
+        payload.len() as u8 | if key.is_some() { 0x80 } else { 0 },
+    ];
+    match key {
+        Some(k) => {
+            f.extend_from_slice(&k);
+            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+        }
+        None => f.extend_from_slice(payload),
+    }
+    f
+}
+
+/// Reads exactly `n` bytes from `s` within 10 s (fewer when it ends or fails first).
+async fn read_n<S: tokio::io::AsyncRead + Unpin>(s: &mut S, n: usize) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while got.len() < n {
+        match tokio::time::timeout_at(end, s.read(&mut byte)).await {
+            Ok(Ok(1)) => got.push(byte[0]),
+            _ => break,
+        }
+    }
+    got
+}
+
+/// At a drain, each end of a WebSocket gets a close frame, code 1001 ("going away"), at its
+/// next frame boundary, a fragmented message in flight both ways and a frame half sent:
+/// unmasked to the client, masked to the server. What a side sends after its close was put
+/// in is not passed on; once both have answered with their own close the tunnel ends, and the
+/// process exits, well before `shutdown_timeout`. It was cut at `shutdown_timeout` without a
+/// word: a browser's `onclose` said 1006 (abnormal), and every stop took the whole of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_closes_a_websocket_with_1001_at_a_frame_boundary() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (server, mut tunnels) = websocket_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\n[proxy]\nshutdown_timeout = \"30s\"\n",
+            server.url()
+        ),
+    );
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = ask_to_switch(&mut client).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head:?}");
+    let mut up = tokio::time::timeout(Duration::from_secs(10), tunnels.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let key = [0x11, 0x22, 0x33, 0x44];
+    // A message's first fragment each way, and the next frame's first bytes (a ping each
+    // way: a control frame may come between fragments).
+    let to_server = [
+        ws_frame(0x01, b"hello, ", Some(key)),
+        ws_frame(0x89, b"are you there?", Some(key)),
+    ];
+    let to_client = [
+        ws_frame(0x01, b"hello, ", None),
+        ws_frame(0x89, b"still here", None),
+    ];
+    client.write_all(&to_server[0]).await.unwrap();
+    client.write_all(&to_server[1][..5]).await.unwrap();
+    up.write_all(&to_client[0]).await.unwrap();
+    up.write_all(&to_client[1][..5]).await.unwrap();
+    assert_eq!(
+        read_n(&mut up, to_server[0].len() + 5).await.len(),
+        to_server[0].len() + 5
+    );
+    assert_eq!(
+        read_n(&mut client, to_client[0].len() + 5).await.len(),
+        to_client[0].len() + 5
+    );
+    let signalled = std::time::Instant::now();
+    proxy.signal("TERM");
+    let draining = || {
+        proxy
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("draining for up to"))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), draining).await,
+        "no drain began"
+    );
+    // The half-sent frames end; the close comes after them, not inside.
+    client.write_all(&to_server[1][5..]).await.unwrap();
+    up.write_all(&to_client[1][5..]).await.unwrap();
+    let rest = to_client[1].len() - 5;
+    let got = read_n(&mut client, rest + 4).await;
+    assert_eq!(got[..rest.min(got.len())], to_client[1][5..], "{got:?}");
+    assert_eq!(
+        got[rest..],
+        [0x88, 0x02, 0x03, 0xE9],
+        "no close 1001 to the client: {got:?}"
+    );
+    let rest = to_server[1].len() - 5;
+    let got = read_n(&mut up, rest + 8).await;
+    assert_eq!(got[..rest.min(got.len())], to_server[1][5..], "{got:?}");
+    let close = &got[rest..];
+    assert_eq!(close.len(), 8, "no close to the server: {got:?}");
+    assert_eq!(close[..2], [0x88, 0x82], "not a masked close: {got:?}");
+    let code = [close[6] ^ close[2], close[7] ^ close[3]];
+    assert_eq!(code, [0x03, 0xE9], "not 1001: {got:?}");
+    // Each answers with its own close; the server with its message's last fragment first,
+    // which comes after the close the client has and is not passed on.
+    up.write_all(&ws_frame(0x80, b"too late", None))
+        .await
+        .unwrap();
+    up.write_all(&ws_frame(0x88, &[0x03, 0xE9], None))
+        .await
+        .unwrap();
+    client
+        .write_all(&ws_frame(0x88, &[0x03, 0xE9], Some(key)))
+        .await
+        .unwrap();
+    let mut after = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut after));
+    assert!(
+        matches!(ended.await, Ok(Ok(_))),
+        "the client's end was left open"
+    );
+    assert!(after.is_empty(), "passed on after the close: {after:?}");
+    let mut after = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), up.read_to_end(&mut after));
+    assert!(
+        matches!(ended.await, Ok(Ok(_))),
+        "the server's end was left open"
+    );
+    assert!(after.is_empty(), "passed on after the close: {after:?}");
+    let (status, waited) = exit_after(proxy, signalled).await;
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "did not exit 0");
+    assert!(
+        waited < Duration::from_secs(10),
+        "exited {waited:?} after the signal: the drain waited for shutdown_timeout"
+    );
+}
+
 /// A WebSocket asked for on a kept-alive connection once a drain has begun is refused, `503`
 /// with `Connection: close` and `Retry-After`, as nginx and HAProxy open no new tunnel on a
 /// graceful stop: it was switched, and then cut at `shutdown_timeout`, the stop held up

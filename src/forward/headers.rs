@@ -210,6 +210,15 @@ fn remove_named(headers: &mut HeaderMap, line: &HeaderValue) {
     }
 }
 
+/// Whether an `Upgrade` value names the WebSocket protocol (RFC 6455 §4.1: `websocket`,
+/// case-insensitive), among others or alone.
+pub fn names_websocket(upgrade: &HeaderValue) -> bool {
+    upgrade
+        .as_bytes()
+        .split(|&b| b == b',')
+        .any(|p| p.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+}
+
 /// Puts back the two headers an upgrade needs on the next hop after stripping.
 pub fn restore_upgrade(headers: &mut HeaderMap, upgrade: HeaderValue) {
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));

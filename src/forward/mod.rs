@@ -14,6 +14,7 @@ pub mod headers;
 pub mod pool;
 pub mod sockets;
 pub mod upgrade;
+pub mod websocket;
 
 use crate::body::{Answered, Body, ClientFault, Resume, SentSignal};
 use crate::config::{Config, Protocol, Upstream};
@@ -888,8 +889,10 @@ fn finish(
         .flatten();
     headers::strip_hop_by_hop(resp.headers_mut());
     if let (Some(client_upgrade), Some(proto)) = (client_upgrade, upgraded_to) {
+        let websocket = headers::names_websocket(&proto);
         headers::restore_upgrade(resp.headers_mut(), proto);
-        let log = upgrade::spawn_tunnel(client_upgrade, hyper::upgrade::on(&mut resp), stall);
+        let upstream = hyper::upgrade::on(&mut resp);
+        let log = upgrade::spawn_tunnel(client_upgrade, upstream, websocket, stall);
         resp.extensions_mut().insert(log);
     }
     Forwarded {

@@ -4,12 +4,14 @@
 //! from then on bytes are copied both ways until either side closes. hyper's connection,
 //! and with it the client connection's `max_connections` slot and drain guard, ends at the
 //! handover: the tunnel keeps its own (`listener::Upgrading`), so that it counts against
-//! `max_connections` and a drain waits for it, up to `shutdown_timeout`. So that a tunnel
+//! `max_connections` and a drain waits for it, up to `shutdown_timeout`; a WebSocket is told
+//! to close at a drain, with a close frame each way (`websocket`). So that a tunnel
 //! whose peer vanished without a word cannot keep its slot for ever, one over which nothing
 //! has moved either way for `upstream.read_timeout` is closed, as nginx closes one whose
 //! server says nothing for `proxy_read_timeout`. Its request's access log line is written
 //! when it ends (`TunnelLog`), as nginx writes a WebSocket's.
 
+use super::websocket;
 use crate::listener::{Tunnelled, Upgrading};
 use crate::watched::{Watch, Watched};
 use http::Request;
@@ -96,8 +98,15 @@ impl Drop for Ends {
 /// Spawns the tunnel between the client's and the upstream's upgraded connections. Its slot
 /// and drain guard are taken here, as the 101 goes to hyper: before hyper's connection lets
 /// go of its own. `idle`: how long it may carry nothing either way (`None`: for ever). What
-/// it returns goes with the `101` to the access log (`TunnelLog`).
-pub fn spawn_tunnel(client: Client, upstream: OnUpgrade, idle: Option<Duration>) -> TunnelLog {
+/// it returns goes with the `101` to the access log (`TunnelLog`). A `websocket` is closed
+/// with a close frame at a drain (`websocket::relay`); any other upgrade's bytes are copied
+/// as they come, and cut at `shutdown_timeout`.
+pub fn spawn_tunnel(
+    client: Client,
+    upstream: OnUpgrade,
+    websocket: bool,
+    idle: Option<Duration>,
+) -> TunnelLog {
     let kept: Option<Tunnelled> = client.upgrading.map(Upgrading::keep);
     let client = client.on;
     let log = TunnelLog(Arc::new(Mutex::new(Logging::Waiting)));
@@ -108,7 +117,7 @@ pub fn spawn_tunnel(client: Client, upstream: OnUpgrade, idle: Option<Duration>)
     };
     tokio::spawn(async move {
         // Until the tunnel ends, whichever way.
-        let _kept = kept;
+        let mut kept = kept;
         let _ends = ends;
         let (client, upstream) = match tokio::try_join!(client, upstream) {
             Ok(pair) => pair,
@@ -132,7 +141,22 @@ pub fn spawn_tunnel(client: Client, upstream: OnUpgrade, idle: Option<Duration>)
                 written: None,
             },
         };
-        let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+        // Only a WebSocket's framing is known: another protocol's end cannot be told apart
+        // from its bytes, nor asked for.
+        let copy = async {
+            if !websocket {
+                return tokio::io::copy_bidirectional(&mut client, &mut upstream)
+                    .await
+                    .map(drop);
+            }
+            let drain = async {
+                match kept.as_mut() {
+                    Some(kept) => kept.draining().await,
+                    None => std::future::pending().await,
+                }
+            };
+            websocket::relay(&mut client, &mut upstream, drain).await
+        };
         tokio::pin!(copy);
         let Some(idle) = idle else {
             if let Err(e) = copy.await {
