@@ -1607,9 +1607,19 @@ fn read_head(input: &[u8], head: bool, sink: Sink<'_>) -> Result<Head, SendError
     // Which lines are lengths is asked only where it matters, after cheaper tests: a compare
     // per header and answer costs more than the rest of this loop's rules.
     let several_lengths = lengths > 1 || repeated || long_length;
+    // A 426 must say which protocol the server requires (RFC 9110 §15.5.22): its `Upgrade`,
+    // hop-by-hop, is written again for the client's hop, with the `Connection` option that
+    // goes with it (§7.8), as on hyper's path (`forward::finish`).
+    let upgrade_required = status == 426;
+    let mut upgrade_kept = false;
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         let length = || is(name, b"content-length");
+        if upgrade_required && is(name, b"upgrade") {
+            upgrade_kept = true;
+            push_line(out, input, name, h.value);
+            continue;
+        }
         let hop_by_hop = forward::headers::is_hop_by_hop_name(name)
             // A length named by `Connection` that frames the body stays: hyper's server would
             // write it again from the body's size. It writes none for a body it knows empty.
@@ -1649,6 +1659,9 @@ fn read_head(input: &[u8], head: bool, sink: Sink<'_>) -> Result<Head, SendError
     }
     if !dated {
         h1::date_header(out);
+    }
+    if upgrade_kept {
+        out.extend_from_slice(b"connection: upgrade\r\n");
     }
     if matches!(framing, Framing::Chunked | Framing::Close) {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");

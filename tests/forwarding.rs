@@ -1795,3 +1795,52 @@ async fn a_stuck_upload_does_not_stall_the_other_bodies_of_an_h2_client() {
     pushing.abort();
     stuck.abort();
 }
+
+/// A server's `426 Upgrade Required` keeps its `Upgrade`, which RFC 9110 §15.5.22 says it
+/// must carry (the protocol the client is to switch to), with `Connection: upgrade` beside
+/// it: on the relay's path, on hyper's (a request the relay leaves to it, here by its `TE`),
+/// and to a request that asked to upgrade itself. It was dropped as hop-by-hop, as a `101`'s
+/// is not, and the client could not tell what to switch to. The connection is kept.
+#[tokio::test]
+async fn a_426_keeps_its_upgrade() {
+    let up = upstream(|req: Request<Incoming>| async move {
+        // The health check's path is answered.
+        if req.uri().path() == "/" {
+            return Response::new(full("ok"));
+        }
+        Response::builder()
+            .status(426)
+            .header("upgrade", "TLS/1.2, HTTP/1.1")
+            .header("connection", "Upgrade")
+            .body(full("switch"))
+            .unwrap()
+    })
+    .await;
+    let proxy = spawn_proxy(&upstream_config(&up)).await;
+    let relay = "";
+    let hyper = "TE: trailers\r\n";
+    let asking = "Connection: Upgrade\r\nUpgrade: websocket\r\n";
+    for extra in [relay, hyper, asking] {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let request = format!("GET /a HTTP/1.1\r\nHost: x\r\n{extra}\r\n");
+        for round in 0..2 {
+            tokio::io::AsyncWriteExt::write_all(&mut s, request.as_bytes())
+                .await
+                .unwrap();
+            let answer = read_response(&mut s).await.to_ascii_lowercase();
+            assert!(
+                answer.starts_with("http/1.1 426"),
+                "{extra:?} {round}: {answer}"
+            );
+            assert!(
+                answer.contains("\r\nupgrade: tls/1.2, http/1.1\r\n"),
+                "{extra:?}: {answer}"
+            );
+            assert!(
+                answer.contains("\r\nconnection: upgrade\r\n"),
+                "{extra:?}: {answer}"
+            );
+            assert!(answer.ends_with("\r\n\r\nswitch"), "{extra:?}: {answer}");
+        }
+    }
+}

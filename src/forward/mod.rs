@@ -329,7 +329,7 @@ pub fn forward<'a>(
                         client_upgrade,
                         stall,
                         resume,
-                        grpc,
+                        (grpc, http2),
                     ));
                 }
                 Err(e) => e,
@@ -851,14 +851,15 @@ pub(crate) fn native_grpc(headers: &http::HeaderMap) -> bool {
 /// its body may stall no longer than `stall` (`upstream.read_timeout`, read from the config
 /// in force, so that a reload changes it), holds `resume` (an upload still under way) until
 /// it ends, and, for a `grpc` answer, ends with `UNAVAILABLE` if it breaks off
-/// (`Body::timed`). `server`: its index, and its name for the log.
+/// (`Body::timed`). `server`: its index, and its name for the log. `http2`: the client's
+/// version.
 fn finish(
     resp: Response<Body>,
     (server, name): (usize, &Arc<str>),
     client_upgrade: Option<upgrade::Client>,
     stall: Option<Duration>,
     resume: Option<Resume>,
-    grpc: bool,
+    (grpc, http2): (bool, bool),
 ) -> Forwarded {
     let mut resp = resp.map(|body| Body::timed(body, name, stall, resume, grpc));
     // A `Content-Length` beside a transfer coding is gone already: hyper's client removes it
@@ -887,7 +888,16 @@ fn finish(
     let upgraded_to = switching
         .then(|| resp.headers().get(header::UPGRADE).cloned())
         .flatten();
+    // A 426 must say which protocol the server requires (RFC 9110 §15.5.22), in `Upgrade`,
+    // which is hop-by-hop: put back for the client's hop, as the relay writes it. HTTP/2 has
+    // no such header (hyper's server would drop it).
+    let required = (resp.status() == StatusCode::UPGRADE_REQUIRED && !http2)
+        .then(|| resp.headers().get(header::UPGRADE).cloned())
+        .flatten();
     headers::strip_hop_by_hop(resp.headers_mut());
+    if let Some(proto) = required {
+        headers::restore_upgrade(resp.headers_mut(), proto);
+    }
     if let (Some(client_upgrade), Some(proto)) = (client_upgrade, upgraded_to) {
         let websocket = headers::names_websocket(&proto);
         headers::restore_upgrade(resp.headers_mut(), proto);
