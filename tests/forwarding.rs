@@ -656,13 +656,7 @@ async fn websocket_is_tunnelled_both_ways_and_let_go_when_its_client_stops_readi
                     io.write_all(&echoed).await.unwrap();
                 }
             });
-            Response::builder()
-                .status(101)
-                .header("connection", "upgrade")
-                .header("upgrade", "websocket")
-                .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
-                .body(empty())
-                .unwrap()
+            switching_to_websocket()
         }
     })
     .await;

@@ -2211,13 +2211,7 @@ async fn websocket_upstream() -> (
                     let _ = tx.send(hyper_util::rt::TokioIo::new(upgraded));
                 }
             });
-            Response::builder()
-                .status(101)
-                .header("connection", "upgrade")
-                .header("upgrade", "websocket")
-                .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
-                .body(empty())
-                .unwrap()
+            switching_to_websocket()
         }
     })
     .await;

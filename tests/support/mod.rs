@@ -39,6 +39,17 @@ pub fn empty() -> TestBody {
     Empty::new().map_err(|e| match e {}).boxed()
 }
 
+/// A server's `101` switching to a WebSocket (the accept value of RFC 6455's example).
+pub fn switching_to_websocket() -> hyper::Response<TestBody> {
+    hyper::Response::builder()
+        .status(101)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        .body(empty())
+        .unwrap()
+}
+
 /// A body fed chunk by chunk from the test, of no length known in advance (chunked over
 /// HTTP/1.1); it ends when the sender is dropped.
 pub fn mpsc_body() -> (tokio::sync::mpsc::Sender<Bytes>, TestBody) {
