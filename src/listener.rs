@@ -475,7 +475,12 @@ fn sniff(first: &[u8]) -> Option<Protocol> {
 /// hyper through `Rewind`. Reading, not peeking: a client that sent part of the preface and
 /// stalls is then waited for by readiness, at no cost, where peeking would find the same
 /// bytes again and again.
-async fn first_bytes(stream: &mut TcpStream, closable: &Closable) -> Option<(Protocol, Bytes)> {
+/// `began` is set once a byte has come.
+async fn first_bytes(
+    stream: &mut TcpStream,
+    closable: &Closable,
+    began: &mut bool,
+) -> Option<(Protocol, Bytes)> {
     let mut buf = [0u8; 24];
     let mut len = 0;
     loop {
@@ -494,6 +499,7 @@ async fn first_bytes(stream: &mut TcpStream, closable: &Closable) -> Option<(Pro
         if n == 0 {
             return None;
         }
+        *began = true;
         len += n;
         if let Some(p) = sniff(&buf[..len]) {
             return Some((p, Bytes::copy_from_slice(&buf[..len])));
@@ -714,11 +720,17 @@ async fn plain(
     // preface and nothing more) is cut off here instead. No drain guard yet: a connection
     // that has sent nothing has nothing to finish.
     let closable = Closable::new(permit.limit().clone());
-    let first = first_bytes(&mut stream, &closable);
+    let mut began = false;
+    let first = first_bytes(&mut stream, &closable, &mut began);
     let sniffed = Box::pin(tokio::time::timeout(first_byte, first)).await;
     drop(closable);
     let Ok(Some((protocol, first))) = sniffed else {
-        log_end(conn.peer, None, &state);
+        // A few bytes that have not yet told the protocol (a prefix of HTTP/2's preface,
+        // `P` of a `POST`) are a head begun as much as hyper's would be.
+        match sniffed {
+            Err(_) if began => head_timed_out(&state, conn.peer.ip(), first_byte),
+            _ => log_end(conn.peer, None, &state),
+        }
         return;
     };
     let served = if protocol == Protocol::Http1 {
@@ -791,16 +803,35 @@ pub(crate) fn count_unread(e: &hyper::Error, state: &StateHandle, peer: std::net
         let snap = state.load();
         snap.metrics.unread(snap.mode, status);
         if snap.config.log.access_log {
-            unread_line(peer, status, 0);
+            unread_line(peer, status, 0, None);
         }
+    }
+}
+
+/// A request head begun and not whole by its deadline (`header_read_timeout`): the
+/// connection is closed unanswered, as nginx and hyper close it, and the request is logged
+/// `408`, as nginx logs it, and counted with the heads refused unread. A client that sent
+/// part of a head and stalled (slowloris) showed only in `intermission_client_connections`.
+/// `waited`: how long the head was given, its line's `duration_ms`. Only where bytes of a
+/// head came: an idle keep-alive connection closed at the same deadline made no request.
+pub(crate) fn head_timed_out(state: &StateHandle, peer: std::net::IpAddr, waited: Duration) {
+    tracing::debug!(%peer, "request head not whole within header_read_timeout; closed");
+    let snap = state.load();
+    snap.metrics.head_timed_out(snap.mode);
+    if snap.config.log.access_log {
+        unread_line(peer, 408, 0, Some(waited));
     }
 }
 
 /// The access line of an answer given to a request that was never read: `-` for its method
 /// and path, as nginx writes a request line it could not read. Written only with the access
 /// log on, as every access line: it was written with it off too, at `info`, one line for
-/// each head of garbage any client sent.
-fn unread_line(peer: std::net::IpAddr, status: u16, bytes: u64) {
+/// each head of garbage any client sent. Its `duration_ms` is `waited` when the head was
+/// waited for (a `408`), and otherwise 0: nothing read the clock when the head began, which
+/// would cost every request a clock read for the few refused.
+fn unread_line(peer: std::net::IpAddr, status: u16, bytes: u64, waited: Option<Duration>) {
+    let now = std::time::Instant::now();
+    let start = waited.and_then(|w| now.checked_sub(w)).unwrap_or(now);
     let line = crate::logging::AccessLine {
         peer,
         // No header was read that could name another client.
@@ -811,7 +842,7 @@ fn unread_line(peer: std::net::IpAddr, status: u16, bytes: u64) {
         upstream: None,
         bytes,
     };
-    line.write(std::time::Instant::now());
+    line.write(start);
 }
 
 /// Serves HTTP/2 prior knowledge and TLS connections (either protocol, by ALPN). Over TLS,
@@ -886,7 +917,7 @@ async fn serve_others(
                     snap.metrics.tls_failure(TlsFailure::PlainHttp);
                     let sent = plain_http_on_tls(&mut stream, &closable, drained).await;
                     if timing.load().config.log.access_log {
-                        unread_line(peer.ip(), 400, sent);
+                        unread_line(peer.ip(), 400, sent, None);
                     }
                     return None;
                 }
@@ -952,6 +983,10 @@ async fn serve_others(
                     Some(result)
                 }
                 relay::After::Park | relay::After::Close => {
+                    // Over TLS a head begun comes back only when its time is up.
+                    if !first.is_empty() {
+                        head_timed_out(&state, peer.ip(), keep_alive);
+                    }
                     let guard = serving.guard.clone();
                     tls_linger(tls_stream, true, keep_alive, guard, slot, &drain).await;
                     Some(Ok(()))
@@ -1175,6 +1210,7 @@ impl Serving<'_> {
         // reads the next head, while the connection is polled, and this is polled right
         // after it, on the same task.
         let closable = self.closable;
+        let told = between.clone();
         // Whether it is among the idle ones, so that a busy connection's wake-ups (a body
         // streaming) take no atomic write each.
         let mut listed = false;
@@ -1223,6 +1259,14 @@ impl Serving<'_> {
         match served.await {
             // Ended by hyper: its socket, for a lingering close.
             Some(result) => {
+                // hyper's header timer also closes a connection idle between requests: a
+                // request only when bytes of its head came. Not after a request with a body,
+                // whose rest may be what came.
+                let head =
+                    told.begun.load(Ordering::Relaxed) && !told.upload.load(Ordering::Relaxed);
+                if head && result.as_ref().is_err_and(hyper::Error::is_timeout) {
+                    head_timed_out(&self.state, self.peer.ip(), self.builder.keep_alive);
+                }
                 let io = connection
                     .into_parts()
                     .map(|parts| parts.io.into_inner().io);

@@ -969,6 +969,13 @@ impl Metrics {
         }
     }
 
+    /// Counts a request head begun and not whole within `header_read_timeout` (logged `408`)
+    /// with the heads refused unread: no response, since the connection is closed unanswered,
+    /// and no duration.
+    pub fn head_timed_out(&self, mode: Mode) {
+        self.requests[Outcome::Reserved.index()][mode_index(mode)].inc();
+    }
+
     /// Marks `mode` as the current one. Only the controller calls this, so two calls never race;
     /// a scrape in between the stores may see no mode at 1 for an instant.
     pub fn set_mode(&self, mode: Mode) {

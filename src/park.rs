@@ -124,6 +124,12 @@ impl Idle {
         }
     }
 
+    /// Whether what hyper waits for is a head that has begun: bytes came with no response
+    /// out, and no request body may still be arriving, whose rest they would be.
+    fn head_begun(&self) -> bool {
+        self.begun.load(Relaxed) && self.body.load(Relaxed) == 0
+    }
+
     /// Nothing unfinished, unflushed or unread, no upgrade pending: idle, but for a body.
     fn settled(&self) -> bool {
         self.busy.load(Relaxed) == 0
@@ -441,8 +447,10 @@ pub const GRACE: Duration = Duration::from_millis(10);
 /// What ended one hyper connection's turn on the socket.
 enum Turn {
     Ended(Result<(), hyper::Error>),
-    /// Picked to make room for a new connection, or its head's deadline passed: dropped.
+    /// Picked to make room for a new connection: dropped.
     Dropped,
+    /// The deadline of a head begun before a park passed: dropped.
+    Late,
     Idle,
     Drain,
 }
@@ -643,7 +651,7 @@ pub async fn serve(
                 closable.busy();
             }
             if served == fresh && head_deadline.is_some() {
-                return timer.as_mut().poll(cx).map(|()| Turn::Dropped);
+                return timer.as_mut().poll(cx).map(|()| Turn::Late);
             }
             if served == fresh {
                 return Poll::Pending;
@@ -702,6 +710,13 @@ pub async fn serve(
     match turn {
         Turn::Ended(result) => return lingering(conn, guard, held, result),
         Turn::Dropped => return Ok(()),
+        Turn::Late => {
+            if let Some(parts) = conn.into_parts() {
+                let (state, conn) = parts.service.fast.parts();
+                crate::listener::head_timed_out(state, conn.peer.ip(), held.builder.keep_alive);
+            }
+            return Ok(());
+        }
         Turn::Drain => {
             Pin::new(&mut *conn).graceful_shutdown();
             let ended = poll_fn(|cx| Pin::new(&mut *conn).poll(cx)).await;
@@ -788,6 +803,14 @@ fn lingering(
     result: Result<(), hyper::Error>,
 ) -> Result<(), hyper::Error> {
     if let Some(parts) = conn.into_parts() {
+        // hyper's header timer also closes a connection that idles between requests without
+        // parking (awaiting a body, or with an upgrade declined): a request only when bytes
+        // of its head came.
+        let service = &parts.service;
+        if result.as_ref().is_err_and(hyper::Error::is_timeout) && service.idle.head_begun() {
+            let (state, conn) = service.fast.parts();
+            crate::listener::head_timed_out(state, conn.peer.ip(), held.builder.keep_alive);
+        }
         let slot = (!held.drain.started()).then_some(held.permit);
         crate::shutdown::linger(parts.io.into_inner().inner, guard, slot);
     }
@@ -831,22 +854,31 @@ fn parked(
             // answered, and the connection closes when it idles again.
             let woken = poll_fn(|cx| {
                 if let Poll::Ready(ready) = inner.poll_read_ready(cx) {
-                    return Poll::Ready(ready.is_ok());
+                    return Poll::Ready(if ready.is_ok() {
+                        Wake::Ready
+                    } else {
+                        Wake::Broken
+                    });
                 }
                 if count.picked(cx) {
-                    return Poll::Ready(false);
+                    return Poll::Ready(Wake::Picked);
                 }
-                deadline.as_mut().poll(cx).map(|()| false)
+                deadline.as_mut().poll(cx).map(|()| Wake::Late)
             })
             .await;
-            if !woken && count.stalling(held.builder.keep_alive) {
+            if woken != Wake::Ready && count.stalling(held.builder.keep_alive) {
                 // Its head has stalled: closable from now, until the park's deadline.
                 count.0.closable.busy();
                 let end = deadline.deadline() - STALLED + held.builder.keep_alive;
                 deadline.as_mut().reset(end);
                 continue;
             }
-            if !woken {
+            if woken != Wake::Ready {
+                if woken == Wake::Late && !first.is_empty() {
+                    let (state, conn) = service.fast.parts();
+                    let waited = held.builder.keep_alive;
+                    crate::listener::head_timed_out(state, conn.peer.ip(), waited);
+                }
                 // Picked at the drain's end (`Limit::close_idle`): dropped with the
                 // process, a request sent on it meanwhile would be answered with a reset.
                 // The guard is taken before `count` goes, which the drain's end waits for.
@@ -901,6 +933,19 @@ fn parked(
         let io = service.rewind(first, inner);
         tokio::spawn(serve_again(io, service, held, head, guard));
     }
+}
+
+/// What ended a parked connection's wait.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// The client sent something, or closed.
+    Ready,
+    /// The socket failed.
+    Broken,
+    /// Picked to make room, or closed at the drain's end.
+    Picked,
+    /// Its deadline passed.
+    Late,
 }
 
 /// `run` as a task of its own. Boxed: `serve` spawns `parked`, which spawns this, and a

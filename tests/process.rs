@@ -1009,6 +1009,220 @@ async fn a_request_refused_unread_is_logged_with_its_status() {
     );
 }
 
+/// Sends `before` on `s` (whole requests, each answer read), then `partial`, the start of a
+/// head, and reads until the proxy closes: whether it did within 5 s.
+async fn stall_on<S>(mut s: S, before: &[&str], partial: &[u8]) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for request in before {
+        s.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_response(&mut s).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    s.write_all(partial).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    // Closed unanswered: a `408` is logged, not sent, as nginx and hyper close it.
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    closed.is_ok()
+}
+
+/// `stall_on` a connection to `addr` from the loopback address `local`, over TLS with `tls`.
+async fn stall(
+    local: &str,
+    addr: std::net::SocketAddr,
+    tls: Option<&support::tls::Tls>,
+    before: &[&str],
+    partial: &[u8],
+) -> bool {
+    let tcp = connect_from(local, addr).await;
+    match tls {
+        None => stall_on(tcp, before, partial).await,
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let s = tokio_rustls::TlsConnector::from(tls.client.clone())
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            stall_on(s, before, partial).await
+        }
+    }
+}
+
+/// A client that sends part of a request head and stalls (slowloris) is closed at
+/// `header_read_timeout`, unanswered, and now logged `408` with `-` for its method and path,
+/// as nginx logs it, and counted with the heads refused unread: it showed only in the
+/// connection gauge. On every path a head is read on: the first bytes of a plaintext
+/// connection, hyper's own timer, a head begun before a park (woken by more of it or not),
+/// the relay over TLS and hyper over TLS. A connection idle between requests, closed at the
+/// same deadline, made no request and gets no line.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_head_cut_off_at_header_read_timeout_is_logged_408() {
+    let up = echo_upstream().await;
+    let tls = support::tls::Tls::new();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("site.pem"), &tls.cert).unwrap();
+    std::fs::write(dir.path().join("site.key"), &tls.key).unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[proxy]\nlisten = [\"127.0.0.1:0\"]\nheader_read_timeout = \"500ms\"\n\
+             [tls]\nlisten = [\"127.0.0.1:0\"]\n\
+             [[tls.certificates]]\ncert = \"site.pem\"\nkey = \"site.key\"\n\
+             [upstream]\nservers = [\"{}\"]\n[admin]\nlisten = \"{admin}\"\n\
+             [log]\nformat = \"json\"\naccess_log = true\n",
+            up.url()
+        ),
+    );
+    let both = || {
+        proxy
+            .log_lines()
+            .iter()
+            .filter(|l| l.contains("listening on"))
+            .count()
+            == 2
+    };
+    assert!(wait_until(Duration::from_secs(10), both).await);
+    let listening = |kind: &str| {
+        proxy
+            .log_lines()
+            .iter()
+            .filter(|l| l.contains(&format!("({kind})")))
+            .find_map(|l| {
+                let rest = &l[l.find("listening on ")? + "listening on ".len()..];
+                rest.split(' ').next()?.parse::<std::net::SocketAddr>().ok()
+            })
+            .expect("the listener's address")
+    };
+    let (plain, https) = (listening("http"), listening("https"));
+    const BEFORE: &str = "GET /before HTTP/1.1\r\nHost: x\r\n\r\n";
+    // Left to hyper: `TE` over TLS (hyper serves the connection from then on); a declined
+    // `Upgrade` on plaintext, which keeps the connection from parking, so that hyper's own
+    // timer ends its wait.
+    const TE: &str = "GET /te HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n";
+    const UPGRADE: &str =
+        "GET /up HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
+    let half = b"GET /slow HTTP/1.1\r\nHost: x\r\nAcc".as_slice();
+    let t = Some(&tls);
+
+    // A head begun before a park and woken by more of it, alone: it must have parked first.
+    let parked = || async {
+        let resp = get(&format!("http://{admin}/metrics")).await;
+        String::from_utf8_lossy(resp.body())
+            .lines()
+            .any(|l| l == "intermission_parked_connections 1")
+    };
+    let woken = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = connect_from("127.0.0.10", plain).await;
+        s.write_all(BEFORE.as_bytes()).await.unwrap();
+        read_response(&mut s).await;
+        s.write_all(b"GET /slow HTTP/1.1\r\nHo").await.unwrap();
+        assert!(wait_until_async(parked).await, "the head did not park");
+        // Cut off already on a machine too slow to get here within the head's time: still
+        // a 408, by another path.
+        let _ = s.write_all(b"st: x\r\n").await;
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest));
+        assert!(closed.await.is_ok() && rest.is_empty(), "{rest:?}");
+    };
+    woken.await;
+
+    let closed = tokio::join!(
+        // A new connection's first bytes, which have not told its protocol yet.
+        stall("127.0.0.2", plain, None, &[], b"P"),
+        // A new connection's first head: hyper's timer.
+        stall("127.0.0.3", plain, None, &[], half),
+        // After an answer: the head parks with the connection.
+        stall("127.0.0.4", plain, None, &[BEFORE], half),
+        // hyper's timer, on a connection that cannot park.
+        stall("127.0.0.5", plain, None, &[UPGRADE], half),
+        // TLS: hyper's timer on the first head, the relay's after an answer, hyper's after
+        // one it served.
+        stall("127.0.0.6", https, t, &[], half),
+        stall("127.0.0.7", https, t, &[BEFORE], half),
+        stall("127.0.0.8", https, t, &[TE], half),
+        // Idle between requests: no request, no line.
+        stall("127.0.0.20", plain, None, &[BEFORE], b""),
+        stall("127.0.0.21", plain, None, &[UPGRADE], b""),
+        stall("127.0.0.22", https, t, &[BEFORE], b""),
+        stall("127.0.0.23", https, t, &[TE], b""),
+    );
+    let closed = [
+        closed.0, closed.1, closed.2, closed.3, closed.4, closed.5, closed.6, closed.7, closed.8,
+        closed.9, closed.10,
+    ];
+    assert!(closed.iter().all(|c| *c), "{closed:?}");
+
+    // Every line of a connection was queued before its close: one written after all of
+    // them comes after theirs.
+    let answer = raw_exchange(
+        plain,
+        b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let last = || proxy.access_lines().iter().any(|v| v["path"] == "/last");
+    assert!(
+        wait_until(Duration::from_secs(10), last).await,
+        "{:#?}",
+        proxy.log_lines()
+    );
+    let mut late: Vec<String> = proxy
+        .access_lines()
+        .into_iter()
+        .filter(|v| v["status"] == 408)
+        .map(|v| {
+            assert_eq!(
+                (&v["method"], &v["path"], &v["upstream"], &v["bytes"]),
+                (&"-".into(), &"-".into(), &"-".into(), &0.into()),
+                "{v}"
+            );
+            v["client"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    late.sort();
+    let want = [
+        "127.0.0.10",
+        "127.0.0.2",
+        "127.0.0.3",
+        "127.0.0.4",
+        "127.0.0.5",
+        "127.0.0.6",
+        "127.0.0.7",
+        "127.0.0.8",
+    ];
+    assert_eq!(late, want, "{:#?}", proxy.log_lines());
+    // Its duration is the time the head was given.
+    for line in proxy
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains(r#""status":408"#))
+    {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let ms = v["duration_ms"].as_f64().unwrap();
+        assert!((450.0..5000.0).contains(&ms), "{line}");
+    }
+    // Counted with the heads refused unread; no answer went out, so no response is counted.
+    let metrics = get(&format!("http://{admin}/metrics")).await;
+    let metrics = String::from_utf8_lossy(metrics.body()).into_owned();
+    let reserved = "intermission_requests_total{outcome=\"reserved\",mode=\"normal\"} 8";
+    assert!(metrics.lines().any(|l| l == reserved), "{metrics}");
+    assert!(
+        !metrics.lines().any(
+            |l| l.starts_with("intermission_responses_total{class=\"4xx\"}") && !l.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
+}
+
 /// An IPv4 client of a dual-stack listener (`[::]`) is logged by its IPv4 address, as
 /// X-Forwarded-For names it and as allow_ips and trusted_proxies match it: the access log
 /// wrote `::ffff:127.0.0.1`, which an operator then copied into allow_ips to no effect.
