@@ -809,7 +809,8 @@ impl Metrics {
         let certificate_ends = Family::<CertificateLabels, Gauge>::default();
         registry.register_with_unit(
             "intermission_tls_certificate_expiry_timestamp",
-            "When each served certificate ends (its notAfter), in seconds since the Unix \
+            "When each served certificate chain ends (the earliest notAfter of the file's \
+             certificates, the server's own or an intermediate's), in seconds since the Unix \
              epoch, by the file it was read from; alert on it minus time()",
             Unit::Seconds,
             certificate_ends.clone(),

@@ -103,14 +103,29 @@ pub struct ServerTls {
     files: Arc<[PathBuf]>,
 }
 
-/// When the certificate of one `[[tls.certificates]]` entry ends (its `notAfter`): what the
-/// expiry gauge shows, and what a running proxy warns of as the end nears (`expiry_warnings`),
-/// since a proxy may run for months between reloads.
+/// When the chain of one `[[tls.certificates]]` entry ends: the earliest `notAfter` of the
+/// certificates its file serves, the server's own or an intermediate's (Let's Encrypt's
+/// chains of 2021 ended with their cross-signed root while every server's own certificate was
+/// valid). What the expiry gauge shows, and what a running proxy warns of as the end nears
+/// (`expiry_warnings`), since a proxy may run for months between reloads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertificateEnd {
     pub index: usize,
     pub file: PathBuf,
     pub not_after: SystemTime,
+    /// The certificate that ends then, when it is not the file's first (the server's own).
+    pub chain: Option<ChainEnd>,
+}
+
+/// A certificate of a served chain, after the server's own, that ends before it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainEnd {
+    /// Its place in the file, from 1 (the server's own is 1).
+    pub position: usize,
+    /// What it is, as the warning names it: "an intermediate, CN=R3".
+    pub what: String,
+    /// When the server's own certificate ends (`None`: it ends before it begins).
+    pub leaf_not_after: Option<SystemTime>,
 }
 
 impl CertificateEnd {
@@ -119,18 +134,44 @@ impl CertificateEnd {
     fn warning(&self, now: SystemTime) -> Option<String> {
         let file = self.file.display();
         let date = crate::time::Timestamp(self.not_after).rfc3339();
-        if self.not_after < now {
-            Some(format!(
+        let chain = self.chain.as_ref();
+        // The server's own certificate ended too: that is what to renew, and what every
+        // client refuses, whatever the chain's.
+        let leaf_ended = chain
+            .and_then(|c| c.leaf_not_after)
+            .filter(|end| *end < now);
+        if let Some(end) = leaf_ended {
+            let date = crate::time::Timestamp(end).rfc3339();
+            return Some(format!(
                 "the certificate in {file} expired on {date}: clients refuse it; renew it \
                  and reload"
-            ))
-        } else if self.not_after <= now + EXPIRY_WARNING {
-            Some(format!(
-                "the certificate in {file} expires on {date}: renew it and reload"
-            ))
-        } else {
-            None
+            ));
         }
+        let ended = self.not_after < now;
+        if !ended && self.not_after > now + EXPIRY_WARNING {
+            return None;
+        }
+        Some(match (chain, ended) {
+            (None, true) => format!(
+                "the certificate in {file} expired on {date}: clients refuse it; renew it \
+                 and reload"
+            ),
+            (None, false) => {
+                format!("the certificate in {file} expires on {date}: renew it and reload")
+            }
+            (Some(c), true) => format!(
+                "certificate {} of {file} ({}) expired on {date}, before the server's own: \
+                 clients that follow the chain refuse it; use the chain your certificate \
+                 authority issues now (a renewal brings it) and reload",
+                c.position, c.what
+            ),
+            (Some(c), false) => format!(
+                "certificate {} of {file} ({}) expires on {date}, before the server's own: \
+                 clients that follow the chain refuse it from then; use the chain your \
+                 certificate authority issues now (a renewal brings it) and reload",
+                c.position, c.what
+            ),
+        })
     }
 }
 
@@ -217,10 +258,11 @@ pub fn server_config_checked(
                     });
                     continue;
                 }
-                let end = end_of(&c.leaf).map(|not_after| CertificateEnd {
+                let end = chain_end(&c.key.cert).map(|(not_after, chain)| CertificateEnd {
                     index,
                     file: paths.cert.clone(),
                     not_after,
+                    chain,
                 });
                 warnings.extend(
                     chain_warnings(&paths.cert, &c.key.cert, end.as_ref(), now)
@@ -393,9 +435,125 @@ fn end_of(leaf: &CertificateDer<'_>) -> Option<SystemTime> {
     }
 }
 
+/// When `chain` (a file's certificates, the server's own first) stops being accepted: the
+/// earliest `notAfter` of them, and which certificate that is when it is not the first.
+/// Of certificates that end at once, the first is named. A certificate webpki does not read
+/// (an X.509 v1 root) or that ends before it begins has no end here; `None` when none has.
+fn chain_end(chain: &[CertificateDer<'_>]) -> Option<(SystemTime, Option<ChainEnd>)> {
+    let leaf_not_after = chain.first().and_then(end_of);
+    let (position, not_after) = chain
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| Some((i, end_of(c)?)))
+        .min_by_key(|&(i, end)| (end, i))?;
+    if position == 0 {
+        return Some((not_after, None));
+    }
+    let what = chain
+        .get(position)
+        .map_or_else(String::new, |c| describe(c));
+    Some((
+        not_after,
+        Some(ChainEnd {
+            position: position + 1,
+            what,
+            leaf_not_after,
+        }),
+    ))
+}
+
+/// A certificate of a chain after the server's own, as a warning names it: "an
+/// intermediate, CN=R3", or "a root, CN=…" for one that issued itself.
+fn describe(cert: &CertificateDer<'_>) -> String {
+    let Ok(parsed) = webpki::EndEntityCert::try_from(cert) else {
+        return "a certificate".to_owned();
+    };
+    let kind = if parsed.issuer() == parsed.subject() {
+        "a root"
+    } else {
+        "an intermediate"
+    };
+    match common_name(parsed.subject()) {
+        Some(cn) => format!("{kind}, CN={cn}"),
+        None => kind.to_owned(),
+    }
+}
+
+/// The first common name (CN) of a DER `Name`, given without its outer `SEQUENCE`: what
+/// operators and `openssl x509 -subject` know an intermediate by. Cut to 64 characters,
+/// with control characters as `?`: a name is written into the log.
+fn common_name(name: &[u8]) -> Option<String> {
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    let mut rdns = name;
+    while let Some((_, set, rest)) = der_element(rdns) {
+        rdns = rest;
+        let mut attributes = set;
+        while let Some((_, attribute, rest)) = der_element(attributes) {
+            attributes = rest;
+            let Some((0x06, oid, value)) = der_element(attribute) else {
+                continue;
+            };
+            let Some((tag, value, _)) = der_element(value) else {
+                continue;
+            };
+            if oid != CN {
+                continue;
+            }
+            let text = match tag {
+                // UTF8String, PrintableString, IA5String.
+                0x0c | 0x13 | 0x16 => String::from_utf8_lossy(value).into_owned(),
+                // TeletexString, as Latin-1 (what issuers that use it write).
+                0x14 => value.iter().map(|&b| char::from(b)).collect(),
+                // BMPString: UTF-16, big-endian.
+                0x1e => char::decode_utf16(
+                    value
+                        .chunks_exact(2)
+                        .map(|p| u16::from_be_bytes([p[0], p[1]])),
+                )
+                .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
+                .collect(),
+                _ => continue,
+            };
+            return Some(
+                text.chars()
+                    .take(64)
+                    .map(|c| if c.is_control() { '?' } else { c })
+                    .collect(),
+            );
+        }
+    }
+    None
+}
+
+/// The first DER element of `input`: its tag, its contents and what follows it. `None` for
+/// one cut short or longer than 4 GiB.
+fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let (bytes, rest) = rest.split_at(n);
+        let len = bytes
+            .iter()
+            .fold(0usize, |len, &b| (len << 8) | usize::from(b));
+        (len, rest)
+    };
+    if rest.len() < len {
+        return None;
+    }
+    let (contents, rest) = rest.split_at(len);
+    Some((tag, contents, rest))
+}
+
 /// What clients would refuse in the chain of the file `path`, which loads (its first
-/// certificate reads). Validity is checked by webpki's own path building with no trust
-/// anchor: it checks each certificate's dates before it looks for an issuer.
+/// certificate reads): the server's own certificate not valid yet or ending before it
+/// begins, the chain's end (`end`, the earliest of its certificates') past or near, and a
+/// file without the intermediate of the server's issuer.
 fn chain_warnings(
     path: &Path,
     chain: &[CertificateDer<'static>],
@@ -408,30 +566,26 @@ fn chain_warnings(
     let Ok(leaf) = webpki::EndEntityCert::try_from(first) else {
         return Vec::new();
     };
-    let at = |t: SystemTime| {
-        UnixTime::since_unix_epoch(t.duration_since(UNIX_EPOCH).unwrap_or_default())
-    };
     let date = |t: UnixTime| {
         crate::time::Timestamp(UNIX_EPOCH + Duration::from_secs(t.as_secs())).rfc3339()
     };
-    let check = |intermediates: &[CertificateDer<'static>], time: SystemTime| {
-        leaf.verify_for_usage(
+    let at = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
+    // No trust anchor and no intermediate: webpki checks the dates of the server's own
+    // certificate before it looks for an issuer.
+    let own = leaf
+        .verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
             &[],
-            intermediates,
-            at(time),
+            &[],
+            at,
             webpki::KeyUsage::server_auth(),
             None,
             None,
         )
-        .err()
-    };
+        .err();
     let file = path.display();
     let mut warnings = Vec::new();
-    match check(&[], now) {
-        Some(webpki::Error::CertExpired { .. }) => {
-            warnings.extend(end.and_then(|e| e.warning(now)))
-        }
+    match own {
         Some(webpki::Error::CertNotValidYet { not_before, .. }) => warnings.push(format!(
             "the certificate in {file} is not valid before {}: clients refuse it until then \
              (or this machine's clock is wrong)",
@@ -441,18 +595,9 @@ fn chain_warnings(
             "the certificate in {file} ends before it begins (notAfter before notBefore): \
              clients refuse it"
         )),
-        _ => {
-            warnings.extend(end.and_then(|e| e.warning(now)));
-            if let Some(webpki::Error::CertExpired { not_after, .. }) = check(rest, now) {
-                warnings.push(format!(
-                    "a certificate of the chain in {file} expired on {}: clients that \
-                     follow the chain refuse it; use the chain your certificate authority \
-                     issues now",
-                    date(not_after)
-                ));
-            }
-        }
+        _ => {}
     }
+    warnings.extend(end.and_then(|e| e.warning(now)));
     if rest.is_empty() && leaf.issuer() != leaf.subject() {
         warnings.push(format!(
             "{file} holds only the server's certificate, not the intermediate certificates \
@@ -933,6 +1078,7 @@ mod tests {
             index,
             file: PathBuf::from(format!("/etc/site{index}.pem")),
             not_after,
+            chain: None,
         }
     }
 

@@ -2579,3 +2579,115 @@ async fn a_connection_ended_under_a_client_still_sending_is_closed_lingering() {
         assert!(out.starts_with(&format!("HTTP/1.1 {status} ")), "{out:?}");
     }
 }
+
+/// An intermediate of the chain that ends before the server's own certificate (Let's
+/// Encrypt's chains of 2021 ended with their cross-signed root) is the chain's end: the gauge
+/// shows it and the warnings name it, by its place in the file and its name. Before, only the
+/// server's own end was watched, and nothing was said until clients refused the chain.
+#[tokio::test]
+async fn an_intermediate_that_ends_first_is_the_chains_end() {
+    let root = Ca::new();
+    let intermediate = |not_before: Option<(i32, u8, u8)>, not_after: u64| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Test Intermediate R9");
+        if let Some((y, m, d)) = not_before {
+            params.not_before = rcgen::date_time_ymd(y, m, d);
+        }
+        params.not_after = rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(not_after);
+        let end = params.not_after.unix_timestamp();
+        let cert = params.signed_by(&key, &root.cert, &root.key).unwrap();
+        (Ca { cert, key }, end)
+    };
+    let write = |dir: &Path, stem: &str, ca: &Ca, leaf_end: Option<(i32, u8, u8)>| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["shop.test".to_string()]).unwrap();
+        if let Some((y, m, d)) = leaf_end {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(y, m, d);
+        }
+        let leaf = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
+        std::fs::write(
+            dir.join(format!("{stem}.pem")),
+            format!("{}{}{}", leaf.pem(), ca.cert.pem(), root.cert.pem()),
+        )
+        .unwrap();
+        std::fs::write(dir.join(format!("{stem}.key")), key.serialize_pem()).unwrap();
+    };
+    let now = std::time::SystemTime::now();
+    let since_epoch = now.duration_since(std::time::UNIX_EPOCH).unwrap();
+    // Five days left: within the 14 days warned of; the server's own runs to 4096.
+    let (soon, soon_end) = intermediate(None, since_epoch.as_secs() + 5 * 86400);
+    let (gone, _) = intermediate(Some((2020, 1, 1)), 1_609_459_200);
+    let proxy = tls_proxy(|dir| {
+        write(dir, "site", &soon, None);
+        write(dir, "old", &gone, None);
+        // The server's own ended too, after its intermediate: that is what is said.
+        write(dir, "both", &gone, Some((2022, 1, 1)));
+        format!(
+            "{}[admin]\nlisten = \"127.0.0.1:0\"\n",
+            certs(&["site", "old", "both"])
+        )
+    })
+    .await;
+    let dir = proxy.dir.path();
+    let text = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    let cfg = intermission::config::Config::parse(&text, dir, None).unwrap();
+    let (served, warnings) = intermission::tls::server_config_checked(&cfg.tls, now, None).unwrap();
+    let date = |secs: i64| {
+        intermission::time::Timestamp(
+            std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap()),
+        )
+        .rfc3339()
+    };
+    let site = dir.join("site.pem");
+    let old = dir.join("old.pem");
+    let both = dir.join("both.pem");
+    assert_eq!(
+        warnings,
+        [
+            format!(
+                "tls.certificates[0]: certificate 2 of {} (an intermediate, CN=Test \
+                 Intermediate R9) expires on {}, before the server's own: clients that follow \
+                 the chain refuse it from then; use the chain your certificate authority \
+                 issues now (a renewal brings it) and reload",
+                site.display(),
+                date(soon_end)
+            ),
+            format!(
+                "tls.certificates[1]: certificate 2 of {} (an intermediate, CN=Test \
+                 Intermediate R9) expired on 2021-01-01T00:00:00Z, before the server's own: \
+                 clients that follow the chain refuse it; use the chain your certificate \
+                 authority issues now (a renewal brings it) and reload",
+                old.display()
+            ),
+            format!(
+                "tls.certificates[2]: the certificate in {} expired on 2022-01-01T00:00:00Z: \
+                 clients refuse it; renew it and reload",
+                both.display()
+            ),
+        ]
+    );
+    let ends: Vec<i64> = served
+        .ends
+        .iter()
+        .map(|e| {
+            let secs = e.not_after.duration_since(std::time::UNIX_EPOCH).unwrap();
+            i64::try_from(secs.as_secs()).unwrap()
+        })
+        .collect();
+    assert_eq!(ends, [soon_end, 1_609_459_200, 1_609_459_200]);
+
+    // The gauge shows the chain's end, the intermediate's.
+    let admin = proxy.running.as_ref().unwrap().admin_addr().unwrap();
+    let got = get(&format!("http://{admin}/metrics")).await;
+    let metrics = String::from_utf8_lossy(got.body()).into_owned();
+    let gauge = format!(
+        "intermission_tls_certificate_expiry_timestamp_seconds{{file=\"{}\"}} {soon_end}",
+        site.display()
+    );
+    assert!(metrics.lines().any(|l| l == gauge), "{gauge}\n{metrics}");
+}
