@@ -1037,9 +1037,17 @@ impl Metrics {
     }
 
     /// `server`'s failure and retry counters, every series shown from now on at zero (so
-    /// that a rate of failures starts from zero rather than from nothing); a server a reload
-    /// keeps keeps its counts.
+    /// that a rate of failures starts from zero rather than from nothing), its health checks'
+    /// too: created at its first probe, a server failing from the start began at `fail` 1,
+    /// and an `increase()` never saw that first failure. A server a reload keeps keeps its
+    /// counts.
     pub fn upstream(&self, server: &str) -> UpstreamCounters {
+        for result in [true, false] {
+            drop(self.health_checks.get_or_create(&HealthCheckLabels {
+                server: server.to_owned(),
+                result: result_label(result),
+            }));
+        }
         let failures = UpstreamFailure::ALL.map(|reason| {
             self.upstream_failures
                 .get_or_create_owned(&UpstreamFailureLabels {
@@ -1053,8 +1061,8 @@ impl Metrics {
         UpstreamCounters { failures, retries }
     }
 
-    /// Counts one probe and its latency. Both results' series are created on a server's first
-    /// probe, so that a rate of failures starts from zero rather than from nothing.
+    /// Counts one probe and its latency. Both results' series are there from the server's
+    /// start (`upstream`); made here too for a probe that would come first.
     pub fn health_check(&self, server: &str, ok: bool, latency: Duration) {
         for result in [true, false] {
             let counter = self.health_checks.get_or_create(&HealthCheckLabels {

@@ -1812,3 +1812,53 @@ async fn an_answer_under_way_is_not_cut_when_its_server_is_taken_out() {
         assert_eq!(body, "first and last");
     }
 }
+
+/// A server's health-check counts are at 0 from when it is added, at start and at a reload,
+/// before its first check has ended: made by its first result, those of a server failing from
+/// the start began at `fail` 1, which an alert on their `increase()` never saw. A reload that
+/// removes the server takes them away.
+#[tokio::test]
+async fn health_check_counts_are_at_zero_from_a_servers_start() {
+    // Servers that take the connection (the kernel's backlog) and never answer: their first
+    // check is still under way for the whole test.
+    let silent_a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = format!("http://{}", silent_a.local_addr().unwrap());
+    let b = format!("http://{}", silent_b.local_addr().unwrap());
+    let config = |servers: &[&str]| {
+        let list: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
+        format!(
+            "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[upstream]\nservers = [{}]\n\
+             [health]\ninterval = \"1h\"\ntimeout = \"1m\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            list.join(", ")
+        )
+    };
+    let proxy = spawn_proxy(&config(&[&a])).await;
+    let count = |server: &str, result: &str| {
+        format!("intermission_health_checks_total{{server=\"{server}\",result=\"{result}\"}}")
+    };
+    for result in ["ok", "fail"] {
+        assert_eq!(
+            series(&proxy, &count(&a, result)).await,
+            Some(0.0),
+            "{result}"
+        );
+    }
+
+    let path = proxy.dir.path().join("config.toml");
+    std::fs::write(&path, config(&[&a, &b])).unwrap();
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert!(r.ok, "{r:?}");
+    for server in [&a, &b] {
+        for result in ["ok", "fail"] {
+            let key = count(server, result);
+            assert_eq!(series(&proxy, &key).await, Some(0.0), "{key}");
+        }
+    }
+
+    std::fs::write(&path, config(&[&b])).unwrap();
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(series(&proxy, &count(&a, "fail")).await, None);
+    assert_eq!(series(&proxy, &count(&b, "fail")).await, Some(0.0));
+}
