@@ -4,6 +4,7 @@
 //! shipped config), plain HTTP/1.1 only, a small connection cap, and nothing of the gateway, so
 //! that a scrape can never be held, bypassed or forwarded, and a flood on the proxy's port never
 //! hides the metrics that would show it. It only reads: `Metrics::encode` and the `ready` probe.
+//! A client that speaks HTTP/2 to it is told to use HTTP/1.1 (`refuse_http2`).
 
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -21,8 +22,9 @@ use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
 
 /// What `/readyz` asks: listeners bound and config loaded.
 pub type Ready = Arc<dyn Fn() -> bool + Send + Sync>;
@@ -75,8 +77,11 @@ pub async fn serve(
         .keep_alive(true);
     let mut failures = crate::listener::AcceptFailures::new("admin");
     let successor = Arc::new(tokio::sync::Notify::new());
+    // Set once the listener stops: a connection that has sent nothing yet goes at once, as
+    // hyper lets an idle one go on a graceful shutdown.
+    let (draining, drained) = watch::channel(false);
     loop {
-        let (stream, peer) = tokio::select! {
+        let (mut stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -110,26 +115,126 @@ pub async fn serve(
             let resp = respond(&req, &metrics, ready.as_ref());
             async move { Ok::<_, Infallible>(resp) }
         });
-        let connection = graceful.watch(
-            builder.serve_connection(TokioIo::new(Timed::fixed(stream, SEND_TIMEOUT)), service),
-        );
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let mut drained = drained.clone();
+        let served = async move {
+            // hyper's HTTP/1 closes on the HTTP/2 preface without a word: it is looked for
+            // first, and what was read is handed back to hyper.
+            let first = tokio::select! {
+                first = tokio::time::timeout(HEADER_READ_TIMEOUT, first_bytes(&mut stream)) => first,
+                _ = drained.wait_for(|d| *d) => return,
+            };
+            let first = match first {
+                Ok(Some(First::Http1(first))) => first,
+                Ok(Some(First::Http2)) => {
+                    drop(watcher);
+                    refuse_http2(stream).await;
+                    return;
+                }
+                // Closed, or nothing within the time a request head has.
+                _ => return,
+            };
+            let io =
+                crate::park::Rewind::new(first, Timed::fixed(stream, SEND_TIMEOUT), None, None);
+            let connection = watcher.watch(builder.serve_connection(TokioIo::new(io), service));
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "admin: connection ended with an error");
+            }
+        };
         tokio::spawn(async move {
             tokio::select! {
-                ended = connection => if let Err(e) = ended {
-                    tracing::debug!(%peer, error = %e, "admin: connection ended with an error");
-                },
+                () = served => {}
                 _ = closed => {}
             }
         });
     }
     // Closing the port first tells probes at once that this process is going.
     drop(listener);
+    draining.send_replace(true);
     if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::debug!("admin: connections still open after the drain timeout; leaving them");
     }
+}
+
+/// The client connection preface of HTTP/2 (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What a client's first bytes say it speaks.
+enum First {
+    /// HTTP/1, with the bytes read.
+    Http1(Bytes),
+    /// HTTP/2 with prior knowledge: its connection preface.
+    Http2,
+}
+
+/// Reads a client's first bytes until they tell HTTP/2's preface from an HTTP/1 request (no
+/// method begins with `PRI`: HTTP/1.1 reserves it for this): at the first byte for every
+/// HTTP/1 client. `None` when it closes first.
+async fn first_bytes(stream: &mut TcpStream) -> Option<First> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut len = 0;
+    loop {
+        // Never full here: the whole preface decides.
+        let n = stream.read(&mut buf[len..]).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        len += n;
+        if buf[..len] != H2_PREFACE[..len] {
+            return Some(First::Http1(Bytes::copy_from_slice(&buf[..len])));
+        }
+        if len == H2_PREFACE.len() {
+            return Some(First::Http2);
+        }
+    }
+}
+
+/// Answers a client that speaks HTTP/2 with prior knowledge (`curl --http2-prior-knowledge`,
+/// a gRPC health probe, a scraper set to h2c) in its own protocol: the server's SETTINGS,
+/// which must come first, and a GOAWAY of code `HTTP_1_1_REQUIRED` whose text says so, which
+/// clients show (curl: "HTTP_1_1_REQUIRED"; grpc-go: the text too). hyper closed such a
+/// connection without a word, and the client said only that the server hung up. HTTP/2 is
+/// not served here: this port stays the small HTTP/1.1 server it is, with no HTTP/2 frames
+/// of its own to bound.
+async fn refuse_http2(mut stream: TcpStream) {
+    const WHY: &[u8] = b"intermission's admin listener speaks HTTP/1.1 only \
+        (/metrics, /healthz, /readyz): ask it over HTTP/1.1";
+    let mut frames = Vec::with_capacity(9 + 9 + 8 + WHY.len());
+    // SETTINGS, empty: length 0, type 0x4, no flags, stream 0.
+    frames.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+    // GOAWAY (type 0x7) on stream 0: the last stream processed (none), the code, the text.
+    let length = u32::try_from(8 + WHY.len()).unwrap_or(8).to_be_bytes();
+    frames.extend_from_slice(&length[1..]);
+    frames.extend_from_slice(&[0x7, 0, 0, 0, 0, 0]);
+    frames.extend_from_slice(&0u32.to_be_bytes());
+    frames.extend_from_slice(&0xd_u32.to_be_bytes());
+    frames.extend_from_slice(WHY);
+    let sent = tokio::time::timeout(SEND_TIMEOUT, async {
+        stream.write_all(&frames).await?;
+        stream.shutdown().await
+    })
+    .await;
+    if !matches!(sent, Ok(Ok(()))) {
+        return;
+    }
+    // What the client sent after its preface (its SETTINGS, a request) is read and dropped
+    // until it closes, for a moment: closed with bytes unread, the socket would send a reset,
+    // which can reach the client before it has read the GOAWAY.
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 /// The address that holds the most of `open` (oldest first); of those that hold as many, the
@@ -473,6 +578,62 @@ mod tests {
         assert!(
             matches!(&again, Ok(a) if a.starts_with("HTTP/1.1 200")),
             "the scraper's connection is still served: {again:?}"
+        );
+    }
+
+    /// A client that speaks HTTP/2 with prior knowledge, its preface sent in two parts, is
+    /// answered in HTTP/2: the server's SETTINGS, then a GOAWAY of code `HTTP_1_1_REQUIRED`
+    /// whose text names HTTP/1.1. hyper closed the connection without a byte. A request of
+    /// method `PRI` that is no preface is HTTP/1, and HTTP/1.1 is served as before.
+    #[tokio::test]
+    async fn http2_prior_knowledge_is_told_to_use_http1() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ready: Ready = Arc::new(|| true);
+        let (_trigger, shutdown) = crate::shutdown::channel();
+        tokio::spawn(serve(listener, Arc::new(Metrics::new()), ready, shutdown));
+        async fn exchange(addr: SocketAddr, parts: &[&[u8]]) -> Vec<u8> {
+            let mut conn = TcpStream::connect(addr).await.unwrap();
+            for part in parts {
+                conn.write_all(part).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let mut got = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut got));
+            assert!(matches!(read.await, Ok(Ok(_))), "the answer ends: {got:?}");
+            got
+        }
+        // The preface, an empty SETTINGS and a request's HEADERS frame (its block elided).
+        let settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
+        let headers = [0u8, 0, 1, 1, 5, 0, 0, 0, 1, 0x82];
+        let got = exchange(
+            addr,
+            &[&H2_PREFACE[..10], &H2_PREFACE[10..], &settings, &headers],
+        )
+        .await;
+        assert_eq!(got[..9], settings, "{got:?}");
+        let goaway = &got[9..];
+        assert!(goaway.len() > 17, "{got:?}");
+        let length = usize::from(goaway[1]) << 8 | usize::from(goaway[2]);
+        assert_eq!((goaway[0], goaway[3], length), (0, 7, goaway.len() - 9));
+        assert_eq!(goaway[9..17], [0, 0, 0, 0, 0, 0, 0, 0xd]);
+        let text = String::from_utf8_lossy(&goaway[17..]);
+        assert!(text.contains("speaks HTTP/1.1 only"), "{text}");
+
+        let got = exchange(
+            addr,
+            &[b"PRI * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"],
+        )
+        .await;
+        assert!(got.starts_with(b"HTTP/1.1 404"), "{got:?}");
+        let got = exchange(
+            addr,
+            &[b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"],
+        )
+        .await;
+        assert!(
+            got.starts_with(b"HTTP/1.1 200") && got.ends_with(b"ok"),
+            "{got:?}"
         );
     }
 
