@@ -323,6 +323,22 @@ impl Config {
                 ));
             }
         }
+        for (i, net) in self.proxy.trusted_proxies.iter().enumerate() {
+            if net.prefix_len() == 0 {
+                // Valid, and written behind a balancer that alone reaches the proxy (a
+                // Kubernetes ingress, nginx's `set_real_ip_from 0.0.0.0/0`); refusing it would
+                // stop a config that ran yesterday.
+                let family = if net.addr().is_ipv4() { "IPv4" } else { "IPv6" };
+                warnings.push(format!(
+                    "proxy.trusted_proxies[{i}] \"{net}\" trusts every {family} client as a \
+                     proxy: any of them can write an address of maintenance.allow_ips into \
+                     X-Forwarded-For or Forwarded and be let through in every mode, be logged \
+                     as any address, send X-Forwarded-Proto, X-Original-URL and the like on to \
+                     the application, and is not bounded by proxy.max_pending_per_client; name \
+                     the load balancer's addresses (or its subnet) instead"
+                ));
+            }
+        }
         for (i, target) in self.notify.iter().enumerate() {
             let short = target.secret.as_ref().map_or(0, |s| s.chars().count());
             if (1..MIN_WEBHOOK_SECRET).contains(&short) {
@@ -1293,6 +1309,19 @@ impl Validator<'_> {
             }
         }
         let timeout = self.duration("health.timeout", &f.timeout);
+        if timeout < MIN_CHECK_TIMEOUT && !self.has_problem("health.timeout") {
+            self.problem(
+                "health.timeout",
+                format!(
+                    "{} is shorter than {}, the shortest check timeout: a live server whose \
+                     answer is a little late (a pause of its runtime, a busy machine, a TLS \
+                     handshake) fails its check, and every server that does, at once, takes \
+                     the whole site into outage; the default is 1s",
+                    humantime::format_duration(timeout),
+                    humantime::format_duration(MIN_CHECK_TIMEOUT),
+                ),
+            );
+        }
         // An interval refused already is said once, under its own key.
         if timeout > interval && !self.has_problem("health.interval") {
             // Said with both values: an `interval = "500ms"` alone is refused under
@@ -1827,6 +1856,16 @@ const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 /// a thousand checks a second at each server, each timed out at the next millisecond's hiccup.
 const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
+/// The shortest `health.timeout`, as short as the shortest interval (the timeout is at most
+/// the interval). `"1ms"` passed: a check fails at the first millisecond a live server, its
+/// machine or the network is late by (even over loopback, a scheduling delay or a pause of
+/// the server's runtime is several), and a failed check counts towards `fall` as a dead
+/// server's does: every server taken out alike is an outage answered to every client. 10 ms
+/// would still fail at an ordinary garbage-collection pause or a TLS handshake to another
+/// host; a check that must notice a hung server sooner has no use for less than the 100 ms
+/// between two checks.
+const MIN_CHECK_TIMEOUT: Duration = Duration::from_millis(100);
+
 /// `proxy.threads` at most: far more cores than any machine this runs on has.
 const MAX_THREADS: usize = 1024;
 
@@ -2321,6 +2360,57 @@ mod tests {
             "{w:?}"
         );
         assert!(w[1].starts_with("maintenance.allow_ips[2] \"::/0\" lets every IPv6 client"));
+    }
+
+    /// Valid, and it lets any client forge the address `allow_ips` and the log go by: said,
+    /// not refused. `::ffff:0:0/96` is every IPv4 client too.
+    #[test]
+    fn trusting_every_address_as_a_proxy_is_warned_of() {
+        let c = Config::parse(
+            "[proxy]\ntrusted_proxies = [\"10.0.0.0/8\", \"::ffff:0:0/96\", \"::/0\"]\n",
+            Path::new("."),
+            None,
+        )
+        .unwrap();
+        let w = c.warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with(
+                "proxy.trusted_proxies[1] \"0.0.0.0/0\" trusts every IPv4 client as a proxy: \
+                 any of them can write an address of maintenance.allow_ips into \
+                 X-Forwarded-For"
+            ),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with("proxy.trusted_proxies[2] \"::/0\" trusts every IPv6 client"),
+            "{w:?}"
+        );
+        assert!(w[1].ends_with("name the load balancer's addresses (or its subnet) instead"));
+    }
+
+    /// A check given a millisecond fails a live server at the least delay, and every
+    /// server alike: an outage of a site that is up.
+    #[test]
+    fn a_health_timeout_under_100ms_is_refused() {
+        for (timeout, shown) in [("1ms", "1ms"), ("0.099s", "99ms")] {
+            let p = problems(&format!("[health]\ntimeout = \"{timeout}\"\n"));
+            assert_eq!(
+                said(&p),
+                [(
+                    "health.timeout",
+                    format!(
+                        "{shown} is shorter than 100ms, the shortest check timeout: a live \
+                         server whose answer is a little late (a pause of its runtime, a busy \
+                         machine, a TLS handshake) fails its check, and every server that \
+                         does, at once, takes the whole site into outage; the default is 1s"
+                    )
+                    .as_str()
+                )]
+            );
+        }
+        let c = Config::parse("[health]\ntimeout = \"100ms\"\n", Path::new("."), None).unwrap();
+        assert_eq!(c.health.timeout, Duration::from_millis(100));
     }
 
     /// The sections written, for a reload to say which one a new file no longer has.
