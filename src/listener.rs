@@ -378,6 +378,11 @@ impl Closable {
         self.ticket.store(NOT_IDLE, Ordering::Relaxed);
     }
 
+    /// Whether it was picked to close, and has seen it, and has not been `busy` since.
+    pub fn is_picked(&self) -> bool {
+        self.ticket.load(Ordering::Relaxed) == PICKED
+    }
+
     /// Whether it is not to be picked (`never`) and has not been `busy` since.
     pub fn is_never(&self) -> bool {
         self.ticket.load(Ordering::Relaxed) == NOT_IDLE
@@ -978,7 +983,8 @@ async fn serve_others(
                         // An error (an answer cut short, a head hyper refused) is told by a
                         // close without close_notify, which would say that all was sent.
                         let notify = result.is_ok();
-                        tls_linger(io.into_inner(), notify, keep_alive, guard, slot, &drain).await;
+                        let held = (guard, slot, picked_to_make_room(&closable));
+                        tls_linger(io.into_inner(), notify, keep_alive, held, &drain).await;
                     }
                     Some(result)
                 }
@@ -987,8 +993,8 @@ async fn serve_others(
                     if !first.is_empty() {
                         head_timed_out(&state, peer.ip(), keep_alive);
                     }
-                    let guard = serving.guard.clone();
-                    tls_linger(tls_stream, true, keep_alive, guard, slot, &drain).await;
+                    let held = (serving.guard.clone(), slot, picked_to_make_room(&closable));
+                    tls_linger(tls_stream, true, keep_alive, held, &drain).await;
                     Some(Ok(()))
                 }
                 // Dropped without close_notify, which would say that all was sent.
@@ -1005,13 +1011,17 @@ async fn serve_others(
 /// dropped, not left unread in the socket, whose close would then be a reset that can throw
 /// away the answer. The records are dropped unread: nothing more is answered. Outside a drain
 /// the connection keeps `slot` meanwhile. Without `notify`, no `close_notify` is sent: the
-/// client is to see that the connection broke off.
+/// client is to see that the connection broke off. One `picked` to make room for a new
+/// connection closes once its `close_notify` is out, without lingering, as a plaintext one
+/// does (`park`): its slot was given away, and lingering on it (a second, to five, for a client
+/// that does not close at once) kept it counted in `max_connections` though no longer among
+/// those closing, so that each next client at the limit closed up to `PAYBACK` more idle
+/// connections to pay back an excess that was not there.
 async fn tls_linger(
     mut tls: TlsStream<Timed<TcpStream>>,
     notify: bool,
     keep_alive: Duration,
-    guard: Shutdown,
-    slot: Slot,
+    (guard, slot, picked): (Shutdown, Slot, bool),
     drain: &Drain,
 ) {
     if notify
@@ -1021,8 +1031,17 @@ async fn tls_linger(
     {
         return;
     }
+    if picked {
+        return;
+    }
     let slot = (!drain.started()).then_some(slot);
     crate::shutdown::linger(tls.into_inner().0.into_inner(), guard, slot);
+}
+
+/// Whether the connection closes because it was picked to make room for a new one (not by the
+/// drain's end, which lingers on every idle connection it closes).
+fn picked_to_make_room(closable: &Closable) -> bool {
+    closable.is_picked() && !closable.limit().ending()
 }
 
 /// How long a TLS handshake, or a request head after the first, runs before it may be closed

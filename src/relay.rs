@@ -548,11 +548,12 @@ async fn relay<C: Client>(
                 }
             })
             .await;
-            if let Some(closable) = closable {
-                closable.busy();
-            }
+            // Picked, it stays so (counted as closing) until the connection is gone.
             if picked {
                 return After::Close;
+            }
+            if let Some(closable) = closable {
+                closable.busy();
             }
             match (read, slot.as_mut().map(|bufs| &mut bufs.0)) {
                 (None, bufs) => {

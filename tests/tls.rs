@@ -2691,3 +2691,92 @@ async fn an_intermediate_that_ends_first_is_the_chains_end() {
     );
     assert!(metrics.lines().any(|l| l == gauge), "{gauge}\n{metrics}");
 }
+
+/// Sends a GET for `/` on `s` and reads its answer whole (framed by its `Content-Length`): its
+/// head's first line, or what ended the connection.
+async fn tls_answer(s: &mut TlsStream<tokio::net::TcpStream>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let asked = async {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+            .await?;
+        let mut got = Vec::new();
+        loop {
+            let mut more = [0u8; 4096];
+            let n = s.read(&mut more).await?;
+            if n == 0 {
+                return Ok::<_, std::io::Error>("closed".to_owned());
+            }
+            got.extend_from_slice(&more[..n]);
+            let text = String::from_utf8_lossy(&got).into_owned();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(str::to_owned)
+                    })
+                    .and_then(|n| n.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if body.len() >= length {
+                    return Ok(head.lines().next().unwrap_or_default().to_owned());
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(10), asked).await {
+        Ok(Ok(line)) => line,
+        Ok(Err(e)) => format!("failed: {e}"),
+        Err(_) => "no answer within 10 s".to_owned(),
+    }
+}
+
+/// At `max_connections`, each new client closes one idle HTTPS connection, not more: a
+/// connection picked to make room lingered on its slot (a second, for a client that does not
+/// close as soon as it is told), no longer counted as closing, and the next client took it for
+/// an excess over the limit to pay back, and closed idle connections beyond its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn at_max_connections_a_new_client_closes_one_idle_https_connection_not_more() {
+    use tokio::io::AsyncReadExt;
+    let up = echo_upstream().await;
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    ca.write_leaf(dir.path(), "site", &["shop.test"]);
+    let text = format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = 4\n\
+         [tls]\nlisten = [\"127.0.0.1:0\"]\n{}[upstream]\nservers = [\"{}\"]\n",
+        certs(&["site"]),
+        up.url()
+    );
+    let proxy = spawn_proxy_in(dir, &text).await;
+    let addr = tls_addr(&proxy);
+    let config = ca.client_config(&[b"http/1.1"]);
+    // Four clients, each served once and idle since, that do not close when the proxy does
+    // (as a pool that looks at a connection only when it next uses it).
+    let mut old = Vec::new();
+    for _ in 0..4 {
+        let mut s = tls_connect(addr, "shop.test", config.clone()).await;
+        assert_eq!(tls_answer(&mut s).await, "HTTP/1.1 200 OK");
+        old.push(s);
+    }
+    // The first newcomer closes the oldest.
+    let _first = tls_connect(addr, "shop.test", config.clone()).await;
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), old[0].read_to_end(&mut rest)).await;
+    assert!(
+        matches!(ended, Ok(Ok(0))),
+        "the oldest is closed: {ended:?}"
+    );
+    // The second, while the first one closed holds on (it is not dropped), closes one more.
+    let _second = tls_connect(addr, "shop.test", config.clone()).await;
+    let mut served = 0;
+    for s in &mut old[1..] {
+        if tls_answer(s).await == "HTTP/1.1 200 OK" {
+            served += 1;
+        }
+    }
+    assert_eq!(
+        served, 2,
+        "two of the other three idle clients are still served"
+    );
+}
