@@ -782,7 +782,7 @@ async fn a_streamed_upload_whose_connection_was_refused_goes_to_another_server()
             all_servers_healthy(&proxy).await,
             "both servers are checked healthy"
         );
-        doomed.stop();
+        doomed.stopped().await;
         for i in 0..4 {
             for http2 in [false, true] {
                 let (tx, body) = mpsc_body();

@@ -97,6 +97,24 @@ impl Upstream {
         }
     }
 
+    /// `stop`, then waits until the port refuses connections: an abort takes effect when the
+    /// runtime next drops the task, and until then the kernel still completes handshakes on
+    /// the listening socket, so that a request sent meanwhile reaches a server that then
+    /// vanishes, instead of being refused.
+    pub async fn stopped(&self) {
+        self.stop();
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(self.addr).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!(
+            "{} still accepts connections 5 s after it was stopped",
+            self.addr
+        );
+    }
+
     /// Listens again on the same port (bounded retries while the old socket goes away).
     pub async fn restart(&self) {
         self.stop();
