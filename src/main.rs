@@ -242,7 +242,7 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     // As the user who runs `check`: the proxy's own may differ (said in the README).
     // Loaded as the start loads it: a corrupt file passed here and then stopped `run`.
     let state = store::inspect(&c.control.state_file)
-        .and_then(|()| store::probe(&c.control.state_file))
+        .and_then(|said| store::probe(&c.control.state_file).map(|()| said))
         .map_err(|e| match e {
             // Names its key already, as the start says it.
             e @ store::StoreError::Unwritable { .. } => e.to_string(),
@@ -252,7 +252,8 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     let socket = intermission::control::server::probe(&c.control.socket).map_err(|e| e.to_string());
     let addresses = foreign_addresses(&c);
     let (pages, warnings) = match (pages, server, client, state, socket) {
-        (Ok(pages), Ok((_, warnings)), Ok(_), Ok(()), Ok(())) if addresses.is_empty() => {
+        (Ok(pages), Ok((_, mut warnings)), Ok(_), Ok(state), Ok(())) if addresses.is_empty() => {
+            warnings.extend(state);
             (pages, warnings)
         }
         (pages, server, client, state, socket) => {

@@ -54,7 +54,7 @@ const MAX_STATE_BYTES: u64 = 16 << 20;
 /// The saved state, or the default when no file exists yet. Read as the operator's files are
 /// (`files::read`): a FIFO in its place blocked the start for ever, deaf to SIGTERM.
 pub fn load(path: &Path) -> Result<Persisted, StoreError> {
-    let Some((bytes, mut state)) = read(path)? else {
+    let Some((bytes, mut state, unknown)) = read(path)? else {
         // Said, so that an operator whose maintenance did not survive a restart (a state
         // file moved, a mount that failed) finds why in the log.
         tracing::info!(
@@ -63,6 +63,9 @@ pub fn load(path: &Path) -> Result<Persisted, StoreError> {
         );
         return Ok(Persisted::default());
     };
+    if let Some(said) = unknown {
+        tracing::warn!("state file {}: {said}", path.display());
+    }
     if state.version > STATE_VERSION {
         keep_newer(path, &bytes, state.version);
         // What this build writes is its own format, whatever it read.
@@ -193,13 +196,90 @@ fn mend_windows(state: &mut Persisted) -> Vec<String> {
 }
 
 /// Whether the start could load the state file, for `check`: read and parsed as `load`
-/// does, and nothing written (a newer version's file is not copied aside).
-pub fn inspect(path: &Path) -> Result<(), StoreError> {
-    read(path).map(drop)
+/// does, and nothing written (a newer version's file is not copied aside). What the start
+/// would warn of its fields, as `check`'s warnings.
+pub fn inspect(path: &Path) -> Result<Vec<String>, StoreError> {
+    Ok(read(path)?
+        .and_then(|(_, _, unknown)| unknown)
+        .map(|said| format!("control.state_file {}: {said}", path.display()))
+        .into_iter()
+        .collect())
 }
 
-/// The file's bytes and what they say, or `None` when there is no file yet.
-fn read(path: &Path) -> Result<Option<(Vec<u8>, Persisted)>, StoreError> {
+/// The fields each object of the state file has, as this version writes them
+/// (`Persisted`, `Planned`, `Update`, `Window`, `Continues`).
+const FIELDS: &[&str] = &[
+    "version",
+    "planned",
+    "message",
+    "updates",
+    "force_open",
+    "schedules",
+    "next_window_id",
+    "outage_since",
+    "continues",
+    "outage_told_from",
+];
+const PLANNED_FIELDS: &[&str] = &["since", "until", "retry_after", "by", "reason"];
+const UPDATE_FIELDS: &[&str] = &["at", "message"];
+const WINDOW_FIELDS: &[&str] = &["id", "start", "end", "message", "by", "started"];
+const CONTINUES_FIELDS: &[&str] = &["window", "since"];
+
+/// The fields of `file` this version does not know, said in a sentence: ignored, they
+/// were a silent "no maintenance" when they were a typo in a file edited by hand
+/// (`"planed"`, `"untill"`), and a rollback drops what a newer version added under the
+/// same format (a window's `started`). `None` when there is none, or when a newer format
+/// says it all already (`keep_newer`).
+fn unknown_fields(file: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+    let newer = file
+        .get("version")
+        .and_then(serde_json::Value::as_u64)
+        .is_some_and(|v| v > u64::from(STATE_VERSION));
+    if newer {
+        return None;
+    }
+    let mut found = Vec::new();
+    let mut look = |at: &str, object: Option<&serde_json::Map<_, _>>, known: &[&str]| {
+        for key in object.into_iter().flat_map(|o| o.keys()) {
+            if !known.contains(&key.as_str()) {
+                found.push(format!("{at}{key:?}"));
+            }
+        }
+    };
+    let object = |key| file.get(key).and_then(serde_json::Value::as_object);
+    look("", Some(file), FIELDS);
+    look("planned.", object("planned"), PLANNED_FIELDS);
+    look("continues.", object("continues"), CONTINUES_FIELDS);
+    for (list, known) in [("updates", UPDATE_FIELDS), ("schedules", WINDOW_FIELDS)] {
+        let items = file.get(list).and_then(serde_json::Value::as_array);
+        for (i, item) in items.into_iter().flatten().enumerate() {
+            look(&format!("{list}[{i}]."), item.as_object(), known);
+        }
+    }
+    if found.is_empty() {
+        return None;
+    }
+    // A file of 10,000 windows, each with a typo, is not one line of a megabyte.
+    const SHOWN: usize = 10;
+    let more = found.len().saturating_sub(SHOWN);
+    found.truncate(SHOWN);
+    let more = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "fields this version does not know are ignored: {}{more} (a typo in a file edited by hand, or a field a newer version added), and the next change saves the file without them",
+        found.join(", ")
+    ))
+}
+
+/// What `read` found: the file's bytes, what they say, and `unknown_fields`.
+type Read = (Vec<u8>, Persisted, Option<String>);
+
+/// The file's bytes, what they say, and the fields they have that this version does not
+/// know (`unknown_fields`), or `None` when there is no file yet.
+fn read(path: &Path) -> Result<Option<Read>, StoreError> {
     let bytes = match crate::files::read(path, MAX_STATE_BYTES) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -210,11 +290,23 @@ fn read(path: &Path) -> Result<Option<(Vec<u8>, Persisted)>, StoreError> {
             })
         }
     };
-    let state = serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+    let corrupt = |source| StoreError::Corrupt {
         path: path.to_path_buf(),
         source,
-    })?;
-    Ok(Some((bytes, state)))
+    };
+    // Parsed as the state first, for an error that says where the file goes wrong.
+    let state = serde_json::from_slice(&bytes).map_err(corrupt)?;
+    // Then as any JSON, which cannot fail once the state parsed: a state is one object,
+    // and `[]` (which serde reads as a struct of defaults) was read as no maintenance.
+    let unknown = match serde_json::from_slice(&bytes).map_err(corrupt)? {
+        serde_json::Value::Object(file) => unknown_fields(&file),
+        _ => {
+            return Err(corrupt(serde::de::Error::custom(
+                "it is not a JSON object, as a state file is: { \"version\": 1, ... }",
+            )))
+        }
+    };
+    Ok(Some((bytes, state, unknown)))
 }
 
 /// The mode the state file (and a copy of it) is written with. The file holds the
@@ -725,6 +817,102 @@ mod tests {
         assert!(!dir.path().join("state.json.v7").exists());
         std::fs::write(&path, "{not json").unwrap();
         assert!(inspect(&path).unwrap_err().to_string().contains("corrupt"));
+    }
+
+    /// A state is one JSON object: an array, which serde reads as a struct of defaults, was
+    /// read as no maintenance at all.
+    #[test]
+    fn a_file_that_is_no_json_object_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        for text in ["[]", r#"[1, null, "held"]"#] {
+            std::fs::write(&path, text).unwrap();
+            let e = load(&path).unwrap_err().to_string();
+            assert!(
+                e.contains("corrupt") && e.contains("not a JSON object"),
+                "{text}: {e}"
+            );
+            assert!(inspect(&path).is_err(), "{text}");
+            assert_eq!(
+                std::fs::read_to_string(&path).unwrap(),
+                text,
+                "never replaced"
+            );
+        }
+        std::fs::write(&path, "{}").unwrap();
+        assert_eq!(load(&path).unwrap(), Persisted::default());
+    }
+
+    /// A field this version does not know is said, with where it is: a typo in a file edited
+    /// by hand (`"planed"`) was read as no maintenance without a word. Every field this
+    /// version writes is known (so that this list keeps up with the state's).
+    #[test]
+    fn fields_this_version_does_not_know_are_said() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let at = crate::time::Timestamp(std::time::UNIX_EPOCH);
+        let full = Persisted {
+            planned: Some(super::super::mode::Planned {
+                since: at,
+                until: Some(at),
+                retry_after: Some(60),
+                by: "ops".into(),
+                reason: Some("why".into()),
+            }),
+            message: Some("m".into()),
+            updates: vec![super::super::mode::Update {
+                at,
+                message: "m".into(),
+            }],
+            force_open: true,
+            schedules: vec![super::super::mode::Window {
+                id: 1,
+                start: at,
+                end: crate::time::Timestamp(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(60),
+                ),
+                message: Some("w".into()),
+                by: "ops".into(),
+                started: true,
+            }],
+            next_window_id: 2,
+            outage_since: Some(at),
+            continues: Some(super::super::mode::Continues {
+                window: 1,
+                since: at,
+            }),
+            outage_told_from: Some(super::super::mode::Mode::Maintenance),
+            ..Persisted::default()
+        };
+        save(&path, &full).unwrap();
+        assert_eq!(inspect(&path).unwrap(), Vec::<String>::new());
+        assert_eq!(load(&path).unwrap(), full);
+        let text = r#"{"version":1,"planed":{"since":"2026-12-06T00:00:00Z","by":"ops"},
+            "planned":{"since":"2026-12-06T00:00:00Z","by":"ops","untill":"2026-12-07T00:00:00Z"},
+            "schedules":[{"id":1,"start":"2030-01-01T00:00:00Z","end":"2030-01-01T01:00:00Z","by":"ops","mesage":"x"}]}"#;
+        std::fs::write(&path, text).unwrap();
+        let said = inspect(&path).unwrap();
+        assert_eq!(said.len(), 1, "{said:?}");
+        for field in [
+            r#""planed""#,
+            r#"planned."untill""#,
+            r#"schedules[0]."mesage""#,
+        ] {
+            assert!(said[0].contains(field), "{field}: {said:?}");
+        }
+        assert!(load(&path).unwrap().planned.is_some());
+        // Many are named up to a bound, and counted past it.
+        let many: Vec<String> = (0..25).map(|i| format!(r#""typo{i:02}":1"#)).collect();
+        std::fs::write(&path, format!("{{{}}}", many.join(","))).unwrap();
+        let said = inspect(&path).unwrap();
+        assert!(
+            said[0].contains(r#""typo09""#) && !said[0].contains(r#""typo10""#),
+            "{said:?}"
+        );
+        assert!(said[0].contains("and 15 more"), "{said:?}");
+        // A newer format says what it drops already, with its copy.
+        std::fs::write(&path, r#"{"version":7,"new_thing":1}"#).unwrap();
+        assert_eq!(inspect(&path).unwrap(), Vec::<String>::new());
     }
 
     #[test]
