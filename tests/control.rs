@@ -726,6 +726,38 @@ async fn a_config_caught_half_written_is_read_until_it_is_whole() {
     );
 }
 
+/// A state file edited by hand while the proxy runs is not read (the state is read at start
+/// only): a reload says so, where the operator who edited it and reloaded believed the edit
+/// in force, and the next change replaces the file.
+#[tokio::test]
+async fn a_reload_says_a_state_file_edited_by_hand_is_not_in_force() {
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&format!("[upstream]\nservers = [\"{}\"]\n", up.url())).await;
+    // Once the first checks are in, nothing but a command saves the state.
+    assert!(all_servers_healthy(&proxy).await);
+    assert!(ctl(&proxy, on(Some("Database upgrade"))).await.ok);
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert!(r.ok && r.warnings.is_empty(), "what the proxy wrote: {r:?}");
+    let file = proxy.dir.path().join("intermission-state.json");
+    // Maintenance off, by hand, in place.
+    std::fs::write(&file, r#"{"version": 1}"#).unwrap();
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.state.as_ref().unwrap().mode.as_str(), "maintenance");
+    assert_eq!(r.warnings.len(), 1, "{r:?}");
+    assert!(
+        r.warnings[0].contains("intermission-state.json")
+            && r.warnings[0].contains("reads it at start only"),
+        "{r:?}"
+    );
+    // The next change replaces the file, which is then the proxy's own again.
+    assert!(ctl(&proxy, Ctl::Off).await.ok);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("next_window_id"), "{text}");
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert!(r.ok && r.warnings.is_empty(), "{r:?}");
+}
+
 /// A section the file in force had and a new one does not (cut short, or deleted with more
 /// than meant) is said by the reload that applies it: its keys are back to their defaults.
 #[tokio::test]

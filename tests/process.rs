@@ -216,6 +216,53 @@ fn a_panic_is_a_line_in_the_logs_format() {
     );
 }
 
+/// What an operator wrote by hand in the state file and the proxy does not do is in its log:
+/// a field it does not know, at start (`"planed"`, a typo read as no maintenance), and an
+/// edit made while it runs, which the next change replaces (the file is read at start only).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_log_says_what_of_a_state_file_edited_by_hand_is_not_in_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("intermission-state.json");
+    std::fs::write(
+        &file,
+        r#"{"version": 1, "planed": {"since": "2026-12-06T00:00:00Z", "by": "ops"}}"#,
+    )
+    .unwrap();
+    let up = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!("[upstream]\nservers = [\"{}\"]\n", up.url()),
+    );
+    let proxy = &proxy;
+    let said = |what: &'static str| move || proxy.log_lines().iter().any(|l| l.contains(what));
+    assert!(
+        wait_until(
+            Duration::from_secs(10),
+            said(r#"does not know are ignored: "planed""#)
+        )
+        .await,
+        "{:#?}",
+        proxy.log_lines()
+    );
+    assert!(proxy.ctl(&on(Some("Database upgrade"))).await.unwrap().ok);
+    std::fs::write(&file, r#"{"version": 1}"#).unwrap();
+    let update = intermission::control::protocol::Request::Update {
+        message: "Nearly done".to_owned(),
+    };
+    assert!(proxy.ctl(&update).await.unwrap().ok);
+    assert!(
+        wait_until(
+            Duration::from_secs(10),
+            said("was changed since this proxy last wrote it")
+        )
+        .await,
+        "{:#?}",
+        proxy.log_lines()
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("Nearly done"), "{text}");
+}
+
 /// Every line of the text log is an entry of its own, with its time and level: a refused
 /// reload's problems, one a line in what `ctl` prints, and an operator's reason with a line
 /// separator or a mark that reverses the text, are written escaped, as a path is.

@@ -138,6 +138,9 @@ pub struct Controller {
     /// When the served certificates next call for a warning (`tls::next_expiry_check`):
     /// start and reload warn of them, and a proxy may run for months between the two.
     certificates_due: Option<SystemTime>,
+    /// The state file as this proxy last read or wrote it: one changed since (by hand) is
+    /// not in force, which a reload and the save that replaces it say.
+    written: Option<store::Seen>,
 }
 
 /// Reloads asked for. Their files are read off the controller: a file that blocks (a FIFO, a
@@ -231,6 +234,8 @@ impl Controller {
         let certificates_due = crate::tls::next_expiry_check(&parts.tls.ends, now);
         let (tx, rx) = mpsc::channel(64);
         let overrun_noted = false;
+        // As the start just read it.
+        let written = store::seen(&parts.config.control.state_file);
         let controller = Controller {
             rx,
             stop: None,
@@ -256,6 +261,7 @@ impl Controller {
             clock,
             reloads: Reloads::default(),
             certificates_due,
+            written,
         };
         (controller, ControllerHandle { tx }, handle)
     }
@@ -743,20 +749,48 @@ impl Controller {
 
     /// Saves a state that is already in force (a clock edge, a health flip): a failure is
     /// logged, since there is no operator to refuse.
-    async fn save(&self, next: &Persisted) {
+    async fn save(&mut self, next: &Persisted) {
         if let Err(e) = self.write_state(next).await {
             tracing::error!("{e}");
         }
     }
 
     /// Writes the state file on the blocking pool (an fsync must not stall the data plane).
-    async fn write_state(&self, next: &Persisted) -> Result<(), String> {
+    async fn write_state(&mut self, next: &Persisted) -> Result<(), String> {
         let path = self.parts.config.control.state_file.clone();
         let saved = next.clone();
-        tokio::task::spawn_blocking(move || store::save(&path, &saved))
+        let (before, saved, after) = tokio::task::spawn_blocking(move || {
+            let before = store::seen(&path);
+            let saved = store::save(&path, &saved);
+            (before, saved, store::seen(&path))
+        })
+        .await
+        .map_err(|e| format!("state file writer failed: {e}"))?;
+        saved.map_err(|e| e.to_string())?;
+        if before != self.written {
+            // An edit by hand, now gone: said, since whoever made it believes it in force.
+            tracing::warn!(
+                path = %self.parts.config.control.state_file.display(),
+                "the state file was changed since this proxy last wrote it (by hand?), and is replaced with the running state: a running proxy reads it at start only; change the state with `intermission ctl`"
+            );
+        }
+        self.written = after;
+        Ok(())
+    }
+
+    /// The reload's warning of a state file changed since this proxy last read or wrote it:
+    /// an operator who edits it by hand and reloads would otherwise believe it in force.
+    async fn state_file_edited(&self) -> Option<String> {
+        let path = self.parts.config.control.state_file.clone();
+        let shown = path.display().to_string();
+        let now = tokio::task::spawn_blocking(move || store::seen(&path))
             .await
-            .map_err(|e| format!("state file writer failed: {e}"))?
-            .map_err(|e| e.to_string())
+            .ok()?;
+        (now != self.written).then(|| {
+            format!(
+                "control.state_file {shown} was changed since this proxy last wrote it: a running proxy reads it at start only, so the state in force stays (see `ctl status`), and its next change replaces the file; change the state with `intermission ctl`"
+            )
+        })
     }
 
     /// The end clients are shown now, if anything is held and has one.
@@ -1145,6 +1179,10 @@ impl Controller {
             pages = %self.parts.pages.origin,
             "config and pages reloaded"
         );
+        if let Some(warning) = self.state_file_edited().await {
+            tracing::warn!("{warning}");
+            warnings.push(warning);
+        }
         let (before, after) = self.settle(self.clock.now(), "config reloaded").await;
         // An outage the previous instance left going on, which this reload showed again.
         let previous = match self.retold_from.take() {

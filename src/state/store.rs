@@ -437,6 +437,30 @@ fn beside(path: &Path, suffix: &str) -> PathBuf {
     dir.join(format!(".{name}.{suffix}"))
 }
 
+/// What tells the state file on disk from another without reading it: its inode, size and
+/// modification time. A save replaces the inode; an edit in place changes the time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+}
+
+/// The state file as it is on disk now (through a symlink); `None` when there is none.
+/// The running proxy reads the file at start only, and compares it with what it last read
+/// or wrote to say that an edit by hand is not in force, and that its next save replaces it.
+pub fn seen(path: &Path) -> Option<Seen> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(Seen {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+    })
+}
+
 /// Writes `state` so that a crash at any moment leaves either the old or the new file whole.
 /// Blocking: call it off the async workers.
 pub fn save(path: &Path, state: &Persisted) -> Result<(), StoreError> {
