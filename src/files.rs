@@ -165,8 +165,12 @@ fn not_utf8(bytes: &[u8], e: std::str::Utf8Error) -> String {
 /// left the operator looking at a file that is there.
 fn dangling(path: &Path) -> Option<io::Error> {
     let target = std::fs::read_link(path).ok()?;
-    if path.exists() {
-        return None;
+    // Only a link to what does not exist is one to nothing: a loop of links (`ELOOP`), or a
+    // target this user may not look at, is said as it is, where `exists()` (false on any
+    // error) made a state file that is a loop read as no file, and maintenance off.
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        _ => return None,
     }
     Some(io::Error::new(
         io::ErrorKind::NotFound,
@@ -200,6 +204,18 @@ mod tests {
         let e = read(&dir.path().join("none.toml"), 1024).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
         assert!(!e.to_string().contains("symbolic link"), "{e}");
+    }
+
+    /// A loop of links is no link to nothing: taken for one, a state file that is a loop was
+    /// read as no file at all, and the proxy started with maintenance off.
+    #[test]
+    fn a_loop_of_links_is_said_as_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("state.json");
+        std::os::unix::fs::symlink("state.json", &link).unwrap();
+        let e = read(&link, 1024).unwrap_err();
+        assert_ne!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
     }
 
     #[test]

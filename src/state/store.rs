@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot read state file {}: {source}; fix its permissions, or move it away to start with maintenance off", path.display())]
+    #[error("cannot read state file {}: {source}; {}, or move it away to start with maintenance off", path.display(), read_advice(.source))]
     Read {
         path: PathBuf,
         #[source]
@@ -45,6 +45,15 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What to do about a state file that cannot be read: its permissions only when they are
+/// the cause; a loop of symlinks, a device or a file too large is no matter of permissions.
+fn read_advice(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => "fix its permissions",
+        _ => "repair it",
+    }
 }
 
 /// The state file at most: 500 windows and 50 updates of 2,000 characters each, escaped,
@@ -827,6 +836,26 @@ mod tests {
         assert!(made.unwrap().success(), "mkfifo failed");
         let e = load(&path).unwrap_err().to_string();
         assert!(e.contains("state.json") && e.contains("FIFO"), "{e}");
+    }
+
+    /// The advice that goes with a file that cannot be read fits its cause: permissions only
+    /// when they are the cause.
+    #[test]
+    fn what_cannot_be_read_is_told_with_the_advice_of_its_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::os::unix::fs::symlink("state.json", &path).unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(e.contains("symbolic links"), "{e}");
+        assert!(!e.contains("permissions"), "{e}");
+        let denied = StoreError::Read {
+            path: path.clone(),
+            source: std::io::ErrorKind::PermissionDenied.into(),
+        };
+        assert!(
+            denied.to_string().contains("fix its permissions"),
+            "{denied}"
+        );
     }
 
     /// `check`'s look at the file writes nothing: a newer version's file is copied aside by
