@@ -1221,6 +1221,12 @@ async fn a_change_that_cannot_be_saved_is_refused_and_nothing_changes() {
         "{}",
         error.message
     );
+    // By its cause: a folder that is no folder any more is no full disk.
+    assert!(
+        error.message.contains("no folder any more") && !error.message.contains("Make room"),
+        "{}",
+        error.message
+    );
     assert_eq!(proxy_mode(&proxy).await, "normal");
     assert_eq!(get(&proxy.url("/")).await.status(), 200, "still forwarded");
 

@@ -750,13 +750,14 @@ impl Controller {
     /// Saves a state that is already in force (a clock edge, a health flip): a failure is
     /// logged, since there is no operator to refuse.
     async fn save(&mut self, next: &Persisted) {
-        if let Err(e) = self.write_state(next).await {
-            tracing::error!("{e}");
+        if let Err((e, advice)) = self.write_state(next).await {
+            tracing::error!("{e}; {advice}");
         }
     }
 
     /// Writes the state file on the blocking pool (an fsync must not stall the data plane).
-    async fn write_state(&mut self, next: &Persisted) -> Result<(), String> {
+    /// A failure is said with what to do about it (`StoreError::advice`).
+    async fn write_state(&mut self, next: &Persisted) -> Result<(), (String, &'static str)> {
         let path = self.parts.config.control.state_file.clone();
         let saved = next.clone();
         let (before, saved, after) = tokio::task::spawn_blocking(move || {
@@ -765,8 +766,11 @@ impl Controller {
             (before, saved, store::seen(&path))
         })
         .await
-        .map_err(|e| format!("state file writer failed: {e}"))?;
-        saved.map_err(|e| e.to_string())?;
+        .map_err(|e| {
+            let advice = "Make room on that file system (or let the proxy's user write there)";
+            (format!("state file writer failed: {e}"), advice)
+        })?;
+        saved.map_err(|e| (e.to_string(), e.advice()))?;
         if before != self.written {
             // An edit by hand, now gone: said, since whoever made it believes it in force.
             tracing::warn!(
@@ -943,15 +947,14 @@ impl Controller {
             false => Vec::new(),
         };
         if next != self.state {
-            self.write_state(&next).await.map_err(|e| {
+            self.write_state(&next).await.map_err(|(e, advice)| {
                 // What to do, for an operator mid-incident whose `off` a full disk refused:
                 // the refusal itself is the promise (a restart keeps every change acknowledged).
                 ErrorBody::new(
                     "state_not_saved",
                     format!(
                         "{e}; nothing was changed: a change is made only once it is saved, so \
-                         that a restart keeps it. Make room on that file system (or let the \
-                         proxy's user write there) and send it again"
+                         that a restart keeps it. {advice}, and send it again"
                     ),
                 )
             })?;

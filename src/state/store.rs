@@ -47,6 +47,29 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// What to do about a save that failed, by its cause, for an operator mid-incident whose
+    /// change it refused: a full disk and a folder that is gone call for different things.
+    pub fn advice(&self) -> &'static str {
+        let os = match self {
+            StoreError::Write { source, .. } => source.raw_os_error(),
+            _ => None,
+        };
+        match os {
+            Some(libc::ENOSPC | libc::EDQUOT) => "Make room on that file system",
+            Some(libc::EACCES | libc::EPERM) => "Let the proxy's user write in its folder",
+            Some(libc::EROFS) => {
+                "Its file system is read-only: mount it read-write (the proxy's user writing there)"
+            }
+            Some(libc::ENOENT | libc::ENOTDIR) => {
+                "Its folder is gone or no folder any more (moved, removed, a mount lost?): make \
+                 it again, writable by the proxy's user"
+            }
+            _ => "Make room on that file system (or let the proxy's user write there)",
+        }
+    }
+}
+
 /// What to do about a state file that cannot be read: its permissions only when they are
 /// the cause; a loop of symlinks, a device or a file too large is no matter of permissions.
 fn read_advice(e: &std::io::Error) -> &'static str {
@@ -856,6 +879,21 @@ mod tests {
             denied.to_string().contains("fix its permissions"),
             "{denied}"
         );
+    }
+
+    /// A save that failed is told what to do by its cause: a folder that is gone is not a
+    /// full disk.
+    #[test]
+    fn a_failed_save_is_advised_by_its_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("gone").join("state.json");
+        let e = save(&gone, &Persisted::default()).unwrap_err();
+        assert!(e.advice().contains("make it again"), "{e}: {}", e.advice());
+        let full = StoreError::Write {
+            path: gone.clone(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        assert_eq!(full.advice(), "Make room on that file system");
     }
 
     /// `check`'s look at the file writes nothing: a newer version's file is copied aside by
