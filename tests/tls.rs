@@ -2707,20 +2707,8 @@ async fn tls_answer(s: &mut TlsStream<tokio::net::TcpStream>) -> String {
                 return Ok::<_, std::io::Error>("closed".to_owned());
             }
             got.extend_from_slice(&more[..n]);
-            let text = String::from_utf8_lossy(&got).into_owned();
-            if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                let length = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length: ")
-                            .map(str::to_owned)
-                    })
-                    .and_then(|n| n.trim().parse::<usize>().ok())
-                    .unwrap_or(0);
-                if body.len() >= length {
-                    return Ok(head.lines().next().unwrap_or_default().to_owned());
-                }
+            if let Some((head, _)) = whole_answer(&got) {
+                return Ok(head.lines().next().unwrap_or_default().to_owned());
             }
         }
     };

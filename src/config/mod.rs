@@ -311,33 +311,25 @@ impl Config {
                  \"0660\" and a group for the operators"
             ));
         }
-        for (i, net) in self.maintenance.allow_ips.iter().enumerate() {
-            if net.prefix_len() == 0 {
-                // Valid, and a way to open the site for a test; refusing it would stop a
-                // config that ran yesterday.
-                let family = if net.addr().is_ipv4() { "IPv4" } else { "IPv6" };
-                warnings.push(format!(
-                    "maintenance.allow_ips[{i}] \"{net}\" lets every {family} client through \
-                     to the application in every mode: maintenance holds none of them; name \
-                     the team's addresses instead"
-                ));
-            }
+        // Both valid: `allow_ips` a way to open the site for a test, `trusted_proxies` written
+        // behind a balancer that alone reaches the proxy (a Kubernetes ingress, nginx's
+        // `set_real_ip_from 0.0.0.0/0`); refusing them would stop a config that ran yesterday.
+        for (i, net, family) in whole_families(&self.maintenance.allow_ips) {
+            warnings.push(format!(
+                "maintenance.allow_ips[{i}] \"{net}\" lets every {family} client through \
+                 to the application in every mode: maintenance holds none of them; name \
+                 the team's addresses instead"
+            ));
         }
-        for (i, net) in self.proxy.trusted_proxies.iter().enumerate() {
-            if net.prefix_len() == 0 {
-                // Valid, and written behind a balancer that alone reaches the proxy (a
-                // Kubernetes ingress, nginx's `set_real_ip_from 0.0.0.0/0`); refusing it would
-                // stop a config that ran yesterday.
-                let family = if net.addr().is_ipv4() { "IPv4" } else { "IPv6" };
-                warnings.push(format!(
-                    "proxy.trusted_proxies[{i}] \"{net}\" trusts every {family} client as a \
-                     proxy: any of them can write an address of maintenance.allow_ips into \
-                     X-Forwarded-For or Forwarded and be let through in every mode, be logged \
-                     as any address, send X-Forwarded-Proto, X-Original-URL and the like on to \
-                     the application, and is not bounded by proxy.max_pending_per_client; name \
-                     the load balancer's addresses (or its subnet) instead"
-                ));
-            }
+        for (i, net, family) in whole_families(&self.proxy.trusted_proxies) {
+            warnings.push(format!(
+                "proxy.trusted_proxies[{i}] \"{net}\" trusts every {family} client as a \
+                 proxy: any of them can write an address of maintenance.allow_ips into \
+                 X-Forwarded-For or Forwarded and be let through in every mode, be logged \
+                 as any address, send X-Forwarded-Proto, X-Original-URL and the like on to \
+                 the application, and is not bounded by proxy.max_pending_per_client; name \
+                 the load balancer's addresses (or its subnet) instead"
+            ));
         }
         for (i, target) in self.notify.iter().enumerate() {
             let short = target.secret.as_ref().map_or(0, |s| s.chars().count());
@@ -2198,6 +2190,18 @@ fn not_a_file(path: &Path) -> Option<String> {
         }
         Err(e) => Some(crate::tls::read_problem(&e)),
     }
+}
+
+/// The entries of `nets` that cover a whole address family, with their index and the
+/// family's name.
+fn whole_families(nets: &[IpNet]) -> impl Iterator<Item = (usize, &IpNet, &'static str)> {
+    nets.iter()
+        .enumerate()
+        .filter(|(_, net)| net.prefix_len() == 0)
+        .map(|(i, net)| {
+            let family = if net.addr().is_ipv4() { "IPv4" } else { "IPv6" };
+            (i, net, family)
+        })
 }
 
 #[cfg(test)]

@@ -405,6 +405,23 @@ async fn exchange_on(mut s: tokio::net::TcpStream, request: &[u8], limit: Durati
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The head and body of the answer `got` holds, once it holds it whole (framed by its
+/// `Content-Length`, none being 0).
+pub fn whole_answer(got: &[u8]) -> Option<(String, String)> {
+    let text = String::from_utf8_lossy(got);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let length = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_owned)
+        })
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    (body.len() >= length).then(|| (head.to_owned(), body.to_owned()))
+}
+
 /// Sends `request` on `sock` and reads one answer (framed by its `Content-Length`): its body.
 pub async fn one_answer(sock: &mut tokio::net::TcpStream, request: &[u8]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -416,20 +433,8 @@ pub async fn one_answer(sock: &mut tokio::net::TcpStream, request: &[u8]) -> Str
             let n = sock.read(&mut more).await.unwrap();
             assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
             got.extend_from_slice(&more[..n]);
-            let text = String::from_utf8_lossy(&got).into_owned();
-            if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                let length = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length: ")
-                            .map(str::to_owned)
-                    })
-                    .and_then(|n| n.trim().parse::<usize>().ok())
-                    .unwrap_or(0);
-                if body.len() >= length {
-                    return body.to_owned();
-                }
+            if let Some((_, body)) = whole_answer(&got) {
+                return body;
             }
         }
     };
@@ -649,6 +654,15 @@ impl ProxyProcess {
             .unwrap()
             .success();
         assert!(ok, "kill -{sig} failed");
+    }
+
+    /// The address of the listener whose start line names `kind` (`http`, `https`).
+    pub fn listening(&self, kind: &str) -> SocketAddr {
+        self.log_lines()
+            .iter()
+            .filter(|l| l.contains(&format!("({kind})")))
+            .find_map(|l| listening_addr(l))
+            .expect("the listener's address")
     }
 
     pub fn log_lines(&self) -> Vec<String> {
