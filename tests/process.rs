@@ -989,17 +989,10 @@ async fn a_request_refused_unread_is_logged_with_its_status() {
         "a".repeat(210_000)
     );
     let long = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70_000));
-    // Said one after the other: the first one starts the test.
-    let both = || {
-        proxy
-            .log_lines()
-            .iter()
-            .filter(|l| l.contains("listening on"))
-            .count()
-            == 2
-    };
-    assert!(wait_until(Duration::from_secs(10), both).await);
-    let (plain, tls) = (proxy.listening("http"), proxy.listening("https"));
+    let (plain, tls) = (
+        proxy.listening("http").await,
+        proxy.listening("https").await,
+    );
     let answer = raw_exchange(plain, big.as_bytes(), Duration::from_secs(10)).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
     // A target over hyper's 64 KiB, in a head under `max_header_bytes`: 414, logged as sent.
@@ -1116,16 +1109,10 @@ async fn a_head_cut_off_at_header_read_timeout_is_logged_408() {
             up.url()
         ),
     );
-    let both = || {
-        proxy
-            .log_lines()
-            .iter()
-            .filter(|l| l.contains("listening on"))
-            .count()
-            == 2
-    };
-    assert!(wait_until(Duration::from_secs(10), both).await);
-    let (plain, https) = (proxy.listening("http"), proxy.listening("https"));
+    let (plain, https) = (
+        proxy.listening("http").await,
+        proxy.listening("https").await,
+    );
     const BEFORE: &str = "GET /before HTTP/1.1\r\nHost: x\r\n\r\n";
     // Left to hyper: `TE` over TLS (hyper serves the connection from then on); a declined
     // `Upgrade` on plaintext, which keeps the connection from parking, so that hyper's own

@@ -656,13 +656,20 @@ impl ProxyProcess {
         assert!(ok, "kill -{sig} failed");
     }
 
-    /// The address of the listener whose start line names `kind` (`http`, `https`).
-    pub fn listening(&self, kind: &str) -> SocketAddr {
-        self.log_lines()
-            .iter()
-            .filter(|l| l.contains(&format!("({kind})")))
-            .find_map(|l| listening_addr(l))
-            .expect("the listener's address")
+    /// The address of the listener whose start line names `kind` (`http`, `https`), once
+    /// the log has said it (each listener says so in turn, the first one at the start).
+    pub async fn listening(&self, kind: &str) -> SocketAddr {
+        let said = || {
+            self.log_lines()
+                .iter()
+                .filter(|l| l.contains(&format!("({kind})")))
+                .find_map(|l| listening_addr(l))
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || said().is_some()).await,
+            "no {kind} listener said where it listens"
+        );
+        said().expect("said")
     }
 
     pub fn log_lines(&self) -> Vec<String> {
