@@ -162,7 +162,21 @@ fn preview(snap: &Snapshot, query: &str) -> Response<Body> {
     resp
 }
 
+/// Every answer at a bypass link says `Referrer-Policy: no-referrer`, whether a secret is
+/// configured or not (so that it tells nothing of one). The address holds a secret, the right
+/// one or nearly (mistyped, or one changed since): the holding page shown there takes its
+/// visitor to `/` once the site is back (`status.js`), and that request, and those of the page's
+/// assets, would have carried the whole address to the application as `Referer`.
 fn bypass<B>(snap: &Snapshot, req: &Request<B>, secret: &str, tls: bool) -> Response<Body> {
+    let mut resp = bypass_answer(snap, req, secret, tls);
+    resp.headers_mut().insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    resp
+}
+
+fn bypass_answer<B>(snap: &Snapshot, req: &Request<B>, secret: &str, tls: bool) -> Response<Body> {
     let key = snap
         .bypass
         .as_deref()

@@ -1119,6 +1119,43 @@ async fn a_pages_event_source_outlasts_maintenance() {
     wait_for("app:tick").await;
 }
 
+/// A holding page shown at a bypass link whose secret does not match (changed since, or
+/// mistyped) takes its visitor to the site once it is back, as its note promises: its address
+/// is under the reserved prefix, as the preview's is, and the page stayed there for good, where
+/// asking for the link again would only get a bare `404`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_bypass_link_comes_back_to_the_site() {
+    let Some(chromedriver) = browser_or_skip() else {
+        return;
+    };
+    let app = upstream(|_req: Request<Incoming>| async move {
+        Response::builder()
+            .header("content-type", "text/html; charset=utf-8")
+            .body(full(SHOP_PAGE))
+            .unwrap()
+    })
+    .await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[maintenance]\nbypass_secret = \"the-current-secret-0123\"\n",
+        app.url()
+    ))
+    .await;
+    assert!(ctl(&proxy, intermission_on(FIRST_MESSAGE)).await.ok);
+    let browser = Browser::start(&chromedriver).await;
+    browser
+        .navigate(&proxy.url("/_intermission/bypass/an-old-secret-0123456"))
+        .await;
+    let state = browser.exec(PAGE_STATE).await;
+    assert_holding_page(&state, "maintenance", FIRST_MESSAGE);
+    assert_eq!(state["auto_note_visible"], true, "{state:#}");
+    assert!(ctl(&proxy, Ctl::Off).await.ok);
+    let state = wait_for_page(&browser, PAGE_POLL_LIMIT, "the real shop", |s| {
+        s["app"] == "The real shop"
+    })
+    .await;
+    assert_eq!(state["url"], proxy.url("/"), "{state:#}");
+}
+
 fn intermission_on(message: &str) -> Ctl {
     Ctl::On {
         message: Some(message.into()),

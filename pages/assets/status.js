@@ -4,8 +4,9 @@
  * endpoint, keeps the message, the expected end and the updates current,
  * shows times in the visitor's time zone, and asks for the page again (by GET,
  * so that a form is never sent twice) once the mode is "normal" so the visitor
- * lands on the page they asked for. On the operator preview (any path under the
- * reserved prefix) it never reloads.
+ * lands on the page they asked for. On the operator preview it never reloads; on
+ * any other path under the reserved prefix (a bypass link with a wrong secret) it
+ * goes to `/`, where the right link leads.
  *
  * Hooks (all set by the templates):
  *   <html data-status-url data-prefix data-mode data-retry-after lang>
@@ -23,7 +24,13 @@
   const prefix = root.getAttribute('data-prefix') || '';
   const pageMode = root.getAttribute('data-mode') || '';
   const lang = root.getAttribute('lang') || undefined;
-  const isPreview = prefix.length > 1 && location.pathname.indexOf(prefix) === 0;
+  const reserved = prefix.length > 1 && location.pathname.indexOf(prefix) === 0;
+  // The operator's preview never navigates. Any other page under the prefix is a bypass link
+  // whose secret did not match (changed since, or mistyped): the link leads to `/` once the
+  // secret is right, and the site's own page is there once it is back, where asking for the
+  // link again would get a bare 404, and not asking left the page waiting for good.
+  const isPreview = reserved && location.pathname === prefix + 'preview';
+  const backTo = reserved ? '/' : null;
 
   const BASE_MS = 10000;       // normal poll interval
   const MAX_BACKOFF_MS = 120000;
@@ -197,7 +204,8 @@
       try { sessionStorage.setItem(RELOAD_KEY, JSON.stringify({ n: n, t: Date.now() })); } catch (e) { /* ignore */ }
       // The same address with a #fragment would only scroll: reload that one (a form's
       // action rarely has one).
-      if (location.hash) location.reload();
+      if (backTo) location.replace(backTo);
+      else if (location.hash) location.reload();
       else location.replace(location.href);
     }, wait);
   }
