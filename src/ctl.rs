@@ -103,7 +103,15 @@ pub fn run(
                      `{again} status` before sending it again"
                 )
             } else {
-                format!("the proxy on {socket} did not take the connection within {limit} s; nothing was sent")
+                format!(
+                    "the proxy on {socket} did not take the connection within {limit} s; nothing \
+                     was sent. A socket is there and something listens on it, but its queue of \
+                     connections waiting to be taken stayed full: the proxy is stalled (stopped \
+                     with SIGSTOP or by a debugger, or starved of CPU or memory) or flooded with \
+                     connections; it is not down, and a restart would drop its clients: see what \
+                     holds it (`ps -o stat,pid,cmd -p PID`: T is stopped, `kill -CONT PID` resumes \
+                     it)"
+                )
             };
             return fail(3, "no_answer", message);
         }
@@ -240,15 +248,46 @@ async fn exchange(socket: &Path, req: &Request, deadline: tokio::time::Instant) 
 
 /// One connection, one request, within `deadline`.
 async fn once(socket: &Path, req: &Request, deadline: tokio::time::Instant) -> Answer {
-    let connected = tokio::time::timeout_at(deadline, client::Client::connect(socket)).await;
-    let mut proxy = match connected {
+    let mut proxy = match connect(socket, deadline).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return Ok(Err(e)),
-        Err(_) => return Err(false),
+        Err(()) => return Err(false),
     };
     tokio::time::timeout_at(deadline, proxy.request(req))
         .await
         .map_err(|_| true)
+}
+
+/// The first pause before connecting again to a socket whose queue of connections is full;
+/// doubled at each try up to `MAX_BACKOFF`.
+const FIRST_CONNECT_PAUSE: Duration = Duration::from_millis(10);
+
+/// Connects within `deadline`; `Err(())` when it passed. A Unix socket whose queue of
+/// connections not yet accepted is full refuses a connect at once (`EAGAIN`) rather than
+/// making it wait: the proxy is there, but stalled (stopped with `SIGSTOP` or by a debugger,
+/// starved of CPU, swapping) or flooded with connections. That was reported at once as "no
+/// proxy answered", which sent an operator to restart a proxy that was running; it is tried
+/// again, as a connect that waited would have, until the deadline.
+async fn connect(
+    socket: &Path,
+    deadline: tokio::time::Instant,
+) -> Result<Result<client::Client, client::ClientError>, ()> {
+    let mut pause = FIRST_CONNECT_PAUSE;
+    loop {
+        match tokio::time::timeout_at(deadline, client::Client::connect(socket)).await {
+            Ok(Err(client::ClientError::NoProxy { source, .. }))
+                if source.kind() == std::io::ErrorKind::WouldBlock =>
+            {
+                if tokio::time::Instant::now() + pause >= deadline {
+                    return Err(());
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_BACKOFF);
+            }
+            Ok(connected) => return Ok(connected),
+            Err(_) => return Err(()),
+        }
+    }
 }
 
 /// A number in [0, 1) that differs between processes and calls: std's hasher keys are

@@ -1721,6 +1721,56 @@ async fn a_stopped_proxy_s_ctl_timeout_says_the_request_may_still_take_effect() 
     );
 }
 
+/// A stalled proxy whose queue of connections not yet taken is full (stopped, starved, or
+/// flooded by a burst of scripts) refuses a connect at once (`EAGAIN`) rather than letting it
+/// wait. `ctl` said "no proxy answered" at once, exit 3, and an operator restarted a proxy
+/// that was running; it connects again until its deadline, and the proxy, running again,
+/// takes the request and answers it.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctl_waits_for_a_proxy_whose_connection_queue_is_full() {
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("[upstream]\nservers = [\"{}\"]\n", up.url());
+    let proxy = ProxyProcess::start(dir.path(), &config);
+    let socket = dir.path().join("intermission.sock");
+    // The queue holds `net.core.somaxconn` connections (4096 by default): one descriptor each.
+    let _ = rlimit::increase_nofile_limit(70_000);
+    proxy.signal("STOP");
+    let mut queued = Vec::new();
+    let full = loop {
+        match tokio::net::UnixStream::connect(&socket).await {
+            Ok(s) => queued.push(s),
+            Err(e) => break e.kind() == std::io::ErrorKind::WouldBlock,
+        }
+        if queued.len() > 66_000 {
+            break false;
+        }
+    };
+    if !full {
+        proxy.signal("CONT");
+        eprintln!("SKIPPED: the control socket's queue could not be filled");
+        return;
+    }
+    let ctl = tokio::spawn(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_intermission"))
+            .arg("ctl")
+            .arg("-s")
+            .arg(&socket)
+            .args(["on", "--message", "queued"])
+            .output(),
+    );
+    // The proxy stays stalled a moment, as it would for whatever stopped it: `ctl`, started,
+    // meets the full queue meanwhile.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(queued);
+    proxy.signal("CONT");
+    let out = ctl.await.unwrap().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let state = proxy.ctl(&Ctl::Status).await.unwrap().state.unwrap();
+    assert_eq!(state.message.as_deref(), Some("queued"));
+}
+
 /// A proxy that reads the request and goes before it answers (killed, crashed, out of memory
 /// in the middle of `on`) may have applied it: `ctl` says so, and how to check, where it said
 /// "the proxy sent an answer that is not understood", which it had not, and which read as
