@@ -175,8 +175,12 @@ fn bind_once(path: &Path, mode: u32) -> Result<UnixListener, Placed> {
         // Stale only when nothing listens: any other failure to connect (this user kept out
         // of another user's live socket, a socket of another type) says nothing of that, and
         // removing the file took the control socket from a running proxy.
-        match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => return Err(Placed::Failed(ControlError::InUse(path.to_path_buf()))),
+        match knock(path) {
+            // A full queue is a proxy that is there but stalled (stopped, starved): in use.
+            Ok(()) => return Err(Placed::Failed(ControlError::InUse(path.to_path_buf()))),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(Placed::Failed(ControlError::InUse(path.to_path_buf())))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 match std::fs::remove_file(path) {
                     // Removed in between, by another start that found it stale too.
@@ -207,6 +211,22 @@ fn bind_once(path: &Path, mode: u32) -> Result<UnixListener, Placed> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Placed::Taken(e)),
         Err(e) => Err(io(e)),
     }
+}
+
+/// Connects to the socket at `path` without waiting, and lets go. A blocking connect to a
+/// live proxy whose queue of connections not yet taken is full (it is stopped, or starved)
+/// waits until that proxy takes one: a second proxy started on the same socket hung at
+/// start, where it is to be refused. Without waiting, a full queue is `WouldBlock`.
+fn knock(path: &Path) -> std::io::Result<()> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let socket = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::connect(&socket, &SocketAddrUnix::new(path)?)?;
+    Ok(())
 }
 
 /// Gives the socket bound at `staging` the name `path` as well, never over what is there
@@ -999,6 +1019,46 @@ mod tests {
         let listener = std::os::unix::net::UnixListener::bind(dir.path().join("s.sock")).unwrap();
         drop(listener);
         Bound::new(&dir.path().join("s.sock"), 0o600).unwrap();
+    }
+
+    /// A live proxy that takes no connection (stopped, starved) and whose queue is full is
+    /// still a proxy: a second one started on its socket is refused as "already listening",
+    /// at once, where its connect to tell a stale socket waited for the first to run again,
+    /// and the start hung.
+    #[test]
+    fn a_stalled_proxy_s_socket_is_in_use() {
+        use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let stalled = rustix::net::socket(AddressFamily::UNIX, SocketType::STREAM, None).unwrap();
+        rustix::net::bind(&stalled, &SocketAddrUnix::new(&path).unwrap()).unwrap();
+        rustix::net::listen(&stalled, 0).unwrap();
+        let mut queued = Vec::new();
+        while queued.len() < 100 {
+            let socket = rustix::net::socket_with(
+                AddressFamily::UNIX,
+                SocketType::STREAM,
+                SocketFlags::NONBLOCK,
+                None,
+            )
+            .unwrap();
+            match rustix::net::connect(&socket, &SocketAddrUnix::new(&path).unwrap()) {
+                Ok(()) => queued.push(socket),
+                Err(e) if e == rustix::io::Errno::AGAIN => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let (said, heard) = std::sync::mpsc::channel();
+        let starting = path.clone();
+        std::thread::spawn(move || {
+            let _ = said.send(Bound::new(&starting, 0o600).err().map(|e| e.to_string()));
+        });
+        let e = heard
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the start hung on the stalled proxy's socket");
+        assert!(e.is_some_and(|e| e.contains("already listening")), "taken");
+        assert!(path.exists());
+        drop(queued);
     }
 
     /// A socket another proxy put at the path after this one found it free (both started at
