@@ -22,7 +22,8 @@ pub fn run(
     // Said the same way for every failure before the proxy answers: on stderr for people,
     // and with `--json` also as one object on stdout, so a script always has one to read.
     let fail = |exit: u8, code: &str, message: String| {
-        eprintln!("intermission ctl: {message}");
+        // What the socket's other end said reaches `message` too: written as every field is.
+        eprintln!("intermission ctl: {}", terminal_safe(&message));
         if json {
             print_failure(code, &message);
         }

@@ -1823,6 +1823,47 @@ async fn a_proxy_gone_before_it_answered_may_have_applied_the_request() {
     );
 }
 
+/// Whatever else answers on the socket (another program, a proxy of another version) is
+/// quoted by `ctl` as far as an operator needs it: its start, with control characters
+/// escaped. It was written whole and raw: a 3 MiB answer filled the screen, and an escape
+/// sequence in it reached the terminal.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_not_understood_is_quoted_short_and_escaped() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fake.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let fake = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut stream = tokio::io::BufReader::new(stream);
+        let mut line = String::new();
+        stream.read_line(&mut line).await.unwrap();
+        let mut answer = b"\x1b[31mnot json ".to_vec();
+        answer.extend(std::iter::repeat_n(b'x', 3 << 20));
+        answer.push(b'\n');
+        stream.get_mut().write_all(&answer).await.unwrap();
+    });
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_intermission"))
+        .arg("ctl")
+        .arg("-s")
+        .arg(&socket)
+        .arg("status")
+        .output()
+        .await
+        .unwrap();
+    fake.await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(err.len() < 1_000, "{} bytes on stderr", err.len());
+    assert!(err.contains("not understood"), "{err}");
+    assert!(!err.contains('\x1b'), "{err}");
+    assert!(err.contains(r"\u{1b}[31mnot json xxx"), "{err}");
+    assert!(
+        err.contains(&format!("({} bytes)", 14 + (3 << 20))),
+        "{err}"
+    );
+}
+
 /// An operator's reason or message with a line end in it is logged on one line: in the text
 /// log, a line end would begin a line of its own (`X) by="root"`), one that could pass for
 /// the proxy's own.

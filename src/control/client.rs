@@ -153,7 +153,20 @@ impl Client {
     pub async fn request(&mut self, req: &Request) -> Result<Response, ClientError> {
         let line = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let answer = self.raw(&line).await?;
-        serde_json::from_str(&answer).map_err(|e| ClientError::Protocol(format!("{e}: {answer}")))
+        serde_json::from_str(&answer)
+            .map_err(|e| ClientError::Protocol(format!("{e}: {}", excerpt(&answer))))
+    }
+}
+
+/// The start of an answer not understood: what listens on the socket may be no proxy of this
+/// version (another program, an older proxy's whole status), and megabytes of it on stderr
+/// would bury the error it illustrates.
+fn excerpt(answer: &str) -> String {
+    const SHOWN: usize = 200;
+    let answer = answer.trim_end();
+    match answer.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{}… ({} bytes)", &answer[..cut], answer.len()),
+        None => answer.to_owned(),
     }
 }
 
