@@ -6,7 +6,10 @@
 //! version wrote is read (a rollback must not refuse to start), said so, and kept as it was
 //! beside the file before anything overwrites it.
 
-use super::mode::{shows_nothing, Persisted, MAX_MESSAGE_CHARS, MAX_UPDATES, STATE_VERSION};
+use super::mode::{
+    shows_nothing, Persisted, MAX_MESSAGE_CHARS, MAX_RETRY_AFTER, MAX_UPDATES, MAX_WINDOWS,
+    MIN_RETRY_AFTER, STATE_VERSION,
+};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -103,29 +106,83 @@ pub fn load(path: &Path) -> Result<Persisted, StoreError> {
         // What this build writes is its own format, whatever it read.
         state.version = STATE_VERSION;
     }
+    for problem in mend(&mut state, std::time::SystemTime::now()) {
+        tracing::warn!("state file {}: {problem}", path.display());
+    }
+    Ok(state)
+}
+
+/// Holds a file edited by hand to what a change can leave (the control protocol's bounds),
+/// as the start reads it and `check` tells it: what was mended, one sentence each, for the
+/// start's log and `check`'s warnings. Mended rather than refused, as the texts are: the
+/// file can be read, and a start refused over it (mid-incident) would leave every client
+/// without an answer at all.
+fn mend(state: &mut Persisted, now: std::time::SystemTime) -> Vec<String> {
+    let mut said = Vec::new();
     // A file edited by hand may list more updates than a change ever keeps; the pages'
     // bound on their rendered size (`hold::pages`) counts on at most `MAX_UPDATES`, and the
     // timeline shows the latest alone.
     let over = state.updates.len().saturating_sub(MAX_UPDATES);
     if over > 0 {
-        tracing::warn!(
-            "state file {} lists {} updates: the first {over} are dropped, as a change drops them past {MAX_UPDATES}",
-            path.display(),
+        said.push(format!(
+            "it lists {} updates: the first {over} are dropped, as a change drops them past {MAX_UPDATES}",
             state.updates.len()
-        );
+        ));
         state.updates.drain(..over);
     }
-    for problem in mend_windows(&mut state) {
-        tracing::warn!("state file {}: {problem}", path.display());
-    }
-    let mended = mend_texts(&mut state);
+    said.extend(mend_windows(state));
+    said.extend(mend_bounds(state, now));
+    let mended = mend_texts(state);
     if mended > 0 {
-        tracing::warn!(
-            "state file {}: {mended} of its messages and reasons were longer than {MAX_MESSAGE_CHARS} characters, held control characters or showed nothing, as no change can leave them: cut at {MAX_MESSAGE_CHARS}, the control characters removed, those showing nothing dropped",
-            path.display()
-        );
+        said.push(format!(
+            "{mended} of its messages and reasons were longer than {MAX_MESSAGE_CHARS} characters, held control characters or showed nothing, as no change can leave them: cut at {MAX_MESSAGE_CHARS}, the control characters removed, those showing nothing dropped"
+        ));
     }
-    Ok(state)
+    said
+}
+
+/// Holds the numbers of a file edited by hand to the control protocol's bounds: at most
+/// `MAX_WINDOWS` windows to come (every change rewrites the file and every `status` carries
+/// them all: 10,000 were read as they were), and a `retry_after` from `MIN_RETRY_AFTER` to
+/// `MAX_RETRY_AFTER` (the pages held it there already, while `status` showed the file's).
+/// The windows to come first are kept: the later ones, months ahead, are the ones an
+/// operator has time to add again.
+fn mend_bounds(state: &mut Persisted, now: std::time::SystemTime) -> Vec<String> {
+    let mut said = Vec::new();
+    // Ended windows are tidied at start, and `schedule add` does not count them either.
+    let to_come = state.schedules.iter().filter(|w| w.end.0 > now).count();
+    if to_come > MAX_WINDOWS {
+        let mut kept = 0;
+        let mut first_dropped = None;
+        // In order of their start (`mend_windows`).
+        state.schedules.retain(|w| {
+            if w.end.0 <= now {
+                return true;
+            }
+            kept += 1;
+            if kept > MAX_WINDOWS {
+                first_dropped.get_or_insert(w.start);
+                return false;
+            }
+            true
+        });
+        let from = first_dropped.map_or_else(String::new, |t| format!(" (from {})", t.rfc3339()));
+        said.push(format!(
+            "schedules lists {to_come} windows to come, more than the {MAX_WINDOWS} the control protocol keeps (schedule add refuses more): the {} that start last{from} are dropped, and the next change saves the file without them",
+            to_come - MAX_WINDOWS
+        ));
+    }
+    let (least, most) = (MIN_RETRY_AFTER.as_secs(), MAX_RETRY_AFTER.as_secs());
+    if let Some(planned) = state.planned.as_mut() {
+        if let Some(r) = planned.retry_after.filter(|r| !(least..=most).contains(r)) {
+            let held = r.clamp(least, most);
+            planned.retry_after = Some(held);
+            said.push(format!(
+                "planned.retry_after is {r}, outside the {least} to {most} seconds (1s to 24h) the control protocol takes: read as {held}"
+            ));
+        }
+    }
+    said
 }
 
 /// Holds the texts of a file edited by hand to what a change can leave in it (`text_problem`):
@@ -229,15 +286,20 @@ fn mend_windows(state: &mut Persisted) -> Vec<String> {
 
 /// Whether the start could load the state file, for `check`: read and parsed as `load`
 /// does, and nothing written (a newer version's file is not copied aside). What the start
-/// would warn of its fields, as `check`'s warnings.
+/// would warn of (its fields, and what it mends: `mend`), as `check`'s warnings.
 pub fn inspect(path: &Path) -> Result<Vec<String>, StoreError> {
-    Ok(read(path)?
-        .and_then(|(_, _, unknown)| unknown)
-        .map(|said| format!("control.state_file {}: {said}", path.display()))
+    let Some((_, mut state, unknown)) = read(path)? else {
+        return Ok(Vec::new());
+    };
+    // What the start would mend, said too: a file edited by hand is seen as it will be read
+    // before the restart, not after it in the log.
+    let mended = mend(&mut state, std::time::SystemTime::now());
+    Ok(unknown
         .into_iter()
+        .chain(mended)
+        .map(|said| format!("control.state_file {}: {said}", path.display()))
         .collect())
 }
-
 /// The fields each object of the state file has, as this version writes them
 /// (`Persisted`, `Planned`, `Update`, `Window`, `Continues`).
 const FIELDS: &[&str] = &[
@@ -660,6 +722,82 @@ mod tests {
         let mut again = loaded.clone();
         assert!(mend_windows(&mut again).is_empty());
         assert_eq!(again, loaded);
+    }
+
+    /// A file edited by hand is held to the control protocol's bounds, as `schedule add` and
+    /// `on --retry-after` hold a change, and `check` says so before the start does: 10,000
+    /// windows were read as they were, and a `retry_after` of 0 was shown by `status`.
+    #[test]
+    fn numbers_edited_by_hand_are_held_to_the_protocols_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let now = std::time::SystemTime::now();
+        let hour = |i: u64| crate::time::Timestamp(now + std::time::Duration::from_secs(3600 * i));
+        let mut state = Persisted::default();
+        // One window ended while the proxy was down, which the bound does not count.
+        let ago = |s: u64| crate::time::Timestamp(now - std::time::Duration::from_secs(s));
+        for i in 0..MAX_WINDOWS as u64 + 3 {
+            let (start, end) = match i {
+                0 => (ago(60), ago(30)),
+                i => (hour(2 * i), hour(2 * i + 1)),
+            };
+            state.schedules.push(super::super::mode::Window {
+                id: i + 1,
+                start,
+                end,
+                message: None,
+                by: "ops".into(),
+                started: false,
+            });
+        }
+        state.next_window_id = state.schedules.len() as u64 + 1;
+        std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+        let said = inspect(&path).unwrap();
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(
+            said[0].contains("state.json")
+                && said[0].contains("schedules lists 502 windows to come")
+                && said[0].contains("500")
+                && said[0].contains("the 2 that start last"),
+            "{said:?}"
+        );
+        let loaded = load(&path).unwrap();
+        assert_eq!(loaded.schedules.len(), MAX_WINDOWS + 1);
+        assert_eq!(loaded.schedules.last().unwrap().id, MAX_WINDOWS as u64 + 1);
+        // Exactly the bound is read as it is.
+        let mut again = loaded.clone();
+        assert!(mend(&mut again, now).is_empty());
+
+        for (given, held) in [(0, 1), (86_401, 86_400), (u64::MAX, 86_400)] {
+            let text = format!(
+                r#"{{"version":1,"planned":{{"since":"2026-12-06T00:00:00Z","by":"ops","retry_after":{given}}}}}"#
+            );
+            std::fs::write(&path, text).unwrap();
+            let said = inspect(&path).unwrap();
+            assert!(
+                said.len() == 1
+                    && said[0].contains(&format!("planned.retry_after is {given}"))
+                    && said[0].contains("1 to 86400 seconds"),
+                "{given}: {said:?}"
+            );
+            let loaded = load(&path).unwrap();
+            assert_eq!(loaded.planned.unwrap().retry_after, Some(held), "{given}");
+        }
+        for fine in [1, 86_400] {
+            let text = format!(
+                r#"{{"version":1,"planned":{{"since":"2026-12-06T00:00:00Z","by":"ops","retry_after":{fine}}}}}"#
+            );
+            std::fs::write(&path, text).unwrap();
+            assert_eq!(inspect(&path).unwrap(), Vec::<String>::new(), "{fine}");
+        }
+        // `check` tells of the texts the start cuts too.
+        let long = "x".repeat(MAX_MESSAGE_CHARS + 1);
+        std::fs::write(&path, format!(r#"{{"version":1,"message":"{long}"}}"#)).unwrap();
+        let said = inspect(&path).unwrap();
+        assert!(
+            said.len() == 1 && said[0].contains("cut at 2000"),
+            "{said:?}"
+        );
     }
 
     /// A new state file is readable by its owner alone (it holds the internal reasons); a
