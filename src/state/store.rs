@@ -388,11 +388,16 @@ fn read(path: &Path) -> Result<Option<Read>, StoreError> {
         path: path.to_path_buf(),
         source,
     };
+    // Past a UTF-8 byte order mark, which Windows editors write (Notepad's "UTF-8 with BOM",
+    // PowerShell's `Out-File`) and which JSON lets a reader skip (RFC 8259 §8.1): the file was
+    // refused as corrupt, "expected value at line 1 column 1", though every editor showed it
+    // whole. The config file is read past one too (the `toml` parser skips it).
+    let json = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
     // Parsed as the state first, for an error that says where the file goes wrong.
-    let state = serde_json::from_slice(&bytes).map_err(corrupt)?;
+    let state = serde_json::from_slice(json).map_err(corrupt)?;
     // Then as any JSON, which cannot fail once the state parsed: a state is one object,
     // and `[]` (which serde reads as a struct of defaults) was read as no maintenance.
-    let unknown = match serde_json::from_slice(&bytes).map_err(corrupt)? {
+    let unknown = match serde_json::from_slice(json).map_err(corrupt)? {
         serde_json::Value::Object(file) => unknown_fields(&file),
         _ => {
             return Err(corrupt(serde::de::Error::custom(
@@ -1142,6 +1147,21 @@ mod tests {
         // A newer format says what it drops already, with its copy.
         std::fs::write(&path, r#"{"version":7,"new_thing":1}"#).unwrap();
         assert_eq!(inspect(&path).unwrap(), Vec::<String>::new());
+    }
+
+    /// A file saved by a Windows editor begins with a UTF-8 byte order mark: read past it, as
+    /// JSON allows, where it was refused as corrupt at line 1, column 1.
+    #[test]
+    fn a_byte_order_mark_is_read_past() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let text = "\u{feff}{\"version\": 1, \"force_open\": true}\r\n";
+        std::fs::write(&path, text).unwrap();
+        assert_eq!(inspect(&path).unwrap(), Vec::<String>::new());
+        assert!(load(&path).unwrap().force_open);
+        // Only at the start: one inside is no JSON.
+        std::fs::write(&path, "{\"version\": 1}\u{feff}").unwrap();
+        assert!(load(&path).unwrap_err().to_string().contains("corrupt"));
     }
 
     #[test]
