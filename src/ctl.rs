@@ -117,24 +117,17 @@ pub fn run(
             return fail(3, "no_answer", message);
         }
     };
-    if json {
+    let written = if json {
         // SPEC §5: the socket's `state` is "the same object as `ctl status --json`", so
         // `status` prints that object itself; every other command prints the reply line.
         let text = match (&req, &resp.state) {
             (Request::Status, Some(state)) if resp.ok => serde_json::to_string(state),
             _ => serde_json::to_string(&resp),
         };
-        crate::report(writeln!(
-            std::io::stdout().lock(),
-            "{}",
-            text.unwrap_or_default()
-        ));
+        crate::to_stdout(|out| writeln!(out, "{}", text.unwrap_or_default()))
     } else {
-        crate::report(print_human(
-            &mut TerminalSafe(std::io::stdout().lock()),
-            &resp,
-        ));
-    }
+        crate::to_stdout(|out| print_human(&mut TerminalSafe(out), &resp))
+    };
     // On stderr whether or not `--json` is given, so that stdout stays the answer alone; the
     // exit code is the command's, as `check`'s is with its warnings.
     for warning in &resp.warnings {
@@ -149,10 +142,17 @@ pub fn run(
         ),
         _ => {}
     }
-    if resp.ok {
-        ExitCode::SUCCESS
-    } else {
+    if !resp.ok {
         ExitCode::FAILURE
+    } else if !written {
+        // The proxy did what it was asked: not 1, which says it refused.
+        eprintln!(
+            "intermission ctl: the proxy answered (the command was done), but its answer could \
+             not be written: see it with `{again} status` on another output"
+        );
+        ExitCode::from(4)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
@@ -184,11 +184,14 @@ fn check_size(req: &Request) -> Result<(), String> {
 /// A failure before the proxy answered, as `--json` prints it: the shape of a refusal.
 pub fn print_failure(code: &str, message: &str) {
     let error = ErrorBody::new(code, message);
-    crate::report(writeln!(
-        std::io::stdout().lock(),
-        "{}",
-        serde_json::to_string(&Response::error(error)).unwrap_or_default()
-    ));
+    // Said on stderr already: the exit code is the failure's.
+    crate::to_stdout(|out| {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string(&Response::error(error)).unwrap_or_default()
+        )
+    });
 }
 
 /// A stuck proxy must not hang an operator's terminal mid-incident.

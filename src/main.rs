@@ -46,7 +46,7 @@ enum Command {
     /// Talk to a running proxy over its control socket.
     ///
     /// Exit codes: 0 done; 1 the proxy refused (its error printed); 2 bad usage; 3 no proxy
-    /// answered on the socket.
+    /// answered on the socket; 4 done, but its answer could not be written (a full disk).
     Ctl {
         /// Config file naming the socket [default: ./config.toml; ./intermission.sock if it
         /// does not exist]
@@ -276,13 +276,9 @@ fn check(path: Option<PathBuf>) -> ExitCode {
         }
     };
     let warnings = c.load_warnings(&pages, warnings);
-    report(summary(
-        &mut std::io::stdout().lock(),
-        &c,
-        &origin,
-        &pages,
-        &warnings,
-    ));
+    if !to_stdout(|out| summary(out, &c, &origin, &pages, &warnings)) {
+        return ExitCode::FAILURE;
+    }
     ExitCode::SUCCESS
 }
 
@@ -369,13 +365,22 @@ fn summary(
     Ok(())
 }
 
-/// The end of writing to stdout. A reader that has gone (`check | head -1`) is not an
-/// error: the output stops quietly, and the exit code still says what was checked or what
-/// the proxy answered. Any other write error is said on stderr, once.
-pub(crate) fn report(written: std::io::Result<()>) {
-    match written {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-        Err(e) => eprintln!("intermission: cannot write the output: {e}"),
-        Ok(()) => {}
+/// Writes to stdout with `write`, flushed, and says how it went. A reader that has gone
+/// (`check | head -1`) is not an error: the output stops quietly, and the exit code still
+/// says what was checked or what the proxy answered. Any other write error (a full disk:
+/// `> /dev/full`) is said on stderr, once, and is `false`, for a non-zero exit as coreutils
+/// give: said on stderr alone, with exit 0, a script took the output it never got for done.
+pub(crate) fn to_stdout(
+    write: impl FnOnce(&mut std::io::StdoutLock<'static>) -> std::io::Result<()>,
+) -> bool {
+    let mut out = std::io::stdout().lock();
+    // Flushed here: what stays buffered is written at exit, where its error goes unseen.
+    match write(&mut out).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => true,
+        Err(e) => {
+            eprintln!("intermission: cannot write the output: {e}");
+            false
+        }
+        Ok(()) => true,
     }
 }

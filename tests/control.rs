@@ -1268,6 +1268,52 @@ async fn the_answer_to_an_oversized_line_is_not_lost_to_the_failed_write() {
     assert!(ctl(&proxy, Ctl::Status).await.ok);
 }
 
+/// An answer that cannot be written (a full disk) is no success: said on stderr with exit 4
+/// (the proxy did the command; 1 says it refused), where `ctl status > /dev/full` exited 0
+/// and a script took the output it never got for done. A refusal keeps its 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctl_whose_answer_cannot_be_written_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(dir.path(), "");
+    let cfg = dir.path().join("config.toml");
+    let full = || {
+        std::fs::File::options()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    let run = |args: &[&str]| {
+        bin()
+            .arg("ctl")
+            .arg("-c")
+            .arg(&cfg)
+            .args(args)
+            .stdout(full())
+            .output()
+            .unwrap()
+    };
+    for args in [
+        &["status"][..],
+        &["--json", "status"],
+        &["on", "--message", "Full"],
+    ] {
+        let out = run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{args:?}: {err}");
+        assert!(
+            err.contains("cannot write the output") && err.contains("No space left"),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains("the command was done"), "{args:?}: {err}");
+    }
+    // Done all the same.
+    let state = proxy.ctl(&Ctl::Status).await.unwrap().state.unwrap();
+    assert_eq!(state.mode.as_str(), "maintenance");
+    let out = run(&["update", "--message", ""]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    drop(proxy);
+}
+
 /// `ctl` does not send what the protocol would refuse for its size: bad usage, saying the
 /// limit, and nothing reaches the proxy.
 #[tokio::test(flavor = "multi_thread")]

@@ -2037,6 +2037,28 @@ fn check_on_a_closed_stdout_ends_quietly() {
     assert_eq!(out.status.code(), Some(0), "{err}");
 }
 
+/// `check > /dev/full`: a summary that cannot be written is said on stderr with exit 1, as
+/// coreutils do; it exited 0, and a script took the summary it never got for done.
+#[test]
+fn check_whose_summary_cannot_be_written_exits_non_zero() {
+    let full = std::fs::File::options()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = bin()
+        .args([
+            "check",
+            "-c",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"),
+        ])
+        .stdout(full)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot write the output"), "{err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_bypass_secret_never_reaches_the_access_log() {
     let up = echo_upstream().await;
