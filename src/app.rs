@@ -634,7 +634,11 @@ async fn drain(drain: Arc<Drain>, limit: &listener::Limit, deadline: tokio::time
     let open = drain.count();
     if open > 0 {
         let grace = deadline.saturating_duration_since(tokio::time::Instant::now());
-        tracing::info!(connections = open, "draining for up to {grace:?}");
+        tracing::info!(
+            connections = open,
+            "draining for up to {}",
+            crate::time::for_people(grace)
+        );
     }
     if tokio::time::timeout_at(deadline, drain.shutdown())
         .await

@@ -1047,7 +1047,8 @@ async fn deliver(d: &Deliverer, target: &Target, event: &Event, queue: &Queue) -
                         webhook_id = target.id,
                             event = event.event.as_str(),
                             retry_in = ?wait,
-                            "webhook not delivered: {why}; trying again in {wait:?} (up to {ATTEMPTS} tries)"
+                            "webhook not delivered: {why}; trying again in {} (up to {ATTEMPTS} tries)",
+                            crate::time::for_people(wait)
                         );
                     } else {
                         tracing::debug!(webhook = shown(&target.url), webhook_id = target.id, attempt, retry_in = ?wait, "webhook attempt failed: {why}");
@@ -1112,10 +1113,14 @@ fn retry_after(status: http::StatusCode, headers: &http::HeaderMap) -> Option<Du
         return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(
-        at.duration_since(std::time::SystemTime::now())
-            .unwrap_or_default(),
-    )
+    // Up to the second the date names: what is left of it to the nanosecond was the wait
+    // told in the log (`trying again in 29.998126114s`).
+    let left = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    Some(Duration::from_secs(
+        left.as_secs() + u64::from(left.subsec_nanos() > 0),
+    ))
 }
 
 /// One attempt: success is a 2xx answer. The response body is not read; receivers have
@@ -1977,6 +1982,7 @@ mod tests {
             got > Duration::from_secs(25) && got <= Duration::from_secs(30),
             "{got:?}"
         );
+        assert_eq!(got.subsec_nanos(), 0, "whole seconds, as the date: {got:?}");
         h.insert(http::header::RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(too_many, &h), None);
     }

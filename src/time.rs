@@ -210,10 +210,44 @@ pub fn whole_seconds(d: Duration) -> u64 {
         .max(1)
 }
 
+/// A duration worked out from the clock (what is left of a deadline), for a person to read:
+/// to the millisecond under 10 s, to the second from there, as `humantime` writes it (`2s
+/// 500ms`, `30s`, `1m 30s`). Written whole, it read `draining for up to 29.998126114s`.
+/// Rounded to the nearest: a field meant for machines keeps the exact value.
+pub fn for_people(d: Duration) -> String {
+    let step: u128 = if d < Duration::from_secs(10) {
+        1_000_000
+    } else {
+        1_000_000_000
+    };
+    let nanos = (d.as_nanos() + step / 2) / step * step;
+    let rounded = Duration::new(
+        u64::try_from(nanos / 1_000_000_000).unwrap_or(u64::MAX),
+        // Below a second's nanoseconds, which fit.
+        u32::try_from(nanos % 1_000_000_000).unwrap_or(0),
+    );
+    humantime::format_duration(rounded).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn durations_for_people_are_rounded() {
+        for (nanos, want) in [
+            (999_448_191, "999ms"),
+            (2_500_200_000, "2s 500ms"),
+            (9_999_600_000, "10s"),
+            (29_998_126_114, "30s"),
+            (90_400_000_000, "1m 30s"),
+            (0, "0s"),
+        ] {
+            assert_eq!(for_people(Duration::from_nanos(nanos)), want, "{nanos}");
+        }
+        assert_eq!(for_people(Duration::MAX), for_people(Duration::MAX));
+    }
 
     #[test]
     fn times() {

@@ -2559,6 +2559,14 @@ async fn a_drain_closes_a_websocket_with_1001_at_a_frame_boundary() {
         wait_until(Duration::from_secs(10), draining).await,
         "no drain began"
     );
+    // What is left of `shutdown_timeout`, rounded for people: it read `29.998126114s`.
+    let lines = proxy.log_lines();
+    let line = lines.iter().find(|l| l.contains("draining for up to"));
+    let left = line.and_then(|l| l.split("draining for up to ").nth(1));
+    assert!(
+        left.is_some_and(|l| !l.contains('.') && l.contains('s')),
+        "{line:?}"
+    );
     // The half-sent frames end; the close comes after them, not inside.
     client.write_all(&to_server[1][5..]).await.unwrap();
     up.write_all(&to_client[1][5..]).await.unwrap();
