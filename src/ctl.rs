@@ -583,11 +583,17 @@ fn print_human(out: &mut impl Write, resp: &Response) -> io::Result<()> {
 /// Text as a terminal may show it: messages and reasons come from whoever can write to the
 /// socket (a whole group, with `socket_mode = "0660"`), and a control character or a bidi
 /// override in them would recolour, retitle or reorder another operator's screen. Each is
-/// written as Rust escapes it (`\u{1b}`), as the logs do; line ends and tabs stay.
+/// written as Rust escapes it (`\u{1b}`), as the logs do; line ends and tabs stay. So is a
+/// line or paragraph separator (U+2028, U+2029), which a message may hold: `less` and other
+/// viewers of a saved `status` end a line there, and a false `mode:` line could follow.
 fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
     let unsafe_char = |c: char| {
         (c.is_control() && c != '\n' && c != '\t')
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+            || matches!(
+                c,
+                '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{061c}'
+            )
+            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
     };
     if !text.contains(unsafe_char) {
         return text.into();
@@ -970,6 +976,11 @@ mod tests {
             "message:     a\\u{1b}[31mRED\\u{1b}]0;title\\u{7}\\u{0}b\\u{202e}evil\\u{9b}c\ttab\n"
         );
         assert_eq!(terminal_safe("Back at 10:00 — été"), "Back at 10:00 — été");
+        // The separators a viewer ends a line at, and the Arabic letter mark, as the logs.
+        assert_eq!(
+            terminal_safe("a\u{2028}mode:        normal\u{2029}b\u{61c}c\u{85}"),
+            "a\\u{2028}mode:        normal\\u{2029}b\\u{61c}c\\u{85}"
+        );
         assert_eq!(
             one_line("ok\nmode:        normal\r"),
             "ok\\nmode:        normal\\r"
