@@ -1084,6 +1084,78 @@ async fn an_upgrade_to_h2c_is_forwarded_as_a_plain_request() {
     assert!(seen.has("x-forwarded-for"));
 }
 
+/// An upgrade asked for with a body (a WebSocket handshake is a `GET` without one, RFC 6455
+/// §4.1) goes on as a plain request, its offer to switch dropped (RFC 9110 §7.8 lets a
+/// recipient ignore one). It was passed on, and the server's `101` reached the client at once,
+/// but hyper hands the client's connection over only once the body has been read: nothing
+/// the server sent came through until then, and a client that kept its body back held a
+/// tunnel's place, and its upstream socket, to `body_read_timeout` (for ever with `"0"`).
+/// A `Content-Length: 0` is no body: that upgrade is tunnelled as any other.
+#[tokio::test]
+async fn an_upgrade_asked_for_with_a_body_goes_on_as_a_plain_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Speaks first once switched, as many WebSocket servers do; a plain request is answered
+    // with its body and whether it asked to switch.
+    let up = upstream(|mut req: Request<Incoming>| async move {
+        if req.headers().contains_key("upgrade") {
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let Ok(upgraded) = on.await else { return };
+                let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                let _ = io.write_all(b"greeting").await;
+                let _ = io.flush().await;
+            });
+            return switching_to_websocket();
+        }
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        Response::new(full(format!("plain:{}", String::from_utf8_lossy(&body))))
+    })
+    .await;
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nbody_read_timeout = \"0\"\n[upstream]\nservers = [\"{}\"]\n\
+         [health]\ninterval = \"1h\"\n",
+        up.url()
+    ))
+    .await;
+    let asking = "Host: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+    for (framing, body) in [
+        ("Content-Length: 5", "hello"),
+        ("Transfer-Encoding: chunked", "5\r\nhello\r\n0\r\n\r\n"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        // The head alone first, as a client that waits to see the switch before it sends
+        // the rest; then the body.
+        let head = format!("POST /ws HTTP/1.1\r\n{asking}{framing}\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let answer = one_answer(&mut s, body.as_bytes()).await;
+        assert_eq!(answer, "plain:hello", "{framing}");
+        // The connection goes on as HTTP/1.1.
+        let next = one_answer(&mut s, b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!(next, "plain:", "{framing}");
+    }
+    // No body: switched, and the server's first bytes come through at once.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let ask = format!("POST /ws HTTP/1.1\r\n{asking}Content-Length: 0\r\n\r\n");
+    s.write_all(ask.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let greeted = tokio::time::timeout(Duration::from_secs(10), async {
+        while !got.ends_with(b"greeting") {
+            let mut more = [0u8; 1024];
+            match s.read(&mut more).await {
+                Ok(n @ 1..) => got.extend_from_slice(&more[..n]),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        greeted.is_ok() && text.starts_with("HTTP/1.1 101"),
+        "{text}"
+    );
+}
+
 /// A server's 204 that states a length reaches an HTTP/2 client without it: the client would
 /// refuse the answer (RFC 9110 §8.6 lets a 204 say none; curl and nghttp fail the stream).
 #[tokio::test]

@@ -138,24 +138,38 @@ pub(crate) fn body_has_meaning(method: &[u8]) -> bool {
     !matches!(method, b"GET" | b"HEAD" | b"DELETE" | b"OPTIONS" | b"TRACE")
 }
 
-/// Whether `req` carries a body its method gives no meaning (`body_has_meaning`). An HTTP/2
-/// request whose end comes in a DATA frame of its own, empty, or that says its length is 0,
-/// carries none.
+/// Whether `req` carries a body its method gives no meaning (`body_has_meaning`).
 fn unmeant_body(req: &Request<Incoming>) -> bool {
-    use http_body::Body as _;
-    let body = req.body();
-    !body_has_meaning(req.method().as_str().as_bytes())
-        && !body.is_end_stream()
-        && body.size_hint().exact() != Some(0)
+    !body_has_meaning(req.method().as_str().as_bytes()) && has_body(req)
 }
 
-/// Whether forwarding `req` would pass on its `Upgrade`, so that a server's `101` makes the
-/// connection a tunnel: HTTP/1.1, with no body its method gives no meaning, and not to `h2c`
-/// (`headers::upgrade_request`), which goes on as a plain request.
+/// Whether `req` carries a body. An HTTP/2 request whose end comes in a DATA frame of its
+/// own, empty, or that says its length is 0, carries none.
+fn has_body(req: &Request<Incoming>) -> bool {
+    use http_body::Body as _;
+    let body = req.body();
+    !body.is_end_stream() && body.size_hint().exact() != Some(0)
+}
+
+/// The `Upgrade` to pass on with `req` (`headers::upgrade_request`), so that a server's `101`
+/// makes the connection a tunnel: an HTTP/1.1 request without a body. One with a body (a
+/// WebSocket handshake is a `GET` without one, RFC 6455 §4.1) goes on as a plain request, its
+/// offer to switch dropped as RFC 9110 §7.8 lets a recipient ignore one: hyper's server hands
+/// the connection over only once the body has been read whole, so the client had the `101`
+/// while nothing the server sent reached it, for as long as it kept its body back (to
+/// `body_read_timeout`, or for ever with `"0"`). Looked at only when the request has an
+/// `Upgrade`.
+fn upgrade_offer(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    headers::upgrade_request(req.headers()).filter(|_| !has_body(req))
+}
+
+/// Whether forwarding `req` would pass on its `Upgrade` (`upgrade_offer`): not to `h2c`, which
+/// goes on as a plain request, nor with a body.
 pub fn asks_for_tunnel(req: &Request<Incoming>) -> bool {
-    req.version() == Version::HTTP_11
-        && !unmeant_body(req)
-        && headers::upgrade_request(req.headers()).is_some()
+    upgrade_offer(req).is_some()
 }
 
 /// Forwards `req` to a healthy upstream server; a request that fails before any response
@@ -188,13 +202,10 @@ pub fn forward<'a>(
             timeout
         };
         // A body its method gives no meaning closes the server's connection after it
-        // (`headers::close_after_unmeant_body`); an upgrade, which would keep it open as a
-        // tunnel or, declined, for the next request, is not passed on with one.
+        // (`headers::close_after_unmeant_body`); an upgrade is not passed on with any body
+        // (`upgrade_offer`).
         let unmeant = unmeant_body(&req);
-        let upgrade = match req.version() {
-            Version::HTTP_11 if !unmeant => headers::upgrade_request(req.headers()),
-            _ => None,
-        };
+        let upgrade = upgrade_offer(&req);
         let client_upgrade = upgrade.as_ref().map(|_| upgrade::Client::of(&mut req));
 
         // In a block of its own, so that the request's parts, moved into the new request at
