@@ -746,7 +746,10 @@ fn forward_request<'a>(
             Err(failed) => {
                 match &failed.error {
                     // Told once every 10 s with a count (`forward::sockets`), not per request.
-                    Some(e) if forward::sockets::reached(e) => {
+                    Some(e)
+                        if forward::sockets::reached(e)
+                            || matches!(e, forward::UpstreamError::Tunnels(_)) =>
+                    {
                         tracing::debug!(error = %e, "forwarding failed; answering with the outage response")
                     }
                     Some(e) => {

@@ -886,6 +886,18 @@ impl Metrics {
              be opened within connect_timeout under that limit (the server is not blamed)",
             sockets.reached.clone(),
         );
+        registry.register(
+            "intermission_tunnels_open",
+            "Upgraded connections (WebSocket and other upgrades) tunnelled to upstream servers, \
+             each holding one of intermission_upstream_connections",
+            sockets.tunnels_open.clone(),
+        );
+        registry.register(
+            "intermission_tunnel_limit_reached",
+            "Upgrade requests answered with the outage response without reaching a server: \
+             tunnels held their share (three quarters) of intermission_upstream_connection_limit",
+            sockets.tunnels_refused.clone(),
+        );
 
         registry.register(
             "intermission_build",
@@ -1757,6 +1769,8 @@ pub(crate) mod tests {
             "intermission_upstream_connections",
             "intermission_upstream_connection_limit",
             "intermission_upstream_connection_limit_reached",
+            "intermission_tunnels_open",
+            "intermission_tunnel_limit_reached",
             "intermission_build",
         ] {
             assert!(

@@ -149,3 +149,125 @@ async fn http2_streams_beyond_the_upstream_bound_get_the_outage_answer_and_leave
         assert_eq!(status, 200);
     }
 }
+
+/// The open-file limit for the tunnels' test: 160 − 128 leaves 32, and `max_connections`
+/// more than that, so the bound is half of it, the least, 16; tunnels may hold 12.
+const TUNNEL_LIMIT: usize = 160;
+const TUNNEL_BOUND: usize = 16;
+const TUNNEL_SHARE: usize = 12;
+
+/// Tunnels (WebSockets) hold their upstream socket for as long as they live: enough of them
+/// took every socket under the bound, and every ordinary request then waited
+/// `connect_timeout` for the outage answer. They may hold three quarters of it; an upgrade
+/// asked for beyond that gets the outage answer at once, without reaching the server, and
+/// ordinary requests are still forwarded. `intermission_tunnels_open` follows them.
+#[tokio::test]
+async fn tunnels_hold_at_most_their_share_of_the_upstream_bound() {
+    if !have_prlimit() {
+        return;
+    }
+    let switching = switching_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[proxy]\nmax_connections = 64\n[upstream]\nservers = [\"{}\"]\n\
+         connect_timeout = \"1s\"\n[health]\ninterval = \"1h\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n",
+        switching.server.url()
+    );
+    let limit = format!("--nofile={TUNNEL_LIMIT}:{TUNNEL_LIMIT}");
+    let proxy = ProxyProcess::start_via(&["prlimit", &limit, "--"], dir.path(), &config);
+    assert!(
+        proxy
+            .log_lines()
+            .iter()
+            .any(|l| l.contains(&format!("bounded at {TUNNEL_BOUND} at once"))),
+        "{:#?}",
+        proxy.log_lines()
+    );
+    let mut tunnels = Vec::new();
+    for _ in 0..TUNNEL_SHARE {
+        tunnels.push(open_tunnel(proxy.addr).await);
+    }
+    // Beyond the share, refused at once (not after connect_timeout), as the outage answer
+    // refuses an upgrade: 503, problem+json, Retry-After. The bound has room for 4 more.
+    for _ in 0..TUNNEL_BOUND - TUNNEL_SHARE {
+        let asked = Instant::now();
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let head = ask_to_switch(&mut s).await.to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 503"), "{head}");
+        assert!(
+            head.contains("content-type: application/problem+json"),
+            "{head}"
+        );
+        assert!(head.contains("retry-after: "), "{head}");
+        assert!(asked.elapsed() < Duration::from_millis(900), "{head}");
+    }
+    assert_eq!(switching.open.load(Ordering::SeqCst), TUNNEL_SHARE);
+    let admin = admin_addr(&proxy).await;
+    let open = "intermission_tunnels_open";
+    assert_eq!(metric_reaches(admin, open, "12").await, "12");
+    let refused = "intermission_tunnel_limit_reached_total";
+    assert_eq!(metric(admin, refused).await.as_deref(), Some("4"));
+    // An ordinary request still gets a connection, and its answer.
+    let resp = tokio::time::timeout(Duration::from_secs(5), get(&proxy.url("/plain")))
+        .await
+        .expect("no answer");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.body().as_ref(), b"ok");
+    let told = proxy
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains("tunnels (WebSocket or other upgrades) hold their share"))
+        .count();
+    assert_eq!(told, 1, "{:#?}", proxy.log_lines());
+
+    // One closed makes room for one more; the gauge follows.
+    drop(tunnels.pop());
+    assert_eq!(metric_reaches(admin, open, "11").await, "11");
+    tunnels.push(open_tunnel(proxy.addr).await);
+    assert_eq!(metric_reaches(admin, open, "12").await, "12");
+    for tunnel in &mut tunnels {
+        assert!(echoes(tunnel, "still").await);
+    }
+    tunnels.clear();
+    assert_eq!(metric_reaches(admin, open, "0").await, "0");
+}
+
+/// The admin listener's address, once the log has said it (within 10 s).
+async fn admin_addr(proxy: &ProxyProcess) -> std::net::SocketAddr {
+    for _ in 0..500 {
+        let said = proxy.log_lines().iter().find_map(|l| {
+            let rest = &l[l.find("admin listener on ")? + "admin listener on ".len()..];
+            rest.split(' ').next()?.parse().ok()
+        });
+        if let Some(addr) = said {
+            return addr;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "the admin listener's address was not logged: {:#?}",
+        proxy.log_lines()
+    )
+}
+
+/// The value of the series `key` (a name with its labels) in `/metrics`.
+async fn metric(admin: std::net::SocketAddr, key: &str) -> Option<String> {
+    let got = get(&format!("http://{admin}/metrics")).await;
+    let text = String::from_utf8_lossy(got.body()).into_owned();
+    text.lines()
+        .find_map(|l| Some(l.strip_prefix(key)?.strip_prefix(' ')?.to_owned()))
+}
+
+/// Waits until `/metrics` shows `key` at `want`; what it showed last.
+async fn metric_reaches(admin: std::net::SocketAddr, key: &str, want: &str) -> String {
+    let mut seen = None;
+    for _ in 0..200 {
+        seen = metric(admin, key).await;
+        if seen.as_deref() == Some(want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    seen.unwrap_or_default()
+}

@@ -52,6 +52,10 @@ pub enum UpstreamError {
         #[source]
         source: pool::SendError,
     },
+    /// An upgrade request refused before any server was asked: tunnels hold their share of
+    /// the bound on upstream sockets (`sockets::tunnel_share`).
+    #[error(transparent)]
+    Tunnels(#[from] sockets::TunnelsFull),
 }
 
 /// What forwarding produced: the response, and which server answered (for the access log).
@@ -206,7 +210,15 @@ pub fn forward<'a>(
         // (`upgrade_offer`).
         let unmeant = unmeant_body(&req);
         let upgrade = upgrade_offer(&req);
-        let client_upgrade = upgrade.as_ref().map(|_| upgrade::Client::of(&mut req));
+        // Its place among the tunnels is taken before any server is asked, and refused once
+        // tunnels hold their share of the bound on upstream sockets.
+        let client_upgrade = match upgrade {
+            None => None,
+            Some(_) => match pool.sockets().tunnel() {
+                Ok(place) => Some(upgrade::Client::of(&mut req, place)),
+                Err(full) => return Err(Failed::upstream(Some(full.into()), None)),
+            },
+        };
 
         // In a block of its own, so that the request's parts, moved into the new request at
         // its end, keep no slot in this future's state while it waits for the response.
@@ -638,6 +650,8 @@ fn failure_reason(error: &UpstreamError) -> UpstreamFailure {
             UpstreamFailure::Timeout
         }
         UpstreamError::Failed { .. } => UpstreamFailure::Error,
+        // Never a server's (`local_exhaustion`): not reported.
+        UpstreamError::Tunnels(_) => UpstreamFailure::Connect,
     }
 }
 
@@ -739,7 +753,12 @@ fn inconclusive(error: &UpstreamError) -> bool {
 /// and which a flood of clients could otherwise turn into an outage of the whole site. Not `EADDRNOTAVAIL`: besides local ports running out, it is what
 /// an IPv6 server gets on a host without IPv6, which must show as the server down.
 pub fn local_exhaustion(e: &(dyn std::error::Error + 'static)) -> bool {
-    if sockets::reached(e) {
+    if sockets::reached(e)
+        || matches!(
+            e.downcast_ref::<UpstreamError>(),
+            Some(UpstreamError::Tunnels(_))
+        )
+    {
         return true;
     }
     let mut cause = Some(e);

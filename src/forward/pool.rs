@@ -1102,6 +1102,12 @@ impl UpstreamPool {
         Ok(io.map(|io| RawStream::Tcp(io.into_inner())))
     }
 
+    /// The bound on upstream sockets its connections count under, shared with the pools
+    /// built before and after it.
+    pub fn sockets(&self) -> &Sockets {
+        &self.tls_h2.sockets
+    }
+
     /// How many workers this pool was built for.
     pub fn workers(&self) -> usize {
         self.clients.all().len()

@@ -11,6 +11,13 @@
 //! `connect_timeout`, for one to close; an idle kept one is closed to make room, and one
 //! coming back to a pool is closed instead of kept while another request waits. This module
 //! knows nothing of HTTP; health checks and webhooks open their few sockets outside it.
+//!
+//! Tunnels (WebSocket and other upgrades) hold their upstream socket for as long as they
+//! live, hours for a WebSocket, where a request holds one for its answer's time: left alone,
+//! enough of them would take every socket under the bound, and every ordinary request would
+//! wait `connect_timeout` for the outage answer. So they may hold a share of it
+//! (`tunnel_share`), counted from the request that asks for one (`Sockets::tunnel`) to the
+//! tunnel's end.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -54,6 +61,13 @@ struct Inner {
     open: Gauge,
     limit: Gauge,
     reached: Counter,
+    /// Upgrade requests under way and tunnels open, each holding a `TunnelPlace`.
+    tunnels: AtomicUsize,
+    /// The most of them at once (`tunnel_share` of the bound); `usize::MAX` without a bound.
+    tunnel_share: AtomicUsize,
+    tunnels_told: Mutex<Told>,
+    tunnels_open: Gauge,
+    tunnels_refused: Counter,
 }
 
 /// The metrics this count moves (`crate::metrics`).
@@ -65,6 +79,10 @@ pub struct SocketMetrics {
     pub limit: Gauge,
     /// Requests that got no socket within `connect_timeout`.
     pub reached: Counter,
+    /// Tunnels open (`TunnelPlace::opened`).
+    pub tunnels_open: Gauge,
+    /// Upgrade requests refused at the tunnels' share of the bound.
+    pub tunnels_refused: Counter,
 }
 
 /// Warnings at the bound: at most one every `TELL_EVERY`, with how many were not written.
@@ -108,6 +126,27 @@ pub struct LimitReached {
     pub waited: Duration,
 }
 
+/// Why an upgrade request was answered without contacting a server: tunnels hold their share
+/// of the bound already. The proxy's own limit, never the server's fault.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "{share} tunnels (WebSocket or other upgrades) open or being opened, the most of the {bound} \
+     upstream connections the open-file limit leaves room for that tunnels may hold"
+)]
+pub struct TunnelsFull {
+    pub share: usize,
+    pub bound: usize,
+}
+
+/// How many of `bound` upstream sockets tunnels may hold at once: three quarters, the rest
+/// kept for ordinary requests. A request holds its socket for its answer's time, and a kept
+/// socket serves one request after another, so a quarter carries far more requests than a
+/// quarter of the tunnels; a share rather than a fixed reserve, so that it means the same at
+/// the least bound (16: 12 tunnels, 4 sockets for requests) and at a large one.
+pub fn tunnel_share(bound: usize) -> usize {
+    bound - bound / 4
+}
+
 /// The lock is held only for a few field updates, never across an await: a poisoned one is
 /// taken as it is.
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -131,6 +170,11 @@ impl Sockets {
             open: metrics.open,
             limit: metrics.limit,
             reached: metrics.reached,
+            tunnels: AtomicUsize::new(0),
+            tunnel_share: AtomicUsize::new(bound.map_or(usize::MAX, tunnel_share)),
+            tunnels_told: Mutex::new(Told::default()),
+            tunnels_open: metrics.tunnels_open,
+            tunnels_refused: metrics.tunnels_refused,
         }))
     }
 
@@ -171,6 +215,46 @@ impl Sockets {
         }
         *bound = Some(new);
         self.0.limit.set(gauge_value(Some(new)));
+        // Tunnels open beyond a lowered share stay; new ones wait for enough to close.
+        self.0
+            .tunnel_share
+            .store(tunnel_share(new), Ordering::Release);
+    }
+
+    /// A place for one more tunnel, taken before an upgrade request goes to a server and held
+    /// by its tunnel until that ends; refused once tunnels hold their share of the bound
+    /// (`tunnel_share`), counted, and told at most every `TELL_EVERY`. Only upgrade requests
+    /// ask: an ordinary one pays nothing for it.
+    pub fn tunnel(&self) -> Result<TunnelPlace, TunnelsFull> {
+        let share = self.0.tunnel_share.load(Ordering::Acquire);
+        let taken = self
+            .0
+            .tunnels
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < share).then_some(n + 1)
+            });
+        if taken.is_ok() {
+            return Ok(TunnelPlace {
+                inner: self.0.clone(),
+                open: false,
+            });
+        }
+        self.0.tunnels_refused.inc();
+        let bound = self.bound().unwrap_or(Semaphore::MAX_PERMITS);
+        let unsaid = lock(&self.0.tunnels_told).tell(Instant::now());
+        if let Some(unsaid) = unsaid {
+            let more = match unsaid {
+                0 => String::new(),
+                n => format!(" ({n} more since the last line)"),
+            };
+            tracing::warn!(
+                "{share} tunnels (WebSocket or other upgrades) hold their share of the {bound} \
+                 upstream connections the open-file limit leaves room for (three quarters, the \
+                 rest kept for ordinary requests): an upgrade request got the outage response \
+                 without reaching a server{more}; raise the open-file limit"
+            );
+        }
+        Err(TunnelsFull { share, bound })
     }
 
     /// Lets a pool's idle list be asked to close a socket for room; forgotten with the list.
@@ -291,6 +375,32 @@ impl Drop for Waiting<'_> {
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
                 (n > left).then_some(left)
             });
+    }
+}
+
+/// An upgrade request's place among the tunnels (`Sockets::tunnel`), given back when dropped:
+/// at once when its server did not switch, at the tunnel's end when it did.
+pub struct TunnelPlace {
+    inner: Arc<Inner>,
+    open: bool,
+}
+
+impl TunnelPlace {
+    /// Its tunnel is open: counted in `intermission_tunnels_open` until dropped.
+    pub fn opened(&mut self) {
+        if !self.open {
+            self.open = true;
+            self.inner.tunnels_open.inc();
+        }
+    }
+}
+
+impl Drop for TunnelPlace {
+    fn drop(&mut self) {
+        if self.open {
+            self.inner.tunnels_open.dec();
+        }
+        self.inner.tunnels.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -604,6 +714,49 @@ mod tests {
         sockets.set_bound(2);
         drop(open);
         assert_eq!(sockets.0.semaphore.available_permits(), 2);
+    }
+
+    /// Tunnels hold three quarters of the bound at most, counted from their request to their
+    /// end; the gauge counts those whose tunnel opened; a lowered bound lowers the share.
+    #[test]
+    fn tunnels_hold_their_share_of_the_bound_and_no_more() {
+        assert_eq!(tunnel_share(16), 12);
+        assert_eq!(tunnel_share(96), 72);
+        assert_eq!(tunnel_share(1), 1);
+        let (sockets, metrics) = counted(16);
+        let mut places: Vec<TunnelPlace> = (0..12).map(|_| sockets.tunnel().unwrap()).collect();
+        let full = sockets.tunnel().err().unwrap();
+        assert_eq!((full.share, full.bound), (12, 16));
+        assert_eq!(metrics.tunnels_refused.get(), 1);
+        assert_eq!(metrics.tunnels_open.get(), 0, "none opened yet");
+        for place in &mut places[..5] {
+            place.opened();
+        }
+        places[0].opened();
+        assert_eq!(metrics.tunnels_open.get(), 5);
+        // An upgrade its server declined gives its place back, and so does a tunnel's end.
+        places.truncate(10);
+        assert_eq!(metrics.tunnels_open.get(), 5);
+        places.remove(0);
+        assert_eq!(metrics.tunnels_open.get(), 4);
+        places.push(sockets.tunnel().unwrap());
+        places.push(sockets.tunnel().unwrap());
+        places.push(sockets.tunnel().unwrap());
+        assert!(sockets.tunnel().is_err());
+        sockets.set_bound(8);
+        places.truncate(6);
+        assert!(
+            sockets.tunnel().is_err(),
+            "six open, six the share of eight"
+        );
+        places.truncate(5);
+        assert!(sockets.tunnel().is_ok());
+        drop(places);
+        assert_eq!(metrics.tunnels_open.get(), 0);
+        // Without a bound, no share.
+        let sockets = Sockets::unbounded();
+        let many: Vec<TunnelPlace> = (0..1000).map(|_| sockets.tunnel().unwrap()).collect();
+        assert_eq!(many.len(), 1000);
     }
 
     #[tokio::test]

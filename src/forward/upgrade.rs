@@ -11,6 +11,7 @@
 //! server says nothing for `proxy_read_timeout`. Its request's access log line is written
 //! when it ends (`TunnelLog`), as nginx writes a WebSocket's.
 
+use super::sockets::TunnelPlace;
 use super::websocket;
 use crate::listener::{Tunnelled, Upgrading};
 use crate::watched::{Watch, Watched};
@@ -21,20 +22,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-/// The client's side of an upgrade: hyper's handover of its connection, and what keeps that
-/// connection counted once it is a tunnel (none where no listener marked the request).
+/// The client's side of an upgrade: hyper's handover of its connection, what keeps that
+/// connection counted once it is a tunnel (none where no listener marked the request), and
+/// its place among the tunnels under the bound on upstream sockets.
 pub struct Client {
     on: OnUpgrade,
     upgrading: Option<Upgrading>,
+    place: TunnelPlace,
 }
 
 impl Client {
     /// Taken from the request, whose parts go on to the upstream: nothing of the client's
     /// connection rides along.
-    pub fn of<B>(req: &mut Request<B>) -> Client {
+    pub fn of<B>(req: &mut Request<B>, place: TunnelPlace) -> Client {
         Client {
             on: hyper::upgrade::on(&mut *req),
             upgrading: req.extensions_mut().remove::<Upgrading>(),
+            place,
         }
     }
 }
@@ -108,6 +112,7 @@ pub fn spawn_tunnel(
     idle: Option<Duration>,
 ) -> TunnelLog {
     let kept: Option<Tunnelled> = client.upgrading.map(Upgrading::keep);
+    let mut place = client.place;
     let client = client.on;
     let log = TunnelLog(Arc::new(Mutex::new(Logging::Waiting)));
     let to_client = Arc::new(AtomicU64::new(0));
@@ -126,6 +131,9 @@ pub fn spawn_tunnel(
                 return;
             }
         };
+        // Given back as the task ends, whichever way.
+        place.opened();
+        let _place = place;
         let moved = Arc::new(AtomicU64::new(0));
         let mut client = Watched {
             io: TokioIo::new(client),
