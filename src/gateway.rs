@@ -107,12 +107,20 @@ pub fn handle(state: &StateHandle, conn: &Arc<Conn>, req: Request<Incoming>) -> 
     match decide(&snap, conn, &req, &judged) {
         Decision::Answer(resp, outcome) => {
             discard_upload(req);
-            Reply::Ready(Some(finish(&snap, start, log, resp, None, outcome)))
+            Reply::Ready(Some(finish(&snap, conn, start, log, resp, None, outcome)))
         }
         Decision::Hold => {
             let resp = reserved::hold(&snap, &req);
             discard_upload(req);
-            Reply::Ready(Some(finish(&snap, start, log, resp, None, Outcome::Held)))
+            Reply::Ready(Some(finish(
+                &snap,
+                conn,
+                start,
+                log,
+                resp,
+                None,
+                Outcome::Held,
+            )))
         }
         Decision::Forward(outcome) => {
             let conn = conn.clone();
@@ -130,7 +138,15 @@ pub fn handle(state: &StateHandle, conn: &Arc<Conn>, req: Request<Incoming>) -> 
                     return resp;
                 }
                 unanswered.counted_in = None;
-                finish(&snap, start, unanswered.log.take(), resp, server, outcome)
+                finish(
+                    &snap,
+                    &conn,
+                    start,
+                    unanswered.log.take(),
+                    resp,
+                    server,
+                    outcome,
+                )
             }))
         }
     }
@@ -228,15 +244,19 @@ pub fn write_held<H: Fields + ?Sized>(
     let encoded = held
         .encoded(form, lang, head)
         .filter(|_| cors.is_none() && form != crate::hold::negotiate::Form::Grpc);
+    let hsts = snap.hsts(conn.tls());
     let (status, bytes) = match encoded {
         Some(encoded) => {
-            encoded.write(out);
+            encoded.write_with(hsts.map_or(&[][..], crate::config::Hsts::line), out);
             (encoded.status(), encoded.body_len())
         }
         None => {
             let answered = reserved::Preflights::Answered;
             let resp = reserved::respond(snap, held, headers, path, method, answered);
-            let (parts, body) = resp.into_parts();
+            let (mut parts, body) = resp.into_parts();
+            if let Some(hsts) = hsts {
+                hsts.add_to(&mut parts.headers);
+            }
             // A holding response's body is whole (`Held::respond`).
             let body = body.into_ready().unwrap_or_default();
             crate::h1::encode(&parts, &body, head, out);
@@ -361,15 +381,21 @@ impl Drop for Unanswered<'_> {
 /// log shows for lack of a standard one.
 pub(crate) const CLIENT_CLOSED: u16 = 499;
 
-/// Counts the request, and with the access log on, logs it when its body is done.
+/// Counts the request, and with the access log on, logs it when its body is done. Every
+/// answer hyper writes for the gateway passes here (intermission's own, forwarded ones, over
+/// HTTP/1.1 and HTTP/2), so here it gets `Strict-Transport-Security` over TLS.
 fn finish(
     snap: &Snapshot,
+    conn: &Conn,
     start: Instant,
     log: Option<Logged>,
-    resp: Response<Body>,
+    mut resp: Response<Body>,
     server: Option<usize>,
     outcome: Outcome,
 ) -> Response<Body> {
+    if let Some(hsts) = snap.hsts(conn.tls()) {
+        hsts.add_to(resp.headers_mut());
+    }
     count(snap, start, resp.status(), outcome);
     let status = resp.status().as_u16();
     let Some(Logged {

@@ -47,8 +47,14 @@ impl Encoded {
 
     /// Appends the response, dated now, to `out`.
     pub fn write(&self, out: &mut Vec<u8>) {
-        out.reserve(self.head.len() + 40 + self.body.len());
+        self.write_with(b"", out);
+    }
+
+    /// `write`, with the header lines `extra` (each ending in CRLF) after the encoded ones.
+    pub fn write_with(&self, extra: &[u8], out: &mut Vec<u8>) {
+        out.reserve(self.head.len() + extra.len() + 40 + self.body.len());
         out.extend_from_slice(&self.head);
+        out.extend_from_slice(extra);
         end_head(self.dated, &self.body, out);
     }
 }

@@ -111,6 +111,10 @@ pub trait Client: AsyncRead + AsyncWrite + Unpin {
     /// its own when the socket is full); a plaintext socket's write is the system call.
     const BUFFERED: bool;
 
+    /// Whether it is TLS: only then do answers carry `Strict-Transport-Security` (RFC 6797
+    /// §7.2), decided by the type, so that a plaintext connection does not even ask.
+    const TLS: bool;
+
     /// Whether the client has ended its side (`Ready(true)`), or sent more (`Ready(false)`),
     /// while an answer is on its way; nothing is consumed. Over TLS the session is asked, not
     /// the socket: a `close_notify` ends it as hyper reads it, and a pipelined request may
@@ -128,6 +132,7 @@ pub trait Client: AsyncRead + AsyncWrite + Unpin {
 
 impl Client for TcpStream {
     const BUFFERED: bool = false;
+    const TLS: bool = false;
 
     fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
         let mut byte = [MaybeUninit::uninit()];
@@ -146,6 +151,7 @@ impl Client for TcpStream {
 
 impl Client for TlsStream<stall::Timed<TcpStream>> {
     const BUFFERED: bool = true;
+    const TLS: bool = true;
 
     fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
         use tokio::io::AsyncBufRead;
@@ -1088,6 +1094,7 @@ async fn answer<C: Client>(
     } = clocks;
     let pool = &snap.pool;
     let timeout = snap.config.upstream.response_timeout;
+    let hsts = snap.hsts(C::TLS).map(crate::config::Hsts::line);
     // Picked already while the relay does not reach every server (`Asked::server`).
     let Some(first) = served.server.or_else(|| pool.pick(&snap.up, None)) else {
         if let Some(more) = forward::said(&snap.passive, None, forward::Line::NoServer) {
@@ -1117,7 +1124,7 @@ async fn answer<C: Client>(
         // Pinned here and lent to `wait`: passed by value, its state (some 400 bytes) was
         // copied twice per request on its way into `wait`'s.
         let fetched = {
-            let mut attempt = std::pin::pin!(fetch(bufs, pool, server, sent));
+            let mut attempt = std::pin::pin!(fetch(bufs, pool, server, sent, hsts));
             let by = Deadline::At(respond_by.as_mut());
             match wait(sock, &mut watch, by, attempt.as_mut()).await {
                 Waited::Late if look < timeout => {
@@ -1335,11 +1342,13 @@ enum Failure {
 /// that closes as a request arrives, unannounced, has closed before the proxy can see it. Once
 /// only, and on a new connection: a request that makes the server fail is not sent once per
 /// kept socket.
+/// `hsts`: the `Strict-Transport-Security` line an answer without one gets (`read_head`).
 async fn fetch(
     bufs: &mut Set,
     pool: &UpstreamPool,
     server: usize,
     now: tokio::time::Instant,
+    hsts: Option<&[u8]>,
 ) -> Result<(RawSocket, Answer), SendError> {
     // `now` is the attempt's start, which the caller has read: a kept socket's idle time is
     // measured from it rather than from a second reading of the clock.
@@ -1350,7 +1359,7 @@ async fn fetch(
             Some((up, _)) => up,
             None => pool.raw_connect(server).await?,
         };
-        match send(bufs, &mut up).await {
+        match send(bufs, &mut up, hsts).await {
             Ok(answer) => return Ok((up, answer)),
             Err(Failure::Unsent(_)) if since.is_some() => {}
             // A `POST` or `PATCH` that reached a server is never sent twice: it may have
@@ -1364,7 +1373,7 @@ async fn fetch(
     }
 }
 
-async fn send(bufs: &mut Set, up: &mut RawStream) -> Result<Answer, Failure> {
+async fn send(bufs: &mut Set, up: &mut RawStream, hsts: Option<&[u8]>) -> Result<Answer, Failure> {
     // A request of which some bytes went out may have reached the server: its failure is
     // `Early`, which a `POST` is not sent again after, not `Unsent`.
     let mut written = 0;
@@ -1413,7 +1422,7 @@ async fn send(bufs: &mut Set, up: &mut RawStream) -> Result<Answer, Failure> {
         loop {
             let sink = match bufs.map.as_mut() {
                 Some(map) => Sink::Map(map, &mut bufs.whole),
-                None => Sink::Bytes(&mut bufs.out),
+                None => Sink::Bytes(&mut bufs.out, hsts),
             };
             match read_head(&bufs.answer, head, sink).map_err(Failure::Late)? {
                 Head::Partial => break,
@@ -1442,13 +1451,14 @@ enum Head {
 /// `read_head` for an HTTP/1.1 client, as the relay's own requests call it.
 #[cfg(test)]
 fn response_head(input: &[u8], head: bool, out: &mut Vec<u8>) -> Result<Head, SendError> {
-    read_head(input, head, Sink::Bytes(out))
+    read_head(input, head, Sink::Bytes(out, None))
 }
 
 /// Where `read_head` puts a final answer's head.
 enum Sink<'a> {
-    /// Written for an HTTP/1.1 client.
-    Bytes(&'a mut Vec<u8>),
+    /// Written for an HTTP/1.1 client, with the `Strict-Transport-Security` line (over TLS, when
+    /// configured) that the answer gets unless it has its own.
+    Bytes(&'a mut Vec<u8>, Option<&'a [u8]>),
     /// Read into a map for hyper's server, as hyper's client reads it (`upstream`), its
     /// values slices of one copy of the head (and of the body, when whole in `input`), kept in
     /// the `Bytes`.
@@ -1565,8 +1575,8 @@ fn read_head(input: &[u8], head: bool, sink: Sink<'_>) -> Result<Head, SendError
             1 => !close,
             _ => keep_alive && !close,
         };
-    let out = match sink {
-        Sink::Bytes(out) => out,
+    let (out, mut hsts) = match sink {
+        Sink::Bytes(out, hsts) => (out, hsts),
         Sink::Map(map, whole) => {
             // One copy (and allocation) for the head's values and a small body, where each
             // value and the body were one of their own: some 5 of them in nginx's answers.
@@ -1656,10 +1666,17 @@ fn read_head(input: &[u8], head: bool, sink: Sink<'_>) -> Result<Head, SendError
             }
         }
         dated |= is(name, b"date");
+        // The application's own is passed on alone (asked only when one would be added).
+        if hsts.is_some() && is(name, b"strict-transport-security") {
+            hsts = None;
+        }
         push_line(out, input, name, h.value);
     }
     if !dated {
         h1::date_header(out);
+    }
+    if let Some(line) = hsts {
+        out.extend_from_slice(line);
     }
     if upgrade_kept {
         out.extend_from_slice(b"connection: upgrade\r\n");
@@ -1961,6 +1978,9 @@ async fn outage<C: Client>(
     if closing {
         let close = HeaderValue::from_static("close");
         parts.headers.insert(http::header::CONNECTION, close);
+    }
+    if let Some(hsts) = snap.hsts(C::TLS) {
+        hsts.add_to(&mut parts.headers);
     }
     bufs.out.clear();
     h1::encode(&parts, &body, is_head(&bufs.request), &mut bufs.out);
@@ -2314,7 +2334,8 @@ pub async fn upstream(
     let mut set = req.0;
     let bufs = &mut set.0;
     bufs.map = Some(http::HeaderMap::new());
-    let (up, answer) = fetch(bufs, pool, server, tokio::time::Instant::now()).await?;
+    // Its head goes to hyper's server, whose answers get the header in `gateway::finish`.
+    let (up, answer) = fetch(bufs, pool, server, tokio::time::Instant::now(), None).await?;
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = StatusCode::from_u16(answer.status)
         .map_err(|_| SendError::Protocol("a malformed status"))?;
@@ -3140,6 +3161,44 @@ mod tests {
                 matches!(framing, Framing::Chunked | Framing::Close),
                 "{input:?}: {out}"
             );
+        }
+    }
+
+    /// Over TLS with `tls.hsts_*`, an answer gets the `Strict-Transport-Security` line unless
+    /// the server sent its own, which goes on alone; one the server named in `Connection`
+    /// (hop-by-hop, so dropped) is replaced.
+    #[test]
+    fn an_answer_gets_the_hsts_line_unless_it_has_its_own() {
+        let line = b"strict-transport-security: max-age=600\r\n";
+        let date = "Date: Thu, 03 Dec 2026 09:00:00 GMT\r\n";
+        for (headers, want) in [
+            ("", vec!["strict-transport-security: max-age=600"]),
+            (
+                "Strict-Transport-Security: max-age=5\r\n",
+                vec!["Strict-Transport-Security: max-age=5"],
+            ),
+            (
+                "Connection: strict-transport-security\r\nStrict-Transport-Security: max-age=5\r\n",
+                vec!["strict-transport-security: max-age=600"],
+            ),
+        ] {
+            let input = format!("HTTP/1.1 200 OK\r\n{date}{headers}Content-Length: 0\r\n\r\n");
+            let mut out = Vec::new();
+            let read = read_head(input.as_bytes(), false, Sink::Bytes(&mut out, Some(line)));
+            assert!(matches!(read, Ok(Head::Final(_))), "{input:?}");
+            let out = String::from_utf8(out).unwrap();
+            let got: Vec<&str> = out
+                .split("\r\n")
+                .filter(|l| {
+                    l.to_ascii_lowercase()
+                        .starts_with("strict-transport-security:")
+                })
+                .collect();
+            assert_eq!(got, want, "{input:?}");
+            assert!(out.ends_with("\r\n\r\n"), "{out:?}");
+            // Without the setting (or over plaintext) nothing is added.
+            let (plain, _) = head(&input);
+            assert!(!plain.contains("max-age=600"), "{plain:?}");
         }
     }
 

@@ -2768,3 +2768,251 @@ async fn at_max_connections_a_new_client_closes_one_idle_https_connection_not_mo
         "two of the other three idle clients are still served"
     );
 }
+
+/// An upstream whose answer to `/own` carries its own `Strict-Transport-Security`.
+async fn hsts_upstream() -> Upstream {
+    upstream(|req: Request<Incoming>| async move {
+        let mut resp = Response::builder();
+        if req.uri().path() == "/own" {
+            resp = resp.header("strict-transport-security", "max-age=5");
+        }
+        resp.body(full("ok")).unwrap()
+    })
+    .await
+}
+
+/// The `Strict-Transport-Security` values of an answer, each line apart.
+fn sts<B>(resp: &Response<B>) -> Vec<String> {
+    resp.headers()
+        .get_all("strict-transport-security")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect()
+}
+
+/// An answer over HTTP/2 on a new TLS connection.
+async fn get_h2(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    path: &str,
+) -> Response<Bytes> {
+    let stream = tls_connect(addr, "shop.test", config).await;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(format!("https://shop.test{path}"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+}
+
+/// `GET path` over HTTP/1.1 on `sender`, with `headers` added.
+async fn get_with(sender: &mut Sender1, path: &str, headers: &[(&str, &str)]) -> Response<Bytes> {
+    let mut req = Request::get(path).header("host", "shop.test");
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let resp = sender
+        .send_request(req.body(Empty::new()).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+}
+
+/// With `tls.hsts_*`, every answer over TLS carries `Strict-Transport-Security` once: forwarded
+/// ones that have none (by the relay, by hyper's HTTP/1.1 path, over HTTP/2), intermission's
+/// own (the status document, holding answers however they are written, the outage answer),
+/// while an application's own is passed on alone; answers over plaintext carry none (RFC 6797
+/// §7.2). Before, none was ever sent, and during maintenance nothing could send it.
+#[tokio::test]
+async fn hsts_is_sent_over_tls_only_and_the_application_s_own_is_kept() {
+    let up = hsts_upstream().await;
+    let ca = Ca::new();
+    let proxy = tls_proxy(|dir| {
+        ca.write_leaf(dir, "site", &["shop.test"]);
+        format!(
+            "hsts_max_age = \"365d\"\nhsts_include_subdomains = true\n{}\
+             [upstream]\nservers = [\"{}\"]\n\
+             [maintenance]\ncors_origins = [\"https://app.test\"]\n",
+            certs(&["site"]),
+            up.url()
+        )
+    })
+    .await;
+    let addr = tls_addr(&proxy);
+    let ours = vec!["max-age=31536000; includeSubDomains".to_owned()];
+    let theirs = vec!["max-age=5".to_owned()];
+    let h1_config = ca.client_config(&[b"http/1.1"]);
+    let h2_config = ca.client_config(&[b"h2"]);
+
+    // Forwarded: by the relay (keep-alive), by hyper (`Connection: close` is not the relay's),
+    // and over HTTP/2.
+    let mut sender = h1(tls_connect(addr, "shop.test", h1_config.clone()).await).await;
+    let resp = get_with(&mut sender, "/plain", &[]).await;
+    assert_eq!((resp.status().as_u16(), sts(&resp)), (200, ours.clone()));
+    let resp = get_with(&mut sender, "/own", &[]).await;
+    assert_eq!((resp.status().as_u16(), sts(&resp)), (200, theirs.clone()));
+    // A reserved path is hyper's, and so is the connection from then on.
+    let resp = get_with(&mut sender, "/_intermission/status", &[]).await;
+    assert_eq!((resp.status().as_u16(), sts(&resp)), (200, ours.clone()));
+    for path in ["/plain", "/own"] {
+        let mut sender = h1(tls_connect(addr, "shop.test", h1_config.clone()).await).await;
+        let resp = get_with(&mut sender, path, &[("connection", "close")]).await;
+        let want = if path == "/own" { &theirs } else { &ours };
+        assert_eq!(&sts(&resp), want, "{path} through hyper's HTTP/1.1 path");
+        let resp = get_h2(addr, h2_config.clone(), path).await;
+        assert_eq!(&sts(&resp), want, "{path} over HTTP/2");
+    }
+    // Never over plaintext, forwarded or not.
+    for path in ["/plain", "/_intermission/status"] {
+        let resp = get(&proxy.url(path)).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(sts(&resp), Vec::<String>::new(), "{path} over plaintext");
+    }
+
+    // Held: the encoded page and problem+json (by the relay, on a new connection, or by
+    // hyper on one it took), one a listed origin reads (written from its map), and over HTTP/2.
+    assert!(ctl(&proxy, on(Some("Upgrading"))).await.ok);
+    for accept in [
+        &[("accept", "text/html")][..],
+        &[("accept", "application/json")],
+        &[
+            ("accept", "application/json"),
+            ("origin", "https://app.test"),
+        ],
+    ] {
+        let mut relayed = h1(tls_connect(addr, "shop.test", h1_config.clone()).await).await;
+        for (sender, how) in [(&mut relayed, "relay"), (&mut sender, "hyper")] {
+            let resp = get_with(sender, "/plain", accept).await;
+            assert_eq!(
+                (resp.status().as_u16(), sts(&resp)),
+                (503, ours.clone()),
+                "{accept:?} by the {how}"
+            );
+        }
+    }
+    let resp = get_h2(addr, h2_config.clone(), "/plain").await;
+    assert_eq!((resp.status().as_u16(), sts(&resp)), (503, ours.clone()));
+    let resp = get(&proxy.url("/plain")).await;
+    assert_eq!((resp.status().as_u16(), sts(&resp)), (503, vec![]));
+    assert!(ctl(&proxy, Ctl::Off).await.ok);
+
+    // The application gone: the outage answer the relay writes carries it too.
+    up.stopped().await;
+    let mut sender = h1(tls_connect(addr, "shop.test", h1_config).await).await;
+    let resp = get_with(&mut sender, "/plain", &[]).await;
+    assert!(resp.status().is_server_error(), "{}", resp.status());
+    assert_eq!(sts(&resp), ours);
+    let resp = get_h2(addr, h2_config, "/plain").await;
+    assert!(resp.status().is_server_error(), "{}", resp.status());
+    assert_eq!(sts(&resp), ours);
+}
+
+/// `tls.hsts_*` is taken by a reload, changed and switched off, and a value that would not
+/// make a valid header (or one the preload list refuses) is refused at start and at reload
+/// with its key named, the header in force staying.
+#[tokio::test]
+async fn hsts_follows_a_reload_and_bad_values_are_refused_with_the_key_named() {
+    let up = hsts_upstream().await;
+    let ca = Ca::new();
+    let proxy = tls_proxy(|dir| {
+        ca.write_leaf(dir, "site", &["shop.test"]);
+        format!(
+            "hsts_max_age = \"365d\"\n{}[upstream]\nservers = [\"{}\"]\n",
+            certs(&["site"]),
+            up.url()
+        )
+    })
+    .await;
+    let addr = tls_addr(&proxy);
+    let config = ca.client_config(&[b"http/1.1"]);
+    let sent = |config: Arc<rustls::ClientConfig>| async move {
+        let mut sender = h1(tls_connect(addr, "shop.test", config).await).await;
+        sts(&get_with(&mut sender, "/", &[]).await)
+    };
+    assert_eq!(sent(config.clone()).await, ["max-age=31536000"]);
+
+    edit_config(&proxy, |t| {
+        t.replace(
+            "hsts_max_age = \"365d\"\n",
+            "hsts_max_age = \"104w\"\nhsts_include_subdomains = true\nhsts_preload = true\n",
+        )
+    });
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert!(r.ok, "{r:?}");
+    let preloaded = "max-age=62899200; includeSubDomains; preload";
+    assert_eq!(sent(config.clone()).await, [preloaded]);
+
+    for (from, to, key, why) in [
+        ("\"104w\"", "\"10m\"", "tls.hsts_preload", "at least a year"),
+        (
+            "hsts_include_subdomains = true",
+            "hsts_include_subdomains = false",
+            "tls.hsts_preload",
+            "tls.hsts_include_subdomains",
+        ),
+        ("\"104w\"", "\"3y\"", "tls.hsts_max_age", "not a unit"),
+        (
+            "\"104w\"",
+            "\"1000d\"",
+            "tls.hsts_max_age",
+            "longer than 2 years",
+        ),
+        (
+            "\"104w\"",
+            "\"1.5s\"",
+            "tls.hsts_max_age",
+            "whole number of seconds",
+        ),
+        (
+            "hsts_max_age = \"104w\"",
+            "",
+            "tls.hsts_include_subdomains",
+            "needs tls.hsts_max_age",
+        ),
+        (
+            "hsts_preload = true",
+            "hsts_preload = \"yes\"",
+            "tls.hsts_preload",
+            "bool",
+        ),
+    ] {
+        let text = std::fs::read_to_string(proxy.dir.path().join("config.toml")).unwrap();
+        let bad = text.replace(from, to);
+        assert_ne!(bad, text);
+        std::fs::write(proxy.dir.path().join("config.toml"), &bad).unwrap();
+        let e = ctl(&proxy, Ctl::Reload).await.error.expect("refused");
+        assert!(
+            e.message.contains(&format!("{key}: ")) && e.message.contains(why),
+            "{to}: {}",
+            e.message
+        );
+        // At start too.
+        let e = intermission::config::Config::parse(&bad, proxy.dir.path(), None)
+            .expect_err("refused at start")
+            .to_string();
+        assert!(e.contains(key) && e.contains(why), "{to}: {e}");
+        std::fs::write(proxy.dir.path().join("config.toml"), &text).unwrap();
+        assert_eq!(sent(config.clone()).await, [preloaded], "after {to}");
+    }
+
+    // `"0"` tells browsers to forget; no key, no header.
+    edit_config(&proxy, |t| {
+        t.replace("\"104w\"", "\"0\"")
+            .replace("hsts_preload = true\n", "")
+    });
+    assert!(ctl(&proxy, Ctl::Reload).await.ok);
+    assert_eq!(sent(config.clone()).await, ["max-age=0; includeSubDomains"]);
+    edit_config(&proxy, |t| {
+        t.replace("hsts_max_age = \"0\"\n", "")
+            .replace("hsts_include_subdomains = true\n", "")
+    });
+    assert!(ctl(&proxy, Ctl::Reload).await.ok);
+    assert_eq!(sent(config).await, Vec::<String>::new());
+}

@@ -305,6 +305,10 @@ pub struct TlsFile {
     /// key names its entry and does not drop the rest of it.
     #[serde(deserialize_with = "tables")]
     pub certificates: Vec<toml::Value>,
+    /// `Strict-Transport-Security`'s `max-age`; absent, no such header is sent.
+    pub hsts_max_age: Option<DurationText>,
+    pub hsts_include_subdomains: bool,
+    pub hsts_preload: bool,
 }
 
 /// An empty `cert` or `key` is a key left out: validation says it is required, so that

@@ -152,6 +152,60 @@ pub struct TlsConfig {
     pub listen: Vec<SocketAddr>,
     /// The first is the default when SNI names none of them.
     pub certificates: Vec<CertificatePaths>,
+    /// The `Strict-Transport-Security` every answer over TLS carries (`tls.hsts_*`).
+    pub hsts: Option<Hsts>,
+}
+
+/// A `Strict-Transport-Security` header, rendered once from the config: an answer over TLS
+/// adds one ready value (hyper's paths) or line (the writers without hyper), and allocates
+/// nothing for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hsts {
+    value: http::HeaderValue,
+    /// `strict-transport-security: {value}\r\n`.
+    line: Box<[u8]>,
+}
+
+/// hstspreload.org's least `max-age` for a site on the preload list, and the most taken here:
+/// what it and Mozilla recommend. Longer is a slip of units (`"63072000m"`, `"730w"`), and
+/// Chrome keeps an HSTS host a year at most whatever it is told.
+const HSTS_PRELOAD_MIN: Duration = Duration::from_secs(365 * 86400);
+const HSTS_MAX: Duration = Duration::from_secs(2 * 365 * 86400);
+
+impl Hsts {
+    fn new(max_age: u64, include_subdomains: bool, preload: bool) -> Option<Hsts> {
+        let mut text = format!("max-age={max_age}");
+        if include_subdomains {
+            text.push_str("; includeSubDomains");
+        }
+        if preload {
+            text.push_str("; preload");
+        }
+        let value = http::HeaderValue::from_str(&text).ok()?;
+        let line = format!("strict-transport-security: {text}\r\n");
+        Some(Hsts {
+            value,
+            line: line.into_bytes().into_boxed_slice(),
+        })
+    }
+
+    pub fn value(&self) -> &http::HeaderValue {
+        &self.value
+    }
+
+    /// The header's line, ending in CRLF, for an HTTP/1.1 head written without hyper.
+    pub fn line(&self) -> &[u8] {
+        &self.line
+    }
+
+    /// Adds the header to an answer that has none: the application's own is kept as it is.
+    pub fn add_to(&self, headers: &mut http::HeaderMap) {
+        if let http::header::Entry::Vacant(e) =
+            headers.entry(http::header::STRICT_TRANSPORT_SECURITY)
+        {
+            e.insert(self.value.clone());
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -330,6 +384,13 @@ impl Config {
                  the application, and is not bounded by proxy.max_pending_per_client; name \
                  the load balancer's addresses (or its subnet) instead"
             ));
+        }
+        if self.tls.hsts.is_some() && self.tls.listen.is_empty() {
+            warnings.push(
+                "tls.hsts_max_age is set, but there is no tls.listen: Strict-Transport-Security \
+                 is sent over TLS only, so no answer carries it"
+                    .to_owned(),
+            );
         }
         for (i, target) in self.notify.iter().enumerate() {
             let short = target.secret.as_ref().map_or(0, |s| s.chars().count());
@@ -1229,10 +1290,93 @@ impl Validator<'_> {
                 "tls.listen needs at least one [[tls.certificates]] entry",
             );
         }
+        let hsts = self.hsts(&f);
         TlsConfig {
             listen,
             certificates,
+            hsts,
         }
+    }
+
+    /// `tls.hsts_*`: the header as RFC 6797 and hstspreload.org take it, or each key that
+    /// would not make one named. `"0"` is a `max-age` like any other: it is how a site tells
+    /// browsers to forget what an earlier one said (RFC 6797 §6.1.1).
+    fn hsts(&mut self, f: &file::TlsFile) -> Option<Hsts> {
+        let Some(text) = &f.hsts_max_age else {
+            for (set, key) in [
+                (f.hsts_include_subdomains, "tls.hsts_include_subdomains"),
+                (f.hsts_preload, "tls.hsts_preload"),
+            ] {
+                if set {
+                    self.problem(
+                        key,
+                        "needs tls.hsts_max_age, which turns Strict-Transport-Security on \
+                         (\"365d\", say)",
+                    );
+                }
+            }
+            return None;
+        };
+        let key = "tls.hsts_max_age";
+        let max_age = match parse_duration(&text.0) {
+            Ok(d) if d > HSTS_MAX => {
+                self.problem(
+                    key,
+                    format!(
+                        "{:?} is longer than 2 years (\"730d\"), the most hstspreload.org asks \
+                         for; browsers keep a host a year or two at most",
+                        text.0
+                    ),
+                );
+                None
+            }
+            Ok(d) if d.subsec_nanos() != 0 => {
+                self.problem(
+                    key,
+                    format!("{:?}: max-age is a whole number of seconds", text.0),
+                );
+                None
+            }
+            Ok(d) => Some(d),
+            Err(why) => {
+                // The header's own text (copied from an nginx config) or years, which the
+                // durations here do not have.
+                let hint = if text.0.contains("max-age") {
+                    "; write the length alone (\"365d\"): includeSubDomains and preload are \
+                     keys of their own"
+                } else if text.0.trim_end().ends_with('y') {
+                    "; a year is \"365d\""
+                } else {
+                    ""
+                };
+                self.problem(key, format!("{why}{hint}"));
+                None
+            }
+        };
+        // hstspreload.org refuses a site that asks without both (and its list, once on it,
+        // takes months to leave): better said here than by its form.
+        let mut preload_ok = true;
+        if f.hsts_preload && !f.hsts_include_subdomains {
+            preload_ok = false;
+            self.problem(
+                "tls.hsts_preload",
+                "needs tls.hsts_include_subdomains = true: the preload list takes a whole \
+                 domain (hstspreload.org)",
+            );
+        }
+        if f.hsts_preload && max_age.is_some_and(|d| d < HSTS_PRELOAD_MIN) {
+            preload_ok = false;
+            self.problem(
+                "tls.hsts_preload",
+                format!(
+                    "needs tls.hsts_max_age of at least a year (\"365d\"), where it is {:?} \
+                     (hstspreload.org)",
+                    text.0
+                ),
+            );
+        }
+        let max_age = max_age.filter(|_| preload_ok)?;
+        Hsts::new(max_age.as_secs(), f.hsts_include_subdomains, f.hsts_preload)
     }
 
     /// A certificate entry's `cert` or `key`, which must name a file.
@@ -2346,6 +2490,36 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    /// The header is rendered once, as RFC 6797 writes it; set with no TLS listener, which
+    /// alone sends it, it is said to do nothing, not refused (a config staged before its
+    /// certificates).
+    #[test]
+    fn hsts_is_rendered_once_and_warned_of_with_nothing_to_send_it() {
+        let c = Config::parse(
+            "[tls]\nhsts_max_age = \"1h\"\nhsts_include_subdomains = true\n",
+            Path::new("."),
+            None,
+        )
+        .unwrap();
+        let hsts = c.tls.hsts.as_ref().unwrap();
+        assert_eq!(hsts.value(), "max-age=3600; includeSubDomains");
+        assert_eq!(
+            hsts.line(),
+            b"strict-transport-security: max-age=3600; includeSubDomains\r\n"
+        );
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("tls.hsts_max_age is set, but there is no tls.listen"));
+        let off = Config::parse("", Path::new("."), None).unwrap();
+        assert!(off.tls.hsts.is_none());
+        let p = problems("[tls]\nhsts_max_age = \"2y\"\nhsts_preload = true\n");
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["tls.hsts_max_age", "tls.hsts_preload"]);
+        assert!(p[0].message.ends_with("; a year is \"365d\""), "{p:?}");
+        let p = problems("[tls]\nhsts_max_age = \"max-age=31536000; includeSubDomains\"\n");
+        assert!(p[0].message.contains("write the length alone"), "{p:?}");
     }
 
     /// Valid, and it turns maintenance off for every client of a family: said, not refused.

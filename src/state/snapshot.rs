@@ -168,6 +168,16 @@ pub struct Inputs<'a> {
 }
 
 impl Snapshot {
+    /// The `Strict-Transport-Security` an answer on a connection carries: configured, and over
+    /// TLS only (RFC 6797 §7.2: never over plaintext, where anyone on the path could forge it).
+    #[inline]
+    pub fn hsts(&self, tls: bool) -> Option<&crate::config::Hsts> {
+        match tls {
+            true => self.config.tls.hsts.as_ref(),
+            false => None,
+        }
+    }
+
     pub fn build(parts: &Parts, inputs: &Inputs<'_>) -> Snapshot {
         let m = &parts.config.maintenance;
         let prefix = m.reserved_prefix.as_str();
