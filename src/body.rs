@@ -47,6 +47,9 @@ pub enum Body {
     /// A response read from a raw upstream socket for an HTTP/2 client (`crate::relay::upstream`),
     /// whose socket goes back to its list once the body has been read whole.
     Relayed(Box<crate::relay::Relayed>),
+    /// A stream of server-sent events, ended at a drain where its next event ends
+    /// (`forward::events`). Boxed: only such an answer pays for it.
+    Events(Box<crate::forward::events::Events>),
 }
 
 impl Body {
@@ -156,6 +159,7 @@ impl Body {
         match self {
             Body::Lent(..) | Body::Relayed(_) => true,
             Body::Timed(t) => t.inner.is_lent(),
+            Body::Events(e) => e.is_lent(),
             _ => false,
         }
     }
@@ -474,6 +478,7 @@ impl HttpBody for Body {
             }
             Body::Timed(t) => t.poll_frame(cx),
             Body::Relayed(r) => r.poll_frame(cx),
+            Body::Events(e) => e.poll_frame(cx),
         }
     }
 
@@ -489,6 +494,7 @@ impl HttpBody for Body {
             Body::Counted(c) => c.inner.is_end_stream(),
             Body::Timed(t) => t.grpc == Some(GrpcEnd::Ended) || t.inner.is_end_stream(),
             Body::Relayed(r) => r.is_end_stream(),
+            Body::Events(e) => e.is_end_stream(),
         }
     }
 
@@ -506,6 +512,7 @@ impl HttpBody for Body {
             Body::Counted(c) => c.inner.size_hint(),
             Body::Timed(t) => t.inner.size_hint(),
             Body::Relayed(r) => r.size_hint(),
+            Body::Events(e) => e.size_hint(),
         }
     }
 }

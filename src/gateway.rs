@@ -34,6 +34,10 @@ pub struct Conn {
     /// (`proxy.max_pending_per_client`), until its first request arrives (`arrived`) or it
     /// closes: every connection's handlers hold its `Conn`, which goes when they all have.
     pub(crate) pending: Pending,
+    /// The listeners' drain, at which a stream of server-sent events forwarded on this
+    /// connection ends at its next event boundary (`forward::events`); none where no
+    /// listener serves it.
+    pub(crate) drain: Option<Arc<crate::shutdown::Drain>>,
 }
 
 impl Conn {
@@ -48,6 +52,7 @@ impl Conn {
                 https: tls,
             },
             pending: Pending::default(),
+            drain: None,
         }
     }
 
@@ -744,7 +749,8 @@ fn forward_request<'a>(
                     let resp = echo.outage(snap, reserved::Preflights::Held);
                     return (resp, Some(f.server), Outcome::Failed);
                 }
-                (f.response, Some(f.server), outcome)
+                let resp = forward::events::at_drain(f.response, conn.drain.as_deref());
+                (resp, Some(f.server), outcome)
             }
             Err(forward::Failed {
                 client: Some(fault),

@@ -672,6 +672,7 @@ pub async fn accept_loop(
         drop(snap);
         let mut conn = Conn::new(peer, tls);
         conn.pending = begun.map(Pending::from).unwrap_or_default();
+        conn.drain = Some(drain.clone());
         let conn = Arc::new(conn);
         let state = state.clone();
         match acceptor {

@@ -32,7 +32,9 @@
 //! body of `Content-Length` (a small answer written in one piece once it is whole, up to its
 //! deadline), chunked (passed through as it comes, its end found by `Chunked`, which holds
 //! trailers and extensions to hyper's client's limits), or until the server closes (sent on
-//! chunked, so that the client's connection stays open). A failure before the
+//! chunked, so that the client's connection stays open); a stream of server-sent events, either
+//! way, is framed again piece by piece, so that a drain can end it where an event ends
+//! (`events`, `forward::events`). A failure before the
 //! answer's head is reported to the server's checker, tried once more on another server when
 //! the method is idempotent, and otherwise answered with the outage response; a failure after
 //! it closes the client's connection, as hyper does when a body breaks. A client that closes
@@ -1322,6 +1324,10 @@ struct Answer {
     framing: Framing,
     /// The server keeps the connection open after this answer.
     reusable: bool,
+    /// A stream of server-sent events, chunked or read until the close, which a drain ends
+    /// at its next event boundary (`forward::events`); told for an HTTP/1.1 client's answer
+    /// (hyper's path tells an HTTP/2 client's).
+    events: bool,
 }
 
 /// Why an attempt got no answer.
@@ -1591,6 +1597,7 @@ fn read_head(input: &[u8], head: bool, sink: Sink<'_>) -> Result<Head, SendError
                 head: len,
                 framing,
                 reusable,
+                events: false,
             }));
         }
     };
@@ -1623,9 +1630,16 @@ fn read_head(input: &[u8], head: bool, sink: Sink<'_>) -> Result<Head, SendError
     // goes with it (§7.8), as on hyper's path (`forward::finish`).
     let upgrade_required = status == 426;
     let mut upgrade_kept = false;
+    // Only a body that is not framed by its length can be an event stream ended at a drain
+    // (`forward::events`): an answer of known length pays no compare for it.
+    let streamed = matches!(framing, Framing::Chunked | Framing::Close);
+    let mut events = false;
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         let length = || is(name, b"content-length");
+        if streamed && !events && is(name, b"content-type") {
+            events = forward::events::is_event_stream(h.value);
+        }
         if upgrade_required && is(name, b"upgrade") {
             upgrade_kept = true;
             push_line(out, input, name, h.value);
@@ -1690,6 +1704,7 @@ fn read_head(input: &[u8], head: bool, sink: Sink<'_>) -> Result<Head, SendError
         head: len,
         framing,
         reusable,
+        events,
     }))
 }
 
@@ -1823,6 +1838,33 @@ async fn respond<C: Client>(
                 }
             }
         }
+        Framing::Chunked | Framing::Close if answer.events => {
+            let stream = EventStream {
+                framing: answer.framing,
+                server: to.server,
+                drain: to.drain,
+                bytes: &mut *to.bytes,
+            };
+            let watch = &mut watch;
+            match events(
+                sock,
+                snap,
+                &mut up,
+                buf,
+                out,
+                at,
+                watch,
+                read_by.as_mut(),
+                stream,
+            )
+            .await
+            {
+                Streamed::Broken => return Next::Broken,
+                // The server's answer is left unread: its socket is closed.
+                Streamed::Cut => return Next::Close,
+                Streamed::Ended(whole) => whole,
+            }
+        }
         Framing::Chunked => {
             let mut chunks = Chunked::default();
             loop {
@@ -1884,6 +1926,155 @@ async fn respond<C: Client>(
         snap.pool.raw_put(to.server, up);
     }
     Next::after(true, closing)
+}
+
+/// What `events` streams, beside the buffers.
+struct EventStream<'a> {
+    framing: Framing,
+    server: usize,
+    drain: &'a Drain,
+    /// The body's bytes passed on.
+    bytes: &'a mut u64,
+}
+
+/// How an event stream's answer ended (`events`).
+enum Streamed {
+    /// Broken off, as any answer whose server or client fails.
+    Broken,
+    /// Where the server ended it; whether exactly where the server stopped sending.
+    Ended(bool),
+    /// Ended at a drain, between two events, the rest of the server's answer unread.
+    Cut,
+}
+
+/// Writes the body of a stream of server-sent events (`Answer::events`), chunked or read
+/// until the close, as `respond` writes any such body, on chunked; but once a drain has begun
+/// (before the answer, or during it), ends it with its last chunk at its next event boundary,
+/// at once when no event is in flight (`forward::events`). Its data is decoded from the
+/// server's chunks and framed again for each piece, so that a piece can be cut short where
+/// an event ends: only such answers pay for that, and for reading their pieces' last bytes.
+#[allow(clippy::too_many_arguments)] // `respond`'s buffers and clocks, lent
+async fn events<C: Client>(
+    sock: &mut C,
+    snap: &Snapshot,
+    up: &mut RawStream,
+    buf: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    mut at: usize,
+    watch: &mut bool,
+    mut read_by: Pin<&mut Sleep>,
+    stream: EventStream<'_>,
+) -> Streamed {
+    let EventStream {
+        framing,
+        server,
+        drain,
+        bytes,
+    } = stream;
+    let mut chunks = Chunked {
+        decode: true,
+        ..Chunked::default()
+    };
+    let mut boundary = forward::events::Boundary::default();
+    let mut guard = drain.guard();
+    let fired = guard.fired();
+    tokio::pin!(fired);
+    let mut draining = false;
+    loop {
+        // The piece's data goes after what `out` holds (the answer's head, at first).
+        let start = out.len();
+        let (ended, broken) = match framing {
+            Framing::Chunked => match chunks.feed(&buf[at..], out) {
+                Ok(end) => (end.map(|n| at + n == buf.len()), false),
+                // The chunks that came whole before the bad one still reach the client.
+                Err(()) => (None, true),
+            },
+            _ => {
+                out.extend_from_slice(&buf[at..]);
+                (None, false)
+            }
+        };
+        draining = draining || drain.started();
+        let cut = match draining && !broken {
+            true => boundary.cut(&out[start..]),
+            false => {
+                boundary.follow(&out[start..]);
+                None
+            }
+        };
+        if let Some(n) = cut {
+            out.truncate(start + n);
+        }
+        *bytes += (out.len() - start) as u64;
+        chunk(out, start);
+        if cut.is_some() || ended.is_some() {
+            out.extend_from_slice(b"0\r\n\r\n");
+        }
+        if broken {
+            put(sock, out, snap).await;
+            return Streamed::Broken;
+        }
+        if !out.is_empty() && !put_piece(sock, out, 0..out.len(), buf, snap).await {
+            return Streamed::Broken;
+        }
+        out.clear();
+        if cut.is_some() {
+            return Streamed::Cut;
+        }
+        if let Some(whole) = ended {
+            return Streamed::Ended(whole);
+        }
+        at = 0;
+        loop {
+            if draining && boundary.between() {
+                return match put(sock, b"0\r\n\r\n", snap).await {
+                    true => Streamed::Cut,
+                    false => Streamed::Broken,
+                };
+            }
+            let read = {
+                let mut next = std::pin::pin!(next_piece(up, buf));
+                let either = poll_fn(|cx| {
+                    if let Poll::Ready(read) = next.as_mut().poll(cx) {
+                        return Poll::Ready(Some(read));
+                    }
+                    match draining {
+                        true => Poll::Pending,
+                        false => fired.as_mut().poll(cx).map(|()| None),
+                    }
+                });
+                wait(sock, watch, Deadline::idle(read_by.as_mut(), snap), either).await
+            };
+            match read {
+                // The drain began while the stream waited: ended now if between events.
+                Waited::Done(None) => draining = true,
+                Waited::Done(Some(Ok(0))) if framing == Framing::Close => {
+                    return match put(sock, b"0\r\n\r\n", snap).await {
+                        true => Streamed::Ended(false),
+                        false => Streamed::Broken,
+                    };
+                }
+                Waited::Done(Some(Ok(0) | Err(_))) | Waited::Gone => return Streamed::Broken,
+                Waited::Done(Some(Ok(_))) => break,
+                Waited::Late => {
+                    stalled(snap, server);
+                    return Streamed::Broken;
+                }
+            }
+        }
+    }
+}
+
+/// Frames `out[start..]`, a piece of a body's data, as one chunk; nothing when it is empty.
+fn chunk(out: &mut Vec<u8>, start: usize) {
+    let len = out.len() - start;
+    if len == 0 {
+        return;
+    }
+    let mut digits = [0u8; 16];
+    let size = hex(len as u64, &mut digits);
+    out.splice(start..start, size.iter().chain(b"\r\n").copied());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// `next_piece`, given up (an error) when the client closes its connection meanwhile: a body

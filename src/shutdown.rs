@@ -68,7 +68,8 @@ impl Terminate {
 /// A tunnel (an upgraded connection, `forward::upgrade`) holds one too, until it closes.
 /// A WebSocket is closed with a close frame each way (`forward::websocket`) and ends once its
 /// ends have answered; any other tunnel carries bytes that are not HTTP and cannot be asked
-/// to finish. A drain waits for each, as nginx does, up to `shutdown_timeout`.
+/// to finish. A drain waits for each, as nginx does, up to `shutdown_timeout`. A forwarded
+/// stream of server-sent events is ended at its next event boundary (`forward::events`).
 pub struct Drain(Trigger);
 
 impl Default for Drain {

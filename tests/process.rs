@@ -2620,6 +2620,391 @@ async fn a_drain_closes_a_websocket_with_1001_at_a_frame_boundary() {
     );
 }
 
+/// How the client of an event stream reaches the proxy, and so which path forwards it.
+#[derive(Clone, Copy, Debug)]
+enum EventClient {
+    /// A plain HTTP/1.1 `GET`: the relay's.
+    Relay,
+    /// The same over TLS: the relay's, through rustls.
+    RelayTls,
+    /// One that asks for trailers (`TE`), which the relay leaves to hyper: hyper's server and
+    /// client.
+    Hyper,
+    /// HTTP/2 (h2c): hyper's server, its answer read from the relay's upstream sockets.
+    Http2,
+}
+
+/// A server that answers `/events` with the head of a stream of server-sent events, chunked
+/// or (`close`) read until it closes, and hands the test its socket, to write the body on as
+/// the test says; any other request (a health check) is answered `ok`.
+async fn events_upstream(
+    close: bool,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<tokio::net::TcpStream>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                loop {
+                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut more = [0u8; 4096];
+                        match sock.read(&mut more).await {
+                            Ok(n) if n > 0 => got.extend_from_slice(&more[..n]),
+                            _ => return,
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&got[..end]).into_owned();
+                    got.drain(..end + 4);
+                    if !head.split(' ').nth(1).unwrap_or("").starts_with("/events") {
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if sock.write_all(ok).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    let framing = match close {
+                        true => "connection: close\r\n",
+                        false => "transfer-encoding: chunked\r\n",
+                    };
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: Text/Event-Stream; charset=utf-8\r\n\
+                         cache-control: no-cache\r\n{framing}\r\n"
+                    );
+                    if sock.write_all(head.as_bytes()).await.is_ok() {
+                        let _ = tx.send(sock);
+                    }
+                    return;
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Event `n` of the test's stream, its lines ended as each of the format's three ways in turn.
+fn event(n: u32) -> String {
+    let end = ["\n", "\r\n", "\r"][n as usize % 3];
+    format!("id: {n}{end}data: event {n}{end}{end}")
+}
+
+/// Writes `bytes`, a piece of the event stream's body, on `up`: as a chunk (its size line and
+/// its data in writes of their own) unless the body is read until the close.
+async fn feed(up: &mut tokio::net::TcpStream, bytes: &str, close: bool) -> bool {
+    use tokio::io::AsyncWriteExt;
+    if close {
+        return up.write_all(bytes.as_bytes()).await.is_ok();
+    }
+    let size = format!("{:x}\r\n", bytes.len());
+    up.write_all(size.as_bytes()).await.is_ok()
+        && up.write_all(bytes.as_bytes()).await.is_ok()
+        && up.write_all(b"\r\n").await.is_ok()
+}
+
+/// Writes event `n` in two pieces, split inside its first line, 50 ms apart.
+async fn feed_event(up: &mut tokio::net::TcpStream, n: u32, close: bool) -> bool {
+    let whole = event(n);
+    let ok = feed(up, &whole[..5], close).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    ok && feed(up, &whole[5..], close).await
+}
+
+/// Whether `body` is events 1 to k of the test's stream, whole, for some k of at least
+/// `least`: an event that ends in CRLF may have its last LF left off (the CR before it ends
+/// it for the client, and the drain may have come between the two).
+fn whole_events(body: &str, least: u32) -> bool {
+    let mut stream = String::new();
+    for n in 1..200 {
+        stream.push_str(&event(n));
+        let lf_left = stream.ends_with("\r\n\r\n") && body == &stream[..stream.len() - 1];
+        if n >= least && (body == stream || lf_left) {
+            return true;
+        }
+        if stream.len() > body.len() {
+            return false;
+        }
+    }
+    false
+}
+
+/// A chunked body, strictly: its data, once it ended with its last chunk and nothing after
+/// it; `None` when it is cut short or malformed.
+fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
+    let mut data = Vec::new();
+    loop {
+        let line = body.windows(2).position(|w| w == b"\r\n")?;
+        let size = usize::from_str_radix(std::str::from_utf8(&body[..line]).ok()?, 16).ok()?;
+        body = &body[line + 2..];
+        if size == 0 {
+            return (body == b"\r\n").then_some(data);
+        }
+        data.extend_from_slice(body.get(..size)?);
+        if body.get(size..size + 2)? != b"\r\n" {
+            return None;
+        }
+        body = &body[size + 2..];
+    }
+}
+
+/// At a drain, a forwarded stream of server-sent events ends where its event in flight ends
+/// (`mid_event`), or at once when it idles between events: its client gets whole events
+/// only, and a proper end (the last chunk and the connection's close over HTTP/1.1, the
+/// stream's end over HTTP/2), which an `EventSource` reconnects after (to the instance that
+/// takes over); and the stop does not wait for `shutdown_timeout`. The stream was held for the
+/// whole of it, then cut mid-body (curl exited 18).
+async fn an_event_stream_ends_at_a_drain(client: EventClient, close: bool, mid_event: bool) {
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (server, mut streams) = events_upstream(close).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tls = support::tls::Tls::new();
+    let mut config = format!(
+        "[upstream]\nservers = [\"http://{server}\"]\n[proxy]\nshutdown_timeout = \"30s\"\n"
+    );
+    if matches!(client, EventClient::RelayTls) {
+        std::fs::write(dir.path().join("site.pem"), &tls.cert).unwrap();
+        std::fs::write(dir.path().join("site.key"), &tls.key).unwrap();
+        config.push_str(
+            "[tls]\nlisten = [\"127.0.0.1:0\"]\n\
+             [[tls.certificates]]\ncert = \"site.pem\"\nkey = \"site.key\"\n",
+        );
+    }
+    let proxy = ProxyProcess::start(dir.path(), &config);
+    // The client's side: a raw HTTP/1.1 connection, or an HTTP/2 answer's body.
+    let mut raw: Option<std::pin::Pin<Box<dyn Duplex>>> = None;
+    let mut h2 = None;
+    match client {
+        EventClient::Relay | EventClient::RelayTls | EventClient::Hyper => {
+            let te = match client {
+                EventClient::Hyper => "TE: trailers\r\nConnection: TE\r\n",
+                _ => "",
+            };
+            let ask = format!(
+                "GET /events HTTP/1.1\r\nHost: shop.test\r\nAccept: text/event-stream\r\n{te}\r\n"
+            );
+            let mut sock: std::pin::Pin<Box<dyn Duplex>> = match client {
+                EventClient::RelayTls => {
+                    let https = logged_addr(&proxy, "listening on ", "(https)").await;
+                    Box::pin(support::tls::tls_stream(https, &tls).await)
+                }
+                _ => Box::pin(tokio::net::TcpStream::connect(proxy.addr).await.unwrap()),
+            };
+            sock.write_all(ask.as_bytes()).await.unwrap();
+            raw = Some(sock);
+        }
+        EventClient::Http2 => {
+            let url = proxy.url("/events");
+            h2 = Some(tokio::spawn(async move {
+                let req = Request::get(url).body(empty()).unwrap();
+                h2c_client().request(req).await
+            }));
+        }
+    }
+    let mut up = tokio::time::timeout(Duration::from_secs(10), streams.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    for n in 1..=3 {
+        assert!(feed_event(&mut up, n, close).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut next = 4;
+    if mid_event {
+        assert!(feed(&mut up, &event(next)[..5], close).await);
+    }
+    // The answer's head, and what came of its body, read before the signal.
+    let mut got = Vec::new();
+    let mut body = None;
+    let seen = |got: &[u8]| {
+        let text = String::from_utf8_lossy(got);
+        text.contains("event 3") && (!mid_event || text.ends_with("id: 4"))
+    };
+    match (&mut raw, h2.take()) {
+        (Some(sock), _) => {
+            let read = async {
+                while !seen(&dechunked_so_far(&got)) {
+                    let mut more = [0u8; 4096];
+                    let n = sock.read(&mut more).await.unwrap();
+                    assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+                    got.extend_from_slice(&more[..n]);
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), read)
+                .await
+                .expect("the events did not come through");
+        }
+        (None, Some(asked)) => {
+            let resp = tokio::time::timeout(Duration::from_secs(10), asked)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            let mut incoming = resp.into_body();
+            let read = async {
+                while !seen(&got) {
+                    let frame = incoming.frame().await.unwrap().unwrap();
+                    got.extend_from_slice(frame.data_ref().unwrap());
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), read)
+                .await
+                .expect("the events did not come through");
+            body = Some(incoming);
+        }
+        (None, None) => unreachable!(),
+    }
+    let signalled = std::time::Instant::now();
+    proxy.signal("TERM");
+    let draining = || {
+        proxy
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("draining for up to"))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), draining).await,
+        "no drain began"
+    );
+    // The server goes on, an event every 100 ms, until its connection is closed.
+    let feeder = tokio::spawn(async move {
+        if mid_event && feed(&mut up, &event(next)[5..], close).await {
+            next += 1;
+        }
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if next > 1000 || !feed_event(&mut up, next, close).await {
+                return;
+            }
+            next += 1;
+        }
+    });
+    let events = match (raw, body) {
+        (Some(mut sock), _) => {
+            let ended = tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut got));
+            assert!(
+                matches!(ended.await, Ok(Ok(_))),
+                "the event stream did not end: {}",
+                String::from_utf8_lossy(&got)
+            );
+            let text = String::from_utf8_lossy(&got).into_owned();
+            let (head, chunks) = text.split_once("\r\n\r\n").unwrap();
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains("transfer-encoding: chunked"),
+                "{head}"
+            );
+            let data = dechunk(chunks.as_bytes());
+            let data = data.unwrap_or_else(|| panic!("no proper end (last chunk): {chunks:?}"));
+            String::from_utf8(data).unwrap()
+        }
+        (None, Some(mut incoming)) => {
+            let read = async {
+                while let Some(frame) = incoming.frame().await {
+                    let frame = frame.unwrap_or_else(|e| panic!("the stream broke: {e:?}"));
+                    if let Some(data) = frame.data_ref() {
+                        got.extend_from_slice(data);
+                    }
+                }
+            };
+            assert!(
+                tokio::time::timeout(Duration::from_secs(10), read)
+                    .await
+                    .is_ok(),
+                "the event stream did not end: {}",
+                String::from_utf8_lossy(&got)
+            );
+            String::from_utf8(got).unwrap()
+        }
+        (None, None) => unreachable!(),
+    };
+    let least = if mid_event { 4 } else { 3 };
+    assert!(
+        whole_events(&events, least),
+        "not whole events, or the one in flight not finished: {events:?}"
+    );
+    let (status, waited) = exit_after(proxy, signalled).await;
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "did not exit 0");
+    assert!(
+        waited < Duration::from_secs(10),
+        "exited {waited:?} after the signal: the drain waited for shutdown_timeout"
+    );
+    feeder.abort();
+}
+
+/// A client's connection, plaintext or TLS.
+trait Duplex: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send> Duplex for T {}
+
+/// The data of what `got` holds of a chunked answer so far (head and chunks), leniently.
+fn dechunked_so_far(got: &[u8]) -> Vec<u8> {
+    let Some(start) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Vec::new();
+    };
+    let mut body = &got[start + 4..];
+    let mut data = Vec::new();
+    while let Some(line) = body.windows(2).position(|w| w == b"\r\n") {
+        let Some(size) = std::str::from_utf8(&body[..line])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s, 16).ok())
+        else {
+            break;
+        };
+        body = &body[line + 2..];
+        let take = size.min(body.len());
+        data.extend_from_slice(&body[..take]);
+        if body.len() < size + 2 {
+            break;
+        }
+        body = &body[size + 2..];
+    }
+    data
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_ends_a_relayed_chunked_event_stream_after_its_event_in_flight() {
+    an_event_stream_ends_at_a_drain(EventClient::Relay, false, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_ends_a_relayed_event_stream_over_tls_after_its_event_in_flight() {
+    an_event_stream_ends_at_a_drain(EventClient::RelayTls, false, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_ends_a_relayed_event_stream_read_until_the_close_after_its_event_in_flight() {
+    an_event_stream_ends_at_a_drain(EventClient::Relay, true, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_ends_an_idle_relayed_event_stream_at_once() {
+    an_event_stream_ends_at_a_drain(EventClient::Relay, false, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_ends_an_event_stream_through_hyper_after_its_event_in_flight() {
+    an_event_stream_ends_at_a_drain(EventClient::Hyper, false, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_ends_an_http2_clients_event_stream_after_its_event_in_flight() {
+    an_event_stream_ends_at_a_drain(EventClient::Http2, true, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_ends_an_idle_http2_clients_event_stream_at_once() {
+    an_event_stream_ends_at_a_drain(EventClient::Http2, false, false).await;
+}
+
 /// A WebSocket asked for on a kept-alive connection once a drain has begun is refused, `503`
 /// with `Connection: close` and `Retry-After`, as nginx and HAProxy open no new tunnel on a
 /// graceful stop: it was switched, and then cut at `shutdown_timeout`, the stop held up

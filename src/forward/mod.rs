@@ -10,6 +10,7 @@
 //! moved into its body), and every forwarded request allocates and copies the sum of those
 //! states (5,248 B as `async fn`s, 3,352 B as blocks).
 
+pub mod events;
 pub mod headers;
 pub mod pool;
 pub mod sockets;
