@@ -1481,10 +1481,15 @@ fn ctl_says_why_no_proxy_answered_where_it_looked() {
     assert!(told.contains("-c"), "{told}");
     let told = said(dir.path(), &["-s", "."]);
     assert!(told.contains("folder, not a socket"), "{told}");
+    // A mistyped folder is no removed socket: the path is to be checked first, and only then
+    // (the folder removed under a running proxy) is it made again and the proxy sent SIGHUP.
     let told = said(dir.path(), &["-s", "rnu/intermission.sock"]);
+    let check = told.find("its folder rnu does not exist: check the path");
+    let remake = told.find("install -d -m 0755 -o USER rnu");
+    let hup = told.find("`kill -HUP` the proxy's PID");
     assert!(
-        told.contains("its folder does not exist") && !told.contains("kill -HUP"),
-        "a mistyped folder is no removed socket: {told}"
+        check.is_some() && check < remake && remake < hup,
+        "check the path, then make the folder and SIGHUP: {told}"
     );
 
     let stale = dir.path().join("stale.sock");

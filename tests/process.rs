@@ -3230,6 +3230,43 @@ async fn sighup_binds_a_removed_control_socket_again() {
     );
 }
 
+/// A control socket whose folder was removed (a cleaner of `/run` or `/tmp`) is bound again
+/// at SIGHUP once the folder is made again, as `ctl` tells an operator to do: before, it said
+/// only to check the path, and a restart, whose drain refuses clients, looked like the way.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_binds_the_control_socket_again_in_its_folder_made_again() {
+    use intermission::control::protocol::Request as Ctl;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    let proxy = ProxyProcess::start(dir.path(), "[control]\nsocket = \"run/im.sock\"\n");
+    let socket = run.join("im.sock");
+    assert!(socket.exists());
+    std::fs::remove_dir_all(&run).unwrap();
+    let told = bin()
+        .args(["ctl", "-s"])
+        .arg(&socket)
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(told.status.code(), Some(3), "{told:?}");
+    let told = String::from_utf8_lossy(&told.stderr);
+    assert!(
+        told.contains(&format!("install -d -m 0755 -o USER {}", run.display()))
+            && told.contains("`kill -HUP` the proxy's PID"),
+        "ctl said: {told}"
+    );
+    std::fs::create_dir(&run).unwrap();
+    proxy.signal("HUP");
+    assert!(
+        wait_until(Duration::from_secs(10), || socket.exists()).await,
+        "SIGHUP did not bind the control socket again in its folder made again: {:#?}",
+        proxy.log_lines()
+    );
+    let status = intermission::control::client::request(&socket, &Ctl::Status).await;
+    assert!(matches!(&status, Ok(r) if r.ok), "{status:?}");
+}
+
 /// mimalloc turns transparent huge pages off for the process as it starts
 /// (`.cargo/config.toml`): where a host has them `always` on, they back its arenas with
 /// 2 MiB pages from their first byte, and the idle proxy takes 13 MiB instead of 7.

@@ -42,10 +42,22 @@ pub enum ClientError {
 fn hint(e: &std::io::Error, path: &str) -> String {
     match e.kind() {
         // A mistyped folder (`-s /rnu/intermission.sock`) is no removed socket: sent to
-        // `kill -HUP`, an operator under stress lost minutes on a proxy that was fine.
+        // `kill -HUP` first, an operator under stress lost minutes on a proxy that was fine.
+        // A folder a cleaner of /run or /tmp removed under a running proxy is the other way
+        // here, and a SIGHUP binds the socket again once the folder is back: without this a
+        // restart, whose drain refuses clients, looked like the only way.
         std::io::ErrorKind::NotFound if !parent_exists(Path::new(path)) => {
-            " (its folder does not exist: check the path, or the -c config's control.socket)"
-                .to_owned()
+            let folder = Path::new(path)
+                .parent()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            format!(
+                " (its folder {folder} does not exist: check the path, or the -c config's \
+                 control.socket; if it is right and the proxy is running, the folder was \
+                 removed (by a cleaner of /run or /tmp): make it again, writable by the \
+                 proxy's user (`install -d -m 0755 -o USER {folder}`, USER the one the proxy \
+                 runs as), then `kill -HUP` the proxy's PID, which binds the socket there again)"
+            )
         }
         // A control.socket changed in the config since the start is the other way to get
         // here: a reload keeps the socket the proxy started with (it warned so), and `ctl -c`
