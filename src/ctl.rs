@@ -348,14 +348,14 @@ fn socket_from_config(path: Option<&Path>) -> Result<(PathBuf, bool), String> {
         // does not parse.
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
             let bytes = intermission::files::read(file, intermission::files::MAX_CONFIG_BYTES)
-                .map_err(|e| format!("cannot read config file {}: {e}", file.display()))?;
+                .map_err(|e| unreadable(file, &e))?;
             eprintln!(
                 "warning: {}: {e} (the proxy refuses it at reload)",
                 file.display()
             );
             String::from_utf8_lossy(&bytes).into_owned()
         }
-        Err(e) => return Err(format!("cannot read config file {}: {e}", file.display())),
+        Err(e) => return Err(unreadable(file, &e)),
     };
     let base = file
         .parent()
@@ -404,6 +404,20 @@ fn socket_from_config(path: Option<&Path>) -> Result<(PathBuf, bool), String> {
         }
     };
     Ok((base.join(socket), false))
+}
+
+/// Why the config `ctl -c` names cannot be read. One this user may not read is the usual way
+/// here (a config kept to the proxy's user, `ctl` run as oneself), and "Permission denied"
+/// alone did not say that the socket can be named without it.
+fn unreadable(file: &Path, e: &io::Error) -> String {
+    let hint = if e.kind() == io::ErrorKind::PermissionDenied {
+        "; run ctl as the proxy's user or root, who can read it, or name the socket itself with \
+         -s SOCKET (the proxy's start log names it: `control socket ready`), if this user may \
+         use it"
+    } else {
+        ""
+    };
+    format!("cannot read config file {}: {e}{hint}", file.display())
 }
 
 /// `control.socket`'s default (SPEC §2).

@@ -66,6 +66,51 @@ async fn a_user_the_socket_keeps_out_is_told_so() {
     );
 }
 
+/// A config this user may not read (kept to the proxy's user, `ctl` run as oneself) is said
+/// with what to do instead: before, "Permission denied" alone. Root reads every file, so
+/// `ctl` runs as `nobody` then.
+#[test]
+fn a_config_this_user_cannot_read_is_said_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[control]\nsocket = \"im.sock\"\n").unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let mut ctl = if root {
+        if !tool_present("setpriv", "--version", "util-linux") {
+            return;
+        }
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_intermission"));
+        c
+    } else {
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o000)).unwrap();
+        bin()
+    };
+    let out = ctl
+        .args(["ctl", "--json", "-c"])
+        .arg(&config)
+        .arg("status")
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(v["error"]["code"], "bad_usage", "{v}");
+    let said = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        said.contains("cannot read config file")
+            && said.contains("Permission denied")
+            && said.contains("run ctl as the proxy's user or root")
+            && said.contains("-s SOCKET"),
+        "{said}"
+    );
+}
+
 #[tokio::test]
 async fn the_socket_is_private_by_default_and_configurable() {
     let proxy = spawn_proxy("").await;
