@@ -40,6 +40,7 @@ pub fn run(
     // found here: an operator who forgot `-c`, or is in another folder, is told that rather
     // than that the proxy's socket file was removed.
     let mut guessed = false;
+    let socket_given = socket.is_some();
     let socket = match socket {
         Some(s) => s,
         None => match socket_from_config(config.as_deref()) {
@@ -63,8 +64,24 @@ pub fn run(
     };
     let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
     let answer = runtime.block_on(exchange(&socket, &req, deadline));
+    let too_long = config::socket_path_too_long(&socket);
     let resp = match answer {
         Ok(Ok(r)) => r,
+        // No proxy of this version binds there (`check` and `run` refuse the path), so what
+        // the system says of it ("path must be shorter than SUN_LEN", or no such file for
+        // one a few bytes shorter) is replaced by the limit, as `check` words it.
+        Ok(Err(client::ClientError::NoProxy { .. })) if too_long.is_some() => {
+            let long = too_long.unwrap_or_default();
+            let from = if socket_given {
+                "check -s SOCKET"
+            } else {
+                "check the config's control.socket, which `intermission check` refuses"
+            };
+            let message = format!(
+                "no proxy answered: {long}, so no proxy can have made its socket there: {from}"
+            );
+            return fail(3, "no_proxy", message);
+        }
         Ok(Err(client::ClientError::NoProxy { path, source })) if guessed => {
             let message = format!(
                 "no proxy answered on {path}: {source}; no config file was named and there is \

@@ -1543,6 +1543,53 @@ fn ctl_says_why_no_proxy_answered_where_it_looked() {
     assert!(told.contains("nothing listens on it"), "{told}");
 }
 
+/// A socket path too long for a Unix socket is said as `check` says it, with the limit and
+/// the path's length, whether `-s` or the config named it: before, `ctl` printed the
+/// system's "path must be shorter than SUN_LEN".
+#[test]
+fn ctl_says_a_socket_path_too_long_as_check_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = dir.path().join(format!("{}.sock", "a".repeat(120)));
+    let len = long.as_os_str().len();
+    let limit = format!("is {len} bytes long; a control socket's path takes at most 98");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("[control]\nsocket = \"{}\"\n", long.display()),
+    )
+    .unwrap();
+    let checked = bin().arg("check").arg("-c").arg(&config).output().unwrap();
+    let checked = String::from_utf8_lossy(&checked.stdout).into_owned()
+        + &String::from_utf8_lossy(&checked.stderr);
+    assert!(checked.contains(&limit), "{checked}");
+    for (args, names) in [
+        (
+            vec!["-s".into(), long.clone().into_os_string()],
+            "check -s SOCKET",
+        ),
+        (
+            vec!["-c".into(), config.clone().into_os_string()],
+            "check the config's control.socket",
+        ),
+    ] {
+        let out = bin()
+            .arg("ctl")
+            .arg("--json")
+            .args(&args)
+            .arg("status")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(3), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["error"]["code"], "no_proxy", "{v}");
+        let said = v["error"]["message"].as_str().unwrap();
+        assert!(
+            said.contains(&limit) && said.contains(names) && !said.contains("SUN_LEN"),
+            "{said}"
+        );
+    }
+}
+
 /// The 64 KiB limit is on a line's content: CR LF and LF endings count the same.
 #[tokio::test]
 async fn the_line_limit_does_not_count_the_line_ending() {

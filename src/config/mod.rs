@@ -2113,16 +2113,26 @@ fn same_place(a: &Path, b: &Path) -> bool {
 /// nine bytes longer with the longest process id.
 const MAX_SOCKET_PATH: usize = 107 - 9;
 
+/// Why `path` is too long for a control socket, if it is: said alike by `check`, `run` and a
+/// reload of a config, and by `ctl` of the socket it was told to reach, where the system's
+/// "path must be shorter than SUN_LEN" said neither the limit nor by how much.
+pub fn socket_path_too_long(path: &Path) -> Option<String> {
+    let len = path.as_os_str().len();
+    (len > MAX_SOCKET_PATH).then(|| {
+        format!(
+            "{} is {len} bytes long; a control socket's path takes at most {MAX_SOCKET_PATH} \
+             (the system's limit for a Unix socket, less the temporary name it is made under)",
+            path.display()
+        )
+    })
+}
+
 /// What would stop the control socket being made at start: its folder missing, a path too
 /// long for a Unix socket, or a file that is not a socket in its place (never replaced).
 fn socket_path(path: &Path) -> Result<(), String> {
-    let len = path.as_os_str().len();
-    if len > MAX_SOCKET_PATH {
+    if let Some(long) = socket_path_too_long(path) {
         return Err(format!(
-            "{} is {len} bytes long; a control socket's path takes at most {MAX_SOCKET_PATH} \
-             (the system's limit for a Unix socket, less the temporary name it is made under): \
-             name one nearer the root, like /run/intermission/intermission.sock",
-            path.display()
+            "{long}: name one nearer the root, like /run/intermission/intermission.sock"
         ));
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
