@@ -164,6 +164,8 @@ pub struct Hsts {
     value: http::HeaderValue,
     /// `strict-transport-security: {value}\r\n`.
     line: Box<[u8]>,
+    /// `; preload`: asks to be on the browsers' preload list, which has conditions of its own.
+    preload: bool,
 }
 
 /// hstspreload.org's least `max-age` for a site on the preload list, and the most taken here:
@@ -186,6 +188,7 @@ impl Hsts {
         Some(Hsts {
             value,
             line: line.into_bytes().into_boxed_slice(),
+            preload,
         })
     }
 
@@ -389,6 +392,24 @@ impl Config {
             warnings.push(
                 "tls.hsts_max_age is set, but there is no tls.listen: Strict-Transport-Security \
                  is sent over TLS only, so no answer carries it"
+                    .to_owned(),
+            );
+        }
+        // Valid, and sent as asked: a redirect may be made in front of this proxy (port 80 on
+        // a load balancer), which cannot be told from here; but a domain submitted as it is
+        // here is refused by hstspreload.org, which asks http:// for a redirect to https://.
+        let preload = self.tls.hsts.as_ref().is_some_and(|h| h.preload);
+        if preload
+            && !self.tls.listen.is_empty()
+            && !self.proxy.listen.is_empty()
+            && !self.proxy.redirect_https
+        {
+            warnings.push(
+                "tls.hsts_preload = true, but proxy.listen serves plaintext HTTP without \
+                 proxy.redirect_https = true: hstspreload.org refuses a domain whose http:// \
+                 answers other than with a redirect to https:// on the same host; set \
+                 proxy.redirect_https = true (unless something in front of this proxy \
+                 redirects port 80)"
                     .to_owned(),
             );
         }
@@ -2500,6 +2521,38 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    /// `hsts_preload` with a plaintext listener that answers rather than redirects is warned
+    /// of, naming the keys: hstspreload.org refuses such a domain. With `redirect_https`, or
+    /// no plaintext listener (a redirect made elsewhere), it is not.
+    #[test]
+    fn hsts_preload_without_a_redirect_from_plaintext_is_warned_of() {
+        let tls = "[tls]\nlisten = [\"127.0.0.1:8443\"]\nhsts_max_age = \"365d\"\n\
+                   hsts_include_subdomains = true\nhsts_preload = true\n\
+                   [[tls.certificates]]\ncert = \"a\"\nkey = \"b\"\n";
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), "").unwrap();
+        std::fs::write(dir.path().join("b"), "").unwrap();
+        let warned = |text: &str| {
+            let c = Config::parse(text, dir.path(), None).unwrap();
+            c.warnings()
+                .into_iter()
+                .filter(|w| w.starts_with("tls.hsts_preload"))
+                .collect::<Vec<_>>()
+        };
+        let plain = "[proxy]\nlisten = [\"127.0.0.1:8080\"]\n";
+        let w = warned(&format!("{plain}{tls}"));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("proxy.redirect_https = true") && w[0].contains("hstspreload.org"),
+            "{w:?}"
+        );
+        let redirect = "[proxy]\nlisten = [\"127.0.0.1:8080\"]\nredirect_https = true\n";
+        assert!(warned(&format!("{redirect}{tls}")).is_empty());
+        assert!(warned(&format!("[proxy]\nlisten = []\n{tls}")).is_empty());
+        let no_preload = tls.replace("hsts_preload = true\n", "");
+        assert!(warned(&format!("{plain}{no_preload}")).is_empty());
     }
 
     /// The header is rendered once, as RFC 6797 writes it; set with no TLS listener, which
