@@ -1686,6 +1686,20 @@ fn read_head(input: &[u8], head: bool, sink: Sink<'_>) -> Result<Head, SendError
         }
         push_line(out, input, name, h.value);
     }
+    if events {
+        // A compressed stream has no event boundaries to read (`forward::events::text_coding`):
+        // asked of an event stream alone.
+        events = resp.headers.iter().all(|h| {
+            let name = h.name.as_bytes();
+            match () {
+                () if is(name, b"content-encoding") => forward::events::text_coding(h.value, b""),
+                () if is(name, b"transfer-encoding") => {
+                    forward::events::text_coding(h.value, b"chunked")
+                }
+                () => true,
+            }
+        });
+    }
     if !dated {
         h1::date_header(out);
     }
@@ -3352,6 +3366,39 @@ mod tests {
                 matches!(framing, Framing::Chunked | Framing::Close),
                 "{input:?}: {out}"
             );
+        }
+    }
+
+    /// An answer of type `text/event-stream` that is not framed by its length is an event
+    /// stream the relay ends at a drain, unless its bytes are coded (compressed), where no
+    /// event boundary can be read.
+    #[test]
+    fn only_an_uncoded_event_stream_is_told_an_event_stream() {
+        let date = "Date: Thu, 03 Dec 2026 09:00:00 GMT\r\n";
+        let sse = "Content-Type: text/event-stream\r\n";
+        for (headers, events) in [
+            ("Transfer-Encoding: chunked\r\n", true),
+            ("", true),
+            (
+                "Content-Encoding: identity\r\nTransfer-Encoding: chunked\r\n",
+                true,
+            ),
+            ("Content-Length: 5\r\n", false),
+            (
+                "Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+                false,
+            ),
+            (
+                "Transfer-Encoding: chunked\r\nContent-Encoding: br\r\n",
+                false,
+            ),
+            ("Content-Encoding: gzip\r\n", false),
+            ("Transfer-Encoding: gzip, chunked\r\n", false),
+            ("Transfer-Encoding: gzip\r\n", false),
+        ] {
+            let input = format!("HTTP/1.1 200 OK\r\n{date}{sse}{headers}\r\n");
+            let (_, answer) = answer_to(&input, false);
+            assert_eq!(answer.events, events, "{headers}");
         }
     }
 

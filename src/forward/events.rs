@@ -12,7 +12,8 @@
 //! line, whichever of the line ends the format allows (`\n`, `\r`, `\r\n`; WHATWG HTML,
 //! "Server-sent events", §9.2.5) make it. One that never ends is cut at `shutdown_timeout`,
 //! as before. An answer framed by a `Content-Length` is left alone: ended early, it would be
-//! shorter than it said, which its client reads as broken.
+//! shorter than it said, which its client reads as broken; and so is a compressed one
+//! (`text_coding`), whose bytes show no event's end.
 //!
 //! Only such an answer pays anything: its type is looked at once, at its head, and every
 //! other answer's body passes as it did. An event stream's bytes are looked at from their
@@ -41,6 +42,22 @@ pub fn is_event_stream(value: &[u8]) -> bool {
             [] => true,
             rest => rest[0] == b';',
         }
+}
+
+/// Whether a body whose `Content-Encoding` (or transfer coding) is `value` is still the
+/// events' own text: no coding but `identity` or `also` (`chunked`, for a transfer coding,
+/// which the relay decodes). A compressed stream (`gzip`, `br`: compression middleware that
+/// flushes each event) has no line ends to read: its bytes matched a blank line now and
+/// then, and the stream was cut there, inside its compressed data, where its client's decoder
+/// failed; or never, and the drain waited all the same. Left alone, it is cut at
+/// `shutdown_timeout`, as one framed by its length.
+pub fn text_coding(value: &[u8], also: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .all(|c| {
+            c.is_empty() || c.eq_ignore_ascii_case(b"identity") || c.eq_ignore_ascii_case(also)
+        })
 }
 
 /// Where an event stream stands: between events, or in one.
@@ -136,6 +153,16 @@ pub fn at_drain(resp: Response<Body>, drain: Option<&Drain>) -> Response<Body> {
         .is_some_and(|t| is_event_stream(t.as_bytes()));
     if !events || resp.headers().contains_key(header::CONTENT_LENGTH) || resp.body().is_end_stream()
     {
+        return resp;
+    }
+    // Asked of an event stream alone. A transfer coding besides `chunked`, which no server
+    // sends a browser's stream, cannot be told here: its header is gone (hop-by-hop).
+    let coded = resp
+        .headers()
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !text_coding(v.as_bytes(), b""));
+    if coded {
         return resp;
     }
     let mut guard = drain.guard();
@@ -249,6 +276,36 @@ mod tests {
         ] {
             assert!(!is_event_stream(no.as_bytes()), "{no:?}");
         }
+    }
+
+    /// A compressed event stream is not read for event boundaries: its bytes are no text.
+    #[test]
+    fn only_an_uncoded_event_stream_is_ended_at_a_drain() {
+        let drain = Drain::default();
+        let answer = |coding: Option<&str>| {
+            let mut resp = Response::new(Body::Full(Some(Bytes::from_static(b"\x1f\x8b\n\n"))));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/event-stream"),
+            );
+            if let Some(coding) = coding {
+                resp.headers_mut().append(
+                    header::CONTENT_ENCODING,
+                    http::HeaderValue::from_str(coding).unwrap(),
+                );
+            }
+            matches!(at_drain(resp, Some(&drain)).body(), Body::Events(_))
+        };
+        assert!(answer(None));
+        assert!(answer(Some("identity")));
+        assert!(answer(Some("")));
+        for coded in ["gzip", "br", "identity, gzip", "GZIP", "deflate"] {
+            assert!(!answer(Some(coded)), "{coded}");
+        }
+        assert!(text_coding(b"chunked", b"chunked"));
+        assert!(text_coding(b" identity , Chunked", b"chunked"));
+        assert!(!text_coding(b"gzip, chunked", b"chunked"));
+        assert!(!text_coding(b"chunked", b""));
     }
 
     /// Where the events of `stream` end, fed in pieces of `step` bytes, with `cut`.
