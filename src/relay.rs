@@ -1990,7 +1990,8 @@ async fn events<C: Client>(
         ..Chunked::default()
     };
     let mut boundary = forward::events::Boundary::default();
-    let mut guard = drain.guard();
+    // Within the connection, which holds its guard: only watched, not counted again.
+    let mut guard = drain.watch();
     let fired = guard.fired();
     tokio::pin!(fired);
     let mut draining = false;

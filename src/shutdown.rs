@@ -70,17 +70,26 @@ impl Terminate {
 /// ends have answered; any other tunnel carries bytes that are not HTTP and cannot be asked
 /// to finish. A drain waits for each, as nginx does, up to `shutdown_timeout`. A forwarded
 /// stream of server-sent events is ended at its next event boundary (`forward::events`).
-pub struct Drain(Trigger);
+/// The second trigger fires with the first, for what only watches for the drain (`watch`).
+pub struct Drain(Trigger, Trigger);
 
 impl Default for Drain {
     fn default() -> Self {
-        Drain(channel().0)
+        Drain(channel().0, channel().0)
     }
 }
 
 impl Drain {
     pub fn guard(&self) -> Shutdown {
         Shutdown(self.0 .0.subscribe())
+    }
+
+    /// Resolves (`Shutdown::fired`) once a drain begins, for what lives inside a connection
+    /// that holds a `guard` already (a stream of server-sent events, `forward::events`): not
+    /// counted among the connections, nor waited for. A guard of its own counted each such
+    /// stream twice in `draining for up to … connections=`.
+    pub fn watch(&self) -> Shutdown {
+        Shutdown(self.1 .0.subscribe())
     }
 
     /// Whether a drain has been asked for.
@@ -97,11 +106,12 @@ impl Drain {
     /// stopped, so that an answer given meanwhile says `Connection: close` (`started`).
     pub fn begin(&self) {
         self.0.fire();
+        self.1.fire();
     }
 
     /// Asks every connection to finish, and resolves once none is open.
     pub async fn shutdown(&self) {
-        self.0.fire();
+        self.begin();
         self.0 .0.closed().await;
     }
 }

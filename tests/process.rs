@@ -2873,6 +2873,16 @@ async fn an_event_stream_ends_at_a_drain(client: EventClient, close: bool, mid_e
         wait_until(Duration::from_secs(10), draining).await,
         "no drain began"
     );
+    // The client's one connection, its stream (still in its event) not counted again: it
+    // said 2.
+    if mid_event {
+        let lines = proxy.log_lines();
+        let line = lines.iter().find(|l| l.contains("draining for up to"));
+        assert!(
+            line.is_some_and(|l| l.contains("connections=1")),
+            "{line:?}"
+        );
+    }
     // The server goes on, an event every 100 ms, until its connection is closed.
     let feeder = tokio::spawn(async move {
         if mid_event && feed(&mut up, &event(next)[5..], close).await {

@@ -165,7 +165,8 @@ pub fn at_drain(resp: Response<Body>, drain: Option<&Drain>) -> Response<Body> {
     if coded {
         return resp;
     }
-    let mut guard = drain.guard();
+    // Within the connection, which holds its guard: only watched, not counted again.
+    let mut guard = drain.watch();
     resp.map(|inner| {
         Body::Events(Box::new(Events {
             inner,
@@ -306,6 +307,28 @@ mod tests {
         assert!(text_coding(b" identity , Chunked", b"chunked"));
         assert!(!text_coding(b"gzip, chunked", b"chunked"));
         assert!(!text_coding(b"chunked", b""));
+    }
+
+    /// A stream watches the drain from within its connection, which the drain counts and
+    /// waits for already: it is not counted again (the log's `connections=` said 2 for one
+    /// client), and it still ends once the drain begins.
+    #[tokio::test]
+    async fn a_stream_watches_the_drain_without_counting_as_a_connection() {
+        let drain = Drain::default();
+        let mut resp = Response::new(Body::Full(Some(Bytes::from_static(b"data: a\n\n"))));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/event-stream"),
+        );
+        let mut body = at_drain(resp, Some(&drain)).into_body();
+        assert!(matches!(body, Body::Events(_)));
+        assert_eq!(drain.count(), 0, "a stream is no connection of its own");
+        let first = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        let first = first.map(|f| f.ok().and_then(|f| f.into_data().ok()));
+        assert_eq!(first, Some(Some(Bytes::from_static(b"data: a\n\n"))));
+        drain.begin();
+        let end = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        assert!(end.is_none(), "not ended at the drain");
     }
 
     /// Where the events of `stream` end, fed in pieces of `step` bytes, with `cut`.
