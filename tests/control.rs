@@ -30,27 +30,40 @@ fn parse(line: &str) -> CtlResponse {
     serde_json::from_str(line).unwrap()
 }
 
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+/// `intermission` to be run as `nobody`, whom modes keep out where they let root in; `None`
+/// (said) without `setpriv`.
+fn as_nobody() -> Option<Command> {
+    if !tool_present("setpriv", "--version", "util-linux") {
+        return None;
+    }
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_intermission"));
+    Some(c)
+}
+
 /// A user the socket's mode keeps out is told so, not that no proxy answered: an on-call
 /// engineer who is not the proxy's user read "no proxy answered" as "the proxy is down", and
 /// restarted one that was serving. Root passes every mode, so `ctl` runs as `nobody`.
 #[tokio::test]
 async fn a_user_the_socket_keeps_out_is_told_so() {
-    let root = std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-    if !root {
+    if !running_as_root() {
         eprintln!("SKIPPED: needs root, to run ctl as another user");
         return;
     }
-    if !tool_present("setpriv", "--version", "util-linux") {
+    let Some(mut as_nobody) = as_nobody() else {
         return;
-    }
+    };
     let proxy = spawn_proxy("").await;
     let socket = proxy.dir.path().join("intermission.sock");
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(env!("CARGO_BIN_EXE_intermission"))
+    let out = as_nobody
         .args(["ctl", "--json", "-s"])
         .arg(&socket)
         .arg("status")
@@ -76,17 +89,10 @@ fn a_config_this_user_cannot_read_is_said_with_what_to_do() {
     let config = dir.path().join("config.toml");
     std::fs::write(&config, "[control]\nsocket = \"im.sock\"\n").unwrap();
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-    let mut ctl = if root {
-        if !tool_present("setpriv", "--version", "util-linux") {
+    let mut ctl = if running_as_root() {
+        let Some(c) = as_nobody() else {
             return;
-        }
-        let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(env!("CARGO_BIN_EXE_intermission"));
+        };
         c
     } else {
         std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o000)).unwrap();
