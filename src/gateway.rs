@@ -499,8 +499,17 @@ fn decide(snap: &Snapshot, conn: &Conn, req: &Request<Incoming>, judged: &Judged
         ),
         Rule::Hold => Decision::Hold,
         Rule::Forward(outcome) => match malformed(req) {
-            Some((status, why)) => {
-                Decision::Answer(reserved::plain(status, why), Outcome::Reserved)
+            Some((status, why, framing)) => {
+                let mut resp = reserved::plain(status, why);
+                // A body framed by codings refused here is read no further: what follows it
+                // is not taken for the connection's next request, which a client (or a proxy
+                // in front that reads the framing otherwise) could have smuggled in it. The
+                // connection closes after the answer, as nginx closes it (RFC 9112 §6.3).
+                if framing {
+                    let close = HeaderValue::from_static("close");
+                    resp.headers_mut().insert(header::CONNECTION, close);
+                }
+                Decision::Answer(resp, Outcome::Reserved)
             }
             None if tunnel_while_draining(req) => Decision::Answer(stopping(), Outcome::Reserved),
             None => Decision::Forward(outcome),
@@ -545,12 +554,14 @@ fn stopping() -> Response<Body> {
 /// so it is held to the same rules. A
 /// transfer coding other than `chunked` gets 501 (RFC 9112 §6.1), as nginx answers it:
 /// hyper takes the chunks off and the hop sends the body as it is, so a `gzip, chunked` body
-/// would reach the server still compressed with nothing saying so.
-fn malformed<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)> {
+/// would reach the server still compressed with nothing saying so. The last field: the
+/// refusal is of the body's framing, after which the connection closes.
+fn malformed<B>(req: &Request<B>) -> Option<(StatusCode, &'static str, bool)> {
     if too_many_fields(req) {
         return Some((
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "more than 100 header fields\n",
+            false,
         ));
     }
     // HTTP/2 has no transfer codings (the h2 crate refuses the field): no lookup for it.
@@ -561,17 +572,19 @@ fn malformed<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)> {
                 return Some((
                     StatusCode::BAD_REQUEST,
                     "the chunked transfer coding is applied more than once\n",
+                    true,
                 ))
             }
             Codings::Other => {
                 return Some((
                     StatusCode::NOT_IMPLEMENTED,
                     "only the chunked transfer coding is supported\n",
+                    true,
                 ))
             }
         }
     }
-    host_problem(req).map(|why| (StatusCode::BAD_REQUEST, why))
+    host_problem(req).map(|why| (StatusCode::BAD_REQUEST, why, false))
 }
 
 /// The 100 header fields hyper allows an HTTP/1.1 request, held to HTTP/2 requests too, which

@@ -472,6 +472,42 @@ async fn requests_with_no_single_clear_host_get_400() {
     assert_eq!(seen(options).uri, "*");
 }
 
+/// A request refused for its transfer codings (chunked applied twice, or a coding this hop
+/// does not take off) ends its connection: hyper would read its body as one chunked coding
+/// and the next request after it, which a client (or a proxy in front that frames the body
+/// otherwise) could have put there to be forwarded unseen. nginx closes after such an answer.
+#[tokio::test]
+async fn a_request_refused_for_its_codings_closes_the_connection() {
+    let paths = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = paths.clone();
+    let up = upstream(move |req: Request<Incoming>| {
+        seen.lock().unwrap().push(req.uri().path().to_owned());
+        async { Response::new(full("ok")) }
+    })
+    .await;
+    let proxy = spawn_proxy(&upstream_config(&up)).await;
+    for (coding, status) in [
+        ("chunked, chunked", " 400 "),
+        ("chunked\r\nTransfer-Encoding: chunked", " 400 "),
+        ("gzip, chunked", " 501 "),
+    ] {
+        let request = format!(
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {coding}\r\n\r\n0\r\n\r\n\
+             GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+        );
+        let out = raw_exchange(proxy.addr, request.as_bytes(), Duration::from_secs(10)).await;
+        assert!(out.get(8..13) == Some(status), "{coding:?}: {out:?}");
+        assert!(
+            out.to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{coding:?}: {out:?}"
+        );
+        assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "{coding:?}: {out:?}");
+    }
+    let paths = paths.lock().unwrap();
+    assert!(!paths.iter().any(|p| p == "/smuggled"), "{paths:?}");
+}
+
 #[tokio::test]
 async fn trailers_reach_an_http2_client() {
     // HTTP/1.1 sends trailers only when the response declares them in `Trailer`.
