@@ -28,7 +28,7 @@
 //! Once the request is sent, the answer cannot go to hyper, so every way an HTTP/1.1 server
 //! answers is handled here as hyper's client and server would together: 1xx answers skipped, no
 //! body for 204 and 304, nor for any answer to a `HEAD` (its `Content-Length` passed on when it
-//! is one number, as one line, none beside a coding, no coding added, `read_head`), a
+//! is one number, as one line, none beside a coding or on a 204, no coding added, `read_head`), a
 //! body of `Content-Length` (a small answer written in one piece once it is whole, up to its
 //! deadline), chunked (passed through as it comes, its end found by `Chunked`, which holds
 //! trailers and extensions to hyper's client's limits), or until the server closes (sent on
@@ -1656,8 +1656,9 @@ fn read_head(input: &[u8], head: bool, sink: Sink<'_>) -> Result<Head, SendError
             // (RFC 9112 §6.3), from a `HEAD`'s answer too, as hyper's client does since 1.13.
             || (te && length())
             // hyper's server writes no length for a `GET`'s 204 or 304, whose body is empty,
-            // but a `HEAD`'s as given.
-            || (bodiless && !head && length())
+            // but a `HEAD`'s 304's as given; none for any 204, which may carry none (RFC 9110
+            // §8.6), whatever the method.
+            || ((status == 204 || (bodiless && !head)) && length())
             // No trailers can follow an answer with no body: hyper's server drops `Trailer`.
             || (unread && is(name, b"trailer"))
             // A length that is not one number, which no framing reads here (it is refused

@@ -927,6 +927,7 @@ async fn a_head_request_is_answered_as_through_hyper() {
         "/same-lengths",
         "/two-lengths",
         "/garbage",
+        "/stray-204",
     ] {
         let (a, b) = (fast.head(path).await, slow.head(path).await);
         assert_eq!(a.status(), b.status(), "{path}");
@@ -942,6 +943,14 @@ async fn a_head_request_is_answered_as_through_hyper() {
         "not the relay: {}",
         a.head
     );
+    // A 204 carries no length, to a `HEAD` either (RFC 9110 §8.6): hyper's server writes
+    // none, and the relay passed the server's on.
+    for client in [&mut fast, &mut slow] {
+        let a = client.head("/stray-204").await;
+        assert_eq!(a.status(), 204, "{}", a.head);
+        assert_eq!(a.header("content-length"), None, "{}", a.head);
+        assert_eq!(client.get("/length").await.body, b"hello");
+    }
     // Two lengths, which no `HEAD` answer's framing reads: the one they agree on is passed
     // on, and none when they differ, on both paths (hyper's server, given two that differ,
     // refused the second and closed the connection without an answer; given the first alone,
