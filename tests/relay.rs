@@ -1099,6 +1099,31 @@ async fn the_server_gets_the_request_rewritten_as_hyper_rewrites_it() {
     }
 }
 
+/// A `101` to a protocol the request did not offer (RFC 9110 §7.8: a server must not switch
+/// to one) is a failed answer, as one to a request that asked for no upgrade: made a tunnel,
+/// it would carry the client's next bytes to the server as they are, past the proxy's rules
+/// (its `X-Forwarded-For`, the reserved paths, a hold). Upgrades go through hyper's path on
+/// both proxies.
+#[tokio::test]
+async fn a_switch_to_a_protocol_the_client_did_not_offer_is_the_outage_response() {
+    let up = scripted().await;
+    let (mut fast, mut slow, _proxies) = both(&up).await;
+    for client in [&mut fast, &mut slow] {
+        client
+            .send("GET /switch HTTP/1.1\r\nHost: shop.example\r\nConnection: Upgrade\r\nUpgrade: foo\r\n\r\n")
+            .await;
+        let a = client.read().await;
+        assert_eq!(a.status(), 503, "{}", a.head);
+        assert_eq!(
+            a.header("x-intermission-mode"),
+            Some("outage"),
+            "{}",
+            a.head
+        );
+        assert_eq!(client.get("/length").await.body, b"hello");
+    }
+}
+
 #[tokio::test]
 async fn a_broken_answer_is_the_outage_response_and_the_connection_goes_on() {
     let up = scripted().await;

@@ -219,6 +219,33 @@ pub fn names_websocket(upgrade: &HeaderValue) -> bool {
         .any(|p| p.trim_ascii().eq_ignore_ascii_case(b"websocket"))
 }
 
+/// Whether a `101`'s `Upgrade` (`switched`) names protocols, each one the request's
+/// `Upgrade` (`asked`) offered (RFC 9110 §7.8: a server must not switch to another), by name
+/// ignoring case; a version after `/` is the server's to choose.
+pub fn switch_offered(asked: &HeaderValue, switched: Option<&HeaderValue>) -> bool {
+    fn names(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+        value
+            .as_bytes()
+            .split(|&b| b == b',')
+            .map(|protocol| {
+                let name = protocol.split(|&b| b == b'/').next().unwrap_or_default();
+                name.trim_ascii()
+            })
+            .filter(|name| !name.is_empty())
+    }
+    let Some(switched) = switched else {
+        return false;
+    };
+    let mut any = false;
+    for name in names(switched) {
+        any = true;
+        if !names(asked).any(|offered| offered.eq_ignore_ascii_case(name)) {
+            return false;
+        }
+    }
+    any
+}
+
 /// Puts back the two headers an upgrade needs on the next hop after stripping.
 pub fn restore_upgrade(headers: &mut HeaderMap, upgrade: HeaderValue) {
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -1178,6 +1205,36 @@ mod tests {
                 read(bad, None).0,
                 Err("an invalid Content-Length"),
                 "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_switch_is_only_to_a_protocol_the_client_offered() {
+        let v = HeaderValue::from_static;
+        for (asked, switched) in [
+            ("websocket", "websocket"),
+            ("WebSocket", "websocket"),
+            ("foo/1, websocket", "websocket"),
+            ("HTTP/2.0, SHTTP/1.3", "SHTTP/1.4"),
+        ] {
+            assert!(
+                switch_offered(&v(asked), Some(&v(switched))),
+                "{asked} -> {switched}"
+            );
+        }
+        for (asked, switched) in [
+            ("foo", Some("websocket")),
+            ("websocket", Some("websocket, foo")),
+            ("websocket", Some("")),
+            ("websocket", Some(" , ")),
+            ("websocket", None),
+            ("websocketx", Some("websocket")),
+        ] {
+            let switched = switched.map(v);
+            assert!(
+                !switch_offered(&v(asked), switched.as_ref()),
+                "{asked} -> {switched:?}"
             );
         }
     }

@@ -211,6 +211,8 @@ pub fn forward<'a>(
         // (`upgrade_offer`).
         let unmeant = unmeant_body(&req);
         let upgrade = upgrade_offer(&req);
+        // What the client offered, which a `101` must switch to (the request takes its own).
+        let offered = upgrade.clone();
         // Its place among the tunnels is taken before any server is asked, and refused once
         // tunnels hold their share of the bound on upstream sockets.
         let client_upgrade = match upgrade {
@@ -323,11 +325,15 @@ pub fn forward<'a>(
             );
             let error = match sending.await {
                 // A switch nobody asked for (or to nothing) leaves the client a head it cannot
-                // use: the server failed, as the relay judges it too.
+                // use: the server failed, as the relay judges it too. So does one to a
+                // protocol the client did not offer (RFC 9110 §7.8), whose tunnel would carry
+                // the client's next bytes to the server as they are, past every rule here.
                 Ok(resp)
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                         && (client_upgrade.is_none()
-                            || !resp.headers().contains_key(header::UPGRADE)) =>
+                            || !offered.as_ref().is_some_and(|asked| {
+                                headers::switch_offered(asked, resp.headers().get(header::UPGRADE))
+                            })) =>
                 {
                     UpstreamError::Failed {
                         server: pool.servers[server].to_string(),
