@@ -3051,3 +3051,126 @@ async fn h2_ask(
         .unwrap();
     (parts, body.trailers().cloned(), body.to_bytes())
 }
+
+/// A server on raw sockets that answers a `HEAD` of `/late` with `Content-Length: 46` (of
+/// `/late-chunked` with chunks) and then sends 46 stray bytes, an answer of its own, late: on
+/// that connection's next request, as if they had crossed it, which no look at an idle
+/// connection can see. `/empty` answers a `HEAD` with `Content-Length: 0`, anything else
+/// `real`. Counts the connections that carried a request other than a health check.
+async fn late_body_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    const STRAY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED";
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let conns = counted.clone();
+            tokio::spawn(async move {
+                let (mut buf, mut owed, mut seen) = (Vec::new(), false, false);
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let mut line = head.split(' ');
+                    let (method, path) = (line.next().unwrap(), line.next().unwrap());
+                    if path != "/" && !seen {
+                        seen = true;
+                        conns.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let mut out = Vec::new();
+                    if std::mem::take(&mut owed) {
+                        out.extend_from_slice(STRAY);
+                    }
+                    out.extend_from_slice(match (method, path) {
+                        ("HEAD", "/late") => {
+                            owed = true;
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 46\r\n\r\n"
+                        }
+                        ("HEAD", "/late-chunked") => {
+                            owed = true;
+                            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        }
+                        ("HEAD", "/empty") => b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+                        _ => b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nreal",
+                    });
+                    if sock.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+/// A server that sends a body after its answer to a `HEAD` announced one (a common bug, which
+/// any client can provoke): the next request on that server connection, another client's
+/// too, would get those bytes as its answer. Such a connection is closed instead, on both
+/// paths, for HTTP/1.1 and HTTP/2 clients; one whose answer said `Content-Length: 0` is kept.
+#[tokio::test]
+async fn a_body_sent_after_a_head_s_answer_reaches_no_later_request() {
+    use http_body_util::BodyExt;
+    for hyper in [false, true] {
+        for h2 in [false, true] {
+            let (addr, conns) = late_body_upstream().await;
+            let intercept = if hyper {
+                "intercept_statuses = [418]\n"
+            } else {
+                ""
+            };
+            let proxy = spawn_proxy(&format!(
+                "[proxy]\nthreads = 1\n[upstream]\nservers = [\"http://{addr}\"]\n{intercept}\
+                 [health]\ninterval = \"60s\"\n"
+            ))
+            .await;
+            let h2c = h2c_client();
+            let mut h1 = Client::connect(proxy.addr).await;
+            let what = format!("hyper: {hyper}, h2: {h2}");
+            let mut ask = async |method: &str, path: &str| -> (u16, Vec<u8>) {
+                if h2 {
+                    let req = http::Request::builder()
+                        .method(method)
+                        .uri(format!("http://{}{path}", proxy.addr))
+                        .body(empty())
+                        .unwrap();
+                    let resp = tokio::time::timeout(Duration::from_secs(10), h2c.request(req))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    let status = resp.status().as_u16();
+                    let body = resp.into_body().collect().await.unwrap().to_bytes();
+                    (status, body.to_vec())
+                } else if method == "HEAD" {
+                    (h1.head(path).await.status(), Vec::new())
+                } else {
+                    let a = h1.get(path).await;
+                    (a.status(), a.body)
+                }
+            };
+            assert_eq!(ask("HEAD", "/empty").await, (200, Vec::new()), "{what}");
+            assert_eq!(ask("GET", "/get").await, (200, b"real".to_vec()), "{what}");
+            assert_eq!(
+                conns.load(Ordering::SeqCst),
+                1,
+                "kept after a length of 0: {what}"
+            );
+            for (path, n) in [("/late", 2), ("/late-chunked", 3)] {
+                assert_eq!(ask("HEAD", path).await, (200, Vec::new()), "{what}");
+                assert_eq!(
+                    ask("GET", "/get").await,
+                    (200, b"real".to_vec()),
+                    "{path}: {what}"
+                );
+                assert_eq!(conns.load(Ordering::SeqCst), n, "{path}: {what}");
+            }
+        }
+    }
+}

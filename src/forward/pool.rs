@@ -1697,6 +1697,7 @@ impl Http1Pool {
             // which is the last turn.
             let mut kept_tries = 0;
             let fresh = idle_limit(self.idle_timeout, replayable(&req));
+            let head = req.method() == http::Method::HEAD;
             loop {
                 let kept = if kept_tries < KEPT_TRIES {
                     home.take(now, self.idle_timeout, fresh)
@@ -1729,7 +1730,7 @@ impl Http1Pool {
                 // in every request's future otherwise.
                 let again = since.and_then(|_| copy_to_replay(&req)).map(Box::new);
                 match sender.try_send_request(req).await {
-                    Ok(resp) => return Ok(lend(resp, sender, home)),
+                    Ok(resp) => return Ok(lend(resp, sender, home, head)),
                     Err(mut e) => match (e.take_message(), again) {
                         // Closed before the request was written (its task saw the close first).
                         (Some(unsent), _) if since.is_some() => req = unsent,
@@ -1950,13 +1951,21 @@ fn refused_unprocessed(e: &hyper::Error) -> bool {
 
 /// The response, with its connection lent to the body (given back when the body has been
 /// read whole), given back at once when there is no body, or kept by nobody after a `101`:
-/// the connection is then the tunnel's.
-fn lend(resp: Response<Incoming>, sender: Sender, home: &Arc<IdleList>) -> Response<Body> {
+/// the connection is then the tunnel's. An answer to a `HEAD` (`head`) that may be followed by
+/// a body does not give its connection back (`unkept_after_head`).
+fn lend(
+    resp: Response<Incoming>,
+    sender: Sender,
+    home: &Arc<IdleList>,
+    head: bool,
+) -> Response<Body> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         return resp.map(Body::Stream);
     }
     if resp.body().is_end_stream() {
-        home.put(sender);
+        if !(head && unkept_after_head(&resp)) {
+            home.put(sender);
+        }
         return resp.map(Body::Stream);
     }
     let checkin = Checkin {
@@ -1964,6 +1973,23 @@ fn lend(resp: Response<Incoming>, sender: Sender, home: &Arc<IdleList>) -> Respo
         home: home.clone(),
     };
     resp.map(|body| Body::Lent(body, Some(checkin)))
+}
+
+/// Whether the answer to a `HEAD` leaves its connection unfit to keep, as `relay::read_head`
+/// decides for the relay's sockets: a server whose answer announces a body (a length above
+/// 0, a coding) may send that body anyway, late, once the connection is back in its list,
+/// where hyper's client would read it as the next request's answer, another client's; and
+/// one that gives no length may close to end a `GET`'s. Only a `Content-Length: 0` keeps it
+/// (a 204 has no body, a 304's length is the representation's). Asked of `HEAD`s alone.
+fn unkept_after_head(resp: &Response<Incoming>) -> bool {
+    if matches!(resp.status().as_u16(), 204 | 304) {
+        return false;
+    }
+    let headers = resp.headers();
+    let lengths = headers.get_all(header::CONTENT_LENGTH);
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || lengths.iter().next().is_none()
+        || lengths.iter().any(|v| v.as_bytes().trim_ascii() != b"0")
 }
 
 #[cfg(test)]
