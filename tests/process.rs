@@ -2634,59 +2634,157 @@ enum EventClient {
     Http2,
 }
 
+/// What serves the event stream, and so which way the proxy reads it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum EventServer {
+    /// An `http://` server.
+    Http,
+    /// An `https://` server that chooses HTTP/1.1 (no ALPN): the relay's TLS sessions, or
+    /// hyper's client over TLS.
+    Https,
+    /// An `https://` server that chooses HTTP/2 by ALPN: hyper's HTTP/2 client over TLS.
+    HttpsH2,
+    /// An `h2c://` server: hyper's HTTP/2 client.
+    H2c,
+}
+
+impl EventServer {
+    /// Whether the server is hyper's HTTP/2, whose body the test writes as bare data.
+    fn h2(self) -> bool {
+        matches!(self, EventServer::HttpsH2 | EventServer::H2c)
+    }
+}
+
+/// The test's end of an event stream's server: the socket (or, from an HTTP/2 server, a pipe
+/// whose bytes become the stream's DATA frames as they come), to write the body on.
+type EventSink = std::pin::Pin<Box<dyn Duplex>>;
+
 /// A server that answers `/events` with the head of a stream of server-sent events, chunked
 /// or (`close`) read until it closes, and hands the test its socket, to write the body on as
-/// the test says; any other request (a health check) is answered `ok`.
+/// the test says; any other request (a health check) is answered `ok`. Over TLS for
+/// `https://` servers (`tls`'s certificate); over HTTP/2 (hyper's server, `close` aside) for
+/// `h2c://` and `https://` ones that choose it.
 async fn events_upstream(
     close: bool,
+    server: EventServer,
+    tls: &support::tls::Tls,
 ) -> (
     std::net::SocketAddr,
-    tokio::sync::mpsc::UnboundedReceiver<tokio::net::TcpStream>,
+    tokio::sync::mpsc::UnboundedReceiver<EventSink>,
 ) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let acceptor = match server {
+        EventServer::Https => Some(tls.acceptor(&[])),
+        EventServer::HttpsH2 => Some(tls.acceptor(&[b"h2", b"http/1.1"])),
+        EventServer::Http | EventServer::H2c => None,
+    };
     tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
+        while let Ok((sock, _)) = listener.accept().await {
             let tx = tx.clone();
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let mut got = Vec::new();
-                loop {
-                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        let mut more = [0u8; 4096];
-                        match sock.read(&mut more).await {
-                            Ok(n) if n > 0 => got.extend_from_slice(&more[..n]),
-                            _ => return,
+                // Over TLS, as ALPN chose: a health check may ask for HTTP/1.1 alone.
+                let (sock, h2): (EventSink, bool) = match acceptor {
+                    Some(acceptor) => match acceptor.accept(sock).await {
+                        Ok(tls) => {
+                            let h2 = tls.get_ref().1.alpn_protocol() == Some(&b"h2"[..]);
+                            (Box::pin(tls), h2)
                         }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&got[..end]).into_owned();
-                    got.drain(..end + 4);
-                    if !head.split(' ').nth(1).unwrap_or("").starts_with("/events") {
-                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if sock.write_all(ok).await.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                    let framing = match close {
-                        true => "connection: close\r\n",
-                        false => "transfer-encoding: chunked\r\n",
-                    };
-                    let head = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: Text/Event-Stream; charset=utf-8\r\n\
-                         cache-control: no-cache\r\n{framing}\r\n"
-                    );
-                    if sock.write_all(head.as_bytes()).await.is_ok() {
-                        let _ = tx.send(sock);
-                    }
-                    return;
+                        Err(_) => return,
+                    },
+                    None => (Box::pin(sock), server == EventServer::H2c),
+                };
+                match h2 {
+                    true => events_over_h2(sock, tx).await,
+                    false => events_over_h1(sock, close, tx).await,
                 }
             });
         }
     });
     (addr, rx)
+}
+
+/// `events_upstream`'s HTTP/1.1 connection.
+async fn events_over_h1(
+    mut sock: EventSink,
+    close: bool,
+    tx: tokio::sync::mpsc::UnboundedSender<EventSink>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut got = Vec::new();
+    loop {
+        let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+            let mut more = [0u8; 4096];
+            match sock.read(&mut more).await {
+                Ok(n) if n > 0 => got.extend_from_slice(&more[..n]),
+                _ => return,
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&got[..end]).into_owned();
+        got.drain(..end + 4);
+        if !head.split(' ').nth(1).unwrap_or("").starts_with("/events") {
+            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            if sock.write_all(ok).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let framing = match close {
+            true => "connection: close\r\n",
+            false => "transfer-encoding: chunked\r\n",
+        };
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: Text/Event-Stream; charset=utf-8\r\n\
+             cache-control: no-cache\r\n{framing}\r\n"
+        );
+        if sock.write_all(head.as_bytes()).await.is_ok() && sock.flush().await.is_ok() {
+            let _ = tx.send(sock);
+        }
+        return;
+    }
+}
+
+/// `events_upstream`'s HTTP/2 connection: each `/events` stream's body is what the test writes
+/// on the pipe it is handed, a DATA frame for each piece as it comes; the pipe breaks once the
+/// stream is gone (the proxy reset it).
+async fn events_over_h2(sock: EventSink, tx: tokio::sync::mpsc::UnboundedSender<EventSink>) {
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let tx = tx.clone();
+        async move {
+            if !req.uri().path().starts_with("/events") {
+                return Ok::<_, std::convert::Infallible>(Response::new(full("ok")));
+            }
+            let (frames, body) = mpsc_body();
+            let (test, mut pipe) = tokio::io::duplex(64 * 1024);
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut piece = [0u8; 4096];
+                while let Ok(n @ 1..) = pipe.read(&mut piece).await {
+                    if frames
+                        .send(Bytes::copy_from_slice(&piece[..n]))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+            let _ = tx.send(Box::pin(test) as EventSink);
+            let resp = Response::builder()
+                .header("content-type", "Text/Event-Stream; charset=utf-8")
+                .header("cache-control", "no-cache")
+                .body(body)
+                .unwrap();
+            Ok(resp)
+        }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .http2_only()
+        .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
+        .await;
 }
 
 /// Event `n` of the test's stream, its lines ended as each of the format's three ways in turn.
@@ -2697,19 +2795,22 @@ fn event(n: u32) -> String {
 
 /// Writes `bytes`, a piece of the event stream's body, on `up`: as a chunk (its size line and
 /// its data in writes of their own) unless the body is read until the close.
-async fn feed(up: &mut tokio::net::TcpStream, bytes: &str, close: bool) -> bool {
+async fn feed(up: &mut EventSink, bytes: &str, close: bool) -> bool {
     use tokio::io::AsyncWriteExt;
+    // Flushed: over TLS, what is written may wait in the session's buffer.
     if close {
-        return up.write_all(bytes.as_bytes()).await.is_ok();
+        return up.write_all(bytes.as_bytes()).await.is_ok() && up.flush().await.is_ok();
     }
     let size = format!("{:x}\r\n", bytes.len());
     up.write_all(size.as_bytes()).await.is_ok()
+        && up.flush().await.is_ok()
         && up.write_all(bytes.as_bytes()).await.is_ok()
         && up.write_all(b"\r\n").await.is_ok()
+        && up.flush().await.is_ok()
 }
 
 /// Writes event `n` in two pieces, split inside its first line, 50 ms apart.
-async fn feed_event(up: &mut tokio::net::TcpStream, n: u32, close: bool) -> bool {
+async fn feed_event(up: &mut EventSink, n: u32, close: bool) -> bool {
     let whole = event(n);
     let ok = feed(up, &whole[..5], close).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -2759,15 +2860,30 @@ fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
 /// stream's end over HTTP/2), which an `EventSource` reconnects after (to the instance that
 /// takes over); and the stop does not wait for `shutdown_timeout`. The stream was held for the
 /// whole of it, then cut mid-body (curl exited 18).
-async fn an_event_stream_ends_at_a_drain(client: EventClient, close: bool, mid_event: bool) {
+async fn an_event_stream_ends_at_a_drain(
+    server: EventServer,
+    client: EventClient,
+    close: bool,
+    mid_event: bool,
+) {
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (server, mut streams) = events_upstream(close).await;
-    let dir = tempfile::tempdir().unwrap();
     let tls = support::tls::Tls::new();
-    let mut config = format!(
-        "[upstream]\nservers = [\"http://{server}\"]\n[proxy]\nshutdown_timeout = \"30s\"\n"
-    );
+    let (up_addr, mut streams) = events_upstream(close, server, &tls).await;
+    // From an HTTP/2 server the body is bare DATA, however it is framed for the client.
+    let bare = close || server.h2();
+    let dir = tempfile::tempdir().unwrap();
+    let scheme = match server {
+        EventServer::Http => "http",
+        EventServer::Https | EventServer::HttpsH2 => "https",
+        EventServer::H2c => "h2c",
+    };
+    let mut config = format!("[upstream]\nservers = [\"{scheme}://{up_addr}\"]\n");
+    if scheme == "https" {
+        std::fs::write(dir.path().join("ca.pem"), &tls.cert).unwrap();
+        config.push_str("ca_file = \"ca.pem\"\n");
+    }
+    config.push_str("[proxy]\nshutdown_timeout = \"30s\"\n");
     if matches!(client, EventClient::RelayTls) {
         std::fs::write(dir.path().join("site.pem"), &tls.cert).unwrap();
         std::fs::write(dir.path().join("site.key"), &tls.key).unwrap();
@@ -2812,12 +2928,12 @@ async fn an_event_stream_ends_at_a_drain(client: EventClient, close: bool, mid_e
         .unwrap()
         .unwrap();
     for n in 1..=3 {
-        assert!(feed_event(&mut up, n, close).await);
+        assert!(feed_event(&mut up, n, bare).await);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut next = 4;
     if mid_event {
-        assert!(feed(&mut up, &event(next)[..5], close).await);
+        assert!(feed(&mut up, &event(next)[..5], bare).await);
     }
     // The answer's head, and what came of its body, read before the signal.
     let mut got = Vec::new();
@@ -2885,12 +3001,12 @@ async fn an_event_stream_ends_at_a_drain(client: EventClient, close: bool, mid_e
     }
     // The server goes on, an event every 100 ms, until its connection is closed.
     let feeder = tokio::spawn(async move {
-        if mid_event && feed(&mut up, &event(next)[5..], close).await {
+        if mid_event && feed(&mut up, &event(next)[5..], bare).await {
             next += 1;
         }
         loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            if next > 1000 || !feed_event(&mut up, next, close).await {
+            if next > 1000 || !feed_event(&mut up, next, bare).await {
                 return;
             }
             next += 1;
@@ -2982,37 +3098,72 @@ fn dechunked_so_far(got: &[u8]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drain_ends_a_relayed_chunked_event_stream_after_its_event_in_flight() {
-    an_event_stream_ends_at_a_drain(EventClient::Relay, false, true).await;
+    an_event_stream_ends_at_a_drain(EventServer::Http, EventClient::Relay, false, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drain_ends_a_relayed_event_stream_over_tls_after_its_event_in_flight() {
-    an_event_stream_ends_at_a_drain(EventClient::RelayTls, false, true).await;
+    an_event_stream_ends_at_a_drain(EventServer::Http, EventClient::RelayTls, false, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drain_ends_a_relayed_event_stream_read_until_the_close_after_its_event_in_flight() {
-    an_event_stream_ends_at_a_drain(EventClient::Relay, true, true).await;
+    an_event_stream_ends_at_a_drain(EventServer::Http, EventClient::Relay, true, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drain_ends_an_idle_relayed_event_stream_at_once() {
-    an_event_stream_ends_at_a_drain(EventClient::Relay, false, false).await;
+    an_event_stream_ends_at_a_drain(EventServer::Http, EventClient::Relay, false, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drain_ends_an_event_stream_through_hyper_after_its_event_in_flight() {
-    an_event_stream_ends_at_a_drain(EventClient::Hyper, false, true).await;
+    an_event_stream_ends_at_a_drain(EventServer::Http, EventClient::Hyper, false, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drain_ends_an_http2_clients_event_stream_after_its_event_in_flight() {
-    an_event_stream_ends_at_a_drain(EventClient::Http2, true, true).await;
+    an_event_stream_ends_at_a_drain(EventServer::Http, EventClient::Http2, true, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drain_ends_an_idle_http2_clients_event_stream_at_once() {
-    an_event_stream_ends_at_a_drain(EventClient::Http2, false, false).await;
+    an_event_stream_ends_at_a_drain(EventServer::Http, EventClient::Http2, false, false).await;
+}
+
+/// From an `h2c://` server (hyper's HTTP/2 client, its answer's body `Multiplexed`), to an
+/// HTTP/1.1 client (which hyper serves, the relay taking no such server).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_ends_an_event_stream_from_an_h2c_server_after_its_event_in_flight() {
+    an_event_stream_ends_at_a_drain(EventServer::H2c, EventClient::Relay, false, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_ends_an_idle_event_stream_from_an_h2c_server_to_an_http2_client_at_once() {
+    an_event_stream_ends_at_a_drain(EventServer::H2c, EventClient::Http2, false, false).await;
+}
+
+/// From an `https://` server that chooses HTTP/1.1: through the relay's TLS sessions, chunked
+/// and read until the close.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_ends_a_relayed_event_stream_from_an_https_server_after_its_event_in_flight() {
+    an_event_stream_ends_at_a_drain(EventServer::Https, EventClient::Relay, false, true).await;
+    an_event_stream_ends_at_a_drain(EventServer::Https, EventClient::Relay, true, true).await;
+}
+
+/// The same through hyper's client over TLS (its body `Lent`), and on the relay's sockets for
+/// an HTTP/2 client.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_ends_an_event_stream_from_an_https_server_through_hyper_after_its_event_in_flight()
+{
+    an_event_stream_ends_at_a_drain(EventServer::Https, EventClient::Hyper, false, true).await;
+    an_event_stream_ends_at_a_drain(EventServer::Https, EventClient::Http2, true, true).await;
+}
+
+/// From an `https://` server that chooses HTTP/2 (hyper's HTTP/2 client over TLS).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_ends_an_event_stream_from_an_https_server_over_http2_after_its_event_in_flight() {
+    an_event_stream_ends_at_a_drain(EventServer::HttpsH2, EventClient::Relay, false, true).await;
 }
 
 /// A WebSocket asked for on a kept-alive connection once a drain has begun is refused, `503`
