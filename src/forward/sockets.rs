@@ -243,10 +243,7 @@ impl Sockets {
         let bound = self.bound().unwrap_or(Semaphore::MAX_PERMITS);
         let unsaid = lock(&self.0.tunnels_told).tell(Instant::now());
         if let Some(unsaid) = unsaid {
-            let more = match unsaid {
-                0 => String::new(),
-                n => format!(" ({n} more since the last line)"),
-            };
+            let more = super::More(unsaid);
             tracing::warn!(
                 "{share} tunnels (WebSocket or other upgrades) hold their share of the {bound} \
                  upstream connections the open-file limit leaves room for (three quarters, the \
@@ -335,10 +332,7 @@ impl Sockets {
         let bound = self.bound().unwrap_or(Semaphore::MAX_PERMITS);
         let unsaid = lock(&self.0.told).tell(Instant::now());
         if let Some(unsaid) = unsaid {
-            let more = match unsaid {
-                0 => String::new(),
-                n => format!(" ({n} more since the last line)"),
-            };
+            let more = super::More(unsaid);
             tracing::warn!(
                 "{bound} upstream connections open, the most the open-file limit leaves room \
                  for beside proxy.max_connections clients: a request got none within \
