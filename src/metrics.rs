@@ -21,7 +21,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,6 +106,41 @@ impl EncodeMetric for OpenCount {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
         let open = i64::try_from(self.0.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
         encoder.encode_gauge(&open)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// `intermission_mode`: one series per mode, 1 for the current one, rendered from one atomic.
+/// Three gauges set one after the other let a scrape read the old mode's 1 before the switch
+/// and the new one's after it (or read them mid-switch): two modes at once, which an alert on
+/// `intermission_mode{mode="maintenance"} == 1` and a dashboard's "current mode" both took at
+/// their word. One load per scrape sees one mode, or none before the first is known.
+#[derive(Debug, Clone)]
+struct ModeGauge(Arc<AtomicU8>);
+
+impl ModeGauge {
+    /// No mode is known yet (every series reads 0).
+    const NONE: u8 = u8::MAX;
+}
+
+impl TypedMetric for ModeGauge {
+    const TYPE: MetricType = MetricType::Gauge;
+}
+
+impl EncodeMetric for ModeGauge {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let current = usize::from(self.0.load(Ordering::Relaxed));
+        for mode in MODES {
+            let labels = ModeLabels {
+                mode: mode.as_str(),
+            };
+            let on = i64::from(mode_index(mode) == current);
+            encoder.encode_family(&labels)?.encode_gauge(&on)?;
+        }
+        Ok(())
     }
 
     fn metric_type(&self) -> MetricType {
@@ -557,8 +592,8 @@ pub struct Metrics {
     /// Indexed like `STATUS_CLASSES`.
     responses: [Counter; 5],
     request_duration: DurationHistogram,
-    /// Indexed by `mode_index`.
-    mode: [Gauge; 3],
+    /// The current mode's `mode_index` (`ModeGauge::NONE` until the first is known).
+    mode: ModeGauge,
     /// `[from][to]`; the diagonal stays unused.
     transitions: [[Counter; 3]; 3],
     upstream_healthy: Family<ServerLabels, Gauge>,
@@ -638,12 +673,11 @@ impl Metrics {
             request_duration.clone(),
         );
 
-        let mode_family = Family::<ModeLabels, Gauge>::default();
-        let mode = MODES.map(|m| mode_family.get_or_create_owned(&ModeLabels { mode: m.as_str() }));
+        let mode = ModeGauge(Arc::new(AtomicU8::new(ModeGauge::NONE)));
         registry.register(
             "intermission_mode",
             "The mode clients see: 1 for the current one, 0 for the others",
-            mode_family,
+            mode.clone(),
         );
 
         let transitions_family = Family::<TransitionLabels, Counter>::default();
@@ -989,12 +1023,11 @@ impl Metrics {
         self.requests[Outcome::Reserved.index()][mode_index(mode)].inc();
     }
 
-    /// Marks `mode` as the current one. Only the controller calls this, so two calls never race;
-    /// a scrape in between the stores may see no mode at 1 for an instant.
+    /// Marks `mode` as the current one: one store, so that a scrape sees exactly one mode at 1.
     pub fn set_mode(&self, mode: Mode) {
-        for (i, gauge) in self.mode.iter().enumerate() {
-            gauge.set(i64::from(i == mode_index(mode)));
-        }
+        // Three modes: an index fits a byte.
+        let index = u8::try_from(mode_index(mode)).unwrap_or(ModeGauge::NONE);
+        self.mode.0.store(index, Ordering::Relaxed);
     }
 
     /// Counts a change of mode. `from == to` is not a change and is not counted.
@@ -1506,6 +1539,42 @@ pub(crate) mod tests {
         );
         assert_eq!(at(60.0), Some(4.0));
         assert_eq!(at(f64::INFINITY), Some(5.0), "+Inf equals the count");
+    }
+
+    /// A scrape during a switch sees one mode at 1, never two: three gauges set in turn let a
+    /// scrape read the old mode's 1 and the new one's.
+    #[test]
+    fn a_scrape_never_sees_two_modes() {
+        let m = Arc::new(Metrics::new());
+        m.set_mode(Mode::Normal);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let switcher = {
+            let (m, stop) = (m.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut switches = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for mode in [Mode::Maintenance, Mode::Outage, Mode::Normal] {
+                        m.set_mode(mode);
+                        switches += 1;
+                    }
+                }
+                switches
+            })
+        };
+        // How many scrapes saw no mode, one, two and three at 1.
+        let mut seen = [0; 4];
+        for _ in 0..3000 {
+            let text = m.encode();
+            let on = text
+                .lines()
+                .filter(|l| l.starts_with("intermission_mode{") && l.ends_with(" 1"))
+                .count();
+            seen[on.min(3)] += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let switches = switcher.join().unwrap();
+        assert!(switches > 0);
+        assert_eq!(seen, [0, 3000, 0, 0], "scrapes by the modes they saw at 1");
     }
 
     #[test]
