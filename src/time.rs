@@ -32,7 +32,10 @@ impl Serialize for Timestamp {
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        parse_rfc3339(&text)
+        // Only the state file is read so, and a second 60 there was written by hand: read
+        // as `Leap::Next`, and named by the start's warnings (`store`), not refused as a
+        // corrupt file, which would stop the start.
+        read_rfc3339(&text, Leap::Next)
             .map(Timestamp)
             .map_err(|e| serde::de::Error::custom(format!("{text:?} is not an RFC 3339 time: {e}")))
     }
@@ -90,8 +93,33 @@ pub fn parse_time(text: &str, now: SystemTime) -> Result<SystemTime, String> {
 
 /// RFC 3339 with its offset honoured: humantime reads UTC only, and its lenient reader takes
 /// a time with no zone, or with a fraction and `+01:00`, as UTC, an hour off for an operator
-/// who wrote local time. A time without a zone is refused rather than guessed.
+/// who wrote local time. A time without a zone is refused rather than guessed, and so is a
+/// second 60 (`Leap::Refused`).
 pub fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
+    read_rfc3339(text, Leap::Refused)
+}
+
+/// What to make of a second 60 (`12:00:60`), which RFC 3339 allows for a leap second. The
+/// system clock (Unix time) counts none: humantime read it as the minute's second 59, a window
+/// ending at `23:59:60` then ending a second early, and a typo's `12:00:60` as `12:00:59`
+/// where the next minute was meant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leap {
+    /// Refused, with the time it would be: an operator's `TIME` (`ctl`, the control protocol).
+    Refused,
+    /// Read as the next minute's second 0, as Unix time counts a leap second's end, and as
+    /// `mktime` normalises it: a state file edited by hand, which is mended, not refused.
+    Next,
+}
+
+/// Whether `text`, an RFC 3339 time, writes its seconds as 60: a hand edit the state file's
+/// reader names (`Leap::Next`).
+pub fn has_second_60(text: &str) -> bool {
+    let b = text.as_bytes();
+    b.len() >= 19 && b[16] == b':' && &b[17..19] == b"60"
+}
+
+fn read_rfc3339(text: &str, leap: Leap) -> Result<SystemTime, String> {
     const NO_ZONE: &str = "no time zone: end it with Z for UTC or an offset like +01:00";
     if !text.is_ascii() || text.len() < "2026-12-01T02:00:00".len() {
         return Err("not an RFC 3339 time".into());
@@ -146,6 +174,13 @@ pub fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
     }
     utc.push('Z');
     let local = humantime::parse_rfc3339(&utc).map_err(|e| e.to_string())?;
+    // humantime reads a second 60 as 59: the next minute's 0 is one on.
+    let local = match has_second_60(base) {
+        false => local,
+        true => local
+            .checked_add(Duration::from_secs(1))
+            .ok_or("out of range")?,
+    };
     let shift = Duration::from_secs(east.unsigned_abs());
     let at = if east >= 0 {
         local.checked_sub(shift)
@@ -155,8 +190,21 @@ pub fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
     // Up to the last second RFC 3339 can write (9999-12-31T23:59:59Z): an offset could move a
     // time past it, which `Timestamp` could then not format.
     let last = std::time::UNIX_EPOCH + Duration::from_secs(253_402_300_799);
-    at.filter(|t| (std::time::UNIX_EPOCH..=last).contains(t))
-        .ok_or_else(|| "out of range".into())
+    let at = at
+        .filter(|t| (std::time::UNIX_EPOCH..=last).contains(t))
+        .ok_or("out of range")?;
+    if leap == Leap::Refused && has_second_60(base) {
+        // Said with the time likely meant, in the zone it was written in: `local` is the
+        // written time as if in UTC, and `Timestamp` writes `YYYY-MM-DDTHH:MM:SSZ`.
+        let next = Timestamp(local).rfc3339();
+        let zone = text.get(base.len()..).unwrap_or_default();
+        return Err(format!(
+            "second 60 is a leap second, which the system clock does not count: write the next \
+             minute's second 00 ({}{zone}), or 59",
+            next.get(..19).unwrap_or_default()
+        ));
+    }
+    Ok(at)
 }
 
 /// `t` cut to its whole second, as RFC 3339 is written here and the state file keeps it.
@@ -294,6 +342,33 @@ mod tests {
         // A fifth digit of the year is said as such, not as a fraction of a second.
         let five = parse_time("10000-01-01T00:00:00Z", now).unwrap_err();
         assert!(five.contains("four-digit year"), "{five}");
+    }
+
+    /// A second 60 is no time on the system clock: refused from an operator, with the time
+    /// likely meant, where humantime read `12:00:60` as `12:00:59`; read as the next minute's
+    /// start from the state file (which names it: `store`).
+    #[test]
+    fn a_second_60_is_refused_or_read_as_the_next_minute() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        for (text, meant) in [
+            ("2027-06-01T12:00:60Z", "2027-06-01T12:01:00Z"),
+            ("2027-06-30T23:59:60Z", "2027-07-01T00:00:00Z"),
+            ("2027-06-01T12:00:60.5+02:00", "2027-06-01T12:01:00+02:00"),
+        ] {
+            let refused = parse_time(text, now).unwrap_err();
+            assert!(
+                refused.contains("leap second") && refused.contains(meant),
+                "{text}: {refused}"
+            );
+            assert!(parse_rfc3339(text).is_err(), "{text}");
+        }
+        let read: Timestamp = serde_json::from_str("\"2027-06-30T23:59:60Z\"").unwrap();
+        assert_eq!(read.rfc3339(), "2027-07-01T00:00:00Z");
+        let read: Timestamp = serde_json::from_str("\"2027-06-01T12:00:60+02:00\"").unwrap();
+        assert_eq!(read.rfc3339(), "2027-06-01T10:01:00Z");
+        assert!(has_second_60("2027-06-01T12:00:60Z"));
+        assert!(!has_second_60("2027-06-01T12:00:59Z"));
+        assert!(parse_time("2027-06-01T12:00:61Z", now).is_err());
     }
 
     #[test]

@@ -167,6 +167,21 @@ async fn windows_that_make_no_sense_are_refused() {
         assert_eq!(e.code, "bad_request", "{why}");
         assert!(e.message.contains(why), "{why}: {}", e.message);
     }
+    // A second 60 (a leap second), which the system clock does not count, is refused with the
+    // time likely meant, where it was read as the minute's second 59.
+    let later = intermission::time::Timestamp(
+        std::time::SystemTime::now() + Duration::from_secs(2 * 86_400),
+    )
+    .rfc3339();
+    let minute = intermission::time::parse_rfc3339(&format!("{}00Z", &later[..17])).unwrap();
+    let meant = intermission::time::Timestamp(minute + Duration::from_secs(60)).rfc3339();
+    let r = ctl(&proxy, add("+1d", &format!("{}60Z", &later[..17]), None)).await;
+    let e = r.error.expect("a second 60 is refused");
+    assert!(
+        e.code == "bad_request" && e.message.contains("leap second") && e.message.contains(&meant),
+        "{}",
+        e.message
+    );
     // The refusals left the control plane working.
     assert!(ctl(&proxy, Ctl::Status).await.ok);
     let r = ctl(&proxy, Ctl::ScheduleRemove { id: 42 }).await;

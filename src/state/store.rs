@@ -7,9 +7,10 @@
 //! beside the file before anything overwrites it.
 
 use super::mode::{
-    shows_nothing, Persisted, MAX_MESSAGE_CHARS, MAX_RETRY_AFTER, MAX_UPDATES, MAX_WINDOWS,
-    MIN_RETRY_AFTER, STATE_VERSION,
+    shows_nothing, Persisted, MAX_AHEAD, MAX_MESSAGE_CHARS, MAX_RETRY_AFTER, MAX_UPDATES,
+    MAX_WINDOWS, MIN_RETRY_AFTER, STATE_VERSION,
 };
+use crate::time::{ceil_second, Timestamp};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -98,7 +99,7 @@ pub fn load(path: &Path) -> Result<Persisted, StoreError> {
         );
         return Ok(Persisted::default());
     };
-    if let Some(said) = unknown {
+    for said in unknown {
         tracing::warn!("state file {}: {said}", path.display());
     }
     if state.version > STATE_VERSION {
@@ -131,6 +132,10 @@ fn mend(state: &mut Persisted, now: std::time::SystemTime) -> Vec<String> {
         state.updates.drain(..over);
     }
     said.extend(mend_windows(state));
+    // Held to the bound before they are held apart: a window past it is not said to lie
+    // within one that no longer reaches it.
+    said.extend(mend_ahead(state, now));
+    said.extend(mend_overlaps(state));
     said.extend(mend_bounds(state, now));
     let mended = mend_texts(state);
     if mended > 0 {
@@ -182,6 +187,50 @@ fn mend_bounds(state: &mut Persisted, now: std::time::SystemTime) -> Vec<String>
             ));
         }
     }
+    said
+}
+
+/// Holds the ends of a file edited by hand to `MAX_AHEAD` from `now`, as `on --until` and
+/// `schedule add` are held (the end of the 366th day, in whole seconds): an end years ahead
+/// is a typo, and `Retry-After`, the page's "back by" and `status` all told it as written. A
+/// window that starts past the bound goes (no `schedule add` could make it; an operator adds
+/// it again nearer its time), said with its times.
+fn mend_ahead(state: &mut Persisted, now: std::time::SystemTime) -> Vec<String> {
+    let mut said = Vec::new();
+    let Some(bound) = now.checked_add(MAX_AHEAD).map(ceil_second).map(Timestamp) else {
+        return said;
+    };
+    let days = MAX_AHEAD.as_secs() / 86_400;
+    if let Some(planned) = state.planned.as_mut() {
+        if let Some(until) = planned.until.filter(|&u| u > bound) {
+            said.push(format!(
+                "planned.until is {}, more than the {days} days ahead the control protocol takes (on --until refuses it): read as {}",
+                until.rfc3339(),
+                bound.rfc3339()
+            ));
+            planned.until = Some(bound);
+        }
+    }
+    state.schedules.retain_mut(|w| {
+        if w.end <= bound {
+            return true;
+        }
+        let (start, end) = (w.start.rfc3339(), w.end.rfc3339());
+        if w.start >= bound {
+            said.push(format!(
+                "window {} ({start} to {end}) starts more than the {days} days ahead that schedule add takes: dropped; add it again nearer its time",
+                w.id
+            ));
+            return false;
+        }
+        said.push(format!(
+            "window {} ({start} to {end}) ends more than the {days} days ahead that schedule add takes: it ends at {} now",
+            w.id,
+            bound.rfc3339()
+        ));
+        w.end = bound;
+        true
+    });
     said
 }
 
@@ -284,6 +333,58 @@ fn mend_windows(state: &mut Persisted) -> Vec<String> {
     said
 }
 
+/// Holds overlapping windows of a file edited by hand apart, as `schedule add` refuses to
+/// overlap them, without losing an hour of maintenance the file asks for: a window that
+/// starts within an earlier one starts at its end instead (the two then hold one maintenance
+/// end to end, each with its own message and id), and one wholly within an earlier one goes,
+/// its time held by that one. Read as they were, the second's start was told only at the
+/// first's end, and with its own start as the maintenance's `since` (pages, `status`,
+/// webhooks), as if it began again mid-way; end to end, it carries the first's on
+/// (`Persisted::continues`). Dropped or moved, each is said with its times, so that none is
+/// lost unsaid.
+/// In order of their start (`mend_windows`), and within `MAX_AHEAD` (`mend_ahead`).
+fn mend_overlaps(state: &mut Persisted) -> Vec<String> {
+    let mut said = Vec::new();
+    // The window reaching furthest so far: its id, start and end.
+    let mut reach: Option<(u64, Timestamp, Timestamp)> = None;
+    state.schedules.retain_mut(|w| {
+        let Some((id, start, end)) = reach.filter(|&(_, _, end)| w.start < end) else {
+            reach = Some((w.id, w.start, w.end));
+            return true;
+        };
+        let overlap = format!(
+            "window {} ({} to {}) overlaps window {id} ({} to {}), which schedule add refuses",
+            w.id,
+            w.start.rfc3339(),
+            w.end.rfc3339(),
+            start.rfc3339(),
+            end.rfc3339()
+        );
+        if w.end <= end {
+            let unshown = w.message.as_ref().map_or_else(String::new, |m| {
+                format!(
+                    " and its message ({} characters) is not shown",
+                    m.chars().count()
+                )
+            });
+            said.push(format!(
+                "{overlap}: it lies within window {id}, which holds maintenance then, so it is \
+                 dropped{unshown}"
+            ));
+            return false;
+        }
+        said.push(format!(
+            "{overlap}: it starts at {} now, where window {id} ends, and holds maintenance on \
+             to its end as the file said",
+            end.rfc3339()
+        ));
+        w.start = end;
+        reach = Some((w.id, w.start, w.end));
+        true
+    });
+    said
+}
+
 /// Whether the start could load the state file, for `check`: read and parsed as `load`
 /// does, and nothing written (a newer version's file is not copied aside). What the start
 /// would warn of (its fields, and what it mends: `mend`), as `check`'s warnings.
@@ -368,11 +469,59 @@ fn unknown_fields(file: &serde_json::Map<String, serde_json::Value>) -> Option<S
     ))
 }
 
-/// What `read` found: the file's bytes, what they say, and `unknown_fields`.
-type Read = (Vec<u8>, Persisted, Option<String>);
+/// The times of `file` written with second 60, said in a sentence: read as the next
+/// minute's second 0 (`time::Leap::Next`), where humantime read `12:00:60` as `12:00:59`
+/// without a word, and refusing the file as corrupt would stop the start over a second.
+fn leap_seconds(file: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+    let mut found = Vec::new();
+    let mut look = |at: String, value: Option<&serde_json::Value>| {
+        if let Some(text) = value.and_then(serde_json::Value::as_str) {
+            if crate::time::has_second_60(text) {
+                found.push(format!("{at} {text:?}"));
+            }
+        }
+    };
+    let field = |object: &str, key: &str| file.get(object).and_then(|o| o.get(key));
+    look("planned.since".into(), field("planned", "since"));
+    look("planned.until".into(), field("planned", "until"));
+    look("outage_since".into(), file.get("outage_since"));
+    look("continues.since".into(), field("continues", "since"));
+    for (list, keys) in [
+        ("updates", &["at"][..]),
+        ("schedules", &["start", "end"][..]),
+    ] {
+        let items = file.get(list).and_then(serde_json::Value::as_array);
+        for (i, item) in items.into_iter().flatten().enumerate() {
+            for key in keys {
+                look(format!("{list}[{i}].{key}"), item.get(key));
+            }
+        }
+    }
+    if found.is_empty() {
+        return None;
+    }
+    const SHOWN: usize = 10;
+    let more = found.len().saturating_sub(SHOWN);
+    found.truncate(SHOWN);
+    let more = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "times with second 60 (a leap second, which the system clock does not count, and which \
+         the control protocol refuses) are read as the next minute's second 00: {}{more}; the \
+         next change saves them so",
+        found.join(", ")
+    ))
+}
 
-/// The file's bytes, what they say, and the fields they have that this version does not
-/// know (`unknown_fields`), or `None` when there is no file yet.
+/// What `read` found: the file's bytes, what they say, and what the start warns of in them
+/// beyond what it mends (`unknown_fields`, `leap_seconds`).
+type Read = (Vec<u8>, Persisted, Vec<String>);
+
+/// The file's bytes, what they say, and what the start warns of in them (`Read`), or `None`
+/// when there is no file yet.
 fn read(path: &Path) -> Result<Option<Read>, StoreError> {
     let bytes = match crate::files::read(path, MAX_STATE_BYTES) {
         Ok(b) => b,
@@ -398,7 +547,10 @@ fn read(path: &Path) -> Result<Option<Read>, StoreError> {
     // Then as any JSON, which cannot fail once the state parsed: a state is one object,
     // and `[]` (which serde reads as a struct of defaults) was read as no maintenance.
     let unknown = match serde_json::from_slice(json).map_err(corrupt)? {
-        serde_json::Value::Object(file) => unknown_fields(&file),
+        serde_json::Value::Object(file) => unknown_fields(&file)
+            .into_iter()
+            .chain(leap_seconds(&file))
+            .collect(),
         _ => {
             return Err(corrupt(serde::de::Error::custom(
                 "it is not a JSON object, as a state file is: { \"version\": 1, ... }",
@@ -694,9 +846,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
         let text = r#"{"version":1,"next_window_id":2,"schedules":[
-            {"id":3,"start":"2030-01-02T00:00:00Z","end":"2030-01-02T01:00:00Z","by":"ops"},
-            {"id":3,"start":"2030-01-01T00:00:00Z","end":"2030-01-01T01:00:00Z","by":"ops"},
-            {"id":4,"start":"2030-01-03T01:00:00Z","end":"2030-01-03T00:00:00Z","by":"ops"}]}"#;
+            {"id":3,"start":"2026-01-02T00:00:00Z","end":"2026-01-02T01:00:00Z","by":"ops"},
+            {"id":3,"start":"2026-01-01T00:00:00Z","end":"2026-01-01T01:00:00Z","by":"ops"},
+            {"id":4,"start":"2026-01-03T01:00:00Z","end":"2026-01-03T00:00:00Z","by":"ops"}]}"#;
         std::fs::write(&path, text).unwrap();
         let loaded = load(&path).unwrap();
         let windows: Vec<(u64, String)> = loaded
@@ -707,8 +859,8 @@ mod tests {
         assert_eq!(
             windows,
             [
-                (3, "2030-01-01T00:00:00Z".to_owned()),
-                (4, "2030-01-02T00:00:00Z".to_owned())
+                (3, "2026-01-01T00:00:00Z".to_owned()),
+                (4, "2026-01-02T00:00:00Z".to_owned())
             ]
         );
         assert_eq!(loaded.next_window_id, 5);
@@ -716,8 +868,8 @@ mod tests {
         let max = u64::MAX;
         let text = format!(
             r#"{{"version":1,"schedules":[
-            {{"id":{max},"start":"2030-01-01T00:00:00Z","end":"2030-01-01T01:00:00Z","by":"ops"}},
-            {{"id":{max},"start":"2030-01-02T00:00:00Z","end":"2030-01-02T01:00:00Z","by":"ops"}}]}}"#
+            {{"id":{max},"start":"2026-01-01T00:00:00Z","end":"2026-01-01T01:00:00Z","by":"ops"}},
+            {{"id":{max},"start":"2026-01-02T00:00:00Z","end":"2026-01-02T01:00:00Z","by":"ops"}}]}}"#
         );
         std::fs::write(&path, text).unwrap();
         let full = load(&path).unwrap();
@@ -727,6 +879,184 @@ mod tests {
         let mut again = loaded.clone();
         assert!(mend_windows(&mut again).is_empty());
         assert_eq!(again, loaded);
+    }
+
+    /// An end edited by hand past the 366 days `on --until` and `schedule add` take is held
+    /// there, said with the field; a window that starts past them goes, said with its times.
+    /// They were read as written: a `Retry-After` and a "back by" years ahead.
+    #[test]
+    fn ends_edited_by_hand_are_held_to_the_protocols_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let now = crate::time::floor_second(std::time::SystemTime::now());
+        let day = |d: u64| Timestamp(now + std::time::Duration::from_secs(86_400 * d));
+        let bound = Timestamp(now + MAX_AHEAD);
+        let window = |id, start, end| super::super::mode::Window {
+            id,
+            start,
+            end,
+            message: None,
+            by: "ops".into(),
+            started: false,
+        };
+        let state = Persisted {
+            planned: Some(super::super::mode::Planned {
+                since: Timestamp(crate::time::floor_second(now)),
+                until: Some(day(3650)),
+                retry_after: None,
+                by: "ops".into(),
+                reason: None,
+            }),
+            schedules: vec![
+                window(1, day(10), day(11)),
+                window(2, day(300), day(3000)),
+                window(3, day(400), day(401)),
+            ],
+            next_window_id: 4,
+            ..Persisted::default()
+        };
+        std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+        let said = inspect(&path).unwrap();
+        assert_eq!(said.len(), 3, "{said:?}");
+        assert!(
+            said[0].contains("state.json: planned.until is ") && said[0].contains("366 days"),
+            "{said:?}"
+        );
+        assert!(
+            said[1].contains("window 2 (") && said[1].contains("ends more than the 366 days"),
+            "{said:?}"
+        );
+        assert!(
+            said[2].contains("window 3 (") && said[2].contains("dropped"),
+            "{said:?}"
+        );
+        assert!(load(&path).is_ok());
+        // Held to the bound from the clock as it reads the file.
+        let mut loaded = state.clone();
+        assert_eq!(mend(&mut loaded, now).len(), 3);
+        assert_eq!(loaded.planned.as_ref().unwrap().until, Some(bound));
+        let windows: Vec<_> = loaded.schedules.iter().map(|w| (w.id, w.end)).collect();
+        assert_eq!(windows, [(1, day(11)), (2, bound)]);
+        // What a change can leave is read as it is: the bound itself too.
+        let mut again = loaded.clone();
+        assert!(mend(&mut again, now).is_empty());
+        assert_eq!(again, loaded);
+    }
+
+    /// Overlapping windows edited by hand are held apart as `schedule add` keeps them, with
+    /// the maintenance the file asks for kept whole: one that starts within another starts at
+    /// its end, one wholly within another goes; each said with its times. They were read as
+    /// they were: the second's start told at the first's end, with a `since` of its own.
+    #[test]
+    fn overlapping_windows_edited_by_hand_are_held_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        // Whole seconds, as `schedule add` keeps them.
+        let now = crate::time::floor_second(std::time::SystemTime::now());
+        let hour = |h: u64| Timestamp(now + std::time::Duration::from_secs(3600 * h));
+        let window = |id, start, end, message: Option<&str>| super::super::mode::Window {
+            id,
+            start,
+            end,
+            message: message.map(str::to_owned),
+            by: "ops".into(),
+            started: false,
+        };
+        let state = Persisted {
+            schedules: vec![
+                window(1, hour(10), hour(13), Some("one")),
+                window(2, hour(12), hour(15), Some("two")),
+                window(3, hour(11), hour(12), Some("three")),
+                window(4, hour(15), hour(16), None),
+                window(5, hour(14), hour(20), None),
+            ],
+            next_window_id: 6,
+            ..Persisted::default()
+        };
+        std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+        let said = inspect(&path).unwrap();
+        assert_eq!(said.len(), 4, "{said:?}");
+        assert!(
+            said[0].contains("window 3 (")
+                && said[0].contains("overlaps window 1")
+                && said[0].contains("dropped and its message (5 characters) is not shown"),
+            "{said:?}"
+        );
+        assert!(
+            said[1].contains("window 2 (")
+                && said[1].contains(&format!("starts at {} now", hour(13).rfc3339())),
+            "{said:?}"
+        );
+        assert!(
+            said[2].contains("window 5 (") && said[2].contains("overlaps window 2"),
+            "{said:?}"
+        );
+        // Window 5, from 14, is moved to 15 before window 4 is seen: 4 lies within it then.
+        assert!(
+            said[3].contains("window 4 (")
+                && said[3].contains("overlaps window 5")
+                && said[3].ends_with("so it is dropped"),
+            "{said:?}"
+        );
+        let loaded = load(&path).unwrap();
+        let windows: Vec<_> = loaded
+            .schedules
+            .iter()
+            .map(|w| (w.id, w.start, w.end, w.message.as_deref()))
+            .collect();
+        // Maintenance from 10 to 20 as the file said, in windows put end to end.
+        assert_eq!(
+            windows,
+            [
+                (1, hour(10), hour(13), Some("one")),
+                (2, hour(13), hour(15), Some("two")),
+                (5, hour(15), hour(20), None),
+            ]
+        );
+        let mut again = loaded.clone();
+        assert!(mend(&mut again, now).is_empty());
+        // Each is what `schedule add` leaves: none of them overlaps the others.
+        for w in &loaded.schedules {
+            let mut without = loaded.clone();
+            without.schedules.retain(|x| x.id != w.id);
+            let added = without.apply(
+                super::super::mode::Change::ScheduleAdd {
+                    start: w.start.0,
+                    end: w.end.0,
+                    message: None,
+                    by: "ops".into(),
+                },
+                now,
+                true,
+            );
+            assert!(added.is_ok(), "{}: {added:?}", w.id);
+        }
+    }
+
+    /// A time written with second 60 by hand is read as the next minute's start, and named,
+    /// where humantime read it as second 59 without a word: a window ending at `12:00:60` left
+    /// a second's gap before one from `12:01:00`.
+    #[test]
+    fn a_second_60_edited_by_hand_is_read_as_the_next_minute_and_said() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let text = r#"{"version":1,"planned":{"since":"2026-06-30T23:59:60Z","by":"ops"},
+            "schedules":[{"id":1,"start":"2026-01-01T12:00:00Z","end":"2026-01-01T13:00:60+01:00","by":"ops"}]}"#;
+        std::fs::write(&path, text).unwrap();
+        let said = inspect(&path).unwrap();
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(
+            said[0].contains(r#"planned.since "2026-06-30T23:59:60Z""#)
+                && said[0].contains(r#"schedules[0].end "2026-01-01T13:00:60+01:00""#)
+                && said[0].contains("leap second"),
+            "{said:?}"
+        );
+        let loaded = load(&path).unwrap();
+        assert_eq!(
+            loaded.planned.unwrap().since.rfc3339(),
+            "2026-07-01T00:00:00Z"
+        );
+        assert_eq!(loaded.schedules[0].end.rfc3339(), "2026-01-01T12:01:00Z");
     }
 
     /// A file edited by hand is held to the control protocol's bounds, as `schedule add` and
@@ -1123,7 +1453,7 @@ mod tests {
         assert_eq!(load(&path).unwrap(), full);
         let text = r#"{"version":1,"planed":{"since":"2026-12-06T00:00:00Z","by":"ops"},
             "planned":{"since":"2026-12-06T00:00:00Z","by":"ops","untill":"2026-12-07T00:00:00Z"},
-            "schedules":[{"id":1,"start":"2030-01-01T00:00:00Z","end":"2030-01-01T01:00:00Z","by":"ops","mesage":"x"}]}"#;
+            "schedules":[{"id":1,"start":"2026-01-01T00:00:00Z","end":"2026-01-01T01:00:00Z","by":"ops","mesage":"x"}]}"#;
         std::fs::write(&path, text).unwrap();
         let said = inspect(&path).unwrap();
         assert_eq!(said.len(), 1, "{said:?}");
