@@ -809,6 +809,66 @@ async fn a_reload_says_a_state_file_edited_by_hand_is_not_in_force() {
     assert!(r.ok && r.warnings.is_empty(), "{r:?}");
 }
 
+/// The state file's folder removed while the proxy runs (by hand, a cleanup, a lost mount): a
+/// reload of a valid config takes, where it was refused over a folder the running proxy keeps
+/// whatever the file says, keeping a renewed certificate or a new message out; it says loudly
+/// that changes are refused as not saved. A state put in force meanwhile by itself (here an
+/// outage's start) is saved by the reload once the folder is back.
+#[tokio::test]
+async fn a_reload_takes_when_the_state_files_folder_is_gone_and_says_so() {
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("state")).unwrap();
+    let proxy = spawn_proxy_in(
+        dir,
+        &with_listen(&format!(
+            "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 1\n\
+             [maintenance]\noutage_message = \"First words\"\n\
+             [control]\nstate_file = \"state/s.json\"\n",
+            up.url()
+        )),
+    )
+    .await;
+    assert!(all_servers_healthy(&proxy).await);
+    let folder = proxy.dir.path().join("state");
+    std::fs::remove_dir_all(&folder).unwrap();
+    edit_config(&proxy, |text| text.replace("First words", "Second words"));
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.warnings.len(), 1, "{r:?}");
+    assert!(
+        r.warnings[0].contains("control.state_file: the folder")
+            && r.warnings[0].contains("does not exist")
+            && r.warnings[0].contains("this reload is in force")
+            && r.warnings[0].contains("state_not_saved"),
+        "{r:?}"
+    );
+    let r = ctl(&proxy, on(None)).await;
+    assert_eq!(r.error.map(|e| e.code), Some("state_not_saved".into()));
+    // The outage's start, which the proxy saves by itself (and fails to, now), shown with
+    // the reloaded words.
+    up.stopped().await;
+    wait_mode(&proxy, "outage", Duration::from_secs(10)).await;
+    let v: serde_json::Value = json(&get(&proxy.url("/")).await);
+    assert_eq!(v["detail"], "Second words", "the reload is in force");
+    std::fs::create_dir(&folder).unwrap();
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert!(r.ok && r.warnings.is_empty(), "{r:?}");
+    let saved = std::fs::read_to_string(folder.join("s.json")).expect("saved by the reload");
+    assert!(saved.contains("\"outage_since\": \""), "{saved}");
+    // A new path in a folder that does not exist is still refused: a typo the next restart
+    // would stop on.
+    edit_config(&proxy, |text| {
+        text.replace("state/s.json", "nowhere/s.json")
+    });
+    let r = ctl(&proxy, Ctl::Reload).await;
+    let e = r.error.expect("a new state file in no folder is refused");
+    assert!(
+        e.code == "reload_failed" && e.message.contains("control.state_file: the folder"),
+        "{e:?}"
+    );
+}
+
 /// A section the file in force had and a new one does not (cut short, or deleted with more
 /// than meant) is said by the reload that applies it: its keys are back to their defaults.
 #[tokio::test]

@@ -452,19 +452,24 @@ impl Config {
 
     pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
         let text = crate::files::read_text(path, crate::files::MAX_CONFIG_BYTES);
-        Self::from_file_text(path, text)
+        Self::from_file_text(path, text, None)
     }
 
     /// `load_file` for a reload: a file changed within the last second is read again until
     /// two reads 200 ms apart agree (`files::read_settled`), so that a file caught while it
     /// is written in place is not put in force cut short. A warning says when it was still
     /// changing after 2 s, and the last read was taken. It sleeps: for a blocking thread.
-    pub fn reload_file(path: &Path) -> Result<(Config, Option<String>), ConfigError> {
+    /// `state_file` is the running proxy's, which a reload keeps whatever the file says: its
+    /// folder, gone since the start, does not refuse the reload (`Validator::running`).
+    pub fn reload_file(
+        path: &Path,
+        state_file: &Path,
+    ) -> Result<(Config, Option<String>), ConfigError> {
         let settle = crate::files::SETTLE;
         let read = crate::files::read_settled(path, crate::files::MAX_CONFIG_BYTES, &settle);
         let still_changing = read.as_ref().is_ok_and(|r| r.still_changing);
         let text = read.and_then(|r| crate::files::text(r.bytes));
-        let config = Self::from_file_text(path, text)?;
+        let config = Self::from_file_text(path, text, Some(state_file))?;
         let warning = still_changing.then(|| {
             format!(
                 "{} was still changing after {} s of reads {} ms apart (written to while the \
@@ -478,7 +483,11 @@ impl Config {
         Ok((config, warning))
     }
 
-    fn from_file_text(path: &Path, text: std::io::Result<String>) -> Result<Config, ConfigError> {
+    fn from_file_text(
+        path: &Path,
+        text: std::io::Result<String>,
+        running: Option<&Path>,
+    ) -> Result<Config, ConfigError> {
         let text = text.map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
@@ -494,7 +503,7 @@ impl Config {
         } else {
             base
         };
-        Self::parse(&text, base, Some(path))
+        Self::parse_beside(&text, base, Some(path), running)
     }
 
     /// Parses and validates config text; relative paths resolve against `base_dir`.
@@ -502,6 +511,16 @@ impl Config {
         text: &str,
         base_dir: &Path,
         source: Option<&Path>,
+    ) -> Result<Config, ConfigError> {
+        Self::parse_beside(text, base_dir, source, None)
+    }
+
+    /// `parse` for a reload beside a proxy running with the state file `running`.
+    fn parse_beside(
+        text: &str,
+        base_dir: &Path,
+        source: Option<&Path>,
+        running: Option<&Path>,
     ) -> Result<Config, ConfigError> {
         let origin = source.map_or_else(|| "config".to_owned(), |p| p.display().to_string());
         let invalid = |problems| ConfigError::Invalid {
@@ -525,6 +544,7 @@ impl Config {
             problems: Vec::new(),
             base_dir: base_dir.to_path_buf(),
             written: &table,
+            running,
         };
         for (key, value) in &table {
             if SECTIONS.contains(&key.as_str()) {
@@ -743,6 +763,9 @@ struct Validator<'t> {
     base_dir: PathBuf,
     /// The file as written, for `problem` to know a secret it must not repeat.
     written: &'t toml::Table,
+    /// A reload's: the running proxy's state file, which it keeps whatever the file says
+    /// (`control.*` take effect at a restart).
+    running: Option<&'t Path>,
 }
 
 /// Below this, a webhook's `secret` is warned about, as `bypass_secret` is refused.
@@ -1734,8 +1757,14 @@ impl Validator<'_> {
         if f.state_file.is_empty() {
             self.problem("control.state_file", "must name a path for the state file");
         } else if let Err(why) = state_file_folder(&state_file) {
-            // Found now, not at the first `ctl on` of an incident, refused as not saved.
-            self.problem("control.state_file", why);
+            // Found now, not at the first `ctl on` of an incident, refused as not saved. But
+            // the running proxy's own, its folder removed since it started, is the proxy's
+            // problem and not the file's: refusing the reload would keep a renewed
+            // certificate or a new message out and mend nothing, since the proxy keeps its
+            // state file whatever the file says. The reload says so instead (`prepare`).
+            if self.running != Some(state_file.as_path()) {
+                self.problem("control.state_file", why);
+            }
         }
         ControlConfig {
             socket,
@@ -2100,7 +2129,7 @@ fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
 
 /// The state file may not exist yet (it is written at the first change), but the folder it
 /// is written in must, since the atomic write creates its temporary file there.
-fn state_file_folder(path: &Path) -> Result<(), String> {
+pub fn state_file_folder(path: &Path) -> Result<(), String> {
     if path.is_dir() {
         return Err(format!(
             "{} is a folder; name a file in it, like {}",

@@ -141,6 +141,10 @@ pub struct Controller {
     /// The state file as this proxy last read or wrote it: one changed since (by hand) is
     /// not in force, which a reload and the save that replaces it say.
     written: Option<store::Seen>,
+    /// A state put in force without an operator (a window's edge, a health flip) failed to
+    /// save: the file holds an older one, which a restart would read. Saved again by the
+    /// next write, and tried by a reload (what an operator does once the cause is mended).
+    unsaved: bool,
 }
 
 /// Reloads asked for. Their files are read off the controller: a file that blocks (a FIFO, a
@@ -262,6 +266,7 @@ impl Controller {
             reloads: Reloads::default(),
             certificates_due,
             written,
+            unsaved: false,
         };
         (controller, ControllerHandle { tx }, handle)
     }
@@ -751,7 +756,8 @@ impl Controller {
     /// logged, since there is no operator to refuse.
     async fn save(&mut self, next: &Persisted) {
         if let Err((e, advice)) = self.write_state(next).await {
-            tracing::error!("{e}; {advice}");
+            tracing::error!("{e}; {advice}, then reload to save the state in force");
+            self.unsaved = true;
         }
     }
 
@@ -779,6 +785,8 @@ impl Controller {
             );
         }
         self.written = after;
+        // The whole state is written: whatever an earlier save failed to keep is kept now.
+        self.unsaved = false;
         Ok(())
     }
 
@@ -787,10 +795,14 @@ impl Controller {
     async fn state_file_edited(&self) -> Option<String> {
         let path = self.parts.config.control.state_file.clone();
         let shown = path.display().to_string();
-        let now = tokio::task::spawn_blocking(move || store::seen(&path))
-            .await
-            .ok()?;
-        (now != self.written).then(|| {
+        let (now, gone) = tokio::task::spawn_blocking(move || {
+            let gone = crate::config::state_file_folder(&path).is_err();
+            (store::seen(&path), gone)
+        })
+        .await
+        .ok()?;
+        // No edit: its folder is gone, which the reload's read said.
+        (!gone && now != self.written).then(|| {
             format!(
                 "control.state_file {shown} was changed since this proxy last wrote it: a running proxy reads it at start only, so the state in force stays (see `ctl status`), and its next change replaces the file; change the state with `intermission ctl`"
             )
@@ -1187,6 +1199,20 @@ impl Controller {
             warnings.push(warning);
         }
         let (before, after) = self.settle(self.clock.now(), "config reloaded").await;
+        if self.unsaved {
+            let state = self.state.clone();
+            match self.write_state(&state).await {
+                Ok(()) => tracing::info!("the state in force, not saved before, is saved now"),
+                Err((e, advice)) => {
+                    let warning = format!(
+                        "the state in force is not saved, and a restart would read an older \
+                         one: {e}; {advice}, then reload"
+                    );
+                    tracing::warn!("{warning}");
+                    warnings.push(warning);
+                }
+            }
+        }
         // An outage the previous instance left going on, which this reload showed again.
         let previous = match self.retold_from.take() {
             Some(from) if before != after && after == Mode::Outage => from,
@@ -1389,12 +1415,25 @@ pub fn to_change(req: Request, by: String, now: SystemTime) -> Result<Change, Er
 /// blocking pool: everything that can fail is built before anything changes. What takes
 /// effect only at a restart is kept as it runs, with a warning.
 fn prepare(path: &std::path::Path, old: &Parts) -> Result<Prepared, String> {
-    let (mut config, still_changing) = Config::reload_file(path).map_err(|e| e.to_string())?;
+    let running = &old.config.control.state_file;
+    let (mut config, still_changing) =
+        Config::reload_file(path, running).map_err(|e| e.to_string())?;
     let pages = Pages::load(&config.maintenance).map_err(|e| e.to_string())?;
     let old_config = &old.config;
     // Valid, and likely not meant: a file cut short by a write the settling did not outlast,
     // or a section deleted with what the operator meant to delete. Said first.
     let mut said: Vec<String> = still_changing.into_iter().collect();
+    // The folder of the state file in force, gone since the start (removed by hand or by a
+    // cleanup, a mount lost): the reload takes, since refusing it mends nothing, and says
+    // loudly what no longer works.
+    if let Err(why) = crate::config::state_file_folder(running) {
+        said.push(format!(
+            "control.state_file: {why}. It was there at the start (removed since?): this \
+             reload is in force, but every change is refused as not saved (state_not_saved) \
+             until the folder is made again, writable by the proxy's user, and a start would \
+             refuse it; reload once it is, to save the state in force"
+        ));
+    }
     for gone in old_config
         .sections
         .iter()
