@@ -1369,6 +1369,11 @@ mod tests {
             )
             .parse()
             .unwrap();
+            Receiver::start_on(listener, url, answer)
+        }
+
+        /// A receiver on `listener`, which `url` names.
+        fn start_on(listener: TcpListener, url: Uri, answer: Answer) -> Receiver {
             let got = Arc::new(Mutex::new(Vec::new()));
             let calls = Arc::new(AtomicUsize::new(0));
             let recorded = got.clone();
@@ -2017,6 +2022,59 @@ mod tests {
         // 8 timeouts of 100 ms and 10 + 20 + … + 600 ms of backoff.
         assert!(started.elapsed() < Duration::from_secs(4));
         assert_eq!(notifier.pending(), 0);
+    }
+
+    /// A link-local address of this machine, with its interface's name and index, read from
+    /// `/proc/net/if_inet6` (address, index, prefix, scope, flags, name; scope 0x20 is link).
+    fn link_local() -> Option<(std::net::Ipv6Addr, String, u32)> {
+        let table = std::fs::read_to_string("/proc/net/if_inet6").ok()?;
+        table.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [hex, index, _, "20", _, name] = fields[..] else {
+                return None;
+            };
+            let address = std::net::Ipv6Addr::from(u128::from_str_radix(hex, 16).ok()?);
+            Some((
+                address,
+                name.to_owned(),
+                u32::from_str_radix(index, 16).ok()?,
+            ))
+        })
+    }
+
+    /// A webhook written with an IPv6 zone, as a URL writes it (`%25eth0`), is delivered to:
+    /// `check` passed it, and every try failed as a name that does not resolve.
+    #[tokio::test]
+    async fn a_webhook_with_an_ipv6_zone_is_delivered_to() {
+        let Some((address, interface, index)) = link_local() else {
+            eprintln!("skipped: no link-local IPv6 address here");
+            return;
+        };
+        let bound = std::net::SocketAddrV6::new(address, 0, 0, index);
+        let Ok(listener) = TcpListener::bind(bound).await else {
+            eprintln!("skipped: cannot listen on {address}%{interface}");
+            return;
+        };
+        let port = listener.local_addr().unwrap().port();
+        let written = format!("http://[{address}%25{interface}]:{port}/hooks/secret-path");
+        let config = crate::config::Config::parse(
+            &format!("[[notify]]\nurl = \"{written}\"\ntimeout = \"5s\"\n"),
+            std::path::Path::new("."),
+            None,
+        )
+        .unwrap();
+        let rx = Receiver::start_on(listener, written.parse().unwrap(), Answer::Ok);
+        let counts = Arc::new(Counts::default());
+        let n = Notifier::start_with(config.notify, counts.clone(), Duration::from_millis(10));
+        n.send(event(
+            EventKind::ModeChanged,
+            Mode::Outage,
+            Mode::Normal,
+            Some("zoned"),
+        ));
+        wait_until("the delivery", || counts.get() != (0, 0, 0)).await;
+        assert_eq!(counts.get(), (1, 0, 0), "delivered, failed, dropped");
+        assert_eq!(rx.messages(), strings(&["zoned"]));
     }
 
     #[tokio::test]

@@ -1071,6 +1071,14 @@ async fn https_upstream_on(
     acceptor: tokio_rustls::TlsAcceptor,
 ) -> (SocketAddr, Arc<std::sync::Mutex<Vec<usize>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    https_upstream_listening(listener, acceptor)
+}
+
+/// The same, on `listener`.
+fn https_upstream_listening(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> (SocketAddr, Arc<std::sync::Mutex<Vec<usize>>>) {
     let addr = listener.local_addr().unwrap();
     let bursts = Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = bursts.clone();
@@ -1147,6 +1155,59 @@ async fn a_health_host_reaches_an_https_server_that_prefers_http2() {
     .await;
     assert_eq!(wait_healthy(&proxy).await, Some(true));
     // Requests still choose HTTP/2 with it.
+    assert_eq!(
+        get(&proxy.url("/via/tls")).await.body(),
+        "secure HTTP/2.0 /via/tls"
+    );
+}
+
+/// A link-local address of this machine, with its interface's name and index, read from
+/// `/proc/net/if_inet6` (address, index, prefix, scope, flags, name; scope 0x20 is link).
+fn link_local() -> Option<(std::net::Ipv6Addr, String, u32)> {
+    let table = std::fs::read_to_string("/proc/net/if_inet6").ok()?;
+    table.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [hex, index, _, "20", _, name] = fields[..] else {
+            return None;
+        };
+        let address = std::net::Ipv6Addr::from(u128::from_str_radix(hex, 16).ok()?);
+        Some((
+            address,
+            name.to_owned(),
+            u32::from_str_radix(index, 16).ok()?,
+        ))
+    })
+}
+
+/// An `https://` server written with an IPv6 zone (`[fe80::…%25eth0]`) is checked and
+/// forwarded to, its certificate verified against the address without the zone: the zone was
+/// taken for part of a host name, and every connection failed ("invalid dns name"), the site
+/// in outage.
+#[tokio::test]
+async fn an_https_server_written_with_an_ipv6_zone_is_reached_and_verified() {
+    let Some((address, interface, index)) = link_local() else {
+        eprintln!("skipped: no link-local IPv6 address here");
+        return;
+    };
+    let bound = std::net::SocketAddrV6::new(address, 0, 0, index);
+    let Ok(listener) = tokio::net::TcpListener::bind(bound).await else {
+        eprintln!("skipped: cannot listen on {address}%{interface}");
+        return;
+    };
+    let ca = Ca::new();
+    let (cert, key, _) = ca.leaf(&[&address.to_string()]);
+    let acceptor = support::tls::acceptor(&cert, &key, &[b"h2", b"http/1.1"]);
+    let (addr, _) = https_upstream_listening(listener, acceptor);
+    let port = addr.port();
+    let proxy = trusting(
+        &ca,
+        &format!(
+            "[upstream]\nservers = [\"https://[{address}%25{interface}]:{port}\"]\n\
+             [health]\ninterval = \"1h\"\ntimeout = \"10s\"\n"
+        ),
+    )
+    .await;
+    assert_eq!(wait_healthy(&proxy).await, Some(true));
     assert_eq!(
         get(&proxy.url("/via/tls")).await.body(),
         "secure HTTP/2.0 /via/tls"

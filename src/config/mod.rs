@@ -1827,7 +1827,7 @@ impl Validator<'_> {
                             self.problem(&key("url"), format!("{outline} {why}"));
                             None
                         }
-                        None => Some(u),
+                        None => Some(webhook_dialled(u)),
                     }
                 }
                 // A value of the wrong type was refused already, under this key.
@@ -2308,16 +2308,7 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
     if authority.host().is_empty() {
         return Err(format!("{s:?} has no host; write \"http://HOST:PORT\""));
     }
-    // A URL writes an IPv6 zone escaped (RFC 6874: `[fe80::1%25eth0]`), and the system's
-    // resolver, which the connector asks for any host that is not a plain address, reads only
-    // `%eth0`: the escaped form passed `check`, then failed every connect as a name that does
-    // not resolve, the site in outage.
-    let authority = match authority.as_str().split_once("%25") {
-        Some((literal, zone)) if literal.starts_with('[') => {
-            format!("{literal}%{zone}").parse().unwrap_or(authority)
-        }
-        _ => authority,
-    };
+    let authority = unescaped_zone(authority);
     if let Some(port) = bad_port(&authority) {
         return Err(format!("{s:?}: port {port:?} is not from 1 to 65535"));
     }
@@ -2334,6 +2325,27 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
         scheme,
         authority,
     })
+}
+
+/// `authority` with its IPv6 zone unescaped. A URL writes the zone escaped (RFC 6874:
+/// `[fe80::1%25eth0]`), and the system's resolver, which the connector asks for any host that
+/// is not a plain address, reads only `%eth0`: the escaped form passed `check`, then failed
+/// every connect as a name that does not resolve (a server: the site in outage; a webhook:
+/// every event given up).
+fn unescaped_zone(authority: http::uri::Authority) -> http::uri::Authority {
+    match authority.as_str().split_once("%25") {
+        Some((literal, zone)) if literal.starts_with('[') => {
+            format!("{literal}%{zone}").parse().unwrap_or(authority)
+        }
+        _ => authority,
+    }
+}
+
+/// A webhook's URL as it is dialled: its IPv6 zone unescaped (`unescaped_zone`).
+fn webhook_dialled(url: http::Uri) -> http::Uri {
+    let mut parts = url.clone().into_parts();
+    parts.authority = parts.authority.map(unescaped_zone);
+    http::Uri::from_parts(parts).unwrap_or(url)
 }
 
 /// Why `host` is no host, when it ends in a number as an IPv4 address does (WHATWG URL's
@@ -4060,6 +4072,31 @@ mod tests {
         ] {
             let u = parse_upstream(given).unwrap();
             assert_eq!(u.authority.as_str(), dialled, "{given}");
+        }
+    }
+
+    /// A webhook's IPv6 zone as a URL writes it (`%25eth0`) is dialled as the resolver reads
+    /// it, as a server's is: kept escaped, it passed `check`, and every try of every event
+    /// then failed as a name that does not resolve.
+    #[test]
+    fn a_webhook_zone_is_dialled_unescaped() {
+        for (given, dialled) in [
+            (
+                "http://[fe80::1%25lo]:9/hooks/x?a=1",
+                "http://[fe80::1%lo]:9/hooks/x?a=1",
+            ),
+            ("https://[fe80::1%25eth0]/x", "https://[fe80::1%eth0]/x"),
+            ("http://[fe80::1%eth0]:9/", "http://[fe80::1%eth0]:9/"),
+            ("http://[::1]:9/x", "http://[::1]:9/x"),
+            ("http://hooks.example/a%25b", "http://hooks.example/a%25b"),
+        ] {
+            let c = Config::parse(
+                &format!("[[notify]]\nurl = \"{given}\"\n"),
+                Path::new("."),
+                None,
+            )
+            .unwrap_or_else(|e| panic!("{given}: {e}"));
+            assert_eq!(c.notify[0].url.to_string(), dialled, "{given}");
         }
     }
 

@@ -302,11 +302,30 @@ pub fn tcp_connector(connect_timeout: Duration) -> HttpConnector {
     connector
 }
 
+/// The name a server's certificate is checked against: the URL's host, as hyper-rustls takes
+/// it, but an IPv6 address without its zone (`[fe80::1%eth0]`, as the config keeps it): the
+/// zone says which interface to dial, and is no part of the address a certificate names
+/// (RFC 6874). hyper-rustls's own took the whole for a host name, and every connection to an
+/// `https://` server or webhook written with a zone failed with "invalid dns name".
+fn server_name(
+    uri: &Uri,
+) -> Result<rustls::pki_types::ServerName<'static>, rustls::pki_types::InvalidDnsNameError> {
+    let host = uri.host().unwrap_or_default();
+    let host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(literal) => literal
+            .split_once('%')
+            .map_or(literal, |(address, _zone)| address),
+        None => host,
+    };
+    rustls::pki_types::ServerName::try_from(host.to_owned())
+}
+
 /// The TLS-capable connector over `tcp`.
 pub fn https_connector(tcp: HttpConnector, tls: &Arc<rustls::ClientConfig>) -> HttpsConnector {
     hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(rustls::ClientConfig::clone(tls))
         .https_or_http()
+        .with_server_name_resolver(server_name)
         .enable_http1()
         .enable_http2()
         .wrap_connector(tcp)
@@ -318,6 +337,7 @@ pub fn https1_connector(tcp: HttpConnector, tls: &Arc<rustls::ClientConfig>) -> 
     hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(rustls::ClientConfig::clone(tls))
         .https_or_http()
+        .with_server_name_resolver(server_name)
         .enable_http1()
         .wrap_connector(tcp)
 }
@@ -2005,6 +2025,27 @@ mod tests {
         let text = format!("[upstream]\nservers = [{}]\n", servers.join(","));
         let config = Config::parse(&text, Path::new("."), None).unwrap();
         UpstreamPool::new(&config.upstream, 1, &Sockets::unbounded()).unwrap()
+    }
+
+    /// A certificate is checked against an IPv6 address without its zone, which only says
+    /// which interface to dial; names and other addresses as hyper-rustls takes them.
+    #[test]
+    fn a_zone_is_no_part_of_the_name_a_certificate_is_checked_against() {
+        use rustls::pki_types::ServerName;
+        let ip = |s: &str| ServerName::IpAddress(s.parse::<std::net::IpAddr>().unwrap().into());
+        for (url, want) in [
+            ("https://[fe80::1%eth0]:8443/", ip("fe80::1")),
+            ("https://[fe80::1%25eth0]/", ip("fe80::1")),
+            ("https://[2001:db8::5]/", ip("2001:db8::5")),
+            ("https://10.0.0.5:8443/", ip("10.0.0.5")),
+            (
+                "https://shop.example.com/",
+                ServerName::try_from("shop.example.com").unwrap(),
+            ),
+        ] {
+            let uri: Uri = url.parse().unwrap();
+            assert_eq!(server_name(&uri).unwrap(), want, "{url}");
+        }
     }
 
     /// An `https://` server that could not be asked its protocol does not keep the relay
