@@ -1819,6 +1819,7 @@ impl Validator<'_> {
                             bad_port(a)
                                 .map(|p| format!("port {p:?} is not from 1 to 65535"))
                                 .or_else(|| not_ipv4(a.host()))
+                                .or_else(|| zone_problem(a.host()))
                         }
                     });
                     match problem {
@@ -2312,7 +2313,7 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
     if let Some(port) = bad_port(&authority) {
         return Err(format!("{s:?}: port {port:?} is not from 1 to 65535"));
     }
-    if let Some(why) = not_ipv4(authority.host()) {
+    if let Some(why) = not_ipv4(authority.host()).or_else(|| zone_problem(authority.host())) {
         return Err(format!("{s:?}: {why}"));
     }
     if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
@@ -2339,6 +2340,23 @@ fn unescaped_zone(authority: http::uri::Authority) -> http::uri::Authority {
         }
         _ => authority,
     }
+}
+
+/// Why the IPv6 zone of `host` (`[fe80::1%eth0]`, escaped or not) cannot be dialled: the
+/// system's resolver takes a zone on a link-local address only (`fe80::/10`, and multicast of
+/// link scope), and read `[2001:db8::5%eth0]` as a name that does not resolve, every connect
+/// failing after `check` had passed it.
+fn zone_problem(host: &str) -> Option<String> {
+    let inner = host.strip_prefix('[')?.strip_suffix(']')?;
+    let (address, zone) = inner.split_once('%')?;
+    let first = address.parse::<std::net::Ipv6Addr>().ok()?.segments()[0];
+    let link_local = first & 0xffc0 == 0xfe80 || first & 0xff0f == 0xff02;
+    (!link_local).then(|| {
+        format!(
+            "the zone %{zone} is for a link-local address (fe80::…) only, and {address} is \
+             none: write [{address}] without it"
+        )
+    })
 }
 
 /// A webhook's URL as it is dialled: its IPv6 zone unescaped (`unescaped_zone`).
@@ -4072,6 +4090,39 @@ mod tests {
         ] {
             let u = parse_upstream(given).unwrap();
             assert_eq!(u.authority.as_str(), dialled, "{given}");
+        }
+    }
+
+    /// A zone on an address that is not link-local is refused, naming the entry: the resolver
+    /// read `[2001:db8::5%eth0]` as a name that does not resolve, and every connect failed.
+    #[test]
+    fn a_zone_on_an_address_that_is_not_link_local_is_refused() {
+        for (text, key) in [
+            (
+                "[upstream]\nservers = [\"http://[2001:db8::5%25eth0]:3000\"]\n",
+                "upstream.servers[0]",
+            ),
+            (
+                "[upstream]\nservers = [\"h2c://[::1%lo]\"]\n",
+                "upstream.servers[0]",
+            ),
+            (
+                "[[notify]]\nurl = \"http://[::1%25lo]:9/hook\"\n",
+                "notify[0].url",
+            ),
+        ] {
+            let p = problems(text);
+            assert_eq!(p.len(), 1, "{text}: {p:?}");
+            assert_eq!(p[0].key, key, "{text}");
+            assert!(p[0].message.contains("link-local"), "{text}: {p:?}");
+        }
+        // Link-local ones, unicast or multicast, are dialled.
+        for ok in [
+            "[upstream]\nservers = [\"http://[fe80::5%25eth0]:3000\"]\n",
+            "[upstream]\nservers = [\"http://[febf::5%eth0]:3000\"]\n",
+            "[[notify]]\nurl = \"http://[ff02::1%25lo]:9/hook\"\n",
+        ] {
+            assert!(problems(ok).is_empty(), "{ok}: {:?}", problems(ok));
         }
     }
 
