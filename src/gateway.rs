@@ -554,7 +554,8 @@ fn stopping() -> Response<Body> {
 /// so it is held to the same rules. A
 /// transfer coding other than `chunked` gets 501 (RFC 9112 §6.1), as nginx answers it:
 /// hyper takes the chunks off and the hop sends the body as it is, so a `gzip, chunked` body
-/// would reach the server still compressed with nothing saying so. The last field: the
+/// would reach the server still compressed with nothing saying so. A target of another
+/// scheme than `http` or `https` is no request for the servers behind. The last field: the
 /// refusal is of the body's framing, after which the connection closes.
 fn malformed<B>(req: &Request<B>) -> Option<(StatusCode, &'static str, bool)> {
     if too_many_fields(req) {
@@ -641,8 +642,15 @@ fn codings(headers: &HeaderMap) -> Codings {
 
 fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
     let uri = req.uri();
-    if uri.scheme().is_none() && uri.authority().is_some() {
-        return Some("the request target is not a path\n");
+    match uri.scheme_str() {
+        // `Uri` reads `HTTP://` as `http` (RFC 9110 §4.2.3: schemes are case-insensitive).
+        None if uri.authority().is_some() => return Some("the request target is not a path\n"),
+        // `ftp://` and the like were forwarded as if they said `http`, as nginx forwards
+        // them: the request the server saw was not the one the client sent.
+        Some(s) if !s.eq_ignore_ascii_case("http") && !s.eq_ignore_ascii_case("https") => {
+            return Some("the request target's scheme is not http or https\n");
+        }
+        _ => {}
     }
     if uri.path() == "*" && req.method() != Method::OPTIONS {
         return Some("the request target * is for OPTIONS only\n");

@@ -508,6 +508,53 @@ async fn a_request_refused_for_its_codings_closes_the_connection() {
     assert!(!paths.iter().any(|p| p == "/smuggled"), "{paths:?}");
 }
 
+/// An absolute-form target names its scheme (RFC 9112 §3.2.2), and a scheme other than `http`
+/// or `https` (`ftp://`, `foo://`) is no request for the proxy's servers: refused with `400`,
+/// where it was forwarded as if it said `http` (nginx 1.22 forwards it so). Either of the two
+/// goes on, in any case, its host the `Host` the server sees, and the authority ends at the
+/// first `/` (RFC 3986 §3.2), so that an `@` after it is the path's: the server sees the
+/// request the client sent, as nginx forwards it. A user named in the authority is refused,
+/// as nginx refuses it. HTTP/2's `:scheme` is held to the same rule, its connection going on.
+#[tokio::test]
+async fn absolute_form_targets_of_other_schemes_get_400() {
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&upstream_config(&up)).await;
+    let exchange = |target: &str| {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        async move { raw_exchange(proxy.addr, request.as_bytes(), Duration::from_secs(10)).await }
+    };
+    for target in ["ftp://b/x", "foo://b/x", "FTP://b/x", "ws://b/x"] {
+        let out = exchange(target).await;
+        assert!(out.get(8..13) == Some(" 400 "), "{target}: {out:?}");
+        assert!(
+            out.ends_with("\r\n\r\nthe request target's scheme is not http or https\n"),
+            "{target}: {out:?}"
+        );
+    }
+    for (target, host, uri) in [
+        ("HTTP://b/x", "b", "/x"),
+        ("https://b/x?y", "b", "/x?y"),
+        ("https://alice:1234/x@host/", "alice:1234", "/x@host/"),
+    ] {
+        let out = exchange(target).await;
+        assert!(out.get(8..13) == Some(" 200 "), "{target}: {out:?}");
+        let seen: Seen = serde_json::from_str(out.split_once("\r\n\r\n").unwrap().1).unwrap();
+        assert_eq!(
+            (seen.header("host"), seen.uri.as_str()),
+            (Some(host), uri),
+            "{target}"
+        );
+    }
+    let out = exchange("http://a@b/").await;
+    assert!(out.get(8..13) == Some(" 400 "), "{out:?}");
+    let (mut sender, _) = h2_connection(proxy.addr).await;
+    for (uri, status) in [("ftp://b/x", 400), ("https://b/x", 200), ("ftp://b/y", 400)] {
+        let req = Request::get(uri).body(empty()).unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), status, "{uri}");
+    }
+}
+
 #[tokio::test]
 async fn trailers_reach_an_http2_client() {
     // HTTP/1.1 sends trailers only when the response declares them in `Trailer`.
