@@ -103,7 +103,7 @@ impl Future for Reply {
     }
 }
 
-pub fn handle(state: &StateHandle, conn: &Arc<Conn>, req: Request<Incoming>) -> Reply {
+pub fn handle(state: &StateHandle, conn: &Arc<Conn>, mut req: Request<Incoming>) -> Reply {
     conn.arrived();
     let snap = state.load();
     let start = Instant::now();
@@ -111,11 +111,13 @@ pub fn handle(state: &StateHandle, conn: &Arc<Conn>, req: Request<Incoming>) -> 
     let log = Logged::if_on(&snap, conn, &req, &judged);
     match decide(&snap, conn, &req, &judged) {
         Decision::Answer(resp, outcome) => {
+            crate::listener::Upgrading::close_when_declined(&mut req);
             discard_upload(req);
             Reply::Ready(Some(finish(&snap, conn, start, log, resp, None, outcome)))
         }
         Decision::Hold => {
             let resp = reserved::hold(&snap, &req);
+            crate::listener::Upgrading::close_when_declined(&mut req);
             discard_upload(req);
             Reply::Ready(Some(finish(
                 &snap,
@@ -494,27 +496,38 @@ fn decide(snap: &Snapshot, conn: &Conn, req: &Request<Incoming>, judged: &Judged
         Rule::Redirect => Decision::Answer(redirect_https(snap, req), Outcome::Reserved),
         // A reverse proxy has no tunnel to offer; RFC 9110 §9.3.6 lets it refuse.
         Rule::Connect => Decision::Answer(
-            reserved::plain(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n"),
+            refusal(
+                req,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is not supported\n",
+            ),
             Outcome::Reserved,
         ),
         Rule::Hold => Decision::Hold,
         Rule::Forward(outcome) => match malformed(req) {
-            Some((status, why, framing)) => {
-                let mut resp = reserved::plain(status, why);
-                // A body framed by codings refused here is read no further: what follows it
-                // is not taken for the connection's next request, which a client (or a proxy
-                // in front that reads the framing otherwise) could have smuggled in it. The
-                // connection closes after the answer, as nginx closes it (RFC 9112 §6.3).
-                if framing {
-                    let close = HeaderValue::from_static("close");
-                    resp.headers_mut().insert(header::CONNECTION, close);
-                }
-                Decision::Answer(resp, Outcome::Reserved)
-            }
+            Some((status, why)) => Decision::Answer(refusal(req, status, why), Outcome::Reserved),
             None if tunnel_while_draining(req) => Decision::Answer(stopping(), Outcome::Reserved),
             None => Decision::Forward(outcome),
         },
     }
+}
+
+/// The answer to a request the proxy refuses itself (it cannot be forwarded as sent). Over
+/// HTTP/1.x the connection closes after it, as nginx closes it after every `400` it gives (and
+/// after its `501`): whatever the client sent after the refused head, a body whose framing was
+/// the fault or a request pipelined behind, is never read as the connection's next request,
+/// which a client (or a proxy in front that frames the bytes otherwise) could have smuggled in
+/// to be forwarded unseen; a client that sends such a request is broken or hostile, and a new
+/// connection costs a good one nothing. HTTP/2 frames every stream apart from the others, so
+/// that nothing of a refused request can become another: its connection goes on, and no
+/// `Connection` field (which HTTP/2 forbids, RFC 9113 §8.2.2) is set.
+fn refusal<B>(req: &Request<B>, status: StatusCode, why: &'static str) -> Response<Body> {
+    let mut resp = reserved::plain(status, why);
+    if req.version() < http::Version::HTTP_2 {
+        let close = HeaderValue::from_static("close");
+        resp.headers_mut().insert(header::CONNECTION, close);
+    }
+    resp
 }
 
 /// Whether `req` would open a tunnel (a WebSocket) while the proxy drains. Opened now, a
@@ -555,14 +568,13 @@ fn stopping() -> Response<Body> {
 /// transfer coding other than `chunked` gets 501 (RFC 9112 §6.1), as nginx answers it:
 /// hyper takes the chunks off and the hop sends the body as it is, so a `gzip, chunked` body
 /// would reach the server still compressed with nothing saying so. A target of another
-/// scheme than `http` or `https` is no request for the servers behind. The last field: the
-/// refusal is of the body's framing, after which the connection closes.
-fn malformed<B>(req: &Request<B>) -> Option<(StatusCode, &'static str, bool)> {
+/// scheme than `http` or `https` is no request for the servers behind (`refusal` says what
+/// becomes of the connection).
+fn malformed<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)> {
     if too_many_fields(req) {
         return Some((
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "more than 100 header fields\n",
-            false,
         ));
     }
     // HTTP/2 has no transfer codings (the h2 crate refuses the field): no lookup for it.
@@ -573,19 +585,17 @@ fn malformed<B>(req: &Request<B>) -> Option<(StatusCode, &'static str, bool)> {
                 return Some((
                     StatusCode::BAD_REQUEST,
                     "the chunked transfer coding is applied more than once\n",
-                    true,
                 ))
             }
             Codings::Other => {
                 return Some((
                     StatusCode::NOT_IMPLEMENTED,
                     "only the chunked transfer coding is supported\n",
-                    true,
                 ))
             }
         }
     }
-    host_problem(req).map(|why| (StatusCode::BAD_REQUEST, why, false))
+    host_problem(req).map(|why| (StatusCode::BAD_REQUEST, why))
 }
 
 /// The 100 header fields hyper allows an HTTP/1.1 request, held to HTTP/2 requests too, which
@@ -966,12 +976,12 @@ fn redirect_https<B>(snap: &Snapshot, req: &Request<B>) -> Response<Body> {
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()));
     let Some(host) = host.and_then(|h| h.parse::<http::uri::Authority>().ok()) else {
-        return reserved::plain(StatusCode::BAD_REQUEST, "a Host header is needed\n");
+        return refusal(req, StatusCode::BAD_REQUEST, "a Host header is needed\n");
     };
     // An authority parses with userinfo (`a@b.example`), which a Host may not carry (RFC 9110
     // §7.2), and the redirect would have dropped it: refused as forwarding refuses it.
     if !crate::h1::valid_host(host.as_str().as_bytes()) {
-        return reserved::plain(StatusCode::BAD_REQUEST, "bad Host header\n");
+        return refusal(req, StatusCode::BAD_REQUEST, "bad Host header\n");
     }
     let port = snap
         .config
@@ -994,7 +1004,7 @@ fn redirect_https<B>(snap: &Snapshot, req: &Request<B>) -> Response<Body> {
         Ok(v) => {
             resp.headers_mut().insert(header::LOCATION, v);
         }
-        Err(_) => return reserved::plain(StatusCode::BAD_REQUEST, "bad Host header\n"),
+        Err(_) => return refusal(req, StatusCode::BAD_REQUEST, "bad Host header\n"),
     }
     resp
 }

@@ -239,6 +239,30 @@ impl Upgrading {
         self.0.draining()
     }
 
+    /// For a request that may upgrade and is answered without (refused, held): closes its
+    /// connection as every other is closed, when hyper hands it over at its end. hyper keeps
+    /// such a request's upgrade pending after any answer, and when the connection ends (an
+    /// answer said `Connection: close`, the client closed, a drain or `header_read_timeout`
+    /// ended it) gives it to the request's `OnUpgrade`; dropped with the request, that dropped
+    /// the socket: over TLS with no `close_notify` (the client read a truncated connection),
+    /// and with what the client had sent behind unread (a reset, which can throw away the
+    /// answer). The task lives until then, one per connection at most: a later request's
+    /// upgrade replaces this one, which ends it, as the connection's end without a handover
+    /// (picked to make room) does.
+    pub fn close_when_declined<B>(req: &mut Request<B>) {
+        let Some(upgrading) = req.extensions_mut().remove::<Upgrading>() else {
+            return;
+        };
+        let handed = hyper::upgrade::on(req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = handed.await {
+                // Counted, and waited for by a drain, as the connection was.
+                let _kept = upgrading.keep();
+                crate::shutdown::linger_io(TokioIo::new(upgraded)).await;
+            }
+        });
+    }
+
     /// What keeps the connection counted while it is a tunnel: a slot, taken whatever the
     /// maximum as this is no new connection, and a drain guard, so that a drain waits for
     /// the tunnel up to `shutdown_timeout` as for any connection (nginx keeps upgraded

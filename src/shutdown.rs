@@ -233,6 +233,28 @@ pub const LINGER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1
 /// `lingering_time`, 30 s; a drain's is bounded by `shutdown_timeout` besides).
 pub const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// `linger`'s close, awaited, for a connection that is no `TcpStream` of its own (one hyper
+/// handed over, TLS or not): shut (over TLS, `close_notify` first), then read and thrown away
+/// as `linger` reads it.
+pub async fn linger_io<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut io: S) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let end = tokio::time::Instant::now() + LINGER_TIME;
+    if !matches!(
+        tokio::time::timeout_at(end, io.shutdown()).await,
+        Ok(Ok(()))
+    ) {
+        return;
+    }
+    let mut room = [0u8; 4096];
+    loop {
+        let quiet = (tokio::time::Instant::now() + LINGER_TIMEOUT).min(end);
+        match tokio::time::timeout_at(quiet, io.read(&mut room)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
+    }
+}
+
 /// Closes a client's connection as nginx's lingering close does, in a task of its own: its
 /// sending side is shut (a `FIN` after what is queued), and what the client still sends is
 /// read and thrown away until it closes its side, or sends nothing for `LINGER_TIMEOUT`, or

@@ -3174,3 +3174,150 @@ async fn a_body_sent_after_a_head_s_answer_reaches_no_later_request() {
         }
     }
 }
+
+/// Every request the proxy refuses itself over HTTP/1.1 ends its connection once answered,
+/// as nginx ends it after every `400`: a `Host` or target it cannot forward, a target of
+/// another scheme than `http` or `https`, `CONNECT` (`405`, over TLS as over plaintext), codings
+/// it does not take off. Whatever the client sent after it (here a pipelined request; a body
+/// the refusal left unread could be one) is never read as its next request, nor forwarded.
+/// On a connection the relay served first (it leaves a request it would refuse to hyper's
+/// path), and on hyper's path, plaintext and TLS.
+#[tokio::test]
+async fn every_refusal_closes_its_connection_on_both_paths_plaintext_and_tls() {
+    let up = scripted().await;
+    let tls = Tls::new();
+    let refused = [
+        ("GET / HTTP/1.1\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+        (
+            "POST / HTTP/1.1\r\nHost: a b\r\nContent-Length: 2\r\n\r\nhi",
+            400,
+        ),
+        ("GET http://user@a/x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        ("GET example.com:80 HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        ("GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        ("GET ftp://a/x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        ("CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 405),
+        (
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            501,
+        ),
+    ];
+    let mut faults = Vec::new();
+    for over_tls in [false, true] {
+        for hyper in [false, true] {
+            let (_proxy, addr) = match over_tls {
+                true => {
+                    let proxy = tls.proxy(&config(&up, hyper)).await;
+                    let addr = tls_addr(&proxy);
+                    (proxy, addr)
+                }
+                false => {
+                    let proxy = spawn_proxy(&config(&up, hyper)).await;
+                    let addr = proxy.addr;
+                    (proxy, addr)
+                }
+            };
+            for (request, status) in refused {
+                let what = format!("hyper: {hyper}, TLS: {over_tls}, {request:?}");
+                let mut client = match over_tls {
+                    true => Client::connect_tls(addr, &tls).await,
+                    false => Client::connect(addr).await,
+                };
+                let served = client.get("/length").await;
+                assert_eq!(served.relayed(), !hyper, "{what}");
+                client
+                    .send(&format!(
+                        "{request}GET /after-refusal HTTP/1.1\r\nHost: shop.example\r\n\r\n"
+                    ))
+                    .await;
+                let answer = client.read().await;
+                if answer.status() != status {
+                    faults.push(format!("{what}: {}", answer.head));
+                    continue;
+                }
+                let closes = answer.header("connection") == Some("close");
+                // Sooner than a connection kept open closes, idle for `header_read_timeout`
+                // (10 s).
+                let closed = client.closed_within(Duration::from_secs(5)).await.is_some();
+                if !closes || !closed || !client.buf.is_empty() {
+                    let more = String::from_utf8_lossy(&client.buf);
+                    faults.push(format!(
+                        "{what}: says close {closes}, closed {closed}, {more:?}"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(faults.is_empty(), "{faults:#?}");
+    let heads = up.heads.lock().unwrap();
+    assert!(
+        !heads.iter().any(|h| h.contains("/after-refusal")),
+        "{heads:?}"
+    );
+}
+
+/// A request that asks to upgrade (`CONNECT`, a WebSocket) and is answered without, here held,
+/// leaves its upgrade pending in hyper, which hands the connection to it when the connection
+/// ends: it was dropped then, over TLS with no `close_notify`, so that the client read a
+/// truncated connection. It is closed as any other now.
+#[tokio::test]
+async fn a_held_upgrade_request_s_tls_connection_ends_cleanly() {
+    let up = scripted().await;
+    let tls = Tls::new();
+    let proxy = tls.proxy(&config(&up, false)).await;
+    assert!(ctl(&proxy, on(None)).await.ok);
+    for request in [
+        "CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\nConnection: close\r\n\r\n",
+        "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade, close\r\nUpgrade: websocket\r\n\r\n",
+    ] {
+        let mut client = Client::connect_tls(tls_addr(&proxy), &tls).await;
+        client.send(request).await;
+        let answer = client.read().await;
+        assert_eq!(answer.status(), 503, "{request:?}: {}", answer.head);
+        assert!(
+            client
+                .closed_within(Duration::from_secs(10))
+                .await
+                .is_some(),
+            "{request:?}: the connection stays open"
+        );
+    }
+}
+
+/// `proxy.redirect_https` refuses a request whose host it cannot redirect to with `400`: a
+/// refusal like the others, after which the connection closes.
+#[tokio::test]
+async fn a_redirect_s_refusal_closes_its_connection() {
+    let up = scripted().await;
+    let tls = Tls::new();
+    let proxy = tls
+        .proxy(&format!(
+            "[proxy]\nredirect_https = true\n{}",
+            config(&up, false)
+        ))
+        .await;
+    let mut client = Client::connect(proxy.addr).await;
+    let redirected = client.get("/x").await;
+    assert_eq!(redirected.status(), 308, "{}", redirected.head);
+    for request in [
+        "GET /x HTTP/1.1\r\n\r\n",
+        "GET /x HTTP/1.1\r\nHost: a@b\r\n\r\n",
+    ] {
+        let mut client = Client::connect(proxy.addr).await;
+        client
+            .send(&format!(
+                "{request}GET /y HTTP/1.1\r\nHost: shop.example\r\n\r\n"
+            ))
+            .await;
+        let answer = client.read().await;
+        assert_eq!(answer.status(), 400, "{request:?}: {}", answer.head);
+        assert_eq!(answer.header("connection"), Some("close"), "{request:?}");
+        assert!(
+            client.closed_within(Duration::from_secs(5)).await.is_some(),
+            "{request:?}: the connection stays open"
+        );
+        assert!(client.buf.is_empty(), "{request:?}: {:?}", client.buf);
+    }
+}
