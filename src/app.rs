@@ -299,6 +299,39 @@ fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> 
     socket.listen(4096).map_err(err)
 }
 
+/// How long a start waits for the state file's lock held by another instance before it is
+/// refused as a second proxy on that file. A restart by `kill -TERM` and `run` at once
+/// started the next process before the old one had seen its signal (under load, some tens
+/// of ms): refused on the lock, it left no proxy at all once the old one had drained. The
+/// old one lets the lock go once its controller has stopped, after its listeners and its
+/// control socket, and after its `/readyz` says "not ready", so holding the lock also
+/// settles the admin listener's question (`predecessor_draining`).
+const PREDECESSOR_LETS_GO: Duration = Duration::from_secs(3);
+
+/// `store::lock`, waiting up to `PREDECESSOR_LETS_GO` for an instance that holds it.
+async fn lock_state(path: &std::path::Path) -> Result<std::fs::File, StoreError> {
+    let began = tokio::time::Instant::now();
+    let mut said = false;
+    loop {
+        match store::lock(path) {
+            Err(StoreError::InUse { lock, .. }) if began.elapsed() < PREDECESSOR_LETS_GO => {
+                if !said {
+                    said = true;
+                    tracing::info!(
+                        "control.state_file {} is held by another intermission ({}): waiting up \
+                         to {} s for it to let go, as a predecessor that is stopping does",
+                        path.display(),
+                        lock.display(),
+                        PREDECESSOR_LETS_GO.as_secs()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            held => return held,
+        }
+    }
+}
+
 /// The admin listener's socket at start: bound, or held by a predecessor still draining.
 enum AdminSocket {
     Bound(TcpListener),
@@ -389,7 +422,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     // Held before it is read: a proxy started while its predecessor drains (whose controller
     // may still save a change until it lets the lock go) read the state first, and could
     // take the lock a moment later and run on a state older than the file.
-    let state_lock = store::lock(&config.control.state_file)?;
+    let state_lock = lock_state(&config.control.state_file).await?;
     let persisted = store::load(&config.control.state_file)?;
     if let Some(p) = &persisted.planned {
         tracing::warn!(since = %p.since.rfc3339(), by = %p.by, "maintenance is on (restored from the state file)");

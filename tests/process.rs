@@ -892,6 +892,67 @@ async fn the_next_proxy_starts_while_the_old_one_drains_and_takes_its_admin_list
     assert_eq!(new_status.map(|s| s.code()), Some(Some(0)));
 }
 
+/// A restart by `kill -TERM` and `run` at once, with the same config (the same state file),
+/// on a loaded machine: the next process reached the state file's lock before the old one
+/// had even seen its signal, was refused as a second proxy on that file, and once the old
+/// one had drained no proxy was running (2 restarts of 9 under load, h197). The old one is
+/// held stopped here for that moment: the next one waits for the lock, then starts, serves,
+/// and takes the admin listener.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_whose_next_process_is_quicker_than_the_old_ones_signal_starts() {
+    let up = echo_upstream().await;
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = format!(
+        "[upstream]\nservers = [\"{}\"]\n[admin]\nlisten = \"{admin}\"\n",
+        up.url()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut old = ProxyProcess::start(dir.path(), &config);
+    old.signal("STOP");
+    old.signal("TERM");
+    let pid = old.child.id().to_string();
+    // The old process is not scheduled for this long: there is no condition to wait on, the
+    // next one must be started meanwhile.
+    let resume = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        Command::new("kill").args(["-CONT", &pid]).status().unwrap()
+    });
+    let path = dir.path().to_path_buf();
+    let new = tokio::task::spawn_blocking(move || ProxyProcess::start(&path, &config))
+        .await
+        .unwrap();
+    assert!(resume.join().unwrap().success());
+    assert!(new
+        .log_lines()
+        .iter()
+        .any(|l| l.contains("is held by another intermission") && l.contains("waiting up to")));
+    assert_eq!(get(&new.url("/")).await.status(), 200);
+    let ready = wait_until_async(|| async {
+        let Ok(mut s) = tokio::net::TcpStream::connect(admin).await else {
+            return false;
+        };
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut said = Vec::new();
+        let read = async {
+            s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await?;
+            s.read_to_end(&mut said).await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+        said.starts_with(b"HTTP/1.1 200 ") && said.ends_with(b"ready")
+    })
+    .await;
+    assert!(ready, "the next proxy did not take the admin listener");
+    let old_status = tokio::task::spawn_blocking(move || old.wait_exit(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(old_status.map(|s| s.code()), Some(Some(0)));
+    drop(new);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn access_log_lines_are_json_with_the_request_facts() {
     let up = echo_upstream().await;
