@@ -72,20 +72,25 @@ pub fn text(bytes: Vec<u8>) -> io::Result<String> {
 /// `[proxy]` section) was put in force, every later section back to its defaults.
 #[derive(Debug, Clone, Copy)]
 pub struct Settle {
-    /// A file changed less than this long ago may still be being written: it is read again.
+    /// A file is taken as written once it has not changed for this long: by its stamp (its
+    /// modification time, size and inode), or by what reads this far apart found. A writer
+    /// pausing longer than this between two pieces is not seen.
     pub recent: Duration,
-    /// The wait between two reads: a writer pausing longer than this is not seen.
+    /// The wait between two reads.
     pub pause: Duration,
     /// How long the reads may go on; the last one is then taken, and said to be.
     pub give_up: Duration,
 }
 
 /// A reload's: a file saved more than a second ago is read once, as before; one just
-/// written costs the reload 200 ms.
+/// written waits until it is a second old. Two reads 200 ms apart that agreed were taken
+/// as the file whole, and a writer that paused longer than that (a copy from a slow mount,
+/// a script between two `>>`; 500 ms in h197's test) had its first part put in force: the
+/// site in outage on the default server, its HTTPS listener closed.
 pub const SETTLE: Settle = Settle {
     recent: Duration::from_secs(1),
     pause: Duration::from_millis(200),
-    give_up: Duration::from_secs(2),
+    give_up: Duration::from_secs(3),
 };
 
 /// What `read_settled` read.
@@ -96,47 +101,83 @@ pub struct Settled {
     pub still_changing: bool,
 }
 
-/// `read`, again and again while the file changed lately, until two reads `pause` apart are
-/// the same (or `give_up` has passed). It sleeps: call it on a thread that may block (a
+/// `read`, again and again until the file has been left alone for `settle.recent` (or
+/// `give_up` has passed): its stamp is that old and the same before and after the read,
+/// or reads that far apart found the same bytes (a file rewritten the same, or stamped by
+/// a filesystem that keeps whole seconds). It sleeps: call it on a thread that may block (a
 /// reload reads on tokio's blocking pool, never on a runtime's worker).
 pub fn read_settled(path: &Path, limit: u64, settle: &Settle) -> io::Result<Settled> {
     let began = Instant::now();
-    let mut last = read(path, limit);
+    // The bytes read, and when they were first read so.
+    let mut same_since: Option<(Vec<u8>, Instant)> = None;
     loop {
-        let still_changing = changed_lately(path, settle.recent);
-        if !still_changing || began.elapsed() + settle.pause > settle.give_up {
-            return last.map(|bytes| Settled {
+        let before = Stamp::of(path);
+        let read = read(path, limit);
+        let after = Stamp::of(path);
+        // A file that is not there, or not one to read (a FIFO, too large), is refused at
+        // once; one that moved under the read (an editor renaming it away for a moment)
+        // is read again.
+        if read.is_err() && before == after {
+            return read.map(|bytes| Settled {
                 bytes,
-                still_changing,
+                still_changing: false,
+            });
+        }
+        let now = Instant::now();
+        let left_alone = before.is_some()
+            && before == after
+            && after.is_some_and(|s| !s.changed_within(settle.recent));
+        let unchanged_for = match (&read, &mut same_since) {
+            (Ok(bytes), Some((same, since))) if same == bytes => now.duration_since(*since),
+            (Ok(bytes), same) => {
+                *same = Some((bytes.clone(), now));
+                Duration::ZERO
+            }
+            (Err(_), same) => {
+                *same = None;
+                Duration::ZERO
+            }
+        };
+        let settled = left_alone || unchanged_for >= settle.recent;
+        if settled || now.duration_since(began) + settle.pause > settle.give_up {
+            return read.map(|bytes| Settled {
+                bytes,
+                still_changing: !settled,
             });
         }
         std::thread::sleep(settle.pause);
-        // A read that fails in between (a file an editor renames away for a moment) is one
-        // more change.
-        let again = read(path, limit);
-        if let (Ok(a), Ok(b)) = (&last, &again) {
-            if a == b {
-                return again.map(|bytes| Settled {
-                    bytes,
-                    still_changing: false,
-                });
-            }
-        }
-        last = again;
     }
 }
 
-/// Whether `path` was modified less than `recent` ago, or is stamped less than `recent`
-/// ahead of the clock (written from a host whose clock runs a little ahead).
-fn changed_lately(path: &Path, recent: Duration) -> bool {
-    let Ok(modified) = std::fs::metadata(path).and_then(|m| m.modified()) else {
-        return false;
-    };
-    let apart = match SystemTime::now().duration_since(modified) {
-        Ok(age) => age,
-        Err(ahead) => ahead.duration(),
-    };
-    apart < recent
+/// What a write in place changes: the modification time and the size; the inode, for a
+/// file replaced by a rename.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: SystemTime,
+    len: u64,
+    inode: u64,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        Some(Stamp {
+            modified: meta.modified().ok()?,
+            len: meta.len(),
+            inode: meta.ino(),
+        })
+    }
+
+    /// Whether it was modified less than `recent` ago, or is stamped less than `recent`
+    /// ahead of the clock (written from a host whose clock runs a little ahead).
+    fn changed_within(&self, recent: Duration) -> bool {
+        let apart = match SystemTime::now().duration_since(self.modified) {
+            Ok(age) => age,
+            Err(ahead) => ahead.duration(),
+        };
+        apart < recent
+    }
 }
 
 /// Where text stops being UTF-8, and the likely why: one `é` or `–` saved by an editor set
@@ -287,6 +328,33 @@ mod tests {
                 .still_changing
         );
         assert!(began.elapsed() < SETTLE.pause, "{:?}", began.elapsed());
+    }
+
+    /// A writer that pauses longer than the reads' pause between two pieces (a copy from a
+    /// slow mount, a script between two `>>`) is waited for: two reads 200 ms apart agreed on
+    /// the first piece alone, and a reload put it in force, the rest of the file at its
+    /// defaults.
+    #[test]
+    fn a_writer_pausing_between_two_pieces_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "[proxy]\n").unwrap();
+        let writer = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                use std::io::Write;
+                std::thread::sleep(SETTLE.pause * 5 / 2);
+                let mut file = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .unwrap();
+                file.write_all(b"[upstream]\nservers = []\n").unwrap();
+            })
+        };
+        let read = read_settled(&path, 1 << 20, &SETTLE).unwrap();
+        writer.join().unwrap();
+        assert!(!read.still_changing);
+        assert_eq!(read.bytes, b"[proxy]\n[upstream]\nservers = []\n");
     }
 
     /// A file that never stops changing is taken as last read once the reads give up, and

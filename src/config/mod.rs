@@ -456,9 +456,10 @@ impl Config {
     }
 
     /// `load_file` for a reload: a file changed within the last second is read again until
-    /// two reads 200 ms apart agree (`files::read_settled`), so that a file caught while it
-    /// is written in place is not put in force cut short. A warning says when it was still
-    /// changing after 2 s, and the last read was taken. It sleeps: for a blocking thread.
+    /// it has been left alone for a second (`files::read_settled`), so that a file caught
+    /// while it is written in place is not put in force cut short. A warning says when it
+    /// was still changing after 3 s, and the last read was taken. It sleeps: for a blocking
+    /// thread.
     /// `state_file` is the running proxy's, which a reload keeps whatever the file says: its
     /// folder, gone since the start, does not refuse the reload (`Validator::running`).
     pub fn reload_file(
