@@ -282,6 +282,9 @@ fn listen_key(tls: bool) -> &'static str {
     }
 }
 
+/// The listeners' backlog: connections the kernel completes before the proxy accepts them.
+pub(crate) const BACKLOG: u32 = 4096;
+
 /// Binds with a deep backlog: a burst of new connections waits in the kernel, not refused.
 /// A socket the service manager passed for `addr` is taken instead (`passed`).
 fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> {
@@ -296,7 +299,7 @@ fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> 
     .map_err(err)?;
     socket.set_reuseaddr(true).map_err(err)?;
     socket.bind(addr).map_err(err)?;
-    socket.listen(4096).map_err(err)
+    socket.listen(BACKLOG).map_err(err)
 }
 
 /// How long a start waits for the state file's lock held by another instance before it is

@@ -953,6 +953,51 @@ async fn a_restart_whose_next_process_is_quicker_than_the_old_ones_signal_starts
     drop(new);
 }
 
+/// Connections the kernel had queued for the proxy when it was told to stop (connected,
+/// their requests sent, not yet accepted) are answered, where closing the listener reset
+/// them all. The proxy is held stopped while they connect, so that all of them wait in its
+/// backlog.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_queued_when_the_stop_comes_are_answered_not_reset() {
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("[upstream]\nservers = [\"{}\"]\n", up.url());
+    let mut proxy = ProxyProcess::start(dir.path(), &config);
+    assert_eq!(get(&proxy.url("/")).await.status(), 200);
+    proxy.signal("STOP");
+    let mut queued = Vec::new();
+    for _ in 0..16 {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        queued.push(s);
+    }
+    proxy.signal("TERM");
+    proxy.signal("CONT");
+    let mut answers = Vec::new();
+    for mut s in queued {
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+        answers.push(match read {
+            Ok(Ok(_)) => String::from_utf8_lossy(&got).into_owned(),
+            Ok(Err(e)) => format!("{e}"),
+            Err(_) => "no answer in 10 s".to_owned(),
+        });
+    }
+    let unanswered: Vec<&String> = answers
+        .iter()
+        .filter(|a| !a.starts_with("HTTP/1.1 200 "))
+        .collect();
+    assert!(unanswered.is_empty(), "{unanswered:?}");
+    let status = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn access_log_lines_are_json_with_the_request_facts() {
     let up = echo_upstream().await;
