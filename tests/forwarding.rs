@@ -330,6 +330,38 @@ async fn h2c_cookie_crumbs_are_joined_and_header_fields_are_limited() {
     assert_eq!(resp.status(), 200, "{resp:?}");
 }
 
+/// An HTTP/2 client's length given twice, the same (h2 resets a stream whose lengths
+/// differ), reaches an `h2c://` server once: h2 passes both lines on, and its server would
+/// see both (RFC 9110 §8.6 lets a recipient keep one).
+#[tokio::test]
+async fn h2c_a_length_given_twice_reaches_an_h2c_server_once() {
+    let up = echo_upstream().await;
+    let h2c = up.url().replacen("http://", "h2c://", 1);
+    let proxy = spawn_proxy(&format!("[upstream]\nservers = [\"{h2c}\"]\n")).await;
+    for (method, body, length) in [("GET", "", "0"), ("PUT", "abc", "3"), ("POST", "abc", "3")] {
+        let req = Request::builder()
+            .method(method)
+            .uri(proxy.url("/twice"))
+            .header("content-length", length)
+            .header("content-length", length)
+            .body(full(body))
+            .unwrap();
+        let resp = h2c_client().request(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        let resp = Response::from_parts(parts, body.collect().await.unwrap().to_bytes());
+        assert_eq!(resp.status(), 200, "{method}: {resp:?}");
+        let seen: Seen = json(&resp);
+        assert_eq!(seen.version, "HTTP/2.0", "{method}");
+        let lengths: Vec<_> = seen
+            .headers
+            .iter()
+            .filter(|(k, _)| k == "content-length")
+            .collect();
+        assert_eq!(lengths.len(), 1, "{method}: {:?}", seen.headers);
+        assert_eq!(lengths[0].1, length, "{method}");
+    }
+}
+
 #[tokio::test]
 async fn h2c_clients_are_forwarded_with_their_authority_as_host() {
     let up = echo_upstream().await;

@@ -2716,6 +2716,75 @@ async fn an_http2_client_s_fields_reach_the_server_as_the_rewritten_map_s() {
     );
 }
 
+/// An HTTP/2 client's request that gives its length twice, the same (h2 resets one whose
+/// lengths differ), reaches an `http://` server with one `Content-Length` line, as hyper's
+/// HTTP/1.1 server keeps one (RFC 9110 §8.6): on the relay's sockets (no body; a body held
+/// whole) and through hyper's client (a streamed upload). Two lines went on.
+#[tokio::test]
+async fn an_http2_client_s_length_given_twice_reaches_the_server_once() {
+    let up = scripted().await;
+    let proxy = spawn_proxy(&format!("[proxy]\nthreads = 1\n{}", config(&up, false))).await;
+    wait_checked(&proxy).await;
+    let h2 = h2c_client();
+    up.heads.lock().unwrap().clear();
+    let twice = |n: &'static str| [("content-length", n), ("content-length", n)];
+    for (method, body) in [
+        (http::Method::GET, ""),
+        (http::Method::PUT, "abc"),
+        (http::Method::POST, "abc"),
+    ] {
+        let length: &'static str = if body.is_empty() { "0" } else { "3" };
+        let (parts, _, got) = h2_send(&h2, proxy.addr, method.clone(), &twice(length), body).await;
+        assert_eq!(parts.status.as_u16(), 200, "{method}");
+        let got = String::from_utf8_lossy(&got).into_owned();
+        if !body.is_empty() {
+            assert_eq!(got, format!("{method} {body}"), "{method}");
+        }
+    }
+    let heads = up.heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 3, "{heads:#?}");
+    for head in &heads {
+        let lengths = head
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("content-length:"))
+            .count();
+        assert_eq!(lengths, 1, "{head}");
+    }
+}
+
+/// `h2_ask`'s request with its fields as given, no length added: to `/echo`.
+async fn h2_send(
+    h2: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        TestBody,
+    >,
+    addr: SocketAddr,
+    method: http::Method,
+    headers: &[(&str, &str)],
+    body: &'static str,
+) -> (http::response::Parts, Option<http::HeaderMap>, bytes::Bytes) {
+    use http_body_util::BodyExt;
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}/echo"));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        h2.request(req.body(full(body)).unwrap()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = tokio::time::timeout(Duration::from_secs(10), body.collect())
+        .await
+        .unwrap()
+        .unwrap();
+    (parts, body.trailers().cloned(), body.to_bytes())
+}
+
 /// An HTTP/2 client's requests to an `https://` server known to choose HTTP/1.1 go on the
 /// relay's kept TLS sessions too: the one an HTTP/1.1 client's relayed request left kept, and,
 /// when the server ends it unanswered as a `GET` arrives, a new one, the `GET` sent again.

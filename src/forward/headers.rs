@@ -305,7 +305,8 @@ fn parsed_length(value: &[u8]) -> Option<u64> {
 /// takes only where it reads no length (a `HEAD`'s answer, a 204 or 304), go, as the relay drops
 /// them: they tell the client nothing, hyper's HTTP/2 server would send them, and HTTP/2
 /// clients refuse an answer whose length is no number (the h2 crate resets its stream). One
-/// line of digits needs nothing.
+/// line of digits needs nothing. An HTTP/2 client's request passes here too
+/// (`forward::rewrite`): h2 refuses one whose lengths differ, not one that repeats its length.
 pub fn one_length(headers: &mut HeaderMap) {
     let mut lines = headers.get_all(header::CONTENT_LENGTH).iter();
     match (lines.next(), lines.next()) {
@@ -664,7 +665,11 @@ fn write_fields(
             | Kind::TransferEncoding
             | Kind::Upgrade
             | Kind::KeepAlive => return None,
-            Kind::ContentLength | Kind::Other => line(out, name, value),
+            // h2 passes a length given again only when it is the same value: one line, as
+            // `forward::rewrite` leaves it in the map.
+            Kind::ContentLength if first => line(out, name, value),
+            Kind::ContentLength => {}
+            Kind::Other => line(out, name, value),
         }
     }
     // What the rules add, in their order: `Host` from the `:authority`, the four forwarding

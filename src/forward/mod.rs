@@ -545,6 +545,9 @@ fn rewrite(
     }
     if http2 {
         headers::join_cookies(headers);
+        // h2 resets a stream whose lengths differ, but passes equal ones on as they came: one
+        // line, as hyper's HTTP/1.1 server keeps one (RFC 9110 §8.6 lets a recipient do so).
+        headers::one_length(headers);
     }
     headers::strip_hop_by_hop(headers);
     if unmeant {
