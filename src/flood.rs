@@ -10,6 +10,10 @@
 //! looked at once, only for their 9-byte frame headers, and the payload of the frames that
 //! carry requests, bodies and answers (HEADERS, CONTINUATION, DATA) is counted as useful,
 //! both ways. Only the HTTP/2 connections pay for it.
+//!
+//! The same walk tells h2's own `431` to a request head over `max_header_bytes` among what
+//! the proxy writes (`Budget::wrote`): h2 answers it before hyper sees a request, so that it
+//! was counted and logged nowhere.
 
 use crate::metrics::Http2Goaway;
 use crate::state::StateHandle;
@@ -43,7 +47,25 @@ const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const GOAWAY: u8 = 0x7;
 const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
+/// The largest header block of h2's own `431` (`Budget::wrote`) as it writes one: `:status`
+/// alone, 1 byte as an index of its table or 4 as a literal, after a table size update of up
+/// to 6 bytes when the client changed the table's size.
+const REFUSAL_BLOCK: usize = 16;
+
+/// A frame's header, as it passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Head<'a> {
+    kind: u8,
+    flags: u8,
+    len: u32,
+    stream: u32,
+    /// The header block of a HEADERS frame that ends its stream, when it is small enough to
+    /// be h2's own `431` (and the frames are the proxy's): read with the header. Else empty.
+    block: &'a [u8],
+}
 
 /// One direction's frames, walked as their bytes pass.
 #[derive(Default)]
@@ -51,15 +73,31 @@ struct Frames {
     /// Bytes still to pass before the next frame header: the rest of a payload (or of the
     /// preface).
     skip: u32,
-    /// A frame header split between two reads or writes, gathered.
-    head: [u8; 9],
+    /// A frame header split between two reads or writes, gathered, with the small header
+    /// block after it that `blocks` asks for.
+    head: [u8; 9 + REFUSAL_BLOCK],
     got: u8,
+    /// Whether a small header block that ends its stream is read with its frame's header:
+    /// the proxy's frames only.
+    blocks: bool,
 }
 
 impl Frames {
-    /// Walks `bytes`, the next ones of the stream, telling `each` the kind, length and stream
-    /// of every frame whose header they complete.
-    fn walk(&mut self, mut bytes: &[u8], mut each: impl FnMut(u8, u32, u32)) {
+    /// How many bytes of the frame that `head`, its 9-byte header, begins are read as its
+    /// header: its payload too when it is a small header block that ends its stream.
+    fn head_len(&self, head: &[u8]) -> usize {
+        // Flags that end the stream and the block, with no padding or priority (which h2
+        // never writes).
+        let (ending, len) = (END_STREAM | END_HEADERS, usize::from(head[2]));
+        match self.blocks && head[3] == HEADERS && head[4] == ending && head[..2] == [0, 0] {
+            true if len <= REFUSAL_BLOCK => 9 + len,
+            _ => 9,
+        }
+    }
+
+    /// Walks `bytes`, the next ones of the stream, telling `each` of every frame whose header
+    /// they complete.
+    fn walk(&mut self, mut bytes: &[u8], mut each: impl FnMut(Head<'_>)) {
         loop {
             let skipped = bytes.len().min(self.skip as usize);
             bytes = &bytes[skipped..];
@@ -68,29 +106,46 @@ impl Frames {
             if bytes.is_empty() {
                 return;
             }
-            let head = match bytes.split_first_chunk::<9>() {
-                Some((head, rest)) if self.got == 0 => {
-                    bytes = rest;
-                    *head
-                }
-                _ => {
-                    let got = usize::from(self.got);
-                    let n = (9 - got).min(bytes.len());
-                    self.head[got..got + n].copy_from_slice(&bytes[..n]);
+            let mut gathered = [0u8; 9 + REFUSAL_BLOCK];
+            let (head, taken): (&[u8], usize) = match bytes.get(..9) {
+                Some(nine) if self.got == 0 && self.head_len(nine) <= bytes.len() => {
+                    let n = self.head_len(nine);
+                    let head = &bytes[..n];
                     bytes = &bytes[n..];
-                    // At most 9.
-                    self.got += n as u8;
-                    if self.got < 9 {
+                    (head, n)
+                }
+                _ => loop {
+                    let got = usize::from(self.got);
+                    let want = if got < 9 {
+                        9
+                    } else {
+                        self.head_len(&self.head)
+                    };
+                    if got == want {
+                        self.got = 0;
+                        gathered[..want].copy_from_slice(&self.head[..want]);
+                        break (&gathered[..want], want);
+                    }
+                    if bytes.is_empty() {
                         return;
                     }
-                    self.got = 0;
-                    self.head
-                }
+                    let n = (want - got).min(bytes.len());
+                    self.head[got..got + n].copy_from_slice(&bytes[..n]);
+                    bytes = &bytes[n..];
+                    // At most 25.
+                    self.got += n as u8;
+                },
             };
             let len = u32::from_be_bytes([0, head[0], head[1], head[2]]);
-            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-            each(head[3], len, stream);
-            self.skip = len;
+            each(Head {
+                kind: head[3],
+                flags: head[4],
+                len,
+                stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff,
+                block: &head[9..],
+            });
+            // A block read with its header: at most `len`.
+            self.skip = len - (taken - 9) as u32;
         }
     }
 
@@ -98,6 +153,62 @@ impl Frames {
     fn between(&self) -> bool {
         self.skip == 0 && self.got == 0
     }
+}
+
+/// An HPACK integer with a `prefix`-bit prefix at the start of `b` (RFC 7541 §5.1), and what
+/// follows it.
+fn hpack_int(b: &[u8], prefix: u8) -> Option<(u64, &[u8])> {
+    let max = (1u8 << prefix) - 1;
+    let (&first, mut rest) = b.split_first()?;
+    if first & max != max {
+        return Some((u64::from(first & max), rest));
+    }
+    let (mut n, mut shift) = (u64::from(max), 0u32);
+    loop {
+        let (&c, r) = rest.split_first()?;
+        rest = r;
+        n = n.checked_add(u64::from(c & 0x7f).checked_shl(shift)?)?;
+        if c & 0x80 == 0 {
+            return Some((n, rest));
+        }
+        shift += 7;
+    }
+}
+
+/// What follows an HPACK string literal at the start of `b` (§5.2).
+fn hpack_str(b: &[u8]) -> Option<&[u8]> {
+    let (len, rest) = hpack_int(b, 7)?;
+    rest.get(usize::try_from(len).ok()?..)
+}
+
+/// Whether `block`, a header block the proxy wrote, holds one field, after any table size
+/// updates (RFC 7541 §6.3). None of hyper's answers does: each has `:status` and `date`, and
+/// trailers follow a stream's first frame. h2 writes such a block of its own for one thing,
+/// its `431` to a request head over its limit (`max_header_bytes`).
+fn one_field(block: &[u8]) -> bool {
+    let mut b = block;
+    while b.first().is_some_and(|&c| c & 0xe0 == 0x20) {
+        match hpack_int(b, 5) {
+            Some((_, rest)) => b = rest,
+            None => return false,
+        }
+    }
+    let Some(&first) = b.first() else {
+        return false;
+    };
+    let rest = if first & 0x80 != 0 {
+        // Indexed.
+        hpack_int(b, 7).map(|(_, rest)| rest)
+    } else {
+        // A literal, with incremental indexing (01), without (0000) or never (0001): its
+        // name by index, or given, then its value.
+        let prefix = if first & 0x40 != 0 { 6 } else { 4 };
+        hpack_int(b, prefix).and_then(|(name, rest)| match name {
+            0 => hpack_str(rest).and_then(hpack_str),
+            _ => hpack_str(rest),
+        })
+    };
+    rest.is_some_and(<[u8]>::is_empty)
 }
 
 /// What one connection's client sent, against what of it, and of the answers, was useful.
@@ -116,6 +227,8 @@ struct Budget {
     idle_streak: u64,
     /// Payload of requests and bodies counted in `useful` whose bytes are still to be read.
     ahead: u64,
+    /// The highest stream the proxy has written a frame of.
+    written_stream: u32,
 }
 
 impl Budget {
@@ -125,12 +238,16 @@ impl Budget {
                 skip: PREFACE,
                 ..Frames::default()
             },
-            written: Frames::default(),
+            written: Frames {
+                blocks: true,
+                ..Frames::default()
+            },
             total: 0,
             useful: 0,
             last_stream: 0,
             idle_streak: 0,
             ahead: 0,
+            written_stream: 0,
         }
     }
 
@@ -139,12 +256,12 @@ impl Budget {
         self.total += bytes.len() as u64;
         let useful_before = self.useful;
         let (useful, last) = (&mut self.useful, &mut self.last_stream);
-        self.read.walk(bytes, |kind, len, stream| {
-            if matches!(kind, DATA | HEADERS | CONTINUATION) {
-                *useful += u64::from(len);
+        self.read.walk(bytes, |f| {
+            if matches!(f.kind, DATA | HEADERS | CONTINUATION) {
+                *useful += u64::from(f.len);
             }
-            if kind == HEADERS {
-                *last = (*last).max(stream);
+            if f.kind == HEADERS {
+                *last = (*last).max(f.stream);
             }
         });
         // A payload is counted useful when its frame's header passes, before its bytes do:
@@ -159,14 +276,26 @@ impl Budget {
         self.total > self.useful.saturating_mul(RATIO).saturating_add(ALLOWANCE)
     }
 
-    /// Counts bytes written to the client.
-    fn wrote(&mut self, bytes: &[u8]) {
-        let useful = &mut self.useful;
-        self.written.walk(bytes, |kind, len, _| {
-            if matches!(kind, DATA | HEADERS | CONTINUATION) {
-                *useful += u64::from(len);
+    /// Counts bytes written to the client; how many request heads they refused as h2 refuses
+    /// one over `max_header_bytes`, its own `431` before hyper sees a request: a header block
+    /// of one field (`one_field`), which ends the stream, written as the stream's first frame.
+    /// h2 writes it as it reads the head, before any frame of a later stream (whose request
+    /// comes after), so that stream is higher than any written before it; trailers are not.
+    fn wrote(&mut self, bytes: &[u8]) -> u32 {
+        let (useful, highest) = (&mut self.useful, &mut self.written_stream);
+        let mut refused = 0;
+        self.written.walk(bytes, |f| {
+            if matches!(f.kind, DATA | HEADERS | CONTINUATION) {
+                *useful += u64::from(f.len);
+            }
+            if f.stream > *highest {
+                if !f.block.is_empty() && one_field(f.block) {
+                    refused += 1;
+                }
+                *highest = f.stream;
             }
         });
+        refused
     }
 
     /// GOAWAY with ENHANCE_YOUR_CALM, as h2 answers the abuse it bounds itself.
@@ -234,6 +363,16 @@ impl<I: AsyncWrite + Unpin> Flood<I> {
     }
 }
 
+impl<I> Flood<I> {
+    /// Counts and logs the request heads h2 refused with its own `431` (`Budget::wrote`), as
+    /// HTTP/1.1's are when hyper refuses one (`listener::count_unread`).
+    fn refused(&self, heads: u32) {
+        for _ in 0..heads {
+            crate::listener::refused_unread(&self.state, self.peer.ip(), 431);
+        }
+    }
+}
+
 fn flooded() -> std::io::Error {
     std::io::Error::new(
         std::io::ErrorKind::ConnectionAborted,
@@ -282,7 +421,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Flood<I> {
         }
         let polled = Pin::new(&mut this.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = polled {
-            this.budget.wrote(&buf[..n.min(buf.len())]);
+            let refused = this.budget.wrote(&buf[..n.min(buf.len())]);
+            this.refused(refused);
         }
         polled
     }
@@ -298,15 +438,16 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Flood<I> {
         }
         let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = polled {
-            let mut left = n;
+            let (mut left, mut refused) = (n, 0);
             for buf in bufs {
                 let taken = left.min(buf.len());
-                this.budget.wrote(&buf[..taken]);
+                refused += this.budget.wrote(&buf[..taken]);
                 left -= taken;
                 if left == 0 {
                     break;
                 }
             }
+            this.refused(refused);
         }
         polled
     }
@@ -491,7 +632,7 @@ mod tests {
             };
             let mut seen = Vec::new();
             for chunk in bytes.chunks(size) {
-                frames.walk(chunk, |kind, len, stream| seen.push((kind, len, stream)));
+                frames.walk(chunk, |f| seen.push((f.kind, f.len, f.stream)));
             }
             assert_eq!(seen, SEEN, "reads of {size} bytes");
             assert!(frames.between());
@@ -507,6 +648,50 @@ mod tests {
         budget.wrote(&frame(0x0, 1, &[0; 1000]));
         budget.wrote(&frame(0x6, 0, b"12345678"));
         assert_eq!(budget.useful, 4 + 300 + 4 + 1000);
+    }
+
+    /// h2's own `431` (one field, ending its stream, the stream's first frame) is told,
+    /// whether its `:status` is a literal or an index of h2's table, after table size updates
+    /// or not, split anyhow across writes, with frames of earlier streams after it; hyper's
+    /// answers (two fields at least, ending the stream or not) and trailers of one field are
+    /// not, nor a header block read from the client.
+    #[test]
+    fn h2_s_own_refusal_of_a_head_is_told() {
+        let ended = |stream: u32, block: &[u8]| {
+            let mut f = frame(0x1, stream, block);
+            f[4] = 0x5;
+            f
+        };
+        let mut written = Vec::new();
+        // hyper's answer of an empty body: `:status`, `content-length` and `date` indexed.
+        written.extend(ended(1, &[0x88, 0xbf, 0xbe]));
+        // h2's, `:status` a literal (huffman "431"), then an index; a table size update.
+        written.extend(ended(3, &[0x48, 0x83, 0x64, 0x30, 0xff]));
+        written.extend(frame(0x0, 1, b"late"));
+        written.extend(ended(5, &[0xbe]));
+        written.extend(ended(7, &[0x3f, 0xe1, 0x1f, 0xbe]));
+        // An answer with a body, then its trailers of one field.
+        written.extend(frame(0x1, 9, &[0x88, 0xbe]));
+        written.extend(frame(0x0, 9, b"1"));
+        written.extend(ended(9, &[0xc0]));
+        // A stream lower than one written already.
+        written.extend(ended(7, &[0xbe]));
+        // Too large for `:status` alone, and a literal with a value left over.
+        written.extend(ended(11, &[0x88; 20]));
+        written.extend(ended(13, &[0x08, 0x03, b'4', b'3', b'1', 0x00]));
+        written.extend(ended(15, &[0x08, 0x03, b'4', b'3', b'1']));
+        for size in 1..=written.len() {
+            let mut budget = Budget::new();
+            let told: u32 = written.chunks(size).map(|w| budget.wrote(w)).sum();
+            assert_eq!(told, 4, "writes of {size} bytes");
+            assert!(budget.written.between());
+        }
+        // Read, the same frames are a client's.
+        let mut budget = Budget::new();
+        let mut read = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        read.extend(&written);
+        assert!(!budget.read(&read));
+        assert!(budget.read.between());
     }
 
     /// Control frames alone are let through up to the allowance, and 8 times what is useful.

@@ -858,11 +858,17 @@ pub(crate) fn count_unread(e: &hyper::Error, state: &StateHandle, peer: std::net
             (true, false) => 431,
             (false, _) => 400,
         };
-        let snap = state.load();
-        snap.metrics.unread(snap.mode, status);
-        if snap.config.log.access_log {
-            unread_line(peer, status, 0, None);
-        }
+        refused_unread(state, peer, status);
+    }
+}
+
+/// Counts and logs a request head refused unread, answered `status` (`count_unread`; h2's own
+/// `431` to an HTTP/2 request head over `max_header_bytes`, `flood::Flood`).
+pub(crate) fn refused_unread(state: &StateHandle, peer: std::net::IpAddr, status: u16) {
+    let snap = state.load();
+    snap.metrics.unread(snap.mode, status);
+    if snap.config.log.access_log {
+        unread_line(peer, status, 0, None);
     }
 }
 

@@ -1776,6 +1776,82 @@ async fn requests_too_malformed_to_read_are_counted() {
     );
 }
 
+/// An HTTP/2 request head over `max_header_bytes` is answered `431` by h2 itself, before
+/// hyper or the gateway sees a request: counted as an HTTP/1.1 head hyper refuses is, with
+/// the requests intermission refuses itself, where it was counted nowhere. Whether h2 names
+/// its `:status` by a literal or by its table, and after a table size update (a client that
+/// changed the table's size); the connection goes on.
+#[tokio::test]
+async fn an_http2_head_h2_refuses_as_too_large_is_counted() {
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nmax_header_bytes = 8192\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [upstream]\nservers = [\"{}\"]\n",
+        up.url()
+    ))
+    .await;
+    let reserved_and_4xx = || async {
+        let m = scrape(&proxy).await;
+        let reserved: f64 = m
+            .iter()
+            .filter(|(k, _)| k.starts_with("intermission_requests_total{"))
+            .filter(|(k, _)| k.contains("outcome=\"reserved\""))
+            .map(|(_, v)| v)
+            .sum();
+        let client_errors: f64 = m
+            .iter()
+            .filter(|(k, _)| k.starts_with("intermission_responses_total{"))
+            .filter(|(k, _)| k.contains("class=\"4xx\""))
+            .map(|(_, v)| v)
+            .sum();
+        (reserved, client_errors)
+    };
+    let mut told = 0.0;
+    for table in [None, Some(0), Some(1024)] {
+        let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let mut builder = h2::client::Builder::new();
+        if let Some(size) = table {
+            builder.header_table_size(size);
+        }
+        let (client, conn) = builder.handshake::<_, Bytes>(tcp).await.unwrap();
+        tokio::spawn(conn);
+        let ask = |big: bool| {
+            let (mut client, url) = (client.clone(), proxy.url("/"));
+            async move {
+                let mut req = Request::get(url).body(()).unwrap();
+                if big {
+                    let value = http::HeaderValue::from_str(&"b".repeat(10_000)).unwrap();
+                    req.headers_mut().insert("x-big", value);
+                }
+                client = client.ready().await.unwrap();
+                let (resp, _) = client.send_request(req, true).unwrap();
+                tokio::time::timeout(Duration::from_secs(10), resp)
+                    .await
+                    .unwrap()
+                    .map(|r| r.status().as_u16())
+            }
+        };
+        for _ in 0..2 {
+            // h2 resets the stream after its answer; the answer may come first, or only the
+            // reset may be read.
+            let got = ask(true).await;
+            assert!(matches!(got, Ok(431) | Err(_)), "{table:?}: {got:?}");
+            told += 1.0;
+            assert_eq!(
+                ask(false).await.unwrap(),
+                200,
+                "{table:?}: the connection goes on"
+            );
+        }
+        let counted = wait_until_async(|| async { reserved_and_4xx().await == (told, told) }).await;
+        assert!(
+            counted,
+            "{table:?}: {:?}, not {told}",
+            reserved_and_4xx().await
+        );
+    }
+}
+
 /// A client that keeps the admin listener's 64 connections open (idle, or reconnecting as
 /// each is closed) cannot shut the scrapers and probes out: a new connection takes the place
 /// of the oldest.
