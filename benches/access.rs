@@ -20,6 +20,7 @@ fn line(c: &mut Criterion) {
         status: 200,
         upstream: Some("http://10.0.0.5:8080"),
         bytes: 5120,
+        cut: false,
     };
     for (name, format) in [("text", LogFormat::Text), ("json", LogFormat::Json)] {
         let mut out = Vec::with_capacity(256);

@@ -164,10 +164,13 @@ impl Body {
         }
     }
 
-    pub fn counted(inner: Body, on_done: Box<dyn FnOnce(u64) + Send + Sync>) -> Body {
+    /// `inner`, its data counted: `on_done` is told the bytes it gave, and whether it failed
+    /// (its server broke off or stalled mid-body), when it is dropped.
+    pub fn counted(inner: Body, on_done: Box<dyn FnOnce(u64, bool) + Send + Sync>) -> Body {
         Body::Counted(Box::new(Counted {
             inner,
             bytes: 0,
+            cut: false,
             on_done: Some(on_done),
         }))
     }
@@ -395,13 +398,16 @@ impl Timed {
 pub struct Counted {
     inner: Body,
     bytes: u64,
-    on_done: Option<Box<dyn FnOnce(u64) + Send + Sync>>,
+    /// The body failed: hyper then breaks the answer off (over HTTP/2, resets its stream,
+    /// which drops what h2 had not sent of it yet, the head too when it had not gone).
+    cut: bool,
+    on_done: Option<Box<dyn FnOnce(u64, bool) + Send + Sync>>,
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
         if let Some(done) = self.on_done.take() {
-            done(self.bytes);
+            done(self.bytes, self.cut);
         }
     }
 }
@@ -469,10 +475,14 @@ impl HttpBody for Body {
             }
             Body::Counted(c) => {
                 let polled = Pin::new(&mut c.inner).poll_frame(cx);
-                if let Poll::Ready(Some(Ok(frame))) = &polled {
-                    if let Some(data) = frame.data_ref() {
-                        c.bytes += data.len() as u64;
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref() {
+                            c.bytes += data.len() as u64;
+                        }
                     }
+                    Poll::Ready(Some(Err(_))) => c.cut = true,
+                    _ => {}
                 }
                 polled
             }

@@ -282,6 +282,7 @@ pub fn write_held<H: Fields + ?Sized>(
             status: status.as_u16(),
             upstream: None,
             bytes: bytes as u64,
+            cut: false,
         };
         line.write(start);
     }
@@ -378,6 +379,7 @@ impl Drop for Unanswered<'_> {
                 status: CLIENT_CLOSED,
                 upstream: None,
                 bytes: 0,
+                cut: false,
             };
             line.write(self.start);
         }
@@ -416,7 +418,7 @@ fn finish(
     };
     let upstream = server.and_then(|i| snap.pool.names.get(i).cloned());
     let (mut parts, body) = resp.into_parts();
-    let write: crate::forward::upgrade::LineWriter = Box::new(move |bytes| {
+    let write = move |bytes, cut| {
         let line = crate::logging::AccessLine {
             peer,
             client,
@@ -425,18 +427,19 @@ fn finish(
             status,
             upstream: upstream.as_deref(),
             bytes,
+            cut,
         };
         line.write(start);
-    });
+    };
     // A switch is logged when its tunnel ends, with what went through it.
     if let Some(tunnel) = parts
         .extensions
         .remove::<crate::forward::upgrade::TunnelLog>()
     {
-        tunnel.on_end(write);
+        tunnel.on_end(Box::new(move |bytes| write(bytes, false)));
         return Response::from_parts(parts, body);
     }
-    let body = Body::counted(body, write);
+    let body = Body::counted(body, Box::new(write));
     Response::from_parts(parts, body)
 }
 

@@ -905,6 +905,7 @@ fn unread_line(peer: std::net::IpAddr, status: u16, bytes: u64, waited: Option<D
         status,
         upstream: None,
         bytes,
+        cut: false,
     };
     line.write(start);
 }

@@ -504,6 +504,10 @@ pub struct AccessLine<'a> {
     pub upstream: Option<&'a str>,
     /// The response body's bytes as sent, so far when it was abandoned.
     pub bytes: u64,
+    /// The answer broke off before its end, its server having failed or stalled mid-body
+    /// (over HTTP/1.1 its connection was closed, over HTTP/2 its stream reset): written as
+    /// `cut`, after `bytes`, on such lines only.
+    pub cut: bool,
 }
 
 thread_local! {
@@ -555,6 +559,8 @@ impl AccessLine<'_> {
             duration_ms = ms,
             upstream = self.upstream.unwrap_or("-"),
             bytes = self.bytes,
+            // Recorded only on a line of an answer cut off.
+            cut = self.cut.then_some(true),
         );
     }
 
@@ -588,13 +594,14 @@ impl AccessLine<'_> {
         let start = out.len();
         let _ = write!(out, "{}", self.path);
         clean(out, start);
-        let _ = writeln!(
+        let _ = write!(
             out,
             " status={} duration_ms={ms:?} upstream={:?} bytes={}",
             self.status,
             self.upstream.unwrap_or("-"),
             self.bytes,
         );
+        out.extend_from_slice(if self.cut { &b" cut=true\n"[..] } else { b"\n" });
     }
 
     /// `tracing`'s JSON line, flattened: its keys in its order, strings escaped and the
@@ -621,7 +628,8 @@ impl AccessLine<'_> {
         let _ = serde_json::to_writer(&mut *out, &ms);
         out.extend_from_slice(br#","upstream":"#);
         let _ = serde_json::to_writer(&mut *out, self.upstream.unwrap_or("-"));
-        let _ = writeln!(out, r#","bytes":{},"target":"{TARGET}"}}"#, self.bytes);
+        let cut = if self.cut { r#","cut":true"# } else { "" };
+        let _ = writeln!(out, r#","bytes":{}{cut},"target":"{TARGET}"}}"#, self.bytes);
     }
 }
 
@@ -981,6 +989,7 @@ mod tests {
                 status: 200,
                 upstream: None,
                 bytes: 0,
+                cut: false,
             };
             let mut text = Vec::new();
             line.text(1.0, now, &mut text);
@@ -1108,7 +1117,10 @@ mod tests {
         let clients = [None, Some(v4s[0]), Some(v6)];
         for (peer, upstream) in peers.into_iter().chain([(v6, None)]) {
             for (path, client) in paths.into_iter().flat_map(|p| clients.map(|c| (p, c))) {
-                for ms in [0.618779, 12.0, 1234.5678, 0.0001, 3e-7] {
+                for (ms, cut) in [0.618779, 12.0, 1234.5678, 0.0001, 3e-7]
+                    .into_iter()
+                    .flat_map(|ms| [(ms, false), (ms, true)])
+                {
                     let line = AccessLine {
                         peer,
                         client,
@@ -1117,6 +1129,7 @@ mod tests {
                         status: 503,
                         upstream,
                         bytes: 1 << 40,
+                        cut,
                     };
                     for json in [false, true] {
                         let mut ours = Vec::new();
@@ -1163,6 +1176,7 @@ mod tests {
                 status: 200,
                 upstream: None,
                 bytes: 0,
+                cut: false,
             };
             let mut text = Vec::new();
             line.text(1.0, now, &mut text);

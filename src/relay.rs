@@ -953,6 +953,8 @@ struct Served {
     server: Option<usize>,
     /// The body's bytes passed to the client (without the chunked framing).
     bytes: u64,
+    /// The answer broke off on the server's side mid-body (`logging::AccessLine::cut`).
+    cut: bool,
 }
 
 /// What `prepare` took of a request for the relay to forward.
@@ -983,6 +985,7 @@ async fn exchange<C: Client>(
         status: 0,
         server: asked.server,
         bytes: 0,
+        cut: false,
     };
     let head = asked.head;
     let mut told = Told::new(snap, conn, asked.client, &bufs.request, served);
@@ -1011,6 +1014,7 @@ fn log_served(
         status,
         upstream: upstream.map(|name| &**name),
         bytes: served.bytes,
+        cut: served.cut,
     };
     line.write(served.start.into_std());
 }
@@ -1171,6 +1175,7 @@ async fn answer<C: Client>(
                     until: sent + timeout,
                     read_by,
                     bytes: &mut served.bytes,
+                    cut: &mut served.cut,
                 };
                 return respond(bufs, snap, sock, up, answer, to).await;
             }
@@ -1750,6 +1755,9 @@ struct Respond<'a> {
     read_by: Pin<&'a mut Sleep>,
     /// The body's bytes passed on, counted as they are taken from the server's.
     bytes: &'a mut u64,
+    /// Set when the server's side breaks the body off: its end or an error before the body's,
+    /// a malformed chunk, a stall past `read_timeout`; not the client's leaving.
+    cut: &'a mut bool,
 }
 
 /// Writes the answer's head and body to the client, and gives the upstream socket back when
@@ -1846,6 +1854,7 @@ async fn respond<C: Client>(
                 };
                 match read {
                     Ok(0) | Err(_) => {
+                        *to.cut = servers(&read);
                         // What a held answer had so far still reaches the client, as it
                         // would have unheld, before the connection is broken off.
                         if !out.is_empty() {
@@ -1863,6 +1872,7 @@ async fn respond<C: Client>(
                 server: to.server,
                 drain: to.drain,
                 bytes: &mut *to.bytes,
+                cut: &mut *to.cut,
             };
             let watch = &mut watch;
             match events(
@@ -1890,6 +1900,7 @@ async fn respond<C: Client>(
                 let fed = chunks.feed(&buf[at..], out);
                 *to.bytes = chunks.data;
                 let Ok(end) = fed else {
+                    *to.cut = true;
                     // The chunks that came whole before the bad one still reach the client
                     // (the head too, when both came in one read), as they do when the bad
                     // one comes in a later read, before the connection is broken off.
@@ -1908,9 +1919,10 @@ async fn respond<C: Client>(
                 }
                 at = 0;
                 let limit = Deadline::idle(read_by.as_mut(), snap);
-                match piece(sock, &mut watch, &mut up, buf, limit, snap, to.server).await {
-                    Ok(0) | Err(_) => return Next::Broken,
-                    Ok(_) => {}
+                let read = piece(sock, &mut watch, &mut up, buf, limit, snap, to.server).await;
+                if let Ok(0) | Err(_) = read {
+                    *to.cut = servers(&read);
+                    return Next::Broken;
                 }
             }
         }
@@ -1937,7 +1949,10 @@ async fn respond<C: Client>(
                     break false;
                 }
                 Ok(_) => {}
-                Err(_) => return Next::Broken,
+                read @ Err(_) => {
+                    *to.cut = servers(&read);
+                    return Next::Broken;
+                }
             }
         },
     };
@@ -1954,6 +1969,15 @@ struct EventStream<'a> {
     drain: &'a Drain,
     /// The body's bytes passed on.
     bytes: &'a mut u64,
+    /// `Respond::cut`.
+    cut: &'a mut bool,
+}
+
+/// Whether a read of the server's body that ended it early (`read`, an end or an error) was
+/// the server's doing, a stall past `read_timeout` included, rather than the client's leaving
+/// (`piece`, `wait`).
+fn servers(read: &std::io::Result<usize>) -> bool {
+    !matches!(read, Err(e) if e.kind() == ErrorKind::ConnectionAborted)
 }
 
 /// How an event stream's answer ended (`events`).
@@ -1989,6 +2013,7 @@ async fn events<C: Client>(
         server,
         drain,
         bytes,
+        cut: server_cut,
     } = stream;
     let mut chunks = Chunked {
         decode: true,
@@ -2031,6 +2056,7 @@ async fn events<C: Client>(
             out.extend_from_slice(b"0\r\n\r\n");
         }
         if broken {
+            *server_cut = true;
             put(sock, out, snap).await;
             return Streamed::Broken;
         }
@@ -2074,10 +2100,15 @@ async fn events<C: Client>(
                         false => Streamed::Broken,
                     };
                 }
-                Waited::Done(Some(Ok(0) | Err(_))) | Waited::Gone => return Streamed::Broken,
+                Waited::Done(Some(Ok(0) | Err(_))) => {
+                    *server_cut = true;
+                    return Streamed::Broken;
+                }
+                Waited::Gone => return Streamed::Broken,
                 Waited::Done(Some(Ok(_))) => break,
                 Waited::Late => {
                     stalled(snap, server);
+                    *server_cut = true;
                     return Streamed::Broken;
                 }
             }

@@ -1576,6 +1576,133 @@ async fn a_download_a_drain_cuts_is_logged_with_its_status_and_bytes() {
     }
 }
 
+/// An answer its server breaks off mid-body (its connection closed 30,000 bytes into a body
+/// of 100,000, or chunked without its last chunk) is logged with `cut`, over HTTP/1.1 (the
+/// relay's path and hyper's) and HTTP/2 (the relay's sockets and hyper's client), where the
+/// client's stream is reset: its line looked like a whole answer's, and over HTTP/2 its
+/// `bytes` may count what the reset dropped. A whole answer's line has no `cut`.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_its_server_breaks_off_is_logged_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut byte = [0u8; 1];
+                    if sock.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                if let Some(length) = head.lines().find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                }) {
+                    let mut body = vec![0u8; length];
+                    let _ = sock.read_exact(&mut body).await;
+                }
+                let answer = if head.contains(" /whole") {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nwhole"
+                        .to_vec()
+                } else if head.contains(" /chunked") {
+                    let mut a =
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n7530\r\n".to_vec();
+                    a.extend_from_slice(&[b'x'; 30_000]);
+                    a.extend_from_slice(b"\r\n");
+                    a
+                } else {
+                    let mut a = b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n".to_vec();
+                    a.extend_from_slice(&[b'x'; 30_000]);
+                    a
+                };
+                let _ = sock.write_all(&answer).await;
+                // Closed: the answer broken off where it stands.
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"http://{up}\"]\n[health]\nkind = \"tcp\"\n\
+             [log]\nformat = \"json\"\naccess_log = true\n"
+        ),
+    );
+    // HTTP/1.1: the relay, and hyper's path (`TE` keeps a request from the relay).
+    for (path, te) in [
+        ("/h1-relay", ""),
+        ("/h1-hyper", "TE: trailers\r\n"),
+        ("/chunked-h1-relay", ""),
+        ("/chunked-h1-hyper", "TE: trailers\r\n"),
+        ("/whole-h1", ""),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{te}\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        // A cut answer closes the connection; a whole one leaves it open.
+        let mut got = Vec::new();
+        let read = async {
+            let mut buf = [0u8; 65536];
+            while !got.ends_with(b"whole") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        };
+        let read = tokio::time::timeout(Duration::from_secs(10), read).await;
+        assert!(read.is_ok(), "{path}: not ended");
+    }
+    // HTTP/2: a `GET` on the relay's sockets, a `POST` (not sent again) through hyper's client.
+    let h2 = h2c_client();
+    for (method, path) in [
+        ("GET", "/h2-relay"),
+        ("POST", "/h2-hyper"),
+        ("GET", "/chunked-h2-relay"),
+        ("POST", "/chunked-h2-hyper"),
+        ("GET", "/whole-h2"),
+    ] {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", proxy.addr))
+            .body(full(if method == "POST" { "abc" } else { "" }))
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), async {
+            let resp = h2.request(req).await.map_err(|e| e.to_string())?;
+            let body = resp.into_body().collect().await;
+            body.map(|_| ()).map_err(|e| e.to_string())
+        })
+        .await
+        .expect("not ended");
+        assert_eq!(got.is_ok(), path.starts_with("/whole"), "{path}: {got:?}");
+    }
+    let lines = || {
+        proxy
+            .access_lines()
+            .into_iter()
+            .filter(|v| v["method"] != "-")
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || lines().len() >= 10).await,
+        "{:#?}",
+        proxy.log_lines()
+    );
+    for line in lines() {
+        let path = line["path"].as_str().unwrap_or_default();
+        assert_eq!(line["status"], 200, "{line}");
+        match path.starts_with("/whole") {
+            true => assert!(line.get("cut").is_none(), "{line}"),
+            false => assert_eq!(line["cut"], true, "{line}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn access_log_off_writes_no_request_lines() {
     let up = echo_upstream().await;
