@@ -312,11 +312,11 @@ fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> 
 const PREDECESSOR_LETS_GO: Duration = Duration::from_secs(3);
 
 /// `store::lock`, waiting up to `PREDECESSOR_LETS_GO` for an instance that holds it.
-async fn lock_state(path: &std::path::Path) -> Result<std::fs::File, StoreError> {
+async fn lock_state(path: &std::path::Path) -> Result<store::StateLock, StoreError> {
     let began = tokio::time::Instant::now();
     let mut said = false;
     loop {
-        match store::lock(path) {
+        match store::StateLock::take(path) {
             Err(StoreError::InUse { lock, .. }) if began.elapsed() < PREDECESSOR_LETS_GO => {
                 if !said {
                     said = true;
@@ -412,8 +412,9 @@ pub struct Running {
     notifier: Notifier,
     /// The state file's lock (`store::lock`), let go once the controller has stopped, so that
     /// a new instance started during the drain (its control socket is gone already) can take
-    /// the state file over, as it takes the socket.
-    state_lock: std::fs::File,
+    /// the state file over, as it takes the socket. The controller takes it again when its
+    /// file was removed (`StateLock::renew`).
+    state_lock: Arc<store::StateLock>,
 }
 
 /// Loads pages and state, binds every listener and the control socket, and starts serving.
@@ -425,7 +426,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     // Held before it is read: a proxy started while its predecessor drains (whose controller
     // may still save a change until it lets the lock go) read the state first, and could
     // take the lock a moment later and run on a state older than the file.
-    let state_lock = lock_state(&config.control.state_file).await?;
+    let state_lock = Arc::new(lock_state(&config.control.state_file).await?);
     let persisted = store::load(&config.control.state_file)?;
     if let Some(p) = &persisted.planned {
         tracing::warn!(since = %p.since.rfc3339(), by = %p.by, "maintenance is on (restored from the state file)");
@@ -500,6 +501,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
     unbind.keep();
     controller.set_rebind(listeners.clone());
+    controller.set_lock(state_lock.clone());
     let (stop_control, control_stopped) = shutdown::channel();
     controller.stop_on(control_stopped.clone());
     let recheck_control = Arc::new(tokio::sync::Notify::new());
@@ -631,7 +633,7 @@ impl Running {
                 let _ = task.await;
             }
         }
-        drop(self.state_lock);
+        self.state_lock.release();
         let limit = self.listeners.limit.clone();
         drop(self.listeners);
         // The controller has ended: no more events will come. Beside the drain, bounded by

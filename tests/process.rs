@@ -3661,6 +3661,128 @@ async fn sighup_binds_the_control_socket_again_in_its_folder_made_again() {
     assert!(matches!(&status, Ok(r) if r.ok), "{status:?}");
 }
 
+/// A SIGHUP with the control socket's folder still gone (a cleaner of `/run` or `/tmp`)
+/// reloads: the config's check of the socket's folder refused the reload, although
+/// `control.*` wait for a restart, keeping a renewed certificate or a new message out for
+/// nothing. The log says once, with what to do, that the socket cannot be bound; done, the
+/// next SIGHUP binds it again.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_while_the_control_sockets_folder_is_gone_and_says_so_once() {
+    use intermission::control::protocol::Request as Ctl;
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\n[maintenance]\nmessage = \"Before HUP\"\n\
+             [control]\nsocket = \"run/im.sock\"\n",
+            up.url()
+        ),
+    );
+    let socket = run.join("im.sock");
+    let on = Ctl::On {
+        message: None,
+        until: None,
+        retry_after: None,
+        reason: None,
+    };
+    let r = intermission::control::client::request(&socket, &on).await;
+    assert!(matches!(&r, Ok(r) if r.ok), "{r:?}");
+    std::fs::remove_dir_all(&run).unwrap();
+    let path = dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("Before HUP", "After HUP")).unwrap();
+    proxy.signal("HUP");
+    let said = |what: &str| {
+        proxy
+            .log_lines()
+            .iter()
+            .filter(|l| l.contains(what))
+            .count()
+    };
+    let gone = "the control socket's folder";
+    assert!(
+        wait_until(Duration::from_secs(10), || said("reload refused") > 0
+            || (said("config and pages reloaded") > 0 && said(gone) > 0))
+        .await,
+        "{:#?}",
+        proxy.log_lines()
+    );
+    assert_eq!(said("reload refused"), 0, "{:#?}", proxy.log_lines());
+    let v: serde_json::Value = json(&get(&proxy.url("/")).await);
+    assert_eq!(v["detail"], "After HUP", "the reload is in force");
+    let lines = proxy.log_lines();
+    let told: Vec<_> = lines
+        .iter()
+        .filter(|l| l.contains(gone) || l.contains("control.socket"))
+        .collect();
+    assert_eq!(told.len(), 1, "said once: {lines:#?}");
+    assert!(
+        told[0].contains(&run.display().to_string())
+            && told[0].contains("does not exist")
+            && told[0].contains("make the folder again")
+            && told[0].contains("`kill -HUP`"),
+        "{}",
+        told[0]
+    );
+    std::fs::create_dir(&run).unwrap();
+    proxy.signal("HUP");
+    assert!(
+        wait_until(Duration::from_secs(10), || socket.exists()).await,
+        "SIGHUP did not bind the control socket again in its folder made again: {:#?}",
+        proxy.log_lines()
+    );
+    let status = intermission::control::client::request(&socket, &Ctl::Status).await;
+    assert!(matches!(&status, Ok(r) if r.ok), "{status:?}");
+}
+
+/// The state file's folder removed while the proxy runs takes its lock file along: made
+/// again, a second instance on the same state file found no lock held and started, each
+/// overwriting the other's changes (its own control socket elsewhere; only one shared would
+/// have refused it). The SIGHUP the log tells an operator to send takes the lock again, and
+/// the second instance is refused as at any time.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_state_lock_is_taken_again_once_its_folder_is_made_again() {
+    let shared = tempfile::tempdir().unwrap();
+    let state = shared.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let config = format!(
+        "[control]\nstate_file = \"{}\"\n",
+        state.join("s.json").display()
+    );
+    let first = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(first.path(), &config);
+    std::fs::remove_dir_all(&state).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    proxy.signal("HUP");
+    // Said once it is taken again, the reload's last step; the refusal below is the proof.
+    let taken = wait_until(Duration::from_secs(10), || {
+        proxy
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("lock file had been removed") && l.contains("taken again"))
+    })
+    .await;
+    let second = tempfile::tempdir().unwrap();
+    std::fs::write(second.path().join("config.toml"), with_listen(&config)).unwrap();
+    let err = run_refused(second.path(), "config.toml");
+    assert!(err.contains("is in use by another intermission"), "{err}");
+    assert!(taken, "{:#?}", proxy.log_lines());
+    // The running one saves under its lock again.
+    let r = proxy
+        .ctl(&intermission::control::protocol::Request::On {
+            message: None,
+            until: None,
+            retry_after: None,
+            reason: None,
+        })
+        .await;
+    assert!(matches!(&r, Ok(r) if r.ok), "{r:?}");
+    assert!(state.join("s.json").exists());
+}
+
 /// mimalloc turns transparent huge pages off for the process as it starts
 /// (`.cargo/config.toml`): where a host has them `always` on, they back its arenas with
 /// 2 MiB pages from their first byte, and the idle proxy takes 13 MiB instead of 7.

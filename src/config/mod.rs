@@ -460,17 +460,18 @@ impl Config {
     /// while it is written in place is not put in force cut short. A warning says when it
     /// was still changing after 3 s, and the last read was taken. It sleeps: for a blocking
     /// thread.
-    /// `state_file` is the running proxy's, which a reload keeps whatever the file says: its
-    /// folder, gone since the start, does not refuse the reload (`Validator::running`).
+    /// `running` is the running proxy's `[control]`, which a reload keeps whatever the file
+    /// says: the folder of its state file or socket, gone since the start, does not refuse the
+    /// reload (`Validator::running`).
     pub fn reload_file(
         path: &Path,
-        state_file: &Path,
+        running: &ControlConfig,
     ) -> Result<(Config, Option<String>), ConfigError> {
         let settle = crate::files::SETTLE;
         let read = crate::files::read_settled(path, crate::files::MAX_CONFIG_BYTES, &settle);
         let still_changing = read.as_ref().is_ok_and(|r| r.still_changing);
         let text = read.and_then(|r| crate::files::text(r.bytes));
-        let config = Self::from_file_text(path, text, Some(state_file))?;
+        let config = Self::from_file_text(path, text, Some(running))?;
         let warning = still_changing.then(|| {
             format!(
                 "{} was still changing after {} s of reads {} ms apart (written to while the \
@@ -487,7 +488,7 @@ impl Config {
     fn from_file_text(
         path: &Path,
         text: std::io::Result<String>,
-        running: Option<&Path>,
+        running: Option<&ControlConfig>,
     ) -> Result<Config, ConfigError> {
         let text = text.map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
@@ -516,12 +517,12 @@ impl Config {
         Self::parse_beside(text, base_dir, source, None)
     }
 
-    /// `parse` for a reload beside a proxy running with the state file `running`.
+    /// `parse` for a reload beside a proxy running with the `[control]` `running`.
     fn parse_beside(
         text: &str,
         base_dir: &Path,
         source: Option<&Path>,
-        running: Option<&Path>,
+        running: Option<&ControlConfig>,
     ) -> Result<Config, ConfigError> {
         let origin = source.map_or_else(|| "config".to_owned(), |p| p.display().to_string());
         let invalid = |problems| ConfigError::Invalid {
@@ -764,9 +765,9 @@ struct Validator<'t> {
     base_dir: PathBuf,
     /// The file as written, for `problem` to know a secret it must not repeat.
     written: &'t toml::Table,
-    /// A reload's: the running proxy's state file, which it keeps whatever the file says
-    /// (`control.*` take effect at a restart).
-    running: Option<&'t Path>,
+    /// A reload's: the running proxy's `[control]`, its state file and socket, which it keeps
+    /// whatever the file says (`control.*` take effect at a restart).
+    running: Option<&'t ControlConfig>,
 }
 
 /// Below this, a webhook's `secret` is warned about, as `bypass_secret` is refused.
@@ -1750,9 +1751,16 @@ impl Validator<'_> {
         let socket = self.path(&f.socket);
         if f.socket.is_empty() {
             self.problem("control.socket", "must name a path for the control socket");
-        } else if let Err(why) = socket_path(&socket) {
-            // Found by `check` and a reload, not by the next restart, which would fail.
-            self.problem("control.socket", why);
+        } else if self.running.map(|r| &r.socket) != Some(&socket) {
+            // Found by `check` and a reload, not by the next restart, which would fail. Not
+            // of the running proxy's own, its folder removed since it started (a cleaner of
+            // /run or /tmp) or something put in its place: as for the state file below,
+            // refusing the reload would keep a renewed certificate out and mend nothing. The
+            // SIGHUP that asks the reload also binds the socket again, or says loudly why it
+            // cannot (`control::server::Bound::find_again`).
+            if let Err(why) = socket_path(&socket) {
+                self.problem("control.socket", why);
+            }
         }
         let state_file = self.path(&f.state_file);
         if f.state_file.is_empty() {
@@ -1763,7 +1771,7 @@ impl Validator<'_> {
             // problem and not the file's: refusing the reload would keep a renewed
             // certificate or a new message out and mend nothing, since the proxy keeps its
             // state file whatever the file says. The reload says so instead (`prepare`).
-            if self.running != Some(state_file.as_path()) {
+            if self.running.map(|r| &r.state_file) != Some(&state_file) {
                 self.problem("control.state_file", why);
             }
         }

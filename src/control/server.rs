@@ -99,9 +99,25 @@ impl Bound {
                             "the control socket had been removed; bound again"
                         );
                     }
-                    Err(e) => tracing::error!(
-                        "the control socket had been removed, and cannot be bound again: {e}"
-                    ),
+                    // Its folder gone too (a cleaner of /run or /tmp): the bind's own error,
+                    // "No such file or directory", said neither which nor what to do. Said at
+                    // each SIGHUP, whose reload takes meanwhile (the config's check of the
+                    // socket's folder spares the running proxy's own).
+                    Err(e) => match self
+                        .path
+                        .parent()
+                        .filter(|d| !d.as_os_str().is_empty() && !d.is_dir())
+                    {
+                        Some(folder) => tracing::error!(
+                            socket = %self.path.display(),
+                            "the control socket's folder {} does not exist (removed since the start?): ctl cannot reach this proxy, which runs on, and a start would refuse this control.socket; make the folder again, writable by the proxy's user (`install -d -m 0755 -o USER {}`), then `kill -HUP` the proxy, which binds the socket there again",
+                            folder.display(),
+                            folder.display()
+                        ),
+                        None => tracing::error!(
+                            "the control socket had been removed, and cannot be bound again: {e}"
+                        ),
+                    },
                 }
             }
             Err(e) => tracing::error!(

@@ -145,6 +145,8 @@ pub struct Controller {
     /// save: the file holds an older one, which a restart would read. Saved again by the
     /// next write, and tried by a reload (what an operator does once the cause is mended).
     unsaved: bool,
+    /// The state file's lock, held by the app (`app::Running`), which lets it go at the stop.
+    lock: Option<Arc<store::StateLock>>,
 }
 
 /// Reloads asked for. Their files are read off the controller: a file that blocks (a FIFO, a
@@ -267,8 +269,14 @@ impl Controller {
             certificates_due,
             written,
             unsaved: false,
+            lock: None,
         };
         (controller, ControllerHandle { tx }, handle)
+    }
+
+    /// Lets saves and reloads take the state file's lock again when its file is gone.
+    pub fn set_lock(&mut self, lock: Arc<store::StateLock>) {
+        self.lock = Some(lock);
     }
 
     /// Lets reloads change the listen addresses.
@@ -766,9 +774,12 @@ impl Controller {
     async fn write_state(&mut self, next: &Persisted) -> Result<(), (String, &'static str)> {
         let path = self.parts.config.control.state_file.clone();
         let saved = next.clone();
+        let lock = self.lock.clone();
         let (before, saved, after) = tokio::task::spawn_blocking(move || {
             let before = store::seen(&path);
-            let saved = store::save(&path, &saved);
+            // Saved only under the lock: a second instance that took the state file while
+            // its lock file was gone would have its changes overwritten, and overwrite ours.
+            let saved = renew(lock.as_deref()).and_then(|()| store::save(&path, &saved));
             (before, saved, store::seen(&path))
         })
         .await
@@ -1199,7 +1210,22 @@ impl Controller {
             warnings.push(warning);
         }
         let (before, after) = self.settle(self.clock.now(), "config reloaded").await;
-        if self.unsaved {
+        if !self.unsaved {
+            // Its folder made again, as the log said to, then SIGHUP: the lock is taken again
+            // now, not at the next change, which a second instance could start before.
+            let lock = self.lock.clone();
+            let renewed = tokio::task::spawn_blocking(move || renew(lock.as_deref())).await;
+            if let Ok(Err(e)) = renewed {
+                let warning = format!(
+                    "the state file's lock, removed since the start (with its folder?), cannot \
+                     be taken again: {e}; every change is refused as not saved \
+                     (state_not_saved) until it is. {}, then reload",
+                    e.advice()
+                );
+                tracing::warn!("{warning}");
+                warnings.push(warning);
+            }
+        } else {
             let state = self.state.clone();
             match self.write_state(&state).await {
                 Ok(()) => tracing::info!("the state in force, not saved before, is saved now"),
@@ -1417,7 +1443,7 @@ pub fn to_change(req: Request, by: String, now: SystemTime) -> Result<Change, Er
 fn prepare(path: &std::path::Path, old: &Parts) -> Result<Prepared, String> {
     let running = &old.config.control.state_file;
     let (mut config, still_changing) =
-        Config::reload_file(path, running).map_err(|e| e.to_string())?;
+        Config::reload_file(path, &old.config.control).map_err(|e| e.to_string())?;
     let pages = Pages::load(&config.maintenance).map_err(|e| e.to_string())?;
     let old_config = &old.config;
     // Valid, and likely not meant: a file cut short by a write the settling did not outlast,
@@ -1517,6 +1543,18 @@ async fn read(
 }
 
 /// The protocol's name of a command (a fixed set: safe as a metric label).
+/// Takes the state file's lock again if its file is gone (`StateLock::renew`), and says so.
+/// Blocking.
+fn renew(lock: Option<&store::StateLock>) -> Result<(), store::StoreError> {
+    if lock.map(store::StateLock::renew).transpose()? == Some(true) {
+        tracing::warn!(
+            "the state file's lock file had been removed (with its folder?), which let a second \
+             intermission take the same state file: taken again"
+        );
+    }
+    Ok(())
+}
+
 fn command_name(req: &Request) -> &'static str {
     match req {
         Request::Status => "status",

@@ -57,6 +57,12 @@ impl StoreError {
     pub fn advice(&self) -> &'static str {
         let os = match self {
             StoreError::Write { source, .. } => source.raw_os_error(),
+            // Found by the running proxy (`StateLock::renew`): another one took the state
+            // file while its lock file was gone with its folder.
+            StoreError::InUse { .. } => {
+                return "Stop the other intermission, which took the state file while its lock \
+                        file was gone (its folder removed?), or give it a state file of its own";
+            }
             _ => None,
         };
         match os {
@@ -654,6 +660,61 @@ pub fn lock(path: &Path) -> Result<std::fs::File, StoreError> {
     }
 }
 
+/// The state file's lock as the running proxy holds it, taken again when its file is gone:
+/// a folder removed while the proxy runs (a cleanup, by hand) takes the lock file with it,
+/// and the lock held on the file unlinked kept out nobody. A second instance started on the
+/// same state file once the folder was made again took it, and each overwrote the other's
+/// changes.
+pub struct StateLock {
+    path: PathBuf,
+    /// `None` once let go (`release`): the stop hands the state file to the next instance.
+    held: std::sync::Mutex<Option<std::fs::File>>,
+}
+
+impl StateLock {
+    /// Locks the state file at `path` (`lock`).
+    pub fn take(path: &Path) -> Result<StateLock, StoreError> {
+        Ok(StateLock {
+            path: path.to_path_buf(),
+            held: std::sync::Mutex::new(Some(lock(path)?)),
+        })
+    }
+
+    /// Takes the lock again when the file at its path is not the one held (removed, with its
+    /// folder or alone): `Ok(true)` when it did. Nothing when the folder is still gone (the
+    /// save that follows says so) or the lock was let go. `InUse` when another instance took
+    /// the state file meanwhile. Blocking: call it off the async workers.
+    pub fn renew(&self) -> Result<bool, StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(file) = held.as_ref() else {
+            return Ok(false);
+        };
+        let at = beside(&followed(&self.path), "lock");
+        let id = |m: &std::fs::Metadata| (m.dev(), m.ino());
+        match std::fs::metadata(&at) {
+            Ok(m) if file.metadata().ok().as_ref().map(id) == Some(id(&m)) => return Ok(false),
+            Err(_) if !folder(&at).is_dir() => return Ok(false),
+            _ => {}
+        }
+        *held = Some(lock(&self.path)?);
+        Ok(true)
+    }
+
+    /// Lets the state file go, for the next instance to take.
+    pub fn release(&self) {
+        drop(
+            self.held
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(),
+        );
+    }
+}
+
 /// The file `path` names, through symlinks (a few levels; one that names no file yet is
 /// followed too, as the first save will make it); `path` itself when it is none.
 fn followed(path: &Path) -> PathBuf {
@@ -1200,6 +1261,32 @@ mod tests {
         assert!(e.contains("in use by another intermission"), "{e}");
         drop(held);
         assert!(lock(&path).is_ok(), "let go when the holder closes it");
+    }
+
+    /// A lock file removed with its folder is taken again once the folder is back, unless
+    /// another instance took it meanwhile; still held, or let go, nothing is done.
+    #[test]
+    fn a_removed_lock_is_taken_again_unless_another_took_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("state");
+        std::fs::create_dir(&folder).unwrap();
+        let path = folder.join("state.json");
+        let held = StateLock::take(&path).unwrap();
+        assert!(!held.renew().unwrap(), "still held: nothing to do");
+        std::fs::remove_dir_all(&folder).unwrap();
+        assert!(!held.renew().unwrap(), "its folder gone: the save says so");
+        std::fs::create_dir(&folder).unwrap();
+        let other = lock(&path).expect("nothing held the new lock file");
+        let e = held.renew().unwrap_err();
+        assert!(matches!(e, StoreError::InUse { .. }), "{e}");
+        assert!(e.advice().contains("Stop the other intermission"));
+        drop(other);
+        assert!(held.renew().unwrap(), "taken again");
+        assert!(!held.renew().unwrap());
+        assert!(lock(&path).is_err(), "held again");
+        held.release();
+        assert!(!held.renew().unwrap(), "let go: not taken again");
+        assert!(lock(&path).is_ok(), "let go");
     }
 
     /// Two links, in folders of their own, that name one state file are one state file: the
