@@ -238,6 +238,9 @@ async fn put_piece<C: Client>(
             *spent = Vec::new();
             put(sock, &rest, snap).await
         }
+        // All of it written, on a socket that keeps nothing back: nothing left to do, where
+        // `put` would set up a write of nothing.
+        Ok(false) if !C::BUFFERED => true,
         // The rest of a piece that waits with buffers still small, or none when all was
         // written: `put` then only flushes what TLS keeps sealed.
         Ok(_) => put(sock, &data[at..piece.end], snap).await,
@@ -845,19 +848,27 @@ fn request(
             out.extend_from_slice(b", ");
         }
     }
-    out.extend_from_slice(conn.client.peer.as_bytes());
-    out.extend_from_slice(b"\r\n");
-    if !their_proto {
-        let proto: &[u8] = if conn.tls() { b"https" } else { b"http" };
-        h1::push_header(out, b"x-forwarded-proto", proto);
-    }
+    // The lines this hop adds, their fixed parts each one copy with what comes next to them:
+    // written a name, a separator, a value and an end apiece, they were 15 copies a request.
+    let peer = conn.client.peer.as_bytes();
+    out.extend_from_slice(peer);
+    out.extend_from_slice(match (their_proto, conn.tls()) {
+        (true, _) => b"\r\n",
+        (false, true) => b"\r\nx-forwarded-proto: https\r\n",
+        (false, false) => b"\r\nx-forwarded-proto: http\r\n",
+    });
     if !their_host {
-        h1::push_header(out, b"x-forwarded-host", host);
+        out.extend_from_slice(b"x-forwarded-host: ");
+        out.extend_from_slice(host);
+        out.extend_from_slice(b"\r\n");
     }
     if !their_address {
-        h1::push_header(out, b"x-real-ip", conn.client.peer.as_bytes());
+        out.extend_from_slice(b"x-real-ip: ");
+        out.extend_from_slice(peer);
+        out.extend_from_slice(b"\r\n\r\n");
+    } else {
+        out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b"\r\n");
     // A body is taken when it is whole in what a read holds, so that it can be sent with
     // the head and again if need be; a larger one streams through hyper.
     let whole = used + length.unwrap_or(0);
@@ -1130,7 +1141,7 @@ async fn answer<C: Client>(
         // Pinned here and lent to `wait`: passed by value, its state (some 400 bytes) was
         // copied twice per request on its way into `wait`'s.
         let fetched = {
-            let mut attempt = std::pin::pin!(fetch(bufs, pool, server, sent, hsts));
+            let mut attempt = std::pin::pin!(fetch(bufs, pool, server, sent, hsts, idempotent));
             let by = Deadline::At(respond_by.as_mut());
             match wait(sock, &mut watch, by, attempt.as_mut()).await {
                 Waited::Late if look < timeout => {
@@ -1354,16 +1365,18 @@ enum Failure {
 /// only, and on a new connection: a request that makes the server fail is not sent once per
 /// kept socket.
 /// `hsts`: the `Strict-Transport-Security` line an answer without one gets (`read_head`).
+/// `idempotent`: `resendable(&bufs.request)`, which the caller has asked already.
 async fn fetch(
     bufs: &mut Set,
     pool: &UpstreamPool,
     server: usize,
     now: tokio::time::Instant,
     hsts: Option<&[u8]>,
+    idempotent: bool,
 ) -> Result<(RawSocket, Answer), SendError> {
     // `now` is the attempt's start, which the caller has read: a kept socket's idle time is
     // measured from it rather than from a second reading of the clock.
-    let mut kept = pool.raw_take(server, now, resendable(&bufs.request));
+    let mut kept = pool.raw_take(server, now, idempotent);
     loop {
         let since = kept.as_ref().map(|(_, since)| *since);
         let mut up = match kept.take() {
@@ -1375,7 +1388,7 @@ async fn fetch(
             Err(Failure::Unsent(_)) if since.is_some() => {}
             // A `POST` or `PATCH` that reached a server is never sent twice: it may have
             // acted on it before closing.
-            Err(Failure::Early(_)) if since.is_some() && resendable(&bufs.request) => {
+            Err(Failure::Early(_)) if since.is_some() && idempotent => {
                 tracing::debug!("a kept upstream connection was closed; sending again");
             }
             Err(Failure::Unsent(e) | Failure::Early(e)) => return Err(SendError::Io(e)),
@@ -2577,7 +2590,9 @@ pub async fn upstream(
     let bufs = &mut set.0;
     bufs.map = Some(http::HeaderMap::new());
     // Its head goes to hyper's server, whose answers get the header in `gateway::finish`.
-    let (up, answer) = fetch(bufs, pool, server, tokio::time::Instant::now(), None).await?;
+    let idempotent = resendable(&bufs.request);
+    let now = tokio::time::Instant::now();
+    let (up, answer) = fetch(bufs, pool, server, now, None, idempotent).await?;
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = StatusCode::from_u16(answer.status)
         .map_err(|_| SendError::Protocol("a malformed status"))?;
@@ -3657,6 +3672,31 @@ mod tests {
         assert_eq!(written(&input[2..], name, b": ", value, b"\r\n"), None);
         assert_eq!(written(input, name, b": ", &input[14..15], b"\r\n"), None);
         assert_eq!(written(input, name, b":", value, b"\r\n"), None);
+    }
+
+    /// An answer's lines go out in order, whatever is dropped or written again between them.
+    #[test]
+    fn answer_lines_go_out_in_order_around_what_is_dropped_or_rewritten() {
+        let (out, _) = head(
+            "HTTP/1.1 200 OK\r\nServer: s\r\nConnection: keep-alive, X-Gone\r\n\
+             Date: Thu, 03 Dec 2026 09:00:00 GMT\r\nX-A:b\r\nX-Gone: 1\r\n\
+             Content-Length: 0\r\nKeep-Alive: timeout=5\r\nX-B: c\r\nX-C: d\r\n\r\n",
+        );
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nServer: s\r\nDate: Thu, 03 Dec 2026 09:00:00 GMT\r\n\
+             X-A: b\r\nContent-Length: 0\r\nX-B: c\r\nX-C: d\r\n\r\n"
+        );
+        // Two lengths written as one, between lines passed on as they came.
+        let (out, _) = head(
+            "HTTP/1.1 200 OK\r\nX-A: a\r\nContent-Length: 2, 2\r\nX-B: b\r\n\
+             Date: Thu, 03 Dec 2026 09:00:00 GMT\r\n\r\nhi",
+        );
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nX-A: a\r\nContent-Length: 2\r\nX-B: b\r\n\
+             Date: Thu, 03 Dec 2026 09:00:00 GMT\r\n\r\n"
+        );
     }
 
     #[test]

@@ -69,16 +69,17 @@ fn is_fixed_hop_by_hop(name: &HeaderName) -> bool {
 /// Whether a raw header name is `Connection` or one of `is_fixed_hop_by_hop`'s, ignoring
 /// case: for code that reads header lines without a `HeaderMap` (`crate::relay`). A test keeps
 /// the two lists the same.
+/// By length first: the relay asks it of every field of every answer.
 pub fn is_hop_by_hop_name(name: &[u8]) -> bool {
-    const NAMES: [&[u8]; 6] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"transfer-encoding",
-        b"upgrade",
-    ];
-    NAMES.iter().any(|n| crate::h1::eq_lower(name, n))
+    use crate::h1::eq_lower as is;
+    match name.len() {
+        2 => is(name, b"te"),
+        7 => is(name, b"upgrade"),
+        10 => is(name, b"connection") || is(name, b"keep-alive"),
+        16 => is(name, b"proxy-connection"),
+        17 => is(name, b"transfer-encoding"),
+        _ => false,
+    }
 }
 
 /// What the forwarding rules make of a request field, by its name in any case: for code that
