@@ -752,16 +752,23 @@ async fn a_config_caught_half_written_is_read_until_it_is_whole() {
         "the whole file is in force"
     );
 
-    // A file that is still changing after 2 s: its last read, with a warning.
+    // A file that is still changing after 2 s: its last read, with a warning. Only a trailing
+    // comment changes, in place and at the same length, so that every read is whole and valid:
+    // a writer that empties the file first (`fs::write`) leaves the reload's last read, on a
+    // loaded machine, the empty file, which is refused (rightly) instead of taken.
+    std::fs::write(&path, format!("{whole}# save {:08}\n", 0)).unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
-        let (path, stop, whole) = (path.clone(), stop.clone(), whole.clone());
+        let (path, stop, at) = (path.clone(), stop.clone(), whole.len() as u64);
         std::thread::spawn(move || {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
             let mut n = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 n += 1;
-                std::fs::write(&path, format!("{whole}# save {n}\n")).unwrap();
-                std::thread::sleep(Duration::from_millis(30));
+                file.write_all_at(format!("# save {n:08}\n").as_bytes(), at)
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(20));
             }
         })
     };
