@@ -2117,10 +2117,21 @@ mod tests {
             "send never waits"
         );
         wait_until("the healthy receiver has all three", || fine.count() == 3).await;
+        // The two deliver side by side: on a loaded machine the healthy one can be done before
+        // the hanging one has even been sent the first event, and a receiver counts a request
+        // before the notifier has its answer (and counts it delivered).
+        wait_until("the hanging receiver has the first", || {
+            hanging.count() >= 1
+        })
+        .await;
+        wait_until("the healthy receiver's three counted delivered", || {
+            notifier.pending() == 3
+        })
+        .await;
         assert!(started.elapsed() < Duration::from_secs(9));
         assert_eq!(fine.messages(), strings(&["0", "1", "2"]));
         assert_eq!(hanging.count(), 1, "still on the first event");
-        assert_eq!(notifier.pending(), 3);
+        assert_eq!(notifier.pending(), 3, "the hanging receiver's three");
     }
 
     #[tokio::test]
