@@ -52,7 +52,7 @@ async fn outage_by_itself_and_recovery_by_itself() {
     let proxy = proxy_for(&[&up], FAST).await;
     assert_eq!(get(&proxy.url("/")).await.body(), "app");
 
-    up.stop();
+    up.stopped().await;
     // fall × interval is 1 s; the bound leaves room for a shared, loaded machine but fails
     // if the configured interval or fall were ignored (the defaults take 4 to 6 s).
     let took = wait_mode(&proxy, "outage", Duration::from_secs(5)).await;
@@ -92,7 +92,7 @@ async fn a_server_taken_out_is_checked_at_its_own_pace_until_it_is_back() {
     )
     .await;
     assert_eq!(get(&proxy.url("/")).await.body(), "app");
-    up.stop();
+    up.stopped().await;
     // The refused connection counts as a failed check, and `fall = 1` takes it out.
     assert!(is_outage(&get(&proxy.url("/")).await));
     wait_mode(&proxy, "outage", Duration::from_secs(10)).await;
@@ -274,7 +274,7 @@ async fn failed_requests_take_a_server_out_without_waiting_for_the_next_check() 
     )
     .await;
     assert_eq!(wait_health(&proxy, Some(true)).await, Some(true));
-    up.stop();
+    up.stopped().await;
     for _ in 0..2 {
         assert!(is_outage(&get(&proxy.url("/")).await), "never a raw error");
     }
@@ -649,7 +649,7 @@ async fn a_request_to_a_server_that_just_died_is_retried_on_another() {
         bodies.iter().any(|b| b == "app"),
         "both are used: {bodies:?}"
     );
-    doomed.stop();
+    doomed.stopped().await;
     // Round-robin sends every other request to the dead server, which is still counted as
     // healthy (fall = 1000): each of those is refused and must be retried on the live one.
     for i in 0..10 {
@@ -680,7 +680,7 @@ async fn a_websocket_to_a_server_that_just_died_opens_on_another() {
         all_servers_healthy(&proxy).await,
         "both servers are checked healthy"
     );
-    doomed.server.stop();
+    doomed.server.stopped().await;
     for i in 0..4 {
         let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
         let head = ask_to_switch(&mut s).await;
@@ -730,7 +730,7 @@ async fn a_small_idempotent_upload_is_retried_whole_on_another_server() {
         all_servers_healthy(&proxy).await,
         "both servers are checked healthy"
     );
-    doomed.stop();
+    doomed.stopped().await;
     // Every other PUT goes to the dead server first; its body was read whole before
     // forwarding, so the retry carries it.
     for i in 0..6 {

@@ -1432,7 +1432,7 @@ async fn outage_told(proxy: &Proxy, hook: &Receiver) -> serde_json::Value {
 async fn an_outage_a_reload_brings_about_has_a_start() {
     let live = upstream(|_req: Request<Incoming>| async { Response::new(full("live")) }).await;
     let dead = upstream(|_req: Request<Incoming>| async { Response::new(full("dead")) }).await;
-    dead.stop();
+    dead.stopped().await;
     let hook = receiver(Arc::new(AtomicBool::new(false)), false).await;
     let proxy = spawn_proxy(&format!(
         "[upstream]\nservers = [\"{}\", \"{}\"]\n\
