@@ -717,8 +717,9 @@ async fn servers(proxy: &Proxy) -> Vec<String> {
 /// A config file rewritten in place (`cat > config.toml`, an editor's save) and caught by a
 /// reload half-written, where it was still valid TOML (cut after its `[proxy]` section), was
 /// put in force: the application replaced by the default 127.0.0.1:3000, the site in outage,
-/// and `ctl reload` said done. A file changed within the last second is read until two reads
-/// agree; one that never stops changing is taken as last read, and said to be.
+/// and `ctl reload` said done. A file changed within the last second is read until it has
+/// been left alone for a second; one that never stops changing is taken as last read, and
+/// said to be.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_config_caught_half_written_is_read_until_it_is_whole() {
     use std::io::Write;
@@ -752,7 +753,7 @@ async fn a_config_caught_half_written_is_read_until_it_is_whole() {
         "the whole file is in force"
     );
 
-    // A file that is still changing after 2 s: its last read, with a warning. Only a trailing
+    // A file that is still changing after 3 s: its last read, with a warning. Only a trailing
     // comment changes, in place and at the same length, so that every read is whole and valid:
     // a writer that empties the file first (`fs::write`) leaves the reload's last read, on a
     // loaded machine, the empty file, which is refused (rightly) instead of taken.
@@ -779,7 +780,7 @@ async fn a_config_caught_half_written_is_read_until_it_is_whole() {
     assert!(
         r.warnings
             .iter()
-            .any(|w| w.contains("was still changing after 2 s") && w.contains("reload again")),
+            .any(|w| w.contains("was still changing after 3 s") && w.contains("reload again")),
         "{r:?}"
     );
 }
