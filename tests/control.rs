@@ -877,6 +877,36 @@ async fn a_reload_takes_when_the_state_files_folder_is_gone_and_says_so() {
     );
 }
 
+/// A state file saved, then removed with its folder, and the folder made again: the reload
+/// the log asks for writes the state in force again, and calls it no edit by hand. It only
+/// took the lock again, and a restart read no state: a `ctl on` was forgotten.
+#[tokio::test]
+async fn a_reload_writes_again_a_state_file_removed_with_its_folder() {
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("state")).unwrap();
+    let proxy = spawn_proxy_in(
+        dir,
+        &with_listen(&format!(
+            "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"1h\"\n\
+             [control]\nstate_file = \"state/s.json\"\n",
+            up.url()
+        )),
+    )
+    .await;
+    let r = ctl(&proxy, on(Some("Moving house"))).await;
+    assert!(r.ok, "{r:?}");
+    let folder = proxy.dir.path().join("state");
+    assert!(folder.join("s.json").exists(), "saved by ctl on");
+    std::fs::remove_dir_all(&folder).unwrap();
+    std::fs::create_dir(&folder).unwrap();
+    let r = ctl(&proxy, Ctl::Reload).await;
+    assert!(r.ok && r.warnings.is_empty(), "{r:?}");
+    let saved =
+        std::fs::read_to_string(folder.join("s.json")).expect("written again by the reload");
+    assert!(saved.contains("Moving house"), "{saved}");
+}
+
 /// A section the file in force had and a new one does not (cut short, or deleted with more
 /// than meant) is said by the reload that applies it: its keys are back to their defaults.
 #[tokio::test]

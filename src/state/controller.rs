@@ -801,9 +801,10 @@ impl Controller {
         Ok(())
     }
 
-    /// The reload's warning of a state file changed since this proxy last read or wrote it:
-    /// an operator who edits it by hand and reloads would otherwise believe it in force.
-    async fn state_file_edited(&self) -> Option<String> {
+    /// What a reload finds of a state file not as this proxy last read or wrote it: changed,
+    /// to be said, since an operator who edits it by hand and reloads would otherwise believe
+    /// it in force; or removed, to be written again.
+    async fn state_file_edited(&self) -> Option<Edited> {
         let path = self.parts.config.control.state_file.clone();
         let shown = path.display().to_string();
         let (now, gone) = tokio::task::spawn_blocking(move || {
@@ -813,11 +814,15 @@ impl Controller {
         .await
         .ok()?;
         // No edit: its folder is gone, which the reload's read said.
-        (!gone && now != self.written).then(|| {
-            format!(
-                "control.state_file {shown} was changed since this proxy last wrote it: a running proxy reads it at start only, so the state in force stays (see `ctl status`), and its next change replaces the file; change the state with `intermission ctl`"
-            )
-        })
+        if gone || now == self.written {
+            return None;
+        }
+        if now.is_none() {
+            return Some(Edited::Gone);
+        }
+        Some(Edited::Changed(format!(
+            "control.state_file {shown} was changed since this proxy last wrote it: a running proxy reads it at start only, so the state in force stays (see `ctl status`), and its next change replaces the file; change the state with `intermission ctl`"
+        )))
     }
 
     /// The end clients are shown now, if anything is held and has one.
@@ -1205,9 +1210,15 @@ impl Controller {
             pages = %self.parts.pages.origin,
             "config and pages reloaded"
         );
-        if let Some(warning) = self.state_file_edited().await {
-            tracing::warn!("{warning}");
-            warnings.push(warning);
+        match self.state_file_edited().await {
+            Some(Edited::Changed(warning)) => {
+                tracing::warn!("{warning}");
+                warnings.push(warning);
+            }
+            // Removed, with its folder made again or alone: a restart would read no state
+            // and forget a `ctl on` or the windows, so the reload writes it again below.
+            Some(Edited::Gone) => self.unsaved = true,
+            None => {}
         }
         let (before, after) = self.settle(self.clock.now(), "config reloaded").await;
         if !self.unsaved {
@@ -1545,6 +1556,14 @@ async fn read(
 /// The protocol's name of a command (a fixed set: safe as a metric label).
 /// Takes the state file's lock again if its file is gone (`StateLock::renew`), and says so.
 /// Blocking.
+/// What a reload finds of the state file this proxy last wrote, when it is not as left.
+enum Edited {
+    /// Changed by another hand: the warning to give.
+    Changed(String),
+    /// Removed (its folder with it, made again since): to be written again.
+    Gone,
+}
+
 fn renew(lock: Option<&store::StateLock>) -> Result<(), store::StoreError> {
     if lock.map(store::StateLock::renew).transpose()? == Some(true) {
         tracing::warn!(
