@@ -254,10 +254,19 @@ impl Upgrading {
             return;
         };
         let handed = hyper::upgrade::on(req);
+        // Taken now, not at the handover: the connection's task lets its own guard go as it
+        // ends, and a drain that saw no guard left then ended the process before this one
+        // took it, over the close it waits to make (h202).
+        let Upgrading(limit) = upgrading;
+        let guard = limit.drain.guard();
         tokio::spawn(async move {
             if let Ok(upgraded) = handed.await {
-                // Counted, and waited for by a drain, as the connection was.
-                let _kept = upgrading.keep();
+                // Counted as the connection was.
+                limit.open.fetch_add(1, Ordering::Relaxed);
+                let _kept = Tunnelled {
+                    _slot: Slot(limit),
+                    guard,
+                };
                 crate::shutdown::linger_io(TokioIo::new(upgraded)).await;
             }
         });
@@ -599,17 +608,39 @@ impl Lasting {
     }
 }
 
-/// A connection already in the listener's backlog, taken without waiting; none when the
-/// backlog is empty (or accepting fails). At a stop, the listener is closed: the kernel
-/// resets the connections still queued in it, whose clients had connected and sent their
-/// requests (all 16 of a test's, h197). Taken first, they are served as any connection the drain finds open. A syscall rather than
-/// tokio's `accept`, which waits for the reactor to have seen them.
-fn accept_queued(listener: &TcpListener) -> Option<(TcpStream, std::net::SocketAddr)> {
+/// What taking a connection already in the listener's backlog, without waiting, found.
+enum Queued {
+    Taken(TcpStream, std::net::SocketAddr),
+    /// This one could not be served (reset while it waited, aborted): the next may be.
+    Lost,
+    /// The backlog is empty, or no descriptor is left to take another.
+    Done,
+}
+
+/// At a stop, the listener is closed: the kernel resets the connections still queued in it,
+/// whose clients had connected and sent their requests (all 16 of a test's, h197). Taken
+/// first, they are served as any connection the drain finds open. A syscall rather than
+/// tokio's `accept`, which waits for the reactor to have seen them. One client that reset
+/// while queued (Linux still hands it over, and its address is gone) does not end the
+/// taking: the connections behind it were reset for it.
+fn accept_queued(listener: &TcpListener) -> Queued {
+    use rustix::io::Errno;
     use rustix::net::{accept_with, SocketFlags};
-    let fd = accept_with(listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC).ok()?;
+    let fd = match accept_with(listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
+        Ok(fd) => fd,
+        Err(Errno::AGAIN | Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM) => {
+            return Queued::Done
+        }
+        Err(_) => return Queued::Lost,
+    };
     let stream = std::net::TcpStream::from(fd);
-    let peer = stream.peer_addr().ok()?;
-    Some((TcpStream::from_std(stream).ok()?, peer))
+    let Ok(peer) = stream.peer_addr() else {
+        return Queued::Lost;
+    };
+    match TcpStream::from_std(stream) {
+        Ok(stream) => Queued::Taken(stream, peer),
+        Err(_) => Queued::Lost,
+    }
 }
 
 pub async fn accept_loop(
@@ -633,8 +664,9 @@ pub async fn accept_loop(
             Some(left) => {
                 *left -= 1;
                 match accept_queued(&listener) {
-                    Some(pair) => pair,
-                    None => break,
+                    Queued::Taken(stream, peer) => (stream, peer),
+                    Queued::Lost => continue,
+                    Queued::Done => break,
                 }
             }
             None => tokio::select! {
