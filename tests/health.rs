@@ -297,7 +297,10 @@ async fn failed_requests_take_a_server_out_without_waiting_for_the_next_check() 
     });
     assert!(ctl(&proxy, Ctl::Reload).await.ok);
     let h = first_server_once(&proxy, |h| h.consecutive != kept.consecutive).await;
-    assert_eq!(h.consecutive, 3, "{kept:?} then {h:?}");
+    // 3 from the new checker's first check, or more: a server out is checked every
+    // `down_interval`, and a loaded machine can run two checks between two looks. A count
+    // started again would read 1.
+    assert!(h.consecutive >= 3, "{kept:?} then {h:?}");
     assert_eq!((h.healthy, h.since), (kept.healthy, kept.since));
 }
 
