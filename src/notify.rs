@@ -2047,12 +2047,12 @@ mod tests {
     #[tokio::test]
     async fn a_webhook_with_an_ipv6_zone_is_delivered_to() {
         let Some((address, interface, index)) = link_local() else {
-            eprintln!("skipped: no link-local IPv6 address here");
+            eprintln!("SKIPPED: no link-local IPv6 address here");
             return;
         };
         let bound = std::net::SocketAddrV6::new(address, 0, 0, index);
         let Ok(listener) = TcpListener::bind(bound).await else {
-            eprintln!("skipped: cannot listen on {address}%{interface}");
+            eprintln!("SKIPPED: cannot listen on {address}%{interface}");
             return;
         };
         let port = listener.local_addr().unwrap().port();

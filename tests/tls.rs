@@ -1186,12 +1186,12 @@ fn link_local() -> Option<(std::net::Ipv6Addr, String, u32)> {
 #[tokio::test]
 async fn an_https_server_written_with_an_ipv6_zone_is_reached_and_verified() {
     let Some((address, interface, index)) = link_local() else {
-        eprintln!("skipped: no link-local IPv6 address here");
+        eprintln!("SKIPPED: no link-local IPv6 address here");
         return;
     };
     let bound = std::net::SocketAddrV6::new(address, 0, 0, index);
     let Ok(listener) = tokio::net::TcpListener::bind(bound).await else {
-        eprintln!("skipped: cannot listen on {address}%{interface}");
+        eprintln!("SKIPPED: cannot listen on {address}%{interface}");
         return;
     };
     let ca = Ca::new();
