@@ -287,6 +287,27 @@ mod tests {
         assert!(!err.contains("closed"), "the line is not shown: {err}");
     }
 
+    /// Appends `pieces` to the file at `path` in a thread, each after `pause`: a writer seen
+    /// by the reads.
+    fn appending(
+        path: &Path,
+        pieces: &'static [&'static str],
+        pause: Duration,
+    ) -> std::thread::JoinHandle<()> {
+        let path = path.to_path_buf();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap();
+            for piece in pieces {
+                std::thread::sleep(pause);
+                file.write_all(piece.as_bytes()).unwrap();
+            }
+        })
+    }
+
     /// A file written in place while it is read, in pieces less than a pause apart, is read
     /// whole; a file written long ago is read once, at once.
     #[test]
@@ -294,20 +315,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
         std::fs::write(&path, "[proxy]\n").unwrap();
-        let writer = {
-            let path = path.clone();
-            std::thread::spawn(move || {
-                use std::io::Write;
-                let mut file = std::fs::OpenOptions::new()
-                    .append(true)
-                    .open(&path)
-                    .unwrap();
-                for piece in ["[upstream]\n", "servers = []\n", "[log]\n"] {
-                    std::thread::sleep(Duration::from_millis(50));
-                    file.write_all(piece.as_bytes()).unwrap();
-                }
-            })
-        };
+        let writer = appending(
+            &path,
+            &["[upstream]\n", "servers = []\n", "[log]\n"],
+            Duration::from_millis(50),
+        );
         let read = read_settled(&path, 1 << 20, &SETTLE).unwrap();
         writer.join().unwrap();
         assert!(!read.still_changing);
@@ -339,18 +351,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
         std::fs::write(&path, "[proxy]\n").unwrap();
-        let writer = {
-            let path = path.clone();
-            std::thread::spawn(move || {
-                use std::io::Write;
-                std::thread::sleep(SETTLE.pause * 5 / 2);
-                let mut file = std::fs::OpenOptions::new()
-                    .append(true)
-                    .open(&path)
-                    .unwrap();
-                file.write_all(b"[upstream]\nservers = []\n").unwrap();
-            })
-        };
+        let writer = appending(&path, &["[upstream]\nservers = []\n"], SETTLE.pause * 5 / 2);
         let read = read_settled(&path, 1 << 20, &SETTLE).unwrap();
         writer.join().unwrap();
         assert!(!read.still_changing);

@@ -825,17 +825,11 @@ async fn a_reload_says_a_state_file_edited_by_hand_is_not_in_force() {
 #[tokio::test]
 async fn a_reload_takes_when_the_state_files_folder_is_gone_and_says_so() {
     let up = echo_upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("state")).unwrap();
-    let proxy = spawn_proxy_in(
-        dir,
-        &with_listen(&format!(
-            "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 1\n\
-             [maintenance]\noutage_message = \"First words\"\n\
-             [control]\nstate_file = \"state/s.json\"\n",
-            up.url()
-        )),
-    )
+    let proxy = proxy_with_state_in_a_folder(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 1\n\
+         [maintenance]\noutage_message = \"First words\"\n",
+        up.url()
+    ))
     .await;
     assert!(all_servers_healthy(&proxy).await);
     let folder = proxy.dir.path().join("state");
@@ -877,22 +871,25 @@ async fn a_reload_takes_when_the_state_files_folder_is_gone_and_says_so() {
     );
 }
 
+/// A proxy with `sections` whose state file is `state/s.json`, in a folder of its own that a
+/// test may remove.
+async fn proxy_with_state_in_a_folder(sections: &str) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("state")).unwrap();
+    let config = format!("{sections}[control]\nstate_file = \"state/s.json\"\n");
+    spawn_proxy_in(dir, &with_listen(&config)).await
+}
+
 /// A state file saved, then removed with its folder, and the folder made again: the reload
 /// the log asks for writes the state in force again, and calls it no edit by hand. It only
 /// took the lock again, and a restart read no state: a `ctl on` was forgotten.
 #[tokio::test]
 async fn a_reload_writes_again_a_state_file_removed_with_its_folder() {
     let up = echo_upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("state")).unwrap();
-    let proxy = spawn_proxy_in(
-        dir,
-        &with_listen(&format!(
-            "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"1h\"\n\
-             [control]\nstate_file = \"state/s.json\"\n",
-            up.url()
-        )),
-    )
+    let proxy = proxy_with_state_in_a_folder(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"1h\"\n",
+        up.url()
+    ))
     .await;
     let r = ctl(&proxy, on(Some("Moving house"))).await;
     assert!(r.ok, "{r:?}");

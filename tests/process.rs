@@ -3634,7 +3634,6 @@ async fn sighup_binds_a_removed_control_socket_again() {
 /// only to check the path, and a restart, whose drain refuses clients, looked like the way.
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_binds_the_control_socket_again_in_its_folder_made_again() {
-    use intermission::control::protocol::Request as Ctl;
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     std::fs::create_dir(&run).unwrap();
@@ -3655,14 +3654,28 @@ async fn sighup_binds_the_control_socket_again_in_its_folder_made_again() {
             && told.contains("`kill -HUP` the proxy's PID"),
         "ctl said: {told}"
     );
-    std::fs::create_dir(&run).unwrap();
+    socket_comes_back_with_its_folder(&proxy, &run, &socket).await;
+}
+
+/// The control socket's folder `run` made again and a SIGHUP: `socket` is bound there again,
+/// and answers.
+async fn socket_comes_back_with_its_folder(
+    proxy: &ProxyProcess,
+    run: &std::path::Path,
+    socket: &std::path::Path,
+) {
+    std::fs::create_dir(run).unwrap();
     proxy.signal("HUP");
     assert!(
         wait_until(Duration::from_secs(10), || socket.exists()).await,
         "SIGHUP did not bind the control socket again in its folder made again: {:#?}",
         proxy.log_lines()
     );
-    let status = intermission::control::client::request(&socket, &Ctl::Status).await;
+    let status = intermission::control::client::request(
+        socket,
+        &intermission::control::protocol::Request::Status,
+    )
+    .await;
     assert!(matches!(&status, Ok(r) if r.ok), "{status:?}");
 }
 
@@ -3732,15 +3745,7 @@ async fn sighup_reloads_while_the_control_sockets_folder_is_gone_and_says_so_onc
         "{}",
         told[0]
     );
-    std::fs::create_dir(&run).unwrap();
-    proxy.signal("HUP");
-    assert!(
-        wait_until(Duration::from_secs(10), || socket.exists()).await,
-        "SIGHUP did not bind the control socket again in its folder made again: {:#?}",
-        proxy.log_lines()
-    );
-    let status = intermission::control::client::request(&socket, &Ctl::Status).await;
-    assert!(matches!(&status, Ok(r) if r.ok), "{status:?}");
+    socket_comes_back_with_its_folder(&proxy, &run, &socket).await;
 }
 
 /// The state file's folder removed while the proxy runs takes its lock file along: made

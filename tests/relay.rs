@@ -2734,7 +2734,15 @@ async fn an_http2_client_s_length_given_twice_reaches_the_server_once() {
         (http::Method::POST, "abc"),
     ] {
         let length: &'static str = if body.is_empty() { "0" } else { "3" };
-        let (parts, _, got) = h2_send(&h2, proxy.addr, method.clone(), &twice(length), body).await;
+        let (parts, _, got) = h2_send(
+            &h2,
+            proxy.addr,
+            method.clone(),
+            "/echo",
+            &twice(length),
+            body,
+        )
+        .await;
         assert_eq!(parts.status.as_u16(), 200, "{method}");
         let got = String::from_utf8_lossy(&got).into_owned();
         if !body.is_empty() {
@@ -2752,7 +2760,7 @@ async fn an_http2_client_s_length_given_twice_reaches_the_server_once() {
     }
 }
 
-/// `h2_ask`'s request with its fields as given, no length added: to `/echo`.
+/// `h2_ask`'s request with its fields as given, no length added.
 async fn h2_send(
     h2: &hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
@@ -2760,13 +2768,14 @@ async fn h2_send(
     >,
     addr: SocketAddr,
     method: http::Method,
+    path: &str,
     headers: &[(&str, &str)],
     body: &'static str,
 ) -> (http::response::Parts, Option<http::HeaderMap>, bytes::Bytes) {
     use http_body_util::BodyExt;
     let mut req = http::Request::builder()
         .method(method)
-        .uri(format!("http://{addr}/echo"));
+        .uri(format!("http://{addr}{path}"));
     for (name, value) in headers {
         req = req.header(*name, *value);
     }
@@ -3096,29 +3105,12 @@ async fn h2_ask(
     headers: &[(&str, &str)],
     body: &'static str,
 ) -> (http::response::Parts, Option<http::HeaderMap>, bytes::Bytes) {
-    use http_body_util::BodyExt;
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(format!("http://{addr}{path}"));
-    for (name, value) in headers {
-        req = req.header(*name, *value);
-    }
+    let length = body.len().to_string();
+    let mut fields = headers.to_vec();
     if !body.is_empty() {
-        req = req.header("content-length", body.len());
+        fields.push(("content-length", length.as_str()));
     }
-    let resp = tokio::time::timeout(
-        Duration::from_secs(10),
-        h2.request(req.body(full(body)).unwrap()),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let (parts, body) = resp.into_parts();
-    let body = tokio::time::timeout(Duration::from_secs(10), body.collect())
-        .await
-        .unwrap()
-        .unwrap();
-    (parts, body.trailers().cloned(), body.to_bytes())
+    h2_send(h2, addr, method, path, &fields, body).await
 }
 
 /// A server on raw sockets that answers a `HEAD` of `/late` with `Content-Length: 46` (of

@@ -942,6 +942,23 @@ mod tests {
         assert_eq!(again, loaded);
     }
 
+    /// A window by "ops", not yet started, as a hand-edited file may hold it.
+    fn window(
+        id: u64,
+        start: Timestamp,
+        end: Timestamp,
+        message: Option<&str>,
+    ) -> super::super::mode::Window {
+        super::super::mode::Window {
+            id,
+            start,
+            end,
+            message: message.map(str::to_owned),
+            by: "ops".into(),
+            started: false,
+        }
+    }
+
     /// An end edited by hand past the 366 days `on --until` and `schedule add` take is held
     /// there, said with the field; a window that starts past them goes, said with its times.
     /// They were read as written: a `Retry-After` and a "back by" years ahead.
@@ -952,14 +969,6 @@ mod tests {
         let now = crate::time::floor_second(std::time::SystemTime::now());
         let day = |d: u64| Timestamp(now + std::time::Duration::from_secs(86_400 * d));
         let bound = Timestamp(now + MAX_AHEAD);
-        let window = |id, start, end| super::super::mode::Window {
-            id,
-            start,
-            end,
-            message: None,
-            by: "ops".into(),
-            started: false,
-        };
         let state = Persisted {
             planned: Some(super::super::mode::Planned {
                 since: Timestamp(crate::time::floor_second(now)),
@@ -969,9 +978,9 @@ mod tests {
                 reason: None,
             }),
             schedules: vec![
-                window(1, day(10), day(11)),
-                window(2, day(300), day(3000)),
-                window(3, day(400), day(401)),
+                window(1, day(10), day(11), None),
+                window(2, day(300), day(3000), None),
+                window(3, day(400), day(401), None),
             ],
             next_window_id: 4,
             ..Persisted::default()
@@ -1015,14 +1024,6 @@ mod tests {
         // Whole seconds, as `schedule add` keeps them.
         let now = crate::time::floor_second(std::time::SystemTime::now());
         let hour = |h: u64| Timestamp(now + std::time::Duration::from_secs(3600 * h));
-        let window = |id, start, end, message: Option<&str>| super::super::mode::Window {
-            id,
-            start,
-            end,
-            message: message.map(str::to_owned),
-            by: "ops".into(),
-            started: false,
-        };
         let state = Persisted {
             schedules: vec![
                 window(1, hour(10), hour(13), Some("one")),
