@@ -415,6 +415,12 @@ fn header_block(
 
 fn padded(rng: &mut Rng, payload: &[u8], flags: &mut u8) -> Vec<u8> {
     let pad = rng.below(40);
+    // The pad length's byte and the padding count in the frame's size, which may not pass
+    // 16,384 bytes unless the peer allowed more: a full frame stays unpadded.
+    let Some(room) = 16_384usize.checked_sub(payload.len() + 1) else {
+        return payload.to_vec();
+    };
+    let pad = pad.min(room);
     *flags |= PADDED;
     let mut out = vec![pad as u8];
     out.extend_from_slice(payload);
