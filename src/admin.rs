@@ -46,7 +46,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Nor is a client that takes nothing of its answer for this long: left alone, one that
 /// pipelines requests and reads nothing would hold its connection, and 64 of them every one.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
-/// Sent by a proxy started while this one drains (`app::predecessor_draining`) with its
+/// Sent by a proxy started while this one drains (`app::holder`) with its
 /// `/readyz`: a draining proxy that gets it lets its admin listener go at once, for the next
 /// one to take and answer "ready" while it serves. Kept until its own exit, the old
 /// listener said "not ready" for up to `shutdown_timeout` of a restart, and a load balancer

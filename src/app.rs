@@ -308,7 +308,7 @@ fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> 
 /// of ms): refused on the lock, it left no proxy at all once the old one had drained. The
 /// old one lets the lock go once its controller has stopped, after its listeners and its
 /// control socket, and after its `/readyz` says "not ready", so holding the lock also
-/// settles the admin listener's question (`predecessor_draining`).
+/// settles the admin listener's question (`holder`).
 const PREDECESSOR_LETS_GO: Duration = Duration::from_secs(3);
 
 /// `store::lock`, waiting up to `PREDECESSOR_LETS_GO` for an instance that holds it.
@@ -341,12 +341,65 @@ enum AdminSocket {
     Later(SocketAddr),
 }
 
-/// Whether `addr` is the admin listener of a proxy that is draining: its `/readyz` answers
-/// `503` "not ready" (a program that answers otherwise, or not within a second, holds the
-/// address for good, and the start is refused as before). `successor`: ask it to let the
-/// address go now (see `admin::SUCCESSOR_HEADER`), once this proxy is ready to answer there;
-/// one that does not know the header answers all the same.
-async fn predecessor_draining(addr: SocketAddr, successor: bool) -> bool {
+/// Who holds an address the admin listener could not bind (`holder`).
+#[derive(Debug, PartialEq, Eq)]
+enum Holder {
+    /// A proxy that is draining: its `/readyz` answers `503` "not ready".
+    Draining,
+    /// Nothing listens there (the connection is refused), or it closed or reset the
+    /// connection unanswered: a predecessor in the instant it lets the address go, or exits.
+    Leaving,
+    /// A program that answers otherwise, or not within a second: it holds the address for
+    /// good, and the start is refused as before.
+    Other,
+}
+
+/// How long a start tries `admin.listen` again while its holder is `Leaving`. A restart
+/// (`kill -TERM`, then `run`) met its predecessor exiting between the failed bind and the
+/// question to its `/readyz`, found nobody to answer, and was refused with "Address already
+/// in use" (h197, h201): the address was free a moment later.
+const ADMIN_LETS_GO: Duration = Duration::from_secs(2);
+
+/// The admin listener's socket at start: bound at once, or once a holder that is `Leaving`
+/// has let it go (within `ADMIN_LETS_GO`), or left to a predecessor still draining.
+async fn admin_socket(addr: SocketAddr) -> Result<AdminSocket, StartError> {
+    let began = tokio::time::Instant::now();
+    loop {
+        let e = match bind(addr, "admin.listen") {
+            Ok(listener) => return Ok(AdminSocket::Bound(listener)),
+            Err(e) => e,
+        };
+        let in_use =
+            matches!(&e, StartError::Bind { source, .. } if source.kind() == ErrorKind::AddrInUse);
+        if !in_use {
+            return Err(e);
+        }
+        match holder(addr, false).await {
+            // A restart that starts this proxy as its predecessor drains (whose admin
+            // listener says "not ready" until it exits): refused, the restart left no proxy
+            // at all once that drain ended.
+            Holder::Draining => {
+                tracing::warn!(
+                    %addr,
+                    "admin.listen {addr} is held by a proxy still draining: /metrics, /healthz \
+                     and /readyz are served here once it lets it go (at once, or at its exit \
+                     for a version before 2026-12)"
+                );
+                return Ok(AdminSocket::Later(addr));
+            }
+            Holder::Leaving if began.elapsed() < ADMIN_LETS_GO => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Holder::Leaving | Holder::Other => return Err(e),
+        }
+    }
+}
+
+/// Who holds `addr`, which the admin listener could not bind: a proxy draining there answers
+/// `/readyz` with `503` "not ready". `successor`: ask it to let the address go now (see
+/// `admin::SUCCESSOR_HEADER`), once this proxy is ready to answer there; one that does not
+/// know the header answers all the same.
+async fn holder(addr: SocketAddr, successor: bool) -> Holder {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let ask = async {
         let mut sock = tokio::net::TcpStream::connect(addr).await?;
@@ -364,8 +417,21 @@ async fn predecessor_draining(addr: SocketAddr, successor: bool) -> bool {
         Ok::<_, std::io::Error>(answer)
     };
     match tokio::time::timeout(Duration::from_secs(1), ask).await {
-        Ok(Ok(answer)) => answer.starts_with(b"HTTP/1.1 503 ") && answer.ends_with(b"not ready"),
-        _ => false,
+        Ok(Ok(answer))
+            if answer.starts_with(b"HTTP/1.1 503 ") && answer.ends_with(b"not ready") =>
+        {
+            Holder::Draining
+        }
+        Ok(Ok(answer)) if answer.is_empty() => Holder::Leaving,
+        Ok(Err(e))
+            if matches!(
+                e.kind(),
+                ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset
+            ) =>
+        {
+            Holder::Leaving
+        }
+        _ => Holder::Other,
     }
 }
 
@@ -443,25 +509,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let kept_notifier = notifier.clone();
     let admin_listen = config.admin.listen;
     let admin = match config.admin.listen {
-        Some(addr) => Some(match bind(addr, "admin.listen") {
-            Ok(listener) => AdminSocket::Bound(listener),
-            // A restart that starts this proxy as its predecessor drains (whose admin
-            // listener says "not ready" until it exits): refused, the restart left no proxy
-            // at all once that drain ended.
-            Err(StartError::Bind { source, .. })
-                if source.kind() == ErrorKind::AddrInUse
-                    && predecessor_draining(addr, false).await =>
-            {
-                tracing::warn!(
-                    %addr,
-                    "admin.listen {addr} is held by a proxy still draining: /metrics, /healthz \
-                     and /readyz are served here once it lets it go (at once, or at its exit \
-                     for a version before 2026-12)"
-                );
-                AdminSocket::Later(addr)
-            }
-            Err(e) => return Err(e),
-        }),
+        Some(addr) => Some(admin_socket(addr).await?),
         None => None,
     };
     let (parts, certificates) =
@@ -532,7 +580,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                     // Asked only now, when this proxy serves: the address is never let go
                     // for a start that fails, nor refuses probes while this one starts.
                     l = async {
-                        predecessor_draining(addr, true).await;
+                        holder(addr, true).await;
                         bind_when_free(addr).await
                     } => l,
                     () = stopped.fired() => return,

@@ -210,3 +210,32 @@ async fn a_refused_move_on_the_same_port_listens_where_it_was() {
     assert_eq!(get_within(&format!("http://127.0.0.5:{port}/")).await, 200);
     assert_eq!(get_on(&mut established).await, 200);
 }
+
+/// A restart (`kill -TERM`, then `run`) whose predecessor lets `admin.listen` go a moment
+/// after the start tried it: nobody answers there, as in the instant a proxy exits. The start
+/// was refused with "Address already in use" (h197, h201); it tries again, and binds it once
+/// it is free. A socket bound there without listening stands for the predecessor: a bind
+/// fails on it, and a connection to it is refused.
+#[tokio::test]
+async fn the_admin_listener_is_bound_once_a_leaving_holder_lets_it_go() {
+    let up = echo_upstream().await;
+    // Bound without SO_REUSEADDR and not listening: the proxy's bind (with it) fails.
+    let holder = tokio::net::TcpSocket::new_v4().unwrap();
+    holder.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let admin = holder.local_addr().unwrap();
+    let held = std::net::TcpListener::bind(admin);
+    assert!(held.is_err(), "the holder does not hold {admin}");
+    let config = format!(
+        "[upstream]\nservers = [\"{}\"]\n[admin]\nlisten = \"{admin}\"\n",
+        up.url()
+    );
+    let lets_go = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(holder);
+    });
+    let proxy = spawn_proxy(&config).await;
+    lets_go.await.unwrap();
+    assert_eq!(proxy.running.as_ref().unwrap().admin_addr(), Some(admin));
+    let metrics = get(&format!("http://{admin}/metrics")).await;
+    assert_eq!(metrics.status(), 200);
+}
