@@ -501,7 +501,9 @@ async fn relay<C: Client>(
     let mut begun = false;
     // Over TLS, where nothing parks, such a head may be picked to make room once it has
     // lasted `STALLED`, as a parked one may (`park::parked`): armed with the head's first
-    // wait, let go when it is whole.
+    // wait, let go when it is whole. So may a connection waiting for its first request once
+    // that wait has lasted as long: its client sends the request as its handshake ends, and
+    // one picked in that moment lost its handshake unserved (`listener::waited`).
     let mut stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         if begun || slot.as_ref().is_none_or(|bufs| bufs.0.have == 0) {
@@ -532,7 +534,7 @@ async fn relay<C: Client>(
                     return Poll::Ready(None);
                 }
                 if let Some(closable) = closable.filter(|_| !whole) {
-                    let may = !begun
+                    let may = (!begun && served != 0)
                         || stalled
                             .get_or_insert_with(|| {
                                 Box::pin(tokio::time::sleep(crate::listener::STALLED))

@@ -1981,8 +1981,9 @@ async fn at_max_connections_an_idle_https_connection_makes_room() {
     assert_makes_room(&proxy, closed, "HTTPS").await;
 }
 
-/// A TLS connection that has not sent its hello is idle, as a plaintext one that has sent
-/// nothing is: at `max_connections` it is closed to make room for a new client.
+/// A TLS connection that has not sent its hello is idle once it has waited 2 s, as a
+/// plaintext one that has sent nothing is: at `max_connections` it is closed to make room
+/// for a new client.
 #[tokio::test]
 async fn at_max_connections_a_tls_connection_that_sent_nothing_makes_room() {
     let up = echo_upstream().await;
@@ -1991,10 +1992,8 @@ async fn at_max_connections_a_tls_connection_that_sent_nothing_makes_room() {
     let mut silent = tokio::net::TcpStream::connect(tls_addr(&proxy))
         .await
         .unwrap();
-    assert!(
-        served_at_the_limit(&proxy).await,
-        "the new client was not served"
-    );
+    let begun = std::time::Instant::now();
+    room_made_once_stalled(&proxy, begun, "a TLS connection that sent nothing").await;
     let mut chunk = [0u8; 64];
     let read = tokio::io::AsyncReadExt::read(&mut silent, &mut chunk);
     let read = tokio::time::timeout(Duration::from_secs(5), read).await;
@@ -2002,6 +2001,36 @@ async fn at_max_connections_a_tls_connection_that_sent_nothing_makes_room() {
         matches!(read, Ok(Ok(0)) | Ok(Err(_))),
         "the silent TLS connection was not closed: {read:?}"
     );
+}
+
+/// An HTTPS connection whose handshake is done and whose first request has not come is not
+/// closed for room until it has waited 2 s: its client sends the request as the handshake
+/// ends, and one picked in that moment lost its handshake unserved. Over HTTP/1.1 (the
+/// relay's wait) and HTTP/2 (no stream yet) alike.
+#[tokio::test]
+async fn at_max_connections_an_https_connection_makes_room_only_2_s_before_its_first_request() {
+    let up = echo_upstream().await;
+    let ca = Ca::new();
+    for alpn in [&b"http/1.1"[..], &b"h2"[..]] {
+        let proxy = one_connection_proxy(&ca, &up).await;
+        let mut stream =
+            tls_connect(tls_addr(&proxy), "shop.test", ca.client_config(&[alpn])).await;
+        if alpn == b"h2" {
+            use tokio::io::AsyncWriteExt;
+            // The preface and SETTINGS, and no stream.
+            stream
+                .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+                .await
+                .unwrap();
+        }
+        let begun = std::time::Instant::now();
+        let what = format!("{} before its first request", String::from_utf8_lossy(alpn));
+        room_made_once_stalled(&proxy, begun, &what).await;
+        let mut rest = Vec::new();
+        let read = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest);
+        let ended = tokio::time::timeout(Duration::from_secs(5), read).await;
+        assert!(ended.is_ok(), "the {what} was not closed");
+    }
 }
 
 /// A server held by the test: `/slow` reads its body, tells `arrived` and answers `ok` once
@@ -2492,13 +2521,15 @@ async fn connections_open_and_turned_away_at_the_limit_are_in_metrics() {
 
     drop(stalled);
     assert_eq!(series_reaches(&proxy, OPEN, 0.0).await, Some(0.0));
-    // Two that sent nothing are idle: a new client closes one to be served.
+    // Two that sent nothing are idle once they have waited 2 s: a new client closes one to
+    // be served.
     let _silent = [
         tokio::net::TcpStream::connect(addr).await.unwrap(),
         tokio::net::TcpStream::connect(addr).await.unwrap(),
     ];
+    let begun = std::time::Instant::now();
     assert_eq!(series_reaches(&proxy, OPEN, 2.0).await, Some(2.0));
-    assert!(served_at_the_limit(&proxy).await, "no room was made");
+    room_made_once_stalled(&proxy, begun, "TLS connections that sent nothing").await;
     assert_eq!(series(&proxy, MADE_ROOM).await, Some(made_room + 1.0));
 }
 
