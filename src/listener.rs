@@ -77,6 +77,9 @@ pub struct Limit {
     /// `intermission_client_connection_limit_reached_total`, by outcome.
     refused: Counter,
     made_room: Counter,
+    /// `intermission_client_connections_closed_for_room_total`: every connection picked in
+    /// `make_room`, those beyond a new client's own included.
+    closed_for_room: Counter,
     pending_per_client: Counter,
     /// The connections each client has not yet past their first request
     /// (`proxy.max_pending_per_client`).
@@ -108,6 +111,7 @@ impl Limit {
             open: clients.open,
             refused: clients.refused,
             made_room: clients.made_room,
+            closed_for_room: clients.closed_for_room,
             pending_per_client: clients.pending_per_client,
             parked,
             drain,
@@ -154,6 +158,8 @@ impl Limit {
         self.open.fetch_add(1, Ordering::Relaxed);
         self.picks.fetch_add(1, Ordering::Relaxed);
         drop(idlers);
+        // Widened, never truncated: `paid` is at most `PAYBACK`.
+        self.closed_for_room.inc_by(1 + paid as u64);
         picked.wake();
         for waker in more.into_iter().flatten() {
             waker.wake();

@@ -79,8 +79,12 @@ pub struct ClientMetrics {
     pub open: OpenCount,
     /// New connections closed at once: the limit reached, and no idle connection to close.
     pub refused: Counter,
-    /// Idle connections closed to make room for a new one at the limit.
+    /// New connections served at the limit by closing an idle one for each.
     pub made_room: Counter,
+    /// Idle connections picked to close for room: one for each `made_room`, and those closed
+    /// beyond it to bring a count over the limit back to it (`Limit::make_room`), which no
+    /// series counted.
+    pub closed_for_room: Counter,
     /// New connections closed at once: their client had `proxy.max_pending_per_client`
     /// connections not yet past their first request.
     pub pending_per_client: Counter,
@@ -883,6 +887,7 @@ impl Metrics {
             open: OpenCount::default(),
             refused: reached("refused"),
             made_room: reached("made_room"),
+            closed_for_room: Counter::default(),
             pending_per_client: reached("pending_per_client"),
         };
         registry.register(
@@ -899,6 +904,13 @@ impl Metrics {
              it; pending_per_client: its address had proxy.max_pending_per_client connections \
              not yet past their first request, closed at once)",
             limit_family,
+        );
+        registry.register(
+            "intermission_client_connections_closed_for_room",
+            "Idle client connections closed to make room at proxy.max_connections: one for each \
+             made_room, and those closed beyond it while more are open than the limit (a \
+             lowered one), up to 8 per new client, to bring the count back to it",
+            clients.closed_for_room.clone(),
         );
 
         let sockets = crate::forward::sockets::SocketMetrics::default();
@@ -1835,6 +1847,7 @@ pub(crate) mod tests {
             "intermission_config_last_reload_success_timestamp_seconds",
             "intermission_client_connections",
             "intermission_client_connection_limit_reached",
+            "intermission_client_connections_closed_for_room",
             "intermission_upstream_connections",
             "intermission_upstream_connection_limit",
             "intermission_upstream_connection_limit_reached",

@@ -1166,6 +1166,12 @@ async fn over_a_lowered_max_connections_new_clients_are_served_as_idle_ones_clos
         series_reaches(&proxy, "intermission_client_connections", 0.0).await,
         Some(0.0)
     );
+    // One new client served by closing one, and all three closed for room: the two beyond
+    // its own were in no series.
+    let made_room = "intermission_client_connection_limit_reached_total{outcome=\"made_room\"}";
+    assert_eq!(series(&proxy, made_room).await, Some(1.0));
+    let closed = "intermission_client_connections_closed_for_room_total";
+    assert_eq!(series(&proxy, closed).await, Some(3.0));
 }
 
 /// A WebSocket tunnel is an open connection: it counts against `max_connections` for as long
