@@ -125,25 +125,35 @@ impl Body {
     /// (`Resume`). A `grpc` answer that fails, or stalls, ends with `grpc-status: 14` trailers
     /// rather than a reset stream, which gRPC clients take for `INTERNAL` and do not retry:
     /// `UNAVAILABLE` is what they retry, and what the proxy says of a server it cannot reach.
+    /// A gRPC-Web one, whose status is a frame of the body, ends so with that frame when it
+    /// breaks off between two of its frames (`WebFrames`).
     pub fn timed(
         inner: Body,
         server: &Arc<str>,
         limit: Option<Duration>,
         resume: Option<Resume>,
-        grpc: bool,
+        grpc: Grpc,
     ) -> Body {
         // A body held whole (an HTTP/2 client's small answer from the relay, `relay::upstream`)
         // can neither stall nor break: wrapped, it only cost an allocation and a poll more
         // for each such answer. With `resume`, it holds the upload's timing until it ends.
         let whole = matches!(inner, Body::Full(_)) && resume.is_none();
-        if whole || inner.is_end_stream() || (limit.is_none() && resume.is_none() && !grpc) {
+        if whole
+            || inner.is_end_stream()
+            || (limit.is_none() && resume.is_none() && grpc == Grpc::No)
+        {
             return inner;
         }
         Body::Timed(Box::new(Timed {
             inner,
             server: server.clone(),
             limit,
-            grpc: grpc.then_some(GrpcEnd::Open),
+            grpc: match grpc {
+                Grpc::No => GrpcEnd::No,
+                Grpc::Native => GrpcEnd::Open,
+                Grpc::Web => GrpcEnd::Web(WebFrames::new(false)),
+                Grpc::WebText => GrpcEnd::Web(WebFrames::new(true)),
+            },
             clock: StallClock::default(),
             _resume: resume,
         }))
@@ -340,16 +350,189 @@ pub struct Timed {
     /// The server's name, for the log.
     server: Arc<str>,
     limit: Option<Duration>,
-    /// Set for a gRPC answer: whether its `UNAVAILABLE` trailers have been sent.
-    grpc: Option<GrpcEnd>,
+    /// For a gRPC answer: how it ends if it breaks off, and whether it has.
+    grpc: GrpcEnd,
     clock: StallClock,
     _resume: Option<Resume>,
 }
 
+/// What kind of gRPC answer a body is (`Body::timed`), for what it ends with if it breaks off.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Grpc {
+    No,
+    /// `application/grpc` to an HTTP/2 client: its status goes in HTTP trailers.
+    Native,
+    /// gRPC-Web (`application/grpc-web`, `+proto`): its status is a frame of the body.
+    Web,
+    /// `application/grpc-web-text`: the same frames, in base64.
+    WebText,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum GrpcEnd {
+    No,
     Open,
+    Web(WebFrames),
     Ended,
+}
+
+/// Where a gRPC-Web answer stands in its frames (a flag byte, a 4-byte big-endian length, the
+/// payload; the flag's high bit marks the status frame, gRPC's PROTOCOL-WEB.md), so that one
+/// that breaks off between two frames can be ended with a status frame of the proxy's: cut
+/// inside a frame, one added would be read as the rest of it. Counting costs nothing per
+/// payload byte but in base64 (`-text`), where each byte is decoded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct WebFrames {
+    text: bool,
+    /// Base64 characters of a quad not yet whole (`text`).
+    quad: [u8; 4],
+    quad_len: u8,
+    /// The frame head under way, and how much of it came.
+    head: [u8; 5],
+    head_len: u8,
+    /// Payload bytes still to come of the frame under way.
+    left: u32,
+    /// The frame under way is the server's status frame.
+    status: bool,
+    /// The server's own status frame came whole: a break after it loses nothing.
+    ended: bool,
+    /// Not gRPC-Web framing after all (a character outside base64): a cut is left a cut.
+    lost: bool,
+}
+
+impl WebFrames {
+    fn new(text: bool) -> Self {
+        WebFrames {
+            text,
+            quad: [0; 4],
+            quad_len: 0,
+            head: [0; 5],
+            head_len: 0,
+            left: 0,
+            status: false,
+            ended: false,
+            lost: false,
+        }
+    }
+
+    fn feed(&mut self, data: &[u8]) {
+        if self.lost || self.ended {
+            return;
+        }
+        if !self.text {
+            self.frames(data);
+            return;
+        }
+        for &c in data {
+            if base64_value(c).is_none() && c != b'=' {
+                self.lost = true;
+                return;
+            }
+            self.quad[usize::from(self.quad_len)] = c;
+            self.quad_len += 1;
+            if self.quad_len == 4 {
+                self.quad_len = 0;
+                let Some((bytes, n)) = decode_quad(self.quad) else {
+                    self.lost = true;
+                    return;
+                };
+                self.frames(&bytes[..n]);
+            }
+        }
+    }
+
+    fn frames(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.left > 0 {
+                let n = data.len().min(self.left as usize);
+                // `n` is at most `left`, a u32.
+                self.left -= n as u32;
+                data = &data[n..];
+                self.ended |= self.status && self.left == 0;
+                continue;
+            }
+            let n = data.len().min(5 - usize::from(self.head_len));
+            let at = usize::from(self.head_len);
+            self.head[at..at + n].copy_from_slice(&data[..n]);
+            // `n` is at most 5.
+            self.head_len += n as u8;
+            data = &data[n..];
+            if self.head_len == 5 {
+                self.head_len = 0;
+                self.status = self.head[0] & 0x80 != 0;
+                self.left =
+                    u32::from_be_bytes([self.head[1], self.head[2], self.head[3], self.head[4]]);
+                self.ended |= self.status && self.left == 0;
+            }
+        }
+    }
+
+    /// Whether the answer stands between two frames, where a frame of the proxy's can follow.
+    fn between(&self) -> bool {
+        !self.lost && self.quad_len == 0 && self.head_len == 0 && self.left == 0
+    }
+
+    /// The status frame that ends a broken answer: `UNAVAILABLE`, as native gRPC's trailers.
+    fn unavailable(&self) -> Bytes {
+        const STATUS: &[u8] =
+            b"grpc-status:14\r\ngrpc-message:the%20server%20stopped%20answering\r\n";
+        let mut frame = Vec::with_capacity(5 + STATUS.len());
+        frame.push(0x80);
+        // A constant of some 70 bytes.
+        frame.extend_from_slice(&(STATUS.len() as u32).to_be_bytes());
+        frame.extend_from_slice(STATUS);
+        if self.text {
+            Bytes::from(base64_encode(&frame))
+        } else {
+            Bytes::from(frame)
+        }
+    }
+}
+
+const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn base64_value(c: u8) -> Option<u8> {
+    match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    }
+}
+
+/// A quad of base64 (padded with `=` at its end, as each of gRPC-Web-text's pieces may be),
+/// its bytes and how many; `None` for padding out of place.
+fn decode_quad(quad: [u8; 4]) -> Option<([u8; 3], usize)> {
+    let pad = quad.iter().rev().take_while(|&&c| c == b'=').count();
+    if pad > 2 {
+        return None;
+    }
+    let mut n: u32 = 0;
+    for &c in &quad[..4 - pad] {
+        n = n << 6 | u32::from(base64_value(c)?);
+    }
+    n <<= 6 * pad as u32;
+    let [_, a, b, c] = n.to_be_bytes();
+    Some(([a, b, c], 3 - pad))
+}
+
+fn base64_encode(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len().div_ceil(3) * 4);
+    for piece in bytes.chunks(3) {
+        let mut n = [0u8; 3];
+        n[..piece.len()].copy_from_slice(piece);
+        let n = u32::from_be_bytes([0, n[0], n[1], n[2]]);
+        for i in 0..4 {
+            if i <= piece.len() {
+                out.push(BASE64[(n >> (18 - 6 * i) & 63) as usize]);
+            } else {
+                out.push(b'=');
+            }
+        }
+    }
+    out
 }
 
 /// The error of a body that stalled.
@@ -359,10 +542,15 @@ pub struct Stalled(pub Duration);
 
 impl Timed {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
-        if self.grpc == Some(GrpcEnd::Ended) {
+        if self.grpc == GrpcEnd::Ended {
             return Poll::Ready(None);
         }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let (GrpcEnd::Web(web), Poll::Ready(Some(Ok(frame)))) = (&mut self.grpc, &polled) {
+            if let Some(data) = frame.data_ref() {
+                web.feed(data);
+            }
+        }
         let failed: Error = match (polled, self.limit) {
             (Poll::Ready(Some(Err(e))), _) => e,
             (polled, Some(limit)) if self.clock.expired(cx, polled.is_ready(), || Some(limit)) => {
@@ -374,16 +562,27 @@ impl Timed {
             }
             (polled, _) => return polled,
         };
-        if self.grpc.is_none() {
-            return Poll::Ready(Some(Err(failed)));
-        }
-        self.grpc = Some(GrpcEnd::Ended);
+        let end = match self.grpc {
+            GrpcEnd::No | GrpcEnd::Ended => return Poll::Ready(Some(Err(failed))),
+            // Its status came: what broke is past the end of the call.
+            GrpcEnd::Web(web) if web.ended => {
+                self.grpc = GrpcEnd::Ended;
+                return Poll::Ready(None);
+            }
+            GrpcEnd::Web(web) if !web.between() => return Poll::Ready(Some(Err(failed))),
+            GrpcEnd::Web(web) => Some(web.unavailable()),
+            GrpcEnd::Open => None,
+        };
+        self.grpc = GrpcEnd::Ended;
         if let Some(more) = crate::forward::said(&[], None, crate::forward::Line::BrokeOff) {
             tracing::warn!(
                 server = %self.server,
                 error = %crate::logging::with_causes(&*failed),
                 "a gRPC answer broke off; the client is told UNAVAILABLE{more}"
             );
+        }
+        if let Some(frame) = end {
+            return Poll::Ready(Some(Ok(Frame::data(frame))));
         }
         let mut trailers = http::HeaderMap::new();
         trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
@@ -502,7 +701,7 @@ impl HttpBody for Body {
             | Body::Lent(incoming, _)
             | Body::Multiplexed(incoming, _) => incoming.is_end_stream(),
             Body::Counted(c) => c.inner.is_end_stream(),
-            Body::Timed(t) => t.grpc == Some(GrpcEnd::Ended) || t.inner.is_end_stream(),
+            Body::Timed(t) => t.grpc == GrpcEnd::Ended || t.inner.is_end_stream(),
             Body::Relayed(r) => r.is_end_stream(),
             Body::Events(e) => e.is_end_stream(),
         }
@@ -552,13 +751,52 @@ mod tests {
     fn a_whole_body_is_not_timed() {
         let server: Arc<str> = Arc::from("http://127.0.0.1:9");
         let limit = Some(Duration::from_secs(1));
-        for grpc in [false, true] {
+        for grpc in [Grpc::No, Grpc::Native, Grpc::Web, Grpc::WebText] {
             let body = Body::timed(Body::full("whole"), &server, limit, None, grpc);
-            assert!(matches!(body, Body::Full(Some(_))), "grpc {grpc}");
+            assert!(matches!(body, Body::Full(Some(_))), "grpc {grpc:?}");
             assert!(!body.can_break());
         }
         let resume = Resume(Arc::new(AtomicU8::new(ANSWERED)));
-        let body = Body::timed(Body::full("whole"), &server, limit, Some(resume), false);
+        let body = Body::timed(Body::full("whole"), &server, limit, Some(resume), Grpc::No);
         assert!(matches!(body, Body::Timed(_)));
+    }
+
+    /// A gRPC-Web answer is followed frame by frame however its pieces split it, in base64
+    /// too (each piece padded on its own, as servers flush them): only between two frames may
+    /// a status frame of the proxy's follow, and none once the server's own came.
+    #[test]
+    fn grpc_web_frames_are_followed_across_any_split() {
+        let message = b"\0\0\0\0\x03abc";
+        let status = b"\x80\0\0\0\x0fgrpc-status:0\r\n";
+        for text in [false, true] {
+            let enc = |b: &[u8]| if text { base64_encode(b) } else { b.to_vec() };
+            let whole = enc(message);
+            for cut in 0..=whole.len() {
+                let mut web = WebFrames::new(text);
+                web.feed(&whole[..cut]);
+                let edge = cut == 0 || cut == whole.len();
+                assert_eq!(web.between(), edge, "text {text}, cut at {cut}");
+                web.feed(&whole[cut..]);
+                assert!(web.between() && !web.ended, "text {text}, cut at {cut}");
+            }
+            let mut web = WebFrames::new(text);
+            for b in [enc(message), enc(message), enc(status)].concat() {
+                assert!(!web.ended);
+                web.feed(&[b]);
+            }
+            assert!(web.ended, "text {text}");
+        }
+        let mut web = WebFrames::new(true);
+        web.feed(b"AA AA");
+        assert!(!web.between(), "not base64: lost");
+        // The frame added decodes to the status it says.
+        let frame = WebFrames::new(true).unavailable();
+        let mut web = WebFrames::new(true);
+        web.feed(&frame);
+        assert!(web.ended);
+        let frame = WebFrames::new(false).unavailable();
+        assert_eq!(frame[0], 0x80);
+        assert_eq!(usize::from(frame[4]) + 5, frame.len());
+        assert!(frame.ends_with(b"grpc-message:the%20server%20stopped%20answering\r\n"));
     }
 }

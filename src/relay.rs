@@ -15,7 +15,7 @@
 //! What is taken is decided before anything is sent (`prepare`); everything else goes to
 //! hyper with the bytes read so far, as `fast` does for held requests: another method, a
 //! chunked body, a body larger than a read or a `Content-Length` in another form than plain
-//! digits, `Upgrade`, `Expect`, `TE`, a `Connection` other than `keep-alive`, no `Host` or
+//! digits, `Upgrade`, `Expect`, `TE`, a gRPC-Web call (`Body::timed`), a `Connection` other than `keep-alive`, no `Host` or
 //! several, HTTP/1.0, an incomplete, oversized or malformed head, a reserved path, a held
 //! request (but a plain one, answered here from its encoding as a parked connection answers
 //! it, `fast::held`), `intercept_statuses`, `redirect_https` on plaintext, an `h2c://` server or
@@ -819,6 +819,12 @@ fn request(
                 their_proto |= trusted;
                 !trusted
             }
+            // A gRPC-Web call's answer is hyper's to carry, whose body ends with a status
+            // frame should its server break off between two messages (`Body::timed`): cut
+            // here, its client would get no status at all.
+            Kind::Other if name.len() == 12 && is(name, b"content-type") && grpc_web(h.value) => {
+                return Err(());
+            }
             Kind::Cookie | Kind::Other => false,
         };
         if !skip {
@@ -890,6 +896,15 @@ fn request(
         })
         .filter(|&ip| ip != crate::config::canonical_ip(conn.peer.ip()));
     Ok(Some((whole, client)))
+}
+
+/// Whether a request's `Content-Type` is gRPC-Web's (`application/grpc-web…`).
+fn grpc_web(value: &[u8]) -> bool {
+    const WEB: &[u8] = b"application/grpc-web";
+    value
+        .trim_ascii_start()
+        .get(..WEB.len())
+        .is_some_and(|v| v.eq_ignore_ascii_case(WEB))
 }
 
 /// A request's `Content-Length` as hyper reads it, for the plain form only: digits, at most

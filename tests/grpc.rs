@@ -1663,3 +1663,207 @@ fn empty_call(
     }
     req.body(full(vec![0u8, 0, 0, 0, 0])).unwrap()
 }
+
+/// A gRPC-Web answer from an `h2c://` server that sends `first` of its body, then, while the
+/// call streams, fails (resets the stream). Its type is the path's: `/text` is base64.
+async fn breaking_grpc_web_server(first: &'static [u8]) -> SocketAddr {
+    h2c_streams(move |req, mut respond| {
+        let kind = if req.uri().path() == "/text" {
+            "application/grpc-web-text+proto"
+        } else {
+            "application/grpc-web+proto"
+        };
+        let head = http::Response::builder()
+            .header("content-type", kind)
+            .body(())
+            .unwrap();
+        if let Ok(mut send) = respond.send_response(head, false) {
+            let _ = send.send_data(bytes::Bytes::from_static(first), false);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                send.send_reset(h2::Reason::INTERNAL_ERROR);
+            });
+        }
+    })
+    .await
+}
+
+fn grpc_web_call(url: &str, text: bool) -> http::Request<TestBody> {
+    let kind = if text {
+        "application/grpc-web-text"
+    } else {
+        "application/grpc-web"
+    };
+    http::Request::post(url)
+        .header("content-type", kind)
+        .header("x-grpc-web", "1")
+        .body(full(if text {
+            b"AAAAAAA=".to_vec()
+        } else {
+            vec![0u8; 5]
+        }))
+        .unwrap()
+}
+
+/// The body of `resp` once it ends, or `None` when it broke off.
+async fn grpc_web_body(resp: http::Response<hyper::body::Incoming>) -> Option<bytes::Bytes> {
+    let collected = tokio::time::timeout(
+        Duration::from_secs(10),
+        http_body_util::BodyExt::collect(resp.into_body()),
+    )
+    .await
+    .expect("the answer never ended");
+    collected.ok().map(|c| c.to_bytes())
+}
+
+const WEB_UNAVAILABLE: &[u8] =
+    b"\x80\0\0\0\x41grpc-status:14\r\ngrpc-message:the%20server%20stopped%20answering\r\n";
+
+/// A gRPC-Web answer that breaks off between two of its frames ends with a status frame,
+/// `UNAVAILABLE`, as a native call ends with its trailers: gRPC-Web's status travels in the
+/// body, and a reset (HTTP/2) or a chunked body never ended (HTTP/1.1) left its client with
+/// no status at all (grpc-web's JS reports that as a network failure or "Incomplete
+/// response"). In base64 for `grpc-web-text`, in a piece of its own.
+#[tokio::test]
+async fn a_grpc_web_answer_that_breaks_off_between_frames_ends_unavailable() {
+    let message: &[u8] = b"\0\0\0\0\x02hi";
+    let addr = h2c_streams(move |req, respond| {
+        let first: &'static [u8] = if req.uri().path() == "/text" {
+            b"AAAAAAJoaQ=="
+        } else {
+            b"\0\0\0\0\x02hi"
+        };
+        let mut respond = respond;
+        let kind = if req.uri().path() == "/text" {
+            "application/grpc-web-text+proto"
+        } else {
+            "application/grpc-web+proto"
+        };
+        let head = http::Response::builder()
+            .header("content-type", kind)
+            .body(())
+            .unwrap();
+        if let Ok(mut send) = respond.send_response(head, false) {
+            let _ = send.send_data(bytes::Bytes::from_static(first), false);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                send.send_reset(h2::Reason::INTERNAL_ERROR);
+            });
+        }
+    })
+    .await;
+    assert_eq!(WEB_UNAVAILABLE[4] as usize, WEB_UNAVAILABLE.len() - 5);
+    let proxy = proxy_to_h2c(addr).await;
+    for (name, client) in [("HTTP/2", h2c_client()), ("HTTP/1.1", support::client())] {
+        let resp = client
+            .request(grpc_web_call(&proxy.url("/binary"), false))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{name}");
+        assert!(
+            !resp.headers().contains_key("x-intermission-mode"),
+            "{name}"
+        );
+        let body = grpc_web_body(resp).await;
+        let body = body.unwrap_or_else(|| panic!("{name}: broken off, with no status"));
+        assert_eq!(body, [message, WEB_UNAVAILABLE].concat(), "{name}");
+
+        let resp = client
+            .request(grpc_web_call(&proxy.url("/text"), true))
+            .await
+            .unwrap();
+        let body = grpc_web_body(resp).await;
+        let body = body.unwrap_or_else(|| panic!("{name}: text broken off, with no status"));
+        let (first, status) = body.split_at(12);
+        assert_eq!(first, b"AAAAAAJoaQ==", "{name}");
+        assert_eq!(
+            status,
+            b"gAAAAEFncnBjLXN0YXR1czoxNA0KZ3JwYy1tZXNzYWdlOnRoZSUyMHNlcnZlciUyMHN0b3BwZWQlMjBhbnN3ZXJpbmcNCg==",
+            "{name}: the status frame in base64"
+        );
+    }
+}
+
+/// Cut inside a frame, a gRPC-Web answer is left broken: a status frame added there would be
+/// read as the rest of the frame under way. Cut after the server's own status frame, it ends
+/// as it is: the call was whole.
+#[tokio::test]
+async fn a_grpc_web_answer_cut_inside_a_frame_or_after_its_status_gets_none_added() {
+    // A frame of 16 bytes, 2 of them sent.
+    let inside = breaking_grpc_web_server(b"\0\0\0\0\x10hi").await;
+    let proxy = proxy_to_h2c(inside).await;
+    let resp = h2c_client()
+        .request(grpc_web_call(&proxy.url("/binary"), false))
+        .await
+        .unwrap();
+    assert_eq!(
+        grpc_web_body(resp).await,
+        None,
+        "a cut mid-frame stays a cut"
+    );
+
+    let done = breaking_grpc_web_server(b"\0\0\0\0\x02hi\x80\0\0\0\x0fgrpc-status:0\r\n").await;
+    let proxy = proxy_to_h2c(done).await;
+    let resp = h2c_client()
+        .request(grpc_web_call(&proxy.url("/binary"), false))
+        .await
+        .unwrap();
+    let body = grpc_web_body(resp)
+        .await
+        .expect("a call whose status came was cut");
+    assert_eq!(
+        body.as_ref(),
+        b"\0\0\0\0\x02hi\x80\0\0\0\x0fgrpc-status:0\r\n",
+        "nothing added after the server's own status"
+    );
+}
+
+/// An HTTP/1.1 gRPC-Web call to an `http://` server (a gRPC-Web gateway) whose answer breaks
+/// off between two frames ends with the status frame too: such a call goes through hyper's
+/// path, where the relay, which answers most HTTP/1.1 requests, closed the connection on a
+/// chunked body never ended.
+#[tokio::test]
+async fn an_http1_grpc_web_call_to_an_http_server_that_breaks_off_ends_unavailable() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                // A health check's connection sends nothing and ends here.
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer: &[u8] =
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc-web+proto\r\n\
+                    transfer-encoding: chunked\r\n\r\n7\r\n\0\0\0\0\x02hi\r\n";
+                let _ = tcp.write_all(answer).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Gone mid-answer: no last chunk.
+            });
+        }
+    });
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"http://{addr}\"]\n[health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
+    ))
+    .await;
+    let checked = wait_until_async(|| async {
+        let health = ctl(&proxy, Ctl::Health).await.health.unwrap();
+        health[0].healthy == Some(true)
+    });
+    assert!(checked.await, "the server was never found healthy");
+    let resp = support::client()
+        .request(grpc_web_call(&proxy.url("/pkg.Service/Stream"), false))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = grpc_web_body(resp)
+        .await
+        .expect("broken off, with no status");
+    assert_eq!(body, [&b"\0\0\0\0\x02hi"[..], WEB_UNAVAILABLE].concat());
+}

@@ -352,7 +352,11 @@ pub fn forward<'a>(
                     let name = &pool.names[server];
                     // Only a body that can break off ends a gRPC call with its status
                     // (`Body::timed`): an answer held whole skips the lookup.
-                    let grpc = http2 && resp.body().can_break() && native_grpc(resp.headers());
+                    let grpc = if resp.body().can_break() {
+                        grpc_answer(resp.headers(), http2)
+                    } else {
+                        crate::body::Grpc::No
+                    };
                     return Ok(finish(
                         resp,
                         (server, name),
@@ -887,6 +891,37 @@ pub(crate) fn native_grpc(headers: &http::HeaderMap) -> bool {
     })
 }
 
+/// What a broken answer with these headers ends with (`Body::timed`): native gRPC's trailers
+/// to an HTTP/2 client; gRPC-Web's status frame (to any client: it is part of the body) when
+/// the answer has no `Content-Length`, which a frame added would overrun.
+fn grpc_answer(headers: &http::HeaderMap, http2: bool) -> crate::body::Grpc {
+    use crate::body::Grpc;
+    const WEB: &[u8] = b"application/grpc-web";
+    const TEXT: &[u8] = b"-text";
+    if http2 && native_grpc(headers) {
+        return Grpc::Native;
+    }
+    let Some(v) = headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes) else {
+        return Grpc::No;
+    };
+    let starts = |v: &[u8], with: &[u8]| {
+        v.get(..with.len())
+            .is_some_and(|t| t.eq_ignore_ascii_case(with))
+    };
+    if !starts(v, WEB) || headers.contains_key(header::CONTENT_LENGTH) {
+        return Grpc::No;
+    }
+    let rest = &v[WEB.len()..];
+    let ends = |rest: &[u8]| matches!(rest, [] | [b'+' | b';' | b' ' | b'\t', ..]);
+    if ends(rest) {
+        Grpc::Web
+    } else if starts(rest, TEXT) && ends(&rest[TEXT.len()..]) {
+        Grpc::WebText
+    } else {
+        Grpc::No
+    }
+}
+
 /// Prepares the upstream's response for the client, and the tunnel if it switched protocols;
 /// its body may stall no longer than `stall` (`upstream.read_timeout`, read from the config
 /// in force, so that a reload changes it), holds `resume` (an upload still under way) until
@@ -899,7 +934,7 @@ fn finish(
     client_upgrade: Option<upgrade::Client>,
     stall: Option<Duration>,
     resume: Option<Resume>,
-    (grpc, http2): (bool, bool),
+    (grpc, http2): (crate::body::Grpc, bool),
 ) -> Forwarded {
     let mut resp = resp.map(|body| Body::timed(body, name, stall, resume, grpc));
     // A `Content-Length` beside a transfer coding is gone already: hyper's client removes it
@@ -985,6 +1020,40 @@ mod tests {
             "not gRPC-Web"
         );
         assert_eq!(wait("application/json", Some("5M")), secs(60));
+    }
+
+    #[test]
+    fn a_grpc_answer_is_told_what_it_ends_with_if_it_breaks() {
+        use crate::body::Grpc;
+        let kind = |t: &str, length: bool, http2: bool| {
+            let mut h = http::HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_str(t).unwrap());
+            if length {
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("7"));
+            }
+            grpc_answer(&h, http2)
+        };
+        assert_eq!(kind("application/grpc", false, true), Grpc::Native);
+        assert_eq!(kind("application/grpc", false, false), Grpc::No);
+        for http2 in [false, true] {
+            assert_eq!(kind("application/grpc-web", false, http2), Grpc::Web);
+            assert_eq!(kind("Application/gRPC-Web+proto", false, http2), Grpc::Web);
+            assert_eq!(
+                kind("application/grpc-web-text", false, http2),
+                Grpc::WebText
+            );
+            assert_eq!(
+                kind("application/grpc-web-text+proto", false, http2),
+                Grpc::WebText
+            );
+            assert_eq!(
+                kind("application/grpc-web", true, http2),
+                Grpc::No,
+                "its length"
+            );
+            assert_eq!(kind("application/grpc-webfoo", false, http2), Grpc::No);
+            assert_eq!(kind("text/html", false, http2), Grpc::No);
+        }
     }
 
     #[test]
