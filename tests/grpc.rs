@@ -1867,3 +1867,119 @@ async fn an_http1_grpc_web_call_to_an_http_server_that_breaks_off_ends_unavailab
         .expect("broken off, with no status");
     assert_eq!(body, [&b"\0\0\0\0\x02hi"[..], WEB_UNAVAILABLE].concat());
 }
+
+/// Maintenance switched on while a streaming call is open holds the calls that come after,
+/// not the one under way: it was forwarded before the hold, and goes on to its own end.
+#[tokio::test]
+async fn a_stream_open_when_maintenance_begins_goes_on_to_its_end() {
+    let server = grpc_server().await;
+    let proxy = proxy_for(&server).await;
+    wait_first_check(&server).await;
+    let mut grpc = client(&proxy).await;
+    let mut stream = say_many(&mut grpc, SAY_GATED, request("live", 3, "open-1"))
+        .await
+        .expect("the stream starts")
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("reply 0 arrives")
+        .unwrap()
+        .expect("a reply");
+    assert_eq!(first.index, 0);
+    let on = Ctl::On {
+        message: Some("Wartung bis 12:00 — zurück bald".into()),
+        until: None,
+        retry_after: Some("30s".into()),
+        reason: None,
+    };
+    assert!(ctl(&proxy, on).await.ok);
+    let err = say(&mut grpc, SAY, request("during", 0, "open-2"))
+        .await
+        .expect_err("a new call is held");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(err.message(), "Wartung bis 12:00 — zurück bald");
+    server.seen.gate.notify_one();
+    let mut rest = Vec::new();
+    while let Some(reply) = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("bounded")
+        .expect("the open stream ends OK, not cut by the hold")
+    {
+        rest.push(reply.index);
+    }
+    assert_eq!(rest, [1, 2]);
+}
+
+/// Trailers of 20 KiB (a `grpc-status-details-bin` of rich error details) from an `h2c://`
+/// server reach an HTTP/2 client whole: the proxy takes up to 64 KiB of a server's header
+/// block, trailers too (hyper's client stopped at 16 KiB).
+#[tokio::test]
+async fn large_grpc_trailers_pass_whole() {
+    let details = "A".repeat(20 * 1024);
+    let sent = details.clone();
+    let addr = h2c_streams(move |_, mut respond| {
+        let head = http::Response::builder()
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        if let Ok(mut send) = respond.send_response(head, false) {
+            let _ = send.send_data(bytes::Bytes::from_static(b"\0\0\0\0\x02hi"), false);
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("3"));
+            trailers.insert(
+                "grpc-status-details-bin",
+                http::HeaderValue::from_str(&sent).unwrap(),
+            );
+            let _ = send.send_trailers(trailers);
+        }
+    })
+    .await;
+    let proxy = proxy_to_h2c(addr).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .http2_max_header_list_size(1 << 20)
+        .build_http();
+    let resp = client
+        .request(grpc_call(&proxy.url("/pkg.Service/Fail")))
+        .await
+        .unwrap();
+    let body = tokio::time::timeout(
+        Duration::from_secs(10),
+        http_body_util::BodyExt::collect(resp.into_body()),
+    )
+    .await
+    .expect("the answer never ended")
+    .expect("the answer broke off");
+    let trailers = body.trailers().cloned().expect("no trailers");
+    assert_eq!(trailers["grpc-status"], "3");
+    assert_eq!(trailers["grpc-status-details-bin"], details.as_str());
+}
+
+/// The proxy does not end a call at its deadline (`grpc-timeout`) itself: the client does,
+/// cancelling its stream, and the cancel reaches the server (`RST_STREAM` `CANCEL`), which
+/// stops working on a call nobody waits for, as it would without the proxy.
+#[tokio::test]
+async fn a_call_its_client_cancels_at_its_deadline_is_cancelled_at_the_server() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let addr = h2c_streams(move |_, mut respond| {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            // Never answers; tells what the stream ended with.
+            let reason = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+            let _ = tx.send(reason.ok());
+        });
+    })
+    .await;
+    let proxy = proxy_to_h2c(addr).await;
+    let mut call = grpc_call(&proxy.url("/pkg.Service/Slow"));
+    call.headers_mut()
+        .insert("grpc-timeout", http::HeaderValue::from_static("300m"));
+    let client = h2c_client();
+    // The client library's deadline: the call is dropped, its stream reset.
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), client.request(call)).await;
+    assert!(gave_up.is_err(), "answered: {gave_up:?}");
+    let reason = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the server's stream was never reset");
+    assert_eq!(reason.flatten(), Some(h2::Reason::CANCEL));
+}
