@@ -710,6 +710,11 @@ impl Running {
 /// leaves the drain longer.
 const NOTIFY_AT_STOP: Duration = Duration::from_secs(10);
 
+/// How long before the drain's end a gRPC call still streaming is ended with its status
+/// (`shutdown::Drain::ending`): time for the status to be written and the connection, its
+/// last stream ended, to close as its client is told to, rather than by the process's exit.
+const GRPC_END_AHEAD: Duration = Duration::from_millis(250);
+
 /// Waits for the connections being served until `deadline`; then, once they have all ended,
 /// closes the idle (parked) ones with a lingering close and waits for those closes, and for
 /// any request one of them was woken by, until `deadline` still: dropped with the process, a
@@ -726,10 +731,22 @@ async fn drain(drain: Arc<Drain>, limit: &listener::Limit, deadline: tokio::time
             crate::time::for_people(grace)
         );
     }
-    if tokio::time::timeout_at(deadline, drain.shutdown())
-        .await
-        .is_err()
-    {
+    // The gRPC calls still streaming near the end are ended with `UNAVAILABLE` where a
+    // message ends (`Body::end_grpc_at`), with time left to write that and close.
+    let near = deadline
+        .checked_sub(GRPC_END_AHEAD)
+        .unwrap_or(deadline)
+        .max(tokio::time::Instant::now());
+    let shut = drain.shutdown();
+    tokio::pin!(shut);
+    let ended = tokio::select! {
+        () = &mut shut => true,
+        () = tokio::time::sleep_until(near) => {
+            drain.end_near();
+            tokio::time::timeout_at(deadline, &mut shut).await.is_ok()
+        }
+    };
+    if !ended {
         tracing::warn!("shutdown_timeout reached; closing the connections still open");
         return false;
     }

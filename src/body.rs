@@ -126,7 +126,7 @@ impl Body {
     /// rather than a reset stream, which gRPC clients take for `INTERNAL` and do not retry:
     /// `UNAVAILABLE` is what they retry, and what the proxy says of a server it cannot reach.
     /// A gRPC-Web one, whose status is a frame of the body, ends so with that frame when it
-    /// breaks off between two of its frames (`WebFrames`).
+    /// breaks off between two of its frames (`Frames`).
     pub fn timed(
         inner: Body,
         server: &Arc<str>,
@@ -150,13 +150,29 @@ impl Body {
             limit,
             grpc: match grpc {
                 Grpc::No => GrpcEnd::No,
-                Grpc::Native => GrpcEnd::Open,
-                Grpc::Web => GrpcEnd::Web(WebFrames::new(false)),
-                Grpc::WebText => GrpcEnd::Web(WebFrames::new(true)),
+                Grpc::Native => GrpcEnd::Native(Frames::new(false)),
+                Grpc::Web => GrpcEnd::Web(Frames::new(false)),
+                Grpc::WebText => GrpcEnd::Web(Frames::new(true)),
             },
             clock: StallClock::default(),
             _resume: resume,
+            stop: None,
+            stopping: false,
         }))
+    }
+
+    /// A gRPC answer (`Body::timed`) still streaming when the drain nears its end
+    /// (`Drain::ending`) is ended there with `UNAVAILABLE` (native trailers, or gRPC-Web's
+    /// status frame), where the next message ends, its server's stream let go: cut by the
+    /// connection's close, its client saw a broken stream (tonic reported `Unknown`). Any other
+    /// body is left as it is.
+    pub fn end_grpc_at(&mut self, drain: &crate::shutdown::Drain) {
+        if let Body::Timed(t) = self {
+            if matches!(t.grpc, GrpcEnd::Native(_) | GrpcEnd::Web(_)) {
+                let mut ending = drain.ending();
+                t.stop = Some(Box::pin(async move { ending.fired().await }));
+            }
+        }
     }
 
     /// Whether polling the body can fail: not one held whole.
@@ -354,6 +370,10 @@ pub struct Timed {
     grpc: GrpcEnd,
     clock: StallClock,
     _resume: Option<Resume>,
+    /// For a gRPC answer: resolves as the drain nears its end (`Body::end_grpc_at`).
+    stop: Option<Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>>,
+    /// `stop` resolved: the answer ends at its next message boundary.
+    stopping: bool,
 }
 
 /// What kind of gRPC answer a body is (`Body::timed`), for what it ends with if it breaks off.
@@ -371,18 +391,19 @@ pub enum Grpc {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum GrpcEnd {
     No,
-    Open,
-    Web(WebFrames),
+    /// Its frames followed for a stop (`Body::end_grpc_at`).
+    Native(Frames),
+    Web(Frames),
     Ended,
 }
 
-/// Where a gRPC-Web answer stands in its frames (a flag byte, a 4-byte big-endian length, the
-/// payload; the flag's high bit marks the status frame, gRPC's PROTOCOL-WEB.md), so that one
-/// that breaks off between two frames can be ended with a status frame of the proxy's: cut
-/// inside a frame, one added would be read as the rest of it. Counting costs nothing per
+/// Where a gRPC answer stands in its frames (a flag byte, a 4-byte big-endian length, the
+/// payload; for gRPC-Web, the flag's high bit marks the status frame, gRPC's PROTOCOL-WEB.md),
+/// so that one that breaks off, or is still open at a stop's end, between two frames can be
+/// ended with a status of the proxy's: inside a frame, it would be read as the rest of it. Counting costs nothing per
 /// payload byte but in base64 (`-text`), where each byte is decoded.
 #[derive(Clone, Copy, PartialEq, Eq)]
-struct WebFrames {
+struct Frames {
     text: bool,
     /// Base64 characters of a quad not yet whole (`text`).
     quad: [u8; 4],
@@ -400,9 +421,9 @@ struct WebFrames {
     lost: bool,
 }
 
-impl WebFrames {
+impl Frames {
     fn new(text: bool) -> Self {
-        WebFrames {
+        Frames {
             text,
             quad: [0; 4],
             quad_len: 0,
@@ -472,15 +493,15 @@ impl WebFrames {
         !self.lost && self.quad_len == 0 && self.head_len == 0 && self.left == 0
     }
 
-    /// The status frame that ends a broken answer: `UNAVAILABLE`, as native gRPC's trailers.
-    fn unavailable(&self) -> Bytes {
-        const STATUS: &[u8] =
-            b"grpc-status:14\r\ngrpc-message:the%20server%20stopped%20answering\r\n";
-        let mut frame = Vec::with_capacity(5 + STATUS.len());
+    /// The status frame that ends an answer the proxy ends: `UNAVAILABLE`, as native gRPC's
+    /// trailers, with `message` (percent-encoded).
+    fn unavailable(&self, message: &str) -> Bytes {
+        let status = format!("grpc-status:14\r\ngrpc-message:{message}\r\n");
+        let mut frame = Vec::with_capacity(5 + status.len());
         frame.push(0x80);
-        // A constant of some 70 bytes.
-        frame.extend_from_slice(&(STATUS.len() as u32).to_be_bytes());
-        frame.extend_from_slice(STATUS);
+        // One of the constant messages below: some 70 bytes.
+        frame.extend_from_slice(&(status.len() as u32).to_be_bytes());
+        frame.extend_from_slice(status.as_bytes());
         if self.text {
             Bytes::from(base64_encode(&frame))
         } else {
@@ -545,10 +566,23 @@ impl Timed {
         if self.grpc == GrpcEnd::Ended {
             return Poll::Ready(None);
         }
+        if let Some(stop) = &mut self.stop {
+            if stop.as_mut().poll(cx).is_ready() {
+                self.stop = None;
+                self.stopping = true;
+            }
+        }
+        if self.stopping {
+            if let Some(end) = self.end_at_stop() {
+                return Poll::Ready(Some(Ok(end)));
+            }
+        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let (GrpcEnd::Web(web), Poll::Ready(Some(Ok(frame)))) = (&mut self.grpc, &polled) {
+        if let (GrpcEnd::Native(frames) | GrpcEnd::Web(frames), Poll::Ready(Some(Ok(frame)))) =
+            (&mut self.grpc, &polled)
+        {
             if let Some(data) = frame.data_ref() {
-                web.feed(data);
+                frames.feed(data);
             }
         }
         let failed: Error = match (polled, self.limit) {
@@ -570,8 +604,8 @@ impl Timed {
                 return Poll::Ready(None);
             }
             GrpcEnd::Web(web) if !web.between() => return Poll::Ready(Some(Err(failed))),
-            GrpcEnd::Web(web) => Some(web.unavailable()),
-            GrpcEnd::Open => None,
+            GrpcEnd::Web(web) => Some(web.unavailable(STOPPED_ANSWERING)),
+            GrpcEnd::Native(_) => None,
         };
         self.grpc = GrpcEnd::Ended;
         if let Some(more) = crate::forward::said(&[], None, crate::forward::Line::BrokeOff) {
@@ -584,14 +618,38 @@ impl Timed {
         if let Some(frame) = end {
             return Poll::Ready(Some(Ok(Frame::data(frame))));
         }
-        let mut trailers = http::HeaderMap::new();
-        trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
-        trailers.insert(
-            "grpc-message",
-            http::HeaderValue::from_static("the%20server%20stopped%20answering"),
-        );
-        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+        Poll::Ready(Some(Ok(unavailable_trailers(STOPPED_ANSWERING))))
     }
+
+    /// At a stop's end (`stopping`), the frame that ends the answer where a message ends;
+    /// `None` inside one, or once the server's own status came.
+    fn end_at_stop(&mut self) -> Option<Frame<Bytes>> {
+        let end = match self.grpc {
+            GrpcEnd::Native(frames) if frames.between() => unavailable_trailers(SHUTTING_DOWN),
+            GrpcEnd::Web(web) if web.between() && !web.ended => {
+                Frame::data(web.unavailable(SHUTTING_DOWN))
+            }
+            _ => return None,
+        };
+        tracing::debug!(server = %self.server, "a gRPC call still open at the stop's end is told UNAVAILABLE");
+        self.grpc = GrpcEnd::Ended;
+        // Its server's stream is let go (reset, `CANCEL`), as a client's cancel would.
+        self.inner = Body::Empty;
+        Some(end)
+    }
+}
+
+/// The `grpc-message` (percent-encoded) of an answer its server broke off.
+const STOPPED_ANSWERING: &str = "the%20server%20stopped%20answering";
+/// The `grpc-message` of a call still open as a stop ends.
+const SHUTTING_DOWN: &str = "the%20proxy%20is%20shutting%20down";
+
+/// Native gRPC's trailers for `UNAVAILABLE` with `message` (percent-encoded already).
+fn unavailable_trailers(message: &'static str) -> Frame<Bytes> {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
+    trailers.insert("grpc-message", http::HeaderValue::from_static(message));
+    Frame::trailers(trailers)
 }
 
 pub struct Counted {
@@ -772,29 +830,29 @@ mod tests {
             let enc = |b: &[u8]| if text { base64_encode(b) } else { b.to_vec() };
             let whole = enc(message);
             for cut in 0..=whole.len() {
-                let mut web = WebFrames::new(text);
+                let mut web = Frames::new(text);
                 web.feed(&whole[..cut]);
                 let edge = cut == 0 || cut == whole.len();
                 assert_eq!(web.between(), edge, "text {text}, cut at {cut}");
                 web.feed(&whole[cut..]);
                 assert!(web.between() && !web.ended, "text {text}, cut at {cut}");
             }
-            let mut web = WebFrames::new(text);
+            let mut web = Frames::new(text);
             for b in [enc(message), enc(message), enc(status)].concat() {
                 assert!(!web.ended);
                 web.feed(&[b]);
             }
             assert!(web.ended, "text {text}");
         }
-        let mut web = WebFrames::new(true);
+        let mut web = Frames::new(true);
         web.feed(b"AA AA");
         assert!(!web.between(), "not base64: lost");
         // The frame added decodes to the status it says.
-        let frame = WebFrames::new(true).unavailable();
-        let mut web = WebFrames::new(true);
+        let frame = Frames::new(true).unavailable(STOPPED_ANSWERING);
+        let mut web = Frames::new(true);
         web.feed(&frame);
         assert!(web.ended);
-        let frame = WebFrames::new(false).unavailable();
+        let frame = Frames::new(false).unavailable(STOPPED_ANSWERING);
         assert_eq!(frame[0], 0x80);
         assert_eq!(usize::from(frame[4]) + 5, frame.len());
         assert!(frame.ends_with(b"grpc-message:the%20server%20stopped%20answering\r\n"));

@@ -783,7 +783,10 @@ fn forward_request<'a>(
                     let resp = echo.outage(snap, reserved::Preflights::Held);
                     return (resp, Some(f.server), Outcome::Failed);
                 }
-                let resp = forward::events::at_drain(f.response, conn.drain.as_deref());
+                let mut resp = forward::events::at_drain(f.response, conn.drain.as_deref());
+                if let Some(drain) = conn.drain.as_deref() {
+                    resp.body_mut().end_grpc_at(drain);
+                }
                 (resp, Some(f.server), outcome)
             }
             Err(forward::Failed {

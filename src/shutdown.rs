@@ -71,11 +71,12 @@ impl Terminate {
 /// to finish. A drain waits for each, as nginx does, up to `shutdown_timeout`. A forwarded
 /// stream of server-sent events is ended at its next event boundary (`forward::events`).
 /// The second trigger fires with the first, for what only watches for the drain (`watch`).
-pub struct Drain(Trigger, Trigger);
+/// The third fires just before `shutdown_timeout` ends the drain (`ending`).
+pub struct Drain(Trigger, Trigger, Trigger);
 
 impl Default for Drain {
     fn default() -> Self {
-        Drain(channel().0, channel().0)
+        Drain(channel().0, channel().0, channel().0)
     }
 }
 
@@ -90,6 +91,18 @@ impl Drain {
     /// stream twice in `draining for up to … connections=`.
     pub fn watch(&self) -> Shutdown {
         Shutdown(self.1 .0.subscribe())
+    }
+
+    /// Resolves just before the drain's `shutdown_timeout` closes what is still open: a
+    /// gRPC call still streaming then is ended with its status (`Body::end_grpc_at`), where
+    /// its connection's close would reach its client as a broken stream (tonic: `Unknown`).
+    pub fn ending(&self) -> Shutdown {
+        Shutdown(self.2 .0.subscribe())
+    }
+
+    /// Fires `ending`.
+    pub fn end_near(&self) {
+        self.2.fire();
     }
 
     /// Whether a drain has been asked for.

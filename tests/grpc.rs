@@ -1983,3 +1983,53 @@ async fn a_call_its_client_cancels_at_its_deadline_is_cancelled_at_the_server() 
         .expect("the server's stream was never reset");
     assert_eq!(reason.flatten(), Some(h2::Reason::CANCEL));
 }
+
+/// A streaming call still open as a stop's `shutdown_timeout` runs out is ended with
+/// `UNAVAILABLE` ("the proxy is shutting down") where a message ends, just before: the
+/// connection's close that ended it before reached tonic as `Unknown` ("h2 protocol error:
+/// error reading a body from connection"), a status its callers do not retry on. A stream
+/// that ends by itself during the drain is not touched (the other tests' calls).
+#[tokio::test]
+async fn a_stream_still_open_at_the_end_of_a_stop_is_told_unavailable() {
+    let server = grpc_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[proxy]\nshutdown_timeout = \"2s\"\n[upstream]\nservers = [\"h2c://{}\"]\n\
+             [health]\nkind = \"tcp\"\ninterval = \"1h\"\n",
+            server.addr
+        ),
+    );
+    let channel = Channel::from_shared(format!("http://{}", proxy.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let mut stream = say_many(&mut grpc, SAY_GATED, request("live", 3, "stop-1"))
+        .await
+        .expect("the stream starts")
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("reply 0 arrives")
+        .unwrap()
+        .expect("a reply");
+    assert_eq!(first.index, 0);
+    let began = std::time::Instant::now();
+    proxy.signal("TERM");
+    let got = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("the stream was never ended");
+    let err = got.expect_err("the stream went on");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(err.message(), "the proxy is shutting down");
+    let after = began.elapsed();
+    assert!(
+        after >= Duration::from_millis(1500),
+        "ended at once: {after:?}"
+    );
+    let status = proxy.wait_exit(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}
