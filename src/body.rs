@@ -445,7 +445,7 @@ impl Frames {
             return;
         }
         for &c in data {
-            if base64_value(c).is_none() && c != b'=' {
+            if !is_base64(c) && c != b'=' {
                 self.lost = true;
                 return;
             }
@@ -510,50 +510,25 @@ impl Frames {
     }
 }
 
-const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+/// gRPC-Web-text's alphabet with its padding: each piece a server flushes is padded on its own.
+const BASE64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
-fn base64_value(c: u8) -> Option<u8> {
-    match c {
-        b'A'..=b'Z' => Some(c - b'A'),
-        b'a'..=b'z' => Some(c - b'a' + 26),
-        b'0'..=b'9' => Some(c - b'0' + 52),
-        b'+' => Some(62),
-        b'/' => Some(63),
-        _ => None,
-    }
+fn is_base64(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'+' || c == b'/'
 }
 
 /// A quad of base64 (padded with `=` at its end, as each of gRPC-Web-text's pieces may be),
 /// its bytes and how many; `None` for padding out of place.
 fn decode_quad(quad: [u8; 4]) -> Option<([u8; 3], usize)> {
-    let pad = quad.iter().rev().take_while(|&&c| c == b'=').count();
-    if pad > 2 {
-        return None;
-    }
-    let mut n: u32 = 0;
-    for &c in &quad[..4 - pad] {
-        n = n << 6 | u32::from(base64_value(c)?);
-    }
-    n <<= 6 * pad as u32;
-    let [_, a, b, c] = n.to_be_bytes();
-    Some(([a, b, c], 3 - pad))
+    use base64::Engine as _;
+    let mut out = [0u8; 3];
+    let n = BASE64.decode_slice(quad, &mut out).ok()?;
+    Some((out, n))
 }
 
 fn base64_encode(bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bytes.len().div_ceil(3) * 4);
-    for piece in bytes.chunks(3) {
-        let mut n = [0u8; 3];
-        n[..piece.len()].copy_from_slice(piece);
-        let n = u32::from_be_bytes([0, n[0], n[1], n[2]]);
-        for i in 0..4 {
-            if i <= piece.len() {
-                out.push(BASE64[(n >> (18 - 6 * i) & 63) as usize]);
-            } else {
-                out.push(b'=');
-            }
-        }
-    }
-    out
+    use base64::Engine as _;
+    BASE64.encode(bytes).into_bytes()
 }
 
 /// The error of a body that stalled.
