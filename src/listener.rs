@@ -259,11 +259,17 @@ impl Upgrading {
         let Some(upgrading) = req.extensions_mut().remove::<Upgrading>() else {
             return;
         };
-        let handed = hyper::upgrade::on(req);
+        upgrading.close_declined(hyper::upgrade::on(req));
+    }
+
+    /// `close_when_declined`'s close, for a request whose `OnUpgrade` was taken already: one
+    /// forwarded whose server declined the upgrade (answered anything but `101`) or failed,
+    /// whose handover was dropped with the forward's state, over TLS without `close_notify`.
+    pub fn close_declined(self, handed: hyper::upgrade::OnUpgrade) {
         // Taken now, not at the handover: the connection's task lets its own guard go as it
         // ends, and a drain that saw no guard left then ended the process before this one
         // took it, over the close it waits to make (h202).
-        let Upgrading(limit) = upgrading;
+        let Upgrading(limit) = self;
         let guard = limit.drain.guard();
         tokio::spawn(async move {
             if let Ok(upgraded) = handed.await {
@@ -1084,8 +1090,12 @@ async fn serve_others(
                     let (result, io) = serving.http1(io, service).await;
                     if let Some(io) = io {
                         // An error (an answer cut short, a head hyper refused) is told by a
-                        // close without close_notify, which would say that all was sent.
-                        let notify = result.is_ok();
+                        // close without close_notify, which would say that all was sent. Not
+                        // hyper's header timer, which ends a connection idle between requests
+                        // (or a head too slow, which the relay ends with close_notify too):
+                        // nothing was cut, and the client read a truncation.
+                        let notify =
+                            result.is_ok() || result.as_ref().is_err_and(hyper::Error::is_timeout);
                         let held = (guard, slot, picked_to_make_room(&closable));
                         tls_linger(io.into_inner(), notify, keep_alive, held, &drain).await;
                     }

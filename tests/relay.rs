@@ -3347,6 +3347,49 @@ async fn a_held_upgrade_request_s_tls_connection_ends_cleanly() {
     }
 }
 
+/// The same when the server declines the upgrade (it answers anything but `101`; here `404`):
+/// the forwarding path let hyper's pending upgrade go with its request, so that the
+/// connection was dropped at its end without `close_notify`, and a client asking with
+/// `Connection: close` read a truncated connection. And any HTTPS connection hyper serves (a
+/// declined upgrade's, one asking for `TE: trailers`) that idled out (`header_read_timeout`)
+/// was dropped so too, where the relay closes its own with `close_notify`: hyper's timer ends
+/// it with an error, taken for an answer cut short.
+#[tokio::test]
+async fn a_tls_connection_left_to_hyper_ends_with_close_notify() {
+    let up = scripted().await;
+    let tls = Tls::new();
+    let proxy = tls
+        .proxy(&format!(
+            "[proxy]\nheader_read_timeout = \"500ms\"\n{}",
+            config(&up, false)
+        ))
+        .await;
+    for (request, status) in [
+        (
+            "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade, close\r\nUpgrade: websocket\r\n\r\n",
+            404,
+        ),
+        // Kept open, then closed for its idling.
+        (
+            "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            404,
+        ),
+        ("GET /length HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n", 200),
+    ] {
+        let mut client = Client::connect_tls(tls_addr(&proxy), &tls).await;
+        client.send(request).await;
+        let answer = client.read().await;
+        assert_eq!(answer.status(), status, "{request:?}: {}", answer.head);
+        assert!(
+            client
+                .closed_within(Duration::from_secs(10))
+                .await
+                .is_some(),
+            "{request:?}: the connection stays open"
+        );
+    }
+}
+
 /// `proxy.redirect_https` refuses a request whose host it cannot redirect to with `400`: a
 /// refusal like the others, after which the connection closes.
 #[tokio::test]

@@ -26,18 +26,33 @@ use std::time::Duration;
 /// connection counted once it is a tunnel (none where no listener marked the request), and
 /// its place among the tunnels under the bound on upstream sockets.
 pub struct Client {
-    on: OnUpgrade,
-    upgrading: Option<Upgrading>,
+    handover: Handover,
     place: TunnelPlace,
+}
+
+/// hyper's handover of the client's connection, with what keeps it counted, until a tunnel
+/// takes them. Dropped untaken (the server declined the upgrade with any answer but a `101`,
+/// or failed), the connection is closed as every other is once hyper hands it over at its end
+/// (`Upgrading::close_declined`): let go with the forward's state, it was dropped, over TLS
+/// without `close_notify`, so that the client read a truncated connection.
+struct Handover(Option<(OnUpgrade, Option<Upgrading>)>);
+
+impl Drop for Handover {
+    fn drop(&mut self) {
+        if let Some((on, Some(upgrading))) = self.0.take() {
+            upgrading.close_declined(on);
+        }
+    }
 }
 
 impl Client {
     /// Taken from the request, whose parts go on to the upstream: nothing of the client's
     /// connection rides along.
     pub fn of<B>(req: &mut Request<B>, place: TunnelPlace) -> Client {
+        let on = hyper::upgrade::on(&mut *req);
+        let upgrading = req.extensions_mut().remove::<Upgrading>();
         Client {
-            on: hyper::upgrade::on(&mut *req),
-            upgrading: req.extensions_mut().remove::<Upgrading>(),
+            handover: Handover(Some((on, upgrading))),
             place,
         }
     }
@@ -111,10 +126,17 @@ pub fn spawn_tunnel(
     websocket: bool,
     idle: Option<Duration>,
 ) -> TunnelLog {
-    let kept: Option<Tunnelled> = client.upgrading.map(Upgrading::keep);
-    let mut place = client.place;
-    let client = client.on;
+    let Client {
+        mut handover,
+        mut place,
+    } = client;
     let log = TunnelLog(Arc::new(Mutex::new(Logging::Waiting)));
+    // Always there: only this and the drop take it.
+    let Some((client, upgrading)) = handover.0.take() else {
+        log.ended(0);
+        return log;
+    };
+    let kept: Option<Tunnelled> = upgrading.map(Upgrading::keep);
     let to_client = Arc::new(AtomicU64::new(0));
     let ends = Ends {
         log: log.clone(),
