@@ -130,6 +130,13 @@ pub trait Client: AsyncRead + AsyncWrite + Unpin {
 
     /// A read that does not wait: `WouldBlock` when nothing has arrived.
     fn read_now(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> std::io::Result<usize>;
+
+    /// Sends what the stream queued of its own accord while it read and found nothing for
+    /// the caller: over TLS, the alert that refuses a TLS 1.2 client's renegotiation, or the
+    /// `KeyUpdate` a TLS 1.3 one asked for. tokio-rustls writes only when written to or
+    /// flushed, and a connection waiting for its next request writes nothing: a client that
+    /// renegotiated waited `header_read_timeout` for its answer, the close.
+    fn poll_send_queued(&mut self, cx: &mut Context<'_>);
 }
 
 impl Client for TcpStream {
@@ -149,6 +156,9 @@ impl Client for TcpStream {
     fn read_now(&mut self, _: &mut Context<'_>, buf: &mut [u8]) -> std::io::Result<usize> {
         self.try_read(buf)
     }
+
+    #[inline]
+    fn poll_send_queued(&mut self, _: &mut Context<'_>) {}
 }
 
 impl Client for TlsStream<stall::Timed<TcpStream>> {
@@ -171,6 +181,13 @@ impl Client for TlsStream<stall::Timed<TcpStream>> {
         match Pin::new(self).poll_read(cx, &mut room) {
             Poll::Ready(read) => read.map(|()| room.filled().len()),
             Poll::Pending => Err(ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    fn poll_send_queued(&mut self, cx: &mut Context<'_>) {
+        if self.get_ref().1.wants_write() {
+            // A failure or a full socket is the next read's or write's to meet.
+            let _ = Pin::new(self).poll_flush(cx);
         }
     }
 }
@@ -528,6 +545,7 @@ async fn relay<C: Client>(
                     if let Poll::Ready(read) = Pin::new(&mut *sock).poll_read(cx, &mut room) {
                         return Poll::Ready(Some(read.map(|()| room.filled().len())));
                     }
+                    sock.poll_send_queued(cx);
                     slot.take_if(|bufs| bufs.0.have == 0);
                 }
                 if closes && !begun && stop.as_mut().poll(cx).is_ready() {

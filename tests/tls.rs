@@ -278,6 +278,78 @@ async fn plain_http_to_the_tls_port_gets_a_400_that_says_so() {
     assert_eq!(resp.status(), 200);
 }
 
+/// A TLS 1.2 client that renegotiates between requests is refused at once (a
+/// `no_renegotiation` alert, as nginx refuses it). rustls queued the alert and the relay,
+/// waiting for the next request, wrote nothing: the client waited for `header_read_timeout`
+/// (10 s here), and the close, to hear it. Driven by `openssl s_client`, whose `R`
+/// renegotiates (rustls's client cannot).
+#[tokio::test]
+async fn a_tls_1_2_renegotiation_is_refused_at_once() {
+    use tokio::io::AsyncWriteExt;
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: needs the openssl command");
+        return;
+    }
+    let up = echo_upstream().await;
+    let ca = Ca::new();
+    let proxy = shop_proxy(&ca, &up, "").await;
+    let mut child = tokio::process::Command::new("openssl")
+        .args(["s_client", "-tls1_2", "-msg", "-servername", "shop.test"])
+        .arg("-connect")
+        .arg(tls_addr(&proxy).to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    let done = line_with(&mut lines, &mut seen, "Verify return code", 10).await;
+    assert!(done, "no handshake: {seen}");
+    stdin.write_all(b"R\n").await.unwrap();
+    let refused = line_with(&mut lines, &mut seen, "no_renegotiation", 3).await;
+    assert!(
+        refused,
+        "the renegotiation was not refused within 3 s: {seen}"
+    );
+}
+
+/// Whether a line holding `what` comes within `secs`; what was read is added to `seen`.
+async fn line_with(
+    lines: &mut (impl tokio::io::AsyncBufRead + Unpin),
+    seen: &mut String,
+    what: &str,
+    secs: u64,
+) -> bool {
+    use tokio::io::AsyncBufReadExt;
+    // Not `read_line`: openssl's output is not always UTF-8.
+    let found = async {
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match lines.read_until(b'\n', &mut line).await {
+                Ok(0) | Err(_) => return false,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&line);
+                    seen.push_str(&line);
+                    if line.contains(what) {
+                        return true;
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(secs), found)
+        .await
+        .unwrap_or(false)
+}
+
 /// A stop does not wait for TLS connections that have nothing to finish: one that has sent
 /// nothing (a load balancer's TCP check, a port scan, `nc host 443` left open), one answered as
 /// plain HTTP that stays open, and a handshake begun and left (it gets `STALLED` from its
