@@ -721,7 +721,11 @@ const GRPC_END_AHEAD: Duration = Duration::from_millis(250);
 /// parked connection a client had just sent a request on was reset, where the lingering close
 /// lets it read a clean end (and send the request again, to the next instance). Whether every
 /// connection being served finished in time.
-async fn drain(drain: Arc<Drain>, limit: &listener::Limit, deadline: tokio::time::Instant) -> bool {
+pub(crate) async fn drain(
+    drain: Arc<Drain>,
+    limit: &listener::Limit,
+    deadline: tokio::time::Instant,
+) -> bool {
     let open = drain.count();
     if open > 0 {
         let grace = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -750,17 +754,30 @@ async fn drain(drain: Arc<Drain>, limit: &listener::Limit, deadline: tokio::time
         tracing::warn!("shutdown_timeout reached; closing the connections still open");
         return false;
     }
+    // The guards just seen gone were let go after what counts the connections that had them
+    // from then on (`Limit::arriving`): read after them (the guard count's read is Relaxed).
+    std::sync::atomic::fence(Ordering::Acquire);
     limit.close_idle();
-    // Each connection picked takes its drain guard on its worker's thread before it stops
-    // counting as closing: only then has every one a guard the drain's end can wait for.
-    while limit.closing() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    if tokio::time::timeout_at(deadline, drain.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::debug!("shutdown_timeout reached with idle connections still closing");
+    // Each connection picked, or not yet seen (accepted and not yet run by its worker, or
+    // spawned to park and not yet run: `Limit::starting`), takes its drain guard on its
+    // worker's thread, or goes among the idle ones (picked at once now), before it stops
+    // counting there: only then has every one a guard the drain's end can wait for. Again
+    // until all is settled at once: a guard let go for a park counts it as arriving first.
+    loop {
+        while limit.unsettled() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if tokio::time::timeout_at(deadline, drain.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::debug!("shutdown_timeout reached with idle connections still closing");
+            break;
+        }
+        std::sync::atomic::fence(Ordering::Acquire);
+        if !limit.unsettled() || tokio::time::Instant::now() >= deadline {
+            break;
+        }
     }
     true
 }

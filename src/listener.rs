@@ -91,6 +91,13 @@ pub struct Limit {
     /// Set at the drain's end (`close_idle`): every idle connection is picked to close, one
     /// idling from now at once.
     ending: AtomicBool,
+    /// Connections the drain's end would not see by a guard or among the idle ones: a
+    /// plaintext one from its accept until it holds a guard or is closed (`Fresh`: before its
+    /// worker has run it, and between its first bytes and its guard, it is in neither); one
+    /// to park from its spawn until that task's first poll (`park::Idle::arriving`). Unseen,
+    /// the process could exit over such a connection, one whose request had come among them,
+    /// and the kernel reset it.
+    starting: AtomicUsize,
 }
 
 /// Idle connections by the order they became idle (`ticket`), each with the waker that tells
@@ -207,6 +214,54 @@ impl Limit {
     /// stops counting, and the drain's end, once it reads 0 here, must see every such guard.
     pub fn closing(&self) -> usize {
         self.closing.load(Ordering::Acquire)
+    }
+
+    /// A connection the drain cannot see otherwise from now (`starting`): counted before it
+    /// lets go of what it was seen by (a guard, its place among the idle ones or the picked).
+    pub(crate) fn arriving(&self) {
+        self.starting.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Seen otherwise from now: what sees it is taken before this. Release, paired with
+    /// `unsettled`'s Acquire: the drain's end that reads the count without it sees the guard.
+    pub(crate) fn arrived(&self) {
+        self.starting.fetch_sub(1, Ordering::Release);
+    }
+
+    /// Whether a connection is still picked and not closed (`closing`), or not yet seen
+    /// (`starting`): the drain's end waits until neither, then for the guards. Read closing,
+    /// starting, closing: a connection goes from one to the other counted in the new one
+    /// first, whichever way it goes, and so is seen in one of the three reads.
+    pub fn unsettled(&self) -> bool {
+        self.closing() > 0 || self.starting.load(Ordering::Acquire) > 0 || self.closing() > 0
+    }
+}
+
+/// A new plaintext connection's place among the idle ones (`Closable`), counted in
+/// `Limit::starting` from its accept, before its worker has run it, until it is dropped:
+/// once it holds a drain guard, or is closed. A connection taken from the backlog as the
+/// stop came, still waiting for its worker, was seen by nothing, and the process could exit
+/// over its request (h201 found it by reading, h203 by test); so was one between its first
+/// bytes and its guard. Counted while it is among the idle ones too, where the drain's end
+/// picks it: it then wakes, and closes. One atomic add at the accept, on the line
+/// `Limit::take` has just written, and one subtract.
+pub struct Fresh {
+    closable: Closable,
+}
+
+impl Fresh {
+    fn new(limit: Arc<Limit>) -> Fresh {
+        limit.arriving();
+        Fresh {
+            closable: Closable::new(limit),
+        }
+    }
+}
+
+impl Drop for Fresh {
+    fn drop(&mut self) {
+        // Before `closable`'s own drop gives back a pick: counted in one until it is gone.
+        self.closable.limit.arrived();
     }
 }
 
@@ -525,32 +580,35 @@ fn sniff(first: &[u8]) -> Option<Protocol> {
 /// hyper through `Rewind`. Reading, not peeking: a client that sent part of the preface and
 /// stalls is then waited for by readiness, at no cost, where peeking would find the same
 /// bytes again and again.
-/// `began` is set once a byte has come.
+/// `began` is set once a byte has come. `fresh` counts the connection for the drain's end
+/// all along, among the idle ones too (picked there at that end, it wakes and closes).
 async fn first_bytes(
     stream: &mut TcpStream,
-    closable: &Closable,
+    fresh: &Fresh,
     began: &mut bool,
 ) -> Option<(Protocol, Bytes)> {
     let mut buf = [0u8; 24];
     let mut len = 0;
-    let mut fresh = std::pin::pin!(None::<tokio::time::Sleep>);
+    let mut grace = std::pin::pin!(None::<tokio::time::Sleep>);
     loop {
         // Never full here: 24 bytes always decide.
         let room = &mut buf[len..];
         let n = poll_fn(|cx| {
-            let mut read = ReadBuf::new(room);
+            let mut read = ReadBuf::new(&mut *room);
             match Pin::new(&mut *stream).poll_read(cx, &mut read) {
                 Poll::Ready(done) => Poll::Ready(done.ok().map(|()| read.filled().len())),
                 Poll::Pending
-                    if len == 0 && waited(fresh.as_mut(), cx) && closable.poll_picked(cx) =>
+                    if len == 0
+                        && waited(grace.as_mut(), fresh.closable.limit(), cx)
+                        && fresh.closable.poll_picked(cx) =>
                 {
-                    Poll::Ready(None)
+                    Poll::Ready(unannounced(stream, room, fresh.closable.limit()))
                 }
                 Poll::Pending => Poll::Pending,
             }
         })
         .await?;
-        closable.busy();
+        fresh.closable.busy();
         if n == 0 {
             return None;
         }
@@ -559,6 +617,21 @@ async fn first_bytes(
         if let Some(p) = sniff(&buf[..len]) {
             return Some((p, Bytes::copy_from_slice(&buf[..len])));
         }
+    }
+}
+
+/// What a connection picked at the drain's end before it was ever run had already sent: its
+/// worker's reactor tells of bytes that came before the connection was handed to it only on
+/// its next turn, after this first poll, and the request was closed unread (taken from the
+/// backlog as the stop came, it had been sent before). A read the reactor does not gate, at
+/// the drain's end only; a pick for room comes to a connection seen idle already.
+fn unannounced(stream: &TcpStream, room: &mut [u8], limit: &Limit) -> Option<usize> {
+    if !limit.ending() {
+        return None;
+    }
+    match rustix::io::read(stream, room) {
+        Ok(n) if n > 0 => Some(n),
+        _ => None,
     }
 }
 
@@ -779,8 +852,18 @@ pub async fn accept_loop(
         match acceptor {
             None => {
                 let drain = drain.clone();
+                // Counted for the drain's end from here: the worker may run it only after.
+                let fresh = Fresh::new(permit.limit().clone());
                 workers.spawn(stream, move |stream| {
-                    plain(stream, permit, conn, state, builder, drain, first_byte)
+                    plain(
+                        stream,
+                        (permit, fresh),
+                        conn,
+                        state,
+                        builder,
+                        drain,
+                        first_byte,
+                    )
                 });
             }
             Some(acceptor) => {
@@ -816,7 +899,7 @@ fn pending_cap(proxy: &ProxyConfig, peer: std::net::IpAddr) -> Option<usize> {
 /// states are boxed: a task keeps the size of its largest state for its whole life.
 async fn plain(
     mut stream: TcpStream,
-    permit: Slot,
+    (permit, fresh): (Slot, Fresh),
     conn: Arc<Conn>,
     state: StateHandle,
     builder: Arc<ConnBuilder>,
@@ -825,13 +908,19 @@ async fn plain(
 ) {
     // hyper's header timeout starts with a request head; a client that sends nothing (or a
     // preface and nothing more) is cut off here instead. No drain guard yet: a connection
-    // that has sent nothing has nothing to finish.
-    let closable = Closable::new(permit.limit().clone());
+    // that has sent nothing has nothing to finish (`fresh` has the drain see it meanwhile).
     let mut began = false;
-    let first = first_bytes(&mut stream, &closable, &mut began);
+    let first = first_bytes(&mut stream, &fresh, &mut began);
     let sniffed = Box::pin(tokio::time::timeout(first_byte, first)).await;
-    drop(closable);
     let Ok(Some((protocol, first))) = sniffed else {
+        // Closed by the drain's end before a byte came: with a lingering close, as a parked
+        // connection is (`park::parked`), the guard taken before `fresh` goes. Dropped, its
+        // socket answered a request already on its way with a reset.
+        if fresh.closable.is_picked() && permit.limit().ending() {
+            crate::shutdown::linger(stream, drain.guard(), None);
+            return;
+        }
+        drop(fresh);
         // A few bytes that have not yet told the protocol (a prefix of HTTP/2's preface,
         // `P` of a `POST`) are a head begun as much as hyper's would be.
         match sniffed {
@@ -840,6 +929,8 @@ async fn plain(
         }
         return;
     };
+    // `fresh` goes once the connection holds a drain guard, or has gone to a task that
+    // counts for the drain itself (`park::start`), with no await between.
     let served = if protocol == Protocol::Http1 {
         let idle = Arc::new(park::Idle::new(permit.limit().clone()));
         let timing = Some(Timing::new(state.clone()));
@@ -851,12 +942,17 @@ async fn plain(
             permit,
         };
         match park::start(io, service, held) {
-            Some((io, service, held)) => Some(park::run(io, service, held, None, None).await),
+            Some((io, service, held)) => {
+                let guard = held.drain.guard();
+                drop(fresh);
+                Some(park::run(io, service, held, None, Some(guard)).await)
+            }
             None => Some(Ok(())),
         }
     } else {
-        let arrived = Arrived::H2c(first, stream);
         let guard = drain.guard();
+        drop(fresh);
+        let arrived = Arrived::H2c(first, stream);
         Box::pin(serve_others(
             arrived,
             &state,
@@ -1172,8 +1268,19 @@ pub const STALLED: Duration = Duration::from_secs(2);
 /// moment was closed unserved: with many more clients than `max_connections`, each
 /// reconnecting at once, every new connection closed one that had not yet been read, and
 /// they closed each other near a livelock (974 requests served in 20 s by 64 slots to 1,000
-/// clients, h197). The timer is armed only when the first wait finds nothing to read.
-fn waited(mut fresh: Pin<&mut Option<tokio::time::Sleep>>, cx: &mut Context<'_>) -> bool {
+/// clients, h197). The timer is armed only when the first wait finds nothing to read. At the
+/// drain's end at once: a connection first run then is closed (or its request, already sent,
+/// answered: `unannounced`) rather than holding the stop; one already waiting its grace out
+/// is picked when its timer fires, holding the process's exit (not the state file, let go
+/// before the drain) for up to `STALLED`.
+fn waited(
+    mut fresh: Pin<&mut Option<tokio::time::Sleep>>,
+    limit: &Limit,
+    cx: &mut Context<'_>,
+) -> bool {
+    if limit.ending() {
+        return true;
+    }
     if fresh.is_none() {
         fresh.set(Some(tokio::time::sleep(STALLED)));
     }
@@ -1230,7 +1337,9 @@ async fn hello(stream: &TcpStream, closable: &Closable) -> Hello {
                     .map_or(Hello::Closed, |&b| Hello::Began(b)),
             ),
             Poll::Ready(Err(_)) => Poll::Ready(Hello::Closed),
-            Poll::Pending if waited(fresh.as_mut(), cx) && closable.poll_picked(cx) => {
+            Poll::Pending
+                if waited(fresh.as_mut(), closable.limit(), cx) && closable.poll_picked(cx) =>
+            {
                 Poll::Ready(Hello::Picked)
             }
             Poll::Pending => Poll::Pending,
@@ -1480,7 +1589,7 @@ impl Serving<'_> {
                 closable.busy();
                 return Poll::Pending;
             }
-            if answers.arrived.load(Ordering::Relaxed) == 0 {
+            if answers.arrived.load(Ordering::Relaxed) == 0 && !closable.limit().ending() {
                 let grace = fresh.get_or_insert_with(|| Box::pin(tokio::time::sleep(STALLED)));
                 if grace.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
@@ -1803,6 +1912,148 @@ mod tests {
         for b in [0x14, 0x15, 0x16, 0x17, 0x80, 0x00, 0x7f, b'\t', 0xff] {
             assert!(!plain_http(b), "{b:#04x}");
         }
+    }
+
+    const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    /// A proxy's accepting parts, in maintenance (held requests are answered 503 without an
+    /// upstream), on `workers`.
+    struct Front {
+        state: crate::state::StateHandle,
+        drain: Arc<crate::shutdown::Drain>,
+        limit: Arc<Limit>,
+        listener: tokio::net::TcpListener,
+    }
+
+    impl Front {
+        async fn new() -> Front {
+            let snapshot = crate::state::snapshot::for_tests("", true);
+            let drain = Arc::new(crate::shutdown::Drain::default());
+            let limit = Limit::new(Default::default(), Default::default(), drain.clone());
+            Front {
+                state: crate::state::StateHandle::new(snapshot),
+                drain,
+                limit: Arc::new(limit),
+                listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            }
+        }
+
+        /// Its accept loop, and what stops it.
+        fn accept(
+            self,
+            workers: &Arc<crate::workers::Workers>,
+        ) -> (crate::shutdown::Trigger, tokio::task::JoinHandle<()>) {
+            let (stop, stopped) = crate::shutdown::channel();
+            let looping = super::accept_loop(
+                self.listener,
+                self.state,
+                self.drain,
+                self.limit,
+                workers.clone(),
+                false,
+                stopped,
+            );
+            (stop, tokio::spawn(looping))
+        }
+    }
+
+    /// A connection taken from the backlog as the stop comes, and not yet run by its worker
+    /// (busy: blocked here), holds the drain's end, and its request is answered with
+    /// `Connection: close`. Seen by nothing (no guard yet, not among the idle ones), it let
+    /// the drain end at once, and the process exit over it: the kernel answered the request
+    /// with a reset.
+    #[tokio::test]
+    async fn a_connection_accepted_and_not_yet_run_is_answered_before_the_drain_ends() {
+        use tokio::io::AsyncWriteExt;
+        let workers = Arc::new(crate::workers::Workers::start(2).unwrap());
+        // Turns: 0 here, 1 the other worker, blocked until `go`, 2 here: the connection
+        // accepted next is the blocked worker's.
+        let (go, blocked) = std::sync::mpsc::channel::<()>();
+        let mut blocked = Some(blocked);
+        let side = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        for turn in 0..3 {
+            let _client = tokio::net::TcpStream::connect(side.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (server, _) = side.accept().await.unwrap();
+            let blocked = if turn == 1 { blocked.take() } else { None };
+            workers.spawn(server, move |_| async move {
+                if let Some(blocked) = blocked {
+                    let _ = blocked.recv();
+                }
+            });
+        }
+        let front = Front::new().await;
+        let (drain, limit) = (front.drain.clone(), front.limit.clone());
+        let mut client = tokio::net::TcpStream::connect(front.listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        client.write_all(REQUEST).await.unwrap();
+        let (stop, accepting) = front.accept(&workers);
+        stop.fire();
+        accepting.await.unwrap();
+        assert_eq!(limit.open.load(std::sync::atomic::Ordering::Relaxed), 1);
+        drain.begin();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let ending = crate::app::drain(drain.clone(), &limit, deadline);
+        tokio::pin!(ending);
+        let first = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(ending.as_mut(), cx))
+        })
+        .await;
+        assert!(
+            first.is_pending(),
+            "the drain ended over a connection accepted and not yet run"
+        );
+        go.send(()).unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut answer));
+        assert!(matches!(read.await, Ok(Ok(_))), "no clean end");
+        let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+        assert!(answer.starts_with("http/1.1 503 "), "{answer}");
+        assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
+        drop(client);
+        let ended = tokio::time::timeout(Duration::from_secs(10), ending).await;
+        assert_eq!(ended.ok(), Some(true));
+    }
+
+    /// A connection that has sent nothing when the drain's end closes it gets a lingering
+    /// close, as a parked one: a request sent as that end came is read and thrown away. Its
+    /// socket, dropped, answered the request with a reset (and the client's next write
+    /// failed).
+    #[tokio::test]
+    async fn a_connection_closed_at_the_drain_end_before_a_byte_is_closed_cleanly() {
+        use tokio::io::AsyncWriteExt;
+        let workers = Arc::new(crate::workers::Workers::start(1).unwrap());
+        let front = Front::new().await;
+        let (drain, limit) = (front.drain.clone(), front.limit.clone());
+        let mut client = tokio::net::TcpStream::connect(front.listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stop, accepting) = front.accept(&workers);
+        let since = Instant::now();
+        while limit.idlers().waiting.is_empty() {
+            assert!(since.elapsed() < Duration::from_secs(10), "never idle");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        stop.fire();
+        accepting.await.unwrap();
+        drain.begin();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let ending = tokio::spawn(async move { crate::app::drain(drain, &limit, deadline).await });
+        let mut got = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(10), client.read(&mut got));
+        assert!(matches!(read.await, Ok(Ok(0))), "no clean end");
+        // Sent as the end came: each write must find the socket still reading (a reset
+        // comes back within a loopback's round trip, and fails the write after it).
+        for _ in 0..20 {
+            let wrote = client.write_all(REQUEST).await;
+            assert!(wrote.is_ok(), "reset: {wrote:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(client);
+        let ended = tokio::time::timeout(Duration::from_secs(10), ending).await;
+        assert!(matches!(ended, Ok(Ok(true))), "{ended:?}");
     }
 
     #[test]

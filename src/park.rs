@@ -72,6 +72,9 @@ pub struct Idle {
     /// while it is parked with nothing begun; with the connections' limit, which keeps
     /// `intermission_parked_connections`.
     closable: Closable,
+    /// Counted in `Limit::starting` (`arriving`): spawned to park, or to write and then park,
+    /// and not yet run. Here rather than in the parked task, whose every byte counts.
+    unseen: AtomicBool,
 }
 
 impl Idle {
@@ -87,6 +90,29 @@ impl Idle {
             upgrade: AtomicBool::new(false),
             switched: AtomicBool::new(false),
             closable: Closable::new(limit),
+            unseen: AtomicBool::new(false),
+        }
+    }
+
+    /// Counted for the drain's end until the task it is handed to has run (`seen`): called
+    /// before it lets go of what the drain saw it by (a drain guard; a new connection's
+    /// `listener::Fresh`), and before the spawn. Between the two, unseen, the drain's end
+    /// could come and the process exit over it: a kept-alive client's next request was
+    /// then answered with a reset, where the parked connection's first poll, at the drain's
+    /// end, closes it with a lingering close. Once a park at most: one atomic add and one
+    /// subtract on the connections' count.
+    fn arriving(&self) {
+        if !self.unseen.swap(true, Relaxed) {
+            self.closable.limit().arriving();
+        }
+    }
+
+    /// Seen by the drain from now: among the idle ones, picked, or holding a drain guard.
+    /// A plain load while it is not counted, as on every wait of a parked connection.
+    #[inline]
+    fn seen(&self) {
+        if self.unseen.load(Relaxed) && self.unseen.swap(false, Relaxed) {
+            self.closable.limit().arrived();
         }
     }
 
@@ -433,7 +459,17 @@ impl<'a> Parked<'a> {
 impl Drop for Parked<'_> {
     fn drop(&mut self) {
         self.0.closable.limit().parked.dec();
+        // Counted in one until gone from the other.
+        self.0.seen();
         self.0.closable.busy();
+    }
+}
+
+impl Drop for Idle {
+    /// A task handed a connection and dropped before it ran (its runtime ending) leaves no
+    /// count behind for a drain to wait for.
+    fn drop(&mut self) {
+        self.seen();
     }
 }
 
@@ -514,10 +550,12 @@ pub fn start(mut io: Rewind, service: Gateway, held: Held) -> Option<(Rewind, Ga
         } => {
             io.first = rest;
             if !unwritten.is_empty() {
+                service.idle.arriving();
                 tokio::spawn(write_then_go_on(io, service, held, unwritten));
                 return None;
             }
             if io.first.is_empty() {
+                service.idle.arriving();
                 tokio::spawn(parked(io.first, io.inner, service, held));
                 return None;
             }
@@ -529,7 +567,8 @@ pub fn start(mut io: Rewind, service: Gateway, held: Held) -> Option<(Rewind, Ga
 /// Writes the part of the answers the socket did not take at once, then goes on as the
 /// connection would have: parked, or served by hyper when a request is left to it. A task of
 /// its own, as this is rare: awaited in `parked`, the write would add its state to every
-/// parked connection. It holds a drain guard: a drain waits for an answer under way.
+/// parked connection. It holds a drain guard: a drain waits for an answer under way. Spawned
+/// counted for the drain (`Idle::arriving`), which `parked` ends.
 fn write_then_go_on(
     mut io: Rewind,
     service: Gateway,
@@ -549,6 +588,7 @@ fn write_then_go_on(
             drop(guard);
             parked(io.first, io.inner, service, held).await;
         } else {
+            service.idle.seen();
             serve_again(io, service, held, None, guard).await;
         }
     })
@@ -765,25 +805,14 @@ pub async fn serve(
 }
 
 /// Parks a connection that has gone idle: `parked` in a task of its own, and `guard` let go.
-/// During a drain the guard is let go only once the parked connection has been polled once,
-/// and so is among the idle ones that the drain's end closes (`Limit::close_idle`), or has
-/// seen that end: let go before, the drain could end, and the process exit, with the
-/// connection not yet there, and it was closed with the process as before.
+/// Counted for the drain (`Idle::arriving`) before the guard goes, until the parked task's
+/// first poll has put it among the idle ones that the drain's end closes
+/// (`Limit::close_idle`), or has seen that end: let go before, the drain could end, and the
+/// process exit, with the connection not yet there, and it was closed with the process.
 fn park(io: Rewind, service: Gateway, held: Held, guard: Shutdown) {
-    if !held.drain.started() {
-        drop(guard);
-        tokio::spawn(parked(io.first, io.inner, service, held));
-        return;
-    }
-    tokio::spawn(async move {
-        let parked = parked(io.first, io.inner, service, held);
-        tokio::pin!(parked);
-        let first = poll_fn(|cx| Poll::Ready(parked.as_mut().poll(cx))).await;
-        drop(guard);
-        if first.is_pending() {
-            parked.await;
-        }
-    });
+    service.idle.arriving();
+    drop(guard);
+    tokio::spawn(parked(io.first, io.inner, service, held));
 }
 
 /// hyper's connection on a plaintext HTTP/1.1 socket.
@@ -863,6 +892,9 @@ fn parked(
                 if count.picked(cx) {
                     return Poll::Ready(Wake::Picked);
                 }
+                // Among the idle ones (or not closable, with a head begun, as before a
+                // drain): no longer counted as arriving (`Idle::arriving`).
+                count.0.seen();
                 deadline.as_mut().poll(cx).map(|()| Wake::Late)
             })
             .await;
@@ -909,6 +941,7 @@ fn parked(
                         deadline.as_mut().reset(later);
                     }
                     if !unwritten.is_empty() {
+                        service.idle.arriving();
                         drop(count);
                         let io = service.rewind(first, inner);
                         tokio::spawn(write_then_go_on(io, service, held, unwritten));
@@ -1022,8 +1055,10 @@ mod tests {
     use crate::state::mode::Persisted;
     use crate::state::snapshot::{Inputs, Parts};
     use crate::state::{Snapshot, StateHandle};
+    use std::future::{poll_fn, Future};
     use std::sync::atomic::Ordering::Relaxed;
     use std::sync::Arc;
+    use std::task::Poll;
 
     /// What ten thousand idle clients cost is mostly their parked tasks. tokio aligns a task
     /// to 128 B and adds 104 B to its future: up to 280 B of state it is 384 B, beyond that
@@ -1064,6 +1099,63 @@ mod tests {
         let task = parked(bytes::Bytes::new(), socket, Gateway::new(fast, idle), held);
         let size = std::mem::size_of_val(&task);
         assert!(size <= 280, "a parked connection's state is {size} B");
+    }
+
+    /// A kept-alive connection whose held request was answered at once, handed to a task to
+    /// park, holds the drain's end until that task has run (and closed it, with a lingering
+    /// close, the drain's end having come): seen by nothing meanwhile (no guard, not yet among
+    /// the idle ones), it let the drain end at once, and the process exit over it, the
+    /// client's next request answered with a reset.
+    #[tokio::test]
+    async fn a_connection_handed_to_park_and_not_yet_run_holds_the_drain_end() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let snapshot = crate::state::snapshot::for_tests("", true);
+        let builder = snapshot.conn.clone();
+        let state = StateHandle::new(snapshot);
+        let drain = Arc::new(Drain::default());
+        let limit =
+            crate::listener::Limit::new(Default::default(), Default::default(), drain.clone());
+        let limit = Arc::new(limit);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().expect("address"))
+            .await
+            .expect("connect");
+        let (socket, peer) = listener.accept().await.expect("accept");
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("sent");
+        socket.readable().await.expect("readable");
+        let idle = Arc::new(Idle::new(limit.clone()));
+        let io = super::Rewind::new(bytes::Bytes::new(), socket, Some(idle.clone()), None);
+        let fast = Fast::new(state, Arc::new(Conn::new(peer, false)));
+        let held = Held {
+            builder,
+            drain: drain.clone(),
+            permit: limit.take(10).expect("slot"),
+        };
+        let started = super::start(io, Gateway::new(fast, idle), held);
+        assert!(started.is_none(), "answered at once, and handed to park");
+        drain.begin();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        let ending = crate::app::drain(drain.clone(), &limit, deadline);
+        tokio::pin!(ending);
+        let first = poll_fn(|cx| Poll::Ready(ending.as_mut().poll(cx))).await;
+        assert!(
+            first.is_pending(),
+            "the drain ended over a connection handed to park and not yet run"
+        );
+        let mut answer = Vec::new();
+        let wait = std::time::Duration::from_secs(10);
+        let read = tokio::time::timeout(wait, client.read_to_end(&mut answer));
+        assert!(matches!(read.await, Ok(Ok(_))), "no clean end");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+        drop(client);
+        let ended = tokio::time::timeout(wait, ending).await;
+        assert_eq!(ended.ok(), Some(true));
     }
 
     #[test]
