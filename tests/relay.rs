@@ -645,6 +645,50 @@ async fn every_framing_reaches_the_client_as_through_hyper_on_one_connection() {
     assert_eq!(fast.get("/hop").await.header("x-kept"), Some("yes"));
 }
 
+/// An answer without a length to an HTTP/1.0 client that asked for keep-alive can only end
+/// with the connection: it says no `keep-alive` (hyper's server said `connection: keep-alive`
+/// and then closed, and a client believing it could send its next request into the close),
+/// as nginx says `Connection: close`. One with a length keeps the connection, as before.
+#[tokio::test]
+async fn an_http10_client_is_not_told_keep_alive_before_an_answer_ended_by_a_close() {
+    let up = scripted().await;
+    let (_, _, (relay, hyper)) = both(&up).await;
+    for proxy in [&relay, &hyper] {
+        for (path, body) in [("/close", "until the end"), ("/old", "as in 1996")] {
+            let request =
+                format!("GET {path} HTTP/1.0\r\nHost: shop.test\r\nConnection: keep-alive\r\n\r\n");
+            let got = raw_exchange(proxy.addr, request.as_bytes(), Duration::from_secs(10)).await;
+            let (head, rest) = got.split_once("\r\n\r\n").unwrap_or((&got, ""));
+            assert_eq!(rest, body, "{path}: {got}");
+            assert!(
+                !head.to_ascii_lowercase().contains("keep-alive"),
+                "{path}: {head}"
+            );
+        }
+        // Two answers with a length on one connection: it stays open between them.
+        let mut sock = TcpStream::connect(proxy.addr).await.unwrap();
+        let one = b"GET /length HTTP/1.0\r\nHost: shop.test\r\nConnection: keep-alive\r\n\r\n";
+        sock.write_all(&[&one[..], &one[..]].concat())
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let two = |got: &[u8]| got.windows(5).filter(|w| w == b"hello").count() == 2;
+        let read = async {
+            let mut chunk = [0u8; 4096];
+            while !two(&got) {
+                match sock.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+        let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        assert!(two(&got), "{text}");
+        assert!(text.contains("connection: keep-alive"), "{text}");
+    }
+}
+
 /// A length given as a list of one value repeated (`2, 2`), which hyper's client takes and
 /// some clients refuse (Go's) or read as no length (Python's, which then waits for a close),
 /// reaches the client as one line of digits through both paths, before a body and for a

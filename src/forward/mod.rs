@@ -196,7 +196,8 @@ pub fn forward<'a>(
 ) -> impl Future<Output = Result<Forwarded, Failed>> + Send + 'a {
     async move {
         let timeout = config.upstream.response_timeout;
-        let http2 = req.version() == Version::HTTP_2;
+        let version = req.version();
+        let http2 = version == Version::HTTP_2;
         // An HTTP/2 client's request may go to an HTTP/1.1 server on a kept raw socket
         // (`pool::UpstreamPool::request`); gRPC stays on hyper's path, whose HTTP/2 upstreams
         // it needs.
@@ -363,7 +364,7 @@ pub fn forward<'a>(
                         client_upgrade,
                         stall,
                         resume,
-                        (grpc, http2),
+                        (grpc, version),
                     ));
                 }
                 Err(e) => e,
@@ -926,7 +927,7 @@ fn grpc_answer(headers: &http::HeaderMap, http2: bool) -> crate::body::Grpc {
 /// its body may stall no longer than `stall` (`upstream.read_timeout`, read from the config
 /// in force, so that a reload changes it), holds `resume` (an upload still under way) until
 /// it ends, and, for a `grpc` answer, ends with `UNAVAILABLE` if it breaks off
-/// (`Body::timed`). `server`: its index, and its name for the log. `http2`: the client's
+/// (`Body::timed`). `server`: its index, and its name for the log. `client`: the client's
 /// version.
 fn finish(
     resp: Response<Body>,
@@ -934,8 +935,9 @@ fn finish(
     client_upgrade: Option<upgrade::Client>,
     stall: Option<Duration>,
     resume: Option<Resume>,
-    (grpc, http2): (crate::body::Grpc, bool),
+    (grpc, client): (crate::body::Grpc, Version),
 ) -> Forwarded {
+    let http2 = client == Version::HTTP_2;
     let mut resp = resp.map(|body| Body::timed(body, name, stall, resume, grpc));
     // A `Content-Length` beside a transfer coding is gone already: hyper's client removes it
     // since 1.13 (RFC 9112 §6.3), which Cargo.toml requires; before, hyper's server framed the
@@ -955,8 +957,19 @@ fn finish(
     // The server's version is its hop's: an HTTP/1.0 answer goes to an HTTP/1.1 client as
     // HTTP/1.1, chunked when it has no length, so that the client's connection stays open
     // (hyper's server answers an HTTP/1.0 client as HTTP/1.0 whatever this says; the relay
-    // writes HTTP/1.1 too).
-    if resp.version() == Version::HTTP_10 {
+    // writes HTTP/1.1 too). But an answer without a length to an HTTP/1.0 client can only end
+    // with the connection: said as HTTP/1.1, hyper's server tells a client that asked for
+    // keep-alive `connection: keep-alive` and then closes, and the client, believing it, may
+    // send its next request into the closing connection. Said as HTTP/1.0, hyper writes no
+    // `keep-alive` (a close, for HTTP/1.0), as nginx says `Connection: close`.
+    let unframed = || {
+        use http_body::Body as _;
+        let body = resp.body();
+        !body.is_end_stream() && body.size_hint().exact().is_none()
+    };
+    if client == Version::HTTP_10 && unframed() {
+        *resp.version_mut() = Version::HTTP_10;
+    } else if resp.version() == Version::HTTP_10 {
         *resp.version_mut() = Version::HTTP_11;
     }
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
