@@ -239,6 +239,25 @@ pub struct Answers {
     pub arrived: AtomicU64,
     /// Set once the connection has been told to go (GOAWAY).
     going: AtomicBool,
+    /// Bytes of request bodies on the connection being read whole to be sent again if need be
+    /// (`forward::buffer_for_replay`), at most `REPLAY_ROOM`.
+    replaying: AtomicUsize,
+}
+
+/// What the request bodies of one HTTP/2 connection may hold in memory at once, read whole to
+/// be sent again (each at most 64 KiB): 16 such bodies. An HTTP/1.1 connection reads one body
+/// at a time, but an HTTP/2 one has 128 streams: each a body of 64 KiB less a byte, stalled,
+/// they held some 11 MB on the connection for `response_timeout`, and a hundred connections
+/// a gigabyte. Past it a body streams, as a larger one does, and is not sent twice.
+pub const REPLAY_ROOM: usize = 1024 * 1024;
+
+/// A body's share of `REPLAY_ROOM`, given back when dropped.
+pub struct Replaying(Arc<Answers>, usize);
+
+impl Drop for Replaying {
+    fn drop(&mut self) {
+        self.0.replaying.fetch_sub(self.1, Ordering::Relaxed);
+    }
 }
 
 /// A request on the connection, from its arrival until hyper lets its answer go.
@@ -256,6 +275,17 @@ impl Answers {
         self.arrived.fetch_add(1, Ordering::Relaxed);
         self.open.fetch_add(1, Ordering::Relaxed);
         Open(self.clone())
+    }
+
+    /// Room for a body of `len` bytes to be read whole, if the connection's bodies leave it
+    /// (`REPLAY_ROOM`).
+    pub fn replaying(self: &Arc<Self>, len: usize) -> Option<Replaying> {
+        let taken = self.replaying.fetch_add(len, Ordering::Relaxed);
+        if taken.saturating_add(len) > REPLAY_ROOM {
+            self.replaying.fetch_sub(len, Ordering::Relaxed);
+            return None;
+        }
+        Some(Replaying(self.clone(), len))
     }
 
     /// Whether no request on the connection is open: none in hyper's hands, none waiting.

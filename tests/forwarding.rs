@@ -288,6 +288,60 @@ async fn h2_connection(
     (sender, tokio::spawn(conn))
 }
 
+/// A request body that sends `0` and then nothing more, as a stalled upload.
+struct StalledAfter(Option<Bytes>);
+
+impl hyper::body::Body for StalledAfter {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        match self.0.take() {
+            Some(b) => std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(b)))),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+/// The bodies an HTTP/2 connection's requests may have read whole at once, to be sent again,
+/// are bounded (`stall::REPLAY_ROOM`, 1 MiB: 16 of 64 KiB): past that they stream. Before,
+/// each of a connection's 128 streams held its body of up to 64 KiB for `response_timeout`,
+/// some 11 MB a connection, stalled a byte short; none of them reached the server.
+#[tokio::test]
+async fn h2c_bodies_read_whole_share_their_connections_room() {
+    let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let up = never_answering(arrived.clone()).await;
+    let proxy = spawn_proxy(&upstream_config(&up)).await;
+    let (sender, _conn) = h2_connection(proxy.addr).await;
+    let mut calls = Vec::new();
+    for _ in 0..32 {
+        let mut sender = sender.clone();
+        let req = Request::put(proxy.url("/upload"))
+            .header("content-length", "65536")
+            .body(StalledAfter(Some(Bytes::from(vec![b'x'; 65535]))).boxed())
+            .unwrap();
+        calls.push(tokio::spawn(async move {
+            let _ = sender.ready().await;
+            sender.send_request(req).await
+        }));
+    }
+    // 16 fill the room and wait for their last byte; the others stream to the server.
+    let streamed = wait_until(Duration::from_secs(10), || {
+        arrived.load(Ordering::SeqCst) >= 16
+    })
+    .await;
+    assert!(
+        streamed,
+        "uploads that reached the server: {}",
+        arrived.load(Ordering::SeqCst)
+    );
+    for call in calls {
+        call.abort();
+    }
+}
+
 /// An HTTP/2 client may send each cookie as a field of its own; an HTTP/1.1 server reads one
 /// `Cookie` line, so the crumbs are joined (RFC 9113 §8.2.3). They count as that one line
 /// toward the 100 header fields an HTTP/2 request may carry, as an HTTP/1.1 one may.

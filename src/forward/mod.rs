@@ -126,15 +126,19 @@ pub(crate) fn idempotent(method: &Method) -> bool {
 /// after its `keepalive_requests`, `REFUSED_STREAM`), and those may be sent again whatever
 /// their method (RFC 9113 §8.7; `pool::UpstreamPool::h2`). Chunked bodies stream. Trailers
 /// an HTTP/2 client's body ends in are kept with it (`Body::Trailed`).
-fn buffer_for_replay(parts: &http::request::Parts, to: Protocol) -> bool {
+/// Its length when it is.
+fn buffer_for_replay(parts: &http::request::Parts, to: Protocol) -> Option<u64> {
     let length = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    (idempotent(&parts.method) || to != Protocol::Http)
-        && !parts.headers.contains_key(header::TRANSFER_ENCODING)
-        && length.is_some_and(|n| n > 0 && n <= REPLAY_BODY_LIMIT)
+    length.filter(|&n| {
+        (idempotent(&parts.method) || to != Protocol::Http)
+            && !parts.headers.contains_key(header::TRANSFER_ENCODING)
+            && n > 0
+            && n <= REPLAY_BODY_LIMIT
+    })
 }
 
 /// Whether a request body has a meaning for `method` (RFC 9110 §9.3): not for `GET`, `HEAD`,
@@ -226,14 +230,27 @@ pub fn forward<'a>(
 
         // In a block of its own, so that the request's parts, moved into the new request at
         // its end, keep no slot in this future's state while it waits for the response.
-        let (first, req, sent, replay, path, hop) = {
+        let (first, req, sent, replay, path, hop, replaying) = {
             let (mut parts, body) = req.into_parts();
             let Some(first) = pool.pick(up, None) else {
                 return Err(Failed::upstream(None, None));
             };
             // Decided before the hop-by-hop headers go: `Transfer-Encoding` is one of them.
             let to = pool.servers[first].protocol;
-            let buffer = client_upgrade.is_none() && buffer_for_replay(&parts, to);
+            // An HTTP/2 connection's (only those carry it): its uploads are counted on it.
+            let answers = parts.extensions.remove::<Arc<crate::stall::Answers>>();
+            let length = buffer_for_replay(&parts, to).filter(|_| client_upgrade.is_none());
+            // An HTTP/2 client's bodies read whole share its connection's room; past it they
+            // stream (`stall::REPLAY_ROOM`). An HTTP/1.1 connection reads one at a time.
+            let replaying = match (length, &answers) {
+                (Some(n), Some(answers)) => usize::try_from(n)
+                    .ok()
+                    .and_then(|n| answers.replaying(n))
+                    .map(Some),
+                (Some(_), None) => Some(None),
+                (None, _) => None,
+            };
+            let buffer = replaying.is_some();
             // An HTTP/2 client's request that may go on the relay's sockets keeps its fields
             // as they came until its server is known (`Hop`); any other is rewritten now.
             let hop = if relay && !unmeant {
@@ -279,10 +296,7 @@ pub fn forward<'a>(
             } else {
                 // Over HTTP/2 the upload keeps its connection counted as in use until its
                 // end has been read, after its answer too (`stall::Answers`).
-                let open = parts
-                    .extensions
-                    .remove::<Arc<crate::stall::Answers>>()
-                    .map(|answers| answers.open());
+                let open = answers.map(|answers| answers.open());
                 let limit = config.proxy.body_read_timeout;
                 let (body, sent) = Body::watched(body, limit, open, upload);
                 (body, sent, None)
@@ -296,8 +310,10 @@ pub fn forward<'a>(
                 .then(|| (parts.method.clone(), parts.headers.clone(), held));
             let mut req = Request::from_parts(parts, body);
             aim(&mut req, &pool.servers[first], path.clone(), hop.is_none());
-            (first, req, sent, replay, path, hop)
+            (first, req, sent, replay, path, hop, replaying.flatten())
         };
+        // Its share of the connection's room is held as long as its copy for a second try.
+        let _replaying = replaying;
         let (mut req, mut server, mut sent, mut replay) = (req, first, sent, replay);
         // The request itself, given back by the pool when it failed before any of it was sent
         // (`pool::UpstreamPool::request`): boxed, so that only such a failure pays for its room.
@@ -1153,12 +1169,16 @@ mod tests {
         ];
         for (i, (p, http, h2)) in table.iter().enumerate() {
             assert_eq!(
-                buffer_for_replay(p, Protocol::Http),
+                buffer_for_replay(p, Protocol::Http).is_some(),
                 *http,
                 "case {i}: {p:?}"
             );
             for to in [Protocol::H2c, Protocol::Https] {
-                assert_eq!(buffer_for_replay(p, to), *h2, "case {i} to {to:?}: {p:?}");
+                assert_eq!(
+                    buffer_for_replay(p, to).is_some(),
+                    *h2,
+                    "case {i} to {to:?}: {p:?}"
+                );
             }
         }
     }
