@@ -444,8 +444,20 @@ fn finish(
 }
 
 pub(crate) fn count(snap: &Snapshot, start: Instant, status: StatusCode, outcome: Outcome) {
+    count_at(snap, start, Instant::now(), status, outcome);
+}
+
+/// `count`, with the clock already read (`now`), for a caller that needs the reading again.
+pub(crate) fn count_at(
+    snap: &Snapshot,
+    start: Instant,
+    now: Instant,
+    status: StatusCode,
+    outcome: Outcome,
+) {
+    let took = now.saturating_duration_since(start);
     snap.metrics
-        .request(outcome, snap.mode, status.as_u16(), start.elapsed());
+        .request(outcome, snap.mode, status.as_u16(), took);
 }
 
 /// The URI as the access log shows it: the bypass secret never reaches a log file.

@@ -1821,7 +1821,13 @@ async fn respond<C: Client>(
     to: Respond<'_>,
 ) -> Next {
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    gateway::count(snap, to.start, status, Outcome::Forwarded);
+    // One reading of the clock for the count and, when the answer came whole with its head
+    // (nearly all small ones), for when its socket went idle, as the server's keep-alive
+    // timer runs from the end of its answer, not from the end of the client's write. It is
+    // set to `None` once more of the body is to be read: a later reading is taken then.
+    let now = Instant::now();
+    gateway::count_at(snap, to.start, now, status, Outcome::Forwarded);
+    let mut idle_since = Some(now);
     let mut watch = to.watch;
     let mut by = to.by;
     let mut read_by = to.read_by;
@@ -1878,6 +1884,7 @@ async fn respond<C: Client>(
                     }
                 }
                 at = 0;
+                idle_since = None;
                 let deadline = match hold {
                     true => Deadline::At(by.as_mut()),
                     false => Deadline::idle(read_by.as_mut(), snap),
@@ -1915,6 +1922,7 @@ async fn respond<C: Client>(
             }
         }
         Framing::Chunked | Framing::Close if answer.events => {
+            idle_since = None;
             let stream = EventStream {
                 framing: answer.framing,
                 server: to.server,
@@ -1966,6 +1974,7 @@ async fn respond<C: Client>(
                     break whole;
                 }
                 at = 0;
+                idle_since = None;
                 let limit = Deadline::idle(read_by.as_mut(), snap);
                 let read = piece(sock, &mut watch, &mut up, buf, limit, snap, to.server).await;
                 if let Ok(0) | Err(_) = read {
@@ -1988,6 +1997,7 @@ async fn respond<C: Client>(
             }
             out.clear();
             at = 0;
+            idle_since = None;
             let limit = Deadline::idle(read_by.as_mut(), snap);
             match piece(sock, &mut watch, &mut up, buf, limit, snap, to.server).await {
                 Ok(0) => {
@@ -2005,7 +2015,8 @@ async fn respond<C: Client>(
         },
     };
     if clean && answer.reusable {
-        snap.pool.raw_put(to.server, up);
+        let since = idle_since.map_or_else(tokio::time::Instant::now, |now| now.into());
+        snap.pool.raw_put(to.server, up, since);
     }
     Next::after(true, closing)
 }
@@ -2639,7 +2650,7 @@ pub async fn upstream(
     let rest = &bufs.answer[answer.head..];
     let give_back = |up: RawSocket, clean: bool| {
         if clean && answer.reusable {
-            pool.raw_put(server, up);
+            pool.raw_put(server, up, tokio::time::Instant::now());
         }
     };
     let body = match answer.framing {
@@ -2785,7 +2796,7 @@ impl Relayed {
         self.done = true;
         if let Some(up) = self.up.take() {
             if let Some(home) = self.home.as_ref().filter(|_| clean && self.reusable) {
-                home.put(up);
+                home.put(up, tokio::time::Instant::now());
             }
         }
     }

@@ -1082,10 +1082,10 @@ impl UpstreamPool {
         self.http1.servers.get(index).map(|s| s.raw.local().clone())
     }
 
-    /// Gives a socket back after a response read whole from it.
-    pub fn raw_put(&self, index: usize, stream: RawSocket) {
+    /// Gives a socket back after a response read whole from it, at `since` (`RawList::put`).
+    pub fn raw_put(&self, index: usize, stream: RawSocket, since: Instant) {
         if let Some(server) = self.http1.servers.get(index) {
-            server.raw.local().put(stream);
+            server.raw.local().put(stream, since);
         }
     }
 
@@ -1505,17 +1505,16 @@ impl RawList {
         }
     }
 
-    /// Gives a socket back after a response read whole from it.
-    pub fn put(&self, stream: RawSocket) {
+    /// Gives a socket back after a response read whole from it; its idle time counts from
+    /// `since`, a reading of the clock taken once the server had sent the whole response (its
+    /// own keep-alive timer runs from then), which the caller may have read for its own use.
+    pub fn put(&self, stream: RawSocket, since: Instant) {
         if self.sockets.claim_close() {
             return;
         }
         let mut conns = lock(&self.conns);
         if conns.len() < MAX_IDLE_PER_SERVER {
-            conns.push(RawConn {
-                stream,
-                since: Instant::now(),
-            });
+            conns.push(RawConn { stream, since });
         }
     }
 
@@ -2484,7 +2483,7 @@ mod kept {
         drop(socket);
         let socket = pool.raw_connect(1).await.unwrap();
         // Kept idle, it is closed for the next socket at the bound.
-        pool.raw_put(1, socket);
+        pool.raw_put(1, socket, Instant::now());
         let socket = pool.raw_connect(0).await.unwrap();
         assert!(pool.raw_take(1, Instant::now(), true).is_none());
         drop(socket);
