@@ -531,9 +531,14 @@ async fn relay<C: Client>(
         }
     };
     tokio::pin!(stop);
-    // The deadline of an answer's head, kept registered and moved later for each request (a
-    // compare-and-swap), where a `timeout` per request would register a timer and remove it.
-    let respond_by = tokio::time::sleep(std::time::Duration::ZERO);
+    // The deadline of an answer's head, kept registered across requests and not moved for
+    // each: it stays at an earlier request's deadline, which comes before this one's, and is
+    // moved only when it fires before this one's is reached (`Deadline::At`), about once a
+    // second on a busy connection. Moving it for every request cost some 100 instructions
+    // (tokio turns the instant into its tick and clones its runtime's handle for each move);
+    // a `timeout` per request would register a timer and remove it. Set beyond any deadline
+    // at first, so that the first request moves it earlier, once.
+    let respond_by = tokio::time::sleep(std::time::Duration::MAX);
     tokio::pin!(respond_by);
     // The deadline of a body's next piece (`upstream.read_timeout`), apart from the head's:
     // moved earlier for each request, the head's would be registered again each time.
@@ -1194,23 +1199,23 @@ async fn answer<C: Client>(
     let mut sent = served.start;
     // The head is waited for in two stages on the one timer: until the first look, then, the
     // server being watched for a mark-down (`state::marks`), until `response_timeout`. A
-    // request answered before the first look (nearly all) moves the timer once, later than
-    // the last request's, which costs no lock in tokio's timer.
+    // request answered before the first look (nearly all) does not move the timer, which an
+    // earlier request left set before its own first look (`Deadline::At`).
     let look = marks::first_look(timeout);
     // Read once, for both uses: whether the wait may be cut, and whether to send it again.
     let idempotent = resendable(&bufs.request);
     loop {
         served.server = Some(server);
         let name = || pool.servers[server].to_string();
-        respond_by.as_mut().reset(sent + look);
+        let mut due = sent + look;
         // Pinned here and lent to `wait`: passed by value, its state (some 400 bytes) was
         // copied twice per request on its way into `wait`'s.
         let fetched = {
             let mut attempt = std::pin::pin!(fetch(bufs, pool, server, sent, hsts, idempotent));
-            let by = Deadline::At(respond_by.as_mut());
+            let by = Deadline::At(respond_by.as_mut(), due);
             match wait(sock, &mut watch, by, attempt.as_mut()).await {
                 Waited::Late if look < timeout => {
-                    respond_by.as_mut().reset(sent + timeout);
+                    due = sent + timeout;
                     // Watched only when it was healthy as the request set out: one sent to a
                     // server already down (`force-open`, a bypass during an outage) knew.
                     // And only an idempotent request: a `POST` the server has (a payment on
@@ -1231,7 +1236,13 @@ async fn answer<C: Client>(
                             None => Poll::Pending,
                         }
                     });
-                    wait(sock, &mut watch, Deadline::At(respond_by.as_mut()), either).await
+                    wait(
+                        sock,
+                        &mut watch,
+                        Deadline::At(respond_by.as_mut(), due),
+                        either,
+                    )
+                    .await
                 }
                 Waited::Late => Waited::Late,
                 Waited::Gone => Waited::Gone,
@@ -1248,6 +1259,7 @@ async fn answer<C: Client>(
                     drain,
                     watch,
                     by: respond_by,
+                    due,
                     until: sent + timeout,
                     read_by,
                     bytes: &mut served.bytes,
@@ -1328,8 +1340,10 @@ enum Waited<T> {
 /// How long `wait` waits.
 enum Deadline<'a> {
     None,
-    /// Until the sleep's instant, already set: the answer's `response_timeout`.
-    At(Pin<&'a mut Sleep>),
+    /// Until the instant given (the answer's `response_timeout`, or its first look), on a sleep
+    /// that may be set earlier, at an earlier request's: moved to the instant when it fires
+    /// before it (or at once, when set later).
+    At(Pin<&'a mut Sleep>, tokio::time::Instant),
     /// This long from when the work is first found waiting (`upstream.read_timeout`): the
     /// sleep is set only then, so a read that finds its bytes already there costs neither a
     /// clock reading nor a timer.
@@ -1373,7 +1387,20 @@ async fn wait<C: Client, F: Future>(
         }
         let sleep = match &mut by {
             Deadline::None => return Poll::Pending,
-            Deadline::At(sleep) => sleep,
+            Deadline::At(sleep, due) => {
+                if sleep.deadline() > *due {
+                    sleep.as_mut().reset(*due);
+                }
+                loop {
+                    if sleep.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    if sleep.deadline() >= *due {
+                        return Poll::Ready(Waited::Late);
+                    }
+                    sleep.as_mut().reset(*due);
+                }
+            }
             Deadline::Idle(sleep, limit) => {
                 if !armed {
                     sleep.as_mut().reset(tokio::time::Instant::now() + *limit);
@@ -1828,6 +1855,8 @@ struct Respond<'a> {
     /// The answer's deadline (`response_timeout`), which a small answer is held until at
     /// most: `until`, or the first look before it (`answer`), moved to `until` when passed.
     by: Pin<&'a mut Sleep>,
+    /// The instant `by` waits for now (`Deadline::At`): the first look or `until`.
+    due: tokio::time::Instant,
     until: tokio::time::Instant,
     /// The deadline of the body's next piece (`upstream.read_timeout`).
     read_by: Pin<&'a mut Sleep>,
@@ -1860,6 +1889,7 @@ async fn respond<C: Client>(
     let mut idle_since = Some(now);
     let mut watch = to.watch;
     let mut by = to.by;
+    let mut due = to.due;
     let mut read_by = to.read_by;
     let Set {
         answer: buf, out, ..
@@ -1916,16 +1946,16 @@ async fn respond<C: Client>(
                 at = 0;
                 idle_since = None;
                 let deadline = match hold {
-                    true => Deadline::At(by.as_mut()),
+                    true => Deadline::At(by.as_mut(), due),
                     false => Deadline::idle(read_by.as_mut(), snap),
                 };
                 let read = match wait(sock, &mut watch, deadline, next_piece(&mut up, buf)).await {
                     Waited::Done(read) => read,
                     Waited::Gone => Err(ErrorKind::ConnectionAborted.into()),
                     Waited::Late if !hold => Err(stalled(snap, to.server)),
-                    Waited::Late if by.deadline() < to.until => {
+                    Waited::Late if due < to.until => {
                         // Only the first look passed: held on, nothing read.
-                        by.as_mut().reset(to.until);
+                        due = to.until;
                         buf.clear();
                         continue;
                     }
