@@ -3025,6 +3025,26 @@ mod tests {
         assert_eq!(spares(), (0, 0));
     }
 
+    /// A buffer set moves in and out of the spares as a pointer: inline, its 220 bytes were
+    /// copied three times, and a default built in its place, for every forwarded request.
+    #[test]
+    fn a_buffer_set_moves_as_a_pointer() {
+        assert_eq!(std::mem::size_of::<Buffers>(), std::mem::size_of::<usize>());
+        let mut held = Buffers::default();
+        assert!(
+            held.0.is_none(),
+            "a connection between requests holds no set"
+        );
+        held.set().have = 5;
+        held.release();
+        assert!(held.0.is_none());
+        assert_eq!(
+            held.set().have,
+            0,
+            "a set comes back from the spares emptied"
+        );
+    }
+
     const CONFIG: &str =
         "[upstream]\nservers = [\"http://127.0.0.1:9\"]\n[log]\naccess_log = false\n";
 
