@@ -576,8 +576,8 @@ fn sniff(first: &[u8]) -> Option<Protocol> {
 
 /// Reads the client's first bytes until they tell its protocol; `None` when it closes first,
 /// or when, having sent nothing for `STALLED`, it is picked to make room for a newer
-/// connection (as nginx reuses a connection that has not sent its first request). The bytes go back to
-/// hyper through `Rewind`. Reading, not peeking: a client that sent part of the preface and
+/// connection (as nginx reuses a connection that has not sent its first request). The bytes
+/// go back to hyper through `Rewind`. Reading, not peeking: a client that sent part of the preface and
 /// stalls is then waited for by readiness, at no cost, where peeking would find the same
 /// bytes again and again.
 /// `began` is set once a byte has come. `fresh` counts the connection for the drain's end

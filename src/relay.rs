@@ -15,8 +15,8 @@
 //! What is taken is decided before anything is sent (`prepare`); everything else goes to
 //! hyper with the bytes read so far, as `fast` does for held requests: another method, a
 //! chunked body, a body larger than a read or a `Content-Length` in another form than plain
-//! digits, `Upgrade`, `Expect`, `TE`, a gRPC-Web call (`Body::timed`), a `Connection` other than `keep-alive`, no `Host` or
-//! several, HTTP/1.0, an incomplete, oversized or malformed head, a reserved path, a held
+//! digits, `Upgrade`, `Expect`, `TE`, a gRPC-Web call (`Body::timed`), a `Connection`
+//! other than `keep-alive`, no `Host` or several, HTTP/1.0, an incomplete, oversized or malformed head, a reserved path, a held
 //! request (but a plain one, answered here from its encoding as a parked connection answers
 //! it, `fast::held`), `intercept_statuses`, `redirect_https` on plaintext, an `h2c://` server or
 //! an `https://` one not known to choose HTTP/1.1 (each is asked once, before the first request
