@@ -107,6 +107,11 @@ pub struct Limit {
 struct Idlers {
     next: u64,
     waiting: BTreeMap<u64, Waker>,
+    /// New plaintext connections that have sent nothing and wait their grace out (`Young`),
+    /// by the same tickets: never picked to make room, but woken by the drain's end
+    /// (`close_idle`), which waits for them (`Limit::starting`) and would otherwise wait
+    /// until each one's grace ran out.
+    young: BTreeMap<u64, Waker>,
 }
 
 /// One open client connection, in its `Limit` until dropped.
@@ -196,10 +201,11 @@ impl Limit {
         let mut idlers = self.idlers();
         self.ending.store(true, Ordering::Relaxed);
         let picked = std::mem::take(&mut idlers.waiting);
+        let young = std::mem::take(&mut idlers.young);
         self.closing.fetch_add(picked.len(), Ordering::Relaxed);
         self.picks.fetch_add(1, Ordering::Relaxed);
         drop(idlers);
-        for waker in picked.into_values() {
+        for waker in picked.into_values().chain(young.into_values()) {
             waker.wake();
         }
     }
@@ -255,6 +261,36 @@ impl Fresh {
         Fresh {
             closable: Closable::new(limit),
         }
+    }
+}
+
+/// A new plaintext connection's place among those the drain's end wakes (`Idlers::young`),
+/// from its first wait for a byte until it has one, or closes: in its grace (`waited`) it is
+/// not among the idle ones, and nothing else would wake it at that end, which it holds (it is
+/// counted in `Limit::starting`). A lock taken to come in and to go, once per connection
+/// whose first bytes were not there at its first read, none per request.
+struct Young<'a> {
+    limit: &'a Limit,
+    ticket: u64,
+}
+
+impl<'a> Young<'a> {
+    /// Registers `cx`'s waker, unless the drain's end has come (`None`): `waited` sees it.
+    fn new(limit: &'a Limit, cx: &Context<'_>) -> Option<Young<'a>> {
+        let mut idlers = limit.idlers();
+        if limit.ending.load(Ordering::Relaxed) {
+            return None;
+        }
+        idlers.next += 1;
+        let ticket = idlers.next;
+        idlers.young.insert(ticket, cx.waker().clone());
+        Some(Young { limit, ticket })
+    }
+}
+
+impl Drop for Young<'_> {
+    fn drop(&mut self) {
+        self.limit.idlers().young.remove(&self.ticket);
     }
 }
 
@@ -590,6 +626,9 @@ async fn first_bytes(
     let mut buf = [0u8; 24];
     let mut len = 0;
     let mut grace = std::pin::pin!(None::<tokio::time::Sleep>);
+    let limit = fresh.closable.limit();
+    // Let go (`Young`'s drop) with the first bytes, as the connection stops being fresh.
+    let mut young = None;
     loop {
         // Never full here: 24 bytes always decide.
         let room = &mut buf[len..];
@@ -599,15 +638,21 @@ async fn first_bytes(
                 Poll::Ready(done) => Poll::Ready(done.ok().map(|()| read.filled().len())),
                 Poll::Pending
                     if len == 0
-                        && waited(grace.as_mut(), fresh.closable.limit(), cx)
+                        && {
+                            if grace.is_none() {
+                                young = Young::new(limit, cx);
+                            }
+                            waited(grace.as_mut(), limit, cx)
+                        }
                         && fresh.closable.poll_picked(cx) =>
                 {
-                    Poll::Ready(unannounced(stream, room, fresh.closable.limit()))
+                    Poll::Ready(unannounced(stream, room, limit))
                 }
                 Poll::Pending => Poll::Pending,
             }
         })
         .await?;
+        drop(young.take());
         fresh.closable.busy();
         if n == 0 {
             return None;
@@ -1270,9 +1315,10 @@ pub const STALLED: Duration = Duration::from_secs(2);
 /// they closed each other near a livelock (974 requests served in 20 s by 64 slots to 1,000
 /// clients, h197). The timer is armed only when the first wait finds nothing to read. At the
 /// drain's end at once: a connection first run then is closed (or its request, already sent,
-/// answered: `unannounced`) rather than holding the stop; one already waiting its grace out
-/// is picked when its timer fires, holding the process's exit (not the state file, let go
-/// before the drain) for up to `STALLED`.
+/// answered: `unannounced`) rather than holding the stop; a plaintext one already waiting its
+/// grace out is woken by that end (`Young`), where it was picked only when its timer fired,
+/// holding the process's exit for up to `STALLED`. (A TLS one is closed at the drain's start,
+/// `hello`.)
 fn waited(
     mut fresh: Pin<&mut Option<tokio::time::Sleep>>,
     limit: &Limit,
@@ -1786,7 +1832,7 @@ async fn until_first_request<F: std::future::Future>(
 #[cfg(test)]
 mod tests {
     use super::{hello, plain_http, sniff, Answered, Between, Closable, Hello, Lasting, Limit};
-    use super::{Open, Protocol};
+    use super::{Open, Protocol, STALLED};
     use crate::watched::Watched;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
@@ -2054,6 +2100,49 @@ mod tests {
         drop(client);
         let ended = tokio::time::timeout(Duration::from_secs(10), ending).await;
         assert!(matches!(ended, Ok(Ok(true))), "{ended:?}");
+    }
+
+    /// A connection that has sent nothing, first run before the drain's end and still in its
+    /// grace (`waited`), is closed by that end at once: it was among neither the idle ones
+    /// nor any other the end wakes, and was closed only once its grace ran out, holding the
+    /// drain's end (the process's exit, and the admin listener the next process waits for)
+    /// for up to `STALLED` whenever a client kept a silent connection (a browser's preconnect).
+    #[tokio::test]
+    async fn a_silent_connection_in_its_grace_does_not_hold_the_drain_end() {
+        let workers = Arc::new(crate::workers::Workers::start(1).unwrap());
+        let front = Front::new().await;
+        let (drain, limit) = (front.drain.clone(), front.limit.clone());
+        let mut client = tokio::net::TcpStream::connect(front.listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        // Closes once the proxy has, as a browser does, which ends the lingering close.
+        let client = tokio::spawn(async move {
+            let mut got = [0u8; 64];
+            client.read(&mut got).await.ok()
+        });
+        let (stop, accepting) = front.accept(&workers);
+        let since = Instant::now();
+        while limit.open.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            assert!(since.elapsed() < Duration::from_secs(10), "never accepted");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Silent a while, as a preconnect is: its worker has run it, and it waits.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.fire();
+        accepting.await.unwrap();
+        drain.begin();
+        let began = Instant::now();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let ended = crate::app::drain(drain, &limit, deadline).await;
+        let took = began.elapsed();
+        assert!(ended);
+        // Milliseconds when it is woken; `STALLED` less the 100 ms when it waits its grace.
+        assert!(
+            took < STALLED / 2,
+            "the drain's end waited {took:?} for a silent connection"
+        );
+        let read = tokio::time::timeout(Duration::from_secs(10), client);
+        assert!(matches!(read.await, Ok(Ok(Some(0)))), "no clean end");
     }
 
     #[test]
