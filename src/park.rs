@@ -941,8 +941,14 @@ fn parked(
                         deadline.as_mut().reset(later);
                     }
                     if !unwritten.is_empty() {
-                        service.idle.arriving();
+                        // Counted after `count` goes, whose drop takes such a count back
+                        // (`Parked`), and under a guard meanwhile, as `park` counts it: the
+                        // drain's end sees it throughout (rare: an answer the socket did not
+                        // take whole).
+                        let guard = held.drain.guard();
                         drop(count);
+                        service.idle.arriving();
+                        drop(guard);
                         let io = service.rewind(first, inner);
                         tokio::spawn(write_then_go_on(io, service, held, unwritten));
                         return;
@@ -1153,6 +1159,74 @@ mod tests {
         assert!(matches!(read.await, Ok(Ok(_))), "no clean end");
         let answer = String::from_utf8_lossy(&answer);
         assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+        drop(client);
+        let ended = tokio::time::timeout(wait, ending).await;
+        assert_eq!(ended.ok(), Some(true));
+    }
+
+    /// A parked connection woken by a held request whose answer the socket does not take
+    /// whole, handed to a task to write the rest, holds the drain's end until that task has
+    /// run: its count for the drain (`Idle::arriving`) was taken back at once by the park's
+    /// own going (`Parked`'s drop), and the drain's end, come between the spawn and the
+    /// task's first poll, saw nothing and let the process exit over the answer.
+    #[tokio::test]
+    async fn a_parked_connection_handed_to_write_the_rest_holds_the_drain_end() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let snapshot = crate::state::snapshot::for_tests("", true);
+        let builder = snapshot.conn.clone();
+        let state = StateHandle::new(snapshot);
+        let drain = Arc::new(Drain::default());
+        let limit =
+            crate::listener::Limit::new(Default::default(), Default::default(), drain.clone());
+        let limit = Arc::new(limit);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().expect("address"))
+            .await
+            .expect("connect");
+        let (socket, peer) = listener.accept().await.expect("accept");
+        // The client reads nothing yet: the socket takes no answer now.
+        let filler = [0u8; 64 * 1024];
+        loop {
+            match socket.try_write(&filler) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("sent");
+        socket.readable().await.expect("readable");
+        let idle = Arc::new(Idle::new(limit.clone()));
+        let fast = Fast::new(state, Arc::new(Conn::new(peer, false)));
+        let held = Held {
+            builder,
+            drain: drain.clone(),
+            permit: limit.take(10).expect("slot"),
+        };
+        let task = parked(bytes::Bytes::new(), socket, Gateway::new(fast, idle), held);
+        tokio::pin!(task);
+        // Polled here, not spawned: the task it spawns cannot run before this one awaits.
+        let woke = poll_fn(|cx| Poll::Ready(task.as_mut().poll(cx))).await;
+        assert!(woke.is_ready(), "answered, and handed to write the rest");
+        drain.begin();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        let ending = crate::app::drain(drain.clone(), &limit, deadline);
+        tokio::pin!(ending);
+        let first = poll_fn(|cx| Poll::Ready(ending.as_mut().poll(cx))).await;
+        assert!(
+            first.is_pending(),
+            "the drain ended over an answer handed to a task not yet run"
+        );
+        let mut answer = Vec::new();
+        let wait = std::time::Duration::from_secs(10);
+        let read = tokio::time::timeout(wait, client.read_to_end(&mut answer));
+        assert!(matches!(read.await, Ok(Ok(_))), "no clean end");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.contains("HTTP/1.1 503 "), "no answer");
         drop(client);
         let ended = tokio::time::timeout(wait, ending).await;
         assert_eq!(ended.ok(), Some(true));
