@@ -907,9 +907,10 @@ impl Metrics {
         );
         registry.register(
             "intermission_client_connections_closed_for_room",
-            "Idle client connections closed to make room at proxy.max_connections: one for each \
-             made_room, and those closed beyond it while more are open than the limit (a \
-             lowered one), up to 8 per new client, to bring the count back to it",
+            "Idle client connections picked to close to make room at proxy.max_connections: one \
+             for each made_room, and those picked beyond it while more are open than the limit \
+             (a lowered one), up to 8 per new client, to bring the count back to it; one whose \
+             request arrives first is served and stays",
             clients.closed_for_room.clone(),
         );
 
