@@ -1107,6 +1107,96 @@ mod tests {
         assert!(size <= 280, "a parked connection's state is {size} B");
     }
 
+    /// A held proxy's state, its drain and connection limit, and a connection to it: the
+    /// client's end, and the proxy's socket with the client's address.
+    struct DrainLab {
+        builder: Arc<crate::listener::ConnBuilder>,
+        state: StateHandle,
+        drain: Arc<Drain>,
+        limit: Arc<crate::listener::Limit>,
+        client: tokio::net::TcpStream,
+        socket: tokio::net::TcpStream,
+        peer: std::net::SocketAddr,
+    }
+
+    impl DrainLab {
+        async fn new() -> DrainLab {
+            let snapshot = crate::state::snapshot::for_tests("", true);
+            let builder = snapshot.conn.clone();
+            let state = StateHandle::new(snapshot);
+            let drain = Arc::new(Drain::default());
+            let limit =
+                crate::listener::Limit::new(Default::default(), Default::default(), drain.clone());
+            let limit = Arc::new(limit);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let client = tokio::net::TcpStream::connect(listener.local_addr().expect("address"))
+                .await
+                .expect("connect");
+            let (socket, peer) = listener.accept().await.expect("accept");
+            DrainLab {
+                builder,
+                state,
+                drain,
+                limit,
+                client,
+                socket,
+                peer,
+            }
+        }
+
+        /// Sends a held request, and waits until the proxy's socket has it.
+        async fn ask(&mut self) {
+            use tokio::io::AsyncWriteExt;
+            self.client
+                .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .expect("sent");
+            self.socket.readable().await.expect("readable");
+        }
+
+        fn held(&self) -> Held {
+            Held {
+                builder: self.builder.clone(),
+                drain: self.drain.clone(),
+                permit: self.limit.take(10).expect("slot"),
+            }
+        }
+    }
+
+    /// Begins the drain and polls its end once: it must wait (`not_yet` says for what). Then
+    /// the client reads its answer (`Some(at_start)`: at the start, or anywhere) and a clean
+    /// end, and the drain's end comes.
+    async fn drain_waits_for_the_answer(
+        drain: Arc<Drain>,
+        limit: &crate::listener::Limit,
+        mut client: tokio::net::TcpStream,
+        at_start: bool,
+        not_yet: &str,
+    ) {
+        use tokio::io::AsyncReadExt;
+        drain.begin();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        let ending = crate::app::drain(drain.clone(), limit, deadline);
+        tokio::pin!(ending);
+        let first = poll_fn(|cx| Poll::Ready(ending.as_mut().poll(cx))).await;
+        assert!(first.is_pending(), "{not_yet}");
+        let mut answer = Vec::new();
+        let wait = std::time::Duration::from_secs(10);
+        let read = tokio::time::timeout(wait, client.read_to_end(&mut answer));
+        assert!(matches!(read.await, Ok(Ok(_))), "no clean end");
+        let answer = String::from_utf8_lossy(&answer);
+        if at_start {
+            assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+        } else {
+            assert!(answer.contains("HTTP/1.1 503 "), "no answer");
+        }
+        drop(client);
+        let ended = tokio::time::timeout(wait, ending).await;
+        assert_eq!(ended.ok(), Some(true));
+    }
+
     /// A kept-alive connection whose held request was answered at once, handed to a task to
     /// park, holds the drain's end until that task has run (and closed it, with a lingering
     /// close, the drain's end having come): seen by nothing meanwhile (no guard, not yet among
@@ -1114,54 +1204,31 @@ mod tests {
     /// client's next request answered with a reset.
     #[tokio::test]
     async fn a_connection_handed_to_park_and_not_yet_run_holds_the_drain_end() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let snapshot = crate::state::snapshot::for_tests("", true);
-        let builder = snapshot.conn.clone();
-        let state = StateHandle::new(snapshot);
-        let drain = Arc::new(Drain::default());
-        let limit =
-            crate::listener::Limit::new(Default::default(), Default::default(), drain.clone());
-        let limit = Arc::new(limit);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let mut client = tokio::net::TcpStream::connect(listener.local_addr().expect("address"))
-            .await
-            .expect("connect");
-        let (socket, peer) = listener.accept().await.expect("accept");
-        client
-            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .expect("sent");
-        socket.readable().await.expect("readable");
+        let mut lab = DrainLab::new().await;
+        lab.ask().await;
+        let held = lab.held();
+        let DrainLab {
+            state,
+            drain,
+            limit,
+            client,
+            socket,
+            peer,
+            ..
+        } = lab;
         let idle = Arc::new(Idle::new(limit.clone()));
         let io = super::Rewind::new(bytes::Bytes::new(), socket, Some(idle.clone()), None);
         let fast = Fast::new(state, Arc::new(Conn::new(peer, false)));
-        let held = Held {
-            builder,
-            drain: drain.clone(),
-            permit: limit.take(10).expect("slot"),
-        };
         let started = super::start(io, Gateway::new(fast, idle), held);
         assert!(started.is_none(), "answered at once, and handed to park");
-        drain.begin();
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-        let ending = crate::app::drain(drain.clone(), &limit, deadline);
-        tokio::pin!(ending);
-        let first = poll_fn(|cx| Poll::Ready(ending.as_mut().poll(cx))).await;
-        assert!(
-            first.is_pending(),
-            "the drain ended over a connection handed to park and not yet run"
-        );
-        let mut answer = Vec::new();
-        let wait = std::time::Duration::from_secs(10);
-        let read = tokio::time::timeout(wait, client.read_to_end(&mut answer));
-        assert!(matches!(read.await, Ok(Ok(_))), "no clean end");
-        let answer = String::from_utf8_lossy(&answer);
-        assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
-        drop(client);
-        let ended = tokio::time::timeout(wait, ending).await;
-        assert_eq!(ended.ok(), Some(true));
+        drain_waits_for_the_answer(
+            drain,
+            &limit,
+            client,
+            true,
+            "the drain ended over a connection handed to park and not yet run",
+        )
+        .await;
     }
 
     /// A parked connection woken by a held request whose answer the socket does not take
@@ -1171,65 +1238,42 @@ mod tests {
     /// task's first poll, saw nothing and let the process exit over the answer.
     #[tokio::test]
     async fn a_parked_connection_handed_to_write_the_rest_holds_the_drain_end() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let snapshot = crate::state::snapshot::for_tests("", true);
-        let builder = snapshot.conn.clone();
-        let state = StateHandle::new(snapshot);
-        let drain = Arc::new(Drain::default());
-        let limit =
-            crate::listener::Limit::new(Default::default(), Default::default(), drain.clone());
-        let limit = Arc::new(limit);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let mut client = tokio::net::TcpStream::connect(listener.local_addr().expect("address"))
-            .await
-            .expect("connect");
-        let (socket, peer) = listener.accept().await.expect("accept");
+        let mut lab = DrainLab::new().await;
         // The client reads nothing yet: the socket takes no answer now.
         let filler = [0u8; 64 * 1024];
         loop {
-            match socket.try_write(&filler) {
+            match lab.socket.try_write(&filler) {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => panic!("{e}"),
             }
         }
-        client
-            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .expect("sent");
-        socket.readable().await.expect("readable");
+        lab.ask().await;
+        let held = lab.held();
+        let DrainLab {
+            state,
+            drain,
+            limit,
+            client,
+            socket,
+            peer,
+            ..
+        } = lab;
         let idle = Arc::new(Idle::new(limit.clone()));
         let fast = Fast::new(state, Arc::new(Conn::new(peer, false)));
-        let held = Held {
-            builder,
-            drain: drain.clone(),
-            permit: limit.take(10).expect("slot"),
-        };
         let task = parked(bytes::Bytes::new(), socket, Gateway::new(fast, idle), held);
         tokio::pin!(task);
         // Polled here, not spawned: the task it spawns cannot run before this one awaits.
         let woke = poll_fn(|cx| Poll::Ready(task.as_mut().poll(cx))).await;
         assert!(woke.is_ready(), "answered, and handed to write the rest");
-        drain.begin();
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-        let ending = crate::app::drain(drain.clone(), &limit, deadline);
-        tokio::pin!(ending);
-        let first = poll_fn(|cx| Poll::Ready(ending.as_mut().poll(cx))).await;
-        assert!(
-            first.is_pending(),
-            "the drain ended over an answer handed to a task not yet run"
-        );
-        let mut answer = Vec::new();
-        let wait = std::time::Duration::from_secs(10);
-        let read = tokio::time::timeout(wait, client.read_to_end(&mut answer));
-        assert!(matches!(read.await, Ok(Ok(_))), "no clean end");
-        let answer = String::from_utf8_lossy(&answer);
-        assert!(answer.contains("HTTP/1.1 503 "), "no answer");
-        drop(client);
-        let ended = tokio::time::timeout(wait, ending).await;
-        assert_eq!(ended.ok(), Some(true));
+        drain_waits_for_the_answer(
+            drain,
+            &limit,
+            client,
+            false,
+            "the drain ended over an answer handed to a task not yet run",
+        )
+        .await;
     }
 
     #[test]
