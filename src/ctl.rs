@@ -52,7 +52,10 @@ pub fn run(
         },
     };
     let req = request(command);
-    if let Err(e) = check_times(&req).and_then(|()| check_size(&req)) {
+    if let Err(e) = check_texts(&req)
+        .and_then(|()| check_times(&req))
+        .and_then(|()| check_size(&req))
+    {
         return fail(2, "bad_usage", e);
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -183,6 +186,43 @@ fn check_times(req: &Request) -> Result<(), String> {
     to_change(req.clone(), String::new(), SystemTime::now())
         .map(drop)
         .map_err(|e| e.message)
+}
+
+/// A text that is one word shaped like an option (`--until`, `-m`, `--json`) is an option
+/// taken for the text its flag was left without: `--message` and `--reason` take what
+/// follows them even when it begins with a hyphen, so that "- step 2 of 3" is a message,
+/// and `update --message --json` would otherwise have put "--json" on every page.
+fn check_texts(req: &Request) -> Result<(), String> {
+    let (texts, command): (&[(&str, &Option<String>)], &str) = match req {
+        Request::On {
+            message, reason, ..
+        } => (&[("--message", message), ("--reason", reason)], "on"),
+        Request::ScheduleAdd { message, .. } => (&[("--message", message)], "schedule add"),
+        Request::Update { message } => {
+            return option_shaped("--message", message, "update");
+        }
+        _ => return Ok(()),
+    };
+    texts.iter().try_for_each(|(flag, text)| match text {
+        Some(text) => option_shaped(flag, text, command),
+        None => Ok(()),
+    })
+}
+
+fn option_shaped(flag: &str, text: &str, command: &str) -> Result<(), String> {
+    let word = text.trim();
+    let name = word.trim_start_matches('-');
+    let dashes = word.len() - name.len();
+    let shaped = matches!(dashes, 1 | 2)
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && !word.contains(char::is_whitespace)
+        && (dashes == 2 || name.len() == 1);
+    if !shaped {
+        return Ok(());
+    }
+    Err(format!(
+        "{command}: {flag} was given {word:?}, an option, as its text: give the text after          {flag} (in quotes when it has spaces), then the other options"
+    ))
 }
 
 /// A request the protocol would refuse for its size (SPEC §5) is bad usage, said here with the
@@ -992,6 +1032,40 @@ mod tests {
         );
         assert_eq!(shell_word(Path::new("it's.toml")), "'it'\\''s.toml'");
         assert_eq!(shell_word(Path::new("-x.toml")), "./-x.toml");
+    }
+
+    /// One word shaped like an option is refused as a text; a text that only begins with a
+    /// hyphen is not.
+    #[test]
+    fn an_option_is_no_text() {
+        for word in [
+            "--json",
+            "--until",
+            "-m",
+            "-h",
+            " --retry-after ",
+            "--message=x",
+        ] {
+            let e = option_shaped("--message", word, "update").unwrap_err();
+            assert!(e.contains("an option, as its text"), "{word:?}: {e}");
+        }
+        for text in [
+            "-",
+            "--",
+            "- step 2 of 3",
+            "-- back soon",
+            "-5 % capacity",
+            "-x-",
+            "--- done ---",
+            "-m is short for --message",
+            "a --json",
+        ] {
+            assert_eq!(
+                option_shaped("--message", text, "update"),
+                Ok(()),
+                "{text:?}"
+            );
+        }
     }
 
     /// A message with an escape sequence, a bell, a NUL and a bidi override is shown with

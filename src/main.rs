@@ -63,6 +63,11 @@ enum Command {
     },
 }
 
+/// Texts (`--message`, `--reason`) may begin with a hyphen, as "- step 2 of 3" or "-5 %
+/// capacity" do: clap read such a text as an option and refused the command line with
+/// "unexpected argument '- ' found", leaving an operator mid-incident to guess why. A flag
+/// taken for the text when the text was left out (`--message --until +1h`) is refused by
+/// `ctl` itself (`ctl::check_texts`).
 #[derive(Subcommand)]
 enum CtlCommand {
     /// Mode, message, since/until, upstream health
@@ -70,7 +75,7 @@ enum CtlCommand {
     /// Switch planned maintenance on (again: update the given fields)
     On {
         /// What people are told
-        #[arg(short, long)]
+        #[arg(short, long, allow_hyphen_values = true)]
         message: Option<String>,
         /// Announced end: RFC 3339 (2026-12-01T02:00:00Z) or +DURATION (+45m); "" takes it back
         #[arg(short, long)]
@@ -79,13 +84,13 @@ enum CtlCommand {
         #[arg(short, long)]
         retry_after: Option<String>,
         /// Why (recorded in the state, with who switched it); "" clears it
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         reason: Option<String>,
     },
     /// New message, also added to the public timeline of updates
     Update {
         /// What people are told from now on
-        #[arg(short, long)]
+        #[arg(short, long, allow_hyphen_values = true)]
         message: String,
     },
     /// Switch planned maintenance off (a schedule window in force is ended too)
@@ -115,7 +120,7 @@ enum ScheduleCommand {
         #[arg(long)]
         end: String,
         /// What people are told during the window
-        #[arg(short, long)]
+        #[arg(short, long, allow_hyphen_values = true)]
         message: Option<String>,
     },
     /// The windows to come (and the one in force)

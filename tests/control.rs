@@ -1488,6 +1488,70 @@ async fn ctl_refuses_a_request_too_long_for_the_protocol() {
     drop(proxy);
 }
 
+/// A text that begins with a hyphen ("- step 2 of 3", "-5 % capacity") is a text: clap took
+/// it for an option and refused the command line ("unexpected argument '- ' found", exit 2),
+/// leaving an operator mid-incident to guess why. A flag left without its text, which then
+/// takes the next option for it, is bad usage, and nothing is sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctl_texts_may_begin_with_a_hyphen_and_an_option_is_no_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(dir.path(), "");
+    let cfg = dir.path().join("config.toml");
+    let run = |args: &[&str]| ctl_with(&cfg, args);
+    let status = || {
+        let out = run(&["--json", "status"]);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let out = run(&["on", "-m", "- step 1 of 3: backups", "--reason", "-"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    for (args, shown) in [
+        (
+            &["update", "--message", "-- step 2 of 3"][..],
+            "-- step 2 of 3",
+        ),
+        (&["update", "-m", "-5 % capacity"], "-5 % capacity"),
+        (&["on", "--message", "-x-"], "-x-"),
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+        assert_eq!(status()["message"], shown, "{args:?}");
+    }
+    let out = run(&[
+        "schedule", "add", "--start", "+1h", "--end", "+2h", "-m", "- later",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(status()["schedules"][0]["message"], "- later");
+    // Whether `ctl` says it, or clap, at the argument left over.
+    for (args, said) in [
+        (&["update", "--message", "--json"][..], true),
+        (&["update", "-m", "-h"], true),
+        (&["on", "--message", "--reason"], true),
+        (
+            &[
+                "schedule", "add", "--start", "+3h", "--end", "+4h", "-m", "--json",
+            ],
+            true,
+        ),
+        (&["on", "--message", "--until", "+1h"], false),
+        (&["on", "--reason", "--message", "x"], false),
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            err.contains("an option, as its text"),
+            said,
+            "{args:?}: {err}"
+        );
+    }
+    let v = status();
+    assert_eq!(v["message"], "-x-", "nothing was sent: {v}");
+    assert_eq!(v["until"], serde_json::Value::Null, "{v}");
+    assert_eq!(v["schedules"].as_array().unwrap().len(), 1, "{v}");
+    drop(proxy);
+}
+
 /// A syntax error elsewhere in the config does not send `ctl` to the default socket when the
 /// file names another: the operator reaches the proxy and sees the reload refused.
 #[tokio::test(flavor = "multi_thread")]
