@@ -383,6 +383,70 @@ async fn connections_stuck_mid_request_make_room_for_the_operator() {
     assert!(told.contains("not applied"), "{told}");
 }
 
+/// A flood of connections beyond the 64 (a script looping on connect) holds no descriptors
+/// of the proxy's: each refusal was a task of its own, holding its connection's descriptor
+/// until it ran, and a flood held some 130 at once, which the data plane needs (with a limit
+/// of 150, one request in eight got the outage response from a healthy server). Each is
+/// still told `busy`.
+#[test]
+fn connections_refused_as_busy_hold_no_descriptors() {
+    use std::io::{BufRead, Write};
+    use std::os::unix::net::UnixStream;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(dir.path(), "");
+    let socket = dir.path().join("intermission.sock");
+    let pid = proxy.child.id();
+    let open = move || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+    let busy = |socket: &std::path::Path| {
+        let c = UnixStream::connect(socket).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(c).read_line(&mut line);
+        line
+    };
+    // Stuck mid-request, so that none is closed for room for `STUCK` (5 s): longer than the
+    // flood below.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let mut c = UnixStream::connect(&socket).unwrap();
+        c.write_all(br#"{"cmd":"sta"#).unwrap();
+        held.push(c);
+    }
+    let told = busy(&socket);
+    assert!(told.contains(r#""code":"busy""#), "{told}");
+    let before = open();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooders: Vec<_> = (0..4)
+        .map(|_| {
+            let (socket, stop) = (socket.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if UnixStream::connect(&socket).is_ok() {
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    let mut most = 0;
+    let until = std::time::Instant::now() + Duration::from_millis(1500);
+    while std::time::Instant::now() < until {
+        most = most.max(open());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let connects: u32 = flooders.into_iter().map(|t| t.join().unwrap()).sum();
+    assert!(connects > 100, "only {connects} connections were made");
+    assert!(
+        most <= before + 16,
+        "{before} descriptors open before a flood of {connects} connections, {most} during it"
+    );
+    let told = busy(&socket);
+    assert!(told.contains(r#""code":"busy""#), "{told}");
+    drop(held);
+}
+
 /// 64 connections left idle (a script that leaks them, or keeps a pool) no longer lock the
 /// operator out: `ctl` gets through, by the place of the one that has waited longest for its
 /// next request, which is told why it is closed (`idle`); the others stay open.

@@ -509,24 +509,38 @@ pub async fn serve(
                 let stop = shutdown.clone();
                 connections.spawn(connection(stream, controller, stop, slot));
             }
-            None => {
-                tokio::spawn(refuse(stream));
-            }
+            None => refuse(stream),
         }
     }
     drop(socket);
     while connections.join_next().await.is_some() {}
 }
 
-/// Tells a connection over `MAX_CONNECTIONS` why it is closed (bounded: it may not read).
-async fn refuse(stream: UnixStream) {
-    let (_, mut w) = stream.into_split();
-    let why = format!(
-        "{MAX_CONNECTIONS} control connections are open, and none has waited {} s for its next \
-         request to be closed for room; closing: try again in a moment",
-        SETTLED.as_secs()
-    );
-    closing(&mut w, "busy", why).await;
+/// Tells a connection over `MAX_CONNECTIONS` why it is closed, and closes it, before the
+/// next is accepted. Each refusal was a task of its own, holding its descriptor until it
+/// ran: a flood of connections (a script looping on connect) held some 130 at once, which
+/// the data plane needs (with a limit of 150, one request in eight got the outage response,
+/// its connection to a healthy server refused for want of a descriptor). A new socket's
+/// buffer is empty, so the line (a few hundred bytes) goes whole in one write that does not
+/// wait; a client that has not read it by the close still finds it before the close.
+fn refuse(stream: UnixStream) {
+    static BUSY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let line = BUSY.get_or_init(|| {
+        let why = format!(
+            "{MAX_CONNECTIONS} control connections are open, and none has waited {} s for its \
+             next request to be closed for room; closing: try again in a moment",
+            SETTLED.as_secs()
+        );
+        let refusal = Response::error(ErrorBody::new("busy", why));
+        let mut line = serde_json::to_vec(&refusal).unwrap_or_default();
+        line.push(b'\n');
+        line
+    });
+    // Out of the reactor, whose readiness a socket just accepted may not have yet (tokio's
+    // `try_write` would then write nothing); the descriptor stays non-blocking.
+    if let Ok(stream) = stream.into_std() {
+        let _ = std::io::Write::write(&mut &stream, line);
+    }
 }
 
 /// Says why the connection is about to be closed, if the client still reads, within
