@@ -537,6 +537,43 @@ async fn upgrades_are_held_with_json() {
     assert_eq!(hits.load(Ordering::SeqCst), 0);
 }
 
+/// `curl --http2` and Java's `HttpClient` offer `Upgrade: h2c` on every `http://` request;
+/// the proxy declines it and answers the plain request it also is, in the form its `Accept`
+/// asks for, as a WebSocket's is not.
+#[tokio::test]
+async fn an_h2c_upgrade_offer_is_answered_as_the_plain_request_it_also_is() {
+    let (up, hits) = counting_upstream().await;
+    let proxy = proxy_for(&up, "").await;
+    ctl(&proxy, on(None)).await;
+    for (accept, status, kind) in [
+        ("text/html", "503", "text/html; charset=utf-8"),
+        ("text/plain", "503", "text/plain; charset=utf-8"),
+        ("text/event-stream", "200", "text/event-stream"),
+        ("*/*", "503", "application/problem+json"),
+    ] {
+        let request = format!(
+            "GET /page HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings, close\r\n\
+             Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nAccept: {accept}\r\n\r\n"
+        );
+        let out = raw_exchange(
+            proxy.addr,
+            request.as_bytes(),
+            std::time::Duration::from_secs(3),
+        )
+        .await;
+        assert!(
+            out.starts_with(&format!("HTTP/1.1 {status}")),
+            "{accept}: {out}"
+        );
+        assert!(
+            out.to_lowercase()
+                .contains(&format!("\r\ncontent-type: {kind}\r\n")),
+            "{accept}: {out}"
+        );
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+}
+
 #[tokio::test]
 async fn grpc_clients_get_unavailable_as_trailers_only() {
     let (up, hits) = counting_upstream().await;

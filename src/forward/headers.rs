@@ -27,11 +27,17 @@ pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
 /// smuggling"); the request goes on as a plain one, its `Upgrade` dropped as nginx drops it.
 pub fn upgrade_request(headers: &HeaderMap) -> Option<HeaderValue> {
     let upgrade = headers.get(header::UPGRADE)?;
-    let h2c = upgrade.as_bytes().split(|&b| b == b',').any(|protocol| {
+    let h2c = offers_h2c(upgrade.as_bytes());
+    (!h2c && has_token(headers, &header::CONNECTION, "upgrade")).then(|| upgrade.clone())
+}
+
+/// Whether an `Upgrade` value offers HTTP/2 (`h2c`, with a version or among others): such a
+/// request is a plain one here, never a tunnel (`upgrade_request`).
+pub fn offers_h2c(upgrade: &[u8]) -> bool {
+    upgrade.split(|&b| b == b',').any(|protocol| {
         let name = protocol.trim_ascii().split(|&b| b == b'/').next();
         name.is_some_and(|n| n.eq_ignore_ascii_case(b"h2c"))
-    });
-    (!h2c && has_token(headers, &header::CONNECTION, "upgrade")).then(|| upgrade.clone())
+    })
 }
 
 /// Removes the hop-by-hop headers of RFC 9110 §7.6.1: `Connection` and every header it names,

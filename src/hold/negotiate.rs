@@ -310,9 +310,14 @@ pub fn grpc_deadline_left(headers: &mut http::HeaderMap, elapsed: std::time::Dur
     }
 }
 
+/// An upgrade that would be tunnelled if forwarded (a WebSocket): not one to `h2c`, which
+/// `curl --http2` and Java's `HttpClient` offer on every `http://` request they make, and
+/// which the proxy declines and answers as the plain request it also is
+/// (`forward::headers::upgrade_request`); such a client gets the form its `Accept` asks for.
 fn is_upgrade<H: Fields + ?Sized>(headers: &H) -> bool {
-    if headers.value(&UPGRADE).is_none() {
-        return false;
+    match headers.value(&UPGRADE) {
+        Some(upgrade) if !crate::forward::headers::offers_h2c(upgrade) => {}
+        _ => return false,
     }
     headers
         .all(&CONNECTION)
@@ -849,6 +854,24 @@ mod tests {
             ("connection", "keep-alive"),
             ("connection", "UPGRADE"),
             ("upgrade", "websocket"),
+            ("accept", BROWSER),
+        ]);
+        assert_eq!(choose_form(&h, "/", &[]), Form::Json);
+    }
+
+    #[test]
+    fn an_h2c_upgrade_offer_is_negotiated_as_a_plain_request() {
+        for upgrade in ["h2c", "H2C", " h2c/1 ", "websocket, h2c"] {
+            let h = headers(&[
+                ("connection", "Upgrade, HTTP2-Settings"),
+                ("upgrade", upgrade),
+                ("accept", BROWSER),
+            ]);
+            assert_eq!(choose_form(&h, "/", &[]), Form::Html, "{upgrade}");
+        }
+        let h = headers(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "h2cx"),
             ("accept", BROWSER),
         ]);
         assert_eq!(choose_form(&h, "/", &[]), Form::Json);
