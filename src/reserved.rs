@@ -307,5 +307,9 @@ pub fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     );
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // Set here, not left to hyper, so that the answer to a `HEAD` (whose body `answer`
+    // drops) says the length a `GET` gets, as every other answer of the proxy's does.
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
     resp
 }

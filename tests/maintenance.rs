@@ -933,6 +933,29 @@ async fn assets_carry_an_etag_and_a_browser_that_has_them_gets_304() {
     assert_ne!(resp.headers()["etag"], etag.as_str());
 }
 
+/// RFC 9110 §9.3.2: a `HEAD` gets the headers of the `GET`, its length included, from the
+/// proxy's own short answers (an unknown reserved path, a refused preview) too.
+#[tokio::test]
+async fn a_head_of_the_proxys_own_refusals_says_the_length_a_get_gets() {
+    let (up, _) = counting_upstream().await;
+    let proxy = proxy_for(&up, "").await;
+    for path in [
+        "/_intermission/nothing",
+        "/_intermission/preview?mode=party",
+    ] {
+        let get = get(&proxy.url(path)).await;
+        let head = send(Request::head(proxy.url(path)).body(empty()).unwrap()).await;
+        assert!(get.status().is_client_error(), "{path}: {}", get.status());
+        assert_eq!(head.status(), get.status(), "{path}");
+        assert!(head.body().is_empty(), "{path}");
+        assert_eq!(
+            head.headers().get("content-length"),
+            Some(&get.body().len().into()),
+            "{path}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn reserved_paths_are_never_forwarded() {
     let (up, hits) = counting_upstream().await;
