@@ -714,6 +714,11 @@ impl HttpBody for Body {
                         }
                     }
                     Poll::Ready(Some(Err(_))) => c.cut = true,
+                    Poll::Ready(None) => {
+                        if let Body::Events(e) = &c.inner {
+                            c.cut |= e.broke();
+                        }
+                    }
                     _ => {}
                 }
                 polled

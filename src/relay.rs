@@ -2176,6 +2176,10 @@ async fn events<C: Client>(
         }
         if broken {
             *server_cut = true;
+            if boundary.between() {
+                out.extend_from_slice(b"0\r\n\r\n");
+                return ended_between(sock, out, snap).await;
+            }
             put(sock, out, snap).await;
             return Streamed::Broken;
         }
@@ -2221,6 +2225,9 @@ async fn events<C: Client>(
                 }
                 Waited::Done(Some(Ok(0) | Err(_))) => {
                     *server_cut = true;
+                    if boundary.between() {
+                        return ended_between(sock, b"0\r\n\r\n", snap).await;
+                    }
                     return Streamed::Broken;
                 }
                 Waited::Gone => return Streamed::Broken,
@@ -2228,10 +2235,26 @@ async fn events<C: Client>(
                 Waited::Late => {
                     stalled(snap, server);
                     *server_cut = true;
+                    if boundary.between() {
+                        return ended_between(sock, b"0\r\n\r\n", snap).await;
+                    }
                     return Streamed::Broken;
                 }
             }
         }
+    }
+}
+
+/// Ends an event stream whose server broke off (reset, closed mid-body, malformed chunk,
+/// silent for `upstream.read_timeout`) between two events, as a drain ends one (`last` ends
+/// with the last chunk): no event is lost, and the client's `EventSource` reconnects as after
+/// any end, where a broken answer (curl exits 18) is a failure to other SSE clients. The
+/// server's connection is closed, as after a drain's cut; the access log still says `cut`.
+/// Broken off mid-event, a stream is still broken off: a part must not pass for an event.
+async fn ended_between<C: Client>(sock: &mut C, last: &[u8], snap: &Snapshot) -> Streamed {
+    match put(sock, last, snap).await {
+        true => Streamed::Cut,
+        false => Streamed::Broken,
     }
 }
 

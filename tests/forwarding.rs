@@ -2079,3 +2079,126 @@ async fn a_426_keeps_its_upgrade() {
         }
     }
 }
+
+/// A server of server-sent events that sends two whole events, then `rest` (nothing, or an
+/// event's first part), then resets its connection: a crash, a restart, a killed worker.
+async fn events_server_that_dies(rest: &'static [u8]) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let mut answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+                    Transfer-Encoding: chunked\r\n\r\n"
+                    .to_vec();
+                for piece in [&b"id: 1\ndata: one\n\n"[..], b"id: 2\ndata: two\n\n", rest] {
+                    if !piece.is_empty() {
+                        answer.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                        answer.extend_from_slice(piece);
+                        answer.extend_from_slice(b"\r\n");
+                    }
+                }
+                let _ = s.write_all(&answer).await;
+                // Time for the proxy to pass it on before the reset, which may drop what is
+                // still unread in its socket.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = s.set_zero_linger();
+            });
+        }
+    });
+    addr
+}
+
+/// What a client reads of an event stream through the proxy over HTTP/1.1 (through the relay,
+/// or hyper's path with `extra` headers), until the answer or its connection ends.
+async fn raw_events(proxy: &Proxy, extra: &str) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let ask = format!(
+        "GET /events HTTP/1.1\r\nHost: shop.test\r\nAccept: text/event-stream\r\n{extra}\r\n"
+    );
+    s.write_all(ask.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        // Its end: the last chunk (hyper's path keeps the connection for the next
+        // request), or the connection's close.
+        while !got.ends_with(b"\r\n0\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let ended = tokio::time::timeout(Duration::from_secs(10), read).await;
+    assert!(
+        ended.is_ok(),
+        "{extra:?}: the proxy did not end the stream: {}",
+        String::from_utf8_lossy(&got)
+    );
+    got
+}
+
+/// An event stream whose server dies between two events ends properly (the last chunk over
+/// HTTP/1.1, the stream's end over HTTP/2), on the relay and on hyper's path: the client's
+/// `EventSource` reconnects as after any end, and other SSE clients see no failure. It was
+/// cut (no last chunk: curl exited 18; an HTTP/2 stream reset with INTERNAL_ERROR). One that
+/// dies mid-event is still cut: the part that came is no event.
+#[tokio::test]
+async fn an_event_stream_whose_server_dies_between_events_ends_properly() {
+    let between = events_server_that_dies(b"").await;
+    let config = |addr| {
+        format!(
+            "[upstream]\nservers = [\"http://{addr}\"]\n[health]\nkind = \"tcp\"\n\
+             [log]\naccess_log = false\n"
+        )
+    };
+    let proxy = spawn_proxy(&config(between)).await;
+    for extra in ["", "TE: trailers\r\nConnection: TE\r\n"] {
+        let got = raw_events(&proxy, extra).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{extra:?}: {text}");
+        assert!(text.contains("data: two\n\n"), "{extra:?}: {text}");
+        assert!(
+            text.ends_with("\r\n0\r\n\r\n"),
+            "{extra:?}: no last chunk: {text}"
+        );
+    }
+    let resp = h2c_client()
+        .request(
+            Request::get(proxy.url("/events"))
+                .header("accept", "text/event-stream")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .unwrap()
+        .expect("the HTTP/2 stream was reset")
+        .to_bytes();
+    assert_eq!(&body[..], b"id: 1\ndata: one\n\nid: 2\ndata: two\n\n");
+
+    let mid = events_server_that_dies(b"id: 3\ndata: thr").await;
+    let proxy = spawn_proxy(&config(mid)).await;
+    for extra in ["", "TE: trailers\r\nConnection: TE\r\n"] {
+        let got = raw_events(&proxy, extra).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.contains("data: two\n\n"), "{extra:?}: {text}");
+        assert!(
+            !text.ends_with("0\r\n\r\n"),
+            "{extra:?}: ended as whole: {text}"
+        );
+    }
+}

@@ -173,6 +173,7 @@ pub fn at_drain(resp: Response<Body>, drain: Option<&Drain>) -> Response<Body> {
             drain: Some(Box::pin(async move { guard.fired().await })),
             boundary: Boundary::default(),
             ended: false,
+            broke: false,
         }))
     })
 }
@@ -184,6 +185,8 @@ pub struct Events {
     drain: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
     boundary: Boundary,
     ended: bool,
+    /// Ended so because its server broke off: the access log still says `cut`.
+    broke: bool,
 }
 
 impl Events {
@@ -211,8 +214,21 @@ impl Events {
             return self.end();
         }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        let Poll::Ready(Some(Ok(frame))) = polled else {
-            return polled;
+        let frame = match polled {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            // The server broke off (its connection reset or closed mid-body, or silent for
+            // `upstream.read_timeout`) between two events: nothing of an event is lost, so the
+            // stream ends properly, as a drain ends it, and the client's `EventSource`
+            // reconnects as after any end. Passed on, the error cut the answer (curl exits 18,
+            // an HTTP/2 stream reset), which an SSE library other than a browser's reports as
+            // a failure. Broken off mid-event, it is still cut: the client must not take the
+            // part it got for a whole event.
+            Poll::Ready(Some(Err(e))) if self.boundary.between() => {
+                tracing::debug!(error = %e, "an event stream's server broke off between events; ended it there");
+                self.broke = true;
+                return self.end();
+            }
+            polled => return polled,
         };
         let frame = match frame.into_data() {
             Ok(data) => data,
@@ -247,6 +263,11 @@ impl Events {
 
     pub fn is_lent(&self) -> bool {
         self.inner.is_lent()
+    }
+
+    /// Whether it ended where its server broke off.
+    pub fn broke(&self) -> bool {
+        self.broke
     }
 }
 
