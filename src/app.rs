@@ -8,7 +8,7 @@ use crate::hold::pages::{Pages, PagesError};
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
-use crate::shutdown::{self, Drain, Trigger};
+use crate::shutdown::{self, Drain, Shutdown, Trigger};
 use crate::state::controller::{Controller, ControllerHandle, Rebind, RebindFuture};
 use crate::state::snapshot::Parts;
 use crate::state::store::{self, StoreError};
@@ -88,7 +88,9 @@ impl Listeners {
     /// Binds every wanted address not yet bound, then stops the listeners no longer wanted
     /// and returns once they have closed their sockets. On a bind error nothing changes: the
     /// listeners closed early to free a port (see `take_overlapping`) are bound again.
-    async fn apply(&self, plain: &[SocketAddr], tls: &[SocketAddr]) -> Result<(), StartError> {
+    /// The new listeners accept once the returned trigger is fired or dropped (`Rebind`).
+    async fn apply(&self, plain: &[SocketAddr], tls: &[SocketAddr]) -> Result<Trigger, StartError> {
+        let (opening, opened) = shutdown::channel();
         let wanted: Vec<(SocketAddr, bool)> = plain
             .iter()
             .map(|&a| (a, false))
@@ -96,10 +98,10 @@ impl Listeners {
             .collect();
         let mut closed_early = Vec::new();
         loop {
-            let err = match self.swap(&wanted) {
+            let err = match self.swap(&wanted, &opened) {
                 Ok(gone) => {
                     close(gone).await;
-                    return Ok(());
+                    return Ok(opening);
                 }
                 Err(e) => e,
             };
@@ -130,7 +132,11 @@ impl Listeners {
 
     /// Binds the wanted addresses not yet bound and takes out the listeners no longer wanted,
     /// for the caller to close. On a bind error nothing changes.
-    fn swap(&self, wanted: &[(SocketAddr, bool)]) -> Result<Vec<Bound>, StartError> {
+    fn swap(
+        &self,
+        wanted: &[(SocketAddr, bool)],
+        opened: &Shutdown,
+    ) -> Result<Vec<Bound>, StartError> {
         let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
         if self.closed.load(Ordering::Relaxed) {
             return Ok(Vec::new());
@@ -168,7 +174,7 @@ impl Listeners {
             }
         }
         for (configured, tls, local, l) in fresh {
-            bound.push(self.serve(configured, tls, local, l));
+            bound.push(self.serve(configured, tls, local, l, Some(opened.clone())));
         }
         Ok(gone)
     }
@@ -204,7 +210,7 @@ impl Listeners {
         let mut lost = Vec::new();
         for (configured, tls, local) in closed {
             match bind(local, listen_key(tls)) {
-                Ok(l) => bound.push(self.serve(configured, tls, local, l)),
+                Ok(l) => bound.push(self.serve(configured, tls, local, l, None)),
                 Err(e) => {
                     tracing::error!(addr = %local, "no longer listening on {local}: {e}");
                     lost.push(local);
@@ -214,20 +220,38 @@ impl Listeners {
         lost
     }
 
-    /// Starts the accept loop of a bound listener.
-    fn serve(&self, configured: SocketAddr, tls: bool, local: SocketAddr, l: TcpListener) -> Bound {
+    /// Starts the accept loop of a bound listener, once `opened` fires or its trigger is
+    /// dropped, if given.
+    fn serve(
+        &self,
+        configured: SocketAddr,
+        tls: bool,
+        local: SocketAddr,
+        l: TcpListener,
+        opened: Option<Shutdown>,
+    ) -> Bound {
         let kind = if tls { "https" } else { "http" };
         tracing::info!(addr = %local, "listening on {local} ({kind})");
-        let (stop, stopped) = shutdown::channel();
-        let task = tokio::spawn(listener::accept_loop(
+        let (stop, mut stopped) = shutdown::channel();
+        let looping = listener::accept_loop(
             l,
             self.state.clone(),
             self.drain.clone(),
             self.limit.clone(),
             self.workers.clone(),
             tls,
-            stopped,
-        ));
+            stopped.clone(),
+        );
+        let task = tokio::spawn(async move {
+            if let Some(mut opened) = opened {
+                // A stop meanwhile: the loop sees it at once and takes what was queued.
+                tokio::select! {
+                    _ = opened.fired() => {}
+                    _ = stopped.fired() => {}
+                }
+            }
+            looping.await
+        });
         Bound {
             configured,
             tls,

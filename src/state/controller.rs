@@ -82,7 +82,10 @@ fn not_applied() -> Response {
 
 /// Rebinds the plaintext listeners to a new address list; implemented by the app.
 pub trait Rebind: Send + Sync {
-    /// Resolves once removed listeners have closed their sockets.
+    /// Resolves once removed listeners have closed their sockets. The listeners it bound
+    /// accept once the returned trigger is fired or dropped: the kernel queues their first
+    /// clients until then, so that none is served by the config being replaced (a new
+    /// `tls.listen` with no certificate in force yet closed them unanswered).
     fn rebind<'a>(
         &'a self,
         plain: &'a [std::net::SocketAddr],
@@ -90,8 +93,9 @@ pub trait Rebind: Send + Sync {
     ) -> RebindFuture<'a>;
 }
 
-pub type RebindFuture<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
+pub type RebindFuture<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<crate::shutdown::Trigger, String>> + Send + 'a>,
+>;
 
 pub struct Controller {
     rx: mpsc::Receiver<Msg>,
@@ -1153,9 +1157,13 @@ impl Controller {
             || !Arc::ptr_eq(&parts.pool, &self.parts.pool);
         let moved = config.proxy.listen != old.proxy.listen || config.tls.listen != old.tls.listen;
         let message_before = self.shown_message();
+        // Held until the new snapshot is published, below.
+        let mut opening = None;
         if moved {
             match &self.rebind {
-                Some(r) => r.rebind(&config.proxy.listen, &config.tls.listen).await?,
+                Some(r) => {
+                    opening = Some(r.rebind(&config.proxy.listen, &config.tls.listen).await?)
+                }
                 None => {
                     let warning = "listen addresses changed; they take effect at the next restart";
                     tracing::warn!("{warning}");
@@ -1221,6 +1229,9 @@ impl Controller {
             None => {}
         }
         let (before, after) = self.settle(self.clock.now(), "config reloaded").await;
+        // The new listeners' first clients, queued by the kernel since the bind, now meet the
+        // config that listens there.
+        drop(opening);
         if !self.unsaved {
             // Its folder made again, as the log said to, then SIGHUP: the lock is taken again
             // now, not at the next change, which a second instance could start before.
