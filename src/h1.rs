@@ -534,6 +534,21 @@ pub(crate) mod tests {
             plain_path("/search?filter[size]=1&q={x}|y^z\\w"),
             Some("/search")
         );
+        // The path ends at the first `?`, and a byte refused after it still refuses the
+        // whole target, as `Uri` reads them.
+        for (target, want) in [
+            ("/a?b?c", Some("/a")),
+            ("/?", Some("/")),
+            ("/a?", Some("/a")),
+            ("/a?b#c", None),
+            ("/a?b c", None),
+        ] {
+            assert_eq!(plain_path(target), want, "{target:?}");
+            if let Some(path) = want {
+                let uri: http::Uri = target.parse().unwrap();
+                assert_eq!(uri.path(), path, "{target:?}");
+            }
+        }
         // Visible ASCII but five.
         assert_eq!(PLAIN_TARGET.iter().filter(|&&p| p).count(), 94 - 5);
     }
