@@ -1225,7 +1225,8 @@ async fn serve_others(
             // Boxed, as on a plaintext connection (`park::run`): a task keeps the size of its
             // largest state for its whole life.
             match Box::pin(relayed).await {
-                relay::After::Hyper => {
+                // Never `Stalled` here: a TLS connection does not park.
+                relay::After::Hyper | relay::After::Stalled => {
                     let io = park::Rewind::new(first, tls_stream, None, None);
                     let guard = serving.guard.clone();
                     let (result, io) = serving.http1(io, service).await;

@@ -13,6 +13,10 @@
 //!
 //! While requests are held, a parked connection answers plain held requests itself (`fast`)
 //! and stays parked; hyper is woken only for the others.
+//!
+//! A new connection whose first request head has begun and stalls (a slowloris) waits for the
+//! rest in a small task too (`head_wait`), with its bytes so far in an allocation of their
+//! size, where hyper held its two 8 KiB buffers until `header_read_timeout`.
 
 use crate::body::Body;
 use crate::fast::{Fast, Step};
@@ -815,6 +819,111 @@ fn park(io: Rewind, service: Gateway, held: Held, guard: Shutdown) {
     tokio::spawn(parked(io.first, io.inner, service, held));
 }
 
+/// The most of a head a stalled connection keeps (`head_wait`): the relay's read, beyond which
+/// hyper reads the rest, to `max_header_bytes`.
+const HEAD_KEPT: usize = 8192;
+
+/// Hands a connection whose first request head has begun and stalls (its rest not there when
+/// the relay looked, `relay::After::Stalled`) to a small task of its own (`head_wait`), in
+/// place of hyper: hyper would hold its two 8 KiB buffers, and this task, for
+/// `header_read_timeout` (a slowloris' 2,000 connections: 16 KB each, nginx's 5.5 KB).
+/// The guard goes with it: a drain waits for the head, as it waits for hyper's.
+fn stalled(io: Rewind, service: Gateway, held: Held, guard: Shutdown) {
+    tokio::spawn(head_wait(io.first, io.inner, service, held, guard));
+}
+
+/// Waits for the rest of a request head begun (`first`), which it keeps in an allocation of
+/// its exact size, reading each piece as it comes, until the head is whole (or not a head, or
+/// larger than `HEAD_KEPT`, or the client closes): then the connection is served as any
+/// (`run`: the relay, then hyper), in a task of its own, as a woken parked one is. Its
+/// deadline is `header_read_timeout` from the head's wait, as hyper's was; it passes as
+/// hyper's header timer does: counted and logged (`head_timed_out`), and closed unanswered
+/// with a lingering close. After `STALLED` it may be closed to make room, as hyper's stalled
+/// head may (`serve`). It holds the drain guard, as hyper did: a drain waits for the head,
+/// which is answered with `Connection: close` if it is whole in time, and it is not closed at
+/// the drain's end as an idle one is.
+#[allow(clippy::manual_async_fn)]
+fn head_wait(
+    mut first: Bytes,
+    inner: TcpStream,
+    service: Gateway,
+    held: Held,
+    guard: Shutdown,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let keep_alive = held.builder.keep_alive;
+        let deadline = Instant::now() + keep_alive;
+        // One timer: `STALLED` first, when it is the shorter, then the deadline.
+        let mut closable = false;
+        let timer = tokio::time::sleep_until(match keep_alive > STALLED {
+            true => Instant::now() + STALLED,
+            false => deadline,
+        });
+        tokio::pin!(timer);
+        let room = &service.idle.closable;
+        loop {
+            let woken = poll_fn(|cx| {
+                if let Poll::Ready(ready) = inner.poll_read_ready(cx) {
+                    return Poll::Ready(if ready.is_ok() {
+                        Wake::Ready
+                    } else {
+                        Wake::Broken
+                    });
+                }
+                if closable && room.poll_picked(cx) {
+                    return Poll::Ready(Wake::Picked);
+                }
+                timer.as_mut().poll(cx).map(|()| Wake::Late)
+            })
+            .await;
+            match woken {
+                Wake::Ready if !read_more(&inner, &mut first) => continue,
+                Wake::Ready | Wake::Broken => break,
+                Wake::Late if !closable && timer.deadline() < deadline => {
+                    closable = true;
+                    timer.as_mut().reset(deadline);
+                }
+                Wake::Late => {
+                    let (state, conn) = service.fast.parts();
+                    crate::listener::head_timed_out(state, conn.peer.ip(), keep_alive);
+                    let slot = (!held.drain.started()).then_some(held.permit);
+                    crate::shutdown::linger(inner, guard, slot);
+                    return;
+                }
+                // At the drain's end, which closes the idle ones: a head is waited for (its
+                // guard holds that end), as hyper's was, never to be picked again.
+                Wake::Picked if room.limit().ending() => room.never(),
+                Wake::Picked => return,
+            }
+        }
+        room.busy();
+        // A whole head (or bytes that are none: hyper's 400) goes through the relay; the rest
+        // of one too large for `HEAD_KEPT`, or a close, to hyper, with the head's deadline.
+        let head = (!crate::relay::head_whole(&first)).then_some(deadline);
+        let io = service.rewind(first, inner);
+        tokio::spawn(serve_again(io, service, held, head, guard));
+    }
+}
+
+/// Reads what has come of a stalled head onto `first`, in a new allocation of their joint
+/// size: whether the connection is to be served now (the head is whole, or no head, or too
+/// large to keep here; the client closed, or the socket failed, which hyper then reads).
+fn read_more(inner: &TcpStream, first: &mut Bytes) -> bool {
+    let mut room = [0u8; HEAD_KEPT];
+    let room = &mut room[..HEAD_KEPT.saturating_sub(first.len()).max(1)];
+    match inner.try_read(room) {
+        Ok(0) => true,
+        Ok(n) => {
+            let mut head = Vec::with_capacity(first.len() + n);
+            head.extend_from_slice(first);
+            head.extend_from_slice(&room[..n]);
+            *first = Bytes::from(head);
+            first.len() >= HEAD_KEPT || !crate::relay::head_partial(first)
+        }
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
 /// hyper's connection on a plaintext HTTP/1.1 socket.
 type Connection = http1::UpgradeableConnection<TokioIo<Rewind>, Gateway>;
 
@@ -1044,6 +1153,10 @@ pub async fn run(
                 park(io, service, held, guard);
                 return Ok(());
             }
+            crate::relay::After::Stalled => {
+                stalled(io, service, held, guard);
+                return Ok(());
+            }
         }
     }
     serve(io, service, held, head_deadline, Some(guard)).await
@@ -1166,22 +1279,23 @@ mod tests {
     }
 
     /// Begins the drain and polls its end once: it must wait (`not_yet` says for what). Then
-    /// the client reads its answer (`Some(at_start)`: at the start, or anywhere) and a clean
-    /// end, and the drain's end comes.
+    /// the client sends `then`, reads its answer (`Some(at_start)`: at the start, or
+    /// anywhere) and a clean end, and the drain's end comes.
     async fn drain_waits_for_the_answer(
         drain: Arc<Drain>,
         limit: &crate::listener::Limit,
         mut client: tokio::net::TcpStream,
-        at_start: bool,
+        (at_start, then): (bool, &[u8]),
         not_yet: &str,
     ) {
-        use tokio::io::AsyncReadExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         drain.begin();
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
         let ending = crate::app::drain(drain.clone(), limit, deadline);
         tokio::pin!(ending);
         let first = poll_fn(|cx| Poll::Ready(ending.as_mut().poll(cx))).await;
         assert!(first.is_pending(), "{not_yet}");
+        client.write_all(then).await.expect("sent");
         let mut answer = Vec::new();
         let wait = std::time::Duration::from_secs(10);
         let read = tokio::time::timeout(wait, client.read_to_end(&mut answer));
@@ -1225,7 +1339,7 @@ mod tests {
             drain,
             &limit,
             client,
-            true,
+            (true, b""),
             "the drain ended over a connection handed to park and not yet run",
         )
         .await;
@@ -1270,10 +1384,91 @@ mod tests {
             drain,
             &limit,
             client,
-            false,
+            (false, b""),
             "the drain ended over an answer handed to a task not yet run",
         )
         .await;
+    }
+
+    /// A connection whose first head has begun and stalls: its client has sent
+    /// `GET / HTTP/1.1\r\nHost: x\r\n` and nothing more, which the proxy's socket has.
+    async fn stalled_head() -> DrainLab {
+        use tokio::io::AsyncWriteExt;
+        let mut lab = DrainLab::new().await;
+        lab.client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("sent");
+        lab.socket.readable().await.expect("readable");
+        lab
+    }
+
+    /// The client, and `run` serving the connection (its drain guard taken now, as `plain`
+    /// takes it), which says whether it was done with the connection within `within`: handed
+    /// to a task of its own rather than still in `run`'s.
+    fn serve_new(
+        lab: DrainLab,
+        within: std::time::Duration,
+    ) -> (tokio::net::TcpStream, impl Future<Output = bool>) {
+        let held = lab.held();
+        let guard = held.drain.guard();
+        let DrainLab {
+            state,
+            limit,
+            client,
+            socket,
+            peer,
+            ..
+        } = lab;
+        let idle = Arc::new(Idle::new(limit));
+        let io = super::Rewind::new(bytes::Bytes::new(), socket, Some(idle.clone()), None);
+        let fast = Fast::new(state, Arc::new(Conn::new(peer, false)));
+        let ran = super::run(io, Gateway::new(fast, idle), held, None, Some(guard));
+        let done = async move { matches!(tokio::time::timeout(within, ran).await, Ok(Ok(()))) };
+        (client, done)
+    }
+
+    /// A new connection whose first head has begun and stalls waits for its rest with its
+    /// bytes alone (`stalled`), not in hyper, which held its two 8 KiB buffers (some 16 KB a
+    /// connection: a slowloris' 2,000 connections cost 41.7 MB) until `header_read_timeout`
+    /// (10 s here): `run`'s task is done with it at once. Its head, once whole, is answered
+    /// on the same connection.
+    #[tokio::test]
+    async fn a_stalled_first_head_waits_without_hyper() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let wait = std::time::Duration::from_secs(5);
+        let (mut client, served) = serve_new(stalled_head().await, wait);
+        assert!(served.await, "a stalled head stayed with hyper");
+        client.write_all(b"\r\n").await.expect("sent");
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tokio::time::timeout(wait, client.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&chunk[..n]),
+                other => panic!("no answer: {other:?}"),
+            }
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+    }
+
+    /// A stalled first head holds the drain's end, as it did in hyper: once whole, it is
+    /// answered with `Connection: close`, and the drain ends.
+    #[tokio::test]
+    async fn a_stalled_first_head_holds_the_drain_end_until_answered() {
+        let lab = stalled_head().await;
+        let (drain, limit) = (lab.drain.clone(), lab.limit.clone());
+        let (client, served) = serve_new(lab, std::time::Duration::from_secs(30));
+        let served = tokio::spawn(served);
+        drain_waits_for_the_answer(
+            drain,
+            &limit,
+            client,
+            (true, b"\r\n"),
+            "the drain ended over a stalled head",
+        )
+        .await;
+        assert!(served.await.expect("served"));
     }
 
     #[test]

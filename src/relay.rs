@@ -269,6 +269,10 @@ async fn put_piece<C: Client>(
 pub enum After {
     /// A request is for hyper: its bytes, and what followed them, are in `first`.
     Hyper,
+    /// The first head on a connection that parks (`Linger::Park`) has begun and its rest has
+    /// not come: its bytes are in `first`, and the connection waits for the rest without
+    /// hyper (`park::stalled`). Never with `Linger::Close`.
+    Stalled,
     /// Idle for `park::GRACE`: park it. With `Linger::Close`, idle for its time: close it.
     Park,
     /// Closed: by the client, or at the end of its keep-alive or by a drain (over TLS, with
@@ -679,9 +683,11 @@ async fn relay<C: Client>(
             Prepared::Take(head, client) if !drain.started() => (head, true, client),
             Prepared::Held(head) => (head, false, None),
             // A new connection comes with the few bytes that told its protocol, and a request
-            // may come in pieces: what has arrived is read, without waiting. A request that is
-            // still not whole is hyper's, whose timer bounds a client that sends its head
-            // slowly; after an answer, it waits here for the connection's grace (`begun`),
+            // may come in pieces: what has arrived is read, without waiting. A head that is
+            // still not whole waits for its rest with its bytes alone (`After::Stalled`), whose
+            // deadline is `header_read_timeout`; over TLS, and a whole head whose body is late,
+            // it is hyper's, whose timer bounds a client that sends its head slowly. After an
+            // answer, it waits here for the connection's grace (`begun`),
             // then a head parks with the connection, whose deadline then bounds it, as it would
             // have from hyper (over TLS, which does not park, it waits `header_read_timeout`
             // and closes), and a whole head whose body is late goes to hyper. A held request's
@@ -700,6 +706,11 @@ async fn relay<C: Client>(
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
                         *first = Bytes::copy_from_slice(&bufs.input[..bufs.have]);
+                        // A connection that parks waits for the rest of a head with its bytes
+                        // alone (`park::stalled`), not in hyper's two 8 KiB buffers.
+                        if !closes && !head_whole(&bufs.input[..bufs.have]) {
+                            return After::Stalled;
+                        }
                         return After::Hyper;
                     }
                     Err(_) => return After::Close,
@@ -977,12 +988,12 @@ fn resendable(request: &[u8]) -> bool {
 }
 
 /// Whether `input` starts with a whole request head (its body may not have come yet).
-fn head_whole(input: &[u8]) -> bool {
+pub(crate) fn head_whole(input: &[u8]) -> bool {
     matches!(parse_head(input), Ok(httparse::Status::Complete(_)))
 }
 
 /// Whether `input` is the start of a request head, well formed so far.
-fn head_partial(input: &[u8]) -> bool {
+pub(crate) fn head_partial(input: &[u8]) -> bool {
     matches!(parse_head(input), Ok(httparse::Status::Partial))
 }
 
