@@ -265,7 +265,8 @@ impl Fresh {
 }
 
 /// A new plaintext connection's place among those the drain's end wakes (`Idlers::young`),
-/// from its first wait for a byte until it has one, or closes: in its grace (`waited`) it is
+/// from its first wait for a byte until it has one, or closes (and again while it waits with
+/// a prefix of HTTP/2's preface, until more comes): in its grace (`waited`) it is
 /// not among the idle ones, and nothing else would wake it at that end, which it holds (it is
 /// counted in `Limit::starting`). A lock taken to come in and to go, once per connection
 /// whose first bytes were not there at its first read, none per request.
@@ -612,7 +613,8 @@ fn sniff(first: &[u8]) -> Option<Protocol> {
 
 /// Reads the client's first bytes until they tell its protocol; `None` when it closes first,
 /// or when, having sent nothing for `STALLED`, it is picked to make room for a newer
-/// connection (as nginx reuses a connection that has not sent its first request). The bytes
+/// connection (as nginx reuses a connection that has not sent its first request), or at the
+/// drain's end, having sent nothing or only a prefix of HTTP/2's preface. The bytes
 /// go back to hyper through `Rewind`. Reading, not peeking: a client that sent part of the preface and
 /// stalls is then waited for by readiness, at no cost, where peeking would find the same
 /// bytes again and again.
@@ -647,6 +649,22 @@ async fn first_bytes(
                         && fresh.closable.poll_picked(cx) =>
                 {
                     Poll::Ready(unannounced(stream, room, limit))
+                }
+                // A prefix of HTTP/2's preface (`PRI * HT`, or `P`) and nothing more: at the
+                // drain's end it is closed as one that sent nothing, where it held that end
+                // until `header_read_timeout` (to `shutdown_timeout`). Its bytes make no
+                // request yet. Not among the idle ones for room.
+                Poll::Pending
+                    if len > 0
+                        && {
+                            if young.is_none() {
+                                young = Young::new(limit, cx);
+                            }
+                            limit.ending()
+                        }
+                        && fresh.closable.poll_picked(cx) =>
+                {
+                    Poll::Ready(None)
                 }
                 Poll::Pending => Poll::Pending,
             }
@@ -2144,6 +2162,49 @@ mod tests {
         );
         let read = tokio::time::timeout(Duration::from_secs(10), client);
         assert!(matches!(read.await, Ok(Ok(Some(0)))), "no clean end");
+    }
+
+    /// A connection that has sent only a prefix of HTTP/2's preface and stalls is closed at
+    /// the drain's end at once, as one that has sent nothing (above): nothing woke it there,
+    /// and it held that end until `header_read_timeout` (10 s here), to `shutdown_timeout`.
+    #[tokio::test]
+    async fn a_stalled_preface_prefix_does_not_hold_the_drain_end() {
+        use tokio::io::AsyncWriteExt;
+        for prefix in [&b"PRI * HT"[..], b"P"] {
+            let workers = Arc::new(crate::workers::Workers::start(1).unwrap());
+            let front = Front::new().await;
+            let (drain, limit) = (front.drain.clone(), front.limit.clone());
+            let mut client = tokio::net::TcpStream::connect(front.listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            client.write_all(prefix).await.unwrap();
+            let client = tokio::spawn(async move {
+                let mut got = [0u8; 64];
+                client.read(&mut got).await.ok()
+            });
+            let (stop, accepting) = front.accept(&workers);
+            // Its prefix read: it waits for more among those the drain's end wakes. Only a
+            // bounded wait, which the timing below judges either way.
+            let since = Instant::now();
+            while limit.idlers().young.is_empty() && since.elapsed() < Duration::from_secs(2) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            stop.fire();
+            accepting.await.unwrap();
+            drain.begin();
+            let began = Instant::now();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            let ended = crate::app::drain(drain, &limit, deadline).await;
+            let took = began.elapsed();
+            assert!(ended);
+            assert!(
+                took < STALLED / 2,
+                "the drain's end waited {took:?} for {:?}",
+                String::from_utf8_lossy(prefix)
+            );
+            let read = tokio::time::timeout(Duration::from_secs(10), client);
+            assert!(matches!(read.await, Ok(Ok(Some(0)))), "no clean end");
+        }
     }
 
     #[test]
