@@ -1132,14 +1132,9 @@ pub async fn run(
         // those tasks, freed between the parked connections' small long-lived ones, left the
         // heap fragmented (RSS with 10,000 idle connections 25 MB against 19 MB boxed).
         let linger = crate::relay::Linger::Park;
-        let relayed = crate::relay::serve(
-            &mut io.first,
-            &mut io.inner,
-            state,
-            conn,
-            &held.drain,
-            linger,
-        );
+        let mut sock = crate::relay::Plain::new(&mut io.inner);
+        let relayed =
+            crate::relay::serve(&mut io.first, &mut sock, state, conn, &held.drain, linger);
         match Box::pin(relayed).await {
             crate::relay::After::Hyper => {}
             // Closed by a drain: with requests pipelined behind the answer that said so

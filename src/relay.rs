@@ -139,22 +139,105 @@ pub trait Client: AsyncRead + AsyncWrite + Unpin {
     fn poll_send_queued(&mut self, cx: &mut Context<'_>);
 }
 
-impl Client for TcpStream {
+/// A plaintext client socket, and whether the waker of the task that serves it is known to
+/// be stored for its read side (`waiting`), so that the wait for the next request need not
+/// store it again: tokio stores it under the socket's waiters' lock, which the watch on the
+/// client's end (`poll_gone`) took already while the answer was on its way.
+///
+/// Why that holds: `waiting` is set only when the watch's last look stored the waker and found
+/// nothing to read (its peek returned `Pending` with coop budget left; without budget, tokio
+/// returns `Pending` before storing it). tokio takes the waker from that slot only to wake the
+/// task for an event that sets the readiness first, and the readiness is cleared only by this
+/// socket's reads and peeks: every read here clears `waiting`, and every peek sets it anew. So
+/// while `waiting` holds, either the readiness is set, which a look at it reads without the lock,
+/// or the waker is in its slot, and the task is woken when something comes.
+pub struct Plain<'a> {
+    sock: &'a mut TcpStream,
+    waiting: bool,
+}
+
+impl<'a> Plain<'a> {
+    pub fn new(sock: &'a mut TcpStream) -> Self {
+        Plain {
+            sock,
+            waiting: false,
+        }
+    }
+}
+
+impl AsyncRead for Plain<'_> {
+    #[inline]
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.waiting = false;
+        Pin::new(&mut *this.sock).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Plain<'_> {
+    #[inline]
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().sock).poll_write(cx, buf)
+    }
+
+    #[inline]
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().sock).poll_write_vectored(cx, bufs)
+    }
+
+    #[inline]
+    fn is_write_vectored(&self) -> bool {
+        self.sock.is_write_vectored()
+    }
+
+    #[inline]
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().sock).poll_flush(cx)
+    }
+
+    #[inline]
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().sock).poll_shutdown(cx)
+    }
+}
+
+impl Client for Plain<'_> {
     const BUFFERED: bool = false;
     const TLS: bool = false;
 
     fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
         let mut byte = [MaybeUninit::uninit()];
-        self.poll_peek(cx, &mut ReadBuf::uninit(&mut byte))
-            .map(|peeked| matches!(peeked, Ok(0) | Err(_)))
+        let peeked = self.sock.poll_peek(cx, &mut ReadBuf::uninit(&mut byte));
+        self.waiting = peeked.is_pending() && tokio::task::coop::has_budget_remaining();
+        peeked.map(|peeked| matches!(peeked, Ok(0) | Err(_)))
     }
 
     fn readable(&self, cx: &mut Context<'_>) -> bool {
-        self.poll_read_ready(cx).is_ready()
+        match self.waiting {
+            // The readiness alone, one load: the waker is in its slot (`Plain`).
+            true => self
+                .sock
+                .try_io(tokio::io::Interest::READABLE, || Ok(()))
+                .is_ok(),
+            false => self.sock.poll_read_ready(cx).is_ready(),
+        }
     }
 
     fn read_now(&mut self, _: &mut Context<'_>, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.try_read(buf)
+        self.waiting = false;
+        self.sock.try_read(buf)
     }
 
     #[inline]
@@ -3079,6 +3162,51 @@ mod tests {
         );
     }
 
+    /// The wait for a client's next request relies on the waker the watch on its end stored
+    /// (`Plain`) only when that watch did store it: out of coop budget, tokio's peek returns
+    /// `Pending` having stored none, and a wait that relied on it would never be woken. When
+    /// it did, the next request wakes the task, and a look finds it without the lock.
+    #[tokio::test]
+    async fn the_wait_for_a_request_relies_only_on_a_waker_the_watch_stored() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut served, _) = listener.accept().await.unwrap();
+        let mut plain = Plain::new(&mut served);
+        poll_fn(|cx| {
+            while let Poll::Ready(spent) = tokio::task::coop::poll_proceed(cx) {
+                spent.made_progress();
+            }
+            assert!(plain.poll_gone(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        assert!(!plain.waiting, "out of budget, the peek stored no waker");
+        // The budget is renewed for the task's next poll.
+        tokio::task::yield_now().await;
+        let pending = poll_fn(|cx| Poll::Ready(plain.poll_gone(cx).is_pending())).await;
+        assert!(pending);
+        assert!(plain.waiting);
+        assert!(!poll_fn(|cx| Poll::Ready(plain.readable(cx))).await);
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let woken = poll_fn(|cx| match plain.readable(cx) {
+            true => Poll::Ready(()),
+            false => Poll::Pending,
+        });
+        tokio::time::timeout(Duration::from_secs(10), woken)
+            .await
+            .expect("the request wakes the task through the waker the watch stored");
+        let mut room = [0u8; 64];
+        let read = poll_fn(|cx| Pin::new(&mut plain).poll_read(cx, &mut ReadBuf::new(&mut room)));
+        read.await.unwrap();
+        assert!(
+            !plain.waiting,
+            "a read forgets the waker: the readiness may be cleared"
+        );
+    }
+
     const CONFIG: &str =
         "[upstream]\nservers = [\"http://127.0.0.1:9\"]\n[log]\naccess_log = false\n";
 
@@ -3995,7 +4123,15 @@ mod tests {
             tokio::spawn(async move {
                 let conn = Conn::new(peer, false);
                 let linger = Linger::Park;
-                serve(&mut Bytes::new(), &mut sock, &state, &conn, &drain, linger).await
+                serve(
+                    &mut Bytes::new(),
+                    &mut Plain::new(&mut sock),
+                    &state,
+                    &conn,
+                    &drain,
+                    linger,
+                )
+                .await
             })
         };
         client
