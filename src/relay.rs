@@ -609,6 +609,8 @@ async fn relay<C: Client>(
     let closes = guard.is_some();
     let grace = tokio::time::sleep(wait_for);
     tokio::pin!(grace);
+    // Whether `grace` holds the task's waker, pending: it is then looked at, not polled.
+    let mut grace_waits = false;
     // The drain, for a connection that closes rather than parks (a parked one is closed by
     // the parker).
     let stop = async {
@@ -688,9 +690,19 @@ async fn relay<C: Client>(
                     }
                 }
                 loop {
-                    if grace.as_mut().poll(cx).is_pending() {
+                    // Polled once after each move, then looked at: the poll that found it
+                    // pending left the task's waker with the timer, which wakes the task when
+                    // it fires, after marking it elapsed. A poll per request (its coop
+                    // budget, its waker compared) cost some 150 instructions. Not when that
+                    // poll ran out of coop budget: tokio then stored no waker.
+                    if grace_waits && !grace.is_elapsed() {
                         return Poll::Pending;
                     }
+                    if grace.as_mut().poll(cx).is_pending() {
+                        grace_waits = tokio::task::coop::has_budget_remaining();
+                        return Poll::Pending;
+                    }
+                    grace_waits = false;
                     if served == armed {
                         return Poll::Ready(None);
                     }
