@@ -2128,40 +2128,16 @@ mod tests {
     /// for up to `STALLED` whenever a client kept a silent connection (a browser's preconnect).
     #[tokio::test]
     async fn a_silent_connection_in_its_grace_does_not_hold_the_drain_end() {
-        let workers = Arc::new(crate::workers::Workers::start(1).unwrap());
-        let front = Front::new().await;
-        let (drain, limit) = (front.drain.clone(), front.limit.clone());
-        let mut client = tokio::net::TcpStream::connect(front.listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        // Closes once the proxy has, as a browser does, which ends the lingering close.
-        let client = tokio::spawn(async move {
-            let mut got = [0u8; 64];
-            client.read(&mut got).await.ok()
-        });
-        let (stop, accepting) = front.accept(&workers);
-        let since = Instant::now();
-        while limit.open.load(std::sync::atomic::Ordering::Relaxed) == 0 {
-            assert!(since.elapsed() < Duration::from_secs(10), "never accepted");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        // Silent a while, as a preconnect is: its worker has run it, and it waits.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        stop.fire();
-        accepting.await.unwrap();
-        drain.begin();
-        let began = Instant::now();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        let ended = crate::app::drain(drain, &limit, deadline).await;
-        let took = began.elapsed();
-        assert!(ended);
+        // Silent once accepted, as a preconnect is: its worker has run it, and it waits.
+        let took = drain_end_over(b"", |limit| {
+            limit.open.load(std::sync::atomic::Ordering::Relaxed) != 0
+        })
+        .await;
         // Milliseconds when it is woken; `STALLED` less the 100 ms when it waits its grace.
         assert!(
             took < STALLED / 2,
             "the drain's end waited {took:?} for a silent connection"
         );
-        let read = tokio::time::timeout(Duration::from_secs(10), client);
-        assert!(matches!(read.await, Ok(Ok(Some(0)))), "no clean end");
     }
 
     /// A connection that has sent only a prefix of HTTP/2's preface and stalls is closed at
@@ -2169,42 +2145,50 @@ mod tests {
     /// and it held that end until `header_read_timeout` (10 s here), to `shutdown_timeout`.
     #[tokio::test]
     async fn a_stalled_preface_prefix_does_not_hold_the_drain_end() {
-        use tokio::io::AsyncWriteExt;
         for prefix in [&b"PRI * HT"[..], b"P"] {
-            let workers = Arc::new(crate::workers::Workers::start(1).unwrap());
-            let front = Front::new().await;
-            let (drain, limit) = (front.drain.clone(), front.limit.clone());
-            let mut client = tokio::net::TcpStream::connect(front.listener.local_addr().unwrap())
-                .await
-                .unwrap();
-            client.write_all(prefix).await.unwrap();
-            let client = tokio::spawn(async move {
-                let mut got = [0u8; 64];
-                client.read(&mut got).await.ok()
-            });
-            let (stop, accepting) = front.accept(&workers);
-            // Its prefix read: it waits for more among those the drain's end wakes. Only a
-            // bounded wait, which the timing below judges either way.
-            let since = Instant::now();
-            while limit.idlers().young.is_empty() && since.elapsed() < Duration::from_secs(2) {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            stop.fire();
-            accepting.await.unwrap();
-            drain.begin();
-            let began = Instant::now();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-            let ended = crate::app::drain(drain, &limit, deadline).await;
-            let took = began.elapsed();
-            assert!(ended);
+            // Its prefix read, it waits for more among those the drain's end wakes.
+            let took = drain_end_over(prefix, |limit| !limit.idlers().young.is_empty()).await;
             assert!(
                 took < STALLED / 2,
                 "the drain's end waited {took:?} for {:?}",
                 String::from_utf8_lossy(prefix)
             );
-            let read = tokio::time::timeout(Duration::from_secs(10), client);
-            assert!(matches!(read.await, Ok(Ok(Some(0)))), "no clean end");
         }
+    }
+
+    /// How long the drain's end takes over one client that sent `sent` and waits, once
+    /// `settled` says the proxy has it (then 100 ms more); the client must then read a clean
+    /// end (it closes once the proxy has, as a browser does, which ends the lingering close).
+    async fn drain_end_over(sent: &[u8], settled: impl Fn(&Limit) -> bool) -> Duration {
+        use tokio::io::AsyncWriteExt;
+        let workers = Arc::new(crate::workers::Workers::start(1).unwrap());
+        let front = Front::new().await;
+        let (drain, limit) = (front.drain.clone(), front.limit.clone());
+        let mut client = tokio::net::TcpStream::connect(front.listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        client.write_all(sent).await.unwrap();
+        let client = tokio::spawn(async move {
+            let mut got = [0u8; 64];
+            client.read(&mut got).await.ok()
+        });
+        let (stop, accepting) = front.accept(&workers);
+        let since = Instant::now();
+        while !settled(&limit) {
+            assert!(since.elapsed() < Duration::from_secs(10), "never settled");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.fire();
+        accepting.await.unwrap();
+        drain.begin();
+        let began = Instant::now();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        assert!(crate::app::drain(drain, &limit, deadline).await);
+        let took = began.elapsed();
+        let read = tokio::time::timeout(Duration::from_secs(10), client);
+        assert!(matches!(read.await, Ok(Ok(Some(0)))), "no clean end");
+        took
     }
 
     #[test]

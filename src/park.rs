@@ -863,12 +863,8 @@ fn head_wait(
         let room = &service.idle.closable;
         loop {
             let woken = poll_fn(|cx| {
-                if let Poll::Ready(ready) = inner.poll_read_ready(cx) {
-                    return Poll::Ready(if ready.is_ok() {
-                        Wake::Ready
-                    } else {
-                        Wake::Broken
-                    });
+                if let Poll::Ready(wake) = Wake::read(&inner, cx) {
+                    return Poll::Ready(wake);
                 }
                 if closable && room.poll_picked(cx) {
                     return Poll::Ready(Wake::Picked);
@@ -991,12 +987,8 @@ fn parked(
             // Picked only while nothing waits to be read: a request that came first is
             // answered, and the connection closes when it idles again.
             let woken = poll_fn(|cx| {
-                if let Poll::Ready(ready) = inner.poll_read_ready(cx) {
-                    return Poll::Ready(if ready.is_ok() {
-                        Wake::Ready
-                    } else {
-                        Wake::Broken
-                    });
+                if let Poll::Ready(wake) = Wake::read(&inner, cx) {
+                    return Poll::Ready(wake);
                 }
                 if count.picked(cx) {
                     return Poll::Ready(Wake::Picked);
@@ -1094,6 +1086,16 @@ enum Wake {
     Picked,
     /// Its deadline passed.
     Late,
+}
+
+impl Wake {
+    /// The socket's read side as a wake: something came (or a close), or the socket failed.
+    fn read(inner: &TcpStream, cx: &mut Context<'_>) -> Poll<Wake> {
+        inner.poll_read_ready(cx).map(|ready| match ready {
+            Ok(()) => Wake::Ready,
+            Err(_) => Wake::Broken,
+        })
+    }
 }
 
 /// `run` as a task of its own. Boxed: `serve` spawns `parked`, which spawns this, and a
