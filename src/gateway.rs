@@ -558,14 +558,16 @@ fn tunnel_while_draining(req: &Request<Incoming>) -> bool {
         && forward::asks_for_tunnel(req)
 }
 
-/// The answer to a request refused because the proxy is stopping: `503`, to come back at
+const STOPPING: &str = "the proxy is shutting down; connect again to be served\n";
+/// As a call still streaming is ended at the drain's end (`Body::end_grpc_at`).
+const STOPPING_GRPC: &str = "the proxy is shutting down";
+
+/// The answer to a request refused because the proxy is stopping, or still waiting for its
+/// answer's head as the drain nears its end (`forward::UpstreamError::Stopping`): `503`, to come back at
 /// once (`Retry-After: 1`, the least it can say) on a new connection, which reaches the
 /// instance that takes over, or another behind the load balancer.
-fn stopping() -> Response<Body> {
-    let mut resp = reserved::plain(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the proxy is shutting down; connect again to be served\n",
-    );
+pub(crate) fn stopping() -> Response<Body> {
+    let mut resp = reserved::plain(StatusCode::SERVICE_UNAVAILABLE, STOPPING);
     let h = resp.headers_mut();
     h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     h.insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -777,6 +779,7 @@ fn forward_request<'a>(
             &conn.client,
             trusted,
             &snap.config,
+            conn.drain.as_deref(),
         )
         .await
         {
@@ -823,6 +826,24 @@ fn forward_request<'a>(
                     None => reserved::plain(fault.status(), text),
                 };
                 (resp, None, outcome)
+            }
+            Err(forward::Failed {
+                error: Some(forward::UpstreamError::Stopping { .. }),
+                server,
+                ..
+            }) => {
+                // A gRPC call reads its status (`UNAVAILABLE`, which its client may send again
+                // elsewhere), as a stream cut at the drain's end does (`Body::end_grpc_at`).
+                let mut resp = match echo.grpc_type() {
+                    Some(typed) => reserved::grpc_status(typed, 14, STOPPING_GRPC),
+                    None => stopping(),
+                };
+                // HTTP/2 has no `Connection` (RFC 9113 §8.2.2): hyper's server closes it with
+                // `GOAWAY` as the drain asks.
+                if echo.http2 {
+                    resp.headers_mut().remove(header::CONNECTION);
+                }
+                (resp, server, Outcome::Failed)
             }
             Err(failed) => {
                 match &failed.error {

@@ -1333,12 +1333,23 @@ async fn answer<C: Client>(
                         true => Some(Box::pin(snap.marks.marked_down(&pool.names[server]))),
                         false => None,
                     };
+                    // And the drain's end (`Drain::ending`), where its answer is the drain's
+                    // `503` rather than the process's exit closing the connection unanswered.
+                    // From the first look alone: a waiter per request on the drain's channel
+                    // would take its lock twice, and no request starts here during a drain.
+                    let mut ending = Box::pin(async {
+                        let mut ending = drain.ending();
+                        ending.fired().await;
+                    });
                     let either = poll_fn(|cx| {
                         if let Poll::Ready(out) = attempt.as_mut().poll(cx) {
-                            return Poll::Ready(Some(out));
+                            return Poll::Ready(Ok(out));
+                        }
+                        if ending.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Err(Halt::Ending));
                         }
                         match &mut down {
-                            Some(down) => down.as_mut().poll(cx).map(|()| None),
+                            Some(down) => down.as_mut().poll(cx).map(|()| Err(Halt::Down)),
                             None => Poll::Pending,
                         }
                     });
@@ -1352,12 +1363,12 @@ async fn answer<C: Client>(
                 }
                 Waited::Late => Waited::Late,
                 Waited::Gone => Waited::Gone,
-                Waited::Done(out) => Waited::Done(Some(out)),
+                Waited::Done(out) => Waited::Done(Ok(out)),
             }
         };
         let error = match fetched {
             Waited::Gone => return Next::Broken,
-            Waited::Done(Some(Ok((up, answer)))) => {
+            Waited::Done(Ok(Ok((up, answer)))) => {
                 served.status = answer.status;
                 let to = Respond {
                     server,
@@ -1373,15 +1384,19 @@ async fn answer<C: Client>(
                 };
                 return respond(bufs, snap, sock, up, answer, to).await;
             }
-            Waited::Done(Some(Err(source))) if source.is_connect() => UpstreamError::Connect {
+            Waited::Done(Ok(Err(source))) if source.is_connect() => UpstreamError::Connect {
                 server: name(),
                 source,
             },
-            Waited::Done(Some(Err(source))) => UpstreamError::Failed {
+            Waited::Done(Ok(Err(source))) => UpstreamError::Failed {
                 server: name(),
                 source,
             },
-            Waited::Done(None) => UpstreamError::MarkedDown { server: name() },
+            Waited::Done(Err(Halt::Down)) => UpstreamError::MarkedDown { server: name() },
+            // Nobody's failure (`UpstreamError::Stopping`): not reported, nor sent again.
+            Waited::Done(Err(Halt::Ending)) => {
+                return stopped(bufs, snap, sock, served).await;
+            }
             Waited::Late => UpstreamError::Timeout {
                 server: name(),
                 timeout,
@@ -1430,6 +1445,14 @@ async fn answer<C: Client>(
             }
         }
     }
+}
+
+/// Why the wait for an answer's head ended after its first look without one.
+enum Halt {
+    /// Its server was taken out by its health checks (`state::marks`).
+    Down,
+    /// The drain nears its end (`Drain::ending`).
+    Ending,
 }
 
 /// What waiting for an answer's head, or a piece of its body, came to.
@@ -2475,6 +2498,34 @@ async fn outage<C: Client>(
     bufs.out.clear();
     h1::encode(&parts, &body, is_head(&bufs.request), &mut bufs.out);
     Next::after(put(sock, &bufs.out, snap).await, closing)
+}
+
+/// Writes the drain's `503` (`gateway::stopping`) to a request still waiting for its answer's
+/// head as the drain nears its end, as hyper's path answers it; the connection closes.
+async fn stopped<C: Client>(
+    bufs: &mut Set,
+    snap: &Snapshot,
+    sock: &mut C,
+    served: &mut Served,
+) -> Next {
+    let resp = gateway::stopping();
+    gateway::count(
+        snap,
+        served.start.into_std(),
+        resp.status(),
+        Outcome::Failed,
+    );
+    served.status = resp.status().as_u16();
+    let (mut parts, body) = resp.into_parts();
+    let body = body.into_ready().unwrap_or_default();
+    let head_only = is_head(&bufs.request);
+    served.bytes = if head_only { 0 } else { body.len() as u64 };
+    if let Some(hsts) = snap.hsts(C::TLS) {
+        hsts.add_to(&mut parts.headers);
+    }
+    bufs.out.clear();
+    h1::encode(&parts, &body, head_only, &mut bufs.out);
+    Next::after(put(sock, &bufs.out, snap).await, true)
 }
 
 /// The request `head` holds (taken by `prepare`, so it parses), as the outage response's

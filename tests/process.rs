@@ -785,6 +785,134 @@ async fn sigint_drains_for_at_most_shutdown_timeout_then_exits_0() {
     assert!(got.is_ok(), "the in-flight client was left hanging");
 }
 
+/// A request still waiting for its answer's head as a stop's `shutdown_timeout` runs out is
+/// answered with the drain's `503` (`Connection: close`, `Retry-After: 1`) before the drain's
+/// end: it was closed with nothing said (curl: "empty reply"), against "nobody ever sees a
+/// raw error". On the relay's path (a plain keep-alive `GET`) and on hyper's (a `Connection:
+/// close`, which the relay leaves to hyper).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_waiting_for_its_head_at_the_drains_end_is_answered_503_on_the_relay() {
+    let said = answered_at_the_drains_end(b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_the_drains_503(&said);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_waiting_for_its_head_at_the_drains_end_is_answered_503_through_hyper() {
+    let said = answered_at_the_drains_end(
+        b"GET /forever HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_the_drains_503(&said);
+}
+
+/// The same to an HTTP/2 client (hyper's server, the relay's sockets upstream): the `503`
+/// without `Connection`, which HTTP/2 has not.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_request_waiting_for_its_head_at_the_drains_end_is_answered_503() {
+    let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let up = never_answering(arrived.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\nresponse_timeout = \"1h\"\n[proxy]\nshutdown_timeout = \"2s\"\n",
+            up.url()
+        ),
+    );
+    let url = proxy.url("/forever");
+    let stuck = tokio::spawn(async move {
+        let req = Request::get(url).body(full("")).unwrap();
+        let got = h2c_client().request(req).await;
+        (got, Instant::now())
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)
+            > 0)
+        .await
+    );
+    let signalled = Instant::now();
+    proxy.signal("TERM");
+    let (status, _) = exit_after(proxy, signalled).await;
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "did not exit 0");
+    let (got, at) = tokio::time::timeout(Duration::from_secs(10), stuck)
+        .await
+        .expect("the client was left hanging")
+        .unwrap();
+    let resp = got.expect("an answer");
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    assert!(!resp.headers().contains_key("connection"));
+    assert!(at.duration_since(signalled) < Duration::from_secs(2));
+}
+
+/// What a request still waiting for its head when the proxy is told to stop gets, within
+/// `shutdown_timeout`.
+async fn answered_at_the_drains_end(request: &'static [u8]) -> String {
+    let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let up = never_answering(arrived.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\nresponse_timeout = \"1h\"\n[proxy]\nshutdown_timeout = \"2s\"\n",
+            up.url()
+        ),
+    );
+    let addr = proxy.addr;
+    let stuck = tokio::spawn(async move {
+        let said = raw_exchange(addr, request, Duration::from_secs(30)).await;
+        (said, Instant::now())
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)
+            > 0)
+        .await
+    );
+    let signalled = Instant::now();
+    proxy.signal("TERM");
+    let (status, _) = exit_after(proxy, signalled).await;
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "did not exit 0");
+    let (said, at) = tokio::time::timeout(Duration::from_secs(10), stuck)
+        .await
+        .expect("the client was left hanging")
+        .unwrap();
+    let waited = at.duration_since(signalled);
+    assert!(
+        waited < Duration::from_secs(2),
+        "answered {waited:?} after the signal, past shutdown_timeout"
+    );
+    said
+}
+
+fn assert_the_drains_503(said: &str) {
+    let lower = said.to_ascii_lowercase();
+    assert!(said.starts_with("HTTP/1.1 503 "), "got {said:?}");
+    assert!(lower.contains("\r\nconnection: close\r\n"), "{said}");
+    assert!(lower.contains("\r\nretry-after: 1\r\n"), "{said}");
+    assert!(
+        said.ends_with("the proxy is shutting down; connect again to be served\n"),
+        "{said}"
+    );
+}
+
+/// A gRPC(-Web) call waiting so reads `UNAVAILABLE`, as a stream still open then does, which
+/// its client may send again elsewhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grpc_call_waiting_for_its_head_at_the_drains_end_reads_unavailable() {
+    let said = answered_at_the_drains_end(
+        b"POST /pkg.Svc/M HTTP/1.1\r\nHost: x\r\nContent-Type: application/grpc-web+proto\r\n\
+          Content-Length: 5\r\n\r\n\0\0\0\0\0",
+    )
+    .await;
+    let lower = said.to_ascii_lowercase();
+    assert!(said.starts_with("HTTP/1.1 200 "), "got {said:?}");
+    assert!(lower.contains("\r\ngrpc-status: 14\r\n"), "{said}");
+    assert!(
+        lower.contains("\r\ngrpc-message: the proxy is shutting down\r\n"),
+        "{said}"
+    );
+}
+
 /// A request that `never_answering` keeps in flight, sent once it has reached the server
 /// (`arrived`), answered by the process's end at the latest.
 async fn stuck_request(
@@ -1447,7 +1575,9 @@ async fn a_request_its_client_gave_up_on_is_logged_499() {
 }
 
 /// What a drain's `shutdown_timeout` cuts is logged, on every worker: each request in flight
-/// gets its 499 (on hyper's path and the relay's), and each WebSocket its line. The process exited while the other workers'
+/// gets its line (on hyper's path and the relay's), and each WebSocket its line. A request
+/// cut is logged 499; one still waiting for its head as the drain nears its end, and watching
+/// for that end (a second into its wait), is answered the drain's 503 first. The process exited while the other workers'
 /// runtimes were still dropping their connections, and the lines of some were lost (a race:
 /// this lost some in four runs of five).
 #[tokio::test(flavor = "multi_thread")]
@@ -1506,10 +1636,11 @@ async fn what_a_drain_cuts_is_logged_on_every_worker() {
     let cut = lines
         .iter()
         .filter(|v| {
-            v["status"] == 499 && v["path"].as_str().is_some_and(|p| p.starts_with("/cut-"))
+            matches!(v["status"].as_u64(), Some(499 | 503))
+                && v["path"].as_str().is_some_and(|p| p.starts_with("/cut-"))
         })
         .count();
-    assert_eq!(cut, CUT, "499 lines of the requests cut: {lines:#?}");
+    assert_eq!(cut, CUT, "499 or 503 lines of the requests cut: {lines:#?}");
     let tunnels = lines
         .iter()
         .filter(|v| v["status"] == 101 && v["path"] == "/ws")

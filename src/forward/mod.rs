@@ -21,6 +21,7 @@ use crate::body::{Answered, Body, ClientFault, Resume, SentSignal};
 use crate::config::{Config, Protocol, Upstream};
 use crate::health::Passive;
 use crate::metrics::UpstreamFailure;
+use crate::shutdown::Drain;
 use crate::state::marks::{self, Marks};
 use headers::ClientSide;
 use http::header::{self, HeaderValue};
@@ -57,6 +58,12 @@ pub enum UpstreamError {
     /// the bound on upstream sockets (`sockets::tunnel_share`).
     #[error(transparent)]
     Tunnels(#[from] sockets::TunnelsFull),
+    /// The drain neared its end (`Drain::ending`) while the request waited for its response
+    /// head: answered with the drain's own `503` (`gateway::stopping`), where the process's exit
+    /// closed the client's connection with nothing said. Nobody's failure: not reported to
+    /// the server's checks, nor sent again.
+    #[error("the proxy's stop came before {server}'s response head")]
+    Stopping { server: String },
 }
 
 /// What forwarding produced: the response, and which server answered (for the access log).
@@ -197,6 +204,7 @@ pub fn forward<'a>(
     client: &'a ClientSide,
     trusted: bool,
     config: &'a Config,
+    drain: Option<&'a Drain>,
 ) -> impl Future<Output = Result<Forwarded, Failed>> + Send + 'a {
     async move {
         let timeout = config.upstream.response_timeout;
@@ -334,7 +342,7 @@ pub fn forward<'a>(
                 pool,
                 server,
                 req,
-                head_wait,
+                (head_wait, drain),
                 sent.as_mut(),
                 watch,
                 hop,
@@ -382,6 +390,9 @@ pub fn forward<'a>(
                         resume,
                         (grpc, version),
                     ));
+                }
+                Err(e @ UpstreamError::Stopping { .. }) => {
+                    return Err(Failed::upstream(Some(e), Some(server)));
                 }
                 Err(e) => e,
             };
@@ -683,6 +694,8 @@ fn failure_reason(error: &UpstreamError) -> UpstreamFailure {
         UpstreamError::Failed { .. } => UpstreamFailure::Error,
         // Never a server's (`local_exhaustion`): not reported.
         UpstreamError::Tunnels(_) => UpstreamFailure::Connect,
+        // Not reported either (`forward`, `relay::answer`).
+        UpstreamError::Stopping { .. } => UpstreamFailure::Timeout,
     }
 }
 
@@ -811,15 +824,16 @@ pub fn local_exhaustion(e: &(dyn std::error::Error + 'static)) -> bool {
 /// Sends one request to one server, waiting at most `response_timeout` for the head once the
 /// request body (if it streams) has been sent whole, as nginx's `proxy_read_timeout` does,
 /// and, with `watch`, no longer than the server stays in: taken out by its health checks
-/// meanwhile, it will not answer either (`state::marks`). A request that failed before any
-/// of it left is put in `unsent`.
+/// meanwhile, it will not answer either (`state::marks`), nor once the drain nears its end
+/// (`Drain::ending`: `Cut::Ending`). A request that failed before any of it left is put in
+/// `unsent`.
 #[allow(clippy::manual_async_fn)] // see the module's docs
 #[allow(clippy::too_many_arguments)] // each a reference into the request's state
 fn send<'a>(
     pool: &'a UpstreamPool,
     server: usize,
     req: Request<Body>,
-    timeout: Duration,
+    (timeout, drain): (Duration, Option<&'a Drain>),
     sent: Option<&'a mut SentSignal>,
     watch: Option<&'a Marks>,
     hop: Option<&'a Hop<'a>>,
@@ -833,29 +847,49 @@ fn send<'a>(
         let response = pool.request(server, req, hop, unsent);
         tokio::pin!(response);
         let deadline = async {
+            // The drain's end is watched from the start by a request sent during a drain, and
+            // from the first look by one still waiting then: a waiter on the drain's channel
+            // per request would take its lock twice. A drain longer than the first look (and
+            // its `GRPC_END_AHEAD`) finds every request sent before it watching.
+            let mut ending = drain.filter(|d| d.started()).map(ending_of);
             if let Some(sent) = sent {
                 // A body that ends in error drops the sender: the timer starts then too.
-                let _ = (&mut sent.rx).await;
+                let rx = &mut sent.rx;
+                tokio::select! {
+                    biased;
+                    _ = rx => {}
+                    () = ended(&mut ending) => return Cut::Ending,
+                }
             }
             // In two stages, on one timer: a request answered within the first look (nearly
             // all) costs what one sleep of `timeout` did; one still waiting then watches its
-            // server's mark for the rest (boxed: only those pay for its room).
+            // server's mark and the drain's end for the rest (boxed: only those pay for its
+            // room).
             let look = marks::first_look(timeout);
             let sleep = tokio::time::sleep(look);
             tokio::pin!(sleep);
-            sleep.as_mut().await;
+            tokio::select! {
+                biased;
+                () = sleep.as_mut() => {}
+                () = ended(&mut ending) => return Cut::Ending,
+            }
             if look < timeout {
                 let until = sleep.deadline() + (timeout - look);
                 sleep.as_mut().reset(until);
-                let Some(marks) = watch else {
-                    sleep.await;
-                    return Cut::Late;
+                if ending.is_none() {
+                    ending = drain.map(ending_of);
+                }
+                let down = async {
+                    match watch {
+                        Some(marks) => Box::pin(marks.marked_down(&pool.names[server])).await,
+                        None => std::future::pending().await,
+                    }
                 };
-                let down = Box::pin(marks.marked_down(&pool.names[server]));
                 return tokio::select! {
                     biased;
                     () = sleep => Cut::Late,
                     () = down => Cut::Down,
+                    () = ended(&mut ending) => Cut::Ending,
                 };
             }
             Cut::Late
@@ -881,8 +915,26 @@ fn send<'a>(
                 timeout,
             }),
             Err(Cut::Down) => Err(UpstreamError::MarkedDown { server: name() }),
+            Err(Cut::Ending) => Err(UpstreamError::Stopping { server: name() }),
         }
     }
+}
+
+/// The drain's end, watched (`send`): boxed, so that the request's future, which every
+/// forwarded request allocates and copies, keeps a pointer to it and not the waiter itself.
+type Ending = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+fn ending_of(drain: &Drain) -> Ending {
+    let mut ending = drain.ending();
+    Box::pin(async move { ending.fired().await })
+}
+
+/// Resolves once the drain nears its end (`Drain::ending`), when watched.
+fn ended(ending: &mut Option<Ending>) -> impl Future<Output = ()> + '_ {
+    std::future::poll_fn(move |cx| match ending {
+        Some(ending) => ending.as_mut().poll(cx),
+        None => std::task::Poll::Pending,
+    })
 }
 
 /// Why the wait for a response head ended without one.
@@ -891,6 +943,8 @@ enum Cut {
     Late,
     /// The server was taken out by its health checks.
     Down,
+    /// The drain nears its end.
+    Ending,
 }
 
 /// Whether an answer is gRPC over HTTP/2 (`application/grpc`, `+proto`, `;charset=…`), whose
