@@ -221,7 +221,8 @@ fn option_shaped(flag: &str, text: &str, command: &str) -> Result<(), String> {
         return Ok(());
     }
     Err(format!(
-        "{command}: {flag} was given {word:?}, an option, as its text: give the text after          {flag} (in quotes when it has spaces), then the other options"
+        "{command}: {flag} was given {word:?}, an option, as its text: give the text after \
+         {flag} (in quotes when it has spaces), then the other options"
     ))
 }
 
@@ -1048,6 +1049,11 @@ mod tests {
         ] {
             let e = option_shaped("--message", word, "update").unwrap_err();
             assert!(e.contains("an option, as its text"), "{word:?}: {e}");
+            // One sentence, as printed: no run of spaces from the source's line break.
+            assert!(
+                e.contains(" give the text after --message (in quotes") && !e.contains("  "),
+                "{word:?}: {e}"
+            );
         }
         for text in [
             "-",
