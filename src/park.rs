@@ -1231,7 +1231,12 @@ mod tests {
 
     impl DrainLab {
         async fn new() -> DrainLab {
-            let snapshot = crate::state::snapshot::for_tests("", true);
+            DrainLab::with("", true).await
+        }
+
+        /// With the config `toml`, held or not.
+        async fn with(toml: &str, hold: bool) -> DrainLab {
+            let snapshot = crate::state::snapshot::for_tests(toml, hold);
             let builder = snapshot.conn.clone();
             let state = StateHandle::new(snapshot);
             let drain = Arc::new(Drain::default());
@@ -1390,8 +1395,12 @@ mod tests {
     /// A connection whose first head has begun and stalls: its client has sent
     /// `GET / HTTP/1.1\r\nHost: x\r\n` and nothing more, which the proxy's socket has.
     async fn stalled_head() -> DrainLab {
+        stalled_head_in(DrainLab::new().await).await
+    }
+
+    /// `stalled_head` in `lab`.
+    async fn stalled_head_in(mut lab: DrainLab) -> DrainLab {
         use tokio::io::AsyncWriteExt;
-        let mut lab = DrainLab::new().await;
         lab.client
             .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
             .await
@@ -1447,6 +1456,32 @@ mod tests {
         }
         let answer = String::from_utf8_lossy(&answer);
         assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+    }
+
+    /// So does one that hyper serves anyway, the relay being off (`intercept_statuses` here,
+    /// `redirect_https`, an `h2c://` server): it stayed in hyper, two 8 KiB buffers, until
+    /// `header_read_timeout`. Once whole, hyper answers it (the server is down: the outage
+    /// answer).
+    #[tokio::test]
+    async fn a_stalled_first_head_for_hyper_waits_without_hyper_too() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let wait = std::time::Duration::from_secs(5);
+        let toml = "[upstream]\nservers = [\"http://127.0.0.1:9\"]\nintercept_statuses = [502]\n";
+        let lab = stalled_head_in(DrainLab::with(toml, false).await).await;
+        assert!(!lab.state.load().relay, "the relay is off");
+        let (mut client, served) = serve_new(lab, wait);
+        assert!(served.await, "a stalled head stayed with hyper");
+        client.write_all(b"\r\n").await.expect("sent");
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tokio::time::timeout(wait, client.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&chunk[..n]),
+                other => panic!("no answer: {other:?}"),
+            }
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 5"), "{answer}");
     }
 
     /// A stalled first head holds the drain's end, as it did in hyper: once whole, it is

@@ -754,6 +754,16 @@ async fn relay<C: Client>(
                 None if head_partial(input) => Prepared::Partial,
                 None => Prepared::Hyper,
             };
+        } else if prepared == Prepared::Hyper && !closes && served == 0 {
+            // Hyper's anyway (the relay is off: `redirect_https`, `intercept_statuses`, an
+            // `h2c://` server), a first head still arriving waits for its rest with its bytes
+            // alone all the same (`After::Stalled`), where hyper held its two 8 KiB buffers
+            // until `header_read_timeout`. One parse per such connection as it comes, new or
+            // woken from its park (where hyper then builds its state anew), none on the relay's
+            // path.
+            if head_partial(&bufs.input[..bufs.have]) {
+                prepared = Prepared::Partial;
+            }
         }
         // A request that could be forwarded here while an `https://` server's protocol is
         // not known: each is asked once as a request waits (boxed: only then is its room
