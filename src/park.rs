@@ -1435,17 +1435,12 @@ mod tests {
         (client, done)
     }
 
-    /// A new connection whose first head has begun and stalls waits for its rest with its
-    /// bytes alone (`stalled`), not in hyper, which held its two 8 KiB buffers (some 16 KB a
-    /// connection: a slowloris' 2,000 connections took RSS from 9.5 to 41.5 MB) until
-    /// `header_read_timeout` (10 s here): `run`'s task is done with it at once. Its head, once
-    /// whole, is answered on the same connection.
-    #[tokio::test]
-    async fn a_stalled_first_head_waits_without_hyper() {
+    /// The head of the answer to a stalled head's rest (its blank line), sent by `client`.
+    async fn rest_answered(
+        client: &mut tokio::net::TcpStream,
+        wait: std::time::Duration,
+    ) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let wait = std::time::Duration::from_secs(5);
-        let (mut client, served) = serve_new(stalled_head().await, wait);
-        assert!(served.await, "a stalled head stayed with hyper");
         client.write_all(b"\r\n").await.expect("sent");
         let mut answer = Vec::new();
         let mut chunk = [0u8; 4096];
@@ -1455,7 +1450,20 @@ mod tests {
                 other => panic!("no answer: {other:?}"),
             }
         }
-        let answer = String::from_utf8_lossy(&answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    /// A new connection whose first head has begun and stalls waits for its rest with its
+    /// bytes alone (`stalled`), not in hyper, which held its two 8 KiB buffers (some 16 KB a
+    /// connection: a slowloris' 2,000 connections took RSS from 9.5 to 41.5 MB) until
+    /// `header_read_timeout` (10 s here): `run`'s task is done with it at once. Its head, once
+    /// whole, is answered on the same connection.
+    #[tokio::test]
+    async fn a_stalled_first_head_waits_without_hyper() {
+        let wait = std::time::Duration::from_secs(5);
+        let (mut client, served) = serve_new(stalled_head().await, wait);
+        assert!(served.await, "a stalled head stayed with hyper");
+        let answer = rest_answered(&mut client, wait).await;
         assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
     }
 
@@ -1465,23 +1473,13 @@ mod tests {
     /// answer).
     #[tokio::test]
     async fn a_stalled_first_head_for_hyper_waits_without_hyper_too() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let wait = std::time::Duration::from_secs(5);
         let toml = "[upstream]\nservers = [\"http://127.0.0.1:9\"]\nintercept_statuses = [502]\n";
         let lab = stalled_head_in(DrainLab::with(toml, false).await).await;
         assert!(!lab.state.load().relay, "the relay is off");
         let (mut client, served) = serve_new(lab, wait);
         assert!(served.await, "a stalled head stayed with hyper");
-        client.write_all(b"\r\n").await.expect("sent");
-        let mut answer = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
-            match tokio::time::timeout(wait, client.read(&mut chunk)).await {
-                Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&chunk[..n]),
-                other => panic!("no answer: {other:?}"),
-            }
-        }
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = rest_answered(&mut client, wait).await;
         assert!(answer.starts_with("HTTP/1.1 5"), "{answer}");
     }
 

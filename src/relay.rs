@@ -2485,29 +2485,8 @@ async fn outage<C: Client>(
     let elapsed = served.start.elapsed();
     crate::hold::negotiate::grpc_deadline_left(req.headers_mut(), elapsed);
     let resp = gateway::outage_answer(snap, &req);
-    gateway::count(
-        snap,
-        served.start.into_std(),
-        resp.status(),
-        Outcome::Failed,
-    );
-    served.status = resp.status().as_u16();
-    let (mut parts, body) = resp.into_parts();
-    // A holding response's body is whole (`Held::respond`).
-    let body = body.into_ready().unwrap_or_default();
-    // Empty for a `HEAD` (`Held::respond`).
-    served.bytes = body.len() as u64;
     let closing = drain.started();
-    if closing {
-        let close = HeaderValue::from_static("close");
-        parts.headers.insert(http::header::CONNECTION, close);
-    }
-    if let Some(hsts) = snap.hsts(C::TLS) {
-        hsts.add_to(&mut parts.headers);
-    }
-    bufs.out.clear();
-    h1::encode(&parts, &body, is_head(&bufs.request), &mut bufs.out);
-    Next::after(put(sock, &bufs.out, snap).await, closing)
+    own_answer(resp, closing, bufs, snap, sock, served).await
 }
 
 /// Writes the drain's `503` (`gateway::stopping`) to a request still waiting for its answer's
@@ -2518,7 +2497,19 @@ async fn stopped<C: Client>(
     sock: &mut C,
     served: &mut Served,
 ) -> Next {
-    let resp = gateway::stopping();
+    own_answer(gateway::stopping(), true, bufs, snap, sock, served).await
+}
+
+/// Writes an answer of the proxy's own to a request it could not forward, counted `Failed`;
+/// with `closing`, it says `Connection: close` and the connection closes after it.
+async fn own_answer<C: Client>(
+    resp: http::Response<crate::body::Body>,
+    closing: bool,
+    bufs: &mut Set,
+    snap: &Snapshot,
+    sock: &mut C,
+    served: &mut Served,
+) -> Next {
     gateway::count(
         snap,
         served.start.into_std(),
@@ -2527,15 +2518,20 @@ async fn stopped<C: Client>(
     );
     served.status = resp.status().as_u16();
     let (mut parts, body) = resp.into_parts();
+    // Whole (`Held::respond`, `gateway::stopping`).
     let body = body.into_ready().unwrap_or_default();
     let head_only = is_head(&bufs.request);
     served.bytes = if head_only { 0 } else { body.len() as u64 };
+    if closing {
+        let close = HeaderValue::from_static("close");
+        parts.headers.insert(http::header::CONNECTION, close);
+    }
     if let Some(hsts) = snap.hsts(C::TLS) {
         hsts.add_to(&mut parts.headers);
     }
     bufs.out.clear();
     h1::encode(&parts, &body, head_only, &mut bufs.out);
-    Next::after(put(sock, &bufs.out, snap).await, true)
+    Next::after(put(sock, &bufs.out, snap).await, closing)
 }
 
 /// The request `head` holds (taken by `prepare`, so it parses), as the outage response's

@@ -809,6 +809,34 @@ async fn a_request_waiting_for_its_head_at_the_drains_end_is_answered_503_throug
 /// without `Connection`, which HTTP/2 has not.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_http2_request_waiting_for_its_head_at_the_drains_end_is_answered_503() {
+    let got = at_the_drains_end(|proxy| {
+        let req = Request::get(proxy.url("/forever")).body(full("")).unwrap();
+        h2c_client().request(req)
+    })
+    .await;
+    let resp = got.expect("an answer");
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    assert!(!resp.headers().contains_key("connection"));
+}
+
+/// What a request still waiting for its head when the proxy is told to stop gets, within
+/// `shutdown_timeout`.
+async fn answered_at_the_drains_end(request: &'static [u8]) -> String {
+    at_the_drains_end(|proxy| {
+        let addr = proxy.addr;
+        async move { raw_exchange(addr, request, Duration::from_secs(30)).await }
+    })
+    .await
+}
+
+/// What `ask` gets of a proxy (whose server never answers) when the proxy is told to stop
+/// while the request waits for its head: within `shutdown_timeout`, and the proxy exits 0.
+async fn at_the_drains_end<T, F>(ask: impl FnOnce(&ProxyProcess) -> F) -> T
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
     let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let up = never_answering(arrived.clone()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -819,10 +847,9 @@ async fn an_http2_request_waiting_for_its_head_at_the_drains_end_is_answered_503
             up.url()
         ),
     );
-    let url = proxy.url("/forever");
+    let asked = ask(&proxy);
     let stuck = tokio::spawn(async move {
-        let req = Request::get(url).body(full("")).unwrap();
-        let got = h2c_client().request(req).await;
+        let got = asked.await;
         (got, Instant::now())
     });
     assert!(
@@ -838,50 +865,12 @@ async fn an_http2_request_waiting_for_its_head_at_the_drains_end_is_answered_503
         .await
         .expect("the client was left hanging")
         .unwrap();
-    let resp = got.expect("an answer");
-    assert_eq!(resp.status(), 503);
-    assert_eq!(resp.headers()["retry-after"], "1");
-    assert!(!resp.headers().contains_key("connection"));
-    assert!(at.duration_since(signalled) < Duration::from_secs(2));
-}
-
-/// What a request still waiting for its head when the proxy is told to stop gets, within
-/// `shutdown_timeout`.
-async fn answered_at_the_drains_end(request: &'static [u8]) -> String {
-    let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let up = never_answering(arrived.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = ProxyProcess::start(
-        dir.path(),
-        &format!(
-            "[upstream]\nservers = [\"{}\"]\nresponse_timeout = \"1h\"\n[proxy]\nshutdown_timeout = \"2s\"\n",
-            up.url()
-        ),
-    );
-    let addr = proxy.addr;
-    let stuck = tokio::spawn(async move {
-        let said = raw_exchange(addr, request, Duration::from_secs(30)).await;
-        (said, Instant::now())
-    });
-    assert!(
-        wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)
-            > 0)
-        .await
-    );
-    let signalled = Instant::now();
-    proxy.signal("TERM");
-    let (status, _) = exit_after(proxy, signalled).await;
-    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "did not exit 0");
-    let (said, at) = tokio::time::timeout(Duration::from_secs(10), stuck)
-        .await
-        .expect("the client was left hanging")
-        .unwrap();
     let waited = at.duration_since(signalled);
     assert!(
         waited < Duration::from_secs(2),
         "answered {waited:?} after the signal, past shutdown_timeout"
     );
-    said
+    got
 }
 
 fn assert_the_drains_503(said: &str) {
