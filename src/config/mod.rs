@@ -378,6 +378,26 @@ impl Config {
                  the team's addresses instead"
             ));
         }
+        // Valid as `allow_ips = ["0.0.0.0/0"]` is (a way to open the site), and as likely a
+        // slip: maintenance then holds nothing but requests whose path no server should read.
+        let reserved = self.maintenance.reserved_prefix.as_str();
+        for (i, prefix) in self.maintenance.allow_paths.iter().enumerate() {
+            if prefix == "/" {
+                warnings.push(format!(
+                    "maintenance.allow_paths[{i}] \"/\" lets every request through to the \
+                     application in every mode (but those whose path has a dot segment or an \
+                     unusual escape): maintenance holds almost nothing; name the paths meant, \
+                     like \"/.well-known/acme-challenge/\""
+                ));
+            } else if prefix.starts_with(reserved) {
+                // Reserved paths are answered before `allow_paths` is looked at.
+                warnings.push(format!(
+                    "maintenance.allow_paths[{i}] {prefix:?} is under \
+                     maintenance.reserved_prefix {reserved:?}, whose paths the proxy answers \
+                     itself and never forwards: it lets nothing through"
+                ));
+            }
+        }
         for (i, net, family) in whole_families(&self.proxy.trusted_proxies) {
             warnings.push(format!(
                 "proxy.trusted_proxies[{i}] \"{net}\" trusts every {family} client as a \
@@ -394,6 +414,15 @@ impl Config {
                  is sent over TLS only, so no answer carries it"
                     .to_owned(),
             );
+        }
+        // The port of the redirects alone: without them it changes nothing, and an operator who
+        // set it expecting plaintext to go to HTTPS was told nothing.
+        if let (Some(port), false) = (self.proxy.https_port, self.proxy.redirect_https) {
+            warnings.push(format!(
+                "proxy.https_port = {port} is set, but proxy.redirect_https is not true: it is \
+                 the port of those redirects only, so it changes nothing; set \
+                 proxy.redirect_https = true, or leave it out"
+            ));
         }
         // Valid, and sent as asked: a redirect may be made in front of this proxy (port 80 on
         // a load balancer), which cannot be told from here; but a domain submitted as it is
@@ -2010,7 +2039,17 @@ impl Validator<'_> {
                 LogFormat::Text
             }
         };
-        if !level_or_filter(&f.level) {
+        if crate::logging::normalised(&f.level).is_empty() {
+            self.problem(
+                "log.level",
+                format!(
+                    "{:?} is empty, which logs nothing of the proxy's own (its start, \
+                     warnings, outages, refused reloads), the access log alone; write a level \
+                     such as \"info\" (the default), \"off\" for none, or leave the key out",
+                    f.level
+                ),
+            );
+        } else if !level_or_filter(&f.level) {
             self.problem(
                 "log.level",
                 format!(
@@ -2035,9 +2074,14 @@ impl Validator<'_> {
 /// outages while the config looked valid.
 /// Spaces around a directive are not part of it (`logging::normalised`). `RUST_LOG` is held
 /// to the same.
+/// Nothing but spaces and commas is no filter either: tracing reads it as no directive at all,
+/// and `level = ""` passed `check`, then the proxy wrote its access log and not one other line
+/// (no start, no warning, no outage, no refused reload).
 pub(crate) fn level_or_filter(level: &str) -> bool {
     const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
-    tracing_subscriber::EnvFilter::try_new(crate::logging::normalised(level)).is_ok()
+    let directives = crate::logging::normalised(level);
+    !directives.is_empty()
+        && tracing_subscriber::EnvFilter::try_new(directives).is_ok()
         && level
             .split(',')
             .map(str::trim)
@@ -2671,6 +2715,45 @@ mod tests {
         assert!(w[1].starts_with("maintenance.allow_ips[2] \"::/0\" lets every IPv6 client"));
     }
 
+    /// Valid, and of no effect: said, not refused.
+    #[test]
+    fn an_https_port_without_redirects_is_warned_of() {
+        let c = Config::parse("[proxy]\nhttps_port = 8443\n", Path::new("."), None).unwrap();
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with(
+                "proxy.https_port = 8443 is set, but proxy.redirect_https is not true"
+            ),
+            "{w:?}"
+        );
+    }
+
+    /// Valid, and maintenance then holds almost nothing, or the entry nothing: said, not
+    /// refused.
+    #[test]
+    fn allowing_every_path_or_a_reserved_one_is_warned_of() {
+        let c = Config::parse(
+            "[maintenance]\nallow_paths = [\"/health\", \"/\", \"/_intermission/status\", \"/_\"]\n",
+            Path::new("."),
+            None,
+        )
+        .unwrap();
+        let w = c.warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("maintenance.allow_paths[1] \"/\" lets every request through"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with(
+                "maintenance.allow_paths[2] \"/_intermission/status\" is under \
+                 maintenance.reserved_prefix \"/_intermission/\""
+            ),
+            "{w:?}"
+        );
+    }
+
     /// Valid, and it lets any client forge the address `allow_ips` and the log go by: said,
     /// not refused. `::ffff:0:0/96` is every IPv4 client too.
     #[test]
@@ -3235,6 +3318,15 @@ mod tests {
                 problems(&format!("[log]\nlevel = \"{good}\"\n")).is_empty(),
                 "{good}"
             );
+        }
+        // Read by tracing as no directive: the access log and nothing else.
+        for empty in ["", " ", ",", " , "] {
+            let p = problems(&format!("[log]\nlevel = \"{empty}\"\n"));
+            assert!(
+                p.len() == 1 && p[0].key == "log.level" && p[0].message.contains("is empty"),
+                "{empty:?}: {p:?}"
+            );
+            assert!(!level_or_filter(empty), "{empty:?}");
         }
         for bad in [
             "warnn",
