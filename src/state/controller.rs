@@ -12,12 +12,13 @@ use super::store;
 use super::StateHandle;
 use crate::config::{parse_duration, Config};
 use crate::control::protocol::{ErrorBody, Request, Response, ServerHealth, StatusView};
-use crate::health::{self, Checkers, Flip};
+use crate::health::{self, Checkers, Flip, HealthTable};
 use crate::hold::held::View;
 use crate::hold::pages::Pages;
 use crate::notify::{Event, EventKind, Notifier};
 use crate::shutdown::Shutdown;
 use crate::time::{parse_time, Clock};
+use arc_swap::ArcSwapOption;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
@@ -36,6 +37,67 @@ enum Msg {
 #[derive(Clone)]
 pub struct ControllerHandle {
     tx: mpsc::Sender<Msg>,
+    /// What read-only requests are answered from, without the controller's queue.
+    published: Arc<ArcSwapOption<Published>>,
+}
+
+/// What the read-only requests (`status`, `health`, `schedule_list`) are answered from: the
+/// state the controller last put in force, with the snapshot it published it in. They are
+/// answered by the connection's own task, since in the controller's queue they waited
+/// behind changes, each of which waits for the state file's fsync: a slow or hung disk held
+/// `ctl status`, the first thing an operator types to see what is going on. A change is
+/// published before it is acknowledged, so a client that reads its answer and then asks
+/// for `status` sees it.
+pub struct Published {
+    snapshot: Arc<Snapshot>,
+    state: Persisted,
+    table: Option<Arc<HealthTable>>,
+    reload_refused: Option<crate::state::mode::Update>,
+    restart_pending: Vec<String>,
+    clock: Clock,
+}
+
+impl Published {
+    /// The answer to `req` when it only reads.
+    fn answer(&self, req: &Request) -> Option<Response> {
+        Some(match req {
+            Request::Status => Response::state(self.status_view()),
+            Request::Health => Response::health(self.health()),
+            Request::ScheduleList => Response::schedules(self.state.schedules.clone()),
+            _ => return None,
+        })
+    }
+
+    fn health(&self) -> Vec<ServerHealth> {
+        self.table.as_ref().map(|t| t.list()).unwrap_or_default()
+    }
+
+    fn status_view(&self) -> StatusView {
+        let snap = &self.snapshot;
+        let config = &snap.config;
+        let now = self.clock.now();
+        let view = snap.held.as_ref().map(|h| &h.view);
+        let planned = self.state.planned.as_ref();
+        StatusView {
+            mode: snap.mode,
+            message: view.map(|v| v.message.clone()),
+            since: view.and_then(|v| v.since).map(crate::time::Timestamp),
+            until: view.and_then(|v| v.until).map(crate::time::Timestamp),
+            retry_after: view.map(|v| v.retry_after(now)),
+            overrun: self.state.overrun(now),
+            by: planned.map(|p| p.by.clone()),
+            reason: planned.and_then(|p| p.reason.clone()),
+            force_open: self.state.force_open,
+            updates: self.state.updates.iter().rev().cloned().collect(),
+            status_page: Some(config.maintenance.status_page.clone()).filter(|s| !s.is_empty()),
+            upstream: self.health(),
+            config: config.source.as_ref().map(|p| p.display().to_string()),
+            next_window: self.state.next_window(now).cloned(),
+            schedules: self.state.schedules.clone(),
+            reload_refused: self.reload_refused.clone(),
+            restart_pending: self.restart_pending.clone(),
+        }
+    }
 }
 
 impl ControllerHandle {
@@ -45,11 +107,22 @@ impl ControllerHandle {
     pub fn detached() -> ControllerHandle {
         ControllerHandle {
             tx: mpsc::channel(1).0,
+            published: Arc::default(),
         }
     }
 
     /// Applies one control request on behalf of local user `by`.
     pub async fn request(&self, req: Request, by: String) -> Response {
+        if let Some(resp) = self.read_only(&req) {
+            return resp;
+        }
+        self.queued(req, by).await
+    }
+
+    /// `request`, through the controller's queue whatever it asks: what tests of the
+    /// controller's own timing wait on, since only a message wakes it when their clock
+    /// jumps.
+    async fn queued(&self, req: Request, by: String) -> Response {
         let (reply, answer) = oneshot::channel();
         if self.tx.send(Msg::Control { req, by, reply }).await.is_err() {
             return not_applied();
@@ -63,6 +136,22 @@ impl ControllerHandle {
                 "the proxy stopped before it answered; the change may or may not be in force: check with `ctl status` once it runs again",
             ))
         })
+    }
+
+    /// The answer to a request that only reads, from what the controller last published;
+    /// `None` for a change, and until the controller runs (its first publish), or once it
+    /// has stopped, whose queue then gives the answer (`shutting_down`).
+    fn read_only(&self, req: &Request) -> Option<Response> {
+        if self.tx.is_closed() {
+            return None;
+        }
+        let published = self.published.load_full()?;
+        let resp = published.answer(req)?;
+        published
+            .snapshot
+            .metrics
+            .control_command(command_name(req), resp.ok);
+        Some(resp)
     }
 
     /// Counts a request for `command` that the socket refused (`bad_request`). Never waits:
@@ -99,6 +188,8 @@ pub type RebindFuture<'a> = std::pin::Pin<
 
 pub struct Controller {
     rx: mpsc::Receiver<Msg>,
+    /// Where read-only requests find the state in force (`Published`).
+    published: Arc<ArcSwapOption<Published>>,
     /// Fired when the proxy stops: the controller finishes what it is doing and ends.
     stop: Option<Shutdown>,
     rebind: Option<Arc<dyn Rebind>>,
@@ -151,6 +242,9 @@ pub struct Controller {
     unsaved: bool,
     /// The state file's lock, held by the app (`app::Running`), which lets it go at the stop.
     lock: Option<Arc<store::StateLock>>,
+    /// Holds state writes while a test wants a slow disk.
+    #[cfg(test)]
+    write_gate: Option<Arc<tests::Gate>>,
 }
 
 /// Reloads asked for. Their files are read off the controller: a file that blocks (a FIFO, a
@@ -246,8 +340,10 @@ impl Controller {
         let overrun_noted = false;
         // As the start just read it.
         let written = store::seen(&parts.config.control.state_file);
+        let published = Arc::new(ArcSwapOption::empty());
         let controller = Controller {
             rx,
+            published: published.clone(),
             stop: None,
             rebind: None,
             handle: handle.clone(),
@@ -274,8 +370,10 @@ impl Controller {
             written,
             unsaved: false,
             lock: None,
+            #[cfg(test)]
+            write_gate: None,
         };
-        (controller, ControllerHandle { tx }, handle)
+        (controller, ControllerHandle { tx, published }, handle)
     }
 
     /// Lets saves and reloads take the state file's lock again when its file is gone.
@@ -614,11 +712,21 @@ impl Controller {
             next.outage_since = self.outage_since.map(crate::time::Timestamp);
             next.outage_told_from = self.outage_told_from(&next, now);
         }
-        if next != self.state {
-            self.save(&next).await;
+        // Published before it is saved: what comes here is in force already (a health flip,
+        // a window's edge, an announced end passing), with no operator waiting to be told
+        // it was saved, and a slow or hung disk held the outage's holding page back from
+        // clients for as long as the fsync took: the data plane kept forwarding to servers
+        // known down.
+        let changed = next != self.state;
+        if changed {
             self.state = next;
         }
-        self.publish(now, reason)
+        let modes = self.publish(now, reason);
+        if changed {
+            let saved = self.state.clone();
+            self.save(&saved).await;
+        }
+        modes
     }
 
     /// What `next`, about to be saved and published at `now`, keeps as the mode its outage was
@@ -779,7 +887,13 @@ impl Controller {
         let path = self.parts.config.control.state_file.clone();
         let saved = next.clone();
         let lock = self.lock.clone();
+        #[cfg(test)]
+        let gate = self.write_gate.clone();
         let (before, saved, after) = tokio::task::spawn_blocking(move || {
+            #[cfg(test)]
+            if let Some(gate) = gate {
+                gate.pass();
+            }
             let before = store::seen(&path);
             // Saved only under the lock: a second instance that took the state file while
             // its lock file was gone would have its changes overwritten, and overwrite ours.
@@ -1130,6 +1244,8 @@ impl Controller {
             }
         };
         self.parts.metrics.reloaded(resp.ok);
+        // The refusal kept, or cleared, before anyone reads the answer and asks for `status`.
+        self.share();
         for (_, reply) in askers {
             self.parts.metrics.control_command("reload", resp.ok);
             let _ = reply.send(resp.clone());
@@ -1327,6 +1443,7 @@ impl Controller {
             self.ended_since = began;
         }
         self.handle.store(snapshot);
+        self.share();
         // After the store: a request woken by a mark-down that retries finds the new healthy
         // set. Not under `force-open`, which forwards to servers whatever their checks say: a
         // request waiting for one is not cut either.
@@ -1379,36 +1496,25 @@ impl Controller {
         }
     }
 
-    fn status_view(&self) -> StatusView {
-        let snap = self.handle.load();
-        let now = self.clock.now();
-        let view = snap.held.as_ref().map(|h| &h.view);
-        let planned = self.state.planned.as_ref();
-        StatusView {
-            mode: snap.mode,
-            message: view.map(|v| v.message.clone()),
-            since: view.and_then(|v| v.since).map(crate::time::Timestamp),
-            until: view.and_then(|v| v.until).map(crate::time::Timestamp),
-            retry_after: view.map(|v| v.retry_after(now)),
-            overrun: self.state.overrun(now),
-            by: planned.map(|p| p.by.clone()),
-            reason: planned.and_then(|p| p.reason.clone()),
-            force_open: self.state.force_open,
-            updates: self.state.updates.iter().rev().cloned().collect(),
-            status_page: Some(self.parts.config.maintenance.status_page.clone())
-                .filter(|s| !s.is_empty()),
-            upstream: self.health(),
-            config: self
-                .parts
-                .config
-                .source
-                .as_ref()
-                .map(|p| p.display().to_string()),
-            next_window: self.state.next_window(now).cloned(),
-            schedules: self.state.schedules.clone(),
+    /// What is in force now, as read-only requests are answered from it.
+    fn published_now(&self) -> Published {
+        Published {
+            snapshot: self.handle.load(),
+            state: self.state.clone(),
+            table: self.checkers.as_ref().map(|c| c.table.clone()),
             reload_refused: self.reloads.refused.clone(),
             restart_pending: self.reloads.pending.clone(),
+            clock: self.clock.clone(),
         }
+    }
+
+    /// Lets read-only requests see what is in force now.
+    fn share(&self) {
+        self.published.store(Some(Arc::new(self.published_now())));
+    }
+
+    fn status_view(&self) -> StatusView {
+        self.published_now().status_view()
     }
 }
 
@@ -1695,7 +1801,13 @@ mod tests {
     }
 
     impl Rig {
+        /// Through the queue, `status` too: the controller then runs before it answers.
         async fn ask(&self, req: Request) -> Response {
+            self.handle.queued(req, "tester".into()).await
+        }
+
+        /// As a control connection asks: `status` from what is published.
+        async fn ask_now(&self, req: Request) -> Response {
             self.handle.request(req, "tester".into()).await
         }
 
@@ -1738,8 +1850,25 @@ mod tests {
 
     /// A rig whose config `edit` has changed, given the rig's folder.
     async fn rig_with(edit: impl FnOnce(&mut Config, &std::path::Path)) -> Rig {
+        // Forced open: whatever the checks of the (absent) upstream say, no outage.
+        let state = Persisted {
+            force_open: true,
+            ..Persisted::default()
+        };
+        build_rig(edit, "", state, None).0
+    }
+
+    /// A rig on the config `more` adds to, starting from `state`, whose state writes wait for
+    /// `gate` if given; with the data plane's view of the state.
+    fn build_rig(
+        edit: impl FnOnce(&mut Config, &std::path::Path),
+        more: &str,
+        state: Persisted,
+        gate: Option<Arc<Gate>>,
+    ) -> (Rig, StateHandle) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = Config::parse(&rig_text(dir.path()), dir.path(), None).expect("config");
+        let text = rig_text(dir.path()) + more;
+        let mut config = Config::parse(&text, dir.path(), None).expect("config");
         edit(&mut config, dir.path());
         let pages = Pages::load(&config.maintenance).expect("pages");
         let metrics = Arc::new(Metrics::new());
@@ -1747,19 +1876,156 @@ mod tests {
         let parts = Parts::new(Arc::new(config), Arc::new(pages), None, metrics).expect("parts");
         let start = UNIX_EPOCH + Duration::from_secs(1_900_000_000);
         let clock = Clock::manual(start);
-        // Forced open: whatever the checks of the (absent) upstream say, no outage.
-        let state = Persisted {
-            force_open: true,
-            ..Persisted::default()
-        };
-        let (controller, handle, _) = Controller::new(parts, state, notifier, clock.clone());
+        let (mut controller, handle, shown) =
+            Controller::new(parts, state, notifier, clock.clone());
+        controller.write_gate = gate;
         tokio::spawn(controller.run());
-        Rig {
+        let rig = Rig {
             handle,
             clock,
             start,
             _dir: dir,
+        };
+        (rig, shown)
+    }
+
+    /// A disk that does not answer: state writes wait in `pass` until the gate is opened.
+    #[derive(Default)]
+    pub(super) struct Gate {
+        open: std::sync::Mutex<bool>,
+        moved: std::sync::Condvar,
+        waiting: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Gate {
+        pub(super) fn pass(&self) {
+            self.waiting
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            while !*open {
+                open = self.moved.wait(open).unwrap_or_else(|e| e.into_inner());
+            }
         }
+
+        fn open(&self) {
+            *self.open.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            self.moved.notify_all();
+        }
+
+        /// How many writes have come to the gate.
+        fn reached(&self) -> usize {
+            self.waiting.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    /// Opens the gate however the test ends: the runtime waits for the blocking pool's
+    /// threads at its end, and a write left waiting would hang the test run.
+    struct Opens(Arc<Gate>);
+
+    impl Drop for Opens {
+        fn drop(&mut self) {
+            self.0.open();
+        }
+    }
+
+    /// Waits, a bounded time, for `cond`.
+    async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+        for _ in 0..500 {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cond()
+    }
+
+    /// `status`, `health` and `schedule_list` are answered while a change's state write
+    /// hangs (a disk that does not answer), with the state in force, which that change is
+    /// not part of until it is saved. They waited behind it in the controller's queue, and
+    /// `ctl status` gave up after 15 s.
+    #[tokio::test]
+    async fn read_only_requests_are_answered_while_a_state_write_hangs() {
+        let gate = Arc::new(Gate::default());
+        let _opens = Opens(gate.clone());
+        let state = Persisted {
+            force_open: true,
+            ..Persisted::default()
+        };
+        let (rig, _) = build_rig(|_, _| {}, "", state, Some(gate.clone()));
+        // Published once the controller runs.
+        assert!(rig.mode_becomes(Mode::Normal).await);
+        let before = gate.reached();
+        let handle = rig.handle.clone();
+        let on = tokio::spawn(async move {
+            let on = Request::On {
+                message: Some("Disk upgrade".into()),
+                until: None,
+                retry_after: None,
+                reason: None,
+            };
+            handle.request(on, "alice".into()).await
+        });
+        assert!(
+            eventually(|| gate.reached() > before).await,
+            "no write began"
+        );
+        let within = |req| tokio::time::timeout(Duration::from_secs(5), rig.ask_now(req));
+        let status = within(Request::Status)
+            .await
+            .expect("status waited for the write");
+        let state = status.state.expect("a state");
+        assert_eq!(state.mode, Mode::Normal, "shown before it was saved");
+        assert!(state.force_open);
+        let health = within(Request::Health).await.expect("health waited");
+        assert_eq!(health.health.map(|h| h.len()), Some(1));
+        let list = within(Request::ScheduleList)
+            .await
+            .expect("schedule_list waited");
+        assert_eq!(list.schedules.map(|l| l.len()), Some(0));
+        assert!(!on.is_finished(), "the write was not held");
+        gate.open();
+        let on = on.await.expect("on answered");
+        assert!(on.ok, "{:?}", on.error);
+        // Published before it was acknowledged: the next `status` shows it.
+        let state = rig.ask_now(Request::Status).await.state.expect("a state");
+        assert_eq!(state.mode, Mode::Maintenance);
+        assert_eq!(state.message.as_deref(), Some("Disk upgrade"));
+    }
+
+    /// An outage is held for clients as soon as the checks find it, though saving it waits
+    /// on the disk: the snapshot was swapped only after the fsync, and a hung disk left the
+    /// data plane forwarding to servers known down.
+    #[tokio::test]
+    async fn an_outage_is_shown_while_its_state_write_hangs() {
+        // A port nothing listens on: the first check, at once, finds the server down.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let servers = format!("[upstream]\nservers = [\"http://127.0.0.1:{port}\"]\n");
+        let gate = Arc::new(Gate::default());
+        let _opens = Opens(gate.clone());
+        let (rig, shown) = build_rig(
+            |_, _| {},
+            &servers,
+            Persisted::default(),
+            Some(gate.clone()),
+        );
+        assert!(
+            eventually(|| shown.load().mode == Mode::Outage).await,
+            "clients were not held while the outage's save waited"
+        );
+        assert!(gate.reached() > 0, "the outage was saved with no wait");
+        let state = rig.ask_now(Request::Status).await.state.expect("a state");
+        assert_eq!(state.mode, Mode::Outage);
+        let file = rig._dir.path().join("state.json");
+        let saved = || std::fs::read_to_string(&file).is_ok_and(|t| t.contains("outage_since"));
+        assert!(!saved(), "saved through a closed gate");
+        gate.open();
+        assert!(
+            eventually(saved).await,
+            "the outage was not saved once the disk answered"
+        );
     }
 
     /// Started on the built-in defaults (no `./config.toml`), the proxy reads the file written
