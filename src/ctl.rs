@@ -100,6 +100,15 @@ pub fn run(
         Ok(Err(e @ client::ClientError::Denied { .. })) => {
             return fail(3, "permission_denied", e.to_string())
         }
+        // The proxy's end went before it read the request: a proxy stopping (its socket
+        // closed as this one connected), or stopped.
+        Ok(Err(e @ client::ClientError::NotRead { .. })) => {
+            let message = format!(
+                "{e}; the proxy was stopping, or has stopped: check that one runs \
+                 (`{again} status`), then send the command again"
+            );
+            return fail(3, "no_proxy", message);
+        }
         // Sent, and the proxy went before it answered: as when it does not answer in time,
         // the change may be in force, and "no answer" alone read as "nothing happened".
         Ok(Err(e @ client::ClientError::Unanswered(_))) => {
@@ -288,13 +297,13 @@ async fn exchange(socket: &Path, req: &Request, deadline: tokio::time::Instant) 
                     Ok(Ok(resp)),
                 )
             }
-            // Between the stopping proxy and the next: no socket, or one not yet listening.
-            Ok(Err(client::ClientError::NoProxy { path, source })) => match &stopping {
+            // Between the stopping proxy and the next: no socket, one not yet listening, or
+            // the stopping one's, closed as this connected to it.
+            Ok(Err(
+                e @ (client::ClientError::NoProxy { .. } | client::ClientError::NotRead { .. }),
+            )) => match &stopping {
                 Some(refusal) => (true, Ok(Ok(refusal.clone()))),
-                None => (
-                    false,
-                    Ok(Err(client::ClientError::NoProxy { path, source })),
-                ),
+                None => (false, Ok(Err(e))),
             },
             other => (false, other),
         };

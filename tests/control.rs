@@ -2217,6 +2217,65 @@ async fn a_proxy_gone_before_it_answered_may_have_applied_the_request() {
     );
 }
 
+/// A proxy whose end of the connection goes before it has read the request whole (a
+/// stopping proxy closing its socket as `ctl` connects) has not applied it, whether `ctl`
+/// sees that as a broken pipe at its write or as a reset at its read: both are said as "no
+/// proxy answered", not applied, exit 3. The write's was "the control connection failed:
+/// Broken pipe", and the read's "may or may not be in force".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_proxy_gone_before_it_read_the_request_did_not_apply_it() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fake.sock");
+
+    // Connected into the listener's queue, which closes before it takes the connection: the
+    // write is what fails.
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let mut c = Client::connect(&socket).await.unwrap();
+    drop(listener);
+    let e = c.raw(br#"{"cmd":"off"}"#).await.unwrap_err();
+    let said = e.to_string();
+    assert!(
+        said.starts_with(&format!("no proxy answered on {}", socket.display()))
+            && said.contains("Broken pipe")
+            && said.contains("so it was not applied"),
+        "{said}"
+    );
+    std::fs::remove_file(&socket).unwrap();
+
+    // Taken, the first bytes read, and closed with the rest unread (the line's end among
+    // them), as `ctl` sees it: whichever call sees it first, the same words.
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let fake = tokio::spawn(async move {
+        for _ in 0..2 {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut first = [0u8; 5];
+            stream.read_exact(&mut first).await.unwrap();
+        }
+    });
+    let run = |json: bool| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_intermission"));
+        cmd.arg("ctl").arg("-s").arg(&socket);
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.args(["on", "--message", "Database upgrade"]).output()
+    };
+    let out = run(false).await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("no proxy answered on"), "{err}");
+    assert!(err.contains("so it was not applied"), "{err}");
+    assert!(!err.contains("may or may not"), "{err}");
+    let again = format!("`intermission ctl -s {} status`", socket.display());
+    assert!(err.contains(&again), "{err}");
+    let out = run(true).await.unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(said["error"]["code"], "no_proxy", "{said}");
+    fake.await.unwrap();
+}
+
 /// Whatever else answers on the socket (another program, a proxy of another version) is
 /// quoted by `ctl` as far as an operator needs it: its start, with control characters
 /// escaped. It was written whole and raw: a 3 MiB answer filled the screen, and an escape

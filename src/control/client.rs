@@ -21,6 +21,22 @@ pub enum ClientError {
          control.socket_mode = \"0660\", the proxy run with that group)"
     )]
     Denied { path: String },
+    /// The proxy's end of the connection went before it read the request whole: a Unix
+    /// socket says so with a broken pipe at the write, or a reset at the read (Linux resets
+    /// only an end closed with bytes still unread in it, or never taken from the listener's
+    /// queue: one that read the line whole and went ends it plainly, `Unanswered`). The
+    /// line's end never reached the proxy, so nothing was applied. Said as "no proxy
+    /// answered", as a socket already gone is, where a broken pipe read "the control
+    /// connection failed" and a reset "may or may not be in force": the same stopping proxy,
+    /// worded by which of the two calls saw it first.
+    #[error(
+        "no proxy answered on {path}: the connection was closed before the request was read          ({source}), so it was not applied"
+    )]
+    NotRead {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the control connection failed: {0}")]
     Io(#[from] std::io::Error),
     /// The request went out whole and the connection ended before an answer came: the proxy
@@ -109,12 +125,15 @@ const MAX_ANSWER: u64 = 64 << 20;
 pub struct Client {
     reader: BufReader<tokio::net::unix::OwnedReadHalf>,
     writer: tokio::net::unix::OwnedWriteHalf,
+    /// The socket, as errors name it.
+    path: String,
 }
 
 impl Client {
     pub async fn connect(path: &Path) -> Result<Client, ClientError> {
+        let shown = path.display().to_string();
         let stream = UnixStream::connect(path).await.map_err(|source| {
-            let path = path.display().to_string();
+            let path = shown.clone();
             match source.kind() {
                 std::io::ErrorKind::PermissionDenied => ClientError::Denied { path },
                 _ => ClientError::NoProxy { path, source },
@@ -124,6 +143,7 @@ impl Client {
         Ok(Client {
             reader: BufReader::new(r),
             writer: w,
+            path: shown,
         })
     }
 
@@ -147,14 +167,20 @@ impl Client {
             ),
             (Ok(n), _) if n > 0 => Ok(answer),
             // Nothing came back: the failed write is what went wrong.
+            (_, Err(e)) if not_read(&e) => Err(ClientError::NotRead {
+                path: self.path.clone(),
+                source: e,
+            }),
             (_, Err(e)) => Err(e.into()),
+            // Sent whole, and reset: the proxy's end went with the line's end unread.
+            (Err(e), Ok(())) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                Err(ClientError::NotRead {
+                    path: self.path.clone(),
+                    source: e,
+                })
+            }
             // Sent, and the connection ended under the read: the proxy went.
-            (Err(e), Ok(()))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
-                ) =>
-            {
+            (Err(e), Ok(())) if e.kind() == std::io::ErrorKind::ConnectionAborted => {
                 Err(ClientError::Unanswered(Some(e)))
             }
             (Err(e), Ok(())) => Err(e.into()),
@@ -168,6 +194,15 @@ impl Client {
         serde_json::from_str(&answer)
             .map_err(|e| ClientError::Protocol(format!("{e}: {}", excerpt(&answer))))
     }
+}
+
+/// A failed write that says the proxy's end is gone: nothing after the last byte it read
+/// reached it, and the line's end is last.
+fn not_read(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+    )
 }
 
 /// The start of an answer not understood: what listens on the socket may be no proxy of this
