@@ -234,6 +234,33 @@ async fn a_request_giving_a_field_twice_is_refused_and_changes_nothing() {
     assert_eq!(state.updates.len(), 1);
 }
 
+/// A line that begins with a UTF-8 byte order mark (PowerShell and other Windows tools
+/// write one before what they pipe) is read past it, as the state file is: it was refused
+/// as "not a JSON object". Each line may carry one, and the connection stays usable.
+#[tokio::test]
+async fn a_request_line_after_a_byte_order_mark_is_taken() {
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&format!("[upstream]\nservers = [\"{}\"]\n", up.url())).await;
+    let mut c = Client::connect(&proxy.dir.path().join("intermission.sock"))
+        .await
+        .unwrap();
+    let r = parse(&c.raw(b"\xef\xbb\xbf{\"cmd\":\"status\"}").await.unwrap());
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.state.unwrap().mode.as_str(), "normal");
+    let r = parse(
+        &c.raw(b"\xef\xbb\xbf{\"cmd\":\"on\",\"message\":\"Windows\"}\r")
+            .await
+            .unwrap(),
+    );
+    assert!(r.ok, "{r:?}");
+    let state = c.request(&Ctl::Status).await.unwrap().state.unwrap();
+    assert_eq!(state.mode.as_str(), "maintenance");
+    assert_eq!(state.message.as_deref(), Some("Windows"));
+    // Only at the start: one inside the JSON is still not JSON.
+    let r = parse(&c.raw(b"{\"cmd\":\xef\xbb\xbf\"status\"}").await.unwrap());
+    assert_eq!(r.error.unwrap().code, "bad_request");
+}
+
 #[tokio::test]
 async fn an_oversized_line_is_refused_and_the_connection_closed() {
     let proxy = spawn_proxy("").await;

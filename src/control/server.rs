@@ -656,7 +656,11 @@ async fn connection(
             closing(&mut w, "line_too_long", why).await;
             return;
         }
+        // Past a UTF-8 byte order mark, as the state file is read (RFC 8259 §8.1 lets a
+        // reader skip one): PowerShell and other Windows tools write one before what they
+        // pipe, and the request was refused as "not a JSON object" though it showed whole.
         let text = line.trim_ascii();
+        let text = text.strip_prefix(BOM).unwrap_or(text).trim_ascii();
         if text.is_empty() {
             continue;
         }
@@ -690,6 +694,9 @@ async fn connection(
         slot.since = Instant::now();
     }
 }
+
+/// The UTF-8 byte order mark, taken at the start of a request line.
+const BOM: &[u8] = b"\xef\xbb\xbf";
 
 /// Tells a connection closed for room while its request was still arriving that it was not
 /// applied: `idle`, which `ctl` asks again after.
