@@ -344,11 +344,12 @@ impl<I: AsyncWrite + Unpin> Flood<I> {
             .map(|mut t| t.tell(std::time::Instant::now()))
             .unwrap_or(None);
         if let Some(unsaid) = told {
+            let more = crate::forward::More(unsaid);
             tracing::warn!(
                 peer = %self.peer,
                 "HTTP/2 client flood: {} bytes received for {} bytes of requests, bodies and \
-                 answers, more than 8 to 1 past 8 MiB; closed with GOAWAY (ENHANCE_YOUR_CALM) \
-                 ({unsaid} more since the last line)",
+                 answers, more than 8 to 1 past 8 MiB; closed with GOAWAY \
+                 (ENHANCE_YOUR_CALM){more}",
                 self.budget.total,
                 self.budget.useful,
             );

@@ -13,6 +13,7 @@
 
 use crate::config::ProxyConfig;
 use crate::fast::Fast;
+use crate::forward::More;
 use crate::gateway::{self, Conn};
 use crate::metrics::{ClientMetrics, OpenCount, TlsFailure};
 use crate::park;
@@ -725,7 +726,8 @@ impl AcceptFailures {
 
     pub async fn failed(&mut self, e: &std::io::Error) {
         if let Some(unsaid) = self.told.tell(std::time::Instant::now()) {
-            tracing::warn!(error = %e, "{}: accept failed ({unsaid} more since the last line)", self.what);
+            let more = More(unsaid);
+            tracing::warn!(error = %e, "{}: accept failed{more}", self.what);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -860,11 +862,12 @@ pub async fn accept_loop(
                     None => {
                         limit.pending_per_client.inc();
                         if let Some(unsaid) = over_cap.tell(std::time::Instant::now()) {
+                            let more = More(unsaid);
                             tracing::warn!(
                                 client = %pending::Shown(client),
                                 "proxy.max_pending_per_client ({cap}) reached: the client has \
                                  that many connections not yet past their first request; \
-                                 closed a new one ({unsaid} more since the last line)"
+                                 closed a new one{more}"
                             );
                         }
                         continue;
@@ -878,9 +881,10 @@ pub async fn accept_loop(
                 Some(permit) => {
                     limit.made_room.inc();
                     if let Some(unsaid) = made_room.tell(std::time::Instant::now()) {
+                        let more = More(unsaid);
                         tracing::warn!(
                             "proxy.max_connections ({max}) reached: closed the connection idle \
-                             longest to serve a new one ({unsaid} more since the last line)"
+                             longest to serve a new one{more}"
                         );
                     }
                     permit
@@ -888,10 +892,11 @@ pub async fn accept_loop(
                 None => {
                     limit.refused.inc();
                     if let Some(unsaid) = refused.tell(std::time::Instant::now()) {
+                        let more = More(unsaid);
                         tracing::warn!(
                             %peer,
                             "proxy.max_connections ({max}) reached and no idle connection to \
-                             close for room: closed a new one ({unsaid} more since the last line)"
+                             close for room: closed a new one{more}"
                         );
                     }
                     continue;

@@ -5318,3 +5318,87 @@ async fn pipelined_pair_then_a_drain(between: Between) {
     assert_eq!(status.map(|s| s.code()), Some(Some(0)), "{between:?}");
     assert!(waited < Duration::from_secs(10), "{between:?}: {waited:?}");
 }
+
+/// The warnings a client can set off many times a second (a connection closed for room at
+/// `max_connections`, one refused there, one over `max_pending_per_client`, a failed accept,
+/// an HTTP/2 flood) are written at most once a second, the next saying how many were not: the
+/// first said "(0 more since the last line)", as if an earlier line had been missed, where
+/// every other such line says nothing for none.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_limit_warning_says_how_many_more_only_when_there_were_some() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[proxy]\nmax_connections = 1\n[upstream]\nservers = [\"{}\"]\n",
+            up.url()
+        ),
+    );
+    // Each new client is served by closing the one before it once that one idles after its
+    // answer; until it does, a new client is refused (its own line), and tries again.
+    let client = || async {
+        use tokio::io::AsyncReadExt;
+        for _ in 0..500 {
+            let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+            let mut answer = Vec::new();
+            if s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .is_ok()
+            {
+                let mut chunk = [0u8; 1024];
+                while !answer.ends_with(b"\r\n\r\napp") {
+                    let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk));
+                    match read.await {
+                        Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&chunk[..n]),
+                        _ => break,
+                    }
+                }
+            }
+            if answer.ends_with(b"\r\n\r\napp") {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no new client served at max_connections = 1");
+    };
+    let made_room = || {
+        proxy
+            .log_lines()
+            .into_iter()
+            .filter(|l| l.contains("closed the connection idle longest to serve a new one"))
+            .collect::<Vec<_>>()
+    };
+    let closed = client().await;
+    let mut open = client().await;
+    drop(closed);
+    assert!(
+        wait_until(Duration::from_secs(10), || made_room().len() == 1).await,
+        "{:#?}",
+        proxy.log_lines()
+    );
+    let first = made_room().remove(0);
+    assert!(!first.contains("more since the last line"), "{first}");
+    // Those within the second after it are told by the next line, once the second is over.
+    let mut after = 0;
+    let started = Instant::now();
+    while made_room().len() < 2 && started.elapsed() < Duration::from_secs(10) {
+        open = client().await;
+        after += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(open);
+    let lines = made_room();
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    let more: u64 = lines[1]
+        .rsplit_once(" (")
+        .and_then(|(_, tail)| tail.split_once(" more since the last line)"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("{:?}", lines[1]));
+    assert!(
+        (1..after).contains(&more),
+        "{more} of {after}: {:?}",
+        lines[1]
+    );
+}
