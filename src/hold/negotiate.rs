@@ -6,7 +6,7 @@
 //! because a client with a broken header still deserves a holding response.
 
 use super::fields::{text, Fields};
-use http::header::{ACCEPT, ACCEPT_LANGUAGE, CONNECTION, CONTENT_TYPE, UPGRADE};
+use http::header::{ACCEPT, CONNECTION, CONTENT_TYPE, UPGRADE};
 
 /// The form of a holding response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,11 +101,12 @@ pub fn negotiate<H: Fields + ?Sized>(
     langs: &[String],
     langs_id: usize,
 ) -> (Form, usize) {
-    let accept_language = headers.value(&ACCEPT_LANGUAGE);
-    let mut accepts = headers.all(&ACCEPT);
-    let accept = accepts.next();
+    let seen = headers.negotiated();
+    let (accept, accept_language) = (seen.accept, seen.accept_language);
     // Only the common shapes are remembered: one Accept line, not gRPC, not an upgrade.
-    let simple = accepts.next().is_none() && !is_grpc(headers) && !is_upgrade(headers);
+    let simple = !seen.accepts_more
+        && !is_grpc_type(seen.content_type)
+        && !is_upgrade_of(headers, seen.upgrade);
     if !simple {
         return (
             choose_form(headers, path, api_prefixes),
@@ -235,13 +236,18 @@ const Q_ONE: u16 = 1000;
 /// (`application/grpc-web…`, whose clients read the status from the headers too); not another
 /// type that merely begins so (`application/grpcfoo`).
 fn is_grpc<H: Fields + ?Sized>(headers: &H) -> bool {
+    is_grpc_type(headers.value(&CONTENT_TYPE))
+}
+
+/// `is_grpc`, of the request's first `Content-Type`.
+fn is_grpc_type(content_type: Option<&[u8]>) -> bool {
     const GRPC: &[u8] = b"application/grpc";
     // What may follow a media type's name: nothing, a suffix, or parameters.
     let ends = |rest: &[u8]| matches!(rest, [] | [b'+' | b';' | b' ' | b'\t', ..]);
     let strip = |v: &'static [u8], rest: &[u8]| -> Option<usize> {
         (rest.len() >= v.len() && rest[..v.len()].eq_ignore_ascii_case(v)).then_some(v.len())
     };
-    headers.value(&CONTENT_TYPE).is_some_and(|v| {
+    content_type.is_some_and(|v| {
         let Some(n) = strip(GRPC, v) else {
             return false;
         };
@@ -315,7 +321,12 @@ pub fn grpc_deadline_left(headers: &mut http::HeaderMap, elapsed: std::time::Dur
 /// which the proxy declines and answers as the plain request it also is
 /// (`forward::headers::upgrade_request`); such a client gets the form its `Accept` asks for.
 fn is_upgrade<H: Fields + ?Sized>(headers: &H) -> bool {
-    match headers.value(&UPGRADE) {
+    is_upgrade_of(headers, headers.value(&UPGRADE))
+}
+
+/// `is_upgrade`, given the request's first `Upgrade`.
+fn is_upgrade_of<H: Fields + ?Sized>(headers: &H, upgrade: Option<&[u8]>) -> bool {
+    match upgrade {
         Some(upgrade) if !crate::forward::headers::offers_h2c(upgrade) => {}
         _ => return false,
     }
@@ -546,6 +557,7 @@ pub(crate) fn is_language_range(range: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::ACCEPT_LANGUAGE;
     use http::{HeaderMap, HeaderValue};
 
     #[test]
