@@ -48,7 +48,9 @@ pub fn run(
                 guessed = defaulted;
                 s
             }
-            Err(e) => return fail(2, "bad_usage", e),
+            Err(Unusable::Unreadable(e)) => return fail(2, "bad_usage", e),
+            // No proxy can be listening there: "no proxy answered" (SPEC §1), said as what it is.
+            Err(Unusable::NoSocket(e)) => return fail(3, "no_proxy", e),
         },
     };
     let req = request(command);
@@ -392,11 +394,21 @@ fn busy_hint(socket: &Path, waited: Duration) -> String {
     )
 }
 
+/// Why `socket_from_config` found no socket to try.
+enum Unusable {
+    /// The file cannot be read (bad usage).
+    Unreadable(String),
+    /// It names no socket: `control.socket = ""`, which `check` and `run` refuse. Joined to
+    /// the file's folder it was that folder, and `ctl` dialled it and said it was a folder,
+    /// "-s names the socket itself", of a socket nobody had named with `-s`.
+    NoSocket(String),
+}
+
 /// The socket path from the config file, read without validating the rest: an operator who
 /// broke the config must still be able to run `ctl status`, `off` or `reload` (which then
 /// tells what is wrong). With it, whether no config file was named or found, the default
 /// socket taken for want of one.
-fn socket_from_config(path: Option<&Path>) -> Result<(PathBuf, bool), String> {
+fn socket_from_config(path: Option<&Path>) -> Result<(PathBuf, bool), Unusable> {
     let default = Path::new(config::DEFAULT_PATH);
     let (file, named) = match path {
         Some(p) => (p, true),
@@ -415,14 +427,14 @@ fn socket_from_config(path: Option<&Path>) -> Result<(PathBuf, bool), String> {
         // does not parse.
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
             let bytes = intermission::files::read(file, intermission::files::MAX_CONFIG_BYTES)
-                .map_err(|e| unreadable(file, &e))?;
+                .map_err(|e| Unusable::Unreadable(unreadable(file, &e)))?;
             eprintln!(
                 "warning: {}: {e} (the proxy refuses it at reload)",
                 file.display()
             );
             String::from_utf8_lossy(&bytes).into_owned()
         }
-        Err(e) => return Err(unreadable(file, &e)),
+        Err(e) => return Err(Unusable::Unreadable(unreadable(file, &e))),
     };
     let base = file
         .parent()
@@ -449,6 +461,9 @@ fn socket_from_config(path: Option<&Path>) -> Result<(PathBuf, bool), String> {
             // Said, not fatal: the socket can often still be read from the broken file, and
             // otherwise the default may be the right one.
             let (socket, how) = match scan_socket(&text) {
+                Scan::Found { socket, line } if socket.is_empty() => {
+                    return Err(no_socket(file, &format!(" (its line {line})")))
+                }
                 Scan::Found { socket, line } => {
                     (socket, format!("using control.socket from its line {line}"))
                 }
@@ -470,7 +485,21 @@ fn socket_from_config(path: Option<&Path>) -> Result<(PathBuf, bool), String> {
             socket
         }
     };
+    if socket.is_empty() {
+        return Err(no_socket(file, ""));
+    }
     Ok((base.join(socket), false))
+}
+
+/// `file` sets `control.socket = ""` (`at`: where, when it was found line by line).
+fn no_socket(file: &Path, at: &str) -> Unusable {
+    Unusable::NoSocket(format!(
+        "{} has no control socket configured: its control.socket is empty{at}, which \
+         `intermission check` refuses: there is no socket to try; set \
+         control.socket in it, or name the proxy's socket with -s SOCKET (the proxy's start \
+         log names it: `control socket ready`)",
+        file.display()
+    ))
 }
 
 /// Why the config `ctl -c` names cannot be read. One this user may not read is the usual way

@@ -1655,6 +1655,36 @@ async fn ctl_texts_may_begin_with_a_hyphen_and_an_option_is_no_text() {
     drop(proxy);
 }
 
+/// A config whose `control.socket` is empty (refused by `check`) names no socket: `ctl -c`
+/// dialled the config's folder and said "it is a folder, not a socket: -s names the socket
+/// itself", of a socket nobody had named with `-s`. It says the file has none, still as no
+/// proxy answering (exit 3), whether the file parses or is read line by line.
+#[test]
+fn ctl_says_a_config_without_a_control_socket_has_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    for (text, at) in [
+        ("[control]\nsocket = \"\"\n", ""),
+        ("[control]\nsocket = \"\"\n[maintenance\n", " (its line 2)"),
+    ] {
+        std::fs::write(&cfg, text).unwrap();
+        let out = ctl_with(&cfg, &["status"]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(3), "{err}");
+        assert!(
+            err.contains(&format!(
+                "{} has no control socket configured: its control.socket is empty{at}",
+                cfg.display()
+            )) && !err.contains("-s names the socket itself"),
+            "{err}"
+        );
+        let out = ctl_with(&cfg, &["--json", "status"]);
+        assert_eq!(out.status.code(), Some(3));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["error"]["code"], "no_proxy", "{v}");
+    }
+}
+
 /// A syntax error elsewhere in the config does not send `ctl` to the default socket when the
 /// file names another: the operator reaches the proxy and sees the reload refused.
 #[tokio::test(flavor = "multi_thread")]

@@ -398,6 +398,32 @@ impl Config {
                 ));
             }
         }
+        // Valid, and the proxy then answers that part of the application itself, in every mode
+        // and before anything else; "/" alone (every path an API path) is no collision, and
+        // leaves no reserved_prefix to choose without this warning.
+        for (i, api) in self.maintenance.api_prefixes.iter().enumerate() {
+            if reserved.starts_with(api.as_str()) && api != "/" && api != reserved {
+                warnings.push(format!(
+                    "maintenance.reserved_prefix {reserved:?} is under \
+                     maintenance.api_prefixes[{i}] {api:?}: the proxy answers every path under \
+                     {reserved:?} itself, in every mode, and never forwards one, so that part of \
+                     the application's API is never reached; give reserved_prefix a path the \
+                     application does not use (the default is \"/_intermission/\")"
+                ));
+            } else if api.starts_with(reserved) {
+                let place = if api == reserved {
+                    "is maintenance.reserved_prefix itself".to_owned()
+                } else {
+                    format!("is under maintenance.reserved_prefix {reserved:?}")
+                };
+                warnings.push(format!(
+                    "maintenance.api_prefixes[{i}] {api:?} {place}: the proxy answers every \
+                     path there itself, in every mode, and never forwards one, so the \
+                     application's API there is never reached; give reserved_prefix a path \
+                     the application does not use (the default is \"/_intermission/\")"
+                ));
+            }
+        }
         for (i, net, family) in whole_families(&self.proxy.trusted_proxies) {
             warnings.push(format!(
                 "proxy.trusted_proxies[{i}] \"{net}\" trusts every {family} client as a \
@@ -407,6 +433,32 @@ impl Config {
                  the application, and is not bounded by proxy.max_pending_per_client; name \
                  the load balancer's addresses (or its subnet) instead"
             ));
+        }
+        // Read by an HTTP check alone, as `host` is (refused with another kind); these two were
+        // taken without a word, and an operator who set them believed the checks looked at
+        // the page. Not refused: a config that ran yesterday still starts.
+        let unread = match self.health.kind {
+            HealthKind::Http => None,
+            HealthKind::Tcp => Some(("tcp", "only connects")),
+            HealthKind::Grpc => Some(("grpc", "asks grpc.health.v1.Health/Check")),
+        };
+        if let Some((kind, what)) = unread {
+            let defaults = file::HealthFile::default();
+            if self.health.path.as_str() != defaults.path {
+                warnings.push(format!(
+                    "health.path {:?} is set, but health.kind = \"{kind}\" {what} and never \
+                     requests it: only kind = \"http\" checks do; set kind = \"http\" to check \
+                     that page, or leave health.path out",
+                    self.health.path.as_str()
+                ));
+            }
+            if parse_status_ranges(&defaults.expect).is_ok_and(|d| d != self.health.expect) {
+                warnings.push(format!(
+                    "health.expect is set, but health.kind = \"{kind}\" {what} and reads no \
+                     HTTP status: only kind = \"http\" checks do; set kind = \"http\" to \
+                     check the status, or leave health.expect out"
+                ));
+            }
         }
         if self.tls.hsts.is_some() && self.tls.listen.is_empty() {
             warnings.push(
@@ -2752,6 +2804,87 @@ mod tests {
             ),
             "{w:?}"
         );
+    }
+
+    /// Valid, and the proxy then answers part of the application's API itself in every mode:
+    /// said, not refused, whichever of the two prefixes is under the other. Apart is silent,
+    /// and so is `"/"` (an application that is all API), which every reserved_prefix is under.
+    #[test]
+    fn a_reserved_prefix_overlapping_an_api_prefix_is_warned_of() {
+        let warnings = |text: &str| {
+            Config::parse(&format!("[maintenance]\n{text}\n"), Path::new("."), None)
+                .unwrap()
+                .warnings()
+        };
+        // The default api_prefixes, ["/api/"].
+        let w = warnings("reserved_prefix = \"/api/\"");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with(
+                "maintenance.api_prefixes[0] \"/api/\" is maintenance.reserved_prefix itself"
+            ),
+            "{w:?}"
+        );
+        let w = warnings(
+            "reserved_prefix = \"/api/\"\napi_prefixes = [\"/v1/\", \"/api/v2/\", \"/ap\", \"/\"]",
+        );
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with(
+                "maintenance.api_prefixes[1] \"/api/v2/\" is under \
+                 maintenance.reserved_prefix \"/api/\""
+            ),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with(
+                "maintenance.reserved_prefix \"/api/\" is under maintenance.api_prefixes[2] \"/ap\""
+            ),
+            "{w:?}"
+        );
+        for apart in [
+            "reserved_prefix = \"/_maint/\"",
+            "api_prefixes = [\"/\"]",
+            "reserved_prefix = \"/apis/\"\napi_prefixes = [\"/api/\"]",
+        ] {
+            assert_eq!(warnings(apart), Vec::<String>::new(), "{apart}");
+        }
+    }
+
+    /// `path` and `expect` are read by HTTP checks alone, as `host` (refused with another
+    /// kind) is: set with another kind, said, not refused; left at their defaults, silent.
+    #[test]
+    fn a_health_path_or_expect_no_check_reads_is_warned_of() {
+        let warnings = |text: &str| {
+            Config::parse(&format!("[health]\n{text}\n"), Path::new("."), None)
+                .unwrap()
+                .warnings()
+        };
+        let w = warnings("kind = \"tcp\"\npath = \"/healthz\"\nexpect = \"200\"");
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("health.path \"/healthz\" is set, but health.kind = \"tcp\""),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with("health.expect is set, but health.kind = \"tcp\""),
+            "{w:?}"
+        );
+        let w = warnings(
+            "kind = \"grpc\"\nexpect = \"204\"\n[upstream]\nservers = [\"h2c://127.0.0.1:50051\"]",
+        );
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("health.expect is set, but health.kind = \"grpc\""),
+            "{w:?}"
+        );
+        for quiet in [
+            "kind = \"tcp\"",
+            "kind = \"tcp\"\npath = \"/\"\nexpect = \"200-399\"",
+            "kind = \"http\"\npath = \"/healthz\"\nexpect = \"200\"",
+        ] {
+            assert_eq!(warnings(quiet), Vec::<String>::new(), "{quiet}");
+        }
     }
 
     /// Valid, and it lets any client forge the address `allow_ips` and the log go by: said,
