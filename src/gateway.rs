@@ -460,24 +460,55 @@ pub(crate) fn count_at(
         .request(outcome, snap.mode, status.as_u16(), took);
 }
 
-/// The URI as the access log shows it: the bypass secret never reaches a log file.
+/// The URI as the access log shows it: the bypass secret never reaches a log file, neither
+/// in the link nor in a mistyped form of it (`//bypass/`, `%62ypass/`, `./bypass/`, in a
+/// query), which does not bypass but which operators share as readily.
 fn logged_uri(snap: &Snapshot, uri: &http::Uri) -> http::Uri {
-    let prefix = snap.config.maintenance.reserved_prefix.as_str();
-    let secret_path = uri
-        .path()
-        .strip_prefix(prefix)
-        .is_some_and(|rest| rest.starts_with("bypass/") && rest.len() > "bypass/".len());
-    if !secret_path {
-        // An HTTP/2 request's URI (and an absolute-form target) carries the scheme and host
-        // too: the log shows the path and query, as for every other request.
-        return match uri.path_and_query() {
-            Some(pq) if uri.authority().is_some() => http::Uri::from(pq.clone()),
-            _ => uri.clone(),
-        };
+    let m = &snap.config.maintenance;
+    let prefix = m.reserved_prefix.as_str();
+    // Only a target under the prefix is searched: an ordinary request pays this prefix
+    // check and no more.
+    let Some(rest) = uri.path().strip_prefix(prefix) else {
+        return without_authority(uri);
+    };
+    if rest.starts_with("bypass/") && rest.len() > "bypass/".len() {
+        return redacted(&format!("{prefix}bypass/REDACTED"));
     }
-    format!("{prefix}bypass/REDACTED")
-        .parse()
-        .unwrap_or_default()
+    let secret = m.bypass_secret.as_str();
+    // An empty secret (no bypass link) is in every target: there is none to hide.
+    if secret.is_empty() {
+        return without_authority(uri);
+    }
+    let target = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+    if target.contains(secret) {
+        return redacted(&target.replace(secret, "REDACTED"));
+    }
+    // A secret written with `%`-escapes (`%61` for `a`): where it began in the target is not
+    // worth working out for a request that can only be a mistake, so all after the prefix
+    // goes. The secret is ASCII, so a lossy decoding finds it wherever a strict one would.
+    if target.contains('%')
+        && percent_encoding::percent_decode_str(target)
+            .decode_utf8_lossy()
+            .contains(secret)
+    {
+        return redacted(&format!("{prefix}REDACTED"));
+    }
+    without_authority(uri)
+}
+
+/// An HTTP/2 request's URI (and an absolute-form target) carries the scheme and host too: the
+/// log shows the path and query, as for every other request.
+fn without_authority(uri: &http::Uri) -> http::Uri {
+    match uri.path_and_query() {
+        Some(pq) if uri.authority().is_some() => http::Uri::from(pq.clone()),
+        _ => uri.clone(),
+    }
+}
+
+/// `target`, a valid target with a part of it replaced by letters, as a URI; `/` should it
+/// somehow not parse, rather than the secret.
+fn redacted(target: &str) -> http::Uri {
+    target.parse().unwrap_or_default()
 }
 
 /// What becomes of a request, decided without waiting for anything.
@@ -1189,6 +1220,72 @@ mod tests {
             ));
             assert!(out.is_empty());
         }
+    }
+
+    /// A mistyped or non-canonical bypass link does not bypass, but its secret went into the
+    /// access log as sent, where only the canonical link's was hidden.
+    #[test]
+    fn the_access_log_hides_the_bypass_secret_however_the_link_is_spelled() {
+        const SECRET: &str = "a-secret-that-stays-secret-42";
+        let snap = holding(&format!("[maintenance]\nbypass_secret = \"{SECRET}\"\n"));
+        let logged = |target: &str| super::logged_uri(&snap, &target.parse().unwrap()).to_string();
+        for (sent, shown) in [
+            (
+                format!("/_intermission/bypass/{SECRET}"),
+                "/_intermission/bypass/REDACTED",
+            ),
+            (
+                format!("/_intermission/bypass/{SECRET}?x=1"),
+                "/_intermission/bypass/REDACTED",
+            ),
+            (
+                format!("/_intermission//bypass/{SECRET}"),
+                "/_intermission//bypass/REDACTED",
+            ),
+            (
+                format!("/_intermission/./bypass/{SECRET}"),
+                "/_intermission/./bypass/REDACTED",
+            ),
+            (
+                format!("/_intermission/%62ypass/{SECRET}"),
+                "/_intermission/%62ypass/REDACTED",
+            ),
+            (
+                format!("/_intermission/bypas/{SECRET}junk"),
+                "/_intermission/bypas/REDACTEDjunk",
+            ),
+            (
+                format!("/_intermission/status?s={SECRET}"),
+                "/_intermission/status?s=REDACTED",
+            ),
+            (
+                format!("http://example.com/_intermission//bypass/{SECRET}"),
+                "/_intermission//bypass/REDACTED",
+            ),
+            // Escaped, the secret cannot be pointed at cheaply: all after the prefix goes.
+            (
+                "/_intermission//bypass/%61-secret-that-stays-secret-42".into(),
+                "/_intermission/REDACTED",
+            ),
+            (
+                "/_intermission/x?%61-secret-that-stays-secret-%342".into(),
+                "/_intermission/REDACTED",
+            ),
+            // Nothing to hide: as sent.
+            (
+                "/_intermission/status?x=%61".into(),
+                "/_intermission/status?x=%61",
+            ),
+            ("/_intermission/bypass/".into(), "/_intermission/bypass/"),
+            ("/shop?q=1".into(), "/shop?q=1"),
+            ("http://example.com/shop?q=1".into(), "/shop?q=1"),
+        ] {
+            assert_eq!(logged(&sent), shown, "{sent}");
+        }
+        // With no bypass link there is no secret: nothing is replaced.
+        let snap = holding("");
+        let uri = "/_intermission/status?x=1".parse().unwrap();
+        assert_eq!(super::logged_uri(&snap, &uri), "/_intermission/status?x=1");
     }
 
     #[test]

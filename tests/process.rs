@@ -2444,6 +2444,61 @@ async fn the_bypass_secret_never_reaches_the_access_log() {
     assert!(!proxy.log_lines().iter().any(|l| l.contains(secret)));
 }
 
+/// A mistyped or non-canonical bypass link does not bypass, and its secret went into the log
+/// as sent (only the canonical link's was hidden), in both of the log's formats.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bypass_secret_never_reaches_the_access_log_from_a_mistyped_link() {
+    let up = echo_upstream().await;
+    let secret = "a-secret-that-stays-secret-42";
+    let targets = [
+        format!("/_intermission//bypass/{secret}"),
+        format!("/_intermission/./bypass/{secret}"),
+        format!("/_intermission/%62ypass/{secret}"),
+        format!("/_intermission/bypas/{secret}junk"),
+        format!("/_intermission/status?s={secret}"),
+        "/_intermission//bypass/%61-secret-that-stays-secret-42".to_string(),
+    ];
+    for format in ["text", "json"] {
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = ProxyProcess::start(
+            dir.path(),
+            &format!(
+                "[upstream]\nservers = [\"{}\"]\n[maintenance]\nbypass_secret = \"{secret}\"\n\
+                 [log]\nformat = \"{format}\"\n",
+                up.url()
+            ),
+        );
+        for target in &targets {
+            let request = format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let answer = raw_exchange(proxy.addr, request.as_bytes(), Duration::from_secs(5)).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 "),
+                "{format} {target}: {answer}"
+            );
+        }
+        let lines = || {
+            proxy
+                .log_lines()
+                .into_iter()
+                .filter(|l| l.contains("intermission::access"))
+                .collect::<Vec<_>>()
+        };
+        let all = wait_until(Duration::from_secs(10), || lines().len() >= targets.len()).await;
+        assert!(all, "{format}: {:?}", proxy.log_lines());
+        let lines = lines();
+        assert!(
+            !lines.iter().any(|l| l.contains(secret)),
+            "{format}: {lines:?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("/_intermission//bypass/REDACTED")),
+            "{format}: {lines:?}"
+        );
+    }
+}
+
 /// SPEC §6 from the first moment: a SIGTERM that comes while the proxy is still starting
 /// (its control socket made, its 256 worker threads not yet) stops it as one after start
 /// does, exit 0 and its control socket removed, rather than killing it and leaving the socket
