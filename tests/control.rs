@@ -2245,14 +2245,7 @@ async fn a_proxy_gone_before_it_answered_may_have_applied_the_request() {
         }
         requests
     });
-    let run = |json: bool| {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_intermission"));
-        cmd.arg("ctl").arg("-s").arg(&socket);
-        if json {
-            cmd.arg("--json");
-        }
-        cmd.args(["on", "--message", "Database upgrade"]).output()
-    };
+    let run = |json: bool| ctl_on_upgrade(&socket, json);
     let out = run(false).await.unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
@@ -2286,7 +2279,8 @@ async fn a_proxy_gone_before_it_read_the_request_did_not_apply_it() {
     let socket = dir.path().join("fake.sock");
 
     // Connected into the listener's queue, which closes before it takes the connection: the
-    // write is what fails.
+    // write is what fails, mostly; the kernel may also let the write through and reset the
+    // read (seen 1 run in 7), which is the same case and must be said the same way.
     let listener = tokio::net::UnixListener::bind(&socket).unwrap();
     let mut c = Client::connect(&socket).await.unwrap();
     drop(listener);
@@ -2294,7 +2288,7 @@ async fn a_proxy_gone_before_it_read_the_request_did_not_apply_it() {
     let said = e.to_string();
     assert!(
         said.starts_with(&format!("no proxy answered on {}", socket.display()))
-            && said.contains("Broken pipe")
+            && (said.contains("Broken pipe") || said.contains("Connection reset"))
             && said.contains("so it was not applied"),
         "{said}"
     );
@@ -2310,14 +2304,7 @@ async fn a_proxy_gone_before_it_read_the_request_did_not_apply_it() {
             stream.read_exact(&mut first).await.unwrap();
         }
     });
-    let run = |json: bool| {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_intermission"));
-        cmd.arg("ctl").arg("-s").arg(&socket);
-        if json {
-            cmd.arg("--json");
-        }
-        cmd.args(["on", "--message", "Database upgrade"]).output()
-    };
+    let run = |json: bool| ctl_on_upgrade(&socket, json);
     let out = run(false).await.unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
@@ -2563,4 +2550,17 @@ async fn ctl_reload_prints_the_reloads_warnings() {
     let out = run(&["status"]);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("RESTART PENDING"));
     drop(proxy);
+}
+
+/// `ctl on --message "Database upgrade"` to `socket`, in JSON when `json`.
+fn ctl_on_upgrade(
+    socket: &std::path::Path,
+    json: bool,
+) -> impl std::future::Future<Output = std::io::Result<std::process::Output>> {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_intermission"));
+    cmd.arg("ctl").arg("-s").arg(socket);
+    if json {
+        cmd.arg("--json");
+    }
+    cmd.args(["on", "--message", "Database upgrade"]).output()
 }
