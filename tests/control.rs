@@ -2288,7 +2288,8 @@ async fn a_proxy_gone_before_it_read_the_request_did_not_apply_it() {
     let said = e.to_string();
     assert!(
         said.starts_with(&format!("no proxy answered on {}", socket.display()))
-            && (said.contains("Broken pipe") || said.contains("Connection reset"))
+            && (said.contains("was read (Broken pipe")
+                || said.contains("was read (Connection reset"))
             && said.contains("so it was not applied"),
         "{said}"
     );

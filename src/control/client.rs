@@ -30,7 +30,7 @@ pub enum ClientError {
     /// connection failed" and a reset "may or may not be in force": the same stopping proxy,
     /// worded by which of the two calls saw it first.
     #[error(
-        "no proxy answered on {path}: the connection was closed before the request was read          ({source}), so it was not applied"
+        "no proxy answered on {path}: the connection was closed before the request was read ({source}), so it was not applied"
     )]
     NotRead {
         path: String,
