@@ -480,20 +480,26 @@ fn logged_uri(snap: &Snapshot, uri: &http::Uri) -> http::Uri {
         return without_authority(uri);
     }
     let target = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
-    if target.contains(secret) {
-        return redacted(&target.replace(secret, "REDACTED"));
-    }
+    // The copies written as they are, replaced where they stand; what is left is still
+    // searched for an escaped one: a target may carry both (a `?next=` link escaped whole).
+    let shown = target
+        .contains(secret)
+        .then(|| target.replace(secret, "REDACTED"));
+    let left = shown.as_deref().unwrap_or(target);
     // A secret written with `%`-escapes (`%61` for `a`): where it began in the target is not
     // worth working out for a request that can only be a mistake, so all after the prefix
     // goes. The secret is ASCII, so a lossy decoding finds it wherever a strict one would.
-    if target.contains('%')
-        && percent_encoding::percent_decode_str(target)
+    if left.contains('%')
+        && percent_encoding::percent_decode_str(left)
             .decode_utf8_lossy()
             .contains(secret)
     {
         return redacted(&format!("{prefix}REDACTED"));
     }
-    without_authority(uri)
+    match shown {
+        Some(shown) => redacted(&shown),
+        None => without_authority(uri),
+    }
 }
 
 /// An HTTP/2 request's URI (and an absolute-form target) carries the scheme and host too: the
@@ -1269,6 +1275,11 @@ mod tests {
             ),
             (
                 "/_intermission/x?%61-secret-that-stays-secret-%342".into(),
+                "/_intermission/REDACTED",
+            ),
+            // Written as it is and escaped in one target: the escaped copy is not left.
+            (
+                format!("/_intermission//bypass/{SECRET}?next=%61-secret-that-stays-secret-42"),
                 "/_intermission/REDACTED",
             ),
             // Nothing to hide: as sent.
