@@ -107,6 +107,16 @@ mod tests {
     use http::header::COOKIE;
     use http::header::HOST;
 
+    /// The lines hyper's path would hold, as a map.
+    fn as_map(parsed: &[httparse::Header<'_>]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for line in parsed {
+            let name = HeaderName::from_bytes(line.name.as_bytes()).unwrap();
+            map.append(name, HeaderValue::from_bytes(line.value).unwrap());
+        }
+        map
+    }
+
     #[test]
     fn both_sources_give_the_same_lines() {
         let head =
@@ -115,11 +125,7 @@ mod tests {
         let mut req = httparse::Request::new(&mut lines);
         assert!(req.parse(head).is_ok_and(|s| s.is_complete()));
         let parsed: &[httparse::Header<'_>] = req.headers;
-        let mut map = HeaderMap::new();
-        for line in parsed {
-            let name = HeaderName::from_bytes(line.name.as_bytes()).unwrap();
-            map.append(name, HeaderValue::from_bytes(line.value).unwrap());
-        }
+        let map = as_map(parsed);
         for name in [COOKIE, ACCEPT, HOST, http::header::FORWARDED] {
             let from_lines: Vec<_> = parsed.all(&name).collect();
             let from_map: Vec<_> = map.all(&name).collect();
@@ -148,11 +154,7 @@ mod tests {
             let mut req = httparse::Request::new(&mut lines);
             assert!(req.parse(head).is_ok_and(|s| s.is_complete()));
             let parsed: &[httparse::Header<'_>] = req.headers;
-            let mut map = HeaderMap::new();
-            for line in parsed {
-                let name = HeaderName::from_bytes(line.name.as_bytes()).unwrap();
-                map.append(name, HeaderValue::from_bytes(line.value).unwrap());
-            }
+            let map = as_map(parsed);
             let from_lines = parsed.negotiated();
             assert_eq!(from_lines, map.negotiated(), "{}", head.escape_ascii());
             // The trait's own reading, which the map uses, is the one the walk replaces.
