@@ -116,7 +116,15 @@ pub fn handle(state: &StateHandle, conn: &Arc<Conn>, mut req: Request<Incoming>)
             Reply::Ready(Some(finish(&snap, conn, start, log, resp, None, outcome)))
         }
         Decision::Hold => {
-            let resp = reserved::hold(&snap, &req);
+            let mut resp = reserved::hold(&snap, &req);
+            // A held `CONNECT` ends its connection as the `405` it gets while forwarding does
+            // (`refusal`): what follows its head is the tunnel the client meant to open, and
+            // read as a next request it would be forwarded when `allow_paths` or a bypass lets
+            // it through, past a proxy in front that took it for tunnel bytes.
+            if req.method() == Method::CONNECT && req.version() < http::Version::HTTP_2 {
+                let close = HeaderValue::from_static("close");
+                resp.headers_mut().insert(header::CONNECTION, close);
+            }
             crate::listener::Upgrading::close_when_declined(&mut req);
             discard_upload(req);
             Reply::Ready(Some(finish(

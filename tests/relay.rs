@@ -3391,6 +3391,54 @@ async fn a_held_upgrade_request_s_tls_connection_ends_cleanly() {
     }
 }
 
+/// A held `CONNECT` ends its connection once answered, as its `405` does while forwarding:
+/// what follows its head is meant as the tunnel's bytes, and was read as the next request,
+/// forwarded when it named an allowed path (a proxy in front that passes `CONNECT` on took it
+/// for tunnel bytes and never looked at it). Plaintext and TLS.
+#[tokio::test]
+async fn a_held_connect_closes_its_connection_and_nothing_behind_is_forwarded() {
+    let up = scripted().await;
+    let tls = Tls::new();
+    let config = format!(
+        "{}[maintenance]\nallow_paths = [\"/length\"]\n",
+        config(&up, false)
+    );
+    let mut faults = Vec::new();
+    for over_tls in [false, true] {
+        let (proxy, mut client) = tls.maybe(&config, over_tls).await;
+        assert!(ctl(&proxy, on(None)).await.ok);
+        // The path behind is one a hold forwards: sent on its own, it reaches the server.
+        assert_eq!(client.get("/length").await.status(), 200);
+        client
+            .send(
+                "CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n\
+                 GET /length?behind-connect HTTP/1.1\r\nHost: shop.example\r\n\r\n",
+            )
+            .await;
+        let answer = client.read().await;
+        assert_eq!(answer.status(), 503, "TLS {over_tls}: {}", answer.head);
+        let closes = answer.header("connection") == Some("close");
+        // Sooner than a kept connection idles out (`header_read_timeout`, 10 s).
+        let closed = client.closed_within(Duration::from_secs(5)).await.is_some();
+        if !closes || !closed || !client.buf.is_empty() {
+            let more = String::from_utf8_lossy(&client.buf);
+            faults.push(format!(
+                "TLS {over_tls}: says close {closes}, closed {closed}, {more:?}"
+            ));
+        }
+    }
+    let heads = up.heads.lock().unwrap();
+    assert!(
+        heads.iter().any(|h| h.starts_with("GET /length ")),
+        "{heads:?}"
+    );
+    assert!(
+        !heads.iter().any(|h| h.contains("/behind-connect")),
+        "{faults:#?} {heads:?}"
+    );
+    assert!(faults.is_empty(), "{faults:#?}");
+}
+
 /// The same when the server declines the upgrade (it answers anything but `101`; here `404`):
 /// the forwarding path let hyper's pending upgrade go with its request, so that the
 /// connection was dropped at its end without `close_notify`, and a client asking with
