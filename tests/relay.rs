@@ -359,8 +359,11 @@ fn config(up: &Scripted, hyper: bool) -> String {
     } else {
         ""
     };
+    // The first check decides at once (README): on a loaded machine the scripted server can
+    // take longer than the default 1 s to answer it, and an outage taken from that would
+    // answer the tests' requests with the holding response.
     format!(
-        "[upstream]\nservers = [\"http://{}\"]\n{intercept}[health]\ninterval = \"60s\"\n",
+        "[upstream]\nservers = [\"http://{}\"]\n{intercept}[health]\ninterval = \"60s\"\ntimeout = \"30s\"\n",
         up.addr
     )
 }
