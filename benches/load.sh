@@ -17,13 +17,13 @@ usage() {
 Usage: benches/load.sh [OPTIONS]
 
 Measures intermission against nginx on this machine (127.0.0.1 only) and prints one markdown
-report: forwarding (direct / nginx / intermission), holding page (nginx `return 503` /
-intermission in maintenance), bodies of 1 KiB, 64 KiB and 1 MiB, 64 and 1024 connections,
-threads=2 against 2 nginx workers, HTTPS (HTTP/2 with h2load and HTTP/1.1 with wrk; direct to
-a TLS upstream / nginx terminating TLS / intermission terminating TLS, self-signed P-256
-certificate made at run time), forwarding to an https:// upstream (nginx / intermission),
-RSS idle and after load, RSS with many idle keep-alive connections, and maintenance switched on
-and off 10 times a second under load.
+report: forwarding (direct / nginx / nginx forwarding the same headers as intermission /
+intermission), holding page (nginx `return 503` / intermission in maintenance), bodies of 1
+KiB, 64 KiB and 1 MiB, 64 and 1024 connections, threads=2 against 2 nginx workers, HTTPS
+(HTTP/2 with h2load and HTTP/1.1 with wrk; direct to a TLS upstream / nginx terminating TLS /
+intermission terminating TLS, self-signed P-256 certificate made at run time), forwarding to an
+https:// upstream (nginx / intermission), RSS idle and after load, RSS with many idle
+keep-alive connections, and maintenance switched on and off 10 times a second under load.
 
 Options:
   --quick           smoke test: 1 repetition, 2 s runs, 1 s warm-ups, no 1 MiB and no
@@ -36,6 +36,7 @@ Options:
   --toggle-secs D   length of the toggle-under-load run (default 10)
   --no-install      never run apt-get; fail if a tool is missing
   --no-build        use the existing target/release/intermission instead of building
+                    ($CARGO_TARGET_DIR/release/intermission when CARGO_TARGET_DIR is set)
   --out FILE        also write the report to FILE
   --keep            keep the temporary directory (configs, logs, raw wrk output)
   -h, --help        this text
@@ -133,7 +134,11 @@ if ((NOFILE < CONN_LIMIT + 256)); then
 fi
 
 # ---------------------------------------------------------------------------------- build
-BIN="$REPO/target/release/intermission"
+# Where cargo puts the build: CARGO_TARGET_DIR when set (relative to the repository, where
+# cargo runs below), so that a build kept outside the clone is the one measured.
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+[[ $TARGET_DIR == /* ]] || TARGET_DIR="$REPO/$TARGET_DIR"
+BIN="$TARGET_DIR/release/intermission"
 if ((BUILD)); then
     say "building intermission and the bare relay (cargo build --release)"
     # Two invocations: an example is built with the dev-dependencies, and cargo unifies
@@ -148,7 +153,7 @@ if ((BUILD)); then
 fi
 [[ -x $BIN ]] || die "$BIN not found: build it (cargo build --release) or drop --no-build"
 # The ceiling row: the barest relay (benches/load/bare_relay.rs), measured beside nginx.
-BARE_BIN="$REPO/target/release/examples/bare_relay"
+BARE_BIN="$TARGET_DIR/release/examples/bare_relay"
 
 # ---------------------------------------------------------------------------------- cleanup
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/intermission-load.XXXXXX")
@@ -488,7 +493,7 @@ measure() { # ROW_IDS... : one warm-up each, then REPS interleaved rounds
 }
 
 # ---------------------------------------------------------------------------------- setup
-read -r PORT_UP PORT_NGX1 PORT_NGX2 PORT_N503 PORT_INT1 PORT_INT2 PORT_HELD PORT_BARE <<<"$(free_ports 8)"
+read -r PORT_UP PORT_NGX1 PORT_NGX2 PORT_N503 PORT_INT1 PORT_INT2 PORT_HELD PORT_BARE PORT_NGXH <<<"$(free_ports 9)"
 
 # Upstream bodies: exactly 100 bytes for `/`, static files for the body rows.
 BODY100=$(printf 'intermission load harness: the upstream answer, 100 bytes with padding %029d' 0)
@@ -503,6 +508,9 @@ nginx_conf up 1 "    server {
         listen 127.0.0.1:$PORT_UP backlog=4096;
         location = / { default_type text/plain; return 200 \"$BODY100\"; }
         location ~ ^/b(1k|64k|1m)\$ { root $WORK/www; }
+        # What a proxy forwarded, for the like-for-like check below: the head's length and
+        # the forwarding headers' values.
+        location = /head { default_type text/plain; return 200 \"\$request_length|\$http_host|\$http_x_forwarded_for|\$http_x_forwarded_proto|\$http_x_forwarded_host|\$http_x_real_ip\"; }
     }"
 start_nginx up "$PORT_UP"
 
@@ -573,7 +581,26 @@ nginx_conf ngx2 2 "    upstream app { server 127.0.0.1:$PORT_UP; keepalive 128; 
     server {
         listen 127.0.0.1:$PORT_NGX2 backlog=4096;$PROXY_BLOCK
     }"
+# ngx1 sends the upstream `Host: app` alone; intermission sends the client's `Host` and the
+# forwarding headers SPEC and README promise, which cost the upstream some 40 % more
+# instructions to parse (docs/performance-history.md, helper-222). ngxh is ngx1 made to
+# forward the same: a like-for-like row beside the headline's plain nginx. `$http_host` is
+# the client's Host as sent, port included, as intermission forwards it (`$host` drops the
+# port). In the location: a location with a proxy_set_header of its own inherits none from
+# the server block.
+PROXY_BLOCK_H=${PROXY_BLOCK/'proxy_set_header Connection "";'/'proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;
+            proxy_set_header X-Real-IP $remote_addr;'}
+[[ $PROXY_BLOCK_H != "$PROXY_BLOCK" ]] || die "internal: no forwarding headers in ngxh's proxy block"
+nginx_conf ngxh 1 "    upstream app { server 127.0.0.1:$PORT_UP; keepalive 128; }
+    server {
+        listen 127.0.0.1:$PORT_NGXH backlog=4096;$PROXY_BLOCK_H
+    }"
 start_nginx ngx1 "$PORT_NGX1"
+start_nginx ngxh "$PORT_NGXH"
 start_nginx ngx2 "$PORT_NGX2"
 start_nginx n503 "$PORT_N503"
 
@@ -638,7 +665,7 @@ start_intermission ints "$PORT_INTS"
 
 say "checking every row answers as expected"
 UP_PROBE=$(expect_probe "upstream" "$PORT_UP" / 200 100)
-for s in NGX1 NGX2 INT1 INT2 NGXS INTS; do
+for s in NGX1 NGXH NGX2 INT1 INT2 NGXS INTS; do
     port_var="PORT_$s"
     expect_probe "$s" "${!port_var}" / 200 100 >/dev/null
 done
@@ -653,6 +680,31 @@ N503_PROBE=$(expect_probe "nginx 503" "$PORT_N503" / 503 "$N503_SIZE" "Accept: t
 HELD_PROBE=$(expect_probe "intermission held page" "$PORT_HELD" / 503 - "Accept: text/html")
 [[ -n $(json_field "$N503_PROBE" '["headers"].get("retry-after","")') ]] || die "nginx 503 has no Retry-After"
 [[ -n $(json_field "$HELD_PROBE" '["headers"].get("retry-after","")') ]] || die "intermission held has no Retry-After"
+
+# What each forwarding row's proxy writes to the upstream for wrk's request (`GET /` with
+# `Host` alone), read back from the upstream's /head: the head's length (/head's request line
+# is 4 bytes longer than /'s: taken off) and the forwarding headers' values. ngxh must carry
+# the same ones as intermission, or its row is no like-for-like comparison.
+FWD_NAMES=(Host X-Forwarded-For X-Forwarded-Proto X-Forwarded-Host X-Real-IP)
+forwarded_head() { # WHAT PORT -> "N B (Host: ..., X-Forwarded-For: ..., ...)"
+    local body="$WORK/head-$2.txt" fields i text="" bytes
+    timeout 20 python3 "$LOAD_DIR/probe.py" "$2" /head --wait 5 --body-out "$body" >/dev/null \
+        || die "$1: no answer on 127.0.0.1:$2/head"
+    IFS='|' read -r -a fields <"$body" || true
+    bytes=${fields[0]:-}
+    [[ $bytes =~ ^[0-9]+$ ]] || die "$1: the upstream's /head answered '$(head -c 200 "$body")'"
+    for ((i = 0; i < ${#FWD_NAMES[@]}; i++)); do
+        if [[ -n ${fields[i + 1]:-} ]]; then text+="${text:+, }${FWD_NAMES[i]}: ${fields[i + 1]}"; fi
+    done
+    printf '%s B (%s)' $((bytes - 4)) "$text"
+}
+fwd_names() { sed 's/^[^(]*(//; s/)$//; s/: [^,]*//g' <<<"$1"; }
+HEAD_UP=$(forwarded_head "upstream" "$PORT_UP")
+HEAD_NGX1=$(forwarded_head "nginx proxy" "$PORT_NGX1")
+HEAD_NGXH=$(forwarded_head "nginx proxy with the forwarding headers" "$PORT_NGXH")
+HEAD_INT1=$(forwarded_head "intermission proxy" "$PORT_INT1")
+[[ $(fwd_names "$HEAD_NGXH") == "$(fwd_names "$HEAD_INT1")" ]] \
+    || note "nginx with the forwarding headers (ngxh) and intermission forward different headers: ngxh $HEAD_NGXH; intermission $HEAD_INT1"
 
 # One h2 request over TLS: a 2xx with the upstream's 100-byte body, h2 chosen by ALPN.
 # Prints "protocol, cipher, key exchange, ALPN" as h2load saw them.
@@ -676,7 +728,7 @@ TLS_INTT=$(expect_h2 "intermission TLS" "$PORT_INTT")
 [[ $TLS_NGXT == "$TLS_INTT" ]] \
     || note "nginx and intermission negotiated different TLS parameters (h2load): nginx $TLS_NGXT; intermission $TLS_INTT"
 
-record_rss idle up ngx1 ngx2 n503 int1 int2 held upt ngxt intt ups ngxs ints
+record_rss idle up ngx1 ngxh ngx2 n503 int1 int2 held upt ngxt intt ups ngxs ints
 
 size_text() { # PROBE_JSON
     printf '%s B (head %s + body %s)' "$(json_field "$1" '["total_bytes"]')" \
@@ -705,6 +757,10 @@ size_text() { # PROBE_JSON
     printf 'size_up\t%s\n' "$(size_text "$UP_PROBE")"
     printf 'size_n503\t%s\n' "$(size_text "$N503_PROBE")"
     printf 'size_held\t%s\n' "$(size_text "$HELD_PROBE")"
+    printf 'head_up\t%s\n' "$HEAD_UP"
+    printf 'head_ngx1\t%s\n' "$HEAD_NGX1"
+    printf 'head_ngxh\t%s\n' "$HEAD_NGXH"
+    printf 'head_int1\t%s\n' "$HEAD_INT1"
     printf 'h2load_cmd\th2load -t1 -c%s -m%s -D %s https://127.0.0.1:PORT/\n' "$H2_CONNS" "$H2_STREAMS" "$DURATION"
     printf 'tls_cert\t%s\n' "self-signed P-256 (prime256v1), CN=localhost, SAN DNS:localhost + IP:127.0.0.1, made at run time by openssl req -x509 -newkey ec"
     printf 'tls_nginx\t%s\n' "listen ... $TLS_LISTEN, ssl_protocols TLSv1.2 TLSv1.3, other ssl_* settings default"
@@ -718,15 +774,18 @@ HTML="Accept: text/html"
 # ID LABEL CONNS METRIC DIRECT_REF NGINX_REF SERVER EXPECT GROUP PORT PATH [HEADER]
 add_row direct "direct to upstream (the limit)" 64 rps direct "" up 200 main "$PORT_UP" /
 add_row ngx1 "nginx proxy, 1 worker" 64 rps direct ngx1 ngx1 200 main "$PORT_NGX1" /
+# Like-for-like, informational: the issue's target stays against ngx1 (report.py prints
+# intermission's ratio to both).
+add_row ngxh "nginx proxy, 1 worker, forwarding the same headers as intermission" 64 rps direct ngxh ngxh 200 main "$PORT_NGXH" /
 add_row int1 "intermission proxy, threads=1" 64 rps direct ngx1 int1 200 main "$PORT_INT1" /
 add_row n503 "nginx \`return 503\`, HTML + Retry-After" 64 rps direct n503 n503 503 main "$PORT_N503" / "$HTML"
 add_row held "intermission held (maintenance page)" 64 rps direct n503 held 503 main "$PORT_HELD" / "$HTML"
 add_row ngx2 "nginx proxy, 2 workers" 64 rps direct ngx2 ngx2 200 main "$PORT_NGX2" /
 add_row int2 "intermission proxy, threads=2" 64 rps direct ngx2 int2 200 main "$PORT_INT2" /
-MAIN_ROWS=(direct ngx1 int1 n503 held ngx2 int2)
+MAIN_ROWS=(direct ngx1 ngxh int1 n503 held ngx2 int2)
 if ((BARE)); then
     add_row bare "bare relay: the ceiling (no features)" 64 rps direct ngx1 bare 200 main "$PORT_BARE" /
-    MAIN_ROWS=(direct ngx1 int1 bare n503 held ngx2 int2)
+    MAIN_ROWS=(direct ngx1 ngxh int1 bare n503 held ngx2 int2)
 fi
 
 SCALE_ROWS=()
@@ -747,7 +806,7 @@ fi
 
 say "forwarding and holding rows: ${#MAIN_ROWS[@]} rows x ($REPS x ${DURATION}s + ${WARMUP}s warm-up)"
 measure "${MAIN_ROWS[@]}"
-record_rss after_main up ngx1 ngx2 n503 int1 int2 held
+record_rss after_main up ngx1 ngxh ngx2 n503 int1 int2 held
 
 say "scaling rows: ${#SCALE_ROWS[@]} rows"
 measure "${SCALE_ROWS[@]}"
@@ -875,7 +934,7 @@ for s in int1 int2 held intm intt; do
     ((${modes:-0} == 0)) || note "intermission $s logged ${modes} mode-change lines (one per switch, expected)"
     ((${others:-0} == 0)) || note "intermission $s logged $others other lines, first: $(grep -v 'state::controller: mode ' "$WORK/$s/stderr.log" | head -n 3 | cut -c1-300 | tr '\n' ' ')"
 done
-for s in up ngx1 ngx2 n503 ngxm upt ngxt; do
+for s in up ngx1 ngxh ngx2 n503 ngxm upt ngxt; do
     if [[ -s $WORK/$s/error.log ]]; then
         note "nginx $s error.log: $(head -n 3 "$WORK/$s/error.log" | cut -c1-300 | tr '\n' ' ')"
     fi

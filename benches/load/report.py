@@ -200,6 +200,10 @@ def main():
           f"intermission {meta.get('tls_intt', '?')}")
     p(f"- responses: upstream `/` {meta.get('size_up', '?')}; nginx 503 {meta.get('size_n503', '?')}; "
       f"intermission held (Accept: text/html) {meta.get('size_held', '?')}")
+    if meta.get("head_int1"):
+        p(f"- forwarded to the upstream for wrk's `GET /` (`Host` alone), read back from the upstream: "
+          f"direct {meta.get('head_up', '?')}; nginx {meta.get('head_ngx1', '?')}; nginx forwarding "
+          f"the same headers {meta.get('head_ngxh', '?')}; intermission {meta.get('head_int1', '?')}")
     p("- The cores are shared by wrk, the upstream and the proxy: read the ratios, not the absolute "
       "figures. RSS is VmRSS summed over a server's processes (nginx master + workers).")
     p("")
@@ -262,7 +266,9 @@ def main():
     p("")
     p("× direct: against the direct row of the same body size and connections; × nginx: an "
       "intermission row against its matching nginx row (1 thread vs 1 worker, 2 vs 2, held page vs "
-      "`return 503`). Body rows compare MiB/s (wrk's Transfer/sec). Proxy CPU %: the proxy's CPU "
+      "`return 503`; intermission's forwarding rows against plain nginx, which sends the upstream "
+      "`Host` alone, whatever rows follow: see below for the row forwarding the same headers). "
+      "Body rows compare MiB/s (wrk's Transfer/sec). Proxy CPU %: the proxy's CPU "
       "time over the run's wall time (100 = one core; for direct rows, the upstream's). CPU µs/req: "
       "that CPU time per request (median over the repetitions), and for an intermission row its "
       "ratio to the matching nginx row's (below 1: cheaper per request than nginx); steadier than "
@@ -271,6 +277,29 @@ def main():
       "sockets to/from the upstream's port left in TIME_WAIT per run (median): upstream "
       "connections closed instead of reused; for direct rows, wrk's own connections.")
     p("RSS after: right after the row's last run (the process has served the rows above it too).")
+    # The target is intermission against plain nginx (ngx1), which sends the upstream
+    # `Host` alone; ngxh forwards the headers intermission must (SPEC, README), which the
+    # upstream pays to parse. Both ratios, the second for information only.
+    like = [(ref, stats.get(ref, {})) for ref in ("ngx1", "ngxh")]
+    mine = stats.get("int1", {})
+    if mine.get("rps") and all(st.get("rps") for _, st in like):
+        p("")
+        p("Forwarding, intermission threads=1 against both nginx rows (req/s; CPU µs/req; upstream "
+          "CPU µs/req):")
+        p("")
+        for ref, st in like:
+            what = ("against plain nginx (`Host` alone to the upstream): the headline ratio, the "
+                    "one the target is set against" if ref == "ngx1" else
+                    "like-for-like, informational: against nginx forwarding the same headers "
+                    "(`X-Forwarded-For`, `-Proto`, `-Host`, `X-Real-IP`, the client's `Host`)")
+            cpu = (f"{mine['us_per_req'] / st['us_per_req']:.2f}×"
+                   if mine.get("us_per_req") and st.get("us_per_req") else "—")
+            up = f"{mine['up_us'] / st['up_us']:.2f}×" if mine.get("up_us") and st.get("up_us") else "—"
+            p(f"- {what}: **{mine['rps'] / st['rps']:.3f}×** req/s; CPU {cpu}; upstream CPU {up}")
+        base, full = like[0][1], like[1][1]
+        p(f"- what the headers cost nginx: its req/s forwarding them {full['rps'] / base['rps']:.3f}× "
+          "its req/s without")
+        p("")
     if "bare" in stats:
         p("Bare relay: `benches/load/bare_relay.rs`, a relay with no features at all (no timeouts, "
           "health checks, metrics, retries or header rules; GET and Content-Length answers only) "
@@ -308,7 +337,8 @@ def main():
     # What each forwarding proxy costs the upstream beside it, and the time the machine
     # idled: a proxy that is cheap itself but wakes its upstream more often, or leaves a core
     # idle while the other is the bottleneck, does not turn its saving into req/s.
-    neighbours = [r for r in ("ngx1", "int1", "bare", "ngx2", "int2") if stats.get(r, {}).get("up_us")]
+    neighbours = [r for r in ("ngx1", "ngxh", "int1", "bare", "ngx2", "int2")
+                  if stats.get(r, {}).get("up_us")]
     if neighbours:
         p("")
         p("## Cost to the neighbours (forwarding rows)")
