@@ -267,7 +267,7 @@ def main():
     p("× direct: against the direct row of the same body size and connections; × nginx: an "
       "intermission row against its matching nginx row (1 thread vs 1 worker, 2 vs 2, held page vs "
       "`return 503`; intermission's forwarding rows against plain nginx, which sends the upstream "
-      "`Host` alone, whatever rows follow: see below for the row forwarding the same headers). "
+      "`Host` alone: the row forwarding the same headers is compared below the table). "
       "Body rows compare MiB/s (wrk's Transfer/sec). Proxy CPU %: the proxy's CPU "
       "time over the run's wall time (100 = one core; for direct rows, the upstream's). CPU µs/req: "
       "that CPU time per request (median over the repetitions), and for an intermission row its "
