@@ -238,8 +238,9 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 /// while the access log named an IPv4 client of a dual-stack listener that way.
 fn canonical_net(net: IpNet) -> IpNet {
     match net {
+        // The address as written, host bits and all, for `warnings` to find them.
         IpNet::V6(v6) if v6.prefix_len() >= 96 => v6
-            .network()
+            .addr()
             .to_ipv4_mapped()
             .and_then(|v4| ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).ok())
             .map_or(net, IpNet::V4),
@@ -494,6 +495,87 @@ impl Config {
                     .to_owned(),
             );
         }
+        warnings.extend(self.health_warnings());
+        for (key, d, default) in [
+            (
+                "proxy.header_read_timeout",
+                self.proxy.header_read_timeout,
+                "10s",
+            ),
+            (
+                "upstream.connect_timeout",
+                self.upstream.connect_timeout,
+                "2s",
+            ),
+            (
+                "upstream.response_timeout",
+                self.upstream.response_timeout,
+                "60s",
+            ),
+        ] {
+            if d < LOW_TIMEOUT {
+                warnings.push(format!(
+                    "{key} = \"{}\" is under {}: a client or server a few milliseconds late \
+                     (a busy machine, a pause of its runtime, a network hop) is cut off, and \
+                     under load nearly every request may be; the default is {default}",
+                    humantime::format_duration(d),
+                    humantime::format_duration(LOW_TIMEOUT),
+                ));
+            }
+        }
+        for (i, &code) in self.upstream.intercept_statuses.iter().enumerate() {
+            // 429 is the application saying it is overloaded, which the outage page fits; the
+            // other client errors answer one request, and the page would blame the service.
+            if (400..500).contains(&code) && code != 429 {
+                warnings.push(format!(
+                    "upstream.intercept_statuses[{i}] = {code} is a client error: each such \
+                     answer of a working application (a page not found, a login refused) \
+                     becomes the outage holding response, which says the service is in \
+                     trouble; list server errors, like [502, 503, 504]"
+                ));
+            }
+        }
+        for (key, nets) in [
+            ("proxy.trusted_proxies", &self.proxy.trusted_proxies),
+            ("maintenance.allow_ips", &self.maintenance.allow_ips),
+        ] {
+            for (i, net) in nets.iter().enumerate() {
+                // ipnet takes "10.0.0.1/8" as 10.0.0.0/8: likely a host meant, or a prefix
+                // mistyped, and either way far more addresses than written.
+                if net.addr() != net.network() {
+                    warnings.push(format!(
+                        "{key}[{i}] \"{net}\" has host bits set: it means the whole network \
+                         \"{}\" ({} addresses); write that, or the address alone for one host",
+                        net.trunc(),
+                        addresses(net)
+                    ));
+                }
+            }
+        }
+        // The first `tls.listen` port is what the redirects name without `https_port`: port 0
+        // is any free port to a listener, and https://HOST:0/ reaches nothing.
+        if self.proxy.redirect_https && self.proxy.https_port.is_none() {
+            if let Some(first) = self.tls.listen.first().filter(|a| a.port() == 0) {
+                warnings.push(format!(
+                    "proxy.redirect_https = true sends plaintext visitors to the port of \
+                     tls.listen[0] \"{first}\", which is port 0 (any free port): they are \
+                     sent to https://HOST:0/, where nothing answers; set proxy.https_port to \
+                     the port clients reach HTTPS on"
+                ));
+            }
+        }
+        for (i, target) in self.notify.iter().enumerate() {
+            // The URL is not shown: its path or userinfo may hold a token.
+            let twin = self.notify[..i]
+                .iter()
+                .position(|t| t.url == target.url && t.headers == target.headers);
+            if let Some(first) = twin {
+                warnings.push(format!(
+                    "notify[{i}].url is the URL of notify[{first}] too, with the same headers: \
+                     every change is sent to that webhook twice; remove one of them"
+                ));
+            }
+        }
         for (i, target) in self.notify.iter().enumerate() {
             let short = target.secret.as_ref().map_or(0, |s| s.chars().count());
             if (1..MIN_WEBHOOK_SECRET).contains(&short) {
@@ -507,6 +589,38 @@ impl Config {
                      their own"
                 ));
             }
+        }
+        warnings
+    }
+
+    /// How long checks take to notice a server stopped (`fall` × `interval`) or back
+    /// (`rise` × `down_interval`), when it is long, and a `fall` past any use.
+    fn health_warnings(&self) -> Vec<String> {
+        let h = &self.health;
+        let mut warnings = Vec::new();
+        let down = h.interval.saturating_mul(h.fall);
+        if h.fall > FALL_WARNED || down > SLOW_NOTICE {
+            warnings.push(format!(
+                "health.fall = {} with health.interval = \"{}\": a server that stops \
+                 answering is taken out by its checks only after {}, and the site goes into \
+                 outage (and notifies) no sooner; the defaults, fall = 3 and interval = \"2s\", \
+                 take 6s",
+                h.fall,
+                humantime::format_duration(h.interval),
+                humantime::format_duration(down),
+            ));
+        }
+        let up = h.down_interval.saturating_mul(h.rise);
+        if up > SLOW_NOTICE {
+            warnings.push(format!(
+                "health.rise = {} with a down server checked every \"{}\" \
+                 (health.down_interval, at most health.interval): a server back after an \
+                 outage is used again only after {}, and the site answers with the outage \
+                 page all that time; set health.down_interval shorter",
+                h.rise,
+                humantime::format_duration(h.down_interval),
+                humantime::format_duration(up),
+            ));
         }
         warnings
     }
@@ -1341,7 +1455,18 @@ impl Validator<'_> {
                 // never comes. The others are interim, never replaced.
                 self.problem(
                     &key,
-                    format!("{code} is not a final answer; only 200-599 can be replaced"),
+                    format!("{code} is not a final answer; only 400-599 can be replaced"),
+                );
+            } else if code < 400 {
+                // `[200]` passed, and every page the application served became the outage
+                // page; a 3xx is no failure either (`304` answers a browser's revalidation).
+                self.problem(
+                    &key,
+                    format!(
+                        "{code} is not an error: every such answer of a working application \
+                         would become the outage holding response; list failures only, like \
+                         [502, 503, 504] (400-599)"
+                    ),
                 );
             }
         }
@@ -1606,6 +1731,17 @@ impl Validator<'_> {
         }
         if f.rise == 0 {
             self.problem("health.rise", "must be at least 1");
+        } else if f.rise > MAX_RISE {
+            self.problem(
+                "health.rise",
+                format!(
+                    "{} is more than {MAX_RISE}: a server back after an outage would be used \
+                     again only after that many passed checks in a row, and the site would stay \
+                     in outage all that time; to wait out a flapping server, lengthen \
+                     health.down_interval instead (the default rise is 2)",
+                    f.rise
+                ),
+            );
         }
         if f.fall == 0 {
             self.problem("health.fall", "must be at least 1");
@@ -1626,7 +1762,7 @@ impl Validator<'_> {
             // that is up: taken as `interval`, as HAProxy's `downinter` is a faster pace only.
             down_interval: down_interval.min(interval),
             timeout,
-            rise: f.rise.max(1),
+            rise: f.rise.clamp(1, MAX_RISE),
             fall: f.fall.max(1),
             expect,
             host,
@@ -1805,11 +1941,16 @@ impl Validator<'_> {
     }
 
     fn control(&mut self, f: file::ControlFile) -> ControlConfig {
-        let socket_mode = match u32::from_str_radix(f.socket_mode.trim_start_matches("0o"), 8) {
+        // Octal digits alone, after one `0o` at most: `from_str_radix` also takes a leading
+        // `+` (`"+600"`), and `trim_start_matches` took `"0o0o600"`, neither what chmod writes.
+        let digits = f.socket_mode.strip_prefix("0o").unwrap_or(&f.socket_mode);
+        let octal = !digits.is_empty() && digits.bytes().all(|b| matches!(b, b'0'..=b'7'));
+        let parsed = octal.then(|| u32::from_str_radix(digits, 8).ok()).flatten();
+        let socket_mode = match parsed {
             // The proxy's own user runs `ctl` (and systemd's `ExecReload` may too): a mode
             // that keeps its owner out leaves nobody able to switch maintenance off but by a
             // restart, and was found only when `ctl` was needed.
-            Ok(m) if m <= 0o777 && m & 0o600 != 0o600 => {
+            Some(m) if m <= 0o777 && m & 0o600 != 0o600 => {
                 self.problem(
                     "control.socket_mode",
                     format!(
@@ -1820,7 +1961,7 @@ impl Validator<'_> {
                 );
                 0o600
             }
-            Ok(m) if m <= 0o777 => m,
+            Some(m) if m <= 0o777 => m,
             _ => {
                 self.problem(
                     "control.socket_mode",
@@ -2111,6 +2252,19 @@ impl Validator<'_> {
                     f.level
                 ),
             );
+        } else if !sets_own_level(&f.level) {
+            let level = crate::logging::normalised(&f.level);
+            self.problem(
+                "log.level",
+                format!(
+                    "{:?} gives no level to the proxy's own lines: a filter of targets alone \
+                     logs nothing else, so the start, warnings, outages and refused reloads \
+                     would go unlogged (the access log alone is written); put a level first, \
+                     like \"info,{level}\", or name intermission's, like \
+                     \"intermission=info,{level}\"",
+                    f.level
+                ),
+            );
         }
         LogConfig {
             format,
@@ -2141,6 +2295,17 @@ pub(crate) fn level_or_filter(level: &str) -> bool {
             .all(|d| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d)))
 }
 
+/// Whether the filter `level` (valid: `level_or_filter`) decides the level of the proxy's own
+/// lines: a bare level, or a directive for `intermission` itself. tracing gives a target no
+/// directive names no level at all: `"hyper=debug"` passed `check`, and the proxy then logged
+/// hyper and its access log, and not its start, a warning or an outage. Not held against
+/// `RUST_LOG`, a developer's filter where one library alone may be what is wanted.
+fn sets_own_level(level: &str) -> bool {
+    level.split(',').map(str::trim).any(|d| {
+        !d.is_empty() && (!d.contains('=') || d.split(['=', '[']).next() == Some("intermission"))
+    })
+}
+
 const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// The shortest `health.interval` and `down_interval`: ten checks a second per server, per
@@ -2157,6 +2322,28 @@ const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// host; a check that must notice a hung server sooner has no use for less than the 100 ms
 /// between two checks.
 const MIN_CHECK_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// The most `health.rise` may be. `4294967295` passed: a server back after an outage was
+/// never used again, and the outage never ended. Load balancers' own bounds are lower still
+/// (AWS's and Google Cloud's healthy thresholds stop at 10); 100 checks are 10 s at the
+/// shortest down_interval and over 3 minutes at the default 2 s. `fall` has no such bound,
+/// only a warning (`FALL_WARNED`): a large one delays the outage mode and its notifications,
+/// while each request to the dead server is still retried or held, and tests keep a failing
+/// server in rotation with it.
+const MAX_RISE: u32 = 100;
+
+/// Above this, `health.fall` is warned of.
+const FALL_WARNED: u32 = 100;
+
+/// Below this, `proxy.header_read_timeout`, `upstream.connect_timeout` and
+/// `upstream.response_timeout` are warned of: a client's head or a server's answer a few
+/// milliseconds late (a busy machine, a pause of its runtime, a network hop) is cut off.
+const LOW_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Past this, the time health checks take to notice that a server stopped or came back
+/// (`fall` × `interval`, `rise` × `down_interval`) is warned of: ten minutes of clients
+/// sent to a dead server, or of outage answers after it is back.
+const SLOW_NOTICE: Duration = Duration::from_secs(600);
 
 /// `proxy.threads` at most: far more cores than any machine this runs on has.
 const MAX_THREADS: usize = 1024;
@@ -2541,6 +2728,16 @@ fn whole_families(nets: &[IpNet]) -> impl Iterator<Item = (usize, &IpNet, &'stat
             let family = if net.addr().is_ipv4() { "IPv4" } else { "IPv6" };
             (i, net, family)
         })
+}
+
+/// How many addresses `net` holds, said as a number up to 2^64 and as a power of two past it.
+fn addresses(net: &IpNet) -> String {
+    let host_bits = u32::from(net.max_prefix_len() - net.prefix_len());
+    if host_bits < 64 {
+        (1u64 << host_bits).to_string()
+    } else {
+        format!("2^{host_bits}")
+    }
 }
 
 #[cfg(test)]
@@ -3474,6 +3671,226 @@ mod tests {
                 "{bad}: {p:?}"
             );
         }
+    }
+
+    /// A filter of targets alone gives none to the proxy's own lines, which tracing then
+    /// drops: the start, warnings and outages went unlogged.
+    #[test]
+    fn a_log_filter_of_targets_alone_is_refused() {
+        for bad in [
+            "hyper=debug",
+            "hyper=debug, h2=info",
+            "intermission::gateway=debug",
+        ] {
+            let p = problems(&format!("[log]\nlevel = \"{bad}\"\n"));
+            assert!(
+                p.len() == 1
+                    && p[0].key == "log.level"
+                    && p[0]
+                        .message
+                        .contains("gives no level to the proxy's own lines"),
+                "{bad}: {p:?}"
+            );
+        }
+        let p = problems("[log]\nlevel = \"hyper=debug\"\n");
+        assert!(p[0].message.contains("\"info,hyper=debug\""), "{p:?}");
+        for good in [
+            "info,hyper=debug",
+            "hyper=debug,warn",
+            "intermission=info,hyper=debug",
+            "intermission[conn]=debug",
+        ] {
+            assert!(
+                problems(&format!("[log]\nlevel = \"{good}\"\n")).is_empty(),
+                "{good}"
+            );
+        }
+    }
+
+    fn warned(text: &str) -> Vec<String> {
+        Config::parse(text, Path::new("."), None)
+            .map(|c| c.warnings())
+            .unwrap_or_else(|e| panic!("{text}: {e}"))
+    }
+
+    /// `rise = 4294967295` passed: a server back after an outage was never used again.
+    #[test]
+    fn a_rise_past_100_is_refused() {
+        for rise in ["101", "4294967295"] {
+            let p = problems(&format!("[health]\nrise = {rise}\n"));
+            assert_eq!(p.len(), 1, "{p:?}");
+            assert_eq!(p[0].key, "health.rise");
+            assert!(
+                p[0].message
+                    .starts_with(&format!("{rise} is more than 100")),
+                "{p:?}"
+            );
+        }
+        assert!(problems("[health]\nrise = 100\n").is_empty());
+    }
+
+    /// Legal, and the outage is noticed late or never: said with the time it takes.
+    #[test]
+    fn health_checks_slow_to_notice_are_warned_of() {
+        assert_eq!(warned(""), Vec::<String>::new());
+        let w = warned("[health]\nfall = 4294967295\n");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("health.fall = 4294967295 with health.interval = \"2s\""));
+        let w = warned("[health]\ninterval = \"365d\"\ndown_interval = \"1s\"\n");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("health.fall = 3 with health.interval = \""),
+            "{w:?}"
+        );
+        let w = warned("[health]\ninterval = \"1h\"\ndown_interval = \"1h\"\nfall = 1\n");
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("only after 1h,"), "{w:?}");
+        assert!(
+            w[1].starts_with("health.rise = 2 with a down server checked every"),
+            "{w:?}"
+        );
+        assert!(w[1].contains("only after 2h,"), "{w:?}");
+        // Ten minutes each way is not yet warned of.
+        let ten = "[health]\ninterval = \"200s\"\ndown_interval = \"5m\"\nfall = 3\nrise = 2\n";
+        assert_eq!(warned(ten), Vec::<String>::new());
+        assert!(warned("[health]\nfall = 100\n").is_empty());
+    }
+
+    /// `"1ms"` passed: every request cut off but those answered at once.
+    #[test]
+    fn timeouts_under_100ms_are_warned_of() {
+        let w = warned(
+            "[proxy]\nheader_read_timeout = \"1ms\"\n\
+             [upstream]\nconnect_timeout = \"99ms\"\nresponse_timeout = \"5ms\"\n",
+        );
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w[0].starts_with("proxy.header_read_timeout = \"1ms\" is under 100ms"));
+        assert!(w[0].ends_with("the default is 10s"), "{w:?}");
+        assert!(
+            w[1].starts_with("upstream.connect_timeout = \"99ms\""),
+            "{w:?}"
+        );
+        assert!(
+            w[2].starts_with("upstream.response_timeout = \"5ms\""),
+            "{w:?}"
+        );
+        let at = "[proxy]\nheader_read_timeout = \"100ms\"\n\
+                  [upstream]\nconnect_timeout = \"100ms\"\nresponse_timeout = \"0.1s\"\n";
+        assert_eq!(warned(at), Vec::<String>::new());
+        // Zero is refused, as before.
+        assert_eq!(
+            keys_of(&problems("[upstream]\nresponse_timeout = \"0s\"\n")),
+            ["upstream.response_timeout"]
+        );
+    }
+
+    /// `[200]` passed, and every page served became the outage page.
+    #[test]
+    fn intercepting_a_success_is_refused_and_a_client_error_warned_of() {
+        for code in [200, 204, 301, 304, 399] {
+            let p = problems(&format!("[upstream]\nintercept_statuses = [502, {code}]\n"));
+            assert_eq!(p.len(), 1, "{p:?}");
+            assert_eq!(p[0].key, "upstream.intercept_statuses[1]");
+            assert!(
+                p[0].message.starts_with(&format!("{code} is not an error")),
+                "{p:?}"
+            );
+        }
+        let w = warned("[upstream]\nintercept_statuses = [404, 429, 500, 503]\n");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("upstream.intercept_statuses[0] = 404 is a client error"),
+            "{w:?}"
+        );
+    }
+
+    /// ipnet reads "10.0.0.1/8" as 10.0.0.0/8: said, naming the network it means.
+    #[test]
+    fn a_cidr_with_host_bits_is_warned_of() {
+        let w = warned(
+            "[proxy]\ntrusted_proxies = [\"10.0.0.1/8\", \"10.0.0.0/8\", \"10.1.2.3\", \
+             \"::ffff:192.168.1.9/120\"]\n\
+             [maintenance]\nallow_ips = [\"2001:db8::1/32\", \"192.168.1.0/24\"]\n",
+        );
+        assert_eq!(
+            w,
+            [
+                "proxy.trusted_proxies[0] \"10.0.0.1/8\" has host bits set: it means the whole \
+                 network \"10.0.0.0/8\" (16777216 addresses); write that, or the address alone \
+                 for one host",
+                "proxy.trusted_proxies[3] \"192.168.1.9/24\" has host bits set: it means the \
+                 whole network \"192.168.1.0/24\" (256 addresses); write that, or the address \
+                 alone for one host",
+                "maintenance.allow_ips[0] \"2001:db8::1/32\" has host bits set: it means the \
+                 whole network \"2001:db8::/32\" (2^96 addresses); write that, or the address \
+                 alone for one host",
+            ]
+        );
+    }
+
+    /// `from_str_radix` took a sign, and the prefix was trimmed however many times written.
+    #[test]
+    fn a_socket_mode_is_octal_digits_alone() {
+        for mode in [
+            "+600", "0o+600", "0o0o600", "-600", "", "0o", " 0600", "0x180",
+        ] {
+            let p = problems(&format!("[control]\nsocket_mode = \"{mode}\"\n"));
+            assert_eq!(p.len(), 1, "{mode}: {p:?}");
+            assert_eq!(p[0].key, "control.socket_mode");
+            assert!(p[0].message.contains("is not a permission mode"), "{p:?}");
+        }
+        for (mode, bits) in [("600", 0o600), ("0o660", 0o660), ("00600", 0o600)] {
+            let c = Config::parse(
+                &format!("[control]\nsocket_mode = \"{mode}\"\n"),
+                Path::new("."),
+                None,
+            );
+            assert_eq!(c.map(|c| c.control.socket_mode).ok(), Some(bits), "{mode}");
+        }
+    }
+
+    /// The redirects name the first TLS port without `https_port`: port 0 there is
+    /// https://HOST:0/.
+    #[test]
+    fn redirecting_to_a_tls_listener_on_port_0_is_warned_of() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), "").unwrap();
+        std::fs::write(dir.path().join("b"), "").unwrap();
+        let warned = |extra: &str, port: u16| {
+            let text = format!(
+                "[proxy]\nredirect_https = true\n{extra}[tls]\nlisten = [\"127.0.0.1:{port}\"]\n\
+                 [[tls.certificates]]\ncert = \"a\"\nkey = \"b\"\n"
+            );
+            Config::parse(&text, dir.path(), None).unwrap().warnings()
+        };
+        let w = warned("", 0);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("proxy.redirect_https = true sends plaintext visitors to the port of tls.listen[0] \"127.0.0.1:0\""),
+            "{w:?}"
+        );
+        assert!(w[0].contains("https://HOST:0/"), "{w:?}");
+        assert_eq!(warned("https_port = 8443\n", 0), Vec::<String>::new());
+        assert_eq!(warned("", 8443), Vec::<String>::new());
+    }
+
+    /// Every change would be posted to that webhook twice.
+    #[test]
+    fn a_webhook_listed_twice_is_warned_of_without_its_url() {
+        let w = warned(
+            "[[notify]]\nurl = \"https://hooks.example/t0ken\"\n\
+             [[notify]]\nurl = \"https://hooks.example/other\"\n\
+             [[notify]]\nurl = \"https://hooks.example/t0ken\"\nformat = \"slack\"\n\
+             [[notify]]\nurl = \"https://hooks.example/t0ken\"\nheaders = { X-Team = \"a\" }\n",
+        );
+        assert_eq!(
+            w,
+            [
+                "notify[2].url is the URL of notify[0] too, with the same headers: every change \
+              is sent to that webhook twice; remove one of them"
+            ]
+        );
+        assert!(!w[0].contains("t0ken"));
     }
 
     #[test]
