@@ -242,6 +242,11 @@ pub struct Controller {
     unsaved: bool,
     /// The state file's lock, held by the app (`app::Running`), which lets it go at the stop.
     lock: Option<Arc<store::StateLock>>,
+    /// The state in force changed by itself (`settle`) since it was last saved: `flush` saves it.
+    behind: bool,
+    /// A health flip or window edge was put in force during the write under way
+    /// (`write_state`): the change being saved is applied on top of it.
+    served: bool,
     /// Holds state writes while a test wants a slow disk.
     #[cfg(test)]
     write_gate: Option<Arc<tests::Gate>>,
@@ -370,6 +375,8 @@ impl Controller {
             written,
             unsaved: false,
             lock: None,
+            behind: false,
+            served: false,
             #[cfg(test)]
             write_gate: None,
         };
@@ -420,7 +427,7 @@ impl Controller {
             from: left.outage_told_from,
         });
         self.start_checkers().await;
-        let (before, mode) = self.settle(now, "started").await;
+        let (before, mode) = self.settle(now, "started");
         self.parts.metrics.set_mode(mode);
         for w in ended {
             tracing::info!("maintenance window {} ended while the proxy was down", w.id);
@@ -432,6 +439,8 @@ impl Controller {
         let taken_over = self.state.taken_over(self.published_at).unwrap_or(before);
         self.window_events(taken_over);
         loop {
+            // What the last message put in force by itself, once it has told it.
+            self.flush(true).await;
             // Checked before each message, not only raced with it: once the stop has begun,
             // no further command is applied, however many wait.
             if stop.as_ref().is_some_and(Shutdown::is_fired) {
@@ -445,7 +454,7 @@ impl Controller {
                 .map(|t| self.clock.until(t));
             tokio::select! {
                 () = stopped(&mut stop) => break,
-                _ = sleep_capped(edge), if edge.is_some() => self.on_edge().await,
+                _ = sleep_capped(edge), if edge.is_some() => self.on_edge(),
                 msg = self.rx.recv() => match msg {
                     Some(Msg::Control { req: Request::Reload, by, reply }) => {
                         self.ask_reload(by, reply);
@@ -462,14 +471,16 @@ impl Controller {
                 read = read(&mut self.reloads.reading), if self.reloads.reading.is_some() => {
                     self.finish_reload(read).await;
                 }
-                Some(flip) = self.flips_rx.recv() => self.on_flip(flip).await,
-                _ = sleep_capped(overrun_at), if overrun_at.is_some() => self.note_overrun().await,
+                Some(flip) = self.flips_rx.recv() => self.on_flip(flip),
+                _ = sleep_capped(overrun_at), if overrun_at.is_some() => self.note_overrun(),
                 _ = sleep_capped(certificates_at), if certificates_at.is_some() => {
                     self.note_certificates();
                 }
             }
         }
         self.refuse_the_rest();
+        // The last state in force, saved before the proxy exits (a flip during the stop).
+        self.flush(false).await;
     }
 
     /// Answers every request still waiting, and the reloads still reading, as not applied.
@@ -574,7 +585,7 @@ impl Controller {
         ));
     }
 
-    async fn on_flip(&mut self, flip: Flip) {
+    fn on_flip(&mut self, flip: Flip) {
         if flip.generation != self.generation {
             return;
         }
@@ -595,7 +606,7 @@ impl Controller {
             // A first check that found the server as it was counted: nothing changed for
             // clients, but a healthy server is now known, which may end an episode whose
             // words were kept since the start (`settle`).
-            let (before, after) = self.settle(self.clock.now(), "first health check").await;
+            let (before, after) = self.settle(self.clock.now(), "first health check");
             if !self.window_events(before) && before == after {
                 self.tell_resumed_end(back, after, &flip);
             }
@@ -624,7 +635,7 @@ impl Controller {
         }
         // Back to normal clears the episode's words; that is a change of the saved state.
         let reason = format!("{server}: {}", flip.reason);
-        let (before, after) = self.settle(now, &reason).await;
+        let (before, after) = self.settle(now, &reason);
         let previous = match self.retold_from.take() {
             Some(from) if before != after && after == Mode::Outage => from,
             _ => before,
@@ -683,7 +694,7 @@ impl Controller {
 
     /// A schedule window started or ended: drop the ended ones (a change of the saved state)
     /// and publish the mode of the moment.
-    async fn on_edge(&mut self) {
+    fn on_edge(&mut self) {
         let now = self.clock.now();
         // A capped sleep wakes before the edge: nothing to do yet.
         if self
@@ -693,7 +704,7 @@ impl Controller {
         {
             return;
         }
-        let (before, _) = self.settle(now, "scheduled maintenance window").await;
+        let (before, _) = self.settle(now, "scheduled maintenance window");
         self.window_events(before);
     }
 
@@ -701,7 +712,7 @@ impl Controller {
     /// Every publish that may cross a window edge goes through here and is followed by
     /// `window_events`, since `published_at` moves past the edge: the edge's own wake-up
     /// will not come again.
-    async fn settle(&mut self, now: SystemTime, reason: &str) -> (Mode, Mode) {
+    fn settle(&mut self, now: SystemTime, reason: &str) -> (Mode, Mode) {
         // The episode's words (an operator's `update` during an outage, and its timeline) go
         // once the application is known to be back, not while a server only counts as healthy
         // until its first check: a restart during an outage would otherwise lose them, on
@@ -712,21 +723,18 @@ impl Controller {
             next.outage_since = self.outage_since.map(crate::time::Timestamp);
             next.outage_told_from = self.outage_told_from(&next, now);
         }
-        // Published before it is saved: what comes here is in force already (a health flip,
-        // a window's edge, an announced end passing), with no operator waiting to be told
-        // it was saved, and a slow or hung disk held the outage's holding page back from
-        // clients for as long as the fsync took: the data plane kept forwarding to servers
-        // known down.
-        let changed = next != self.state;
-        if changed {
+        // Published now and saved after (`flush`): what comes here is in force already (a
+        // health flip, a window's edge, an announced end passing), with no operator waiting
+        // to be told it was saved, and a slow or hung disk held the outage's holding page
+        // back from clients for as long as the fsync took: the data plane kept forwarding to
+        // servers known down. Saved once whatever handles it now has told it (webhooks, log):
+        // a flip that comes during the save is handled whole, and its own words never go out
+        // before those of what came first.
+        if next != self.state {
             self.state = next;
+            self.behind = true;
         }
-        let modes = self.publish(now, reason);
-        if changed {
-            let saved = self.state.clone();
-            self.save(&saved).await;
-        }
-        modes
+        self.publish(now, reason)
     }
 
     /// What `next`, about to be saved and published at `now`, keeps as the mode its outage was
@@ -872,24 +880,38 @@ impl Controller {
         }
     }
 
-    /// Saves a state that is already in force (a clock edge, a health flip): a failure is
-    /// logged, since there is no operator to refuse.
-    async fn save(&mut self, next: &Persisted) {
-        if let Err((e, advice)) = self.write_state(next).await {
-            tracing::error!("{e}; {advice}, then reload to save the state in force");
-            self.unsaved = true;
+    /// Saves the state in force when `settle` changed it (a clock edge, a health flip): a
+    /// failure is logged, since there is no operator to refuse. Several that come during one
+    /// write are saved by the next one together. `serve`: as `write_state`.
+    async fn flush(&mut self, serve: bool) {
+        while std::mem::take(&mut self.behind) {
+            let state = self.state.clone();
+            if let Err((e, advice)) = self.write_state(&state, serve).await {
+                tracing::error!("{e}; {advice}, then reload to save the state in force");
+                self.unsaved = true;
+            }
         }
     }
 
     /// Writes the state file on the blocking pool (an fsync must not stall the data plane).
     /// A failure is said with what to do about it (`StoreError::advice`).
-    async fn write_state(&mut self, next: &Persisted) -> Result<(), (String, &'static str)> {
+    /// With `serve`, the health flips and window edges that come meanwhile are put in force
+    /// at once (and saved after, `flush`): a slow or hung disk held an outage found during an
+    /// operator's change back from clients, who were forwarded to servers known down for as
+    /// long as the fsync took. Only where nothing of what is being saved is told after the
+    /// write (an operator's change is put in force once saved): a flip's words must not come
+    /// before those of what came first.
+    async fn write_state(
+        &mut self,
+        next: &Persisted,
+        serve: bool,
+    ) -> Result<(), (String, &'static str)> {
         let path = self.parts.config.control.state_file.clone();
         let saved = next.clone();
         let lock = self.lock.clone();
         #[cfg(test)]
         let gate = self.write_gate.clone();
-        let (before, saved, after) = tokio::task::spawn_blocking(move || {
+        let mut writing = tokio::task::spawn_blocking(move || {
             #[cfg(test)]
             if let Some(gate) = gate {
                 gate.pass();
@@ -899,9 +921,28 @@ impl Controller {
             // its lock file was gone would have its changes overwritten, and overwrite ours.
             let saved = renew(lock.as_deref()).and_then(|()| store::save(&path, &saved));
             (before, saved, store::seen(&path))
-        })
-        .await
-        .map_err(|e| {
+        });
+        let written = loop {
+            if !serve {
+                break (&mut writing).await;
+            }
+            let edge = self
+                .state
+                .next_edge(self.published_at)
+                .map(|t| self.clock.until(t));
+            tokio::select! {
+                written = &mut writing => break written,
+                Some(flip) = self.flips_rx.recv() => {
+                    self.served = true;
+                    self.on_flip(flip);
+                }
+                _ = sleep_capped(edge), if edge.is_some() => {
+                    self.served = true;
+                    self.on_edge();
+                }
+            }
+        };
+        let (before, saved, after) = written.map_err(|e| {
             let advice = "Make room on that file system (or let the proxy's user write there)";
             (format!("state file writer failed: {e}"), advice)
         })?;
@@ -965,7 +1006,7 @@ impl Controller {
         Some(crate::time::announced_end(until.0))
     }
 
-    async fn note_overrun(&mut self) {
+    fn note_overrun(&mut self) {
         // A capped sleep wakes before the announced end: nothing to say yet.
         if self.pending_overrun().is_some_and(|t| t > self.clock.now()) {
             return;
@@ -976,7 +1017,7 @@ impl Controller {
                 until = %p.until.map(|u| u.rfc3339()).unwrap_or_default(),
                 "planned maintenance overran its announced end; it stays on until `off`, and Retry-After falls back to the configured value"
             );
-            let (before, mode) = self.settle(self.clock.now(), "announced end passed").await;
+            let (before, mode) = self.settle(self.clock.now(), "announced end passed");
             // A window that ended at the same moment says so first.
             self.window_events(before);
             self.notify(EventKind::UntilOverrun, mode, None, None);
@@ -1092,8 +1133,12 @@ impl Controller {
                 .collect(),
             false => Vec::new(),
         };
+        // A flip or edge put in force during the write comes first; the change, then in force
+        // on top of it, is told after it, on the clock reading it was published at.
+        self.served = false;
+        let mut now = now;
         if next != self.state {
-            self.write_state(&next).await.map_err(|(e, advice)| {
+            self.write_state(&next, true).await.map_err(|(e, advice)| {
                 // What to do, for an operator mid-incident whose `off` a full disk refused:
                 // the refusal itself is the promise (a restart keeps every change acknowledged).
                 ErrorBody::new(
@@ -1107,6 +1152,15 @@ impl Controller {
             let until = |s: &Persisted| s.planned.as_ref().and_then(|p| p.until);
             if until(&next) != until(&self.state) {
                 self.overrun_noted = false;
+            }
+            let mut next = next;
+            if self.served {
+                // What the outage found meanwhile is part of the state (no change touches
+                // it), saved by the `flush` after this change.
+                next.outage_since = self.state.outage_since;
+                next.outage_told_from = self.state.outage_told_from;
+                next.outage_told_from = self.outage_told_from(&next, now);
+                now = now.max(self.published_at);
             }
             self.state = next;
         }
@@ -1157,6 +1211,12 @@ impl Controller {
             && self.shown_until() != until_before
         {
             self.notify(EventKind::UntilChanged, before, Some(by.to_owned()), None);
+        }
+        if std::mem::take(&mut self.served) {
+            // Tidied as the flip would have tidied it, had it come after the change (an
+            // `update` whose episode a server's return ended meanwhile).
+            let (before, _) = self.settle(self.clock.now().max(now), "the state in force");
+            self.window_events(before);
         }
         Ok(notes)
     }
@@ -1344,7 +1404,9 @@ impl Controller {
             Some(Edited::Gone) => self.unsaved = true,
             None => {}
         }
-        let (before, after) = self.settle(self.clock.now(), "config reloaded").await;
+        let (before, after) = self.settle(self.clock.now(), "config reloaded");
+        // Saved here, flips waiting: the reload's own words come after, and depend on it.
+        self.flush(false).await;
         // The new listeners' first clients, queued by the kernel since the bind, now meet the
         // config that listens there.
         drop(opening);
@@ -1365,7 +1427,7 @@ impl Controller {
             }
         } else {
             let state = self.state.clone();
-            match self.write_state(&state).await {
+            match self.write_state(&state, false).await {
                 Ok(()) => tracing::info!("the state in force, not saved before, is saved now"),
                 Err((e, advice)) => {
                     let warning = format!(
@@ -1912,6 +1974,11 @@ mod tests {
             self.moved.notify_all();
         }
 
+        /// Holds the writes that come next.
+        fn close(&self) {
+            *self.open.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        }
+
         /// How many writes have come to the gate.
         fn reached(&self) -> usize {
             self.waiting.load(std::sync::atomic::Ordering::SeqCst)
@@ -2026,6 +2093,168 @@ mod tests {
             eventually(saved).await,
             "the outage was not saved once the disk answered"
         );
+    }
+
+    /// A server for `tcp` checks, up while its task runs: it accepts and closes. Aborted, its
+    /// socket is closed and the next check is refused.
+    async fn tcp_server() -> (u16, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port");
+        let port = listener.local_addr().expect("its address").port();
+        let task = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                drop(conn);
+            }
+        });
+        (port, task)
+    }
+
+    /// `tcp` checks every 50 ms, one failure enough to take a server out.
+    fn quick_checks(config: &mut Config) {
+        config.health.kind = crate::config::HealthKind::Tcp;
+        config.health.interval = Duration::from_millis(50);
+        config.health.down_interval = Duration::from_millis(50);
+        config.health.timeout = Duration::from_millis(500);
+        config.health.rise = 1;
+        config.health.fall = 1;
+    }
+
+    /// Waits, a bounded time, for every server to be known healthy by a check.
+    async fn known_up(rig: &Rig) -> bool {
+        for _ in 0..500 {
+            let health = rig.ask_now(Request::Health).await.health;
+            if health.is_some_and(|h| !h.is_empty() && h.iter().all(|s| s.healthy == Some(true))) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    /// An outage found while an operator's change is being saved is held for clients at once,
+    /// not once that save returns: the controller waited for the fsync before it took the
+    /// flip, and a hung disk left the data plane forwarding to servers known down. The
+    /// change is answered after its save, and the state saved next has both.
+    #[tokio::test]
+    async fn an_outage_found_during_an_operators_save_is_held_before_the_save_returns() {
+        let (port, server) = tcp_server().await;
+        let gate = Arc::new(Gate::default());
+        let _opens = Opens(gate.clone());
+        gate.open();
+        let servers = format!("[upstream]\nservers = [\"http://127.0.0.1:{port}\"]\n");
+        let (rig, shown) = build_rig(
+            |c, _| quick_checks(c),
+            &servers,
+            Persisted::default(),
+            Some(gate.clone()),
+        );
+        assert!(known_up(&rig).await, "the server was never found healthy");
+        assert_eq!(shown.load().mode, Mode::Normal);
+        gate.close();
+        let before = gate.reached();
+        let handle = rig.handle.clone();
+        let add = tokio::spawn(async move {
+            let add = Request::ScheduleAdd {
+                start: "+1h".into(),
+                end: "+2h".into(),
+                message: None,
+            };
+            handle.request(add, "alice".into()).await
+        });
+        assert!(
+            eventually(|| gate.reached() > before).await,
+            "no write began"
+        );
+        server.abort();
+        let _ = server.await;
+        assert!(
+            eventually(|| shown.load().mode == Mode::Outage).await,
+            "the outage waited for the operator's save"
+        );
+        let state = rig.ask_now(Request::Status).await.state.expect("a state");
+        assert_eq!(state.mode, Mode::Outage);
+        assert!(!add.is_finished(), "answered before its save");
+        gate.open();
+        let add = add.await.expect("schedule_add answered");
+        assert!(add.ok, "{:?}", add.error);
+        let state = add.state.expect("a state");
+        assert_eq!((state.mode, state.schedules.len()), (Mode::Outage, 1));
+        let file = rig._dir.path().join("state.json");
+        let saved = || {
+            // Read as written: `store::load` mends times ahead of the system clock, and the
+            // rig's clock is years ahead.
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            serde_json::from_str::<Persisted>(&text)
+                .is_ok_and(|s| s.outage_since.is_some() && s.schedules.len() == 1)
+        };
+        assert!(
+            eventually(saved).await,
+            "the window and the outage were not both saved: {:?}",
+            std::fs::read_to_string(&file)
+        );
+    }
+
+    /// A change whose save fails is refused as before (`state_not_saved`, nothing changed),
+    /// and an outage found while that save hung was held meanwhile and stays in force.
+    #[tokio::test]
+    async fn a_change_that_fails_to_save_is_refused_while_the_outage_found_meanwhile_holds() {
+        let (port, server) = tcp_server().await;
+        let gate = Arc::new(Gate::default());
+        let _opens = Opens(gate.clone());
+        gate.open();
+        let servers = format!("[upstream]\nservers = [\"http://127.0.0.1:{port}\"]\n");
+        let (rig, shown) = build_rig(
+            |c, dir| {
+                quick_checks(c);
+                std::fs::create_dir(dir.join("sub")).expect("a folder");
+                c.control.state_file = dir.join("sub").join("state.json");
+            },
+            &servers,
+            Persisted::default(),
+            Some(gate.clone()),
+        );
+        assert!(known_up(&rig).await, "the server was never found healthy");
+        gate.close();
+        let before = gate.reached();
+        let handle = rig.handle.clone();
+        let on = tokio::spawn(async move {
+            let on = Request::On {
+                message: Some("Lost".into()),
+                until: None,
+                retry_after: None,
+                reason: None,
+            };
+            handle.request(on, "alice".into()).await
+        });
+        assert!(
+            eventually(|| gate.reached() > before).await,
+            "no write began"
+        );
+        // The state file's folder becomes a file: the write under way fails once it runs.
+        let sub = rig._dir.path().join("sub");
+        std::fs::remove_dir_all(&sub).expect("folder removed");
+        std::fs::write(&sub, "not a folder").expect("file written");
+        server.abort();
+        let _ = server.await;
+        assert!(
+            eventually(|| shown.load().mode == Mode::Outage).await,
+            "the outage waited for the operator's save"
+        );
+        gate.open();
+        let on = on.await.expect("on answered");
+        let error = on.error.expect("refused");
+        assert_eq!(error.code, "state_not_saved");
+        assert!(
+            error.message.contains("nothing was changed")
+                && error.message.contains("send it again"),
+            "{}",
+            error.message
+        );
+        let state = rig.ask_now(Request::Status).await.state.expect("a state");
+        assert_eq!(state.mode, Mode::Outage, "the refused `on` is not in force");
+        assert_ne!(state.message.as_deref(), Some("Lost"));
+        assert_eq!(shown.load().mode, Mode::Outage);
     }
 
     /// Started on the built-in defaults (no `./config.toml`), the proxy reads the file written
