@@ -454,6 +454,8 @@ impl Controller {
                 .map(|t| self.clock.until(t));
             tokio::select! {
                 () = stopped(&mut stop) => break,
+                // Round again to the flush; a message ready too is as likely to go first.
+                () = std::future::ready(()), if self.behind => {}
                 _ = sleep_capped(edge), if edge.is_some() => self.on_edge(),
                 msg = self.rx.recv() => match msg {
                     Some(Msg::Control { req: Request::Reload, by, reply }) => {
@@ -881,10 +883,12 @@ impl Controller {
     }
 
     /// Saves the state in force when `settle` changed it (a clock edge, a health flip): a
-    /// failure is logged, since there is no operator to refuse. Several that come during one
-    /// write are saved by the next one together. `serve`: as `write_state`.
+    /// failure is logged, since there is no operator to refuse. `serve`: as `write_state`;
+    /// what that puts in force during the write is saved by the next one, all together, one
+    /// round of the run loop later: a message that waits may go first (a server flapping
+    /// faster than the disk writes would otherwise keep every command waiting).
     async fn flush(&mut self, serve: bool) {
-        while std::mem::take(&mut self.behind) {
+        if std::mem::take(&mut self.behind) {
             let state = self.state.clone();
             if let Err((e, advice)) = self.write_state(&state, serve).await {
                 tracing::error!("{e}; {advice}, then reload to save the state in force");
@@ -2193,6 +2197,51 @@ mod tests {
             "the window and the outage were not both saved: {:?}",
             std::fs::read_to_string(&file)
         );
+    }
+
+    /// A server back while the outage's own save hangs is forwarded to at once, and the
+    /// next write saves where things stand (no outage), not each finding in turn.
+    #[tokio::test]
+    async fn a_server_back_while_the_outages_save_hangs_is_forwarded_to_at_once() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let servers = format!("[upstream]\nservers = [\"http://127.0.0.1:{port}\"]\n");
+        let gate = Arc::new(Gate::default());
+        let _opens = Opens(gate.clone());
+        let (rig, shown) = build_rig(
+            |c, _| quick_checks(c),
+            &servers,
+            Persisted::default(),
+            Some(gate.clone()),
+        );
+        assert!(
+            eventually(|| shown.load().mode == Mode::Outage).await,
+            "no outage"
+        );
+        assert!(eventually(|| gate.reached() > 0).await, "no write began");
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("the server's port");
+        let server = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                drop(conn);
+            }
+        });
+        assert!(
+            eventually(|| shown.load().mode == Mode::Normal).await,
+            "the server's return waited for the outage's save"
+        );
+        assert_eq!(gate.reached(), 1, "a second write began beside the first");
+        gate.open();
+        let file = rig._dir.path().join("state.json");
+        let saved = || {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            serde_json::from_str::<Persisted>(&text).is_ok_and(|s| s.outage_since.is_none())
+        };
+        assert!(eventually(|| gate.reached() == 2 && saved()).await);
+        server.abort();
     }
 
     /// A change whose save fails is refused as before (`state_not_saved`, nothing changed),
