@@ -314,33 +314,36 @@ async fn the_page_speaks_the_visitors_language() {
     let (up, _) = counting_upstream().await;
     let proxy = proxy_for(&up, "").await;
     ctl(&proxy, on(None)).await;
-    let fr = text(
-        &get_with(
-            &proxy.url("/"),
-            &[
-                ("accept", BROWSER),
-                ("accept-language", "fr-CA,fr;q=0.9,en;q=0.5"),
-            ],
-        )
-        .await,
-    );
-    assert!(fr.contains("lang=\"fr\""), "{fr}");
-    let en = text(
-        &get_with(
-            &proxy.url("/"),
-            &[("accept", BROWSER), ("accept-language", "de, en;q=0.3")],
-        )
-        .await,
-    );
-    assert!(en.contains("lang=\"en\""));
-    let fallback = text(
-        &get_with(
-            &proxy.url("/"),
-            &[("accept", BROWSER), ("accept-language", "ja")],
-        )
-        .await,
-    );
-    assert!(fallback.contains("lang=\"en\""));
+    // (Accept-Language, the page's language): the page says it in `Content-Language` too,
+    // to a `HEAD` as to a `GET`, and varies by the header it was chosen by.
+    for (languages, lang) in [
+        ("fr-CA,fr;q=0.9,en;q=0.5", "fr"),
+        ("de, en;q=0.3", "en"),
+        ("ja", "en"),
+    ] {
+        let headers = [("accept", BROWSER), ("accept-language", languages)];
+        let got = get_with(&proxy.url("/"), &headers).await;
+        let page = text(&got);
+        assert!(
+            page.contains(&format!("lang=\"{lang}\"")),
+            "{languages}: {page}"
+        );
+        assert_eq!(got.headers()["content-language"], lang, "{languages}");
+        assert_eq!(got.headers()["vary"], "Accept, Accept-Language");
+        let mut head = Request::head(proxy.url("/"));
+        for (k, v) in headers {
+            head = head.header(k, v);
+        }
+        let head = send(head.body(empty()).unwrap()).await;
+        assert_eq!(head.headers()["content-language"], lang, "HEAD {languages}");
+    }
+    // The problem document is in no language chosen for its client.
+    let json = get_with(
+        &proxy.url("/"),
+        &[("accept", "application/json"), ("accept-language", "fr")],
+    )
+    .await;
+    assert_eq!(json.headers().get("content-language"), None);
 }
 
 #[tokio::test]
@@ -964,12 +967,14 @@ async fn reserved_paths_are_never_forwarded() {
     assert_eq!(preview.status(), 200);
     let page = text(&preview);
     assert!(page.contains("lang=\"fr\""));
+    assert_eq!(preview.headers()["content-language"], "fr");
     assert!(
         page.contains("We are having trouble reaching the service"),
         "the outage message, not the maintenance one: {page}"
     );
     let preview = get(&proxy.url("/_intermission/preview")).await;
     assert!(text(&preview).contains("We are doing some planned maintenance"));
+    assert_eq!(preview.headers()["content-language"], "en");
     // A regional tag shows its language's page, as a visitor's `Accept-Language` does.
     let preview = text(&get(&proxy.url("/_intermission/preview?lang=fr-CA")).await);
     assert!(preview.contains("lang=\"fr\""), "{preview}");
@@ -986,7 +991,12 @@ async fn reserved_paths_are_never_forwarded() {
         let head = send(Request::head(&url).body(empty()).unwrap()).await;
         assert_eq!(head.status(), 200, "{path}");
         assert!(head.body().is_empty(), "{path}");
-        for name in ["content-type", "content-length", "cache-control"] {
+        for name in [
+            "content-type",
+            "content-length",
+            "cache-control",
+            "content-language",
+        ] {
             assert_eq!(
                 head.headers().get(name),
                 got.headers().get(name),

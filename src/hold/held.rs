@@ -343,6 +343,8 @@ pub struct Held {
     /// The headers each form always has, by `Form`: a request clones one (no hashing, no
     /// formatting) and adds only what depends on the moment.
     heads: [HeaderMap; 5],
+    /// The HTML form's, by language: each says its page's language (`Content-Language`).
+    html_heads: Vec<HeaderMap>,
     /// `Retry-After` when it cannot change (no announced end to count down to).
     retry_fixed: Option<(HeaderValue, HeaderValue)>,
     /// Every response `respond` gives, encoded for HTTP/1.1 but for its date: by `Form`, then
@@ -420,6 +422,17 @@ fn fixed_headers(form: Form, mode: HeaderValue, grpc_message: &HeaderValue) -> H
     h
 }
 
+/// The `Content-Language` of the page of language `tag` (`Pages::langs`): a translation's
+/// tag, or `en` for the unsuffixed page taken as English. A browser, a search engine's
+/// crawler or a translating CDN told nothing takes the French page for whatever it guesses;
+/// the unsuffixed page that answers every language without a page of its own
+/// (`pages::ANY_OTHER`) is in a language the proxy does not know, and says none.
+pub fn content_language(tag: &str) -> Option<HeaderValue> {
+    (tag != super::pages::ANY_OTHER)
+        .then(|| HeaderValue::from_str(tag).ok())
+        .flatten()
+}
+
 impl Held {
     pub fn new(pages: &Pages, view: View, prefix: &str, now: SystemTime) -> Held {
         let html = render_pages(pages, &view, prefix, now);
@@ -468,6 +481,17 @@ impl Held {
                 .unwrap_or_else(|_| HeaderValue::from_static("unavailable"));
         let mode = HeaderValue::from_static(view.mode.as_str());
         let heads = FORMS.map(|form| fixed_headers(form, mode.clone(), &grpc_message));
+        let html_heads = pages
+            .langs
+            .iter()
+            .map(|tag| {
+                let mut h = heads[form_index(Form::Html)].clone();
+                if let Some(language) = content_language(tag) {
+                    h.insert(header::CONTENT_LANGUAGE, language);
+                }
+                h
+            })
+            .collect();
         let retry_fixed = view.until.is_none().then(|| {
             let secs = view.retry_default;
             (
@@ -482,6 +506,7 @@ impl Held {
             json,
             events,
             heads,
+            html_heads,
             retry_fixed,
             encoded: None,
         }
@@ -551,7 +576,11 @@ impl Held {
             Form::Text => (StatusCode::SERVICE_UNAVAILABLE, self.text.clone()),
             Form::Json => (StatusCode::SERVICE_UNAVAILABLE, self.json.with(retry)),
         };
-        let mut headers = self.heads[form_index(form)].clone();
+        let heads = match form {
+            Form::Html => self.html_heads.get(lang).or(self.html_heads.first()),
+            _ => None,
+        };
+        let mut headers = heads.unwrap_or(&self.heads[form_index(form)]).clone();
         let fixed = self.retry_fixed.as_ref();
         headers.insert(
             header::RETRY_AFTER,
@@ -910,6 +939,41 @@ mod tests {
         assert!(FORMS
             .iter()
             .all(|&f| counting.encoded(f, 0, false).is_none()));
+    }
+
+    /// Each page says its language, so that a crawler, a translating CDN or a screen reader
+    /// need not guess it; the unsuffixed page of a site whose English page is named
+    /// (`pages::ANY_OTHER`) is in a language nobody named, and says none. No other form is
+    /// in a language chosen for the client, and none says one.
+    #[test]
+    fn the_page_says_its_language_and_no_other_form_does() {
+        let language = |held: &Held, form: Form, lang: usize, head: bool| {
+            let resp = held.respond(form, lang, head, SystemTime::now);
+            let value = resp.headers().get(header::CONTENT_LANGUAGE);
+            value.map(|v| v.to_str().unwrap().to_owned())
+        };
+        let cases: [(&[&str], &[Option<&str>]); 2] = [
+            (
+                &["en", "fr", "fr-ca"],
+                &[Some("en"), Some("fr"), Some("fr-ca")],
+            ),
+            (&["*", "en"], &[None, Some("en")]),
+        ];
+        for (langs, want) in cases {
+            let held = Held::new(&pages(langs), view(None), "/_i/", SystemTime::now());
+            for (lang, want) in want.iter().enumerate() {
+                for head in [false, true] {
+                    let got = language(&held, Form::Html, lang, head);
+                    assert_eq!(got.as_deref(), *want, "{langs:?} {lang} head {head}");
+                }
+            }
+            // A language there is no page of gets the first page, and says its language.
+            let got = language(&held, Form::Html, langs.len(), false);
+            assert_eq!(got.as_deref(), want[0]);
+            for form in [Form::Grpc, Form::EventStream, Form::Text, Form::Json] {
+                assert_eq!(language(&held, form, 1, false), None, "{form:?}");
+            }
+        }
     }
 
     /// The fields of an event stream as a browser reads them (HTML, "Interpreting an event
