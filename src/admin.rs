@@ -83,7 +83,10 @@ pub async fn serve(
     loop {
         let (mut stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
+                Ok(pair) => {
+                    failures.recovered();
+                    pair
+                }
                 Err(e) => {
                     failures.failed(&e).await;
                     continue;
@@ -149,6 +152,7 @@ pub async fn serve(
             }
         });
     }
+    failures.recovered();
     // Closing the port first tells probes at once that this process is going.
     drop(listener);
     draining.send_replace(true);

@@ -731,6 +731,25 @@ impl AcceptFailures {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+
+    /// Accepting works again (or the listener stops): the failures of the burst's last second
+    /// are said now. Said only with the next failure, they were never said when the burst
+    /// ended (descriptors freed), and the log showed a lone failure where thousands had been.
+    /// One comparison per accepted connection.
+    #[inline]
+    pub fn recovered(&mut self) {
+        if let Some(unsaid) = self.told.unsaid() {
+            self.said_since(unsaid);
+        }
+    }
+
+    #[cold]
+    fn said_since(&self, unsaid: u64) {
+        tracing::warn!(
+            "{}: accept failed {unsaid} more times since the last line; accepting again",
+            self.what
+        );
+    }
 }
 
 /// A condition that may happen thousands of times a second, told at most once a second.
@@ -746,6 +765,12 @@ impl Lasting {
             said: None,
             unsaid: 0,
         }
+    }
+
+    /// How many were not written since the last, if any; taken, so that they are said once.
+    #[inline]
+    pub(crate) fn unsaid(&mut self) -> Option<u64> {
+        (self.unsaid > 0).then(|| std::mem::take(&mut self.unsaid))
     }
 
     /// Whether the condition at `now` is to be written, with how many were not since the last.
@@ -826,13 +851,17 @@ pub async fn accept_loop(
             }
             None => tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok(pair) => pair,
+                    Ok(pair) => {
+                        failures.recovered();
+                        pair
+                    }
                     Err(e) => {
                         failures.failed(&e).await;
                         continue;
                     }
                 },
                 _ = shutdown.fired() => {
+                    failures.recovered();
                     queued = Some(crate::app::BACKLOG as usize);
                     continue;
                 }
@@ -1936,6 +1965,26 @@ mod tests {
         assert_eq!(f.tell(at(1000)), Some(49));
         assert_eq!(f.tell(at(1020)), None);
         assert_eq!(f.tell(at(5000)), Some(1));
+    }
+
+    /// The failures of a burst's last second are said once accepting works again, not only
+    /// with the next failure, which may never come.
+    #[test]
+    fn the_tail_of_a_burst_of_accept_failures_is_said_when_it_ends() {
+        let mut f = Lasting::default();
+        let t = Instant::now();
+        let at = |ms| t + Duration::from_millis(ms);
+        assert_eq!(f.unsaid(), None);
+        assert_eq!(f.tell(at(0)), Some(0));
+        assert_eq!(f.unsaid(), None, "the first is said at once");
+        for ms in (20..400).step_by(20) {
+            assert_eq!(f.tell(at(ms)), None);
+        }
+        assert_eq!(f.unsaid(), Some(19));
+        assert_eq!(f.unsaid(), None, "said once");
+        // Within the second still: counted again, and said with the next failure after it.
+        assert_eq!(f.tell(at(500)), None);
+        assert_eq!(f.tell(at(1000)), Some(1));
     }
 
     /// A TLS client's first byte as the listener sees it, from a real socket after `client`.

@@ -489,7 +489,10 @@ pub async fn serve(
     loop {
         let stream = tokio::select! {
             accepted = socket.listener.accept() => match accepted {
-                Ok((s, _)) => s,
+                Ok((s, _)) => {
+                    failures.recovered();
+                    s
+                }
                 Err(e) => {
                     failures.failed(&e).await;
                     continue;
@@ -512,6 +515,7 @@ pub async fn serve(
             None => refuse(stream),
         }
     }
+    failures.recovered();
     drop(socket);
     while connections.join_next().await.is_some() {}
 }
