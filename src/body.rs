@@ -41,7 +41,7 @@ pub enum Body {
     /// A streamed request body that says when it has been sent whole, so that the wait for
     /// the response head starts then (an upload's own time is not the upstream's delay), and
     /// fails when it stalls while the server waits for it. Boxed: only an upload pays for it.
-    Watched(Incoming, Option<Box<Sent>>),
+    Watched(Box<Upload>),
     /// A server's response body that fails when it stalls longer than its limit.
     Timed(Box<Timed>),
     /// A response read from a raw upstream socket for an HTTP/2 client (`crate::relay::upstream`),
@@ -97,7 +97,10 @@ impl Body {
             upload,
         };
         (
-            Body::Watched(incoming, Some(Box::new(sent))),
+            Body::Watched(Box::new(Upload {
+                incoming,
+                sent: Some(sent),
+            })),
             Some(SentSignal { rx, state }),
         )
     }
@@ -216,6 +219,45 @@ const BROKEN: u8 = 4;
 /// one is left to read an answer, so the request is the access log's `499`, not a `400`.
 const LEFT: u8 = 5;
 
+/// A streamed upload (`Body::Watched`) and what says how it ends.
+pub struct Upload {
+    incoming: Incoming,
+    /// Taken once the end has been read.
+    sent: Option<Sent>,
+}
+
+impl Drop for Upload {
+    /// An HTTP/2 upload dropped before its end is read once more, without waiting: h2 resets
+    /// a stream whose DATA breaks its `content-length` and hyper then drops the request (and
+    /// with it this body, unread) as it drops one its client reset; that read tells the two
+    /// apart (`UploadWatch`). A read that has nothing yet, or data, says nothing. Not for
+    /// HTTP/1.1, where a read asks hyper's connection for more.
+    fn drop(&mut self) {
+        let Some(sent) = &self.sent else { return };
+        if sent._open.is_none() || sent.state.load(Ordering::Acquire) != STREAMING {
+            return;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        // What came and was not read yet comes first (bounded by the stream's window, which
+        // h2 holds in frames): at most a few reads more.
+        for _ in 0..16 {
+            match Pin::new(&mut self.incoming).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(_))) => continue,
+                Poll::Ready(Some(Err(e))) => {
+                    let state = match ClientFault::of(&e) {
+                        ClientFault::Left => LEFT,
+                        _ => BROKEN,
+                    };
+                    let (done, now) = (Ordering::AcqRel, Ordering::Acquire);
+                    let _ = sent.state.compare_exchange(STREAMING, state, done, now);
+                    return;
+                }
+                Poll::Ready(None) | Poll::Pending => return,
+            }
+        }
+    }
+}
+
 /// The sending side of "the body has been sent whole", and the clock on its pauses.
 pub struct Sent {
     tx: tokio::sync::oneshot::Sender<()>,
@@ -247,6 +289,11 @@ impl SentSignal {
         failure(self.state.load(Ordering::Acquire))
     }
 
+    /// Where the upload stands, for whoever outlives this signal (`UploadWatch`).
+    pub fn watch(&self) -> UploadWatch {
+        UploadWatch(self.state.clone())
+    }
+
     /// The server has answered: the rest of the body is not timed while the answer streams
     /// back, and is again once the answer's body (which holds the `Resume`) has ended, so
     /// that an upload the server answered early (a 401, a 413) cannot trickle on forever.
@@ -258,6 +305,26 @@ impl SentSignal {
             Ok(_) => Answered::Streaming(Resume(self.state.clone())),
             Err(state) => failure(state).map_or(Answered::Whole, Answered::ClientFailed),
         }
+    }
+}
+
+/// Where an upload stands, read by the gateway when hyper drops a request whose answer had
+/// not come: h2 resets the stream of an upload that breaks HTTP/2's rules (its DATA at odds
+/// with its `content-length`), and hyper then drops the request as it drops one its client
+/// reset, so only the body's own read tells a malformed upload from a client that left.
+#[derive(Clone)]
+pub struct UploadWatch(Arc<AtomicU8>);
+
+impl UploadWatch {
+    /// How the client's own upload failed, if it did.
+    pub fn client_failure(&self) -> Option<ClientFault> {
+        failure(self.0.load(Ordering::Acquire))
+    }
+
+    /// Whether nothing has told yet how the upload ends (read on while the server has not
+    /// answered).
+    pub fn undecided(&self) -> bool {
+        self.0.load(Ordering::Acquire) == STREAMING
     }
 }
 
@@ -660,7 +727,11 @@ impl HttpBody for Body {
                 None => held.1.take().map(|t| Ok(Frame::trailers(t))),
             }),
             Body::Stream(incoming) => Pin::new(incoming).poll_frame(cx).map_err(Into::into),
-            Body::Watched(incoming, done) => {
+            Body::Watched(upload) => {
+                let Upload {
+                    incoming,
+                    sent: done,
+                } = &mut **upload;
                 let polled = Pin::new(&mut *incoming).poll_frame(cx);
                 if finished(&polled, incoming) {
                     if let Some(sent) = done.take() {
@@ -734,10 +805,10 @@ impl HttpBody for Body {
             Body::Empty => true,
             Body::Full(bytes) => bytes.is_none(),
             Body::Trailed(held) => held.0.is_none() && held.1.is_none(),
-            Body::Stream(incoming)
-            | Body::Watched(incoming, _)
-            | Body::Lent(incoming, _)
-            | Body::Multiplexed(incoming, _) => incoming.is_end_stream(),
+            Body::Watched(upload) => upload.incoming.is_end_stream(),
+            Body::Stream(incoming) | Body::Lent(incoming, _) | Body::Multiplexed(incoming, _) => {
+                incoming.is_end_stream()
+            }
             Body::Counted(c) => c.inner.is_end_stream(),
             Body::Timed(t) => t.grpc == GrpcEnd::Ended || t.inner.is_end_stream(),
             Body::Relayed(r) => r.is_end_stream(),
@@ -752,10 +823,10 @@ impl HttpBody for Body {
             Body::Trailed(held) => {
                 SizeHint::with_exact(held.0.as_ref().map_or(0, |b| b.len() as u64))
             }
-            Body::Stream(incoming)
-            | Body::Watched(incoming, _)
-            | Body::Lent(incoming, _)
-            | Body::Multiplexed(incoming, _) => incoming.size_hint(),
+            Body::Watched(upload) => upload.incoming.size_hint(),
+            Body::Stream(incoming) | Body::Lent(incoming, _) | Body::Multiplexed(incoming, _) => {
+                incoming.size_hint()
+            }
             Body::Counted(c) => c.inner.size_hint(),
             Body::Timed(t) => t.inner.size_hint(),
             Body::Relayed(r) => r.size_hint(),

@@ -144,8 +144,11 @@ pub fn handle(state: &StateHandle, conn: &Arc<Conn>, mut req: Request<Incoming>)
                     log,
                     start,
                     counted_in: Some(&snap),
+                    upload: std::sync::OnceLock::new(),
                 };
-                let (resp, server, outcome) = forward_request(&snap, &conn, req, outcome).await;
+                let upload = &unanswered.upload;
+                let (resp, server, outcome) =
+                    forward_request(&snap, &conn, req, outcome, upload).await;
                 // A client that left mid-upload is told as one that left before its answer
                 // (`Unanswered`, dropped here): what is written back reaches nobody, or a
                 // client that closed only its sending side.
@@ -359,38 +362,116 @@ impl Judged {
 /// logged with nginx's `499`, so that the operator sees the requests people gave up on (a
 /// server that hangs shows as a run of them), where nothing was written; and counted as
 /// `abandoned`, where dashboards showed the traffic to a hanging server fall to nothing.
+/// hyper drops the request too when h2 resets the stream for an upload that breaks HTTP/2's
+/// rules (DATA frames adding up to more or less than its `content-length`): that one is the
+/// client's malformed request, logged `400` and counted `failed`, as a malformed chunk over
+/// HTTP/1.1 is, told apart by the upload's own read (`upload`).
 struct Unanswered<'a> {
     /// The line to write, with the access log on.
     log: Option<Logged>,
     start: Instant,
     /// Where it is counted, until its answer came.
-    counted_in: Option<&'a Snapshot>,
+    counted_in: Option<&'a Arc<Snapshot>>,
+    /// A streamed upload's state (`forward::forward` sets it).
+    upload: std::sync::OnceLock<crate::body::UploadWatch>,
 }
 
 impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
-        if let Some(snap) = self.counted_in {
+        let upload = self.upload.get();
+        // h2 wakes the task reading the body and hyper's stream task together: the reset may
+        // drop the request before the body's read has seen the error. Then, only for an
+        // upload cut short, the read is given a few turns of the runtime to say so.
+        if let (Some(snap), Some(watch)) = (self.counted_in, upload) {
+            if watch.undecided() {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let late = Unread {
+                        snap: snap.clone(),
+                        log: self.log.take(),
+                        start: self.start,
+                        upload: watch.clone(),
+                    };
+                    runtime.spawn(late.settle());
+                    return;
+                }
+            }
+        }
+        let fault = upload.and_then(crate::body::UploadWatch::client_failure);
+        let snap = self.counted_in.map(|s| &**s);
+        told_unanswered(snap, self.log.take(), self.start, fault);
+    }
+}
+
+/// A request dropped unanswered whose upload's end was not known yet (`Unanswered`): told
+/// once the body's read has had its turns, or when the task is dropped (a drain's end).
+struct Unread {
+    snap: Arc<Snapshot>,
+    log: Option<Logged>,
+    start: Instant,
+    upload: crate::body::UploadWatch,
+}
+
+impl Unread {
+    async fn settle(self) {
+        // On a worker's one thread, the task holding the body runs within a few turns; on
+        // a runtime of several threads (a test's), it may take a moment longer. Bounded: a
+        // body nobody drops or reads (its server not taking it) says nothing, and the
+        // request is told as one its client left.
+        for turn in 0..28 {
+            if !self.upload.undecided() {
+                break;
+            }
+            if turn < 8 {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
+
+impl Drop for Unread {
+    fn drop(&mut self) {
+        let fault = self.upload.client_failure();
+        told_unanswered(Some(&self.snap), self.log.take(), self.start, fault);
+    }
+}
+
+/// Counts and logs a forwarded request dropped before its answer: `400` and `failed` when
+/// its upload could not be read (the client broke the protocol), else nginx's `499` and
+/// `abandoned`.
+fn told_unanswered(
+    snap: Option<&Snapshot>,
+    log: Option<Logged>,
+    start: Instant,
+    fault: Option<ClientFault>,
+) {
+    let malformed = fault == Some(ClientFault::Unreadable);
+    if let Some(snap) = snap {
+        if malformed {
+            count(snap, start, StatusCode::BAD_REQUEST, Outcome::Failed);
+        } else {
             snap.metrics.abandoned(snap.mode);
         }
-        if let Some(Logged {
-            method,
-            uri,
+    }
+    if let Some(Logged {
+        method,
+        uri,
+        peer,
+        client,
+    }) = log
+    {
+        let line = crate::logging::AccessLine {
             peer,
             client,
-        }) = self.log.take()
-        {
-            let line = crate::logging::AccessLine {
-                peer,
-                client,
-                method: &method,
-                path: &uri,
-                status: CLIENT_CLOSED,
-                upstream: None,
-                bytes: 0,
-                cut: false,
-            };
-            line.write(self.start);
-        }
+            method: &method,
+            path: &uri,
+            status: if malformed { 400 } else { CLIENT_CLOSED },
+            upstream: None,
+            bytes: 0,
+            cut: false,
+        };
+        line.write(start);
     }
 }
 
@@ -809,6 +890,7 @@ fn forward_request<'a>(
     conn: &'a Conn,
     req: Request<Incoming>,
     outcome: Outcome,
+    upload: &'a std::sync::OnceLock<crate::body::UploadWatch>,
 ) -> impl Future<Output = (Response<Body>, Option<usize>, Outcome)> + Send + 'a {
     async move {
         let trusted = snap.config.proxy.is_trusted(conn.peer.ip());
@@ -825,6 +907,7 @@ fn forward_request<'a>(
             trusted,
             &snap.config,
             conn.drain.as_deref(),
+            upload,
         )
         .await
         {
@@ -888,7 +971,10 @@ fn forward_request<'a>(
                 if echo.http2 {
                     resp.headers_mut().remove(header::CONNECTION);
                 }
-                (resp, server, Outcome::Failed)
+                // The proxy's own answer to its stop, as the `503` to an `Upgrade` asked for
+                // during a drain is: no server failed, and counted `failed` every deploy
+                // with a long poll in flight raised the alerts on failed requests.
+                (resp, server, Outcome::Reserved)
             }
             Err(failed) => {
                 match &failed.error {

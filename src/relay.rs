@@ -2549,7 +2549,8 @@ async fn outage<C: Client>(
     crate::hold::negotiate::grpc_deadline_left(req.headers_mut(), elapsed);
     let resp = gateway::outage_answer(snap, &req);
     let closing = drain.started();
-    own_answer(resp, closing, bufs, snap, sock, served).await
+    let failed = Outcome::Failed;
+    own_answer(resp, failed, closing, bufs, snap, sock, served).await
 }
 
 /// Writes the drain's `503` (`gateway::stopping`) to a request still waiting for its answer's
@@ -2560,25 +2561,32 @@ async fn stopped<C: Client>(
     sock: &mut C,
     served: &mut Served,
 ) -> Next {
-    own_answer(gateway::stopping(), true, bufs, snap, sock, served).await
+    // Counted as hyper's path counts it (`gateway`): the proxy's own answer, no failure.
+    let stopping = Outcome::Reserved;
+    own_answer(
+        gateway::stopping(),
+        stopping,
+        true,
+        bufs,
+        snap,
+        sock,
+        served,
+    )
+    .await
 }
 
-/// Writes an answer of the proxy's own to a request it could not forward, counted `Failed`;
-/// with `closing`, it says `Connection: close` and the connection closes after it.
+/// Writes an answer of the proxy's own to a request it did not forward, counted as
+/// `outcome`; with `closing`, it says `Connection: close` and the connection closes after it.
 async fn own_answer<C: Client>(
     resp: http::Response<crate::body::Body>,
+    outcome: Outcome,
     closing: bool,
     bufs: &mut Set,
     snap: &Snapshot,
     sock: &mut C,
     served: &mut Served,
 ) -> Next {
-    gateway::count(
-        snap,
-        served.start.into_std(),
-        resp.status(),
-        Outcome::Failed,
-    );
+    gateway::count(snap, served.start.into_std(), resp.status(), outcome);
     served.status = resp.status().as_u16();
     let (mut parts, body) = resp.into_parts();
     // Whole (`Held::respond`, `gateway::stopping`).

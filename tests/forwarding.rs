@@ -2202,3 +2202,117 @@ async fn an_event_stream_whose_server_dies_between_events_ends_properly() {
         );
     }
 }
+
+/// An HTTP/2 upload whose DATA frames add up to more or less than its `content-length` is a
+/// request the client made malformed (RFC 9113 §8.1.1), not one it left: h2 resets the stream
+/// (`PROTOCOL_ERROR`), and it is counted `failed`, as a malformed chunk over HTTP/1.1 is,
+/// never `abandoned`.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_upload_at_odds_with_its_content_length_is_failed_not_abandoned() {
+    let (tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let up = upstream(move |req: Request<Incoming>| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(());
+            let body = req.into_body().collect().await;
+            Response::new(full(format!("read whole: {}", body.is_ok())))
+        }
+    })
+    .await;
+    let proxy = spawn_proxy(&format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        upstream_config(&up)
+    ))
+    .await;
+    let abandoned = "intermission_requests_total{outcome=\"abandoned\",mode=\"normal\"}";
+    let failed = "intermission_requests_total{outcome=\"failed\",mode=\"normal\"}";
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    // Fewer bytes than announced, then END_STREAM; more than announced.
+    for (n, (length, sent)) in [("10", "hello"), ("2", "hello")].into_iter().enumerate() {
+        let mut client = client.clone().ready().await.unwrap();
+        let req = Request::post(proxy.url("/odd"))
+            .header("content-length", length)
+            .body(())
+            .unwrap();
+        let (response, mut upload) = client.send_request(req, false).unwrap();
+        upload.send_data(Bytes::from_static(b"h"), false).unwrap();
+        // Sent on once the server is reading the body, so that the request is forwarded.
+        tokio::time::timeout(Duration::from_secs(10), arrived.recv())
+            .await
+            .unwrap();
+        upload
+            .send_data(Bytes::from(&sent.as_bytes()[1..]), true)
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), response)
+            .await
+            .expect("neither answered nor reset in time");
+        let reason = got.map(|r| r.status()).map_err(|e| e.reason());
+        assert_eq!(
+            reason,
+            Err(Some(h2::Reason::PROTOCOL_ERROR)),
+            "content-length {length}, {sent:?} sent"
+        );
+        let want = (n + 1) as f64;
+        assert_eq!(series_reaches(&proxy, failed, want).await, Some(want));
+        assert_eq!(series(&proxy, abandoned).await, Some(0.0));
+    }
+}
+
+/// The drain's `503` to a request still waiting for its answer's head as a stop's
+/// `shutdown_timeout` nears its end is the proxy's own answer, as the one to an `Upgrade`
+/// asked for during a drain is: counted `reserved`, on the relay's path (plaintext HTTP/1.1)
+/// and hyper's (h2c), never `failed`, which no server's failure brought about.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_drains_503_is_counted_reserved_not_failed() {
+    let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let up = never_answering(arrived.clone()).await;
+    let mut proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\nresponse_timeout = \"1h\"\n\
+         [proxy]\nshutdown_timeout = \"2s\"\n",
+        up.url()
+    ))
+    .await;
+    let state = proxy.running.as_ref().unwrap().state().clone();
+    let addr = proxy.addr;
+    let h1 = tokio::spawn(async move {
+        raw_exchange(
+            addr,
+            b"GET /slow-h1 HTTP/1.1\r\nHost: x\r\n\r\n",
+            Duration::from_secs(30),
+        )
+        .await
+    });
+    let h2c = tokio::spawn(async move {
+        let req = Request::get(format!("http://{addr}/slow-h2"))
+            .body(empty())
+            .unwrap();
+        h2c_client().request(req).await.map(|r| r.status())
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || arrived.load(Ordering::SeqCst)
+            >= 2)
+        .await,
+        "both requests reached the server"
+    );
+    assert!(proxy.running.take().unwrap().shutdown().await);
+    let h1 = tokio::time::timeout(Duration::from_secs(10), h1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(h1.starts_with("HTTP/1.1 503 "), "{h1:?}");
+    let h2c = tokio::time::timeout(Duration::from_secs(10), h2c)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(h2c.ok(), Some(StatusCode::SERVICE_UNAVAILABLE));
+    let text = state.load().metrics.encode_text();
+    let value = |outcome: &str| {
+        let key = format!("intermission_requests_total{{outcome=\"{outcome}\",mode=\"normal\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key)?.parse::<f64>().ok())
+    };
+    assert_eq!(value("failed"), Some(0.0), "{text}");
+    assert_eq!(value("reserved"), Some(2.0), "{text}");
+}

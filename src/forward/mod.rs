@@ -192,7 +192,8 @@ pub fn asks_for_tunnel(req: &Request<Incoming>) -> bool {
 /// head arrives is retried once on another healthy server when it can be replayed or none of
 /// it was sent, and so is one whose server `marks` says was taken out while it waited for
 /// that head. Every failure
-/// the server can be blamed for is reported to its checker.
+/// the server can be blamed for is reported to its checker. A streamed upload's state is
+/// put in `watch`, for the gateway to read if the request is dropped before its answer.
 #[allow(clippy::manual_async_fn)] // see the module's docs
 #[allow(clippy::too_many_arguments)] // each a reference into the request's snapshot
 pub fn forward<'a>(
@@ -205,6 +206,7 @@ pub fn forward<'a>(
     trusted: bool,
     config: &'a Config,
     drain: Option<&'a Drain>,
+    watch: &'a std::sync::OnceLock<crate::body::UploadWatch>,
 ) -> impl Future<Output = Result<Forwarded, Failed>> + Send + 'a {
     async move {
         let timeout = config.upstream.response_timeout;
@@ -307,6 +309,9 @@ pub fn forward<'a>(
                 let open = answers.map(|answers| answers.open());
                 let limit = config.proxy.body_read_timeout;
                 let (body, sent) = Body::watched(body, limit, open, upload);
+                if let Some(sent) = &sent {
+                    let _ = watch.set(sent.watch());
+                }
                 (body, sent, None)
             };
 
