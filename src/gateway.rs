@@ -862,17 +862,20 @@ fn rule<'p, H: Fields + ?Sized>(
 ) -> Rule<'p> {
     let m = &snap.config.maintenance;
     let redirect = !conn.tls() && snap.config.proxy.redirect_https;
+    // Before the reserved paths: a `CONNECT` naming one (`CONNECT /_intermission/status`)
+    // got their answer (a `405`, or the holding answer for a wrong bypass link) on a kept
+    // connection, and the tunnel's bytes behind it were read as the next request.
+    if method == Method::CONNECT {
+        // Held like every other method (SPEC §3): the client hears when to come back.
+        let held = snap.held.is_some() && !bypassed(snap, conn, path, headers, judged);
+        return if held { Rule::Hold } else { Rule::Connect };
+    }
     if let Some(rest) = path.strip_prefix(m.reserved_prefix.as_str()) {
         // The bypass secret and its cookie never travel in cleartext when HTTPS is there.
         if redirect && rest.starts_with("bypass/") {
             return Rule::Redirect;
         }
         return Rule::Reserved(rest);
-    }
-    if method == Method::CONNECT {
-        // Held like every other method (SPEC §3): the client hears when to come back.
-        let held = snap.held.is_some() && !bypassed(snap, conn, path, headers, judged);
-        return if held { Rule::Hold } else { Rule::Connect };
     }
     if redirect && !allowed_path(path, &m.allow_paths) {
         return Rule::Redirect;
@@ -1319,6 +1322,30 @@ mod tests {
                 &snap, &conn, &get, reserved, &none, &mut out
             ));
             assert!(out.is_empty());
+        }
+    }
+
+    /// A `CONNECT` whose target is a reserved path is held, or refused, as every `CONNECT`
+    /// is, and its connection closed (`handle`, `refusal`): it had the reserved path's
+    /// answer on a kept connection, and what followed its head was read as a next request.
+    #[test]
+    fn a_connect_naming_a_reserved_path_is_held_or_refused_as_any_connect() {
+        let conn = super::Conn::new("127.0.0.1:40000".parse().unwrap(), false);
+        let none = http::HeaderMap::new();
+        for (holds, path) in [
+            (true, "/_intermission/status"),
+            (true, "/_intermission/bypass/wrong"),
+            (false, "/_intermission/status"),
+        ] {
+            let snap = crate::state::snapshot::for_tests("", holds);
+            let judged = super::Judged::default();
+            let connect = http::Method::CONNECT;
+            let rule = super::rule(&snap, &conn, &connect, path, &none, &judged);
+            let as_any = match holds {
+                true => matches!(rule, super::Rule::Hold),
+                false => matches!(rule, super::Rule::Connect),
+            };
+            assert!(as_any, "holding {holds}, {path}");
         }
     }
 
