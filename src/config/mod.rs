@@ -2301,8 +2301,12 @@ pub(crate) fn level_or_filter(level: &str) -> bool {
 /// hyper and its access log, and not its start, a warning or an outage. Not held against
 /// `RUST_LOG`, a developer's filter where one library alone may be what is wanted.
 fn sets_own_level(level: &str) -> bool {
+    // Not one naming a span (`intermission[conn]=debug`): it gives a level inside that span
+    // alone, and the start, warnings and outages, logged in none, went unlogged too.
     level.split(',').map(str::trim).any(|d| {
-        !d.is_empty() && (!d.contains('=') || d.split(['=', '[']).next() == Some("intermission"))
+        !d.is_empty()
+            && !d.contains('[')
+            && (!d.contains('=') || d.split('=').next() == Some("intermission"))
     })
 }
 
@@ -3681,6 +3685,7 @@ mod tests {
             "hyper=debug",
             "hyper=debug, h2=info",
             "intermission::gateway=debug",
+            "intermission[conn]=debug",
         ] {
             let p = problems(&format!("[log]\nlevel = \"{bad}\"\n"));
             assert!(
@@ -3698,7 +3703,7 @@ mod tests {
             "info,hyper=debug",
             "hyper=debug,warn",
             "intermission=info,hyper=debug",
-            "intermission[conn]=debug",
+            "info,intermission[conn]=debug",
         ] {
             assert!(
                 problems(&format!("[log]\nlevel = \"{good}\"\n")).is_empty(),
