@@ -1163,8 +1163,10 @@ impl Controller {
                 // it), saved by the `flush` after this change.
                 next.outage_since = self.state.outage_since;
                 next.outage_told_from = self.state.outage_told_from;
-                next.outage_told_from = self.outage_told_from(&next, now);
+                // At the clock reading the change is published at: a window's edge taken
+                // during the write is in force then, and the outage was told from its mode.
                 now = now.max(self.published_at);
+                next.outage_told_from = self.outage_told_from(&next, now);
             }
             self.state = next;
         }
@@ -2086,7 +2088,12 @@ mod tests {
             eventually(|| shown.load().mode == Mode::Outage).await,
             "clients were not held while the outage's save waited"
         );
-        assert!(gate.reached() > 0, "the outage was saved with no wait");
+        // Published first, then saved by the run loop's next round: the write reaches the
+        // gate a moment after clients are held.
+        assert!(
+            eventually(|| gate.reached() > 0).await,
+            "the outage's save never began"
+        );
         let state = rig.ask_now(Request::Status).await.state.expect("a state");
         assert_eq!(state.mode, Mode::Outage);
         let file = rig._dir.path().join("state.json");
