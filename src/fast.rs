@@ -9,7 +9,8 @@
 //! is parsed with httparse (as hyper does) in place, its lines read where they lie
 //! (`hold::fields`, no header map), judged by the gateway's own rules (`rule`: bypass cookies,
 //! allowed paths and addresses, reserved paths: the same code as every other request), and its
-//! answer, encoded when the state changed (`h1::Encoded`), written with one system call.
+//! answer, encoded when the state changed (`h1::Encoded`), written with one system call (a
+//! `writev` of its head and its pre-rendered body, which is not copied: `h1::Answers`).
 //!
 //! Anything else goes to hyper, untouched, with the bytes read so far: another method, a body,
 //! a `Connection` other than `keep-alive`, `Upgrade` or `Expect`, HTTP/1.0, a target with a
@@ -19,13 +20,14 @@
 //! state of its own.
 
 use crate::gateway::{self, Conn};
+use crate::h1::{Answers, PIECES};
 use crate::shutdown::Drain;
 use crate::state::{Snapshot, StateHandle};
 use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::{Method, Request};
 use std::cell::RefCell;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, IoSlice};
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 use tokio::io::Interest;
@@ -136,23 +138,17 @@ impl Fast {
             // Parsed where they lie: the rules read httparse's lines (`hold::fields`), so
             // nothing of a request is copied unless hyper must read it.
             let mut at = 0;
-            out.clear();
-            while at < len && out.len() < OUT_BUDGET {
-                let Some(used) = held(&snap, &self.conn, &read[at..len], out) else {
+            let mut answers = Answers::new(out);
+            while at < len && answers.len() < OUT_BUDGET {
+                let Some(used) = held(&snap, &self.conn, &read[at..len], &mut answers) else {
                     break;
                 };
                 at += used;
             }
-            let mut written = 0;
-            while written < out.len() {
-                match io.try_write(&out[written..]) {
-                    Ok(n) => written += n,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(_) => return Step::Closed,
-                }
-            }
-            let answered = !out.is_empty();
-            let unwritten = Bytes::copy_from_slice(&out[written..]);
+            let answered = !answers.is_empty();
+            let Some(unwritten) = write(io, &answers) else {
+                return Step::Closed;
+            };
             if out.capacity() > 4 * READ_BUF {
                 // One large answer does not pin its size in every thread for good.
                 *out = Vec::new();
@@ -176,10 +172,37 @@ impl Fast {
     }
 }
 
+/// Writes `answers` with one `writev` (more only when the socket takes a part, and will take
+/// more at once); gives back what it did not take, or `None` when the connection failed.
+fn write(io: &TcpStream, answers: &Answers<'_, '_>) -> Option<Bytes> {
+    let mut pieces = [IoSlice::new(&[]); PIECES];
+    let n = answers.pieces(&mut pieces);
+    let mut left = &mut pieces[..n];
+    while !left.is_empty() {
+        match io.try_write_vectored(left) {
+            Ok(0) => return None,
+            Ok(n) => IoSlice::advance_slices(&mut left, n),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(_) => return None,
+        }
+    }
+    // Rare: a client that reads slowly, or a socket buffer smaller than the answers.
+    let mut rest = Vec::with_capacity(left.iter().map(|piece| piece.len()).sum());
+    for piece in left.iter() {
+        rest.extend_from_slice(piece);
+    }
+    Some(Bytes::from(rest))
+}
+
 /// Answers the request at the start of `input` into `out` when it is a plain held one;
 /// returns the length of its head. For parked connections here, and for connections the relay
 /// serves (TLS ones, which do not park, included).
-pub fn held(snap: &Snapshot, conn: &Conn, input: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+pub fn held<'s>(
+    snap: &'s Snapshot,
+    conn: &Conn,
+    input: &[u8],
+    out: &mut Answers<'s, '_>,
+) -> Option<usize> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
     let httparse::Status::Complete(used) =

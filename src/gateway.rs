@@ -235,13 +235,13 @@ fn discard_upload(req: Request<Incoming>) {
 /// the others as hyper's path shows the `Uri`. Unless `Retry-After` counts down to an
 /// announced end, the response was encoded when the state changed (`hold::Held`), and a
 /// request adds only its date.
-pub fn write_held<H: Fields + ?Sized>(
-    snap: &Snapshot,
+pub fn write_held<'s, H: Fields + ?Sized>(
+    snap: &'s Snapshot,
     conn: &Conn,
     method: &Method,
     target: &str,
     headers: &H,
-    out: &mut Vec<u8>,
+    out: &mut crate::h1::Answers<'s, '_>,
 ) -> bool {
     let Some(held) = &snap.held else {
         return false;
@@ -265,7 +265,7 @@ pub fn write_held<H: Fields + ?Sized>(
     let hsts = snap.hsts(conn.tls());
     let (status, bytes) = match encoded {
         Some(encoded) => {
-            encoded.write_with(hsts.map_or(&[][..], crate::config::Hsts::line), out);
+            encoded.answer_with(hsts.map_or(&[][..], crate::config::Hsts::line), out);
             (encoded.status(), encoded.body_len())
         }
         None => {
@@ -277,7 +277,7 @@ pub fn write_held<H: Fields + ?Sized>(
             }
             // A holding response's body is whole (`Held::respond`).
             let body = body.into_ready().unwrap_or_default();
-            crate::h1::encode(&parts, &body, head, out);
+            crate::h1::encode(&parts, &body, head, out.buf());
             (parts.status, body.len())
         }
     };
@@ -1300,13 +1300,14 @@ mod tests {
                     .unwrap();
                 let mut got = Vec::new();
                 let (method, target) = (req.method(), "/shop");
+                let mut out = crate::h1::Answers::copied(&mut got);
                 assert!(super::write_held(
                     &snap,
                     &conn,
                     method,
                     target,
                     req.headers(),
-                    &mut got
+                    &mut out
                 ));
                 let (parts, body) = crate::reserved::hold(&snap, &req).into_parts();
                 let mut want = Vec::new();
@@ -1317,7 +1318,8 @@ mod tests {
             // Not a held request: nothing written, left to hyper.
             let reserved = "/_intermission/status";
             let (get, none) = (http::Method::GET, http::HeaderMap::new());
-            let mut out = Vec::new();
+            let mut buf = Vec::new();
+            let mut out = crate::h1::Answers::new(&mut buf);
             assert!(!super::write_held(
                 &snap, &conn, &get, reserved, &none, &mut out
             ));

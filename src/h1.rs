@@ -57,6 +57,108 @@ impl Encoded {
         out.extend_from_slice(extra);
         end_head(self.dated, &self.body, out);
     }
+
+    /// `write_with` into `out`, whose body stays where it lies when `out` can send it so.
+    pub fn answer_with<'s>(&'s self, extra: &[u8], out: &mut Answers<'s, '_>) {
+        let buf = &mut *out.buf;
+        buf.reserve(self.head.len() + extra.len() + 40);
+        buf.extend_from_slice(&self.head);
+        buf.extend_from_slice(extra);
+        end_head(self.dated, b"", buf);
+        out.body(&self.body);
+    }
+}
+
+/// Bodies an `Answers` sends from where they lie; the bodies of more answers than this to
+/// one read are copied.
+const BODIES: usize = 8;
+
+/// Pieces of `Answers`, at most: its bodies and the buffer's bytes around them.
+pub const PIECES: usize = 2 * BODIES + 1;
+
+/// Answers written for the requests of one read: their bytes in `buf`, but for the bodies
+/// of the pre-rendered ones (`Encoded::answer_with`), which stay where they lie (in the
+/// snapshot's `Held`) and are sent from there with the heads in one `writev`. Copying the
+/// holding page into the buffer was the largest part of writing a held answer.
+pub struct Answers<'s, 'b> {
+    buf: &'b mut Vec<u8>,
+    /// Each body with where it goes in `buf`, in order.
+    bodies: [(usize, &'s [u8]); BODIES],
+    kept: usize,
+    /// The length of the kept bodies.
+    kept_len: usize,
+    /// Every body copied: for a writer that sends one buffer (`relay`'s).
+    copy: bool,
+}
+
+impl<'s, 'b> Answers<'s, 'b> {
+    /// Answers in `buf`, which is cleared, sent with `pieces`.
+    pub fn new(buf: &'b mut Vec<u8>) -> Answers<'s, 'b> {
+        buf.clear();
+        Answers {
+            buf,
+            bodies: [(0, &[]); BODIES],
+            kept: 0,
+            kept_len: 0,
+            copy: false,
+        }
+    }
+
+    /// Answers written whole into `buf` (after what it holds), bodies included.
+    pub fn copied(buf: &'b mut Vec<u8>) -> Answers<'s, 'b> {
+        Answers {
+            buf,
+            bodies: [(0, &[]); BODIES],
+            kept: 0,
+            kept_len: 0,
+            copy: true,
+        }
+    }
+
+    /// The buffer, for what is written into it whole.
+    pub fn buf(&mut self) -> &mut Vec<u8> {
+        self.buf
+    }
+
+    fn body(&mut self, body: &'s [u8]) {
+        match self.bodies.get_mut(self.kept) {
+            Some(slot) if !self.copy && !body.is_empty() => {
+                *slot = (self.buf.len(), body);
+                self.kept += 1;
+                self.kept_len += body.len();
+            }
+            _ => self.buf.extend_from_slice(body),
+        }
+    }
+
+    /// The length of the answers, bodies included.
+    pub fn len(&self) -> usize {
+        self.buf.len() + self.kept_len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The answers in order, as `writev` takes them, in `into`; returns how many pieces.
+    pub fn pieces<'a>(&'a self, into: &mut [std::io::IoSlice<'a>; PIECES]) -> usize {
+        let mut n = 0;
+        let mut at = 0;
+        for &(to, body) in &self.bodies[..self.kept] {
+            if to > at {
+                into[n] = std::io::IoSlice::new(&self.buf[at..to]);
+                n += 1;
+            }
+            into[n] = std::io::IoSlice::new(body);
+            n += 1;
+            at = to;
+        }
+        if self.buf.len() > at {
+            into[n] = std::io::IoSlice::new(&self.buf[at..]);
+            n += 1;
+        }
+        n
+    }
 }
 
 /// The response as hyper writes it: status line, the headers in order, then `content-length`

@@ -749,7 +749,9 @@ async fn relay<C: Client>(
         if prepared == Prepared::Hyper && snap.held.is_some() && !drain.started() {
             let input = &bufs.input[..bufs.have];
             bufs.out.clear();
-            prepared = match crate::fast::held(&snap, conn, input, &mut bufs.out) {
+            // Copied whole: `put` sends one buffer, through TLS too.
+            let out = &mut crate::h1::Answers::copied(&mut bufs.out);
+            prepared = match crate::fast::held(&snap, conn, input, out) {
                 Some(head) => Prepared::Held(head),
                 None if head_partial(input) => Prepared::Partial,
                 None => Prepared::Hyper,

@@ -519,6 +519,82 @@ async fn many_pipelined_held_requests_are_all_answered_in_order() {
     expect_held(&mut s).await;
 }
 
+/// A held answer's head and its pre-rendered body go out in one `writev`: a client whose
+/// receive window is small takes part of a batch of them, and the rest (split inside a head
+/// or a body) follows in order, then the answers hyper writes for what was left to it. Each
+/// answer is whole and the same bytes as the first of its kind, on a new connection and on a
+/// parked one.
+#[tokio::test(flavor = "multi_thread")]
+async fn held_answers_a_slow_small_window_client_takes_in_part_arrive_whole_and_in_order() {
+    let (_up, proxy) = app_and_proxy("").await;
+    maintenance(&proxy, true).await;
+    // 40 answers of some 2 KB: more than a socket takes at once when its peer's window is
+    // 4 KB, and more than one read's answers (`OUT_BUDGET`), in one read of requests.
+    let count = 40;
+    let mut all = String::new();
+    for i in 0..count {
+        let method = if i % 5 == 2 { "HEAD" } else { "GET" };
+        all.push_str(&format!(
+            "{method} /r{i} HTTP/1.1\r\nHost: x\r\nAccept: text/html\r\n\r\n"
+        ));
+    }
+    assert!(all.len() < 4096);
+    for warm in [false, true] {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(2048).unwrap();
+        let mut s = socket.connect(proxy.addr).await.unwrap();
+        if warm {
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nAccept: text/html\r\n\r\n")
+                .await
+                .unwrap();
+            expect_held(&mut s).await;
+            wait_parked(&proxy, 1.0).await;
+        }
+        s.write_all(all.as_bytes()).await.unwrap();
+        let mut first: [Option<(Vec<String>, Vec<u8>)>; 2] = [None, None];
+        for i in 0..count {
+            let head = i % 5 == 2;
+            // Slowly: a few bytes at a time, so that the window stays small throughout.
+            let mut slow = SlowReader(&mut s);
+            let (status, mut headers, body) = one_response_from(&mut slow, head).await;
+            assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{warm} {i}");
+            assert_eq!(body.is_empty(), head, "{warm} {i}");
+            let dates = headers.iter().filter(|h| h.starts_with("date: ")).count();
+            assert_eq!(dates, 1, "{warm} {i}: {headers:?}");
+            headers.retain(|h| !h.starts_with("date: "));
+            let kind = &mut first[usize::from(head)];
+            match kind {
+                None => *kind = Some((headers, body)),
+                Some(want) => assert_eq!((&headers, &body), (&want.0, &want.1), "{warm} {i}"),
+            }
+        }
+        s.write_all(b"GET /last HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        expect_held(&mut s).await;
+        drop(s);
+        wait_parked(&proxy, 0.0).await;
+    }
+}
+
+/// Reads at most 100 bytes at a time.
+struct SlowReader<'a>(&'a mut TcpStream);
+
+impl tokio::io::AsyncRead for SlowReader<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let want = buf.remaining().min(100);
+        let mut small = tokio::io::ReadBuf::new(buf.initialize_unfilled_to(want));
+        let polled = std::pin::Pin::new(&mut *self.0).poll_read(cx, &mut small);
+        let n = small.filled().len();
+        buf.advance(n);
+        polled
+    }
+}
+
 /// `proxy.send_timeout` on held answers: a client that pipelines requests and reads none of
 /// the answers fills the sockets, is written to by the parked connection's writer and then
 /// by hyper, and is let go; its writes then fail. Without the limit it would be held, and its
