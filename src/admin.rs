@@ -152,7 +152,7 @@ pub async fn serve(
             }
         });
     }
-    failures.recovered();
+    failures.stopped();
     // Closing the port first tells probes at once that this process is going.
     drop(listener);
     draining.send_replace(true);

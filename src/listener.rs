@@ -732,13 +732,22 @@ impl AcceptFailures {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    /// Accepting works again (or the listener stops): the failures of the burst's last second
-    /// are said now. Said only with the next failure, they were never said when the burst
-    /// ended (descriptors freed), and the log showed a lone failure where thousands had been.
-    /// One comparison per accepted connection.
+    /// Accepting works again: the failures not said yet are said, once a second has passed
+    /// since the last line. Said only with the next failure, they were never said when the
+    /// burst ended (descriptors freed), and the log showed a lone failure where thousands had
+    /// been; said at every accept, a listener short of descriptors, whose accepts fail and
+    /// succeed in turn as connections close, wrote a line per failure again (some 50 a
+    /// second). One comparison per accepted connection; the clock only with some unsaid.
     #[inline]
     pub fn recovered(&mut self) {
-        if let Some(unsaid) = self.told.unsaid() {
+        if let Some(unsaid) = self.told.unsaid(|| Some(std::time::Instant::now())) {
+            self.said_since(unsaid);
+        }
+    }
+
+    /// The listener stops: what was not said is said now, whenever the last line was.
+    pub fn stopped(&mut self) {
+        if let Some(unsaid) = self.told.unsaid(|| None) {
             self.said_since(unsaid);
         }
     }
@@ -767,10 +776,26 @@ impl Lasting {
         }
     }
 
-    /// How many were not written since the last, if any; taken, so that they are said once.
+    /// How many were not written since the last, if any, and if a second has passed since it
+    /// at `now()` (or at once, with `None`); taken, and that moment kept as the last line's,
+    /// so that they are said once and lines stay a second apart. `now` is read only when
+    /// there are some.
     #[inline]
-    pub(crate) fn unsaid(&mut self) -> Option<u64> {
-        (self.unsaid > 0).then(|| std::mem::take(&mut self.unsaid))
+    pub(crate) fn unsaid(
+        &mut self,
+        now: impl FnOnce() -> Option<std::time::Instant>,
+    ) -> Option<u64> {
+        if self.unsaid == 0 {
+            return None;
+        }
+        if let Some(now) = now() {
+            let since = self.said.map(|said| now.duration_since(said));
+            if since.is_some_and(|since| since < Duration::from_secs(1)) {
+                return None;
+            }
+            self.said = Some(now);
+        }
+        Some(std::mem::take(&mut self.unsaid))
     }
 
     /// Whether the condition at `now` is to be written, with how many were not since the last.
@@ -861,7 +886,7 @@ pub async fn accept_loop(
                     }
                 },
                 _ = shutdown.fired() => {
-                    failures.recovered();
+                    failures.stopped();
                     queued = Some(crate::app::BACKLOG as usize);
                     continue;
                 }
@@ -1974,17 +1999,39 @@ mod tests {
         let mut f = Lasting::default();
         let t = Instant::now();
         let at = |ms| t + Duration::from_millis(ms);
-        assert_eq!(f.unsaid(), None);
+        let stop = || None;
+        assert_eq!(f.unsaid(stop), None);
         assert_eq!(f.tell(at(0)), Some(0));
-        assert_eq!(f.unsaid(), None, "the first is said at once");
+        assert_eq!(f.unsaid(stop), None, "the first is said at once");
         for ms in (20..400).step_by(20) {
             assert_eq!(f.tell(at(ms)), None);
         }
-        assert_eq!(f.unsaid(), Some(19));
-        assert_eq!(f.unsaid(), None, "said once");
-        // Within the second still: counted again, and said with the next failure after it.
-        assert_eq!(f.tell(at(500)), None);
-        assert_eq!(f.tell(at(1000)), Some(1));
+        assert_eq!(f.unsaid(|| Some(at(420))), None, "within the second");
+        assert_eq!(f.unsaid(|| Some(at(1000))), Some(19));
+        assert_eq!(f.unsaid(|| Some(at(1000))), None, "said once");
+        // Within the second of that line: counted again, and said with the next failure
+        // a second after it.
+        assert_eq!(f.tell(at(1500)), None);
+        assert_eq!(f.tell(at(2000)), Some(1));
+        // At a stop, at once.
+        assert_eq!(f.tell(at(2100)), None);
+        assert_eq!(f.unsaid(stop), Some(1));
+    }
+
+    /// Short of descriptors, a listener's accepts fail and succeed in turn as connections
+    /// close: the failures are still said at most once a second, not at each accept that
+    /// follows one.
+    #[test]
+    fn accepts_failing_and_succeeding_in_turn_are_said_once_a_second() {
+        let mut f = Lasting::default();
+        let t = Instant::now();
+        let at = |ms| t + Duration::from_millis(ms);
+        let mut lines = 0;
+        for ms in (0..2000).step_by(40) {
+            lines += usize::from(f.tell(at(ms)).is_some());
+            lines += usize::from(f.unsaid(|| Some(at(ms + 20))).is_some());
+        }
+        assert!(lines <= 3, "{lines} lines in 2 s");
     }
 
     /// A TLS client's first byte as the listener sees it, from a real socket after `client`.

@@ -515,7 +515,7 @@ pub async fn serve(
             None => refuse(stream),
         }
     }
-    failures.recovered();
+    failures.stopped();
     drop(socket);
     while connections.join_next().await.is_some() {}
 }
