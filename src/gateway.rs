@@ -389,6 +389,7 @@ impl Drop for Unanswered<'_> {
                         snap: snap.clone(),
                         log: self.log.take(),
                         start: self.start,
+                        dropped: Instant::now(),
                         upload: watch.clone(),
                     };
                     runtime.spawn(late.settle());
@@ -408,6 +409,9 @@ struct Unread {
     snap: Arc<Snapshot>,
     log: Option<Logged>,
     start: Instant,
+    /// When hyper dropped it: its line and its duration end there, not after the wait for
+    /// the upload's read (up to some 100 ms more, longer on a busy worker).
+    dropped: Instant,
     upload: crate::body::UploadWatch,
 }
 
@@ -433,7 +437,10 @@ impl Unread {
 impl Drop for Unread {
     fn drop(&mut self) {
         let fault = self.upload.client_failure();
-        told_unanswered(Some(&self.snap), self.log.take(), self.start, fault);
+        // Moved on by the wait, so that both clocks read (now - start) as (dropped - start).
+        let waited = self.dropped.elapsed();
+        let start = self.start.checked_add(waited).unwrap_or(self.start);
+        told_unanswered(Some(&self.snap), self.log.take(), start, fault);
     }
 }
 
