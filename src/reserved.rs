@@ -160,9 +160,7 @@ fn preview(snap: &Snapshot, query: &str) -> Response<Body> {
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert("x-robots-tag", HeaderValue::from_static("noindex"));
     // As the held page of that language says it.
-    let langs = &snap.pages.langs;
-    let tag = langs.get(lang).or(langs.first());
-    if let Some(language) = tag.and_then(|t| crate::hold::held::content_language(t)) {
+    if let Some(language) = snap.pages.content_language(lang) {
         h.insert(header::CONTENT_LANGUAGE, language);
     }
     resp

@@ -307,9 +307,13 @@ pub fn forward<'a>(
                 // Over HTTP/2 the upload keeps its connection counted as in use until its
                 // end has been read, after its answer too (`stall::Answers`).
                 let open = answers.map(|answers| answers.open());
+                // Watched for a reset by h2 (a malformed upload) over HTTP/2 alone: an
+                // HTTP/1.1 upload's end is never read once its request is dropped, and a
+                // watch would only make its 499 wait (`Unread`).
+                let http2 = open.is_some();
                 let limit = config.proxy.body_read_timeout;
                 let (body, sent) = Body::watched(body, limit, open, upload);
-                if let Some(sent) = &sent {
+                if let Some(sent) = sent.as_ref().filter(|_| http2) {
                     let _ = watch.set(sent.watch());
                 }
                 (body, sent, None)

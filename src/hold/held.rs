@@ -422,17 +422,6 @@ fn fixed_headers(form: Form, mode: HeaderValue, grpc_message: &HeaderValue) -> H
     h
 }
 
-/// The `Content-Language` of the page of language `tag` (`Pages::langs`): a translation's
-/// tag, or `en` for the unsuffixed page taken as English. A browser, a search engine's
-/// crawler or a translating CDN told nothing takes the French page for whatever it guesses;
-/// the unsuffixed page that answers every language without a page of its own
-/// (`pages::ANY_OTHER`) is in a language the proxy does not know, and says none.
-pub fn content_language(tag: &str) -> Option<HeaderValue> {
-    (tag != super::pages::ANY_OTHER)
-        .then(|| HeaderValue::from_str(tag).ok())
-        .flatten()
-}
-
 impl Held {
     pub fn new(pages: &Pages, view: View, prefix: &str, now: SystemTime) -> Held {
         let html = render_pages(pages, &view, prefix, now);
@@ -481,12 +470,10 @@ impl Held {
                 .unwrap_or_else(|_| HeaderValue::from_static("unavailable"));
         let mode = HeaderValue::from_static(view.mode.as_str());
         let heads = FORMS.map(|form| fixed_headers(form, mode.clone(), &grpc_message));
-        let html_heads = pages
-            .langs
-            .iter()
-            .map(|tag| {
+        let html_heads = (0..pages.langs.len())
+            .map(|lang| {
                 let mut h = heads[form_index(Form::Html)].clone();
-                if let Some(language) = content_language(tag) {
+                if let Some(language) = pages.content_language(lang) {
                     h.insert(header::CONTENT_LANGUAGE, language);
                 }
                 h
@@ -676,6 +663,7 @@ mod tests {
         Pages {
             id: 7,
             langs: langs.iter().map(|l| l.to_string()).collect(),
+            fallback_english: true,
             maintenance: templates("maintenance"),
             outage: templates("outage"),
             assets: Default::default(),

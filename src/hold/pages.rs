@@ -83,6 +83,11 @@ pub struct Pages {
     /// Language tags; index 0, from the unsuffixed files, is the fallback: tagged "en", or
     /// [`ANY_OTHER`] when an explicit `maintenance.en.html` takes "en".
     pub langs: Vec<String>,
+    /// Whether the unsuffixed pages say they are English (`<html lang="en">`, as the built-in
+    /// and shipped ones do): only then is their `Content-Language` `en`. Taken as English for
+    /// negotiation all the same, a site's own unsuffixed page in German would otherwise tell
+    /// browsers, screen readers and translating CDNs it is English.
+    pub fallback_english: bool,
     pub maintenance: Vec<Template>,
     pub outage: Vec<Template>,
     pub assets: HashMap<String, Asset>,
@@ -162,6 +167,20 @@ impl Pages {
             }
             _ => self.langs.join(", "),
         }
+    }
+
+    /// The `Content-Language` of the page of language index `lang` (`langs`; one past them
+    /// is the first page): a translation's tag from its file name, `en` for unsuffixed pages
+    /// that say they are English, else none (a language the proxy does not know).
+    pub fn content_language(&self, lang: usize) -> Option<http::HeaderValue> {
+        let lang = if lang < self.langs.len() { lang } else { 0 };
+        if lang == 0 && !self.fallback_english {
+            return None;
+        }
+        let tag = self.langs.get(lang)?;
+        (tag != ANY_OTHER)
+            .then(|| http::HeaderValue::from_str(tag).ok())
+            .flatten()
     }
 
     /// The template for `mode` ("maintenance"/"outage") in language `lang`.
@@ -283,6 +302,7 @@ fn built_in(widths: &Widths) -> Result<Pages, PagesError> {
     Ok(Pages {
         id: LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         langs: vec!["en".into(), "fr".into()],
+        fallback_english: true,
         maintenance: vec![
             t(
                 "maintenance.html",
@@ -303,6 +323,31 @@ fn built_in(widths: &Widths) -> Result<Pages, PagesError> {
     })
 }
 
+/// Whether a page's `<html>` element says it is English (`lang="en"`, `lang='en-GB'`,
+/// `LANG=en`): read once at load, never per request.
+fn declares_english(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    let Some(start) = lower.find("<html") else {
+        return false;
+    };
+    let tag = &lower[start + 5..];
+    let tag = &tag[..tag.find('>').unwrap_or(tag.len())];
+    // The `lang` attribute, not `xml:lang` or a `data-lang`'s end: after a space.
+    let Some(at) = tag
+        .match_indices("lang")
+        .map(|(i, _)| i)
+        .find(|&i| tag[..i].ends_with(|c: char| c.is_ascii_whitespace()))
+    else {
+        return false;
+    };
+    let value = tag[at + 4..].trim_start();
+    let Some(value) = value.strip_prefix('=') else {
+        return false;
+    };
+    let value = value.trim_start().trim_start_matches(['"', '\'']);
+    value.starts_with("en") && !value[2..].starts_with(|c: char| c.is_ascii_alphanumeric())
+}
+
 fn read(path: &Path) -> Result<String, PagesError> {
     crate::files::read_text(path, crate::files::MAX_TEMPLATE_BYTES).map_err(|source| {
         PagesError::Read {
@@ -314,10 +359,9 @@ fn read(path: &Path) -> Result<String, PagesError> {
 
 fn from_folder(dir: &Path, widths: &Widths) -> Result<Pages, PagesError> {
     let parse = |name: &str, text: &str| parse(name, text, widths);
-    let mut maintenance = vec![parse(
-        "maintenance.html",
-        &read(&dir.join("maintenance.html"))?,
-    )?];
+    let unsuffixed = read(&dir.join("maintenance.html"))?;
+    let fallback_english = declares_english(&unsuffixed);
+    let mut maintenance = vec![parse("maintenance.html", &unsuffixed)?];
     let mut outage = vec![parse("outage.html", &read(&dir.join("outage.html"))?)?];
     let entries = std::fs::read_dir(dir).map_err(|source| PagesError::Read {
         path: dir.to_path_buf(),
@@ -361,6 +405,8 @@ fn from_folder(dir: &Path, widths: &Widths) -> Result<Pages, PagesError> {
     Ok(Pages {
         id: LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         langs,
+        // Only while they stand for English (no `maintenance.en.html` takes "en").
+        fallback_english: fallback_english && default == "en",
         maintenance,
         outage,
         assets,
@@ -800,6 +846,46 @@ mod tests {
         let pages = Pages::load(&config).unwrap();
         assert_eq!(pages.langs, ["en", "fr"]);
         assert_eq!(pages.describe_langs(), "en, fr");
+    }
+
+    /// The unsuffixed pages say `Content-Language: en` only when they say they are English
+    /// (`<html lang="en">`): a site's own German page, taken as English for negotiation, told
+    /// browsers and translating CDNs it was English. Translations say their file's tag.
+    #[test]
+    fn the_unsuffixed_pages_say_english_only_when_they_are() {
+        let language = |pages: &Pages, lang: usize| {
+            let value = pages.content_language(lang);
+            value.map(|v| v.to_str().unwrap().to_owned())
+        };
+        let (_none, mut config) = folder(&[]);
+        config.pages = PagesSource::BuiltIn;
+        let built_in = Pages::load(&config).unwrap();
+        for (maintenance, english) in [
+            ("<!doctype html><html lang=\"en\"><p>{{message}}", true),
+            ("<HTML class=x LANG='en-GB'><p>{{message}}", true),
+            ("<html lang = en><p>{{message}}", true),
+            ("<html lang=\"de\"><p>Wartung: {{message}}", false),
+            ("<html data-lang=\"en\" lang=\"de\"><p>{{message}}", false),
+            ("<html lang=\"eng\"><p>{{message}}", false),
+            ("<p>Wartung: {{message}}", false),
+        ] {
+            let (_dir, config) = folder(&[
+                ("maintenance.html", maintenance),
+                ("outage.html", "<html lang=\"en\"><p>{{message}}"),
+                ("maintenance.fr.html", "<p>{{message}}"),
+                ("outage.fr.html", "<p>{{message}}"),
+            ]);
+            let pages = Pages::load(&config).unwrap();
+            let want = english.then_some("en");
+            assert_eq!(language(&pages, 0).as_deref(), want, "{maintenance}");
+            // A language past the list gets the first page, and says what it says.
+            assert_eq!(language(&pages, 2).as_deref(), want, "{maintenance}");
+            assert_eq!(language(&pages, 1).as_deref(), Some("fr"), "{maintenance}");
+        }
+        // The shipped and built-in pages are English and say so.
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("pages/maintenance.html");
+        assert!(declares_english(&read(&shipped).unwrap()));
+        assert_eq!(language(&built_in, 0).as_deref(), Some("en"));
     }
 
     /// Files that look like pages but would be served to nobody are named, with why; the
