@@ -1869,6 +1869,29 @@ mod tests {
     }
 
     impl Rig {
+        /// Alice's `on` with `message`, sent once its state write has reached `gate` (closed):
+        /// its answer waits there.
+        async fn on_while_written(
+            &self,
+            gate: &Gate,
+            message: &str,
+        ) -> tokio::task::JoinHandle<Response> {
+            let before = gate.reached();
+            let handle = self.handle.clone();
+            let on = Request::On {
+                message: Some(message.into()),
+                until: None,
+                retry_after: None,
+                reason: None,
+            };
+            let on = tokio::spawn(async move { handle.request(on, "alice".into()).await });
+            assert!(
+                eventually(|| gate.reached() > before).await,
+                "no write began"
+            );
+            on
+        }
+
         /// Through the queue, `status` too: the controller then runs before it answers.
         async fn ask(&self, req: Request) -> Response {
             self.handle.queued(req, "tester".into()).await
@@ -2027,21 +2050,7 @@ mod tests {
         let (rig, _) = build_rig(|_, _| {}, "", state, Some(gate.clone()));
         // Published once the controller runs.
         assert!(rig.mode_becomes(Mode::Normal).await);
-        let before = gate.reached();
-        let handle = rig.handle.clone();
-        let on = tokio::spawn(async move {
-            let on = Request::On {
-                message: Some("Disk upgrade".into()),
-                until: None,
-                retry_after: None,
-                reason: None,
-            };
-            handle.request(on, "alice".into()).await
-        });
-        assert!(
-            eventually(|| gate.reached() > before).await,
-            "no write began"
-        );
+        let on = rig.on_while_written(&gate, "Disk upgrade").await;
         let within = |req| tokio::time::timeout(Duration::from_secs(5), rig.ask_now(req));
         let status = within(Request::Status)
             .await
@@ -2272,21 +2281,7 @@ mod tests {
         );
         assert!(known_up(&rig).await, "the server was never found healthy");
         gate.close();
-        let before = gate.reached();
-        let handle = rig.handle.clone();
-        let on = tokio::spawn(async move {
-            let on = Request::On {
-                message: Some("Lost".into()),
-                until: None,
-                retry_after: None,
-                reason: None,
-            };
-            handle.request(on, "alice".into()).await
-        });
-        assert!(
-            eventually(|| gate.reached() > before).await,
-            "no write began"
-        );
+        let on = rig.on_while_written(&gate, "Lost").await;
         // The state file's folder becomes a file: the write under way fails once it runs.
         let sub = rig._dir.path().join("sub");
         std::fs::remove_dir_all(&sub).expect("folder removed");
