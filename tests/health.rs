@@ -862,6 +862,76 @@ async fn a_streamed_upload_whose_connection_was_refused_goes_to_another_server()
     }
 }
 
+/// An upload answered with the outage response when its server refused it (`force-open`, a
+/// bypass): its body is read and dropped, as a held one's, and the connection kept, so that
+/// a request pipelined behind it is answered. hyper closed the connection of a body dropped
+/// beyond what one read held, and the answer had not said so (no `Connection: close`): the
+/// request behind was lost with no word (RFC 9112 §9.6). Where the connection does close (a
+/// client waiting for `100 Continue`, a body past the 16 MiB read and dropped), the answer
+/// says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_answered_with_the_outage_keeps_its_connection_or_says_it_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dead = refusing();
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"http://{}\"]\n{SLOW_CHECKS}",
+        dead.addr
+    ))
+    .await;
+    assert!(ctl(&proxy, Ctl::ForceOpen { enabled: true }).await.ok);
+    let within = Duration::from_secs(10);
+    // Larger than a read: hyper's path, not the relay's, which holds a body whole.
+    let body = "z".repeat(70_000);
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let sent = format!(
+        "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}\
+         GET /next HTTP/1.1\r\nHost: x\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(sent.as_bytes()).await.unwrap();
+    let first = read_response(&mut tcp).await;
+    assert!(first.starts_with("HTTP/1.1 503"), "{first}");
+    assert!(is_outage_head(&first), "{first}");
+    assert!(!says_close(&first), "{first}");
+    let next = read_response(&mut tcp).await;
+    assert!(next.starts_with("HTTP/1.1 503"), "{next}");
+
+    let cases = [
+        // Waits for `100 Continue`, which would ask for the body the answer refuses.
+        "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\nExpect: 100-continue\r\n\r\n"
+            .to_owned(),
+        // More than is read and dropped.
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            20 << 20
+        ),
+    ];
+    for case in cases {
+        let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        tcp.write_all(case.as_bytes()).await.unwrap();
+        let mut all = Vec::new();
+        let closed = tokio::time::timeout(within, tcp.read_to_end(&mut all)).await;
+        let all = String::from_utf8_lossy(&all).into_owned();
+        assert!(closed.is_ok(), "still open: {all}");
+        assert!(all.starts_with("HTTP/1.1 503"), "{all}");
+        assert!(is_outage_head(&all), "{all}");
+        assert!(says_close(&all), "{all}");
+    }
+}
+
+/// Whether a response's head, as `read_response` gives it, says `Connection: close`.
+fn says_close(resp: &str) -> bool {
+    let head = resp.split("\r\n\r\n").next().unwrap_or("");
+    head.lines()
+        .any(|l| l.eq_ignore_ascii_case("connection: close"))
+}
+
+fn is_outage_head(resp: &str) -> bool {
+    let head = resp.split("\r\n\r\n").next().unwrap_or("");
+    head.lines()
+        .any(|l| l.eq_ignore_ascii_case("x-intermission-mode: outage"))
+}
+
 /// A POST is never sent twice: one the server got and failed (closed unanswered) gets the
 /// outage answer, not a second try on another server, which could place the order twice.
 #[tokio::test(flavor = "multi_thread")]
