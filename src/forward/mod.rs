@@ -78,42 +78,14 @@ pub struct Failed {
     pub server: Option<usize>,
     /// The client's own request body failed: its answer, since that is no outage.
     pub client: Option<ClientFault>,
-    /// What is left of the request's body, which the answer's connection depends on.
-    pub rest: Rest,
-}
-
-/// What is left unread of a request's body when forwarding failed. hyper's server ends an
-/// HTTP/1.x connection whose request body is dropped before its end, unless that end is in
-/// what one more read brings, and says nothing of it in the answer: the gateway reads what
-/// it can (`Back`) and says `Connection: close` where the connection closes (`Lost`).
-pub enum Rest {
-    /// Nothing: there was no body, or it was read whole (to be sent again).
-    Read,
-    /// Given back with none of it read (no server, or none that took the request): to be
-    /// read and dropped, as a held request's is. With the connection's `park::Upload` when
-    /// the body does not carry it.
-    Back(Body, Option<crate::park::Upload>),
-    /// Read in part and sent, the rest dropped with the request the server failed on.
-    Lost,
-}
-
-impl Rest {
-    /// `Read`, or `Lost` for a streamed body not sent whole.
-    fn of(sent: Option<&SentSignal>) -> Rest {
-        match sent {
-            Some(sent) if !sent.complete() => Rest::Lost,
-            _ => Rest::Read,
-        }
-    }
 }
 
 impl Failed {
-    fn upstream(error: Option<UpstreamError>, server: Option<usize>, rest: Rest) -> Failed {
+    fn upstream(error: Option<UpstreamError>, server: Option<usize>) -> Failed {
         Failed {
             error,
             server,
             client: None,
-            rest,
         }
     }
 }
@@ -262,8 +234,7 @@ pub fn forward<'a>(
             None => None,
             Some(_) => match pool.sockets().tunnel() {
                 Ok(place) => Some(upgrade::Client::of(&mut req, place)),
-                // An upgrade is asked for with no body (`upgrade_offer`).
-                Err(full) => return Err(Failed::upstream(Some(full.into()), None, Rest::Read)),
+                Err(full) => return Err(Failed::upstream(Some(full.into()), None)),
             },
         };
 
@@ -272,9 +243,7 @@ pub fn forward<'a>(
         let (first, req, sent, replay, path, hop, replaying) = {
             let (mut parts, body) = req.into_parts();
             let Some(first) = pool.pick(up, None) else {
-                let upload = parts.extensions.remove::<crate::park::Upload>();
-                let rest = Rest::Back(Body::Stream(body), upload);
-                return Err(Failed::upstream(None, None, rest));
+                return Err(Failed::upstream(None, None));
             };
             // Decided before the hop-by-hop headers go: `Transfer-Encoding` is one of them.
             let to = pool.servers[first].protocol;
@@ -432,8 +401,7 @@ pub fn forward<'a>(
                     ));
                 }
                 Err(e @ UpstreamError::Stopping { .. }) => {
-                    let rest = Rest::of(sent.as_ref());
-                    return Err(Failed::upstream(Some(e), Some(server), rest));
+                    return Err(Failed::upstream(Some(e), Some(server)));
                 }
                 Err(e) => e,
             };
@@ -475,11 +443,7 @@ pub fn forward<'a>(
             // `up` is as the request found it: one taken out since is not tried.
             .filter(|&next| !marks.is_down(&pool.names[next]));
             let Some(second) = second else {
-                let rest = match back {
-                    Some(back) => Rest::Back(back.into_body(), None),
-                    None => Rest::of(sent.as_ref()),
-                };
-                return Err(Failed::upstream(Some(error), Some(server), rest));
+                return Err(Failed::upstream(Some(error), Some(server)));
             };
             let to = &pool.servers[second];
             let from = &pool.servers[first];
@@ -499,10 +463,7 @@ pub fn forward<'a>(
                     sent = None;
                     again
                 }
-                (None, None) => {
-                    let rest = Rest::of(sent.as_ref());
-                    return Err(Failed::upstream(Some(error), Some(server), rest));
-                }
+                (None, None) => return Err(Failed::upstream(Some(error), Some(server))),
             };
             if let Some(more) = said(passive, Some(server), Line::Retried) {
                 tracing::warn!(error = %error, "retrying on {}{more}", pool.servers[second]);
@@ -555,7 +516,6 @@ fn client_failed(fault: ClientFault) -> Failed {
         error: None,
         server: None,
         client: Some(fault),
-        rest: Rest::Lost,
     }
 }
 
