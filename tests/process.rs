@@ -3033,6 +3033,139 @@ async fn a_drain_closes_a_websocket_with_1001_at_a_frame_boundary() {
     );
 }
 
+/// A server that switches every upgrade to a WebSocket on a bare socket, handed to the test
+/// (to end as it says: a FIN, or a reset); anything else (a health check) is answered `ok`.
+async fn bare_websocket_upstream() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<tokio::net::TcpStream>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if !matches!(sock.read(&mut byte).await, Ok(1)) {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                if !String::from_utf8_lossy(&head)
+                    .to_ascii_lowercase()
+                    .contains("upgrade: websocket")
+                {
+                    let _ = sock
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                        )
+                        .await;
+                    return;
+                }
+                let switched = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\
+                    Upgrade: websocket\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+                if sock.write_all(switched).await.is_ok() {
+                    let _ = tx.send(sock);
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A WebSocket's server that ends its connection without a close frame (killed, crashed,
+/// restarted: a FIN, or a reset) between frames: its client has what it sent, then a close
+/// frame, code 1012 ("service restart") and why, then the end, so that a browser's `onclose`
+/// says 1012 and its client connects again. It had the end alone: `onclose` said 1006
+/// (abnormal). Mid-frame nothing can be added: the connection ends as the server's did.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_whose_server_goes_without_a_close_is_closed_with_1012() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (addr, mut tunnels) = bare_websocket_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!("[upstream]\nservers = [\"http://{addr}\"]\n"),
+    );
+    let mut told = ws_frame(0x88, &[0x03, 0xF4], None);
+    told.extend_from_slice(b"the server closed the connection; connect again to be served");
+    told[1] = (told.len() - 2) as u8;
+    for (how, reset, mid_frame) in [
+        ("FIN", false, false),
+        ("reset", true, false),
+        ("FIN mid-frame", false, true),
+    ] {
+        let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let head = ask_to_switch(&mut client).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{how}: {head:?}");
+        let mut up = tokio::time::timeout(Duration::from_secs(10), tunnels.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let text = ws_frame(0x81, b"hello", None);
+        // Mid-frame: a whole frame, then the next one's first bytes.
+        let sent = if mid_frame {
+            [&text[..], &text[..3]].concat()
+        } else {
+            text.clone()
+        };
+        up.write_all(&sent).await.unwrap();
+        // All of it at the client before the server goes, so that a reset loses none of it.
+        assert_eq!(read_n(&mut client, sent.len()).await, sent, "{how}");
+        if reset {
+            #[allow(deprecated)]
+            up.set_linger(Some(Duration::ZERO)).unwrap();
+        }
+        drop(up);
+        let mut after = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut after));
+        assert!(
+            matches!(ended.await, Ok(Ok(_))),
+            "{how}: not closed: {after:?}"
+        );
+        if mid_frame {
+            assert!(after.is_empty(), "{how}: put in mid-frame: {after:?}");
+        } else {
+            assert_eq!(after, told, "{how}: no close 1012 before the end");
+        }
+    }
+}
+
+/// A WebSocket's server that closes properly (its close frame, then the end): its client gets
+/// that close as it was sent, and nothing after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_server_s_own_close_reaches_its_client_alone() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (addr, mut tunnels) = bare_websocket_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!("[upstream]\nservers = [\"http://{addr}\"]\n"),
+    );
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = ask_to_switch(&mut client).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head:?}");
+    let mut up = tokio::time::timeout(Duration::from_secs(10), tunnels.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let sent = [
+        ws_frame(0x81, b"hello", None),
+        ws_frame(0x88, b"\x03\xE8done", None),
+    ]
+    .concat();
+    up.write_all(&sent).await.unwrap();
+    drop(up);
+    let mut got = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got));
+    assert!(matches!(ended.await, Ok(Ok(_))), "not closed: {got:?}");
+    assert_eq!(got, sent);
+}
+
 /// How the client of an event stream reaches the proxy, and so which path forwards it.
 #[derive(Clone, Copy, Debug)]
 enum EventClient {

@@ -16,6 +16,22 @@
 //! `shutdown_timeout` for it. An end that never answers is cut at `shutdown_timeout`, as
 //! before.
 //!
+//! A server that ends its side without a close (killed, crashed, restarted: a FIN, a reset, a
+//! failed read or write) left the client a cut, a browser's `onclose` 1006 again. Where its
+//! stream stands at a frame boundary, the client is told with a close frame first, code 1012
+//! ("service restart", in IANA's registry of close codes) and a reason: the proxy cannot
+//! tell a crash from a restart, and either way the client is to connect again, to whatever
+//! serves by then; 1011 ("internal error") reads as a fault not worth retrying to some
+//! clients (graphql-ws gives up on it; on 1001, 1012, 1013 and 1014 it reconnects), and 1001
+//! is what the drain says, the proxy itself going away. 1014 ("bad gateway") fits a proxy,
+//! but fewer libraries know it than 1012 (a few strict ones know only RFC 6455's codes, to
+//! 1011, and fail on either: a cut, as before). Mid-frame nothing can be
+//! added that the client would read as a frame: the connection is closed as it was. A
+//! server's own close passes as it is, with nothing after it. The client's end is not told
+//! to the server in a close frame: a frame the client never sent would make a network cut a
+//! clean "going away", and a server keeping a vanished client's state for its reconnection
+//! would drop it.
+//!
 //! Framing that makes no sense (a reserved opcode, RSV2 or RSV3, a control frame fragmented
 //! or longer than 125 bytes, a client's frame unmasked or a server's masked, a continuation
 //! with no message begun) means this is not WebSocket framing as the tracker reads it (an
@@ -32,8 +48,30 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 /// keeps two.
 const BUF: usize = 8 * 1024;
 
-/// A close frame, code 1001, unmasked: to the client.
-const GOING_AWAY: [u8; 4] = [0x88, 0x02, 0x03, 0xE9];
+/// A close frame, code 1001, unmasked (masked on its way to the server, `Half::inject`).
+const GOING_AWAY: &[u8] = &[0x88, 0x02, 0x03, 0xE9];
+
+/// What the client is told when its server ends the connection without a close: 1012
+/// ("service restart", IANA's registry) and why, in a close frame (module's docs).
+const RESTART: &[u8] = &{
+    const WHY: &[u8] = b"the server closed the connection; connect again to be served";
+    let mut f = [0u8; 4 + WHY.len()];
+    f[0] = 0x88;
+    // A control frame's payload is at most 125 bytes (§5.5): the length fits in 7 bits.
+    f[1] = (2 + WHY.len()) as u8;
+    f[2] = 0x03;
+    f[3] = 0xF4;
+    let mut i = 0;
+    while i < WHY.len() {
+        f[4 + i] = WHY[i];
+        i += 1;
+    }
+    f
+};
+
+/// The longest close frame put in: a control frame's whole payload, masked.
+const CLOSE_MAX: usize = 2 + 4 + 125;
+const _: () = assert!(RESTART.len() <= 2 + 125);
 
 const CLOSE: u8 = 0x8;
 
@@ -191,17 +229,24 @@ struct Half {
     need_flush: bool,
     frames: Frames,
     /// The close frame put in, and how much of it is written.
-    close: [u8; 8],
+    close: [u8; CLOSE_MAX],
     close_len: usize,
     close_at: usize,
     /// The destination has been sent a close (the source's, or one put in).
     sent_close: bool,
     /// One was put in: what the source sends after it is thrown away.
     injected: bool,
+    /// The close to put in when the source ends its side without one (the server's: the
+    /// client is told; the client's end is left to the server to see as it is).
+    on_end: Option<&'static [u8]>,
+    /// The last failure was writing to the destination, not reading from the source.
+    write_failed: bool,
+    /// The source failed, found by the other direction writing to it: read no more from it.
+    source_failed: Option<io::Error>,
 }
 
 impl Half {
-    fn new(masked: bool) -> Half {
+    fn new(masked: bool, on_end: Option<&'static [u8]>) -> Half {
         Half {
             buf: vec![0; BUF].into_boxed_slice(),
             pos: 0,
@@ -210,11 +255,14 @@ impl Half {
             done: false,
             need_flush: false,
             frames: Frames::new(masked),
-            close: [0; 8],
+            close: [0; CLOSE_MAX],
             close_len: 0,
             close_at: 0,
             sent_close: false,
             injected: false,
+            on_end,
+            write_failed: false,
+            source_failed: None,
         }
     }
 
@@ -223,9 +271,10 @@ impl Half {
         self.frames.closed
     }
 
-    /// Puts the close frame in: masked with a key of its own where frames must be masked.
-    fn inject(&mut self) {
-        let [b0, b1, c0, c1] = GOING_AWAY;
+    /// Puts `frame` (a close, unmasked, at most `CLOSE_MAX` bytes once masked) in: masked
+    /// with a key of its own where frames must be masked.
+    fn inject(&mut self, frame: &[u8]) {
+        let (head, payload) = frame.split_at(2);
         if self.frames.masked {
             use std::hash::BuildHasher;
             // The key must be unpredictable to keep a client's script from choosing the
@@ -233,11 +282,14 @@ impl Half {
             let k = std::collections::hash_map::RandomState::new()
                 .hash_one(0u8)
                 .to_le_bytes();
-            self.close = [b0, b1 | 0x80, k[0], k[1], k[2], k[3], c0 ^ k[0], c1 ^ k[1]];
-            self.close_len = 8;
+            self.close[..6].copy_from_slice(&[head[0], head[1] | 0x80, k[0], k[1], k[2], k[3]]);
+            for (i, (to, b)) in self.close[6..].iter_mut().zip(payload).enumerate() {
+                *to = b ^ k[i % 4];
+            }
+            self.close_len = 6 + payload.len();
         } else {
-            self.close[..4].copy_from_slice(&GOING_AWAY);
-            self.close_len = 4;
+            self.close[..frame.len()].copy_from_slice(frame);
+            self.close_len = frame.len();
         }
         self.close_at = 0;
         self.sent_close = true;
@@ -255,13 +307,26 @@ impl Half {
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
     {
+        // Which end failed tells the relay whether the other direction is to end with a close.
+        macro_rules! wrote {
+            ($poll:expr) => {
+                match ready!($poll) {
+                    Ok(done) => done,
+                    Err(e) => {
+                        self.write_failed = true;
+                        return Poll::Ready(Err(e));
+                    }
+                }
+            };
+        }
         loop {
             // A close put in goes whole before anything after it.
             while self.close_at < self.close_len {
-                let n = ready!(to
+                let n = wrote!(to
                     .as_mut()
-                    .poll_write(cx, &self.close[self.close_at..self.close_len]))?;
+                    .poll_write(cx, &self.close[self.close_at..self.close_len]));
                 if n == 0 {
+                    self.write_failed = true;
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
                 self.close_at += n;
@@ -269,7 +334,7 @@ impl Half {
             }
             let closing = tunnel.draining && !tunnel.plain && !self.sent_close;
             if closing && self.frames.at_boundary() {
-                self.inject();
+                self.inject(GOING_AWAY);
                 continue;
             }
             if self.pos < self.cap {
@@ -292,8 +357,9 @@ impl Half {
                         Err(Unframed) => tunnel.plain = true,
                     }
                 }
-                let n = ready!(to.as_mut().poll_write(cx, &self.buf[self.pos..end]))?;
+                let n = wrote!(to.as_mut().poll_write(cx, &self.buf[self.pos..end]));
                 if n == 0 {
+                    self.write_failed = true;
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
                 if !tunnel.plain {
@@ -308,28 +374,59 @@ impl Half {
             }
             if self.eof {
                 // Shutting down flushes first.
-                ready!(to.as_mut().poll_shutdown(cx))?;
+                wrote!(to.as_mut().poll_shutdown(cx));
                 self.need_flush = false;
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
-            let mut read = ReadBuf::new(&mut self.buf);
-            match from.as_mut().poll_read(cx, &mut read) {
-                Poll::Ready(Ok(())) => {
-                    let n = read.filled().len();
-                    self.eof = n == 0;
-                    (self.pos, self.cap) = (0, n);
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {
-                    if self.need_flush {
-                        ready!(to.as_mut().poll_flush(cx))?;
-                        self.need_flush = false;
+            let failed = match self.source_failed.take() {
+                Some(e) => e,
+                None => {
+                    let mut read = ReadBuf::new(&mut self.buf);
+                    match from.as_mut().poll_read(cx, &mut read) {
+                        Poll::Ready(Ok(())) => {
+                            let n = read.filled().len();
+                            (self.pos, self.cap) = (0, n);
+                            if n == 0 {
+                                self.source_ended(tunnel);
+                                self.eof = true;
+                            }
+                            continue;
+                        }
+                        Poll::Ready(Err(e)) => e,
+                        Poll::Pending => {
+                            if self.need_flush {
+                                wrote!(to.as_mut().poll_flush(cx));
+                                self.need_flush = false;
+                            }
+                            return Poll::Pending;
+                        }
                     }
-                    return Poll::Pending;
                 }
+            };
+            if !self.source_ended(tunnel) {
+                return Poll::Ready(Err(failed));
             }
+            // Ended as a FIN would have: the failure told as a close, which is all an
+            // endpoint could have made of it.
+            tracing::debug!(error = %failed, "a WebSocket's server failed; its client told with 1012");
+            self.eof = true;
         }
+    }
+
+    /// The source has ended its side (or failed) without its own close: puts in the close
+    /// for that, where there is one and it is safe, at a frame boundary of framing followed;
+    /// whether it did. Mid-frame, nothing can be added that the destination would read as a
+    /// frame.
+    fn source_ended(&mut self, tunnel: &Tunnel) -> bool {
+        let Some(frame) = self.on_end else {
+            return false;
+        };
+        if tunnel.plain || self.sent_close || !self.frames.at_boundary() {
+            return false;
+        }
+        self.inject(frame);
+        true
     }
 }
 
@@ -349,8 +446,8 @@ where
         plain: false,
         draining: false,
     };
-    let mut up = Half::new(true);
-    let mut down = Half::new(false);
+    let mut up = Half::new(true, None);
+    let mut down = Half::new(false, Some(RESTART));
     tokio::pin!(drain);
     let mut handshaken = false;
     poll_fn(|cx| {
@@ -364,7 +461,13 @@ where
                 Pin::new(&mut *upstream),
                 &mut tunnel,
             ) {
-                return Poll::Ready(Err(e));
+                // The server failed under a write (reset): the client is told as when its
+                // read fails, unless that other direction is over.
+                if !up.write_failed || down.done {
+                    return Poll::Ready(Err(e));
+                }
+                up.done = true;
+                down.source_failed = Some(e);
             }
         }
         if !down.done {
@@ -460,6 +563,130 @@ mod tests {
         let mut frames = Frames::new(true);
         frames.feed(&stream, false).unwrap();
         assert!(frames.closed && frames.at_boundary());
+    }
+
+    /// The relay between two in-memory pipes, no drain: the test's ends of the client's and
+    /// the server's connections, and the relay's outcome.
+    fn relayed() -> (
+        tokio::io::DuplexStream,
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<io::Result<()>>,
+    ) {
+        let (client, mut client_side) = tokio::io::duplex(64 * 1024);
+        let (server, mut server_side) = tokio::io::duplex(64 * 1024);
+        let relay = tokio::spawn(async move {
+            relay(&mut client_side, &mut server_side, std::future::pending()).await
+        });
+        (client, server, relay)
+    }
+
+    /// All `s` gives until it ends, within 10 s.
+    async fn rest(s: &mut (impl AsyncRead + Unpin)) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        let read =
+            tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut got));
+        assert!(read.await.is_ok(), "not ended: {got:?}");
+        got
+    }
+
+    /// `RESTART` says 1012 and why, the whole payload counted in its length.
+    #[test]
+    fn the_close_for_a_server_gone_is_1012_with_its_reason() {
+        assert_eq!(RESTART[..4], [0x88, RESTART.len() as u8 - 2, 0x03, 0xF4]);
+        assert!(std::str::from_utf8(&RESTART[4..]).is_ok());
+    }
+
+    /// A server that ends its side between frames, a message half sent (a control frame may
+    /// come between fragments): the client has what it sent, then a close 1012, then the end.
+    /// It had the end alone: a browser's 1006.
+    #[tokio::test]
+    async fn a_server_s_end_between_frames_is_told_to_the_client_with_1012() {
+        let (mut client, mut server, relay) = relayed();
+        let sent = [frame(0x81, b"hello", false), frame(0x01, b"half a ", false)].concat();
+        server.write_all(&sent).await.unwrap();
+        drop(server);
+        let got = rest(&mut client).await;
+        assert_eq!(got, [&sent[..], RESTART].concat());
+        // The relay ends once the client has ended its side too.
+        drop(client);
+        assert!(relay.await.unwrap().is_ok());
+    }
+
+    /// Mid-frame, or once the server has sent its own close, the client's connection ends as
+    /// the server's did, nothing added.
+    #[tokio::test]
+    async fn a_server_s_end_mid_frame_or_after_its_close_adds_nothing() {
+        let whole = frame(0x82, &[7; 300], false);
+        let closed = [
+            frame(0x81, b"bye", false),
+            frame(0x88, &[0x03, 0xE8], false),
+        ]
+        .concat();
+        for sent in [&whole[..1], &whole[..3], &whole[..100], &closed[..]] {
+            let (mut client, mut server, relay) = relayed();
+            server.write_all(sent).await.unwrap();
+            drop(server);
+            assert_eq!(rest(&mut client).await, sent);
+            drop(client);
+            assert!(relay.await.unwrap().is_ok());
+        }
+    }
+
+    /// Framing the tracker gave up on: the end passes as it is.
+    #[tokio::test]
+    async fn a_server_s_end_after_framing_not_followed_adds_nothing() {
+        let (mut client, mut server, _relay) = relayed();
+        let sent = [&frame(0x81, b"ok", false)[..], b"not a frame"].concat();
+        server.write_all(&sent).await.unwrap();
+        drop(server);
+        assert_eq!(rest(&mut client).await, sent);
+    }
+
+    /// A server connection that takes no writes (reset) and says nothing more when read.
+    struct Reset;
+
+    impl AsyncRead for Reset {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Reset {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A server found gone by writing the client's frame to it, before its own side is read
+    /// ended: the client is told as well, and the relay ends. The client was cut.
+    #[tokio::test]
+    async fn a_server_found_reset_by_a_write_is_told_to_the_client_with_1012() {
+        let (mut client, mut client_side) = tokio::io::duplex(64 * 1024);
+        let relay = tokio::spawn(async move {
+            relay(&mut client_side, &mut Reset, std::future::pending()).await
+        });
+        client
+            .write_all(&frame(0x81, b"anyone?", true))
+            .await
+            .unwrap();
+        assert_eq!(rest(&mut client).await, RESTART);
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), relay);
+        assert!(ended.await.is_ok(), "the relay did not end");
     }
 
     #[test]
