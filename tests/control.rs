@@ -829,7 +829,7 @@ async fn a_config_caught_half_written_is_read_until_it_is_whole() {
     let up = echo_upstream().await;
     let whole = format!(
         "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[upstream]\nservers = [\"{}\"]\n\
-         [health]\ninterval = \"1h\"\n[maintenance]\nmessage = \"Back soon\"\n",
+         [health]\ninterval = \"3m\"\n[maintenance]\nmessage = \"Back soon\"\n",
         up.url()
     );
     let proxy = spawn_proxy_in(tempfile::tempdir().unwrap(), &whole).await;
@@ -990,7 +990,7 @@ async fn proxy_with_state_in_a_folder(sections: &str) -> Proxy {
 async fn a_reload_writes_again_a_state_file_removed_with_its_folder() {
     let up = echo_upstream().await;
     let proxy = proxy_with_state_in_a_folder(&format!(
-        "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"1h\"\n",
+        "[upstream]\nservers = [\"{}\"]\n[health]\ninterval = \"3m\"\n",
         up.url()
     ))
     .await;
