@@ -3077,6 +3077,23 @@ async fn bare_websocket_upstream() -> (
     (addr, rx)
 }
 
+/// A client's WebSocket through `proxy`, switched (`101`), and the server's end of it as
+/// `bare_websocket_upstream` hands it over.
+async fn tunnel_through(
+    proxy: &ProxyProcess,
+    tunnels: &mut tokio::sync::mpsc::UnboundedReceiver<tokio::net::TcpStream>,
+    case: &str,
+) -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = ask_to_switch(&mut client).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{case}: {head:?}");
+    let up = tokio::time::timeout(Duration::from_secs(10), tunnels.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    (client, up)
+}
+
 /// A WebSocket's server that ends its connection without a close frame (killed, crashed,
 /// restarted: a FIN, or a reset) between frames: its client has what it sent, then a close
 /// frame, code 1012 ("service restart") and why, then the end, so that a browser's `onclose`
@@ -3099,13 +3116,7 @@ async fn a_websocket_whose_server_goes_without_a_close_is_closed_with_1012() {
         ("reset", true, false),
         ("FIN mid-frame", false, true),
     ] {
-        let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-        let head = ask_to_switch(&mut client).await;
-        assert!(head.starts_with("HTTP/1.1 101"), "{how}: {head:?}");
-        let mut up = tokio::time::timeout(Duration::from_secs(10), tunnels.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let (mut client, mut up) = tunnel_through(&proxy, &mut tunnels, how).await;
         let text = ws_frame(0x81, b"hello", None);
         // Mid-frame: a whole frame, then the next one's first bytes.
         let sent = if mid_frame {
@@ -3146,13 +3157,7 @@ async fn a_websocket_server_s_own_close_reaches_its_client_alone() {
         dir.path(),
         &format!("[upstream]\nservers = [\"http://{addr}\"]\n"),
     );
-    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let head = ask_to_switch(&mut client).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head:?}");
-    let mut up = tokio::time::timeout(Duration::from_secs(10), tunnels.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let (mut client, mut up) = tunnel_through(&proxy, &mut tunnels, "own close").await;
     let sent = [
         ws_frame(0x81, b"hello", None),
         ws_frame(0x88, b"\x03\xE8done", None),

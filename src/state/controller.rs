@@ -2074,17 +2074,23 @@ mod tests {
         assert_eq!(state.message.as_deref(), Some("Disk upgrade"));
     }
 
-    /// An outage is held for clients as soon as the checks find it, though saving it waits
-    /// on the disk: the snapshot was swapped only after the fsync, and a hung disk left the
-    /// data plane forwarding to servers known down.
-    #[tokio::test]
-    async fn an_outage_is_shown_while_its_state_write_hangs() {
-        // A port nothing listens on: the first check, at once, finds the server down.
+    /// An `[upstream]` of one server on a port nothing listens on (yet), and that port: its
+    /// first check, at once, finds it down.
+    fn dead_server() -> (u16, String) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
         let servers = format!("[upstream]\nservers = [\"http://127.0.0.1:{port}\"]\n");
+        (port, servers)
+    }
+
+    /// An outage is held for clients as soon as the checks find it, though saving it waits
+    /// on the disk: the snapshot was swapped only after the fsync, and a hung disk left the
+    /// data plane forwarding to servers known down.
+    #[tokio::test]
+    async fn an_outage_is_shown_while_its_state_write_hangs() {
+        let (_, servers) = dead_server();
         let gate = Arc::new(Gate::default());
         let _opens = Opens(gate.clone());
         let (rig, shown) = build_rig(
@@ -2219,11 +2225,7 @@ mod tests {
     /// next write saves where things stand (no outage), not each finding in turn.
     #[tokio::test]
     async fn a_server_back_while_the_outages_save_hangs_is_forwarded_to_at_once() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let servers = format!("[upstream]\nservers = [\"http://127.0.0.1:{port}\"]\n");
+        let (port, servers) = dead_server();
         let gate = Arc::new(Gate::default());
         let _opens = Opens(gate.clone());
         let (rig, shown) = build_rig(
