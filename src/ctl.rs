@@ -157,7 +157,7 @@ pub fn run(
         };
         crate::to_stdout(|out| writeln!(out, "{}", text.unwrap_or_default()))
     } else {
-        crate::to_stdout(|out| print_human(&mut TerminalSafe(out), &resp))
+        crate::to_stdout(|out| print_human(&mut TerminalSafe(out), &resp, &again))
     };
     // On stderr whether or not `--json` is given, so that stdout stays the answer alone; the
     // exit code is the command's, as `check`'s is with its warnings.
@@ -658,7 +658,10 @@ fn request(command: CtlCommand) -> Request {
     }
 }
 
-fn print_human(out: &mut impl Write, resp: &Response) -> io::Result<()> {
+/// `again` is this command's own start (`intermission ctl -c PATH`), put before each command
+/// suggested, so that it is pasted as it is (README: from another folder than the config's
+/// too), where `schedule remove 3` alone tried the default socket there and exited 3.
+fn print_human(out: &mut impl Write, resp: &Response, again: &str) -> io::Result<()> {
     if let Some(e) = &resp.error {
         eprintln!("refused ({}): {}", e.code, terminal_safe(&e.message));
     }
@@ -666,7 +669,7 @@ fn print_human(out: &mut impl Write, resp: &Response) -> io::Result<()> {
     if let Some(w) = &resp.window {
         writeln!(
             out,
-            "scheduled window {}: {} to {} (`schedule remove {}` takes it back)",
+            "scheduled window {}: {} to {} (`{again} schedule remove {}` takes it back)",
             w.id,
             w.start.rfc3339(),
             w.end.rfc3339(),
@@ -674,7 +677,7 @@ fn print_human(out: &mut impl Write, resp: &Response) -> io::Result<()> {
         )?;
     }
     if let Some(s) = &resp.state {
-        print_state(out, s)?;
+        print_state(out, s, again)?;
     }
     if let Some(h) = &resp.health {
         print_health(out, h)?;
@@ -747,7 +750,7 @@ impl<W: Write> Write for TerminalSafe<W> {
     }
 }
 
-fn print_state(out: &mut impl Write, s: &StatusView) -> io::Result<()> {
+fn print_state(out: &mut impl Write, s: &StatusView, again: &str) -> io::Result<()> {
     writeln!(out, "mode:        {}", s.mode.as_str())?;
     if let Some(m) = &s.message {
         writeln!(out, "message:     {}", one_line(m))?;
@@ -798,7 +801,7 @@ fn print_state(out: &mut impl Write, s: &StatusView) -> io::Result<()> {
             writeln!(out, "  {}  {}", u.at.rfc3339(), one_line(&u.message))?;
         }
     }
-    print_schedules(out, &s.schedules)?;
+    print_schedules(out, &s.schedules, again)?;
     print_health(out, &s.upstream)
 }
 
@@ -808,7 +811,7 @@ fn print_state(out: &mut impl Write, s: &StatusView) -> io::Result<()> {
 const STATUS_WINDOWS: usize = 5;
 
 /// The first windows, in order of start (as they are kept), and how many more there are.
-fn print_schedules(out: &mut impl Write, windows: &[Window]) -> io::Result<()> {
+fn print_schedules(out: &mut impl Write, windows: &[Window], again: &str) -> io::Result<()> {
     if windows.is_empty() {
         return Ok(());
     }
@@ -821,7 +824,7 @@ fn print_schedules(out: &mut impl Write, windows: &[Window]) -> io::Result<()> {
         let s = if more == 1 { "" } else { "s" };
         writeln!(
             out,
-            "  … and {more} later window{s} (`schedule list` shows them all)"
+            "  … and {more} later window{s} (`{again} schedule list` shows them all)"
         )?;
     }
     Ok(())
@@ -953,7 +956,7 @@ mod tests {
         let shown = |n: u64| {
             let list: Vec<Window> = (1..=n).map(window).collect();
             let mut out = Vec::new();
-            print_schedules(&mut out, &list).unwrap();
+            print_schedules(&mut out, &list, "intermission ctl -c /etc/i.toml").unwrap();
             String::from_utf8(out).unwrap()
         };
         assert_eq!(shown(0), "");
@@ -969,7 +972,10 @@ mod tests {
             "{six}"
         );
         assert!(
-            six.ends_with("  … and 1 later window (`schedule list` shows them all)\n"),
+            six.ends_with(
+                "  … and 1 later window (`intermission ctl -c /etc/i.toml schedule list` shows \
+                 them all)\n"
+            ),
             "{six}"
         );
         let many = shown(500);

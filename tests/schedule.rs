@@ -341,11 +341,15 @@ async fn schedule_add_names_the_window_it_made() {
     let third = list.last().expect("three windows");
     assert_eq!(third.id, made.id + 1);
     let said = String::from_utf8_lossy(&out.stdout);
+    // The command to take it back is whole, with the `-s` this one was given: pasted as
+    // `schedule remove 3` it was no command, and after `intermission ctl` alone it tried the
+    // default socket of the folder it was pasted in.
     let want = format!(
-        "scheduled window {}: {} to {} (`schedule remove {}` takes it back)",
+        "scheduled window {}: {} to {} (`intermission ctl -s {} schedule remove {}` takes it back)",
         third.id,
         third.start.rfc3339(),
         third.end.rfc3339(),
+        dir.path().join("intermission.sock").display(),
         third.id
     );
     assert_eq!(said.lines().next(), Some(want.as_str()), "{said}");
