@@ -46,7 +46,8 @@ enum Command {
     /// Talk to a running proxy over its control socket.
     ///
     /// Exit codes: 0 done; 1 the proxy refused (its error printed); 2 bad usage; 3 no proxy
-    /// answered on the socket; 4 done, but its answer could not be written (a full disk).
+    /// answered on the socket (or this user may not use it); 4 done, but its answer could
+    /// not be written (a full disk).
     Ctl {
         /// Config file naming the socket [default: ./config.toml; ./intermission.sock if it
         /// does not exist]
@@ -80,7 +81,8 @@ enum CtlCommand {
         /// Announced end: RFC 3339 (2026-12-01T02:00:00Z) or +DURATION (+45m); "" takes it back
         #[arg(short, long)]
         until: Option<String>,
-        /// Retry-After when no --until is set: 250ms, 90s, 5m, 1h30m or seconds
+        /// Retry-After when no --until is set (or once it has passed): 90s, 5m, 1h30m or
+        /// seconds, from 1s to 1d
         #[arg(short, long)]
         retry_after: Option<String>,
         /// Why (recorded in the state, with who switched it); "" clears it

@@ -60,6 +60,31 @@ fn ctl_help_describes_every_flag() {
     assert!(off.contains("window"), "{off}");
 }
 
+/// The examples `ctl on --help` gives for `--retry-after` are values the proxy takes: it
+/// offered `250ms`, which the proxy refuses (at least 1s), to an operator copying from it.
+#[test]
+fn ctl_help_offers_only_retry_afters_the_proxy_takes() {
+    let out = bin().args(["ctl", "on", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    let line = help
+        .lines()
+        .find(|l| l.trim_start().starts_with("-r, --retry-after"))
+        .unwrap_or_default();
+    let examples: Vec<&str> = line
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| w.starts_with(|c: char| c.is_ascii_digit()))
+        .collect();
+    assert!(examples.len() >= 3, "{line}");
+    for example in examples {
+        let d = intermission::config::parse_duration(example).unwrap();
+        assert!(
+            (Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&d),
+            "{example} is offered but refused: {line}"
+        );
+    }
+}
+
 #[test]
 fn check_lists_every_problem_with_its_key() {
     let dir = tempfile::tempdir().unwrap();
