@@ -49,12 +49,15 @@ enum Command {
     /// answered on the socket (or this user may not use it); 4 done, but its answer could
     /// not be written (a full disk).
     Ctl {
+        // Global, as `--json` is: `ctl status -c /etc/intermission/config.toml`, the config
+        // named last as many tools take it, was "unexpected argument '-c'" (exit 2) with no
+        // hint, to an operator in an incident. No command has a `-c` or `-s` of its own.
         /// Config file naming the socket [default: ./config.toml; ./intermission.sock if it
-        /// does not exist]
-        #[arg(short, long, conflicts_with = "socket")]
+        /// does not exist] (before or after the command)
+        #[arg(short, long, conflicts_with = "socket", global = true)]
         config: Option<PathBuf>,
-        /// The control socket, instead of the one the config names
-        #[arg(short, long)]
+        /// The control socket, instead of the one the config names (before or after the command)
+        #[arg(short, long, global = true)]
         socket: Option<PathBuf>,
         /// Print the proxy's answer as one JSON object (before or after the command)
         #[arg(long, global = true)]
@@ -132,7 +135,7 @@ enum ScheduleCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse().and_then(one_socket) {
         Ok(cli) => cli,
         Err(e) => {
             // `ctl --json` promises one object on stdout, a mistyped command line included.
@@ -171,6 +174,29 @@ fn main() -> ExitCode {
             command,
         } => ctl::run(config, socket, json, command),
     }
+}
+
+/// `ctl` takes `-c` or `-s`, not both: clap checks that between two arguments of one level
+/// only, and a global one given at another (`ctl -c C status -s S`) got past it, the config
+/// then silently ignored.
+fn one_socket(cli: Cli) -> Result<Cli, clap::Error> {
+    if let Command::Ctl {
+        config: Some(_),
+        socket: Some(_),
+        ..
+    } = &cli.command
+    {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        // Built, so that the usage it prints names `intermission ctl`, not `ctl`.
+        cmd.build();
+        let ctl = cmd.find_subcommand_mut("ctl").map(|c| c.clone());
+        return Err(ctl.unwrap_or(cmd).error(
+            clap::error::ErrorKind::ArgumentConflict,
+            "the argument '--config <CONFIG>' cannot be used with '--socket <SOCKET>': \
+             name the config (-c) or the socket (-s)",
+        ));
+    }
+    Ok(cli)
 }
 
 /// The error and its causes on one line, as `{e:#}` prints them, but each cause once: the

@@ -1591,6 +1591,38 @@ async fn ctl_refuses_a_request_too_long_for_the_protocol() {
     drop(proxy);
 }
 
+/// `-c` and `-s` may come after the command, as `--json` may: `ctl status -c
+/// /etc/intermission/config.toml`, the config named last as many tools take it, was refused
+/// as "unexpected argument '-c'" (exit 2), with no hint of where it goes, mid-incident.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctl_takes_the_config_or_socket_after_the_command_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(dir.path(), "");
+    let cfg = dir.path().join("config.toml");
+    let sock = dir.path().join("intermission.sock");
+    let (cfg, sock) = (cfg.to_str().unwrap(), sock.to_str().unwrap());
+    let run = |args: &[&str]| bin().arg("ctl").args(args).output().unwrap();
+    let out = run(&["on", "-m", "after the command", "-c", cfg]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = run(&[
+        "schedule", "add", "--start", "+1h", "--end", "+2h", "--socket", sock,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = run(&["status", "--json", "-s", sock]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["message"], "after the command", "{v}");
+    assert_eq!(v["schedules"].as_array().unwrap().len(), 1, "{v}");
+    // Both, wherever they are, are still one too many.
+    let out = run(&["-c", cfg, "status", "-s", sock]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot be used with"),
+        "{out:?}"
+    );
+    drop(proxy);
+}
+
 /// A text that begins with a hyphen ("- step 2 of 3", "-5 % capacity") is a text: clap took
 /// it for an option and refused the command line ("unexpected argument '- ' found", exit 2),
 /// leaving an operator mid-incident to guess why. A flag left without its text, which then
