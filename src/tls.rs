@@ -24,6 +24,19 @@ pub enum TlsError {
     Read { path: PathBuf, reason: String },
     #[error("{}: no certificate found (expected PEM \"BEGIN CERTIFICATE\" blocks)", .0.display())]
     NoCertificate(PathBuf),
+    /// The file holds the other half of the pair alone: `cert` and `key` swapped, or the
+    /// certificate named for both. Said as such: "no certificate found" in a file an operator
+    /// had just made, beside an "unsupported private key" in the other, sent them looking
+    /// at the files' formats.
+    #[error(
+        "{}: it holds a {holds} and no {wanted}: are cert and key swapped?",
+        path.display()
+    )]
+    OtherHalf {
+        path: PathBuf,
+        holds: &'static str,
+        wanted: &'static str,
+    },
     #[error("{}: unsupported private key: {reason}", path.display())]
     Key { path: PathBuf, reason: String },
     #[error("{} does not match the certificate in {}", key.display(), cert.display())]
@@ -614,7 +627,10 @@ fn load_certified_key(
     paths: &CertificatePaths,
     provider: &CryptoProvider,
 ) -> Result<Certified, Vec<TlsError>> {
-    let (chain, signing) = match (read_certs(&paths.cert), load_key(&paths.key, provider)) {
+    let (chain, signing) = match (
+        read_served_certs(&paths.cert),
+        load_key(&paths.key, provider),
+    ) {
         (Ok(chain), Ok(signing)) => (chain, signing),
         (chain, signing) => {
             return Err([chain.err(), signing.err()].into_iter().flatten().collect())
@@ -676,6 +692,11 @@ fn load_key(
             Some(how) => TlsError::EncryptedKey {
                 path: path.to_path_buf(),
                 how,
+            },
+            None if holds_certificate(&bytes, &e) => TlsError::OtherHalf {
+                path: path.to_path_buf(),
+                holds: "certificate",
+                wanted: "private key",
             },
             None => refused(pem_problem(&e, "PRIVATE KEY")),
         }
@@ -784,6 +805,30 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         return Err(TlsError::NoCertificate(path.to_path_buf()));
     }
     Ok(certs)
+}
+
+/// `read_certs` for a `[[tls.certificates]]` entry's `cert`, whose file may hold the entry's
+/// key instead (not for `upstream.ca_file`, which has no key beside it to swap with).
+fn read_served_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    read_certs(path).map_err(|e| match e {
+        TlsError::NoCertificate(path)
+            if crate::files::read(&path, crate::files::MAX_PEM_BYTES)
+                .is_ok_and(|bytes| PrivateKeyDer::from_pem_slice(without_bom(&bytes)).is_ok()) =>
+        {
+            TlsError::OtherHalf {
+                path,
+                holds: "private key",
+                wanted: "certificate",
+            }
+        }
+        e => e,
+    })
+}
+
+/// Whether a key file the PEM reader found no key in (`e`) holds a certificate instead.
+fn holds_certificate(bytes: &[u8], e: &rustls::pki_types::pem::Error) -> bool {
+    matches!(e, rustls::pki_types::pem::Error::NoItemsFound)
+        && CertificateDer::pem_slice_iter(without_bom(bytes)).any(|c| c.is_ok())
 }
 
 #[derive(Debug)]

@@ -985,6 +985,57 @@ fn a_certificate_that_does_not_load_says_why() {
     }
 }
 
+/// A `cert` and `key` swapped, or the certificate named for both, say so: they were "no
+/// certificate found" and "unsupported private key: no PEM \"PRIVATE KEY\" block found".
+#[test]
+fn a_certificate_and_key_swapped_say_so() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    ca.write_leaf(dir.path(), "site", &["shop.test"]);
+    for (cert, key, says) in [
+        (
+            "site.key",
+            "site.pem",
+            vec![
+                "site.key: it holds a private key and no certificate",
+                "site.pem: it holds a certificate and no private key",
+            ],
+        ),
+        (
+            "site.pem",
+            "site.pem",
+            vec!["site.pem: it holds a certificate and no private key"],
+        ),
+    ] {
+        let text = format!(
+            "[tls]\nlisten = [\"127.0.0.1:0\"]\n[[tls.certificates]]\ncert = \"{cert}\"\nkey = \"{key}\"\n"
+        );
+        let cfg = intermission::config::Config::parse(&text, dir.path(), None).unwrap();
+        let err = intermission::tls::server_config(&cfg.tls)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        for said in says {
+            assert!(
+                err.contains(said) && err.contains("swapped"),
+                "{cert}, {key}: {err}"
+            );
+        }
+        assert!(!err.contains("unsupported"), "{err}");
+    }
+    // `upstream.ca_file` has no key beside it to swap with: a key there is no certificate.
+    let text = "[upstream]\nservers = [\"https://127.0.0.1:3000\"]\nca_file = \"site.key\"\n";
+    let cfg = intermission::config::Config::parse(text, dir.path(), None).unwrap();
+    let err = intermission::tls::client_config(&cfg.upstream)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("no certificate found") && !err.contains("swapped"),
+        "{err}"
+    );
+}
+
 /// A certificate and a key saved with a UTF-8 byte order mark first (Windows Notepad) load, as
 /// OpenSSL (nginx) loads them: they were refused as holding no certificate and no key.
 #[test]
