@@ -28,12 +28,17 @@ const YEAR_10000: u64 = 253_402_300_800;
 
 /// An error and its causes on one line ("client error (Connect): tcp connect error: …"), for
 /// errors whose own text leaves out the cause that says what happened (hyper's, hyper-util's).
+/// A certificate refused is said in words where rustls gives a variant's name
+/// (`tls::refusal_in_words`).
 pub fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
+    let said = |link: &(dyn std::error::Error + 'static)| {
+        crate::tls::refusal_in_words(link).unwrap_or_else(|| link.to_string())
+    };
+    let mut text = said(e);
     let mut cause = e.source();
     while let Some(c) = cause {
         text.push_str(": ");
-        text.push_str(&c.to_string());
+        text.push_str(&said(c));
         cause = c.source();
     }
     text

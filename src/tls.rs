@@ -950,6 +950,91 @@ pub fn client_config(upstream: &UpstreamConfig) -> Result<Arc<ClientConfig>, Tls
     Ok(Arc::new(config))
 }
 
+/// A refused certificate in words, for a link of an error's chain (`logging::with_causes`),
+/// and an answer that is not TLS at all:
+/// rustls names some refusals by their variant alone, and wraps webpki's in two more
+/// (`invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))`), which is what an
+/// operator met for the commonest backend of all, one with a certificate of its own made by
+/// `openssl req -x509`. The variant's name stays, for searching. `None`: not a refusal, or
+/// one rustls says well (a wrong name, an expired certificate, with their details).
+pub(crate) fn refusal_in_words(link: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let refused = match rustls_error(link)? {
+        rustls::Error::InvalidCertificate(refused) => refused,
+        // A record that begins with no TLS content type: a plaintext server answering (an
+        // `https://` written for an `http://` one), which said only "received corrupt message
+        // of type InvalidContentType".
+        e @ rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType) => {
+            return Some(format!(
+                "{e} (what came back is not TLS: a server speaking plaintext?)"
+            ))
+        }
+        _ => return None,
+    };
+    let words = match refused {
+        rustls::CertificateError::UnknownIssuer => {
+            "UnknownIssuer (issued by an authority not trusted here: a private one, or the \
+             certificate signed itself)"
+                .to_owned()
+        }
+        rustls::CertificateError::Other(other) => match other.0.downcast_ref::<webpki::Error>() {
+            Some(webpki::Error::CaUsedAsEndEntity) => "CaUsedAsEndEntity (a self-signed \
+                 certificate marked a CA, as `openssl req -x509` makes it, not trusted here)"
+                .to_owned(),
+            Some(e) => format!("{e:?}"),
+            None => other.0.to_string(),
+        },
+        _ => return None,
+    };
+    Some(format!("invalid peer certificate: {words}"))
+}
+
+/// The rustls error `link` is, or carries inside I/O errors (tokio-rustls hands it on in
+/// one, and the connector wraps that in another). An I/O error's `source` is its inner
+/// error's source, not the inner error, so the chain alone never reaches it.
+fn rustls_error<'a>(link: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut link = link;
+    loop {
+        if let Some(tls) = link.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        link = link.downcast_ref::<std::io::Error>()?.get_ref()?;
+    }
+}
+
+/// Whether `e` (or a cause) is an `https://` server's certificate refused for want of trust,
+/// which `upstream.ca_file` mends.
+fn untrusted(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut link = Some(e);
+    while let Some(l) = link {
+        if let Some(rustls::Error::InvalidCertificate(refused)) = rustls_error(l) {
+            return match refused {
+                rustls::CertificateError::UnknownIssuer => true,
+                rustls::CertificateError::Other(other) => matches!(
+                    other.0.downcast_ref::<webpki::Error>(),
+                    Some(webpki::Error::CaUsedAsEndEntity)
+                ),
+                _ => false,
+            };
+        }
+        link = l.source();
+    }
+    false
+}
+
+/// An `https://` server's failure and its causes (`logging::with_causes`), with what mends
+/// a certificate refused for want of trust: the forwarding log line and `ctl health`'s last
+/// error said `UnknownIssuer`, and nothing of `upstream.ca_file`.
+pub fn upstream_failure(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = crate::logging::with_causes(e);
+    if untrusted(e) {
+        text.push_str(
+            "; to trust it, put the certificate of the authority that issued it (or the \
+             self-signed certificate itself) in upstream.ca_file",
+        );
+    }
+    text
+}
+
 /// `upstream.ca_file`'s verification: webpki's, which also takes a server that presents one
 /// of the file's certificates itself. `openssl req -x509`, the usual way to make a
 /// self-signed certificate, marks it a CA (`CA:TRUE`), and webpki refuses a CA's certificate

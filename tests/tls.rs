@@ -1433,6 +1433,58 @@ async fn a_self_signed_ca_certificate_in_ca_file_is_trusted_as_the_servers_own()
     outage(through(&other, &own.0).await, "not in the file");
 }
 
+/// A server whose certificate is refused for want of trust says so in words, with what
+/// mends it, in `ctl health` (and so the log): a certificate made by `openssl req -x509`, the
+/// commonest backend's, was `invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))`,
+/// and one from a private authority `UnknownIssuer`, neither naming `upstream.ca_file`.
+/// Checked by a request (TCP checks pass such a server) and by an HTTP check, which say it
+/// each their own way. An `https://` server that answers in plaintext was "received corrupt
+/// message of type InvalidContentType".
+#[tokio::test]
+async fn a_certificate_refused_for_want_of_trust_says_what_trusts_it() {
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let own = params.self_signed(&key).unwrap();
+    let acceptor = support::tls::acceptor(&own.pem(), &key.serialize_pem(), &[b"http/1.1"]);
+    let self_signed = https_upstream_on(acceptor).await.0;
+    let private = https_upstream(&Ca::new()).await;
+    // An `https://` written for a plaintext server: its answer is no TLS at all.
+    let plaintext = upstream(|_| async { Response::new(full("plain")) }).await;
+    for (addr, said, fix, health) in [
+        (
+            self_signed,
+            "a self-signed certificate marked a CA",
+            "in upstream.ca_file",
+            "tcp",
+        ),
+        (
+            private,
+            "issued by an authority not trusted here",
+            "in upstream.ca_file",
+            "http",
+        ),
+        (
+            plaintext.addr,
+            "InvalidContentType",
+            "not TLS: a server speaking plaintext",
+            "http",
+        ),
+    ] {
+        let proxy = spawn_proxy(&format!(
+            "[upstream]\nservers = [\"https://{addr}\"]\n[health]\nkind = \"{health}\"\n\
+             interval = \"1h\"\n"
+        ))
+        .await;
+        let resp = get(&proxy.url("/refused")).await;
+        assert_eq!(resp.status(), 503, "{said}");
+        assert_eq!(resp.headers()["x-intermission-mode"], "outage", "{said}");
+        let error = last_error(&proxy).await.unwrap_or_default();
+        assert!(error.contains(said) && error.contains(fix), "{error}");
+        assert!(!error.contains("OtherError"), "{error}");
+    }
+}
+
 /// An HTTP/2 request naming its host twice, differently, is malformed (RFC 9113 §8.3.1): strict
 /// servers (Python's h2) reset it. The client's host must reach an `https://` server that chose
 /// HTTP/2 as `:authority` alone, and one that chose HTTP/1.1 as `Host`, as before.

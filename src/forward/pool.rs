@@ -62,15 +62,15 @@ pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 pub enum SendError {
     /// The connection could not be opened (refused, unreachable, TCP connect or TLS handshake
     /// past `connect_timeout`).
-    #[error("{}", crate::logging::with_causes(&**.0))]
+    #[error("{}", crate::tls::upstream_failure(&**.0))]
     Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The connection failed or closed before a response head arrived. Its text names the
     /// causes too: hyper's own says only which step failed ("client error (Connect)"), and the
     /// log line and `ctl health`'s last error would not say why.
-    #[error("{}", crate::logging::with_causes(.0))]
+    #[error("{}", crate::tls::upstream_failure(.0))]
     Http(#[from] hyper::Error),
     /// The connection failed or closed before a response head arrived (`crate::relay`).
-    #[error("{0}")]
+    #[error("{}", crate::tls::upstream_failure(.0))]
     Io(#[source] std::io::Error),
     /// The connection another request was opening for this one could not be opened: that
     /// request tells the server's checker, so this one is not counted again.

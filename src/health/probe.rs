@@ -43,7 +43,7 @@ impl From<String> for CheckError {
 impl CheckError {
     /// What failed, told the same way whoever is to blame.
     fn from_error(e: &(dyn std::error::Error + 'static)) -> CheckError {
-        let why = crate::logging::with_causes(e);
+        let why = crate::tls::upstream_failure(e);
         if crate::forward::local_exhaustion(e) {
             CheckError::Local(why)
         } else {
