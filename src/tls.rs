@@ -976,6 +976,18 @@ pub(crate) fn refusal_in_words(link: &(dyn std::error::Error + 'static)) -> Opti
              certificate signed itself)"
                 .to_owned()
         }
+        // Dates, where rustls gives seconds since 1970 ("not valid after 1609459200 (187211590
+        // seconds ago)"); the time checked at too, since a clock that is wrong is one cause.
+        rustls::CertificateError::ExpiredContext { time, not_after } => format!(
+            "certificate expired on {} (checked at {})",
+            date(not_after),
+            date(time)
+        ),
+        rustls::CertificateError::NotValidYetContext { time, not_before } => format!(
+            "certificate not valid before {} (checked at {}: is a clock behind?)",
+            date(not_before),
+            date(time)
+        ),
         rustls::CertificateError::Other(other) => match other.0.downcast_ref::<webpki::Error>() {
             Some(webpki::Error::CaUsedAsEndEntity) => "CaUsedAsEndEntity (a self-signed \
                  certificate marked a CA, as `openssl req -x509` makes it, not trusted here)"
@@ -986,6 +998,11 @@ pub(crate) fn refusal_in_words(link: &(dyn std::error::Error + 'static)) -> Opti
         _ => return None,
     };
     Some(format!("invalid peer certificate: {words}"))
+}
+
+/// A certificate's time as the log writes times.
+fn date(time: &UnixTime) -> String {
+    crate::time::Timestamp(UNIX_EPOCH + Duration::from_secs(time.as_secs())).rfc3339()
 }
 
 /// The rustls error `link` is, or carries inside I/O errors (tokio-rustls hands it on in

@@ -1439,7 +1439,8 @@ async fn a_self_signed_ca_certificate_in_ca_file_is_trusted_as_the_servers_own()
 /// and one from a private authority `UnknownIssuer`, neither naming `upstream.ca_file`.
 /// Checked by a request (TCP checks pass such a server) and by an HTTP check, which say it
 /// each their own way. An `https://` server that answers in plaintext was "received corrupt
-/// message of type InvalidContentType".
+/// message of type InvalidContentType", and an expired certificate's dates were seconds since
+/// 1970.
 #[tokio::test]
 async fn a_certificate_refused_for_want_of_trust_says_what_trusts_it() {
     let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
@@ -1449,6 +1450,13 @@ async fn a_certificate_refused_for_want_of_trust_says_what_trusts_it() {
     let acceptor = support::tls::acceptor(&own.pem(), &key.serialize_pem(), &[b"http/1.1"]);
     let self_signed = https_upstream_on(acceptor).await.0;
     let private = https_upstream(&Ca::new()).await;
+    // Its dates are checked before its issuer.
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let old = params.self_signed(&key).unwrap();
+    let acceptor = support::tls::acceptor(&old.pem(), &key.serialize_pem(), &[b"http/1.1"]);
+    let expired = https_upstream_on(acceptor).await.0;
     // An `https://` written for a plaintext server: its answer is no TLS at all.
     let plaintext = upstream(|_| async { Response::new(full("plain")) }).await;
     for (addr, said, fix, health) in [
@@ -1463,6 +1471,12 @@ async fn a_certificate_refused_for_want_of_trust_says_what_trusts_it() {
             "issued by an authority not trusted here",
             "in upstream.ca_file",
             "http",
+        ),
+        (
+            expired,
+            "certificate expired on 2021-01-01T00:00:00Z (checked at 20",
+            "",
+            "tcp",
         ),
         (
             plaintext.addr,
