@@ -108,11 +108,44 @@ fn clamped(level: &str) -> String {
 /// it read unless it is what `log.level` may be (`rust_log_ignored`): a mistyped
 /// `RUST_LOG=warnn` was a filter that logged that one (non-existent) target, and the proxy
 /// wrote nothing at all, its access log included.
+/// Nor is one that gives the proxy's own lines no level (`RUST_LOG=hyper=debug`, or
+/// `intermission[conn]=debug`, a span's alone) read alone (`over_level`).
 fn chosen(log: &LogConfig, env: Option<&str>) -> EnvFilter {
     env.filter(|env| !rust_log_ignored(env))
-        .and_then(|env| EnvFilter::try_new(clamped(env)).ok())
+        .and_then(|env| {
+            let read = if crate::config::sets_own_level(env) {
+                clamped(env)
+            } else {
+                over_level(log, env)
+            };
+            EnvFilter::try_new(read).ok()
+        })
         .or_else(|| EnvFilter::try_new(directives(log)).ok())
         .unwrap_or_else(|| EnvFilter::new("info"))
+}
+
+/// `RUST_LOG` (`env`) that names no level for the proxy's own lines, read on top of
+/// `log.level`: its directives in place of the level's for the same targets, the level's
+/// others kept. Read alone, as it was, it silenced the start, every warning and the outages,
+/// as a `log.level` of targets alone did before `check` refused it: tracing gives a target
+/// no directive names no level. An error would not do: a variable left in a unit file or an
+/// image, which the operator may not know of, would keep the proxy from starting over its
+/// log. Who wants those targets alone says so with a level first: `off,hyper=debug`.
+fn over_level(log: &LogConfig, env: &str) -> String {
+    let target = |d: &str| d.split_once('=').map(|(t, _)| t.trim().to_owned());
+    let env = normalised(env);
+    let named: Vec<String> = env.split(',').filter_map(target).collect();
+    let level = normalised(&log.level);
+    let kept = level
+        .split(',')
+        .filter(|d| target(d).is_none_or(|t| !named.contains(&t)));
+    let merged: Vec<&str> = kept.chain(env.split(',')).collect();
+    let mut directives = clamped(&merged.join(","));
+    // As `log.level` alone would (`directives`), unless `RUST_LOG` says otherwise.
+    if !named.iter().any(|t| t == TARGET) {
+        directives.push_str(",intermission::access=info");
+    }
+    directives
 }
 
 /// Whether `RUST_LOG` set to `env` is not read, `log.level` being read in its place: it is not
@@ -441,6 +474,16 @@ pub fn init(log: &LogConfig) -> Flush {
              that gives each target its level (\"info,hyper=debug\"): it is ignored, and \
              log.level {:?} is read",
             log.level
+        );
+    } else if let Some(env) = env.as_deref().filter(|e| !crate::config::sets_own_level(e)) {
+        // Said, since its levels are not all that is written.
+        tracing::warn!(
+            "RUST_LOG={env:?} gives intermission's own lines no level (it names other \
+             targets, or spans, alone), which would silence its start, its warnings and its \
+             outages: it is read on top of log.level {:?}; for those targets alone, write a \
+             level first (RUST_LOG=\"off,{}\")",
+            log.level,
+            normalised(env)
         );
     }
     Flush(())
@@ -881,6 +924,44 @@ mod tests {
                 "{out}"
             );
         }
+    }
+
+    /// A `RUST_LOG` that names targets or spans alone, no level for the proxy's own lines,
+    /// silenced its start, its warnings and its outages, as such a `log.level` (refused by
+    /// `check`) did: it is read on top of `log.level`, its targets' directives in place of
+    /// the level's. One with a level first is read as written.
+    #[test]
+    fn a_rust_log_of_other_targets_alone_silences_not_the_proxys_own_lines() {
+        for env in [
+            "hyper=debug",
+            "intermission[conn]=debug",
+            "intermission::gateway=debug",
+        ] {
+            let out = filtered_with("info", Some(env));
+            assert!(
+                out.contains("server down") && out.contains("an access line"),
+                "{env}: {out}"
+            );
+            assert!(!out.contains("PING ack"), "{env}: {out}");
+        }
+        let log = |level: &str| crate::config::LogConfig {
+            format: crate::config::LogFormat::Text,
+            access_log: true,
+            level: level.to_owned(),
+        };
+        assert_eq!(
+            super::over_level(&log("warn, hyper=warn,tower=info"), " hyper=debug"),
+            "warn,tower=info,hyper=debug,rustls=error,h2=error,intermission::access=info"
+        );
+        // Turned off by RUST_LOG itself, the access log stays off.
+        let off = filtered_with("info", Some("intermission::access=off"));
+        assert!(
+            off.contains("server down") && !off.contains("an access line"),
+            "{off}"
+        );
+        // Those targets alone, said so.
+        let alone = filtered_with("info", Some("off,hyper=debug"));
+        assert!(!alone.contains("server down"), "{alone}");
     }
 
     /// A space around a directive, in `log.level` or `RUST_LOG`, and a `RUST_LOG` that is not

@@ -2003,6 +2003,35 @@ async fn a_stderr_nobody_reads_holds_up_no_request() {
     assert!(proxy.wait_exit(Duration::from_secs(10)).is_some());
 }
 
+/// `RUST_LOG=hyper=debug` gives the proxy's own lines no level: read alone, the proxy said
+/// nothing of its start (nor where it listens), its warnings or its outages, as the
+/// `log.level` that `check` refuses for it. It is read on top of `log.level`, and said so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rust_log_of_another_target_alone_keeps_the_proxys_own_lines() {
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Says where it listens, or the start fails the test.
+    let proxy = ProxyProcess::start_via(
+        &["env", "RUST_LOG=hyper=debug"],
+        dir.path(),
+        &format!("[upstream]\nservers = [\"{}\"]\n", up.url()),
+    );
+    let said = |what: &str| proxy.log_lines().iter().any(|l| l.contains(what));
+    assert!(
+        said("RUST_LOG=\"hyper=debug\" gives intermission's own lines no level")
+            && said("read on top of log.level \"info\"")
+            && said("RUST_LOG=\"off,hyper=debug\""),
+        "{:#?}",
+        proxy.log_lines()
+    );
+    assert_eq!(get(&proxy.url("/marker")).await.status(), 200);
+    assert!(
+        wait_until(Duration::from_secs(10), || said("/marker")).await,
+        "no access line: {:#?}",
+        proxy.log_lines()
+    );
+}
+
 /// `RUST_LOG=info`, which wins over `log.level`, lets no client fill the log: h2 warned of
 /// each PING acknowledgement the proxy never asked for, a line a frame, with it.
 #[tokio::test(flavor = "multi_thread")]

@@ -2298,9 +2298,9 @@ pub(crate) fn level_or_filter(level: &str) -> bool {
 /// Whether the filter `level` (valid: `level_or_filter`) decides the level of the proxy's own
 /// lines: a bare level, or a directive for `intermission` itself. tracing gives a target no
 /// directive names no level at all: `"hyper=debug"` passed `check`, and the proxy then logged
-/// hyper and its access log, and not its start, a warning or an outage. Not held against
-/// `RUST_LOG`, a developer's filter where one library alone may be what is wanted.
-fn sets_own_level(level: &str) -> bool {
+/// hyper and its access log, and not its start, a warning or an outage. `RUST_LOG` is held to
+/// it too, less strictly (`logging::chosen`): one that fails it is read on top of `log.level`.
+pub(crate) fn sets_own_level(level: &str) -> bool {
     // Not one naming a span (`intermission[conn]=debug`): it gives a level inside that span
     // alone, and the start, warnings and outages, logged in none, went unlogged too.
     level.split(',').map(str::trim).any(|d| {
