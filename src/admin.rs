@@ -75,7 +75,8 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true);
-    let mut failures = crate::listener::AcceptFailures::new("admin");
+    let counted = metrics.accept_failures(crate::metrics::Accepting::Admin);
+    let mut failures = crate::listener::AcceptFailures::new("admin", counted);
     let successor = Arc::new(tokio::sync::Notify::new());
     // Set once the listener stops: a connection that has sent nothing yet goes at once, as
     // hyper lets an idle one go on a graceful shutdown.

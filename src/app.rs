@@ -585,6 +585,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             handle.clone(),
             control_stopped,
             recheck_control.clone(),
+            metrics.accept_failures(crate::metrics::Accepting::Control),
         )),
     ];
     let admin_addr = admin.as_ref().and_then(|a| match a {

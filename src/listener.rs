@@ -82,6 +82,8 @@ pub struct Limit {
     /// `make_room`, those beyond a new client's own included.
     closed_for_room: Counter,
     pending_per_client: Counter,
+    /// `intermission_accept_failures_total{listener="proxy"}`, which the accept loops move.
+    pub(crate) accept_failed: Counter,
     /// The connections each client has not yet past their first request
     /// (`proxy.max_pending_per_client`).
     per_client: Arc<PerClient>,
@@ -126,6 +128,7 @@ impl Limit {
             made_room: clients.made_room,
             closed_for_room: clients.closed_for_room,
             pending_per_client: clients.pending_per_client,
+            accept_failed: clients.accept_failed,
             parked,
             drain,
             ..Limit::default()
@@ -710,21 +713,26 @@ enum Arrived {
 /// What an accept loop does when accepting fails, most often for want of file descriptors, a
 /// condition that lasts: it waits a moment instead of spinning, and says so at most once a
 /// second with how many failed in between, where a line per try wrote some 50 a second.
+/// Each failure is counted too (`intermission_accept_failures_total`): the log alone left an
+/// alert on metrics blind to a proxy turning clients away.
 pub struct AcceptFailures {
     what: &'static str,
     told: Lasting,
+    counted: Counter,
 }
 
 impl AcceptFailures {
-    /// `what`: the listener, as the log names it.
-    pub fn new(what: &'static str) -> AcceptFailures {
+    /// `what`: the listener, as the log names it; `counted`: its series.
+    pub fn new(what: &'static str, counted: Counter) -> AcceptFailures {
         AcceptFailures {
             what,
             told: Lasting::default(),
+            counted,
         }
     }
 
     pub async fn failed(&mut self, e: &std::io::Error) {
+        self.counted.inc();
         if let Some(unsaid) = self.told.tell(std::time::Instant::now()) {
             let more = More(unsaid);
             tracing::warn!(error = %e, "{}: accept failed{more}", self.what);
@@ -857,7 +865,7 @@ pub async fn accept_loop(
     tls: bool,
     mut shutdown: Shutdown,
 ) {
-    let mut failures = AcceptFailures::new("listener");
+    let mut failures = AcceptFailures::new("listener", limit.accept_failed.clone());
     // At the limit, said at most once a second each, as accept failures are.
     let (mut made_room, mut refused) = (Lasting::default(), Lasting::default());
     let mut over_cap = Lasting::default();

@@ -88,6 +88,9 @@ pub struct ClientMetrics {
     /// New connections closed at once: their client had `proxy.max_pending_per_client`
     /// connections not yet past their first request.
     pub pending_per_client: Counter,
+    /// Accepts on `proxy.listen` and `tls.listen` that failed (out of descriptors, most
+    /// often): `intermission_accept_failures_total{listener="proxy"}`.
+    pub accept_failed: Counter,
 }
 
 /// A count of things open as a gauge, moved by whoever opens and closes them.
@@ -460,6 +463,33 @@ struct TlsFailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AcceptLabels {
+    listener: &'static str,
+}
+
+/// A listener whose accepts may fail: its series of `intermission_accept_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepting {
+    /// `proxy.listen` and `tls.listen`, which share the clients' descriptors.
+    Proxy,
+    Admin,
+    /// The control socket.
+    Control,
+}
+
+impl Accepting {
+    const ALL: [Accepting; 3] = [Accepting::Proxy, Accepting::Admin, Accepting::Control];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Accepting::Proxy => "proxy",
+            Accepting::Admin => "admin",
+            Accepting::Control => "control",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Http2GoawayLabels {
     reason: &'static str,
 }
@@ -619,6 +649,8 @@ pub struct Metrics {
     tls_handshakes: [Counter; 2],
     /// Indexed like `Http2Goaway::ALL`.
     http2_goaways: [Counter; 5],
+    /// Indexed like `Accepting::ALL`.
+    accept_failures: [Counter; 3],
     certificate_ends: Family<CertificateLabels, Gauge>,
     parked: Gauge,
     /// Whether the last reload was put in force (1) or refused (0); 1 from the start.
@@ -881,6 +913,23 @@ impl Metrics {
             reload_at.clone(),
         );
 
+        // The log says a burst of failed accepts once a second (`listener::AcceptFailures`);
+        // an alert reads metrics, and a proxy out of descriptors turns clients away unseen.
+        let accept_family = Family::<AcceptLabels, Counter>::default();
+        let accept_failures = Accepting::ALL.map(|l| {
+            accept_family.get_or_create_owned(&AcceptLabels {
+                listener: l.as_str(),
+            })
+        });
+        registry.register(
+            "intermission_accept_failures",
+            "Connections the proxy failed to accept, by listener (proxy: proxy.listen and \
+             tls.listen; admin; control: the control socket), most often for want of file \
+             descriptors (EMFILE, ENFILE): each failed try counts, and the client waits in the \
+             listen queue or is refused by the kernel",
+            accept_family,
+        );
+
         let limit_family = Family::<LimitLabels, Counter>::default();
         let reached = |outcome| limit_family.get_or_create_owned(&LimitLabels { outcome });
         let clients = ClientMetrics {
@@ -889,6 +938,7 @@ impl Metrics {
             made_room: reached("made_room"),
             closed_for_room: Counter::default(),
             pending_per_client: reached("pending_per_client"),
+            accept_failed: accept_failures[Accepting::Proxy as usize].clone(),
         };
         registry.register(
             "intermission_client_connections",
@@ -972,6 +1022,7 @@ impl Metrics {
             tls_failures,
             tls_handshakes,
             http2_goaways,
+            accept_failures,
             certificate_ends,
             parked,
             reload_ok,
@@ -1226,6 +1277,11 @@ impl Metrics {
 
     pub fn tls_handshake(&self, resumed: bool) {
         self.tls_handshakes[usize::from(resumed)].inc();
+    }
+
+    /// The count of failed accepts on `listener`, for its accept loop to move.
+    pub fn accept_failures(&self, listener: Accepting) -> Counter {
+        self.accept_failures[listener as usize].clone()
     }
 
     pub fn http2_goaway(&self, reason: Http2Goaway) {
@@ -1843,6 +1899,7 @@ pub(crate) mod tests {
             "intermission_webhook_queue_length",
             "intermission_webhook_removed_dropped",
             "intermission_http2_client_goaways",
+            "intermission_accept_failures",
             "intermission_parked_connections",
             "intermission_config_last_reload_successful",
             "intermission_config_last_reload_success_timestamp_seconds",

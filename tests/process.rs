@@ -2666,6 +2666,75 @@ async fn the_open_file_limit_is_raised_and_a_short_one_is_told() {
     assert_eq!(count(bounded), 1, "{:#?}", proxy.log_lines());
 }
 
+/// A proxy out of descriptors fails its accepts, and each failure is counted in
+/// `intermission_accept_failures_total{listener="proxy"}`: the log alone said so, once a
+/// second, and an alert on metrics never saw clients left waiting in the listen queue.
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_accepts_are_counted() {
+    if !have_prlimit() {
+        return;
+    }
+    let up = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\n[admin]\nlisten = \"{admin}\"\n",
+            up.url()
+        ),
+    );
+    let failures = || async {
+        let request = b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let text = raw_exchange(admin, request, Duration::from_secs(10)).await;
+        text.lines().find_map(|l| {
+            l.strip_prefix("intermission_accept_failures_total{listener=\"proxy\"} ")?
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    assert!(
+        wait_until_async(|| async { failures().await == Some(0.0) }).await,
+        "no series at 0 from the start"
+    );
+
+    // Idle clients take the few descriptors left; those after them wait in the listen
+    // queue, each accept of theirs failing (EMFILE) until descriptors are free again.
+    let pid = proxy.child.id().to_string();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let lowered = std::process::Command::new("prlimit")
+        .args(["--pid", &pid, &format!("--nofile={}", open + 4)])
+        .status()
+        .unwrap();
+    assert!(lowered.success());
+    let mut idle = Vec::new();
+    for _ in 0..16 {
+        idle.push(tokio::net::TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    let failed = || {
+        proxy
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("listener: accept failed"))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), failed).await,
+        "no accept failed: {:#?}",
+        proxy.log_lines()
+    );
+    drop(idle);
+    assert!(
+        wait_until_async(|| async { failures().await.is_some_and(|n| n >= 1.0) }).await,
+        "the failed accepts were not counted: {:?}",
+        failures().await
+    );
+}
+
 /// `log.access_log` is reloaded (README), even when the proxy started with it off and with
 /// `log.level` above `info` (but for the line that says where it listens).
 #[tokio::test]

@@ -475,14 +475,16 @@ impl Drop for Loan {
 /// Serves until `shutdown` fires, then waits for the connections: each ends once the
 /// exchange in hand is answered, so that an operator whose command the controller finished
 /// is told so before the process exits. Each notice on `recheck` (a SIGHUP) finds the
-/// socket at its path again (`Bound::find_again`).
+/// socket at its path again (`Bound::find_again`). `accept_failed`: its series of
+/// `intermission_accept_failures_total`.
 pub async fn serve(
     mut socket: Bound,
     controller: ControllerHandle,
     mut shutdown: Shutdown,
     recheck: std::sync::Arc<tokio::sync::Notify>,
+    accept_failed: prometheus_client::metrics::counter::Counter,
 ) {
-    let mut failures = crate::listener::AcceptFailures::new("control socket");
+    let mut failures = crate::listener::AcceptFailures::new("control socket", accept_failed);
     let room = Room::new(MAX_CONNECTIONS);
     let mut accepted: u64 = 0;
     let mut connections = tokio::task::JoinSet::new();
