@@ -316,6 +316,12 @@ impl SentSignal {
 pub struct UploadWatch(Arc<AtomicU8>);
 
 impl UploadWatch {
+    /// One already known unreadable: an upload read whole before forwarding
+    /// (`forward::forward` buffers a small one) that broke, which no streamed read watched.
+    pub fn unreadable() -> UploadWatch {
+        UploadWatch(Arc::new(AtomicU8::new(BROKEN)))
+    }
+
     /// How the client's own upload failed, if it did.
     pub fn client_failure(&self) -> Option<ClientFault> {
         failure(self.0.load(Ordering::Acquire))

@@ -13,9 +13,10 @@
 //!
 //! The same walk tells h2's own `431` to a request head over `max_header_bytes` among what
 //! the proxy writes (`Budget::wrote`): h2 answers it before hyper sees a request, so that it
-//! was counted and logged nowhere.
+//! was counted and logged nowhere. So it tells the streams h2 resets for the client's errors
+//! (a malformed request: bad pseudo-headers, `connection:`), which h2 tells hyper nothing of.
 
-use crate::metrics::Http2Goaway;
+use crate::metrics::{Http2Goaway, Http2Reset};
 use crate::state::StateHandle;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -45,6 +46,7 @@ const TURN: u64 = 16 * 1024;
 const PREFACE: u32 = 24;
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
 const GOAWAY: u8 = 0x7;
 const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
@@ -77,20 +79,23 @@ struct Frames {
     /// block after it that `blocks` asks for.
     head: [u8; 9 + REFUSAL_BLOCK],
     got: u8,
-    /// Whether a small header block that ends its stream is read with its frame's header:
-    /// the proxy's frames only.
+    /// Whether a small header block that ends its stream, and an `RST_STREAM`'s code, are
+    /// read with their frame's header: the proxy's frames only.
     blocks: bool,
 }
 
 impl Frames {
     /// How many bytes of the frame that `head`, its 9-byte header, begins are read as its
-    /// header: its payload too when it is a small header block that ends its stream.
+    /// header: its payload too when it is a small header block that ends its stream, or an
+    /// `RST_STREAM`'s code.
     fn head_len(&self, head: &[u8]) -> usize {
         // Flags that end the stream and the block, with no padding or priority (which h2
         // never writes).
         let (ending, len) = (END_STREAM | END_HEADERS, usize::from(head[2]));
-        match self.blocks && head[3] == HEADERS && head[4] == ending && head[..2] == [0, 0] {
-            true if len <= REFUSAL_BLOCK => 9 + len,
+        let small = self.blocks && head[..2] == [0, 0];
+        match head[3] {
+            HEADERS if small && head[4] == ending && len <= REFUSAL_BLOCK => 9 + len,
+            RST_STREAM if small && len == 4 => 13,
             _ => 9,
         }
     }
@@ -281,21 +286,27 @@ impl Budget {
     /// of one field (`one_field`), which ends the stream, written as the stream's first frame.
     /// h2 writes it as it reads the head, before any frame of a later stream (whose request
     /// comes after), so that stream is higher than any written before it; trailers are not.
-    fn wrote(&mut self, bytes: &[u8]) -> u32 {
+    /// And the streams reset for the client's errors, by reason (`Http2Reset::ALL`'s order).
+    fn wrote(&mut self, bytes: &[u8]) -> Wrote {
         let (useful, highest) = (&mut self.useful, &mut self.written_stream);
-        let mut refused = 0;
+        let mut wrote = Wrote::default();
         self.written.walk(bytes, |f| {
             if matches!(f.kind, DATA | HEADERS | CONTINUATION) {
                 *useful += u64::from(f.len);
             }
+            if let (RST_STREAM, &[a, b, c, d]) = (f.kind, f.block) {
+                if let Some(reason) = Http2Reset::of(u32::from_be_bytes([a, b, c, d])) {
+                    wrote.resets[reason as usize] += 1;
+                }
+            }
             if f.stream > *highest {
-                if !f.block.is_empty() && one_field(f.block) {
-                    refused += 1;
+                if f.kind == HEADERS && !f.block.is_empty() && one_field(f.block) {
+                    wrote.refused += 1;
                 }
                 *highest = f.stream;
             }
         });
-        refused
+        wrote
     }
 
     /// GOAWAY with ENHANCE_YOUR_CALM, as h2 answers the abuse it bounds itself.
@@ -305,6 +316,24 @@ impl Budget {
         frame[9..13].copy_from_slice(&self.last_stream.to_be_bytes());
         frame[13..].copy_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
         frame
+    }
+}
+
+/// What a write to the client told (`Budget::wrote`).
+#[derive(Default, Debug, PartialEq, Eq)]
+struct Wrote {
+    /// Request heads h2 refused with its own `431`.
+    refused: u32,
+    /// Streams reset for the client's errors, by `Http2Reset`.
+    resets: [u32; 4],
+}
+
+impl std::ops::AddAssign for Wrote {
+    fn add_assign(&mut self, other: Wrote) {
+        self.refused += other.refused;
+        for (r, o) in self.resets.iter_mut().zip(other.resets) {
+            *r += o;
+        }
     }
 }
 
@@ -366,10 +395,19 @@ impl<I: AsyncWrite + Unpin> Flood<I> {
 
 impl<I> Flood<I> {
     /// Counts and logs the request heads h2 refused with its own `431` (`Budget::wrote`), as
-    /// HTTP/1.1's are when hyper refuses one (`listener::count_unread`).
-    fn refused(&self, heads: u32) {
-        for _ in 0..heads {
+    /// HTTP/1.1's are when hyper refuses one (`listener::count_unread`); counts the streams
+    /// it reset for the client's errors. Nothing to do for almost every write.
+    fn told(&self, wrote: Wrote) {
+        for _ in 0..wrote.refused {
             crate::listener::refused_unread(&self.state, self.peer.ip(), 431);
+        }
+        if wrote.resets != [0; 4] {
+            let snap = self.state.load();
+            for (reason, &n) in Http2Reset::ALL.iter().zip(&wrote.resets) {
+                for _ in 0..n {
+                    snap.metrics.http2_reset(*reason);
+                }
+            }
         }
     }
 }
@@ -422,8 +460,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Flood<I> {
         }
         let polled = Pin::new(&mut this.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = polled {
-            let refused = this.budget.wrote(&buf[..n.min(buf.len())]);
-            this.refused(refused);
+            let wrote = this.budget.wrote(&buf[..n.min(buf.len())]);
+            this.told(wrote);
         }
         polled
     }
@@ -439,16 +477,16 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Flood<I> {
         }
         let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = polled {
-            let (mut left, mut refused) = (n, 0);
+            let (mut left, mut wrote) = (n, Wrote::default());
             for buf in bufs {
                 let taken = left.min(buf.len());
-                refused += this.budget.wrote(&buf[..taken]);
+                wrote += this.budget.wrote(&buf[..taken]);
                 left -= taken;
                 if left == 0 {
                     break;
                 }
             }
-            this.refused(refused);
+            this.told(wrote);
         }
         polled
     }
@@ -472,7 +510,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Flood<I> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Budget, Flood, Frames, ALLOWANCE, PREFACE, TURN};
+    use super::{Budget, Flood, Frames, Wrote, ALLOWANCE, PREFACE, TURN};
     use std::pin::Pin;
     use std::task::{Context, Poll};
     use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -683,11 +721,50 @@ mod tests {
         written.extend(ended(15, &[0x08, 0x03, b'4', b'3', b'1']));
         for size in 1..=written.len() {
             let mut budget = Budget::new();
-            let told: u32 = written.chunks(size).map(|w| budget.wrote(w)).sum();
+            let told: u32 = written.chunks(size).map(|w| budget.wrote(w).refused).sum();
             assert_eq!(told, 4, "writes of {size} bytes");
             assert!(budget.written.between());
         }
         // Read, the same frames are a client's.
+        let mut budget = Budget::new();
+        let mut read = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        read.extend(&written);
+        assert!(!budget.read(&read));
+        assert!(budget.read.between());
+    }
+
+    /// The streams h2 resets for the client's errors are told by their code, split anyhow
+    /// across writes; hyper's own resets (NO_ERROR, INTERNAL_ERROR, CANCEL) are not, nor a
+    /// reset read from the client, nor a 4-byte DATA frame of the same bytes.
+    #[test]
+    fn streams_reset_for_the_client_s_errors_are_told() {
+        let mut written = Vec::new();
+        for (stream, code) in [
+            (1u32, 1u32),
+            (3, 0),
+            (5, 3),
+            (7, 2),
+            (9, 7),
+            (11, 8),
+            (13, 5),
+        ] {
+            written.extend(frame(0x3, stream, &code.to_be_bytes()));
+            written.extend(frame(0x0, stream, &1u32.to_be_bytes()));
+        }
+        written.extend(frame(0x3, 15, &1u32.to_be_bytes()));
+        for size in 1..=written.len() {
+            let mut budget = Budget::new();
+            let mut told = Wrote::default();
+            for w in written.chunks(size) {
+                told += budget.wrote(w);
+            }
+            let want = Wrote {
+                refused: 0,
+                resets: [2, 1, 1, 1],
+            };
+            assert_eq!(told, want, "writes of {size} bytes");
+            assert!(budget.written.between());
+        }
         let mut budget = Budget::new();
         let mut read = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         read.extend(&written);

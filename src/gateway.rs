@@ -147,12 +147,20 @@ pub fn handle(state: &StateHandle, conn: &Arc<Conn>, mut req: Request<Incoming>)
                     upload: std::sync::OnceLock::new(),
                 };
                 let upload = &unanswered.upload;
+                let http2 = req.version() == http::Version::HTTP_2;
                 let (resp, server, outcome) =
                     forward_request(&snap, &conn, req, outcome, upload).await;
                 // A client that left mid-upload is told as one that left before its answer
                 // (`Unanswered`, dropped here): what is written back reaches nobody, or a
-                // client that closed only its sending side.
-                if outcome == Outcome::Abandoned {
+                // client that closed only its sending side. So is an HTTP/2 upload that
+                // could not be read, when its read saw it before hyper dropped the request:
+                // h2 reset its stream (or closed the connection), and the `400` goes nowhere.
+                let reset = http2
+                    && upload
+                        .get()
+                        .and_then(crate::body::UploadWatch::client_failure)
+                        == Some(ClientFault::Unreadable);
+                if outcome == Outcome::Abandoned || reset {
                     return resp;
                 }
                 unanswered.counted_in = None;
@@ -365,7 +373,8 @@ impl Judged {
 /// hyper drops the request too when h2 resets the stream for an upload that breaks HTTP/2's
 /// rules (DATA frames adding up to more or less than its `content-length`): that one is the
 /// client's malformed request, logged `400` and counted `failed`, as a malformed chunk over
-/// HTTP/1.1 is, told apart by the upload's own read (`upload`).
+/// HTTP/1.1 is, told apart by the upload's own read (`upload`); but with no response counted,
+/// since its client got the reset, not the `400`.
 struct Unanswered<'a> {
     /// The line to write, with the access log on.
     log: Option<Logged>,
@@ -444,9 +453,9 @@ impl Drop for Unread {
     }
 }
 
-/// Counts and logs a forwarded request dropped before its answer: `400` and `failed` when
-/// its upload could not be read (the client broke the protocol), else nginx's `499` and
-/// `abandoned`.
+/// Counts and logs a forwarded request dropped before its answer: `failed` and logged `400`
+/// when its upload could not be read (the client broke the protocol), else nginx's `499` and
+/// `abandoned`. Neither got a response: no status class or duration is counted for them.
 fn told_unanswered(
     snap: Option<&Snapshot>,
     log: Option<Logged>,
@@ -456,7 +465,7 @@ fn told_unanswered(
     let malformed = fault == Some(ClientFault::Unreadable);
     if let Some(snap) = snap {
         if malformed {
-            count(snap, start, StatusCode::BAD_REQUEST, Outcome::Failed);
+            snap.metrics.reset_unanswered(snap.mode);
         } else {
             snap.metrics.abandoned(snap.mode);
         }
@@ -955,6 +964,10 @@ fn forward_request<'a>(
                     ClientFault::Left => Outcome::Abandoned,
                     ClientFault::Stalled | ClientFault::Unreadable => Outcome::Failed,
                 };
+                // Said where the caller looks for it (the streamed read sets it itself).
+                if fault == ClientFault::Unreadable {
+                    let _ = upload.set(crate::body::UploadWatch::unreadable());
+                }
                 let resp = match echo.grpc_type() {
                     Some(typed) => {
                         let limit = snap.config.proxy.body_read_timeout;

@@ -245,6 +245,56 @@ impl Http2Goaway {
     }
 }
 
+/// Why the proxy reset an HTTP/2 client's stream for what the client did (an `RST_STREAM`
+/// frame's code), the connection going on. h2 resets them itself and tells hyper nothing
+/// (nor any hook of its): the frames the proxy writes are read as they pass (`flood`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Http2Reset {
+    /// A malformed request: a missing or bad pseudo-header, a connection-specific header
+    /// (`connection:`), an upload at odds with its `content-length`, trailers without the
+    /// stream's end, a malformed header block.
+    ProtocolError,
+    /// Data past the stream's window, or a window past 2³¹−1.
+    FlowControlError,
+    /// A stream beyond the connection's concurrent streams, or what follows a head over
+    /// `max_header_bytes` after its `431`.
+    RefusedStream,
+    /// Anything else of the client's making: a frame on a stream already closed
+    /// (STREAM_CLOSED), ENHANCE_YOUR_CALM, ...
+    Other,
+}
+
+impl Http2Reset {
+    pub const ALL: [Http2Reset; 4] = [
+        Http2Reset::ProtocolError,
+        Http2Reset::FlowControlError,
+        Http2Reset::RefusedStream,
+        Http2Reset::Other,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Http2Reset::ProtocolError => "protocol_error",
+            Http2Reset::FlowControlError => "flow_control_error",
+            Http2Reset::RefusedStream => "refused_stream",
+            Http2Reset::Other => "other",
+        }
+    }
+
+    /// The reason of an `RST_STREAM` the proxy wrote with `code`, if it was for the client's
+    /// error: not NO_ERROR (an answer sent whole before its upload was read), INTERNAL_ERROR
+    /// (an answer's body that broke, hyper's) or CANCEL (a stream given up, hyper's).
+    pub fn of(code: u32) -> Option<Http2Reset> {
+        match code {
+            0x0 | 0x2 | 0x8 => None,
+            0x1 => Some(Http2Reset::ProtocolError),
+            0x3 => Some(Http2Reset::FlowControlError),
+            0x7 => Some(Http2Reset::RefusedStream),
+            _ => Some(Http2Reset::Other),
+        }
+    }
+}
+
 /// Why a TLS handshake failed, in the few kinds an operator acts on differently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsFailure {
@@ -651,6 +701,8 @@ pub struct Metrics {
     http2_goaways: [Counter; 5],
     /// Indexed like `Accepting::ALL`.
     accept_failures: [Counter; 3],
+    /// Indexed like `Http2Reset::ALL`.
+    http2_resets: [Counter; 4],
     certificate_ends: Family<CertificateLabels, Gauge>,
     parked: Gauge,
     /// Whether the last reload was put in force (1) or refused (0); 1 from the start.
@@ -866,6 +918,19 @@ impl Metrics {
             goaways_family,
         );
 
+        let resets_family = Family::<Http2GoawayLabels, Counter>::default();
+        let http2_resets = Http2Reset::ALL
+            .map(|r| resets_family.get_or_create_owned(&Http2GoawayLabels { reason: r.as_str() }));
+        registry.register(
+            "intermission_http2_client_stream_resets",
+            "HTTP/2 client streams the proxy reset (RST_STREAM) for what the client did, the \
+             connection going on, by its code (protocol_error: a malformed request, such as a \
+             bad or missing pseudo-header, a connection: header, an upload at odds with its \
+             content-length; flow_control_error; refused_stream: beyond the concurrent \
+             streams; other)",
+            resets_family,
+        );
+
         let handshakes_family = Family::<TlsHandshakeLabels, Counter>::default();
         let tls_handshakes = ["full", "resumed"]
             .map(|kind| handshakes_family.get_or_create_owned(&TlsHandshakeLabels { kind }));
@@ -1023,6 +1088,7 @@ impl Metrics {
             tls_handshakes,
             http2_goaways,
             accept_failures,
+            http2_resets,
             certificate_ends,
             parked,
             reload_ok,
@@ -1069,6 +1135,14 @@ impl Metrics {
     /// so neither its class nor a duration is counted.
     pub fn abandoned(&self, mode: Mode) {
         self.requests[Outcome::Abandoned.index()][mode_index(mode)].inc();
+    }
+
+    /// Counts a forwarded request whose HTTP/2 stream h2 reset for the client's malformed
+    /// upload (`RST_STREAM`, `PROTOCOL_ERROR`): `failed`, the client's fault, but no response
+    /// was sent, so neither its class nor a duration is counted. Counted as a `4xx`, it made
+    /// `intermission_responses_total` tell of answers no client got.
+    pub fn reset_unanswered(&self, mode: Mode) {
+        self.requests[Outcome::Failed.index()][mode_index(mode)].inc();
     }
 
     /// Counts a request head hyper refused and answered itself (`status`) before anything of
@@ -1286,6 +1360,10 @@ impl Metrics {
 
     pub fn http2_goaway(&self, reason: Http2Goaway) {
         self.http2_goaways[reason as usize].inc();
+    }
+
+    pub fn http2_reset(&self, reason: Http2Reset) {
+        self.http2_resets[reason as usize].inc();
     }
 
     /// Everything in the Prometheus text format 0.0.4, for the scrapers and tools that do not
@@ -1899,6 +1977,7 @@ pub(crate) mod tests {
             "intermission_webhook_queue_length",
             "intermission_webhook_removed_dropped",
             "intermission_http2_client_goaways",
+            "intermission_http2_client_stream_resets",
             "intermission_accept_failures",
             "intermission_parked_connections",
             "intermission_config_last_reload_successful",

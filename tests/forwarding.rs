@@ -2206,7 +2206,9 @@ async fn an_event_stream_whose_server_dies_between_events_ends_properly() {
 /// An HTTP/2 upload whose DATA frames add up to more or less than its `content-length` is a
 /// request the client made malformed (RFC 9113 §8.1.1), not one it left: h2 resets the stream
 /// (`PROTOCOL_ERROR`), and it is counted `failed`, as a malformed chunk over HTTP/1.1 is,
-/// never `abandoned`.
+/// never `abandoned`. The client got no response: none is counted (it was a `4xx` in
+/// `intermission_responses_total`), nor a duration, streamed to its server or read whole
+/// before (a `PUT`, kept to be sent again).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_http2_upload_at_odds_with_its_content_length_is_failed_not_abandoned() {
     let (tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<()>();
@@ -2258,6 +2260,106 @@ async fn an_http2_upload_at_odds_with_its_content_length_is_failed_not_abandoned
         assert_eq!(series_reaches(&proxy, failed, want).await, Some(want));
         assert_eq!(series(&proxy, abandoned).await, Some(0.0));
     }
+    // Read whole before it is forwarded: its server never sees it.
+    let mut client = client.clone().ready().await.unwrap();
+    let req = Request::put(proxy.url("/odd"))
+        .header("content-length", "10")
+        .body(())
+        .unwrap();
+    let (response, mut upload) = client.send_request(req, false).unwrap();
+    upload
+        .send_data(Bytes::from_static(b"hello"), true)
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("neither answered nor reset in time");
+    let reason = got.map(|r| r.status()).map_err(|e| e.reason());
+    assert_eq!(reason, Err(Some(h2::Reason::PROTOCOL_ERROR)));
+    assert_eq!(series_reaches(&proxy, failed, 3.0).await, Some(3.0));
+    // Counted as the requests are, before anything is told: none more comes after.
+    let none = [
+        "intermission_responses_total{class=\"4xx\"}",
+        "intermission_request_duration_seconds_count",
+    ];
+    for key in none {
+        assert_eq!(series(&proxy, key).await, Some(0.0), "{key}");
+    }
+    assert_eq!(series(&proxy, abandoned).await, Some(0.0));
+    let resets = "intermission_http2_client_stream_resets_total{reason=\"protocol_error\"}";
+    assert_eq!(series_reaches(&proxy, resets, 3.0).await, Some(3.0));
+}
+
+/// A request h2 finds malformed (a `connection:` header, no `:path`) gets its stream reset
+/// (`PROTOCOL_ERROR`) by h2 before hyper sees a request, and the connection goes on: such
+/// resets were in no metric. They are counted in
+/// `intermission_http2_client_stream_resets_total{reason="protocol_error"}`.
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_streams_reset_as_malformed_are_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = echo_upstream().await;
+    let proxy = spawn_proxy(&format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        upstream_config(&up)
+    ))
+    .await;
+    let key = "intermission_http2_client_stream_resets_total{reason=\"protocol_error\"}";
+    assert_eq!(series(&proxy, key).await, Some(0.0));
+    let headers = |stream: u32, block: &[u8]| {
+        let len = (block.len() as u32).to_be_bytes();
+        // END_STREAM | END_HEADERS.
+        let mut f = vec![len[1], len[2], len[3], 0x1, 0x5];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(block);
+        f
+    };
+    // `:method GET`, `:scheme http`, `:authority x` (HPACK, RFC 7541 Appendix A).
+    let base: &[u8] = &[0x82, 0x86, 0x41, 0x01, b'x'];
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0".to_vec();
+    // `:path /` and a literal `connection: close`.
+    let mut connection = base.to_vec();
+    connection.extend_from_slice(&[0x84, 0x00, 0x0a]);
+    connection.extend_from_slice(b"connection");
+    connection.extend_from_slice(&[0x05]);
+    connection.extend_from_slice(b"close");
+    out.extend(headers(1, &connection));
+    out.extend(headers(3, base));
+    // A well-formed one after them: answered on the same connection.
+    let mut fine = base.to_vec();
+    fine.push(0x84);
+    out.extend(headers(5, &fine));
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    conn.write_all(&out).await.unwrap();
+    // Frames read until stream 5's answer: the resets of streams 1 and 3 come before it.
+    let mut got = Vec::new();
+    let (mut resets, mut answered) = (Vec::new(), false);
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        while !answered {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed: {resets:?}");
+            got.extend_from_slice(&buf[..n]);
+            while got.len() >= 9 {
+                let len = u32::from_be_bytes([0, got[0], got[1], got[2]]) as usize;
+                if got.len() < 9 + len {
+                    break;
+                }
+                let frame: Vec<u8> = got.drain(..9 + len).collect();
+                let stream = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]);
+                match frame[3] {
+                    0x3 => {
+                        let code = u32::from_be_bytes([frame[9], frame[10], frame[11], frame[12]]);
+                        resets.push((stream, code));
+                    }
+                    0x1 if stream == 5 => answered = true,
+                    _ => {}
+                }
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "stream 5 not answered: {resets:?}");
+    assert_eq!(resets, [(1, 1), (3, 1)]);
+    assert_eq!(series_reaches(&proxy, key, 2.0).await, Some(2.0));
 }
 
 /// The drain's `503` to a request still waiting for its answer's head as a stop's
