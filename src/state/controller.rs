@@ -244,6 +244,11 @@ pub struct Controller {
     lock: Option<Arc<store::StateLock>>,
     /// The state in force changed by itself (`settle`) since it was last saved: `flush` saves it.
     behind: bool,
+    /// Events about a state in force but not saved yet (`behind`), sent once `flush` has
+    /// written it: a receiver told of an outage must find it in the state file, so that a
+    /// `kill -9` right after the event leaves what a clean stop does (a restart tells it
+    /// again as the same outage). Later events wait behind them, in order.
+    unsent: Vec<Event>,
     /// A health flip or window edge was put in force during the write under way
     /// (`write_state`): the change being saved is applied on top of it.
     served: bool,
@@ -376,6 +381,7 @@ impl Controller {
             unsaved: false,
             lock: None,
             behind: false,
+            unsent: Vec::new(),
             served: false,
             #[cfg(test)]
             write_gate: None,
@@ -431,7 +437,8 @@ impl Controller {
         self.parts.metrics.set_mode(mode);
         for w in ended {
             tracing::info!("maintenance window {} ended while the proxy was down", w.id);
-            self.notifier.send(self.ended_while_down(&left, &w));
+            let event = self.ended_while_down(&left, &w);
+            self.send(event);
         }
         // A window in force at start began before it: it took over from the mode of the
         // moment before its start, not from the mode this start first published (the
@@ -783,7 +790,7 @@ impl Controller {
                     cause.map(|(_, summary)| summary.to_owned()),
                 )
             };
-            self.notifier.send(event);
+            self.send(event);
             sent = true;
         }
         if let Some((id, by)) = active.filter(|(id, _)| Some(*id) != was) {
@@ -795,17 +802,34 @@ impl Controller {
     }
 
     /// Tells the webhooks what just happened, with the state of the moment.
-    fn notify(&self, kind: EventKind, previous: Mode, by: Option<String>, reason: Option<String>) {
-        self.notifier.send(self.event(kind, previous, by, reason));
+    fn notify(
+        &mut self,
+        kind: EventKind,
+        previous: Mode,
+        by: Option<String>,
+        reason: Option<String>,
+    ) {
+        let event = self.event(kind, previous, by, reason);
+        self.send(event);
+    }
+
+    /// Sends `event` to the webhooks, or keeps it until the state it tells of is saved
+    /// (`unsent`).
+    fn send(&mut self, event: Event) {
+        if self.behind || !self.unsent.is_empty() {
+            self.unsent.push(event);
+        } else {
+            self.notifier.send(event);
+        }
     }
 
     /// `notify`, of the start or end of schedule window `id`.
-    fn notify_window(&self, kind: EventKind, previous: Mode, by: Option<String>, id: u64) {
+    fn notify_window(&mut self, kind: EventKind, previous: Mode, by: Option<String>, id: u64) {
         let event = Event {
             window: Some(id),
             ..self.event(kind, previous, by, None)
         };
-        self.notifier.send(event);
+        self.send(event);
     }
 
     /// The `schedule_ended` of window `w`, which ended while the proxy was down, as a running
@@ -887,13 +911,22 @@ impl Controller {
     /// what that puts in force during the write is saved by the next one, all together, one
     /// round of the run loop later: a message that waits may go first (a server flapping
     /// faster than the disk writes would otherwise keep every command waiting).
+    /// The events about what it saves go once it is written (or failed, said in the log);
+    /// those of what comes during the write wait for the next.
     async fn flush(&mut self, serve: bool) {
+        // Counted, not taken: what comes during the write queues behind them (`send`).
+        let told = self.unsent.len();
         if std::mem::take(&mut self.behind) {
             let state = self.state.clone();
             if let Err((e, advice)) = self.write_state(&state, serve).await {
                 tracing::error!("{e}; {advice}, then reload to save the state in force");
                 self.unsaved = true;
             }
+        }
+        // Nothing left unsaved: what waited behind them goes too.
+        let ready = if self.behind { told } else { self.unsent.len() };
+        for event in self.unsent.drain(..ready) {
+            self.notifier.send(event);
         }
     }
 
@@ -1866,6 +1899,8 @@ mod tests {
         clock: Clock,
         start: SystemTime,
         _dir: tempfile::TempDir,
+        /// The webhooks' deliveries, to the config's `[[notify]]`.
+        notifier: Notifier,
     }
 
     impl Rig {
@@ -1963,12 +1998,12 @@ mod tests {
         edit(&mut config, dir.path());
         let pages = Pages::load(&config.maintenance).expect("pages");
         let metrics = Arc::new(Metrics::new());
-        let notifier = Notifier::start(Vec::new(), metrics.clone());
+        let notifier = Notifier::start(config.notify.clone(), metrics.clone());
         let parts = Parts::new(Arc::new(config), Arc::new(pages), None, metrics).expect("parts");
         let start = UNIX_EPOCH + Duration::from_secs(1_900_000_000);
         let clock = Clock::manual(start);
         let (mut controller, handle, shown) =
-            Controller::new(parts, state, notifier, clock.clone());
+            Controller::new(parts, state, notifier.clone(), clock.clone());
         controller.write_gate = gate;
         tokio::spawn(controller.run());
         let rig = Rig {
@@ -1976,6 +2011,7 @@ mod tests {
             clock,
             start,
             _dir: dir,
+            notifier,
         };
         (rig, shown)
     }
@@ -2118,6 +2154,36 @@ mod tests {
         assert!(
             eventually(saved).await,
             "the outage was not saved once the disk answered"
+        );
+    }
+
+    /// A webhook told of the outage finds it in the state file: the event waits for the save
+    /// of what it tells (a `kill -9` right after it would otherwise leave a restart not
+    /// knowing the outage it told). Clients are held meanwhile. The event went out at once,
+    /// before the save, since outages were put in force ahead of their saves.
+    #[tokio::test]
+    async fn an_outage_is_told_once_it_is_saved() {
+        let (_, servers) = dead_server();
+        // A receiver that never answers: an event sent stays pending.
+        let hook = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let port = hook.local_addr().expect("its address").port();
+        let more = format!("{servers}[[notify]]\nurl = \"http://127.0.0.1:{port}/\"\n");
+        let gate = Arc::new(Gate::default());
+        let _opens = Opens(gate.clone());
+        let (rig, shown) = build_rig(|_, _| {}, &more, Persisted::default(), Some(gate.clone()));
+        assert!(
+            eventually(|| shown.load().mode == Mode::Outage && gate.reached() > 0).await,
+            "the outage was not held, or its save never began"
+        );
+        assert_eq!(
+            rig.notifier.pending(),
+            0,
+            "the outage was told before it was saved"
+        );
+        gate.open();
+        assert!(
+            eventually(|| rig.notifier.pending() > 0).await,
+            "the outage was not told once saved"
         );
     }
 
