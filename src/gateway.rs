@@ -110,9 +110,11 @@ pub fn handle(state: &StateHandle, conn: &Arc<Conn>, mut req: Request<Incoming>)
     let judged = Judged::default();
     let log = Logged::if_on(&snap, conn, &req, &judged);
     match decide(&snap, conn, &req, &judged) {
-        Decision::Answer(resp, outcome) => {
+        Decision::Answer(mut resp, outcome) => {
             crate::listener::Upgrading::close_when_declined(&mut req);
-            discard_upload(req);
+            if discard_upload(req) {
+                say_close(&mut resp);
+            }
             Reply::Ready(Some(finish(&snap, conn, start, log, resp, None, outcome)))
         }
         Decision::Hold => {
@@ -126,7 +128,9 @@ pub fn handle(state: &StateHandle, conn: &Arc<Conn>, mut req: Request<Incoming>)
                 resp.headers_mut().insert(header::CONNECTION, close);
             }
             crate::listener::Upgrading::close_when_declined(&mut req);
-            discard_upload(req);
+            if discard_upload(req) {
+                say_close(&mut resp);
+            }
             Reply::Ready(Some(finish(
                 &snap,
                 conn,
@@ -190,21 +194,58 @@ const DISCARD_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 /// others) showed an upload during maintenance an error rather than the holding page; an
 /// HTTP/1.1 connection was closed with the body unread, which resets it under a client still
 /// sending, and a client that sends its whole body before it reads (asyncio's, many scripts)
-/// lost the answer. Read, the connection is kept. Not when the client waits for
-/// `100 Continue`: reading would ask for the body, where the answer now tells it to send none.
-fn discard_upload(req: Request<Incoming>) {
-    use http_body_util::BodyExt;
+/// lost the answer. Read, the connection is kept. True when an HTTP/1.x connection will
+/// close after the answer whatever the client does (`discard`), which the answer must say.
+fn discard_upload(req: Request<Incoming>) -> bool {
     use hyper::body::Body as _;
-    let waits = req
-        .headers()
-        .get(http::header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if req.body().is_end_stream() || (req.version() != http::Version::HTTP_2 && waits) {
-        return;
+    if req.body().is_end_stream() {
+        return false;
     }
-    let (mut parts, mut body) = req.into_parts();
+    let waits = waits_for_continue(req.headers());
+    let version = req.version();
+    let (mut parts, body) = req.into_parts();
     // Read to its end, a plaintext HTTP/1.1 connection may park again (`park`).
     let upload = parts.extensions.remove::<crate::park::Upload>();
+    discard(version, waits, body, upload)
+}
+
+/// Whether the client waits for `100 Continue` before it sends its body.
+fn waits_for_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+/// `discard_upload`'s reading, for any body: the client's as hyper gave it, or as forwarding
+/// gave it back unsent (`forward::Rest::Back`). True when an HTTP/1.x connection then closes
+/// after the answer whatever the client does, which hyper never says itself (its keep-alive
+/// ends with nothing written), so that the answer says `Connection: close` (RFC 9112 §9.6)
+/// and a client that pipelined a request behind knows it was not read, rather than lose it
+/// with no word:
+/// - the client waits for `100 Continue`: reading would ask for the body, where the answer
+///   tells it to send none, and hyper, finding none arrived, ends the connection;
+/// - the body's `Content-Length` is over `DISCARD_LIMIT`: read that far, and closed.
+///
+/// A body that stops coming is given up on too (`DISCARD_PAUSE`), and its connection closed,
+/// but that is the client's doing, after the answer: nobody can say it beforehand.
+fn discard<B>(
+    version: http::Version,
+    waits: bool,
+    mut body: B,
+    upload: Option<crate::park::Upload>,
+) -> bool
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+{
+    use http_body_util::BodyExt;
+    let http1 = version < http::Version::HTTP_2;
+    if body.is_end_stream() {
+        return false;
+    }
+    if http1 && waits {
+        return true;
+    }
+    let over = http1 && body.size_hint().lower() > DISCARD_LIMIT as u64;
     tokio::spawn(async move {
         let mut left = DISCARD_LIMIT;
         let read = async {
@@ -215,7 +256,7 @@ fn discard_upload(req: Request<Incoming>) {
             loop {
                 match tokio::time::timeout(DISCARD_PAUSE, body.frame()).await {
                     Ok(Some(Ok(frame))) => {
-                        let n = frame.data_ref().map_or(0, |d| d.len());
+                        let n = frame.data_ref().map_or(0, bytes::Buf::remaining);
                         left = left.saturating_sub(n);
                         if left == 0 {
                             break;
@@ -233,6 +274,29 @@ fn discard_upload(req: Request<Incoming>) {
         };
         let _ = tokio::time::timeout(DISCARD_TIME, read).await;
     });
+    over
+}
+
+/// Reads and drops what forwarding left of a request's body when it failed, as a held
+/// request's (`discard`); true when the answer must say that its HTTP/1.x connection closes:
+/// the body's rest is never to be read (`forward::Rest::Lost`), or `discard` says so.
+fn settle(rest: forward::Rest, http2: bool, waits: bool) -> bool {
+    let version = if http2 {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
+    };
+    match rest {
+        forward::Rest::Read => false,
+        forward::Rest::Back(body, upload) => discard(version, waits, body, upload),
+        forward::Rest::Lost => !http2,
+    }
+}
+
+/// Makes an HTTP/1.x answer say that its connection closes after it (`discard`).
+fn say_close(resp: &mut Response<Body>) {
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
 }
 
 /// Writes the holding response to a request, in HTTP/1.1, to `out` when the gateway would
@@ -916,6 +980,7 @@ fn forward_request<'a>(
         // What the outage answer would need, kept (reference counts, no copies) in case
         // forwarding fails: the request itself goes to the upstream.
         let echo = Echo::of(&req);
+        let waits = waits_for_continue(req.headers());
         match forward::forward(
             &snap.pool,
             &snap.up,
@@ -1023,7 +1088,11 @@ fn forward_request<'a>(
                         }
                     }
                 }
-                let resp = echo.outage(snap, reserved::Preflights::Answered);
+                let http2 = echo.http2;
+                let mut resp = echo.outage(snap, reserved::Preflights::Answered);
+                if settle(failed.rest, http2, waits) {
+                    say_close(&mut resp);
+                }
                 (resp, failed.server, Outcome::Failed)
             }
         }

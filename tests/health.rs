@@ -862,6 +862,126 @@ async fn a_streamed_upload_whose_connection_was_refused_goes_to_another_server()
     }
 }
 
+/// An upload answered with the outage response when its server refused it (`force-open`, a
+/// bypass): its body is read and dropped, as a held one's, and the connection kept, so that
+/// a request pipelined behind it is answered. hyper closed the connection of a body dropped
+/// beyond what one read held, and the answer had not said so (no `Connection: close`): the
+/// request behind was lost with no word (RFC 9112 §9.6). Where the connection does close (a
+/// client waiting for `100 Continue`, a body past the 16 MiB read and dropped), the answer
+/// says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_answered_with_the_outage_keeps_its_connection_or_says_it_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dead = refusing();
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"http://{}\"]\n{SLOW_CHECKS}",
+        dead.addr
+    ))
+    .await;
+    assert!(ctl(&proxy, Ctl::ForceOpen { enabled: true }).await.ok);
+    let within = Duration::from_secs(10);
+    // Larger than a read: hyper's path, not the relay's, which holds a body whole.
+    let body = "z".repeat(70_000);
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let sent = format!(
+        "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}\
+         GET /next HTTP/1.1\r\nHost: x\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(sent.as_bytes()).await.unwrap();
+    // Both answers may come in one read.
+    let answers = read_responses(&mut tcp, 2).await;
+    let (first, next) = (&answers[0], &answers[1]);
+    assert!(first.starts_with("HTTP/1.1 503"), "{first}");
+    assert!(is_outage_head(first), "{first}");
+    assert!(!says_close(first), "{first}");
+    assert!(next.starts_with("HTTP/1.1 503"), "{next}");
+    assert!(is_outage_head(next), "{next}");
+
+    let cases = [
+        // Waits for `100 Continue`, which would ask for the body the answer refuses.
+        "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\nExpect: 100-continue\r\n\r\n"
+            .to_owned(),
+        // More than is read and dropped.
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            20 << 20
+        ),
+    ];
+    for case in cases {
+        let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        tcp.write_all(case.as_bytes()).await.unwrap();
+        let mut all = Vec::new();
+        let closed = tokio::time::timeout(within, tcp.read_to_end(&mut all)).await;
+        let all = String::from_utf8_lossy(&all).into_owned();
+        assert!(closed.is_ok(), "still open: {all}");
+        assert!(all.starts_with("HTTP/1.1 503"), "{all}");
+        assert!(is_outage_head(&all), "{all}");
+        assert!(says_close(&all), "{all}");
+    }
+}
+
+/// An upload of which the server took a part before it failed (closed unanswered): the rest
+/// of its body is never read, and hyper closes the connection after the outage answer, which
+/// says so (RFC 9112 §9.6), so that a client that pipelined a request behind knows it was
+/// lost. hyper says so itself when it sees the body dropped before it writes the answer's
+/// head (as it did here before `forward::Rest::Lost`); the gateway says it whatever the order.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_its_server_took_part_of_gets_an_outage_answer_that_says_it_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = server.local_addr().unwrap();
+    // Each connection is read until 10,000 bytes of a POST's body have come, then closed
+    // unanswered; health checks' too, which `SLOW_CHECKS` never lets mark it down.
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = server.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut chunk = [0u8; 8192];
+                while let Ok(n @ 1..) = conn.read(&mut chunk).await {
+                    got.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&got);
+                    let body = text.split_once("\r\n\r\n").map_or(0, |(_, b)| b.len());
+                    if (got.len() >= 4 && !text.starts_with("POST")) || body >= 10_000 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"http://{addr}\"]\n{SLOW_CHECKS}"
+    ))
+    .await;
+    assert!(ctl(&proxy, Ctl::ForceOpen { enabled: true }).await.ok);
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // The rest of the body (60,000 bytes) and a request behind it are never sent: the
+    // connection must close of itself, with the answer saying it does.
+    let head = "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\n\r\n";
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&[b'z'; 10_000]).await.unwrap();
+    let mut all = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut all)).await;
+    let all = String::from_utf8_lossy(&all).into_owned();
+    assert!(closed.is_ok(), "still open: {all}");
+    assert!(all.starts_with("HTTP/1.1 503"), "{all}");
+    assert!(is_outage_head(&all), "{all}");
+    assert!(says_close(&all), "{all}");
+}
+
+/// Whether a response's head, as `read_response` gives it, says `Connection: close`.
+fn says_close(resp: &str) -> bool {
+    let head = resp.split("\r\n\r\n").next().unwrap_or("");
+    head.lines()
+        .any(|l| l.eq_ignore_ascii_case("connection: close"))
+}
+
+fn is_outage_head(resp: &str) -> bool {
+    let head = resp.split("\r\n\r\n").next().unwrap_or("");
+    head.lines()
+        .any(|l| l.eq_ignore_ascii_case("x-intermission-mode: outage"))
+}
+
 /// A POST is never sent twice: one the server got and failed (closed unanswered) gets the
 /// outage answer, not a second try on another server, which could place the order twice.
 #[tokio::test(flavor = "multi_thread")]

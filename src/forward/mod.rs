@@ -78,14 +78,42 @@ pub struct Failed {
     pub server: Option<usize>,
     /// The client's own request body failed: its answer, since that is no outage.
     pub client: Option<ClientFault>,
+    /// What is left of the request's body, which the answer's connection depends on.
+    pub rest: Rest,
+}
+
+/// What is left unread of a request's body when forwarding failed. hyper's server ends an
+/// HTTP/1.x connection whose request body is dropped before its end, unless that end is in
+/// what one more read brings, and says nothing of it in the answer: the gateway reads what
+/// it can (`Back`) and says `Connection: close` where the connection closes (`Lost`).
+pub enum Rest {
+    /// Nothing: there was no body, or it was read whole (to be sent again).
+    Read,
+    /// Given back with none of it read (no server, or none that took the request): to be
+    /// read and dropped, as a held request's is. With the connection's `park::Upload` when
+    /// the body does not carry it.
+    Back(Body, Option<crate::park::Upload>),
+    /// Read in part and sent, the rest dropped with the request the server failed on.
+    Lost,
+}
+
+impl Rest {
+    /// `Read`, or `Lost` for a streamed body not sent whole.
+    fn of(sent: Option<&SentSignal>) -> Rest {
+        match sent {
+            Some(sent) if !sent.complete() => Rest::Lost,
+            _ => Rest::Read,
+        }
+    }
 }
 
 impl Failed {
-    fn upstream(error: Option<UpstreamError>, server: Option<usize>) -> Failed {
+    fn upstream(error: Option<UpstreamError>, server: Option<usize>, rest: Rest) -> Failed {
         Failed {
             error,
             server,
             client: None,
+            rest,
         }
     }
 }
@@ -234,7 +262,8 @@ pub fn forward<'a>(
             None => None,
             Some(_) => match pool.sockets().tunnel() {
                 Ok(place) => Some(upgrade::Client::of(&mut req, place)),
-                Err(full) => return Err(Failed::upstream(Some(full.into()), None)),
+                // An upgrade is asked for with no body (`upgrade_offer`).
+                Err(full) => return Err(Failed::upstream(Some(full.into()), None, Rest::Read)),
             },
         };
 
@@ -243,7 +272,9 @@ pub fn forward<'a>(
         let (first, req, sent, replay, path, hop, replaying) = {
             let (mut parts, body) = req.into_parts();
             let Some(first) = pool.pick(up, None) else {
-                return Err(Failed::upstream(None, None));
+                let upload = parts.extensions.remove::<crate::park::Upload>();
+                let rest = Rest::Back(Body::Stream(body), upload);
+                return Err(Failed::upstream(None, None, rest));
             };
             // Decided before the hop-by-hop headers go: `Transfer-Encoding` is one of them.
             let to = pool.servers[first].protocol;
@@ -401,7 +432,8 @@ pub fn forward<'a>(
                     ));
                 }
                 Err(e @ UpstreamError::Stopping { .. }) => {
-                    return Err(Failed::upstream(Some(e), Some(server)));
+                    let rest = Rest::of(sent.as_ref());
+                    return Err(Failed::upstream(Some(e), Some(server), rest));
                 }
                 Err(e) => e,
             };
@@ -443,7 +475,11 @@ pub fn forward<'a>(
             // `up` is as the request found it: one taken out since is not tried.
             .filter(|&next| !marks.is_down(&pool.names[next]));
             let Some(second) = second else {
-                return Err(Failed::upstream(Some(error), Some(server)));
+                let rest = match back {
+                    Some(back) => Rest::Back(back.into_body(), None),
+                    None => Rest::of(sent.as_ref()),
+                };
+                return Err(Failed::upstream(Some(error), Some(server), rest));
             };
             let to = &pool.servers[second];
             let from = &pool.servers[first];
@@ -463,7 +499,10 @@ pub fn forward<'a>(
                     sent = None;
                     again
                 }
-                (None, None) => return Err(Failed::upstream(Some(error), Some(server))),
+                (None, None) => {
+                    let rest = Rest::of(sent.as_ref());
+                    return Err(Failed::upstream(Some(error), Some(server), rest));
+                }
             };
             if let Some(more) = said(passive, Some(server), Line::Retried) {
                 tracing::warn!(error = %error, "retrying on {}{more}", pool.servers[second]);
@@ -516,6 +555,7 @@ fn client_failed(fault: ClientFault) -> Failed {
         error: None,
         server: None,
         client: Some(fault),
+        rest: Rest::Lost,
     }
 }
 

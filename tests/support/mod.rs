@@ -958,7 +958,51 @@ impl http_body::Body for WithTrailers {
     }
 }
 
-/// Reads one response with a `Content-Length` body from a keep-alive connection.
+/// Reads `n` responses with `Content-Length` bodies from a keep-alive connection, in order,
+/// from one buffer: for requests pipelined on it, whose answers may arrive in one read, which
+/// `read_response` would take whole for the first (what it reads past one answer is lost).
+pub async fn read_responses<S: tokio::io::AsyncRead + Unpin>(s: &mut S, n: usize) -> Vec<String> {
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while out.len() < n {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + length {
+                let rest = buf.split_off(end + 4 + length);
+                out.push(String::from_utf8_lossy(&buf).into_owned());
+                buf = rest;
+                continue;
+            }
+        }
+        let read = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read(s, &mut chunk),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("no response {} within 5 s: {out:?}", out.len() + 1))
+        .unwrap();
+        let text = String::from_utf8_lossy(&buf);
+        assert!(
+            read > 0,
+            "closed before response {}: {out:?} {text:?}",
+            out.len() + 1
+        );
+        buf.extend_from_slice(&chunk[..read]);
+    }
+    out
+}
+
+/// Reads one response with a `Content-Length` body from a keep-alive connection. What it
+/// reads past that response is dropped: for pipelined requests, `read_responses`.
 pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
