@@ -185,7 +185,8 @@ impl AsyncWrite for Plain<'_> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().sock).poll_write(cx, buf)
+        let sock = &mut *self.get_mut().sock;
+        crate::forward::pool::write_first(sock, cx, buf)
     }
 
     #[inline]
