@@ -59,11 +59,11 @@ pub enum Step {
     Declined,
     /// The peer closed the connection, or it failed.
     Closed,
-    /// `answered`: at least one request was; `unwritten` is what the socket did not take at
-    /// once; `rest` is what hyper must read, from its first byte (empty when every request
-    /// was answered).
+    /// `answered`: when the last request answered was counted, if one was; `unwritten` is
+    /// what the socket did not take at once; `rest` is what hyper must read, from its first
+    /// byte (empty when every request was answered).
     Served {
-        answered: bool,
+        answered: Option<std::time::Instant>,
         unwritten: Bytes,
         rest: Bytes,
     },
@@ -145,7 +145,7 @@ impl Fast {
                 };
                 at += used;
             }
-            let answered = !answers.is_empty();
+            let answered = answers.last_counted();
             let Some(unwritten) = write(io, &answers) else {
                 return Step::Closed;
             };

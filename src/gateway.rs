@@ -353,7 +353,9 @@ pub fn write_held<'s, H: Fields + ?Sized>(
             (parts.status, body.len())
         }
     };
-    count(snap, start, status, Outcome::Held);
+    let now = Instant::now();
+    count_at(snap, start, now, status, Outcome::Held);
+    out.counted(now);
     if snap.config.log.access_log {
         // What `finish` would log once the body is sent: it is sent whole or the connection
         // fails, and a held path is never the bypass link that `logged_uri` hides.

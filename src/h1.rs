@@ -89,6 +89,9 @@ pub struct Answers<'s, 'b> {
     kept_len: usize,
     /// Every body copied: for a writer that sends one buffer (`relay`'s).
     copy: bool,
+    /// When the last answer was counted (`gateway::write_held`): the reading a parked
+    /// connection's deadline is moved from, where it read the clock again.
+    counted: Option<std::time::Instant>,
 }
 
 impl<'s, 'b> Answers<'s, 'b> {
@@ -101,6 +104,7 @@ impl<'s, 'b> Answers<'s, 'b> {
             kept: 0,
             kept_len: 0,
             copy: false,
+            counted: None,
         }
     }
 
@@ -112,6 +116,7 @@ impl<'s, 'b> Answers<'s, 'b> {
             kept: 0,
             kept_len: 0,
             copy: true,
+            counted: None,
         }
     }
 
@@ -129,6 +134,16 @@ impl<'s, 'b> Answers<'s, 'b> {
             }
             _ => self.buf.extend_from_slice(body),
         }
+    }
+
+    /// Notes when an answer written here was counted.
+    pub fn counted(&mut self, at: std::time::Instant) {
+        self.counted = Some(at);
+    }
+
+    /// When the last answer written here was counted; `None` when none was.
+    pub fn last_counted(&self) -> Option<std::time::Instant> {
+        self.counted
     }
 
     /// The length of the answers, bodies included.
