@@ -9,7 +9,7 @@ use http::header;
 use http::response::Parts;
 use http::StatusCode;
 use std::cell::RefCell;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A response encoded but for its `Date`, which changes every second.
 #[derive(Debug, Clone)]
@@ -224,24 +224,50 @@ pub fn date_header(out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// The `Date` value of one second, and the second: from `start` until `end`.
+struct Dated {
+    start: SystemTime,
+    end: SystemTime,
+    text: [u8; 29],
+}
+
 thread_local! {
-    /// The `Date` value of the current second, formatted once per second per thread.
-    static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+    /// The `Date` value of the current second, formatted once per second per thread. Empty
+    /// at first (`start == end`), so the first answer formats it.
+    static DATE: RefCell<Dated> = const {
+        RefCell::new(Dated {
+            start: UNIX_EPOCH,
+            end: UNIX_EPOCH,
+            text: [0; 29],
+        })
+    };
 }
 
 fn with_date(f: impl FnOnce(&[u8])) {
-    let now = SystemTime::now();
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    date_at(SystemTime::now(), f);
+}
+
+/// `with_date` at `now`.
+fn date_at(now: SystemTime, f: impl FnOnce(&[u8])) {
     DATE.with(|cell| {
         let mut cached = cell.borrow_mut();
-        if cached.0 != secs {
+        // Two comparisons of the reading with the second's bounds: `duration_since` (its
+        // subtraction, its checks, some 35 instructions) only once a second. A clock stepped
+        // back falls before `start` and is formatted anew, as one stepped forward is.
+        if now < cached.start || now >= cached.end {
+            let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
             let text = httpdate::fmt_http_date(now);
             if text.len() == 29 {
-                cached.1.copy_from_slice(text.as_bytes());
-                cached.0 = secs;
+                cached.text.copy_from_slice(text.as_bytes());
+                let start = UNIX_EPOCH.checked_add(Duration::from_secs(secs));
+                let end = start.and_then(|start| start.checked_add(Duration::from_secs(1)));
+                // Past the clock's range there is no second to keep: formatted each time.
+                if let (Some(start), Some(end)) = (start, end) {
+                    (cached.start, cached.end) = (start, end);
+                }
             }
         }
-        f(&cached.1);
+        f(&cached.text);
     });
 }
 
@@ -423,6 +449,32 @@ pub(crate) mod tests {
         let (before, after) = text.split_once("\r\ndate: ").unwrap();
         assert!(httpdate::parse_http_date(&after[..29]).is_ok(), "{text}");
         format!("{before}\r\ndate: D{}", &after[29..])
+    }
+
+    /// The cached second is told by its bounds: each reading in it gets its text, one in
+    /// another second (later, or earlier after the clock was stepped back) gets its own.
+    #[test]
+    fn the_date_is_the_second_of_each_reading_whichever_way_the_clock_moves() {
+        let date = |at: SystemTime| {
+            let mut text = String::new();
+            date_at(at, |d| text = String::from_utf8(d.to_vec()).unwrap());
+            text
+        };
+        let second = UNIX_EPOCH + Duration::from_secs(1_796_000_000);
+        let half = Duration::from_millis(500);
+        for at in [
+            second,
+            second + half,
+            second + Duration::from_millis(999),
+            second + Duration::from_secs(1),
+            second + half,
+            second - Duration::from_nanos(1),
+            second - Duration::from_secs(3600),
+            second + Duration::from_secs(86_400) + half,
+            second + half,
+        ] {
+            assert_eq!(date(at), httpdate::fmt_http_date(at), "{at:?}");
+        }
     }
 
     #[test]
