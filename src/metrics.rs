@@ -256,8 +256,7 @@ pub enum Http2Reset {
     ProtocolError,
     /// Data past the stream's window, or a window past 2³¹−1.
     FlowControlError,
-    /// A stream beyond the connection's concurrent streams, or what follows a head over
-    /// `max_header_bytes` after its `431`.
+    /// A stream beyond the connection's concurrent streams.
     RefusedStream,
     /// Anything else of the client's making: a frame on a stream already closed
     /// (STREAM_CLOSED), ENHANCE_YOUR_CALM, ...
