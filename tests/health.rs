@@ -921,6 +921,49 @@ async fn an_upload_answered_with_the_outage_keeps_its_connection_or_says_it_clos
     }
 }
 
+/// A small upload that waited for `100 Continue` is read whole before it is sent (kept for a
+/// retry on another server): answered with the outage once its server refused it, its
+/// connection is kept, as any answered request's whose body was read. It said
+/// `Connection: close`, taken for a body given back unread.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_small_upload_read_whole_then_refused_keeps_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dead = refusing();
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"http://{}\"]\n{SLOW_CHECKS}",
+        dead.addr
+    ))
+    .await;
+    assert!(ctl(&proxy, Ctl::ForceOpen { enabled: true }).await.ok);
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.write_all(
+        b"PUT /small HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut chunk))
+            .await
+            .expect("no answer to the head")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&got).into_owned();
+    assert!(head.starts_with("HTTP/1.1 100"), "{head}");
+    tcp.write_all(&[b'z'; 2000]).await.unwrap();
+    tcp.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answers = read_responses(&mut tcp, 2).await;
+    let (first, next) = (&answers[0], &answers[1]);
+    assert!(is_outage_head(first), "{first}");
+    assert!(!says_close(first), "{first}");
+    assert!(next.starts_with("HTTP/1.1 503"), "{next}");
+}
+
 /// An upload of which the server took a part before it failed (closed unanswered): the rest
 /// of its body is never read, and hyper closes the connection after the outage answer, which
 /// says so (RFC 9112 §9.6), so that a client that pipelined a request behind knows it was

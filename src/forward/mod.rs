@@ -476,8 +476,11 @@ pub fn forward<'a>(
             .filter(|&next| !marks.is_down(&pool.names[next]));
             let Some(second) = second else {
                 let rest = match back {
-                    Some(back) => Rest::Back(back.into_body(), None),
-                    None => Rest::of(sent.as_ref()),
+                    // A streamed body (it has a `sent`) given back unread. One buffered for
+                    // replay (`Body::Full`/`Trailed`) was read whole already, its `100
+                    // Continue` sent: `Read`, and no `Connection: close`.
+                    Some(back) if sent.is_some() => Rest::Back(back.into_body(), None),
+                    _ => Rest::of(sent.as_ref()),
                 };
                 return Err(Failed::upstream(Some(error), Some(server), rest));
             };

@@ -249,6 +249,9 @@ pub struct Controller {
     /// `kill -9` right after the event leaves what a clean stop does (a restart tells it
     /// again as the same outage). Later events wait behind them, in order.
     unsent: Vec<Event>,
+    /// A save is under way with events waiting for it (`flush`): those that come meanwhile
+    /// queue behind them.
+    holding: bool,
     /// A health flip or window edge was put in force during the write under way
     /// (`write_state`): the change being saved is applied on top of it.
     served: bool,
@@ -321,6 +324,14 @@ impl Drop for Returned {
 /// How long a reload may take to read and build its files: a local disk takes milliseconds.
 const RELOAD_READ_LIMIT: Duration = Duration::from_secs(10);
 
+/// How long a webhook event waits for the save of the state it tells (`Controller::unsent`)
+/// before it goes anyway, said in the log: a receiver must be able to rely on a restart
+/// knowing what it was told, but not at the price of an outage's alert held by a hung disk.
+#[cfg(not(test))]
+const HOLD_EVENTS: Duration = Duration::from_secs(5);
+#[cfg(test)]
+const HOLD_EVENTS: Duration = Duration::from_secs(2);
+
 impl Controller {
     /// Builds the first snapshot and the controller that will own every later one.
     pub fn new(
@@ -382,6 +393,7 @@ impl Controller {
             lock: None,
             behind: false,
             unsent: Vec::new(),
+            holding: false,
             served: false,
             #[cfg(test)]
             write_gate: None,
@@ -816,7 +828,7 @@ impl Controller {
     /// Sends `event` to the webhooks, or keeps it until the state it tells of is saved
     /// (`unsent`).
     fn send(&mut self, event: Event) {
-        if self.behind || !self.unsent.is_empty() {
+        if self.behind || self.holding || !self.unsent.is_empty() {
             self.unsent.push(event);
         } else {
             self.notifier.send(event);
@@ -914,19 +926,46 @@ impl Controller {
     /// The events about what it saves go once it is written (or failed, said in the log);
     /// those of what comes during the write wait for the next.
     async fn flush(&mut self, serve: bool) {
-        // Counted, not taken: what comes during the write queues behind them (`send`).
-        let told = self.unsent.len();
+        let mut held: Vec<Event> = self.unsent.drain(..).collect();
         if std::mem::take(&mut self.behind) {
             let state = self.state.clone();
-            if let Err((e, advice)) = self.write_state(&state, serve).await {
+            self.holding = !held.is_empty();
+            let notifier = self.notifier.clone();
+            let written = {
+                let write = self.write_state(&state, serve);
+                tokio::pin!(write);
+                loop {
+                    tokio::select! {
+                        written = &mut write => break written,
+                        // A stalled disk (NFS, a throttled volume) must not keep an outage's
+                        // webhook back for as long as the fsync hangs: communication first.
+                        () = tokio::time::sleep(HOLD_EVENTS), if !held.is_empty() => {
+                            tracing::warn!(
+                                "the state file's save is taking over {}s: {} webhook event(s) sent before it is saved",
+                                HOLD_EVENTS.as_secs(),
+                                held.len()
+                            );
+                            for event in held.drain(..) {
+                                notifier.send(event);
+                            }
+                        }
+                    }
+                }
+            };
+            self.holding = false;
+            if let Err((e, advice)) = written {
                 tracing::error!("{e}; {advice}, then reload to save the state in force");
                 self.unsaved = true;
             }
         }
-        // Nothing left unsaved: what waited behind them goes too.
-        let ready = if self.behind { told } else { self.unsent.len() };
-        for event in self.unsent.drain(..ready) {
+        for event in held {
             self.notifier.send(event);
+        }
+        // Nothing left unsaved: what came during the write goes too.
+        if !self.behind {
+            for event in std::mem::take(&mut self.unsent) {
+                self.notifier.send(event);
+            }
         }
     }
 
@@ -2184,6 +2223,33 @@ mod tests {
         assert!(
             eventually(|| rig.notifier.pending() > 0).await,
             "the outage was not told once saved"
+        );
+    }
+
+    /// A save that hangs holds the outage's event no longer than `HOLD_EVENTS`: a hung disk
+    /// kept the alert back for as long as it hung.
+    #[tokio::test]
+    async fn an_outage_is_told_when_its_save_hangs_too_long() {
+        let (_, servers) = dead_server();
+        let hook = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let port = hook.local_addr().expect("its address").port();
+        let more = format!("{servers}[[notify]]\nurl = \"http://127.0.0.1:{port}/\"\n");
+        let gate = Arc::new(Gate::default());
+        let _opens = Opens(gate.clone());
+        let (rig, shown) = build_rig(|_, _| {}, &more, Persisted::default(), Some(gate.clone()));
+        assert!(
+            eventually(|| shown.load().mode == Mode::Outage && gate.reached() > 0).await,
+            "the outage was not held, or its save never began"
+        );
+        // `eventually` waits 5 s, more than `HOLD_EVENTS`.
+        assert!(
+            eventually(|| rig.notifier.pending() > 0).await,
+            "the outage was not told while its save hung"
+        );
+        let file = rig._dir.path().join("state.json");
+        assert!(
+            !std::fs::read_to_string(&file).is_ok_and(|t| t.contains("outage_since")),
+            "saved through a closed gate"
         );
     }
 
