@@ -872,13 +872,7 @@ async fn a_streamed_upload_whose_connection_was_refused_goes_to_another_server()
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upload_answered_with_the_outage_keeps_its_connection_or_says_it_closes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dead = refusing();
-    let proxy = spawn_proxy(&format!(
-        "[upstream]\nservers = [\"http://{}\"]\n{SLOW_CHECKS}",
-        dead.addr
-    ))
-    .await;
-    assert!(ctl(&proxy, Ctl::ForceOpen { enabled: true }).await.ok);
+    let (_dead, proxy) = forced_open_to_a_refusing_server().await;
     let within = Duration::from_secs(10);
     // Larger than a read: hyper's path, not the relay's, which holds a body whole.
     let body = "z".repeat(70_000);
@@ -921,13 +915,9 @@ async fn an_upload_answered_with_the_outage_keeps_its_connection_or_says_it_clos
     }
 }
 
-/// A small upload that waited for `100 Continue` is read whole before it is sent (kept for a
-/// retry on another server): answered with the outage once its server refused it, its
-/// connection is kept, as any answered request's whose body was read. It said
-/// `Connection: close`, taken for a body given back unread.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_small_upload_read_whole_then_refused_keeps_its_connection() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// A proxy forced open to a server that refuses connections, checked too slowly to mark it
+/// down: each request meets the refusal, and gets the outage answer.
+async fn forced_open_to_a_refusing_server() -> (Refusing, Proxy) {
     let dead = refusing();
     let proxy = spawn_proxy(&format!(
         "[upstream]\nservers = [\"http://{}\"]\n{SLOW_CHECKS}",
@@ -935,6 +925,17 @@ async fn a_small_upload_read_whole_then_refused_keeps_its_connection() {
     ))
     .await;
     assert!(ctl(&proxy, Ctl::ForceOpen { enabled: true }).await.ok);
+    (dead, proxy)
+}
+
+/// A small upload that waited for `100 Continue` is read whole before it is sent (kept for a
+/// retry on another server): answered with the outage once its server refused it, its
+/// connection is kept, as any answered request's whose body was read. It said
+/// `Connection: close`, taken for a body given back unread.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_small_upload_read_whole_then_refused_keeps_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_dead, proxy) = forced_open_to_a_refusing_server().await;
     let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     tcp.write_all(
         b"PUT /small HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\nExpect: 100-continue\r\n\r\n",

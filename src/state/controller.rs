@@ -2196,24 +2196,32 @@ mod tests {
         );
     }
 
+    /// A rig whose server is dead and whose state writes wait at a closed gate, with a
+    /// webhook receiver that never answers (an event sent stays pending), once the outage
+    /// is held for clients and its save has begun.
+    async fn an_outage_saved_behind_a_closed_gate() -> (Rig, Arc<Gate>, Opens, std::net::TcpListener)
+    {
+        let (_, servers) = dead_server();
+        let hook = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let port = hook.local_addr().expect("its address").port();
+        let more = format!("{servers}[[notify]]\nurl = \"http://127.0.0.1:{port}/\"\n");
+        let gate = Arc::new(Gate::default());
+        let opens = Opens(gate.clone());
+        let (rig, shown) = build_rig(|_, _| {}, &more, Persisted::default(), Some(gate.clone()));
+        assert!(
+            eventually(|| shown.load().mode == Mode::Outage && gate.reached() > 0).await,
+            "the outage was not held, or its save never began"
+        );
+        (rig, gate, opens, hook)
+    }
+
     /// A webhook told of the outage finds it in the state file: the event waits for the save
     /// of what it tells (a `kill -9` right after it would otherwise leave a restart not
     /// knowing the outage it told). Clients are held meanwhile. The event went out at once,
     /// before the save, since outages were put in force ahead of their saves.
     #[tokio::test]
     async fn an_outage_is_told_once_it_is_saved() {
-        let (_, servers) = dead_server();
-        // A receiver that never answers: an event sent stays pending.
-        let hook = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
-        let port = hook.local_addr().expect("its address").port();
-        let more = format!("{servers}[[notify]]\nurl = \"http://127.0.0.1:{port}/\"\n");
-        let gate = Arc::new(Gate::default());
-        let _opens = Opens(gate.clone());
-        let (rig, shown) = build_rig(|_, _| {}, &more, Persisted::default(), Some(gate.clone()));
-        assert!(
-            eventually(|| shown.load().mode == Mode::Outage && gate.reached() > 0).await,
-            "the outage was not held, or its save never began"
-        );
+        let (rig, gate, _opens, _hook) = an_outage_saved_behind_a_closed_gate().await;
         assert_eq!(
             rig.notifier.pending(),
             0,
@@ -2230,17 +2238,7 @@ mod tests {
     /// kept the alert back for as long as it hung.
     #[tokio::test]
     async fn an_outage_is_told_when_its_save_hangs_too_long() {
-        let (_, servers) = dead_server();
-        let hook = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
-        let port = hook.local_addr().expect("its address").port();
-        let more = format!("{servers}[[notify]]\nurl = \"http://127.0.0.1:{port}/\"\n");
-        let gate = Arc::new(Gate::default());
-        let _opens = Opens(gate.clone());
-        let (rig, shown) = build_rig(|_, _| {}, &more, Persisted::default(), Some(gate.clone()));
-        assert!(
-            eventually(|| shown.load().mode == Mode::Outage && gate.reached() > 0).await,
-            "the outage was not held, or its save never began"
-        );
+        let (rig, _gate, _opens, _hook) = an_outage_saved_behind_a_closed_gate().await;
         // `eventually` waits 5 s, more than `HOLD_EVENTS`.
         assert!(
             eventually(|| rig.notifier.pending() > 0).await,
