@@ -1574,15 +1574,7 @@ async fn running_out_of_file_descriptors_is_not_an_outage() {
     // request finds none (the server closes each connection, so each request needs a new
     // one). The kernel hands connections over in order: an idle client is taken in before
     // the request after it.
-    let pid = proxy.child.id().to_string();
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count();
-    let lowered = std::process::Command::new("prlimit")
-        .args(["--pid", &pid, &format!("--nofile={}", open + 4)])
-        .status()
-        .unwrap();
-    assert!(lowered.success());
+    leave_spare_descriptors(proxy.child.id(), 4);
     let mut idle = Vec::new();
     let mut refused = 0;
     for _ in 0..40 {

@@ -2703,15 +2703,7 @@ async fn failed_accepts_are_counted() {
 
     // Idle clients take the few descriptors left; those after them wait in the listen
     // queue, each accept of theirs failing (EMFILE) until descriptors are free again.
-    let pid = proxy.child.id().to_string();
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count();
-    let lowered = std::process::Command::new("prlimit")
-        .args(["--pid", &pid, &format!("--nofile={}", open + 4)])
-        .status()
-        .unwrap();
-    assert!(lowered.success());
+    leave_spare_descriptors(proxy.child.id(), 4);
     let mut idle = Vec::new();
     for _ in 0..16 {
         idle.push(tokio::net::TcpStream::connect(proxy.addr).await.unwrap());

@@ -958,6 +958,34 @@ impl http_body::Body for WithTrailers {
     }
 }
 
+/// A response head's `Content-Length`, 0 when it has none.
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0)
+}
+
+/// Leaves the process `pid` `spare` file descriptors beyond those it has open now
+/// (`prlimit`), so that its accepts soon fail for want of one (`EMFILE`).
+pub fn leave_spare_descriptors(pid: u32, spare: usize) {
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let lowered = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={}", open + spare),
+        ])
+        .status()
+        .unwrap();
+    assert!(lowered.success());
+}
+
 /// Reads `n` responses with `Content-Length` bodies from a keep-alive connection, in order,
 /// from one buffer: for requests pipelined on it, whose answers may arrive in one read, which
 /// `read_response` would take whole for the first (what it reads past one answer is lost).
@@ -968,14 +996,7 @@ pub async fn read_responses<S: tokio::io::AsyncRead + Unpin>(s: &mut S, n: usize
     while out.len() < n {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-            let length = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse::<usize>().ok())?
-                })
-                .unwrap_or(0);
+            let length = content_length(&head);
             if buf.len() >= end + 4 + length {
                 let rest = buf.split_off(end + 4 + length);
                 out.push(String::from_utf8_lossy(&buf).into_owned());
@@ -1009,14 +1030,7 @@ pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String
     loop {
         let text = String::from_utf8_lossy(&buf).into_owned();
         if let Some(end) = text.find("\r\n\r\n") {
-            let length = text[..end]
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse::<usize>().ok())?
-                })
-                .unwrap_or(0);
+            let length = content_length(&text[..end]);
             if buf.len() >= end + 4 + length {
                 return text;
             }
