@@ -689,7 +689,9 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        if text.trim().is_empty() {
+        // A byte-order mark is no setting (toml skips it) and no white space to `trim`: a
+        // file an editor emptied and saved as "UTF-8 with BOM" was read as every default.
+        if text.trim_start_matches('\u{feff}').trim().is_empty() {
             return Err(ConfigError::Empty {
                 path: path.to_path_buf(),
             });
@@ -1301,12 +1303,26 @@ impl Validator<'_> {
     fn duration(&mut self, key: &str, text: &DurationText) -> Duration {
         match parse_duration(&text.0) {
             Ok(d) if d.is_zero() => {
-                self.problem(key, "must be greater than zero");
+                self.problem(
+                    key,
+                    format!(
+                        "{:?} is zero, which here would mean at once (only \
+                         proxy.send_timeout, proxy.body_read_timeout and upstream.read_timeout \
+                         take \"0\" for no limit); write a length such as \"5s\"",
+                        text.0
+                    ),
+                );
                 Duration::from_secs(1)
             }
             // Longer is a typo, and deadlines beyond it would overflow the clock's arithmetic.
             Ok(d) if d > MAX_DURATION => {
-                self.problem(key, "must be at most a year");
+                self.problem(
+                    key,
+                    format!(
+                        "{:?} is longer than 366 days, the longest duration here (a typo?)",
+                        text.0
+                    ),
+                );
                 Duration::from_secs(1)
             }
             Ok(d) => d,
@@ -1932,8 +1948,11 @@ impl Validator<'_> {
             allow_paths: self.prefixes("maintenance.allow_paths", &f.allow_paths),
             allow_ips: self.cidrs("maintenance.allow_ips", &f.allow_ips),
             bypass_ttl: self.duration("maintenance.bypass_ttl", &f.bypass_ttl),
-            message: f.message,
-            outage_message: f.outage_message,
+            // Trimmed as `ctl on --message` trims it: the limits above are the trimmed
+            // text's, and a message padded past them (a multi-line string's last line end, a
+            // megabyte of blank lines) was served whole, beyond the page-size budget.
+            message: f.message.trim().to_owned(),
+            outage_message: f.outage_message.trim().to_owned(),
             status_page: f.status_page,
             bypass_secret: f.bypass_secret,
             reserved_prefix: f.reserved_prefix,
@@ -1962,6 +1981,19 @@ impl Validator<'_> {
                 0o600
             }
             Some(m) if m <= 0o777 => m,
+            // Octal, but with setuid, setgid or sticky bits ("1777", "2770"), which a socket
+            // has no use for: "write it in octal" said to write what was written.
+            Some(_) => {
+                self.problem(
+                    "control.socket_mode",
+                    format!(
+                        "{:?} sets bits beyond 0777 (setuid, setgid or sticky), which a socket \
+                         has no use for; write the permission digits alone, like \"0660\"",
+                        f.socket_mode
+                    ),
+                );
+                0o600
+            }
             _ => {
                 self.problem(
                     "control.socket_mode",
@@ -3633,6 +3665,45 @@ mod tests {
             ["maintenance.retry_after", "maintenance.outage_retry_after"]
         );
         assert!(p[0].message.starts_with("must be at least 1s"), "{p:?}");
+    }
+
+    /// A config message is checked trimmed, as `ctl on --message` is, and so must be served:
+    /// padded, it passed the 2,000-character limit and the pages' size budget unseen.
+    #[test]
+    fn config_messages_are_trimmed_as_the_control_socket_trims_them() {
+        let padding = "\\n".repeat(MAX_MESSAGE_CHARS);
+        let text = format!(
+            "[maintenance]\nmessage = \"\"\"\n  Back at noon.\n\"\"\"\noutage_message = \"Down.{padding}\\r\"\n"
+        );
+        let c = Config::parse(&text, Path::new("."), None).expect("valid");
+        assert_eq!(c.maintenance.message, "Back at noon.");
+        assert_eq!(c.maintenance.outage_message, "Down.");
+    }
+
+    /// Zero, too long, or a mode with bits a socket has no use for: each says why.
+    #[test]
+    fn refused_durations_and_modes_say_why() {
+        let p = problems(
+            "[proxy]\nshutdown_timeout = \"0s\"\n[maintenance]\nbypass_ttl = \"400d\"\n\
+             [control]\nsocket_mode = \"1770\"\n",
+        );
+        let got = said(&p);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(got[0].1.contains("would mean at once"), "{got:?}");
+        assert!(got[1].1.contains("longer than 366 days"), "{got:?}");
+        assert!(got[2].1.contains("beyond 0777"), "{got:?}");
+    }
+
+    /// A file an editor emptied and saved with a byte-order mark is empty, not the defaults.
+    #[test]
+    fn a_byte_order_mark_alone_is_an_empty_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "\u{feff}\r\n").expect("write");
+        assert!(matches!(
+            Config::load_file(&path),
+            Err(ConfigError::Empty { .. })
+        ));
     }
 
     /// A mistyped level would otherwise be read as a target to log alone, silencing the rest.
