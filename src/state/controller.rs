@@ -252,6 +252,10 @@ pub struct Controller {
     /// A save is under way with events waiting for it (`flush`): those that come meanwhile
     /// queue behind them.
     holding: bool,
+    /// The save under way has taken `HOLD_EVENTS`: the events it held went, and those that
+    /// come until it returns go at once. Any save, an operator's change's too: an outage found
+    /// during a change whose fsync hung waited for that fsync, for ever on a hung disk.
+    overdue: bool,
     /// A health flip or window edge was put in force during the write under way
     /// (`write_state`): the change being saved is applied on top of it.
     served: bool,
@@ -394,6 +398,7 @@ impl Controller {
             behind: false,
             unsent: Vec::new(),
             holding: false,
+            overdue: false,
             served: false,
             #[cfg(test)]
             write_gate: None,
@@ -828,7 +833,7 @@ impl Controller {
     /// Sends `event` to the webhooks, or keeps it until the state it tells of is saved
     /// (`unsent`).
     fn send(&mut self, event: Event) {
-        if self.behind || self.holding || !self.unsent.is_empty() {
+        if !self.overdue && (self.behind || self.holding || !self.unsent.is_empty()) {
             self.unsent.push(event);
         } else {
             self.notifier.send(event);
@@ -926,46 +931,46 @@ impl Controller {
     /// The events about what it saves go once it is written (or failed, said in the log);
     /// those of what comes during the write wait for the next.
     async fn flush(&mut self, serve: bool) {
-        let mut held: Vec<Event> = self.unsent.drain(..).collect();
         if std::mem::take(&mut self.behind) {
             let state = self.state.clone();
-            self.holding = !held.is_empty();
-            let notifier = self.notifier.clone();
-            let written = {
-                let write = self.write_state(&state, serve);
-                tokio::pin!(write);
-                loop {
-                    tokio::select! {
-                        written = &mut write => break written,
-                        // A stalled disk (NFS, a throttled volume) must not keep an outage's
-                        // webhook back for as long as the fsync hangs: communication first.
-                        () = tokio::time::sleep(HOLD_EVENTS), if !held.is_empty() => {
-                            tracing::warn!(
-                                "the state file's save is taking over {}s: {} webhook event(s) sent before it is saved",
-                                HOLD_EVENTS.as_secs(),
-                                held.len()
-                            );
-                            for event in held.drain(..) {
-                                notifier.send(event);
-                            }
-                        }
-                    }
-                }
-            };
+            // The events about `state`; `write_state` lets them go if the save takes too long.
+            let about = self.unsent.len();
+            self.holding = about > 0;
+            let written = self.write_state(&state, serve).await;
             self.holding = false;
             if let Err((e, advice)) = written {
                 tracing::error!("{e}; {advice}, then reload to save the state in force");
                 self.unsaved = true;
             }
-        }
-        for event in held {
-            self.notifier.send(event);
+            // Still here unless the save's bound let them go (and everything after them).
+            let told: Vec<Event> = self.unsent.drain(..about.min(self.unsent.len())).collect();
+            for event in told {
+                self.notifier.send(event);
+            }
         }
         // Nothing left unsaved: what came during the write goes too.
         if !self.behind {
             for event in std::mem::take(&mut self.unsent) {
                 self.notifier.send(event);
             }
+        }
+    }
+
+    /// The save under way has taken `HOLD_EVENTS`: what it holds goes now, in order, and what
+    /// comes before it returns goes at once (`send`). A stalled disk (NFS, a throttled
+    /// volume) must not keep an outage's webhook back for as long as the fsync hangs.
+    fn save_overdue(&mut self) {
+        self.overdue = true;
+        let late = std::mem::take(&mut self.unsent);
+        if !late.is_empty() {
+            tracing::warn!(
+                "the state file's save is taking over {}s: {} webhook event(s) sent before it is saved",
+                HOLD_EVENTS.as_secs(),
+                late.len()
+            );
+        }
+        for event in late {
+            self.notifier.send(event);
         }
     }
 
@@ -998,17 +1003,17 @@ impl Controller {
             let saved = renew(lock.as_deref()).and_then(|()| store::save(&path, &saved));
             (before, saved, store::seen(&path))
         });
+        let hold = tokio::time::sleep(HOLD_EVENTS);
+        tokio::pin!(hold);
         let written = loop {
-            if !serve {
-                break (&mut writing).await;
-            }
             let edge = self
                 .state
                 .next_edge(self.published_at)
-                .map(|t| self.clock.until(t));
+                .map(|t| self.clock.until(t))
+                .filter(|_| serve);
             tokio::select! {
                 written = &mut writing => break written,
-                Some(flip) = self.flips_rx.recv() => {
+                Some(flip) = self.flips_rx.recv(), if serve => {
                     self.served = true;
                     self.on_flip(flip);
                 }
@@ -1016,8 +1021,10 @@ impl Controller {
                     self.served = true;
                     self.on_edge();
                 }
+                () = &mut hold, if !self.overdue => self.save_overdue(),
             }
         };
+        self.overdue = false;
         let (before, saved, after) = written.map_err(|e| {
             let advice = "Make room on that file system (or let the proxy's user write there)";
             (format!("state file writer failed: {e}"), advice)
@@ -2349,6 +2356,61 @@ mod tests {
             "the window and the outage were not both saved: {:?}",
             std::fs::read_to_string(&file)
         );
+    }
+
+    /// An outage found while an operator's change is being saved is told within
+    /// `HOLD_EVENTS` however long that save hangs: its event waited for the operator's save
+    /// (for ever on a hung disk), outside the bound `flush` puts on its own saves.
+    #[tokio::test]
+    async fn an_outage_found_during_an_operators_hung_save_is_told_all_the_same() {
+        let (port, server) = tcp_server().await;
+        let hook = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let hook_port = hook.local_addr().expect("its address").port();
+        let gate = Arc::new(Gate::default());
+        let _opens = Opens(gate.clone());
+        gate.open();
+        let config = format!(
+            "[upstream]\nservers = [\"http://127.0.0.1:{port}\"]\n\
+             [[notify]]\nurl = \"http://127.0.0.1:{hook_port}/\"\n"
+        );
+        let (rig, shown) = build_rig(
+            |c, _| quick_checks(c),
+            &config,
+            Persisted::default(),
+            Some(gate.clone()),
+        );
+        assert!(known_up(&rig).await, "the server was never found healthy");
+        gate.close();
+        let before = gate.reached();
+        let handle = rig.handle.clone();
+        let add = tokio::spawn(async move {
+            let add = Request::ScheduleAdd {
+                start: "+1h".into(),
+                end: "+2h".into(),
+                message: None,
+            };
+            handle.request(add, "alice".into()).await
+        });
+        assert!(
+            eventually(|| gate.reached() > before).await,
+            "no write began"
+        );
+        let pending = rig.notifier.pending();
+        server.abort();
+        let _ = server.await;
+        assert!(
+            eventually(|| shown.load().mode == Mode::Outage).await,
+            "no outage"
+        );
+        // `eventually` waits 5 s, more than `HOLD_EVENTS` (2 s under test).
+        assert!(
+            eventually(|| rig.notifier.pending() > pending).await,
+            "the outage was not told while the operator's save hung"
+        );
+        assert!(!add.is_finished(), "answered before its save");
+        gate.open();
+        assert!(add.await.expect("answered").ok);
+        drop(hook);
     }
 
     /// A server back while the outage's own save hangs is forwarded to at once, and the
