@@ -375,7 +375,7 @@ fn jitter() -> f64 {
 
 /// What an operator can do when the proxy stayed busy until `ctl` gave up: find what holds
 /// its control connections. They are found by the socket's file name: the proxy binds it
-/// under a temporary one beside it (`.NAME.PID`, `control::server::bind`) and the system
+/// under a temporary folder beside it (`.PID/NAME`, `control::server::bind`) and the system
 /// lists it by that, so its path would not match. `ss -xp` shows the proxy's ends with the
 /// client's inode but not the client; `lsof +E` names the client beside each.
 fn busy_hint(socket: &Path, waited: Duration) -> String {

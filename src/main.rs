@@ -74,7 +74,7 @@ enum Command {
 /// `ctl` itself (`ctl::check_texts`).
 #[derive(Subcommand)]
 enum CtlCommand {
-    /// Mode, message, since/until, upstream health
+    /// Mode, message, since/until, upstream health, scheduled windows
     Status,
     /// Switch planned maintenance on (again: update the given fields)
     On {

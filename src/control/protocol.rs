@@ -253,7 +253,6 @@ impl Response {
     }
 }
 
-/// Parses one request line, telling an unknown command from a malformed request.
 /// The command a request names, when it is one of the protocol's: what a request refused by
 /// `parse_request` is counted under.
 pub fn named_command(line: &[u8]) -> Option<&'static str> {
@@ -262,6 +261,7 @@ pub fn named_command(line: &[u8]) -> Option<&'static str> {
     COMMANDS.iter().copied().find(|known| *known == cmd)
 }
 
+/// Parses one request line, telling an unknown command from a malformed request.
 pub fn parse_request(line: &[u8]) -> Result<Request, ErrorBody> {
     let value: serde_json::Value = serde_json::from_slice(line)
         .map_err(|e| ErrorBody::new("bad_request", format!("not a JSON object: {e}")))?;

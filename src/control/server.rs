@@ -688,6 +688,14 @@ async fn connection(
             // Applied, and its answer left unread for `STUCK`: only the answer is lost, to a
             // client that was not reading it, and nothing can be said to it.
             Ok(()) = &mut answering.taken => return,
+            // Nor does such a client hold up a stop for `IDLE`: the drain waited on it to
+            // `shutdown_timeout`, blamed "a control command still in hand", and kept the
+            // state file's lock from the next instance meanwhile. A reading client has its
+            // answer within `FAREWELL`.
+            () = async {
+                stop.fired().await;
+                tokio::time::sleep(FAREWELL).await;
+            } => return,
         };
         slot = match answering.back() {
             Some(slot) => slot,
@@ -823,6 +831,33 @@ mod tests {
         })
         .await
         .expect("still served after an hour");
+    }
+
+    /// Nor does such a client hold up a stop: its connection ends within `FAREWELL` of it,
+    /// where the answer's write would have waited for `IDLE`.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_reads_does_not_hold_up_a_stop() {
+        let (client, server) = UnixStream::pair().unwrap();
+        let (trigger, stop) = crate::shutdown::channel();
+        let served = tokio::spawn(connection(
+            server,
+            ControllerHandle::detached(),
+            stop,
+            slot(),
+        ));
+        let (_unread, mut w) = client.into_split();
+        // Requests until the socket's buffers are full both ways: an answer's write waits.
+        let full = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+            while w.write_all(b"{\"cmd\":\"status\"}\n").await.is_ok() {}
+        });
+        assert!(full.await.is_err(), "the connection closed before its stop");
+        let stopped = tokio::time::Instant::now();
+        trigger.fire();
+        tokio::time::timeout(std::time::Duration::from_secs(3600), served)
+            .await
+            .expect("still served an hour after the stop")
+            .unwrap();
+        assert!(stopped.elapsed() <= FAREWELL, "{:?}", stopped.elapsed());
     }
 
     /// Half a request, then silence: closed after `IDLE`, saying why.
