@@ -429,6 +429,25 @@ impl Drop for Resume {
     }
 }
 
+/// An HTTP/2 server's answer that broke off mid-body (it reset the stream, went away, or
+/// h2 reset it for sending more or less than its `content-length`), said with its causes, none
+/// of them given as a `source`. hyper's server resets the client's stream with the first h2
+/// reason in the chain of the error its body gave (`Error::h2_reason`, else `INTERNAL_ERROR`):
+/// the server's `PROTOCOL_ERROR` reached the client as if the client had erred, and was
+/// counted in `intermission_http2_client_stream_resets_total` as its malformed request.
+/// Without the chain, the client's stream is reset `INTERNAL_ERROR`, the proxy's own code
+/// for an answer that broke, as over an HTTP/1.1 server.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Broke(String);
+
+impl Broke {
+    /// Only on the error's path: an answer that streams pays nothing for it.
+    fn hide(e: hyper::Error) -> Error {
+        Box::new(Broke(crate::logging::with_causes(&e)))
+    }
+}
+
 /// The error of a request body that stalled.
 #[derive(Debug, thiserror::Error)]
 #[error("the request body stalled for {0:?} (proxy.body_read_timeout)")]
@@ -780,7 +799,7 @@ impl HttpBody for Body {
                 if finished(&polled, incoming) {
                     drop(stream.take());
                 }
-                polled.map_err(Into::into)
+                polled.map_err(Broke::hide)
             }
             Body::Counted(c) => {
                 let polled = Pin::new(&mut c.inner).poll_frame(cx);

@@ -2362,6 +2362,114 @@ async fn http2_streams_reset_as_malformed_are_counted() {
     assert_eq!(series_reaches(&proxy, key, 2.0).await, Some(2.0));
 }
 
+/// An HTTP/2 server's answer that breaks off mid-body (the server resets its stream with
+/// `PROTOCOL_ERROR`, or sends past its `content-length`, which the proxy's h2 client resets
+/// so) resets an HTTP/2 client's stream with `INTERNAL_ERROR`, the proxy's code for an answer
+/// that broke: hyper's server passed the server's code on, telling the client that its request
+/// was malformed, and `intermission_http2_client_stream_resets_total` counted it so. With
+/// `upstream.read_timeout` on (the answer timed) and off (not).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_h2_servers_broken_answer_is_not_blamed_on_the_client() {
+    // A permit for each answer's server to break it, once its client has the first piece.
+    let go = Arc::new(tokio::sync::Semaphore::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    let permits = go.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let go = permits.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let go = go.clone();
+                    tokio::spawn(async move {
+                        let overrun = req.uri().path() == "/overrun";
+                        let head = Response::builder().header("content-length", "8");
+                        let head = if overrun { head } else { Response::builder() };
+                        let Ok(mut send) = respond.send_response(head.body(()).unwrap(), false)
+                        else {
+                            return;
+                        };
+                        let _ = send.send_data(Bytes::from_static(b"part"), false);
+                        let Ok(permit) = go.acquire().await else {
+                            return;
+                        };
+                        permit.forget();
+                        if overrun {
+                            let _ = send.send_data(Bytes::from_static(b" and more"), false);
+                        } else {
+                            send.send_reset(h2::Reason::PROTOCOL_ERROR);
+                        }
+                        // Held until the proxy lets the stream go.
+                        let _ = std::future::poll_fn(|cx| send.poll_reset(cx)).await;
+                    });
+                }
+            });
+        }
+    });
+    let key = |reason: &str| {
+        format!("intermission_http2_client_stream_resets_total{{reason=\"{reason}\"}}")
+    };
+    for read_timeout in ["5m", "0"] {
+        let proxy = spawn_proxy(&format!(
+            "[upstream]\nservers = [\"h2c://{up}\"]\nread_timeout = \"{read_timeout}\"\n\
+             [health]\nkind = \"tcp\"\ninterval = \"1h\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n[log]\naccess_log = false\n"
+        ))
+        .await;
+        let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        for path in ["/reset", "/overrun"] {
+            let what = format!("{path}, read_timeout {read_timeout}");
+            let mut client = client.clone().ready().await.unwrap();
+            let req = Request::get(proxy.url(path)).body(()).unwrap();
+            let (response, _) = client.send_request(req, true).unwrap();
+            let got = tokio::time::timeout(Duration::from_secs(10), async {
+                let resp = response.await.expect("no answer's head");
+                assert_eq!(resp.status(), 200, "{what}");
+                let mut body = resp.into_body();
+                let first = body.data().await.expect("no body").expect("reset at once");
+                assert_eq!(&first[..], b"part", "{what}");
+                go.add_permits(1);
+                loop {
+                    match body.data().await {
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => break e.reason(),
+                        None => panic!("{what}: ended as whole"),
+                    }
+                }
+            })
+            .await
+            .expect("neither ended nor reset in time");
+            assert_eq!(got, Some(h2::Reason::INTERNAL_ERROR), "{what}");
+        }
+        // The connection goes on.
+        let mut client = client.ready().await.unwrap();
+        let (response, _) = client
+            .send_request(Request::get(proxy.url("/reset")).body(()).unwrap(), true)
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), response).await;
+        assert_eq!(
+            resp.unwrap().unwrap().status(),
+            200,
+            "read_timeout {read_timeout}"
+        );
+        go.add_permits(1);
+        for reason in [
+            "protocol_error",
+            "flow_control_error",
+            "refused_stream",
+            "other",
+        ] {
+            let got = series(&proxy, &key(reason)).await;
+            assert_eq!(got, Some(0.0), "{reason}, read_timeout {read_timeout}");
+        }
+    }
+}
+
 /// The drain's `503` to a request still waiting for its answer's head as a stop's
 /// `shutdown_timeout` nears its end is the proxy's own answer, as the one to an `Upgrade`
 /// asked for during a drain is: counted `reserved`, on the relay's path (plaintext HTTP/1.1)

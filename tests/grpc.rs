@@ -1246,10 +1246,16 @@ async fn a_refusing_http2_connection_is_let_go_alone() {
 
 /// A gRPC answer that breaks off (its server reset the stream, or died) ends with
 /// `grpc-status: 14` trailers rather than a reset stream: clients read a reset as `INTERNAL`,
-/// which they do not retry, and `UNAVAILABLE` is what a proxy says of a server it lost.
+/// which they do not retry, and `UNAVAILABLE` is what a proxy says of a server it lost. So
+/// whatever the server's reset says: `PROTOCOL_ERROR` too, which reaches a non-gRPC client
+/// as the proxy's `INTERNAL_ERROR` (`forwarding::an_h2_servers_broken_answer_is_not_blamed_on_the_client`).
 #[tokio::test]
 async fn a_grpc_answer_that_breaks_off_ends_unavailable() {
-    let addr = h2c_streams(|_, mut respond| {
+    let addr = h2c_streams(|req, mut respond| {
+        let reason = match req.uri().path() {
+            "/pkg.Service/Malformed" => h2::Reason::PROTOCOL_ERROR,
+            _ => h2::Reason::INTERNAL_ERROR,
+        };
         let head = http::Response::builder()
             .header("content-type", "application/grpc")
             .body(())
@@ -1260,32 +1266,34 @@ async fn a_grpc_answer_that_breaks_off_ends_unavailable() {
             let _ = send.send_data(message, false);
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                send.send_reset(h2::Reason::INTERNAL_ERROR);
+                send.send_reset(reason);
             });
         }
     })
     .await;
     let proxy = proxy_to_h2c(addr).await;
-    let resp = h2c_client()
-        .request(grpc_call(&proxy.url("/pkg.Service/Stream")))
+    for path in ["/pkg.Service/Stream", "/pkg.Service/Malformed"] {
+        let resp = h2c_client()
+            .request(grpc_call(&proxy.url(path)))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(
+            !resp.headers().contains_key("x-intermission-mode"),
+            "the server's own answer, not the outage one: {resp:?}"
+        );
+        let body = tokio::time::timeout(
+            Duration::from_secs(10),
+            http_body_util::BodyExt::collect(resp.into_body()),
+        )
         .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    assert!(
-        !resp.headers().contains_key("x-intermission-mode"),
-        "the server's own answer, not the outage one: {resp:?}"
-    );
-    let body = tokio::time::timeout(
-        Duration::from_secs(10),
-        http_body_util::BodyExt::collect(resp.into_body()),
-    )
-    .await
-    .expect("the answer never ended")
-    .expect("the answer was reset, not ended with a status");
-    let trailers = body.trailers().cloned().expect("no trailers");
-    assert_eq!(body.to_bytes().as_ref(), b"\0\0\0\0\x02hi");
-    assert_eq!(trailers["grpc-status"], "14");
-    assert!(trailers.contains_key("grpc-message"));
+        .expect("the answer never ended")
+        .expect("the answer was reset, not ended with a status");
+        let trailers = body.trailers().cloned().expect("no trailers");
+        assert_eq!(body.to_bytes().as_ref(), b"\0\0\0\0\x02hi", "{path}");
+        assert_eq!(trailers["grpc-status"], "14", "{path}");
+        assert!(trailers.contains_key("grpc-message"), "{path}");
+    }
 }
 
 /// A `HEAD`'s answer from an HTTP/2 server gets no `Content-Length` the server did not give:
