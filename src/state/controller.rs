@@ -1464,7 +1464,6 @@ impl Controller {
                 tracing::info!("upstream connections now bounded at {bound} at once");
             }
         }
-        self.notifier.set_targets(notify);
         if restart {
             self.start_checkers().await;
         }
@@ -1492,6 +1491,13 @@ impl Controller {
         let (before, after) = self.settle(self.clock.now(), "config reloaded");
         // Saved here, flips waiting: the reload's own words come after, and depend on it.
         self.flush(false).await;
+        // Only now: the events that waited for that save (`unsent`) are queued for the
+        // webhooks configured when they happened, and the reload then does to them what it
+        // does to any queued event, as it would have had the disk been quick: a webhook it
+        // keeps sends them, one it removes (or changes) drops them, counted and logged. Taken
+        // before, they went to the new targets alone: a webhook the reload added was told of
+        // what happened before it was there, and a removed one's drops were never counted.
+        self.notifier.set_targets(notify);
         // The new listeners' first clients, queued by the kernel since the bind, now meet the
         // config that listens there.
         drop(opening);
@@ -2256,6 +2262,53 @@ mod tests {
             !std::fs::read_to_string(&file).is_ok_and(|t| t.contains("outage_since")),
             "saved through a closed gate"
         );
+    }
+
+    /// An event that waits for the save of what it tells is for the webhooks configured
+    /// when it happened: a reload that comes first (a flip during a slow save, then a
+    /// reload read meanwhile) does to it what it does to an event queued, not send it to
+    /// its own webhooks. A webhook it added was told of what happened before it was there.
+    #[tokio::test]
+    async fn a_reload_leaves_an_event_held_for_its_save_to_the_webhooks_of_its_time() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Receivers that never answer: an event sent to one stays pending.
+        let old = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let new = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let hook = |name: &str, to: &std::net::TcpListener| {
+            let to = to.local_addr().expect("its address");
+            format!("[[notify]]\nname = \"{name}\"\nurl = \"http://{to}/\"\n")
+        };
+        let text = rig_text(dir.path()) + &hook("old", &old);
+        let config = Config::parse(&text, dir.path(), None).expect("config");
+        let pages = Pages::load(&config.maintenance).expect("pages");
+        let metrics = Arc::new(Metrics::new());
+        let notifier = Notifier::start(config.notify.clone(), metrics.clone());
+        let parts =
+            Parts::new(Arc::new(config), Arc::new(pages), None, metrics.clone()).expect("parts");
+        let state = Persisted {
+            force_open: true,
+            ..Persisted::default()
+        };
+        let clock = Clock::manual(UNIX_EPOCH + Duration::from_secs(1_900_000_000));
+        let (mut controller, _handle, _shown) =
+            Controller::new(parts, state, notifier.clone(), clock);
+        // A change in force whose save `flush` has still to make, as `settle` leaves it.
+        controller.behind = true;
+        controller.notify(EventKind::ModeChanged, Mode::Normal, None, None);
+        assert_eq!(notifier.pending(), 0, "told before it was saved");
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text.clone() + &hook("new", &new)).expect("config file");
+        let read = prepare(&path, &controller.parts).expect("the reload's read");
+        controller.apply_reload(read).await.expect("reloaded");
+        let queued = |name: &str| {
+            let key = format!("intermission_webhook_queue_length{{webhook=\"{name}\"}} ");
+            let text = metrics.encode_text();
+            text.lines()
+                .find_map(|l| l.strip_prefix(key.as_str())?.parse::<f64>().ok())
+        };
+        assert_eq!(queued("new"), Some(0.0), "told to a webhook added after it");
+        assert_eq!(queued("old"), Some(1.0), "not told to its own webhook");
+        assert_eq!(notifier.pending(), 1);
     }
 
     /// A server for `tcp` checks, up while its task runs: it accepts and closes. Aborted, its
