@@ -1768,3 +1768,40 @@ async fn an_event_source_is_told_to_reconnect_rather_than_refused() {
     let back = get_with(&proxy.url("/events"), &sse).await;
     assert_eq!(back.body(), "from upstream");
 }
+
+/// The outage answer to a forward that failed while no outage is in force says no start: it
+/// said the last change of state (here the proxy's start, in practice the last `off`, hours
+/// or days before), the page "Started" then, for a failure just met. Over HTTP/1.1 (the
+/// relay's answer) and HTTP/2 (hyper's), the JSON form and the page alike.
+#[tokio::test]
+async fn a_failed_forward_outside_an_outage_tells_no_start() {
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let up = never_answering(arrived.clone()).await;
+    let proxy = proxy_for(&up, "response_timeout = \"300ms\"\n").await;
+    assert_eq!(proxy_mode(&proxy).await, "normal");
+
+    let json_answer = get(&proxy.url("/slow")).await;
+    assert_eq!(json_answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(json_answer.headers()["x-intermission-mode"], "outage");
+    let doc: serde_json::Value = json(&json_answer);
+    assert_eq!(doc["since"], serde_json::Value::Null, "{doc}");
+
+    let page = get_with(&proxy.url("/slow"), &[("accept", BROWSER)]).await;
+    assert_eq!(page.headers()["x-intermission-mode"], "outage");
+    assert!(
+        text(&page).contains("<p id=\"since-line\" class=\"meta\" hidden>"),
+        "{}",
+        text(&page)
+    );
+
+    let req = Request::get(proxy.url("/slow")).body(empty()).unwrap();
+    let over_h2 = h2c_client().request(req).await.unwrap();
+    assert_eq!(over_h2.headers()["x-intermission-mode"], "outage");
+    let body = over_h2.into_body().collect().await.unwrap().to_bytes();
+    let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(doc["since"], serde_json::Value::Null, "{doc}");
+
+    // Still normal: a timed-out answer is no failed check, and no outage began.
+    assert_eq!(proxy_mode(&proxy).await, "normal");
+    assert!(arrived.load(Ordering::SeqCst) >= 3);
+}

@@ -197,11 +197,14 @@ impl Snapshot {
         };
         let preview_maintenance = preview(Mode::Maintenance);
         let preview_outage = preview(Mode::Outage);
+        // The answer to a failed forward while no outage is in force says no start: that of
+        // this snapshot was the last change of state, hours or days before the failure, and
+        // the page said "Started" then, the JSON forms `since` so, of a failure just met.
         let outage_view = View::new(
             Mode::Outage,
             inputs.state,
             m,
-            inputs.outage_since.or(Some(inputs.now)),
+            inputs.outage_since,
             inputs.now,
         );
         let outage = Held::new(&parts.pages, outage_view, prefix, inputs.now);
