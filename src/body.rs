@@ -11,7 +11,7 @@ use http::StatusCode;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -88,9 +88,11 @@ impl Body {
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let state = Arc::new(AtomicU8::new(STREAMING));
+        let polls = Arc::new(AtomicU32::new(0));
         let sent = Sent {
             tx,
             state: state.clone(),
+            polls: polls.clone(),
             limit,
             clock: StallClock::default(),
             _open: open,
@@ -101,7 +103,7 @@ impl Body {
                 incoming,
                 sent: Some(sent),
             })),
-            Some(SentSignal { rx, state }),
+            Some(SentSignal { rx, state, polls }),
         )
     }
 
@@ -262,6 +264,8 @@ impl Drop for Upload {
 pub struct Sent {
     tx: tokio::sync::oneshot::Sender<()>,
     state: Arc<AtomicU8>,
+    /// `SentSignal::polls`, written at each poll.
+    polls: Arc<AtomicU32>,
     limit: Option<Duration>,
     clock: StallClock,
     /// Over HTTP/2, the upload counted as a request still in hand until its end has been
@@ -277,9 +281,24 @@ pub struct Sent {
 pub struct SentSignal {
     pub rx: tokio::sync::oneshot::Receiver<()>,
     state: Arc<AtomicU8>,
+    /// The polls of the body by the client sending it to the server, doubled, plus one when
+    /// the last found nothing of the client's yet (`Sent::polled`).
+    polls: Arc<AtomicU32>,
 }
 
 impl SentSignal {
+    /// Whether the server has taken nothing of the body since `seen` was last read here, while
+    /// the body had something for it: not one poll since, and the last one gave a frame (or
+    /// none came yet), so the request waits on the server's side, its flow-control window or
+    /// socket full, not on the client's (whose stall `proxy.body_read_timeout` times). Updates
+    /// `seen`.
+    pub fn unread_since(&self, seen: &mut u32) -> bool {
+        let now = self.polls.load(Ordering::Relaxed);
+        let unread = now == *seen && now & 1 == 0;
+        *seen = now;
+        unread
+    }
+
     pub fn complete(&self) -> bool {
         self.state.load(Ordering::Acquire) == COMPLETE
     }
@@ -403,6 +422,13 @@ pub enum Answered {
 }
 
 impl Sent {
+    /// Counts a poll (`SentSignal::unread_since`): one writer, the body's.
+    fn polled(&self, pending: bool) {
+        let n = self.polls.load(Ordering::Relaxed) >> 1;
+        let n = (n.wrapping_add(1) << 1) | u32::from(pending);
+        self.polls.store(n, Ordering::Relaxed);
+    }
+
     /// Whether the upload, at a poll that `moved` or waits, has stalled past its limit;
     /// marked so unless the server has answered meanwhile. Never timed while the server's
     /// answer streams back.
@@ -767,6 +793,7 @@ impl HttpBody for Body {
                         let _ = sent.tx.send(());
                     }
                 } else if let Some(sent) = done {
+                    sent.polled(polled.is_pending());
                     if let Poll::Ready(Some(Err(e))) = &polled {
                         let state = match ClientFault::of(e) {
                             ClientFault::Left => LEFT,

@@ -1219,6 +1219,39 @@ async fn a_request_finding_every_stream_of_an_h2c_connection_held_goes_on_anothe
     drop(held);
 }
 
+/// An upload to an `h2c://` server that takes none of it (its flow-control window kept shut,
+/// as a server whose workers are all stuck leaves it) and sends no head gets the outage
+/// answer once `response_timeout` has passed with nothing taken, as nginx's
+/// `proxy_send_timeout` ends it. The wait for the head began only once the body had been
+/// sent whole, so such an upload waited for ever, its client and both connections held.
+#[tokio::test]
+async fn an_upload_its_h2c_server_never_takes_is_not_waited_for_forever() {
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let counted = arrived.clone();
+    let addr = h2c_streams(move |req, respond| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        // Neither read (so its window stays shut) nor answered, for as long as the test runs.
+        tokio::spawn(async move {
+            let _kept = (req, respond);
+            std::future::pending::<()>().await;
+        });
+    })
+    .await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"h2c://{addr}\"]\nresponse_timeout = \"1s\"\n\
+         [health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
+    ))
+    .await;
+    // Larger than the 64 KiB read whole before forwarding, and than the stream's window.
+    let req = http::Request::post(proxy.url("/upload"))
+        .body(full(vec![b'x'; 512 * 1024]))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(20), send(req)).await;
+    let resp = resp.expect("no answer: the upload was waited for past response_timeout");
+    assert_eq!(resp.status(), 503, "{resp:?}");
+    assert_eq!(arrived.load(Ordering::SeqCst), 1);
+}
+
 /// A stream one connection refused says nothing of the others: the request goes on another,
 /// and only the refusing connection is let go. Letting every connection older than it go
 /// too made one server's graceful `GOAWAY` cost the worker all of them, each dialed again.

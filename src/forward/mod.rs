@@ -44,6 +44,10 @@ pub enum UpstreamError {
     },
     #[error("{server} sent no response head within {timeout:?}")]
     Timeout { server: String, timeout: Duration },
+    /// The server took nothing of the streamed request body, and sent no head, for
+    /// `response_timeout`: handled as a `Timeout`.
+    #[error("{server} took nothing of the request body and sent no response head for {timeout:?}")]
+    Unread { server: String, timeout: Duration },
     /// Its health checks took the server out while the request waited for its response head:
     /// handled as a `Timeout` at that moment (`state::marks`).
     #[error("{server} was taken out by its health checks while the request waited for its response head")]
@@ -740,9 +744,9 @@ pub(crate) fn report(passive: &[Passive], server: usize, error: &UpstreamError) 
 fn failure_reason(error: &UpstreamError) -> UpstreamFailure {
     match error {
         UpstreamError::Connect { .. } => UpstreamFailure::Connect,
-        UpstreamError::Timeout { .. } | UpstreamError::MarkedDown { .. } => {
-            UpstreamFailure::Timeout
-        }
+        UpstreamError::Timeout { .. }
+        | UpstreamError::Unread { .. }
+        | UpstreamError::MarkedDown { .. } => UpstreamFailure::Timeout,
         UpstreamError::Failed { .. } => UpstreamFailure::Error,
         // Never a server's (`local_exhaustion`): not reported.
         UpstreamError::Tunnels(_) => UpstreamFailure::Connect,
@@ -824,6 +828,7 @@ fn inconclusive(error: &UpstreamError) -> bool {
     if matches!(
         error,
         UpstreamError::Timeout { .. }
+            | UpstreamError::Unread { .. }
             | UpstreamError::MarkedDown { .. }
             | UpstreamError::Failed { .. }
     ) {
@@ -905,12 +910,29 @@ fn send<'a>(
             // its `GRPC_END_AHEAD`) finds every request sent before it watching.
             let mut ending = drain.filter(|d| d.started()).map(ending_of);
             if let Some(sent) = sent {
-                // A body that ends in error drops the sender: the timer starts then too.
-                let rx = &mut sent.rx;
-                tokio::select! {
-                    biased;
-                    _ = rx => {}
-                    () = ended(&mut ending) => return Cut::Ending,
+                // A body that ends in error drops the sender: the timer starts then too. Until
+                // then, a server that takes nothing of the body for `timeout` (its flow-control
+                // window kept shut, its socket full, no stream free for it) has stopped, as
+                // nginx's `proxy_send_timeout` finds it: the request waited for it for ever,
+                // its client and both connections held.
+                let mut seen = 0;
+                let tick = tokio::time::sleep(timeout);
+                tokio::pin!(tick);
+                loop {
+                    let ticked = tokio::select! {
+                        biased;
+                        _ = &mut sent.rx => false,
+                        () = ended(&mut ending) => return Cut::Ending,
+                        () = tick.as_mut() => true,
+                    };
+                    if !ticked {
+                        break;
+                    }
+                    if sent.unread_since(&mut seen) {
+                        return Cut::Unread;
+                    }
+                    let next = tick.deadline() + timeout;
+                    tick.as_mut().reset(next);
                 }
             }
             // In two stages, on one timer: a request answered within the first look (nearly
@@ -966,6 +988,10 @@ fn send<'a>(
                 server: name(),
                 timeout,
             }),
+            Err(Cut::Unread) => Err(UpstreamError::Unread {
+                server: name(),
+                timeout,
+            }),
             Err(Cut::Down) => Err(UpstreamError::MarkedDown { server: name() }),
             Err(Cut::Ending) => Err(UpstreamError::Stopping { server: name() }),
         }
@@ -993,6 +1019,8 @@ fn ended(ending: &mut Option<Ending>) -> impl Future<Output = ()> + '_ {
 enum Cut {
     /// `response_timeout` passed.
     Late,
+    /// The server took nothing of a streamed body for `response_timeout`.
+    Unread,
     /// The server was taken out by its health checks.
     Down,
     /// The drain nears its end.
