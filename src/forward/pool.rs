@@ -33,7 +33,7 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -834,7 +834,7 @@ impl UpstreamPool {
             let limit = sockets::reached_in(e).cloned();
             (Instant::now(), e.to_string(), limit)
         });
-        let Some((sender, task)) = dialed? else {
+        let Some((sender, task, preface)) = dialed? else {
             // The connection is dropped unused: it is made once per server, and hyper-util's
             // client cannot take it.
             if let Some(http1) = http1 {
@@ -851,6 +851,13 @@ impl UpstreamPool {
             }
             return Ok(None);
         };
+        // Until the server's `SETTINGS` come, hyper takes it to allow 100 streams at once: a
+        // burst waiting for this dial (each request that found no stream free) went on the new
+        // connection, and those beyond what the server allows waited in h2 for a stream, in
+        // turn, past `response_timeout` (a server allowing 1, 50 requests at once: 76 of 500
+        // got the outage answer). Its preface comes a round trip after the connect at most;
+        // the burst waits for it, holding `dialing`, and finds the connection as it is.
+        preface.arrived(self.config.connect_timeout).await;
         let now = Instant::now();
         let mut conn = Kept2 {
             sender,
@@ -1252,6 +1259,13 @@ async fn handshake_h2<T>(io: T) -> Result<Dialed2, SendError>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let preface = Arc::new(Preface::default());
+    let io = TokioIo::new(PrefaceWatch {
+        io: TokioIo::new(io),
+        preface: preface.clone(),
+        head: [0; 9],
+        read: 0,
+    });
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_RESPONSE_HEAD as u32)
@@ -1270,11 +1284,103 @@ where
             tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
         }
     });
-    Ok((sender, task))
+    Ok((sender, task, preface))
 }
 
-/// An HTTP/2 connection's sender, and its task to read the streams its server allows from.
-type Dialed2 = (Sender2, Arc<dyn Allowed>);
+/// An HTTP/2 connection's sender, its task to read the streams its server allows from, and
+/// whether the server's first `SETTINGS` has come.
+type Dialed2 = (Sender2, Arc<dyn Allowed>, Arc<Preface>);
+
+/// Whether a server's connection preface, its first `SETTINGS` (RFC 9113 §3.4), has been
+/// read: until then hyper assumes the server allows 100 streams at once.
+#[derive(Default)]
+struct Preface {
+    read: AtomicBool,
+    told: tokio::sync::Notify,
+}
+
+impl Preface {
+    /// Waits, at most `limit`, for the server's first `SETTINGS` to have been read. h2 applies
+    /// them in the same poll of the connection's task as it reads them, which ends before this
+    /// task, woken, runs on the worker's thread.
+    async fn arrived(&self, limit: Duration) {
+        if !self.read.load(Ordering::Acquire) {
+            let _ = tokio::time::timeout(limit, self.told.notified()).await;
+        }
+    }
+}
+
+/// An HTTP/2 connection's I/O, which sees the end of the server's first frame go by (the
+/// `SETTINGS` of its preface) and tells `preface`.
+struct PrefaceWatch<T> {
+    io: T,
+    preface: Arc<Preface>,
+    /// The first frame's header, as read so far.
+    head: [u8; 9],
+    /// How much of the first frame has been read.
+    read: usize,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for PrefaceWatch<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let (before, room) = (buf.filled().len(), buf.remaining());
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let this = &mut *self;
+        if this.read == usize::MAX {
+            return polled;
+        }
+        let new = buf.filled().get(before..).unwrap_or_default();
+        for (at, &b) in this.head.iter_mut().skip(this.read).zip(new) {
+            *at = b;
+        }
+        this.read = this.read.saturating_add(new.len());
+        let [a, b, c, ..] = this.head;
+        let whole = 9 + (usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c));
+        // Ended too at the connection's end, so that no one waits on it.
+        let ended = matches!(polled, Poll::Ready(Err(_)))
+            || (matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() == before && room > 0);
+        if (this.read >= 9 && this.read >= whole) || ended {
+            this.read = usize::MAX;
+            this.preface.read.store(true, Ordering::Release);
+            this.preface.told.notify_one();
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for PrefaceWatch<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 /// How many streams at once an HTTP/2 connection's server allows, of whatever I/O.
 trait Allowed: Send + Sync {
