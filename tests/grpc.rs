@@ -1219,6 +1219,59 @@ async fn a_request_finding_every_stream_of_an_h2c_connection_held_goes_on_anothe
     drop(held);
 }
 
+/// A `GET` on a kept HTTP/2 connection that its server closes under it without a `GOAWAY`
+/// (its process restarted, or a balancer or NAT between forgot the connection and reset it)
+/// is sent again once on a new connection, as over HTTP/1.1, rather than answered with the
+/// outage response from a healthy server. A `POST` is not: the server may have acted on it.
+#[tokio::test]
+async fn a_get_on_a_kept_h2c_connection_closed_under_it_is_sent_again() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let streams = Arc::new(AtomicUsize::new(0));
+    let counted = streams.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                // The second stream of each connection ends it, unanswered and unannounced.
+                let mut on_this = 0;
+                while let Some(Ok((_, mut respond))) = conn.accept().await {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    on_this += 1;
+                    if on_this == 2 {
+                        return;
+                    }
+                    if let Ok(mut send) = respond.send_response(http::Response::new(()), false) {
+                        let _ = send.send_data(bytes::Bytes::from_static(b"served"), true);
+                    }
+                }
+            });
+        }
+    });
+    // One worker, whose connection both requests share.
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"h2c://{addr}\"]\n\
+         [health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
+    ))
+    .await;
+    let resp = get(&proxy.url("/first")).await;
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    let resp = get(&proxy.url("/again")).await;
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    assert_eq!(resp.body(), "served");
+    assert_eq!(streams.load(Ordering::SeqCst), 3);
+    // The new connection's second stream: a `POST`, not sent again.
+    let post = http::Request::post(proxy.url("/form"))
+        .body(full("a=b"))
+        .unwrap();
+    let resp = send(post).await;
+    assert_eq!(resp.status(), 503, "{resp:?}");
+    assert_eq!(streams.load(Ordering::SeqCst), 4);
+}
+
 /// A burst of requests to a server that allows one stream at a time per connection, met
 /// with no connection open: each gets its answer. The requests that waited for the first
 /// connection's dial went on it while hyper still took the server to allow 100 streams, its

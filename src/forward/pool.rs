@@ -775,6 +775,23 @@ impl UpstreamPool {
                         *unsent = Some(Box::new(back));
                         return Err(SendError::Http(e.into_error()));
                     }
+                    // A kept connection that closed under an idempotent request before its
+                    // answer's head came (with no `GOAWAY`: the server's process restarted, a
+                    // NAT or balancer between that forgot the connection and reset it), as an
+                    // HTTP/1.1 one is, whatever else was on it: once, on another connection.
+                    (None, Some(copy))
+                        if reused
+                            && super::idempotent(copy.method())
+                            && h2_closed_unanswered(e.error()) =>
+                    {
+                        tracing::debug!(
+                            error = %crate::logging::with_causes(e.error()),
+                            "a kept HTTP/2 connection closed before the answer; sending again"
+                        );
+                        req = copy;
+                        sent_again = true;
+                        failed_on = Some(dialed);
+                    }
                     // Whatever its method: the server says it did nothing with it.
                     (None, Some(copy)) if refused_unprocessed(e.error()) => {
                         tracing::debug!(
@@ -2086,6 +2103,30 @@ fn refused_unprocessed(e: &hyper::Error) -> bool {
         if let Some(h2) = c.downcast_ref::<h2::Error>() {
             return h2.is_remote()
                 && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM));
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// Whether an HTTP/2 request failed because its connection ended (closed or reset) before
+/// its answer's head: h2 fails every stream still open so, which says nothing of whether the
+/// server had begun on it.
+fn h2_closed_unanswered(e: &hyper::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let io = match c.downcast_ref::<h2::Error>() {
+            Some(h2) => h2.get_io(),
+            None => c.downcast_ref::<std::io::Error>(),
+        };
+        if let Some(io) = io {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
         }
         cause = c.source();
     }
