@@ -1272,6 +1272,59 @@ async fn a_get_on_a_kept_h2c_connection_closed_under_it_is_sent_again() {
     assert_eq!(streams.load(Ordering::SeqCst), 4);
 }
 
+/// An HTTP/2 connection whose server stops answering on it (its handler hung, or a NAT or
+/// firewall between that dropped the connection without a reset) while the server answers on
+/// new ones is let go once a request on it has waited `response_timeout`: the next request
+/// goes on a new connection. It stayed the oldest with a stream free, and every later request
+/// waited `response_timeout` there for the outage answer, for as long as the proxy ran, with
+/// the server's checks passing.
+#[tokio::test]
+async fn an_h2c_connection_that_stops_answering_is_let_go() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+                let mut answered = 0;
+                let mut unanswered = Vec::new();
+                while let Some(Ok((_, mut respond))) = conn.accept().await {
+                    // The first connection answers its first stream, then none.
+                    if first && answered == 1 {
+                        unanswered.push(respond);
+                        continue;
+                    }
+                    answered += 1;
+                    if let Ok(mut send) = respond.send_response(http::Response::new(()), false) {
+                        let _ = send.send_data(bytes::Bytes::from_static(b"served"), true);
+                    }
+                }
+            });
+        }
+    });
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"h2c://{addr}\"]\n\
+         response_timeout = \"1s\"\n[health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
+    ))
+    .await;
+    let resp = get(&proxy.url("/answered")).await;
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    let resp = get(&proxy.url("/hangs")).await;
+    assert_eq!(resp.status(), 503, "{resp:?}");
+    for _ in 0..3 {
+        let resp = get(&proxy.url("/after")).await;
+        assert_eq!(resp.status(), 200, "{resp:?}");
+        assert_eq!(resp.body(), "served");
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+}
+
 /// A burst of requests to a server that allows one stream at a time per connection, met
 /// with no connection open: each gets its answer. The requests that waited for the first
 /// connection's dial went on it while hyper still took the server to allow 100 streams, its

@@ -760,7 +760,16 @@ impl UpstreamPool {
             // server, where HTTP/2 framing, and TLS, cost far more), since a refusal is known
             // only once the request has left.
             let again = (!sent_again).then(|| copy_whole(&req)).flatten();
-            match sender.try_send_request(req).await {
+            let mut waiting = Waiting {
+                slot,
+                dialed,
+                since: Instant::now(),
+                limit: self.config.response_timeout,
+                over: false,
+            };
+            let sent = sender.try_send_request(req).await;
+            waiting.over = true;
+            match sent {
                 Ok(resp) => return Ok(Ok(multiplexed(resp, stream))),
                 Err(mut e) => match (e.take_message(), again) {
                     // A kept connection the server closed (idle, or GOAWAY) before the
@@ -1238,6 +1247,31 @@ fn take_h2(slot: &H2Slot, idle: Duration, failed_on: Option<Instant>, any: bool)
     }
     let (i, _) = fewest?;
     kept.get_mut(i).map(|k| k.take(now, slot))
+}
+
+/// A request on an HTTP/2 connection, waiting for its answer's head. Given up after waiting
+/// `response_timeout` or longer (timed out, or a gRPC call's longer wait that its client
+/// ended), it lets its connection go: the streams on it finish, and no new request goes on
+/// it. A connection whose server no longer answers on it (its handler hung, or a NAT or
+/// firewall between that dropped it without a reset) took every later request of the worker
+/// as the oldest with a stream free, each answered with the outage response after
+/// `response_timeout`, for as long as the proxy ran, while the server's checks, on
+/// connections of their own, passed; an HTTP/1.1 connection is closed at that timeout.
+struct Waiting<'a> {
+    slot: &'a H2Slot,
+    dialed: Instant,
+    since: Instant,
+    limit: Duration,
+    /// The head came, or the request failed: nothing was given up.
+    over: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if !self.over && self.since.elapsed() >= self.limit {
+            lock(&self.slot.kept).retain(|k| k.dialed != self.dialed);
+        }
+    }
 }
 
 /// The response, carrying its stream's place on the connection (`OpenStream`) until its
