@@ -679,6 +679,11 @@ impl Running {
     /// the webhook events still queued be delivered meanwhile for up to `NOTIFY_AT_STOP`
     /// (or `shutdown_timeout` if shorter); returns whether every connection finished in time.
     pub async fn shutdown(self) -> bool {
+        self.stop().await.cut == 0
+    }
+
+    /// `shutdown`, saying how many connections the drain had and how many it cut.
+    async fn stop(self) -> Stopped {
         let began = tokio::time::Instant::now();
         let grace = self.state.load().config.proxy.shutdown_timeout;
         // Listeners first: once `/readyz` says not ready, a new connection is refused (the
@@ -713,10 +718,14 @@ impl Running {
         // it: past `shutdown_timeout` only by the second a worker that is somehow not polled
         // is given to count what it held (`notify::GIVE_UP_WAIT`).
         let notified_by = deadline.min(began + NOTIFY_AT_STOP);
+        let open = self.drain.count();
+        let counted = self.drain.clone();
         let (drained, ()) = tokio::join!(
             drain(self.drain, &limit, deadline),
             self.notifier.finish(notified_by),
         );
+        // Read at once, before the workers below drop what they still run.
+        let cut = if drained { 0 } else { counted.count() };
         if let Some((stop, task)) = self.admin {
             stop.fire();
             let _ = task.await;
@@ -724,7 +733,57 @@ impl Running {
         // Only now: a worker's runtime ends with the last handle on it, and every
         // connection still on it (parked ones) with it.
         drop(self.workers);
-        drained
+        Stopped { open, cut }
+    }
+}
+
+/// What a stop's drain had to do, for its last line.
+struct Stopped {
+    /// The connections being served when the drain began (parked ones are not counted).
+    open: usize,
+    /// Those still open at `shutdown_timeout`, closed unfinished.
+    cut: usize,
+}
+
+/// How a stop went, for its last line (`Stop::say`).
+pub struct Stop {
+    signalled: std::time::Instant,
+    open: usize,
+    cut: usize,
+    /// What ended the drain early: `shutdown_timeout`, or a second signal.
+    why: String,
+}
+
+impl Stop {
+    /// The last line of a stop, whatever it had to drain, written once the connections are
+    /// gone (their access lines come as they close): without it a log that ended at "SIGTERM
+    /// received" (nothing to drain, so no `draining for up to` either) could not be told from
+    /// one whose process died, to an operator reading the journal after a restart.
+    pub fn say(&self) {
+        let (open, cut, why) = (self.open, self.cut, &self.why);
+        let took = crate::time::for_people(self.signalled.elapsed());
+        let s = |n: usize| if n == 1 { "" } else { "s" };
+        if cut > 0 {
+            tracing::warn!(
+                connections = open,
+                cut,
+                "stopped after {took}: {cut} connection{} still open closed unfinished ({why})",
+                s(cut)
+            );
+        } else if open > 0 {
+            tracing::info!(
+                connections = open,
+                cut,
+                "stopped after {took}: {open} connection{} drained, none cut",
+                s(open)
+            );
+        } else {
+            tracing::info!(
+                connections = open,
+                cut,
+                "stopped after {took}: no connection to drain"
+            );
+        }
     }
 }
 
@@ -824,8 +883,9 @@ impl Drop for Unbind {
     }
 }
 
-/// Runs the proxy until SIGTERM or SIGINT, reloading on SIGHUP. For the binary.
-pub async fn run_until_signal(config: Config) -> Result<(), RunError> {
+/// Runs the proxy until SIGTERM or SIGINT, reloading on SIGHUP, and says how the stop went,
+/// for the binary to log once the runtime, and the connections on it, are gone.
+pub async fn run_until_signal(config: Config) -> Result<Stop, RunError> {
     // Handlers first: a signal during start must not kill the process. A SIGTERM then stops
     // it as soon as it has started.
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -838,17 +898,27 @@ pub async fn run_until_signal(config: Config) -> Result<(), RunError> {
         }
     };
     tracing::info!("{name} received; shutting down (send it again to stop at once)");
+    let signalled = std::time::Instant::now();
     let notifier = running.notifier();
+    let counted = running.drain.clone();
+    let open = counted.count();
     // A second signal ends the drain: an operator who cannot wait out `shutdown_timeout`
     // (a tunnel open for minutes, a request that hangs) is not left with SIGKILL, which
     // would leave the control socket and the state lock behind. Dropping the shutdown
     // drops what it owns (the socket unbound, the lock let go); the process then exits and
     // the connections still open are closed with it, as nginx's fast stop does.
-    let shutdown = running.shutdown();
+    let shutdown = running.stop();
     tokio::pin!(shutdown);
-    loop {
+    let stop = loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            done = &mut shutdown => {
+                break Stop {
+                    signalled,
+                    open: done.open,
+                    cut: done.cut,
+                    why: "shutdown_timeout reached".to_owned(),
+                };
+            }
             sig = terminate.recv() => {
                 // "again" only for the same signal: a Ctrl-C after a `kill -TERM` is not one.
                 let when = if sig == name { "again" } else { "while stopping" };
@@ -856,14 +926,22 @@ pub async fn run_until_signal(config: Config) -> Result<(), RunError> {
                 // What the webhooks still hold is counted and logged as not delivered, not
                 // lost without a word.
                 notifier.finish(tokio::time::Instant::now()).await;
-                break;
+                // Counted before the drain's future, which holds the connections' runtimes,
+                // is dropped below with them.
+                let cut = counted.count();
+                break Stop {
+                    signalled,
+                    open: open.max(cut),
+                    cut,
+                    why: format!("{sig} received"),
+                };
             }
             // A certbot hook or a `systemctl reload` during the stop: said, not silently
             // dropped (the next process reads the config anyway).
             _ = hup.recv() => tracing::warn!("SIGHUP received while stopping: no reload"),
         }
-    }
-    Ok(())
+    };
+    Ok(stop)
 }
 
 /// What stops the binary.

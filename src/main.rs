@@ -238,7 +238,8 @@ fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
     // blocking thread, which dropping the runtime would wait for without end: the
     // shutdown has already drained what matters, and the state file is written by rename.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    run?;
+    // Its last line, after those of the connections the runtime's end closed.
+    run?.say();
     Ok(())
 }
 

@@ -771,6 +771,37 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     assert_eq!(status.0.map(|s| s.code()), Some(Some(0)), "did not exit 0");
     // New connections are no longer accepted.
     assert!(tokio::net::TcpStream::connect(status.1.addr).await.is_err());
+    let last = last_line(&status.1.log);
+    assert!(
+        last.contains("INFO") && last.contains("drained, none cut") && last.contains("cut=0"),
+        "{last}"
+    );
+}
+
+/// The line a stopped proxy wrote last.
+fn last_line(log: &std::sync::Mutex<Vec<String>>) -> String {
+    log.lock().unwrap().last().cloned().unwrap_or_default()
+}
+
+/// A stop with nothing to drain ends the log with a line that says it stopped, and how long
+/// it took: its last line was "SIGTERM received; shutting down", which a journal read after a
+/// restart could not tell from a process that died there.
+#[test]
+fn a_stop_with_nothing_to_drain_says_it_stopped_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut proxy = ProxyProcess::start(dir.path(), "");
+    proxy.signal("TERM");
+    let status = proxy.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "did not exit 0");
+    let last = last_line(&proxy.log);
+    assert!(
+        last.contains("INFO")
+            && last.contains("stopped after ")
+            && last.contains("no connection to drain")
+            && last.contains("connections=0 cut=0"),
+        "{:#?}",
+        proxy.log_lines()
+    );
 }
 
 /// SPEC §6 for SIGINT, and `shutdown_timeout` as the drain's limit: a request that outlives
@@ -789,6 +820,7 @@ async fn sigint_drains_for_at_most_shutdown_timeout_then_exits_0() {
     );
     let addr = proxy.addr;
     let stuck = stuck_request(addr, &arrived).await;
+    let log = proxy.log.clone();
     let signalled = std::time::Instant::now();
     proxy.signal("INT");
     let (status, waited) = exit_after(proxy, signalled).await;
@@ -808,6 +840,14 @@ async fn sigint_drains_for_at_most_shutdown_timeout_then_exits_0() {
     // The client is let go when the process ends, not left hanging for its own timeout.
     let got = tokio::time::timeout(Duration::from_secs(10), stuck).await;
     assert!(got.is_ok(), "the in-flight client was left hanging");
+    // Answered with the drain's 503 before its end: drained, not cut.
+    let last = last_line(&log);
+    assert!(
+        last.contains("INFO")
+            && last.contains("stopped after ")
+            && last.contains(": 1 connection drained, none cut connections=1 cut=0"),
+        "{last}"
+    );
 }
 
 /// A request still waiting for its answer's head as a stop's `shutdown_timeout` runs out is
@@ -2950,6 +2990,7 @@ async fn closes(tunnel: &mut tokio::net::TcpStream) -> bool {
 async fn a_tunnel_still_open_at_shutdown_timeout_is_closed() {
     let (_up, _dir, proxy) = tunnelling_proxy("1s").await;
     let mut tunnel = open_tunnel(proxy.addr).await;
+    let log = proxy.log.clone();
     let signalled = std::time::Instant::now();
     proxy.signal("TERM");
     let (status, waited) = exit_after(proxy, signalled).await;
@@ -2965,6 +3006,16 @@ async fn a_tunnel_still_open_at_shutdown_timeout_is_closed() {
     assert!(
         closes(&mut tunnel).await,
         "the tunnel was left open after the process exited"
+    );
+    // The stop's last line says what it cut, after the tunnel's own access line.
+    let last = last_line(&log);
+    assert!(
+        last.contains("WARN")
+            && last.contains("stopped after 1s")
+            && last
+                .contains(": 1 connection still open closed unfinished (shutdown_timeout reached)")
+            && last.contains("connections=1 cut=1"),
+        "{last}"
     );
 }
 
@@ -4015,6 +4066,13 @@ async fn a_sigint_during_the_drain_is_named_as_such() {
     assert!(
         !lines.iter().any(|l| l.contains("received again")),
         "{lines:#?}"
+    );
+    let last = lines.last().cloned().unwrap_or_default();
+    assert!(
+        last.contains("WARN")
+            && last.contains("1 connection still open closed unfinished (SIGINT received)")
+            && last.contains("connections=1 cut=1"),
+        "{last}"
     );
 }
 
