@@ -135,7 +135,7 @@ enum ScheduleCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse().and_then(one_socket) {
+    let cli = match Cli::try_parse().map_err(did_you_mean).and_then(one_socket) {
         Ok(cli) => cli,
         Err(e) => {
             // `ctl --json` promises one object on stdout, a mistyped command line included.
@@ -152,7 +152,11 @@ fn main() -> ExitCode {
                     .map(str::trim)
                     .take_while(|line| !line.is_empty())
                     .collect();
-                let said = said.join(" ");
+                let mut said = said.join(" ");
+                // A suggestion (`did_you_mean`'s, clap's own) is what to type instead: kept.
+                for tip in text.lines().filter_map(|l| l.trim().strip_prefix("tip: ")) {
+                    said.push_str(&format!(" ({tip})"));
+                }
                 ctl::print_failure("bad_usage", said.trim_start_matches("error: "));
             }
             e.exit()
@@ -173,6 +177,154 @@ fn main() -> ExitCode {
             json,
             command,
         } => ctl::run(config, socket, json, command),
+    }
+}
+
+/// A mistyped subcommand, with the whole command line it was likely meant to be: clap offers
+/// a name only past its likeness cutoff, so `clt status` (for `ctl status`), `ctl of` or
+/// `ctl sttaus` got "unrecognized subcommand" alone, and `ctrl` only the word `ctl`. Here a
+/// name one edit away (a letter missing, added, changed, or two swapped), or begun by what was
+/// typed, is offered whole, the rest of the line as it was (`intermission ctl status --json`);
+/// a ctl command given without `ctl` (`intermission status`) gets it put in. Never run in its
+/// place: `of` might have been `on`.
+fn did_you_mean(e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::InvalidSubcommand {
+        return e;
+    }
+    let Some(ContextValue::String(typed)) = e.get(ContextKind::InvalidSubcommand) else {
+        return e;
+    };
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    let Some((at, level)) = typo_at(&mut cmd, &args, typed) else {
+        return e;
+    };
+    let meant = meant(level, typed);
+    if meant.is_empty() {
+        return e;
+    }
+    let lines: Vec<String> = meant
+        .iter()
+        .map(|name| {
+            let words = std::iter::once("intermission")
+                .chain(args[1..at].iter().map(String::as_str))
+                .chain(name.split(' '))
+                .chain(args[at + 1..].iter().map(String::as_str));
+            let line: Vec<String> = words.map(quoted).collect();
+            format!("'{}'", line.join(" "))
+        })
+        .collect();
+    let mut said = clap::Error::new(ErrorKind::InvalidSubcommand).with_cmd(level);
+    said.insert(
+        ContextKind::InvalidSubcommand,
+        ContextValue::String(typed.clone()),
+    );
+    said.insert(
+        ContextKind::Suggested,
+        ContextValue::StyledStrs(vec![format!("did you mean {}?", lines.join(" or ")).into()]),
+    );
+    if let Some(usage) = e.get(ContextKind::Usage) {
+        said.insert(ContextKind::Usage, usage.clone());
+    }
+    said
+}
+
+/// Where in `args` the subcommand `typed` stands, and the command it was meant for: the one
+/// the words before it lead to, as clap read them.
+fn typo_at<'a>(
+    cmd: &'a mut clap::Command,
+    args: &[String],
+    typed: &str,
+) -> Option<(usize, &'a clap::Command)> {
+    let mut level: &clap::Command = cmd;
+    let mut value_next = false;
+    for (i, arg) in args.iter().enumerate().skip(1) {
+        if value_next {
+            value_next = false;
+            continue;
+        }
+        if arg == typed {
+            return Some((i, level));
+        }
+        if matches!(arg.as_str(), "-c" | "--config" | "-s" | "--socket") {
+            value_next = true;
+        } else if !arg.starts_with('-') {
+            level = level.find_subcommand(arg)?;
+        }
+    }
+    None
+}
+
+/// The subcommands of `level` that `typed` was likely meant to be, best first (those begun
+/// by it, then the nearest); at the top, `ctl`'s own too, with `ctl` before them.
+fn meant(level: &clap::Command, typed: &str) -> Vec<String> {
+    let typed = typed.to_ascii_lowercase();
+    let mut names: Vec<String> = level
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    let ctl = level
+        .get_subcommands()
+        .find(|c| c.get_name() == "ctl")
+        .into_iter()
+        .flat_map(|c| c.get_subcommands())
+        .map(|c| format!("ctl {}", c.get_name()));
+    names.extend(ctl);
+    let word = |name: &str| name.rsplit(' ').next().unwrap_or(name).to_owned();
+    let begun: Vec<String> = names
+        .iter()
+        .filter(|n| typed.len() >= 2 && word(n).starts_with(&typed))
+        .cloned()
+        .collect();
+    if !begun.is_empty() {
+        return begun;
+    }
+    let near: Vec<String> = names
+        .into_iter()
+        .filter(|n| edits(&typed, &word(n)) <= 1)
+        .collect();
+    near
+}
+
+/// The edits that make `a` into `b`: letters inserted, removed, changed, or two side by
+/// side swapped (the optimal string alignment distance).
+fn edits(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let change = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + change);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
+}
+
+/// `word` as a shell reads it back: quoted when it holds anything but plain characters, in
+/// double quotes where they do, since the line is shown in single ones.
+fn quoted(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:=+@%,".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_owned()
+    } else if !word.contains(['"', '$', '`', '\\', '!']) {
+        format!("\"{word}\"")
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
     }
 }
 

@@ -60,6 +60,52 @@ fn ctl_help_describes_every_flag() {
     assert!(off.contains("window"), "{off}");
 }
 
+/// A mistyped subcommand is answered with the whole command line it was likely meant to be,
+/// the rest of the line kept: clap's likeness cutoff offered nothing for `clt`, `of` or
+/// `sttaus`, and only the word `ctl` for `ctrl`. Nothing is run (exit 2), and `--json` says
+/// it in its object too.
+#[test]
+fn a_mistyped_subcommand_gets_the_whole_command_it_likely_meant() {
+    for (args, meant) in [
+        (&["clt", "status"][..], "'intermission ctl status'"),
+        (
+            &["ctrl", "status", "--json"][..],
+            "'intermission ctl status --json'",
+        ),
+        (&["ctl", "sttaus"][..], "'intermission ctl status'"),
+        (&["ctl", "of"][..], "'intermission ctl off'"),
+        (
+            &["ctl", "-s", "/run/x.sock", "nn", "-m", "back at 3"][..],
+            "'intermission ctl -s /run/x.sock on -m \"back at 3\"'",
+        ),
+        (&["status"][..], "'intermission ctl status'"),
+        (
+            &["ctl", "schedule", "lsit"][..],
+            "'intermission ctl schedule list'",
+        ),
+    ] {
+        let out = bin().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("tip: did you mean {meant}?")),
+            "{args:?}:\n{err}"
+        );
+        assert!(err.contains("unrecognized subcommand"), "{err}");
+    }
+    // Too far from any to guess: clap's answer as it was.
+    let out = bin().args(["ctl", "zzz"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("did you mean"), "{err}");
+    let out = bin().args(["ctl", "--json", "sttaus"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let said = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        said.contains("did you mean 'intermission ctl --json status'?"),
+        "{v}"
+    );
+}
+
 /// The examples `ctl on --help` gives for `--retry-after` are values the proxy takes: it
 /// offered `250ms`, which the proxy refuses (at least 1s), to an operator copying from it.
 #[test]
