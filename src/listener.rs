@@ -1140,10 +1140,21 @@ pub(crate) fn count_unread(e: &hyper::Error, state: &StateHandle, peer: std::net
 /// Counts and logs a request head refused unread, answered `status` (`count_unread`; h2's own
 /// `431` to an HTTP/2 request head over `max_header_bytes`, `flood::Flood`).
 pub(crate) fn refused_unread(state: &StateHandle, peer: std::net::IpAddr, status: u16) {
+    refused_unread_said(state, peer, status, 0);
+}
+
+/// `refused_unread`, for an answer of the proxy's own whose body was `bytes` long (the
+/// relay's `400` to a head it could not read, `relay::head_refused`).
+pub(crate) fn refused_unread_said(
+    state: &StateHandle,
+    peer: std::net::IpAddr,
+    status: u16,
+    bytes: u64,
+) {
     let snap = state.load();
     snap.metrics.unread(snap.mode, status);
     if snap.config.log.access_log {
-        unread_line(peer, status, 0, None);
+        unread_line(peer, status, bytes, None);
     }
 }
 
@@ -1327,6 +1338,11 @@ async fn serve_others(
                         tls_linger(io.into_inner(), notify, keep_alive, held, &drain).await;
                     }
                     Some(result)
+                }
+                relay::After::Refused => {
+                    let held = (serving.guard.clone(), slot, picked_to_make_room(&closable));
+                    tls_linger(tls_stream, true, keep_alive, held, &drain).await;
+                    Some(Ok(()))
                 }
                 relay::After::Park | relay::After::Close => {
                     // Over TLS a head begun comes back only when its time is up.

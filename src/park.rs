@@ -1149,6 +1149,12 @@ pub async fn run(
                 return Ok(());
             }
             crate::relay::After::Close | crate::relay::After::Broken => return Ok(()),
+            // Within `max_connections` (its slot kept) while it lingers, as any close outside
+            // a drain.
+            crate::relay::After::Refused => {
+                crate::shutdown::linger(io.inner, guard, Some(held.permit));
+                return Ok(());
+            }
             crate::relay::After::Park => {
                 park(io, service, held, guard);
                 return Ok(());

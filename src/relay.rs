@@ -362,6 +362,10 @@ pub enum After {
     /// Closed: by the client, or at the end of its keep-alive or by a drain (over TLS, with
     /// `close_notify`).
     Close,
+    /// A head hyper would have refused `400` was answered so here (`head_refused`): to close
+    /// as after any last answer, what the client still sends read and thrown away
+    /// (`shutdown::linger`), so that its close does not reset the answer away.
+    Refused,
     /// Broken off: an answer cut short, or a client gone while it waited. Dropped, as hyper
     /// drops a connection whose body failed (over TLS, without `close_notify`, which would
     /// tell the client that all was sent).
@@ -836,7 +840,23 @@ async fn relay<C: Client>(
                 }
             }
             _ => {
-                *first = Bytes::copy_from_slice(&bufs.input[..bufs.have]);
+                let input = &bufs.input[..bufs.have];
+                // A head hyper would refuse as it reads it (`head_refused`): answered here,
+                // with words, where hyper's `400` has none. Only as a connection goes to
+                // hyper, never on the relay's own path.
+                if head_refused(input) {
+                    bufs.out.clear();
+                    let hsts = snap.hsts(C::TLS).map(crate::config::Hsts::line);
+                    refused_answer(&mut bufs.out, hsts);
+                    let sent = put(sock, &bufs.out, &snap).await;
+                    let said = if sent { REFUSED_BODY.len() as u64 } else { 0 };
+                    crate::listener::refused_unread_said(state, conn.peer.ip(), 400, said);
+                    return match sent {
+                        true => After::Refused,
+                        false => After::Broken,
+                    };
+                }
+                *first = Bytes::copy_from_slice(input);
                 return After::Hyper;
             }
         };
@@ -1142,6 +1162,37 @@ pub(crate) fn head_whole(input: &[u8]) -> bool {
 /// Whether `input` is the start of a request head, well formed so far.
 pub(crate) fn head_partial(input: &[u8]) -> bool {
     matches!(parse_head(input), Ok(httparse::Status::Partial))
+}
+
+/// Whether `input` starts with what hyper's server refuses `400` as it parses it (a method,
+/// target or version that is none, a header line that is no field): with httparse, as hyper
+/// reads a head, at the same first bad byte. Not for too many fields, which is past this
+/// parse's `MAX_HEADERS` and within hyper's 100 (beyond them, hyper's `431`).
+fn head_refused(input: &[u8]) -> bool {
+    matches!(parse_head(input), Err(e) if e != httparse::Error::TooManyHeaders)
+}
+
+/// What a client whose head could not be read is told: a `400` with words, plain text (a
+/// head that is no HTTP has no `Accept` to read), and `Connection: close`, since where its
+/// next request would begin cannot be known.
+const REFUSED_HEAD: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
+    content-type: text/plain; charset=utf-8\r\n\
+    cache-control: no-store\r\n\
+    connection: close\r\n";
+const REFUSED_BODY: &[u8] =
+    b"the request could not be read: its request line or a header is malformed\n";
+
+/// `REFUSED_HEAD`, dated now, and its body, into `out`; over TLS `hsts`, the
+/// `Strict-Transport-Security` line every answer of the proxy's own carries there.
+fn refused_answer(out: &mut Vec<u8>, hsts: Option<&[u8]>) {
+    out.extend_from_slice(REFUSED_HEAD);
+    out.extend_from_slice(hsts.unwrap_or_default());
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(REFUSED_BODY.len()).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    h1::date_header(out);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(REFUSED_BODY);
 }
 
 fn parse_head(input: &[u8]) -> httparse::Result<usize> {

@@ -3590,3 +3590,71 @@ async fn busy_connections_make_no_timer_writes() {
         "{writes} writes for {asked} requests on 8 busy connections"
     );
 }
+
+/// A head hyper's server refuses as it reads it (no HTTP at all, a version that is none, a
+/// header line that is no field) is answered `400` with words, plain text, and `Connection:
+/// close`, then closed cleanly: hyper's own `400` had an empty body, the one answer of the
+/// proxy's without one. On a new connection, with the relay on and off (`intercept_statuses`),
+/// in maintenance, over plaintext and TLS, and after a relayed answer on a kept connection.
+#[tokio::test]
+async fn a_head_that_cannot_be_read_is_answered_400_with_words() {
+    const SAID: &[u8] =
+        b"the request could not be read: its request line or a header is malformed\n";
+    let up = scripted().await;
+    let tls = Tls::new();
+    let refused = |answer: &Answer, case: &str| {
+        assert_eq!(answer.status(), 400, "{case}: {}", answer.head);
+        assert_eq!(answer.body, SAID, "{case}: {}", answer.head);
+        assert_eq!(answer.header("connection"), Some("close"), "{case}");
+        assert_eq!(
+            answer.header("content-type"),
+            Some("text/plain; charset=utf-8"),
+            "{case}"
+        );
+    };
+    for (hyper, over_tls, held) in [
+        (false, false, false),
+        (true, false, false),
+        (false, true, false),
+        (true, true, false),
+        (false, false, true),
+    ] {
+        let (proxy, _) = tls.maybe(&config(&up, hyper), over_tls).await;
+        if held {
+            assert!(ctl(&proxy, on(None)).await.ok);
+        }
+        for bad in [
+            "NOT HTTP AT ALL\r\n\r\n",
+            "GET / HTTP/1.2\r\nHost: shop.example\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: shop.example\r\nno colon here\r\n\r\n",
+        ] {
+            let case = format!("hyper: {hyper}, tls: {over_tls}, held: {held}, {bad:?}");
+            let mut client = match over_tls {
+                true => Client::connect_tls(tls_addr(&proxy), &tls).await,
+                false => Client::connect(proxy.addr).await,
+            };
+            client.send(bad).await;
+            refused(&client.read().await, &case);
+            assert!(
+                client
+                    .closed_within(Duration::from_secs(10))
+                    .await
+                    .is_some(),
+                "{case}: not closed"
+            );
+        }
+        if !hyper && !held {
+            // After an answer the relay gave, on the same connection.
+            let mut client = match over_tls {
+                true => Client::connect_tls(tls_addr(&proxy), &tls).await,
+                false => Client::connect(proxy.addr).await,
+            };
+            client
+                .send("GET /length HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+                .await;
+            assert_eq!(client.read().await.status(), 200);
+            client.send("GET / HTTP/1.1\r\n\x01\r\n\r\n").await;
+            refused(&client.read().await, &format!("tls: {over_tls}, kept"));
+        }
+    }
+}
