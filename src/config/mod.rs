@@ -1308,7 +1308,7 @@ impl Validator<'_> {
                     format!(
                         "{:?} is zero, which here would mean at once (only \
                          proxy.send_timeout, proxy.body_read_timeout and upstream.read_timeout \
-                         take \"0\" for no limit); write a length such as \"5s\"",
+                         take \"0\" for no limit, and tls.hsts_max_age to turn it off); write a length such as \"5s\"",
                         text.0
                     ),
                 );
