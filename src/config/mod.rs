@@ -1983,7 +1983,7 @@ impl Validator<'_> {
             Some(m) if m <= 0o777 => m,
             // Octal, but with setuid, setgid or sticky bits ("1777", "2770"), which a socket
             // has no use for: "write it in octal" said to write what was written.
-            Some(_) => {
+            Some(m) if m <= 0o7777 => {
                 self.problem(
                     "control.socket_mode",
                     format!(
@@ -3692,6 +3692,9 @@ mod tests {
         assert!(got[0].1.contains("would mean at once"), "{got:?}");
         assert!(got[1].1.contains("longer than 366 days"), "{got:?}");
         assert!(got[2].1.contains("beyond 0777"), "{got:?}");
+        // Past any mode's bits, it is no permission mode at all.
+        let p = problems("[control]\nsocket_mode = \"77777\"\n");
+        assert!(said(&p)[0].1.contains("not a permission mode"), "{p:?}");
     }
 
     /// A file an editor emptied and saved with a byte-order mark is empty, not the defaults.
