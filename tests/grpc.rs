@@ -1325,6 +1325,55 @@ async fn an_h2c_connection_that_stops_answering_is_let_go() {
     assert_eq!(connections.load(Ordering::SeqCst), 2);
 }
 
+/// So is a connection the request that timed out had to open first: its deadline counted the
+/// dial and the wait for the server's `SETTINGS` (200 ms here), and the connection was kept
+/// when the time since the stream was taken fell short of `response_timeout`.
+#[tokio::test]
+async fn an_h2c_connection_dialed_by_the_request_that_timed_out_is_let_go() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                // Every connection's `SETTINGS` come late (the health check's connection,
+                // which speaks no HTTP/2, is not counted).
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+                let mut unanswered = Vec::new();
+                while let Some(Ok((_, mut respond))) = conn.accept().await {
+                    // The first connection answers nothing.
+                    if first {
+                        unanswered.push(respond);
+                        continue;
+                    }
+                    if let Ok(mut send) = respond.send_response(http::Response::new(()), false) {
+                        let _ = send.send_data(bytes::Bytes::from_static(b"served"), true);
+                    }
+                }
+            });
+        }
+    });
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"h2c://{addr}\"]\n\
+         response_timeout = \"1s\"\n[health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
+    ))
+    .await;
+    let resp = get(&proxy.url("/hangs")).await;
+    assert_eq!(resp.status(), 503, "{resp:?}");
+    for _ in 0..3 {
+        let resp = get(&proxy.url("/after")).await;
+        assert_eq!(resp.status(), 200, "{resp:?}");
+        assert_eq!(resp.body(), "served");
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+}
+
 /// A burst of requests to a server that allows one stream at a time per connection, met
 /// with no connection open: each gets its answer. The requests that waited for the first
 /// connection's dial went on it while hyper still took the server to allow 100 streams, its

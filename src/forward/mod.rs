@@ -901,7 +901,11 @@ fn send<'a>(
         // One pinned response future for both cases: moving it into `tokio::time::timeout` would
         // keep a second copy of its kilobyte in this future's state, which every forwarded
         // request allocates and copies.
-        let response = pool.request(server, req, hop, unsent);
+        // Set once the deadline gave up on the answer's head, before `response` is dropped: an
+        // HTTP/2 connection it waited on is then let go (`pool::Waiting`), and only then (not
+        // when its client left, nor when a long upload simply took its time).
+        let gave_up = std::sync::atomic::AtomicBool::new(false);
+        let response = pool.request(server, req, hop, unsent, &gave_up);
         tokio::pin!(response);
         let deadline = async {
             // The drain's end is watched from the start by a request sent during a drain, and
@@ -974,6 +978,9 @@ fn send<'a>(
             r = &mut response => Ok(r),
             cut = deadline => Err(cut),
         };
+        if matches!(outcome, Err(Cut::Late | Cut::Unread)) {
+            gave_up.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         match outcome {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(source)) if source.is_connect() => Err(UpstreamError::Connect {

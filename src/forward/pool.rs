@@ -574,6 +574,7 @@ impl UpstreamPool {
         mut req: Request<Body>,
         hop: Option<&'a Hop<'a>>,
         unsent: &'a mut Option<Box<Request<Body>>>,
+        gave_up: &'a AtomicBool,
     ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + 'a {
         async move {
             let protocol = self.servers.get(index).map(|s| s.protocol);
@@ -601,8 +602,8 @@ impl UpstreamPool {
             match protocol {
                 Some(Protocol::Http) => self.http1.request(index, req, unsent).await,
                 // Boxed: the rare paths must not make every request's future larger.
-                Some(Protocol::H2c) => Box::pin(self.h2c(index, req, unsent)).await,
-                _ => Box::pin(self.https(index, req, unsent)).await,
+                Some(Protocol::H2c) => Box::pin(self.h2c(index, req, unsent, gave_up)).await,
+                _ => Box::pin(self.https(index, req, unsent, gave_up)).await,
             }
         }
     }
@@ -616,13 +617,14 @@ impl UpstreamPool {
         index: usize,
         req: Request<Body>,
         unsent: &mut Option<Box<Request<Body>>>,
+        gave_up: &AtomicBool,
     ) -> Result<Response<Body>, SendError> {
         let clients = self.clients.local();
         let slot = clients
             .h2
             .get(index)
             .ok_or_else(|| SendError::Connect("no such server".into()))?;
-        match self.h2(index, slot, None, req, unsent).await? {
+        match self.h2(index, slot, None, req, unsent, gave_up).await? {
             Ok(resp) => Ok(resp),
             // Never: only an `https://` server's dial can find HTTP/1.1.
             Err(_) => Err(SendError::Connect("the h2c server spoke no HTTP/2".into())),
@@ -640,6 +642,7 @@ impl UpstreamPool {
         index: usize,
         mut req: Request<Body>,
         unsent: &mut Option<Box<Request<Body>>>,
+        gave_up: &AtomicBool,
     ) -> Result<Response<Body>, SendError> {
         let clients = self.clients.local();
         let slot = match (clients.h2.get(index), self.https_http1.get(index)) {
@@ -666,7 +669,10 @@ impl UpstreamPool {
                     req.headers_mut().insert(header::HOST, host);
                 }
             };
-            req = match self.h2(index, slot, Some(http1), req, unsent).await {
+            req = match self
+                .h2(index, slot, Some(http1), req, unsent, gave_up)
+                .await
+            {
                 Ok(Ok(resp)) => return Ok(resp),
                 Ok(Err(mut req)) => {
                     unmade(&mut req, made);
@@ -710,6 +716,7 @@ impl UpstreamPool {
         http1: Option<&AtomicBool>,
         mut req: Request<Body>,
         unsent: &mut Option<Box<Request<Body>>>,
+        gave_up: &AtomicBool,
     ) -> Result<Result<Response<Body>, Request<Body>>, SendError> {
         let idle = self.config.idle_timeout;
         // When the connection that gave the request back, or refused it, was opened: the
@@ -763,8 +770,7 @@ impl UpstreamPool {
             let mut waiting = Waiting {
                 slot,
                 dialed,
-                since: Instant::now(),
-                limit: self.config.response_timeout,
+                gave_up,
                 over: false,
             };
             let sent = sender.try_send_request(req).await;
@@ -1260,15 +1266,17 @@ fn take_h2(slot: &H2Slot, idle: Duration, failed_on: Option<Instant>, any: bool)
 struct Waiting<'a> {
     slot: &'a H2Slot,
     dialed: Instant,
-    since: Instant,
-    limit: Duration,
+    /// Set by `forward::send` once its deadline gave up on the answer's head: not the time
+    /// since the stream was taken, which began after a dial the deadline counted, and which a
+    /// long upload whose client left passes without anything having timed out.
+    gave_up: &'a AtomicBool,
     /// The head came, or the request failed: nothing was given up.
     over: bool,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        if !self.over && self.since.elapsed() >= self.limit {
+        if !self.over && self.gave_up.load(Ordering::Relaxed) {
             lock(&self.slot.kept).retain(|k| k.dialed != self.dialed);
         }
     }
@@ -2447,7 +2455,10 @@ mod kept {
                 .body(Body::Empty)
                 .unwrap()
         };
-        let resp = pool.request(0, get(), None, &mut None).await.unwrap();
+        let resp = pool
+            .request(0, get(), None, &mut None, &AtomicBool::new(false))
+            .await
+            .unwrap();
         resp.into_body().collect().await.unwrap();
         // Until hyper has seen the exchange end, the connection is not ready for another.
         for _ in 0..100 {
@@ -2464,7 +2475,10 @@ mod kept {
         // connection's task has not read the close when the next request is written on it.
         close_tx.send(()).unwrap();
         closed_rx.recv().unwrap();
-        let resp = pool.request(0, get(), None, &mut None).await.unwrap();
+        let resp = pool
+            .request(0, get(), None, &mut None, &AtomicBool::new(false))
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
@@ -2490,7 +2504,10 @@ mod kept {
             .header("host", "x")
             .body(Body::Empty)
             .unwrap();
-        let resp = pool.request(0, req, None, &mut None).await.unwrap();
+        let resp = pool
+            .request(0, req, None, &mut None, &AtomicBool::new(false))
+            .await
+            .unwrap();
         resp.into_body().collect().await.unwrap();
         assert_eq!(pool.idle_http1(0), 1);
         let list = pool.http1.servers[0].idle.local();
@@ -2572,11 +2589,17 @@ mod kept {
         let (a, a_closed) = keep_alive_server();
         let (b, _) = keep_alive_server();
         let (pool, _, metrics) = bounded_pool(&[a, b], 1);
-        let resp = pool.request(0, get(), None, &mut None).await.unwrap();
+        let resp = pool
+            .request(0, get(), None, &mut None, &AtomicBool::new(false))
+            .await
+            .unwrap();
         resp.into_body().collect().await.unwrap();
         assert_eq!(pool.idle_http1(0), 1);
         assert_eq!(metrics.open.get(), 1);
-        let resp = pool.request(1, get(), None, &mut None).await.unwrap();
+        let resp = pool
+            .request(1, get(), None, &mut None, &AtomicBool::new(false))
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(pool.idle_http1(0), 0);
         assert_eq!(metrics.open.get(), 1);
@@ -2667,12 +2690,18 @@ mod kept {
         };
         // Twice: the first dial asks for HTTP/2 by ALPN and learns the server's choice.
         for _ in 0..2 {
-            let resp = pool.request(0, to_a(), None, &mut None).await.unwrap();
+            let resp = pool
+                .request(0, to_a(), None, &mut None, &AtomicBool::new(false))
+                .await
+                .unwrap();
             assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
         }
         assert_eq!(pool.idle_http1(0), 1);
         assert_eq!(metrics.open.get(), 1);
-        let resp = pool.request(1, get(), None, &mut None).await.unwrap();
+        let resp = pool
+            .request(1, get(), None, &mut None, &AtomicBool::new(false))
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(pool.idle_http1(0), 0);
         assert_eq!(metrics.reached.get(), 0);
@@ -2687,11 +2716,14 @@ mod kept {
         let (b, _) = keep_alive_server();
         let (pool, sockets, _) = bounded_pool(&[a, b], 1);
         let pool = Arc::new(pool);
-        let busy = pool.request(0, get(), None, &mut None).await.unwrap();
+        let busy = pool
+            .request(0, get(), None, &mut None, &AtomicBool::new(false))
+            .await
+            .unwrap();
         let waiting = {
             let pool = pool.clone();
             tokio::spawn(async move {
-                pool.request(1, get(), None, &mut None)
+                pool.request(1, get(), None, &mut None, &AtomicBool::new(false))
                     .await
                     .map(|r| r.status())
             })
@@ -2764,9 +2796,15 @@ mod kept {
         let kept = |pool: &UpstreamPool| lock(&pool.clients.local().h2[0].kept).len();
 
         // Busy: its stream stays open, and the request for room waits in vain.
-        let resp = pool.request(0, held_get(), None, &mut None).await.unwrap();
+        let resp = pool
+            .request(0, held_get(), None, &mut None, &AtomicBool::new(false))
+            .await
+            .unwrap();
         assert_eq!(kept(&pool), 1);
-        let Err(e) = pool.request(1, get(), None, &mut None).await else {
+        let Err(e) = pool
+            .request(1, get(), None, &mut None, &AtomicBool::new(false))
+            .await
+        else {
             panic!("a busy HTTP/2 connection was closed for room");
         };
         assert!(super::super::sockets::reached(&e), "{e}");
@@ -2774,7 +2812,10 @@ mod kept {
 
         // Idle once its answer has ended: closed, and its place taken.
         end_held(&held, resp).await;
-        let resp = pool.request(1, get(), None, &mut None).await.unwrap();
+        let resp = pool
+            .request(1, get(), None, &mut None, &AtomicBool::new(false))
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(kept(&pool), 0);
         assert_eq!(metrics.open.get(), 1);
@@ -2786,9 +2827,13 @@ mod kept {
     async fn an_http2_connection_going_idle_during_the_wait_makes_room() {
         // Long enough that only the connection's close, not the wait's end, can answer.
         let (pool, sockets, _, held) = at_the_bound("30s").await;
-        let resp = pool.request(0, held_get(), None, &mut None).await.unwrap();
+        let resp = pool
+            .request(0, held_get(), None, &mut None, &AtomicBool::new(false))
+            .await
+            .unwrap();
         let mut unsent = None;
-        let waiting = pool.request(1, get(), None, &mut unsent);
+        let never_gave_up = AtomicBool::new(false);
+        let waiting = pool.request(1, get(), None, &mut unsent, &never_gave_up);
         let ending = async {
             // Once the request waits for room, the held answer ends and is read whole.
             while !sockets.wanted() {
@@ -2851,8 +2896,9 @@ mod kept {
         let pool = UpstreamPool::new(&config.upstream, 1, &Sockets::unbounded()).unwrap();
         let req = || http::Request::get("/").body(Body::Empty).unwrap();
         let (mut a, mut b) = (None, None);
-        let https = std::mem::size_of_val(&pool.https(0, req(), &mut a));
-        let h2c = std::mem::size_of_val(&pool.h2c(0, req(), &mut b));
+        let gave_up = AtomicBool::new(false);
+        let https = std::mem::size_of_val(&pool.https(0, req(), &mut a, &gave_up));
+        let h2c = std::mem::size_of_val(&pool.h2c(0, req(), &mut b, &gave_up));
         assert!(https < 4096, "the https future is {https} bytes");
         assert!(h2c < 4096, "the h2c future is {h2c} bytes");
     }
