@@ -1272,14 +1272,14 @@ async fn a_get_on_a_kept_h2c_connection_closed_under_it_is_sent_again() {
     assert_eq!(streams.load(Ordering::SeqCst), 4);
 }
 
-/// An HTTP/2 connection whose server stops answering on it (its handler hung, or a NAT or
-/// firewall between that dropped the connection without a reset) while the server answers on
-/// new ones is let go once a request on it has waited `response_timeout`: the next request
-/// goes on a new connection. It stayed the oldest with a stream free, and every later request
-/// waited `response_timeout` there for the outage answer, for as long as the proxy ran, with
-/// the server's checks passing.
-#[tokio::test]
-async fn an_h2c_connection_that_stops_answering_is_let_go() {
+/// An `h2c` server whose first HTTP/2 connection answers `answered` streams, then none (its
+/// handler hung, or a NAT between that dropped the connection without a reset), while later
+/// connections answer `served`; each connection's `SETTINGS` come `late`. Counts the HTTP/2
+/// connections (the health check's, which speaks none, is not counted).
+async fn an_h2c_server_whose_first_connection_hangs(
+    late: Duration,
+    answered: usize,
+) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
@@ -1288,19 +1288,19 @@ async fn an_h2c_connection_that_stops_answering_is_let_go() {
         while let Ok((tcp, _)) = listener.accept().await {
             let counted = counted.clone();
             tokio::spawn(async move {
+                tokio::time::sleep(late).await;
                 let Ok(mut conn) = h2::server::handshake(tcp).await else {
                     return;
                 };
                 let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
-                let mut answered = 0;
+                let mut served = 0;
                 let mut unanswered = Vec::new();
                 while let Some(Ok((_, mut respond))) = conn.accept().await {
-                    // The first connection answers its first stream, then none.
-                    if first && answered == 1 {
+                    if first && served == answered {
                         unanswered.push(respond);
                         continue;
                     }
-                    answered += 1;
+                    served += 1;
                     if let Ok(mut send) = respond.send_response(http::Response::new(()), false) {
                         let _ = send.send_data(bytes::Bytes::from_static(b"served"), true);
                     }
@@ -1308,15 +1308,20 @@ async fn an_h2c_connection_that_stops_answering_is_let_go() {
             });
         }
     });
-    let proxy = spawn_proxy(&format!(
+    (addr, connections)
+}
+
+/// A proxy with one worker in front of `addr`, and a `response_timeout` of a second.
+async fn one_second_to_answer(addr: SocketAddr) -> Proxy {
+    spawn_proxy(&format!(
         "[proxy]\nthreads = 1\n[upstream]\nservers = [\"h2c://{addr}\"]\n\
          response_timeout = \"1s\"\n[health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
     ))
-    .await;
-    let resp = get(&proxy.url("/answered")).await;
-    assert_eq!(resp.status(), 200, "{resp:?}");
-    let resp = get(&proxy.url("/hangs")).await;
-    assert_eq!(resp.status(), 503, "{resp:?}");
+    .await
+}
+
+/// Three requests after a timed-out one are answered, on the one connection opened after it.
+async fn served_after(proxy: &Proxy, connections: &AtomicUsize) {
     for _ in 0..3 {
         let resp = get(&proxy.url("/after")).await;
         assert_eq!(resp.status(), 200, "{resp:?}");
@@ -1325,53 +1330,33 @@ async fn an_h2c_connection_that_stops_answering_is_let_go() {
     assert_eq!(connections.load(Ordering::SeqCst), 2);
 }
 
+/// An HTTP/2 connection whose server stops answering on it while the server answers on new
+/// ones is let go once a request on it has waited `response_timeout`: the next request goes
+/// on a new connection. It stayed the oldest with a stream free, and every later request
+/// waited `response_timeout` there for the outage answer, for as long as the proxy ran, with
+/// the server's checks passing.
+#[tokio::test]
+async fn an_h2c_connection_that_stops_answering_is_let_go() {
+    let (addr, connections) = an_h2c_server_whose_first_connection_hangs(Duration::ZERO, 1).await;
+    let proxy = one_second_to_answer(addr).await;
+    let resp = get(&proxy.url("/answered")).await;
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    let resp = get(&proxy.url("/hangs")).await;
+    assert_eq!(resp.status(), 503, "{resp:?}");
+    served_after(&proxy, &connections).await;
+}
+
 /// So is a connection the request that timed out had to open first: its deadline counted the
 /// dial and the wait for the server's `SETTINGS` (200 ms here), and the connection was kept
 /// when the time since the stream was taken fell short of `response_timeout`.
 #[tokio::test]
 async fn an_h2c_connection_dialed_by_the_request_that_timed_out_is_let_go() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let counted = connections.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let counted = counted.clone();
-            tokio::spawn(async move {
-                // Every connection's `SETTINGS` come late (the health check's connection,
-                // which speaks no HTTP/2, is not counted).
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let Ok(mut conn) = h2::server::handshake(tcp).await else {
-                    return;
-                };
-                let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
-                let mut unanswered = Vec::new();
-                while let Some(Ok((_, mut respond))) = conn.accept().await {
-                    // The first connection answers nothing.
-                    if first {
-                        unanswered.push(respond);
-                        continue;
-                    }
-                    if let Ok(mut send) = respond.send_response(http::Response::new(()), false) {
-                        let _ = send.send_data(bytes::Bytes::from_static(b"served"), true);
-                    }
-                }
-            });
-        }
-    });
-    let proxy = spawn_proxy(&format!(
-        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"h2c://{addr}\"]\n\
-         response_timeout = \"1s\"\n[health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
-    ))
-    .await;
+    let late = Duration::from_millis(200);
+    let (addr, connections) = an_h2c_server_whose_first_connection_hangs(late, 0).await;
+    let proxy = one_second_to_answer(addr).await;
     let resp = get(&proxy.url("/hangs")).await;
     assert_eq!(resp.status(), 503, "{resp:?}");
-    for _ in 0..3 {
-        let resp = get(&proxy.url("/after")).await;
-        assert_eq!(resp.status(), 200, "{resp:?}");
-        assert_eq!(resp.body(), "served");
-    }
-    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    served_after(&proxy, &connections).await;
 }
 
 /// A burst of requests to a server that allows one stream at a time per connection, met
