@@ -235,7 +235,13 @@ pub fn respond<H: Fields + ?Sized>(
     if let Some(named @ cors::Reader::Named(_)) = &reader {
         if preflights == Preflights::Answered && cors::is_preflight(method, headers) {
             let mode = held.view.mode.as_str();
-            return cors::preflight(named.clone(), headers, None, mode);
+            let mut resp = cors::preflight(named.clone(), headers, None, mode);
+            // A held answer like any other (SPEC §3): the call it clears will be held too, and
+            // a client that reads no further than the preflight learns when to come back.
+            let retry = held.view.retry_after(SystemTime::now());
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry));
+            return resp;
         }
     }
     let (form, lang) = choose_form(snap, headers, path, method);

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use support::*;
 
 const BROWSER: &str = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
+const CHROMIUM: &str = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,\
+image/webp,image/apng,*/*;q=0.8,application/signed-exchange;v=b3;q=0.7";
 
 /// An upstream that counts the requests of clients that reach it (not health checks).
 async fn counting_upstream() -> (Upstream, Arc<AtomicUsize>) {
@@ -85,6 +87,7 @@ async fn browsers_get_the_page_and_the_upstream_sees_nothing() {
     )
     .await;
     assert_eq!(post.status(), StatusCode::SERVICE_UNAVAILABLE);
+    held_headers_ok(&post, "maintenance");
     for method in ["PUT", "DELETE", "OPTIONS", "PATCH"] {
         let r = send(
             Request::builder()
@@ -95,6 +98,7 @@ async fn browsers_get_the_page_and_the_upstream_sees_nothing() {
         )
         .await;
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "{method}");
+        held_headers_ok(&r, "maintenance");
     }
     // CONNECT, refused with 405 in normal mode, is held like the rest.
     let connect = raw_exchange(
@@ -170,6 +174,9 @@ async fn api_clients_get_problem_json() {
     .await;
     assert_eq!(resp.headers()["content-type"], "text/html; charset=utf-8");
     let resp = get_with(&proxy.url("/api/orders"), &[("accept", BROWSER)]).await;
+    assert_eq!(resp.headers()["content-type"], "text/html; charset=utf-8");
+    // Chromium's navigation `Accept`, whose `*/*` and signed-exchange type come after HTML.
+    let resp = get_with(&proxy.url("/orders"), &[("accept", CHROMIUM)]).await;
     assert_eq!(resp.headers()["content-type"], "text/html; charset=utf-8");
     // Plain text when it is ranked above both.
     let resp = get_with(
@@ -1323,6 +1330,7 @@ async fn a_listed_origin_reads_the_holding_answer_across_origins() {
         "content-type, authorization"
     );
     assert_eq!(h["access-control-max-age"], "0");
+    held_headers_ok(&pre, "maintenance");
     let post = Request::post(&api)
         .header("origin", APP)
         .header("content-type", "application/json")

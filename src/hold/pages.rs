@@ -393,7 +393,9 @@ fn from_folder(dir: &Path, widths: &Widths) -> Result<Pages, PagesError> {
         }
         maintenance.push(parse(&m, &read(&dir.join(&m))?)?);
         outage.push(parse(&o, &read(&dir.join(&o))?)?);
-        langs.push(lang.to_ascii_lowercase());
+        // As its file names it: the tag `Content-Language` says (`fr-CA`, README), matched
+        // without regard to case.
+        langs.push(lang.clone());
     }
     let assets_dir = dir.join("assets");
     let mut assets = HashMap::new();
@@ -886,6 +888,18 @@ mod tests {
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("pages/maintenance.html");
         assert!(declares_english(&read(&shipped).unwrap()));
         assert_eq!(language(&built_in, 0).as_deref(), Some("en"));
+        // A regional translation says its tag as its file spells it (README), and is still
+        // chosen whatever the case a browser sends.
+        let (_dir, config) = folder(&[
+            ("maintenance.html", "<p>{{message}}"),
+            ("outage.html", "<p>{{message}}"),
+            ("maintenance.fr-CA.html", "<p>{{message}}"),
+            ("outage.fr-CA.html", "<p>{{message}}"),
+        ]);
+        let pages = Pages::load(&config).unwrap();
+        assert_eq!(language(&pages, 1).as_deref(), Some("fr-CA"));
+        let chosen = crate::hold::negotiate::choose_language(Some(b"fr-ca"), &pages.langs);
+        assert_eq!(chosen, 1);
     }
 
     /// Files that look like pages but would be served to nobody are named, with why; the
@@ -907,7 +921,7 @@ mod tests {
             ("maintenance.html.bak", page),
         ]);
         let pages = Pages::load(&config).unwrap();
-        assert_eq!(pages.langs, ["en", "fr"]);
+        assert_eq!(pages.langs, ["en", "FR"]);
         let said = pages.warnings.join("\n");
         for part in [
             "outage.de.html is ignored: there is no maintenance.de.html beside it",
