@@ -911,7 +911,7 @@ async fn work(queue: Arc<Queue>, d: Arc<Deliverer>) {
                         give_up_at_stop(&queue, &d, Some(&event));
                         return;
                     }
-                    delivered = deliver(&d, &target, &event, &queue) => {
+                    delivered = deliver(&d, target, &event, &queue) => {
                         {
                             let mut s = lock(&queue.state);
                             s.under_way = false;
@@ -988,7 +988,7 @@ fn by_kind(kinds: &[EventKind]) -> String {
 }
 
 /// Tries `event` until it is delivered (`true`) or given up (`false`); the caller counts it.
-async fn deliver(d: &Deliverer, target: &Target, event: &Event, queue: &Queue) -> bool {
+async fn deliver(d: &Deliverer, mut target: Target, event: &Event, queue: &Queue) -> bool {
     let payload = Bytes::from(body(target.format, event));
     let signed = target
         .secret
@@ -997,9 +997,16 @@ async fn deliver(d: &Deliverer, target: &Target, event: &Event, queue: &Queue) -
     let mut delay = d.backoff;
     let longest = d.backoff.saturating_mul(MAX_BACKOFF_FACTOR);
     for attempt in 1..=ATTEMPTS {
+        if attempt > 1 {
+            // A reload between two tries may have rotated the receiver's token or changed
+            // its timeout (a kept queue keeps its receiver: the URL, format and secret, so the
+            // payload and its signature stand): the operator who fixed a revoked token after
+            // the first `401` must not see this event given up with the old one.
+            target = lock(&queue.state).target.clone();
+        }
         let outcome = tokio::time::timeout(
             target.timeout,
-            post(d, target, payload.clone(), signed.as_deref()),
+            post(d, &target, payload.clone(), signed.as_deref()),
         )
         .await
         .unwrap_or_else(|_| {
@@ -2228,6 +2235,36 @@ mod tests {
         assert_eq!(header(1, USER_AGENT).as_deref(), Some("theirs/1"));
         assert_eq!(header(1, CONTENT_TYPE).as_deref(), Some("application/json"));
         assert_eq!(stats.get(), (2, 0, 0));
+    }
+
+    /// The usual rotation: the old token is revoked, the first try fails, the operator puts
+    /// the new one in and reloads while the event waits for its next try: that try carries
+    /// the new token, not the revoked one until the event is given up.
+    #[tokio::test]
+    async fn an_event_waiting_to_be_tried_again_goes_with_the_rotated_token() {
+        let receiver = Receiver::start(Answer::Limited).await;
+        let stats = Arc::new(Counts::default());
+        let with = |token: &'static str| Target {
+            headers: http::HeaderMap::from_iter([(
+                http::header::AUTHORIZATION,
+                HeaderValue::from_static(token),
+            )]),
+            ..receiver.target(None)
+        };
+        let notifier = Notifier::start_with(vec![with("Bearer old")], stats.clone(), FAST);
+        notifier.send(numbered(0));
+        // Answered 429 with `Retry-After: 1`: the worker waits a second before its next try.
+        wait_until("the first try", || receiver.count() == 1).await;
+        notifier.set_targets(vec![with("Bearer new")]);
+        wait_until("delivered", || notifier.pending() == 0).await;
+        let got = receiver.got.lock().unwrap();
+        let tokens: Vec<&str> = got
+            .iter()
+            .map(|r| r.headers[http::header::AUTHORIZATION].to_str().unwrap())
+            .collect();
+        assert_eq!(tokens, ["Bearer old", "Bearer new"]);
+        drop(got);
+        assert_eq!(stats.get(), (1, 0, 0));
     }
 
     #[tokio::test]
