@@ -137,6 +137,11 @@ impl Checkers {
     /// running on another thread finishes recording its probe first, and could bring back the
     /// metrics of a server that a reload has just forgotten, for ever.
     pub async fn stop(mut self) {
+        self.halt().await;
+    }
+
+    /// `stop`, keeping the table: what the checks last found is still read after.
+    pub async fn halt(&mut self) {
         let tasks = std::mem::take(&mut self.tasks);
         for task in &tasks {
             task.abort();

@@ -1445,6 +1445,19 @@ impl Controller {
         }
         let max_connections = config.proxy.max_connections;
         let resize = max_connections != old.proxy.max_connections;
+        if restart {
+            // What the old checkers found and sent before they stop is told under the config
+            // they checked: a flip left queued would be of an old generation once the new
+            // checkers start, and dropped with its log line, its count and its webhook's
+            // reason; a first check's flip dropped so kept an outage the previous instance
+            // left going on from ever being told over.
+            if let Some(checkers) = self.checkers.as_mut() {
+                checkers.halt().await;
+            }
+            while let Ok(flip) = self.flips_rx.try_recv() {
+                self.on_flip(flip);
+            }
+        }
         self.parts = parts;
         self.reloads.pending = pending;
         // The reload's load has warned of the new certificates already.
@@ -2164,6 +2177,49 @@ mod tests {
 
     /// An `[upstream]` of one server on a port nothing listens on (yet), and that port: its
     /// first check, at once, finds it down.
+    /// A server's flip still queued when a reload that restarts the checkers is applied (the
+    /// run loop's `select!` may take the reload first) is told: the server marked down and
+    /// counted, not dropped as of an old generation.
+    #[tokio::test]
+    async fn a_flip_queued_when_a_reload_restarts_the_checkers_is_still_told() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (port, servers) = dead_server();
+        let path = dir.path().join("intermission.toml");
+        let text = |interval: &str| {
+            format!(
+                "{servers}[health]\ninterval = \"{interval}\"\n[control]\nstate_file = \"{}\"\n",
+                dir.path().join("state.json").display()
+            )
+        };
+        std::fs::write(&path, text("1h")).expect("config written");
+        let config = Config::load(Some(&path)).expect("config");
+        let pages = Pages::load(&config.maintenance).expect("pages");
+        let metrics = Arc::new(Metrics::new());
+        let notifier = Notifier::start(config.notify.clone(), metrics.clone());
+        let parts =
+            Parts::new(Arc::new(config), Arc::new(pages), None, metrics.clone()).expect("parts");
+        let clock = Clock::manual(UNIX_EPOCH + Duration::from_secs(1_900_000_000));
+        let (mut controller, _handle, _shown) =
+            Controller::new(parts, Persisted::default(), notifier, clock);
+        controller
+            .flips_tx
+            .send(Flip {
+                generation: controller.generation,
+                index: 0,
+                healthy: false,
+                reason: "connection refused".into(),
+                changed: true,
+            })
+            .expect("queued");
+        std::fs::write(&path, text("2h")).expect("config written again");
+        let prepared = prepare(&path, &controller.parts).expect("prepared");
+        controller.apply_reload(prepared).await.expect("reloaded");
+        let server = format!("http://127.0.0.1:{port}");
+        let marked = format!("intermission_upstream_marked_down_total{{server=\"{server}\"}} 1");
+        let text = metrics.encode_text();
+        assert!(text.contains(&marked), "{marked} in\n{text}");
+    }
+
     fn dead_server() -> (u16, String) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
