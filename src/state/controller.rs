@@ -336,6 +336,17 @@ const HOLD_EVENTS: Duration = Duration::from_secs(5);
 #[cfg(test)]
 const HOLD_EVENTS: Duration = Duration::from_secs(2);
 
+/// A controller given up at a stop (its last save hung past `shutdown_timeout`) hands the
+/// events still waiting for a save to the webhooks' queues, where the stop's own bound counts
+/// and logs what is not delivered (README, "Notifications"), rather than dropping them unsaid.
+impl Drop for Controller {
+    fn drop(&mut self) {
+        for event in std::mem::take(&mut self.unsent) {
+            self.notifier.send(event);
+        }
+    }
+}
+
 impl Controller {
     /// Builds the first snapshot and the controller that will own every later one.
     pub fn new(
@@ -2365,6 +2376,32 @@ mod tests {
         assert_eq!(queued("new"), Some(0.0), "told to a webhook added after it");
         assert_eq!(queued("old"), Some(1.0), "not told to its own webhook");
         assert_eq!(notifier.pending(), 1);
+    }
+
+    /// A controller aborted at a stop while events wait for a save that hangs hands them to
+    /// the webhooks, whose stop then counts and logs what it cannot deliver: they were
+    /// dropped with the controller, neither counted nor said.
+    #[tokio::test]
+    async fn events_waiting_for_a_save_go_to_the_webhooks_when_the_controller_is_dropped() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // A receiver that never answers: an event sent to it stays pending.
+        let hook = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let to = hook.local_addr().expect("its address");
+        let text = rig_text(dir.path()) + &format!("[[notify]]\nurl = \"http://{to}/\"\n");
+        let config = Config::parse(&text, dir.path(), None).expect("config");
+        let pages = Pages::load(&config.maintenance).expect("pages");
+        let metrics = Arc::new(Metrics::new());
+        let notifier = Notifier::start(config.notify.clone(), metrics.clone());
+        let parts = Parts::new(Arc::new(config), Arc::new(pages), None, metrics).expect("parts");
+        let clock = Clock::manual(UNIX_EPOCH + Duration::from_secs(1_900_000_000));
+        let (mut controller, _handle, _shown) =
+            Controller::new(parts, Persisted::default(), notifier.clone(), clock);
+        // A change in force whose save has not been made, as a hung disk leaves it.
+        controller.behind = true;
+        controller.notify(EventKind::ModeChanged, Mode::Normal, None, None);
+        assert_eq!(notifier.pending(), 0, "told before it was saved");
+        drop(controller);
+        assert_eq!(notifier.pending(), 1, "dropped unsaid with the controller");
     }
 
     /// A server for `tcp` checks, up while its task runs: it accepts and closes. Aborted, its
