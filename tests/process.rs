@@ -5814,3 +5814,270 @@ async fn a_limit_warning_says_how_many_more_only_when_there_were_some() {
         lines[1]
     );
 }
+
+/// Every request of a mix (forwarded over HTTP/1.1 and HTTP/2, some sent again to another
+/// server, intermission's own, refused, unreadable, timed out, abandoned by its client over
+/// either protocol, a WebSocket and one whose client left before its `101`, an HTTP/2 upload
+/// h2 resets as malformed, held ones of each kind) gets exactly one access line, and
+/// `/metrics` counts what the lines say: as many requests as lines, the `499`s as
+/// `abandoned`, and each status class as many responses as lines of it (a `499`, or the
+/// malformed upload's `400`, was no response). An HTTP/2 WebSocket (RFC 8441's extended
+/// `CONNECT`), which the proxy does not offer (no `SETTINGS_ENABLE_CONNECT_PROTOCOL`), has
+/// its stream reset with `PROTOCOL_ERROR` at once, the connection going on, and is in
+/// neither; a plain HTTP/2 `CONNECT` gets `405`, or the holding answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_request_of_a_mix_has_one_access_line_and_the_metrics_agree() {
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::AsyncWriteExt;
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let seen = arrived.clone();
+    let up = upstream(move |mut req: Request<Incoming>| {
+        let seen = seen.clone();
+        async move {
+            if req.uri().path() == "/late-switch" {
+                // Its client has gone by the time the `101` comes.
+                seen.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            if req.headers().contains_key("upgrade") {
+                let on = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    let Ok(upgraded) = on.await else { return };
+                    let io = hyper_util::rt::TokioIo::new(upgraded);
+                    let (mut r, mut w) = tokio::io::split(io);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+                return switching_to_websocket();
+            }
+            if req.uri().path() == "/hang" {
+                seen.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+            if req.uri().path() == "/upload" {
+                seen.fetch_add(1, Ordering::SeqCst);
+                drop(req.into_body().collect().await);
+            }
+            Response::new(full("ok"))
+        }
+    })
+    .await;
+    // A second server that closes every connection unanswered (its TCP checks pass): the
+    // requests sent to it are sent again to the first.
+    let closing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let down = closing.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = closing.accept().await {
+            drop(tcp);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\", \"http://{}\"]\nresponse_timeout = \"1s\"\n\
+             [health]\nkind = \"tcp\"\ninterval = \"1h\"\ndown_interval = \"1h\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\naccess_log = true\n",
+            up.url(),
+            down
+        ),
+    );
+    let admin = logged_addr(&proxy, "admin listener on ", "").await;
+    let mut requests = 0;
+    let waited = Duration::from_secs(10);
+
+    // Forwarded, over HTTP/1.1 and HTTP/2 (until the requests that failed on the second
+    // server have taken it out, which no check brings back: what comes after reaches the
+    // first at once); intermission's own status; refused; unreadable.
+    let health = intermission::control::protocol::Request::Health;
+    for _ in 0..20 {
+        assert_eq!(get(&proxy.url("/ok")).await.status(), 200);
+        requests += 1;
+        let servers = proxy.ctl(&health).await.unwrap().health.unwrap();
+        if servers[1].healthy == Some(false) {
+            break;
+        }
+    }
+    let servers = proxy.ctl(&health).await.unwrap().health.unwrap();
+    assert_eq!(servers[1].healthy, Some(false), "{servers:?}");
+    let over_h2 = h2c_client()
+        .request(Request::get(proxy.url("/ok")).body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(over_h2.status(), 200);
+    drop(over_h2.into_body().collect().await.unwrap());
+    assert_eq!(get(&proxy.url("/_intermission/status")).await.status(), 200);
+    let connect = b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n";
+    let answer = raw_exchange(proxy.addr, connect, waited).await;
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    let unreadable = b"GET /a<b HTTP/1.1\r\nHost: x\r\n\r\n";
+    let answer = raw_exchange(proxy.addr, unreadable, waited).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    requests += 4;
+
+    // No answer within `response_timeout`: the outage response.
+    assert_eq!(get(&proxy.url("/hang")).await.status(), 503);
+    // Clients that leave before their answer, over HTTP/1.1 and HTTP/2.
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.write_all(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(wait_until(waited, || arrived.load(Ordering::SeqCst) == 2).await);
+    drop(tcp);
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut h2 = h2.ready().await.unwrap();
+    let (left, _) = h2
+        .send_request(Request::get(proxy.url("/hang")).body(()).unwrap(), true)
+        .unwrap();
+    assert!(wait_until(waited, || arrived.load(Ordering::SeqCst) == 3).await);
+    drop(left);
+    requests += 3;
+
+    // A WebSocket, logged when it closes.
+    let mut tunnel = open_tunnel(proxy.addr).await;
+    assert!(echoes(&mut tunnel, "again").await);
+    tunnel.shutdown().await.unwrap();
+    drop(tunnel);
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.write_all(
+        b"GET /late-switch HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert!(wait_until(waited, || arrived.load(Ordering::SeqCst) == 4).await);
+    drop(tcp);
+    requests += 2;
+
+    // HTTP/2 WebSockets are not offered; one asked for anyway is reset, and the connection
+    // goes on. A plain HTTP/2 `CONNECT` gets `405`.
+    let mut h2 = h2.ready().await.unwrap();
+    assert!(!h2.is_extended_connect_protocol_enabled());
+    let mut ws = Request::connect(proxy.url("/chat")).body(()).unwrap();
+    ws.extensions_mut()
+        .insert(h2::ext::Protocol::from_static("websocket"));
+    let (refused, _) = h2.send_request(ws, false).unwrap();
+    let refused = tokio::time::timeout(waited, refused).await.expect("hangs");
+    let reason = refused.expect_err("answered").reason();
+    assert_eq!(reason, Some(h2::Reason::PROTOCOL_ERROR));
+    let mut h2 = h2.ready().await.unwrap();
+    let connect = Request::connect(proxy.addr.to_string()).body(()).unwrap();
+    let (answer, _) = h2.send_request(connect, true).unwrap();
+    let answer = tokio::time::timeout(waited, answer).await.unwrap().unwrap();
+    assert_eq!(answer.status(), 405);
+    let mut h2 = h2.ready().await.unwrap();
+    let (answer, _) = h2
+        .send_request(Request::get(proxy.url("/ok")).body(()).unwrap(), true)
+        .unwrap();
+    let answer = tokio::time::timeout(waited, answer).await.unwrap().unwrap();
+    assert_eq!(answer.status(), 200);
+    // An HTTP/2 upload shorter than its `content-length`: h2 resets its stream, no response.
+    let mut h2 = h2.ready().await.unwrap();
+    let upload = Request::post(proxy.url("/upload"))
+        .header("content-length", "10")
+        .body(())
+        .unwrap();
+    let (malformed, mut body) = h2.send_request(upload, false).unwrap();
+    body.send_data(Bytes::from_static(b"h"), false).unwrap();
+    assert!(wait_until(waited, || arrived.load(Ordering::SeqCst) == 5).await);
+    body.send_data(Bytes::from_static(b"ello"), true).unwrap();
+    let malformed = tokio::time::timeout(waited, malformed)
+        .await
+        .expect("hangs");
+    assert!(malformed.is_err(), "{malformed:?}");
+    requests += 3;
+
+    // Held, over HTTP/1.1 and HTTP/2, a WebSocket too.
+    assert!(proxy.ctl(&on(None)).await.unwrap().ok);
+    assert_eq!(get(&proxy.url("/ok")).await.status(), 503);
+    let mut h2 = h2.ready().await.unwrap();
+    let (answer, _) = h2
+        .send_request(Request::get(proxy.url("/ok")).body(()).unwrap(), true)
+        .unwrap();
+    let answer = tokio::time::timeout(waited, answer).await.unwrap().unwrap();
+    assert_eq!(answer.status(), 503);
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = ask_to_switch(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    let mut h2 = h2.ready().await.unwrap();
+    let connect = Request::connect(proxy.addr.to_string()).body(()).unwrap();
+    let (answer, _) = h2.send_request(connect, true).unwrap();
+    let answer = tokio::time::timeout(waited, answer).await.unwrap().unwrap();
+    assert_eq!(answer.status(), 503);
+    requests += 4;
+    let off = intermission::control::protocol::Request::Off;
+    assert!(proxy.ctl(&off).await.unwrap().ok);
+
+    // Every line is in (the abandoned ones are written as their clients' leaving is seen).
+    let all_in = || proxy.access_lines().len() >= requests;
+    assert!(
+        wait_until(waited, all_in).await,
+        "{:#?}",
+        proxy.access_lines()
+    );
+    let lines = proxy.access_lines();
+    let metrics = get(&format!("http://{admin}/metrics")).await;
+    let metrics = String::from_utf8_lossy(metrics.body()).into_owned();
+    let sum = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let statuses: Vec<u64> = lines
+        .iter()
+        .map(|v| v["status"].as_u64().unwrap())
+        .collect();
+    let said = format!("{statuses:?}\n{metrics}");
+    assert_eq!(lines.len(), requests, "{said}");
+    assert_eq!(
+        sum("intermission_requests_total{"),
+        requests as f64,
+        "{said}"
+    );
+    let abandoned = statuses.iter().filter(|s| **s == 499).count();
+    assert_eq!(abandoned, 3, "{said}");
+    assert_eq!(
+        sum("intermission_requests_total{outcome=\"abandoned\""),
+        abandoned as f64,
+        "{said}"
+    );
+    for class in 1..=5 {
+        let mut of_class = statuses
+            .iter()
+            .filter(|s| **s / 100 == class && **s != 499)
+            .count();
+        // The malformed upload's `400` was no response either (the head refused unread,
+        // the other `400`, was one).
+        if class == 4 {
+            of_class -= 1;
+        }
+        assert_eq!(
+            sum(&format!(
+                "intermission_responses_total{{class=\"{class}xx\"}}"
+            )),
+            of_class as f64,
+            "{class}xx: {said}"
+        );
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 400).count(), 2, "{said}");
+    // Four held, and the outage response.
+    let unavailable = statuses.iter().filter(|s| **s == 503).count();
+    assert_eq!(unavailable, 5, "{said}");
+    assert_eq!(
+        sum("intermission_requests_total{outcome=\"held\""),
+        4.0,
+        "{said}"
+    );
+    // The outage response, and the malformed upload.
+    assert_eq!(
+        sum("intermission_requests_total{outcome=\"failed\""),
+        2.0,
+        "{said}"
+    );
+    // Sent again elsewhere, and counted once.
+    assert!(sum("intermission_upstream_retries_total{") >= 1.0, "{said}");
+    let resets = "intermission_http2_client_stream_resets_total{reason=\"protocol_error\"}";
+    assert_eq!(sum(resets), 2.0, "{said}");
+}
