@@ -653,6 +653,62 @@ fn queue_length(webhook: &str) -> String {
     format!("intermission_webhook_queue_length{{webhook=\"{webhook}\"}}")
 }
 
+/// Maintenance switched on and off 20 times within a second, while the receiver holds the
+/// first delivery: every change is told, none coalesced, in the order it happened, once the
+/// receiver takes them; meanwhile the queue metric shows them all waiting.
+#[tokio::test(flavor = "multi_thread")]
+async fn fast_toggling_is_told_change_by_change_in_order() {
+    let app = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let slow = gated_receiver(gate).await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"{}\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[notify]]\nurl = \"{}\"\n",
+        app.url(),
+        slow.url
+    ))
+    .await;
+    let began = Instant::now();
+    for i in 0..20 {
+        assert!(ctl(&proxy, on(Some(&format!("m{i}")))).await.ok);
+        assert!(ctl(&proxy, Ctl::Off).await.ok);
+    }
+    eprintln!("40 changes in {:?}", began.elapsed());
+    assert_eq!(
+        series_reaches(&proxy, &queue_length("0"), 40.0).await,
+        Some(40.0)
+    );
+    assert!(slow.got.lock().unwrap().is_empty());
+    open.send_replace(true);
+    let got = wait_events(&slow, 40).await;
+    let told: Vec<(String, String)> = got
+        .iter()
+        .map(|e| {
+            assert_eq!(e["event"], "mode_changed", "{e}");
+            let mode = e["mode"].as_str().unwrap().to_owned();
+            (mode, e["message"].as_str().unwrap_or("").to_owned())
+        })
+        .collect();
+    // A return to normal carries no message.
+    let want: Vec<(String, String)> = (0..20)
+        .flat_map(|i| {
+            [
+                ("maintenance".to_owned(), format!("m{i}")),
+                ("normal".to_owned(), String::new()),
+            ]
+        })
+        .collect();
+    assert_eq!(told, want);
+    assert_eq!(
+        series_reaches(&proxy, &queue_length("0"), 0.0).await,
+        Some(0.0)
+    );
+    assert_eq!(
+        series(&proxy, &deliveries("0", "delivered")).await,
+        Some(40.0)
+    );
+}
+
 /// With several webhooks, the metrics say which one fails and how much each holds: each is
 /// labelled by its `name`, else its index; a reload that removes one removes its series, and
 /// those it keeps keep their counts.
