@@ -1359,24 +1359,23 @@ async fn an_h2c_connection_dialed_by_the_request_that_timed_out_is_let_go() {
     served_after(&proxy, &connections).await;
 }
 
-/// A burst of requests to a server that allows one stream at a time per connection, met
-/// with no connection open: each gets its answer. The requests that waited for the first
-/// connection's dial went on it while hyper still took the server to allow 100 streams, its
-/// `SETTINGS` not read yet, and waited in h2 for its one stream in turn: those past
-/// `response_timeout` got the outage answer from a healthy server. (Here the first
-/// connection's `SETTINGS` come 200 ms late, so that the burst surely meets them unread, as
-/// it does by chance on a busy machine: 76 of 500 requests from 50 clients.)
-#[tokio::test]
-async fn a_burst_does_not_queue_on_a_new_connection_beyond_what_its_server_allows() {
+/// An `h2c://` server that allows one stream at a time per connection, and answers each
+/// 200 ms after it came. Its first HTTP/2 connection's `SETTINGS` come 200 ms after that
+/// connection's first request has (a burst meets them unread, as it does by chance on a busy
+/// machine), and `opened` is set then. Counts the connections, a health check's included.
+async fn one_stream_at_a_time() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicBool>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
-    let counted = connections.clone();
+    let opened = Arc::new(AtomicBool::new(false));
+    let (counted, told) = (connections.clone(), opened.clone());
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let counted = counted.clone();
+            let (counted, told) = (counted.clone(), told.clone());
             tokio::spawn(async move {
-                if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                counted.fetch_add(1, Ordering::SeqCst);
+                if !told.load(Ordering::SeqCst) && first_request_came(&tcp).await {
+                    told.store(true, Ordering::SeqCst);
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 let handshake = h2::server::Builder::new()
@@ -1397,23 +1396,51 @@ async fn a_burst_does_not_queue_on_a_new_connection_beyond_what_its_server_allow
             });
         }
     });
+    (addr, connections, opened)
+}
+
+/// Whether a request's `HEADERS` come on `tcp` (within two seconds), seen without reading
+/// them: `false` for a health check's connection, which ends with nothing sent.
+async fn first_request_came(tcp: &tokio::net::TcpStream) -> bool {
+    let mut buf = vec![0; 16 * 1024];
+    for _ in 0..400 {
+        let Ok(n) = tcp.peek(&mut buf).await else {
+            return false;
+        };
+        if n == 0 {
+            return false;
+        }
+        let mut at = 24;
+        while let Some(head) = buf[..n].get(at..at + 9) {
+            if head[3] == 1 {
+                return true;
+            }
+            at += 9 + payload_length(head);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    false
+}
+
+/// A proxy with one worker in front of `one_stream_at_a_time` at `addr`, once its check's
+/// connection has come and gone (it is not counted).
+async fn proxy_to_one_stream(addr: SocketAddr, connections: &AtomicUsize) -> Proxy {
     let proxy = spawn_proxy(&format!(
         "[proxy]\nthreads = 1\n[upstream]\nservers = [\"h2c://{addr}\"]\n\
          response_timeout = \"3s\"\n[health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
     ))
     .await;
-    // The TCP check's connection comes first: the proxy's first is counted from 0 again.
     let checked = wait_until(Duration::from_secs(10), || {
         connections.load(Ordering::SeqCst) == 1
     });
     assert!(checked.await, "the server was never checked");
     connections.store(0, Ordering::SeqCst);
-    let calls: Vec<_> = (0..30)
-        .map(|_| {
-            let url = proxy.url("/x");
-            tokio::spawn(async move { get(&url).await })
-        })
-        .collect();
+    proxy
+}
+
+/// `count` requests made by `made` through `proxy` at once: each must be answered.
+async fn all_served(count: usize, made: impl Fn() -> http::Request<TestBody>) {
+    let calls: Vec<_> = (0..count).map(|_| tokio::spawn(send(made()))).collect();
     let mut failed = Vec::new();
     for call in calls {
         let resp = call.await.unwrap();
@@ -1423,10 +1450,194 @@ async fn a_burst_does_not_queue_on_a_new_connection_beyond_what_its_server_allow
     }
     assert!(
         failed.is_empty(),
-        "{} of 30 failed: {:?}",
+        "{} of {count} failed: {:?}",
         failed.len(),
         failed.first()
     );
+}
+
+/// A burst of requests to a server that allows one stream at a time per connection, met
+/// with no connection open: each gets its answer. The requests that waited for the first
+/// connection's dial went on it while hyper still took the server to allow 100 streams, its
+/// `SETTINGS` not read yet, and waited in h2 for its one stream in turn: those past
+/// `response_timeout` got the outage answer from a healthy server (76 of 500 requests from
+/// 50 clients).
+#[tokio::test]
+async fn a_burst_does_not_queue_on_a_new_connection_beyond_what_its_server_allows() {
+    let (addr, connections, _) = one_stream_at_a_time().await;
+    let proxy = proxy_to_one_stream(addr, &connections).await;
+    all_served(30, || {
+        http::Request::get(proxy.url("/x")).body(empty()).unwrap()
+    })
+    .await;
+}
+
+/// So does a burst that comes after the request that opened the connection went on it
+/// (that one does not wait for the server's `SETTINGS`), while they are still to come: the
+/// connection takes no other request until they have. Put on it, the burst's streams beyond
+/// the one the server allows are refused unprocessed (`REFUSED_STREAM`, as h2's, Go's and
+/// nginx's servers refuse streams past their limit), and uploads streamed through, which
+/// cannot be sent again, get the outage answer.
+#[tokio::test]
+async fn a_burst_behind_the_request_that_opened_a_connection_waits_for_its_settings() {
+    let (addr, connections, opened) = one_stream_at_a_time().await;
+    let proxy = proxy_to_one_stream(addr, &connections).await;
+    let url = proxy.url("/first");
+    let first = tokio::spawn(async move { get(&url).await });
+    let came = wait_until(Duration::from_secs(10), || opened.load(Ordering::SeqCst));
+    assert!(came.await, "the first request never came");
+    all_served(30, || {
+        let (tx, body) = mpsc_body();
+        let _ = tx.try_send(bytes::Bytes::from_static(b"streamed"));
+        http::Request::post(proxy.url("/upload"))
+            .body(body)
+            .unwrap()
+    })
+    .await;
+    assert_eq!(first.await.unwrap().status(), 200);
+}
+
+/// The length of the payload of the HTTP/2 frame whose header begins `head`.
+fn payload_length(head: &[u8]) -> usize {
+    usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2])
+}
+
+/// An `h2c://` server's side of one connection, read frame by frame with no HTTP/2 library,
+/// so that a test decides when each frame goes.
+struct RawH2 {
+    tcp: tokio::net::TcpStream,
+    got: Vec<u8>,
+    /// Where the next frame begins in `got`: past the client preface's 24 bytes.
+    at: usize,
+}
+
+impl RawH2 {
+    fn new(tcp: tokio::net::TcpStream) -> RawH2 {
+        RawH2 {
+            tcp,
+            got: Vec::new(),
+            at: 24,
+        }
+    }
+
+    /// The next frame's type, flags and stream, or `None` at the connection's end.
+    async fn frame(&mut self) -> Option<(u8, u8, [u8; 4])> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some(head) = self.got.get(self.at..self.at + 9) {
+                let len = payload_length(head);
+                if self.got.len() >= self.at + 9 + len {
+                    let frame = (head[3], head[4], [head[5], head[6], head[7], head[8]]);
+                    self.at += 9 + len;
+                    return Some(frame);
+                }
+            }
+            let mut buf = [0; 4096];
+            match self.tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.got.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    /// The stream of the next request whose end (`END_STREAM`) has come.
+    async fn request(&mut self) -> Option<[u8; 4]> {
+        loop {
+            let (kind, flags, stream) = self.frame().await?;
+            // HEADERS or DATA, ending the stream.
+            if kind <= 1 && flags & 1 == 1 {
+                return Some(stream);
+            }
+        }
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> bool {
+        use tokio::io::AsyncWriteExt;
+        self.tcp.write_all(bytes).await.is_ok()
+    }
+
+    /// `SETTINGS` (none changed) and the `ACK` of the client's.
+    async fn settings(&mut self) -> bool {
+        self.write(&[0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 0, 0, 0])
+            .await
+    }
+
+    /// `:status: 200` (HPACK's static entry 8) on `stream`, ending it.
+    async fn ok(&mut self, stream: [u8; 4]) -> bool {
+        let mut frame = vec![0, 0, 1, 1, 5];
+        frame.extend_from_slice(&stream);
+        frame.push(0x88);
+        self.write(&frame).await
+    }
+
+    /// Reads on to the connection's end, at most `limit`.
+    async fn drain(&mut self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async { while self.frame().await.is_some() {} }).await;
+    }
+}
+
+/// An `h2c://` server that writes its connection preface (`SETTINGS`) only once the client's
+/// first request has come (or after three seconds), then answers it `200`: on a network with
+/// any delay, a server's `SETTINGS` reach the client a round trip after its connect. Says for
+/// each HTTP/2 connection whether a request came before its `SETTINGS` were sent.
+async fn settings_after_the_first_request() -> (SocketAddr, Arc<Mutex<Vec<bool>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let said = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let said = said.clone();
+            tokio::spawn(async move {
+                let mut conn = RawH2::new(tcp);
+                let headers = async {
+                    loop {
+                        match conn.frame().await? {
+                            (1, _, stream) => return Some(stream),
+                            _ => continue,
+                        }
+                    }
+                };
+                let stream = match tokio::time::timeout(Duration::from_secs(3), headers).await {
+                    // A TCP health check's connection, which speaks no HTTP/2.
+                    Ok(None) => return,
+                    Ok(Some(stream)) => Some(stream),
+                    Err(_) => None,
+                };
+                said.lock().unwrap().push(stream.is_some());
+                if !conn.settings().await {
+                    return;
+                }
+                let stream = match stream {
+                    Some(stream) => Some(stream),
+                    None => conn.request().await,
+                };
+                if let Some(stream) = stream {
+                    if conn.ok(stream).await {
+                        conn.drain(Duration::from_secs(5)).await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// The request that opens an HTTP/2 connection goes right behind the client preface, as h2
+/// clients send theirs, without waiting for the server's `SETTINGS`: only the requests
+/// behind it wait for them, to learn how many streams the server allows. It waited too, a
+/// round trip more for every new connection's first request.
+#[tokio::test]
+async fn the_request_that_opens_an_http2_connection_does_not_wait_for_settings() {
+    let (addr, seen) = settings_after_the_first_request().await;
+    let proxy = spawn_proxy(&format!(
+        "[upstream]\nservers = [\"h2c://{addr}\"]\nconnect_timeout = \"5s\"\n\
+         [health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
+    ))
+    .await;
+    let resp = get(&proxy.url("/first")).await;
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    assert_eq!(*seen.lock().unwrap(), [true]);
 }
 
 /// An upload to an `h2c://` server that takes none of it (its flow-control window kept shut,

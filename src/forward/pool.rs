@@ -230,13 +230,19 @@ struct Kept2 {
     used: Instant,
     /// The requests on it whose response has not ended (`OpenStream`).
     open: Arc<AtomicUsize>,
+    /// Whether its server's `SETTINGS` have come, and how long they are waited for: until
+    /// then it carries only the request that opened it (`waiting`).
+    preface: Arc<Preface>,
+    settle_by: Instant,
 }
 
 impl Kept2 {
     /// How many requests, one more included, would wait in h2 for a stream on it beyond what
     /// its server allows at once: 0 when it has room for one more. Until the server's
-    /// `SETTINGS` have come, hyper assumes 100, as Go's client does, no more than the common
-    /// servers allow.
+    /// `SETTINGS` have come (`settling`) it is taken to allow one, the request that opened
+    /// it: hyper would assume 100, as Go's client does, and a burst put on it waited in h2
+    /// for a stream in turn, past `response_timeout`, on a server allowing fewer. Once the
+    /// wait for them is over without them, hyper's 100 stand, as they did before.
     ///
     /// Read with none open too: a server may allow none for a while
     /// (`SETTINGS_MAX_CONCURRENT_STREAMS` 0, RFC 9113 §6.5.2, as one about to go away may
@@ -244,9 +250,19 @@ impl Kept2 {
     /// `response_timeout`, then got the outage answer, where a new connection would have
     /// served it at once. The two locks it takes (the connection's task, h2's state) are this
     /// worker's alone: the connection's task runs on its thread.
-    fn waiting(&self) -> usize {
+    fn waiting(&self, now: Instant) -> usize {
         let open = self.open.load(Ordering::Relaxed);
-        (open + 1).saturating_sub(self.task.streams())
+        let allowed = if self.settling(now) {
+            1
+        } else {
+            self.task.streams()
+        };
+        (open + 1).saturating_sub(allowed)
+    }
+
+    /// Whether its server's `SETTINGS` have not come yet, and are still waited for.
+    fn settling(&self, now: Instant) -> bool {
+        !self.preface.read.load(Ordering::Acquire) && now < self.settle_by
     }
 
     /// Takes a stream on it, kept in `slot`, for one request.
@@ -841,6 +857,21 @@ impl UpstreamPool {
             return Ok(None);
         }
         if reuse {
+            // The connection the request before this one opened carries only that request
+            // until its server's `SETTINGS` say how many it allows at once: those come a round
+            // trip after the connect at most, and the burst behind this request waits for them
+            // as this one does, holding `dialing`, then finds the connection as it is.
+            let settling = {
+                let now = Instant::now();
+                let kept = lock(&slot.kept);
+                kept.iter()
+                    .rev()
+                    .find(|k| failed_on.is_none_or(|at| k.dialed != at) && k.settling(now))
+                    .map(|k| (k.preface.clone(), k.settle_by))
+            };
+            if let Some((preface, by)) = settling {
+                preface.arrived(by).await;
+            }
             if let Some(kept) = take_h2(slot, self.config.idle_timeout, failed_on, false) {
                 return Ok(Some((kept, true)));
             }
@@ -883,13 +914,13 @@ impl UpstreamPool {
             }
             return Ok(None);
         };
-        // Until the server's `SETTINGS` come, hyper takes it to allow 100 streams at once: a
-        // burst waiting for this dial (each request that found no stream free) went on the new
-        // connection, and those beyond what the server allows waited in h2 for a stream, in
-        // turn, past `response_timeout` (a server allowing 1, 50 requests at once: 76 of 500
-        // got the outage answer). Its preface comes a round trip after the connect at most;
-        // the burst waits for it, holding `dialing`, and finds the connection as it is.
-        preface.arrived(self.config.connect_timeout).await;
+        // The request that dialed goes at once, right behind the client preface, as h2
+        // clients send their first: it waited for the server's `SETTINGS` too, a round trip
+        // more on every new connection. Until they come, the connection takes no other
+        // (`Kept2::waiting`): hyper would take it to allow 100 streams at once, and a burst
+        // waiting for this dial went on it, those beyond what the server allows waiting in h2
+        // for a stream, in turn, past `response_timeout` (a server allowing 1, 50 requests at
+        // once: 76 of 500 got the outage answer). The burst waits for them instead.
         let now = Instant::now();
         let mut conn = Kept2 {
             sender,
@@ -897,6 +928,8 @@ impl UpstreamPool {
             dialed: now,
             used: now,
             open: Arc::new(AtomicUsize::new(0)),
+            preface,
+            settle_by: now + self.config.connect_timeout,
         };
         let taken = conn.take(now, slot);
         let mut kept = lock(&slot.kept);
@@ -1242,7 +1275,7 @@ fn take_h2(slot: &H2Slot, idle: Duration, failed_on: Option<Instant>, any: bool)
     let any = any || kept.len() >= MAX_H2_PER_SERVER;
     let mut fewest: Option<(usize, usize)> = None;
     for (i, k) in kept.iter().enumerate() {
-        let waiting = k.waiting();
+        let waiting = k.waiting(now);
         if waiting == 0 {
             fewest = Some((i, 0));
             break;
@@ -1359,12 +1392,16 @@ struct Preface {
 }
 
 impl Preface {
-    /// Waits, at most `limit`, for the server's first `SETTINGS` to have been read. h2 applies
-    /// them in the same poll of the connection's task as it reads them, which ends before this
-    /// task, woken, runs on the worker's thread.
-    async fn arrived(&self, limit: Duration) {
+    /// Waits, until `by` at most, for the server's first `SETTINGS` to have been read. h2
+    /// applies them in the same poll of the connection's task as it reads them, which ends
+    /// before this task, woken, runs on the worker's thread.
+    async fn arrived(&self, by: Instant) {
+        let told = self.told.notified();
+        tokio::pin!(told);
+        // Waiting before the flag is read: told between the two, it is not missed.
+        told.as_mut().enable();
         if !self.read.load(Ordering::Acquire) {
-            let _ = tokio::time::timeout(limit, self.told.notified()).await;
+            let _ = tokio::time::timeout_at(by, told).await;
         }
     }
 }
@@ -1405,7 +1442,7 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for PrefaceWatch<T> {
         if (this.read >= 9 && this.read >= whole) || ended {
             this.read = usize::MAX;
             this.preface.read.store(true, Ordering::Release);
-            this.preface.told.notify_one();
+            this.preface.told.notify_waiters();
         }
         polled
     }
