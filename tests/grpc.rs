@@ -1640,6 +1640,101 @@ async fn the_request_that_opens_an_http2_connection_does_not_wait_for_settings()
     assert_eq!(*seen.lock().unwrap(), [true]);
 }
 
+/// An `h2c://` server whose first HTTP/2 connection, once `requests` have come on it (or two
+/// seconds passed), answers the first and goes away (`GOAWAY`, `NO_ERROR`) naming it the
+/// last it processed, as a server restarting gracefully leaves the requests racing its
+/// `GOAWAY` unprocessed (RFC 9113 §6.8); later connections answer every request. Counts the
+/// requests each connection got.
+async fn going_away_below_its_streams(requests: usize) -> (SocketAddr, Arc<Mutex<Vec<usize>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let said = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let said = said.clone();
+            tokio::spawn(async move {
+                let mut conn = RawH2::new(tcp);
+                // A TCP health check's connection ends before any frame, uncounted.
+                if conn.frame().await.is_none() || !conn.settings().await {
+                    return;
+                }
+                let first = {
+                    let mut said = said.lock().unwrap();
+                    said.push(0);
+                    said.len() == 1
+                };
+                let count = |said: &Mutex<Vec<usize>>| {
+                    if let Some(n) = said.lock().unwrap().last_mut() {
+                        *n += 1;
+                    }
+                };
+                if !first {
+                    while let Some(stream) = conn.request().await {
+                        count(&said);
+                        if !conn.ok(stream).await {
+                            return;
+                        }
+                    }
+                    return;
+                }
+                let mut streams = Vec::new();
+                let all = async {
+                    while streams.len() < requests {
+                        let Some(stream) = conn.request().await else {
+                            break;
+                        };
+                        count(&said);
+                        streams.push(stream);
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(2), all).await;
+                let Some(&lowest) = streams.iter().min_by_key(|s| u32::from_be_bytes(**s)) else {
+                    return;
+                };
+                let mut away = vec![0, 0, 8, 7, 0, 0, 0, 0, 0];
+                away.extend_from_slice(&lowest);
+                away.extend_from_slice(&[0, 0, 0, 0]);
+                if conn.ok(lowest).await && conn.write(&away).await {
+                    conn.drain(Duration::from_secs(5)).await;
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Requests on an HTTP/2 connection above the last stream its server's `GOAWAY` says it
+/// processed are sent again on a new connection, a `POST` too (its body held whole): the
+/// server promises it never acted on them (RFC 9113 §6.8). They got the outage answer.
+#[tokio::test]
+async fn requests_above_a_goaway_are_sent_again_on_a_new_connection() {
+    let (addr, seen) = going_away_below_its_streams(3).await;
+    let proxy = spawn_proxy(&format!(
+        "[proxy]\nthreads = 1\n[upstream]\nservers = [\"h2c://{addr}\"]\n\
+         [health]\nkind = \"tcp\"\ninterval = \"1h\"\n"
+    ))
+    .await;
+    let requests = [
+        http::Request::get(proxy.url("/a")).body(empty()).unwrap(),
+        http::Request::get(proxy.url("/b")).body(empty()).unwrap(),
+        http::Request::post(proxy.url("/form"))
+            .body(full("a=b"))
+            .unwrap(),
+    ];
+    let calls: Vec<_> = requests
+        .into_iter()
+        .map(|req| tokio::spawn(send(req)))
+        .collect();
+    for call in calls {
+        let resp = call.await.unwrap();
+        assert_eq!(resp.status(), 200, "{resp:?}");
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.first(), Some(&3), "{seen:?}");
+    assert_eq!(seen.iter().sum::<usize>(), 5, "{seen:?}");
+}
+
 /// An upload to an `h2c://` server that takes none of it (its flow-control window kept shut,
 /// as a server whose workers are all stuck leaves it) and sends no head gets the outage
 /// answer once `response_timeout` has passed with nothing taken, as nginx's
