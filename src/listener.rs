@@ -559,6 +559,9 @@ pub struct ConnBuilder {
     /// `header_read_timeout`, which also bounds a parked connection's wait for its next
     /// request: kept here, shared, rather than in every parked connection.
     pub(crate) keep_alive: Duration,
+    /// `max_header_bytes`, to which a head waited for without hyper is read
+    /// (`park::head_wait`), as hyper would read it.
+    pub(crate) max_header_bytes: usize,
 }
 
 /// The connection settings for the proxy's listeners.
@@ -588,6 +591,7 @@ pub fn conn_builder(proxy: &ProxyConfig) -> ConnBuilder {
         http1: h1,
         http2: h2,
         keep_alive: proxy.header_read_timeout,
+        max_header_bytes: proxy.max_header_bytes,
     }
 }
 
@@ -1144,7 +1148,7 @@ pub(crate) fn refused_unread(state: &StateHandle, peer: std::net::IpAddr, status
 }
 
 /// `refused_unread`, for an answer of the proxy's own whose body was `bytes` long (the
-/// relay's `400` to a head it could not read, `relay::head_refused`).
+/// relay's `400`, `414` or `431` to a head hyper would refuse, `relay::refuse`).
 pub(crate) fn refused_unread_said(
     state: &StateHandle,
     peer: std::net::IpAddr,

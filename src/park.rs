@@ -819,45 +819,53 @@ fn park(io: Rewind, service: Gateway, held: Held, guard: Shutdown) {
     tokio::spawn(parked(io.first, io.inner, service, held));
 }
 
-/// The most of a head a stalled connection keeps (`head_wait`): the relay's read, beyond which
-/// hyper reads the rest, to `max_header_bytes`.
+/// The most of a head a stalled connection keeps in an allocation of its exact size
+/// (`head_wait`): the relay's read. A longer one is read on in a buffer that grows as hyper's
+/// would, to `max_header_bytes`.
 const HEAD_KEPT: usize = 8192;
 
-/// Hands a connection whose first request head has begun and stalls (its rest not there when
-/// the relay looked, `relay::After::Stalled`) to a small task of its own (`head_wait`), in
-/// place of hyper: hyper would hold its two 8 KiB buffers, and this task, for
-/// `header_read_timeout` (a slowloris' 2,000 connections: 16.4 KB each; here 1.2 KB; nginx's
-/// 9.8 KB with 2 workers on the same machine).
+/// Hands a connection whose request head has begun and stalls (its rest not there when the
+/// relay looked, or longer than the relay's read, `relay::After::Stalled`) to a small task of
+/// its own (`head_wait`), in place of hyper: hyper would hold its two 8 KiB buffers, and this
+/// task, for `header_read_timeout` (a slowloris' 2,000 connections: 16.4 KB each; here
+/// 1.2 KB; nginx's 9.8 KB with 2 workers on the same machine).
 /// The guard goes with it: a drain waits for the head, as it waits for hyper's.
 fn stalled(io: Rewind, service: Gateway, held: Held, guard: Shutdown) {
-    tokio::spawn(head_wait(io.first, io.inner, service, held, guard));
+    let deadline = Instant::now() + held.builder.keep_alive;
+    tokio::spawn(head_wait(
+        io.first, io.inner, service, held, guard, deadline,
+    ));
 }
 
 /// Waits for the rest of a request head begun (`first`), which it keeps in an allocation of
-/// its exact size, reading each piece as it comes, until the head is whole (or not a head, or
-/// larger than `HEAD_KEPT`, or the client closes): then the connection is served as any
-/// (`run`: the relay, then hyper), in a task of its own, as a woken parked one is. Its
-/// deadline is `header_read_timeout` from the head's wait, as hyper's was; it passes as
-/// hyper's header timer does: counted and logged (`head_timed_out`), and closed unanswered
-/// with a lingering close. After `STALLED` it may be closed to make room, as hyper's stalled
-/// head may (`serve`). It holds the drain guard, as hyper did: a drain waits for the head,
-/// which is answered with `Connection: close` if it is whole in time, and it is not closed at
-/// the drain's end as an idle one is.
+/// its exact size, reading each piece as it comes, until the head is whole, or hyper would
+/// refuse it (`relay::judge`: over `max_header_bytes`, or not a head), or the client closes.
+/// A whole head is then served as any (`run`: the relay, then hyper), in a task of its own,
+/// as a woken parked one is; a refused one is answered here, with words and `Connection:
+/// close`, where hyper's `431` or `400` had none (`relay::refuse`), and closed with a
+/// lingering close; one cut off by the client's close is closed unanswered, as hyper closes
+/// it. Its `deadline` is `header_read_timeout` from the head's wait (or its park's, for a head
+/// begun before one), as hyper's was; it passes as hyper's header timer does: counted and
+/// logged (`head_timed_out`), and closed unanswered with a lingering close. After `STALLED`
+/// it may be closed to make room, as hyper's stalled head may (`serve`). It holds the drain
+/// guard, as hyper did: a drain waits for the head, which is answered with `Connection:
+/// close` if it is whole in time, and it is not closed at the drain's end as an idle one is.
 #[allow(clippy::manual_async_fn)]
 fn head_wait(
     mut first: Bytes,
-    inner: TcpStream,
+    mut inner: TcpStream,
     service: Gateway,
     held: Held,
     guard: Shutdown,
+    deadline: Instant,
 ) -> impl Future<Output = ()> + Send {
     async move {
         let keep_alive = held.builder.keep_alive;
-        let deadline = Instant::now() + keep_alive;
+        let max = held.builder.max_header_bytes;
         // One timer: `STALLED` first, when it is the shorter, then the deadline.
         let mut closable = false;
         let timer = tokio::time::sleep_until(match keep_alive > STALLED {
-            true => Instant::now() + STALLED,
+            true => (Instant::now() + STALLED).min(deadline),
             false => deadline,
         });
         tokio::pin!(timer);
@@ -874,7 +882,7 @@ fn head_wait(
             })
             .await;
             match woken {
-                Wake::Ready if !read_more(&inner, &mut first) => continue,
+                Wake::Ready if !read_more(&inner, &mut first, max) => continue,
                 Wake::Ready | Wake::Broken => break,
                 Wake::Late if !closable && timer.deadline() < deadline => {
                     closable = true;
@@ -894,31 +902,73 @@ fn head_wait(
             }
         }
         room.busy();
-        // A whole head (or bytes that are none: hyper's 400) goes through the relay; the rest
-        // of one too large for `HEAD_KEPT`, or a close, to hyper, with the head's deadline.
-        let head = (!crate::relay::head_whole(&first)).then_some(deadline);
+        match crate::relay::judge(&first, max) {
+            // Bytes that are no head go through the relay too, which answers them.
+            crate::relay::Judged::Whole => {}
+            crate::relay::Judged::Refused(refusal) => {
+                let (state, conn) = service.fast.parts();
+                let snap = state.load();
+                let mut sock = crate::relay::Plain::new(&mut inner);
+                let mut out = Vec::new();
+                let after = crate::relay::refuse(&mut sock, &refusal, &mut out, &snap, state, conn);
+                if after.await == crate::relay::After::Refused {
+                    let slot = (!held.drain.started()).then_some(held.permit);
+                    crate::shutdown::linger(inner, guard, slot);
+                }
+                return;
+            }
+            // Cut off by the client's close (or the socket's failure): it can never be whole.
+            crate::relay::Judged::More => return,
+        }
         let io = service.rewind(first, inner);
-        tokio::spawn(serve_again(io, service, held, head, guard));
+        tokio::spawn(serve_again(io, service, held, None, guard));
     }
 }
 
-/// Reads what has come of a stalled head onto `first`, in a new allocation of their joint
-/// size: whether the connection is to be served now (the head is whole, or no head, or too
-/// large to keep here; the client closed, or the socket failed, which hyper then reads).
-fn read_more(inner: &TcpStream, first: &mut Bytes) -> bool {
-    let mut room = [0u8; HEAD_KEPT];
-    let room = &mut room[..HEAD_KEPT.saturating_sub(first.len()).max(1)];
-    match inner.try_read(room) {
+/// Reads what has come of a stalled head onto `first`: whether the connection is to be served
+/// now (the head is whole, or one hyper would refuse, `relay::judge`; the client closed, or
+/// the socket failed). Up to `HEAD_KEPT` in a new allocation of their joint size; beyond, in
+/// one that grows (by doubling, to `max`), parsed again only when the bytes just read may end
+/// the head, as hyper parses a head it reads in pieces: a head of `max` bytes sent a few at
+/// a time is not parsed for each.
+fn read_more(inner: &TcpStream, first: &mut Bytes, max: usize) -> bool {
+    let before = first.len();
+    let read = if before < HEAD_KEPT {
+        let mut room = [0u8; HEAD_KEPT];
+        let room = &mut room[..HEAD_KEPT - before];
+        inner.try_read(room).inspect(|&n| {
+            if n > 0 {
+                let mut head = Vec::with_capacity(before + n);
+                head.extend_from_slice(first);
+                head.extend_from_slice(&room[..n]);
+                *first = Bytes::from(head);
+            }
+        })
+    } else {
+        let mut head = std::mem::take(first)
+            .try_into_mut()
+            .unwrap_or_else(|kept| bytes::BytesMut::from(&kept[..]));
+        head.reserve(before.min(max.saturating_sub(before)).max(1));
+        let read = inner.try_read_buf(&mut head);
+        *first = head.freeze();
+        read
+    };
+    match read {
         Ok(0) => true,
-        Ok(n) => {
-            let mut head = Vec::with_capacity(first.len() + n);
-            head.extend_from_slice(first);
-            head.extend_from_slice(&room[..n]);
-            *first = Bytes::from(head);
-            first.len() >= HEAD_KEPT || !crate::relay::head_partial(first)
+        Ok(_) if before >= HEAD_KEPT && first.len() < max && !may_end(&first[before - 3..]) => {
+            false
         }
+        Ok(_) => crate::relay::judge(first, max) != crate::relay::Judged::More,
         Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
     }
+}
+
+/// Whether `bytes` hold an empty line's start (`\n\r` or `\n\n`): only then can a head whose
+/// earlier bytes held none be whole.
+pub(crate) fn may_end(bytes: &[u8]) -> bool {
+    bytes
+        .windows(2)
+        .any(|w| w[0] == b'\n' && matches!(w[1], b'\r' | b'\n'))
 }
 
 /// hyper's connection on a plaintext HTTP/1.1 socket.
@@ -1122,7 +1172,7 @@ fn serve_again(
 
 /// Serves a plaintext HTTP/1.1 connection: plain forwards without hyper (`relay`) while they
 /// come, then hyper (`serve`) from the first request that is not one. A head begun before a
-/// park (`head_deadline`) goes to hyper, whose timer bounds it.
+/// park (`head_deadline`) waits for its rest with that deadline (`head_wait`).
 pub async fn run(
     mut io: Rewind,
     service: Gateway,
@@ -1131,6 +1181,18 @@ pub async fn run(
     guard: Option<Shutdown>,
 ) -> Result<(), hyper::Error> {
     let guard = guard.unwrap_or_else(|| held.drain.guard());
+    // A head begun before a park waits for its rest without hyper, which would answer one
+    // that grows too large without words (`head_wait`).
+    if let Some(deadline) = head_deadline {
+        if crate::relay::judge(&io.first, held.builder.max_header_bytes)
+            == crate::relay::Judged::More
+        {
+            tokio::spawn(head_wait(
+                io.first, io.inner, service, held, guard, deadline,
+            ));
+            return Ok(());
+        }
+    }
     if head_deadline.is_none() {
         let (state, conn) = service.fast.parts();
         // Boxed: inline, its 1.3 KB made every new connection's task that much larger, and

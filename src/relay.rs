@@ -21,9 +21,11 @@
 //! it, `fast::held`), `intercept_statuses`, `redirect_https` on plaintext, an `h2c://` server or
 //! an `https://` one not known to choose HTTP/1.1 (each is asked once, before the first request
 //! taken, `UpstreamPool::learn`: one that chooses HTTP/2 stays hyper's), and every request once
-//! a drain has begun. So hyper still answers every error to
-//! a client. The access log line is written here as hyper's path writes it
-//! (`logging::AccessLine`).
+//! a drain has begun. So hyper still answers every error to a client, but for a head it would
+//! refuse before reading a request (malformed, or too large: `judge`), which is answered here,
+//! with words, where hyper's answer has none (`refuse`); one still arriving is read on first
+//! (over TLS `read_long`, on plaintext `park::head_wait`). The access log line is written here
+//! as hyper's path writes it (`logging::AccessLine`).
 //!
 //! Once the request is sent, the answer cannot go to hyper, so every way an HTTP/1.1 server
 //! answers is handled here as hyper's client and server would together: 1xx answers skipped, no
@@ -362,8 +364,8 @@ pub enum After {
     /// Closed: by the client, or at the end of its keep-alive or by a drain (over TLS, with
     /// `close_notify`).
     Close,
-    /// A head hyper would have refused `400` was answered so here (`head_refused`): to close
-    /// as after any last answer, what the client still sends read and thrown away
+    /// A head hyper would have refused (`400`, `414`, `431`) was answered so here (`refuse`):
+    /// to close as after any last answer, what the client still sends read and thrown away
     /// (`shutdown::linger`), so that its close does not reset the answer away.
     Refused,
     /// Broken off: an answer cut short, or a client gone while it waited. Dropped, as hyper
@@ -841,20 +843,44 @@ async fn relay<C: Client>(
             }
             _ => {
                 let input = &bufs.input[..bufs.have];
-                // A head hyper would refuse as it reads it (`head_refused`): answered here,
-                // with words, where hyper's `400` has none. Only as a connection goes to
-                // hyper, never on the relay's own path.
-                if head_refused(input) {
-                    bufs.out.clear();
-                    let hsts = snap.hsts(C::TLS).map(crate::config::Hsts::line);
-                    refused_answer(&mut bufs.out, hsts);
-                    let sent = put(sock, &bufs.out, &snap).await;
-                    let said = if sent { REFUSED_BODY.len() as u64 } else { 0 };
-                    crate::listener::refused_unread_said(state, conn.peer.ip(), 400, said);
-                    return match sent {
-                        true => After::Refused,
-                        false => After::Broken,
-                    };
+                // A head hyper would refuse as it reads it (`judge`): answered here, with
+                // words, where hyper's `400` and `431` have none. Only as a connection goes
+                // to hyper, never on the relay's own path.
+                match judge(input, snap.config.proxy.max_header_bytes) {
+                    Judged::Refused(refusal) => {
+                        return refuse(sock, &refusal, &mut bufs.out, &snap, state, conn).await;
+                    }
+                    // A head still arriving that is not the relay's (longer than a read, or
+                    // with more fields than it takes): where the connection parks, it waits
+                    // for its rest with its bytes alone (`park::head_wait`), which answers
+                    // one hyper would refuse as this does.
+                    Judged::More if !closes => {
+                        *first = Bytes::copy_from_slice(input);
+                        return After::Stalled;
+                    }
+                    // Over TLS, where nothing parks, it is read on here.
+                    Judged::More => {
+                        let max = snap.config.proxy.max_header_bytes;
+                        let wait = snap.config.proxy.header_read_timeout;
+                        let mut head = input.to_vec();
+                        match read_long(sock, &mut head, max, wait, closable).await {
+                            Long::Judged(Judged::Refused(refusal)) => {
+                                return refuse(sock, &refusal, &mut bufs.out, &snap, state, conn)
+                                    .await;
+                            }
+                            Long::Judged(_) => {
+                                *first = Bytes::from(head);
+                                return After::Hyper;
+                            }
+                            // As hyper's header timer closes it: counted, and closed.
+                            Long::Late => {
+                                crate::listener::head_timed_out(state, conn.peer.ip(), wait);
+                                return After::Refused;
+                            }
+                            Long::Gone => return After::Close,
+                        }
+                    }
+                    Judged::Whole => {}
                 }
                 *first = Bytes::copy_from_slice(input);
                 return After::Hyper;
@@ -1164,35 +1190,199 @@ pub(crate) fn head_partial(input: &[u8]) -> bool {
     matches!(parse_head(input), Ok(httparse::Status::Partial))
 }
 
-/// Whether `input` starts with what hyper's server refuses `400` as it parses it (a method,
-/// target or version that is none, a header line that is no field): with httparse, as hyper
-/// reads a head, at the same first bad byte. Not for too many fields, which is past this
-/// parse's `MAX_HEADERS` and within hyper's 100 (beyond them, hyper's `431`).
-fn head_refused(input: &[u8]) -> bool {
-    matches!(parse_head(input), Err(e) if e != httparse::Error::TooManyHeaders)
+/// hyper's server's limits on a request head, which the relay's own parse (`MAX_HEADERS`)
+/// stays within: its 100 header fields, and its longest target (`MAX_URI_LEN`), past which it
+/// answers `414`.
+const HYPER_HEADERS: usize = 100;
+const HYPER_TARGET: usize = u16::MAX as usize - 1;
+
+/// What hyper's server would make of the bytes a request head begins with (`judge`).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Judged {
+    /// A head not whole yet, within `max_header_bytes` so far.
+    More,
+    /// A whole head that hyper reads.
+    Whole,
+    /// A head hyper refuses as it reads it, before any request: answered here instead, with
+    /// words (`refuse`).
+    Refused(Refusal),
 }
 
-/// What a client whose head could not be read is told: a `400` with words, plain text (a
-/// head that is no HTTP has no `Accept` to read), and `Connection: close`, since where its
-/// next request would begin cannot be known.
-const REFUSED_HEAD: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
-    content-type: text/plain; charset=utf-8\r\n\
+/// A request head refused unread: its status, and what the client is told.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    status: StatusCode,
+    why: std::borrow::Cow<'static, str>,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, why: impl Into<std::borrow::Cow<'static, str>>) -> Refusal {
+        Refusal {
+            status,
+            why: why.into(),
+        }
+    }
+}
+
+/// What hyper's server makes of `input`, a request head's first bytes, as it reads it: with
+/// httparse, its parser, at the same first bad byte, and its limits: `max` bytes
+/// (`proxy.max_header_bytes`, `431` beyond it, whole or not), 100 header fields (`431`), a
+/// target of 65,534 bytes (`414`); a method, target or version that is none, or a header
+/// line that is no field, `400`.
+pub(crate) fn judge(input: &[u8], max: usize) -> Judged {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; HYPER_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(input, &mut slots) {
+        Ok(httparse::Status::Complete(n)) if n > max => Judged::Refused(too_large(max)),
+        Ok(httparse::Status::Complete(_)) if req.path.is_some_and(|p| p.len() > HYPER_TARGET) => {
+            Judged::Refused(Refusal::new(
+                StatusCode::URI_TOO_LONG,
+                format!("the request target is too long: more than {HYPER_TARGET} bytes\n"),
+            ))
+        }
+        Ok(httparse::Status::Complete(_)) => Judged::Whole,
+        Ok(httparse::Status::Partial) if input.len() >= max => Judged::Refused(too_large(max)),
+        Ok(httparse::Status::Partial) => Judged::More,
+        Err(httparse::Error::TooManyHeaders) => Judged::Refused(Refusal::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "the request head is too large: more than 100 header fields\n",
+        )),
+        Err(_) => Judged::Refused(Refusal::new(StatusCode::BAD_REQUEST, REFUSED_BODY)),
+    }
+}
+
+/// A head over `max` bytes: what was too large, and the usual cause (a site's cookies grown
+/// past it), so that the visitor who sees it on every page can tell.
+fn too_large(max: usize) -> Refusal {
+    Refusal::new(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        format!(
+            "the request head is too large: its request line and header fields come to more \
+             than {max} bytes (often too many or too large cookies)\n"
+        ),
+    )
+}
+
+/// What became of a head read on past a read (`read_long`).
+enum Long {
+    /// Whole, or one hyper would refuse (never `Judged::More`).
+    Judged(Judged),
+    /// Not whole within `header_read_timeout`.
+    Late,
+    /// The client closed, the connection failed, or it was picked to make room.
+    Gone,
+}
+
+/// Reads the rest of a request head the relay does not take (longer than its read, or with
+/// more fields than it takes) onto `head`, over TLS (a plaintext one waits in
+/// `park::head_wait`), until it is whole or hyper would refuse it
+/// (`judge`): in a buffer that grows as hyper's would, to `max`, for at most `wait`
+/// (`header_read_timeout`, hyper's limit), and closable to make room once it has lasted
+/// `STALLED`, as hyper's stalled head is. Parsed again only when the bytes just read may end
+/// the head, as hyper parses a head that comes in pieces.
+async fn read_long<C: Client>(
+    sock: &mut C,
+    head: &mut Vec<u8>,
+    max: usize,
+    wait: Duration,
+    closable: Option<&crate::listener::Closable>,
+) -> Long {
+    let late = tokio::time::sleep(wait);
+    tokio::pin!(late);
+    let stalled = tokio::time::sleep(crate::listener::STALLED);
+    tokio::pin!(stalled);
+    loop {
+        let before = head.len();
+        head.reserve(before.min(max.saturating_sub(before)).max(1));
+        let picked = async {
+            match closable {
+                Some(closable) => {
+                    stalled.as_mut().await;
+                    poll_fn(|cx| match closable.poll_picked(cx) {
+                        true => Poll::Ready(()),
+                        false => Poll::Pending,
+                    })
+                    .await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let read = tokio::select! {
+            read = sock.read_buf(head) => Some(read),
+            () = late.as_mut() => None,
+            // Picked, it stays so (counted as closing) until the connection is gone.
+            () = picked => return Long::Gone,
+        };
+        if let Some(closable) = closable {
+            closable.busy();
+        }
+        match read {
+            None => return Long::Late,
+            Some(Ok(0) | Err(_)) => return Long::Gone,
+            Some(Ok(_)) => {}
+        }
+        let from = before.saturating_sub(3);
+        if head.len() < max && !crate::park::may_end(&head[from..]) {
+            continue;
+        }
+        match judge(head, max) {
+            Judged::More => {}
+            judged => return Long::Judged(judged),
+        }
+    }
+}
+
+/// What a client whose head could not be read is told (`Refusal`): plain text, as every
+/// other refusal of the proxy's own (`gateway::refusal`; a head that is no HTTP has no
+/// `Accept` to read), and `Connection: close`, since where its next request would begin cannot be known
+/// (or, after a head too large, is not worth reading to).
+const REFUSED_HEAD: &[u8] = b"content-type: text/plain; charset=utf-8\r\n\
     cache-control: no-store\r\n\
     connection: close\r\n";
-const REFUSED_BODY: &[u8] =
-    b"the request could not be read: its request line or a header is malformed\n";
+const REFUSED_BODY: &str =
+    "the request could not be read: its request line or a header is malformed\n";
 
-/// `REFUSED_HEAD`, dated now, and its body, into `out`; over TLS `hsts`, the
+/// The answer to `refusal`, dated now, into `out`; over TLS `hsts`, the
 /// `Strict-Transport-Security` line every answer of the proxy's own carries there.
-fn refused_answer(out: &mut Vec<u8>, hsts: Option<&[u8]>) {
+fn refused_answer(out: &mut Vec<u8>, refusal: &Refusal, hsts: Option<&[u8]>) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(refusal.status.as_str().as_bytes());
+    out.push(b' ');
+    let reason = refusal.status.canonical_reason().unwrap_or_default();
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(REFUSED_HEAD);
     out.extend_from_slice(hsts.unwrap_or_default());
     out.extend_from_slice(b"content-length: ");
-    out.extend_from_slice(itoa::Buffer::new().format(REFUSED_BODY.len()).as_bytes());
+    out.extend_from_slice(itoa::Buffer::new().format(refusal.why.len()).as_bytes());
     out.extend_from_slice(b"\r\n");
     h1::date_header(out);
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(REFUSED_BODY);
+    out.extend_from_slice(refusal.why.as_bytes());
+}
+
+/// Answers a head refused unread (`judge`) on `sock`, through `out`, and counts and logs it as
+/// hyper's answer was (`bytes` its words'): `After::Refused` to close as after any last
+/// answer, or `After::Broken` when it could not be written.
+pub(crate) async fn refuse<C: Client>(
+    sock: &mut C,
+    refusal: &Refusal,
+    out: &mut Vec<u8>,
+    snap: &Snapshot,
+    state: &StateHandle,
+    conn: &Conn,
+) -> After {
+    out.clear();
+    let hsts = snap.hsts(C::TLS).map(crate::config::Hsts::line);
+    refused_answer(out, refusal, hsts);
+    let sent = put(sock, out, snap).await;
+    let said = if sent { refusal.why.len() as u64 } else { 0 };
+    let status = refusal.status.as_u16();
+    crate::listener::refused_unread_said(state, conn.peer.ip(), status, said);
+    match sent {
+        true => After::Refused,
+        false => After::Broken,
+    }
 }
 
 fn parse_head(input: &[u8]) -> httparse::Result<usize> {

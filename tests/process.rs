@@ -1307,8 +1307,8 @@ async fn a_websocket_is_logged_when_its_tunnel_closes_with_what_it_carried() {
     );
 }
 
-/// A request whose head hyper refused before the proxy read it (too large: `431`; not HTTP:
-/// `400`), and plain HTTP sent to the TLS port, each get an access line with `-` for the
+/// A request whose head was refused before a request was read (too large: `431`; a target too
+/// long: `414`; not HTTP: `400`), and plain HTTP sent to the TLS port, each get an access line with `-` for the
 /// method and path, as nginx logs a request line it could not read: a visitor whose cookies
 /// outgrew `max_header_bytes` is refused on every page, and had no line at all.
 #[tokio::test(flavor = "multi_thread")]
@@ -1356,6 +1356,19 @@ async fn a_request_refused_unread_is_logged_with_its_status() {
         "{:#?}",
         proxy.log_lines()
     );
+    // One line each, whose bytes are the words the proxy answered with.
+    let said = |status: u64| -> Vec<serde_json::Value> {
+        let lines = proxy.access_lines().into_iter();
+        lines
+            .filter(|v| v["status"] == status)
+            .map(|v| v["bytes"].clone())
+            .collect()
+    };
+    let too_large = "the request head is too large: its request line and header fields come \
+                     to more than 200000 bytes (often too many or too large cookies)\n";
+    let too_long = "the request target is too long: more than 65534 bytes\n";
+    assert_eq!(said(431), [too_large.len()], "{:#?}", proxy.log_lines());
+    assert_eq!(said(414), [too_long.len()], "{:#?}", proxy.log_lines());
     let plain_on_tls = |v: &serde_json::Value| {
         v["status"] == 400
             && v["bytes"]

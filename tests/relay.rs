@@ -3658,3 +3658,103 @@ async fn a_head_that_cannot_be_read_is_answered_400_with_words() {
         }
     }
 }
+
+/// The requests the proxy refused unread, as `/metrics` counts them: `reserved` requests, and
+/// `4xx` answers.
+async fn refused_counts(proxy: &Proxy) -> (f64, f64) {
+    let admin = proxy.running.as_ref().unwrap().admin_addr().unwrap();
+    let got = get(&format!("http://{admin}/metrics")).await;
+    let text = String::from_utf8_lossy(got.body()).into_owned();
+    let sum = |series: &str, label: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(series) && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    (
+        sum("intermission_requests_total{", "outcome=\"reserved\""),
+        sum("intermission_responses_total{", "class=\"4xx\""),
+    )
+}
+
+/// A request head over `max_header_bytes` (a visitor's cookies grown too large), whole or
+/// still arriving past the limit, in one write or in pieces, and one with more than 100 header
+/// fields, is answered `431` in plain text saying what was too large, with `Connection:
+/// close`, then closed cleanly: hyper's own `431` had an empty body, a blank page in a
+/// browser. On a new connection and after a relayed answer on a kept one, over plaintext and
+/// TLS; each counted once.
+#[tokio::test]
+async fn a_head_over_max_header_bytes_is_answered_431_with_words() {
+    const TOO_LARGE: &str = "the request head is too large: its request line and header fields \
+                             come to more than 16384 bytes (often too many or too large cookies)\n";
+    const TOO_MANY: &str = "the request head is too large: more than 100 header fields\n";
+    let up = scripted().await;
+    let tls = Tls::new();
+    let cookie = format!("Cookie: session={}\r\n", "c".repeat(20_000));
+    let whole = format!("GET / HTTP/1.1\r\nHost: shop.example\r\n{cookie}\r\n");
+    // Past the limit, and not whole yet.
+    let endless = format!("GET / HTTP/1.1\r\nHost: shop.example\r\n{cookie}");
+    let fields: String = (0..101).map(|i| format!("X-F{i}: v\r\n")).collect();
+    let many = format!("GET / HTTP/1.1\r\nHost: shop.example\r\n{fields}\r\n");
+    for over_tls in [false, true] {
+        let config = format!(
+            "[proxy]\nmax_header_bytes = 16384\n{}[admin]\nlisten = \"127.0.0.1:0\"\n",
+            config(&up, false)
+        );
+        let (proxy, _) = tls.maybe(&config, over_tls).await;
+        let mut told = 0.0;
+        for (kept, head, why) in [
+            (false, &whole, TOO_LARGE),
+            (false, &endless, TOO_LARGE),
+            (false, &many, TOO_MANY),
+            (true, &whole, TOO_LARGE),
+            (true, &endless, TOO_LARGE),
+            (true, &many, TOO_MANY),
+        ] {
+            for pieces in [1, 3] {
+                let case = format!(
+                    "tls: {over_tls}, kept: {kept}, {} bytes in {pieces}",
+                    head.len()
+                );
+                let mut client = match over_tls {
+                    true => Client::connect_tls(tls_addr(&proxy), &tls).await,
+                    false => Client::connect(proxy.addr).await,
+                };
+                if kept {
+                    let answer = client.get("/length").await;
+                    assert!(answer.relayed(), "{case}: {}", answer.head);
+                }
+                // In pieces: the first short of a read's 8 KiB, then the rest past it.
+                let cuts = match pieces {
+                    1 => vec![0, head.len()],
+                    _ => vec![0, 1000, 12_000.min(head.len()), head.len()],
+                };
+                for cut in cuts.windows(2) {
+                    client.send(&head[cut[0]..cut[1]]).await;
+                }
+                let answer = client.read().await;
+                assert_eq!(answer.status(), 431, "{case}: {}", answer.head);
+                assert_eq!(String::from_utf8_lossy(&answer.body), why, "{case}");
+                assert_eq!(answer.header("connection"), Some("close"), "{case}");
+                assert_eq!(
+                    answer.header("content-type"),
+                    Some("text/plain; charset=utf-8"),
+                    "{case}"
+                );
+                assert!(
+                    client
+                        .closed_within(Duration::from_secs(10))
+                        .await
+                        .is_some(),
+                    "{case}: not closed"
+                );
+                told += 1.0;
+                // Counted once, as it is answered.
+                let counted =
+                    wait_until_async(|| async { refused_counts(&proxy).await.0 >= told }).await;
+                assert!(counted, "{case}: {:?}", refused_counts(&proxy).await);
+                assert_eq!(refused_counts(&proxy).await, (told, told), "{case}");
+            }
+        }
+    }
+}

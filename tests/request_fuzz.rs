@@ -365,6 +365,7 @@ async fn odd_requests_in_maintenance_get_answers_and_reach_no_server() {
         "400 text/plain; charset=utf-8",
         "405 text/plain; charset=utf-8",
         "431",
+        "431 text/plain; charset=utf-8",
         "501 text/plain; charset=utf-8",
     ];
     let odd: Vec<String> = requests
