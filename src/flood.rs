@@ -234,6 +234,17 @@ struct Budget {
     ahead: u64,
     /// The highest stream the proxy has written a frame of.
     written_stream: u32,
+    /// The streams of the last few `431`s h2 wrote of its own (`wrote`), by their number's
+    /// place (`refusal_slot`), until their reset has passed: h2 resets each such stream
+    /// `PROTOCOL_ERROR` after its answer, which is the same refusal, already counted, and no
+    /// malformed request of the client's.
+    refused_streams: [u32; 4],
+}
+
+/// Where a refused stream is kept among `Budget::refused_streams`: client streams are odd,
+/// so that four in a row have four places.
+fn refusal_slot(stream: u32) -> usize {
+    (stream >> 1) as usize % 4
 }
 
 impl Budget {
@@ -253,6 +264,7 @@ impl Budget {
             idle_streak: 0,
             ahead: 0,
             written_stream: 0,
+            refused_streams: [0; 4],
         }
     }
 
@@ -289,19 +301,25 @@ impl Budget {
     /// And the streams reset for the client's errors, by reason (`Http2Reset::ALL`'s order).
     fn wrote(&mut self, bytes: &[u8]) -> Wrote {
         let (useful, highest) = (&mut self.useful, &mut self.written_stream);
+        let refused = &mut self.refused_streams;
         let mut wrote = Wrote::default();
         self.written.walk(bytes, |f| {
             if matches!(f.kind, DATA | HEADERS | CONTINUATION) {
                 *useful += u64::from(f.len);
             }
             if let (RST_STREAM, &[a, b, c, d]) = (f.kind, f.block) {
-                if let Some(reason) = Http2Reset::of(u32::from_be_bytes([a, b, c, d])) {
+                let slot = &mut refused[refusal_slot(f.stream)];
+                if *slot == f.stream && f.stream != 0 {
+                    // The reset that follows h2's own `431`: the refusal, told already.
+                    *slot = 0;
+                } else if let Some(reason) = Http2Reset::of(u32::from_be_bytes([a, b, c, d])) {
                     wrote.resets[reason as usize] += 1;
                 }
             }
             if f.stream > *highest {
                 if f.kind == HEADERS && !f.block.is_empty() && one_field(f.block) {
                     wrote.refused += 1;
+                    refused[refusal_slot(f.stream)] = f.stream;
                 }
                 *highest = f.stream;
             }
@@ -693,7 +711,8 @@ mod tests {
     /// whether its `:status` is a literal or an index of h2's table, after table size updates
     /// or not, split anyhow across writes, with frames of earlier streams after it; hyper's
     /// answers (two fields at least, ending the stream or not) and trailers of one field are
-    /// not, nor a header block read from the client.
+    /// not, nor a header block read from the client; the reset h2 sends after its own `431`
+    /// is not told as one for the client's error.
     #[test]
     fn h2_s_own_refusal_of_a_head_is_told() {
         let ended = |stream: u32, block: &[u8]| {
@@ -719,10 +738,25 @@ mod tests {
         written.extend(ended(11, &[0x88; 20]));
         written.extend(ended(13, &[0x08, 0x03, b'4', b'3', b'1', 0x00]));
         written.extend(ended(15, &[0x08, 0x03, b'4', b'3', b'1']));
+        // The resets h2 sends after its refusals, one of them behind a later refusal, are
+        // the same refusals; another stream's, and a second on a refused one, are not.
+        let reset = |stream: u32| frame(0x3, stream, &1u32.to_be_bytes());
+        written.extend(ended(17, &[0xbe]));
+        written.extend(reset(15));
+        written.extend(reset(13));
+        written.extend(reset(17));
+        written.extend(reset(17));
         for size in 1..=written.len() {
             let mut budget = Budget::new();
-            let told: u32 = written.chunks(size).map(|w| budget.wrote(w).refused).sum();
-            assert_eq!(told, 4, "writes of {size} bytes");
+            let mut told = Wrote::default();
+            for w in written.chunks(size) {
+                told += budget.wrote(w);
+            }
+            let want = Wrote {
+                refused: 5,
+                resets: [2, 0, 0, 0],
+            };
+            assert_eq!(told, want, "writes of {size} bytes");
             assert!(budget.written.between());
         }
         // Read, the same frames are a client's.
