@@ -877,8 +877,13 @@ impl Controller {
         let healthy = outage.is_none();
         let m = &self.parts.config.maintenance;
         let mode = then.mode(healthy, at);
+        // Seen as the running proxy's edge left it: tidied at `at`, which hands the start of
+        // windows put end to end on to the one after (`continues`), so that the maintenance
+        // going on is told from the chain's first start, as the restart's `schedule_started`
+        // of the window in force tells it, not from the next window's own.
+        let after = then.clone().tidied(healthy, at);
         // Told as ending in the outage, it carries the outage's start as a running proxy's does.
-        let view = (mode != Mode::Normal).then(|| View::new(mode, &then, m, outage, at));
+        let view = (mode != Mode::Normal).then(|| View::new(mode, &after, m, outage, at));
         // A return to normal carries when the episode it ends began: the `since` shown just
         // before the end (the window's start, or an operator's `on` before it).
         let began = || {
@@ -2861,5 +2866,43 @@ mod tests {
         assert!(state.overrun);
         assert_eq!(state.mode, Mode::Maintenance, "maintenance stays until off");
         assert_eq!(state.retry_after, Some(300), "back to the configured value");
+    }
+
+    /// Windows put end to end whose edges passed while the proxy was down: each one's
+    /// `schedule_ended`, told at the restart, carries the `since` of the maintenance that goes
+    /// on, the chain's first start, as a running proxy's edge tells it (and as the restart's
+    /// `schedule_started` of the window in force does). It carried the next window's own start.
+    #[tokio::test]
+    async fn a_window_ended_while_down_tells_the_since_of_the_chain_it_hands_on() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = Config::parse(&rig_text(dir.path()), dir.path(), None).expect("config");
+        let pages = Pages::load(&config.maintenance).expect("pages");
+        let metrics = Arc::new(Metrics::new());
+        let notifier = Notifier::start(config.notify.clone(), metrics.clone());
+        let parts = Parts::new(Arc::new(config), Arc::new(pages), None, metrics).expect("parts");
+        let t = |secs: u64| UNIX_EPOCH + Duration::from_secs(1_900_000_000 + secs);
+        let mut left = Persisted {
+            force_open: true,
+            ..Persisted::default()
+        };
+        for (start, end) in [(100, 200), (200, 300), (300, 400)] {
+            let add = Change::ScheduleAdd {
+                start: t(start),
+                end: t(end),
+                message: None,
+                by: "ops".into(),
+            };
+            left = left.apply(add, t(0), true).expect("added");
+        }
+        // The proxy stopped during the first window.
+        let left = left.tidied(true, t(150));
+        let clock = Clock::manual(t(350));
+        let (controller, _handle, _shown) =
+            Controller::new(parts, left.clone(), notifier, clock);
+        for w in &left.schedules[..2] {
+            let ended = controller.ended_while_down(&left, w);
+            assert_eq!(ended.mode, Mode::Maintenance, "{ended:?}");
+            assert_eq!(ended.since, Some(crate::time::Timestamp(t(100))), "{ended:?}");
+        }
     }
 }
