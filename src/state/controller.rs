@@ -220,6 +220,9 @@ pub struct Controller {
     overrun_noted: bool,
     /// The schedule window in force at the last edge, to tell starts and ends apart.
     active_window: Option<u64>,
+    /// The start has told what happened while the proxy was down: a window that ends unseen
+    /// from now on was jumped over by the wall clock (`passed_unseen`).
+    begun: bool,
     /// The clock reading the published snapshot was built at. The next window edge is looked
     /// for after this moment, not after "now": an edge that passed while the controller was
     /// busy with a control request is then still due, instead of silently skipped (which left
@@ -397,6 +400,7 @@ impl Controller {
             ended_since: None,
             overrun_noted,
             active_window: None,
+            begun: false,
             published_at: now,
             notifier,
             instance: instance_name(),
@@ -441,16 +445,8 @@ impl Controller {
         // started, an announced end that passed. Nothing records what was told before, so
         // every start announces again the window in force and an end already passed
         // (receivers take it as a repeat); a lost event would leave a status page wrong.
-        // Only a running proxy removes ended windows, so those are told exactly once.
-        let ended: Vec<Window> = self
-            .state
-            .schedules
-            .iter()
-            .filter(|w| w.end.0 <= now)
-            .cloned()
-            .collect();
-        // The state as the proxy left it: what held the mode around those ends, which the
-        // start's tidying forgets.
+        // Only a running proxy removes ended windows, so those are told exactly once: by
+        // `settle`, as the windows a clock jump passes over are (`passed_unseen`).
         let left = self.state.clone();
         // A window that ended while the proxy was down ended in the outage (with no
         // operator's `on`, which `mode` would show), and is told so (`ended_while_down`):
@@ -462,12 +458,8 @@ impl Controller {
         });
         self.start_checkers().await;
         let (before, mode) = self.settle(now, "started");
+        self.begun = true;
         self.parts.metrics.set_mode(mode);
-        for w in ended {
-            tracing::info!("maintenance window {} ended while the proxy was down", w.id);
-            let event = self.ended_while_down(&left, &w);
-            self.send(event);
-        }
         // A window in force at start began before it: it took over from the mode of the
         // moment before its start, not from the mode this start first published (the
         // window's own), nor from the servers counted healthy until their first checks.
@@ -750,6 +742,7 @@ impl Controller {
     /// `window_events`, since `published_at` moves past the edge: the edge's own wake-up
     /// will not come again.
     fn settle(&mut self, now: SystemTime, reason: &str) -> (Mode, Mode) {
+        let passed = self.passed_unseen(now);
         // The episode's words (an operator's `update` during an outage, and its timeline) go
         // once the application is known to be back, not while a server only counts as healthy
         // until its first check: a restart during an outage would otherwise lose them, on
@@ -771,7 +764,45 @@ impl Controller {
             self.state = next;
             self.behind = true;
         }
-        self.publish(now, reason)
+        let modes = self.publish(now, reason);
+        self.tell_passed(passed);
+        modes
+    }
+
+    /// The windows that have ended by `now` without this proxy seeing them in force (not the
+    /// window of its last edge), with the state that held them: those that ended while the
+    /// proxy was down, at the start, and, once running, those the wall clock jumped over (a
+    /// suspend, a VM paused, the clock set forward), whose start and end both passed between
+    /// two of its looks. Tidied away unsaid, such a window was told neither started nor
+    /// ended, nor logged, where one that passed while the proxy was down is told ended.
+    fn passed_unseen(&self, now: SystemTime) -> Option<(Persisted, Vec<Window>)> {
+        let passed: Vec<Window> = (self.state.schedules.iter())
+            .filter(|w| w.end.0 <= now && Some(w.id) != self.active_window)
+            .cloned()
+            .collect();
+        (!passed.is_empty()).then(|| (self.state.clone(), passed))
+    }
+
+    /// Tells the windows `passed_unseen` found as the running proxy would have told their
+    /// ends (`ended_while_down`), in the order of their starts.
+    fn tell_passed(&mut self, passed: Option<(Persisted, Vec<Window>)>) {
+        let Some((left, windows)) = passed else {
+            return;
+        };
+        for w in &windows {
+            if self.begun {
+                tracing::warn!(
+                    "maintenance window {} ({} to {}) passed without being in force: the system clock jumped past it (a suspend, or the clock set forward)",
+                    w.id,
+                    w.start.rfc3339(),
+                    w.end.rfc3339()
+                );
+            } else {
+                tracing::info!("maintenance window {} ended while the proxy was down", w.id);
+            }
+            let event = self.ended_while_down(&left, w);
+            self.send(event);
+        }
     }
 
     /// What `next`, about to be saved and published at `now`, keeps as the mode its outage was
@@ -1236,6 +1267,7 @@ impl Controller {
         // on top of it, is told after it, on the clock reading it was published at.
         self.served = false;
         let mut now = now;
+        let mut passed = None;
         if next != self.state {
             self.write_state(&next, true).await.map_err(|(e, advice)| {
                 // What to do, for an operator mid-incident whose `off` a full disk refused:
@@ -1248,6 +1280,8 @@ impl Controller {
                     ),
                 )
             })?;
+            // Tidied away by the change itself (`apply`), as `settle` tells them.
+            passed = self.passed_unseen(now);
             let until = |s: &Persisted| s.planned.as_ref().and_then(|p| p.until);
             if until(&next) != until(&self.state) {
                 self.overrun_noted = false;
@@ -1284,6 +1318,7 @@ impl Controller {
         // The same clock reading as the change itself: a window ending during the state
         // file's fsync is then still due as an edge, and is tidied away by it.
         let (before, after) = self.publish(now, &format!("{summary} (by {by})"));
+        self.tell_passed(passed);
         let message_after = self.shown_message();
         let windows_told = self.window_events_by(before, Some((by, &summary)));
         if windows_told {
@@ -2897,12 +2932,83 @@ mod tests {
         // The proxy stopped during the first window.
         let left = left.tidied(true, t(150));
         let clock = Clock::manual(t(350));
-        let (controller, _handle, _shown) =
-            Controller::new(parts, left.clone(), notifier, clock);
+        let (controller, _handle, _shown) = Controller::new(parts, left.clone(), notifier, clock);
         for w in &left.schedules[..2] {
             let ended = controller.ended_while_down(&left, w);
             assert_eq!(ended.mode, Mode::Maintenance, "{ended:?}");
-            assert_eq!(ended.since, Some(crate::time::Timestamp(t(100))), "{ended:?}");
+            assert_eq!(
+                ended.since,
+                Some(crate::time::Timestamp(t(100))),
+                "{ended:?}"
+            );
         }
+    }
+
+    /// A window whose start and end the wall clock jumps over (a suspend, a VM paused, the
+    /// clock set forward) between two of the controller's looks is told ended, as one that
+    /// passed while the proxy was down is: tidied away unsaid, it was told neither started
+    /// nor ended. Found by the edge's timer, or by a command that comes first.
+    #[tokio::test]
+    async fn a_window_the_clock_jumps_over_is_told_ended() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // A receiver that never answers: an event sent to it stays pending.
+        let hook = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let text = format!(
+            "{}[[notify]]\nurl = \"http://{}/\"\n",
+            rig_text(dir.path()),
+            hook.local_addr().expect("its address")
+        );
+        let t = |secs: u64| UNIX_EPOCH + Duration::from_secs(1_900_000_000 + secs);
+        let add = |start: u64, end: u64| Change::ScheduleAdd {
+            start: t(start),
+            end: t(end),
+            message: None,
+            by: "ops".into(),
+        };
+        let state = Persisted {
+            force_open: true,
+            ..Persisted::default()
+        };
+        let state = state.apply(add(100, 200), t(0), true).expect("added");
+        let state = state.apply(add(300, 400), t(0), true).expect("added");
+        let config = Config::parse(&text, dir.path(), None).expect("config");
+        let pages = Pages::load(&config.maintenance).expect("pages");
+        let metrics = Arc::new(Metrics::new());
+        let notifier = Notifier::start(config.notify.clone(), metrics.clone());
+        let parts = Parts::new(Arc::new(config), Arc::new(pages), None, metrics).expect("parts");
+        let clock = Clock::manual(t(0));
+        let (mut controller, _handle, _shown) =
+            Controller::new(parts, state, notifier.clone(), clock.clone());
+        controller.begun = true;
+
+        // The edge's timer wakes past the first window's end.
+        clock.set(t(250));
+        controller.on_edge();
+        assert_eq!(controller.handle.load().mode, Mode::Normal);
+        let told: Vec<_> = (controller.unsent.iter())
+            .map(|e| (e.event, e.window, e.at, e.since))
+            .collect();
+        let at = |secs| Some(crate::time::Timestamp(t(secs)));
+        assert_eq!(
+            told,
+            [(EventKind::ScheduleEnded, Some(1), at(200).unwrap(), at(100))],
+            "{:?}",
+            controller.unsent
+        );
+        controller.flush(false).await;
+        assert_eq!(notifier.pending(), 1);
+
+        // A command before the timer: the change tidies the second window away.
+        clock.set(t(450));
+        let change = Change::ForceOpen(true);
+        controller
+            .change(change, t(450), "alice")
+            .await
+            .expect("applied");
+        assert!(controller.state.schedules.is_empty());
+        // Told once, by the change or by the edge its save's wait took (`served`), which
+        // the run loop's next `flush` saves and sends.
+        controller.flush(false).await;
+        assert_eq!(notifier.pending(), 2, "the second window told ended too");
     }
 }
