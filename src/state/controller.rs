@@ -223,6 +223,9 @@ pub struct Controller {
     /// The start has told what happened while the proxy was down: a window that ends unseen
     /// from now on was jumped over by the wall clock (`passed_unseen`).
     begun: bool,
+    /// The wall clock and the monotonic one, read together at the run loop's last look
+    /// (`watch_clock`).
+    clock_seen: Option<(SystemTime, tokio::time::Instant)>,
     /// The clock reading the published snapshot was built at. The next window edge is looked
     /// for after this moment, not after "now": an edge that passed while the controller was
     /// busy with a control request is then still due, instead of silently skipped (which left
@@ -401,6 +404,7 @@ impl Controller {
             overrun_noted,
             active_window: None,
             begun: false,
+            clock_seen: None,
             published_at: now,
             notifier,
             instance: instance_name(),
@@ -473,6 +477,7 @@ impl Controller {
             if stop.as_ref().is_some_and(Shutdown::is_fired) {
                 break;
             }
+            self.watch_clock();
             let overrun_at = self.pending_overrun().map(|t| self.clock.until(t));
             let certificates_at = self.certificates_due.map(|t| self.clock.until(t));
             let edge = self
@@ -719,6 +724,40 @@ impl Controller {
             flip.reason
         );
         self.notify(EventKind::ModeChanged, Mode::Outage, None, Some(reason));
+    }
+
+    /// Warns of a system clock set back (NTP stepping a clock that ran fast, `date -s`) since
+    /// the last look, by as much as it went back: times in `status` and the log then run
+    /// behind ones already written, and a window in force stays so until its end
+    /// (`Window::started`), which comes later by as much. Told by the monotonic clock, which
+    /// no step moves: the wall clock compared with the last publish's alone missed a step
+    /// made during a window with nothing published until its end (by then later than that
+    /// publish again), which the operator then saw end late without a word, and told a step
+    /// less what the wall clock had run since. Looked at each round of the run loop, at
+    /// least once a minute while a window or an announced end is pending (`sleep_capped`).
+    fn watch_clock(&mut self) {
+        let seen = (self.clock.now(), tokio::time::Instant::now());
+        let Some((wall, mono)) = self.clock_seen.replace(seen) else {
+            return;
+        };
+        let ran = seen.1.saturating_duration_since(mono);
+        // Where the wall clock would be, had it run as the monotonic one did.
+        let Some(expected) = wall.checked_add(ran) else {
+            return;
+        };
+        let Ok(back) = expected.duration_since(seen.0) else {
+            return;
+        };
+        // A second at least, and more than NTP's slewing of a clock (at most 500 ppm) over a
+        // quiet day could make it look.
+        if back >= Duration::from_secs(1).max(ran / 1000) {
+            tracing::warn!(
+                "the system clock went back by {} (from {} to {}); windows and announced ends are wall-clock times, and a window in force stays in force until its end",
+                humantime::format_duration(Duration::from_secs(back.as_secs())),
+                crate::time::Timestamp(expected).rfc3339(),
+                crate::time::Timestamp(seen.0).rfc3339()
+            );
+        }
     }
 
     /// A schedule window started or ended: drop the ended ones (a change of the saved state)
@@ -1628,19 +1667,6 @@ impl Controller {
             let old = self.handle.load();
             (old.mode, old.held.as_ref().and_then(|h| h.view.since))
         };
-        // Said, since times in `status` and the log then run behind ones already written: a
-        // window in force stays so until its end (`Window::started`), which comes later by as
-        // much.
-        if let Ok(back) = self.published_at.duration_since(now) {
-            if back >= Duration::from_secs(1) {
-                tracing::warn!(
-                    "the system clock went back by {} (from {} to {}); windows and announced ends are wall-clock times, and a window in force stays in force until its end",
-                    humantime::format_duration(Duration::from_secs(back.as_secs())),
-                    crate::time::Timestamp(self.published_at).rfc3339(),
-                    crate::time::Timestamp(now).rfc3339()
-                );
-            }
-        }
         self.published_at = now;
         let snapshot = Snapshot::build(
             &self.parts,
@@ -3010,5 +3036,53 @@ mod tests {
         // the run loop's next `flush` saves and sends.
         controller.flush(false).await;
         assert_eq!(notifier.pending(), 2, "the second window told ended too");
+    }
+
+    /// What a test's subscriber writes, kept.
+    #[derive(Clone, Default)]
+    struct Kept(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Kept {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            kept.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The wall clock set back ten minutes during a window, with nothing published until its
+    /// end: the log says so, by as much, at the controller's next look. Compared with the
+    /// last publish alone (the window's start), the step went unsaid, and the window ended
+    /// ten minutes late without a word.
+    #[tokio::test(start_paused = true)]
+    async fn a_clock_set_back_during_a_window_is_warned_of_by_as_much() {
+        crate::logging::capture_ready();
+        let kept = Kept::default();
+        let writer = kept.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        // The test's runtime is single-threaded: the controller logs on this thread.
+        let _logging = tracing::subscriber::set_default(subscriber);
+        let r = rig().await;
+        assert!(r.ask(window("+10s", "+3600s")).await.ok);
+        r.clock.set(r.at(10));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(r.mode_becomes(Mode::Maintenance).await);
+        // A second later, the clock is set back ten minutes.
+        r.clock.set(r.at(11) - Duration::from_secs(600));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // A look that publishes nothing.
+        assert_eq!(r.mode().await, Mode::Maintenance);
+        assert_eq!(r.mode().await, Mode::Maintenance);
+        let logs =
+            String::from_utf8_lossy(&kept.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+        let warned: Vec<&str> = logs.lines().filter(|l| l.contains("went back")).collect();
+        assert_eq!(warned.len(), 1, "{logs}");
+        assert!(warned[0].contains("went back by 10m "), "{logs}");
     }
 }
