@@ -998,7 +998,8 @@ async fn off_during_a_window_ends_maintenance_and_the_window() {
 
 /// Windows put end to end are one maintenance: its `since` stays the first window's start
 /// across the edge, in `status`, the held answers and every event (each window's start and end
-/// is still told), and the all-clear counts the whole of it.
+/// is still told), its `until` is the last one's end from the moment that one is added (told
+/// as a new end, `until_changed`), and the all-clear counts the whole of it.
 #[tokio::test(flavor = "multi_thread")]
 async fn windows_end_to_end_keep_one_since() {
     let (_app, hook, proxy) = hooked_proxy().await;
@@ -1014,23 +1015,32 @@ async fn windows_end_to_end_keep_one_since() {
     let since = first.start.rfc3339();
     let r = ctl(&proxy, add(&first.end.rfc3339(), "+1h")).await;
     assert!(r.ok, "{r:?}");
-    let got = wait_events(&hook, 3).await;
-    let told: Vec<(&str, u64)> = got
+    let second = r.window.unwrap();
+    let until = second.end.rfc3339();
+    // Added while the first holds: its end is the maintenance's end at once.
+    let shown = r.state.unwrap();
+    assert_eq!(shown.until.map(|t| t.rfc3339()), Some(until.clone()));
+    let got = wait_events(&hook, 4).await;
+    let told: Vec<(&str, Option<u64>)> = got
         .iter()
-        .map(|e| (e["event"].as_str().unwrap(), e["window"].as_u64().unwrap()))
+        .map(|e| (e["event"].as_str().unwrap(), e["window"].as_u64()))
         .collect();
     assert_eq!(
         told,
         [
-            ("schedule_started", 1),
-            ("schedule_ended", 1),
-            ("schedule_started", 2)
+            ("schedule_started", Some(1)),
+            ("until_changed", None),
+            ("schedule_ended", Some(1)),
+            ("schedule_started", Some(2))
         ],
         "{got:#?}"
     );
     for e in &got {
         assert_eq!(e["mode"], "maintenance", "{e}");
         assert_eq!(e["since"], since.as_str(), "{e}");
+    }
+    for e in &got[1..] {
+        assert_eq!(e["until"], until.as_str(), "{e}");
     }
     let status = ctl(&proxy, Ctl::Status).await.state.unwrap();
     assert_eq!(status.since.map(|t| t.rfc3339()), Some(since.clone()));

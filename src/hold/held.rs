@@ -80,8 +80,8 @@ impl View {
         .clamp(MIN_RETRY_AFTER.as_secs(), MAX_RETRY_AFTER.as_secs());
         let until = planned
             .and_then(|p| p.until)
-            .or(window.map(|w| w.end))
-            .map(|u| u.0);
+            .map(|u| u.0)
+            .or(window.map(|w| state.window_until(w)));
         View {
             mode,
             message: state
@@ -753,6 +753,34 @@ mod tests {
         let state = Persisted::default().apply(on, t0, true).unwrap();
         let view = View::new(Mode::Maintenance, &state, &config.maintenance, None, t0);
         assert_eq!(view.retry_after(end + Duration::from_millis(25)), 300);
+    }
+
+    /// Windows put end to end are one maintenance: its end is the last one's, in what pages,
+    /// `status` and `Retry-After` tell, not the end of the one in force, past which the proxy
+    /// already knows it holds. A gap breaks the chain.
+    #[test]
+    fn windows_put_end_to_end_end_with_the_last() {
+        use crate::state::mode::Change;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::parse("", dir.path(), None).unwrap();
+        let t = |secs: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs);
+        let mut state = Persisted::default();
+        for (start, end) in [(100, 200), (200, 300), (300, 400), (401, 500)] {
+            let window = Change::ScheduleAdd {
+                start: t(start),
+                end: t(end),
+                message: None,
+                by: "op".into(),
+            };
+            state = state.apply(window, t(0), true).unwrap();
+        }
+        for (at, until) in [(150, 400), (250, 400), (350, 400), (450, 500)] {
+            let state = state.clone().tidied(true, t(at));
+            let view = View::new(Mode::Maintenance, &state, &config.maintenance, None, t(at));
+            assert_eq!(view.until, Some(t(until)), "at {at}");
+            assert_eq!(view.retry_after(t(at)), until - at, "at {at}");
+        }
     }
 
     /// An announced end a month away tells clients to come back within a day, not a month;

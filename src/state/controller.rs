@@ -1260,7 +1260,6 @@ impl Controller {
         // A mode that force-open changed is not the application's doing: the webhook says so,
         // or "back to normal after an outage" would read as a recovery mid-incident.
         let forced = matches!(change, Change::ForceOpen(_)).then(|| summary.clone());
-        let is_on = matches!(change, Change::On { .. });
         let change_is_off = matches!(change, Change::Off);
         // An `update` speaks of the mode clients are in (refused in `normal`); any other
         // change is tidied as `settle` tidies, once a server is known to be healthy, not while
@@ -1377,10 +1376,11 @@ impl Controller {
         }
         // A new end clients are shown, while maintenance stays on: its own event, beside a
         // message update given with it. Compared as shown, so that an `on --until` taking
-        // over a window's end is told too; an `on` that starts maintenance is told by its
-        // start's event.
-        if is_on
-            && !windows_told
+        // over a window's end is told too, and so is a window added at the end of the one in
+        // force (or the one after it removed), which moves the end of the maintenance it
+        // carries on (`Persisted::window_until`); an `on` that starts maintenance is told by
+        // its start's event.
+        if !windows_told
             && before == Mode::Maintenance
             && after == Mode::Maintenance
             && self.shown_until() != until_before

@@ -460,6 +460,24 @@ impl Persisted {
             .map_or(w.start.0, |c| c.since.0.min(w.start.0))
     }
 
+    /// When the maintenance window `w` holds ends: its end, or that of the last of the windows
+    /// put end to end after it, which carry the same maintenance on (as `window_since` tells
+    /// its start). Shown as its end, a window followed by another at its end told clients to
+    /// come back (`Retry-After`) and pages to say "back by" a time the proxy already knew it
+    /// would hold past: a window added at the end of the one in force, to run later, moved
+    /// nothing people were told until the first had ended.
+    pub fn window_until(&self, w: &Window) -> SystemTime {
+        let mut end = w.end;
+        // Each step goes to a later window, so as many steps as windows at most.
+        for _ in 0..self.schedules.len() {
+            match self.schedules.iter().find(|n| n.start == end) {
+                Some(next) => end = next.end,
+                None => break,
+            }
+        }
+        end.0
+    }
+
     /// When the maintenance going on at `now` began, if one is: an operator's `on` given
     /// during a window carries on the window's maintenance, and keeps its start.
     fn maintenance_since(&self, now: SystemTime) -> Option<SystemTime> {
