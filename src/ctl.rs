@@ -173,7 +173,11 @@ pub fn run(
         ),
         _ => {}
     }
-    if !resp.ok {
+    if resp.error.as_ref().is_some_and(|e| e.code == "pending") {
+        // Neither done nor refused: queued behind a save that has not returned, and applied
+        // once it does (or refused, which the proxy logs), as when it does not answer at all.
+        ExitCode::from(3)
+    } else if !resp.ok {
         ExitCode::FAILURE
     } else if !written {
         // The proxy did what it was asked: not 1, which says it refused.
@@ -663,7 +667,11 @@ fn request(command: CtlCommand) -> Request {
 /// too), where `schedule remove 3` alone tried the default socket there and exited 3.
 fn print_human(out: &mut impl Write, resp: &Response, again: &str) -> io::Result<()> {
     if let Some(e) = &resp.error {
-        eprintln!("refused ({}): {}", e.code, terminal_safe(&e.message));
+        let said = match e.code.as_str() {
+            "pending" => "not answered",
+            _ => "refused",
+        };
+        eprintln!("{said} ({}): {}", e.code, terminal_safe(&e.message));
     }
     // First: among many windows, the listing below does not say which one this is.
     if let Some(w) = &resp.window {

@@ -2394,6 +2394,59 @@ async fn an_answer_not_understood_is_quoted_short_and_escaped() {
     );
 }
 
+/// A change whose connection was closed for room while it waited for a hung save is told
+/// `pending`: `ctl` says it was not answered, not "refused", sends nothing again (a second
+/// `update` would apply twice) and exits 3, as for a proxy that did not answer in time: the
+/// change takes effect once saved.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_left_pending_is_not_said_refused_nor_sent_again() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fake.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    // Each `ctl` run below connects once; a second connection from one would be a retry.
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = asked.clone();
+    let fake = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut stream = tokio::io::BufReader::new(stream);
+            let mut line = String::new();
+            stream.read_line(&mut line).await.unwrap();
+            let answer = r#"{"ok":false,"error":{"code":"pending","message":"closed to make room; it takes effect once saved"}}"#;
+            stream
+                .get_mut()
+                .write_all(format!("{answer}\n").as_bytes())
+                .await
+                .unwrap();
+        }
+    });
+    let ctl = |json: bool| {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_intermission"));
+        c.arg("ctl").arg("-s").arg(&socket);
+        if json {
+            c.arg("--json");
+        }
+        c.args(["update", "--message", "Still on it"]);
+        c
+    };
+    let out = ctl(false).output().await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("not answered (pending)"), "{err}");
+    assert!(!err.contains("refused"), "{err}");
+    let out = ctl(true).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "pending", "{v}");
+    fake.abort();
+    assert_eq!(
+        asked.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "sent again"
+    );
+}
+
 /// An operator's reason or message with a line end in it is logged on one line: in the text
 /// log, a line end would begin a line of its own (`X) by="root"`), one that could pass for
 /// the proxy's own.

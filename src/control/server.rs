@@ -7,11 +7,12 @@
 //! CLI has `maxconn` and `timeout cli`. At the cap, a new connection takes the place of the one
 //! that has waited longest for its next request, as the HTTP listener makes room: leaked or kept
 //! clients (a script that never closes its `socat`, an exporter's pool) cannot hold the
-//! operator's way in shut, even for the minute.
+//! operator's way in shut, even for the minute; nor can changes held by a state file save
+//! that does not return (a hung disk), whose connections make room after `STUCK` too.
 
-use super::protocol::{parse_request, ErrorBody, Response, MAX_LINE};
+use super::protocol::{parse_request, ErrorBody, Request, Response, MAX_LINE};
 use crate::shutdown::Shutdown;
-use crate::state::controller::ControllerHandle;
+use crate::state::controller::{command_name, ControllerHandle, Handed};
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -334,8 +335,9 @@ const SETTLED: Duration = Duration::from_secs(1);
 /// such a connection, no longer reading, cannot be closed for room: 64 of them kept the
 /// operator out for a minute.
 const FAREWELL: Duration = Duration::from_secs(1);
-/// How long a request may take to arrive whole, or its answer to be taken, before its
-/// connection may be closed for room as a waiting one is. On a local socket a line comes in
+/// How long a request may take to arrive whole, be answered by the controller (a change waits
+/// for the state file's save, `ask`), or have its answer taken, before its connection may be
+/// closed for room as a waiting one is. On a local socket a line comes in
 /// one write and an answer is read at once: a client mid-line this long (a script that never
 /// ends its line, a stopped one) or not reading its answers is stuck, and 64 of them shut the
 /// operator out for `IDLE`, again and again if they reconnect.
@@ -671,7 +673,13 @@ async fn connection(
             continue;
         }
         let resp = match parse_request(text) {
-            Ok(req) => controller.request(req, by.clone()).await,
+            Ok(req) => match ask(&controller, req, by.clone(), slot, &mut w).await {
+                Some((back, resp)) => {
+                    slot = back;
+                    resp
+                }
+                None => return,
+            },
             Err(e) => {
                 // A broken script's requests count as failures of the command it meant, and
                 // one that names none (not JSON, no `cmd`, an unknown one) under `unknown`:
@@ -707,6 +715,83 @@ async fn connection(
         }
         slot.since = Instant::now();
     }
+}
+
+/// Hands `req` to the controller and waits for its answer, the slot lent meanwhile as while
+/// a request arrives: a change waits for the state file's save, and for those queued before
+/// it, which a hung disk (a network mount gone, a frozen volume) makes last as long as it
+/// hangs. Held, 64 such requests (a few `ctl on` given up on after 15 s, a script retrying)
+/// kept every other client out, `ctl status` too, for the whole incident. Taken for room, the
+/// connection is told what became of its request, and closed: `None`, as when the answer
+/// came as its slot was taken (it is then written, and the connection closed).
+async fn ask(
+    controller: &ControllerHandle,
+    req: Request,
+    by: String,
+    slot: Slot,
+    w: &mut OwnedWriteHalf,
+) -> Option<(Slot, Response)> {
+    let command = command_name(&req);
+    let began = Instant::now();
+    let mut waiting = slot.lend_while_busy();
+    let handed = tokio::select! {
+        biased;
+        handed = controller.hand(req, by) => handed,
+        // Not queued: dropped with the send, so nothing of it is applied.
+        Ok(()) = &mut waiting.taken => {
+            unqueued(w, command, began.elapsed()).await;
+            return None;
+        }
+    };
+    let resp = match handed {
+        Handed::Answered(resp) => *resp,
+        Handed::Queued(pending) => tokio::select! {
+            biased;
+            resp = pending.answer() => resp,
+            // Queued: the controller applies it (or refuses it) all the same.
+            Ok(()) = &mut waiting.taken => {
+                unanswered(w, command, began.elapsed()).await;
+                return None;
+            }
+        },
+    };
+    match waiting.back() {
+        Some(slot) => Some((slot, resp)),
+        None => {
+            // The answer is what its client waited for: it is the connection's last line.
+            let _ = tokio::time::timeout(FAREWELL, write(w, &resp)).await;
+            None
+        }
+    }
+}
+
+/// Tells a connection closed for room while its request waited for a place in the
+/// controller's queue that it was not applied: `idle`, which `ctl` asks again after.
+async fn unqueued(w: &mut OwnedWriteHalf, command: &str, waited: Duration) {
+    let why = format!(
+        "closed to make room for a newer control connection: {MAX_CONNECTIONS} are open, and \
+         this one's `{command}` had waited {} s for a place among the changes waiting to be \
+         applied (they wait, one at a time, for the state file's save, which has not returned: \
+         is its disk slow or hung?); it was not applied",
+        waited.as_secs()
+    );
+    closing(w, "idle", why).await;
+}
+
+/// Tells a connection closed for room while the controller had its request that the request
+/// is still to be applied: `pending`, which `ctl` does not send again (a second `update` or
+/// `schedule_add` would apply twice).
+async fn unanswered(w: &mut OwnedWriteHalf, command: &str, waited: Duration) {
+    let why = format!(
+        "closed to make room for a newer control connection: {MAX_CONNECTIONS} are open, and \
+         this one's `{command}` had waited {} s to be applied: changes wait, one at a time, for \
+         the state file's save, which has not returned (is its disk slow or hung?). It is not \
+         lost: it takes effect once saved, or is refused if the save fails (`status` shows \
+         the state in force, which a change joins only once saved): check with `ctl status` \
+         before sending it again",
+        waited.as_secs()
+    );
+    closing(w, "pending", why).await;
 }
 
 /// The UTF-8 byte order mark, taken at the start of a request line.
@@ -776,6 +861,7 @@ fn user_name(uid: u32) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::mode::Mode;
     use tokio::io::AsyncBufReadExt;
 
     /// Blank lines are no requests: they do not keep a connection open past the minute.
@@ -1054,7 +1140,170 @@ mod tests {
             .expect("still served after an hour");
     }
 
-    /// A stop that never fires.    /// A stop that never fires.
+    /// Waits, a bounded time, for `cond`, while the clock stands still: the blocking pool's
+    /// threads (a save held at its gate, the peer's name looked up) run meanwhile.
+    async fn until(mut cond: impl FnMut() -> bool) -> bool {
+        for _ in 0..10_000 {
+            if cond() {
+                return true;
+            }
+            tokio::task::yield_now().await;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        cond()
+    }
+
+    /// `MAX_CONNECTIONS` connections, each admitted to `room` and served by `controller`,
+    /// whose clients sent `line(i)`; their clients' ends.
+    async fn served(
+        room: &Arc<Room>,
+        controller: &ControllerHandle,
+        ids: std::ops::Range<u64>,
+        line: impl Fn(u64) -> String,
+    ) -> Vec<UnixStream> {
+        let mut clients = Vec::new();
+        for id in ids {
+            let slot = room.admit(id).expect("no room for a new connection");
+            let (client, server) = UnixStream::pair().unwrap();
+            tokio::spawn(connection(server, controller.clone(), never(), slot));
+            let (r, mut w) = client.into_split();
+            w.write_all(format!("{}\n", line(id)).as_bytes())
+                .await
+                .unwrap();
+            clients.push(r.reunite(w).unwrap());
+        }
+        clients
+    }
+
+    /// Whether every slot of `room` is lent by a connection whose request is in hand (as of
+    /// `at`, the clock standing still): all of them wait for the controller.
+    fn all_in_hand(room: &Room, at: Instant) -> bool {
+        let waiting = room.waiting();
+        waiting.len() == MAX_CONNECTIONS && waiting.keys().all(|k| k.0 == at + (STUCK - SETTLED))
+    }
+
+    /// The one line a connection closed for room was told.
+    async fn told(client: UnixStream) -> serde_json::Value {
+        let mut lines = BufReader::new(client).lines();
+        let line = lines.next_line().await.unwrap().expect("a line");
+        assert_eq!(lines.next_line().await.unwrap(), None, "then closed");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// A state file whose disk hangs (a network mount gone) holds every change for as long
+    /// as it hangs: 64 of them, each a connection with its request in hand, kept every other
+    /// client out, `ctl status` included, for the whole incident. A request waiting for the
+    /// controller lends its slot after `STUCK`: the operator's `status` is answered; the
+    /// connection closed for room is told that its change, queued, still takes effect once
+    /// saved (and it does), or, when it had found no room in the queue, that it was not
+    /// applied.
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_save_does_not_shut_the_operator_out() {
+        let held = crate::state::controller::tests::HeldSaves::start();
+        let controller = held.handle.clone();
+        // A first change, held at the gate: from then on the clock moves only as told.
+        let first = controller.clone();
+        tokio::spawn(async move {
+            let on = Request::On {
+                message: Some("first".into()),
+                until: None,
+                retry_after: None,
+                reason: None,
+            };
+            first.request(on, "alice".into()).await
+        });
+        assert!(until(|| held.reached() > 0).await, "no save began");
+        let room = Room::new(MAX_CONNECTIONS);
+        let at = Instant::now();
+        let max = MAX_CONNECTIONS as u64;
+        let on = |id| format!(r#"{{"cmd":"on","message":"m{id}"}}"#);
+        let stuck = served(&room, &controller, 0..max, on).await;
+        assert!(
+            until(|| controller.queue_full()).await,
+            "changes not queued"
+        );
+        // Each lends its slot as it hands its request to the controller.
+        until(|| all_in_hand(&room, at)).await;
+        assert!(room.admit(max).is_none(), "taken before STUCK");
+        tokio::time::advance(STUCK).await;
+
+        // The operator, then 63 more changes: the controller's queue (64) is full.
+        let status = r#"{"cmd":"status"}"#.to_owned();
+        let line = |id| if id == max { status.clone() } else { on(id) };
+        let mut newer = served(&room, &controller, max..2 * max, line).await;
+        let operator = newer.remove(0);
+        let mut lines = BufReader::new(operator).lines();
+        let answer = lines.next_line().await.unwrap().expect("status answered");
+        let answer: Response = serde_json::from_str(&answer).unwrap();
+        assert!(answer.ok, "{:?}", answer.error);
+        let state = answer.state.expect("a state");
+        assert_eq!(state.mode, Mode::Normal, "none saved yet");
+        let mut pending = 0;
+        for client in stuck {
+            let said = told(client).await;
+            let code = said["error"]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let message = said["error"]["message"].as_str().unwrap_or_default();
+            match code.as_str() {
+                "pending" => {
+                    assert!(message.contains("not lost"), "{said}");
+                    pending += 1;
+                }
+                "idle" => assert!(message.contains("not applied"), "{said}"),
+                _ => panic!("{said}"),
+            }
+        }
+        // Queued behind the first change (or behind a save of the first check's finding).
+        assert!(pending >= MAX_CONNECTIONS - 1, "{pending}");
+
+        // Those left waiting for room in the queue are told nothing of theirs was applied.
+        let at = Instant::now();
+        let newer_handed = until(|| {
+            let busy = at + (STUCK - SETTLED);
+            let waiting = room.waiting();
+            waiting.keys().filter(|k| k.0 == busy).count() == MAX_CONNECTIONS - 1
+        })
+        .await;
+        assert!(newer_handed, "the newer changes are not waiting for room");
+        tokio::time::advance(STUCK).await;
+        let _takers: Vec<Slot> = (2 * max..3 * max)
+            .map(|id| room.admit(id).expect("no room for a new connection"))
+            .collect();
+        let mut unqueued = 0;
+        for client in newer {
+            let said = told(client).await;
+            if said["error"]["code"] == "idle" {
+                let message = said["error"]["message"].as_str().unwrap_or_default();
+                assert!(message.contains("it was not applied"), "{said}");
+                unqueued += 1;
+            }
+        }
+        assert!(unqueued >= MAX_CONNECTIONS - 3, "{unqueued}");
+
+        // The disk answers again: the changes whose connections were closed are applied.
+        held.open();
+        let mut shown = None;
+        for _ in 0..10_000 {
+            let status = controller.request(Request::Status, "tester".into()).await;
+            shown = status.state.and_then(|s| s.message);
+            if shown
+                .as_deref()
+                .is_some_and(|m| ["m62", "m63"].contains(&m))
+            {
+                break;
+            }
+            tokio::task::yield_now().await;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The last change queued (behind the first, and perhaps the first check's finding),
+        // from a connection closed before it was applied.
+        let shown = shown.unwrap_or_default();
+        assert!(["m62", "m63"].contains(&shown.as_str()), "{shown}");
+    }
+
+    /// A stop that never fires.
     fn never() -> Shutdown {
         let (trigger, stop) = crate::shutdown::channel();
         // Kept for the test's life: a dropped trigger counts as fired.

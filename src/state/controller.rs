@@ -113,29 +113,47 @@ impl ControllerHandle {
 
     /// Applies one control request on behalf of local user `by`.
     pub async fn request(&self, req: Request, by: String) -> Response {
-        if let Some(resp) = self.read_only(&req) {
-            return resp;
+        match self.hand(req, by).await {
+            Handed::Answered(resp) => *resp,
+            Handed::Queued(pending) => pending.answer().await,
         }
-        self.queued(req, by).await
+    }
+
+    /// Hands one control request on behalf of local user `by` to the controller: answered at
+    /// once when it only reads, else queued. Waits for room in the queue (64 requests), which
+    /// a save that does not return fills; dropped meanwhile, the request was not queued, and
+    /// nothing of it is applied.
+    pub async fn hand(&self, req: Request, by: String) -> Handed {
+        if let Some(resp) = self.read_only(&req) {
+            return Handed::Answered(Box::new(resp));
+        }
+        self.enqueue(req, by).await
+    }
+
+    /// Through the controller's queue whatever it asks.
+    async fn enqueue(&self, req: Request, by: String) -> Handed {
+        let (reply, answer) = oneshot::channel();
+        if self.tx.send(Msg::Control { req, by, reply }).await.is_err() {
+            return Handed::Answered(Box::new(not_applied()));
+        }
+        Handed::Queued(Pending(answer))
+    }
+
+    /// Whether the controller's queue has no room left.
+    #[cfg(test)]
+    pub(crate) fn queue_full(&self) -> bool {
+        self.tx.capacity() == 0
     }
 
     /// `request`, through the controller's queue whatever it asks: what tests of the
     /// controller's own timing wait on, since only a message wakes it when their clock
     /// jumps.
+    #[cfg(test)]
     async fn queued(&self, req: Request, by: String) -> Response {
-        let (reply, answer) = oneshot::channel();
-        if self.tx.send(Msg::Control { req, by, reply }).await.is_err() {
-            return not_applied();
+        match self.enqueue(req, by).await {
+            Handed::Answered(resp) => *resp,
+            Handed::Queued(pending) => pending.answer().await,
         }
-        // A stopping controller answers every request it took, applied or not; no answer at
-        // all means it was ended in the middle of one (a state write that outlived
-        // `shutdown_timeout`), and nobody can say whether that one took effect.
-        answer.await.unwrap_or_else(|_| {
-            Response::error(ErrorBody::new(
-                "internal",
-                "the proxy stopped before it answered; the change may or may not be in force: check with `ctl status` once it runs again",
-            ))
-        })
     }
 
     /// The answer to a request that only reads, from what the controller last published;
@@ -158,6 +176,32 @@ impl ControllerHandle {
     /// when the controller is busy with 64 requests, the count is the one thing let go.
     pub fn refused(&self, command: &'static str) {
         let _ = self.tx.try_send(Msg::Refused { command });
+    }
+}
+
+/// A control request given to the controller (`ControllerHandle::hand`).
+pub enum Handed {
+    /// Answered without the controller's queue: a read, or refused as the proxy stops.
+    Answered(Box<Response>),
+    /// In the controller's queue, whose answer `Pending` waits for.
+    Queued(Pending),
+}
+
+/// The answer to come to a queued request. The request is applied (or refused) as it would
+/// be whether or not this is kept: dropped, only the answer is lost.
+pub struct Pending(oneshot::Receiver<Response>);
+
+impl Pending {
+    pub async fn answer(self) -> Response {
+        // A stopping controller answers every request it took, applied or not; no answer at
+        // all means it was ended in the middle of one (a state write that outlived
+        // `shutdown_timeout`), and nobody can say whether that one took effect.
+        self.0.await.unwrap_or_else(|_| {
+            Response::error(ErrorBody::new(
+                "internal",
+                "the proxy stopped before it answered; the change may or may not be in force: check with `ctl status` once it runs again",
+            ))
+        })
     }
 }
 
@@ -1934,7 +1978,7 @@ fn renew(lock: Option<&store::StateLock>) -> Result<(), store::StoreError> {
     Ok(())
 }
 
-fn command_name(req: &Request) -> &'static str {
+pub(crate) fn command_name(req: &Request) -> &'static str {
     match req {
         Request::Status => "status",
         Request::On { .. } => "on",
@@ -2005,7 +2049,7 @@ async fn stopped(stop: &mut Option<Shutdown>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The controller's own clock work, on a manual wall clock: nothing here waits for real
     //! time, so edges can be put exactly where a race would hide them.
     use super::*;
@@ -2156,6 +2200,42 @@ mod tests {
             notifier,
         };
         (rig, shown)
+    }
+
+    /// A running controller whose state writes wait until `open` (a hung disk), for the
+    /// control socket's tests; the gate opens when it is dropped. Forced open: no outage.
+    pub(crate) struct HeldSaves {
+        pub(crate) handle: ControllerHandle,
+        gate: Arc<Gate>,
+        _opens: Opens,
+        _rig: Rig,
+    }
+
+    impl HeldSaves {
+        pub(crate) fn start() -> HeldSaves {
+            let gate = Arc::new(Gate::default());
+            let state = Persisted {
+                force_open: true,
+                ..Persisted::default()
+            };
+            let (rig, _) = build_rig(|_, _| {}, "", state, Some(gate.clone()));
+            HeldSaves {
+                handle: rig.handle.clone(),
+                _opens: Opens(gate.clone()),
+                gate,
+                _rig: rig,
+            }
+        }
+
+        /// How many saves have come to the gate.
+        pub(crate) fn reached(&self) -> usize {
+            self.gate.reached()
+        }
+
+        /// The disk answers again.
+        pub(crate) fn open(&self) {
+            self.gate.open();
+        }
     }
 
     /// A disk that does not answer: state writes wait in `pass` until the gate is opened.
