@@ -748,7 +748,7 @@ async fn ask(
         Handed::Queued(pending) => tokio::select! {
             biased;
             resp = pending.answer() => resp,
-            // Queued: the controller applies it (or refuses it) all the same.
+            // Queued: the controller applies it (or refuses it, which it logs) all the same.
             Ok(()) = &mut waiting.taken => {
                 unanswered(w, command, began.elapsed()).await;
                 return None;
@@ -786,9 +786,9 @@ async fn unanswered(w: &mut OwnedWriteHalf, command: &str, waited: Duration) {
         "closed to make room for a newer control connection: {MAX_CONNECTIONS} are open, and \
          this one's `{command}` had waited {} s to be applied: changes wait, one at a time, for \
          the state file's save, which has not returned (is its disk slow or hung?). It is not \
-         lost: it takes effect once saved, or is refused if the save fails (`status` shows \
-         the state in force, which a change joins only once saved): check with `ctl status` \
-         before sending it again",
+         lost: it takes effect once saved, or is refused if the save fails (the proxy's log \
+         says which, and `status` shows the state in force, which a change joins only once \
+         saved): check with `ctl status` before sending it again",
         waited.as_secs()
     );
     closing(w, "pending", why).await;

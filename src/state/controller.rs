@@ -205,6 +205,20 @@ impl Pending {
     }
 }
 
+/// Logs the refusal of a request whose client went before its answer came (closed for room
+/// while a save hung, or given up on by `ctl` after 15 s): the log is then the only place it
+/// is told. An applied change is logged already.
+fn unheard(command: &str, by: &str, resp: &Response) {
+    if let Some(e) = &resp.error {
+        tracing::warn!(
+            by,
+            "`{command}` was refused ({}) after its client had gone: {}",
+            e.code,
+            e.message.replace('\n', "\\n")
+        );
+    }
+}
+
 /// The answer to a request the controller will not take because the proxy is stopping.
 fn not_applied() -> Response {
     Response::error(ErrorBody::new(
@@ -538,8 +552,11 @@ impl Controller {
                         self.ask_reload(by, reply);
                     }
                     Some(Msg::Control { req, by, reply }) => {
-                        let resp = self.control(req, by).await;
-                        let _ = reply.send(resp);
+                        let command = command_name(&req);
+                        let resp = self.control(req, by.clone()).await;
+                        if let Err(resp) = reply.send(resp) {
+                            unheard(command, &by, &resp);
+                        }
                     }
                     Some(Msg::Refused { command }) => {
                         self.parts.metrics.control_command(command, false);
@@ -1092,13 +1109,17 @@ impl Controller {
     fn save_overdue(&mut self) {
         self.overdue = true;
         let late = std::mem::take(&mut self.unsent);
-        if !late.is_empty() {
-            tracing::warn!(
-                "the state file's save is taking over {}s: {} webhook event(s) sent before it is saved",
-                HOLD_EVENTS.as_secs(),
-                late.len()
-            );
-        }
+        // Said whatever it holds: an operator's change waits for it, and those after it, and
+        // nothing else said that the disk had stopped answering.
+        let sent = match late.len() {
+            0 => String::new(),
+            n => format!("; {n} webhook event(s) sent before it is saved"),
+        };
+        tracing::warn!(
+            path = %self.parts.config.control.state_file.display(),
+            "the state file's save is taking over {}s (is its disk slow or hung?): changes wait for it, one at a time, while `status` answers with the state in force{sent}",
+            HOLD_EVENTS.as_secs(),
+        );
         for event in late {
             self.notifier.send(event);
         }
@@ -2330,6 +2351,98 @@ pub(crate) mod tests {
         let state = rig.ask_now(Request::Status).await.state.expect("a state");
         assert_eq!(state.mode, Mode::Maintenance);
         assert_eq!(state.message.as_deref(), Some("Disk upgrade"));
+    }
+
+    /// What a test's subscriber writes, as JSON lines.
+    #[derive(Clone, Default)]
+    struct Kept(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Kept {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Kept {
+        /// Whether a line logged so far has `text` in its message.
+        fn said(&self, text: &str) -> bool {
+            let kept = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+            kept.lines().any(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["fields"]["message"].as_str().map(|m| m.contains(text)))
+                    .unwrap_or(false)
+            })
+        }
+    }
+
+    /// Waits, a bounded time, for `cond`, while the clock stands still (a save held at the
+    /// gate keeps it from moving by itself): the blocking pool's threads run meanwhile.
+    async fn until(mut cond: impl FnMut() -> bool) -> bool {
+        for _ in 0..5_000 {
+            if cond() {
+                return true;
+            }
+            tokio::task::yield_now().await;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        cond()
+    }
+
+    /// A hung save is said in the log once it has taken `HOLD_EVENTS`, though it holds no
+    /// event: an operator's change waits for it, and nothing said the disk had stopped. And a
+    /// change refused after its client went (closed for room while the save hung, given up
+    /// on by `ctl`) is logged, the only place it is told then.
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_save_and_a_refusal_nobody_heard_are_logged() {
+        let kept = Kept::default();
+        let writer = kept.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || writer.clone())
+            .finish();
+        crate::logging::capture_ready();
+        let _logging = tracing::subscriber::set_default(subscriber);
+        let gate = Arc::new(Gate::default());
+        let _opens = Opens(gate.clone());
+        let state = Persisted {
+            force_open: true,
+            ..Persisted::default()
+        };
+        let (rig, _) = build_rig(|_, _| {}, "", state, Some(gate.clone()));
+        let handle = rig.handle.clone();
+        let on = tokio::spawn(async move {
+            let on = Request::On {
+                message: Some("Disk upgrade".into()),
+                until: None,
+                retry_after: None,
+                reason: None,
+            };
+            handle.request(on, "alice".into()).await
+        });
+        assert!(until(|| gate.reached() > 0).await, "no save began");
+        let remove = Request::ScheduleRemove { id: 99 };
+        let Handed::Queued(pending) = rig.handle.hand(remove, "bob".into()).await else {
+            panic!("not queued");
+        };
+        drop(pending);
+        tokio::time::advance(HOLD_EVENTS).await;
+        let hung = "the state file's save is taking over 2s (is its disk slow or hung?)";
+        assert!(
+            until(|| kept.said(hung)).await,
+            "the hung save was not said"
+        );
+        gate.open();
+        assert!(on.await.unwrap().ok);
+        let refused = "`schedule_remove` was refused (not_found) after its client had gone";
+        assert!(
+            until(|| kept.said(refused)).await,
+            "the refusal went unsaid"
+        );
     }
 
     /// An `[upstream]` of one server on a port nothing listens on (yet), and that port: its
