@@ -792,6 +792,16 @@ fn print_state(out: &mut impl Write, s: &StatusView, again: &str) -> io::Result<
     if let Some(p) = &s.status_page {
         writeln!(out, "status page: {p}")?;
     }
+    if let Some(o) = &s.save_overdue {
+        writeln!(
+            out,
+            "SAVE OVERDUE: the state file's save has been under way since {} (is its disk slow \
+             or hung?); {} request(s) wait behind it: a change is in force, and shown here, \
+             only once saved",
+            o.since.rfc3339(),
+            o.waiting
+        )?;
+    }
     for pending in &s.restart_pending {
         writeln!(out, "RESTART PENDING: {pending}")?;
     }
@@ -946,6 +956,29 @@ mod tests {
 
     /// `status` lists the first windows and counts the rest, where it printed all 500 a
     /// schedule may hold above the upstream's health.
+    /// An overdue save is shown by `status`, with what waits behind it: the change an
+    /// operator just sent is not in the state shown, and this says why.
+    #[test]
+    fn status_shows_an_overdue_save() {
+        let state = serde_json::json!({
+            "mode": "normal", "message": null, "since": null, "until": null,
+            "retry_after": null, "overrun": false, "by": null, "reason": null,
+            "force_open": false, "updates": [], "status_page": null, "upstream": [],
+            "config": null,
+            "save_overdue": {"since": "2026-12-08T01:00:00Z", "waiting": 3}
+        });
+        let state: StatusView = serde_json::from_value(state).unwrap();
+        let mut out = Vec::new();
+        print_state(&mut out, &state, "intermission ctl").unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.contains(
+                "SAVE OVERDUE: the state file's save has been under way since 2026-12-08T01:00:00Z"
+            ) && out.contains("3 request(s) wait behind it"),
+            "{out}"
+        );
+    }
+
     #[test]
     fn status_lists_the_first_windows_and_counts_the_others() {
         let at = |secs: u64| {

@@ -171,6 +171,20 @@ pub struct StatusView {
     /// changes them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub restart_pending: Vec<String>,
+    /// The state file's save, under way for over 5 s (a slow or hung disk): every change
+    /// waits for it, and is in force only once saved. An operator whose `ctl on` gave up
+    /// saw `status` answer the mode before it, with nothing to say why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_overdue: Option<SaveOverdue>,
+}
+
+/// A save taking long (`StatusView::save_overdue`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaveOverdue {
+    /// When it began.
+    pub since: Timestamp,
+    /// The requests waiting behind it in the controller's queue.
+    pub waiting: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

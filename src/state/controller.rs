@@ -11,7 +11,9 @@ use super::snapshot::{Inputs, Parts, Snapshot};
 use super::store;
 use super::StateHandle;
 use crate::config::{parse_duration, Config};
-use crate::control::protocol::{ErrorBody, Request, Response, ServerHealth, StatusView};
+use crate::control::protocol::{
+    ErrorBody, Request, Response, SaveOverdue, ServerHealth, StatusView,
+};
 use crate::health::{self, Checkers, Flip, HealthTable};
 use crate::hold::held::View;
 use crate::hold::pages::Pages;
@@ -39,6 +41,8 @@ pub struct ControllerHandle {
     tx: mpsc::Sender<Msg>,
     /// What read-only requests are answered from, without the controller's queue.
     published: Arc<ArcSwapOption<Published>>,
+    /// When the save under way began, once it has taken `HOLD_EVENTS` (`Controller::saving`).
+    overdue: Arc<ArcSwapOption<SystemTime>>,
 }
 
 /// What the read-only requests (`status`, `health`, `schedule_list`) are answered from: the
@@ -58,10 +62,14 @@ pub struct Published {
 }
 
 impl Published {
-    /// The answer to `req` when it only reads.
-    fn answer(&self, req: &Request) -> Option<Response> {
+    /// The answer to `req` when it only reads; `overdue`, what a `status` says of the save
+    /// under way.
+    fn answer(&self, req: &Request, overdue: Option<SaveOverdue>) -> Option<Response> {
         Some(match req {
-            Request::Status => Response::state(self.status_view()),
+            Request::Status => Response::state(StatusView {
+                save_overdue: overdue,
+                ..self.status_view()
+            }),
             Request::Health => Response::health(self.health()),
             Request::ScheduleList => Response::schedules(self.state.schedules.clone()),
             _ => return None,
@@ -96,6 +104,7 @@ impl Published {
             schedules: self.state.schedules.clone(),
             reload_refused: self.reload_refused.clone(),
             restart_pending: self.restart_pending.clone(),
+            save_overdue: None,
         }
     }
 }
@@ -108,6 +117,7 @@ impl ControllerHandle {
         ControllerHandle {
             tx: mpsc::channel(1).0,
             published: Arc::default(),
+            overdue: Arc::default(),
         }
     }
 
@@ -164,7 +174,11 @@ impl ControllerHandle {
             return None;
         }
         let published = self.published.load_full()?;
-        let resp = published.answer(req)?;
+        let overdue = self.overdue.load().as_deref().map(|&since| SaveOverdue {
+            since: crate::time::Timestamp(since),
+            waiting: self.tx.max_capacity() - self.tx.capacity(),
+        });
+        let resp = published.answer(req, overdue)?;
         published
             .snapshot
             .metrics
@@ -323,6 +337,9 @@ pub struct Controller {
     /// A health flip or window edge was put in force during the write under way
     /// (`write_state`): the change being saved is applied on top of it.
     served: bool,
+    /// When the save under way began, once it has taken `HOLD_EVENTS`: what `status` says of
+    /// it (`StatusView::save_overdue`), since the changes waiting for it are not shown.
+    saving: Arc<ArcSwapOption<SystemTime>>,
     /// Holds state writes while a test wants a slow disk.
     #[cfg(test)]
     write_gate: Option<Arc<tests::Gate>>,
@@ -441,6 +458,7 @@ impl Controller {
         // As the start just read it.
         let written = store::seen(&parts.config.control.state_file);
         let published = Arc::new(ArcSwapOption::empty());
+        let saving = Arc::new(ArcSwapOption::empty());
         let controller = Controller {
             rx,
             published: published.clone(),
@@ -477,10 +495,16 @@ impl Controller {
             holding: false,
             overdue: false,
             served: false,
+            saving: saving.clone(),
             #[cfg(test)]
             write_gate: None,
         };
-        (controller, ControllerHandle { tx, published }, handle)
+        let control = ControllerHandle {
+            tx,
+            published,
+            overdue: saving,
+        };
+        (controller, control, handle)
     }
 
     /// Lets saves and reloads take the state file's lock again when its file is gone.
@@ -1154,6 +1178,7 @@ impl Controller {
             let saved = renew(lock.as_deref()).and_then(|()| store::save(&path, &saved));
             (before, saved, store::seen(&path))
         });
+        let began = self.clock.now();
         let hold = tokio::time::sleep(HOLD_EVENTS);
         tokio::pin!(hold);
         let written = loop {
@@ -1172,9 +1197,13 @@ impl Controller {
                     self.served = true;
                     self.on_edge();
                 }
-                () = &mut hold, if !self.overdue => self.save_overdue(),
+                () = &mut hold, if !self.overdue => {
+                    self.saving.store(Some(Arc::new(began)));
+                    self.save_overdue();
+                }
             }
         };
+        self.saving.store(None);
         self.overdue = false;
         let (before, saved, after) = written.map_err(|e| {
             let advice = "Make room on that file system (or let the proxy's user write there)";
@@ -2443,6 +2472,65 @@ pub(crate) mod tests {
             until(|| kept.said(refused)).await,
             "the refusal went unsaid"
         );
+    }
+
+    /// `status` says that a save is overdue, since when and what waits behind it, as long as
+    /// it is: an operator whose `ctl on` gave up saw the mode before it, with nothing to say
+    /// why.
+    #[tokio::test(start_paused = true)]
+    async fn status_says_a_save_is_overdue() {
+        let gate = Arc::new(Gate::default());
+        let _opens = Opens(gate.clone());
+        let state = Persisted {
+            force_open: true,
+            ..Persisted::default()
+        };
+        let (rig, _) = build_rig(|_, _| {}, "", state, Some(gate.clone()));
+        assert!(rig.mode_becomes(Mode::Normal).await, "never published");
+        let began = rig.clock.now();
+        let handle = rig.handle.clone();
+        let on = tokio::spawn(async move {
+            let on = Request::On {
+                message: Some("Disk upgrade".into()),
+                until: None,
+                retry_after: None,
+                reason: None,
+            };
+            handle.request(on, "alice".into()).await
+        });
+        // `eventually` sleeps, and the clock stands still once a save is held.
+        assert!(until(|| gate.reached() > 0).await, "no save began");
+        let overdue = || async {
+            let status = rig.ask_now(Request::Status).await;
+            status.state.expect("a state").save_overdue
+        };
+        assert_eq!(overdue().await, None, "said before HOLD_EVENTS");
+        let mut waiting = Vec::new();
+        for _ in 0..2 {
+            match rig.handle.hand(Request::Off, "bob".into()).await {
+                Handed::Queued(pending) => waiting.push(pending),
+                Handed::Answered(resp) => panic!("{resp:?}"),
+            }
+        }
+        tokio::time::advance(HOLD_EVENTS).await;
+        let mut said = None;
+        for _ in 0..1000 {
+            said = overdue().await;
+            if said.is_some() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let said = said.expect("the overdue save not said");
+        assert_eq!(said.since.0, began);
+        // The two, and the `on` too when a save of the first check's finding came first.
+        assert!((2..=3).contains(&said.waiting), "{said:?}");
+        gate.open();
+        assert!(on.await.unwrap().ok);
+        for pending in waiting {
+            assert!(pending.answer().await.ok);
+        }
+        assert_eq!(overdue().await, None, "said once saved");
     }
 
     /// An `[upstream]` of one server on a port nothing listens on (yet), and that port: its
