@@ -3319,21 +3319,6 @@ pub(crate) mod tests {
         assert_eq!(notifier.pending(), 2, "the second window told ended too");
     }
 
-    /// What a test's subscriber writes, kept.
-    #[derive(Clone, Default)]
-    struct Kept(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Kept {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            kept.extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// The wall clock set back ten minutes during a window, with nothing published until its
     /// end: the log says so, by as much, at the controller's next look. Compared with the
     /// last publish alone (the window's start), the step went unsaid, and the window ended
