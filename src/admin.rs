@@ -54,6 +54,8 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// process is ready any more.
 pub const SUCCESSOR_HEADER: &str = "x-intermission-successor";
 /// How long shutdown waits for a response being written; idle keep-alive connections close at once.
+/// A stop's `shutdown_timeout` ends the wait sooner (`app`): this alone bounds the wait of a
+/// listener let go to the next proxy.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves GET /metrics (text format, correct Content-Type), GET /healthz (200 "ok": the process is

@@ -726,9 +726,16 @@ impl Running {
         );
         // Read at once, before the workers below drop what they still run.
         let cut = if drained { 0 } else { counted.count() };
-        if let Some((stop, task)) = self.admin {
+        // The admin listener's own drain (a `/metrics` answer still being written) ends at
+        // `shutdown_timeout` too: begun only now and given its `DRAIN_TIMEOUT` in full, a
+        // scraper that read slowly held the stop 5 s past it. What it leaves open closes
+        // with the runtime, a moment later.
+        if let Some((stop, mut task)) = self.admin {
             stop.fire();
-            let _ = task.await;
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                tracing::debug!("admin: connections still open at shutdown_timeout; closing them");
+                task.abort();
+            }
         }
         // Only now: a worker's runtime ends with the last handle on it, and every
         // connection still on it (parked ones) with it.

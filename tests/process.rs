@@ -896,6 +896,61 @@ async fn sigint_drains_for_at_most_shutdown_timeout_then_exits_0() {
     );
 }
 
+/// A stop ends within `shutdown_timeout` and a second or so, whatever the admin listener's
+/// clients do: a scraper that reads its `/metrics` answers slowly (here, not at all) held the
+/// admin listener's own drain, begun only once the proxy's had ended, for 5 s more, so that
+/// with `shutdown_timeout = "1s"` the process exited after some 6 s.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_metrics_reader_does_not_hold_a_stop_past_shutdown_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &format!(
+            "[upstream]\nservers = [\"{}\"]\n[proxy]\nshutdown_timeout = \"1s\"\n\
+             [admin]\nlisten = \"{admin}\"\n",
+            up.url()
+        ),
+    );
+    // A small receive buffer, and more answers asked for than it and the proxy's send
+    // buffer hold: the admin listener is left writing to a reader that reads nothing.
+    let mut scraper = None;
+    for _ in 0..250 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        if let Ok(s) = socket.connect(admin).await {
+            scraper = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut scraper = scraper.expect("the admin listener never took a connection");
+    let ask = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(200);
+    scraper.write_all(&ask).await.unwrap();
+    // Its first answer begun: the connection is being served, and busy until all are sent.
+    let mut first = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(10), scraper.read_exact(&mut first))
+        .await
+        .expect("no answer began")
+        .unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    let signalled = std::time::Instant::now();
+    proxy.signal("TERM");
+    let (status, waited) = exit_after(proxy, signalled).await;
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "did not exit 0");
+    assert!(
+        waited < Duration::from_secs(4),
+        "exited {waited:?} after SIGTERM with shutdown_timeout = 1s: the admin listener's \
+         reader held the stop"
+    );
+    drop(scraper);
+}
+
 /// A request still waiting for its answer's head as a stop's `shutdown_timeout` runs out is
 /// answered with the drain's `503` (`Connection: close`, `Retry-After: 1`) before the drain's
 /// end: it was closed with nothing said (curl: "empty reply"), against "nobody ever sees a
