@@ -1738,11 +1738,13 @@ async fn answer<C: Client>(
         // Once, on another healthy server, as `forward::forward` retries an idempotent request,
         // or any request the server never got (its connection not made: a `POST` too, as
         // nginx's `proxy_next_upstream error` does; the relay holds every body whole).
-        // Not at the bound on upstream sockets, as `forward::forward` does not.
+        // Not when the proxy itself is short (`forward::local_exhaustion`: the bound on
+        // upstream sockets, out of descriptors or memory), as `forward::forward` does not.
         let limited = forward::sockets::reached(&error);
+        let short = forward::local_exhaustion(&error);
         let unsent = matches!(error, UpstreamError::Connect { .. });
         let second =
-            (server == first && !limited && pool.servers.len() > 1 && (unsent || idempotent))
+            (server == first && !short && pool.servers.len() > 1 && (unsent || idempotent))
                 .then(|| match pool.relayable() {
                     true => pool.pick(&snap.up, Some(first)),
                     // Not to a server the relay does not reach (`UpstreamPool::relay_server`).

@@ -271,3 +271,144 @@ async fn metric_reaches(admin: std::net::SocketAddr, key: &str, want: &str) -> S
     }
     seen.unwrap_or_default()
 }
+
+/// A proxy out of file descriptors fails to connect to its server (`EMFILE`): its own
+/// shortage, not the server's, so the server's failures do not count it, and the request is
+/// not sent to another server either, which would fail alike. Both paths (the relay's, a plain
+/// keep-alive `GET`; hyper's, a `Connection: close` one) sent it again and counted a retry
+/// for the first server, whose `intermission_upstream_retries_total` then ran above its
+/// `intermission_upstream_failures_total`.
+#[tokio::test]
+async fn a_request_the_proxy_has_no_descriptor_for_is_not_retried_elsewhere() {
+    use tokio::io::AsyncWriteExt;
+    if !have_prlimit() {
+        return;
+    }
+    let first = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let second = upstream(|_req: Request<Incoming>| async { Response::new(full("app")) }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[upstream]\nservers = [\"{}\", \"{}\"]\n[health]\ninterval = \"1h\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n",
+        first.url(),
+        second.url()
+    );
+    let proxy = ProxyProcess::start(dir.path(), &config);
+    let admin = admin_addr(&proxy).await;
+    let pid = proxy.child.id();
+    let open = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    // The first checks made, their connections settled, before the descriptors are counted.
+    let checked = wait_until_async(|| async {
+        let health = proxy.ctl(&Ctl::Health).await.expect("ctl health");
+        health
+            .health
+            .unwrap()
+            .iter()
+            .all(|s| s.last_check.is_some())
+    })
+    .await;
+    assert!(checked);
+    // Once the connections of those checks and of `ctl health` have closed: the same count
+    // for half a second.
+    let mut before = open();
+    let mut same = 0;
+    for _ in 0..200 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = open();
+        same = if now == before { same + 1 } else { 0 };
+        before = now;
+        if same == 10 {
+            break;
+        }
+    }
+    assert_eq!(same, 10, "the proxy's descriptors never settled");
+    let mut relayed = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut through_hyper = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // Both accepted: the proxy holds their descriptors before it is left none.
+    assert!(wait_until(Duration::from_secs(10), || open() >= before + 2).await);
+    // A new descriptor takes the lowest number free, and fails (`EMFILE`) at or above the
+    // soft limit: that number, rather than the count open, leaves none.
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
+    let used: std::collections::HashSet<usize> = fds
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let lowest_free = (0..).find(|n| !used.contains(n)).unwrap();
+    let soft = |n: usize| {
+        let set = std::process::Command::new("prlimit")
+            .args(["--pid", &pid.to_string(), &format!("--nofile={n}:")])
+            .status()
+            .unwrap();
+        assert!(set.success());
+    };
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let was: usize = limits
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Max open files")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap();
+    soft(lowest_free);
+    let mut answers = Vec::new();
+    for (sock, request) in [
+        (&mut relayed, &b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"[..]),
+        (
+            &mut through_hyper,
+            &b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"[..],
+        ),
+    ] {
+        sock.write_all(request).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), read_response(sock))
+            .await
+            .expect("no answer");
+        answers.push(answer);
+    }
+    for answer in &answers {
+        let lower = answer.to_ascii_lowercase();
+        assert!(lower.starts_with("http/1.1 503"), "{answer}");
+        assert!(lower.contains("x-intermission-mode: outage"), "{answer}");
+    }
+    assert!(
+        proxy
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("Too many open files")),
+        "the connections did not fail for want of a descriptor: {:#?}",
+        proxy.log_lines()
+    );
+    // Room again for the scrape's connection.
+    soft(was);
+    drop((relayed, through_hyper));
+    let counted = |prefix: &'static str| async move {
+        let text = raw_exchange(
+            admin,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(10),
+        )
+        .await;
+        let series: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!series.is_empty()).then(|| series.iter().sum::<f64>())
+    };
+    let mut retries = None;
+    for _ in 0..250 {
+        retries = counted("intermission_upstream_retries_total{").await;
+        if retries.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(retries, Some(0.0), "{:#?}", proxy.log_lines());
+    let failures = counted("intermission_upstream_failures_total{").await;
+    assert_eq!(failures, Some(0.0));
+}

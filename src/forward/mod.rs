@@ -459,8 +459,10 @@ pub fn forward<'a>(
             // does: the request is idempotent, so a server still working on it does no harm, and
             // a hung server must not cost the client its answer while another one is healthy.
             // The copy is taken: there is one second attempt at most.
-            // Not at the bound on upstream sockets: another server's connection would wait
-            // for the same room, and the client twice as long for its outage answer.
+            // Not when the proxy itself is short (`local_exhaustion`: at the bound on upstream
+            // sockets, out of descriptors or memory): another server's connection would wait
+            // for the same room or fail alike, the client twice as long for its outage
+            // answer, and a retry would be counted for a server whose failures this is not.
             // An idempotent request once, and any other (a `POST` without a body, or one
             // held whole) only when the server never got it: its connection was not made.
             // A request given back unsent goes whatever its method and body, a streamed
@@ -474,7 +476,7 @@ pub fn forward<'a>(
                     never_got || (client_upgrade.is_none() && idempotent(method))
                 }))
             .then_some(())
-            .filter(|_| !sockets::reached(&error))
+            .filter(|_| !local_exhaustion(&error))
             .and_then(|()| pool.pick(up, Some(first)))
             // `up` is as the request found it: one taken out since is not tried.
             .filter(|&next| !marks.is_down(&pool.names[next]));
