@@ -9,8 +9,10 @@
 //! is parsed with httparse (as hyper does) in place, its lines read where they lie
 //! (`hold::fields`, no header map), judged by the gateway's own rules (`rule`: bypass cookies,
 //! allowed paths and addresses, reserved paths: the same code as every other request), and its
-//! answer, encoded when the state changed (`h1::Encoded`), written with one system call (a
-//! `writev` of its head and its pre-rendered body, which is not copied: `h1::Answers`).
+//! answer, encoded when the state changed (`hold::Held::write_encoded`: all but its `Date`,
+//! and while it counts down, its `Retry-After` and what follows from that), written with one
+//! system call (a `writev` of its head and its pre-rendered body, which is not copied:
+//! `h1::Answers`).
 //!
 //! Anything else goes to hyper, untouched, with the bytes read so far: another method, a body,
 //! a `Connection` other than `keep-alive`, `Upgrade` or `Expect`, HTTP/1.0, a target with a

@@ -304,9 +304,9 @@ fn say_close(resp: &mut Response<Body>) {
 /// nothing written. For writers other than hyper (`fast`), which read the request's lines
 /// without building an `http::Request`. `target` is the request target as sent: one that `Uri`
 /// would not keep as written is left to hyper (`h1::plain_path`), so that the log line shows
-/// the others as hyper's path shows the `Uri`. Unless `Retry-After` counts down to an
-/// announced end, the response was encoded when the state changed (`hold::Held`), and a
-/// request adds only its date.
+/// the others as hyper's path shows the `Uri`. The response was encoded when the state
+/// changed (`hold::Held`), and a request adds only its date, or while `Retry-After` counts
+/// down to an announced end, the number of its moment and what depends on it too.
 pub fn write_held<'s, H: Fields + ?Sized>(
     snap: &'s Snapshot,
     conn: &Conn,
@@ -331,15 +331,15 @@ pub fn write_held<'s, H: Fields + ?Sized>(
     let cors = crate::hold::cors::allowed(&snap.config.maintenance.cors_origins, headers);
     let (form, lang) = reserved::choose_form(snap, headers, path, method);
     // Nor a gRPC one, typed and paced by the call's own headers (`reserved::respond`).
-    let encoded = held
-        .encoded(form, lang, head)
-        .filter(|_| cors.is_none() && form != crate::hold::negotiate::Form::Grpc);
+    let kept = cors.is_none() && form != crate::hold::negotiate::Form::Grpc;
     let hsts = snap.hsts(conn.tls());
-    let (status, bytes) = match encoded {
-        Some(encoded) => {
-            encoded.answer_with(hsts.map_or(&[][..], crate::config::Hsts::line), out);
-            (encoded.status(), encoded.body_len())
-        }
+    let extra = hsts.map_or(&[][..], crate::config::Hsts::line);
+    let written = match kept {
+        true => held.write_encoded(form, lang, head, extra, out),
+        false => None,
+    };
+    let (status, bytes) = match written {
+        Some(written) => written,
         None => {
             let answered = reserved::Preflights::Answered;
             let resp = reserved::respond(snap, held, headers, path, method, answered);
@@ -1377,11 +1377,33 @@ mod tests {
     #[test]
     fn a_held_request_written_without_hyper_is_the_held_answer_encoded() {
         let conn = super::Conn::new("127.0.0.1:40000".parse().unwrap(), false);
-        for log in ["", "[log]\naccess_log = true\n"] {
-            let snap = holding(log);
-            // The snapshot keeps the encodings, whether the access log is on or off.
+        // Two days away, `Retry-After` is a day at every moment of the test.
+        let ends = std::time::SystemTime::now() + std::time::Duration::from_secs(2 * 86_400);
+        for (log, until) in [
+            ("", None),
+            ("[log]\naccess_log = true\n", None),
+            ("", Some(ends)),
+        ] {
+            let snap = crate::state::snapshot::for_tests_until(log, true, until);
+            // The snapshot keeps the encodings, whether the access log is on or off, and
+            // whether `Retry-After` counts down or not: the page is sent from where it lies,
+            // not built and copied into the buffer.
             let kept = snap.held.as_ref().unwrap().encoded(Form::Html, 0, false);
-            assert!(kept.is_some(), "{log:?}");
+            assert_eq!(kept.is_some(), until.is_none(), "{log:?}");
+            let browser = Request::get("/shop").header("accept", "text/html");
+            let req = browser.body(()).unwrap();
+            let mut buf = Vec::new();
+            let mut out = crate::h1::Answers::new(&mut buf);
+            let (get, headers) = (req.method(), req.headers());
+            assert!(super::write_held(
+                &snap, &conn, get, "/shop", headers, &mut out
+            ));
+            let mut pieces = [std::io::IoSlice::new(&[]); crate::h1::PIECES];
+            assert_eq!(
+                out.pieces(&mut pieces),
+                2,
+                "{until:?}: the head, then the page"
+            );
             for (method, accept) in [("GET", "text/html"), ("HEAD", "application/json")] {
                 let req = Request::builder()
                     .method(method)
@@ -1404,7 +1426,8 @@ mod tests {
                 let mut want = Vec::new();
                 let body = body.into_ready().unwrap();
                 crate::h1::encode(&parts, &body, method == "HEAD", &mut want);
-                assert_eq!(undated(&got), undated(&want), "{log:?} {method} {accept}");
+                let case = format!("{log:?} {until:?} {method} {accept}");
+                assert_eq!(undated(&got), undated(&want), "{case}");
             }
             // Not a held request: nothing written, left to hyper.
             let reserved = "/_intermission/status";

@@ -1,8 +1,9 @@
 //! The HTTP/1.1 wire form of a whole response, written as hyper writes it, for the answers
 //! sent without hyper (`fast`), and the request targets that the paths without hyper take as
 //! `Uri` would take them. The holding responses are encoded once per change of state
-//! (`Encoded`, kept by `hold::held` while no answer depends on the moment), so that a held
-//! request adds only the `Date` of its second to bytes ready to send.
+//! (`Encoded`, kept by `hold::held` while no answer depends on the moment, else their heads up
+//! to `Retry-After`), so that a held request adds only the `Date` of its second (and that
+//! number) to bytes ready to send.
 
 use bytes::Bytes;
 use http::header;
@@ -125,7 +126,8 @@ impl<'s, 'b> Answers<'s, 'b> {
         self.buf
     }
 
-    fn body(&mut self, body: &'s [u8]) {
+    /// Adds `body` to the answers, kept where it lies unless the answers are copied.
+    pub fn body(&mut self, body: &'s [u8]) {
         match self.bodies.get_mut(self.kept) {
             Some(slot) if !self.copy && !body.is_empty() => {
                 *slot = (self.buf.len(), body);
@@ -185,6 +187,12 @@ pub fn encode(parts: &Parts, body: &Bytes, head: bool, out: &mut Vec<u8>) {
     end_head(dated, body, out);
 }
 
+/// The status line and the header lines of `parts`, as `encode` writes them, without a length,
+/// a date or the blank line: for an answer whose other lines depend on the moment.
+pub fn encode_fields(parts: &Parts, out: &mut Vec<u8>) {
+    encode_head(parts, 0, true, out);
+}
+
 /// Writes all of the head but `date` and the blank line; returns whether it had a `Date`.
 fn encode_head(parts: &Parts, body_len: usize, head: bool, out: &mut Vec<u8>) -> bool {
     let status = parts.status;
@@ -219,8 +227,14 @@ fn end_head(dated: bool, body: &[u8], out: &mut Vec<u8>) {
 
 /// Appends a `date` header line for now, as hyper's server adds to a response without one.
 pub fn date_header(out: &mut Vec<u8>) {
+    date_header_at(SystemTime::now(), out);
+}
+
+/// `date_header` at `now`: for an answer whose other lines were worked out from the same
+/// reading of the clock.
+pub fn date_header_at(now: SystemTime, out: &mut Vec<u8>) {
     out.extend_from_slice(b"date: ");
-    with_date(|date| out.extend_from_slice(date));
+    date_at(now, |date| out.extend_from_slice(date));
     out.extend_from_slice(b"\r\n");
 }
 
@@ -243,11 +257,7 @@ thread_local! {
     };
 }
 
-fn with_date(f: impl FnOnce(&[u8])) {
-    date_at(SystemTime::now(), f);
-}
-
-/// `with_date` at `now`.
+/// Calls `f` with the `Date` value of the second of `now`.
 fn date_at(now: SystemTime, f: impl FnOnce(&[u8])) {
     DATE.with(|cell| {
         let mut cached = cell.borrow_mut();

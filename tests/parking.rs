@@ -256,11 +256,16 @@ async fn a_connection_whose_upgrade_was_refused_keeps_serving_after_idling() {
 
 /// Maintenance switched on or off through the control socket.
 async fn maintenance(proxy: &Proxy, on: bool) {
+    maintenance_until(proxy, on, None).await;
+}
+
+/// `maintenance`, switched on with the announced end `until` (`ctl on --until`).
+async fn maintenance_until(proxy: &Proxy, on: bool, until: Option<&str>) {
     use intermission::control::protocol::Request as Ctl;
     let req = if on {
         Ctl::On {
             message: Some("Back at ten".into()),
-            until: None,
+            until: until.map(str::to_owned),
             retry_after: None,
             reason: None,
         }
@@ -311,19 +316,29 @@ async fn expect_held(s: &mut TcpStream) {
     assert!(status.starts_with("HTTP/1.1 503"), "{status}");
 }
 
+/// Whether or not `Retry-After` counts down to an announced end (two days away, it is a day
+/// at every moment of the test).
 #[tokio::test(flavor = "multi_thread")]
 async fn held_answers_are_the_same_whether_hyper_writes_them_or_not() {
     let (_up, proxy) = app_and_proxy("").await;
-    maintenance(&proxy, true).await;
+    for (until, retry_after) in [(None, "300"), (Some("+48h"), "86400")] {
+        maintenance_until(&proxy, true, until).await;
+        same_answers_both_ways(&proxy, retry_after).await;
+    }
+}
+
+async fn same_answers_both_ways(proxy: &Proxy, retry_after: &str) {
     // More headers than the parked connection reads itself: hyper answers the padded twin.
     let pad: String = (0..60).map(|i| format!("X-Pad-{i}: 1\r\n")).collect();
     for (method, accept) in [
         ("GET", "Accept: text/html"),
         ("GET", "Accept: application/json"),
         ("GET", "Accept: text/plain"),
+        ("GET", "Accept: text/event-stream"),
         ("GET", "Content-Type: application/grpc"),
         ("HEAD", "Accept: text/html"),
         ("HEAD", "Accept: application/json"),
+        ("HEAD", "Accept: text/event-stream"),
         ("HEAD", "Content-Type: application/grpc"),
     ] {
         let head = method == "HEAD";
@@ -334,8 +349,8 @@ async fn held_answers_are_the_same_whether_hyper_writes_them_or_not() {
             let mut s = TcpStream::connect(proxy.addr).await.unwrap();
             s.write_all(request.as_bytes()).await.unwrap();
             let (status, mut headers, body) = one_response(&mut s, head).await;
-            let grpc = accept.contains("grpc");
-            let want = if grpc {
+            let streams = accept.contains("grpc") || accept.contains("event-stream");
+            let want = if streams {
                 "HTTP/1.1 200 OK"
             } else {
                 "HTTP/1.1 503 Service Unavailable"
@@ -348,11 +363,8 @@ async fn held_answers_are_the_same_whether_hyper_writes_them_or_not() {
             answers.push((headers, body));
         }
         assert_eq!(answers[0], answers[1], "{method} {accept}");
-        assert!(
-            answers[0].0.iter().any(|h| h == "retry-after: 300"),
-            "{:?}",
-            answers[0].0
-        );
+        let line = format!("retry-after: {retry_after}");
+        assert!(answers[0].0.contains(&line), "{line}: {:?}", answers[0].0);
     }
 }
 

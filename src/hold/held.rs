@@ -1,19 +1,20 @@
 //! The holding responses, rendered once per change of state and served by cloning `Bytes`;
-//! for a held request written without hyper (`crate::fast`), with the access log off and no
-//! countdown to an announced end, by copying their HTTP/1.1 encoding.
+//! for a held request written without hyper (`crate::fast`), by copying their HTTP/1.1
+//! encoding.
 //!
 //! Only `Retry-After` depends on the moment of the request (it counts down to `until`), so the
-//! JSON bodies that carry it are stored split around that one number and joined per request.
+//! JSON bodies that carry it are stored split around that one number and joined per request,
+//! and while it counts down the encodings are kept up to it, for each request to add it.
 
 use super::negotiate::Form;
 use super::pages::Pages;
 use super::render::{self, UpdateItem, Values};
 use crate::body::Body;
 use crate::config::MaintenanceConfig;
-use crate::h1::Encoded;
+use crate::h1::{Answers, Encoded};
 use crate::state::mode::{Mode, Persisted, Update, MAX_RETRY_AFTER, MIN_RETRY_AFTER};
 use crate::time::{announced_end, seconds_until, whole_seconds, Timestamp};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use serde::Serialize;
@@ -186,12 +187,28 @@ impl Spliced {
         if self.tail.is_empty() {
             return self.head.clone();
         }
-        let number = retry_after.to_string();
-        let mut out = BytesMut::with_capacity(self.head.len() + number.len() + self.tail.len());
+        let mut number = itoa::Buffer::new();
+        let digits = number.format(retry_after).as_bytes();
+        let mut out = Vec::with_capacity(self.len_with(digits));
+        self.write_with(digits, &mut out);
+        Bytes::from(out)
+    }
+
+    /// The length of the document with the number written `digits`.
+    fn len_with(&self, digits: &[u8]) -> usize {
+        match self.tail.is_empty() {
+            true => self.head.len(),
+            false => self.head.len() + digits.len() + self.tail.len(),
+        }
+    }
+
+    /// Appends the document with the number written `digits` to `out`.
+    fn write_with(&self, digits: &[u8], out: &mut Vec<u8>) {
         out.extend_from_slice(&self.head);
-        out.extend_from_slice(number.as_bytes());
-        out.extend_from_slice(&self.tail);
-        out.freeze()
+        if !self.tail.is_empty() {
+            out.extend_from_slice(digits);
+            out.extend_from_slice(&self.tail);
+        }
     }
 }
 
@@ -352,7 +369,25 @@ pub struct Held {
     /// (`crate::fast`) is then a copy. `None` while `Retry-After` counts down, and unless
     /// asked for (`with_encodings`: the outage answer to a failed forward never needs them).
     encoded: Option<[Vec<[Encoded; 2]>; 5]>,
+    /// While `Retry-After` counts down, the heads of those responses encoded up to its value,
+    /// which comes last (`respond`), and the line `retry-after: ` started: by `Form`, then
+    /// language (HTML only); none for gRPC, which is never written from them. A request adds
+    /// the number of its moment, the length, the date and the body (`write_counting`).
+    counting: Option<[Vec<Bytes>; 5]>,
 }
+
+/// The body of a counting answer (`Held::write_counting`).
+enum Counted<'s, 'n> {
+    /// The same at every moment, sent from where it lies.
+    Kept(Option<&'s Bytes>),
+    /// The problem document, with the number of the moment.
+    Json,
+    /// The event stream, with its reconnection delay (written so) and the number.
+    Events(&'n [u8]),
+}
+
+/// What comes after the value of `Retry-After` in a counting answer's head, before its length.
+const AFTER_RETRY: &[u8] = b"\r\ncontent-length: ";
 
 /// In `form_index` order.
 const FORMS: [Form; 5] = [
@@ -377,18 +412,55 @@ fn form_index(form: Form) -> usize {
 /// one `intermission` event, which a page can listen for and the app's own `message`
 /// listeners never see. No `id:` field, so that the browser keeps the app's last event ID
 /// and sends it back to the app when the hold ends, to resume where it left off.
-fn event_stream(mode: Mode, retry_after: u64, problem: &[u8]) -> Bytes {
+fn event_stream(mode: Mode, retry_after: u64, problem: &Spliced) -> Bytes {
+    let (mut secs, mut ms) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let secs = secs.format(retry_after).as_bytes();
+    let ms = ms.format(reconnect_ms(mode, retry_after)).as_bytes();
+    let mut out = Vec::with_capacity(events_len(ms, secs, problem));
+    write_events(ms, secs, problem, &mut out);
+    Bytes::from(out)
+}
+
+/// The event stream's reconnection delay for `retry_after`, in milliseconds.
+fn reconnect_ms(mode: Mode, retry_after: u64) -> u64 {
     let most = match mode {
         Mode::Outage => MAX_RECONNECT_OUTAGE,
         _ => MAX_RECONNECT_MAINTENANCE,
     };
-    let ms = retry_after.min(most).saturating_mul(1000);
-    let mut out = BytesMut::with_capacity(problem.len() + 64);
-    out.extend_from_slice(format!("retry: {ms}\nevent: intermission\ndata: ").as_bytes());
+    retry_after.min(most).saturating_mul(1000)
+}
+
+const EVENTS_BEFORE: &[u8] = b"retry: ";
+const EVENTS_BETWEEN: &[u8] = b"\nevent: intermission\ndata: ";
+const EVENTS_AFTER: &[u8] = b"\n\n";
+
+/// The length of the event stream whose delay is written `ms` and whose problem's number is
+/// written `secs`.
+fn events_len(ms: &[u8], secs: &[u8], problem: &Spliced) -> usize {
+    EVENTS_BEFORE.len()
+        + ms.len()
+        + EVENTS_BETWEEN.len()
+        + problem.len_with(secs)
+        + EVENTS_AFTER.len()
+}
+
+/// Appends that event stream to `out`.
+fn write_events(ms: &[u8], secs: &[u8], problem: &Spliced, out: &mut Vec<u8>) {
+    out.extend_from_slice(EVENTS_BEFORE);
+    out.extend_from_slice(ms);
+    out.extend_from_slice(EVENTS_BETWEEN);
     // serde_json's compact output escapes every line break, so the document is one line.
-    out.extend_from_slice(problem);
-    out.extend_from_slice(b"\n\n");
-    out.freeze()
+    problem.write_with(secs, out);
+    out.extend_from_slice(EVENTS_AFTER);
+}
+
+/// The status of `form`'s answer: 200 where the client reads the hold from what follows
+/// (`grpc-status`, the event), as an `EventSource` gives up for good at any other.
+fn status_of(form: Form) -> StatusCode {
+    match form {
+        Form::Grpc | Form::EventStream => StatusCode::OK,
+        Form::Html | Form::Text | Form::Json => StatusCode::SERVICE_UNAVAILABLE,
+    }
 }
 
 /// The headers of `form` that do not depend on the moment of the request.
@@ -458,13 +530,10 @@ impl Held {
             None => json.fixed(view.retry_default),
             Some(_) => json,
         };
-        let events = view.until.is_none().then(|| {
-            event_stream(
-                view.mode,
-                view.retry_default,
-                &json.with(view.retry_default),
-            )
-        });
+        let events = view
+            .until
+            .is_none()
+            .then(|| event_stream(view.mode, view.retry_default, &json));
         let grpc_message =
             HeaderValue::from_str(&grpc_percent_encode(&view.message, MAX_GRPC_MESSAGE))
                 .unwrap_or_else(|_| HeaderValue::from_static("unavailable"));
@@ -496,25 +565,47 @@ impl Held {
             html_heads,
             retry_fixed,
             encoded: None,
+            counting: None,
         }
     }
 
-    /// The same, with every answer also kept encoded (`encoded`) when none depends on the
-    /// moment: for the answers to held requests, which `crate::fast` writes without hyper.
+    /// The same, with every answer also kept encoded (`encoded`), or while `Retry-After`
+    /// counts down, every head up to it (`counting`): for the answers to held requests, which
+    /// `crate::fast` writes without hyper (`write_encoded`).
     pub fn with_encodings(mut self) -> Held {
+        let langs = |form: Form| match form {
+            Form::Html => self.html.len().max(1),
+            _ => 1,
+        };
         if self.retry_fixed.is_some() {
             self.encoded = Some(FORMS.map(|form| {
-                let langs = if form == Form::Html {
-                    self.html.len()
-                } else {
-                    1
-                };
-                (0..langs.max(1))
+                (0..langs(form))
                     .map(|lang| [false, true].map(|head| self.encode(form, lang, head)))
                     .collect()
             }));
+        } else {
+            self.counting = Some(FORMS.map(|form| {
+                match form {
+                    Form::Grpc => Vec::new(),
+                    _ => (0..langs(form))
+                        .map(|lang| self.counting_head(form, lang))
+                        .collect(),
+                }
+            }));
         }
         self
+    }
+
+    /// The head of `respond`'s answer up to the value of its `Retry-After`.
+    fn counting_head(&self, form: Form, lang: usize) -> Bytes {
+        let mut parts = Response::new(()).into_parts().0;
+        parts.status = status_of(form);
+        parts.headers = self.fixed_head(form, lang).clone();
+        let mut out = Vec::with_capacity(256);
+        crate::h1::encode_fields(&parts, &mut out);
+        out.extend_from_slice(header::RETRY_AFTER.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        Bytes::from(out)
     }
 
     fn encode(&self, form: Form, lang: usize, head: bool) -> Encoded {
@@ -530,6 +621,100 @@ impl Held {
         Some(&pair[usize::from(head)])
     }
 
+    /// Writes `respond`'s answer now to `out` from what `with_encodings` kept, with the header
+    /// lines `extra` (each ending in CRLF) after the encoded ones; its status and the length
+    /// of the body sent. `None`, with nothing written, when nothing was kept for it.
+    pub fn write_encoded<'s>(
+        &'s self,
+        form: Form,
+        lang: usize,
+        head: bool,
+        extra: &[u8],
+        out: &mut Answers<'s, '_>,
+    ) -> Option<(StatusCode, usize)> {
+        if let Some(encoded) = self.encoded(form, lang, head) {
+            encoded.answer_with(extra, out);
+            return Some((encoded.status(), encoded.body_len()));
+        }
+        self.write_counting(form, lang, head, SystemTime::now(), extra, out)
+    }
+
+    /// `write_encoded` while `Retry-After` counts down, at `now`: the head kept, then what
+    /// depends on the moment, worked out from the one reading of the clock that also dates
+    /// the answer, so that its number and its date are of the same second. No lock and no
+    /// allocation: the number is spliced in where it goes, not re-encoded once a second into
+    /// answers that each thread would have to share or keep (with `until` not on a whole
+    /// second, its steps do not fall on `Date`'s either), for `View::retry_after` and two or
+    /// three numbers formatted per request (the date needed the clock anyway). The bodies
+    /// that carry the number (JSON, the event stream) are copied; the page and the text stay
+    /// where they lie (`Answers::body`).
+    fn write_counting<'s>(
+        &'s self,
+        form: Form,
+        lang: usize,
+        head: bool,
+        now: SystemTime,
+        extra: &[u8],
+        out: &mut Answers<'s, '_>,
+    ) -> Option<(StatusCode, usize)> {
+        let by_lang = self.counting.as_ref()?.get(form_index(form))?;
+        let start = by_lang.get(lang).or(by_lang.first())?;
+        let retry = self.view.retry_after(now);
+        let (mut secs, mut ms, mut len) = (
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+        );
+        let secs = secs.format(retry).as_bytes();
+        let body = match form {
+            Form::Html => Counted::Kept(self.html.get(lang).or(self.html.first())),
+            Form::Text => Counted::Kept(Some(&self.text)),
+            Form::Json => Counted::Json,
+            Form::EventStream => {
+                Counted::Events(ms.format(reconnect_ms(self.view.mode, retry)).as_bytes())
+            }
+            Form::Grpc => return None,
+        };
+        let body_len = match body {
+            Counted::Kept(kept) => kept.map_or(0, Bytes::len),
+            Counted::Json => self.json.len_with(secs),
+            Counted::Events(ms) => events_len(ms, secs, &self.json),
+        };
+        let buf = out.buf();
+        let copied = if matches!(body, Counted::Kept(_)) {
+            0
+        } else {
+            body_len
+        };
+        buf.reserve(start.len() + extra.len() + 80 + copied);
+        buf.extend_from_slice(start);
+        buf.extend_from_slice(secs);
+        buf.extend_from_slice(AFTER_RETRY);
+        buf.extend_from_slice(len.format(body_len).as_bytes());
+        buf.extend_from_slice(b"\r\n");
+        buf.extend_from_slice(extra);
+        crate::h1::date_header_at(now, buf);
+        buf.extend_from_slice(b"\r\n");
+        if head {
+            return Some((status_of(form), 0));
+        }
+        match body {
+            Counted::Kept(kept) => out.body(kept.map_or(&[][..], |b| &b[..])),
+            Counted::Json => self.json.write_with(secs, buf),
+            Counted::Events(ms) => write_events(ms, secs, &self.json, buf),
+        }
+        Some((status_of(form), body_len))
+    }
+
+    /// The headers of `form`'s answer in language `lang` that do not depend on the moment.
+    fn fixed_head(&self, form: Form, lang: usize) -> &HeaderMap {
+        let heads = match form {
+            Form::Html => self.html_heads.get(lang).or(self.html_heads.first()),
+            _ => None,
+        };
+        heads.unwrap_or(&self.heads[form_index(form)])
+    }
+
     /// The response for one held request. The clock is read only when `Retry-After` counts
     /// down to an announced end.
     pub fn respond(
@@ -543,31 +728,24 @@ impl Held {
             Some(_) => self.view.retry_default,
             None => self.view.retry_after(now()),
         };
-        let (status, body) = match form {
-            Form::Grpc => (StatusCode::OK, Bytes::new()),
-            Form::EventStream => (
-                StatusCode::OK,
-                match &self.events {
-                    Some(events) => events.clone(),
-                    None => event_stream(self.view.mode, retry, &self.json.with(retry)),
-                },
-            ),
-            Form::Html => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                self.html
-                    .get(lang)
-                    .or(self.html.first())
-                    .cloned()
-                    .unwrap_or_default(),
-            ),
-            Form::Text => (StatusCode::SERVICE_UNAVAILABLE, self.text.clone()),
-            Form::Json => (StatusCode::SERVICE_UNAVAILABLE, self.json.with(retry)),
+        let body = match form {
+            Form::Grpc => Bytes::new(),
+            Form::EventStream => match &self.events {
+                Some(events) => events.clone(),
+                None => event_stream(self.view.mode, retry, &self.json),
+            },
+            Form::Html => self
+                .html
+                .get(lang)
+                .or(self.html.first())
+                .cloned()
+                .unwrap_or_default(),
+            Form::Text => self.text.clone(),
+            Form::Json => self.json.with(retry),
         };
-        let heads = match form {
-            Form::Html => self.html_heads.get(lang).or(self.html_heads.first()),
-            _ => None,
-        };
-        let mut headers = heads.unwrap_or(&self.heads[form_index(form)]).clone();
+        // `write_counting` writes these answers from `fixed_head`, with `Retry-After` after
+        // it and the length (for HEAD here, from the encoder for GET) after that.
+        let mut headers = self.fixed_head(form, lang).clone();
         let fixed = self.retry_fixed.as_ref();
         headers.insert(
             header::RETRY_AFTER,
@@ -585,7 +763,7 @@ impl Held {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
         let mut resp = Response::new(if head { Body::Empty } else { Body::full(body) });
-        *resp.status_mut() = status;
+        *resp.status_mut() = status_of(form);
         *resp.headers_mut() = headers;
         resp
     }
@@ -948,13 +1126,108 @@ mod tests {
             html[1]
         );
         assert_eq!(html[2], html[0]);
-        // With an announced end, Retry-After counts down: nothing is kept encoded.
-        let ends = SystemTime::now() + std::time::Duration::from_secs(600);
-        let counting =
-            Held::new(&pages, view(Some(ends)), "/_i/", SystemTime::now()).with_encodings();
-        assert!(FORMS
-            .iter()
-            .all(|&f| counting.encoded(f, 0, false).is_none()));
+    }
+
+    /// While `Retry-After` counts down to an announced end, the answers written from the
+    /// heads kept (`write_counting`) are those `respond` gives at the same moment, encoded:
+    /// in every form and language, for GET and HEAD, as the number's width changes, in the
+    /// last seconds before the end, past it (the minute shown, then the overrun, or a
+    /// window's end), capped at a day; dated by the same reading of the clock.
+    #[test]
+    fn the_answers_counting_down_are_the_answers_encoded_at_their_moment() {
+        use std::time::Duration;
+        let pages = pages(&["en", "fr"]);
+        let ms = Duration::from_millis;
+        let secs = Duration::from_secs;
+        // An end on a whole minute, and one not even on a whole second: the steps of
+        // `Retry-After` are not those of `Date`.
+        let minute = SystemTime::UNIX_EPOCH + secs(1_800_000_000);
+        let odd = minute + secs(1234) + ms(250);
+        let mut seen = std::collections::BTreeSet::new();
+        for (end, overrun, by_itself, mode) in [
+            (minute, false, false, Mode::Maintenance),
+            (odd, false, false, Mode::Maintenance),
+            (minute, true, false, Mode::Maintenance),
+            (odd, true, false, Mode::Maintenance),
+            (minute, false, true, Mode::Maintenance),
+            (odd, false, false, Mode::Outage),
+        ] {
+            let mut v = view(Some(end));
+            (v.overrun, v.ends_by_itself, v.mode) = (overrun, by_itself, mode);
+            let held = Held::new(&pages, v, "/_i/", end - secs(60)).with_encodings();
+            assert!(held.encoded(Form::Html, 0, false).is_none());
+            let before = [
+                secs(3 * 86_400),
+                secs(86_401),
+                secs(86_400),
+                secs(86_399) + ms(1),
+                secs(86_399),
+                secs(100_000) + ms(999),
+                secs(600),
+                secs(100),
+                secs(99) + ms(500),
+                secs(99),
+                secs(61),
+                secs(60),
+                secs(59) + ms(1),
+                secs(10),
+                secs(9) + ms(999),
+                secs(9),
+                secs(2),
+                secs(1),
+                ms(999),
+                ms(1),
+                Duration::ZERO,
+            ];
+            let after = [ms(1), ms(500), secs(1), secs(29), secs(45), secs(3600)];
+            let moments = (before.iter().map(|&d| end - d)).chain(after.iter().map(|&d| end + d));
+            for at in moments {
+                let retry = held.view.retry_after(at);
+                seen.insert(retry);
+                for form in FORMS {
+                    for lang in 0..3 {
+                        for head in [false, true] {
+                            let case = format!("{end:?} {overrun} {by_itself} {mode:?} at {at:?}: {form:?} {lang} {head}");
+                            let (parts, body) = held.respond(form, lang, head, || at).into_parts();
+                            let body = body.into_ready().unwrap_or_default();
+                            let mut want = Vec::new();
+                            crate::h1::encode(&parts, &body, head, &mut want);
+                            let mut got = Vec::new();
+                            let mut out = Answers::copied(&mut got);
+                            let written = held.write_counting(form, lang, head, at, b"", &mut out);
+                            if form == Form::Grpc {
+                                assert_eq!(written, None, "{case}");
+                                assert!(got.is_empty());
+                                continue;
+                            }
+                            assert_eq!(written, Some((parts.status, body.len())), "{case}");
+                            assert_eq!(undated(&got), undated(&want), "{case}");
+                            let date = format!("\r\ndate: {}\r\n", httpdate::fmt_http_date(at));
+                            let text = String::from_utf8(got.clone()).unwrap();
+                            assert!(text.contains(&date), "{case}: {text}");
+                            assert!(text.contains(&format!("\r\nretry-after: {retry}\r\n")));
+                            // Lines of its own (HSTS) go before the date, as `Encoded`'s do;
+                            // the body kept where it lies is sent in its place.
+                            let mut with = Vec::new();
+                            let mut out = Answers::new(&mut with);
+                            let extra = b"x-extra: 1\r\n";
+                            held.write_counting(form, lang, head, at, extra, &mut out);
+                            let mut pieces = [std::io::IoSlice::new(&[]); crate::h1::PIECES];
+                            let n = out.pieces(&mut pieces);
+                            let sent: Vec<u8> =
+                                pieces[..n].iter().flat_map(|p| p.to_vec()).collect();
+                            let added = text.replacen("\r\ndate: ", "\r\nx-extra: 1\r\ndate: ", 1);
+                            assert_eq!(String::from_utf8(sent).unwrap(), added, "{case}");
+                        }
+                    }
+                }
+            }
+        }
+        // Every width of the number and of the event stream's delay was written.
+        for want in [1, 9, 10, 99, 100, 300, 86_399, 86_400] {
+            assert!(seen.contains(&want), "{want}: {seen:?}");
+        }
+        assert!(seen.iter().all(|&r| (1..=86_400).contains(&r)), "{seen:?}");
     }
 
     /// Each page says its language, so that a crawler, a translating CDN or a screen reader

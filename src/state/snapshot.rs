@@ -267,8 +267,18 @@ impl StateHandle {
 /// A snapshot built from the config text `toml`, with maintenance on (`hold`) or off and every
 /// server healthy, for unit tests of what reads one.
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 pub(crate) fn for_tests(toml: &str, hold: bool) -> Snapshot {
+    for_tests_until(toml, hold, None)
+}
+
+/// `for_tests`, maintenance announced to end at `until`.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn for_tests_until(
+    toml: &str,
+    hold: bool,
+    until: Option<std::time::SystemTime>,
+) -> Snapshot {
     use crate::state::mode::{Change, Persisted};
     let dir = tempfile::tempdir().unwrap();
     let config = crate::config::Config::parse(toml, dir.path(), None).unwrap();
@@ -280,7 +290,7 @@ pub(crate) fn for_tests(toml: &str, hold: bool) -> Snapshot {
     if hold {
         let on = Change::On {
             message: Some("Back soon".into()),
-            until: None,
+            until: until.map(Some),
             retry_after: None,
             reason: None,
             by: "test".into(),
