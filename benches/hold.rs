@@ -21,6 +21,11 @@ use std::path::Path;
 use std::time::SystemTime;
 
 fn setup() -> (Config, Pages, View) {
+    setup_until(None)
+}
+
+/// `setup`, maintenance announced to end at `until`.
+fn setup_until(until: Option<SystemTime>) -> (Config, Pages, View) {
     let mut config = Config::parse("", Path::new("."), None).unwrap();
     config.maintenance.pages = PagesSource::BuiltIn;
     let pages = Pages::load(&config.maintenance).unwrap();
@@ -29,7 +34,7 @@ fn setup() -> (Config, Pages, View) {
         .apply(
             Change::On {
                 message: Some("We are upgrading the database. Back by 10:00 UTC.".into()),
-                until: None,
+                until: until.map(Some),
                 retry_after: None,
                 reason: None,
                 by: "bench".into(),
@@ -92,6 +97,26 @@ fn serve(c: &mut Criterion) {
             out.len()
         })
     });
+    // While `Retry-After` counts down to an announced end ("back by 14:00"): the head kept up
+    // to it, the number, length and date of the moment added (`Held::write_encoded`).
+    let ends = SystemTime::now() + std::time::Duration::from_secs(2 * 3600);
+    let (_, _, counting) = setup_until(Some(ends));
+    let counting = Held::new(&pages, counting, &prefix, SystemTime::now()).with_encodings();
+    c.bench_function(
+        "held page written: counting down, encoded up to Retry-After",
+        |b| {
+            b.iter(|| {
+                let mut answers = h1::Answers::copied(&mut out);
+                let form = negotiate::choose_form(black_box(&headers), "/shop", &prefixes);
+                let lang =
+                    negotiate::choose_language(headers.value(&ACCEPT_LANGUAGE), &pages.langs);
+                counting.write_encoded(form, lang, false, b"", &mut answers);
+                let len = answers.len();
+                out.clear();
+                len
+            })
+        },
+    );
     c.bench_function("held page written: build the response + encode it", |b| {
         b.iter(|| {
             out.clear();

@@ -6,6 +6,8 @@
 # 3,000 requests of warm-up, then N = 10,000 and 3N under instrumentation; per request =
 # (T(3N) - T(N)) / 2N, which leaves out start-up and connection set-up. The nginx upstream is
 # there only for the health checks (a server down is checked every 500 ms, which would count).
+# With UNTIL set (UNTIL=+2h), maintenance has that announced end, as a scheduled window or
+# `ctl on --until` gives it, and `Retry-After` counts down to it.
 # usage: benches/load/callgrind_held.sh BINARY OUTDIR [CONNS]   (needs valgrind, nginx, h2load)
 set -u
 BIN=$1; W=$2; C=${3:-16}; rm -rf $W; mkdir -p $W/up $W/im
@@ -33,7 +35,7 @@ EOC
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$W/cg.out.%p $BIN run -c $W/im/config.toml > $W/im/log 2>&1 & VPID=$!
 for i in $(seq 60); do curl -s http://127.0.0.1:$P/ -o /dev/null && break; sleep 1; done
 MESSAGE="We are upgrading our database. Orders placed before 09:00 are safe. Back in about 45 minutes."
-timeout 20 python3 ./control.py $W/im/control.sock on --message "$MESSAGE" >/dev/null || { echo "control on failed"; exit 1; }
+timeout 20 python3 ./control.py $W/im/control.sock on --message "$MESSAGE" ${UNTIL:+--until "$UNTIL"} >/dev/null || { echo "control on failed"; exit 1; }
 H=(-H "Accept: text/html")
 h2load --h1 -t1 -c$C -n 3000 "${H[@]}" http://127.0.0.1:$P/ | grep -E "status codes"
 callgrind_control -i on $VPID >/dev/null

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Talks to intermission's control socket (one JSON object per line, AF_UNIX) for benches/load.sh.
 
-  control.py SOCKET on --message TEXT     switch maintenance on; exit 1 when refused
+  control.py SOCKET on --message TEXT [--until +2h]
+        switch maintenance on (with an announced end); exit 1 when refused
   control.py SOCKET off | status          one command; prints the reply line
   control.py SOCKET toggle --hz 10 --duration 10 [--message TEXT]
         on, then off half a period later, HZ times a second for DURATION seconds, over one
@@ -138,6 +139,7 @@ def main():
     ap.add_argument("socket")
     ap.add_argument("command", choices=["on", "off", "status", "toggle"])
     ap.add_argument("--message", default="Planned maintenance (load test).")
+    ap.add_argument("--until", help="announced end of `on`: RFC 3339 or +DURATION")
     ap.add_argument("--hz", type=float, default=10.0)
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--timeout", type=float, default=5.0)
@@ -152,7 +154,10 @@ def main():
         return 1
     try:
         if args.command == "on":
-            return one(ctl, {"cmd": "on", "message": args.message})
+            on = {"cmd": "on", "message": args.message}
+            if args.until is not None:
+                on["until"] = args.until
+            return one(ctl, on)
         if args.command == "toggle":
             return toggle(ctl, args.hz, args.duration, args.message)
         return one(ctl, {"cmd": args.command})
