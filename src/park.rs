@@ -911,7 +911,9 @@ fn head_wait(
                 let mut sock = crate::relay::Plain::new(&mut inner);
                 let mut out = Vec::new();
                 let after = crate::relay::refuse(&mut sock, &refusal, &mut out, &snap, state, conn);
-                if after.await == crate::relay::After::Refused {
+                // Boxed: rare, and inline its state would be every stalled head's (a test
+                // below keeps the waiting state small).
+                if Box::pin(after).await == crate::relay::After::Refused {
                     let slot = (!held.drain.started()).then_some(held.permit);
                     crate::shutdown::linger(inner, guard, slot);
                 }
@@ -1268,6 +1270,7 @@ mod tests {
             now: std::time::SystemTime::now(),
         };
         let state = StateHandle::new(Snapshot::build(&parts, &inputs));
+        let state_again = state.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -1286,6 +1289,33 @@ mod tests {
         let task = parked(bytes::Bytes::new(), socket, Gateway::new(fast, idle), held);
         let size = std::mem::size_of_val(&task);
         assert!(size <= 280, "a parked connection's state is {size} B");
+        // A connection whose head stalls waits for its rest in `head_wait`: a flood of them
+        // (slowloris) costs this each. Its rare refusal is boxed: inline, its answer's write
+        // made the waiting state 704 B where it was 336 before heads too large were answered
+        // there; 432 with it boxed.
+        let _stalled = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (socket, peer) = listener.accept().await.expect("accept");
+        let fast = Fast::new(state_again, Arc::new(Conn::new(peer, false)));
+        let held = Held {
+            builder: parts.conn.clone(),
+            drain: Arc::new(Drain::default()),
+            permit: Arc::<crate::listener::Limit>::default()
+                .take(1)
+                .expect("slot"),
+        };
+        let (_trigger, guard) = crate::shutdown::channel();
+        let idle = Arc::new(Idle::new(Default::default()));
+        let now = tokio::time::Instant::now();
+        let task = super::head_wait(
+            bytes::Bytes::new(),
+            socket,
+            Gateway::new(fast, idle),
+            held,
+            guard,
+            now,
+        );
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 432, "a stalled head's waiting state is {size} B");
     }
 
     /// A held proxy's state, its drain and connection limit, and a connection to it: the

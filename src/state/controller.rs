@@ -2156,10 +2156,8 @@ pub(crate) mod tests {
                 reason: None,
             };
             let on = tokio::spawn(async move { handle.request(on, "alice".into()).await });
-            assert!(
-                eventually(|| gate.reached() > before).await,
-                "no write began"
-            );
+            // `until`, not `eventually`: a paused clock stands still once the save is held.
+            assert!(until(|| gate.reached() > before).await, "no write began");
             on
         }
 
@@ -2443,17 +2441,7 @@ pub(crate) mod tests {
             ..Persisted::default()
         };
         let (rig, _) = build_rig(|_, _| {}, "", state, Some(gate.clone()));
-        let handle = rig.handle.clone();
-        let on = tokio::spawn(async move {
-            let on = Request::On {
-                message: Some("Disk upgrade".into()),
-                until: None,
-                retry_after: None,
-                reason: None,
-            };
-            handle.request(on, "alice".into()).await
-        });
-        assert!(until(|| gate.reached() > 0).await, "no save began");
+        let on = rig.on_while_written(&gate, "Disk upgrade").await;
         let remove = Request::ScheduleRemove { id: 99 };
         let Handed::Queued(pending) = rig.handle.hand(remove, "bob".into()).await else {
             panic!("not queued");
@@ -2488,18 +2476,7 @@ pub(crate) mod tests {
         let (rig, _) = build_rig(|_, _| {}, "", state, Some(gate.clone()));
         assert!(rig.mode_becomes(Mode::Normal).await, "never published");
         let began = rig.clock.now();
-        let handle = rig.handle.clone();
-        let on = tokio::spawn(async move {
-            let on = Request::On {
-                message: Some("Disk upgrade".into()),
-                until: None,
-                retry_after: None,
-                reason: None,
-            };
-            handle.request(on, "alice".into()).await
-        });
-        // `eventually` sleeps, and the clock stands still once a save is held.
-        assert!(until(|| gate.reached() > 0).await, "no save began");
+        let on = rig.on_while_written(&gate, "Disk upgrade").await;
         let overdue = || async {
             let status = rig.ask_now(Request::Status).await;
             status.state.expect("a state").save_overdue
